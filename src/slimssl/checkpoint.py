@@ -1,0 +1,97 @@
+"""Versioned training checkpoints that carry their architecture config and menu.
+
+A checkpoint is a dict saved with ``torch.save``: ``format``/``version`` identify it, ``config`` is the
+resolved config it was trained with, ``menu`` the canonical names of its desired sub-networks, ``model``
+the state of the whole SSL model (the backbone under ``backbone.``), plus optimiser and progress state.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Config, config_from_dict
+
+FORMAT = "slimssl-checkpoint"
+VERSION = 1
+BACKBONE_PREFIX = "backbone."
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable slimssl checkpoint; says what was found and what was expected."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
+    ``path``, so a crash or a full disk mid-write leaves the previous checkpoint intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": FORMAT, "version": VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a checkpoint; the returned dict has ``config`` as a :class:`Config`."""
+    path = Path(path)
+    if path.is_dir():  # a run directory
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
+        raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {found!r}, expected {FORMAT!r})")
+    if data.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {data['version']}; this slimssl reads "
+                              f"versions up to {VERSION}: upgrade slimssl")
+    data["config"] = config_from_dict(data["config"], f"{path} (stored config)")
+    return data
+
+
+def check_menu(checkpoint_menu: list[str], config: Config, source: str) -> None:
+    """Refuse to combine a checkpoint with a config whose desired sub-networks differ."""
+    expected = config.subnet_menu().names
+    if list(checkpoint_menu) != expected:
+        raise CheckpointError(f"checkpoint {source} was trained with menu {list(checkpoint_menu)}, "
+                              f"but the config asks for menu {expected}")
+
+
+def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The supernet backbone's entries of a whole-model state dict."""
+    return {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+
+
+def load_supernet(path: str | Path, config: Config | None = None):
+    """The trained backbone supernet of a checkpoint (eval mode) and its config.
+
+    With ``config``, its menu and architecture must match the checkpoint's.
+    """
+    from .models.build import build_supernet
+
+    data = load_checkpoint(path)
+    if config is not None:
+        check_menu(data["menu"], config, str(path))
+        if config.model != data["config"].model:
+            raise CheckpointError(f"checkpoint {path} has architecture {data['config'].model.model_dump()}, "
+                                  f"but the config asks for {config.model.model_dump()}")
+    cfg = data["config"]
+    model = build_supernet(cfg)
+    model.load_state_dict(backbone_state(data["model"]), strict=True)
+    return model.eval(), cfg

@@ -1,0 +1,168 @@
+"""The ``slimssl`` command line. Results go to stdout (one JSON document with --json); logs to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("slimssl")
+
+
+class UsageError(ValueError):
+    """Arguments that do not fit together."""
+
+
+def _emit(args: argparse.Namespace, rows: list[dict] | dict, table: str) -> None:
+    if getattr(args, "json", False):
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(table)
+
+
+# ---- export ------------------------------------------------------------------------------------------
+
+def _supernet_from_args(args: argparse.Namespace):
+    """The supernet named by CHECKPOINT, or by --config with --random-init."""
+    from .checkpoint import load_supernet
+    from .config import load_config
+    from .models.build import build_supernet
+
+    if args.checkpoint:
+        config = load_config(args.config, args.set) if args.config else None
+        return load_supernet(args.checkpoint, config)
+    if not args.config:
+        raise UsageError("give a CHECKPOINT, or --config FILE (with --random-init for export)")
+    if getattr(args, "random_init", True) is False:
+        raise UsageError("--config without a CHECKPOINT exports random weights: add --random-init to confirm")
+    config = load_config(args.config, args.set)
+    return build_supernet(config).eval(), config
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_subnet, load_exported, verify_export
+    from .report.table import markdown_table
+
+    if bool(args.subnet) == bool(args.all):
+        raise UsageError("give exactly one of --subnet NAME or --all")
+    supernet, config = _supernet_from_args(args)
+    specs = list(supernet.menu) if args.all else [supernet.resolve(args.subnet)]
+    resolution = args.resolution or config.data.resolution
+    rows = []
+    for spec in specs:
+        folder = export_subnet(supernet, spec, args.out, fmt=args.format, resolution=resolution,
+                               metadata={"source": str(args.checkpoint or args.config),
+                                         "resolution": resolution, "mean": list(config.data.mean),
+                                         "std": list(config.data.std)})
+        row = {"subnet": spec.name, "path": str(folder)}
+        if args.verify:
+            row["max_abs_diff"] = verify_export(supernet, spec, load_exported(folder), resolution)
+        rows.append(row)
+        log.info("exported %s to %s", spec.name, folder)
+    _emit(args, rows, markdown_table(rows))
+    if args.verify and any(r["max_abs_diff"] > args.tolerance for r in rows):
+        log.error("export differs from the supernet by more than %g", args.tolerance)
+        return 1
+    return 0
+
+
+# ---- profile -----------------------------------------------------------------------------------------
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .report.profile import profile_supernet
+    from .report.table import markdown_table
+
+    args.random_init = True
+    supernet, config = _supernet_from_args(args)
+    resolution = args.resolution or config.data.resolution
+    rows = profile_supernet(supernet, resolution, args.num_classes, latency=not args.no_latency)
+    for row in rows:
+        row.update(resolution=resolution, num_classes=args.num_classes)
+    _emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *(["latency_ms"] if rows and "latency_ms" in rows[0] else [])]))
+    return 0
+
+
+# ---- config ------------------------------------------------------------------------------------------
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import load_config, packaged_configs
+
+    if args.list:
+        print("\n".join(packaged_configs()))
+        return 0
+    print(load_config(args.config, args.set).to_yaml(), end="")
+    return 0
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    raise UsageError(f"'slimssl {args.command}' is not available in this version yet")
+
+
+# ---- parser ------------------------------------------------------------------------------------------
+
+def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, help="YAML recipe: a path or a shipped name such as 'demo'")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimssl", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export sub-networks as plain models (safetensors + JSON, or ONNX)")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
+    _add_config(p)
+    p.add_argument("--random-init", action="store_true", help="export a randomly initialised supernet of --config")
+    p.add_argument("--subnet", help="sub-network to export (canonical name, or a width such as 0.5)")
+    p.add_argument("--all", action="store_true", help="export every sub-network of the menu")
+    p.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per sub-network)")
+    p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
+    p.add_argument("--verify", action="store_true", help="compare each export with the supernet's sub-network")
+    p.add_argument("--tolerance", type=float, default=1e-5, help="--verify fails above this max abs difference")
+    p.add_argument("--resolution", type=int, help="input size for --verify and ONNX (default: the config's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("profile", help="params, MACs and CPU latency of every sub-network")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
+    _add_config(p)
+    p.add_argument("--resolution", type=int, help="input size (default: the config's)")
+    p.add_argument("--num-classes", type=int, default=0, help="count a K-way classifier too (papers use 1000)")
+    p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("config", help="print a resolved config (or --list the shipped ones)")
+    _add_config(p)
+    p.add_argument("--list", action="store_true")
+    p.set_defaults(func=cmd_config)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .export import ExportError
+    from .nn.spec import SubnetError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(message)s")
+    if not args.command:
+        build_parser().print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (UsageError, ConfigError, CheckpointError, ExportError, SubnetError) as e:
+        log.error("slimssl %s: error: %s", args.command, e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Typed configuration: YAML recipes validated by a schema, with ``--set key=value`` overrides.
+
+Every section forbids unknown keys, so a typo is an error that names the key and the file instead of a
+setting that silently does nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .models.resnet import ARCHS
+from .nn.spec import Menu, SubnetError, SubnetSpec
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file, the key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    depths: list[int] | None = Field(None, description="blocks per stage; default: the arch's")
+    base_width: int = Field(64, gt=0, description="stem channels; stage i has base_width * 2**i (x4 for bottleneck)")
+    stem: Literal["cifar", "imagenet"] = "imagenet"
+    bn: Literal["private", "shared"] = "private"
+    channel_divisor: int = Field(1, ge=1)
+    zero_init_residual: bool = False
+
+    @property
+    def block(self) -> str:
+        return ARCHS[self.arch][0]
+
+    @property
+    def full_depths(self) -> tuple[int, ...]:
+        return tuple(self.depths) if self.depths else ARCHS[self.arch][1]
+
+
+class MenuConfig(Section):
+    widths: list[float] = Field(default_factory=lambda: [1.0], description="width multipliers in (0, 1]")
+    depths: list[list[int]] | None = Field(None, description="per-stage depths crossed with widths; default: full")
+    subnets: list[str] = Field(default_factory=list, description="extra entries by name, e.g. w0p5_d1-1-1-1")
+
+
+class MethodConfig(Section):
+    name: Literal["byol", "mocov2", "mocov3"] = "byol"
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096
+    temperature: float = Field(0.2, gt=0)
+    momentum: float = Field(0.996, ge=0, le=1, description="EMA of the target / key encoder (base value)")
+    momentum_schedule: Literal["cosine", "constant"] = "cosine"
+    queue_size: int = Field(65536, ge=0, description="MoCo v2 queue of full-width keys")
+    symmetric: bool = True
+
+
+class SlimConfig(Section):
+    sampling: Literal["all", "sandwich"] = "all"
+    num_random: int = Field(2, ge=0, description="sandwich: random sub-networks between largest and smallest")
+    random_space: Literal["menu", "space"] = "menu"
+    teacher: Literal["target", "online"] = "target"
+    distill_alpha: float = Field(0.5, ge=0, le=1)
+    distill_temperature: float = Field(1.0, gt=0)
+    loss_weights: Literal["uniform", "slimclr"] = "uniform"
+    slow_start: float = Field(0.0, ge=0, lt=1, description="fraction of training before sub-networks join")
+    slow_start_lr: float | None = Field(None, description="new base lr once sub-networks join")
+
+
+class DataConfig(Section):
+    source: str = "digits"
+    resolution: int = Field(32, gt=0)
+    augment: Literal["byol", "mocov2", "mocov3"] | None = Field(None, description="default: the method's")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    skip_unreadable: bool = False
+    fake_size: int = Field(256, gt=0)
+
+
+class OptimConfig(Section):
+    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0, description="base lr at reference_batch")
+    lr_scaling: Literal["linear", "none"] = "linear"
+    reference_batch: int = Field(256, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    no_decay_1d: bool = Field(True, description="no weight decay (and no LARS adaptation) on biases and norms")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(256, gt=0, description="total batch over all processes")
+    max_steps: int | None = Field(None, gt=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(1, ge=0, description="epochs between kept checkpoints (last.pt is always kept)")
+    knn_every: int = Field(0, ge=0, description="epochs between online kNN evaluations (0: only at the end)")
+    num_workers: int = Field(0, ge=0)
+
+
+class EvalConfig(Section):
+    knn_k: int = Field(200, gt=0)
+    knn_temperature: float = Field(0.1, gt=0)
+    batch_size: int = Field(256, gt=0)
+
+
+class Config(Section):
+    name: str = "run"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    menu: MenuConfig = Field(default_factory=MenuConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    slim: SlimConfig = Field(default_factory=SlimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_menu(self) -> "Config":
+        try:
+            self.subnet_menu()
+        except SubnetError as e:
+            raise ValueError(f"menu: {e}") from None
+        return self
+
+    def subnet_menu(self) -> Menu:
+        """The desired sub-networks: widths crossed with depths, plus any named entries."""
+        full = self.model.full_depths
+        depth_list = [tuple(d) for d in self.menu.depths] if self.menu.depths else [full]
+        specs = [SubnetSpec(w, d) for w, d in itertools.product(self.menu.widths, depth_list)]
+        specs += [SubnetSpec.parse(name, full) for name in self.menu.subnets]
+        for spec in specs:
+            spec.check_fits(full)
+        return Menu(specs)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading -------------------------------------------------------------------------------------------
+
+PACKAGED = resources.files("slimssl") / "configs"
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.name for p in PACKAGED.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """A config path as given, or the name of one shipped with slimssl (``demo`` or ``demo.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    candidate = PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
+    if candidate.is_file():
+        return Path(str(candidate))
+    raise ConfigError(f"config file {str(name)!r} does not exist; shipped configs: {', '.join(packaged_configs())}")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` to a raw config dict; the value is read as YAML (numbers, lists...)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            section = Config.model_fields[e["loc"][0]].annotation if len(e["loc"]) > 1 else Config
+            allowed = ", ".join(section.model_fields)
+            lines.append(f"  {key}: unknown key (allowed here: {allowed})")
+        elif not e["loc"]:  # a check across sections (the menu against the model)
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Config:
+    data = dict(data or {})
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML recipe (a path or a shipped name; default ``demo``) and apply ``overrides``."""
+    file = find_config(path or "demo")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {file} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(data, str(file), overrides)

@@ -1,0 +1,329 @@
+"""Batched two-view SSL augmentation in pure PyTorch.
+
+All randomness comes from an explicit ``torch.Generator`` and the number of
+draws never depends on the data, so the output is a pure function of
+``(images, generator state)``: exact resumption, identical draws in every
+process. Everything is tensor ops on the batch's device with no per-sample
+Python loop and no host synchronisation (.item(), data-dependent masking).
+
+The ops follow torchvision's definitions (RandomResizedCrop, ColorJitter in a
+random order, RandomGrayscale, GaussianBlur, RandomSolarize), but work in
+float32 in [0, 1] without rounding to uint8 between ops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RECIPES = ("byol", "mocov2", "mocov3")
+_CROP_TRIES = 10  # candidate boxes per sample, as torchvision's RandomResizedCrop
+_GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+def recipe(name: str, resolution: int) -> tuple[ViewRecipe, ViewRecipe]:
+    """The two view recipes of a method.
+
+    ``byol``/``mocov3``: asymmetric (view 1 always blurred, view 2 blurred 10%
+    and solarized 20%), jitter (0.4, 0.4, 0.2, 0.1). ``mocov2``: symmetric,
+    jitter (0.4, 0.4, 0.4, 0.1), blur 50%. At ``resolution <= 64`` (CIFAR-like)
+    blur is disabled, as is usual for small images where a ~10% kernel is a
+    1-3 px box; the crop scale stays (0.08, 1.0).
+    """
+    if name in ("byol", "mocov3"):
+        base = ViewRecipe(saturation=0.2)
+        views = (replace(base, blur_p=1.0), replace(base, blur_p=0.1, solarize_p=0.2))
+    elif name == "mocov2":
+        view = ViewRecipe(saturation=0.4, blur_p=0.5)
+        views = (view, view)
+    else:
+        raise ValueError(f"unknown augmentation recipe {name!r}; known: {', '.join(RECIPES)}")
+    if resolution <= 64:
+        views = (replace(views[0], blur_p=0.0), replace(views[1], blur_p=0.0))
+    return views
+
+
+class TwoViewAugment:
+    """uint8 [B,3,H,W] -> two normalised float32 views [B,3,size,size]."""
+
+    def __init__(self, views: tuple[ViewRecipe, ViewRecipe], size: int,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.views = views
+        self.size = size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _to_float(images)
+        x = _shrink_for_crop(x, self.size)
+        one, two = (augment_view(x, view, self.size, generator) for view in self.views)
+        return _normalize(one, self.mean, self.std), _normalize(two, self.mean, self.std)
+
+
+def eval_transform(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """No augmentation: shorter side to ``size``, center crop, normalise."""
+    x = _to_float(images)
+    h, w = x.shape[-2:]
+    if (h, w) != (size, size):
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        x = x[..., top : top + size, left : left + size].clamp(0, 1)
+    return _normalize(x, mean, std)
+
+
+def augment_view(x: torch.Tensor, view: ViewRecipe, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One augmented view of float [B,3,H,W] in [0,1], un-normalised, in [0,1]."""
+    b = x.shape[0]
+    boxes = sample_crop_boxes(b, x.shape[-2], x.shape[-1], view.crop_scale, view.crop_ratio, generator, x.device)
+    flip = _coin(b, view.flip_p, generator, x.device)
+    x = _resized_crop(x, boxes, flip, size)
+    x = _maybe(x, _coin(b, view.jitter_p, generator, x.device), _color_jitter(x, view, generator))
+    x = _maybe(x, _coin(b, view.grayscale_p, generator, x.device), _grayscale(x))
+    x = _random_blur(x, view, generator)
+    x = _maybe(x, _coin(b, view.solarize_p, generator, x.device), solarize(x))
+    return x
+
+
+# ---------------------------------------------------------------- randomness
+
+
+def _rand(shape, generator: torch.Generator, device) -> torch.Tensor:
+    """Uniform [0,1) drawn on the generator's device, then moved to ``device``.
+
+    A generator on the batch's device avoids the copy.
+    """
+    u = torch.rand(shape, generator=generator, device=generator.device)
+    return u.to(device, non_blocking=True)
+
+
+def _uniform(shape, low: float, high: float, generator, device) -> torch.Tensor:
+    return low + (high - low) * _rand(shape, generator, device)
+
+
+def _coin(b: int, p: float, generator, device) -> torch.Tensor:
+    """Bool [B]: True with probability p. Always draws, so the stream is recipe-independent."""
+    return _rand((b,), generator, device) < p
+
+
+def _maybe(x: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask.view(-1, 1, 1, 1), y, x)
+
+
+# ----------------------------------------------------------------- geometry
+
+
+def sample_crop_boxes(b: int, height: int, width: int, scale, ratio, generator, device) -> torch.Tensor:
+    """torchvision RandomResizedCrop boxes, vectorised: float [B, 4] = (top, left, h, w).
+
+    Draws ``_CROP_TRIES`` candidates per sample and keeps the first that fits;
+    if none fits, falls back to torchvision's ratio-clamped center crop.
+    """
+    u = _rand((4, b, _CROP_TRIES), generator, device)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # first True (0 if none)
+    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    # torch.randint(0, H - h + 1) as floor(u * (H - h + 1))
+    top = (u[2].gather(1, first)[:, 0] * (height - h + 1)).floor()
+    left = (u[3].gather(1, first)[:, 0] * (width - w + 1)).floor()
+    boxes = torch.stack([top, left, h, w], dim=1)
+    fallback = torch.tensor(_center_box(height, width, ratio), dtype=boxes.dtype, device=device)
+    return torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
+
+
+def _center_box(height: int, width: int, ratio) -> tuple[float, float, float, float]:
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        h, w = height, round(height * max(ratio))
+    else:
+        h, w = height, width
+    return float((height - h) // 2), float((width - w) // 2), float(h), float(w)
+
+
+def _resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each box and resize it bilinearly to size x size (mirrored where ``flip``)."""
+    height, width = x.shape[-2:]
+    top, left, h, w = boxes.unbind(1)
+    # Normalised coordinates (align_corners=False): pixel edges span [-1, 1].
+    cx = (2 * left + w) / width - 1
+    cy = (2 * top + h) / height - 1
+    sx = torch.where(flip, -w / width, w / width)
+    sy = h / height
+    zero = torch.zeros_like(sx)
+    theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sy, cy], 1)], 1)
+    grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _shrink_for_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased pre-shrink of inputs much larger than ``size``.
+
+    grid_sample does not antialias, so downscaling a large crop would alias;
+    capping the shorter side at 2 x size keeps crops within ~2x of the output.
+    """
+    h, w = x.shape[-2:]
+    if min(h, w) <= 2 * size:
+        return x
+    scale = 2 * size / min(h, w)
+    new = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(x, size=new, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+
+
+# -------------------------------------------------------------------- colour
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    return (_GREY[0] * r + _GREY[1] * g + _GREY[2] * b).unsqueeze(1)
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    return _gray(x).expand_as(x)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def _color_jitter(x: torch.Tensor, view: ViewRecipe, generator) -> torch.Tensor:
+    """ColorJitter for every sample, ops in a random per-sample order."""
+    b, dev = x.shape[0], x.device
+    u = _rand((b, 4), generator, dev).view(b, 4, 1, 1, 1)
+    spans = [(max(0.0, 1 - s), 1 + s) for s in (view.brightness, view.contrast, view.saturation)]
+    spans.append((-view.hue, view.hue))
+    factors = [lo + (hi - lo) * u[:, i] for i, (lo, hi) in enumerate(spans)]
+    order = _rand((b, 4), generator, dev).argsort(dim=1)  # uniform random permutation
+    ops = (
+        lambda y: (y * factors[0]).clamp(0, 1),
+        lambda y: _blend(y, _gray(y).mean(dim=(1, 2, 3), keepdim=True), factors[1]),
+        lambda y: _blend(y, _gray(y), factors[2]),
+        lambda y: adjust_hue(y, factors[3]),
+    )
+    for step in range(4):
+        for op_id, op in enumerate(ops):
+            x = _maybe(x, order[:, step] == op_id, op(x))
+    return x
+
+
+def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    """float RGB [B,3,H,W] in [0,1] -> HSV, hue in [0,1) (torchvision's formulas)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.max(dim=1).values, x.min(dim=1).values
+    flat = maxc == minc
+    chroma = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = chroma / torch.where(flat, ones, maxc)
+    div = torch.where(flat, ones, chroma)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    is_r, is_g = maxc == r, (maxc == g) & (maxc != r)
+    is_b = ~is_r & ~is_g
+    h = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
+    h = torch.fmod(h / 6.0 + 1.0, 1.0)
+    return torch.stack([h, s, maxc], dim=1)
+
+
+# For hue sector i (0..5): which of (v, p, q, t) feeds R, G and B.
+_SECTOR_SOURCES = ((0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2))
+
+
+def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    h, s, v = x.unbind(1)
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.long() % 6
+    p = (v * (1 - s)).clamp(0, 1)
+    q = (v * (1 - s * f)).clamp(0, 1)
+    t = (v * (1 - s * (1 - f))).clamp(0, 1)
+    candidates = torch.stack([v, p, q, t], dim=1)  # [B,4,H,W]
+    table = torch.tensor(_SECTOR_SOURCES, device=x.device)  # [6,3]
+    index = table[i].permute(0, 3, 1, 2)  # [B,3,H,W]
+    return candidates.gather(1, index)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` (fraction of a turn, [B,1,1,1])."""
+    hsv = rgb_to_hsv(x)
+    hue = torch.remainder(hsv[:, :1] + shift, 1.0)
+    return hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1))
+
+
+def solarize(x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+# ---------------------------------------------------------------------- blur
+
+
+def blur_kernel_size(size: int) -> int:
+    """~10% of the image side, odd, at least 3 (BYOL: 23 at 224)."""
+    k = int(0.1 * size)
+    return max(3, k + 1 - k % 2)
+
+
+def _random_blur(x: torch.Tensor, view: ViewRecipe, generator) -> torch.Tensor:
+    b = x.shape[0]
+    apply = _coin(b, view.blur_p, generator, x.device)
+    sigma = _uniform((b,), *view.blur_sigma, generator, x.device)
+    if view.blur_p <= 0:  # a recipe constant, not data: skip the conv but keep the draws
+        return x
+    return _maybe(x, apply, gaussian_blur(x, sigma, blur_kernel_size(x.shape[-1])))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
+    """Separable per-sample Gaussian blur (sigma [B]) as depthwise convs, reflect padding."""
+    b, c, h, w = x.shape
+    offsets = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
+    weights = torch.exp(-0.5 * (offsets / sigma.view(-1, 1)) ** 2)
+    weights = (weights / weights.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)  # [B*C, k]
+    pad = k // 2
+    y = x.reshape(1, b * c, h, w)
+    y = F.conv2d(F.pad(y, (pad, pad, 0, 0), mode="reflect"), weights.view(b * c, 1, 1, k), groups=b * c)
+    y = F.conv2d(F.pad(y, (0, 0, pad, pad), mode="reflect"), weights.view(b * c, 1, k, 1), groups=b * c)
+    return y.view(b, c, h, w)
+
+
+# ------------------------------------------------------------------- helpers
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [B, 3, H, W], got shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images.float()
+
+
+def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s

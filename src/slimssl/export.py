@@ -1,0 +1,88 @@
+"""Export sub-networks as plain models: safetensors weights plus a JSON config (optionally ONNX)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .models.plain import PlainResNet, PlainResNetConfig
+from .models.resnet import SlimResNet
+from .nn.spec import SubnetSpec
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+EXPORT_FORMAT = "slimssl-plain-resnet"
+
+
+class ExportError(ValueError):
+    """An exported model folder that cannot be loaded; says which file and why."""
+
+
+def export_subnet(supernet: SlimResNet, subnet: SubnetSpec | str | None, out_dir: str | Path,
+                  fmt: str = "safetensors", resolution: int = 224, metadata: dict | None = None) -> Path:
+    """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder."""
+    spec = supernet.resolve(subnet)
+    plain = supernet.export(spec).eval()
+    folder = Path(out_dir) / spec.name
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"format": EXPORT_FORMAT, "subnet": spec.name, "architecture": plain.config.to_dict(),
+            **(metadata or {})}
+    (folder / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+    save_file(plain.state_dict(), str(folder / WEIGHTS), metadata={"subnet": spec.name})
+    if fmt == "onnx":
+        _export_onnx(plain, folder / "model.onnx", resolution)
+    elif fmt != "safetensors":
+        raise ValueError(f"unknown export format {fmt!r}; expected 'safetensors' or 'onnx'")
+    return folder
+
+
+def _export_onnx(plain: PlainResNet, path: Path, resolution: int) -> None:
+    try:
+        import onnx  # noqa: F401  (the exporter needs it; fail with a hint instead of deep inside torch)
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'slimssl[onnx]'") from None
+    example = torch.zeros(1, 3, resolution, resolution)
+    torch.onnx.export(plain, (example,), str(path), input_names=["images"], output_names=["features"],
+                      dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)
+
+
+def load_exported(folder: str | Path) -> PlainResNet:
+    """Load an exported sub-network folder as a plain ResNet in eval mode."""
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ExportError(f"{path} is missing; an exported sub-network folder holds {CONFIG} and {WEIGHTS}")
+    try:
+        info = json.loads(config_path.read_text())
+        arch = PlainResNetConfig.from_dict(info["architecture"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{config_path} is not an exported slimssl config ({type(e).__name__}: {e})") from None
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ExportError(f"{weights_path} is not a readable safetensors file ({e}); re-export it") from None
+    model = PlainResNet(arch)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(f"{weights_path} does not match the architecture in {config_path}: {e}") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def verify_export(supernet: SlimResNet, subnet: SubnetSpec | str, exported: PlainResNet,
+                  resolution: int, batch: int = 2, seed: int = 0) -> float:
+    """Max abs difference between the supernet's sub-network and the exported model (eval mode, fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, resolution, resolution, generator=gen)
+    was_training = supernet.training
+    supernet.eval()
+    try:
+        return (supernet(x, subnet=subnet) - exported.eval()(x)).abs().max().item()
+    finally:
+        supernet.train(was_training)

@@ -1,0 +1,110 @@
+"""A plain ResNet with explicit channel counts: what an exported sub-network becomes.
+
+No slimmable code here on purpose: this file is all a deployment needs. Parameter names follow
+torchvision's ResNet, so a full-width, standard-depth export loads into ``torchvision.models.resnet*``
+(with ``fc`` replaced by ``nn.Identity``) with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PlainResNetConfig:
+    block: str                  # "basic" or "bottleneck"
+    stem: str                   # "imagenet" (7x7/2 + max-pool) or "cifar" (3x3/1, no max-pool)
+    stem_channels: int
+    mid_channels: tuple[int, ...]   # per stage: width of the 3x3 convs (bottleneck: its inner width)
+    out_channels: tuple[int, ...]   # per stage: block output channels
+    depths: tuple[int, ...]
+    num_classes: int = 0        # 0: backbone only, the output is the pooled feature
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PlainResNetConfig":
+        tuples = {"mid_channels", "out_channels", "depths"}
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+
+    @property
+    def feature_dim(self) -> int:
+        return self.out_channels[-1]
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    return nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)
+
+
+def has_downsample(block: str, stage: int, index: int) -> bool:
+    """Torchvision's rule for the standard widths: the first block of every stage projects its shortcut,
+    except in stage 1 of a basic-block ResNet, where input and output widths already agree."""
+    return index == 0 and (stage > 0 or block == "bottleneck")
+
+
+class PlainBlock(nn.Module):
+    """Basic (two 3x3) or bottleneck (1x1, 3x3 with the stride as in v1.5, 1x1) residual block."""
+
+    def __init__(self, kind: str, cin: int, mid: int, cout: int, stride: int, downsample: bool):
+        super().__init__()
+        if kind == "basic":
+            shapes = [(cin, mid, 3, stride), (mid, cout, 3, 1)]
+        else:
+            shapes = [(cin, mid, 1, 1), (mid, mid, 3, stride), (mid, cout, 1, 1)]
+        for i, shape in enumerate(shapes, start=1):
+            conv, bn = _conv_bn(*shape)
+            self.add_module(f"conv{i}", conv)
+            self.add_module(f"bn{i}", bn)
+        self.num_convs = len(shapes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if downsample:
+            self.downsample = nn.Sequential(*_conv_bn(cin, cout, 1, stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for i in range(1, self.num_convs + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            if i < self.num_convs:
+                out = self.relu(out)
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class PlainResNet(nn.Module):
+    def __init__(self, config: PlainResNetConfig):
+        super().__init__()
+        self.config = config
+        if config.stem == "imagenet":
+            self.conv1, self.bn1 = _conv_bn(3, config.stem_channels, 7, 2)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        else:
+            self.conv1, self.bn1 = _conv_bn(3, config.stem_channels, 3, 1)
+            self.maxpool = nn.Identity()
+        self.relu = nn.ReLU(inplace=True)
+        cin = config.stem_channels
+        for stage, (mid, cout, depth) in enumerate(zip(config.mid_channels, config.out_channels, config.depths)):
+            blocks = []
+            for i in range(depth):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(PlainBlock(config.block, cin, mid, cout, stride, has_downsample(config.block, stage, i)))
+                cin = cout
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, config.num_classes) if config.num_classes else nn.Identity()
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(len(self.config.depths))]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.stages():
+            x = stage(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.forward_features(x))

@@ -1,0 +1,174 @@
+"""The slimmable ResNet supernet (v1.5; basic and bottleneck blocks; CIFAR and ImageNet stems).
+
+A sub-network keeps the leading channels of every layer (width) and the first ``d_i`` blocks of stage
+``i`` (depth), so a ResNet-34 supernet contains ResNet-18. Parameter names follow torchvision's ResNet
+(``conv1``, ``layer1.0.bn2``...), private BatchNorms add ``.bns.<subnet name>``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..nn.channels import scaled_channels
+from ..nn.layers import SlimBatchNorm, SlimConv2d, SlimmableMixin, SlimState, bind_state
+from ..nn.spec import Menu, SubnetSpec
+from .plain import PlainResNet, PlainResNetConfig, has_downsample
+
+ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3)),
+}
+EXPANSION = {"basic": 1, "bottleneck": 4}
+
+# Builds the BatchNorm after a conv: (full channels, position) -> layer. The position (stage, block index)
+# tells which menu entries run that block, so private BatchNorms exist only where they are used.
+NormFactory = Callable[[int, tuple[int, int] | None], SlimBatchNorm]
+
+
+class SlimBlock(nn.Module):
+    def __init__(self, kind: str, cin: int, mid: int, cout: int, stride: int, downsample: bool,
+                 norm: Callable[[int], SlimBatchNorm]):
+        super().__init__()
+        if kind == "basic":
+            shapes = [(cin, mid, 3, stride), (mid, cout, 3, 1)]
+        else:
+            shapes = [(cin, mid, 1, 1), (mid, mid, 3, stride), (mid, cout, 1, 1)]
+        for i, (ci, co, k, s) in enumerate(shapes, start=1):
+            self.add_module(f"conv{i}", SlimConv2d(ci, co, k, s, k // 2, bias=False))
+            self.add_module(f"bn{i}", norm(co))
+        self.num_convs = len(shapes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = nn.Sequential(SlimConv2d(cin, cout, 1, stride, bias=False), norm(cout)) if downsample else None
+
+    @property
+    def last_bn(self) -> SlimBatchNorm:
+        return getattr(self, f"bn{self.num_convs}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for i in range(1, self.num_convs + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
+            if i < self.num_convs:
+                out = self.relu(out)
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class SlimResNet(SlimmableMixin, nn.Module):
+    """A ResNet whose every sub-network in ``menu`` can be run, trained and exported.
+
+    ``model(x)`` returns pooled features of the active sub-network (the full one by default);
+    ``model(x, subnet=spec)`` or ``with model.subnet(spec): model(x)`` run another one.
+    """
+
+    def __init__(self, block: str = "basic", depths: Sequence[int] = (2, 2, 2, 2), base_width: int = 64,
+                 stem: str = "imagenet", menu: Sequence[SubnetSpec] | None = None, bn: str = "private",
+                 channel_divisor: int = 1, zero_init_residual: bool = False):
+        super().__init__()
+        if block not in EXPANSION:
+            raise ValueError(f"block must be one of {list(EXPANSION)}, got {block!r}")
+        if stem not in ("imagenet", "cifar"):
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        if bn not in ("private", "shared"):
+            raise ValueError(f"bn must be 'private' or 'shared', got {bn!r}")
+        self.block, self.depths, self.base_width, self.stem = block, tuple(depths), base_width, stem
+        full = SubnetSpec(1.0, self.depths)
+        self.menu = Menu(menu or [full])
+        for spec in self.menu:
+            spec.check_fits(self.depths)
+        self.slim_state = SlimState(full, self.menu, channel_divisor, private_bn=bn == "private")
+
+        def norm(channels: int, position: tuple[int, int] | None = None) -> SlimBatchNorm:
+            if bn == "shared":
+                return SlimBatchNorm(channels)
+            return SlimBatchNorm(channels, subnets={
+                s.name: scaled_channels(channels, s.width, channel_divisor)
+                for s in self.menu if position is None or s.depths[position[0]] > position[1]})
+
+        k, s = (7, 2) if stem == "imagenet" else (3, 1)
+        self.conv1 = SlimConv2d(3, base_width, k, s, k // 2, bias=False)
+        self.bn1 = norm(base_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
+        cin = base_width
+        for stage, depth in enumerate(self.depths):
+            mid = base_width * 2**stage
+            cout = mid * EXPANSION[block]
+            blocks = []
+            for i in range(depth):
+                blocks.append(SlimBlock(block, cin, mid, cout, 2 if stage > 0 and i == 0 else 1,
+                                        has_downsample(block, stage, i),
+                                        lambda c, p=(stage, i): norm(c, p)))
+                cin = cout
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = cin
+        self._init_weights(zero_init_residual)
+        bind_state(self, self.slim_state)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d) and m.affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:  # each residual branch starts as identity (Goyal et al.)
+            for stage in self.stages():
+                for blk in stage:
+                    for bn in blk.last_bn.modules():
+                        if isinstance(bn, nn.BatchNorm2d):
+                            nn.init.zeros_(bn.weight)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(len(self.depths))]
+
+    def feature_dim(self, subnet: SubnetSpec | str | None = None) -> int:
+        spec = self.resolve(subnet)
+        return scaled_channels(self.num_features, spec.width, self.slim_state.divisor)
+
+    def forward(self, x: torch.Tensor, subnet: SubnetSpec | str | None = None) -> torch.Tensor:
+        if subnet is not None:
+            with self.subnet(subnet):
+                return self.forward(x)
+        depths = self.slim_state.active.depths
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage, depth in zip(self.stages(), depths):
+            for blk in stage[:depth]:
+                x = blk(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+    # ---- export -------------------------------------------------------------------------------------
+
+    def plain_config(self, subnet: SubnetSpec | str | None = None, num_classes: int = 0) -> PlainResNetConfig:
+        """Channel counts and depths of ``subnet`` as a plain ResNet."""
+        spec = self.resolve(subnet)
+        ch = lambda c: scaled_channels(c, spec.width, self.slim_state.divisor)  # noqa: E731
+        mids = [self.base_width * 2**i for i in range(len(self.depths))]
+        return PlainResNetConfig(
+            block=self.block, stem=self.stem, stem_channels=ch(self.base_width),
+            mid_channels=tuple(ch(m) for m in mids),
+            out_channels=tuple(ch(m * EXPANSION[self.block]) for m in mids),
+            depths=spec.depths, num_classes=num_classes)
+
+    @torch.no_grad()
+    def export(self, subnet: SubnetSpec | str | None = None) -> PlainResNet:
+        """A standalone plain ResNet holding a copy of ``subnet``'s weights and BatchNorm statistics."""
+        spec = self.resolve(subnet)
+        plain = PlainResNet(self.plain_config(spec))
+        modules = dict(self.named_modules())
+        state = {}
+        for key, target in plain.state_dict().items():
+            owner, attr = key.rsplit(".", 1)
+            layer = modules[owner]
+            source = getattr(layer.norm_for(spec), attr) if isinstance(layer, SlimBatchNorm) else getattr(layer, attr)
+            if target.dim() > 0:  # leading slices: the "weight[:out, :in]" rule
+                source = source[tuple(slice(0, n) for n in target.shape)]
+            state[key] = source.detach().clone().contiguous()
+        plain.load_state_dict(state, strict=True)
+        return plain.train(self.training)

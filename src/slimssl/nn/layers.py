@@ -1,0 +1,201 @@
+"""Slimmable layers: weights are sliced to the active sub-network, BatchNorm is kept per sub-network.
+
+Every slimmable layer reads the active sub-network from a :class:`SlimState` that the whole model shares.
+Only a model's scoped ``subnet(...)`` context changes that state, so no call can leave a model narrowed.
+Output channels follow :func:`scaled_channels`; input channels are taken from the incoming tensor.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .channels import scaled_channels
+from .spec import Menu, SubnetError, SubnetSpec
+
+
+class SlimState:
+    """The sub-network a model runs right now, shared by all of its slimmable layers."""
+
+    def __init__(self, full: SubnetSpec, menu: Menu, divisor: int = 1, private_bn: bool = True):
+        self.full = full
+        self.menu = menu
+        self.divisor = divisor
+        self.private_bn = private_bn
+        self.active = full
+
+    def channels(self, full_channels: int) -> int:
+        return scaled_channels(full_channels, self.active.width, self.divisor)
+
+
+class SlimModule(nn.Module):
+    """Base of the slimmable layers: gives access to the shared state once the model binds it."""
+
+    _state: SlimState | None = None
+
+    @property
+    def state(self) -> SlimState:
+        if self._state is None:
+            raise RuntimeError(f"{type(self).__name__} is not bound to a slimmable model (call bind_state)")
+        return self._state
+
+
+def bind_state(module: nn.Module, state: SlimState) -> None:
+    """Point every slimmable layer under ``module`` at ``state``."""
+    for layer in module.modules():
+        if isinstance(layer, SlimModule):
+            object.__setattr__(layer, "_state", state)
+
+
+class SlimConv2d(nn.Conv2d, SlimModule):
+    """Conv2d using the leading ``out x in`` slice of its full weight (groups=1)."""
+
+    def __init__(self, *args, slim_out: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.groups != 1:
+            raise ValueError("SlimConv2d supports groups=1 only")
+        self.slim_out = slim_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.state.channels(self.out_channels) if self.slim_out else self.out_channels
+        weight = self.weight[:out, : x.shape[1]]
+        bias = None if self.bias is None else self.bias[:out]
+        return self._conv_forward(x, weight, bias)
+
+
+class SlimLinear(nn.Linear, SlimModule):
+    """Linear using the leading ``out x in`` slice of its full weight."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, slim_out: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.slim_out = slim_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.state.channels(self.out_features) if self.slim_out else self.out_features
+        bias = None if self.bias is None else self.bias[:out]
+        return F.linear(x, self.weight[:out, : x.shape[-1]], bias)
+
+
+class SlimBatchNorm(SlimModule):
+    """BatchNorm for a slimmable model, in one of two modes.
+
+    * private (``subnets`` given): one independent BatchNorm (affine and running statistics) per
+      sub-network, keyed by its canonical name, as both DSPNet and SlimCLR use. Only menu entries have one.
+    * shared (``subnets`` is None): one BatchNorm of the full width, sliced to the active width; the running
+      statistics then need recalibration per sub-network (:func:`recalibrate_bn`).
+    """
+
+    def __init__(self, num_features: int, dim: int = 2, subnets: Mapping[str, int] | None = None,
+                 affine: bool = True, eps: float = 1e-5, momentum: float | None = 0.1):
+        super().__init__()
+        norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dim]
+        self.num_features = num_features
+        if subnets is None:
+            self.bn = norm(num_features, eps=eps, momentum=momentum, affine=affine)
+            self.bns = None
+        else:
+            self.bn = None
+            self.bns = nn.ModuleDict({name: norm(c, eps=eps, momentum=momentum, affine=affine)
+                                      for name, c in subnets.items()})
+
+    def norm_for(self, spec: SubnetSpec) -> nn.Module:
+        """The BatchNorm module that normalises ``spec`` (the shared one in shared mode)."""
+        if self.bns is None:
+            return self.bn
+        try:
+            return self.bns[spec.name]
+        except KeyError:
+            raise SubnetError(
+                f"no private BatchNorm for sub-network {spec.name}; this model has them for "
+                f"{list(self.bns)}. Private BatchNorm exists only for menu entries: add {spec.name} to the "
+                "menu, or build the model with shared BatchNorm and recalibrate it"
+            ) from None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bns is not None:
+            return self.norm_for(self.state.active)(x)
+        return _sliced_batch_norm(self.bn, x)
+
+
+def _sliced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Run ``bn`` on the leading ``x.shape[1]`` channels; running statistics are updated in place."""
+    c = x.shape[1]
+    if bn.training and bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    else:
+        momentum = 0.0 if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or bn.running_mean is None
+    return F.batch_norm(
+        x,
+        None if bn.running_mean is None else bn.running_mean[:c],
+        None if bn.running_var is None else bn.running_var[:c],
+        None if bn.weight is None else bn.weight[:c],
+        None if bn.bias is None else bn.bias[:c],
+        use_batch_stats, momentum, bn.eps,
+    )
+
+
+class SlimmableMixin:
+    """Scoped activation of a sub-network for a model that owns a :class:`SlimState`."""
+
+    slim_state: SlimState
+
+    def resolve(self, subnet: SubnetSpec | str | None) -> SubnetSpec:
+        """Turn a spec or its text into a spec this model can run, or raise a clear error."""
+        state = self.slim_state
+        if subnet is None:
+            return state.full
+        if isinstance(subnet, str):
+            subnet = SubnetSpec.parse(subnet, state.full.depths)
+        subnet.check_fits(state.full.depths)
+        if state.private_bn:
+            state.menu.require(subnet)
+        return subnet
+
+    @contextmanager
+    def subnet(self, subnet: SubnetSpec | str | None) -> Iterator[SubnetSpec]:
+        """Run the model as ``subnet`` inside the block; the previous sub-network is restored on exit."""
+        spec = self.resolve(subnet)
+        previous = self.slim_state.active
+        self.slim_state.active = spec
+        try:
+            yield spec
+        finally:
+            self.slim_state.active = previous
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, subnet: SubnetSpec | str, batches, device: torch.device | str | None = None) -> None:
+    """Re-estimate BatchNorm running statistics of ``subnet`` from ``batches`` of input images.
+
+    Needed in shared-BN mode before evaluating a sub-network, since the shared statistics belong to
+    whichever widths ran last. Statistics are a plain average over the batches (momentum None).
+    """
+    norms = []
+    with model.subnet(subnet) as spec:
+        for layer in model.modules():
+            if isinstance(layer, SlimBatchNorm):
+                if layer.bns is not None and spec.name not in layer.bns:
+                    continue  # a block outside this sub-network's depth
+                norms.append(layer.norm_for(spec))
+        momenta = [bn.momentum for bn in norms]
+        was_training = model.training
+        model.eval()
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over all batches
+            bn.train()
+        try:
+            for images in batches:
+                if isinstance(images, (tuple, list)):
+                    images = images[0]
+                model(images if device is None else images.to(device))
+        finally:
+            for bn, momentum in zip(norms, momenta):
+                bn.momentum = momentum
+            model.train(was_training)

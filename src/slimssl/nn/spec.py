@@ -1,0 +1,123 @@
+"""Sub-network specs: the immutable value that names one member of a slimmable family.
+
+A spec is a width multiplier plus the number of active blocks in each stage. Its canonical text form,
+``w0p75_d2-2-2-2``, is used everywhere a sub-network is named: CLI, logs, JSON, file names and
+checkpoint keys. It holds no dots because PyTorch module names (where per-sub-network BatchNorms are
+keyed) cannot contain them; ``p`` stands for the decimal point.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+_CANONICAL = re.compile(r"^w(\d+)p(\d+)_d(\d+(?:-\d+)*)$")
+_DOTTED = re.compile(r"^w?(\d*\.?\d+)(?:[_:]d?(\d+(?:[-,.]\d+)*))?$")
+
+
+class SubnetError(ValueError):
+    """A sub-network that cannot exist or is not allowed where it was asked for."""
+
+
+def _format_width(width: float) -> str:
+    text = f"{width:.4f}".rstrip("0")
+    if text.endswith("."):
+        text += "0"
+    return text.replace(".", "p")
+
+
+@dataclass(frozen=True, order=True)
+class SubnetSpec:
+    """Width multiplier in (0, 1] and active blocks per stage (each at least 1)."""
+
+    width: float
+    depths: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        width = round(float(self.width), 4)
+        if not 0.0 < width <= 1.0:
+            raise SubnetError(f"width must be in (0, 1], got {self.width}")
+        depths = tuple(int(d) for d in self.depths)
+        if not depths or any(d < 1 for d in depths):
+            raise SubnetError(f"every stage needs at least one block, got depths {list(self.depths)}")
+        object.__setattr__(self, "width", width)
+        object.__setattr__(self, "depths", depths)
+
+    @property
+    def name(self) -> str:
+        """The canonical text form, e.g. ``w0p75_d2-2-2-2``."""
+        return f"w{_format_width(self.width)}_d{'-'.join(map(str, self.depths))}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @classmethod
+    def parse(cls, text: str, full_depths: Sequence[int] | None = None) -> "SubnetSpec":
+        """Parse the canonical form, or the friendlier ``0.75`` / ``w0.75_d1-1-1-1`` / ``0.5:2,2,2,2``.
+
+        A width alone means the full depth of the supernet, so ``full_depths`` is needed for it.
+        """
+        text = str(text).strip()
+        match = _CANONICAL.match(text)
+        if match:
+            width = float(f"{match.group(1)}.{match.group(2)}")
+            return cls(width, tuple(int(d) for d in match.group(3).split("-")))
+        match = _DOTTED.match(text)
+        if not match:
+            raise SubnetError(
+                f"cannot read sub-network {text!r}; expected the canonical form like 'w0p5_d2-2-2-2', "
+                "or a width like '0.5' (full depth), or '0.5:2,2,2,2'"
+            )
+        width = float(match.group(1))
+        if match.group(2) is None:
+            if full_depths is None:
+                raise SubnetError(f"sub-network {text!r} gives no depths and no supernet is known to take them from")
+            return cls(width, tuple(full_depths))
+        return cls(width, tuple(int(d) for d in re.split(r"[-,.]", match.group(2))))
+
+    def check_fits(self, full_depths: Sequence[int]) -> None:
+        """Raise if this sub-network cannot be cut from a supernet with ``full_depths`` blocks per stage."""
+        if len(self.depths) != len(full_depths):
+            raise SubnetError(
+                f"sub-network {self.name} has {len(self.depths)} stages, the supernet has {len(full_depths)}"
+            )
+        for stage, (d, full) in enumerate(zip(self.depths, full_depths)):
+            if d > full:
+                raise SubnetError(
+                    f"sub-network {self.name} asks for {d} blocks in stage {stage + 1}; "
+                    f"the supernet has {full} (depths {list(full_depths)})"
+                )
+
+
+class Menu(tuple):
+    """The ordered desired sub-networks of a supernet, largest first, without repeats."""
+
+    def __new__(cls, specs: Iterable[SubnetSpec]) -> "Menu":
+        unique = sorted(set(specs), key=lambda s: (s.width, sum(s.depths), s.depths), reverse=True)
+        if not unique:
+            raise SubnetError("a menu needs at least one sub-network")
+        return super().__new__(cls, unique)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self]
+
+    @property
+    def largest(self) -> SubnetSpec:
+        return self[0]
+
+    @property
+    def smallest(self) -> SubnetSpec:
+        return self[-1]
+
+    def require(self, spec: SubnetSpec | str, full_depths: Sequence[int] | None = None) -> SubnetSpec:
+        """Return the menu entry for ``spec`` or raise an error that lists the menu."""
+        if isinstance(spec, str):
+            spec = SubnetSpec.parse(spec, full_depths)
+        if spec not in self:
+            raise SubnetError(f"sub-network {spec.name} is not in the menu {self.names}")
+        return spec
+
+    def __repr__(self) -> str:
+        return f"Menu({self.names})"

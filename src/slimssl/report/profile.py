@@ -1,0 +1,62 @@
+"""Cost of every sub-network: parameters, MACs (PyTorch's FLOP counter) and CPU latency."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models.plain import PlainResNet
+from ..models.resnet import SlimResNet
+from ..nn.spec import SubnetSpec
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, resolution: int) -> int:
+    """Multiply-accumulates of one image, from PyTorch's FLOP counter (convolutions and matmuls)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 3, resolution, resolution))
+    return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, resolution: int, runs: int = 5, warmup: int = 1, batch: int = 1) -> float:
+    """Median wall time of one forward pass on the CPU, in milliseconds."""
+    x = torch.zeros(batch, 3, resolution, resolution)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def plain_with_head(supernet: SlimResNet, spec: SubnetSpec, num_classes: int) -> PlainResNet:
+    """The exported sub-network with a ``num_classes``-way classifier, as papers count it."""
+    plain = supernet.export(spec)
+    if num_classes:
+        plain.fc = nn.Linear(plain.config.feature_dim, num_classes)
+    return plain.eval()
+
+
+def profile_supernet(supernet: SlimResNet, resolution: int, num_classes: int = 0,
+                     latency: bool = True, runs: int = 5) -> list[dict]:
+    """One row per menu entry: subnet, params, macs, and latency_ms (CPU, batch 1) when asked."""
+    rows = []
+    for spec in supernet.menu:
+        plain = plain_with_head(supernet, spec, num_classes)
+        row = {"subnet": spec.name, "width": spec.width, "depths": list(spec.depths),
+               "params": count_params(plain), "macs": count_macs(plain, resolution)}
+        if latency:
+            row["latency_ms"] = round(cpu_latency_ms(plain, resolution, runs=runs), 3)
+        rows.append(row)
+    return rows
