@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true")
     p.set_defaults(func=cmd_config)
 
+    from .eval.commands import register as register_eval
+    from .train.command import register as register_pretrain
+
+    register_pretrain(sub)
+    register_eval(sub)
     return parser
 
 
@@ -149,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .export import ExportError
+    from .data.datasets import DataError
     from .nn.spec import SubnetError
 
     args = build_parser().parse_args(argv)
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (UsageError, ConfigError, CheckpointError, ExportError, SubnetError) as e:
+    except (UsageError, ConfigError, CheckpointError, ExportError, SubnetError, DataError) as e:
         log.error("slimssl %s: error: %s", args.command, e)
         return 2
 

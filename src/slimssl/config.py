@@ -109,7 +109,8 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(1, ge=0, description="epochs between kept checkpoints (last.pt is always kept)")
     knn_every: int = Field(0, ge=0, description="epochs between online kNN evaluations (0: only at the end)")
-    num_workers: int = Field(0, ge=0)
+    nonfinite: Literal["error", "skip"] = Field(
+        "error", description="a NaN/Inf loss stops the run (error) or its step is skipped and counted (skip)")
 
 
 class EvalConfig(Section):

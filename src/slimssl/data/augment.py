@@ -153,9 +153,10 @@ def sample_crop_boxes(b: int, height: int, width: int, scale, ratio, generator, 
     # torch.randint(0, H - h + 1) as floor(u * (H - h + 1))
     top = (u[2].gather(1, first)[:, 0] * (height - h + 1)).floor()
     left = (u[3].gather(1, first)[:, 0] * (width - w + 1)).floor()
-    boxes = torch.stack([top, left, h, w], dim=1)
-    fallback = torch.tensor(_center_box(height, width, ratio), dtype=boxes.dtype, device=device)
-    return torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
+    # Scalar fallbacks: no host->device copy (which would synchronise on CUDA).
+    any_fit = fits.any(dim=1)
+    columns = zip((top, left, h, w), _center_box(height, width, ratio))
+    return torch.stack([torch.where(any_fit, col, fb) for col, fb in columns], dim=1)
 
 
 def _center_box(height: int, width: int, ratio) -> tuple[float, float, float, float]:
@@ -215,23 +216,45 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
 
 
 def _color_jitter(x: torch.Tensor, view: ViewRecipe, generator) -> torch.Tensor:
-    """ColorJitter for every sample, ops in a random per-sample order."""
+    """ColorJitter for every sample, its four ops in a random per-sample order."""
     b, dev = x.shape[0], x.device
     u = _rand((b, 4), generator, dev).view(b, 4, 1, 1, 1)
     spans = [(max(0.0, 1 - s), 1 + s) for s in (view.brightness, view.contrast, view.saturation)]
     spans.append((-view.hue, view.hue))
     factors = [lo + (hi - lo) * u[:, i] for i, (lo, hi) in enumerate(spans)]
     order = _rand((b, 4), generator, dev).argsort(dim=1)  # uniform random permutation
-    ops = (
-        lambda y: (y * factors[0]).clamp(0, 1),
-        lambda y: _blend(y, _gray(y).mean(dim=(1, 2, 3), keepdim=True), factors[1]),
-        lambda y: _blend(y, _gray(y), factors[2]),
-        lambda y: adjust_hue(y, factors[3]),
-    )
-    for step in range(4):
-        for op_id, op in enumerate(ops):
-            x = _maybe(x, order[:, step] == op_id, op(x))
+    # Hue (the costly op) runs once: the cheap ops ordered before it, hue, then the rest.
+    hue_step = (order == 3).int().argmax(dim=1, keepdim=True)
+    steps = torch.arange(4, device=dev)
+    x = _cheap_jitter_steps(x, order, factors, hue_step > steps, range(0, 3))
+    if view.hue > 0:  # a recipe constant, not data
+        x = adjust_hue(x, factors[3])
+    return _cheap_jitter_steps(x, order, factors, hue_step < steps, range(1, 4))
+
+
+def _cheap_jitter_steps(x, order: torch.Tensor, factors, active: torch.Tensor, steps) -> torch.Tensor:
+    """At each step apply brightness/contrast/saturation where ``order`` picks them.
+
+    An inactive sample gets factor 1, which is exactly the identity for all
+    three ops, so no masking of whole images is needed.
+    """
+    for step in steps:
+        for op_id, apply_op in enumerate((_brightness, _contrast, _saturation)):
+            on = ((order[:, step] == op_id) & active[:, step]).view(-1, 1, 1, 1)
+            x = apply_op(x, torch.where(on, factors[op_id], torch.ones_like(factors[op_id])))
     return x
+
+
+def _brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * factor).clamp(0, 1)
+
+
+def _contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def _saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, _gray(x), factor)
 
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -251,23 +274,11 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([h, s, maxc], dim=1)
 
 
-# For hue sector i (0..5): which of (v, p, q, t) feeds R, G and B.
-_SECTOR_SOURCES = ((0, 3, 1), (2, 0, 1), (1, 0, 3), (1, 2, 0), (3, 1, 0), (0, 1, 2))
-
-
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    h, s, v = x.unbind(1)
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.long() % 6
-    p = (v * (1 - s)).clamp(0, 1)
-    q = (v * (1 - s * f)).clamp(0, 1)
-    t = (v * (1 - s * (1 - f))).clamp(0, 1)
-    candidates = torch.stack([v, p, q, t], dim=1)  # [B,4,H,W]
-    table = torch.tensor(_SECTOR_SOURCES, device=x.device)  # [6,3]
-    index = table[i].permute(0, 3, 1, 2)  # [B,3,H,W]
-    return candidates.gather(1, index)
+    """HSV -> RGB via the closed form c_n = v - v*s*clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6."""
+    h6, s, v = 6.0 * x[:, :1], x[:, 1:2], x[:, 2:]
+    k = torch.remainder(torch.cat([h6 + 5.0, h6 + 3.0, h6 + 1.0], dim=1), 6.0)
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0, 1)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -324,6 +335,5 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
 
 
 def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / s
+    # Python scalars per channel: a device tensor of constants would need a synchronising copy.
+    return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(mean, std))], dim=1)

@@ -1,0 +1,317 @@
+"""CLI subcommands of the evaluation protocols (knn, linear, finetune, recalibrate, report).
+
+Each command is a thin layer over :mod:`slimssl.eval` and :mod:`slimssl.report`. Run on a checkpoint that
+lives in a run directory (``RUN`` or ``RUN/checkpoints/X.pt``), knn/linear/finetune merge their values
+into ``RUN/results.json`` (per sub-network) unless ``--no-save`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("slimssl")
+
+
+# ---- shared helpers ----------------------------------------------------------------------------------
+
+def _emit(args: argparse.Namespace, doc, table: str) -> None:
+    if getattr(args, "json", False):
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(table)
+
+
+def _device(name: str):
+    import torch
+
+    from ..cli import UsageError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def _load_split(source: str, split: str, cfg):
+    from ..cli import UsageError
+    from ..data.datasets import load_dataset
+
+    try:
+        ds = load_dataset(source, split, resolution=cfg.data.resolution, fake_size=cfg.data.fake_size,
+                          skip_unreadable=cfg.data.skip_unreadable)
+    except ValueError as e:  # DataError: names the path and what was expected
+        raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
+    if ds.labels is None:
+        raise UsageError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
+                         "evaluation needs a labelled dataset: pass one with --data")
+    return ds
+
+
+def _setup(args: argparse.Namespace):
+    """Supernet (eval mode, on the device), config, device, data source and its train/test splits."""
+    from ..checkpoint import load_supernet
+
+    supernet, cfg = load_supernet(args.checkpoint)
+    device = _device(args.device)
+    source = args.data or cfg.data.source
+    train, test = _load_split(source, "train", cfg), _load_split(source, "test", cfg)
+    log.info("data %s: %d train, %d test images", source, len(train), len(test))
+    return supernet.to(device).eval(), cfg, device, source, train, test
+
+
+def _cost_rows(supernet, resolution: int) -> dict[str, dict]:
+    """subnet, width, depths, params, macs of every menu entry (backbone only, at ``resolution``)."""
+    from ..report.profile import profile_supernet
+
+    rows = profile_supernet(supernet, resolution, latency=False)
+    return {r["subnet"]: r for r in rows}
+
+
+def _save(args: argparse.Namespace, values: dict[str, dict], protocol: str, settings: dict, cfg) -> Path | None:
+    """Merge ``values`` into the run directory's results.json when the checkpoint is in one."""
+    from .results import merge_results, run_dir_of
+
+    run_dir = None if args.no_save else run_dir_of(args.checkpoint)
+    if run_dir is None:
+        return None
+    path = merge_results(run_dir, values, protocol=protocol, settings=settings,
+                         defaults={"run": run_dir.name, "config": cfg.model_dump(mode="json"),
+                                   "resolution": cfg.data.resolution})
+    log.info("merged %s results into %s", protocol, path)
+    return path
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint file or run directory")
+    p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--eval-batch-size", type=int, help="batch of the feature extraction (default: config eval.batch_size)")
+    p.add_argument("--recalibrate-bn", type=int, metavar="N",
+                   help="re-estimate each sub-network's BatchNorm statistics on N train batches before evaluating "
+                        "(default: 20 when the supernet's BatchNorm is shared, else 0)")
+    p.add_argument("--no-save", action="store_true", help="do not merge the results into RUN/results.json")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+# ---- knn ---------------------------------------------------------------------------------------------
+
+def cmd_knn(args: argparse.Namespace) -> int:
+    from ..report.table import markdown_table
+    from .features import extract_features
+    from .knn import knn_accuracy
+    from .linear import _num_classes, resolve_recalibration, subnet_models
+
+    supernet, cfg, device, source, train, test = _setup(args)
+    k = args.k or cfg.eval.knn_k
+    temperature = args.temperature or cfg.eval.knn_temperature
+    bs = args.eval_batch_size or cfg.eval.batch_size
+    res, mean, std = cfg.data.resolution, cfg.data.mean, cfg.data.std
+    specs = list(supernet.menu)
+    models = subnet_models(supernet, specs, train.images, recalibrate_batches=args.recalibrate_bn, batch_size=bs,
+                           resolution=res, mean=mean, std=std, device=device)
+    num_classes = _num_classes(train, test)
+    kw = dict(resolution=res, mean=mean, std=std, batch_size=bs, device=device)
+    accs = {}
+    for spec in specs:
+        bank = extract_features(models[spec.name], spec, train.images, **kw)
+        queries = extract_features(models[spec.name], spec, test.images, **kw)
+        accs[spec.name] = knn_accuracy(bank, train.labels.to(device), queries, test.labels, num_classes, k,
+                                       temperature)
+        log.info("kNN %s: top-1 %.2f", spec.name, accs[spec.name])
+    costs = _cost_rows(supernet, res)
+    rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
+    settings = {"data": source, "k": k, "temperature": temperature, "bank": "train", "queries": "test",
+                "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn), "resolution": res}
+    _save(args, {r["subnet"]: r for r in rows}, "knn", settings, cfg)
+    _emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "knn_top1"]))
+    return 0
+
+
+# ---- linear ------------------------------------------------------------------------------------------
+
+def cmd_linear(args: argparse.Namespace) -> int:
+    from ..report.table import markdown_table
+    from .linear import linear_probe_subnets, resolve_recalibration
+
+    supernet, cfg, device, source, train, test = _setup(args)
+    bs = args.eval_batch_size or cfg.eval.batch_size
+    results = linear_probe_subnets(
+        supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, distill=args.distill,
+        shared_head=args.shared_head, augment=args.augment, device=device, seed=args.seed,
+        feature_batch_size=bs, recalibrate_batches=args.recalibrate_bn)
+    protocol = "linear" + ("_shared" if args.shared_head else "") + ("_distill" if args.distill else "") \
+        + ("_aug" if args.augment else "")
+    costs = _cost_rows(supernet, cfg.data.resolution)
+    rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
+    settings = {"data": source, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
+                "distill": args.distill, "shared_head": args.shared_head, "augment": args.augment, "seed": args.seed,
+                "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn),
+                "resolution": cfg.data.resolution}
+    _save(args, {r["subnet"]: r for r in rows}, protocol, settings, cfg)
+    _emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", f"{protocol}_top1", f"{protocol}_top5"]))
+    return 0
+
+
+# ---- finetune ----------------------------------------------------------------------------------------
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from ..cli import UsageError
+    from ..report.table import markdown_table
+    from .finetune import finetune_subnet, fraction_key
+    from .results import run_dir_of
+
+    if not 0.0 < args.label_fraction <= 1.0:
+        raise UsageError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
+    supernet, cfg, device, source, train, test = _setup(args)
+    spec = supernet.resolve(args.subnet)
+    bs = args.eval_batch_size or cfg.eval.batch_size
+    result = finetune_subnet(supernet, spec, train, test, label_fraction=args.label_fraction, seed=args.seed,
+                             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                             resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std, device=device,
+                             recalibrate_batches=args.recalibrate_bn, eval_batch_size=bs)
+    key = fraction_key(args.label_fraction)
+    stem = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{args.seed}.json"
+    if args.out:
+        out = Path(args.out)
+    else:
+        run_dir = run_dir_of(args.checkpoint)
+        out = (run_dir / "finetune" / stem) if run_dir else Path(args.checkpoint).resolve().parent / f"finetune_{stem}"
+    cost = _cost_rows(supernet, cfg.data.resolution)[spec.name] if spec in supernet.menu else {"subnet": spec.name}
+    row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source, "indices_file": str(out)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(row, indent=2) + "\n")
+    log.info("saved the fine-tuning result and the labelled indices to %s", out)
+    values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
+                          key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}
+    settings = {"data": source, "label_fraction": args.label_fraction, "seed": args.seed,
+                "recipe": result["recipe"], "indices_file": str(out)}
+    _save(args, values, key.removesuffix("_top1"), settings, cfg)
+    _emit(args, [row], markdown_table([row], ["subnet", "params", "macs", "label_fraction", "num_labelled",
+                                              "top1", "top5"]))
+    return 0
+
+
+# ---- recalibrate -------------------------------------------------------------------------------------
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    from ..checkpoint import BACKBONE_PREFIX, backbone_state, load_checkpoint, save_checkpoint
+    from ..models.build import build_supernet
+    from ..nn.layers import recalibrate_bn
+    from .linear import calibration_batches
+
+    data = load_checkpoint(args.checkpoint)
+    cfg = data["config"]
+    supernet = build_supernet(cfg)
+    supernet.load_state_dict(backbone_state(data["model"]), strict=True)
+    device = _device(args.device)
+    supernet.to(device)
+    spec = supernet.resolve(args.subnet)
+    source = args.data or cfg.data.source
+    train = _load_split(source, "train", cfg)
+    bs = args.eval_batch_size or cfg.eval.batch_size
+    recalibrate_bn(supernet, spec, calibration_batches(train.images, args.batches, bs, cfg.data.resolution,
+                                                       cfg.data.mean, cfg.data.std, device, args.seed))
+    state = dict(data["model"])
+    state.update({BACKBONE_PREFIX + k: v.cpu() for k, v in supernet.state_dict().items()})
+    payload = {k: v for k, v in data.items() if k not in ("format", "version")}
+    payload.update(config=cfg.model_dump(mode="json"), model=state,
+                   recalibrated={"subnet": spec.name, "batches": args.batches, "batch_size": bs, "data": source})
+    path = save_checkpoint(args.out, payload)
+    row = {"subnet": spec.name, "batches": args.batches, "batch_size": bs, "out": str(path)}
+    log.info("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, args.batches, source, path)
+    _emit(args, row, f"recalibrated {spec.name} -> {path}")
+    return 0
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report.plot import plot_accuracy_vs_macs, plot_grad_norms
+    from ..report.report import grad_norm_series, load_runs, report_markdown
+
+    results = load_runs(args.run_dirs)
+    if args.plot:
+        plot_accuracy_vs_macs(results, args.metric, args.plot, join_singles=args.join_singles)
+        log.info("wrote %s (%s against MACs)", args.plot, args.metric)
+    status = 0
+    if args.plot_grad:
+        series = {r["run"]: grad_norm_series(d) for r, d in zip(results, args.run_dirs)}
+        if any(series.values()):
+            plot_grad_norms(series, args.plot_grad)
+            log.info("wrote %s (gradient norms)", args.plot_grad)
+        else:
+            log.error("--plot-grad: no record with 'grad_norm' in metrics.jsonl of %s; the diagnostic is logged "
+                      "during pretraining only when gradient norms are recorded", ", ".join(map(str, args.run_dirs)))
+            status = 1
+    _emit(args, results, report_markdown(results))
+    return status
+
+
+# ---- parser ------------------------------------------------------------------------------------------
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the evaluation subcommands to the ``slimssl`` parser."""
+    from .linear import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
+
+    p = sub.add_parser("knn", help="weighted kNN top-1 of every sub-network (train split = bank, test = queries)")
+    _add_eval_args(p)
+    p.add_argument("--k", type=int, help="neighbours (default: config eval.knn_k)")
+    p.add_argument("--temperature", type=float, help="vote temperature (default: config eval.knn_temperature)")
+    p.set_defaults(func=cmd_knn)
+
+    p = sub.add_parser("linear", help="switchable linear probe: one head per sub-network on the frozen backbone")
+    _add_eval_args(p)
+    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="SGD lr on standardised features (cosine to 0)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--augment", action="store_true",
+                   help="random crop + flip, the backbone runs every step (default: cached features)")
+    p.add_argument("--distill", action="store_true",
+                   help="SlimCLR: sub-width heads learn 0.5 CE + 0.5 soft CE to the full-width head")
+    p.add_argument("--shared-head", action="store_true", help="one slimmable head shared by all sub-networks")
+    p.set_defaults(func=cmd_linear)
+
+    p = sub.add_parser("finetune", help="fine-tune one exported sub-network on a class-balanced labelled subset")
+    _add_eval_args(p)
+    p.add_argument("--subnet", required=True, help="canonical name, or a width such as 0.5")
+    p.add_argument("--label-fraction", type=float, required=True, help="e.g. 0.01 or 0.1")
+    p.add_argument("--epochs", type=int, help="default: 60 for fractions <= 5%%, else 30 (at least 100 steps)")
+    p.add_argument("--lr", type=float, help="lr at batch 256, scaled with the batch (default 0.05)")
+    p.add_argument("--batch-size", type=int, help="default 256 (or the whole subset when smaller)")
+    p.add_argument("--seed", type=int, default=0, help="draws the labelled subset and the training order")
+    p.add_argument("--out", type=Path, help="JSON file for the result and the labelled indices "
+                                            "(default: RUN/finetune/<subnet>_<pct>pct_seed<S>.json)")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("recalibrate", help="re-estimate a sub-network's BatchNorm statistics into a new checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint file or run directory")
+    p.add_argument("--subnet", required=True, help="canonical name, or a width such as 0.5")
+    p.add_argument("--batches", type=int, default=20, help="train batches to average the statistics over")
+    p.add_argument("--out", required=True, type=Path, help="the new checkpoint file")
+    p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--eval-batch-size", type=int, help="default: config eval.batch_size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recalibrate)
+
+    p = sub.add_parser("report", help="tables (and plots) of the results of one or more run directories")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="accuracy against MACs, one line per run")
+    p.add_argument("--metric", default="knn_top1",
+                   help="what --plot draws: knn_top1, linear_top1, finetune_1pct_top1, ... (default knn_top1)")
+    p.add_argument("--join-singles", metavar="LABEL",
+                   help="draw runs with a single sub-network (pretrained one by one) as one line named LABEL")
+    p.add_argument("--plot-grad", type=Path, metavar="FILE.png",
+                   help="gradient norms on shared/other weights per sub-network (from metrics.jsonl)")
+    p.add_argument("--json", action="store_true", help="print the runs' results.json contents as one JSON list")
+    p.set_defaults(func=cmd_report)

@@ -1,0 +1,157 @@
+"""Semi-supervised fine-tuning of one exported sub-network on a class-balanced labelled subset.
+
+Protocol (DESIGN.md section 4): the sub-network is exported as a plain ResNet (``supernet.export``), gets
+a linear classifier, and every weight is fine-tuned on a class-balanced 1% or 10% subset of the train
+split (drawn from a fixed seed; the indices are saved with the results); top-1/top-5 on the full test split.
+
+Recipes (after SimCLR's semi-supervised protocol, scaled down for small data): SGD with Nesterov
+momentum 0.9, no weight decay, lr 0.05 x batch/256 with a per-step cosine schedule, batch 256 (or the
+whole subset when smaller), random crop (padding size/8) + horizontal flip, BatchNorm in train mode.
+
+* ``label_fraction <= 0.05`` (the 1% recipe): 60 epochs;
+* larger fractions (the 10% recipe): 30 epochs;
+* at least 100 optimiser steps either way, since a 1% subset of a small dataset is one batch per epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .linear import _num_classes, augment_batch, subnet_models, topk_accuracy
+
+log = logging.getLogger("slimssl")
+
+
+@dataclass(frozen=True)
+class FinetuneRecipe:
+    epochs: int
+    lr: float = 0.05          # at batch 256; scaled linearly with the actual batch
+    batch_size: int = 256
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    min_steps: int = 100
+
+
+def default_recipe(label_fraction: float) -> FinetuneRecipe:
+    """The 1% recipe for fractions up to 5%, the 10% recipe above (see the module docstring)."""
+    return FinetuneRecipe(epochs=60) if label_fraction <= 0.05 else FinetuneRecipe(epochs=30)
+
+
+def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a class-balanced subset: ``round(fraction * N / C)`` examples of every class (at
+    least 1, at most the smallest class), drawn from ``seed`` (the same seed gives the same subset)."""
+    if not 0.0 < float(fraction) <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    labels = torch.as_tensor(labels).long().cpu()
+    if labels.numel() == 0:
+        raise ValueError("cannot draw a labelled subset from an empty dataset")
+    classes = torch.unique(labels)
+    smallest = min(int((labels == c).sum()) for c in classes)
+    per_class = max(1, round(float(fraction) * len(labels) / len(classes)))
+    if per_class > smallest:
+        log.warning("label fraction %g asks for %d examples per class; the smallest class has %d",
+                    fraction, per_class, smallest)
+        per_class = smallest
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = []
+    for c in classes.tolist():
+        members = torch.nonzero(labels == c).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, resolution: int,
+                        mean, std, batch_size: int = 256, device="cpu") -> tuple[float, float]:
+    """Top-1/top-5 (percent) of a classifier on uint8 images, eval mode, no augmentation."""
+    was_training = model.training
+    model.eval()
+    logits = []
+    for start in range(0, len(images), batch_size):
+        x = eval_transform(images[start:start + batch_size].to(device), resolution, mean, std)
+        logits.append(model(x).float())
+    model.train(was_training)
+    top1, top5 = topk_accuracy(torch.cat(logits), labels)
+    return top1, top5
+
+
+def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, seed: int = 0,
+                    epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
+                    resolution: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
+                    recalibrate_batches: int | None = None, eval_batch_size: int = 256,
+                    min_steps: int | None = None) -> dict:
+    """Fine-tune the exported ``subnet`` on a balanced ``label_fraction`` of ``train``; evaluate on ``test``.
+
+    Returns a dict with the settings, ``top1``/``top5`` (percent) and ``indices`` (the labelled subset).
+    The supernet is not modified (the export is a copy; shared BatchNorm is recalibrated on a copy).
+    """
+    if train.labels is None or test.labels is None:
+        raise ValueError(f"fine-tuning needs labels; dataset {train.name!r} has none (an unlabelled folder)")
+    device = torch.device(device)
+    spec = supernet.resolve(subnet)
+    resolution = resolution or int(train.images.shape[-1])
+    recipe = default_recipe(label_fraction)
+    recipe = replace(recipe, **{k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
+                                                                   min_steps=min_steps).items()
+                                if v is not None})
+    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {recipe}")
+    indices = balanced_subset(train.labels, label_fraction, seed)
+    num_classes = _num_classes(train, test)
+
+    source = subnet_models(supernet, [spec], train.images, recalibrate_batches=recalibrate_batches,
+                           batch_size=eval_batch_size, resolution=resolution, mean=mean, std=std,
+                           device=device, seed=seed)[spec.name]
+    model = source.export(spec)
+    gen = torch.Generator().manual_seed(seed)
+    model.fc = nn.Linear(model.config.feature_dim, num_classes)
+    nn.init.normal_(model.fc.weight, std=0.01, generator=gen)
+    nn.init.zeros_(model.fc.bias)
+    model.to(device).train()
+
+    images, labels = train.images[indices], train.labels[indices].to(device)
+    n = len(indices)
+    batch = min(recipe.batch_size, n)
+    steps_per_epoch = max(1, n // batch)  # drop the last partial batch: BatchNorm sees full batches
+    total = max(recipe.epochs * steps_per_epoch, recipe.min_steps)
+    base_lr = recipe.lr * batch / 256
+    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=recipe.momentum,
+                                nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    log.info("fine-tuning %s on %d labelled images (%g of the train split, seed %d): %d steps of batch %d, lr %g",
+             spec.name, n, label_fraction, seed, total, batch, base_lr)
+    perm, cursor = torch.randperm(n, generator=gen), 0
+    for step in range(total):
+        if cursor + batch > n:
+            perm, cursor = torch.randperm(n, generator=gen), 0
+        idx = perm[cursor:cursor + batch]
+        cursor += batch
+        x = augment_batch(images[idx].to(device), resolution, mean, std, gen)
+        loss = F.cross_entropy(model(x), labels[idx.to(device)])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step == 0 or (step + 1) % max(1, total // 5) == 0:
+            log.info("fine-tune step %d/%d: loss %.4f", step + 1, total, loss.item())
+
+    top1, top5 = evaluate_classifier(model, test.images, test.labels, resolution=resolution, mean=mean, std=std,
+                                     batch_size=eval_batch_size, device=device)
+    return {"subnet": spec.name, "label_fraction": float(label_fraction), "seed": int(seed),
+            "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),
+            "recipe": {**asdict(recipe), "steps": total, "batch": batch, "base_lr": base_lr},
+            "top1": top1, "top5": top5, "indices": indices.tolist()}
+
+
+def fraction_key(label_fraction: float) -> str:
+    """The results.json key of a fine-tuning result: 0.01 -> ``finetune_1pct_top1``, 0.1 -> ``finetune_10pct_top1``."""
+    pct = f"{float(label_fraction) * 100:.4f}".rstrip("0").rstrip(".").replace(".", "p")
+    return f"finetune_{pct}pct_top1"

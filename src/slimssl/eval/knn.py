@@ -1,0 +1,48 @@
+"""Weighted kNN classification on L2-normalised features (InstDisc protocol: k=200, T=0.1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Class scores [Q, C] of each query: its k most cosine-similar bank entries vote with exp(sim / T)."""
+    bank = F.normalize(bank.float(), dim=1)
+    queries = F.normalize(queries.float(), dim=1)
+    k = min(k, len(bank))
+    scores = []
+    for start in range(0, len(queries), chunk):
+        sim = queries[start:start + chunk] @ bank.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(top_idx), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                 num_classes: int, k: int = 200, temperature: float = 0.1) -> float:
+    """Top-1 accuracy in percent."""
+    scores = knn_predict(bank, bank_labels.to(bank.device), queries, num_classes, k, temperature)
+    return (scores.argmax(1).cpu() == query_labels.cpu()).float().mean().item() * 100.0
+
+
+def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resolution: int, mean, std,
+                     batch_size: int = 256, device="cpu") -> dict[str, float]:
+    """kNN top-1 of every menu entry: the train split is the bank, the test split the queries."""
+    from .features import extract_features
+
+    if train.labels is None or test.labels is None:
+        raise ValueError(f"kNN needs labels; dataset {train.name!r} has none (an unlabelled folder)")
+    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    results = {}
+    for spec in supernet.menu:
+        kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
+        bank = extract_features(supernet, spec, train.images, **kw)
+        queries = extract_features(supernet, spec, test.images, **kw)
+        results[spec.name] = knn_accuracy(bank, train.labels.to(device), queries, test.labels, num_classes,
+                                          k, temperature)
+    return results

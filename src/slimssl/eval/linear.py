@@ -1,0 +1,324 @@
+"""The switchable linear probe: one linear head per sub-network on a frozen supernet, trained jointly.
+
+Protocol (DESIGN.md section 4): the backbone stays frozen in eval mode; every sub-network gets its own
+``nn.Linear`` (feature sizes differ with the width) and all heads are trained together by one optimiser,
+each on its own sub-network's features. Without augmentation (the default) the features are extracted
+once and cached in memory, so an epoch costs a few matrix products.
+
+Recipe defaults, chosen for small data on a CPU and documented here:
+
+* features are standardised per dimension with the train split's mean/std (a fixed affine map, i.e.
+  BatchNorm-free; it makes one learning rate fit every width and every pretraining method);
+* SGD, momentum 0.9, no weight decay, lr 0.1 with a per-step cosine schedule to 0, batch 256, 100 epochs;
+* heads start from N(0, 0.01) weights and zero bias.
+
+Options: ``distill`` (SlimCLR): sub-width heads minimise 0.5 CE + 0.5 soft CE to the full-width head's
+detached predictions; ``shared_head``: one slimmable head, a weight [C, D_full] of which a sub-network
+uses the leading ``D`` columns (the comparison of the SlimCLR paper); ``augment``: random crop (padding
+1/8 of the size) + flip, with the backbone run at every step.
+
+The backbone is fingerprinted (a hash of every parameter and buffer) before and after; a change raises
+:class:`BackboneChangedError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+from typing import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..nn.layers import recalibrate_bn
+from ..nn.spec import SubnetSpec
+from .features import extract_features
+
+log = logging.getLogger("slimssl")
+
+DEFAULT_EPOCHS = 100
+DEFAULT_LR = 0.1
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_MOMENTUM = 0.9
+DEFAULT_RECALIBRATE_BATCHES = 20  # used automatically when the supernet's BatchNorm is shared
+DISTILL_ALPHA = 0.5
+
+
+class BackboneChangedError(RuntimeError):
+    """The frozen backbone changed during an evaluation (a bug: it must stay bit-identical)."""
+
+
+# ---- frozen-backbone check -----------------------------------------------------------------------------
+
+def backbone_fingerprint(model: nn.Module) -> dict[str, str]:
+    """SHA-256 of every parameter and buffer (dtype, shape and bytes), by state-dict name."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h = hashlib.sha256(f"{t.dtype}{tuple(tensor.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+        out[name] = h.hexdigest()
+    return out
+
+
+def check_backbone_unchanged(model: nn.Module, before: Mapping[str, str], what: str = "backbone") -> None:
+    """Raise :class:`BackboneChangedError` naming the tensors that differ from ``before``."""
+    after = backbone_fingerprint(model)
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise BackboneChangedError(f"the frozen {what} changed during the evaluation: {shown}")
+
+
+# ---- heads -------------------------------------------------------------------------------------------
+
+class SwitchableLinear(nn.Module):
+    """One independent linear classifier per sub-network (keyed by canonical name)."""
+
+    def __init__(self, dims: Mapping[str, int], num_classes: int, init_std: float = 0.01,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.dims = dict(dims)
+        self.heads = nn.ModuleDict({name: nn.Linear(d, num_classes) for name, d in self.dims.items()})
+        for head in self.heads.values():
+            nn.init.normal_(head.weight, std=init_std, generator=generator)
+            nn.init.zeros_(head.bias)
+
+    def weight_of(self, subnet: str) -> torch.Tensor:
+        return self.heads[subnet].weight
+
+    def forward(self, features: torch.Tensor, subnet: str) -> torch.Tensor:
+        return self.heads[subnet](features)
+
+
+class SharedSlimLinear(nn.Module):
+    """One slimmable linear classifier: weight [C, D_full]; a sub-network with D features uses ``weight[:, :D]``
+    (its features are the leading channels of the full width's) and the shared bias."""
+
+    def __init__(self, dims: Mapping[str, int], num_classes: int, init_std: float = 0.01,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        self.dims = dict(dims)
+        full = max(self.dims.values())
+        self.weight = nn.Parameter(torch.empty(num_classes, full))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        nn.init.normal_(self.weight, std=init_std, generator=generator)
+
+    def weight_of(self, subnet: str) -> torch.Tensor:
+        return self.weight[:, : self.dims[subnet]]
+
+    def forward(self, features: torch.Tensor, subnet: str) -> torch.Tensor:
+        return F.linear(features, self.weight[:, : features.shape[1]], self.bias)
+
+
+def make_heads(dims: Mapping[str, int], num_classes: int, shared: bool = False, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    cls = SharedSlimLinear if shared else SwitchableLinear
+    return cls(dims, num_classes, generator=gen)
+
+
+def probe_loss(heads: nn.Module, features: Mapping[str, torch.Tensor], labels: torch.Tensor, *,
+               distill: bool = False, teacher: str | None = None,
+               weights: Mapping[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed loss of all heads (each on its own sub-network's ``features``) and their logits.
+
+    ``distill``: every head other than ``teacher`` (default: the first, i.e. the widest) minimises
+    0.5 CE + 0.5 soft CE to the teacher head's detached softmax. ``weights`` scales each head's loss.
+    """
+    logits = {name: heads(f, name) for name, f in features.items()}
+    teacher = teacher or next(iter(logits))
+    soft = logits[teacher].detach().softmax(1) if distill and teacher in logits else None
+    total = 0.0
+    for name, z in logits.items():
+        loss = F.cross_entropy(z, labels)
+        if soft is not None and name != teacher:
+            loss = (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * -(soft * z.log_softmax(1)).sum(1).mean()
+        w = 1.0 if weights is None else float(weights.get(name, 1.0))
+        total = total + w * loss
+    return total, logits
+
+
+def probe_step(heads: nn.Module, optimizer: torch.optim.Optimizer, features: Mapping[str, torch.Tensor],
+               labels: torch.Tensor, **kwargs) -> float:
+    """One optimiser step of the joint head training (see :func:`probe_loss` for ``kwargs``)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, _ = probe_loss(heads, features, labels, **kwargs)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
+    """Top-k accuracies in percent (k capped at the number of classes)."""
+    labels = labels.to(logits.device)
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None]
+    return [hits[:, : min(k, logits.shape[1])].any(1).float().mean().item() * 100.0 for k in ks]
+
+
+# ---- augmentation ------------------------------------------------------------------------------------
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Batched random crop of the original size from the zero-padded image, and a horizontal flip with
+    probability 1/2 (the CIFAR recipe). ``x`` is float [B, C, H, W]; draws come from a CPU ``generator``."""
+    b, c, h, w = x.shape
+    tops = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    lefts = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
+    flips = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    if padding > 0:
+        x = F.pad(x, (padding, padding, padding, padding))
+    rows = tops[:, None] + torch.arange(h, device=x.device)       # [B, H]
+    cols = lefts[:, None] + torch.arange(w, device=x.device)      # [B, W]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: torch.Generator) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> resized, randomly cropped (padding size/8) and flipped, normalised float."""
+    x = eval_transform(images, resolution, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    x = random_crop_flip(x, max(1, resolution // 8), generator)
+    return normalize(x, mean, std)
+
+
+# ---- shared BatchNorm: per-sub-network recalibrated copies -------------------------------------------
+
+def calibration_batches(images: torch.Tensor, num_batches: int, batch_size: int, resolution: int, mean, std,
+                        device, seed: int = 0) -> Iterator[torch.Tensor]:
+    """``num_batches`` eval-transformed batches of a fixed random sample of ``images``."""
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    for i in range(num_batches):
+        idx = perm[i * batch_size:(i + 1) * batch_size]
+        if len(idx) == 0:
+            break
+        yield eval_transform(images[idx].to(device), resolution, mean, std)
+
+
+def resolve_recalibration(supernet, batches: int | None) -> int:
+    """``None`` means automatic: recalibrate only when the supernet's BatchNorm is shared."""
+    if batches is None:
+        return 0 if supernet.slim_state.private_bn else DEFAULT_RECALIBRATE_BATCHES
+    return max(0, int(batches))
+
+
+def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: torch.Tensor, *,
+                  recalibrate_batches: int | None, batch_size: int, resolution: int, mean, std,
+                  device="cpu", seed: int = 0) -> dict[str, nn.Module]:
+    """The model to evaluate each sub-network with: the supernet itself, or (recalibrating) a copy whose
+    BatchNorm statistics were re-estimated for that sub-network on ``recalibrate_batches`` train batches."""
+    n = resolve_recalibration(supernet, recalibrate_batches)
+    if n == 0:
+        return {spec.name: supernet for spec in specs}
+    models = {}
+    for spec in specs:
+        model = copy.deepcopy(supernet)
+        recalibrate_bn(model, spec, calibration_batches(train_images, n, batch_size, resolution, mean, std,
+                                                        device, seed))
+        models[spec.name] = model.eval()
+        log.info("recalibrated BatchNorm of %s on %d batches", spec.name, n)
+    return models
+
+
+# ---- the probe ---------------------------------------------------------------------------------------
+
+def _standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return features.mean(0), features.std(0).clamp_min(1e-6)
+
+
+def _num_classes(*datasets) -> int:
+    counts = [len(d.classes) for d in datasets if getattr(d, "classes", None)]
+    labelled = [int(d.labels.max()) + 1 for d in datasets if d.labels is not None and len(d.labels)]
+    return max(counts + labelled)
+
+
+def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
+                         batch_size: int = DEFAULT_BATCH_SIZE, momentum: float = DEFAULT_MOMENTUM,
+                         weight_decay: float = 0.0, distill: bool = False, shared_head: bool = False,
+                         augment: bool = False, standardize: bool = True,
+                         subnets: Sequence[SubnetSpec | str] | None = None, device="cpu", seed: int = 0,
+                         feature_batch_size: int = 256, recalibrate_batches: int | None = None,
+                         return_heads: bool = False):
+    """Train one linear head per sub-network of ``supernet`` (frozen, eval mode) on ``train`` and report
+    ``{subnet: {"top1": %, "top5": %}}`` on ``test`` (``ImageDataset``s with labels).
+
+    With ``return_heads`` the result is ``(results, heads)``.
+    """
+    if train.labels is None or test.labels is None:
+        raise ValueError(f"the linear probe needs labels; dataset {train.name!r} has none (an unlabelled folder)")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+    device = torch.device(device)
+    resolution = resolution or int(train.images.shape[-1])
+    specs = [supernet.resolve(s) for s in subnets] if subnets else list(supernet.menu)
+    names = [s.name for s in specs]
+    num_classes = _num_classes(train, test)
+    supernet.to(device).eval()
+    fingerprints = {id(supernet): (supernet, backbone_fingerprint(supernet))}
+    models = subnet_models(supernet, specs, train.images, recalibrate_batches=recalibrate_batches,
+                           batch_size=feature_batch_size, resolution=resolution, mean=mean, std=std,
+                           device=device, seed=seed)
+    for model in models.values():
+        fingerprints.setdefault(id(model), (model, backbone_fingerprint(model)))
+
+    kw = dict(resolution=resolution, mean=mean, std=std, batch_size=feature_batch_size, device=device)
+    train_feats = {n: extract_features(models[n], spec, train.images, **kw) for n, spec in zip(names, specs)}
+    stats = {n: _standardizer(f) if standardize else (torch.zeros(f.shape[1], device=device),
+                                                      torch.ones(f.shape[1], device=device))
+             for n, f in train_feats.items()}
+    if standardize and not augment:
+        train_feats = {n: (f - stats[n][0]) / stats[n][1] for n, f in train_feats.items()}
+    if augment:
+        train_feats = None  # the backbone runs at every step instead
+    dims = {n: models[n].feature_dim(spec) for n, spec in zip(names, specs)}
+
+    heads = make_heads(dims, num_classes, shared=shared_head, seed=seed).to(device)
+    optimizer = torch.optim.SGD(heads.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n_train = len(train)
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    total = epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    gen = torch.Generator().manual_seed(seed)
+    labels = train.labels.to(device)
+    heads.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(n_train, generator=gen)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            idx = perm[step * batch_size:(step + 1) * batch_size]
+            if augment:
+                x = augment_batch(train.images[idx].to(device), resolution, mean, std, gen)
+                feats = {}
+                with torch.no_grad():
+                    for n, spec in zip(names, specs):
+                        feats[n] = (models[n](x, subnet=spec).float() - stats[n][0]) / stats[n][1]
+            else:
+                dev_idx = idx.to(device)
+                feats = {n: f[dev_idx] for n, f in train_feats.items()}
+            running += probe_step(heads, optimizer, feats, labels[idx.to(device)], distill=distill, teacher=names[0])
+            schedule.step()
+        if epoch == 0 or (epoch + 1) % max(1, epochs // 5) == 0 or epoch + 1 == epochs:
+            log.info("linear probe epoch %d/%d: loss %.4f", epoch + 1, epochs, running / steps_per_epoch)
+
+    heads.eval()
+    results = {}
+    with torch.no_grad():
+        for n, spec in zip(names, specs):
+            f = extract_features(models[n], spec, test.images, **kw)
+            logits = heads((f - stats[n][0]) / stats[n][1], n)
+            top1, top5 = topk_accuracy(logits, test.labels)
+            results[n] = {"top1": top1, "top5": top5}
+    for model, before in fingerprints.values():
+        check_backbone_unchanged(model, before)
+    return (results, heads) if return_heads else results

@@ -1,0 +1,131 @@
+"""A run's ``results.json``: read it, and merge evaluation values into it per sub-network.
+
+The file is ``{"run": name, "config": {...}, "resolution": int, "subnets": [{"subnet": name, "width": w,
+"depths": [...], "params": n, "macs": n, "knn_top1": x, ...}, ...]}``. Evaluation commands run on a
+checkpoint inside a run directory add their values to the matching ``subnets`` entry (keyed by the
+canonical sub-network name) and record their settings under ``"protocols"``, so a report can say how
+every number was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..cli import UsageError
+
+RESULTS = "results.json"
+METRICS = "metrics.jsonl"
+
+
+class ResultsError(UsageError):
+    """A run directory or results file that cannot be read; says which file and why."""
+
+
+def run_dir_of(checkpoint: str | Path) -> Path | None:
+    """The run directory a checkpoint path belongs to, or None for a loose checkpoint file.
+
+    ``RUN`` itself (a folder holding ``checkpoints/`` or ``results.json``) and ``RUN/checkpoints/X.pt``
+    both give ``RUN``.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        if (path / "checkpoints").is_dir() or (path / RESULTS).is_file() or (path / "config.yaml").is_file():
+            return path
+        return None
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return None
+
+
+def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any]:
+    """The content of ``run_dir/results.json`` (``run`` defaults to the folder name)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ResultsError(f"run directory {run_dir} does not exist")
+    path = run_dir / RESULTS
+    if not path.is_file():
+        if missing_ok:
+            return {"run": run_dir.name, "subnets": []}
+        raise ResultsError(f"{path} does not exist; a run directory gets results.json at the end of pretraining "
+                           "(or from 'slimssl knn RUN_DIR')")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ResultsError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("subnets", []), list):
+        raise ResultsError(f"{path} does not hold a results object with a 'subnets' list")
+    data.setdefault("run", run_dir.name)
+    data.setdefault("subnets", [])
+    for i, row in enumerate(data["subnets"]):
+        if not isinstance(row, dict) or "subnet" not in row:
+            raise ResultsError(f"{path}: subnets[{i}] has no 'subnet' name")
+    return data
+
+
+def write_results(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
+    """Write ``results.json`` atomically (temporary file + rename)."""
+    path = Path(run_dir) / RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{RESULTS}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def merge_rows(rows: list[dict], values: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+    """``rows`` (dicts with ``subnet``) updated with ``values[subnet]``; unknown subnets are appended."""
+    out = [dict(r) for r in rows]
+    index = {r["subnet"]: r for r in out}
+    for name, vals in values.items():
+        if name in index:
+            index[name].update(vals)
+        else:
+            row = {"subnet": name, **vals}
+            out.append(row)
+            index[name] = row
+    return out
+
+
+def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], *, protocol: str | None = None,
+                  settings: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None) -> Path:
+    """Merge per-sub-network ``values`` ({subnet: {key: value}}) into ``run_dir/results.json``.
+
+    Existing keys of a sub-network are overwritten, others are kept; ``settings`` are stored under
+    ``protocols[protocol]``; ``defaults`` fill top-level keys the file does not have yet (run, resolution).
+    """
+    data = read_results(run_dir, missing_ok=True)
+    for key, value in (defaults or {}).items():
+        data.setdefault(key, value)
+    data["subnets"] = merge_rows(data["subnets"], values)
+    if protocol is not None:
+        data.setdefault("protocols", {})[protocol] = dict(settings or {})
+    return write_results(run_dir, data)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``run_dir/metrics.jsonl`` (empty when the file is absent); bad lines are skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut off by a crash mid-write
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records

@@ -1,0 +1,56 @@
+"""What a self-supervised method is to slimssl: heads plus a loss over (online, target) outputs.
+
+A method never knows about sub-networks. The slim layer (``slimssl.slim``) decides which sub-networks
+run, with which weight and teacher, and calls :meth:`Method.loss` / :meth:`Method.distill` for each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class MethodOutput:
+    """The loss of one sub-network and what a student of it would be distilled on (logits or predictions)."""
+
+    loss: torch.Tensor
+    distill_on: list[torch.Tensor]
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name`` and ``has_predictor`` and implement ``loss``."""
+
+    name: str = ""
+    has_predictor: bool = True
+    projector_layers: str = "projector"
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+
+    def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
+        """``online``: the online network's outputs for the views; ``target``: the full-size target's."""
+        raise NotImplementedError
+
+    def distill(self, student: list[torch.Tensor], teacher: list[torch.Tensor], temperature: float) -> torch.Tensor:
+        """Online distillation from the full network's detached outputs (SlimCLR): soft cross-entropy
+        between similarity logits over the same keys. Regression methods override this."""
+        from .losses import soft_cross_entropy
+
+        return sum(soft_cross_entropy(s, t, temperature) for s, t in zip(student, teacher)) / len(student)
+
+    def momentum(self, progress: float) -> float:
+        """EMA coefficient of the target at ``progress`` in [0, 1] of training."""
+        import math
+
+        m = self.cfg.momentum
+        if self.cfg.momentum_schedule == "constant":
+            return m
+        return 1 - (1 - m) * (math.cos(math.pi * progress) + 1) / 2
+
+    @torch.no_grad()
+    def after_step(self, target: list[torch.Tensor]) -> None:
+        """Update method state (e.g. a queue of keys) once per iteration, after all sub-networks ran."""

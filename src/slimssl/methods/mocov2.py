@@ -1,0 +1,38 @@
+"""MoCo v2 (Chen et al., 2020): InfoNCE against the momentum key and a queue of full-width keys."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method, MethodOutput
+from .losses import contrastive_loss, info_nce_logits
+
+
+class MoCoV2(Method):
+    name = "mocov2"
+    has_predictor = False
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
+        pairs = [(0, 1), (1, 0)] if self.cfg.symmetric else [(0, 1)]
+        logits = [info_nce_logits(online[i], target[j], self.queue, self.cfg.temperature) for i, j in pairs]
+        labels = torch.zeros(len(online[0]), dtype=torch.long, device=online[0].device)
+        return MethodOutput(sum(contrastive_loss(lg, labels) for lg in logits), logits)
+
+    @torch.no_grad()
+    def after_step(self, target: list[torch.Tensor]) -> None:
+        from ..train.distributed import all_gather_nograd
+
+        keys = target[1:] if not self.cfg.symmetric else target
+        keys = F.normalize(all_gather_nograd(torch.cat(keys)).float(), dim=1)
+        n, size = len(keys), len(self.queue)
+        if size == 0:
+            return
+        idx = (self.queue_ptr + torch.arange(n, device=keys.device)) % size  # a ring buffer, no host sync
+        self.queue[idx[-size:]] = keys[-size:]
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)

@@ -1,0 +1,25 @@
+"""MoCo v3 (Chen et al., 2021): symmetric contrastive loss over in-batch keys, scaled by 2 tau."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Method, MethodOutput
+from .losses import contrastive_loss, in_batch_logits
+
+
+class MoCoV3(Method):
+    name = "mocov3"
+    has_predictor = True
+
+    def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
+        from ..train.distributed import all_gather_nograd, rank
+
+        q1, q2 = online
+        k1, k2 = target
+        tau = self.cfg.temperature
+        # keys of every process are negatives; this process's positives sit at offset rank * batch
+        labels = torch.arange(len(q1), device=q1.device) + rank() * len(q1)
+        logits = [in_batch_logits(q1, all_gather_nograd(k2), tau), in_batch_logits(q2, all_gather_nograd(k1), tau)]
+        loss = sum(contrastive_loss(lg, labels) for lg in logits) * 2 * tau
+        return MethodOutput(loss, logits)

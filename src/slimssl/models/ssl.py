@@ -1,0 +1,61 @@
+"""The SSL model: slimmable online network (backbone, projector, predictor) and its full-size EMA target."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..methods.base import Method
+from ..nn.layers import SlimmableMixin, bind_state
+from .heads import HEADS, SlimMLP
+from .resnet import SlimResNet
+
+
+class SSLModel(SlimmableMixin, nn.Module):
+    """``online(x)`` runs the active sub-network; ``target(x)`` always runs the full EMA network.
+
+    The backbone is ``self.backbone``: checkpoints keep it under ``backbone.``, which is what export and
+    evaluation read.
+    """
+
+    def __init__(self, backbone: SlimResNet, method: Method, bn: str = "private", divisor: int = 1):
+        super().__init__()
+        cfg = method.cfg
+        heads = HEADS[method.name]
+        self.backbone = backbone
+        self.method = method
+        self.slim_state = backbone.slim_state
+        menu = backbone.menu
+        self.projector = SlimMLP(backbone.num_features, heads["projector"](cfg.proj_hidden, cfg.proj_dim), menu, bn, divisor)
+        self.predictor = (SlimMLP(cfg.proj_dim, heads["predictor"](cfg.pred_hidden, cfg.proj_dim), menu, bn, divisor)
+                          if method.has_predictor else None)
+        bind_state(self, self.slim_state)
+        # One deepcopy of both modules so the copies share one (always full-size) state of their own.
+        self.target = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "projector": self.projector}))
+        self.target.requires_grad_(False)
+
+    def online_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("target.")]
+
+    def online(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.projector(self.backbone(x))
+        return z if self.predictor is None else self.predictor(z)
+
+    @torch.no_grad()
+    def target_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.target["projector"](self.target["backbone"](x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.online(x)
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """target <- momentum * target + (1 - momentum) * online, for weights; buffers are copied."""
+        online = nn.ModuleDict({"backbone": self.backbone, "projector": self.projector})
+        src = [p.detach() for p in online.parameters()]
+        dst = list(self.target.parameters())
+        torch._foreach_lerp_(dst, src, 1.0 - momentum)
+        for b_dst, b_src in zip(self.target.buffers(), online.buffers()):
+            b_dst.copy_(b_src)

@@ -1,0 +1,113 @@
+"""Figures: accuracy against MACs per run, and the gradient-imbalance diagnostic.
+
+matplotlib is an optional dependency (``pip install 'slimssl[plot]'``). Figures are drawn on the Agg
+canvas directly, without pyplot, so nothing changes the caller's matplotlib backend.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..cli import UsageError
+
+log = logging.getLogger("slimssl")
+
+
+class PlotError(UsageError):
+    """A plot that cannot be drawn: matplotlib missing, or no data for the asked metric."""
+
+
+def _figure(figsize=(6.4, 4.4)):
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotError("plotting needs matplotlib: pip install 'slimssl[plot]'") from None
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: str | Path | None) -> None:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(str(path), dpi=150)
+
+
+METRIC_LABELS = {"knn_top1": "kNN top-1 (%)", "linear_top1": "linear probe top-1 (%)",
+                 "linear_top5": "linear probe top-5 (%)", "finetune_1pct_top1": "fine-tune 1% labels top-1 (%)",
+                 "finetune_10pct_top1": "fine-tune 10% labels top-1 (%)",
+                 "knn_top1_random_init": "kNN top-1, random init (%)"}
+
+
+def accuracy_points(result: Mapping, metric: str) -> list[tuple[float, float, str]]:
+    """(macs, value, subnet) of every sub-network of a run that has ``metric``, by increasing MACs."""
+    points = [(float(r["macs"]), float(r[metric]), r["subnet"]) for r in result.get("subnets", [])
+              if r.get(metric) is not None and r.get("macs")]
+    return sorted(points)
+
+
+def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", path: str | Path | None = None,
+                          title: str | None = None, join_singles: str | None = None):
+    """One line with a marker per sub-network for every run (log-scale MACs on x, ``metric`` on y).
+
+    ``join_singles``: draw the runs with a single sub-network (networks pretrained one by one) as one
+    line with this label instead of one marker each. Returns the matplotlib Figure (saved to ``path``).
+    """
+    series: list[tuple[str, list[tuple[float, float, str]]]] = []
+    singles: list[tuple[float, float, str]] = []
+    for result in results:
+        points = accuracy_points(result, metric)
+        if not points:
+            log.warning("run %s has no %s values with MACs; not drawn", result.get("run", "?"), metric)
+            continue
+        if join_singles and len(result.get("subnets", [])) == 1:
+            singles += points
+        else:
+            series.append((str(result.get("run", "run")), points))
+    if singles:
+        series.append((join_singles, sorted(singles)))
+    if not series:
+        available = sorted({k for r in results for row in r.get("subnets", []) for k, v in row.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)
+                            and k not in ("params", "macs", "width")})
+        raise PlotError(f"no run has values of {metric!r} with MACs; metrics found: {', '.join(available) or 'none'}")
+    fig = _figure()
+    ax = fig.add_subplot()
+    markers = "osD^vP*Xh<>"
+    for i, (label, points) in enumerate(series):
+        macs, values, _ = zip(*points)
+        ax.plot(macs, values, marker=markers[i % len(markers)], label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("MACs per image")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    _save(fig, path)
+    return fig
+
+
+def plot_grad_norms(series_by_run: Mapping[str, Mapping[str, Mapping[str, list]]], path: str | Path | None = None):
+    """The gradient-imbalance diagnostic: per run and sub-network, the gradient norm its loss puts on the
+    weights shared with the smaller sub-networks and on the rest, over training steps (two panels)."""
+    if not any(series_by_run.values()):
+        raise PlotError("no grad_norm records in metrics.jsonl of the runs")
+    fig = _figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharex=True)
+    for run, series in series_by_run.items():
+        for subnet, s in series.items():
+            label = f"{run}: {subnet}" if len(series_by_run) > 1 else subnet
+            for ax, part in zip(axes, ("shared", "rest")):
+                ax.plot(s["step"], s[part], label=label)
+    for ax, part in zip(axes, ("shared weights", "other weights")):
+        ax.set_title(f"gradient norm on {part}")
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize="x-small")
+    _save(fig, path)
+    return fig

@@ -1,0 +1,68 @@
+"""Per-run tables of results.json, and the gradient-norm series of metrics.jsonl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..eval.results import read_metrics, read_results
+from .table import markdown_table
+
+# Always shown (missing values print as '-'), in this order; other measured keys follow.
+BASE_COLUMNS = ["subnet", "params", "macs", "knn_top1", "linear_top1", "finetune_1pct_top1", "finetune_10pct_top1"]
+_ORDER = ["subnet", "params", "macs", "knn_top1", "knn_top1_random_init", "linear_top1", "linear_top5",
+          "finetune_1pct_top1", "finetune_10pct_top1"]
+_NOT_COLUMNS = {"width", "depths"}
+
+
+def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
+    """The results.json content of every run directory, in the given order."""
+    return [read_results(d) for d in run_dirs]
+
+
+def metric_keys(result: dict) -> list[str]:
+    """Numeric per-sub-network keys of a run other than params/macs/width (the plottable metrics)."""
+    keys = []
+    for row in result.get("subnets", []):
+        for k, v in row.items():
+            if k not in keys and k not in _NOT_COLUMNS | {"subnet", "params", "macs"} \
+                    and isinstance(v, (int, float)) and not isinstance(v, bool):
+                keys.append(k)
+    return keys
+
+
+def run_columns(result: dict) -> list[str]:
+    present = [k for row in result.get("subnets", []) for k in row]
+    extra = sorted({k for k in present if k not in _ORDER and k not in _NOT_COLUMNS})
+    return [c for c in _ORDER if c in BASE_COLUMNS or c in present] + extra
+
+
+def run_table(result: dict) -> str:
+    """A Markdown section for one run: a heading with its name and one row per sub-network."""
+    title = f"## {result.get('run', 'run')}"
+    if result.get("resolution"):
+        title += f" ({result['resolution']} px)"
+    return f"{title}\n\n{markdown_table(result.get('subnets', []), run_columns(result))}"
+
+
+def report_markdown(results: Sequence[dict]) -> str:
+    return "\n\n".join(run_table(r) for r in results)
+
+
+def grad_norm_series(run_dir: str | Path) -> dict[str, dict[str, list[float]]]:
+    """From ``metrics.jsonl`` records holding ``grad_norm`` ({subnet: {"shared": x, "rest": y}}) and
+    ``step``: per sub-network the lists ``step``, ``shared`` and ``rest``. Empty when there are none."""
+    series: dict[str, dict[str, list[float]]] = {}
+    for i, rec in enumerate(read_metrics(run_dir)):
+        norms = rec.get("grad_norm")
+        if not isinstance(norms, dict):
+            continue
+        step = rec.get("step", i)
+        for subnet, parts in norms.items():
+            if not isinstance(parts, dict):
+                continue
+            s = series.setdefault(subnet, {"step": [], "shared": [], "rest": []})
+            s["step"].append(step)
+            s["shared"].append(parts.get("shared", float("nan")))
+            s["rest"].append(parts.get("rest", float("nan")))
+    return series

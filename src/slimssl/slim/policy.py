@@ -1,0 +1,71 @@
+"""Which sub-networks run at a step, with what loss weight, and whether they distil from the full one.
+
+Everything here is a pure function of (config, menu, step): every process draws the same sub-networks
+without communicating, and a resumed run draws what the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..nn.spec import Menu, SubnetSpec
+
+WIDTH_GRID = 0.05  # random widths of the "space" sampler are multiples of this
+
+
+@dataclass(frozen=True)
+class SubnetTask:
+    spec: SubnetSpec
+    weight: float
+    distill: bool  # mix in distillation from the full network's detached outputs
+
+
+class SlimPolicy:
+    def __init__(self, cfg, menu: Menu, total_steps: int, seed: int):
+        self.cfg, self.menu, self.total_steps, self.seed = cfg, menu, total_steps, seed
+        self.join_step = int(cfg.slow_start * total_steps)
+
+    def joined(self, step: int) -> bool:
+        """Whether the sub-networks train at ``step`` (slow start: only the full network before that)."""
+        return step >= self.join_step
+
+    def draw(self, step: int) -> list[SubnetSpec]:
+        """The sub-networks of ``step``, largest first (it is the teacher of online distillation)."""
+        if not self.joined(step):
+            return [self.menu.largest]
+        if self.cfg.sampling == "all":
+            return list(self.menu)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        picks = [self.menu.largest, self.menu.smallest]
+        if self.cfg.random_space == "menu":
+            middle = list(self.menu[1:-1])
+            order = torch.randperm(len(middle), generator=gen).tolist()
+            picks += [middle[i] for i in order[: self.cfg.num_random]]
+        else:
+            picks += [self._random_spec(gen) for _ in range(self.cfg.num_random)]
+        unique = list(dict.fromkeys(picks))
+        return [unique[0], *sorted(unique[1:], reverse=True)]
+
+    def _random_spec(self, gen: torch.Generator) -> SubnetSpec:
+        """A sub-network between the smallest and largest menu entries, width on a grid, depth per stage."""
+        lo, hi = self.menu.smallest, self.menu.largest
+        steps = int(round((hi.width - lo.width) / WIDTH_GRID))
+        width = lo.width + WIDTH_GRID * int(torch.randint(0, steps + 1, (), generator=gen))
+        depths = tuple(int(torch.randint(a, b + 1, (), generator=gen)) for a, b in zip(lo.depths, hi.depths))
+        return SubnetSpec(min(width, hi.width), depths)
+
+    def plan(self, step: int) -> list[SubnetTask]:
+        specs = self.draw(step)
+        full = specs[0]
+        sub_weight_sum = sum(s.width for s in specs[1:])
+        tasks = []
+        for spec in specs:
+            is_full = spec == full
+            if self.cfg.loss_weights == "slimclr" and is_full:
+                weight = 1.0 + sub_weight_sum  # SlimCLR: the full network's gradient must dominate
+            else:
+                weight = 1.0
+            tasks.append(SubnetTask(spec, weight, distill=self.cfg.teacher == "online" and not is_full))
+        return tasks

@@ -1,0 +1,82 @@
+"""``slimssl pretrain``: build the run directory, train, print the per-sub-network table."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("slimssl")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="slimmable self-supervised pretraining (default: the embedded demo)")
+    p.add_argument("--config", help="YAML recipe: a path or a shipped name (default: demo)")
+    p.add_argument("--data", help="dataset name (digits, cifar10, cifar100, fake) or an ImageFolder path / .zip")
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule keeps its length)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR (or --out) from its last checkpoint")
+    p.add_argument("--json", action="store_true", help="print results.json on stdout at the end")
+    p.set_defaults(func=cmd_pretrain)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    sets = list(args.set)
+    if args.data:
+        sets.append(f"data.source={args.data}")
+    if args.epochs:
+        sets.append(f"train.epochs={args.epochs}")
+    if args.device:
+        sets.append(f"train.device={args.device}")
+    return sets
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint
+    from ..cli import UsageError, _emit
+    from ..config import config_from_dict, load_config
+    from ..report.table import markdown_table
+    from . import distributed as dist
+    from .loop import EXIT_INTERRUPTED, Interrupted, Trainer
+
+    dist.init_from_env()
+    try:
+        if args.resume is not None:
+            run_dir = Path(args.out if args.resume is True else args.resume) if (args.out or args.resume is not True) else None
+            if run_dir is None:
+                raise UsageError("--resume needs a run directory: --resume RUN_DIR (or --out RUN_DIR)")
+            last = run_dir / "checkpoints" / "last.pt"
+            if not last.is_file():
+                raise UsageError(f"cannot resume: {last} does not exist")
+            stored = load_checkpoint(last)["config"]
+            cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", _overrides(args))
+        else:
+            cfg = load_config(args.config, _overrides(args))
+            run_dir = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if (run_dir / "checkpoints" / "last.pt").exists():
+                raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
+                                 "or choose another --out")
+        if dist.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        log.info("run directory: %s", run_dir)
+        trainer = Trainer(cfg, run_dir, resume=args.resume is not None)
+        try:
+            results = trainer.fit(args.max_steps)
+        except Interrupted as e:
+            log.warning("%s", e)
+            return EXIT_INTERRUPTED
+        if results:
+            cols = ["subnet", "params", "macs", "knn_top1_random_init", "knn_top1"]
+            _emit(args, results, markdown_table(results["subnets"], cols))
+        else:
+            log.info("stopped at step %d of %d; continue with: slimssl pretrain --resume %s",
+                     trainer.state.step, trainer.total_steps, run_dir)
+        return 0
+    finally:
+        dist.shutdown()

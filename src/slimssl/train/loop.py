@@ -1,0 +1,390 @@
+"""Slimmable self-supervised pretraining: the loop.
+
+One iteration: two augmented views (drawn from a generator seeded by (seed, step)), the full-size target
+once, then every sub-network the policy draws, each with its own backward so activations are freed
+(gradients accumulate), then one optimizer step and the EMA update. Losses stay on the device and are
+read every ``log_every`` steps, so the hot loop has no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import check_menu, load_checkpoint, save_checkpoint
+from ..config import Config
+from ..data.augment import TwoViewAugment, recipe
+from ..data.datasets import DataError, ImageDataset, load_dataset
+from ..eval.knn import knn_eval_subnets
+from ..methods import build_method
+from ..models.build import build_supernet
+from ..models.ssl import SSLModel
+from ..report.profile import profile_supernet
+from ..slim.policy import SlimPolicy
+from . import distributed as dist
+from .logging import MetricsLogger
+from .optim import build_optimizer, lr_at, scaled_lr
+
+log = logging.getLogger("slimssl")
+
+EXIT_INTERRUPTED = 3  # documented: the run was stopped by SIGTERM/SIGINT after saving a checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or Inf loss; names the step and the sub-network."""
+
+
+class Interrupted(RuntimeError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    skipped_steps: int = 0
+    knn_random_init: dict = field(default_factory=dict)
+    knn_history: list = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.is_distributed():
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class SignalGuard:
+    """Turns SIGTERM/SIGINT into a flag checked between steps, so the step in flight finishes."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("received %s: finishing the current step, then saving a checkpoint",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.device = pick_device(cfg.train.device)
+        self.dtype = pick_dtype(cfg.train.precision, self.device)
+        self.world = dist.world_size()
+        if cfg.train.batch_size % self.world:
+            raise ValueError(f"train.batch_size {cfg.train.batch_size} must be divisible by the number of "
+                             f"processes {self.world}")
+        self.batch = cfg.train.batch_size // self.world
+        torch.manual_seed(cfg.train.seed)
+
+        self.train_data = load_dataset(cfg.data.source, "train", resolution=cfg.data.resolution,
+                                       skip_unreadable=cfg.data.skip_unreadable, fake_size=cfg.data.fake_size,
+                                       seed=cfg.train.seed)
+        if len(self.train_data) < cfg.train.batch_size:
+            raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
+                            f"train.batch_size {cfg.train.batch_size}")
+        self.eval_data = self._eval_datasets()
+        self.augment = TwoViewAugment(recipe(cfg.data.augment or cfg.method.name, cfg.data.resolution),
+                                      cfg.data.resolution, cfg.data.mean, cfg.data.std)
+
+        self.model = SSLModel(build_supernet(cfg), build_method(cfg.method), cfg.model.bn,
+                              cfg.model.channel_divisor).to(self.device)
+        if self.device.type == "cuda" and cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.steps_per_epoch = len(self.train_data) // cfg.train.batch_size
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.policy = SlimPolicy(cfg.slim, self.model.backbone.menu, self.total_steps, cfg.train.seed)
+        self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim, cfg.train.batch_size)
+        self.late_peak_lr = (scaled_lr(cfg.slim.slow_start_lr, cfg.optim, cfg.train.batch_size)
+                             if cfg.slim.slow_start_lr else self.peak_lr)
+        self.optimizer = build_optimizer(cfg.optim, [(n, p) for n, p in self.model.named_parameters()
+                                                     if not n.startswith("target.")], self.peak_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.ddp = self._wrap_ddp()
+        self.state = TrainState()
+        self.images = self._place_images()
+        if resume:
+            self._load(self.run_dir / "checkpoints" / "last.pt")
+        self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main())
+
+    # ---- setup --------------------------------------------------------------------------------------
+
+    def _eval_datasets(self) -> tuple[ImageDataset, ImageDataset] | None:
+        if self.train_data.labels is None:
+            log.info("the training data has no labels: kNN evaluation is skipped")
+            return None
+        try:
+            test = load_dataset(self.cfg.data.source, "test", resolution=self.cfg.data.resolution,
+                                skip_unreadable=self.cfg.data.skip_unreadable, fake_size=self.cfg.data.fake_size,
+                                seed=self.cfg.train.seed)
+        except DataError as e:
+            log.info("no test split for kNN evaluation (%s): kNN is skipped", e)
+            return None
+        return self.train_data, test
+
+    def _place_images(self) -> torch.Tensor:
+        """Keep the decoded uint8 images on the GPU when they fit comfortably, so batches never cross PCIe."""
+        images = self.train_data.images
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if images.numel() < 0.25 * free:
+                return images.to(self.device)
+            return images.pin_memory()
+        return images
+
+    def _wrap_ddp(self) -> nn.Module:
+        if not dist.is_distributed():
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # find_unused_parameters: not every private BatchNorm runs every step (slow start, sandwich)
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+
+    def checkpoint_payload(self) -> dict:
+        return {"config": self.cfg.model_dump(mode="json"), "menu": self.model.backbone.menu.names,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
+                "epoch": self.state.step / max(1, self.steps_per_epoch)}
+
+    def save(self, name: str = "last.pt") -> Path | None:
+        if not dist.is_main():
+            return None
+        return save_checkpoint(self.run_dir / "checkpoints" / name, self.checkpoint_payload())
+
+    def _load(self, path: Path) -> None:
+        data = load_checkpoint(path, map_location=self.device)
+        check_menu(data["menu"], self.cfg, str(path))
+        self.model.load_state_dict(data["model"])
+        self.optimizer.load_state_dict(data["optimizer"])
+        self.scaler.load_state_dict(data["scaler"])
+        self.state = TrainState(**data["train_state"])
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+
+    def knn(self) -> dict[str, float]:
+        if self.eval_data is None:
+            return {}
+        train, test = self.eval_data
+        e = self.cfg.eval
+        return knn_eval_subnets(self.model.backbone, train, test, k=e.knn_k, temperature=e.knn_temperature,
+                                resolution=self.cfg.data.resolution, mean=self.cfg.data.mean,
+                                std=self.cfg.data.std, batch_size=e.batch_size, device=self.device)
+
+    # ---- the step -----------------------------------------------------------------------------------
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """This process's sample indices at ``step``: a per-epoch permutation from (seed, epoch)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
+        perm = torch.randperm(len(self.train_data), generator=gen)
+        start = i * self.cfg.train.batch_size + dist.rank() * self.batch
+        return perm[start:start + self.batch]
+
+    def views(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.batch_indices(step)
+        images = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
+        gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step * 31 + dist.rank())
+        views = self.augment(images, gen)
+        if self.device.type == "cuda" and self.cfg.train.channels_last:
+            views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
+        return views
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def set_lr(self, step: int) -> float:
+        joined_late = self.cfg.slim.slow_start_lr and self.policy.joined(step) and self.policy.join_step > 0
+        peak = self.late_peak_lr if joined_late else self.peak_lr
+        warmup = int(self.cfg.optim.warmup_epochs * self.steps_per_epoch)
+        lr = lr_at(step, self.total_steps, warmup, peak, self.cfg.optim.min_lr_ratio, self.cfg.optim.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, step: int) -> dict[str, torch.Tensor]:
+        """One iteration; returns the detached loss of every sub-network that ran."""
+        self.model.train()
+        lr = self.set_lr(step)
+        v1, v2 = self.views(step)
+        with self.autocast():
+            target = [self.model.target_forward(v1), self.model.target_forward(v2)]
+        tasks = self.policy.plan(step)
+        method, slim = self.model.method, self.cfg.slim
+        teacher_out = None
+        losses = {}
+        for i, task in enumerate(tasks):
+            last = i == len(tasks) - 1
+            sync = self.ddp.no_sync() if (self.ddp is not self.model and not last) else contextlib.nullcontext()
+            with sync, self.model.subnet(task.spec), self.autocast():
+                online = [self.ddp(v1), self.ddp(v2)]
+                out = method.loss(online, target)
+                loss = out.loss
+                if task.distill:
+                    kd = method.distill(out.distill_on, teacher_out, slim.distill_temperature)
+                    loss = (1 - slim.distill_alpha) * loss + slim.distill_alpha * kd
+                if teacher_out is None:
+                    teacher_out = [t.detach() for t in out.distill_on]
+                self.scaler.scale(loss * task.weight).backward()
+            losses[task.spec.name] = loss.detach().float()
+        if self.cfg.train.nonfinite == "skip" and not torch.isfinite(torch.stack(list(losses.values()))).all():
+            self.optimizer.zero_grad(set_to_none=True)  # the one host sync of this mode, by request
+            self.state.skipped_steps += 1
+            log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
+            return losses
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_target(method.momentum(step / max(1, self.total_steps)))
+        method.after_step(target)
+        losses["_lr"] = torch.tensor(lr)
+        return losses
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    def fit(self, max_steps: int | None = None) -> dict:
+        cfg = self.cfg
+        end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+        if self.state.step == 0 and not self.state.knn_random_init and dist.is_main():
+            self.state.knn_random_init = self.knn()
+            if self.state.knn_random_init:
+                log.info("kNN at random initialisation: %s", _fmt(self.state.knn_random_init))
+        progress = _progress(self.state.step, end, dist.is_main())
+        sums: dict[str, torch.Tensor] = {}
+        count, tick = 0, time.perf_counter()
+        with SignalGuard() as guard:
+            while self.state.step < end:
+                step = self.state.step
+                losses = self.train_step(step)
+                lr = losses.pop("_lr", None)
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0) + value
+                count += 1
+                self.state.step += 1
+                progress.update(1)
+                epoch_done = self.state.step % self.steps_per_epoch == 0
+                if self.state.step % cfg.train.log_every == 0 or epoch_done or self.state.step == end:
+                    self._log(step, sums, count, lr, time.perf_counter() - tick, progress)
+                    sums, count, tick = {}, 0, time.perf_counter()
+                if epoch_done:
+                    self._end_of_epoch()
+                if guard.received is not None:
+                    self.save()
+                    progress.close()
+                    raise Interrupted(f"stopped by {signal.Signals(guard.received).name} at step {self.state.step}; "
+                                      f"checkpoint saved in {self.run_dir / 'checkpoints' / 'last.pt'}; "
+                                      f"continue with: slimssl pretrain --resume {self.run_dir}")
+        progress.close()
+        self.save()
+        return self.finish() if self.state.step >= self.total_steps else {}
+
+    def _log(self, step: int, sums: dict, count: int, lr, seconds: float, progress) -> None:
+        if not sums:
+            return
+        means = {name: (total / count).item() for name, total in sums.items()}  # the one sync per log
+        bad = [name for name, v in means.items() if not math.isfinite(v)]
+        if bad and self.cfg.train.nonfinite == "error":
+            raise NonFiniteLossError(
+                f"non-finite loss of sub-network {bad[0]} within steps {step - count + 1}..{step}; "
+                f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+        record = {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
+                  "lr": float(lr) if lr is not None else None,
+                  "img_per_s": count * self.cfg.train.batch_size / max(seconds, 1e-9), "loss": means}
+        if self.state.skipped_steps:
+            record["skipped_steps"] = self.state.skipped_steps
+        self.metrics.write(record)
+        progress.set_postfix_str(" ".join(f"{k.split('_')[0]}={v:.3f}" for k, v in means.items())
+                                 + f" img/s={record['img_per_s']:.0f}")
+
+    def _end_of_epoch(self) -> None:
+        epoch = self.state.step // self.steps_per_epoch
+        every = self.cfg.train.checkpoint_every
+        self.save()
+        if every and epoch % every == 0 and epoch < self.cfg.train.epochs:
+            self.save(f"epoch_{epoch:04d}.pt")
+        knn_every = self.cfg.train.knn_every
+        if knn_every and epoch % knn_every == 0 and epoch < self.cfg.train.epochs and dist.is_main():
+            result = self.knn()
+            if result:
+                self.state.knn_history.append({"epoch": epoch, **result})
+                self.metrics.write({"step": self.state.step, "epoch": epoch, "knn_top1": result})
+                log.info("epoch %d kNN: %s", epoch, _fmt(result))
+
+    def finish(self) -> dict:
+        """Final evaluation and results.json (main process)."""
+        if not dist.is_main():
+            return {}
+        knn = self.knn()
+        backbone = self.model.backbone
+        rows = profile_supernet(backbone, self.cfg.data.resolution, latency=False)
+        for row in rows:
+            row["knn_top1"] = knn.get(row["subnet"])
+            row["knn_top1_random_init"] = self.state.knn_random_init.get(row["subnet"])
+        if knn:
+            self.metrics.write({"step": self.state.step, "epoch": self.cfg.train.epochs, "knn_top1": knn})
+        results = {"run": self.cfg.name, "config": self.cfg.model_dump(mode="json"),
+                   "resolution": self.cfg.data.resolution, "steps": self.state.step,
+                   "skipped_steps": self.state.skipped_steps, "subnets": rows}
+        _write_json(self.run_dir / "results.json", results)
+        self.metrics.close()
+        return results
+
+
+def _write_json(path: Path, data: dict) -> None:
+    import json
+    import os
+
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.2f}" for k, v in values.items())
+
+
+def _progress(start: int, end: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=end, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, leave=True)

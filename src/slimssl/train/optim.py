@@ -1,0 +1,92 @@
+"""Optimisers (SGD, LARS, AdamW) with no-weight-decay groups, and the per-step schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017).
+
+    Parameter groups with ``lars_exclude=True`` (biases and norms) get neither weight decay nor the
+    trust ratio, as in BYOL and MoCo v3. Updates are batched with foreach ops.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 0.001, eps: float = 1e-8):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        trust_coefficient=trust_coefficient, eps=eps, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                if group["weight_decay"]:
+                    grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                p_norm = torch._foreach_norm(params)
+                g_norm = torch._foreach_norm(grads)
+                # trust ratio eta * |w| / |g|, 1 where either norm is zero; stays on the device (no sync)
+                ratios = [torch.where((pn > 0) & (gn > 0), group["trust_coefficient"] * pn / (gn + group["eps"]),
+                                      torch.ones_like(pn)) for pn, gn in zip(p_norm, g_norm)]
+                grads = torch._foreach_mul(grads, ratios)
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+        return loss
+
+
+def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, no_decay_1d: bool) -> list[dict]:
+    """Two groups: weights with decay, and 1-D parameters (biases, norm affine) without decay or LARS."""
+    decay = [p for _, p in params if not (no_decay_1d and p.ndim <= 1)]
+    no_decay = [p for _, p in params if no_decay_1d and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_exclude": True})
+    return groups
+
+
+def build_optimizer(cfg, params: list[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(params, cfg.weight_decay, cfg.no_decay_1d)
+    foreach = {"foreach": True}
+    if cfg.name == "sgd":
+        for g in groups:
+            g.pop("lars_exclude")
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **foreach)
+    if cfg.name == "adamw":
+        for g in groups:
+            g.pop("lars_exclude")
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, **foreach)
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum)
+    raise ValueError(f"unknown optimizer {cfg.name!r}; expected sgd, lars or adamw")
+
+
+def scaled_lr(base_lr: float, cfg, total_batch: int) -> float:
+    """The base lr at the run's total batch: ``lr * batch / reference_batch`` with linear scaling."""
+    return base_lr * total_batch / cfg.reference_batch if cfg.lr_scaling == "linear" else base_lr
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float = 0.0,
+          schedule: str = "cosine") -> float:
+    """Linear warmup to ``peak`` then cosine decay to ``peak * min_ratio`` (or constant)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))

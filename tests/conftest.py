@@ -1,0 +1,48 @@
+"""Shared fixtures for the core tests: tiny supernets and BatchNorm perturbation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+# The test machine has two cores shared with other jobs; intra-op threads then spin against each other
+# and make tiny forward passes 100x slower. One thread keeps the suite fast and deterministic.
+torch.set_num_threads(1)
+
+
+def _perturb_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Randomise every BatchNorm's running statistics and affine parameters (so that exports and
+    sub-network comparisons are not trivially equal to an identity-normalised network)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                    m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                    m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+    return model
+
+
+@pytest.fixture
+def perturb_bn():
+    return _perturb_bn
+
+
+@pytest.fixture
+def config_dir() -> Path:
+    return CONFIG_DIR
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT

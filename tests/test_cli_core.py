@@ -1,0 +1,242 @@
+"""Checkpoints and the core CLI subcommands (export, profile, config)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slimssl.checkpoint import CheckpointError, load_checkpoint, load_supernet, save_checkpoint
+from slimssl.cli import main
+from slimssl.config import config_from_dict, load_config
+from slimssl.models.build import build_supernet
+
+TINY = ["model.base_width=4"]
+
+
+def make_checkpoint(path: Path, overrides=TINY, perturb=None):
+    cfg = load_config("demo", list(overrides))
+    torch.manual_seed(0)
+    supernet = build_supernet(cfg)
+    if perturb is not None:
+        perturb(supernet)
+    save_checkpoint(path, {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names,
+                           "model": {"backbone." + k: v for k, v in supernet.state_dict().items()},
+                           "epoch": 3})
+    return cfg, supernet.eval()
+
+
+def images(n=2, size=16, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def error_text(capsys, caplog) -> str:
+    return capsys.readouterr().err + caplog.text
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+
+def test_checkpoint_round_trip(tmp_path, perturb_bn):
+    path = tmp_path / "ck.pt"
+    cfg, supernet = make_checkpoint(path, perturb=perturb_bn)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary files left behind
+    data = load_checkpoint(path)
+    assert data["config"] == cfg
+    assert data["menu"] == cfg.subnet_menu().names
+    assert data["epoch"] == 3
+    model, loaded_cfg = load_supernet(path)
+    assert loaded_cfg == cfg and not model.training
+    x = images()
+    for spec in supernet.menu:
+        torch.testing.assert_close(model(x, subnet=spec), supernet(x, subnet=spec), rtol=0, atol=0)
+    model2, _ = load_supernet(path, cfg)  # the same config is accepted
+    torch.testing.assert_close(model2(x), supernet(x), rtol=0, atol=0)
+
+
+def test_checkpoint_run_directory(tmp_path):
+    cfg, _ = make_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert load_checkpoint(tmp_path)["config"] == cfg
+
+
+def test_checkpoint_overwrite_is_replaced(tmp_path):
+    path = tmp_path / "ck.pt"
+    make_checkpoint(path)
+    save_checkpoint(path, {"config": load_config("demo").model_dump(mode="json"), "menu": [], "model": {},
+                           "epoch": 9})
+    assert load_checkpoint(path)["epoch"] == 9
+
+
+def test_load_supernet_with_other_menu_names_both(tmp_path):
+    path = tmp_path / "ck.pt"
+    cfg, _ = make_checkpoint(path)
+    other = load_config("demo", [*TINY, "menu.widths=[1.0, 0.75]"])
+    with pytest.raises(CheckpointError) as err:
+        load_supernet(path, other)
+    msg = str(err.value)
+    for name in cfg.subnet_menu().names + other.subnet_menu().names:
+        assert name in msg
+    same_size = load_config("demo", [*TINY, "menu.widths=[1.0, 0.75, 0.25]"])
+    with pytest.raises(CheckpointError) as err:
+        load_supernet(path, same_size)
+    assert "w0p75_d1-1-1-1" in str(err.value) and "w0p5_d1-1-1-1" in str(err.value)
+
+
+def test_load_supernet_with_other_architecture(tmp_path):
+    path = tmp_path / "ck.pt"
+    make_checkpoint(path)
+    with pytest.raises(CheckpointError, match="architecture"):
+        load_supernet(path, load_config("demo", ["model.base_width=8"]))
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        load_checkpoint(path)
+
+
+def test_plain_tensor_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match="tensor.pt"):
+        load_checkpoint(path)
+    torch.save({"model": {}}, path)  # a dict without the format marker
+    with pytest.raises(CheckpointError):
+        load_supernet(path)
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    path = tmp_path / "new.pt"
+    cfg = load_config("demo")
+    save_checkpoint(path, {"version": 99, "config": cfg.model_dump(mode="json"), "menu": [], "model": {}})
+    with pytest.raises(CheckpointError, match="99"):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "nothing.pt")
+
+
+# ---- export -------------------------------------------------------------------------------------------
+
+def test_cli_export_all_verify(tmp_path, config_dir, capsys):
+    out = tmp_path / "exports"
+    code = main(["export", "--config", str(config_dir / "demo.yaml"), "--random-init", "--all", "--verify",
+                 "--out", str(out), "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = load_config("demo").subnet_menu().names
+    assert [r["subnet"] for r in rows] == names
+    for row in rows:
+        assert 0 <= row["max_abs_diff"] <= 1e-5
+        folder = Path(row["path"])
+        assert folder == out / row["subnet"]
+        assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    info = json.loads((out / names[0] / "config.json").read_text())
+    assert info["resolution"] == 32 and len(info["mean"]) == 3
+
+
+def test_cli_export_shipped_name_relative(tmp_path, repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)
+    code = main(["export", "--config", "configs/demo.yaml", "--random-init", "--subnet", "0.5",
+                 "--out", str(tmp_path), "--json", "--set", "model.base_width=4"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["subnet"] for r in rows] == ["w0p5_d1-1-1-1"]
+    assert "max_abs_diff" not in rows[0]
+    assert (tmp_path / "w0p5_d1-1-1-1" / "model.safetensors").is_file()
+
+
+def test_cli_export_from_checkpoint(tmp_path, capsys, perturb_bn):
+    path = tmp_path / "ck.pt"
+    make_checkpoint(path, perturb=perturb_bn)
+    code = main(["export", str(path), "--all", "--verify", "--out", str(tmp_path / "out"), "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3 and all(r["max_abs_diff"] <= 1e-5 for r in rows)
+
+
+@pytest.mark.parametrize("flags", [[], ["--all", "--subnet", "0.5"]])
+def test_cli_export_needs_exactly_one_selection(tmp_path, flags, capsys, caplog):
+    code = main(["export", "--config", "demo", "--random-init", "--out", str(tmp_path), *flags])
+    assert code == 2
+    assert "--subnet" in error_text(capsys, caplog)
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_export_without_random_init_is_refused(tmp_path, capsys, caplog):
+    assert main(["export", "--config", "demo", "--all", "--out", str(tmp_path)]) == 2
+    assert "--random-init" in error_text(capsys, caplog)
+
+
+def test_cli_export_unknown_subnet_names_menu(tmp_path, capsys, caplog):
+    code = main(["export", "--config", "demo", "--random-init", "--subnet", "0.3", "--out", str(tmp_path)])
+    assert code == 2
+    text = error_text(capsys, caplog)
+    assert "w0p3_d1-1-1-1" in text
+    for name in load_config("demo").subnet_menu().names:
+        assert name in text
+
+
+def test_cli_export_checkpoint_with_mismatched_config(tmp_path, capsys, caplog):
+    path = tmp_path / "ck.pt"
+    make_checkpoint(path)
+    code = main(["export", str(path), "--config", "demo", "--set", "model.base_width=4",
+                 "--set", "menu.widths=[1.0]", "--all", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "w0p25_d1-1-1-1" in error_text(capsys, caplog)
+
+
+# ---- profile ------------------------------------------------------------------------------------------
+
+def test_cli_profile_resnet50_matches_paper_numbers(config_dir, capsys):
+    code = main(["profile", "--config", str(config_dir / "imagenet_r50_slimclr_mocov2.yaml"),
+                 "--resolution", "224", "--num-classes", "1000", "--json", "--no-latency"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    expected = {1.0: (25.56e6, 4.09e9), 0.75: (14.77e6, 2.32e9), 0.5: (6.92e6, 1.05e9), 0.25: (1.99e6, 0.28e9)}
+    assert [r["width"] for r in rows] == list(expected)
+    for row in rows:
+        params, macs = expected[row["width"]]
+        assert row["params"] == pytest.approx(params, rel=0.01), row
+        assert row["macs"] == pytest.approx(macs, rel=0.01), row
+        assert row["resolution"] == 224 and row["num_classes"] == 1000
+        assert "latency_ms" not in row
+
+
+def test_cli_profile_demo_with_latency(capsys):
+    assert main(["profile", "--config", "demo", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 3
+    assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"] > 0
+    assert rows[0]["macs"] > rows[1]["macs"] > rows[2]["macs"] > 0
+    assert all(r["latency_ms"] > 0 for r in rows)
+    assert all(r["resolution"] == 32 for r in rows)
+
+
+# ---- config -------------------------------------------------------------------------------------------
+
+def test_cli_config_prints_resolved_yaml(capsys):
+    assert main(["config", "--config", "demo", "--set", "train.epochs=3"]) == 0
+    printed = config_from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert printed == load_config("demo", ["train.epochs=3"])
+    assert printed.train.epochs == 3
+
+
+def test_cli_config_list(capsys):
+    assert main(["config", "--list"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "demo.yaml" in listed and "imagenet_r50_slimclr_mocov2.yaml" in listed
+
+
+def test_cli_config_unknown_key_returns_2(capsys, caplog):
+    assert main(["config", "--set", "model.nope=1"]) == 2
+    assert "model.nope" in error_text(capsys, caplog)
+
+
+def test_cli_no_command_returns_2(capsys):
+    assert main([]) == 2

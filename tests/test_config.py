@@ -1,0 +1,200 @@
+"""Typed configs: shipped recipes, unknown keys and wrong types, --set overrides, menu checks, YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slimssl.config import Config, ConfigError, config_from_dict, load_config, packaged_configs
+from slimssl.models.resnet import ARCHS
+from slimssl.nn.spec import SubnetSpec
+
+SHIPPED = packaged_configs()
+
+
+def write(tmp_path: Path, data, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_shipped_configs_are_listed(config_dir):
+    assert "demo.yaml" in SHIPPED
+    assert len(SHIPPED) >= 8
+    assert SHIPPED == sorted(p.name for p in config_dir.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads(name, config_dir):
+    by_path = load_config(config_dir / name)
+    by_name = load_config(name)
+    by_stem = load_config(name.removesuffix(".yaml"))
+    assert by_path == by_name == by_stem
+    assert isinstance(by_path, Config)
+    menu = by_path.subnet_menu()
+    full = by_path.model.full_depths
+    assert len(menu) >= 1
+    assert menu.largest.width == 1.0
+    for spec in menu:
+        spec.check_fits(full)
+    raw = yaml.safe_load((config_dir / name).read_text())
+    assert by_path.name == raw["name"]
+    assert by_path.model.arch == raw["model"]["arch"]
+
+
+def test_default_config_is_demo():
+    assert load_config() == load_config("demo")
+    demo = load_config("demo")
+    assert demo.model.full_depths == (1, 1, 1, 1)
+    assert demo.subnet_menu().names == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1", "w0p25_d1-1-1-1"]
+
+
+def test_r34_depth_menu_has_eight_entries():
+    cfg = load_config("cifar10_r34_dspnet_byol_depth")
+    names = cfg.subnet_menu().names
+    assert len(names) == 8
+    assert names[0] == "w1p0_d3-4-6-3"
+    assert "w0p25_d2-2-2-2" in names
+    assert cfg.model.full_depths == ARCHS["resnet34"][1]
+
+
+# ---- unknown keys and wrong types ---------------------------------------------------------------------
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    path = write(tmp_path, {"model": {"arch": "resnet18", "nope": 1}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "model.nope" in msg
+    assert str(path) in msg
+    assert "base_width" in msg  # lists what is allowed
+
+
+def test_unknown_top_level_section_in_file(tmp_path):
+    path = write(tmp_path, {"trian": {"epochs": 3}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "trian" in str(err.value) and str(path) in str(err.value)
+
+
+def test_unknown_key_via_set_names_key_and_file(config_dir):
+    with pytest.raises(ConfigError) as err:
+        load_config(config_dir / "demo.yaml", ["train.nope=1"])
+    msg = str(err.value)
+    assert "train.nope" in msg
+    assert "demo.yaml" in msg
+
+
+@pytest.mark.parametrize("key, value", [("train", {"epochs": "many"}), ("model", {"base_width": "wide"}),
+                                        ("model", {"arch": "resnet999"}), ("menu", {"widths": "all"}),
+                                        ("optim", {"lr": -1.0})])
+def test_wrong_type_names_key_and_file(tmp_path, key, value):
+    path = write(tmp_path, {key: value})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert f"{key}.{next(iter(value))}" in msg
+    assert str(path) in msg
+
+
+def test_wrong_type_via_set(config_dir):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["train.epochs=many"])
+    assert "train.epochs" in str(err.value) and "demo.yaml" in str(err.value)
+
+
+# ---- --set --------------------------------------------------------------------------------------------
+
+def test_set_overrides_nested_values_with_yaml_typing():
+    cfg = load_config("demo", ["train.epochs=5", "menu.widths=[1.0, 0.75]", "model.stem=imagenet",
+                               "optim.lr=0.5", "train.max_steps=null", "data.mean=[0.5, 0.5, 0.5]",
+                               "train.channels_last=false", "model.depths=[1, 2, 1, 1]"])
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.menu.widths == [1.0, 0.75]
+    assert cfg.model.stem == "imagenet"
+    assert cfg.optim.lr == 0.5
+    assert cfg.train.max_steps is None
+    assert cfg.data.mean == (0.5, 0.5, 0.5)
+    assert cfg.train.channels_last is False
+    assert cfg.subnet_menu().names == ["w1p0_d1-2-1-1", "w0p75_d1-2-1-1"]
+    base = load_config("demo")  # untouched values stay as in the file
+    assert cfg.method == base.method and cfg.eval == base.eval and cfg.name == base.name
+
+
+def test_set_applies_in_order_and_creates_missing_sections(tmp_path):
+    path = write(tmp_path, {"name": "x"})
+    cfg = load_config(path, ["eval.knn_k=7", "eval.knn_k=9", "model.arch=resnet50"])
+    assert cfg.eval.knn_k == 9
+    assert cfg.model.block == "bottleneck"
+
+
+def test_set_without_equals_or_into_a_value_is_an_error():
+    with pytest.raises(ConfigError):
+        load_config("demo", ["train.epochs"])
+    with pytest.raises(ConfigError):
+        load_config("demo", ["name.sub=1"])
+
+
+# ---- menu checks --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override", ["menu.widths=[1.0, 1.5]", "menu.widths=[0.0]", "menu.widths=[]",
+                                      "menu.depths=[[1, 1, 2, 1]]", "menu.depths=[[1, 1, 1]]",
+                                      "menu.subnets=[w0p5_d1-1-1-2]", "menu.subnets=[bogus]"])
+def test_impossible_menu_raises_config_error(override):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [override])
+    assert "demo.yaml" in str(err.value)
+    assert "menu" in str(err.value)
+
+
+def test_menu_depth_beyond_arch_in_file(tmp_path):
+    path = write(tmp_path, {"model": {"arch": "resnet34"}, "menu": {"widths": [1.0], "depths": [[3, 4, 7, 3]]}})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert "w1p0_d3-4-7-3" in str(err.value)
+
+
+def test_menu_crosses_widths_depths_and_named_entries():
+    cfg = config_from_dict({"model": {"arch": "resnet34"},
+                            "menu": {"widths": [1.0, 0.5], "depths": [[3, 4, 6, 3], [2, 2, 2, 2]],
+                                     "subnets": ["w0p25_d1-1-1-1", "0.75", "w0p5_d2-2-2-2"]}})
+    menu = cfg.subnet_menu()
+    assert SubnetSpec(0.75, (3, 4, 6, 3)) in menu
+    assert SubnetSpec(0.25, (1, 1, 1, 1)) == menu.smallest
+    assert len(menu) == 6  # the repeated w0p5_d2-2-2-2 counts once
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(write(tmp_path, "model: [unclosed", "bad.yaml"))
+    with pytest.raises(ConfigError, match="list.yaml"):
+        load_config(write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+
+
+def test_missing_config_file_lists_shipped():
+    with pytest.raises(ConfigError) as err:
+        load_config("no_such_recipe_xyz")
+    assert "no_such_recipe_xyz" in str(err.value)
+    assert "demo.yaml" in str(err.value)
+
+
+# ---- YAML round trip ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_to_yaml_round_trips(name, tmp_path):
+    cfg = load_config(name, ["train.max_steps=3"])
+    text = cfg.to_yaml()
+    again = config_from_dict(yaml.safe_load(text))
+    assert again == cfg
+    assert load_config(write(tmp_path, text)) == cfg
+    assert again.to_yaml() == text
+
+
+def test_to_yaml_holds_resolved_defaults():
+    data = yaml.safe_load(load_config("demo").to_yaml())
+    assert data["train"]["seed"] == 0
+    assert data["model"]["depths"] == [1, 1, 1, 1]
+    assert set(data) == set(Config.model_fields)

@@ -1,0 +1,178 @@
+import logging
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slimssl.data.datasets import DataError, ImageDataset, load_dataset, num_classes
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSSL_CACHE", str(tmp_path / "cache"))
+
+
+def _save(path, color=(10, 20, 30), size=(8, 8), fmt=None, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path, fmt)
+    return path
+
+
+def _class_tree(root, classes=("cat", "dog"), per_class=3):
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            _save(root / name / f"{i}.png", color=(c * 100, i * 10, 5))
+    return root
+
+
+def _zip_dir(src, dest, wrap=None):
+    with zipfile.ZipFile(dest, "w") as zf:
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src).as_posix()
+            zf.write(path, f"{wrap}/{rel}" if wrap else rel)
+    return dest
+
+
+def test_class_folders_give_labels(tmp_path):
+    root = _class_tree(tmp_path / "data", classes=("b_dog", "a_cat"))
+    ds = load_dataset(str(root))
+    assert isinstance(ds, ImageDataset)
+    assert ds.images.shape == (6, 3, 8, 8) and ds.images.dtype == torch.uint8
+    assert ds.classes == ["a_cat", "b_dog"]  # sorted like ImageFolder
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert ds.images[0, :, 0, 0].tolist() == [100, 0, 5]  # a_cat had class index 1 when written
+    assert num_classes(ds) == 2 == ds.num_classes and len(ds) == 6
+
+
+def test_unlabelled_folder(tmp_path):
+    for i in range(4):
+        _save(tmp_path / "imgs" / f"{i}.jpg", color=(i, i, i))
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    ds = load_dataset(str(tmp_path / "imgs"))
+    assert ds.labels is None and ds.classes is None and len(ds) == 4
+    assert num_classes(ds) == 0
+    with pytest.raises(DataError, match="train"):
+        load_dataset(str(tmp_path / "imgs"), "test")
+
+
+def test_train_test_layout_and_val_fallback(tmp_path):
+    _class_tree(tmp_path / "d" / "train", per_class=3)
+    _class_tree(tmp_path / "d" / "val", per_class=1)
+    assert len(load_dataset(str(tmp_path / "d"), "train")) == 6
+    test = load_dataset(str(tmp_path / "d"), "test")
+    assert len(test) == 2 and test.labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("wrap", [None, "wrapper"])
+def test_zip_matches_folder(tmp_path, wrap):
+    _class_tree(tmp_path / "d" / "train")
+    _class_tree(tmp_path / "d" / "test", per_class=1)
+    archive = _zip_dir(tmp_path / "d", tmp_path / "d.zip", wrap)
+    for split in ("train", "test"):
+        folder = load_dataset(str(tmp_path / "d"), split)
+        zipped = load_dataset(str(archive), split)
+        assert torch.equal(folder.images, zipped.images)
+        assert torch.equal(folder.labels, zipped.labels) and folder.classes == zipped.classes
+
+
+def test_modes_decode_to_rgb(tmp_path):
+    d = tmp_path / "modes"
+    _save(d / "grey.png", color=77, mode="L")
+    _save(d / "rgba.png", color=(200, 100, 50, 0), mode="RGBA")  # fully transparent -> black
+    pal = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.save(d / "pal.png")
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(d / "wide.png")
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(d / "wide_mid.tif")
+    _save(d / "cmyk.jpg", color=(0, 0, 0, 0), mode="CMYK")
+    _save(d / "bits.bmp", color=1, mode="1")
+    ds = load_dataset(str(d))
+    pixel = {name: ds.images[i, :, 3, 3].tolist()
+             for i, name in enumerate(["bits", "cmyk", "grey", "pal", "rgba", "wide", "wide_mid"])}
+    assert pixel["grey"] == [77, 77, 77]
+    assert pixel["rgba"] == [0, 0, 0]
+    assert pixel["pal"] == [0, 0, 255]
+    assert pixel["wide"] == [255, 255, 255]  # scaled, not clipped
+    assert pixel["wide_mid"] == [128, 128, 128]
+    assert all(v >= 250 for v in pixel["cmyk"])  # no ink = white
+    assert pixel["bits"] == [255, 255, 255]
+
+
+def _truncated_tree(tmp_path):
+    d = tmp_path / "t" / "cls"
+    for i in range(3):
+        _save(d / f"{i}.jpg", size=(16, 16), fmt="JPEG")
+    good = (d / "0.jpg").read_bytes()
+    (d / "1.jpg").write_bytes(good[: len(good) // 2])
+    (d / "2.jpg").write_bytes(b"not an image at all")
+    return tmp_path / "t"
+
+
+def test_truncated_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"1\.jpg.*2 unreadable"):
+        load_dataset(str(_truncated_tree(tmp_path)))
+
+
+def test_skip_unreadable_logs_count(tmp_path, caplog):
+    root = _truncated_tree(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        ds = load_dataset(str(root), skip_unreadable=True)
+    assert len(ds) == 1 and ds.labels.tolist() == [0]
+    assert "skipped 2 unreadable" in caplog.text and "2.jpg" in caplog.text
+
+
+def test_bad_inputs_raise_named_errors(tmp_path):
+    with pytest.raises(DataError, match="nope"):
+        load_dataset(str(tmp_path / "nope"))
+    with pytest.raises(DataError, match="digits"):
+        load_dataset("imagenet-foo")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        load_dataset(str(tmp_path / "empty"))
+    _class_tree(tmp_path / "c")
+    (tmp_path / "c" / "lonely").mkdir()
+    (tmp_path / "c" / "lonely" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match="lonely"):
+        load_dataset(str(tmp_path / "c"))
+
+
+def test_mixed_sizes_need_resolution(tmp_path):
+    _save(tmp_path / "m" / "a.png", size=(8, 8))
+    _save(tmp_path / "m" / "b.png", size=(12, 6))
+    with pytest.raises(DataError, match=r"a\.png.*b\.png.*resolution"):
+        load_dataset(str(tmp_path / "m"))
+    ds = load_dataset(str(tmp_path / "m"), resolution=4)
+    assert ds.images.shape == (2, 3, 4, 4)
+    assert ds.images[1, :, 2, 2].tolist() == [10, 20, 30]
+
+
+def test_cache_hit_returns_equal_tensors(tmp_path):
+    root = _class_tree(tmp_path / "data")
+    first = load_dataset(str(root))
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    (root / "cat" / "0.png").unlink()  # the cache must not serve the old listing
+    os.utime(root / "cat")
+    second = load_dataset(str(root))
+    assert len(second) == 5 and len(os.listdir(tmp_path / "cache")) == 2
+    again = load_dataset(str(root))
+    assert torch.equal(second.images, again.images) and torch.equal(second.labels, again.labels)
+    assert torch.equal(first.images[1:], again.images)
+
+
+def test_digits():
+    train, test = load_dataset("digits"), load_dataset("digits", "test")
+    assert train.images.shape == (1437, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert len(test) == 360 and train.classes == [str(i) for i in range(10)]
+    assert train.images.max() == 255 and torch.equal(train.images[:, 0], train.images[:, 2])
+    assert test.labels.bincount().min() >= 35  # stratified
+    assert load_dataset("digits", resolution=16).images.shape[-1] == 16
+
+
+def test_fake_is_deterministic():
+    a, b = load_dataset("fake", fake_size=20, seed=3), load_dataset("fake", fake_size=20, seed=3)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert a.images.shape == (20, 3, 32, 32) and int(a.labels.max()) < 10
+    assert not torch.equal(a.images, load_dataset("fake", "test", fake_size=20, seed=3).images)
+    assert load_dataset("fake", fake_size=2, resolution=16).images.shape == (2, 3, 16, 16)

@@ -1,0 +1,258 @@
+"""Evaluation protocols: switchable linear probe, balanced subsets, frozen-backbone check, CLI kNN."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimssl.checkpoint import load_checkpoint, save_checkpoint
+from slimssl.config import config_from_dict
+from slimssl.data.datasets import ImageDataset
+from slimssl.eval import linear as linear_mod
+from slimssl.eval.finetune import balanced_subset, finetune_subnet, fraction_key
+from slimssl.eval.linear import (BackboneChangedError, SharedSlimLinear, SwitchableLinear, backbone_fingerprint,
+                                 check_backbone_unchanged, linear_probe_subnets, make_heads, probe_step,
+                                 random_crop_flip, subnet_models, topk_accuracy)
+from slimssl.models.build import build_supernet
+
+RES = 8
+
+
+def tiny_config(bn: str = "private", source: str = "fake", **extra):
+    return config_from_dict({"name": "tiny", "model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4,
+                                                       "stem": "cifar", "bn": bn},
+                             "menu": {"widths": [1.0, 0.5]},
+                             "data": {"source": source, "resolution": RES, "fake_size": 64},
+                             "eval": {"knn_k": 10, "batch_size": 64}, **extra})
+
+
+def tiny_supernet(bn: str = "private"):
+    torch.manual_seed(0)
+    return build_supernet(tiny_config(bn)).eval()
+
+
+def colour_dataset(n: int, seed: int, split: str = "train") -> ImageDataset:
+    """4 easily separable classes: red, green, blue, grey images plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    base = torch.tensor([[220, 30, 30], [30, 220, 30], [30, 30, 220], [128, 128, 128]], dtype=torch.float)
+    images = base[labels][:, :, None, None] + 25 * torch.randn(n, 3, RES, RES, generator=gen)
+    images = images.clamp(0, 255).to(torch.uint8)
+    return ImageDataset(images, labels, ["r", "g", "b", "grey"], "colours", split)
+
+
+def make_checkpoint(path, bn: str = "private"):
+    cfg = tiny_config(bn)
+    supernet = tiny_supernet(bn)
+    save_checkpoint(path, {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names,
+                           "model": {"backbone." + k: v for k, v in supernet.state_dict().items()}})
+    return supernet
+
+
+# ---- heads -------------------------------------------------------------------------------------------
+
+def _step_only(heads, active: str, dims):
+    opt = torch.optim.SGD(heads.parameters(), lr=0.5, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    feats = {n: torch.randn(16, d, generator=gen) for n, d in dims.items()}
+    labels = torch.randint(0, 3, (16,), generator=gen)
+    probe_step(heads, opt, feats, labels, weights={n: float(n == active) for n in dims})
+
+
+def test_switchable_heads_are_independent():
+    dims = {"wide": 8, "narrow": 4}
+    heads = make_heads(dims, 3)
+    assert isinstance(heads, SwitchableLinear)
+    before = {k: v.clone() for k, v in heads.state_dict().items()}
+    _step_only(heads, "narrow", dims)
+    after = heads.state_dict()
+    assert torch.equal(after["heads.wide.weight"], before["heads.wide.weight"])
+    assert torch.equal(after["heads.wide.bias"], before["heads.wide.bias"])
+    assert not torch.equal(after["heads.narrow.weight"], before["heads.narrow.weight"])
+
+
+def test_shared_head_narrow_is_leading_slice_of_full():
+    dims = {"wide": 8, "narrow": 4}
+    heads = make_heads(dims, 3, shared=True)
+    assert isinstance(heads, SharedSlimLinear)
+    narrow = heads.weight_of("narrow")
+    assert narrow.shape == (3, 4)
+    assert narrow.data_ptr() == heads.weight_of("wide").data_ptr()
+    assert torch.equal(narrow, heads.weight_of("wide")[:, :4])
+    full_before = heads.weight.detach().clone()
+    _step_only(heads, "narrow", dims)
+    full_after = heads.weight.detach()
+    assert not torch.equal(full_after[:, :4], full_before[:, :4])  # updated through the narrow head
+    assert torch.equal(full_after[:, 4:], full_before[:, 4:])       # columns the narrow one never sees
+    assert torch.equal(heads.weight_of("narrow"), full_after[:, :4])
+
+
+def test_distill_loss_differs_only_for_sub_width_heads():
+    dims = {"wide": 8, "narrow": 4}
+    gen = torch.Generator().manual_seed(0)
+    feats = {n: torch.randn(8, d, generator=gen) for n, d in dims.items()}
+    labels = torch.randint(0, 3, (8,), generator=gen)
+    heads = make_heads(dims, 3)
+    plain, logits = linear_mod.probe_loss(heads, feats, labels)
+    distilled, _ = linear_mod.probe_loss(heads, feats, labels, distill=True, teacher="wide")
+    ce_wide = torch.nn.functional.cross_entropy(logits["wide"], labels)
+    ce_narrow = torch.nn.functional.cross_entropy(logits["narrow"], labels)
+    soft = -(logits["wide"].softmax(1) * logits["narrow"].log_softmax(1)).sum(1).mean()
+    assert torch.allclose(plain, ce_wide + ce_narrow)
+    assert torch.allclose(distilled, ce_wide + 0.5 * ce_narrow + 0.5 * soft)
+
+
+def test_topk_accuracy_and_crop_flip():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    assert topk_accuracy(logits, torch.tensor([0, 1]), ks=(1, 2, 5)) == [50.0, 100.0, 100.0]
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).view(2, 3, 4, 4)
+    y = random_crop_flip(x, 0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(-1)) for i in range(2))
+    assert random_crop_flip(x, 2, torch.Generator().manual_seed(0)).shape == x.shape
+
+
+# ---- balanced subsets --------------------------------------------------------------------------------
+
+def test_balanced_subset_is_balanced_and_seeded():
+    labels = torch.arange(1000) % 10
+    labels[:50] = 3  # unequal class sizes
+    idx = balanced_subset(labels, 0.1, seed=0)
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert (counts == counts[0]).all() and counts[0] == 10
+    assert len(set(idx.tolist())) == len(idx)
+    assert torch.equal(idx, balanced_subset(labels, 0.1, seed=0))
+    assert not torch.equal(idx, balanced_subset(labels, 0.1, seed=1))
+    tiny = balanced_subset(labels, 0.001, seed=0)  # rounds to 0 per class: at least one each
+    assert torch.equal(torch.bincount(labels[tiny], minlength=10), torch.ones(10, dtype=torch.long))
+    with pytest.raises(ValueError):
+        balanced_subset(labels, 0.0, seed=0)
+    assert fraction_key(0.01) == "finetune_1pct_top1" and fraction_key(0.1) == "finetune_10pct_top1"
+
+
+# ---- the probe ---------------------------------------------------------------------------------------
+
+def test_linear_probe_learns_separable_data():
+    supernet = tiny_supernet()
+    train, test = colour_dataset(160, 0), colour_dataset(80, 1, "test")
+    before = backbone_fingerprint(supernet)
+    results = linear_probe_subnets(supernet, train, test, epochs=15, batch_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert set(results) == set(supernet.menu.names)
+    for r in results.values():
+        assert r["top1"] > 80.0  # chance: 25
+        assert r["top5"] == 100.0  # 4 classes
+    check_backbone_unchanged(supernet, before)
+
+
+def test_linear_probe_options_run():
+    supernet = tiny_supernet()
+    train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
+    for kw in ({"augment": True}, {"distill": True, "shared_head": True}):
+        results, heads = linear_probe_subnets(supernet, train, test, epochs=2, batch_size=32, return_heads=True, **kw)
+        assert set(results) == set(supernet.menu.names)
+        assert isinstance(heads, SharedSlimLinear if kw.get("shared_head") else SwitchableLinear)
+
+
+def test_backbone_change_is_detected(monkeypatch):
+    supernet = tiny_supernet()
+    train, test = colour_dataset(32, 0), colour_dataset(16, 1, "test")
+    original = linear_mod.extract_features
+
+    def tampering(model, *args, **kwargs):
+        with torch.no_grad():
+            model.conv1.weight.add_(1.0)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(linear_mod, "extract_features", tampering)
+    with pytest.raises(BackboneChangedError, match="conv1.weight"):
+        linear_probe_subnets(supernet, train, test, epochs=1)
+    before = backbone_fingerprint(supernet)
+    with torch.no_grad():
+        supernet.layer1[0].bn1.bns["w0p5_d1-1-1-1"].running_mean.add_(1.0)  # a buffer counts too
+    with pytest.raises(BackboneChangedError, match="running_mean"):
+        check_backbone_unchanged(supernet, before)
+
+
+def test_shared_bn_recalibrates_copies_only():
+    supernet = tiny_supernet("shared")
+    assert not supernet.slim_state.private_bn
+    before = backbone_fingerprint(supernet)
+    train = colour_dataset(64, 0)
+    models = subnet_models(supernet, list(supernet.menu), train.images, recalibrate_batches=None, batch_size=16,
+                           resolution=RES, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert all(m is not supernet for m in models.values())
+    assert models["w1p0_d1-1-1-1"] is not models["w0p5_d1-1-1-1"]
+    check_backbone_unchanged(supernet, before)
+    stats = [m.layer1[0].bn1.bn.running_mean[:2] for m in models.values()]
+    assert not torch.equal(stats[0], supernet.layer1[0].bn1.bn.running_mean[:2])
+    assert not torch.equal(stats[0], stats[1])
+    private = tiny_supernet()
+    assert all(m is private for m in subnet_models(private, list(private.menu), train.images,
+                                                   recalibrate_batches=None, batch_size=16, resolution=RES,
+                                                   mean=(0.5,) * 3, std=(0.25,) * 3).values())
+
+
+def test_finetune_runs_and_keeps_supernet():
+    supernet = tiny_supernet()
+    before = backbone_fingerprint(supernet)
+    train, test = colour_dataset(80, 0), colour_dataset(40, 1, "test")
+    out = finetune_subnet(supernet, "0.5", train, test, label_fraction=0.1, seed=3, epochs=2, min_steps=5,
+                          mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert out["subnet"] == "w0p5_d1-1-1-1" and out["num_labelled"] == 8 and out["per_class"] == 2
+    assert out["indices"] == balanced_subset(train.labels, 0.1, 3).tolist()
+    assert 0.0 <= out["top1"] <= 100.0 and out["recipe"]["steps"] == 5
+    check_backbone_unchanged(supernet, before)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------
+
+def test_cli_knn_json(tmp_path, capsys):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["knn", str(run / "checkpoints" / "last.pt"), "--json", "--device", "cpu"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["subnet"] for r in rows] == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
+    for r in rows:
+        assert r["params"] > 0 and r["macs"] > 0 and 0.0 <= r["knn_top1"] <= 100.0
+    assert rows[0]["params"] > rows[1]["params"]
+    saved = json.loads((run / "results.json").read_text())
+    assert {r["subnet"]: r["knn_top1"] for r in saved["subnets"]} == {r["subnet"]: r["knn_top1"] for r in rows}
+    assert saved["protocols"]["knn"]["k"] == 10
+
+
+def test_cli_recalibrate_shared_bn(tmp_path, capsys):
+    from slimssl.cli import main
+
+    make_checkpoint(tmp_path / "in.pt", bn="shared")
+    assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.5", "--batches", "1",
+                 "--out", str(tmp_path / "out.pt"), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["subnet"] == "w0p5_d1-1-1-1"
+    old, new = load_checkpoint(tmp_path / "in.pt"), load_checkpoint(tmp_path / "out.pt")
+    key = "backbone.bn1.bn.running_mean"
+    assert not torch.equal(old["model"][key], new["model"][key])
+    assert new["recalibrated"]["subnet"] == "w0p5_d1-1-1-1"
+    assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.3:9,9,9,9", "--out",
+                 str(tmp_path / "x.pt"), "--device", "cpu"]) == 2  # a sub-network that cannot exist
+
+
+def test_cli_linear_and_finetune_merge_into_run(tmp_path, capsys):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["linear", str(run), "--epochs", "2", "--json", "--device", "cpu"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["subnet"] for r in rows] == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
+    assert all({"params", "macs", "linear_top1", "linear_top5"} <= set(r) for r in rows)
+    assert main(["finetune", str(run), "--subnet", "w0p5_d1-1-1-1", "--label-fraction", "0.1", "--epochs", "1",
+                 "--seed", "2", "--json", "--device", "cpu"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    saved = json.loads((run / "finetune" / "w0p5_d1-1-1-1_10pct_seed2.json").read_text())
+    assert saved["indices"] == row["indices"] and len(row["indices"]) == row["num_labelled"]
+    results = {r["subnet"]: r for r in json.loads((run / "results.json").read_text())["subnets"]}
+    assert results["w0p5_d1-1-1-1"]["finetune_10pct_top1"] == row["top1"]
+    assert results["w1p0_d1-1-1-1"]["linear_top1"] == rows[0]["linear_top1"]
+    assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "2"]) == 2

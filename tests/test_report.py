@@ -1,0 +1,111 @@
+"""slimssl report: Markdown tables, JSON, accuracy-vs-MACs and gradient-norm plots, results.json merging."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from slimssl.cli import main  # noqa: E402
+from slimssl.eval.results import merge_results, read_results, run_dir_of  # noqa: E402
+from slimssl.report.plot import PlotError, plot_accuracy_vs_macs  # noqa: E402
+from slimssl.report.report import grad_norm_series, load_runs, report_markdown  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _row(name, width, params, macs, knn, linear=None):
+    row = {"subnet": name, "width": width, "depths": [1, 1, 1, 1], "params": params, "macs": macs,
+           "knn_top1": knn, "knn_top1_random_init": knn / 3}
+    if linear is not None:
+        row["linear_top1"] = linear
+    return row
+
+
+def write_runs(tmp_path):
+    slim = {"run": "slim", "config": {"name": "slim"}, "resolution": 32, "subnets": [
+        _row("w1p0_d1-1-1-1", 1.0, 77000, 1_040_000, 86.0, 88.0),
+        _row("w0p75_d1-1-1-1", 0.75, 44000, 600_000, 80.0, 84.0),
+        _row("w0p5_d1-1-1-1", 0.5, 19500, 273_000, 71.0, 75.0)]}
+    single = {"run": "single_w0p5", "config": {"name": "single"}, "resolution": 32, "subnets": [
+        _row("w0p5_d1-1-1-1", 0.5, 19500, 273_000, 69.0)]}
+    dirs = []
+    for doc in (slim, single):
+        d = tmp_path / doc["run"]
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps(doc))
+        dirs.append(d)
+    return dirs, [slim, single]
+
+
+def test_report_cli_plot_and_json(tmp_path, capsys):
+    dirs, docs = write_runs(tmp_path)
+    png = tmp_path / "acc.png"
+    assert main(["report", *map(str, dirs), "--plot", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == docs
+    assert png.read_bytes()[:8] == PNG
+
+    assert main(["report", *map(str, dirs)]) == 0
+    text = capsys.readouterr().out
+    assert "## slim" in text and "## single_w0p5" in text and "finetune_1pct_top1" in text
+    assert "w0p75_d1-1-1-1" in text and "88.00" in text
+
+
+def test_plot_has_one_marker_per_subnet(tmp_path):
+    _, docs = write_runs(tmp_path)
+    fig = plot_accuracy_vs_macs(docs, "knn_top1", tmp_path / "p.png")
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["slim", "single_w0p5"]
+    assert [len(line.get_xdata()) for line in lines] == [3, 1]
+    assert all(line.get_marker() not in (None, "None", "") for line in lines)
+    # linear_top1 exists for the slimmable run only
+    assert [len(line.get_xdata()) for line in plot_accuracy_vs_macs(docs, "linear_top1").axes[0].get_lines()] == [3]
+    joined = plot_accuracy_vs_macs(docs + [dict(docs[1], run="single_w1")], join_singles="one by one")
+    assert [line.get_label() for line in joined.axes[0].get_lines()] == ["slim", "one by one"]
+    with pytest.raises(PlotError, match="knn_top1"):
+        plot_accuracy_vs_macs(docs, "nonexistent")
+
+
+def test_plot_needs_matplotlib(tmp_path, monkeypatch):
+    _, docs = write_runs(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(PlotError, match=r"pip install 'slimssl\[plot\]'"):
+        plot_accuracy_vs_macs(docs)
+
+
+def test_grad_norm_plot(tmp_path, capsys):
+    dirs, _ = write_runs(tmp_path)
+    out = tmp_path / "grad.png"
+    assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 1  # no metrics.jsonl yet
+    assert not out.exists()
+    records = [{"step": s, "loss": 1.0, "grad_norm": {"w1p0_d1-1-1-1": {"shared": 1.0 + s, "rest": 0.5},
+                                                      "w0p5_d1-1-1-1": {"shared": 2.0, "rest": 0.1}}}
+               for s in range(0, 50, 10)]
+    lines = [json.dumps(r) for r in records] + ['{"step": 60, "loss": 0.5}', '{"cut off']
+    (dirs[0] / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    series = grad_norm_series(dirs[0])
+    assert series["w1p0_d1-1-1-1"]["step"] == [0, 10, 20, 30, 40]
+    assert series["w0p5_d1-1-1-1"]["rest"] == [0.1] * 5
+    assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_results_merge_and_errors(tmp_path):
+    dirs, docs = write_runs(tmp_path)
+    merge_results(dirs[0], {"w0p5_d1-1-1-1": {"finetune_1pct_top1": 40.0}, "w0p25_d1-1-1-1": {"knn_top1": 50.0}},
+                  protocol="finetune_1pct", settings={"seed": 0})
+    data = read_results(dirs[0])
+    rows = {r["subnet"]: r for r in data["subnets"]}
+    assert rows["w0p5_d1-1-1-1"]["finetune_1pct_top1"] == 40.0
+    assert rows["w0p5_d1-1-1-1"]["knn_top1"] == 71.0  # kept
+    assert rows["w0p25_d1-1-1-1"] == {"subnet": "w0p25_d1-1-1-1", "knn_top1": 50.0}
+    assert data["protocols"]["finetune_1pct"] == {"seed": 0} and data["config"] == docs[0]["config"]
+    assert "40.00" in report_markdown(load_runs([dirs[0]]))
+    assert run_dir_of(dirs[0] / "checkpoints" / "last.pt") == dirs[0]
+    assert run_dir_of(tmp_path / "loose.pt") is None
+    assert main(["report", str(tmp_path / "missing")]) == 2

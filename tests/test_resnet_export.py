@@ -1,0 +1,251 @@
+"""Exported sub-networks equal the supernet's sub-networks; safetensors/ONNX files; torchvision parity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from slimssl.export import ExportError, export_subnet, load_exported, verify_export
+from slimssl.models.plain import PlainResNet
+from slimssl.models.resnet import ARCHS, SlimResNet
+from slimssl.nn.spec import SubnetSpec
+
+
+def cross(widths, depth_list):
+    return [SubnetSpec(w, d) for w in widths for d in depth_list]
+
+
+SUPERNETS = {
+    "basic-cifar-private": dict(block="basic", depths=(1, 1, 1, 1), base_width=4, stem="cifar",
+                                menu=cross((1.0, 0.5, 0.25), [(1, 1, 1, 1)])),
+    "bottleneck-imagenet-private-depths": dict(
+        block="bottleneck", depths=(2, 2, 2, 2), base_width=4, stem="imagenet",
+        menu=cross((1.0, 0.75, 0.5), [(2, 2, 2, 2), (1, 1, 1, 1), (1, 2, 1, 2)])),
+    "basic-imagenet-shared-depths": dict(block="basic", depths=(2, 2, 1, 2), base_width=6, stem="imagenet",
+                                         bn="shared", menu=cross((1.0, 0.5), [(2, 2, 1, 2), (1, 1, 1, 1)])),
+    "bottleneck-cifar-private-divisor8": dict(block="bottleneck", depths=(1, 2, 1, 1), base_width=8,
+                                              stem="cifar", channel_divisor=8,
+                                              menu=cross((1.0, 0.75, 0.6, 0.3), [(1, 2, 1, 1), (1, 1, 1, 1)])),
+    "basic-cifar-private-zeroinit": dict(block="basic", depths=(2, 1, 1, 1), base_width=8, stem="cifar",
+                                         zero_init_residual=True, menu=cross((1.0, 0.333), [(2, 1, 1, 1), (1, 1, 1, 1)])),
+}
+
+
+def build(name: str, perturb=None) -> SlimResNet:
+    torch.manual_seed(0)
+    model = SlimResNet(**SUPERNETS[name])
+    if perturb is not None:
+        perturb(model)
+    return model.eval()
+
+
+def images(n=2, size=24, seed=1):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a, b) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("name", list(SUPERNETS))
+def test_every_menu_entry_exports_exactly(name, perturb_bn):
+    model = build(name, perturb_bn)
+    x = images(size=32 if SUPERNETS[name]["stem"] == "imagenet" else 16)
+    outputs = {}
+    for spec in model.menu:
+        plain = model.export(spec)
+        assert isinstance(plain, PlainResNet)
+        assert not plain.training  # follows the supernet's mode
+        assert plain.config.depths == spec.depths
+        assert [len(s) for s in plain.stages()] == list(spec.depths)
+        ref = model(x, subnet=spec)
+        out = plain(x)
+        assert out.shape == (2, model.feature_dim(spec))
+        assert max_diff(out, ref) <= 1e-5, spec.name
+        outputs[spec.name] = ref
+    # sub-networks are genuinely different from each other (so the check above is not vacuous)
+    full = outputs[model.menu.largest.name]
+    for spec in model.menu[1:]:
+        other = outputs[spec.name]
+        if other.shape == full.shape:
+            assert max_diff(other, full) > 1e-4
+        else:
+            assert other.shape[1] < full.shape[1]
+
+
+def test_shared_bn_exports_widths_outside_the_menu(perturb_bn):
+    model = build("basic-imagenet-shared-depths", perturb_bn)
+    x = images(size=32)
+    for spec in (SubnetSpec(0.6, (2, 2, 1, 2)), SubnetSpec(0.37, (1, 2, 1, 1))):
+        assert max_diff(model.export(spec)(x), model(x, subnet=spec)) <= 1e-5
+
+
+def test_export_in_train_mode_gives_train_mode_model_and_copies(perturb_bn):
+    model = build("basic-cifar-private", perturb_bn).train()
+    plain = model.export("0.5")
+    assert plain.training
+    x = images(size=16)
+    model.eval()
+    plain.eval()
+    ref = model(x, subnet="0.5")
+    with torch.no_grad():  # the export owns its tensors: changing it leaves the supernet alone
+        for p in plain.parameters():
+            p.add_(1.0)
+        for b in plain.buffers():
+            if b.is_floating_point():
+                b.add_(1.0)
+    torch.testing.assert_close(model(x, subnet="0.5"), ref, rtol=0, atol=0)
+
+
+def test_exported_parameter_count_matches_plain_resnet():
+    model = build("bottleneck-cifar-private-divisor8")
+    counts = [sum(p.numel() for p in model.export(s).parameters()) for s in model.menu]
+    assert counts[0] < sum(p.numel() for p in model.parameters())
+    widths_d = [(s.width, sum(s.depths)) for s in model.menu]
+    for (w1, d1), (w2, d2), c1, c2 in zip(widths_d, widths_d[1:], counts, counts[1:]):
+        if w1 >= w2 and d1 >= d2:
+            assert c1 >= c2
+    for spec in model.menu:  # channel_divisor 8: every exported channel count is a multiple of 8
+        cfg = model.plain_config(spec)
+        for c in (cfg.stem_channels, *cfg.mid_channels, *cfg.out_channels):
+            assert c % 8 == 0, (spec.name, cfg)
+
+
+@pytest.mark.parametrize("name", ["basic-cifar-private", "bottleneck-imagenet-private-depths",
+                                  "basic-imagenet-shared-depths"])
+def test_safetensors_round_trip(name, perturb_bn, tmp_path):
+    model = build(name, perturb_bn)
+    size = 32 if SUPERNETS[name]["stem"] == "imagenet" else 16
+    x = images(size=size)
+    for spec in model.menu:
+        folder = export_subnet(model, spec, tmp_path, metadata={"resolution": size})
+        assert folder == tmp_path / spec.name
+        assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+        info = json.loads((folder / "config.json").read_text())
+        assert info["subnet"] == spec.name and info["resolution"] == size
+        loaded = load_exported(folder)
+        assert isinstance(loaded, PlainResNet) and not loaded.training
+        assert max_diff(loaded(x), model(x, subnet=spec)) <= 1e-5
+        assert verify_export(model, spec, loaded, size) <= 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(model.menu.names)
+
+
+def test_export_subnet_accepts_friendly_names(tmp_path):
+    model = build("basic-cifar-private")
+    assert export_subnet(model, "0.5", tmp_path).name == "w0p5_d1-1-1-1"
+    assert export_subnet(model, None, tmp_path).name == "w1p0_d1-1-1-1"
+
+
+def test_verify_export_detects_a_wrong_model(perturb_bn, tmp_path):
+    model = build("basic-cifar-private", perturb_bn)
+    wrong = model.export("w0p5_d1-1-1-1")
+    with torch.no_grad():
+        wrong.bn1.bias.add_(0.5)
+    assert verify_export(model, "w0p5_d1-1-1-1", wrong, 16) > 1e-3
+
+
+# ---- torchvision parity -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50"])
+def test_full_export_loads_into_torchvision(arch, perturb_bn):
+    block, depths = ARCHS[arch]
+    torch.manual_seed(0)
+    model = perturb_bn(SlimResNet(block, depths, base_width=64, stem="imagenet")).eval()
+    plain = model.export()
+    tv = getattr(torchvision.models, arch)(weights=None)
+    tv.fc = nn.Identity()
+    tv.load_state_dict(plain.state_dict(), strict=True)
+    tv.eval()
+    x = images(1, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = tv(x)
+    assert out.shape == (1, 512 * (4 if block == "bottleneck" else 1))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+# ---- broken export folders ----------------------------------------------------------------------------
+
+@pytest.fixture
+def exported(tmp_path):
+    return export_subnet(build("basic-cifar-private"), "0.5", tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all" * 10, b"\x00" * 8 + b"{}"])
+def test_corrupted_weights_raise_export_error(exported, content):
+    (exported / "model.safetensors").write_bytes(content)
+    with pytest.raises(ExportError, match="model.safetensors"):
+        load_exported(exported)
+
+
+def test_truncated_weights_raise_export_error(exported):
+    path = exported / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ExportError, match="model.safetensors"):
+        load_exported(exported)
+
+
+def test_missing_config_raises_export_error(exported):
+    (exported / "config.json").unlink()
+    with pytest.raises(ExportError, match="config.json"):
+        load_exported(exported)
+
+
+def test_missing_weights_raise_export_error(exported):
+    (exported / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match="model.safetensors"):
+        load_exported(exported)
+
+
+def test_bad_config_raises_export_error(exported):
+    (exported / "config.json").write_text("{not json")
+    with pytest.raises(ExportError, match="config.json"):
+        load_exported(exported)
+    (exported / "config.json").write_text(json.dumps({"format": "x"}))
+    with pytest.raises(ExportError, match="config.json"):
+        load_exported(exported)
+
+
+def test_weights_not_matching_config_raise_export_error(exported, tmp_path):
+    other = export_subnet(build("basic-cifar-private"), "0.25", tmp_path / "other")
+    (exported / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ExportError, match="model.safetensors"):
+        load_exported(exported)
+
+
+def test_unknown_format_raises(tmp_path):
+    with pytest.raises(ValueError, match="format"):
+        export_subnet(build("basic-cifar-private"), "0.5", tmp_path, fmt="tflite")
+
+
+# ---- ONNX ----------------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx_export(tmp_path, perturb_bn):
+    onnx = pytest.importorskip("onnx")
+    model = build("basic-cifar-private", perturb_bn)
+    folder = export_subnet(model, "0.5", tmp_path, fmt="onnx", resolution=16)
+    path = folder / "model.onnx"
+    assert path.is_file() and path.stat().st_size > 0
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    assert [i.name for i in graph.graph.input][:1] == ["images"]
+    assert [o.name for o in graph.graph.output] == ["features"]
+    assert (folder / "model.safetensors").is_file()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_onnx_export_computes_the_subnet(tmp_path, perturb_bn):
+    pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    model = build("basic-cifar-private", perturb_bn)
+    folder = export_subnet(model, "0.5", tmp_path, fmt="onnx", resolution=16)
+    x = images(3, 16)  # another batch size than the export example: the batch axis is dynamic
+    (out,) = ReferenceEvaluator(str(folder / "model.onnx")).run(None, {"images": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), model(x, subnet="0.5"), rtol=1e-4, atol=1e-4)
