@@ -19,6 +19,7 @@ from .config import Config, config_from_dict
 FORMAT = "slimssl-checkpoint"
 VERSION = 1
 BACKBONE_PREFIX = "backbone."
+REQUIRED_KEYS = ("config", "menu", "model")
 
 
 class CheckpointError(ValueError):
@@ -41,7 +42,22 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); best effort where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -61,6 +77,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if data.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {data['version']}; this slimssl reads "
                               f"versions up to {VERSION}: upgrade slimssl")
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete slimssl checkpoint: it lacks {missing} "
+                              f"(found keys {sorted(data)}, expected at least {list(REQUIRED_KEYS)})")
+    if not isinstance(data["config"], dict):
+        raise CheckpointError(f"{path} holds a config of type {type(data['config']).__name__}, expected a mapping")
     data["config"] = config_from_dict(data["config"], f"{path} (stored config)")
     return data
 

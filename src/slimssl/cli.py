@@ -145,8 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.commands import register as register_eval
     from .train.command import register as register_pretrain
 
+    from .bench import register as register_bench
+
     register_pretrain(sub)
     register_eval(sub)
+    register_bench(sub)
     return parser
 
 

@@ -78,6 +78,8 @@ class DataConfig(Section):
     source: str = "digits"
     resolution: int = Field(32, gt=0)
     augment: Literal["byol", "mocov2", "mocov3"] | None = Field(None, description="default: the method's")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range")
+    flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     skip_unreadable: bool = False
@@ -106,6 +108,8 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
+    sync_bn: bool = Field(False, description="multi-GPU: BatchNorm statistics over the total batch (each "
+                          "sub-network's private BatchNorm synchronised separately; needs CUDA)")
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(1, ge=0, description="epochs between kept checkpoints (last.pt is always kept)")
     knn_every: int = Field(0, ge=0, description="epochs between online kNN evaluations (0: only at the end)")
@@ -133,9 +137,19 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_menu(self) -> "Config":
         try:
-            self.subnet_menu()
+            menu = self.subnet_menu()
         except SubnetError as e:
             raise ValueError(f"menu: {e}") from None
+        full = SubnetSpec(1.0, self.model.full_depths)
+        if full not in menu:
+            raise ValueError(
+                f"menu: must contain the full network {full.name}, because the target/teacher always runs at "
+                f"full size: width 1.0 in menu.widths with the model's depths {list(full.depths)} in menu.depths "
+                f"(or menu.depths unset), or {full.name} in menu.subnets; got menu {menu.names}")
+        if self.slim.random_space == "space" and self.model.bn == "private":
+            raise ValueError(
+                "slim.random_space: 'space' draws sub-networks outside the menu, which have no private "
+                "BatchNorm; use model.bn: shared (and recalibrate BN before evaluation) or random_space: menu")
         return self
 
     def subnet_menu(self) -> Menu:
@@ -150,6 +164,15 @@ class Config(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def check_processes(cfg: Config, world: int, source: str) -> None:
+    """Refuse a total batch that cannot be split evenly over ``world`` processes (before any work starts)."""
+    batch = cfg.train.batch_size
+    if world > 1 and (batch < world or batch % world):
+        raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} is the total batch over all "
+                          f"processes, so it must be a multiple of the number of processes {world} "
+                          f"(allowed: {world}, {2 * world}, {3 * world}, ...)")
 
 
 # ---- loading -------------------------------------------------------------------------------------------

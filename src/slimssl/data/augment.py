@@ -110,12 +110,37 @@ def augment_view(x: torch.Tensor, view: ViewRecipe, size: int, generator: torch.
 # ---------------------------------------------------------------- randomness
 
 
-def _rand(shape, generator: torch.Generator, device) -> torch.Tensor:
+@dataclass(frozen=True)
+class BatchRows:
+    """A generator that draws for a batch of ``total`` samples and keeps the rows ``start, start + b``.
+
+    Passed wherever a ``torch.Generator`` goes, it augments a shard of a larger batch exactly as those
+    rows of the whole batch would be augmented: a process of a distributed run augments its part of the
+    global batch as a single process would (drawing random numbers for the whole batch is cheap; the
+    image work stays per shard).
+    """
+
+    generator: torch.Generator
+    start: int
+    total: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+
+def _rand(shape, generator: torch.Generator | BatchRows, device, batch_dim: int = 0) -> torch.Tensor:
     """Uniform [0,1) drawn on the generator's device, then moved to ``device``.
 
-    A generator on the batch's device avoids the copy.
+    A generator on the batch's device avoids the copy. ``batch_dim``: the dimension that runs over samples.
     """
-    u = torch.rand(shape, generator=generator, device=generator.device)
+    if isinstance(generator, BatchRows):
+        full = list(shape)
+        b, full[batch_dim] = full[batch_dim], generator.total
+        u = torch.rand(full, generator=generator.generator, device=generator.device)
+        u = u.narrow(batch_dim, generator.start, b)
+    else:
+        u = torch.rand(shape, generator=generator, device=generator.device)
     return u.to(device, non_blocking=True)
 
 
@@ -141,7 +166,7 @@ def sample_crop_boxes(b: int, height: int, width: int, scale, ratio, generator, 
     Draws ``_CROP_TRIES`` candidates per sample and keeps the first that fits;
     if none fits, falls back to torchvision's ratio-clamped center crop.
     """
-    u = _rand((4, b, _CROP_TRIES), generator, device)
+    u = _rand((4, b, _CROP_TRIES), generator, device, batch_dim=1)
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])

@@ -393,7 +393,8 @@ def _decode_all(tree: _Tree, paths: list[str], resolution: int | None, skip_unre
         first = results[paths.index(skipped[0])]
         raise DataError(
             f"cannot decode {os.path.join(tree.root, skipped[0])} ({first}); "
-            f"{len(skipped)} unreadable file(s) in total; pass skip_unreadable=True to skip them"
+            f"{len(skipped)} unreadable file(s) in total; to skip them set data.skip_unreadable: true "
+            f"(--set data.skip_unreadable=true, or load_dataset(..., skip_unreadable=True))"
         )
     if not kept:
         raise DataError(f"{tree.root}: none of the {len(paths)} image files could be decoded")

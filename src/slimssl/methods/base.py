@@ -37,10 +37,11 @@ class Method(nn.Module):
 
     def distill(self, student: list[torch.Tensor], teacher: list[torch.Tensor], temperature: float) -> torch.Tensor:
         """Online distillation from the full network's detached outputs (SlimCLR): soft cross-entropy
-        between similarity logits over the same keys. Regression methods override this."""
+        between similarity logits over the same keys, summed over the views like the SSL losses.
+        Regression methods override this."""
         from .losses import soft_cross_entropy
 
-        return sum(soft_cross_entropy(s, t, temperature) for s, t in zip(student, teacher)) / len(student)
+        return sum(soft_cross_entropy(s, t, temperature) for s, t in zip(student, teacher))
 
     def momentum(self, progress: float) -> float:
         """EMA coefficient of the target at ``progress`` in [0, 1] of training."""

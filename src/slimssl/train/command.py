@@ -39,12 +39,14 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..cli import UsageError, _emit
-    from ..config import config_from_dict, load_config
+    from ..config import check_processes, config_from_dict, load_config
     from ..report.table import markdown_table
     from . import distributed as dist
     from .loop import EXIT_INTERRUPTED, Interrupted, Trainer
 
     dist.init_from_env()
+    if not dist.is_main():  # rank 0 alone reports progress; the others still say what goes wrong
+        log.setLevel(logging.WARNING)
     try:
         if args.resume is not None:
             run_dir = Path(args.out if args.resume is True else args.resume) if (args.out or args.resume is not True) else None
@@ -61,9 +63,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             if (run_dir / "checkpoints" / "last.pt").exists():
                 raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                                  "or choose another --out")
+        check_processes(cfg, dist.world_size(), str(last) if args.resume is not None else args.config or "demo")
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(cfg.to_yaml())
+            (run_dir / "config.yaml").write_text(lr_header(cfg, dist.world_size()) + cfg.to_yaml())
         log.info("run directory: %s", run_dir)
         trainer = Trainer(cfg, run_dir, resume=args.resume is not None)
         try:
@@ -78,5 +81,31 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             log.info("stopped at step %d of %d; continue with: slimssl pretrain --resume %s",
                      trainer.state.step, trainer.total_steps, run_dir)
         return 0
+    except BaseException as e:
+        if dist.world_size() > 1:  # never leave the other ranks waiting: exit now, torchrun ends the job
+            from ..checkpoint import CheckpointError
+            from ..config import ConfigError
+            from ..data.datasets import DataError
+            from ..nn.spec import SubnetError
+
+            usage = isinstance(e, (UsageError, ConfigError, CheckpointError, DataError, SubnetError))
+            dist.fail_fast(e, 2 if usage else 130 if isinstance(e, KeyboardInterrupt) else 1,
+                           traceback=not usage)
+        raise
     finally:
         dist.shutdown()
+
+
+def lr_header(cfg, world: int) -> str:
+    """Comment lines for RUN/config.yaml: the learning rate the run actually uses, and how it follows."""
+    from .optim import scaled_lr
+
+    o, batch = cfg.optim, cfg.train.batch_size
+    peak = scaled_lr(o.lr, o, batch)
+    how = (f"optim.lr {o.lr:g} x train.batch_size {batch} / optim.reference_batch {o.reference_batch}"
+           if o.lr_scaling == "linear" else f"optim.lr {o.lr:g} (optim.lr_scaling: none)")
+    lines = [f"# effective peak lr: {peak:g} = {how}"]
+    if cfg.slim.slow_start_lr:
+        lines.append(f"# effective peak lr once sub-networks join: {scaled_lr(cfg.slim.slow_start_lr, o, batch):g}")
+    lines.append(f"# processes: {world}; batch per process: {batch // max(1, world)} (train.batch_size is the total)")
+    return "\n".join(lines) + "\n"

@@ -1,9 +1,39 @@
-"""Thin helpers over torch.distributed that also work in a single process."""
+"""torch.distributed for slimssl: process group setup with a bounded timeout, fail-fast teardown, and the
+one gradient all-reduce per iteration. Every helper also works in a single process.
+
+Why not DistributedDataParallel. A slimmable step runs several sub-networks and accumulates their
+gradients; a sub-network's private BatchNorms (and, for depth sub-networks, whole blocks) take part only
+when that sub-network is drawn. DDP then needs ``find_unused_parameters=True`` (a graph traversal after
+every synchronising backward), and even so it would hand the optimizer a *zero* gradient, not *no*
+gradient, for a parameter no sub-network used this step: with weight decay or momentum such a parameter
+then moves under N processes but not under one. Instead :class:`GradientSync` averages the gradients
+itself, once per step, after the last sub-network's backward: every online parameter's gradient is
+copied into one flat buffer (a parameter without a gradient contributes zeros), the buffer is
+all-reduced once, and the average is copied back **only into the parameters that have a gradient**.
+Which parameters have one is a function of the drawn sub-networks, and those are a pure function of
+(seed, step) (:class:`~slimssl.slim.policy.SlimPolicy`), so the set is the same on every rank: a
+parameter of a sub-network that did not run keeps ``grad is None`` everywhere and the optimizer leaves
+it (and its momentum) alone, exactly as in a single process. Backward passes need no ``no_sync``: they
+never communicate. The price: the all-reduce does not overlap the last backward (with K sub-networks
+per step at most 1/K of the backward time could have been hidden) and the flat buffer costs one copy of
+the online parameters in memory.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger("slimssl")
+
+TIMEOUT_ENV = "SLIMSSL_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 1800.0  # longer than rank 0's evaluations (kNN) that the other ranks wait through
 
 
 def is_distributed() -> bool:
@@ -24,7 +54,7 @@ def is_main() -> bool:
 
 @torch.no_grad()
 def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every process along dim 0 (no gradient flows through other ranks' parts)."""
+    """Concatenate ``x`` from every process along dim 0 in rank order (no gradient flows through it)."""
     if not is_distributed() or world_size() == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]
@@ -32,18 +62,122 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def init_from_env() -> None:
-    """Join the process group that torchrun (or SLURM through it) describes in the environment."""
-    import os
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over processes (a copy; ``x`` itself in a single process)."""
+    if not is_distributed() or world_size() == 1:
+        return x
+    y = x.clone()
+    dist.all_reduce(y)
+    return y.div_(world_size())
 
+
+def timeout_seconds() -> float:
+    """The process-group timeout: ``$SLIMSSL_DIST_TIMEOUT`` seconds, default 1800."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"${TIMEOUT_ENV} must be positive, got {raw!r}")
+    return value
+
+
+def init_from_env() -> None:
+    """Join the process group that torchrun (or SLURM through it) describes in the environment.
+
+    The group gets a timeout (:func:`timeout_seconds`): a collective that waits longer than that for a
+    rank that hangs fails instead of blocking forever. A rank that *dies* ends the job sooner: torchrun
+    sees its non-zero exit and stops the others (see :func:`fail_fast`).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = os.environ.get("SLIMSSL_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+        # the NCCL watchdog turns a timed-out collective into an abort of the process (default in recent
+        # torch; set explicitly so the bound holds on older versions too)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
 
 
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def fail_fast(error: BaseException, code: int = 1, traceback: bool = True) -> None:
+    """End this process now after an error in a distributed run, without waiting on the other ranks.
+
+    The normal exit path would tear the process group down, and with NCCL that can block on collectives
+    the other ranks still wait in. ``os._exit`` skips it; torchrun sees the non-zero exit of this rank
+    and terminates the rest of the job (SIGTERM, then SIGKILL after its grace period).
+    """
+    log.error("rank %d of %d failed: %s: %s", rank(), world_size(), type(error).__name__, error,
+              exc_info=(type(error), error, error.__traceback__) if traceback else None)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    os._exit(code)
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers equal to rank ``src``'s (once, at setup)."""
+    if not is_distributed() or world_size() == 1:
+        return
+    for t in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(t.data, src)
+
+
+class GradientSync:
+    """Average the gradients of ``params`` over processes with exactly one all-reduce (see the module doc).
+
+    ``flag`` (a float, 0 or 1) travels in the same all-reduce; :attr:`any_flag` then tells whether any
+    rank raised it (used to skip a step with a non-finite loss on every rank alike).
+    """
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("GradientSync needs at least one parameter")
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"GradientSync expects parameters of one dtype, got {sorted(map(str, dtypes))}")
+        self.enabled = world_size() > 1
+        self.flat: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+        self.flag_sum = 0.0
+        if self.enabled:
+            numel = sum(p.numel() for p in self.params)
+            self.flat = torch.zeros(numel + 1, dtype=self.params[0].dtype, device=self.params[0].device)
+            offset = 0
+            for p in self.params:
+                self.views.append(self.flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self.calls = 0  # all-reduces issued, for tests
+
+    @torch.no_grad()
+    def __call__(self, flag: torch.Tensor | float | None = None) -> None:
+        if not self.enabled:
+            return
+        have = [i for i, p in enumerate(self.params) if p.grad is not None]
+        missing = [i for i, p in enumerate(self.params) if p.grad is None]
+        if have:
+            torch._foreach_copy_([self.views[i] for i in have], [self.params[i].grad for i in have])
+        if missing:
+            torch._foreach_zero_([self.views[i] for i in missing])
+        self.flat[-1:].copy_(torch.as_tensor(0.0 if flag is None else flag, dtype=self.flat.dtype).reshape(1))
+        dist.all_reduce(self.flat)
+        self.calls += 1
+        self.flat.div_(world_size())
+        if have:
+            torch._foreach_copy_([self.params[i].grad for i in have], [self.views[i] for i in have])
+
+    def any_flag(self) -> bool:
+        """Whether any rank passed a non-zero ``flag`` to the last call (a host sync)."""
+        return bool(self.flat is not None and self.flat[-1].item() > 0)

@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..checkpoint import check_menu, load_checkpoint, save_checkpoint
 from ..config import Config
-from ..data.augment import TwoViewAugment, recipe
+from ..data.augment import BatchRows, TwoViewAugment, recipe
 from ..data.datasets import DataError, ImageDataset, load_dataset
 from ..eval.knn import knn_eval_subnets
 from ..methods import build_method
@@ -120,11 +120,14 @@ class Trainer:
             raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
                             f"train.batch_size {cfg.train.batch_size}")
         self.eval_data = self._eval_datasets()
-        self.augment = TwoViewAugment(recipe(cfg.data.augment or cfg.method.name, cfg.data.resolution),
-                                      cfg.data.resolution, cfg.data.mean, cfg.data.std)
+        views = recipe(cfg.data.augment or cfg.method.name, cfg.data.resolution)
+        views = tuple(replace(v, crop_scale=tuple(cfg.data.crop_scale), flip_p=cfg.data.flip_p) for v in views)
+        self.augment = TwoViewAugment(views, cfg.data.resolution, cfg.data.mean, cfg.data.std)
 
         self.model = SSLModel(build_supernet(cfg), build_method(cfg.method), cfg.model.bn,
                               cfg.model.channel_divisor).to(self.device)
+        if cfg.train.sync_bn:
+            self._convert_sync_bn()
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = len(self.train_data) // cfg.train.batch_size
@@ -136,12 +139,16 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, [(n, p) for n, p in self.model.named_parameters()
                                                      if not n.startswith("target.")], self.peak_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.ddp = self._wrap_ddp()
+        # multi-process: one gradient all-reduce per step, no DDP wrapper (why: train/distributed.py)
+        self.grad_sync = dist.GradientSync(self.model.online_parameters())
         self.state = TrainState()
         self.images = self._place_images()
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
+        dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
+        log.info("%s", self.lr_summary())
         self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main())
+        self.metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
 
     # ---- setup --------------------------------------------------------------------------------------
 
@@ -168,14 +175,34 @@ class Trainer:
             return images.pin_memory()
         return images
 
-    def _wrap_ddp(self) -> nn.Module:
-        if not dist.is_distributed():
-            return self.model
-        from torch.nn.parallel import DistributedDataParallel
+    def _convert_sync_bn(self) -> None:
+        """train.sync_bn: every private BatchNorm (each sub-network's, heads and target included) becomes a
+        SyncBatchNorm, so a sub-network's statistics are over the total batch of the processes."""
+        if self.cfg.model.bn != "private":
+            raise ValueError("train.sync_bn needs model.bn=private: shared BatchNorm is sliced per width by "
+                             "slimssl itself and cannot be synchronised")
+        if self.world > 1 and self.device.type != "cuda":
+            raise ValueError("train.sync_bn needs CUDA tensors (torch's SyncBatchNorm); this run is on "
+                             f"{self.device.type} with {self.world} processes: set train.sync_bn=false")
+        self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # find_unused_parameters: not every private BatchNorm runs every step (slow start, sandwich)
-        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+    def effective_lr(self) -> dict:
+        """The peak learning rate(s) after scaling by the total batch, with how they were obtained."""
+        o = self.cfg.optim
+        info = {"peak": self.peak_lr, "base": o.lr, "scaling": o.lr_scaling, "reference_batch": o.reference_batch,
+                "total_batch": self.cfg.train.batch_size, "per_process_batch": self.batch, "processes": self.world}
+        if self.cfg.slim.slow_start_lr:
+            info["peak_after_slow_start"] = self.late_peak_lr
+        return info
+
+    def lr_summary(self) -> str:
+        e = self.effective_lr()
+        how = (f"optim.lr {e['base']:g} x train.batch_size {e['total_batch']} / optim.reference_batch "
+               f"{e['reference_batch']} (linear scaling)" if e["scaling"] == "linear"
+               else f"optim.lr {e['base']:g} (lr_scaling none)")
+        late = f"; {e['peak_after_slow_start']:g} once sub-networks join" if "peak_after_slow_start" in e else ""
+        return (f"effective peak lr {e['peak']:g} = {how}{late}; total batch {e['total_batch']} = "
+                f"{e['per_process_batch']} per process x {e['processes']} processes")
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
@@ -223,8 +250,10 @@ class Trainer:
     def views(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.batch_indices(step)
         images = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
-        gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step * 31 + dist.rank())
-        views = self.augment(images, gen)
+        # Seeded by (seed, step) only, drawing for the whole global batch and keeping this process's rows:
+        # a sample is augmented the same whatever the number of processes (image work stays per shard).
+        gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step * 31)
+        views = self.augment(images, BatchRows(gen, dist.rank() * self.batch, self.cfg.train.batch_size))
         if self.device.type == "cuda" and self.cfg.train.channels_last:
             views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
         return views
@@ -254,11 +283,9 @@ class Trainer:
         method, slim = self.model.method, self.cfg.slim
         teacher_out = None
         losses = {}
-        for i, task in enumerate(tasks):
-            last = i == len(tasks) - 1
-            sync = self.ddp.no_sync() if (self.ddp is not self.model and not last) else contextlib.nullcontext()
-            with sync, self.model.subnet(task.spec), self.autocast():
-                online = [self.ddp(v1), self.ddp(v2)]
+        for task in tasks:
+            with self.model.subnet(task.spec), self.autocast():
+                online = [self.model(v1), self.model(v2)]
                 out = method.loss(online, target)
                 loss = out.loss
                 if task.distill:
@@ -268,7 +295,10 @@ class Trainer:
                     teacher_out = [t.detach() for t in out.distill_on]
                 self.scaler.scale(loss * task.weight).backward()
             losses[task.spec.name] = loss.detach().float()
-        if self.cfg.train.nonfinite == "skip" and not torch.isfinite(torch.stack(list(losses.values()))).all():
+        skip_mode = self.cfg.train.nonfinite == "skip"
+        bad = (~torch.isfinite(torch.stack(list(losses.values())))).any().float() if skip_mode else None
+        self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
+        if skip_mode and (self.grad_sync.any_flag() if self.grad_sync.enabled else bool(bad)):
             self.optimizer.zero_grad(set_to_none=True)  # the one host sync of this mode, by request
             self.state.skipped_steps += 1
             log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
@@ -304,8 +334,11 @@ class Trainer:
                 self.state.step += 1
                 progress.update(1)
                 epoch_done = self.state.step % self.steps_per_epoch == 0
-                if self.state.step % cfg.train.log_every == 0 or epoch_done or self.state.step == end:
-                    self._log(step, sums, count, lr, time.perf_counter() - tick, progress)
+                stopping = guard.received is not None  # the NaN check must run before every save
+                scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done or self.state.step == end
+                if scheduled or stopping:
+                    # only a scheduled log (the same steps on every rank) may average over the ranks
+                    self._log(step, sums, count, lr, time.perf_counter() - tick, progress, across_ranks=scheduled)
                     sums, count, tick = {}, 0, time.perf_counter()
                 if epoch_done:
                     self._end_of_epoch()
@@ -319,10 +352,15 @@ class Trainer:
         self.save()
         return self.finish() if self.state.step >= self.total_steps else {}
 
-    def _log(self, step: int, sums: dict, count: int, lr, seconds: float, progress) -> None:
+    def _log(self, step: int, sums: dict, count: int, lr, seconds: float, progress,
+             across_ranks: bool = True) -> None:
         if not sums:
             return
-        means = {name: (total / count).item() for name, total in sums.items()}  # the one sync per log
+        names = list(sums)  # the same names on every rank: the draws are
+        stacked = torch.stack([torch.as_tensor(sums[n]) for n in names]) / count
+        if across_ranks:
+            stacked = dist.all_reduce_mean(stacked)
+        means = dict(zip(names, stacked.tolist()))  # the one sync per log; the mean over all processes
         bad = [name for name, v in means.items() if not math.isfinite(v)]
         if bad and self.cfg.train.nonfinite == "error":
             raise NonFiniteLossError(
@@ -365,6 +403,7 @@ class Trainer:
             self.metrics.write({"step": self.state.step, "epoch": self.cfg.train.epochs, "knn_top1": knn})
         results = {"run": self.cfg.name, "config": self.cfg.model_dump(mode="json"),
                    "resolution": self.cfg.data.resolution, "steps": self.state.step,
+                   "effective_lr": self.effective_lr(),
                    "skipped_steps": self.state.skipped_steps, "subnets": rows}
         _write_json(self.run_dir / "results.json", results)
         self.metrics.close()

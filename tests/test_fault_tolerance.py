@@ -1,0 +1,495 @@
+"""Fault tolerance and bad input: a run is never lost, and every error says what is wrong.
+
+Atomic checkpoints, SIGTERM/SIGINT save-and-resume (exactly), NaN/Inf losses, bad datasets through
+``slimssl pretrain --data``, config and checkpoint errors through the CLI (exit code 2), and runs that
+fail without touching the checkpoints already saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from slimssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from slimssl.cli import main
+from slimssl.config import ConfigError, check_processes, config_from_dict, load_config
+from slimssl.methods.base import MethodOutput
+from slimssl.models.build import build_supernet
+from slimssl.train import loop
+from slimssl.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLossError, Trainer
+
+TINY = {
+    "name": "tiny",
+    "model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4, "stem": "cifar"},
+    "menu": {"widths": [1.0, 0.5]},
+    "method": {"name": "byol", "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+    "data": {"source": "fake", "resolution": 8, "fake_size": 64},
+    "train": {"batch_size": 16, "epochs": 3, "log_every": 1, "device": "cpu", "precision": "fp32"},
+}  # 64 images / batch 16: 4 steps per epoch, 12 steps in all
+FULL, HALF = "w1p0_d1-1-1-1", "w0p5_d1-1-1-1"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSSL_CACHE", str(tmp_path / "cache"))
+
+
+def tiny(**sections) -> dict:
+    data = json.loads(json.dumps(TINY))
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return data
+
+
+def write_config(path: Path, data: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump(data or TINY))
+    return path
+
+
+def error_text(capsys, caplog) -> str:
+    return capsys.readouterr().err + caplog.text
+
+
+def model_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir)["model"]
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def poison_loss(monkeypatch, trainer: Trainer, bad_steps, subnet_index: int = 1, weights: bool = True) -> None:
+    """Make the loss of the ``subnet_index``-th sub-network of each step in ``bad_steps`` NaN: with
+    ``weights``, NaN gradients too (so the weights become NaN), else only the loss value (a NaN added)."""
+    method = trainer.model.method
+    original = method.loss
+    calls: dict[int, int] = {}
+
+    def loss(online, target):
+        out = original(online, target)
+        step = trainer.state.step
+        calls[step] = calls.get(step, -1) + 1
+        if step in bad_steps and calls[step] == subnet_index:
+            nan = torch.tensor(float("nan"))
+            return MethodOutput(out.loss * nan if weights else out.loss + nan, out.distill_on)
+        return out
+
+    monkeypatch.setattr(method, "loss", loss)
+
+
+def signal_at(monkeypatch, step_to_signal: int, signum: int) -> None:
+    """Deliver ``signum`` to this process while step ``step_to_signal`` is running."""
+    original = Trainer.train_step
+
+    def train_step(self, step):
+        if step == step_to_signal:
+            os.kill(os.getpid(), signum)
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+# ---- atomic checkpoints -------------------------------------------------------------------------------
+
+def _partial_save(exc):
+    def save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise exc
+    return save
+
+
+@pytest.mark.parametrize("failure", ["disk_full", "killed", "rename"])
+def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, failure):
+    path = tmp_path / "checkpoints" / "last.pt"
+    cfg = config_from_dict(TINY)
+    good = {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names,
+            "model": {"w": torch.arange(4.0)}, "epoch": 1}
+    save_checkpoint(path, good)
+    before = path.read_bytes()
+    if failure == "disk_full":
+        monkeypatch.setattr(torch, "save", _partial_save(OSError(28, "No space left on device")))
+        expected = OSError
+    elif failure == "killed":
+        monkeypatch.setattr(torch, "save", _partial_save(KeyboardInterrupt()))
+        expected = KeyboardInterrupt
+    else:
+        def replace(src, dst):
+            raise OSError("rename failed")
+        monkeypatch.setattr(os, "replace", replace)
+        expected = OSError
+    with pytest.raises(expected):
+        save_checkpoint(path, {**good, "model": {"w": torch.zeros(4)}, "epoch": 2})
+    monkeypatch.undo()
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
+    assert path.read_bytes() == before
+    data = load_checkpoint(path)
+    assert data["epoch"] == 1 and torch.equal(data["model"]["w"], torch.arange(4.0))
+
+
+# ---- signals and exact resume -------------------------------------------------------------------------
+
+def test_sigint_saves_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = config_from_dict(TINY)
+    with monkeypatch.context() as m:
+        signal_at(m, 5, signal.SIGINT)  # mid-epoch: step 5 of 0..11
+        with pytest.raises(Interrupted, match="SIGINT.*--resume"):
+            Trainer(cfg, tmp_path / "a").fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert load_checkpoint(tmp_path / "a")["train_state"]["step"] == 6  # the step in flight finished
+    resumed = Trainer(cfg, tmp_path / "a", resume=True).fit()
+    reference = Trainer(cfg, tmp_path / "b").fit()
+    assert resumed["steps"] == reference["steps"] == 12
+    assert_same_state(model_state(tmp_path / "a"), model_state(tmp_path / "b"))
+
+
+def test_resume_after_max_steps_equals_uninterrupted_run(tmp_path):
+    cfg = config_from_dict(TINY)
+    assert Trainer(cfg, tmp_path / "a").fit(max_steps=3) == {}  # stopped early: no results yet
+    Trainer(cfg, tmp_path / "a", resume=True).fit()
+    Trainer(cfg, tmp_path / "b").fit()
+    assert_same_state(model_state(tmp_path / "a"), model_state(tmp_path / "b"))
+
+
+SLOW_CLI = """
+import sys, time
+from slimssl.train.loop import Trainer
+step = Trainer.train_step
+def slow(self, i):
+    time.sleep(0.15)  # so that the signal surely arrives mid-run
+    return step(self, i)
+Trainer.train_step = slow
+from slimssl.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_env(tmp_path: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "SLIMSSL_CACHE": str(tmp_path / "cache"),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def test_sigterm_subprocess_exits_3_and_resume_continues_exactly(tmp_path, caplog):
+    config = write_config(tmp_path / "tiny.yaml")
+    run = tmp_path / "run"
+    env = _run_env(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, "pretrain", "--config", str(config), "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no metrics after 60 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert "SIGTERM" in err and f"--resume {run}" in err
+    stopped = load_checkpoint(run)["train_state"]["step"]
+    assert 2 <= stopped < 12
+    assert not (run / "results.json").exists()
+
+    # the same command line, in this process (a second interpreter start costs ~10 s on a busy machine)
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["pretrain", "--resume", str(run)]) == 0
+    assert f"resumed from {run / 'checkpoints' / 'last.pt'} at step {stopped}" in caplog.text
+    assert json.loads((run / "results.json").read_text())["steps"] == 12
+
+    Trainer(config_from_dict(TINY), tmp_path / "reference").fit()
+    assert_same_state(model_state(run), model_state(tmp_path / "reference"))
+
+
+# ---- NaN / Inf losses ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("weights", [False, True], ids=["nan_value", "nan_weights"])
+def test_nan_loss_names_subnet_and_steps_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, weights):
+    # log_every 3 does not divide the 4-step epoch: a NaN at step 6 (0-based; the first log is after step 2,
+    # the next after step 5) is only seen at the epoch end, after step 7, which must check before it saves.
+    cfg = config_from_dict(tiny(train={"log_every": 3}))
+    trainer = Trainer(cfg, tmp_path)
+    poison_loss(monkeypatch, trainer, bad_steps=range(6, 12), subnet_index=1, weights=weights)
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.fit()
+    msg = str(err.value)
+    # NaN weights make every later loss NaN, so the first sub-network is named; a NaN loss alone names its own
+    assert (FULL if weights else HALF) in msg
+    assert "steps 6..7" in msg  # the 0-based steps of the interval that held the NaN
+    assert str(tmp_path / "checkpoints") in msg
+    data = load_checkpoint(tmp_path)
+    assert data["train_state"]["step"] == 4  # the end of epoch 1, before the NaN
+    assert all_finite(data["model"])
+    assert not (tmp_path / "checkpoints" / "epoch_0002.pt").exists()
+
+
+def test_nan_loss_then_signal_never_saves_nan_weights(tmp_path, monkeypatch):
+    cfg = config_from_dict(tiny(train={"log_every": 100}))
+    trainer = Trainer(cfg, tmp_path)
+    poison_loss(monkeypatch, trainer, bad_steps={5}, subnet_index=0)
+    signal_at(monkeypatch, 5, signal.SIGTERM)
+    with pytest.raises(NonFiniteLossError, match=FULL):
+        trainer.fit()
+    data = load_checkpoint(tmp_path)
+    assert data["train_state"]["step"] == 4
+    assert all_finite(data["model"])
+
+
+def test_nonfinite_skip_skips_and_counts(tmp_path, monkeypatch, caplog):
+    cfg = config_from_dict(tiny(train={"nonfinite": "skip", "epochs": 2}))
+    trainer = Trainer(cfg, tmp_path)
+    poison_loss(monkeypatch, trainer, bad_steps={2, 3}, subnet_index=1)
+    results = trainer.fit()
+    assert results["skipped_steps"] == 2 and results["steps"] == 8
+    assert json.loads((tmp_path / "results.json").read_text())["skipped_steps"] == 2
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_steps", 0) for r in records if "loss" in r][:5] == [0, 0, 1, 2, 2]
+    assert "step 3: non-finite loss, step skipped (2 so far)" in caplog.text
+    assert all_finite(model_state(tmp_path))
+
+
+# ---- bad datasets through `slimssl pretrain --data` ---------------------------------------------------
+
+def _images(folder: Path, n: int, size: int = 8, fmt: str = "png") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (size, size), (i * 10, 50, 100)).save(folder / f"{i}.{fmt}")
+
+
+def _pretrain(tmp_path: Path, data: Path, *extra: str) -> int:
+    config = write_config(tmp_path / "tiny.yaml")
+    return main(["pretrain", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1", *extra])
+
+
+def _truncated(root: Path) -> str:
+    _images(root / "a", 10)
+    good = (root / "a" / "0.png").read_bytes()
+    (root / "a" / "5.png").write_bytes(good[: len(good) // 2])
+    return "5.png"
+
+
+def _not_an_image(root: Path) -> str:
+    _images(root / "a", 10)
+    (root / "a" / "notes.jpg").write_text("this is text, not a JPEG")
+    return "notes.jpg"
+
+
+def _missing(root: Path) -> str:
+    return root.name
+
+
+def _empty(root: Path) -> str:
+    root.mkdir()
+    return root.name
+
+
+def _class_without_images(root: Path) -> str:
+    _images(root / "a", 10)
+    (root / "b").mkdir()
+    (root / "b" / "readme.txt").write_text("no images here")
+    return str(root / "b")
+
+
+@pytest.mark.parametrize("make", [_missing, _empty, _class_without_images, _truncated, _not_an_image])
+def test_bad_data_folder_exits_2_naming_the_file(tmp_path, capsys, caplog, make):
+    root = tmp_path / "data"
+    named = make(root)
+    assert _pretrain(tmp_path, root) == 2
+    text = error_text(capsys, caplog)
+    assert named in text
+    assert "Traceback" not in text
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_skip_unreadable_through_the_cli(tmp_path, capsys, caplog):
+    root = tmp_path / "data"
+    _truncated(root)
+    _images(root / "b", 10)
+    assert _pretrain(tmp_path, root) == 2
+    assert "data.skip_unreadable" in error_text(capsys, caplog)  # the message says how to skip
+    caplog.clear()
+    assert _pretrain(tmp_path, root, "--set", "data.skip_unreadable=true") == 0
+    assert "skipped 1 unreadable" in caplog.text and "5.png" in caplog.text
+    assert load_checkpoint(tmp_path / "run")["train_state"]["step"] == 1
+
+
+def test_odd_image_modes_are_converted_and_train(tmp_path):
+    root = tmp_path / "data"
+    _images(root / "rgb", 8)
+    odd = root / "odd"
+    odd.mkdir()
+    for i in range(2):
+        Image.new("L", (8, 8), 90 + i).save(odd / f"grey{i}.png")
+        Image.new("RGBA", (8, 8), (200, 10, 10, 128 + i)).save(odd / f"rgba{i}.png")
+        Image.new("I;16", (8, 8), 40000 + i).save(odd / f"deep{i}.png")
+        Image.new("CMYK", (8, 8), (0, 255, 255, i)).save(odd / f"cmyk{i}.jpg")
+    assert _pretrain(tmp_path, root) == 0
+    assert load_checkpoint(tmp_path / "run")["train_state"]["step"] == 1
+
+
+# ---- config errors before any work starts -------------------------------------------------------------
+
+@pytest.mark.parametrize("section, values, key, allowed", [
+    ("model", {"widht": 1}, "model.widht", "base_width"),
+    ("train", {"batch_size": "big"}, "train.batch_size", "integer"),
+    ("menu", {"widths": [1.0, 1.5]}, "menu", "(0, 1]"),
+    ("menu", {"widths": [1.0], "depths": [[1, 1, 1, 1], [1, 2, 1, 1]]}, "menu", "w1p0_d1-2-1-1"),
+    ("menu", {"widths": [0.75, 0.5]}, "menu", FULL),
+    ("menu", {"depths": [[1, 1, 1, 1]]}, "menu", "w1p0_d2-1-1-1"),
+])
+def test_bad_config_exits_2_before_any_work(tmp_path, capsys, caplog, section, values, key, allowed):
+    data = tiny(**{section: values})
+    if allowed == "w1p0_d2-1-1-1":
+        data["model"]["depths"] = [2, 1, 1, 1]
+    config = write_config(tmp_path / "bad.yaml", data)
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(out)]) == 2
+    text = error_text(capsys, caplog)
+    assert str(config) in text and key in text and allowed in text
+    assert not out.exists()
+
+
+def test_menu_must_contain_the_full_network():
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["menu.widths=[0.5, 0.25]"])
+    msg = str(err.value)
+    assert "demo.yaml" in msg and "menu" in msg and "full network w1p0_d1-1-1-1" in msg and "target" in msg
+    with pytest.raises(ConfigError, match="w1p0_d3-4-6-3"):
+        config_from_dict({"model": {"arch": "resnet34"}, "menu": {"widths": [1.0], "depths": [[2, 2, 2, 2]]}})
+    ok = config_from_dict({"model": {"arch": "resnet34"},  # the full network given by name is fine
+                           "menu": {"widths": [0.5], "depths": [[2, 2, 2, 2]], "subnets": ["w1p0_d3-4-6-3"]}})
+    assert "w1p0_d3-4-6-3" in ok.subnet_menu().names
+
+
+@pytest.mark.parametrize("world, batch", [(3, 16), (4, 2)])
+def test_batch_must_split_over_processes(tmp_path, monkeypatch, capsys, caplog, world, batch):
+    monkeypatch.setattr(loop.dist, "world_size", lambda: world)
+    monkeypatch.setattr(loop.dist, "fail_fast", lambda *a, **k: None, raising=False)  # it would os._exit
+    config = write_config(tmp_path / "tiny.yaml", tiny(train={"batch_size": batch}))
+    out = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(out)]) == 2
+    text = error_text(capsys, caplog)
+    assert str(config) in text and "train.batch_size" in text and f"{world}, {2 * world}, {3 * world}" in text
+    assert not out.exists()
+
+
+def test_check_processes_allows_multiples_only():
+    cfg = config_from_dict(tiny(train={"batch_size": 12}))
+    for world in (1, 2, 3, 4, 6, 12):
+        check_processes(cfg, world, "x.yaml")
+    for world in (5, 8, 24):
+        with pytest.raises(ConfigError, match=f"(?s)x.yaml.*train.batch_size: 12 .* {world}"):
+            check_processes(cfg, world, "x.yaml")
+
+
+def _checkpoint(path: Path, data: dict | None = None, **extra) -> Path:
+    cfg = config_from_dict(data or TINY)
+    supernet = build_supernet(cfg)
+    save_checkpoint(path, {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names,
+                           "model": {"backbone." + k: v for k, v in supernet.state_dict().items()}, **extra})
+    return path
+
+
+@pytest.mark.parametrize("command", [
+    ["finetune", "CK", "--subnet", "0.3", "--label-fraction", "0.1", "--device", "cpu", "--no-save"],
+    ["export", "CK", "--subnet", "0.3", "--out", "OUT"],
+])
+def test_subnet_outside_private_bn_menu_exits_2(tmp_path, capsys, caplog, command):
+    ck = _checkpoint(tmp_path / "ck.pt")
+    out = tmp_path / "out"
+    argv = [str(ck) if a == "CK" else str(out) if a == "OUT" else a for a in command]
+    assert main(argv) == 2
+    text = error_text(capsys, caplog)
+    assert "w0p3_d1-1-1-1" in text and FULL in text and HALF in text
+    assert not out.exists() and not list(tmp_path.glob("finetune*"))
+
+
+# ---- checkpoint errors through the CLI ----------------------------------------------------------------
+
+def _junk(path: Path) -> tuple[Path, list[str]]:
+    path.write_bytes(b"\x00\x01 definitely not a checkpoint" * 10)
+    return path, ["not a readable slimssl checkpoint"]
+
+
+def _foreign(path: Path) -> tuple[Path, list[str]]:
+    torch.save({"state_dict": {}}, path)
+    return path, ["found format None", "slimssl-checkpoint"]
+
+
+def _newer(path: Path) -> tuple[Path, list[str]]:
+    return _checkpoint(path, version=7), ["version 7", "up to 1"]
+
+
+def _incomplete(path: Path) -> tuple[Path, list[str]]:
+    save_checkpoint(path, {"config": TINY, "menu": [FULL, HALF]})
+    return path, ["lacks ['model']"]
+
+
+@pytest.mark.parametrize("make", [_junk, _foreign, _newer, _incomplete])
+@pytest.mark.parametrize("command", ["knn", "export"])
+def test_bad_checkpoint_exits_2_saying_found_and_expected(tmp_path, capsys, caplog, make, command):
+    path, expected = make(tmp_path / "bad.pt")
+    out = tmp_path / "out"
+    argv = ["knn", str(path), "--device", "cpu"] if command == "knn" else ["export", str(path), "--all", "--out", str(out)]
+    assert main(argv) == 2
+    text = error_text(capsys, caplog)
+    assert str(path) in text
+    for part in expected:
+        assert part in text
+    assert "Traceback" not in text and not out.exists()
+
+
+def test_load_checkpoint_missing_keys_is_a_checkpoint_error(tmp_path):
+    path, _ = _incomplete(tmp_path / "ck.pt")
+    with pytest.raises(CheckpointError, match="expected at least"):
+        load_checkpoint(path)
+
+
+def test_resume_with_another_menu_names_both(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    Trainer(config_from_dict(TINY), run).fit(max_steps=1)
+    assert main(["pretrain", "--resume", str(run), "--set", "menu.widths=[1.0, 0.25]"]) == 2
+    text = error_text(capsys, caplog)
+    assert HALF in text and "w0p25_d1-1-1-1" in text
+
+
+# ---- never lose work already saved --------------------------------------------------------------------
+
+@pytest.fixture
+def saved_run(tmp_path) -> tuple[Path, bytes]:
+    run = tmp_path / "run"
+    Trainer(config_from_dict(TINY), run).fit(max_steps=2)
+    return run, (run / "checkpoints" / "last.pt").read_bytes()
+
+
+def test_pretrain_refuses_a_directory_holding_a_run(tmp_path, saved_run, capsys, caplog):
+    run, before = saved_run
+    config = write_config(tmp_path / "tiny.yaml")
+    assert main(["pretrain", "--config", str(config), "--out", str(run)]) == 2
+    text = error_text(capsys, caplog)
+    assert "already holds a run" in text and f"--resume {run}" in text
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_failing_resume_keeps_the_checkpoint(tmp_path, saved_run, capsys, caplog):
+    run, before = saved_run
+    assert main(["pretrain", "--resume", str(run), "--data", str(tmp_path / "missing")]) == 2
+    assert "missing" in error_text(capsys, caplog)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.pt"]
+    assert load_checkpoint(run)["train_state"]["step"] == 2

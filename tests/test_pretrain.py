@@ -1,0 +1,343 @@
+"""Slimmable pretraining end to end on tiny data: what moves, slow start, exact resume, the CLI, export."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slimssl.checkpoint import load_checkpoint, load_supernet
+from slimssl.cli import main
+from slimssl.config import config_from_dict
+from slimssl.export import load_exported
+from slimssl.train.loop import Trainer
+from slimssl.train.optim import lr_at
+
+SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+WIDTHS4 = [1.0, 0.75, 0.5, 0.25]
+PRIVATE_BN = re.compile(r"\.bns\.(w[0-9p]+_d[0-9-]+)\.")
+
+
+def tiny(method: str = "byol", sampling: str = "all", teacher: str = "target", widths=WIDTHS4,
+         optim: dict | None = None, slim: dict | None = None, train: dict | None = None) -> dict:
+    return {
+        "name": f"tiny_{method}",
+        "model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4, "stem": "cifar"},
+        "menu": {"widths": list(widths)},
+        "method": {"name": method, "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32, "queue_size": 64},
+        "slim": {"sampling": sampling, "num_random": 1, "teacher": teacher, **(slim or {})},
+        "data": {"source": "fake", "resolution": 8, "fake_size": 32},
+        # a large constant-ish lr so that every update is visible in fp32
+        "optim": {"lr": 0.5, "lr_scaling": "none", **(optim or {})},
+        "train": {"batch_size": 8, "epochs": 2, "device": "cpu", "precision": "fp32", "log_every": 1,
+                  **(train or {})},
+        "eval": {"knn_k": 5, "batch_size": 32},
+    }
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def record_grads(trainer: Trainer) -> dict:
+    """Wrap the optimizer's step to record, per online parameter, whether it holds a gradient."""
+    seen: dict = {}
+    step = trainer.optimizer.step
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+
+    def wrapped(*args, **kwargs):
+        seen.clear()
+        seen.update({names[id(p)]: p.grad is not None for g in trainer.optimizer.param_groups for p in g["params"]})
+        seen["_target_grads"] = [n for n, p in trainer.model.target.named_parameters() if p.grad is not None]
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = wrapped
+    return seen
+
+
+def subnet_of(name: str) -> str | None:
+    match = PRIVATE_BN.search(name)
+    return match.group(1) if match else None
+
+
+# ---- what moves --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("teacher", ["target", "online"])
+@pytest.mark.parametrize("sampling", ["all", "sandwich"])
+@pytest.mark.parametrize("method", ["byol", "mocov2", "mocov3"])
+def test_two_steps_move_exactly_what_should_move(tmp_path, method, sampling, teacher):
+    trainer = Trainer(config_from_dict(tiny(method, sampling, teacher)), tmp_path)
+    model = trainer.model
+    menu = [s.name for s in model.backbone.menu]
+    grads = record_grads(trainer)
+    online_names = [n for n, _ in model.named_parameters() if not n.startswith("target.")]
+    assert {subnet_of(n) for n in online_names} - {None} == set(menu)
+    assert all(not p.requires_grad for p in model.target.parameters())
+
+    for step in (0, 1):
+        drawn = {s.name for s in trainer.policy.draw(step)}
+        if sampling == "sandwich":
+            assert len(drawn) == 3 and len(set(menu) - drawn) == 1  # one middle entry left out
+        else:
+            assert drawn == set(menu)
+        before = snapshot(model)
+        queue_before = model.method.queue.clone() if method == "mocov2" else None
+        losses = trainer.train_step(step)
+        after = snapshot(model)
+        assert set(losses) - {"_lr"} == drawn
+        assert all(torch.isfinite(v) for v in losses.values())
+
+        for name in online_names:
+            owner = subnet_of(name)
+            should = owner is None or owner in drawn
+            assert grads[name] == should, f"step {step}: {name} grad is {'None' if should else 'set'}"
+            moved = not torch.equal(before[name], after[name])
+            assert moved == should, f"step {step}: {name} {'did not move' if should else 'moved'}"
+        # running statistics of private BatchNorms follow the same rule
+        for name in after:
+            if name.startswith("target.") or not name.endswith("running_mean"):
+                continue
+            owner = subnet_of(name)
+            if owner is not None:
+                assert (not torch.equal(before[name], after[name])) == (owner in drawn), name
+
+        # the target moves only by EMA towards the updated online weights, never by gradient
+        assert grads["_target_grads"] == []
+        assert all(p.grad is None for p in model.target.parameters())
+        m = model.method.momentum(step / trainer.total_steps)
+        for name, _ in model.target.named_parameters():
+            key = "target." + name
+            expected = before[key] + (1 - m) * (after[name] - before[key])
+            torch.testing.assert_close(after[key], expected, atol=1e-6, rtol=1e-5)
+        # (1 - m) is small: a tiny online change may round away, but the weights of the convs move
+        for name in ("backbone.conv1.weight", "backbone.layer4.0.conv2.weight", "projector.0.weight"):
+            assert not torch.equal(before["target." + name], after["target." + name]), f"target {name} did not move"
+        # target buffers are copied from the online network
+        for name, _ in model.target.named_buffers():
+            assert torch.equal(after["target." + name], after[name])
+
+        if method == "mocov2":
+            assert int(model.method.queue_ptr) == (step + 1) * 2 * 8
+            assert not torch.equal(queue_before, model.method.queue)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "lars"])
+def test_slow_start_sub_networks_get_no_gradient_before_join(tmp_path, optim):
+    cfg = config_from_dict(tiny("byol", "all", "online", optim={"name": optim, "weight_decay": 1e-2},
+                                slim={"slow_start": 0.5, "slow_start_lr": 1.5, "loss_weights": "slimclr"}))
+    trainer = Trainer(cfg, tmp_path)
+    model = trainer.model
+    full = model.backbone.menu.largest.name
+    assert trainer.total_steps == 8 and trainer.policy.join_step == 4
+    grads = record_grads(trainer)
+    for step in (0, 1):
+        before = snapshot(model)
+        losses = trainer.train_step(step)
+        after = snapshot(model)
+        assert set(losses) == {full, "_lr"}
+        assert losses["_lr"].item() == pytest.approx(lr_at(step, 8, 0, trainer.peak_lr))
+        for name, p in model.named_parameters():
+            if name.startswith("target."):
+                continue
+            owner = subnet_of(name)
+            if owner is not None and owner != full:
+                assert grads[name] is False and p.grad is None, name
+                assert torch.equal(before[name], after[name]), f"{name} moved before join"
+            else:
+                assert grads[name] is True, name
+                assert not torch.equal(before[name], after[name]), f"{name} did not move"
+        for name in after:  # private running statistics of the sub-networks untouched too
+            owner = subnet_of(name)
+            if owner is not None and owner != full and not name.startswith("target."):
+                assert torch.equal(before[name], after[name]), name
+    # once joined, every sub-network trains, at the raised lr
+    join = trainer.policy.join_step
+    before = snapshot(model)
+    losses = trainer.train_step(join)
+    after = snapshot(model)
+    assert set(losses) - {"_lr"} == set(model.backbone.menu.names)
+    assert losses["_lr"].item() == pytest.approx(lr_at(join, 8, 0, 1.5))  # the raised base lr
+    for name, _ in model.named_parameters():
+        if not name.startswith("target."):
+            assert grads[name] is True, name
+            assert not torch.equal(before[name], after[name]), name
+
+
+def test_target_always_runs_full_size(tmp_path):
+    trainer = Trainer(config_from_dict(tiny("mocov3", "all", "online")), tmp_path)
+    model = trainer.model
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    full = model.target_forward(x)
+    with model.subnet(model.backbone.menu.smallest):
+        small_online = model.online(x)
+        torch.testing.assert_close(model.target_forward(x), full, rtol=0, atol=0)
+    assert model.slim_state.active == model.backbone.menu.largest  # restored on exit
+    assert small_online.shape == full.shape  # every sub-network lands in the target's embedding space
+    assert not torch.allclose(model.online(x), small_online)
+
+
+def test_sandwich_in_width_space_trains_with_shared_bn(tmp_path):
+    data = tiny("byol", "sandwich", "online", slim={"random_space": "space", "num_random": 2})
+    data["model"].update(bn="shared", depths=[2, 1, 1, 1])
+    data["menu"] = {"widths": [1.0, 0.25], "depths": [[2, 1, 1, 1], [1, 1, 1, 1]]}
+    trainer = Trainer(config_from_dict(data), tmp_path)
+    drawn = trainer.policy.draw(0)
+    assert any(s not in trainer.model.backbone.menu for s in drawn)  # off-menu widths are drawn
+    losses = trainer.train_step(0)
+    assert set(losses) - {"_lr"} == {s.name for s in drawn}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_random_space_with_private_bn_is_refused_before_training(tmp_path):
+    data = tiny("byol", "sandwich", "online", slim={"random_space": "space", "num_random": 2, "slow_start": 0.5})
+    with pytest.raises(ValueError, match="random_space"):
+        Trainer(config_from_dict(data), tmp_path)
+
+
+# ---- resume ----------------------------------------------------------------------------------------------
+
+def _optim_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    return {f"{names[id(p)]}.{k}": v for p, s in trainer.optimizer.state.items() for k, v in s.items()
+            if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("method,sampling,optim,k", [
+    ("byol", "sandwich", "lars", 2),  # in the middle of epoch 0
+    ("mocov2", "all", "sgd", 5),  # a queue, in the middle of epoch 1
+    ("mocov3", "sandwich", "lars", 4),  # at an epoch boundary
+])
+def test_resume_gives_identical_weights(tmp_path, method, sampling, optim, k):
+    n = 6
+    data = tiny(method, sampling, "online", optim={"name": optim}, train={"checkpoint_every": 0})
+    cfg = config_from_dict(data)
+    straight = Trainer(cfg, tmp_path / "straight")
+    straight.fit(max_steps=n)
+    assert straight.state.step == n
+
+    first = Trainer(cfg, tmp_path / "resumed")
+    first.fit(max_steps=k)
+    assert first.state.step == k
+    second = Trainer(config_from_dict(data), tmp_path / "resumed", resume=True)
+    assert second.state.step == k
+    second.fit(max_steps=n)
+    assert second.state.step == n
+
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys()
+    differ = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not differ, f"resumed run differs in {differ[:5]}"
+    oa, ob = _optim_state(straight), _optim_state(second)
+    assert oa.keys() == ob.keys()
+    assert all(torch.equal(oa[key], ob[key]) for key in oa)
+    if method == "mocov2":
+        assert torch.equal(straight.model.method.queue, second.model.method.queue)
+        assert int(second.model.method.queue_ptr) == (n * 16) % 64
+    # the checkpoint on disk holds the same weights
+    saved = load_checkpoint(tmp_path / "resumed")
+    assert saved["train_state"]["step"] == n
+    assert all(torch.equal(saved["model"][key], a[key]) for key in a)
+
+
+# ---- the command line ---------------------------------------------------------------------------------------
+
+def _write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_pretrain_cli_then_export(tmp_path, capsys):
+    config = _write_config(tmp_path / "tiny.yaml", tiny("byol", "sandwich", "target", widths=[1.0, 0.5, 0.25]))
+
+    # a partial run: the run directory holds config, metrics, TensorBoard events and the last checkpoint
+    partial = tmp_path / "partial"
+    assert main(["pretrain", "--config", str(config), "--out", str(partial), "--max-steps", "2"]) == 0
+    assert (partial / "config.yaml").is_file()
+    assert yaml.safe_load((partial / "config.yaml").read_text())["method"]["name"] == "byol"
+    records = [json.loads(line) for line in (partial / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2]
+    assert all(r["loss"] and all(isinstance(v, float) for v in r["loss"].values()) for r in records if "loss" in r)
+    assert list((partial / "tb").glob("events.out.tfevents.*"))
+    assert (partial / "checkpoints" / "last.pt").is_file()
+    assert load_checkpoint(partial / "checkpoints" / "last.pt")["train_state"]["step"] == 2
+    assert not (partial / "results.json").exists()
+    # the same --out again refuses instead of overwriting the run
+    assert main(["pretrain", "--config", str(config), "--out", str(partial), "--max-steps", "2"]) == 2
+
+    # a full tiny run writes results.json with a row per sub-network
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--epochs", "1", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    results = json.loads((run / "results.json").read_text())
+    assert printed == results
+    assert results["steps"] == 4  # 32 images / batch 8, one epoch
+    rows = {r["subnet"]: r for r in results["subnets"]}
+    assert list(rows) == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1", "w0p25_d1-1-1-1"]
+    for row in rows.values():
+        for key in ("params", "macs", "knn_top1", "knn_top1_random_init"):
+            assert isinstance(row[key], (int, float)), (row["subnet"], key, row.get(key))
+        assert 0 <= row["knn_top1"] <= 100 and 0 <= row["knn_top1_random_init"] <= 100
+    assert rows["w1p0_d1-1-1-1"]["params"] > rows["w0p5_d1-1-1-1"]["params"] > rows["w0p25_d1-1-1-1"]["params"]
+    assert rows["w1p0_d1-1-1-1"]["macs"] > rows["w0p5_d1-1-1-1"]["macs"] > rows["w0p25_d1-1-1-1"]["macs"]
+
+    # export every sub-network and verify it against the supernet
+    ckpt = run / "checkpoints" / "last.pt"
+    out = tmp_path / "export"
+    assert main(["export", str(ckpt), "--all", "--verify", "--out", str(out), "--json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert [r["subnet"] for r in exported] == list(rows)
+    assert all(r["max_abs_diff"] <= 1e-5 for r in exported)
+
+    supernet, cfg = load_supernet(ckpt)
+    x = torch.randn(3, 3, cfg.data.resolution, cfg.data.resolution, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for r in exported:
+            plain = load_exported(r["path"])
+            assert Path(r["path"]).name == r["subnet"]
+            torch.testing.assert_close(plain.forward_features(x), supernet(x, subnet=r["subnet"]),
+                                       atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(plain(x), supernet(x, subnet=r["subnet"]), atol=1e-6, rtol=1e-5)
+
+
+def test_pretrain_cli_resume_to_the_end(tmp_path, capsys):
+    config = _write_config(tmp_path / "tiny.yaml", tiny("mocov3", "all", "online", widths=[1.0, 0.5],
+                                                        train={"epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--max-steps", "3"]) == 0
+    assert not (run / "results.json").exists()
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
+
+
+# ---- real data ------------------------------------------------------------------------------------------
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason=f"{SHARED_CIFAR10} is absent")
+def test_cifar10_dspnet_byol_recipe_two_steps(tmp_path, monkeypatch):
+    # kNN of a randomly initialised ResNet-18 over 60k images is not the point of a 2-step smoke on CPU
+    monkeypatch.setattr(Trainer, "knn", lambda self: {})
+    run = tmp_path / "run"
+    code = main(["pretrain", "--config", "cifar10_r18_dspnet_byol.yaml", "--data", str(SHARED_CIFAR10),
+                 "--out", str(run), "--device", "cpu", "--max-steps", "2",
+                 "--set", "train.batch_size=16", "--set", "train.precision=fp32", "--set", "train.log_every=1",
+                 "--set", "method.proj_hidden=256", "--set", "method.pred_hidden=256"])
+    assert code == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2
+    for loss in losses:
+        assert len(loss) == 4  # sandwich: largest + smallest + 2 random of [1, .75, .5, .25]
+        assert all(0 <= v <= 8 for v in loss.values())  # two views of 2 - 2 cos
+    saved = load_checkpoint(run)
+    assert saved["train_state"]["step"] == 2
+    assert saved["menu"] == ["w1p0_d2-2-2-2", "w0p75_d2-2-2-2", "w0p5_d2-2-2-2", "w0p25_d2-2-2-2"]
