@@ -15,7 +15,9 @@ def policy(widths=WIDTHS4, total_steps=100, seed=0, depths=None, model_depths=(1
     menu = {"widths": widths}
     if depths is not None:
         menu["depths"] = depths
-    cfg = config_from_dict({"model": {"depths": list(model_depths)}, "menu": menu, "slim": slim})
+    # sub-networks outside the menu exist only with shared BatchNorm
+    bn = "shared" if slim.get("random_space") == "space" else "private"
+    cfg = config_from_dict({"model": {"depths": list(model_depths), "bn": bn}, "menu": menu, "slim": slim})
     return SlimPolicy(cfg.slim, cfg.subnet_menu(), total_steps, seed)
 
 
