@@ -113,6 +113,8 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(1, ge=0, description="epochs between kept checkpoints (last.pt is always kept)")
     knn_every: int = Field(0, ge=0, description="epochs between online kNN evaluations (0: only at the end)")
+    grad_diagnostics_every: int = Field(
+        0, ge=0, description="steps between SlimCLR gradient-imbalance records in metrics.jsonl (0: off)")
     nonfinite: Literal["error", "skip"] = Field(
         "error", description="a NaN/Inf loss stops the run (error) or its step is skipped and counted (skip)")
 
@@ -121,6 +123,7 @@ class EvalConfig(Section):
     knn_k: int = Field(200, gt=0)
     knn_temperature: float = Field(0.1, gt=0)
     batch_size: int = Field(256, gt=0)
+    knn_random_init: bool = Field(True, description="kNN of the untrained network too, as a baseline")
 
 
 class Config(Section):

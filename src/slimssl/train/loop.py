@@ -283,6 +283,7 @@ class Trainer:
         method, slim = self.model.method, self.cfg.slim
         teacher_out = None
         losses = {}
+        diagnose = self.grad_diagnostics(step)
         for task in tasks:
             with self.model.subnet(task.spec), self.autocast():
                 online = [self.model(v1), self.model(v2)]
@@ -295,6 +296,10 @@ class Trainer:
                     teacher_out = [t.detach() for t in out.distill_on]
                 self.scaler.scale(loss * task.weight).backward()
             losses[task.spec.name] = loss.detach().float()
+            if diagnose is not None:
+                diagnose.after_backward(task.spec.name)
+        if diagnose is not None and dist.is_main():
+            self.metrics.write({"step": step + 1, "grad_norm": diagnose.record})
         skip_mode = self.cfg.train.nonfinite == "skip"
         bad = (~torch.isfinite(torch.stack(list(losses.values())))).any().float() if skip_mode else None
         self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
@@ -311,12 +316,25 @@ class Trainer:
         losses["_lr"] = torch.tensor(lr)
         return losses
 
+    def grad_diagnostics(self, step: int):
+        """SlimCLR's gradient-imbalance probe on this step, when ``train.grad_diagnostics_every`` asks."""
+        every = self.cfg.train.grad_diagnostics_every
+        if not every or step % every:
+            return None
+        from ..slim.diagnostics import GradientImbalance
+
+        probe = GradientImbalance(self.model.backbone, self.model.backbone.menu.smallest.width,
+                                  self.cfg.model.channel_divisor)
+        probe.start()
+        return probe
+
     # ---- the loop -----------------------------------------------------------------------------------
 
     def fit(self, max_steps: int | None = None) -> dict:
         cfg = self.cfg
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
-        if self.state.step == 0 and not self.state.knn_random_init and dist.is_main():
+        if (self.state.step == 0 and not self.state.knn_random_init and cfg.eval.knn_random_init
+                and dist.is_main()):
             self.state.knn_random_init = self.knn()
             if self.state.knn_random_init:
                 log.info("kNN at random initialisation: %s", _fmt(self.state.knn_random_init))
@@ -426,4 +444,9 @@ def _fmt(values: dict[str, float]) -> str:
 def _progress(start: int, end: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=end, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, leave=True)
+    import sys
+
+    # a log file (no terminal) gets a progress line every 30 s instead of every refresh
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=end, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, leave=True,
+                mininterval=interval)
