@@ -137,7 +137,7 @@ def test_cli_export_all_verify(tmp_path, config_dir, capsys):
         assert folder == out / row["subnet"]
         assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     info = json.loads((out / names[0] / "config.json").read_text())
-    assert info["resolution"] == 32 and len(info["mean"]) == 3
+    assert info["resolution"] == load_config("demo").data.resolution and len(info["mean"]) == 3
 
 
 def test_cli_export_shipped_name_relative(tmp_path, repo_root, monkeypatch, capsys):
@@ -215,7 +215,7 @@ def test_cli_profile_demo_with_latency(capsys):
     assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"] > 0
     assert rows[0]["macs"] > rows[1]["macs"] > rows[2]["macs"] > 0
     assert all(r["latency_ms"] > 0 for r in rows)
-    assert all(r["resolution"] == 32 for r in rows)
+    assert all(r["resolution"] == load_config("demo").data.resolution for r in rows)
 
 
 # ---- config -------------------------------------------------------------------------------------------
