@@ -1,0 +1,33 @@
+"""``slimssl bench`` prints the data path, the slimmable step and the one-by-one baseline on the CPU."""
+
+import json
+
+import yaml
+
+from slimssl.bench import dense_config
+from slimssl.cli import main
+from slimssl.config import config_from_dict
+from slimssl.models.build import build_supernet
+from slimssl.report.profile import count_params
+
+from test_pretrain import tiny
+
+
+def test_dense_baseline_network_is_the_subnet_as_a_standalone_network():
+    cfg = config_from_dict(tiny("byol"))
+    supernet = build_supernet(cfg)
+    for spec in cfg.subnet_menu():
+        dense = build_supernet(dense_config(cfg, spec))
+        assert count_params(dense.export()) == count_params(supernet.export(spec))
+
+
+def test_bench_json_has_every_measurement(tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny("mocov2")))
+    assert main(["bench", "--config", str(path), "--device", "cpu", "--steps", "1", "--warmup", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = [r["what"] for r in rows]
+    assert names[0].startswith("data path") and names[1].startswith("slimmable step (4 sub-networks)")
+    assert sum(n.strip().startswith("dense ") for n in names) == 4
+    assert names[-1].startswith("slimmable / one-by-one") and rows[-1]["img_per_s"] > 0
+    assert all(r["img_per_s"] > 0 and r["device"] == "cpu" for r in rows)
