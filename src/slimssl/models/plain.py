@@ -36,7 +36,8 @@ class PlainResNetConfig:
         return self.out_channels[-1]
 
 
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> tuple[nn.Module, nn.Module]:
+    """A bias-free conv and the BatchNorm after it (the one building block of the ResNet family)."""
     return nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)
 
 
@@ -47,23 +48,32 @@ def has_downsample(block: str, stage: int, index: int) -> bool:
 
 
 class PlainBlock(nn.Module):
-    """Basic (two 3x3) or bottleneck (1x1, 3x3 with the stride as in v1.5, 1x1) residual block."""
+    """Basic (two 3x3) or bottleneck (1x1, 3x3 with the stride as in v1.5, 1x1) residual block.
 
-    def __init__(self, kind: str, cin: int, mid: int, cout: int, stride: int, downsample: bool):
+    ``conv_bn`` builds each conv and its BatchNorm; the slimmable supernet passes slimmable ones and
+    reuses the rest, so the two models share one definition of the block.
+    """
+
+    def __init__(self, kind: str, cin: int, mid: int, cout: int, stride: int, downsample: bool,
+                 conv_bn=_conv_bn):
         super().__init__()
         if kind == "basic":
             shapes = [(cin, mid, 3, stride), (mid, cout, 3, 1)]
         else:
             shapes = [(cin, mid, 1, 1), (mid, mid, 3, stride), (mid, cout, 1, 1)]
         for i, shape in enumerate(shapes, start=1):
-            conv, bn = _conv_bn(*shape)
+            conv, bn = conv_bn(*shape)
             self.add_module(f"conv{i}", conv)
             self.add_module(f"bn{i}", bn)
         self.num_convs = len(shapes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if downsample:
-            self.downsample = nn.Sequential(*_conv_bn(cin, cout, 1, stride))
+            self.downsample = nn.Sequential(*conv_bn(cin, cout, 1, stride))
+
+    @property
+    def last_bn(self) -> nn.Module:
+        return getattr(self, f"bn{self.num_convs}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x

@@ -15,7 +15,7 @@ from torch import nn
 from ..nn.channels import scaled_channels
 from ..nn.layers import SlimBatchNorm, SlimConv2d, SlimmableMixin, SlimState, bind_state
 from ..nn.spec import Menu, SubnetSpec
-from .plain import PlainResNet, PlainResNetConfig, has_downsample
+from .plain import PlainBlock, PlainResNet, PlainResNetConfig, has_downsample
 
 ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -30,33 +30,11 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 NormFactory = Callable[[int, tuple[int, int] | None], SlimBatchNorm]
 
 
-class SlimBlock(nn.Module):
-    def __init__(self, kind: str, cin: int, mid: int, cout: int, stride: int, downsample: bool,
-                 norm: Callable[[int], SlimBatchNorm]):
-        super().__init__()
-        if kind == "basic":
-            shapes = [(cin, mid, 3, stride), (mid, cout, 3, 1)]
-        else:
-            shapes = [(cin, mid, 1, 1), (mid, mid, 3, stride), (mid, cout, 1, 1)]
-        for i, (ci, co, k, s) in enumerate(shapes, start=1):
-            self.add_module(f"conv{i}", SlimConv2d(ci, co, k, s, k // 2, bias=False))
-            self.add_module(f"bn{i}", norm(co))
-        self.num_convs = len(shapes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = nn.Sequential(SlimConv2d(cin, cout, 1, stride, bias=False), norm(cout)) if downsample else None
-
-    @property
-    def last_bn(self) -> SlimBatchNorm:
-        return getattr(self, f"bn{self.num_convs}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x
-        for i in range(1, self.num_convs + 1):
-            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
-            if i < self.num_convs:
-                out = self.relu(out)
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + identity)
+def slim_conv_bn(norm: Callable[[int], SlimBatchNorm]):
+    """The ``conv_bn`` factory of :class:`PlainBlock` for the supernet: slimmable conv, the given BatchNorm."""
+    def build(cin: int, cout: int, kernel: int, stride: int = 1) -> tuple[SlimConv2d, SlimBatchNorm]:
+        return SlimConv2d(cin, cout, kernel, stride, kernel // 2, bias=False), norm(cout)
+    return build
 
 
 class SlimResNet(SlimmableMixin, nn.Module):
@@ -101,9 +79,9 @@ class SlimResNet(SlimmableMixin, nn.Module):
             cout = mid * EXPANSION[block]
             blocks = []
             for i in range(depth):
-                blocks.append(SlimBlock(block, cin, mid, cout, 2 if stage > 0 and i == 0 else 1,
-                                        has_downsample(block, stage, i),
-                                        lambda c, p=(stage, i): norm(c, p)))
+                blocks.append(PlainBlock(block, cin, mid, cout, 2 if stage > 0 and i == 0 else 1,
+                                         has_downsample(block, stage, i),
+                                         slim_conv_bn(lambda c, p=(stage, i): norm(c, p))))
                 cin = cout
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
