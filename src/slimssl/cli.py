@@ -110,7 +110,10 @@ def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slimssl", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="slimssl",
+        description="Slimmable self-supervised pretraining: pretrain one network, use every sub-network. "
+                    "With --json a command prints one JSON document on stdout; logs go to stderr.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -242,8 +242,10 @@ class Trainer:
     def batch_indices(self, step: int) -> torch.Tensor:
         """This process's sample indices at ``step``: a per-epoch permutation from (seed, epoch)."""
         epoch, i = divmod(step, self.steps_per_epoch)
-        gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
-        perm = torch.randperm(len(self.train_data), generator=gen)
+        if getattr(self, "_perm_epoch", None) != epoch:  # one permutation per epoch, not per step
+            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.train_data), generator=gen), epoch
+        perm = self._perm
         start = i * self.cfg.train.batch_size + dist.rank() * self.batch
         return perm[start:start + self.batch]
 
