@@ -4,9 +4,8 @@ import json
 
 import yaml
 
-from slimssl.bench import dense_config
 from slimssl.cli import main
-from slimssl.config import config_from_dict
+from slimssl.config import config_from_dict, standalone_config
 from slimssl.models.build import build_supernet
 from slimssl.report.profile import count_params
 
@@ -17,7 +16,7 @@ def test_dense_baseline_network_is_the_subnet_as_a_standalone_network():
     cfg = config_from_dict(tiny("byol"))
     supernet = build_supernet(cfg)
     for spec in cfg.subnet_menu():
-        dense = build_supernet(dense_config(cfg, spec))
+        dense = build_supernet(standalone_config(cfg, spec))
         assert count_params(dense.export()) == count_params(supernet.export(spec))
 
 

@@ -51,22 +51,8 @@ def _measure(fn, steps: int, warmup: int, device: torch.device) -> tuple[float, 
     return seconds, peak
 
 
-def dense_config(cfg, spec):
-    """A config whose full network is exactly ``spec`` of ``cfg``'s supernet, as a standalone network."""
-    from .config import config_from_dict
-    from .nn.channels import scaled_channels
-
-    data = cfg.model_dump(mode="json")
-    div = cfg.model.channel_divisor
-    data["model"]["base_width"] = scaled_channels(cfg.model.base_width, spec.width, div)
-    data["model"]["depths"] = list(spec.depths)
-    data["menu"] = {"widths": [1.0]}
-    for key in ("proj_hidden", "pred_hidden"):
-        data["method"][key] = scaled_channels(getattr(cfg.method, key), spec.width, div)
-    return config_from_dict(data, f"dense {spec.name}")
-
-
 def run_bench(cfg, steps: int, warmup: int, baseline: bool = True) -> list[dict]:
+    from .config import standalone_config
     from .train.loop import Trainer
 
     rows = []
@@ -81,7 +67,7 @@ def run_bench(cfg, steps: int, warmup: int, baseline: bool = True) -> list[dict]
         del trainer
         total, peaks = 0.0, []
         for spec in cfg.subnet_menu():
-            dense = Trainer(dense_config(cfg, spec), _scratch_dir())
+            dense = Trainer(standalone_config(cfg, spec), _scratch_dir())
             t, peak = _measure(lambda i: dense.train_step(i), steps, warmup, dense.device)
             total += t
             peaks.append(peak or 0.0)

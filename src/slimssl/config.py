@@ -178,6 +178,25 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
                           f"(allowed: {world}, {2 * world}, {3 * world}, ...)")
 
 
+def standalone_config(cfg: Config, spec: SubnetSpec) -> Config:
+    """``spec`` of ``cfg``'s supernet as a network of its own: the same method, data, optimiser and schedule,
+    a menu of one, and no slimming settings (no slow start, distillation or loss re-weighting). Pretraining it
+    is what "the same network trained alone" means in the papers' comparisons and in the one-by-one baseline.
+    """
+    from .nn.channels import scaled_channels
+
+    data = cfg.model_dump(mode="json")
+    div = cfg.model.channel_divisor
+    data["name"] = f"{cfg.name}-alone-{spec.name}"
+    data["model"]["base_width"] = scaled_channels(cfg.model.base_width, spec.width, div)
+    data["model"]["depths"] = list(spec.depths)
+    data["menu"] = {"widths": [1.0]}
+    data["slim"] = {}
+    for key in ("proj_hidden", "pred_hidden"):  # the heads' hidden layers are slimmed with the backbone
+        data["method"][key] = scaled_channels(getattr(cfg.method, key), spec.width, div)
+    return config_from_dict(data, f"{cfg.name} as a standalone {spec.name}")
+
+
 # ---- loading -------------------------------------------------------------------------------------------
 
 PACKAGED = resources.files("slimssl") / "configs"
