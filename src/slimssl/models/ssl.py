@@ -57,5 +57,4 @@ class SSLModel(SlimmableMixin, nn.Module):
         src = [p.detach() for p in online.parameters()]
         dst = list(self.target.parameters())
         torch._foreach_lerp_(dst, src, 1.0 - momentum)
-        for b_dst, b_src in zip(self.target.buffers(), online.buffers()):
-            b_dst.copy_(b_src)
+        torch._foreach_copy_(list(self.target.buffers()), list(online.buffers()))  # one launch, not one per buffer

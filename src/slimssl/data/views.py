@@ -1,0 +1,112 @@
+"""Where a training step's two augmented views come from.
+
+A view source is called with the step number and returns this process's two views, already on the
+training device. It is a pure function of (seed, step): a resumed run sees exactly the batches the
+uninterrupted run would have seen, and every process of a distributed run takes its own rows of one
+global batch.
+
+``InMemoryViews`` holds the decoded uint8 images (on the GPU when they fit, otherwise in pinned host
+memory) and augments each batch with the batched tensor ops of ``augment.py``, so no image is decoded or
+augmented on the CPU during training. ``StreamingViews`` (``stream.py``, ``data.loader: stream``) is for
+datasets that do not fit: loader workers decode and crop, the colour stage runs batched on the device.
+Both follow the same batch order and the same per-step device generator.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from .augment import BatchRows, TwoViewAugment
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from .datasets import ImageDataset
+
+
+class ViewSource(Protocol):
+    """What the Trainer needs from a source of views (``InMemoryViews``, ``StreamingViews``)."""
+
+    steps_per_epoch: int
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def batch_indices(self, step: int) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+GPU_SHARE = 0.25  # keep the decoded images on the GPU when they take at most this share of its free memory
+
+
+class InMemoryViews:
+    def __init__(self, images: torch.Tensor, augment: TwoViewAugment, *, global_batch: int, rank: int,
+                 world: int, seed: int, device: torch.device, channels_last: bool = False):
+        self.augment, self.global_batch, self.seed = augment, global_batch, seed
+        self.batch, self.rank, self.device = global_batch // world, rank, device
+        self.channels_last = channels_last and device.type == "cuda"
+        self.num_images = len(images)
+        self.steps_per_epoch = self.num_images // global_batch
+        self.images = place_images(images, device)
+        self._perm_epoch, self._perm = None, None
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        """This process's sample indices at ``step``: a per-epoch permutation from (seed, epoch)."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._perm_epoch != epoch:  # one permutation per epoch, moved once to where the images are
+            perm = epoch_permutation(self.seed, epoch, self.num_images)
+            self._perm, self._perm_epoch = perm.to(self.images.device), epoch
+        start = i * self.global_batch + self.rank * self.batch
+        return self._perm[start:start + self.batch]
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.images[self.batch_indices(step)].to(self.device, non_blocking=True)
+        # Seeded by (seed, step) only, drawing for the whole global batch and keeping this process's rows:
+        # a sample is augmented the same whatever the number of processes (image work stays per shard).
+        gen = step_generator(self.seed, step, self.device)
+        views = self.augment(images, BatchRows(gen, self.rank * self.batch, self.global_batch))
+        return to_channels_last(views) if self.channels_last else views
+
+    def close(self) -> None:
+        """Nothing to release (the streaming source's workers need this)."""
+
+
+def build_view_source(cfg: Config, augment: TwoViewAugment, train_data: ImageDataset | None, *, rank: int,
+                      world: int, device: torch.device) -> ViewSource:
+    """The view source ``data.loader`` asks for: ``memory`` augments ``train_data`` (decoded by the caller),
+    ``stream`` reads ``data.source`` (an ImageFolder folder or .zip) with ``data.workers`` loader workers."""
+    common = dict(global_batch=cfg.train.batch_size, rank=rank, world=world, seed=cfg.train.seed, device=device,
+                  channels_last=cfg.train.channels_last)
+    if cfg.data.loader == "stream":
+        from .stream import StreamingViews  # late: stream.py imports this module's helpers
+
+        return StreamingViews(cfg.data.source, augment, workers=cfg.data.workers,
+                              skip_unreadable=cfg.data.skip_unreadable, **common)
+    return InMemoryViews(train_data.images, augment, **common)
+
+
+def epoch_permutation(seed: int, epoch: int, num_images: int) -> torch.Tensor:
+    """The order of the images in ``epoch`` (CPU int64): the same for every process and every source."""
+    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
+    return torch.randperm(num_images, generator=gen)
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of a step's on-device augmentation, from (seed, step) only."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 31)
+
+
+def to_channels_last(views: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
+
+
+def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The decoded uint8 images on the GPU when they fit comfortably, so batches never cross PCIe;
+    otherwise pinned host memory, for fast asynchronous copies of each batch."""
+    if device.type != "cuda":
+        return images
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() < GPU_SHARE * free:
+        return images.to(device)
+    return images.pin_memory()
