@@ -7,6 +7,7 @@ setting that silently does nothing.
 from __future__ import annotations
 
 import itertools
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +85,11 @@ class DataConfig(Section):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     skip_unreadable: bool = False
     fake_size: int = Field(256, gt=0)
+    loader: Literal["memory", "stream"] = Field(
+        "memory", description="memory: decode the dataset once into a uint8 tensor (GPU when it fits); stream: "
+        "loader workers decode each step's files (a folder or .zip too large for memory; no kNN while pretraining)")
+    workers: int = Field(default_factory=lambda: min(8, os.cpu_count() or 1), ge=0,
+                         description="loader: stream: decoding worker processes per training process")
 
 
 class OptimConfig(Section):
@@ -108,6 +114,9 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile the forward passes, one graph per sub-network (reduce-overhead: "
+        "also CUDA graphs); the first step of each sub-network pays the compilation")
     sync_bn: bool = Field(False, description="multi-GPU: BatchNorm statistics over the total batch (each "
                           "sub-network's private BatchNorm synchronised separately; needs CUDA)")
     log_every: int = Field(10, gt=0)

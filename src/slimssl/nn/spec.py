@@ -9,7 +9,7 @@ keyed) cannot contain them; ``p`` stands for the decimal point.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 _CANONICAL = re.compile(r"^w(\d+)p(\d+)_d(\d+(?:-\d+)*)$")
@@ -33,6 +33,9 @@ class SubnetSpec:
 
     width: float
     depths: tuple[int, ...]
+    # The canonical text form, e.g. ``w0p75_d2-2-2-2``; computed once, so the forward pass only reads a
+    # string (also what lets torch.compile trace the private-BatchNorm lookup).
+    name: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         width = round(float(self.width), 4)
@@ -43,11 +46,7 @@ class SubnetSpec:
             raise SubnetError(f"every stage needs at least one block, got depths {list(self.depths)}")
         object.__setattr__(self, "width", width)
         object.__setattr__(self, "depths", depths)
-
-    @property
-    def name(self) -> str:
-        """The canonical text form, e.g. ``w0p75_d2-2-2-2``."""
-        return f"w{_format_width(self.width)}_d{'-'.join(map(str, self.depths))}"
+        object.__setattr__(self, "name", f"w{_format_width(width)}_d{'-'.join(map(str, depths))}")
 
     def __str__(self) -> str:
         return self.name

@@ -21,8 +21,9 @@ from torch import nn
 
 from ..checkpoint import check_menu, load_checkpoint, save_checkpoint
 from ..config import Config
-from ..data.augment import BatchRows, TwoViewAugment, recipe
+from ..data.augment import TwoViewAugment, recipe
 from ..data.datasets import DataError, ImageDataset, load_dataset
+from ..data.views import InMemoryViews
 from ..eval.knn import knn_eval_subnets
 from ..methods import build_method
 from ..models.build import build_supernet
@@ -30,6 +31,7 @@ from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
 from ..slim.policy import SlimPolicy
 from . import distributed as dist
+from .compile import compile_forward, step_begins, uses_cuda_graphs
 from .logging import MetricsLogger
 from .optim import build_optimizer, lr_at, scaled_lr
 
@@ -130,6 +132,7 @@ class Trainer:
             self._convert_sync_bn()
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self._compile_forwards()
         self.steps_per_epoch = len(self.train_data) // cfg.train.batch_size
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.policy = SlimPolicy(cfg.slim, self.model.backbone.menu, self.total_steps, cfg.train.seed)
@@ -142,7 +145,9 @@ class Trainer:
         # multi-process: one gradient all-reduce per step, no DDP wrapper (why: train/distributed.py)
         self.grad_sync = dist.GradientSync(self.model.online_parameters())
         self.state = TrainState()
-        self.images = self._place_images()
+        self.view_source = InMemoryViews(self.train_data.images, self.augment, global_batch=cfg.train.batch_size,
+                                         rank=dist.rank(), world=self.world, seed=cfg.train.seed,
+                                         device=self.device, channels_last=cfg.train.channels_last)
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
@@ -165,15 +170,15 @@ class Trainer:
             return None
         return self.train_data, test
 
-    def _place_images(self) -> torch.Tensor:
-        """Keep the decoded uint8 images on the GPU when they fit comfortably, so batches never cross PCIe."""
-        images = self.train_data.images
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if images.numel() < 0.25 * free:
-                return images.to(self.device)
-            return images.pin_memory()
-        return images
+    def _compile_forwards(self) -> None:
+        """train.compile: the online forward specialised per sub-network, the target's once."""
+        mode = self.cfg.train.compile
+        # random sub-networks from the whole space (not only the menu) each get a graph the first time
+        graphs = 64 if self.cfg.slim.random_space == "space" else len(self.model.backbone.menu)
+        self.online_forward = compile_forward(self.model.online, mode, graphs)
+        self.target_forward = compile_forward(self.model.target_forward, mode, 1)
+        # a CUDA-graph output is overwritten by the graph's next replay: keep copies of what outlives it
+        self._keep = (lambda t: t.clone()) if uses_cuda_graphs(mode) else (lambda t: t)
 
     def _convert_sync_bn(self) -> None:
         """train.sync_bn: every private BatchNorm (each sub-network's, heads and target included) becomes a
@@ -239,26 +244,12 @@ class Trainer:
 
     # ---- the step -----------------------------------------------------------------------------------
 
-    def batch_indices(self, step: int) -> torch.Tensor:
-        """This process's sample indices at ``step``: a per-epoch permutation from (seed, epoch)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if getattr(self, "_perm_epoch", None) != epoch:  # one permutation per epoch, not per step
-            gen = torch.Generator().manual_seed(self.cfg.train.seed * 7919 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.train_data), generator=gen), epoch
-        perm = self._perm
-        start = i * self.cfg.train.batch_size + dist.rank() * self.batch
-        return perm[start:start + self.batch]
-
     def views(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.batch_indices(step)
-        images = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
-        # Seeded by (seed, step) only, drawing for the whole global batch and keeping this process's rows:
-        # a sample is augmented the same whatever the number of processes (image work stays per shard).
-        gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step * 31)
-        views = self.augment(images, BatchRows(gen, dist.rank() * self.batch, self.cfg.train.batch_size))
-        if self.device.type == "cuda" and self.cfg.train.channels_last:
-            views = tuple(v.contiguous(memory_format=torch.channels_last) for v in views)
-        return views
+        """This process's two augmented views at ``step``, on the training device."""
+        return self.view_source(step)
+
+    def batch_indices(self, step: int) -> torch.Tensor:
+        return self.view_source.batch_indices(step)
 
     def autocast(self):
         if self.dtype is None:
@@ -279,8 +270,9 @@ class Trainer:
         self.model.train()
         lr = self.set_lr(step)
         v1, v2 = self.views(step)
+        step_begins(self.cfg.train.compile)
         with self.autocast():
-            target = [self.model.target_forward(v1), self.model.target_forward(v2)]
+            target = [self._keep(self.target_forward(v)) for v in (v1, v2)]
         tasks = self.policy.plan(step)
         method, slim = self.model.method, self.cfg.slim
         teacher_out = None
@@ -288,7 +280,7 @@ class Trainer:
         diagnose = self.grad_diagnostics(step)
         for task in tasks:
             with self.model.subnet(task.spec), self.autocast():
-                online = [self.model(v1), self.model(v2)]
+                online = [self._keep(self.online_forward(v)) for v in (v1, v2)]
                 out = method.loss(online, target)
                 loss = out.loss
                 if task.distill:
