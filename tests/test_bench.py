@@ -30,3 +30,13 @@ def test_bench_json_has_every_measurement(tmp_path, capsys):
     assert sum(n.strip().startswith("dense ") for n in names) == 4
     assert names[-1].startswith("slimmable / one-by-one") and rows[-1]["img_per_s"] > 0
     assert all(r["img_per_s"] > 0 and r["device"] == "cpu" for r in rows)
+
+
+def test_busy_fraction_counts_overlapping_kernels_once():
+    from slimssl.bench import busy_fraction
+
+    assert busy_fraction([], 100.0) == 0.0
+    assert busy_fraction([(0, 10), (20, 30)], 100.0) == 0.2
+    assert busy_fraction([(0, 10), (5, 15), (12, 14)], 100.0) == 0.15  # overlaps count once
+    assert busy_fraction([(30, 40), (0, 50)], 100.0) == 0.5  # order does not matter
+    assert busy_fraction([(0, 300)], 100.0) == 1.0  # never above 100%

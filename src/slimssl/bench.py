@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -35,8 +36,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(fn, steps: int, warmup: int, device: torch.device) -> tuple[float, float | None]:
-    """Seconds per call of ``fn`` and peak GPU memory in GiB (None on the CPU)."""
+@dataclass
+class Measurement:
+    seconds: float  # per call
+    peak_gib: float | None  # peak GPU memory (None on the CPU)
+    gpu_busy: float | None  # share of the wall time the GPU spends running kernels (None on the CPU)
+
+
+def _measure(fn, steps: int, warmup: int, device: torch.device) -> Measurement:
+    """Time ``steps`` calls of ``fn(i)`` after ``warmup`` calls; on CUDA also the peak memory and, from a
+    second, profiled pass, how busy the GPU was (kernel time over the unprofiled wall time)."""
     for i in range(warmup):
         fn(i)
     _sync(device)
@@ -47,8 +56,34 @@ def _measure(fn, steps: int, warmup: int, device: torch.device) -> tuple[float, 
         fn(i)
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return seconds, peak
+    if device.type != "cuda":
+        return Measurement(seconds, None, None)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    kernels = _kernel_intervals(fn, range(warmup + steps, warmup + 2 * steps), device)
+    return Measurement(seconds, peak, busy_fraction(kernels, seconds * steps * 1e6))
+
+
+def _kernel_intervals(fn, calls, device: torch.device) -> list[tuple[float, float]]:
+    """(start, end) in microseconds of every GPU kernel and copy run by ``fn`` over ``calls``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in calls:
+            fn(i)
+        _sync(device)
+    return [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+
+def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float:
+    """The share of ``wall_us`` covered by the union of ``intervals`` (kernels on several streams may
+    overlap; overlapping time counts once)."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return min(1.0, covered / wall_us) if wall_us > 0 else 0.0
 
 
 def run_bench(cfg, steps: int, warmup: int, baseline: bool = True) -> list[dict]:
@@ -58,26 +93,30 @@ def run_bench(cfg, steps: int, warmup: int, baseline: bool = True) -> list[dict]
     rows = []
     trainer = Trainer(cfg, _scratch_dir())
     device, batch = trainer.device, cfg.train.batch_size
-    t, peak = _measure(lambda i: trainer.views(i), steps, warmup, device)
-    rows.append({"what": "data path (two augmented views)", "img_per_s": batch / t, "peak_gib": peak})
-    t_slim, peak = _measure(lambda i: trainer.train_step(i), steps, warmup, device)
+
+    def row(what: str, m: Measurement) -> dict:
+        return {"what": what, "img_per_s": batch / m.seconds, "peak_gib": m.peak_gib, "gpu_busy": m.gpu_busy}
+
+    rows.append(row("data path (two augmented views)", _measure(trainer.views, steps, warmup, device)))
+    slim = _measure(trainer.train_step, steps, warmup, device)
     n = len(trainer.policy.draw(warmup))
-    rows.append({"what": f"slimmable step ({n} sub-networks)", "img_per_s": batch / t_slim, "peak_gib": peak})
+    rows.append(row(f"slimmable step ({n} sub-networks)", slim))
     if baseline:
         del trainer
-        total, peaks = 0.0, []
+        dense_rows = []
         for spec in cfg.subnet_menu():
             dense = Trainer(standalone_config(cfg, spec), _scratch_dir())
-            t, peak = _measure(lambda i: dense.train_step(i), steps, warmup, dense.device)
-            total += t
-            peaks.append(peak or 0.0)
-            rows.append({"what": f"  dense {spec.name}", "img_per_s": batch / t, "peak_gib": peak})
+            dense_rows.append(row(f"  dense {spec.name}", _measure(dense.train_step, steps, warmup, device)))
             del dense
+        total = sum(batch / r["img_per_s"] for r in dense_rows)
+        rows += dense_rows
+        peaks = [r["peak_gib"] for r in dense_rows if r["peak_gib"] is not None]
         rows.append({"what": "one-by-one baseline (sum of dense steps)", "img_per_s": batch / total,
-                     "peak_gib": max(peaks) if device.type == "cuda" else None})
-        rows.append({"what": "slimmable / one-by-one speed ratio", "img_per_s": total / t_slim, "peak_gib": None})
-    for row in rows:
-        row.update(device=str(device), batch=batch)
+                     "peak_gib": max(peaks) if peaks else None, "gpu_busy": None})
+        rows.append({"what": "slimmable / one-by-one speed ratio", "img_per_s": total / slim.seconds,
+                     "peak_gib": None, "gpu_busy": None})
+    for r in rows:
+        r.update(device=str(device), batch=batch)
     return rows
 
 
@@ -98,11 +137,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     batch = args.batch_size or cfg.train.batch_size
     cfg = load_config(args.config, [*sets, f"train.batch_size={batch}", f"data.fake_size={batch}"])
     rows = run_bench(cfg, args.steps, args.warmup, baseline=not args.no_baseline)
-    lines = ["| measurement | img/s | peak GPU GiB |", "|---|---|---|"]
+    lines = ["| measurement | img/s | peak GPU GiB | GPU busy |", "|---|---|---|---|"]
     for r in rows:
         value = f"{r['img_per_s']:.2f}x" if "ratio" in r["what"] else f"{r['img_per_s']:,.0f}"
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        lines.append(f"| {r['what']} | {value} | {peak} |")
+        busy = "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
+        lines.append(f"| {r['what']} | {value} | {peak} | {busy} |")
     header = f"{cfg.name}: batch {batch}, {rows[0]['device']}, torch {torch.__version__}"
     _emit(args, rows, header + "\n" + "\n".join(lines))
     return 0
