@@ -488,7 +488,9 @@ def test_pretrain_refuses_a_directory_holding_a_run(tmp_path, saved_run, capsys,
 
 def test_failing_resume_keeps_the_checkpoint(tmp_path, saved_run, capsys, caplog):
     run, before = saved_run
+    (run / "config.yaml").write_text("# the run's config as saved\n")
     assert main(["pretrain", "--resume", str(run), "--data", str(tmp_path / "missing")]) == 2
+    assert (run / "config.yaml").read_text() == "# the run's config as saved\n"
     assert "missing" in error_text(capsys, caplog)
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.pt"]

@@ -66,9 +66,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         check_processes(cfg, dist.world_size(), str(last) if args.resume is not None else args.config or "demo")
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(lr_header(cfg, dist.world_size()) + cfg.to_yaml())
         log.info("run directory: %s", run_dir)
         trainer = Trainer(cfg, run_dir, resume=args.resume is not None)
+        if dist.is_main():  # only once the run is set up (a failed resume leaves the saved run untouched)
+            (run_dir / "config.yaml").write_text(lr_header(cfg, dist.world_size()) + cfg.to_yaml())
         try:
             results = trainer.fit(args.max_steps)
         except Interrupted as e:
