@@ -406,13 +406,16 @@ def _checkpoint(path: Path, data: dict | None = None, **extra) -> Path:
 
 
 @pytest.mark.parametrize("command", [
-    ["finetune", "CK", "--subnet", "0.3", "--label-fraction", "0.1", "--device", "cpu", "--no-save"],
+    # the sub-network is checked before the data is read: the bad --data is never reached
+    ["finetune", "CK", "--subnet", "0.3", "--label-fraction", "0.1", "--device", "cpu", "--no-save",
+     "--data", "MISSING"],
     ["export", "CK", "--subnet", "0.3", "--out", "OUT"],
 ])
 def test_subnet_outside_private_bn_menu_exits_2(tmp_path, capsys, caplog, command):
     ck = _checkpoint(tmp_path / "ck.pt")
     out = tmp_path / "out"
-    argv = [str(ck) if a == "CK" else str(out) if a == "OUT" else a for a in command]
+    named = {"CK": ck, "OUT": out, "MISSING": tmp_path / "no-such-folder"}
+    argv = [str(named.get(a, a)) for a in command]
     assert main(argv) == 2
     text = error_text(capsys, caplog)
     assert "w0p3_d1-1-1-1" in text and FULL in text and HALF in text

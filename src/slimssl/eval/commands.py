@@ -53,16 +53,27 @@ def _load_split(source: str, split: str, cfg):
     return ds
 
 
-def _setup(args: argparse.Namespace):
-    """Supernet (eval mode, on the device), config, device, data source and its train/test splits."""
+def _load_model(args: argparse.Namespace):
+    """Supernet (eval mode, on the device), its config and the device."""
     from ..checkpoint import load_supernet
 
     supernet, cfg = load_supernet(args.checkpoint)
     device = _device(args.device)
+    return supernet.to(device).eval(), cfg, device
+
+
+def _load_data(args: argparse.Namespace, cfg):
+    """The data source and its train/test splits."""
     source = args.data or cfg.data.source
     train, test = _load_split(source, "train", cfg), _load_split(source, "test", cfg)
     log.info("data %s: %d train, %d test images", source, len(train), len(test))
-    return supernet.to(device).eval(), cfg, device, source, train, test
+    return source, train, test
+
+
+def _setup(args: argparse.Namespace):
+    """Supernet, config, device, data source and its train/test splits."""
+    supernet, cfg, device = _load_model(args)
+    return (supernet, cfg, device, *_load_data(args, cfg))
 
 
 def _cost_rows(supernet, resolution: int) -> dict[str, dict]:
@@ -170,8 +181,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     if not 0.0 < args.label_fraction <= 1.0:
         raise UsageError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
-    supernet, cfg, device, source, train, test = _setup(args)
-    spec = supernet.resolve(args.subnet)
+    supernet, cfg, device = _load_model(args)
+    spec = supernet.resolve(args.subnet)  # an impossible sub-network fails before any data is decoded
+    source, train, test = _load_data(args, cfg)
     bs = args.eval_batch_size or cfg.eval.batch_size
     result = finetune_subnet(supernet, spec, train, test, label_fraction=args.label_fraction, seed=args.seed,
                              epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
