@@ -1,0 +1,60 @@
+"""What only a GPU can check: no host synchronisation in the training step, bf16 autocast, and compiled
+steps with CUDA graphs. Skipped without CUDA (CI has none); run with ``python -m pytest tests/test_cuda.py``
+on a GPU machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimssl.config import config_from_dict
+from slimssl.train.loop import Trainer
+
+from test_pretrain import tiny
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _cuda_cfg(method: str, **train):
+    return config_from_dict(tiny(method, train={"device": "cuda", "precision": "bf16", "batch_size": 16,
+                                                **train}))
+
+
+@pytest.mark.parametrize("method", ["byol", "mocov2", "mocov3"])
+def test_training_step_never_synchronises_with_the_host(tmp_path, method):
+    trainer = Trainer(_cuda_cfg(method), tmp_path)
+    trainer.train_step(0)  # first step: lazy initialisation (optimizer state, cuDNN plans) may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in (1, 2):
+            trainer.train_step(step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("method", ["byol", "mocov3"])
+def test_bf16_steps_keep_fp32_weights_and_finite_losses(tmp_path, method):
+    trainer = Trainer(_cuda_cfg(method), tmp_path)
+    for step in range(3):
+        losses = trainer.train_step(step)
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_steps_follow_eager_steps(tmp_path, mode):
+    def run(compile_mode):
+        torch._dynamo.reset()
+        cfg = config_from_dict(tiny("byol", widths=[1.0, 0.5], train={
+            "device": "cuda", "precision": "fp32", "batch_size": 16, "compile": compile_mode}))
+        trainer = Trainer(cfg, tmp_path / compile_mode)
+        losses = [trainer.train_step(step) for step in range(3)]
+        return [{k: float(v) for k, v in step.items()} for step in losses]
+
+    eager, compiled = run("off"), run(mode)
+    for a, b in zip(eager, compiled):  # inductor's kernels round differently: close, not equal
+        assert a.keys() == b.keys()
+        assert all(abs(a[k] - b[k]) < 1e-2 * max(1.0, abs(a[k])) for k in a), (a, b)
