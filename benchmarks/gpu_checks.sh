@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checks and throughput numbers of docs/benchmarks.md, in one command (about 8 minutes on one H100).
+# Run from the repository root on a machine with one CUDA GPU and PyTorch installed:
+#   bash benchmarks/gpu_checks.sh [OUT_DIR]
+# Each table is printed and saved under OUT_DIR (default: $OUT, else bench-out/).
+set -uo pipefail
+out="${1:-${OUT:-bench-out}}"
+mkdir -p "$out"
+python -m pip install -q -e . --no-deps 2>/dev/null || python -m pip install -q -e .
+
+step() { echo; echo "== $1"; }
+step "environment"
+python - <<'PY' | tee "$out/environment.txt"
+import platform, torch
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}")
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
+PY
+
+step "GPU tests: no host sync in the step, bf16, compiled steps"
+python -m pytest -q tests/test_cuda.py 2>&1 | tail -5 | tee "$out/test_cuda.txt"
+
+bench() {  # name, then slimssl bench arguments
+    local name="$1"; shift
+    step "bench $name"
+    slimssl bench --device cuda "$@" 2>"$out/$name.log" | tee "$out/$name.md"
+}
+bench r18_cifar_eager --config cifar10_r18_dspnet_byol --steps 30 --warmup 5
+bench r18_cifar_compiled --config cifar10_r18_dspnet_byol --steps 30 --warmup 5 --set train.compile=reduce-overhead
+bench r50_224_eager --config imagenet_r50_dspnet_byol --steps 10 --warmup 3 --batch-size 128
