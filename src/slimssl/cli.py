@@ -149,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.command import register as register_pretrain
 
     from .bench import register as register_bench
+    from .reproduce import register as register_reproduce
 
     register_pretrain(sub)
     register_eval(sub)
     register_bench(sub)
+    register_reproduce(sub)
     return parser
 
 

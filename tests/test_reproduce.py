@@ -1,0 +1,151 @@
+"""``slimssl reproduce`` on tiny networks and fake data: the report, resuming across calls, refused mismatches."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from slimssl.checkpoint import load_checkpoint
+from slimssl.cli import main
+from slimssl.config import load_config
+from slimssl.reproduce import EXIT_CONTINUE, TIME_RATIO_GOAL, config_differences, goals
+
+RECIPES = ["cifar10_r18_dspnet_byol", "cifar10_r18_slimclr_mocov2"]
+MENU = ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
+EPOCHS = 2
+STEPS = EPOCHS * 32 // 8  # fake_size 32, batch 8
+TINY = ["model.depths=[1,1,1,1]", "model.base_width=4", "menu.widths=[1.0,0.5]", "method.proj_hidden=32",
+        "method.proj_dim=16", "method.pred_hidden=32", "method.queue_size=64", "data.resolution=8",
+        "data.fake_size=32", "train.precision=fp32", "train.log_every=1", "eval.knn_k=5", "eval.batch_size=32"]
+
+
+def reproduce(out: Path, recipes=RECIPES, epochs: int = EPOCHS, extra=()) -> int:
+    args = ["reproduce", "--recipes", ",".join(recipes), "--out", str(out), "--data", "fake", "--device", "cpu",
+            "--epochs", str(epochs), "--batch-size", "8", "--probe-epochs", "2", *extra]
+    for assignment in TINY:
+        args += ["--set", assignment]
+    return main(args)
+
+
+def run_dirs(out: Path, recipe: str) -> list[Path]:
+    return [out / recipe / "slim", *(out / recipe / f"alone-{name}" for name in MENU)]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """Both recipes reproduced in one call without a time budget."""
+    out = tmp_path_factory.mktemp("straight")
+    assert reproduce(out) == 0
+    return out
+
+
+def test_full_reproduction_writes_the_comparison(straight, capsys):
+    doc = json.loads((straight / "reproduction.json").read_text())
+    assert doc["complete"] and [r["recipe"] for r in doc["recipes"]] == RECIPES
+    assert doc["software"]["torch"] == torch.__version__ and doc["devices"]
+    for recipe in doc["recipes"]:
+        assert [row["subnet"] for row in recipe["rows"]] == MENU
+        for row in recipe["rows"]:
+            assert row["params"] > 0 and row["macs"] > 0
+            for key in ("knn_slim", "knn_alone", "linear_slim", "linear_alone"):
+                assert 0 <= row[key] <= 100, (recipe["recipe"], row["subnet"], key)
+            assert row["knn_delta"] == pytest.approx(row["knn_slim"] - row["knn_alone"])
+        t = recipe["time"]
+        assert t["slim_pretrain_seconds"] > 0 and t["alone_pretrain_seconds"] > 0
+        assert t["ratio"] == pytest.approx(t["slim_pretrain_seconds"] / t["alone_pretrain_seconds"])
+        assert len(recipe["goals"]) == 2 * len(MENU) + 1 and all(g["held"] is not None for g in recipe["goals"])
+        # every run is an ordinary run directory: config, checkpoint, results with kNN and the probe
+        for run in run_dirs(straight, recipe["recipe"]):
+            assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.pt").is_file()
+            assert not list((run / "checkpoints").glob("epoch_*.pt"))
+            results = json.loads((run / "results.json").read_text())
+            assert results["steps"] == STEPS and results["protocols"]["linear"]["epochs"] == 2
+            timing = json.loads((run / "timing.json").read_text())
+            assert timing["step"] == STEPS and timing["chunks"] == EPOCHS and timing["pretrain_seconds"] > 0
+    text = (straight / "reproduction.md").read_text()
+    assert "| subnet | params | MACs | kNN slim | kNN alone | Δ | linear slim | linear alone | Δ |" in text
+    assert f"goal: at most {TIME_RATIO_GOAL:.2f}" in text
+    assert len(list(straight.glob("*_vs_macs.png"))) == 2 * len(RECIPES)
+
+    # again on the finished folder: nothing retrained, the report rewritten
+    ckpt = straight / RECIPES[0] / "slim" / "checkpoints" / "last.pt"
+    before = ckpt.stat().st_mtime_ns
+    capsys.readouterr()
+    assert reproduce(straight, extra=["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipes"][0]["rows"] == doc["recipes"][0]["rows"]
+    assert ckpt.stat().st_mtime_ns == before
+
+
+def test_resume_across_calls_matches_a_straight_run(straight, tmp_path, capsys):
+    recipe = RECIPES[1]  # MoCo v2 with slow start: a queue and a schedule that must continue exactly
+    out = tmp_path / "resumed"
+    assert reproduce(out, [recipe], extra=["--time-budget", "0", "--json"]) == EXIT_CONTINUE
+    status = json.loads(capsys.readouterr().out)
+    assert status == {"complete": False, "jobs_done": 0, "jobs_total": 3,
+                      "jobs": [{"run": f"{recipe}/{d.name}", "pretrained": False} for d in run_dirs(out, recipe)]}
+    slim = out / recipe / "slim"
+    assert load_checkpoint(slim)["train_state"]["step"] == STEPS // EPOCHS  # one epoch: one unit of work
+    calls, code = 1, EXIT_CONTINUE
+    while code == EXIT_CONTINUE and calls < 20:
+        code = reproduce(out, [recipe], extra=["--time-budget", "0"])
+        calls += 1
+    assert code == 0
+    assert calls == 3 * (EPOCHS + 1)  # per run: an epoch per call, then the probe
+    for resumed, reference in zip(run_dirs(out, recipe), run_dirs(straight, recipe)):
+        a, b = load_checkpoint(resumed), load_checkpoint(reference)
+        assert a["train_state"]["step"] == b["train_state"]["step"] == STEPS
+        differ = [k for k in b["model"] if not torch.equal(a["model"][k], b["model"][k])]
+        assert not differ, f"{resumed.name} differs from the straight run in {differ[:5]}"
+        assert json.loads((resumed / "timing.json").read_text())["chunks"] == EPOCHS
+    rows = json.loads((out / "reproduction.json").read_text())["recipes"][0]["rows"]
+    reference = json.loads((straight / "reproduction.json").read_text())["recipes"][1]["rows"]
+    assert [r["subnet"] for r in rows] == MENU
+    for got, want in zip(rows, reference):
+        for key in ("knn_slim", "knn_alone", "linear_slim", "linear_alone"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (got["subnet"], key)
+
+
+def test_other_settings_on_an_existing_folder_are_refused(straight, capsys, caplog):
+    with caplog.at_level(logging.ERROR, logger="slimssl"):
+        assert reproduce(straight, epochs=EPOCHS + 1) == 2
+    message = capsys.readouterr().err + caplog.text
+    assert "train.epochs: saved 2, now 3" in message and str(straight / RECIPES[0] / "slim") in message
+
+
+def test_only_machine_dependent_defaults_may_differ_on_resume():
+    saved = load_config(RECIPES[0], ["data.workers=8"])
+    assert config_differences(saved, load_config(RECIPES[0], ["data.workers=2"])) == []
+    assert config_differences(saved, load_config(RECIPES[0], ["data.workers=2", "train.batch_size=256"])) == [
+        "train.batch_size: saved 512, now 256"]
+
+
+def test_goals_say_by_how_much_they_miss():
+    rows = [{"subnet": "w1p0", "knn_slim": 89.0, "knn_alone": 90.5, "linear_slim": 92.0, "linear_alone": 92.5},
+            {"subnet": "w0p5", "knn_slim": 80.0, "knn_alone": 81.0, "linear_slim": 88.0, "linear_alone": 87.0}]
+    result = {(g["goal"].split(":")[0], g["subnet"]): g for g in goals(rows, 0.7)}
+    assert result[("knn", "w1p0")]["held"] is False and result[("knn", "w1p0")]["short_by"] == pytest.approx(0.5)
+    assert result[("linear", "w1p0")]["held"] is True and result[("linear", "w1p0")]["short_by"] == 0
+    assert result[("knn", "w0p5")]["short_by"] == pytest.approx(1.0)
+    assert result[("linear", "w0p5")]["held"] is True
+    time_goal = result[(f"pretraining time slimmable / one-by-one <= {TIME_RATIO_GOAL:.2f}", None)]
+    assert time_goal["held"] is False and time_goal["short_by"] == pytest.approx(0.1)
+    assert goals(rows, None)[-1]["held"] is None  # not measured is not "held"
+
+
+def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
+    import slimssl.report.plot as plot
+    from slimssl.reproduce import plot_recipe
+
+    def no_matplotlib(*args, **kwargs):
+        raise plot.PlotError("plotting needs matplotlib: pip install 'slimssl[plot]'")
+
+    monkeypatch.setattr(plot, "_figure", no_matplotlib)
+    rows = [{"subnet": "w1p0", "macs": 100, "knn_slim": 50.0, "knn_alone": 51.0, "linear_slim": 60.0,
+             "linear_alone": 61.0}]
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert plot_recipe({"recipe": "r", "rows": rows}, tmp_path) == []
+    assert "needs matplotlib" in caplog.text and not list(tmp_path.iterdir())
