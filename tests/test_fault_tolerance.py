@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -221,7 +222,7 @@ def test_sigterm_subprocess_exits_3_and_resume_continues_exactly(tmp_path, caplo
 def test_nan_loss_names_subnet_and_steps_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, weights):
     # log_every 3 does not divide the 4-step epoch: a NaN at step 6 (0-based; the first log is after step 2,
     # the next after step 5) is only seen at the epoch end, after step 7, which must check before it saves.
-    cfg = config_from_dict(tiny(train={"log_every": 3}))
+    cfg = config_from_dict(tiny(train={"log_every": 3, "checkpoint_every": 1}))
     trainer = Trainer(cfg, tmp_path)
     poison_loss(monkeypatch, trainer, bad_steps=range(6, 12), subnet_index=1, weights=weights)
     with pytest.raises(NonFiniteLossError) as err:
@@ -234,6 +235,7 @@ def test_nan_loss_names_subnet_and_steps_and_keeps_last_good_checkpoint(tmp_path
     data = load_checkpoint(tmp_path)
     assert data["train_state"]["step"] == 4  # the end of epoch 1, before the NaN
     assert all_finite(data["model"])
+    assert (tmp_path / "checkpoints" / "epoch_0001.pt").exists()
     assert not (tmp_path / "checkpoints" / "epoch_0002.pt").exists()
 
 
@@ -258,6 +260,9 @@ def test_nonfinite_skip_skips_and_counts(tmp_path, monkeypatch, caplog):
     assert json.loads((tmp_path / "results.json").read_text())["skipped_steps"] == 2
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("skipped_steps", 0) for r in records if "loss" in r][:5] == [0, 0, 1, 2, 2]
+    # a skipped step's NaN never reaches the logged means (log_every=1: those records have no losses)
+    assert [bool(r["loss"]) for r in records if "loss" in r][:5] == [True, True, False, False, True]
+    assert all(math.isfinite(v) for r in records if "loss" in r for v in r["loss"].values())
     assert "step 3: non-finite loss, step skipped (2 so far)" in caplog.text
     assert all_finite(model_state(tmp_path))
 

@@ -120,7 +120,8 @@ class TrainConfig(Section):
     sync_bn: bool = Field(False, description="multi-GPU: BatchNorm statistics over the total batch (each "
                           "sub-network's private BatchNorm synchronised separately; needs CUDA)")
     log_every: int = Field(10, gt=0)
-    checkpoint_every: int = Field(1, ge=0, description="epochs between kept checkpoints (last.pt is always kept)")
+    checkpoint_every: int = Field(0, ge=0, description="epochs between kept epoch_XXXX.pt checkpoints (0: none; "
+                                  "last.pt is written every epoch regardless). A ResNet-18 checkpoint is ~180 MiB")
     knn_every: int = Field(0, ge=0, description="epochs between online kNN evaluations (0: only at the end)")
     grad_diagnostics_every: int = Field(
         0, ge=0, description="steps between SlimCLR gradient-imbalance records in metrics.jsonl (0: off)")

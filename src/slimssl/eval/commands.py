@@ -44,7 +44,7 @@ def _load_split(source: str, split: str, cfg):
 
     try:
         ds = load_dataset(source, split, resolution=cfg.data.resolution, fake_size=cfg.data.fake_size,
-                          skip_unreadable=cfg.data.skip_unreadable)
+                          skip_unreadable=cfg.data.skip_unreadable, seed=cfg.train.seed)  # fake data as trained
     except ValueError as e:  # DataError: names the path and what was expected
         raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
     if ds.labels is None:
