@@ -132,7 +132,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .config import load_config
 
     # steady state: every sub-network runs (no slow start), synthetic data, no kNN
-    sets = [*args.set, "data.source=fake", f"train.device={args.device}", "slim.slow_start=0.0"]
+    sets = [*args.set, "data.source=fake", "data.loader=memory", f"train.device={args.device}",
+            "slim.slow_start=0.0"]
     cfg = load_config(args.config, sets)
     batch = args.batch_size or cfg.train.batch_size
     cfg = load_config(args.config, [*sets, f"train.batch_size={batch}", f"data.fake_size={batch}"])

@@ -7,7 +7,6 @@ setting that silently does nothing.
 from __future__ import annotations
 
 import itertools
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -88,8 +87,8 @@ class DataConfig(Section):
     loader: Literal["memory", "stream"] = Field(
         "memory", description="memory: decode the dataset once into a uint8 tensor (GPU when it fits); stream: "
         "loader workers decode each step's files (a folder or .zip too large for memory; no kNN while pretraining)")
-    workers: int = Field(default_factory=lambda: min(8, os.cpu_count() or 1), ge=0,
-                         description="loader: stream: decoding worker processes per training process")
+    workers: int | None = Field(None, ge=0, description="loader: stream: decoding worker processes per training "
+                                "process (default: the machine's CPU count, at most 8, decided when the run starts)")
 
 
 class OptimConfig(Section):

@@ -9,6 +9,11 @@ Python loop and no host synchronisation (.item(), data-dependent masking).
 The ops follow torchvision's definitions (RandomResizedCrop, ColorJitter in a
 random order, RandomGrayscale, GaussianBlur, RandomSolarize), but work in
 float32 in [0, 1] without rounding to uint8 between ops.
+
+A view is two stages: geometry (``geometric_view``: resized crop and flip)
+and colour (``colour_view``). The streaming loader crops in its workers at
+full decoded resolution and runs only ``photometric_view`` (flip + colour)
+batched on the device.
 """
 
 from __future__ import annotations
@@ -80,6 +85,13 @@ class TwoViewAugment:
         one, two = (augment_view(x, view, self.size, generator) for view in self.views)
         return _normalize(one, self.mean, self.std), _normalize(two, self.mean, self.std)
 
+    def photometric(self, first: torch.Tensor, second: torch.Tensor,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The second stage only, for views cropped and resized elsewhere (the streaming loader's
+        workers): uint8 [B,3,size,size] per view -> two normalised float32 views."""
+        one, two = (photometric_view(_to_float(x), view, generator) for x, view in zip((first, second), self.views))
+        return _normalize(one, self.mean, self.std), _normalize(two, self.mean, self.std)
+
 
 def eval_transform(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """No augmentation: shorter side to ``size``, center crop, normalise."""
@@ -95,11 +107,31 @@ def eval_transform(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAG
 
 
 def augment_view(x: torch.Tensor, view: ViewRecipe, size: int, generator: torch.Generator) -> torch.Tensor:
-    """One augmented view of float [B,3,H,W] in [0,1], un-normalised, in [0,1]."""
+    """One augmented view of float [B,3,H,W] in [0,1], un-normalised, in [0,1]: both stages."""
+    return colour_view(geometric_view(x, view, size, generator), view, generator)
+
+
+def geometric_view(x: torch.Tensor, view: ViewRecipe, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Stage one: RandomResizedCrop to size x size and the horizontal flip, in one sampling pass."""
     b = x.shape[0]
     boxes = sample_crop_boxes(b, x.shape[-2], x.shape[-1], view.crop_scale, view.crop_ratio, generator, x.device)
     flip = _coin(b, view.flip_p, generator, x.device)
-    x = _resized_crop(x, boxes, flip, size)
+    return _resized_crop(x, boxes, flip, size)
+
+
+def photometric_view(x: torch.Tensor, view: ViewRecipe, generator: torch.Generator) -> torch.Tensor:
+    """Stage two for views already cropped and resized elsewhere: the flip, then the colour ops.
+
+    Draws in the order ``augment_view`` draws after its crop boxes (flip first), so the two paths
+    share one random stream layout.
+    """
+    flip = _coin(x.shape[0], view.flip_p, generator, x.device)
+    return colour_view(_maybe(x, flip, x.flip(-1)), view, generator)
+
+
+def colour_view(x: torch.Tensor, view: ViewRecipe, generator: torch.Generator) -> torch.Tensor:
+    """Colour jitter, grayscale, blur and solarize, each with per-sample parameters."""
+    b = x.shape[0]
     x = _maybe(x, _coin(b, view.jitter_p, generator, x.device), _color_jitter(x, view, generator))
     x = _maybe(x, _coin(b, view.grayscale_p, generator, x.device), _grayscale(x))
     x = _random_blur(x, view, generator)

@@ -14,6 +14,8 @@ Both follow the same batch order and the same per-step device generator.
 
 from __future__ import annotations
 
+import os
+
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -81,7 +83,7 @@ def build_view_source(cfg: Config, augment: TwoViewAugment, train_data: ImageDat
     if cfg.data.loader == "stream":
         from .stream import StreamingViews  # late: stream.py imports this module's helpers
 
-        return StreamingViews(cfg.data.source, augment, workers=cfg.data.workers,
+        return StreamingViews(cfg.data.source, augment, workers=default_workers() if cfg.data.workers is None else cfg.data.workers,
                               skip_unreadable=cfg.data.skip_unreadable, **common)
     return InMemoryViews(train_data.images, augment, **common)
 
@@ -110,3 +112,9 @@ def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     if images.numel() < GPU_SHARE * free:
         return images.to(device)
     return images.pin_memory()
+
+
+def default_workers() -> int:
+    """Loader workers when ``data.workers`` is unset: this machine's CPU count, at most 8 (not saved in the
+    run's config, so a run resumed on another machine uses that machine's)."""
+    return min(8, os.cpu_count() or 1)

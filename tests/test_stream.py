@@ -1,0 +1,257 @@
+"""The streaming view source (data.loader: stream): same interface, batches and determinism as the in-memory
+one, views with the same statistics, named errors for bad files, and a Trainer that runs and resumes on it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slimssl.config import config_from_dict
+from slimssl.data.augment import TwoViewAugment, recipe
+from slimssl.data.datasets import DataError
+from slimssl.data.stream import StreamingViews, crop_pair, decode_image, full_detail_side, sample_generator
+from slimssl.data.views import InMemoryViews
+from slimssl.train.loop import Trainer
+from test_pretrain import tiny
+
+CPU = torch.device("cpu")
+RES = 16
+SIZES = [(16, 16), (40, 24), (20, 36), (64, 48), (30, 30), (17, 50)]  # (width, height): larger and other shapes
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSSL_CACHE", str(tmp_path / "cache"))
+
+
+def _pattern(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Structured uint8 [n, H, W, 3] images: a colour gradient plus a coloured square, so crops matter."""
+    g = np.random.default_rng(seed)
+    ramp_x, ramp_y = np.linspace(0, 1, width)[None, :, None], np.linspace(0, 1, height)[:, None, None]
+    out = []
+    for _ in range(n):
+        img = (g.random(3) * ramp_x + g.random(3) * ramp_y) / 2
+        img[height // 4: height // 2, width // 3: 2 * width // 3] = g.random(3)
+        out.append(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _tree(root, n: int = 24, sizes=SIZES):
+    """An ImageFolder of PNGs (two classes) of mixed sizes and aspect ratios."""
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        path = root / ("cat" if i % 2 else "dog") / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_pattern(1, h, w, seed=i)[0]).save(path)
+    return root
+
+
+def _augment(res: int = RES) -> TwoViewAugment:
+    return TwoViewAugment(recipe("byol", res), res)
+
+
+def _stream(source, batch: int = 8, rank: int = 0, world: int = 1, workers: int = 0, **kw) -> StreamingViews:
+    return StreamingViews(str(source), kw.pop("augment", _augment()), global_batch=batch, rank=rank, world=world,
+                          seed=kw.pop("seed", 3), device=CPU, workers=workers, **kw)
+
+
+def _equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_views_are_deterministic_across_workers_and_call_order(tmp_path):
+    root = _tree(tmp_path / "data")
+    solo = _stream(root, workers=0)
+    v1 = solo(1)
+    assert len(v1) == 2 and all(v.shape == (8, 3, RES, RES) and v.dtype == torch.float32 for v in v1)
+    assert not torch.equal(v1[0], v1[1]) and not torch.equal(v1[0], solo(2)[0])
+    assert solo.steps_per_epoch == 3
+    pool = _stream(root, workers=2)
+    try:
+        after_skip = (pool(3), pool(1))  # out of order: the prefetching iterator restarts
+        in_order = [pool(2), pool(3), pool(4)]  # then prefetched in order, across the epoch boundary
+    finally:
+        pool.close()
+    fresh = _stream(root, workers=0)
+    assert _equal(after_skip[1], fresh(1)) and _equal(after_skip[0], fresh(3))
+    assert _equal(in_order[0], fresh(2)) and _equal(in_order[2], fresh(4))
+    assert _equal(_stream(root, workers=0)(1), v1)
+
+
+def test_batch_indices_match_in_memory(tmp_path):
+    root = _tree(tmp_path / "data", n=20)
+    stream = _stream(root, batch=6, rank=1, world=2)
+    memory = InMemoryViews(torch.zeros(20, 3, 4, 4, dtype=torch.uint8), _augment(), global_batch=6, rank=1,
+                           world=2, seed=3, device=CPU)
+    assert stream.steps_per_epoch == memory.steps_per_epoch == 3
+    for step in range(8):  # across epochs
+        assert torch.equal(stream.batch_indices(step), memory.batch_indices(step))
+
+
+def test_two_processes_together_give_the_single_process_batch(tmp_path):
+    root = _tree(tmp_path / "data")
+    whole = _stream(root, batch=8)(4)
+    halves = [_stream(root, batch=8, rank=r, world=2)(4) for r in (0, 1)]
+    for view in (0, 1):
+        torch.testing.assert_close(torch.cat([h[view] for h in halves]), whole[view], rtol=0, atol=1e-6)
+
+
+def test_zip_streams_like_the_folder(tmp_path):
+    root = _tree(tmp_path / "data" / "train", n=16)
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted((tmp_path / "data").rglob("*.png")):
+            zf.write(path, "data/" + path.relative_to(tmp_path / "data").as_posix())  # wrapped in one folder
+    folder = _stream(root.parent)(2)
+    zipped = _stream(archive, workers=2)  # each worker opens its own zip handle
+    try:
+        assert _equal(zipped(2), folder)
+    finally:
+        zipped.close()
+
+
+def _assert_close_means(a: torch.Tensor, b: torch.Tensor, sigmas: float = 4.0) -> None:
+    se = math.sqrt(a.var().item() / len(a) + b.var().item() / len(b))
+    assert abs(a.mean().item() - b.mean().item()) < sigmas * se + 1e-3, (a.mean(), b.mean(), se)
+
+
+def test_statistics_match_the_in_memory_path(tmp_path):
+    """Images already at the resolution, so both paths crop the same pixels."""
+    n, steps = 64, 8
+    images = _pattern(n, RES, RES, seed=7)
+    for i, img in enumerate(images):  # listing order (class, then name) equals tensor order
+        path = tmp_path / "data" / "only" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+    memory = InMemoryViews(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), _augment(), global_batch=32,
+                           rank=0, world=1, seed=3, device=CPU)
+    stream = _stream(tmp_path / "data", batch=32)
+    for view in (0, 1):
+        ours = torch.cat([stream(s)[view] for s in range(steps)])
+        ref = torch.cat([memory(s)[view] for s in range(steps)])
+        for c in range(3):
+            _assert_close_means(ours[:, c].mean(dim=(1, 2)), ref[:, c].mean(dim=(1, 2)))
+            _assert_close_means(ours[:, c].std(dim=(1, 2)), ref[:, c].std(dim=(1, 2)))
+        spread_ours, spread_ref = ours.mean(dim=(1, 2, 3)).std(), ref.mean(dim=(1, 2, 3)).std()
+        assert abs(spread_ours - spread_ref) < 0.15 * spread_ref
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_and_cropped(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(_pattern(1, 600, 800)[0]).save(buf, "JPEG")
+    views = recipe("byol", RES)
+    side = full_detail_side(RES, views)
+    assert side == math.ceil(RES / math.sqrt(0.08 * 0.75))
+    img = decode_image(buf.getvalue(), side)
+    assert img.mode == "RGB" and min(img.size) >= side and img.size == (100, 75)  # 1/8 scale
+    crops = crop_pair(img, views, RES, sample_generator(0, 5, 2))
+    assert crops.shape == (2, 3, RES, RES) and crops.dtype == torch.uint8
+    assert torch.equal(crops, crop_pair(img, views, RES, sample_generator(0, 5, 2)))
+    assert not torch.equal(crops, crop_pair(img, views, RES, sample_generator(0, 5, 3)))
+
+
+def _corrupt(root):
+    bad = root / "cat" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    return bad
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_file_is_named(tmp_path, workers):
+    root = _tree(tmp_path / "data", n=8)
+    _corrupt(root)
+    stream = _stream(root, workers=workers)
+    with pytest.raises(DataError, match=r"001\.png.*skip_unreadable"):
+        stream(0)  # batch 8 of 8 images: every file is in the first step
+
+
+def test_skip_unreadable_replaces_deterministically_and_logs(tmp_path, caplog):
+    root = _tree(tmp_path / "data", n=8)
+    bad = _corrupt(root)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        first = _stream(root, skip_unreadable=True)(0)
+        again = _stream(root, skip_unreadable=True, workers=2)
+        try:
+            assert _equal(again(0), first)
+        finally:
+            again.close()
+        assert list(again.unreadable) == [str(bad)]
+    assert "001.png" in caplog.text and "replaced" in caplog.text
+
+
+def test_bad_sources_raise_named_errors(tmp_path):
+    with pytest.raises(DataError, match="loader: memory"):
+        _stream("fake")
+    with pytest.raises(DataError, match="nope"):
+        _stream(tmp_path / "nope")
+    with pytest.raises(DataError, match="fewer than train.batch_size 64"):
+        _stream(_tree(tmp_path / "data", n=8), batch=64)
+    data = tiny("byol", widths=[1.0, 0.5])
+    data["data"].update(loader="stream")  # the built-in "fake" source
+    with pytest.raises(DataError, match="loader: memory"):
+        Trainer(config_from_dict(data), tmp_path / "run")
+
+
+def test_trainer_streams_saves_and_resumes_exactly(tmp_path, caplog):
+    root = _tree(tmp_path / "data", n=24)
+    data = tiny("byol", "sandwich", "online", widths=[1.0, 0.5], train={"checkpoint_every": 0})
+    data["data"] = {"source": str(root), "resolution": 8, "loader": "stream", "workers": 1}
+    n, k = 6, 2
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        straight = Trainer(config_from_dict(data), tmp_path / "straight")
+    assert straight.train_data is None and straight.eval_data is None
+    assert straight.steps_per_epoch == 3 and "kNN evaluation during pretraining is skipped" in caplog.text
+    results = straight.fit()
+    assert straight.state.step == n and results["steps"] == n
+    assert all(row["knn_top1"] is None for row in results["subnets"])
+    assert json.loads((tmp_path / "straight" / "results.json").read_text())["steps"] == n
+
+    data["data"]["workers"] = 0  # resuming with another number of workers changes nothing
+    first = Trainer(config_from_dict(data), tmp_path / "resumed")
+    first.fit(max_steps=k)
+    second = Trainer(config_from_dict(data), tmp_path / "resumed", resume=True)
+    assert second.state.step == k
+    second.fit()
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    differ = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not differ, f"resumed run differs in {differ[:5]}"
+
+
+def test_workers_outlive_a_stop_signal_to_the_process_group(tmp_path):
+    """SIGTERM/SIGINT to every process (Ctrl-C, preemption): the trainer must still finish its step and save."""
+    stream = _stream(_tree(tmp_path / "data"), workers=2)
+    try:
+        stream(0)
+        workers = multiprocessing.active_children()
+        assert len(workers) >= 2
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+            os.kill(worker.pid, signal.SIGINT)
+        assert _equal(stream(1), _stream(tmp_path / "data")(1))
+        assert all(worker.is_alive() for worker in workers)
+    finally:
+        stream.close()
+    assert not any(worker.is_alive() for worker in workers)  # close() joins them
+
+
+def test_a_process_that_never_closes_its_source_still_exits(tmp_path):
+    """Workers ignore SIGTERM, the signal multiprocessing's exit handler stops them with."""
+    root = _tree(tmp_path / "data", n=8)
+    script = (f"import torch; from slimssl.data.stream import StreamingViews; from slimssl.data.augment import "
+              f"TwoViewAugment, recipe; s = StreamingViews({str(root)!r}, TwoViewAugment(recipe('byol', 8), 8), "
+              f"global_batch=4, rank=0, world=1, seed=0, device=torch.device('cpu'), workers=2); s(0); print('ok')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
