@@ -341,3 +341,27 @@ def test_cifar10_dspnet_byol_recipe_two_steps(tmp_path, monkeypatch):
     saved = load_checkpoint(run)
     assert saved["train_state"]["step"] == 2
     assert saved["menu"] == ["w1p0_d2-2-2-2", "w0p75_d2-2-2-2", "w0p5_d2-2-2-2", "w0p25_d2-2-2-2"]
+
+
+def test_logged_loss_of_a_sandwich_subnet_averages_only_the_steps_that_drew_it(tmp_path, monkeypatch):
+    # 5 widths, sandwich with 1 random middle one: each middle width runs in only some steps of a window
+    cfg = config_from_dict(tiny("byol", sampling="sandwich", widths=[1.0, 0.75, 0.5, 0.375, 0.25],
+                                train={"log_every": 4, "epochs": 2}))
+    trainer = Trainer(cfg, tmp_path)
+    loss_of = {s.name: float(i + 1) for i, s in enumerate(trainer.model.backbone.menu)}
+
+    def constant_losses(step):  # each sub-network's loss is a constant: its mean must be that constant
+        return {**{t.spec.name: torch.tensor(loss_of[t.spec.name]) for t in trainer.policy.plan(step)},
+                "_lr": torch.tensor(0.1)}
+
+    monkeypatch.setattr(trainer, "train_step", constant_losses)
+    monkeypatch.setattr(Trainer, "knn", lambda self: {})
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["loss"] for r in records if "loss" in r]
+    assert logged
+    middle_counts = [sum(1 for s in range(4) if name in {t.spec.name for t in trainer.policy.plan(s)})
+                     for name in list(loss_of)[1:-1]]
+    assert 0 < min(middle_counts) < 4, "the test needs a middle width drawn in some steps of the window only"
+    for loss in logged:
+        assert loss == {name: loss_of[name] for name in loss}

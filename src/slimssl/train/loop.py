@@ -23,7 +23,7 @@ from ..checkpoint import check_menu, load_checkpoint, save_checkpoint
 from ..config import Config
 from ..data.augment import TwoViewAugment, recipe
 from ..data.datasets import DataError, ImageDataset, load_dataset
-from ..data.views import InMemoryViews
+from ..data.views import build_view_source
 from ..eval.knn import knn_eval_subnets
 from ..methods import build_method
 from ..models.build import build_supernet
@@ -115,16 +115,19 @@ class Trainer:
         self.batch = cfg.train.batch_size // self.world
         torch.manual_seed(cfg.train.seed)
 
-        self.train_data = load_dataset(cfg.data.source, "train", resolution=cfg.data.resolution,
-                                       skip_unreadable=cfg.data.skip_unreadable, fake_size=cfg.data.fake_size,
-                                       seed=cfg.train.seed)
-        if len(self.train_data) < cfg.train.batch_size:
+        stream = cfg.data.loader == "stream"  # loader workers decode each step's files: nothing held in memory
+        self.train_data = None if stream else load_dataset(
+            cfg.data.source, "train", resolution=cfg.data.resolution, skip_unreadable=cfg.data.skip_unreadable,
+            fake_size=cfg.data.fake_size, seed=cfg.train.seed)
+        if not stream and len(self.train_data) < cfg.train.batch_size:
             raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
                             f"train.batch_size {cfg.train.batch_size}")
         self.eval_data = self._eval_datasets()
         views = recipe(cfg.data.augment or cfg.method.name, cfg.data.resolution)
         views = tuple(replace(v, crop_scale=tuple(cfg.data.crop_scale), flip_p=cfg.data.flip_p) for v in views)
         self.augment = TwoViewAugment(views, cfg.data.resolution, cfg.data.mean, cfg.data.std)
+        self.view_source = build_view_source(cfg, self.augment, self.train_data, rank=dist.rank(), world=self.world,
+                                             device=self.device)
 
         self.model = SSLModel(build_supernet(cfg), build_method(cfg.method), cfg.model.bn,
                               cfg.model.channel_divisor).to(self.device)
@@ -133,7 +136,7 @@ class Trainer:
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._compile_forwards()
-        self.steps_per_epoch = len(self.train_data) // cfg.train.batch_size
+        self.steps_per_epoch = self.view_source.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.policy = SlimPolicy(cfg.slim, self.model.backbone.menu, self.total_steps, cfg.train.seed)
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim, cfg.train.batch_size)
@@ -145,9 +148,7 @@ class Trainer:
         # multi-process: one gradient all-reduce per step, no DDP wrapper (why: train/distributed.py)
         self.grad_sync = dist.GradientSync(self.model.online_parameters())
         self.state = TrainState()
-        self.view_source = InMemoryViews(self.train_data.images, self.augment, global_batch=cfg.train.batch_size,
-                                         rank=dist.rank(), world=self.world, seed=cfg.train.seed,
-                                         device=self.device, channels_last=cfg.train.channels_last)
+        self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         if resume:
             self._load(self.run_dir / "checkpoints" / "last.pt")
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
@@ -158,6 +159,10 @@ class Trainer:
     # ---- setup --------------------------------------------------------------------------------------
 
     def _eval_datasets(self) -> tuple[ImageDataset, ImageDataset] | None:
+        if self.train_data is None:
+            log.info("data.loader is stream: kNN evaluation during pretraining is skipped (it needs the images "
+                     "decoded in memory)")
+            return None
         if self.train_data.labels is None:
             log.info("the training data has no labels: kNN evaluation is skipped")
             return None
@@ -218,6 +223,8 @@ class Trainer:
                 "epoch": self.state.step / max(1, self.steps_per_epoch)}
 
     def save(self, name: str = "last.pt") -> Path | None:
+        if name == "last.pt":
+            self._last_saved_step = self.state.step
         if not dist.is_main():
             return None
         return save_checkpoint(self.run_dir / "checkpoints" / name, self.checkpoint_payload())
@@ -334,14 +341,18 @@ class Trainer:
                 log.info("kNN at random initialisation: %s", _fmt(self.state.knn_random_init))
         progress = _progress(self.state.step, end, dist.is_main())
         sums: dict[str, torch.Tensor] = {}
-        count, tick = 0, time.perf_counter()
-        with SignalGuard() as guard:
+        drawn: dict[str, int] = {}  # steps that ran each sub-network (sandwich draws differ between steps)
+        count, lr, tick = 0, None, time.perf_counter()
+        with SignalGuard() as guard, contextlib.closing(self.view_source):  # closing: stops loader workers
             while self.state.step < end:
                 step = self.state.step
                 losses = self.train_step(step)
-                lr = losses.pop("_lr", None)
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0) + value
+                step_lr = losses.pop("_lr", None)
+                if step_lr is not None:  # a skipped step (train.nonfinite: skip) has no losses to average
+                    lr = step_lr
+                    for name, value in losses.items():
+                        sums[name] = sums.get(name, 0) + value
+                        drawn[name] = drawn.get(name, 0) + 1
                 count += 1
                 self.state.step += 1
                 progress.update(1)
@@ -350,8 +361,9 @@ class Trainer:
                 scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done or self.state.step == end
                 if scheduled or stopping:
                     # only a scheduled log (the same steps on every rank) may average over the ranks
-                    self._log(step, sums, count, lr, time.perf_counter() - tick, progress, across_ranks=scheduled)
-                    sums, count, tick = {}, 0, time.perf_counter()
+                    means = {name: total / drawn[name] for name, total in sums.items()}
+                    self._log(step, means, count, lr, time.perf_counter() - tick, progress, across_ranks=scheduled)
+                    sums, drawn, count, tick = {}, {}, 0, time.perf_counter()
                 if epoch_done:
                     self._end_of_epoch()
                 if guard.received is not None:
@@ -361,18 +373,23 @@ class Trainer:
                                       f"checkpoint saved in {self.run_dir / 'checkpoints' / 'last.pt'}; "
                                       f"continue with: slimssl pretrain --resume {self.run_dir}")
         progress.close()
-        self.save()
+        if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
+            self.save()
         return self.finish() if self.state.step >= self.total_steps else {}
 
-    def _log(self, step: int, sums: dict, count: int, lr, seconds: float, progress,
+    def _log(self, step: int, mean_losses: dict, count: int, lr, seconds: float, progress,
              across_ranks: bool = True) -> None:
-        if not sums:
+        """One metrics record for the last ``count`` steps: each sub-network's mean loss over the steps
+        that ran it (averaged over the processes), throughput, and the non-finite check."""
+        if not count:
             return
-        names = list(sums)  # the same names on every rank: the draws are
-        stacked = torch.stack([torch.as_tensor(sums[n]) for n in names]) / count
-        if across_ranks:
-            stacked = dist.all_reduce_mean(stacked)
-        means = dict(zip(names, stacked.tolist()))  # the one sync per log; the mean over all processes
+        names = list(mean_losses)  # the same names on every rank: the draws are
+        means = {}
+        if names:
+            stacked = torch.stack([torch.as_tensor(mean_losses[n]) for n in names])
+            if across_ranks:
+                stacked = dist.all_reduce_mean(stacked)
+            means = dict(zip(names, stacked.tolist()))  # the one sync per log; the mean over all processes
         bad = [name for name, v in means.items() if not math.isfinite(v)]
         if bad and self.cfg.train.nonfinite == "error":
             raise NonFiniteLossError(
