@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import Config
+from .eval.results import write_json_atomic
 from .nn.spec import SubnetSpec
 from .train.loop import Trainer
 
@@ -79,16 +79,9 @@ def recipe_label(recipe: str) -> str:
 def recipe_overrides(args: argparse.Namespace) -> list[str]:
     """The --set list every recipe gets: reproduction defaults, default epochs, --set, then the flags
     (so an explicit flag wins, as in ``slimssl pretrain``)."""
-    sets = [*REPRODUCTION_DEFAULTS, f"train.epochs={DEFAULT_EPOCHS}", *args.set]
-    if args.data:
-        sets.append(f"data.source={args.data}")
-    if args.epochs:
-        sets.append(f"train.epochs={args.epochs}")
-    if args.batch_size:
-        sets.append(f"train.batch_size={args.batch_size}")
-    if args.device:
-        sets.append(f"train.device={args.device}")
-    return sets
+    from .train.command import flag_overrides
+
+    return [*REPRODUCTION_DEFAULTS, f"train.epochs={DEFAULT_EPOCHS}", *flag_overrides(args)]
 
 
 def plan_jobs(recipes: list[str], out: Path, overrides: list[str]) -> list[Job]:
@@ -167,19 +160,6 @@ class JobTiming:
     devices: list[str] = field(default_factory=list)
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Atomically: a crash mid-write keeps the previous file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_timing(run_dir: Path) -> JobTiming:
     path = run_dir / TIMING
     if not path.is_file():
@@ -189,7 +169,7 @@ def read_timing(run_dir: Path) -> JobTiming:
 
 
 def write_timing(run_dir: Path, timing: JobTiming) -> None:
-    _write_json(run_dir / TIMING, asdict(timing))
+    write_json_atomic(run_dir / TIMING, asdict(timing))
 
 
 def device_name(device: torch.device) -> str:
@@ -504,7 +484,7 @@ def write_report(out: Path, jobs: list[Job], probe_epochs: int) -> dict:
            "goals_targets": {"full_width_tolerance_points": FULL_WIDTH_TOLERANCE, "time_ratio": TIME_RATIO_GOAL},
            "recipes": summaries}
     doc["all_goals_held"] = all(g["held"] for s in summaries for g in s["goals"])
-    _write_json(out / REPORT_JSON, doc)
+    write_json_atomic(out / REPORT_JSON, doc)
     (out / REPORT_MD).write_text(report_markdown(doc))
     return doc
 

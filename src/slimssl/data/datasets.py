@@ -285,7 +285,8 @@ def _list_split(tree: _Tree, prefix: str) -> tuple[list[str], list[int] | None, 
     return paths, labels, class_dirs
 
 
-def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: bool) -> ImageDataset:
+def scan_tree(path: str) -> _Tree:
+    """The image files of an ImageFolder folder or .zip (not decoded), or a DataError saying what is wrong."""
     if os.path.isdir(path):
         tree = _scan_dir(path)
     elif zipfile.is_zipfile(path):
@@ -294,6 +295,11 @@ def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: b
         raise DataError(f"{path} is a file but not a .zip; expected a folder of images or a .zip of one")
     if not tree.files:
         raise DataError(f"{path} is empty; expected class sub-folders of images, or images")
+    return tree
+
+
+def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: bool) -> ImageDataset:
+    tree = scan_tree(path)
     prefix = _split_prefix(tree, split)
     paths, labels, classes = _list_split(tree, prefix)
     name = os.path.splitext(os.path.basename(path.rstrip("/")))[0]

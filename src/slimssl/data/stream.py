@@ -21,7 +21,6 @@ import math
 import os
 import signal
 import weakref
-import zipfile
 from typing import Callable
 
 import numpy as np
@@ -30,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import BatchRows, TwoViewAugment, ViewRecipe, sample_crop_boxes
-from .datasets import BUILTIN, DataError, _list_split, _scan_dir, _scan_zip, _split_prefix, _to_rgb
+from .datasets import BUILTIN, DataError, _list_split, _scan_zip, _split_prefix, _to_rgb, scan_tree
 from .views import epoch_permutation, step_generator, to_channels_last
 
 log = logging.getLogger("slimssl")
@@ -168,14 +167,7 @@ def list_image_files(source: str, split: str = "train") -> tuple[str, list[str],
     if not os.path.exists(root):
         raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}) "
                         f"nor an existing path (looked for {root})")
-    if os.path.isdir(root):
-        tree = _scan_dir(root)
-    elif zipfile.is_zipfile(root):
-        tree = _scan_zip(root)
-    else:
-        raise DataError(f"{root} is a file but not a .zip; expected a folder of images or a .zip of one")
-    if not tree.files:
-        raise DataError(f"{root} is empty; expected class sub-folders of images, or images")
+    tree = scan_tree(root)
     paths, _, _ = _list_split(tree, _split_prefix(tree, split))  # labels are not needed to pretrain
     return root, paths, tree.read
 

@@ -67,10 +67,15 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
 
 
 def write_results(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
-    """Write ``results.json`` atomically (temporary file + rename)."""
+    """Write ``results.json`` atomically."""
     path = Path(run_dir) / RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{RESULTS}.", suffix=".tmp")
+    return write_json_atomic(path, data)
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write ``data`` as JSON through a temporary file and a rename: a crash mid-write keeps the old file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2)

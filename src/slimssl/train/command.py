@@ -25,14 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_pretrain)
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """--set, then the shortcut flags as overrides (so an explicit flag wins over --set)."""
     sets = list(args.set)
-    if args.data:
-        sets.append(f"data.source={args.data}")
-    if args.epochs:
-        sets.append(f"train.epochs={args.epochs}")
-    if args.device:
-        sets.append(f"train.device={args.device}")
+    flags = {"data": "data.source", "epochs": "train.epochs", "batch_size": "train.batch_size",
+             "device": "train.device"}
+    sets += [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag, None)]
     return sets
 
 
@@ -56,9 +54,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             if not last.is_file():
                 raise UsageError(f"cannot resume: {last} does not exist")
             stored = load_checkpoint(last)["config"]
-            cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", _overrides(args))
+            cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", flag_overrides(args))
         else:
-            cfg = load_config(args.config, _overrides(args))
+            cfg = load_config(args.config, flag_overrides(args))
             run_dir = args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             if (run_dir / "checkpoints" / "last.pt").exists():
                 raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "

@@ -25,6 +25,7 @@ from ..data.augment import TwoViewAugment, recipe
 from ..data.datasets import DataError, ImageDataset, load_dataset
 from ..data.views import build_view_source
 from ..eval.knn import knn_eval_subnets
+from ..eval.results import write_results
 from ..methods import build_method
 from ..models.build import build_supernet
 from ..models.ssl import SSLModel
@@ -434,18 +435,9 @@ class Trainer:
                    "resolution": self.cfg.data.resolution, "steps": self.state.step,
                    "effective_lr": self.effective_lr(),
                    "skipped_steps": self.state.skipped_steps, "subnets": rows}
-        _write_json(self.run_dir / "results.json", results)
+        write_results(self.run_dir, results)
         self.metrics.close()
         return results
-
-
-def _write_json(path: Path, data: dict) -> None:
-    import json
-    import os
-
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _fmt(values: dict[str, float]) -> str:
