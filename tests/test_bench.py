@@ -40,3 +40,18 @@ def test_busy_fraction_counts_overlapping_kernels_once():
     assert busy_fraction([(0, 10), (5, 15), (12, 14)], 100.0) == 0.15  # overlaps count once
     assert busy_fraction([(30, 40), (0, 50)], 100.0) == 0.5  # order does not matter
     assert busy_fraction([(0, 300)], 100.0) == 1.0  # never above 100%
+
+
+def test_bench_measures_a_streamed_folder(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(16):  # images larger than the resolution, of two aspect ratios, in one class folder
+        Image.new("RGB", (24 + 8 * (i % 2), 24), (i * 15, 80, 160)).save(tmp_path / f"{i}.png")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny("byol")))
+    assert main(["bench", "--config", str(path), "--data", str(tmp_path), "--set", "data.loader=stream",
+                 "--set", "data.workers=0", "--device", "cpu", "--steps", "1", "--warmup", "1", "--no-baseline",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["what"] == "data path (two augmented views, stream)" and rows[0]["img_per_s"] > 0
+    assert rows[1]["what"].startswith("slimmable step") and len(rows) == 2

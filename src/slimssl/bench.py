@@ -25,8 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch-size", type=int, help="default: the config's train.batch_size")
+    p.add_argument("--data", help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
+                                  "instead of synthetic images in memory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-by-one baseline")
+    p.add_argument("--data-only", action="store_true", help="measure the data path alone (no training step)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -86,7 +89,7 @@ def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float
     return min(1.0, covered / wall_us) if wall_us > 0 else 0.0
 
 
-def run_bench(cfg, steps: int, warmup: int, baseline: bool = True) -> list[dict]:
+def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bool = False) -> list[dict]:
     from .config import standalone_config
     from .train.loop import Trainer
 
@@ -97,8 +100,13 @@ def run_bench(cfg, steps: int, warmup: int, baseline: bool = True) -> list[dict]
     def row(what: str, m: Measurement) -> dict:
         return {"what": what, "img_per_s": batch / m.seconds, "peak_gib": m.peak_gib, "gpu_busy": m.gpu_busy}
 
-    rows.append(row("data path (two augmented views)", _measure(trainer.views, steps, warmup, device)))
+    rows.append(row(f"data path (two augmented views, {cfg.data.loader})",
+                    _measure(trainer.views, steps, warmup, device)))
+    if data_only:
+        trainer.view_source.close()  # streaming loader workers
+        return _tag(rows, device, batch)
     slim = _measure(trainer.train_step, steps, warmup, device)
+    trainer.view_source.close()
     n = len(trainer.policy.draw(warmup))
     rows.append(row(f"slimmable step ({n} sub-networks)", slim))
     if baseline:
@@ -107,6 +115,7 @@ def run_bench(cfg, steps: int, warmup: int, baseline: bool = True) -> list[dict]
         for spec in cfg.subnet_menu():
             dense = Trainer(standalone_config(cfg, spec), _scratch_dir())
             dense_rows.append(row(f"  dense {spec.name}", _measure(dense.train_step, steps, warmup, device)))
+            dense.view_source.close()
             del dense
         total = sum(batch / r["img_per_s"] for r in dense_rows)
         rows += dense_rows
@@ -115,6 +124,10 @@ def run_bench(cfg, steps: int, warmup: int, baseline: bool = True) -> list[dict]
                      "peak_gib": max(peaks) if peaks else None, "gpu_busy": None})
         rows.append({"what": "slimmable / one-by-one speed ratio", "img_per_s": total / slim.seconds,
                      "peak_gib": None, "gpu_busy": None})
+    return _tag(rows, device, batch)
+
+
+def _tag(rows: list[dict], device: torch.device, batch: int) -> list[dict]:
     for r in rows:
         r.update(device=str(device), batch=batch)
     return rows
@@ -131,19 +144,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .cli import _emit
     from .config import load_config
 
-    # steady state: every sub-network runs (no slow start), synthetic data, no kNN
-    sets = [*args.set, "data.source=fake", "data.loader=memory", f"train.device={args.device}",
-            "slim.slow_start=0.0"]
+    # steady state: every sub-network runs (no slow start); synthetic images in memory unless --data
+    data = [f"data.source={args.data}"] if args.data else ["data.source=fake", "data.loader=memory"]
+    sets = [*data, *args.set, f"train.device={args.device}", "slim.slow_start=0.0"]
     cfg = load_config(args.config, sets)
     batch = args.batch_size or cfg.train.batch_size
     cfg = load_config(args.config, [*sets, f"train.batch_size={batch}", f"data.fake_size={batch}"])
-    rows = run_bench(cfg, args.steps, args.warmup, baseline=not args.no_baseline)
+    rows = run_bench(cfg, args.steps, args.warmup, baseline=not args.no_baseline, data_only=args.data_only)
     lines = ["| measurement | img/s | peak GPU GiB | GPU busy |", "|---|---|---|---|"]
     for r in rows:
         value = f"{r['img_per_s']:.2f}x" if "ratio" in r["what"] else f"{r['img_per_s']:,.0f}"
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         busy = "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
         lines.append(f"| {r['what']} | {value} | {peak} | {busy} |")
-    header = f"{cfg.name}: batch {batch}, {rows[0]['device']}, torch {torch.__version__}"
+    header = (f"{cfg.name}: batch {batch}, data {cfg.data.source} ({cfg.data.loader}), {rows[0]['device']}, "
+              f"torch {torch.__version__}")
     _emit(args, rows, header + "\n" + "\n".join(lines))
     return 0
