@@ -15,7 +15,6 @@ Both follow the same batch order and the same per-step device generator.
 from __future__ import annotations
 
 import os
-
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -43,6 +42,8 @@ GPU_SHARE = 0.25  # keep the decoded images on the GPU when they take at most th
 
 
 class InMemoryViews:
+    """Views from images decoded once into a uint8 tensor [N, 3, H, W], augmented batched on the device."""
+
     def __init__(self, images: torch.Tensor, augment: TwoViewAugment, *, global_batch: int, rank: int,
                  world: int, seed: int, device: torch.device, channels_last: bool = False):
         self.augment, self.global_batch, self.seed = augment, global_batch, seed
@@ -83,8 +84,9 @@ def build_view_source(cfg: Config, augment: TwoViewAugment, train_data: ImageDat
     if cfg.data.loader == "stream":
         from .stream import StreamingViews  # late: stream.py imports this module's helpers
 
-        return StreamingViews(cfg.data.source, augment, workers=default_workers() if cfg.data.workers is None else cfg.data.workers,
-                              skip_unreadable=cfg.data.skip_unreadable, **common)
+        workers = default_workers() if cfg.data.workers is None else cfg.data.workers
+        return StreamingViews(cfg.data.source, augment, workers=workers, skip_unreadable=cfg.data.skip_unreadable,
+                              **common)
     return InMemoryViews(train_data.images, augment, **common)
 
 
