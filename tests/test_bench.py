@@ -55,3 +55,7 @@ def test_bench_measures_a_streamed_folder(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["what"] == "data path (two augmented views, stream)" and rows[0]["img_per_s"] > 0
     assert rows[1]["what"].startswith("slimmable step") and len(rows) == 2
+    assert main(["bench", "--config", str(path), "--data", str(tmp_path), "--set", "data.loader=stream",
+                 "--set", "data.workers=0", "--device", "cpu", "--steps", "1", "--warmup", "1", "--data-only",
+                 "--json"]) == 0
+    assert [r["what"] for r in json.loads(capsys.readouterr().out)] == ["data path (two augmented views, stream)"]

@@ -365,3 +365,15 @@ def test_logged_loss_of_a_sandwich_subnet_averages_only_the_steps_that_drew_it(t
     assert 0 < min(middle_counts) < 4, "the test needs a middle width drawn in some steps of the window only"
     for loss in logged:
         assert loss == {name: loss_of[name] for name in loss}
+
+
+def test_last_checkpoint_is_written_once_per_epoch(tmp_path, monkeypatch):
+    import slimssl.train.loop as loop
+
+    written = []
+    save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda path, payload: written.append(path.name) or save(path, payload))
+    monkeypatch.setattr(Trainer, "knn", lambda self: {})
+    trainer = Trainer(config_from_dict(tiny("byol", widths=[1.0, 0.5])), tmp_path)
+    trainer.fit()  # 2 epochs of 4 steps: the end of the run is the end of an epoch, already saved
+    assert written == ["last.pt", "last.pt"]
