@@ -148,11 +148,12 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, failure):
 
 def test_sigint_saves_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     cfg = config_from_dict(TINY)
+    handler_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in a background job
     with monkeypatch.context() as m:
         signal_at(m, 5, signal.SIGINT)  # mid-epoch: step 5 of 0..11
         with pytest.raises(Interrupted, match="SIGINT.*--resume"):
             Trainer(cfg, tmp_path / "a").fit()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     assert load_checkpoint(tmp_path / "a")["train_state"]["step"] == 6  # the step in flight finished
     resumed = Trainer(cfg, tmp_path / "a", resume=True).fit()
     reference = Trainer(cfg, tmp_path / "b").fit()
