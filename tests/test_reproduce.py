@@ -109,6 +109,36 @@ def test_resume_across_calls_matches_a_straight_run(straight, tmp_path, capsys):
             assert got[key] == pytest.approx(want[key], abs=1e-6), (got["subnet"], key)
 
 
+def test_results_carried_without_checkpoints_finish_the_reproduction(straight, tmp_path, caplog):
+    """Finished runs need only their small files; an unfinished run whose checkpoint is gone starts again."""
+    import shutil
+
+    recipe = RECIPES[1]
+    out = tmp_path / "carried"
+    for _ in range(EPOCHS + 2):  # the slim run (an epoch per call, then its probe), then one epoch of the next
+        assert reproduce(out, [recipe], extra=["--time-budget", "0"]) == EXIT_CONTINUE
+    slim, partial = run_dirs(out, recipe)[:2]
+    finished_files = {name: (slim / name).read_text() for name in ("results.json", "timing.json", "metrics.jsonl")}
+    assert json.loads((partial / "timing.json").read_text())["chunks"] == 1
+    for run in run_dirs(out, recipe):  # what comes back from a machine without the (large) checkpoints
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert reproduce(out, [recipe]) == 0
+    assert f"{recipe}/{partial.name}: not finished and its checkpoint is gone" in caplog.text
+    assert {name: (slim / name).read_text() for name in finished_files} == finished_files  # not retrained
+    assert not (slim / "checkpoints").exists()
+    timing = json.loads((partial / "timing.json").read_text())
+    assert timing["chunks"] == EPOCHS and timing["step"] == STEPS  # counted once, from the restart
+    records = [json.loads(line) for line in (partial / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["step"] == 0 for r in records) == 1  # the lost run's log is gone
+    rows = json.loads((out / "reproduction.json").read_text())["recipes"][0]["rows"]
+    reference = json.loads((straight / "reproduction.json").read_text())["recipes"][1]["rows"]
+    for got, want in zip(rows, reference):
+        for key in ("knn_slim", "knn_alone", "linear_slim", "linear_alone"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (got["subnet"], key)
+
+
 def test_other_settings_on_an_existing_folder_are_refused(straight, capsys, caplog):
     with caplog.at_level(logging.ERROR, logger="slimssl"):
         assert reproduce(straight, epochs=EPOCHS + 1) == 2

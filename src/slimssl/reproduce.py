@@ -603,11 +603,34 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
 
 
+def restart_if_checkpoint_lost(job: Job, probe_epochs: int) -> None:
+    """A job that is not finished (pretrained and probed) but whose ``last.pt`` is gone starts again.
+
+    That happens when a reproduction travels between machines without its checkpoints (they are large;
+    the finished runs' results are all the report needs). The lost run's times, logs and partial results
+    are removed, so that they are not counted twice."""
+    import shutil
+
+    if not job.run_dir.is_dir() or (job.run_dir / "checkpoints" / "last.pt").is_file():
+        return
+    if is_pretrained(job) and is_probed(job, probe_settings(job.cfg, probe_epochs)):
+        return
+    lost = [p for p in (TIMING, "metrics.jsonl", "results.json", "tb") if (job.run_dir / p).exists()]
+    if not lost:
+        return
+    log.warning("%s: not finished and its checkpoint is gone: starting it again (removing %s)", job.label,
+                ", ".join(lost))
+    for name in lost:
+        path = job.run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def run_jobs(jobs: list[Job], budget: Budget, probe_epochs: int) -> int:
     """Pretrain and probe the jobs in order while the budget lasts; the number of jobs done."""
     data = LabelledData()
     done = 0
     for job in jobs:
+        restart_if_checkpoint_lost(job, probe_epochs)
         if not (pretrain_job(job, budget) and probe_job(job, budget, probe_epochs, data)):
             break
         done += 1
