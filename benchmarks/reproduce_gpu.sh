@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One call of the CIFAR-10 reproduction (docs/results.md) on a lent GPU machine whose commands are limited
+# to 10 minutes and whose disk is lost when the session ends. Run the same command again until it exits 0:
+#
+#   bash benchmarks/reproduce_gpu.sh [REPRODUCE OPTIONS]   # e.g. --recipes cifar10_r18_dspnet_byol
+#
+# Expects .data/cifar10.zip (copied from ../shared/data, carried to the machine). Runs live in .runs/repro.
+# Every call leaves in $OUT (default repro-out/) the reproduction's small files, without checkpoints:
+# finished runs are complete in it, so a later session can carry it back as .runs/repro-results.tgz and
+# continue; an unfinished run whose checkpoint did not travel starts again.
+# Environment: BUDGET (seconds after which no new epoch or probe starts, default 480), DEVICE (default cuda).
+set -uo pipefail
+out="${OUT:-repro-out}"
+mkdir -p "$out" .data .runs
+if [ ! -d .data/cifar10/train ]; then
+    unzip -q -o .data/cifar10.zip -d .data/cifar10 || { echo "need .data/cifar10.zip (a zip of train/ and test/)"; exit 2; }
+fi
+if [ ! -d .runs/repro ] && [ -f .runs/repro-results.tgz ]; then
+    tar xzf .runs/repro-results.tgz -C .runs  # results of an earlier session
+fi
+python -c "import slimssl" 2>/dev/null || python -m pip install -q -e . --no-deps || python -m pip install -q -e .
+
+slimssl reproduce --data .data/cifar10 --out .runs/repro --device "${DEVICE:-cuda}" --time-budget "${BUDGET:-480}" \
+    "$@" 2> >(grep -v "step/s" | tail -40 >&2)
+status=$?
+
+tar czf "$out/repro-results.tgz" --exclude=checkpoints -C .runs repro
+python - <<'PY'
+import json, pathlib
+for timing in sorted(pathlib.Path(".runs/repro").glob("*/*/timing.json")):
+    t = json.loads(timing.read_text())
+    done = (timing.parent / "results.json").is_file()
+    print(f"{timing.parent.parent.name}/{timing.parent.name}: step {t['step']}, pretrain {t['pretrain_seconds']:.0f} s,"
+          f" probe {t['probe_seconds']:.0f} s{'' if done else ' (in progress)'}")
+PY
+[ -f .runs/repro/reproduction.md ] && cp .runs/repro/reproduction.md .runs/repro/*.png "$out"/ 2>/dev/null
+echo "exit $status (0: done, 4: run this again)"
+exit $status
