@@ -32,6 +32,16 @@ def test_bench_json_has_every_measurement(tmp_path, capsys):
     assert all(r["img_per_s"] > 0 and r["device"] == "cpu" for r in rows)
 
 
+def test_bench_profile_writes_the_operator_table(tmp_path, capsys):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny("byol")))
+    table = tmp_path / "out" / "ops.txt"
+    assert main(["bench", "--config", str(path), "--device", "cpu", "--steps", "1", "--warmup", "1",
+                 "--no-baseline", "--profile", str(table)]) == 0
+    text = table.read_text()
+    assert text.startswith("1 calls, sorted by self_cpu_time_total") and "aten::convolution" in text
+
+
 def test_busy_fraction_counts_overlapping_kernels_once():
     from slimssl.bench import busy_fraction
 

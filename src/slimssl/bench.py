@@ -12,6 +12,7 @@ import argparse
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-by-one baseline")
     p.add_argument("--data-only", action="store_true", help="measure the data path alone (no training step)")
+    p.add_argument("--profile", type=Path, metavar="FILE",
+                   help="also write the operators that take the most time in the slimmable step (torch.profiler "
+                        "table: self CUDA time on a GPU, self CPU time otherwise) to FILE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
@@ -78,6 +82,23 @@ def _kernel_intervals(fn, calls, device: torch.device) -> list[tuple[float, floa
     return [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
 
 
+def write_operator_table(fn, calls, device: torch.device, path: Path, rows: int = 30) -> None:
+    """The ``rows`` operators with the most self time over ``calls`` of ``fn``, as torch.profiler's table:
+    where a step's time goes when the throughput falls short."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        for i in calls:
+            fn(i)
+        _sync(device)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{len(calls)} calls, sorted by {sort}\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
+    log.info("wrote the operator table of the slimmable step to %s", path)
+
+
 def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float:
     """The share of ``wall_us`` covered by the union of ``intervals`` (kernels on several streams may
     overlap; overlapping time counts once)."""
@@ -89,7 +110,8 @@ def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float
     return min(1.0, covered / wall_us) if wall_us > 0 else 0.0
 
 
-def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bool = False) -> list[dict]:
+def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bool = False,
+              profile: Path | None = None) -> list[dict]:
     from .config import standalone_config
     from .train.loop import Trainer
 
@@ -106,6 +128,8 @@ def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bo
         trainer.view_source.close()  # streaming loader workers
         return _tag(rows, device, batch)
     slim = _measure(trainer.train_step, steps, warmup, device)
+    if profile is not None:
+        write_operator_table(trainer.train_step, range(warmup + 2 * steps, warmup + 3 * steps), device, profile)
     trainer.view_source.close()
     n = len(trainer.policy.draw(warmup))
     rows.append(row(f"slimmable step ({n} sub-networks)", slim))
@@ -150,7 +174,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, sets)
     batch = args.batch_size or cfg.train.batch_size
     cfg = load_config(args.config, [*sets, f"train.batch_size={batch}", f"data.fake_size={batch}"])
-    rows = run_bench(cfg, args.steps, args.warmup, baseline=not args.no_baseline, data_only=args.data_only)
+    rows = run_bench(cfg, args.steps, args.warmup, baseline=not args.no_baseline, data_only=args.data_only,
+                     profile=args.profile)
     lines = ["| measurement | img/s | peak GPU GiB | GPU busy |", "|---|---|---|---|"]
     for r in rows:
         value = f"{r['img_per_s']:.2f}x" if "ratio" in r["what"] else f"{r['img_per_s']:,.0f}"
