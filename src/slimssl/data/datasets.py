@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -55,6 +55,26 @@ class ImageDataset:
     @property
     def num_classes(self) -> int:
         return num_classes(self)
+
+    # The evaluation interface, shared with the streamed ``StreamedImages`` (eval_images.py).
+
+    @property
+    def resolution(self) -> int:
+        """The side the images were decoded at (their width)."""
+        return int(self.images.shape[-1])
+
+    def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """uint8 [B, 3, H, W] batches of ``indices`` (default: all images), in that order."""
+        if indices is None:
+            yield from (batch for batch in self.images.split(batch_size) if len(batch))
+            return
+        for chunk in torch.as_tensor(indices, dtype=torch.int64).split(batch_size):
+            if len(chunk):
+                yield self.images[chunk]
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        """The images at ``indices`` as one uint8 tensor (a copy)."""
+        return self.images[torch.as_tensor(indices, dtype=torch.int64)]
 
 
 def num_classes(ds: ImageDataset) -> int:
@@ -371,18 +391,21 @@ def _decode_one(data: bytes) -> torch.Tensor:
         return torch.from_numpy(_to_rgb(img)).permute(2, 0, 1)
 
 
+def decode_resized(data: bytes, resolution: int | None) -> torch.Tensor:
+    """Bytes -> uint8 [3, R, R] as a decoded dataset holds it (``resize_center_crop`` to ``resolution``; the
+    native size when None). Streamed evaluation decodes with this too, so both see the same pixels."""
+    img = _decode_one(data)
+    return img if resolution is None else resize_center_crop(img[None], resolution)[0]
+
+
 def _decode_chunk(tree: _Tree, paths: list[str], resolution: int | None) -> list[torch.Tensor | str]:
     """Decode ``paths``; an unreadable file yields its error message instead."""
     out: list[torch.Tensor | str] = []
     for rel in paths:
         try:
-            img = _decode_one(tree.read(rel))
+            out.append(decode_resized(tree.read(rel), resolution))
         except Exception as exc:  # any decoder failure means "unreadable file"
             out.append(f"{type(exc).__name__}: {exc}")
-            continue
-        if resolution is not None:
-            img = resize_center_crop(img[None], resolution)[0]
-        out.append(img)
     return out
 
 

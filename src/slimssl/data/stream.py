@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import weakref
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -158,8 +159,19 @@ class StepBatches:
 # ---------------------------------------------------------------- the files
 
 
-def list_image_files(source: str, split: str = "train") -> tuple[str, list[str], Callable[[str], bytes]]:
-    """(root, image paths relative to it, a reader of one path) of an ImageFolder folder or .zip."""
+@dataclass
+class ImageFiles:
+    """The image files of one split of an ImageFolder folder or .zip (nothing decoded)."""
+
+    root: str  # absolute path of the folder or .zip
+    paths: list[str]  # relative to ``root``, class by class, sorted
+    labels: list[int] | None  # None for a folder without class sub-folders
+    classes: list[str] | None
+    read: Callable[[str], bytes]  # a reader of one path, for this process
+
+
+def list_labelled_files(source: str, split: str = "train") -> ImageFiles:
+    """The files, labels and classes of ``split`` of an ImageFolder folder or .zip, or a DataError."""
     if source in BUILTIN:
         raise DataError(f"data.loader: stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
                         f"dataset; use data.loader: memory (--set data.loader=memory) for it")
@@ -168,8 +180,14 @@ def list_image_files(source: str, split: str = "train") -> tuple[str, list[str],
         raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}) "
                         f"nor an existing path (looked for {root})")
     tree = scan_tree(root)
-    paths, _, _ = _list_split(tree, _split_prefix(tree, split))  # labels are not needed to pretrain
-    return root, paths, tree.read
+    paths, labels, classes = _list_split(tree, _split_prefix(tree, split))
+    return ImageFiles(root, paths, labels, classes, tree.read)
+
+
+def list_image_files(source: str, split: str = "train") -> tuple[str, list[str], Callable[[str], bytes]]:
+    """(root, image paths relative to it, a reader of one path) of an ImageFolder folder or .zip."""
+    files = list_labelled_files(source, split)  # labels are not needed to pretrain
+    return files.root, files.paths, files.read
 
 
 def open_reader(root: str) -> Callable[[str], bytes]:

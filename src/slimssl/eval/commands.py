@@ -2,7 +2,9 @@
 
 Each command is a thin layer over :mod:`slimssl.eval` and :mod:`slimssl.report`. Run on a checkpoint that
 lives in a run directory (``RUN`` or ``RUN/checkpoints/X.pt``), knn/linear/finetune merge their values
-into ``RUN/results.json`` (per sub-network) unless ``--no-save`` is given.
+into ``RUN/results.json`` (per sub-network) unless ``--no-save`` is given. The data is decoded in memory or
+streamed from its files (``--loader``, default the checkpoint config's ``data.loader``): see
+``data/eval_images.py``.
 """
 
 from __future__ import annotations
@@ -38,13 +40,39 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _load_split(source: str, split: str, cfg):
+def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int]:
+    """(loader, workers) of the evaluation data: ``--loader``/``--workers``, else the checkpoint config's
+    ``data.loader``/``data.workers``. A built-in dataset is decoded in memory: asked to stream it, this is an
+    error; a streaming config falls back to memory for it, with a log line."""
     from ..cli import UsageError
-    from ..data.datasets import load_dataset
+    from ..data.datasets import BUILTIN
+    from ..data.views import default_workers
+
+    loader = args.loader or cfg.data.loader
+    if loader == "stream" and source in BUILTIN:
+        if args.loader == "stream":
+            raise UsageError(f"--loader stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
+                             "dataset, decoded in memory: use --loader memory (or pass a folder with --data)")
+        log.info("data %r is a built-in dataset: decoded in memory (the checkpoint's data.loader stream reads "
+                 "folders and .zip files only)", source)
+        loader = "memory"
+    workers = args.workers if args.workers is not None else cfg.data.workers
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {workers}")
+    return loader, workers
+
+
+def _load_split(source: str, split: str, cfg, loader: str = "memory", workers: int = 0, device=None):
+    """``split`` of ``source`` at the config's resolution, decoded in memory or streamed (``loader``)."""
+    from ..cli import UsageError
+    from ..data.eval_images import load_eval_split
 
     try:
-        ds = load_dataset(source, split, resolution=cfg.data.resolution, fake_size=cfg.data.fake_size,
-                          skip_unreadable=cfg.data.skip_unreadable, seed=cfg.train.seed)  # fake data as trained
+        ds = load_eval_split(source, split, loader=loader, resolution=cfg.data.resolution, workers=workers,
+                             skip_unreadable=cfg.data.skip_unreadable, fake_size=cfg.data.fake_size,
+                             seed=cfg.train.seed,  # fake data as trained
+                             pin_memory=device is not None and device.type == "cuda")
     except ValueError as e:  # DataError: names the path and what was expected
         raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
     if ds.labels is None:
@@ -62,18 +90,20 @@ def _load_model(args: argparse.Namespace):
     return supernet.to(device).eval(), cfg, device
 
 
-def _load_data(args: argparse.Namespace, cfg):
-    """The data source and its train/test splits."""
+def _load_data(args: argparse.Namespace, cfg, device):
+    """The data source and its train/test splits (in memory or streamed, see ``_loader``)."""
     source = args.data or cfg.data.source
-    train, test = _load_split(source, "train", cfg), _load_split(source, "test", cfg)
-    log.info("data %s: %d train, %d test images", source, len(train), len(test))
+    loader, workers = _loader(args, cfg, source)
+    train, test = (_load_split(source, split, cfg, loader, workers, device) for split in ("train", "test"))
+    how = f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory"
+    log.info("data %s (%s): %d train, %d test images", source, how, len(train), len(test))
     return source, train, test
 
 
 def _setup(args: argparse.Namespace):
     """Supernet, config, device, data source and its train/test splits."""
     supernet, cfg, device = _load_model(args)
-    return (supernet, cfg, device, *_load_data(args, cfg))
+    return (supernet, cfg, device, *_load_data(args, cfg, device))
 
 
 def _cost_rows(supernet, resolution: int) -> dict[str, dict]:
@@ -98,9 +128,20 @@ def _save(args: argparse.Namespace, values: dict[str, dict], protocol: str, sett
     return path
 
 
+def _add_loader_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--loader", choices=["memory", "stream"],
+                   help="memory: decode each split once into a uint8 tensor; stream: loader workers decode each "
+                        "batch from the files of a folder or .zip too large for memory (same images, same results; "
+                        "built-in datasets are in memory only). Default: the checkpoint config's data.loader")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="--loader stream: decoding worker processes (default: the config's data.workers, "
+                        "else the CPU count, at most 8)")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
+    _add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--eval-batch-size", type=int, help="batch of the feature extraction (default: config eval.batch_size)")
     p.add_argument("--recalibrate-bn", type=int, metavar="N",
@@ -124,14 +165,14 @@ def cmd_knn(args: argparse.Namespace) -> int:
     bs = args.eval_batch_size or cfg.eval.batch_size
     res, mean, std = cfg.data.resolution, cfg.data.mean, cfg.data.std
     specs = list(supernet.menu)
-    models = subnet_models(supernet, specs, train.images, recalibrate_batches=args.recalibrate_bn, batch_size=bs,
+    models = subnet_models(supernet, specs, train, recalibrate_batches=args.recalibrate_bn, batch_size=bs,
                            resolution=res, mean=mean, std=std, device=device)
     num_classes = _num_classes(train, test)
     kw = dict(resolution=res, mean=mean, std=std, batch_size=bs, device=device)
     accs = {}
     for spec in specs:
-        bank = extract_features(models[spec.name], spec, train.images, **kw)
-        queries = extract_features(models[spec.name], spec, test.images, **kw)
+        bank = extract_features(models[spec.name], spec, train, **kw)
+        queries = extract_features(models[spec.name], spec, test, **kw)
         accs[spec.name] = knn_accuracy(bank, train.labels.to(device), queries, test.labels, num_classes, k,
                                        temperature)
         log.info("kNN %s: top-1 %.2f", spec.name, accs[spec.name])
@@ -183,7 +224,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UsageError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
     supernet, cfg, device = _load_model(args)
     spec = supernet.resolve(args.subnet)  # an impossible sub-network fails before any data is decoded
-    source, train, test = _load_data(args, cfg)
+    source, train, test = _load_data(args, cfg, device)
     bs = args.eval_batch_size or cfg.eval.batch_size
     result = finetune_subnet(supernet, spec, train, test, label_fraction=args.label_fraction, seed=args.seed,
                              epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -227,9 +268,9 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     supernet.to(device)
     spec = supernet.resolve(args.subnet)
     source = args.data or cfg.data.source
-    train = _load_split(source, "train", cfg)
+    train = _load_split(source, "train", cfg, *_loader(args, cfg, source), device)
     bs = args.eval_batch_size or cfg.eval.batch_size
-    recalibrate_bn(supernet, spec, calibration_batches(train.images, args.batches, bs, cfg.data.resolution,
+    recalibrate_bn(supernet, spec, calibration_batches(train, args.batches, bs, cfg.data.resolution,
                                                        cfg.data.mean, cfg.data.std, device, args.seed))
     state = dict(data["model"])
     state.update({BACKBONE_PREFIX + k: v.cpu() for k, v in supernet.state_dict().items()})
@@ -310,6 +351,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=int, default=20, help="train batches to average the statistics over")
     p.add_argument("--out", required=True, type=Path, help="the new checkpoint file")
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
+    _add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--eval-batch-size", type=int, help="default: config eval.batch_size")
     p.add_argument("--seed", type=int, default=0)

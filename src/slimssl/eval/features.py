@@ -6,22 +6,25 @@ import torch
 import torch.nn.functional as F
 
 from ..data.augment import eval_transform
+from ..data.eval_images import EvalImages, as_eval_images
 
 
 @torch.no_grad()
-def extract_features(supernet, subnet, images: torch.Tensor, *, resolution: int, mean, std,
+def extract_features(supernet, subnet, images: EvalImages | torch.Tensor, *, resolution: int, mean, std,
                      batch_size: int = 256, device: torch.device | str = "cpu", normalize: bool = False) -> torch.Tensor:
-    """Pooled features of ``subnet`` for uint8 ``images`` [N,3,H,W]; returned on ``device`` as float32."""
+    """Pooled features of ``subnet`` for ``images`` (a dataset, in memory or streamed, or a uint8 tensor
+    [N,3,H,W]), in order; returned on ``device`` as float32."""
     was_training = supernet.training
     supernet.eval()
     out = []
     try:
         with supernet.subnet(subnet):
-            for start in range(0, len(images), batch_size):
-                batch = images[start:start + batch_size].to(device, non_blocking=True)
-                x = eval_transform(batch, resolution, mean, std)
+            for batch in as_eval_images(images).batches(batch_size):
+                x = eval_transform(batch.to(device, non_blocking=True), resolution, mean, std)
                 out.append(supernet(x).float())
     finally:
         supernet.train(was_training)
+    if not out:
+        raise ValueError("cannot extract features of an empty dataset")
     feats = torch.cat(out)
     return F.normalize(feats, dim=1) if normalize else feats

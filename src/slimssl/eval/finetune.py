@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..data.eval_images import EvalImages, as_eval_images
 from .linear import _num_classes, augment_batch, subnet_models, topk_accuracy
 
 log = logging.getLogger("slimssl")
@@ -69,14 +70,15 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> tor
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, resolution: int,
-                        mean, std, batch_size: int = 256, device="cpu") -> tuple[float, float]:
-    """Top-1/top-5 (percent) of a classifier on uint8 images, eval mode, no augmentation."""
+def evaluate_classifier(model: nn.Module, images: EvalImages | torch.Tensor, labels: torch.Tensor, *,
+                        resolution: int, mean, std, batch_size: int = 256, device="cpu") -> tuple[float, float]:
+    """Top-1/top-5 (percent) of a classifier on ``images`` (a dataset, in memory or streamed, or a uint8
+    tensor), eval mode, no augmentation."""
     was_training = model.training
     model.eval()
     logits = []
-    for start in range(0, len(images), batch_size):
-        x = eval_transform(images[start:start + batch_size].to(device), resolution, mean, std)
+    for batch in as_eval_images(images).batches(batch_size):
+        x = eval_transform(batch.to(device), resolution, mean, std)
         logits.append(model(x).float())
     model.train(was_training)
     top1, top5 = topk_accuracy(torch.cat(logits), labels)
@@ -90,6 +92,8 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
                     min_steps: int | None = None) -> dict:
     """Fine-tune the exported ``subnet`` on a balanced ``label_fraction`` of ``train``; evaluate on ``test``.
 
+    ``train`` and ``test`` are labelled datasets, in memory or streamed (``data/eval_images.py``); of a streamed
+    train split only the labelled subset is decoded, and held in memory while training.
     Returns a dict with the settings, ``top1``/``top5`` (percent) and ``indices`` (the labelled subset).
     The supernet is not modified (the export is a copy; shared BatchNorm is recalibrated on a copy).
     """
@@ -97,7 +101,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
         raise ValueError(f"fine-tuning needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     device = torch.device(device)
     spec = supernet.resolve(subnet)
-    resolution = resolution or int(train.images.shape[-1])
+    resolution = resolution or train.resolution
     recipe = default_recipe(label_fraction)
     recipe = replace(recipe, **{k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
                                                                    min_steps=min_steps).items()
@@ -107,7 +111,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     indices = balanced_subset(train.labels, label_fraction, seed)
     num_classes = _num_classes(train, test)
 
-    source = subnet_models(supernet, [spec], train.images, recalibrate_batches=recalibrate_batches,
+    source = subnet_models(supernet, [spec], train, recalibrate_batches=recalibrate_batches,
                            batch_size=eval_batch_size, resolution=resolution, mean=mean, std=std,
                            device=device, seed=seed)[spec.name]
     model = source.export(spec)
@@ -117,7 +121,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     nn.init.zeros_(model.fc.bias)
     model.to(device).train()
 
-    images, labels = train.images[indices], train.labels[indices].to(device)
+    images, labels = train.take(indices), train.labels[indices].to(device)  # the subset only is decoded
     n = len(indices)
     batch = min(recipe.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the last partial batch: BatchNorm sees full batches
@@ -143,7 +147,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
         if step == 0 or (step + 1) % max(1, total // 5) == 0:
             log.info("fine-tune step %d/%d: loss %.4f", step + 1, total, loss.item())
 
-    top1, top5 = evaluate_classifier(model, test.images, test.labels, resolution=resolution, mean=mean, std=std,
+    top1, top5 = evaluate_classifier(model, test, test.labels, resolution=resolution, mean=mean, std=std,
                                      batch_size=eval_batch_size, device=device)
     return {"subnet": spec.name, "label_fraction": float(label_fraction), "seed": int(seed),
             "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),

@@ -32,7 +32,8 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
 
 def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resolution: int, mean, std,
                      batch_size: int = 256, device="cpu") -> dict[str, float]:
-    """kNN top-1 of every menu entry: the train split is the bank, the test split the queries."""
+    """kNN top-1 of every menu entry: the train split is the bank, the test split the queries (datasets in
+    memory or streamed, see ``data/eval_images.py``)."""
     from .features import extract_features
 
     if train.labels is None or test.labels is None:
@@ -41,8 +42,8 @@ def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resol
     results = {}
     for spec in supernet.menu:
         kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
-        bank = extract_features(supernet, spec, train.images, **kw)
-        queries = extract_features(supernet, spec, test.images, **kw)
+        bank = extract_features(supernet, spec, train, **kw)
+        queries = extract_features(supernet, spec, test, **kw)
         results[spec.name] = knn_accuracy(bank, train.labels.to(device), queries, test.labels, num_classes,
                                           k, temperature)
     return results

@@ -23,6 +23,7 @@ The backbone is fingerprinted (a hash of every parameter and buffer) before and 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.layers import recalibrate_bn
 from ..nn.spec import SubnetSpec
 from .features import extract_features
@@ -194,15 +196,19 @@ def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: t
 
 # ---- shared BatchNorm: per-sub-network recalibrated copies -------------------------------------------
 
-def calibration_batches(images: torch.Tensor, num_batches: int, batch_size: int, resolution: int, mean, std,
-                        device, seed: int = 0) -> Iterator[torch.Tensor]:
-    """``num_batches`` eval-transformed batches of a fixed random sample of ``images``."""
-    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    for i in range(num_batches):
-        idx = perm[i * batch_size:(i + 1) * batch_size]
-        if len(idx) == 0:
-            break
-        yield eval_transform(images[idx].to(device), resolution, mean, std)
+def calibration_order(num_images: int, num_batches: int, batch_size: int, seed: int = 0) -> torch.Tensor:
+    """The indices of the fixed random sample that recalibration reads, batch after batch."""
+    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return perm[:num_batches * batch_size]
+
+
+def calibration_batches(images: EvalImages | torch.Tensor, num_batches: int, batch_size: int, resolution: int,
+                        mean, std, device, seed: int = 0) -> Iterator[torch.Tensor]:
+    """``num_batches`` eval-transformed batches of a fixed random sample of ``images`` (a dataset, in memory
+    or streamed, or a uint8 tensor)."""
+    images = as_eval_images(images)
+    for batch in images.batches(batch_size, calibration_order(len(images), num_batches, batch_size, seed)):
+        yield eval_transform(batch.to(device), resolution, mean, std)
 
 
 def resolve_recalibration(supernet, batches: int | None) -> int:
@@ -212,25 +218,41 @@ def resolve_recalibration(supernet, batches: int | None) -> int:
     return max(0, int(batches))
 
 
-def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: torch.Tensor, *,
+def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImages | torch.Tensor, *,
                   recalibrate_batches: int | None, batch_size: int, resolution: int, mean, std,
                   device="cpu", seed: int = 0) -> dict[str, nn.Module]:
     """The model to evaluate each sub-network with: the supernet itself, or (recalibrating) a copy whose
-    BatchNorm statistics were re-estimated for that sub-network on ``recalibrate_batches`` train batches."""
+    BatchNorm statistics were re-estimated for that sub-network on ``recalibrate_batches`` train batches
+    (``train_images``: the train split, in memory or streamed, or a uint8 tensor)."""
     n = resolve_recalibration(supernet, recalibrate_batches)
     if n == 0:
         return {spec.name: supernet for spec in specs}
+    train_images = as_eval_images(train_images)
+    # The sample is decoded once for all sub-networks; its batches are those calibration_batches reads.
+    sample = as_eval_images(train_images.take(calibration_order(len(train_images), n, batch_size, seed)))
     models = {}
     for spec in specs:
         model = copy.deepcopy(supernet)
-        recalibrate_bn(model, spec, calibration_batches(train_images, n, batch_size, resolution, mean, std,
-                                                        device, seed))
+        recalibrate_bn(model, spec, (eval_transform(batch.to(device), resolution, mean, std)
+                                     for batch in sample.batches(batch_size)))
         models[spec.name] = model.eval()
         log.info("recalibrated BatchNorm of %s on %d batches", spec.name, n)
     return models
 
 
 # ---- the probe ---------------------------------------------------------------------------------------
+
+def _epoch_batches(train: EvalImages, perm: torch.Tensor, batch_size: int,
+                   augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(indices, their uint8 images when augmenting, else None) of every step of an epoch; the images are
+    read in the epoch's order, so a streamed train split is decoded once per epoch."""
+    steps = perm.split(batch_size)
+    if not augment:
+        yield from ((idx, None) for idx in steps)
+        return
+    with contextlib.closing(train.batches(batch_size, perm)) as images:  # closing: stop the loader workers
+        yield from zip(steps, images)
+
 
 def _standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features.mean(0), features.std(0).clamp_min(1e-6)
@@ -251,7 +273,8 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
                          feature_batch_size: int = 256, recalibrate_batches: int | None = None,
                          return_heads: bool = False):
     """Train one linear head per sub-network of ``supernet`` (frozen, eval mode) on ``train`` and report
-    ``{subnet: {"top1": %, "top5": %}}`` on ``test`` (``ImageDataset``s with labels).
+    ``{subnet: {"top1": %, "top5": %}}`` on ``test`` (labelled datasets, in memory or streamed: see
+    ``data/eval_images.py``; the augmented probe reads the train split once per epoch).
 
     With ``return_heads`` the result is ``(results, heads)``.
     """
@@ -260,20 +283,20 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     device = torch.device(device)
-    resolution = resolution or int(train.images.shape[-1])
+    resolution = resolution or train.resolution
     specs = [supernet.resolve(s) for s in subnets] if subnets else list(supernet.menu)
     names = [s.name for s in specs]
     num_classes = _num_classes(train, test)
     supernet.to(device).eval()
     fingerprints = {id(supernet): (supernet, backbone_fingerprint(supernet))}
-    models = subnet_models(supernet, specs, train.images, recalibrate_batches=recalibrate_batches,
+    models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches,
                            batch_size=feature_batch_size, resolution=resolution, mean=mean, std=std,
                            device=device, seed=seed)
     for model in models.values():
         fingerprints.setdefault(id(model), (model, backbone_fingerprint(model)))
 
     kw = dict(resolution=resolution, mean=mean, std=std, batch_size=feature_batch_size, device=device)
-    train_feats = {n: extract_features(models[n], spec, train.images, **kw) for n, spec in zip(names, specs)}
+    train_feats = {n: extract_features(models[n], spec, train, **kw) for n, spec in zip(names, specs)}
     stats = {n: _standardizer(f) if standardize else (torch.zeros(f.shape[1], device=device),
                                                       torch.ones(f.shape[1], device=device))
              for n, f in train_feats.items()}
@@ -295,10 +318,9 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     for epoch in range(epochs):
         perm = torch.randperm(n_train, generator=gen)
         running = 0.0
-        for step in range(steps_per_epoch):
-            idx = perm[step * batch_size:(step + 1) * batch_size]
+        for idx, batch in _epoch_batches(train, perm, batch_size, augment):
             if augment:
-                x = augment_batch(train.images[idx].to(device), resolution, mean, std, gen)
+                x = augment_batch(batch.to(device), resolution, mean, std, gen)
                 feats = {}
                 with torch.no_grad():
                     for n, spec in zip(names, specs):
@@ -315,7 +337,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     results = {}
     with torch.no_grad():
         for n, spec in zip(names, specs):
-            f = extract_features(models[n], spec, test.images, **kw)
+            f = extract_features(models[n], spec, test, **kw)
             logits = heads((f - stats[n][0]) / stats[n][1], n)
             top1, top5 = topk_accuracy(logits, test.labels)
             results[n] = {"top1": top1, "top5": top5}

@@ -1,0 +1,208 @@
+"""Evaluation images: a labelled split held decoded in memory, or streamed from its files.
+
+The evaluation protocols (kNN, linear probe, fine-tuning, BatchNorm recalibration) read a split through
+the small ``EvalImages`` interface: its length, labels and resolution, uint8 batches in a given order, and
+the images at given indices. ``ImageDataset`` (datasets.py) is the in-memory implementation.
+``StreamedImages`` holds only the file list and labels of an ImageFolder folder or .zip, and torch
+DataLoader worker processes decode each batch, so a split too large for memory (ImageNet) can be evaluated
+(``--loader stream``).
+
+A streamed image is decoded exactly as ``load_dataset`` decodes it (``decode_resized``: the same decoder,
+shorter side resized to the resolution with antialiasing, centre crop), so both loaders give the same
+pixels and the same numbers. Unlike the training stream, JPEGs are decoded at full scale: a reduced-scale
+draft would change the pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import DataError, ImageDataset, decode_resized, load_dataset, num_classes
+from .stream import list_labelled_files, open_reader
+
+log = logging.getLogger("slimssl")
+
+LOADERS = ("memory", "stream")
+TAKE_BATCH = 64  # files per worker task when fetching a set of indices
+Failure = tuple[int, str]  # (file index, error) of a file that could not be decoded
+
+
+class EvalImages(Protocol):
+    """What the evaluation protocols read from a split (``ImageDataset``, ``StreamedImages``)."""
+
+    name: str
+    split: str
+    classes: list[str] | None
+    labels: torch.Tensor | None  # int64 [N]; None when unlabelled
+
+    def __len__(self) -> int: ...
+
+    @property
+    def resolution(self) -> int: ...
+
+    def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[torch.Tensor]: ...
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor: ...
+
+
+def as_eval_images(images: torch.Tensor | EvalImages) -> EvalImages:
+    """A bare uint8 tensor [N, 3, H, W] as unlabelled in-memory images; a dataset as it is (older callers
+    pass ``dataset.images``)."""
+    if isinstance(images, torch.Tensor):
+        return ImageDataset(images, None, None, "images")
+    return images
+
+
+def load_eval_split(source: str, split: str, *, loader: str, resolution: int, workers: int = 0,
+                    skip_unreadable: bool = False, fake_size: int = 256, seed: int = 0,
+                    pin_memory: bool = False) -> EvalImages:
+    """``split`` of ``source`` decoded in memory (``loader="memory"``) or streamed (``"stream"``)."""
+    if loader == "stream":
+        return StreamedImages(source, split, resolution=resolution, workers=workers,
+                              skip_unreadable=skip_unreadable, pin_memory=pin_memory)
+    if loader == "memory":
+        return load_dataset(source, split, resolution=resolution, skip_unreadable=skip_unreadable,
+                            fake_size=fake_size, seed=seed)
+    raise DataError(f"unknown loader {loader!r}; expected one of {LOADERS}")
+
+
+class StreamedImages:
+    """One split of an ImageFolder folder or .zip that is never held decoded: the ``EvalImages`` interface,
+    with ``workers`` loader processes decoding each batch (0: in this process)."""
+
+    def __init__(self, source: str, split: str = "test", *, resolution: int, workers: int = 0,
+                 skip_unreadable: bool = False, pin_memory: bool = False):
+        if resolution < 1 or workers < 0:
+            raise DataError(f"need resolution >= 1 and workers >= 0, got {resolution} and {workers}")
+        files = list_labelled_files(source, split)
+        self.root, self.split, self.classes = files.root, split, files.classes
+        self.name = os.path.splitext(os.path.basename(files.root.rstrip("/")))[0]
+        self.labels = None if files.labels is None else torch.as_tensor(files.labels, dtype=torch.int64)
+        self.workers, self.pin_memory = workers, pin_memory
+        self.files = DecodedFiles(files.root, files.paths, resolution, files.read)
+        if skip_unreadable:
+            self._drop_unreadable()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def resolution(self) -> int:
+        return self.files.resolution
+
+    @property
+    def num_classes(self) -> int:
+        return num_classes(self)
+
+    def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """uint8 [B, 3, R, R] batches of ``indices`` (default: every file), in that order; a DataError naming
+        the file when one cannot be decoded."""
+        with contextlib.closing(self._decoded(self._order(indices), batch_size)) as decoded:
+            for images, failed in decoded:
+                if failed:
+                    index, error = failed[0]
+                    raise DataError(f"cannot decode {self.files.path(index)} ({error}); evaluation skips unreadable files only when "
+                                    "data.skip_unreadable is true in the checkpoint's config "
+                                    "(StreamedImages(..., skip_unreadable=True) in Python)")
+                yield images
+
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        """The images at ``indices`` as one uint8 tensor [len(indices), 3, R, R]."""
+        parts = list(self.batches(TAKE_BATCH, indices))
+        if not parts:
+            return torch.empty((0, 3, self.resolution, self.resolution), dtype=torch.uint8)
+        return torch.cat(parts)
+
+    # ---- decoding ----------------------------------------------------------------------------------------
+
+    def _order(self, indices: torch.Tensor | None) -> torch.Tensor:
+        if indices is None:
+            return torch.arange(len(self))
+        order = torch.as_tensor(indices, dtype=torch.int64).flatten()
+        if len(order) and (order.min() < 0 or order.max() >= len(self)):
+            raise IndexError(f"indices out of range for {len(self)} images of {self.root}")
+        return order
+
+    def _decoded(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor | None, list[Failure]]]:
+        """(images or None when a file failed, failures) per batch of ``order``, decoded by the workers."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # An explicit generator: a loader must not draw its worker seeds from the global RNG, which the
+        # in-memory path leaves untouched.
+        loader = DataLoader(self.files, batch_sampler=[c.tolist() for c in order.split(batch_size) if len(c)],
+                            num_workers=self.workers, collate_fn=collate_decoded, pin_memory=self.pin_memory,
+                            generator=torch.Generator().manual_seed(0))
+        batches = iter(loader)
+        try:
+            yield from batches
+        finally:
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:  # a caller that stops early: join the workers now, not at collection
+                shutdown()
+
+    def _drop_unreadable(self) -> None:
+        """Decode every file once and drop those that fail, with their labels: the files ``load_dataset``
+        skips with ``skip_unreadable``, so both loaders evaluate the same images."""
+        failed = [f for _, found in self._decoded(torch.arange(len(self)), TAKE_BATCH) for f in found]
+        if not failed:
+            return
+        if len(failed) == len(self):
+            raise DataError(f"{self.root}: none of the {len(self)} image files of split {self.split!r} could be "
+                            "decoded")
+        bad = {index for index, _ in failed}
+        paths = [self.files.path(index) for index, _ in failed]
+        keep = torch.tensor([i for i in range(len(self)) if i not in bad], dtype=torch.int64)
+        self.files = self.files.subset(keep)
+        self.labels = None if self.labels is None else self.labels[keep]
+        log.warning("%s: skipped %d unreadable files (%s%s)", self.root, len(paths), ", ".join(paths[:5]),
+                    ", ..." if len(paths) > 5 else "")
+
+
+class DecodedFiles(Dataset):
+    """File index -> (index, uint8 [3, R, R] or None, error or None), decoded as ``load_dataset`` does."""
+
+    def __init__(self, root: str, paths: list[str] | np.ndarray, resolution: int,
+                 read: Callable[[str], bytes] | None = None):
+        # One numpy bytes array, not a list of str: forked workers read it without touching refcounts, so
+        # its pages stay shared instead of being copied into every worker.
+        self.root, self.resolution = root, resolution
+        self.paths = paths if isinstance(paths, np.ndarray) else np.array([p.encode() for p in paths])
+        self._read, self._read_pid = read, os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getstate__(self) -> dict:  # spawned workers open their own reader
+        return {**self.__dict__, "_read": None, "_read_pid": None}
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, decode_resized(self.read(self.paths[index].decode()), self.resolution), None
+        except Exception as exc:  # any decoder failure means "unreadable file"
+            return index, None, f"{type(exc).__name__}: {exc}"
+
+    def read(self, rel: str) -> bytes:
+        if self._read_pid != os.getpid():  # a worker: a .zip handle inherited through fork is not safe to share
+            self._read, self._read_pid = open_reader(self.root), os.getpid()
+        return self._read(rel)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.paths[index].decode())
+
+    def subset(self, keep: torch.Tensor) -> DecodedFiles:
+        return DecodedFiles(self.root, self.paths[keep.numpy()], self.resolution, self._read)
+
+
+def collate_decoded(samples: list) -> tuple[torch.Tensor | None, list[Failure]]:
+    """One batch's samples -> (uint8 [B, 3, R, R], or None when a file failed; the failures)."""
+    failed = [(index, error) for index, image, error in samples if image is None]
+    if failed:
+        return None, failed
+    return torch.stack([image for _, image, _ in samples]), []

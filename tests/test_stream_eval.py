@@ -1,0 +1,223 @@
+"""Streamed evaluation (--loader stream): the same images and the same kNN / linear-probe numbers as the in-memory
+path, on a folder and on a .zip, with named errors for unreadable files and built-in datasets."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slimssl.checkpoint import load_checkpoint, save_checkpoint
+from slimssl.cli import main
+from slimssl.config import config_from_dict
+from slimssl.data.datasets import DataError, load_dataset
+from slimssl.data.eval_images import StreamedImages, as_eval_images, load_eval_split
+from slimssl.eval.finetune import evaluate_classifier
+from slimssl.eval.knn import knn_eval_subnets
+from slimssl.eval.linear import calibration_batches, linear_probe_subnets, subnet_models
+from slimssl.models.build import build_supernet
+
+RES = 12
+CLASSES = ("blue", "green", "red")
+SIZES = [(20, 20), (40, 24), (22, 36), (31, 17), (28, 28), (24, 40)]  # (width, height): other shapes and sides
+NORM = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSSL_CACHE", str(tmp_path / "cache"))  # in-memory loads must really decode
+
+
+def _image(label: int, seed: int, width: int, height: int) -> Image.Image:
+    """A class colour plus a gradient and noise, so classes are separable but images differ."""
+    g = np.random.default_rng(seed)
+    colour = np.full(3, 40.0)
+    colour[2 - label] = 200.0
+    ramp = np.linspace(0, 60, width)[None, :, None] * g.random(3)
+    pixels = colour + ramp + g.normal(0, 20, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _folder(root, per_class: dict[str, int] | None = None):
+    """An ImageFolder of JPEGs with train/ and test/ splits, three classes, mixed sizes and aspect ratios."""
+    per_class = per_class or {"train": 12, "test": 6}
+    for split, n in per_class.items():
+        for label, name in enumerate(CLASSES):
+            for i in range(n):
+                w, h = SIZES[(i + label) % len(SIZES)]
+                path = root / split / name / f"{i:03d}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _image(label, 1000 * label + i + (500 if split == "test" else 0), w, h).save(path, quality=90)
+    return root
+
+
+def _zip(folder, path):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for f in sorted(folder.rglob("*.jpg")):
+            z.write(f, f"data/{f.relative_to(folder)}")  # one wrapping folder, as zips often have
+    return path
+
+
+def _config(source, loader: str = "stream", bn: str = "private"):
+    return config_from_dict({"name": "tiny", "model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4,
+                                                       "stem": "cifar", "bn": bn},
+                             "menu": {"widths": [1.0, 0.5]},
+                             "data": {"source": str(source), "resolution": RES, "loader": loader, "workers": 0,
+                                      "mean": NORM["mean"], "std": NORM["std"]},
+                             "eval": {"knn_k": 5, "batch_size": 16}})
+
+
+def _supernet(bn: str = "private"):
+    torch.manual_seed(0)
+    return build_supernet(_config("unused", bn=bn)).eval()
+
+
+def _checkpoint(path, source, loader: str = "stream", bn: str = "private"):
+    cfg = _config(source, loader, bn)
+    save_checkpoint(path, {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names,
+                           "model": {"backbone." + k: v for k, v in _supernet(bn).state_dict().items()}})
+    return path
+
+
+def _both(source, split: str, workers: int = 0, **kw):
+    memory = load_dataset(str(source), split, resolution=RES, **kw)
+    streamed = StreamedImages(str(source), split, resolution=RES, workers=workers, **kw)
+    return memory, streamed
+
+
+# ---- the images ----------------------------------------------------------------------------------------
+
+def test_streamed_images_equal_decoded_ones(tmp_path):
+    root = _folder(tmp_path / "data")
+    memory, streamed = _both(root, "train", workers=2)  # decoded in worker processes
+    assert len(streamed) == len(memory) == 36 and streamed.resolution == memory.resolution == RES
+    assert streamed.classes == memory.classes == list(CLASSES) and torch.equal(streamed.labels, memory.labels)
+    assert streamed.num_classes == 3 and streamed.name == "data" and streamed.split == "train"
+    batches = list(streamed.batches(10))
+    assert [len(b) for b in batches] == [10, 10, 10, 6] and batches[0].dtype == torch.uint8
+    assert torch.equal(torch.cat(batches), memory.images)  # bit for bit, whatever the aspect ratio
+    order = torch.tensor([35, 0, 7, 7, 20])
+    assert torch.equal(streamed.take(order), memory.take(order))
+    pieces = list(streamed.batches(2, order))
+    assert [len(b) for b in pieces] == [2, 2, 1] and torch.equal(torch.cat(pieces), memory.take(order))
+    assert streamed.take(torch.tensor([], dtype=torch.int64)).shape == (0, 3, RES, RES)
+    with pytest.raises(IndexError, match="out of range"):
+        streamed.take(torch.tensor([36]))
+
+
+def test_zip_streams_the_same_images(tmp_path):
+    folder = _folder(tmp_path / "data")
+    archive = _zip(folder, tmp_path / "data.zip")
+    memory, streamed = _both(archive, "test", workers=1)
+    assert torch.equal(streamed.take(torch.arange(len(streamed))), memory.images)
+    assert torch.equal(streamed.labels, memory.labels)
+    assert torch.equal(memory.images, load_dataset(str(folder), "test", resolution=RES).images)
+
+
+def test_tensors_and_datasets_share_the_interface(tmp_path):
+    images = torch.randint(0, 256, (5, 3, RES, RES), dtype=torch.uint8)
+    wrapped = as_eval_images(images)
+    assert len(wrapped) == 5 and wrapped.labels is None and wrapped.resolution == RES
+    assert torch.equal(torch.cat(list(wrapped.batches(2))), images)
+    ds = load_eval_split("fake", "test", loader="memory", resolution=RES, fake_size=8)
+    assert as_eval_images(ds) is ds
+    with pytest.raises(DataError, match="built-in"):
+        load_eval_split("fake", "test", loader="stream", resolution=RES)
+    with pytest.raises(DataError, match="unknown loader"):
+        load_eval_split("fake", "test", loader="disk", resolution=RES)
+
+
+# ---- the protocols -------------------------------------------------------------------------------------
+
+def test_knn_linear_and_recalibration_agree_across_loaders(tmp_path):
+    root = _folder(tmp_path / "data")
+    (train, test), (s_train, s_test) = zip(_both(root, "train"), _both(root, "test"))
+    supernet = _supernet()
+    kw = dict(resolution=RES, batch_size=16, **NORM)
+    knn = knn_eval_subnets(supernet, train, test, k=5, temperature=0.1, **kw)
+    assert knn == knn_eval_subnets(supernet, s_train, s_test, k=5, temperature=0.1, **kw)
+    assert max(knn.values()) > 50.0  # chance: 33
+
+    probe = dict(epochs=3, batch_size=8, feature_batch_size=16, **NORM)
+    for options in ({}, {"augment": True}):
+        assert linear_probe_subnets(supernet, train, test, **probe, **options) == \
+               linear_probe_subnets(supernet, s_train, s_test, **probe, **options)
+
+    shared = _supernet("shared")
+    specs = list(shared.menu)
+    recal = dict(recalibrate_batches=2, batch_size=8, resolution=RES, **NORM)
+    for spec, a, b in zip(specs, subnet_models(shared, specs, train, **recal).values(),
+                          subnet_models(shared, specs, s_train, **recal).values()):
+        assert torch.equal(a.layer1[0].bn1.bn.running_mean, b.layer1[0].bn1.bn.running_mean)
+    old_style = list(calibration_batches(train.images, 2, 8, RES, NORM["mean"], NORM["std"], "cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(old_style, calibration_batches(s_train, 2, 8, RES, NORM["mean"],
+                                                                                 NORM["std"], "cpu")))
+    model = supernet.export(specs[1])
+    assert evaluate_classifier(model, test, test.labels, resolution=RES, **NORM) == \
+           evaluate_classifier(model, s_test, s_test.labels, resolution=RES, **NORM)
+
+
+def _cli_json(capsys, argv: list[str]) -> list[dict]:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_streamed_knn_linear_and_finetune_match_memory(tmp_path, capsys):
+    root = _folder(tmp_path / "data")
+    ckpt = str(_checkpoint(tmp_path / "model.pt", root))  # the config says data.loader: stream
+    common = ["--json", "--device", "cpu", "--no-save"]
+    streamed = _cli_json(capsys, ["knn", ckpt, *common, "--workers", "1"])
+    assert streamed == _cli_json(capsys, ["knn", ckpt, *common, "--loader", "memory"])
+    assert [r["subnet"] for r in streamed] == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
+    linear = ["linear", ckpt, *common, "--epochs", "2", "--batch-size", "8"]
+    assert _cli_json(capsys, linear) == _cli_json(capsys, [*linear, "--loader", "memory"])
+    finetune = ["finetune", ckpt, *common, "--subnet", "0.5", "--label-fraction", "0.25", "--epochs", "1",
+                "--out", str(tmp_path / "ft.json")]
+    assert _cli_json(capsys, finetune) == _cli_json(capsys, [*finetune, "--loader", "memory"])
+
+
+def test_cli_streams_a_zip_and_recalibrates(tmp_path, capsys):
+    archive = _zip(_folder(tmp_path / "data"), tmp_path / "data.zip")
+    ckpt = str(_checkpoint(tmp_path / "model.pt", archive, loader="memory", bn="shared"))
+    knn = ["knn", ckpt, "--json", "--device", "cpu", "--no-save", "--recalibrate-bn", "1"]
+    assert _cli_json(capsys, [*knn, "--loader", "stream", "--workers", "2"]) == _cli_json(capsys, knn)
+    recal = ["recalibrate", ckpt, "--subnet", "0.5", "--batches", "1", "--device", "cpu", "--json"]
+    _cli_json(capsys, [*recal, "--out", str(tmp_path / "a.pt"), "--loader", "stream"])
+    _cli_json(capsys, [*recal, "--out", str(tmp_path / "b.pt")])
+    a, b = (load_checkpoint(tmp_path / f"{n}.pt")["model"] for n in "ab")
+    assert torch.equal(a["backbone.bn1.bn.running_mean"], b["backbone.bn1.bn.running_mean"])
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+
+def test_unreadable_file_is_named_or_skipped_like_in_memory(tmp_path, capsys, caplog):
+    root = _folder(tmp_path / "data")
+    bad = root / "test" / "green" / "002.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    streamed = StreamedImages(str(root), "test", resolution=RES, workers=1)
+    with pytest.raises(DataError, match=f"cannot decode {bad}"):
+        list(streamed.batches(4))
+    ckpt = str(_checkpoint(tmp_path / "model.pt", root))
+    assert main(["knn", ckpt, "--device", "cpu", "--no-save"]) == 2
+    assert str(bad) in caplog.text and "data.skip_unreadable" in caplog.text
+
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        memory, skipping = _both(root, "test", skip_unreadable=True)
+    assert len(skipping) == len(memory) == 17 and "skipped 1 unreadable" in caplog.text
+    assert torch.equal(skipping.take(torch.arange(17)), memory.images) and torch.equal(skipping.labels, memory.labels)
+
+
+def test_builtin_dataset_streams_never(tmp_path, capsys, caplog):
+    ckpt = str(_checkpoint(tmp_path / "model.pt", "fake"))  # an (impossible) streaming config on built-in data
+    assert main(["knn", ckpt, "--device", "cpu", "--no-save", "--loader", "stream"]) == 2
+    assert "--loader stream reads an ImageFolder folder or .zip" in caplog.text and "'fake'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        rows = _cli_json(capsys, ["knn", ckpt, "--device", "cpu", "--no-save", "--json"])
+    assert len(rows) == 2 and "built-in dataset: decoded in memory" in caplog.text
+    assert main(["knn", ckpt, "--device", "cpu", "--no-save", "--workers", "-1", "--data", str(tmp_path)]) == 2
