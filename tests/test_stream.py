@@ -9,6 +9,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,9 +21,10 @@ import torch
 from PIL import Image
 
 from slimssl.config import config_from_dict
-from slimssl.data.augment import TwoViewAugment, recipe
+from slimssl.data.augment import TwoViewAugment, ViewRecipe, recipe, sample_crop_boxes
 from slimssl.data.datasets import DataError
-from slimssl.data.stream import StreamingViews, crop_pair, decode_image, full_detail_side, sample_generator
+from slimssl.data.stream import (StreamingViews, crop_pair, decode_image, decode_pixels, full_detail_side,
+                                 sample_generator, view_boxes)
 from slimssl.data.views import InMemoryViews
 from slimssl.train.loop import Trainer
 from test_pretrain import tiny
@@ -50,10 +52,11 @@ def _pattern(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def _tree(root, n: int = 24, sizes=SIZES):
-    """An ImageFolder of PNGs (two classes) of mixed sizes and aspect ratios."""
+    """An ImageFolder (two classes) of mixed sizes and aspect ratios: PNGs, and every third file a JPEG
+    (JPEGs and other files take different decoders)."""
     for i in range(n):
         w, h = sizes[i % len(sizes)]
-        path = root / ("cat" if i % 2 else "dog") / f"{i:03d}.png"
+        path = root / ("cat" if i % 2 else "dog") / f"{i:03d}.{'jpg' if i % 3 == 2 else 'png'}"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(_pattern(1, h, w, seed=i)[0]).save(path)
     return root
@@ -113,7 +116,7 @@ def test_zip_streams_like_the_folder(tmp_path):
     root = _tree(tmp_path / "data" / "train", n=16)
     archive = tmp_path / "data.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for path in sorted((tmp_path / "data").rglob("*.png")):
+        for path in sorted(p for p in (tmp_path / "data").rglob("*") if p.is_file()):
             zf.write(path, "data/" + path.relative_to(tmp_path / "data").as_posix())  # wrapped in one folder
     folder = _stream(root.parent)(2)
     zipped = _stream(archive, workers=2)  # each worker opens its own zip handle
@@ -157,10 +160,66 @@ def test_large_jpeg_is_decoded_at_reduced_scale_and_cropped(tmp_path):
     assert side == math.ceil(RES / math.sqrt(0.08 * 0.75))
     img = decode_image(buf.getvalue(), side)
     assert img.mode == "RGB" and min(img.size) >= side and img.size == (100, 75)  # 1/8 scale
-    crops = crop_pair(img, views, RES, sample_generator(0, 5, 2))
-    assert crops.shape == (2, 3, RES, RES) and crops.dtype == torch.uint8
-    assert torch.equal(crops, crop_pair(img, views, RES, sample_generator(0, 5, 2)))
-    assert not torch.equal(crops, crop_pair(img, views, RES, sample_generator(0, 5, 3)))
+    pixels = decode_pixels(buf.getvalue(), side)
+    assert torch.equal(pixels, torch.from_numpy(np.array(img)).permute(2, 0, 1))
+    crops = crop_pair(pixels, views, RES, sample_generator(0, 5, 2))
+    assert crops.shape == (2, RES, RES, 3) and crops.dtype == torch.uint8
+    assert torch.equal(crops, crop_pair(pixels, views, RES, sample_generator(0, 5, 2)))
+    assert not torch.equal(crops, crop_pair(pixels, views, RES, sample_generator(0, 5, 3)))
+
+
+def _jpeg(img: Image.Image, **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+def test_decoded_pixels_are_those_of_pil():
+    """JPEGs not shrunk by draft take torchvision's decoder: the same pixels as PIL's, whatever the colour
+    space or coding; PIL still names the error of a corrupt one."""
+    rgb = Image.fromarray(_pattern(1, 45, 60, seed=1)[0])
+    for data in (_jpeg(rgb), _jpeg(rgb, progressive=True), _jpeg(rgb, subsampling=0), _jpeg(rgb.convert("L")),
+                 _jpeg(rgb.convert("CMYK"))):
+        assert decode_image(data, 40).size == (60, 45)  # not shrunk by draft
+        pixels = decode_pixels(data, 40)
+        assert pixels.shape == (3, 45, 60) and pixels.dtype == torch.uint8
+        assert torch.equal(pixels, torch.from_numpy(np.array(decode_image(data, 40))).permute(2, 0, 1))
+    truncated = _jpeg(rgb)[:-200]
+    with pytest.raises(OSError) as pil_error:
+        decode_image(truncated, 40)
+    with pytest.raises(OSError, match=re.escape(str(pil_error.value))):
+        decode_pixels(truncated, 40)
+
+
+def test_view_boxes_are_those_of_sample_crop_boxes():
+    """One pass over both views' draws gives what one ``sample_crop_boxes`` call per view gives."""
+    views = recipe("byol", RES)
+    other = (views[0], ViewRecipe(crop_scale=(0.5, 1.0), crop_ratio=(0.5, 2.0)))
+    for pair in (views, other):
+        for i, (height, width) in enumerate([(375, 500), (20, 900), (7, 7), (1, 1), (900, 31)] * 20):
+            gen = sample_generator(4, i, 7)
+            ref = [sample_crop_boxes(1, height, width, v.crop_scale, v.crop_ratio, gen, "cpu")[0] for v in pair]
+            boxes = view_boxes(height, width, pair, sample_generator(4, i, 7))
+            assert boxes == [tuple(int(x) for x in box.tolist()) for box in ref]
+
+
+def test_crops_are_torchvision_resized_crops_of_the_boxes():
+    """Each view is its box cropped and resized (antialiased bilinear) exactly as torchvision's
+    RandomResizedCrop does on uint8 tensors, and within 2 levels of PIL's bilinear resize of the crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    image = Image.fromarray(_pattern(1, 90, 120, seed=2)[0])
+    views = recipe("byol", 24)
+    pixels = decode_pixels(_jpeg(image), full_detail_side(24, views))
+    assert pixels.shape == (3, 90, 120)
+    decoded = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    for row in range(10):
+        crops = crop_pair(pixels, views, 24, sample_generator(1, 2, row))
+        for crop, (top, left, h, w) in zip(crops, view_boxes(90, 120, views, sample_generator(1, 2, row))):
+            ref = TF.resized_crop(pixels.contiguous(), top, left, h, w, [24, 24], antialias=True)
+            assert torch.equal(crop.permute(2, 0, 1), ref)
+            pil = decoded.crop((left, top, left + w, top + h)).resize((24, 24), Image.Resampling.BILINEAR)
+            assert (crop.int() - torch.from_numpy(np.array(pil)).int()).abs().max() <= 2
 
 
 def _corrupt(root):

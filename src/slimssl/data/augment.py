@@ -198,18 +198,35 @@ def sample_crop_boxes(b: int, height: int, width: int, scale, ratio, generator, 
     Draws ``_CROP_TRIES`` candidates per sample and keeps the first that fits;
     if none fits, falls back to torchvision's ratio-clamped center crop.
     """
-    u = _rand((4, b, _CROP_TRIES), generator, device, batch_dim=1)
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[0])
+    return crop_boxes_from_uniforms(crop_box_uniforms(b, generator, device), height, width, scale, ratio)
+
+
+def crop_box_uniforms(b: int, generator, device) -> torch.Tensor:
+    """The draws behind ``b`` samples' crop boxes: uniform [4, b, tries] (area, aspect, top, left)."""
+    return _rand((4, b, _CROP_TRIES), generator, device, batch_dim=1)
+
+
+def crop_boxes_from_uniforms(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
+    """``sample_crop_boxes`` from its draws ``u`` [4, B, tries]: float [B, 4] = (top, left, h, w).
+
+    A sample's box depends on its own draws only: the streaming loader's workers draw a sample's views
+    one after the other and compute their boxes in one pass, where each small op costs more than its
+    arithmetic.
+    """
+    u_area, u_aspect, u_top, u_left = u.unbind(0)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u_area)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u_aspect)
     w = torch.sqrt(area * aspect).round()
     h = torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.int().argmax(dim=1, keepdim=True)  # first True (0 if none)
-    h, w = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0]
+    # one gather for all four values of the chosen candidates (fewer small ops, same values)
+    picked = torch.stack([h, w, u_top, u_left]).gather(2, first.expand(4, -1, -1))
+    h, w, u_top, u_left = picked[..., 0].unbind(0)
     # torch.randint(0, H - h + 1) as floor(u * (H - h + 1))
-    top = (u[2].gather(1, first)[:, 0] * (height - h + 1)).floor()
-    left = (u[3].gather(1, first)[:, 0] * (width - w + 1)).floor()
+    top = (u_top * (height - h + 1)).floor()
+    left = (u_left * (width - w + 1)).floor()
     # Scalar fallbacks: no host->device copy (which would synchronise on CUDA).
     any_fit = fits.any(dim=1)
     columns = zip((top, left, h, w), _center_box(height, width, ratio))
