@@ -306,6 +306,35 @@ def test_workers_outlive_a_stop_signal_to_the_process_group(tmp_path):
     assert not any(worker.is_alive() for worker in workers)  # close() joins them
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask") or multiprocessing.get_start_method() != "fork",
+                    reason="needs POSIX signal masks and forked workers (the slowed start is patched in)")
+def test_a_stop_signal_while_the_workers_start_does_not_kill_them(tmp_path, monkeypatch):
+    """The signal may come before a worker has set itself to ignore it: it must wait, then be dropped."""
+    import time
+
+    import slimssl.data.stream as stream_mod
+
+    ignore = stream_mod.ignore_stop_signals
+
+    def slow_start(worker_id: int) -> None:
+        time.sleep(1.0)  # the signals below arrive in here
+        ignore(worker_id)
+
+    monkeypatch.setattr(stream_mod, "ignore_stop_signals", slow_start)
+    stream = _stream(_tree(tmp_path / "data"), workers=2)
+    try:
+        stream._restart(0)  # starts the workers without waiting for a batch
+        workers = multiprocessing.active_children()
+        assert len(workers) >= 2
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGTERM)
+            os.kill(worker.pid, signal.SIGINT)
+        assert _equal(stream(0), _stream(tmp_path / "data")(0))
+        assert all(worker.is_alive() for worker in workers)
+    finally:
+        stream.close()
+
+
 def test_a_process_that_never_closes_its_source_still_exits(tmp_path):
     """Workers ignore SIGTERM, the signal multiprocessing's exit handler stops them with."""
     root = _tree(tmp_path / "data", n=8)

@@ -16,6 +16,7 @@ a resumed run sees the batches an uninterrupted run would have.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import logging
 import math
@@ -23,7 +24,7 @@ import os
 import signal
 import weakref
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -108,7 +109,8 @@ class StreamingViews:
         if self._loader is None:
             self._loader = self._build_loader()
         # persistent workers: iter() restarts the sampler at ``step`` and discards what was prefetched
-        self._batches = iter(self._loader)
+        with stop_signals_blocked():  # the first iter() starts the workers
+            self._batches = iter(self._loader)
 
     def _build_loader(self) -> DataLoader:
         pin = self.device.type == "cuda"
@@ -139,11 +141,31 @@ def _close_at_exit() -> None:
         source.close()
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """Workers outlive a SIGINT/SIGTERM sent to the whole process group (Ctrl-C, a cluster's preemption), so
     the training process can finish its step and save; they still exit with it (DataLoader watches it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # see stop_signals_blocked: a signal held back so far is dropped
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while loader workers start. A worker inherits the mask (fork, or spawn's
+    fork and exec), so a stop signal that arrives before its ``ignore_stop_signals`` ran waits instead of
+    killing it, and is then dropped. The training process gets its own signals when this exits."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class StepBatches:
