@@ -289,16 +289,22 @@ def test_trainer_streams_saves_and_resumes_exactly(tmp_path, caplog):
     assert not differ, f"resumed run differs in {differ[:5]}"
 
 
+def _send_stop_signals_to_the_workers() -> list:
+    """SIGTERM and SIGINT to every loader worker of this process, as Ctrl-C or a preemption sends them."""
+    workers = multiprocessing.active_children()
+    assert len(workers) >= 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+    return workers
+
+
 def test_workers_outlive_a_stop_signal_to_the_process_group(tmp_path):
     """SIGTERM/SIGINT to every process (Ctrl-C, preemption): the trainer must still finish its step and save."""
     stream = _stream(_tree(tmp_path / "data"), workers=2)
     try:
         stream(0)
-        workers = multiprocessing.active_children()
-        assert len(workers) >= 2
-        for worker in workers:
-            os.kill(worker.pid, signal.SIGTERM)
-            os.kill(worker.pid, signal.SIGINT)
+        workers = _send_stop_signals_to_the_workers()
         assert _equal(stream(1), _stream(tmp_path / "data")(1))
         assert all(worker.is_alive() for worker in workers)
     finally:
@@ -324,11 +330,7 @@ def test_a_stop_signal_while_the_workers_start_does_not_kill_them(tmp_path, monk
     stream = _stream(_tree(tmp_path / "data"), workers=2)
     try:
         stream._restart(0)  # starts the workers without waiting for a batch
-        workers = multiprocessing.active_children()
-        assert len(workers) >= 2
-        for worker in workers:
-            os.kill(worker.pid, signal.SIGTERM)
-            os.kill(worker.pid, signal.SIGINT)
+        workers = _send_stop_signals_to_the_workers()
         assert _equal(stream(0), _stream(tmp_path / "data")(0))
         assert all(worker.is_alive() for worker in workers)
     finally:
