@@ -157,14 +157,14 @@ def test_linear_probe_options_run():
 def test_backbone_change_is_detected(monkeypatch):
     supernet = tiny_supernet()
     train, test = colour_dataset(32, 0), colour_dataset(16, 1, "test")
-    original = linear_mod.extract_features
+    original = linear_mod.extract_subnet_features
 
-    def tampering(model, *args, **kwargs):
+    def tampering(models, *args, **kwargs):
         with torch.no_grad():
-            model.conv1.weight.add_(1.0)
-        return original(model, *args, **kwargs)
+            next(iter(models.values())).conv1.weight.add_(1.0)
+        return original(models, *args, **kwargs)
 
-    monkeypatch.setattr(linear_mod, "extract_features", tampering)
+    monkeypatch.setattr(linear_mod, "extract_subnet_features", tampering)
     with pytest.raises(BackboneChangedError, match="conv1.weight"):
         linear_probe_subnets(supernet, train, test, epochs=1)
     before = backbone_fingerprint(supernet)
@@ -256,3 +256,30 @@ def test_cli_linear_and_finetune_merge_into_run(tmp_path, capsys):
     assert results["w0p5_d1-1-1-1"]["finetune_10pct_top1"] == row["top1"]
     assert results["w1p0_d1-1-1-1"]["linear_top1"] == rows[0]["linear_top1"]
     assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "2"]) == 2
+
+
+class CountingReads(ImageDataset):
+    """An in-memory split that records every pass over it (each would decode a streamed split again)."""
+
+    reads: list[str]
+
+    def batches(self, batch_size, indices=None):
+        self.reads.append(self.split)
+        yield from super().batches(batch_size, indices)
+
+
+def test_each_split_is_read_once_for_all_subnets():
+    from slimssl.eval.knn import knn_eval_subnets
+
+    supernet = tiny_supernet()
+    assert len(supernet.menu) > 1
+    reads: list[str] = []
+    train, test = (CountingReads(**vars(colour_dataset(n, seed, split))) for n, seed, split in
+                   ((32, 0, "train"), (16, 1, "test")))
+    train.reads = test.reads = reads
+    kw = dict(resolution=RES, mean=(0.5,) * 3, std=(0.25,) * 3)
+    results = knn_eval_subnets(supernet, train, test, k=5, temperature=0.1, **kw)
+    assert set(results) == set(supernet.menu.names) and reads == ["train", "test"]
+    reads.clear()
+    results = linear_probe_subnets(supernet, train, test, epochs=1, **kw)
+    assert set(results) == set(supernet.menu.names) and reads == ["train", "test"]

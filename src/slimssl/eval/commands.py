@@ -155,27 +155,20 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_knn(args: argparse.Namespace) -> int:
     from ..report.table import markdown_table
-    from .features import extract_features
-    from .knn import knn_accuracy
-    from .linear import _num_classes, resolve_recalibration, subnet_models
+    from .knn import knn_eval_subnets
+    from .linear import resolve_recalibration, subnet_models
 
     supernet, cfg, device, source, train, test = _setup(args)
     k = args.k or cfg.eval.knn_k
     temperature = args.temperature or cfg.eval.knn_temperature
     bs = args.eval_batch_size or cfg.eval.batch_size
     res, mean, std = cfg.data.resolution, cfg.data.mean, cfg.data.std
-    specs = list(supernet.menu)
-    models = subnet_models(supernet, specs, train, recalibrate_batches=args.recalibrate_bn, batch_size=bs,
-                           resolution=res, mean=mean, std=std, device=device)
-    num_classes = _num_classes(train, test)
-    kw = dict(resolution=res, mean=mean, std=std, batch_size=bs, device=device)
-    accs = {}
-    for spec in specs:
-        bank = extract_features(models[spec.name], spec, train, **kw)
-        queries = extract_features(models[spec.name], spec, test, **kw)
-        accs[spec.name] = knn_accuracy(bank, train.labels.to(device), queries, test.labels, num_classes, k,
-                                       temperature)
-        log.info("kNN %s: top-1 %.2f", spec.name, accs[spec.name])
+    models = subnet_models(supernet, list(supernet.menu), train, recalibrate_batches=args.recalibrate_bn,
+                           batch_size=bs, resolution=res, mean=mean, std=std, device=device)
+    accs = knn_eval_subnets(supernet, train, test, k=k, temperature=temperature, resolution=res, mean=mean, std=std,
+                            batch_size=bs, device=device, models=models)
+    for name, acc in accs.items():
+        log.info("kNN %s: top-1 %.2f", name, acc)
     costs = _cost_rows(supernet, res)
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
     settings = {"data": source, "k": k, "temperature": temperature, "bank": "train", "queries": "test",

@@ -1,30 +1,51 @@
-"""Backbone features of a dataset for one sub-network (eval mode, no augmentation)."""
+"""Backbone features of a dataset for sub-networks (eval mode, no augmentation)."""
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
+from ..nn.spec import SubnetSpec
 
 
 @torch.no_grad()
+def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: Sequence[SubnetSpec],
+                            images: EvalImages | torch.Tensor, *, resolution: int, mean, std, batch_size: int = 256,
+                            device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Pooled features of every sub-network in ``specs`` for ``images`` (a dataset, in memory or streamed, or
+    a uint8 tensor [N,3,H,W]), in order, as float32 on ``device``, keyed by the sub-network's name.
+
+    One pass over the images serves every sub-network, so a streamed split is decoded once, not once per
+    sub-network. ``models`` is the supernet, or the model that evaluates each sub-network by name (e.g.
+    BatchNorm-recalibrated copies)."""
+    by_name = models if isinstance(models, Mapping) else {spec.name: models for spec in specs}
+    distinct = {id(m): m for m in by_name.values()}
+    was_training = {key: m.training for key, m in distinct.items()}
+    for model in distinct.values():
+        model.eval()
+    out: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in specs}
+    try:
+        for batch in as_eval_images(images).batches(batch_size):
+            x = eval_transform(batch.to(device, non_blocking=True), resolution, mean, std)
+            for spec in specs:
+                out[spec.name].append(by_name[spec.name](x, subnet=spec).float())
+    finally:
+        for key, model in distinct.items():
+            model.train(was_training[key])
+    if any(not parts for parts in out.values()):
+        raise ValueError("cannot extract features of an empty dataset")
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
 def extract_features(supernet, subnet, images: EvalImages | torch.Tensor, *, resolution: int, mean, std,
                      batch_size: int = 256, device: torch.device | str = "cpu", normalize: bool = False) -> torch.Tensor:
-    """Pooled features of ``subnet`` for ``images`` (a dataset, in memory or streamed, or a uint8 tensor
-    [N,3,H,W]), in order; returned on ``device`` as float32."""
-    was_training = supernet.training
-    supernet.eval()
-    out = []
-    try:
-        with supernet.subnet(subnet):
-            for batch in as_eval_images(images).batches(batch_size):
-                x = eval_transform(batch.to(device, non_blocking=True), resolution, mean, std)
-                out.append(supernet(x).float())
-    finally:
-        supernet.train(was_training)
-    if not out:
-        raise ValueError("cannot extract features of an empty dataset")
-    feats = torch.cat(out)
+    """Pooled features of one ``subnet`` (a spec or its name) for ``images``; L2-normalised with ``normalize``."""
+    spec = supernet.resolve(subnet)
+    feats = extract_subnet_features(supernet, [spec], images, resolution=resolution, mean=mean, std=std,
+                                    batch_size=batch_size, device=device)[spec.name]
     return F.normalize(feats, dim=1) if normalize else feats

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @torch.no_grad()
@@ -31,19 +34,21 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
 
 
 def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resolution: int, mean, std,
-                     batch_size: int = 256, device="cpu") -> dict[str, float]:
+                     batch_size: int = 256, device="cpu", models: Mapping[str, nn.Module] | None = None
+                     ) -> dict[str, float]:
     """kNN top-1 of every menu entry: the train split is the bank, the test split the queries (datasets in
-    memory or streamed, see ``data/eval_images.py``)."""
-    from .features import extract_features
+    memory or streamed, see ``data/eval_images.py``; each split is read once for all the entries).
+    ``models`` evaluates each entry by name instead of the supernet (e.g. BatchNorm-recalibrated copies)."""
+    from .features import extract_subnet_features
 
     if train.labels is None or test.labels is None:
         raise ValueError(f"kNN needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    results = {}
-    for spec in supernet.menu:
-        kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
-        bank = extract_features(supernet, spec, train, **kw)
-        queries = extract_features(supernet, spec, test, **kw)
-        results[spec.name] = knn_accuracy(bank, train.labels.to(device), queries, test.labels, num_classes,
-                                          k, temperature)
-    return results
+    specs = list(supernet.menu)
+    kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
+    banks = extract_subnet_features(models or supernet, specs, train, **kw)
+    queries = extract_subnet_features(models or supernet, specs, test, **kw)
+    bank_labels = train.labels.to(device)
+    return {spec.name: knn_accuracy(banks[spec.name], bank_labels, queries[spec.name], test.labels, num_classes, k,
+                                    temperature)
+            for spec in specs}

@@ -38,7 +38,7 @@ from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.layers import recalibrate_bn
 from ..nn.spec import SubnetSpec
-from .features import extract_features
+from .features import extract_subnet_features
 
 log = logging.getLogger("slimssl")
 
@@ -296,7 +296,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
         fingerprints.setdefault(id(model), (model, backbone_fingerprint(model)))
 
     kw = dict(resolution=resolution, mean=mean, std=std, batch_size=feature_batch_size, device=device)
-    train_feats = {n: extract_features(models[n], spec, train, **kw) for n, spec in zip(names, specs)}
+    train_feats = extract_subnet_features(models, specs, train, **kw)
     stats = {n: _standardizer(f) if standardize else (torch.zeros(f.shape[1], device=device),
                                                       torch.ones(f.shape[1], device=device))
              for n, f in train_feats.items()}
@@ -335,9 +335,9 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
 
     heads.eval()
     results = {}
+    test_feats = extract_subnet_features(models, specs, test, **kw)
     with torch.no_grad():
-        for n, spec in zip(names, specs):
-            f = extract_features(models[n], spec, test, **kw)
+        for n, f in test_feats.items():
             logits = heads((f - stats[n][0]) / stats[n][1], n)
             top1, top5 = topk_accuracy(logits, test.labels)
             results[n] = {"top1": top1, "top5": top5}
