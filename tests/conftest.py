@@ -46,3 +46,12 @@ def config_dir() -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+# The slowest file first: run in parallel (pytest -n auto --dist loadfile), the demo (minutes) then overlaps
+# everything else instead of starting last on a busy worker.
+SLOW_FIRST = ("test_demo.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: the rest keep their order
