@@ -22,10 +22,10 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .datasets import DataError, ImageDataset, decode_resized, load_dataset, num_classes
-from .stream import list_labelled_files, open_reader
+from .stream import FileListDataset, list_labelled_files
 
 log = logging.getLogger("slimssl")
 
@@ -165,36 +165,19 @@ class StreamedImages:
                     ", ..." if len(paths) > 5 else "")
 
 
-class DecodedFiles(Dataset):
+class DecodedFiles(FileListDataset):
     """File index -> (index, uint8 [3, R, R] or None, error or None), decoded as ``load_dataset`` does."""
 
     def __init__(self, root: str, paths: list[str] | np.ndarray, resolution: int,
                  read: Callable[[str], bytes] | None = None):
-        # One numpy bytes array, not a list of str: forked workers read it without touching refcounts, so
-        # its pages stay shared instead of being copied into every worker.
-        self.root, self.resolution = root, resolution
-        self.paths = paths if isinstance(paths, np.ndarray) else np.array([p.encode() for p in paths])
-        self._read, self._read_pid = read, os.getpid()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getstate__(self) -> dict:  # spawned workers open their own reader
-        return {**self.__dict__, "_read": None, "_read_pid": None}
+        super().__init__(root, paths, read)
+        self.resolution = resolution
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
             return index, decode_resized(self.read(self.paths[index].decode()), self.resolution), None
         except Exception as exc:  # any decoder failure means "unreadable file"
             return index, None, f"{type(exc).__name__}: {exc}"
-
-    def read(self, rel: str) -> bytes:
-        if self._read_pid != os.getpid():  # a worker: a .zip handle inherited through fork is not safe to share
-            self._read, self._read_pid = open_reader(self.root), os.getpid()
-        return self._read(rel)
-
-    def path(self, index: int) -> str:
-        return os.path.join(self.root, self.paths[index].decode())
 
     def subset(self, keep: torch.Tensor) -> DecodedFiles:
         return DecodedFiles(self.root, self.paths[keep.numpy()], self.resolution, self._read)

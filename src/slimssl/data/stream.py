@@ -229,16 +229,14 @@ def open_reader(root: str) -> Callable[[str], bytes]:
     return read
 
 
-class CropDataset(Dataset):
-    """Sample key -> (step, uint8 [2, size, size, 3] crops or None, unreadable files met)."""
+class FileListDataset(Dataset):
+    """The files of a folder or .zip, readable from any loader worker: the base of the workers' datasets."""
 
-    def __init__(self, root: str, paths: list[str], views: tuple[ViewRecipe, ViewRecipe], size: int, seed: int,
-                 skip_unreadable: bool, read: Callable[[str], bytes] | None = None):
+    def __init__(self, root: str, paths: list[str] | np.ndarray, read: Callable[[str], bytes] | None = None):
         # One numpy bytes array, not a list of str: forked workers read it without touching refcounts, so
         # its pages stay shared instead of being copied into every worker (1.28M paths for ImageNet).
-        self.root, self.paths, self.views, self.size = root, np.array([p.encode() for p in paths]), views, size
-        self.seed, self.skip_unreadable = seed, skip_unreadable
-        self.min_side = full_detail_side(size, views)
+        self.root = root
+        self.paths = paths if isinstance(paths, np.ndarray) else np.array([p.encode() for p in paths])
         self._read, self._read_pid = read, os.getpid()
 
     def __len__(self) -> int:
@@ -246,6 +244,24 @@ class CropDataset(Dataset):
 
     def __getstate__(self) -> dict:  # spawned workers open their own reader
         return {**self.__dict__, "_read": None, "_read_pid": None}
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.paths[index].decode())
+
+    def read(self, rel: str) -> bytes:
+        if self._read_pid != os.getpid():  # a worker: a .zip handle inherited through fork is not safe to share
+            self._read, self._read_pid = open_reader(self.root), os.getpid()
+        return self._read(rel)
+
+
+class CropDataset(FileListDataset):
+    """Sample key -> (step, uint8 [2, size, size, 3] crops or None, unreadable files met)."""
+
+    def __init__(self, root: str, paths: list[str], views: tuple[ViewRecipe, ViewRecipe], size: int, seed: int,
+                 skip_unreadable: bool, read: Callable[[str], bytes] | None = None):
+        super().__init__(root, paths, read)
+        self.views, self.size, self.seed, self.skip_unreadable = views, size, seed, skip_unreadable
+        self.min_side = full_detail_side(size, views)
 
     def __getitem__(self, key: SampleKey) -> tuple[int, torch.Tensor | None, list[tuple[str, str]]]:
         index, step, row = key
@@ -262,11 +278,6 @@ class CropDataset(Dataset):
             return step, crop_pair(image, self.views, self.size, sample_generator(self.seed, step, row)), unreadable
         raise DataError(f"{self.root}: {len(unreadable)} unreadable files in a row from "
                         f"{unreadable[0][0]}; is the dataset intact?")
-
-    def read(self, rel: str) -> bytes:
-        if self._read_pid != os.getpid():
-            self._read, self._read_pid = open_reader(self.root), os.getpid()
-        return self._read(rel)
 
 
 def collate_crops(samples: list) -> tuple[int, torch.Tensor | None, list[tuple[str, str]]]:
