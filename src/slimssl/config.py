@@ -32,6 +32,10 @@ class ModelConfig(Section):
     base_width: int = Field(64, gt=0, description="stem channels; stage i has base_width * 2**i (x4 for bottleneck)")
     stem: Literal["cifar", "imagenet"] = "imagenet"
     bn: Literal["private", "shared"] = "private"
+    bn_group_size: int | None = Field(
+        None, gt=1, description="pretraining BatchNorm statistics over groups of this many consecutive samples, "
+        "as if each group were on its own GPU (null: each process's whole batch). Emulates per-GPU BatchNorm on "
+        "one GPU, keeps results independent of the number of processes, and gives MoCo's shuffle-BN its groups")
     channel_divisor: int = Field(1, ge=1)
     zero_init_residual: bool = False
 
@@ -60,6 +64,10 @@ class MethodConfig(Section):
     momentum_schedule: Literal["cosine", "constant"] = "cosine"
     queue_size: int = Field(65536, ge=0, description="MoCo v2 queue of full-width keys")
     symmetric: bool = True
+    shuffle_bn: bool = Field(
+        False, description="MoCo's shuffle-BN: the target (key) network sees the batch in a random order, so a "
+        "query and its positive key are normalised with statistics of different groups of samples; needs "
+        "several BatchNorm groups (model.bn_group_size, or several processes)")
 
 
 class SlimConfig(Section):
@@ -158,6 +166,12 @@ class Config(Section):
                 f"menu: must contain the full network {full.name}, because the target/teacher always runs at "
                 f"full size: width 1.0 in menu.widths with the model's depths {list(full.depths)} in menu.depths "
                 f"(or menu.depths unset), or {full.name} in menu.subnets; got menu {menu.names}")
+        if self.train.sync_bn and (self.model.bn_group_size or self.method.shuffle_bn):
+            raise ValueError("train.sync_bn normalises over the total batch, which model.bn_group_size and "
+                             "method.shuffle_bn are meant to split: use either sync_bn or grouped BatchNorm")
+        if self.model.bn_group_size and self.train.batch_size % self.model.bn_group_size:
+            raise ValueError(f"model.bn_group_size {self.model.bn_group_size} must divide train.batch_size "
+                             f"{self.train.batch_size} (set it to a divisor of the batch, or null)")
         if self.slim.random_space == "space" and self.model.bn == "private":
             raise ValueError(
                 "slim.random_space: 'space' draws sub-networks outside the menu, which have no private "

@@ -28,8 +28,10 @@ class MoCoV2(Method):
     def after_step(self, target: list[torch.Tensor]) -> None:
         from ..train.distributed import all_gather_nograd
 
-        keys = target[1:] if not self.cfg.symmetric else target
-        keys = F.normalize(all_gather_nograd(torch.cat(keys)).float(), dim=1)
+        views = target if self.cfg.symmetric else target[1:]
+        # view by view, each gathered over the processes: the queue holds the same keys in the same places
+        # whatever the number of processes
+        keys = F.normalize(torch.cat([all_gather_nograd(v) for v in views]).float(), dim=1)
         n, size = len(keys), len(self.queue)
         if size == 0:
             return

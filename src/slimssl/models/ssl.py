@@ -17,10 +17,12 @@ class SSLModel(SlimmableMixin, nn.Module):
     """``online(x)`` runs the active sub-network; ``target(x)`` always runs the full EMA network.
 
     The backbone is ``self.backbone``: checkpoints keep it under ``backbone.``, which is what export and
-    evaluation read.
+    evaluation read. ``bn_group_size``: training BatchNorm (online and target) normalises groups of this many
+    consecutive samples separately, as per-GPU BatchNorm would (None: the whole batch).
     """
 
-    def __init__(self, backbone: SlimResNet, method: Method, bn: str = "private", divisor: int = 1):
+    def __init__(self, backbone: SlimResNet, method: Method, bn: str = "private", divisor: int = 1,
+                 bn_group_size: int | None = None):
         super().__init__()
         cfg = method.cfg
         heads = HEADS[method.name]
@@ -32,6 +34,7 @@ class SSLModel(SlimmableMixin, nn.Module):
         self.predictor = (SlimMLP(cfg.proj_dim, heads["predictor"](cfg.pred_hidden, cfg.proj_dim), menu, bn, divisor)
                           if method.has_predictor else None)
         bind_state(self, self.slim_state)
+        self.slim_state.bn_group_size = bn_group_size  # before the copy, so the target's state has it too
         # One deepcopy of both modules so the copies share one (always full-size) state of their own.
         self.target = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "projector": self.projector}))
         self.target.requires_grad_(False)

@@ -27,6 +27,8 @@ class SlimState:
         self.divisor = divisor
         self.private_bn = private_bn
         self.active = full
+        # training BatchNorm takes statistics over groups of this many consecutive samples (None: the batch)
+        self.bn_group_size: int | None = None
 
     def channels(self, full_channels: int) -> int:
         return scaled_channels(full_channels, self.active.width, self.divisor)
@@ -116,9 +118,44 @@ class SlimBatchNorm(SlimModule):
             ) from None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bns is not None:
-            return self.norm_for(self.state.active)(x)
-        return _sliced_batch_norm(self.bn, x)
+        bn = self.bn if self.bns is None else self.norm_for(self.state.active)
+        group = self.state.bn_group_size
+        if bn.training and group and x.shape[0] > group:
+            return grouped_batch_norm(bn, x, group)
+        return bn(x) if self.bns is not None else _sliced_batch_norm(bn, x)
+
+
+def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Training BatchNorm with the statistics of each ``group_size`` consecutive samples, as if each group sat
+    on its own GPU; the running statistics move towards the mean over groups. ``bn`` may be wider than ``x``
+    (shared BatchNorm): its leading channels are used.
+
+    Why: per-GPU statistics are part of some recipes (MoCo's shuffle-BN needs several groups), and a fixed
+    group size makes a run independent of how many processes share the batch.
+    """
+    n, c = x.shape[:2]
+    if n % group_size:
+        raise ValueError(f"model.bn_group_size {group_size} must divide the batch of {n} samples that reach "
+                         "BatchNorm (the per-process batch)")
+    groups = x.unflatten(0, (n // group_size, group_size))  # (G, S, C, ...): a view in any memory layout
+    dims = [1, *range(3, groups.dim())]
+    var, mean = torch.var_mean(groups.float(), dim=dims, correction=0, keepdim=True)  # fp32 statistics
+    shape = [1, 1, c] + [1] * (x.dim() - 2)
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight[:c].view(shape)
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias[:c].view(shape)
+    out = torch.addcmul(shift, groups, scale).to(x.dtype).flatten(0, 1)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            count = groups[0].numel() // c  # values per channel in one group
+            bn.running_mean[:c].lerp_(mean.mean(0).flatten(), momentum)
+            bn.running_var[:c].lerp_((var * count / max(count - 1, 1)).mean(0).flatten(), momentum)
+    return out
 
 
 def _sliced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,25 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every process along dim 0 in rank order (no gradient flows through it)."""
     if not is_distributed() or world_size() == 1:
         return x
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    x = x.contiguous()  # the parts must share its memory layout (a channels-last x would be received garbled)
     parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    dist.all_gather(parts, x)
+    out = torch.cat(parts)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+@torch.no_grad()
+def shuffled_forward(fn, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``fn`` applied to the global batch rearranged by ``order`` (a permutation, the same on every process),
+    each process computing its share; returns ``fn``'s outputs for this process's own rows of ``x``, in their
+    order. With one process it is ``fn(x[order])`` put back in order. (MoCo's shuffle-BN.)"""
+    everything = all_gather_nograd(x)
+    b, r = len(x), rank()
+    out = all_gather_nograd(fn(everything[order[r * b:(r + 1) * b]]))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return out[inverse[r * b:(r + 1) * b]]
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

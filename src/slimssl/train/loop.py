@@ -114,6 +114,7 @@ class Trainer:
             raise ValueError(f"train.batch_size {cfg.train.batch_size} must be divisible by the number of "
                              f"processes {self.world}")
         self.batch = cfg.train.batch_size // self.world
+        self._check_bn_groups()
         torch.manual_seed(cfg.train.seed)
 
         stream = cfg.data.loader == "stream"  # loader workers decode each step's files: nothing held in memory
@@ -131,7 +132,7 @@ class Trainer:
                                              device=self.device)
 
         self.model = SSLModel(build_supernet(cfg), build_method(cfg.method), cfg.model.bn,
-                              cfg.model.channel_divisor).to(self.device)
+                              cfg.model.channel_divisor, cfg.model.bn_group_size).to(self.device)
         if cfg.train.sync_bn:
             self._convert_sync_bn()
         if self.device.type == "cuda" and cfg.train.channels_last:
@@ -175,6 +176,16 @@ class Trainer:
             log.info("no test split for kNN evaluation (%s): kNN is skipped", e)
             return None
         return self.train_data, test
+
+    def _check_bn_groups(self) -> None:
+        group = self.cfg.model.bn_group_size
+        if group and self.batch % group:
+            raise ValueError(f"model.bn_group_size {group} must divide the per-process batch {self.batch} "
+                             f"(train.batch_size {self.cfg.train.batch_size} over {self.world} processes)")
+        groups = self.cfg.train.batch_size // (group or self.batch)
+        if self.cfg.method.shuffle_bn and groups < 2:
+            raise ValueError("method.shuffle_bn needs the batch normalised in several groups, but this run has one "
+                             "BatchNorm group: set model.bn_group_size (e.g. 64) or run on several processes")
 
     def _compile_forwards(self) -> None:
         """train.compile: the online forward specialised per sub-network, the target's once."""
@@ -273,6 +284,15 @@ class Trainer:
             group["lr"] = lr
         return lr
 
+    def key_forward(self, view: torch.Tensor, step: int, index: int) -> torch.Tensor:
+        """The full-size target's outputs for one view; with ``method.shuffle_bn``, computed on the global
+        batch in an order drawn from (seed, step, view), so its BatchNorm groups differ from the online's."""
+        if not self.cfg.method.shuffle_bn:
+            return self.target_forward(view)
+        gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step * 31 + 7 + index)
+        order = torch.randperm(self.cfg.train.batch_size, generator=gen, device=self.device)
+        return dist.shuffled_forward(self.target_forward, view, order)
+
     def train_step(self, step: int) -> dict[str, torch.Tensor]:
         """One iteration; returns the detached loss of every sub-network that ran."""
         self.model.train()
@@ -280,7 +300,7 @@ class Trainer:
         v1, v2 = self.views(step)
         step_begins(self.cfg.train.compile)
         with self.autocast():
-            target = [self._keep(self.target_forward(v)) for v in (v1, v2)]
+            target = [self._keep(self.key_forward(v, step, i)) for i, v in enumerate((v1, v2))]
         tasks = self.policy.plan(step)
         method, slim = self.model.method, self.cfg.slim
         teacher_out = None
