@@ -19,8 +19,9 @@ MENU = ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
 EPOCHS = 2
 STEPS = EPOCHS * 32 // 8  # fake_size 32, batch 8
 TINY = ["model.depths=[1,1,1,1]", "model.base_width=4", "menu.widths=[1.0,0.5]", "method.proj_hidden=32",
-        "method.proj_dim=16", "method.pred_hidden=32", "method.queue_size=64", "data.resolution=8",
-        "data.fake_size=32", "train.precision=fp32", "train.log_every=1", "eval.knn_k=5", "eval.batch_size=32"]
+        "method.proj_dim=16", "method.pred_hidden=32", "method.queue_size=64", "model.bn_group_size=4",
+        "data.resolution=8", "data.fake_size=32", "train.precision=fp32", "train.log_every=1", "eval.knn_k=5",
+        "eval.batch_size=32"]
 
 
 def reproduce(out: Path, recipes=RECIPES, epochs: int = EPOCHS, extra=()) -> int:
