@@ -6,21 +6,33 @@
 #
 # Expects .data/cifar10.zip (copied from ../shared/data, carried to the machine). Runs live in .runs/repro.
 # Every call leaves in $OUT (default repro-out/) the reproduction's small files, without checkpoints:
-# finished runs are complete in it, so a later session can carry it back as .runs/repro-results.tgz and
-# continue; an unfinished run whose checkpoint did not travel starts again.
-# Environment: BUDGET (seconds after which no new epoch or probe starts, default 480), DEVICE (default cuda).
+# finished runs are complete in it, so a later session continues from it when it is committed as
+# docs/results/repro-results.tgz (or carried as .runs/repro-results.tgz); an unfinished run, whose checkpoint
+# cannot travel, starts again.
+# Environment: BUDGET (seconds after which no new epoch or probe starts, default 480), DEADLINE (seconds from
+# the start of this script at which the reproduction is sent SIGTERM, saves and stops, default 560: it must
+# end before the lent machine's 600-second limit kills the call, or no results come back), DEVICE (default cuda).
 set -uo pipefail
+deadline="${DEADLINE:-560}"
 out="${OUT:-repro-out}"
 mkdir -p "$out" .data .runs
 if [ ! -d .data/cifar10/train ]; then
-    unzip -q -o .data/cifar10.zip -d .data/cifar10 || { echo "need .data/cifar10.zip (a zip of train/ and test/)"; exit 2; }
+    # Python's zipfile, since a lent machine need not have unzip
+    python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" .data/cifar10.zip .data/cifar10 \
+        || { echo "need .data/cifar10.zip (a zip of train/ and test/)"; exit 2; }
 fi
-if [ ! -d .runs/repro ] && [ -f .runs/repro-results.tgz ]; then
-    tar xzf .runs/repro-results.tgz -C .runs  # results of an earlier session
-fi
+# results of earlier sessions: carried as .runs/repro-results.tgz, or committed as docs/results/repro-results.tgz
+for earlier in .runs/repro-results.tgz docs/results/repro-results.tgz; do
+    if [ ! -d .runs/repro ] && [ -f "$earlier" ]; then
+        tar xzf "$earlier" -C .runs && echo "continuing from $earlier"
+    fi
+done
 python -c "import slimssl" 2>/dev/null || python -m pip install -q -e . --no-deps || python -m pip install -q -e .
 
-slimssl reproduce --data .data/cifar10 --out .runs/repro --device "${DEVICE:-cuda}" --time-budget "${BUDGET:-480}" \
+# SIGTERM at the deadline: the step in flight finishes, the run saves, and the results below are still packed
+left=$((deadline - SECONDS)); [ "$left" -gt 10 ] || left=10
+timeout --preserve-status -s TERM -k 30 "$left" \
+    slimssl reproduce --data .data/cifar10 --out .runs/repro --device "${DEVICE:-cuda}" --time-budget "${BUDGET:-480}" \
     "$@" 2> >(grep -v "step/s" | tail -40 >&2)
 status=$?
 
@@ -34,5 +46,5 @@ for timing in sorted(pathlib.Path(".runs/repro").glob("*/*/timing.json")):
           f" probe {t['probe_seconds']:.0f} s{'' if done else ' (in progress)'}")
 PY
 [ -f .runs/repro/reproduction.md ] && cp .runs/repro/reproduction.md .runs/repro/*.png "$out"/ 2>/dev/null
-echo "exit $status (0: done, 4: run this again)"
+echo "exit $status (0: done; 4, or 3 at the deadline: run this again)"
 exit $status

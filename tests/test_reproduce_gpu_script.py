@@ -1,0 +1,92 @@
+"""``benchmarks/reproduce_gpu.sh``, the reproduction's one call on a lent GPU machine, run here on the CPU.
+
+What the lent machines demand of it: the call ends by itself before the machine's 10-minute limit (so its
+results come back), it always leaves the results tarball in ``$OUT``, and a tarball committed as
+``docs/results/repro-results.tgz`` lets a fresh machine continue instead of starting over.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_gpu.sh"
+RECIPE = "cifar10_r18_dspnet_byol"
+TINY = ["model.depths=[1,1,1,1]", "model.base_width=4", "menu.widths=[1.0,0.5]", "method.proj_hidden=32",
+        "method.proj_dim=16", "method.pred_hidden=32", "data.resolution=8", "train.precision=fp32",
+        "eval.knn_k=5", "eval.batch_size=32"]
+
+
+def fake_cifar_zip(root: Path) -> None:
+    """``.data/cifar10.zip``: train/ and test/ of two classes of 12 px JPEGs, as the shared zip is laid out."""
+    rng = np.random.default_rng(0)
+    (root / ".data").mkdir()
+    with zipfile.ZipFile(root / ".data" / "cifar10.zip", "w") as z:
+        for split, count in (("train", 16), ("test", 8)):
+            for label, scale in (("dark", 2), ("bright", 1)):
+                for i in range(count):
+                    pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) // scale
+                    buffer = io.BytesIO()
+                    Image.fromarray(pixels).save(buffer, "JPEG")
+                    z.writestr(f"{split}/{label}/{i}.jpg", buffer.getvalue())
+
+
+def call(root: Path, out: Path, epochs: int, **env: str) -> subprocess.CompletedProcess:
+    args = ["bash", str(SCRIPT), "--recipes", RECIPE, "--epochs", str(epochs), "--batch-size", "8",
+            "--probe-epochs", "1"]
+    for assignment in TINY:
+        args += ["--set", assignment]
+    environment = {**os.environ, "DEVICE": "cpu", "OUT": str(out),
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
+    return subprocess.run(args, cwd=root, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def test_the_call_stops_itself_at_its_deadline_and_still_returns_the_results(tmp_path):
+    fake_cifar_zip(tmp_path)
+    done = call(tmp_path, tmp_path / "out", epochs=1000, DEADLINE="12")
+    assert done.returncode == 3, done.stdout + done.stderr  # stopped by SIGTERM after saving
+    assert "stopped by SIGTERM" in done.stderr
+    files = tar_members(tmp_path / "out" / "repro-results.tgz")
+    timing = json.loads(files[f"repro/{RECIPE}/slim/timing.json"])
+    assert 0 < timing["step"] < 1000 * 4 and timing["pretrain_seconds"] > 0
+    assert not any("checkpoints" in name for name in files)  # too large to come back from a lent machine
+    assert (tmp_path / ".runs" / "repro" / RECIPE / "slim" / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_committed_tarball_lets_a_fresh_machine_continue(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for root in (first, second):
+        root.mkdir()
+        fake_cifar_zip(root)
+    done = call(first, first / "out", epochs=1)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (first / "out" / "reproduction.md").is_file()
+    runs = first / ".runs" / "repro" / RECIPE
+    timings = {run.name: (run / "timing.json").read_text() for run in runs.iterdir() if run.is_dir()}
+    assert set(timings) == {"slim", "alone-w1p0_d1-1-1-1", "alone-w0p5_d1-1-1-1"}
+
+    # the next session: a fresh machine, the tarball committed where the script looks for it
+    (second / "docs" / "results").mkdir(parents=True)
+    (first / "out" / "repro-results.tgz").rename(second / "docs" / "results" / "repro-results.tgz")
+    done = call(second, second / "out", epochs=1)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "continuing from docs/results/repro-results.tgz" in done.stdout
+    assert "pretraining from step" not in done.stderr  # nothing trained again
+    for name, timing in timings.items():
+        assert (second / ".runs" / "repro" / RECIPE / name / "timing.json").read_text() == timing
+    assert (second / "out" / "reproduction.md").read_text().split("## ")[1:] == \
+        (first / ".runs" / "repro" / "reproduction.md").read_text().split("## ")[1:]
