@@ -7,7 +7,7 @@
 set -uo pipefail
 out="${1:-${OUT:-bench-out}}"
 mkdir -p "$out"
-python -m pip install -q -e . --no-deps 2>/dev/null || python -m pip install -q -e .
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # slimssl from src/, carried wheels of what the machine lacks (carry .whl)
 
 step() { echo; echo "== $1"; }
 step "environment"

@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/reproduce_gpu.sh [REPRODUCE OPTIONS]   # e.g. --recipes cifar10_r18_dspnet_byol
 #
-# Expects .data/cifar10.zip (copied from ../shared/data, carried to the machine). Runs live in .runs/repro.
+# Expects .data/cifar10.zip (copied from ../shared/data) and .whl (benchmarks/gpu_wheels.sh), both carried to
+# the machine. Runs live in .runs/repro.
 # Every call leaves in $OUT (default repro-out/) the reproduction's small files, without checkpoints:
 # finished runs are complete in it, so a later session continues from it when it is committed as
 # docs/results/repro-results.tgz (or carried as .runs/repro-results.tgz); an unfinished run, whose checkpoint
@@ -27,12 +28,12 @@ for earlier in .runs/repro-results.tgz docs/results/repro-results.tgz; do
         tar xzf "$earlier" -C .runs && echo "continuing from $earlier"
     fi
 done
-python -c "import slimssl" 2>/dev/null || python -m pip install -q -e . --no-deps || python -m pip install -q -e .
+. "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # slimssl from src/, carried wheels of what the machine lacks
 
 # SIGTERM at the deadline: the step in flight finishes, the run saves, and the results below are still packed
 left=$((deadline - SECONDS)); [ "$left" -gt 10 ] || left=10
 timeout --preserve-status -s TERM -k 30 "$left" \
-    slimssl reproduce --data .data/cifar10 --out .runs/repro --device "${DEVICE:-cuda}" --time-budget "${BUDGET:-480}" \
+    python -m slimssl reproduce --data .data/cifar10 --out .runs/repro --device "${DEVICE:-cuda}" --time-budget "${BUDGET:-480}" \
     "$@" 2> >(grep -v "step/s" | tail -40 >&2)
 status=$?
 
