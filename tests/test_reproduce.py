@@ -70,6 +70,9 @@ def test_full_reproduction_writes_the_comparison(straight, capsys):
     text = (straight / "reproduction.md").read_text()
     assert "| subnet | params | MACs | kNN slim | kNN alone | Δ | linear slim | linear alone | Δ |" in text
     assert f"goal: at most {TIME_RATIO_GOAL:.2f}" in text
+    assert "| run | steps | pretraining | img/s | device |" in text
+    for row in ("slim", *(f"alone-{name}" for name in MENU)):
+        assert f"| {row} | {STEPS} | " in text  # each run's steps, seconds and throughput
     assert len(list(straight.glob("*_vs_macs.png"))) == 2 * len(RECIPES)
 
     # again on the finished folder: nothing retrained, the report rewritten

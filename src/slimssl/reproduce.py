@@ -514,6 +514,17 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def timing_table(summary: dict) -> str:
+    """Each run's pretraining seconds and throughput (images of the training steps per second)."""
+    lines = ["| run | steps | pretraining | img/s | device |", "|---|---:|---:|---:|---|"]
+    for label, t in summary["time"]["per_run"].items():
+        seconds = t["pretrain_seconds"]
+        rate = f"{t['step'] * summary['batch_size'] / seconds:,.0f}" if seconds > 0 else "-"
+        lines.append(f"| {label.split('/', 1)[-1]} | {t['step']} | {_seconds(seconds)} | {rate} | "
+                     f"{', '.join(t['devices']) or '-'} |")
+    return "\n".join(lines)
+
+
 def _goal_line(g: dict) -> str:
     if g["held"] is None:
         return f"- {g['goal']}: not measured"
@@ -553,6 +564,7 @@ def report_markdown(doc: dict) -> str:
                   f"- Pretraining time (b), the {len(s['rows'])} runs alone together: "
                   f"{_seconds(t['alone_pretrain_seconds'])}",
                   f"- Ratio a / b: {ratio} (goal: at most {TIME_RATIO_GOAL:.2f})", "",
+                  timing_table(s), "",
                   "Goals:", "", *(_goal_line(g) for g in s["goals"])]
         lines += ["", *(f"![{p}]({p})" for p in s["plots"])] if s["plots"] else []
     verdict = "All goals hold." if doc["all_goals_held"] else "Not every goal holds (see above)."
