@@ -10,9 +10,10 @@
 # finished runs are complete in it, so a later session continues from it when it is committed as
 # docs/results/repro-results.tgz (or carried as .runs/repro-results.tgz); an unfinished run, whose checkpoint
 # cannot travel, starts again.
-# Environment: BUDGET (seconds after which no new epoch or probe starts, default 480), DEADLINE (seconds from
-# the start of this script at which the reproduction is sent SIGTERM, saves and stops, default 560: it must
-# end before the lent machine's 600-second limit kills the call, or no results come back), DEVICE (default cuda).
+# Environment: DEADLINE (seconds from the start of this script at which the reproduction is sent SIGTERM,
+# saves and stops, default 560: it must end before the lent machine's 600-second limit kills the call, or no
+# results come back), BUDGET (seconds after which no new epoch or probe starts; default: until 15 s before
+# the deadline, since a run stopped early cannot be continued by a later session anyway), DEVICE (default cuda).
 set -uo pipefail
 deadline="${DEADLINE:-560}"
 out="${OUT:-repro-out}"
@@ -32,8 +33,9 @@ done
 
 # SIGTERM at the deadline: the step in flight finishes, the run saves, and the results below are still packed
 left=$((deadline - SECONDS)); [ "$left" -gt 10 ] || left=10
+budget="${BUDGET:-$((left > 15 ? left - 15 : 0))}"
 timeout --preserve-status -s TERM -k 30 "$left" \
-    python -m slimssl reproduce --data .data/cifar10 --out .runs/repro --device "${DEVICE:-cuda}" --time-budget "${BUDGET:-480}" \
+    python -m slimssl reproduce --data .data/cifar10 --out .runs/repro --device "${DEVICE:-cuda}" --time-budget "$budget" \
     "$@" 2> >(grep -v "step/s" | tail -40 >&2)
 status=$?
 

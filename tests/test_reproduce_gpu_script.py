@@ -57,7 +57,7 @@ def tar_members(path: Path) -> dict[str, bytes]:
 
 def test_the_call_stops_itself_at_its_deadline_and_still_returns_the_results(tmp_path):
     fake_cifar_zip(tmp_path)
-    done = call(tmp_path, tmp_path / "out", epochs=1000, DEADLINE="12")
+    done = call(tmp_path, tmp_path / "out", epochs=1000, DEADLINE="12", BUDGET="1000")
     assert done.returncode == 3, done.stdout + done.stderr  # stopped by SIGTERM after saving
     assert "stopped by SIGTERM" in done.stderr
     files = tar_members(tmp_path / "out" / "repro-results.tgz")
