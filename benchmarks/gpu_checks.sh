@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and throughput numbers of docs/benchmarks.md, in one command (about 8 minutes on one H100).
-# Run from the repository root on a machine with one CUDA GPU and PyTorch installed:
+# Run from the repository root on a machine with one CUDA GPU and PyTorch installed (on this project's lent
+# machines, carry .whl from benchmarks/gpu_wheels.sh: their image lacks pydantic):
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]
 # Each table is printed and saved under OUT_DIR (default: $OUT, else bench-out/), with the operators that
 # take the most GPU time in the ResNet-18 step (r18_cifar_ops.txt).
