@@ -60,6 +60,7 @@ def test_the_call_stops_itself_at_its_deadline_and_still_returns_the_results(tmp
     done = call(tmp_path, tmp_path / "out", epochs=1000, DEADLINE="12", BUDGET="1000")
     assert done.returncode == 3, done.stdout + done.stderr  # stopped by SIGTERM after saving
     assert "stopped by SIGTERM" in done.stderr
+    assert "run the same command again" in done.stderr and "pretrain --resume" not in done.stderr
     files = tar_members(tmp_path / "out" / "repro-results.tgz")
     timing = json.loads(files[f"repro/{RECIPE}/slim/timing.json"])
     assert 0 < timing["step"] < 1000 * 4 and timing["pretrain_seconds"] > 0

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .config import Config, config_from_dict
+from .errors import SlimsslError
 
 FORMAT = "slimssl-checkpoint"
 VERSION = 1
@@ -22,7 +23,7 @@ BACKBONE_PREFIX = "backbone."
 REQUIRED_KEYS = ("config", "menu", "model")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SlimsslError):
     """A file that is not a usable slimssl checkpoint; says what was found and what was expected."""
 
 

@@ -8,11 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .errors import SlimsslError, UsageError
+
 log = logging.getLogger("slimssl")
-
-
-class UsageError(ValueError):
-    """Arguments that do not fit together."""
 
 
 def _emit(args: argparse.Namespace, rows: list[dict] | dict, table: str) -> None:
@@ -159,12 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .export import ExportError
-    from .data.datasets import DataError
-    from .nn.spec import SubnetError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(message)s")
@@ -173,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (UsageError, ConfigError, CheckpointError, ExportError, SubnetError, DataError) as e:
+    except SlimsslError as e:
         log.error("slimssl %s: error: %s", args.command, e)
         return 2
 

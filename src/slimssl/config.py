@@ -14,11 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import SlimsslError
 from .models.resnet import ARCHS
 from .nn.spec import Menu, SubnetError, SubnetSpec
 
 
-class ConfigError(ValueError):
+class ConfigError(SlimsslError):
     """A configuration that cannot be used; the message names the file, the key and what is allowed."""
 
 

@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import SlimsslError
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
 from .nn.spec import SubnetSpec
@@ -18,7 +19,7 @@ CONFIG = "config.json"
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
 
-class ExportError(ValueError):
+class ExportError(SlimsslError):
     """An exported model folder that cannot be loaded; says which file and why."""
 
 

@@ -87,7 +87,7 @@ def recipe_overrides(args: argparse.Namespace) -> list[str]:
 def plan_jobs(recipes: list[str], out: Path, overrides: list[str]) -> list[Job]:
     """Recipe by recipe, the slimmable run first, then one run per menu entry (largest first), so that a
     partial reproduction already holds complete comparisons of the first recipe."""
-    from .cli import UsageError
+    from .errors import UsageError
     from .config import load_config, standalone_config
 
     labels = [recipe_label(r) for r in recipes]
@@ -127,7 +127,7 @@ def check_saved_configs(jobs: list[Job]) -> None:
     """Refuse to continue runs that were started with other settings (before any work starts)."""
     import yaml
 
-    from .cli import UsageError
+    from .errors import UsageError
     from .config import config_from_dict
 
     for job in jobs:
@@ -326,7 +326,7 @@ class LabelledData:
         self._splits: dict[tuple, tuple] = {}
 
     def splits(self, cfg: Config):
-        from .cli import UsageError
+        from .errors import UsageError
         from .data.datasets import load_dataset
 
         d = cfg.data
@@ -605,7 +605,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from .cli import UsageError
+    from .errors import UsageError
 
     if args.time_budget is not None and args.time_budget < 0:
         raise UsageError(f"--time-budget must be >= 0 seconds, got {args.time_budget:g}")

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..errors import SlimsslError
+
 log = logging.getLogger("slimssl")
 
 BUILTIN = ("digits", "cifar10", "cifar100", "fake")
@@ -37,7 +39,7 @@ _CACHE_VERSION = 1  # bump when the decoded output for the same files changes
 _CHUNK = 256  # files per thread-pool task: amortises the executor overhead
 
 
-class DataError(ValueError):
+class DataError(SlimsslError):
     """Bad dataset input: the message names the path and what was expected."""
 
 

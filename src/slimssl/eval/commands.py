@@ -15,6 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ..errors import UsageError
+
 log = logging.getLogger("slimssl")
 
 
@@ -31,7 +33,6 @@ def _emit(args: argparse.Namespace, doc, table: str) -> None:
 def _device(name: str):
     import torch
 
-    from ..cli import UsageError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,7 +45,6 @@ def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int]:
     """(loader, workers) of the evaluation data: ``--loader``/``--workers``, else the checkpoint config's
     ``data.loader``/``data.workers``. A built-in dataset is decoded in memory: asked to stream it, this is an
     error; a streaming config falls back to memory for it, with a log line."""
-    from ..cli import UsageError
     from ..data.datasets import BUILTIN
     from ..data.views import default_workers
 
@@ -65,7 +65,6 @@ def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int]:
 
 def _load_split(source: str, split: str, cfg, loader: str = "memory", workers: int = 0, device=None):
     """``split`` of ``source`` at the config's resolution, decoded in memory or streamed (``loader``)."""
-    from ..cli import UsageError
     from ..data.eval_images import load_eval_split
 
     try:
@@ -208,7 +207,6 @@ def cmd_linear(args: argparse.Namespace) -> int:
 # ---- finetune ----------------------------------------------------------------------------------------
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from ..cli import UsageError
     from ..report.table import markdown_table
     from .finetune import finetune_subnet, fraction_key
     from .results import run_dir_of

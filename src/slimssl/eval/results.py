@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"

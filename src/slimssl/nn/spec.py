@@ -12,11 +12,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from ..errors import SlimsslError
+
 _CANONICAL = re.compile(r"^w(\d+)p(\d+)_d(\d+(?:-\d+)*)$")
 _DOTTED = re.compile(r"^w?(\d*\.?\d+)(?:[_:]d?(\d+(?:[-,.]\d+)*))?$")
 
 
-class SubnetError(ValueError):
+class SubnetError(SlimsslError):
     """A sub-network that cannot exist or is not allowed where it was asked for."""
 
 

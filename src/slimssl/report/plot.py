@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..cli import UsageError
+from ..errors import UsageError
 
 log = logging.getLogger("slimssl")
 

@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+from ..errors import SlimsslError, UsageError
+
 log = logging.getLogger("slimssl")
 
 
@@ -36,7 +38,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
-    from ..cli import UsageError, _emit
+    from ..cli import _emit
     from ..config import check_processes, config_from_dict, load_config
     from ..report.table import markdown_table
     from . import distributed as dist
@@ -71,7 +73,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         try:
             results = trainer.fit(args.max_steps)
         except Interrupted as e:
-            log.warning("%s", e)
+            log.warning("%s; continue with: slimssl pretrain --resume %s", e, run_dir)
             return EXIT_INTERRUPTED
         if results:
             cols = ["subnet", "params", "macs", "knn_top1_random_init", "knn_top1"]
@@ -82,12 +84,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 0
     except BaseException as e:
         if dist.world_size() > 1:  # never leave the other ranks waiting: exit now, torchrun ends the job
-            from ..checkpoint import CheckpointError
-            from ..config import ConfigError
-            from ..data.datasets import DataError
-            from ..nn.spec import SubnetError
-
-            usage = isinstance(e, (UsageError, ConfigError, CheckpointError, DataError, SubnetError))
+            usage = isinstance(e, SlimsslError)
             dist.fail_fast(e, 2 if usage else 130 if isinstance(e, KeyboardInterrupt) else 1,
                            traceback=not usage)
         raise

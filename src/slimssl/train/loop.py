@@ -391,8 +391,7 @@ class Trainer:
                     self.save()
                     progress.close()
                     raise Interrupted(f"stopped by {signal.Signals(guard.received).name} at step {self.state.step}; "
-                                      f"checkpoint saved in {self.run_dir / 'checkpoints' / 'last.pt'}; "
-                                      f"continue with: slimssl pretrain --resume {self.run_dir}")
+                                      f"checkpoint saved in {self.run_dir / 'checkpoints' / 'last.pt'}")
         progress.close()
         if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
             self.save()
