@@ -12,7 +12,9 @@ import torch
 from slimssl.checkpoint import load_checkpoint
 from slimssl.cli import main
 from slimssl.config import load_config
-from slimssl.reproduce import EXIT_CONTINUE, TIME_RATIO_GOAL, config_differences, goals
+from slimssl.reproduce import EXIT_CONTINUE
+from slimssl.reproduce.plan import config_differences
+from slimssl.reproduce.report import TIME_RATIO_GOAL, goals
 
 RECIPES = ["cifar10_r18_dspnet_byol", "cifar10_r18_slimclr_mocov2"]
 MENU = ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
@@ -172,7 +174,7 @@ def test_goals_say_by_how_much_they_miss():
 
 def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
     import slimssl.report.plot as plot
-    from slimssl.reproduce import plot_recipe
+    from slimssl.reproduce.report import plot_recipe
 
     def no_matplotlib(*args, **kwargs):
         raise plot.PlotError("plotting needs matplotlib: pip install 'slimssl[plot]'")

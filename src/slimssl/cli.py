@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.command import register as register_pretrain
 
     from .bench import register as register_bench
-    from .reproduce import register as register_reproduce
+    from .reproduce.command import register as register_reproduce
 
     register_pretrain(sub)
     register_eval(sub)

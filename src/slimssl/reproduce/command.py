@@ -1,0 +1,84 @@
+"""The ``slimssl reproduce`` command line (torch is imported only once the command runs)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from ..errors import UsageError
+from . import DEFAULT_EPOCHS, DEFAULT_PROBE_EPOCHS, DEFAULT_RECIPES, EXIT_CONTINUE, REPORT_JSON, REPORT_MD
+
+log = logging.getLogger("slimssl")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce", help="slimmable vs one-by-one pretraining on CIFAR-10: pretrain, evaluate, compare (resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="For each recipe, pretrain (a) the slimmable network and (b) each menu entry alone with\n"
+                    "the same method, epochs and batch; evaluate every network by kNN and linear probe; write\n"
+                    "OUT/reproduction.md, OUT/reproduction.json and accuracy-vs-MACs plots.\n"
+                    "Run the same command again to continue an unfinished reproduction (see docs/results.md).",
+        epilog=f"exit codes:\n  0  done: the report is written (again, if it was already)\n"
+               f"  {EXIT_CONTINUE}  the --time-budget ran out with work left: run the same command again\n"
+               "  3  stopped by SIGTERM/SIGINT after saving: run the same command again\n"
+               "  2  bad arguments, or settings that differ from the runs already in --out")
+    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
+                   help="comma-separated shipped config names or YAML paths (default: %(default)s)")
+    p.add_argument("--data", help="dataset name or path for every recipe (default: the recipes' data.source)")
+    p.add_argument("--out", required=True, type=Path, help="folder of the runs and the report")
+    p.add_argument("--epochs", type=int, help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS})")
+    p.add_argument("--batch-size", type=int, help="total batch of every run (default: the recipe's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help=f"start no new epoch or probe after SECONDS of this call and exit {EXIT_CONTINUE} "
+                        "(the first one always runs); default: run to the end")
+    p.add_argument("--probe-epochs", type=int, default=DEFAULT_PROBE_EPOCHS, help="linear probe epochs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of every recipe (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print reproduction.json on stdout (or the progress, when work is left)")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.time_budget is not None and args.time_budget < 0:
+        raise UsageError(f"--time-budget must be >= 0 seconds, got {args.time_budget:g}")
+    if args.probe_epochs < 1:
+        raise UsageError(f"--probe-epochs must be >= 1, got {args.probe_epochs}")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from ..cli import _emit
+    from ..train.loop import EXIT_INTERRUPTED, Interrupted
+    from .plan import check_saved_configs, plan_jobs, recipe_overrides
+    from .report import report_markdown, write_report
+    from .run import Budget, is_pretrained, run_jobs
+
+    _check_args(args)
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
+    check_saved_configs(jobs)
+    budget = Budget(args.time_budget)
+    try:
+        done = run_jobs(jobs, budget, args.probe_epochs)
+    except Interrupted as e:
+        log.warning("%s", e)
+        log.warning("reproduction interrupted; run the same command again to continue")
+        return EXIT_INTERRUPTED
+    log.info("this call: %d units of work in %.1f s", budget.units, time.perf_counter() - budget.start)
+    if done < len(jobs):
+        log.warning("%d of %d jobs done; run the same command again to continue", done, len(jobs))
+        status = {"complete": False, "jobs_done": done, "jobs_total": len(jobs),
+                  "jobs": [{"run": j.label, "pretrained": is_pretrained(j)} for j in jobs]}
+        if args.json:
+            _emit(args, status, "")
+        return EXIT_CONTINUE
+    doc = write_report(args.out, jobs, args.probe_epochs)
+    log.info("wrote %s and %s", args.out / REPORT_MD, args.out / REPORT_JSON)
+    _emit(args, doc, report_markdown(doc))
+    return 0

@@ -1,0 +1,102 @@
+"""The jobs of a reproduction: per recipe, the slimmable run and one run per menu entry alone."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, config_from_dict, load_config, standalone_config
+from ..errors import UsageError
+from ..nn.spec import SubnetSpec
+from ..train.command import flag_overrides
+from . import DEFAULT_EPOCHS
+
+# Applied to every recipe before --set. Periodic epoch_XXXX.pt files of ten 50-epoch runs would fill a
+# disk; last.pt is all that resuming needs.
+REPRODUCTION_DEFAULTS = ("train.checkpoint_every=0",)
+# Settings a resumed call may see differently without mixing anything: data.workers defaults to the CPU count
+# of the machine, and only the streaming loader (which the reproduction refuses) uses it.
+RESUME_IGNORES = frozenset({"data.workers"})
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pretraining run of the reproduction and the place it lives."""
+
+    recipe: str  # the recipe's label: its file name without .yaml
+    kind: str  # "slim" (the whole menu at once) or "alone" (one menu entry as its own network)
+    spec: SubnetSpec  # the menu entry this run stands for (slim: the largest)
+    cfg: Config
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.recipe}/{self.run_dir.name}"
+
+
+def recipe_label(recipe: str) -> str:
+    """``cifar10_r18_dspnet_byol``, ``cifar10_r18_dspnet_byol.yaml`` and ``path/to/it.yaml`` share a label."""
+    return Path(recipe).stem
+
+
+def recipe_overrides(args: argparse.Namespace) -> list[str]:
+    """The --set list every recipe gets: reproduction defaults, default epochs, --set, then the flags
+    (so an explicit flag wins, as in ``slimssl pretrain``)."""
+    return [*REPRODUCTION_DEFAULTS, f"train.epochs={DEFAULT_EPOCHS}", *flag_overrides(args)]
+
+
+def plan_jobs(recipes: list[str], out: Path, overrides: list[str]) -> list[Job]:
+    """Recipe by recipe, the slimmable run first, then one run per menu entry (largest first), so that a
+    partial reproduction already holds complete comparisons of the first recipe."""
+    labels = [recipe_label(r) for r in recipes]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--recipes names the same recipe twice: {', '.join(recipes)}")
+    jobs = []
+    for recipe, label in zip(recipes, labels):
+        cfg = load_config(recipe, overrides)
+        if cfg.data.loader != "memory":  # a streamed run skips kNN: half of the comparison would be missing
+            raise UsageError(f"recipe {recipe}: data.loader is {cfg.data.loader!r}, but the reproduction compares "
+                             "kNN, which needs the images in memory: use data.loader=memory")
+        menu = cfg.subnet_menu()
+        jobs.append(Job(label, "slim", menu.largest, cfg, out / label / "slim"))
+        for spec in menu:
+            jobs.append(Job(label, "alone", spec, standalone_config(cfg, spec), out / label / f"alone-{spec.name}"))
+    return jobs
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(saved: Config, planned: Config) -> list[str]:
+    """``key: saved X, now Y`` for every setting that differs (dotted keys, e.g. ``train.epochs``), except
+    the machine-dependent :data:`RESUME_IGNORES`."""
+    a, b = _flatten(saved.model_dump(mode="json")), _flatten(planned.model_dump(mode="json"))
+    keys = sorted((set(a) | set(b)) - RESUME_IGNORES)
+    return [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def check_saved_configs(jobs: list[Job]) -> None:
+    """Refuse to continue runs that were started with other settings (before any work starts)."""
+    for job in jobs:
+        path = job.run_dir / "config.yaml"
+        if not path.is_file():
+            continue
+        saved = config_from_dict(yaml.safe_load(path.read_text()), str(path))
+        diffs = config_differences(saved, job.cfg)
+        if diffs:
+            raise UsageError(
+                f"{job.run_dir} holds a run started with other settings than this command asks for:\n  "
+                + "\n  ".join(diffs)
+                + "\nrun the same command as before (same --epochs, --batch-size, --data, --device, --set), "
+                  "or choose another --out")
+

@@ -1,0 +1,217 @@
+"""The comparison of a finished reproduction: per width, slimmable against alone; the time ratio; the
+goals; ``reproduction.json``, ``reproduction.md`` and the plots."""
+
+from __future__ import annotations
+
+import logging
+import platform
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..eval.results import read_results, write_json_atomic
+from ..report.plot import PlotError, plot_accuracy_vs_macs
+from ..report.table import human
+from . import REPORT_JSON, REPORT_MD
+from .plan import Job
+from .run import probe_settings, read_timing
+
+log = logging.getLogger("slimssl")
+
+FULL_WIDTH_TOLERANCE = 1.0  # points: the slimmable full width may trail the one trained alone by this much
+TIME_RATIO_GOAL = 0.60  # slimmable pretraining time / one-by-one pretraining time, at most
+METRICS = {"knn": "knn_top1", "linear": "linear_top1"}
+
+
+# ---- the comparison ----------------------------------------------------------------------------------
+
+def _delta(slim: float | None, alone: float | None) -> float | None:
+    return None if slim is None or alone is None else slim - alone
+
+
+def comparison_rows(slim: dict, alone_by_subnet: dict[str, dict]) -> list[dict]:
+    """One row per menu entry: cost, then kNN and linear top-1 of the slimmable run and of the run alone."""
+    rows = []
+    for s in slim["subnets"]:
+        a = alone_by_subnet[s["subnet"]]
+        row = {"subnet": s["subnet"], "params": s["params"], "macs": s["macs"]}
+        for short, key in METRICS.items():
+            row[f"{short}_slim"], row[f"{short}_alone"] = s.get(key), a.get(key)
+            row[f"{short}_delta"] = _delta(s.get(key), a.get(key))
+        if (a.get("params"), a.get("macs")) != (s["params"], s["macs"]):
+            log.warning("%s alone has %s params / %s MACs, the slimmable sub-network %s / %s", s["subnet"],
+                        a.get("params"), a.get("macs"), s["params"], s["macs"])
+        rows.append(row)
+    return rows
+
+
+def _goal(goal: str, value: float | None, target: float | None, at_least: bool, subnet: str | None = None) -> dict:
+    """Whether ``value >= target`` (``at_least``) or ``value <= target`` holds, and by how much it falls
+    short; ``held`` is None when either number is missing."""
+    if value is None or target is None:
+        return {"goal": goal, "subnet": subnet, "value": value, "target": target, "held": None, "short_by": None}
+    gap = (target - value) if at_least else (value - target)
+    return {"goal": goal, "subnet": subnet, "value": value, "target": target, "held": gap <= 0,
+            "short_by": max(0.0, gap)}
+
+
+def goals(rows: list[dict], time_ratio: float | None) -> list[dict]:
+    """The issue's goals: full width within 1 point of alone; every smaller entry at least as good as
+    alone (kNN and linear); slimmable pretraining at most 60% of the one-by-one time."""
+    out = []
+    full, smaller = rows[0], rows[1:]  # the menu's largest entry comes first
+    for short in METRICS:
+        alone = full[f"{short}_alone"]
+        out.append(_goal(f"{short}: full width within {FULL_WIDTH_TOLERANCE:g} point of alone",
+                         full[f"{short}_slim"], None if alone is None else alone - FULL_WIDTH_TOLERANCE,
+                         True, full["subnet"]))
+        out += [_goal(f"{short}: {row['subnet']} at least as good as alone", row[f"{short}_slim"],
+                      row[f"{short}_alone"], True, row["subnet"]) for row in smaller]
+    out.append(_goal(f"pretraining time slimmable / one-by-one <= {TIME_RATIO_GOAL:.2f}", time_ratio,
+                     TIME_RATIO_GOAL, False))
+    return out
+
+
+def recipe_summary(recipe: str, jobs: list[Job]) -> dict:
+    slim_job = next(j for j in jobs if j.kind == "slim")
+    alone_jobs = [j for j in jobs if j.kind == "alone"]
+    slim = read_results(slim_job.run_dir)
+    alone = {j.spec.name: read_results(j.run_dir)["subnets"][0] for j in alone_jobs}
+    rows = comparison_rows(slim, alone)
+    timings = {j.label: read_timing(j.run_dir) for j in jobs}
+    slim_seconds = timings[slim_job.label].pretrain_seconds
+    alone_seconds = sum(timings[j.label].pretrain_seconds for j in alone_jobs)
+    ratio = slim_seconds / alone_seconds if alone_seconds > 0 else None
+    devices = sorted({d for t in timings.values() for d in t.devices})
+    return {"recipe": recipe, "method": slim_job.cfg.method.name, "menu": [r["subnet"] for r in rows],
+            "epochs": slim_job.cfg.train.epochs, "batch_size": slim_job.cfg.train.batch_size,
+            "data": slim_job.cfg.data.source, "rows": rows,
+            "time": {"slim_pretrain_seconds": slim_seconds, "alone_pretrain_seconds": alone_seconds,
+                     "ratio": ratio,
+                     "per_run": {label: asdict(t) for label, t in timings.items()}},
+            "devices": devices, "goals": goals(rows, ratio),
+            "run_dirs": {"slim": str(slim_job.run_dir), **{j.spec.name: str(j.run_dir) for j in alone_jobs}}}
+
+
+def plot_recipe(summary: dict, out: Path) -> list[str]:
+    """Accuracy against MACs, slimmable and alone, per metric; skipped (logged) without matplotlib."""
+    files = []
+    for short, key in METRICS.items():
+        series = [{"run": label, "subnets": [{"subnet": r["subnet"], "macs": r["macs"], key: r[f"{short}_{part}"]}
+                                             for r in summary["rows"]]}
+                  for label, part in (("slimmable (one run)", "slim"), ("pretrained alone", "alone"))]
+        path = out / f"{summary['recipe']}_{key}_vs_macs.png"
+        try:
+            plot_accuracy_vs_macs(series, key, path, title=summary["recipe"])
+        except PlotError as e:
+            log.warning("plot %s skipped: %s", path.name, e)
+            continue
+        files.append(path.name)
+    return files
+
+
+def software() -> dict:
+    return {"slimssl": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda}
+
+
+def write_report(out: Path, jobs: list[Job], probe_epochs: int) -> dict:
+    recipes = list(dict.fromkeys(j.recipe for j in jobs))
+    summaries = [recipe_summary(r, [j for j in jobs if j.recipe == r]) for r in recipes]
+    for summary in summaries:
+        summary["plots"] = plot_recipe(summary, out)
+    doc = {"complete": True, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "software": software(), "devices": sorted({d for s in summaries for d in s["devices"]}),
+           "probe": {"protocol": "linear", **probe_settings(jobs[0].cfg, probe_epochs)},
+           "knn": {"k": jobs[0].cfg.eval.knn_k, "temperature": jobs[0].cfg.eval.knn_temperature},
+           "goals_targets": {"full_width_tolerance_points": FULL_WIDTH_TOLERANCE, "time_ratio": TIME_RATIO_GOAL},
+           "recipes": summaries}
+    doc["all_goals_held"] = all(g["held"] for s in summaries for g in s["goals"])
+    write_json_atomic(out / REPORT_JSON, doc)
+    (out / REPORT_MD).write_text(report_markdown(doc))
+    return doc
+
+
+# ---- Markdown ----------------------------------------------------------------------------------------
+
+def _num(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:,.0f} s ({s / 60:.1f} min)" if s >= 60 else f"{s:.1f} s"
+
+
+def comparison_table(rows: list[dict]) -> str:
+    lines = ["| subnet | params | MACs | kNN slim | kNN alone | Δ | linear slim | linear alone | Δ |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [r["subnet"], human(r["params"]), human(r["macs"])]
+        for short in METRICS:
+            cells += [_num(r[f"{short}_slim"]), _num(r[f"{short}_alone"]), _num(r[f"{short}_delta"], signed=True)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def timing_table(summary: dict) -> str:
+    """Each run's pretraining seconds and throughput (images of the training steps per second)."""
+    lines = ["| run | steps | pretraining | img/s | device |", "|---|---:|---:|---:|---|"]
+    for label, t in summary["time"]["per_run"].items():
+        seconds = t["pretrain_seconds"]
+        rate = f"{t['step'] * summary['batch_size'] / seconds:,.0f}" if seconds > 0 else "-"
+        lines.append(f"| {label.split('/', 1)[-1]} | {t['step']} | {_seconds(seconds)} | {rate} | "
+                     f"{', '.join(t['devices']) or '-'} |")
+    return "\n".join(lines)
+
+
+def _goal_line(g: dict) -> str:
+    if g["held"] is None:
+        return f"- {g['goal']}: not measured"
+    if g["goal"].startswith("pretraining time"):
+        value = f"{g['value']:.2f}"
+        miss = f"misses by {g['short_by']:.2f}"
+    else:
+        value = f"{g['value']:.2f} (needs {g['target']:.2f})"
+        miss = f"misses by {g['short_by']:.2f} points"
+    return f"- {g['goal']}: {value}: " + ("**held**" if g["held"] else f"**not held**, {miss}")
+
+
+def report_markdown(doc: dict) -> str:
+    sw = doc["software"]
+    probe = doc["probe"]
+    lines = [
+        "# Reproduction: slimmable pretraining against networks pretrained one by one", "",
+        f"- Date: {doc['created']}",
+        f"- Software: slimssl {sw['slimssl']}, torch {sw['torch']}"
+        + (f" (CUDA {sw['cuda']})" if sw["cuda"] else "") + f", Python {sw['python']}",
+        f"- Device(s) of the pretraining: {', '.join(doc['devices']) or 'unknown'}",
+        f"- kNN: k={doc['knn']['k']}, T={doc['knn']['temperature']:g}, train split as the bank, test split as queries",
+        f"- Linear probe: one head per sub-network, frozen backbone, cached features without augmentation, "
+        f"{probe['epochs']} epochs, SGD lr {probe['lr']:g} cosine, batch {probe['batch_size']}",
+        "- Pretraining time: wall-clock seconds of the training steps (CUDA synchronised), without kNN, "
+        "checkpoint writing and set-up; summed over calls",
+    ]
+    if len(doc["devices"]) > 1:
+        lines.append("- **Warning:** the runs used different devices, so their times do not compare")
+    for s in doc["recipes"]:
+        t = s["time"]
+        ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
+        lines += ["", f"## {s['recipe']}", "",
+                  f"{s['method']}, {s['epochs']} epochs, batch {s['batch_size']}, data {s['data']}.", "",
+                  comparison_table(s["rows"]), "",
+                  f"- Pretraining time (a), the slimmable run: {_seconds(t['slim_pretrain_seconds'])}",
+                  f"- Pretraining time (b), the {len(s['rows'])} runs alone together: "
+                  f"{_seconds(t['alone_pretrain_seconds'])}",
+                  f"- Ratio a / b: {ratio} (goal: at most {TIME_RATIO_GOAL:.2f})", "",
+                  timing_table(s), "",
+                  "Goals:", "", *(_goal_line(g) for g in s["goals"])]
+        lines += ["", *(f"![{p}]({p})" for p in s["plots"])] if s["plots"] else []
+    verdict = "All goals hold." if doc["all_goals_held"] else "Not every goal holds (see above)."
+    lines += ["", f"**{verdict}**", ""]
+    return "\n".join(lines)
+

@@ -1,0 +1,281 @@
+"""Running a reproduction's jobs within one call's budget: pretraining epoch by epoch, the linear probe,
+and the seconds each took (``RUN/timing.json``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..checkpoint import load_supernet
+from ..config import Config
+from ..data.datasets import load_dataset
+from ..errors import UsageError
+from ..eval.linear import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, linear_probe_subnets
+from ..eval.results import merge_results, read_results, write_json_atomic
+from ..train.command import lr_header
+from ..train.loop import Trainer, pick_device
+from .plan import Job
+
+log = logging.getLogger("slimssl")
+
+TIMING = "timing.json"
+
+
+# ---- per-job state -----------------------------------------------------------------------------------
+
+@dataclass
+class JobTiming:
+    """Seconds a job has cost so far, accumulated over calls (``RUN/timing.json``)."""
+
+    pretrain_seconds: float = 0.0  # training steps only: the number the comparison uses
+    eval_seconds: float = 0.0  # kNN and profiling done during pretraining
+    checkpoint_seconds: float = 0.0  # writing checkpoints
+    setup_seconds: float = 0.0  # building the trainer: data, model, resuming (once per call)
+    probe_seconds: float = 0.0  # the linear probe
+    step: int = 0  # the training step the times above reach
+    chunks: int = 0
+    devices: list[str] = field(default_factory=list)
+
+
+def read_timing(run_dir: Path) -> JobTiming:
+    path = run_dir / TIMING
+    if not path.is_file():
+        return JobTiming()
+    known = JobTiming.__dataclass_fields__
+    return JobTiming(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+
+
+def write_timing(run_dir: Path, timing: JobTiming) -> None:
+    write_json_atomic(run_dir / TIMING, asdict(timing))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def is_pretrained(job: Job) -> bool:
+    """Trainer.finish wrote results.json (with ``steps``; an evaluation command on a partial run writes
+    results.json too, without it)."""
+    path = job.run_dir / "results.json"
+    return path.is_file() and "steps" in json.loads(path.read_text())
+
+
+# ---- the budget of one call --------------------------------------------------------------------------
+
+class Budget:
+    """Units of work (an epoch of pretraining, one linear probe) of this call: the first always runs,
+    later ones only start while ``seconds`` have not passed, so every call makes progress."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.start, self.units = seconds, time.perf_counter(), 0
+
+    def allows(self) -> bool:
+        return self.seconds is None or self.units == 0 or time.perf_counter() - self.start < self.seconds
+
+    def used(self) -> None:
+        self.units += 1
+
+
+# ---- pretraining -------------------------------------------------------------------------------------
+
+class TimedTrainer(Trainer):
+    """A Trainer that times its evaluation (kNN, the final profile) and checkpoint writing apart, so what
+    remains of a chunk's wall time is training steps."""
+
+    def __init__(self, *args, **kwargs):
+        self.apart = {"eval": 0.0, "checkpoint": 0.0}
+        self._timing_apart = False
+        super().__init__(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _timed_apart(self, kind: str) -> Iterator[None]:
+        if self._timing_apart:  # finish() runs knn(): count it once
+            yield
+            return
+        self._timing_apart = True
+        _sync(self.device)  # the training work queued so far belongs to training
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self.apart[kind] += time.perf_counter() - start
+            self._timing_apart = False
+
+    def knn(self) -> dict[str, float]:
+        with self._timed_apart("eval"):
+            return super().knn()
+
+    def finish(self) -> dict:
+        with self._timed_apart("eval"):
+            return super().finish()
+
+    def save(self, name: str = "last.pt"):
+        with self._timed_apart("checkpoint"):
+            return super().save(name)
+
+
+def run_chunk(trainer: TimedTrainer, timing: JobTiming, run_dir: Path) -> dict:
+    """Train one epoch (or up to the end) and add its seconds to ``timing``; the results when finished."""
+    end = min(trainer.state.step + trainer.steps_per_epoch, trainer.total_steps)
+    before = dict(trainer.apart)
+    _sync(trainer.device)
+    start = time.perf_counter()
+    try:
+        return trainer.fit(max_steps=end)
+    finally:  # an interrupted chunk's seconds count too: its steps were saved
+        _sync(trainer.device)
+        wall = time.perf_counter() - start
+        apart = {k: trainer.apart[k] - before[k] for k in before}
+        timing.pretrain_seconds += wall - sum(apart.values())
+        timing.eval_seconds += apart["eval"]
+        timing.checkpoint_seconds += apart["checkpoint"]
+        timing.step, timing.chunks = trainer.state.step, timing.chunks + 1
+        write_timing(run_dir, timing)
+
+
+def pretrain_job(job: Job, budget: Budget) -> bool:
+    """Pretrain ``job`` epoch by epoch while the budget allows; True once its results.json exists."""
+    if is_pretrained(job):
+        return True
+    if not budget.allows():
+        return False
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = job.run_dir / "config.yaml"
+    if not config_file.is_file():
+        config_file.write_text(lr_header(job.cfg, 1) + job.cfg.to_yaml())
+    resume = (job.run_dir / "checkpoints" / "last.pt").is_file()
+    timing = read_timing(job.run_dir)
+    start = time.perf_counter()
+    trainer = TimedTrainer(job.cfg, job.run_dir, resume=resume)
+    timing.setup_seconds += time.perf_counter() - start
+    name = device_name(trainer.device)
+    if name not in timing.devices:
+        timing.devices.append(name)
+    if timing.step != trainer.state.step:
+        log.warning("%s: timing.json reached step %d, the checkpoint step %d: the seconds of the steps in "
+                    "between (a call killed after saving) are not counted", job.label, timing.step, trainer.state.step)
+    log.info("%s: pretraining from step %d of %d", job.label, trainer.state.step, trainer.total_steps)
+    while budget.allows():
+        results = run_chunk(trainer, timing, job.run_dir)
+        budget.used()
+        if results:
+            log.info("%s: pretrained in %.1f s", job.label, timing.pretrain_seconds)
+            return True
+    trainer.metrics.close()  # finish() closes it on a completed run
+    return False
+
+
+# ---- the linear probe --------------------------------------------------------------------------------
+
+def probe_settings(cfg: Config, epochs: int) -> dict:
+    """What ``slimssl linear`` stores under protocols.linear: per-sub-network heads, cached features."""
+    return {"data": cfg.data.source, "epochs": epochs, "lr": DEFAULT_LR, "batch_size": DEFAULT_BATCH_SIZE,
+            "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
+            "distill": False, "shared_head": False, "augment": False, "seed": 0,
+            "recalibrate_bn": 0 if cfg.model.bn == "private" else DEFAULT_RECALIBRATE_BATCHES,
+            "resolution": cfg.data.resolution}
+
+
+def is_probed(job: Job, settings: dict) -> bool:
+    data = read_results(job.run_dir)
+    return (data.get("protocols", {}).get("linear") == settings
+            and all(row.get("linear_top1") is not None for row in data["subnets"]))
+
+
+class LabelledData:
+    """Train and test splits per data config, loaded once per call and shared by the probes."""
+
+    def __init__(self):
+        self._splits: dict[tuple, tuple] = {}
+
+    def splits(self, cfg: Config):
+        d = cfg.data
+        key = (d.source, d.resolution, d.fake_size, d.skip_unreadable, cfg.train.seed)
+        if key not in self._splits:
+            kw = dict(resolution=d.resolution, skip_unreadable=d.skip_unreadable, fake_size=d.fake_size,
+                      seed=cfg.train.seed)
+            train, test = (load_dataset(d.source, split, **kw) for split in ("train", "test"))
+            if train.labels is None or test.labels is None:
+                raise UsageError(f"data {d.source!r} has no labels (a folder without class sub-folders): the "
+                                 "reproduction evaluates by kNN and linear probe, so it needs a labelled dataset")
+            self._splits[key] = train, test
+        return self._splits[key]
+
+
+def probe_job(job: Job, budget: Budget, epochs: int, data: LabelledData) -> bool:
+    """Linear probe of a pretrained job into its results.json (``linear_top1``); True once stored."""
+    settings = probe_settings(job.cfg, epochs)
+    if is_probed(job, settings):
+        return True
+    if not budget.allows():
+        return False
+    supernet, cfg = load_supernet(job.run_dir)
+    device = pick_device(cfg.train.device)
+    train, test = data.splits(cfg)
+    _sync(device)
+    start = time.perf_counter()
+    results = linear_probe_subnets(
+        supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
+        epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], device=device, seed=settings["seed"],
+        feature_batch_size=cfg.eval.batch_size, recalibrate_batches=settings["recalibrate_bn"])
+    _sync(device)
+    timing = read_timing(job.run_dir)
+    timing.probe_seconds += time.perf_counter() - start
+    write_timing(job.run_dir, timing)
+    values = {name: {"linear_top1": r["top1"], "linear_top5": r["top5"]} for name, r in results.items()}
+    merge_results(job.run_dir, values, protocol="linear", settings=settings)
+    budget.used()
+    log.info("%s: linear probe %s", job.label, ", ".join(f"{n}={r['top1']:.2f}" for n, r in results.items()))
+    return True
+
+
+
+def restart_if_checkpoint_lost(job: Job, probe_epochs: int) -> None:
+    """A job that is not finished (pretrained and probed) but whose ``last.pt`` is gone starts again.
+
+    That happens when a reproduction travels between machines without its checkpoints (they are large;
+    the finished runs' results are all the report needs). The lost run's times, logs and partial results
+    are removed, so that they are not counted twice."""
+    if not job.run_dir.is_dir() or (job.run_dir / "checkpoints" / "last.pt").is_file():
+        return
+    if is_pretrained(job) and is_probed(job, probe_settings(job.cfg, probe_epochs)):
+        return
+    lost = [p for p in (TIMING, "metrics.jsonl", "results.json", "tb") if (job.run_dir / p).exists()]
+    if not lost:
+        return
+    log.warning("%s: not finished and its checkpoint is gone: starting it again (removing %s)", job.label,
+                ", ".join(lost))
+    for name in lost:
+        path = job.run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def run_jobs(jobs: list[Job], budget: Budget, probe_epochs: int) -> int:
+    """Pretrain and probe the jobs in order while the budget lasts; the number of jobs done."""
+    data = LabelledData()
+    done = 0
+    for job in jobs:
+        restart_if_checkpoint_lost(job, probe_epochs)
+        if not (pretrain_job(job, budget) and probe_job(job, budget, probe_epochs, data)):
+            break
+        done += 1
+    return done
+
