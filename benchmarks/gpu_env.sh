@@ -6,12 +6,14 @@
 slimssl_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$slimssl_root/src${PYTHONPATH:+:$PYTHONPATH}"
 slimssl() { python -m slimssl "$@"; }
-if ! python -c "import slimssl.cli" 2>/dev/null && compgen -G "$slimssl_root/.whl/*.whl" >/dev/null; then
+# what a run needs (the command line alone imports no dependency: it answers --help without them)
+slimssl_imports="import slimssl.config, slimssl.export, slimssl.train.loop"
+if ! python -c "$slimssl_imports" 2>/dev/null && compgen -G "$slimssl_root/.whl/*.whl" >/dev/null; then
     python -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/slimssl-site "$slimssl_root"/.whl/*.whl || { echo "installing the carried wheels in .whl failed"; exit 2; }
     export PYTHONPATH="/tmp/slimssl-site:$PYTHONPATH"
 fi
-if ! python -c "import slimssl.cli" 2>/tmp/slimssl-import.err; then
+if ! python -c "$slimssl_imports" 2>/tmp/slimssl-import.err; then
     tail -3 /tmp/slimssl-import.err
     echo "slimssl does not import on this machine: run benchmarks/gpu_wheels.sh here and carry .whl"
     exit 2

@@ -43,7 +43,7 @@ def test_bench_profile_writes_the_operator_table(tmp_path, capsys):
 
 
 def test_busy_fraction_counts_overlapping_kernels_once():
-    from slimssl.bench import busy_fraction
+    from slimssl.bench.measure import busy_fraction
 
     assert busy_fraction([], 100.0) == 0.0
     assert busy_fraction([(0, 10), (20, 30)], 100.0) == 0.2

@@ -2,19 +2,55 @@
 
 Pretrain one network once (BYOL or MoCo), then cut it into a family of pretrained sub-networks of
 different widths and depths.
+
+The names below load on first use (PEP 562), so ``import slimssl`` and ``slimssl --help`` do not wait for
+torch to import.
 """
 
-from .checkpoint import load_checkpoint, load_supernet
-from .config import Config, load_config
-from .export import export_subnet, load_exported
-from .models.build import build_supernet
-from .models.plain import PlainResNet
-from .models.resnet import SlimResNet
-from .nn.layers import recalibrate_bn
-from .nn.spec import Menu, SubnetSpec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "Config": ".config", "load_config": ".config",
+    "load_checkpoint": ".checkpoint", "load_supernet": ".checkpoint",
+    "export_subnet": ".export", "load_exported": ".export",
+    "build_supernet": ".models.build",
+    "PlainResNet": ".models.plain",
+    "SlimResNet": ".models.resnet",
+    "recalibrate_bn": ".nn.layers",
+    "Menu": ".nn.spec", "SubnetSpec": ".nn.spec",
+    "SlimsslError": ".errors",
+}
 __all__ = [
-    "Config", "Menu", "PlainResNet", "SlimResNet", "SubnetSpec", "build_supernet", "export_subnet",
+    "Config", "Menu", "PlainResNet", "SlimResNet", "SlimsslError", "SubnetSpec", "build_supernet", "export_subnet",
     "load_checkpoint", "load_config", "load_exported", "load_supernet", "recalibrate_bn",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'slimssl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
+    from .checkpoint import load_checkpoint, load_supernet
+    from .config import Config, load_config
+    from .errors import SlimsslError
+    from .export import export_subnet, load_exported
+    from .models.build import build_supernet
+    from .models.plain import PlainResNet
+    from .models.resnet import SlimResNet
+    from .nn.layers import recalibrate_bn
+    from .nn.spec import Menu, SubnetSpec

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.commands import register as register_eval
     from .train.command import register as register_pretrain
 
-    from .bench import register as register_bench
+    from .bench.command import register as register_bench
     from .reproduce.command import register as register_reproduce
 
     register_pretrain(sub)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
 
 log = logging.getLogger("slimssl")
 
@@ -303,8 +304,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluation subcommands to the ``slimssl`` parser."""
-    from .linear import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
-
     p = sub.add_parser("knn", help="weighted kNN top-1 of every sub-network (train split = bank, test = queries)")
     _add_eval_args(p)
     p.add_argument("--k", type=int, help="neighbours (default: config eval.knn_k)")

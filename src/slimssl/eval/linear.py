@@ -38,15 +38,11 @@ from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.layers import recalibrate_bn
 from ..nn.spec import SubnetSpec
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_RECALIBRATE_BATCHES
 from .features import extract_subnet_features
 
 log = logging.getLogger("slimssl")
 
-DEFAULT_EPOCHS = 100
-DEFAULT_LR = 0.1
-DEFAULT_BATCH_SIZE = 256
-DEFAULT_MOMENTUM = 0.9
-DEFAULT_RECALIBRATE_BATCHES = 20  # used automatically when the supernet's BatchNorm is shared
 DISTILL_ALPHA = 0.5
 
 

@@ -20,7 +20,8 @@ from ..checkpoint import load_supernet
 from ..config import Config
 from ..data.datasets import load_dataset
 from ..errors import UsageError
-from ..eval.linear import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, linear_probe_subnets
+from ..eval import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES
+from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
 from ..train.command import lr_header
 from ..train.loop import Trainer, pick_device

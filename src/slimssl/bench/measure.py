@@ -1,41 +1,19 @@
-"""``slimssl bench``: throughput of the data path, the slimmable step and the one-by-one baseline.
-
-All three run on synthetic images of the config's resolution (``data.source=fake``), so the numbers measure
-the compute path, not the disk. The baseline trains each menu entry as its own dense network (a supernet
-whose full width *is* that entry) at the same batch, one after the other, which is what pretraining the
-networks one by one costs per step.
-"""
+"""Timing the data path, the slimmable step and each dense network of the one-by-one baseline."""
 
 from __future__ import annotations
 
-import argparse
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import standalone_config
+from ..train.loop import Trainer
+
 log = logging.getLogger("slimssl")
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="img/s of the data path, the slimmable step and the one-by-one baseline")
-    p.add_argument("--config", help="YAML recipe (default: demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after warmup)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch-size", type=int, help="default: the config's train.batch_size")
-    p.add_argument("--data", help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
-                                  "instead of synthetic images in memory")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--no-baseline", action="store_true", help="skip the one-by-one baseline")
-    p.add_argument("--data-only", action="store_true", help="measure the data path alone (no training step)")
-    p.add_argument("--profile", type=Path, metavar="FILE",
-                   help="also write the operators that take the most time in the slimmable step (torch.profiler "
-                        "table: self CUDA time on a GPU, self CPU time otherwise) to FILE")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_bench)
 
 
 def _sync(device: torch.device) -> None:
@@ -112,11 +90,16 @@ def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float
 
 def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bool = False,
               profile: Path | None = None) -> list[dict]:
-    from .config import standalone_config
-    from .train.loop import Trainer
+    """The table's rows: img/s of the data path, the slimmable step and, with ``baseline``, each dense
+    network and their sum; the trainers' run directories are temporary."""
+    with tempfile.TemporaryDirectory(prefix="slimssl-bench-") as scratch:
+        return _run_bench(cfg, steps, warmup, baseline, data_only, profile, Path(scratch))
 
+
+def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, profile: Path | None,
+               scratch: Path) -> list[dict]:
     rows = []
-    trainer = Trainer(cfg, _scratch_dir())
+    trainer = Trainer(cfg, scratch / "slim")
     device, batch = trainer.device, cfg.train.batch_size
 
     def row(what: str, m: Measurement) -> dict:
@@ -137,7 +120,7 @@ def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bo
         del trainer
         dense_rows = []
         for spec in cfg.subnet_menu():
-            dense = Trainer(standalone_config(cfg, spec), _scratch_dir())
+            dense = Trainer(standalone_config(cfg, spec), scratch / f"dense-{spec.name}")
             dense_rows.append(row(f"  dense {spec.name}", _measure(dense.train_step, steps, warmup, device)))
             dense.view_source.close()
             del dense
@@ -155,34 +138,3 @@ def _tag(rows: list[dict], device: torch.device, batch: int) -> list[dict]:
     for r in rows:
         r.update(device=str(device), batch=batch)
     return rows
-
-
-def _scratch_dir():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp(prefix="slimssl-bench-"))
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import _emit
-    from .config import load_config
-
-    # steady state: every sub-network runs (no slow start); synthetic images in memory unless --data
-    data = [f"data.source={args.data}"] if args.data else ["data.source=fake", "data.loader=memory"]
-    sets = [*data, *args.set, f"train.device={args.device}", "slim.slow_start=0.0"]
-    cfg = load_config(args.config, sets)
-    batch = args.batch_size or cfg.train.batch_size
-    cfg = load_config(args.config, [*sets, f"train.batch_size={batch}", f"data.fake_size={batch}"])
-    rows = run_bench(cfg, args.steps, args.warmup, baseline=not args.no_baseline, data_only=args.data_only,
-                     profile=args.profile)
-    lines = ["| measurement | img/s | peak GPU GiB | GPU busy |", "|---|---|---|---|"]
-    for r in rows:
-        value = f"{r['img_per_s']:.2f}x" if "ratio" in r["what"] else f"{r['img_per_s']:,.0f}"
-        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        busy = "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
-        lines.append(f"| {r['what']} | {value} | {peak} | {busy} |")
-    header = (f"{cfg.name}: batch {batch}, data {cfg.data.source} ({cfg.data.loader}), {rows[0]['device']}, "
-              f"torch {torch.__version__}")
-    _emit(args, rows, header + "\n" + "\n".join(lines))
-    return 0

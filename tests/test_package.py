@@ -1,0 +1,59 @@
+"""The package surface: what ``import slimssl`` offers, and a command line that answers --help and
+argument errors without importing torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import slimssl
+
+# Runs in a fresh interpreter: this test process has imported torch long ago.
+NO_TORCH = """
+import sys
+from slimssl.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+else:
+    code = None
+heavy = sorted(m for m in ("torch", "numpy", "pydantic") if m in sys.modules)
+print("heavy:", ",".join(heavy))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["linear", "--help"],
+                                  ["reproduce", "--help"], ["bench", "--help"], ["knn", "--no-such-flag"]])
+def test_help_and_argument_errors_do_not_import_torch(argv):
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == (2 if "--no-such-flag" in argv else 0), done.stderr
+    assert "heavy: \n" in done.stdout, done.stdout.splitlines()[-1]
+    if "--help" in argv:
+        assert "usage: slimssl" in done.stdout
+
+
+def test_every_public_name_resolves_and_unknown_names_raise():
+    for name in slimssl.__all__:
+        assert getattr(slimssl, name).__name__ == name
+    assert set(slimssl.__all__) <= set(dir(slimssl))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        slimssl.nope  # noqa: B018
+
+
+def test_every_bad_input_error_is_a_slimssl_error():
+    from slimssl.checkpoint import CheckpointError
+    from slimssl.config import ConfigError
+    from slimssl.data.datasets import DataError
+    from slimssl.errors import UsageError
+    from slimssl.eval.results import ResultsError
+    from slimssl.export import ExportError
+    from slimssl.nn.spec import SubnetError
+    from slimssl.report.plot import PlotError
+
+    for error in (CheckpointError, ConfigError, DataError, UsageError, ResultsError, ExportError, SubnetError, PlotError):
+        assert issubclass(error, slimssl.SlimsslError), error
+    assert issubclass(slimssl.SlimsslError, ValueError)  # callers that caught ValueError still do
