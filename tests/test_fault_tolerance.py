@@ -477,6 +477,19 @@ def test_resume_with_another_menu_names_both(tmp_path, capsys, caplog):
     assert HALF in text and "w0p25_d1-1-1-1" in text
 
 
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--set", "method.shuffle_bn=true"], "method.shuffle_bn needs the batch normalised in several groups"),
+    pytest.param(["--device", "cuda"], "PyTorch sees no CUDA device here: use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+])
+def test_settings_the_trainer_refuses_get_one_line_and_exit_2(tmp_path, capsys, caplog, flags, expected):
+    config = write_config(tmp_path / "tiny.yaml")
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run"), *flags]) == 2
+    text = error_text(capsys, caplog)
+    assert expected in text and "Traceback" not in text
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
 # ---- never lose work already saved --------------------------------------------------------------------
 
 @pytest.fixture

@@ -145,7 +145,7 @@ def test_grouped_pretraining_trains_and_resumes(tmp_path):
 
 
 def test_bad_group_settings_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="needs the batch normalised in several groups"):
+    with pytest.raises(ConfigError, match="needs the batch normalised in several groups"):
         grouped_trainer(tmp_path, group=None)
     cfg = tiny("mocov2", train={"batch_size": 16})
     with pytest.raises(ConfigError, match="bn_group_size 5 must divide train.batch_size 16"):

@@ -8,12 +8,9 @@ graph, which removes the kernel-launch cost that dominates narrow widths at smal
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
-
-log = logging.getLogger("slimssl")
 
 MODES = ("off", "default", "reduce-overhead", "max-autotune")
 BACKEND = "inductor"  # tests switch this to "aot_eager", which traces the same graphs without a C++ compiler
@@ -32,8 +29,6 @@ def compile_forward(fn: Callable, mode: str, num_graphs: int) -> Callable:
         if hasattr(config, key):
             setattr(config, key, max(getattr(config, key), num_graphs + 2))
     kwargs = {"mode": mode} if mode != "default" and BACKEND == "inductor" else {}
-    log.info("compiling the forward passes with torch.compile (mode %s): the first step of every "
-             "sub-network is slow", mode)
     return torch.compile(fn, backend=BACKEND, dynamic=False, **kwargs)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import check_menu, load_checkpoint, save_checkpoint
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.augment import TwoViewAugment, recipe
 from ..data.datasets import DataError, ImageDataset, load_dataset
 from ..data.views import build_view_source
@@ -59,7 +59,8 @@ class TrainState:
 
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but PyTorch sees no CUDA device")
+        raise ConfigError("train.device is cuda (--device cuda), but PyTorch sees no CUDA device here: "
+                          "use --device cpu, or auto to take a GPU when there is one")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and dist.is_distributed():
@@ -111,7 +112,7 @@ class Trainer:
         self.dtype = pick_dtype(cfg.train.precision, self.device)
         self.world = dist.world_size()
         if cfg.train.batch_size % self.world:
-            raise ValueError(f"train.batch_size {cfg.train.batch_size} must be divisible by the number of "
+            raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by the number of "
                              f"processes {self.world}")
         self.batch = cfg.train.batch_size // self.world
         self._check_bn_groups()
@@ -180,11 +181,11 @@ class Trainer:
     def _check_bn_groups(self) -> None:
         group = self.cfg.model.bn_group_size
         if group and self.batch % group:
-            raise ValueError(f"model.bn_group_size {group} must divide the per-process batch {self.batch} "
+            raise ConfigError(f"model.bn_group_size {group} must divide the per-process batch {self.batch} "
                              f"(train.batch_size {self.cfg.train.batch_size} over {self.world} processes)")
         groups = self.cfg.train.batch_size // (group or self.batch)
         if self.cfg.method.shuffle_bn and groups < 2:
-            raise ValueError("method.shuffle_bn needs the batch normalised in several groups, but this run has one "
+            raise ConfigError("method.shuffle_bn needs the batch normalised in several groups, but this run has one "
                              "BatchNorm group: set model.bn_group_size (e.g. 64) or run on several processes")
 
     def _compile_forwards(self) -> None:
@@ -194,6 +195,9 @@ class Trainer:
         graphs = 64 if self.cfg.slim.random_space == "space" else len(self.model.backbone.menu)
         self.online_forward = compile_forward(self.model.online, mode, graphs)
         self.target_forward = compile_forward(self.model.target_forward, mode, 1)
+        if mode != "off":
+            log.info("compiling the forward passes with torch.compile (mode %s): the first step of every "
+                     "sub-network is slow", mode)
         # a CUDA-graph output is overwritten by the graph's next replay: keep copies of what outlives it
         self._keep = (lambda t: t.clone()) if uses_cuda_graphs(mode) else (lambda t: t)
 
@@ -201,10 +205,10 @@ class Trainer:
         """train.sync_bn: every private BatchNorm (each sub-network's, heads and target included) becomes a
         SyncBatchNorm, so a sub-network's statistics are over the total batch of the processes."""
         if self.cfg.model.bn != "private":
-            raise ValueError("train.sync_bn needs model.bn=private: shared BatchNorm is sliced per width by "
+            raise ConfigError("train.sync_bn needs model.bn=private: shared BatchNorm is sliced per width by "
                              "slimssl itself and cannot be synchronised")
         if self.world > 1 and self.device.type != "cuda":
-            raise ValueError("train.sync_bn needs CUDA tensors (torch's SyncBatchNorm); this run is on "
+            raise ConfigError("train.sync_bn needs CUDA tensors (torch's SyncBatchNorm); this run is on "
                              f"{self.device.type} with {self.world} processes: set train.sync_bn=false")
         self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
