@@ -181,6 +181,49 @@ def test_missing_config_file_lists_shipped():
     assert "demo.yaml" in str(err.value)
 
 
+
+@pytest.mark.parametrize("assignment, expected", [
+    ("menu.widths=[1.0, 0.5", "--set menu.widths: the value '[1.0, 0.5' is not valid YAML"),
+    ("model.base_width=@x", "--set model.base_width: the value '@x' is not valid YAML"),
+    ("train.epochs=!!python/object:os.system x", "--set train.epochs: the value"),  # safe_load refuses tags
+    ("=3", "expected KEY=VALUE with a dotted key"),
+    ("train..epochs=3", "expected KEY=VALUE with a dotted key"),
+])
+def test_unreadable_set_values_name_the_key(assignment, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", [assignment])
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_errors_caused_by_set_say_so():
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", ["model.nosuch=1", "train.epochs=0"])
+    lines = str(err.value).splitlines()
+    assert any("model.nosuch: unknown key [from --set]" in line for line in lines)
+    assert any(line.strip().startswith("train.epochs") and "[from --set]" in line for line in lines)
+
+
+@pytest.mark.parametrize("assignment, key", [
+    ("data.std=[0.2, 0, 0.2]", "data.std.1"), ("data.crop_scale=[1.5, 0.2]", "data.crop_scale"),
+    ("data.crop_scale=[0, 0]", "data.crop_scale"), ("optim.betas=[2, 0.999]", "optim.betas.0"),
+    ("train.batch_size=1", "train.batch_size"),
+])
+def test_values_that_would_fail_mid_training_are_refused_up_front(assignment, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("demo", [assignment])
+
+
+def test_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "model:\n  arch: [resnet18\n", "bad.yaml"))
+    assert "bad.yaml is not valid YAML" in str(err.value) and "line 3" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory; expected a YAML file"):
+        load_config(tmp_path)
+
 # ---- YAML round trip ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", SHIPPED)

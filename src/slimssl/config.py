@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,6 +21,10 @@ from .nn.spec import Menu, SubnetError, SubnetSpec
 
 class ConfigError(SlimsslError):
     """A configuration that cannot be used; the message names the file, the key and what is allowed."""
+
+
+Positive = Annotated[float, Field(gt=0)]
+Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment decay
 
 
 class Section(BaseModel):
@@ -87,10 +91,11 @@ class DataConfig(Section):
     source: str = "digits"
     resolution: int = Field(32, gt=0)
     augment: Literal["byol", "mocov2", "mocov3"] | None = Field(None, description="default: the method's")
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range (min, max), "
+                                            "0 < min <= max <= 1")
     flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    std: tuple[Positive, Positive, Positive] = (0.229, 0.224, 0.225)
     skip_unreadable: bool = False
     fake_size: int = Field(256, gt=0)
     loader: Literal["memory", "stream"] = Field(
@@ -98,6 +103,13 @@ class DataConfig(Section):
         "loader workers decode each step's files (a folder or .zip too large for memory; no kNN while pretraining)")
     workers: int | None = Field(None, ge=0, description="loader: stream: decoding worker processes per training "
                                 "process (default: the machine's CPU count, at most 8, decided when the run starts)")
+
+    @model_validator(mode="after")
+    def _check_crop_scale(self) -> "DataConfig":
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got {list(self.crop_scale)}")
+        return self
 
 
 class OptimConfig(Section):
@@ -107,7 +119,7 @@ class OptimConfig(Section):
     reference_batch: int = Field(256, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
     warmup_epochs: float = Field(0.0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -116,7 +128,7 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
-    batch_size: int = Field(256, gt=0, description="total batch over all processes")
+    batch_size: int = Field(256, ge=2, description="total batch over all processes (BatchNorm needs two samples)")
     max_steps: int | None = Field(None, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -193,6 +205,24 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_differences(saved: Config, now: Config, prefixes: tuple[str, ...] = ("",),
+                       ignore: frozenset[str] = frozenset()) -> list[str]:
+    """``key: saved X, now Y`` for every setting that differs, as dotted keys (``train.epochs``), among the
+    keys that start with one of ``prefixes`` and are not in ``ignore``."""
+    a, b = _flatten(saved.model_dump(mode="json")), _flatten(now.model_dump(mode="json"))
+    keys = sorted(k for k in (set(a) | set(b)) - ignore if k.startswith(prefixes))
+    return [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
 def check_processes(cfg: Config, world: int, source: str) -> None:
     """Refuse a total batch that cannot be split evenly over ``world`` processes (before any work starts)."""
     batch = cfg.train.batch_size
@@ -235,6 +265,9 @@ def find_config(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config {str(name)!r} is a directory; expected a YAML file or the name of a shipped config "
+                          f"({', '.join(packaged_configs())})")
     candidate = PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
     if candidate.is_file():
         return Path(str(candidate))
@@ -246,27 +279,42 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
     key, raw = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key such as train.epochs")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); expected e.g. "
+                          "5, 0.1, true, cosine or [1.0, 0.5]") from None
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong, and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        by_set = " [from --set]" if any(key == k or key.startswith(k + ".") for k in set_keys) else ""
         if e["type"] == "extra_forbidden":
             section = Config.model_fields[e["loc"][0]].annotation if len(e["loc"]) > 1 else Config
             allowed = ", ".join(section.model_fields)
-            lines.append(f"  {key}: unknown key (allowed here: {allowed})")
-        elif not e["loc"]:  # a check across sections (the menu against the model)
+            lines.append(f"  {key}: unknown key{by_set} (allowed here: {allowed})")
+        elif e["type"] == "value_error":  # a check of a section, or across sections (the menu against the model)
             lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
@@ -277,7 +325,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        set_keys = {a.split("=", 1)[0].strip() for a in overrides or []}
+        raise ConfigError(_format_errors(e, source, set_keys)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -286,7 +335,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {file} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {file} is not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
     return config_from_dict(data, str(file), overrides)
