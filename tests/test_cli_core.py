@@ -191,6 +191,21 @@ def test_cli_export_checkpoint_with_mismatched_config(tmp_path, capsys, caplog):
     assert "w0p25_d1-1-1-1" in error_text(capsys, caplog)
 
 
+
+@pytest.mark.parametrize("argv, expected", [
+    (["export", "--all", "--set", "model.base_width=8"], "--set changes a --config file"),
+    (["export", "--all", "--random-init"], "--random-init exports a new supernet of --config"),
+    (["profile", "--set", "model.base_width=8"], "--set changes a --config file"),
+])
+def test_cli_flags_a_checkpoint_would_ignore_are_refused(tmp_path, argv, expected, capsys, caplog):
+    path = tmp_path / "ck.pt"
+    make_checkpoint(path)
+    command, *flags = argv
+    out = ["--out", str(tmp_path / "o")] if command == "export" else []
+    assert main([command, str(path), *flags, *out]) == 2
+    assert expected in error_text(capsys, caplog)
+    assert not (tmp_path / "o").exists()
+
 # ---- profile ------------------------------------------------------------------------------------------
 
 def test_cli_profile_resnet50_matches_paper_numbers(config_dir, capsys):

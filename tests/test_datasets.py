@@ -176,3 +176,10 @@ def test_fake_is_deterministic():
     assert a.images.shape == (20, 3, 32, 32) and int(a.labels.max()) < 10
     assert not torch.equal(a.images, load_dataset("fake", "test", fake_size=20, seed=3).images)
     assert load_dataset("fake", fake_size=2, resolution=16).images.shape == (2, 3, 16, 16)
+
+
+def test_a_damaged_zip_is_named_as_such(tmp_path):
+    path = tmp_path / "images.zip"
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(DataError, match="images.zip is not a readable .zip"):
+        load_dataset(str(path))

@@ -255,7 +255,9 @@ def test_cli_linear_and_finetune_merge_into_run(tmp_path, capsys):
     results = {r["subnet"]: r for r in json.loads((run / "results.json").read_text())["subnets"]}
     assert results["w0p5_d1-1-1-1"]["finetune_10pct_top1"] == row["top1"]
     assert results["w1p0_d1-1-1-1"]["linear_top1"] == rows[0]["linear_top1"]
-    assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "2"]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse: exit 2 before anything loads
+        main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "2"])
+    assert refused.value.code == 2
 
 
 class CountingReads(ImageDataset):

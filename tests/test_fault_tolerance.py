@@ -517,3 +517,50 @@ def test_failing_resume_keeps_the_checkpoint(tmp_path, saved_run, capsys, caplog
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.pt"]
     assert load_checkpoint(run)["train_state"]["step"] == 2
+
+
+def test_resuming_a_finished_run_keeps_its_results(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    Trainer(config_from_dict(TINY), run).fit()
+    results = json.loads((run / "results.json").read_text())
+    results["subnets"][0]["linear_top1"] = 42.0  # as 'slimssl linear RUN' merges it
+    (run / "results.json").write_text(json.dumps(results))
+    before = (run / "results.json").read_bytes(), (run / "checkpoints" / "last.pt").read_bytes()
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["pretrain", "--resume", str(run)]) == 0
+    assert "finished at step 12 already" in caplog.text
+    assert ((run / "results.json").read_bytes(), (run / "checkpoints" / "last.pt").read_bytes()) == before
+    assert "| w1p0_d1-1-1-1" in capsys.readouterr().out  # the table is printed all the same
+
+
+def test_resume_with_another_architecture_names_the_settings(tmp_path, saved_run, capsys, caplog):
+    run, before = saved_run
+    assert main(["pretrain", "--resume", str(run), "--set", "model.base_width=8"]) == 2
+    text = error_text(capsys, caplog)
+    assert "model.base_width: saved 4, now 8" in text and "Traceback" not in text
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_config_file(tmp_path, saved_run, capsys, caplog):
+    run, before = saved_run
+    assert main(["pretrain", "--resume", str(run), "--config", str(write_config(tmp_path / "t.yaml"))]) == 2
+    assert "drop --config" in error_text(capsys, caplog)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_pretrain_refuses_a_directory_holding_a_run_without_its_checkpoint(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    Trainer(config_from_dict(TINY), run).fit()
+    (run / "checkpoints" / "last.pt").unlink()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)]) == 2
+    assert "holds files of an earlier run (results.json, metrics.jsonl, tb)" in error_text(capsys, caplog)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_recalibrate_never_writes_over_the_checkpoint_it_reads(tmp_path, saved_run, capsys, caplog):
+    run, before = saved_run
+    last = run / "checkpoints" / "last.pt"
+    assert main(["recalibrate", str(run), "--subnet", "0.5", "--out", str(last), "--device", "cpu"]) == 2
+    assert "is the checkpoint being read" in error_text(capsys, caplog)
+    assert last.read_bytes() == before

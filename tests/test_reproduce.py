@@ -13,7 +13,8 @@ from slimssl.checkpoint import load_checkpoint
 from slimssl.cli import main
 from slimssl.config import load_config
 from slimssl.reproduce import EXIT_CONTINUE
-from slimssl.reproduce.plan import config_differences
+from slimssl.config import config_differences
+from slimssl.reproduce.plan import RESUME_IGNORES
 from slimssl.reproduce.report import TIME_RATIO_GOAL, goals
 
 RECIPES = ["cifar10_r18_dspnet_byol", "cifar10_r18_slimclr_mocov2"]
@@ -154,9 +155,11 @@ def test_other_settings_on_an_existing_folder_are_refused(straight, capsys, capl
 
 def test_only_machine_dependent_defaults_may_differ_on_resume():
     saved = load_config(RECIPES[0], ["data.workers=8"])
-    assert config_differences(saved, load_config(RECIPES[0], ["data.workers=2"])) == []
-    assert config_differences(saved, load_config(RECIPES[0], ["data.workers=2", "train.batch_size=256"])) == [
-        "train.batch_size: saved 512, now 256"]
+    now = load_config(RECIPES[0], ["data.workers=2"])
+    assert config_differences(saved, now, ignore=RESUME_IGNORES) == []
+    assert config_differences(saved, now) == ["data.workers: saved 8, now 2"]
+    assert config_differences(saved, load_config(RECIPES[0], ["data.workers=2", "train.batch_size=256"]),
+                              ignore=RESUME_IGNORES) == ["train.batch_size: saved 512, now 256"]
 
 
 def test_goals_say_by_how_much_they_miss():
@@ -185,3 +188,18 @@ def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         assert plot_recipe({"recipe": "r", "rows": rows}, tmp_path) == []
     assert "needs matplotlib" in caplog.text and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("damaged, expected", [("config.yaml", "is not valid YAML"),
+                                               ("timing.json", "is not a readable timing record"),
+                                               ("results.json", "is not readable JSON")])
+def test_a_damaged_file_of_an_earlier_call_is_named(straight, tmp_path, damaged, expected, capsys, caplog):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(straight / RECIPES[0], out / RECIPES[0])
+    path = out / RECIPES[0] / "slim" / damaged
+    path.write_text("{ [ not what it was")
+    assert reproduce(out, [RECIPES[0]]) == 2
+    message = capsys.readouterr().err + caplog.text
+    assert str(path) in message and expected in message and "Traceback" not in message

@@ -220,4 +220,16 @@ def test_builtin_dataset_streams_never(tmp_path, capsys, caplog):
     with caplog.at_level(logging.INFO, logger="slimssl"):
         rows = _cli_json(capsys, ["knn", ckpt, "--device", "cpu", "--no-save", "--json"])
     assert len(rows) == 2 and "built-in dataset: decoded in memory" in caplog.text
-    assert main(["knn", ckpt, "--device", "cpu", "--no-save", "--workers", "-1", "--data", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as refused:  # argparse: exit 2 before anything loads
+        main(["knn", ckpt, "--device", "cpu", "--no-save", "--workers", "-1", "--data", str(tmp_path)])
+    assert refused.value.code == 2
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_test_split_with_other_classes_is_refused(tmp_path, loader, capsys, caplog):
+    root = _folder(tmp_path / "data", {"train": 2, "test": 1})
+    (root / "test" / "red").rename(root / "test" / "purple")  # labels of the test split would mean other classes
+    ckpt = str(_checkpoint(tmp_path / "model.pt", root, loader))
+    assert main(["knn", ckpt, "--device", "cpu", "--no-save", "--workers", "0"]) == 2
+    message = capsys.readouterr().err + caplog.text
+    assert "different classes (only in train: red; only in test: purple)" in message

@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
+from .cli_args import nonnegative_float, nonnegative_int, output_dir, positive_int
 from .errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
@@ -30,10 +30,15 @@ def _supernet_from_args(args: argparse.Namespace):
     from .models.build import build_supernet
 
     if args.checkpoint:
+        if args.set and not args.config:
+            raise UsageError("--set changes a --config file; a CHECKPOINT is read with the config saved in it")
+        if getattr(args, "random_init", False):
+            raise UsageError("--random-init exports a new supernet of --config; drop it to export the CHECKPOINT")
         config = load_config(args.config, args.set) if args.config else None
         return load_supernet(args.checkpoint, config)
     if not args.config:
-        raise UsageError("give a CHECKPOINT, or --config FILE (with --random-init for export)")
+        needs = " (with --random-init)" if hasattr(args, "random_init") else ""
+        raise UsageError(f"give a CHECKPOINT, or --config FILE{needs}")
     if getattr(args, "random_init", True) is False:
         raise UsageError("--config without a CHECKPOINT exports random weights: add --random-init to confirm")
     config = load_config(args.config, args.set)
@@ -73,7 +78,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .report.profile import profile_supernet
     from .report.table import markdown_table
 
-    args.random_init = True
     supernet, config = _supernet_from_args(args)
     resolution = args.resolution or config.data.resolution
     rows = profile_supernet(supernet, resolution, args.num_classes, latency=not args.no_latency)
@@ -121,19 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-init", action="store_true", help="export a randomly initialised supernet of --config")
     p.add_argument("--subnet", help="sub-network to export (canonical name, or a width such as 0.5)")
     p.add_argument("--all", action="store_true", help="export every sub-network of the menu")
-    p.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per sub-network)")
+    p.add_argument("--out", required=True, type=output_dir, help="output folder (one sub-folder per sub-network)")
     p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
     p.add_argument("--verify", action="store_true", help="compare each export with the supernet's sub-network")
-    p.add_argument("--tolerance", type=float, default=1e-5, help="--verify fails above this max abs difference")
-    p.add_argument("--resolution", type=int, help="input size for --verify and ONNX (default: the config's)")
+    p.add_argument("--tolerance", type=nonnegative_float, default=1e-5, help="--verify fails above this max abs difference")
+    p.add_argument("--resolution", type=positive_int, help="input size for --verify and ONNX (default: the config's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("profile", help="params, MACs and CPU latency of every sub-network")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
     _add_config(p)
-    p.add_argument("--resolution", type=int, help="input size (default: the config's)")
-    p.add_argument("--num-classes", type=int, default=0, help="count a K-way classifier too (papers use 1000)")
+    p.add_argument("--resolution", type=positive_int, help="input size (default: the config's)")
+    p.add_argument("--num-classes", type=nonnegative_int, default=0, help="count a K-way classifier too (papers use 1000)")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+
+from ..cli_args import nonnegative_int, output_file, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="img/s of the data path, the slimmable step and the one-by-one baseline")
     p.add_argument("--config", help="YAML recipe (default: demo)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement (after warmup)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch-size", type=int, help="default: the config's train.batch_size")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per measurement (after warmup)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
+    p.add_argument("--batch-size", type=positive_int, help="default: the config's train.batch_size")
     p.add_argument("--data", help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
                                   "instead of synthetic images in memory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-by-one baseline")
     p.add_argument("--data-only", action="store_true", help="measure the data path alone (no training step)")
-    p.add_argument("--profile", type=Path, metavar="FILE",
+    p.add_argument("--profile", type=output_file(".txt"), metavar="FILE.txt",
                    help="also write the operators that take the most time in the slimmable step (torch.profiler "
                         "table: self CUDA time on a GPU, self CPU time otherwise) to FILE")
     p.add_argument("--json", action="store_true")

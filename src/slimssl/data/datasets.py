@@ -84,6 +84,18 @@ def num_classes(ds: ImageDataset) -> int:
     return len(ds.classes) if ds.classes else 0
 
 
+def check_same_classes(train, test, source: str) -> None:
+    """A labelled train/test pair must name the same classes in the same order, or every label of the test
+    split means another class than in the train split and accuracies are meaningless."""
+    if train.classes and test.classes and list(train.classes) != list(test.classes):
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        detail = (f"only in train: {', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}"
+                  if only_train or only_test else "the same names in another order")
+        raise DataError(f"{source}: the train and test splits have different classes ({detail}); expected the "
+                        "same class folders in both")
+
+
 def load_dataset(
     source: str,
     split: str = "train",
@@ -314,7 +326,9 @@ def scan_tree(path: str) -> _Tree:
     elif zipfile.is_zipfile(path):
         tree = _scan_zip(path)
     else:
-        raise DataError(f"{path} is a file but not a .zip; expected a folder of images or a .zip of one")
+        what = "is not a readable .zip (damaged or cut short?)" if path.lower().endswith(".zip") else \
+            "is a file but not a .zip"
+        raise DataError(f"{path} {what}; expected a folder of images or a .zip of one")
     if not tree.files:
         raise DataError(f"{path} is empty; expected class sub-folders of images, or images")
     return tree

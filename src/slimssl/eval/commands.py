@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..cli_args import fraction, nonnegative_int, output_file, positive_float, positive_int
 from ..errors import UsageError
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
 
@@ -92,9 +93,12 @@ def _load_model(args: argparse.Namespace):
 
 def _load_data(args: argparse.Namespace, cfg, device):
     """The data source and its train/test splits (in memory or streamed, see ``_loader``)."""
+    from ..data.datasets import check_same_classes
+
     source = args.data or cfg.data.source
     loader, workers = _loader(args, cfg, source)
     train, test = (_load_split(source, split, cfg, loader, workers, device) for split in ("train", "test"))
+    check_same_classes(train, test, source)
     how = f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory"
     log.info("data %s (%s): %d train, %d test images", source, how, len(train), len(test))
     return source, train, test
@@ -133,7 +137,7 @@ def _add_loader_args(p: argparse.ArgumentParser) -> None:
                    help="memory: decode each split once into a uint8 tensor; stream: loader workers decode each "
                         "batch from the files of a folder or .zip too large for memory (same images, same results; "
                         "built-in datasets are in memory only). Default: the checkpoint config's data.loader")
-    p.add_argument("--workers", type=int, metavar="N",
+    p.add_argument("--workers", type=nonnegative_int, metavar="N",
                    help="--loader stream: decoding worker processes (default: the config's data.workers, "
                         "else the CPU count, at most 8)")
 
@@ -143,8 +147,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
     _add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
-    p.add_argument("--eval-batch-size", type=int, help="batch of the feature extraction (default: config eval.batch_size)")
-    p.add_argument("--recalibrate-bn", type=int, metavar="N",
+    p.add_argument("--eval-batch-size", type=positive_int, help="batch of the feature extraction (default: config eval.batch_size)")
+    p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
                    help="re-estimate each sub-network's BatchNorm statistics on N train batches before evaluating "
                         "(default: 20 when the supernet's BatchNorm is shared, else 0)")
     p.add_argument("--no-save", action="store_true", help="do not merge the results into RUN/results.json")
@@ -212,8 +216,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .finetune import finetune_subnet, fraction_key
     from .results import run_dir_of
 
-    if not 0.0 < args.label_fraction <= 1.0:
-        raise UsageError(f"--label-fraction must be in (0, 1], got {args.label_fraction}")
     supernet, cfg, device = _load_model(args)
     spec = supernet.resolve(args.subnet)  # an impossible sub-network fails before any data is decoded
     source, train, test = _load_data(args, cfg, device)
@@ -252,6 +254,11 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from ..nn.layers import recalibrate_bn
     from .linear import calibration_batches
 
+    source_file = Path(args.checkpoint)
+    source_file = source_file / "checkpoints" / "last.pt" if source_file.is_dir() else source_file
+    if args.out.exists() and args.out.resolve() == source_file.resolve():
+        raise UsageError(f"--out {args.out} is the checkpoint being read; write the recalibrated one to a new file "
+                         "(a run's last.pt is what --resume continues from)")
     data = load_checkpoint(args.checkpoint)
     cfg = data["config"]
     supernet = build_supernet(cfg)
@@ -302,19 +309,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ---- parser ------------------------------------------------------------------------------------------
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # formats matplotlib writes without extra packages
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluation subcommands to the ``slimssl`` parser."""
     p = sub.add_parser("knn", help="weighted kNN top-1 of every sub-network (train split = bank, test = queries)")
     _add_eval_args(p)
-    p.add_argument("--k", type=int, help="neighbours (default: config eval.knn_k)")
-    p.add_argument("--temperature", type=float, help="vote temperature (default: config eval.knn_temperature)")
+    p.add_argument("--k", type=positive_int, help="neighbours (default: config eval.knn_k)")
+    p.add_argument("--temperature", type=positive_float, help="vote temperature (default: config eval.knn_temperature)")
     p.set_defaults(func=cmd_knn)
 
     p = sub.add_parser("linear", help="switchable linear probe: one head per sub-network on the frozen backbone")
     _add_eval_args(p)
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="SGD lr on standardised features (cosine to 0)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS)
+    p.add_argument("--lr", type=positive_float, default=DEFAULT_LR, help="SGD lr on standardised features (cosine to 0)")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--augment", action="store_true",
                    help="random crop + flip, the backbone runs every step (default: cached features)")
@@ -326,36 +336,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune one exported sub-network on a class-balanced labelled subset")
     _add_eval_args(p)
     p.add_argument("--subnet", required=True, help="canonical name, or a width such as 0.5")
-    p.add_argument("--label-fraction", type=float, required=True, help="e.g. 0.01 or 0.1")
-    p.add_argument("--epochs", type=int, help="default: 60 for fractions <= 5%%, else 30 (at least 100 steps)")
-    p.add_argument("--lr", type=float, help="lr at batch 256, scaled with the batch (default 0.05)")
-    p.add_argument("--batch-size", type=int, help="default 256 (or the whole subset when smaller)")
+    p.add_argument("--label-fraction", type=fraction, required=True, help="e.g. 0.01 or 0.1")
+    p.add_argument("--epochs", type=positive_int, help="default: 60 for fractions <= 5%%, else 30 (at least 100 steps)")
+    p.add_argument("--lr", type=positive_float, help="lr at batch 256, scaled with the batch (default 0.05)")
+    p.add_argument("--batch-size", type=positive_int, help="default 256 (or the whole subset when smaller)")
     p.add_argument("--seed", type=int, default=0, help="draws the labelled subset and the training order")
-    p.add_argument("--out", type=Path, help="JSON file for the result and the labelled indices "
+    p.add_argument("--out", type=output_file(".json"), help="JSON file for the result and the labelled indices "
                                             "(default: RUN/finetune/<subnet>_<pct>pct_seed<S>.json)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("recalibrate", help="re-estimate a sub-network's BatchNorm statistics into a new checkpoint")
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
     p.add_argument("--subnet", required=True, help="canonical name, or a width such as 0.5")
-    p.add_argument("--batches", type=int, default=20, help="train batches to average the statistics over")
-    p.add_argument("--out", required=True, type=Path, help="the new checkpoint file")
+    p.add_argument("--batches", type=positive_int, default=20, help="train batches to average the statistics over")
+    p.add_argument("--out", required=True, type=output_file(".pt"), help="the new checkpoint file (.pt)")
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
     _add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--eval-batch-size", type=int, help="default: config eval.batch_size")
+    p.add_argument("--eval-batch-size", type=positive_int, help="default: config eval.batch_size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("report", help="tables (and plots) of the results of one or more run directories")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="accuracy against MACs, one line per run")
+    p.add_argument("--plot", type=output_file(*PLOT_SUFFIXES), metavar="FILE.png",
+                   help="accuracy against MACs, one line per run (.png, .pdf or .svg)")
     p.add_argument("--metric", default="knn_top1",
                    help="what --plot draws: knn_top1, linear_top1, finetune_1pct_top1, ... (default knn_top1)")
     p.add_argument("--join-singles", metavar="LABEL",
                    help="draw runs with a single sub-network (pretrained one by one) as one line named LABEL")
-    p.add_argument("--plot-grad", type=Path, metavar="FILE.png",
+    p.add_argument("--plot-grad", type=output_file(*PLOT_SUFFIXES), metavar="FILE.png",
                    help="gradient norms on shared/other weights per sub-network (from metrics.jsonl)")
     p.add_argument("--json", action="store_true", help="print the runs' results.json contents as one JSON list")
     p.set_defaults(func=cmd_report)

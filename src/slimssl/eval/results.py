@@ -45,8 +45,11 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
     """The content of ``run_dir/results.json`` (``run`` defaults to the folder name)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ResultsError(f"run directory {run_dir} does not exist")
+        what = "is a file, not a run directory" if run_dir.exists() else "does not exist"
+        raise ResultsError(f"run directory {run_dir} {what}")
     path = run_dir / RESULTS
+    if path.exists() and not path.is_file():
+        raise ResultsError(f"{path} is not a file")
     if not path.is_file():
         if missing_ok:
             return {"run": run_dir.name, "subnets": []}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
+from ..cli_args import nonnegative_float, output_dir, positive_int
 from ..errors import UsageError
 from . import DEFAULT_EPOCHS, DEFAULT_PROBE_EPOCHS, DEFAULT_RECIPES, EXIT_CONTINUE, REPORT_JSON, REPORT_MD
 
@@ -28,28 +28,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                    help="comma-separated shipped config names or YAML paths (default: %(default)s)")
     p.add_argument("--data", help="dataset name or path for every recipe (default: the recipes' data.source)")
-    p.add_argument("--out", required=True, type=Path, help="folder of the runs and the report")
-    p.add_argument("--epochs", type=int, help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS})")
-    p.add_argument("--batch-size", type=int, help="total batch of every run (default: the recipe's)")
+    p.add_argument("--out", required=True, type=output_dir, help="folder of the runs and the report")
+    p.add_argument("--epochs", type=positive_int, help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS})")
+    p.add_argument("--batch-size", type=positive_int, help="total batch of every run (default: the recipe's)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+    p.add_argument("--time-budget", type=nonnegative_float, metavar="SECONDS",
                    help=f"start no new epoch or probe after SECONDS of this call and exit {EXIT_CONTINUE} "
                         "(the first one always runs); default: run to the end")
-    p.add_argument("--probe-epochs", type=int, default=DEFAULT_PROBE_EPOCHS, help="linear probe epochs")
+    p.add_argument("--probe-epochs", type=positive_int, default=DEFAULT_PROBE_EPOCHS, help="linear probe epochs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value of every recipe (repeatable)")
     p.add_argument("--json", action="store_true",
                    help="print reproduction.json on stdout (or the progress, when work is left)")
     p.set_defaults(func=cmd_reproduce)
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    if args.time_budget is not None and args.time_budget < 0:
-        raise UsageError(f"--time-budget must be >= 0 seconds, got {args.time_budget:g}")
-    if args.probe_epochs < 1:
-        raise UsageError(f"--probe-epochs must be >= 1, got {args.probe_epochs}")
-    if args.epochs is not None and args.epochs < 1:
-        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -59,8 +50,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .report import report_markdown, write_report
     from .run import Budget, is_pretrained, run_jobs
 
-    _check_args(args)
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not recipes:
+        raise UsageError(f"--recipes {args.recipes!r} names no recipe; expected comma-separated shipped config "
+                         "names or YAML paths")
     jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
     check_saved_configs(jobs)
     budget = Budget(args.time_budget)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from ..config import Config, config_from_dict, load_config, standalone_config
+from ..config import Config, config_differences, load_config, standalone_config
 from ..errors import UsageError
 from ..nn.spec import SubnetSpec
 from ..train.command import flag_overrides
@@ -68,31 +65,14 @@ def plan_jobs(recipes: list[str], out: Path, overrides: list[str]) -> list[Job]:
     return jobs
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def config_differences(saved: Config, planned: Config) -> list[str]:
-    """``key: saved X, now Y`` for every setting that differs (dotted keys, e.g. ``train.epochs``), except
-    the machine-dependent :data:`RESUME_IGNORES`."""
-    a, b = _flatten(saved.model_dump(mode="json")), _flatten(planned.model_dump(mode="json"))
-    keys = sorted((set(a) | set(b)) - RESUME_IGNORES)
-    return [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-
-
 def check_saved_configs(jobs: list[Job]) -> None:
     """Refuse to continue runs that were started with other settings (before any work starts)."""
     for job in jobs:
         path = job.run_dir / "config.yaml"
         if not path.is_file():
             continue
-        saved = config_from_dict(yaml.safe_load(path.read_text()), str(path))
-        diffs = config_differences(saved, job.cfg)
+        saved = load_config(path)  # a ConfigError names the file if it is damaged
+        diffs = config_differences(saved, job.cfg, ignore=RESUME_IGNORES)
         if diffs:
             raise UsageError(
                 f"{job.run_dir} holds a run started with other settings than this command asks for:\n  "

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint import load_supernet
 from ..config import Config
-from ..data.datasets import load_dataset
+from ..data.datasets import check_same_classes, load_dataset
 from ..errors import UsageError
 from ..eval import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES
 from ..eval.linear import linear_probe_subnets
@@ -53,7 +53,11 @@ def read_timing(run_dir: Path) -> JobTiming:
     if not path.is_file():
         return JobTiming()
     known = JobTiming.__dataclass_fields__
-    return JobTiming(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+    try:
+        return JobTiming(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+    except (ValueError, TypeError, AttributeError) as e:
+        raise UsageError(f"{path} is not a readable timing record ({e}); delete {run_dir} to pretrain that run "
+                         "again, or choose another --out") from None
 
 
 def write_timing(run_dir: Path, timing: JobTiming) -> None:
@@ -74,8 +78,7 @@ def _sync(device: torch.device) -> None:
 def is_pretrained(job: Job) -> bool:
     """Trainer.finish wrote results.json (with ``steps``; an evaluation command on a partial run writes
     results.json too, without it)."""
-    path = job.run_dir / "results.json"
-    return path.is_file() and "steps" in json.loads(path.read_text())
+    return (job.run_dir / "results.json").is_file() and "steps" in read_results(job.run_dir)
 
 
 # ---- the budget of one call --------------------------------------------------------------------------
@@ -214,6 +217,7 @@ class LabelledData:
             kw = dict(resolution=d.resolution, skip_unreadable=d.skip_unreadable, fake_size=d.fake_size,
                       seed=cfg.train.seed)
             train, test = (load_dataset(d.source, split, **kw) for split in ("train", "test"))
+            check_same_classes(train, test, d.source)
             if train.labels is None or test.labels is None:
                 raise UsageError(f"data {d.source!r} has no labels (a folder without class sub-folders): the "
                                  "reproduction evaluates by kNN and linear probe, so it needs a labelled dataset")

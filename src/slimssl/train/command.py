@@ -7,18 +7,21 @@ import logging
 import time
 from pathlib import Path
 
+from ..cli_args import output_dir, positive_int
 from ..errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
+
+RUN_FILES = ("results.json", "metrics.jsonl", "tb")  # written by a run besides its checkpoints
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="slimmable self-supervised pretraining (default: the embedded demo)")
     p.add_argument("--config", help="YAML recipe: a path or a shipped name (default: demo)")
     p.add_argument("--data", help="dataset name (digits, cifar10, cifar100, fake) or an ImageFolder path / .zip")
-    p.add_argument("--out", type=Path, help="run directory (default: runs/<name>-<time>)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (the schedule keeps its length)")
+    p.add_argument("--out", type=output_dir, help="run directory (default: runs/<name>-<time>)")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (the schedule keeps its length)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
@@ -52,9 +55,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             run_dir = Path(args.out if args.resume is True else args.resume) if (args.out or args.resume is not True) else None
             if run_dir is None:
                 raise UsageError("--resume needs a run directory: --resume RUN_DIR (or --out RUN_DIR)")
+            if args.config:
+                raise UsageError("--resume continues with the config saved in the run; drop --config (--set, "
+                                 "--epochs and --data still apply)")
             last = run_dir / "checkpoints" / "last.pt"
             if not last.is_file():
-                raise UsageError(f"cannot resume: {last} does not exist")
+                what = "is not a file" if last.exists() else "does not exist"
+                raise UsageError(f"cannot resume: {last} {what}")
             stored = load_checkpoint(last)["config"]
             cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", flag_overrides(args))
         else:
@@ -63,6 +70,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             if (run_dir / "checkpoints" / "last.pt").exists():
                 raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} "
                                  "or choose another --out")
+            leftovers = [name for name in RUN_FILES if (run_dir / name).exists()]
+            if leftovers:  # a run whose checkpoint is gone: writing there would mix two runs' logs
+                raise UsageError(f"{run_dir} holds files of an earlier run ({', '.join(leftovers)}) without its "
+                                 "checkpoint; choose another --out")
         check_processes(cfg, dist.world_size(), str(last) if args.resume is not None else args.config or "demo")
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import check_menu, load_checkpoint, save_checkpoint
-from ..config import Config, ConfigError
+from ..checkpoint import CheckpointError, check_menu, load_checkpoint, save_checkpoint
+from ..config import Config, ConfigError, config_differences
 from ..data.augment import TwoViewAugment, recipe
-from ..data.datasets import DataError, ImageDataset, load_dataset
+from ..data.datasets import DataError, ImageDataset, check_same_classes, load_dataset
 from ..data.views import build_view_source
 from ..eval.knn import knn_eval_subnets
-from ..eval.results import write_results
+from ..eval.results import ResultsError, read_results, write_results
 from ..methods import build_method
 from ..models.build import build_supernet
 from ..models.ssl import SSLModel
@@ -176,6 +176,11 @@ class Trainer:
         except DataError as e:
             log.info("no test split for kNN evaluation (%s): kNN is skipped", e)
             return None
+        try:
+            check_same_classes(self.train_data, test, self.cfg.data.source)
+        except DataError as e:  # pretraining needs no labels: only the kNN monitor is lost
+            log.warning("%s; kNN evaluation is skipped", e)
+            return None
         return self.train_data, test
 
     def _check_bn_groups(self) -> None:
@@ -248,7 +253,14 @@ class Trainer:
     def _load(self, path: Path) -> None:
         data = load_checkpoint(path, map_location=self.device)
         check_menu(data["menu"], self.cfg, str(path))
-        self.model.load_state_dict(data["model"])
+        try:
+            self.model.load_state_dict(data["model"])
+        except RuntimeError as e:  # weights of another shape: the architecture was changed on resume
+            diffs = config_differences(data["config"], self.cfg, prefixes=("model.", "method."))
+            raise CheckpointError(
+                f"{path} holds weights of another shape than this run builds"
+                + (":\n  " + "\n  ".join(diffs) if diffs else f" ({str(e).splitlines()[1].strip()})")
+                + "\na resumed run keeps the architecture it was started with (model.*, method.*)") from None
         self.optimizer.load_state_dict(data["optimizer"])
         self.scaler.load_state_dict(data["scaler"])
         self.state = TrainState(**data["train_state"])
@@ -358,6 +370,11 @@ class Trainer:
 
     def fit(self, max_steps: int | None = None) -> dict:
         cfg = self.cfg
+        finished = self._finished_results()
+        if finished:
+            log.info("this run finished at step %d already: nothing to train, and its results.json (with the "
+                     "evaluations merged into it) is kept", self.state.step)
+            return finished
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         if (self.state.step == 0 and not self.state.knn_random_init and cfg.eval.knn_random_init
                 and dist.is_main()):
@@ -441,6 +458,16 @@ class Trainer:
                 self.state.knn_history.append({"epoch": epoch, **result})
                 self.metrics.write({"step": self.state.step, "epoch": epoch, "knn_top1": result})
                 log.info("epoch %d kNN: %s", epoch, _fmt(result))
+
+    def _finished_results(self) -> dict:
+        """results.json of a resumed run that had already finished (the same number of steps); else {}."""
+        if self.state.step < self.total_steps or not dist.is_main():
+            return {}
+        try:
+            results = read_results(self.run_dir)
+        except ResultsError:
+            return {}
+        return results if results.get("steps") == self.state.step else {}
 
     def finish(self) -> dict:
         """Final evaluation and results.json (main process)."""

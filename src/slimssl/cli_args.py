@@ -1,0 +1,54 @@
+"""Argument types of the command line: argparse rejects a bad number or output path with one line, naming
+the flag and what was expected, before any work starts (and before torch is imported)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Callable
+
+
+def _number(kind: type, accept: Callable[[float], bool], expected: str) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not math.isfinite(value) or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "an integer > 0")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def output_file(*suffixes: str) -> Callable[[str], Path]:
+    """A file to write: one of ``suffixes`` (so that it cannot name a checkpoint or a run's config by
+    mistake), and not an existing directory."""
+
+    def parse(text: str) -> Path:
+        path = Path(text)
+        if path.suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f"expected a {' or '.join(suffixes)} file, got {text!r}")
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a {' or '.join(suffixes)} file")
+        return path
+
+    parse.__name__ = "output file"
+    return parse
+
+
+def output_dir(text: str) -> Path:
+    """A folder to write into: it may exist, but must not be a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (existing or new)")
+    return path

@@ -1,0 +1,66 @@
+"""Numbers and output paths on the command line: argparse refuses a bad one with exit 2 and a line naming the
+flag and what it expects, before anything is loaded (so the checkpoint named here need not even exist)."""
+
+from __future__ import annotations
+
+import pytest
+
+from slimssl.cli import main
+
+CKPT = "no-such-run"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["knn", CKPT, "--k", "-5"], "argument --k: expected an integer > 0, got -5"),
+    (["knn", CKPT, "--k", "0"], "argument --k: expected an integer > 0, got 0"),  # 0 no longer means 'default'
+    (["knn", CKPT, "--temperature", "nan"], "argument --temperature: expected a number > 0, got nan"),
+    (["knn", CKPT, "--eval-batch-size", "-1"], "argument --eval-batch-size: expected an integer > 0"),
+    (["knn", CKPT, "--recalibrate-bn", "-1"], "argument --recalibrate-bn: expected an integer >= 0"),
+    (["linear", CKPT, "--epochs", "0"], "argument --epochs: expected an integer > 0"),
+    (["linear", CKPT, "--lr", "inf"], "argument --lr: expected a number > 0, got inf"),
+    (["linear", CKPT, "--batch-size", "two"], "argument --batch-size: expected an integer > 0, got 'two'"),
+    (["finetune", CKPT, "--subnet", "0.5", "--label-fraction", "0"], "expected a number in (0, 1], got 0"),
+    (["finetune", CKPT, "--subnet", "0.5", "--label-fraction", "0.1", "--out", "run/checkpoints/last.pt"],
+     "argument --out: expected a .json file, got 'run/checkpoints/last.pt'"),
+    (["recalibrate", CKPT, "--subnet", "0.5", "--out", "new.json"], "argument --out: expected a .pt file"),
+    (["recalibrate", CKPT, "--subnet", "0.5", "--out", "x.pt", "--batches", "0"], "argument --batches"),
+    (["report", CKPT, "--plot", "acc.txt"], "argument --plot: expected a .png or .pdf or .svg file"),
+    (["bench", "--steps", "0"], "argument --steps: expected an integer > 0"),
+    (["bench", "--warmup", "-1"], "argument --warmup: expected an integer >= 0"),
+    (["bench", "--profile", "run/checkpoints/last.pt"], "argument --profile: expected a .txt file"),
+    (["pretrain", "--epochs", "0"], "argument --epochs: expected an integer > 0"),
+    (["pretrain", "--max-steps", "-3"], "argument --max-steps: expected an integer > 0"),
+    (["reproduce", "--out", "r", "--time-budget", "nan"], "argument --time-budget: expected a number >= 0"),
+    (["reproduce", "--out", "r", "--probe-epochs", "0"], "argument --probe-epochs: expected an integer > 0"),
+    (["profile", CKPT, "--resolution", "-4"], "argument --resolution: expected an integer > 0"),
+    (["profile", CKPT, "--num-classes", "-3"], "argument --num-classes: expected an integer >= 0"),
+    (["export", CKPT, "--all", "--out", "x", "--tolerance", "-1"], "argument --tolerance: expected a number >= 0"),
+])
+def test_bad_numbers_and_output_files_exit_2_naming_the_flag(argv, expected, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_outputs_of_the_wrong_kind_of_path(tmp_path, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept\n")
+    a_folder = tmp_path / "table.txt"
+    a_folder.mkdir()
+    for argv, expected in [
+        (["pretrain", "--out", str(a_file)], "is a file; expected a folder"),
+        (["export", CKPT, "--all", "--out", str(a_file)], "is a file; expected a folder"),
+        (["reproduce", "--out", str(a_file)], "is a file; expected a folder"),
+        (["bench", "--profile", str(a_folder)], "is a directory; expected a .txt file"),
+    ]:
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        assert refused.value.code == 2 and expected in capsys.readouterr().err
+    assert a_file.read_text() == "kept\n"
+
+
+def test_reproduce_needs_a_recipe(tmp_path, capsys, caplog):
+    assert main(["reproduce", "--recipes", ",, ,", "--out", str(tmp_path / "r")]) == 2
+    assert "names no recipe" in capsys.readouterr().err + caplog.text
