@@ -204,7 +204,13 @@ def test_unreadable_file_is_named_or_skipped_like_in_memory(tmp_path, capsys, ca
         list(streamed.batches(4))
     ckpt = str(_checkpoint(tmp_path / "model.pt", root))
     assert main(["knn", ckpt, "--device", "cpu", "--no-save"]) == 2
-    assert str(bad) in caplog.text and "data.skip_unreadable" in caplog.text
+    assert str(bad) in caplog.text and "evaluation commands: --skip-unreadable" in caplog.text
+    for loader in ("stream", "memory"):  # the flag the message names does what it says
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="slimssl"):
+            assert main(["knn", ckpt, "--device", "cpu", "--no-save", "--skip-unreadable", "--loader", loader,
+                         "--workers", "0"]) == 0
+        assert "002.jpg" in caplog.text  # the warning names the file it skipped or replaced
 
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         memory, skipping = _both(root, "test", skip_unreadable=True)

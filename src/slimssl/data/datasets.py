@@ -33,6 +33,7 @@ from ..errors import SlimsslError
 log = logging.getLogger("slimssl")
 
 BUILTIN = ("digits", "cifar10", "cifar100", "fake")
+SKIP_HINT = "pretrain: --set data.skip_unreadable=true; evaluation commands: --skip-unreadable"
 SPLITS = ("train", "test", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _CACHE_VERSION = 1  # bump when the decoded output for the same files changes
@@ -439,7 +440,7 @@ def _decode_all(tree: _Tree, paths: list[str], resolution: int | None, skip_unre
         raise DataError(
             f"cannot decode {os.path.join(tree.root, skipped[0])} ({first}); "
             f"{len(skipped)} unreadable file(s) in total; to skip them set data.skip_unreadable: true "
-            f"(--set data.skip_unreadable=true, or load_dataset(..., skip_unreadable=True))"
+            f"({SKIP_HINT}, or load_dataset(..., skip_unreadable=True))"
         )
     if not kept:
         raise DataError(f"{tree.root}: none of the {len(paths)} image files could be decoded")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .datasets import DataError, ImageDataset, decode_resized, load_dataset, num_classes
+from .datasets import SKIP_HINT, DataError, ImageDataset, decode_resized, load_dataset, num_classes
 from .stream import FileListDataset, list_labelled_files
 
 log = logging.getLogger("slimssl")
@@ -108,9 +108,9 @@ class StreamedImages:
             for images, failed in decoded:
                 if failed:
                     index, error = failed[0]
-                    raise DataError(f"cannot decode {self.files.path(index)} ({error}); evaluation skips unreadable files only when "
-                                    "data.skip_unreadable is true in the checkpoint's config "
-                                    "(StreamedImages(..., skip_unreadable=True) in Python)")
+                    raise DataError(f"cannot decode {self.files.path(index)} ({error}); to skip unreadable files "
+                                    f"set data.skip_unreadable: true ({SKIP_HINT}, or StreamedImages(..., "
+                                    "skip_unreadable=True) in Python)")
                 yield images
 
     def take(self, indices: torch.Tensor) -> torch.Tensor:

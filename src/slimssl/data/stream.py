@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import (BatchRows, TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
                       sample_crop_boxes)
-from .datasets import _JPEG, BUILTIN, DataError, _list_split, _scan_zip, _split_prefix, _to_rgb, scan_tree
+from .datasets import _JPEG, BUILTIN, SKIP_HINT, DataError, _list_split, _scan_zip, _split_prefix, _to_rgb, scan_tree
 from .views import epoch_permutation, step_generator, to_channels_last
 
 log = logging.getLogger("slimssl")
@@ -126,7 +126,7 @@ class StreamingViews:
             if not self.files.skip_unreadable:
                 self.close()
                 raise DataError(f"cannot decode {path} ({error}); to replace unreadable files by other images "
-                                f"set data.skip_unreadable: true (--set data.skip_unreadable=true)")
+                                f"set data.skip_unreadable: true ({SKIP_HINT})")
             if path not in self.unreadable:
                 self.unreadable[path] = error
                 log.warning("cannot decode %s (%s): replaced by the next readable image; %d unreadable file(s) "

@@ -43,10 +43,10 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int]:
-    """(loader, workers) of the evaluation data: ``--loader``/``--workers``, else the checkpoint config's
-    ``data.loader``/``data.workers``. A built-in dataset is decoded in memory: asked to stream it, this is an
-    error; a streaming config falls back to memory for it, with a log line."""
+def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int, bool]:
+    """(loader, workers, skip_unreadable) of the evaluation data: ``--loader``/``--workers``/
+    ``--skip-unreadable``, else the checkpoint config's ``data.*``. A built-in dataset is decoded in memory:
+    asked to stream it, this is an error; a streaming config falls back to memory for it, with a log line."""
     from ..data.datasets import BUILTIN
     from ..data.views import default_workers
 
@@ -60,18 +60,17 @@ def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int]:
         loader = "memory"
     workers = args.workers if args.workers is not None else cfg.data.workers
     workers = default_workers() if workers is None else workers
-    if workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {workers}")
-    return loader, workers
+    return loader, workers, args.skip_unreadable or cfg.data.skip_unreadable
 
 
-def _load_split(source: str, split: str, cfg, loader: str = "memory", workers: int = 0, device=None):
+def _load_split(source: str, split: str, cfg, loader: str = "memory", workers: int = 0,
+                skip_unreadable: bool = False, device=None):
     """``split`` of ``source`` at the config's resolution, decoded in memory or streamed (``loader``)."""
     from ..data.eval_images import load_eval_split
 
     try:
         ds = load_eval_split(source, split, loader=loader, resolution=cfg.data.resolution, workers=workers,
-                             skip_unreadable=cfg.data.skip_unreadable, fake_size=cfg.data.fake_size,
+                             skip_unreadable=skip_unreadable, fake_size=cfg.data.fake_size,
                              seed=cfg.train.seed,  # fake data as trained
                              pin_memory=device is not None and device.type == "cuda")
     except ValueError as e:  # DataError: names the path and what was expected
@@ -96,8 +95,8 @@ def _load_data(args: argparse.Namespace, cfg, device):
     from ..data.datasets import check_same_classes
 
     source = args.data or cfg.data.source
-    loader, workers = _loader(args, cfg, source)
-    train, test = (_load_split(source, split, cfg, loader, workers, device) for split in ("train", "test"))
+    loader, workers, skip = _loader(args, cfg, source)
+    train, test = (_load_split(source, split, cfg, loader, workers, skip, device) for split in ("train", "test"))
     check_same_classes(train, test, source)
     how = f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory"
     log.info("data %s (%s): %d train, %d test images", source, how, len(train), len(test))
@@ -137,6 +136,9 @@ def _add_loader_args(p: argparse.ArgumentParser) -> None:
                    help="memory: decode each split once into a uint8 tensor; stream: loader workers decode each "
                         "batch from the files of a folder or .zip too large for memory (same images, same results; "
                         "built-in datasets are in memory only). Default: the checkpoint config's data.loader")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="skip (memory) or replace (stream) image files that cannot be decoded instead of stopping "
+                        "(default: the checkpoint config's data.skip_unreadable)")
     p.add_argument("--workers", type=nonnegative_int, metavar="N",
                    help="--loader stream: decoding worker processes (default: the config's data.workers, "
                         "else the CPU count, at most 8)")
