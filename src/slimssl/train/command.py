@@ -75,10 +75,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                 raise UsageError(f"{run_dir} holds files of an earlier run ({', '.join(leftovers)}) without its "
                                  "checkpoint; choose another --out")
         check_processes(cfg, dist.world_size(), str(last) if args.resume is not None else args.config or "demo")
+        created = dist.is_main() and not run_dir.exists()
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
         log.info("run directory: %s", run_dir)
-        trainer = Trainer(cfg, run_dir, resume=args.resume is not None)
+        try:
+            trainer = Trainer(cfg, run_dir, resume=args.resume is not None)
+        except BaseException:
+            if created and not any(run_dir.iterdir()):  # refused before writing anything: leave no trace
+                run_dir.rmdir()
+            raise
         if dist.is_main():  # only once the run is set up (a failed resume leaves the saved run untouched)
             (run_dir / "config.yaml").write_text(lr_header(cfg, dist.world_size()) + cfg.to_yaml())
         try:
