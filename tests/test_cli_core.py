@@ -117,8 +117,11 @@ def test_newer_format_version_is_refused(tmp_path):
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="nothing.pt does not exist"):
         load_checkpoint(tmp_path / "nothing.pt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="checkpoints is a folder without checkpoints/last.pt"):
+        load_checkpoint(tmp_path / "run" / "checkpoints")  # a run's checkpoints folder, not the run
 
 
 # ---- export -------------------------------------------------------------------------------------------

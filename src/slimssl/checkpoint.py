@@ -65,6 +65,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load and check a checkpoint; the returned dict has ``config`` as a :class:`Config`."""
     path = Path(path)
     if path.is_dir():  # a run directory
+        if not (path / "checkpoints" / "last.pt").is_file():
+            raise CheckpointError(f"{path} is a folder without checkpoints/last.pt; expected a checkpoint file "
+                                  "(e.g. RUN/checkpoints/last.pt) or a run directory")
         path = path / "checkpoints" / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
