@@ -54,6 +54,9 @@ def test_outputs_of_the_wrong_kind_of_path(tmp_path, capsys):
         (["export", CKPT, "--all", "--out", str(a_file)], "is a file; expected a folder"),
         (["reproduce", "--out", str(a_file)], "is a file; expected a folder"),
         (["bench", "--profile", str(a_folder)], "is a directory; expected a .txt file"),
+        (["finetune", CKPT, "--subnet", "0.5", "--label-fraction", "0.1", "--out", str(a_file / "r.json")],
+         "is a file, not a folder"),
+        (["pretrain", "--out", str(a_file / "run")], "is a file, not a folder"),
     ]:
         with pytest.raises(SystemExit) as refused:
             main(argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .cli_args import nonnegative_float, nonnegative_int, output_dir, positive_int
@@ -172,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except SlimsslError as e:
         log.error("slimssl %s: error: %s", args.command, e)
         return 2
+    except BrokenPipeError:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
 
 
 if __name__ == "__main__":

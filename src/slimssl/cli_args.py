@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +41,7 @@ def output_file(*suffixes: str) -> Callable[[str], Path]:
             raise argparse.ArgumentTypeError(f"expected a {' or '.join(suffixes)} file, got {text!r}")
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a {' or '.join(suffixes)} file")
+        _check_writable(path.parent, text)
         return path
 
     parse.__name__ = "output file"
@@ -51,4 +53,17 @@ def output_dir(text: str) -> Path:
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (existing or new)")
+    _check_writable(path, text)
     return path
+
+
+def _check_writable(folder: Path, text: str) -> None:
+    """``folder`` exists and is writable, or can be made: its nearest existing ancestor is a writable folder
+    (found now rather than by a crash after the work is done)."""
+    ancestor = folder.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(ancestor)!r} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no permission to write in {str(ancestor)!r}")
