@@ -58,6 +58,14 @@ class MenuConfig(Section):
     depths: list[list[int]] | None = Field(None, description="per-stage depths crossed with widths; default: full")
     subnets: list[str] = Field(default_factory=list, description="extra entries by name, e.g. w0p5_d1-1-1-1")
 
+    @model_validator(mode="after")
+    def _check_repeats(self) -> "MenuConfig":
+        repeated = sorted({w for w in self.widths if self.widths.count(w) > 1}, reverse=True)
+        if repeated:  # a typo, most likely: the menu would silently have fewer entries than the list
+            raise ValueError(f"menu.widths lists {', '.join(f'{w:g}' for w in repeated)} more than once: "
+                             f"{self.widths}")
+        return self
+
 
 class MethodConfig(Section):
     name: Literal["byol", "mocov2", "mocov3"] = "byol"
