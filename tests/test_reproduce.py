@@ -68,6 +68,8 @@ def test_full_reproduction_writes_the_comparison(straight, capsys):
             assert not list((run / "checkpoints").glob("epoch_*.pt"))
             results = json.loads((run / "results.json").read_text())
             assert results["steps"] == STEPS and results["protocols"]["linear"]["epochs"] == 2
+            # only the final kNN: periodic ones would take call time (the recipes say every 10 epochs)
+            assert results["config"]["train"]["knn_every"] == 0
             timing = json.loads((run / "timing.json").read_text())
             assert timing["step"] == STEPS and timing["chunks"] == EPOCHS and timing["pretrain_seconds"] > 0
     text = (straight / "reproduction.md").read_text()

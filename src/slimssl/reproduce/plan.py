@@ -13,8 +13,9 @@ from ..train.command import flag_overrides
 from . import DEFAULT_EPOCHS
 
 # Applied to every recipe before --set. Periodic epoch_XXXX.pt files of ten 50-epoch runs would fill a
-# disk; last.pt is all that resuming needs.
-REPRODUCTION_DEFAULTS = ("train.checkpoint_every=0",)
+# disk; last.pt is all that resuming needs. The comparison uses the kNN at the end of each run; periodic kNN
+# would take call time that a 50-epoch run must finish in (docs/results.md).
+REPRODUCTION_DEFAULTS = ("train.checkpoint_every=0", "train.knn_every=0")
 # Settings a resumed call may see differently without mixing anything: data.workers defaults to the CPU count
 # of the machine, and only the streaming loader (which the reproduction refuses) uses it.
 RESUME_IGNORES = frozenset({"data.workers"})
