@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from slimssl.models.resnet import SlimResNet
+from slimssl.models.resnet import InputError, SlimResNet
 from slimssl.nn.channels import scaled_channels
 from slimssl.nn.layers import SlimBatchNorm, SlimConv2d, SlimLinear, SlimState, bind_state, recalibrate_bn
 from slimssl.nn.spec import Menu, SubnetError, SubnetSpec
@@ -68,7 +68,7 @@ def test_forward_subnet_argument_does_not_leak(perturb_bn):
     assert model(x, subnet=W[0.5]).shape == (2, 32)
     torch.testing.assert_close(model(x), full, rtol=0, atol=0)
     # an error inside a forward with a sub-network also leaves the full network active
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InputError, match=r"expected a float tensor of images \[batch, 3, height, width\]"):
         model(torch.randn(2, 5, 16, 16), subnet=W[0.5])
     torch.testing.assert_close(model(x), full, rtol=0, atol=0)
 

@@ -78,6 +78,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {found!r}, expected {FORMAT!r})")
+    if not isinstance(data.get("version", 0), int):
+        raise CheckpointError(f"{path} has checkpoint format version {data['version']!r}; expected an integer")
     if data.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {data['version']}; this slimssl reads "
                               f"versions up to {VERSION}: upgrade slimssl")
@@ -85,8 +87,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path} is an incomplete slimssl checkpoint: it lacks {missing} "
                               f"(found keys {sorted(data)}, expected at least {list(REQUIRED_KEYS)})")
-    if not isinstance(data["config"], dict):
-        raise CheckpointError(f"{path} holds a config of type {type(data['config']).__name__}, expected a mapping")
+    for key in ("config", "model"):
+        if not isinstance(data[key], dict):
+            raise CheckpointError(f"{path} holds a {key} of type {type(data[key]).__name__}, expected a mapping")
     data["config"] = config_from_dict(data["config"], f"{path} (stored config)")
     return data
 
@@ -104,20 +107,25 @@ def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
 
 
-def load_supernet(path: str | Path, config: Config | None = None):
+def load_supernet(path: str | Path, config: Config | dict | str | Path | None = None):
     """The trained backbone supernet of a checkpoint (eval mode) and its config.
 
     With ``config``, its menu and architecture must match the checkpoint's.
     """
-    from .models.build import build_supernet
+    from .models.build import as_config, build_supernet
 
     data = load_checkpoint(path)
     if config is not None:
+        config = as_config(config)  # a Config, a dict of sections, or a YAML path or name
         check_menu(data["menu"], config, str(path))
         if config.model != data["config"].model:
             raise CheckpointError(f"checkpoint {path} has architecture {data['config'].model.model_dump()}, "
                                   f"but the config asks for {config.model.model_dump()}")
     cfg = data["config"]
     model = build_supernet(cfg)
-    model.load_state_dict(backbone_state(data["model"]), strict=True)
+    try:
+        model.load_state_dict(backbone_state(data["model"]), strict=True)
+    except RuntimeError as e:  # weights that do not fit the stored config: a damaged or hand-edited file
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({first})") from None
     return model.eval(), cfg

@@ -339,11 +339,15 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML recipe (a path or a shipped name; default ``demo``) and apply ``overrides``."""
+    if isinstance(overrides, str):  # a lone "key=value" would otherwise be read character by character
+        raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
     file = find_config(path or "demo")
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {file} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not text (not UTF-8); expected a YAML file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
     return config_from_dict(data, str(file), overrides)

@@ -19,6 +19,9 @@ CONFIG = "config.json"
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
 
+FORMATS = ("safetensors", "onnx")  # onnx also writes the safetensors weights
+
+
 class ExportError(SlimsslError):
     """An exported model folder that cannot be loaded; says which file and why."""
 
@@ -26,9 +29,16 @@ class ExportError(SlimsslError):
 def export_subnet(supernet: SlimResNet, subnet: SubnetSpec | str | None, out_dir: str | Path,
                   fmt: str = "safetensors", resolution: int = 224, metadata: dict | None = None) -> Path:
     """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     spec = supernet.resolve(subnet)
     plain = supernet.export(spec).eval()
     folder = Path(out_dir) / spec.name
+    for path in (folder, *folder.parents):  # the nearest existing folder on the way must be a folder
+        if path.exists():
+            if not path.is_dir():
+                raise ExportError(f"cannot export into {folder}: {path} is a file, not a folder")
+            break
     folder.mkdir(parents=True, exist_ok=True)
     info = {"format": EXPORT_FORMAT, "subnet": spec.name, "architecture": plain.config.to_dict(),
             **(metadata or {})}
@@ -36,8 +46,6 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetSpec | str | None, out_dir
     save_file(plain.state_dict(), str(folder / WEIGHTS), metadata={"subnet": spec.name})
     if fmt == "onnx":
         _export_onnx(plain, folder / "model.onnx", resolution)
-    elif fmt != "safetensors":
-        raise ValueError(f"unknown export format {fmt!r}; expected 'safetensors' or 'onnx'")
     return folder
 
 
@@ -54,6 +62,9 @@ def _export_onnx(plain: PlainResNet, path: Path, resolution: int) -> None:
 def load_exported(folder: str | Path) -> PlainResNet:
     """Load an exported sub-network folder as a plain ResNet in eval mode."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"exported sub-network folder {folder} does not exist" if not folder.exists() else
+                          f"{folder} is a file; expected an exported sub-network folder ({CONFIG} and {WEIGHTS})")
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -61,13 +72,13 @@ def load_exported(folder: str | Path) -> PlainResNet:
     try:
         info = json.loads(config_path.read_text())
         arch = PlainResNetConfig.from_dict(info["architecture"])
-    except (ValueError, KeyError, TypeError) as e:
+        model = PlainResNet(arch)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise ExportError(f"{config_path} is not an exported slimssl config ({type(e).__name__}: {e})") from None
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ExportError(f"{weights_path} is not a readable safetensors file ({e}); re-export it") from None
-    model = PlainResNet(arch)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import Config, load_config
+from ..config import Config, ConfigError, config_from_dict, load_config
 from .resnet import SlimResNet
 
 
-def as_config(config: Config | str | Path | None) -> Config:
-    return config if isinstance(config, Config) else load_config(config)
+def as_config(config: Config | dict | str | Path | None) -> Config:
+    """A Config from itself, a dict of sections, or a YAML path or shipped name (None: the demo recipe)."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config)
+    raise ConfigError(f"expected a Config, a dict of config sections, or a YAML path or shipped name; got "
+                      f"{type(config).__name__}")
 
 
-def build_supernet(config: Config | str | Path | None = None) -> SlimResNet:
+def build_supernet(config: Config | dict | str | Path | None = None) -> SlimResNet:
     """The slimmable backbone of ``config`` (default: the demo recipe), randomly initialised."""
     cfg = as_config(config)
     m = cfg.model

@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ..errors import SlimsslError
 from ..nn.channels import scaled_channels
 from ..nn.layers import SlimBatchNorm, SlimConv2d, SlimmableMixin, SlimState, bind_state
 from ..nn.spec import Menu, SubnetSpec
@@ -28,6 +29,20 @@ EXPANSION = {"basic": 1, "bottleneck": 4}
 # Builds the BatchNorm after a conv: (full channels, position) -> layer. The position (stage, block index)
 # tells which menu entries run that block, so private BatchNorms exist only where they are used.
 NormFactory = Callable[[int, tuple[int, int] | None], SlimBatchNorm]
+IN_CHANNELS = 3  # RGB; the stem's input channels are fixed, not slimmed
+
+
+class InputError(SlimsslError):
+    """An input the network cannot take; says what was expected and what came."""
+
+
+def check_images(x) -> None:
+    """``x`` must be a float batch of RGB images. Slimmable layers take their in-channels from the incoming
+    tensor, so a 1-channel input would otherwise run silently on a slice of the stem's weights."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == IN_CHANNELS and x.is_floating_point():
+        return
+    got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+    raise InputError(f"expected a float tensor of images [batch, {IN_CHANNELS}, height, width], got {got}")
 
 
 def slim_conv_bn(norm: Callable[[int], SlimBatchNorm]):
@@ -69,7 +84,7 @@ class SlimResNet(SlimmableMixin, nn.Module):
                 for s in self.menu if position is None or s.depths[position[0]] > position[1]})
 
         k, s = (7, 2) if stem == "imagenet" else (3, 1)
-        self.conv1 = SlimConv2d(3, base_width, k, s, k // 2, bias=False)
+        self.conv1 = SlimConv2d(IN_CHANNELS, base_width, k, s, k // 2, bias=False)
         self.bn1 = norm(base_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1) if stem == "imagenet" else nn.Identity()
@@ -114,6 +129,7 @@ class SlimResNet(SlimmableMixin, nn.Module):
         if subnet is not None:
             with self.subnet(subnet):
                 return self.forward(x)
+        check_images(x)
         depths = self.slim_state.active.depths
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage, depth in zip(self.stages(), depths):

@@ -182,13 +182,13 @@ class SlimmableMixin:
 
     slim_state: SlimState
 
-    def resolve(self, subnet: SubnetSpec | str | None) -> SubnetSpec:
-        """Turn a spec or its text into a spec this model can run, or raise a clear error."""
+    def resolve(self, subnet: SubnetSpec | str | float | None) -> SubnetSpec:
+        """Turn a spec, its text or a width (``0.5``: full depth) into a spec this model can run, or raise a
+        clear error."""
         state = self.slim_state
         if subnet is None:
             return state.full
-        if isinstance(subnet, str):
-            subnet = SubnetSpec.parse(subnet, state.full.depths)
+        subnet = SubnetSpec.coerce(subnet, state.full.depths)
         subnet.check_fits(state.full.depths)
         if state.private_bn:
             state.menu.require(subnet)
@@ -221,18 +221,27 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetSpec | str, batches, device: 
                     continue  # a block outside this sub-network's depth
                 norms.append(layer.norm_for(spec))
         momenta = [bn.momentum for bn in norms]
+        saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in norms]
         was_training = model.training
         model.eval()
         for bn in norms:
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average over all batches
             bn.train()
+        count, done = 0, False
         try:
             for images in batches:
                 if isinstance(images, (tuple, list)):
                     images = images[0]
                 model(images if device is None else images.to(device))
+                count += 1
+            if count == 0:
+                raise SubnetError(f"recalibrate_bn of {spec.name} got no batches; expected at least one batch of "
+                                  "input images")
+            done = True
         finally:
-            for bn, momentum in zip(norms, momenta):
+            for bn, momentum, state in zip(norms, momenta, saved):
                 bn.momentum = momentum
+                if not done:  # a failed or empty recalibration keeps the statistics it found
+                    bn.load_state_dict(state)
             model.train(was_training)

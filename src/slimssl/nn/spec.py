@@ -77,6 +77,18 @@ class SubnetSpec:
             return cls(width, tuple(full_depths))
         return cls(width, tuple(int(d) for d in re.split(r"[-,.]", match.group(2))))
 
+    @classmethod
+    def coerce(cls, subnet: "SubnetSpec | str | float", full_depths: Sequence[int] | None = None) -> "SubnetSpec":
+        """A spec from a spec, its text (see :meth:`parse`) or a width alone such as ``0.5`` (full depth)."""
+        if isinstance(subnet, cls):
+            return subnet
+        if isinstance(subnet, str):
+            return cls.parse(subnet, full_depths)
+        if isinstance(subnet, (int, float)) and not isinstance(subnet, bool):
+            return cls.parse(repr(float(subnet)), full_depths)
+        raise SubnetError(f"a sub-network is a SubnetSpec, its name such as 'w0p5_d2-2-2-2', or a width such as "
+                          f"0.5; got {type(subnet).__name__} {subnet!r}")
+
     def check_fits(self, full_depths: Sequence[int]) -> None:
         """Raise if this sub-network cannot be cut from a supernet with ``full_depths`` blocks per stage."""
         if len(self.depths) != len(full_depths):
@@ -112,10 +124,10 @@ class Menu(tuple):
     def smallest(self) -> SubnetSpec:
         return self[-1]
 
-    def require(self, spec: SubnetSpec | str, full_depths: Sequence[int] | None = None) -> SubnetSpec:
-        """Return the menu entry for ``spec`` or raise an error that lists the menu."""
-        if isinstance(spec, str):
-            spec = SubnetSpec.parse(spec, full_depths)
+    def require(self, spec: SubnetSpec | str | float, full_depths: Sequence[int] | None = None) -> SubnetSpec:
+        """Return the menu entry for ``spec`` or raise an error that lists the menu. A width alone means the
+        depth of ``full_depths``, by default that of the menu's largest entry."""
+        spec = SubnetSpec.coerce(spec, self.largest.depths if full_depths is None else full_depths)
         if spec not in self:
             raise SubnetError(f"sub-network {spec.name} is not in the menu {self.names}")
         return spec

@@ -1,0 +1,118 @@
+"""Bad input to the Python API raises a SlimsslError that names what was wrong, and leaves the supernet, its
+statistics and the files on disk as they were."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimssl
+from slimssl import SlimsslError
+from slimssl.checkpoint import save_checkpoint
+
+TINY = ["model.base_width=4"]  # the demo: widths 1, .5, .25 at depth 1-1-1-1
+
+
+@pytest.fixture
+def supernet():
+    torch.manual_seed(0)
+    return slimssl.build_supernet(slimssl.load_config("demo", TINY)).eval()
+
+
+def x(channels: int = 3, dtype=torch.float32):
+    return torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+def test_a_width_given_as_a_number_is_the_width_at_full_depth(supernet):
+    assert torch.equal(supernet(x(), subnet=0.5), supernet(x(), subnet="0.5"))
+    assert supernet.resolve(1).name == "w1p0_d1-1-1-1" and supernet.menu.require(0.25).name == "w0p25_d1-1-1-1"
+    with supernet.subnet(0.25) as spec:
+        assert spec.width == 0.25
+
+
+@pytest.mark.parametrize("subnet, expected", [
+    (True, "got bool True"), ([0.5], "got list [0.5]"), (b"0.5", "got bytes"),
+    (0.3, "w0p3_d1-1-1-1 is not in the menu"), (2, "width must be in (0, 1]"),
+])
+def test_sub_networks_of_another_type_or_value_are_named(supernet, subnet, expected):
+    with pytest.raises(SlimsslError, match=expected.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        supernet(x(), subnet=subnet)
+    assert supernet.slim_state.active == supernet.slim_state.full  # nothing leaked from the failed call
+
+
+@pytest.mark.parametrize("images, got", [
+    (x(channels=1), "shape (2, 1, 8, 8)"),  # would run silently on a slice of the stem's weights
+    (x(dtype=torch.uint8), "dtype torch.uint8"), (torch.randn(3, 8, 8), "shape (3, 8, 8)"), (None, "NoneType"),
+])
+def test_inputs_that_are_not_rgb_float_batches_are_refused(supernet, images, got):
+    with pytest.raises(slimssl.SlimsslError, match=r"expected a float tensor of images \[batch, 3, height, width\]"):
+        supernet(images)
+    with pytest.raises(slimssl.SlimsslError, match=got.replace("(", r"\(").replace(")", r"\)")):
+        supernet(images, subnet="0.5")
+
+
+def test_recalibration_without_batches_or_with_a_bad_one_keeps_the_statistics():
+    cfg = slimssl.load_config("demo", [*TINY, "model.bn=shared"])
+    model = slimssl.build_supernet(cfg).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SlimsslError, match="got no batches"):
+        slimssl.recalibrate_bn(model, "0.5", [])
+    with pytest.raises(SlimsslError, match="expected a float tensor of images"):
+        slimssl.recalibrate_bn(model, "0.5", [x(), x(channels=1)])  # fails on the second batch
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    slimssl.recalibrate_bn(model, "0.5", [x()])  # a good call still changes them
+    assert not all(torch.equal(before[k], model.state_dict()[k]) for k in before)
+
+
+def test_configs_given_as_dicts_and_bad_config_arguments():
+    assert slimssl.build_supernet({"model": {"base_width": 4}}).base_width == 4
+    with pytest.raises(SlimsslError, match="expected a Config, a dict of config sections"):
+        slimssl.build_supernet(5)
+    with pytest.raises(SlimsslError, match="overrides must be a list"):
+        slimssl.load_config("demo", "model.base_width=4")
+
+
+def test_a_binary_file_is_not_a_config(tmp_path):
+    path = tmp_path / "weights.yaml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(SlimsslError, match="is not text"):
+        slimssl.build_supernet(str(path))
+
+
+def test_export_checks_the_format_and_the_folder_before_writing(supernet, tmp_path):
+    with pytest.raises(SlimsslError, match="unknown export format 'pt'"):
+        slimssl.export_subnet(supernet, "0.5", tmp_path / "out", fmt="pt")
+    assert not (tmp_path / "out").exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    with pytest.raises(SlimsslError, match="is a file, not a folder"):
+        slimssl.export_subnet(supernet, "0.5", a_file)
+    assert a_file.read_text() == "kept"
+
+
+def test_load_exported_names_a_missing_folder_and_an_unbuildable_config(supernet, tmp_path):
+    with pytest.raises(SlimsslError, match="nope does not exist"):
+        slimssl.load_exported(tmp_path / "nope")
+    folder = slimssl.export_subnet(supernet, "0.5", tmp_path / "out")
+    info = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**info, "architecture": ["not", "a", "mapping"]}))
+    with pytest.raises(SlimsslError, match="is not an exported slimssl config"):
+        slimssl.load_exported(folder)
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config(supernet, tmp_path):
+    cfg = slimssl.load_config("demo", TINY)
+    state = {"backbone." + k: v for k, v in supernet.state_dict().items()}
+    path = tmp_path / "bad.pt"
+    save_checkpoint(path, {"config": slimssl.load_config("demo", ["model.base_width=8"]).model_dump(mode="json"),
+                           "menu": cfg.subnet_menu().names, "model": state})
+    with pytest.raises(SlimsslError, match="the stored weights do not fit the stored config"):
+        slimssl.load_supernet(path)
+    save_checkpoint(path, {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names, "model": state,
+                           "version": "x"})
+    with pytest.raises(SlimsslError, match="version 'x'; expected an integer"):
+        slimssl.load_checkpoint(path)
