@@ -116,3 +116,25 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config(supernet, tmp_path):
                            "version": "x"})
     with pytest.raises(SlimsslError, match="version 'x'; expected an integer"):
         slimssl.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("width, depths, expected", [
+    ("abc", (1,), "width must be a number"), (None, (1,), "width must be a number"),
+    (0.5, None, "depths must be whole numbers"), (0.5, (1.7, 1), "depths must be whole numbers"),
+    (0.5, "12", "depths must be whole numbers"), (0.5, (True, 1), "depths must be whole numbers"),
+])
+def test_a_spec_of_the_wrong_types_is_refused_not_truncated(width, depths, expected):
+    with pytest.raises(SlimsslError, match=expected):
+        slimssl.SubnetSpec(width, depths)
+
+
+def test_menus_take_names_and_refuse_mixed_stage_counts():
+    assert slimssl.Menu(["w0p5_d1-1", "w1p0_d1-1"]).names == ["w1p0_d1-1", "w0p5_d1-1"]
+    with pytest.raises(SlimsslError, match="different numbers of stages"):
+        slimssl.Menu([slimssl.SubnetSpec(1.0, (1, 1)), slimssl.SubnetSpec(0.5, (1, 1, 1))])
+
+
+def test_export_metadata_cannot_replace_the_keys_the_loader_reads(supernet, tmp_path):
+    folder = slimssl.export_subnet(supernet, "0.5", tmp_path, metadata={"architecture": 1, "source": "mine"})
+    assert json.loads((folder / "config.json").read_text())["source"] == "mine"
+    assert torch.equal(slimssl.load_exported(folder)(x()), supernet(x(), subnet="0.5"))

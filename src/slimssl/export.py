@@ -40,8 +40,8 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetSpec | str | None, out_dir
                 raise ExportError(f"cannot export into {folder}: {path} is a file, not a folder")
             break
     folder.mkdir(parents=True, exist_ok=True)
-    info = {"format": EXPORT_FORMAT, "subnet": spec.name, "architecture": plain.config.to_dict(),
-            **(metadata or {})}
+    # the caller's metadata cannot replace the keys load_exported reads
+    info = {**(metadata or {}), "format": EXPORT_FORMAT, "subnet": spec.name, "architecture": plain.config.to_dict()}
     (folder / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     save_file(plain.state_dict(), str(folder / WEIGHTS), metadata={"subnet": spec.name})
     if fmt == "onnx":

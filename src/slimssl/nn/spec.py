@@ -9,8 +9,9 @@ keyed) cannot contain them; ``p`` stands for the decimal point.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from numbers import Integral, Real
 
 from ..errors import SlimsslError
 
@@ -40,9 +41,14 @@ class SubnetSpec:
     name: str = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.width, bool) or not isinstance(self.width, Real):
+            raise SubnetError(f"width must be a number in (0, 1], got {type(self.width).__name__} {self.width!r}")
         width = round(float(self.width), 4)
         if not 0.0 < width <= 1.0:
             raise SubnetError(f"width must be in (0, 1], got {self.width}")
+        if isinstance(self.depths, (str, bytes)) or not isinstance(self.depths, Iterable) or not all(
+                isinstance(d, Integral) and not isinstance(d, bool) for d in self.depths):
+            raise SubnetError(f"depths must be whole numbers of blocks per stage, e.g. (2, 2, 2, 2); got {self.depths!r}")
         depths = tuple(int(d) for d in self.depths)
         if not depths or any(d < 1 for d in depths):
             raise SubnetError(f"every stage needs at least one block, got depths {list(self.depths)}")
@@ -84,7 +90,7 @@ class SubnetSpec:
             return subnet
         if isinstance(subnet, str):
             return cls.parse(subnet, full_depths)
-        if isinstance(subnet, (int, float)) and not isinstance(subnet, bool):
+        if isinstance(subnet, Real) and not isinstance(subnet, bool):
             return cls.parse(repr(float(subnet)), full_depths)
         raise SubnetError(f"a sub-network is a SubnetSpec, its name such as 'w0p5_d2-2-2-2', or a width such as "
                           f"0.5; got {type(subnet).__name__} {subnet!r}")
@@ -106,7 +112,10 @@ class SubnetSpec:
 class Menu(tuple):
     """The ordered desired sub-networks of a supernet, largest first, without repeats."""
 
-    def __new__(cls, specs: Iterable[SubnetSpec]) -> "Menu":
+    def __new__(cls, specs: Iterable[SubnetSpec | str]) -> "Menu":
+        specs = [SubnetSpec.coerce(s) for s in specs]  # canonical names are taken too
+        if len({len(s.depths) for s in specs}) > 1:
+            raise SubnetError(f"menu entries have different numbers of stages: {[s.name for s in specs]}")
         unique = sorted(set(specs), key=lambda s: (s.width, sum(s.depths), s.depths), reverse=True)
         if not unique:
             raise SubnetError("a menu needs at least one sub-network")
