@@ -26,7 +26,7 @@ sys.exit(code)
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["pretrain", "--help"], ["linear", "--help"],
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["pretrain", "--help"], ["linear", "--help"],
                                   ["reproduce", "--help"], ["bench", "--help"], ["knn", "--no-such-flag"]])
 def test_help_and_argument_errors_do_not_import_torch(argv):
     done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=60)
@@ -34,6 +34,8 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
     assert "heavy: \n" in done.stdout, done.stdout.splitlines()[-1]
     if "--help" in argv:
         assert "usage: slimssl" in done.stdout
+    if "--version" in argv:
+        assert f"slimssl {slimssl.__version__}" in done.stdout
 
 
 def test_every_public_name_resolves_and_unknown_names_raise():

@@ -9,6 +9,7 @@ import os
 import sys
 
 from .cli_args import nonnegative_float, nonnegative_int, output_dir, positive_int
+from . import __version__
 from .errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Slimmable self-supervised pretraining: pretrain one network, use every sub-network. "
                     "With --json a command prints one JSON document on stdout; logs go to stderr.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"slimssl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("export", help="export sub-networks as plain models (safetensors + JSON, or ONNX)")
