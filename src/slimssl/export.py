@@ -34,12 +34,10 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetSpec | str | None, out_dir
     spec = supernet.resolve(subnet)
     plain = supernet.export(spec).eval()
     folder = Path(out_dir) / spec.name
-    for path in (folder, *folder.parents):  # the nearest existing folder on the way must be a folder
-        if path.exists():
-            if not path.is_dir():
-                raise ExportError(f"cannot export into {folder}: {path} is a file, not a folder")
-            break
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the folder, or one on the way to it, is a file
+        raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
     # the caller's metadata cannot replace the keys load_exported reads
     info = {**(metadata or {}), "format": EXPORT_FORMAT, "subnet": spec.name, "architecture": plain.config.to_dict()}
     (folder / CONFIG).write_text(json.dumps(info, indent=2) + "\n")

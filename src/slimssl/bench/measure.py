@@ -11,14 +11,9 @@ from pathlib import Path
 import torch
 
 from ..config import standalone_config
-from ..train.loop import Trainer
+from ..train.loop import Trainer, synchronize
 
 log = logging.getLogger("slimssl")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -33,13 +28,13 @@ def _measure(fn, steps: int, warmup: int, device: torch.device) -> Measurement:
     second, profiled pass, how busy the GPU was (kernel time over the unprofiled wall time)."""
     for i in range(warmup):
         fn(i)
-    _sync(device)
+    synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for i in range(warmup, warmup + steps):
         fn(i)
-    _sync(device)
+    synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     if device.type != "cuda":
         return Measurement(seconds, None, None)
@@ -56,7 +51,7 @@ def _kernel_intervals(fn, calls, device: torch.device) -> list[tuple[float, floa
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in calls:
             fn(i)
-        _sync(device)
+        synchronize(device)
     return [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
 
 
@@ -70,7 +65,7 @@ def write_operator_table(fn, calls, device: torch.device, path: Path, rows: int 
     with profile(activities=activities) as prof:
         for i in calls:
             fn(i)
-        _sync(device)
+        synchronize(device)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{len(calls)} calls, sorted by {sort}\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))

@@ -24,7 +24,7 @@ from ..eval import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES
 from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
 from ..train.command import lr_header
-from ..train.loop import Trainer, pick_device
+from ..train.loop import Trainer, pick_device, synchronize
 from .plan import Job
 
 log = logging.getLogger("slimssl")
@@ -70,11 +70,6 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def is_pretrained(job: Job) -> bool:
     """Trainer.finish wrote results.json (with ``steps``; an evaluation command on a partial run writes
     results.json too, without it)."""
@@ -114,12 +109,12 @@ class TimedTrainer(Trainer):
             yield
             return
         self._timing_apart = True
-        _sync(self.device)  # the training work queued so far belongs to training
+        synchronize(self.device)  # the training work queued so far belongs to training
         start = time.perf_counter()
         try:
             yield
         finally:
-            _sync(self.device)
+            synchronize(self.device)
             self.apart[kind] += time.perf_counter() - start
             self._timing_apart = False
 
@@ -140,12 +135,12 @@ def run_chunk(trainer: TimedTrainer, timing: JobTiming, run_dir: Path) -> dict:
     """Train one epoch (or up to the end) and add its seconds to ``timing``; the results when finished."""
     end = min(trainer.state.step + trainer.steps_per_epoch, trainer.total_steps)
     before = dict(trainer.apart)
-    _sync(trainer.device)
+    synchronize(trainer.device)
     start = time.perf_counter()
     try:
         return trainer.fit(max_steps=end)
     finally:  # an interrupted chunk's seconds count too: its steps were saved
-        _sync(trainer.device)
+        synchronize(trainer.device)
         wall = time.perf_counter() - start
         apart = {k: trainer.apart[k] - before[k] for k in before}
         timing.pretrain_seconds += wall - sum(apart.values())
@@ -235,13 +230,13 @@ def probe_job(job: Job, budget: Budget, epochs: int, data: LabelledData) -> bool
     supernet, cfg = load_supernet(job.run_dir)
     device = pick_device(cfg.train.device)
     train, test = data.splits(cfg)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     results = linear_probe_subnets(
         supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
         epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], device=device, seed=settings["seed"],
         feature_batch_size=cfg.eval.batch_size, recalibrate_batches=settings["recalibrate_bn"])
-    _sync(device)
+    synchronize(device)
     timing = read_timing(job.run_dir)
     timing.probe_seconds += time.perf_counter() - start
     write_timing(job.run_dir, timing)

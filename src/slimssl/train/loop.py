@@ -57,6 +57,12 @@ class TrainState:
     knn_history: list = field(default_factory=list)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a wall clock read next measures it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda (--device cuda), but PyTorch sees no CUDA device here: "
