@@ -25,6 +25,7 @@ from PIL import Image
 from slimssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from slimssl.cli import main
 from slimssl.config import ConfigError, check_processes, config_from_dict, load_config
+from slimssl.errors import SlimsslError
 from slimssl.methods.base import MethodOutput
 from slimssl.models.build import build_supernet
 from slimssl.train import loop
@@ -467,6 +468,32 @@ def test_load_checkpoint_missing_keys_is_a_checkpoint_error(tmp_path):
     path, _ = _incomplete(tmp_path / "ck.pt")
     with pytest.raises(CheckpointError, match="expected at least"):
         load_checkpoint(path)
+
+
+class _RunsCodeWhenUnpickled:
+    """An object whose unpickling calls a function: what a malicious checkpoint would hold."""
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    payload = _RunsCodeWhenUnpickled()
+    payload.marker = tmp_path / "code-ran"
+    path = _checkpoint(tmp_path / "evil.pt")
+    data = torch.load(path, weights_only=True)
+    data["extra"] = payload
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match="not a readable slimssl checkpoint"):
+        load_checkpoint(path)
+    assert not payload.marker.exists()
+
+
+def test_load_checkpoint_blames_a_bad_device_not_the_file(tmp_path):
+    path = _checkpoint(tmp_path / "ck.pt")
+    with pytest.raises(SlimsslError, match="'nodevice' is not a device") as info:
+        load_checkpoint(path, map_location="nodevice")
+    assert not isinstance(info.value, CheckpointError)
 
 
 def test_resume_with_another_menu_names_both(tmp_path, capsys, caplog):

@@ -1,7 +1,8 @@
 """Versioned training checkpoints that carry their architecture config and menu.
 
-A checkpoint is a dict saved with ``torch.save``: ``format``/``version`` identify it, ``config`` is the
-resolved config it was trained with, ``menu`` the canonical names of its desired sub-networks, ``model``
+A checkpoint is a dict saved with ``torch.save`` that holds only tensors and plain Python data, so it loads
+with ``weights_only=True``: ``format``/``version`` identify it, ``config`` is the resolved config (as plain
+data) it was trained with, ``menu`` the canonical names of its desired sub-networks, ``model``
 the state of the whole SSL model (the backbone under ``backbone.``), plus optimiser and progress state.
 """
 
@@ -71,8 +72,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / "checkpoints" / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if isinstance(map_location, str):  # checked here so that a bad device is not blamed on the file
+        try:
+            torch.device(map_location)
+        except RuntimeError:
+            raise SlimsslError(f"map_location {map_location!r} is not a device; expected e.g. 'cpu', 'cuda' "
+                               "or 'cuda:1'") from None
     try:
-        data = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: checkpoints hold only tensors and plain data, so a file from elsewhere cannot run code
+        data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
         raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
