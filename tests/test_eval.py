@@ -260,6 +260,24 @@ def test_cli_linear_and_finetune_merge_into_run(tmp_path, capsys):
     assert refused.value.code == 2
 
 
+def test_cli_finetune_no_save_leaves_the_run_as_it_was(tmp_path, capsys):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "0.1", "--epochs", "1",
+                 "--json", "--device", "cpu", "--no-save"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["indices_file"] is None and len(row["indices"]) == row["num_labelled"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    out = tmp_path / "picked.json"  # an explicit --out is still written
+    assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "0.1", "--epochs", "1",
+                 "--device", "cpu", "--no-save", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["indices"] == row["indices"]
+    assert not (run / "results.json").exists()
+
+
 class CountingReads(ImageDataset):
     """An in-memory split that records every pass over it (each would decode a streamed split again)."""
 

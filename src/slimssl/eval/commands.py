@@ -230,18 +230,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     stem = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{args.seed}.json"
     if args.out:
         out = Path(args.out)
+    elif args.no_save:  # --no-save writes nothing beside the checkpoint; --out still names a file to write
+        out = None
     else:
         run_dir = run_dir_of(args.checkpoint)
         out = (run_dir / "finetune" / stem) if run_dir else Path(args.checkpoint).resolve().parent / f"finetune_{stem}"
     cost = _cost_rows(supernet, cfg.data.resolution)[spec.name] if spec in supernet.menu else {"subnet": spec.name}
-    row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source, "indices_file": str(out)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(row, indent=2) + "\n")
-    log.info("saved the fine-tuning result and the labelled indices to %s", out)
+    row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
+           "indices_file": str(out) if out else None}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(row, indent=2) + "\n")
+        log.info("saved the fine-tuning result and the labelled indices to %s", out)
     values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
                           key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}
     settings = {"data": source, "label_fraction": args.label_fraction, "seed": args.seed,
-                "recipe": result["recipe"], "indices_file": str(out)}
+                "recipe": result["recipe"], "indices_file": row["indices_file"]}
     _save(args, values, key.removesuffix("_top1"), settings, cfg)
     _emit(args, [row], markdown_table([row], ["subnet", "params", "macs", "label_fraction", "num_labelled",
                                               "top1", "top5"]))
@@ -344,7 +348,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, help="default 256 (or the whole subset when smaller)")
     p.add_argument("--seed", type=int, default=0, help="draws the labelled subset and the training order")
     p.add_argument("--out", type=output_file(".json"), help="JSON file for the result and the labelled indices "
-                                            "(default: RUN/finetune/<subnet>_<pct>pct_seed<S>.json)")
+                                            "(default: RUN/finetune/<subnet>_<pct>pct_seed<S>.json; "
+                                            "none with --no-save)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("recalibrate", help="re-estimate a sub-network's BatchNorm statistics into a new checkpoint")
