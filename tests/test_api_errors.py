@@ -129,6 +129,17 @@ def test_a_spec_of_the_wrong_types_is_refused_not_truncated(width, depths, expec
         slimssl.SubnetSpec(width, depths)
 
 
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"block": "wide"}, "block must be one of"), ({"stem": "tiny"}, "stem must be"),
+    ({"bn": "group"}, "bn must be 'private' or 'shared'"), ({"base_width": 0}, "base_width must be a positive"),
+    ({"base_width": 8.5}, "base_width must be a positive"), ({"channel_divisor": 0}, "channel_divisor must be"),
+    ({"depths": (2, 0)}, "depths must be blocks per stage"), ({"depths": ()}, "depths must be blocks per stage"),
+])
+def test_a_supernet_of_impossible_shape_is_refused(kwargs, expected):
+    with pytest.raises(SlimsslError, match=expected):
+        slimssl.SlimResNet(**{"base_width": 4, "stem": "cifar", **kwargs})
+
+
 def test_menus_take_names_and_refuse_mixed_stage_counts():
     assert slimssl.Menu(["w0p5_d1-1", "w1p0_d1-1"]).names == ["w1p0_d1-1", "w0p5_d1-1"]
     with pytest.raises(SlimsslError, match="different numbers of stages"):

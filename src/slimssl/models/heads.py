@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
+from ..errors import SlimsslError
 from ..nn.channels import scaled_channels
 from ..nn.layers import SlimBatchNorm, SlimLinear
 from ..nn.spec import Menu
@@ -48,7 +49,7 @@ class SlimMLP(nn.Sequential):
             if act == "relu":
                 modules.append(nn.ReLU(inplace=True))
             elif act is not None:
-                raise ValueError(f"unknown activation {act!r} in head declaration")
+                raise SlimsslError(f"unknown activation {act!r} in head declaration")
             in_dim = out_dim
         super().__init__(*modules)
         self.out_dim = in_dim

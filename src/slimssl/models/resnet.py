@@ -64,11 +64,17 @@ class SlimResNet(SlimmableMixin, nn.Module):
                  channel_divisor: int = 1, zero_init_residual: bool = False):
         super().__init__()
         if block not in EXPANSION:
-            raise ValueError(f"block must be one of {list(EXPANSION)}, got {block!r}")
+            raise SlimsslError(f"block must be one of {list(EXPANSION)}, got {block!r}")
         if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+            raise SlimsslError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
         if bn not in ("private", "shared"):
-            raise ValueError(f"bn must be 'private' or 'shared', got {bn!r}")
+            raise SlimsslError(f"bn must be 'private' or 'shared', got {bn!r}")
+        for name, value in (("base_width", base_width), ("channel_divisor", channel_divisor)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SlimsslError(f"{name} must be a positive whole number, got {value!r}")
+        if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
+            raise SlimsslError(f"depths must be blocks per stage, positive whole numbers such as (2, 2, 2, 2); "
+                               f"got {depths!r}")
         self.block, self.depths, self.base_width, self.stem = block, tuple(depths), base_width, stem
         full = SubnetSpec(1.0, self.depths)
         self.menu = Menu(menu or [full])
