@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from slimssl.data.augment import _center_box, _rand, recipe, sample_crop_boxes
-from slimssl.data.stream import (collate_crops, crop_pair, decode_image, decode_pixels, full_detail_side,
-                                 resized_crop, sample_generator, view_boxes)
+from slimssl.data.decode import decode_image, decode_pixels
+from slimssl.data.stream import (collate_crops, crop_pair, full_detail_side, resized_crop, sample_generator,
+                                 view_boxes)
 
 SIZES = [(500, 375), (375, 500), (640, 480), (1024, 768), (3000, 2000)]  # (width, height); the last one drafts
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from slimssl.data.datasets import DataError, ImageDataset, load_dataset, num_classes
+from slimssl.data.datasets import ImageDataset, load_dataset, num_classes
+from slimssl.data.files import DataError
 
 
 @pytest.fixture(autouse=True)

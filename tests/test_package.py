@@ -49,7 +49,7 @@ def test_every_public_name_resolves_and_unknown_names_raise():
 def test_every_bad_input_error_is_a_slimssl_error():
     from slimssl.checkpoint import CheckpointError
     from slimssl.config import ConfigError
-    from slimssl.data.datasets import DataError
+    from slimssl.data.files import DataError
     from slimssl.errors import UsageError
     from slimssl.eval.results import ResultsError
     from slimssl.export import ExportError

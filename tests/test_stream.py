@@ -22,9 +22,9 @@ from PIL import Image
 
 from slimssl.config import config_from_dict
 from slimssl.data.augment import TwoViewAugment, ViewRecipe, recipe, sample_crop_boxes
-from slimssl.data.datasets import DataError
-from slimssl.data.stream import (StreamingViews, crop_pair, decode_image, decode_pixels, full_detail_side,
-                                 sample_generator, view_boxes)
+from slimssl.data.decode import decode_image, decode_pixels
+from slimssl.data.files import DataError
+from slimssl.data.stream import StreamingViews, crop_pair, full_detail_side, sample_generator, view_boxes
 from slimssl.data.views import InMemoryViews
 from slimssl.train.loop import Trainer
 from test_pretrain import tiny

@@ -15,7 +15,8 @@ from PIL import Image
 from slimssl.checkpoint import load_checkpoint, save_checkpoint
 from slimssl.cli import main
 from slimssl.config import config_from_dict
-from slimssl.data.datasets import DataError, load_dataset
+from slimssl.data.datasets import load_dataset
+from slimssl.data.files import DataError
 from slimssl.data.eval_images import StreamedImages, as_eval_images, load_eval_split
 from slimssl.eval.finetune import evaluate_classifier
 from slimssl.eval.knn import knn_eval_subnets

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .datasets import SKIP_HINT, DataError, ImageDataset, decode_resized, load_dataset, num_classes
-from .stream import FileListDataset, list_labelled_files
+from .datasets import ImageDataset, load_dataset, num_classes
+from .decode import decode_resized
+from .files import SKIP_HINT, DataError, FileListDataset, list_labelled_files
 
 log = logging.getLogger("slimssl")
 

@@ -17,24 +17,22 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import io
 import logging
 import math
 import os
 import signal
 import weakref
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from .augment import (BatchRows, TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
                       sample_crop_boxes)
-from .datasets import _JPEG, BUILTIN, SKIP_HINT, DataError, _list_split, _scan_zip, _split_prefix, _to_rgb, scan_tree
+from .decode import decode_pixels
+from .files import SKIP_HINT, DataError, FileListDataset, list_image_files
 from .views import epoch_permutation, step_generator, to_channels_last
 
 log = logging.getLogger("slimssl")
@@ -182,76 +180,7 @@ class StepBatches:
             step += 1
 
 
-# ---------------------------------------------------------------- the files
-
-
-@dataclass
-class ImageFiles:
-    """The image files of one split of an ImageFolder folder or .zip (nothing decoded)."""
-
-    root: str  # absolute path of the folder or .zip
-    paths: list[str]  # relative to ``root``, class by class, sorted
-    labels: list[int] | None  # None for a folder without class sub-folders
-    classes: list[str] | None
-    read: Callable[[str], bytes]  # a reader of one path, for this process
-
-
-def list_labelled_files(source: str, split: str = "train") -> ImageFiles:
-    """The files, labels and classes of ``split`` of an ImageFolder folder or .zip, or a DataError."""
-    if source in BUILTIN:
-        raise DataError(f"data.loader: stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
-                        f"dataset; use data.loader: memory (--set data.loader=memory) for it")
-    root = os.path.abspath(os.path.expanduser(source))
-    if not os.path.exists(root):
-        raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}) "
-                        f"nor an existing path (looked for {root})")
-    tree = scan_tree(root)
-    paths, labels, classes = _list_split(tree, _split_prefix(tree, split))
-    return ImageFiles(root, paths, labels, classes, tree.read)
-
-
-def list_image_files(source: str, split: str = "train") -> tuple[str, list[str], Callable[[str], bytes]]:
-    """(root, image paths relative to it, a reader of one path) of an ImageFolder folder or .zip."""
-    files = list_labelled_files(source, split)  # labels are not needed to pretrain
-    return files.root, files.paths, files.read
-
-
-def open_reader(root: str) -> Callable[[str], bytes]:
-    """A reader of paths under ``root`` for this process: a .zip is reopened, because a zip handle
-    inherited through fork shares its file offset with the parent and the other workers."""
-    if not os.path.isdir(root):
-        return _scan_zip(root).read
-
-    def read(rel: str) -> bytes:
-        with open(os.path.join(root, rel), "rb") as f:
-            return f.read()
-
-    return read
-
-
-class FileListDataset(Dataset):
-    """The files of a folder or .zip, readable from any loader worker: the base of the workers' datasets."""
-
-    def __init__(self, root: str, paths: list[str] | np.ndarray, read: Callable[[str], bytes] | None = None):
-        # One numpy bytes array, not a list of str: forked workers read it without touching refcounts, so
-        # its pages stay shared instead of being copied into every worker (1.28M paths for ImageNet).
-        self.root = root
-        self.paths = paths if isinstance(paths, np.ndarray) else np.array([p.encode() for p in paths])
-        self._read, self._read_pid = read, os.getpid()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getstate__(self) -> dict:  # spawned workers open their own reader
-        return {**self.__dict__, "_read": None, "_read_pid": None}
-
-    def path(self, index: int) -> str:
-        return os.path.join(self.root, self.paths[index].decode())
-
-    def read(self, rel: str) -> bytes:
-        if self._read_pid != os.getpid():  # a worker: a .zip handle inherited through fork is not safe to share
-            self._read, self._read_pid = open_reader(self.root), os.getpid()
-        return self._read(rel)
+# ------------------------------------------------------------ what a worker does
 
 
 class CropDataset(FileListDataset):
@@ -288,7 +217,7 @@ def collate_crops(samples: list) -> tuple[int, torch.Tensor | None, list[tuple[s
     return samples[0][0], torch.stack([crops for _, crops, _ in samples]), unreadable
 
 
-# ------------------------------------------------------------ decode and crop
+# ---------------------------------------------------------------- crop
 
 
 def full_detail_side(size: int, views: tuple[ViewRecipe, ...]) -> int:
@@ -296,38 +225,6 @@ def full_detail_side(size: int, views: tuple[ViewRecipe, ...]) -> int:
     at least this much loses nothing, so JPEGs larger than it may be decoded at reduced scale."""
     shrink = min(math.sqrt(v.crop_scale[0] * min(v.crop_ratio[0], 1 / v.crop_ratio[1])) for v in views)
     return math.ceil(size / shrink)
-
-
-def decode_image(data: bytes, min_side: int) -> Image.Image:
-    """Bytes -> an RGB PIL image; JPEGs at the smallest DCT scale that keeps both sides >= ``min_side``."""
-    img = Image.open(io.BytesIO(data))  # no ``with``: closing would discard the decoded pixels
-    img.draft("RGB", (min_side, min_side))  # a no-op for other formats and for small JPEGs
-    img.load()
-    return img if img.mode == "RGB" else Image.fromarray(_to_rgb(img))
-
-
-def decode_pixels(data: bytes, min_side: int) -> torch.Tensor:
-    """Bytes -> uint8 [3, H, W] (channels-last memory): the pixels of ``decode_image``.
-
-    JPEGs that ``Image.draft`` would not shrink go through torchvision's libjpeg-turbo op: the same pixels,
-    straight into a tensor, ~15% faster than PIL and the copy out of it. Anything it rejects goes to PIL,
-    which decodes it or raises the error a corrupt file is reported with.
-    """
-    if _JPEG is not None and data[:2] == b"\xff\xd8" and not _draft_shrinks(data, min_side):
-        op, rgb = _JPEG
-        try:
-            return op(torch.frombuffer(bytearray(data), dtype=torch.uint8), rgb, False)
-        except RuntimeError:
-            pass
-    return torch.from_numpy(np.array(decode_image(data, min_side))).permute(2, 0, 1)  # a writable copy
-
-
-def _draft_shrinks(data: bytes, min_side: int) -> bool:
-    """Whether ``decode_image`` decodes this JPEG at reduced DCT scale (reads the header only)."""
-    with Image.open(io.BytesIO(data)) as img:
-        full = img.size
-        img.draft("RGB", (min_side, min_side))
-        return img.size != full
 
 
 def sample_generator(seed: int, step: int, row: int) -> torch.Generator:

@@ -22,7 +22,8 @@ from torch import nn
 from ..checkpoint import CheckpointError, check_menu, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError, config_differences
 from ..data.augment import TwoViewAugment, recipe
-from ..data.datasets import DataError, ImageDataset, check_same_classes, load_dataset
+from ..data.datasets import ImageDataset, check_same_classes, load_dataset
+from ..data.files import DataError
 from ..data.views import build_view_source
 from ..eval.knn import knn_eval_subnets
 from ..eval.results import ResultsError, read_results, write_results

@@ -1,0 +1,244 @@
+"""The image files of an ImageFolder folder or a ``.zip`` of one, seen as relative paths: listing,
+``train/``/``test/`` splits, class folders, and readers of one file, for this process or a loader worker.
+
+Nothing here decodes an image (``decode.py``); ``datasets.py`` decodes a split into memory, ``stream.py``
+and ``eval_images.py`` have loader workers decode it batch by batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from ..errors import SlimsslError
+
+log = logging.getLogger("slimssl")
+
+BUILTIN = ("digits", "cifar10", "cifar100", "fake")  # names ``load_dataset`` resolves without files
+SKIP_HINT = "pretrain: --set data.skip_unreadable=true; evaluation commands: --skip-unreadable"
+SPLITS = ("train", "test", "val")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class DataError(SlimsslError):
+    """Bad dataset input: the message names the path and what was expected."""
+
+
+def existing_path(source: str) -> str:
+    """The absolute path of a dataset ``source`` that is not a built-in name, or a DataError."""
+    path = os.path.abspath(os.path.expanduser(source))
+    if not os.path.exists(path):
+        raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}) "
+                        f"nor an existing path (looked for {path})")
+    return path
+
+
+@dataclass
+class FileTree:
+    """A directory or zip file seen as relative POSIX paths."""
+
+    root: str  # absolute path, for messages and the cache key
+    files: dict[str, tuple[int, int]]  # relpath -> (size, mtime_ns or crc)
+    dirs: set[str]
+    read: Callable[[str], bytes]
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/"))
+
+
+def _is_image(rel: str) -> bool:
+    return rel.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _scan_dir(root: str) -> FileTree:
+    files: dict[str, tuple[int, int]] = {}
+    dirs: set[str] = set()
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        with os.scandir(os.path.join(root, rel_dir)) as entries:
+            for entry in entries:
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                if _hidden(entry.name):
+                    continue
+                if entry.is_dir():
+                    dirs.add(rel)
+                    stack.append(rel)
+                elif entry.is_file():
+                    st = entry.stat()
+                    files[rel] = (st.st_size, st.st_mtime_ns)
+
+    def read(rel: str) -> bytes:
+        with open(os.path.join(root, rel), "rb") as f:
+            return f.read()
+
+    return FileTree(root, files, dirs, read)
+
+
+def open_zip(path: str) -> FileTree:
+    """The files of a .zip, read through one handle of this process."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path} is not a readable .zip file ({exc})") from exc
+    files, dirs = {}, set()
+    for info in archive.infolist():
+        name = info.filename.rstrip("/")
+        if not name or _hidden(name):
+            continue
+        parts = name.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))  # implied parents
+        if info.is_dir():
+            dirs.add(name)
+        else:
+            files[name] = (info.file_size, info.CRC)
+    prefix = _wrapper_prefix(files, dirs)
+    files = {k[len(prefix):]: v for k, v in files.items()}
+    dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")}
+
+    def read(rel: str) -> bytes:
+        return archive.read(prefix + rel)  # ZipFile reads are thread-safe
+
+    return FileTree(path, files, dirs, read)
+
+
+def _wrapper_prefix(files: dict, dirs: set[str]) -> str:
+    """One top-level folder wrapping everything (``data.zip/data/...``) is skipped."""
+    tops = {name.split("/")[0] for name in list(files) + list(dirs)}
+    if len(tops) == 1 and not any("/" not in f for f in files):
+        return tops.pop() + "/"
+    return ""
+
+
+def split_prefix(tree: FileTree, split: str) -> str:
+    """``train/``, ``test/`` or ``val/`` if the tree has split folders, else ``""``."""
+    top_dirs = {d for d in tree.dirs if "/" not in d}
+    if "train" not in top_dirs:
+        if split != "train":
+            raise DataError(
+                f"{tree.root} has no train/ and test/ (or val/) sub-folders, so it is a "
+                f"single 'train' split; cannot load split {split!r}"
+            )
+        return ""
+    wanted = {"train": ["train"], "test": ["test", "val"], "val": ["val", "test"]}[split]
+    for name in wanted:
+        if name in top_dirs:
+            return name + "/"
+    raise DataError(f"{tree.root} has no {' or '.join(w + '/' for w in wanted)} folder for split {split!r}")
+
+
+def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None, list[str] | None]:
+    """(image paths, labels or None, class names or None) under ``prefix``."""
+    where = os.path.join(tree.root, prefix) if prefix else tree.root
+    under = [f[len(prefix):] for f in tree.files if f.startswith(prefix)]
+    if not under:
+        raise DataError(f"{where} is empty; expected class sub-folders of images, or images")
+    children = (d[len(prefix):] for d in tree.dirs if d.startswith(prefix))
+    class_dirs = sorted(c for c in children if c and "/" not in c)
+    if not class_dirs:
+        paths = sorted(prefix + f for f in under if "/" not in f and _is_image(f))
+        if not paths:
+            raise DataError(f"{where} contains no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        return paths, None, None
+    loose = [f for f in under if "/" not in f and _is_image(f)]
+    if loose:
+        log.warning("%s: ignoring %d images outside the class folders (e.g. %s)", where, len(loose), loose[0])
+    by_class: dict[str, list[str]] = {c: [] for c in class_dirs}
+    for f in under:
+        if "/" in f and _is_image(f):
+            by_class[f.split("/", 1)[0]].append(prefix + f)
+    paths, labels = [], []
+    for label, cls in enumerate(class_dirs):
+        if not by_class[cls]:
+            raise DataError(f"class folder {os.path.join(where, cls)} contains no images")
+        paths += sorted(by_class[cls])
+        labels += [label] * len(by_class[cls])
+    return paths, labels, class_dirs
+
+
+def scan_tree(path: str) -> FileTree:
+    """The image files of an ImageFolder folder or .zip (not decoded), or a DataError saying what is wrong."""
+    if os.path.isdir(path):
+        tree = _scan_dir(path)
+    elif zipfile.is_zipfile(path):
+        tree = open_zip(path)
+    else:
+        what = "is not a readable .zip (damaged or cut short?)" if path.lower().endswith(".zip") else \
+            "is a file but not a .zip"
+        raise DataError(f"{path} {what}; expected a folder of images or a .zip of one")
+    if not tree.files:
+        raise DataError(f"{path} is empty; expected class sub-folders of images, or images")
+    return tree
+
+
+@dataclass
+class ImageFiles:
+    """The image files of one split of an ImageFolder folder or .zip (nothing decoded)."""
+
+    root: str  # absolute path of the folder or .zip
+    paths: list[str]  # relative to ``root``, class by class, sorted
+    labels: list[int] | None  # None for a folder without class sub-folders
+    classes: list[str] | None
+    read: Callable[[str], bytes]  # a reader of one path, for this process
+
+
+def list_labelled_files(source: str, split: str = "train") -> ImageFiles:
+    """The files, labels and classes of ``split`` of an ImageFolder folder or .zip, or a DataError."""
+    if source in BUILTIN:
+        raise DataError(f"data.loader: stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
+                        f"dataset; use data.loader: memory (--set data.loader=memory) for it")
+    root = existing_path(source)
+    tree = scan_tree(root)
+    paths, labels, classes = list_split(tree, split_prefix(tree, split))
+    return ImageFiles(root, paths, labels, classes, tree.read)
+
+
+def list_image_files(source: str, split: str = "train") -> tuple[str, list[str], Callable[[str], bytes]]:
+    """(root, image paths relative to it, a reader of one path) of an ImageFolder folder or .zip."""
+    files = list_labelled_files(source, split)  # labels are not needed to pretrain
+    return files.root, files.paths, files.read
+
+
+def open_reader(root: str) -> Callable[[str], bytes]:
+    """A reader of paths under ``root`` for this process: a .zip is reopened, because a zip handle
+    inherited through fork shares its file offset with the parent and the other workers."""
+    if not os.path.isdir(root):
+        return open_zip(root).read
+
+    def read(rel: str) -> bytes:
+        with open(os.path.join(root, rel), "rb") as f:
+            return f.read()
+
+    return read
+
+
+class FileListDataset(Dataset):
+    """The files of a folder or .zip, readable from any loader worker: the base of the workers' datasets."""
+
+    def __init__(self, root: str, paths: list[str] | np.ndarray, read: Callable[[str], bytes] | None = None):
+        # One numpy bytes array, not a list of str: forked workers read it without touching refcounts, so
+        # its pages stay shared instead of being copied into every worker (1.28M paths for ImageNet).
+        self.root = root
+        self.paths = paths if isinstance(paths, np.ndarray) else np.array([p.encode() for p in paths])
+        self._read, self._read_pid = read, os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getstate__(self) -> dict:  # spawned workers open their own reader
+        return {**self.__dict__, "_read": None, "_read_pid": None}
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.paths[index].decode())
+
+    def read(self, rel: str) -> bytes:
+        if self._read_pid != os.getpid():  # a worker: a .zip handle inherited through fork is not safe to share
+            self._read, self._read_pid = open_reader(self.root), os.getpid()
+        return self._read(rel)
