@@ -3,24 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 
-from .cli_args import nonnegative_float, nonnegative_int, output_dir, positive_int
+from .cli_args import emit, nonnegative_float, nonnegative_int, output_dir, positive_int
 from . import __version__
 from .errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
 
-
-def _emit(args: argparse.Namespace, rows: list[dict] | dict, table: str) -> None:
-    if getattr(args, "json", False):
-        json.dump(rows, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(table)
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -67,7 +59,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             row["max_abs_diff"] = verify_export(supernet, spec, load_exported(folder), resolution)
         rows.append(row)
         log.info("exported %s to %s", spec.name, folder)
-    _emit(args, rows, markdown_table(rows))
+    emit(args, rows, markdown_table(rows))
     if args.verify and any(r["max_abs_diff"] > args.tolerance for r in rows):
         log.error("export differs from the supernet by more than %g", args.tolerance)
         return 1
@@ -85,7 +77,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     rows = profile_supernet(supernet, resolution, args.num_classes, latency=not args.no_latency)
     for row in rows:
         row.update(resolution=resolution, num_classes=args.num_classes)
-    _emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *(["latency_ms"] if rows and "latency_ms" in rows[0] else [])]))
+    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *(["latency_ms"] if rows and "latency_ms" in rows[0] else [])]))
     return 0
 
 

@@ -1,11 +1,14 @@
 """Argument types of the command line: argparse rejects a bad number or output path with one line, naming
-the flag and what was expected, before any work starts (and before torch is imported)."""
+the flag and what was expected, before any work starts (and before torch is imported). Also ``emit``, the
+one way a command prints its result."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -67,3 +70,12 @@ def _check_writable(folder: Path, text: str) -> None:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(ancestor)!r} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: no permission to write in {str(ancestor)!r}")
+
+
+def emit(args: argparse.Namespace, doc, table: str) -> None:
+    """A command's result on stdout: one JSON document with ``--json``, else the human-readable table."""
+    if getattr(args, "json", False):
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(table)

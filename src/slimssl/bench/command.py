@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from ..cli import _emit
+    from ..cli_args import emit
     from ..config import load_config
     from .measure import run_bench
 
@@ -49,5 +49,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lines.append(f"| {r['what']} | {value} | {peak} | {busy} |")
     header = (f"{cfg.name}: batch {batch}, data {cfg.data.source} ({cfg.data.loader}), {rows[0]['device']}, "
               f"torch {torch.__version__}")
-    _emit(args, rows, header + "\n" + "\n".join(lines))
+    emit(args, rows, header + "\n" + "\n".join(lines))
     return 0

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-from ..cli_args import fraction, nonnegative_int, output_file, positive_float, positive_int
+from ..cli_args import emit, fraction, nonnegative_int, output_file, positive_float, positive_int
 from ..errors import UsageError
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
 
@@ -23,13 +22,6 @@ log = logging.getLogger("slimssl")
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------
-
-def _emit(args: argparse.Namespace, doc, table: str) -> None:
-    if getattr(args, "json", False):
-        json.dump(doc, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(table)
 
 
 def _device(name: str):
@@ -47,7 +39,7 @@ def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int, bool]
     """(loader, workers, skip_unreadable) of the evaluation data: ``--loader``/``--workers``/
     ``--skip-unreadable``, else the checkpoint config's ``data.*``. A built-in dataset is decoded in memory:
     asked to stream it, this is an error; a streaming config falls back to memory for it, with a log line."""
-    from ..data.datasets import BUILTIN
+    from ..data.files import BUILTIN
     from ..data.views import default_workers
 
     loader = args.loader or cfg.data.loader
@@ -180,7 +172,7 @@ def cmd_knn(args: argparse.Namespace) -> int:
     settings = {"data": source, "k": k, "temperature": temperature, "bank": "train", "queries": "test",
                 "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn), "resolution": res}
     _save(args, {r["subnet"]: r for r in rows}, "knn", settings, cfg)
-    _emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "knn_top1"]))
+    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "knn_top1"]))
     return 0
 
 
@@ -207,7 +199,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
                 "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn),
                 "resolution": cfg.data.resolution}
     _save(args, {r["subnet"]: r for r in rows}, protocol, settings, cfg)
-    _emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", f"{protocol}_top1", f"{protocol}_top5"]))
+    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", f"{protocol}_top1", f"{protocol}_top5"]))
     return 0
 
 
@@ -247,7 +239,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = {"data": source, "label_fraction": args.label_fraction, "seed": args.seed,
                 "recipe": result["recipe"], "indices_file": row["indices_file"]}
     _save(args, values, key.removesuffix("_top1"), settings, cfg)
-    _emit(args, [row], markdown_table([row], ["subnet", "params", "macs", "label_fraction", "num_labelled",
+    emit(args, [row], markdown_table([row], ["subnet", "params", "macs", "label_fraction", "num_labelled",
                                               "top1", "top5"]))
     return 0
 
@@ -285,7 +277,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     path = save_checkpoint(args.out, payload)
     row = {"subnet": spec.name, "batches": args.batches, "batch_size": bs, "out": str(path)}
     log.info("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, args.batches, source, path)
-    _emit(args, row, f"recalibrated {spec.name} -> {path}")
+    emit(args, row, f"recalibrated {spec.name} -> {path}")
     return 0
 
 
@@ -309,7 +301,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             log.error("--plot-grad: no record with 'grad_norm' in metrics.jsonl of %s; the diagnostic is logged "
                       "during pretraining only when gradient norms are recorded", ", ".join(map(str, args.run_dirs)))
             status = 1
-    _emit(args, results, report_markdown(results))
+    emit(args, results, report_markdown(results))
     return status
 
 

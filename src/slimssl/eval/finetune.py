@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
-from .linear import _num_classes, augment_batch, subnet_models, topk_accuracy
+from .linear import output_classes, augment_batch, subnet_models, topk_accuracy
 
 log = logging.getLogger("slimssl")
 
@@ -109,7 +109,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {recipe}")
     indices = balanced_subset(train.labels, label_fraction, seed)
-    num_classes = _num_classes(train, test)
+    num_classes = output_classes(train, test)
 
     source = subnet_models(supernet, [spec], train, recalibrate_batches=recalibrate_batches,
                            batch_size=eval_batch_size, resolution=resolution, mean=mean, std=std,

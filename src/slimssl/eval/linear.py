@@ -254,7 +254,8 @@ def _standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features.mean(0), features.std(0).clamp_min(1e-6)
 
 
-def _num_classes(*datasets) -> int:
+def output_classes(*datasets) -> int:
+    """How many outputs a classifier of these splits needs: their class names, or their largest label."""
     counts = [len(d.classes) for d in datasets if getattr(d, "classes", None)]
     labelled = [int(d.labels.max()) + 1 for d in datasets if d.labels is not None and len(d.labels)]
     return max(counts + labelled)
@@ -282,7 +283,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     resolution = resolution or train.resolution
     specs = [supernet.resolve(s) for s in subnets] if subnets else list(supernet.menu)
     names = [s.name for s in specs]
-    num_classes = _num_classes(train, test)
+    num_classes = output_classes(train, test)
     supernet.to(device).eval()
     fingerprints = {id(supernet): (supernet, backbone_fingerprint(supernet))}
     models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches,

@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from ..cli import _emit
+    from ..cli_args import emit
     from ..train.loop import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
     from .report import report_markdown, write_report
@@ -69,9 +69,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         status = {"complete": False, "jobs_done": done, "jobs_total": len(jobs),
                   "jobs": [{"run": j.label, "pretrained": is_pretrained(j)} for j in jobs]}
         if args.json:
-            _emit(args, status, "")
+            emit(args, status, "")
         return EXIT_CONTINUE
     doc = write_report(args.out, jobs, args.probe_epochs)
     log.info("wrote %s and %s", args.out / REPORT_MD, args.out / REPORT_JSON)
-    _emit(args, doc, report_markdown(doc))
+    emit(args, doc, report_markdown(doc))
     return 0

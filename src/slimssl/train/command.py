@@ -41,7 +41,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
-    from ..cli import _emit
+    from ..cli_args import emit
     from ..config import check_processes, config_from_dict, load_config
     from ..report.table import markdown_table
     from . import distributed as dist
@@ -94,7 +94,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         if results:
             cols = ["subnet", "params", "macs", "knn_top1_random_init", "knn_top1"]
-            _emit(args, results, markdown_table(results["subnets"], cols))
+            emit(args, results, markdown_table(results["subnets"], cols))
         else:
             log.info("stopped at step %d of %d; continue with: slimssl pretrain --resume %s",
                      trainer.state.step, trainer.total_steps, run_dir)
