@@ -3,6 +3,8 @@ flag and what it expects, before anything is loaded (so the checkpoint named her
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from slimssl.cli import main
@@ -67,3 +69,22 @@ def test_outputs_of_the_wrong_kind_of_path(tmp_path, capsys):
 def test_reproduce_needs_a_recipe(tmp_path, capsys, caplog):
     assert main(["reproduce", "--recipes", ",, ,", "--out", str(tmp_path / "r")]) == 2
     assert "names no recipe" in capsys.readouterr().err + caplog.text
+
+
+def test_an_output_folder_without_write_permission_is_refused(tmp_path, monkeypatch, capsys):
+    import os
+
+    from slimssl import cli_args
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    # the tests may run as root, which may write anywhere: the permission answer is stubbed for this folder
+    monkeypatch.setattr(cli_args.os, "access", lambda path, mode: Path(path) != locked and real_access(path, mode))
+    for argv in (["pretrain", "--out", str(locked / "run")], ["reproduce", "--out", str(locked)],
+                 ["finetune", CKPT, "--subnet", "0.5", "--label-fraction", "0.1", "--out", str(locked / "r.json")]):
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        assert refused.value.code == 2
+        assert f"no permission to write in {str(locked)!r}" in capsys.readouterr().err
+    assert list(locked.iterdir()) == []
