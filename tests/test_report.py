@@ -95,6 +95,16 @@ def test_grad_norm_plot(tmp_path, capsys):
     assert out.read_bytes()[:8] == PNG
 
 
+def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, capsys, caplog):
+    dirs, _ = write_runs(tmp_path)
+    (dirs[0] / "metrics.jsonl").write_bytes(b"\x00\xff\xfe binary junk\n[1, 2]\n")
+    out = tmp_path / "grad.png"
+    assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 1
+    text = capsys.readouterr().err + caplog.text
+    assert "skipped 2 of 2 lines that are not JSON records" in text and "metrics.jsonl" in text
+    assert "Traceback" not in text and not out.exists()
+
+
 def test_results_merge_and_errors(tmp_path):
     dirs, docs = write_runs(tmp_path)
     merge_results(dirs[0], {"w0p5_d1-1-1-1": {"finetune_1pct_top1": 40.0}, "w0p25_d1-1-1-1": {"knn_top1": 50.0}},

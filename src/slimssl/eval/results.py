@@ -10,12 +10,15 @@ every number was measured.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import UsageError
+
+log = logging.getLogger("slimssl")
 
 RESULTS = "results.json"
 METRICS = "metrics.jsonl"
@@ -121,19 +124,22 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``run_dir/metrics.jsonl`` (empty when the file is absent); bad lines are skipped."""
+    """The records of ``run_dir/metrics.jsonl`` (empty when the file is absent). Lines that are not JSON
+    records (the last one, cut off by a crash mid-write, or a damaged file) are skipped with a warning."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
+    records, bad = [], 0
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    for line in filter(None, lines):
         try:
             rec = json.loads(line)
         except ValueError:
-            continue  # a line cut off by a crash mid-write
+            rec = None
         if isinstance(rec, dict):
             records.append(rec)
+        else:
+            bad += 1
+    if bad:
+        log.warning("%s: skipped %d of %d lines that are not JSON records", path, bad, bad + len(records))
     return records
