@@ -74,12 +74,15 @@ def _scan_dir(root: str) -> FileTree:
                 elif entry.is_file():
                     st = entry.stat()
                     files[rel] = (st.st_size, st.st_mtime_ns)
+    return FileTree(root, files, dirs, _folder_reader(root))
 
+
+def _folder_reader(root: str) -> Callable[[str], bytes]:
     def read(rel: str) -> bytes:
         with open(os.path.join(root, rel), "rb") as f:
             return f.read()
 
-    return FileTree(root, files, dirs, read)
+    return read
 
 
 def open_zip(path: str) -> FileTree:
@@ -209,14 +212,7 @@ def list_image_files(source: str, split: str = "train") -> tuple[str, list[str],
 def open_reader(root: str) -> Callable[[str], bytes]:
     """A reader of paths under ``root`` for this process: a .zip is reopened, because a zip handle
     inherited through fork shares its file offset with the parent and the other workers."""
-    if not os.path.isdir(root):
-        return open_zip(root).read
-
-    def read(rel: str) -> bytes:
-        with open(os.path.join(root, rel), "rb") as f:
-            return f.read()
-
-    return read
+    return _folder_reader(root) if os.path.isdir(root) else open_zip(root).read
 
 
 class FileListDataset(Dataset):
