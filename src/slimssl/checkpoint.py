@@ -9,6 +9,8 @@ the state of the whole SSL model (the backbone under ``backbone.``), plus optimi
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,7 +84,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # weights_only: checkpoints hold only tensors and plain data, so a file from elsewhere cannot run code
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({type(e).__name__}: {e})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and found:  # a pickle of objects: say so, not torch's page
+            raise CheckpointError(
+                f"{path} is not a slimssl checkpoint: it holds objects of {found.group(1)}, and slimssl "
+                "checkpoints hold only tensors and plain data. Loading such a file can run its code: open it with "
+                "torch.load(weights_only=False) yourself only if you trust where it came from") from None
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's detail, without its advice
+        detail = unpickler.group(1).strip() if unpickler else (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({type(e).__name__}: {detail})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {found!r}, expected {FORMAT!r})")
