@@ -94,6 +94,30 @@ def test_views_are_deterministic_across_workers_and_call_order(tmp_path):
     assert _equal(_stream(root, workers=0)(1), v1)
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_workers_started_without_fork_give_the_same_views(tmp_path, start_method):
+    """spawn is the default on macOS and Windows, forkserver on Linux from Python 3.14: the workers then get
+    the dataset pickled and open their own readers (of a .zip here)."""
+    if start_method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"{start_method} is not available here")
+    root = _tree(tmp_path / "data" / "train", n=16)
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            zf.write(path, path.relative_to(root).as_posix())
+    expected = _stream(archive, workers=0)(2)
+    previous = multiprocessing.get_start_method()
+    multiprocessing.set_start_method(start_method, force=True)
+    try:
+        pool = _stream(archive, workers=2)
+        try:
+            assert _equal(pool(2), expected)
+        finally:
+            pool.close()
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+
+
 def test_batch_indices_match_in_memory(tmp_path):
     root = _tree(tmp_path / "data", n=20)
     stream = _stream(root, batch=6, rank=1, world=2)
