@@ -84,7 +84,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # weights_only: checkpoints hold only tensors and plain data, so a file from elsewhere cannot run code
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(e))  # newer torch | 2.3
         if isinstance(e, pickle.UnpicklingError) and found:  # a pickle of objects: say so, not torch's page
             raise CheckpointError(
                 f"{path} is not a slimssl checkpoint: it holds objects of {found.group(1)}, and slimssl "

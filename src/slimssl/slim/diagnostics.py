@@ -43,10 +43,10 @@ class GradientImbalance:
             grad = torch.zeros_like(w) if w.grad is None else w.grad.detach()
             delta = (grad - before).float()
             o, i = self._shared_slice(w)
-            shared = delta[o, i].pow(2).sum()
-            shared_sq += shared
-            rest_sq += delta.pow(2).sum() - shared
+            shared_sq += delta[o, i].pow(2).sum()
+            delta[o, i] = 0  # the rest summed on its own: total minus shared leaves a rounding residue
+            rest_sq += delta.pow(2).sum()
             current.append(grad.clone())
         self.previous = current
         self.record[subnet_name] = {"shared": float(torch.as_tensor(shared_sq).sqrt()),
-                                    "rest": float(torch.as_tensor(rest_sq).clamp_min(0).sqrt())}
+                                    "rest": float(torch.as_tensor(rest_sq).sqrt())}
