@@ -228,8 +228,9 @@ def test_view_boxes_are_those_of_sample_crop_boxes():
 
 
 def test_crops_are_torchvision_resized_crops_of_the_boxes():
-    """Each view is its box cropped and resized (antialiased bilinear) exactly as torchvision's
-    RandomResizedCrop does on uint8 tensors, and within 2 levels of PIL's bilinear resize of the crop."""
+    """Each view is its box cropped and resized (antialiased bilinear) as torchvision's RandomResizedCrop does
+    on uint8 tensors, and within 2 levels of PIL's bilinear resize of the crop. Recent torch gives torchvision's
+    values exactly; torch 2.4 and 2.5 round about one value in eight one level apart."""
     from torchvision.transforms.v2 import functional as TF
 
     image = Image.fromarray(_pattern(1, 90, 120, seed=2)[0])
@@ -241,7 +242,8 @@ def test_crops_are_torchvision_resized_crops_of_the_boxes():
         crops = crop_pair(pixels, views, 24, sample_generator(1, 2, row))
         for crop, (top, left, h, w) in zip(crops, view_boxes(90, 120, views, sample_generator(1, 2, row))):
             ref = TF.resized_crop(pixels.contiguous(), top, left, h, w, [24, 24], antialias=True)
-            assert torch.equal(crop.permute(2, 0, 1), ref)
+            apart = (crop.permute(2, 0, 1).int() - ref.int()).abs()
+            assert apart.max() <= 1 and apart.float().mean() < 0.25
             pil = decoded.crop((left, top, left + w, top + h)).resize((24, 24), Image.Resampling.BILINEAR)
             assert (crop.int() - torch.from_numpy(np.array(pil)).int()).abs().max() <= 2
 
