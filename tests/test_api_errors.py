@@ -133,7 +133,8 @@ def test_a_spec_of_the_wrong_types_is_refused_not_truncated(width, depths, expec
     ({"block": "wide"}, "block must be one of"), ({"stem": "tiny"}, "stem must be"),
     ({"bn": "group"}, "bn must be 'private' or 'shared'"), ({"base_width": 0}, "base_width must be a positive"),
     ({"base_width": 8.5}, "base_width must be a positive"), ({"channel_divisor": 0}, "channel_divisor must be"),
-    ({"depths": (2, 0)}, "depths must be blocks per stage"), ({"depths": ()}, "depths must be blocks per stage"),
+    ({"depths": (2, 0)}, "every stage needs at least one block"), ({"depths": ()}, "at least one block"),
+    ({"depths": (2, 1.5)}, "depths must be whole numbers"),
 ])
 def test_a_supernet_of_impossible_shape_is_refused(kwargs, expected):
     with pytest.raises(SlimsslError, match=expected):

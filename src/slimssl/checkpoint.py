@@ -120,6 +120,13 @@ def check_menu(checkpoint_menu: list[str], config: Config, source: str) -> None:
                               f"but the config asks for menu {expected}")
 
 
+def first_mismatch(error: RuntimeError) -> str:
+    """The first missing, unexpected or misshapen key of a ``load_state_dict`` error (torch lists them all,
+    one per line after a header)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+
+
 def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The supernet backbone's entries of a whole-model state dict."""
     return {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
@@ -144,6 +151,6 @@ def load_supernet(path: str | Path, config: Config | dict | str | Path | None = 
     try:
         model.load_state_dict(backbone_state(data["model"]), strict=True)
     except RuntimeError as e:  # weights that do not fit the stored config: a damaged or hand-edited file
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({first})") from None
+        raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({first_mismatch(e)})") \
+            from None
     return model.eval(), cfg

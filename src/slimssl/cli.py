@@ -7,12 +7,11 @@ import logging
 import os
 import sys
 
-from .cli_args import emit, nonnegative_float, nonnegative_int, output_dir, positive_int
 from . import __version__
+from .cli_args import emit, nonnegative_float, nonnegative_int, output_dir, positive_int
 from .errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
-
 
 
 # ---- export ------------------------------------------------------------------------------------------
@@ -142,11 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true")
     p.set_defaults(func=cmd_config)
 
-    from .eval.commands import register as register_eval
-    from .train.command import register as register_pretrain
-
     from .bench.command import register as register_bench
+    from .eval.commands import register as register_eval
     from .reproduce.command import register as register_reproduce
+    from .train.command import register as register_pretrain
 
     register_pretrain(sub)
     register_eval(sub)

@@ -23,10 +23,8 @@ log = logging.getLogger("slimssl")
 
 # ---- shared helpers ----------------------------------------------------------------------------------
 
-
 def _device(name: str):
     import torch
-
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,7 +238,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 "recipe": result["recipe"], "indices_file": row["indices_file"]}
     _save(args, values, key.removesuffix("_top1"), settings, cfg)
     emit(args, [row], markdown_table([row], ["subnet", "params", "macs", "label_fraction", "num_labelled",
-                                              "top1", "top5"]))
+                                             "top1", "top5"]))
     return 0
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
-from .linear import output_classes, augment_batch, subnet_models, topk_accuracy
+from .linear import augment_batch, output_classes, subnet_models, topk_accuracy
 
 log = logging.getLogger("slimssl")
 

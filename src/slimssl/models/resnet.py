@@ -72,11 +72,8 @@ class SlimResNet(SlimmableMixin, nn.Module):
         for name, value in (("base_width", base_width), ("channel_divisor", channel_divisor)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SlimsslError(f"{name} must be a positive whole number, got {value!r}")
-        if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
-            raise SlimsslError(f"depths must be blocks per stage, positive whole numbers such as (2, 2, 2, 2); "
-                               f"got {depths!r}")
-        self.block, self.depths, self.base_width, self.stem = block, tuple(depths), base_width, stem
-        full = SubnetSpec(1.0, self.depths)
+        full = SubnetSpec(1.0, depths)  # checks the depths
+        self.block, self.depths, self.base_width, self.stem = block, full.depths, base_width, stem
         self.menu = Menu(menu or [full])
         for spec in self.menu:
             spec.check_fits(self.depths)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_menu, load_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError, config_differences
 from ..data.augment import TwoViewAugment, recipe
 from ..data.datasets import ImageDataset, check_same_classes, load_dataset
@@ -266,7 +266,7 @@ class Trainer:
             diffs = config_differences(data["config"], self.cfg, prefixes=("model.", "method."))
             raise CheckpointError(
                 f"{path} holds weights of another shape than this run builds"
-                + (":\n  " + "\n  ".join(diffs) if diffs else f" ({str(e).splitlines()[1].strip()})")
+                + (":\n  " + "\n  ".join(diffs) if diffs else f" ({first_mismatch(e)})")
                 + "\na resumed run keeps the architecture it was started with (model.*, method.*)") from None
         self.optimizer.load_state_dict(data["optimizer"])
         self.scaler.load_state_dict(data["scaler"])
