@@ -306,6 +306,25 @@ def test_unbound_layer_raises():
 
 # ---- slimmable heads ----------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("method, head, params, ends_with", [
+    # in 64 (or 16 for predictors), hidden 32, out 16; a BatchNorm with affine has 2 x 32 parameters, and a
+    # linear layer followed by one has no bias (the BatchNorm would cancel it)
+    ("byol", "projector", 64 * 32 + 2 * 32 + 32 * 16 + 16, "linear"),
+    ("byol", "predictor", 16 * 32 + 2 * 32 + 32 * 16 + 16, "linear"),
+    ("mocov2", "projector", 64 * 32 + 32 + 32 * 16 + 16, "linear"),
+    # MoCo v3: no biases; the projector ends with a BatchNorm without affine, the predictor with a linear
+    ("mocov3", "projector", 64 * 32 + 2 * 32 + 32 * 16, "bn"),
+    ("mocov3", "predictor", 16 * 32 + 2 * 32 + 32 * 16, "linear"),
+])
+def test_heads_match_the_methods_published_architectures(method, head, params, ends_with):
+    from slimssl.models.heads import HEADS, SlimMLP
+
+    menu = Menu([SubnetSpec(1.0, D1)])
+    mlp = SlimMLP(64 if head == "projector" else 16, HEADS[method][head](32, 16), menu)
+    assert sum(p.numel() for p in mlp.parameters()) == params
+    assert isinstance(mlp[-1], SlimLinear if ends_with == "linear" else SlimBatchNorm)
+
+
 @pytest.mark.parametrize("method", ["byol", "mocov2", "mocov3"])
 def test_slim_mlp_keeps_output_dim_and_narrows_hidden(method):
     from slimssl.models.heads import HEADS, SlimMLP
