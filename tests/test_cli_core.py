@@ -245,6 +245,17 @@ def test_cli_config_prints_resolved_yaml(capsys):
     assert printed.train.epochs == 3
 
 
+def test_cli_set_takes_several_overrides_per_flag_and_repeats(capsys):
+    assert main(["config", "--config", "demo", "--set", "train.epochs=3", "optim.lr=0.2", "--set", "train.seed=7"]) == 0
+    printed = config_from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert (printed.train.epochs, printed.optim.lr, printed.train.seed) == (3, 0.2, 7)
+
+
+def test_cli_set_swallowing_a_positional_says_so(tmp_path, capsys, caplog):
+    assert main(["profile", "--config", "demo", "--set", "train.epochs=3", str(tmp_path)]) == 2
+    assert "put a run directory or other positional argument before --set" in error_text(capsys, caplog)
+
+
 def test_cli_config_list(capsys):
     assert main(["config", "--list"]) == 0
     listed = capsys.readouterr().out.split()

@@ -8,7 +8,7 @@ import os
 import sys
 
 from . import __version__
-from .cli_args import emit, nonnegative_float, nonnegative_int, output_dir, positive_int
+from .cli_args import add_overrides, emit, nonnegative_float, nonnegative_int, output_dir, positive_int
 from .errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
@@ -100,8 +100,7 @@ def cmd_pending(args: argparse.Namespace) -> int:
 
 def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--config", required=required, help="YAML recipe: a path or a shipped name such as 'demo'")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    add_overrides(p)
 
 
 def build_parser() -> argparse.ArgumentParser:

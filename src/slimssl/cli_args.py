@@ -1,6 +1,6 @@
 """Argument types of the command line: argparse rejects a bad number or output path with one line, naming
 the flag and what was expected, before any work starts (and before torch is imported). Also ``emit``, the
-one way a command prints its result."""
+one way a command prints its result, and ``add_overrides``, the one ``--set`` flag."""
 
 from __future__ import annotations
 
@@ -79,3 +79,9 @@ def emit(args: argparse.Namespace, doc, table: str) -> None:
         sys.stdout.write("\n")
     else:
         print(table)
+
+
+def add_overrides(p: argparse.ArgumentParser, what: str = "config values") -> None:
+    """``--set KEY=VALUE [KEY=VALUE ...]``, repeatable: every word up to the next flag is an override."""
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help=f"override {what}, e.g. --set train.epochs=5 optim.lr=0.1 (repeatable)")

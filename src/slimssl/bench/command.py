@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_args import nonnegative_int, output_file, positive_int
+from ..cli_args import add_overrides, nonnegative_int, output_file, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="img/s of the data path, the slimmable step and the one-by-one baseline")
     p.add_argument("--config", help="YAML recipe (default: demo)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_overrides(p)
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per measurement (after warmup)")
     p.add_argument("--warmup", type=nonnegative_int, default=2)
     p.add_argument("--batch-size", type=positive_int, help="default: the config's train.batch_size")

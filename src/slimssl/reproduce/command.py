@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 
-from ..cli_args import nonnegative_float, output_dir, positive_int
+from ..cli_args import add_overrides, nonnegative_float, output_dir, positive_int
 from ..errors import UsageError
 from . import DEFAULT_EPOCHS, DEFAULT_PROBE_EPOCHS, DEFAULT_RECIPES, EXIT_CONTINUE, REPORT_JSON, REPORT_MD
 
@@ -36,8 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"start no new epoch or probe after SECONDS of this call and exit {EXIT_CONTINUE} "
                         "(the first one always runs); default: run to the end")
     p.add_argument("--probe-epochs", type=positive_int, default=DEFAULT_PROBE_EPOCHS, help="linear probe epochs")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value of every recipe (repeatable)")
+    add_overrides(p, "config values of every recipe")
     p.add_argument("--json", action="store_true",
                    help="print reproduction.json on stdout (or the progress, when work is left)")
     p.set_defaults(func=cmd_reproduce)

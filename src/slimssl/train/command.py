@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..cli_args import output_dir, positive_int
+from ..cli_args import add_overrides, output_dir, positive_int
 from ..errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int)
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (the schedule keeps its length)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    add_overrides(p)
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (or --out) from its last checkpoint")
     p.add_argument("--json", action="store_true", help="print results.json on stdout at the end")
