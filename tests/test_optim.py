@@ -55,6 +55,32 @@ def test_lars_step_matches_hand_computation():
     torch.testing.assert_close(b.detach(), b1 - lr * (mom * gb + gb))
 
 
+@pytest.mark.parametrize("lr, clipped", [(0.5, False), (0.001, True)])
+def test_lars_clip_caps_each_layers_step_at_lr(lr, clipped):
+    w, _ = _params()
+    eta = 0.02
+    opt = LARS([{"params": [w], "weight_decay": 0.0, "lars_exclude": False}], lr=lr, momentum=0.9,
+               trust_coefficient=eta, clip=True)
+    w0, g = w.detach().clone(), torch.tensor([[1.0, 2.0], [2.0, 0.0]])  # |g| = 3, eta * |w| / |g| = 0.0333
+    w.grad = g.clone()
+    opt.step()
+    # LARC: the step is min(eta * |w| / |g|, lr) times g; lr no longer multiplies the trust ratio
+    scale = lr if clipped else eta * 5.0 / 3.0
+    torch.testing.assert_close(w.detach(), w0 - scale * g)
+
+
+def test_lars_options_come_from_the_config():
+    net = nn.Linear(3, 4)
+    cfg = config_from_dict({"optim": {"name": "lars", "trust_coefficient": 0.02, "lars_clip": True}}).optim
+    opt = build_optimizer(cfg, list(net.named_parameters()), 0.3)
+    assert opt.param_groups[0]["trust_coefficient"] == 0.02 and opt.param_groups[0]["clip"] is True
+    # an optimiser state saved before the option existed loads as unclipped
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["clip"]
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["clip"] is False
+
+
 def test_lars_trust_ratio_is_one_for_zero_weights_and_skips_params_without_grad():
     z = nn.Parameter(torch.zeros(2, 2))
     idle = nn.Parameter(torch.ones(2, 2))

@@ -132,6 +132,10 @@ class OptimConfig(Section):
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     no_decay_1d: bool = Field(True, description="no weight decay (and no LARS adaptation) on biases and norms")
+    trust_coefficient: float = Field(0.001, gt=0, description="LARS: a layer's gradient is scaled by lr x this x "
+                                     "|w| / |g|")
+    lars_clip: bool = Field(False, description="LARS: scale by min(trust_coefficient x |w| / |g|, lr) instead "
+                            "(LARC's clipping)")
 
 
 class TrainConfig(Section):
@@ -285,7 +289,8 @@ def find_config(name: str | Path) -> Path:
 def apply_override(data: dict, assignment: str) -> None:
     """Apply ``section.key=value`` to a raw config dict; the value is read as YAML (numbers, lists...)."""
     if "=" not in assignment:
-        raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r}")
+        raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r} (--set takes every word up to the next "
+                          "flag: put a run directory or other positional argument before --set)")
     key, raw = assignment.split("=", 1)
     key = key.strip()
     parts = key.split(".")
