@@ -207,6 +207,20 @@ def test_finetune_runs_and_keeps_supernet():
 
 # ---- CLI ---------------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", ["knn", "recalibrate"])
+def test_cli_evaluation_on_a_missing_gpu_is_one_line_exit_2(tmp_path, capsys, caplog, command):
+    from slimssl.cli import main
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    make_checkpoint(ckpt)
+    extra = ["--subnet", "0.5", "--out", str(tmp_path / "re.pt")] if command == "recalibrate" else []
+    assert main([command, str(ckpt), "--device", "cuda", *extra]) == 2
+    text = capsys.readouterr().err + caplog.text
+    assert "--device is cuda, but PyTorch sees no CUDA device here" in text and "Traceback" not in text
+    assert not (tmp_path / "re.pt").exists()
+
+
 def test_cli_knn_json(tmp_path, capsys):
     from slimssl.cli import main
 

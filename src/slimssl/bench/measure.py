@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..config import standalone_config
-from ..train.loop import Trainer, synchronize
+from ..devices import synchronize
+from ..train.loop import Trainer
 
 log = logging.getLogger("slimssl")
 

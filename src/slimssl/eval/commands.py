@@ -23,16 +23,6 @@ log = logging.getLogger("slimssl")
 
 # ---- shared helpers ----------------------------------------------------------------------------------
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    return torch.device(name)
-
-
 def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int, bool]:
     """(loader, workers, skip_unreadable) of the evaluation data: ``--loader``/``--workers``/
     ``--skip-unreadable``, else the checkpoint config's ``data.*``. A built-in dataset is decoded in memory:
@@ -74,9 +64,10 @@ def _load_split(source: str, split: str, cfg, loader: str = "memory", workers: i
 def _load_model(args: argparse.Namespace):
     """Supernet (eval mode, on the device), its config and the device."""
     from ..checkpoint import load_supernet
+    from ..devices import pick_device
 
     supernet, cfg = load_supernet(args.checkpoint)
-    device = _device(args.device)
+    device = pick_device(args.device)
     return supernet.to(device).eval(), cfg, device
 
 
@@ -246,6 +237,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
     from ..checkpoint import BACKBONE_PREFIX, backbone_state, load_checkpoint, save_checkpoint
+    from ..devices import pick_device
     from ..models.build import build_supernet
     from ..nn.layers import recalibrate_bn
     from .linear import calibration_batches
@@ -259,7 +251,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     cfg = data["config"]
     supernet = build_supernet(cfg)
     supernet.load_state_dict(backbone_state(data["model"]), strict=True)
-    device = _device(args.device)
+    device = pick_device(args.device)
     supernet.to(device)
     spec = supernet.resolve(args.subnet)
     source = args.data or cfg.data.source

@@ -19,12 +19,13 @@ import torch
 from ..checkpoint import load_supernet
 from ..config import Config
 from ..data.datasets import check_same_classes, load_dataset
+from ..devices import pick_device, synchronize
 from ..errors import UsageError
 from ..eval import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES
 from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
 from ..train.command import lr_header
-from ..train.loop import Trainer, pick_device, synchronize
+from ..train.loop import Trainer
 from .plan import Job
 
 log = logging.getLogger("slimssl")

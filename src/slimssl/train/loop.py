@@ -25,6 +25,7 @@ from ..data.augment import TwoViewAugment, recipe
 from ..data.datasets import ImageDataset, check_same_classes, load_dataset
 from ..data.files import DataError
 from ..data.views import build_view_source
+from ..devices import pick_device, pick_dtype
 from ..eval.knn import knn_eval_subnets
 from ..eval.results import ResultsError, read_results, write_results
 from ..methods import build_method
@@ -58,32 +59,6 @@ class TrainState:
     knn_history: list = field(default_factory=list)
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a wall clock read next measures it (no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is cuda (--device cuda), but PyTorch sees no CUDA device here: "
-                          "use --device cpu, or auto to take a GPU when there is one")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.is_distributed():
-        import os
-
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 class SignalGuard:
     """Turns SIGTERM/SIGINT into a flag checked between steps, so the step in flight finishes."""
 
@@ -115,7 +90,7 @@ class SignalGuard:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.device = pick_device(cfg.train.device)
+        self.device = pick_device(cfg.train.device, setting="train.device (--device)")
         self.dtype = pick_dtype(cfg.train.precision, self.device)
         self.world = dist.world_size()
         if cfg.train.batch_size % self.world:
