@@ -12,7 +12,7 @@ import yaml
 
 from slimssl.checkpoint import load_checkpoint, load_supernet
 from slimssl.cli import main
-from slimssl.config import config_from_dict
+from slimssl.config import config_from_dict, load_config, packaged_configs
 from slimssl.export import load_exported
 from slimssl.train.loop import Trainer
 from slimssl.train.optim import lr_at
@@ -377,3 +377,25 @@ def test_last_checkpoint_is_written_once_per_epoch(tmp_path, monkeypatch):
     trainer = Trainer(config_from_dict(tiny("byol", widths=[1.0, 0.5])), tmp_path)
     trainer.fit()  # 2 epochs of 4 steps: the end of the run is the end of an epoch, already saved
     assert written == ["last.pt", "last.pt"]
+
+
+# ---- every shipped recipe, shrunk ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", packaged_configs())
+def test_every_shipped_recipe_trains_a_step_when_shrunk(name, tmp_path):
+    """The recipe's own method, heads, menu, slimming, optimiser and BatchNorm settings together, with only
+    the sizes shrunk: a recipe whose settings contradict each other fails here, not on a GPU."""
+    cfg = load_config(name)
+    shrink = ["model.base_width=4", "data.source=fake", "data.loader=memory", "data.resolution=32",
+              "data.fake_size=16", "train.batch_size=8", "train.device=cpu", "train.precision=fp32",
+              "eval.knn_random_init=false", "method.proj_hidden=16", "method.pred_hidden=16", "method.queue_size=64"]
+    if cfg.model.bn_group_size:
+        shrink.append("model.bn_group_size=4")  # two groups of the shrunk batch, as the recipe has several
+    trainer = Trainer(load_config(name, shrink), tmp_path)
+    losses = trainer.train_step(trainer.policy.join_step)  # the first step on which the sub-networks run
+    trainer.metrics.close()
+    assert "_lr" in losses  # the optimiser stepped
+    ran = [n for n in losses if not n.startswith("_")]
+    menu = trainer.model.backbone.menu
+    assert menu.largest.name in ran and menu.smallest.name in ran
+    assert all(torch.isfinite(v) for v in losses.values())
