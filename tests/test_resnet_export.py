@@ -249,3 +249,34 @@ def test_onnx_export_computes_the_subnet(tmp_path, perturb_bn):
     x = images(3, 16)  # another batch size than the export example: the batch axis is dynamic
     (out,) = ReferenceEvaluator(str(folder / "model.onnx")).run(None, {"images": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), model(x, subnet="0.5"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_verify_export_runs_the_onnx_file_itself(tmp_path, perturb_bn):
+    pytest.importorskip("onnx")
+    from slimssl.export import verify_export
+
+    model = build("basic-cifar-private", perturb_bn)
+    half = export_subnet(model, "0.5", tmp_path, fmt="onnx", resolution=16) / "model.onnx"
+    assert verify_export(model, "0.5", half, 16) < 1e-4
+    with pytest.raises(ExportError, match=r"shape \[2, 16\], the sub-network w1p0_\S+ \[2, 32\]"):
+        verify_export(model, "1.0", half, 16)  # another sub-network's graph
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_cli_export_verify_checks_the_onnx_graph_and_fails_above_tolerance(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnx")
+    import slimssl.export
+    from slimssl.cli import main
+
+    args = ["export", "--config", "demo", "--set", "model.base_width=4", "--random-init", "--subnet", "0.5",
+            "--format", "onnx", "--verify", "--json"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert 0.0 <= row["onnx_max_abs_diff"] < 1e-5 and row["max_abs_diff"] < 1e-5
+    # an ONNX graph that computes something else fails the command, though the safetensors export matches
+    run_onnx = slimssl.export._run_onnx
+    monkeypatch.setattr(slimssl.export, "_run_onnx", lambda path, x: run_onnx(path, x) + 1e-3)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 1
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["onnx_max_abs_diff"] == pytest.approx(1e-3, rel=1e-2) and row["max_abs_diff"] < 1e-5

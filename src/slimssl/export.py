@@ -16,6 +16,7 @@ from .nn.spec import SubnetSpec
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+ONNX = "model.onnx"
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
 
@@ -43,7 +44,7 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetSpec | str | None, out_dir
     (folder / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     save_file(plain.state_dict(), str(folder / WEIGHTS), metadata={"subnet": spec.name})
     if fmt == "onnx":
-        _export_onnx(plain, folder / "model.onnx", resolution)
+        _export_onnx(plain, folder / ONNX, resolution)
     return folder
 
 
@@ -85,14 +86,34 @@ def load_exported(folder: str | Path) -> PlainResNet:
 
 
 @torch.no_grad()
-def verify_export(supernet: SlimResNet, subnet: SubnetSpec | str, exported: PlainResNet,
+def verify_export(supernet: SlimResNet, subnet: SubnetSpec | str, exported: PlainResNet | str | Path,
                   resolution: int, batch: int = 2, seed: int = 0) -> float:
-    """Max abs difference between the supernet's sub-network and the exported model (eval mode, fp32)."""
+    """Max abs difference between the supernet's sub-network (eval mode, fp32) and the exported model: a
+    plain model, or the path of an exported ``model.onnx`` (run with onnxruntime when it is installed, else
+    with onnx's reference evaluator, slower)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, resolution, resolution, generator=gen)
     was_training = supernet.training
     supernet.eval()
     try:
-        return (supernet(x, subnet=subnet) - exported.eval()(x)).abs().max().item()
+        expected = supernet(x, subnet=subnet)
     finally:
         supernet.train(was_training)
+    got = exported.eval()(x) if isinstance(exported, torch.nn.Module) else _run_onnx(Path(exported), x)
+    if got.shape != expected.shape:
+        raise ExportError(f"the export gives outputs of shape {list(got.shape)}, the sub-network "
+                          f"{supernet.resolve(subnet).name} {list(expected.shape)}: it is another network")
+    return (expected - got).abs().max().item()
+
+
+def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    try:
+        import onnxruntime
+    except ImportError:
+        from onnx.reference import ReferenceEvaluator
+
+        (out,) = ReferenceEvaluator(str(path)).run(None, {"images": x.numpy()})
+    else:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        (out,) = session.run(None, {"images": x.numpy()})
+    return torch.from_numpy(out)

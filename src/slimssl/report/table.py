@@ -16,7 +16,7 @@ def _cell(key: str, value) -> str:
         return "-"
     if key in ("params", "macs"):
         return human(value)
-    if key == "max_abs_diff":
+    if key.endswith("max_abs_diff"):
         return f"{value:.1e}"
     if isinstance(value, float):
         return f"{value:.2f}"
