@@ -106,15 +106,8 @@ def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
     add_overrides(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="slimssl",
-        description="Slimmable self-supervised pretraining: pretrain one network, use every sub-network. "
-                    "With --json a command prints one JSON document on stdout; logs go to stderr.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("--version", action="version", version=f"slimssl {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _register_model_commands(sub: argparse._SubParsersAction) -> None:
+    """export, profile and config: the commands of this module."""
     p = sub.add_parser("export", help="export sub-networks as plain models (safetensors + JSON, or ONNX)")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
     _add_config(p)
@@ -143,13 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true")
     p.set_defaults(func=cmd_config)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimssl",
+        description="Slimmable self-supervised pretraining: pretrain one network, use every sub-network. "
+                    "With --json a command prints one JSON document on stdout; logs go to stderr.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"slimssl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     from .bench.command import register as register_bench
     from .eval.commands import register as register_eval
     from .reproduce.command import register as register_reproduce
     from .train.command import register as register_pretrain
 
+    # listed in --help in this order: train, evaluate, take out, measure
     register_pretrain(sub)
     register_eval(sub)
+    _register_model_commands(sub)
     register_bench(sub)
     register_reproduce(sub)
     return parser
