@@ -50,12 +50,14 @@ def test_every_bad_input_error_is_a_slimssl_error():
     from slimssl.checkpoint import CheckpointError
     from slimssl.config import ConfigError
     from slimssl.data.files import DataError
+    from slimssl.devices import DeviceError
     from slimssl.errors import UsageError
     from slimssl.eval.results import ResultsError
     from slimssl.export import ExportError
     from slimssl.nn.spec import SubnetError
     from slimssl.report.plot import PlotError
 
-    for error in (CheckpointError, ConfigError, DataError, UsageError, ResultsError, ExportError, SubnetError, PlotError):
+    for error in (CheckpointError, ConfigError, DataError, DeviceError, UsageError, ResultsError, ExportError,
+                  SubnetError, PlotError):
         assert issubclass(error, slimssl.SlimsslError), error
     assert issubclass(slimssl.SlimsslError, ValueError)  # callers that caught ValueError still do
