@@ -163,12 +163,19 @@ def test_mocov3_loss_symmetric_and_scaled_by_two_tau(tau):
     assert [lg.shape for lg in out.distill_on] == [(4, 4), (4, 4)]
 
 
-def test_generic_distill_is_summed_soft_cross_entropy():
-    m = method("mocov3", proj_dim=6)
-    s1, s2, t1, t2 = _views(d=5)
-    kd = m.distill([s1, s2], [t1, t2], 2.0)
-    # summed over the views, like the SSL losses, so alpha weighs the two terms as SlimCLR intends
-    torch.testing.assert_close(kd, soft_cross_entropy(s1, t1, 2.0) + soft_cross_entropy(s2, t2, 2.0))
+@pytest.mark.parametrize("name", ["mocov2", "mocov3"])
+def test_contrastive_distill_softens_the_cosine_similarities(name):
+    tau, kd_t = 0.2, 5.0
+    m = method(name, proj_dim=6, temperature=tau)
+    s1, s2, t1, t2 = _views(d=5)  # the loss's logits: cosine similarities over tau
+    kd = m.distill([s1, s2], [t1, t2], kd_t)
+    # SlimCLR: softmax(cos / 5) for teacher and student, times 5 squared; summed over the views like the SSL
+    # losses, so alpha weighs the two terms as SlimCLR intends
+    def by_hand(s, t):
+        p_t = F.softmax(t * tau / kd_t, dim=1)
+        return -(p_t * F.log_softmax(s * tau / kd_t, dim=1)).sum(1).mean() * kd_t ** 2
+
+    torch.testing.assert_close(kd, by_hand(s1, t1) + by_hand(s2, t2))
 
 
 # ---- MoCo v2 queue ---------------------------------------------------------------------------------------

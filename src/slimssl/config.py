@@ -89,7 +89,8 @@ class SlimConfig(Section):
     random_space: Literal["menu", "space"] = "menu"
     teacher: Literal["target", "online"] = "target"
     distill_alpha: float = Field(0.5, ge=0, le=1)
-    distill_temperature: float = Field(1.0, gt=0)
+    distill_temperature: float = Field(1.0, gt=0, description="online distillation of contrastive methods: "
+                                       "temperature on the cosine similarities, loss scaled by its square")
     loss_weights: Literal["uniform", "slimclr"] = "uniform"
     slow_start: float = Field(0.0, ge=0, lt=1, description="fraction of training before sub-networks join")
     slow_start_lr: float | None = Field(None, description="new base lr once sub-networks join")

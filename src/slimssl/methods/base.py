@@ -37,11 +37,15 @@ class Method(nn.Module):
 
     def distill(self, student: list[torch.Tensor], teacher: list[torch.Tensor], temperature: float) -> torch.Tensor:
         """Online distillation from the full network's detached outputs (SlimCLR): soft cross-entropy
-        between similarity logits over the same keys, summed over the views like the SSL losses.
-        Regression methods override this."""
+        between the similarity distributions over the same keys, summed over the views like the SSL losses.
+
+        ``student``/``teacher`` are the loss's logits, cosine similarities over ``method.temperature``; the
+        distillation softens the cosine similarities by its own ``temperature`` and scales by its square, as
+        SlimCLR does (5 for MoCo v2; 1 for MoCo v3, whose tau is 1). Regression methods override this."""
         from .losses import soft_cross_entropy
 
-        return sum(soft_cross_entropy(s, t, temperature) for s, t in zip(student, teacher))
+        tau = self.cfg.temperature  # back to cosine similarities
+        return sum(soft_cross_entropy(s * tau, t * tau, temperature) for s, t in zip(student, teacher))
 
     def momentum(self, progress: float) -> float:
         """EMA coefficient of the target at ``progress`` in [0, 1] of training."""
