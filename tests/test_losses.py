@@ -169,13 +169,19 @@ def test_contrastive_distill_softens_the_cosine_similarities(name):
     m = method(name, proj_dim=6, temperature=tau)
     s1, s2, t1, t2 = _views(d=5)  # the loss's logits: cosine similarities over tau
     kd = m.distill([s1, s2], [t1, t2], kd_t)
-    # SlimCLR: softmax(cos / 5) for teacher and student, times 5 squared; summed over the views like the SSL
-    # losses, so alpha weighs the two terms as SlimCLR intends
+    # SlimCLR: softmax(cos / 5) for teacher and student, times 5 squared, as KL (the cross-entropy less the
+    # teacher's entropy); summed over the views like the SSL losses, so alpha weighs the two terms as SlimCLR intends
     def by_hand(s, t):
         p_t = F.softmax(t * tau / kd_t, dim=1)
-        return -(p_t * F.log_softmax(s * tau / kd_t, dim=1)).sum(1).mean() * kd_t ** 2
+        return (p_t * (p_t.log() - F.log_softmax(s * tau / kd_t, dim=1))).sum(1).mean() * kd_t ** 2
 
     torch.testing.assert_close(kd, by_hand(s1, t1) + by_hand(s2, t2))
+    assert m.distill([t1, t2], [t1, t2], kd_t).abs().item() < 1e-5  # 0 when the student matches
+    # the gradient is the soft cross-entropy's: the teacher term is constant for the student
+    s1.requires_grad_(True)
+    m.distill([s1], [t1], kd_t).backward()
+    expected = torch.autograd.grad(soft_cross_entropy(s1 * tau, t1 * tau, kd_t), s1)[0]
+    torch.testing.assert_close(s1.grad, expected)
 
 
 # ---- MoCo v2 queue ---------------------------------------------------------------------------------------
