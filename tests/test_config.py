@@ -241,3 +241,18 @@ def test_to_yaml_holds_resolved_defaults():
     assert data["train"]["seed"] == 0
     assert data["model"]["depths"] == [1, 1, 1, 1]
     assert set(data) == set(Config.model_fields)
+
+
+@pytest.mark.parametrize("name, batch, peak, after_slow_start", [
+    ("imagenet_r50_slimclr_mocov2", 1024, 0.2, None),  # SlimCLR's script: lr 0.2 at 1024, unscaled
+    ("imagenet_r50_slimclr_mocov3", 1024, 1.2, 3.2),  # SlimCLR's script: 1.2, then 3.2, at 1024, unscaled
+    ("imagenet_r50_dspnet_byol", 4096, 3.2, None),  # BYOL: 0.2 x batch / 256
+])
+def test_imagenet_recipes_reach_the_papers_learning_rates(name, batch, peak, after_slow_start):
+    from slimssl.train.optim import scaled_lr
+
+    cfg = load_config(name)
+    assert cfg.train.batch_size == batch
+    assert scaled_lr(cfg.optim.lr, cfg.optim, batch) == pytest.approx(peak)
+    late = cfg.slim.slow_start_lr and scaled_lr(cfg.slim.slow_start_lr, cfg.optim, batch)
+    assert late == (pytest.approx(after_slow_start) if after_slow_start else None)
