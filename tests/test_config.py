@@ -247,8 +247,12 @@ def test_to_yaml_holds_resolved_defaults():
     ("imagenet_r50_slimclr_mocov2", 1024, 0.2, None),  # SlimCLR's script: lr 0.2 at 1024, unscaled
     ("imagenet_r50_slimclr_mocov3", 1024, 1.2, 3.2),  # SlimCLR's script: 1.2, then 3.2, at 1024, unscaled
     ("imagenet_r50_dspnet_byol", 4096, 3.2, None),  # BYOL: 0.2 x batch / 256
+    ("cifar10_r18_slimclr_mocov2", 512, 0.06, None),  # MoCo's CIFAR-10 demo: 0.06 at 512
+    ("cifar10_r18_slimclr_mocov3", 512, 0.6, None),  # solo-learn: 0.3 x batch / 256
+    ("cifar10_r18_dspnet_byol", 512, 2.0, None),  # solo-learn: 1.0 x batch / 256
 ])
-def test_imagenet_recipes_reach_the_papers_learning_rates(name, batch, peak, after_slow_start):
+def test_recipes_reach_their_sources_learning_rates(name, batch, peak, after_slow_start):
+    """docs/recipes.md: the effective peak learning rate of each recipe is its source's."""
     from slimssl.train.optim import scaled_lr
 
     cfg = load_config(name)
