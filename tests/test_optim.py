@@ -81,13 +81,14 @@ def test_lars_options_come_from_the_config():
     assert opt.param_groups[0]["clip"] is False
 
 
-def test_lars_trust_ratio_is_one_for_zero_weights_and_skips_params_without_grad():
+@pytest.mark.parametrize("lr, clip", [(0.1, False), (2.0, True)])
+def test_lars_trust_ratio_is_one_for_zero_weights_and_skips_params_without_grad(lr, clip):
     z = nn.Parameter(torch.zeros(2, 2))
     idle = nn.Parameter(torch.ones(2, 2))
-    opt = LARS([{"params": [z, idle], "weight_decay": 0.0, "lars_exclude": False}], lr=0.1, momentum=0.9)
+    opt = LARS([{"params": [z, idle], "weight_decay": 0.0, "lars_exclude": False}], lr=lr, momentum=0.9, clip=clip)
     z.grad = torch.ones(2, 2)
     opt.step()
-    torch.testing.assert_close(z.detach(), torch.full((2, 2), -0.1))
+    torch.testing.assert_close(z.detach(), torch.full((2, 2), -lr))  # plain SGD, clipped or not
     assert torch.equal(idle.detach(), torch.ones(2, 2)) and idle not in opt.state
 
 

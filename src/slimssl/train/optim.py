@@ -42,11 +42,14 @@ class LARS(torch.optim.Optimizer):
                     grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 p_norm = torch._foreach_norm(params)
                 g_norm = torch._foreach_norm(grads)
-                # trust ratio eta * |w| / |g|, 1 where either norm is zero; stays on the device (no sync)
-                ratios = [torch.where((pn > 0) & (gn > 0), group["trust_coefficient"] * pn / (gn + group["eps"]),
-                                      torch.ones_like(pn)) for pn, gn in zip(p_norm, g_norm)]
-                if group["clip"] and group["lr"] > 0:  # the step below multiplies by lr again
-                    ratios = [(r / group["lr"]).clamp_(max=1.0) for r in ratios]
+                # trust ratio eta * |w| / |g| (clipped: at most 1 once multiplied by lr below), 1 where either norm
+                # is zero, as plain SGD; stays on the device (no sync)
+                clip = group["lr"] if group["clip"] and group["lr"] > 0 else None
+                trust = [group["trust_coefficient"] * pn / (gn + group["eps"]) for pn, gn in zip(p_norm, g_norm)]
+                if clip is not None:
+                    trust = [(t / clip).clamp_(max=1.0) for t in trust]
+                ratios = [torch.where((pn > 0) & (gn > 0), t, torch.ones_like(pn))
+                          for t, pn, gn in zip(trust, p_norm, g_norm)]
                 grads = torch._foreach_mul(grads, ratios)
             bufs = []
             for p, g in zip(params, grads):
