@@ -205,7 +205,9 @@ def test_sigterm_subprocess_exits_3_and_resume_continues_exactly(tmp_path, caplo
     assert proc.returncode == EXIT_INTERRUPTED, err
     assert "SIGTERM" in err and f"--resume {run}" in err
     stopped = load_checkpoint(run)["train_state"]["step"]
-    assert 2 <= stopped < 12
+    # 1 when the signal lands between the first log record and the stop check of the same step (a loaded
+    # machine can pause the run there while this process reads the record); any step is a correct stop
+    assert 1 <= stopped < 12
     assert not (run / "results.json").exists()
 
     # the same command line, in this process (a second interpreter start costs ~10 s on a busy machine)
