@@ -113,6 +113,10 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config(supernet, tmp_path):
                            "menu": cfg.subnet_menu().names, "model": state})
     with pytest.raises(SlimsslError, match="the stored weights do not fit the stored config"):
         slimssl.load_supernet(path)
+    from slimssl.cli import main  # recalibrate reads the checkpoint itself: the same one-line error, exit 2
+
+    assert main(["recalibrate", str(path), "--subnet", "0.5", "--out", str(tmp_path / "re.pt"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "re.pt").exists()
     save_checkpoint(path, {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names, "model": state,
                            "version": "x"})
     with pytest.raises(SlimsslError, match="version 'x'; expected an integer"):

@@ -137,7 +137,7 @@ def load_supernet(path: str | Path, config: Config | dict | str | Path | None = 
 
     With ``config``, its menu and architecture must match the checkpoint's.
     """
-    from .models.build import as_config, build_supernet
+    from .models.build import as_config
 
     data = load_checkpoint(path)
     if config is not None:
@@ -146,11 +146,17 @@ def load_supernet(path: str | Path, config: Config | dict | str | Path | None = 
         if config.model != data["config"].model:
             raise CheckpointError(f"checkpoint {path} has architecture {data['config'].model.model_dump()}, "
                                   f"but the config asks for {config.model.model_dump()}")
-    cfg = data["config"]
-    model = build_supernet(cfg)
+    return supernet_of(data, path).eval(), data["config"]
+
+
+def supernet_of(data: dict, path: str | Path):
+    """The backbone supernet that a loaded checkpoint (``load_checkpoint``'s dict, read from ``path``) holds."""
+    from .models.build import build_supernet
+
+    model = build_supernet(data["config"])
     try:
         model.load_state_dict(backbone_state(data["model"]), strict=True)
     except RuntimeError as e:  # weights that do not fit the stored config: a damaged or hand-edited file
         raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({first_mismatch(e)})") \
             from None
-    return model.eval(), cfg
+    return model

@@ -236,9 +236,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 # ---- recalibrate -------------------------------------------------------------------------------------
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
-    from ..checkpoint import BACKBONE_PREFIX, backbone_state, load_checkpoint, save_checkpoint
+    from ..checkpoint import BACKBONE_PREFIX, load_checkpoint, save_checkpoint, supernet_of
     from ..devices import pick_device
-    from ..models.build import build_supernet
     from ..nn.layers import recalibrate_bn
     from .linear import calibration_batches
 
@@ -249,8 +248,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
                          "(a run's last.pt is what --resume continues from)")
     data = load_checkpoint(args.checkpoint)
     cfg = data["config"]
-    supernet = build_supernet(cfg)
-    supernet.load_state_dict(backbone_state(data["model"]), strict=True)
+    supernet = supernet_of(data, args.checkpoint)
     device = pick_device(args.device)
     supernet.to(device)
     spec = supernet.resolve(args.subnet)
