@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,6 +291,45 @@ def test_cli_finetune_no_save_leaves_the_run_as_it_was(tmp_path, capsys):
                  "--device", "cpu", "--no-save", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["indices"] == row["indices"]
     assert not (run / "results.json").exists()
+
+
+def test_cli_finetune_every_subnet_at_several_fractions(tmp_path, capsys):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["finetune", str(run), "--subnet", "0.5", "w1p0_d1-1-1-1", "0.5", "--label-fraction", "0.1", "0.5",
+                 "0.1", "--epochs", "1", "--json", "--device", "cpu", "--no-save"]) == 0
+    rows = json.loads(capsys.readouterr().out)  # in the given order, each once
+    assert [(r["subnet"], r["label_fraction"]) for r in rows] == [
+        ("w0p5_d1-1-1-1", 0.1), ("w0p5_d1-1-1-1", 0.5), ("w1p0_d1-1-1-1", 0.1), ("w1p0_d1-1-1-1", 0.5)]
+    assert not (run / "finetune").exists() and not (run / "results.json").exists()
+    assert main(["finetune", str(run), "--all", "--label-fraction", "0.1", "0.5", "--epochs", "1", "--json",
+                 "--device", "cpu"]) == 0
+    rows = json.loads(capsys.readouterr().out)  # the menu's order
+    assert [(r["subnet"], r["label_fraction"]) for r in rows] == [
+        ("w1p0_d1-1-1-1", 0.1), ("w1p0_d1-1-1-1", 0.5), ("w0p5_d1-1-1-1", 0.1), ("w0p5_d1-1-1-1", 0.5)]
+    saved = {r["subnet"]: r for r in json.loads((run / "results.json").read_text())["subnets"]}
+    for r in rows:
+        key = "finetune_10pct_top1" if r["label_fraction"] == 0.1 else "finetune_50pct_top1"
+        assert saved[r["subnet"]][key] == r["top1"]
+        assert json.loads(Path(r["indices_file"]).read_text())["top1"] == r["top1"]
+    assert len(list((run / "finetune").glob("*.json"))) == 4
+
+
+def test_cli_finetune_refuses_one_out_file_for_several_results(tmp_path, capsys, caplog):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    out = tmp_path / "one.json"
+    assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "0.01", "0.1", "--epochs", "1",
+                 "--device", "cpu", "--out", str(out)]) == 2
+    assert "--out names one JSON file" in capsys.readouterr().err + caplog.text
+    assert not out.exists() and not (run / "finetune").exists() and not (run / "results.json").exists()
+    for both_or_neither in (["--subnet", "0.5", "--all"], []):
+        assert main(["finetune", str(run), *both_or_neither, "--label-fraction", "0.1", "--device", "cpu"]) == 2
+        assert "give exactly one of --subnet NAME [NAME ...] or --all" in capsys.readouterr().err + caplog.text
 
 
 class CountingReads(ImageDataset):

@@ -194,42 +194,71 @@ def cmd_linear(args: argparse.Namespace) -> int:
 
 # ---- finetune ----------------------------------------------------------------------------------------
 
+def _finetune_targets(args: argparse.Namespace, supernet) -> list:
+    """The sub-networks of ``--subnet`` or ``--all`` (the menu), checked before any data is decoded, in order
+    and without repeats."""
+    if bool(args.subnet) == bool(args.all):
+        raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
+    specs = list(supernet.menu) if args.all else list(dict.fromkeys(supernet.resolve(t) for t in args.subnet))
+    pairs = len(specs) * len(set(args.label_fraction))
+    if args.out and pairs > 1:
+        raise UsageError(f"--out names one JSON file, but {len(specs)} sub-network(s) x "
+                         f"{len(set(args.label_fraction))} label fraction(s) give {pairs} results: drop --out (each "
+                         "result goes to RUN/finetune/<subnet>_<pct>pct_seed<S>.json) or ask for one of each")
+    return specs
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..report.table import markdown_table
     from .finetune import finetune_subnet, fraction_key
     from .results import run_dir_of
 
     supernet, cfg, device = _load_model(args)
-    spec = supernet.resolve(args.subnet)  # an impossible sub-network fails before any data is decoded
+    specs = _finetune_targets(args, supernet)  # an impossible sub-network fails before any data is decoded
+    fractions = list(dict.fromkeys(args.label_fraction))
     source, train, test = _load_data(args, cfg, device)
     bs = args.eval_batch_size or cfg.eval.batch_size
-    result = finetune_subnet(supernet, spec, train, test, label_fraction=args.label_fraction, seed=args.seed,
-                             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                             resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std, device=device,
-                             recalibrate_batches=args.recalibrate_bn, eval_batch_size=bs)
-    key = fraction_key(args.label_fraction)
-    stem = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{args.seed}.json"
-    if args.out:
-        out = Path(args.out)
-    elif args.no_save:  # --no-save writes nothing beside the checkpoint; --out still names a file to write
-        out = None
-    else:
-        run_dir = run_dir_of(args.checkpoint)
-        out = (run_dir / "finetune" / stem) if run_dir else Path(args.checkpoint).resolve().parent / f"finetune_{stem}"
-    cost = _cost_rows(supernet, cfg.data.resolution)[spec.name] if spec in supernet.menu else {"subnet": spec.name}
-    row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
-           "indices_file": str(out) if out else None}
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(row, indent=2) + "\n")
-        log.info("saved the fine-tuning result and the labelled indices to %s", out)
-    values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
-                          key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}
-    settings = {"data": source, "label_fraction": args.label_fraction, "seed": args.seed,
-                "recipe": result["recipe"], "indices_file": row["indices_file"]}
-    _save(args, values, key.removesuffix("_top1"), settings, cfg)
-    emit(args, [row], markdown_table([row], ["subnet", "params", "macs", "label_fraction", "num_labelled",
-                                             "top1", "top5"]))
+    costs = _cost_rows(supernet, cfg.data.resolution)
+    run_dir = None if args.no_save else run_dir_of(args.checkpoint)
+
+    def finetune(spec, label_fraction: float) -> dict:
+        """One result: written to its JSON file and merged into the run before the next one starts, so a
+        failure later keeps what was measured."""
+        result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=args.seed,
+                                 epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                 resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
+                                 device=device, recalibrate_batches=args.recalibrate_bn, eval_batch_size=bs)
+        key = fraction_key(label_fraction)
+        stem = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{args.seed}.json"
+        if args.out:
+            out = Path(args.out)
+        elif args.no_save:  # --no-save writes nothing beside the checkpoint; --out still names a file to write
+            out = None
+        else:
+            out = (run_dir / "finetune" / stem) if run_dir else \
+                Path(args.checkpoint).resolve().parent / f"finetune_{stem}"
+        cost = costs.get(spec.name, {"subnet": spec.name})  # a sub-network outside the menu has no profile row
+        row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
+               "indices_file": str(out) if out else None}
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(row, indent=2) + "\n")
+            log.info("saved the fine-tuning result and the labelled indices to %s", out)
+        values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
+                              key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}
+        settings = {"data": source, "label_fraction": label_fraction, "seed": args.seed,
+                    "recipe": result["recipe"], "indices_file": row["indices_file"]}
+        _save(args, values, key.removesuffix("_top1"), settings, cfg)
+        return row
+
+    jobs = [(spec, f) for spec in specs for f in fractions]
+    rows = []
+    for i, (spec, label_fraction) in enumerate(jobs):
+        if len(jobs) > 1:
+            log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
+        rows.append(finetune(spec, label_fraction))
+    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "label_fraction", "num_labelled",
+                                           "top1", "top5"]))
     return 0
 
 
@@ -319,16 +348,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shared-head", action="store_true", help="one slimmable head shared by all sub-networks")
     p.set_defaults(func=cmd_linear)
 
-    p = sub.add_parser("finetune", help="fine-tune one exported sub-network on a class-balanced labelled subset")
+    p = sub.add_parser("finetune", help="fine-tune exported sub-networks, each on a class-balanced labelled subset")
     _add_eval_args(p)
-    p.add_argument("--subnet", required=True, help="canonical name, or a width such as 0.5")
-    p.add_argument("--label-fraction", type=fraction, required=True, help="e.g. 0.01 or 0.1")
+    p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
+                   help="canonical name, or a width such as 0.5; several may follow (each is fine-tuned in turn, "
+                        "on the same decoded data)")
+    p.add_argument("--all", action="store_true", help="every sub-network of the menu")
+    p.add_argument("--label-fraction", type=fraction, required=True, action="extend", nargs="+", metavar="F",
+                   help="e.g. 0.01 or 0.1; several may follow (every sub-network is fine-tuned on each)")
     p.add_argument("--epochs", type=positive_int, help="default: 60 for fractions <= 5%%, else 30 (at least 100 steps)")
     p.add_argument("--lr", type=positive_float, help="lr at batch 256, scaled with the batch (default 0.05)")
     p.add_argument("--batch-size", type=positive_int, help="default 256 (or the whole subset when smaller)")
     p.add_argument("--seed", type=int, default=0, help="draws the labelled subset and the training order")
-    p.add_argument("--out", type=output_file(".json"), help="JSON file for the result and the labelled indices "
-                                            "(default: RUN/finetune/<subnet>_<pct>pct_seed<S>.json; "
+    p.add_argument("--out", type=output_file(".json"), help="JSON file for the result and the labelled indices, when there is one "
+                                            "result (default: RUN/finetune/<subnet>_<pct>pct_seed<S>.json; "
                                             "none with --no-save)")
     p.set_defaults(func=cmd_finetune)
 
