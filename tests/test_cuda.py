@@ -58,3 +58,25 @@ def test_compiled_steps_follow_eager_steps(tmp_path, mode):
     for a, b in zip(eager, compiled):  # inductor's kernels round differently: close, not equal
         assert a.keys() == b.keys()
         assert all(abs(a[k] - b[k]) < 1e-2 * max(1.0, abs(a[k])) for k in a), (a, b)
+
+
+@pytest.mark.parametrize("distill", [False, True])
+def test_linear_probe_step_never_synchronises_with_the_host(distill):
+    from slimssl.eval.linear import make_heads, probe_step
+
+    dims = {"w1p0_d1-1-1-1": 32, "w0p5_d1-1-1-1": 16}
+    heads = make_heads(dims, 10, seed=0).cuda()
+    optimizer = torch.optim.SGD(heads.parameters(), lr=0.1, momentum=0.9)
+    bank = {n: torch.randn(64, d, device="cuda") for n, d in dims.items()}
+    labels = torch.randint(0, 10, (64,), device="cuda")
+    idx = torch.randperm(64)[:16].cuda()
+    probe_step(heads, optimizer, {n: f[idx] for n, f in bank.items()}, labels[idx], distill=distill)  # lazy state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        running = torch.zeros((), device="cuda")
+        for _ in range(2):
+            running += probe_step(heads, optimizer, {n: f[idx] for n, f in bank.items()}, labels[idx], distill=distill)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(running).item()

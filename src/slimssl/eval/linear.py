@@ -141,13 +141,14 @@ def probe_loss(heads: nn.Module, features: Mapping[str, torch.Tensor], labels: t
 
 
 def probe_step(heads: nn.Module, optimizer: torch.optim.Optimizer, features: Mapping[str, torch.Tensor],
-               labels: torch.Tensor, **kwargs) -> float:
-    """One optimiser step of the joint head training (see :func:`probe_loss` for ``kwargs``)."""
+               labels: torch.Tensor, **kwargs) -> torch.Tensor:
+    """One optimiser step of the joint head training (see :func:`probe_loss` for ``kwargs``). Returns the
+    summed loss as a detached 0-d tensor on the device: the step never waits for the GPU to read it."""
     optimizer.zero_grad(set_to_none=True)
     loss, _ = probe_loss(heads, features, labels, **kwargs)
     loss.backward()
     optimizer.step()
-    return float(loss.detach())
+    return loss.detach()
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
@@ -314,8 +315,9 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     heads.train()
     for epoch in range(epochs):
         perm = torch.randperm(n_train, generator=gen)
-        running = 0.0
+        running = torch.zeros((), device=device)  # read once per logged epoch, not at every step
         for idx, batch in _epoch_batches(train, perm, batch_size, augment):
+            dev_idx = idx.to(device, non_blocking=True)
             if augment:
                 x = augment_batch(batch.to(device), resolution, mean, std, gen)
                 feats = {}
@@ -323,12 +325,12 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
                     for n, spec in zip(names, specs):
                         feats[n] = (models[n](x, subnet=spec).float() - stats[n][0]) / stats[n][1]
             else:
-                dev_idx = idx.to(device)
                 feats = {n: f[dev_idx] for n, f in train_feats.items()}
-            running += probe_step(heads, optimizer, feats, labels[idx.to(device)], distill=distill, teacher=names[0])
+            running += probe_step(heads, optimizer, feats, labels[dev_idx], distill=distill, teacher=names[0])
             schedule.step()
         if epoch == 0 or (epoch + 1) % max(1, epochs // 5) == 0 or epoch + 1 == epochs:
-            log.info("linear probe epoch %d/%d: loss %.4f", epoch + 1, epochs, running / steps_per_epoch)
+            log.info("linear probe epoch %d/%d: loss %.4f (summed over %d head(s))", epoch + 1, epochs,
+                     running.item() / steps_per_epoch, len(names))
 
     heads.eval()
     results = {}
