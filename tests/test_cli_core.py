@@ -154,6 +154,18 @@ def test_cli_export_shipped_name_relative(tmp_path, repo_root, monkeypatch, caps
     assert (tmp_path / "w0p5_d1-1-1-1" / "model.safetensors").is_file()
 
 
+def test_cli_export_several_subnets_in_the_given_order(tmp_path, capsys):
+    code = main(["export", "--config", "demo", "--random-init", "--subnet", "0.25", "w1p0_d1-1-1-1", "0.25",
+                 "--out", str(tmp_path / "out"), "--json", "--set", "model.base_width=4"])
+    assert code == 0
+    assert [r["subnet"] for r in json.loads(capsys.readouterr().out)] == ["w0p25_d1-1-1-1", "w1p0_d1-1-1-1"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["w0p25_d1-1-1-1", "w1p0_d1-1-1-1"]
+    # one impossible name among good ones: refused before anything is written
+    assert main(["export", "--config", "demo", "--random-init", "--subnet", "0.5", "0.3", "--out",
+                 str(tmp_path / "none")]) == 2
+    assert not (tmp_path / "none").exists()
+
+
 def test_cli_export_from_checkpoint(tmp_path, capsys, perturb_bn):
     path = tmp_path / "ck.pt"
     make_checkpoint(path, perturb=perturb_bn)

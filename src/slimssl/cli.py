@@ -43,9 +43,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .report.table import markdown_table
 
     if bool(args.subnet) == bool(args.all):
-        raise UsageError("give exactly one of --subnet NAME or --all")
+        raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
     supernet, config = _supernet_from_args(args)
-    specs = list(supernet.menu) if args.all else [supernet.resolve(args.subnet)]
+    # every name is checked before anything is written
+    specs = list(supernet.menu) if args.all else list(dict.fromkeys(supernet.resolve(t) for t in args.subnet))
     resolution = args.resolution or config.data.resolution
     rows = []
     for spec in specs:
@@ -112,7 +113,8 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
     _add_config(p)
     p.add_argument("--random-init", action="store_true", help="export a randomly initialised supernet of --config")
-    p.add_argument("--subnet", help="sub-network to export (canonical name, or a width such as 0.5)")
+    p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
+                   help="sub-network(s) to export (canonical name, or a width such as 0.5; several may follow)")
     p.add_argument("--all", action="store_true", help="export every sub-network of the menu")
     p.add_argument("--out", required=True, type=output_dir, help="output folder (one sub-folder per sub-network)")
     p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
