@@ -55,16 +55,10 @@ def test_documented_command_parses_and_names_a_shipped_config(words, tmp_path, m
 
 
 def test_readme_python_api_example_runs(tmp_path, monkeypatch):
-    from slimssl.cli import main
-
     (example,) = [b for b in code_blocks(DOCS[0], "python") if "import slimssl" in b]
     monkeypatch.chdir(tmp_path)
-    # the run directory the example loads last, pretrained for one step of a shrunken recipe
-    assert main(["pretrain", "--config", "cifar10_r18_dspnet_byol", "--data", "fake", "--out", "runs/byol",
-                 "--max-steps", "1", "--set", "model.base_width=4", "method.proj_hidden=16", "method.pred_hidden=16",
-                 "train.batch_size=8", "data.fake_size=16", "data.resolution=16", "train.knn_every=0",
-                 "eval.knn_random_init=false"]) == 0
     namespace: dict = {}
     exec(compile(example, "README.md (Python API)", "exec"), namespace)  # its own assert checks the export
     assert (tmp_path / "exported" / "w0p5_d2-2-2-2" / "model.safetensors").is_file()
-    assert namespace["config"].model.base_width == 4  # the last line read the run, not the shipped recipe
+    assert namespace["run"].finished and (tmp_path / "runs" / "demo" / "results.json").is_file()
+    assert namespace["config"].name == "demo" and namespace["config"].train.epochs == 2

@@ -399,3 +399,38 @@ def test_every_shipped_recipe_trains_a_step_when_shrunk(name, tmp_path):
     menu = trainer.model.backbone.menu
     assert menu.largest.name in ran and menu.smallest.name in ran
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+# ---- the Python API: slimssl.pretrain ------------------------------------------------------------------
+
+def test_python_pretrain_stops_resumes_and_interoperates_with_the_cli(tmp_path, capsys):
+    import slimssl
+    from slimssl.cli import main
+
+    run_dir = tmp_path / "run"
+    first = slimssl.pretrain(tiny("byol", train={"epochs": 3}), run_dir, overrides=["train.knn_every=0"], max_steps=3)
+    assert isinstance(first, slimssl.PretrainRun)
+    assert (first.run_dir, first.step, first.total_steps, first.finished, first.results) == (run_dir, 3, 12, False, {})
+    assert "knn_every: 0" in (run_dir / "config.yaml").read_text()
+    # the shell continues a run started from Python, and Python finishes it
+    assert main(["pretrain", "--resume", str(run_dir), "--max-steps", "6"]) == 0
+    last = slimssl.pretrain(out=run_dir, resume=True)
+    assert last.finished and last.step == 12
+    assert [r["subnet"] for r in last.results["subnets"]] == [r["subnet"] for r in
+                                                             json.loads((run_dir / "results.json").read_text())["subnets"]]
+    supernet, saved = slimssl.load_supernet(run_dir)
+    assert saved.train.knn_every == 0 and saved.name == "tiny_byol"
+
+
+def test_python_pretrain_refuses_bad_arguments_before_writing(tmp_path):
+    import slimssl
+
+    with pytest.raises(slimssl.SlimsslError, match="resuming needs the run directory"):
+        slimssl.pretrain(resume=True)
+    with pytest.raises(slimssl.SlimsslError, match="cannot resume: .*last.pt does not exist"):
+        slimssl.pretrain(out=tmp_path / "none", resume=True)
+    with pytest.raises(slimssl.SlimsslError, match="list of 'key=value' strings"):
+        slimssl.pretrain(tiny(), tmp_path / "a", overrides="train.epochs=1")
+    with pytest.raises(slimssl.SlimsslError, match="train.epochs"):
+        slimssl.pretrain(slimssl.load_config("demo"), tmp_path / "b", overrides=["train.epochs=-1"])
+    assert not any(tmp_path.iterdir())

@@ -25,10 +25,11 @@ _EXPORTS = {
     "recalibrate_bn": ".nn.layers",
     "Menu": ".nn.spec", "SubnetSpec": ".nn.spec",
     "SlimsslError": ".errors",
+    "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
 }
 __all__ = [
-    "Config", "Menu", "PlainResNet", "SlimResNet", "SlimsslError", "SubnetSpec", "build_supernet", "export_subnet",
-    "load_checkpoint", "load_config", "load_exported", "load_supernet", "recalibrate_bn",
+    "Config", "Menu", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError", "SubnetSpec", "build_supernet",
+    "export_subnet", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pretrain", "recalibrate_bn",
 ]
 
 
@@ -54,3 +55,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .models.resnet import SlimResNet
     from .nn.layers import recalibrate_bn
     from .nn.spec import Menu, SubnetSpec
+    from .train.pretrain import PretrainRun, pretrain

@@ -8,14 +8,17 @@ from ..config import Config, ConfigError, config_from_dict, load_config
 from .resnet import SlimResNet
 
 
-def as_config(config: Config | dict | str | Path | None) -> Config:
-    """A Config from itself, a dict of sections, or a YAML path or shipped name (None: the demo recipe)."""
+def as_config(config: Config | dict | str | Path | None, overrides: list[str] | None = None) -> Config:
+    """A Config from itself, a dict of sections, or a YAML path or shipped name (None: the demo recipe),
+    with ``overrides`` (``"section.key=value"`` strings) applied."""
     if isinstance(config, Config):
-        return config
+        if not overrides:
+            return config
+        return config_from_dict(config.model_dump(mode="json"), f"config {config.name!r}", overrides)
     if isinstance(config, dict):
-        return config_from_dict(config)
+        return config_from_dict(config, "<dict>", overrides)
     if config is None or isinstance(config, (str, Path)):
-        return load_config(config)
+        return load_config(config, overrides)
     raise ConfigError(f"expected a Config, a dict of config sections, or a YAML path or shipped name; got "
                       f"{type(config).__name__}")
 

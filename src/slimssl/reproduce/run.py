@@ -24,7 +24,7 @@ from ..errors import UsageError
 from ..eval import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES
 from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
-from ..train.command import lr_header
+from ..train.pretrain import lr_header
 from ..train.loop import Trainer
 from .plan import Job
 
