@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,7 +59,8 @@ def test_recipes():
     assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
     assert recipe("mocov3", 224) == (v1, v2)
     m1, m2 = recipe("mocov2", 224)
-    assert m1 == m2 and m1.saturation == 0.4 and m1.blur_p == 0.5
+    assert m1 == m2 and m1.saturation == 0.4 and m1.blur_p == 0.5 and m1.crop_scale == (0.2, 1.0)
+    assert recipe("mocov2", 224, crop_scale=(0.5, 1.0), flip_p=0.0)[1] == replace(m2, crop_scale=(0.5, 1.0), flip_p=0.0)
     assert all(v.blur_p == 0 and v.crop_scale == (0.08, 1.0) for v in recipe("byol", 32))
     with pytest.raises(ValueError, match="mocov2"):
         recipe("simclr", 32)

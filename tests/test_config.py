@@ -260,3 +260,19 @@ def test_recipes_reach_their_sources_learning_rates(name, batch, peak, after_slo
     assert scaled_lr(cfg.optim.lr, cfg.optim, batch) == pytest.approx(peak)
     late = cfg.slim.slow_start_lr and scaled_lr(cfg.slim.slow_start_lr, cfg.optim, batch)
     assert late == (pytest.approx(after_slow_start) if after_slow_start else None)
+
+
+@pytest.mark.parametrize("name, crop_scale", [
+    ("imagenet_r50_slimclr_mocov2", (0.2, 1.0)),  # MoCo v2's aug_plus, as SlimCLR's code
+    ("cifar10_r18_slimclr_mocov2", (0.08, 1.0)),  # MoCo's CIFAR-10 demo: torchvision's default
+    ("imagenet_r50_slimclr_mocov3", (0.08, 1.0)),
+    ("imagenet_r50_dspnet_byol", (0.08, 1.0)),
+    ("cifar10_r18_dspnet_byol", (0.08, 1.0)),
+    ("cifar10_r18_slimclr_mocov3", (0.08, 1.0)),
+    ("demo", (0.4, 1.0)),
+])
+def test_recipes_crop_as_their_sources(name, crop_scale):
+    """docs/recipes.md: the random resized crop's area range of each recipe's two views."""
+    from slimssl.data.views import two_view_augment
+
+    assert [v.crop_scale for v in two_view_augment(load_config(name)).views] == [crop_scale, crop_scale]

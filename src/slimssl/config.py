@@ -100,8 +100,9 @@ class DataConfig(Section):
     source: str = "digits"
     resolution: int = Field(32, gt=0)
     augment: Literal["byol", "mocov2", "mocov3"] | None = Field(None, description="default: the method's")
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random resized crop area range (min, max), "
-                                            "0 < min <= max <= 1")
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="random resized crop area range (min, max), 0 < min <= max <= 1; default: the augmentation "
+        "recipe's (MoCo v2: 0.2-1; BYOL and MoCo v3: 0.08-1)")
     flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[Positive, Positive, Positive] = (0.229, 0.224, 0.225)
@@ -115,6 +116,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _check_crop_scale(self) -> "DataConfig":
+        if self.crop_scale is None:
+            return self
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"data.crop_scale must be (min, max) with 0 < min <= max <= 1, got {list(self.crop_scale)}")

@@ -47,25 +47,30 @@ class ViewRecipe:
     solarize_p: float = 0.0
 
 
-def recipe(name: str, resolution: int) -> tuple[ViewRecipe, ViewRecipe]:
-    """The two view recipes of a method.
+def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = None,
+           flip_p: float | None = None) -> tuple[ViewRecipe, ViewRecipe]:
+    """The two view recipes of a method, with ``crop_scale`` and ``flip_p`` in place of the recipe's when given
+    (``data.crop_scale``, ``data.flip_p``).
 
-    ``byol``/``mocov3``: asymmetric (view 1 always blurred, view 2 blurred 10%
-    and solarized 20%), jitter (0.4, 0.4, 0.2, 0.1). ``mocov2``: symmetric,
-    jitter (0.4, 0.4, 0.4, 0.1), blur 50%. At ``resolution <= 64`` (CIFAR-like)
-    blur is disabled, as is usual for small images where a ~10% kernel is a
-    1-3 px box; the crop scale stays (0.08, 1.0).
+    ``byol``/``mocov3``: asymmetric (view 1 always blurred, view 2 blurred 10% and solarized 20%), jitter
+    (0.4, 0.4, 0.2, 0.1), crop scale (0.08, 1). ``mocov2``: symmetric, jitter (0.4, 0.4, 0.4, 0.1), blur 50%,
+    crop scale (0.2, 1) as MoCo v2's ``aug_plus``. At ``resolution <= 64`` (CIFAR-like) blur is disabled, as
+    is usual for small images where a ~10% kernel is a 1-3 px box.
     """
     if name in ("byol", "mocov3"):
         base = ViewRecipe(saturation=0.2)
         views = (replace(base, blur_p=1.0), replace(base, blur_p=0.1, solarize_p=0.2))
     elif name == "mocov2":
-        view = ViewRecipe(saturation=0.4, blur_p=0.5)
+        view = ViewRecipe(crop_scale=(0.2, 1.0), saturation=0.4, blur_p=0.5)
         views = (view, view)
     else:
         raise ValueError(f"unknown augmentation recipe {name!r}; known: {', '.join(RECIPES)}")
     if resolution <= 64:
-        views = (replace(views[0], blur_p=0.0), replace(views[1], blur_p=0.0))
+        views = tuple(replace(v, blur_p=0.0) for v in views)
+    if crop_scale is not None:
+        views = tuple(replace(v, crop_scale=tuple(crop_scale)) for v in views)
+    if flip_p is not None:
+        views = tuple(replace(v, flip_p=flip_p) for v in views)
     return views
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .augment import BatchRows, TwoViewAugment
+from .augment import BatchRows, TwoViewAugment, recipe
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -73,6 +73,13 @@ class InMemoryViews:
 
     def close(self) -> None:
         """Nothing to release (the streaming source's workers need this)."""
+
+
+def two_view_augment(cfg: Config) -> TwoViewAugment:
+    """The run's augmentation: the recipe of ``data.augment`` (default: the method's), with ``data.crop_scale``
+    and ``data.flip_p`` in place of the recipe's when set."""
+    views = recipe(cfg.data.augment or cfg.method.name, cfg.data.resolution, cfg.data.crop_scale, cfg.data.flip_p)
+    return TwoViewAugment(views, cfg.data.resolution, cfg.data.mean, cfg.data.std)
 
 
 def build_view_source(cfg: Config, augment: TwoViewAugment, train_data: ImageDataset | None, *, rank: int,

@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,10 +21,9 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError, config_differences
-from ..data.augment import TwoViewAugment, recipe
 from ..data.datasets import ImageDataset, check_same_classes, load_dataset
 from ..data.files import DataError
-from ..data.views import build_view_source
+from ..data.views import build_view_source, two_view_augment
 from ..devices import pick_device, pick_dtype
 from ..eval.knn import knn_eval_subnets
 from ..eval.results import ResultsError, read_results, write_results
@@ -108,9 +107,7 @@ class Trainer:
             raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
                             f"train.batch_size {cfg.train.batch_size}")
         self.eval_data = self._eval_datasets()
-        views = recipe(cfg.data.augment or cfg.method.name, cfg.data.resolution)
-        views = tuple(replace(v, crop_scale=tuple(cfg.data.crop_scale), flip_p=cfg.data.flip_p) for v in views)
-        self.augment = TwoViewAugment(views, cfg.data.resolution, cfg.data.mean, cfg.data.std)
+        self.augment = two_view_augment(cfg)
         self.view_source = build_view_source(cfg, self.augment, self.train_data, rank=dist.rank(), world=self.world,
                                              device=self.device)
 
