@@ -401,6 +401,34 @@ def test_every_shipped_recipe_trains_a_step_when_shrunk(name, tmp_path):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
+def test_asymmetric_mocov2_runs_only_the_forwards_its_loss_reads(tmp_path):
+    """MoCo v2 as published (symmetric: false, the ImageNet recipe): queries from view 1, keys from view 2. The
+    forwards left out change nothing in training: the same losses and weights as computing all of them."""
+    data = tiny("mocov2", "all", "online", slim={"distill_alpha": 0.5})
+    data["method"]["symmetric"] = False
+    cfg = config_from_dict(data)
+    lean, full = Trainer(cfg, tmp_path / "lean"), Trainer(cfg, tmp_path / "full")
+    full.model.method.views_used = lambda: ((0, 1), (0, 1))  # the old way: every view through both networks
+    calls = {}
+    for name, trainer in (("lean", lean), ("full", full)):
+        for side in ("online_forward", "target_forward"):
+            forward = getattr(trainer, side)
+
+            def counted(x, _forward=forward, _key=(name, side)):
+                calls[_key] = calls.get(_key, 0) + 1
+                return _forward(x)
+            setattr(trainer, side, counted)
+    for step in range(2):
+        losses = lean.train_step(step), full.train_step(step)
+        assert {k: v.item() for k, v in losses[0].items()} == {k: v.item() for k, v in losses[1].items()}
+    subnets = len(cfg.subnet_menu().names)
+    assert calls == {("lean", "online_forward"): 2 * subnets, ("lean", "target_forward"): 2,
+                     ("full", "online_forward"): 4 * subnets, ("full", "target_forward"): 4}
+    weights = [dict(t.model.named_parameters()) for t in (lean, full)]  # BatchNorm statistics aside
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert torch.equal(lean.model.method.queue, full.model.method.queue)
+
+
 # ---- the Python API: slimssl.pretrain ------------------------------------------------------------------
 
 def test_python_pretrain_stops_resumes_and_interoperates_with_the_cli(tmp_path, capsys):

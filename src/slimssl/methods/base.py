@@ -32,8 +32,14 @@ class Method(nn.Module):
         self.cfg = cfg
 
     def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
-        """``online``: the online network's outputs for the views; ``target``: the full-size target's."""
+        """``online``: the online network's outputs for the views; ``target``: the full-size target's. A view
+        left out by :meth:`views_used` is ``None`` there."""
         raise NotImplementedError
+
+    def views_used(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(views the online network runs on, views the target runs on): the loop computes only these. Both
+        views on both sides by default (symmetric losses)."""
+        return (0, 1), (0, 1)
 
     def distill(self, student: list[torch.Tensor], teacher: list[torch.Tensor], temperature: float) -> torch.Tensor:
         """Online distillation from the full network's detached outputs (SlimCLR): soft cross-entropy

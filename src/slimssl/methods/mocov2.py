@@ -18,6 +18,10 @@ class MoCoV2(Method):
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
+    def views_used(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        # MoCo v2 as published: the query from view 1 only, the key (and the queue's new keys) from view 2 only
+        return ((0, 1), (0, 1)) if self.cfg.symmetric else ((0,), (1,))
+
     def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
         pairs = [(0, 1), (1, 0)] if self.cfg.symmetric else [(0, 1)]
         logits = [info_nce_logits(online[i], target[j], self.queue, self.cfg.temperature) for i, j in pairs]

@@ -294,16 +294,19 @@ class Trainer:
         lr = self.set_lr(step)
         v1, v2 = self.views(step)
         step_begins(self.cfg.train.compile)
-        with self.autocast():
-            target = [self._keep(self.key_forward(v, step, i)) for i, v in enumerate((v1, v2))]
-        tasks = self.policy.plan(step)
         method, slim = self.model.method, self.cfg.slim
+        online_views, target_views = method.views_used()  # an asymmetric loss leaves one view out per side
+        with self.autocast():
+            target = [self._keep(self.key_forward(v, step, i)) if i in target_views else None
+                      for i, v in enumerate((v1, v2))]
+        tasks = self.policy.plan(step)
         teacher_out = None
         losses = {}
         diagnose = self.grad_diagnostics(step)
         for task in tasks:
             with self.model.subnet(task.spec), self.autocast():
-                online = [self._keep(self.online_forward(v)) for v in (v1, v2)]
+                online = [self._keep(self.online_forward(v)) if i in online_views else None
+                          for i, v in enumerate((v1, v2))]
                 out = method.loss(online, target)
                 loss = out.loss
                 if task.distill:
