@@ -26,6 +26,27 @@ def test_grad_norms_are_logged_per_subnet_and_split_by_the_shared_slice(tmp_path
     assert norms[largest]["shared"] > 0 and norms[largest]["rest"] > 0
 
 
+def test_grad_norms_leave_out_the_fp16_loss_scale():
+    import torch
+
+    from slimssl.models.build import build_supernet
+    from slimssl.slim.diagnostics import GradientImbalance
+
+    cfg = config_from_dict(tiny("byol"))
+    records = []
+    for scale in (1.0, 1024.0):
+        torch.manual_seed(0)
+        backbone = build_supernet(cfg)
+        probe = GradientImbalance(backbone, 0.25)
+        probe.start(grad_scale=scale)
+        (backbone(torch.randn(4, 3, 8, 8), subnet="0.5").square().mean() * scale).backward()
+        probe.after_backward("w0p5")
+        records.append(probe.record["w0p5"])
+    assert records[0]["shared"] > 0 and records[0]["rest"] > 0
+    for part in ("shared", "rest"):
+        assert abs(records[1][part] - records[0][part]) <= 1e-5 * records[0][part]
+
+
 def test_report_plots_the_diagnostic(tmp_path):
     run = tmp_path / "run"
     cfg_file = tmp_path / "tiny.yaml"

@@ -23,6 +23,7 @@ class GradientImbalance:
         self.width, self.divisor = smallest_width, divisor
         self.previous: list[torch.Tensor] | None = None
         self.record: dict[str, dict[str, float]] = {}
+        self.grad_scale = 1.0
 
     def _shared_slice(self, w: torch.Tensor) -> tuple[slice, slice]:
         out = scaled_channels(w.shape[0], self.width, self.divisor)
@@ -30,9 +31,12 @@ class GradientImbalance:
         return slice(0, out), slice(0, inp)
 
     @torch.no_grad()
-    def start(self) -> None:
+    def start(self, grad_scale: float = 1.0) -> None:
+        """Before the step's first backward. ``grad_scale``: the fp16 loss scale the gradients carry, taken
+        out of the recorded norms."""
         self.previous = [torch.zeros_like(w) if w.grad is None else w.grad.detach().clone() for w in self.weights]
         self.record = {}
+        self.grad_scale = grad_scale
 
     @torch.no_grad()
     def after_backward(self, subnet_name: str) -> None:
@@ -48,5 +52,5 @@ class GradientImbalance:
             rest_sq += delta.pow(2).sum()
             current.append(grad.clone())
         self.previous = current
-        self.record[subnet_name] = {"shared": float(torch.as_tensor(shared_sq).sqrt()),
-                                    "rest": float(torch.as_tensor(rest_sq).sqrt())}
+        self.record[subnet_name] = {"shared": float(torch.as_tensor(shared_sq).sqrt()) / self.grad_scale,
+                                    "rest": float(torch.as_tensor(rest_sq).sqrt()) / self.grad_scale}

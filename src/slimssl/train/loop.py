@@ -345,7 +345,8 @@ class Trainer:
 
         probe = GradientImbalance(self.model.backbone, self.model.backbone.menu.smallest.width,
                                   self.cfg.model.channel_divisor)
-        probe.start()
+        # fp16: the gradients carry the loss scale (reading it syncs with the host, on this step only)
+        probe.start(self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
         return probe
 
     # ---- the loop -----------------------------------------------------------------------------------
