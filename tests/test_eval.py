@@ -155,6 +155,19 @@ def test_linear_probe_options_run():
         assert isinstance(heads, SharedSlimLinear if kw.get("shared_head") else SwitchableLinear)
 
 
+def test_distilled_probe_teacher_is_the_widest_head_in_any_order():
+    supernet = tiny_supernet()
+    train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
+    kw = dict(subnets=["0.5", "1.0"], epochs=2, batch_size=32, return_heads=True)
+    _, plain = linear_probe_subnets(supernet, train, test, **kw)
+    _, distilled = linear_probe_subnets(supernet, train, test, distill=True, **kw)
+    teacher, student = "w1p0_d1-1-1-1", "w0p5_d1-1-1-1"
+    # the full width learns from the labels alone, as without distillation; the half width from it too
+    assert torch.equal(plain.state_dict()[f"heads.{teacher}.weight"], distilled.state_dict()[f"heads.{teacher}.weight"])
+    assert not torch.equal(plain.state_dict()[f"heads.{student}.weight"],
+                           distilled.state_dict()[f"heads.{student}.weight"])
+
+
 def test_backbone_change_is_detected(monkeypatch):
     supernet = tiny_supernet()
     train, test = colour_dataset(32, 0), colour_dataset(16, 1, "test")

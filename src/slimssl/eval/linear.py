@@ -37,7 +37,7 @@ from torch import nn
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.layers import recalibrate_bn
-from ..nn.spec import SubnetSpec
+from ..nn.spec import Menu, SubnetSpec
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_RECALIBRATE_BATCHES
 from .features import extract_subnet_features
 
@@ -124,7 +124,7 @@ def probe_loss(heads: nn.Module, features: Mapping[str, torch.Tensor], labels: t
                weights: Mapping[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed loss of all heads (each on its own sub-network's ``features``) and their logits.
 
-    ``distill``: every head other than ``teacher`` (default: the first, i.e. the widest) minimises
+    ``distill``: every head other than ``teacher`` (default: the first of ``features``) minimises
     0.5 CE + 0.5 soft CE to the teacher head's detached softmax. ``weights`` scales each head's loss.
     """
     logits = {name: heads(f, name) for name, f in features.items()}
@@ -284,6 +284,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     resolution = resolution or train.resolution
     specs = [supernet.resolve(s) for s in subnets] if subnets else list(supernet.menu)
     names = [s.name for s in specs]
+    teacher = Menu(specs).largest.name  # of the distilled heads (SlimCLR: the full width), in any given order
     num_classes = output_classes(train, test)
     supernet.to(device).eval()
     fingerprints = {id(supernet): (supernet, backbone_fingerprint(supernet))}
@@ -326,7 +327,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
                         feats[n] = (models[n](x, subnet=spec).float() - stats[n][0]) / stats[n][1]
             else:
                 feats = {n: f[dev_idx] for n, f in train_feats.items()}
-            running += probe_step(heads, optimizer, feats, labels[dev_idx], distill=distill, teacher=names[0])
+            running += probe_step(heads, optimizer, feats, labels[dev_idx], distill=distill, teacher=teacher)
             schedule.step()
         if epoch == 0 or (epoch + 1) % max(1, epochs // 5) == 0 or epoch + 1 == epochs:
             log.info("linear probe epoch %d/%d: loss %.4f (summed over %d head(s))", epoch + 1, epochs,
