@@ -379,6 +379,22 @@ def test_last_checkpoint_is_written_once_per_epoch(tmp_path, monkeypatch):
     assert written == ["last.pt", "last.pt"]
 
 
+@pytest.mark.parametrize("bn", ["private", "shared"])
+def test_pretraining_knn_equals_the_knn_command_on_its_checkpoint(bn, tmp_path, capsys):
+    """results.json's kNN is what `slimssl knn RUN` measures: with shared BatchNorm both re-estimate each
+    width's statistics first (the shared running statistics belong to no width in particular)."""
+    data = tiny("byol", train={"epochs": 1})
+    data["model"]["bn"] = bn
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(cfg_file), "--out", str(run)]) == 0
+    capsys.readouterr()
+    trained = {r["subnet"]: r["knn_top1"] for r in json.loads((run / "results.json").read_text())["subnets"]}
+    assert main(["knn", str(run), "--json", "--no-save", "--device", "cpu"]) == 0
+    assert {r["subnet"]: r["knn_top1"] for r in json.loads(capsys.readouterr().out)} == trained
+
+
 # ---- every shipped recipe, shrunk ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", packaged_configs())

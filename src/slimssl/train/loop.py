@@ -26,6 +26,7 @@ from ..data.files import DataError
 from ..data.views import build_view_source, two_view_augment
 from ..devices import pick_device, pick_dtype
 from ..eval.knn import knn_eval_subnets
+from ..eval.linear import subnet_models
 from ..eval.results import ResultsError, read_results, write_results
 from ..methods import build_method
 from ..models.build import build_supernet
@@ -251,10 +252,14 @@ class Trainer:
         if self.eval_data is None:
             return {}
         train, test = self.eval_data
-        e = self.cfg.eval
-        return knn_eval_subnets(self.model.backbone, train, test, k=e.knn_k, temperature=e.knn_temperature,
-                                resolution=self.cfg.data.resolution, mean=self.cfg.data.mean,
-                                std=self.cfg.data.std, batch_size=e.batch_size, device=self.device)
+        e, d, backbone = self.cfg.eval, self.cfg.data, self.model.backbone
+        # as `slimssl knn`: with shared BatchNorm, each width's statistics are re-estimated first
+        models = subnet_models(backbone, list(backbone.menu), train, recalibrate_batches=None,
+                               batch_size=e.batch_size, resolution=d.resolution, mean=d.mean, std=d.std,
+                               device=self.device)
+        return knn_eval_subnets(backbone, train, test, k=e.knn_k, temperature=e.knn_temperature,
+                                resolution=d.resolution, mean=d.mean, std=d.std, batch_size=e.batch_size,
+                                device=self.device, models=models)
 
     # ---- the step -----------------------------------------------------------------------------------
 
