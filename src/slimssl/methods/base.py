@@ -36,6 +36,11 @@ class Method(nn.Module):
         left out by :meth:`views_used` is ``None`` there."""
         raise NotImplementedError
 
+    def prepare_target(self, target: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The target's outputs as every sub-network's loss takes them, computed once per step (e.g. keys
+        gathered over the processes). Unchanged by default."""
+        return target
+
     def views_used(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(views the online network runs on, views the target runs on): the loop computes only these. Both
         views on both sides by default (symmetric losses)."""

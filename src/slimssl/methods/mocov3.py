@@ -12,14 +12,21 @@ class MoCoV3(Method):
     name = "mocov3"
     has_predictor = True
 
+    def prepare_target(self, target: list[torch.Tensor]) -> list[torch.Tensor]:
+        from ..train.distributed import all_gather_nograd
+
+        # the keys of every process are negatives: gathered once per step, for all the sub-networks
+        return [all_gather_nograd(k) for k in target]
+
     def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
-        from ..train.distributed import all_gather_nograd, rank
+        """``target``: the keys of all processes (:meth:`prepare_target`); this process's positives sit at
+        offset rank * batch."""
+        from ..train.distributed import rank
 
         q1, q2 = online
         k1, k2 = target
         tau = self.cfg.temperature
-        # keys of every process are negatives; this process's positives sit at offset rank * batch
         labels = torch.arange(len(q1), device=q1.device) + rank() * len(q1)
-        logits = [in_batch_logits(q1, all_gather_nograd(k2), tau), in_batch_logits(q2, all_gather_nograd(k1), tau)]
+        logits = [in_batch_logits(q1, k2, tau), in_batch_logits(q2, k1, tau)]
         loss = sum(contrastive_loss(lg, labels) for lg in logits) * 2 * tau
         return MethodOutput(loss, logits)

@@ -304,6 +304,7 @@ class Trainer:
         with self.autocast():
             target = [self._keep(self.key_forward(v, step, i)) if i in target_views else None
                       for i, v in enumerate((v1, v2))]
+        target = method.prepare_target(target)
         tasks = self.policy.plan(step)
         teacher_out = None
         losses = {}
