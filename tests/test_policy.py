@@ -89,6 +89,9 @@ def test_random_space_draws_valid_specs_between_smallest_and_largest():
 def test_slow_start_only_the_full_network_before_join():
     p = policy(sampling="all", slow_start=0.5, total_steps=10)
     assert p.join_step == 5
+    # the step the fraction names, not one before it through float rounding (0.29 * 100 = 28.999...)
+    assert policy(sampling="all", slow_start=0.29, total_steps=100).join_step == 29
+    assert policy(sampling="all", slow_start=0.5, total_steps=97 * 50).join_step == 2425
     for step in range(5):
         assert not p.joined(step)
         assert p.draw(step) == [p.menu.largest]

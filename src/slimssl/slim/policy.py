@@ -6,6 +6,7 @@ without communicating, and a resumed run draws what the uninterrupted run would 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ class SubnetTask:
 class SlimPolicy:
     def __init__(self, cfg, menu: Menu, total_steps: int, seed: int):
         self.cfg, self.menu, self.total_steps, self.seed = cfg, menu, total_steps, seed
-        self.join_step = int(cfg.slow_start * total_steps)
+        self.join_step = math.floor(round(cfg.slow_start * total_steps, 6))  # 0.29 * 100 is 28.999...: step 29
 
     def joined(self, step: int) -> bool:
         """Whether the sub-networks train at ``step`` (slow start: only the full network before that)."""
