@@ -61,4 +61,5 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     exec(compile(example, "README.md (Python API)", "exec"), namespace)  # its own assert checks the export
     assert (tmp_path / "exported" / "w0p5_d2-2-2-2" / "model.safetensors").is_file()
     assert namespace["run"].finished and (tmp_path / "runs" / "demo" / "results.json").is_file()
+    assert namespace["same"].state_dict().keys() == namespace["plain"].state_dict().keys()
     assert namespace["config"].name == "demo" and namespace["config"].train.epochs == 2
