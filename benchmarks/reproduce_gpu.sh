@@ -41,13 +41,22 @@ status=$?
 
 tar czf "$out/repro-results.tgz" --exclude=checkpoints -C .runs repro
 python - <<'PY'
-import json, pathlib
+import json, pathlib, statistics
 for timing in sorted(pathlib.Path(".runs/repro").glob("*/*/timing.json")):
     t = json.loads(timing.read_text())
     done = (timing.parent / "results.json").is_file()
+    # the progress bars are filtered out of the log above: their img/s, as metrics.jsonl logged it
+    speeds = []
+    for line in (timing.parent / "metrics.jsonl").read_text().splitlines() if (timing.parent / "metrics.jsonl").is_file() else []:
+        try:
+            speeds.append(json.loads(line)["img_per_s"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    speed = f", {statistics.median(speeds):.0f} img/s (median of {len(speeds)} logs)" if speeds else ""
     print(f"{timing.parent.parent.name}/{timing.parent.name}: step {t['step']}, pretrain {t['pretrain_seconds']:.0f} s,"
-          f" probe {t['probe_seconds']:.0f} s{'' if done else ' (in progress)'}")
+          f" probe {t['probe_seconds']:.0f} s{speed}{'' if done else ' (in progress)'}")
 PY
-[ -f .runs/repro/reproduction.md ] && cp .runs/repro/reproduction.md .runs/repro/*.png "$out"/ 2>/dev/null
+# the report only when this call completed it (one left from an earlier call would look current)
+[ "$status" -eq 0 ] && [ -f .runs/repro/reproduction.md ] && cp .runs/repro/reproduction.md .runs/repro/*.png "$out"/ 2>/dev/null
 echo "exit $status (0: done; 4, or 3 at the deadline: run this again)"
 exit $status

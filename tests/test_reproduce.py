@@ -155,6 +155,67 @@ def test_other_settings_on_an_existing_folder_are_refused(straight, capsys, capl
     assert "train.epochs: saved 2, now 3" in message and str(straight / RECIPES[0] / "slim") in message
 
 
+def test_other_probe_settings_on_an_existing_folder_are_refused(straight, capsys, caplog):
+    """A run whose checkpoint did not travel cannot be probed again: other probe settings are an error, and
+    nothing in the folder changes."""
+    before = {p: p.read_text() for p in straight.rglob("*.json")}
+    with caplog.at_level(logging.ERROR, logger="slimssl"):
+        assert reproduce(straight, extra=["--probe-epochs", "3"]) == 2
+    message = capsys.readouterr().err + caplog.text
+    assert "probed with other settings" in message and "epochs: saved 2, now 3" in message
+    assert {p: p.read_text() for p in straight.rglob("*.json")} == before
+
+
+def test_a_signal_outside_the_training_loop_exits_3_and_the_next_call_continues(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from slimssl.reproduce import run as run_module
+
+    recipe, out = RECIPES[0], tmp_path / "signalled"
+    probe = run_module.linear_probe_subnets
+
+    def signalled_probe(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler stops the call at once
+        return probe(*args, **kwargs)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(run_module, "linear_probe_subnets", signalled_probe)
+    assert reproduce(out, [recipe]) == 3
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+    slim = run_dirs(out, recipe)[0]
+    assert json.loads((slim / "results.json").read_text())["steps"] == STEPS  # pretrained, kept
+    assert "linear" not in json.loads((slim / "results.json").read_text()).get("protocols", {})
+    monkeypatch.undo()
+    assert reproduce(out, [recipe]) == 0
+
+
+def test_steps_lost_to_a_hard_stop_are_not_timed(tmp_path, monkeypatch, caplog):
+    """A second signal inside a step stops without saving: timing.json keeps the seconds of the saved steps
+    only, so the steps trained again are counted once."""
+    from slimssl.train.loop import Trainer
+
+    recipe, out = RECIPES[0], tmp_path / "hard"
+    step_once = Trainer.train_step
+
+    def stopped(self, step):
+        if step == STEPS // EPOCHS + 1:  # in the second epoch, after the first epoch's checkpoint
+            raise KeyboardInterrupt
+        return step_once(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", stopped)
+    assert reproduce(out, [recipe]) == 3
+    slim = run_dirs(out, recipe)[0]
+    timing = json.loads((slim / "timing.json").read_text())
+    assert timing["step"] == load_checkpoint(slim / "checkpoints" / "last.pt")["train_state"]["step"] == STEPS // EPOCHS
+    assert timing["chunks"] == 1
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert reproduce(out, [recipe]) == 0
+    assert "timing.json reached step" not in caplog.text
+    assert json.loads((slim / "timing.json").read_text())["chunks"] == EPOCHS
+
+
 def test_only_machine_dependent_defaults_may_differ_on_resume():
     saved = load_config(RECIPES[0], ["data.workers=8"])
     now = load_config(RECIPES[0], ["data.workers=2"])

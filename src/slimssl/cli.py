@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from . import __version__
 from .cli_args import add_overrides, emit, nonnegative_float, nonnegative_int, output_dir, positive_int
@@ -163,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()  # a command's time budget counts from here (reproduce --time-budget)
     args = build_parser().parse_args(argv)
+    args.started = started
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(message)s")
     if not args.command:

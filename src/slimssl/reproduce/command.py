@@ -47,7 +47,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from ..train.loop import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
     from .report import report_markdown, write_report
-    from .run import Budget, is_pretrained, run_jobs
+    from .run import Budget, check_saved_probes, is_pretrained, run_jobs, stop_on_signals
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not recipes:
@@ -55,22 +55,30 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                          "names or YAML paths")
     jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
     check_saved_configs(jobs)
-    budget = Budget(args.time_budget)
+    check_saved_probes(jobs, args.probe_epochs)
+    budget = Budget(args.time_budget, start=getattr(args, "started", None))  # from the call's start
     try:
-        done = run_jobs(jobs, budget, args.probe_epochs)
-    except Interrupted as e:
-        log.warning("%s", e)
-        log.warning("reproduction interrupted; run the same command again to continue")
+        with stop_on_signals():
+            done = run_jobs(jobs, budget, args.probe_epochs)
+            doc = write_report(args.out, jobs, args.probe_epochs) if done == len(jobs) else None
+    except (Interrupted, KeyboardInterrupt) as e:  # a second signal inside a training step: KeyboardInterrupt
+        log.warning("%s", e or "stopped by a second signal")
+        log.warning("reproduction interrupted; what was saved is kept: run the same command again to continue")
         return EXIT_INTERRUPTED
     log.info("this call: %d units of work in %.1f s", budget.units, time.perf_counter() - budget.start)
-    if done < len(jobs):
+    if doc is None:
         log.warning("%d of %d jobs done; run the same command again to continue", done, len(jobs))
+        stale = [p for p in (args.out / REPORT_MD, args.out / REPORT_JSON) if p.is_file()]
+        for path in stale:  # from an earlier call: it would look current
+            path.unlink()
+        if stale:
+            log.info("removed the report of an earlier call (%s): it is written again once every job is done",
+                     ", ".join(p.name for p in stale))
         status = {"complete": False, "jobs_done": done, "jobs_total": len(jobs),
                   "jobs": [{"run": j.label, "pretrained": is_pretrained(j)} for j in jobs]}
         if args.json:
             emit(args, status, "")
         return EXIT_CONTINUE
-    doc = write_report(args.out, jobs, args.probe_epochs)
     log.info("wrote %s and %s", args.out / REPORT_MD, args.out / REPORT_JSON)
     emit(args, doc, report_markdown(doc))
     return 0

@@ -9,6 +9,7 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..eval import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES
 from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
 from ..train.pretrain import lr_header
-from ..train.loop import Trainer
+from ..train.loop import Interrupted, Trainer
 from .plan import Job
 
 log = logging.getLogger("slimssl")
@@ -79,12 +80,36 @@ def is_pretrained(job: Job) -> bool:
 
 # ---- the budget of one call --------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM/SIGINT outside a training loop (loading data, a probe, the final evaluation, the report) stop
+    the call at once with :class:`Interrupted`. What was written before stays: checkpoints, results and
+    times are written whole or not at all, and a probe cut short runs again in the next call. Inside the
+    loop, the Trainer's own guard finishes the step and saves first."""
+    def stop(signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class Budget:
     """Units of work (an epoch of pretraining, one linear probe) of this call: the first always runs,
     later ones only start while ``seconds`` have not passed, so every call makes progress."""
 
-    def __init__(self, seconds: float | None):
-        self.seconds, self.start, self.units = seconds, time.perf_counter(), 0
+    def __init__(self, seconds: float | None, start: float | None = None):
+        """``start``: the ``time.perf_counter()`` the call began at (default: now)."""
+        self.seconds, self.units = seconds, 0
+        self.start = time.perf_counter() if start is None else start
 
     def allows(self) -> bool:
         return self.seconds is None or self.units == 0 or time.perf_counter() - self.start < self.seconds
@@ -138,9 +163,8 @@ def run_chunk(trainer: TimedTrainer, timing: JobTiming, run_dir: Path) -> dict:
     before = dict(trainer.apart)
     synchronize(trainer.device)
     start = time.perf_counter()
-    try:
-        return trainer.fit(max_steps=end)
-    finally:  # an interrupted chunk's seconds count too: its steps were saved
+
+    def record() -> None:
         synchronize(trainer.device)
         wall = time.perf_counter() - start
         apart = {k: trainer.apart[k] - before[k] for k in before}
@@ -149,6 +173,15 @@ def run_chunk(trainer: TimedTrainer, timing: JobTiming, run_dir: Path) -> dict:
         timing.checkpoint_seconds += apart["checkpoint"]
         timing.step, timing.chunks = trainer.state.step, timing.chunks + 1
         write_timing(run_dir, timing)
+
+    try:
+        results = trainer.fit(max_steps=end)
+    except Interrupted:  # stopped by a signal after saving: its steps and their seconds count
+        record()
+        raise
+    # any other failure records nothing: the steps since the last checkpoint are trained again next call
+    record()
+    return results
 
 
 def pretrain_job(job: Job, budget: Budget) -> bool:
@@ -169,9 +202,17 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     name = device_name(trainer.device)
     if name not in timing.devices:
         timing.devices.append(name)
-    if timing.step != trainer.state.step:
+    if timing.step < trainer.state.step:
         log.warning("%s: timing.json reached step %d, the checkpoint step %d: the seconds of the steps in "
-                    "between (a call killed after saving) are not counted", job.label, timing.step, trainer.state.step)
+                    "between (a call stopped after saving them) are not counted", job.label, timing.step,
+                    trainer.state.step)
+    elif timing.step > trainer.state.step:  # written by an older slimssl after a call killed mid-chunk
+        kept = trainer.state.step / timing.step
+        log.warning("%s: timing.json reached step %d, the checkpoint only %d: those steps are trained again, "
+                    "so the pretraining seconds so far are scaled by %.3f to count them once", job.label,
+                    timing.step, trainer.state.step, kept)
+        timing.pretrain_seconds *= kept
+        timing.step = trainer.state.step
     log.info("%s: pretraining from step %d of %d", job.label, trainer.state.step, trainer.total_steps)
     while budget.allows():
         results = run_chunk(trainer, timing, job.run_dir)
@@ -192,6 +233,21 @@ def probe_settings(cfg: Config, epochs: int) -> dict:
             "distill": False, "shared_head": False, "augment": False, "seed": 0,
             "recalibrate_bn": 0 if cfg.model.bn == "private" else DEFAULT_RECALIBRATE_BATCHES,
             "resolution": cfg.data.resolution}
+
+
+def check_saved_probes(jobs: list[Job], probe_epochs: int) -> None:
+    """Every run already probed in ``--out`` was probed with this call's settings: the report compares them,
+    and a run whose checkpoint did not travel could not be probed again."""
+    for job in jobs:
+        if not (job.run_dir / "results.json").is_file():
+            continue
+        saved = read_results(job.run_dir).get("protocols", {}).get("linear")
+        now = probe_settings(job.cfg, probe_epochs)
+        if saved is not None and saved != now:
+            diffs = [f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                     if saved.get(k) != now.get(k)]
+            raise UsageError(f"{job.label} was probed with other settings than this call's:\n  "
+                             + "\n  ".join(diffs) + "\nrun with the same --probe-epochs, or choose another --out")
 
 
 def is_probed(job: Job, settings: dict) -> bool:
