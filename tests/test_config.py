@@ -276,3 +276,16 @@ def test_recipes_crop_as_their_sources(name, crop_scale):
     from slimssl.data.views import two_view_augment
 
     assert [v.crop_scale for v in two_view_augment(load_config(name)).views] == [crop_scale, crop_scale]
+
+
+def test_crop_scale_resolves_to_the_augmentation_recipes_and_is_saved():
+    from slimssl.config import config_differences
+
+    assert load_config("imagenet_r50_slimclr_mocov2").data.crop_scale == (0.2, 1.0)
+    assert load_config("cifar10_r18_dspnet_byol", ["data.augment=mocov2"]).data.crop_scale == (0.2, 1.0)
+    byol = load_config("cifar10_r18_dspnet_byol")
+    assert "crop_scale:\n  - 0.08\n  - 1.0" in byol.to_yaml()  # a run's config.yaml says what it used
+    # a run saved before the default followed the recipe (0.08-1 written out) continues without a difference
+    saved = byol.model_dump(mode="json")
+    saved["data"]["crop_scale"] = [0.08, 1.0]
+    assert config_differences(config_from_dict(saved), byol) == []

@@ -27,6 +27,11 @@ Positive = Annotated[float, Field(gt=0)]
 Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment decay
 
 
+# data.crop_scale when unset, per augmentation recipe: MoCo v2's aug_plus crops 20-100% of the area, BYOL and
+# MoCo v3 8-100% (torchvision's default)
+RECIPE_CROP_SCALE = {"byol": (0.08, 1.0), "mocov2": (0.2, 1.0), "mocov3": (0.08, 1.0)}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -182,6 +187,12 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _resolve_crop_scale(self) -> "Config":
+        if self.data.crop_scale is None:  # resolved here, so that a run's config.yaml says what it used
+            self.data.crop_scale = RECIPE_CROP_SCALE[self.data.augment or self.method.name]
+        return self
 
     @model_validator(mode="after")
     def _check_menu(self) -> "Config":

@@ -24,9 +24,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from ..config import RECIPE_CROP_SCALE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-RECIPES = ("byol", "mocov2", "mocov3")
+RECIPES = tuple(RECIPE_CROP_SCALE)
 _CROP_TRIES = 10  # candidate boxes per sample, as torchvision's RandomResizedCrop
 _GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -57,14 +59,14 @@ def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = 
     crop scale (0.2, 1) as MoCo v2's ``aug_plus``. At ``resolution <= 64`` (CIFAR-like) blur is disabled, as
     is usual for small images where a ~10% kernel is a 1-3 px box.
     """
-    if name in ("byol", "mocov3"):
-        base = ViewRecipe(saturation=0.2)
-        views = (replace(base, blur_p=1.0), replace(base, blur_p=0.1, solarize_p=0.2))
-    elif name == "mocov2":
-        view = ViewRecipe(crop_scale=(0.2, 1.0), saturation=0.4, blur_p=0.5)
-        views = (view, view)
-    else:
+    if name not in RECIPE_CROP_SCALE:
         raise ValueError(f"unknown augmentation recipe {name!r}; known: {', '.join(RECIPES)}")
+    if name in ("byol", "mocov3"):
+        base = ViewRecipe(crop_scale=RECIPE_CROP_SCALE[name], saturation=0.2)
+        views = (replace(base, blur_p=1.0), replace(base, blur_p=0.1, solarize_p=0.2))
+    else:
+        view = ViewRecipe(crop_scale=RECIPE_CROP_SCALE[name], saturation=0.4, blur_p=0.5)
+        views = (view, view)
     if resolution <= 64:
         views = tuple(replace(v, blur_p=0.0) for v in views)
     if crop_scale is not None:
