@@ -220,6 +220,15 @@ def test_yaml_syntax_error_is_one_line_with_its_position(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    """YAML alone keeps the last of two equal keys: a recipe that sets a value twice would run with one of them
+    silently. Every shipped recipe loads under this rule."""
+    with pytest.raises(ConfigError, match=r"twice\.yaml is not valid YAML: key 'resolution' is given twice at line 3"):
+        load_config(write(tmp_path, "data:\n  resolution: 32\n  resolution: 16\n", "twice.yaml"))
+    for name in packaged_configs():
+        load_config(name)
+
+
 def test_a_directory_is_not_a_config_file(tmp_path):
     with pytest.raises(ConfigError, match="is a directory; expected a YAML file"):
         load_config(tmp_path)

@@ -323,6 +323,20 @@ def apply_override(data: dict, assignment: str) -> None:
                           "5, 0.1, true, cosine or [1.0, 0.5]") from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """A YAML error on one line: what is wrong, and where."""
     mark = getattr(e, "problem_mark", None)
@@ -363,7 +377,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
     file = find_config(path or "demo")
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = yaml.load(file.read_text(), Loader=_StrictLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {file} is not valid YAML: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:
