@@ -194,18 +194,20 @@ def cmd_linear(args: argparse.Namespace) -> int:
 
 # ---- finetune ----------------------------------------------------------------------------------------
 
-def _finetune_targets(args: argparse.Namespace, supernet) -> list:
-    """The sub-networks of ``--subnet`` or ``--all`` (the menu), checked before any data is decoded, in order
-    and without repeats."""
+def _finetune_targets(args: argparse.Namespace, supernet) -> list[tuple]:
+    """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
+    without repeats; the sub-networks (``--subnet``, or ``--all``: the menu) are checked before any data is
+    decoded."""
     if bool(args.subnet) == bool(args.all):
         raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
     specs = list(supernet.menu) if args.all else list(dict.fromkeys(supernet.resolve(t) for t in args.subnet))
-    pairs = len(specs) * len(set(args.label_fraction))
-    if args.out and pairs > 1:
-        raise UsageError(f"--out names one JSON file, but {len(specs)} sub-network(s) x "
-                         f"{len(set(args.label_fraction))} label fraction(s) give {pairs} results: drop --out (each "
-                         "result goes to RUN/finetune/<subnet>_<pct>pct_seed<S>.json) or ask for one of each")
-    return specs
+    fractions = list(dict.fromkeys(args.label_fraction))
+    jobs = [(spec, f) for spec in specs for f in fractions]
+    if args.out and len(jobs) > 1:
+        raise UsageError(f"--out names one JSON file, but {len(specs)} sub-network(s) x {len(fractions)} label "
+                         f"fraction(s) give {len(jobs)} results: drop --out (each result goes to "
+                         "RUN/finetune/<subnet>_<pct>pct_seed<S>.json) or ask for one of each")
+    return jobs
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -214,8 +216,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .results import run_dir_of
 
     supernet, cfg, device = _load_model(args)
-    specs = _finetune_targets(args, supernet)  # an impossible sub-network fails before any data is decoded
-    fractions = list(dict.fromkeys(args.label_fraction))
+    jobs = _finetune_targets(args, supernet)  # an impossible sub-network fails before any data is decoded
     source, train, test = _load_data(args, cfg, device)
     bs = args.eval_batch_size or cfg.eval.batch_size
     costs = _cost_rows(supernet, cfg.data.resolution)
@@ -251,7 +252,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         _save(args, values, key.removesuffix("_top1"), settings, cfg)
         return row
 
-    jobs = [(spec, f) for spec in specs for f in fractions]
     rows = []
     for i, (spec, label_fraction) in enumerate(jobs):
         if len(jobs) > 1:
@@ -360,9 +360,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=positive_float, help="lr at batch 256, scaled with the batch (default 0.05)")
     p.add_argument("--batch-size", type=positive_int, help="default 256 (or the whole subset when smaller)")
     p.add_argument("--seed", type=int, default=0, help="draws the labelled subset and the training order")
-    p.add_argument("--out", type=output_file(".json"), help="JSON file for the result and the labelled indices, when there is one "
-                                            "result (default: RUN/finetune/<subnet>_<pct>pct_seed<S>.json; "
-                                            "none with --no-save)")
+    p.add_argument("--out", type=output_file(".json"),
+                   help="JSON file for the result and the labelled indices, when there is one result (default: "
+                        "RUN/finetune/<subnet>_<pct>pct_seed<S>.json; none with --no-save)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("recalibrate", help="re-estimate a sub-network's BatchNorm statistics into a new checkpoint")
