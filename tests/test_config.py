@@ -298,3 +298,20 @@ def test_crop_scale_resolves_to_the_augmentation_recipes_and_is_saved():
     saved = byol.model_dump(mode="json")
     saved["data"]["crop_scale"] = [0.08, 1.0]
     assert config_differences(config_from_dict(saved), byol) == []
+
+
+@pytest.mark.parametrize("name, crop_ratio", [
+    ("imagenet_r50_slimclr_mocov2", 0.875),  # resize 256, centre crop 224: every ImageNet linear protocol
+    ("imagenet_r50_slimclr_mocov3", 0.875),
+    ("imagenet_r50_dspnet_byol", 0.875),
+    ("cifar10_r18_dspnet_byol", 1.0),  # CIFAR is evaluated on the whole 32 px image
+    ("demo", 1.0),
+])
+def test_recipes_evaluate_at_their_protocols_crop_ratio(name, crop_ratio):
+    assert load_config(name).eval.crop_ratio == crop_ratio
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.5"])
+def test_an_impossible_crop_ratio_is_refused(bad):
+    with pytest.raises(ConfigError, match="eval.crop_ratio"):
+        load_config("demo", [f"eval.crop_ratio={bad}"])

@@ -184,3 +184,25 @@ def test_a_damaged_zip_is_named_as_such(tmp_path):
     path.write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(DataError, match="images.zip is not a readable .zip"):
         load_dataset(str(path))
+
+
+@pytest.mark.parametrize("size, resolution, ratio", [((300, 400), 224, 0.875), ((37, 50), 32, 1.0), ((64, 40), 24, 0.6)])
+def test_resize_center_crop_is_torchvisions_resize_then_center_crop(size, resolution, ratio):
+    """Evaluation images (ImageNet: resize 256, centre crop 224) as torchvision's transforms make them."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from slimssl.data.decode import resize_center_crop, resize_side
+
+    assert resize_side(224, 0.875) == 256 and resize_side(32, 1.0) == 32
+    images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = resize_center_crop(images, resolution, ratio)
+    resized = TF.resize(images.float(), [resize_side(resolution, ratio)], antialias=True)
+    theirs = TF.center_crop(resized, [resolution, resolution]).round().clamp(0, 255)
+    assert ours.shape == (2, 3, resolution, resolution) and ours.is_contiguous()
+    assert (ours.float() - theirs).abs().max() <= 1  # the same sizes and offsets; float rounding at .5 only
+
+
+def test_digits_at_a_crop_ratio_are_the_centre_of_a_larger_resize():
+    whole = load_dataset("digits", "test", resolution=20)
+    centre = load_dataset("digits", "test", resolution=16, crop_ratio=0.8)
+    assert torch.equal(centre.images, whole.images[..., 2:18, 2:18])

@@ -379,12 +379,17 @@ def test_last_checkpoint_is_written_once_per_epoch(tmp_path, monkeypatch):
     assert written == ["last.pt", "last.pt"]
 
 
-@pytest.mark.parametrize("bn", ["private", "shared"])
-def test_pretraining_knn_equals_the_knn_command_on_its_checkpoint(bn, tmp_path, capsys):
+@pytest.mark.parametrize("bn, crop_ratio", [("private", 1.0), ("shared", 1.0), ("private", 0.75)])
+def test_pretraining_knn_equals_the_knn_command_on_its_checkpoint(bn, crop_ratio, tmp_path, capsys):
     """results.json's kNN is what `slimssl knn RUN` measures: with shared BatchNorm both re-estimate each
-    width's statistics first (the shared running statistics belong to no width in particular)."""
+    width's statistics first (the shared running statistics belong to no width in particular), and with an
+    evaluation crop ratio both evaluate the centre crops, not the training images."""
     data = tiny("byol", train={"epochs": 1})
     data["model"]["bn"] = bn
+    if crop_ratio != 1:  # digits (the fake data is noise made at the resolution, which no ratio changes)
+        data["data"].update(source="digits", resolution=12)
+        data["train"]["max_steps"] = 2
+        data["eval"]["crop_ratio"] = crop_ratio
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(data))
     run = tmp_path / "run"

@@ -111,6 +111,26 @@ def test_streamed_images_equal_decoded_ones(tmp_path):
         streamed.take(torch.tensor([36]))
 
 
+
+def test_a_crop_ratio_keeps_the_centre_and_both_loaders_agree(tmp_path):
+    """eval.crop_ratio R: the shorter side resized to resolution / R, the centre kept; the same pixels whether
+    decoded in memory or streamed."""
+    from slimssl.data.decode import decode_full, resize_center_crop
+
+    root = _folder(tmp_path / "data", {"train": 1, "test": 2})
+    memory, streamed = _both(root, "test", workers=1, crop_ratio=0.6)
+    assert memory.resolution == streamed.resolution == RES
+    assert torch.equal(streamed.take(torch.arange(len(streamed))), memory.images)
+    first = root / "test" / CLASSES[0] / "000.jpg"  # 20 x 20: resized to 20 (12 / 0.6), the centre 12 kept
+    full = decode_full(first.read_bytes())
+    assert torch.equal(memory.images[0], full[:, 4:16, 4:16])
+    assert torch.equal(memory.images[0], resize_center_crop(full[None], RES, 0.6)[0])
+    assert not torch.equal(memory.images, load_dataset(str(root), "test", resolution=RES).images)
+    with pytest.raises(DataError, match="crop_ratio"):
+        StreamedImages(str(root), "test", resolution=RES, crop_ratio=1.5)
+    with pytest.raises(DataError, match="crop_ratio"):
+        load_dataset(str(root), "test", crop_ratio=0.5)  # no resolution to crop to
+
 def test_zip_streams_the_same_images(tmp_path):
     folder = _folder(tmp_path / "data")
     archive = _zip(folder, tmp_path / "data.zip")
@@ -181,6 +201,30 @@ def test_cli_streamed_knn_linear_and_finetune_match_memory(tmp_path, capsys):
                 "--out", str(tmp_path / "ft.json")]
     assert _cli_json(capsys, finetune) == _cli_json(capsys, [*finetune, "--loader", "memory"])
 
+
+
+def test_cli_evaluates_at_the_configs_crop_ratio_or_the_flags(tmp_path, capsys):
+    root = _folder(tmp_path / "data")
+    run = tmp_path / "run"
+    ckpt = _checkpoint(run / "checkpoints" / "last.pt", root, loader="memory")
+    knn = ["knn", str(run), "--json", "--device", "cpu"]
+    default = _cli_json(capsys, knn)
+    protocols = json.loads((run / "results.json").read_text())["protocols"]
+    assert protocols["knn"]["crop_ratio"] == 1.0 and protocols["knn"]["resolution"] == RES
+
+    cropped = _cli_json(capsys, [*knn, "--crop-ratio", "0.5", "--loader", "stream"])
+    assert cropped != default  # other pixels: the centre half of each image
+    assert json.loads((run / "results.json").read_text())["protocols"]["knn"]["crop_ratio"] == 0.5
+    data = load_checkpoint(ckpt)  # the config's eval.crop_ratio is the default
+    data["config"].eval.crop_ratio = 0.5
+    save_checkpoint(ckpt, {**{k: v for k, v in data.items() if k not in ("format", "version")},
+                           "config": data["config"].model_dump(mode="json")})
+    assert _cli_json(capsys, [*knn, "--no-save"]) == cropped
+    assert _cli_json(capsys, [*knn, "--no-save", "--crop-ratio", "1"]) == default
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*knn, "--crop-ratio", "0"])
+    assert exit_info.value.code == 2 and "--crop-ratio" in capsys.readouterr().err
 
 def test_cli_streams_a_zip_and_recalibrates(tmp_path, capsys):
     archive = _zip(_folder(tmp_path / "data"), tmp_path / "data.zip")

@@ -175,6 +175,9 @@ class EvalConfig(Section):
     knn_temperature: float = Field(0.1, gt=0)
     batch_size: int = Field(256, gt=0)
     knn_random_init: bool = Field(True, description="kNN of the untrained network too, as a baseline")
+    crop_ratio: float = Field(
+        1.0, gt=0, le=1, description="evaluation images: the shorter side is resized to data.resolution / crop_ratio "
+        "and the centre data.resolution square kept (ImageNet's protocol: 0.875, resize 256, crop 224)")
 
 
 class Config(Section):

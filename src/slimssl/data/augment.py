@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RECIPE_CROP_SCALE
+from .decode import center_offsets, resized_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,10 +106,9 @@ def eval_transform(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAG
     x = _to_float(images)
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
+        h, w = resized_size(h, w, size)
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        top, left = center_offsets(h, w, size)
         x = x[..., top : top + size, left : left + size].clamp(0, 1)
     return _normalize(x, mean, std)
 

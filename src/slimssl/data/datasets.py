@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode import decode_resized, resize_center_crop
+from .decode import decode_resized, resize_center_crop, resize_side
 from .files import SKIP_HINT, SPLITS, DataError, FileTree, existing_path, list_split, scan_tree, split_prefix
 
 log = logging.getLogger("slimssl")
 
-_CACHE_VERSION = 1  # bump when the decoded output for the same files changes
+_CACHE_VERSION = 2  # bump when the decoded output for the same files changes
 _CHUNK = 256  # files per thread-pool task: amortises the executor overhead
 
 
@@ -95,25 +95,34 @@ def load_dataset(
     skip_unreadable: bool = False,
     fake_size: int = 256,
     seed: int = 0,
+    crop_ratio: float = 1.0,
 ) -> ImageDataset:
-    """Load ``source`` (a built-in name or a path) as an in-memory dataset."""
+    """Load ``source`` (a built-in name or a path) as an in-memory dataset.
+
+    Each image's shorter side is resized to ``resolution / crop_ratio``, and its centre ``resolution`` square
+    kept (``resize_center_crop``): ratio 1 for training, the evaluation's ratio (``eval.crop_ratio``, ImageNet's
+    0.875) for evaluation. ``fake`` images are random pixels made at ``resolution``, whatever the ratio.
+    """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for {source!r}; expected one of {SPLITS}")
     if resolution is not None and resolution < 1:
         raise DataError(f"resolution must be a positive int, got {resolution!r}")
+    if not 0 < crop_ratio <= 1 or (crop_ratio != 1 and resolution is None):
+        raise DataError(f"crop_ratio must be in (0, 1], and 1 without a resolution; got {crop_ratio!r} at "
+                        f"resolution {resolution!r}")
     if source == "digits":
-        return _load_digits(split, resolution)
+        return _load_digits(split, resolution, crop_ratio)
     if source in ("cifar10", "cifar100"):
-        return _load_cifar(source, split, resolution)
+        return _load_cifar(source, split, resolution, crop_ratio)
     if source == "fake":
         return _load_fake(split, resolution or 32, fake_size, seed)
-    return _load_tree(existing_path(source), split, resolution, skip_unreadable)
+    return _load_tree(existing_path(source), split, resolution, skip_unreadable, crop_ratio)
 
 
 # ----------------------------------------------------------------- built-ins
 
 
-def _load_digits(split: str, resolution: int | None) -> ImageDataset:
+def _load_digits(split: str, resolution: int | None, crop_ratio: float) -> ImageDataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -125,8 +134,10 @@ def _load_digits(split: str, resolution: int | None) -> ImageDataset:
     idx = train_idx if split == "train" else test_idx
     grey = torch.from_numpy(raw.images[idx]).float().unsqueeze(1) * (255.0 / 16.0)
     size = resolution or 32
-    grey = F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False)
-    images = grey.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    side = resize_side(size, crop_ratio)
+    grey = F.interpolate(grey, size=(side, side), mode="bilinear", align_corners=False)
+    grey = resize_center_crop(grey.round().clamp(0, 255).to(torch.uint8), size, crop_ratio)  # the centre crop
+    images = grey.expand(-1, 3, -1, -1).contiguous()
     return ImageDataset(
         images, torch.from_numpy(labels[idx]), [str(i) for i in range(10)], "digits", split
     )
@@ -137,7 +148,7 @@ def data_root() -> str:
     return os.path.expanduser(os.environ.get("SLIMSSL_DATA", "~/.cache/slimssl/data"))
 
 
-def _load_cifar(name: str, split: str, resolution: int | None) -> ImageDataset:
+def _load_cifar(name: str, split: str, resolution: int | None, crop_ratio: float) -> ImageDataset:
     from torchvision import datasets
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
@@ -150,8 +161,8 @@ def _load_cifar(name: str, split: str, resolution: int | None) -> ImageDataset:
             f"or pass the path to an ImageFolder tree (or .zip) instead of {name!r}"
         ) from exc
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    if resolution is not None and resolution != images.shape[-1]:
-        images = resize_center_crop(images, resolution)
+    if resolution is not None:
+        images = resize_center_crop(images, resolution, crop_ratio)  # a no-op at 32 px, ratio 1
     labels = torch.as_tensor(ds.targets, dtype=torch.int64)
     return ImageDataset(images, labels, list(ds.classes), name, split)
 
@@ -167,16 +178,17 @@ def _load_fake(split: str, resolution: int, size: int, seed: int) -> ImageDatase
 # ------------------------------------------------------------ folder and zip
 
 
-def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: bool) -> ImageDataset:
+def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: bool,
+               crop_ratio: float) -> ImageDataset:
     tree = scan_tree(path)
     prefix = split_prefix(tree, split)
     paths, labels, classes = list_split(tree, prefix)
     name = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
-    key = _cache_key(tree, split, resolution, skip_unreadable, paths)
+    key = _cache_key(tree, split, (resolution, crop_ratio), skip_unreadable, paths)
 
     cached = _cache_load(key)
     if cached is None:
-        images, kept, skipped = _decode_all(tree, paths, resolution, skip_unreadable)
+        images, kept, skipped = _decode_all(tree, paths, resolution, skip_unreadable, crop_ratio)
         cached = {"images": images, "kept": kept, "skipped": skipped}
         _cache_save(key, cached)
     images, kept, skipped = cached["images"], cached["kept"], cached["skipped"]
@@ -190,23 +202,25 @@ def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: b
 # ------------------------------------------------------- decoding a split
 
 
-def _decode_chunk(tree: FileTree, paths: list[str], resolution: int | None) -> list[torch.Tensor | str]:
+def _decode_chunk(tree: FileTree, paths: list[str], resolution: int | None,
+                  crop_ratio: float) -> list[torch.Tensor | str]:
     """Decode ``paths``; an unreadable file yields its error message instead."""
     out: list[torch.Tensor | str] = []
     for rel in paths:
         try:
-            out.append(decode_resized(tree.read(rel), resolution))
+            out.append(decode_resized(tree.read(rel), resolution, crop_ratio))
         except Exception as exc:  # any decoder failure means "unreadable file"
             out.append(f"{type(exc).__name__}: {exc}")
     return out
 
 
-def _decode_all(tree: FileTree, paths: list[str], resolution: int | None, skip_unreadable: bool):
+def _decode_all(tree: FileTree, paths: list[str], resolution: int | None, skip_unreadable: bool,
+                crop_ratio: float):
     """Decode with a thread pool (decoders release the GIL); returns (images, kept idx, skipped)."""
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     workers = min(len(chunks), 2 * (os.cpu_count() or 1), 32)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = [r for chunk in pool.map(lambda c: _decode_chunk(tree, c, resolution), chunks) for r in chunk]
+        results = [r for chunk in pool.map(lambda c: _decode_chunk(tree, c, resolution, crop_ratio), chunks) for r in chunk]
 
     kept = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
     skipped = [paths[i] for i, r in enumerate(results) if not isinstance(r, torch.Tensor)]

@@ -9,6 +9,7 @@ libjpeg-turbo op where it can, anything else (and anything it rejects) through P
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 import torch
@@ -66,25 +67,45 @@ def decode_full(data: bytes) -> torch.Tensor:
         return torch.from_numpy(to_rgb(img)).permute(2, 0, 1)
 
 
-def decode_resized(data: bytes, resolution: int | None) -> torch.Tensor:
+def decode_resized(data: bytes, resolution: int | None, crop_ratio: float = 1.0) -> torch.Tensor:
     """Bytes -> uint8 [3, R, R] as a decoded dataset holds it (``resize_center_crop`` to ``resolution``; the
     native size when None). Streamed evaluation decodes with this too, so both see the same pixels."""
     img = decode_full(data)
-    return img if resolution is None else resize_center_crop(img[None], resolution)[0]
+    return img if resolution is None else resize_center_crop(img[None], resolution, crop_ratio)[0]
 
 
-def resize_center_crop(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Resize uint8 [N,3,H,W] so the shorter side is ``resolution``, then center crop."""
+def resize_side(resolution: int, crop_ratio: float = 1.0) -> int:
+    """The shorter side an image is resized to before its centre ``resolution`` crop: ``resolution /
+    crop_ratio``, rounded down (224 at ratio 0.875 -> 256, ImageNet's evaluation resize)."""
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio!r}")
+    return max(resolution, math.floor(resolution / crop_ratio + 1e-6))  # 1e-6: 224 / 0.875 is 256, not 255.99
+
+
+def resize_center_crop(images: torch.Tensor, resolution: int, crop_ratio: float = 1.0) -> torch.Tensor:
+    """Resize uint8 [N,3,H,W] so the shorter side is ``resize_side(resolution, crop_ratio)`` (antialiased
+    bilinear), then centre crop ``resolution`` x ``resolution``: torchvision's ``Resize`` + ``CenterCrop``,
+    with their sizes and offsets."""
     h, w = images.shape[-2:]
-    if (h, w) == (resolution, resolution):
-        return images
-    scale = resolution / min(h, w)
-    new_h, new_w = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-    x = F.interpolate(images.float(), size=(new_h, new_w), mode="bilinear",
-                      align_corners=False, antialias=True)
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    x = x[..., top : top + resolution, left : left + resolution]
-    return x.round().clamp(0, 255).to(torch.uint8)
+    side = resize_side(resolution, crop_ratio)
+    if min(h, w) != side:
+        h, w = resized_size(h, w, side)
+        images = F.interpolate(images.float(), size=(h, w), mode="bilinear", align_corners=False,
+                               antialias=True).round().clamp(0, 255).to(torch.uint8)
+    top, left = center_offsets(h, w, resolution)
+    return images[..., top : top + resolution, left : left + resolution].contiguous()
+
+
+def resized_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(height, width) with the shorter side ``side`` and the longer one rounded down, as torchvision's Resize."""
+    if height <= width:
+        return side, max(side, int(side * width / height))
+    return max(side, int(side * height / width)), side
+
+
+def center_offsets(height: int, width: int, size: int) -> tuple[int, int]:
+    """(top, left) of the centre ``size`` square, rounded as torchvision's CenterCrop."""
+    return int(round((height - size) / 2)), int(round((width - size) / 2))
 
 
 def decode_image(data: bytes, min_side: int) -> Image.Image:

@@ -63,14 +63,15 @@ def as_eval_images(images: torch.Tensor | EvalImages) -> EvalImages:
 
 def load_eval_split(source: str, split: str, *, loader: str, resolution: int, workers: int = 0,
                     skip_unreadable: bool = False, fake_size: int = 256, seed: int = 0,
-                    pin_memory: bool = False) -> EvalImages:
-    """``split`` of ``source`` decoded in memory (``loader="memory"``) or streamed (``"stream"``)."""
+                    pin_memory: bool = False, crop_ratio: float = 1.0) -> EvalImages:
+    """``split`` of ``source`` decoded in memory (``loader="memory"``) or streamed (``"stream"``): each image's
+    centre ``crop_ratio`` (of its shorter side) at ``resolution``, see ``load_dataset``."""
     if loader == "stream":
         return StreamedImages(source, split, resolution=resolution, workers=workers,
-                              skip_unreadable=skip_unreadable, pin_memory=pin_memory)
+                              skip_unreadable=skip_unreadable, pin_memory=pin_memory, crop_ratio=crop_ratio)
     if loader == "memory":
         return load_dataset(source, split, resolution=resolution, skip_unreadable=skip_unreadable,
-                            fake_size=fake_size, seed=seed)
+                            fake_size=fake_size, seed=seed, crop_ratio=crop_ratio)
     raise DataError(f"unknown loader {loader!r}; expected one of {LOADERS}")
 
 
@@ -79,15 +80,16 @@ class StreamedImages:
     with ``workers`` loader processes decoding each batch (0: in this process)."""
 
     def __init__(self, source: str, split: str = "test", *, resolution: int, workers: int = 0,
-                 skip_unreadable: bool = False, pin_memory: bool = False):
-        if resolution < 1 or workers < 0:
-            raise DataError(f"need resolution >= 1 and workers >= 0, got {resolution} and {workers}")
+                 skip_unreadable: bool = False, pin_memory: bool = False, crop_ratio: float = 1.0):
+        if resolution < 1 or workers < 0 or not 0 < crop_ratio <= 1:
+            raise DataError(f"need resolution >= 1, workers >= 0 and 0 < crop_ratio <= 1, got {resolution}, "
+                            f"{workers} and {crop_ratio}")
         files = list_labelled_files(source, split)
         self.root, self.split, self.classes = files.root, split, files.classes
         self.name = os.path.splitext(os.path.basename(files.root.rstrip("/")))[0]
         self.labels = None if files.labels is None else torch.as_tensor(files.labels, dtype=torch.int64)
         self.workers, self.pin_memory = workers, pin_memory
-        self.files = DecodedFiles(files.root, files.paths, resolution, files.read)
+        self.files = DecodedFiles(files.root, files.paths, resolution, files.read, crop_ratio)
         if skip_unreadable:
             self._drop_unreadable()
 
@@ -170,18 +172,19 @@ class DecodedFiles(FileListDataset):
     """File index -> (index, uint8 [3, R, R] or None, error or None), decoded as ``load_dataset`` does."""
 
     def __init__(self, root: str, paths: list[str] | np.ndarray, resolution: int,
-                 read: Callable[[str], bytes] | None = None):
+                 read: Callable[[str], bytes] | None = None, crop_ratio: float = 1.0):
         super().__init__(root, paths, read)
-        self.resolution = resolution
+        self.resolution, self.crop_ratio = resolution, crop_ratio
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, decode_resized(self.read(self.paths[index].decode()), self.resolution), None
+            return index, decode_resized(self.read(self.paths[index].decode()), self.resolution,
+                                         self.crop_ratio), None
         except Exception as exc:  # any decoder failure means "unreadable file"
             return index, None, f"{type(exc).__name__}: {exc}"
 
     def subset(self, keep: torch.Tensor) -> DecodedFiles:
-        return DecodedFiles(self.root, self.paths[keep.numpy()], self.resolution, self._read)
+        return DecodedFiles(self.root, self.paths[keep.numpy()], self.resolution, self._read, self.crop_ratio)
 
 
 def collate_decoded(samples: list) -> tuple[torch.Tensor | None, list[Failure]]:

@@ -23,9 +23,15 @@ log = logging.getLogger("slimssl")
 
 # ---- shared helpers ----------------------------------------------------------------------------------
 
-def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int, bool]:
-    """(loader, workers, skip_unreadable) of the evaluation data: ``--loader``/``--workers``/
-    ``--skip-unreadable``, else the checkpoint config's ``data.*``. A built-in dataset is decoded in memory:
+def _crop_ratio(args: argparse.Namespace, cfg) -> float:
+    """The evaluation images' centre crop ratio: ``--crop-ratio``, else the checkpoint config's."""
+    return args.crop_ratio if args.crop_ratio is not None else cfg.eval.crop_ratio
+
+
+def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int, bool, float]:
+    """(loader, workers, skip_unreadable, crop_ratio) of the evaluation data: ``--loader``/``--workers``/
+    ``--skip-unreadable``/``--crop-ratio``, else the checkpoint config's ``data.*`` and ``eval.crop_ratio``.
+    A built-in dataset is decoded in memory:
     asked to stream it, this is an error; a streaming config falls back to memory for it, with a log line."""
     from ..data.files import BUILTIN
     from ..data.views import default_workers
@@ -40,19 +46,20 @@ def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int, bool]
         loader = "memory"
     workers = args.workers if args.workers is not None else cfg.data.workers
     workers = default_workers() if workers is None else workers
-    return loader, workers, args.skip_unreadable or cfg.data.skip_unreadable
+    return loader, workers, args.skip_unreadable or cfg.data.skip_unreadable, _crop_ratio(args, cfg)
 
 
 def _load_split(source: str, split: str, cfg, loader: str = "memory", workers: int = 0,
-                skip_unreadable: bool = False, device=None):
-    """``split`` of ``source`` at the config's resolution, decoded in memory or streamed (``loader``)."""
+                skip_unreadable: bool = False, crop_ratio: float = 1.0, device=None):
+    """``split`` of ``source`` at the config's resolution (each image's centre ``crop_ratio``), decoded in
+    memory or streamed (``loader``)."""
     from ..data.eval_images import load_eval_split
 
     try:
         ds = load_eval_split(source, split, loader=loader, resolution=cfg.data.resolution, workers=workers,
                              skip_unreadable=skip_unreadable, fake_size=cfg.data.fake_size,
                              seed=cfg.train.seed,  # fake data as trained
-                             pin_memory=device is not None and device.type == "cuda")
+                             pin_memory=device is not None and device.type == "cuda", crop_ratio=crop_ratio)
     except ValueError as e:  # DataError: names the path and what was expected
         raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
     if ds.labels is None:
@@ -76,10 +83,12 @@ def _load_data(args: argparse.Namespace, cfg, device):
     from ..data.datasets import check_same_classes
 
     source = args.data or cfg.data.source
-    loader, workers, skip = _loader(args, cfg, source)
-    train, test = (_load_split(source, split, cfg, loader, workers, skip, device) for split in ("train", "test"))
+    options = _loader(args, cfg, source)
+    train, test = (_load_split(source, split, cfg, *options, device=device) for split in ("train", "test"))
     check_same_classes(train, test, source)
+    loader, workers, _, crop_ratio = options
     how = f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory"
+    how += f", centre crop ratio {crop_ratio:g}" if crop_ratio != 1 else ""
     log.info("data %s (%s): %d train, %d test images", source, how, len(train), len(test))
     return source, train, test
 
@@ -120,6 +129,10 @@ def _add_loader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-unreadable", action="store_true",
                    help="skip (memory) or replace (stream) image files that cannot be decoded instead of stopping "
                         "(default: the checkpoint config's data.skip_unreadable)")
+    p.add_argument("--crop-ratio", type=fraction, metavar="R",
+                   help="evaluate each image's centre R (of its shorter side), resized to the run's resolution: "
+                        "resize to resolution / R, then centre crop (default: the config's eval.crop_ratio; "
+                        "ImageNet recipes 0.875, others 1)")
     p.add_argument("--workers", type=nonnegative_int, metavar="N",
                    help="--loader stream: decoding worker processes (default: the config's data.workers, "
                         "else the CPU count, at most 8)")
@@ -159,7 +172,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
     costs = _cost_rows(supernet, res)
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
     settings = {"data": source, "k": k, "temperature": temperature, "bank": "train", "queries": "test",
-                "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn), "resolution": res}
+                "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn), "resolution": res,
+                "crop_ratio": _crop_ratio(args, cfg)}
     _save(args, {r["subnet"]: r for r in rows}, "knn", settings, cfg)
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "knn_top1"]))
     return 0
@@ -186,7 +200,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
                 "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
                 "distill": args.distill, "shared_head": args.shared_head, "augment": args.augment, "seed": args.seed,
                 "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn),
-                "resolution": cfg.data.resolution}
+                "resolution": cfg.data.resolution, "crop_ratio": _crop_ratio(args, cfg)}
     _save(args, {r["subnet"]: r for r in rows}, protocol, settings, cfg)
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", f"{protocol}_top1", f"{protocol}_top5"]))
     return 0
@@ -248,7 +262,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
                               key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}
         settings = {"data": source, "label_fraction": label_fraction, "seed": args.seed,
-                    "recipe": result["recipe"], "indices_file": row["indices_file"]}
+                    "recipe": result["recipe"], "indices_file": row["indices_file"],
+                    "resolution": cfg.data.resolution, "crop_ratio": _crop_ratio(args, cfg)}
         _save(args, values, key.removesuffix("_top1"), settings, cfg)
         return row
 
@@ -282,7 +297,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     supernet.to(device)
     spec = supernet.resolve(args.subnet)
     source = args.data or cfg.data.source
-    train = _load_split(source, "train", cfg, *_loader(args, cfg, source), device)
+    train = _load_split(source, "train", cfg, *_loader(args, cfg, source), device=device)
     bs = args.eval_batch_size or cfg.eval.batch_size
     recalibrate_bn(supernet, spec, calibration_batches(train, args.batches, bs, cfg.data.resolution,
                                                        cfg.data.mean, cfg.data.std, device, args.seed))

@@ -232,7 +232,7 @@ def probe_settings(cfg: Config, epochs: int) -> dict:
             "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
             "distill": False, "shared_head": False, "augment": False, "seed": 0,
             "recalibrate_bn": 0 if cfg.model.bn == "private" else DEFAULT_RECALIBRATE_BATCHES,
-            "resolution": cfg.data.resolution}
+            "resolution": cfg.data.resolution, "crop_ratio": cfg.eval.crop_ratio}
 
 
 def check_saved_probes(jobs: list[Job], probe_epochs: int) -> None:
@@ -264,10 +264,10 @@ class LabelledData:
 
     def splits(self, cfg: Config):
         d = cfg.data
-        key = (d.source, d.resolution, d.fake_size, d.skip_unreadable, cfg.train.seed)
+        key = (d.source, d.resolution, d.fake_size, d.skip_unreadable, cfg.train.seed, cfg.eval.crop_ratio)
         if key not in self._splits:
             kw = dict(resolution=d.resolution, skip_unreadable=d.skip_unreadable, fake_size=d.fake_size,
-                      seed=cfg.train.seed)
+                      seed=cfg.train.seed, crop_ratio=cfg.eval.crop_ratio)
             train, test = (load_dataset(d.source, split, **kw) for split in ("train", "test"))
             check_same_classes(train, test, d.source)
             if train.labels is None or test.labels is None:

@@ -149,19 +149,25 @@ class Trainer:
         if self.train_data.labels is None:
             log.info("the training data has no labels: kNN evaluation is skipped")
             return None
+        d = self.cfg.data
+        crop_ratio = self.cfg.eval.crop_ratio  # evaluation images, as `slimssl knn` decodes them
+
+        def split(name: str) -> ImageDataset:
+            return load_dataset(d.source, name, resolution=d.resolution, skip_unreadable=d.skip_unreadable,
+                                fake_size=d.fake_size, seed=self.cfg.train.seed, crop_ratio=crop_ratio)
+
         try:
-            test = load_dataset(self.cfg.data.source, "test", resolution=self.cfg.data.resolution,
-                                skip_unreadable=self.cfg.data.skip_unreadable, fake_size=self.cfg.data.fake_size,
-                                seed=self.cfg.train.seed)
+            test = split("test")
         except DataError as e:
             log.info("no test split for kNN evaluation (%s): kNN is skipped", e)
             return None
         try:
-            check_same_classes(self.train_data, test, self.cfg.data.source)
+            check_same_classes(self.train_data, test, d.source)
         except DataError as e:  # pretraining needs no labels: only the kNN monitor is lost
             log.warning("%s; kNN evaluation is skipped", e)
             return None
-        return self.train_data, test
+        # The training images are the bank at ratio 1; another ratio decodes the train split once more.
+        return (self.train_data if crop_ratio == 1 else split("train")), test
 
     def _check_bn_groups(self) -> None:
         group = self.cfg.model.bn_group_size
