@@ -307,8 +307,12 @@ def test_crop_scale_resolves_to_the_augmentation_recipes_and_is_saved():
     ("cifar10_r18_dspnet_byol", 1.0),  # CIFAR is evaluated on the whole 32 px image
     ("demo", 1.0),
 ])
-def test_recipes_evaluate_at_their_protocols_crop_ratio(name, crop_ratio):
-    assert load_config(name).eval.crop_ratio == crop_ratio
+def test_recipes_evaluate_with_their_protocols_crops(name, crop_ratio):
+    """ImageNet: centre 0.875 for evaluation, RandomResizedCrop for fine-tuning (and the augmented probe);
+    CIFAR: the whole image, and the padded crop."""
+    cfg = load_config(name)
+    assert cfg.eval.crop_ratio == crop_ratio
+    assert cfg.eval.train_crop == ("resized" if name.startswith("imagenet") else "pad")
 
 
 @pytest.mark.parametrize("bad", ["0", "1.5", "-0.5"])

@@ -15,7 +15,7 @@ from slimssl.eval import linear as linear_mod
 from slimssl.eval.finetune import balanced_subset, finetune_subnet, fraction_key
 from slimssl.eval.linear import (BackboneChangedError, SharedSlimLinear, SwitchableLinear, backbone_fingerprint,
                                  check_backbone_unchanged, linear_probe_subnets, make_heads, probe_step,
-                                 random_crop_flip, subnet_models, topk_accuracy)
+                                 augment_batch, random_crop_flip, subnet_models, topk_accuracy)
 from slimssl.models.build import build_supernet
 
 RES = 8
@@ -114,6 +114,25 @@ def test_topk_accuracy_and_crop_flip():
     assert random_crop_flip(x, 2, torch.Generator().manual_seed(0)).shape == x.shape
 
 
+
+def test_resized_train_crop_zooms_in_and_never_pads():
+    """ImageNet's train crop (RandomResizedCrop + flip) keeps image content at every pixel and magnifies it;
+    CIFAR's (pad, then crop) brings in the zero padding at the shifted border."""
+    ramp = torch.linspace(0, 255, 32).round().to(torch.uint8).expand(64, 3, 32, 32).contiguous()
+    norm = dict(mean=(0.0,) * 3, std=(1.0,) * 3)
+    resized = augment_batch(ramp, 32, **norm, generator=torch.Generator().manual_seed(0), crop="resized")
+    assert resized.shape == (64, 3, 32, 32) and resized.min() >= 0 and resized.max() <= 1
+    rows = resized[:, 0, 16]  # along x: a ramp, rising or (flipped) falling
+    slopes = (rows[:, 1:] - rows[:, :-1]).abs().mean(1) * 31  # 1: the original ramp's; 1 / zoom after a crop
+    assert (slopes < 1.01).all() and slopes.min() < 0.5
+    assert (rows[:, -1] > rows[:, 0]).any() and (rows[:, -1] < rows[:, 0]).any()  # flipped and not
+    ones = torch.full((64, 3, 32, 32), 255, dtype=torch.uint8)
+    assert torch.equal(augment_batch(ones, 32, **norm, generator=torch.Generator(), crop="resized"),
+                       torch.ones(64, 3, 32, 32))
+    assert (augment_batch(ones, 32, **norm, generator=torch.Generator(), crop="pad") == 0).any()
+    with pytest.raises(ValueError, match="unknown train crop"):
+        augment_batch(ones, 32, **norm, generator=torch.Generator(), crop="centre")
+
 # ---- balanced subsets --------------------------------------------------------------------------------
 
 def test_balanced_subset_is_balanced_and_seeded():
@@ -149,7 +168,7 @@ def test_linear_probe_learns_separable_data():
 def test_linear_probe_options_run():
     supernet = tiny_supernet()
     train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
-    for kw in ({"augment": True}, {"distill": True, "shared_head": True}):
+    for kw in ({"augment": True}, {"augment": True, "train_crop": "resized"}, {"distill": True, "shared_head": True}):
         results, heads = linear_probe_subnets(supernet, train, test, epochs=2, batch_size=32, return_heads=True, **kw)
         assert set(results) == set(supernet.menu.names)
         assert isinstance(heads, SharedSlimLinear if kw.get("shared_head") else SwitchableLinear)
@@ -286,6 +305,27 @@ def test_cli_linear_and_finetune_merge_into_run(tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:  # argparse: exit 2 before anything loads
         main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "2"])
     assert refused.value.code == 2
+
+
+def test_cli_train_crop_follows_the_config_or_the_flag_and_is_recorded(tmp_path, capsys):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    common = ["--epochs", "1", "--json", "--device", "cpu"]
+    assert main(["linear", str(run), "--augment", *common]) == 0
+    protocols = json.loads((run / "results.json").read_text())["protocols"]
+    assert protocols["linear_aug"]["train_crop"] == "pad"  # the config's default
+    assert main(["linear", str(run), "--augment", "--train-crop", "resized", *common]) == 0
+    assert json.loads((run / "results.json").read_text())["protocols"]["linear_aug"]["train_crop"] == "resized"
+    capsys.readouterr()
+    assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "0.5", "--train-crop", "resized",
+                 *common]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["recipe"]["crop"] == "resized"
+    with pytest.raises(SystemExit) as refused:
+        main(["linear", str(run), "--augment", "--train-crop", "centre"])
+    assert refused.value.code == 2 and "--train-crop" in capsys.readouterr().err
 
 
 def test_cli_finetune_no_save_leaves_the_run_as_it_was(tmp_path, capsys):

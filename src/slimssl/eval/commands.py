@@ -28,6 +28,11 @@ def _crop_ratio(args: argparse.Namespace, cfg) -> float:
     return args.crop_ratio if args.crop_ratio is not None else cfg.eval.crop_ratio
 
 
+def _train_crop(args: argparse.Namespace, cfg) -> str:
+    """The random crop of fine-tuning and of the augmented probe: ``--train-crop``, else the config's."""
+    return args.train_crop or cfg.eval.train_crop
+
+
 def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int, bool, float]:
     """(loader, workers, skip_unreadable, crop_ratio) of the evaluation data: ``--loader``/``--workers``/
     ``--skip-unreadable``/``--crop-ratio``, else the checkpoint config's ``data.*`` and ``eval.crop_ratio``.
@@ -138,6 +143,13 @@ def _add_loader_args(p: argparse.ArgumentParser) -> None:
                         "else the CPU count, at most 8)")
 
 
+def _add_train_crop_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-crop", choices=["pad", "resized"],
+                   help="the training images' random crop: pad (CIFAR: pad by 1/8 of the size, crop the size) or "
+                        "resized (ImageNet: RandomResizedCrop, 8-100%% of the area); default: the config's "
+                        "eval.train_crop (ImageNet recipes resized, others pad)")
+
+
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
@@ -190,7 +202,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
     results = linear_probe_subnets(
         supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, distill=args.distill,
-        shared_head=args.shared_head, augment=args.augment, device=device, seed=args.seed,
+        shared_head=args.shared_head, augment=args.augment, train_crop=_train_crop(args, cfg), device=device,
+        seed=args.seed,
         feature_batch_size=bs, recalibrate_batches=args.recalibrate_bn)
     protocol = "linear" + ("_shared" if args.shared_head else "") + ("_distill" if args.distill else "") \
         + ("_aug" if args.augment else "")
@@ -198,7 +211,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
     rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
     settings = {"data": source, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                 "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
-                "distill": args.distill, "shared_head": args.shared_head, "augment": args.augment, "seed": args.seed,
+                "distill": args.distill, "shared_head": args.shared_head, "augment": args.augment,
+                "train_crop": _train_crop(args, cfg) if args.augment else None, "seed": args.seed,
                 "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn),
                 "resolution": cfg.data.resolution, "crop_ratio": _crop_ratio(args, cfg)}
     _save(args, {r["subnet"]: r for r in rows}, protocol, settings, cfg)
@@ -242,7 +256,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=args.seed,
                                  epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                  resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
-                                 device=device, recalibrate_batches=args.recalibrate_bn, eval_batch_size=bs)
+                                 device=device, recalibrate_batches=args.recalibrate_bn, eval_batch_size=bs,
+                                 train_crop=_train_crop(args, cfg))
         key = fraction_key(label_fraction)
         stem = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{args.seed}.json"
         if args.out:
@@ -357,7 +372,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--augment", action="store_true",
-                   help="random crop + flip, the backbone runs every step (default: cached features)")
+                   help="random crop (--train-crop) + flip, the backbone runs every step (default: cached features)")
+    _add_train_crop_arg(p)
     p.add_argument("--distill", action="store_true",
                    help="SlimCLR: sub-width heads learn 0.5 CE + 0.5 soft CE to the full-width head")
     p.add_argument("--shared-head", action="store_true", help="one slimmable head shared by all sub-networks")
@@ -375,6 +391,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=positive_float, help="lr at batch 256, scaled with the batch (default 0.05)")
     p.add_argument("--batch-size", type=positive_int, help="default 256 (or the whole subset when smaller)")
     p.add_argument("--seed", type=int, default=0, help="draws the labelled subset and the training order")
+    _add_train_crop_arg(p)
     p.add_argument("--out", type=output_file(".json"),
                    help="JSON file for the result and the labelled indices, when there is one result (default: "
                         "RUN/finetune/<subnet>_<pct>pct_seed<S>.json; none with --no-save)")

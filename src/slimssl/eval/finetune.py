@@ -6,7 +6,8 @@ split (drawn from a fixed seed; the indices are saved with the results); top-1/t
 
 Recipes (after SimCLR's semi-supervised protocol, scaled down for small data): SGD with Nesterov
 momentum 0.9, no weight decay, lr 0.05 x batch/256 with a per-step cosine schedule, batch 256 (or the
-whole subset when smaller), random crop (padding size/8) + horizontal flip, BatchNorm in train mode.
+whole subset when smaller), a random crop (``crop``: ``pad``, CIFAR's padding of size/8, or ``resized``,
+ImageNet's RandomResizedCrop; see ``eval/linear.py``) + horizontal flip, BatchNorm in train mode.
 
 * ``label_fraction <= 0.05`` (the 1% recipe): 60 epochs;
 * larger fractions (the 10% recipe): 30 epochs;
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
-from .linear import augment_batch, output_classes, subnet_models, topk_accuracy
+from .linear import TRAIN_CROPS, augment_batch, output_classes, subnet_models, topk_accuracy
 
 log = logging.getLogger("slimssl")
 
@@ -38,6 +39,7 @@ class FinetuneRecipe:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 0.0
+    crop: str = "pad"         # the training crop: pad (CIFAR) or resized (ImageNet), see augment_batch
     min_steps: int = 100
 
 
@@ -89,7 +91,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
                     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
                     resolution: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
                     recalibrate_batches: int | None = None, eval_batch_size: int = 256,
-                    min_steps: int | None = None) -> dict:
+                    min_steps: int | None = None, train_crop: str | None = None) -> dict:
     """Fine-tune the exported ``subnet`` on a balanced ``label_fraction`` of ``train``; evaluate on ``test``.
 
     ``train`` and ``test`` are labelled datasets, in memory or streamed (``data/eval_images.py``); of a streamed
@@ -104,10 +106,10 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     resolution = resolution or train.resolution
     recipe = default_recipe(label_fraction)
     recipe = replace(recipe, **{k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
-                                                                   min_steps=min_steps).items()
+                                                                   min_steps=min_steps, crop=train_crop).items()
                                 if v is not None})
-    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {recipe}")
+    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0 or recipe.crop not in TRAIN_CROPS:
+        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0 and a crop in {TRAIN_CROPS}, got {recipe}")
     indices = balanced_subset(train.labels, label_fraction, seed)
     num_classes = output_classes(train, test)
 
@@ -138,7 +140,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
             perm, cursor = torch.randperm(n, generator=gen), 0
         idx = perm[cursor:cursor + batch]
         cursor += batch
-        x = augment_batch(images[idx].to(device), resolution, mean, std, gen)
+        x = augment_batch(images[idx].to(device), resolution, mean, std, gen, recipe.crop)
         loss = F.cross_entropy(model(x), labels[idx.to(device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

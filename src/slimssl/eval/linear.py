@@ -14,8 +14,10 @@ Recipe defaults, chosen for small data on a CPU and documented here:
 
 Options: ``distill`` (SlimCLR): sub-width heads minimise 0.5 CE + 0.5 soft CE to the full-width head's
 detached predictions; ``shared_head``: one slimmable head, a weight [C, D_full] of which a sub-network
-uses the leading ``D`` columns (the comparison of the SlimCLR paper); ``augment``: random crop (padding
-1/8 of the size) + flip, with the backbone run at every step.
+uses the leading ``D`` columns (the comparison of the SlimCLR paper); ``augment``: a random crop and a flip,
+with the backbone run at every step. The crop (``train_crop``, also fine-tuning's) is ``pad``, CIFAR's
+(padding 1/8 of the size, then a crop of the size), or ``resized``, ImageNet's RandomResizedCrop (8-100% of
+the area, aspect 3/4-4/3) of the evaluation image.
 
 The backbone is fingerprinted (a hash of every parameter and buffer) before and after; a change raises
 :class:`BackboneChangedError`.
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, eval_transform, geometric_view
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.layers import recalibrate_bn
 from ..nn.spec import Menu, SubnetSpec
@@ -184,10 +186,20 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) 
     return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: torch.Generator) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> resized, randomly cropped (padding size/8) and flipped, normalised float."""
+TRAIN_CROPS = ("pad", "resized")  # the augmented probe's and fine-tuning's crops (module docstring)
+
+
+def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: torch.Generator,
+                  crop: str = "pad") -> torch.Tensor:
+    """uint8 [B,3,H,W] -> resized, randomly cropped (``crop``: ``pad`` or ``resized``) and flipped, normalised
+    float."""
     x = eval_transform(images, resolution, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    x = random_crop_flip(x, max(1, resolution // 8), generator)
+    if crop == "pad":
+        x = random_crop_flip(x, max(1, resolution // 8), generator)
+    elif crop == "resized":  # ViewRecipe's defaults: 8-100% of the area, aspect 3/4-4/3, flip 1/2
+        x = geometric_view(x, ViewRecipe(), resolution, generator)
+    else:
+        raise ValueError(f"unknown train crop {crop!r}; expected one of {TRAIN_CROPS}")
     return normalize(x, mean, std)
 
 
@@ -266,7 +278,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
                          std=IMAGENET_STD, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
                          batch_size: int = DEFAULT_BATCH_SIZE, momentum: float = DEFAULT_MOMENTUM,
                          weight_decay: float = 0.0, distill: bool = False, shared_head: bool = False,
-                         augment: bool = False, standardize: bool = True,
+                         augment: bool = False, train_crop: str = "pad", standardize: bool = True,
                          subnets: Sequence[SubnetSpec | str] | None = None, device="cpu", seed: int = 0,
                          feature_batch_size: int = 256, recalibrate_batches: int | None = None,
                          return_heads: bool = False):
@@ -280,6 +292,8 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
         raise ValueError(f"the linear probe needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+    if train_crop not in TRAIN_CROPS:
+        raise ValueError(f"unknown train_crop {train_crop!r}; expected one of {TRAIN_CROPS}")
     device = torch.device(device)
     resolution = resolution or train.resolution
     specs = [supernet.resolve(s) for s in subnets] if subnets else list(supernet.menu)
@@ -320,7 +334,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
         for idx, batch in _epoch_batches(train, perm, batch_size, augment):
             dev_idx = idx.to(device, non_blocking=True)
             if augment:
-                x = augment_batch(batch.to(device), resolution, mean, std, gen)
+                x = augment_batch(batch.to(device), resolution, mean, std, gen, train_crop)
                 feats = {}
                 with torch.no_grad():
                     for n, spec in zip(names, specs):

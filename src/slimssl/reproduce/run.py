@@ -230,7 +230,7 @@ def probe_settings(cfg: Config, epochs: int) -> dict:
     """What ``slimssl linear`` stores under protocols.linear: per-sub-network heads, cached features."""
     return {"data": cfg.data.source, "epochs": epochs, "lr": DEFAULT_LR, "batch_size": DEFAULT_BATCH_SIZE,
             "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
-            "distill": False, "shared_head": False, "augment": False, "seed": 0,
+            "distill": False, "shared_head": False, "augment": False, "train_crop": None, "seed": 0,
             "recalibrate_bn": 0 if cfg.model.bn == "private" else DEFAULT_RECALIBRATE_BATCHES,
             "resolution": cfg.data.resolution, "crop_ratio": cfg.eval.crop_ratio}
 
