@@ -410,3 +410,43 @@ def test_each_split_is_read_once_for_all_subnets():
     reads.clear()
     results = linear_probe_subnets(supernet, train, test, epochs=1, **kw)
     assert set(results) == set(supernet.menu.names) and reads == ["train", "test"]
+
+
+# ---- the Python functions ----------------------------------------------------------------------------
+
+def test_python_protocols_equal_the_commands_and_merge_into_the_run(tmp_path, capsys):
+    import slimssl
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    rows = slimssl.knn(run, device="cpu", save=False)
+    assert not (run / "results.json").exists()  # save=False writes nothing
+    assert main(["knn", str(run), "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out) == rows
+    assert [r["subnet"] for r in rows] == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"] and rows[0]["params"] > 0
+
+    probe = slimssl.linear_probe(run / "checkpoints" / "last.pt", epochs=1, device="cpu", crop_ratio=0.5)
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["protocols"]["linear"]["crop_ratio"] == 0.5
+    assert {r["subnet"]: r["linear_top1"] for r in saved["subnets"]} == {r["subnet"]: r["linear_top1"] for r in probe}
+
+    (row,) = slimssl.finetune(run, 0.5, 0.25, epochs=1, device="cpu", save=False, out=tmp_path / "ft.json")
+    assert row["subnet"] == "w0p5_d1-1-1-1" and json.loads((tmp_path / "ft.json").read_text()) == row
+    assert not (run / "finetune").exists()
+
+
+def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
+    import slimssl
+
+    make_checkpoint(tmp_path / "model.pt")
+    with pytest.raises(slimssl.SlimsslError, match="0.3"):
+        slimssl.finetune(tmp_path / "model.pt", ["0.5", "0.3:9,9,9,9"], 0.1, device="cpu", data="/no/such/folder")
+    with pytest.raises(slimssl.SlimsslError, match=r"\(0, 1\]"):
+        slimssl.finetune(tmp_path / "model.pt", "all", [0.1, 2.0], device="cpu")
+    with pytest.raises(slimssl.SlimsslError, match="one JSON file"):
+        slimssl.finetune(tmp_path / "model.pt", "all", 0.1, out=tmp_path / "one.json", device="cpu")
+    with pytest.raises(TypeError, match="crop_ratio"):  # the message lists the data keywords
+        slimssl.knn(tmp_path / "model.pt", crop=0.5)
+    with pytest.raises(slimssl.SlimsslError, match="no/such/folder"):
+        slimssl.knn(tmp_path / "model.pt", data="/no/such/folder", device="cpu")

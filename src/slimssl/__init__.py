@@ -26,10 +26,12 @@ _EXPORTS = {
     "Menu": ".nn.spec", "SubnetSpec": ".nn.spec",
     "SlimsslError": ".errors",
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
+    "knn": ".eval.evaluate", "linear_probe": ".eval.evaluate", "finetune": ".eval.evaluate",
 }
 __all__ = [
     "Config", "Menu", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError", "SubnetSpec", "build_supernet",
-    "export_subnet", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pretrain", "recalibrate_bn",
+    "export_subnet", "finetune", "knn", "linear_probe", "load_checkpoint", "load_config", "load_exported",
+    "load_supernet", "pretrain", "recalibrate_bn",
 ]
 
 
@@ -49,6 +51,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .checkpoint import load_checkpoint, load_supernet
     from .config import Config, load_config
     from .errors import SlimsslError
+    from .eval.evaluate import finetune, knn, linear_probe
     from .export import export_subnet, load_exported
     from .models.build import build_supernet
     from .models.plain import PlainResNet

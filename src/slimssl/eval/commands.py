@@ -1,6 +1,7 @@
 """CLI subcommands of the evaluation protocols (knn, linear, finetune, recalibrate, report).
 
-Each command is a thin layer over :mod:`slimssl.eval` and :mod:`slimssl.report`. Run on a checkpoint that
+Each command is a thin layer over :mod:`slimssl.eval` (knn, linear and finetune over their Python functions in
+``evaluate.py``) and :mod:`slimssl.report`. Run on a checkpoint that
 lives in a run directory (``RUN`` or ``RUN/checkpoints/X.pt``), knn/linear/finetune merge their values
 into ``RUN/results.json`` (per sub-network) unless ``--no-save`` is given. The data is decoded in memory or
 streamed from its files (``--loader``, default the checkpoint config's ``data.loader``): see
@@ -10,7 +11,6 @@ streamed from its files (``--loader``, default the checkpoint config's ``data.lo
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -23,107 +23,16 @@ log = logging.getLogger("slimssl")
 
 # ---- shared helpers ----------------------------------------------------------------------------------
 
-def _crop_ratio(args: argparse.Namespace, cfg) -> float:
-    """The evaluation images' centre crop ratio: ``--crop-ratio``, else the checkpoint config's."""
-    return args.crop_ratio if args.crop_ratio is not None else cfg.eval.crop_ratio
+def _data_keywords(args: argparse.Namespace) -> dict:
+    """The data flags as the keywords of the protocols in ``evaluate.py`` (``DataOptions``)."""
+    return dict(data=args.data, loader=args.loader, workers=args.workers, skip_unreadable=args.skip_unreadable,
+                crop_ratio=args.crop_ratio)
 
 
-def _train_crop(args: argparse.Namespace, cfg) -> str:
-    """The random crop of fine-tuning and of the augmented probe: ``--train-crop``, else the config's."""
-    return args.train_crop or cfg.eval.train_crop
-
-
-def _loader(args: argparse.Namespace, cfg, source: str) -> tuple[str, int, bool, float]:
-    """(loader, workers, skip_unreadable, crop_ratio) of the evaluation data: ``--loader``/``--workers``/
-    ``--skip-unreadable``/``--crop-ratio``, else the checkpoint config's ``data.*`` and ``eval.crop_ratio``.
-    A built-in dataset is decoded in memory:
-    asked to stream it, this is an error; a streaming config falls back to memory for it, with a log line."""
-    from ..data.files import BUILTIN
-    from ..data.views import default_workers
-
-    loader = args.loader or cfg.data.loader
-    if loader == "stream" and source in BUILTIN:
-        if args.loader == "stream":
-            raise UsageError(f"--loader stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
-                             "dataset, decoded in memory: use --loader memory (or pass a folder with --data)")
-        log.info("data %r is a built-in dataset: decoded in memory (the checkpoint's data.loader stream reads "
-                 "folders and .zip files only)", source)
-        loader = "memory"
-    workers = args.workers if args.workers is not None else cfg.data.workers
-    workers = default_workers() if workers is None else workers
-    return loader, workers, args.skip_unreadable or cfg.data.skip_unreadable, _crop_ratio(args, cfg)
-
-
-def _load_split(source: str, split: str, cfg, loader: str = "memory", workers: int = 0,
-                skip_unreadable: bool = False, crop_ratio: float = 1.0, device=None):
-    """``split`` of ``source`` at the config's resolution (each image's centre ``crop_ratio``), decoded in
-    memory or streamed (``loader``)."""
-    from ..data.eval_images import load_eval_split
-
-    try:
-        ds = load_eval_split(source, split, loader=loader, resolution=cfg.data.resolution, workers=workers,
-                             skip_unreadable=skip_unreadable, fake_size=cfg.data.fake_size,
-                             seed=cfg.train.seed,  # fake data as trained
-                             pin_memory=device is not None and device.type == "cuda", crop_ratio=crop_ratio)
-    except ValueError as e:  # DataError: names the path and what was expected
-        raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
-    if ds.labels is None:
-        raise UsageError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
-                         "evaluation needs a labelled dataset: pass one with --data")
-    return ds
-
-
-def _load_model(args: argparse.Namespace):
-    """Supernet (eval mode, on the device), its config and the device."""
-    from ..checkpoint import load_supernet
-    from ..devices import pick_device
-
-    supernet, cfg = load_supernet(args.checkpoint)
-    device = pick_device(args.device)
-    return supernet.to(device).eval(), cfg, device
-
-
-def _load_data(args: argparse.Namespace, cfg, device):
-    """The data source and its train/test splits (in memory or streamed, see ``_loader``)."""
-    from ..data.datasets import check_same_classes
-
-    source = args.data or cfg.data.source
-    options = _loader(args, cfg, source)
-    train, test = (_load_split(source, split, cfg, *options, device=device) for split in ("train", "test"))
-    check_same_classes(train, test, source)
-    loader, workers, _, crop_ratio = options
-    how = f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory"
-    how += f", centre crop ratio {crop_ratio:g}" if crop_ratio != 1 else ""
-    log.info("data %s (%s): %d train, %d test images", source, how, len(train), len(test))
-    return source, train, test
-
-
-def _setup(args: argparse.Namespace):
-    """Supernet, config, device, data source and its train/test splits."""
-    supernet, cfg, device = _load_model(args)
-    return (supernet, cfg, device, *_load_data(args, cfg, device))
-
-
-def _cost_rows(supernet, resolution: int) -> dict[str, dict]:
-    """subnet, width, depths, params, macs of every menu entry (backbone only, at ``resolution``)."""
-    from ..report.profile import profile_supernet
-
-    rows = profile_supernet(supernet, resolution, latency=False)
-    return {r["subnet"]: r for r in rows}
-
-
-def _save(args: argparse.Namespace, values: dict[str, dict], protocol: str, settings: dict, cfg) -> Path | None:
-    """Merge ``values`` into the run directory's results.json when the checkpoint is in one."""
-    from .results import merge_results, run_dir_of
-
-    run_dir = None if args.no_save else run_dir_of(args.checkpoint)
-    if run_dir is None:
-        return None
-    path = merge_results(run_dir, values, protocol=protocol, settings=settings,
-                         defaults={"run": run_dir.name, "config": cfg.model_dump(mode="json"),
-                                   "resolution": cfg.data.resolution})
-    log.info("merged %s results into %s", protocol, path)
-    return path
+def _common_keywords(args: argparse.Namespace) -> dict:
+    """The flags every protocol command shares, as the keywords of its function in ``evaluate.py``."""
+    return dict(device=args.device, eval_batch_size=args.eval_batch_size, recalibrate_bn=args.recalibrate_bn,
+                save=not args.no_save, **_data_keywords(args))
 
 
 def _add_loader_args(p: argparse.ArgumentParser) -> None:
@@ -163,130 +72,38 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
-# ---- knn ---------------------------------------------------------------------------------------------
+# ---- knn, linear, finetune ---------------------------------------------------------------------------
 
 def cmd_knn(args: argparse.Namespace) -> int:
     from ..report.table import markdown_table
-    from .knn import knn_eval_subnets
-    from .linear import resolve_recalibration, subnet_models
+    from .evaluate import knn
 
-    supernet, cfg, device, source, train, test = _setup(args)
-    k = args.k or cfg.eval.knn_k
-    temperature = args.temperature or cfg.eval.knn_temperature
-    bs = args.eval_batch_size or cfg.eval.batch_size
-    res, mean, std = cfg.data.resolution, cfg.data.mean, cfg.data.std
-    models = subnet_models(supernet, list(supernet.menu), train, recalibrate_batches=args.recalibrate_bn,
-                           batch_size=bs, resolution=res, mean=mean, std=std, device=device)
-    accs = knn_eval_subnets(supernet, train, test, k=k, temperature=temperature, resolution=res, mean=mean, std=std,
-                            batch_size=bs, device=device, models=models)
-    for name, acc in accs.items():
-        log.info("kNN %s: top-1 %.2f", name, acc)
-    costs = _cost_rows(supernet, res)
-    rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
-    settings = {"data": source, "k": k, "temperature": temperature, "bank": "train", "queries": "test",
-                "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn), "resolution": res,
-                "crop_ratio": _crop_ratio(args, cfg)}
-    _save(args, {r["subnet"]: r for r in rows}, "knn", settings, cfg)
+    rows = knn(args.checkpoint, k=args.k, temperature=args.temperature, **_common_keywords(args))
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "knn_top1"]))
     return 0
 
 
-# ---- linear ------------------------------------------------------------------------------------------
-
 def cmd_linear(args: argparse.Namespace) -> int:
     from ..report.table import markdown_table
-    from .linear import linear_probe_subnets, resolve_recalibration
+    from .evaluate import linear_probe
 
-    supernet, cfg, device, source, train, test = _setup(args)
-    bs = args.eval_batch_size or cfg.eval.batch_size
-    results = linear_probe_subnets(
-        supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, distill=args.distill,
-        shared_head=args.shared_head, augment=args.augment, train_crop=_train_crop(args, cfg), device=device,
-        seed=args.seed,
-        feature_batch_size=bs, recalibrate_batches=args.recalibrate_bn)
-    protocol = "linear" + ("_shared" if args.shared_head else "") + ("_distill" if args.distill else "") \
-        + ("_aug" if args.augment else "")
-    costs = _cost_rows(supernet, cfg.data.resolution)
-    rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
-    settings = {"data": source, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
-                "distill": args.distill, "shared_head": args.shared_head, "augment": args.augment,
-                "train_crop": _train_crop(args, cfg) if args.augment else None, "seed": args.seed,
-                "recalibrate_bn": resolve_recalibration(supernet, args.recalibrate_bn),
-                "resolution": cfg.data.resolution, "crop_ratio": _crop_ratio(args, cfg)}
-    _save(args, {r["subnet"]: r for r in rows}, protocol, settings, cfg)
-    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", f"{protocol}_top1", f"{protocol}_top5"]))
+    rows = linear_probe(args.checkpoint, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                        augment=args.augment, train_crop=args.train_crop, distill=args.distill,
+                        shared_head=args.shared_head, **_common_keywords(args))
+    metrics = [k for k in rows[0] if k.startswith("linear")]
+    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *metrics]))
     return 0
-
-
-# ---- finetune ----------------------------------------------------------------------------------------
-
-def _finetune_targets(args: argparse.Namespace, supernet) -> list[tuple]:
-    """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
-    without repeats; the sub-networks (``--subnet``, or ``--all``: the menu) are checked before any data is
-    decoded."""
-    if bool(args.subnet) == bool(args.all):
-        raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
-    specs = list(supernet.menu) if args.all else list(dict.fromkeys(supernet.resolve(t) for t in args.subnet))
-    fractions = list(dict.fromkeys(args.label_fraction))
-    jobs = [(spec, f) for spec in specs for f in fractions]
-    if args.out and len(jobs) > 1:
-        raise UsageError(f"--out names one JSON file, but {len(specs)} sub-network(s) x {len(fractions)} label "
-                         f"fraction(s) give {len(jobs)} results: drop --out (each result goes to "
-                         "RUN/finetune/<subnet>_<pct>pct_seed<S>.json) or ask for one of each")
-    return jobs
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..report.table import markdown_table
-    from .finetune import finetune_subnet, fraction_key
-    from .results import run_dir_of
+    from .evaluate import finetune
 
-    supernet, cfg, device = _load_model(args)
-    jobs = _finetune_targets(args, supernet)  # an impossible sub-network fails before any data is decoded
-    source, train, test = _load_data(args, cfg, device)
-    bs = args.eval_batch_size or cfg.eval.batch_size
-    costs = _cost_rows(supernet, cfg.data.resolution)
-    run_dir = None if args.no_save else run_dir_of(args.checkpoint)
-
-    def finetune(spec, label_fraction: float) -> dict:
-        """One result: written to its JSON file and merged into the run before the next one starts, so a
-        failure later keeps what was measured."""
-        result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=args.seed,
-                                 epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                 resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
-                                 device=device, recalibrate_batches=args.recalibrate_bn, eval_batch_size=bs,
-                                 train_crop=_train_crop(args, cfg))
-        key = fraction_key(label_fraction)
-        stem = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{args.seed}.json"
-        if args.out:
-            out = Path(args.out)
-        elif args.no_save:  # --no-save writes nothing beside the checkpoint; --out still names a file to write
-            out = None
-        else:
-            out = (run_dir / "finetune" / stem) if run_dir else \
-                Path(args.checkpoint).resolve().parent / f"finetune_{stem}"
-        cost = costs.get(spec.name, {"subnet": spec.name})  # a sub-network outside the menu has no profile row
-        row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
-               "indices_file": str(out) if out else None}
-        if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(row, indent=2) + "\n")
-            log.info("saved the fine-tuning result and the labelled indices to %s", out)
-        values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
-                              key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}
-        settings = {"data": source, "label_fraction": label_fraction, "seed": args.seed,
-                    "recipe": result["recipe"], "indices_file": row["indices_file"],
-                    "resolution": cfg.data.resolution, "crop_ratio": _crop_ratio(args, cfg)}
-        _save(args, values, key.removesuffix("_top1"), settings, cfg)
-        return row
-
-    rows = []
-    for i, (spec, label_fraction) in enumerate(jobs):
-        if len(jobs) > 1:
-            log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
-        rows.append(finetune(spec, label_fraction))
+    if bool(args.subnet) == bool(args.all):
+        raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
+    rows = finetune(args.checkpoint, "all" if args.all else args.subnet, args.label_fraction, epochs=args.epochs,
+                    lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_crop=args.train_crop,
+                    out=args.out, **_common_keywords(args))
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "label_fraction", "num_labelled",
                                            "top1", "top5"]))
     return 0
@@ -298,6 +115,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from ..checkpoint import BACKBONE_PREFIX, load_checkpoint, save_checkpoint, supernet_of
     from ..devices import pick_device
     from ..nn.layers import recalibrate_bn
+    from .evaluate import DataOptions
     from .linear import calibration_batches
 
     source_file = Path(args.checkpoint)
@@ -311,8 +129,9 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     supernet.to(device)
     spec = supernet.resolve(args.subnet)
-    source = args.data or cfg.data.source
-    train = _load_split(source, "train", cfg, *_loader(args, cfg, source), device=device)
+    options = DataOptions.of(_data_keywords(args))
+    source = options.source(cfg)
+    train = options.load_split(cfg, "train", device)
     bs = args.eval_batch_size or cfg.eval.batch_size
     recalibrate_bn(supernet, spec, calibration_batches(train, args.batches, bs, cfg.data.resolution,
                                                        cfg.data.mean, cfg.data.std, device, args.seed))

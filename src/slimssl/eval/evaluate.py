@@ -1,0 +1,275 @@
+"""The evaluation protocols of a pretrained run, from Python: ``slimssl.knn``, ``slimssl.linear_probe`` and
+``slimssl.finetune``, each the same as its command (``slimssl knn`` / ``linear`` / ``finetune``).
+
+Each takes a checkpoint file or a run directory and returns one row per result, the rows the command
+prints with ``--json``: the sub-network, its params and MACs, and the measured values. Run on a checkpoint
+inside a run directory, the values are merged into ``RUN/results.json`` with the protocol's settings, unless
+``save=False``.
+
+The keywords every protocol shares say where the images come from and how they are read:
+
+* ``data``: a dataset name or path (default: the checkpoint config's ``data.source``);
+* ``loader`` (``"memory"`` or ``"stream"``), ``workers``, ``skip_unreadable``: how the splits are decoded
+  (default: the config's ``data.*``; see ``data/eval_images.py``);
+* ``crop_ratio``: the centre crop of the evaluation images (default: the config's ``eval.crop_ratio``);
+* ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``), ``eval_batch_size`` (default: ``eval.batch_size``) and
+  ``recalibrate_bn`` (train batches to re-estimate each sub-network's BatchNorm statistics on; default 20
+  for shared BatchNorm, else 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import UsageError
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
+
+log = logging.getLogger("slimssl")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where the evaluation images come from and how they are read (module docstring); None: the config's."""
+
+    data: str | None = None
+    loader: str | None = None
+    workers: int | None = None
+    skip_unreadable: bool = False
+    crop_ratio: float | None = None
+
+    @classmethod
+    def of(cls, keywords: dict) -> DataOptions:
+        """The options among a protocol's ``**data`` keywords; a keyword that is none of them is an error."""
+        unknown = sorted(set(keywords) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown keyword(s) {', '.join(unknown)}; the data keywords are "
+                            f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**keywords)
+
+    def source(self, cfg) -> str:
+        return self.data or cfg.data.source
+
+    def resolved_crop_ratio(self, cfg) -> float:
+        return self.crop_ratio if self.crop_ratio is not None else cfg.eval.crop_ratio
+
+    def load_split(self, cfg, split: str, device=None):
+        """``split`` at the config's resolution, decoded in memory or streamed. A built-in dataset is decoded in
+        memory: asked to stream it, this is an error; a streaming config falls back to memory, with a log line."""
+        from ..data.eval_images import load_eval_split
+        from ..data.files import BUILTIN
+        from ..data.views import default_workers
+
+        source = self.source(cfg)
+        loader = self.loader or cfg.data.loader
+        if loader == "stream" and source in BUILTIN:
+            if self.loader == "stream":
+                raise UsageError(f"--loader stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
+                                 "dataset, decoded in memory: use --loader memory (or pass a folder with --data)")
+            log.info("data %r is a built-in dataset: decoded in memory (the checkpoint's data.loader stream reads "
+                     "folders and .zip files only)", source)
+            loader = "memory"
+        workers = self.workers if self.workers is not None else cfg.data.workers
+        workers = default_workers() if workers is None else workers
+        try:
+            images = load_eval_split(source, split, loader=loader, resolution=cfg.data.resolution, workers=workers,
+                                     skip_unreadable=self.skip_unreadable or cfg.data.skip_unreadable,
+                                     fake_size=cfg.data.fake_size, seed=cfg.train.seed,  # fake data as trained
+                                     pin_memory=device is not None and device.type == "cuda",
+                                     crop_ratio=self.resolved_crop_ratio(cfg))
+        except ValueError as e:  # DataError: names the path and what was expected
+            raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
+        if images.labels is None:
+            raise UsageError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
+                             "evaluation needs a labelled dataset: pass one with --data")
+        crop_ratio = self.resolved_crop_ratio(cfg)
+        log.info("%s split of %s: %d images, %s%s", split, source, len(images),
+                 f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory",
+                 f", centre crop ratio {crop_ratio:g}" if crop_ratio != 1 else "")
+        return images
+
+    def load_splits(self, cfg, device=None):
+        """The train and test splits, which must name the same classes."""
+        from ..data.datasets import check_same_classes
+
+        train, test = (self.load_split(cfg, split, device) for split in ("train", "test"))
+        check_same_classes(train, test, self.source(cfg))
+        return train, test
+
+
+def load_model(checkpoint: str | Path, device: str = "auto"):
+    """Supernet (eval mode, on the device), its config and the device."""
+    from ..checkpoint import load_supernet
+    from ..devices import pick_device
+
+    supernet, cfg = load_supernet(checkpoint)
+    torch_device = pick_device(device)
+    return supernet.to(torch_device).eval(), cfg, torch_device
+
+
+def cost_rows(supernet, resolution: int) -> dict[str, dict]:
+    """subnet, width, depths, params, macs of every menu entry (backbone only, at ``resolution``)."""
+    from ..report.profile import profile_supernet
+
+    return {r["subnet"]: r for r in profile_supernet(supernet, resolution, latency=False)}
+
+
+def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: dict, cfg, save: bool) -> Path | None:
+    """Merge ``values`` into the run directory's results.json when the checkpoint is in one and ``save``."""
+    from .results import merge_results, run_dir_of
+
+    run_dir = run_dir_of(checkpoint) if save else None
+    if run_dir is None:
+        return None
+    path = merge_results(run_dir, values, protocol=protocol, settings=settings,
+                         defaults={"run": run_dir.name, "config": cfg.model_dump(mode="json"),
+                                   "resolution": cfg.data.resolution})
+    log.info("merged %s results into %s", protocol, path)
+    return path
+
+
+# ---- the protocols -----------------------------------------------------------------------------------
+
+def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | None = None, device: str = "auto",
+        eval_batch_size: int | None = None, recalibrate_bn: int | None = None, save: bool = True,
+        **data) -> list[dict]:
+    """Weighted kNN top-1 of every sub-network (train split the bank, test split the queries; k and T default
+    to the config's ``eval.knn_k`` and ``eval.knn_temperature``)."""
+    from .knn import knn_eval_subnets
+    from .linear import resolve_recalibration, subnet_models
+
+    options = DataOptions.of(data)
+    supernet, cfg, torch_device = load_model(checkpoint, device)
+    train, test = options.load_splits(cfg, torch_device)
+    k = k or cfg.eval.knn_k
+    temperature = temperature or cfg.eval.knn_temperature
+    bs = eval_batch_size or cfg.eval.batch_size
+    res, mean, std = cfg.data.resolution, cfg.data.mean, cfg.data.std
+    models = subnet_models(supernet, list(supernet.menu), train, recalibrate_batches=recalibrate_bn,
+                           batch_size=bs, resolution=res, mean=mean, std=std, device=torch_device)
+    accs = knn_eval_subnets(supernet, train, test, k=k, temperature=temperature, resolution=res, mean=mean, std=std,
+                            batch_size=bs, device=torch_device, models=models)
+    for name, acc in accs.items():
+        log.info("kNN %s: top-1 %.2f", name, acc)
+    costs = cost_rows(supernet, res)
+    rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
+    settings = {"data": options.source(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
+                "recalibrate_bn": resolve_recalibration(supernet, recalibrate_bn), "resolution": res,
+                "crop_ratio": options.resolved_crop_ratio(cfg)}
+    save_values(checkpoint, {r["subnet"]: r for r in rows}, "knn", settings, cfg, save)
+    return rows
+
+
+def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
+                 batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, augment: bool = False,
+                 train_crop: str | None = None, distill: bool = False, shared_head: bool = False,
+                 device: str = "auto", eval_batch_size: int | None = None, recalibrate_bn: int | None = None,
+                 save: bool = True, **data) -> list[dict]:
+    """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
+    Its values are stored as ``linear_top1``/``_top5``, with ``_shared``, ``_distill`` and ``_aug`` added to
+    the protocol's name for those options."""
+    from .linear import linear_probe_subnets, resolve_recalibration
+
+    options = DataOptions.of(data)
+    supernet, cfg, torch_device = load_model(checkpoint, device)
+    train, test = options.load_splits(cfg, torch_device)
+    train_crop = train_crop or cfg.eval.train_crop
+    results = linear_probe_subnets(
+        supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
+        epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, shared_head=shared_head, augment=augment,
+        train_crop=train_crop, device=torch_device, seed=seed,
+        feature_batch_size=eval_batch_size or cfg.eval.batch_size, recalibrate_batches=recalibrate_bn)
+    protocol = "linear" + ("_shared" if shared_head else "") + ("_distill" if distill else "") \
+        + ("_aug" if augment else "")
+    costs = cost_rows(supernet, cfg.data.resolution)
+    rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
+    settings = {"data": options.source(cfg), "epochs": epochs, "lr": lr, "batch_size": batch_size,
+                "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
+                "distill": distill, "shared_head": shared_head, "augment": augment,
+                "train_crop": train_crop if augment else None, "seed": seed,
+                "recalibrate_bn": resolve_recalibration(supernet, recalibrate_bn),
+                "resolution": cfg.data.resolution, "crop_ratio": options.resolved_crop_ratio(cfg)}
+    save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save)
+    return rows
+
+
+def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all",
+             label_fractions: Sequence[float] | float = (0.01, 0.1), *, epochs: int | None = None,
+             lr: float | None = None, batch_size: int | None = None, seed: int = 0, train_crop: str | None = None,
+             out: str | Path | None = None, device: str = "auto", eval_batch_size: int | None = None,
+             recalibrate_bn: int | None = None, save: bool = True, **data) -> list[dict]:
+    """Fine-tune each of ``subnets`` (names or widths, or ``"all"``: the menu) on a class-balanced fraction of
+    the train labels, for every one of ``label_fractions`` (``eval/finetune.py``).
+
+    Each result, with its labelled indices, is written to ``out`` (one result only), else (``save``) to
+    ``RUN/finetune/<subnet>_<pct>pct_seed<S>.json``, and merged into the run before the next one starts, so a
+    failure later keeps what was measured. The sub-networks are checked before any data is decoded.
+    """
+    from .finetune import finetune_subnet, fraction_key
+    from .results import run_dir_of
+
+    options = DataOptions.of(data)
+    supernet, cfg, torch_device = load_model(checkpoint, device)
+    jobs = finetune_jobs(supernet, subnets, label_fractions, out)
+    train, test = options.load_splits(cfg, torch_device)
+    costs = cost_rows(supernet, cfg.data.resolution)
+    run_dir = run_dir_of(checkpoint) if save else None
+    source, train_crop = options.source(cfg), train_crop or cfg.eval.train_crop
+    rows = []
+    for i, (spec, label_fraction) in enumerate(jobs):
+        if len(jobs) > 1:
+            log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
+        result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=seed,
+                                 epochs=epochs, lr=lr, batch_size=batch_size, resolution=cfg.data.resolution,
+                                 mean=cfg.data.mean, std=cfg.data.std, device=torch_device,
+                                 recalibrate_batches=recalibrate_bn,
+                                 eval_batch_size=eval_batch_size or cfg.eval.batch_size, train_crop=train_crop)
+        key = fraction_key(label_fraction)
+        stem = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{seed}.json"
+        if out is not None:
+            path = Path(out)
+        elif not save:  # nothing is written beside the checkpoint; ``out`` still names a file to write
+            path = None
+        else:
+            path = (run_dir / "finetune" / stem) if run_dir else Path(checkpoint).resolve().parent / f"finetune_{stem}"
+        cost = costs.get(spec.name, {"subnet": spec.name})  # a sub-network outside the menu has no profile row
+        row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
+               "indices_file": str(path) if path else None}
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(row, indent=2) + "\n")
+            log.info("saved the fine-tuning result and the labelled indices to %s", path)
+        values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
+                              key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}
+        settings = {"data": source, "label_fraction": label_fraction, "seed": seed, "recipe": result["recipe"],
+                    "indices_file": row["indices_file"], "resolution": cfg.data.resolution,
+                    "crop_ratio": options.resolved_crop_ratio(cfg)}
+        save_values(checkpoint, values, key.removesuffix("_top1"), settings, cfg, save)
+        rows.append(row)
+    return rows
+
+
+def finetune_jobs(supernet, subnets: Sequence[str | float] | str, label_fractions: Sequence[float] | float,
+                  out: str | Path | None = None) -> list[tuple]:
+    """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
+    without repeats (``subnets="all"``: the menu)."""
+    if isinstance(subnets, str) and subnets == "all":
+        specs = list(supernet.menu)
+    else:
+        names = [subnets] if isinstance(subnets, (str, float, int)) else list(subnets)
+        if not names:
+            raise UsageError("no sub-network to fine-tune: name at least one, or 'all' (--all)")
+        specs = list(dict.fromkeys(supernet.resolve(t) for t in names))
+    fractions = [label_fractions] if isinstance(label_fractions, (float, int)) else list(label_fractions)
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise UsageError(f"label fractions must be numbers in (0, 1], got {fractions}")
+    fractions = list(dict.fromkeys(float(f) for f in fractions))
+    jobs = [(spec, f) for spec in specs for f in fractions]
+    if out is not None and len(jobs) > 1:
+        raise UsageError(f"--out names one JSON file, but {len(specs)} sub-network(s) x {len(fractions)} label "
+                         f"fraction(s) give {len(jobs)} results: drop --out (each result goes to "
+                         "RUN/finetune/<subnet>_<pct>pct_seed<S>.json) or ask for one of each")
+    return jobs
