@@ -450,3 +450,42 @@ def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
         slimssl.knn(tmp_path / "model.pt", crop=0.5)
     with pytest.raises(slimssl.SlimsslError, match="no/such/folder"):
         slimssl.knn(tmp_path / "model.pt", data="/no/such/folder", device="cpu")
+
+
+def test_cli_finetune_protects_other_json_files_and_runs_the_epochs_asked_for(tmp_path, capsys, caplog):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["knn", str(run), "--device", "cpu"]) == 0
+    before = (run / "results.json").read_text()
+    finetune = ["finetune", str(run), "--subnet", "0.5", "--label-fraction", "0.5", "--epochs", "1", "--device",
+                "cpu", "--json"]
+    assert main([*finetune, "--out", str(run / "results.json")]) == 2
+    assert "is not a fine-tuning result" in caplog.text and (run / "results.json").read_text() == before
+    capsys.readouterr()
+    assert main([*finetune, "--out", str(tmp_path / "ft.json")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["recipe"]["steps"] == 1  # 32 labelled images, batch 32: one epoch is one step, not 100
+    assert main([*finetune, "--out", str(tmp_path / "ft.json"), "--seed", "1"]) == 0  # a result may be replaced
+    assert json.loads((tmp_path / "ft.json").read_text())["seed"] == 1
+
+
+def test_cli_finetune_of_a_subnet_outside_the_menu_reports_its_size(tmp_path, capsys):
+    from slimssl.cli import main
+
+    make_checkpoint(tmp_path / "shared.pt", bn="shared")  # shared BatchNorm: any width runs (recalibrated)
+    assert main(["finetune", str(tmp_path / "shared.pt"), "--subnet", "0.75", "--label-fraction", "0.5",
+                 "--epochs", "1", "--device", "cpu", "--json", "--no-save"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["subnet"] == "w0p75_d1-1-1-1" and row["width"] == 0.75
+    half = slimssl_profile(tmp_path / "shared.pt")
+    assert half["w1p0_d1-1-1-1"]["params"] > row["params"] > half["w0p5_d1-1-1-1"]["params"] > 0
+    assert half["w1p0_d1-1-1-1"]["macs"] > row["macs"] > half["w0p5_d1-1-1-1"]["macs"] > 0
+
+
+def slimssl_profile(checkpoint) -> dict[str, dict]:
+    from slimssl.eval.evaluate import cost_rows, load_model
+
+    supernet, cfg, _ = load_model(checkpoint, "cpu")
+    return cost_rows(supernet, cfg.data.resolution)

@@ -206,7 +206,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--all", action="store_true", help="every sub-network of the menu")
     p.add_argument("--label-fraction", type=fraction, required=True, action="extend", nargs="+", metavar="F",
                    help="e.g. 0.01 or 0.1; several may follow (every sub-network is fine-tuned on each)")
-    p.add_argument("--epochs", type=positive_int, help="default: 60 for fractions <= 5%%, else 30 (at least 100 steps)")
+    p.add_argument("--epochs", type=positive_int,
+                   help="default: 60 for fractions <= 5%%, else 30, and at least 100 steps (given, it is exact)")
     p.add_argument("--lr", type=positive_float, help="lr at batch 256, scaled with the batch (default 0.05)")
     p.add_argument("--batch-size", type=positive_int, help="default 256 (or the whole subset when smaller)")
     p.add_argument("--seed", type=int, default=0, help="draws the labelled subset and the training order")

@@ -110,11 +110,12 @@ def load_model(checkpoint: str | Path, device: str = "auto"):
     return supernet.to(torch_device).eval(), cfg, torch_device
 
 
-def cost_rows(supernet, resolution: int) -> dict[str, dict]:
-    """subnet, width, depths, params, macs of every menu entry (backbone only, at ``resolution``)."""
+def cost_rows(supernet, resolution: int, specs=None) -> dict[str, dict]:
+    """subnet, width, depths, params, macs of every sub-network of ``specs`` (default: the menu; backbone
+    only, at ``resolution``)."""
     from ..report.profile import profile_supernet
 
-    return {r["subnet"]: r for r in profile_supernet(supernet, resolution, latency=False)}
+    return {r["subnet"]: r for r in profile_supernet(supernet, resolution, latency=False, specs=specs)}
 
 
 def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: dict, cfg, save: bool) -> Path | None:
@@ -215,7 +216,7 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
     supernet, cfg, torch_device = load_model(checkpoint, device)
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)
     train, test = options.load_splits(cfg, torch_device)
-    costs = cost_rows(supernet, cfg.data.resolution)
+    costs = cost_rows(supernet, cfg.data.resolution, list(dict.fromkeys(spec for spec, _ in jobs)))
     run_dir = run_dir_of(checkpoint) if save else None
     source, train_crop = options.source(cfg), train_crop or cfg.eval.train_crop
     rows = []
@@ -235,7 +236,7 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
             path = None
         else:
             path = (run_dir / "finetune" / stem) if run_dir else Path(checkpoint).resolve().parent / f"finetune_{stem}"
-        cost = costs.get(spec.name, {"subnet": spec.name})  # a sub-network outside the menu has no profile row
+        cost = costs[spec.name]
         row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
                "indices_file": str(path) if path else None}
         if path is not None:
@@ -272,4 +273,16 @@ def finetune_jobs(supernet, subnets: Sequence[str | float] | str, label_fraction
         raise UsageError(f"--out names one JSON file, but {len(specs)} sub-network(s) x {len(fractions)} label "
                          f"fraction(s) give {len(jobs)} results: drop --out (each result goes to "
                          "RUN/finetune/<subnet>_<pct>pct_seed<S>.json) or ask for one of each")
+    if out is not None and Path(out).exists() and not _is_finetune_result(Path(out)):
+        raise UsageError(f"--out {out} exists and is not a fine-tuning result (results.json, a config, ...): it "
+                         "would be overwritten; name a new file, or an earlier fine-tuning result to replace")
     return jobs
+
+
+def _is_finetune_result(path: Path) -> bool:
+    """Whether ``path`` holds a fine-tuning result (which another fine-tuning may replace)."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and {"indices", "label_fraction", "top1"} <= set(content)

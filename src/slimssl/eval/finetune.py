@@ -1,6 +1,6 @@
 """Semi-supervised fine-tuning of one exported sub-network on a class-balanced labelled subset.
 
-Protocol (DESIGN.md section 4): the sub-network is exported as a plain ResNet (``supernet.export``), gets
+Protocol (fixed, so that numbers compare across runs): the sub-network is exported as a plain ResNet (``supernet.export``), gets
 a linear classifier, and every weight is fine-tuned on a class-balanced 1% or 10% subset of the train
 split (drawn from a fixed seed; the indices are saved with the results); top-1/top-5 on the full test split.
 
@@ -11,7 +11,8 @@ ImageNet's RandomResizedCrop; see ``eval/linear.py``) + horizontal flip, BatchNo
 
 * ``label_fraction <= 0.05`` (the 1% recipe): 60 epochs;
 * larger fractions (the 10% recipe): 30 epochs;
-* at least 100 optimiser steps either way, since a 1% subset of a small dataset is one batch per epoch.
+* at least 100 optimiser steps either way, since a 1% subset of a small dataset is one batch per epoch
+  (a default only: epochs given explicitly are run as given).
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     device = torch.device(device)
     spec = supernet.resolve(subnet)
     resolution = resolution or train.resolution
+    if epochs is not None and min_steps is None:
+        min_steps = 1  # epochs asked for are run as asked: the floor of 100 steps belongs to the default
     recipe = default_recipe(label_fraction)
     recipe = replace(recipe, **{k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
                                                                    min_steps=min_steps, crop=train_crop).items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -49,10 +50,11 @@ def plain_with_head(supernet: SlimResNet, spec: SubnetSpec, num_classes: int) ->
 
 
 def profile_supernet(supernet: SlimResNet, resolution: int, num_classes: int = 0,
-                     latency: bool = True, runs: int = 5) -> list[dict]:
-    """One row per menu entry: subnet, params, macs, and latency_ms (CPU, batch 1) when asked."""
+                     latency: bool = True, runs: int = 5, specs: Sequence[SubnetSpec] | None = None) -> list[dict]:
+    """One row per sub-network of ``specs`` (default: the menu): subnet, params, macs, and latency_ms (CPU,
+    batch 1) when asked."""
     rows = []
-    for spec in supernet.menu:
+    for spec in (supernet.menu if specs is None else specs):
         plain = plain_with_head(supernet, spec, num_classes)
         row = {"subnet": spec.name, "width": spec.width, "depths": list(spec.depths),
                "params": count_params(plain), "macs": count_macs(plain, resolution)}
