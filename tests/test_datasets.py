@@ -116,6 +116,21 @@ def test_truncated_file_is_named(tmp_path):
         load_dataset(str(_truncated_tree(tmp_path)))
 
 
+def test_a_file_that_is_no_image_is_named_without_python_internals(tmp_path):
+    from slimssl.data.eval_images import StreamedImages
+
+    d = tmp_path / "t" / "train" / "cls"
+    _save(d / "0.png", size=(16, 16), fmt="PNG")
+    (d / "1.png").write_bytes(b"not an image at all")
+    (tmp_path / "t" / "test").mkdir()
+    for read in (lambda: load_dataset(str(tmp_path / "t"), resolution=16),
+                 lambda: StreamedImages(str(tmp_path / "t"), "train", resolution=16).take(torch.arange(2))):
+        with pytest.raises(DataError) as err:
+            read()
+        assert "1.png" in str(err.value) and "cannot identify image file" in str(err.value)
+        assert "BytesIO" not in str(err.value) and "0x" not in str(err.value)
+
+
 def test_skip_unreadable_logs_count(tmp_path, caplog):
     root = _truncated_tree(tmp_path)
     with caplog.at_level(logging.WARNING, logger="slimssl"):

@@ -117,6 +117,16 @@ def _partial_save(exc):
     return save
 
 
+def test_atomically_written_files_get_the_permissions_of_ordinary_ones(tmp_path):
+    """Not the temporary file's 0600, which would hide a run's results from the other users of a machine."""
+    config = write_config(tmp_path / "tiny.yaml", tiny(train={"epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(run)]) == 0
+    ordinary = (run / "config.yaml").stat().st_mode & 0o777  # written with open(): the umask decides
+    assert (run / "results.json").stat().st_mode & 0o777 == ordinary
+    assert (run / "checkpoints" / "last.pt").stat().st_mode & 0o777 == ordinary
+
+
 @pytest.mark.parametrize("failure", ["disk_full", "killed", "rename"])
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, failure):
     path = tmp_path / "checkpoints" / "last.pt"
@@ -241,6 +251,21 @@ def test_nan_loss_names_subnet_and_steps_and_keeps_last_good_checkpoint(tmp_path
     assert all_finite(data["model"])
     assert (tmp_path / "checkpoints" / "epoch_0001.pt").exists()
     assert not (tmp_path / "checkpoints" / "epoch_0002.pt").exists()
+
+
+def test_cli_nan_loss_before_any_checkpoint_is_one_line_that_says_so(tmp_path, monkeypatch, capsys, caplog):
+    init = Trainer.__init__
+
+    def poisoned_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        poison_loss(monkeypatch, self, bad_steps={0}, subnet_index=0)
+
+    monkeypatch.setattr(Trainer, "__init__", poisoned_init)
+    config = write_config(tmp_path / "tiny.yaml", tiny(train={"log_every": 1}))
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    text = error_text(capsys, caplog)
+    assert "non-finite loss of sub-network" in text and "no checkpoint had been written yet" in text
+    assert "train.nonfinite=skip" in text and "Traceback" not in text
 
 
 def test_nan_loss_then_signal_never_saves_nan_weights(tmp_path, monkeypatch):

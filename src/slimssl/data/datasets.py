@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode import decode_resized, resize_center_crop, resize_side
+from ..atomic import atomic_write
+from .decode import decode_error, decode_resized, resize_center_crop, resize_side
 from .files import SKIP_HINT, SPLITS, DataError, FileTree, existing_path, list_split, scan_tree, split_prefix
 
 log = logging.getLogger("slimssl")
@@ -210,7 +210,7 @@ def _decode_chunk(tree: FileTree, paths: list[str], resolution: int | None,
         try:
             out.append(decode_resized(tree.read(rel), resolution, crop_ratio))
         except Exception as exc:  # any decoder failure means "unreadable file"
-            out.append(f"{type(exc).__name__}: {exc}")
+            out.append(decode_error(exc))
     return out
 
 
@@ -281,14 +281,7 @@ def _cache_save(key: str, payload: dict) -> None:
     directory = cache_dir()
     try:
         os.makedirs(directory, exist_ok=True)
-        # Temp file in the same folder + os.replace: readers never see a partial file.
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-            os.replace(tmp, os.path.join(directory, key + ".pt"))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_write(os.path.join(directory, key + ".pt")) as f:  # readers never see a partial file
+            torch.save(payload, f)
     except OSError as exc:  # a read-only cache must not break loading
         log.warning("could not write decoded-image cache in %s (%s)", directory, exc)

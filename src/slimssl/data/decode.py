@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import numpy as np
 import torch
@@ -52,6 +53,15 @@ def _jpeg_op():
 
 
 _JPEG = _jpeg_op()
+
+
+def decode_error(exc: Exception) -> str:
+    """A decoder's exception as the reason a file is unreadable, without the in-memory buffer PIL names
+    (``cannot identify image file <_io.BytesIO object at 0x...>``): the caller names the file."""
+    return f"{type(exc).__name__}: {_BUFFER.sub('', str(exc)).strip()}"
+
+
+_BUFFER = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 def decode_full(data: bytes) -> torch.Tensor:

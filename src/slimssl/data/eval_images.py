@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .datasets import ImageDataset, load_dataset, num_classes
-from .decode import decode_resized
+from .decode import decode_error, decode_resized
 from .files import SKIP_HINT, DataError, FileListDataset, list_labelled_files
 
 log = logging.getLogger("slimssl")
@@ -181,7 +181,7 @@ class DecodedFiles(FileListDataset):
             return index, decode_resized(self.read(self.paths[index].decode()), self.resolution,
                                          self.crop_ratio), None
         except Exception as exc:  # any decoder failure means "unreadable file"
-            return index, None, f"{type(exc).__name__}: {exc}"
+            return index, None, decode_error(exc)
 
     def subset(self, keep: torch.Tensor) -> DecodedFiles:
         return DecodedFiles(self.root, self.paths[keep.numpy()], self.resolution, self._read, self.crop_ratio)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from .augment import (BatchRows, TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
                       sample_crop_boxes)
-from .decode import decode_pixels
+from .decode import decode_error, decode_pixels
 from .files import SKIP_HINT, DataError, FileListDataset, list_image_files
 from .views import epoch_permutation, step_generator, to_channels_last
 
@@ -200,7 +200,7 @@ class CropDataset(FileListDataset):
             try:
                 image = decode_pixels(self.read(rel), self.min_side)
             except Exception as exc:  # any decoder failure means "unreadable file"
-                unreadable.append((os.path.join(self.root, rel), f"{type(exc).__name__}: {exc}"))
+                unreadable.append((os.path.join(self.root, rel), decode_error(exc)))
                 if not self.skip_unreadable:
                     return step, None, unreadable
                 continue  # deterministic replacement: the next file in listing order

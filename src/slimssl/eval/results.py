@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..atomic import atomic_write
 from ..errors import UsageError
 
 log = logging.getLogger("slimssl")
@@ -81,15 +80,9 @@ def write_results(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
 
 def write_json_atomic(path: Path, data: Any) -> Path:
     """Write ``data`` as JSON through a temporary file and a rename: a crash mid-write keeps the old file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
     return path
 
 

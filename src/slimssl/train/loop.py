@@ -27,6 +27,7 @@ from ..data.views import build_view_source, two_view_augment
 from ..devices import pick_device, pick_dtype
 from ..eval.knn import knn_eval_subnets
 from ..eval.linear import subnet_models
+from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
 from ..methods import build_method
 from ..models.build import build_supernet
@@ -43,8 +44,9 @@ log = logging.getLogger("slimssl")
 EXIT_INTERRUPTED = 3  # documented: the run was stopped by SIGTERM/SIGINT after saving a checkpoint
 
 
-class NonFiniteLossError(RuntimeError):
-    """A NaN or Inf loss; names the step and the sub-network."""
+class NonFiniteLossError(SlimsslError):
+    """A NaN or Inf loss; names the step and the sub-network (the command line prints it as one line: a
+    diverging run is a setting to change, usually the learning rate)."""
 
 
 class Interrupted(RuntimeError):
@@ -428,9 +430,12 @@ class Trainer:
             means = dict(zip(names, stacked.tolist()))  # the one sync per log; the mean over all processes
         bad = [name for name, v in means.items() if not math.isfinite(v)]
         if bad and self.cfg.train.nonfinite == "error":
+            last = self.run_dir / "checkpoints" / "last.pt"
+            kept = (f"the last good checkpoint is kept: {last}" if last.is_file()
+                    else "no checkpoint had been written yet")
             raise NonFiniteLossError(
-                f"non-finite loss of sub-network {bad[0]} within steps {step - count + 1}..{step}; "
-                f"the last good checkpoint is kept in {self.run_dir / 'checkpoints'}")
+                f"non-finite loss of sub-network {bad[0]} within steps {step - count + 1}..{step}; {kept}. "
+                "Lower optim.lr, or set train.nonfinite=skip to skip such steps and count them")
         record = {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
                   "lr": float(lr) if lr is not None else None,
                   "img_per_s": count * self.cfg.train.batch_size / max(seconds, 1e-9), "loss": means}

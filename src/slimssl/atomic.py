@@ -1,0 +1,42 @@
+"""Files written whole or not at all: checkpoints, results.json, the decoded-image cache.
+
+The content goes to a temporary file in the target's folder, which is then renamed over the target, so a
+crash or a full disk mid-write leaves the previous file intact and readers never see a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; restored at once (at import, one thread)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False) -> Iterator[IO]:
+    """A file object whose content replaces ``path`` when the block ends without an exception (``fsync``:
+    flushed to the disk first). The file gets the permissions ``open`` would give it: the temporary file's
+    own (0600) would hide a run's results from the other users of a shared machine."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
