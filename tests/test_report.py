@@ -50,7 +50,8 @@ def test_report_cli_plot_and_json(tmp_path, capsys):
 
     assert main(["report", *map(str, dirs)]) == 0
     text = capsys.readouterr().out
-    assert "## slim" in text and "## single_w0p5" in text and "finetune_1pct_top1" in text
+    assert "## slim" in text and "## single_w0p5" in text and "linear_top1" in text  # '-' in the single run
+    assert "finetune" not in text  # no run was fine-tuned: no empty fine-tuning columns
     assert "w0p75_d1-1-1-1" in text and "88.00" in text
 
 

@@ -8,8 +8,8 @@ from typing import Sequence
 from ..eval.results import read_metrics, read_results
 from .table import markdown_table
 
-# Always shown (missing values print as '-'), in this order; other measured keys follow.
-BASE_COLUMNS = ["subnet", "params", "macs", "knn_top1", "linear_top1", "finetune_1pct_top1", "finetune_10pct_top1"]
+# Always shown (missing values print as '-'), in this order; other measured keys follow where a run has them.
+BASE_COLUMNS = ["subnet", "params", "macs", "knn_top1", "linear_top1"]
 _ORDER = ["subnet", "params", "macs", "knn_top1", "knn_top1_random_init", "linear_top1", "linear_top5",
           "finetune_1pct_top1", "finetune_10pct_top1"]
 _NOT_COLUMNS = {"width", "depths"}
