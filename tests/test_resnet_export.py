@@ -169,6 +169,20 @@ def test_full_export_loads_into_torchvision(arch, perturb_bn):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_cifar_stem_export_loads_into_torchvision_with_the_cifar_stem(perturb_bn):
+    """README: a CIFAR-stem export loads into torchvision's resnet18 once conv1 is 3x3 stride 1 and the
+    max-pool is removed."""
+    torch.manual_seed(0)
+    model = perturb_bn(SlimResNet("basic", (2, 2, 2, 2), base_width=64, stem="cifar")).eval()
+    tv = torchvision.models.resnet18(weights=None)
+    tv.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    tv.maxpool, tv.fc = nn.Identity(), nn.Identity()
+    tv.load_state_dict(model.export().state_dict(), strict=True)
+    x = images(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(tv.eval()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 # ---- broken export folders ----------------------------------------------------------------------------
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The switchable linear probe: one linear head per sub-network on a frozen supernet, trained jointly.
 
-Protocol (DESIGN.md section 4): the backbone stays frozen in eval mode; every sub-network gets its own
+Protocol (fixed, so that numbers compare across runs): the backbone stays frozen in eval mode; every sub-network gets its own
 ``nn.Linear`` (feature sizes differ with the width) and all heads are trained together by one optimiser,
 each on its own sub-network's features. Without augmentation (the default) the features are extracted
 once and cached in memory, so an epoch costs a few matrix products.

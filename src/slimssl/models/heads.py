@@ -24,7 +24,7 @@ class Layer(NamedTuple):
     bias: bool | None = None  # None: a bias only where no BatchNorm follows (it would cancel it)
 
 
-# The heads of the three methods (DESIGN.md section 2); ``hidden`` is the full-width hidden size.
+# The heads of the three methods (as their papers and official code build them; docs/recipes.md); ``hidden`` is the full-width hidden size.
 # MoCo v3's linear layers have no bias, and its predictor ends without BatchNorm (its projector with one).
 HEADS: dict[str, dict[str, Callable[[int, int], list[Layer]]]] = {
     "byol": {
