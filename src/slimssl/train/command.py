@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ..cli_args import add_overrides, output_dir, positive_int
-from ..errors import SlimsslError
+from ..errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
 
@@ -22,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_overrides(p)
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR (or --out) from its last checkpoint")
-    p.add_argument("--json", action="store_true", help="print results.json on stdout at the end")
+    p.add_argument("--json", action="store_true", help="print results.json on stdout at the end (stopped early: "
+                   "the run directory and its step, with \"finished\": false)")
     p.set_defaults(func=cmd_pretrain)
 
 
@@ -33,6 +35,13 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
              "device": "train.device"}
     sets += [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag, None)]
     return sets
+
+
+def stopped_doc(run) -> dict:
+    """--json of a run stopped before its end (--max-steps, or a signal): where it stands, with the
+    finished document's (results.json) "subnets" list, empty."""
+    return {"run_dir": str(run.run_dir.absolute()), "finished": False, "step": run.step,
+            "total_steps": run.total_steps, "subnets": []}
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -47,20 +56,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         log.setLevel(logging.WARNING)
     try:
         resume = args.resume is not None
+        if isinstance(args.resume, str) and args.out is not None \
+                and Path(args.resume).resolve() != args.out.resolve():  # a resumed run stays in its folder
+            raise UsageError(f"--resume {args.resume} and --out {args.out} name two different folders; a run "
+                             "continues in its own folder: give --resume RUN_DIR alone")
         out = args.resume if resume and args.resume is not True else args.out
         cfg, run_dir, source = prepare_run(args.config, out,
-                                           overrides=flag_overrides(args), resume=resume)
+                                           overrides=flag_overrides(args), resume=resume, cli=True)
         try:
             run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
         except Interrupted as e:
             log.warning("%s; continue with: slimssl pretrain --resume %s", e, run_dir)
+            if args.json and dist.is_main() and getattr(e, "run", None):
+                emit(args, stopped_doc(e.run), "")
             return EXIT_INTERRUPTED
         if run.results:
             cols = ["subnet", "params", "macs", "knn_top1_random_init", "knn_top1"]
             emit(args, run.results, markdown_table(run.results["subnets"], cols))
-        else:
+        elif dist.is_main():  # the other ranks have no results even when finished: rank 0 reports
             log.info("stopped at step %d of %d; continue with: slimssl pretrain --resume %s",
                      run.step, run.total_steps, run_dir)
+            if args.json:  # a script's json.loads needs a document whenever the command succeeds
+                emit(args, stopped_doc(run), "")
         return 0
     except BaseException as e:
         if dist.world_size() > 1:  # never leave the other ranks waiting: exit now, torchrun ends the job

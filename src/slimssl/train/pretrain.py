@@ -5,6 +5,8 @@ are the same run (and either can resume the other)."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from ..errors import UsageError
 log = logging.getLogger("slimssl")
 
 RUN_FILES = ("results.json", "metrics.jsonl", "tb")  # written by a run besides its checkpoints
+# what train_run may write in a run directory: removed again when a start fails before its first checkpoint
+RUN_OUTPUTS = ("config.yaml", "checkpoints", *RUN_FILES)
 
 
 @dataclass(frozen=True)
@@ -34,11 +38,13 @@ class PretrainRun:
 
 
 def prepare_run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
-                overrides: Sequence[str] = (), resume: bool = False) -> tuple[Config, Path, str]:
+                overrides: Sequence[str] = (), resume: bool = False, cli: bool = False) -> tuple[Config, Path, str]:
     """(config, run directory, where the config came from) of a new run, or of the run in ``out`` to resume.
 
     A new run gets ``out`` (default ``runs/<name>-<time>``), which must not hold another run. A resumed run
-    takes the config saved in its checkpoint; ``overrides`` still apply (e.g. more epochs)."""
+    takes the config saved in its checkpoint; ``overrides`` still apply (e.g. more epochs). A data source
+    that is an existing path is stored absolute. ``cli``: messages name the command line's flags
+    (``--resume RUN_DIR``) instead of this function's arguments (``resume=True``, ``out=``)."""
     from ..checkpoint import load_checkpoint
     from ..config import config_from_dict
     from ..models.build import as_config
@@ -47,23 +53,28 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
         raise UsageError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
     if resume:
         if out is None:
-            raise UsageError("resuming needs the run directory to continue (--resume RUN_DIR, or out=RUN_DIR)")
+            raise UsageError("resuming needs the run directory to continue: "
+                             + ("--resume RUN_DIR" if cli else "out=RUN_DIR"))
         if config is not None:
-            raise UsageError("resuming continues with the config saved in the run; drop --config (in Python: "
-                             "config=None); --set, --epochs and --data still apply")
+            raise UsageError("resuming continues with the config saved in the run; "
+                             + ("drop --config (--set, --epochs and --data still apply)" if cli
+                                else "pass config=None (overrides still apply)"))
         run_dir = Path(out)
         last = run_dir / "checkpoints" / "last.pt"
         if not last.is_file():
-            raise UsageError(f"cannot resume: {last} {'is not a file' if last.exists() else 'does not exist'}")
+            raise UsageError(_no_run_to_resume(run_dir, last, cli))
         source = str(last)
         stored = load_checkpoint(last)["config"]
-        return config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", list(overrides)), \
-            run_dir, source
-    cfg = as_config(config, list(overrides))
+        cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", list(overrides))
+        if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
+            cfg = absolute_data_source(cfg)
+        return cfg, run_dir, source
+    cfg = absolute_data_source(as_config(config, list(overrides)))
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (run_dir / "checkpoints" / "last.pt").exists():
-        raise UsageError(f"{run_dir} already holds a run; continue it with --resume {run_dir} (resume=True) "
-                         "or choose another output folder")
+        how = f"--resume {run_dir}" if cli else "resume=True"
+        raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
+                         f"or choose another {'--out' if cli else 'out'}")
     leftovers = [name for name in RUN_FILES if (run_dir / name).exists()]
     if leftovers:  # a run whose checkpoint is gone: writing there would mix two runs' logs
         raise UsageError(f"{run_dir} holds files of an earlier run ({', '.join(leftovers)}) without its "
@@ -72,30 +83,100 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
     return cfg, run_dir, source
 
 
+def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
+    """Why ``run_dir`` cannot be resumed. A checkpoint file (RUN/checkpoints/last.pt) or the checkpoints
+    folder given in its place gets the run directory that holds it named."""
+    if run_dir.is_file():
+        holder = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else None
+    elif run_dir.name == "checkpoints" and (run_dir / "last.pt").is_file():
+        holder = run_dir.parent
+    else:
+        return f"cannot resume: {last} {'is not a file' if last.exists() else 'does not exist'}"
+    what = (f"{'--resume takes' if cli else 'with resume=True, out must be'} the run directory (the folder that "
+            f"holds checkpoints/last.pt), not {run_dir}")
+    if holder is None:
+        return what
+    return f"{what}; this one is in the run directory {holder}: " + (
+        f"--resume {holder}" if cli else f"out={str(holder)!r}")
+
+
+def absolute_data_source(cfg: Config) -> Config:
+    """``cfg`` with ``data.source`` made absolute when it is an existing path and not a built-in dataset
+    name: the run's config.yaml and checkpoint then name the same data from any working directory
+    (``slimssl knn RUN``, ``--resume``). A missing path stays as given, for the error to name it."""
+    from ..data.files import BUILTIN
+
+    source = cfg.data.source
+    path = os.path.expanduser(source)
+    if source in BUILTIN or not os.path.exists(path) or os.path.isabs(source):
+        return cfg
+    cfg = cfg.model_copy(deep=True)  # never change a Config the caller passed in
+    cfg.data.source = os.path.abspath(path)
+    return cfg
+
+
 def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
               max_steps: int | None = None) -> PretrainRun:
     """Train ``cfg`` in ``run_dir`` (from :func:`prepare_run`) up to its end or ``max_steps``.
 
-    Raises :class:`~slimssl.train.loop.Interrupted` after saving when SIGTERM or SIGINT arrives."""
+    Raises :class:`~slimssl.train.loop.Interrupted` after saving when SIGTERM or SIGINT arrives (its ``run``:
+    the :class:`PretrainRun` so far). Any other failure before the first checkpoint removes the files this
+    call wrote, so that the same ``run_dir`` can be used again."""
     from ..config import check_processes
     from . import distributed as dist
-    from .loop import Trainer
+    from .loop import Interrupted, Trainer
 
     check_processes(cfg, dist.world_size(), source)
-    created = dist.is_main() and not run_dir.exists()
-    if dist.is_main():
+    is_main = dist.is_main()  # only the main process writes in the run directory, and removes from it
+    created = is_main and not run_dir.exists()
+    existed = {name for name in RUN_OUTPUTS if (run_dir / name).exists()}
+    if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir)
+    trainer = None
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)
-    except BaseException:
-        if created and not any(run_dir.iterdir()):  # refused before writing anything: leave no trace
-            run_dir.rmdir()
+        if is_main:  # only once the run is set up (a failed resume leaves the saved run untouched)
+            (run_dir / "config.yaml").write_text(lr_header(cfg, dist.world_size()) + cfg.to_yaml())
+        results = trainer.fit(max_steps)
+    except Interrupted as e:  # a checkpoint was saved: keep everything; say how far it got (--json)
+        e.run = PretrainRun(run_dir, {}, trainer.state.step, trainer.total_steps) if trainer else None
         raise
-    if dist.is_main():  # only once the run is set up (a failed resume leaves the saved run untouched)
-        (run_dir / "config.yaml").write_text(lr_header(cfg, dist.world_size()) + cfg.to_yaml())
-    results = trainer.fit(max_steps)
+    except BaseException:
+        if is_main:
+            _discard_failed_start(run_dir, trainer, existed, created)
+        raise
     return PretrainRun(run_dir, results, trainer.state.step, trainer.total_steps)
+
+
+def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bool) -> None:
+    """After a failure before any checkpoint: remove what this call wrote (its logs and config.yaml), so
+    that the same output folder can be used again. A run with a checkpoint, and files that were there
+    before this call, are never touched."""
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.glob("*.pt")):
+        return
+    if trainer is not None:
+        trainer.metrics.close()  # TensorBoard's writer lets go of tb/ first
+    try:
+        removed = []
+        for name in RUN_OUTPUTS:
+            path = run_dir / name
+            if name in existed or not (path.exists() or path.is_symlink()):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(name)
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+            removed.append(f"{run_dir}/")
+        if removed:
+            log.info("no checkpoint was written: removed what this run had written (%s), so that %s can be "
+                     "used again", ", ".join(removed), run_dir)
+    except OSError as e:  # the run's own error matters more than a failed clean-up
+        log.warning("could not remove the files of the failed run in %s: %s", run_dir, e)
 
 
 def pretrain(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,

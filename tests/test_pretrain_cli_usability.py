@@ -1,0 +1,214 @@
+"""`slimssl pretrain` as a user meets it: relative --data paths, a folder named like a shipped config, a retry
+after a run that failed before its first checkpoint, --json when stopped early, and --resume's messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+import slimssl
+from slimssl.checkpoint import load_checkpoint
+from slimssl.cli import main
+from slimssl.config import PACKAGED, ConfigError, config_from_dict, find_config, load_config
+from slimssl.train.loop import EXIT_INTERRUPTED, NonFiniteLossError, Trainer
+from slimssl.train.pretrain import prepare_run
+
+TINY = {
+    "name": "tiny",
+    "model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4, "stem": "cifar"},
+    "menu": {"widths": [1.0, 0.5]},
+    "method": {"name": "byol", "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
+    "data": {"source": "fake", "resolution": 8, "fake_size": 32},
+    "train": {"batch_size": 8, "epochs": 2, "log_every": 1, "device": "cpu", "precision": "fp32"},
+    "eval": {"knn_k": 5, "batch_size": 32},
+}  # 32 images / batch 8: 4 steps per epoch, 8 steps in all
+DIVERGE = "optim.lr=1e12"  # the loss is NaN within the first two steps
+
+
+def tiny() -> dict:  # a fresh copy: overrides applied to a dict change its nested sections
+    return json.loads(json.dumps(TINY))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSSL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def config(tmp_path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def error_text(capsys, caplog) -> str:
+    return capsys.readouterr().err + caplog.text
+
+
+def image_folder(root: Path, per_class: int = 8) -> Path:
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (8, 8), (i * 20, 40 if c == "a" else 200, 90)).save(root / c / f"{i}.png")
+    return root
+
+
+def saved_source(run: Path) -> str:
+    return load_checkpoint(run)["config"].data.source
+
+
+# ---- 1. a relative --data path is stored absolute ------------------------------------------------------
+
+def test_relative_data_path_is_stored_absolute_and_resumes_from_anywhere(tmp_path, config, monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    data = image_folder(work / "tiny")
+    image_folder(elsewhere / "tiny", per_class=1)  # same name, other images (too few for a batch)
+    run = tmp_path / "run"
+    monkeypatch.chdir(work)
+    assert main(["pretrain", "--config", str(config), "--data", "tiny", "--out", str(run), "--max-steps", "1"]) == 0
+    assert saved_source(run) == str(data)
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["source"] == str(data)
+    # from another working directory, without --data: the same folder, not the one named alike here
+    monkeypatch.chdir(elsewhere)
+    assert main(["pretrain", "--resume", str(run), "--max-steps", "2"]) == 0
+    assert saved_source(run) == str(data) and load_checkpoint(run)["train_state"]["step"] == 2
+    # the same relative --data from the original directory is the same source: no "config differs"
+    monkeypatch.chdir(work)
+    assert main(["pretrain", "--resume", str(run), "--data", "tiny", "--max-steps", "3"]) == 0
+    assert saved_source(run) == str(data) and load_checkpoint(run)["train_state"]["step"] == 3
+
+
+def test_builtin_names_and_missing_paths_stay_as_given(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fake").mkdir()  # a folder named like a built-in dataset: the name still means the dataset
+    cfg, _, _ = prepare_run(tiny(), tmp_path / "a")
+    assert cfg.data.source == "fake"
+    given = config_from_dict({**tiny(), "data": {**TINY["data"], "source": "./tiny.zip"}})
+    (tmp_path / "tiny.zip").write_bytes(b"")
+    cfg, _, _ = prepare_run(given, tmp_path / "b")
+    assert cfg.data.source == str(tmp_path / "tiny.zip")
+    assert given.data.source == "./tiny.zip"  # the caller's Config is left alone
+    cfg, _, _ = prepare_run(tiny(), tmp_path / "c", overrides=["data.source=missing"])
+    assert cfg.data.source == "missing"  # the error at load time names it as the user wrote it
+
+
+# ---- 2. a folder named like a shipped config -----------------------------------------------------------
+
+def test_a_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()  # as `slimssl pretrain --out demo` makes it
+    assert find_config("demo") == Path(str(PACKAGED / "demo.yaml"))
+    assert main(["config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == load_config(PACKAGED / "demo.yaml").model_dump(mode="json")
+    cfg, _, _ = prepare_run(None, tmp_path / "run")  # `slimssl pretrain` without --config
+    assert cfg == load_config(PACKAGED / "demo.yaml")
+    # a path to a folder is still refused, shipped name or not
+    for folder in (tmp_path / "demo", tmp_path / "other"):
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(ConfigError, match="is a directory; expected a YAML file"):
+            find_config(folder)
+
+
+# ---- 3. a run that fails before its first checkpoint can be retried in the same folder -----------------
+
+def test_a_run_failing_before_its_first_checkpoint_leaves_the_folder_reusable(tmp_path, config):
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError):
+        slimssl.pretrain(config, run, overrides=[DIVERGE])
+    assert not run.exists()  # made by the call, emptied, removed
+    # a folder that was there keeps what it held
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(NonFiniteLossError):
+        slimssl.pretrain(config, kept, overrides=[DIVERGE])
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    # the obvious retry works
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--max-steps", "1"]) == 0
+    assert load_checkpoint(run)["train_state"]["step"] == 1
+
+
+def test_a_failure_after_a_checkpoint_removes_nothing(tmp_path, config):
+    run = tmp_path / "run"
+    slimssl.pretrain(config, run, max_steps=1)
+    before = {p.name for p in run.iterdir()}
+    last = (run / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(NonFiniteLossError):
+        slimssl.pretrain(out=run, resume=True, overrides=[DIVERGE])
+    assert {p.name for p in run.iterdir()} == before
+    assert (run / "checkpoints" / "last.pt").read_bytes() == last
+
+
+# ---- 4. --json prints one document whenever the command succeeds --------------------------------------
+
+def test_json_when_stopped_early_and_when_interrupted(tmp_path, config, capsys, monkeypatch):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--max-steps", "1", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {"run_dir": str(run), "finished": False, "step": 1, "total_steps": 8, "subnets": []}
+
+    original = Trainer.train_step
+
+    def train_step(self, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert main(["pretrain", "--resume", str(run), "--json"]) == EXIT_INTERRUPTED
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["finished"], doc["step"], doc["total_steps"], doc["subnets"]) == (False, 3, 8, [])
+
+
+# ---- 5. --resume's messages ----------------------------------------------------------------------------
+
+@pytest.fixture
+def saved_run(tmp_path) -> Path:
+    run = tmp_path / "run"
+    Trainer(config_from_dict(tiny()), run).fit(max_steps=1)
+    return run
+
+
+def test_resume_given_the_checkpoint_file_names_the_run_directory(saved_run, capsys, caplog):
+    last = saved_run / "checkpoints" / "last.pt"
+    assert main(["pretrain", "--resume", str(last)]) == 2
+    text = error_text(capsys, caplog)
+    assert "--resume takes the run directory" in text and f"--resume {saved_run}" in text
+    assert "last.pt/checkpoints" not in text
+    with pytest.raises(slimssl.SlimsslError, match=f"out='{saved_run}'"):
+        slimssl.pretrain(out=last, resume=True)
+
+
+def test_cli_messages_name_flags_and_python_messages_name_arguments(tmp_path, saved_run, config, capsys, caplog):
+    cli_runs = [["pretrain", "--resume"],  # no run directory
+                ["pretrain", "--resume", str(saved_run), "--config", str(config)],
+                ["pretrain", "--config", str(config), "--out", str(saved_run)]]  # already holds a run
+    for argv in cli_runs:
+        assert main(argv) == 2
+        text = error_text(capsys, caplog)
+        caplog.clear()
+        assert "resume=True" not in text and "out=" not in text and "config=None" not in text
+        assert "--resume" in text or "--config" in text
+    python_calls = [{"resume": True}, {"config": config, "out": saved_run, "resume": True},
+                    {"config": config, "out": saved_run}]
+    for kwargs in python_calls:
+        with pytest.raises(slimssl.SlimsslError) as err:
+            slimssl.pretrain(**kwargs)
+        assert "--" not in str(err.value)
+
+
+def test_resume_and_out_naming_two_folders_is_an_error(tmp_path, saved_run, capsys, caplog):
+    other = tmp_path / "r9"
+    assert main(["pretrain", "--resume", str(saved_run), "--out", str(other)]) == 2
+    text = error_text(capsys, caplog)
+    assert str(saved_run) in text and str(other) in text
+    assert not other.exists()
+    # the same folder, spelled otherwise, is fine
+    assert main(["pretrain", "--resume", str(saved_run), "--out", f"{saved_run}/.", "--max-steps", "2"]) == 0
+    assert load_checkpoint(saved_run)["train_state"]["step"] == 2
