@@ -319,3 +319,10 @@ def test_recipes_evaluate_with_their_protocols_crops(name, crop_ratio):
 def test_an_impossible_crop_ratio_is_refused(bad):
     with pytest.raises(ConfigError, match="eval.crop_ratio"):
         load_config("demo", [f"eval.crop_ratio={bad}"])
+
+
+def test_overrides_never_change_the_callers_dict():
+    data = {"name": "mine", "train": {"epochs": 3}, "data": {"source": "digits"}}
+    cfg = config_from_dict(data, overrides=["train.epochs=5", "data.resolution=16"])
+    assert cfg.train.epochs == 5 and cfg.data.resolution == 16
+    assert data == {"name": "mine", "train": {"epochs": 3}, "data": {"source": "digits"}}

@@ -6,6 +6,7 @@ setting that silently does nothing.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from importlib import resources
 from pathlib import Path
@@ -298,12 +299,14 @@ def find_config(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    if path.is_dir():
+    shipped = PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
+    if path.is_dir() and not (str(name) == path.name and shipped.is_file()):
         raise ConfigError(f"config {str(name)!r} is a directory; expected a YAML file or the name of a shipped config "
                           f"({', '.join(packaged_configs())})")
-    candidate = PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
-    if candidate.is_file():
-        return Path(str(candidate))
+    # a bare shipped name that is also a folder here (`--out demo` makes one) is the shipped config: a folder
+    # is never a config file
+    if shipped.is_file():
+        return Path(str(shipped))
     raise ConfigError(f"config file {str(name)!r} does not exist; shipped configs: {', '.join(packaged_configs())}")
 
 
@@ -367,7 +370,7 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Config:
-    data = dict(data or {})
+    data = copy.deepcopy(data or {})  # overrides write into nested sections: never into the caller's dict
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:
