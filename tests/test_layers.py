@@ -216,6 +216,27 @@ def test_recalibrate_bn_private_touches_only_that_subnet():
     assert changed and all(".bns.w0p25_d1-1-1-1." in k for k in changed)
 
 
+
+def test_recalibrate_bn_shared_keeps_what_the_subnet_does_not_run():
+    """Shared BatchNorm: the channels beyond the sub-network's width and the blocks beyond its depth keep the
+    statistics of the sub-networks that do run them."""
+    deep = SubnetSpec(1.0, (2, 2, 2, 2))
+    torch.manual_seed(0)
+    model = SlimResNet("basic", (2, 2, 2, 2), base_width=8, stem="cifar", bn="shared",
+                       menu=[deep, SubnetSpec(0.5, D1)]).train()
+    for seed in range(3):
+        model(images(4, seed=seed) + 3)  # statistics of the full network, away from the reset values
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    recalibrate_bn(model, SubnetSpec(0.5, D1), [images(4, seed=9)])
+    after = model.state_dict()
+    c = scaled_channels(8, 0.5)
+    assert not torch.equal(after["bn1.bn.running_mean"][:c], before["bn1.bn.running_mean"][:c])
+    assert torch.equal(after["bn1.bn.running_mean"][c:], before["bn1.bn.running_mean"][c:])
+    assert torch.equal(after["bn1.bn.running_var"][c:], before["bn1.bn.running_var"][c:])
+    second_blocks = [k for k in before if k.startswith(("layer1.1.", "layer4.1."))]  # beyond depth 1
+    assert second_blocks and all(torch.equal(after[k], before[k]) for k in second_blocks)
+
+
 # ---- SyncBatchNorm conversion -------------------------------------------------------------------------
 
 def test_convert_sync_batchnorm_private(perturb_bn):

@@ -207,21 +207,25 @@ class SlimmableMixin:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, subnet: SubnetSpec | str, batches, device: torch.device | str | None = None) -> None:
-    """Re-estimate BatchNorm running statistics of ``subnet`` from ``batches`` of input images.
+def recalibrate_bn(model: nn.Module, subnet: SubnetSpec | str | float, batches,
+                   device: torch.device | str | None = None) -> None:
+    """Re-estimate, in place, the BatchNorm running statistics of ``subnet`` from ``batches`` of input images.
 
     Needed in shared-BN mode before evaluating a sub-network, since the shared statistics belong to
-    whichever widths ran last. Statistics are a plain average over the batches (momentum None).
+    whichever widths ran last. Statistics are a plain average over the batches (momentum None). Only what
+    ``subnet`` runs changes: the channels beyond its width and the layers beyond its depth keep their
+    statistics, which belong to other sub-networks.
     """
-    norms = []
     with model.subnet(subnet) as spec:
-        for layer in model.modules():
-            if isinstance(layer, SlimBatchNorm):
-                if layer.bns is not None and spec.name not in layer.bns:
-                    continue  # a block outside this sub-network's depth
-                norms.append(layer.norm_for(spec))
+        layers = [layer for layer in model.modules() if isinstance(layer, SlimBatchNorm)
+                  and (layer.bns is None or spec.name in layer.bns)]  # private: blocks within its depth
+        norms = [layer.norm_for(spec) for layer in layers]
         momenta = [bn.momentum for bn in norms]
         saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in norms]
+        channels: dict[int, int] = {}  # id(norm) -> the channels the sub-network ran through it
+        hooks = [layer.register_forward_pre_hook(
+            lambda _, inputs, key=id(bn): channels.__setitem__(key, inputs[0].shape[1]))
+            for layer, bn in zip(layers, norms)]
         was_training = model.training
         model.eval()
         for bn in norms:
@@ -240,8 +244,14 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetSpec | str, batches, device: 
                                   "input images")
             done = True
         finally:
+            for hook in hooks:
+                hook.remove()
             for bn, momentum, state in zip(norms, momenta, saved):
                 bn.momentum = momentum
-                if not done:  # a failed or empty recalibration keeps the statistics it found
+                used = channels.get(id(bn)) if done else None  # failed or empty: keep what was found
+                if used is None:  # not run by this sub-network (or no recalibration): as it was
                     bn.load_state_dict(state)
+                elif bn.running_mean is not None:  # the shared BatchNorm's channels of wider sub-networks
+                    bn.running_mean[used:] = state["running_mean"][used:]
+                    bn.running_var[used:] = state["running_var"][used:]
             model.train(was_training)
