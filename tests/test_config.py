@@ -326,3 +326,20 @@ def test_overrides_never_change_the_callers_dict():
     cfg = config_from_dict(data, overrides=["train.epochs=5", "data.resolution=16"])
     assert cfg.train.epochs == 5 and cfg.data.resolution == 16
     assert data == {"name": "mine", "train": {"epochs": 3}, "data": {"source": "digits"}}
+
+
+def test_a_config_object_is_checked_again_as_a_whole_when_used():
+    from slimssl.models.build import as_config, build_supernet
+
+    byol = config_from_dict({"method": {"name": "byol"}})
+    assert byol.data.crop_scale == (0.08, 1.0)
+    # an override or an assignment of the method: the crop range resolved from the old recipe follows it
+    assert as_config(byol, ["method.name=mocov2"]).data.crop_scale == (0.2, 1.0)
+    byol.method.name = "mocov2"
+    assert as_config(byol).data.crop_scale == (0.2, 1.0)
+    given = config_from_dict({"method": {"name": "byol"}, "data": {"crop_scale": [0.3, 1.0]}})
+    assert as_config(given, ["method.name=mocov2"]).data.crop_scale == (0.3, 1.0)  # given: kept
+    broken = load_config("demo")
+    broken.menu.widths = [0.5]  # passes the menu section's own checks, not the whole config's
+    with pytest.raises(ConfigError, match="menu"):
+        build_supernet(broken)

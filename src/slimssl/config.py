@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .errors import SlimsslError
 from .models.resnet import ARCHS
@@ -119,6 +119,13 @@ class DataConfig(Section):
         "loader workers decode each step's files (a folder or .zip too large for memory; no kNN while pretraining)")
     workers: int | None = Field(None, ge=0, description="loader: stream: decoding worker processes per training "
                                 "process (default: the machine's CPU count, at most 8, decided when the run starts)")
+    # crop_scale was filled in from the augmentation recipe, not given: a changed method re-resolves it
+    _crop_scale_resolved: bool = PrivateAttr(False)
+
+    def __eq__(self, other: object) -> bool:  # equal values are equal configs, however crop_scale was set
+        if not isinstance(other, DataConfig):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
 
     @model_validator(mode="after")
     def _check_crop_scale(self) -> "DataConfig":
@@ -199,7 +206,17 @@ class Config(Section):
     def _resolve_crop_scale(self) -> "Config":
         if self.data.crop_scale is None:  # resolved here, so that a run's config.yaml says what it used
             self.data.crop_scale = RECIPE_CROP_SCALE[self.data.augment or self.method.name]
+            self.data._crop_scale_resolved = True
         return self
+
+    def revalidated(self, overrides: list[str] | None = None) -> "Config":
+        """A new Config from this one's values with ``overrides`` applied, checked again as a whole: fields
+        assigned one by one are checked only within their section, and a crop range resolved from the
+        augmentation recipe follows a changed method."""
+        data = self.model_dump(mode="json")
+        if self.data._crop_scale_resolved:
+            data["data"]["crop_scale"] = None
+        return config_from_dict(data, f"config {self.name!r}", overrides)
 
     @model_validator(mode="after")
     def _check_menu(self) -> "Config":

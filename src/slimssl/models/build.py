@@ -12,9 +12,7 @@ def as_config(config: Config | dict | str | Path | None, overrides: list[str] | 
     """A Config from itself, a dict of sections, or a YAML path or shipped name (None: the demo recipe),
     with ``overrides`` (``"section.key=value"`` strings) applied."""
     if isinstance(config, Config):
-        if not overrides:
-            return config
-        return config_from_dict(config.model_dump(mode="json"), f"config {config.name!r}", overrides)
+        return config.revalidated(overrides)  # a Config changed by assignment is checked as a whole here
     if isinstance(config, dict):
         return config_from_dict(config, "<dict>", overrides)
     if config is None or isinstance(config, (str, Path)):
