@@ -155,3 +155,41 @@ def test_export_metadata_cannot_replace_the_keys_the_loader_reads(supernet, tmp_
     folder = slimssl.export_subnet(supernet, "0.5", tmp_path, metadata={"architecture": 1, "source": "mine"})
     assert json.loads((folder / "config.json").read_text())["source"] == "mine"
     assert torch.equal(slimssl.load_exported(folder)(x()), supernet(x(), subnet="0.5"))
+
+
+def test_python_evaluation_and_pretraining_refuse_bad_numbers_with_named_errors(tmp_path):
+    import slimssl
+    from slimssl.config import config_from_dict
+    from slimssl.checkpoint import save_checkpoint
+    from slimssl.models.build import build_supernet
+
+    cfg = config_from_dict({"model": {"base_width": 4, "depths": [1, 1, 1, 1]}, "menu": {"widths": [1.0, 0.5]},
+                            "data": {"source": "fake", "resolution": 8, "fake_size": 16}})
+    save_checkpoint(tmp_path / "m.pt", {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names,
+                                        "model": {"backbone." + k: v for k, v in build_supernet(cfg).state_dict().items()}})
+    ckpt = tmp_path / "m.pt"
+    for call, name in [(lambda: slimssl.knn(ckpt, k=0), "k"), (lambda: slimssl.knn(ckpt, temperature=-1), "temperature"),
+                       (lambda: slimssl.knn(ckpt, recalibrate_bn=-5), "recalibrate_bn"),
+                       (lambda: slimssl.linear_probe(ckpt, epochs=0), "epochs"),
+                       (lambda: slimssl.linear_probe(ckpt, lr=-1.0), "lr"),
+                       (lambda: slimssl.linear_probe(ckpt, train_crop="centre"), "train_crop"),
+                       (lambda: slimssl.finetune(ckpt, "0.5", 0.1, batch_size=0), "batch_size"),
+                       (lambda: slimssl.knn(ckpt, device="gpu"), "gpu"),
+                       (lambda: slimssl.pretrain(cfg, tmp_path / "run", max_steps=0), "max_steps"),
+                       (lambda: slimssl.pretrain(cfg, tmp_path / "m.pt"), "is a file")]:
+        with pytest.raises(slimssl.SlimsslError, match=name):
+            call()
+    assert not (tmp_path / "run").exists()
+
+
+def test_menu_membership_takes_names_and_widths_and_export_checks_metadata_first(tmp_path):
+    import slimssl
+
+    menu = slimssl.Menu(["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"])
+    assert "w0p5_d1-1-1-1" in menu and 0.5 in menu and "0.5" in menu and menu.smallest in menu
+    assert 0.25 not in menu and "nonsense" not in menu and None not in menu
+    supernet = slimssl.build_supernet({"model": {"base_width": 4, "depths": [1, 1, 1, 1]},
+                                       "menu": {"widths": [1.0, 0.5]}})
+    with pytest.raises(slimssl.SlimsslError, match="metadata"):
+        slimssl.export_subnet(supernet, 0.5, tmp_path / "out", metadata={"x": object()})
+    assert not (tmp_path / "out").exists()

@@ -17,6 +17,8 @@ class DeviceError(SlimsslError):
 def pick_device(name: str, setting: str = "--device") -> torch.device:
     """``auto`` (a GPU when there is one), ``cpu`` or ``cuda``. In a process of a distributed job, ``cuda`` is
     this process's GPU (``LOCAL_RANK``). ``setting`` names the option in the error message."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"{setting} {name!r} is not a device slimssl runs on; expected auto, cpu or cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"{setting} is cuda, but PyTorch sees no CUDA device here: use --device cpu, or auto "
                           "to take a GPU when there is one")

@@ -34,14 +34,18 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetSpec | str | None, out_dir
         raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     spec = supernet.resolve(subnet)
     plain = supernet.export(spec).eval()
+    # the caller's metadata cannot replace the keys load_exported reads; checked before any folder is made
+    info = {**(metadata or {}), "format": EXPORT_FORMAT, "subnet": spec.name, "architecture": plain.config.to_dict()}
+    try:
+        text = json.dumps(info, indent=2) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ExportError(f"metadata must be JSON data (str, numbers, lists, dicts): {e}") from None
     folder = Path(out_dir) / spec.name
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # the folder, or one on the way to it, is a file
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
-    # the caller's metadata cannot replace the keys load_exported reads
-    info = {**(metadata or {}), "format": EXPORT_FORMAT, "subnet": spec.name, "architecture": plain.config.to_dict()}
-    (folder / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+    (folder / CONFIG).write_text(text)
     save_file(plain.state_dict(), str(folder / WEIGHTS), metadata={"subnet": spec.name})
     if fmt == "onnx":
         _export_onnx(plain, folder / ONNX, resolution)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..cli_args import emit, fraction, nonnegative_int, output_file, positive_float, positive_int
 from ..errors import UsageError
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_CROPS
 
 log = logging.getLogger("slimssl")
 
@@ -53,7 +53,7 @@ def _add_loader_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train_crop_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-crop", choices=["pad", "resized"],
+    p.add_argument("--train-crop", choices=TRAIN_CROPS,
                    help="the training images' random crop: pad (CIFAR: pad by 1/8 of the size, crop the size) or "
                         "resized (ImageNet: RandomResizedCrop, 8-100%% of the area); default: the config's "
                         "eval.train_crop (ImageNet recipes resized, others pad)")

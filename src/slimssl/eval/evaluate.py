@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UsageError
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_CROPS
 
 log = logging.getLogger("slimssl")
 
@@ -132,21 +132,45 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     return path
 
 
+def check_numbers(**values) -> None:
+    """Each keyword must be None (the default) or a number in its range: positive, or >= 0 for
+    ``recalibrate_bn`` (a bad value would otherwise fall back to the default or fail deep inside torch)."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        low_ok = value >= 0 if name == "recalibrate_bn" else value > 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low_ok \
+                or (name not in ("temperature", "lr") and not isinstance(value, int)):
+            kind = "a number > 0" if name in ("temperature", "lr") else \
+                "an int >= 0" if name == "recalibrate_bn" else "an int >= 1"
+            raise UsageError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_train_crop(train_crop: str | None) -> None:
+    if train_crop is not None and train_crop not in TRAIN_CROPS:
+        raise UsageError(f"train_crop must be one of {', '.join(TRAIN_CROPS)}, got {train_crop!r}")
+
+
 # ---- the protocols -----------------------------------------------------------------------------------
 
 def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | None = None, device: str = "auto",
         eval_batch_size: int | None = None, recalibrate_bn: int | None = None, save: bool = True,
         **data) -> list[dict]:
-    """Weighted kNN top-1 of every sub-network (train split the bank, test split the queries; k and T default
-    to the config's ``eval.knn_k`` and ``eval.knn_temperature``)."""
+    """Weighted kNN top-1 of every sub-network: the train split is the bank, the test split the queries; ``k``
+    and ``temperature`` default to the config's ``eval.knn_k`` and ``eval.knn_temperature``.
+
+    ``data``, ``loader``, ``workers``, ``skip_unreadable`` and ``crop_ratio`` say where and how the images
+    are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,
+    knn_top1 (percent)."""
     from .knn import knn_eval_subnets
     from .linear import resolve_recalibration, subnet_models
 
+    check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     options = DataOptions.of(data)
     supernet, cfg, torch_device = load_model(checkpoint, device)
     train, test = options.load_splits(cfg, torch_device)
-    k = k or cfg.eval.knn_k
-    temperature = temperature or cfg.eval.knn_temperature
+    k = k if k is not None else cfg.eval.knn_k
+    temperature = temperature if temperature is not None else cfg.eval.knn_temperature
     bs = eval_batch_size or cfg.eval.batch_size
     res, mean, std = cfg.data.resolution, cfg.data.mean, cfg.data.std
     models = subnet_models(supernet, list(supernet.menu), train, recalibrate_batches=recalibrate_bn,
@@ -170,10 +194,16 @@ def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: fl
                  device: str = "auto", eval_batch_size: int | None = None, recalibrate_bn: int | None = None,
                  save: bool = True, **data) -> list[dict]:
     """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
-    Its values are stored as ``linear_top1``/``_top5``, with ``_shared``, ``_distill`` and ``_aug`` added to
-    the protocol's name for those options."""
+
+    ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``) and flips, with the
+    backbone run at every step, instead of cached features. The data keywords are knn's. Returns one row per
+    sub-network: subnet, width, depths, params, macs, linear_top1, linear_top5 (percent); ``_shared``,
+    ``_distill`` and ``_aug`` join the protocol's name (``linear_aug_top1``) for those options."""
     from .linear import linear_probe_subnets, resolve_recalibration
 
+    check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                  recalibrate_bn=recalibrate_bn)
+    check_train_crop(train_crop)
     options = DataOptions.of(data)
     supernet, cfg, torch_device = load_model(checkpoint, device)
     train, test = options.load_splits(cfg, torch_device)
@@ -207,11 +237,16 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
 
     Each result, with its labelled indices, is written to ``out`` (one result only), else (``save``) to
     ``RUN/finetune/<subnet>_<pct>pct_seed<S>.json``, and merged into the run before the next one starts, so a
-    failure later keeps what was measured. The sub-networks are checked before any data is decoded.
+    failure later keeps what was measured. The sub-networks are checked before any data is decoded. The
+    data keywords are knn's. Returns one row per result: subnet, width, depths, params, macs,
+    label_fraction, seed, num_labelled, recipe, top1, top5 (percent), indices (the labelled subset).
     """
     from .finetune import finetune_subnet, fraction_key
     from .results import run_dir_of
 
+    check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                  recalibrate_bn=recalibrate_bn)
+    check_train_crop(train_crop)
     options = DataOptions.of(data)
     supernet, cfg, torch_device = load_model(checkpoint, device)
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)
@@ -257,10 +292,12 @@ def finetune_jobs(supernet, subnets: Sequence[str | float] | str, label_fraction
                   out: str | Path | None = None) -> list[tuple]:
     """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
     without repeats (``subnets="all"``: the menu)."""
+    from ..nn.spec import SubnetSpec
+
     if isinstance(subnets, str) and subnets == "all":
         specs = list(supernet.menu)
     else:
-        names = [subnets] if isinstance(subnets, (str, float, int)) else list(subnets)
+        names = [subnets] if isinstance(subnets, (str, float, int, SubnetSpec)) else list(subnets)
         if not names:
             raise UsageError("no sub-network to fine-tune: name at least one, or 'all' (--all)")
         specs = list(dict.fromkeys(supernet.resolve(t) for t in names))

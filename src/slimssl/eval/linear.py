@@ -40,7 +40,8 @@ from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, eval_transfo
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.layers import recalibrate_bn
 from ..nn.spec import Menu, SubnetSpec
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_RECALIBRATE_BATCHES
+from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_RECALIBRATE_BATCHES,
+               TRAIN_CROPS)
 from .features import extract_subnet_features
 
 log = logging.getLogger("slimssl")
@@ -184,9 +185,6 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) 
     bi = torch.arange(b, device=x.device)[:, None, None, None]
     ci = torch.arange(c, device=x.device)[None, :, None, None]
     return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-TRAIN_CROPS = ("pad", "resized")  # the augmented probe's and fine-tuning's crops (module docstring)
 
 
 def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: torch.Generator,

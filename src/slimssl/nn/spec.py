@@ -141,5 +141,14 @@ class Menu(tuple):
             raise SubnetError(f"sub-network {spec.name} is not in the menu {self.names}")
         return spec
 
+    def __contains__(self, item: object) -> bool:
+        """A spec, its canonical name or text, or a width alone (at the largest entry's depth)."""
+        if isinstance(item, SubnetSpec):
+            return tuple.__contains__(self, item)
+        try:
+            return tuple.__contains__(self, SubnetSpec.coerce(item, self.largest.depths))
+        except (SubnetError, TypeError, ValueError):
+            return False
+
     def __repr__(self) -> str:
         return f"Menu({self.names})"

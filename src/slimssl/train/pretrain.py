@@ -71,6 +71,9 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
         return cfg, run_dir, source
     cfg = absolute_data_source(as_config(config, list(overrides)))
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is a file; the run directory must be a folder (new, or an earlier run's "
+                         "to resume)")
     if (run_dir / "checkpoints" / "last.pt").exists():
         how = f"--resume {run_dir}" if cli else "resume=True"
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
@@ -186,10 +189,16 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     ``config`` is a :class:`~slimssl.Config`, a dict of sections, a YAML path or a shipped recipe name
     (default: the embedded demo); ``overrides`` are ``"section.key=value"`` strings, as ``--set`` takes.
     ``out`` is the run directory (default ``runs/<name>-<time>``). ``resume=True`` continues the run in
-    ``out`` with its saved config. Under torchrun, each process calls this and the process group is joined
-    here. A SIGTERM or SIGINT saves a checkpoint and raises ``Interrupted``; resume it later.
+    ``out`` with its saved config. ``max_steps`` stops the run once it has made that many steps in all
+    (counting from its start, not from this call), saving a checkpoint; ``results`` of the returned
+    :class:`PretrainRun` is then empty and ``finished`` False. Under torchrun, each process calls this and the
+    process group is joined here. A SIGTERM or SIGINT saves a checkpoint and raises
+    ``slimssl.train.loop.Interrupted``; resume it later.
     """
     from . import distributed as dist
+
+    if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        raise UsageError(f"max_steps must be an int >= 1 (the step to stop at), or None; got {max_steps!r}")
 
     dist.init_from_env()
     cfg, run_dir, source = prepare_run(config, out, overrides=overrides, resume=resume)
