@@ -170,6 +170,7 @@ def test_python_evaluation_and_pretraining_refuse_bad_numbers_with_named_errors(
     ckpt = tmp_path / "m.pt"
     for call, name in [(lambda: slimssl.knn(ckpt, k=0), "k"), (lambda: slimssl.knn(ckpt, temperature=-1), "temperature"),
                        (lambda: slimssl.knn(ckpt, recalibrate_bn=-5), "recalibrate_bn"),
+                       (lambda: slimssl.knn(ckpt, k="5"), "k must be an int"),
                        (lambda: slimssl.linear_probe(ckpt, epochs=0), "epochs"),
                        (lambda: slimssl.linear_probe(ckpt, lr=-1.0), "lr"),
                        (lambda: slimssl.linear_probe(ckpt, train_crop="centre"), "train_crop"),

@@ -18,21 +18,17 @@ from slimssl.cli import main
 from slimssl.config import PACKAGED, ConfigError, config_from_dict, find_config, load_config
 from slimssl.train.loop import EXIT_INTERRUPTED, NonFiniteLossError, Trainer
 from slimssl.train.pretrain import prepare_run
+from test_pretrain import tiny as tiny_recipe
 
-TINY = {
-    "name": "tiny",
-    "model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4, "stem": "cifar"},
-    "menu": {"widths": [1.0, 0.5]},
-    "method": {"name": "byol", "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
-    "data": {"source": "fake", "resolution": 8, "fake_size": 32},
-    "train": {"batch_size": 8, "epochs": 2, "log_every": 1, "device": "cpu", "precision": "fp32"},
-    "eval": {"knn_k": 5, "batch_size": 32},
-}  # 32 images / batch 8: 4 steps per epoch, 8 steps in all
 DIVERGE = "optim.lr=1e12"  # the loss is NaN within the first two steps
 
 
-def tiny() -> dict:  # a fresh copy: overrides applied to a dict change its nested sections
-    return json.loads(json.dumps(TINY))
+def tiny() -> dict:
+    """A fresh tiny BYOL recipe, widths 1 and 0.5: 32 fake images in batches of 8, 4 steps per epoch, 8 in all."""
+    return tiny_recipe("byol", widths=[1.0, 0.5])
+
+
+TINY = tiny()
 
 
 @pytest.fixture(autouse=True)

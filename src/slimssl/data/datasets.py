@@ -184,7 +184,7 @@ def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: b
     prefix = split_prefix(tree, split)
     paths, labels, classes = list_split(tree, prefix)
     name = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
-    key = _cache_key(tree, split, (resolution, crop_ratio), skip_unreadable, paths)
+    key = _cache_key(tree, split, resolution, crop_ratio, skip_unreadable, paths)
 
     cached = _cache_load(key)
     if cached is None:
@@ -220,7 +220,8 @@ def _decode_all(tree: FileTree, paths: list[str], resolution: int | None, skip_u
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
     workers = min(len(chunks), 2 * (os.cpu_count() or 1), 32)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = [r for chunk in pool.map(lambda c: _decode_chunk(tree, c, resolution, crop_ratio), chunks) for r in chunk]
+        decoded = pool.map(lambda c: _decode_chunk(tree, c, resolution, crop_ratio), chunks)
+        results = [r for chunk in decoded for r in chunk]
 
     kept = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
     skipped = [paths[i] for i, r in enumerate(results) if not isinstance(r, torch.Tensor)]
@@ -257,12 +258,13 @@ def cache_dir() -> str:
     return os.path.expanduser(os.environ.get("SLIMSSL_CACHE", "~/.cache/slimssl/decoded"))
 
 
-def _cache_key(tree: FileTree, split: str, resolution, skip_unreadable: bool, paths: list[str]) -> str:
+def _cache_key(tree: FileTree, split: str, resolution, crop_ratio: float, skip_unreadable: bool,
+               paths: list[str]) -> str:
     listing = [[p, *tree.files[p]] for p in paths]
     if not os.path.isdir(tree.root):  # a zip: its own size/mtime too
         st = os.stat(tree.root)
         listing.append(["<zip>", st.st_size, st.st_mtime_ns])
-    blob = json.dumps([_CACHE_VERSION, tree.root, split, resolution, skip_unreadable, listing])
+    blob = json.dumps([_CACHE_VERSION, tree.root, split, resolution, crop_ratio, skip_unreadable, listing])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

@@ -56,6 +56,11 @@ class DataOptions:
     def resolved_crop_ratio(self, cfg) -> float:
         return self.crop_ratio if self.crop_ratio is not None else cfg.eval.crop_ratio
 
+    def settings(self, cfg) -> dict:
+        """What every protocol records about its images in results.json."""
+        return {"data": self.source(cfg), "resolution": cfg.data.resolution,
+                "crop_ratio": self.resolved_crop_ratio(cfg)}
+
     def load_split(self, cfg, split: str, device=None):
         """``split`` at the config's resolution, decoded in memory or streamed. A built-in dataset is decoded in
         memory: asked to stream it, this is an error; a streaming config falls back to memory, with a log line."""
@@ -74,18 +79,18 @@ class DataOptions:
             loader = "memory"
         workers = self.workers if self.workers is not None else cfg.data.workers
         workers = default_workers() if workers is None else workers
+        crop_ratio = self.resolved_crop_ratio(cfg)
         try:
             images = load_eval_split(source, split, loader=loader, resolution=cfg.data.resolution, workers=workers,
                                      skip_unreadable=self.skip_unreadable or cfg.data.skip_unreadable,
                                      fake_size=cfg.data.fake_size, seed=cfg.train.seed,  # fake data as trained
                                      pin_memory=device is not None and device.type == "cuda",
-                                     crop_ratio=self.resolved_crop_ratio(cfg))
+                                     crop_ratio=crop_ratio)
         except ValueError as e:  # DataError: names the path and what was expected
             raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
         if images.labels is None:
             raise UsageError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
                              "evaluation needs a labelled dataset: pass one with --data")
-        crop_ratio = self.resolved_crop_ratio(cfg)
         log.info("%s split of %s: %d images, %s%s", split, source, len(images),
                  f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory",
                  f", centre crop ratio {crop_ratio:g}" if crop_ratio != 1 else "")
@@ -138,11 +143,11 @@ def check_numbers(**values) -> None:
     for name, value in values.items():
         if value is None:
             continue
-        low_ok = value >= 0 if name == "recalibrate_bn" else value > 0
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low_ok \
-                or (name not in ("temperature", "lr") and not isinstance(value, int)):
-            kind = "a number > 0" if name in ("temperature", "lr") else \
-                "an int >= 0" if name == "recalibrate_bn" else "an int >= 1"
+        real = name in ("temperature", "lr")
+        least = 0 if name == "recalibrate_bn" else 1
+        kind_ok = not isinstance(value, bool) and isinstance(value, (int, float) if real else int)
+        if not (kind_ok and (value > 0 if real else value >= least)):  # the type first: "a" > 0 would raise
+            kind = "a number > 0" if real else f"an int >= {least}"
             raise UsageError(f"{name} must be {kind}, got {value!r}")
 
 
@@ -181,9 +186,8 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
         log.info("kNN %s: top-1 %.2f", name, acc)
     costs = cost_rows(supernet, res)
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
-    settings = {"data": options.source(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
-                "recalibrate_bn": resolve_recalibration(supernet, recalibrate_bn), "resolution": res,
-                "crop_ratio": options.resolved_crop_ratio(cfg)}
+    settings = {**options.settings(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
+                "recalibrate_bn": resolve_recalibration(supernet, recalibrate_bn)}
     save_values(checkpoint, {r["subnet"]: r for r in rows}, "knn", settings, cfg, save)
     return rows
 
@@ -217,12 +221,11 @@ def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: fl
         + ("_aug" if augment else "")
     costs = cost_rows(supernet, cfg.data.resolution)
     rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
-    settings = {"data": options.source(cfg), "epochs": epochs, "lr": lr, "batch_size": batch_size,
+    settings = {**options.settings(cfg), "epochs": epochs, "lr": lr, "batch_size": batch_size,
                 "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
                 "distill": distill, "shared_head": shared_head, "augment": augment,
                 "train_crop": train_crop if augment else None, "seed": seed,
-                "recalibrate_bn": resolve_recalibration(supernet, recalibrate_bn),
-                "resolution": cfg.data.resolution, "crop_ratio": options.resolved_crop_ratio(cfg)}
+                "recalibrate_bn": resolve_recalibration(supernet, recalibrate_bn)}
     save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save)
     return rows
 
@@ -280,9 +283,8 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
             log.info("saved the fine-tuning result and the labelled indices to %s", path)
         values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
                               key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}
-        settings = {"data": source, "label_fraction": label_fraction, "seed": seed, "recipe": result["recipe"],
-                    "indices_file": row["indices_file"], "resolution": cfg.data.resolution,
-                    "crop_ratio": options.resolved_crop_ratio(cfg)}
+        settings = {**options.settings(cfg), "label_fraction": label_fraction, "seed": seed,
+                    "recipe": result["recipe"], "indices_file": row["indices_file"]}
         save_values(checkpoint, values, key.removesuffix("_top1"), settings, cfg, save)
         rows.append(row)
     return rows
