@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from slimssl.cli import build_parser
 from slimssl.config import load_config
@@ -63,3 +64,21 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     assert namespace["run"].finished and (tmp_path / "runs" / "demo" / "results.json").is_file()
     assert namespace["same"].state_dict().keys() == namespace["plain"].state_dict().keys()
     assert namespace["config"].name == "demo" and namespace["config"].train.epochs == 2
+
+
+def test_extending_example_registers_trains_and_evaluates_a_method(tmp_path, monkeypatch):
+    from slimssl.methods import METHODS
+
+    (example,) = code_blocks(REPO_ROOT / "docs" / "extending.md", "python")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(METHODS, "simsiam", None)  # removed again after the test, whatever the example does
+    namespace: dict = {}
+    exec(compile(example, "docs/extending.md (SimSiam)", "exec"), namespace)
+    assert METHODS["simsiam"] is namespace["SimSiam"]
+    run, rows = namespace["run"], namespace["rows"]
+    assert run.finished and load_config(run.run_dir / "config.yaml").method.name == "simsiam"
+    assert [r["subnet"] for r in rows] == [s["subnet"] for s in run.results["subnets"]]
+    model = torch.load(run.run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    linears = [k for k in model if k.startswith(("projector.", "predictor.")) and k.endswith(".weight")
+               and model[k].dim() == 2]
+    assert len(linears) == 5  # SimSiam's heads (three projector layers, two predictor layers), not the demo's

@@ -338,22 +338,24 @@ def test_unbound_layer_raises():
     ("mocov3", "predictor", 16 * 32 + 2 * 32 + 32 * 16, "linear"),
 ])
 def test_heads_match_the_methods_published_architectures(method, head, params, ends_with):
-    from slimssl.models.heads import HEADS, SlimMLP
+    from slimssl.methods import METHODS
+    from slimssl.models.heads import SlimMLP
 
     menu = Menu([SubnetSpec(1.0, D1)])
-    mlp = SlimMLP(64 if head == "projector" else 16, HEADS[method][head](32, 16), menu)
+    mlp = SlimMLP(64 if head == "projector" else 16, getattr(METHODS[method], f"{head}_layers")(32, 16), menu)
     assert sum(p.numel() for p in mlp.parameters()) == params
     assert isinstance(mlp[-1], SlimLinear if ends_with == "linear" else SlimBatchNorm)
 
 
 @pytest.mark.parametrize("method", ["byol", "mocov2", "mocov3"])
 def test_slim_mlp_keeps_output_dim_and_narrows_hidden(method):
-    from slimssl.models.heads import HEADS, SlimMLP
+    from slimssl.methods import METHODS
+    from slimssl.models.heads import SlimMLP
 
     menu = Menu([SubnetSpec(w, D1) for w in (1.0, 0.5)])
     state = SlimState(SubnetSpec(1.0, D1), menu)
     torch.manual_seed(0)
-    mlp = SlimMLP(64, HEADS[method]["projector"](32, 16), menu)
+    mlp = SlimMLP(64, METHODS[method].projector_layers(32, 16), menu)
     bind_state(mlp, state)
     mlp.train()
     hidden = []

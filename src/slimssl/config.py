@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import SlimsslError
 from .models.resnet import ARCHS
@@ -74,7 +74,8 @@ class MenuConfig(Section):
 
 
 class MethodConfig(Section):
-    name: Literal["byol", "mocov2", "mocov3"] = "byol"
+    name: str = Field("byol", description="byol, mocov2, mocov3, or a method registered with "
+                      "slimssl.methods.register_method")
     proj_hidden: int = 4096
     proj_dim: int = 256
     pred_hidden: int = 4096
@@ -87,6 +88,17 @@ class MethodConfig(Section):
         False, description="MoCo's shuffle-BN: the target (key) network sees the batch in a random order, so a "
         "query and its positive key are normalised with statistics of different groups of samples; needs "
         "several BatchNorm groups (model.bn_group_size, or several processes)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from .methods import method_class
+
+        try:
+            method_class(name)
+        except SlimsslError as e:
+            raise ValueError(f"method.name: {e}") from None
+        return name
 
 
 class SlimConfig(Section):
@@ -205,9 +217,15 @@ class Config(Section):
     @model_validator(mode="after")
     def _resolve_crop_scale(self) -> "Config":
         if self.data.crop_scale is None:  # resolved here, so that a run's config.yaml says what it used
-            self.data.crop_scale = RECIPE_CROP_SCALE[self.data.augment or self.method.name]
+            self.data.crop_scale = RECIPE_CROP_SCALE[self.view_recipe()]
             self.data._crop_scale_resolved = True
         return self
+
+    def view_recipe(self) -> str:
+        """The augmentation recipe of the run's views: ``data.augment``, or else the method's own."""
+        from .methods import method_class
+
+        return self.data.augment or method_class(self.method.name).augment
 
     def revalidated(self, overrides: list[str] | None = None) -> "Config":
         """A new Config from this one's values with ``overrides`` applied, checked again as a whole: fields

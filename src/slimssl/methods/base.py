@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.heads import Layer
+
 
 @dataclass
 class MethodOutput:
@@ -21,11 +23,27 @@ class MethodOutput:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set ``name`` and ``has_predictor`` and implement ``loss``."""
+    """Base class. A subclass sets ``name``, implements :meth:`loss`, and declares its heads and augmentation
+    where they differ from BYOL's; :func:`slimssl.methods.register_method` makes it a ``method.name``.
+
+    Every other hook has a default that suits a two-view method with a momentum target. ``self.cfg`` is the
+    run's ``method`` config section.
+    """
 
     name: str = ""
-    has_predictor: bool = True
-    projector_layers: str = "projector"
+    augment: str = "byol"  # the view recipe (``data.augment``) a run uses unless its config names one
+
+    @staticmethod
+    def projector_layers(hidden: int, out: int) -> list[Layer]:
+        """The projector after the backbone, as layers; ``hidden`` is ``method.proj_hidden`` (narrowed with
+        the sub-network's width) and ``out`` is ``method.proj_dim`` (the same for every sub-network)."""
+        return [Layer(hidden, "bn", "relu"), Layer(out)]
+
+    @staticmethod
+    def predictor_layers(hidden: int, out: int) -> list[Layer] | None:
+        """The predictor after the projector (online network only), from ``method.pred_hidden`` and
+        ``method.proj_dim``; None for no predictor."""
+        return [Layer(hidden, "bn", "relu"), Layer(out)]
 
     def __init__(self, cfg):
         super().__init__()

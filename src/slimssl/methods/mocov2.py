@@ -5,13 +5,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method, MethodOutput
+from .base import Layer, Method, MethodOutput
 from .losses import contrastive_loss, info_nce_logits
 
 
 class MoCoV2(Method):
     name = "mocov2"
-    has_predictor = False
+    augment = "mocov2"
+
+    @staticmethod
+    def projector_layers(hidden: int, out: int) -> list[Layer]:
+        return [Layer(hidden, None, "relu"), Layer(out)]  # MoCo v2's MLP head has no BatchNorm
+
+    @staticmethod
+    def predictor_layers(hidden: int, out: int) -> None:
+        return None
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import torch
 
-from .base import Method, MethodOutput
+from .base import Layer, Method, MethodOutput
 from .losses import contrastive_loss, in_batch_logits
 
 
 class MoCoV3(Method):
     name = "mocov3"
-    has_predictor = True
+    augment = "mocov3"
+
+    # no biases; the projector ends with a BatchNorm without affine, the predictor without BatchNorm
+    @staticmethod
+    def projector_layers(hidden: int, out: int) -> list[Layer]:
+        return [Layer(hidden, "bn", "relu"), Layer(out, "bn_noaffine")]
+
+    @staticmethod
+    def predictor_layers(hidden: int, out: int) -> list[Layer]:
+        return [Layer(hidden, "bn", "relu"), Layer(out, bias=False)]
 
     def prepare_target(self, target: list[torch.Tensor]) -> list[torch.Tensor]:
         from ..train.distributed import all_gather_nograd

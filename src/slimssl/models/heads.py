@@ -2,12 +2,13 @@
 
 Each tuple is a :class:`Layer`: ``(out_dim, norm, activation, bias)`` with norm one of None, "bn",
 "bn_noaffine". Hidden layers scale with the sub-network's width; the last layer's output dimension is fixed,
-so every sub-network lands in the same embedding space as the full network (and its target).
+so every sub-network lands in the same embedding space as the full network (and its target). Each method
+declares its own heads (``Method.projector_layers`` / ``predictor_layers``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 from torch import nn
 
@@ -24,23 +25,6 @@ class Layer(NamedTuple):
     bias: bool | None = None  # None: a bias only where no BatchNorm follows (it would cancel it)
 
 
-# The heads of the three methods (as their papers and official code build them; docs/recipes.md); ``hidden`` is the full-width hidden size.
-# MoCo v3's linear layers have no bias, and its predictor ends without BatchNorm (its projector with one).
-HEADS: dict[str, dict[str, Callable[[int, int], list[Layer]]]] = {
-    "byol": {
-        "projector": lambda hidden, out: [Layer(hidden, "bn", "relu"), Layer(out)],
-        "predictor": lambda hidden, out: [Layer(hidden, "bn", "relu"), Layer(out)],
-    },
-    "mocov2": {
-        "projector": lambda hidden, out: [Layer(hidden, None, "relu"), Layer(out)],
-    },
-    "mocov3": {
-        "projector": lambda hidden, out: [Layer(hidden, "bn", "relu"), Layer(out, "bn_noaffine")],
-        "predictor": lambda hidden, out: [Layer(hidden, "bn", "relu"), Layer(out, bias=False)],
-    },
-}
-
-
 class SlimMLP(nn.Sequential):
     """An MLP of slimmable linear layers with per-sub-network BatchNorm (private, keyed by name)."""
 
@@ -51,6 +35,8 @@ class SlimMLP(nn.Sequential):
             last = i == len(layers) - 1
             bias = norm is None if bias is None else bias
             modules.append(SlimLinear(in_dim, out_dim, bias=bias, slim_out=not last))
+            if norm not in (None, "bn", "bn_noaffine"):
+                raise SlimsslError(f"unknown norm {norm!r} in head declaration; expected None, 'bn' or 'bn_noaffine'")
             if norm is not None:
                 subnets = None if bn == "shared" else {
                     s.name: (out_dim if last else scaled_channels(out_dim, s.width, divisor)) for s in menu}

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..methods.base import Method
 from ..nn.layers import SlimmableMixin, bind_state
-from .heads import HEADS, SlimMLP
+from .heads import SlimMLP
 from .resnet import SlimResNet
 
 
@@ -25,14 +25,14 @@ class SSLModel(SlimmableMixin, nn.Module):
                  bn_group_size: int | None = None):
         super().__init__()
         cfg = method.cfg
-        heads = HEADS[method.name]
         self.backbone = backbone
         self.method = method
         self.slim_state = backbone.slim_state
         menu = backbone.menu
-        self.projector = SlimMLP(backbone.num_features, heads["projector"](cfg.proj_hidden, cfg.proj_dim), menu, bn, divisor)
-        self.predictor = (SlimMLP(cfg.proj_dim, heads["predictor"](cfg.pred_hidden, cfg.proj_dim), menu, bn, divisor)
-                          if method.has_predictor else None)
+        self.projector = SlimMLP(backbone.num_features, method.projector_layers(cfg.proj_hidden, cfg.proj_dim),
+                                 menu, bn, divisor)
+        predictor = method.predictor_layers(cfg.pred_hidden, cfg.proj_dim)
+        self.predictor = None if predictor is None else SlimMLP(cfg.proj_dim, predictor, menu, bn, divisor)
         bind_state(self, self.slim_state)
         self.slim_state.bn_group_size = bn_group_size  # before the copy, so the target's state has it too
         # One deepcopy of both modules so the copies share one (always full-size) state of their own.

@@ -1,0 +1,156 @@
+"""A method of one's own (docs/extending.md): registered from Python or through an entry point, it trains,
+resumes and evaluates like the built-in methods, and a bad declaration is an error that says what is wrong."""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint
+
+import pytest
+import torch
+
+import slimssl
+from slimssl import methods
+from slimssl.checkpoint import load_checkpoint
+from slimssl.config import ConfigError, config_from_dict
+from slimssl.errors import SlimsslError
+from slimssl.methods import METHODS, Layer, Method, MethodOutput, register_method
+from slimssl.methods.losses import regression_loss
+from slimssl.models.heads import SlimMLP
+from slimssl.nn.spec import Menu, SubnetSpec
+from slimssl.train.loop import Trainer
+from test_pretrain import tiny
+
+
+@pytest.fixture(autouse=True)
+def registry():
+    """Every test starts and ends with the built-in methods only."""
+    saved, loaded = dict(METHODS), methods._plugins_loaded
+    yield
+    METHODS.clear()
+    METHODS.update(saved)
+    methods._plugins_loaded = loaded
+
+
+class ThreeLayer(Method):
+    """A regression method with a three-layer projector, no predictor, MoCo v2's views and a state buffer."""
+
+    name = "threelayer"
+    augment = "mocov2"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+
+    @staticmethod
+    def projector_layers(hidden, out):
+        return [Layer(hidden, "bn", "relu"), Layer(hidden, "bn", "relu"), Layer(out)]
+
+    @staticmethod
+    def predictor_layers(hidden, out):
+        return None
+
+    def loss(self, online, target):
+        return MethodOutput(regression_loss(online[0], target[1]) + regression_loss(online[1], target[0]), online)
+
+    def after_step(self, target):
+        self.steps_seen += 1
+
+
+def test_a_registered_method_trains_with_its_heads_resumes_exactly_and_evaluates(tmp_path):
+    register_method(ThreeLayer)
+    data = tiny("threelayer", widths=[1.0, 0.5], train={"checkpoint_every": 0})
+    cfg = config_from_dict(data)
+    assert cfg.data.crop_scale == (0.2, 1.0)  # the view recipe's range comes from the method's augment
+
+    straight = Trainer(cfg, tmp_path / "straight")
+    straight.fit(max_steps=4)
+    first = Trainer(config_from_dict(data), tmp_path / "resumed")
+    first.fit(max_steps=2)
+    second = Trainer(config_from_dict(data), tmp_path / "resumed", resume=True)
+    second.fit(max_steps=4)
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    model = load_checkpoint(tmp_path / "resumed")["model"]
+    assert int(model["method.steps_seen"]) == 4  # the method's own state is saved and restored
+    projector = sorted(k for k in model if k.startswith("projector.") and k.endswith(".weight") and model[k].dim() == 2)
+    assert len(projector) == 3 and not any(k.startswith("predictor.") for k in model)
+
+    rows = slimssl.knn(tmp_path / "resumed", save=False)
+    assert [r["subnet"] for r in rows] == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
+    assert all(0 <= r["knn_top1"] <= 100 for r in rows)
+
+
+def test_an_unknown_method_lists_the_known_ones_and_how_to_register():
+    with pytest.raises(ConfigError, match=r"method.name: unknown method 'simsam'; known: byol, mocov2, mocov3\. "
+                                          r"A method of your own must be registered first"):
+        config_from_dict({"method": {"name": "simsam"}})
+
+
+def _named(name, **members):
+    return type("Custom", (Method,), {"name": name, "loss": ThreeLayer.loss, **members})
+
+
+@pytest.mark.parametrize("cls, message", [
+    (int, "takes a subclass of slimssl.methods.Method, got <class 'int'>"),
+    (_named(""), "name must be a name such as 'simsiam'"),
+    (_named("sim-siam"), "name must be a name such as 'simsiam'.*got 'sim-siam'"),
+    (type("NoLoss", (Method,), {"name": "noloss"}), "NoLoss must implement loss"),
+    (_named("custom", augment="simclr"), "augment must be one of the view recipes byol, mocov2, mocov3, got 'simclr'"),
+    (_named("byol"), "method name 'byol' is taken by slimssl.methods.byol.BYOL"),
+])
+def test_register_method_refuses_a_bad_declaration(cls, message):
+    with pytest.raises(SlimsslError, match=message):
+        register_method(cls)
+    assert list(METHODS) == ["byol", "mocov2", "mocov3"]
+
+
+def test_registering_a_class_defined_again_replaces_it():
+    def define():
+        class Again(ThreeLayer):
+            name = "again"
+        return Again
+
+    first, second = define(), define()
+    assert register_method(first) is first and register_method(second) is second
+    assert METHODS["again"] is second
+
+
+def test_an_unknown_norm_in_a_head_declaration_is_an_error():
+    with pytest.raises(SlimsslError, match="unknown norm 'ln' in head declaration"):
+        SlimMLP(8, [Layer(8, "ln")], Menu([SubnetSpec(1.0, (1, 1, 1, 1))]))
+
+
+def _entry_points(monkeypatch, *points):
+    calls = []
+
+    def entry_points(group):
+        calls.append(group)
+        return [EntryPoint(name, value, group) for name, value in points]
+
+    monkeypatch.setattr(methods, "entry_points", entry_points)
+    return calls
+
+
+def test_an_entry_point_method_is_imported_only_when_a_config_names_it(monkeypatch):
+    calls = _entry_points(monkeypatch, ("threelayer", f"{__name__}:ThreeLayer"))
+    config_from_dict(tiny("byol"))
+    assert calls == []  # a built-in method never imports plugins
+    assert config_from_dict(tiny("threelayer")).method.name == "threelayer"
+    assert calls == ["slimssl.methods"] and METHODS["threelayer"] is ThreeLayer
+    config_from_dict(tiny("threelayer"))
+    assert calls == ["slimssl.methods"]  # loaded once
+
+
+@pytest.mark.parametrize("point, message", [
+    (("other", f"{__name__}:ThreeLayer"), "entry point other = .* loads .*ThreeLayer.*, whose name is "
+                                          "'threelayer'; the entry point's name must be the method's name"),
+    (("broken", "slimssl_no_such_plugin:Method"), "entry point broken = slimssl_no_such_plugin:Method "
+                                                  r"\(slimssl.methods\) failed to load: ModuleNotFoundError"),
+])
+def test_a_bad_entry_point_is_an_error_naming_it(monkeypatch, point, message):
+    _entry_points(monkeypatch, point)
+    for _ in range(2):  # reported on every use, not once and then forgotten
+        with pytest.raises(ConfigError, match=message):
+            config_from_dict(tiny("threelayer"))
+    assert "threelayer" not in METHODS
