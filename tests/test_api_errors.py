@@ -194,3 +194,30 @@ def test_menu_membership_takes_names_and_widths_and_export_checks_metadata_first
     with pytest.raises(slimssl.SlimsslError, match="metadata"):
         slimssl.export_subnet(supernet, 0.5, tmp_path / "out", metadata={"x": object()})
     assert not (tmp_path / "out").exists()
+
+
+def test_the_lower_level_functions_raise_slimssl_errors_for_bad_input(supernet, monkeypatch):
+    """The building blocks under the commands (usable on their own) name bad input as SlimsslErrors, so the
+    command line prints them as one line instead of a traceback."""
+    from slimssl.data.augment import recipe
+    from slimssl.data.datasets import ImageDataset
+    from slimssl.eval.finetune import balanced_subset
+    from slimssl.eval.knn import knn_eval_subnets
+    from slimssl.eval.linear import augment_batch
+    from slimssl.train.distributed import timeout_seconds
+
+    unlabelled = ImageDataset(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), None, None, "folder")
+    cases = [
+        (lambda: knn_eval_subnets(supernet, unlabelled, unlabelled, k=5, temperature=0.1, resolution=8,
+                                   mean=(0.5,) * 3, std=(0.5,) * 3), "kNN needs labels; dataset 'folder' has none"),
+        (lambda: balanced_subset(torch.arange(10), 0.0), r"label fraction must be in \(0, 1\], got 0.0"),
+        (lambda: augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8, mean=(0.5,) * 3, std=(0.5,) * 3,
+                               generator=torch.Generator(), crop="centre"), "unknown train crop 'centre'"),
+        (lambda: recipe("simclr", 32), "unknown augmentation recipe 'simclr'; known: byol, mocov2, mocov3"),
+    ]
+    for call, message in cases:
+        with pytest.raises(SlimsslError, match=message):
+            call()
+    monkeypatch.setenv("SLIMSSL_DIST_TIMEOUT", "soon")
+    with pytest.raises(SlimsslError, match=r"\$SLIMSSL_DIST_TIMEOUT must be a number of seconds, got 'soon'"):
+        timeout_seconds()

@@ -388,7 +388,7 @@ def test_pretraining_knn_equals_the_knn_command_on_its_checkpoint(bn, crop_ratio
     data["model"]["bn"] = bn
     if crop_ratio != 1:  # digits (the fake data is noise made at the resolution, which no ratio changes)
         data["data"].update(source="digits", resolution=12)
-        data["train"]["max_steps"] = 2
+        data["train"]["batch_size"] = 128  # one epoch of digits in 11 steps
         data["eval"]["crop_ratio"] = crop_ratio
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(data))

@@ -170,7 +170,6 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(256, ge=2, description="total batch over all processes (BatchNorm needs two samples)")
-    max_steps: int | None = Field(None, gt=0)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"

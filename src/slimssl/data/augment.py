@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..config import RECIPE_CROP_SCALE
+from ..config import RECIPE_CROP_SCALE, ConfigError
 from .decode import center_offsets, resized_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,7 +61,7 @@ def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = 
     is usual for small images where a ~10% kernel is a 1-3 px box.
     """
     if name not in RECIPE_CROP_SCALE:
-        raise ValueError(f"unknown augmentation recipe {name!r}; known: {', '.join(RECIPES)}")
+        raise ConfigError(f"unknown augmentation recipe {name!r}; known: {', '.join(RECIPES)}")
     if name in ("byol", "mocov3"):
         base = ViewRecipe(crop_scale=RECIPE_CROP_SCALE[name], saturation=0.2)
         views = (replace(base, blur_p=1.0), replace(base, blur_p=0.1, solarize_p=0.2))

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
+from ..data.files import DataError
 from ..nn.spec import SubnetSpec
 
 
@@ -38,7 +39,7 @@ def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: 
         for key, model in distinct.items():
             model.train(was_training[key])
     if any(not parts for parts in out.values()):
-        raise ValueError("cannot extract features of an empty dataset")
+        raise DataError("cannot extract features of an empty dataset")
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 

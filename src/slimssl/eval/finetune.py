@@ -27,6 +27,8 @@ from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
+from ..data.files import DataError
+from ..errors import UsageError
 from .linear import TRAIN_CROPS, augment_batch, output_classes, subnet_models, topk_accuracy
 
 log = logging.getLogger("slimssl")
@@ -53,10 +55,10 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> tor
     """Sorted indices of a class-balanced subset: ``round(fraction * N / C)`` examples of every class (at
     least 1, at most the smallest class), drawn from ``seed`` (the same seed gives the same subset)."""
     if not 0.0 < float(fraction) <= 1.0:
-        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+        raise UsageError(f"label fraction must be in (0, 1], got {fraction}")
     labels = torch.as_tensor(labels).long().cpu()
     if labels.numel() == 0:
-        raise ValueError("cannot draw a labelled subset from an empty dataset")
+        raise DataError("cannot draw a labelled subset from an empty dataset")
     classes = torch.unique(labels)
     smallest = min(int((labels == c).sum()) for c in classes)
     per_class = max(1, round(float(fraction) * len(labels) / len(classes)))
@@ -101,7 +103,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     The supernet is not modified (the export is a copy; shared BatchNorm is recalibrated on a copy).
     """
     if train.labels is None or test.labels is None:
-        raise ValueError(f"fine-tuning needs labels; dataset {train.name!r} has none (an unlabelled folder)")
+        raise DataError(f"fine-tuning needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     device = torch.device(device)
     spec = supernet.resolve(subnet)
     resolution = resolution or train.resolution
@@ -112,7 +114,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
                                                                    min_steps=min_steps, crop=train_crop).items()
                                 if v is not None})
     if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0 or recipe.crop not in TRAIN_CROPS:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0 and a crop in {TRAIN_CROPS}, got {recipe}")
+        raise UsageError(f"need epochs >= 1, batch_size >= 1, lr > 0 and a crop in {TRAIN_CROPS}, got {recipe}")
     indices = balanced_subset(train.labels, label_fraction, seed)
     num_classes = output_classes(train, test)
 

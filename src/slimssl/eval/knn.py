@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.files import DataError
+
 
 @torch.no_grad()
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
@@ -42,7 +44,7 @@ def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resol
     from .features import extract_subnet_features
 
     if train.labels is None or test.labels is None:
-        raise ValueError(f"kNN needs labels; dataset {train.name!r} has none (an unlabelled folder)")
+        raise DataError(f"kNN needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     specs = list(supernet.menu)
     kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)

@@ -38,6 +38,8 @@ from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, eval_transform, geometric_view
 from ..data.eval_images import EvalImages, as_eval_images
+from ..data.files import DataError
+from ..errors import UsageError
 from ..nn.layers import recalibrate_bn
 from ..nn.spec import Menu, SubnetSpec
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_RECALIBRATE_BATCHES,
@@ -197,7 +199,7 @@ def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: t
     elif crop == "resized":  # ViewRecipe's defaults: 8-100% of the area, aspect 3/4-4/3, flip 1/2
         x = geometric_view(x, ViewRecipe(), resolution, generator)
     else:
-        raise ValueError(f"unknown train crop {crop!r}; expected one of {TRAIN_CROPS}")
+        raise UsageError(f"unknown train crop {crop!r}; expected one of {TRAIN_CROPS}")
     return normalize(x, mean, std)
 
 
@@ -287,11 +289,11 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     With ``return_heads`` the result is ``(results, heads)``.
     """
     if train.labels is None or test.labels is None:
-        raise ValueError(f"the linear probe needs labels; dataset {train.name!r} has none (an unlabelled folder)")
+        raise DataError(f"the linear probe needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+        raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     if train_crop not in TRAIN_CROPS:
-        raise ValueError(f"unknown train_crop {train_crop!r}; expected one of {TRAIN_CROPS}")
+        raise UsageError(f"unknown train_crop {train_crop!r}; expected one of {TRAIN_CROPS}")
     device = torch.device(device)
     resolution = resolution or train.resolution
     specs = [supernet.resolve(s) for s in subnets] if subnets else list(supernet.menu)

@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from ..errors import SlimsslError
+
 MODES = ("off", "default", "reduce-overhead", "max-autotune")
 BACKEND = "inductor"  # tests switch this to "aot_eager", which traces the same graphs without a C++ compiler
 
@@ -21,7 +23,7 @@ def compile_forward(fn: Callable, mode: str, num_graphs: int) -> Callable:
     if mode == "off":
         return fn
     if mode not in MODES:
-        raise ValueError(f"unknown train.compile mode {mode!r}; expected one of {', '.join(MODES)}")
+        raise SlimsslError(f"unknown train.compile mode {mode!r}; expected one of {', '.join(MODES)}")
     import torch._dynamo
 
     config = torch._dynamo.config

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import UsageError
+
 log = logging.getLogger("slimssl")
 
 TIMEOUT_ENV = "SLIMSSL_DIST_TIMEOUT"
@@ -95,9 +97,9 @@ def timeout_seconds() -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"${TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+        raise UsageError(f"${TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
     if value <= 0:
-        raise ValueError(f"${TIMEOUT_ENV} must be positive, got {raw!r}")
+        raise UsageError(f"${TIMEOUT_ENV} must be positive, got {raw!r}")
     return value
 
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from ..errors import SlimsslError
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017).
@@ -86,7 +88,7 @@ def build_optimizer(cfg, params: list[tuple[str, nn.Parameter]], lr: float) -> t
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, **foreach)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, trust_coefficient=cfg.trust_coefficient, clip=cfg.lars_clip)
-    raise ValueError(f"unknown optimizer {cfg.name!r}; expected sgd, lars or adamw")
+    raise SlimsslError(f"unknown optimizer {cfg.name!r}; expected sgd, lars or adamw")
 
 
 def scaled_lr(base_lr: float, cfg, total_batch: int) -> float:
