@@ -21,6 +21,7 @@ class SubnetTask:
     spec: SubnetSpec
     weight: float
     distill: bool  # mix in distillation from the full network's detached outputs
+    teacher: bool = False  # the full network: its outputs are what the others distil from (it runs first)
 
 
 class SlimPolicy:
@@ -68,5 +69,6 @@ class SlimPolicy:
                 weight = 1.0 + sub_weight_sum  # SlimCLR: the full network's gradient must dominate
             else:
                 weight = 1.0
-            tasks.append(SubnetTask(spec, weight, distill=self.cfg.teacher == "online" and not is_full))
+            tasks.append(SubnetTask(spec, weight, distill=self.cfg.teacher == "online" and not is_full,
+                                    teacher=is_full))
         return tasks

@@ -326,9 +326,9 @@ class Trainer:
                 if task.distill:
                     kd = method.distill(out.distill_on, teacher_out, slim.distill_temperature)
                     loss = (1 - slim.distill_alpha) * loss + slim.distill_alpha * kd
-                if teacher_out is None:
+                if task.teacher:
                     teacher_out = [t.detach() for t in out.distill_on]
-                self.scaler.scale(loss * task.weight).backward()
+            self.scaler.scale(loss * task.weight).backward()  # outside autocast, as PyTorch recommends
             losses[task.spec.name] = loss.detach().float()
             if diagnose is not None:
                 diagnose.after_backward(task.spec.name)
