@@ -482,3 +482,16 @@ def test_python_pretrain_refuses_bad_arguments_before_writing(tmp_path):
     with pytest.raises(slimssl.SlimsslError, match="train.epochs"):
         slimssl.pretrain(slimssl.load_config("demo"), tmp_path / "b", overrides=["train.epochs=-1"])
     assert not any(tmp_path.iterdir())
+
+
+def test_a_checkpoint_with_the_former_knn_history_still_resumes(tmp_path):
+    data = tiny("byol", widths=[1.0, 0.5])
+    Trainer(config_from_dict(data), tmp_path / "run").fit(max_steps=1)
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    saved = torch.load(path, weights_only=True)
+    saved["train_state"]["knn_history"] = [{"epoch": 1, "w1p0_d1-1-1-1": 12.5}]  # as written until 2026-12-02
+    torch.save(saved, path)
+    resumed = Trainer(config_from_dict(data), tmp_path / "run", resume=True)
+    assert resumed.state.step == 1
+    resumed.fit(max_steps=2)
+    assert resumed.state.step == 2

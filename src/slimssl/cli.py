@@ -97,10 +97,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_pending(args: argparse.Namespace) -> int:
-    raise UsageError(f"'slimssl {args.command}' is not available in this version yet")
-
-
 # ---- parser ------------------------------------------------------------------------------------------
 
 def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:

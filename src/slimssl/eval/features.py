@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import eval_transform
@@ -42,11 +41,3 @@ def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: 
         raise DataError("cannot extract features of an empty dataset")
     return {name: torch.cat(parts) for name, parts in out.items()}
 
-
-def extract_features(supernet, subnet, images: EvalImages | torch.Tensor, *, resolution: int, mean, std,
-                     batch_size: int = 256, device: torch.device | str = "cpu", normalize: bool = False) -> torch.Tensor:
-    """Pooled features of one ``subnet`` (a spec or its name) for ``images``; L2-normalised with ``normalize``."""
-    spec = supernet.resolve(subnet)
-    feats = extract_subnet_features(supernet, [spec], images, resolution=resolution, mean=mean, std=std,
-                                    batch_size=batch_size, device=device)[spec.name]
-    return F.normalize(feats, dim=1) if normalize else feats

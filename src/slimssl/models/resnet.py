@@ -26,9 +26,6 @@ ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 EXPANSION = {"basic": 1, "bottleneck": 4}
 
-# Builds the BatchNorm after a conv: (full channels, position) -> layer. The position (stage, block index)
-# tells which menu entries run that block, so private BatchNorms exist only where they are used.
-NormFactory = Callable[[int, tuple[int, int] | None], SlimBatchNorm]
 IN_CHANNELS = 3  # RGB; the stem's input channels are fixed, not slimmed
 
 

@@ -20,17 +20,6 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
     return [read_results(d) for d in run_dirs]
 
 
-def metric_keys(result: dict) -> list[str]:
-    """Numeric per-sub-network keys of a run other than params/macs/width (the plottable metrics)."""
-    keys = []
-    for row in result.get("subnets", []):
-        for k, v in row.items():
-            if k not in keys and k not in _NOT_COLUMNS | {"subnet", "params", "macs"} \
-                    and isinstance(v, (int, float)) and not isinstance(v, bool):
-                keys.append(k)
-    return keys
-
-
 def run_columns(result: dict) -> list[str]:
     present = [k for row in result.get("subnets", []) for k in row]
     extra = sorted({k for k in present if k not in _ORDER and k not in _NOT_COLUMNS})

@@ -58,7 +58,6 @@ class TrainState:
     step: int = 0
     skipped_steps: int = 0
     knn_random_init: dict = field(default_factory=dict)
-    knn_history: list = field(default_factory=list)
 
 
 class SignalGuard:
@@ -251,7 +250,9 @@ class Trainer:
                 + "\na resumed run keeps the architecture it was started with (model.*, method.*)") from None
         self.optimizer.load_state_dict(data["optimizer"])
         self.scaler.load_state_dict(data["scaler"])
-        self.state = TrainState(**data["train_state"])
+        state = dict(data["train_state"])
+        state.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
+        self.state = TrainState(**state)
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # ---- evaluation ---------------------------------------------------------------------------------
@@ -455,7 +456,6 @@ class Trainer:
         if knn_every and epoch % knn_every == 0 and epoch < self.cfg.train.epochs and dist.is_main():
             result = self.knn()
             if result:
-                self.state.knn_history.append({"epoch": epoch, **result})
                 self.metrics.write({"step": self.state.step, "epoch": epoch, "knn_top1": result})
                 log.info("epoch %d kNN: %s", epoch, _fmt(result))
 
