@@ -266,3 +266,18 @@ def test_a_damaged_file_of_an_earlier_call_is_named(straight, tmp_path, damaged,
     assert reproduce(out, [RECIPES[0]]) == 2
     message = capsys.readouterr().err + caplog.text
     assert str(path) in message and expected in message and "Traceback" not in message
+
+
+def test_a_probe_records_what_the_linear_command_records(straight, tmp_path):
+    """The reproduction's probe is `slimssl linear RUN --epochs N` with its defaults: a run probed either way
+    holds the same settings, so the reproduction counts a run probed by the command as probed."""
+    import shutil
+
+    import slimssl
+
+    run = tmp_path / "slim"
+    shutil.copytree(straight / RECIPES[1] / "slim", run)
+    by_reproduce = json.loads((run / "results.json").read_text())["protocols"]["linear"]
+    slimssl.linear_probe(run, epochs=2, device="cpu", data="fake")
+    by_command = json.loads((run / "results.json").read_text())["protocols"]["linear"]
+    assert by_command == by_reproduce

@@ -10,3 +10,22 @@ DEFAULT_BATCH_SIZE = 256
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_RECALIBRATE_BATCHES = 20  # used automatically when the supernet's BatchNorm is shared
 TRAIN_CROPS = ("pad", "resized")  # fine-tuning's and the augmented probe's random crop (eval/linear.py)
+PROBE_OPTIMIZER = f"sgd momentum {DEFAULT_MOMENTUM}, cosine, no weight decay"  # the linear heads' optimiser
+
+
+def recalibration_batches(batches: int | None, private_bn: bool) -> int:
+    """How many train batches re-estimate each sub-network's BatchNorm statistics before it is evaluated;
+    ``None`` means automatic: only when the supernet's BatchNorm is shared (private BatchNorm has them)."""
+    if batches is None:
+        return 0 if private_bn else DEFAULT_RECALIBRATE_BATCHES
+    return max(0, int(batches))
+
+
+def linear_settings(images: dict, *, epochs: int, recalibrate_bn: int, lr: float = DEFAULT_LR,
+                    batch_size: int = DEFAULT_BATCH_SIZE, distill: bool = False, shared_head: bool = False,
+                    augment: bool = False, train_crop: str | None = None, seed: int = 0) -> dict:
+    """What a linear probe records in results.json next to its accuracies; ``images``: the protocol's image
+    settings (``DataOptions.settings``). ``slimssl reproduce`` compares these to find probes to run again."""
+    return {**images, "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": PROBE_OPTIMIZER,
+            "standardized_features": True, "distill": distill, "shared_head": shared_head, "augment": augment,
+            "train_crop": train_crop if augment else None, "seed": seed, "recalibrate_bn": recalibrate_bn}

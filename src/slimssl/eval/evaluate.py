@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import UsageError
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_CROPS
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_CROPS, linear_settings, recalibration_batches
 
 log = logging.getLogger("slimssl")
 
@@ -168,7 +168,7 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
     are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,
     knn_top1 (percent)."""
     from .knn import knn_eval_subnets
-    from .linear import resolve_recalibration, subnet_models
+    from .linear import subnet_models
 
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     options = DataOptions.of(data)
@@ -187,7 +187,7 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
     costs = cost_rows(supernet, res)
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
     settings = {**options.settings(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
-                "recalibrate_bn": resolve_recalibration(supernet, recalibrate_bn)}
+                "recalibrate_bn": recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn)}
     save_values(checkpoint, {r["subnet"]: r for r in rows}, "knn", settings, cfg, save)
     return rows
 
@@ -203,7 +203,7 @@ def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: fl
     backbone run at every step, instead of cached features. The data keywords are knn's. Returns one row per
     sub-network: subnet, width, depths, params, macs, linear_top1, linear_top5 (percent); ``_shared``,
     ``_distill`` and ``_aug`` join the protocol's name (``linear_aug_top1``) for those options."""
-    from .linear import linear_probe_subnets, resolve_recalibration
+    from .linear import linear_probe_subnets
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
                   recalibrate_bn=recalibrate_bn)
@@ -221,11 +221,10 @@ def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: fl
         + ("_aug" if augment else "")
     costs = cost_rows(supernet, cfg.data.resolution)
     rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
-    settings = {**options.settings(cfg), "epochs": epochs, "lr": lr, "batch_size": batch_size,
-                "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
-                "distill": distill, "shared_head": shared_head, "augment": augment,
-                "train_crop": train_crop if augment else None, "seed": seed,
-                "recalibrate_bn": resolve_recalibration(supernet, recalibrate_bn)}
+    settings = linear_settings(
+        options.settings(cfg), epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
+        shared_head=shared_head, augment=augment, train_crop=train_crop, seed=seed,
+        recalibrate_bn=recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save)
     return rows
 

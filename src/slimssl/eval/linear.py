@@ -42,8 +42,7 @@ from ..data.files import DataError
 from ..errors import UsageError
 from ..nn.layers import recalibrate_bn
 from ..nn.spec import Menu, SubnetSpec
-from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, DEFAULT_RECALIBRATE_BATCHES,
-               TRAIN_CROPS)
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, TRAIN_CROPS, recalibration_batches
 from .features import extract_subnet_features
 
 log = logging.getLogger("slimssl")
@@ -220,20 +219,13 @@ def calibration_batches(images: EvalImages | torch.Tensor, num_batches: int, bat
         yield eval_transform(batch.to(device), resolution, mean, std)
 
 
-def resolve_recalibration(supernet, batches: int | None) -> int:
-    """``None`` means automatic: recalibrate only when the supernet's BatchNorm is shared."""
-    if batches is None:
-        return 0 if supernet.slim_state.private_bn else DEFAULT_RECALIBRATE_BATCHES
-    return max(0, int(batches))
-
-
 def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImages | torch.Tensor, *,
                   recalibrate_batches: int | None, batch_size: int, resolution: int, mean, std,
                   device="cpu", seed: int = 0) -> dict[str, nn.Module]:
     """The model to evaluate each sub-network with: the supernet itself, or (recalibrating) a copy whose
     BatchNorm statistics were re-estimated for that sub-network on ``recalibrate_batches`` train batches
     (``train_images``: the train split, in memory or streamed, or a uint8 tensor)."""
-    n = resolve_recalibration(supernet, recalibrate_batches)
+    n = recalibration_batches(recalibrate_batches, supernet.slim_state.private_bn)
     if n == 0:
         return {spec.name: supernet for spec in specs}
     train_images = as_eval_images(train_images)
@@ -276,15 +268,15 @@ def output_classes(*datasets) -> int:
 
 def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None, mean=IMAGENET_MEAN,
                          std=IMAGENET_STD, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
-                         batch_size: int = DEFAULT_BATCH_SIZE, momentum: float = DEFAULT_MOMENTUM,
-                         weight_decay: float = 0.0, distill: bool = False, shared_head: bool = False,
-                         augment: bool = False, train_crop: str = "pad", standardize: bool = True,
+                         batch_size: int = DEFAULT_BATCH_SIZE, distill: bool = False, shared_head: bool = False,
+                         augment: bool = False, train_crop: str = "pad",
                          subnets: Sequence[SubnetSpec | str] | None = None, device="cpu", seed: int = 0,
                          feature_batch_size: int = 256, recalibrate_batches: int | None = None,
                          return_heads: bool = False):
     """Train one linear head per sub-network of ``supernet`` (frozen, eval mode) on ``train`` and report
     ``{subnet: {"top1": %, "top5": %}}`` on ``test`` (labelled datasets, in memory or streamed: see
-    ``data/eval_images.py``; the augmented probe reads the train split once per epoch).
+    ``data/eval_images.py``; the augmented probe reads the train split once per epoch). Features are
+    standardised with the train split's mean and deviation; the heads train with :data:`PROBE_OPTIMIZER`.
 
     With ``return_heads`` the result is ``(results, heads)``.
     """
@@ -310,17 +302,13 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
 
     kw = dict(resolution=resolution, mean=mean, std=std, batch_size=feature_batch_size, device=device)
     train_feats = extract_subnet_features(models, specs, train, **kw)
-    stats = {n: _standardizer(f) if standardize else (torch.zeros(f.shape[1], device=device),
-                                                      torch.ones(f.shape[1], device=device))
-             for n, f in train_feats.items()}
-    if standardize and not augment:
-        train_feats = {n: (f - stats[n][0]) / stats[n][1] for n, f in train_feats.items()}
-    if augment:
-        train_feats = None  # the backbone runs at every step instead
+    stats = {n: _standardizer(f) for n, f in train_feats.items()}
+    # augmented: the backbone runs at every step instead of reading cached features
+    train_feats = None if augment else {n: (f - stats[n][0]) / stats[n][1] for n, f in train_feats.items()}
     dims = {n: models[n].feature_dim(spec) for n, spec in zip(names, specs)}
 
     heads = make_heads(dims, num_classes, shared=shared_head, seed=seed).to(device)
-    optimizer = torch.optim.SGD(heads.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(heads.parameters(), lr=lr, momentum=DEFAULT_MOMENTUM)  # PROBE_OPTIMIZER
     n_train = len(train)
     steps_per_epoch = math.ceil(n_train / batch_size)
     total = epochs * steps_per_epoch

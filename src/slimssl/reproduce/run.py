@@ -22,7 +22,8 @@ from ..config import Config
 from ..data.datasets import check_same_classes, load_dataset
 from ..devices import pick_device, synchronize
 from ..errors import UsageError
-from ..eval import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES
+from ..eval import linear_settings, recalibration_batches
+from ..eval.evaluate import DataOptions
 from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
 from ..train.pretrain import lr_header
@@ -227,12 +228,10 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
 # ---- the linear probe --------------------------------------------------------------------------------
 
 def probe_settings(cfg: Config, epochs: int) -> dict:
-    """What ``slimssl linear`` stores under protocols.linear: per-sub-network heads, cached features."""
-    return {"data": cfg.data.source, "epochs": epochs, "lr": DEFAULT_LR, "batch_size": DEFAULT_BATCH_SIZE,
-            "optimizer": "sgd momentum 0.9, cosine, no weight decay", "standardized_features": True,
-            "distill": False, "shared_head": False, "augment": False, "train_crop": None, "seed": 0,
-            "recalibrate_bn": 0 if cfg.model.bn == "private" else DEFAULT_RECALIBRATE_BATCHES,
-            "resolution": cfg.data.resolution, "crop_ratio": cfg.eval.crop_ratio}
+    """What ``slimssl linear RUN --epochs EPOCHS`` stores under protocols.linear (its defaults: a head per
+    sub-network on cached features), known without loading the run's checkpoint."""
+    return linear_settings(DataOptions().settings(cfg), epochs=epochs,
+                           recalibrate_bn=recalibration_batches(None, cfg.model.bn == "private"))
 
 
 def check_saved_probes(jobs: list[Job], probe_epochs: int) -> None:
