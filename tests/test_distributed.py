@@ -262,8 +262,8 @@ def test_effective_lr_is_logged_and_stored(tmp_path):
     from slimssl.train.pretrain import lr_header
 
     text = lr_header(cfg, 2) + cfg.to_yaml()
-    assert "# effective peak lr: 0.2 = optim.lr 0.1 x train.batch_size 16 / optim.reference_batch 8" in text
-    assert "batch per process: 8" in text
+    assert "# effective peak lr 0.2 = optim.lr 0.1 x train.batch_size 16 / optim.reference_batch 8" in text
+    assert "# total batch 16 = 8 per process x 2 processes" in text
     assert config_from_dict(yaml.safe_load(text)) == cfg
 
 

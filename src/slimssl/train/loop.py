@@ -37,7 +37,7 @@ from ..slim.policy import SlimPolicy
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
 from .logging import MetricsLogger
-from .optim import build_optimizer, lr_at, scaled_lr
+from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
 
 log = logging.getLogger("slimssl")
 
@@ -206,21 +206,10 @@ class Trainer:
 
     def effective_lr(self) -> dict:
         """The peak learning rate(s) after scaling by the total batch, with how they were obtained."""
-        o = self.cfg.optim
-        info = {"peak": self.peak_lr, "base": o.lr, "scaling": o.lr_scaling, "reference_batch": o.reference_batch,
-                "total_batch": self.cfg.train.batch_size, "per_process_batch": self.batch, "processes": self.world}
-        if self.cfg.slim.slow_start_lr:
-            info["peak_after_slow_start"] = self.late_peak_lr
-        return info
+        return effective_lr(self.cfg, self.world)
 
     def lr_summary(self) -> str:
-        e = self.effective_lr()
-        how = (f"optim.lr {e['base']:g} x train.batch_size {e['total_batch']} / optim.reference_batch "
-               f"{e['reference_batch']} (linear scaling)" if e["scaling"] == "linear"
-               else f"optim.lr {e['base']:g} (lr_scaling none)")
-        late = f"; {e['peak_after_slow_start']:g} once sub-networks join" if "peak_after_slow_start" in e else ""
-        return (f"effective peak lr {e['peak']:g} = {how}{late}; total batch {e['total_batch']} = "
-                f"{e['per_process_batch']} per process x {e['processes']} processes")
+        return "; ".join(describe_lr(self.effective_lr()))
 
     # ---- checkpoints --------------------------------------------------------------------------------
 

@@ -96,6 +96,30 @@ def scaled_lr(base_lr: float, cfg, total_batch: int) -> float:
     return base_lr * total_batch / cfg.reference_batch if cfg.lr_scaling == "linear" else base_lr
 
 
+def effective_lr(cfg, world: int) -> dict:
+    """The peak learning rate(s) of a run of ``cfg`` on ``world`` processes, with how they were obtained."""
+    o, batch = cfg.optim, cfg.train.batch_size
+    info = {"peak": scaled_lr(o.lr, o, batch), "base": o.lr, "scaling": o.lr_scaling,
+            "reference_batch": o.reference_batch, "total_batch": batch, "per_process_batch": batch // max(1, world),
+            "processes": world}
+    if cfg.slim.slow_start_lr:
+        info["peak_after_slow_start"] = scaled_lr(cfg.slim.slow_start_lr, o, batch)
+    return info
+
+
+def describe_lr(info: dict) -> list[str]:
+    """:func:`effective_lr` as sentences: the log's summary and the comments atop RUN/config.yaml."""
+    how = (f"optim.lr {info['base']:g} x train.batch_size {info['total_batch']} / optim.reference_batch "
+           f"{info['reference_batch']} (linear scaling)" if info["scaling"] == "linear"
+           else f"optim.lr {info['base']:g} (optim.lr_scaling: none)")
+    lines = [f"effective peak lr {info['peak']:g} = {how}"]
+    if "peak_after_slow_start" in info:
+        lines.append(f"effective peak lr once sub-networks join: {info['peak_after_slow_start']:g}")
+    lines.append(f"total batch {info['total_batch']} = {info['per_process_batch']} per process x "
+                 f"{info['processes']} processes (train.batch_size is the total)")
+    return lines
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float = 0.0,
           schedule: str = "cosine") -> float:
     """Linear warmup to ``peak`` then cosine decay to ``peak * min_ratio`` (or constant)."""

@@ -207,14 +207,6 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
 
 def lr_header(cfg, world: int) -> str:
     """Comment lines for RUN/config.yaml: the learning rate the run actually uses, and how it follows."""
-    from .optim import scaled_lr
+    from .optim import describe_lr, effective_lr
 
-    o, batch = cfg.optim, cfg.train.batch_size
-    peak = scaled_lr(o.lr, o, batch)
-    how = (f"optim.lr {o.lr:g} x train.batch_size {batch} / optim.reference_batch {o.reference_batch}"
-           if o.lr_scaling == "linear" else f"optim.lr {o.lr:g} (optim.lr_scaling: none)")
-    lines = [f"# effective peak lr: {peak:g} = {how}"]
-    if cfg.slim.slow_start_lr:
-        lines.append(f"# effective peak lr once sub-networks join: {scaled_lr(cfg.slim.slow_start_lr, o, batch):g}")
-    lines.append(f"# processes: {world}; batch per process: {batch // max(1, world)} (train.batch_size is the total)")
-    return "\n".join(lines) + "\n"
+    return "".join(f"# {line}\n" for line in describe_lr(effective_lr(cfg, world)))
