@@ -13,9 +13,10 @@ from slimssl.config import config_from_dict
 from slimssl.data.datasets import ImageDataset
 from slimssl.eval import linear as linear_mod
 from slimssl.eval.finetune import balanced_subset, finetune_subnet, fraction_key
+from slimssl.eval.recalibrate import subnet_models
 from slimssl.eval.linear import (BackboneChangedError, SharedSlimLinear, SwitchableLinear, backbone_fingerprint,
                                  check_backbone_unchanged, linear_probe_subnets, make_heads, probe_step,
-                                 augment_batch, random_crop_flip, subnet_models, topk_accuracy)
+                                 augment_batch, random_crop_flip, topk_accuracy)
 from slimssl.models.build import build_supernet
 
 RES = 8

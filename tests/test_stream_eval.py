@@ -20,7 +20,8 @@ from slimssl.data.files import DataError
 from slimssl.data.eval_images import StreamedImages, as_eval_images, load_eval_split
 from slimssl.eval.finetune import evaluate_classifier
 from slimssl.eval.knn import knn_eval_subnets
-from slimssl.eval.linear import calibration_batches, linear_probe_subnets, subnet_models
+from slimssl.eval.linear import linear_probe_subnets
+from slimssl.eval.recalibrate import calibration_batches, subnet_models
 from slimssl.models.build import build_supernet
 
 RES = 12

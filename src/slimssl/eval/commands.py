@@ -116,7 +116,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from ..devices import pick_device
     from ..nn.layers import recalibrate_bn
     from .evaluate import DataOptions
-    from .linear import calibration_batches
+    from .recalibrate import calibration_batches
 
     source_file = Path(args.checkpoint)
     source_file = source_file / "checkpoints" / "last.pt" if source_file.is_dir() else source_file

@@ -168,7 +168,7 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
     are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,
     knn_top1 (percent)."""
     from .knn import knn_eval_subnets
-    from .linear import subnet_models
+    from .recalibrate import subnet_models
 
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     options = DataOptions.of(data)

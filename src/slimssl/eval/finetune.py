@@ -29,7 +29,9 @@ from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..data.files import DataError
 from ..errors import UsageError
-from .linear import TRAIN_CROPS, augment_batch, output_classes, subnet_models, topk_accuracy
+from . import TRAIN_CROPS
+from .linear import augment_batch, output_classes, topk_accuracy
+from .recalibrate import subnet_models
 
 log = logging.getLogger("slimssl")
 

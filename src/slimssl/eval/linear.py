@@ -26,7 +26,6 @@ The backbone is fingerprinted (a hash of every parameter and buffer) before and 
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import math
@@ -37,13 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, eval_transform, geometric_view
-from ..data.eval_images import EvalImages, as_eval_images
+from ..data.eval_images import EvalImages
 from ..data.files import DataError
 from ..errors import UsageError
-from ..nn.layers import recalibrate_bn
 from ..nn.spec import Menu, SubnetSpec
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, TRAIN_CROPS, recalibration_batches
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, TRAIN_CROPS
 from .features import extract_subnet_features
+from .recalibrate import subnet_models
 
 log = logging.getLogger("slimssl")
 
@@ -200,45 +199,6 @@ def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: t
     else:
         raise UsageError(f"unknown train crop {crop!r}; expected one of {TRAIN_CROPS}")
     return normalize(x, mean, std)
-
-
-# ---- shared BatchNorm: per-sub-network recalibrated copies -------------------------------------------
-
-def calibration_order(num_images: int, num_batches: int, batch_size: int, seed: int = 0) -> torch.Tensor:
-    """The indices of the fixed random sample that recalibration reads, batch after batch."""
-    perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
-    return perm[:num_batches * batch_size]
-
-
-def calibration_batches(images: EvalImages | torch.Tensor, num_batches: int, batch_size: int, resolution: int,
-                        mean, std, device, seed: int = 0) -> Iterator[torch.Tensor]:
-    """``num_batches`` eval-transformed batches of a fixed random sample of ``images`` (a dataset, in memory
-    or streamed, or a uint8 tensor)."""
-    images = as_eval_images(images)
-    for batch in images.batches(batch_size, calibration_order(len(images), num_batches, batch_size, seed)):
-        yield eval_transform(batch.to(device), resolution, mean, std)
-
-
-def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImages | torch.Tensor, *,
-                  recalibrate_batches: int | None, batch_size: int, resolution: int, mean, std,
-                  device="cpu", seed: int = 0) -> dict[str, nn.Module]:
-    """The model to evaluate each sub-network with: the supernet itself, or (recalibrating) a copy whose
-    BatchNorm statistics were re-estimated for that sub-network on ``recalibrate_batches`` train batches
-    (``train_images``: the train split, in memory or streamed, or a uint8 tensor)."""
-    n = recalibration_batches(recalibrate_batches, supernet.slim_state.private_bn)
-    if n == 0:
-        return {spec.name: supernet for spec in specs}
-    train_images = as_eval_images(train_images)
-    # The sample is decoded once for all sub-networks; its batches are those calibration_batches reads.
-    sample = as_eval_images(train_images.take(calibration_order(len(train_images), n, batch_size, seed)))
-    models = {}
-    for spec in specs:
-        model = copy.deepcopy(supernet)
-        recalibrate_bn(model, spec, (eval_transform(batch.to(device), resolution, mean, std)
-                                     for batch in sample.batches(batch_size)))
-        models[spec.name] = model.eval()
-        log.info("recalibrated BatchNorm of %s on %d batches", spec.name, n)
-    return models
 
 
 # ---- the probe ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ..data.files import DataError
 from ..data.views import build_view_source, two_view_augment
 from ..devices import pick_device, pick_dtype
 from ..eval.knn import knn_eval_subnets
-from ..eval.linear import subnet_models
+from ..eval.recalibrate import subnet_models
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
 from ..methods import build_method
