@@ -236,7 +236,7 @@ class Config(Section):
         return config_from_dict(data, f"config {self.name!r}", overrides)
 
     @model_validator(mode="after")
-    def _check_menu(self) -> "Config":
+    def _check_across_sections(self) -> "Config":
         try:
             menu = self.subnet_menu()
         except SubnetError as e:

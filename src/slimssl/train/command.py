@@ -67,7 +67,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
         except Interrupted as e:
             log.warning("%s; continue with: slimssl pretrain --resume %s", e, run_dir)
-            if args.json and dist.is_main() and getattr(e, "run", None):
+            if args.json and dist.is_main() and e.run:
                 emit(args, stopped_doc(e.run), "")
             return EXIT_INTERRUPTED
         if run.results:

@@ -36,7 +36,7 @@ from ..report.profile import profile_supernet
 from ..slim.policy import SlimPolicy
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
-from .logging import MetricsLogger
+from .metrics import MetricsLogger
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
 
 log = logging.getLogger("slimssl")
@@ -51,6 +51,8 @@ class NonFiniteLossError(SlimsslError):
 
 class Interrupted(RuntimeError):
     """Training stopped by a signal after saving a checkpoint."""
+
+    run = None  # slimssl.pretrain sets the PretrainRun of how far it got, for `pretrain --json`
 
 
 @dataclass
