@@ -16,6 +16,7 @@ from torch import nn
 from slimssl.config import ConfigError, config_from_dict
 from slimssl.nn.layers import SlimBatchNorm, SlimState, bind_state, grouped_batch_norm
 from slimssl.nn.spec import Menu, SubnetSpec
+from slimssl.seeds import derived_generator
 from slimssl.train import distributed as dist
 from slimssl.train.loop import Trainer
 
@@ -121,7 +122,7 @@ def test_each_key_is_normalised_with_the_group_its_shuffled_position_gives_it(tm
     trainer.model.train()
     v1, _ = trainer.views(0)
     keys = trainer.key_forward(v1, 0, 0)
-    order = torch.randperm(16, generator=torch.Generator().manual_seed(trainer.cfg.train.seed * 1_000_003 + 7))
+    order = torch.randperm(16, generator=derived_generator(trainer.cfg.train.seed, "shuffle_bn", 0, 0))
     target = copy.deepcopy(trainer.model)
     target.slim_state.bn_group_size = None  # each group run on its own, as a GPU holding it would
     for group in order.view(4, 4):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from slimssl.config import config_from_dict
 from slimssl.nn.spec import SubnetSpec
@@ -124,3 +125,14 @@ def test_online_teacher_distils_sub_networks_only(sampling):
         assert all(t.distill for t in tasks[1:])
     t = policy(sampling=sampling, num_random=1, teacher="target")
     assert not any(task.distill for task in t.plan(0))
+
+
+def test_the_runs_random_streams_never_share_a_seed():
+    from slimssl.seeds import STREAMS, derived_generator, derived_seed
+
+    seeds = [derived_seed(seed, stream, step) for seed in (0, 1) for stream in STREAMS for step in range(300)]
+    assert len(set(seeds)) == len(seeds)  # e.g. the sub-network draw of step 31 is not the views' of step 1
+    assert derived_seed(0, "shuffle_bn", 3, 0) != derived_seed(0, "shuffle_bn", 3, 1) != derived_seed(0, "shuffle_bn", 3)
+    assert derived_seed(-1, "step_views", 5) == derived_seed(2**64 - 1, "step_views", 5)  # any int seed works
+    a, b = derived_generator(7, "step_views", 2), derived_generator(7, "step_views", 2)
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))  # a pure function of its inputs

@@ -24,13 +24,13 @@ import signal
 import weakref
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .augment import (BatchRows, TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
                       sample_crop_boxes)
+from ..seeds import derived_generator
 from .decode import decode_error, decode_pixels
 from .files import SKIP_HINT, DataError, FileListDataset, list_image_files
 from .views import epoch_permutation, step_generator, to_channels_last
@@ -230,8 +230,7 @@ def full_detail_side(size: int, views: tuple[ViewRecipe, ...]) -> int:
 def sample_generator(seed: int, step: int, row: int) -> torch.Generator:
     """A CPU generator for one sample's crop boxes, from (seed, step, row of the global batch): the same
     in whichever worker and process the sample is cut."""
-    state = np.random.SeedSequence([seed % 2**64, step, row]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return derived_generator(seed, "sample_crop", step, row)
 
 
 def crop_pair(image: torch.Tensor, views: tuple[ViewRecipe, ViewRecipe], size: int,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from ..seeds import derived_generator
 from .augment import BatchRows, TwoViewAugment, recipe
 
 if TYPE_CHECKING:
@@ -99,13 +100,12 @@ def build_view_source(cfg: Config, augment: TwoViewAugment, train_data: ImageDat
 
 def epoch_permutation(seed: int, epoch: int, num_images: int) -> torch.Tensor:
     """The order of the images in ``epoch`` (CPU int64): the same for every process and every source."""
-    gen = torch.Generator().manual_seed(seed * 7919 + epoch)
-    return torch.randperm(num_images, generator=gen)
+    return torch.randperm(num_images, generator=derived_generator(seed, "epoch_order", epoch))
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
     """The generator of a step's on-device augmentation, from (seed, step) only."""
-    return torch.Generator(device).manual_seed(seed * 1_000_003 + step * 31)
+    return derived_generator(seed, "step_views", step, device=device)
 
 
 def to_channels_last(views: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..nn.spec import Menu, SubnetSpec
+from ..seeds import derived_generator
 
 WIDTH_GRID = 0.05  # random widths of the "space" sampler are multiples of this
 
@@ -39,7 +40,7 @@ class SlimPolicy:
             return [self.menu.largest]
         if self.cfg.sampling == "all":
             return list(self.menu)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        gen = derived_generator(self.seed, "subnet_draw", step)
         picks = [self.menu.largest, self.menu.smallest]
         if self.cfg.random_space == "menu":
             middle = list(self.menu[1:-1])

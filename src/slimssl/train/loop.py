@@ -33,6 +33,7 @@ from ..methods import build_method
 from ..models.build import build_supernet
 from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
+from ..seeds import derived_generator
 from ..slim.policy import SlimPolicy
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
@@ -289,7 +290,7 @@ class Trainer:
         batch in an order drawn from (seed, step, view), so its BatchNorm groups differ from the online's."""
         if not self.cfg.method.shuffle_bn:
             return self.target_forward(view)
-        gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed * 1_000_003 + step * 31 + 7 + index)
+        gen = derived_generator(self.cfg.train.seed, "shuffle_bn", step, index, device=self.device)
         order = torch.randperm(self.cfg.train.batch_size, generator=gen, device=self.device)
         return dist.shuffled_forward(self.target_forward, view, order)
 
