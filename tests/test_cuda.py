@@ -39,7 +39,7 @@ def test_training_step_never_synchronises_with_the_host(tmp_path, method):
 def test_bf16_steps_keep_fp32_weights_and_finite_losses(tmp_path, method):
     trainer = Trainer(_cuda_cfg(method), tmp_path)
     for step in range(3):
-        losses = trainer.train_step(step)
+        losses = trainer.train_step(step).losses
     assert all(torch.isfinite(v).all() for v in losses.values())
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
@@ -51,7 +51,7 @@ def test_compiled_steps_follow_eager_steps(tmp_path, mode):
         cfg = config_from_dict(tiny("byol", widths=[1.0, 0.5], train={
             "device": "cuda", "precision": "fp32", "batch_size": 16, "compile": compile_mode}))
         trainer = Trainer(cfg, tmp_path / compile_mode)
-        losses = [trainer.train_step(step) for step in range(3)]
+        losses = [trainer.train_step(step).losses for step in range(3)]
         return [{k: float(v) for k, v in step.items()} for step in losses]
 
     eager, compiled = run("off"), run(mode)

@@ -14,7 +14,7 @@ from slimssl.checkpoint import load_checkpoint, load_supernet
 from slimssl.cli import main
 from slimssl.config import config_from_dict, load_config, packaged_configs
 from slimssl.export import load_exported
-from slimssl.train.loop import Trainer
+from slimssl.train.loop import StepResult, Trainer
 from slimssl.train.optim import lr_at
 
 SHARED_CIFAR10 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -86,9 +86,9 @@ def test_two_steps_move_exactly_what_should_move(tmp_path, method, sampling, tea
             assert drawn == set(menu)
         before = snapshot(model)
         queue_before = model.method.queue.clone() if method == "mocov2" else None
-        losses = trainer.train_step(step)
+        losses = trainer.train_step(step).losses
         after = snapshot(model)
-        assert set(losses) - {"_lr"} == drawn
+        assert set(losses) == drawn
         assert all(torch.isfinite(v) for v in losses.values())
 
         for name in online_names:
@@ -136,10 +136,10 @@ def test_slow_start_sub_networks_get_no_gradient_before_join(tmp_path, optim):
     grads = record_grads(trainer)
     for step in (0, 1):
         before = snapshot(model)
-        losses = trainer.train_step(step)
+        result = trainer.train_step(step)
         after = snapshot(model)
-        assert set(losses) == {full, "_lr"}
-        assert losses["_lr"].item() == pytest.approx(lr_at(step, 8, 0, trainer.peak_lr))
+        assert set(result.losses) == {full}
+        assert result.lr == pytest.approx(lr_at(step, 8, 0, trainer.peak_lr))
         for name, p in model.named_parameters():
             if name.startswith("target."):
                 continue
@@ -157,10 +157,10 @@ def test_slow_start_sub_networks_get_no_gradient_before_join(tmp_path, optim):
     # once joined, every sub-network trains, at the raised lr
     join = trainer.policy.join_step
     before = snapshot(model)
-    losses = trainer.train_step(join)
+    result = trainer.train_step(join)
     after = snapshot(model)
-    assert set(losses) - {"_lr"} == set(model.backbone.menu.names)
-    assert losses["_lr"].item() == pytest.approx(lr_at(join, 8, 0, 1.5))  # the raised base lr
+    assert set(result.losses) == set(model.backbone.menu.names)
+    assert result.lr == pytest.approx(lr_at(join, 8, 0, 1.5))  # the raised base lr
     for name, _ in model.named_parameters():
         if not name.startswith("target."):
             assert grads[name] is True, name
@@ -187,8 +187,8 @@ def test_sandwich_in_width_space_trains_with_shared_bn(tmp_path):
     trainer = Trainer(config_from_dict(data), tmp_path)
     drawn = trainer.policy.draw(0)
     assert any(s not in trainer.model.backbone.menu for s in drawn)  # off-menu widths are drawn
-    losses = trainer.train_step(0)
-    assert set(losses) - {"_lr"} == {s.name for s in drawn}
+    losses = trainer.train_step(0).losses
+    assert set(losses) == {s.name for s in drawn}
     assert all(torch.isfinite(v) for v in losses.values())
 
 
@@ -351,8 +351,8 @@ def test_logged_loss_of_a_sandwich_subnet_averages_only_the_steps_that_drew_it(t
     loss_of = {s.name: float(i + 1) for i, s in enumerate(trainer.model.backbone.menu)}
 
     def constant_losses(step):  # each sub-network's loss is a constant: its mean must be that constant
-        return {**{t.spec.name: torch.tensor(loss_of[t.spec.name]) for t in trainer.policy.plan(step)},
-                "_lr": torch.tensor(0.1)}
+        return StepResult({t.spec.name: torch.tensor(loss_of[t.spec.name]) for t in trainer.policy.plan(step)},
+                          lr=0.1)
 
     monkeypatch.setattr(trainer, "train_step", constant_losses)
     monkeypatch.setattr(Trainer, "knn", lambda self: {})
@@ -413,10 +413,11 @@ def test_every_shipped_recipe_trains_a_step_when_shrunk(name, tmp_path):
     if cfg.model.bn_group_size:
         shrink.append("model.bn_group_size=4")  # two groups of the shrunk batch, as the recipe has several
     trainer = Trainer(load_config(name, shrink), tmp_path)
-    losses = trainer.train_step(trainer.policy.join_step)  # the first step on which the sub-networks run
+    result = trainer.train_step(trainer.policy.join_step)  # the first step on which the sub-networks run
     trainer.metrics.close()
-    assert "_lr" in losses  # the optimiser stepped
-    ran = [n for n in losses if not n.startswith("_")]
+    assert result.lr is not None  # the optimiser stepped
+    losses = result.losses
+    ran = list(losses)
     menu = trainer.model.backbone.menu
     assert menu.largest.name in ran and menu.smallest.name in ran
     assert all(torch.isfinite(v) for v in losses.values())
@@ -440,7 +441,7 @@ def test_asymmetric_mocov2_runs_only_the_forwards_its_loss_reads(tmp_path):
                 return _forward(x)
             setattr(trainer, side, counted)
     for step in range(2):
-        losses = lean.train_step(step), full.train_step(step)
+        losses = lean.train_step(step).losses, full.train_step(step).losses
         assert {k: v.item() for k, v in losses[0].items()} == {k: v.item() for k, v in losses[1].items()}
     subnets = len(cfg.subnet_menu().names)
     assert calls == {("lean", "online_forward"): 2 * subnets, ("lean", "target_forward"): 2,

@@ -57,6 +57,15 @@ class Interrupted(RuntimeError):
 
 
 @dataclass
+class StepResult:
+    """What one training step leaves: the detached loss of every sub-network that ran (on the device, not
+    read yet), and its learning rate, None when the step was skipped (``train.nonfinite: skip``)."""
+
+    losses: dict[str, torch.Tensor]
+    lr: float | None
+
+
+@dataclass
 class TrainState:
     step: int = 0
     skipped_steps: int = 0
@@ -294,8 +303,8 @@ class Trainer:
         order = torch.randperm(self.cfg.train.batch_size, generator=gen, device=self.device)
         return dist.shuffled_forward(self.target_forward, view, order)
 
-    def train_step(self, step: int) -> dict[str, torch.Tensor]:
-        """One iteration; returns the detached loss of every sub-network that ran."""
+    def train_step(self, step: int) -> StepResult:
+        """One iteration: forward, backward and update of every sub-network the policy plans for ``step``."""
         self.model.train()
         lr = self.set_lr(step)
         v1, v2 = self.views(step)
@@ -334,14 +343,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)  # the one host sync of this mode, by request
             self.state.skipped_steps += 1
             log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
-            return losses
+            return StepResult(losses, lr=None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_target(method.momentum(step / max(1, self.total_steps)))
         method.after_step(target)
-        losses["_lr"] = torch.tensor(lr)
-        return losses
+        return StepResult(losses, lr)
 
     def grad_diagnostics(self, step: int):
         """SlimCLR's gradient-imbalance probe on this step, when ``train.grad_diagnostics_every`` asks."""
@@ -378,11 +386,10 @@ class Trainer:
         with SignalGuard() as guard, contextlib.closing(self.view_source):  # closing: stops loader workers
             while self.state.step < end:
                 step = self.state.step
-                losses = self.train_step(step)
-                step_lr = losses.pop("_lr", None)
-                if step_lr is not None:  # a skipped step (train.nonfinite: skip) has no losses to average
-                    lr = step_lr
-                    for name, value in losses.items():
+                result = self.train_step(step)
+                if result.lr is not None:  # a skipped step (train.nonfinite: skip) has no losses to average
+                    lr = result.lr
+                    for name, value in result.losses.items():
                         sums[name] = sums.get(name, 0) + value
                         drawn[name] = drawn.get(name, 0) + 1
                 count += 1
