@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.files import DataError
+from .features import extract_subnet_features
 
 
 @torch.no_grad()
@@ -41,7 +42,6 @@ def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resol
     """kNN top-1 of every menu entry: the train split is the bank, the test split the queries (datasets in
     memory or streamed, see ``data/eval_images.py``; each split is read once for all the entries).
     ``models`` evaluates each entry by name instead of the supernet (e.g. BatchNorm-recalibrated copies)."""
-    from .features import extract_subnet_features
 
     if train.labels is None or test.labels is None:
         raise DataError(f"kNN needs labels; dataset {train.name!r} has none (an unlabelled folder)")

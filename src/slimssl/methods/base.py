@@ -6,12 +6,14 @@ run, with which weight and teacher, and calls :meth:`Method.loss` / :meth:`Metho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..models.heads import Layer
+from .losses import soft_cross_entropy
 
 
 @dataclass
@@ -73,16 +75,12 @@ class Method(nn.Module):
         SlimCLR does (5 for MoCo v2; 1 for MoCo v3, whose tau is 1). The teacher's own entropy is subtracted:
         the gradient is the same, and the logged loss is 0 when the student matches (the cross-entropy alone
         is about 25 ln(number of keys) at temperature 5). Regression methods override this."""
-        from .losses import soft_cross_entropy
-
         tau = self.cfg.temperature  # back to cosine similarities
         return sum(soft_cross_entropy(s * tau, t * tau, temperature) - soft_cross_entropy(t * tau, t * tau, temperature)
                    for s, t in zip(student, teacher))
 
     def momentum(self, progress: float) -> float:
         """EMA coefficient of the target at ``progress`` in [0, 1] of training."""
-        import math
-
         m = self.cfg.momentum
         if self.cfg.momentum_schedule == "constant":
             return m

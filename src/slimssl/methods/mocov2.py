@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..train.distributed import all_gather_nograd
 from .base import Layer, Method, MethodOutput
 from .losses import contrastive_loss, info_nce_logits
 
@@ -38,8 +39,6 @@ class MoCoV2(Method):
 
     @torch.no_grad()
     def after_step(self, target: list[torch.Tensor]) -> None:
-        from ..train.distributed import all_gather_nograd
-
         views = target if self.cfg.symmetric else target[1:]
         # view by view, each gathered over the processes: the queue holds the same keys in the same places
         # whatever the number of processes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..train.distributed import all_gather_nograd, rank
 from .base import Layer, Method, MethodOutput
 from .losses import contrastive_loss, in_batch_logits
 
@@ -22,16 +23,12 @@ class MoCoV3(Method):
         return [Layer(hidden, "bn", "relu"), Layer(out, bias=False)]
 
     def prepare_target(self, target: list[torch.Tensor]) -> list[torch.Tensor]:
-        from ..train.distributed import all_gather_nograd
-
         # the keys of every process are negatives: gathered once per step, for all the sub-networks
         return [all_gather_nograd(k) for k in target]
 
     def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
         """``target``: the keys of all processes (:meth:`prepare_target`); this process's positives sit at
         offset rank * batch."""
-        from ..train.distributed import rank
-
         q1, q2 = online
         k1, k2 = target
         tau = self.cfg.temperature

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from ..models.build import build_supernet
 from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
 from ..seeds import derived_generator
+from ..slim.diagnostics import GradientImbalance
 from ..slim.policy import SlimPolicy
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
@@ -356,7 +358,6 @@ class Trainer:
         every = self.cfg.train.grad_diagnostics_every
         if not every or step % every:
             return None
-        from ..slim.diagnostics import GradientImbalance
 
         probe = GradientImbalance(self.model.backbone, self.model.backbone.menu.smallest.width,
                                   self.cfg.model.channel_divisor)
@@ -494,9 +495,7 @@ def _fmt(values: dict[str, float]) -> str:
 
 
 def _progress(start: int, end: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    import sys
+    from tqdm.auto import tqdm  # late: tqdm is only needed once a run trains
 
     # a log file (no terminal) gets a progress line every 30 s instead of every refresh
     interval = 0.1 if sys.stderr.isatty() else 30.0

@@ -12,8 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import Config
+from ..checkpoint import load_checkpoint
+from ..config import Config, check_processes, config_from_dict
+from ..data.files import BUILTIN
 from ..errors import UsageError
+from ..models.build import as_config
+from . import distributed as dist
+from .loop import Interrupted, Trainer
+from .optim import describe_lr, effective_lr
 
 log = logging.getLogger("slimssl")
 
@@ -45,9 +51,6 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
     takes the config saved in its checkpoint; ``overrides`` still apply (e.g. more epochs). A data source
     that is an existing path is stored absolute. ``cli``: messages name the command line's flags
     (``--resume RUN_DIR``) instead of this function's arguments (``resume=True``, ``out=``)."""
-    from ..checkpoint import load_checkpoint
-    from ..config import config_from_dict
-    from ..models.build import as_config
 
     if isinstance(overrides, str):  # a lone "key=value" would otherwise be read character by character
         raise UsageError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
@@ -107,7 +110,6 @@ def absolute_data_source(cfg: Config) -> Config:
     """``cfg`` with ``data.source`` made absolute when it is an existing path and not a built-in dataset
     name: the run's config.yaml and checkpoint then name the same data from any working directory
     (``slimssl knn RUN``, ``--resume``). A missing path stays as given, for the error to name it."""
-    from ..data.files import BUILTIN
 
     source = cfg.data.source
     path = os.path.expanduser(source)
@@ -125,9 +127,6 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     Raises :class:`~slimssl.train.loop.Interrupted` after saving when SIGTERM or SIGINT arrives (its ``run``:
     the :class:`PretrainRun` so far). Any other failure before the first checkpoint removes the files this
     call wrote, so that the same ``run_dir`` can be used again."""
-    from ..config import check_processes
-    from . import distributed as dist
-    from .loop import Interrupted, Trainer
 
     check_processes(cfg, dist.world_size(), source)
     is_main = dist.is_main()  # only the main process writes in the run directory, and removes from it
@@ -195,7 +194,6 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     process group is joined here. A SIGTERM or SIGINT saves a checkpoint and raises
     ``slimssl.train.loop.Interrupted``; resume it later.
     """
-    from . import distributed as dist
 
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise UsageError(f"max_steps must be an int >= 1 (the step to stop at), or None; got {max_steps!r}")
@@ -207,6 +205,5 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
 
 def lr_header(cfg, world: int) -> str:
     """Comment lines for RUN/config.yaml: the learning rate the run actually uses, and how it follows."""
-    from .optim import describe_lr, effective_lr
 
     return "".join(f"# {line}\n" for line in describe_lr(effective_lr(cfg, world)))
