@@ -41,6 +41,7 @@ from ..data.files import DataError
 from ..errors import UsageError
 from ..nn.spec import Menu, SubnetSpec
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, TRAIN_CROPS
+from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
 from .recalibrate import subnet_models
 
@@ -132,12 +133,12 @@ def probe_loss(heads: nn.Module, features: Mapping[str, torch.Tensor], labels: t
     """
     logits = {name: heads(f, name) for name, f in features.items()}
     teacher = teacher or next(iter(logits))
-    soft = logits[teacher].detach().softmax(1) if distill and teacher in logits else None
+    distill = distill and teacher in logits
     total = 0.0
     for name, z in logits.items():
         loss = F.cross_entropy(z, labels)
-        if soft is not None and name != teacher:
-            loss = (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * -(soft * z.log_softmax(1)).sum(1).mean()
+        if distill and name != teacher:  # soft_cross_entropy detaches the teacher's logits
+            loss = (1 - DISTILL_ALPHA) * loss + DISTILL_ALPHA * soft_cross_entropy(z, logits[teacher])
         w = 1.0 if weights is None else float(weights.get(name, 1.0))
         total = total + w * loss
     return total, logits

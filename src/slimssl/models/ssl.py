@@ -39,8 +39,12 @@ class SSLModel(SlimmableMixin, nn.Module):
         self.target = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "projector": self.projector}))
         self.target.requires_grad_(False)
 
+    def named_online_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters the optimiser trains: everything but the EMA target."""
+        return [(name, p) for name, p in self.named_parameters() if not name.startswith("target.")]
+
     def online_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if not name.startswith("target.")]
+        return [p for _, p in self.named_online_parameters()]
 
     def online(self, x: torch.Tensor) -> torch.Tensor:
         z = self.projector(self.backbone(x))

@@ -27,7 +27,7 @@ from ..eval.evaluate import DataOptions
 from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
 from ..train.pretrain import lr_header
-from ..train.loop import Interrupted, Trainer
+from ..train.loop import Interrupted, Trainer, stop_signals_handled_by
 from .plan import Job
 
 log = logging.getLogger("slimssl")
@@ -90,17 +90,8 @@ def stop_on_signals() -> Iterator[None]:
     def stop(signum, frame):
         raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[sig] = signal.signal(sig, stop)
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-    try:
+    with stop_signals_handled_by(stop):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 class Budget:

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -74,19 +75,32 @@ class TrainState:
     knn_random_init: dict = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def stop_signals_handled_by(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``handler(signum, frame)`` inside the block, and the earlier handlers come back
+    after it. Outside the main thread, where Python allows no handlers, signals are left alone."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, earlier in previous.items():
+            signal.signal(sig, earlier)
+
+
 class SignalGuard:
     """Turns SIGTERM/SIGINT into a flag checked between steps, so the step in flight finishes."""
 
     def __init__(self):
         self.received: int | None = None
-        self._previous = {}
+        self._handling = stop_signals_handled_by(self._handle)
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
+        self._handling.__enter__()
         return self
 
     def _handle(self, signum, frame):
@@ -97,9 +111,7 @@ class SignalGuard:
                     signal.Signals(signum).name)
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
+        return self._handling.__exit__(*exc)
 
 
 class Trainer:
@@ -140,8 +152,7 @@ class Trainer:
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim, cfg.train.batch_size)
         self.late_peak_lr = (scaled_lr(cfg.slim.slow_start_lr, cfg.optim, cfg.train.batch_size)
                              if cfg.slim.slow_start_lr else self.peak_lr)
-        self.optimizer = build_optimizer(cfg.optim, [(n, p) for n, p in self.model.named_parameters()
-                                                     if not n.startswith("target.")], self.peak_lr)
+        self.optimizer = build_optimizer(cfg.optim, self.model.named_online_parameters(), self.peak_lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         # multi-process: one gradient all-reduce per step, no DDP wrapper (why: train/distributed.py)
         self.grad_sync = dist.GradientSync(self.model.online_parameters())
