@@ -24,6 +24,13 @@ FORMAT = "slimssl-checkpoint"
 VERSION = 1
 BACKBONE_PREFIX = "backbone."
 REQUIRED_KEYS = ("config", "menu", "model")
+CHECKPOINTS = "checkpoints"  # a run directory's folder of checkpoints
+LAST = "last.pt"  # in it: written at every epoch's end and on a stop; what --resume reads
+
+
+def checkpoint_path(run_dir: str | Path, name: str = LAST) -> Path:
+    """Where a run directory keeps the checkpoint ``name`` (default: the last one)."""
+    return Path(run_dir) / CHECKPOINTS / name
 
 
 class CheckpointError(SlimsslError):
@@ -60,10 +67,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load and check a checkpoint; the returned dict has ``config`` as a :class:`Config`."""
     path = Path(path)
     if path.is_dir():  # a run directory
-        if not (path / "checkpoints" / "last.pt").is_file():
+        if not checkpoint_path(path).is_file():
             raise CheckpointError(f"{path} is a folder without checkpoints/last.pt; expected a checkpoint file "
                                   "(e.g. RUN/checkpoints/last.pt) or a run directory")
-        path = path / "checkpoints" / "last.pt"
+        path = checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if isinstance(map_location, str):  # checked here so that a bad device is not blamed on the file

@@ -112,14 +112,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 # ---- recalibrate -------------------------------------------------------------------------------------
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
-    from ..checkpoint import BACKBONE_PREFIX, load_checkpoint, save_checkpoint, supernet_of
+    from ..checkpoint import BACKBONE_PREFIX, checkpoint_path, load_checkpoint, save_checkpoint, supernet_of
     from ..devices import pick_device
     from ..nn.layers import recalibrate_bn
     from .evaluate import DataOptions
     from .recalibrate import calibration_batches
 
     source_file = Path(args.checkpoint)
-    source_file = source_file / "checkpoints" / "last.pt" if source_file.is_dir() else source_file
+    source_file = checkpoint_path(source_file) if source_file.is_dir() else source_file
     if args.out.exists() and args.out.resolve() == source_file.resolve():
         raise UsageError(f"--out {args.out} is the checkpoint being read; write the recalibrated one to a new file "
                          "(a run's last.pt is what --resume continues from)")

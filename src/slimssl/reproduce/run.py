@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from ..checkpoint import load_supernet
+from ..checkpoint import checkpoint_path, load_supernet
 from ..config import Config
 from ..data.datasets import check_same_classes, load_dataset
 from ..devices import pick_device, synchronize
@@ -186,7 +186,7 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     config_file = job.run_dir / "config.yaml"
     if not config_file.is_file():
         config_file.write_text(lr_header(job.cfg, 1) + job.cfg.to_yaml())
-    resume = (job.run_dir / "checkpoints" / "last.pt").is_file()
+    resume = checkpoint_path(job.run_dir).is_file()
     timing = read_timing(job.run_dir)
     start = time.perf_counter()
     trainer = TimedTrainer(job.cfg, job.run_dir, resume=resume)
@@ -301,7 +301,7 @@ def restart_if_checkpoint_lost(job: Job, probe_epochs: int) -> None:
     That happens when a reproduction travels between machines without its checkpoints (they are large;
     the finished runs' results are all the report needs). The lost run's times, logs and partial results
     are removed, so that they are not counted twice."""
-    if not job.run_dir.is_dir() or (job.run_dir / "checkpoints" / "last.pt").is_file():
+    if not job.run_dir.is_dir() or checkpoint_path(job.run_dir).is_file():
         return
     if is_pretrained(job) and is_probed(job, probe_settings(job.cfg, probe_epochs)):
         return

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint, save_checkpoint
+from ..checkpoint import (LAST, CheckpointError, check_menu, checkpoint_path, first_mismatch, load_checkpoint,
+                          save_checkpoint)
 from ..config import Config, ConfigError, config_differences
 from ..data.datasets import ImageDataset, check_same_classes, load_dataset
 from ..data.files import DataError
@@ -159,7 +160,7 @@ class Trainer:
         self.state = TrainState()
         self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         if resume:
-            self._load(self.run_dir / "checkpoints" / "last.pt")
+            self._load(checkpoint_path(self.run_dir))
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
         log.info("%s", self.lr_summary())
         self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main())
@@ -244,12 +245,12 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
                 "epoch": self.state.step / max(1, self.steps_per_epoch)}
 
-    def save(self, name: str = "last.pt") -> Path | None:
-        if name == "last.pt":
+    def save(self, name: str = LAST) -> Path | None:
+        if name == LAST:
             self._last_saved_step = self.state.step
         if not dist.is_main():
             return None
-        return save_checkpoint(self.run_dir / "checkpoints" / name, self.checkpoint_payload())
+        return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload())
 
     def _load(self, path: Path) -> None:
         data = load_checkpoint(path, map_location=self.device)
@@ -421,7 +422,7 @@ class Trainer:
                     self.save()
                     progress.close()
                     raise Interrupted(f"stopped by {signal.Signals(guard.received).name} at step {self.state.step}; "
-                                      f"checkpoint saved in {self.run_dir / 'checkpoints' / 'last.pt'}")
+                                      f"checkpoint saved in {checkpoint_path(self.run_dir)}")
         progress.close()
         if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
             self.save()
@@ -442,7 +443,7 @@ class Trainer:
             means = dict(zip(names, stacked.tolist()))  # the one sync per log; the mean over all processes
         bad = [name for name, v in means.items() if not math.isfinite(v)]
         if bad and self.cfg.train.nonfinite == "error":
-            last = self.run_dir / "checkpoints" / "last.pt"
+            last = checkpoint_path(self.run_dir)
             kept = (f"the last good checkpoint is kept: {last}" if last.is_file()
                     else "no checkpoint had been written yet")
             raise NonFiniteLossError(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import CHECKPOINTS, LAST, checkpoint_path, load_checkpoint
 from ..config import Config, check_processes, config_from_dict
 from ..data.files import BUILTIN
 from ..errors import UsageError
@@ -25,7 +25,7 @@ log = logging.getLogger("slimssl")
 
 RUN_FILES = ("results.json", "metrics.jsonl", "tb")  # written by a run besides its checkpoints
 # what train_run may write in a run directory: removed again when a start fails before its first checkpoint
-RUN_OUTPUTS = ("config.yaml", "checkpoints", *RUN_FILES)
+RUN_OUTPUTS = ("config.yaml", CHECKPOINTS, *RUN_FILES)
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
                              + ("drop --config (--set, --epochs and --data still apply)" if cli
                                 else "pass config=None (overrides still apply)"))
         run_dir = Path(out)
-        last = run_dir / "checkpoints" / "last.pt"
+        last = checkpoint_path(run_dir)
         if not last.is_file():
             raise UsageError(_no_run_to_resume(run_dir, last, cli))
         source = str(last)
@@ -77,7 +77,7 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir} is a file; the run directory must be a folder (new, or an earlier run's "
                          "to resume)")
-    if (run_dir / "checkpoints" / "last.pt").exists():
+    if checkpoint_path(run_dir).exists():
         how = f"--resume {run_dir}" if cli else "resume=True"
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
@@ -93,8 +93,8 @@ def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
     """Why ``run_dir`` cannot be resumed. A checkpoint file (RUN/checkpoints/last.pt) or the checkpoints
     folder given in its place gets the run directory that holds it named."""
     if run_dir.is_file():
-        holder = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else None
-    elif run_dir.name == "checkpoints" and (run_dir / "last.pt").is_file():
+        holder = run_dir.parent.parent if run_dir.parent.name == CHECKPOINTS else None
+    elif run_dir.name == CHECKPOINTS and (run_dir / LAST).is_file():
         holder = run_dir.parent
     else:
         return f"cannot resume: {last} {'is not a file' if last.exists() else 'does not exist'}"
@@ -155,7 +155,7 @@ def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bo
     """After a failure before any checkpoint: remove what this call wrote (its logs and config.yaml), so
     that the same output folder can be used again. A run with a checkpoint, and files that were there
     before this call, are never touched."""
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run_dir / CHECKPOINTS
     if checkpoints.is_dir() and any(checkpoints.glob("*.pt")):
         return
     if trainer is not None:
