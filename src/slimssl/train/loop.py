@@ -23,7 +23,7 @@ from torch import nn
 
 from ..checkpoint import (LAST, CheckpointError, check_menu, checkpoint_path, first_mismatch, load_checkpoint,
                           save_checkpoint)
-from ..config import Config, ConfigError, config_differences
+from ..config import Config, ConfigError, check_processes, config_differences
 from ..data.datasets import ImageDataset, check_same_classes, load_dataset
 from ..data.files import DataError
 from ..data.views import build_view_source, two_view_augment
@@ -121,9 +121,7 @@ class Trainer:
         self.device = pick_device(cfg.train.device, setting="train.device (--device)")
         self.dtype = pick_dtype(cfg.train.precision, self.device)
         self.world = dist.world_size()
-        if cfg.train.batch_size % self.world:
-            raise ConfigError(f"train.batch_size {cfg.train.batch_size} must be divisible by the number of "
-                             f"processes {self.world}")
+        check_processes(cfg, self.world, f"config {cfg.name!r}")
         self.batch = cfg.train.batch_size // self.world
         self._check_bn_groups()
         torch.manual_seed(cfg.train.seed)
