@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .augment import (BatchRows, TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
-                      sample_crop_boxes)
 from ..seeds import derived_generator
+from .augment import (TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
+                      sample_crop_boxes)
 from .decode import decode_error, decode_pixels
 from .files import SKIP_HINT, DataError, FileListDataset, list_image_files
-from .views import epoch_permutation, step_generator, to_channels_last
+from .views import BatchSharding, to_channels_last
 
 log = logging.getLogger("slimssl")
 
@@ -48,36 +48,28 @@ class StreamingViews:
     def __init__(self, source: str, augment: TwoViewAugment, *, global_batch: int, rank: int, world: int,
                  seed: int, device: torch.device, workers: int, skip_unreadable: bool = False,
                  channels_last: bool = False, split: str = "train"):
-        self.augment, self.global_batch, self.seed = augment, global_batch, seed
-        self.batch, self.rank, self.device, self.workers = global_batch // world, rank, device, workers
+        self.augment, self.seed, self.device, self.workers = augment, seed, device, workers
         self.channels_last = channels_last and device.type == "cuda"
         root, paths, read = list_image_files(source, split)
         if len(paths) < global_batch:
             raise DataError(f"dataset {source!r} has {len(paths)} images, fewer than train.batch_size {global_batch}")
-        self.num_images = len(paths)
-        self.steps_per_epoch = self.num_images // global_batch
+        self.sharding = BatchSharding(len(paths), global_batch, rank, world, seed)  # the in-memory source's rule
+        self.steps_per_epoch = self.sharding.steps_per_epoch
         self.files = CropDataset(root, paths, augment.views, augment.size, seed, skip_unreadable, read)
         self.unreadable: dict[str, str] = {}  # path -> error, of the files replaced so far (skip_unreadable)
-        self._plan = StepBatches(self.batch_indices, first_row=rank * self.batch)
+        self._plan = StepBatches(self.batch_indices, first_row=self.sharding.first_row)
         self._loader: DataLoader | None = None
         self._batches = None
         self._next_step: int | None = None
-        self._perm_epoch, self._perm = None, None
         _OPEN.add(self)
 
     def batch_indices(self, step: int) -> torch.Tensor:
-        """This process's file indices at ``step``: the same rule (and result) as ``InMemoryViews``."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if self._perm_epoch != epoch:
-            self._perm, self._perm_epoch = epoch_permutation(self.seed, epoch, self.num_images), epoch
-        start = i * self.global_batch + self.rank * self.batch
-        return self._perm[start:start + self.batch]
+        return self.sharding.indices(step)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         # uint8 [B, 2, r, r, 3] -> [B, 2, 3, r, r]: the transpose costs a worker ~0.3 ms an image, the GPU nothing
         crops = self._crops(step).to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3).contiguous()
-        gen = BatchRows(step_generator(self.seed, step, self.device), self.rank * self.batch, self.global_batch)
-        views = self.augment.photometric(crops[:, 0], crops[:, 1], gen)
+        views = self.augment.photometric(crops[:, 0], crops[:, 1], self.sharding.rows(step, self.device))
         return to_channels_last(views) if self.channels_last else views
 
     def close(self) -> None:

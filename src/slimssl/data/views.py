@@ -42,34 +42,54 @@ class ViewSource(Protocol):
 GPU_SHARE = 0.25  # keep the decoded images on the GPU when they take at most this share of its free memory
 
 
+class BatchSharding:
+    """Which samples a process takes at each step, and their random rows, the same for every view source.
+
+    Each epoch is a permutation from (seed, epoch), cut into global batches; a process takes its rank's
+    slice. A step's augmentation is seeded by (seed, step) only and drawn for the whole global batch, of which
+    a process keeps its rows: a sample gets the same views whatever the number of processes.
+    """
+
+    def __init__(self, num_images: int, global_batch: int, rank: int, world: int, seed: int,
+                 index_device: torch.device | str = "cpu"):
+        self.num_images, self.global_batch, self.seed = num_images, global_batch, seed
+        self.batch = global_batch // world
+        self.first_row = rank * self.batch  # this process's first row in the global batch
+        self.steps_per_epoch = num_images // global_batch
+        self.index_device = index_device  # where the indices are used (the images' device)
+        self._perm_epoch, self._perm = None, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        """This process's sample indices at ``step``."""
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._perm_epoch != epoch:  # one permutation per epoch, moved once to where it is used
+            perm = epoch_permutation(self.seed, epoch, self.num_images)
+            self._perm, self._perm_epoch = perm.to(self.index_device), epoch
+        start = i * self.global_batch + self.first_row
+        return self._perm[start:start + self.batch]
+
+    def rows(self, step: int, device: torch.device) -> BatchRows:
+        """The random draws of ``step``'s augmentation for this process's rows, generated on ``device``."""
+        return BatchRows(step_generator(self.seed, step, device), self.first_row, self.global_batch)
+
+
 class InMemoryViews:
     """Views from images decoded once into a uint8 tensor [N, 3, H, W], augmented batched on the device."""
 
     def __init__(self, images: torch.Tensor, augment: TwoViewAugment, *, global_batch: int, rank: int,
                  world: int, seed: int, device: torch.device, channels_last: bool = False):
-        self.augment, self.global_batch, self.seed = augment, global_batch, seed
-        self.batch, self.rank, self.device = global_batch // world, rank, device
+        self.augment, self.device = augment, device
         self.channels_last = channels_last and device.type == "cuda"
-        self.num_images = len(images)
-        self.steps_per_epoch = self.num_images // global_batch
         self.images = place_images(images, device)
-        self._perm_epoch, self._perm = None, None
+        self.sharding = BatchSharding(len(images), global_batch, rank, world, seed, self.images.device)
+        self.steps_per_epoch = self.sharding.steps_per_epoch
 
     def batch_indices(self, step: int) -> torch.Tensor:
-        """This process's sample indices at ``step``: a per-epoch permutation from (seed, epoch)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        if self._perm_epoch != epoch:  # one permutation per epoch, moved once to where the images are
-            perm = epoch_permutation(self.seed, epoch, self.num_images)
-            self._perm, self._perm_epoch = perm.to(self.images.device), epoch
-        start = i * self.global_batch + self.rank * self.batch
-        return self._perm[start:start + self.batch]
+        return self.sharding.indices(step)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.images[self.batch_indices(step)].to(self.device, non_blocking=True)
-        # Seeded by (seed, step) only, drawing for the whole global batch and keeping this process's rows:
-        # a sample is augmented the same whatever the number of processes (image work stays per shard).
-        gen = step_generator(self.seed, step, self.device)
-        views = self.augment(images, BatchRows(gen, self.rank * self.batch, self.global_batch))
+        images = self.images[self.sharding.indices(step)].to(self.device, non_blocking=True)
+        views = self.augment(images, self.sharding.rows(step, self.device))
         return to_channels_last(views) if self.channels_last else views
 
     def close(self) -> None:
