@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 from pathlib import Path
 
@@ -281,3 +282,23 @@ def test_a_probe_records_what_the_linear_command_records(straight, tmp_path):
     slimssl.linear_probe(run, epochs=2, device="cpu", data="fake")
     by_command = json.loads((run / "results.json").read_text())["protocols"]["linear"]
     assert by_command == by_reproduce
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("split", "the train split of '.*' has no labels \\(no class sub-folders\\)"),
+    ("classes", "cannot use --data '.*': .* has no train/ and test/ \\(or val/\\) sub-folders"),
+])
+def test_data_the_evaluation_cannot_use_is_refused_before_any_pretraining(tmp_path, layout, expected, caplog):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    folders = ["train", "test"] if layout == "split" else ["a", "b"]  # unlabelled splits; classes, no test split
+    for folder in folders:
+        (data / folder).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(data / folder / f"{i}.png")
+    out = tmp_path / "out"
+    args = ["reproduce", "--recipes", RECIPES[0], "--out", str(out), "--data", str(data), "--device", "cpu"]
+    assert main(args) == 2
+    assert re.search(expected, caplog.text)
+    assert not any(out.rglob("*.pt")) and not any(out.rglob("metrics.jsonl"))  # nothing was trained

@@ -158,6 +158,23 @@ def check_train_crop(train_crop: str | None) -> None:
 
 # ---- the protocols -----------------------------------------------------------------------------------
 
+def knn_of_menu(supernet, cfg, train, test, device, *, k: int | None = None, temperature: float | None = None,
+                batch_size: int | None = None, recalibrate_batches: int | None = None) -> dict[str, float]:
+    """kNN top-1 of every menu entry with ``cfg``'s evaluation settings where no other is given: what both
+    `slimssl knn` and the kNN during pretraining measure. With shared BatchNorm, each entry's statistics are
+    re-estimated first (``recalibrate_batches``, automatic by default)."""
+    from .knn import knn_eval_subnets
+    from .recalibrate import subnet_models
+
+    e, d = cfg.eval, cfg.data
+    image = dict(resolution=d.resolution, mean=d.mean, std=d.std, batch_size=batch_size or e.batch_size,
+                 device=device)
+    models = subnet_models(supernet, list(supernet.menu), train, recalibrate_batches=recalibrate_batches, **image)
+    return knn_eval_subnets(supernet, train, test, k=e.knn_k if k is None else k,
+                            temperature=e.knn_temperature if temperature is None else temperature,
+                            models=models, **image)
+
+
 def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | None = None, device: str = "auto",
         eval_batch_size: int | None = None, recalibrate_bn: int | None = None, save: bool = True,
         **data) -> list[dict]:
@@ -167,24 +184,17 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
     ``data``, ``loader``, ``workers``, ``skip_unreadable`` and ``crop_ratio`` say where and how the images
     are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,
     knn_top1 (percent)."""
-    from .knn import knn_eval_subnets
-    from .recalibrate import subnet_models
-
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     options = DataOptions.of(data)
     supernet, cfg, torch_device = load_model(checkpoint, device)
     train, test = options.load_splits(cfg, torch_device)
     k = k if k is not None else cfg.eval.knn_k
     temperature = temperature if temperature is not None else cfg.eval.knn_temperature
-    bs = eval_batch_size or cfg.eval.batch_size
-    res, mean, std = cfg.data.resolution, cfg.data.mean, cfg.data.std
-    models = subnet_models(supernet, list(supernet.menu), train, recalibrate_batches=recalibrate_bn,
-                           batch_size=bs, resolution=res, mean=mean, std=std, device=torch_device)
-    accs = knn_eval_subnets(supernet, train, test, k=k, temperature=temperature, resolution=res, mean=mean, std=std,
-                            batch_size=bs, device=torch_device, models=models)
+    accs = knn_of_menu(supernet, cfg, train, test, torch_device, k=k, temperature=temperature,
+                       batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
     for name, acc in accs.items():
         log.info("kNN %s: top-1 %.2f", name, acc)
-    costs = cost_rows(supernet, res)
+    costs = cost_rows(supernet, cfg.data.resolution)
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
     settings = {**options.settings(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
                 "recalibrate_bn": recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn)}

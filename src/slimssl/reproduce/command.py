@@ -47,7 +47,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from ..train.loop import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
     from .report import report_markdown, write_report
-    from .run import Budget, check_saved_probes, is_pretrained, run_jobs, stop_on_signals
+    from .run import Budget, check_saved_probes, is_pretrained, require_labelled_splits, run_jobs, stop_on_signals
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not recipes:
@@ -56,6 +56,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
     check_saved_configs(jobs)
     check_saved_probes(jobs, args.probe_epochs)
+    require_labelled_splits(jobs)
     budget = Budget(args.time_budget, start=getattr(args, "started", None))  # from the call's start
     try:
         with stop_on_signals():

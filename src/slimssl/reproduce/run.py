@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import checkpoint_path, load_supernet
 from ..config import Config
-from ..data.datasets import check_same_classes, load_dataset
+from ..data.files import BUILTIN, DataError, list_labelled_files
 from ..devices import pick_device, synchronize
 from ..errors import UsageError
 from ..eval import linear_settings, recalibration_batches
@@ -253,17 +253,11 @@ class LabelledData:
         self._splits: dict[tuple, tuple] = {}
 
     def splits(self, cfg: Config):
+        """As `slimssl linear RUN` loads them (in memory: the reproduction refuses streamed data)."""
         d = cfg.data
         key = (d.source, d.resolution, d.fake_size, d.skip_unreadable, cfg.train.seed, cfg.eval.crop_ratio)
         if key not in self._splits:
-            kw = dict(resolution=d.resolution, skip_unreadable=d.skip_unreadable, fake_size=d.fake_size,
-                      seed=cfg.train.seed, crop_ratio=cfg.eval.crop_ratio)
-            train, test = (load_dataset(d.source, split, **kw) for split in ("train", "test"))
-            check_same_classes(train, test, d.source)
-            if train.labels is None or test.labels is None:
-                raise UsageError(f"data {d.source!r} has no labels (a folder without class sub-folders): the "
-                                 "reproduction evaluates by kNN and linear probe, so it needs a labelled dataset")
-            self._splits[key] = train, test
+            self._splits[key] = DataOptions(loader="memory").load_splits(cfg)
         return self._splits[key]
 
 
@@ -313,6 +307,23 @@ def restart_if_checkpoint_lost(job: Job, probe_epochs: int) -> None:
     for name in lost:
         path = job.run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def require_labelled_splits(jobs: list[Job]) -> None:
+    """Refuse, before any pretraining, data that the final evaluation could not use: a folder or .zip without
+    class sub-folders, or without a test split (the comparison evaluates by kNN and linear probe)."""
+    for source in dict.fromkeys(job.cfg.data.source for job in jobs):
+        if source in BUILTIN:
+            continue
+        for split in ("train", "test"):
+            try:
+                files = list_labelled_files(source, split)
+            except DataError as e:
+                raise UsageError(f"cannot use --data {source!r}: {e}") from None
+            if files.labels is None:
+                raise UsageError(f"the {split} split of {source!r} has no labels (no class sub-folders): the "
+                                 "reproduction evaluates every network by kNN and linear probe, so it needs a "
+                                 "labelled dataset")
 
 
 def run_jobs(jobs: list[Job], budget: Budget, probe_epochs: int) -> int:

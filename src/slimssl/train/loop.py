@@ -28,8 +28,7 @@ from ..data.datasets import ImageDataset, check_same_classes, load_dataset
 from ..data.files import DataError
 from ..data.views import build_view_source, two_view_augment
 from ..devices import pick_device, pick_dtype
-from ..eval.knn import knn_eval_subnets
-from ..eval.recalibrate import subnet_models
+from ..eval.evaluate import knn_of_menu
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
 from ..methods import build_method
@@ -274,14 +273,7 @@ class Trainer:
         if self.eval_data is None:
             return {}
         train, test = self.eval_data
-        e, d, backbone = self.cfg.eval, self.cfg.data, self.model.backbone
-        # as `slimssl knn`: with shared BatchNorm, each width's statistics are re-estimated first
-        models = subnet_models(backbone, list(backbone.menu), train, recalibrate_batches=None,
-                               batch_size=e.batch_size, resolution=d.resolution, mean=d.mean, std=d.std,
-                               device=self.device)
-        return knn_eval_subnets(backbone, train, test, k=e.knn_k, temperature=e.knn_temperature,
-                                resolution=d.resolution, mean=d.mean, std=d.std, batch_size=e.batch_size,
-                                device=self.device, models=models)
+        return knn_of_menu(self.model.backbone, self.cfg, train, test, self.device)  # as `slimssl knn`
 
     # ---- the step -----------------------------------------------------------------------------------
 
