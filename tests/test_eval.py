@@ -490,3 +490,55 @@ def slimssl_profile(checkpoint) -> dict[str, dict]:
 
     supernet, cfg, _ = load_model(checkpoint, "cpu")
     return cost_rows(supernet, cfg.data.resolution)
+
+
+# ---- the protocols' arithmetic and learning, against values worked out by hand -------------------------
+
+def test_knn_votes_are_the_k_nearest_weighted_by_exp_similarity_over_t():
+    import math
+
+    from slimssl.eval.knn import knn_predict
+
+    # cosine similarities to the query (1, 0): 1, 0.9, 0.85 and -1
+    bank = torch.tensor([[1.0, 0.0], [0.9, math.sqrt(1 - 0.81)], [0.85, math.sqrt(1 - 0.85 ** 2)], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    query = torch.tensor([[2.0, 0.0]])  # not unit length: the vote uses cosine similarity
+    nearest = knn_predict(bank, labels, query, 3, k=1, temperature=1.0)
+    three = knn_predict(bank, labels, query, 3, k=3, temperature=0.5)
+    torch.testing.assert_close(nearest, torch.tensor([[math.e, 0.0, 0.0]]))
+    torch.testing.assert_close(three, torch.tensor([[math.exp(2), math.exp(1.8) + math.exp(1.7), 0.0]]))
+    assert nearest.argmax().item() == 0 and three.argmax().item() == 1  # two close votes outweigh the closest
+
+
+def test_linear_probe_follows_a_cosine_schedule_and_its_crop_options_change_training(monkeypatch):
+    import math
+
+    supernet = tiny_supernet()
+    train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
+    lrs, step = [], linear_mod.probe_step
+
+    def recording_step(heads, optimizer, *args, **kwargs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return step(heads, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(linear_mod, "probe_step", recording_step)
+    options = dict(epochs=4, batch_size=16, return_heads=True, lr=0.1)
+    _, plain = linear_probe_subnets(supernet, train, test, **options)
+    total = len(lrs)
+    assert total == 16 and lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * s / total)) for s in range(total)])
+    monkeypatch.setattr(linear_mod, "probe_step", step)
+    _, padded = linear_probe_subnets(supernet, train, test, augment=True, **options)
+    _, resized = linear_probe_subnets(supernet, train, test, augment=True, train_crop="resized", **options)
+
+    def weight(heads):
+        return heads.state_dict()["heads.w1p0_d1-1-1-1.weight"]
+
+    assert not torch.equal(weight(plain), weight(padded)) and not torch.equal(weight(padded), weight(resized))
+
+
+def test_finetuning_learns_separable_data():
+    supernet = tiny_supernet()
+    train, test = colour_dataset(80, 0), colour_dataset(40, 1, "test")
+    out = finetune_subnet(supernet, "0.5", train, test, label_fraction=0.5, epochs=30, lr=0.5, mean=(0.5,) * 3,
+                          std=(0.25,) * 3)
+    assert out["top1"] > 80.0  # chance is 25

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import stat
 import signal
 import subprocess
 import sys
@@ -155,6 +156,32 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, failure):
     assert data["epoch"] == 1 and torch.equal(data["model"]["w"], torch.arange(4.0))
 
 
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_last_one(tmp_path, monkeypatch):
+    """The new content is fsynced before the rename, and the folder after it, so a power cut leaves either
+    checkpoint whole (the rename alone may reach the disk before the data it points to)."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", "dir" if _is_dir_fd(fd) else "file"))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    cfg = config_from_dict(TINY)
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", {"config": cfg.model_dump(mode="json"),
+                                                           "menu": cfg.subnet_menu().names, "model": {}})
+    assert events == [("fsync", "file"), ("replace", "last.pt"), ("fsync", "dir")]
+
+
+def _is_dir_fd(fd: int) -> bool:
+    return stat.S_ISDIR(os.fstat(fd).st_mode)
+
+
 # ---- signals and exact resume -------------------------------------------------------------------------
 
 def test_sigint_saves_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
@@ -198,6 +225,7 @@ def _run_env(tmp_path: Path) -> dict:
             "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.timing
 def test_sigterm_subprocess_exits_3_and_resume_continues_exactly(tmp_path, caplog):
     config = write_config(tmp_path / "tiny.yaml")
     run = tmp_path / "run"

@@ -496,3 +496,81 @@ def test_a_checkpoint_with_the_former_knn_history_still_resumes(tmp_path):
     assert resumed.state.step == 1
     resumed.fit(max_steps=2)
     assert resumed.state.step == 2
+
+
+# ---- what the loop does with the policy's plan: distillation, loss weights, lr, the whole state -----------
+
+def _first_step_losses(tmp_path, name, **slim) -> tuple[dict[str, float], Trainer]:
+    data = tiny("mocov3", "all", "online", slim=slim, optim={"momentum": 0.0, "weight_decay": 0.0})
+    trainer = Trainer(config_from_dict(data), tmp_path / name)
+    return {k: v.item() for k, v in trainer.train_step(0).losses.items()}, trainer
+
+
+def test_online_distillation_is_mixed_into_every_sub_networks_loss_and_not_the_teachers(tmp_path):
+    plain, _ = _first_step_losses(tmp_path, "alpha0", distill_alpha=0.0)
+    kd_only, _ = _first_step_losses(tmp_path, "alpha1", distill_alpha=1.0)
+    half, trainer = _first_step_losses(tmp_path, "alpha05", distill_alpha=0.5)
+    hotter, _ = _first_step_losses(tmp_path, "t5", distill_alpha=1.0, distill_temperature=5.0)
+    full = trainer.model.backbone.menu.largest.name
+    assert plain[full] == pytest.approx(kd_only[full]) == pytest.approx(half[full])  # the teacher is not distilled
+    for name in set(plain) - {full}:
+        assert abs(kd_only[name] - plain[name]) > 1e-3  # alpha 1: the distillation term alone
+        assert half[name] == pytest.approx(0.5 * plain[name] + 0.5 * kd_only[name], rel=1e-5)
+        assert abs(hotter[name] - kd_only[name]) > 1e-4  # the temperature is applied
+
+
+def test_slimclr_loss_weight_scales_the_full_networks_update(tmp_path):
+    moved = {}
+    key = "backbone.bn1.bns.w1p0_d1-1-1-1.weight"  # the full network's private BatchNorm: only its loss reaches it
+    for weights in ("uniform", "slimclr"):
+        data = tiny("byol", "all", "target", slim={"loss_weights": weights}, optim={"momentum": 0.0, "weight_decay": 0.0})
+        trainer = Trainer(config_from_dict(data), tmp_path / weights)
+        before = trainer.model.state_dict()[key].clone()
+        trainer.train_step(0)
+        moved[weights] = trainer.model.state_dict()[key] - before
+    assert moved["uniform"].abs().max() > 0
+    # SlimCLR: the full network's loss counts 1 + the sum of the other widths (0.75 + 0.5 + 0.25)
+    torch.testing.assert_close(moved["slimclr"], 2.5 * moved["uniform"], rtol=1e-4, atol=1e-7)
+
+
+def test_trainer_lr_follows_warmup_floor_and_schedule(tmp_path):
+    data = tiny("byol", widths=[1.0, 0.5], optim={"warmup_epochs": 1, "min_lr_ratio": 0.1})
+    trainer = Trainer(config_from_dict(data), tmp_path / "cosine")
+    lrs = [trainer.set_lr(s) for s in range(trainer.total_steps)]
+    assert lrs == pytest.approx([lr_at(s, 8, 4, trainer.peak_lr, 0.1) for s in range(8)])
+    assert lrs[0] < trainer.peak_lr / 2 and lrs[-1] > 0.1 * trainer.peak_lr * 0.99
+    constant = Trainer(config_from_dict(tiny("byol", widths=[1.0, 0.5], optim={"schedule": "constant"})),
+                       tmp_path / "constant")
+    assert constant.set_lr(constant.total_steps - 1) == constant.peak_lr
+
+
+def test_resume_keeps_the_whole_train_state(tmp_path):
+    data = tiny("byol", widths=[1.0, 0.5])
+    first = Trainer(config_from_dict(data), tmp_path)
+    first.fit(max_steps=1)
+    first.state.skipped_steps = 3
+    first.save()
+    resumed = Trainer(config_from_dict(data), tmp_path, resume=True)
+    assert resumed.state.skipped_steps == 3
+    assert resumed.state.knn_random_init and resumed.state.knn_random_init == first.state.knn_random_init
+
+
+def test_fp16_resume_restores_the_loss_scale_and_continues_exactly(tmp_path):
+    data = tiny("byol", widths=[1.0, 0.5], train={"precision": "fp16"})
+    straight = Trainer(config_from_dict(data), tmp_path / "straight")
+    straight.fit(max_steps=4)
+    first = Trainer(config_from_dict(data), tmp_path / "resumed")
+    first.fit(max_steps=2)
+    second = Trainer(config_from_dict(data), tmp_path / "resumed", resume=True)
+    assert second.scaler.is_enabled() and second.scaler.get_scale() == first.scaler.get_scale()
+    second.fit(max_steps=4)
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_knn_every_logs_a_knn_record_per_epoch(tmp_path):
+    trainer = Trainer(config_from_dict(tiny("byol", widths=[1.0, 0.5], train={"epochs": 3, "knn_every": 1})),
+                      tmp_path)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "knn_top1" in r] == [1, 2, 3]

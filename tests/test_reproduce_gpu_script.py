@@ -17,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_gpu.sh"
@@ -55,6 +56,7 @@ def tar_members(path: Path) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
+@pytest.mark.timing
 def test_the_call_stops_itself_at_its_deadline_and_still_returns_the_results(tmp_path):
     fake_cifar_zip(tmp_path)
     # 30 s: past the setup (torch import, unzip, decode) even on a loaded 2-core machine, where 12 s was not
