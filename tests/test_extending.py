@@ -36,6 +36,7 @@ class ThreeLayer(Method):
 
     name = "threelayer"
     augment = "mocov2"
+    default_options = {"loss_scale": 1.0, "note": None}
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -50,7 +51,8 @@ class ThreeLayer(Method):
         return None
 
     def loss(self, online, target):
-        return MethodOutput(regression_loss(online[0], target[1]) + regression_loss(online[1], target[0]), online)
+        loss = regression_loss(online[0], target[1]) + regression_loss(online[1], target[0])
+        return MethodOutput(self.options["loss_scale"] * loss, online)
 
     def after_step(self, target):
         self.steps_seen += 1
@@ -91,11 +93,35 @@ def _named(name, **members):
     return type("Custom", (Method,), {"name": name, "loss": ThreeLayer.loss, **members})
 
 
+def test_a_methods_own_options_take_defaults_overrides_and_are_checked(tmp_path):
+    register_method(ThreeLayer)
+    data = tiny("threelayer", widths=[1.0, 0.5])
+
+    def first_loss(options):
+        trainer = Trainer(config_from_dict({**data, "method": {**data["method"], "options": options}}),
+                          tmp_path / str(len(list(tmp_path.iterdir()))))
+        assert trainer.model.method.options == {**ThreeLayer.default_options, **options}
+        return trainer.train_step(0).losses["w1p0_d1-1-1-1"].item()
+
+    assert first_loss({"loss_scale": 2}) == pytest.approx(2 * first_loss({}))  # an int for a float option
+    cfg = config_from_dict(data, overrides=["method.options.note=any value", "method.options.loss_scale=0.5"])
+    assert cfg.method.options == {"note": "any value", "loss_scale": 0.5}  # --set reaches them too
+    with pytest.raises(ConfigError, match=r"method.options.scale: unknown option of method 'threelayer' "
+                                          r"\(its options: loss_scale, note\)"):
+        config_from_dict(data, overrides=["method.options.scale=2"])
+    with pytest.raises(ConfigError, match=r"method.options.loss_scale: expected float like its default 1.0, "
+                                          r"got 'big'"):
+        config_from_dict(data, overrides=["method.options.loss_scale=big"])
+    with pytest.raises(ConfigError, match=r"unknown option of method 'byol' \(its options: none\)"):
+        config_from_dict(tiny("byol"), overrides=["method.options.loss_scale=2"])
+
+
 @pytest.mark.parametrize("cls, message", [
     (int, "takes a subclass of slimssl.methods.Method, got <class 'int'>"),
     (_named(""), "name must be a name such as 'simsiam'"),
     (_named("sim-siam"), "name must be a name such as 'simsiam'.*got 'sim-siam'"),
     (type("NoLoss", (Method,), {"name": "noloss"}), "NoLoss must implement loss"),
+    (_named("custom", default_options=["scale"]), "default_options must be a dict of option names"),
     (_named("custom", augment="simclr"), "augment must be one of the view recipes byol, mocov2, mocov3, got 'simclr'"),
     (_named("byol"), "method name 'byol' is taken by slimssl.methods.byol.BYOL"),
 ])

@@ -88,6 +88,9 @@ class MethodConfig(Section):
         False, description="MoCo's shuffle-BN: the target (key) network sees the batch in a random order, so a "
         "query and its positive key are normalised with statistics of different groups of samples; needs "
         "several BatchNorm groups (model.bn_group_size, or several processes)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the settings of a method of your own, by name (its Method.default_options "
+        "lists them with their defaults); the built-in methods have none")
 
     @field_validator("name")
     @classmethod
@@ -99,6 +102,33 @@ class MethodConfig(Section):
         except SlimsslError as e:
             raise ValueError(f"method.name: {e}") from None
         return name
+
+    @model_validator(mode="after")
+    def _known_options(self) -> "MethodConfig":
+        from .methods import method_class
+
+        defaults = method_class(self.name).default_options
+        for key, value in self.options.items():
+            if key not in defaults:
+                allowed = ", ".join(defaults) or "none"
+                raise ValueError(f"method.options.{key}: unknown option of method {self.name!r} (its options: "
+                                 f"{allowed})")
+            if not _same_kind(value, defaults[key]):
+                raise ValueError(f"method.options.{key}: expected {type(defaults[key]).__name__} like its default "
+                                 f"{defaults[key]!r}, got {value!r}")
+        return self
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether ``value`` may replace ``default``: anything for a default of None, an int for a float, else the
+    same type (a bool is no int here)."""
+    if default is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return type(value) is type(default)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
 
 
 class SlimConfig(Section):

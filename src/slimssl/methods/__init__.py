@@ -36,6 +36,10 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise SlimsslError(f"{where}.name must be a name such as 'simsiam' (letters, digits, _), got {cls.name!r}")
     if cls.loss is Method.loss:
         raise SlimsslError(f"{where} must implement loss(online, target)")
+    if not (isinstance(cls.default_options, dict) and all(isinstance(k, str) and k.isidentifier()
+                                                          for k in cls.default_options)):
+        raise SlimsslError(f"{where}.default_options must be a dict of option names to default values, got "
+                           f"{cls.default_options!r}")
     if cls.augment not in RECIPES:
         raise SlimsslError(f"{where}.augment must be one of the view recipes {', '.join(RECIPES)}, got {cls.augment!r}")
     taken = METHODS.get(cls.name)

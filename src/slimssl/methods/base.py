@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,11 +30,12 @@ class Method(nn.Module):
     where they differ from BYOL's; :func:`slimssl.methods.register_method` makes it a ``method.name``.
 
     Every other hook has a default that suits a two-view method with a momentum target. ``self.cfg`` is the
-    run's ``method`` config section.
+    run's ``method`` config section; ``self.options`` is ``default_options`` updated by ``method.options``.
     """
 
     name: str = ""
     augment: str = "byol"  # the view recipe (``data.augment``) a run uses unless its config names one
+    default_options: dict[str, Any] = {}  # a method's own settings and their defaults (``method.options``)
 
     @staticmethod
     def projector_layers(hidden: int, out: int) -> list[Layer]:
@@ -50,6 +52,7 @@ class Method(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
+        self.options = {**self.default_options, **cfg.options}  # checked against the defaults by the config
 
     def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
         """``online``: the online network's outputs for the views; ``target``: the full-size target's. A view
