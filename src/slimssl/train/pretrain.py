@@ -55,24 +55,31 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
     if isinstance(overrides, str):  # a lone "key=value" would otherwise be read character by character
         raise UsageError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
     if resume:
-        if out is None:
-            raise UsageError("resuming needs the run directory to continue: "
-                             + ("--resume RUN_DIR" if cli else "out=RUN_DIR"))
-        if config is not None:
-            raise UsageError("resuming continues with the config saved in the run; "
-                             + ("drop --config (--set, --epochs and --data still apply)" if cli
-                                else "pass config=None (overrides still apply)"))
-        run_dir = Path(out)
-        last = checkpoint_path(run_dir)
-        if not last.is_file():
-            raise UsageError(_no_run_to_resume(run_dir, last, cli))
-        source = str(last)
-        stored = load_checkpoint(last)["config"]
-        cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", list(overrides))
-        if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
-            cfg = absolute_data_source(cfg)
-        return cfg, run_dir, source
-    cfg = absolute_data_source(as_config(config, list(overrides)))
+        return _prepare_resume(config, out, list(overrides), cli)
+    return _prepare_new(config, out, list(overrides), cli)
+
+
+def _prepare_resume(config, out, overrides: list[str], cli: bool) -> tuple[Config, Path, str]:
+    if out is None:
+        raise UsageError("resuming needs the run directory to continue: "
+                         + ("--resume RUN_DIR" if cli else "out=RUN_DIR"))
+    if config is not None:
+        raise UsageError("resuming continues with the config saved in the run; "
+                         + ("drop --config (--set, --epochs and --data still apply)" if cli
+                            else "pass config=None (overrides still apply)"))
+    run_dir = Path(out)
+    last = checkpoint_path(run_dir)
+    if not last.is_file():
+        raise UsageError(_no_run_to_resume(run_dir, last, cli))
+    stored = load_checkpoint(last)["config"]
+    cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", overrides)
+    if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
+        cfg = absolute_data_source(cfg)
+    return cfg, run_dir, str(last)
+
+
+def _prepare_new(config, out, overrides: list[str], cli: bool) -> tuple[Config, Path, str]:
+    cfg = absolute_data_source(as_config(config, overrides))
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir} is a file; the run directory must be a folder (new, or an earlier run's "
