@@ -8,9 +8,9 @@ DataLoader worker processes decode each batch, so a split too large for memory (
 (``--loader stream``).
 
 A streamed image is decoded exactly as ``load_dataset`` decodes it (``decode_resized``: the same decoder,
-shorter side resized to the resolution with antialiasing, centre crop), so both loaders give the same
-pixels and the same numbers. Unlike the training stream, JPEGs are decoded at full scale: a reduced-scale
-draft would change the pixels.
+shorter side resized to ``resolution / crop_ratio`` with antialiasing, centre ``resolution`` crop), so both
+loaders give the same pixels and the same numbers. Unlike the training stream, JPEGs are decoded at full
+scale: a reduced-scale draft would change the pixels.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ Which parameters have one is a function of the drawn sub-networks, and those are
 (seed, step) (:class:`~slimssl.slim.policy.SlimPolicy`), so the set is the same on every rank: a
 parameter of a sub-network that did not run keeps ``grad is None`` everywhere and the optimizer leaves
 it (and its momentum) alone, exactly as in a single process. Backward passes need no ``no_sync``: they
-never communicate. The price: the all-reduce does not overlap the last backward (with K sub-networks
+never communicate gradients (SyncBatchNorm, with ``train.sync_bn``, all-reduces its statistics' gradients
+in its own backward). The price: the all-reduce does not overlap the last backward (with K sub-networks
 per step at most 1/K of the backward time could have been hidden) and the flat buffer costs one copy of
 the online parameters in memory.
 """
