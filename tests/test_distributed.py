@@ -37,7 +37,9 @@ from slimssl.train import distributed as dist
 from slimssl.train.loop import Trainer
 
 STEPS = 3
-TOLERANCE = 1e-5  # max |a - b| / max |b| per tensor, 2 processes against 1
+# max |a - b| / max |b| per tensor, 2 processes against 1: float rounding gives 6e-7 (MoCo v3) to 1.0e-5
+# (BYOL, torch 2.14 on a 2-core CPU); gradients averaged 1% wrong give 9e-2 to 2e-1
+TOLERANCE = 1e-4
 # with batch statistics of groups of 4 tiny images the steps amplify float rounding more (measured 1.3e-5
 # at the grouped run's lr of 0.04, on small BatchNorm biases; 4e-2 at lr 0.4 with the MoCo v2 crops)
 TOLERANCE_GROUPED = 1e-3
