@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -83,14 +84,14 @@ def test_relative_data_path_is_stored_absolute_and_resumes_from_anywhere(tmp_pat
 def test_builtin_names_and_missing_paths_stay_as_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fake").mkdir()  # a folder named like a built-in dataset: the name still means the dataset
-    cfg, _, _ = prepare_run(tiny(), tmp_path / "a")
+    cfg = prepare_run(tiny(), tmp_path / "a").cfg
     assert cfg.data.source == "fake"
     given = config_from_dict({**tiny(), "data": {**TINY["data"], "source": "./tiny.zip"}})
     (tmp_path / "tiny.zip").write_bytes(b"")
-    cfg, _, _ = prepare_run(given, tmp_path / "b")
+    cfg = prepare_run(given, tmp_path / "b").cfg
     assert cfg.data.source == str(tmp_path / "tiny.zip")
     assert given.data.source == "./tiny.zip"  # the caller's Config is left alone
-    cfg, _, _ = prepare_run(tiny(), tmp_path / "c", overrides=["data.source=missing"])
+    cfg = prepare_run(tiny(), tmp_path / "c", overrides=["data.source=missing"]).cfg
     assert cfg.data.source == "missing"  # the error at load time names it as the user wrote it
 
 
@@ -102,7 +103,7 @@ def test_a_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path, monkeyp
     assert find_config("demo") == Path(str(PACKAGED / "demo.yaml"))
     assert main(["config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out) == load_config(PACKAGED / "demo.yaml").model_dump(mode="json")
-    cfg, _, _ = prepare_run(None, tmp_path / "run")  # `slimssl pretrain` without --config
+    cfg = prepare_run(None, tmp_path / "run").cfg  # `slimssl pretrain` without --config
     assert cfg == load_config(PACKAGED / "demo.yaml")
     # a path to a folder is still refused, shipped name or not
     for folder in (tmp_path / "demo", tmp_path / "other"):
@@ -208,3 +209,50 @@ def test_resume_and_out_naming_two_folders_is_an_error(tmp_path, saved_run, caps
     # the same folder, spelled otherwise, is fine
     assert main(["pretrain", "--resume", str(saved_run), "--out", f"{saved_run}/.", "--max-steps", "2"]) == 0
     assert load_checkpoint(saved_run)["train_state"]["step"] == 2
+
+
+# ---- 6. --auto-resume: one command that starts a run and then continues it ------------------------------
+
+def test_auto_resume_starts_a_run_then_continues_it_exactly(tmp_path, config):
+    run = tmp_path / "run"
+    again = ["pretrain", "--config", str(config), "--out", str(run), "--auto-resume"]
+    assert main([*again, "--max-steps", "3"]) == 0  # nothing there yet: a new run
+    assert load_checkpoint(run)["train_state"]["step"] == 3
+    assert main([*again, "--max-steps", "5"]) == 0  # the same command again: continues from step 3
+    assert load_checkpoint(run)["train_state"]["step"] == 5
+    assert main(again) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in line]
+    assert steps == list(range(1, 9))  # each step logged once: each call took up where the last one stopped
+    reference = slimssl.pretrain(load_config(config), tmp_path / "reference")
+    assert reference.finished
+    final, expected = load_checkpoint(run)["model"], load_checkpoint(tmp_path / "reference")["model"]
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in final)
+
+
+def test_auto_resume_refuses_a_run_started_with_other_settings(tmp_path, config, capsys, caplog):
+    run = tmp_path / "run"
+    again = ["pretrain", "--config", str(config), "--out", str(run), "--auto-resume"]
+    assert main([*again, "--max-steps", "1"]) == 0
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    assert main([*again, "--set", "optim.lr=0.123"]) == 2
+    text = error_text(capsys, caplog)
+    assert f"optim.lr: saved {TINY['optim']['lr']!r}, now 0.123" in text and "--resume RUN_DIR" in text
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before  # the saved run is untouched
+    with pytest.raises(slimssl.SlimsslError, match="optim.lr") as err:
+        slimssl.pretrain(load_config(config), run, overrides=["optim.lr=0.123"], resume="auto")
+    assert "--" not in str(err.value)
+
+
+def test_auto_resume_needs_a_run_directory_and_excludes_resume(tmp_path, config, capsys, caplog):
+    assert main(["pretrain", "--config", str(config), "--auto-resume"]) == 2
+    assert "--out RUN_DIR" in error_text(capsys, caplog)
+    with pytest.raises(slimssl.SlimsslError, match="out=RUN_DIR"):
+        slimssl.pretrain(load_config(config), resume="auto")
+    with pytest.raises(slimssl.SlimsslError, match="True, False or 'auto'"):
+        slimssl.pretrain(load_config(config), tmp_path / "run", resume="yes")
+    with pytest.raises(SystemExit) as refused:  # argparse: not allowed with --resume
+        main(["pretrain", "--resume", str(tmp_path / "run"), "--auto-resume"])
+    assert refused.value.code == 2
+    assert not (tmp_path / "run").exists()

@@ -15,7 +15,7 @@ from slimssl.cli import main
 from slimssl.config import load_config
 from slimssl.reproduce import EXIT_CONTINUE
 from slimssl.config import config_differences
-from slimssl.reproduce.plan import RESUME_IGNORES
+from slimssl.config import MACHINE_DEPENDENT
 from slimssl.reproduce.report import TIME_RATIO_GOAL, goals
 
 RECIPES = ["cifar10_r18_dspnet_byol", "cifar10_r18_slimclr_mocov2"]
@@ -220,10 +220,10 @@ def test_steps_lost_to_a_hard_stop_are_not_timed(tmp_path, monkeypatch, caplog):
 def test_only_machine_dependent_defaults_may_differ_on_resume():
     saved = load_config(RECIPES[0], ["data.workers=8"])
     now = load_config(RECIPES[0], ["data.workers=2"])
-    assert config_differences(saved, now, ignore=RESUME_IGNORES) == []
+    assert config_differences(saved, now, ignore=MACHINE_DEPENDENT) == []
     assert config_differences(saved, now) == ["data.workers: saved 8, now 2"]
     assert config_differences(saved, load_config(RECIPES[0], ["data.workers=2", "train.batch_size=256"]),
-                              ignore=RESUME_IGNORES) == ["train.batch_size: saved 512, now 256"]
+                              ignore=MACHINE_DEPENDENT) == ["train.batch_size: saved 512, now 256"]
 
 
 def test_goals_say_by_how_much_they_miss():

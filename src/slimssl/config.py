@@ -312,6 +312,11 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Settings a run may be continued with differently without mixing anything: data.workers (unset: the CPU
+# count of the machine) changes only how fast the streaming loader decodes.
+MACHINE_DEPENDENT = frozenset({"data.workers"})
+
+
 def config_differences(saved: Config, now: Config, prefixes: tuple[str, ...] = ("",),
                        ignore: frozenset[str] = frozenset()) -> list[str]:
     """``key: saved X, now Y`` for every setting that differs, as dotted keys (``train.epochs``), among the

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, config_differences, load_config, standalone_config
+from ..config import MACHINE_DEPENDENT, Config, config_differences, load_config, standalone_config
 from ..errors import UsageError
 from ..nn.spec import SubnetSpec
 from ..train.command import flag_overrides
@@ -16,9 +16,6 @@ from . import DEFAULT_EPOCHS
 # disk; last.pt is all that resuming needs. The comparison uses the kNN at the end of each run; periodic kNN
 # would take call time that a 50-epoch run must finish in (docs/results.md).
 REPRODUCTION_DEFAULTS = ("train.checkpoint_every=0", "train.knn_every=0")
-# Settings a resumed call may see differently without mixing anything: data.workers defaults to the CPU count
-# of the machine, and only the streaming loader (which the reproduction refuses) uses it.
-RESUME_IGNORES = frozenset({"data.workers"})
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ def check_saved_configs(jobs: list[Job]) -> None:
         if not path.is_file():
             continue
         saved = load_config(path)  # a ConfigError names the file if it is damaged
-        diffs = config_differences(saved, job.cfg, ignore=RESUME_IGNORES)
+        diffs = config_differences(saved, job.cfg, ignore=MACHINE_DEPENDENT)
         if diffs:
             raise UsageError(
                 f"{job.run_dir} holds a run started with other settings than this command asks for:\n  "

@@ -21,8 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (the schedule keeps its length)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     add_overrides(p)
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                   help="continue the run in RUN_DIR (or --out) from its last checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR (or --out) from its last checkpoint")
+    again.add_argument("--auto-resume", action="store_true",
+                       help="continue the run in --out if it has a checkpoint, else start it: one command for a job "
+                       "submitted again and again (--config and --set must give the saved run's settings)")
     p.add_argument("--json", action="store_true", help="print results.json on stdout at the end (stopped early: "
                    "the run directory and its step, with \"finished\": false)")
     p.set_defaults(func=cmd_pretrain)
@@ -55,14 +59,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not dist.is_main():  # rank 0 alone reports progress; the others still say what goes wrong
         log.setLevel(logging.WARNING)
     try:
-        resume = args.resume is not None
         if isinstance(args.resume, str) and args.out is not None \
                 and Path(args.resume).resolve() != args.out.resolve():  # a resumed run stays in its folder
             raise UsageError(f"--resume {args.resume} and --out {args.out} name two different folders; a run "
                              "continues in its own folder: give --resume RUN_DIR alone")
-        out = args.resume if resume and args.resume is not True else args.out
-        cfg, run_dir, source = prepare_run(args.config, out,
-                                           overrides=flag_overrides(args), resume=resume, cli=True)
+        out = args.resume if isinstance(args.resume, str) else args.out
+        resume = "auto" if args.auto_resume else args.resume is not None
+        cfg, run_dir, source, resume = prepare_run(args.config, out,
+                                                   overrides=flag_overrides(args), resume=resume, cli=True)
         try:
             run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
         except Interrupted as e:

@@ -10,10 +10,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 from ..checkpoint import CHECKPOINTS, LAST, checkpoint_path, load_checkpoint
-from ..config import Config, check_processes, config_from_dict
+from ..config import MACHINE_DEPENDENT, Config, check_processes, config_differences, config_from_dict
 from ..data.files import BUILTIN
 from ..errors import UsageError
 from ..models.build import as_config
@@ -43,23 +43,59 @@ class PretrainRun:
         return self.step >= self.total_steps
 
 
+class PreparedRun(NamedTuple):
+    """What :func:`train_run` needs: the config, the run directory, where the config came from (for
+    messages), and whether the run continues from the checkpoint in ``run_dir``."""
+
+    cfg: Config
+    run_dir: Path
+    source: str
+    resume: bool
+
+
 def prepare_run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
-                overrides: Sequence[str] = (), resume: bool = False, cli: bool = False) -> tuple[Config, Path, str]:
-    """(config, run directory, where the config came from) of a new run, or of the run in ``out`` to resume.
+                overrides: Sequence[str] = (), resume: bool | Literal["auto"] = False,
+                cli: bool = False) -> PreparedRun:
+    """The config and run directory of a new run, or of the run in ``out`` to resume.
 
     A new run gets ``out`` (default ``runs/<name>-<time>``), which must not hold another run. A resumed run
-    takes the config saved in its checkpoint; ``overrides`` still apply (e.g. more epochs). A data source
-    that is an existing path is stored absolute. ``cli``: messages name the command line's flags
-    (``--resume RUN_DIR``) instead of this function's arguments (``resume=True``, ``out=``)."""
+    (``resume=True``) takes the config saved in its checkpoint; ``overrides`` still apply (e.g. more epochs).
+    ``resume="auto"`` resumes the run in ``out`` if it has a checkpoint and starts it otherwise, so that one
+    command (a job script submitted again and again) both starts and continues a run; ``config`` and
+    ``overrides`` must then give the saved run's settings. A data source that is an existing path is stored
+    absolute. ``cli``: messages name the command line's flags (``--resume RUN_DIR``) instead of this
+    function's arguments (``resume=True``, ``out=``)."""
 
     if isinstance(overrides, str):  # a lone "key=value" would otherwise be read character by character
         raise UsageError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
+    if resume not in (True, False, "auto"):
+        raise UsageError(f"resume must be True, False or 'auto', got {resume!r}")
+    if resume == "auto":
+        return _prepare_auto(config, out, list(overrides), cli)
     if resume:
         return _prepare_resume(config, out, list(overrides), cli)
     return _prepare_new(config, out, list(overrides), cli)
 
 
-def _prepare_resume(config, out, overrides: list[str], cli: bool) -> tuple[Config, Path, str]:
+def _prepare_auto(config, out, overrides: list[str], cli: bool) -> PreparedRun:
+    if out is None:
+        raise UsageError("resuming automatically needs the run directory: "
+                         + ("--auto-resume with --out RUN_DIR" if cli else "out=RUN_DIR"))
+    last = checkpoint_path(Path(out))
+    if not last.is_file():
+        return _prepare_new(config, out, overrides, cli)
+    wanted = absolute_data_source(as_config(config, overrides))
+    diffs = config_differences(load_checkpoint(last)["config"], wanted, ignore=MACHINE_DEPENDENT)
+    if diffs:  # a changed job script must not silently continue the run it started with other settings
+        raise UsageError(
+            f"{out} holds a run started with other settings than {'this command' if cli else 'this call'} "
+            "asks for:\n  " + "\n  ".join(diffs) + "\ngive the settings it was started with, continue it with "
+            + ("--resume RUN_DIR (where --set changes a setting)" if cli else "resume=True (where overrides "
+               "change a setting)") + f" or choose another {'--out' if cli else 'out'}")
+    return PreparedRun(wanted, Path(out), str(last), True)
+
+
+def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun:
     if out is None:
         raise UsageError("resuming needs the run directory to continue: "
                          + ("--resume RUN_DIR" if cli else "out=RUN_DIR"))
@@ -75,10 +111,10 @@ def _prepare_resume(config, out, overrides: list[str], cli: bool) -> tuple[Confi
     cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", overrides)
     if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
         cfg = absolute_data_source(cfg)
-    return cfg, run_dir, str(last)
+    return PreparedRun(cfg, run_dir, str(last), True)
 
 
-def _prepare_new(config, out, overrides: list[str], cli: bool) -> tuple[Config, Path, str]:
+def _prepare_new(config, out, overrides: list[str], cli: bool) -> PreparedRun:
     cfg = absolute_data_source(as_config(config, overrides))
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists() and not run_dir.is_dir():
@@ -93,7 +129,7 @@ def _prepare_new(config, out, overrides: list[str], cli: bool) -> tuple[Config, 
         raise UsageError(f"{run_dir} holds files of an earlier run ({', '.join(leftovers)}) without its "
                          "checkpoint; choose another output folder")
     source = str(config) if isinstance(config, (str, Path)) else "demo" if config is None else cfg.name
-    return cfg, run_dir, source
+    return PreparedRun(cfg, run_dir, source, False)
 
 
 def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
@@ -189,13 +225,15 @@ def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bo
 
 
 def pretrain(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
-             overrides: Sequence[str] = (), resume: bool = False, max_steps: int | None = None) -> PretrainRun:
+             overrides: Sequence[str] = (), resume: bool | Literal["auto"] = False,
+             max_steps: int | None = None) -> PretrainRun:
     """Slimmable self-supervised pretraining, as ``slimssl pretrain`` does it.
 
     ``config`` is a :class:`~slimssl.Config`, a dict of sections, a YAML path or a shipped recipe name
     (default: the embedded demo); ``overrides`` are ``"section.key=value"`` strings, as ``--set`` takes.
     ``out`` is the run directory (default ``runs/<name>-<time>``). ``resume=True`` continues the run in
-    ``out`` with its saved config. ``max_steps`` stops the run once it has made that many steps in all
+    ``out`` with its saved config; ``resume="auto"`` continues it if ``out`` holds one (started with the
+    same settings) and starts it otherwise. ``max_steps`` stops the run once it has made that many steps in all
     (counting from its start, not from this call), saving a checkpoint; ``results`` of the returned
     :class:`PretrainRun` is then empty and ``finished`` False. Under torchrun, each process calls this and the
     process group is joined here. A SIGTERM or SIGINT saves a checkpoint and raises
@@ -206,7 +244,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
         raise UsageError(f"max_steps must be an int >= 1 (the step to stop at), or None; got {max_steps!r}")
 
     dist.init_from_env()
-    cfg, run_dir, source = prepare_run(config, out, overrides=overrides, resume=resume)
+    cfg, run_dir, source, resume = prepare_run(config, out, overrides=overrides, resume=resume)
     return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps)
 
 
