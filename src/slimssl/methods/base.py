@@ -76,8 +76,9 @@ class Method(nn.Module):
         ``student``/``teacher`` are the loss's logits, cosine similarities over ``method.temperature``; the
         distillation softens the cosine similarities by its own ``temperature`` and scales by its square, as
         SlimCLR does (5 for MoCo v2; 1 for MoCo v3, whose tau is 1 in SlimCLR's recipe and 0.2 in the CIFAR
-        one). The teacher's own entropy is subtracted: the gradient is the same, and the logged loss is 0 when the student matches (the cross-entropy alone
-        is about 25 ln(number of keys) at temperature 5). Regression methods override this."""
+        one). The teacher's own entropy is subtracted: the gradient is the same, and the logged loss is 0 when
+        the student matches (the cross-entropy alone is about 25 ln(number of keys) at temperature 5).
+        Regression methods override this."""
         tau = self.cfg.temperature  # back to cosine similarities
         return sum(soft_cross_entropy(s * tau, t * tau, temperature) - soft_cross_entropy(t * tau, t * tau, temperature)
                    for s, t in zip(student, teacher))
