@@ -221,3 +221,31 @@ def test_the_lower_level_functions_raise_slimssl_errors_for_bad_input(supernet, 
     monkeypatch.setenv("SLIMSSL_DIST_TIMEOUT", "soon")
     with pytest.raises(SlimsslError, match=r"\$SLIMSSL_DIST_TIMEOUT must be a number of seconds, got 'soon'"):
         timeout_seconds()
+
+
+def test_images_of_another_dtype_than_the_network_are_named(supernet):
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(slimssl.InputError, match=f"network's dtype torch.float32, got {dtype}"):
+            supernet(x(dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself
+        assert supernet(x(dtype=torch.bfloat16)).dtype == torch.bfloat16
+    assert torch.allclose(supernet.double()(x(dtype=torch.float64)).float(), supernet.float()(x()), atol=1e-5)
+
+
+def test_devices_name_what_runs(monkeypatch):
+    from slimssl.devices import pick_device
+
+    assert pick_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(slimssl.DeviceError, match="expected auto, cpu, cuda or cuda:N"):
+        pick_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(slimssl.DeviceError, match=r"sees 2 CUDA device\(s\) here \(cuda:0 to cuda:1\)"):
+        pick_device(torch.device("cuda", 2))
+
+
+def test_a_menu_given_one_name_says_it_needs_a_list():
+    with pytest.raises(slimssl.SubnetError, match=r"a menu is a list of sub-networks.*Menu\(\['w0p5_d1-1'\]\)"):
+        slimssl.Menu("w0p5_d1-1")
+    assert slimssl.Menu(["w0p5_d1-1"]).names == ["w0p5_d1-1"]

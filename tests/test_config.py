@@ -207,6 +207,7 @@ def test_errors_caused_by_set_say_so():
     ("data.std=[0.2, 0, 0.2]", "data.std.1"), ("data.crop_scale=[1.5, 0.2]", "data.crop_scale"),
     ("data.crop_scale=[0, 0]", "data.crop_scale"), ("optim.betas=[2, 0.999]", "optim.betas.0"),
     ("train.batch_size=1", "train.batch_size"), ("menu.widths=[1.0, 0.5, 1.0]", "menu.widths lists 1 more than once"),
+    ("menu.widths=[1.0, 0.33333, 0.33334]", "menu.widths lists 0.3333 more than once"),
 ])
 def test_values_that_would_fail_mid_training_are_refused_up_front(assignment, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

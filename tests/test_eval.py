@@ -542,3 +542,16 @@ def test_finetuning_learns_separable_data():
     out = finetune_subnet(supernet, "0.5", train, test, label_fraction=0.5, epochs=30, lr=0.5, mean=(0.5,) * 3,
                           std=(0.25,) * 3)
     assert out["top1"] > 80.0  # chance is 25
+
+
+def test_python_protocols_take_numpy_numbers_and_torch_devices(tmp_path):
+    import numpy as np
+
+    import slimssl
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    rows = slimssl.knn(run, k=np.int64(3), temperature=np.float32(0.5), device=torch.device("cpu"))
+    assert rows == slimssl.knn(run, k=3, temperature=0.5, device="cpu", save=False)
+    settings = json.loads((run / "results.json").read_text())["protocols"]["knn"]
+    assert settings["k"] == 3 and settings["temperature"] == pytest.approx(0.5)  # written as plain numbers

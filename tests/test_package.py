@@ -61,3 +61,7 @@ def test_every_bad_input_error_is_a_slimssl_error():
                   SubnetError, PlotError):
         assert issubclass(error, slimssl.SlimsslError), error
     assert issubclass(slimssl.SlimsslError, ValueError)  # callers that caught ValueError still do
+    public = [getattr(slimssl, name) for name in slimssl.__all__ if name.endswith("Error")]
+    assert len(public) > 8 and all(issubclass(error, slimssl.SlimsslError) for error in public)
+    with pytest.raises(slimssl.ConfigError, match="nosuch"):  # catchable by its public name
+        slimssl.load_config("demo", ["train.nosuch=1"])

@@ -24,14 +24,20 @@ _EXPORTS = {
     "SlimResNet": ".models.resnet",
     "recalibrate_bn": ".nn.layers",
     "Menu": ".nn.spec", "SubnetSpec": ".nn.spec",
-    "SlimsslError": ".errors",
+    "SlimsslError": ".errors", "UsageError": ".errors",
+    # what a caller may catch: every bad-input error is a SlimsslError; these say which input
+    "ConfigError": ".config", "SubnetError": ".nn.spec", "InputError": ".models.resnet",
+    "CheckpointError": ".checkpoint", "DataError": ".data.files", "DeviceError": ".devices",
+    "ExportError": ".export", "NonFiniteLossError": ".train.loop", "Interrupted": ".train.loop",
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
     "knn": ".eval.evaluate", "linear_probe": ".eval.evaluate", "finetune": ".eval.evaluate",
 }
 __all__ = [
-    "Config", "Menu", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError", "SubnetSpec", "build_supernet",
-    "export_subnet", "finetune", "knn", "linear_probe", "load_checkpoint", "load_config", "load_exported",
-    "load_supernet", "pretrain", "recalibrate_bn",
+    "CheckpointError", "Config", "ConfigError", "DataError", "DeviceError", "ExportError", "InputError",
+    "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError",
+    "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_subnet", "finetune", "knn",
+    "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pretrain",
+    "recalibrate_bn",
 ]
 
 
@@ -48,14 +54,17 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
-    from .checkpoint import load_checkpoint, load_supernet
-    from .config import Config, load_config
-    from .errors import SlimsslError
+    from .checkpoint import CheckpointError, load_checkpoint, load_supernet
+    from .config import Config, ConfigError, load_config
+    from .data.files import DataError
+    from .devices import DeviceError
+    from .errors import SlimsslError, UsageError
     from .eval.evaluate import finetune, knn, linear_probe
-    from .export import export_subnet, load_exported
+    from .export import ExportError, export_subnet, load_exported
     from .models.build import build_supernet
     from .models.plain import PlainResNet
-    from .models.resnet import SlimResNet
+    from .models.resnet import InputError, SlimResNet
     from .nn.layers import recalibrate_bn
-    from .nn.spec import Menu, SubnetSpec
+    from .nn.spec import Menu, SubnetError, SubnetSpec
+    from .train.loop import Interrupted, NonFiniteLossError
     from .train.pretrain import PretrainRun, pretrain

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import SlimsslError
 from .models.resnet import ARCHS
-from .nn.spec import Menu, SubnetError, SubnetSpec
+from .nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
 
 
 class ConfigError(SlimsslError):
@@ -66,10 +66,11 @@ class MenuConfig(Section):
 
     @model_validator(mode="after")
     def _check_repeats(self) -> "MenuConfig":
-        repeated = sorted({w for w in self.widths if self.widths.count(w) > 1}, reverse=True)
+        kept = [round(w, WIDTH_DECIMALS) for w in self.widths]  # what a sub-network's name keeps of a width
+        repeated = sorted({w for w in kept if kept.count(w) > 1}, reverse=True)
         if repeated:  # a typo, most likely: the menu would silently have fewer entries than the list
-            raise ValueError(f"menu.widths lists {', '.join(f'{w:g}' for w in repeated)} more than once: "
-                             f"{self.widths}")
+            raise ValueError(f"menu.widths lists {', '.join(f'{w:g}' for w in repeated)} more than once (widths "
+                             f"are kept to {WIDTH_DECIMALS} decimals): {self.widths}")
         return self
 
 

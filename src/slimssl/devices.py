@@ -4,6 +4,7 @@ read. Shared by training, evaluation and the reproduction, so ``--device`` means
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -14,14 +15,20 @@ class DeviceError(SlimsslError):
     """A device this machine does not have."""
 
 
-def pick_device(name: str, setting: str = "--device") -> torch.device:
-    """``auto`` (a GPU when there is one), ``cpu`` or ``cuda``. In a process of a distributed job, ``cuda`` is
-    this process's GPU (``LOCAL_RANK``). ``setting`` names the option in the error message."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise DeviceError(f"{setting} {name!r} is not a device slimssl runs on; expected auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"{setting} is cuda, but PyTorch sees no CUDA device here: use --device cpu, or auto "
+def pick_device(name: str | torch.device, setting: str = "--device") -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` (also as a ``torch.device``). In a
+    process of a distributed job, ``cuda`` is this process's GPU (``LOCAL_RANK``). ``setting`` names the
+    option in the error message."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise DeviceError(f"{setting} {name!r} is not a device slimssl runs on; expected auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"{setting} is {name}, but PyTorch sees no CUDA device here: use --device cpu, or auto "
                           "to take a GPU when there is one")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise DeviceError(f"{setting} is {name}, but PyTorch sees {torch.cuda.device_count()} CUDA device(s) here "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from .errors import SlimsslError
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
-from .nn.spec import SubnetSpec
+from .nn.spec import SubnetLike
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -27,7 +27,7 @@ class ExportError(SlimsslError):
     """An exported model folder that cannot be loaded; says which file and why."""
 
 
-def export_subnet(supernet: SlimResNet, subnet: SubnetSpec | str | None, out_dir: str | Path,
+def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str | Path,
                   fmt: str = "safetensors", resolution: int = 224, metadata: dict | None = None) -> Path:
     """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder."""
     if fmt not in FORMATS:
@@ -90,7 +90,7 @@ def load_exported(folder: str | Path) -> PlainResNet:
 
 
 @torch.no_grad()
-def verify_export(supernet: SlimResNet, subnet: SubnetSpec | str, exported: PlainResNet | str | Path,
+def verify_export(supernet: SlimResNet, subnet: SubnetLike, exported: PlainResNet | str | Path,
                   resolution: int, batch: int = 2, seed: int = 0) -> float:
     """Max abs difference between the supernet's sub-network (eval mode, fp32) and the exported model: a
     plain model, or the path of an exported ``model.onnx`` (run with onnxruntime when it is installed, else

@@ -12,9 +12,9 @@ The keywords every protocol shares say where the images come from and how they a
 * ``loader`` (``"memory"`` or ``"stream"``), ``workers``, ``skip_unreadable``: how the splits are decoded
   (default: the config's ``data.*``; see ``data/eval_images.py``);
 * ``crop_ratio``: the centre crop of the evaluation images (default: the config's ``eval.crop_ratio``);
-* ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``), ``eval_batch_size`` (default: ``eval.batch_size``) and
-  ``recalibrate_bn`` (train batches to re-estimate each sub-network's BatchNorm statistics on; default 20
-  for shared BatchNorm, else 0).
+* ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``), ``eval_batch_size``
+  (default: ``eval.batch_size``) and ``recalibrate_bn`` (train batches to re-estimate each sub-network's
+  BatchNorm statistics on; default 20 for shared BatchNorm, else 0).
 """
 
 from __future__ import annotations
@@ -23,10 +23,14 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_CROPS, linear_settings, recalibration_batches
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("slimssl")
 
@@ -105,7 +109,7 @@ class DataOptions:
         return train, test
 
 
-def load_model(checkpoint: str | Path, device: str = "auto"):
+def load_model(checkpoint: str | Path, device: str | torch.device = "auto"):
     """Supernet (eval mode, on the device), its config and the device."""
     from ..checkpoint import load_supernet
     from ..devices import pick_device
@@ -145,7 +149,7 @@ def check_numbers(**values) -> None:
             continue
         real = name in ("temperature", "lr")
         least = 0 if name == "recalibrate_bn" else 1
-        kind_ok = not isinstance(value, bool) and isinstance(value, (int, float) if real else int)
+        kind_ok = not isinstance(value, bool) and isinstance(value, Real if real else Integral)  # NumPy's too
         if not (kind_ok and (value > 0 if real else value >= least)):  # the type first: "a" > 0 would raise
             kind = "a number > 0" if real else f"an int >= {least}"
             raise UsageError(f"{name} must be {kind}, got {value!r}")
@@ -175,9 +179,9 @@ def knn_of_menu(supernet, cfg, train, test, device, *, k: int | None = None, tem
                             models=models, **image)
 
 
-def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | None = None, device: str = "auto",
-        eval_batch_size: int | None = None, recalibrate_bn: int | None = None, save: bool = True,
-        **data) -> list[dict]:
+def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | None = None,
+        device: str | torch.device = "auto", eval_batch_size: int | None = None,
+        recalibrate_bn: int | None = None, save: bool = True, **data) -> list[dict]:
     """Weighted kNN top-1 of every sub-network: the train split is the bank, the test split the queries; ``k``
     and ``temperature`` default to the config's ``eval.knn_k`` and ``eval.knn_temperature``.
 
@@ -205,8 +209,8 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
 def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
                  batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, augment: bool = False,
                  train_crop: str | None = None, distill: bool = False, shared_head: bool = False,
-                 device: str = "auto", eval_batch_size: int | None = None, recalibrate_bn: int | None = None,
-                 save: bool = True, **data) -> list[dict]:
+                 device: str | torch.device = "auto", eval_batch_size: int | None = None,
+                 recalibrate_bn: int | None = None, save: bool = True, **data) -> list[dict]:
     """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
 
     ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``) and flips, with the
@@ -242,7 +246,7 @@ def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: fl
 def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all",
              label_fractions: Sequence[float] | float = (0.01, 0.1), *, epochs: int | None = None,
              lr: float | None = None, batch_size: int | None = None, seed: int = 0, train_crop: str | None = None,
-             out: str | Path | None = None, device: str = "auto", eval_batch_size: int | None = None,
+             out: str | Path | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
              recalibrate_bn: int | None = None, save: bool = True, **data) -> list[dict]:
     """Fine-tune each of ``subnets`` (names or widths, or ``"all"``: the menu) on a class-balanced fraction of
     the train labels, for every one of ``label_fractions`` (``eval/finetune.py``).
@@ -254,7 +258,7 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
     label_fraction, seed, num_labelled, recipe, top1, top5 (percent), indices (the labelled subset).
     """
     from .finetune import finetune_subnet, fraction_key
-    from .results import run_dir_of
+    from .results import json_text, run_dir_of
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
                   recalibrate_bn=recalibrate_bn)
@@ -288,7 +292,7 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
                "indices_file": str(path) if path else None}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(row, indent=2) + "\n")
+            path.write_text(json_text(row))
             log.info("saved the fine-tuning result and the labelled indices to %s", path)
         values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
                               key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}

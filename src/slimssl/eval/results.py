@@ -81,9 +81,19 @@ def write_results(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
 def write_json_atomic(path: Path, data: Any) -> Path:
     """Write ``data`` as JSON through a temporary file and a rename: a crash mid-write keeps the old file."""
     with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+        f.write(json_text(data))
     return path
+
+
+def json_text(data: Any) -> str:
+    """``data`` as indented JSON; NumPy and torch scalars (a setting passed as ``np.int64(5)``) as numbers."""
+    return json.dumps(data, indent=2, default=_plain_scalar) + "\n"
+
+
+def _plain_scalar(value: Any) -> Any:
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a NumPy scalar, a 0-d array or tensor
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON serializable")
 
 
 def merge_rows(rows: list[dict], values: Mapping[str, Mapping[str, Any]]) -> list[dict]:

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import SlimsslError
 from ..nn.channels import scaled_channels
 from ..nn.layers import SlimBatchNorm, SlimConv2d, SlimmableMixin, SlimState, bind_state
-from ..nn.spec import Menu, SubnetSpec
+from ..nn.spec import Menu, SubnetLike, SubnetSpec
 from .plain import PlainBlock, PlainResNet, PlainResNetConfig, has_downsample
 
 ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -33,13 +33,24 @@ class InputError(SlimsslError):
     """An input the network cannot take; says what was expected and what came."""
 
 
-def check_images(x) -> None:
-    """``x`` must be a float batch of RGB images. Slimmable layers take their in-channels from the incoming
-    tensor, so a 1-channel input would otherwise run silently on a slice of the stem's weights."""
+def check_images(x, weight_dtype: torch.dtype) -> None:
+    """``x`` must be a float batch of RGB images of the network's dtype (any float under autocast). Slimmable
+    layers take their in-channels from the incoming tensor, so a 1-channel input would otherwise run
+    silently on a slice of the stem's weights."""
     if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == IN_CHANNELS and x.is_floating_point():
-        return
+        if x.dtype == weight_dtype or _autocast_enabled(x.device.type):
+            return
+        raise InputError(f"expected images of the network's dtype {weight_dtype}, got {x.dtype}: convert them "
+                         f"(x.to({weight_dtype})) or run under torch.autocast")
     got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
     raise InputError(f"expected a float tensor of images [batch, {IN_CHANNELS}, height, width], got {got}")
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def slim_conv_bn(norm: Callable[[int], SlimBatchNorm]):
@@ -121,15 +132,15 @@ class SlimResNet(SlimmableMixin, nn.Module):
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{i + 1}") for i in range(len(self.depths))]
 
-    def feature_dim(self, subnet: SubnetSpec | str | None = None) -> int:
+    def feature_dim(self, subnet: SubnetLike | None = None) -> int:
         spec = self.resolve(subnet)
         return scaled_channels(self.num_features, spec.width, self.slim_state.divisor)
 
-    def forward(self, x: torch.Tensor, subnet: SubnetSpec | str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, subnet: SubnetLike | None = None) -> torch.Tensor:
         if subnet is not None:
             with self.subnet(subnet):
                 return self.forward(x)
-        check_images(x)
+        check_images(x, self.conv1.weight.dtype)
         depths = self.slim_state.active.depths
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage, depth in zip(self.stages(), depths):
@@ -139,7 +150,7 @@ class SlimResNet(SlimmableMixin, nn.Module):
 
     # ---- export -------------------------------------------------------------------------------------
 
-    def plain_config(self, subnet: SubnetSpec | str | None = None, num_classes: int = 0) -> PlainResNetConfig:
+    def plain_config(self, subnet: SubnetLike | None = None, num_classes: int = 0) -> PlainResNetConfig:
         """Channel counts and depths of ``subnet`` as a plain ResNet."""
         spec = self.resolve(subnet)
         ch = lambda c: scaled_channels(c, spec.width, self.slim_state.divisor)  # noqa: E731
@@ -151,8 +162,9 @@ class SlimResNet(SlimmableMixin, nn.Module):
             depths=spec.depths, num_classes=num_classes)
 
     @torch.no_grad()
-    def export(self, subnet: SubnetSpec | str | None = None) -> PlainResNet:
-        """A standalone plain ResNet holding a copy of ``subnet``'s weights and BatchNorm statistics."""
+    def export(self, subnet: SubnetLike | None = None) -> PlainResNet:
+        """A standalone plain ResNet holding a copy of ``subnet``'s weights and BatchNorm statistics, in this
+        network's mode (train or eval; :func:`slimssl.load_exported` gives eval mode)."""
         spec = self.resolve(subnet)
         plain = PlainResNet(self.plain_config(spec))
         modules = dict(self.named_modules())

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .channels import scaled_channels
-from .spec import Menu, SubnetError, SubnetSpec
+from .spec import Menu, SubnetError, SubnetLike, SubnetSpec
 
 
 class SlimState:
@@ -182,7 +182,7 @@ class SlimmableMixin:
 
     slim_state: SlimState
 
-    def resolve(self, subnet: SubnetSpec | str | float | None) -> SubnetSpec:
+    def resolve(self, subnet: SubnetLike | None) -> SubnetSpec:
         """Turn a spec, its text or a width (``0.5``: full depth) into a spec this model can run, or raise a
         clear error."""
         state = self.slim_state
@@ -195,7 +195,7 @@ class SlimmableMixin:
         return subnet
 
     @contextmanager
-    def subnet(self, subnet: SubnetSpec | str | None) -> Iterator[SubnetSpec]:
+    def subnet(self, subnet: SubnetLike | None) -> Iterator[SubnetSpec]:
         """Run the model as ``subnet`` inside the block; the previous sub-network is restored on exit."""
         spec = self.resolve(subnet)
         previous = self.slim_state.active
@@ -207,7 +207,7 @@ class SlimmableMixin:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, subnet: SubnetSpec | str | float, batches,
+def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches,
                    device: torch.device | str | None = None) -> None:
     """Re-estimate, in place, the BatchNorm running statistics of ``subnet`` from ``batches`` of input images.
 

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
+from typing import Union
 
 from ..errors import SlimsslError
 
@@ -23,8 +24,11 @@ class SubnetError(SlimsslError):
     """A sub-network that cannot exist or is not allowed where it was asked for."""
 
 
+WIDTH_DECIMALS = 4  # a width is kept (and named) to this many decimals: 0.33333 and 0.33334 are one width
+
+
 def _format_width(width: float) -> str:
-    text = f"{width:.4f}".rstrip("0")
+    text = f"{width:.{WIDTH_DECIMALS}f}".rstrip("0")
     if text.endswith("."):
         text += "0"
     return text.replace(".", "p")
@@ -43,7 +47,7 @@ class SubnetSpec:
     def __post_init__(self) -> None:
         if isinstance(self.width, bool) or not isinstance(self.width, Real):
             raise SubnetError(f"width must be a number in (0, 1], got {type(self.width).__name__} {self.width!r}")
-        width = round(float(self.width), 4)
+        width = round(float(self.width), WIDTH_DECIMALS)
         if not 0.0 < width <= 1.0:
             raise SubnetError(f"width must be in (0, 1], got {self.width}")
         if isinstance(self.depths, (str, bytes)) or not isinstance(self.depths, Iterable) or not all(
@@ -109,10 +113,17 @@ class SubnetSpec:
                 )
 
 
+# What every function that takes one sub-network accepts: a spec, its text (``"w0p5_d2-2-2-2"``, ``"0.5"``,
+# ``"0.5:2,2,2,2"``) or a width alone (``0.5``: full depth).
+SubnetLike = Union[SubnetSpec, str, float]
+
+
 class Menu(tuple):
     """The ordered desired sub-networks of a supernet, largest first, without repeats."""
 
     def __new__(cls, specs: Iterable[SubnetSpec | str]) -> "Menu":
+        if isinstance(specs, (str, SubnetSpec)):  # a lone name would otherwise be read letter by letter
+            raise SubnetError(f"a menu is a list of sub-networks, got the single {specs!r}: write Menu([{specs!r}])")
         specs = [SubnetSpec.coerce(s) for s in specs]  # canonical names are taken too
         if len({len(s.depths) for s in specs}) > 1:
             raise SubnetError(f"menu entries have different numbers of stages: {[s.name for s in specs]}")
