@@ -87,8 +87,9 @@ def test_load_supernet_with_other_menu_names_both(tmp_path):
 def test_load_supernet_with_other_architecture(tmp_path):
     path = tmp_path / "ck.pt"
     make_checkpoint(path)
-    with pytest.raises(CheckpointError, match="architecture"):
+    with pytest.raises(CheckpointError, match="another architecture") as err:
         load_supernet(path, load_config("demo", ["model.base_width=8"]))
+    assert str(err.value).splitlines()[1:] == ["  model.base_width: checkpoint 4, config 8"]  # only what differs
 
 
 def test_random_bytes_are_not_a_checkpoint(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write
-from .config import Config, config_from_dict
+from .config import Config, config_differences, config_from_dict
 from .errors import SlimsslError
 
 FORMAT = "slimssl-checkpoint"
@@ -142,9 +142,10 @@ def load_supernet(path: str | Path, config: Config | dict | str | Path | None = 
     if config is not None:
         config = as_config(config)  # a Config, a dict of sections, or a YAML path or name
         check_menu(data["menu"], config, str(path))
-        if config.model != data["config"].model:
-            raise CheckpointError(f"checkpoint {path} has architecture {data['config'].model.model_dump()}, "
-                                  f"but the config asks for {config.model.model_dump()}")
+        diffs = config_differences(data["config"], config, prefixes=("model.",), labels=("checkpoint", "config"))
+        if diffs:
+            raise CheckpointError(f"checkpoint {path} holds another architecture than the config asks for:\n  "
+                                  + "\n  ".join(diffs))
     return supernet_of(data, path).eval(), data["config"]
 
 

@@ -319,12 +319,12 @@ MACHINE_DEPENDENT = frozenset({"data.workers"})
 
 
 def config_differences(saved: Config, now: Config, prefixes: tuple[str, ...] = ("",),
-                       ignore: frozenset[str] = frozenset()) -> list[str]:
+                       ignore: frozenset[str] = frozenset(), labels: tuple[str, str] = ("saved", "now")) -> list[str]:
     """``key: saved X, now Y`` for every setting that differs, as dotted keys (``train.epochs``), among the
-    keys that start with one of ``prefixes`` and are not in ``ignore``."""
+    keys that start with one of ``prefixes`` and are not in ``ignore``; ``labels`` name the two sides."""
     a, b = _flatten(saved.model_dump(mode="json")), _flatten(now.model_dump(mode="json"))
     keys = sorted(k for k in (set(a) | set(b)) - ignore if k.startswith(prefixes))
-    return [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    return [f"{k}: {labels[0]} {a.get(k)!r}, {labels[1]} {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
 def check_processes(cfg: Config, world: int, source: str) -> None:
