@@ -95,6 +95,8 @@ class SubnetSpec:
         if isinstance(subnet, str):
             return cls.parse(subnet, full_depths)
         if isinstance(subnet, Real) and not isinstance(subnet, bool):
+            if full_depths is not None:  # checked as a width (1e-05 is out of range, not unreadable text)
+                return cls(subnet, tuple(full_depths))
             return cls.parse(repr(float(subnet)), full_depths)
         raise SubnetError(f"a sub-network is a SubnetSpec, its name such as 'w0p5_d2-2-2-2', or a width such as "
                           f"0.5; got {type(subnet).__name__} {subnet!r}")
