@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -555,3 +556,21 @@ def test_python_protocols_take_numpy_numbers_and_torch_devices(tmp_path):
     assert rows == slimssl.knn(run, k=3, temperature=0.5, device="cpu", save=False)
     settings = json.loads((run / "results.json").read_text())["protocols"]["knn"]
     assert settings["k"] == 3 and settings["temperature"] == pytest.approx(0.5)  # written as plain numbers
+
+
+def test_an_earlier_checkpoint_is_evaluated_without_touching_the_runs_results(tmp_path, caplog):
+    import shutil
+
+    import slimssl
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    rows = slimssl.knn(run, k=3, device="cpu")
+    before = (run / "results.json").read_text()
+    shutil.copy(run / "checkpoints" / "last.pt", run / "checkpoints" / "epoch_0001.pt")
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert len(slimssl.knn(run / "checkpoints" / "epoch_0001.pt", k=5, device="cpu")) == len(rows)
+    assert (run / "results.json").read_text() == before  # the trained network's numbers stay the run's
+    assert "is not the run's last checkpoint" in caplog.text
+    slimssl.knn(run / "checkpoints" / "last.pt", k=5, device="cpu")
+    assert json.loads((run / "results.json").read_text())["protocols"]["knn"]["k"] == 5

@@ -19,18 +19,12 @@ import torch
 from .atomic import atomic_write
 from .config import Config, config_differences, config_from_dict
 from .errors import SlimsslError
+from .layout import checkpoint_path
 
 FORMAT = "slimssl-checkpoint"
 VERSION = 1
 BACKBONE_PREFIX = "backbone."
 REQUIRED_KEYS = ("config", "menu", "model")
-CHECKPOINTS = "checkpoints"  # a run directory's folder of checkpoints
-LAST = "last.pt"  # in it: written at every epoch's end and on a stop; what --resume reads
-
-
-def checkpoint_path(run_dir: str | Path, name: str = LAST) -> Path:
-    """Where a run directory keeps the checkpoint ``name`` (default: the last one)."""
-    return Path(run_dir) / CHECKPOINTS / name
 
 
 class CheckpointError(SlimsslError):

@@ -112,7 +112,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 # ---- recalibrate -------------------------------------------------------------------------------------
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
-    from ..checkpoint import BACKBONE_PREFIX, checkpoint_path, load_checkpoint, save_checkpoint, supernet_of
+    from ..checkpoint import BACKBONE_PREFIX, load_checkpoint, save_checkpoint, supernet_of
+    from ..layout import checkpoint_path
     from ..devices import pick_device
     from ..nn.layers import recalibrate_bn
     from .evaluate import DataOptions

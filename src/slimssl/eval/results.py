@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from ..atomic import atomic_write
 from ..errors import UsageError
+from ..layout import CHECKPOINTS, LAST
 
 log = logging.getLogger("slimssl")
 
@@ -28,18 +29,22 @@ class ResultsError(UsageError):
 
 
 def run_dir_of(checkpoint: str | Path) -> Path | None:
-    """The run directory a checkpoint path belongs to, or None for a loose checkpoint file.
+    """The run directory whose results an evaluation of ``checkpoint`` are, or None for a loose checkpoint.
 
-    ``RUN`` itself (a folder holding ``checkpoints/`` or ``results.json``) and ``RUN/checkpoints/X.pt``
-    both give ``RUN``.
+    ``RUN`` itself (a folder holding ``checkpoints/`` or ``results.json``) and ``RUN/checkpoints/last.pt``
+    give ``RUN``. An earlier checkpoint (``RUN/checkpoints/epoch_0010.pt``) gives None: its numbers are not
+    the run's, and merged into ``RESULTS`` they would replace those of the trained network.
     """
     path = Path(checkpoint)
     if path.is_dir():
-        if (path / "checkpoints").is_dir() or (path / RESULTS).is_file() or (path / "config.yaml").is_file():
+        if (path / CHECKPOINTS).is_dir() or (path / RESULTS).is_file() or (path / "config.yaml").is_file():
             return path
         return None
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
+    if path.parent.name == CHECKPOINTS:
+        if path.name == LAST:
+            return path.parent.parent
+        log.info("%s is not the run's last checkpoint: its results stay out of %s (--json prints them)",
+                 path, path.parent.parent / RESULTS)
     return None
 
 

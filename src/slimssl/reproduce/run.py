@@ -17,7 +17,8 @@ from typing import Iterator
 
 import torch
 
-from ..checkpoint import checkpoint_path, load_supernet
+from ..checkpoint import load_supernet
+from ..layout import LAST, checkpoint_path
 from ..config import Config
 from ..data.files import BUILTIN, DataError, list_labelled_files
 from ..devices import pick_device, synchronize
@@ -144,7 +145,7 @@ class TimedTrainer(Trainer):
         with self._timed_apart("eval"):
             return super().finish()
 
-    def save(self, name: str = "last.pt"):
+    def save(self, name: str = LAST):
         with self._timed_apart("checkpoint"):
             return super().save(name)
 

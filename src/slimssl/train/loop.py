@@ -21,12 +21,12 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from ..checkpoint import (LAST, CheckpointError, check_menu, checkpoint_path, first_mismatch, load_checkpoint,
-                          save_checkpoint)
+from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError, check_processes, config_differences
 from ..data.datasets import ImageDataset, check_same_classes, load_dataset
 from ..data.files import DataError
 from ..data.views import build_view_source, two_view_augment
+from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype
 from ..eval.evaluate import knn_of_menu
 from ..errors import SlimsslError

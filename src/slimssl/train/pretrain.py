@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
-from ..checkpoint import CHECKPOINTS, LAST, checkpoint_path, load_checkpoint
+from ..checkpoint import load_checkpoint
+from ..layout import CHECKPOINTS, LAST, checkpoint_path
 from ..config import MACHINE_DEPENDENT, Config, check_processes, config_differences, config_from_dict
 from ..data.files import BUILTIN
 from ..errors import UsageError
