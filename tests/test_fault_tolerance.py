@@ -646,3 +646,9 @@ def test_recalibrate_never_writes_over_the_checkpoint_it_reads(tmp_path, saved_r
     assert main(["recalibrate", str(run), "--subnet", "0.5", "--out", str(last), "--device", "cpu"]) == 2
     assert "is the checkpoint being read" in error_text(capsys, caplog)
     assert last.read_bytes() == before
+    other = tmp_path / "other" / "checkpoints" / "last.pt"  # another run's checkpoint
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"another run")
+    assert main(["recalibrate", str(run), "--subnet", "0.5", "--out", str(other), "--device", "cpu"]) == 2
+    assert "is in a run's checkpoints folder" in error_text(capsys, caplog)
+    assert other.read_bytes() == b"another run"

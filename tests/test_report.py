@@ -79,10 +79,11 @@ def test_plot_needs_matplotlib(tmp_path, monkeypatch):
         plot_accuracy_vs_macs(docs)
 
 
-def test_grad_norm_plot(tmp_path, capsys):
+def test_grad_norm_plot(tmp_path, capsys, caplog):
     dirs, _ = write_runs(tmp_path)
     out = tmp_path / "grad.png"
-    assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 1  # no metrics.jsonl yet
+    assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 2  # no metrics.jsonl yet
+    assert "--set train.grad_diagnostics_every=N" in caplog.text  # says how to get the records
     assert not out.exists()
     records = [{"step": s, "loss": 1.0, "grad_norm": {"w1p0_d1-1-1-1": {"shared": 1.0 + s, "rest": 0.5},
                                                       "w0p5_d1-1-1-1": {"shared": 2.0, "rest": 0.1}}}
@@ -100,7 +101,7 @@ def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, capsys, caplo
     dirs, _ = write_runs(tmp_path)
     (dirs[0] / "metrics.jsonl").write_bytes(b"\x00\xff\xfe binary junk\n[1, 2]\n")
     out = tmp_path / "grad.png"
-    assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 1
+    assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 2
     text = capsys.readouterr().err + caplog.text
     assert "skipped 2 of 2 lines that are not JSON records" in text and "metrics.jsonl" in text
     assert "Traceback" not in text and not out.exists()

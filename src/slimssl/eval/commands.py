@@ -113,7 +113,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
     from ..checkpoint import BACKBONE_PREFIX, load_checkpoint, save_checkpoint, supernet_of
-    from ..layout import checkpoint_path
+    from ..layout import CHECKPOINTS, checkpoint_path
     from ..devices import pick_device
     from ..nn.layers import recalibrate_bn
     from .evaluate import DataOptions
@@ -124,6 +124,9 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     if args.out.exists() and args.out.resolve() == source_file.resolve():
         raise UsageError(f"--out {args.out} is the checkpoint being read; write the recalibrated one to a new file "
                          "(a run's last.pt is what --resume continues from)")
+    if args.out.resolve().parent.name == CHECKPOINTS:  # any run's: its last.pt, or an epoch it may be evaluated at
+        raise UsageError(f"--out {args.out} is in a run's {CHECKPOINTS} folder, whose files are that run's own; "
+                         "write the recalibrated checkpoint outside it (e.g. recalibrated_w0p5.pt)")
     data = load_checkpoint(args.checkpoint)
     cfg = data["config"]
     supernet = supernet_of(data, args.checkpoint)
@@ -165,9 +168,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             plot_grad_norms(series, args.plot_grad)
             log.info("wrote %s (gradient norms)", args.plot_grad)
         else:
-            log.error("--plot-grad: no record with 'grad_norm' in metrics.jsonl of %s; the diagnostic is logged "
-                      "during pretraining only when gradient norms are recorded", ", ".join(map(str, args.run_dirs)))
-            status = 1
+            log.error("--plot-grad: no record with 'grad_norm' in metrics.jsonl of %s; pretraining logs the gradient "
+                      "diagnostic only when asked: --set train.grad_diagnostics_every=N",
+                      ", ".join(map(str, args.run_dirs)))
+            status = 2  # as for any other input that cannot be used
     emit(args, results, report_markdown(results))
     return status
 
@@ -222,13 +226,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
     p.add_argument("--subnet", required=True, help="canonical name, or a width such as 0.5")
     p.add_argument("--batches", type=positive_int, default=20, help="train batches to average the statistics over")
-    p.add_argument("--out", required=True, type=output_file(".pt"), help="the new checkpoint file (.pt)")
+    p.add_argument("--out", required=True, type=output_file(".pt"),
+                   help="the new checkpoint file (.pt), outside any run's checkpoints folder")
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
     _add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--eval-batch-size", type=positive_int, help="default: config eval.batch_size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order of the calibration batches")
+    p.add_argument("--json", action="store_true", help="print the sub-network, the batches and the new file as JSON")
     p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("report", help="tables (and plots) of the results of one or more run directories")
