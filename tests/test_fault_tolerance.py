@@ -615,6 +615,22 @@ def test_resuming_a_finished_run_keeps_its_results(tmp_path, capsys, caplog):
     assert "| w1p0_d1-1-1-1" in capsys.readouterr().out  # the table is printed all the same
 
 
+def test_training_a_finished_run_on_says_what_changes_and_what_goes(tmp_path, caplog):
+    run = tmp_path / "run"
+    Trainer(config_from_dict(TINY), run).fit()
+    results = json.loads((run / "results.json").read_text())
+    results["protocols"] = {"linear": {"epochs": 1}}  # as 'slimssl linear RUN' records its settings
+    results["subnets"][0]["linear_top1"] = 42.0
+    (run / "results.json").write_text(json.dumps(results))
+    epochs = TINY["train"]["epochs"]
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["pretrain", "--resume", str(run), "--epochs", str(epochs + 1)]) == 0
+    assert f"settings changed from the saved run:\n  train.epochs: saved {epochs}, now {epochs + 1}" in caplog.text
+    assert "evaluations of the network as it was at an earlier end (linear)" in caplog.text
+    after = json.loads((run / "results.json").read_text())
+    assert after["steps"] > results["steps"] and "linear_top1" not in after["subnets"][0]
+
+
 def test_resume_with_another_architecture_names_the_settings(tmp_path, saved_run, capsys, caplog):
     run, before = saved_run
     assert main(["pretrain", "--resume", str(run), "--set", "model.base_width=8"]) == 2

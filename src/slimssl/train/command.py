@@ -17,13 +17,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML recipe: a path or a shipped name (default: demo)")
     p.add_argument("--data", help="dataset name (digits, cifar10, cifar100, fake) or an ImageFolder path / .zip")
     p.add_argument("--out", type=output_dir, help="run directory (default: runs/<name>-<time>)")
-    p.add_argument("--epochs", type=positive_int)
-    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (the schedule keeps its length)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--epochs", type=positive_int, help="train.epochs: the length of the schedule")
+    p.add_argument("--max-steps", type=positive_int, help="stop once the run has made this many steps in all, counted "
+                   "from its start (the schedule keeps its length)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device (auto: a GPU when there is one)")
     add_overrides(p)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
-                       help="continue the run in RUN_DIR (or --out) from its last checkpoint")
+                       help="continue the run in RUN_DIR (or --out) from its last checkpoint, with its saved config; "
+                       "--set, --epochs and --data change it from then on (logged)")
     again.add_argument("--auto-resume", action="store_true",
                        help="continue the run in --out if it has a checkpoint, else start it: one command for a job "
                        "submitted again and again (--config and --set must give the saved run's settings)")

@@ -483,6 +483,7 @@ class Trainer:
             row["knn_top1_random_init"] = self.state.knn_random_init.get(row["subnet"])
         if knn:
             self.metrics.write({"step": self.state.step, "epoch": self.cfg.train.epochs, "knn_top1": knn})
+        _warn_of_dropped_evaluations(self.run_dir)
         results = {"run": self.cfg.name, "config": self.cfg.model_dump(mode="json"),
                    "resolution": self.cfg.data.resolution, "steps": self.state.step,
                    "effective_lr": self.effective_lr(),
@@ -490,6 +491,19 @@ class Trainer:
         write_results(self.run_dir, results)
         self.metrics.close()
         return results
+
+
+def _warn_of_dropped_evaluations(run_dir: Path) -> None:
+    """A run trained on past its earlier end (more epochs) replaces its results.json: the evaluations of the
+    earlier network (linear probe, fine-tuning) no longer describe it, so they go, with a word."""
+    try:
+        earlier = read_results(run_dir, missing_ok=True).get("protocols", {})
+    except ResultsError:
+        return
+    dropped = sorted(p for p in earlier if p != "knn")
+    if dropped:
+        log.warning("results.json held evaluations of the network as it was at an earlier end (%s); they do not "
+                    "describe the network trained on, so they are dropped: run them again", ", ".join(dropped))
 
 
 def _fmt(values: dict[str, float]) -> str:

@@ -112,6 +112,9 @@ def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun
     cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", overrides)
     if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
         cfg = absolute_data_source(cfg)
+    changed = config_differences(stored, cfg, ignore=MACHINE_DEPENDENT)
+    if changed and dist.is_main():  # the run and its config.yaml take them from here on: say so
+        log.warning("resuming %s with settings changed from the saved run:\n  %s", run_dir, "\n  ".join(changed))
     return PreparedRun(cfg, run_dir, str(last), True)
 
 
