@@ -249,3 +249,12 @@ def test_a_menu_given_one_name_says_it_needs_a_list():
     with pytest.raises(slimssl.SubnetError, match=r"a menu is a list of sub-networks.*Menu\(\['w0p5_d1-1'\]\)"):
         slimssl.Menu("w0p5_d1-1")
     assert slimssl.Menu(["w0p5_d1-1"]).names == ["w0p5_d1-1"]
+
+
+def test_export_subnet_keeps_an_export_of_another_source(supernet, tmp_path):
+    slimssl.export_subnet(supernet, 0.5, tmp_path, metadata={"source": "runs/a"})
+    with pytest.raises(slimssl.ExportError, match="from runs/a; choose another output folder"):
+        slimssl.export_subnet(supernet, 0.5, tmp_path, metadata={"source": "runs/b"})
+    slimssl.export_subnet(supernet, 0.5, tmp_path, metadata={"source": "runs/b"}, overwrite=True)
+    slimssl.export_subnet(supernet, 0.5, tmp_path / "plain")
+    slimssl.export_subnet(supernet, 0.5, tmp_path / "plain")  # no source either time: replaced, as torch.save

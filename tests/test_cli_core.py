@@ -176,6 +176,21 @@ def test_cli_export_from_checkpoint(tmp_path, capsys, perturb_bn):
     assert len(rows) == 3 and all(r["max_abs_diff"] <= 1e-5 for r in rows)
 
 
+def test_export_replaces_an_export_of_the_same_source_only(tmp_path, capsys, caplog, perturb_bn):
+    path, out = tmp_path / "ck.pt", tmp_path / "out"
+    make_checkpoint(path, perturb=perturb_bn)
+    assert main(["export", str(path), "--subnet", "0.5", "--out", str(out)]) == 0
+    weights = out / "w0p5_d1-1-1-1" / "model.safetensors"
+    trained = weights.read_bytes()
+    assert main(["export", str(path), "--subnet", "0.5", "--out", str(out)]) == 0  # the same run again: fine
+    random_init = ["export", "--config", "demo", "--set", *TINY, "--random-init", "--all", "--out", str(out)]
+    assert main(random_init) == 2  # would replace the trained export with random weights
+    assert f"already holds an export of w0p5_d1-1-1-1 from {path}" in error_text(capsys, caplog)
+    assert weights.read_bytes() == trained and not (out / "w1p0_d1-1-1-1").exists()  # nothing written
+    assert main([*random_init, "--overwrite"]) == 0
+    assert weights.read_bytes() != trained
+
+
 @pytest.mark.parametrize("flags", [[], ["--all", "--subnet", "0.5"]])
 def test_cli_export_needs_exactly_one_selection(tmp_path, flags, capsys, caplog):
     code = main(["export", "--config", "demo", "--random-init", "--out", str(tmp_path), *flags])

@@ -40,7 +40,7 @@ def _supernet_from_args(args: argparse.Namespace):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import ONNX, export_subnet, load_exported, verify_export
+    from .export import ONNX, check_export_folder, export_subnet, load_exported, verify_export
     from .report.table import markdown_table
 
     if bool(args.subnet) == bool(args.all):
@@ -48,13 +48,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     supernet, config = _supernet_from_args(args)
     # every name is checked before anything is written
     specs = list(supernet.menu) if args.all else list(dict.fromkeys(supernet.resolve(t) for t in args.subnet))
+    source = str(args.checkpoint or args.config)
+    for spec in specs:
+        check_export_folder(args.out, spec, source, args.overwrite)
     resolution = args.resolution or config.data.resolution
     rows = []
     for spec in specs:
         folder = export_subnet(supernet, spec, args.out, fmt=args.format, resolution=resolution,
-                               metadata={"source": str(args.checkpoint or args.config),
-                                         "resolution": resolution, "mean": list(config.data.mean),
-                                         "std": list(config.data.std)})
+                               metadata={"source": source, "resolution": resolution,
+                                         "mean": list(config.data.mean), "std": list(config.data.std)},
+                               overwrite=args.overwrite)
         row = {"subnet": spec.name, "path": str(folder)}
         if args.verify:  # the files as written, read back: safetensors, and the ONNX graph when exported
             row["max_abs_diff"] = verify_export(supernet, spec, load_exported(folder), resolution)
@@ -114,7 +117,10 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="sub-network(s) to export (canonical name, or a width such as 0.5; several may follow)")
     p.add_argument("--all", action="store_true", help="export every sub-network of the menu")
     p.add_argument("--out", required=True, type=output_dir, help="output folder (one sub-folder per sub-network)")
-    p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
+    p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
+                   help="onnx: the safetensors files and an ONNX graph (needs slimssl[onnx])")
+    p.add_argument("--overwrite", action="store_true", help="replace exports in --out that came from another "
+                   "checkpoint or config (an export of the same one is always replaced)")
     p.add_argument("--verify", action="store_true", help="compare each export with the supernet's sub-network")
     p.add_argument("--tolerance", type=nonnegative_float, default=1e-5, help="--verify fails above this max abs difference")
     p.add_argument("--resolution", type=positive_int, help="input size for --verify and ONNX (default: the config's)")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from .errors import SlimsslError
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
-from .nn.spec import SubnetLike
+from .nn.spec import SubnetLike, SubnetSpec
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -28,11 +28,16 @@ class ExportError(SlimsslError):
 
 
 def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str | Path,
-                  fmt: str = "safetensors", resolution: int = 224, metadata: dict | None = None) -> Path:
-    """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder."""
+                  fmt: str = "safetensors", resolution: int = 224, metadata: dict | None = None,
+                  overwrite: bool = False) -> Path:
+    """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder.
+
+    An export already there is replaced only when it came from the same ``metadata["source"]`` (exporting a
+    run again) or with ``overwrite``; see :func:`check_export_folder`."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     spec = supernet.resolve(subnet)
+    check_export_folder(out_dir, spec, (metadata or {}).get("source"), overwrite)
     plain = supernet.export(spec).eval()
     # the caller's metadata cannot replace the keys load_exported reads; checked before any folder is made
     info = {**(metadata or {}), "format": EXPORT_FORMAT, "subnet": spec.name, "architecture": plain.config.to_dict()}
@@ -50,6 +55,23 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     if fmt == "onnx":
         _export_onnx(plain, folder / ONNX, resolution)
     return folder
+
+
+def check_export_folder(out_dir: str | Path, spec: SubnetSpec, source: str | None, overwrite: bool = False) -> None:
+    """Refuse to replace an export of ``spec`` in ``out_dir`` that came from another source (another run, or
+    a random initialisation): it may be the only copy of a trained network. Exports without a source (the
+    Python API without ``metadata``) replace each other, as ``torch.save`` would."""
+    config = Path(out_dir) / spec.name / CONFIG
+    if overwrite or not config.is_file():
+        return
+    try:
+        earlier = json.loads(config.read_text()).get("source")
+    except (ValueError, OSError, AttributeError):
+        earlier = None
+    if earlier != source:
+        raise ExportError(f"{config.parent} already holds an export of {spec.name}"
+                          + (f" from {earlier}" if earlier else "") + "; choose another output folder, or "
+                          "replace it with overwrite=True (--overwrite)")
 
 
 def _export_onnx(plain: PlainResNet, path: Path, resolution: int) -> None:
