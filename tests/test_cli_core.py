@@ -123,6 +123,12 @@ def test_missing_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(CheckpointError, match="checkpoints is a folder without checkpoints/last.pt"):
         load_checkpoint(tmp_path / "run" / "checkpoints")  # a run's checkpoints folder, not the run
+    make_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=f"the run directory is {tmp_path / 'run'}$"):
+        load_checkpoint(tmp_path / "run" / "checkpoints")
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="expected a checkpoint file .* or a run directory"):
+        load_checkpoint(tmp_path / "results.json")  # not a checkpoint at all
 
 
 # ---- export -------------------------------------------------------------------------------------------

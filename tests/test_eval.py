@@ -328,6 +328,9 @@ def test_cli_train_crop_follows_the_config_or_the_flag_and_is_recorded(tmp_path,
     with pytest.raises(SystemExit) as refused:
         main(["linear", str(run), "--augment", "--train-crop", "centre"])
     assert refused.value.code == 2 and "--train-crop" in capsys.readouterr().err
+    before = (run / "results.json").read_text()
+    assert main(["linear", str(run), "--train-crop", "resized", *common]) == 2  # no crop without --augment
+    assert (run / "results.json").read_text() == before
 
 
 def test_cli_finetune_no_save_leaves_the_run_as_it_was(tmp_path, capsys):

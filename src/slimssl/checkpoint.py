@@ -19,7 +19,7 @@ import torch
 from .atomic import atomic_write
 from .config import Config, config_differences, config_from_dict
 from .errors import SlimsslError
-from .layout import checkpoint_path
+from .layout import CHECKPOINTS, LAST, checkpoint_path
 
 FORMAT = "slimssl-checkpoint"
 VERSION = 1
@@ -62,8 +62,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if path.is_dir():  # a run directory
         if not checkpoint_path(path).is_file():
+            hint = f"; the run directory is {path.parent}" if path.name == CHECKPOINTS and (path / LAST).is_file() \
+                else ""
             raise CheckpointError(f"{path} is a folder without checkpoints/last.pt; expected a checkpoint file "
-                                  "(e.g. RUN/checkpoints/last.pt) or a run directory")
+                                  f"(e.g. RUN/checkpoints/last.pt) or a run directory{hint}")
         path = checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -85,7 +87,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 "torch.load(weights_only=False) yourself only if you trust where it came from") from None
         unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's detail, without its advice
         detail = unpickler.group(1).strip() if unpickler else (str(e).splitlines() or [""])[0]
-        raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({type(e).__name__}: {detail})") from None
+        raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({type(e).__name__}: {detail}); expected "
+                              "a checkpoint file (e.g. RUN/checkpoints/last.pt) or a run directory") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {found!r}, expected {FORMAT!r})")

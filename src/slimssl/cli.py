@@ -124,7 +124,7 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true", help="compare each export with the supernet's sub-network")
     p.add_argument("--tolerance", type=nonnegative_float, default=1e-5, help="--verify fails above this max abs difference")
     p.add_argument("--resolution", type=positive_int, help="input size for --verify and ONNX (default: the config's)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("profile", help="params, MACs and CPU latency of every sub-network")
@@ -133,12 +133,12 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=positive_int, help="input size (default: the config's)")
     p.add_argument("--num-classes", type=nonnegative_int, default=0, help="count a K-way classifier too (papers use 1000)")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("config", help="print a resolved config (or --list the shipped ones)")
     _add_config(p)
-    p.add_argument("--list", action="store_true")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes")
     p.set_defaults(func=cmd_config)
 
 

@@ -191,10 +191,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("linear", help="switchable linear probe: one head per sub-network on the frozen backbone")
     _add_eval_args(p)
-    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS)
+    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="epochs of the heads' training")
     p.add_argument("--lr", type=positive_float, default=DEFAULT_LR, help="SGD lr on standardised features (cosine to 0)")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="the heads' batch size")
+    p.add_argument("--seed", type=int, default=0, help="the heads' initialisation and the training order")
     p.add_argument("--augment", action="store_true",
                    help="random crop (--train-crop) + flip, the backbone runs every step (default: cached features)")
     _add_train_crop_arg(p)

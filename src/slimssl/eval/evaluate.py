@@ -222,6 +222,9 @@ def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: fl
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
                   recalibrate_bn=recalibrate_bn)
     check_train_crop(train_crop)
+    if train_crop is not None and not augment:  # it would change nothing: say so rather than record it
+        raise UsageError(f"train_crop {train_crop!r} is the crop of the augmented probe; it needs augment=True "
+                         "(--augment): without it the probe trains on the cached features of the centre crop")
     options = DataOptions.of(data)
     supernet, cfg, torch_device = load_model(checkpoint, device)
     train, test = options.load_splits(cfg, torch_device)
