@@ -197,9 +197,10 @@ def test_unreadable_set_values_name_the_key(assignment, expected):
 
 def test_errors_caused_by_set_say_so():
     with pytest.raises(ConfigError) as err:
-        load_config("demo", ["model.nosuch=1", "train.epochs=0"])
+        load_config("demo", ["model.nosuch=1", "train.epochs=0", "trian.epochs=5"])
     lines = str(err.value).splitlines()
     assert any("model.nosuch: unknown key [from --set]" in line for line in lines)
+    assert any("trian: unknown key [from --set]" in line for line in lines)  # a misspelt section
     assert any(line.strip().startswith("train.epochs") and "[from --set]" in line for line in lines)
 
 

@@ -427,7 +427,9 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        by_set = " [from --set]" if any(key == k or key.startswith(k + ".") for k in set_keys) else ""
+        # a key given by an override, inside one (data.std.1 of data.std=...) or above one (trian of trian.epochs)
+        by_set = " [from --set]" if any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
+                                        for k in set_keys) else ""
         if e["type"] == "extra_forbidden":
             section = Config.model_fields[e["loc"][0]].annotation if len(e["loc"]) > 1 else Config
             allowed = ", ".join(section.model_fields)
