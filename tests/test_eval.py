@@ -453,6 +453,9 @@ def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
         slimssl.finetune(tmp_path / "model.pt", "all", 0.1, out=tmp_path / "one.json", device="cpu")
     with pytest.raises(TypeError, match="crop_ratio"):  # the message lists the data keywords
         slimssl.knn(tmp_path / "model.pt", crop=0.5)
+    with pytest.raises(TypeError, match=r"knn\(\) got unknown keyword\(s\) kk \(did you mean k\?\); its keywords "
+                                        "are k, temperature"):  # and the protocol's own
+        slimssl.knn(tmp_path / "model.pt", kk=3)
     with pytest.raises(slimssl.SlimsslError, match="no/such/folder"):
         slimssl.knn(tmp_path / "model.pt", data="/no/such/folder", device="cpu")
 

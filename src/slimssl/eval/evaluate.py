@@ -19,6 +19,8 @@ The keywords every protocol shares say where the images come from and how they a
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -46,12 +48,19 @@ class DataOptions:
     crop_ratio: float | None = None
 
     @classmethod
-    def of(cls, keywords: dict) -> DataOptions:
-        """The options among a protocol's ``**data`` keywords; a keyword that is none of them is an error."""
+    def of(cls, keywords: dict, protocol=None) -> DataOptions:
+        """The options among a protocol's ``**data`` keywords; a keyword that is none of them is an error that
+        lists ``protocol``'s own keywords too (a misspelt ``k`` lands in ``**data``)."""
         unknown = sorted(set(keywords) - set(cls.__dataclass_fields__))
         if unknown:
-            raise TypeError(f"unknown keyword(s) {', '.join(unknown)}; the data keywords are "
-                            f"{', '.join(cls.__dataclass_fields__)}")
+            own = [name for name, p in inspect.signature(protocol).parameters.items()
+                   if p.kind == p.KEYWORD_ONLY] if protocol else []
+            known = [*own, *cls.__dataclass_fields__]
+            close = {name for u in unknown for name in difflib.get_close_matches(u, known)}
+            raise TypeError(f"{protocol.__name__ + '() got ' if protocol else ''}unknown keyword(s) {', '.join(unknown)}"
+                            + (f" (did you mean {', '.join(sorted(close))}?)" if close else "")
+                            + (f"; its keywords are {', '.join(own)}, and" if own else ";")
+                            + f" the data keywords are {', '.join(cls.__dataclass_fields__)}")
         return cls(**keywords)
 
     def source(self, cfg) -> str:
@@ -189,7 +198,7 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
     are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,
     knn_top1 (percent)."""
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
-    options = DataOptions.of(data)
+    options = DataOptions.of(data, knn)
     supernet, cfg, torch_device = load_model(checkpoint, device)
     train, test = options.load_splits(cfg, torch_device)
     k = k if k is not None else cfg.eval.knn_k
@@ -225,7 +234,7 @@ def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: fl
     if train_crop is not None and not augment:  # it would change nothing: say so rather than record it
         raise UsageError(f"train_crop {train_crop!r} is the crop of the augmented probe; it needs augment=True "
                          "(--augment): without it the probe trains on the cached features of the centre crop")
-    options = DataOptions.of(data)
+    options = DataOptions.of(data, linear_probe)
     supernet, cfg, torch_device = load_model(checkpoint, device)
     train, test = options.load_splits(cfg, torch_device)
     train_crop = train_crop or cfg.eval.train_crop
@@ -266,7 +275,7 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
                   recalibrate_bn=recalibrate_bn)
     check_train_crop(train_crop)
-    options = DataOptions.of(data)
+    options = DataOptions.of(data, finetune)
     supernet, cfg, torch_device = load_model(checkpoint, device)
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)
     train, test = options.load_splits(cfg, torch_device)
