@@ -121,3 +121,14 @@ def test_results_merge_and_errors(tmp_path):
     assert run_dir_of(dirs[0] / "checkpoints" / "last.pt") == dirs[0]
     assert run_dir_of(tmp_path / "loose.pt") is None
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_table_columns_group_fine_tuning_by_fraction(tmp_path, capsys):
+    dirs, _ = write_runs(tmp_path)
+    merge_results(dirs[1], {"w0p5_d1-1-1-1": {f"finetune_{p}pct_top{k}": 1.0 for p in (10, 1) for k in (5, 1)}},
+                  protocol="finetune", settings={})
+    assert main(["report", str(dirs[1])]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| subnet"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "subnet", "params", "macs", "knn_top1", "knn_top1_random_init", "linear_top1", "finetune_1pct_top1",
+        "finetune_1pct_top5", "finetune_10pct_top1", "finetune_10pct_top5"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -10,8 +11,7 @@ from .table import markdown_table
 
 # Always shown (missing values print as '-'), in this order; other measured keys follow where a run has them.
 BASE_COLUMNS = ["subnet", "params", "macs", "knn_top1", "linear_top1"]
-_ORDER = ["subnet", "params", "macs", "knn_top1", "knn_top1_random_init", "linear_top1", "linear_top5",
-          "finetune_1pct_top1", "finetune_10pct_top1"]
+_ORDER = ["subnet", "params", "macs", "knn_top1", "knn_top1_random_init", "linear_top1", "linear_top5"]
 _NOT_COLUMNS = {"width", "depths"}
 
 
@@ -22,8 +22,13 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
 
 def run_columns(result: dict) -> list[str]:
     present = [k for row in result.get("subnets", []) for k in row]
-    extra = sorted({k for k in present if k not in _ORDER and k not in _NOT_COLUMNS})
+    extra = sorted({k for k in present if k not in _ORDER and k not in _NOT_COLUMNS}, key=_natural)
     return [c for c in _ORDER if c in BASE_COLUMNS or c in present] + extra
+
+
+def _natural(key: str) -> list:
+    """Sort key that reads numbers as numbers: finetune_1pct_top1, finetune_1pct_top5, finetune_10pct_top1."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
 def run_table(result: dict) -> str:
