@@ -1,6 +1,7 @@
 """``slimssl bench`` prints the data path, the slimmable step and the one-by-one baseline on the CPU."""
 
 import json
+import logging
 
 import yaml
 
@@ -20,10 +21,12 @@ def test_dense_baseline_network_is_the_subnet_as_a_standalone_network():
         assert count_params(dense.export()) == count_params(supernet.export(spec))
 
 
-def test_bench_json_has_every_measurement(tmp_path, capsys):
+def test_bench_json_has_every_measurement(tmp_path, capsys, caplog):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny("mocov2")))
-    assert main(["bench", "--config", str(path), "--device", "cpu", "--steps", "1", "--warmup", "1", "--json"]) == 0
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["bench", "--config", str(path), "--device", "cpu", "--steps", "1", "--warmup", "1", "--json"]) == 0
+    assert caplog.text.count("effective peak lr") == 1  # the four dense networks' set-up is not logged again
     rows = json.loads(capsys.readouterr().out)
     names = [r["what"] for r in rows]
     assert names[0].startswith("data path") and names[1].startswith("slimmable step (4 sub-networks)")

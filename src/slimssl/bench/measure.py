@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -84,6 +85,17 @@ def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float
     return min(1.0, covered / wall_us) if wall_us > 0 else 0.0
 
 
+@contextlib.contextmanager
+def _set_up_quietly():
+    """The baseline's trainers would log the set-up lines (data, learning rate) of the slimmable one again."""
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bool = False,
               profile: Path | None = None) -> list[dict]:
     """The table's rows: img/s of the data path, the slimmable step and, with ``baseline``, each dense
@@ -116,7 +128,8 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
         del trainer
         dense_rows = []
         for spec in cfg.subnet_menu():
-            dense = Trainer(standalone_config(cfg, spec), scratch / f"dense-{spec.name}")
+            with _set_up_quietly():
+                dense = Trainer(standalone_config(cfg, spec), scratch / f"dense-{spec.name}")
             dense_rows.append(row(f"  dense {spec.name}", _measure(dense.train_step, steps, warmup, device)))
             dense.view_source.close()
             del dense
