@@ -453,6 +453,12 @@ def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
         slimssl.finetune(tmp_path / "model.pt", "all", 0.1, out=tmp_path / "one.json", device="cpu")
     with pytest.raises(TypeError, match="crop_ratio"):  # the message lists the data keywords
         slimssl.knn(tmp_path / "model.pt", crop=0.5)
+    for keywords, expected in [({"workers": -1}, "workers must be an int >= 0"),
+                               ({"crop_ratio": "a"}, "crop_ratio must be a number in"),
+                               ({"loader": "disk"}, "loader must be 'memory' or 'stream'"),
+                               ({"skip_unreadable": "no"}, "skip_unreadable must be True or False")]:
+        with pytest.raises(slimssl.SlimsslError, match=expected):
+            slimssl.linear_probe(tmp_path / "model.pt", **keywords)
     with pytest.raises(TypeError, match=r"knn\(\) got unknown keyword\(s\) kk \(did you mean k\?\); its keywords "
                                         "are k, temperature"):  # and the protocol's own
         slimssl.knn(tmp_path / "model.pt", kk=3)

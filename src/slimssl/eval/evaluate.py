@@ -23,6 +23,7 @@ import difflib
 import inspect
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from numbers import Integral, Real
@@ -47,6 +48,23 @@ class DataOptions:
     skip_unreadable: bool = False
     crop_ratio: float | None = None
 
+    def __post_init__(self) -> None:  # checked before any work, and by type first ('a' < 1 would raise TypeError)
+        problems = []
+        if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
+            problems.append(f"data must be a dataset name or path, got {self.data!r}")
+        if self.loader not in (None, "memory", "stream"):
+            problems.append(f"loader must be 'memory' or 'stream', got {self.loader!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, Integral)
+                                         or self.workers < 0):
+            problems.append(f"workers must be an int >= 0, got {self.workers!r}")
+        if not isinstance(self.skip_unreadable, bool):
+            problems.append(f"skip_unreadable must be True or False, got {self.skip_unreadable!r}")
+        if self.crop_ratio is not None and (isinstance(self.crop_ratio, bool) or not isinstance(self.crop_ratio, Real)
+                                            or not 0 < self.crop_ratio <= 1):
+            problems.append(f"crop_ratio must be a number in (0, 1], got {self.crop_ratio!r}")
+        if problems:
+            raise UsageError("; ".join(problems))
+
     @classmethod
     def of(cls, keywords: dict, protocol=None) -> DataOptions:
         """The options among a protocol's ``**data`` keywords; a keyword that is none of them is an error that
@@ -61,7 +79,7 @@ class DataOptions:
                             + (f" (did you mean {', '.join(sorted(close))}?)" if close else "")
                             + (f"; its keywords are {', '.join(own)}, and" if own else ";")
                             + f" the data keywords are {', '.join(cls.__dataclass_fields__)}")
-        return cls(**keywords)
+        return cls(**{k: str(v) if k == "data" and isinstance(v, os.PathLike) else v for k, v in keywords.items()})
 
     def source(self, cfg) -> str:
         return self.data or cfg.data.source
