@@ -252,7 +252,7 @@ def test_cli_evaluation_on_a_missing_gpu_is_one_line_exit_2(tmp_path, capsys, ca
     extra = ["--subnet", "0.5", "--out", str(tmp_path / "re.pt")] if command == "recalibrate" else []
     assert main([command, str(ckpt), "--device", "cuda", *extra]) == 2
     text = capsys.readouterr().err + caplog.text
-    assert "--device is cuda, but PyTorch sees no CUDA device here" in text and "Traceback" not in text
+    assert "--device) is cuda, but PyTorch sees no CUDA device here" in text and "Traceback" not in text
     assert not (tmp_path / "re.pt").exists()
 
 
@@ -383,7 +383,7 @@ def test_cli_finetune_refuses_one_out_file_for_several_results(tmp_path, capsys,
     out = tmp_path / "one.json"
     assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "0.01", "0.1", "--epochs", "1",
                  "--device", "cpu", "--out", str(out)]) == 2
-    assert "--out names one JSON file" in capsys.readouterr().err + caplog.text
+    assert "out (--out) names one JSON file" in capsys.readouterr().err + caplog.text
     assert not out.exists() and not (run / "finetune").exists() and not (run / "results.json").exists()
     for both_or_neither in (["--subnet", "0.5", "--all"], []):
         assert main(["finetune", str(run), *both_or_neither, "--label-fraction", "0.1", "--device", "cpu"]) == 2

@@ -562,7 +562,7 @@ def test_resume_with_another_menu_names_both(tmp_path, capsys, caplog):
 
 @pytest.mark.parametrize("flags, expected", [
     (["--set", "method.shuffle_bn=true"], "method.shuffle_bn needs the batch normalised in several groups"),
-    pytest.param(["--device", "cuda"], "PyTorch sees no CUDA device here: use --device cpu",
+    pytest.param(["--device", "cuda"], "train.device (--device) is cuda, but PyTorch sees no CUDA device here: use cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_settings_the_trainer_refuses_get_one_line_and_exit_2(tmp_path, capsys, caplog, flags, expected):

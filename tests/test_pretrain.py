@@ -478,7 +478,7 @@ def test_python_pretrain_refuses_bad_arguments_before_writing(tmp_path):
         slimssl.pretrain(resume=True)
     with pytest.raises(slimssl.SlimsslError, match="cannot resume: .*last.pt does not exist"):
         slimssl.pretrain(out=tmp_path / "none", resume=True)
-    with pytest.raises(slimssl.SlimsslError, match="list of 'key=value' strings"):
+    with pytest.raises(slimssl.SlimsslError, match="list of 'KEY=VALUE' strings"):
         slimssl.pretrain(tiny(), tmp_path / "a", overrides="train.epochs=1")
     with pytest.raises(slimssl.SlimsslError, match="train.epochs"):
         slimssl.pretrain(slimssl.load_config("demo"), tmp_path / "b", overrides=["train.epochs=-1"])

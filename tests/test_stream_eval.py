@@ -267,7 +267,7 @@ def test_unreadable_file_is_named_or_skipped_like_in_memory(tmp_path, capsys, ca
 def test_builtin_dataset_streams_never(tmp_path, capsys, caplog):
     ckpt = str(_checkpoint(tmp_path / "model.pt", "fake"))  # an (impossible) streaming config on built-in data
     assert main(["knn", ckpt, "--device", "cpu", "--no-save", "--loader", "stream"]) == 2
-    assert "--loader stream reads an ImageFolder folder or .zip" in caplog.text and "'fake'" in caplog.text
+    assert "(--loader stream) reads an ImageFolder folder or .zip" in caplog.text and "'fake'" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slimssl"):
         rows = _cli_json(capsys, ["knn", ckpt, "--device", "cpu", "--no-save", "--json"])

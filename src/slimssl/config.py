@@ -443,6 +443,7 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Config:
     data = copy.deepcopy(data or {})  # overrides write into nested sections: never into the caller's dict
+    check_overrides(overrides)
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:
@@ -452,10 +453,18 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: li
         raise ConfigError(_format_errors(e, source, set_keys)) from None
 
 
+def check_overrides(overrides) -> None:
+    """``overrides`` must be a list of "KEY=VALUE" strings: a str would be read letter by letter, and a dict
+    by its keys only."""
+    if isinstance(overrides, (str, dict)):
+        example = [f"{k}={v}" for k, v in overrides.items()][:2] if isinstance(overrides, dict) else [overrides]
+        raise ConfigError(f"overrides must be a list of 'KEY=VALUE' strings such as {example!r}, got the "
+                          f"{type(overrides).__name__} {overrides!r}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML recipe (a path or a shipped name; default ``demo``) and apply ``overrides``."""
-    if isinstance(overrides, str):  # a lone "key=value" would otherwise be read character by character
-        raise ConfigError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
+    check_overrides(overrides)  # before the file is read: the mistake is in the call
     file = find_config(path or "demo")
     try:
         data = yaml.load(file.read_text(), Loader=_StrictLoader) or {}

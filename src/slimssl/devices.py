@@ -24,8 +24,8 @@ def pick_device(name: str | torch.device, setting: str = "--device") -> torch.de
     if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
         raise DeviceError(f"{setting} {name!r} is not a device slimssl runs on; expected auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"{setting} is {name}, but PyTorch sees no CUDA device here: use --device cpu, or auto "
-                          "to take a GPU when there is one")
+        raise DeviceError(f"{setting} is {name}, but PyTorch sees no CUDA device here: use cpu, or auto to take a "
+                          "GPU when there is one")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise DeviceError(f"{setting} is {name}, but PyTorch sees {torch.cuda.device_count()} CUDA device(s) here "
                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")

@@ -130,7 +130,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     data = load_checkpoint(args.checkpoint)
     cfg = data["config"]
     supernet = supernet_of(data, args.checkpoint)
-    device = pick_device(args.device)
+    device = pick_device(args.device, setting="device (--device)")
     supernet.to(device)
     spec = supernet.resolve(args.subnet)
     options = DataOptions.of(_data_keywords(args))

@@ -103,8 +103,9 @@ class DataOptions:
         loader = self.loader or cfg.data.loader
         if loader == "stream" and source in BUILTIN:
             if self.loader == "stream":
-                raise UsageError(f"--loader stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
-                                 "dataset, decoded in memory: use --loader memory (or pass a folder with --data)")
+                raise UsageError(f"loader 'stream' (--loader stream) reads an ImageFolder folder or .zip, and "
+                                 f"{source!r} is a built-in dataset, decoded in memory: use loader 'memory' (or pass "
+                                 "a folder as data, --data)")
             log.info("data %r is a built-in dataset: decoded in memory (the checkpoint's data.loader stream reads "
                      "folders and .zip files only)", source)
             loader = "memory"
@@ -121,7 +122,7 @@ class DataOptions:
             raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
         if images.labels is None:
             raise UsageError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
-                             "evaluation needs a labelled dataset: pass one with --data")
+                             "evaluation needs a labelled dataset: pass one as data (--data)")
         log.info("%s split of %s: %d images, %s%s", split, source, len(images),
                  f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory",
                  f", centre crop ratio {crop_ratio:g}" if crop_ratio != 1 else "")
@@ -142,7 +143,7 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "auto"):
     from ..devices import pick_device
 
     supernet, cfg = load_supernet(checkpoint)
-    torch_device = pick_device(device)
+    torch_device = pick_device(device, setting="device (--device)")
     return supernet.to(torch_device).eval(), cfg, torch_device
 
 
@@ -342,22 +343,22 @@ def finetune_jobs(supernet, subnets: Sequence[str | float] | str, label_fraction
     if isinstance(subnets, str) and subnets == "all":
         specs = list(supernet.menu)
     else:
-        names = [subnets] if isinstance(subnets, (str, float, int, SubnetSpec)) else list(subnets)
+        names = [subnets] if isinstance(subnets, (str, Real, SubnetSpec)) else list(subnets)
         if not names:
-            raise UsageError("no sub-network to fine-tune: name at least one, or 'all' (--all)")
+            raise UsageError("no sub-network to fine-tune: name at least one, or 'all' (the command's --all)")
         specs = list(dict.fromkeys(supernet.resolve(t) for t in names))
-    fractions = [label_fractions] if isinstance(label_fractions, (float, int)) else list(label_fractions)
-    if not fractions or not all(0 < f <= 1 for f in fractions):
+    fractions = [label_fractions] if isinstance(label_fractions, Real) else list(label_fractions)
+    if not fractions or not all(isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):
         raise UsageError(f"label fractions must be numbers in (0, 1], got {fractions}")
     fractions = list(dict.fromkeys(float(f) for f in fractions))
     jobs = [(spec, f) for spec in specs for f in fractions]
     if out is not None and len(jobs) > 1:
-        raise UsageError(f"--out names one JSON file, but {len(specs)} sub-network(s) x {len(fractions)} label "
-                         f"fraction(s) give {len(jobs)} results: drop --out (each result goes to "
+        raise UsageError(f"out (--out) names one JSON file, but {len(specs)} sub-network(s) x {len(fractions)} label "
+                         f"fraction(s) give {len(jobs)} results: drop it (each result goes to "
                          "RUN/finetune/<subnet>_<pct>pct_seed<S>.json) or ask for one of each")
     if out is not None and Path(out).exists() and not _is_finetune_result(Path(out)):
-        raise UsageError(f"--out {out} exists and is not a fine-tuning result (results.json, a config, ...): it "
-                         "would be overwritten; name a new file, or an earlier fine-tuning result to replace")
+        raise UsageError(f"out (--out) {out} exists and is not a fine-tuning result (results.json, a config, ...): "
+                         "it would be overwritten; name a new file, or an earlier fine-tuning result to replace")
     return jobs
 
 

@@ -14,7 +14,8 @@ from typing import Any, Literal, NamedTuple, Sequence
 
 from ..checkpoint import load_checkpoint
 from ..layout import CHECKPOINTS, LAST, checkpoint_path
-from ..config import MACHINE_DEPENDENT, Config, check_processes, config_differences, config_from_dict
+from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
+                      config_from_dict)
 from ..data.files import BUILTIN
 from ..errors import UsageError
 from ..models.build import as_config
@@ -67,8 +68,7 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
     absolute. ``cli``: messages name the command line's flags (``--resume RUN_DIR``) instead of this
     function's arguments (``resume=True``, ``out=``)."""
 
-    if isinstance(overrides, str):  # a lone "key=value" would otherwise be read character by character
-        raise UsageError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}")
+    check_overrides(overrides)
     if resume not in (True, False, "auto"):
         raise UsageError(f"resume must be True, False or 'auto', got {resume!r}")
     if resume == "auto":
