@@ -586,3 +586,19 @@ def test_an_earlier_checkpoint_is_evaluated_without_touching_the_runs_results(tm
     assert "is not the run's last checkpoint" in caplog.text
     slimssl.knn(run / "checkpoints" / "last.pt", k=5, device="cpu")
     assert json.loads((run / "results.json").read_text())["protocols"]["knn"]["k"] == 5
+
+
+def test_export_of_a_width_outside_a_shared_bn_menu_asks_for_recalibration(tmp_path, caplog):
+    from slimssl.cli import main
+
+    make_checkpoint(tmp_path / "in.pt", bn="shared")  # menu: widths 1 and 0.5
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["export", str(tmp_path / "in.pt"), "--subnet", "0.25", "0.5", "--out", str(tmp_path / "a")]) == 0
+    assert caplog.text.count("is not in the menu") == 1 and "slimssl recalibrate" in caplog.text
+    assert "w0p25_d1-1-1-1 is not in the menu" in caplog.text
+    assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.25", "--batches", "1",
+                 "--out", str(tmp_path / "re.pt"), "--device", "cpu"]) == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["export", str(tmp_path / "re.pt"), "--subnet", "0.25", "--out", str(tmp_path / "b")]) == 0
+    assert "is not in the menu" not in caplog.text  # its statistics were re-estimated

@@ -51,6 +51,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = str(args.checkpoint or args.config)
     for spec in specs:
         check_export_folder(args.out, spec, source, args.overwrite)
+    _warn_of_unestimated_statistics(args, supernet, specs)
     resolution = args.resolution or config.data.resolution
     rows = []
     for spec in specs:
@@ -71,6 +72,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         log.error("export differs from the supernet by %.3g, more than --tolerance %g", worst, args.tolerance)
         return 1
     return 0
+
+
+def _warn_of_unestimated_statistics(args: argparse.Namespace, supernet, specs) -> None:
+    """With shared BatchNorm any width runs, but only the menu's trained the shared statistics: a width outside
+    the menu exports them as they are unless its checkpoint was recalibrated for it (slimssl recalibrate)."""
+    outside = [s.name for s in specs if s not in supernet.menu]
+    if not outside or not args.checkpoint:
+        return
+    from .checkpoint import load_checkpoint
+
+    recalibrated = (load_checkpoint(args.checkpoint).get("recalibrated") or {}).get("subnet")
+    for name in outside:
+        if name != recalibrated:
+            log.warning("%s is not in the menu: its BatchNorm statistics are the shared ones, estimated on the menu's "
+                        "widths; re-estimate them first: slimssl recalibrate %s --subnet %s --out FILE.pt, then "
+                        "export FILE.pt", name, args.checkpoint, name)
 
 
 # ---- profile -----------------------------------------------------------------------------------------
