@@ -602,3 +602,20 @@ def test_export_of_a_width_outside_a_shared_bn_menu_asks_for_recalibration(tmp_p
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         assert main(["export", str(tmp_path / "re.pt"), "--subnet", "0.25", "--out", str(tmp_path / "b")]) == 0
     assert "is not in the menu" not in caplog.text  # its statistics were re-estimated
+
+
+def test_knn_of_chosen_sub_networks(tmp_path, capsys):
+    import slimssl
+    from slimssl.cli import main
+
+    make_checkpoint(tmp_path / "shared.pt", bn="shared")  # menu: widths 1 and 0.5
+    assert main(["knn", str(tmp_path / "shared.pt"), "--subnet", "0.25", "0.5", "0.25", "--json",
+                 "--device", "cpu"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["subnet"] for r in rows] == ["w0p25_d1-1-1-1", "w0p5_d1-1-1-1"] and rows[0]["params"] < rows[1]["params"]
+    assert all(0 <= r["knn_top1"] <= 100 for r in rows)
+    # the same network as in the menu evaluation gives the same number
+    menu_rows = slimssl.knn(tmp_path / "shared.pt", device="cpu", save=False)
+    assert {r["subnet"]: r["knn_top1"] for r in menu_rows}["w0p5_d1-1-1-1"] == rows[1]["knn_top1"]
+    make_checkpoint(tmp_path / "private.pt")  # private BatchNorm: the menu's widths only
+    assert main(["knn", str(tmp_path / "private.pt"), "--subnet", "0.25", "--device", "cpu"]) == 2

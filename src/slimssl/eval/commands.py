@@ -78,7 +78,8 @@ def cmd_knn(args: argparse.Namespace) -> int:
     from ..report.table import markdown_table
     from .evaluate import knn
 
-    rows = knn(args.checkpoint, k=args.k, temperature=args.temperature, **_common_keywords(args))
+    rows = knn(args.checkpoint, k=args.k, temperature=args.temperature, subnets=args.subnet,
+               **_common_keywords(args))
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "knn_top1"]))
     return 0
 
@@ -187,6 +188,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_eval_args(p)
     p.add_argument("--k", type=positive_int, help="neighbours (default: config eval.knn_k)")
     p.add_argument("--temperature", type=positive_float, help="vote temperature (default: config eval.knn_temperature)")
+    p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
+                   help="evaluate these instead of the menu (names or widths; with shared BatchNorm any width, its "
+                        "statistics re-estimated first)")
     p.set_defaults(func=cmd_knn)
 
     p = sub.add_parser("linear", help="switchable linear probe: one head per sub-network on the frozen backbone")

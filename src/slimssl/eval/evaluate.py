@@ -183,6 +183,19 @@ def check_numbers(**values) -> None:
             raise UsageError(f"{name} must be {kind}, got {value!r}")
 
 
+def resolve_subnets(supernet, subnets) -> list:
+    """The menu (``subnets`` None or ``"all"``) or the given sub-networks (names, widths or specs; one alone
+    too), each checked against the supernet, without repeats."""
+    from ..nn.spec import SubnetSpec
+
+    if subnets is None or (isinstance(subnets, str) and subnets == "all"):
+        return list(supernet.menu)
+    names = [subnets] if isinstance(subnets, (str, Real, SubnetSpec)) else list(subnets)
+    if not names:
+        raise UsageError("no sub-network to evaluate: name at least one, or 'all' (the menu)")
+    return list(dict.fromkeys(supernet.resolve(t) for t in names))
+
+
 def check_train_crop(train_crop: str | None) -> None:
     if train_crop is not None and train_crop not in TRAIN_CROPS:
         raise UsageError(f"train_crop must be one of {', '.join(TRAIN_CROPS)}, got {train_crop!r}")
@@ -190,28 +203,31 @@ def check_train_crop(train_crop: str | None) -> None:
 
 # ---- the protocols -----------------------------------------------------------------------------------
 
-def knn_of_menu(supernet, cfg, train, test, device, *, k: int | None = None, temperature: float | None = None,
-                batch_size: int | None = None, recalibrate_batches: int | None = None) -> dict[str, float]:
-    """kNN top-1 of every menu entry with ``cfg``'s evaluation settings where no other is given: what both
-    `slimssl knn` and the kNN during pretraining measure. With shared BatchNorm, each entry's statistics are
-    re-estimated first (``recalibrate_batches``, automatic by default)."""
+def knn_of_subnets(supernet, cfg, train, test, device, *, specs=None, k: int | None = None,
+                   temperature: float | None = None, batch_size: int | None = None,
+                   recalibrate_batches: int | None = None) -> dict[str, float]:
+    """kNN top-1 of every sub-network of ``specs`` (default: the menu) with ``cfg``'s evaluation settings where
+    no other is given: what both `slimssl knn` and the kNN during pretraining measure. With shared BatchNorm,
+    each one's statistics are re-estimated first (``recalibrate_batches``, automatic by default)."""
     from .knn import knn_eval_subnets
     from .recalibrate import subnet_models
 
     e, d = cfg.eval, cfg.data
+    specs = list(supernet.menu) if specs is None else list(specs)
     image = dict(resolution=d.resolution, mean=d.mean, std=d.std, batch_size=batch_size or e.batch_size,
                  device=device)
-    models = subnet_models(supernet, list(supernet.menu), train, recalibrate_batches=recalibrate_batches, **image)
+    models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches, **image)
     return knn_eval_subnets(supernet, train, test, k=e.knn_k if k is None else k,
                             temperature=e.knn_temperature if temperature is None else temperature,
-                            models=models, **image)
+                            models=models, specs=specs, **image)
 
 
 def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | None = None,
-        device: str | torch.device = "auto", eval_batch_size: int | None = None,
+        subnets: Sequence | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
         recalibrate_bn: int | None = None, save: bool = True, **data) -> list[dict]:
     """Weighted kNN top-1 of every sub-network: the train split is the bank, the test split the queries; ``k``
-    and ``temperature`` default to the config's ``eval.knn_k`` and ``eval.knn_temperature``.
+    and ``temperature`` default to the config's ``eval.knn_k`` and ``eval.knn_temperature``. ``subnets``: the
+    sub-networks to evaluate (names or widths) instead of the menu; with shared BatchNorm any width can run.
 
     ``data``, ``loader``, ``workers``, ``skip_unreadable`` and ``crop_ratio`` say where and how the images
     are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,
@@ -219,14 +235,15 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     options = DataOptions.of(data, knn)
     supernet, cfg, torch_device = load_model(checkpoint, device)
+    specs = resolve_subnets(supernet, subnets)  # checked before the data is decoded
     train, test = options.load_splits(cfg, torch_device)
     k = k if k is not None else cfg.eval.knn_k
     temperature = temperature if temperature is not None else cfg.eval.knn_temperature
-    accs = knn_of_menu(supernet, cfg, train, test, torch_device, k=k, temperature=temperature,
-                       batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
+    accs = knn_of_subnets(supernet, cfg, train, test, torch_device, specs=specs, k=k, temperature=temperature,
+                          batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
     for name, acc in accs.items():
         log.info("kNN %s: top-1 %.2f", name, acc)
-    costs = cost_rows(supernet, cfg.data.resolution)
+    costs = cost_rows(supernet, cfg.data.resolution, specs)
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
     settings = {**options.settings(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
                 "recalibrate_bn": recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn)}
@@ -338,15 +355,7 @@ def finetune_jobs(supernet, subnets: Sequence[str | float] | str, label_fraction
                   out: str | Path | None = None) -> list[tuple]:
     """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
     without repeats (``subnets="all"``: the menu)."""
-    from ..nn.spec import SubnetSpec
-
-    if isinstance(subnets, str) and subnets == "all":
-        specs = list(supernet.menu)
-    else:
-        names = [subnets] if isinstance(subnets, (str, Real, SubnetSpec)) else list(subnets)
-        if not names:
-            raise UsageError("no sub-network to fine-tune: name at least one, or 'all' (the command's --all)")
-        specs = list(dict.fromkeys(supernet.resolve(t) for t in names))
+    specs = resolve_subnets(supernet, subnets)
     fractions = [label_fractions] if isinstance(label_fractions, Real) else list(label_fractions)
     if not fractions or not all(isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):
         raise UsageError(f"label fractions must be numbers in (0, 1], got {fractions}")

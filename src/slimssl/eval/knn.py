@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data.files import DataError
+from ..nn.spec import SubnetSpec
 from .features import extract_subnet_features
 
 
@@ -37,16 +38,17 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
 
 
 def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resolution: int, mean, std,
-                     batch_size: int = 256, device="cpu", models: Mapping[str, nn.Module] | None = None
-                     ) -> dict[str, float]:
-    """kNN top-1 of every menu entry: the train split is the bank, the test split the queries (datasets in
-    memory or streamed, see ``data/eval_images.py``; each split is read once for all the entries).
-    ``models`` evaluates each entry by name instead of the supernet (e.g. BatchNorm-recalibrated copies)."""
+                     batch_size: int = 256, device="cpu", models: Mapping[str, nn.Module] | None = None,
+                     specs: Sequence[SubnetSpec] | None = None) -> dict[str, float]:
+    """kNN top-1 of every sub-network of ``specs`` (default: the menu): the train split is the bank, the test
+    split the queries (datasets in memory or streamed, see ``data/eval_images.py``; each split is read once
+    for all the entries). ``models`` evaluates each entry by name instead of the supernet (e.g.
+    BatchNorm-recalibrated copies)."""
 
     if train.labels is None or test.labels is None:
         raise DataError(f"kNN needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    specs = list(supernet.menu)
+    specs = list(supernet.menu) if specs is None else list(specs)
     kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
     banks = extract_subnet_features(models or supernet, specs, train, **kw)
     queries = extract_subnet_features(models or supernet, specs, test, **kw)

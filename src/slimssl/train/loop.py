@@ -28,7 +28,7 @@ from ..data.files import DataError
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype
-from ..eval.evaluate import knn_of_menu
+from ..eval.evaluate import knn_of_subnets
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
 from ..methods import build_method
@@ -273,7 +273,7 @@ class Trainer:
         if self.eval_data is None:
             return {}
         train, test = self.eval_data
-        return knn_of_menu(self.model.backbone, self.cfg, train, test, self.device)  # as `slimssl knn`
+        return knn_of_subnets(self.model.backbone, self.cfg, train, test, self.device)  # as `slimssl knn`
 
     # ---- the step -----------------------------------------------------------------------------------
 
