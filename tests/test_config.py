@@ -351,7 +351,8 @@ def test_a_config_object_is_checked_again_as_a_whole_when_used():
 def test_overrides_that_are_not_a_list_say_how_to_write_them(overrides, tmp_path):
     import slimssl
 
-    for call in (lambda: load_config("demo", overrides), lambda: slimssl.pretrain("demo", tmp_path, overrides=overrides)):
+    for call in (lambda: load_config("demo", overrides),
+                 lambda: slimssl.pretrain("demo", tmp_path, overrides=overrides)):
         with pytest.raises(ConfigError, match=r"overrides must be a list of 'KEY=VALUE' strings such as "
                                               r"\['train.epochs=2'\]"):
             call()

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
 from ..checkpoint import load_checkpoint
-from ..layout import CHECKPOINTS, LAST, checkpoint_path
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
                       config_from_dict)
 from ..data.files import BUILTIN
 from ..errors import UsageError
+from ..layout import CHECKPOINTS, LAST, checkpoint_path
 from ..models.build import as_config
 from . import distributed as dist
 from .loop import Interrupted, Trainer
@@ -237,8 +237,8 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     (default: the embedded demo); ``overrides`` are ``"section.key=value"`` strings, as ``--set`` takes.
     ``out`` is the run directory (default ``runs/<name>-<time>``). ``resume=True`` continues the run in
     ``out`` with its saved config; ``resume="auto"`` continues it if ``out`` holds one (started with the
-    same settings) and starts it otherwise. ``max_steps`` stops the run once it has made that many steps in all
-    (counting from its start, not from this call), saving a checkpoint; ``results`` of the returned
+    same settings) and starts it otherwise. ``max_steps`` stops the run once it has made that many steps in
+    all (counting from its start, not from this call), saving a checkpoint; ``results`` of the returned
     :class:`PretrainRun` is then empty and ``finished`` False. Under torchrun, each process calls this and the
     process group is joined here. A SIGTERM or SIGINT saves a checkpoint and raises
     ``slimssl.train.loop.Interrupted``; resume it later.
