@@ -75,7 +75,8 @@ class DataOptions:
                    if p.kind == p.KEYWORD_ONLY] if protocol else []
             known = [*own, *cls.__dataclass_fields__]
             close = {name for u in unknown for name in difflib.get_close_matches(u, known)}
-            raise TypeError(f"{protocol.__name__ + '() got ' if protocol else ''}unknown keyword(s) {', '.join(unknown)}"
+            called = f"{protocol.__name__}() got " if protocol else ""
+            raise TypeError(f"{called}unknown keyword(s) {', '.join(unknown)}"
                             + (f" (did you mean {', '.join(sorted(close))}?)" if close else "")
                             + (f"; its keywords are {', '.join(own)}, and" if own else ";")
                             + f" the data keywords are {', '.join(cls.__dataclass_fields__)}")
