@@ -259,3 +259,10 @@ def test_export_subnet_keeps_an_export_of_another_source(supernet, tmp_path):
     slimssl.export_subnet(supernet, 0.5, tmp_path, metadata={"source": "runs/b"}, overwrite=True)
     slimssl.export_subnet(supernet, 0.5, tmp_path / "plain")
     slimssl.export_subnet(supernet, 0.5, tmp_path / "plain")  # no source either time: replaced, as torch.save
+
+
+def test_a_private_bn_supernet_needs_the_full_network_in_its_menu():
+    with pytest.raises(slimssl.SubnetError, match=r"lacks the full network w1p0_d1-1.*bn='shared'"):
+        slimssl.SlimResNet(depths=(1, 1), menu=["w0p5_d1-1"], base_width=4)
+    shared = slimssl.SlimResNet(depths=(1, 1), menu=["w0p5_d1-1"], base_width=4, bn="shared")
+    assert shared(x()).shape == (2, 8)  # any width runs with shared statistics, the full one included

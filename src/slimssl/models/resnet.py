@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import SlimsslError
 from ..nn.channels import scaled_channels
 from ..nn.layers import SlimBatchNorm, SlimConv2d, SlimmableMixin, SlimState, bind_state
-from ..nn.spec import Menu, SubnetLike, SubnetSpec
+from ..nn.spec import Menu, SubnetError, SubnetLike, SubnetSpec
 from .plain import PlainBlock, PlainResNet, PlainResNetConfig, has_downsample
 
 ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -85,6 +85,10 @@ class SlimResNet(SlimmableMixin, nn.Module):
         self.menu = Menu(menu or [full])
         for spec in self.menu:
             spec.check_fits(self.depths)
+        if bn == "private" and full not in self.menu:  # a forward without a sub-network runs the full network
+            raise SubnetError(f"menu {self.menu.names} lacks the full network {full.name}: with private "
+                              "BatchNorm only the menu's sub-networks have statistics, and the full one is the "
+                              "default (add it to the menu, or use bn='shared')")
         self.slim_state = SlimState(full, self.menu, channel_divisor, private_bn=bn == "private")
 
         def norm(channels: int, position: tuple[int, int] | None = None) -> SlimBatchNorm:
