@@ -266,3 +266,10 @@ def test_a_private_bn_supernet_needs_the_full_network_in_its_menu():
         slimssl.SlimResNet(depths=(1, 1), menu=["w0p5_d1-1"], base_width=4)
     shared = slimssl.SlimResNet(depths=(1, 1), menu=["w0p5_d1-1"], base_width=4, bn="shared")
     assert shared(x()).shape == (2, 8)  # any width runs with shared statistics, the full one included
+
+
+def test_build_supernet_takes_overrides_as_load_config_does():
+    built = slimssl.build_supernet("demo", overrides=["model.base_width=4", "menu.widths=[1.0, 0.25]"])
+    assert built.menu.names == ["w1p0_d1-1-1-1", "w0p25_d1-1-1-1"] and built.base_width == 4
+    with pytest.raises(slimssl.ConfigError, match="model.nosuch"):
+        slimssl.build_supernet("demo", ["model.nosuch=1"])

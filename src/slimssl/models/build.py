@@ -21,9 +21,11 @@ def as_config(config: Config | dict | str | Path | None, overrides: list[str] | 
                       f"{type(config).__name__}")
 
 
-def build_supernet(config: Config | dict | str | Path | None = None) -> SlimResNet:
-    """The slimmable backbone of ``config`` (default: the demo recipe), randomly initialised."""
-    cfg = as_config(config)
+def build_supernet(config: Config | dict | str | Path | None = None, overrides: list[str] | None = None
+                   ) -> SlimResNet:
+    """The slimmable backbone of ``config`` (default: the demo recipe) with ``overrides`` (as ``--set``
+    takes them), randomly initialised."""
+    cfg = as_config(config, overrides)
     m = cfg.model
     return SlimResNet(block=m.block, depths=m.full_depths, base_width=m.base_width, stem=m.stem,
                       menu=cfg.subnet_menu(), bn=m.bn, channel_divisor=m.channel_divisor,
