@@ -273,3 +273,12 @@ def test_build_supernet_takes_overrides_as_load_config_does():
     assert built.menu.names == ["w1p0_d1-1-1-1", "w0p25_d1-1-1-1"] and built.base_width == 4
     with pytest.raises(slimssl.ConfigError, match="model.nosuch"):
         slimssl.build_supernet("demo", ["model.nosuch=1"])
+
+
+def test_resolve_many_gives_the_menu_or_the_named_sub_networks_once_each(supernet):
+    assert supernet.resolve_many(None) == supernet.resolve_many("all") == list(supernet.menu)
+    assert [s.name for s in supernet.resolve_many([0.25, "w1p0_d1-1-1-1", "0.25"])] == [
+        "w0p25_d1-1-1-1", "w1p0_d1-1-1-1"]
+    assert supernet.resolve_many(0.5) == [supernet.resolve(0.5)]
+    with pytest.raises(slimssl.SubnetError, match="no sub-network given"):
+        supernet.resolve_many([])

@@ -47,7 +47,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
     supernet, config = _supernet_from_args(args)
     # every name is checked before anything is written
-    specs = list(supernet.menu) if args.all else list(dict.fromkeys(supernet.resolve(t) for t in args.subnet))
+    specs = supernet.resolve_many("all" if args.all else args.subnet)
     source = str(args.checkpoint or args.config)
     for spec in specs:
         check_export_folder(args.out, spec, source, args.overwrite)

@@ -184,19 +184,6 @@ def check_numbers(**values) -> None:
             raise UsageError(f"{name} must be {kind}, got {value!r}")
 
 
-def resolve_subnets(supernet, subnets) -> list:
-    """The menu (``subnets`` None or ``"all"``) or the given sub-networks (names, widths or specs; one alone
-    too), each checked against the supernet, without repeats."""
-    from ..nn.spec import SubnetSpec
-
-    if subnets is None or (isinstance(subnets, str) and subnets == "all"):
-        return list(supernet.menu)
-    names = [subnets] if isinstance(subnets, (str, Real, SubnetSpec)) else list(subnets)
-    if not names:
-        raise UsageError("no sub-network to evaluate: name at least one, or 'all' (the menu)")
-    return list(dict.fromkeys(supernet.resolve(t) for t in names))
-
-
 def check_train_crop(train_crop: str | None) -> None:
     if train_crop is not None and train_crop not in TRAIN_CROPS:
         raise UsageError(f"train_crop must be one of {', '.join(TRAIN_CROPS)}, got {train_crop!r}")
@@ -236,7 +223,7 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     options = DataOptions.of(data, knn)
     supernet, cfg, torch_device = load_model(checkpoint, device)
-    specs = resolve_subnets(supernet, subnets)  # checked before the data is decoded
+    specs = supernet.resolve_many(subnets)  # checked before the data is decoded
     train, test = options.load_splits(cfg, torch_device)
     k = k if k is not None else cfg.eval.knn_k
     temperature = temperature if temperature is not None else cfg.eval.knn_temperature
@@ -356,7 +343,7 @@ def finetune_jobs(supernet, subnets: Sequence[str | float] | str, label_fraction
                   out: str | Path | None = None) -> list[tuple]:
     """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
     without repeats (``subnets="all"``: the menu)."""
-    specs = resolve_subnets(supernet, subnets)
+    specs = supernet.resolve_many(subnets)
     fractions = [label_fractions] if isinstance(label_fractions, Real) else list(label_fractions)
     if not fractions or not all(isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):
         raise UsageError(f"label fractions must be numbers in (0, 1], got {fractions}")

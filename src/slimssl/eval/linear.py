@@ -249,7 +249,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
         raise UsageError(f"unknown train_crop {train_crop!r}; expected one of {TRAIN_CROPS}")
     device = torch.device(device)
     resolution = resolution or train.resolution
-    specs = [supernet.resolve(s) for s in subnets] if subnets else list(supernet.menu)
+    specs = supernet.resolve_many(subnets or None)
     names = [s.name for s in specs]
     teacher = Menu(specs).largest.name  # of the distilled heads (SlimCLR: the full width), in any given order
     num_classes = output_classes(train, test)

@@ -8,6 +8,7 @@ Output channels follow :func:`scaled_channels`; input channels are taken from th
 from __future__ import annotations
 
 from contextlib import contextmanager
+from numbers import Real
 from typing import Iterator, Mapping
 
 import torch
@@ -193,6 +194,16 @@ class SlimmableMixin:
         if state.private_bn:
             state.menu.require(subnet)
         return subnet
+
+    def resolve_many(self, subnets) -> list[SubnetSpec]:
+        """The menu (``subnets`` None or ``"all"``), or each of ``subnets`` (one alone too) resolved, in order and
+        without repeats."""
+        if subnets is None or (isinstance(subnets, str) and subnets == "all"):
+            return list(self.slim_state.menu)
+        names = [subnets] if isinstance(subnets, (str, Real, SubnetSpec)) else list(subnets)
+        if not names:
+            raise SubnetError("no sub-network given: name at least one, or 'all' (the menu)")
+        return list(dict.fromkeys(self.resolve(t) for t in names))
 
     @contextmanager
     def subnet(self, subnet: SubnetLike | None) -> Iterator[SubnetSpec]:
