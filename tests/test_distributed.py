@@ -270,6 +270,24 @@ def test_effective_lr_is_logged_and_stored(tmp_path):
     assert config_from_dict(yaml.safe_load(text)) == cfg
 
 
+def test_resume_records_the_effective_lr_again_only_when_it_changed(tmp_path):
+    def lr_records() -> list[float]:
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        return [r["effective_lr"]["peak"] for r in map(json.loads, lines) if "effective_lr" in r]
+
+    def start(lr: float, resume: bool) -> Trainer:
+        cfg = config_from_dict({**tiny("byol"), "optim": {"lr": lr, "reference_batch": 8}})
+        return Trainer(cfg, tmp_path, resume=resume)
+
+    trainer = start(0.1, resume=False)
+    trainer.save()
+    trainer.metrics.close()
+    start(0.1, resume=True).metrics.close()  # the same lr: metrics.jsonl already says it
+    assert lr_records() == pytest.approx([0.2])
+    start(0.05, resume=True).metrics.close()
+    assert lr_records() == pytest.approx([0.2, 0.1])
+
+
 def test_sync_bn_converts_private_batchnorms_and_refuses_shared(tmp_path):
     cfg = config_from_dict({**tiny("byol"), "train": {**tiny("byol")["train"], "sync_bn": True}})
     trainer = Trainer(cfg, tmp_path)

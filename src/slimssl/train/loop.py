@@ -156,12 +156,14 @@ class Trainer:
         self.grad_sync = dist.GradientSync(self.model.online_parameters())
         self.state = TrainState()
         self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
+        self._resumed_lr: dict | None = None  # the effective lr last.pt was trained with, when resuming
         if resume:
             self._load(checkpoint_path(self.run_dir))
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
         log.info("%s", self.lr_summary())
         self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main())
-        self.metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
+        if self._resumed_lr != self.effective_lr():  # a resume with the same lr would repeat the record
+            self.metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
 
     # ---- setup --------------------------------------------------------------------------------------
 
@@ -240,7 +242,7 @@ class Trainer:
         return {"config": self.cfg.model_dump(mode="json"), "menu": self.model.backbone.menu.names,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-                "epoch": self.state.step / max(1, self.steps_per_epoch)}
+                "effective_lr": self.effective_lr(), "epoch": self.state.step / max(1, self.steps_per_epoch)}
 
     def save(self, name: str = LAST) -> Path | None:
         if name == LAST:
@@ -265,6 +267,7 @@ class Trainer:
         state = dict(data["train_state"])
         state.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
         self.state = TrainState(**state)
+        self._resumed_lr = data.get("effective_lr")  # absent from checkpoints before 2026-12-02
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # ---- evaluation ---------------------------------------------------------------------------------
