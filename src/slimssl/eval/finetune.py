@@ -1,8 +1,8 @@
 """Semi-supervised fine-tuning of one exported sub-network on a class-balanced labelled subset.
 
-Protocol (fixed, so that numbers compare across runs): the sub-network is exported as a plain ResNet (``supernet.export``), gets
-a linear classifier, and every weight is fine-tuned on a class-balanced 1% or 10% subset of the train
-split (drawn from a fixed seed; the indices are saved with the results); top-1/top-5 on the full test split.
+Protocol (fixed, so that numbers compare across runs): the sub-network is exported as a plain ResNet
+(``supernet.export``), gets a linear classifier, and every weight is fine-tuned on a class-balanced 1% or 10%
+subset of the train split (drawn from a fixed seed; the indices are saved with the results); top-1/top-5 on the full test split.
 
 Recipes (after SimCLR's semi-supervised protocol, scaled down for small data): SGD with Nesterov
 momentum 0.9, no weight decay, lr 0.05 x batch/256 with a per-step cosine schedule, batch 256 (or the
@@ -109,29 +109,53 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     device = torch.device(device)
     spec = supernet.resolve(subnet)
     resolution = resolution or train.resolution
-    if epochs is not None and min_steps is None:
-        min_steps = 1  # epochs asked for are run as asked: the floor of 100 steps belongs to the default
-    recipe = default_recipe(label_fraction)
-    recipe = replace(recipe, **{k: v for k, v in dict(epochs=epochs, lr=lr, batch_size=batch_size,
-                                                                   min_steps=min_steps, crop=train_crop).items()
-                                if v is not None})
-    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0 or recipe.crop not in TRAIN_CROPS:
-        raise UsageError(f"need epochs >= 1, batch_size >= 1, lr > 0 and a crop in {TRAIN_CROPS}, got {recipe}")
+    recipe = _recipe(label_fraction, epochs=epochs, lr=lr, batch_size=batch_size, min_steps=min_steps,
+                     crop=train_crop)
     indices = balanced_subset(train.labels, label_fraction, seed)
-    num_classes = output_classes(train, test)
 
     source = subnet_models(supernet, [spec], train, recalibrate_batches=recalibrate_batches,
                            batch_size=eval_batch_size, resolution=resolution, mean=mean, std=std,
                            device=device, seed=seed)[spec.name]
-    model = source.export(spec)
-    gen = torch.Generator().manual_seed(seed)
-    model.fc = nn.Linear(model.config.feature_dim, num_classes)
-    nn.init.normal_(model.fc.weight, std=0.01, generator=gen)
-    nn.init.zeros_(model.fc.bias)
-    model.to(device).train()
-
+    gen = torch.Generator().manual_seed(seed)  # the classifier's initialisation, the batches' order, the crops
+    model = _classifier(source.export(spec), output_classes(train, test), gen).to(device)
     images, labels = train.take(indices), train.labels[indices].to(device)  # the subset only is decoded
+    log.info("fine-tuning %s on %d labelled images (%g of the train split, seed %d)", spec.name, len(indices),
+             label_fraction, seed)
+    schedule = _fine_tune(model, images, labels, recipe, resolution=resolution, mean=mean, std=std,
+                          generator=gen)
+
+    top1, top5 = evaluate_classifier(model, test, test.labels, resolution=resolution, mean=mean, std=std,
+                                     batch_size=eval_batch_size, device=device)
     n = len(indices)
+    return {"subnet": spec.name, "label_fraction": float(label_fraction), "seed": int(seed),
+            "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),
+            "recipe": {**asdict(recipe), **schedule}, "top1": top1, "top5": top5, "indices": indices.tolist()}
+
+
+def _recipe(label_fraction: float, **given) -> FinetuneRecipe:
+    """The default recipe of ``label_fraction`` with the settings ``given`` (those not None), checked."""
+    if given["epochs"] is not None and given["min_steps"] is None:
+        given["min_steps"] = 1  # epochs asked for are run as asked: the floor of 100 steps belongs to the default
+    recipe = replace(default_recipe(label_fraction), **{k: v for k, v in given.items() if v is not None})
+    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0 or recipe.crop not in TRAIN_CROPS:
+        raise UsageError(f"need epochs >= 1, batch_size >= 1, lr > 0 and a crop in {TRAIN_CROPS}, got {recipe}")
+    return recipe
+
+
+def _classifier(backbone: nn.Module, num_classes: int, generator: torch.Generator) -> nn.Module:
+    """The exported backbone with a new linear classifier: N(0, 0.01) weights, zero bias."""
+    backbone.fc = nn.Linear(backbone.config.feature_dim, num_classes)
+    nn.init.normal_(backbone.fc.weight, std=0.01, generator=generator)
+    nn.init.zeros_(backbone.fc.bias)
+    return backbone
+
+
+def _fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: FinetuneRecipe, *,
+               resolution: int, mean, std, generator: torch.Generator) -> dict:
+    """Train every weight of ``model`` on the uint8 ``images`` with ``recipe``; returns the schedule it ran
+    (steps, batch, base_lr)."""
+    device = labels.device
+    n = len(labels)
     batch = min(recipe.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the last partial batch: BatchNorm sees full batches
     total = max(recipe.epochs * steps_per_epoch, recipe.min_steps)
@@ -139,15 +163,15 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    log.info("fine-tuning %s on %d labelled images (%g of the train split, seed %d): %d steps of batch %d, lr %g",
-             spec.name, n, label_fraction, seed, total, batch, base_lr)
-    perm, cursor = torch.randperm(n, generator=gen), 0
+    log.info("fine-tuning: %d steps of batch %d, lr %g", total, batch, base_lr)
+    model.train()
+    perm, cursor = torch.randperm(n, generator=generator), 0
     for step in range(total):
         if cursor + batch > n:
-            perm, cursor = torch.randperm(n, generator=gen), 0
+            perm, cursor = torch.randperm(n, generator=generator), 0
         idx = perm[cursor:cursor + batch]
         cursor += batch
-        x = augment_batch(images[idx].to(device), resolution, mean, std, gen, recipe.crop)
+        x = augment_batch(images[idx].to(device), resolution, mean, std, generator, recipe.crop)
         loss = F.cross_entropy(model(x), labels[idx.to(device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,13 +179,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
         schedule.step()
         if step == 0 or (step + 1) % max(1, total // 5) == 0:
             log.info("fine-tune step %d/%d: loss %.4f", step + 1, total, loss.item())
-
-    top1, top5 = evaluate_classifier(model, test, test.labels, resolution=resolution, mean=mean, std=std,
-                                     batch_size=eval_batch_size, device=device)
-    return {"subnet": spec.name, "label_fraction": float(label_fraction), "seed": int(seed),
-            "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),
-            "recipe": {**asdict(recipe), "steps": total, "batch": batch, "base_lr": base_lr},
-            "top1": top1, "top5": top5, "indices": indices.tolist()}
+    return {"steps": total, "batch": batch, "base_lr": base_lr}
 
 
 def fraction_key(label_fraction: float) -> str:

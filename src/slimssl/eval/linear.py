@@ -1,9 +1,9 @@
 """The switchable linear probe: one linear head per sub-network on a frozen supernet, trained jointly.
 
-Protocol (fixed, so that numbers compare across runs): the backbone stays frozen in eval mode; every sub-network gets its own
-``nn.Linear`` (feature sizes differ with the width) and all heads are trained together by one optimiser,
-each on its own sub-network's features. Without augmentation (the default) the features are extracted
-once and cached in memory, so an epoch costs a few matrix products.
+Protocol (fixed, so that numbers compare across runs): the backbone stays frozen in eval mode; every
+sub-network gets its own ``nn.Linear`` (feature sizes differ with the width) and all heads are trained
+together by one optimiser, each on its own sub-network's features. Without augmentation (the default) the
+features are extracted once and cached in memory, so an epoch costs a few matrix products.
 
 Recipe defaults, chosen for small data on a CPU and documented here:
 
@@ -216,8 +216,35 @@ def _epoch_batches(train: EvalImages, perm: torch.Tensor, batch_size: int,
         yield from zip(steps, images)
 
 
-def _standardizer(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return features.mean(0), features.std(0).clamp_min(1e-6)
+class _ProbeFeatures:
+    """Every sub-network's features, standardised per dimension with the train split's mean and deviation:
+    of the train split cached once, or (augmenting) computed by the frozen backbone at every step."""
+
+    def __init__(self, models: Mapping[str, nn.Module], specs: Sequence[SubnetSpec], train: EvalImages, *,
+                 augment: bool, crop: str, resolution: int, mean, std, batch_size: int, device: torch.device):
+        self.models, self.specs, self.augment, self.crop = models, specs, augment, crop
+        self.resolution, self.mean, self.std, self.device = resolution, mean, std, device
+        self.extract = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
+        raw = extract_subnet_features(models, specs, train, **self.extract)
+        self.stats = {n: (f.mean(0), f.std(0).clamp_min(1e-6)) for n, f in raw.items()}
+        self.cached = None if augment else self._standardized(raw)
+
+    def _standardized(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: (f - self.stats[n][0]) / self.stats[n][1] for n, f in features.items()}
+
+    def of_batch(self, idx: torch.Tensor, images: torch.Tensor | None,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The features of the train images ``idx`` (on the device); ``images``: their uint8 pixels when
+        augmenting."""
+        if self.cached is not None:
+            return {n: f[idx] for n, f in self.cached.items()}
+        x = augment_batch(images.to(self.device), self.resolution, self.mean, self.std, generator, self.crop)
+        with torch.no_grad():
+            return self._standardized({s.name: self.models[s.name](x, subnet=s).float() for s in self.specs})
+
+    def of_split(self, data: EvalImages) -> dict[str, torch.Tensor]:
+        """The features of a whole split, without augmentation."""
+        return self._standardized(extract_subnet_features(self.models, self.specs, data, **self.extract))
 
 
 def output_classes(*datasets) -> int:
@@ -241,18 +268,10 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
 
     With ``return_heads`` the result is ``(results, heads)``.
     """
-    if train.labels is None or test.labels is None:
-        raise DataError(f"the linear probe needs labels; dataset {train.name!r} has none (an unlabelled folder)")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
-    if train_crop not in TRAIN_CROPS:
-        raise UsageError(f"unknown train_crop {train_crop!r}; expected one of {TRAIN_CROPS}")
+    _check_probe_inputs(train, test, epochs=epochs, batch_size=batch_size, lr=lr, train_crop=train_crop)
     device = torch.device(device)
     resolution = resolution or train.resolution
     specs = supernet.resolve_many(subnets or None)
-    names = [s.name for s in specs]
-    teacher = Menu(specs).largest.name  # of the distilled heads (SlimCLR: the full width), in any given order
-    num_classes = output_classes(train, test)
     supernet.to(device).eval()
     fingerprints = {id(supernet): (supernet, backbone_fingerprint(supernet))}
     models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches,
@@ -261,49 +280,54 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     for model in models.values():
         fingerprints.setdefault(id(model), (model, backbone_fingerprint(model)))
 
-    kw = dict(resolution=resolution, mean=mean, std=std, batch_size=feature_batch_size, device=device)
-    train_feats = extract_subnet_features(models, specs, train, **kw)
-    stats = {n: _standardizer(f) for n, f in train_feats.items()}
-    # augmented: the backbone runs at every step instead of reading cached features
-    train_feats = None if augment else {n: (f - stats[n][0]) / stats[n][1] for n, f in train_feats.items()}
-    dims = {n: models[n].feature_dim(spec) for n, spec in zip(names, specs)}
+    features = _ProbeFeatures(models, specs, train, augment=augment, crop=train_crop, resolution=resolution,
+                              mean=mean, std=std, batch_size=feature_batch_size, device=device)
+    dims = {s.name: models[s.name].feature_dim(s) for s in specs}
+    heads = make_heads(dims, output_classes(train, test), shared=shared_head, seed=seed).to(device)
+    teacher = Menu(specs).largest.name  # of the distilled heads (SlimCLR: the full width), in any given order
+    _train_heads(heads, features, train, epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
+                 teacher=teacher, seed=seed)
 
-    heads = make_heads(dims, num_classes, shared=shared_head, seed=seed).to(device)
+    heads.eval()
+    results = {}
+    with torch.no_grad():
+        for n, f in features.of_split(test).items():
+            top1, top5 = topk_accuracy(heads(f, n), test.labels)
+            results[n] = {"top1": top1, "top5": top5}
+    for model, before in fingerprints.values():
+        check_backbone_unchanged(model, before)
+    return (results, heads) if return_heads else results
+
+
+def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float, train_crop: str) -> None:
+    if train.labels is None or test.labels is None:
+        raise DataError(f"the linear probe needs labels; dataset {train.name!r} has none (an unlabelled folder)")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
+    if train_crop not in TRAIN_CROPS:
+        raise UsageError(f"unknown train_crop {train_crop!r}; expected one of {TRAIN_CROPS}")
+
+
+def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, *, epochs: int, lr: float,
+                 batch_size: int, distill: bool, teacher: str, seed: int) -> None:
+    """Train all heads together with :data:`PROBE_OPTIMIZER` and a per-step cosine schedule to 0."""
+    device = features.device
     optimizer = torch.optim.SGD(heads.parameters(), lr=lr, momentum=DEFAULT_MOMENTUM)  # PROBE_OPTIMIZER
     n_train = len(train)
     steps_per_epoch = math.ceil(n_train / batch_size)
     total = epochs * steps_per_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the epochs' orders and the augmentations' draws
     labels = train.labels.to(device)
     heads.train()
     for epoch in range(epochs):
         perm = torch.randperm(n_train, generator=gen)
         running = torch.zeros((), device=device)  # read once per logged epoch, not at every step
-        for idx, batch in _epoch_batches(train, perm, batch_size, augment):
-            dev_idx = idx.to(device, non_blocking=True)
-            if augment:
-                x = augment_batch(batch.to(device), resolution, mean, std, gen, train_crop)
-                feats = {}
-                with torch.no_grad():
-                    for n, spec in zip(names, specs):
-                        feats[n] = (models[n](x, subnet=spec).float() - stats[n][0]) / stats[n][1]
-            else:
-                feats = {n: f[dev_idx] for n, f in train_feats.items()}
-            running += probe_step(heads, optimizer, feats, labels[dev_idx], distill=distill, teacher=teacher)
+        for idx, images in _epoch_batches(train, perm, batch_size, features.augment):
+            idx = idx.to(device, non_blocking=True)
+            running += probe_step(heads, optimizer, features.of_batch(idx, images, gen), labels[idx],
+                                  distill=distill, teacher=teacher)
             schedule.step()
         if epoch == 0 or (epoch + 1) % max(1, epochs // 5) == 0 or epoch + 1 == epochs:
             log.info("linear probe epoch %d/%d: loss %.4f (summed over %d head(s))", epoch + 1, epochs,
-                     running.item() / steps_per_epoch, len(names))
-
-    heads.eval()
-    results = {}
-    test_feats = extract_subnet_features(models, specs, test, **kw)
-    with torch.no_grad():
-        for n, f in test_feats.items():
-            logits = heads((f - stats[n][0]) / stats[n][1], n)
-            top1, top5 = topk_accuracy(logits, test.labels)
-            results[n] = {"top1": top1, "top5": top5}
-    for model, before in fingerprints.values():
-        check_backbone_unchanged(model, before)
-    return (results, heads) if return_heads else results
+                     running.item() / steps_per_epoch, len(features.specs))
