@@ -43,6 +43,14 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without making the host wait: a copy to a GPU from pageable memory blocks
+    until the GPU has done all its queued work, one from pinned memory does not."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # the pinned copy is freed only once the GPU read it
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall clock read next measures it (no-op on the CPU)."""
     if device.type == "cuda":

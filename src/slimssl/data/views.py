@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from ..devices import to_device_async
 from ..seeds import derived_generator
 from .augment import BatchRows, TwoViewAugment, recipe
 
@@ -64,7 +65,7 @@ class BatchSharding:
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._perm_epoch != epoch:  # one permutation per epoch, moved once to where it is used
             perm = epoch_permutation(self.seed, epoch, self.num_images)
-            self._perm, self._perm_epoch = perm.to(self.index_device), epoch
+            self._perm, self._perm_epoch = to_device_async(perm, torch.device(self.index_device)), epoch
         start = i * self.global_batch + self.first_row
         return self._perm[start:start + self.batch]
 

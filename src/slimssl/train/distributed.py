@@ -190,7 +190,10 @@ class GradientSync:
             torch._foreach_copy_([self.views[i] for i in have], [self.params[i].grad for i in have])
         if missing:
             torch._foreach_zero_([self.views[i] for i in missing])
-        self.flat[-1:].copy_(torch.as_tensor(0.0 if flag is None else flag, dtype=self.flat.dtype).reshape(1))
+        if isinstance(flag, torch.Tensor):
+            self.flat[-1:].copy_(flag.reshape(1))
+        else:  # fill_ with a Python number: no host-to-device copy, which would wait for the GPU
+            self.flat[-1:].fill_(0.0 if flag is None else float(flag))
         dist.all_reduce(self.flat)
         self.calls += 1
         self.flat.div_(world_size())

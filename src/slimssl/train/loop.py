@@ -27,7 +27,7 @@ from ..data.datasets import ImageDataset, check_same_classes, load_dataset
 from ..data.files import DataError
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
-from ..devices import pick_device, pick_dtype
+from ..devices import pick_device, pick_dtype, to_device_async
 from ..eval.evaluate import knn_of_subnets
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
@@ -252,7 +252,9 @@ class Trainer:
         return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload())
 
     def _load(self, path: Path) -> None:
-        data = load_checkpoint(path, map_location=self.device)
+        # on the CPU: load_state_dict moves what it needs, and an optimiser's step counts stay on the host
+        # (on a GPU, AdamW would read them back at every step)
+        data = load_checkpoint(path, map_location="cpu")
         check_menu(data["menu"], self.cfg, str(path))
         try:
             self.model.load_state_dict(data["model"])
@@ -306,8 +308,9 @@ class Trainer:
         batch in an order drawn from (seed, step, view), so its BatchNorm groups differ from the online's."""
         if not self.cfg.method.shuffle_bn:
             return self.target_forward(view)
-        gen = derived_generator(self.cfg.train.seed, "shuffle_bn", step, index, device=self.device)
-        order = torch.randperm(self.cfg.train.batch_size, generator=gen, device=self.device)
+        # drawn on the CPU: a GPU's random permutation may depend on its model, and every rank must agree
+        gen = derived_generator(self.cfg.train.seed, "shuffle_bn", step, index)
+        order = to_device_async(torch.randperm(self.cfg.train.batch_size, generator=gen), self.device)
         return dist.shuffled_forward(self.target_forward, view, order)
 
     def train_step(self, step: int) -> StepResult:
