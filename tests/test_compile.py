@@ -39,3 +39,13 @@ def test_compiled_training_matches_eager_with_one_graph_per_subnet(tmp_path, mon
     for key in eager:
         assert torch.allclose(eager[key].float(), compiled[key].float(), atol=1e-5, rtol=1e-4), key
     torch._dynamo.reset()
+
+
+def test_the_modes_that_capture_cuda_graphs_keep_copies_of_the_outputs(tmp_path):
+    # a CUDA-graph output is overwritten at the next replay: both inductor modes that capture graphs need copies
+    assert not compile_mod.uses_cuda_graphs("off") and not compile_mod.uses_cuda_graphs("default")
+    assert compile_mod.uses_cuda_graphs("reduce-overhead") and compile_mod.uses_cuda_graphs("max-autotune")
+    out = torch.ones(2)
+    for mode, copied in (("off", False), ("max-autotune", True)):
+        trainer = Trainer(config_from_dict(tiny("byol", widths=WIDTHS, train={"compile": mode})), tmp_path / mode)
+        assert (trainer._keep(out) is not out) == copied

@@ -206,8 +206,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
-        "off", description="torch.compile the forward passes, one graph per sub-network (reduce-overhead: "
-        "also CUDA graphs); the first step of each sub-network pays the compilation")
+        "off", description="torch.compile the forward passes, one graph per sub-network (reduce-overhead, "
+        "max-autotune: also CUDA graphs); the first step of each sub-network pays the compilation")
     sync_bn: bool = Field(False, description="multi-GPU: BatchNorm statistics over the total batch (each "
                           "sub-network's private BatchNorm synchronised separately; needs CUDA)")
     log_every: int = Field(10, gt=0)

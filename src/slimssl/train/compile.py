@@ -2,8 +2,8 @@
 
 The slimmable layers read the active sub-network from plain Python state, so dynamo guards on it and
 keeps one compiled graph per sub-network (recompiling once for each the first time it runs). The limit
-on graphs per function is raised to fit the menu. ``reduce-overhead`` also captures each graph in a CUDA
-graph, which removes the kernel-launch cost that dominates narrow widths at small resolutions.
+on graphs per function is raised to fit the menu. ``reduce-overhead`` (and ``max-autotune``) also capture each graph in a
+CUDA graph, which removes the kernel-launch cost that dominates narrow widths at small resolutions.
 """
 
 from __future__ import annotations
@@ -35,8 +35,15 @@ def compile_forward(fn: Callable, mode: str, num_graphs: int) -> Callable:
 
 
 def uses_cuda_graphs(mode: str) -> bool:
-    """CUDA-graph outputs are overwritten by the graph's next replay, so callers must clone what they keep."""
-    return mode == "reduce-overhead"
+    """Whether ``mode`` captures CUDA graphs (``reduce-overhead``, and ``max-autotune`` too in recent torch).
+    Their outputs are overwritten by the graph's next replay, so callers must clone what they keep."""
+    if mode in ("off", "default"):
+        return False
+    try:
+        from torch._inductor import list_mode_options  # inductor's own table of what each mode turns on
+    except ImportError:
+        return mode in ("reduce-overhead", "max-autotune")
+    return bool(list_mode_options(mode).get("triton.cudagraphs", False))
 
 
 def step_begins(mode: str) -> None:
