@@ -79,6 +79,16 @@ def test_in_batch_logits_hand_values_and_diagonal_labels():
 
 # ---- distillation ---------------------------------------------------------------------------------------
 
+def test_contrastive_logits_stay_float32_inside_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    q, k, queue, keys = (torch.randn(n, 16, generator=g) for n in (8, 8, 64, 16))
+    exact = info_nce_logits(q, k, F.normalize(queue, dim=1), 0.2), in_batch_logits(q, keys, 0.2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # where the training step computes them
+        mixed = info_nce_logits(q, k, F.normalize(queue, dim=1), 0.2), in_batch_logits(q, keys, 0.2)
+    for a, b in zip(mixed, exact):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
 def test_soft_cross_entropy_hand_value_with_temperature_squared():
     # student / T = [0, ln 3] -> probabilities (1/4, 3/4); teacher uniform
     t = 2.0

@@ -11,18 +11,27 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (2 - 2 * F.cosine_similarity(prediction.float(), target.float(), dim=-1)).mean()
 
 
+def full_precision(x: torch.Tensor):
+    """Autocast off on ``x``'s device: inside a bf16 region a matrix product of float32 tensors would still
+    be computed in bf16, about 0.4% of each similarity, and 1/temperature magnifies it."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def info_nce_logits(query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None,
                     temperature: float) -> torch.Tensor:
-    """MoCo v2 logits: column 0 is each query's positive key, the rest the queued negatives, over ``T``."""
-    q, k = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
-    positive = (q * k).sum(1, keepdim=True)
-    negatives = q @ queue.T if queue is not None and len(queue) else q.new_zeros(len(q), 0)
-    return torch.cat([positive, negatives], dim=1) / temperature
+    """MoCo v2 logits in float32: column 0 is each query's positive key, the rest the queued negatives,
+    over ``T``."""
+    with full_precision(query):
+        q, k = F.normalize(query.float(), dim=1), F.normalize(key.float(), dim=1)
+        positive = (q * k).sum(1, keepdim=True)
+        negatives = q @ queue.float().T if queue is not None and len(queue) else q.new_zeros(len(q), 0)
+        return torch.cat([positive, negatives], dim=1) / temperature
 
 
 def in_batch_logits(query: torch.Tensor, keys: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo v3 logits: every query against every key (keys may be gathered from all processes)."""
-    return F.normalize(query.float(), dim=1) @ F.normalize(keys.float(), dim=1).T / temperature
+    """MoCo v3 logits in float32: every query against every key (keys may be gathered from all processes)."""
+    with full_precision(query):
+        return F.normalize(query.float(), dim=1) @ F.normalize(keys.float(), dim=1).T / temperature
 
 
 def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
