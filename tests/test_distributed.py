@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from slimssl.checkpoint import load_checkpoint
 from slimssl.config import config_from_dict
 from slimssl.slim.policy import SlimPolicy
 from slimssl.train import distributed as dist
-from slimssl.train.loop import Trainer
+from slimssl.train.loop import Interrupted, Trainer
 
 STEPS = 3
 # max |a - b| / max |b| per tensor, 2 processes against 1: float rounding gives 6e-7 (MoCo v3) to 1.0e-5
@@ -130,6 +131,26 @@ def run_steps(trainer: Trainer, frozen_bn: bool = True) -> dict:
             "drawn": drawn, "unused_moved": unused_moved, "views0": views0, "indices": indices, "grad_sync_calls": trainer.grad_sync.calls}
 
 
+def stop_by_a_signal_to_rank_1(run_dir: Path) -> int | None:
+    """Train 8 steps, logged every 2, with SIGTERM sent to rank 1 alone during the first step; returns the
+    step this process stopped at (None: it did not stop)."""
+    base = tiny("byol")
+    trainer = Trainer(config_from_dict({**base, "train": {**base["train"], "log_every": 2}}), run_dir)
+    step_fn = trainer.train_step
+
+    def train_step(step):
+        if step == 0 and dist.rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_fn(step)
+
+    trainer.train_step = train_step
+    try:
+        trainer.fit()
+    except Interrupted:
+        return trainer.state.step
+    return None
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -152,6 +173,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             result[f"draws_{space}"] = every
         for name in RUNS:
             result[name] = run_steps(Trainer(run_config(name), out / name), frozen_bn=name != GROUPED)
+        result["signal_stop"] = stop_by_a_signal_to_rank_1(out / "signal")
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -239,6 +261,13 @@ def test_one_gradient_allreduce_per_step_and_unused_private_bn_does_not_move(two
         # decay, no momentum), in 2 processes as in 1: (parameters checked, parameters moved) per step
         for run in (result, one_process[method]):
             assert all(checked > 0 and moved == 0 for checked, moved in run["unused_moved"]), run["unused_moved"]
+
+
+def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(two_process):
+    out, ranks, _ = two_process
+    # rank 1 alone was signalled in step 1 of 8: both finish step 2, the next logged step, and stop there
+    assert [r["signal_stop"] for r in ranks] == [2, 2]
+    assert load_checkpoint(out / "signal")["train_state"]["step"] == 2
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(two_process, tmp_path):

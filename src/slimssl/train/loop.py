@@ -107,8 +107,8 @@ class SignalGuard:
         if self.received is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.received = signum
-        log.warning("received %s: finishing the current step, then saving a checkpoint",
-                    signal.Signals(signum).name)
+        log.warning("received %s: finishing the current step, then saving a checkpoint (several processes "
+                    "stop together at the next logged step, train.log_every)", signal.Signals(signum).name)
 
     def __exit__(self, *exc):
         return self._handling.__exit__(*exc)
@@ -405,24 +405,38 @@ class Trainer:
                 self.state.step += 1
                 progress.update(1)
                 epoch_done = self.state.step % self.steps_per_epoch == 0
-                stopping = guard.received is not None  # the NaN check must run before every save
                 scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done or self.state.step == end
-                if scheduled or stopping:
+                stopping = self._stop_agreed(guard.received is not None, scheduled)
+                if scheduled or stopping:  # the NaN check must run before every save
                     # only a scheduled log (the same steps on every rank) may average over the ranks
                     means = {name: total / drawn[name] for name, total in sums.items()}
                     self._log(step, means, count, lr, time.perf_counter() - tick, progress, across_ranks=scheduled)
                     sums, drawn, count, tick = {}, {}, 0, time.perf_counter()
                 if epoch_done:
                     self._end_of_epoch()
-                if guard.received is not None:
+                if stopping:
                     self.save()
                     progress.close()
-                    raise Interrupted(f"stopped by {signal.Signals(guard.received).name} at step {self.state.step}; "
+                    cause = (signal.Signals(guard.received).name if guard.received is not None
+                             else "a stop signal to another process")
+                    raise Interrupted(f"stopped by {cause} at step {self.state.step}; "
                                       f"checkpoint saved in {checkpoint_path(self.run_dir)}")
         progress.close()
         if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
             self.save()
         return self.finish() if self.state.step >= self.total_steps else {}
+
+    def _stop_agreed(self, received: bool, scheduled: bool) -> bool:
+        """Whether every process stops after this step, ``received`` telling whether this one got a stop
+        signal. One process stops at once. Several stop together at the next scheduled log step, where they
+        meet anyway: the signal reaches them at different moments, and a process that stopped alone would
+        leave the others waiting in the next step's all-reduce, with no checkpoint written."""
+        if self.world == 1:
+            return received
+        if not scheduled:
+            return False
+        flag = torch.full((1,), float(received), device=self.device)  # filled on the device: no copy
+        return dist.all_reduce_mean(flag).item() > 0
 
     def _log(self, step: int, mean_losses: dict, count: int, lr, seconds: float, progress,
              across_ranks: bool = True) -> None:
