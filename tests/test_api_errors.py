@@ -244,6 +244,16 @@ def test_devices_name_what_runs(monkeypatch):
     assert pick_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(slimssl.DeviceError, match=r"sees 2 CUDA device\(s\) here \(cuda:0 to cuda:1\)"):
         pick_device(torch.device("cuda", 2))
+    # a process of a distributed job takes GPU LOCAL_RANK and makes it current; one GPU too many is named
+    chosen = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert pick_device("cuda") == torch.device("cuda", 1) and chosen == [1]
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(slimssl.DeviceError, match=r"LOCAL_RANK=2, but this machine has 2 CUDA device\(s\).*"
+                                                  r"at most 2 processes per node"):
+        pick_device("cuda")
 
 
 def test_a_menu_given_one_name_says_it_needs_a_list():

@@ -32,8 +32,20 @@ def pick_device(name: str | torch.device, setting: str = "--device") -> torch.de
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return _this_process_gpu(setting)
     return torch.device(name)
+
+
+def _this_process_gpu(setting: str) -> torch.device:
+    """GPU ``LOCAL_RANK`` for a process of a distributed job, made the current device (NCCL's and the
+    allocator's default)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DeviceError(f"{setting} is cuda in process LOCAL_RANK={local_rank}, but this machine has {count} "
+                          f"CUDA device(s): start at most {count} processes per node (torchrun --nproc-per-node)")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:

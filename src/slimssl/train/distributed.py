@@ -113,9 +113,11 @@ def init_from_env() -> None:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return
-    backend = os.environ.get("SLIMSSL_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # NCCL for CUDA tensors and gloo for CPU ones, so a run on the CPU (--device cpu) works on a GPU machine
+    # too; the process's GPU is chosen with the run's device (devices.pick_device), before any collective
+    backend = os.environ.get("SLIMSSL_DIST_BACKEND") or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available()
+                                                         else "gloo")
+    if "nccl" in backend:
         # the NCCL watchdog turns a timed-out collective into an abort of the process (default in recent
         # torch; set explicitly so the bound holds on older versions too)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
