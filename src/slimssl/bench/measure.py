@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import tempfile
 import time
@@ -128,6 +129,7 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
         del trainer
         dense_rows = []
         for spec in cfg.subnet_menu():
+            _forget(cfg.train.compile, device)
             with _set_up_quietly():
                 dense = Trainer(standalone_config(cfg, spec), scratch / f"dense-{spec.name}")
             dense_rows.append(row(f"  dense {spec.name}", _measure(dense.train_step, steps, warmup, device)))
@@ -141,6 +143,17 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
         rows.append({"what": "slimmable / one-by-one speed ratio", "img_per_s": total / slim.seconds,
                      "peak_gib": None, "gpu_busy": None})
     return _tag(rows, device, batch)
+
+
+def _forget(compile_mode: str, device: torch.device) -> None:
+    """Free what the last trainer left behind before the next is measured: its compiled graphs (dynamo would
+    reuse them for a network of the same structure, and CUDA-graph trees keep its memory pool) and cached
+    GPU memory, so that each row's peak memory is its own."""
+    if compile_mode != "off":
+        torch.compiler.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _tag(rows: list[dict], device: torch.device, batch: int) -> list[dict]:
