@@ -5,8 +5,8 @@ training device. It is a pure function of (seed, step): a resumed run sees exact
 uninterrupted run would have seen, and every process of a distributed run takes its own rows of one
 global batch.
 
-``InMemoryViews`` holds the decoded uint8 images (on the GPU when they fit, otherwise in pinned host
-memory) and augments each batch with the batched tensor ops of ``augment.py``, so no image is decoded or
+``InMemoryViews`` holds the decoded uint8 images (on the GPU when they fit, otherwise in host
+memory, each batch copied through pinned memory) and augments each batch with the batched tensor ops of ``augment.py``, so no image is decoded or
 augmented on the CPU during training. ``StreamingViews`` (``stream.py``, ``data.loader: stream``) is for
 datasets that do not fit: loader workers decode and crop, the colour stage runs batched on the device.
 Both follow the same batch order and the same per-step device generator.
@@ -89,7 +89,7 @@ class InMemoryViews:
         return self.sharding.indices(step)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.images[self.sharding.indices(step)].to(self.device, non_blocking=True)
+        images = to_device_async(self.images[self.sharding.indices(step)], self.device)
         views = self.augment(images, self.sharding.rows(step, self.device))
         return to_channels_last(views) if self.channels_last else views
 
@@ -135,13 +135,12 @@ def to_channels_last(views: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...
 
 def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The decoded uint8 images on the GPU when they fit comfortably, so batches never cross PCIe;
-    otherwise pinned host memory, for fast asynchronous copies of each batch."""
+    otherwise they stay in host memory, and each batch is gathered there and copied through pinned memory
+    (a batch gathered from a pinned tensor is not pinned itself, so pinning the whole set would not help)."""
     if device.type != "cuda":
         return images
     free, _ = torch.cuda.mem_get_info(device)
-    if images.numel() < GPU_SHARE * free:
-        return images.to(device)
-    return images.pin_memory()
+    return images.to(device) if images.numel() < GPU_SHARE * free else images
 
 
 def default_workers() -> int:
