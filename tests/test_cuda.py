@@ -21,14 +21,33 @@ def _cuda_cfg(method: str, **train):
                                                 **train}))
 
 
-@pytest.mark.parametrize("method", ["byol", "mocov2", "mocov3"])
-def test_training_step_never_synchronises_with_the_host(tmp_path, method):
-    trainer = Trainer(_cuda_cfg(method), tmp_path)
+SETUPS = {
+    "byol": ("byol", {}),
+    "mocov2": ("mocov2", {}),
+    "mocov3": ("mocov3", {}),
+    # BatchNorm over groups of 4 and shuffle-BN (the key encoder's order is drawn on the host each step)
+    "mocov2-grouped-shuffle": ("mocov2", {"model": {"bn_group_size": 4}, "method": {"shuffle_bn": True}}),
+    # decoded images kept in host memory (too large for the GPU): each batch is copied through pinned memory
+    "byol-images-on-host": ("byol", {}),
+}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_training_step_never_synchronises_with_the_host(tmp_path, monkeypatch, setup):
+    from slimssl.data import views
+
+    method, changes = SETUPS[setup]
+    if setup.endswith("on-host"):
+        monkeypatch.setattr(views, "GPU_SHARE", 0.0)
+    base = tiny(method, train={"device": "cuda", "precision": "bf16", "batch_size": 16})
+    cfg = config_from_dict({**base, **{k: {**base[k], **v} for k, v in changes.items()}})
+    trainer = Trainer(cfg, tmp_path)
+    assert trainer.view_source.images.is_cuda != setup.endswith("on-host")
     trainer.train_step(0)  # first step: lazy initialisation (optimizer state, cuDNN plans) may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for step in (1, 2):
+        for step in (1, 2, 3):  # 32 images in batches of 16: steps 2 starts an epoch (a new order)
             trainer.train_step(step)
     finally:
         torch.cuda.set_sync_debug_mode("default")
