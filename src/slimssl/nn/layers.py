@@ -138,25 +138,28 @@ def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, gro
     if n % group_size:
         raise ValueError(f"model.bn_group_size {group_size} must divide the batch of {n} samples that reach "
                          "BatchNorm (the per-process batch)")
-    groups = x.unflatten(0, (n // group_size, group_size))  # (G, S, C, ...): a view in any memory layout
-    dims = [1, *range(3, groups.dim())]
-    var, mean = torch.var_mean(groups.float(), dim=dims, correction=0, keepdim=True)  # fp32 statistics
-    shape = [1, 1, c] + [1] * (x.dim() - 2)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight[:c].view(shape)
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias[:c].view(shape)
-    out = torch.addcmul(shift, groups, scale).to(x.dtype).flatten(0, 1)
-    if bn.track_running_stats and bn.running_mean is not None:
+    g = n // group_size
+    # The groups folded into the channels, (G·S, C, ...) -> (S, G·C, ...): one ordinary BatchNorm of G·C
+    # channels then normalises each group with its own statistics, in the fused kernel, which keeps one copy
+    # of its input for the backward pass (statistics of the groups computed separately kept three, in fp32).
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    folded = x.unflatten(0, (g, group_size)).transpose(0, 1).flatten(1, 2).contiguous(memory_format=layout)
+    track = bn.track_running_stats and bn.running_mean is not None
+    momentum = 0.0
+    if track:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    running_mean = bn.running_mean[:c].repeat(g) if track else None  # one copy per group, averaged below
+    running_var = bn.running_var[:c].repeat(g) if track else None
+    out = F.batch_norm(folded, running_mean, running_var,
+                       None if bn.weight is None else bn.weight[:c].repeat(g),
+                       None if bn.bias is None else bn.bias[:c].repeat(g), True, momentum, bn.eps)
+    if track:  # each group's update is linear in its statistics: the mean of the updates is the update by the mean
         with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            count = groups[0].numel() // c  # values per channel in one group
-            bn.running_mean[:c].lerp_(mean.mean(0).flatten(), momentum)
-            bn.running_var[:c].lerp_((var * count / max(count - 1, 1)).mean(0).flatten(), momentum)
-    return out
+            bn.running_mean[:c].copy_(running_mean.view(g, c).mean(0))
+            bn.running_var[:c].copy_(running_var.view(g, c).mean(0))
+    return out.unflatten(1, (g, c)).transpose(0, 1).flatten(0, 1).contiguous(memory_format=layout)
 
 
 def _sliced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
