@@ -357,3 +357,18 @@ def test_overrides_that_are_not_a_list_say_how_to_write_them(overrides, tmp_path
                                               r"\['train.epochs=2'\]"):
             call()
     assert not tmp_path.joinpath("checkpoints").exists()
+
+
+@pytest.mark.parametrize("name, zero_init", [
+    ("imagenet_r50_slimclr_mocov2", True),  # SlimCLR's ResNet zeroes each residual branch's last BatchNorm
+    ("imagenet_r50_slimclr_mocov3", True),
+    ("cifar10_r18_slimclr_mocov2", False),  # MoCo's CIFAR-10 demo: torchvision's default
+])
+def test_recipes_start_their_residual_branches_as_their_sources(name, zero_init):
+    import slimssl
+
+    cfg = load_config(name, ["model.base_width=8"])  # narrow: the same blocks, built quickly
+    last = "bn3" if cfg.model.arch == "resnet50" else "bn2"  # a residual branch's last BatchNorm
+    scales = [p for n, p in slimssl.build_supernet(cfg).named_parameters()
+              if n.startswith("layer") and f".{last}." in n and n.endswith(".weight")]
+    assert scales and all(bool((p == 0).all()) == zero_init for p in scales)
