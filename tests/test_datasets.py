@@ -221,3 +221,76 @@ def test_digits_at_a_crop_ratio_are_the_centre_of_a_larger_resize():
     whole = load_dataset("digits", "test", resolution=20)
     centre = load_dataset("digits", "test", resolution=16, crop_ratio=0.8)
     assert torch.equal(centre.images, whole.images[..., 2:18, 2:18])
+
+
+# ---- layouts real users have --------------------------------------------------------------------------
+
+def _split_tree(root, train="train", test="test"):
+    _class_tree(root / train, per_class=2)
+    _class_tree(root / test, per_class=1)
+    return root
+
+
+def _assert_splits(source, train_size=4, test_size=2):
+    train, test = load_dataset(str(source), "train"), load_dataset(str(source), "test")
+    assert (len(train), len(test)) == (train_size, test_size)
+    assert train.classes == test.classes == ["cat", "dog"] and test.labels.tolist() == [0, 1]
+
+
+def test_a_zip_written_with_backslashes_keeps_its_splits_and_classes(tmp_path):
+    src = _split_tree(tmp_path / "d")
+    archive = tmp_path / "windows.zip"
+    with zipfile.ZipFile(archive, "w") as zf:  # as PowerShell's Compress-Archive writes them
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            zf.write(path, str(path.relative_to(src)).replace("/", "\\"))
+    _assert_splits(archive)
+
+
+def test_split_folders_in_any_case(tmp_path):
+    _assert_splits(_split_tree(tmp_path / "d", train="Train", test="TEST"))
+
+
+def test_a_folder_wrapping_the_dataset_is_read_like_the_zip_of_it(tmp_path):
+    _split_tree(tmp_path / "d" / "cifar")  # how unzipping a zip of cifar/ leaves it
+    (tmp_path / "d" / "README.txt").write_text("downloaded from ...")
+    _assert_splits(tmp_path / "d")
+    archive = _zip_dir(tmp_path / "d", tmp_path / "d.zip")  # the README beside the wrapper too
+    _assert_splits(archive)
+
+
+def test_a_dataset_one_folder_too_deep_is_refused_not_read_as_classes(tmp_path):
+    _split_tree(tmp_path / "d" / "cifar")
+    _split_tree(tmp_path / "d" / "other")  # two datasets side by side: no single wrapper
+    with pytest.raises(DataError, match=r"cifar holds test/ and train/, so it is a dataset, not a class folder"):
+        load_dataset(str(tmp_path / "d"))
+
+
+def test_a_zip_of_the_train_split_alone_is_a_train_split(tmp_path):
+    _class_tree(tmp_path / "d" / "train", per_class=2)
+    archive = _zip_dir(tmp_path / "d", tmp_path / "d.zip")
+    assert load_dataset(str(archive)).classes == ["cat", "dog"]
+    with pytest.raises(DataError, match="no test/ or val/ folder"):
+        load_dataset(str(archive), "test")
+
+
+def test_a_link_loop_is_followed_once_and_a_dangling_link_is_an_unreadable_image(tmp_path, caplog):
+    root = _class_tree(tmp_path / "d")
+    os.symlink("..", root / "cat" / "loop")
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert len(load_dataset(str(root))) == 6
+    assert "links to a folder already listed" in caplog.text
+    os.symlink(tmp_path / "gone.png", root / "dog" / "moved.png")
+    with pytest.raises(DataError, match=r"cannot decode .*moved\.png"):
+        load_dataset(str(root))
+    assert len(load_dataset(str(root), skip_unreadable=True)) == 6
+
+
+def test_file_names_that_are_not_utf8_stream_too(tmp_path):
+    from slimssl.data.files import FileListDataset
+
+    root = _class_tree(tmp_path / "d")
+    raw = os.path.join(os.fsencode(root / "cat"), b"caf\xe9.png")  # a Latin-1 name, as old zips leave
+    os.rename(root / "cat" / "0.png", raw)
+    name = os.fsdecode(raw)[len(str(root)) + 1:]
+    files = FileListDataset(str(root), [name])
+    assert files.path(0) == os.fsdecode(raw) and files.read(name) == open(raw, "rb").read()

@@ -178,7 +178,7 @@ class DecodedFiles(FileListDataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, decode_resized(self.read(self.paths[index].decode()), self.resolution,
+            return index, decode_resized(self.read(os.fsdecode(self.paths[index])), self.resolution,
                                          self.crop_ratio), None
         except Exception as exc:  # any decoder failure means "unreadable file"
             return index, None, decode_error(exc)

@@ -61,20 +61,36 @@ def _scan_dir(root: str) -> FileTree:
     files: dict[str, tuple[int, int]] = {}
     dirs: set[str] = set()
     stack = [""]
+    visited = {_identity(root)}  # folders reached through links are followed once: a link loop ends
     while stack:
         rel_dir = stack.pop()
-        with os.scandir(os.path.join(root, rel_dir)) as entries:
-            for entry in entries:
-                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-                if _hidden(entry.name):
+        folder = os.path.join(root, rel_dir)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as exc:
+            raise DataError(f"cannot list the folder {folder} ({exc.strerror or exc})") from exc
+        for entry in entries:
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if _hidden(entry.name):
+                continue
+            if entry.is_dir():
+                if _identity(entry.path) in visited:
+                    log.warning("%s links to a folder already listed: not followed again", entry.path)
                     continue
-                if entry.is_dir():
-                    dirs.add(rel)
-                    stack.append(rel)
-                elif entry.is_file():
-                    st = entry.stat()
-                    files[rel] = (st.st_size, st.st_mtime_ns)
+                visited.add(_identity(entry.path))
+                dirs.add(rel)
+                stack.append(rel)
+            elif entry.is_file():
+                st = entry.stat()
+                files[rel] = (st.st_size, st.st_mtime_ns)
+            elif entry.is_symlink() and _is_image(entry.name):  # a dangling link: an unreadable image
+                files[rel] = (0, 0)
     return FileTree(root, files, dirs, _folder_reader(root))
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def _folder_reader(root: str) -> Callable[[str], bytes]:
@@ -91,9 +107,12 @@ def open_zip(path: str) -> FileTree:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{path} is not a readable .zip file ({exc})") from exc
-    files, dirs = {}, set()
+    files, dirs, stored = {}, set(), {}
     for info in archive.infolist():
-        name = info.filename.rstrip("/")
+        # Windows tools (PowerShell's Compress-Archive) write "\\" between folders; some zips start with "./"
+        name = info.filename.replace("\\", "/").rstrip("/")
+        while name.startswith("./"):
+            name = name[2:]
         if not name or _hidden(name):
             continue
         parts = name.split("/")
@@ -102,28 +121,54 @@ def open_zip(path: str) -> FileTree:
             dirs.add(name)
         else:
             files[name] = (info.file_size, info.CRC)
+            stored[name] = info.filename
     prefix = _wrapper_prefix(files, dirs)
     files = {k[len(prefix):]: v for k, v in files.items()}
     dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")}
 
     def read(rel: str) -> bytes:
-        return archive.read(prefix + rel)  # ZipFile reads are thread-safe
+        return archive.read(stored[prefix + rel])  # ZipFile reads are thread-safe
 
     return FileTree(path, files, dirs, read)
 
 
 def _wrapper_prefix(files: dict, dirs: set[str]) -> str:
-    """One top-level folder wrapping everything (``data.zip/data/...``) is skipped."""
-    tops = {name.split("/")[0] for name in list(files) + list(dirs)}
-    if len(tops) == 1 and not any("/" not in f for f in files):
+    """One top-level folder wrapping every image (``data.zip/data/...``, a README beside it or not) is
+    skipped, unless it is a split (``train/`` alone is a dataset of one split)."""
+    tops = {name.split("/")[0] for name in dirs} | {f.split("/")[0] for f in files if "/" in f}
+    loose_images = any("/" not in f and _is_image(f) for f in files)
+    if len(tops) == 1 and not loose_images and next(iter(tops)).lower() not in SPLITS:
         return tops.pop() + "/"
     return ""
 
 
+def _unwrapped(tree: FileTree) -> FileTree:
+    """A folder holding only one folder that holds the splits (``DIR/cifar10/{train,test}``, as a zip of
+    ``cifar10/`` unpacks) is read as that inner folder, as the zip is."""
+    prefix = _wrapper_prefix(tree.files, tree.dirs)
+    inner = prefix.rstrip("/")
+    if not prefix or not _split_dirs(tree.dirs, inner + "/"):
+        return tree
+    root = os.path.join(tree.root, inner)
+    log.info("%s holds only the folder %s: reading it", tree.root, inner)
+    return FileTree(root, {k[len(prefix):]: v for k, v in tree.files.items() if k.startswith(prefix)},
+                    {d[len(prefix):] for d in tree.dirs if d.startswith(prefix)}, _folder_reader(root))
+
+
+def _split_dirs(dirs: set[str], prefix: str = "") -> dict[str, str]:
+    """The split folders directly under ``prefix``, by lower-case name (``Train/`` counts as ``train/``)."""
+    found = {}
+    for d in dirs:
+        rest = d[len(prefix):] if d.startswith(prefix) else None
+        if rest and "/" not in rest and rest.lower() in SPLITS:
+            found.setdefault(rest.lower(), rest)
+    return found
+
+
 def split_prefix(tree: FileTree, split: str) -> str:
     """``train/``, ``test/`` or ``val/`` if the tree has split folders, else ``""``."""
-    top_dirs = {d for d in tree.dirs if "/" not in d}
-    if "train" not in top_dirs:
+    splits = _split_dirs(tree.dirs)
+    if "train" not in splits:
         if split != "train":
             raise DataError(
                 f"{tree.root} has no train/ and test/ (or val/) sub-folders, so it is a "
@@ -132,8 +177,8 @@ def split_prefix(tree: FileTree, split: str) -> str:
         return ""
     wanted = {"train": ["train"], "test": ["test", "val"], "val": ["val", "test"]}[split]
     for name in wanted:
-        if name in top_dirs:
-            return name + "/"
+        if name in splits:
+            return splits[name] + "/"
     raise DataError(f"{tree.root} has no {' or '.join(w + '/' for w in wanted)} folder for split {split!r}")
 
 
@@ -150,6 +195,12 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
         if not paths:
             raise DataError(f"{where} contains no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
         return paths, None, None
+    for cls in class_dirs:  # a dataset one folder too deep would be read as classes, its splits mixed
+        nested = _split_dirs(tree.dirs, f"{prefix}{cls}/")
+        if nested:
+            held = " and ".join(sorted(f"{name}/" for name in nested.values()))
+            raise DataError(f"{os.path.join(where, cls)} holds {held}, so it is a dataset, not a class folder; give "
+                            f"{os.path.join(where, cls)} itself as the data")
     loose = [f for f in under if "/" not in f and _is_image(f)]
     if loose:
         log.warning("%s: ignoring %d images outside the class folders (e.g. %s)", where, len(loose), loose[0])
@@ -169,7 +220,7 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
 def scan_tree(path: str) -> FileTree:
     """The image files of an ImageFolder folder or .zip (not decoded), or a DataError saying what is wrong."""
     if os.path.isdir(path):
-        tree = _scan_dir(path)
+        tree = _unwrapped(_scan_dir(path))
     elif zipfile.is_zipfile(path):
         tree = open_zip(path)
     else:
@@ -222,7 +273,7 @@ class FileListDataset(Dataset):
         # One numpy bytes array, not a list of str: forked workers read it without touching refcounts, so
         # its pages stay shared instead of being copied into every worker (1.28M paths for ImageNet).
         self.root = root
-        self.paths = paths if isinstance(paths, np.ndarray) else np.array([p.encode() for p in paths])
+        self.paths = paths if isinstance(paths, np.ndarray) else np.array([os.fsencode(p) for p in paths])
         self._read, self._read_pid = read, os.getpid()
 
     def __len__(self) -> int:
@@ -232,9 +283,9 @@ class FileListDataset(Dataset):
         return {**self.__dict__, "_read": None, "_read_pid": None}
 
     def path(self, index: int) -> str:
-        return os.path.join(self.root, self.paths[index].decode())
+        return os.path.join(self.root, os.fsdecode(self.paths[index]))
 
     def read(self, rel: str) -> bytes:
-        if self._read_pid != os.getpid():  # a worker: a .zip handle inherited through fork is not safe to share
+        if self._read is None or self._read_pid != os.getpid():  # a .zip handle inherited through fork is not safe
             self._read, self._read_pid = open_reader(self.root), os.getpid()
         return self._read(rel)

@@ -188,7 +188,7 @@ class CropDataset(FileListDataset):
         index, step, row = key
         unreadable = []
         for offset in range(min(MAX_REPLACEMENT_TRIES, len(self.paths))):
-            rel = self.paths[(index + offset) % len(self.paths)].decode()
+            rel = os.fsdecode(self.paths[(index + offset) % len(self.paths)])
             try:
                 image = decode_pixels(self.read(rel), self.min_side)
             except Exception as exc:  # any decoder failure means "unreadable file"
