@@ -315,6 +315,37 @@ def test_trainer_streams_saves_and_resumes_exactly(tmp_path, caplog):
     assert not differ, f"resumed run differs in {differ[:5]}"
 
 
+def test_an_unreadable_file_met_in_training_keeps_the_steps_trained_and_their_log(tmp_path):
+    root = _tree(tmp_path / "data", n=24)
+    data = tiny("byol", widths=[1.0, 0.5], train={"checkpoint_every": 0, "epochs": 4})
+    data["data"] = {"source": str(root), "resolution": 8, "loader": "stream", "workers": 0}
+    run = tmp_path / "run"
+    trainer = Trainer(config_from_dict(data), run)
+    originals = {p: p.read_bytes() for p in root.rglob("*.*")}
+    step_fn = trainer.train_step
+
+    def train_step(step):
+        if step == 4:  # in epoch 2, after the checkpoint of step 3: every file now fails to decode
+            for path in originals:
+                path.write_bytes(b"not an image")
+        return step_fn(step)
+
+    trainer.train_step = train_step
+    with pytest.raises(DataError, match=r"cannot decode .*\n.*the 4 steps trained so far are saved in .*last\.pt: "
+                                        r"continue with slimssl pretrain --resume"):
+        trainer.fit()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["train_state"]["step"] == 4
+    trainer.metrics.close()
+    with (run / "metrics.jsonl").open("a") as f:  # as a run that trained on past its checkpoint would leave
+        f.write(json.dumps({"step": 6, "loss": {"w1p0_d1-1-1-1": 1.0}}) + "\n")
+    for path, content in originals.items():
+        path.write_bytes(content)
+    resumed = Trainer(config_from_dict(data), run, resume=True)
+    resumed.fit()
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == list(range(1, resumed.total_steps + 1))  # every step logged once (log_every 1)
+
+
 def _send_stop_signals_to_the_workers() -> list:
     """SIGTERM and SIGINT to every loader worker of this process, as Ctrl-C or a preemption sends them."""
     workers = multiprocessing.active_children()

@@ -161,7 +161,8 @@ class Trainer:
             self._load(checkpoint_path(self.run_dir))
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
         log.info("%s", self.lr_summary())
-        self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main())
+        self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(),
+                                     resumed_at=self.state.step if resume else None)
         if self._resumed_lr != self.effective_lr():  # a resume with the same lr would repeat the record
             self.metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
 
@@ -395,7 +396,10 @@ class Trainer:
         with SignalGuard() as guard, contextlib.closing(self.view_source):  # closing: stops loader workers
             while self.state.step < end:
                 step = self.state.step
-                result = self.train_step(step)
+                try:
+                    result = self.train_step(step)
+                except DataError as e:  # an unreadable file met by streaming, before this step changed anything
+                    raise self._saved_before(e) from None
                 if result.lr is not None:  # a skipped step (train.nonfinite: skip) has no losses to average
                     lr = result.lr
                     for name, value in result.losses.items():
@@ -425,6 +429,16 @@ class Trainer:
         if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
             self.save()
         return self.finish() if self.state.step >= self.total_steps else {}
+
+    def _saved_before(self, error: DataError) -> DataError:
+        """``error`` (bad data met in the middle of training), after the steps trained so far are saved."""
+        if self.state.step == 0:
+            return error  # nothing trained: the failed start is cleaned up as any other
+        if self._last_saved_step != self.state.step:
+            self.save()
+        return DataError(f"{error}\nthe {self.state.step} steps trained so far are saved in "
+                         f"{checkpoint_path(self.run_dir)}: continue with slimssl pretrain --resume {self.run_dir} "
+                         "(with --set data.skip_unreadable=true, or once the file is replaced)")
 
     def _stop_agreed(self, received: bool, scheduled: bool) -> bool:
         """Whether every process stops after this step, ``received`` telling whether this one got a stop

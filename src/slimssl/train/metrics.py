@@ -6,20 +6,28 @@ import json
 import logging
 from pathlib import Path
 
+from ..atomic import atomic_write
+
 log = logging.getLogger("slimssl")
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    """``resumed_at``: the step a resumed run continues from. Records written after it by the run that stopped
+    (which had trained on past its last checkpoint) are dropped, so that the steps trained again are not
+    logged twice."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, resumed_at: int | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if not enabled:
             return
+        if resumed_at is not None:
+            self._drop_records_after(resumed_at)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_at)
         except ImportError:
             log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
 
@@ -39,6 +47,25 @@ class MetricsLogger:
                 elif isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, step)
 
+    def _drop_records_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) < len(lines):
+            with atomic_write(self.path, "w") as f:
+                f.writelines(kept)
+            log.info("metrics.jsonl: dropped %d records of steps after %d, which this run trains again",
+                     len(lines) - len(kept), step)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a line that cannot be read is kept (as if of step 0)."""
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 0.0
