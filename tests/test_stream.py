@@ -346,6 +346,20 @@ def test_an_unreadable_file_met_in_training_keeps_the_steps_trained_and_their_lo
     assert steps == list(range(1, resumed.total_steps + 1))  # every step logged once (log_every 1)
 
 
+def test_a_run_of_unreadable_files_too_long_to_skip_is_one_clear_error(tmp_path):
+    root = _tree(tmp_path / "data", n=8)
+    (root / "aaa").mkdir()
+    for i in range(200):  # more in a row than a sample tries (100), in the class listed first
+        (root / "aaa" / f"{i:03d}.jpg").write_bytes(b"")
+    views = _stream(root, workers=1, skip_unreadable=True)
+    with pytest.raises(DataError) as caught:
+        for step in range(3):
+            views(step)
+    message = str(caught.value)
+    assert re.match(r".*data: no readable image among 100 files in a row from .*aaa/\d+\.jpg; is the dataset intact\?$",
+                    message) and "Traceback" not in message, message
+
+
 def _send_stop_signals_to_the_workers() -> list:
     """SIGTERM and SIGINT to every loader worker of this process, as Ctrl-C or a preemption sends them."""
     workers = multiprocessing.active_children()

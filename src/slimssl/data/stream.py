@@ -92,6 +92,11 @@ class StreamingViews:
         if got != step:
             raise RuntimeError(f"streaming loader returned the batch of step {got} for step {step}")
         self._note_unreadable(unreadable)
+        if crops is None:  # data.skip_unreadable, but a sample found no readable file to take its place
+            self.close()
+            tries = min(MAX_REPLACEMENT_TRIES, len(self.files))
+            raise DataError(f"{self.files.root}: no readable image among {tries} files in a row from "
+                            f"{unreadable[0][0]}; is the dataset intact?")
         return crops
 
     def _restart(self, step: int) -> None:
@@ -197,8 +202,7 @@ class CropDataset(FileListDataset):
                     return step, None, unreadable
                 continue  # deterministic replacement: the next file in listing order
             return step, crop_pair(image, self.views, self.size, sample_generator(self.seed, step, row)), unreadable
-        raise DataError(f"{self.root}: {len(unreadable)} unreadable files in a row from "
-                        f"{unreadable[0][0]}; is the dataset intact?")
+        return step, None, unreadable  # no readable file among the tries: the training process says so
 
 
 def collate_crops(samples: list) -> tuple[int, torch.Tensor | None, list[tuple[str, str]]]:
