@@ -294,3 +294,38 @@ def test_file_names_that_are_not_utf8_stream_too(tmp_path):
     name = os.fsdecode(raw)[len(str(root)) + 1:]
     files = FileListDataset(str(root), [name])
     assert files.path(0) == os.fsdecode(raw) and files.read(name) == open(raw, "rb").read()
+
+
+def test_evaluation_lists_both_splits_before_decoding_either(tmp_path, monkeypatch):
+    from slimssl.config import load_config
+    from slimssl.errors import UsageError
+    from slimssl.eval.evaluate import DataOptions
+
+    monkeypatch.setattr(DataOptions, "load_split", lambda *args, **kwargs: pytest.fail("a split was decoded"))
+    cfg = load_config("demo")
+    _class_tree(tmp_path / "no_test" / "train")
+    with pytest.raises(UsageError, match=r"cannot load the test split of .*no_test.*no test/ or val/ folder"):
+        DataOptions(data=str(tmp_path / "no_test")).load_splits(cfg)
+    _class_tree(tmp_path / "other" / "train")
+    _class_tree(tmp_path / "other" / "test", classes=("cat", "cow"))
+    with pytest.raises(DataError, match=r"different classes \(only in train: dog; only in test: cow\)"):
+        DataOptions(data=str(tmp_path / "other")).load_splits(cfg)
+    for i in range(2):
+        _save(tmp_path / "loose" / "train" / f"{i}.png")
+        _save(tmp_path / "loose" / "test" / f"{i}.png")
+    with pytest.raises(UsageError, match="the train split of .* has no labels"):
+        DataOptions(data=str(tmp_path / "loose")).load_splits(cfg)
+
+
+def test_pretraining_says_when_its_test_split_exists_but_cannot_be_read(tmp_path, caplog):
+    from slimssl.config import config_from_dict
+    from slimssl.train.loop import Trainer
+
+    _split_tree(tmp_path / "d")
+    (tmp_path / "d" / "test" / "cat" / "0.png").write_bytes(b"not an image")
+    cfg = config_from_dict({"data": {"source": str(tmp_path / "d"), "resolution": 8},
+                            "train": {"batch_size": 4, "device": "cpu"}})
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert Trainer(cfg, tmp_path / "run").eval_data is None
+    assert any(r.levelno == logging.WARNING and "the test split cannot be loaded (cannot decode" in r.getMessage()
+               for r in caplog.records)

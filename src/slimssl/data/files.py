@@ -30,6 +30,10 @@ class DataError(SlimsslError):
     """Bad dataset input: the message names the path and what was expected."""
 
 
+class MissingSplitError(DataError):
+    """The data has no folder for the split asked for (pretraining needs none; evaluation needs a test split)."""
+
+
 def existing_path(source: str) -> str:
     """The absolute path of a dataset ``source`` that is not a built-in name, or a DataError."""
     path = os.path.abspath(os.path.expanduser(source))
@@ -170,7 +174,7 @@ def split_prefix(tree: FileTree, split: str) -> str:
     splits = _split_dirs(tree.dirs)
     if "train" not in splits:
         if split != "train":
-            raise DataError(
+            raise MissingSplitError(
                 f"{tree.root} has no train/ and test/ (or val/) sub-folders, so it is a "
                 f"single 'train' split; cannot load split {split!r}"
             )
@@ -179,7 +183,7 @@ def split_prefix(tree: FileTree, split: str) -> str:
     for name in wanted:
         if name in splits:
             return splits[name] + "/"
-    raise DataError(f"{tree.root} has no {' or '.join(w + '/' for w in wanted)} folder for split {split!r}")
+    raise MissingSplitError(f"{tree.root} has no {' or '.join(w + '/' for w in wanted)} folder for split {split!r}")
 
 
 def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None, list[str] | None]:

@@ -24,7 +24,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint, save_checkpoint
 from ..config import Config, ConfigError, check_processes, config_differences
 from ..data.datasets import ImageDataset, check_same_classes, load_dataset
-from ..data.files import DataError
+from ..data.files import DataError, MissingSplitError
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype, to_device_async
@@ -185,8 +185,11 @@ class Trainer:
 
         try:
             test = split("test")
-        except DataError as e:
+        except MissingSplitError as e:  # pretraining needs none
             log.info("no test split for kNN evaluation (%s): kNN is skipped", e)
+            return None
+        except DataError as e:  # there is one, but it cannot be read: only the kNN monitor is lost
+            log.warning("the test split cannot be loaded (%s); kNN evaluation is skipped", e)
             return None
         try:
             check_same_classes(self.train_data, test, d.source)
