@@ -329,3 +329,11 @@ def test_pretraining_says_when_its_test_split_exists_but_cannot_be_read(tmp_path
         assert Trainer(cfg, tmp_path / "run").eval_data is None
     assert any(r.levelno == logging.WARNING and "the test split cannot be loaded (cannot decode" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_class_folder_without_images_names_the_extensions_and_what_it_holds(tmp_path):
+    root = _class_tree(tmp_path / "d")
+    _save(root / "bird" / "0.gif", fmt="GIF")
+    with pytest.raises(DataError, match=r"class folder .*bird contains no images \(extensions: \.jpg, .*\); it "
+                                        r"holds 1 other file\(s\), e\.g\. bird/0\.gif"):
+        load_dataset(str(root))

@@ -215,7 +215,10 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
     paths, labels = [], []
     for label, cls in enumerate(class_dirs):
         if not by_class[cls]:
-            raise DataError(f"class folder {os.path.join(where, cls)} contains no images")
+            others = sorted(f for f in under if f.startswith(cls + "/"))
+            seen = f"; it holds {len(others)} other file(s), e.g. {others[0]}" if others else ""
+            raise DataError(f"class folder {os.path.join(where, cls)} contains no images (extensions: "
+                            f"{', '.join(IMAGE_EXTENSIONS)}){seen}")
         paths += sorted(by_class[cls])
         labels += [label] * len(by_class[cls])
     return paths, labels, class_dirs
