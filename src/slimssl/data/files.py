@@ -113,7 +113,7 @@ def open_zip(path: str) -> FileTree:
         raise DataError(f"{path} is not a readable .zip file ({exc})") from exc
     files, dirs, stored = {}, set(), {}
     for info in archive.infolist():
-        # Windows tools (PowerShell's Compress-Archive) write "\\" between folders; some zips start with "./"
+        # Windows tools (PowerShell's Compress-Archive) separate folders by backslashes; some zips start with "./"
         name = info.filename.replace("\\", "/").rstrip("/")
         while name.startswith("./"):
             name = name[2:]

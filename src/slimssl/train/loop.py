@@ -435,8 +435,8 @@ class Trainer:
 
     def _saved_before(self, error: DataError) -> DataError:
         """``error`` (bad data met in the middle of training), after the steps trained so far are saved."""
-        if self.state.step == 0:
-            return error  # nothing trained: the failed start is cleaned up as any other
+        if self.state.step == 0 or not dist.is_main():
+            return error  # nothing trained (the failed start is cleaned up as any other), or rank 0 saves
         if self._last_saved_step != self.state.step:
             self.save()
         return DataError(f"{error}\nthe {self.state.step} steps trained so far are saved in "
