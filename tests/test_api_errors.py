@@ -292,3 +292,27 @@ def test_resolve_many_gives_the_menu_or_the_named_sub_networks_once_each(superne
     assert supernet.resolve_many(0.5) == [supernet.resolve(0.5)]
     with pytest.raises(slimssl.SubnetError, match="no sub-network given"):
         supernet.resolve_many([])
+
+
+def test_copies_to_the_gpu_pin_host_tensors_only():
+    from slimssl.devices import to_device_async
+
+    class Recorder:  # a tensor stand-in that records how it is moved (this machine may have no GPU)
+        def __init__(self, device: str, log: list):
+            self.device, self.log = torch.device(device), log
+
+        def pin_memory(self):
+            self.log.append("pin")
+            return Recorder("cpu", self.log)
+
+        def to(self, device, non_blocking=False):
+            self.log.append(("to", str(device), non_blocking))
+            return self
+
+    cuda = torch.device("cuda")  # as --device cuda gives it, without an index; a GPU tensor says cuda:0
+    log = []
+    to_device_async(Recorder("cuda:0", log), cuda)
+    assert log == [("to", "cuda", False)]  # a GPU tensor is never pinned: pinning it would fail
+    log = []
+    to_device_async(Recorder("cpu", log), cuda)
+    assert log == ["pin", ("to", "cuda", True)]  # a host tensor goes through pinned memory, without a wait

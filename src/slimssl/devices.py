@@ -58,7 +58,7 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on ``device`` without making the host wait: a copy to a GPU from pageable memory blocks
     until the GPU has done all its queued work, one from pinned memory does not."""
-    if device.type != "cuda" or t.device == device:
+    if device.type != "cuda" or t.device.type != "cpu":  # (a GPU tensor: "cuda:0" is not equal to "cuda")
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)  # the pinned copy is freed only once the GPU read it
 

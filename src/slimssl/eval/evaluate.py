@@ -145,7 +145,7 @@ class DataOptions:
                     raise _unlabelled(split, source)
             check_same_classes(*listed, source)
         train, test = (self.load_split(cfg, split, device) for split in ("train", "test"))
-        check_same_classes(train, test, self.source(cfg))
+        check_same_classes(train, test, source)
         return train, test
 
 
