@@ -91,14 +91,14 @@ class TwoViewAugment:
         x = _to_float(images)
         x = _shrink_for_crop(x, self.size)
         one, two = (augment_view(x, view, self.size, generator) for view in self.views)
-        return _normalize(one, self.mean, self.std), _normalize(two, self.mean, self.std)
+        return normalize(one, self.mean, self.std), normalize(two, self.mean, self.std)
 
     def photometric(self, first: torch.Tensor, second: torch.Tensor,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The second stage only, for views cropped and resized elsewhere (the streaming loader's
         workers): uint8 [B,3,size,size] per view -> two normalised float32 views."""
         one, two = (photometric_view(_to_float(x), view, generator) for x, view in zip((first, second), self.views))
-        return _normalize(one, self.mean, self.std), _normalize(two, self.mean, self.std)
+        return normalize(one, self.mean, self.std), normalize(two, self.mean, self.std)
 
 
 def eval_transform(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
@@ -110,7 +110,7 @@ def eval_transform(images: torch.Tensor, size: int, mean=IMAGENET_MEAN, std=IMAG
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
         top, left = center_offsets(h, w, size)
         x = x[..., top : top + size, left : left + size].clamp(0, 1)
-    return _normalize(x, mean, std)
+    return normalize(x, mean, std)
 
 
 def augment_view(x: torch.Tensor, view: ViewRecipe, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -415,6 +415,8 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    # Python scalars per channel: a device tensor of constants would need a synchronising copy.
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of float [B, C, H, W].
+
+    Python scalars per channel: a device tensor of constants would need a synchronising copy."""
     return torch.stack([(x[:, c] - m) / s for c, (m, s) in enumerate(zip(mean, std))], dim=1)

@@ -28,6 +28,7 @@ from torch import nn
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..data.files import DataError
+from ..devices import to_device_async
 from ..errors import UsageError
 from . import TRAIN_CROPS
 from .linear import augment_batch, output_classes, topk_accuracy
@@ -171,8 +172,8 @@ def _fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
             perm, cursor = torch.randperm(n, generator=generator), 0
         idx = perm[cursor:cursor + batch]
         cursor += batch
-        x = augment_batch(images[idx].to(device), resolution, mean, std, generator, recipe.crop)
-        loss = F.cross_entropy(model(x), labels[idx.to(device)])
+        x = augment_batch(to_device_async(images[idx], device), resolution, mean, std, generator, recipe.crop)
+        loss = F.cross_entropy(model(x), labels[to_device_async(idx, device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, eval_transform, geometric_view
+from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, eval_transform, geometric_view, normalize
 from ..data.eval_images import EvalImages
 from ..data.files import DataError
+from ..devices import to_device_async
 from ..errors import UsageError
 from ..nn.spec import Menu, SubnetSpec
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, TRAIN_CROPS
@@ -165,19 +166,13 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 # ---- augmentation ------------------------------------------------------------------------------------
 
-def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
-
-
 def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Batched random crop of the original size from the zero-padded image, and a horizontal flip with
     probability 1/2 (the CIFAR recipe). ``x`` is float [B, C, H, W]; draws come from a CPU ``generator``."""
     b, c, h, w = x.shape
-    tops = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
-    lefts = torch.randint(0, 2 * padding + 1, (b,), generator=generator).to(x.device)
-    flips = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+    tops = to_device_async(torch.randint(0, 2 * padding + 1, (b,), generator=generator), x.device)
+    lefts = to_device_async(torch.randint(0, 2 * padding + 1, (b,), generator=generator), x.device)
+    flips = to_device_async(torch.rand(b, generator=generator) < 0.5, x.device)
     if padding > 0:
         x = F.pad(x, (padding, padding, padding, padding))
     rows = tops[:, None] + torch.arange(h, device=x.device)       # [B, H]
@@ -238,7 +233,7 @@ class _ProbeFeatures:
         augmenting."""
         if self.cached is not None:
             return {n: f[idx] for n, f in self.cached.items()}
-        x = augment_batch(images.to(self.device), self.resolution, self.mean, self.std, generator, self.crop)
+        x = augment_batch(to_device_async(images, self.device), self.resolution, self.mean, self.std, generator, self.crop)
         with torch.no_grad():
             return self._standardized({s.name: self.models[s.name](x, subnet=s).float() for s in self.specs})
 
