@@ -278,11 +278,20 @@ def test_a_link_loop_is_followed_once_and_a_dangling_link_is_an_unreadable_image
     os.symlink("..", root / "cat" / "loop")
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         assert len(load_dataset(str(root))) == 6
-    assert "links to a folder already listed" in caplog.text
+    assert "links to a folder that holds it: not followed (a loop)" in caplog.text
     os.symlink(tmp_path / "gone.png", root / "dog" / "moved.png")
     with pytest.raises(DataError, match=r"cannot decode .*moved\.png"):
         load_dataset(str(root))
     assert len(load_dataset(str(root), skip_unreadable=True)) == 6
+
+
+def test_a_split_may_link_to_the_class_folders_of_another(tmp_path):
+    _class_tree(tmp_path / "d" / "train", per_class=2)
+    (tmp_path / "d" / "test").mkdir()
+    for name in ("cat", "dog"):  # a quick check on the train images themselves
+        os.symlink(tmp_path / "d" / "train" / name, tmp_path / "d" / "test" / name)
+    train, test = (load_dataset(str(tmp_path / "d"), split) for split in ("train", "test"))
+    assert torch.equal(train.images, test.images) and test.labels.tolist() == [0, 0, 1, 1]
 
 
 def test_file_names_that_are_not_utf8_stream_too(tmp_path):

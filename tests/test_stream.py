@@ -344,6 +344,21 @@ def test_an_unreadable_file_met_in_training_keeps_the_steps_trained_and_their_lo
     resumed.fit()
     steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert steps == list(range(1, resumed.total_steps + 1))  # every step logged once (log_every 1)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("lr")] == list(range(1, resumed.total_steps + 1))  # TensorBoard too
+
+
+def test_a_folder_wrapping_the_dataset_streams_from_loader_workers(tmp_path):
+    _tree(tmp_path / "outer" / "cifar" / "train", n=8)
+    _tree(tmp_path / "outer" / "cifar" / "test", n=4)
+    views = _stream(tmp_path / "outer", workers=1)  # a worker opens its own reader, from the listed root
+    try:
+        assert views(0)[0].shape[0] == 8
+    finally:
+        views.close()
 
 
 def test_a_run_of_unreadable_files_too_long_to_skip_is_one_clear_error(tmp_path):

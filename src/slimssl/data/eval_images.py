@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import ImageDataset, load_dataset, num_classes
 from .decode import decode_error, decode_resized
-from .files import SKIP_HINT, DataError, FileListDataset, list_labelled_files
+from .files import SKIP_HINT, DataError, FileListDataset, list_labelled_files, to_path
 
 log = logging.getLogger("slimssl")
 
@@ -178,7 +178,7 @@ class DecodedFiles(FileListDataset):
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, decode_resized(self.read(os.fsdecode(self.paths[index])), self.resolution,
+            return index, decode_resized(self.read(to_path(self.paths[index])), self.resolution,
                                          self.crop_ratio), None
         except Exception as exc:  # any decoder failure means "unreadable file"
             return index, None, decode_error(exc)

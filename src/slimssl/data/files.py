@@ -64,10 +64,9 @@ def _is_image(rel: str) -> bool:
 def _scan_dir(root: str) -> FileTree:
     files: dict[str, tuple[int, int]] = {}
     dirs: set[str] = set()
-    stack = [""]
-    visited = {_identity(root)}  # folders reached through links are followed once: a link loop ends
+    stack = [("", (_identity(root),))]  # each folder with the folders above it: a link to one of them is a loop
     while stack:
-        rel_dir = stack.pop()
+        rel_dir, above = stack.pop()
         folder = os.path.join(root, rel_dir)
         try:
             entries = list(os.scandir(folder))
@@ -78,12 +77,12 @@ def _scan_dir(root: str) -> FileTree:
             if _hidden(entry.name):
                 continue
             if entry.is_dir():
-                if _identity(entry.path) in visited:
-                    log.warning("%s links to a folder already listed: not followed again", entry.path)
+                identity = _identity(entry.path)
+                if identity in above:
+                    log.warning("%s links to a folder that holds it: not followed (a loop)", entry.path)
                     continue
-                visited.add(_identity(entry.path))
                 dirs.add(rel)
-                stack.append(rel)
+                stack.append((rel, (*above, identity)))
             elif entry.is_file():
                 st = entry.stat()
                 files[rel] = (st.st_size, st.st_mtime_ns)
@@ -127,7 +126,7 @@ def open_zip(path: str) -> FileTree:
             files[name] = (info.file_size, info.CRC)
             stored[name] = info.filename
     prefix = _wrapper_prefix(files, dirs)
-    files = {k[len(prefix):]: v for k, v in files.items()}
+    files = {k[len(prefix):]: v for k, v in files.items() if k.startswith(prefix)}
     dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")}
 
     def read(rel: str) -> bytes:
@@ -162,7 +161,7 @@ def _unwrapped(tree: FileTree) -> FileTree:
 def _split_dirs(dirs: set[str], prefix: str = "") -> dict[str, str]:
     """The split folders directly under ``prefix``, by lower-case name (``Train/`` counts as ``train/``)."""
     found = {}
-    for d in dirs:
+    for d in sorted(dirs):  # Train/ before train/ when both exist, in every process
         rest = d[len(prefix):] if d.startswith(prefix) else None
         if rest and "/" not in rest and rest.lower() in SPLITS:
             found.setdefault(rest.lower(), rest)
@@ -255,10 +254,9 @@ def list_labelled_files(source: str, split: str = "train") -> ImageFiles:
     if source in BUILTIN:
         raise DataError(f"data.loader: stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
                         f"dataset; use data.loader: memory (--set data.loader=memory) for it")
-    root = existing_path(source)
-    tree = scan_tree(root)
+    tree = scan_tree(existing_path(source))
     paths, labels, classes = list_split(tree, split_prefix(tree, split))
-    return ImageFiles(root, paths, labels, classes, tree.read)
+    return ImageFiles(tree.root, paths, labels, classes, tree.read)  # tree.root: the inner folder of a wrapper
 
 
 def list_image_files(source: str, split: str = "train") -> tuple[str, list[str], Callable[[str], bytes]]:
@@ -280,7 +278,7 @@ class FileListDataset(Dataset):
         # One numpy bytes array, not a list of str: forked workers read it without touching refcounts, so
         # its pages stay shared instead of being copied into every worker (1.28M paths for ImageNet).
         self.root = root
-        self.paths = paths if isinstance(paths, np.ndarray) else np.array([os.fsencode(p) for p in paths])
+        self.paths = paths if isinstance(paths, np.ndarray) else np.array([_to_bytes(p) for p in paths])
         self._read, self._read_pid = read, os.getpid()
 
     def __len__(self) -> int:
@@ -290,9 +288,20 @@ class FileListDataset(Dataset):
         return {**self.__dict__, "_read": None, "_read_pid": None}
 
     def path(self, index: int) -> str:
-        return os.path.join(self.root, os.fsdecode(self.paths[index]))
+        return os.path.join(self.root, to_path(self.paths[index]))
 
     def read(self, rel: str) -> bytes:
         if self._read is None or self._read_pid != os.getpid():  # a .zip handle inherited through fork is not safe
             self._read, self._read_pid = open_reader(self.root), os.getpid()
         return self._read(rel)
+
+
+# Paths as UTF-8 bytes, with undecodable bytes of a file name (a Latin-1 name listed by os.scandir) carried as
+# they are: whatever the locale, every name round-trips, a zip member's and a folder's alike.
+def _to_bytes(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
+
+
+def to_path(raw: bytes) -> str:
+    """A path of :class:`FileListDataset`'s ``paths`` as text."""
+    return raw.decode("utf-8", "surrogateescape")

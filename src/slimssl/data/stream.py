@@ -32,7 +32,7 @@ from ..seeds import derived_generator
 from .augment import (TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
                       sample_crop_boxes)
 from .decode import decode_error, decode_pixels
-from .files import SKIP_HINT, DataError, FileListDataset, list_image_files
+from .files import SKIP_HINT, DataError, FileListDataset, list_image_files, to_path
 from .views import BatchSharding, to_channels_last
 
 log = logging.getLogger("slimssl")
@@ -193,7 +193,7 @@ class CropDataset(FileListDataset):
         index, step, row = key
         unreadable = []
         for offset in range(min(MAX_REPLACEMENT_TRIES, len(self.paths))):
-            rel = os.fsdecode(self.paths[(index + offset) % len(self.paths)])
+            rel = to_path(self.paths[(index + offset) % len(self.paths)])
             try:
                 image = decode_pixels(self.read(rel), self.min_side)
             except Exception as exc:  # any decoder failure means "unreadable file"

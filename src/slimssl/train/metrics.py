@@ -27,7 +27,9 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_at)
+            # purge_step: TensorBoard hides the events of this step and later ones of earlier runs
+            purge = None if resumed_at is None else resumed_at + 1
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
         except ImportError:
             log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
 
