@@ -305,25 +305,28 @@ def test_file_names_that_are_not_utf8_stream_too(tmp_path):
     assert files.path(0) == os.fsdecode(raw) and files.read(name) == open(raw, "rb").read()
 
 
-def test_evaluation_lists_both_splits_before_decoding_either(tmp_path, monkeypatch):
+def test_evaluation_finds_a_bad_test_split_before_decoding_the_train_split(tmp_path, monkeypatch):
     from slimssl.config import load_config
     from slimssl.errors import UsageError
     from slimssl.eval.evaluate import DataOptions
 
-    monkeypatch.setattr(DataOptions, "load_split", lambda *args, **kwargs: pytest.fail("a split was decoded"))
+    loaded, load_split = [], DataOptions.load_split
+    monkeypatch.setattr(DataOptions, "load_split", lambda self, cfg, split, device=None:
+                        loaded.append(split) or load_split(self, cfg, split, device))
     cfg = load_config("demo")
     _class_tree(tmp_path / "no_test" / "train")
     with pytest.raises(UsageError, match=r"cannot load the test split of .*no_test.*no test/ or val/ folder"):
         DataOptions(data=str(tmp_path / "no_test")).load_splits(cfg)
+    assert loaded == ["test"]  # the train split was never decoded
+    for i in range(2):
+        _save(tmp_path / "loose" / "train" / f"{i}.png")
+        _save(tmp_path / "loose" / "test" / f"{i}.png")
+    with pytest.raises(UsageError, match="the test split of .* has no labels"):
+        DataOptions(data=str(tmp_path / "loose")).load_splits(cfg)
     _class_tree(tmp_path / "other" / "train")
     _class_tree(tmp_path / "other" / "test", classes=("cat", "cow"))
     with pytest.raises(DataError, match=r"different classes \(only in train: dog; only in test: cow\)"):
         DataOptions(data=str(tmp_path / "other")).load_splits(cfg)
-    for i in range(2):
-        _save(tmp_path / "loose" / "train" / f"{i}.png")
-        _save(tmp_path / "loose" / "test" / f"{i}.png")
-    with pytest.raises(UsageError, match="the train split of .* has no labels"):
-        DataOptions(data=str(tmp_path / "loose")).load_splits(cfg)
 
 
 def test_pretraining_says_when_its_test_split_exists_but_cannot_be_read(tmp_path, caplog):

@@ -122,36 +122,22 @@ class DataOptions:
         except ValueError as e:  # DataError: names the path and what was expected
             raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
         if images.labels is None:
-            raise _unlabelled(split, source)
+            raise UsageError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
+                             "evaluation needs a labelled dataset: pass one as data (--data)")
         log.info("%s split of %s: %d images, %s%s", split, source, len(images),
                  f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory",
                  f", centre crop ratio {crop_ratio:g}" if crop_ratio != 1 else "")
         return images
 
     def load_splits(self, cfg, device=None):
-        """The train and test splits, which must name the same classes."""
+        """The train and test splits, which must name the same classes. The test split, usually the smaller,
+        is loaded first: a missing, unlabelled or unreadable one is found before the train split is decoded."""
         from ..data.datasets import check_same_classes
-        from ..data.files import BUILTIN, list_labelled_files
 
-        source = self.source(cfg)
-        if source not in BUILTIN:  # both splits listed before either is decoded: a bad test split is found at once
-            listed = []
-            for split in ("train", "test"):
-                try:
-                    listed.append(list_labelled_files(source, split))
-                except ValueError as e:
-                    raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
-                if listed[-1].labels is None:
-                    raise _unlabelled(split, source)
-            check_same_classes(*listed, source)
-        train, test = (self.load_split(cfg, split, device) for split in ("train", "test"))
-        check_same_classes(train, test, source)
+        test = self.load_split(cfg, "test", device)
+        train = self.load_split(cfg, "train", device)
+        check_same_classes(train, test, self.source(cfg))
         return train, test
-
-
-def _unlabelled(split: str, source: str) -> UsageError:
-    return UsageError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
-                      "evaluation needs a labelled dataset: pass one as data (--data)")
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "auto"):
