@@ -207,6 +207,77 @@ def test_resume_after_max_steps_equals_uninterrupted_run(tmp_path):
     assert_same_state(model_state(tmp_path / "a"), model_state(tmp_path / "b"))
 
 
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the throughput, which is wall-clock time."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
+
+
+@pytest.mark.parametrize("stop_after", [5, 4], ids=["between_records", "at_an_epoch_end"])
+def test_a_run_stopped_and_resumed_logs_the_records_of_a_straight_run(tmp_path, monkeypatch, stop_after):
+    # log_every 3 and epochs of 4 steps: records at steps 3, 4, 6, 8, 9, 12. Step 4 (0-based) is skipped for a
+    # NaN loss, so the record of step 6 averages steps 5 and 6 alone, and carries the lr of its last step.
+    cfg = config_from_dict(tiny(train={"log_every": 3, "nonfinite": "skip"}, eval={"knn_random_init": False}))
+
+    def trainer(run: Path, resume: bool = False) -> Trainer:
+        t = Trainer(cfg, run, resume=resume)
+        poison_loss(monkeypatch, t, bad_steps={4}, subnet_index=0)
+        return t
+
+    trainer(tmp_path / "straight").fit()
+    trainer(tmp_path / "stopped").fit(max_steps=stop_after)
+    trainer(tmp_path / "stopped", resume=True).fit()
+    assert_same_state(model_state(tmp_path / "stopped"), model_state(tmp_path / "straight"))
+    expected = records(tmp_path / "straight")
+    assert [r["step"] for r in expected if "loss" in r] == [3, 4, 6, 8, 9, 12]
+    assert all(r["lr"] is not None for r in expected if "loss" in r)
+    assert records(tmp_path / "stopped") == expected
+
+
+def test_a_nan_loss_between_records_never_reaches_a_checkpoint(tmp_path, monkeypatch):
+    # the NaN of step 5 is not logged before the stop at step 6: the save itself must refuse NaN weights
+    cfg = config_from_dict(tiny(train={"log_every": 100}))
+    trainer = Trainer(cfg, tmp_path)
+    poison_loss(monkeypatch, trainer, bad_steps={5}, subnet_index=1)
+    with pytest.raises(NonFiniteLossError, match=f"weights at step 6 are not finite after a non-finite loss of "
+                                                 f"sub-network {HALF}.*last good checkpoint is kept"):
+        trainer.fit(max_steps=6)
+    data = load_checkpoint(tmp_path)
+    assert data["train_state"]["step"] == 4 and all_finite(data["model"])
+
+
+def test_resume_applies_the_optimizer_settings_it_is_given(tmp_path):
+    from slimssl.train.pretrain import prepare_run
+
+    cfg = tiny(optim={"name": "lars", "weight_decay": 1e-4, "momentum": 0.9, "trust_coefficient": 0.001})
+    Trainer(config_from_dict(cfg), tmp_path).fit(max_steps=2)
+    changed = ["optim.weight_decay=0.01", "optim.momentum=0.5", "optim.trust_coefficient=0.02"]
+    prepared = prepare_run(None, tmp_path, overrides=changed, resume=True)
+    groups = Trainer(prepared.cfg, prepared.run_dir, resume=True).optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]  # biases and norms keep none
+    assert all(g["momentum"] == 0.5 and g["trust_coefficient"] == 0.02 for g in groups)
+    assert all(len(state) for state in Trainer(prepared.cfg, prepared.run_dir, resume=True).optimizer.state.values())
+
+
+def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypatch):
+    cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
+    Trainer(cfg, tmp_path / "straight").fit()
+    stopped = Trainer(cfg, tmp_path / "stopped")
+
+    def knn_killed():  # a second Ctrl-C, or SIGKILL after a grace period, while the kNN of epoch 1 runs
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stopped, "knn", knn_killed)
+    with pytest.raises(KeyboardInterrupt):
+        stopped.fit()
+    stopped.metrics.close()
+    assert load_checkpoint(tmp_path / "stopped")["train_state"]["step"] == 4  # saved before the kNN
+    Trainer(cfg, tmp_path / "stopped", resume=True).fit()
+    knn_epochs = [[r["epoch"] for r in records(tmp_path / run) if "knn_top1" in r] for run in ("straight", "stopped")]
+    assert knn_epochs == [[1, 2, 3], [1, 2, 3]]
+    assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+
+
 SLOW_CLI = """
 import sys, time
 from slimssl.train.loop import Trainer

@@ -40,7 +40,7 @@ from ..slim.diagnostics import GradientImbalance
 from ..slim.policy import SlimPolicy
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
-from .metrics import MetricsLogger
+from .metrics import LogWindow, MetricsLogger
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
 
 log = logging.getLogger("slimssl")
@@ -62,10 +62,11 @@ class Interrupted(RuntimeError):
 @dataclass
 class StepResult:
     """What one training step leaves: the detached loss of every sub-network that ran (on the device, not
-    read yet), and its learning rate, None when the step was skipped (``train.nonfinite: skip``)."""
+    read yet), its learning rate, and whether it was skipped (``train.nonfinite: skip``)."""
 
     losses: dict[str, torch.Tensor]
-    lr: float | None
+    lr: float
+    skipped: bool = False
 
 
 @dataclass
@@ -132,7 +133,7 @@ class Trainer:
         if not stream and len(self.train_data) < cfg.train.batch_size:
             raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
                             f"train.batch_size {cfg.train.batch_size}")
-        self.eval_data = self._eval_datasets()
+        self.eval_data = self._eval_datasets() if dist.is_main() else None  # kNN runs on rank 0 alone
         self.augment = two_view_augment(cfg)
         self.view_source = build_view_source(cfg, self.augment, self.train_data, rank=dist.rank(), world=self.world,
                                              device=self.device)
@@ -155,10 +156,13 @@ class Trainer:
         # multi-process: one gradient all-reduce per step, no DDP wrapper (why: train/distributed.py)
         self.grad_sync = dist.GradientSync(self.model.online_parameters())
         self.state = TrainState()
+        self.window = LogWindow()  # the steps since the last metrics record
         self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         self._resumed_lr: dict | None = None  # the effective lr last.pt was trained with, when resuming
+        self._resumed_at: int | None = None  # the step a resumed run continues from, until its first fit
         if resume:
             self._load(checkpoint_path(self.run_dir))
+            self._resumed_at = self.state.step
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
         log.info("%s", self.lr_summary())
         self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(),
@@ -246,14 +250,34 @@ class Trainer:
         return {"config": self.cfg.model_dump(mode="json"), "menu": self.model.backbone.menu.names,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
+                "log_window": self.window.state_dict(),
                 "effective_lr": self.effective_lr(), "epoch": self.state.step / max(1, self.steps_per_epoch)}
 
-    def save(self, name: str = LAST) -> Path | None:
+    def save(self, name: str = LAST, any_rank: bool = False) -> Path | None:
+        """Write a checkpoint from rank 0 (``any_rank``: from this process; every rank holds the same weights)."""
+        self._check_finite_weights()
         if name == LAST:
             self._last_saved_step = self.state.step
-        if not dist.is_main():
+        if not (dist.is_main() or any_rank):
             return None
         return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload())
+
+    def _check_finite_weights(self) -> None:
+        """Never save a non-finite network over a good checkpoint: a NaN loss since the last metrics record
+        (which checks the losses) may have reached the weights. Every rank checks its own copy (the same
+        weights), so all of them stop together. A skipped step (train.nonfinite: skip) leaves them finite."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            return
+        bad = [name for name, v in self.window.means().items() if not math.isfinite(float(v))]
+        cause = f" after a non-finite loss of sub-network {bad[0]}" if bad else ""
+        raise self._nonfinite_error(f"the weights at step {self.state.step} are not finite{cause}")
+
+    def _nonfinite_error(self, what: str) -> NonFiniteLossError:
+        last = checkpoint_path(self.run_dir)
+        kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint had been written yet"
+        return NonFiniteLossError(f"{what}; {kept}. Lower optim.lr, or set train.nonfinite=skip to skip such "
+                                  "steps and count them")
 
     def _load(self, path: Path) -> None:
         # on the CPU: load_state_dict moves what it needs, and an optimiser's step counts stay on the host
@@ -268,11 +292,16 @@ class Trainer:
                 f"{path} holds weights of another shape than this run builds"
                 + (":\n  " + "\n  ".join(diffs) if diffs else f" ({first_mismatch(e)})")
                 + "\na resumed run keeps the architecture it was started with (model.*, method.*)") from None
+        # the config's hyperparameters (a resume may change them), not those saved with the optimiser's state
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(data["optimizer"])
+        for group, fresh in zip(self.optimizer.param_groups, settings):
+            group.update(fresh)
         self.scaler.load_state_dict(data["scaler"])
         state = dict(data["train_state"])
         state.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
         self.state = TrainState(**state)
+        self.window = LogWindow.from_state_dict(data.get("log_window"), self.device)
         self._resumed_lr = data.get("effective_lr")  # absent from checkpoints before 2026-12-02
         log.info("resumed from %s at step %d", path, self.state.step)
 
@@ -356,8 +385,9 @@ class Trainer:
         if skip_mode and (self.grad_sync.any_flag() if self.grad_sync.enabled else bool(bad)):
             self.optimizer.zero_grad(set_to_none=True)  # the one host sync of this mode, by request
             self.state.skipped_steps += 1
-            log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
-            return StepResult(losses, lr=None)
+            if dist.is_main():
+                log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
+            return StepResult(losses, lr, skipped=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -387,42 +417,31 @@ class Trainer:
                      "evaluations merged into it) is kept", self.state.step)
             return finished
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
-        if (self.state.step == 0 and not self.state.knn_random_init and cfg.eval.knn_random_init
-                and dist.is_main()):
-            self.state.knn_random_init = self.knn()
-            if self.state.knn_random_init:
-                log.info("kNN at random initialisation: %s", _fmt(self.state.knn_random_init))
         progress = _progress(self.state.step, end, dist.is_main())
-        sums: dict[str, torch.Tensor] = {}
-        drawn: dict[str, int] = {}  # steps that ran each sub-network (sandwich draws differ between steps)
-        count, lr, tick = 0, None, time.perf_counter()
+        # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint
         with SignalGuard() as guard, contextlib.closing(self.view_source):  # closing: stops loader workers
+            self._evaluations_before_training()
+            timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
             while self.state.step < end:
                 step = self.state.step
                 try:
                     result = self.train_step(step)
                 except DataError as e:  # an unreadable file met by streaming, before this step changed anything
                     raise self._saved_before(e) from None
-                if result.lr is not None:  # a skipped step (train.nonfinite: skip) has no losses to average
-                    lr = result.lr
-                    for name, value in result.losses.items():
-                        sums[name] = sums.get(name, 0) + value
-                        drawn[name] = drawn.get(name, 0) + 1
-                count += 1
+                self.window.add(result.losses, result.lr, trained=not result.skipped)
+                timed += 1
                 self.state.step += 1
                 progress.update(1)
                 epoch_done = self.state.step % self.steps_per_epoch == 0
-                scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done or self.state.step == end
+                scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
                 stopping = self._stop_agreed(guard.received is not None, scheduled)
-                if scheduled or stopping:  # the NaN check must run before every save
-                    # only a scheduled log (the same steps on every rank) may average over the ranks
-                    means = {name: total / drawn[name] for name, total in sums.items()}
-                    self._log(step, means, count, lr, time.perf_counter() - tick, progress, across_ranks=scheduled)
-                    sums, drawn, count, tick = {}, {}, 0, time.perf_counter()
+                if scheduled:
+                    self._log(timed, time.perf_counter() - tick, progress)
+                    timed, tick = 0, time.perf_counter()
                 if epoch_done:
                     self._end_of_epoch()
                 if stopping:
-                    self.save()
+                    self.save()  # the steps since the last record go into it, to be logged after the resume
                     progress.close()
                     cause = (signal.Signals(guard.received).name if guard.received is not None
                              else "a stop signal to another process")
@@ -433,12 +452,27 @@ class Trainer:
             self.save()
         return self.finish() if self.state.step >= self.total_steps else {}
 
+    def _evaluations_before_training(self) -> None:
+        """kNN at random initialisation (a new run), or, for a run resumed at the end of an epoch, that epoch's
+        kNN when the run that saved the checkpoint was stopped before it could log it."""
+        resumed_at, self._resumed_at = self._resumed_at, None
+        if not dist.is_main():
+            return
+        if self.state.step == 0 and not self.state.knn_random_init and self.cfg.eval.knn_random_init:
+            self.state.knn_random_init = self.knn()
+            if self.state.knn_random_init:
+                log.info("kNN at random initialisation: %s", _fmt(self.state.knn_random_init))
+        elif (resumed_at and resumed_at % self.steps_per_epoch == 0 and self._knn_due(resumed_at)
+              and not self.metrics.has_record(resumed_at, "knn_top1")):
+            self._epoch_knn()
+
     def _saved_before(self, error: DataError) -> DataError:
-        """``error`` (bad data met in the middle of training), after the steps trained so far are saved."""
-        if self.state.step == 0 or not dist.is_main():
-            return error  # nothing trained (the failed start is cleaned up as any other), or rank 0 saves
+        """``error`` (bad data met in the middle of training), after the steps trained so far are saved: by
+        the process that met it, as rank 0 may be waiting for it in the step's all-reduce."""
+        if self.state.step == 0:
+            return error  # nothing trained: the failed start is cleaned up as any other
         if self._last_saved_step != self.state.step:
-            self.save()
+            self.save(any_rank=True)
         return DataError(f"{error}\nthe {self.state.step} steps trained so far are saved in "
                          f"{checkpoint_path(self.run_dir)}: continue with slimssl pretrain --resume {self.run_dir} "
                          "(with --set data.skip_unreadable=true, or once the file is replaced)")
@@ -455,30 +489,23 @@ class Trainer:
         flag = torch.full((1,), float(received), device=self.device)  # filled on the device: no copy
         return dist.all_reduce_mean(flag).item() > 0
 
-    def _log(self, step: int, mean_losses: dict, count: int, lr, seconds: float, progress,
-             across_ranks: bool = True) -> None:
-        """One metrics record for the last ``count`` steps: each sub-network's mean loss over the steps
-        that ran it (averaged over the processes), throughput, and the non-finite check."""
-        if not count:
-            return
-        names = list(mean_losses)  # the same names on every rank: the draws are
+    def _log(self, timed_steps: int, seconds: float, progress) -> None:
+        """One metrics record for the window of steps since the last one (every process at the same step):
+        each sub-network's mean loss over the steps that ran it, averaged over the processes, the last lr,
+        throughput, and the non-finite check."""
+        window, self.window = self.window, LogWindow()
+        names = list(window.sums)  # the same names on every rank: the draws are
         means = {}
         if names:
-            stacked = torch.stack([torch.as_tensor(mean_losses[n]) for n in names])
-            if across_ranks:
-                stacked = dist.all_reduce_mean(stacked)
-            means = dict(zip(names, stacked.tolist()))  # the one sync per log; the mean over all processes
+            stacked = torch.stack([window.means()[n] for n in names])
+            means = dict(zip(names, dist.all_reduce_mean(stacked).tolist()))  # the one sync per record
         bad = [name for name, v in means.items() if not math.isfinite(v)]
         if bad and self.cfg.train.nonfinite == "error":
-            last = checkpoint_path(self.run_dir)
-            kept = (f"the last good checkpoint is kept: {last}" if last.is_file()
-                    else "no checkpoint had been written yet")
-            raise NonFiniteLossError(
-                f"non-finite loss of sub-network {bad[0]} within steps {step - count + 1}..{step}; {kept}. "
-                "Lower optim.lr, or set train.nonfinite=skip to skip such steps and count them")
-        record = {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
-                  "lr": float(lr) if lr is not None else None,
-                  "img_per_s": count * self.cfg.train.batch_size / max(seconds, 1e-9), "loss": means}
+            last = self.state.step - 1  # 0-based, as the step of a skipped-step warning
+            raise self._nonfinite_error(f"non-finite loss of sub-network {bad[0]} within steps "
+                                        f"{last - window.steps + 1}..{last}")
+        record = {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch, "lr": window.lr,
+                  "img_per_s": timed_steps * self.cfg.train.batch_size / max(seconds, 1e-9), "loss": means}
         if self.state.skipped_steps:
             record["skipped_steps"] = self.state.skipped_steps
         self.metrics.write(record)
@@ -488,15 +515,23 @@ class Trainer:
     def _end_of_epoch(self) -> None:
         epoch = self.state.step // self.steps_per_epoch
         every = self.cfg.train.checkpoint_every
-        self.save()
         if every and epoch % every == 0 and epoch < self.cfg.train.epochs:
-            self.save(f"epoch_{epoch:04d}.pt")
-        knn_every = self.cfg.train.knn_every
-        if knn_every and epoch % knn_every == 0 and epoch < self.cfg.train.epochs and dist.is_main():
-            result = self.knn()
-            if result:
-                self.metrics.write({"step": self.state.step, "epoch": epoch, "knn_top1": result})
-                log.info("epoch %d kNN: %s", epoch, _fmt(result))
+            self.save(f"epoch_{epoch:04d}.pt")  # before last.pt: a run stopped in between writes it again
+        self.save()
+        if self._knn_due(self.state.step) and dist.is_main():
+            self._epoch_knn()
+
+    def _knn_due(self, step: int) -> bool:
+        """Whether the end of epoch at ``step`` evaluates kNN (train.knn_every; the last epoch's is the final one)."""
+        epoch, every = step // self.steps_per_epoch, self.cfg.train.knn_every
+        return bool(every) and epoch % every == 0 and epoch < self.cfg.train.epochs
+
+    def _epoch_knn(self) -> None:
+        result = self.knn()
+        if result:
+            epoch = self.state.step // self.steps_per_epoch
+            self.metrics.write({"step": self.state.step, "epoch": epoch, "knn_top1": result})
+            log.info("epoch %d kNN: %s", epoch, _fmt(result))
 
     def _finished_results(self) -> dict:
         """results.json of a resumed run that had already finished (the same number of steps); else {}."""

@@ -4,11 +4,52 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from ..atomic import atomic_write
 
 log = logging.getLogger("slimssl")
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last metrics record: each sub-network's summed loss (on the device, read once per
+    record), how many of the steps ran it (sandwich draws differ between steps), and the last step's lr.
+    Checkpoints carry it, so that a run stopped between two records and resumed writes the records of a run
+    that went straight through."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    drawn: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    lr: float | None = None
+
+    def add(self, losses: dict[str, torch.Tensor], lr: float, trained: bool) -> None:
+        """One step; a skipped step (``train.nonfinite: skip``) counts, but has no losses to average."""
+        self.steps += 1
+        self.lr = lr
+        if trained:
+            for name, value in losses.items():
+                self.sums[name] = self.sums.get(name, 0) + value
+                self.drawn[name] = self.drawn.get(name, 0) + 1
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: total / self.drawn[name] for name, total in self.sums.items()}
+
+    def state_dict(self) -> dict:
+        """Plain numbers for a checkpoint (reads the sums: a host sync, once per save)."""
+        return {"sums": {name: float(total) for name, total in self.sums.items()}, "drawn": dict(self.drawn),
+                "steps": self.steps, "lr": self.lr}
+
+    @classmethod
+    def from_state_dict(cls, state: dict | None, device: torch.device) -> "LogWindow":
+        if not state:  # a checkpoint from before 2026-12-02, or written at a record
+            return cls()
+        sums = {name: torch.tensor(total, dtype=torch.float32, device=device)  # float32 round-trips exactly
+                for name, total in state["sums"].items()}
+        return cls(sums, dict(state["drawn"]), int(state["steps"]), state["lr"])
 
 
 class MetricsLogger:
@@ -48,6 +89,19 @@ class MetricsLogger:
                             self.tb.add_scalar(f"{key}/{sub}", v, step)
                 elif isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, step)
+
+    def has_record(self, step: int, key: str) -> bool:
+        """Whether metrics.jsonl holds a record of ``step`` with ``key`` (e.g. that epoch's kNN)."""
+        if not self.path.is_file():
+            return False
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step") == step and key in record:
+                return True
+        return False
 
     def _drop_records_after(self, step: int) -> None:
         if not self.path.is_file():
