@@ -151,6 +151,25 @@ def stop_by_a_signal_to_rank_1(run_dir: Path) -> int | None:
     return None
 
 
+def api_returns_after_rank_0_wrote(run_dir: Path) -> bool:
+    """``slimssl.pretrain`` with rank 0 slow to finish: whether results.json exists when this process returns."""
+    import slimssl
+
+    finish = Trainer.finish
+
+    def slow_finish(self):
+        if dist.rank() == 0:
+            time.sleep(1.0)
+        return finish(self)
+
+    Trainer.finish = slow_finish
+    try:
+        slimssl.pretrain({**tiny("byol"), "train": {**tiny("byol")["train"], "epochs": 1}}, run_dir)
+    finally:
+        Trainer.finish = finish
+    return (run_dir / "results.json").is_file()
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -174,6 +193,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for name in RUNS:
             result[name] = run_steps(Trainer(run_config(name), out / name), frozen_bn=name != GROUPED)
         result["signal_stop"] = stop_by_a_signal_to_rank_1(out / "signal")
+        result["api_results_on_return"] = api_returns_after_rank_0_wrote(out / "api")
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -268,6 +288,11 @@ def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(two_process):
     # rank 1 alone was signalled in step 1 of 8: both finish step 2, the next logged step, and stop there
     assert [r["signal_stop"] for r in ranks] == [2, 2]
     assert load_checkpoint(out / "signal")["train_state"]["step"] == 2
+
+
+def test_every_process_returns_from_pretrain_after_rank_0_has_written_the_run(two_process):
+    _, ranks, _ = two_process
+    assert [r["api_results_on_return"] for r in ranks] == [True, True]
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(two_process, tmp_path):

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import stat
 import signal
 import subprocess
@@ -259,6 +260,26 @@ def test_resume_applies_the_optimizer_settings_it_is_given(tmp_path):
     assert all(len(state) for state in Trainer(prepared.cfg, prepared.run_dir, resume=True).optimizer.state.values())
 
 
+def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
+    # (on fewer processes the batch may have to change). 64 images: 4 steps of 16, or 2 of 32, per epoch
+    from slimssl.train.pretrain import prepare_run
+
+    cfg = config_from_dict(tiny(eval={"knn_random_init": False}))
+    Trainer(cfg, tmp_path / "mid").fit(max_steps=5)
+    prepared = prepare_run(None, tmp_path / "mid", overrides=["train.batch_size=32"], resume=True)
+    with pytest.raises(ConfigError, match=r"saved at step 5, within an epoch, with train.batch_size 16.*"
+                                          r"Resume it with batch 16 --max-steps 8 first"):
+        Trainer(prepared.cfg, prepared.run_dir, resume=True)
+
+    Trainer(cfg, tmp_path / "end").fit(max_steps=8)  # the end of epoch 2
+    prepared = prepare_run(None, tmp_path / "end", overrides=["train.batch_size=32"], resume=True)
+    trainer = Trainer(prepared.cfg, prepared.run_dir, resume=True)
+    assert (trainer.state.step, trainer.total_steps) == (4, 6)
+    assert trainer.fit()["steps"] == 6
+    logged = [(r["step"], r["epoch"]) for r in records(tmp_path / "end") if "loss" in r]
+    assert logged[-4:] == [(7, 1.75), (8, 2.0), (5, 2.5), (6, 3.0)]  # the old steps' records are kept
+
+
 def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypatch):
     cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
     Trainer(cfg, tmp_path / "straight").fit()
@@ -276,6 +297,47 @@ def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypat
     knn_epochs = [[r["epoch"] for r in records(tmp_path / run) if "knn_top1" in r] for run in ("straight", "stopped")]
     assert knn_epochs == [[1, 2, 3], [1, 2, 3]]
     assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+
+
+def test_bad_data_met_by_another_rank_than_0_saves_the_steps_trained(tmp_path, monkeypatch):
+    # rank 0 would be waiting for this process in the step's all-reduce: the process that met the file saves
+    from slimssl.data.files import DataError
+
+    trainer = Trainer(config_from_dict(TINY), tmp_path)
+    step_fn = trainer.train_step
+
+    def train_step(step):
+        if step == 2:
+            raise DataError("cannot decode some/file.png")
+        return step_fn(step)
+
+    monkeypatch.setattr(trainer, "train_step", train_step)
+    monkeypatch.setattr(loop.dist, "is_main", lambda: False)
+    with pytest.raises(DataError, match="the 2 steps trained so far are saved"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path)["train_state"]["step"] == 2
+
+
+def test_auto_resume_starts_again_after_a_start_killed_before_its_first_step(tmp_path):
+    from slimssl.train.pretrain import pretrain
+
+    cfg = config_from_dict(tiny(train={"epochs": 1}))
+    run = tmp_path / "run"
+
+    def killed_start(metrics: list[dict]) -> None:  # what a start leaves when SIGKILLed during its first kNN
+        (run / "tb").mkdir(parents=True, exist_ok=True)
+        (run / "config.yaml").write_text(cfg.to_yaml())
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+
+    killed_start([{"step": 0, "effective_lr": {}}])
+    assert pretrain(cfg, run, resume="auto").finished
+    # not a start of these settings, or one that trained: refused as before (its weights are lost)
+    other = config_from_dict(tiny(train={"epochs": 1}, optim={"lr": 0.123}))
+    for wanted, metrics in ((other, []), (cfg, [{"step": 2, "loss": {FULL: 1.0}}])):
+        shutil.rmtree(run)
+        killed_start(metrics)
+        with pytest.raises(SlimsslError, match="holds files of an earlier run"):
+            pretrain(wanted, run, resume="auto")
 
 
 SLOW_CLI = """

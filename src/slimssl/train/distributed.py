@@ -205,3 +205,9 @@ class GradientSync:
     def any_flag(self) -> bool:
         """Whether any rank passed a non-zero ``flag`` to the last call (a host sync)."""
         return bool(self.flat is not None and self.flat[-1].item() > 0)
+
+
+def barrier() -> None:
+    """Wait for every process (nothing without a process group)."""
+    if is_distributed():
+        dist.barrier()

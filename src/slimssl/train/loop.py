@@ -160,13 +160,15 @@ class Trainer:
         self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         self._resumed_lr: dict | None = None  # the effective lr last.pt was trained with, when resuming
         self._resumed_at: int | None = None  # the step a resumed run continues from, until its first fit
+        saved_step = None  # the step of the checkpoint resumed from, as its run counted them
         if resume:
-            self._load(checkpoint_path(self.run_dir))
-            self._resumed_at = self.state.step
+            saved_step = self._load(checkpoint_path(self.run_dir))
+            # (another batch renumbers the steps: metrics.jsonl's records are of the old ones)
+            self._resumed_at = self.state.step if self.state.step == saved_step else None
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
         log.info("%s", self.lr_summary())
         self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(),
-                                     resumed_at=self.state.step if resume else None)
+                                     resumed_at=saved_step)
         if self._resumed_lr != self.effective_lr():  # a resume with the same lr would repeat the record
             self.metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
 
@@ -279,7 +281,8 @@ class Trainer:
         return NonFiniteLossError(f"{what}; {kept}. Lower optim.lr, or set train.nonfinite=skip to skip such "
                                   "steps and count them")
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path) -> int:
+        """Continue from the checkpoint at ``path``; returns its step."""
         # on the CPU: load_state_dict moves what it needs, and an optimiser's step counts stay on the host
         # (on a GPU, AdamW would read them back at every step)
         data = load_checkpoint(path, map_location="cpu")
@@ -301,9 +304,32 @@ class Trainer:
         state = dict(data["train_state"])
         state.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
         self.state = TrainState(**state)
+        saved_step, saved_batch = self.state.step, data["config"].train.batch_size
+        if saved_batch != self.cfg.train.batch_size:
+            self.state.step = self._step_with_another_batch(path, saved_batch, data.get("epoch"))
         self.window = LogWindow.from_state_dict(data.get("log_window"), self.device)
         self._resumed_lr = data.get("effective_lr")  # absent from checkpoints before 2026-12-02
         log.info("resumed from %s at step %d", path, self.state.step)
+        return saved_step
+
+    def _step_with_another_batch(self, path: Path, saved_batch: int, epochs_done: float | None) -> int:
+        """The step of a run resumed with another ``train.batch_size`` (e.g. on fewer processes, which the
+        batch must divide). Its schedule (lr, slow start, momentum, data order) counts steps of the batch, so
+        the run continues at the same epoch, which is exact only at the end of an epoch."""
+        step = self.state.step
+        if epochs_done is None or step == 0 or abs(epochs_done - round(epochs_done)) > 1e-9:
+            steps_per_epoch = round(step / epochs_done) if epochs_done else None
+            finish = (f" --max-steps {math.ceil(epochs_done) * steps_per_epoch}" if steps_per_epoch else "")
+            raise ConfigError(
+                f"{path} was saved at step {step}, within an epoch, with train.batch_size {saved_batch}: the batch "
+                f"can change ({saved_batch} -> {self.cfg.train.batch_size}) only where an epoch ends, since the "
+                f"schedule counts steps of the batch. Resume it with batch {saved_batch}{finish} first (on a number "
+                "of processes that divides it), then change the batch")
+        converted = round(epochs_done) * self.steps_per_epoch
+        log.warning("train.batch_size changed from %d to %d: the run continues at the end of epoch %d, step %d "
+                    "of the new batch (step %d of the old one); metrics.jsonl counts the new steps from here on",
+                    saved_batch, self.cfg.train.batch_size, round(epochs_done), converted, step)
+        return converted
 
     # ---- evaluation ---------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ are the same run (and either can resume the other)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -12,11 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Sequence
 
+import yaml
+
 from ..checkpoint import load_checkpoint
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
                       config_from_dict)
 from ..data.files import BUILTIN
-from ..errors import UsageError
+from ..errors import SlimsslError, UsageError
 from ..layout import CHECKPOINTS, LAST, checkpoint_path
 from ..models.build import as_config
 from . import distributed as dist
@@ -84,7 +87,7 @@ def _prepare_auto(config, out, overrides: list[str], cli: bool) -> PreparedRun:
                          + ("--auto-resume with --out RUN_DIR" if cli else "out=RUN_DIR"))
     last = checkpoint_path(Path(out))
     if not last.is_file():
-        return _prepare_new(config, out, overrides, cli)
+        return _prepare_new(config, out, overrides, cli, failed_start_ok=True)
     wanted = absolute_data_source(as_config(config, overrides))
     diffs = config_differences(load_checkpoint(last)["config"], wanted, ignore=MACHINE_DEPENDENT)
     if diffs:  # a changed job script must not silently continue the run it started with other settings
@@ -118,7 +121,9 @@ def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun
     return PreparedRun(cfg, run_dir, str(last), True)
 
 
-def _prepare_new(config, out, overrides: list[str], cli: bool) -> PreparedRun:
+def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: bool = False) -> PreparedRun:
+    """``failed_start_ok`` (automatic resume): the files of a start of the same settings that trained nothing
+    (a job killed before its first checkpoint, with no time to clean up) are removed instead of refused."""
     cfg = absolute_data_source(as_config(config, overrides))
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists() and not run_dir.is_dir():
@@ -129,11 +134,28 @@ def _prepare_new(config, out, overrides: list[str], cli: bool) -> PreparedRun:
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
     leftovers = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if leftovers:  # a run whose checkpoint is gone: writing there would mix two runs' logs
+    if leftovers and failed_start_ok and _failed_start_of(run_dir, cfg):
+        if dist.is_main():
+            _remove(run_dir, RUN_OUTPUTS)
+            log.info("%s holds the files of a start of this run that was stopped before it trained a step (%s): "
+                     "removed, starting it again", run_dir, ", ".join(leftovers))
+    elif leftovers:  # a run whose checkpoint is gone: writing there would mix two runs' logs
         raise UsageError(f"{run_dir} holds files of an earlier run ({', '.join(leftovers)}) without its "
                          "checkpoint; choose another output folder")
     source = str(config) if isinstance(config, (str, Path)) else "demo" if config is None else cfg.name
     return PreparedRun(cfg, run_dir, source, False)
+
+
+def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
+    """Whether ``run_dir`` holds what a start of ``cfg`` leaves when killed before its first step ended: its
+    config.yaml with the same settings, and no loss in metrics.jsonl."""
+    try:
+        saved = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), "config.yaml")
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        trained = any("loss" in json.loads(line) for line in lines)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
+        return False
+    return not trained and not config_differences(saved, cfg, ignore=MACHINE_DEPENDENT)
 
 
 def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
@@ -190,12 +212,29 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
         results = trainer.fit(max_steps)
     except Interrupted as e:  # a checkpoint was saved: keep everything; say how far it got (--json)
         e.run = PretrainRun(run_dir, {}, trainer.state.step, trainer.total_steps) if trainer else None
+        dist.barrier()  # every process returns once rank 0 has saved
         raise
     except BaseException:
         if is_main:
             _discard_failed_start(run_dir, trainer, existed, created)
         raise
+    dist.barrier()  # every process returns once rank 0 has written the checkpoint and results.json
     return PretrainRun(run_dir, results, trainer.state.step, trainer.total_steps)
+
+
+def _remove(run_dir: Path, names) -> list[str]:
+    """Remove ``names`` from ``run_dir`` where they exist (a folder with what it holds); returns those removed."""
+    removed = []
+    for name in names:
+        path = run_dir / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(name)
+    return removed
 
 
 def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bool) -> None:
@@ -208,16 +247,7 @@ def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bo
     if trainer is not None:
         trainer.metrics.close()  # TensorBoard's writer lets go of tb/ first
     try:
-        removed = []
-        for name in RUN_OUTPUTS:
-            path = run_dir / name
-            if name in existed or not (path.exists() or path.is_symlink()):
-                continue
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
-            removed.append(name)
+        removed = _remove(run_dir, [name for name in RUN_OUTPUTS if name not in existed])
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
             removed.append(f"{run_dir}/")
