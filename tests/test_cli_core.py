@@ -191,10 +191,47 @@ def test_export_replaces_an_export_of_the_same_source_only(tmp_path, capsys, cap
     assert main(["export", str(path), "--subnet", "0.5", "--out", str(out)]) == 0  # the same run again: fine
     random_init = ["export", "--config", "demo", "--set", *TINY, "--random-init", "--all", "--out", str(out)]
     assert main(random_init) == 2  # would replace the trained export with random weights
-    assert f"already holds an export of w0p5_d1-1-1-1 from {path}" in error_text(capsys, caplog)
+    assert f"already holds an export of w0p5_d1-1-1-1 from {path.resolve()}" in error_text(capsys, caplog)
     assert weights.read_bytes() == trained and not (out / "w1p0_d1-1-1-1").exists()  # nothing written
     assert main([*random_init, "--overwrite"]) == 0
     assert weights.read_bytes() != trained
+
+
+def test_export_knows_the_same_run_however_it_is_typed_and_another_run_typed_the_same(tmp_path, monkeypatch,
+                                                                                       capsys, caplog, perturb_bn):
+    out = tmp_path / "exported"
+    make_checkpoint(tmp_path / "a" / "runs" / "demo" / "checkpoints" / "last.pt", perturb=perturb_bn)
+    monkeypatch.chdir(tmp_path / "a")
+    last = tmp_path / "a" / "runs" / "demo" / "checkpoints" / "last.pt"
+    for typed in ("runs/demo", "runs/demo/", str(tmp_path / "a" / "runs" / "demo"), "runs/demo/checkpoints/last.pt",
+                  "./runs/../runs/demo/checkpoints/last.pt"):
+        assert main(["export", typed, "--subnet", "0.5", "--out", str(out)]) == 0, typed
+    info = json.loads((out / "w0p5_d1-1-1-1" / "config.json").read_text())
+    assert info["source"] == str(last.resolve())
+    trained = (out / "w0p5_d1-1-1-1" / "model.safetensors").read_bytes()
+    # another run, typed the same way from another folder, does not replace the export
+    make_checkpoint(tmp_path / "b" / "runs" / "demo" / "checkpoints" / "last.pt")
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["export", "runs/demo", "--subnet", "0.5", "--out", str(out)]) == 2
+    assert f"already holds an export of w0p5_d1-1-1-1 from {last.resolve()}" in error_text(capsys, caplog)
+    assert (out / "w0p5_d1-1-1-1" / "model.safetensors").read_bytes() == trained
+
+
+def test_random_init_exports_name_the_config_file_or_the_shipped_config(tmp_path, monkeypatch, capsys, caplog):
+    out = tmp_path / "exported"
+    argv = ["export", "--random-init", "--set", *TINY, "--subnet", "0.5", "--out", str(out)]
+    assert main([*argv, "--config", "demo"]) == 0
+    info = json.loads((out / "w0p5_d1-1-1-1" / "config.json").read_text())
+    assert info["source"] == "random init of shipped config demo.yaml"
+    for folder in ("a", "b"):  # two config files typed the same way from two folders
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "c.yaml").write_text(load_config("demo", TINY).to_yaml())
+    monkeypatch.chdir(tmp_path / "a")
+    assert main([*argv, "--config", "c.yaml", "--overwrite"]) == 0
+    assert main([*argv, "--config", "./c.yaml"]) == 0  # the same file
+    monkeypatch.chdir(tmp_path / "b")
+    assert main([*argv, "--config", "c.yaml"]) == 2
+    assert f"from random init of {(tmp_path / 'a' / 'c.yaml').resolve()}" in error_text(capsys, caplog)
 
 
 @pytest.mark.parametrize("flags", [[], ["--all", "--subnet", "0.5"]])

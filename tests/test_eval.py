@@ -588,20 +588,137 @@ def test_an_earlier_checkpoint_is_evaluated_without_touching_the_runs_results(tm
     assert json.loads((run / "results.json").read_text())["protocols"]["knn"]["k"] == 5
 
 
-def test_export_of_a_width_outside_a_shared_bn_menu_asks_for_recalibration(tmp_path, caplog):
+def exported_state(folder) -> dict:
+    from slimssl.export import load_exported
+
+    return load_exported(folder).state_dict()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def models_knn_measures(run, device: str, monkeypatch) -> dict:
+    """The models ``slimssl.knn`` evaluates widths 0.25 and 0.5 of ``run`` with."""
+    import slimssl
+    import slimssl.eval.recalibrate as recalibrate_mod
+
+    measured = {}
+
+    def spy(*args, **kwargs):
+        models = real(*args, **kwargs)
+        measured.update(models)
+        return models
+
+    real = recalibrate_mod.subnet_models
+    monkeypatch.setattr(recalibrate_mod, "subnet_models", spy)
+    slimssl.knn(run, subnets=["0.25", "0.5"], device=device, save=False)
+    monkeypatch.undo()
+    assert set(measured) == {"w0p25_d1-1-1-1", "w0p5_d1-1-1-1"}
+    return measured
+
+
+def test_cli_export_of_a_shared_bn_run_is_the_model_evaluation_measured(tmp_path, capsys, caplog, monkeypatch):
+    import slimssl
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt", bn="shared")  # menu: widths 1 and 0.5
+    measured = models_knn_measures(run, "cpu", monkeypatch)
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--subnet", "0.25", "0.5", "--out", str(out), "--device", "cpu", "--verify",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert all(r["max_abs_diff"] <= 1e-5 for r in rows)
+    supernet, _ = slimssl.load_supernet(run)
+    for name, model in measured.items():
+        state = exported_state(out / name)
+        assert_same_state(state, model.export(name).state_dict())
+        stored = supernet.export(name).state_dict()  # the raw shared statistics: not what was measured
+        assert not torch.equal(state["bn1.running_mean"], stored["bn1.running_mean"])
+        info = json.loads((out / name / "config.json").read_text())
+        assert info["bn"] == "shared" and info["bn_recalibration"] == {
+            "data": "fake", "resolution": RES, "crop_ratio": 1.0, "batches": 20, "batch_size": 64, "seed": 0}
+    assert main(["export", str(run), "--all", "--out", str(tmp_path / "x"), "--data", str(tmp_path / "none")]) == 2
+    assert "or export the statistics as stored with --recalibrate-bn 0" in capsys.readouterr().err + caplog.text
+    # --recalibrate-bn 0 exports the statistics as stored
+    assert main(["export", str(run), "--subnet", "0.5", "--out", str(tmp_path / "raw"), "--recalibrate-bn", "0"]) == 0
+    assert_same_state(exported_state(tmp_path / "raw" / "w0p5_d1-1-1-1"), supernet.export("0.5").state_dict())
+    assert json.loads((tmp_path / "raw" / "w0p5_d1-1-1-1" / "config.json").read_text())["bn_recalibration"] is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cli_export_recalibrates_on_the_gpu_as_evaluation_does(tmp_path, capsys, monkeypatch):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt", bn="shared")
+    measured = models_knn_measures(run, "cuda", monkeypatch)
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--subnet", "0.25", "0.5", "--out", str(out), "--device", "cuda", "--verify",
+                 "--json"]) == 0
+    assert all(r["max_abs_diff"] <= 1e-5 for r in json.loads(capsys.readouterr().out))
+    for name, model in measured.items():
+        expected = model.export(name).state_dict()
+        for key, value in exported_state(out / name).items():
+            torch.testing.assert_close(value, expected[key].cpu(), rtol=1e-6, atol=1e-7)
+
+
+def test_cli_export_reads_no_data_without_shared_statistics_to_estimate(tmp_path, monkeypatch, capsys, caplog):
+    import slimssl.data.eval_images as eval_images
+    from slimssl.cli import main
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the export read data")
+
+    monkeypatch.setattr(eval_images, "load_eval_split", no_data)
+    make_checkpoint(tmp_path / "private.pt")
+    make_checkpoint(tmp_path / "shared.pt", bn="shared")
+    for argv in ([str(tmp_path / "private.pt"), "--all"],  # private BatchNorm: every entry has its statistics
+                 [str(tmp_path / "shared.pt"), "--all", "--recalibrate-bn", "0"],
+                 ["--config", "demo", "--set", "model.base_width=4", "model.bn=shared", "--random-init", "--all"]):
+        assert main(["export", *argv, "--out", str(tmp_path / "out"), "--overwrite", "--verify",
+                     "--device", "cpu"]) == 0, argv
+    assert main(["export", "--config", "demo", "--random-init", "--all", "--recalibrate-bn", "5", "--out",
+                 str(tmp_path / "none")]) == 2  # a random initialisation has nothing to re-estimate
+    assert "--recalibrate-bn re-estimates a trained checkpoint's" in capsys.readouterr().err + caplog.text
+    with pytest.raises(AssertionError, match="read data"):  # a shared-BN checkpoint does
+        main(["export", str(tmp_path / "shared.pt"), "--all", "--out", str(tmp_path / "out"), "--overwrite",
+              "--device", "cpu"])
+
+
+def test_cli_export_keeps_the_statistics_of_slimssl_recalibrate_and_warns_only_without_recalibration(
+        tmp_path, caplog):
+    from slimssl.checkpoint import load_supernet
     from slimssl.cli import main
 
     make_checkpoint(tmp_path / "in.pt", bn="shared")  # menu: widths 1 and 0.5
     with caplog.at_level(logging.WARNING, logger="slimssl"):
-        assert main(["export", str(tmp_path / "in.pt"), "--subnet", "0.25", "0.5", "--out", str(tmp_path / "a")]) == 0
-    assert caplog.text.count("is not in the menu") == 1 and "slimssl recalibrate" in caplog.text
-    assert "w0p25_d1-1-1-1 is not in the menu" in caplog.text
+        assert main(["export", str(tmp_path / "in.pt"), "--subnet", "0.25", "0.5", "--out", str(tmp_path / "a"),
+                     "--device", "cpu"]) == 0
+        assert "is not in the menu" not in caplog.text  # re-estimated, as evaluation does
+        assert main(["export", str(tmp_path / "in.pt"), "--subnet", "0.25", "0.5", "--out", str(tmp_path / "b"),
+                     "--recalibrate-bn", "0"]) == 0
+    assert caplog.text.count("is not in the menu") == 1 and "w0p25_d1-1-1-1 is not in the menu" in caplog.text
     assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.25", "--batches", "1",
                  "--out", str(tmp_path / "re.pt"), "--device", "cpu"]) == 0
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="slimssl"):
-        assert main(["export", str(tmp_path / "re.pt"), "--subnet", "0.25", "--out", str(tmp_path / "b")]) == 0
-    assert "is not in the menu" not in caplog.text  # its statistics were re-estimated
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["export", str(tmp_path / "re.pt"), "--subnet", "0.25", "0.5", "--out", str(tmp_path / "c"),
+                     "--device", "cpu"]) == 0
+    assert "w0p25_d1-1-1-1: exporting the BatchNorm statistics that slimssl recalibrate stored" in caplog.text
+    assert "recalibrated BatchNorm of w0p5_d1-1-1-1" in caplog.text and "of w0p25" not in caplog.text
+    recalibrated, _ = load_supernet(tmp_path / "re.pt")
+    assert_same_state(exported_state(tmp_path / "c" / "w0p25_d1-1-1-1"), recalibrated.export("0.25").state_dict())
+    info = json.loads((tmp_path / "c" / "w0p25_d1-1-1-1" / "config.json").read_text())
+    assert info["bn_recalibration"] == {"subnet": "w0p25_d1-1-1-1", "batches": 1, "batch_size": 64, "data": "fake",
+                                        "by": "slimssl recalibrate"}
+    # the other width is re-estimated as evaluation does: the same as from the checkpoint it was made from
+    half = "w0p5_d1-1-1-1"
+    assert_same_state(exported_state(tmp_path / "c" / half), exported_state(tmp_path / "a" / half))
 
 
 def test_knn_of_chosen_sub_networks(tmp_path, capsys):

@@ -294,3 +294,130 @@ def test_cli_export_verify_checks_the_onnx_graph_and_fails_above_tolerance(tmp_p
     assert main([*args, "--out", str(tmp_path / "b")]) == 1
     (row,) = json.loads(capsys.readouterr().out)
     assert row["onnx_max_abs_diff"] == pytest.approx(1e-3, rel=1e-2) and row["max_abs_diff"] < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("name, sizes", [("basic-cifar-private", (12, 20)),
+                                         ("basic-imagenet-shared-depths", (24, 40))])
+def test_onnx_graph_takes_other_image_sizes(tmp_path, perturb_bn, name, sizes):
+    pytest.importorskip("onnx")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = build(name, perturb_bn)
+    spec = model.menu[-1]
+    folder = export_subnet(model, spec, tmp_path, fmt="onnx", resolution=16 if name.startswith("basic-c") else 32)
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    for size in sizes:  # neither is the tracing size
+        x = images(3, size)
+        (out,) = session.run(None, {"images": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(out), model(x, subnet=spec), rtol=1e-4, atol=1e-4)
+
+
+# ---- dtype and device ----------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_export_keeps_the_supernets_dtype_and_verify_feeds_it(tmp_path, perturb_bn):
+    model = build("basic-cifar-private", perturb_bn).double()
+    plain = model.export("0.5")
+    assert {p.dtype for p in plain.parameters()} == {torch.float64}
+    x = images(size=16).double()
+    assert max_diff(plain(x), model(x, subnet="0.5")) <= 1e-12
+    assert verify_export(model, "0.5", plain, 16) <= 1e-12
+    folder = export_subnet(model, "0.5", tmp_path, fmt="onnx", resolution=16)
+    loaded = load_exported(folder)  # the file keeps the dtype, and so does loading it
+    assert loaded.conv1.weight.dtype == torch.float64
+    assert verify_export(model, "0.5", loaded, 16) <= 1e-12
+    assert verify_export(model, "0.5", folder / "model.onnx", 16) < 1e-4  # a float32 graph
+    half = build("basic-cifar-private", perturb_bn).to(torch.bfloat16)
+    assert half.export("0.5").conv1.weight.dtype == torch.bfloat16
+    assert verify_export(half, "0.5", half.export("0.5"), 16) == 0.0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_export_keeps_the_supernets_device(perturb_bn):
+    model = build("basic-cifar-private", perturb_bn).cuda()
+    plain = model.export("0.5")
+    assert plain.conv1.weight.is_cuda and plain.layer1[0].bn1.running_mean.is_cuda
+    x = images(size=16).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the input check reads metadata only: no copy to the host
+    try:
+        with torch.no_grad():
+            plain(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert verify_export(model, "0.5", plain, 16) <= 1e-5
+    assert verify_export(model, "0.5", plain.cpu(), 16) <= 1e-4
+    from slimssl.report.profile import profile_supernet  # evaluation profiles a supernet on its device
+
+    assert [r["params"] for r in profile_supernet(model, 16, latency=False)] == \
+        [r["params"] for r in profile_supernet(model.cpu(), 16, latency=False)]
+
+
+# ---- the plain model's inputs, TorchScript, tracing, torch.export, torch.compile --------------------------
+
+def test_plain_resnet_names_bad_inputs():
+    from slimssl.models.resnet import InputError
+
+    plain = build("basic-cifar-private").export("0.5")
+    x = images(size=16)
+    cases = [((x * 255).to(torch.uint8), r"expected a float tensor of images \[batch, 3, height, width\], got "
+                                          r"shape \(2, 3, 16, 16\), dtype torch.uint8"),
+             (x[:, :1], r"got shape \(2, 1, 16, 16\)"),
+             (x[0], r"got shape \(3, 16, 16\)"),
+             (x.double(), "expected images of the network's dtype torch.float32, got torch.float64")]
+    for bad, message in cases:
+        with pytest.raises(InputError, match=message):
+            plain(bad)
+    with pytest.raises(InputError, match="got shape"):
+        plain.forward_features(x[:, :1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts the inputs itself
+        assert plain(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", ["basic-cifar-private", "bottleneck-imagenet-private-depths"])
+def test_exported_model_scripts_traces_exports_and_compiles(name, perturb_bn):
+    model = build(name, perturb_bn)
+    spec = model.menu[-1]
+    plain = model.export(spec)
+    keys = list(plain.state_dict())
+    size = 32 if SUPERNETS[name]["stem"] == "imagenet" else 16
+    x, other = images(2, size), images(3, size + 8, seed=2)
+    expected = model(other, subnet=spec)
+    with torch.no_grad():
+        scripted = torch.jit.script(plain)
+        traced = torch.jit.trace(plain, x)
+        exported = torch.export.export(plain, (x,)).module()
+        compiled = torch.compile(plain, backend="eager", fullgraph=True)  # no graph break in the input check
+        for run in (scripted, traced, compiled):
+            assert max_diff(run(other), expected) <= 1e-5
+        assert max_diff(exported(x), model(x, subnet=spec)) <= 1e-5
+    assert list(plain.state_dict()) == keys == list(scripted.state_dict())  # torchvision's names, unchanged
+
+
+# ---- folders that are not an exported sub-network -------------------------------------------------------
+
+def test_load_exported_says_what_a_run_directory_or_an_export_folder_is(tmp_path):
+    model = build("basic-cifar-private")
+    for spec in ("0.5", "0.25"):
+        export_subnet(model, spec, tmp_path / "exported")
+    with pytest.raises(ExportError, match=r"exported holds exported sub-networks \(w0p25_d1-1-1-1, w0p5_d1-1-1-1\), "
+                                          r"one per folder; load one of them, e\.g\. slimssl\.load_exported\("):
+        load_exported(tmp_path / "exported")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ExportError, match=r"run is a run directory, not an exported sub-network: load its supernet "
+                                          r"with slimssl\.load_supernet\(.*slimssl export"):
+        load_exported(tmp_path / "run")
+
+
+def test_load_supernet_says_a_folder_is_an_export(tmp_path):
+    from slimssl.checkpoint import CheckpointError, load_supernet
+
+    folder = export_subnet(build("basic-cifar-private"), "0.5", tmp_path)
+    with pytest.raises(CheckpointError, match=r"w0p5_d1-1-1-1 is an exported sub-network \(a plain ResNet\), not a "
+                                              r"checkpoint: load it with slimssl\.load_exported\("):
+        load_supernet(folder)
+    with pytest.raises(CheckpointError, match=r"holds exported sub-networks \(w0p5_d1-1-1-1\), not a checkpoint: "
+                                              r"load one with slimssl\.load_exported\("):
+        load_supernet(tmp_path)

@@ -62,6 +62,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if path.is_dir():  # a run directory
         if not checkpoint_path(path).is_file():
+            _refuse_export_folder(path)
             hint = f"; the run directory is {path.parent}" if path.name == CHECKPOINTS and (path / LAST).is_file() \
                 else ""
             raise CheckpointError(f"{path} is a folder without checkpoints/last.pt; expected a checkpoint file "
@@ -108,6 +109,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return data
 
 
+def _refuse_export_folder(path: Path) -> None:
+    """An exported sub-network (or the folder of several) is a plain model, not a checkpoint: say so."""
+    from .export import CONFIG, WEIGHTS, exported_subnets
+
+    if (path / CONFIG).is_file() or (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is an exported sub-network (a plain ResNet), not a checkpoint: load it with "
+                              f"slimssl.load_exported({str(path)!r}); a supernet is loaded from its run directory or "
+                              "checkpoint file")
+    names = exported_subnets(path)
+    if names:
+        raise CheckpointError(f"{path} holds exported sub-networks ({', '.join(names)}), not a checkpoint: load one "
+                              f"with slimssl.load_exported({str(path / names[0])!r}); a supernet is loaded from its "
+                              "run directory or checkpoint file")
+
+
 def check_menu(checkpoint_menu: list[str], config: Config, source: str) -> None:
     """Refuse to combine a checkpoint with a config whose desired sub-networks differ."""
     expected = config.subnet_menu().names
@@ -133,9 +149,15 @@ def load_supernet(path: str | Path, config: Config | dict | str | Path | None = 
 
     With ``config``, its menu and architecture must match the checkpoint's.
     """
-    from .models.build import as_config
-
     data = load_checkpoint(path)
+    return supernet_of(data, path, config).eval(), data["config"]
+
+
+def supernet_of(data: dict, path: str | Path, config: Config | dict | str | Path | None = None):
+    """The backbone supernet that a loaded checkpoint (``load_checkpoint``'s dict, read from ``path``) holds.
+    With ``config``, its menu and architecture must match the checkpoint's."""
+    from .models.build import as_config, build_supernet
+
     if config is not None:
         config = as_config(config)  # a Config, a dict of sections, or a YAML path or name
         check_menu(data["menu"], config, str(path))
@@ -143,13 +165,6 @@ def load_supernet(path: str | Path, config: Config | dict | str | Path | None = 
         if diffs:
             raise CheckpointError(f"checkpoint {path} holds another architecture than the config asks for:\n  "
                                   + "\n  ".join(diffs))
-    return supernet_of(data, path).eval(), data["config"]
-
-
-def supernet_of(data: dict, path: str | Path):
-    """The backbone supernet that a loaded checkpoint (``load_checkpoint``'s dict, read from ``path``) holds."""
-    from .models.build import build_supernet
-
     model = build_supernet(data["config"])
     try:
         model.load_state_dict(backbone_state(data["model"]), strict=True)

@@ -10,6 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import SlimsslError
+from .layout import CHECKPOINTS
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
 from .nn.spec import SubnetLike, SubnetSpec
@@ -32,6 +33,13 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
                   overwrite: bool = False) -> Path:
     """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder.
 
+    The weights and BatchNorm statistics are written as the supernet holds them, in its dtype. With shared
+    BatchNorm (``model.bn: shared``) the statistics belong to no width in particular, and evaluation
+    re-estimates each sub-network's first; to export the model evaluation measures, call
+    ``slimssl.recalibrate_bn(supernet, subnet, batches)`` (on a copy of the supernet) with train batches
+    before exporting, as ``slimssl export`` does. ``fmt="onnx"`` also writes a float32 ONNX graph traced at
+    ``resolution`` whose batch, height and width are dynamic.
+
     An export already there is replaced only when it came from the same ``metadata["source"]`` (exporting a
     run again) or with ``overwrite``; see :func:`check_export_folder`."""
     if fmt not in FORMATS:
@@ -52,8 +60,8 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
     (folder / CONFIG).write_text(text)
     save_file(plain.state_dict(), str(folder / WEIGHTS), metadata={"subnet": spec.name})
-    if fmt == "onnx":
-        _export_onnx(plain, folder / ONNX, resolution)
+    if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
+        _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution)
     return folder
 
 
@@ -79,18 +87,21 @@ def _export_onnx(plain: PlainResNet, path: Path, resolution: int) -> None:
         import onnx  # noqa: F401  (the exporter needs it; fail with a hint instead of deep inside torch)
     except ImportError:
         raise ExportError("ONNX export needs the onnx package: pip install 'slimssl[onnx]'") from None
-    example = torch.zeros(1, 3, resolution, resolution)
+    example = torch.zeros(1, 3, resolution, resolution)  # the tracing size; a ResNet takes any size
     torch.onnx.export(plain, (example,), str(path), input_names=["images"], output_names=["features"],
-                      dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, dynamo=False)
+                      dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}},
+                      dynamo=False)
 
 
 def load_exported(folder: str | Path) -> PlainResNet:
-    """Load an exported sub-network folder as a plain ResNet in eval mode."""
+    """Load an exported sub-network folder as a plain ResNet in eval mode, in the dtype it was exported in."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"exported sub-network folder {folder} does not exist" if not folder.exists() else
                           f"{folder} is a file; expected an exported sub-network folder ({CONFIG} and {WEIGHTS})")
     config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    if not config_path.is_file():
+        _refuse_other_folder(folder)
     for path in (config_path, weights_path):
         if not path.is_file():
             raise ExportError(f"{path} is missing; an exported sub-network folder holds {CONFIG} and {WEIGHTS}")
@@ -104,32 +115,60 @@ def load_exported(folder: str | Path) -> PlainResNet:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ExportError(f"{weights_path} is not a readable safetensors file ({e}); re-export it") from None
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     try:
-        model.load_state_dict(state, strict=True)
+        model.to(dtype).load_state_dict(state, strict=True)  # as exported: a float64 export stays float64
     except RuntimeError as e:
         raise ExportError(f"{weights_path} does not match the architecture in {config_path}: {e}") from None
     return model.eval()
 
 
+def exported_subnets(folder: str | Path) -> list[str]:
+    """The sub-network folders that an export's output folder (``slimssl export --out``) holds, by name."""
+    try:
+        return sorted(p.name for p in Path(folder).iterdir() if (p / CONFIG).is_file())
+    except OSError:
+        return []
+
+
+def _refuse_other_folder(folder: Path) -> None:
+    """Say what a folder without config.json is, when it is a run directory or an export's output folder."""
+    if (folder / CHECKPOINTS).is_dir():
+        raise ExportError(f"{folder} is a run directory, not an exported sub-network: load its supernet with "
+                          f"slimssl.load_supernet({str(folder)!r}), or export sub-networks from it first "
+                          f"(slimssl export {folder} --all --out DIR) and load one of DIR's folders")
+    names = exported_subnets(folder)
+    if names:
+        raise ExportError(f"{folder} holds exported sub-networks ({', '.join(names)}), one per folder; load one of "
+                          f"them, e.g. slimssl.load_exported({str(folder / names[0])!r})")
+
+
 @torch.no_grad()
 def verify_export(supernet: SlimResNet, subnet: SubnetLike, exported: PlainResNet | str | Path,
                   resolution: int, batch: int = 2, seed: int = 0) -> float:
-    """Max abs difference between the supernet's sub-network (eval mode, fp32) and the exported model: a
-    plain model, or the path of an exported ``model.onnx`` (run with onnxruntime when it is installed, else
-    with onnx's reference evaluator, slower)."""
+    """Max abs difference between the supernet's sub-network (eval mode) and the exported model: a plain
+    model, or the path of an exported ``model.onnx`` (run with onnxruntime when it is installed, else with
+    onnx's reference evaluator, slower). Each model is fed the same random images in its own dtype and on its
+    own device (the ONNX graph in float32 on the CPU)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, resolution, resolution, generator=gen)
+    x = torch.randn(batch, 3, resolution, resolution, generator=gen)  # drawn on the CPU: the same images anywhere
     was_training = supernet.training
     supernet.eval()
     try:
-        expected = supernet(x, subnet=subnet)
+        expected = supernet(_like(x, supernet), subnet=subnet)
     finally:
         supernet.train(was_training)
-    got = exported.eval()(x) if isinstance(exported, torch.nn.Module) else _run_onnx(Path(exported), x)
+    got = exported.eval()(_like(x, exported)) if isinstance(exported, torch.nn.Module) else _run_onnx(Path(exported), x)
     if got.shape != expected.shape:
         raise ExportError(f"the export gives outputs of shape {list(got.shape)}, the sub-network "
                           f"{supernet.resolve(subnet).name} {list(expected.shape)}: it is another network")
-    return (expected - got).abs().max().item()
+    return (expected.double() - got.to(expected.device).double()).abs().max().item()
+
+
+def _like(x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """``x`` in the dtype and on the device of ``model``'s weights."""
+    weight = next(model.parameters())
+    return x.to(weight.device, weight.dtype)
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,35 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..errors import SlimsslError
+
+IN_CHANNELS = 3  # RGB; the stem's input channels are fixed, not slimmed
+
+
+class InputError(SlimsslError):
+    """An input the network cannot take; says what was expected and what came."""
+
+
+def check_images(x, weight_dtype: torch.dtype) -> None:
+    """``x`` must be a float batch of RGB images of the network's dtype (any float under autocast). Slimmable
+    layers take their in-channels from the incoming tensor, so a 1-channel input would otherwise run silently
+    on a slice of the stem's weights; a plain model would fail with torch's less telling message. Only the
+    tensor's metadata is read (no device sync), so the check costs nothing in a compiled or traced forward."""
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == IN_CHANNELS and x.is_floating_point():
+        if x.dtype == weight_dtype or _autocast_enabled(x.device.type):
+            return
+        raise InputError(f"expected images of the network's dtype {weight_dtype}, got {x.dtype}: convert them "
+                         f"(x.to({weight_dtype})) or run under torch.autocast")
+    got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+    raise InputError(f"expected a float tensor of images [batch, {IN_CHANNELS}, height, width], got {got}")
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
 
 @dataclass(frozen=True)
 class PlainResNetConfig:
@@ -54,6 +83,8 @@ class PlainBlock(nn.Module):
     reuses the rest, so the two models share one definition of the block.
     """
 
+    __jit_unused_properties__ = ["last_bn"]  # a Python-side helper; TorchScript need not compile it
+
     def __init__(self, kind: str, cin: int, mid: int, cout: int, stride: int, downsample: bool,
                  conv_bn=_conv_bn):
         super().__init__()
@@ -66,6 +97,8 @@ class PlainBlock(nn.Module):
             self.add_module(f"conv{i}", conv)
             self.add_module(f"bn{i}", bn)
         self.num_convs = len(shapes)
+        if self.num_convs == 2:  # a basic block: forward tests these (None adds no state_dict keys)
+            self.conv3 = self.bn3 = None
         self.relu = nn.ReLU(inplace=True)
         self.downsample = None
         if downsample:
@@ -73,15 +106,16 @@ class PlainBlock(nn.Module):
 
     @property
     def last_bn(self) -> nn.Module:
-        return getattr(self, f"bn{self.num_convs}")
+        return self.bn2 if self.bn3 is None else self.bn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = x
-        for i in range(1, self.num_convs + 1):
-            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))
-            if i < self.num_convs:
-                out = self.relu(out)
-        identity = x if self.downsample is None else self.downsample(x)
+        # written out, not looped over names, so that TorchScript compiles it
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        if self.conv3 is not None:  # a bottleneck
+            out = self.bn3(self.conv3(self.relu(out)))
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(x)
         return self.relu(out + identity)
 
 
@@ -111,9 +145,14 @@ class PlainResNet(nn.Module):
         return [getattr(self, f"layer{i + 1}") for i in range(len(self.config.depths))]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features ``[batch, feature_dim]``: the output without ``fc`` (a classifier head)."""
+        if not torch.jit.is_scripting():  # TorchScript compiles without this branch
+            if not torch.jit.is_tracing():  # a trace (ONNX) records no Python check; dynamo runs it (no sync)
+                check_images(x, self.conv1.weight.dtype)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in self.stages():
-            x = stage(x)
+        for name, stage in self.named_children():  # the stages in order; TorchScript unrolls this loop
+            if name.startswith("layer"):
+                x = stage(x)
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ..errors import SlimsslError
 from ..nn.channels import scaled_channels
 from ..nn.layers import SlimBatchNorm, SlimConv2d, SlimmableMixin, SlimState, bind_state
 from ..nn.spec import Menu, SubnetError, SubnetLike, SubnetSpec
+from .plain import IN_CHANNELS, InputError, check_images  # noqa: F401  (InputError: importable from here too)
 from .plain import PlainBlock, PlainResNet, PlainResNetConfig, has_downsample
 
 ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -25,32 +26,6 @@ ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
     "resnet101": ("bottleneck", (3, 4, 23, 3)),
 }
 EXPANSION = {"basic": 1, "bottleneck": 4}
-
-IN_CHANNELS = 3  # RGB; the stem's input channels are fixed, not slimmed
-
-
-class InputError(SlimsslError):
-    """An input the network cannot take; says what was expected and what came."""
-
-
-def check_images(x, weight_dtype: torch.dtype) -> None:
-    """``x`` must be a float batch of RGB images of the network's dtype (any float under autocast). Slimmable
-    layers take their in-channels from the incoming tensor, so a 1-channel input would otherwise run
-    silently on a slice of the stem's weights."""
-    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == IN_CHANNELS and x.is_floating_point():
-        if x.dtype == weight_dtype or _autocast_enabled(x.device.type):
-            return
-        raise InputError(f"expected images of the network's dtype {weight_dtype}, got {x.dtype}: convert them "
-                         f"(x.to({weight_dtype})) or run under torch.autocast")
-    got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-    raise InputError(f"expected a float tensor of images [batch, {IN_CHANNELS}, height, width], got {got}")
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def slim_conv_bn(norm: Callable[[int], SlimBatchNorm]):
@@ -168,9 +143,10 @@ class SlimResNet(SlimmableMixin, nn.Module):
     @torch.no_grad()
     def export(self, subnet: SubnetLike | None = None) -> PlainResNet:
         """A standalone plain ResNet holding a copy of ``subnet``'s weights and BatchNorm statistics, in this
-        network's mode (train or eval; :func:`slimssl.load_exported` gives eval mode)."""
+        network's mode (train or eval; :func:`slimssl.load_exported` gives eval mode), dtype and device."""
         spec = self.resolve(subnet)
-        plain = PlainResNet(self.plain_config(spec))
+        weight = self.conv1.weight
+        plain = PlainResNet(self.plain_config(spec)).to(device=weight.device, dtype=weight.dtype)
         modules = dict(self.named_modules())
         state = {}
         for key, target in plain.state_dict().items():

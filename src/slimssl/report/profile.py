@@ -42,8 +42,9 @@ def cpu_latency_ms(model: nn.Module, resolution: int, runs: int = 5, warmup: int
 
 
 def plain_with_head(supernet: SlimResNet, spec: SubnetSpec, num_classes: int) -> PlainResNet:
-    """The exported sub-network with a ``num_classes``-way classifier, as papers count it."""
-    plain = supernet.export(spec)
+    """The exported sub-network with a ``num_classes``-way classifier, as papers count it: in float32 on the CPU,
+    where it is measured, whatever the supernet's dtype and device."""
+    plain = supernet.export(spec).to("cpu", torch.float32)
     if num_classes:
         plain.fc = nn.Linear(plain.config.feature_dim, num_classes)
     return plain.eval()
