@@ -340,3 +340,13 @@ def test_cli_config_unknown_key_returns_2(capsys, caplog):
 
 def test_cli_no_command_returns_2(capsys):
     assert main([]) == 2
+
+
+@pytest.mark.parametrize("command", [["knn", "RUN"], ["export", "RUN", "--all", "--out", "exported"],
+                                     ["profile", "--config", "demo"], ["reproduce", "--out", "runs"]])
+def test_commands_other_than_pretrain_refuse_to_run_on_several_processes(command, monkeypatch, capsys, caplog):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it for every process
+    assert main(command) == 2
+    text = capsys.readouterr().err + caplog.text
+    assert f"slimssl {command[0]} runs on one process, but torchrun started 2" in text
+    assert "only slimssl pretrain trains on several processes" in text

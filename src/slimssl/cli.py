@@ -272,6 +272,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MULTI_PROCESS_COMMANDS = ("pretrain",)  # the others would evaluate, write and print once per process
+
+
+def _refuse_several_processes(command: str) -> None:
+    """Only pretraining is distributed; any other command started by torchrun on several processes is refused
+    (by every process alike, before any work) rather than run N times over the same files."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if command not in MULTI_PROCESS_COMMANDS and world.isdigit() and int(world) > 1:
+        raise UsageError(f"slimssl {command} runs on one process, but torchrun started {world} (WORLD_SIZE): each "
+                         "would do the same work and write the same files. Run it without torchrun (one GPU is "
+                         "used); only slimssl pretrain trains on several processes")
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # a command's time budget counts from here (reproduce --time-budget)
     args = build_parser().parse_args(argv)
@@ -282,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help(sys.stderr)
         return 2
     try:
+        _refuse_several_processes(args.command)
         return args.func(args)
     except SlimsslError as e:
         log.error("slimssl %s: error: %s", args.command, e)
