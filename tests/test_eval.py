@@ -375,6 +375,44 @@ def test_cli_finetune_every_subnet_at_several_fractions(tmp_path, capsys):
     assert len(list((run / "finetune").glob("*.json"))) == 4
 
 
+def test_fine_tuned_classifiers_are_saved_as_exports_that_score_what_was_reported(tmp_path, capsys):
+    import slimssl
+    from slimssl.cli import main
+    from slimssl.data.datasets import load_dataset
+    from slimssl.eval.finetune import evaluate_classifier
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    models = tmp_path / "models"
+    assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "0.5", "--epochs", "2", "--json",
+                 "--device", "cpu", "--no-save", "--save-models", str(models)]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    folder = models / "w0p5_d1-1-1-1_50pct_seed0"
+    info = json.loads((folder / "config.json").read_text())
+    assert info["subnet"] == "w0p5_d1-1-1-1" and info["top1"] == row["top1"] and len(info["classes"]) == 10
+    assert "indices" not in info  # they stay in the result's JSON
+    model = slimssl.load_exported(folder)
+    assert model.config.num_classes == 10 and model.fc.out_features == 10
+    cfg = tiny_config()
+    test = load_dataset("fake", "test", resolution=RES, fake_size=cfg.data.fake_size, seed=cfg.train.seed)
+    top1, _ = evaluate_classifier(model, test, test.labels, resolution=RES, mean=cfg.data.mean, std=cfg.data.std)
+    assert top1 == row["top1"]
+
+
+def test_save_exported_takes_a_classifier_set_by_hand_and_refuses_other_heads(tmp_path):
+    import slimssl
+    from slimssl.export import ExportError, save_exported
+
+    model = tiny_supernet().export(0.5).eval()
+    model.fc = torch.nn.Linear(model.config.feature_dim, 3)  # the usual way to add a classifier
+    x = torch.rand(2, 3, RES, RES)
+    assert torch.equal(slimssl.load_exported(save_exported(model, tmp_path / "head"))(x), model(x))
+    model.fc = torch.nn.Sequential(torch.nn.Linear(model.config.feature_dim, 3))
+    with pytest.raises(ExportError, match=r"model.fc is Sequential.*nn.Identity \(features\) or nn.Linear"):
+        save_exported(model, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
 def test_cli_finetune_refuses_one_out_file_for_several_results(tmp_path, capsys, caplog):
     from slimssl.cli import main
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -47,22 +49,46 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     spec = supernet.resolve(subnet)
     check_export_folder(out_dir, spec, (metadata or {}).get("source"), overwrite)
     plain = supernet.export(spec).eval()
-    # the caller's metadata cannot replace the keys load_exported reads; checked before any folder is made
-    info = {**(metadata or {}), "format": EXPORT_FORMAT, "subnet": spec.name, "architecture": plain.config.to_dict()}
-    try:
+    folder = save_exported(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})
+    if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
+        _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution)
+    return folder
+
+
+def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None = None) -> Path:
+    """Write a plain ResNet into ``folder`` as ``config.json`` and ``model.safetensors``, for
+    :func:`load_exported`: an export, or one fine-tuned with a classifier (``model.fc = nn.Linear(...)``; the
+    config then records its classes). ``metadata`` (JSON data) is kept in config.json beside the keys
+    load_exported reads, which it cannot replace."""
+    folder = Path(folder)
+    info = {**(metadata or {}), "format": EXPORT_FORMAT, "architecture": _architecture(model).to_dict()}
+    try:  # checked before any folder is made
         text = json.dumps(info, indent=2) + "\n"
     except (TypeError, ValueError) as e:
         raise ExportError(f"metadata must be JSON data (str, numbers, lists, dicts): {e}") from None
-    folder = Path(out_dir) / spec.name
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # the folder, or one on the way to it, is a file
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
     (folder / CONFIG).write_text(text)
-    save_file(plain.state_dict(), str(folder / WEIGHTS), metadata={"subnet": spec.name})
-    if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
-        _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS), metadata={"format": EXPORT_FORMAT, "subnet": str(info.get("subnet"))})
     return folder
+
+
+def _architecture(model: PlainResNet) -> PlainResNetConfig:
+    """``model``'s config with the classifier it holds now (``fc`` may have been replaced since it was built)."""
+    if not isinstance(model, PlainResNet):
+        raise ExportError(f"expected a slimssl PlainResNet (an export, e.g. load_exported's), got {type(model).__name__}")
+    fc = model.fc
+    if isinstance(fc, nn.Identity):
+        return replace(model.config, num_classes=0)
+    if isinstance(fc, nn.Linear) and fc.bias is not None and fc.in_features == model.config.feature_dim:
+        return replace(model.config, num_classes=fc.out_features)
+    what = (f"nn.Linear({fc.in_features}, {fc.out_features}, bias={fc.bias is not None})"
+            if isinstance(fc, nn.Linear) else type(fc).__name__)
+    raise ExportError(f"model.fc is {what}; an exported model ends in nn.Identity (features) or "
+                      f"nn.Linear({model.config.feature_dim}, classes) with a bias (a classifier)")
 
 
 def check_export_folder(out_dir: str | Path, spec: SubnetSpec, source: str | None, overwrite: bool = False) -> None:

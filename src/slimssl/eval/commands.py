@@ -14,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import emit, fraction, nonnegative_int, output_file, positive_float, positive_int
+from ..cli_args import emit, fraction, nonnegative_int, output_dir, output_file, positive_float, positive_int
 from ..errors import UsageError
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_CROPS
 
@@ -104,7 +104,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
     rows = finetune(args.checkpoint, "all" if args.all else args.subnet, args.label_fraction, epochs=args.epochs,
                     lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_crop=args.train_crop,
-                    out=args.out, **_common_keywords(args))
+                    out=args.out, save_models=args.save_models, **_common_keywords(args))
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "label_fraction", "num_labelled",
                                            "top1", "top5"]))
     return 0
@@ -224,6 +224,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=output_file(".json"),
                    help="JSON file for the result and the labelled indices, when there is one result (default: "
                         "RUN/finetune/<subnet>_<pct>pct_seed<S>.json; none with --no-save)")
+    p.add_argument("--save-models", type=output_dir, metavar="DIR",
+                   help="also write each fine-tuned classifier to DIR/<subnet>_<pct>pct_seed<S>/, as an export "
+                        "(safetensors + config.json with its classes; load with slimssl.load_exported)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("recalibrate", help="re-estimate a sub-network's BatchNorm statistics into a new checkpoint")

@@ -285,14 +285,16 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
              label_fractions: Sequence[float] | float = (0.01, 0.1), *, epochs: int | None = None,
              lr: float | None = None, batch_size: int | None = None, seed: int = 0, train_crop: str | None = None,
              out: str | Path | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
-             recalibrate_bn: int | None = None, save: bool = True, **data) -> list[dict]:
+             recalibrate_bn: int | None = None, save: bool = True, save_models: str | Path | None = None,
+             **data) -> list[dict]:
     """Fine-tune each of ``subnets`` (names or widths, or ``"all"``: the menu) on a class-balanced fraction of
     the train labels, for every one of ``label_fractions`` (``eval/finetune.py``).
 
     Each result, with its labelled indices, is written to ``out`` (one result only), else (``save``) to
     ``RUN/finetune/<subnet>_<pct>pct_seed<S>.json``, and merged into the run before the next one starts, so a
-    failure later keeps what was measured. The sub-networks are checked before any data is decoded. The
-    data keywords are knn's. Returns one row per result: subnet, width, depths, params, macs,
+    failure later keeps what was measured. ``save_models``: a folder that receives each fine-tuned classifier
+    as an export, ``<subnet>_<pct>pct_seed<S>/`` (``slimssl.load_exported``; its config.json names the classes
+    and the accuracy). The sub-networks are checked before any data is decoded. The data keywords are knn's. Returns one row per result: subnet, width, depths, params, macs,
     label_fraction, seed, num_labelled, recipe, top1, top5 (percent), indices (the labelled subset).
     """
     from .finetune import finetune_subnet, fraction_key
@@ -312,13 +314,15 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
     for i, (spec, label_fraction) in enumerate(jobs):
         if len(jobs) > 1:
             log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
+        key = fraction_key(label_fraction)
+        name = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{seed}"
+        stem = f"{name}.json"
         result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=seed,
                                  epochs=epochs, lr=lr, batch_size=batch_size, resolution=cfg.data.resolution,
                                  mean=cfg.data.mean, std=cfg.data.std, device=torch_device,
                                  recalibrate_batches=recalibrate_bn,
-                                 eval_batch_size=eval_batch_size or cfg.eval.batch_size, train_crop=train_crop)
-        key = fraction_key(label_fraction)
-        stem = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{seed}.json"
+                                 eval_batch_size=eval_batch_size or cfg.eval.batch_size, train_crop=train_crop,
+                                 save_model=Path(save_models) / name if save_models is not None else None)
         if out is not None:
             path = Path(out)
         elif not save:  # nothing is written beside the checkpoint; ``out`` still names a file to write

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -97,12 +98,14 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
                     epochs: int | None = None, lr: float | None = None, batch_size: int | None = None,
                     resolution: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
                     recalibrate_batches: int | None = None, eval_batch_size: int = 256,
-                    min_steps: int | None = None, train_crop: str | None = None) -> dict:
+                    min_steps: int | None = None, train_crop: str | None = None,
+                    save_model: str | Path | None = None) -> dict:
     """Fine-tune the exported ``subnet`` on a balanced ``label_fraction`` of ``train``; evaluate on ``test``.
 
     ``train`` and ``test`` are labelled datasets, in memory or streamed (``data/eval_images.py``); of a streamed
     train split only the labelled subset is decoded, and held in memory while training.
     Returns a dict with the settings, ``top1``/``top5`` (percent) and ``indices`` (the labelled subset).
+    ``save_model``: a folder to write the fine-tuned classifier to, as an export (``slimssl.load_exported``).
     The supernet is not modified (the export is a copy; shared BatchNorm is recalibrated on a copy).
     """
     if train.labels is None or test.labels is None:
@@ -128,9 +131,17 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     top1, top5 = evaluate_classifier(model, test, test.labels, resolution=resolution, mean=mean, std=std,
                                      batch_size=eval_batch_size, device=device)
     n = len(indices)
-    return {"subnet": spec.name, "label_fraction": float(label_fraction), "seed": int(seed),
-            "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),
-            "recipe": {**asdict(recipe), **schedule}, "top1": top1, "top5": top5, "indices": indices.tolist()}
+    result = {"subnet": spec.name, "label_fraction": float(label_fraction), "seed": int(seed),
+              "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),
+              "recipe": {**asdict(recipe), **schedule}, "top1": top1, "top5": top5}
+    if save_model is not None:
+        from ..export import save_exported
+
+        classes = list(train.classes) if train.classes else None
+        save_exported(model, save_model, {**result, "classes": classes, "resolution": resolution,
+                                          "mean": list(mean), "std": list(std)})
+        log.info("saved the fine-tuned %s to %s", spec.name, save_model)
+    return {**result, "indices": indices.tolist()}
 
 
 def _recipe(label_fraction: float, **given) -> FinetuneRecipe:
@@ -146,6 +157,7 @@ def _recipe(label_fraction: float, **given) -> FinetuneRecipe:
 def _classifier(backbone: nn.Module, num_classes: int, generator: torch.Generator) -> nn.Module:
     """The exported backbone with a new linear classifier: N(0, 0.01) weights, zero bias."""
     backbone.fc = nn.Linear(backbone.config.feature_dim, num_classes)
+    backbone.config = replace(backbone.config, num_classes=num_classes)
     nn.init.normal_(backbone.fc.weight, std=0.01, generator=generator)
     nn.init.zeros_(backbone.fc.bias)
     return backbone
