@@ -112,6 +112,14 @@ def signal_at(monkeypatch, step_to_signal: int, signum: int) -> None:
 
 # ---- atomic checkpoints -------------------------------------------------------------------------------
 
+def _full_disk_save(obj, f, *args, **kwargs):
+    f.write(b"PK\x03\x04 half a checkpoint")
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
 def _partial_save(exc):
     def save(obj, f, *args, **kwargs):
         f.write(b"PK\x03\x04 half a checkpoint")
@@ -137,18 +145,18 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, failure):
             "model": {"w": torch.arange(4.0)}, "epoch": 1}
     save_checkpoint(path, good)
     before = path.read_bytes()
-    if failure == "disk_full":
-        monkeypatch.setattr(torch, "save", _partial_save(OSError(28, "No space left on device")))
-        expected = OSError
+    if failure == "disk_full":  # as torch.save reports it: a RuntimeError whose context is the OSError
+        monkeypatch.setattr(torch, "save", _full_disk_save)
+        expected, match = CheckpointError, f"cannot write the checkpoint {path}: No space left on device; the"
     elif failure == "killed":
         monkeypatch.setattr(torch, "save", _partial_save(KeyboardInterrupt()))
-        expected = KeyboardInterrupt
+        expected, match = KeyboardInterrupt, None
     else:
         def replace(src, dst):
-            raise OSError("rename failed")
+            raise OSError(13, "Permission denied")
         monkeypatch.setattr(os, "replace", replace)
-        expected = OSError
-    with pytest.raises(expected):
+        expected, match = CheckpointError, "cannot write the checkpoint .*: Permission denied"
+    with pytest.raises(expected, match=match):
         save_checkpoint(path, {**good, "model": {"w": torch.zeros(4)}, "epoch": 2})
     monkeypatch.undo()
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind

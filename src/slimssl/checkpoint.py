@@ -28,7 +28,8 @@ REQUIRED_KEYS = ("config", "menu", "model")
 
 
 class CheckpointError(SlimsslError):
-    """A file that is not a usable slimssl checkpoint; says what was found and what was expected."""
+    """A file that is not a usable slimssl checkpoint, or one that cannot be written (a full disk); says what
+    was found and what was expected."""
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -37,8 +38,17 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"format": FORMAT, "version": VERSION, **payload}
-    with atomic_write(path, "wb", fsync=True) as f:
-        torch.save(data, f)
+    try:
+        with atomic_write(path, "wb", fsync=True) as f:
+            torch.save(data, f)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (ENOSPC) as "[enforce fail at inline_container.cc] unexpected pos",
+        # with the OSError only as its context: name the file and the system's reason instead
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(f"cannot write the checkpoint {path}: {cause.strerror or cause}; the checkpoint "
+                              "written before it (if any) is kept") from e
     _fsync_dir(path.parent)
     return path
 
