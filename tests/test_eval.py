@@ -556,9 +556,14 @@ def test_knn_votes_are_the_k_nearest_weighted_by_exp_similarity_over_t():
     query = torch.tensor([[2.0, 0.0]])  # not unit length: the vote uses cosine similarity
     nearest = knn_predict(bank, labels, query, 3, k=1, temperature=1.0)
     three = knn_predict(bank, labels, query, 3, k=3, temperature=0.5)
-    torch.testing.assert_close(nearest, torch.tensor([[math.e, 0.0, 0.0]]))
-    torch.testing.assert_close(three, torch.tensor([[math.exp(2), math.exp(1.8) + math.exp(1.7), 0.0]]))
+    # each query's votes are divided by exp(its top similarity / T): the same winner, no float32 overflow
+    torch.testing.assert_close(nearest, torch.tensor([[1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(three, torch.tensor([[1.0, math.exp(-0.2) + math.exp(-0.3), 0.0]]))
     assert nearest.argmax().item() == 0 and three.argmax().item() == 1  # two close votes outweigh the closest
+    # at T = 0.01 the votes themselves would be exp(100) > float32's largest, all inf, and class 0 would "win"
+    near = torch.tensor([[1.0, 0.0], [0.999, math.sqrt(1 - 0.999 ** 2)], [0.999, -math.sqrt(1 - 0.999 ** 2)]])
+    low = knn_predict(near, labels[:3], query, 3, k=3, temperature=0.01)
+    assert torch.isfinite(low).all() and low.argmax().item() == 1  # 2 exp(-0.1) > 1
 
 
 def test_linear_probe_follows_a_cosine_schedule_and_its_crop_options_change_training(monkeypatch):

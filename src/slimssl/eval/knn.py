@@ -16,7 +16,9 @@ from .features import extract_subnet_features
 @torch.no_grad()
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
                 k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
-    """Class scores [Q, C] of each query: its k most cosine-similar bank entries vote with exp(sim / T)."""
+    """Class scores [Q, C] of each query: its k most cosine-similar bank entries vote with exp(sim / T), each
+    query's votes divided by exp(its top similarity / T), which leaves its winner as it is and keeps a low T
+    from overflowing float32 (1 / T > 88: every vote inf)."""
     bank = F.normalize(bank.float(), dim=1)
     queries = F.normalize(queries.float(), dim=1)
     k = min(k, len(bank))
@@ -25,7 +27,7 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
         sim = queries[start:start + chunk] @ bank.T
         top_sim, top_idx = sim.topk(k, dim=1)
         votes = torch.zeros(len(top_idx), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[top_idx], (top_sim / temperature).exp())
+        votes.scatter_add_(1, bank_labels[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())
         scores.append(votes)
     return torch.cat(scores)
 

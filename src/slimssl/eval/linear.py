@@ -267,6 +267,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     device = torch.device(device)
     resolution = resolution or train.resolution
     specs = supernet.resolve_many(subnets or None)
+    was_training = supernet.training
     supernet.to(device).eval()
     fingerprints = {id(supernet): (supernet, backbone_fingerprint(supernet))}
     models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches,
@@ -291,6 +292,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
             results[n] = {"top1": top1, "top5": top5}
     for model, before in fingerprints.values():
         check_backbone_unchanged(model, before)
+    supernet.train(was_training)
     return (results, heads) if return_heads else results
 
 
