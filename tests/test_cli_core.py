@@ -346,6 +346,7 @@ def test_cli_no_command_returns_2(capsys):
                                      ["profile", "--config", "demo"], ["reproduce", "--out", "runs"]])
 def test_commands_other_than_pretrain_refuse_to_run_on_several_processes(command, monkeypatch, capsys, caplog):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it for every process
+    monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(command) == 2
     text = capsys.readouterr().err + caplog.text
     assert f"slimssl {command[0]} runs on one process, but torchrun started 2" in text

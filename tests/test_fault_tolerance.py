@@ -287,6 +287,13 @@ def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
     logged = [(r["step"], r["epoch"]) for r in records(tmp_path / "end") if "loss" in r]
     assert logged[-4:] == [(7, 1.75), (8, 2.0), (5, 2.5), (6, 3.0)]  # the old steps' records are kept
 
+    # stopped and resumed again at the new batch: the records of the old, higher step numbers stay too
+    Trainer(cfg, tmp_path / "twice").fit(max_steps=8)
+    prepared = prepare_run(None, tmp_path / "twice", overrides=["train.batch_size=32"], resume=True)
+    Trainer(prepared.cfg, prepared.run_dir, resume=True).fit(max_steps=5)
+    Trainer(prepared.cfg, prepared.run_dir, resume=True).fit()
+    assert records(tmp_path / "twice") == records(tmp_path / "end")
+
 
 def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypatch):
     cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
@@ -339,6 +346,12 @@ def test_auto_resume_starts_again_after_a_start_killed_before_its_first_step(tmp
 
     killed_start([{"step": 0, "effective_lr": {}}])
     assert pretrain(cfg, run, resume="auto").finished
+    # a finished run whose last.pt was renamed is no failed start: nothing of it is removed
+    (run / "checkpoints" / "last.pt").rename(run / "checkpoints" / "final.pt")
+    (run / "metrics.jsonl").unlink()
+    with pytest.raises(SlimsslError, match="holds files of an earlier run"):
+        pretrain(cfg, run, resume="auto")
+    assert (run / "checkpoints" / "final.pt").is_file() and (run / "results.json").is_file()
     # not a start of these settings, or one that trained: refused as before (its weights are lost)
     other = config_from_dict(tiny(train={"epochs": 1}, optim={"lr": 0.123}))
     for wanted, metrics in ((other, []), (cfg, [{"step": 2, "loss": {FULL: 1.0}}])):
@@ -463,6 +476,34 @@ def test_nonfinite_skip_skips_and_counts(tmp_path, monkeypatch, caplog):
     assert all(math.isfinite(v) for r in records if "loss" in r for v in r["loss"].values())
     assert "step 3: non-finite loss, step skipped (2 so far)" in caplog.text
     assert all_finite(model_state(tmp_path))
+
+
+def test_nonfinite_skip_puts_back_the_batchnorm_statistics_of_a_nan_forward(tmp_path):
+    # a NaN pixel reaches the BatchNorm running statistics in the forward pass, before the loss shows it
+    cfg = config_from_dict(tiny(train={"nonfinite": "skip", "epochs": 2}, eval={"knn_random_init": False}))
+    trainer = Trainer(cfg, tmp_path)
+    views = trainer.views
+
+    def nan_views(step):
+        v1, v2 = views(step)
+        if step == 2:
+            v1 = v1.clone()
+            v1[0, 0, 0, 0] = float("nan")
+        return v1, v2
+
+    trainer.views = nan_views
+    assert trainer.fit()["skipped_steps"] == 1
+    assert all_finite(model_state(tmp_path))
+
+
+def test_a_nan_loss_that_left_the_weights_finite_is_not_saved_to_be_logged_after_a_resume(tmp_path, monkeypatch):
+    # a NaN added to the loss value leaves its gradients finite (as when fp16's loss scaler skips a step)
+    trainer = Trainer(config_from_dict(tiny(train={"log_every": 100})), tmp_path)
+    poison_loss(monkeypatch, trainer, bad_steps={5}, subnet_index=1, weights=False)
+    with pytest.raises(NonFiniteLossError, match=f"losses to log at step 6 are not finite after a non-finite loss "
+                                                 f"of sub-network {HALF}"):
+        trainer.fit(max_steps=6)
+    assert load_checkpoint(tmp_path)["train_state"]["step"] == 4
 
 
 # ---- bad datasets through `slimssl pretrain --data` ---------------------------------------------------

@@ -217,6 +217,26 @@ def test_steps_lost_to_a_hard_stop_are_not_timed(tmp_path, monkeypatch, caplog):
     assert json.loads((slim / "timing.json").read_text())["chunks"] == EPOCHS
 
 
+def test_bad_data_met_mid_run_saves_the_steps_trained_in_a_timed_run_too(tmp_path, monkeypatch):
+    from slimssl.data.files import DataError
+    from slimssl.reproduce.run import TimedTrainer
+    from slimssl.train.loop import Trainer
+
+    step_once = Trainer.train_step
+
+    def unreadable(self, step):
+        if step == 2:
+            raise DataError("cannot decode some/file.png")
+        return step_once(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", unreadable)
+    cfg = load_config(RECIPES[0], [*TINY, "data.source=fake", "train.device=cpu", "train.batch_size=8"])
+    trainer = TimedTrainer(cfg, tmp_path / "run")
+    with pytest.raises(DataError, match="the 2 steps trained so far are saved"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["train_state"]["step"] == 2
+
+
 def test_only_machine_dependent_defaults_may_differ_on_resume():
     saved = load_config(RECIPES[0], ["data.workers=8"])
     now = load_config(RECIPES[0], ["data.workers=2"])

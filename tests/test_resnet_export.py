@@ -251,6 +251,8 @@ def test_onnx_export(tmp_path, perturb_bn):
     assert [i.name for i in graph.graph.input][:1] == ["images"]
     assert [o.name for o in graph.graph.output] == ["features"]
     assert (folder / "model.safetensors").is_file()
+    export_subnet(model, "0.5", tmp_path)  # exported again without ONNX: the old graph would not match
+    assert not path.exists()
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -279,10 +279,12 @@ def _refuse_several_processes(command: str) -> None:
     """Only pretraining is distributed; any other command started by torchrun on several processes is refused
     (by every process alike, before any work) rather than run N times over the same files."""
     world = os.environ.get("WORLD_SIZE", "1")
-    if command not in MULTI_PROCESS_COMMANDS and world.isdigit() and int(world) > 1:
+    # LOCAL_RANK: set by torchrun for each process it starts; a cluster may export WORLD_SIZE to a whole job
+    if command not in MULTI_PROCESS_COMMANDS and world.isdigit() and int(world) > 1 and "LOCAL_RANK" in os.environ:
         raise UsageError(f"slimssl {command} runs on one process, but torchrun started {world} (WORLD_SIZE): each "
                          "would do the same work and write the same files. Run it without torchrun (one GPU is "
-                         "used); only slimssl pretrain trains on several processes")
+                         "used; unset WORLD_SIZE and LOCAL_RANK if this is one process); only slimssl pretrain "
+                         "trains on several processes")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,8 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     folder = save_exported(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})
     if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
         _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution)
+    else:  # a graph of an earlier export there no longer matches these weights
+        (folder / ONNX).unlink(missing_ok=True)
     return folder
 
 

@@ -145,9 +145,9 @@ class TimedTrainer(Trainer):
         with self._timed_apart("eval"):
             return super().finish()
 
-    def save(self, name: str = LAST):
+    def save(self, name: str = LAST, any_rank: bool = False):
         with self._timed_apart("checkpoint"):
-            return super().save(name)
+            return super().save(name, any_rank)
 
 
 def run_chunk(trainer: TimedTrainer, timing: JobTiming, run_dir: Path) -> dict:

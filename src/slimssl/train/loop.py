@@ -40,7 +40,7 @@ from ..slim.diagnostics import GradientImbalance
 from ..slim.policy import SlimPolicy
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
-from .metrics import LogWindow, MetricsLogger
+from .metrics import RENUMBERED, LogWindow, MetricsLogger
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
 
 log = logging.getLogger("slimssl")
@@ -145,6 +145,9 @@ class Trainer:
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._compile_forwards()
+        # what a forward pass changes besides activations: restored when train.nonfinite=skip skips a step
+        self._bn_buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                            for b in m.buffers()]
         self.steps_per_epoch = self.view_source.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.policy = SlimPolicy(cfg.slim, self.model.backbone.menu, self.total_steps, cfg.train.seed)
@@ -169,6 +172,9 @@ class Trainer:
         log.info("%s", self.lr_summary())
         self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(),
                                      resumed_at=saved_step)
+        if resume and saved_step != self.state.step:  # another batch: the records from here count its steps
+            self.metrics.write({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
+                                RENUMBERED: {"from": saved_step, "batch_size": self.cfg.train.batch_size}})
         if self._resumed_lr != self.effective_lr():  # a resume with the same lr would repeat the record
             self.metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
 
@@ -265,15 +271,18 @@ class Trainer:
         return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload())
 
     def _check_finite_weights(self) -> None:
-        """Never save a non-finite network over a good checkpoint: a NaN loss since the last metrics record
-        (which checks the losses) may have reached the weights. Every rank checks its own copy (the same
-        weights), so all of them stop together. A skipped step (train.nonfinite: skip) leaves them finite."""
+        """Never save a non-finite network, or a NaN loss to be logged after a resume, over a good checkpoint:
+        a NaN loss since the last metrics record (which checks the losses) may have reached the weights, or
+        (fp16: the loss scaler skipped the step) only the losses. A step skipped by train.nonfinite=skip
+        leaves the weights and BatchNorm statistics as they were, and its losses out of the window."""
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        if bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-            return
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
         bad = [name for name, v in self.window.means().items() if not math.isfinite(float(v))]
+        if finite and not (bad and self.cfg.train.nonfinite == "error"):
+            return
         cause = f" after a non-finite loss of sub-network {bad[0]}" if bad else ""
-        raise self._nonfinite_error(f"the weights at step {self.state.step} are not finite{cause}")
+        what = "weights" if not finite else "losses to log"
+        raise self._nonfinite_error(f"the {what} at step {self.state.step} are not finite{cause}")
 
     def _nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = checkpoint_path(self.run_dir)
@@ -375,6 +384,10 @@ class Trainer:
     def train_step(self, step: int) -> StepResult:
         """One iteration: forward, backward and update of every sub-network the policy plans for ``step``."""
         self.model.train()
+        skip_mode = self.cfg.train.nonfinite == "skip"
+        # a NaN forward writes NaN into the BatchNorm running statistics before the loss shows it: keep a copy
+        # (small: statistics, not weights) to put back if the step is skipped
+        bn_stats = [b.clone() for b in self._bn_buffers] if skip_mode else None
         lr = self.set_lr(step)
         v1, v2 = self.views(step)
         step_begins(self.cfg.train.compile)
@@ -405,11 +418,11 @@ class Trainer:
                 diagnose.after_backward(task.spec.name)
         if diagnose is not None and dist.is_main():
             self.metrics.write({"step": step + 1, "grad_norm": diagnose.record})
-        skip_mode = self.cfg.train.nonfinite == "skip"
         bad = (~torch.isfinite(torch.stack(list(losses.values())))).any().float() if skip_mode else None
         self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
         if skip_mode and (self.grad_sync.any_flag() if self.grad_sync.enabled else bool(bad)):
             self.optimizer.zero_grad(set_to_none=True)  # the one host sync of this mode, by request
+            torch._foreach_copy_(self._bn_buffers, bn_stats)
             self.state.skipped_steps += 1
             if dist.is_main():
                 log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
@@ -482,8 +495,12 @@ class Trainer:
         """kNN at random initialisation (a new run), or, for a run resumed at the end of an epoch, that epoch's
         kNN when the run that saved the checkpoint was stopped before it could log it."""
         resumed_at, self._resumed_at = self._resumed_at, None
-        if not dist.is_main():
-            return
+        if dist.is_main():
+            self._evaluate_on_rank_0(resumed_at)
+        if self.world > 1:  # every rank holds rank 0's result: any of them may save a checkpoint (bad data)
+            self.state.knn_random_init = dist.broadcast_object(self.state.knn_random_init)
+
+    def _evaluate_on_rank_0(self, resumed_at: int | None) -> None:
         if self.state.step == 0 and not self.state.knn_random_init and self.cfg.eval.knn_random_init:
             self.state.knn_random_init = self.knn()
             if self.state.knn_random_init:

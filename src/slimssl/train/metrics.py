@@ -91,10 +91,12 @@ class MetricsLogger:
                     self.tb.add_scalar(key, value, step)
 
     def has_record(self, step: int, key: str) -> bool:
-        """Whether metrics.jsonl holds a record of ``step`` with ``key`` (e.g. that epoch's kNN)."""
+        """Whether metrics.jsonl holds a record of ``step`` with ``key`` (e.g. that epoch's kNN), counting steps
+        as the run does now (since its last change of batch)."""
         if not self.path.is_file():
             return False
-        for line in self.path.read_text().splitlines():
+        lines = self.path.read_text().splitlines()
+        for line in lines[_numbered_from(lines):]:
             try:
                 record = json.loads(line)
             except ValueError:
@@ -107,7 +109,8 @@ class MetricsLogger:
         if not self.path.is_file():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _step_of(line) <= step]
+        start = _numbered_from(lines)  # records of steps counted in an earlier batch stay
+        kept = lines[:start] + [line for line in lines[start:] if _step_of(line) <= step]
         if len(kept) < len(lines):
             with atomic_write(self.path, "w") as f:
                 f.writelines(kept)
@@ -117,6 +120,18 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+RENUMBERED = "steps_renumbered"  # the key of the record a resume with another batch writes (train/loop.py)
+
+
+def _numbered_from(lines: list[str]) -> int:
+    """The index of the first line whose steps count batches of the run's current size: after the last
+    record of a resume with another batch, which renumbered the steps."""
+    for i in range(len(lines) - 1, -1, -1):
+        if f'"{RENUMBERED}"' in lines[i]:
+            return i + 1
+    return 0
 
 
 def _step_of(line: str) -> float:

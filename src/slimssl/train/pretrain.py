@@ -31,6 +31,9 @@ log = logging.getLogger("slimssl")
 RUN_FILES = ("results.json", "metrics.jsonl", "tb")  # written by a run besides its checkpoints
 # what train_run may write in a run directory: removed again when a start fails before its first checkpoint
 RUN_OUTPUTS = ("config.yaml", CHECKPOINTS, *RUN_FILES)
+# what a start killed before its first step leaves (CHECKPOINTS empty); config.yaml, which marks the folder as
+# this run's, goes last
+FAILED_START = ("metrics.jsonl", "tb", CHECKPOINTS, "config.yaml")
 
 
 @dataclass(frozen=True)
@@ -134,9 +137,10 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
     leftovers = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if leftovers and failed_start_ok and _failed_start_of(run_dir, cfg):
+    # rank 0 decides (the others would see its removal half done); it fails the job if it refuses
+    if leftovers and failed_start_ok and (not dist.is_main() or _failed_start_of(run_dir, cfg)):
         if dist.is_main():
-            _remove(run_dir, RUN_OUTPUTS)
+            _remove(run_dir, FAILED_START)
             log.info("%s holds the files of a start of this run that was stopped before it trained a step (%s): "
                      "removed, starting it again", run_dir, ", ".join(leftovers))
     elif leftovers:  # a run whose checkpoint is gone: writing there would mix two runs' logs
@@ -147,8 +151,11 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
 
 
 def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
-    """Whether ``run_dir`` holds what a start of ``cfg`` leaves when killed before its first step ended: its
-    config.yaml with the same settings, and no loss in metrics.jsonl."""
+    """Whether ``run_dir`` holds only what a start of ``cfg`` leaves when killed before its first step ended:
+    its config.yaml with the same settings, no loss in metrics.jsonl, no checkpoint file and no results."""
+    checkpoints = run_dir / CHECKPOINTS
+    if (run_dir / "results.json").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return False
     try:
         saved = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), "config.yaml")
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
