@@ -162,21 +162,25 @@ class Trainer:
         self.window = LogWindow()  # the steps since the last metrics record
         self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         self._resumed_lr: dict | None = None  # the effective lr last.pt was trained with, when resuming
-        self._resumed_at: int | None = None  # the step a resumed run continues from, until its first fit
-        saved_step = None  # the step of the checkpoint resumed from, as its run counted them
-        if resume:
-            saved_step = self._load(checkpoint_path(self.run_dir))
-            # (another batch renumbers the steps: metrics.jsonl's records are of the old ones)
-            self._resumed_at = self.state.step if self.state.step == saved_step else None
+        # the step of the checkpoint resumed from, as its run counted them (another batch renumbers them)
+        saved_step = self._load(checkpoint_path(self.run_dir)) if resume else None
+        # the step a resumed run continues from, until its first fit (none after a renumbering: its records
+        # in metrics.jsonl count other steps)
+        self._resumed_at = self.state.step if resume and self.state.step == saved_step else None
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
         log.info("%s", self.lr_summary())
-        self.metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(),
-                                     resumed_at=saved_step)
-        if resume and saved_step != self.state.step:  # another batch: the records from here count its steps
-            self.metrics.write({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
-                                RENUMBERED: {"from": saved_step, "batch_size": self.cfg.train.batch_size}})
+        self.metrics = self._open_metrics(saved_step)
+
+    def _open_metrics(self, saved_step: int | None) -> MetricsLogger:
+        """metrics.jsonl and TensorBoard (rank 0), with what a resumed run records first: a change of batch,
+        which renumbers the steps, and a changed learning rate."""
+        metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(), resumed_at=saved_step)
+        if saved_step is not None and saved_step != self.state.step:
+            metrics.write({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
+                           RENUMBERED: {"from": saved_step, "batch_size": self.cfg.train.batch_size}})
         if self._resumed_lr != self.effective_lr():  # a resume with the same lr would repeat the record
-            self.metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
+            metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
+        return metrics
 
     # ---- setup --------------------------------------------------------------------------------------
 
