@@ -372,3 +372,11 @@ def test_recipes_start_their_residual_branches_as_their_sources(name, zero_init)
     scales = [p for n, p in slimssl.build_supernet(cfg).named_parameters()
               if n.startswith("layer") and f".{last}." in n and n.endswith(".weight")]
     assert scales and all(bool((p == 0).all()) == zero_init for p in scales)
+
+
+def test_a_raised_lr_after_the_slow_start_is_reported_only_when_there_is_a_slow_start():
+    from slimssl.train.optim import effective_lr
+
+    cfg = load_config("imagenet_r50_slimclr_mocov3")
+    assert effective_lr(cfg, 8)["peak_after_slow_start"] == pytest.approx(3.2)
+    assert "peak_after_slow_start" not in effective_lr(load_config(cfg.name, ["slim.slow_start=0"]), 8)

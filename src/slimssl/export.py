@@ -74,7 +74,9 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
     (folder / CONFIG).write_text(text)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS), metadata={"format": EXPORT_FORMAT, "subnet": str(info.get("subnet"))})
+    # one key at most: safetensors may write several in any order, and an export of the same weights should
+    # be the same file
+    save_file(state, str(folder / WEIGHTS), metadata={"subnet": str(info["subnet"])} if "subnet" in info else None)
     return folder
 
 

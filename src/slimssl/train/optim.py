@@ -102,7 +102,7 @@ def effective_lr(cfg, world: int) -> dict:
     info = {"peak": scaled_lr(o.lr, o, batch), "base": o.lr, "scaling": o.lr_scaling,
             "reference_batch": o.reference_batch, "total_batch": batch, "per_process_batch": batch // max(1, world),
             "processes": world}
-    if cfg.slim.slow_start_lr:
+    if cfg.slim.slow_start_lr and cfg.slim.slow_start:  # without a slow start nothing joins later
         info["peak_after_slow_start"] = scaled_lr(cfg.slim.slow_start_lr, o, batch)
     return info
 
