@@ -128,11 +128,11 @@ def _recalibrated_copies(args: argparse.Namespace, supernet, config, specs, batc
     """Copies of the supernet (on the CPU) whose BatchNorm statistics were re-estimated for each of ``specs``
     on ``batches`` train batches, the sample and transform of evaluation; and the record of it."""
     from .devices import pick_device
-    from .eval.commands import _data_keywords
+    from .eval.commands import data_keywords
     from .eval.evaluate import DataOptions
     from .eval.recalibrate import subnet_models
 
-    options = DataOptions.of(_data_keywords(args))
+    options = DataOptions.of(data_keywords(args))
     device = pick_device(args.device, setting="device (--device)")
     try:
         train = options.load_split(config, "train", device)
@@ -199,7 +199,7 @@ def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
 def _register_model_commands(sub: argparse._SubParsersAction) -> None:
     """export, profile and config: the commands of this module."""
     from .eval import DEFAULT_RECALIBRATE_BATCHES
-    from .eval.commands import _add_loader_args  # export reads train batches as the evaluation commands do
+    from .eval.commands import add_loader_args  # export reads train batches as the evaluation commands do
 
     p = sub.add_parser("export", help="export sub-networks as plain models (safetensors + JSON, or ONNX)")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
@@ -226,7 +226,7 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
                         "0: export the statistics as stored)")
     p.add_argument("--data", help="dataset name or path of --recalibrate-bn's train batches (default: the checkpoint "
                                   "config's data.source)")
-    _add_loader_args(p)
+    add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where --recalibrate-bn runs (default: cuda if available); the export is written from the CPU")
     p.add_argument("--eval-batch-size", type=positive_int,

@@ -23,7 +23,7 @@ log = logging.getLogger("slimssl")
 
 # ---- shared helpers ----------------------------------------------------------------------------------
 
-def _data_keywords(args: argparse.Namespace) -> dict:
+def data_keywords(args: argparse.Namespace) -> dict:
     """The data flags as the keywords of the protocols in ``evaluate.py`` (``DataOptions``)."""
     return dict(data=args.data, loader=args.loader, workers=args.workers, skip_unreadable=args.skip_unreadable,
                 crop_ratio=args.crop_ratio)
@@ -32,10 +32,10 @@ def _data_keywords(args: argparse.Namespace) -> dict:
 def _common_keywords(args: argparse.Namespace) -> dict:
     """The flags every protocol command shares, as the keywords of its function in ``evaluate.py``."""
     return dict(device=args.device, eval_batch_size=args.eval_batch_size, recalibrate_bn=args.recalibrate_bn,
-                save=not args.no_save, **_data_keywords(args))
+                save=not args.no_save, **data_keywords(args))
 
 
-def _add_loader_args(p: argparse.ArgumentParser) -> None:
+def add_loader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader", choices=["memory", "stream"],
                    help="memory: decode each split once into a uint8 tensor; stream: loader workers decode each "
                         "batch from the files of a folder or .zip too large for memory (same images, same results; "
@@ -62,7 +62,7 @@ def _add_train_crop_arg(p: argparse.ArgumentParser) -> None:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
-    _add_loader_args(p)
+    add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--eval-batch-size", type=positive_int, help="batch of the feature extraction (default: config eval.batch_size)")
     p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
@@ -134,7 +134,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     device = pick_device(args.device, setting="device (--device)")
     supernet.to(device)
     spec = supernet.resolve(args.subnet)
-    options = DataOptions.of(_data_keywords(args))
+    options = DataOptions.of(data_keywords(args))
     source = options.source(cfg)
     train = options.load_split(cfg, "train", device)
     bs = args.eval_batch_size or cfg.eval.batch_size
@@ -236,7 +236,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=output_file(".pt"),
                    help="the new checkpoint file (.pt), outside any run's checkpoints folder")
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")
-    _add_loader_args(p)
+    add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--eval-batch-size", type=positive_int, help="default: config eval.batch_size")
     p.add_argument("--seed", type=int, default=0, help="seed of the order of the calibration batches")

@@ -294,8 +294,9 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
     ``RUN/finetune/<subnet>_<pct>pct_seed<S>.json``, and merged into the run before the next one starts, so a
     failure later keeps what was measured. ``save_models``: a folder that receives each fine-tuned classifier
     as an export, ``<subnet>_<pct>pct_seed<S>/`` (``slimssl.load_exported``; its config.json names the classes
-    and the accuracy). The sub-networks are checked before any data is decoded. The data keywords are knn's. Returns one row per result: subnet, width, depths, params, macs,
-    label_fraction, seed, num_labelled, recipe, top1, top5 (percent), indices (the labelled subset).
+    and the accuracy). The sub-networks are checked before any data is decoded. The data keywords are knn's.
+    Returns one row per result: subnet, width, depths, params, macs, label_fraction, seed, num_labelled,
+    recipe, top1, top5 (percent), indices (the labelled subset).
     """
     from .finetune import finetune_subnet, fraction_key
     from .results import json_text, run_dir_of

@@ -145,9 +145,12 @@ class Trainer:
         if self.device.type == "cuda" and cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self._compile_forwards()
-        # what a forward pass changes besides activations: restored when train.nonfinite=skip skips a step
+        # what a forward pass changes besides activations: restored when train.nonfinite=skip skips a step,
+        # from a copy made before each step into buffers allocated once
         self._bn_buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                             for b in m.buffers()]
+        self._bn_backup = ([torch.empty_like(b) for b in self._bn_buffers] if cfg.train.nonfinite == "skip"
+                           else None)
         self.steps_per_epoch = self.view_source.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.policy = SlimPolicy(cfg.slim, self.model.backbone.menu, self.total_steps, cfg.train.seed)
@@ -267,14 +270,14 @@ class Trainer:
 
     def save(self, name: str = LAST, any_rank: bool = False) -> Path | None:
         """Write a checkpoint from rank 0 (``any_rank``: from this process; every rank holds the same weights)."""
-        self._check_finite_weights()
+        self._check_finite()
         if name == LAST:
             self._last_saved_step = self.state.step
         if not (dist.is_main() or any_rank):
             return None
         return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload())
 
-    def _check_finite_weights(self) -> None:
+    def _check_finite(self) -> None:
         """Never save a non-finite network, or a NaN loss to be logged after a resume, over a good checkpoint:
         a NaN loss since the last metrics record (which checks the losses) may have reached the weights, or
         (fp16: the loss scaler skipped the step) only the losses. A step skipped by train.nonfinite=skip
@@ -389,9 +392,8 @@ class Trainer:
         """One iteration: forward, backward and update of every sub-network the policy plans for ``step``."""
         self.model.train()
         skip_mode = self.cfg.train.nonfinite == "skip"
-        # a NaN forward writes NaN into the BatchNorm running statistics before the loss shows it: keep a copy
-        # (small: statistics, not weights) to put back if the step is skipped
-        bn_stats = [b.clone() for b in self._bn_buffers] if skip_mode else None
+        if skip_mode:  # a NaN forward writes NaN into the BatchNorm statistics before the loss shows it
+            torch._foreach_copy_(self._bn_backup, self._bn_buffers)
         lr = self.set_lr(step)
         v1, v2 = self.views(step)
         step_begins(self.cfg.train.compile)
@@ -426,7 +428,7 @@ class Trainer:
         self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
         if skip_mode and (self.grad_sync.any_flag() if self.grad_sync.enabled else bool(bad)):
             self.optimizer.zero_grad(set_to_none=True)  # the one host sync of this mode, by request
-            torch._foreach_copy_(self._bn_buffers, bn_stats)
+            torch._foreach_copy_(self._bn_buffers, self._bn_backup)
             self.state.skipped_steps += 1
             if dist.is_main():
                 log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
@@ -541,11 +543,11 @@ class Trainer:
         each sub-network's mean loss over the steps that ran it, averaged over the processes, the last lr,
         throughput, and the non-finite check."""
         window, self.window = self.window, LogWindow()
-        names = list(window.sums)  # the same names on every rank: the draws are
+        local = window.means()  # the same names on every rank: the draws are
         means = {}
-        if names:
-            stacked = torch.stack([window.means()[n] for n in names])
-            means = dict(zip(names, dist.all_reduce_mean(stacked).tolist()))  # the one sync per record
+        if local:
+            stacked = dist.all_reduce_mean(torch.stack(list(local.values())))
+            means = dict(zip(local, stacked.tolist()))  # the one sync per record
         bad = [name for name, v in means.items() if not math.isfinite(v)]
         if bad and self.cfg.train.nonfinite == "error":
             last = self.state.step - 1  # 0-based, as the step of a skipped-step warning

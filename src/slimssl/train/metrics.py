@@ -96,14 +96,7 @@ class MetricsLogger:
         if not self.path.is_file():
             return False
         lines = self.path.read_text().splitlines()
-        for line in lines[_numbered_from(lines):]:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("step") == step and key in record:
-                return True
-        return False
+        return any(r.get("step") == step and key in r for r in map(_record, lines[_numbered_from(lines):]))
 
     def _drop_records_after(self, step: int) -> None:
         if not self.path.is_file():
@@ -134,9 +127,18 @@ def _numbered_from(lines: list[str]) -> int:
     return 0
 
 
+def _record(line: str) -> dict:
+    """A metrics.jsonl line as a dict; {} for a line that cannot be read."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def _step_of(line: str) -> float:
     """The step of a metrics.jsonl line; a line that cannot be read is kept (as if of step 0)."""
     try:
-        return float(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
+        return float(_record(line).get("step", 0))
+    except (TypeError, ValueError):
         return 0.0
