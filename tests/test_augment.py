@@ -66,6 +66,19 @@ def test_recipes():
         recipe("simclr", 32)
 
 
+def test_data_blur_turns_the_recipes_blur_on_at_small_resolutions_and_off_at_large_ones():
+    from slimssl.config import load_config
+    from slimssl.data.views import two_view_augment
+
+    def blur_ps(*overrides):
+        return [v.blur_p for v in two_view_augment(load_config("demo", list(overrides))).views]
+
+    assert blur_ps("data.resolution=32") == [0.0, 0.0]  # the default at <= 64 px
+    assert blur_ps("data.resolution=32", "data.blur=true") == [1.0, 0.1]
+    assert blur_ps("data.resolution=96") == [1.0, 0.1]
+    assert blur_ps("data.resolution=96", "data.blur=false") == [0.0, 0.0]
+
+
 def test_crop_boxes_follow_scale_and_ratio():
     boxes = sample_crop_boxes(4000, 64, 48, (0.2, 0.6), (3 / 4, 4 / 3), _gen(0), "cpu")
     top, left, h, w = boxes.unbind(1)

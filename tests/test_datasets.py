@@ -82,7 +82,7 @@ def test_zip_matches_folder(tmp_path, wrap):
 def test_modes_decode_to_rgb(tmp_path):
     d = tmp_path / "modes"
     _save(d / "grey.png", color=77, mode="L")
-    _save(d / "rgba.png", color=(200, 100, 50, 0), mode="RGBA")  # fully transparent -> black
+    _save(d / "rgba.png", color=(200, 100, 50, 0), mode="RGBA")  # alpha dropped, as torchvision's ImageFolder
     pal = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P", palette=Image.Palette.ADAPTIVE)
     pal.save(d / "pal.png")
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(d / "wide.png")
@@ -93,7 +93,7 @@ def test_modes_decode_to_rgb(tmp_path):
     pixel = {name: ds.images[i, :, 3, 3].tolist()
              for i, name in enumerate(["bits", "cmyk", "grey", "pal", "rgba", "wide", "wide_mid"])}
     assert pixel["grey"] == [77, 77, 77]
-    assert pixel["rgba"] == [0, 0, 0]
+    assert pixel["rgba"] == [200, 100, 50]
     assert pixel["pal"] == [0, 0, 255]
     assert pixel["wide"] == [255, 255, 255]  # scaled, not clipped
     assert pixel["wide_mid"] == [128, 128, 128]
@@ -109,6 +109,16 @@ def _truncated_tree(tmp_path):
     (d / "1.jpg").write_bytes(good[: len(good) // 2])
     (d / "2.jpg").write_bytes(b"not an image at all")
     return tmp_path / "t"
+
+
+def test_a_transparent_colour_is_ignored_alike_in_memory_and_streamed(tmp_path):
+    from slimssl.data.decode import decode_full, decode_pixels
+
+    path = _save(tmp_path / "keyed.png", color=(255, 255, 255))
+    Image.open(path).save(path, transparency=(255, 255, 255))  # white marked transparent (a tRNS chunk)
+    data = path.read_bytes()
+    expected = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)  # torchvision's
+    assert torch.equal(decode_full(data), expected) and torch.equal(decode_pixels(data, 8), expected)
 
 
 def test_truncated_file_is_named(tmp_path):
@@ -258,11 +268,28 @@ def test_a_folder_wrapping_the_dataset_is_read_like_the_zip_of_it(tmp_path):
     _assert_splits(archive)
 
 
+def test_a_chain_of_lone_folders_above_the_splits_is_unwrapped(tmp_path):
+    _split_tree(tmp_path / "d" / "outer" / "inner")  # not read as one class "outer" mixing train and test
+    _assert_splits(tmp_path / "d")
+    _assert_splits(_zip_dir(tmp_path / "d", tmp_path / "d.zip"))
+
+
 def test_a_dataset_one_folder_too_deep_is_refused_not_read_as_classes(tmp_path):
     _split_tree(tmp_path / "d" / "cifar")
     _split_tree(tmp_path / "d" / "other")  # two datasets side by side: no single wrapper
-    with pytest.raises(DataError, match=r"cifar holds test/ and train/, so it is a dataset, not a class folder"):
+    with pytest.raises(DataError, match=r"cifar holds test/ and train/, so it is a dataset, not a class folder; "
+                                        r"give .*cifar itself"):
         load_dataset(str(tmp_path / "d"))
+    with pytest.raises(DataError, match=r"zip the folder cifar/ on its own, or unpack .*d\.zip"):
+        load_dataset(str(_zip_dir(tmp_path / "d", tmp_path / "d.zip")))
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_splits_without_train_are_refused_not_read_as_a_class(tmp_path, split):
+    _class_tree(tmp_path / "d" / split, per_class=1)
+    for asked in ("train", "test"):
+        with pytest.raises(DataError, match=rf"holds {split}/ but no train/ folder; expected train/ beside it"):
+            load_dataset(str(tmp_path / "d"), asked)
 
 
 def test_a_zip_of_the_train_split_alone_is_a_train_split(tmp_path):
@@ -349,3 +376,10 @@ def test_a_class_folder_without_images_names_the_extensions_and_what_it_holds(tm
     with pytest.raises(DataError, match=r"class folder .*bird contains no images \(extensions: \.jpg, .*\); it "
                                         r"holds 1 other file\(s\), e\.g\. bird/0\.gif"):
         load_dataset(str(root))
+
+
+def test_a_folder_holding_a_zip_alone_says_to_give_the_zip(tmp_path):
+    (tmp_path / "d").mkdir()
+    _zip_dir(_class_tree(tmp_path / "src"), tmp_path / "d" / "cifar.zip")
+    with pytest.raises(DataError, match=r"contains no images .*it holds cifar\.zip: give that \.zip as the data"):
+        load_dataset(str(tmp_path / "d"))

@@ -153,6 +153,8 @@ class DataConfig(Section):
         None, description="random resized crop area range (min, max), 0 < min <= max <= 1; default: the augmentation "
         "recipe's (MoCo v2: 0.2-1; BYOL and MoCo v3: 0.08-1)")
     flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
+    blur: bool | None = Field(None, description="Gaussian blur where the augmentation recipe has it (true) or "
+                              "nowhere (false); default: the recipe's above 64 px, none at 64 px or less")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[Positive, Positive, Positive] = (0.229, 0.224, 0.225)
     skip_unreadable: bool = False

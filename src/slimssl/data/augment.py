@@ -51,14 +51,15 @@ class ViewRecipe:
 
 
 def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = None,
-           flip_p: float | None = None) -> tuple[ViewRecipe, ViewRecipe]:
+           flip_p: float | None = None, blur: bool | None = None) -> tuple[ViewRecipe, ViewRecipe]:
     """The two view recipes of a method, with ``crop_scale`` and ``flip_p`` in place of the recipe's when given
-    (``data.crop_scale``, ``data.flip_p``).
+    (``data.crop_scale``, ``data.flip_p``), and blur as the recipe has it or none where ``blur`` says
+    (``data.blur``).
 
     ``byol``/``mocov3``: asymmetric (view 1 always blurred, view 2 blurred 10% and solarized 20%), jitter
     (0.4, 0.4, 0.2, 0.1), crop scale (0.08, 1). ``mocov2``: symmetric, jitter (0.4, 0.4, 0.4, 0.1), blur 50%,
-    crop scale (0.2, 1) as MoCo v2's ``aug_plus``. At ``resolution <= 64`` (CIFAR-like) blur is disabled, as
-    is usual for small images where a ~10% kernel is a 1-3 px box.
+    crop scale (0.2, 1) as MoCo v2's ``aug_plus``. By default blur is disabled at ``resolution <= 64``
+    (CIFAR-like), as is usual for small images where a ~10% kernel is a 1-3 px box.
     """
     if name not in RECIPE_CROP_SCALE:
         raise ConfigError(f"unknown augmentation recipe {name!r}; known: {', '.join(RECIPES)}")
@@ -68,7 +69,7 @@ def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = 
     else:
         view = ViewRecipe(crop_scale=RECIPE_CROP_SCALE[name], saturation=0.4, blur_p=0.5)
         views = (view, view)
-    if resolution <= 64:
+    if not (resolution > 64 if blur is None else blur):
         views = tuple(replace(v, blur_p=0.0) for v in views)
     if crop_scale is not None:
         views = tuple(replace(v, crop_scale=tuple(crop_scale)) for v in views)

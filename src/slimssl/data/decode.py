@@ -30,11 +30,8 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         scale = 255.0 if wide.size and wide.max() <= 1.0 else 1.0  # [0,1] floats or 0..255
         grey = np.clip(np.rint(wide * scale), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        # Composite onto black so fully transparent pixels do not leak stale colour.
-        rgba = np.asarray(img.convert("RGBA")).astype(np.uint16)
-        rgb = (rgba[..., :3] * rgba[..., 3:] + 127) // 255
-        return rgb.astype(np.uint8)
+    # Alpha and a transparent colour are dropped, as torchvision's ImageFolder does (PIL's convert("RGB")), so
+    # that numbers compare with published pipelines.
     return np.array(img.convert("RGB"))  # a writable copy, as torch.from_numpy wants
 
 

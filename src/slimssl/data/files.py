@@ -125,7 +125,7 @@ def open_zip(path: str) -> FileTree:
         else:
             files[name] = (info.file_size, info.CRC)
             stored[name] = info.filename
-    prefix = _wrapper_prefix(files, dirs)
+    prefix = _splits_prefix(files, dirs) or _wrapper_prefix(files, dirs)
     files = {k[len(prefix):]: v for k, v in files.items() if k.startswith(prefix)}
     dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")}
 
@@ -145,12 +145,25 @@ def _wrapper_prefix(files: dict, dirs: set[str]) -> str:
     return ""
 
 
+def _splits_prefix(files: dict, dirs: set[str]) -> str:
+    """The folder that holds the split folders at the end of a chain of lone folders (``cifar10/`` of
+    ``DIR/cifar10/{train,test}``, ``a/b/`` of ``a/b/{train,test}``), or ``""`` where there is none."""
+    prefix = ""
+    while not _split_dirs(dirs, prefix):
+        step = _wrapper_prefix({f[len(prefix):]: None for f in files if f.startswith(prefix)},
+                               {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")})
+        if not step:
+            return ""
+        prefix += step
+    return prefix
+
+
 def _unwrapped(tree: FileTree) -> FileTree:
     """A folder holding only one folder that holds the splits (``DIR/cifar10/{train,test}``, as a zip of
-    ``cifar10/`` unpacks) is read as that inner folder, as the zip is."""
-    prefix = _wrapper_prefix(tree.files, tree.dirs)
+    ``cifar10/`` unpacks), or a chain of such folders, is read as the folder of the splits, as the zip is."""
+    prefix = _splits_prefix(tree.files, tree.dirs)
     inner = prefix.rstrip("/")
-    if not prefix or not _split_dirs(tree.dirs, inner + "/"):
+    if not prefix:
         return tree
     root = os.path.join(tree.root, inner)
     log.info("%s holds only the folder %s: reading it", tree.root, inner)
@@ -171,6 +184,10 @@ def _split_dirs(dirs: set[str], prefix: str = "") -> dict[str, str]:
 def split_prefix(tree: FileTree, split: str) -> str:
     """``train/``, ``test/`` or ``val/`` if the tree has split folders, else ``""``."""
     splits = _split_dirs(tree.dirs)
+    if splits and "train" not in splits:  # else read as a train split of one class, named "test"
+        held = " and ".join(f"{name}/" for name in sorted(splits.values()))
+        raise DataError(f"{tree.root} holds {held} but no train/ folder; expected train/ beside it (or give "
+                        f"{os.path.join(tree.root, next(iter(splits.values())))} itself as a single train split)")
     if "train" not in splits:
         if split != "train":
             raise MissingSplitError(
@@ -196,14 +213,18 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
     if not class_dirs:
         paths = sorted(prefix + f for f in under if "/" not in f and _is_image(f))
         if not paths:
-            raise DataError(f"{where} contains no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+            zips = sorted(f for f in under if f.lower().endswith(".zip"))
+            hint = f"; it holds {zips[0]}: give that .zip as the data" if zips else ""
+            raise DataError(f"{where} contains no images (extensions: {', '.join(IMAGE_EXTENSIONS)}){hint}")
         return paths, None, None
     for cls in class_dirs:  # a dataset one folder too deep would be read as classes, its splits mixed
         nested = _split_dirs(tree.dirs, f"{prefix}{cls}/")
         if nested:
             held = " and ".join(sorted(f"{name}/" for name in nested.values()))
-            raise DataError(f"{os.path.join(where, cls)} holds {held}, so it is a dataset, not a class folder; give "
-                            f"{os.path.join(where, cls)} itself as the data")
+            inner = os.path.join(where, cls)
+            fix = f"give {inner} itself as the data" if os.path.isdir(tree.root) else \
+                f"zip the folder {prefix}{cls}/ on its own, or unpack {tree.root} and give that folder"
+            raise DataError(f"{inner} holds {held}, so it is a dataset, not a class folder; {fix}")
     loose = [f for f in under if "/" not in f and _is_image(f)]
     if loose:
         log.warning("%s: ignoring %d images outside the class folders (e.g. %s)", where, len(loose), loose[0])
