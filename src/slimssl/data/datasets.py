@@ -30,7 +30,7 @@ from .files import SKIP_HINT, SPLITS, DataError, FileTree, existing_path, list_s
 
 log = logging.getLogger("slimssl")
 
-_CACHE_VERSION = 2  # bump when the decoded output for the same files changes
+_CACHE_VERSION = 3  # bump when the decoded output for the same files changes
 _CHUNK = 256  # files per thread-pool task: amortises the executor overhead
 
 
