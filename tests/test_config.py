@@ -380,3 +380,20 @@ def test_a_raised_lr_after_the_slow_start_is_reported_only_when_there_is_a_slow_
     cfg = load_config("imagenet_r50_slimclr_mocov3")
     assert effective_lr(cfg, 8)["peak_after_slow_start"] == pytest.approx(3.2)
     assert "peak_after_slow_start" not in effective_lr(load_config(cfg.name, ["slim.slow_start=0"]), 8)
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("train.epochs=true", "train.epochs: expected a number, not true or false"),
+    ("slim.slow_start_lr=false", "slim.slow_start_lr: expected a number, not true or false"),
+    ("optim.lr=inf", "optim.lr: Input should be a finite number"),
+    ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
+])
+def test_a_bool_or_an_infinity_is_no_number(assignment, message):
+    with pytest.raises(ConfigError, match=rf"invalid config demo\.yaml \(shipped\):\n  {message}"):
+        load_config("demo", [assignment])
+
+
+def test_an_empty_config_file_is_refused_not_read_as_every_default(tmp_path):
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"empty\.yaml is empty; expected a mapping of sections \(name, model"):
+        load_config(tmp_path / "empty.yaml")

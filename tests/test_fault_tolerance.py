@@ -850,3 +850,54 @@ def test_recalibrate_never_writes_over_the_checkpoint_it_reads(tmp_path, saved_r
     assert main(["recalibrate", str(run), "--subnet", "0.5", "--out", str(other), "--device", "cpu"]) == 2
     assert "is in a run's checkpoints folder" in error_text(capsys, caplog)
     assert other.read_bytes() == b"another run"
+
+
+def test_pretrain_never_overwrites_a_config_yaml_in_its_output_folder(tmp_path, capsys, caplog):
+    run = tmp_path / "exp"
+    run.mkdir()
+    mine = write_config(run / "config.yaml")
+    mine.write_text("# my notes\n" + mine.read_text())
+    before = mine.read_text()
+    assert main(["pretrain", "--config", str(mine), "--out", str(run), "--max-steps", "1"]) == 2
+    assert "holds the config file given" in error_text(capsys, caplog)
+    other = write_config(tmp_path / "other.yaml", tiny(optim={"lr": 0.123}))
+    assert main(["pretrain", "--config", str(other), "--out", str(run), "--max-steps", "1"]) == 2
+    assert "holds files of an earlier run (config.yaml)" in error_text(capsys, caplog)
+    assert mine.read_text() == before and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_a_start_of_the_same_settings_that_trained_nothing_is_pointed_to_auto_resume(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(config_from_dict(TINY).to_yaml())  # a start killed during its set-up
+    config = write_config(tmp_path / "tiny.yaml")
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--max-steps", "1"]) == 2
+    assert "or --auto-resume to start again" in error_text(capsys, caplog)
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--max-steps", "1", "--auto-resume"]) == 0
+
+
+def test_a_resume_that_fails_before_saving_puts_config_yaml_back(tmp_path, saved_run, monkeypatch):
+    from slimssl.data.files import DataError
+    from slimssl.train.pretrain import pretrain
+
+    run, before = saved_run
+    (run / "config.yaml").write_text("# as the run left it\n")
+
+    def failing_fit(self, max_steps=None):
+        raise DataError("an image could not be read")
+
+    monkeypatch.setattr(Trainer, "fit", failing_fit)
+    with pytest.raises(DataError):
+        pretrain(out=run, resume=True, overrides=["optim.lr=0.5"])
+    assert (run / "config.yaml").read_text() == "# as the run left it\n"
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_ctrl_c_outside_training_exits_130_with_one_line(monkeypatch, capsys, caplog):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("slimssl.cli.cmd_config", interrupted)
+    assert main(["config"]) == 130
+    text = error_text(capsys, caplog)
+    assert "slimssl config: interrupted (Ctrl-C)" in text and "Traceback" not in text

@@ -249,11 +249,21 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_config)
 
 
+EXIT_CODES = """exit codes:
+  0    done
+  1    export --verify found a difference over its tolerance; stdout closed early (| head)
+  2    bad input or a failed run: the error names what was wrong (argparse's usage errors too)
+  3    pretrain stopped by SIGTERM or SIGINT after saving a checkpoint: --resume continues it
+  4    reproduce --time-budget ran out with work left: run the same command again
+  130  Ctrl-C outside a training loop: the command stopped; nothing it had saved is lost"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slimssl",
         description="Slimmable self-supervised pretraining: pretrain one network, use every sub-network. "
-                    "With --json a command prints one JSON document on stdout; logs go to stderr.")
+                    "With --json a command prints one JSON document on stdout; logs go to stderr.",
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"slimssl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -300,8 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_several_processes(args.command)
         return args.func(args)
     except SlimsslError as e:
+        log.debug("where the error was raised:", exc_info=True)
         log.error("slimssl %s: error: %s", args.command, e)
         return 2
+    except KeyboardInterrupt:  # a training loop saves and exits 3 itself; anywhere else, stop without a traceback
+        log.debug("where Ctrl-C stopped it:", exc_info=True)
+        log.error("slimssl %s: interrupted (Ctrl-C); nothing it had saved is lost", args.command)
+        return 130
     except BrokenPipeError:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1

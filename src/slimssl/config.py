@@ -10,10 +10,13 @@ import copy
 import itertools
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from .errors import SlimsslError
 from .models.resnet import ARCHS
@@ -34,7 +37,22 @@ RECIPE_CROP_SCALE = {"byol": (0.08, 1.0), "mocov2": (0.2, 1.0), "mocov3": (0.08,
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no setting's value (nan already fails every bound, inf passes a lower one)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """true/false where a number is expected is a mistake (pydantic's lax mode would read true as 1)."""
+        if isinstance(value, bool) and _numbers_only(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_for_number", "expected a number, not true or false")
+        return value
+
+
+def _numbers_only(annotation: Any) -> bool:
+    """Whether a field of this type takes a number and no bool (``int``, ``float | None``, ...)."""
+    kinds = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return bool({int, float} & set(kinds)) and bool not in kinds
 
 
 class ModelConfig(Section):
@@ -469,11 +487,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     check_overrides(overrides)  # before the file is read: the mistake is in the call
     file = find_config(path or "demo")
     try:
-        data = yaml.load(file.read_text(), Loader=_StrictLoader) or {}
+        data = yaml.load(file.read_text(), Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {file} is not valid YAML: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {file} is not text (not UTF-8); expected a YAML file") from None
+    if data is None:  # an empty file would silently train every default
+        raise ConfigError(f"config file {file} is empty; expected a mapping of sections ({', '.join(Config.model_fields)})")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(data, str(file), overrides)
+    shipped = file.parent == Path(str(PACKAGED))
+    return config_from_dict(data, f"{file.name} (shipped)" if shipped else str(file), overrides)

@@ -17,7 +17,7 @@ import yaml
 
 from ..checkpoint import load_checkpoint
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
-                      config_from_dict)
+                      config_from_dict, find_config)
 from ..data.files import BUILTIN
 from ..errors import SlimsslError, UsageError
 from ..layout import CHECKPOINTS, LAST, checkpoint_path
@@ -28,6 +28,7 @@ from .optim import describe_lr, effective_lr
 
 log = logging.getLogger("slimssl")
 
+AUTO_RESUME = {True: "--auto-resume", False: "resume='auto'"}  # by whether the CLI or the API asked
 RUN_FILES = ("results.json", "metrics.jsonl", "tb")  # written by a run besides its checkpoints
 # what train_run may write in a run directory: removed again when a start fails before its first checkpoint
 RUN_OUTPUTS = ("config.yaml", CHECKPOINTS, *RUN_FILES)
@@ -136,16 +137,22 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
         how = f"--resume {run_dir}" if cli else "resume=True"
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
-    leftovers = [name for name in RUN_FILES if (run_dir / name).exists()]
+    leftovers = [name for name in ("config.yaml", *RUN_FILES) if (run_dir / name).exists()]
     # rank 0 decides (the others would see its removal half done); it fails the job if it refuses
     if leftovers and failed_start_ok and (not dist.is_main() or _failed_start_of(run_dir, cfg)):
         if dist.is_main():
             _remove(run_dir, FAILED_START)
             log.info("%s holds the files of a start of this run that was stopped before it trained a step (%s): "
                      "removed, starting it again", run_dir, ", ".join(leftovers))
-    elif leftovers:  # a run whose checkpoint is gone: writing there would mix two runs' logs
+    elif leftovers == ["config.yaml"] and isinstance(config, (str, Path)) and \
+            Path(find_config(config)).resolve() == (run_dir / "config.yaml").resolve():
+        raise UsageError(f"{run_dir} holds the config file given ({config}), which the run would overwrite with "
+                         "its resolved config; keep the file elsewhere or choose another output folder")
+    elif leftovers:  # a run whose checkpoint is gone, or a user's file: writing there would mix or lose them
         raise UsageError(f"{run_dir} holds files of an earlier run ({', '.join(leftovers)}) without its "
-                         "checkpoint; choose another output folder")
+                         "checkpoint; choose another output folder"
+                         + (f", or {AUTO_RESUME[cli]} to start again over this start that trained nothing"
+                            if _failed_start_of(run_dir, cfg) else ""))
     source = str(config) if isinstance(config, (str, Path)) else "demo" if config is None else cfg.name
     return PreparedRun(cfg, run_dir, source, False)
 
@@ -208,6 +215,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     is_main = dist.is_main()  # only the main process writes in the run directory, and removes from it
     created = is_main and not run_dir.exists()
     existed = {name for name in RUN_OUTPUTS if (run_dir / name).exists()}
+    saved = _saved_state(run_dir) if is_main else None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir)
@@ -224,6 +232,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     except BaseException:
         if is_main:
             _discard_failed_start(run_dir, trainer, existed, created)
+            _restore_config_if_unsaved(run_dir, saved)
         raise
     dist.barrier()  # every process returns once rank 0 has written the checkpoint and results.json
     return PretrainRun(run_dir, results, trainer.state.step, trainer.total_steps)
@@ -242,6 +251,26 @@ def _remove(run_dir: Path, names) -> list[str]:
             path.unlink()
         removed.append(name)
     return removed
+
+
+def _saved_state(run_dir: Path) -> tuple[int | None, str | None]:
+    """(last.pt's modification time, config.yaml's text) before a call trains: what a failed resume restores."""
+    last, config = checkpoint_path(run_dir), run_dir / "config.yaml"
+    return (last.stat().st_mtime_ns if last.is_file() else None,
+            config.read_text() if config.is_file() and last.is_file() else None)
+
+
+def _restore_config_if_unsaved(run_dir: Path, saved: tuple[int | None, str | None]) -> None:
+    """After a resume failed before it saved a checkpoint, config.yaml is put back as it was, so that it keeps
+    describing the checkpoint (--set changes that the failed call had written there are not in it)."""
+    mtime, text = saved
+    last = checkpoint_path(run_dir)
+    if text is None or not last.is_file() or last.stat().st_mtime_ns != mtime:
+        return
+    try:
+        (run_dir / "config.yaml").write_text(text)
+    except OSError as e:  # the run's own error matters more
+        log.warning("could not put back %s as it was before this call: %s", run_dir / "config.yaml", e)
 
 
 def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bool) -> None:
