@@ -351,3 +351,11 @@ def test_commands_other_than_pretrain_refuse_to_run_on_several_processes(command
     text = capsys.readouterr().err + caplog.text
     assert f"slimssl {command[0]} runs on one process, but torchrun started 2" in text
     assert "only slimssl pretrain trains on several processes" in text
+
+
+def test_an_unknown_flag_gets_the_usage_of_its_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["knn", "runs/x", "--bogus", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "usage: slimssl knn" in err and "slimssl knn: error: unrecognized arguments: --bogus 1" in err

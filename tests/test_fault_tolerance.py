@@ -673,6 +673,12 @@ def _junk(path: Path) -> tuple[Path, list[str]]:
     return path, ["not a readable slimssl checkpoint"]
 
 
+def _cut_short(path: Path) -> tuple[Path, list[str]]:
+    whole = _checkpoint(path).read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])  # a copy or a save that stopped half way
+    return path, ["not a complete zip archive, as torch.save writes: the file is cut short or damaged"]
+
+
 def _foreign(path: Path) -> tuple[Path, list[str]]:
     torch.save({"state_dict": {}}, path)
     return path, ["found format None", "slimssl-checkpoint"]
@@ -687,7 +693,7 @@ def _incomplete(path: Path) -> tuple[Path, list[str]]:
     return path, ["lacks ['model']"]
 
 
-@pytest.mark.parametrize("make", [_junk, _foreign, _newer, _incomplete])
+@pytest.mark.parametrize("make", [_junk, _cut_short, _foreign, _newer, _incomplete])
 @pytest.mark.parametrize("command", ["knn", "export"])
 def test_bad_checkpoint_exits_2_saying_found_and_expected(tmp_path, capsys, caplog, make, command):
     path, expected = make(tmp_path / "bad.pt")

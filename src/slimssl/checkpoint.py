@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 "torch.load(weights_only=False) yourself only if you trust where it came from") from None
         unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's detail, without its advice
         detail = unpickler.group(1).strip() if unpickler else (str(e).splitlines() or [""])[0]
+        if not zipfile.is_zipfile(path):  # torch's own words for this vary, and some come with a page of advice
+            detail = "not a complete zip archive, as torch.save writes: the file is cut short or damaged"
         raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({type(e).__name__}: {detail}); expected "
                               "a checkpoint file (e.g. RUN/checkpoints/last.pt) or a run directory") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

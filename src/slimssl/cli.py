@@ -279,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_model_commands(sub)
     register_bench(sub)
     register_reproduce(sub)
+    parser.commands = sub.choices  # each command's parser, for its own usage line in an error (main)
     return parser
 
 
@@ -299,12 +300,15 @@ def _refuse_several_processes(command: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # a command's time budget counts from here (reproduce --time-budget)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with the usage of the command given, not slimssl's (argparse's parse_args shows the top one)
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.started = started
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(message)s")
     if not args.command:
-        build_parser().print_help(sys.stderr)
+        parser.print_help(sys.stderr)
         return 2
     try:
         _refuse_several_processes(args.command)

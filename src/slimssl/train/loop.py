@@ -462,9 +462,10 @@ class Trainer:
                      "evaluations merged into it) is kept", self.state.step)
             return finished
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
-        progress = _progress(self.state.step, end, dist.is_main())
-        # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint
-        with SignalGuard() as guard, contextlib.closing(self.view_source):  # closing: stops loader workers
+        # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint;
+        # closing the source stops loader workers, closing the bar ends its line before any error is printed
+        with SignalGuard() as guard, contextlib.closing(self.view_source), \
+                _progress(self.state.step, end, dist.is_main()) as progress:
             self._evaluations_before_training()
             timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
             while self.state.step < end:
@@ -487,12 +488,10 @@ class Trainer:
                     self._end_of_epoch()
                 if stopping:
                     self.save()  # the steps since the last record go into it, to be logged after the resume
-                    progress.close()
                     cause = (signal.Signals(guard.received).name if guard.received is not None
                              else "a stop signal to another process")
                     raise Interrupted(f"stopped by {cause} at step {self.state.step}; "
                                       f"checkpoint saved in {checkpoint_path(self.run_dir)}")
-        progress.close()
         if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
             self.save()
         return self.finish() if self.state.step >= self.total_steps else {}
