@@ -3,10 +3,11 @@
 import json
 import logging
 
+import pytest
 import yaml
 
 from slimssl.cli import main
-from slimssl.config import config_from_dict, standalone_config
+from slimssl.config import ConfigError, config_from_dict, standalone_config
 from slimssl.models.build import build_supernet
 from slimssl.report.profile import count_params
 
@@ -19,6 +20,16 @@ def test_dense_baseline_network_is_the_subnet_as_a_standalone_network():
     for spec in cfg.subnet_menu():
         dense = build_supernet(standalone_config(cfg, spec))
         assert count_params(dense.export()) == count_params(supernet.export(spec))
+
+
+def test_a_subnet_whose_stages_no_network_of_its_own_has_is_refused_as_a_baseline():
+    data = tiny("byol")
+    data["model"]["base_width"] = 10  # at width 0.25: stages of 2, 5, 10, 20 channels; base_width 2 gives 2, 4, 8, 16
+    cfg = config_from_dict(data)
+    quarter = next(spec for spec in cfg.subnet_menu() if spec.width == 0.25)
+    with pytest.raises(ConfigError, match=r"has stages of \[2, 5, 10, 20\] channels, which no network of its own has "
+                                          r"\(base_width 2 gives \[2, 4, 8, 16\]\)"):
+        standalone_config(cfg, quarter)
 
 
 def test_bench_json_has_every_measurement(tmp_path, capsys, caplog):

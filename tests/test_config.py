@@ -397,3 +397,9 @@ def test_an_empty_config_file_is_refused_not_read_as_every_default(tmp_path):
     (tmp_path / "empty.yaml").write_text("# nothing yet\n")
     with pytest.raises(ConfigError, match=r"empty\.yaml is empty; expected a mapping of sections \(name, model"):
         load_config(tmp_path / "empty.yaml")
+
+
+def test_menu_widths_that_round_to_one_network_are_refused():
+    with pytest.raises(ConfigError, match=r"menu: widths 1 and 0\.75 give the same channels \[3, 3, 6, 12, 24\]"):
+        load_config("demo", ["model.base_width=3", "model.channel_divisor=8", "menu.widths=[1.0, 0.75, 0.5]"])
+    assert load_config("demo", ["model.base_width=16", "model.channel_divisor=8", "menu.widths=[1.0, 0.75, 0.5]"])

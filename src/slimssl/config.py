@@ -19,7 +19,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_core import PydanticCustomError
 
 from .errors import SlimsslError
-from .models.resnet import ARCHS
+from .models.resnet import ARCHS, EXPANSION
 from .nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
 
 
@@ -298,6 +298,7 @@ class Config(Section):
                 f"menu: must contain the full network {full.name}, because the target/teacher always runs at "
                 f"full size: width 1.0 in menu.widths with the model's depths {list(full.depths)} in menu.depths "
                 f"(or menu.depths unset), or {full.name} in menu.subnets; got menu {menu.names}")
+        self._check_widths_differ(menu)
         if self.train.sync_bn and (self.model.bn_group_size or self.method.shuffle_bn):
             raise ValueError("train.sync_bn normalises over the total batch, which model.bn_group_size and "
                              "method.shuffle_bn are meant to split: use either sync_bn or grouped BatchNorm")
@@ -309,6 +310,23 @@ class Config(Section):
                 "slim.random_space: 'space' draws sub-networks outside the menu, which have no private "
                 "BatchNorm; use model.bn: shared (and recalibrate BN before evaluation) or random_space: menu")
         return self
+
+    def _check_widths_differ(self, menu: Menu) -> None:
+        """Two widths that round to the same channels everywhere (a small base_width, a large channel_divisor)
+        would train one network under two names."""
+        from .nn.channels import scaled_channels
+
+        m = self.model
+        full = [m.base_width] + [m.base_width * 2**i * EXPANSION[m.block] for i in range(len(m.full_depths))]
+        seen: dict[tuple, float] = {}
+        for width in sorted({spec.width for spec in menu}, reverse=True):
+            channels = tuple(scaled_channels(c, width, m.channel_divisor) for c in full)
+            if channels in seen:
+                raise ValueError(f"menu: widths {seen[channels]:g} and {width:g} give the same channels {list(channels)} "
+                                 f"(stem and stage outputs) with model.base_width {m.base_width} and "
+                                 f"model.channel_divisor {m.channel_divisor}, so they are one network; drop one, or "
+                                 "raise base_width or lower channel_divisor")
+            seen[channels] = width
 
     def subnet_menu(self) -> Menu:
         """The desired sub-networks: widths crossed with depths, plus any named entries."""
@@ -365,8 +383,16 @@ def standalone_config(cfg: Config, spec: SubnetSpec) -> Config:
 
     data = cfg.model_dump(mode="json")
     div = cfg.model.channel_divisor
+    base = scaled_channels(cfg.model.base_width, spec.width, div)
+    stages = [cfg.model.base_width * 2**i for i in range(len(spec.depths))]
+    sliced, alone = [scaled_channels(c, spec.width, div) for c in stages], [base * 2**i for i in range(len(stages))]
+    if sliced != alone:  # a config states only base_width: stage i of a network of its own has base_width * 2**i
+        raise ConfigError(f"{spec.name} of {cfg.name} has stages of {sliced} channels, which no network of its own "
+                          f"has (base_width {base} gives {alone}), so it cannot be pretrained alone for comparison; "
+                          "choose model.base_width and model.channel_divisor so that each width scales every stage "
+                          "alike (with channel_divisor 1, a base_width that each width times makes a whole number)")
     data["name"] = f"{cfg.name}-alone-{spec.name}"
-    data["model"]["base_width"] = scaled_channels(cfg.model.base_width, spec.width, div)
+    data["model"]["base_width"] = base
     data["model"]["depths"] = list(spec.depths)
     data["menu"] = {"widths": [1.0]}
     data["slim"] = {}

@@ -123,7 +123,7 @@ class SlimResNet(SlimmableMixin, nn.Module):
         depths = self.slim_state.active.depths
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage, depth in zip(self.stages(), depths):
-            for blk in stage[:depth]:
+            for blk in list(stage)[:depth]:  # not stage[:depth], which builds a new nn.Sequential every forward
                 x = blk(x)
         return torch.flatten(self.avgpool(x), 1)
 

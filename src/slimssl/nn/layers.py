@@ -65,6 +65,9 @@ class SlimConv2d(nn.Conv2d, SlimModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.state.channels(self.out_channels) if self.slim_out else self.out_channels
+        # The slice's gradient is zero, not None, outside the slice: weight decay and momentum move the channels
+        # a narrow sub-network does not use. Every shipped sampler runs the full network each step, which
+        # gives all of them a real gradient, as in US-Nets and SlimCLR.
         weight = self.weight[:out, : x.shape[1]]
         bias = None if self.bias is None else self.bias[:out]
         return self._conv_forward(x, weight, bias)
