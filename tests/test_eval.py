@@ -692,6 +692,43 @@ def test_cli_export_of_a_shared_bn_run_is_the_model_evaluation_measured(tmp_path
     assert json.loads((tmp_path / "raw" / "w0p5_d1-1-1-1" / "config.json").read_text())["bn_recalibration"] is None
 
 
+def test_export_run_in_python_writes_what_the_cli_writes_and_load_exported_gives_its_metadata(tmp_path):
+    import slimssl
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt", bn="shared")
+    rows = slimssl.export_run(run, tmp_path / "py", ["0.5"], device="cpu", verify=True)
+    assert [r["subnet"] for r in rows] == ["w0p5_d1-1-1-1"] and rows[0]["max_abs_diff"] <= 1e-5
+    assert main(["export", str(run), "--subnet", "0.5", "--out", str(tmp_path / "cli"), "--device", "cpu"]) == 0
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "py" / "w0p5_d1-1-1-1" / name).read_bytes() == \
+            (tmp_path / "cli" / "w0p5_d1-1-1-1" / name).read_bytes()
+    plain = slimssl.load_exported(rows[0]["path"])
+    cfg = tiny_config("shared")
+    assert plain.metadata["resolution"] == cfg.data.resolution and plain.metadata["mean"] == list(cfg.data.mean)
+    assert plain.metadata["subnet"] == "w0p5_d1-1-1-1" and plain.metadata["bn_recalibration"]["batches"] == 20
+    plain.fc = torch.nn.Linear(plain.config.feature_dim, 3)  # as a fine-tuning would: the preprocessing is kept
+    tuned = slimssl.load_exported(slimssl.save_exported(plain, tmp_path / "tuned", {"classes": ["a", "b", "c"]}))
+    assert tuned.metadata["std"] == list(cfg.data.std) and tuned.metadata["classes"] == ["a", "b", "c"]
+    with pytest.raises(TypeError, match=r"export_run\(\) got unknown keyword\(s\) dat \(did you mean data\?\)"):
+        slimssl.export_run(run, tmp_path / "x", "all", dat="fake")
+
+
+def test_load_supernet_returns_the_config_it_was_given_once_it_fits(tmp_path):
+    import slimssl
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    asked = tiny_config("private").model_copy(deep=True)
+    asked.eval.knn_k = 5
+    supernet, cfg = slimssl.load_supernet(run, asked)
+    assert cfg.eval.knn_k == 5 and slimssl.load_supernet(run)[1].eval.knn_k == tiny_config("private").eval.knn_k
+    asked.model.base_width *= 2
+    with pytest.raises(slimssl.CheckpointError, match="another architecture"):
+        slimssl.load_supernet(run, asked)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cli_export_recalibrates_on_the_gpu_as_evaluation_does(tmp_path, capsys, monkeypatch):

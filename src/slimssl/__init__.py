@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": ".config", "load_config": ".config",
     "load_checkpoint": ".checkpoint", "load_supernet": ".checkpoint",
-    "export_subnet": ".export", "load_exported": ".export", "save_exported": ".export",
+    "export_subnet": ".export", "load_exported": ".export", "save_exported": ".export", "export_run": ".exporter",
     "build_supernet": ".models.build",
     "PlainResNet": ".models.plain",
     "SlimResNet": ".models.resnet",
@@ -35,7 +35,7 @@ _EXPORTS = {
 __all__ = [
     "CheckpointError", "Config", "ConfigError", "DataError", "DeviceError", "ExportError", "InputError",
     "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError",
-    "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_subnet", "finetune", "knn",
+    "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet", "finetune", "knn",
     "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pretrain",
     "recalibrate_bn", "save_exported",
 ]
@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .errors import SlimsslError, UsageError
     from .eval.evaluate import finetune, knn, linear_probe
     from .export import ExportError, export_subnet, load_exported, save_exported
+    from .exporter import export_run
     from .models.build import build_supernet
     from .models.plain import PlainResNet
     from .models.resnet import InputError, SlimResNet

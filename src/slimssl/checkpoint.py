@@ -13,7 +13,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from .atomic import atomic_write
 from .config import Config, config_differences, config_from_dict
 from .errors import SlimsslError
 from .layout import CHECKPOINTS, LAST, checkpoint_path
+
+if TYPE_CHECKING:
+    from .models.resnet import SlimResNet
 
 FORMAT = "slimssl-checkpoint"
 VERSION = 1
@@ -157,13 +160,18 @@ def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
 
 
-def load_supernet(path: str | Path, config: Config | dict | str | Path | None = None):
-    """The trained backbone supernet of a checkpoint (eval mode) and its config.
+def load_supernet(path: str | Path, config: Config | dict | str | Path | None = None) -> tuple[SlimResNet, Config]:
+    """The trained backbone supernet of a checkpoint or run directory (eval mode, on the CPU) and its config.
 
-    With ``config``, its menu and architecture must match the checkpoint's.
+    With ``config`` (a Config, a dict of sections, or a YAML path or shipped name), its menu and architecture
+    must match the checkpoint's, and it is the config returned: its other settings (evaluation, data) are the
+    caller's to choose.
     """
+    from .models.build import as_config
+
     data = load_checkpoint(path)
-    return supernet_of(data, path, config).eval(), data["config"]
+    cfg = data["config"] if config is None else as_config(config)
+    return supernet_of(data, path, cfg).eval(), cfg
 
 
 def supernet_of(data: dict, path: str | Path, config: Config | dict | str | Path | None = None):

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from . import __version__
 from .cli_args import add_overrides, emit, nonnegative_float, nonnegative_int, output_dir, positive_int
@@ -21,44 +20,29 @@ log = logging.getLogger("slimssl")
 def _supernet_from_args(args: argparse.Namespace):
     """The supernet named by CHECKPOINT, or by --config with --random-init; its config; and the checkpoint's
     record of ``slimssl recalibrate`` (None when it has none, or for a random initialisation)."""
-    from .checkpoint import load_checkpoint, supernet_of
-    from .config import load_config
-    from .models.build import build_supernet
+    from .exporter import open_supernet
 
+    _check_model_source(args)
+    return open_supernet(args.checkpoint, args.config, args.set or ())
+
+
+def _check_model_source(args: argparse.Namespace) -> None:
+    """CHECKPOINT, or --config (with --random-init where the command has it): one model to read."""
     if args.checkpoint:
         if args.set and not args.config:
             raise UsageError("--set changes a --config file; a CHECKPOINT is read with the config saved in it")
         if getattr(args, "random_init", False):
             raise UsageError("--random-init exports a new supernet of --config; drop it to export the CHECKPOINT")
-        config = load_config(args.config, args.set) if args.config else None
-        data = load_checkpoint(args.checkpoint)
-        return supernet_of(data, args.checkpoint, config).eval(), data["config"], data.get("recalibrated")
-    if not args.config:
+    elif not args.config:
         needs = " (with --random-init)" if hasattr(args, "random_init") else ""
         raise UsageError(f"give a CHECKPOINT, or --config FILE{needs}")
-    if getattr(args, "random_init", True) is False:
+    elif getattr(args, "random_init", True) is False:
         raise UsageError("--config without a CHECKPOINT exports random weights: add --random-init to confirm")
-    config = load_config(args.config, args.set)
-    return build_supernet(config).eval(), config, None
-
-
-def _export_source(args: argparse.Namespace) -> str:
-    """What the exports come from, the same from any working directory however it is typed: the checkpoint
-    file's absolute path (a run directory stands for its checkpoints/last.pt), or the config of a random
-    initialisation (a file's absolute path, or the name of a shipped config)."""
-    from .config import find_config
-    from .layout import checkpoint_path
-
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        return str((checkpoint_path(path) if path.is_dir() else path).resolve())
-    config = Path(args.config)
-    named = str(config.resolve()) if config.is_file() else f"shipped config {find_config(config).name}"
-    return f"random init of {named}"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import ONNX, check_export_folder, export_subnet, load_exported, verify_export
+    from .eval.commands import data_keywords
+    from .exporter import export_run
     from .report.table import markdown_table
 
     if bool(args.subnet) == bool(args.all):
@@ -66,100 +50,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.random_init and args.recalibrate_bn:
         raise UsageError("--recalibrate-bn re-estimates a trained checkpoint's BatchNorm statistics; --random-init "
                          "exports the initial ones: drop one of them")
-    supernet, config, recalibrated = _supernet_from_args(args)
-    # every name is checked before anything is written
-    specs = supernet.resolve_many("all" if args.all else args.subnet)
-    source = _export_source(args)
-    for spec in specs:
-        check_export_folder(args.out, spec, source, args.overwrite)
-    models, statistics = _models_to_export(args, supernet, config, specs, recalibrated)
-    resolution = args.resolution or config.data.resolution
-    rows = []
-    for spec in specs:
-        model = models[spec.name]
-        folder = export_subnet(model, spec, args.out, fmt=args.format, resolution=resolution,
-                               metadata={"source": source, "resolution": resolution,
-                                         "mean": list(config.data.mean), "std": list(config.data.std),
-                                         "bn": config.model.bn, "bn_recalibration": statistics[spec.name]},
-                               overwrite=args.overwrite)
-        row = {"subnet": spec.name, "path": str(folder)}
-        if args.verify:  # the files as written, read back: safetensors, and the ONNX graph when exported
-            row["max_abs_diff"] = verify_export(model, spec, load_exported(folder), resolution)
-            if args.format == "onnx":
-                row["onnx_max_abs_diff"] = verify_export(model, spec, folder / ONNX, resolution)
-        rows.append(row)
-        log.info("exported %s to %s", spec.name, folder)
+    _check_model_source(args)
+    rows = export_run(args.checkpoint, args.out, "all" if args.all else args.subnet, config=args.config,
+                      overrides=args.set or (), fmt=args.format, overwrite=args.overwrite, verify=args.verify,
+                      resolution=args.resolution, recalibrate_bn=args.recalibrate_bn, device=args.device,
+                      eval_batch_size=args.eval_batch_size, **data_keywords(args))
     emit(args, rows, markdown_table(rows))
     worst = max((v for r in rows for k, v in r.items() if k.endswith("max_abs_diff")), default=0.0)
     if worst > args.tolerance:
         log.error("export differs from the supernet by %.3g, more than --tolerance %g", worst, args.tolerance)
         return 1
     return 0
-
-
-def _models_to_export(args: argparse.Namespace, supernet, config, specs, recalibrated: dict | None):
-    """Per sub-network: the model to export it from, and what config.json records of a re-estimation of its
-    BatchNorm statistics (None: as stored). Evaluation re-estimates a shared-BN supernet's statistics for each
-    sub-network first (eval/recalibrate.py), so the export does the same, on the same train batches: the
-    exported model is the one evaluation measured. Private BatchNorm and a random initialisation are exported
-    as they are, without reading any data."""
-    from .eval import recalibration_batches
-
-    models, statistics = {s.name: supernet for s in specs}, {s.name: None for s in specs}
-    batches = recalibration_batches(args.recalibrate_bn, supernet.slim_state.private_bn) if args.checkpoint else 0
-    if batches == 0:
-        _warn_of_unestimated_statistics(args, supernet, specs, recalibrated)
-        return models, statistics
-    chosen = (recalibrated or {}).get("subnet")
-    if chosen in models:  # the user estimated these with slimssl recalibrate: exported as they are
-        how = ", ".join(f"{k} {v}" for k, v in recalibrated.items() if k != "subnet")
-        log.info("%s: exporting the BatchNorm statistics that slimssl recalibrate stored in %s (%s), not "
-                 "re-estimating them", chosen, args.checkpoint, how)
-        statistics[chosen] = {**recalibrated, "by": "slimssl recalibrate"}
-    others = [s for s in specs if s.name != chosen]
-    if others:
-        copies, record = _recalibrated_copies(args, supernet, config, others, batches)
-        models.update(copies)
-        statistics.update({name: record for name in copies})
-    return models, statistics
-
-
-def _recalibrated_copies(args: argparse.Namespace, supernet, config, specs, batches: int):
-    """Copies of the supernet (on the CPU) whose BatchNorm statistics were re-estimated for each of ``specs``
-    on ``batches`` train batches, the sample and transform of evaluation; and the record of it."""
-    from .devices import pick_device
-    from .eval.commands import data_keywords
-    from .eval.evaluate import DataOptions
-    from .eval.recalibrate import subnet_models
-
-    options = DataOptions.of(data_keywords(args))
-    device = pick_device(args.device, setting="device (--device)")
-    try:
-        train = options.load_split(config, "train", device)
-    except UsageError as e:  # exporting where the data is not: say why it is read, and how to do without
-        raise UsageError(f"{e}. The export re-estimates shared BatchNorm statistics on train batches, as evaluation "
-                         "does: point --data at the dataset, or export the statistics as stored with "
-                         "--recalibrate-bn 0") from None
-    batch_size = args.eval_batch_size or config.eval.batch_size
-    models = subnet_models(supernet.to(device), specs, train, recalibrate_batches=batches, batch_size=batch_size,
-                           resolution=config.data.resolution, mean=config.data.mean, std=config.data.std,
-                           device=device)  # the default seed, as knn, linear and finetune use by default
-    supernet.cpu()
-    record = {**options.settings(config), "batches": batches, "batch_size": batch_size, "seed": 0}
-    return {name: model.cpu() for name, model in models.items()}, record
-
-
-def _warn_of_unestimated_statistics(args: argparse.Namespace, supernet, specs, recalibrated: dict | None) -> None:
-    """With shared BatchNorm any width runs, but only the menu's trained the shared statistics: with
-    --recalibrate-bn 0 a width outside the menu exports them as they are (unless slimssl recalibrate
-    estimated them for it)."""
-    if not args.checkpoint or supernet.slim_state.private_bn:
-        return
-    chosen = (recalibrated or {}).get("subnet")
-    for name in (s.name for s in specs if s not in supernet.menu and s.name != chosen):
-        log.warning("%s is not in the menu: with --recalibrate-bn 0 its BatchNorm statistics are the shared ones, "
-                    "estimated on the menu's widths; leave --recalibrate-bn out to re-estimate them on train batches "
-                    "as evaluation does", name)
 
 
 # ---- profile -----------------------------------------------------------------------------------------

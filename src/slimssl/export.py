@@ -61,9 +61,10 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     """Write a plain ResNet into ``folder`` as ``config.json`` and ``model.safetensors``, for
     :func:`load_exported`: an export, or one fine-tuned with a classifier (``model.fc = nn.Linear(...)``; the
     config then records its classes). ``metadata`` (JSON data) is kept in config.json beside the keys
-    load_exported reads, which it cannot replace."""
+    load_exported reads, which it cannot replace, over the model's own ``metadata`` (what it was loaded with:
+    a fine-tuned export keeps its preprocessing)."""
     folder = Path(folder)
-    info = {**(metadata or {}), "format": EXPORT_FORMAT, "architecture": _architecture(model).to_dict()}
+    info = {**getattr(model, "metadata", {}), **(metadata or {}), "format": EXPORT_FORMAT, "architecture": _architecture(model).to_dict()}
     try:  # checked before any folder is made
         text = json.dumps(info, indent=2) + "\n"
     except (TypeError, ValueError) as e:
@@ -150,6 +151,7 @@ def load_exported(folder: str | Path) -> PlainResNet:
         model.to(dtype).load_state_dict(state, strict=True)  # as exported: a float64 export stays float64
     except RuntimeError as e:
         raise ExportError(f"{weights_path} does not match the architecture in {config_path}: {e}") from None
+    model.metadata = {k: v for k, v in info.items() if k not in ("format", "architecture")}
     return model.eval()
 
 

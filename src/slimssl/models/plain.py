@@ -120,9 +120,17 @@ class PlainBlock(nn.Module):
 
 
 class PlainResNet(nn.Module):
+    """A ResNet with fixed channels and depths, in torchvision's key layout: an exported sub-network.
+
+    ``forward`` gives the pooled features, or the logits once ``fc`` is a classifier. ``metadata`` holds what
+    an export records beside the weights (``resolution``, ``mean``, ``std`` of its inputs, ``source``,
+    ``subnet``, ...): empty for a model built here, filled by :func:`slimssl.load_exported`, and written again
+    by :func:`slimssl.save_exported`."""
+
     def __init__(self, config: PlainResNetConfig):
         super().__init__()
         self.config = config
+        self.metadata: dict = {}
         if config.stem == "imagenet":
             self.conv1, self.bn1 = _conv_bn(3, config.stem_channels, 7, 2)
             self.maxpool = nn.MaxPool2d(3, 2, 1)

@@ -1,0 +1,170 @@
+"""Take a run's sub-networks out as plain models, as ``slimssl export`` does: one folder per sub-network, with
+the preprocessing recorded beside the weights, and shared BatchNorm statistics re-estimated as evaluation does.
+``export.py`` writes and reads the files; this module decides what goes into them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from .config import Config
+from .errors import UsageError
+from .models.resnet import SlimResNet
+from .nn.spec import SubnetSpec
+
+log = logging.getLogger("slimssl")
+
+
+def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | Path | None = None,
+                  overrides: Sequence[str] = ()) -> tuple[SlimResNet, Config, dict | None]:
+    """The supernet of ``checkpoint`` in eval mode, or a new random one of ``config`` when ``checkpoint`` is
+    None; the config (of the checkpoint, or ``config`` checked against it, with ``overrides``); and the
+    checkpoint's record of ``slimssl recalibrate`` (None when it has none, or for a random initialisation)."""
+    from .checkpoint import load_checkpoint, supernet_of
+    from .models.build import as_config, build_supernet
+
+    if checkpoint is None:
+        if config is None:
+            raise UsageError("give a checkpoint (or run directory), or a config to export a random initialisation of")
+        cfg = as_config(config, list(overrides))
+        return build_supernet(cfg).eval(), cfg, None
+    data = load_checkpoint(checkpoint)
+    cfg = as_config(data["config"] if config is None else config, list(overrides))
+    return supernet_of(data, checkpoint, cfg).eval(), cfg, data.get("recalibrated")
+
+
+def export_source(checkpoint: str | Path | None, config: Config | dict | str | Path | None) -> str:
+    """What the exports come from, the same from any working directory however it is typed: the checkpoint
+    file's absolute path (a run directory stands for its checkpoints/last.pt), or the config of a random
+    initialisation (a file's absolute path, the name of a shipped config, or a config object's name)."""
+    from .config import find_config
+    from .layout import checkpoint_path
+
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        return str((checkpoint_path(path) if path.is_dir() else path).resolve())
+    if isinstance(config, (str, Path)):
+        file = Path(config)
+        return f"random init of {file.resolve() if file.is_file() else f'shipped config {find_config(file).name}'}"
+    name = config.name if isinstance(config, Config) else (config or {}).get("name", "run")
+    return f"random init of config {name!r}"
+
+
+def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence | str = "all", *,
+               config: Config | dict | str | Path | None = None, overrides: Sequence[str] = (),
+               fmt: str = "safetensors", overwrite: bool = False, verify: bool = False,
+               resolution: int | None = None, recalibrate_bn: int | None = None, device: str = "auto",
+               eval_batch_size: int | None = None, **data) -> list[dict]:
+    """Export ``subnets`` (names or widths, or ``"all"`` of the menu) of ``checkpoint`` (a checkpoint file or
+    run directory) into ``out/<subnet name>/``, as ``slimssl export`` does; returns one row per sub-network
+    (subnet, path, and with ``verify`` the max abs difference from the supernet's sub-network, ``onnx_`` too).
+
+    Each ``config.json`` records the preprocessing (resolution, mean, std) and the BatchNorm statistics'
+    origin. With shared BatchNorm each sub-network's statistics are re-estimated first on ``recalibrate_bn``
+    train batches (default: evaluation's; 0 exports them as stored), read as the evaluation functions read
+    them: ``data``, ``loader``, ``workers``, ``skip_unreadable`` and ``crop_ratio`` as in :func:`slimssl.knn`.
+    With ``checkpoint=None``, a random initialisation of ``config`` (a recipe, with ``overrides``) is exported.
+    ``fmt="onnx"`` adds an ONNX graph traced at ``resolution`` (default: the config's), which takes any size.
+    """
+    from .eval import recalibration_batches
+    from .eval.evaluate import DataOptions, check_numbers
+    from .export import FORMATS, ONNX, ExportError, check_export_folder, export_subnet, load_exported, verify_export
+
+    check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
+    options = DataOptions.of(data, export_run)
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if checkpoint is None and recalibrate_bn:
+        raise UsageError("recalibrate_bn re-estimates a trained checkpoint's BatchNorm statistics; a random "
+                         "initialisation is exported with its initial ones")
+    supernet, cfg, recalibrated = open_supernet(checkpoint, config, overrides)
+    specs = supernet.resolve_many(subnets)
+    source = export_source(checkpoint, config)
+    for spec in specs:  # every folder is checked before anything is written
+        check_export_folder(out, spec, source, overwrite)
+    batches = 0 if checkpoint is None else recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn)
+    models, statistics = _models_to_export(supernet, cfg, specs, batches, recalibrated, checkpoint=checkpoint,
+                                           options=options, device=device, eval_batch_size=eval_batch_size)
+    resolution = resolution or cfg.data.resolution
+    rows = []
+    for spec in specs:
+        model = models[spec.name]
+        folder = export_subnet(model, spec, out, fmt=fmt, resolution=resolution, overwrite=overwrite,
+                               metadata={"source": source, **preprocessing(cfg), "bn": cfg.model.bn,
+                                         "bn_recalibration": statistics[spec.name]})
+        row = {"subnet": spec.name, "path": str(folder)}
+        if verify:  # the files as written, read back: safetensors, and the ONNX graph when exported
+            row["max_abs_diff"] = verify_export(model, spec, load_exported(folder), resolution)
+            if fmt == "onnx":
+                row["onnx_max_abs_diff"] = verify_export(model, spec, folder / ONNX, resolution)
+        rows.append(row)
+        log.info("exported %s to %s", spec.name, folder)
+    return rows
+
+
+def preprocessing(cfg: Config) -> dict:
+    """What an exported model's inputs must be, as its config.json records it."""
+    return {"resolution": cfg.data.resolution, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+
+
+def _models_to_export(supernet: SlimResNet, cfg: Config, specs: list[SubnetSpec], batches: int,
+                      recalibrated: dict | None, *, checkpoint, options, device: str, eval_batch_size: int | None
+                      ) -> tuple[dict, dict]:
+    """Per sub-network: the model to export it from, and what config.json records of a re-estimation of its
+    BatchNorm statistics on ``batches`` train batches (None: as stored). Evaluation re-estimates a shared-BN
+    supernet's statistics for each sub-network first (eval/recalibrate.py), so the export does the same, on the
+    same train batches: the exported model is the one evaluation measured. Private BatchNorm (``batches`` 0)
+    and a random initialisation are exported as they are, without reading any data."""
+    models, statistics = {s.name: supernet for s in specs}, {s.name: None for s in specs}
+    if batches == 0:
+        if checkpoint is not None:
+            _warn_of_unestimated_statistics(supernet, specs, recalibrated)
+        return models, statistics
+    chosen = (recalibrated or {}).get("subnet")
+    if chosen in models:  # the user estimated these with slimssl recalibrate: exported as they are
+        how = ", ".join(f"{k} {v}" for k, v in recalibrated.items() if k != "subnet")
+        log.info("%s: exporting the BatchNorm statistics that slimssl recalibrate stored in %s (%s), not "
+                 "re-estimating them", chosen, checkpoint, how)
+        statistics[chosen] = {**recalibrated, "by": "slimssl recalibrate"}
+    others = [s for s in specs if s.name != chosen]
+    if others:
+        copies, record = _recalibrated_copies(supernet, cfg, others, batches, options, device, eval_batch_size)
+        models.update(copies)
+        statistics.update({name: record for name in copies})
+    return models, statistics
+
+
+def _recalibrated_copies(supernet: SlimResNet, cfg: Config, specs: list[SubnetSpec], batches: int, options,
+                         device: str, eval_batch_size: int | None) -> tuple[dict, dict]:
+    """Copies of the supernet (on the CPU) whose BatchNorm statistics were re-estimated for each of ``specs``
+    on ``batches`` train batches, the sample and transform of evaluation; and the record of it."""
+    from .devices import pick_device
+    from .eval.recalibrate import subnet_models
+
+    torch_device = pick_device(device, setting="device (--device)")
+    try:
+        train = options.load_split(cfg, "train", torch_device)
+    except UsageError as e:  # exporting where the data is not: say why it is read, and how to do without
+        raise UsageError(f"{e}. The export re-estimates shared BatchNorm statistics on train batches, as evaluation "
+                         "does: point --data (data=) at the dataset, or export the statistics as stored with "
+                         "--recalibrate-bn 0 (recalibrate_bn=0)") from None
+    batch_size = eval_batch_size or cfg.eval.batch_size
+    models = subnet_models(supernet.to(torch_device), specs, train, recalibrate_batches=batches,
+                           batch_size=batch_size, resolution=cfg.data.resolution, mean=cfg.data.mean,
+                           std=cfg.data.std, device=torch_device)  # the default seed, as the evaluations use
+    supernet.cpu()
+    record = {**options.settings(cfg), "batches": batches, "batch_size": batch_size, "seed": 0}
+    return {name: model.cpu() for name, model in models.items()}, record
+
+
+def _warn_of_unestimated_statistics(supernet: SlimResNet, specs: list[SubnetSpec], recalibrated: dict | None) -> None:
+    """With shared BatchNorm any width runs, but only the menu's trained the shared statistics: exported with
+    the statistics as stored, a width outside the menu gets those (unless slimssl recalibrate estimated them)."""
+    if supernet.slim_state.private_bn:
+        return
+    chosen = (recalibrated or {}).get("subnet")
+    for name in (s.name for s in specs if s not in supernet.menu and s.name != chosen):
+        log.warning("%s is not in the menu: exported without re-estimation, its BatchNorm statistics are the shared "
+                    "ones, estimated on the menu's widths; leave --recalibrate-bn (recalibrate_bn) out to "
+                    "re-estimate them on train batches as evaluation does", name)
