@@ -371,3 +371,15 @@ def test_slim_mlp_keeps_output_dim_and_narrows_hidden(method):
             last = m is mlp[-1]
             assert m.bns["w0p5_d1-1-1-1"].num_features == 16
             assert m.bns["w1p0_d1-1-1-1"].num_features == (16 if last else 32)
+
+
+def test_eval_mode_gives_each_model_back_in_its_own_mode_after_an_error():
+    from torch import nn
+
+    from slimssl.nn.modes import eval_mode
+
+    training, frozen = nn.Linear(2, 2).train(), nn.Linear(2, 2).eval()
+    with pytest.raises(RuntimeError, match="failed"), eval_mode(training, frozen):
+        assert not training.training and not frozen.training
+        raise RuntimeError("failed")
+    assert training.training and not frozen.training

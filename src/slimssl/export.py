@@ -15,6 +15,7 @@ from .errors import SlimsslError
 from .layout import CHECKPOINTS
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
+from .nn.modes import eval_mode
 from .nn.spec import SubnetLike, SubnetSpec
 
 WEIGHTS = "model.safetensors"
@@ -184,12 +185,8 @@ def verify_export(supernet: SlimResNet, subnet: SubnetLike, exported: PlainResNe
     own device (the ONNX graph in float32 on the CPU)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, resolution, resolution, generator=gen)  # drawn on the CPU: the same images anywhere
-    was_training = supernet.training
-    supernet.eval()
-    try:
+    with eval_mode(supernet):
         expected = supernet(_like(x, supernet), subnet=subnet)
-    finally:
-        supernet.train(was_training)
     got = exported.eval()(_like(x, exported)) if isinstance(exported, torch.nn.Module) else _run_onnx(Path(exported), x)
     if got.shape != expected.shape:
         raise ExportError(f"the export gives outputs of shape {list(got.shape)}, the sub-network "

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
+from ..nn.modes import eval_mode
 from ..data.files import DataError
 from ..nn.spec import SubnetSpec
 
@@ -25,18 +26,12 @@ def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: 
     BatchNorm-recalibrated copies)."""
     by_name = models if isinstance(models, Mapping) else {spec.name: models for spec in specs}
     distinct = {id(m): m for m in by_name.values()}
-    was_training = {key: m.training for key, m in distinct.items()}
-    for model in distinct.values():
-        model.eval()
     out: dict[str, list[torch.Tensor]] = {spec.name: [] for spec in specs}
-    try:
+    with eval_mode(*distinct.values()):
         for batch in as_eval_images(images).batches(batch_size):
             x = eval_transform(batch.to(device, non_blocking=True), resolution, mean, std)
             for spec in specs:
                 out[spec.name].append(by_name[spec.name](x, subnet=spec).float())
-    finally:
-        for key, model in distinct.items():
-            model.train(was_training[key])
     if any(not parts for parts in out.values()):
         raise DataError("cannot extract features of an empty dataset")
     return {name: torch.cat(parts) for name, parts in out.items()}

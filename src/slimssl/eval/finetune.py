@@ -28,6 +28,7 @@ from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
+from ..nn.modes import eval_mode
 from ..data.files import DataError
 from ..devices import to_device_async
 from ..errors import UsageError
@@ -83,13 +84,11 @@ def evaluate_classifier(model: nn.Module, images: EvalImages | torch.Tensor, lab
                         resolution: int, mean, std, batch_size: int = 256, device="cpu") -> tuple[float, float]:
     """Top-1/top-5 (percent) of a classifier on ``images`` (a dataset, in memory or streamed, or a uint8
     tensor), eval mode, no augmentation."""
-    was_training = model.training
-    model.eval()
     logits = []
-    for batch in as_eval_images(images).batches(batch_size):
-        x = eval_transform(batch.to(device), resolution, mean, std)
-        logits.append(model(x).float())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in as_eval_images(images).batches(batch_size):
+            x = eval_transform(batch.to(device), resolution, mean, std)
+            logits.append(model(x).float())
     top1, top5 = topk_accuracy(torch.cat(logits), labels)
     return top1, top5
 

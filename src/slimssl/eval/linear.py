@@ -40,6 +40,7 @@ from ..data.eval_images import EvalImages
 from ..data.files import DataError
 from ..devices import to_device_async
 from ..errors import UsageError
+from ..nn.modes import eval_mode
 from ..nn.spec import Menu, SubnetSpec
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, TRAIN_CROPS
 from ..methods.losses import soft_cross_entropy
@@ -267,32 +268,30 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     device = torch.device(device)
     resolution = resolution or train.resolution
     specs = supernet.resolve_many(subnets or None)
-    was_training = supernet.training
-    supernet.to(device).eval()
-    fingerprints = {id(supernet): (supernet, backbone_fingerprint(supernet))}
-    models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches,
-                           batch_size=feature_batch_size, resolution=resolution, mean=mean, std=std,
-                           device=device, seed=seed)
-    for model in models.values():
-        fingerprints.setdefault(id(model), (model, backbone_fingerprint(model)))
+    with eval_mode(supernet.to(device)):  # the caller's supernet is given back in its own mode
+        fingerprints = {id(supernet): (supernet, backbone_fingerprint(supernet))}
+        models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches,
+                               batch_size=feature_batch_size, resolution=resolution, mean=mean, std=std,
+                               device=device, seed=seed)
+        for model in models.values():
+            fingerprints.setdefault(id(model), (model, backbone_fingerprint(model)))
 
-    features = _ProbeFeatures(models, specs, train, augment=augment, crop=train_crop, resolution=resolution,
-                              mean=mean, std=std, batch_size=feature_batch_size, device=device)
-    dims = {s.name: models[s.name].feature_dim(s) for s in specs}
-    heads = make_heads(dims, output_classes(train, test), shared=shared_head, seed=seed).to(device)
-    teacher = Menu(specs).largest.name  # of the distilled heads (SlimCLR: the full width), in any given order
-    _train_heads(heads, features, train, epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
-                 teacher=teacher, seed=seed)
+        features = _ProbeFeatures(models, specs, train, augment=augment, crop=train_crop, resolution=resolution,
+                                  mean=mean, std=std, batch_size=feature_batch_size, device=device)
+        dims = {s.name: models[s.name].feature_dim(s) for s in specs}
+        heads = make_heads(dims, output_classes(train, test), shared=shared_head, seed=seed).to(device)
+        teacher = Menu(specs).largest.name  # of the distilled heads (SlimCLR: the full width), in any given order
+        _train_heads(heads, features, train, epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
+                     teacher=teacher, seed=seed)
 
-    heads.eval()
-    results = {}
-    with torch.no_grad():
-        for n, f in features.of_split(test).items():
-            top1, top5 = topk_accuracy(heads(f, n), test.labels)
-            results[n] = {"top1": top1, "top5": top5}
-    for model, before in fingerprints.values():
-        check_backbone_unchanged(model, before)
-    supernet.train(was_training)
+        heads.eval()
+        results = {}
+        with torch.no_grad():
+            for n, f in features.of_split(test).items():
+                top1, top5 = topk_accuracy(heads(f, n), test.labels)
+                results[n] = {"top1": top1, "top5": top5}
+        for model, before in fingerprints.values():
+            check_backbone_unchanged(model, before)
     return (results, heads) if return_heads else results
 
 
