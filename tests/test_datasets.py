@@ -334,7 +334,6 @@ def test_file_names_that_are_not_utf8_stream_too(tmp_path):
 
 def test_evaluation_finds_a_bad_test_split_before_decoding_the_train_split(tmp_path, monkeypatch):
     from slimssl.config import load_config
-    from slimssl.errors import UsageError
     from slimssl.eval.evaluate import DataOptions
 
     loaded, load_split = [], DataOptions.load_split
@@ -342,13 +341,13 @@ def test_evaluation_finds_a_bad_test_split_before_decoding_the_train_split(tmp_p
                         loaded.append(split) or load_split(self, cfg, split, device))
     cfg = load_config("demo")
     _class_tree(tmp_path / "no_test" / "train")
-    with pytest.raises(UsageError, match=r"cannot load the test split of .*no_test.*no test/ or val/ folder"):
+    with pytest.raises(DataError, match=r"cannot load the test split of .*no_test.*no test/ or val/ folder"):
         DataOptions(data=str(tmp_path / "no_test")).load_splits(cfg)
     assert loaded == ["test"]  # the train split was never decoded
     for i in range(2):
         _save(tmp_path / "loose" / "train" / f"{i}.png")
         _save(tmp_path / "loose" / "test" / f"{i}.png")
-    with pytest.raises(UsageError, match="the test split of .* has no labels"):
+    with pytest.raises(DataError, match="the test split of .* has no labels"):
         DataOptions(data=str(tmp_path / "loose")).load_splits(cfg)
     _class_tree(tmp_path / "other" / "train")
     _class_tree(tmp_path / "other" / "test", classes=("cat", "cow"))

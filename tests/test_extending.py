@@ -106,6 +106,8 @@ def test_a_methods_own_options_take_defaults_overrides_and_are_checked(tmp_path)
     assert first_loss({"loss_scale": 2}) == pytest.approx(2 * first_loss({}))  # an int for a float option
     cfg = config_from_dict(data, overrides=["method.options.note=any value", "method.options.loss_scale=0.5"])
     assert cfg.method.options == {"note": "any value", "loss_scale": 0.5}  # --set reaches them too
+    as_int = config_from_dict(data, overrides=["method.options.loss_scale=2"]).method.options["loss_scale"]
+    assert as_int == 2.0 and type(as_int) is float  # the method reads the type of its default
     with pytest.raises(ConfigError, match=r"method.options.scale: unknown option of method 'threelayer' "
                                           r"\(its options: loss_scale, note\)"):
         config_from_dict(data, overrides=["method.options.scale=2"])

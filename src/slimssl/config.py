@@ -135,6 +135,8 @@ class MethodConfig(Section):
             if not _same_kind(value, defaults[key]):
                 raise ValueError(f"method.options.{key}: expected {type(defaults[key]).__name__} like its default "
                                  f"{defaults[key]!r}, got {value!r}")
+            if isinstance(defaults[key], float) and isinstance(value, int):
+                self.options[key] = float(value)  # 1 in a YAML file for a float option: the method reads 1.0
         return self
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import Config
+from .data.files import DataError
 from .errors import UsageError
 from .models.resnet import SlimResNet
 from .nn.spec import SubnetSpec
@@ -145,8 +146,8 @@ def _recalibrated_copies(supernet: SlimResNet, cfg: Config, specs: list[SubnetSp
     torch_device = pick_device(device, setting="device (--device)")
     try:
         train = options.load_split(cfg, "train", torch_device)
-    except UsageError as e:  # exporting where the data is not: say why it is read, and how to do without
-        raise UsageError(f"{e}. The export re-estimates shared BatchNorm statistics on train batches, as evaluation "
+    except DataError as e:  # exporting where the data is not: say why it is read, and how to do without
+        raise DataError(f"{e}. The export re-estimates shared BatchNorm statistics on train batches, as evaluation "
                          "does: point --data (data=) at the dataset, or export the statistics as stored with "
                          "--recalibrate-bn 0 (recalibrate_bn=0)") from None
     batch_size = eval_batch_size or cfg.eval.batch_size

@@ -195,9 +195,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("linear", help="switchable linear probe: one head per sub-network on the frozen backbone")
     _add_eval_args(p)
-    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="epochs of the heads' training")
-    p.add_argument("--lr", type=positive_float, default=DEFAULT_LR, help="SGD lr on standardised features (cosine to 0)")
-    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="the heads' batch size")
+    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
+                   help=f"epochs of the heads' training (default {DEFAULT_EPOCHS})")
+    p.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
+                   help=f"SGD lr on standardised features, cosine to 0 (default {DEFAULT_LR})")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                   help=f"the heads' batch size (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="the heads' initialisation and the training order")
     p.add_argument("--augment", action="store_true",
                    help="random crop (--train-crop) + flip, the backbone runs every step (default: cached features)")
@@ -232,7 +235,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recalibrate", help="re-estimate a sub-network's BatchNorm statistics into a new checkpoint")
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
     p.add_argument("--subnet", required=True, help="canonical name, or a width such as 0.5")
-    p.add_argument("--batches", type=positive_int, default=20, help="train batches to average the statistics over")
+    p.add_argument("--batches", type=positive_int, default=20,
+                   help="train batches to average the statistics over (default 20)")
     p.add_argument("--out", required=True, type=output_file(".pt"),
                    help="the new checkpoint file (.pt), outside any run's checkpoints folder")
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")

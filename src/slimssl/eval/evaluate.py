@@ -97,7 +97,7 @@ class DataOptions:
         """``split`` at the config's resolution, decoded in memory or streamed. A built-in dataset is decoded in
         memory: asked to stream it, this is an error; a streaming config falls back to memory, with a log line."""
         from ..data.eval_images import load_eval_split
-        from ..data.files import BUILTIN
+        from ..data.files import BUILTIN, DataError
         from ..data.views import default_workers
 
         source = self.source(cfg)
@@ -120,9 +120,9 @@ class DataOptions:
                                      pin_memory=device is not None and device.type == "cuda",
                                      crop_ratio=crop_ratio)
         except ValueError as e:  # DataError: names the path and what was expected
-            raise UsageError(f"cannot load the {split} split of {source!r}: {e}") from None
+            raise DataError(f"cannot load the {split} split of {source!r}: {e}") from None
         if images.labels is None:
-            raise UsageError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
+            raise DataError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
                              "evaluation needs a labelled dataset: pass one as data (--data)")
         log.info("%s split of %s: %d images, %s%s", split, source, len(images),
                  f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory",

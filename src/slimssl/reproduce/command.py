@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=nonnegative_float, metavar="SECONDS",
                    help=f"start no new epoch or probe after SECONDS of this call and exit {EXIT_CONTINUE} "
                         "(the first one always runs); default: run to the end")
-    p.add_argument("--probe-epochs", type=positive_int, default=DEFAULT_PROBE_EPOCHS, help="linear probe epochs")
+    p.add_argument("--probe-epochs", type=positive_int, default=DEFAULT_PROBE_EPOCHS,
+                   help=f"linear probe epochs (default {DEFAULT_PROBE_EPOCHS})")
     add_overrides(p, "config values of every recipe")
     p.add_argument("--json", action="store_true",
                    help="print reproduction.json on stdout (or the progress, when work is left)")
