@@ -42,6 +42,7 @@ def test_every_public_name_resolves_and_unknown_names_raise():
     for name in slimssl.__all__:
         assert getattr(slimssl, name).__name__ == name
     assert set(slimssl.__all__) <= set(dir(slimssl))
+    assert sorted(slimssl.__all__) == sorted(slimssl._EXPORTS)  # the literal list that type checkers read is whole
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         slimssl.nope  # noqa: B018
 

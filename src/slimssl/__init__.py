@@ -32,7 +32,7 @@ _EXPORTS = {
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
     "knn": ".eval.evaluate", "linear_probe": ".eval.evaluate", "finetune": ".eval.evaluate",
 }
-__all__ = [
+__all__ = [  # the names of _EXPORTS, written out for type checkers
     "CheckpointError", "Config", "ConfigError", "DataError", "DeviceError", "ExportError", "InputError",
     "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError",
     "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet", "finetune", "knn",

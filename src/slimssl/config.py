@@ -256,6 +256,13 @@ class EvalConfig(Section):
 
 
 class Config(Section):
+    """A whole run's settings, section by section, as a recipe's YAML file holds them.
+
+    ``Config()`` holds the defaults of every setting (BYOL on a ResNet-18 of one width); the functions that
+    take a config (``load_config``, ``build_supernet``, ``pretrain``) default to the ``demo`` recipe instead.
+    ``slimssl config --config NAME`` prints a recipe resolved; ``config_from_dict`` and ``load_config``
+    turn pydantic's errors into a :class:`ConfigError` that names the file and the key."""
+
     name: str = "run"
     model: ModelConfig = Field(default_factory=ModelConfig)
     menu: MenuConfig = Field(default_factory=MenuConfig)

@@ -44,6 +44,8 @@ def _autocast_enabled(device_type: str) -> bool:
 
 @dataclass(frozen=True)
 class PlainResNetConfig:
+    """The channels and depths of a plain ResNet (an exported sub-network), as its config.json records them."""
+
     block: str                  # "basic" or "bottleneck"
     stem: str                   # "imagenet" (7x7/2 + max-pool) or "cifar" (3x3/1, no max-pool)
     stem_channels: int

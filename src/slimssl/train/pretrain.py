@@ -165,6 +165,7 @@ def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
         return False
     try:
         saved = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), "config.yaml")
+        # not read_metrics, which skips a damaged line: here any doubt keeps the files
         lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
         trained = any("loss" in json.loads(line) for line in lines)
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
@@ -207,7 +208,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
               max_steps: int | None = None) -> PretrainRun:
     """Train ``cfg`` in ``run_dir`` (from :func:`prepare_run`) up to its end or ``max_steps``.
 
-    Raises :class:`~slimssl.train.loop.Interrupted` after saving when SIGTERM or SIGINT arrives (its ``run``:
+    Raises :class:`slimssl.Interrupted` after saving when SIGTERM or SIGINT arrives (its ``run``:
     the :class:`PretrainRun` so far). Any other failure before the first checkpoint removes the files this
     call wrote, so that the same ``run_dir`` can be used again."""
 
@@ -307,7 +308,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     all (counting from its start, not from this call), saving a checkpoint; ``results`` of the returned
     :class:`PretrainRun` is then empty and ``finished`` False. Under torchrun, each process calls this and the
     process group is joined here. A SIGTERM or SIGINT saves a checkpoint and raises
-    ``slimssl.train.loop.Interrupted``; resume it later.
+    ``slimssl.Interrupted``; resume it later.
     """
 
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
