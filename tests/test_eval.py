@@ -816,3 +816,23 @@ def test_knn_of_chosen_sub_networks(tmp_path, capsys):
     assert {r["subnet"]: r["knn_top1"] for r in menu_rows}["w0p5_d1-1-1-1"] == rows[1]["knn_top1"]
     make_checkpoint(tmp_path / "private.pt")  # private BatchNorm: the menu's widths only
     assert main(["knn", str(tmp_path / "private.pt"), "--subnet", "0.25", "--device", "cpu"]) == 2
+
+
+def test_a_supernet_in_memory_is_evaluated_as_its_checkpoint_is_and_nothing_is_saved(tmp_path):
+    import slimssl
+
+    run = tmp_path / "run"
+    supernet = make_checkpoint(run / "checkpoints" / "last.pt")
+    from_file = slimssl.knn(run, device="cpu", save=False)
+    supernet.train()
+    in_memory = slimssl.knn(supernet, config=tiny_config(), device="cpu")
+    assert in_memory == from_file and supernet.training  # given back in its own mode
+    probe = slimssl.linear_probe(supernet, config=tiny_config(), epochs=1, device="cpu")
+    assert [r["subnet"] for r in probe] == [r["subnet"] for r in from_file]
+    tuned = slimssl.finetune(supernet, "0.5", 0.5, epochs=1, config=tiny_config(), device="cpu")
+    assert tuned[0]["subnet"] == "w0p5_d1-1-1-1" and tuned[0]["indices_file"] is None
+    assert not (run / "results.json").exists() and not (run / "finetune").exists() and not list(tmp_path.glob("*.json"))
+    with pytest.raises(slimssl.UsageError, match="pass config="):
+        slimssl.knn(supernet, device="cpu")
+    with pytest.raises(slimssl.UsageError, match="got dict"):
+        slimssl.knn({"model": {}}, device="cpu")

@@ -35,6 +35,9 @@ from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_CROPS, linea
 if TYPE_CHECKING:
     import torch
 
+    from ..config import Config
+    from ..models.resnet import SlimResNet
+
 log = logging.getLogger("slimssl")
 
 
@@ -140,14 +143,31 @@ class DataOptions:
         return train, test
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "auto"):
-    """Supernet (eval mode, on the device), its config and the device."""
+def load_model(checkpoint, device: str | torch.device = "auto", config=None):
+    """Supernet (on the device), its config and the device. ``checkpoint`` is a checkpoint file or run
+    directory (eval mode), or a supernet in memory (``SlimResNet``, with its ``config``; moved to the device,
+    its mode left to the protocols, which evaluate in eval mode and give it back in its own)."""
     from ..checkpoint import load_supernet
     from ..devices import pick_device
+    from ..models.build import as_config
+    from ..models.resnet import SlimResNet
 
-    supernet, cfg = load_supernet(checkpoint)
     torch_device = pick_device(device, setting="device (--device)")
+    if isinstance(checkpoint, SlimResNet):
+        if config is None:
+            raise UsageError("a supernet in memory is evaluated with its config: pass config= (a Config, a dict of "
+                             "sections, or a recipe name or path)")
+        return checkpoint.to(torch_device), as_config(config), torch_device
+    if not isinstance(checkpoint, (str, Path)):
+        raise UsageError(f"expected a checkpoint file or run directory (str or Path), or a SlimResNet supernet; got "
+                         f"{type(checkpoint).__name__}")
+    supernet, cfg = load_supernet(checkpoint, config)
     return supernet.to(torch_device).eval(), cfg, torch_device
+
+
+def in_memory(checkpoint) -> bool:
+    """Whether a protocol was given a supernet rather than a file: its results are returned, not saved."""
+    return not isinstance(checkpoint, (str, Path))
 
 
 def cost_rows(supernet, resolution: int, specs=None) -> dict[str, dict]:
@@ -162,7 +182,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     """Merge ``values`` into the run directory's results.json when the checkpoint is in one and ``save``."""
     from .results import merge_results, run_dir_of
 
-    run_dir = run_dir_of(checkpoint) if save else None
+    run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
     if run_dir is None:
         return None
     path = merge_results(run_dir, values, protocol=protocol, settings=settings,
@@ -212,19 +232,24 @@ def knn_of_subnets(supernet, cfg, train, test, device, *, specs=None, k: int | N
                             models=models, specs=specs, **image)
 
 
-def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | None = None,
+def knn(checkpoint: str | Path | SlimResNet, *, k: int | None = None, temperature: float | None = None,
         subnets: Sequence | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
-        recalibrate_bn: int | None = None, save: bool = True, **data) -> list[dict]:
+        recalibrate_bn: int | None = None, save: bool = True, config: Config | dict | str | Path | None = None,
+        **data) -> list[dict]:
     """Weighted kNN top-1 of every sub-network: the train split is the bank, the test split the queries; ``k``
     and ``temperature`` default to the config's ``eval.knn_k`` and ``eval.knn_temperature``. ``subnets``: the
     sub-networks to evaluate (names or widths) instead of the menu; with shared BatchNorm any width can run.
+
+    ``checkpoint`` is a checkpoint file or run directory, whose results.json the results are merged into
+    (``save``), or a supernet in memory with its ``config`` (nothing saved). With a file, ``config`` (checked
+    against the checkpoint's architecture) replaces the stored one's other settings.
 
     ``data``, ``loader``, ``workers``, ``skip_unreadable`` and ``crop_ratio`` say where and how the images
     are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,
     knn_top1 (percent)."""
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     options = DataOptions.of(data, knn)
-    supernet, cfg, torch_device = load_model(checkpoint, device)
+    supernet, cfg, torch_device = load_model(checkpoint, device, config)
     specs = supernet.resolve_many(subnets)  # checked before the data is decoded
     train, test = options.load_splits(cfg, torch_device)
     k = k if k is not None else cfg.eval.knn_k
@@ -241,15 +266,17 @@ def knn(checkpoint: str | Path, *, k: int | None = None, temperature: float | No
     return rows
 
 
-def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
+def linear_probe(checkpoint: str | Path | SlimResNet, *, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
                  batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, augment: bool = False,
                  train_crop: str | None = None, distill: bool = False, shared_head: bool = False,
                  device: str | torch.device = "auto", eval_batch_size: int | None = None,
-                 recalibrate_bn: int | None = None, save: bool = True, **data) -> list[dict]:
+                 recalibrate_bn: int | None = None, save: bool = True,
+                 config: Config | dict | str | Path | None = None, **data) -> list[dict]:
     """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
 
     ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``) and flips, with the
-    backbone run at every step, instead of cached features. The data keywords are knn's. Returns one row per
+    backbone run at every step, instead of cached features. ``checkpoint``, ``config`` and the data keywords
+    are knn's. Returns one row per
     sub-network: subnet, width, depths, params, macs, linear_top1, linear_top5 (percent); ``_shared``,
     ``_distill`` and ``_aug`` join the protocol's name (``linear_aug_top1``) for those options."""
     from .linear import linear_probe_subnets
@@ -261,7 +288,7 @@ def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: fl
         raise UsageError(f"train_crop {train_crop!r} is the crop of the augmented probe; it needs augment=True "
                          "(--augment): without it the probe trains on the cached features of the centre crop")
     options = DataOptions.of(data, linear_probe)
-    supernet, cfg, torch_device = load_model(checkpoint, device)
+    supernet, cfg, torch_device = load_model(checkpoint, device, config)
     train, test = options.load_splits(cfg, torch_device)
     train_crop = train_crop or cfg.eval.train_crop
     results = linear_probe_subnets(
@@ -281,12 +308,12 @@ def linear_probe(checkpoint: str | Path, *, epochs: int = DEFAULT_EPOCHS, lr: fl
     return rows
 
 
-def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all",
+def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float] | str = "all",
              label_fractions: Sequence[float] | float = (0.01, 0.1), *, epochs: int | None = None,
              lr: float | None = None, batch_size: int | None = None, seed: int = 0, train_crop: str | None = None,
              out: str | Path | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
              recalibrate_bn: int | None = None, save: bool = True, save_models: str | Path | None = None,
-             **data) -> list[dict]:
+             config: Config | dict | str | Path | None = None, **data) -> list[dict]:
     """Fine-tune each of ``subnets`` (names or widths, or ``"all"``: the menu) on a class-balanced fraction of
     the train labels, for every one of ``label_fractions`` (``eval/finetune.py``).
 
@@ -294,7 +321,8 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
     ``RUN/finetune/<subnet>_<pct>pct_seed<S>.json``, and merged into the run before the next one starts, so a
     failure later keeps what was measured. ``save_models``: a folder that receives each fine-tuned classifier
     as an export, ``<subnet>_<pct>pct_seed<S>/`` (``slimssl.load_exported``; its config.json names the classes
-    and the accuracy). The sub-networks are checked before any data is decoded. The data keywords are knn's.
+    and the accuracy). The sub-networks are checked before any data is decoded. ``checkpoint``, ``config``
+    and the data keywords are knn's.
     Returns one row per result: subnet, width, depths, params, macs, label_fraction, seed, num_labelled,
     recipe, top1, top5 (percent), indices (the labelled subset).
     """
@@ -305,7 +333,8 @@ def finetune(checkpoint: str | Path, subnets: Sequence[str | float] | str = "all
                   recalibrate_bn=recalibrate_bn)
     check_train_crop(train_crop)
     options = DataOptions.of(data, finetune)
-    supernet, cfg, torch_device = load_model(checkpoint, device)
+    supernet, cfg, torch_device = load_model(checkpoint, device, config)
+    save = save and not in_memory(checkpoint)
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)
     train, test = options.load_splits(cfg, torch_device)
     costs = cost_rows(supernet, cfg.data.resolution, list(dict.fromkeys(spec for spec, _ in jobs)))
