@@ -403,3 +403,8 @@ def test_menu_widths_that_round_to_one_network_are_refused():
     with pytest.raises(ConfigError, match=r"menu: widths 1 and 0\.75 give the same channels \[3, 3, 6, 12, 24\]"):
         load_config("demo", ["model.base_width=3", "model.channel_divisor=8", "menu.widths=[1.0, 0.75, 0.5]"])
     assert load_config("demo", ["model.base_width=16", "model.channel_divisor=8", "menu.widths=[1.0, 0.75, 0.5]"])
+
+
+def test_sync_bn_with_shared_batchnorm_is_refused_by_the_config_itself():
+    with pytest.raises(ConfigError, match="train.sync_bn needs model.bn: private"):
+        load_config("demo", ["train.sync_bn=true", "model.bn=shared"])

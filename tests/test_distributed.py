@@ -349,7 +349,7 @@ def test_sync_bn_converts_private_batchnorms_and_refuses_shared(tmp_path):
              if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
     assert kinds == {"SyncBatchNorm"}
     trainer.train_step(0)  # a single process falls back to plain BatchNorm
-    with pytest.raises(ValueError, match="model.bn=private"):
+    with pytest.raises(ValueError, match="train.sync_bn needs model.bn: private"):
         Trainer(config_from_dict({**tiny("byol"), "model": {**tiny("byol")["model"], "bn": "shared"},
                                   "train": {**tiny("byol")["train"], "sync_bn": True}}), tmp_path / "b")
 

@@ -308,6 +308,9 @@ class Config(Section):
                 f"full size: width 1.0 in menu.widths with the model's depths {list(full.depths)} in menu.depths "
                 f"(or menu.depths unset), or {full.name} in menu.subnets; got menu {menu.names}")
         self._check_widths_differ(menu)
+        if self.train.sync_bn and self.model.bn != "private":
+            raise ValueError("train.sync_bn needs model.bn: private: shared BatchNorm is sliced per width by slimssl "
+                             "itself and cannot be synchronised")
         if self.train.sync_bn and (self.model.bn_group_size or self.method.shuffle_bn):
             raise ValueError("train.sync_bn normalises over the total batch, which model.bn_group_size and "
                              "method.shuffle_bn are meant to split: use either sync_bn or grouped BatchNorm")

@@ -244,9 +244,6 @@ class Trainer:
     def _convert_sync_bn(self) -> None:
         """train.sync_bn: every private BatchNorm (each sub-network's, heads and target included) becomes a
         SyncBatchNorm, so a sub-network's statistics are over the total batch of the processes."""
-        if self.cfg.model.bn != "private":
-            raise ConfigError("train.sync_bn needs model.bn=private: shared BatchNorm is sliced per width by "
-                             "slimssl itself and cannot be synchronised")
         if self.world > 1 and self.device.type != "cuda":
             raise ConfigError("train.sync_bn needs CUDA tensors (torch's SyncBatchNorm); this run is on "
                              f"{self.device.type} with {self.world} processes: set train.sync_bn=false")
