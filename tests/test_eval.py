@@ -836,3 +836,9 @@ def test_a_supernet_in_memory_is_evaluated_as_its_checkpoint_is_and_nothing_is_s
         slimssl.knn(supernet, device="cpu")
     with pytest.raises(slimssl.UsageError, match="got dict"):
         slimssl.knn({"model": {}}, device="cpu")
+    wider = tiny_config().model_dump(mode="json")
+    wider["model"]["base_width"] = 8
+    with pytest.raises(slimssl.UsageError, match=r"not this supernet's config:\n  base_width: supernet 4, config 8"):
+        slimssl.knn(supernet, config=wider, device="cpu")
+    with pytest.raises(slimssl.UsageError, match="config= is for a supernet in memory"):
+        slimssl.knn(run, config=tiny_config(), device="cpu")

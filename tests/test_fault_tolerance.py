@@ -864,8 +864,9 @@ def test_pretrain_never_overwrites_a_config_yaml_in_its_output_folder(tmp_path, 
     mine = write_config(run / "config.yaml")
     mine.write_text("# my notes\n" + mine.read_text())
     before = mine.read_text()
-    assert main(["pretrain", "--config", str(mine), "--out", str(run), "--max-steps", "1"]) == 2
-    assert "holds the config file given" in error_text(capsys, caplog)
+    for auto in ([], ["--auto-resume"]):  # not taken for a start of the same settings that trained nothing
+        assert main(["pretrain", "--config", str(mine), "--out", str(run), "--max-steps", "1", *auto]) == 2
+        assert "holds the config file given" in error_text(capsys, caplog)
     other = write_config(tmp_path / "other.yaml", tiny(optim={"lr": 0.123}))
     assert main(["pretrain", "--config", str(other), "--out", str(run), "--max-steps", "1"]) == 2
     assert "holds files of an earlier run (config.yaml)" in error_text(capsys, caplog)

@@ -19,9 +19,10 @@ log = logging.getLogger("slimssl")
 
 def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | Path | None = None,
                   overrides: Sequence[str] = ()) -> tuple[SlimResNet, Config, dict | None]:
-    """The supernet of ``checkpoint`` in eval mode, or a new random one of ``config`` when ``checkpoint`` is
-    None; the config (of the checkpoint, or ``config`` checked against it, with ``overrides``); and the
-    checkpoint's record of ``slimssl recalibrate`` (None when it has none, or for a random initialisation)."""
+    """The supernet of ``checkpoint`` in eval mode, or a new random one of ``config`` (with ``overrides``) when
+    ``checkpoint`` is None; its config; and the checkpoint's record of ``slimssl recalibrate`` (None when it has
+    none, or for a random initialisation). A checkpoint keeps the config it was trained with (its resolution,
+    mean and std are what its exports record): ``config`` is only checked against its architecture."""
     from .checkpoint import load_checkpoint, supernet_of
     from .models.build import as_config, build_supernet
 
@@ -31,8 +32,8 @@ def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | P
         cfg = as_config(config, list(overrides))
         return build_supernet(cfg).eval(), cfg, None
     data = load_checkpoint(checkpoint)
-    cfg = as_config(data["config"] if config is None else config, list(overrides))
-    return supernet_of(data, checkpoint, cfg).eval(), cfg, data.get("recalibrated")
+    wanted = None if config is None and not overrides else as_config(config, list(overrides))
+    return supernet_of(data, checkpoint, wanted).eval(), data["config"], data.get("recalibrated")
 
 
 def export_source(checkpoint: str | Path | None, config: Config | dict | str | Path | None) -> str:
@@ -65,7 +66,8 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence
     origin. With shared BatchNorm each sub-network's statistics are re-estimated first on ``recalibrate_bn``
     train batches (default: evaluation's; 0 exports them as stored), read as the evaluation functions read
     them: ``data``, ``loader``, ``workers``, ``skip_unreadable`` and ``crop_ratio`` as in :func:`slimssl.knn`.
-    With ``checkpoint=None``, a random initialisation of ``config`` (a recipe, with ``overrides``) is exported.
+    With ``checkpoint=None``, a random initialisation of ``config`` (a recipe, with ``overrides``) is exported;
+    with a checkpoint, ``config`` is only checked against its architecture.
     ``fmt="onnx"`` adds an ONNX graph traced at ``resolution`` (default: the config's), which takes any size.
     """
     from .eval import recalibration_batches

@@ -157,12 +157,31 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None):
         if config is None:
             raise UsageError("a supernet in memory is evaluated with its config: pass config= (a Config, a dict of "
                              "sections, or a recipe name or path)")
-        return checkpoint.to(torch_device), as_config(config), torch_device
+        cfg = as_config(config)
+        check_fits(checkpoint, cfg)
+        return checkpoint.to(torch_device), cfg, torch_device
     if not isinstance(checkpoint, (str, Path)):
         raise UsageError(f"expected a checkpoint file or run directory (str or Path), or a SlimResNet supernet; got "
                          f"{type(checkpoint).__name__}")
-    supernet, cfg = load_supernet(checkpoint, config)
+    if config is not None:  # its results would be merged into the run as if measured with the run's settings
+        raise UsageError("a checkpoint is evaluated with the config saved in it; config= is for a supernet in "
+                         "memory (the data keywords, k, epochs, ... change what the evaluation does)")
+    supernet, cfg = load_supernet(checkpoint)
     return supernet.to(torch_device).eval(), cfg, torch_device
+
+
+def check_fits(supernet, cfg) -> None:
+    """Refuse a config whose architecture or menu is not the supernet's (its resolution and data would not be)."""
+    m = cfg.model
+    wanted = {"block": m.block, "depths": tuple(m.full_depths), "base_width": m.base_width, "stem": m.stem,
+              "channel_divisor": m.channel_divisor, "private BatchNorm": m.bn == "private",
+              "menu": cfg.subnet_menu().names}
+    held = {"block": supernet.block, "depths": tuple(supernet.depths), "base_width": supernet.base_width,
+            "stem": supernet.stem, "channel_divisor": supernet.slim_state.divisor,
+            "private BatchNorm": supernet.slim_state.private_bn, "menu": supernet.menu.names}
+    differ = [f"{key}: supernet {held[key]!r}, config {wanted[key]!r}" for key in wanted if held[key] != wanted[key]]
+    if differ:
+        raise UsageError("config= is not this supernet's config:\n  " + "\n  ".join(differ))
 
 
 def in_memory(checkpoint) -> bool:
@@ -241,8 +260,7 @@ def knn(checkpoint: str | Path | SlimResNet, *, k: int | None = None, temperatur
     sub-networks to evaluate (names or widths) instead of the menu; with shared BatchNorm any width can run.
 
     ``checkpoint`` is a checkpoint file or run directory, whose results.json the results are merged into
-    (``save``), or a supernet in memory with its ``config`` (nothing saved). With a file, ``config`` (checked
-    against the checkpoint's architecture) replaces the stored one's other settings.
+    (``save``), or a supernet in memory with its ``config`` (nothing saved).
 
     ``data``, ``loader``, ``workers``, ``skip_unreadable`` and ``crop_ratio`` say where and how the images
     are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,

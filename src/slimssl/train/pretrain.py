@@ -137,6 +137,9 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
         how = f"--resume {run_dir}" if cli else "resume=True"
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
+    if isinstance(config, (str, Path)) and Path(find_config(config)).resolve() == (run_dir / "config.yaml").resolve():
+        raise UsageError(f"{run_dir} holds the config file given ({config}), which the run would overwrite with "
+                         "its resolved config; keep the file elsewhere or choose another output folder")
     leftovers = [name for name in ("config.yaml", *RUN_FILES) if (run_dir / name).exists()]
     # rank 0 decides (the others would see its removal half done); it fails the job if it refuses
     if leftovers and failed_start_ok and (not dist.is_main() or _failed_start_of(run_dir, cfg)):
@@ -144,10 +147,6 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
             _remove(run_dir, FAILED_START)
             log.info("%s holds the files of a start of this run that was stopped before it trained a step (%s): "
                      "removed, starting it again", run_dir, ", ".join(leftovers))
-    elif leftovers == ["config.yaml"] and isinstance(config, (str, Path)) and \
-            Path(find_config(config)).resolve() == (run_dir / "config.yaml").resolve():
-        raise UsageError(f"{run_dir} holds the config file given ({config}), which the run would overwrite with "
-                         "its resolved config; keep the file elsewhere or choose another output folder")
     elif leftovers:  # a run whose checkpoint is gone, or a user's file: writing there would mix or lose them
         raise UsageError(f"{run_dir} holds files of an earlier run ({', '.join(leftovers)}) without its "
                          "checkpoint; choose another output folder"
