@@ -27,9 +27,16 @@ def test_a_subnet_whose_stages_no_network_of_its_own_has_is_refused_as_a_baselin
     data["model"]["base_width"] = 10  # at width 0.25: stages of 2, 5, 10, 20 channels; base_width 2 gives 2, 4, 8, 16
     cfg = config_from_dict(data)
     quarter = next(spec for spec in cfg.subnet_menu() if spec.width == 0.25)
-    with pytest.raises(ConfigError, match=r"has stages of \[2, 5, 10, 20\] channels, which no network of its own has "
-                                          r"\(base_width 2 gives \[2, 4, 8, 16\]\)"):
+    with pytest.raises(ConfigError, match=r"has \[2, 2, 5, 10, 20, 2, 5, 10, 20\] channels .*which no network of its "
+                                          r"own has \(base_width 2 gives \[2, 2, 4, 8, 16, 2, 4, 8, 16\]\)"):
         standalone_config(cfg, quarter)
+    bottleneck = config_from_dict(tiny("byol"), overrides=["model.arch=resnet50", "model.base_width=4",
+                                                           "menu.widths=[1.0, 0.75]"])  # inner 3, 6, ...; outputs 12, 24
+    assert standalone_config(bottleneck, next(s for s in bottleneck.subnet_menu() if s.width == 0.75))
+    odd_outputs = config_from_dict(tiny("byol"), overrides=["model.arch=resnet50", "model.base_width=64",
+                                                            "menu.widths=[1.0, 0.251]"])
+    with pytest.raises(ConfigError, match=r"\[16, 16, 32, 64, 128, 64, 128, 257, 514\] channels"):
+        standalone_config(odd_outputs, next(s for s in odd_outputs.subnet_menu() if s.width == 0.251))
 
 
 def test_bench_json_has_every_measurement(tmp_path, capsys, caplog):
@@ -83,3 +90,13 @@ def test_bench_measures_a_streamed_folder(tmp_path, capsys):
                  "--set", "data.workers=0", "--device", "cpu", "--steps", "1", "--warmup", "1", "--data-only",
                  "--json"]) == 0
     assert [r["what"] for r in json.loads(capsys.readouterr().out)] == ["data path (two augmented views, stream)"]
+
+
+def test_bench_refuses_a_baseline_it_cannot_build_before_measuring_anything(tmp_path, capsys, caplog):
+    data = tiny("byol")
+    data["model"]["base_width"] = 10
+    path = tmp_path / "odd.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["bench", "--config", str(path), "--device", "cpu", "--steps", "1", "--warmup", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "(--no-baseline)" in captured.err + caplog.text

@@ -359,3 +359,6 @@ def test_an_unknown_flag_gets_the_usage_of_its_command(capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert "usage: slimssl knn" in err and "slimssl knn: error: unrecognized arguments: --bogus 1" in err
+    with pytest.raises(SystemExit):
+        main(["--json", "knn", "runs/x"])  # an option of the command given before it
+    assert "slimssl: error: unrecognized arguments: --json (a knn option goes after knn)" in capsys.readouterr().err

@@ -383,8 +383,11 @@ def test_a_raised_lr_after_the_slow_start_is_reported_only_when_there_is_a_slow_
 
 
 @pytest.mark.parametrize("assignment, message", [
-    ("train.epochs=true", "train.epochs: expected a number, not true or false"),
-    ("slim.slow_start_lr=false", "slim.slow_start_lr: expected a number, not true or false"),
+    ("train.epochs=true", "train.epochs: true or false where a number is expected"),
+    ("slim.slow_start_lr=false", "slim.slow_start_lr: true or false where a number is expected"),
+    ("menu.widths=[true, 0.5]", r"menu.widths: true or false where a number is expected \(got \[True, 0.5\]\)"),
+    ("data.crop_scale=[0.2, true]", "data.crop_scale: true or false where a number is expected"),
+    ("menu.depths=[[1, 1, 1, true]]", "menu.depths: true or false where a number is expected"),
     ("optim.lr=inf", "optim.lr: Input should be a finite number"),
     ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
 ])
@@ -400,7 +403,7 @@ def test_an_empty_config_file_is_refused_not_read_as_every_default(tmp_path):
 
 
 def test_menu_widths_that_round_to_one_network_are_refused():
-    with pytest.raises(ConfigError, match=r"menu: widths 1 and 0\.75 give the same channels \[3, 3, 6, 12, 24\]"):
+    with pytest.raises(ConfigError, match=r"menu: widths 1 and 0\.75 give the same channels \[3, 3, 6, 12, 24, 3, 6, 12, 24\]"):
         load_config("demo", ["model.base_width=3", "model.channel_divisor=8", "menu.widths=[1.0, 0.75, 0.5]"])
     assert load_config("demo", ["model.base_width=16", "model.channel_divisor=8", "menu.widths=[1.0, 0.75, 0.5]"])
 

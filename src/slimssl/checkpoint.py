@@ -102,7 +102,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 "torch.load(weights_only=False) yourself only if you trust where it came from") from None
         unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's detail, without its advice
         detail = unpickler.group(1).strip() if unpickler else (str(e).splitlines() or [""])[0]
-        if not zipfile.is_zipfile(path):  # torch's own words for this vary, and some come with a page of advice
+        if _readable(path) and not zipfile.is_zipfile(path):  # torch's words for this vary, some with a page of advice
             detail = "not a complete zip archive, as torch.save writes: the file is cut short or damaged"
         raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({type(e).__name__}: {detail}); expected "
                               "a checkpoint file (e.g. RUN/checkpoints/last.pt) or a run directory") from None
@@ -138,6 +138,15 @@ def _refuse_export_folder(path: Path) -> None:
         raise CheckpointError(f"{path} holds exported sub-networks ({', '.join(names)}), not a checkpoint: load one "
                               f"with slimssl.load_exported({str(path / names[0])!r}); a supernet is loaded from its "
                               "run directory or checkpoint file")
+
+
+def _readable(path) -> bool:
+    """Whether the file opens (is_zipfile says False for a file it cannot open, e.g. without permission)."""
+    try:
+        with open(path, "rb"):
+            return True
+    except OSError:
+        return False
 
 
 def check_menu(checkpoint_menu: list[str], config: Config, source: str) -> None:

@@ -154,7 +154,7 @@ EXIT_CODES = """exit codes:
   0    done
   1    export --verify found a difference over its tolerance; stdout closed early (| head)
   2    bad input or a failed run: the error names what was wrong (argparse's usage errors too)
-  3    pretrain stopped by SIGTERM or SIGINT after saving a checkpoint: --resume continues it
+  3    pretrain (or reproduce) stopped by SIGTERM or SIGINT after saving: the same run continues it
   4    reproduce --time-budget ran out with work left: run the same command again
   130  Ctrl-C outside a training loop: the command stopped; nothing it had saved is lost"""
 
@@ -203,8 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # a command's time budget counts from here (reproduce --time-budget)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # with the usage of the command given, not slimssl's (argparse's parse_args shows the top one)
-        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # with the usage of the command they follow (argparse's parse_args shows slimssl's)
+        given = sys.argv[1:] if argv is None else list(argv)
+        after_command = args.command in given and unknown[0] in given and \
+            given.index(unknown[0]) > given.index(args.command)
+        (parser.commands[args.command] if after_command else parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+            + ("" if after_command or not args.command else f" (a {args.command} option goes after {args.command})"))
     args.started = started
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(message)s")

@@ -44,15 +44,35 @@ class Section(BaseModel):
     @classmethod
     def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         """true/false where a number is expected is a mistake (pydantic's lax mode would read true as 1)."""
-        if isinstance(value, bool) and _numbers_only(cls.model_fields[info.field_name].annotation):
-            raise PydanticCustomError("bool_for_number", "expected a number, not true or false")
+        if _bool_for_number(value, cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("bool_for_number", "true or false where a number is expected")
         return value
 
 
-def _numbers_only(annotation: Any) -> bool:
-    """Whether a field of this type takes a number and no bool (``int``, ``float | None``, ...)."""
-    kinds = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
-    return bool({int, float} & set(kinds)) and bool not in kinds
+def _bool_for_number(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` is, or holds in its list or tuple, a bool where ``annotation`` wants a number
+    (``int``, ``float | None``, ``list[float]``, ``tuple[float, float]``, ``list[list[int]]``, ...)."""
+    kinds = _kinds(annotation)
+    if isinstance(value, bool):
+        return bool({int, float} & set(kinds)) and bool not in kinds
+    if not isinstance(value, (list, tuple)):
+        return False
+    for kind in kinds:
+        if get_origin(kind) in (list, tuple):
+            items = [a for a in get_args(kind) if a is not Ellipsis]
+            if items:
+                per_item = items if len(items) == len(value) else items[:1] * len(value)
+                return any(_bool_for_number(v, t) for v, t in zip(value, per_item))
+    return False
+
+
+def _kinds(annotation: Any) -> tuple:
+    """The types a field accepts: a union's members, with ``Annotated`` metadata dropped."""
+    if get_origin(annotation) in (Union, UnionType):
+        return tuple(k for member in get_args(annotation) for k in _kinds(member))
+    if get_origin(annotation) is Annotated:
+        return _kinds(get_args(annotation)[0])
+    return (annotation,)
 
 
 class ModelConfig(Section):
@@ -326,18 +346,15 @@ class Config(Section):
     def _check_widths_differ(self, menu: Menu) -> None:
         """Two widths that round to the same channels everywhere (a small base_width, a large channel_divisor)
         would train one network under two names."""
-        from .nn.channels import scaled_channels
-
         m = self.model
-        full = [m.base_width] + [m.base_width * 2**i * EXPANSION[m.block] for i in range(len(m.full_depths))]
         seen: dict[tuple, float] = {}
         for width in sorted({spec.width for spec in menu}, reverse=True):
-            channels = tuple(scaled_channels(c, width, m.channel_divisor) for c in full)
+            channels = tuple(backbone_channels(m, width))
             if channels in seen:
                 raise ValueError(f"menu: widths {seen[channels]:g} and {width:g} give the same channels {list(channels)} "
-                                 f"(stem and stage outputs) with model.base_width {m.base_width} and "
-                                 f"model.channel_divisor {m.channel_divisor}, so they are one network; drop one, or "
-                                 "raise base_width or lower channel_divisor")
+                                 f"(stem, then each stage's inner and output channels) with model.base_width "
+                                 f"{m.base_width} and model.channel_divisor {m.channel_divisor}, so they are one "
+                                 "network; drop one, or raise base_width or lower channel_divisor")
             seen[channels] = width
 
     def subnet_menu(self) -> Menu:
@@ -386,6 +403,16 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
                           f"(allowed: {world}, {2 * world}, {3 * world}, ...)")
 
 
+def backbone_channels(model: ModelConfig, width: float) -> list[int]:
+    """The channels of the backbone at ``width``: the stem's, then each stage's inner and output channels (the
+    same for basic blocks), by the one rule of ``nn/channels.py``."""
+    from .nn.channels import scaled_channels
+
+    stages = [model.base_width * 2**i for i in range(len(model.full_depths))]
+    full = [model.base_width, *stages, *(c * EXPANSION[model.block] for c in stages)]
+    return [scaled_channels(c, width, model.channel_divisor) for c in full]
+
+
 def standalone_config(cfg: Config, spec: SubnetSpec) -> Config:
     """``spec`` of ``cfg``'s supernet as a network of its own: the same method, data, optimiser and schedule,
     a menu of one, and no slimming settings (no slow start, distillation or loss re-weighting). Pretraining it
@@ -396,13 +423,14 @@ def standalone_config(cfg: Config, spec: SubnetSpec) -> Config:
     data = cfg.model_dump(mode="json")
     div = cfg.model.channel_divisor
     base = scaled_channels(cfg.model.base_width, spec.width, div)
-    stages = [cfg.model.base_width * 2**i for i in range(len(spec.depths))]
-    sliced, alone = [scaled_channels(c, spec.width, div) for c in stages], [base * 2**i for i in range(len(stages))]
+    sliced = backbone_channels(cfg.model, spec.width)
+    alone = backbone_channels(cfg.model.model_copy(update={"base_width": base}), 1.0)
     if sliced != alone:  # a config states only base_width: stage i of a network of its own has base_width * 2**i
-        raise ConfigError(f"{spec.name} of {cfg.name} has stages of {sliced} channels, which no network of its own "
-                          f"has (base_width {base} gives {alone}), so it cannot be pretrained alone for comparison; "
-                          "choose model.base_width and model.channel_divisor so that each width scales every stage "
-                          "alike (with channel_divisor 1, a base_width that each width times makes a whole number)")
+        raise ConfigError(f"{spec.name} of {cfg.name} has {sliced} channels (stem, then each stage's inner and output "
+                          f"channels), which no network of its own has (base_width {base} gives {alone}), so it "
+                          "cannot be pretrained alone for comparison; choose model.base_width and "
+                          "model.channel_divisor so that each width scales every layer alike (with channel_divisor "
+                          "1, a base_width that each width times makes a whole number)")
     data["name"] = f"{cfg.name}-alone-{spec.name}"
     data["model"]["base_width"] = base
     data["model"]["depths"] = list(spec.depths)

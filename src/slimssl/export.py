@@ -24,7 +24,9 @@ ONNX = "model.onnx"
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
 
-FORMATS = ("safetensors", "onnx")  # onnx also writes the safetensors weights
+FORMATS = ("safetensors", "onnx")
+# what save_exported keeps of a loaded model's metadata: its inputs and origin, not its classes or accuracy
+CARRIED = ("resolution", "mean", "std", "source", "subnet")  # onnx also writes the safetensors weights
 
 
 class ExportError(SlimsslError):
@@ -62,10 +64,11 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     """Write a plain ResNet into ``folder`` as ``config.json`` and ``model.safetensors``, for
     :func:`load_exported`: an export, or one fine-tuned with a classifier (``model.fc = nn.Linear(...)``; the
     config then records its classes). ``metadata`` (JSON data) is kept in config.json beside the keys
-    load_exported reads, which it cannot replace, over the model's own ``metadata`` (what it was loaded with:
-    a fine-tuned export keeps its preprocessing)."""
+    load_exported reads, which it cannot replace, and over what the model was loaded with that still holds
+    after training it further (``CARRIED``: its inputs and where it came from)."""
     folder = Path(folder)
-    info = {**getattr(model, "metadata", {}), **(metadata or {}), "format": EXPORT_FORMAT, "architecture": _architecture(model).to_dict()}
+    carried = {k: v for k, v in getattr(model, "metadata", {}).items() if k in CARRIED}
+    info = {**carried, **(metadata or {}), "format": EXPORT_FORMAT, "architecture": _architecture(model).to_dict()}
     try:  # checked before any folder is made
         text = json.dumps(info, indent=2) + "\n"
     except (TypeError, ValueError) as e:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import standalone_config
+from ..config import ConfigError, standalone_config
 from ..devices import synchronize
 from ..train.loop import Trainer
 
@@ -108,6 +108,11 @@ def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bo
 def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, profile: Path | None,
                scratch: Path) -> list[dict]:
     rows = []
+    # each network trained alone, checked before anything is measured (a width may have no network of its own)
+    try:
+        dense_configs = {spec.name: standalone_config(cfg, spec) for spec in cfg.subnet_menu()} if baseline else {}
+    except ConfigError as e:
+        raise ConfigError(f"{e}; or measure without the one-by-one baseline (--no-baseline)") from None
     trainer = Trainer(cfg, scratch / "slim")
     device, batch = trainer.device, cfg.train.batch_size
 
@@ -128,11 +133,11 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
     if baseline:
         del trainer
         dense_rows = []
-        for spec in cfg.subnet_menu():
+        for name, dense_cfg in dense_configs.items():
             _forget(cfg.train.compile, device)
             with _set_up_quietly():
-                dense = Trainer(standalone_config(cfg, spec), scratch / f"dense-{spec.name}")
-            dense_rows.append(row(f"  dense {spec.name}", _measure(dense.train_step, steps, warmup, device)))
+                dense = Trainer(dense_cfg, scratch / f"dense-{name}")
+            dense_rows.append(row(f"  dense {name}", _measure(dense.train_step, steps, warmup, device)))
             dense.view_source.close()
             del dense
         total = sum(batch / r["img_per_s"] for r in dense_rows)
