@@ -92,8 +92,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 # ---- parser ------------------------------------------------------------------------------------------
 
-def _add_config(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--config", required=required, help="YAML recipe: a path or a shipped name such as 'demo'")
+def _add_config(p: argparse.ArgumentParser, required: bool = False, default: str = "") -> None:
+    p.add_argument("--config", required=required,
+                   help=f"YAML recipe: a path or a shipped name such as 'demo'{default}")
     add_overrides(p)
 
 
@@ -145,7 +146,7 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("config", help="print a resolved config (or --list the shipped ones)")
-    _add_config(p)
+    _add_config(p, default=" (default: demo)")
     p.add_argument("--list", action="store_true", help="list the shipped recipes")
     p.set_defaults(func=cmd_config)
 
