@@ -32,7 +32,8 @@ def test_a_subnet_whose_stages_no_network_of_its_own_has_is_refused_as_a_baselin
         standalone_config(cfg, quarter)
     bottleneck = config_from_dict(tiny("byol"), overrides=["model.arch=resnet50", "model.base_width=4",
                                                            "menu.widths=[1.0, 0.75]"])  # inner 3, 6, ...; outputs 12, 24
-    assert standalone_config(bottleneck, next(s for s in bottleneck.subnet_menu() if s.width == 0.75))
+    alone = standalone_config(bottleneck, next(s for s in bottleneck.subnet_menu() if s.width == 0.75))
+    assert alone.model.base_width == 3 and alone.menu.widths == [1.0]
     odd_outputs = config_from_dict(tiny("byol"), overrides=["model.arch=resnet50", "model.base_width=64",
                                                             "menu.widths=[1.0, 0.251]"])
     with pytest.raises(ConfigError, match=r"\[16, 16, 32, 64, 128, 64, 128, 257, 514\] channels"):

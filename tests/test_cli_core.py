@@ -361,4 +361,4 @@ def test_an_unknown_flag_gets_the_usage_of_its_command(capsys):
     assert "usage: slimssl knn" in err and "slimssl knn: error: unrecognized arguments: --bogus 1" in err
     with pytest.raises(SystemExit):
         main(["--json", "knn", "runs/x"])  # an option of the command given before it
-    assert "slimssl: error: unrecognized arguments: --json (a knn option goes after knn)" in capsys.readouterr().err
+    assert "slimssl: error: unrecognized arguments: --json (options of knn go after the word knn)" in capsys.readouterr().err

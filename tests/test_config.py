@@ -405,7 +405,8 @@ def test_an_empty_config_file_is_refused_not_read_as_every_default(tmp_path):
 def test_menu_widths_that_round_to_one_network_are_refused():
     with pytest.raises(ConfigError, match=r"menu: widths 1 and 0\.75 give the same channels \[3, 3, 6, 12, 24, 3, 6, 12, 24\]"):
         load_config("demo", ["model.base_width=3", "model.channel_divisor=8", "menu.widths=[1.0, 0.75, 0.5]"])
-    assert load_config("demo", ["model.base_width=16", "model.channel_divisor=8", "menu.widths=[1.0, 0.75, 0.5]"])
+    distinct = load_config("demo", ["model.base_width=16", "model.channel_divisor=8", "menu.widths=[1.0, 0.75, 0.5]"])
+    assert distinct.menu.widths == [1.0, 0.75, 0.5]
 
 
 def test_sync_bn_with_shared_batchnorm_is_refused_by_the_config_itself():

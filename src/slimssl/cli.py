@@ -208,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         given = sys.argv[1:] if argv is None else list(argv)
         after_command = args.command in given and unknown[0] in given and \
             given.index(unknown[0]) > given.index(args.command)
+        where = "" if after_command or not args.command else \
+            f" (options of {args.command} go after the word {args.command})"
         (parser.commands[args.command] if after_command else parser).error(
-            f"unrecognized arguments: {' '.join(unknown)}"
-            + ("" if after_command or not args.command else f" (a {args.command} option goes after {args.command})"))
+            f"unrecognized arguments: {' '.join(unknown)}{where}")
     args.started = started
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(message)s")

@@ -351,8 +351,8 @@ class Config(Section):
         for width in sorted({spec.width for spec in menu}, reverse=True):
             channels = tuple(backbone_channels(m, width))
             if channels in seen:
-                raise ValueError(f"menu: widths {seen[channels]:g} and {width:g} give the same channels {list(channels)} "
-                                 f"(stem, then each stage's inner and output channels) with model.base_width "
+                raise ValueError(f"menu: widths {seen[channels]:g} and {width:g} give the same channels "
+                                 f"{list(channels)} (stem, then each stage's inner and output channels) with model.base_width "
                                  f"{m.base_width} and model.channel_divisor {m.channel_divisor}, so they are one "
                                  "network; drop one, or raise base_width or lower channel_divisor")
             seen[channels] = width
@@ -559,7 +559,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except UnicodeDecodeError:
         raise ConfigError(f"config file {file} is not text (not UTF-8); expected a YAML file") from None
     if data is None:  # an empty file would silently train every default
-        raise ConfigError(f"config file {file} is empty; expected a mapping of sections ({', '.join(Config.model_fields)})")
+        raise ConfigError(f"config file {file} is empty; expected a mapping of sections "
+                          f"({', '.join(Config.model_fields)})")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
     shipped = file.parent == Path(str(PACKAGED))

@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="img/s of the data path, the slimmable step and the one-by-one baseline")
     p.add_argument("--config", help="YAML recipe (default: demo)")
     add_overrides(p)
-    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per measurement (after warmup; default 10)")
+    p.add_argument("--steps", type=positive_int, default=10,
+                   help="timed steps per measurement (after warmup; default 10)")
     p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=positive_int, help="default: the config's train.batch_size")
     p.add_argument("--data", help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
