@@ -116,6 +116,8 @@ class SignalGuard:
 
 
 class Trainer:
+    """One pretraining run in one process: data, model, optimiser and the loop over steps."""
+
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.device = pick_device(cfg.train.device, setting="train.device (--device)")
@@ -125,42 +127,10 @@ class Trainer:
         self.batch = cfg.train.batch_size // self.world
         self._check_bn_groups()
         torch.manual_seed(cfg.train.seed)
-
-        stream = cfg.data.loader == "stream"  # loader workers decode each step's files: nothing held in memory
-        self.train_data = None if stream else load_dataset(
-            cfg.data.source, "train", resolution=cfg.data.resolution, skip_unreadable=cfg.data.skip_unreadable,
-            fake_size=cfg.data.fake_size, seed=cfg.train.seed)
-        if not stream and len(self.train_data) < cfg.train.batch_size:
-            raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
-                            f"train.batch_size {cfg.train.batch_size}")
-        self.eval_data = self._eval_datasets() if dist.is_main() else None  # kNN runs on rank 0 alone
-        self.augment = two_view_augment(cfg)
-        self.view_source = build_view_source(cfg, self.augment, self.train_data, rank=dist.rank(), world=self.world,
-                                             device=self.device)
-
-        self.model = SSLModel(build_supernet(cfg), build_method(cfg.method), cfg.model.bn,
-                              cfg.model.channel_divisor, cfg.model.bn_group_size).to(self.device)
-        if cfg.train.sync_bn:
-            self._convert_sync_bn()
-        if self.device.type == "cuda" and cfg.train.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self._compile_forwards()
-        # what a forward pass changes besides activations: restored when train.nonfinite=skip skips a step,
-        # from a copy made before each step into buffers allocated once
-        self._bn_buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                            for b in m.buffers()]
-        self._bn_backup = ([torch.empty_like(b) for b in self._bn_buffers] if cfg.train.nonfinite == "skip"
-                           else None)
-        self.steps_per_epoch = self.view_source.steps_per_epoch
-        self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        self.policy = SlimPolicy(cfg.slim, self.model.backbone.menu, self.total_steps, cfg.train.seed)
-        self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim, cfg.train.batch_size)
-        self.late_peak_lr = (scaled_lr(cfg.slim.slow_start_lr, cfg.optim, cfg.train.batch_size)
-                             if cfg.slim.slow_start_lr else self.peak_lr)
-        self.optimizer = build_optimizer(cfg.optim, self.model.named_online_parameters(), self.peak_lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        # multi-process: one gradient all-reduce per step, no DDP wrapper (why: train/distributed.py)
-        self.grad_sync = dist.GradientSync(self.model.online_parameters())
+        # the order below is part of a run's numbers: each stage may draw from the seeded generator
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimisation()
         self.state = TrainState()
         self.window = LogWindow()  # the steps since the last metrics record
         self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
@@ -186,6 +156,53 @@ class Trainer:
         return metrics
 
     # ---- setup --------------------------------------------------------------------------------------
+
+    def _setup_data(self) -> None:
+        """The training images (none with the streaming loader), the kNN images, and the two-view source."""
+        cfg = self.cfg
+        stream = cfg.data.loader == "stream"  # loader workers decode each step's files: nothing held in memory
+        self.train_data = None if stream else load_dataset(
+            cfg.data.source, "train", resolution=cfg.data.resolution, skip_unreadable=cfg.data.skip_unreadable,
+            fake_size=cfg.data.fake_size, seed=cfg.train.seed)
+        if not stream and len(self.train_data) < cfg.train.batch_size:
+            raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
+                            f"train.batch_size {cfg.train.batch_size}")
+        self.eval_data = self._eval_datasets() if dist.is_main() else None  # kNN runs on rank 0 alone
+        self.augment = two_view_augment(cfg)
+        self.view_source = build_view_source(cfg, self.augment, self.train_data, rank=dist.rank(), world=self.world,
+                                             device=self.device)
+        self.steps_per_epoch = self.view_source.steps_per_epoch
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+
+    def _setup_model(self) -> None:
+        """The supernet with its method's heads and target on the device, converted and compiled as configured."""
+        cfg = self.cfg
+        self.model = SSLModel(build_supernet(cfg), build_method(cfg.method), cfg.model.bn,
+                              cfg.model.channel_divisor, cfg.model.bn_group_size).to(self.device)
+        if cfg.train.sync_bn:
+            self._convert_sync_bn()
+        if self.device.type == "cuda" and cfg.train.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self._compile_forwards()
+        # what a forward pass changes besides activations: restored when train.nonfinite=skip skips a step,
+        # from a copy made before each step into buffers allocated once
+        self._bn_buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                            for b in m.buffers()]
+        self._bn_backup = ([torch.empty_like(b) for b in self._bn_buffers] if cfg.train.nonfinite == "skip"
+                           else None)
+
+    def _setup_optimisation(self) -> None:
+        """Which sub-networks run each step, the learning rates, the optimiser, the loss scaler and the gradient
+        all-reduce."""
+        cfg = self.cfg
+        self.policy = SlimPolicy(cfg.slim, self.model.backbone.menu, self.total_steps, cfg.train.seed)
+        self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim, cfg.train.batch_size)
+        self.late_peak_lr = (scaled_lr(cfg.slim.slow_start_lr, cfg.optim, cfg.train.batch_size)
+                             if cfg.slim.slow_start_lr else self.peak_lr)
+        self.optimizer = build_optimizer(cfg.optim, self.model.named_online_parameters(), self.peak_lr)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        # multi-process: one gradient all-reduce per step, no DDP wrapper (why: train/distributed.py)
+        self.grad_sync = dist.GradientSync(self.model.online_parameters())
 
     def _eval_datasets(self) -> tuple[ImageDataset, ImageDataset] | None:
         if self.train_data is None:
