@@ -334,7 +334,7 @@ def test_file_names_that_are_not_utf8_stream_too(tmp_path):
 
 def test_evaluation_finds_a_bad_test_split_before_decoding_the_train_split(tmp_path, monkeypatch):
     from slimssl.config import load_config
-    from slimssl.eval.evaluate import DataOptions
+    from slimssl.eval.inputs import DataOptions
 
     loaded, load_split = [], DataOptions.load_split
     monkeypatch.setattr(DataOptions, "load_split", lambda self, cfg, split, device=None:

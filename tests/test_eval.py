@@ -13,7 +13,7 @@ from slimssl.checkpoint import load_checkpoint, save_checkpoint
 from slimssl.config import config_from_dict
 from slimssl.data.datasets import ImageDataset
 from slimssl.eval import linear as linear_mod
-from slimssl.eval.finetune import balanced_subset, finetune_subnet, fraction_key
+from slimssl.eval.finetune import balanced_subset, finetune_subnet, fraction_tag
 from slimssl.eval.recalibrate import subnet_models
 from slimssl.eval.linear import (BackboneChangedError, SharedSlimLinear, SwitchableLinear, backbone_fingerprint,
                                  check_backbone_unchanged, linear_probe_subnets, make_heads, probe_step,
@@ -150,7 +150,7 @@ def test_balanced_subset_is_balanced_and_seeded():
     assert torch.equal(torch.bincount(labels[tiny], minlength=10), torch.ones(10, dtype=torch.long))
     with pytest.raises(ValueError):
         balanced_subset(labels, 0.0, seed=0)
-    assert fraction_key(0.01) == "finetune_1pct_top1" and fraction_key(0.1) == "finetune_10pct_top1"
+    assert [fraction_tag(f) for f in (0.01, 0.1, 0.005, 1)] == ["1pct", "10pct", "0p5pct", "100pct"]
 
 
 # ---- the probe ---------------------------------------------------------------------------------------
@@ -537,7 +537,8 @@ def test_cli_finetune_of_a_subnet_outside_the_menu_reports_its_size(tmp_path, ca
 
 
 def slimssl_profile(checkpoint) -> dict[str, dict]:
-    from slimssl.eval.evaluate import cost_rows, load_model
+    from slimssl.eval.evaluate import cost_rows
+    from slimssl.eval.inputs import load_model
 
     supernet, cfg, _ = load_model(checkpoint, "cpu")
     return cost_rows(supernet, cfg.data.resolution)

@@ -71,7 +71,7 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence
     ``fmt="onnx"`` adds an ONNX graph traced at ``resolution`` (default: the config's), which takes any size.
     """
     from .eval import recalibration_batches
-    from .eval.evaluate import DataOptions, check_numbers
+    from .eval.inputs import DataOptions, check_numbers
     from .export import FORMATS, ONNX, ExportError, check_export_folder, export_subnet, load_exported, verify_export
 
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)

@@ -24,7 +24,7 @@ log = logging.getLogger("slimssl")
 # ---- shared helpers ----------------------------------------------------------------------------------
 
 def data_keywords(args: argparse.Namespace) -> dict:
-    """The data flags as the keywords of the protocols in ``evaluate.py`` (``DataOptions``)."""
+    """The data flags as the keywords of the protocols in ``evaluate.py`` (``DataOptions``, ``inputs.py``)."""
     return dict(data=args.data, loader=args.loader, workers=args.workers, skip_unreadable=args.skip_unreadable,
                 crop_ratio=args.crop_ratio)
 
@@ -117,7 +117,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from ..layout import CHECKPOINTS, checkpoint_path
     from ..devices import pick_device
     from ..nn.layers import recalibrate_bn
-    from .evaluate import DataOptions
+    from .inputs import DataOptions
     from .recalibrate import calibration_batches
 
     source_file = Path(args.checkpoint)

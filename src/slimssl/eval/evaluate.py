@@ -19,18 +19,15 @@ The keywords every protocol shares say where the images come from and how they a
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import json
 import logging
-import os
-from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
-from numbers import Integral, Real
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_CROPS, linear_settings, recalibration_batches
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, linear_settings, recalibration_batches
+from .inputs import DataOptions, check_numbers, check_train_crop, in_memory, load_model
 
 if TYPE_CHECKING:
     import torch
@@ -39,154 +36,6 @@ if TYPE_CHECKING:
     from ..models.resnet import SlimResNet
 
 log = logging.getLogger("slimssl")
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """Where the evaluation images come from and how they are read (module docstring); None: the config's."""
-
-    data: str | None = None
-    loader: str | None = None
-    workers: int | None = None
-    skip_unreadable: bool = False
-    crop_ratio: float | None = None
-
-    def __post_init__(self) -> None:  # checked before any work, and by type first ('a' < 1 would raise TypeError)
-        problems = []
-        if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
-            problems.append(f"data must be a dataset name or path, got {self.data!r}")
-        if self.loader not in (None, "memory", "stream"):
-            problems.append(f"loader must be 'memory' or 'stream', got {self.loader!r}")
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, Integral)
-                                         or self.workers < 0):
-            problems.append(f"workers must be an int >= 0, got {self.workers!r}")
-        if not isinstance(self.skip_unreadable, bool):
-            problems.append(f"skip_unreadable must be True or False, got {self.skip_unreadable!r}")
-        if self.crop_ratio is not None and (isinstance(self.crop_ratio, bool) or not isinstance(self.crop_ratio, Real)
-                                            or not 0 < self.crop_ratio <= 1):
-            problems.append(f"crop_ratio must be a number in (0, 1], got {self.crop_ratio!r}")
-        if problems:
-            raise UsageError("; ".join(problems))
-
-    @classmethod
-    def of(cls, keywords: dict, protocol=None) -> DataOptions:
-        """The options among a protocol's ``**data`` keywords; a keyword that is none of them is an error that
-        lists ``protocol``'s own keywords too (a misspelt ``k`` lands in ``**data``)."""
-        unknown = sorted(set(keywords) - set(cls.__dataclass_fields__))
-        if unknown:
-            own = [name for name, p in inspect.signature(protocol).parameters.items()
-                   if p.kind == p.KEYWORD_ONLY] if protocol else []
-            known = [*own, *cls.__dataclass_fields__]
-            close = {name for u in unknown for name in difflib.get_close_matches(u, known)}
-            called = f"{protocol.__name__}() got " if protocol else ""
-            raise TypeError(f"{called}unknown keyword(s) {', '.join(unknown)}"
-                            + (f" (did you mean {', '.join(sorted(close))}?)" if close else "")
-                            + (f"; its keywords are {', '.join(own)}, and" if own else ";")
-                            + f" the data keywords are {', '.join(cls.__dataclass_fields__)}")
-        return cls(**{k: str(v) if k == "data" and isinstance(v, os.PathLike) else v for k, v in keywords.items()})
-
-    def source(self, cfg) -> str:
-        return self.data or cfg.data.source
-
-    def resolved_crop_ratio(self, cfg) -> float:
-        return self.crop_ratio if self.crop_ratio is not None else cfg.eval.crop_ratio
-
-    def settings(self, cfg) -> dict:
-        """What every protocol records about its images in results.json."""
-        return {"data": self.source(cfg), "resolution": cfg.data.resolution,
-                "crop_ratio": self.resolved_crop_ratio(cfg)}
-
-    def load_split(self, cfg, split: str, device=None):
-        """``split`` at the config's resolution, decoded in memory or streamed. A built-in dataset is decoded in
-        memory: asked to stream it, this is an error; a streaming config falls back to memory, with a log line."""
-        from ..data.eval_images import load_eval_split
-        from ..data.files import BUILTIN, DataError
-        from ..data.views import default_workers
-
-        source = self.source(cfg)
-        loader = self.loader or cfg.data.loader
-        if loader == "stream" and source in BUILTIN:
-            if self.loader == "stream":
-                raise UsageError(f"loader 'stream' (--loader stream) reads an ImageFolder folder or .zip, and "
-                                 f"{source!r} is a built-in dataset, decoded in memory: use loader 'memory' (or pass "
-                                 "a folder as data, --data)")
-            log.info("data %r is a built-in dataset: decoded in memory (the checkpoint's data.loader stream reads "
-                     "folders and .zip files only)", source)
-            loader = "memory"
-        workers = self.workers if self.workers is not None else cfg.data.workers
-        workers = default_workers() if workers is None else workers
-        crop_ratio = self.resolved_crop_ratio(cfg)
-        try:
-            images = load_eval_split(source, split, loader=loader, resolution=cfg.data.resolution, workers=workers,
-                                     skip_unreadable=self.skip_unreadable or cfg.data.skip_unreadable,
-                                     fake_size=cfg.data.fake_size, seed=cfg.train.seed,  # fake data as trained
-                                     pin_memory=device is not None and device.type == "cuda",
-                                     crop_ratio=crop_ratio)
-        except ValueError as e:  # DataError: names the path and what was expected
-            raise DataError(f"cannot load the {split} split of {source!r}: {e}") from None
-        if images.labels is None:
-            raise DataError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
-                             "evaluation needs a labelled dataset: pass one as data (--data)")
-        log.info("%s split of %s: %d images, %s%s", split, source, len(images),
-                 f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory",
-                 f", centre crop ratio {crop_ratio:g}" if crop_ratio != 1 else "")
-        return images
-
-    def load_splits(self, cfg, device=None):
-        """The train and test splits, which must name the same classes. The test split, usually the smaller,
-        is loaded first: a missing, unlabelled or unreadable one is found before the train split is decoded."""
-        from ..data.datasets import check_same_classes
-
-        test = self.load_split(cfg, "test", device)
-        train = self.load_split(cfg, "train", device)
-        check_same_classes(train, test, self.source(cfg))
-        return train, test
-
-
-def load_model(checkpoint, device: str | torch.device = "auto", config=None):
-    """Supernet (on the device), its config and the device. ``checkpoint`` is a checkpoint file or run
-    directory (eval mode), or a supernet in memory (``SlimResNet``, with its ``config``; moved to the device,
-    its mode left to the protocols, which evaluate in eval mode and give it back in its own)."""
-    from ..checkpoint import load_supernet
-    from ..devices import pick_device
-    from ..models.build import as_config
-    from ..models.resnet import SlimResNet
-
-    torch_device = pick_device(device, setting="device (--device)")
-    if isinstance(checkpoint, SlimResNet):
-        if config is None:
-            raise UsageError("a supernet in memory is evaluated with its config: pass config= (a Config, a dict of "
-                             "sections, or a recipe name or path)")
-        cfg = as_config(config)
-        check_fits(checkpoint, cfg)
-        return checkpoint.to(torch_device), cfg, torch_device
-    if not isinstance(checkpoint, (str, Path)):
-        raise UsageError(f"expected a checkpoint file or run directory (str or Path), or a SlimResNet supernet; got "
-                         f"{type(checkpoint).__name__}")
-    if config is not None:  # its results would be merged into the run as if measured with the run's settings
-        raise UsageError("a checkpoint is evaluated with the config saved in it; config= is for a supernet in "
-                         "memory (the data keywords, k, epochs, ... change what the evaluation does)")
-    supernet, cfg = load_supernet(checkpoint)
-    return supernet.to(torch_device).eval(), cfg, torch_device
-
-
-def check_fits(supernet, cfg) -> None:
-    """Refuse a config whose architecture or menu is not the supernet's (its resolution and data would not be)."""
-    m = cfg.model
-    wanted = {"block": m.block, "depths": tuple(m.full_depths), "base_width": m.base_width, "stem": m.stem,
-              "channel_divisor": m.channel_divisor, "private BatchNorm": m.bn == "private",
-              "menu": cfg.subnet_menu().names}
-    held = {"block": supernet.block, "depths": tuple(supernet.depths), "base_width": supernet.base_width,
-            "stem": supernet.stem, "channel_divisor": supernet.slim_state.divisor,
-            "private BatchNorm": supernet.slim_state.private_bn, "menu": supernet.menu.names}
-    differ = [f"{key}: supernet {held[key]!r}, config {wanted[key]!r}" for key in wanted if held[key] != wanted[key]]
-    if differ:
-        raise UsageError("config= is not this supernet's config:\n  " + "\n  ".join(differ))
-
-
-def in_memory(checkpoint) -> bool:
-    """Whether a protocol was given a supernet rather than a file: its results are returned, not saved."""
-    return not isinstance(checkpoint, (str, Path))
 
 
 def cost_rows(supernet, resolution: int, specs=None) -> dict[str, dict]:
@@ -209,25 +58,6 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
                                    "resolution": cfg.data.resolution})
     log.info("merged %s results into %s", protocol, path)
     return path
-
-
-def check_numbers(**values) -> None:
-    """Each keyword must be None (the default) or a number in its range: positive, or >= 0 for
-    ``recalibrate_bn`` (a bad value would otherwise fall back to the default or fail deep inside torch)."""
-    for name, value in values.items():
-        if value is None:
-            continue
-        real = name in ("temperature", "lr")
-        least = 0 if name == "recalibrate_bn" else 1
-        kind_ok = not isinstance(value, bool) and isinstance(value, Real if real else Integral)  # NumPy's too
-        if not (kind_ok and (value > 0 if real else value >= least)):  # the type first: "a" > 0 would raise
-            kind = "a number > 0" if real else f"an int >= {least}"
-            raise UsageError(f"{name} must be {kind}, got {value!r}")
-
-
-def check_train_crop(train_crop: str | None) -> None:
-    if train_crop is not None and train_crop not in TRAIN_CROPS:
-        raise UsageError(f"train_crop must be one of {', '.join(TRAIN_CROPS)}, got {train_crop!r}")
 
 
 # ---- the protocols -----------------------------------------------------------------------------------
@@ -344,7 +174,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
     Returns one row per result: subnet, width, depths, params, macs, label_fraction, seed, num_labelled,
     recipe, top1, top5 (percent), indices (the labelled subset).
     """
-    from .finetune import finetune_subnet, fraction_key
+    from .finetune import finetune_subnet, fraction_tag
     from .results import json_text, run_dir_of
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
@@ -362,8 +192,8 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
     for i, (spec, label_fraction) in enumerate(jobs):
         if len(jobs) > 1:
             log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
-        key = fraction_key(label_fraction)
-        name = f"{spec.name}_{key.removeprefix('finetune_').removesuffix('_top1')}_seed{seed}"
+        protocol = f"finetune_{fraction_tag(label_fraction)}"  # results.json: finetune_1pct_top1, ...
+        name = f"{spec.name}_{fraction_tag(label_fraction)}_seed{seed}"
         stem = f"{name}.json"
         result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=seed,
                                  epochs=epochs, lr=lr, batch_size=batch_size, resolution=cfg.data.resolution,
@@ -385,10 +215,10 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
             path.write_text(json_text(row))
             log.info("saved the fine-tuning result and the labelled indices to %s", path)
         values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
-                              key: result["top1"], key.replace("_top1", "_top5"): result["top5"]}}
+                              f"{protocol}_top1": result["top1"], f"{protocol}_top5": result["top5"]}}
         settings = {**options.settings(cfg), "label_fraction": label_fraction, "seed": seed,
                     "recipe": result["recipe"], "indices_file": row["indices_file"]}
-        save_values(checkpoint, values, key.removesuffix("_top1"), settings, cfg, save)
+        save_values(checkpoint, values, protocol, settings, cfg, save)
         rows.append(row)
     return rows
 

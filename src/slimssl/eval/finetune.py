@@ -194,7 +194,7 @@ def _fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
     return {"steps": total, "batch": batch, "base_lr": base_lr}
 
 
-def fraction_key(label_fraction: float) -> str:
-    """The results.json key of a fine-tuning result: 0.01 -> ``finetune_1pct_top1``, 0.1 -> ``finetune_10pct_top1``."""
+def fraction_tag(label_fraction: float) -> str:
+    """A label fraction in names and results.json keys: 0.01 -> ``1pct``, 0.1 -> ``10pct``, 0.005 -> ``0p5pct``."""
     pct = f"{float(label_fraction) * 100:.4f}".rstrip("0").rstrip(".").replace(".", "p")
-    return f"finetune_{pct}pct_top1"
+    return f"{pct}pct"

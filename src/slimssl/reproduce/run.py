@@ -24,7 +24,7 @@ from ..data.files import BUILTIN, DataError, list_labelled_files
 from ..devices import pick_device, synchronize
 from ..errors import UsageError
 from ..eval import linear_settings, recalibration_batches
-from ..eval.evaluate import DataOptions
+from ..eval.inputs import DataOptions
 from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
 from ..train.pretrain import lr_header
