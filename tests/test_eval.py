@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import slimssl
 from slimssl.checkpoint import load_checkpoint, save_checkpoint
 from slimssl.config import config_from_dict
 from slimssl.data.datasets import ImageDataset
@@ -285,6 +286,30 @@ def test_cli_recalibrate_shared_bn(tmp_path, capsys):
     assert new["recalibrated"]["subnet"] == "w0p5_d1-1-1-1"
     assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.3:9,9,9,9", "--out",
                  str(tmp_path / "x.pt"), "--device", "cpu"]) == 2  # a sub-network that cannot exist
+
+
+def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys):
+    from slimssl.cli import main
+
+    make_checkpoint(tmp_path / "in.pt", bn="shared")
+    row = slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "api.pt", batches=2, seed=3,
+                                         device="cpu")
+    assert row == {"subnet": "w0p5_d1-1-1-1", "batches": 2, "batch_size": row["batch_size"],
+                   "out": str(tmp_path / "api.pt")}
+    assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.5", "--batches", "2", "--seed", "3",
+                 "--out", str(tmp_path / "cli.pt"), "--device", "cpu"]) == 0
+    api, cli = load_checkpoint(tmp_path / "api.pt"), load_checkpoint(tmp_path / "cli.pt")
+    assert api["recalibrated"] == cli["recalibrated"]
+    assert all(torch.equal(api["model"][k], cli["model"][k]) for k in api["model"])
+    for out, message in [(tmp_path / "x.txt", "must name a .pt file"), (tmp_path, "must name a .pt file"),
+                         (tmp_path / "in.pt", "is the checkpoint being read")]:
+        with pytest.raises(slimssl.UsageError, match=message):
+            slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, out, device="cpu")
+    for bad, message in [(dict(batches=0), "batches must be an int >= 1"), (dict(seed=1.5), "seed must be an int"),
+                         (dict(bacthes=2), "did you mean batches")]:
+        with pytest.raises((slimssl.UsageError, TypeError), match=message):
+            slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "y.pt", device="cpu", **bad)
+    assert not (tmp_path / "y.pt").exists()
 
 
 def test_cli_linear_and_finetune_merge_into_run(tmp_path, capsys):

@@ -22,7 +22,7 @@ _EXPORTS = {
     "build_supernet": ".models.build",
     "PlainResNet": ".models.plain",
     "SlimResNet": ".models.resnet",
-    "recalibrate_bn": ".nn.layers",
+    "recalibrate_bn": ".nn.layers", "recalibrate_checkpoint": ".eval.recalibrate",
     "Menu": ".nn.spec", "SubnetSpec": ".nn.spec",
     "SlimsslError": ".errors", "UsageError": ".errors",
     # what a caller may catch: every bad-input error is a SlimsslError; these say which input
@@ -37,7 +37,7 @@ __all__ = [  # the names of _EXPORTS, written out for type checkers
     "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError",
     "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet", "finetune", "knn",
     "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pretrain",
-    "recalibrate_bn", "save_exported",
+    "recalibrate_bn", "recalibrate_checkpoint", "save_exported",
 ]
 
 
@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .devices import DeviceError
     from .errors import SlimsslError, UsageError
     from .eval.evaluate import finetune, knn, linear_probe
+    from .eval.recalibrate import recalibrate_checkpoint
     from .export import ExportError, export_subnet, load_exported, save_exported
     from .exporter import export_run
     from .models.build import build_supernet

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..cli_args import emit, fraction, nonnegative_int, output_dir, output_file, positive_float, positive_int
 from ..errors import UsageError
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, TRAIN_CROPS
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, TRAIN_CROPS
 
 log = logging.getLogger("slimssl")
 
@@ -113,42 +113,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 # ---- recalibrate -------------------------------------------------------------------------------------
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
-    from ..checkpoint import BACKBONE_PREFIX, load_checkpoint, save_checkpoint, supernet_of
-    from ..layout import CHECKPOINTS, checkpoint_path
-    from ..devices import pick_device
-    from ..nn.layers import recalibrate_bn
-    from .inputs import DataOptions
-    from .recalibrate import calibration_batches
+    from .recalibrate import recalibrate_checkpoint
 
-    source_file = Path(args.checkpoint)
-    source_file = checkpoint_path(source_file) if source_file.is_dir() else source_file
-    if args.out.exists() and args.out.resolve() == source_file.resolve():
-        raise UsageError(f"--out {args.out} is the checkpoint being read; write the recalibrated one to a new file "
-                         "(a run's last.pt is what --resume continues from)")
-    if args.out.resolve().parent.name == CHECKPOINTS:  # any run's: its last.pt, or an epoch it may be evaluated at
-        raise UsageError(f"--out {args.out} is in a run's {CHECKPOINTS} folder, whose files are that run's own; "
-                         "write the recalibrated checkpoint outside it (e.g. recalibrated_w0p5.pt)")
-    data = load_checkpoint(args.checkpoint)
-    cfg = data["config"]
-    supernet = supernet_of(data, args.checkpoint)
-    device = pick_device(args.device, setting="device (--device)")
-    supernet.to(device)
-    spec = supernet.resolve(args.subnet)
-    options = DataOptions.of(data_keywords(args))
-    source = options.source(cfg)
-    train = options.load_split(cfg, "train", device)
-    bs = args.eval_batch_size or cfg.eval.batch_size
-    recalibrate_bn(supernet, spec, calibration_batches(train, args.batches, bs, cfg.data.resolution,
-                                                       cfg.data.mean, cfg.data.std, device, args.seed))
-    state = dict(data["model"])
-    state.update({BACKBONE_PREFIX + k: v.cpu() for k, v in supernet.state_dict().items()})
-    payload = {k: v for k, v in data.items() if k not in ("format", "version")}
-    payload.update(config=cfg.model_dump(mode="json"), model=state,
-                   recalibrated={"subnet": spec.name, "batches": args.batches, "batch_size": bs, "data": source})
-    path = save_checkpoint(args.out, payload)
-    row = {"subnet": spec.name, "batches": args.batches, "batch_size": bs, "out": str(path)}
-    log.info("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, args.batches, source, path)
-    emit(args, row, f"recalibrated {spec.name} -> {path}")
+    row = recalibrate_checkpoint(args.checkpoint, args.subnet, args.out, batches=args.batches, seed=args.seed,
+                                 device=args.device, eval_batch_size=args.eval_batch_size, **data_keywords(args))
+    emit(args, row, f"recalibrated {row['subnet']} -> {row['out']}")
     return 0
 
 
@@ -235,8 +204,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recalibrate", help="re-estimate a sub-network's BatchNorm statistics into a new checkpoint")
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
     p.add_argument("--subnet", required=True, help="canonical name, or a width such as 0.5")
-    p.add_argument("--batches", type=positive_int, default=20,
-                   help="train batches to average the statistics over (default 20)")
+    p.add_argument("--batches", type=positive_int, default=DEFAULT_RECALIBRATE_BATCHES,
+                   help="train batches to average the statistics over (default %(default)s)")
     p.add_argument("--out", required=True, type=output_file(".pt"),
                    help="the new checkpoint file (.pt), outside any run's checkpoints folder")
     p.add_argument("--data", help="dataset name or path (default: the checkpoint config's data.source)")

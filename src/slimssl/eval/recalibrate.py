@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from numbers import Integral
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -14,8 +17,9 @@ from torch import nn
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.layers import recalibrate_bn
+from ..errors import UsageError
 from ..nn.spec import SubnetSpec
-from . import recalibration_batches
+from . import DEFAULT_RECALIBRATE_BATCHES, recalibration_batches
 
 log = logging.getLogger("slimssl")
 
@@ -55,3 +59,68 @@ def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImage
         models[spec.name] = model.eval()
         log.info("recalibrated BatchNorm of %s on %d batches", spec.name, n)
     return models
+
+
+def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetSpec, out: str | Path, *,
+                           batches: int = DEFAULT_RECALIBRATE_BATCHES, seed: int = 0,
+                           device: str | torch.device = "auto", eval_batch_size: int | None = None,
+                           **data) -> dict:
+    """Re-estimate ``subnet``'s BatchNorm statistics on ``batches`` train batches and write the checkpoint with
+    them to ``out`` (a new ``.pt`` file), as ``slimssl recalibrate`` does; returns subnet, batches, batch_size
+    and out. Meant for a shared-BatchNorm supernet, whose stored statistics belong to no width in particular:
+    ``slimssl export`` and the evaluations then use the new checkpoint's statistics for that sub-network.
+
+    ``checkpoint`` is a checkpoint file or run directory; it is never written. The batches are a fixed random
+    sample (``seed``) of the train split, read as :func:`slimssl.knn` reads it (``data``, ``loader``,
+    ``workers``, ``skip_unreadable``, ``crop_ratio``); ``eval_batch_size`` defaults to ``eval.batch_size``."""
+    from ..checkpoint import BACKBONE_PREFIX, load_checkpoint, save_checkpoint, supernet_of
+    from ..devices import pick_device
+    from .inputs import DataOptions, check_numbers
+
+    check_numbers(batches=batches, eval_batch_size=eval_batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, Integral):
+        raise UsageError(f"seed must be an int, got {seed!r}")
+    options = DataOptions.of(data, recalibrate_checkpoint)
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise UsageError(f"expected a checkpoint file or run directory (str or Path), got {type(checkpoint).__name__}")
+    out = _new_checkpoint_file(out, checkpoint)
+    saved = load_checkpoint(checkpoint)
+    cfg = saved["config"]
+    supernet = supernet_of(saved, checkpoint)
+    torch_device = pick_device(device, setting="device (--device)")
+    supernet.to(torch_device)
+    spec = supernet.resolve(subnet)  # checked before the data is decoded
+    train = options.load_split(cfg, "train", torch_device)
+    batch_size = eval_batch_size or cfg.eval.batch_size
+    recalibrate_bn(supernet, spec, calibration_batches(train, batches, batch_size, cfg.data.resolution,
+                                                       cfg.data.mean, cfg.data.std, torch_device, seed))
+    state = dict(saved["model"])
+    state.update({BACKBONE_PREFIX + k: v.cpu() for k, v in supernet.state_dict().items()})
+    payload = {k: v for k, v in saved.items() if k not in ("format", "version")}
+    source = options.source(cfg)
+    payload.update(config=cfg.model_dump(mode="json"), model=state,
+                   recalibrated={"subnet": spec.name, "batches": batches, "batch_size": batch_size, "data": source})
+    path = save_checkpoint(out, payload)
+    log.info("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, batches, source, path)
+    return {"subnet": spec.name, "batches": batches, "batch_size": batch_size, "out": str(path)}
+
+
+def _new_checkpoint_file(out: str | Path, checkpoint: str | Path) -> Path:
+    """``out`` as a file recalibrate may write: a ``.pt`` outside every run's checkpoints folder, and not the
+    checkpoint it reads (a run's files are that run's own: its last.pt is what a resume continues from)."""
+    from ..layout import CHECKPOINTS, checkpoint_path
+
+    if not isinstance(out, (str, os.PathLike)):
+        raise UsageError(f"out must be a path to a new .pt file, got {out!r}")
+    out = Path(out)
+    if out.suffix.lower() != ".pt" or out.is_dir():
+        raise UsageError(f"out (--out) must name a .pt file, got {str(out)!r}")
+    source_file = Path(checkpoint)
+    source_file = checkpoint_path(source_file) if source_file.is_dir() else source_file
+    if out.exists() and out.resolve() == source_file.resolve():
+        raise UsageError(f"out (--out) {out} is the checkpoint being read; write the recalibrated one to a new file "
+                         "(a run's last.pt is what a resume continues from)")
+    if out.resolve().parent.name == CHECKPOINTS:  # any run's: its last.pt, or an epoch it may be evaluated at
+        raise UsageError(f"out (--out) {out} is in a run's {CHECKPOINTS} folder, whose files are that run's own; "
+                         "write the recalibrated checkpoint outside it (e.g. recalibrated_w0p5.pt)")
+    return out
