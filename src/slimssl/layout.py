@@ -1,12 +1,25 @@
-"""Where a run directory keeps its checkpoints. Free of torch, so that reading a run's results (``slimssl
-report``) does not wait for it."""
+"""What a run directory holds, by name. Free of torch, so that reading a run's results (``slimssl report``)
+does not wait for it.
+
+    RUN/config.yaml         the resolved config the run trains with (written first: it marks the folder a run's)
+    RUN/checkpoints/last.pt written at every epoch's end and on a stop; what --resume reads
+    RUN/metrics.jsonl       one record per log window, kNN and lr changes
+    RUN/tb/                 the same records for TensorBoard
+    RUN/results.json        params, MACs and every evaluation's values per sub-network
+    RUN/finetune/           each fine-tuning result with its labelled indices
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-CHECKPOINTS = "checkpoints"  # a run directory's folder of checkpoints
-LAST = "last.pt"  # in it: written at every epoch's end and on a stop; what --resume reads
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+LAST = "last.pt"  # in CHECKPOINTS
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tb"
+RESULTS = "results.json"
+FINETUNE = "finetune"
 
 
 def checkpoint_path(run_dir: str | Path, name: str = LAST) -> Path:

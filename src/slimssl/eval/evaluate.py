@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, linear_settings, recalibration_batches
+from ..layout import FINETUNE
 from .inputs import DataOptions, check_numbers, check_train_crop, in_memory, load_model
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
         elif not save:  # nothing is written beside the checkpoint; ``out`` still names a file to write
             path = None
         else:
-            path = (run_dir / "finetune" / stem) if run_dir else Path(checkpoint).resolve().parent / f"finetune_{stem}"
+            path = (run_dir / FINETUNE / stem) if run_dir else Path(checkpoint).resolve().parent / f"finetune_{stem}"
         cost = costs[spec.name]
         row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
                "indices_file": str(path) if path else None}

@@ -16,12 +16,10 @@ from typing import Any, Mapping
 
 from ..atomic import atomic_write
 from ..errors import UsageError
-from ..layout import CHECKPOINTS, LAST
+from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS
 
 log = logging.getLogger("slimssl")
 
-RESULTS = "results.json"
-METRICS = "metrics.jsonl"
 
 
 class ResultsError(UsageError):
@@ -37,7 +35,7 @@ def run_dir_of(checkpoint: str | Path) -> Path | None:
     """
     path = Path(checkpoint)
     if path.is_dir():
-        if (path / CHECKPOINTS).is_dir() or (path / RESULTS).is_file() or (path / "config.yaml").is_file():
+        if (path / CHECKPOINTS).is_dir() or (path / RESULTS).is_file() or (path / CONFIG).is_file():
             return path
         return None
     if path.parent.name == CHECKPOINTS:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import MACHINE_DEPENDENT, Config, config_differences, load_config, standalone_config
 from ..errors import UsageError
+from ..layout import CONFIG
 from ..nn.spec import SubnetSpec
 from ..train.command import flag_overrides
 from . import DEFAULT_EPOCHS
@@ -66,7 +67,7 @@ def plan_jobs(recipes: list[str], out: Path, overrides: list[str]) -> list[Job]:
 def check_saved_configs(jobs: list[Job]) -> None:
     """Refuse to continue runs that were started with other settings (before any work starts)."""
     for job in jobs:
-        path = job.run_dir / "config.yaml"
+        path = job.run_dir / CONFIG
         if not path.is_file():
             continue
         saved = load_config(path)  # a ConfigError names the file if it is damaged

@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from ..checkpoint import load_supernet
-from ..layout import LAST, checkpoint_path
+from ..layout import CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, checkpoint_path
 from ..config import Config
 from ..data.files import BUILTIN, DataError, list_labelled_files
 from ..devices import pick_device, synchronize
@@ -77,7 +77,7 @@ def device_name(device: torch.device) -> str:
 def is_pretrained(job: Job) -> bool:
     """Trainer.finish wrote results.json (with ``steps``; an evaluation command on a partial run writes
     results.json too, without it)."""
-    return (job.run_dir / "results.json").is_file() and "steps" in read_results(job.run_dir)
+    return (job.run_dir / RESULTS).is_file() and "steps" in read_results(job.run_dir)
 
 
 # ---- the budget of one call --------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     if not budget.allows():
         return False
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = job.run_dir / "config.yaml"
+    config_file = job.run_dir / CONFIG
     if not config_file.is_file():
         config_file.write_text(lr_header(job.cfg, 1) + job.cfg.to_yaml())
     resume = checkpoint_path(job.run_dir).is_file()
@@ -230,7 +230,7 @@ def check_saved_probes(jobs: list[Job], probe_epochs: int) -> None:
     """Every run already probed in ``--out`` was probed with this call's settings: the report compares them,
     and a run whose checkpoint did not travel could not be probed again."""
     for job in jobs:
-        if not (job.run_dir / "results.json").is_file():
+        if not (job.run_dir / RESULTS).is_file():
             continue
         saved = read_results(job.run_dir).get("protocols", {}).get("linear")
         now = probe_settings(job.cfg, probe_epochs)
@@ -300,7 +300,7 @@ def restart_if_checkpoint_lost(job: Job, probe_epochs: int) -> None:
         return
     if is_pretrained(job) and is_probed(job, probe_settings(job.cfg, probe_epochs)):
         return
-    lost = [p for p in (TIMING, "metrics.jsonl", "results.json", "tb") if (job.run_dir / p).exists()]
+    lost = [p for p in (TIMING, METRICS, RESULTS, TENSORBOARD) if (job.run_dir / p).exists()]
     if not lost:
         return
     log.warning("%s: not finished and its checkpoint is gone: starting it again (removing %s)", job.label,

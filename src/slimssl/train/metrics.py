@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_write
+from ..layout import METRICS, TENSORBOARD
 
 log = logging.getLogger("slimssl")
 
@@ -59,7 +60,7 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, enabled: bool = True, resumed_at: int | None = None):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS
         self.tb = None
         if not enabled:
             return
@@ -70,7 +71,7 @@ class MetricsLogger:
 
             # purge_step: TensorBoard hides the events of this step and later ones of earlier runs
             purge = None if resumed_at is None else resumed_at + 1
-            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=purge)
+            self.tb = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=purge)
         except ImportError:
             log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
 

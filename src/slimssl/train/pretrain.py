@@ -20,7 +20,7 @@ from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processe
                       config_from_dict, find_config)
 from ..data.files import BUILTIN
 from ..errors import SlimsslError, UsageError
-from ..layout import CHECKPOINTS, LAST, checkpoint_path
+from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, checkpoint_path
 from ..models.build import as_config
 from . import distributed as dist
 from .loop import Interrupted, Trainer
@@ -29,12 +29,12 @@ from .optim import describe_lr, effective_lr
 log = logging.getLogger("slimssl")
 
 AUTO_RESUME = {True: "--auto-resume", False: "resume='auto'"}  # by whether the CLI or the API asked
-RUN_FILES = ("results.json", "metrics.jsonl", "tb")  # written by a run besides its checkpoints
+RUN_FILES = (RESULTS, METRICS, TENSORBOARD)  # written by a run besides its checkpoints
 # what train_run may write in a run directory: removed again when a start fails before its first checkpoint
-RUN_OUTPUTS = ("config.yaml", CHECKPOINTS, *RUN_FILES)
+RUN_OUTPUTS = (CONFIG, CHECKPOINTS, *RUN_FILES)
 # what a start killed before its first step leaves (CHECKPOINTS empty); config.yaml, which marks the folder as
 # this run's, goes last
-FAILED_START = ("metrics.jsonl", "tb", CHECKPOINTS, "config.yaml")
+FAILED_START = (METRICS, TENSORBOARD, CHECKPOINTS, CONFIG)
 
 
 @dataclass(frozen=True)
@@ -137,10 +137,10 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
         how = f"--resume {run_dir}" if cli else "resume=True"
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
-    if isinstance(config, (str, Path)) and Path(find_config(config)).resolve() == (run_dir / "config.yaml").resolve():
+    if isinstance(config, (str, Path)) and Path(find_config(config)).resolve() == (run_dir / CONFIG).resolve():
         raise UsageError(f"{run_dir} holds the config file given ({config}), which the run would overwrite with "
                          "its resolved config; keep the file elsewhere or choose another output folder")
-    leftovers = [name for name in ("config.yaml", *RUN_FILES) if (run_dir / name).exists()]
+    leftovers = [name for name in (CONFIG, *RUN_FILES) if (run_dir / name).exists()]
     # rank 0 decides (the others would see its removal half done); it fails the job if it refuses
     if leftovers and failed_start_ok and (not dist.is_main() or _failed_start_of(run_dir, cfg)):
         if dist.is_main():
@@ -160,12 +160,12 @@ def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
     """Whether ``run_dir`` holds only what a start of ``cfg`` leaves when killed before its first step ended:
     its config.yaml with the same settings, no loss in metrics.jsonl, no checkpoint file and no results."""
     checkpoints = run_dir / CHECKPOINTS
-    if (run_dir / "results.json").exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+    if (run_dir / RESULTS).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return False
     try:
-        saved = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), "config.yaml")
+        saved = config_from_dict(yaml.safe_load((run_dir / CONFIG).read_text()), CONFIG)
         # not read_metrics, which skips a damaged line: here any doubt keeps the files
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        lines = (run_dir / METRICS).read_text().splitlines() if (run_dir / METRICS).exists() else []
         trained = any("loss" in json.loads(line) for line in lines)
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
         return False
@@ -223,7 +223,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)
         if is_main:  # only once the run is set up (a failed resume leaves the saved run untouched)
-            (run_dir / "config.yaml").write_text(lr_header(cfg, dist.world_size()) + cfg.to_yaml())
+            (run_dir / CONFIG).write_text(lr_header(cfg, dist.world_size()) + cfg.to_yaml())
         results = trainer.fit(max_steps)
     except Interrupted as e:  # a checkpoint was saved: keep everything; say how far it got (--json)
         e.run = PretrainRun(run_dir, {}, trainer.state.step, trainer.total_steps) if trainer else None
@@ -255,7 +255,7 @@ def _remove(run_dir: Path, names) -> list[str]:
 
 def _saved_state(run_dir: Path) -> tuple[int | None, str | None]:
     """(last.pt's modification time, config.yaml's text) before a call trains: what a failed resume restores."""
-    last, config = checkpoint_path(run_dir), run_dir / "config.yaml"
+    last, config = checkpoint_path(run_dir), run_dir / CONFIG
     return (last.stat().st_mtime_ns if last.is_file() else None,
             config.read_text() if config.is_file() and last.is_file() else None)
 
@@ -268,9 +268,9 @@ def _restore_config_if_unsaved(run_dir: Path, saved: tuple[int | None, str | Non
     if text is None or not last.is_file() or last.stat().st_mtime_ns != mtime:
         return
     try:
-        (run_dir / "config.yaml").write_text(text)
+        (run_dir / CONFIG).write_text(text)
     except OSError as e:  # the run's own error matters more
-        log.warning("could not put back %s as it was before this call: %s", run_dir / "config.yaml", e)
+        log.warning("could not put back %s as it was before this call: %s", run_dir / CONFIG, e)
 
 
 def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bool) -> None:
