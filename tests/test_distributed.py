@@ -170,6 +170,15 @@ def api_returns_after_rank_0_wrote(run_dir: Path) -> bool:
     return (run_dir / "results.json").is_file()
 
 
+def resume_of_a_finished_run(run_dir: Path) -> tuple[int, bool]:
+    """``slimssl.pretrain(resume=True)`` of the run ``api_returns_after_rank_0_wrote`` finished: the step it
+    returns at and whether it says finished (every process must return, none waiting for another)."""
+    import slimssl
+
+    run = slimssl.pretrain(out=run_dir, resume=True)
+    return run.step, run.finished
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -194,6 +203,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             result[name] = run_steps(Trainer(run_config(name), out / name), frozen_bn=name != GROUPED)
         result["signal_stop"] = stop_by_a_signal_to_rank_1(out / "signal")
         result["api_results_on_return"] = api_returns_after_rank_0_wrote(out / "api")
+        result["resumed_finished"] = resume_of_a_finished_run(out / "api")
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -293,6 +303,12 @@ def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(two_process):
 def test_every_process_returns_from_pretrain_after_rank_0_has_written_the_run(two_process):
     _, ranks, _ = two_process
     assert [r["api_results_on_return"] for r in ranks] == [True, True]
+
+
+def test_resuming_a_finished_run_returns_on_every_process(two_process):
+    out, ranks, _ = two_process
+    steps = load_checkpoint(out / "api")["train_state"]["step"]
+    assert [r["resumed_finished"] for r in ranks] == [(steps, True), (steps, True)]
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(two_process, tmp_path):

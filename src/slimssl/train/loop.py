@@ -470,11 +470,11 @@ class Trainer:
 
     def fit(self, max_steps: int | None = None) -> dict:
         cfg = self.cfg
-        finished = self._finished_results()
+        finished, results = self._finished_already()
         if finished:
             log.info("this run finished at step %d already: nothing to train, and its results.json (with the "
                      "evaluations merged into it) is kept", self.state.step)
-            return finished
+            return results
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint;
         # closing the source stops loader workers, closing the bar ends its line before any error is printed
@@ -595,9 +595,18 @@ class Trainer:
             self.metrics.write({"step": self.state.step, "epoch": epoch, "knn_top1": result})
             log.info("epoch %d kNN: %s", epoch, _fmt(result))
 
+    def _finished_already(self) -> tuple[bool, dict]:
+        """Whether this resumed run had already finished (its results.json has the same number of steps), and
+        those results (rank 0; {} elsewhere). Rank 0 reads the file and tells the others, so that every process
+        returns together instead of the others waiting in the first kNN for a rank 0 that has left."""
+        results = self._finished_results() if dist.is_main() else {}
+        finished = bool(results)
+        if self.world > 1:
+            finished = dist.broadcast_object(finished)
+        return finished, results
+
     def _finished_results(self) -> dict:
-        """results.json of a resumed run that had already finished (the same number of steps); else {}."""
-        if self.state.step < self.total_steps or not dist.is_main():
+        if self.state.step < self.total_steps:
             return {}
         try:
             results = read_results(self.run_dir)
