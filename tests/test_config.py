@@ -99,6 +99,12 @@ def test_wrong_type_names_key_and_file(tmp_path, key, value):
     assert str(path) in msg
 
 
+def test_mocov2_without_a_queue_is_refused_and_other_methods_ignore_it():
+    with pytest.raises(ConfigError, match=r"method.queue_size.*at least 1"):
+        load_config("cifar10_r18_slimclr_mocov2", ["method.queue_size=0"])
+    assert load_config("demo", ["method.queue_size=0"]).method.queue_size == 0  # the demo is MoCo v3: no queue
+
+
 def test_wrong_type_via_set(config_dir):
     with pytest.raises(ConfigError) as err:
         load_config("demo", ["train.epochs=many"])

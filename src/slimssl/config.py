@@ -143,6 +143,13 @@ class MethodConfig(Section):
         return name
 
     @model_validator(mode="after")
+    def _mocov2_has_a_queue(self) -> "MethodConfig":
+        if self.name == "mocov2" and self.queue_size < 1:  # only the positive left: the loss is 0, nothing learnt
+            raise ValueError(f"method.queue_size: MoCo v2 contrasts each query with the keys in its queue, so it "
+                             f"needs at least 1 (the CIFAR recipe keeps 4096); got {self.queue_size}")
+        return self
+
+    @model_validator(mode="after")
     def _known_options(self) -> "MethodConfig":
         from .methods import method_class
 
