@@ -229,6 +229,22 @@ def test_shared_bn_recalibrates_copies_only():
                                                    mean=(0.5,) * 3, std=(0.25,) * 3).values())
 
 
+def test_recalibration_reads_whole_batches_only():
+    supernet = tiny_supernet("shared")
+    spec = supernet.menu.smallest
+    kw = dict(batch_size=16, resolution=RES, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+    def stats(images, batches):
+        model = subnet_models(supernet, [spec], images, recalibrate_batches=batches, **kw)[spec.name]
+        return model.layer1[0].bn1.bn.running_var
+
+    train = colour_dataset(33, 0).images  # 2 whole batches and 1 image over: a third batch would be that image
+    assert torch.equal(stats(train, 3), stats(train, 2))
+    assert not torch.equal(stats(train, 2), stats(train, 1))
+    few = colour_dataset(10, 0).images  # fewer than a batch: one batch of all of them
+    assert torch.equal(stats(few, 3), stats(few, 1))
+
+
 def test_finetune_runs_and_keeps_supernet():
     supernet = tiny_supernet()
     before = backbone_fingerprint(supernet)

@@ -25,9 +25,12 @@ log = logging.getLogger("slimssl")
 
 
 def calibration_order(num_images: int, num_batches: int, batch_size: int, seed: int = 0) -> torch.Tensor:
-    """The indices of the fixed random sample that recalibration reads, batch after batch."""
+    """The indices of the fixed random sample that recalibration reads, batch after batch: whole batches only
+    (a dataset of fewer images than one batch gives one smaller batch), since the statistics average the
+    batches with equal weight and a short last batch would count as much as a full one."""
     perm = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
-    return perm[:num_batches * batch_size]
+    whole = max(1, min(num_batches, num_images // batch_size))
+    return perm[:whole * batch_size]
 
 
 def calibration_batches(images: EvalImages | torch.Tensor, num_batches: int, batch_size: int, resolution: int,
