@@ -827,6 +827,17 @@ def test_resume_with_another_architecture_names_the_settings(tmp_path, saved_run
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("setting, said", [("optim.name=adamw", "optim.name: saved 'sgd', now 'adamw'"),
+                                           ("optim.no_decay_1d=false", "optim.no_decay_1d: saved True, now False")])
+def test_resume_with_another_optimiser_names_the_setting(tmp_path, saved_run, capsys, caplog, setting, said):
+    run, before = saved_run
+    assert main(["pretrain", "--resume", str(run), "--set", setting]) == 2
+    text = error_text(capsys, caplog)
+    assert said in text and "start a new run" in text and "Traceback" not in text
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    assert main(["pretrain", "--resume", str(run), "--set", "optim.weight_decay=0.001"]) == 0  # others may change
+
+
 def test_resume_refuses_a_config_file(tmp_path, saved_run, capsys, caplog):
     run, before = saved_run
     assert main(["pretrain", "--resume", str(run), "--config", str(write_config(tmp_path / "t.yaml"))]) == 2

@@ -41,7 +41,7 @@ from ..slim.policy import SlimPolicy
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
 from .metrics import RENUMBERED, LogWindow, MetricsLogger
-from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
+from .optim import OPTIMIZER_STATE_KEYS, build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
 
 log = logging.getLogger("slimssl")
 
@@ -325,6 +325,12 @@ class Trainer:
                 f"{path} holds weights of another shape than this run builds"
                 + (":\n  " + "\n  ".join(diffs) if diffs else f" ({first_mismatch(e)})")
                 + "\na resumed run keeps the architecture it was started with (model.*, method.*)") from None
+        changed = config_differences(data["config"], self.cfg, prefixes=OPTIMIZER_STATE_KEYS)
+        if changed:  # its saved state (momentum buffers, step counts, one entry per group) fits no other optimiser
+            raise CheckpointError(
+                f"{path} holds the state of the optimiser the run was started with:\n  " + "\n  ".join(changed)
+                + "\na resumed run keeps " + " and ".join(OPTIMIZER_STATE_KEYS) + " (its other optim.* settings "
+                "may change); start a new run to use another optimiser")
         # the config's hyperparameters (a resume may change them), not those saved with the optimiser's state
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(data["optimizer"])

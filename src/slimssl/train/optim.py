@@ -75,6 +75,11 @@ def param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float, no
     return groups
 
 
+# The settings that shape the optimiser's saved state (its kind of state, its parameter groups): a resumed
+# run must keep them.
+OPTIMIZER_STATE_KEYS = ("optim.name", "optim.no_decay_1d")
+
+
 def build_optimizer(cfg, params: list[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:
     groups = param_groups(params, cfg.weight_decay, cfg.no_decay_1d)
     foreach = {"foreach": True}
