@@ -838,6 +838,17 @@ def test_resume_with_another_optimiser_names_the_setting(tmp_path, saved_run, ca
     assert main(["pretrain", "--resume", str(run), "--set", "optim.weight_decay=0.001"]) == 0  # others may change
 
 
+def test_resume_drops_a_metrics_record_cut_short_by_a_kill(tmp_path, saved_run, caplog):
+    run, _ = saved_run
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "loss')  # killed while writing the next record
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["pretrain", "--resume", str(run)]) == 0
+    assert "cut short" in caplog.text
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line reads
+    assert {r["step"] for r in records if "loss" in r} >= {3, 12}
+
+
 def test_resume_refuses_a_config_file(tmp_path, saved_run, capsys, caplog):
     run, before = saved_run
     assert main(["pretrain", "--resume", str(run), "--config", str(write_config(tmp_path / "t.yaml"))]) == 2

@@ -64,6 +64,7 @@ class MetricsLogger:
         self.tb = None
         if not enabled:
             return
+        self._drop_unfinished_line()
         if resumed_at is not None:
             self._drop_records_after(resumed_at)
         try:
@@ -98,6 +99,20 @@ class MetricsLogger:
             return False
         lines = self.path.read_text().splitlines()
         return any(r.get("step") == step and key in r for r in map(_record, lines[_numbered_from(lines):]))
+
+    def _drop_unfinished_line(self) -> None:
+        """A record cut short by a kill during its write has no newline: the next record would be appended to
+        it, one unreadable line of both, so the cut one goes."""
+        if not self.path.is_file():
+            return
+        text = self.path.read_text()
+        if not text or text.endswith("\n"):
+            return
+        kept = text[:text.rfind("\n") + 1]
+        with atomic_write(self.path, "w") as f:
+            f.write(kept)
+        log.warning("metrics.jsonl: dropped its last record, cut short when the run stopped: %s",
+                    text[len(kept):][:80])
 
     def _drop_records_after(self, step: int) -> None:
         if not self.path.is_file():
