@@ -373,7 +373,7 @@ def test_slim_mlp_keeps_output_dim_and_narrows_hidden(method):
             assert m.bns["w1p0_d1-1-1-1"].num_features == (16 if last else 32)
 
 
-def test_eval_mode_gives_each_model_back_in_its_own_mode_after_an_error():
+def test_eval_mode_gives_every_module_back_its_own_mode_after_an_error():
     from torch import nn
 
     from slimssl.nn.modes import eval_mode
@@ -383,3 +383,10 @@ def test_eval_mode_gives_each_model_back_in_its_own_mode_after_an_error():
         assert not training.training and not frozen.training
         raise RuntimeError("failed")
     assert training.training and not frozen.training
+
+    # a training model with a BatchNorm kept in eval mode (frozen statistics) gets it back frozen
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).train()
+    model[1].eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, False]

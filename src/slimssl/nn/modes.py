@@ -10,13 +10,14 @@ from torch import nn
 
 @contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Eval mode for the ``with`` block; each model's own mode is restored after it, exceptions included
-    (an evaluation that fails must not leave a caller's model in another mode)."""
-    modes = [(model, model.training) for model in models]
-    for model, _ in modes:
+    """Eval mode for the ``with`` block; the mode of every module of each model is restored after it,
+    exceptions included (an evaluation that fails must not leave a caller's model in another mode, nor turn
+    on the layers a caller keeps in eval mode inside a training model, such as frozen BatchNorm)."""
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    for model in models:
         model.eval()
     try:
         yield
     finally:
-        for model, training in modes:
-            model.train(training)
+        for module, training in modes:
+            module.training = training
