@@ -176,7 +176,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
     recipe, top1, top5 (percent), indices (the labelled subset).
     """
     from .finetune import finetune_subnet, fraction_tag
-    from .results import json_text, run_dir_of
+    from .results import run_dir_of, write_json_atomic
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
                   recalibrate_bn=recalibrate_bn)
@@ -213,7 +213,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
                "indices_file": str(path) if path else None}
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json_text(row))
+            write_json_atomic(path, row)  # a crash mid-write keeps an earlier result whole
             log.info("saved the fine-tuning result and the labelled indices to %s", path)
         values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
                               f"{protocol}_top1": result["top1"], f"{protocol}_top5": result["top5"]}}
