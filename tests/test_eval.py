@@ -498,6 +498,16 @@ def test_each_split_is_read_once_for_all_subnets():
 
 # ---- the Python functions ----------------------------------------------------------------------------
 
+def test_knn_k_beyond_the_bank_records_the_k_used(tmp_path, caplog):
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        rows = slimssl.knn(run, k=100_000, device="cpu")
+    used = json.loads((run / "results.json").read_text())["protocols"]["knn"]["k"]
+    assert used < 100_000 and f"k={used} is used" in caplog.text
+    assert slimssl.knn(run, k=used, device="cpu", save=False) == rows
+
+
 def test_python_protocols_equal_the_commands_and_merge_into_the_run(tmp_path, capsys):
     import slimssl
     from slimssl.cli import main

@@ -102,6 +102,10 @@ def knn(checkpoint: str | Path | SlimResNet, *, k: int | None = None, temperatur
     specs = supernet.resolve_many(subnets)  # checked before the data is decoded
     train, test = options.load_splits(cfg, torch_device)
     k = k if k is not None else cfg.eval.knn_k
+    if k > len(train.labels):  # every query votes with the whole bank: record the k that was used
+        log.warning("kNN k=%d is more than the %d images of the train split (the bank): k=%d is used",
+                    k, len(train.labels), len(train.labels))
+        k = len(train.labels)
     temperature = temperature if temperature is not None else cfg.eval.knn_temperature
     accs = knn_of_subnets(supernet, cfg, train, test, torch_device, specs=specs, k=k, temperature=temperature,
                           batch_size=eval_batch_size, recalibrate_batches=recalibrate_bn)
