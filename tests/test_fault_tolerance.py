@@ -803,6 +803,16 @@ def test_resuming_a_finished_run_keeps_its_results(tmp_path, capsys, caplog):
     assert "| w1p0_d1-1-1-1" in capsys.readouterr().out  # the table is printed all the same
 
 
+def test_a_run_stopped_before_its_results_json_finishes_with_one_final_knn_record(tmp_path):
+    run = tmp_path / "run"
+    Trainer(config_from_dict(TINY), run).fit()
+    (run / "results.json").unlink()  # stopped after the final kNN was logged, before results.json was written
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "knn_top1" in r].count(12) == 1
+    assert json.loads((run / "results.json").read_text())["steps"] == 12
+
+
 def test_training_a_finished_run_on_says_what_changes_and_what_goes(tmp_path, caplog):
     run = tmp_path / "run"
     Trainer(config_from_dict(TINY), run).fit()

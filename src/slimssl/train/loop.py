@@ -630,7 +630,8 @@ class Trainer:
         for row in rows:
             row["knn_top1"] = knn.get(row["subnet"])
             row["knn_top1_random_init"] = self.state.knn_random_init.get(row["subnet"])
-        if knn:
+        # a run stopped after this record, before results.json, has it already
+        if knn and not self.metrics.has_record(self.state.step, "knn_top1"):
             self.metrics.write({"step": self.state.step, "epoch": self.cfg.train.epochs, "knn_top1": knn})
         _warn_of_dropped_evaluations(self.run_dir)
         results = {"run": self.cfg.name, "config": self.cfg.model_dump(mode="json"),
