@@ -24,6 +24,7 @@ import torch
 import yaml
 from PIL import Image
 
+import slimssl
 from slimssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from slimssl.cli import main
 from slimssl.config import ConfigError, check_processes, config_from_dict, load_config
@@ -940,3 +941,17 @@ def test_ctrl_c_outside_training_exits_130_with_one_line(monkeypatch, capsys, ca
     assert main(["config"]) == 130
     text = error_text(capsys, caplog)
     assert "slimssl config: interrupted (Ctrl-C)" in text and "Traceback" not in text
+
+
+def test_a_failed_resume_leaves_metrics_jsonl_as_it_was(tmp_path, saved_run, monkeypatch):
+    run, before = saved_run
+    metrics = (run / "metrics.jsonl").read_text()
+
+    def out_of_memory(self, step):  # the first step fails, after the resume has logged its new learning rate
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(Trainer, "train_step", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        slimssl.pretrain(out=run, resume=True, overrides=["optim.lr=0.1"])
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before

@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple, Sequence
 
 import yaml
 
+from ..atomic import atomic_write
 from ..checkpoint import load_checkpoint
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
                       config_from_dict, find_config)
@@ -232,7 +233,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     except BaseException:
         if is_main:
             _discard_failed_start(run_dir, trainer, existed, created)
-            _restore_config_if_unsaved(run_dir, saved)
+            _restore_if_unsaved(run_dir, saved)
         raise
     dist.barrier()  # every process returns once rank 0 has written the checkpoint and results.json
     return PretrainRun(run_dir, results, trainer.state.step, trainer.total_steps)
@@ -253,24 +254,34 @@ def _remove(run_dir: Path, names) -> list[str]:
     return removed
 
 
-def _saved_state(run_dir: Path) -> tuple[int | None, str | None]:
-    """(last.pt's modification time, config.yaml's text) before a call trains: what a failed resume restores."""
-    last, config = checkpoint_path(run_dir), run_dir / CONFIG
-    return (last.stat().st_mtime_ns if last.is_file() else None,
-            config.read_text() if config.is_file() and last.is_file() else None)
+# What a resume rewrites before its first step (its settings, a record of a changed learning rate or batch),
+# put back as they were when it fails before saving a checkpoint, so that they keep describing the checkpoint.
+_RESTORED_ON_FAILURE = (CONFIG, METRICS)
 
 
-def _restore_config_if_unsaved(run_dir: Path, saved: tuple[int | None, str | None]) -> None:
-    """After a resume failed before it saved a checkpoint, config.yaml is put back as it was, so that it keeps
-    describing the checkpoint (--set changes that the failed call had written there are not in it)."""
-    mtime, text = saved
+def _saved_state(run_dir: Path) -> tuple[int | None, dict[str, str]]:
+    """(last.pt's modification time, the text of config.yaml and metrics.jsonl) before a call trains: what a
+    failed resume restores."""
     last = checkpoint_path(run_dir)
-    if text is None or not last.is_file() or last.stat().st_mtime_ns != mtime:
+    if not last.is_file():
+        return None, {}
+    return last.stat().st_mtime_ns, {name: (run_dir / name).read_text() for name in _RESTORED_ON_FAILURE
+                                     if (run_dir / name).is_file()}
+
+
+def _restore_if_unsaved(run_dir: Path, saved: tuple[int | None, dict[str, str]]) -> None:
+    """After a resume failed before it saved a checkpoint, config.yaml and metrics.jsonl are put back as they
+    were (the --set changes it had written, the records it had logged, are not in the checkpoint)."""
+    mtime, texts = saved
+    last = checkpoint_path(run_dir)
+    if not texts or not last.is_file() or last.stat().st_mtime_ns != mtime:
         return
-    try:
-        (run_dir / CONFIG).write_text(text)
-    except OSError as e:  # the run's own error matters more
-        log.warning("could not put back %s as it was before this call: %s", run_dir / CONFIG, e)
+    for name, text in texts.items():
+        try:
+            with atomic_write(run_dir / name, "w") as f:
+                f.write(text)
+        except OSError as e:  # the run's own error matters more
+            log.warning("could not put back %s as it was before this call: %s", run_dir / name, e)
 
 
 def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bool) -> None:
