@@ -358,7 +358,7 @@ def test_auto_resume_starts_again_after_a_start_killed_before_its_first_step(tmp
     for wanted, metrics in ((other, []), (cfg, [{"step": 2, "loss": {FULL: 1.0}}])):
         shutil.rmtree(run)
         killed_start(metrics)
-        with pytest.raises(SlimsslError, match="holds files of an earlier run"):
+        with pytest.raises(SlimsslError, match="holds files of an earlier run.*remove those files to start again"):
             pretrain(wanted, run, resume="auto")
 
 

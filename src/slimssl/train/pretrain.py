@@ -150,9 +150,10 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
                      "removed, starting it again", run_dir, ", ".join(leftovers))
     elif leftovers:  # a run whose checkpoint is gone, or a user's file: writing there would mix or lose them
         raise UsageError(f"{run_dir} holds files of an earlier run ({', '.join(leftovers)}) without its "
-                         "checkpoint; choose another output folder"
+                         "checkpoint, so there is nothing to resume; choose another output folder"
                          + (f", or {AUTO_RESUME[cli]} to start again over this start that trained nothing"
-                            if _failed_start_of(run_dir, cfg) else ""))
+                            if _failed_start_of(run_dir, cfg) else
+                            ", or remove those files to start again in it"))
     source = str(config) if isinstance(config, (str, Path)) else "demo" if config is None else cfg.name
     return PreparedRun(cfg, run_dir, source, False)
 
