@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -165,6 +166,15 @@ def test_slow_start_sub_networks_get_no_gradient_before_join(tmp_path, optim):
         if not name.startswith("target."):
             assert grads[name] is True, name
             assert not torch.equal(before[name], after[name]), name
+
+
+def test_a_slow_start_shorter_than_a_step_keeps_one_peak_lr_and_says_so(tmp_path, caplog):
+    cfg = config_from_dict(tiny("byol", "all", "online", slim={"slow_start": 0.01, "slow_start_lr": 1.5}))
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        trainer = Trainer(cfg, tmp_path)
+    assert trainer.policy.join_step == 0 and "slow_start_lr is not used" in caplog.text
+    assert "peak_after_slow_start" not in trainer.effective_lr()  # what is logged is what is used
+    assert trainer.train_step(0).lr == pytest.approx(lr_at(0, trainer.total_steps, 0, trainer.peak_lr))
 
 
 def test_target_always_runs_full_size(tmp_path):

@@ -29,6 +29,7 @@ from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
 from ..train.pretrain import lr_header
 from ..train.loop import Interrupted, Trainer, stop_signals_handled_by
+from ..train.optim import effective_lr
 from .plan import Job
 
 log = logging.getLogger("slimssl")
@@ -186,7 +187,7 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = job.run_dir / CONFIG
     if not config_file.is_file():
-        config_file.write_text(lr_header(job.cfg, 1) + job.cfg.to_yaml())
+        config_file.write_text(lr_header(effective_lr(job.cfg, 1)) + job.cfg.to_yaml())
     resume = checkpoint_path(job.run_dir).is_file()
     timing = read_timing(job.run_dir)
     start = time.perf_counter()

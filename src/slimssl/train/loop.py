@@ -196,6 +196,10 @@ class Trainer:
         all-reduce."""
         cfg = self.cfg
         self.policy = SlimPolicy(cfg.slim, self.model.backbone.menu, self.total_steps, cfg.train.seed)
+        if cfg.slim.slow_start and self.policy.join_step == 0 and dist.is_main():
+            log.warning("slim.slow_start %g of %d steps is less than a step: the sub-networks train from the "
+                        "first step%s", cfg.slim.slow_start, self.total_steps,
+                        ", and slim.slow_start_lr is not used" if cfg.slim.slow_start_lr else "")
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim, cfg.train.batch_size)
         self.late_peak_lr = (scaled_lr(cfg.slim.slow_start_lr, cfg.optim, cfg.train.batch_size)
                              if cfg.slim.slow_start_lr else self.peak_lr)
@@ -268,7 +272,7 @@ class Trainer:
 
     def effective_lr(self) -> dict:
         """The peak learning rate(s) after scaling by the total batch, with how they were obtained."""
-        return effective_lr(self.cfg, self.world)
+        return effective_lr(self.cfg, self.world, joins_late=self.policy.join_step > 0)
 
     def lr_summary(self) -> str:
         return "; ".join(describe_lr(self.effective_lr()))

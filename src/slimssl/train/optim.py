@@ -101,13 +101,14 @@ def scaled_lr(base_lr: float, cfg, total_batch: int) -> float:
     return base_lr * total_batch / cfg.reference_batch if cfg.lr_scaling == "linear" else base_lr
 
 
-def effective_lr(cfg, world: int) -> dict:
-    """The peak learning rate(s) of a run of ``cfg`` on ``world`` processes, with how they were obtained."""
+def effective_lr(cfg, world: int, joins_late: bool = True) -> dict:
+    """The peak learning rate(s) of a run of ``cfg`` on ``world`` processes, with how they were obtained;
+    ``joins_late``: whether its slow start lasts a step at least (else slim.slow_start_lr is never used)."""
     o, batch = cfg.optim, cfg.train.batch_size
     info = {"peak": scaled_lr(o.lr, o, batch), "base": o.lr, "scaling": o.lr_scaling,
             "reference_batch": o.reference_batch, "total_batch": batch, "per_process_batch": batch // max(1, world),
             "processes": world}
-    if cfg.slim.slow_start_lr and cfg.slim.slow_start:  # without a slow start nothing joins later
+    if cfg.slim.slow_start_lr and cfg.slim.slow_start and joins_late:  # without a slow start nothing joins later
         info["peak_after_slow_start"] = scaled_lr(cfg.slim.slow_start_lr, o, batch)
     return info
 

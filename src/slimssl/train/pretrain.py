@@ -25,7 +25,7 @@ from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, c
 from ..models.build import as_config
 from . import distributed as dist
 from .loop import Interrupted, Trainer
-from .optim import describe_lr, effective_lr
+from .optim import describe_lr
 
 log = logging.getLogger("slimssl")
 
@@ -225,7 +225,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)
         if is_main:  # only once the run is set up (a failed resume leaves the saved run untouched)
-            (run_dir / CONFIG).write_text(lr_header(cfg, dist.world_size()) + cfg.to_yaml())
+            (run_dir / CONFIG).write_text(lr_header(trainer.effective_lr()) + cfg.to_yaml())
         results = trainer.fit(max_steps)
     except Interrupted as e:  # a checkpoint was saved: keep everything; say how far it got (--json)
         e.run = PretrainRun(run_dir, {}, trainer.state.step, trainer.total_steps) if trainer else None
@@ -330,7 +330,8 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps)
 
 
-def lr_header(cfg, world: int) -> str:
-    """Comment lines for RUN/config.yaml: the learning rate the run actually uses, and how it follows."""
+def lr_header(lr: dict) -> str:
+    """Comment lines for RUN/config.yaml: the learning rate the run actually uses (``effective_lr``), and how it
+    follows."""
 
-    return "".join(f"# {line}\n" for line in describe_lr(effective_lr(cfg, world)))
+    return "".join(f"# {line}\n" for line in describe_lr(lr))
