@@ -405,9 +405,13 @@ def test_pretraining_knn_equals_the_knn_command_on_its_checkpoint(bn, crop_ratio
     run = tmp_path / "run"
     assert main(["pretrain", "--config", str(cfg_file), "--out", str(run)]) == 0
     capsys.readouterr()
-    trained = {r["subnet"]: r["knn_top1"] for r in json.loads((run / "results.json").read_text())["subnets"]}
-    assert main(["knn", str(run), "--json", "--no-save", "--device", "cpu"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    trained = {r["subnet"]: r["knn_top1"] for r in results["subnets"]}
+    assert main(["knn", str(run), "--json", "--device", "cpu"]) == 0
     assert {r["subnet"]: r["knn_top1"] for r in json.loads(capsys.readouterr().out)} == trained
+    # and pretraining recorded the settings `slimssl knn` uses by default
+    after = json.loads((run / "results.json").read_text())
+    assert after["protocols"] == results["protocols"] and {"knn"} == set(results["protocols"])
 
 
 # ---- every shipped recipe, shrunk ---------------------------------------------------------------------

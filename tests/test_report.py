@@ -123,6 +123,23 @@ def test_results_merge_and_errors(tmp_path):
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
+def test_values_measured_with_other_settings_keep_theirs(tmp_path):
+    dirs, _ = write_runs(tmp_path)
+    full, half = "w1p0_d1-1-1-1", "w0p5_d1-1-1-1"
+    merge_results(dirs[0], {full: {"knn_top1": 70.0}, half: {"knn_top1": 60.0}}, protocol="knn", settings={"k": 200})
+    merge_results(dirs[0], {half: {"knn_top1": 55.0}}, protocol="knn", settings={"k": 20})
+    data = read_results(dirs[0])
+    rows = {r["subnet"]: r for r in data["subnets"]}
+    assert data["protocols"]["knn"] == {"k": 20}
+    assert rows[full]["knn_top1"] == 70.0 and rows[full]["knn_settings"] == {"k": 200}  # measured with k=200
+    assert rows[half]["knn_top1"] == 55.0 and "knn_settings" not in rows[half]
+    assert rows["w0p75_d1-1-1-1"]["knn_settings"] == "not recorded"  # in the file before any protocols.knn
+    # measured again with the protocol's settings: the row's own go; the same settings again add none
+    merge_results(dirs[0], {full: {"knn_top1": 69.0}}, protocol="knn", settings={"k": 20})
+    rows = {r["subnet"]: r for r in read_results(dirs[0])["subnets"]}
+    assert "knn_settings" not in rows[full] and "knn_settings" not in rows[half]
+
+
 def test_table_columns_group_fine_tuning_by_fraction(tmp_path, capsys):
     dirs, _ = write_runs(tmp_path)
     merge_results(dirs[1], {"w0p5_d1-1-1-1": {f"finetune_{p}pct_top{k}": 1.0 for p in (10, 1) for k in (5, 1)}},

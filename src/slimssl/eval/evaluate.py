@@ -113,10 +113,17 @@ def knn(checkpoint: str | Path | SlimResNet, *, k: int | None = None, temperatur
         log.info("kNN %s: top-1 %.2f", name, acc)
     costs = cost_rows(supernet, cfg.data.resolution, specs)
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
-    settings = {**options.settings(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
-                "recalibrate_bn": recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn)}
+    settings = knn_settings(cfg, options, k, temperature,
+                            recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, "knn", settings, cfg, save)
     return rows
+
+
+def knn_settings(cfg, options: DataOptions, k: int, temperature: float, recalibrate_bn: int) -> dict:
+    """What results.json records of a kNN evaluation (``protocols.knn``): the same for ``slimssl knn`` and for
+    the kNN that ends pretraining, which is its default."""
+    return {**options.settings(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
+            "recalibrate_bn": recalibrate_bn}
 
 
 def linear_probe(checkpoint: str | Path | SlimResNet, *, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,

@@ -4,7 +4,8 @@ The file is ``{"run": name, "config": {...}, "resolution": int, "subnets": [{"su
 "depths": [...], "params": n, "macs": n, "knn_top1": x, ...}, ...]}``. Evaluation commands run on a
 checkpoint inside a run directory add their values to the matching ``subnets`` entry (keyed by the
 canonical sub-network name) and record their settings under ``"protocols"``, so a report can say how
-every number was measured.
+every number was measured; a row measured with other settings than those holds its own
+(``"knn_settings"``: see :func:`merge_results`).
 """
 
 from __future__ import annotations
@@ -119,14 +120,38 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
 
     Existing keys of a sub-network are overwritten, others are kept; ``settings`` are stored under
     ``protocols[protocol]``; ``defaults`` fill top-level keys the file does not have yet (run, resolution).
+    A sub-network whose values of ``protocol`` were measured with other settings than those, and are not
+    measured again here, keeps its earlier settings in its own row (``<protocol>_settings``), so that every
+    number still says how it was measured.
     """
     data = read_results(run_dir, missing_ok=True)
     for key, value in (defaults or {}).items():
         data.setdefault(key, value)
-    data["subnets"] = merge_rows(data["subnets"], values)
     if protocol is not None:
-        data.setdefault("protocols", {})[protocol] = dict(settings or {})
+        protocols = data.setdefault("protocols", {})
+        _keep_earlier_settings(data["subnets"], values, protocol, protocols.get(protocol), dict(settings or {}))
+        protocols[protocol] = dict(settings or {})
+    data["subnets"] = merge_rows(data["subnets"], values)
     return write_results(run_dir, data)
+
+
+def _keep_earlier_settings(rows: list[dict], values: Mapping[str, Any], protocol: str, earlier: dict | None,
+                           now: dict) -> None:
+    """Rows measured again lose their own settings of ``protocol``; the others, holding its values measured
+    with the ``earlier`` settings of ``protocols[protocol]`` (or with none recorded, by an older version), are
+    given those as their own."""
+    own = f"{protocol}_settings"
+    kept = []
+    for row in rows:
+        if row["subnet"] in values:
+            row.pop(own, None)
+        elif (earlier != now and own not in row
+              and any(row.get(f"{protocol}_{v}") is not None for v in ("top1", "top5"))):
+            row[own] = earlier if earlier is not None else "not recorded"
+            kept.append(row["subnet"])
+    if kept:
+        log.info("results.json: %s of %s keep the %s settings they were measured with (%s), which differ "
+                 "from this call's", "the values" if len(kept) > 1 else "the value", ", ".join(kept), protocol, own)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -245,7 +245,7 @@ def check_saved_probes(jobs: list[Job], probe_epochs: int) -> None:
 def is_probed(job: Job, settings: dict) -> bool:
     data = read_results(job.run_dir)
     return (data.get("protocols", {}).get("linear") == settings
-            and all(row.get("linear_top1") is not None for row in data["subnets"]))
+            and all(row.get("linear_top1") is not None and "linear_settings" not in row for row in data["subnets"]))
 
 
 class LabelledData:

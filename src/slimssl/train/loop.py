@@ -28,7 +28,9 @@ from ..data.files import DataError, MissingSplitError
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype, to_device_async
-from ..eval.evaluate import knn_of_subnets
+from ..eval import recalibration_batches
+from ..eval.evaluate import knn_of_subnets, knn_settings
+from ..eval.inputs import DataOptions
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
 from ..methods import build_method
@@ -605,6 +607,12 @@ class Trainer:
             self.metrics.write({"step": self.state.step, "epoch": epoch, "knn_top1": result})
             log.info("epoch %d kNN: %s", epoch, _fmt(result))
 
+    def _knn_settings(self) -> dict:
+        """How the kNN of this run was measured, as ``slimssl knn`` records its own (its defaults)."""
+        e, bank = self.cfg.eval, len(self.eval_data[0].labels)
+        return knn_settings(self.cfg, DataOptions(), min(e.knn_k, bank), e.knn_temperature,
+                            recalibration_batches(None, self.model.backbone.slim_state.private_bn))
+
     def _finished_already(self) -> tuple[bool, dict]:
         """Whether this resumed run had already finished (its results.json has the same number of steps), and
         those results (rank 0; {} elsewhere). Rank 0 reads the file and tells the others, so that every process
@@ -642,6 +650,8 @@ class Trainer:
                    "resolution": self.cfg.data.resolution, "steps": self.state.step,
                    "effective_lr": self.effective_lr(),
                    "skipped_steps": self.state.skipped_steps, "subnets": rows}
+        if knn:
+            results["protocols"] = {"knn": self._knn_settings()}
         write_results(self.run_dir, results)
         self.metrics.close()
         return results
