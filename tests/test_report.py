@@ -140,6 +140,30 @@ def test_values_measured_with_other_settings_keep_theirs(tmp_path):
     assert "knn_settings" not in rows[full] and "knn_settings" not in rows[half]
 
 
+def _merge_many(run_dir: str, protocol: str, times: int, start) -> None:
+    start.wait()  # both processes merge at the same time
+    for i in range(times):
+        merge_results(run_dir, {"w0p5_d1-1-1-1": {f"{protocol}_{i}": float(i)}}, protocol=protocol, settings={})
+
+
+def test_evaluations_merging_side_by_side_keep_each_others_values(tmp_path):
+    import multiprocessing
+
+    dirs, _ = write_runs(tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(2)
+    jobs = [ctx.Process(target=_merge_many, args=(str(dirs[0]), name, 100, start)) for name in ("knn", "linear")]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join(60)
+    assert [job.exitcode for job in jobs] == [0, 0]
+    data = read_results(dirs[0])
+    half = next(r for r in data["subnets"] if r["subnet"] == "w0p5_d1-1-1-1")
+    assert set(data["protocols"]) == {"knn", "linear"}
+    assert all(f"{name}_{i}" in half for name in ("knn", "linear") for i in range(100))
+
+
 def test_table_columns_group_fine_tuning_by_fraction(tmp_path, capsys):
     dirs, _ = write_runs(tmp_path)
     merge_results(dirs[1], {"w0p5_d1-1-1-1": {f"finetune_{p}pct_top{k}": 1.0 for p in (10, 1) for k in (5, 1)}},

@@ -6,6 +6,7 @@ does not wait for it.
     RUN/metrics.jsonl       one record per log window, kNN and lr changes
     RUN/tb/                 the same records for TensorBoard
     RUN/results.json        params, MACs and every evaluation's values per sub-network
+    RUN/.results.json.lock  held while an evaluation merges its values into results.json
     RUN/finetune/           each fine-tuning result with its labelled indices
 """
 
@@ -19,6 +20,7 @@ LAST = "last.pt"  # in CHECKPOINTS
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 RESULTS = "results.json"
+RESULTS_LOCK = ".results.json.lock"
 FINETUNE = "finetune"
 
 

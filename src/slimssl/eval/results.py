@@ -15,9 +15,11 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+from filelock import FileLock
+
 from ..atomic import atomic_write
 from ..errors import UsageError
-from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS
+from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, RESULTS_LOCK
 
 log = logging.getLogger("slimssl")
 
@@ -124,15 +126,18 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
     measured again here, keeps its earlier settings in its own row (``<protocol>_settings``), so that every
     number still says how it was measured.
     """
-    data = read_results(run_dir, missing_ok=True)
-    for key, value in (defaults or {}).items():
-        data.setdefault(key, value)
-    if protocol is not None:
-        protocols = data.setdefault("protocols", {})
-        _keep_earlier_settings(data["subnets"], values, protocol, protocols.get(protocol), dict(settings or {}))
-        protocols[protocol] = dict(settings or {})
-    data["subnets"] = merge_rows(data["subnets"], values)
-    return write_results(run_dir, data)
+    # a lock from reading to writing: evaluations of one run started side by side keep each other's values
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with FileLock(Path(run_dir) / RESULTS_LOCK):
+        data = read_results(run_dir, missing_ok=True)
+        for key, value in (defaults or {}).items():
+            data.setdefault(key, value)
+        if protocol is not None:
+            protocols = data.setdefault("protocols", {})
+            _keep_earlier_settings(data["subnets"], values, protocol, protocols.get(protocol), dict(settings or {}))
+            protocols[protocol] = dict(settings or {})
+        data["subnets"] = merge_rows(data["subnets"], values)
+        return write_results(run_dir, data)
 
 
 def _keep_earlier_settings(rows: list[dict], values: Mapping[str, Any], protocol: str, earlier: dict | None,
