@@ -225,7 +225,8 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)
         if is_main:  # only once the run is set up (a failed resume leaves the saved run untouched)
-            (run_dir / CONFIG).write_text(lr_header(trainer.effective_lr()) + cfg.to_yaml())
+            with atomic_write(run_dir / CONFIG, "w") as f:  # a kill mid-write keeps the earlier one whole
+                f.write(lr_header(trainer.effective_lr()) + cfg.to_yaml())
         results = trainer.fit(max_steps)
     except Interrupted as e:  # a checkpoint was saved: keep everything; say how far it got (--json)
         e.run = PretrainRun(run_dir, {}, trainer.state.step, trainer.total_steps) if trainer else None
