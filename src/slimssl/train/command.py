@@ -72,9 +72,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         try:
             run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
         except Interrupted as e:
-            log.warning("%s; continue with: slimssl pretrain --resume %s", e, run_dir)
-            if args.json and dist.is_main() and e.run:
-                emit(args, stopped_doc(e.run), "")
+            if dist.is_main():  # one hint for the job, not one per process
+                log.warning("%s; continue with: slimssl pretrain --resume %s", e, run_dir)
+                if args.json and e.run:
+                    emit(args, stopped_doc(e.run), "")
             return EXIT_INTERRUPTED
         if run.results:
             cols = ["subnet", "params", "macs", "knn_top1_random_init", "knn_top1"]
