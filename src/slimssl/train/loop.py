@@ -513,7 +513,8 @@ class Trainer:
                 if epoch_done:
                     self._end_of_epoch()
                 if stopping:
-                    self.save()  # the steps since the last record go into it, to be logged after the resume
+                    if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
+                        self.save()  # the steps since the last record go into it, to be logged after the resume
                     cause = (signal.Signals(guard.received).name if guard.received is not None
                              else "a stop signal to another process")
                     raise Interrupted(f"stopped by {cause} at step {self.state.step}; "
