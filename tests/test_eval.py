@@ -245,6 +245,13 @@ def test_recalibration_reads_whole_batches_only():
     assert torch.equal(stats(few, 3), stats(few, 1))
 
 
+def test_finetune_refuses_a_single_labelled_image():
+    one_class = colour_dataset(8, 0)
+    one_class.labels.zero_()
+    with pytest.raises(slimssl.UsageError, match="gives 1 labelled image; fine-tuning needs 2"):
+        finetune_subnet(tiny_supernet(), "0.5", one_class, one_class, label_fraction=0.1, epochs=1)
+
+
 def test_finetune_runs_and_keeps_supernet():
     supernet = tiny_supernet()
     before = backbone_fingerprint(supernet)

@@ -115,6 +115,9 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     recipe = _recipe(label_fraction, epochs=epochs, lr=lr, batch_size=batch_size, min_steps=min_steps,
                      crop=train_crop)
     indices = balanced_subset(train.labels, label_fraction, seed)
+    if len(indices) < 2:  # BatchNorm trains on batches of two images or more
+        raise UsageError(f"label fraction {label_fraction:g} of the {len(train.labels)} train images gives 1 labelled "
+                         "image; fine-tuning needs 2 at least: raise the label fraction")
 
     source = subnet_models(supernet, [spec], train, recalibrate_batches=recalibrate_batches,
                            batch_size=eval_batch_size, resolution=resolution, mean=mean, std=std,
