@@ -419,8 +419,11 @@ def test_cli_finetune_every_subnet_at_several_fractions(tmp_path, capsys):
     for r in rows:
         key = "finetune_10pct_top1" if r["label_fraction"] == 0.1 else "finetune_50pct_top1"
         assert saved[r["subnet"]][key] == r["top1"]
+        assert saved[r["subnet"]][key.replace("top1", "indices_file")] == r["indices_file"]
         assert json.loads(Path(r["indices_file"]).read_text())["top1"] == r["top1"]
     assert len(list((run / "finetune").glob("*.json"))) == 4
+    # one call, the same settings for every sub-network: none is told apart as measured otherwise
+    assert not any(key.endswith("_settings") for row in saved.values() for key in row)
 
 
 def test_fine_tuned_classifiers_are_saved_as_exports_that_score_what_was_reported(tmp_path, capsys):

@@ -132,6 +132,8 @@ def test_values_measured_with_other_settings_keep_theirs(tmp_path):
     rows = {r["subnet"]: r for r in data["subnets"]}
     assert data["protocols"]["knn"] == {"k": 20}
     assert rows[full]["knn_top1"] == 70.0 and rows[full]["knn_settings"] == {"k": 200}  # measured with k=200
+    report = report_markdown(load_runs([dirs[0]]))
+    assert "knn_settings" not in report and "rest of their column" in report and f"{full} (knn)" in report
     assert rows[half]["knn_top1"] == 55.0 and "knn_settings" not in rows[half]
     assert rows["w0p75_d1-1-1-1"]["knn_settings"] == "not recorded"  # in the file before any protocols.knn
     # measured again with the protocol's settings: the row's own go; the same settings again add none

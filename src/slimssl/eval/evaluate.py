@@ -226,10 +226,12 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, row)  # a crash mid-write keeps an earlier result whole
             log.info("saved the fine-tuning result and the labelled indices to %s", path)
+        # the indices file is the sub-network's own, not a setting the fine-tunings of one call share
         values = {spec.name: {**{k: v for k, v in cost.items() if k != "subnet"},
-                              f"{protocol}_top1": result["top1"], f"{protocol}_top5": result["top5"]}}
+                              f"{protocol}_top1": result["top1"], f"{protocol}_top5": result["top5"],
+                              f"{protocol}_indices_file": row["indices_file"]}}
         settings = {**options.settings(cfg), "label_fraction": label_fraction, "seed": seed,
-                    "recipe": result["recipe"], "indices_file": row["indices_file"]}
+                    "recipe": result["recipe"]}
         save_values(checkpoint, values, protocol, settings, cfg, save)
         rows.append(row)
     return rows

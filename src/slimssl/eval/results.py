@@ -155,8 +155,8 @@ def _keep_earlier_settings(rows: list[dict], values: Mapping[str, Any], protocol
             row[own] = earlier if earlier is not None else "not recorded"
             kept.append(row["subnet"])
     if kept:
-        log.info("results.json: %s of %s keep the %s settings they were measured with (%s), which differ "
-                 "from this call's", "the values" if len(kept) > 1 else "the value", ", ".join(kept), protocol, own)
+        log.info("results.json: %s measured with other %s settings than this call's keep theirs (in %s)",
+                 ", ".join(kept), protocol, own)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

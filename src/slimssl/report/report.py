@@ -21,9 +21,15 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
 
 
 def run_columns(result: dict) -> list[str]:
-    present = [k for row in result.get("subnets", []) for k in row]
+    """The table's columns: the base ones, then every measured number a row has (not the settings or files
+    recorded beside them)."""
+    present = [k for row in result.get("subnets", []) for k, v in row.items() if _is_number(v)]
     extra = sorted({k for k in present if k not in _ORDER and k not in _NOT_COLUMNS}, key=_natural)
     return [c for c in _ORDER if c in BASE_COLUMNS or c in present] + extra
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _natural(key: str) -> list:
@@ -36,7 +42,13 @@ def run_table(result: dict) -> str:
     title = f"## {result.get('run', 'run')}"
     if result.get("resolution"):
         title += f" ({result['resolution']} px)"
-    return f"{title}\n\n{markdown_table(result.get('subnets', []), run_columns(result))}"
+    table = f"{title}\n\n{markdown_table(result.get('subnets', []), run_columns(result))}"
+    apart = [f"{row['subnet']} ({', '.join(k.removesuffix('_settings') for k in row if k.endswith('_settings'))})"
+             for row in result.get("subnets", []) if any(k.endswith("_settings") for k in row)]
+    if apart:  # a number measured otherwise than its column's others: say so under the table
+        table += ("\n\nMeasured with other settings than the rest of their column (each row's <protocol>_settings "
+                  "in results.json): " + "; ".join(apart))
+    return table
 
 
 def report_markdown(results: Sequence[dict]) -> str:
