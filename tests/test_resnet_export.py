@@ -232,6 +232,52 @@ def test_weights_not_matching_config_raise_export_error(exported, tmp_path):
         load_exported(exported)
 
 
+def test_a_failed_replacement_keeps_the_earlier_export_whole(exported, monkeypatch):
+    before = {p.name: p.read_bytes() for p in exported.iterdir()}
+    import slimssl.atomic
+
+    real_replace = slimssl.atomic.os.replace
+
+    def disk_full(src, dst):  # the new weights cannot be put in place
+        if str(dst).endswith("model.safetensors"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(slimssl.atomic.os, "replace", disk_full)
+    with pytest.raises(ExportError, match="No space left"):
+        export_subnet(build("basic-cifar-private", perturb=lambda m: m.conv1.weight.data.add_(1)), "0.5",
+                      exported.parent)
+    assert {p.name: p.read_bytes() for p in exported.iterdir()} == before  # no temporary file left either
+
+
+def test_export_files_get_the_permissions_open_gives(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        folder = export_subnet(build("basic-cifar-private"), "0.5", tmp_path)
+    finally:
+        os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {"config.json": 0o644,
+                                                                            "model.safetensors": 0o644}
+
+
+def test_a_file_in_the_way_of_an_export_is_named(tmp_path):
+    (tmp_path / "w0p5_d1-1-1-1").write_text("mine")
+    with pytest.raises(ExportError, match="w0p5_d1-1-1-1 is a file"):
+        export_subnet(build("basic-cifar-private"), "0.5", tmp_path, overwrite=True)
+    assert (tmp_path / "w0p5_d1-1-1-1").read_text() == "mine"
+
+
+def test_onnx_export_without_onnx_writes_nothing(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    with pytest.raises(ExportError, match="pip install 'slimssl\\[onnx\\]'"):
+        export_subnet(build("basic-cifar-private"), "0.5", tmp_path / "out", fmt="onnx")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_format_raises(tmp_path):
     with pytest.raises(ValueError, match="format"):
         export_subnet(build("basic-cifar-private"), "0.5", tmp_path, fmt="tflite")

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .atomic import atomic_write
 from .errors import SlimsslError
 from .layout import CHECKPOINTS
 from .models.plain import PlainResNet, PlainResNetConfig
@@ -49,14 +50,15 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     run again) or with ``overwrite``; see :func:`check_export_folder`."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()  # before anything is written
     spec = supernet.resolve(subnet)
     check_export_folder(out_dir, spec, (metadata or {}).get("source"), overwrite)
     plain = supernet.export(spec).eval()
+    (Path(out_dir) / spec.name / ONNX).unlink(missing_ok=True)  # a graph of an earlier export: not these weights
     folder = save_exported(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})
     if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
         _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution)
-    else:  # a graph of an earlier export there no longer matches these weights
-        (folder / ONNX).unlink(missing_ok=True)
     return folder
 
 
@@ -77,11 +79,19 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # the folder, or one on the way to it, is a file
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
-    (folder / CONFIG).write_text(text)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # one key at most: safetensors may write several in any order, and an export of the same weights should
     # be the same file
-    save_file(state, str(folder / WEIGHTS), metadata={"subnet": str(info["subnet"])} if "subnet" in info else None)
+    weights = save(state, metadata={"subnet": str(info["subnet"])} if "subnet" in info else None)
+    # Both files are written whole to temporary files, which then replace the earlier export's one after the
+    # other: a failure while writing (a full disk, Ctrl-C) leaves the earlier export as it was, never new
+    # weights described by the old config. The files get the permissions open() would give them.
+    try:
+        with atomic_write(folder / CONFIG, "w") as config, atomic_write(folder / WEIGHTS) as weights_file:
+            weights_file.write(weights)
+            config.write(text)
+    except OSError as e:
+        raise ExportError(f"could not write the export into {folder}: {e}") from None
     return folder
 
 
@@ -103,8 +113,14 @@ def _architecture(model: PlainResNet) -> PlainResNetConfig:
 def check_export_folder(out_dir: str | Path, spec: SubnetSpec, source: str | None, overwrite: bool = False) -> None:
     """Refuse to replace an export of ``spec`` in ``out_dir`` that came from another source (another run, or
     a random initialisation): it may be the only copy of a trained network. Exports without a source (the
-    Python API without ``metadata``) replace each other, as ``torch.save`` would."""
-    config = Path(out_dir) / spec.name / CONFIG
+    Python API without ``metadata``) replace each other, as ``torch.save`` would. A file where the export's
+    folder goes is refused whatever ``overwrite`` says."""
+    folder = Path(out_dir) / spec.name
+    for place in (Path(out_dir), folder):
+        if place.exists() and not place.is_dir():
+            raise ExportError(f"cannot export {spec.name} into {folder}: {place} is a file; choose another "
+                              "output folder")
+    config = folder / CONFIG
     if overwrite or not config.is_file():
         return
     try:
@@ -117,11 +133,17 @@ def check_export_folder(out_dir: str | Path, spec: SubnetSpec, source: str | Non
                           "replace it with overwrite=True (--overwrite)")
 
 
-def _export_onnx(plain: PlainResNet, path: Path, resolution: int) -> None:
+def require_onnx() -> None:
+    """Fail with a hint when the onnx package is missing (torch's exporter needs it), before any file is
+    written."""
     try:
-        import onnx  # noqa: F401  (the exporter needs it; fail with a hint instead of deep inside torch)
+        import onnx  # noqa: F401
     except ImportError:
         raise ExportError("ONNX export needs the onnx package: pip install 'slimssl[onnx]'") from None
+
+
+def _export_onnx(plain: PlainResNet, path: Path, resolution: int) -> None:
+    require_onnx()
     example = torch.zeros(1, 3, resolution, resolution)  # the tracing size; a ResNet takes any size
     torch.onnx.export(plain, (example,), str(path), input_names=["images"], output_names=["features"],
                       dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}},

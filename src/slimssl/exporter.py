@@ -72,12 +72,15 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence
     """
     from .eval import recalibration_batches
     from .eval.inputs import DataOptions, check_numbers
-    from .export import FORMATS, ONNX, ExportError, check_export_folder, export_subnet, load_exported, verify_export
+    from .export import (FORMATS, ONNX, ExportError, check_export_folder, export_subnet, load_exported,
+                         require_onnx, verify_export)
 
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
     options = DataOptions.of(data, export_run)
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()
     if checkpoint is None and recalibrate_bn:
         raise UsageError("recalibrate_bn re-estimates a trained checkpoint's BatchNorm statistics; a random "
                          "initialisation is exported with its initial ones")
