@@ -115,11 +115,12 @@ def check_export_folder(out_dir: str | Path, spec: SubnetSpec, source: str | Non
     a random initialisation): it may be the only copy of a trained network. Exports without a source (the
     Python API without ``metadata``) replace each other, as ``torch.save`` would. A file where the export's
     folder goes is refused whatever ``overwrite`` says."""
-    folder = Path(out_dir) / spec.name
-    for place in (Path(out_dir), folder):
-        if place.exists() and not place.is_dir():
-            raise ExportError(f"cannot export {spec.name} into {folder}: {place} is a file; choose another "
-                              "output folder")
+    folder = place = Path(out_dir) / spec.name
+    while not place.exists() and place != place.parent:  # the nearest part of the path that exists
+        place = place.parent
+    if place.exists() and not place.is_dir():
+        raise ExportError(f"cannot export {spec.name} into {folder}: {place} is a file; choose another "
+                          "output folder")
     config = folder / CONFIG
     if overwrite or not config.is_file():
         return
