@@ -141,6 +141,29 @@ def test_export_subnet_accepts_friendly_names(tmp_path):
     assert export_subnet(model, None, tmp_path).name == "w1p0_d1-1-1-1"
 
 
+def test_export_differences_are_relative_to_large_outputs():
+    from slimssl.export import export_differences
+
+    model = build("basic-cifar-private")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:  # BatchNorm weights: features in the thousands, as a trained network's can be
+                p.mul_(20)
+
+    class Rounded(nn.Module):  # the export computing the same up to float32 rounding of large numbers
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) * (1 + 1e-7)
+
+    exported = Rounded(model.export("w0p5_d1-1-1-1").eval())
+    absolute, relative = export_differences(model, "w0p5_d1-1-1-1", exported, 16)
+    assert absolute > 1e-5  # an absolute tolerance of 1e-5 would refuse this export
+    assert relative < 1e-6 and absolute / relative > 100  # divided by the largest output, in the hundreds
+
+
 def test_verify_export_detects_a_wrong_model(perturb_bn, tmp_path):
     model = build("basic-cifar-private", perturb_bn)
     wrong = model.export("w0p5_d1-1-1-1")

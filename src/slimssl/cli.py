@@ -56,9 +56,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                       resolution=args.resolution, recalibrate_bn=args.recalibrate_bn, device=args.device,
                       eval_batch_size=args.eval_batch_size, **data_keywords(args))
     emit(args, rows, markdown_table(rows))
-    worst = max((v for r in rows for k, v in r.items() if k.endswith("max_abs_diff")), default=0.0)
+    worst = max((v for r in rows for k, v in r.items() if k.endswith("max_rel_diff")), default=0.0)
     if worst > args.tolerance:
-        log.error("export differs from the supernet by %.3g, more than --tolerance %g", worst, args.tolerance)
+        log.error("export differs from the supernet by %.3g (relative to its largest output), more than "
+                  "--tolerance %g", worst, args.tolerance)
         return 1
     return 0
 
@@ -117,7 +118,9 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
                    "checkpoint or config (an export of the same one is always replaced)")
     p.add_argument("--verify", action="store_true", help="compare each export with the supernet's sub-network "
                    "(with shared BatchNorm: the re-estimated copy it was exported from)")
-    p.add_argument("--tolerance", type=nonnegative_float, default=1e-5, help="--verify fails above this max abs difference")
+    p.add_argument("--tolerance", type=nonnegative_float, default=1e-5,
+                   help="--verify fails above this max difference, relative to the largest output where that is "
+                   "above 1 (absolute below)")
     p.add_argument("--resolution", type=positive_int,
                    help="input size for --verify, and ONNX's tracing size (the graph takes any size; default: the "
                         "config's)")

@@ -72,8 +72,8 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence
     """
     from .eval import recalibration_batches
     from .eval.inputs import DataOptions, check_numbers
-    from .export import (FORMATS, ONNX, ExportError, check_export_folder, export_subnet, load_exported,
-                         require_onnx, verify_export)
+    from .export import (FORMATS, ONNX, ExportError, check_export_folder, export_differences, export_subnet,
+                         load_exported, require_onnx)
 
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
     options = DataOptions.of(data, export_run)
@@ -101,9 +101,11 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence
                                          "bn_recalibration": statistics[spec.name]})
         row = {"subnet": spec.name, "path": str(folder)}
         if verify:  # the files as written, read back: safetensors, and the ONNX graph when exported
-            row["max_abs_diff"] = verify_export(model, spec, load_exported(folder), resolution)
+            row["max_abs_diff"], row["max_rel_diff"] = export_differences(model, spec, load_exported(folder),
+                                                                          resolution)
             if fmt == "onnx":
-                row["onnx_max_abs_diff"] = verify_export(model, spec, folder / ONNX, resolution)
+                row["onnx_max_abs_diff"], row["onnx_max_rel_diff"] = export_differences(model, spec, folder / ONNX,
+                                                                                        resolution)
         rows.append(row)
         log.info("exported %s to %s", spec.name, folder)
     return rows
