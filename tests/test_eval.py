@@ -426,7 +426,7 @@ def test_cli_finetune_every_subnet_at_several_fractions(tmp_path, capsys):
     assert not any(key.endswith("_settings") for row in saved.values() for key in row)
 
 
-def test_fine_tuned_classifiers_are_saved_as_exports_that_score_what_was_reported(tmp_path, capsys):
+def test_fine_tuned_classifiers_are_saved_as_exports_that_score_what_was_reported(tmp_path, capsys, caplog):
     import slimssl
     from slimssl.cli import main
     from slimssl.data.datasets import load_dataset
@@ -448,6 +448,14 @@ def test_fine_tuned_classifiers_are_saved_as_exports_that_score_what_was_reporte
     test = load_dataset("fake", "test", resolution=RES, fake_size=cfg.data.fake_size, seed=cfg.train.seed)
     top1, _ = evaluate_classifier(model, test, test.labels, resolution=RES, mean=cfg.data.mean, std=cfg.data.std)
     assert top1 == row["top1"]
+
+    # a classifier fine-tuned from another checkpoint is not replaced, and is refused before any training
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    make_checkpoint(tmp_path / "other.pt")
+    assert main(["finetune", str(tmp_path / "other.pt"), "--subnet", "0.5", "--label-fraction", "0.5", "--epochs",
+                 "2", "--device", "cpu", "--no-save", "--save-models", str(models)]) == 2
+    assert "already holds an export of w0p5_d1-1-1-1_50pct_seed0" in capsys.readouterr().err + caplog.text
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 def test_save_exported_takes_a_classifier_set_by_hand_and_refuses_other_heads(tmp_path):

@@ -17,7 +17,7 @@ from .layout import CHECKPOINTS
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
 from .nn.modes import eval_mode
-from .nn.spec import SubnetLike, SubnetSpec
+from .nn.spec import SubnetLike
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -53,7 +53,7 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     if fmt == "onnx":
         require_onnx()  # before anything is written
     spec = supernet.resolve(subnet)
-    check_export_folder(out_dir, spec, (metadata or {}).get("source"), overwrite)
+    check_export_folder(Path(out_dir) / spec.name, (metadata or {}).get("source"), overwrite)
     plain = supernet.export(spec).eval()
     (Path(out_dir) / spec.name / ONNX).unlink(missing_ok=True)  # a graph of an earlier export: not these weights
     folder = save_exported(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})
@@ -110,17 +110,17 @@ def _architecture(model: PlainResNet) -> PlainResNetConfig:
                       f"nn.Linear({model.config.feature_dim}, classes) with a bias (a classifier)")
 
 
-def check_export_folder(out_dir: str | Path, spec: SubnetSpec, source: str | None, overwrite: bool = False) -> None:
-    """Refuse to replace an export of ``spec`` in ``out_dir`` that came from another source (another run, or
-    a random initialisation): it may be the only copy of a trained network. Exports without a source (the
-    Python API without ``metadata``) replace each other, as ``torch.save`` would. A file where the export's
-    folder goes is refused whatever ``overwrite`` says."""
-    folder = place = Path(out_dir) / spec.name
+def check_export_folder(folder: str | Path, source: str | None, overwrite: bool = False,
+                        replace_hint: str = "replace it with overwrite=True (--overwrite)") -> None:
+    """Refuse to replace an export in ``folder`` (an exported sub-network, or a fine-tuned classifier) that
+    came from another source (another run, or a random initialisation): it may be the only copy of a trained
+    network. Exports without a source (the Python API without ``metadata``) replace each other, as
+    ``torch.save`` would. A file where the folder goes is refused whatever ``overwrite`` says."""
+    folder = place = Path(folder)
     while not place.exists() and place != place.parent:  # the nearest part of the path that exists
         place = place.parent
     if place.exists() and not place.is_dir():
-        raise ExportError(f"cannot export {spec.name} into {folder}: {place} is a file; choose another "
-                          "output folder")
+        raise ExportError(f"cannot export into {folder}: {place} is a file; choose another output folder")
     config = folder / CONFIG
     if overwrite or not config.is_file():
         return
@@ -129,9 +129,9 @@ def check_export_folder(out_dir: str | Path, spec: SubnetSpec, source: str | Non
     except (ValueError, OSError, AttributeError):
         earlier = None
     if earlier != source:
-        raise ExportError(f"{config.parent} already holds an export of {spec.name}"
-                          + (f" from {earlier}" if earlier else "") + "; choose another output folder, or "
-                          "replace it with overwrite=True (--overwrite)")
+        raise ExportError(f"{config.parent} already holds an export of {folder.name}"
+                          + (f" from {earlier}" if earlier else "") + f"; choose another output folder, or "
+                          f"{replace_hint}")
 
 
 def require_onnx() -> None:

@@ -88,7 +88,7 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence
     specs = supernet.resolve_many(subnets)
     source = export_source(checkpoint, config)
     for spec in specs:  # every folder is checked before anything is written
-        check_export_folder(out, spec, source, overwrite)
+        check_export_folder(Path(out) / spec.name, source, overwrite)
     batches = 0 if checkpoint is None else recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn)
     models, statistics = _models_to_export(supernet, cfg, specs, batches, recalibrated, checkpoint=checkpoint,
                                            options=options, device=device, eval_batch_size=eval_batch_size)

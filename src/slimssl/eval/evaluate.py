@@ -186,6 +186,8 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
     Returns one row per result: subnet, width, depths, params, macs, label_fraction, seed, num_labelled,
     recipe, top1, top5 (percent), indices (the labelled subset).
     """
+    from ..export import check_export_folder
+    from ..exporter import export_source
     from .finetune import finetune_subnet, fraction_tag
     from .results import run_dir_of, write_json_atomic
 
@@ -196,6 +198,11 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
     supernet, cfg, torch_device = load_model(checkpoint, device, config)
     save = save and not in_memory(checkpoint)
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)
+    model_source = None if in_memory(checkpoint) else export_source(checkpoint, None)
+    if save_models is not None:  # a classifier fine-tuned from another checkpoint is not replaced
+        for spec, label_fraction in jobs:
+            check_export_folder(Path(save_models) / finetuned_name(spec, label_fraction, seed), model_source,
+                                replace_hint="remove that folder to replace it")
     train, test = options.load_splits(cfg, torch_device)
     costs = cost_rows(supernet, cfg.data.resolution, list(dict.fromkeys(spec for spec, _ in jobs)))
     run_dir = run_dir_of(checkpoint) if save else None
@@ -205,14 +212,15 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
         if len(jobs) > 1:
             log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
         protocol = f"finetune_{fraction_tag(label_fraction)}"  # results.json: finetune_1pct_top1, ...
-        name = f"{spec.name}_{fraction_tag(label_fraction)}_seed{seed}"
+        name = finetuned_name(spec, label_fraction, seed)
         stem = f"{name}.json"
         result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=seed,
                                  epochs=epochs, lr=lr, batch_size=batch_size, resolution=cfg.data.resolution,
                                  mean=cfg.data.mean, std=cfg.data.std, device=torch_device,
                                  recalibrate_batches=recalibrate_bn,
                                  eval_batch_size=eval_batch_size or cfg.eval.batch_size, train_crop=train_crop,
-                                 save_model=Path(save_models) / name if save_models is not None else None)
+                                 save_model=Path(save_models) / name if save_models is not None else None,
+                                 checkpoint_source=model_source)
         if out is not None:
             path = Path(out)
         elif not save:  # nothing is written beside the checkpoint; ``out`` still names a file to write
@@ -235,6 +243,13 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
         save_values(checkpoint, values, protocol, settings, cfg, save)
         rows.append(row)
     return rows
+
+
+def finetuned_name(spec, label_fraction: float, seed: int) -> str:
+    """A fine-tuning's name: its result file's stem and its saved classifier's folder."""
+    from .finetune import fraction_tag
+
+    return f"{spec.name}_{fraction_tag(label_fraction)}_seed{seed}"
 
 
 def finetune_jobs(supernet, subnets: Sequence[str | float] | str, label_fractions: Sequence[float] | float,

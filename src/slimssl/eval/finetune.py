@@ -98,13 +98,14 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
                     resolution: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
                     recalibrate_batches: int | None = None, eval_batch_size: int = 256,
                     min_steps: int | None = None, train_crop: str | None = None,
-                    save_model: str | Path | None = None) -> dict:
+                    save_model: str | Path | None = None, checkpoint_source: str | None = None) -> dict:
     """Fine-tune the exported ``subnet`` on a balanced ``label_fraction`` of ``train``; evaluate on ``test``.
 
     ``train`` and ``test`` are labelled datasets, in memory or streamed (``data/eval_images.py``); of a streamed
     train split only the labelled subset is decoded, and held in memory while training.
     Returns a dict with the settings, ``top1``/``top5`` (percent) and ``indices`` (the labelled subset).
-    ``save_model``: a folder to write the fine-tuned classifier to, as an export (``slimssl.load_exported``).
+    ``save_model``: a folder to write the fine-tuned classifier to, as an export (``slimssl.load_exported``),
+    whose config.json records ``checkpoint_source`` (the checkpoint's path) as an export's ``source``.
     The supernet is not modified (the export is a copy; shared BatchNorm is recalibrated on a copy).
     """
     if train.labels is None or test.labels is None:
@@ -141,7 +142,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
 
         classes = list(train.classes) if train.classes else None
         save_exported(model, save_model, {**result, "classes": classes, "resolution": resolution,
-                                          "mean": list(mean), "std": list(std)})
+                                          "mean": list(mean), "std": list(std), "source": checkpoint_source})
         log.info("saved the fine-tuned %s to %s", spec.name, save_model)
     return {**result, "indices": indices.tolist()}
 
