@@ -260,6 +260,13 @@ def test_split_folders_in_any_case(tmp_path):
     _assert_splits(_split_tree(tmp_path / "d", train="Train", test="TEST"))
 
 
+def test_two_split_folders_differing_only_in_case_are_refused(tmp_path):
+    _split_tree(tmp_path / "d", train="Train")
+    _class_tree(tmp_path / "d" / "train", per_class=3)  # read from one, the other would be ignored
+    with pytest.raises(DataError, match="Train/ and train/ differ only in letter case"):
+        load_dataset(str(tmp_path / "d"), "train")
+
+
 def test_a_folder_wrapping_the_dataset_is_read_like_the_zip_of_it(tmp_path):
     _split_tree(tmp_path / "d" / "cifar")  # how unzipping a zip of cifar/ leaves it
     (tmp_path / "d" / "README.txt").write_text("downloaded from ...")
@@ -282,6 +289,10 @@ def test_a_dataset_one_folder_too_deep_is_refused_not_read_as_classes(tmp_path):
         load_dataset(str(tmp_path / "d"))
     with pytest.raises(DataError, match=r"zip the folder cifar/ on its own, or unpack .*d\.zip"):
         load_dataset(str(_zip_dir(tmp_path / "d", tmp_path / "d.zip")))
+    # the test split asked for first (as evaluation does), with a stray file beside the datasets
+    (tmp_path / "d" / "preview.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"cifar holds test/ and train/, so it is a dataset"):
+        load_dataset(str(tmp_path / "d"), "test")
 
 
 @pytest.mark.parametrize("split", ["test", "val"])

@@ -173,11 +173,14 @@ def _unwrapped(tree: FileTree) -> FileTree:
 
 def _split_dirs(dirs: set[str], prefix: str = "") -> dict[str, str]:
     """The split folders directly under ``prefix``, by lower-case name (``Train/`` counts as ``train/``)."""
-    found = {}
-    for d in sorted(dirs):  # Train/ before train/ when both exist, in every process
+    found: dict[str, str] = {}
+    for d in sorted(dirs):
         rest = d[len(prefix):] if d.startswith(prefix) else None
         if rest and "/" not in rest and rest.lower() in SPLITS:
-            found.setdefault(rest.lower(), rest)
+            if rest.lower() in found:  # one of them would be ignored without a word
+                raise DataError(f"the split folders {prefix}{found[rest.lower()]}/ and {prefix}{rest}/ differ only "
+                                "in letter case, and a split is read from one folder; merge them into one")
+            found[rest.lower()] = rest
     return found
 
 
@@ -190,6 +193,7 @@ def split_prefix(tree: FileTree, split: str) -> str:
                         f"{os.path.join(tree.root, next(iter(splits.values())))} itself as a single train split)")
     if "train" not in splits:
         if split != "train":
+            _refuse_nested_dataset(tree, "")  # a dataset one folder too deep: say that, not "no test split"
             raise MissingSplitError(
                 f"{tree.root} has no train/ and test/ (or val/) sub-folders, so it is a "
                 f"single 'train' split; cannot load split {split!r}"
@@ -200,6 +204,20 @@ def split_prefix(tree: FileTree, split: str) -> str:
         if name in splits:
             return splits[name] + "/"
     raise MissingSplitError(f"{tree.root} has no {' or '.join(w + '/' for w in wanted)} folder for split {split!r}")
+
+
+def _refuse_nested_dataset(tree: FileTree, prefix: str) -> None:
+    """A dataset one folder too deep would be read as classes, its splits mixed: refused, saying where it is."""
+    where = os.path.join(tree.root, prefix) if prefix else tree.root
+    children = (d[len(prefix):] for d in tree.dirs if d.startswith(prefix))
+    for cls in sorted(c for c in children if c and "/" not in c):
+        nested = _split_dirs(tree.dirs, f"{prefix}{cls}/")
+        if nested:
+            held = " and ".join(sorted(f"{name}/" for name in nested.values()))
+            inner = os.path.join(where, cls)
+            fix = f"give {inner} itself as the data" if os.path.isdir(tree.root) else \
+                f"zip the folder {prefix}{cls}/ on its own, or unpack {tree.root} and give that folder"
+            raise DataError(f"{inner} holds {held}, so it is a dataset, not a class folder; {fix}")
 
 
 def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None, list[str] | None]:
@@ -217,14 +235,7 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
             hint = f"; it holds {zips[0]}: give that .zip as the data" if zips else ""
             raise DataError(f"{where} contains no images (extensions: {', '.join(IMAGE_EXTENSIONS)}){hint}")
         return paths, None, None
-    for cls in class_dirs:  # a dataset one folder too deep would be read as classes, its splits mixed
-        nested = _split_dirs(tree.dirs, f"{prefix}{cls}/")
-        if nested:
-            held = " and ".join(sorted(f"{name}/" for name in nested.values()))
-            inner = os.path.join(where, cls)
-            fix = f"give {inner} itself as the data" if os.path.isdir(tree.root) else \
-                f"zip the folder {prefix}{cls}/ on its own, or unpack {tree.root} and give that folder"
-            raise DataError(f"{inner} holds {held}, so it is a dataset, not a class folder; {fix}")
+    _refuse_nested_dataset(tree, prefix)
     loose = [f for f in under if "/" not in f and _is_image(f)]
     if loose:
         log.warning("%s: ignoring %d images outside the class folders (e.g. %s)", where, len(loose), loose[0])
