@@ -37,6 +37,9 @@ CKPT = "no-such-run"
     (["profile", CKPT, "--resolution", "-4"], "argument --resolution: expected an integer > 0"),
     (["profile", CKPT, "--num-classes", "-3"], "argument --num-classes: expected an integer >= 0"),
     (["export", CKPT, "--all", "--out", "x", "--tolerance", "-1"], "argument --tolerance: expected a number >= 0"),
+    (["pretrain", "--data", ""], "argument --data: expected a dataset name or path, got an empty string"),
+    (["knn", CKPT, "--data", " "], "argument --data: expected a dataset name or path, got an empty string"),
+    (["pretrain", "--out", ""], "argument --out: expected a folder, got an empty string"),
 ])
 def test_bad_numbers_and_output_files_exit_2_naming_the_flag(argv, expected, capsys):
     with pytest.raises(SystemExit) as refused:

@@ -563,7 +563,8 @@ def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
     for keywords, expected in [({"workers": -1}, "workers must be an int >= 0"),
                                ({"crop_ratio": "a"}, "crop_ratio must be a number in"),
                                ({"loader": "disk"}, "loader must be 'memory' or 'stream'"),
-                               ({"skip_unreadable": "no"}, "skip_unreadable must be True or False")]:
+                               ({"skip_unreadable": "no"}, "skip_unreadable must be True or False"),
+                               ({"data": ""}, "data must be a dataset name or path, got ''")]:
         with pytest.raises(slimssl.SlimsslError, match=expected):
             slimssl.linear_probe(tmp_path / "model.pt", **keywords)
     with pytest.raises(TypeError, match=r"knn\(\) got unknown keyword\(s\) kk \(did you mean k\?\); its keywords "

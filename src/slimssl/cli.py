@@ -9,7 +9,7 @@ import sys
 import time
 
 from . import __version__
-from .cli_args import add_overrides, emit, nonnegative_float, nonnegative_int, output_dir, positive_int
+from .cli_args import add_overrides, data_source, emit, nonnegative_float, nonnegative_int, output_dir, positive_int
 from .errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
@@ -129,7 +129,7 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
                         "exporting it, as evaluation does, so that the export is the model evaluation measured "
                         f"(default: {DEFAULT_RECALIBRATE_BATCHES} when the checkpoint's BatchNorm is shared, else 0; "
                         "0: export the statistics as stored)")
-    p.add_argument("--data", help="dataset name or path of --recalibrate-bn's train batches (default: the checkpoint "
+    p.add_argument("--data", type=data_source, help="dataset name or path of --recalibrate-bn's train batches (default: the checkpoint "
                                   "config's data.source)")
     add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

@@ -51,8 +51,18 @@ def output_file(*suffixes: str) -> Callable[[str], Path]:
     return parse
 
 
+def data_source(text: str) -> str:
+    """--data: a dataset name or path, never empty (an unset shell variable would fall back to the config's
+    dataset, which for the CIFAR recipes is a download)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a dataset name or path, got an empty string (an unset variable?)")
+    return text
+
+
 def output_dir(text: str) -> Path:
     """A folder to write into: it may exist, but must not be a file."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty string (an unset variable?)")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder (existing or new)")

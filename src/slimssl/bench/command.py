@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_args import add_overrides, nonnegative_int, output_file, positive_int
+from ..cli_args import add_overrides, data_source, nonnegative_int, output_file, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="timed steps per measurement (after warmup; default 10)")
     p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=positive_int, help="default: the config's train.batch_size")
-    p.add_argument("--data", help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
+    p.add_argument("--data", type=data_source, help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
                                   "instead of synthetic images in memory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-by-one baseline")

@@ -34,7 +34,7 @@ class DataOptions:
 
     def __post_init__(self) -> None:  # checked before any work, and by type first ('a' < 1 would raise TypeError)
         problems = []
-        if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
+        if self.data is not None and (not isinstance(self.data, (str, os.PathLike)) or not str(self.data).strip()):
             problems.append(f"data must be a dataset name or path, got {self.data!r}")
         if self.loader not in (None, "memory", "stream"):
             problems.append(f"loader must be 'memory' or 'stream', got {self.loader!r}")

@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 
-from ..cli_args import add_overrides, nonnegative_float, output_dir, positive_int
+from ..cli_args import add_overrides, data_source, nonnegative_float, output_dir, positive_int
 from ..errors import UsageError
 from . import DEFAULT_EPOCHS, DEFAULT_PROBE_EPOCHS, DEFAULT_RECIPES, EXIT_CONTINUE, REPORT_JSON, REPORT_MD
 
@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                "  2  bad arguments, or settings that differ from the runs already in --out")
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                    help="comma-separated shipped config names or YAML paths (default: %(default)s)")
-    p.add_argument("--data", help="dataset name or path for every recipe (default: the recipes' data.source)")
+    p.add_argument("--data", type=data_source, help="dataset name or path for every recipe (default: the recipes' data.source)")
     p.add_argument("--out", required=True, type=output_dir, help="folder of the runs and the report")
     p.add_argument("--epochs", type=positive_int, help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS})")
     p.add_argument("--batch-size", type=positive_int, help="total batch of every run (default: the recipe's)")

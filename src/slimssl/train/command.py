@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import add_overrides, output_dir, positive_int
+from ..cli_args import add_overrides, data_source, output_dir, positive_int
 from ..errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
@@ -15,7 +15,7 @@ log = logging.getLogger("slimssl")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="slimmable self-supervised pretraining (default: the embedded demo)")
     p.add_argument("--config", help="YAML recipe: a path or a shipped name (default: demo)")
-    p.add_argument("--data", help="dataset name (digits, cifar10, cifar100, fake) or an ImageFolder path / .zip")
+    p.add_argument("--data", type=data_source, help="dataset name (digits, cifar10, cifar100, fake) or an ImageFolder path / .zip")
     p.add_argument("--out", type=output_dir, help="run directory (default: runs/<name>-<time>)")
     p.add_argument("--epochs", type=positive_int, help="train.epochs: the length of the schedule")
     p.add_argument("--max-steps", type=positive_int, help="stop once the run has made this many steps in all, counted "
