@@ -1,5 +1,6 @@
 import logging
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -393,3 +394,16 @@ def test_a_folder_holding_a_zip_alone_says_to_give_the_zip(tmp_path):
     _zip_dir(_class_tree(tmp_path / "src"), tmp_path / "d" / "cifar.zip")
     with pytest.raises(DataError, match=r"contains no images .*it holds cifar\.zip: give that \.zip as the data"):
         load_dataset(str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("source, resolution, expected", [
+    (123, 16, "data source must be a dataset name or path, got 123"),
+    ("digits", 16.5, "resolution must be a positive int, got 16.5"),
+    ("digits", "16", "resolution must be a positive int, got '16'"),
+])
+def test_a_source_or_resolution_of_the_wrong_kind_is_named_not_read_as_unreadable_files(source, resolution, expected):
+    from slimssl.data.eval_images import load_eval_split
+
+    for loader in ("memory", "stream"):
+        with pytest.raises(DataError, match=re.escape(expected)):
+            load_eval_split(source, "train", loader=loader, resolution=resolution)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_write
 from .decode import decode_error, decode_resized, resize_center_crop, resize_side
-from .files import SKIP_HINT, SPLITS, DataError, FileTree, existing_path, list_split, scan_tree, split_prefix
+from .files import (SKIP_HINT, SPLITS, DataError, FileTree, check_source_and_resolution, existing_path, list_split,
+                    scan_tree, split_prefix)
 
 log = logging.getLogger("slimssl")
 
@@ -105,8 +106,7 @@ def load_dataset(
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r} for {source!r}; expected one of {SPLITS}")
-    if resolution is not None and resolution < 1:
-        raise DataError(f"resolution must be a positive int, got {resolution!r}")
+    check_source_and_resolution(source, resolution)
     if not 0 < crop_ratio <= 1 or (crop_ratio != 1 and resolution is None):
         raise DataError(f"crop_ratio must be in (0, 1], and 1 without a resolution; got {crop_ratio!r} at "
                         f"resolution {resolution!r}")

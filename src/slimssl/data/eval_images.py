@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import ImageDataset, load_dataset, num_classes
 from .decode import decode_error, decode_resized
-from .files import SKIP_HINT, DataError, FileListDataset, list_labelled_files, to_path
+from .files import SKIP_HINT, DataError, FileListDataset, check_source_and_resolution, list_labelled_files, to_path
 
 log = logging.getLogger("slimssl")
 
@@ -81,7 +81,8 @@ class StreamedImages:
 
     def __init__(self, source: str, split: str = "test", *, resolution: int, workers: int = 0,
                  skip_unreadable: bool = False, pin_memory: bool = False, crop_ratio: float = 1.0):
-        if resolution < 1 or workers < 0 or not 0 < crop_ratio <= 1:
+        check_source_and_resolution(source, resolution)
+        if workers < 0 or not 0 < crop_ratio <= 1:
             raise DataError(f"need resolution >= 1, workers >= 0 and 0 < crop_ratio <= 1, got {resolution}, "
                             f"{workers} and {crop_ratio}")
         files = list_labelled_files(source, split)

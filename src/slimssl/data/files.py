@@ -30,6 +30,15 @@ class DataError(SlimsslError):
     """Bad dataset input: the message names the path and what was expected."""
 
 
+def check_source_and_resolution(source, resolution) -> None:
+    """Refuse a source that is no name or path and a resolution that is no positive int up front: found later,
+    inside the decoder, they would read as files that cannot be decoded."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+        raise DataError(f"data source must be a dataset name or path, got {source!r}")
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
+        raise DataError(f"resolution must be a positive int, got {resolution!r}")
+
+
 class MissingSplitError(DataError):
     """The data has no folder for the split asked for (pretraining needs none; evaluation needs a test split)."""
 
