@@ -41,8 +41,8 @@ def add_loader_args(p: argparse.ArgumentParser) -> None:
                         "batch from the files of a folder or .zip too large for memory (same images, same results; "
                         "built-in datasets are in memory only). Default: the checkpoint config's data.loader")
     p.add_argument("--skip-unreadable", action="store_true",
-                   help="skip (memory) or replace (stream) image files that cannot be decoded instead of stopping "
-                        "(default: the checkpoint config's data.skip_unreadable)")
+                   help="leave out the image files that cannot be decoded instead of stopping (with either loader; "
+                        "default: the checkpoint config's data.skip_unreadable)")
     p.add_argument("--crop-ratio", type=fraction, metavar="R",
                    help="evaluate each image's centre R (of its shorter side), resized to the run's resolution: "
                         "resize to resolution / R, then centre crop (default: the config's eval.crop_ratio; "
