@@ -241,7 +241,9 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
         paths = sorted(prefix + f for f in under if "/" not in f and _is_image(f))
         if not paths:
             zips = sorted(f for f in under if f.lower().endswith(".zip"))
-            hint = f"; it holds {zips[0]}: give that .zip as the data" if zips else ""
+            inside_a_zip = not os.path.isdir(tree.root)  # a zip within a zip cannot be given as the data
+            hint = (f"; it holds {zips[0]}: " + (f"unpack {tree.root} and give that .zip as the data" if inside_a_zip
+                                                  else "give that .zip as the data")) if zips else ""
             raise DataError(f"{where} contains no images (extensions: {', '.join(IMAGE_EXTENSIONS)}){hint}")
         return paths, None, None
     _refuse_nested_dataset(tree, prefix)
