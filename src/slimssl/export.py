@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -195,7 +196,7 @@ def _refuse_other_folder(folder: Path) -> None:
     if (folder / CHECKPOINTS).is_dir():
         raise ExportError(f"{folder} is a run directory, not an exported sub-network: load its supernet with "
                           f"slimssl.load_supernet({str(folder)!r}), or export sub-networks from it first "
-                          f"(slimssl export {folder} --all --out DIR) and load one of DIR's folders")
+                          f"(slimssl export {shlex.quote(str(folder))} --all --out DIR) and load one of DIR's folders")
     names = exported_subnets(folder)
     if names:
         raise ExportError(f"{folder} holds exported sub-networks ({', '.join(names)}), one per folder; load one of "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -549,7 +550,7 @@ class Trainer:
         if self._last_saved_step != self.state.step:
             self.save(any_rank=True)
         return DataError(f"{error}\nthe {self.state.step} steps trained so far are saved in "
-                         f"{checkpoint_path(self.run_dir)}: continue with slimssl pretrain --resume {self.run_dir} "
+                         f"{checkpoint_path(self.run_dir)}: continue with slimssl pretrain --resume {shlex.quote(str(self.run_dir))} "
                          "(with --set data.skip_unreadable=true, or once the file is replaced)")
 
     def _stop_agreed(self, received: bool, scheduled: bool) -> bool:
