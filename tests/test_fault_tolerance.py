@@ -955,3 +955,11 @@ def test_a_failed_resume_leaves_metrics_jsonl_as_it_was(tmp_path, saved_run, mon
         slimssl.pretrain(out=run, resume=True, overrides=["optim.lr=0.1"])
     assert (run / "metrics.jsonl").read_text() == metrics
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_the_resume_hint_quotes_a_folder_with_spaces(tmp_path, capsys, caplog):
+    run = tmp_path / "my run"
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run),
+                     "--max-steps", "1"]) == 0
+    assert f"continue with: slimssl pretrain --resume '{run}'" in error_text(capsys, caplog)
