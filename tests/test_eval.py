@@ -245,6 +245,13 @@ def test_recalibration_reads_whole_batches_only():
     assert torch.equal(stats(few, 3), stats(few, 1))
 
 
+def test_a_label_fraction_below_one_image_per_class_says_what_it_uses(caplog):
+    labels = torch.arange(300)  # 300 classes of one image
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert len(balanced_subset(labels, 0.01)) == 300
+    assert "less than one image per class: one of each class is used (300 images, 1 of the split)" in caplog.text
+
+
 def test_finetune_refuses_a_single_labelled_image():
     one_class = colour_dataset(8, 0)
     one_class.labels.zero_()

@@ -67,6 +67,10 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> tor
     classes = torch.unique(labels)
     smallest = min(int((labels == c).sum()) for c in classes)
     per_class = max(1, round(float(fraction) * len(labels) / len(classes)))
+    if round(float(fraction) * len(labels) / len(classes)) < 1:  # the subset is larger than the fraction asked
+        log.warning("label fraction %g of %d images in %d classes is less than one image per class: one of each "
+                    "class is used (%d images, %.3g of the split)", fraction, len(labels), len(classes),
+                    len(classes), len(classes) / len(labels))
     if per_class > smallest:
         log.warning("label fraction %g asks for %d examples per class; the smallest class has %d",
                     fraction, per_class, smallest)
