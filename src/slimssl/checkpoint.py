@@ -102,9 +102,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 "torch.load(weights_only=False) yourself only if you trust where it came from") from None
         unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's detail, without its advice
         detail = unpickler.group(1).strip() if unpickler else (str(e).splitlines() or [""])[0]
+        detail = f"{type(e).__name__}: {detail}"
         if _readable(path) and not zipfile.is_zipfile(path):  # torch's words for this vary, some with a page of advice
             detail = "not a complete zip archive, as torch.save writes: the file is cut short or damaged"
-        raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({type(e).__name__}: {detail}); expected "
+        raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({detail}); expected "
                               "a checkpoint file (e.g. RUN/checkpoints/last.pt) or a run directory") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
