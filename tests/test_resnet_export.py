@@ -244,7 +244,7 @@ def test_bad_config_raises_export_error(exported):
     with pytest.raises(ExportError, match="config.json"):
         load_exported(exported)
     (exported / "config.json").write_text(json.dumps({"format": "x"}))
-    with pytest.raises(ExportError, match="config.json"):
+    with pytest.raises(ExportError, match="config.json.*its format is 'x', expected 'slimssl-plain-resnet'"):
         load_exported(exported)
 
 

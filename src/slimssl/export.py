@@ -166,6 +166,8 @@ def load_exported(folder: str | Path) -> PlainResNet:
             raise ExportError(f"{path} is missing; an exported sub-network folder holds {CONFIG} and {WEIGHTS}")
     try:
         info = json.loads(config_path.read_text())
+        if info.get("format") != EXPORT_FORMAT:  # another tool's config.json (a Hugging Face model's, ...)
+            raise ValueError(f"its format is {info.get('format')!r}, expected {EXPORT_FORMAT!r}")
         arch = PlainResNetConfig.from_dict(info["architecture"])
         model = PlainResNet(arch)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
