@@ -129,8 +129,9 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
                         "exporting it, as evaluation does, so that the export is the model evaluation measured "
                         f"(default: {DEFAULT_RECALIBRATE_BATCHES} when the checkpoint's BatchNorm is shared, else 0; "
                         "0: export the statistics as stored)")
-    p.add_argument("--data", type=data_source, help="dataset name or path of --recalibrate-bn's train batches (default: the checkpoint "
-                                  "config's data.source)")
+    p.add_argument("--data", type=data_source,
+                   help="dataset name or path of --recalibrate-bn's train batches (default: the checkpoint "
+                        "config's data.source)")
     add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where --recalibrate-bn runs (default: cuda if available); the export is written from the CPU")

@@ -15,8 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="timed steps per measurement (after warmup; default 10)")
     p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--batch-size", type=positive_int, help="default: the config's train.batch_size")
-    p.add_argument("--data", type=data_source, help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
-                                  "instead of synthetic images in memory")
+    p.add_argument("--data", type=data_source,
+                   help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
+                        "instead of synthetic images in memory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-by-one baseline")
     p.add_argument("--data-only", action="store_true", help="measure the data path alone (no training step)")

@@ -14,7 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import data_source, emit, fraction, nonnegative_int, output_dir, output_file, positive_float, positive_int
+from ..cli_args import (data_source, emit, fraction, nonnegative_int, output_dir, output_file, positive_float,
+                        positive_int)
 from ..errors import UsageError
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, TRAIN_CROPS
 
@@ -61,7 +62,8 @@ def _add_train_crop_arg(p: argparse.ArgumentParser) -> None:
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
-    p.add_argument("--data", type=data_source, help="dataset name or path (default: the checkpoint config's data.source)")
+    p.add_argument("--data", type=data_source,
+                   help="dataset name or path (default: the checkpoint config's data.source)")
     add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
     p.add_argument("--eval-batch-size", type=positive_int, help="batch of the feature extraction (default: config eval.batch_size)")
@@ -208,7 +210,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train batches to average the statistics over (default %(default)s)")
     p.add_argument("--out", required=True, type=output_file(".pt"),
                    help="the new checkpoint file (.pt), outside any run's checkpoints folder")
-    p.add_argument("--data", type=data_source, help="dataset name or path (default: the checkpoint config's data.source)")
+    p.add_argument("--data", type=data_source,
+                   help="dataset name or path (default: the checkpoint config's data.source)")
     add_loader_args(p)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--eval-batch-size", type=positive_int, help="default: config eval.batch_size")

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                "  2  bad arguments, or settings that differ from the runs already in --out")
     p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
                    help="comma-separated shipped config names or YAML paths (default: %(default)s)")
-    p.add_argument("--data", type=data_source, help="dataset name or path for every recipe (default: the recipes' data.source)")
+    p.add_argument("--data", type=data_source,
+                   help="dataset name or path for every recipe (default: the recipes' data.source)")
     p.add_argument("--out", required=True, type=output_dir, help="folder of the runs and the report")
     p.add_argument("--epochs", type=positive_int, help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS})")
     p.add_argument("--batch-size", type=positive_int, help="total batch of every run (default: the recipe's)")

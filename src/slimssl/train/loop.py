@@ -549,8 +549,9 @@ class Trainer:
             return error  # nothing trained: the failed start is cleaned up as any other
         if self._last_saved_step != self.state.step:
             self.save(any_rank=True)
+        resume = f"slimssl pretrain --resume {shlex.quote(str(self.run_dir))}"
         return DataError(f"{error}\nthe {self.state.step} steps trained so far are saved in "
-                         f"{checkpoint_path(self.run_dir)}: continue with slimssl pretrain --resume {shlex.quote(str(self.run_dir))} "
+                         f"{checkpoint_path(self.run_dir)}: continue with {resume} "
                          "(with --set data.skip_unreadable=true, or once the file is replaced)")
 
     def _stop_agreed(self, received: bool, scheduled: bool) -> bool:
