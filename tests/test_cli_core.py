@@ -329,8 +329,10 @@ def test_cli_set_swallowing_a_positional_says_so(tmp_path, capsys, caplog):
 
 def test_cli_config_list(capsys):
     assert main(["config", "--list"]) == 0
-    listed = capsys.readouterr().out.split()
-    assert "demo.yaml" in listed and "imagenet_r50_slimclr_mocov2.yaml" in listed
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]  # the names --config takes, each described
+    assert "demo" in names and "imagenet_r50_slimclr_mocov2" in names
+    assert any(line.startswith("demo ") and "digits" in line for line in lines)
 
 
 def test_cli_config_unknown_key_returns_2(capsys, caplog):

@@ -82,10 +82,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
 # ---- config ------------------------------------------------------------------------------------------
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import load_config, packaged_configs
+    from .config import find_config, load_config, packaged_configs
 
-    if args.list:
-        print("\n".join(packaged_configs()))
+    if args.list:  # the names --config takes, each with the first line of its header comment
+        names = [name.removesuffix(".yaml") for name in packaged_configs()]
+        width = max(map(len, names))
+        for name in names:
+            first = next((line.lstrip("# ").rstrip() for line in find_config(name).read_text().splitlines()
+                          if line.startswith("#")), "")
+            if first and not first.endswith("."):  # the sentence goes on in the file
+                first = first.rstrip(",:;") + " ..."
+            print(f"{name:<{width}}  {first}".rstrip())
         return 0
     print(load_config(args.config, args.set).to_yaml(), end="")
     return 0
