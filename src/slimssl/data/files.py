@@ -26,6 +26,17 @@ SPLITS = ("train", "test", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(level: int, message: str, *args) -> None:
+    """Log what scanning a folder finds once per process, not once for each split scanned."""
+    text = message % args
+    if text not in _SAID:
+        _SAID.add(text)
+        log.log(level, text)
+
+
 class DataError(SlimsslError):
     """Bad dataset input: the message names the path and what was expected."""
 
@@ -88,7 +99,8 @@ def _scan_dir(root: str) -> FileTree:
             if entry.is_dir():
                 identity = _identity(entry.path)
                 if identity in above:
-                    log.warning("%s links to a folder that holds it: not followed (a loop)", entry.path)
+                    _say_once(logging.WARNING, "%s links to a folder that holds it: not followed (a loop)",
+                              entry.path)
                     continue
                 dirs.add(rel)
                 stack.append((rel, (*above, identity)))
@@ -175,7 +187,7 @@ def _unwrapped(tree: FileTree) -> FileTree:
     if not prefix:
         return tree
     root = os.path.join(tree.root, inner)
-    log.info("%s holds only the folder %s: reading it", tree.root, inner)
+    _say_once(logging.INFO, "%s holds only the folder %s: reading it", tree.root, inner)
     return FileTree(root, {k[len(prefix):]: v for k, v in tree.files.items() if k.startswith(prefix)},
                     {d[len(prefix):] for d in tree.dirs if d.startswith(prefix)}, _folder_reader(root))
 
