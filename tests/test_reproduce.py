@@ -217,6 +217,50 @@ def test_steps_lost_to_a_hard_stop_are_not_timed(tmp_path, monkeypatch, caplog):
     assert json.loads((slim / "timing.json").read_text())["chunks"] == EPOCHS
 
 
+def test_a_kill_after_the_last_checkpoint_keeps_the_seconds_of_its_steps(tmp_path, monkeypatch, caplog):
+    """Killed in the final kNN, after last.pt: the seconds of the saved steps were counted with it."""
+    from slimssl.train.loop import Trainer
+
+    recipe, out = RECIPES[0], tmp_path / "late"
+    knn_once = Trainer.knn
+
+    def killed(self):
+        if self.state.step == self.total_steps:
+            raise KeyboardInterrupt
+        return knn_once(self)
+
+    monkeypatch.setattr(Trainer, "knn", killed)
+    assert reproduce(out, [recipe]) == 3
+    slim = run_dirs(out, recipe)[0]
+    timing = json.loads((slim / "timing.json").read_text())
+    assert timing["step"] == load_checkpoint(slim / "checkpoints" / "last.pt")["train_state"]["step"] == STEPS
+    monkeypatch.undo()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert reproduce(out, [recipe]) == 0
+    assert "timing.json reached step" not in caplog.text
+
+
+def test_a_stop_signal_during_an_epochs_checkpoint_stops_the_call(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from slimssl.train.loop import Trainer
+
+    recipe, out = RECIPES[0], tmp_path / "signalled"
+    save_once = Trainer.save
+
+    def signalled(self, name="last.pt", any_rank=False):
+        if self.state.step == STEPS // EPOCHS:  # the first epoch's checkpoint, the end of the call's first unit
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save_once(self, name, any_rank)
+
+    monkeypatch.setattr(Trainer, "save", signalled)
+    assert reproduce(out, [recipe]) == 3  # not forgotten by the next unit, which would train on
+    slim = run_dirs(out, recipe)[0]
+    assert load_checkpoint(slim / "checkpoints" / "last.pt")["train_state"]["step"] == STEPS // EPOCHS
+    assert json.loads((slim / "timing.json").read_text())["step"] == STEPS // EPOCHS
+
+
 def test_bad_data_met_mid_run_saves_the_steps_trained_in_a_timed_run_too(tmp_path, monkeypatch):
     from slimssl.data.files import DataError
     from slimssl.reproduce.run import TimedTrainer

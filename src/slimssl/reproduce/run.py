@@ -116,12 +116,16 @@ class Budget:
 
 class TimedTrainer(Trainer):
     """A Trainer that times its evaluation (kNN, the final profile) and checkpoint writing apart, so what
-    remains of a chunk's wall time is training steps."""
+    remains of its wall time is training steps, and adds them to ``timing`` (``RUN/timing.json``) right
+    after each ``last.pt``: the seconds counted are those of the steps saved, so a call killed at any moment
+    loses only the seconds of steps the next call trains again."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, timing: JobTiming | None = None, **kwargs):
         self.apart = {"eval": 0.0, "checkpoint": 0.0}
         self._timing_apart = False
+        self.timing = timing if timing is not None else JobTiming()
         super().__init__(*args, **kwargs)
+        self._mark, self._apart_at_mark = time.perf_counter(), dict(self.apart)
 
     @contextlib.contextmanager
     def _timed_apart(self, kind: str) -> Iterator[None]:
@@ -138,44 +142,54 @@ class TimedTrainer(Trainer):
             self.apart[kind] += time.perf_counter() - start
             self._timing_apart = False
 
+    def _count(self) -> None:
+        """Add the seconds since the last count to ``timing``, up to the step ``last.pt`` holds, and write it."""
+        synchronize(self.device)
+        now = time.perf_counter()
+        apart = {k: self.apart[k] - self._apart_at_mark[k] for k in self.apart}
+        self.timing.pretrain_seconds += now - self._mark - sum(apart.values())
+        self.timing.eval_seconds += apart["eval"]
+        self.timing.checkpoint_seconds += apart["checkpoint"]
+        self.timing.step = self._last_saved_step if self._last_saved_step is not None else self.timing.step
+        write_timing(self.run_dir, self.timing)
+        self._mark, self._apart_at_mark = now, dict(self.apart)
+
     def knn(self) -> dict[str, float]:
         with self._timed_apart("eval"):
             return super().knn()
 
     def finish(self) -> dict:
         with self._timed_apart("eval"):
-            return super().finish()
+            results = super().finish()
+        self._count()
+        return results
 
     def save(self, name: str = LAST, any_rank: bool = False):
         with self._timed_apart("checkpoint"):
-            return super().save(name, any_rank)
+            saved = super().save(name, any_rank)
+        if name == LAST:
+            self._count()
+        return saved
 
 
-def run_chunk(trainer: TimedTrainer, timing: JobTiming, run_dir: Path) -> dict:
-    """Train one epoch (or up to the end) and add its seconds to ``timing``; the results when finished."""
+def run_chunk(trainer: TimedTrainer) -> dict:
+    """Train one epoch (or up to the end); the results when finished. The trainer counts the seconds."""
     end = min(trainer.state.step + trainer.steps_per_epoch, trainer.total_steps)
-    before = dict(trainer.apart)
-    synchronize(trainer.device)
-    start = time.perf_counter()
-
-    def record() -> None:
-        synchronize(trainer.device)
-        wall = time.perf_counter() - start
-        apart = {k: trainer.apart[k] - before[k] for k in before}
-        timing.pretrain_seconds += wall - sum(apart.values())
-        timing.eval_seconds += apart["eval"]
-        timing.checkpoint_seconds += apart["checkpoint"]
-        timing.step, timing.chunks = trainer.state.step, timing.chunks + 1
-        write_timing(run_dir, timing)
-
     try:
         results = trainer.fit(max_steps=end)
-    except Interrupted:  # stopped by a signal after saving: its steps and their seconds count
-        record()
+    except Interrupted:  # stopped by a signal after saving: a chunk all the same (its seconds are counted)
+        _count_chunk(trainer)
         raise
-    # any other failure records nothing: the steps since the last checkpoint are trained again next call
-    record()
+    # any other failure counts no chunk: the steps since the last checkpoint are trained again next call
+    _count_chunk(trainer)
+    if trainer.signal_received is not None:  # it came as the run ended: the call stops all the same
+        raise Interrupted(f"stopped by {signal.Signals(trainer.signal_received).name}")
     return results
+
+
+def _count_chunk(trainer: TimedTrainer) -> None:
+    trainer.timing.chunks += 1
+    write_timing(trainer.run_dir, trainer.timing)
 
 
 def pretrain_job(job: Job, budget: Budget) -> bool:
@@ -191,7 +205,7 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     resume = checkpoint_path(job.run_dir).is_file()
     timing = read_timing(job.run_dir)
     start = time.perf_counter()
-    trainer = TimedTrainer(job.cfg, job.run_dir, resume=resume)
+    trainer = TimedTrainer(job.cfg, job.run_dir, resume=resume, timing=timing)
     timing.setup_seconds += time.perf_counter() - start
     name = device_name(trainer.device)
     if name not in timing.devices:
@@ -209,7 +223,7 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
         timing.step = trainer.state.step
     log.info("%s: pretraining from step %d of %d", job.label, trainer.state.step, trainer.total_steps)
     while budget.allows():
-        results = run_chunk(trainer, timing, job.run_dir)
+        results = run_chunk(trainer)
         budget.used()
         if results:
             log.info("%s: pretrained in %.1f s", job.label, timing.pretrain_seconds)

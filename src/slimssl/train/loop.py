@@ -137,6 +137,7 @@ class Trainer:
         self.state = TrainState()
         self.window = LogWindow()  # the steps since the last metrics record
         self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
+        self.signal_received: int | None = None  # a stop signal that arrived as fit() ended the run
         self._resumed_lr: dict | None = None  # the effective lr last.pt was trained with, when resuming
         # the step of the checkpoint resumed from, as its run counted them (another batch renumbers them)
         saved_step = self._load(checkpoint_path(self.run_dir)) if resume else None
@@ -514,15 +515,24 @@ class Trainer:
                 if epoch_done:
                     self._end_of_epoch()
                 if stopping:
-                    if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
-                        self.save()  # the steps since the last record go into it, to be logged after the resume
-                    cause = (signal.Signals(guard.received).name if guard.received is not None
-                             else "a stop signal to another process")
-                    raise Interrupted(f"stopped by {cause} at step {self.state.step}; "
-                                      f"checkpoint saved in {checkpoint_path(self.run_dir)}")
+                    raise self._stopped(guard)
+            if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
+                self.save()  # inside the guard: a signal during it is a flag, not an exception mid-write
+            # a signal during the end of the last step (its epoch's save or kNN) stops here, as one in the loop
+            # does, rather than being forgotten by the next call to fit
+            if self.state.step < self.total_steps and self._stop_agreed(guard.received is not None, True):
+                raise self._stopped(guard)
+        self.signal_received = guard.received  # one that came while the run ended: for a caller to act on
+        return self.finish() if self.state.step >= self.total_steps else {}
+
+    def _stopped(self, guard: SignalGuard) -> Interrupted:
+        """Save what is not saved yet (the steps since the last record, logged after the resume) and say so."""
         if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
             self.save()
-        return self.finish() if self.state.step >= self.total_steps else {}
+        cause = (signal.Signals(guard.received).name if guard.received is not None
+                 else "a stop signal to another process")
+        return Interrupted(f"stopped by {cause} at step {self.state.step}; "
+                           f"checkpoint saved in {checkpoint_path(self.run_dir)}")
 
     def _evaluations_before_training(self) -> None:
         """kNN at random initialisation (a new run), or, for a run resumed at the end of an epoch, that epoch's
