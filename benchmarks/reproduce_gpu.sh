@@ -44,7 +44,8 @@ python - <<'PY'
 import json, pathlib, statistics
 for timing in sorted(pathlib.Path(".runs/repro").glob("*/*/timing.json")):
     t = json.loads(timing.read_text())
-    done = (timing.parent / "results.json").is_file()
+    results = timing.parent / "results.json"  # done once probed: a run only pretrained loses its checkpoint here
+    done = results.is_file() and "linear" in json.loads(results.read_text()).get("protocols", {})
     # the progress bars are filtered out of the log above: their img/s, as metrics.jsonl logged it
     speeds = []
     for line in (timing.parent / "metrics.jsonl").read_text().splitlines() if (timing.parent / "metrics.jsonl").is_file() else []:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
 from ..cli_args import add_overrides, data_source, nonnegative_float, output_dir, positive_int
 from ..errors import UsageError
@@ -67,16 +68,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     except (Interrupted, KeyboardInterrupt) as e:  # a second signal inside a training step: KeyboardInterrupt
         log.warning("%s", e or "stopped by a second signal")
         log.warning("reproduction interrupted; what was saved is kept: run the same command again to continue")
+        _remove_earlier_report(args.out)
         return EXIT_INTERRUPTED
     log.info("this call: %d units of work in %.1f s", budget.units, time.perf_counter() - budget.start)
     if doc is None:
         log.warning("%d of %d jobs done; run the same command again to continue", done, len(jobs))
-        stale = [p for p in (args.out / REPORT_MD, args.out / REPORT_JSON) if p.is_file()]
-        for path in stale:  # from an earlier call: it would look current
-            path.unlink()
-        if stale:
-            log.info("removed the report of an earlier call (%s): it is written again once every job is done",
-                     ", ".join(p.name for p in stale))
+        _remove_earlier_report(args.out)
         status = {"complete": False, "jobs_done": done, "jobs_total": len(jobs),
                   "jobs": [{"run": j.label, "pretrained": is_pretrained(j)} for j in jobs]}
         if args.json:
@@ -85,3 +82,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     log.info("wrote %s and %s", args.out / REPORT_MD, args.out / REPORT_JSON)
     emit(args, doc, report_markdown(doc))
     return 0
+
+
+def _remove_earlier_report(out: Path) -> None:
+    """A call that leaves work removes the report of an earlier call, which would look current."""
+    stale = [p for p in (out / REPORT_MD, out / REPORT_JSON) if p.is_file()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        log.info("removed the report of an earlier call (%s): it is written again once every job is done",
+                 ", ".join(p.name for p in stale))

@@ -294,11 +294,13 @@ def probe_job(job: Job, budget: Budget, epochs: int, data: LabelledData) -> bool
         epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], device=device, seed=settings["seed"],
         feature_batch_size=cfg.eval.batch_size, recalibrate_batches=settings["recalibrate_bn"])
     synchronize(device)
-    timing = read_timing(job.run_dir)
-    timing.probe_seconds += time.perf_counter() - start
-    write_timing(job.run_dir, timing)
+    seconds = time.perf_counter() - start
     values = {name: {"linear_top1": r["top1"], "linear_top5": r["top5"]} for name, r in results.items()}
     merge_results(job.run_dir, values, protocol="linear", settings=settings)
+    # after the results: a call killed in between runs no probe again, so it is never counted twice
+    timing = read_timing(job.run_dir)
+    timing.probe_seconds += seconds
+    write_timing(job.run_dir, timing)
     budget.used()
     log.info("%s: linear probe %s", job.label, ", ".join(f"{n}={r['top1']:.2f}" for n, r in results.items()))
     return True
