@@ -131,7 +131,7 @@ def check_export_folder(folder: str | Path, source: str | None, overwrite: bool 
         earlier = None
     if earlier != source:
         raise ExportError(f"{config.parent} already holds an export of {folder.name}"
-                          + (f" from {earlier}" if earlier else "") + f"; choose another output folder, or "
+                          + (f" from {earlier}" if earlier else "") + "; choose another output folder, or "
                           f"{replace_hint}")
 
 

@@ -125,6 +125,7 @@ class TimedTrainer(Trainer):
         self._timing_apart = False
         self.timing = timing if timing is not None else JobTiming()
         super().__init__(*args, **kwargs)
+        synchronize(self.device)  # the resumed state is in place: the clock of the first count starts here
         self._mark, self._apart_at_mark = time.perf_counter(), dict(self.apart)
 
     @contextlib.contextmanager

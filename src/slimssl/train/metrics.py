@@ -64,7 +64,6 @@ class MetricsLogger:
         self.tb = None
         if not enabled:
             return
-        self._drop_unfinished_line()
         if resumed_at is not None:
             self._drop_records_after(resumed_at)
         try:
@@ -100,31 +99,21 @@ class MetricsLogger:
         lines = self.path.read_text().splitlines()
         return any(r.get("step") == step and key in r for r in map(_record, lines[_numbered_from(lines):]))
 
-    def _drop_unfinished_line(self) -> None:
-        """A record cut short by a kill during its write has no newline: the next record would be appended to
-        it, one unreadable line of both, so the cut one goes."""
-        if not self.path.is_file():
-            return
-        text = self.path.read_text()
-        if not text or text.endswith("\n"):
-            return
-        kept = text[:text.rfind("\n") + 1]
-        with atomic_write(self.path, "w") as f:
-            f.write(kept)
-        log.warning("metrics.jsonl: dropped its last record, cut short when the run stopped: %s",
-                    text[len(kept):][:80])
-
     def _drop_records_after(self, step: int) -> None:
         if not self.path.is_file():
             return
         lines = self.path.read_text().splitlines(keepends=True)
-        start = _numbered_from(lines)  # records of steps counted in an earlier batch stay
-        kept = lines[:start] + [line for line in lines[start:] if _step_of(line) <= step]
+        if lines and not lines[-1].endswith("\n"):  # cut short by a kill mid-write: the next record would join it
+            log.warning("metrics.jsonl: dropped its last record, cut short when the run stopped: %s", lines[-1][:80])
+        whole = [line for line in lines if line.endswith("\n")]
+        start = _numbered_from(whole)  # records of steps counted in an earlier batch stay
+        kept = whole[:start] + [line for line in whole[start:] if _step_of(line) <= step]
         if len(kept) < len(lines):
             with atomic_write(self.path, "w") as f:
                 f.writelines(kept)
-            log.info("metrics.jsonl: dropped %d records of steps after %d, which this run trains again",
-                     len(lines) - len(kept), step)
+            if len(kept) < len(whole):
+                log.info("metrics.jsonl: dropped %d records of steps after %d, which this run trains again",
+                         len(whole) - len(kept), step)
 
     def close(self) -> None:
         if self.tb is not None:
