@@ -296,6 +296,15 @@ def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
     assert records(tmp_path / "twice") == records(tmp_path / "end")
 
 
+def test_a_first_stop_signal_is_a_flag_and_a_second_stops_at_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="slimssl"), loop.SignalGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.received == signal.SIGINT  # the work in flight goes on
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert "A second SIGINT stops at once, without saving" in caplog.text  # the user learns the way out
+
+
 def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypatch):
     cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
     Trainer(cfg, tmp_path / "straight").fit()

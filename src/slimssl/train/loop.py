@@ -111,8 +111,10 @@ class SignalGuard:
         if self.received is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.received = signum
-        log.warning("received %s: finishing the current step, then saving a checkpoint (several processes "
-                    "stop together at the next logged step, train.log_every)", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        log.warning("received %s: finishing the current step (the first one, when training has not started yet), "
+                    "then saving a checkpoint; several processes stop together at the next logged step "
+                    "(train.log_every). A second %s stops at once, without saving", name, name)
 
     def __exit__(self, *exc):
         return self._handling.__exit__(*exc)
