@@ -287,6 +287,7 @@ def test_pretrain_cli_then_export(tmp_path, capsys):
     results = json.loads((run / "results.json").read_text())
     assert printed == results
     assert results["steps"] == 4  # 32 images / batch 8, one epoch
+    assert results["run"] == "run"  # the folder's name, as evaluation commands write it; the recipe's is in config
     rows = {r["subnet"]: r for r in results["subnets"]}
     assert list(rows) == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1", "w0p25_d1-1-1-1"]
     for row in rows.values():

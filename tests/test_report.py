@@ -70,6 +70,20 @@ def test_plot_has_one_marker_per_subnet(tmp_path):
     assert [line.get_label() for line in joined.axes[0].get_lines()] == ["slim", "one by one"]
     with pytest.raises(PlotError, match="knn_top1"):
         plot_accuracy_vs_macs(docs, "nonexistent")
+    for not_a_number in ("subnet", "depths"):  # values that are no accuracy: said, not a traceback
+        with pytest.raises(PlotError, match=rf"no run has values of '{not_a_number}'.*metrics found: knn_top1"):
+            plot_accuracy_vs_macs(docs, not_a_number)
+
+
+def test_table_shows_what_a_hand_edited_file_holds_and_rounds_up_units(tmp_path, capsys):
+    from slimssl.report.table import human
+
+    assert [human(n) for n in (999, 999_999, 1_234_567, 999_999_999)] == ["999", "1.00M", "1.23M", "1.00G"]
+    d = tmp_path / "edited"
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({"subnets": [{"subnet": "w1p0_d1-1-1-1", "macs": "unknown"}]}))
+    assert main(["report", str(d)]) == 0
+    assert "| w1p0_d1-1-1-1 | -      | unknown |" in capsys.readouterr().out
 
 
 def test_plot_needs_matplotlib(tmp_path, monkeypatch):
@@ -95,6 +109,28 @@ def test_grad_norm_plot(tmp_path, capsys, caplog):
     assert series["w0p5_d1-1-1-1"]["rest"] == [0.1] * 5
     assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG
+
+
+def test_runs_of_one_recipe_are_told_apart_by_their_folders(tmp_path, capsys, monkeypatch):
+    """Pretraining named results.json's run after the recipe until 2026-12-05: runs of one recipe all read
+    "demo", and the report gave them one heading and one plot series."""
+    dirs = []
+    for folder in ("lr0p1", "lr0p5", "old/lr0p1"):
+        d = tmp_path / folder
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"run": "demo", "config": {"name": "demo"}, "resolution": 16,
+                                                    "subnets": [_row("w1p0_d1-1-1-1", 1.0, 77000, 1_040_000, 86.0)]}))
+        (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "grad_norm": {"w1p0_d1-1-1-1": {"shared": 1.0,
+                                                                                            "rest": 0.5}}}) + "\n")
+        dirs.append(str(d))
+    drawn = {}
+    monkeypatch.setattr("slimssl.report.plot.plot_grad_norms", lambda series, path: drawn.update(series))
+    assert main(["report", *dirs, "--plot-grad", str(tmp_path / "grad.png")]) == 0
+    text = capsys.readouterr().out
+    # the same folder name twice: the paths as given
+    assert [line for line in text.splitlines() if line.startswith("## ")] == [
+        f"## {dirs[0]} (demo, 16 px)", "## lr0p5 (demo, 16 px)", f"## {dirs[2]} (demo, 16 px)"]
+    assert sorted(drawn) == sorted([dirs[0], "lr0p5", dirs[2]])  # one series per run, none overwritten
 
 
 def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, capsys, caplog):

@@ -135,7 +135,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         log.info("wrote %s (%s against MACs)", args.plot, args.metric)
     status = 0
     if args.plot_grad:
-        series = {r["run"]: grad_norm_series(d) for r, d in zip(results, args.run_dirs)}
+        series = {r["run"]: grad_norm_series(d) for r, d in zip(results, args.run_dirs)}  # labels are unique
         if any(series.values()):
             plot_grad_norms(series, args.plot_grad)
             log.info("wrote %s (gradient norms)", args.plot_grad)

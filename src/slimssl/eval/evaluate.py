@@ -55,7 +55,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     if run_dir is None:
         return None
     path = merge_results(run_dir, values, protocol=protocol, settings=settings,
-                         defaults={"run": run_dir.name, "config": cfg.model_dump(mode="json"),
+                         defaults={"run": run_dir.resolve().name, "config": cfg.model_dump(mode="json"),
                                    "resolution": cfg.data.resolution})
     log.info("merged %s results into %s", protocol, path)
     return path

@@ -1,6 +1,6 @@
 """A run's ``results.json``: read it, and merge evaluation values into it per sub-network.
 
-The file is ``{"run": name, "config": {...}, "resolution": int, "subnets": [{"subnet": name, "width": w,
+The file is ``{"run": the run directory's name, "config": {...}, "resolution": int, "subnets": [{"subnet": name, "width": w,
 "depths": [...], "params": n, "macs": n, "knn_top1": x, ...}, ...]}``. Evaluation commands run on a
 checkpoint inside a run directory add their values to the matching ``subnets`` entry (keyed by the
 canonical sub-network name) and record their settings under ``"protocols"``, so a report can say how
@@ -60,7 +60,7 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
         raise ResultsError(f"{path} is not a file")
     if not path.is_file():
         if missing_ok:
-            return {"run": run_dir.name, "subnets": []}
+            return {"run": run_dir.resolve().name, "subnets": []}
         raise ResultsError(f"{path} does not exist; a run directory gets results.json at the end of pretraining "
                            "(or from 'slimssl knn RUN_DIR')")
     try:
@@ -69,7 +69,7 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
         raise ResultsError(f"{path} is not readable JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("subnets", []), list):
         raise ResultsError(f"{path} does not hold a results object with a 'subnets' list")
-    data.setdefault("run", run_dir.name)
+    data.setdefault("run", run_dir.resolve().name)
     data.setdefault("subnets", [])
     for i, row in enumerate(data["subnets"]):
         if not isinstance(row, dict) or "subnet" not in row:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import UsageError
+from .table import is_number
 
 log = logging.getLogger("slimssl")
 
@@ -45,7 +46,7 @@ METRIC_LABELS = {"knn_top1": "kNN top-1 (%)", "linear_top1": "linear probe top-1
 def accuracy_points(result: Mapping, metric: str) -> list[tuple[float, float, str]]:
     """(macs, value, subnet) of every sub-network of a run that has ``metric``, by increasing MACs."""
     points = [(float(r["macs"]), float(r[metric]), r["subnet"]) for r in result.get("subnets", [])
-              if r.get(metric) is not None and r.get("macs")]
+              if is_number(r.get(metric)) and is_number(r.get("macs")) and r["macs"] > 0]
     return sorted(points)
 
 
@@ -71,8 +72,7 @@ def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", 
         series.append((join_singles, sorted(singles)))
     if not series:
         available = sorted({k for r in results for row in r.get("subnets", []) for k, v in row.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)
-                            and k not in ("params", "macs", "width")})
+                            if is_number(v) and k not in ("params", "macs", "width")})
         raise PlotError(f"no run has values of {metric!r} with MACs; metrics found: {', '.join(available) or 'none'}")
     fig = _figure()
     ax = fig.add_subplot()

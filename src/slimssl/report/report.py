@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..eval.results import read_metrics, read_results
-from .table import markdown_table
+from .table import is_number, markdown_table
 
 # Always shown (missing values print as '-'), in this order; other measured keys follow where a run has them.
 BASE_COLUMNS = ["subnet", "params", "macs", "knn_top1", "linear_top1"]
@@ -16,20 +16,26 @@ _NOT_COLUMNS = {"width", "depths"}
 
 
 def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
-    """The results.json content of every run directory, in the given order."""
-    return [read_results(d) for d in run_dirs]
+    """The results.json content of every run directory, in the given order, with ``run`` set to the label
+    that tells it from the others (:func:`run_labels`): runs of one recipe share their config's name."""
+    results = [read_results(d) for d in run_dirs]
+    for result, label in zip(results, run_labels(run_dirs)):
+        result["run"] = label
+    return results
+
+
+def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
+    """Each run directory's folder name, or the path as given where two folders have the same name."""
+    names = [Path(d).resolve().name for d in run_dirs]
+    return [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs)]
 
 
 def run_columns(result: dict) -> list[str]:
     """The table's columns: the base ones, then every measured number a row has (not the settings or files
     recorded beside them)."""
-    present = [k for row in result.get("subnets", []) for k, v in row.items() if _is_number(v)]
+    present = [k for row in result.get("subnets", []) for k, v in row.items() if is_number(v)]
     extra = sorted({k for k in present if k not in _ORDER and k not in _NOT_COLUMNS}, key=_natural)
     return [c for c in _ORDER if c in BASE_COLUMNS or c in present] + extra
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _natural(key: str) -> list:
@@ -39,9 +45,11 @@ def _natural(key: str) -> list:
 
 def run_table(result: dict) -> str:
     """A Markdown section for one run: a heading with its name and one row per sub-network."""
-    title = f"## {result.get('run', 'run')}"
+    config = result.get("config")
+    about = [config["name"]] if isinstance(config, dict) and isinstance(config.get("name"), str) else []
     if result.get("resolution"):
-        title += f" ({result['resolution']} px)"
+        about.append(f"{result['resolution']} px")
+    title = f"## {result.get('run', 'run')}" + (f" ({', '.join(about)})" if about else "")
     table = f"{title}\n\n{markdown_table(result.get('subnets', []), run_columns(result))}"
     apart = [f"{row['subnet']} ({', '.join(k.removesuffix('_settings') for k in row if k.endswith('_settings'))})"
              for row in result.get("subnets", []) if any(k.endswith("_settings") for k in row)]

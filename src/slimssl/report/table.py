@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 
+def is_number(value) -> bool:
+    """A measured number: an int or float (JSON's true/false are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def human(n: float) -> str:
-    """1234567 -> '1.23M'."""
+    """1234567 -> '1.23M'; 999999 -> '1.00M' (what rounds to 1000 of a unit takes the next one)."""
+    if not is_number(n):  # a hand-edited results.json: shown as it is
+        return str(n)
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
+        if abs(n) >= scale * 0.999995:
             return f"{n / scale:.2f}{unit}"
     return f"{n:g}"
 

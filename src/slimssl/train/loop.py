@@ -661,7 +661,7 @@ class Trainer:
         if knn and not self.metrics.has_record(self.state.step, "knn_top1"):
             self.metrics.write({"step": self.state.step, "epoch": self.cfg.train.epochs, "knn_top1": knn})
         _warn_of_dropped_evaluations(self.run_dir)
-        results = {"run": self.cfg.name, "config": self.cfg.model_dump(mode="json"),
+        results = {"run": self.run_dir.resolve().name, "config": self.cfg.model_dump(mode="json"),
                    "resolution": self.cfg.data.resolution, "steps": self.state.step,
                    "effective_lr": self.effective_lr(),
                    "skipped_steps": self.state.skipped_steps, "subnets": rows}
