@@ -49,9 +49,12 @@ def test_bench_json_has_every_measurement(tmp_path, capsys, caplog):
     rows = json.loads(capsys.readouterr().out)
     names = [r["what"] for r in rows]
     assert names[0].startswith("data path") and names[1].startswith("slimmable step (4 sub-networks)")
-    assert sum(n.strip().startswith("dense ") for n in names) == 4
-    assert names[-1].startswith("slimmable / one-by-one") and rows[-1]["img_per_s"] > 0
-    assert all(r["img_per_s"] > 0 and r["device"] == "cpu" for r in rows)
+    assert sum(n.startswith("dense ") for n in names) == 4  # data, not the text table's indentation
+    # the ratio of the times, under its own key: not an img/s
+    assert names[-1] == "slimmable / one-by-one speed ratio" and rows[-1]["img_per_s"] is None
+    dense = sum(rows[1]["batch"] / r["img_per_s"] for r in rows if r["what"].startswith("dense "))
+    assert rows[-1]["ratio"] == pytest.approx(dense * rows[1]["img_per_s"] / rows[1]["batch"])
+    assert all(r["img_per_s"] > 0 and r["device"] == "cpu" for r in rows[:-1])
 
 
 def test_bench_profile_writes_the_operator_table(tmp_path, capsys):
@@ -91,6 +94,20 @@ def test_bench_measures_a_streamed_folder(tmp_path, capsys):
                  "--set", "data.workers=0", "--device", "cpu", "--steps", "1", "--warmup", "1", "--data-only",
                  "--json"]) == 0
     assert [r["what"] for r in json.loads(capsys.readouterr().out)] == ["data path (two augmented views, stream)"]
+
+
+def test_bench_data_only_needs_no_baseline_and_refuses_profile(tmp_path, capsys, caplog):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny("byol")))
+    # a width with no network of its own: only the one-by-one baseline needs one, and --data-only measures none
+    common = ["bench", "--config", str(path), "--device", "cpu", "--steps", "1", "--warmup", "0",
+              "--set", "menu.widths=[1.0,0.3]", "--data-only"]
+    assert main([*common, "--json"]) == 0
+    assert [r["what"] for r in json.loads(capsys.readouterr().out)] == ["data path (two augmented views, memory)"]
+    table = tmp_path / "ops.txt"
+    assert main([*common, "--profile", str(table)]) == 2  # would write nothing: said, not silently skipped
+    assert "--profile profiles the training step, which --data-only does not run" in caplog.text
+    assert not table.exists()
 
 
 def test_bench_refuses_a_baseline_it_cannot_build_before_measuring_anything(tmp_path, capsys, caplog):

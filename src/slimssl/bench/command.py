@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=data_source,
                    help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
                         "instead of synthetic images in memory")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                   help="train.device (default: the config's, or a --set of it; auto: a GPU when there is one)")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-by-one baseline")
     p.add_argument("--data-only", action="store_true", help="measure the data path alone (no training step)")
     p.add_argument("--profile", type=output_file(".txt"), metavar="FILE.txt",
@@ -33,22 +34,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ..cli_args import emit
     from ..config import load_config
+    from ..errors import UsageError
     from .measure import run_bench
 
-    # steady state: every sub-network runs (no slow start); synthetic images in memory unless --data
+    if args.data_only and args.profile:
+        raise UsageError("--profile profiles the training step, which --data-only does not run; drop one of them")
+    # steady state: every sub-network runs (no slow start); synthetic images in memory unless --data, one batch
+    # of them unless --set data.fake_size says otherwise
     data = [f"data.source={args.data}"] if args.data else ["data.source=fake", "data.loader=memory"]
-    sets = [*data, *args.set, f"train.device={args.device}", "slim.slow_start=0.0"]
+    device = [f"train.device={args.device}"] if args.device else []
+    sets = [*data, *args.set, *device, "slim.slow_start=0.0"]
     cfg = load_config(args.config, sets)
     batch = args.batch_size or cfg.train.batch_size
-    cfg = load_config(args.config, [*sets, f"train.batch_size={batch}", f"data.fake_size={batch}"])
-    rows = run_bench(cfg, args.steps, args.warmup, baseline=not args.no_baseline, data_only=args.data_only,
-                     profile=args.profile)
+    fake_size = [] if args.data or any(s.split("=", 1)[0].strip() == "data.fake_size" for s in args.set) \
+        else [f"data.fake_size={batch}"]
+    cfg = load_config(args.config, [*sets, f"train.batch_size={batch}", *fake_size])
+    rows = run_bench(cfg, args.steps, args.warmup, baseline=not (args.no_baseline or args.data_only),
+                     data_only=args.data_only, profile=args.profile)
     lines = ["| measurement | img/s | peak GPU GiB | GPU busy |", "|---|---|---|---|"]
     for r in rows:
-        value = f"{r['img_per_s']:.2f}x" if "ratio" in r["what"] else f"{r['img_per_s']:,.0f}"
+        value = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else f"{r['img_per_s']:,.0f}"
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         busy = "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
-        lines.append(f"| {r['what']} | {value} | {peak} | {busy} |")
+        indent = "  " if r["what"].startswith("dense ") else ""  # the baseline's parts, under the slimmable step
+        lines.append(f"| {indent}{r['what']} | {value} | {peak} | {busy} |")
     header = (f"{cfg.name}: batch {batch}, data {cfg.data.source} ({cfg.data.loader}), {rows[0]['device']}, "
               f"torch {torch.__version__}")
     emit(args, rows, header + "\n" + "\n".join(lines))

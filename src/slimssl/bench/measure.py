@@ -137,7 +137,7 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
             _forget(cfg.train.compile, device)
             with _set_up_quietly():
                 dense = Trainer(dense_cfg, scratch / f"dense-{name}")
-            dense_rows.append(row(f"  dense {name}", _measure(dense.train_step, steps, warmup, device)))
+            dense_rows.append(row(f"dense {name}", _measure(dense.train_step, steps, warmup, device)))
             dense.view_source.close()
             del dense
         total = sum(batch / r["img_per_s"] for r in dense_rows)
@@ -145,7 +145,7 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
         peaks = [r["peak_gib"] for r in dense_rows if r["peak_gib"] is not None]
         rows.append({"what": "one-by-one baseline (sum of dense steps)", "img_per_s": batch / total,
                      "peak_gib": max(peaks) if peaks else None, "gpu_busy": None})
-        rows.append({"what": "slimmable / one-by-one speed ratio", "img_per_s": total / slim.seconds,
+        rows.append({"what": "slimmable / one-by-one speed ratio", "img_per_s": None, "ratio": total / slim.seconds,
                      "peak_gib": None, "gpu_busy": None})
     return _tag(rows, device, batch)
 
