@@ -6,6 +6,8 @@
 #
 # Expects .data/cifar10.zip (copied from ../shared/data) and .whl (benchmarks/gpu_wheels.sh), both carried to
 # the machine. Runs live in .runs/repro.
+# First, a tiny reproduction on fake images (seconds) runs the whole path on the device (bf16, channels_last,
+# kNN, probe, report): a failure there exits 5 before the real reproduction starts, not minutes into it.
 # Every call leaves in $OUT (default repro-out/) the reproduction's small files, without checkpoints:
 # finished runs are complete in it, so a later session continues from it when it is committed as
 # docs/results/repro-results.tgz (or carried as .runs/repro-results.tgz); an unfinished run, whose checkpoint
@@ -13,7 +15,8 @@
 # Environment: DEADLINE (seconds from the start of this script at which the reproduction is sent SIGTERM,
 # saves and stops, default 560: it must end before the lent machine's 600-second limit kills the call, or no
 # results come back), BUDGET (seconds after which no new epoch or probe starts; default: until 15 s before
-# the deadline, since a run stopped early cannot be continued by a later session anyway), DEVICE (default cuda).
+# the deadline, since a run stopped early cannot be continued by a later session anyway), DEVICE (default cuda),
+# PREFLIGHT=0 (skip the tiny reproduction once a session has seen the path pass on the GPU).
 set -uo pipefail
 deadline="${DEADLINE:-560}"
 out="${OUT:-repro-out}"
@@ -30,6 +33,22 @@ for earlier in .runs/repro-results.tgz docs/results/repro-results.tgz; do
     fi
 done
 . "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # slimssl from src/, carried wheels of what the machine lacks
+
+if [ "${PREFLIGHT:-1}" != 0 ]; then  # the given options first: the tiny settings after them win
+    preflight="$(mktemp -d)" preflight_start=$SECONDS
+    if timeout 180 python -m slimssl reproduce --data fake --out "$preflight/repro" --device "${DEVICE:-cuda}" "$@" \
+        --epochs 1 --batch-size 128 --probe-epochs 1 --set data.fake_size=256 data.resolution=16 model.base_width=8 \
+        "model.depths=[1,1,1,1]" method.proj_hidden=32 method.proj_dim=16 method.pred_hidden=32 eval.knn_k=5 \
+        eval.batch_size=64 >"$preflight/log" 2>&1; then
+        echo "preflight: a tiny reproduction on fake images passed on ${DEVICE:-cuda} in $((SECONDS - preflight_start)) s"
+        rm -rf "$preflight"
+    else
+        tail -30 "$preflight/log"
+        echo "preflight failed (above): the tiny reproduction on fake images did not finish on ${DEVICE:-cuda}, so" \
+             "the real one was not started (PREFLIGHT=0 skips this check)"
+        exit 5
+    fi
+fi
 
 # SIGTERM at the deadline: the step in flight finishes, the run saves, and the results below are still packed
 left=$((deadline - SECONDS)); [ "$left" -gt 10 ] || left=10
@@ -59,5 +78,5 @@ for timing in sorted(pathlib.Path(".runs/repro").glob("*/*/timing.json")):
 PY
 # the report only when this call completed it (one left from an earlier call would look current)
 [ "$status" -eq 0 ] && [ -f .runs/repro/reproduction.md ] && cp .runs/repro/reproduction.md .runs/repro/*.png "$out"/ 2>/dev/null
-echo "exit $status (0: done; 4, or 3 at the deadline: run this again)"
+echo "exit $status (0: done; 4, or 3 at the deadline: run this again; 5: the preflight failed)"
 exit $status

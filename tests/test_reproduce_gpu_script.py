@@ -46,7 +46,7 @@ def call(root: Path, out: Path, epochs: int, **env: str) -> subprocess.Completed
             "--probe-epochs", "1"]
     for assignment in TINY:
         args += ["--set", assignment]
-    environment = {**os.environ, "DEVICE": "cpu", "OUT": str(out),
+    environment = {**os.environ, "DEVICE": "cpu", "OUT": str(out), "PREFLIGHT": "0",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
     return subprocess.run(args, cwd=root, env=environment, capture_output=True, text=True, timeout=300)
 
@@ -76,8 +76,9 @@ def test_a_committed_tarball_lets_a_fresh_machine_continue(tmp_path):
     for root in (first, second):
         root.mkdir()
         fake_cifar_zip(root)
-    done = call(first, first / "out", epochs=1)
+    done = call(first, first / "out", epochs=1, PREFLIGHT="1")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "preflight: a tiny reproduction on fake images passed on cpu" in done.stdout
     assert (first / "out" / "reproduction.md").is_file()
     runs = first / ".runs" / "repro" / RECIPE
     timings = {run.name: (run / "timing.json").read_text() for run in runs.iterdir() if run.is_dir()}
@@ -94,3 +95,12 @@ def test_a_committed_tarball_lets_a_fresh_machine_continue(tmp_path):
         assert (second / ".runs" / "repro" / RECIPE / name / "timing.json").read_text() == timing
     assert (second / "out" / "reproduction.md").read_text().split("## ")[1:] == \
         (first / ".runs" / "repro" / "reproduction.md").read_text().split("## ")[1:]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA to fail on")
+def test_a_failed_preflight_starts_nothing(tmp_path):
+    fake_cifar_zip(tmp_path)
+    done = call(tmp_path, tmp_path / "out", epochs=1, PREFLIGHT="1", DEVICE="cuda")  # no GPU here: it fails
+    assert done.returncode == 5, done.stdout + done.stderr
+    assert "CUDA" in done.stdout and "the real one was not started" in done.stdout  # the tiny run's error, shown
+    assert not (tmp_path / ".runs" / "repro").exists()
