@@ -589,3 +589,19 @@ def test_knn_every_logs_a_knn_record_per_epoch(tmp_path):
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "knn_top1" in r] == [1, 2, 3]
+
+
+def test_target_update_averages_the_weights_and_copies_every_buffer(tmp_path):
+    model = Trainer(config_from_dict(tiny("byol")), tmp_path).model
+    online = {n: t for n, t in model.state_dict().items() if not n.startswith(("target.", "predictor."))}
+    for name, t in online.items():  # the online network moves away from its target, counters and statistics too
+        t.add_(1 if t.dtype == torch.int64 else 0.5)
+    before = {n: t.clone() for n, t in model.target.state_dict().items()}
+    model.update_target(0.9)
+    buffers = {n for n, _ in model.target.named_buffers()}
+    assert any(before[n].dtype == torch.int64 for n in buffers) and any(before[n].is_floating_point() for n in buffers)
+    for name, t in model.target.state_dict().items():
+        if name in buffers:
+            assert t.dtype == before[name].dtype and torch.equal(t, online[name]), name
+        else:
+            assert torch.allclose(t, 0.9 * before[name] + 0.1 * online[name]), name

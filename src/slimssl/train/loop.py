@@ -28,7 +28,7 @@ from ..data.datasets import ImageDataset, check_same_classes, load_dataset
 from ..data.files import DataError, MissingSplitError
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
-from ..devices import pick_device, pick_dtype, to_device_async
+from ..devices import pick_device, pick_dtype, synchronize, to_device_async
 from ..eval import recalibration_batches
 from ..eval.evaluate import knn_of_subnets, knn_settings
 from ..eval.inputs import DataOptions
@@ -511,7 +511,8 @@ class Trainer:
                 epoch_done = self.state.step % self.steps_per_epoch == 0
                 scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
                 stopping = self._stop_agreed(guard.received is not None, scheduled)
-                if scheduled:
+                if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
+                    synchronize(self.device)
                     self._log(timed, time.perf_counter() - tick, progress)
                     timed, tick = 0, time.perf_counter()
                 if epoch_done:
