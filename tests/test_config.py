@@ -105,6 +105,13 @@ def test_mocov2_without_a_queue_is_refused_and_other_methods_ignore_it():
     assert load_config("demo", ["method.queue_size=0"]).method.queue_size == 0  # the demo is MoCo v3: no queue
 
 
+@pytest.mark.parametrize("recipe", ["demo", "cifar10_r18_dspnet_byol"])  # MoCo v3, BYOL: symmetric losses
+def test_an_asymmetric_loss_is_refused_where_the_loss_has_none(recipe):
+    with pytest.raises(ConfigError, match=r"method.symmetric: false has no effect on (mocov3|byol)"):
+        load_config(recipe, ["method.symmetric=false"])
+    assert load_config("cifar10_r18_slimclr_mocov2", ["method.symmetric=false"]).method.symmetric is False
+
+
 def test_wrong_type_via_set(config_dir):
     with pytest.raises(ConfigError) as err:
         load_config("demo", ["train.epochs=many"])

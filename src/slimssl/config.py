@@ -122,7 +122,8 @@ class MethodConfig(Section):
     momentum: float = Field(0.996, ge=0, le=1, description="EMA of the target / key encoder (base value)")
     momentum_schedule: Literal["cosine", "constant"] = "cosine"
     queue_size: int = Field(65536, ge=0, description="MoCo v2 queue of full-width keys")
-    symmetric: bool = True
+    symmetric: bool = Field(True, description="MoCo v2's loss over both views (false: the first view's queries "
+                            "and the second's keys only); BYOL's and MoCo v3's are always symmetric")
     shuffle_bn: bool = Field(
         False, description="MoCo's shuffle-BN: the target (key) network sees the batch in a random order, so a "
         "query and its positive key are normalised with statistics of different groups of samples; needs "
@@ -147,6 +148,15 @@ class MethodConfig(Section):
         if self.name == "mocov2" and self.queue_size < 1:  # only the positive left: the loss is 0, nothing learnt
             raise ValueError(f"method.queue_size: MoCo v2 contrasts each query with the keys in its queue, so it "
                              f"needs at least 1 (the CIFAR recipe keeps 4096); got {self.queue_size}")
+        return self
+
+    @model_validator(mode="after")
+    def _symmetric_where_it_matters(self) -> "MethodConfig":
+        from .methods import method_class
+
+        if not self.symmetric and method_class(self.name).symmetric_only:  # else accepted, and nothing changes
+            raise ValueError(f"method.symmetric: false has no effect on {self.name}, whose loss is always symmetric "
+                             "(mocov2 has the asymmetric form); remove the setting")
         return self
 
     @model_validator(mode="after")

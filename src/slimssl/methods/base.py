@@ -36,6 +36,7 @@ class Method(nn.Module):
     name: str = ""
     augment: str = "byol"  # the view recipe (``data.augment``) a run uses unless its config names one
     default_options: dict[str, Any] = {}  # a method's own settings and their defaults (``method.options``)
+    symmetric_only = False  # True where the loss is symmetric whatever ``method.symmetric`` says (refused false)
 
     @staticmethod
     def projector_layers(hidden: int, out: int) -> list[Layer]:

@@ -12,6 +12,7 @@ from .losses import contrastive_loss, in_batch_logits
 class MoCoV3(Method):
     name = "mocov3"
     augment = "mocov3"
+    symmetric_only = True
 
     # no biases; the projector ends with a BatchNorm without affine, the predictor without BatchNorm
     @staticmethod
