@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from slimssl.cli import main
 from slimssl.config import config_from_dict
 from slimssl.train.loop import Trainer
@@ -37,7 +39,7 @@ def test_grad_norms_leave_out_the_fp16_loss_scale():
     for scale in (1.0, 1024.0):
         torch.manual_seed(0)
         backbone = build_supernet(cfg)
-        probe = GradientImbalance(backbone, 0.25)
+        probe = GradientImbalance(backbone, backbone.menu.smallest)
         probe.start(grad_scale=scale)
         (backbone(torch.randn(4, 3, 8, 8), subnet="0.5").square().mean() * scale).backward()
         probe.after_backward("w0p5")
@@ -57,3 +59,42 @@ def test_report_plots_the_diagnostic(tmp_path):
     png = tmp_path / "grad.png"
     assert main(["report", str(run), "--plot-grad", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_blocks_deeper_than_the_smallest_subnet_share_nothing():
+    """With depth menus, "shared" means what the smallest sub-network runs: the first blocks of each stage."""
+    import torch
+
+    from slimssl.models.build import build_supernet
+    from slimssl.nn.layers import SlimConv2d
+    from slimssl.nn.spec import SubnetSpec
+    from slimssl.slim.diagnostics import GradientImbalance
+
+    data = tiny("byol")
+    data["model"] = {**data["model"], "depths": [2, 2, 2, 2], "zero_init_residual": False}
+    backbone = build_supernet(config_from_dict(data))
+    torch.manual_seed(0)
+    backbone(torch.randn(4, 3, 8, 8)).square().mean().backward()  # the full network: every block
+    records = {}
+    for depths in ((2, 2, 2, 2), (1, 1, 1, 1)):
+        probe = GradientImbalance(backbone, SubnetSpec(0.5, depths))
+        probe.previous = [torch.zeros_like(w) for w, _ in probe.weights]  # all of the gradient is this backward's
+        probe.after_backward("full")
+        records[depths] = probe.record["full"]
+    assert len(probe.weights) == sum(isinstance(m, SlimConv2d) for m in backbone.modules())  # every conv, once
+
+    def half(channels: int) -> int:  # width 0.5 of base width 4: 2, 4, 8, 16 channels; the image's 3 stay whole
+        return channels if channels == 3 else channels // 2
+
+    def shared_norm_sq(blocks: int) -> float:  # by hand: the stem and the first `blocks` blocks of each stage
+        convs = [backbone.conv1] + [m for stage in backbone.stages() for block in list(stage)[:blocks]
+                                    for m in block.modules() if isinstance(m, SlimConv2d)]
+        return sum(float(c.weight.grad[: half(c.weight.shape[0]), : half(c.weight.shape[1])].pow(2).sum())
+                   for c in convs)
+
+    deep, shallow = records[(2, 2, 2, 2)], records[(1, 1, 1, 1)]
+    assert deep["shared"] ** 2 == pytest.approx(shared_norm_sq(2), rel=1e-5)
+    assert shallow["shared"] ** 2 == pytest.approx(shared_norm_sq(1), rel=1e-5) and shallow["shared"] < deep["shared"]
+    # the gradient is only split otherwise: its total stays
+    assert shallow["shared"] ** 2 + shallow["rest"] ** 2 == pytest.approx(deep["shared"] ** 2 + deep["rest"] ** 2,
+                                                                          rel=1e-5)

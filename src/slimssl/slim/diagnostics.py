@@ -1,7 +1,8 @@
 """SlimCLR's gradient-imbalance diagnostic.
 
 For each sub-network's backward pass, the gradient it adds to the backbone's conv weights is split into the
-slice every sub-network shares (the smallest sub-network's leading channels) and the rest. SlimCLR shows the
+slice every sub-network shares (the smallest sub-network's leading channels, in the blocks it runs) and the
+rest: a block deeper than the smallest sub-network's depth in its stage shares nothing. SlimCLR shows the
 shared slice receiving gradients of very different size and direction from the different widths; logging the
 two norms per sub-network over training makes that visible (``slimssl report --plot-grad``).
 """
@@ -9,18 +10,23 @@ two norms per sub-network over training makes that visible (``slimssl report --p
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from ..models.resnet import SlimResNet
 from ..nn.channels import scaled_channels
 from ..nn.layers import SlimConv2d
+from ..nn.spec import SubnetSpec
 
 
 class GradientImbalance:
     """Collects, for each sub-network run in a step, the norms of its gradient on shared and other channels."""
 
-    def __init__(self, backbone: nn.Module, smallest_width: float, divisor: int = 1):
-        self.weights = [m.weight for m in backbone.modules() if isinstance(m, SlimConv2d)]
-        self.width, self.divisor = smallest_width, divisor
+    def __init__(self, backbone: SlimResNet, smallest: SubnetSpec, divisor: int = 1):
+        # each conv weight with whether the smallest sub-network runs it: the stem, and the first blocks of a stage
+        self.weights = [(backbone.conv1.weight, True)]
+        for stage, depth in zip(backbone.stages(), smallest.depths):
+            for i, block in enumerate(stage):
+                self.weights += [(m.weight, i < depth) for m in block.modules() if isinstance(m, SlimConv2d)]
+        self.width, self.divisor = smallest.width, divisor
         self.previous: list[torch.Tensor] | None = None
         self.record: dict[str, dict[str, float]] = {}
         self.grad_scale = 1.0
@@ -34,7 +40,7 @@ class GradientImbalance:
     def start(self, grad_scale: float = 1.0) -> None:
         """Before the step's first backward. ``grad_scale``: the fp16 loss scale the gradients carry, taken
         out of the recorded norms."""
-        self.previous = [torch.zeros_like(w) if w.grad is None else w.grad.detach().clone() for w in self.weights]
+        self.previous = [torch.zeros_like(w) if w.grad is None else w.grad.detach().clone() for w, _ in self.weights]
         self.record = {}
         self.grad_scale = grad_scale
 
@@ -43,12 +49,13 @@ class GradientImbalance:
         """Call right after ``subnet_name``'s backward: measures what that backward added."""
         shared_sq = rest_sq = 0.0
         current = []
-        for w, before in zip(self.weights, self.previous):
+        for (w, shared), before in zip(self.weights, self.previous):
             grad = torch.zeros_like(w) if w.grad is None else w.grad.detach()
             delta = (grad - before).float()
-            o, i = self._shared_slice(w)
-            shared_sq += delta[o, i].pow(2).sum()
-            delta[o, i] = 0  # the rest summed on its own: total minus shared leaves a rounding residue
+            if shared:
+                o, i = self._shared_slice(w)
+                shared_sq += delta[o, i].pow(2).sum()
+                delta[o, i] = 0  # the rest summed on its own: total minus shared leaves a rounding residue
             rest_sq += delta.pow(2).sum()
             current.append(grad.clone())
         self.previous = current

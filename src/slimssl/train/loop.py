@@ -476,7 +476,7 @@ class Trainer:
         if not every or step % every:
             return None
 
-        probe = GradientImbalance(self.model.backbone, self.model.backbone.menu.smallest.width,
+        probe = GradientImbalance(self.model.backbone, self.model.backbone.menu.smallest,
                                   self.cfg.model.channel_divisor)
         # fp16: the gradients carry the loss scale (reading it syncs with the host, on this step only)
         probe.start(self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
@@ -599,7 +599,7 @@ class Trainer:
         if self.state.skipped_steps:
             record["skipped_steps"] = self.state.skipped_steps
         self.metrics.write(record)
-        progress.set_postfix_str(" ".join(f"{k.split('_')[0]}={v:.3f}" for k, v in means.items())
+        progress.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in zip(_bar_names(list(means)), means.values()))
                                  + f" img/s={record['img_per_s']:.0f}")
 
     def _end_of_epoch(self) -> None:
@@ -684,6 +684,14 @@ def _warn_of_dropped_evaluations(run_dir: Path) -> None:
     if dropped:
         log.warning("results.json held evaluations of the network as it was at an earlier end (%s); they do not "
                     "describe the network trained on, so they are dropped: run them again", ", ".join(dropped))
+
+
+def _bar_names(names: list[str]) -> list[str]:
+    """The progress bar's labels: the widths alone (``w0p5``) where the sub-networks share their depths, else
+    the whole names, which a depth menu needs to tell its entries apart."""
+    if len({name.partition("_")[2] for name in names}) <= 1:
+        return [name.partition("_")[0] for name in names]
+    return names
 
 
 def _fmt(values: dict[str, float]) -> str:
