@@ -87,6 +87,18 @@ def test_random_space_draws_valid_specs_between_smallest_and_largest():
     assert [p.draw(s) for s in range(10)] == [p.draw(s) for s in range(10)]
 
 
+def test_random_space_covers_a_menu_that_does_not_cross_widths_with_depths():
+    """The narrowest entry is full depth here, and the shallowest is half width: draws span both ranges."""
+    cfg = config_from_dict({"model": {"depths": [2, 2, 2, 2], "bn": "shared"},
+                            "menu": {"widths": [1.0, 0.25], "subnets": ["w0p5_d1-1-1-1"]},
+                            "slim": {"sampling": "sandwich", "num_random": 2, "random_space": "space"}})
+    p = SlimPolicy(cfg.slim, cfg.subnet_menu(), 100, 0)
+    assert p.menu.smallest == SubnetSpec(0.25, (2, 2, 2, 2))
+    drawn = {spec for step in range(50) for spec in p.draw(step)}
+    assert {1, 2} <= {d for spec in drawn for d in spec.depths}  # one block per stage, as w0p5_d1-1-1-1 has
+    assert min(s.width for s in drawn) == 0.25
+
+
 def test_slow_start_only_the_full_network_before_join():
     p = policy(sampling="all", slow_start=0.5, total_steps=10)
     assert p.join_step == 5

@@ -52,11 +52,14 @@ class SlimPolicy:
         return [unique[0], *sorted(unique[1:], reverse=True)]
 
     def _random_spec(self, gen: torch.Generator) -> SubnetSpec:
-        """A sub-network between the smallest and largest menu entries, width on a grid, depth per stage."""
+        """A sub-network inside the menu's range: a width on a grid between its narrowest and widest entries, and
+        per stage a depth between the fewest and the most blocks any entry has there (a menu need not cross
+        widths with depths: its narrowest entry may be its deepest)."""
         lo, hi = self.menu.smallest, self.menu.largest
         steps = int(round((hi.width - lo.width) / WIDTH_GRID))
         width = lo.width + WIDTH_GRID * int(torch.randint(0, steps + 1, (), generator=gen))
-        depths = tuple(int(torch.randint(a, b + 1, (), generator=gen)) for a, b in zip(lo.depths, hi.depths))
+        per_stage = list(zip(*(s.depths for s in self.menu)))
+        depths = tuple(int(torch.randint(min(d), max(d) + 1, (), generator=gen)) for d in per_stage)
         return SubnetSpec(min(width, hi.width), depths)
 
     def plan(self, step: int) -> list[SubnetTask]:
