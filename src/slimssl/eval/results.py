@@ -1,7 +1,7 @@
 """A run's ``results.json``: read it, and merge evaluation values into it per sub-network.
 
-The file is ``{"run": the run directory's name, "config": {...}, "resolution": int, "subnets": [{"subnet": name, "width": w,
-"depths": [...], "params": n, "macs": n, "knn_top1": x, ...}, ...]}``. Evaluation commands run on a
+The file is ``{"run": the run directory's name, "config": {...}, "resolution": int, "subnets": [{"subnet":
+name, "width": w, "depths": [...], "params": n, "macs": n, "knn_top1": x, ...}, ...]}``. Evaluation commands run on a
 checkpoint inside a run directory add their values to the matching ``subnets`` entry (keyed by the
 canonical sub-network name) and record their settings under ``"protocols"``, so a report can say how
 every number was measured; a row measured with other settings than those holds its own
