@@ -118,3 +118,16 @@ def test_bench_refuses_a_baseline_it_cannot_build_before_measuring_anything(tmp_
     assert main(["bench", "--config", str(path), "--device", "cpu", "--steps", "1", "--warmup", "0"]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "(--no-baseline)" in captured.err + caplog.text
+
+
+def test_bench_leaves_no_tensorboard_writer_behind(tmp_path, capsys):
+    """Its trainers' writers are closed before their scratch folder is removed (a live one wrote into it)."""
+    import threading
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny("byol", widths=[1.0, 0.5])))
+    before = set(threading.enumerate())
+    for mode in (["--data-only"], []):
+        assert main(["bench", "--config", str(path), "--device", "cpu", "--steps", "1", "--warmup", "0", *mode]) == 0
+    writers = [t for t in set(threading.enumerate()) - before if "Writer" in type(t).__name__ and t.is_alive()]
+    assert not writers

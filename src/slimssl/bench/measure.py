@@ -97,6 +97,17 @@ def _set_up_quietly():
         log.setLevel(level)
 
 
+@contextlib.contextmanager
+def _closed_after(trainer: Trainer):
+    """Use ``trainer``, then stop what it runs beside the steps: streaming loader workers, and TensorBoard's
+    writer thread, which would otherwise write into the scratch folder after it is removed."""
+    try:
+        yield trainer
+    finally:
+        trainer.view_source.close()
+        trainer.metrics.close()
+
+
 def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bool = False,
               profile: Path | None = None) -> list[dict]:
     """The table's rows: img/s of the data path, the slimmable step and, with ``baseline``, each dense
@@ -113,22 +124,21 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
         dense_configs = {spec.name: standalone_config(cfg, spec) for spec in cfg.subnet_menu()} if baseline else {}
     except ConfigError as e:
         raise ConfigError(f"{e}; or measure without the one-by-one baseline (--no-baseline)") from None
-    trainer = Trainer(cfg, scratch / "slim")
-    device, batch = trainer.device, cfg.train.batch_size
+    batch = cfg.train.batch_size
 
     def row(what: str, m: Measurement) -> dict:
         return {"what": what, "img_per_s": batch / m.seconds, "peak_gib": m.peak_gib, "gpu_busy": m.gpu_busy}
 
-    rows.append(row(f"data path (two augmented views, {cfg.data.loader})",
-                    _measure(trainer.views, steps, warmup, device)))
-    if data_only:
-        trainer.view_source.close()  # streaming loader workers
-        return _tag(rows, device, batch)
-    slim = _measure(trainer.train_step, steps, warmup, device)
-    if profile is not None:
-        write_operator_table(trainer.train_step, range(warmup + 2 * steps, warmup + 3 * steps), device, profile)
-    trainer.view_source.close()
-    n = len(trainer.policy.draw(warmup))
+    with _closed_after(Trainer(cfg, scratch / "slim")) as trainer:
+        device = trainer.device
+        rows.append(row(f"data path (two augmented views, {cfg.data.loader})",
+                        _measure(trainer.views, steps, warmup, device)))
+        if data_only:
+            return _tag(rows, device, batch)
+        slim = _measure(trainer.train_step, steps, warmup, device)
+        if profile is not None:
+            write_operator_table(trainer.train_step, range(warmup + 2 * steps, warmup + 3 * steps), device, profile)
+        n = len(trainer.policy.draw(warmup))
     rows.append(row(f"slimmable step ({n} sub-networks)", slim))
     if baseline:
         del trainer
@@ -137,8 +147,8 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
             _forget(cfg.train.compile, device)
             with _set_up_quietly():
                 dense = Trainer(dense_cfg, scratch / f"dense-{name}")
-            dense_rows.append(row(f"dense {name}", _measure(dense.train_step, steps, warmup, device)))
-            dense.view_source.close()
+            with _closed_after(dense):
+                dense_rows.append(row(f"dense {name}", _measure(dense.train_step, steps, warmup, device)))
             del dense
         total = sum(batch / r["img_per_s"] for r in dense_rows)
         rows += dense_rows
