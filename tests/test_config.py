@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slimssl.config import Config, ConfigError, config_from_dict, load_config, packaged_configs
+from slimssl.config import Config, ConfigError, check_processes, config_from_dict, load_config, packaged_configs
 from slimssl.models.resnet import ARCHS
 from slimssl.nn.spec import SubnetSpec
 
@@ -425,3 +425,12 @@ def test_menu_widths_that_round_to_one_network_are_refused():
 def test_sync_bn_with_shared_batchnorm_is_refused_by_the_config_itself():
     with pytest.raises(ConfigError, match="train.sync_bn needs model.bn: private"):
         load_config("demo", ["train.sync_bn=true", "model.bn=shared"])
+
+
+@pytest.mark.parametrize("recipe", [n for n in packaged_configs() if n.startswith("imagenet")])
+def test_the_readme_check_of_an_imagenet_recipe_on_synthetic_images_is_a_valid_run(recipe):
+    """README: '--data fake --set data.loader=memory data.fake_size=32 train.batch_size=16', and for MoCo v2
+    model.bn_group_size=8: settings a trainer takes (checked as it checks them, without building the network)."""
+    sets = ["data.source=fake", "data.loader=memory", "data.fake_size=32", "train.batch_size=16"]
+    cfg = load_config(recipe, sets + (["model.bn_group_size=8"] if "mocov2" in recipe else []))
+    check_processes(cfg, 1, recipe)

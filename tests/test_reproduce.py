@@ -368,3 +368,15 @@ def test_data_the_evaluation_cannot_use_is_refused_before_any_pretraining(tmp_pa
     assert main(args) == 2
     assert re.search(expected, caplog.text)
     assert not any(out.rglob("*.pt")) and not any(out.rglob("metrics.jsonl"))  # nothing was trained
+
+
+def test_a_setting_a_later_recipe_cannot_train_with_is_refused_before_anything_trains(tmp_path, capsys, caplog):
+    """At batch 64, MoCo v2's BatchNorm groups of 64 leave shuffle-BN one group: refused by the first call, naming
+    the run, rather than after the BYOL runs trained (with a folder that then refuses the fixed settings)."""
+    out = tmp_path / "out"
+    assert main(["reproduce", "--data", "fake", "--out", str(out), "--batch-size", "64",
+                 "--recipes", "cifar10_r18_dspnet_byol,cifar10_r18_slimclr_mocov2"]) == 2
+    text = capsys.readouterr().err + caplog.text
+    assert "of cifar10_r18_slimclr_mocov2/slim" in text and "method.shuffle_bn needs" in text
+    assert "per-process batch 64 below it (e.g. 32)" in text
+    assert not any(out.rglob("metrics.jsonl"))  # nothing trained

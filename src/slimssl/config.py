@@ -353,7 +353,7 @@ class Config(Section):
                              "method.shuffle_bn are meant to split: use either sync_bn or grouped BatchNorm")
         if self.model.bn_group_size and self.train.batch_size % self.model.bn_group_size:
             raise ValueError(f"model.bn_group_size {self.model.bn_group_size} must divide train.batch_size "
-                             f"{self.train.batch_size} (set it to a divisor of the batch, or null)")
+                             f"{self.train.batch_size} ({_group_hint(self.train.batch_size, self.method.shuffle_bn)})")
         if self.slim.random_space == "space" and self.model.bn == "private":
             raise ValueError(
                 "slim.random_space: 'space' draws sub-networks outside the menu, which have no private "
@@ -412,12 +412,30 @@ def config_differences(saved: Config, now: Config, prefixes: tuple[str, ...] = (
 
 
 def check_processes(cfg: Config, world: int, source: str) -> None:
-    """Refuse a total batch that cannot be split evenly over ``world`` processes (before any work starts)."""
+    """Refuse, before any work starts, a total batch that cannot be split evenly over ``world`` processes, and
+    BatchNorm groups that do not fit the batch each process gets."""
     batch = cfg.train.batch_size
     if world > 1 and (batch < world or batch % world):
         raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} is the total batch over all "
                           f"processes, so it must be a multiple of the number of processes {world} "
                           f"(allowed: {world}, {2 * world}, {3 * world}, ...)")
+    per_process, group = batch // world, cfg.model.bn_group_size
+    if group and per_process % group:
+        raise ConfigError(f"invalid config {source}:\n  model.bn_group_size {group} must divide the per-process "
+                          f"batch {per_process} (train.batch_size {batch} over {world} processes; "
+                          f"{_group_hint(per_process, cfg.method.shuffle_bn)})")
+    if cfg.method.shuffle_bn and batch // (group or per_process) < 2:
+        raise ConfigError(f"invalid config {source}:\n  method.shuffle_bn needs the batch normalised in several "
+                          f"groups, but this run has one BatchNorm group: set model.bn_group_size to a divisor of "
+                          f"the per-process batch {per_process} below it (e.g. {max(1, per_process // 2)}), or run "
+                          "on several processes")
+
+
+def _group_hint(batch: int, shuffle_bn: bool) -> str:
+    """What model.bn_group_size may be for ``batch`` samples (per process)."""
+    divisors = [d for d in range(2, batch) if batch % d == 0][-3:]
+    hint = f"e.g. {', '.join(map(str, divisors))}" if divisors else "a divisor of it"
+    return hint + ("" if shuffle_bn else ", or null for one group")
 
 
 def backbone_channels(model: ModelConfig, width: float) -> list[int]:

@@ -6,7 +6,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import MACHINE_DEPENDENT, Config, config_differences, load_config, standalone_config
+from ..config import (MACHINE_DEPENDENT, Config, check_processes, config_differences, load_config,
+                      standalone_config)
 from ..errors import UsageError
 from ..layout import CONFIG
 from ..nn.spec import SubnetSpec
@@ -61,6 +62,8 @@ def plan_jobs(recipes: list[str], out: Path, overrides: list[str]) -> list[Job]:
         jobs.append(Job(label, "slim", menu.largest, cfg, out / label / "slim"))
         for spec in menu:
             jobs.append(Job(label, "alone", spec, standalone_config(cfg, spec), out / label / f"alone-{spec.name}"))
+    for job in jobs:  # what a trainer would refuse, refused before the first run trains rather than when its turn comes
+        check_processes(job.cfg, 1, f"of {job.run_dir.parent.name}/{job.run_dir.name}")
     return jobs
 
 

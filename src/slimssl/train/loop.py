@@ -128,9 +128,8 @@ class Trainer:
         self.device = pick_device(cfg.train.device, setting="train.device (--device)")
         self.dtype = pick_dtype(cfg.train.precision, self.device)
         self.world = dist.world_size()
-        check_processes(cfg, self.world, f"config {cfg.name!r}")
+        check_processes(cfg, self.world, f"config {cfg.name!r}")  # also the BatchNorm groups of this batch
         self.batch = cfg.train.batch_size // self.world
-        self._check_bn_groups()
         torch.manual_seed(cfg.train.seed)
         # the order below is part of a run's numbers: each stage may draw from the seeded generator
         self._setup_data()
@@ -244,16 +243,6 @@ class Trainer:
             return None
         # The training images are the bank at ratio 1; another ratio decodes the train split once more.
         return (self.train_data if crop_ratio == 1 else split("train")), test
-
-    def _check_bn_groups(self) -> None:
-        group = self.cfg.model.bn_group_size
-        if group and self.batch % group:
-            raise ConfigError(f"model.bn_group_size {group} must divide the per-process batch {self.batch} "
-                             f"(train.batch_size {self.cfg.train.batch_size} over {self.world} processes)")
-        groups = self.cfg.train.batch_size // (group or self.batch)
-        if self.cfg.method.shuffle_bn and groups < 2:
-            raise ConfigError("method.shuffle_bn needs the batch normalised in several groups, but this run has one "
-                             "BatchNorm group: set model.bn_group_size (e.g. 64) or run on several processes")
 
     def _compile_forwards(self) -> None:
         """train.compile: the online forward specialised per sub-network, the target's once."""
