@@ -133,6 +133,19 @@ def test_runs_of_one_recipe_are_told_apart_by_their_folders(tmp_path, capsys, mo
     assert sorted(drawn) == sorted([dirs[0], "lr0p5", dirs[2]])  # one series per run, none overwritten
 
 
+def test_a_run_without_results_yet_is_left_out_with_a_warning(tmp_path, capsys, caplog):
+    """As `slimssl report runs/*` catches a run still pretraining; with nothing else to report, it is an error."""
+    dirs, _ = write_runs(tmp_path)
+    training = tmp_path / "training"
+    (training / "checkpoints").mkdir(parents=True)
+    assert main(["report", str(dirs[0]), str(training), str(dirs[1])]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("## ")] == [
+        "## slim (slim, 32 px)", "## single_w0p5 (single, 32 px)"]
+    assert f"{training} has no results.json yet" in caplog.text
+    assert main(["report", str(training)]) == 2
+    assert "results.json does not exist" in caplog.text + capsys.readouterr().err
+
+
 def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, capsys, caplog):
     dirs, _ = write_runs(tmp_path)
     (dirs[0] / "metrics.jsonl").write_bytes(b"\x00\xff\xfe binary junk\n[1, 2]\n")

@@ -127,22 +127,23 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report.plot import plot_accuracy_vs_macs, plot_grad_norms
-    from ..report.report import grad_norm_series, load_runs, report_markdown
+    from ..report.report import grad_norm_series, load_runs, report_markdown, without_unfinished
 
-    results = load_runs(args.run_dirs)
+    run_dirs = without_unfinished(args.run_dirs)
+    results = load_runs(run_dirs)
     if args.plot:
         plot_accuracy_vs_macs(results, args.metric, args.plot, join_singles=args.join_singles)
         log.info("wrote %s (%s against MACs)", args.plot, args.metric)
     status = 0
     if args.plot_grad:
-        series = {r["run"]: grad_norm_series(d) for r, d in zip(results, args.run_dirs)}  # labels are unique
+        series = {r["run"]: grad_norm_series(d) for r, d in zip(results, run_dirs)}  # labels are unique
         if any(series.values()):
             plot_grad_norms(series, args.plot_grad)
             log.info("wrote %s (gradient norms)", args.plot_grad)
         else:
             log.error("--plot-grad: no record with 'grad_norm' in metrics.jsonl of %s; pretraining logs the gradient "
                       "diagnostic only when asked: --set train.grad_diagnostics_every=N",
-                      ", ".join(map(str, args.run_dirs)))
+                      ", ".join(map(str, run_dirs)))
             status = 2  # as for any other input that cannot be used
     emit(args, results, report_markdown(results))
     return status

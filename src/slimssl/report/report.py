@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Sequence
 
 from ..eval.results import read_metrics, read_results
+from ..layout import RESULTS
 from .table import is_number, markdown_table
+
+log = logging.getLogger("slimssl")
 
 # Always shown (missing values print as '-'), in this order; other measured keys follow where a run has them.
 BASE_COLUMNS = ["subnet", "params", "macs", "knn_top1", "linear_top1"]
@@ -22,6 +26,18 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
     for result, label in zip(results, run_labels(run_dirs)):
         result["run"] = label
     return results
+
+
+def without_unfinished(run_dirs: Sequence[str | Path]) -> list[str | Path]:
+    """``run_dirs`` less the run directories that have no results.json yet (still pretraining, as a glob such as
+    ``runs/*`` may catch), each named in a warning; all of them when none has one, for load_runs to refuse."""
+    finished = [d for d in run_dirs if not Path(d).is_dir() or (Path(d) / RESULTS).exists()]
+    if not finished:
+        return list(run_dirs)
+    for d in run_dirs:
+        if d not in finished:
+            log.warning("%s has no %s yet (a run still pretraining?): left out of the report", d, RESULTS)
+    return finished
 
 
 def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
