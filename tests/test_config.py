@@ -434,3 +434,12 @@ def test_the_readme_check_of_an_imagenet_recipe_on_synthetic_images_is_a_valid_r
     sets = ["data.source=fake", "data.loader=memory", "data.fake_size=32", "train.batch_size=16"]
     cfg = load_config(recipe, sets + (["model.bn_group_size=8"] if "mocov2" in recipe else []))
     check_processes(cfg, 1, recipe)
+
+
+def test_compile_off_is_read_as_written_although_yaml_reads_a_bare_off_as_false(tmp_path):
+    assert load_config("demo", ["train.compile=off"]).train.compile == "off"
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train:\n  compile: off\n")
+    assert load_config(str(path)).train.compile == "off"
+    with pytest.raises(ConfigError, match="train.compile"):  # true says no mode: still an error
+        load_config("demo", ["train.compile=true"])

@@ -278,6 +278,12 @@ class TrainConfig(Section):
     nonfinite: Literal["error", "skip"] = Field(
         "error", description="a NaN/Inf loss stops the run (error) or its step is skipped and counted (skip)")
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_off_as_yaml_reads_it(cls, value: Any) -> Any:
+        # YAML reads a bare off (compile: off in a file, --set train.compile=off) as false
+        return "off" if value is False else value
+
 
 class EvalConfig(Section):
     knn_k: int = Field(200, gt=0)
