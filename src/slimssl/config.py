@@ -432,15 +432,16 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
                           f"{_group_hint(per_process, cfg.method.shuffle_bn)})")
     if cfg.method.shuffle_bn and batch // (group or per_process) < 2:
         raise ConfigError(f"invalid config {source}:\n  method.shuffle_bn needs the batch normalised in several "
-                          f"groups, but this run has one BatchNorm group: set model.bn_group_size to a divisor of "
-                          f"the per-process batch {per_process} below it (e.g. {max(1, per_process // 2)}), or run "
-                          "on several processes")
+                          f"groups, but this run has one BatchNorm group: set model.bn_group_size to divide the "
+                          f"per-process batch {per_process} ({_group_hint(per_process, True)}), or run on several "
+                          "processes")
 
 
 def _group_hint(batch: int, shuffle_bn: bool) -> str:
-    """What model.bn_group_size may be for ``batch`` samples (per process)."""
-    divisors = [d for d in range(2, batch) if batch % d == 0][-3:]
-    hint = f"e.g. {', '.join(map(str, divisors))}" if divisors else "a divisor of it"
+    """What model.bn_group_size may be for ``batch`` samples (per process): the largest sizes that make
+    several groups, and null (one group) unless shuffle-BN needs several."""
+    sizes = [d for d in range(2, batch) if batch % d == 0][-3:]
+    hint = f"e.g. {', '.join(map(str, sizes))}" if sizes else f"{batch} samples cannot form two groups of 2 or more"
     return hint + ("" if shuffle_bn else ", or null for one group")
 
 
