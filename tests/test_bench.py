@@ -131,3 +131,20 @@ def test_bench_leaves_no_tensorboard_writer_behind(tmp_path, capsys):
         assert main(["bench", "--config", str(path), "--device", "cpu", "--steps", "1", "--warmup", "0", *mode]) == 0
     writers = [t for t in set(threading.enumerate()) - before if "Writer" in type(t).__name__ and t.is_alive()]
     assert not writers
+
+
+def test_bench_keeps_what_set_says_of_the_device_and_the_fake_data(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def run_bench(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        return [{"what": "data path", "img_per_s": 1.0, "peak_gib": None, "gpu_busy": None, "device": "cpu"}]
+
+    monkeypatch.setattr("slimssl.bench.measure.run_bench", run_bench)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny("byol")))
+    assert main(["bench", "--config", str(path), "--data-only", "--set", "train.device=cpu", "data.fake_size=48"]) == 0
+    # not --device's default, nor one batch
+    assert (seen["cfg"].train.device, seen["cfg"].data.fake_size) == ("cpu", 48)
+    assert main(["bench", "--config", str(path), "--data-only", "--device", "cpu", "--batch-size", "16"]) == 0
+    assert (seen["cfg"].train.device, seen["cfg"].data.fake_size) == ("cpu", 16)  # one batch of fake images
