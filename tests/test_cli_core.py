@@ -335,6 +335,12 @@ def test_cli_config_list(capsys):
     assert any(line.startswith("demo ") and "digits" in line for line in lines)
 
 
+def test_cli_config_list_refuses_a_config_it_would_ignore(capsys, caplog):
+    assert main(["config", "--list", "--config", "demo", "--set", "train.epochs=3"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "takes no --config or --set" in captured.err + caplog.text
+
+
 def test_cli_config_unknown_key_returns_2(capsys, caplog):
     assert main(["config", "--set", "model.nope=1"]) == 2
     assert "model.nope" in error_text(capsys, caplog)

@@ -85,6 +85,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     from .config import find_config, load_config, packaged_configs
 
     if args.list:  # the names --config takes, each with the first line of its header comment
+        if args.config or args.set:
+            raise UsageError("--list lists the shipped recipes and takes no --config or --set; drop --list to "
+                             "print the resolved config")
         names = [name.removesuffix(".yaml") for name in packaged_configs()]
         width = max(map(len, names))
         for name in names:
