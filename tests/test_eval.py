@@ -47,11 +47,13 @@ def colour_dataset(n: int, seed: int, split: str = "train") -> ImageDataset:
     return ImageDataset(images, labels, ["r", "g", "b", "grey"], "colours", split)
 
 
-def make_checkpoint(path, bn: str = "private"):
-    cfg = tiny_config(bn)
+def make_checkpoint(path, bn: str = "private", epoch: float | None = None):
+    """A checkpoint of the tiny supernet; ``epoch``: the epochs it says it was trained for (of 4)."""
+    cfg = tiny_config(bn, train={"epochs": 4})
     supernet = tiny_supernet(bn)
     save_checkpoint(path, {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names,
-                           "model": {"backbone." + k: v for k, v in supernet.state_dict().items()}})
+                           "model": {"backbone." + k: v for k, v in supernet.state_dict().items()},
+                           **({} if epoch is None else {"epoch": epoch})})
     return supernet
 
 
@@ -533,6 +535,26 @@ def test_knn_k_beyond_the_bank_records_the_k_used(tmp_path, caplog):
     assert slimssl.knn(run, k=used, device="cpu", save=False) == rows
 
 
+def test_results_of_a_checkpoint_before_pretrainings_end_are_marked_unfinished(tmp_path, capsys, caplog):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt", epoch=1.5)  # of 4
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        slimssl.knn(run, device="cpu")
+    assert "epoch 1.5 of 4" in caplog.text
+    assert json.loads((run / "results.json").read_text())["unfinished"] == {"epoch": 1.5, "epochs": 4}
+    caplog.clear()
+    assert main(["report", str(run), "--json"]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["run"] == "run (unfinished: epoch 1.5 of 4)" and report["subnets"][0]["knn_top1"] is not None
+    assert "before pretraining finished" in caplog.text
+
+    make_checkpoint(run / "checkpoints" / "last.pt", epoch=4.0)  # the end of pretraining
+    slimssl.knn(run, device="cpu")
+    assert "unfinished" not in json.loads((run / "results.json").read_text())
+
+
 def test_python_protocols_equal_the_commands_and_merge_into_the_run(tmp_path, capsys):
     import slimssl
     from slimssl.cli import main
@@ -617,7 +639,7 @@ def slimssl_profile(checkpoint) -> dict[str, dict]:
     from slimssl.eval.evaluate import cost_rows
     from slimssl.eval.inputs import load_model
 
-    supernet, cfg, _ = load_model(checkpoint, "cpu")
+    supernet, cfg, _, _ = load_model(checkpoint, "cpu")
     return cost_rows(supernet, cfg.data.resolution)
 
 

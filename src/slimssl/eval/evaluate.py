@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, linear_settings, recalibration_batches
-from ..layout import FINETUNE
+from ..layout import FINETUNE, RESULTS
 from .inputs import DataOptions, check_numbers, check_train_crop, in_memory, load_model
 
 if TYPE_CHECKING:
@@ -47,16 +47,26 @@ def cost_rows(supernet, resolution: int, specs=None) -> dict[str, dict]:
     return {r["subnet"]: r for r in profile_supernet(supernet, resolution, latency=False, specs=specs)}
 
 
-def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: dict, cfg, save: bool) -> Path | None:
-    """Merge ``values`` into the run directory's results.json when the checkpoint is in one and ``save``."""
+def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: dict, cfg, save: bool,
+                epoch: float | None) -> Path | None:
+    """Merge ``values`` into the run directory's results.json when the checkpoint is in one and ``save``.
+    A checkpoint trained for ``epoch`` of the run's epochs, before pretraining finished, marks the file
+    ``unfinished`` (pretraining's own results.json replaces it at the end), so that a report does not
+    read the numbers as the run's final ones."""
     from .results import merge_results, run_dir_of
 
     run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
     if run_dir is None:
         return None
+    unfinished = None
+    if epoch is not None and epoch < cfg.train.epochs:
+        unfinished = {"epoch": round(float(epoch), 2), "epochs": cfg.train.epochs}
+        log.warning("%s holds epoch %g of %d: pretraining has not finished, so %s marks these results unfinished",
+                    checkpoint, unfinished["epoch"], cfg.train.epochs, RESULTS)
     path = merge_results(run_dir, values, protocol=protocol, settings=settings,
                          defaults={"run": run_dir.resolve().name, "config": cfg.model_dump(mode="json"),
-                                   "resolution": cfg.data.resolution})
+                                   "resolution": cfg.data.resolution},
+                         replace={"unfinished": unfinished})
     log.info("merged %s results into %s", protocol, path)
     return path
 
@@ -98,7 +108,7 @@ def knn(checkpoint: str | Path | SlimResNet, *, k: int | None = None, temperatur
     knn_top1 (percent)."""
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     options = DataOptions.of(data, knn)
-    supernet, cfg, torch_device = load_model(checkpoint, device, config)
+    supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
     specs = supernet.resolve_many(subnets)  # checked before the data is decoded
     train, test = options.load_splits(cfg, torch_device)
     k = k if k is not None else cfg.eval.knn_k
@@ -115,7 +125,7 @@ def knn(checkpoint: str | Path | SlimResNet, *, k: int | None = None, temperatur
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
     settings = knn_settings(cfg, options, k, temperature,
                             recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
-    save_values(checkpoint, {r["subnet"]: r for r in rows}, "knn", settings, cfg, save)
+    save_values(checkpoint, {r["subnet"]: r for r in rows}, "knn", settings, cfg, save, epoch)
     return rows
 
 
@@ -148,7 +158,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, *, epochs: int = DEFAULT_E
         raise UsageError(f"train_crop {train_crop!r} is the crop of the augmented probe; it needs augment=True "
                          "(--augment): without it the probe trains on the cached features of the centre crop")
     options = DataOptions.of(data, linear_probe)
-    supernet, cfg, torch_device = load_model(checkpoint, device, config)
+    supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
     train, test = options.load_splits(cfg, torch_device)
     train_crop = train_crop or cfg.eval.train_crop
     results = linear_probe_subnets(
@@ -164,7 +174,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, *, epochs: int = DEFAULT_E
         options.settings(cfg), epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
         shared_head=shared_head, augment=augment, train_crop=train_crop, seed=seed,
         recalibrate_bn=recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
-    save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save)
+    save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save, epoch)
     return rows
 
 
@@ -195,7 +205,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
                   recalibrate_bn=recalibrate_bn)
     check_train_crop(train_crop)
     options = DataOptions.of(data, finetune)
-    supernet, cfg, torch_device = load_model(checkpoint, device, config)
+    supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
     save = save and not in_memory(checkpoint)
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)
     model_source = None if in_memory(checkpoint) else export_source(checkpoint, None)
@@ -240,7 +250,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
                               f"{protocol}_indices_file": row["indices_file"]}}
         settings = {**options.settings(cfg), "label_fraction": label_fraction, "seed": seed,
                     "recipe": result["recipe"]}
-        save_values(checkpoint, values, protocol, settings, cfg, save)
+        save_values(checkpoint, values, protocol, settings, cfg, save, epoch)
         rows.append(row)
     return rows
 

@@ -125,10 +125,11 @@ class DataOptions:
 
 
 def load_model(checkpoint, device: str | torch.device = "auto", config=None):
-    """Supernet (on the device), its config and the device. ``checkpoint`` is a checkpoint file or run
-    directory (eval mode), or a supernet in memory (``SlimResNet``, with its ``config``; moved to the device,
-    its mode left to the protocols, which evaluate in eval mode and give it back in its own)."""
-    from ..checkpoint import load_supernet
+    """Supernet (on the device), its config, the device, and the epochs the checkpoint was trained for (None for a
+    supernet in memory). ``checkpoint`` is a checkpoint file or run directory (eval mode), or a supernet in memory
+    (``SlimResNet``, with its ``config``; moved to the device, its mode left to the protocols, which evaluate in
+    eval mode and give it back in its own)."""
+    from ..checkpoint import load_checkpoint, supernet_of
     from ..devices import pick_device
     from ..models.build import as_config
     from ..models.resnet import SlimResNet
@@ -140,15 +141,16 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None):
                              "sections, or a recipe name or path)")
         cfg = as_config(config)
         check_fits(checkpoint, cfg)
-        return checkpoint.to(torch_device), cfg, torch_device
+        return checkpoint.to(torch_device), cfg, torch_device, None
     if not isinstance(checkpoint, (str, Path)):
         raise UsageError(f"expected a checkpoint file or run directory (str or Path), or a SlimResNet supernet; got "
                          f"{type(checkpoint).__name__}")
     if config is not None:  # its results would be merged into the run as if measured with the run's settings
         raise UsageError("a checkpoint is evaluated with the config saved in it; config= is for a supernet in "
                          "memory (the data keywords, k, epochs, ... change what the evaluation does)")
-    supernet, cfg = load_supernet(checkpoint)
-    return supernet.to(torch_device).eval(), cfg, torch_device
+    data = load_checkpoint(checkpoint)
+    supernet = supernet_of(data, checkpoint)
+    return supernet.to(torch_device).eval(), data["config"], torch_device, data.get("epoch")
 
 
 def check_fits(supernet, cfg) -> None:

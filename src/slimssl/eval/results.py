@@ -117,11 +117,13 @@ def merge_rows(rows: list[dict], values: Mapping[str, Mapping[str, Any]]) -> lis
 
 
 def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], *, protocol: str | None = None,
-                  settings: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None) -> Path:
+                  settings: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None,
+                  replace: Mapping[str, Any] | None = None) -> Path:
     """Merge per-sub-network ``values`` ({subnet: {key: value}}) into ``run_dir/results.json``.
 
     Existing keys of a sub-network are overwritten, others are kept; ``settings`` are stored under
-    ``protocols[protocol]``; ``defaults`` fill top-level keys the file does not have yet (run, resolution).
+    ``protocols[protocol]``; ``defaults`` fill top-level keys the file does not have yet (run, resolution);
+    ``replace`` sets top-level keys whatever they held (None removes one).
     A sub-network whose values of ``protocol`` were measured with other settings than those, and are not
     measured again here, keeps its earlier settings in its own row (``<protocol>_settings``), so that every
     number still says how it was measured.
@@ -132,6 +134,11 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
         data = read_results(run_dir, missing_ok=True)
         for key, value in (defaults or {}).items():
             data.setdefault(key, value)
+        for key, value in (replace or {}).items():
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = value
         if protocol is not None:
             protocols = data.setdefault("protocols", {})
             _keep_earlier_settings(data["subnets"], values, protocol, protocols.get(protocol), dict(settings or {}))

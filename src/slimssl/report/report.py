@@ -25,6 +25,11 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
     results = [read_results(d) for d in run_dirs]
     for result, label in zip(results, run_labels(run_dirs)):
         result["run"] = label
+        unfinished = result.get("unfinished")
+        if isinstance(unfinished, dict):  # evaluated from a checkpoint taken before pretraining's end
+            when = f"epoch {unfinished.get('epoch', '?')} of {unfinished.get('epochs', '?')}"
+            log.warning("%s: its results were measured at %s, before pretraining finished", label, when)
+            result["run"] = f"{label} (unfinished: {when})"
     return results
 
 
