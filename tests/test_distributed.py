@@ -35,7 +35,8 @@ from slimssl.checkpoint import load_checkpoint
 from slimssl.config import config_from_dict
 from slimssl.slim.policy import SlimPolicy
 from slimssl.train import distributed as dist
-from slimssl.train.loop import Interrupted, Trainer
+from slimssl.train.loop import Trainer
+from slimssl.train.signals import Interrupted
 
 STEPS = 3
 # max |a - b| / max |b| per tensor, 2 processes against 1: float rounding gives 6e-7 (MoCo v3) to 1.0e-5

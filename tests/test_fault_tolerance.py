@@ -32,7 +32,8 @@ from slimssl.errors import SlimsslError
 from slimssl.methods.base import MethodOutput
 from slimssl.models.build import build_supernet
 from slimssl.train import loop
-from slimssl.train.loop import EXIT_INTERRUPTED, Interrupted, NonFiniteLossError, Trainer
+from slimssl.train.loop import NonFiniteLossError, Trainer
+from slimssl.train.signals import EXIT_INTERRUPTED, Interrupted, SignalGuard
 
 TINY = {
     "name": "tiny",
@@ -297,7 +298,7 @@ def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
 
 
 def test_a_first_stop_signal_is_a_flag_and_a_second_stops_at_once(caplog):
-    with caplog.at_level(logging.WARNING, logger="slimssl"), loop.SignalGuard() as guard:
+    with caplog.at_level(logging.WARNING, logger="slimssl"), SignalGuard() as guard:
         os.kill(os.getpid(), signal.SIGINT)
         assert guard.received == signal.SIGINT  # the work in flight goes on
         with pytest.raises(KeyboardInterrupt):

@@ -17,7 +17,8 @@ import slimssl
 from slimssl.checkpoint import load_checkpoint
 from slimssl.cli import main
 from slimssl.config import PACKAGED, ConfigError, config_from_dict, find_config, load_config
-from slimssl.train.loop import EXIT_INTERRUPTED, NonFiniteLossError, Trainer
+from slimssl.train.loop import NonFiniteLossError, Trainer
+from slimssl.train.signals import EXIT_INTERRUPTED
 from slimssl.train.pretrain import prepare_run
 from test_pretrain import tiny as tiny_recipe
 

@@ -28,7 +28,7 @@ _EXPORTS = {
     # what a caller may catch: every bad-input error is a SlimsslError; these say which input
     "ConfigError": ".config", "SubnetError": ".nn.spec", "InputError": ".models.resnet",
     "CheckpointError": ".checkpoint", "DataError": ".data.files", "DeviceError": ".devices",
-    "ExportError": ".export", "NonFiniteLossError": ".train.loop", "Interrupted": ".train.loop",
+    "ExportError": ".export", "NonFiniteLossError": ".train.loop", "Interrupted": ".train.signals",
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
     "knn": ".eval.evaluate", "linear_probe": ".eval.evaluate", "finetune": ".eval.evaluate",
 }
@@ -68,5 +68,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .models.resnet import InputError, SlimResNet
     from .nn.layers import recalibrate_bn
     from .nn.spec import Menu, SubnetError, SubnetSpec
-    from .train.loop import Interrupted, NonFiniteLossError
+    from .train.loop import NonFiniteLossError
+    from .train.signals import Interrupted
     from .train.pretrain import PretrainRun, pretrain

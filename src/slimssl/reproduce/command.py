@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from ..cli_args import emit
-    from ..train.loop import EXIT_INTERRUPTED, Interrupted
+    from ..train.signals import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
     from .report import report_markdown, write_report
     from .run import Budget, check_saved_probes, is_pretrained, require_labelled_splits, run_jobs, stop_on_signals

@@ -28,7 +28,8 @@ from ..eval.inputs import DataOptions
 from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
 from ..train.pretrain import lr_header
-from ..train.loop import Interrupted, Trainer, stop_signals_handled_by
+from ..train.loop import Trainer
+from ..train.signals import Interrupted, stop_signals_handled_by
 from ..train.optim import effective_lr
 from .plan import Job
 

@@ -56,7 +56,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..cli_args import emit
     from ..report.table import markdown_table
     from . import distributed as dist
-    from .loop import EXIT_INTERRUPTED, Interrupted
+    from .signals import EXIT_INTERRUPTED, Interrupted
     from .pretrain import prepare_run, train_run
 
     dist.init_from_env()

@@ -17,7 +17,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -45,21 +44,14 @@ from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
 from .metrics import RENUMBERED, LogWindow, MetricsLogger
 from .optim import OPTIMIZER_STATE_KEYS, build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
+from .signals import Interrupted, SignalGuard
 
 log = logging.getLogger("slimssl")
-
-EXIT_INTERRUPTED = 3  # documented: the run was stopped by SIGTERM/SIGINT after saving a checkpoint
 
 
 class NonFiniteLossError(SlimsslError):
     """A NaN or Inf loss; names the step and the sub-network (the command line prints it as one line: a
     diverging run is a setting to change, usually the learning rate)."""
-
-
-class Interrupted(RuntimeError):
-    """Training stopped by a signal after saving a checkpoint."""
-
-    run = None  # slimssl.pretrain sets the PretrainRun of how far it got, for `pretrain --json`
 
 
 @dataclass
@@ -77,47 +69,6 @@ class TrainState:
     step: int = 0
     skipped_steps: int = 0
     knn_random_init: dict = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def stop_signals_handled_by(handler: Callable[[int, Any], None]) -> Iterator[None]:
-    """SIGTERM and SIGINT call ``handler(signum, frame)`` inside the block, and the earlier handlers come back
-    after it. Outside the main thread, where Python allows no handlers, signals are left alone."""
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        yield
-    finally:
-        for sig, earlier in previous.items():
-            signal.signal(sig, earlier)
-
-
-class SignalGuard:
-    """Turns SIGTERM/SIGINT into a flag checked between steps, so the step in flight finishes."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._handling = stop_signals_handled_by(self._handle)
-
-    def __enter__(self):
-        self._handling.__enter__()
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.received = signum
-        name = signal.Signals(signum).name
-        log.warning("received %s: finishing the current step (the first one, when training has not started yet), "
-                    "then saving a checkpoint; several processes stop together at the next logged step "
-                    "(train.log_every). A second %s stops at once, without saving", name, name)
-
-    def __exit__(self, *exc):
-        return self._handling.__exit__(*exc)
 
 
 class Trainer:

@@ -25,7 +25,8 @@ from ..errors import SlimsslError, UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, checkpoint_path
 from ..models.build import as_config
 from . import distributed as dist
-from .loop import Interrupted, Trainer
+from .loop import Trainer
+from .signals import Interrupted
 from .optim import describe_lr
 
 log = logging.getLogger("slimssl")

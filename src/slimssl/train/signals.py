@@ -1,0 +1,60 @@
+"""Stop signals: SIGTERM and SIGINT end a run cleanly (the step in flight finishes, a checkpoint is saved) and
+give exit code 3, after which the same command continues the run."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("slimssl")
+
+EXIT_INTERRUPTED = 3  # documented: the run was stopped by SIGTERM/SIGINT after saving a checkpoint
+
+
+class Interrupted(RuntimeError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    run = None  # slimssl.pretrain sets the PretrainRun of how far it got, for `pretrain --json`
+
+
+@contextlib.contextmanager
+def stop_signals_handled_by(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """SIGTERM and SIGINT call ``handler(signum, frame)`` inside the block, and the earlier handlers come back
+    after it. Outside the main thread, where Python allows no handlers, signals are left alone."""
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, earlier in previous.items():
+            signal.signal(sig, earlier)
+
+
+class SignalGuard:
+    """Turns SIGTERM/SIGINT into a flag checked between steps, so the step in flight finishes."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._handling = stop_signals_handled_by(self._handle)
+
+    def __enter__(self):
+        self._handling.__enter__()
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+        name = signal.Signals(signum).name
+        log.warning("received %s: finishing the current step (the first one, when training has not started yet), "
+                    "then saving a checkpoint; several processes stop together at the next logged step "
+                    "(train.log_every). A second %s stops at once, without saving", name, name)
+
+    def __exit__(self, *exc):
+        return self._handling.__exit__(*exc)
