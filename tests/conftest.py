@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,15 @@ def config_dir() -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture
+def ascii_locale() -> dict[str, str]:
+    """The environment of a process whose locale encodes text as ASCII: it stands in for Windows, where files
+    opened without an encoding, and a redirected stdout, use the locale's code page (cp1252), not UTF-8."""
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env.pop("PYTHONIOENCODING", None)
+    return env
 
 
 # The slowest file first: run in parallel (pytest -n auto --dist loadfile), the demo (minutes) then overlaps

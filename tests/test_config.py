@@ -60,6 +60,21 @@ def test_r34_depth_menu_has_eight_entries():
     assert cfg.model.full_depths == ARCHS["resnet34"][1]
 
 
+def test_a_utf8_config_reads_the_same_whatever_the_locale(tmp_path, ascii_locale):
+    """Config files are UTF-8 on every platform; read in the locale's encoding (cp1252 on Windows, ASCII here)
+    a non-ASCII path in one was garbled or refused."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: démo-Δ\ndata:\n  source: /données/cifar10\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "slimssl", "config", "--config", str(path)], env=ascii_locale,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    printed = yaml.safe_load(proc.stdout)
+    assert (printed["name"], printed["data"]["source"]) == ("démo-Δ", "/données/cifar10")
+
+
 # ---- unknown keys and wrong types ---------------------------------------------------------------------
 
 def test_unknown_key_in_file_names_key_and_file(tmp_path):

@@ -28,12 +28,16 @@ TINY = ["model.depths=[1,1,1,1]", "model.base_width=4", "menu.widths=[1.0,0.5]",
         "eval.batch_size=32"]
 
 
-def reproduce(out: Path, recipes=RECIPES, epochs: int = EPOCHS, extra=()) -> int:
+def reproduce_args(out: Path, recipes=RECIPES, epochs: int = EPOCHS, extra=()) -> list[str]:
     args = ["reproduce", "--recipes", ",".join(recipes), "--out", str(out), "--data", "fake", "--device", "cpu",
             "--epochs", str(epochs), "--batch-size", "8", "--probe-epochs", "2", *extra]
     for assignment in TINY:
         args += ["--set", assignment]
-    return main(args)
+    return args
+
+
+def reproduce(out: Path, recipes=RECIPES, epochs: int = EPOCHS, extra=()) -> int:
+    return main(reproduce_args(out, recipes, epochs, extra))
 
 
 def run_dirs(out: Path, recipe: str) -> list[Path]:
@@ -147,6 +151,23 @@ def test_results_carried_without_checkpoints_finish_the_reproduction(straight, t
     for got, want in zip(rows, reference):
         for key in ("knn_slim", "knn_alone", "linear_slim", "linear_alone"):
             assert got[key] == pytest.approx(want[key], abs=1e-6), (got["subnet"], key)
+
+
+def test_the_report_is_written_and_printed_where_the_locale_lacks_its_characters(straight, tmp_path, ascii_locale):
+    """The table's Δ is not in Windows' cp1252 (nor in ASCII): reproduction.md is UTF-8 on every platform, and a
+    redirected stdout that cannot encode a character escapes it."""
+    import shutil
+    import subprocess
+    import sys
+
+    out = tmp_path / "copy"
+    shutil.copytree(straight, out)
+    (out / "reproduction.md").unlink()
+    proc = subprocess.run([sys.executable, "-m", "slimssl", *reproduce_args(out)], env=ascii_locale,
+                          capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    assert "| kNN alone | Δ |" in (out / "reproduction.md").read_text(encoding="utf-8")
+    assert b"| kNN alone | \\u0394 |" in proc.stdout
 
 
 def test_other_settings_on_an_existing_folder_are_refused(straight, capsys, caplog):

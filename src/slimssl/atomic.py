@@ -25,12 +25,12 @@ _UMASK = _read_umask()
 @contextlib.contextmanager
 def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False) -> Iterator[IO]:
     """A file object whose content replaces ``path`` when the block ends without an exception (``fsync``:
-    flushed to the disk first). The file gets the permissions ``open`` would give it: the temporary file's
-    own (0600) would hide a run's results from the other users of a shared machine."""
+    flushed to the disk first; text is UTF-8 on every platform). The file gets the permissions ``open`` would give
+    it: the temporary file's own (0600) would hide a run's results from the other users of a shared machine."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             if fsync:
                 f.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import sys
@@ -91,8 +92,8 @@ def cmd_config(args: argparse.Namespace) -> int:
         names = [name.removesuffix(".yaml") for name in packaged_configs()]
         width = max(map(len, names))
         for name in names:
-            first = next((line.lstrip("# ").rstrip() for line in find_config(name).read_text().splitlines()
-                          if line.startswith("#")), "")
+            header = find_config(name).read_text(encoding="utf-8").splitlines()
+            first = next((line.lstrip("# ").rstrip() for line in header if line.startswith("#")), "")
             if first and not first.endswith("."):  # the sentence goes on in the file
                 first = first.rstrip(",:;") + " ..."
             print(f"{name:<{width}}  {first}".rstrip())
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         (parser.commands[args.command] if after_command else parser).error(
             f"unrecognized arguments: {' '.join(unknown)}{where}")
     args.started = started
+    if isinstance(sys.stdout, io.TextIOWrapper):  # redirected, it takes the locale's encoding (cp1252 on Windows):
+        sys.stdout.reconfigure(errors="backslashreplace")  # a character it lacks is escaped, not a crash at the end
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(message)s")
     if not args.command:

@@ -595,7 +595,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     check_overrides(overrides)  # before the file is read: the mistake is in the call
     file = find_config(path or "demo")
     try:
-        data = yaml.load(file.read_text(), Loader=_StrictLoader)
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {file} is not valid YAML: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:

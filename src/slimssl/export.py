@@ -126,7 +126,7 @@ def check_export_folder(folder: str | Path, source: str | None, overwrite: bool 
     if overwrite or not config.is_file():
         return
     try:
-        earlier = json.loads(config.read_text()).get("source")
+        earlier = json.loads(config.read_text(encoding="utf-8")).get("source")
     except (ValueError, OSError, AttributeError):
         earlier = None
     if earlier != source:
@@ -165,7 +165,7 @@ def load_exported(folder: str | Path) -> PlainResNet:
         if not path.is_file():
             raise ExportError(f"{path} is missing; an exported sub-network folder holds {CONFIG} and {WEIGHTS}")
     try:
-        info = json.loads(config_path.read_text())
+        info = json.loads(config_path.read_text(encoding="utf-8"))
         if info.get("format") != EXPORT_FORMAT:  # another tool's config.json (a Hugging Face model's, ...)
             raise ValueError(f"its format is {info.get('format')!r}, expected {EXPORT_FORMAT!r}")
         arch = PlainResNetConfig.from_dict(info["architecture"])

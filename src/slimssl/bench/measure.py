@@ -71,7 +71,8 @@ def write_operator_table(fn, calls, device: torch.device, path: Path, rows: int 
         synchronize(device)
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{len(calls)} calls, sorted by {sort}\n" + prof.key_averages().table(sort_by=sort, row_limit=rows))
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    path.write_text(f"{len(calls)} calls, sorted by {sort}\n{table}", encoding="utf-8")
     log.info("wrote the operator table of the slimmable step to %s", path)
 
 

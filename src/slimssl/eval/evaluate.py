@@ -285,7 +285,7 @@ def finetune_jobs(supernet, subnets: Sequence[str | float] | str, label_fraction
 def _is_finetune_result(path: Path) -> bool:
     """Whether ``path`` holds a fine-tuning result (which another fine-tuning may replace)."""
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(content, dict) and {"indices", "label_fraction", "top1"} <= set(content)

@@ -64,7 +64,7 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
         raise ResultsError(f"{path} does not exist; a run directory gets results.json at the end of pretraining "
                            "(or from 'slimssl knn RUN_DIR')")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ResultsError(f"{path} is not readable JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("subnets", []), list):
@@ -173,7 +173,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     records, bad = [], 0
-    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
     for line in filter(None, lines):
         try:
             rec = json.loads(line)

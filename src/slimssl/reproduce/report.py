@@ -131,7 +131,7 @@ def write_report(out: Path, jobs: list[Job], probe_epochs: int) -> dict:
            "recipes": summaries}
     doc["all_goals_held"] = all(g["held"] for s in summaries for g in s["goals"])
     write_json_atomic(out / REPORT_JSON, doc)
-    (out / REPORT_MD).write_text(report_markdown(doc))
+    (out / REPORT_MD).write_text(report_markdown(doc), encoding="utf-8")
     return doc
 
 

@@ -60,7 +60,7 @@ def read_timing(run_dir: Path) -> JobTiming:
         return JobTiming()
     known = JobTiming.__dataclass_fields__
     try:
-        return JobTiming(**{k: v for k, v in json.loads(path.read_text()).items() if k in known})
+        return JobTiming(**{k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k in known})
     except (ValueError, TypeError, AttributeError) as e:
         raise UsageError(f"{path} is not a readable timing record ({e}); delete {run_dir} to pretrain that run "
                          "again, or choose another --out") from None
@@ -203,7 +203,7 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = job.run_dir / CONFIG
     if not config_file.is_file():
-        config_file.write_text(lr_header(effective_lr(job.cfg, 1)) + job.cfg.to_yaml())
+        config_file.write_text(lr_header(effective_lr(job.cfg, 1)) + job.cfg.to_yaml(), encoding="utf-8")
     resume = checkpoint_path(job.run_dir).is_file()
     timing = read_timing(job.run_dir)
     start = time.perf_counter()

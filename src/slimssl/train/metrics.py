@@ -79,7 +79,7 @@ class MetricsLogger:
         """Append one record; numeric values (also one level of nested dicts) become TensorBoard scalars."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             step = record.get("step", 0)
@@ -96,13 +96,13 @@ class MetricsLogger:
         as the run does now (since its last change of batch)."""
         if not self.path.is_file():
             return False
-        lines = self.path.read_text().splitlines()
+        lines = self.path.read_text(encoding="utf-8").splitlines()
         return any(r.get("step") == step and key in r for r in map(_record, lines[_numbered_from(lines):]))
 
     def _drop_records_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         if lines and not lines[-1].endswith("\n"):  # cut short by a kill mid-write: the next record would join it
             log.warning("metrics.jsonl: dropped its last record, cut short when the run stopped: %s", lines[-1][:80])
         whole = [line for line in lines if line.endswith("\n")]

@@ -167,9 +167,9 @@ def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
     if (run_dir / RESULTS).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
         return False
     try:
-        saved = config_from_dict(yaml.safe_load((run_dir / CONFIG).read_text()), CONFIG)
+        saved = config_from_dict(yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")), CONFIG)
         # not read_metrics, which skips a damaged line: here any doubt keeps the files
-        lines = (run_dir / METRICS).read_text().splitlines() if (run_dir / METRICS).exists() else []
+        lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines() if (run_dir / METRICS).exists() else []
         trained = any("loss" in json.loads(line) for line in lines)
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
         return False
@@ -269,7 +269,7 @@ def _saved_state(run_dir: Path) -> tuple[int | None, dict[str, str]]:
     last = checkpoint_path(run_dir)
     if not last.is_file():
         return None, {}
-    return last.stat().st_mtime_ns, {name: (run_dir / name).read_text() for name in _RESTORED_ON_FAILURE
+    return last.stat().st_mtime_ns, {name: (run_dir / name).read_text(encoding="utf-8") for name in _RESTORED_ON_FAILURE
                                      if (run_dir / name).is_file()}
 
 
