@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -203,11 +204,14 @@ def test_export_knows_the_same_run_however_it_is_typed_and_another_run_typed_the
     make_checkpoint(tmp_path / "a" / "runs" / "demo" / "checkpoints" / "last.pt", perturb=perturb_bn)
     monkeypatch.chdir(tmp_path / "a")
     last = tmp_path / "a" / "runs" / "demo" / "checkpoints" / "last.pt"
+    alias = tmp_path / "a" / "LAST.pt"  # a hard link stands in for another letter case on macOS' file system
+    os.link(last, alias)
     for typed in ("runs/demo", "runs/demo/", str(tmp_path / "a" / "runs" / "demo"), "runs/demo/checkpoints/last.pt",
-                  "./runs/../runs/demo/checkpoints/last.pt"):
+                  "./runs/../runs/demo/checkpoints/last.pt", "LAST.pt"):
         assert main(["export", typed, "--subnet", "0.5", "--out", str(out)]) == 0, typed
     info = json.loads((out / "w0p5_d1-1-1-1" / "config.json").read_text())
-    assert info["source"] == str(last.resolve())
+    assert info["source"] == str(alias.resolve())  # the latest export's
+    assert main(["export", "runs/demo", "--subnet", "0.5", "--out", str(out)]) == 0
     trained = (out / "w0p5_d1-1-1-1" / "model.safetensors").read_bytes()
     # another run, typed the same way from another folder, does not replace the export
     make_checkpoint(tmp_path / "b" / "runs" / "demo" / "checkpoints" / "last.pt")

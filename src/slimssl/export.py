@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from dataclasses import replace
 from pathlib import Path
@@ -129,10 +130,18 @@ def check_export_folder(folder: str | Path, source: str | None, overwrite: bool 
         earlier = json.loads(config.read_text(encoding="utf-8")).get("source")
     except (ValueError, OSError, AttributeError):
         earlier = None
-    if earlier != source:
+    if earlier != source and not _same_file(earlier, source):
         raise ExportError(f"{config.parent} already holds an export of {folder.name}"
                           + (f" from {earlier}" if earlier else "") + "; choose another output folder, or "
                           f"{replace_hint}")
+
+
+def _same_file(a, b) -> bool:
+    """Whether two recorded sources are one checkpoint file, however spelt (macOS ignores letter case)."""
+    try:
+        return isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)
+    except OSError:  # a random-init source, or a file that has gone
+        return False
 
 
 def require_onnx() -> None:

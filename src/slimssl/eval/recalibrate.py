@@ -120,10 +120,11 @@ def _new_checkpoint_file(out: str | Path, checkpoint: str | Path) -> Path:
         raise UsageError(f"out (--out) must name a .pt file, got {str(out)!r}")
     source_file = Path(checkpoint)
     source_file = checkpoint_path(source_file) if source_file.is_dir() else source_file
-    if out.exists() and out.resolve() == source_file.resolve():
+    # the file itself, however its path is spelt: macOS' file system ignores letter case, which resolve() keeps
+    if out.exists() and source_file.exists() and os.path.samefile(out, source_file):
         raise UsageError(f"out (--out) {out} is the checkpoint being read; write the recalibrated one to a new file "
                          "(a run's last.pt is what a resume continues from)")
-    if out.resolve().parent.name == CHECKPOINTS:  # any run's: its last.pt, or an epoch it may be evaluated at
+    if out.resolve().parent.name.lower() == CHECKPOINTS:  # any run's: its last.pt, or an epoch it may be evaluated at
         raise UsageError(f"out (--out) {out} is in a run's {CHECKPOINTS} folder, whose files are that run's own; "
                          "write the recalibrated checkpoint outside it (e.g. recalibrated_w0p5.pt)")
     return out
