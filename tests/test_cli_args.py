@@ -91,3 +91,15 @@ def test_an_output_folder_without_write_permission_is_refused(tmp_path, monkeypa
         assert refused.value.code == 2
         assert f"no permission to write in {str(locked)!r}" in capsys.readouterr().err
     assert list(locked.iterdir()) == []
+
+
+def test_a_suggested_command_quotes_paths_for_the_users_shell(monkeypatch):
+    """cmd.exe takes single quotes as part of a path: on Windows a path is double-quoted, and only when needed."""
+    import sys
+
+    from slimssl.cli_args import shell_quote
+
+    assert shell_quote(Path("runs/my run")) == "'runs/my run'" and shell_quote("runs/demo") == "runs/demo"
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert shell_quote("runs\\demo-20261205-214900") == "runs\\demo-20261205-214900"
+    assert shell_quote("C:\\my runs\\demo") == '"C:\\my runs\\demo"'

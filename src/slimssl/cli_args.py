@@ -1,6 +1,7 @@
 """Argument types of the command line: argparse rejects a bad number or output path with one line, naming
 the flag and what was expected, before any work starts (and before torch is imported). Also ``emit``, the
-one way a command prints its result, and ``add_overrides``, the one ``--set`` flag."""
+one way a command prints its result, ``add_overrides``, the one ``--set`` flag, and ``shell_quote``, a path as
+the user's shell reads it in a command we suggest."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import argparse
 import json
 import math
 import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -89,6 +92,12 @@ def emit(args: argparse.Namespace, doc, table: str) -> None:
         sys.stdout.write("\n")
     else:
         print(table)
+
+
+def shell_quote(path: str | os.PathLike) -> str:
+    """``path`` quoted for a command line to copy: POSIX shells' single quotes, or on Windows the double quotes
+    that cmd.exe and PowerShell both read (cmd.exe takes single quotes as part of the path)."""
+    return subprocess.list2cmdline([str(path)]) if sys.platform == "win32" else shlex.quote(str(path))
 
 
 def add_overrides(p: argparse.ArgumentParser, what: str = "config values") -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .atomic import atomic_write
+from .cli_args import shell_quote
 from .errors import SlimsslError
 from .layout import CHECKPOINTS
 from .models.plain import PlainResNet, PlainResNetConfig
@@ -207,7 +207,7 @@ def _refuse_other_folder(folder: Path) -> None:
     if (folder / CHECKPOINTS).is_dir():
         raise ExportError(f"{folder} is a run directory, not an exported sub-network: load its supernet with "
                           f"slimssl.load_supernet({str(folder)!r}), or export sub-networks from it first "
-                          f"(slimssl export {shlex.quote(str(folder))} --all --out DIR) and load one of DIR's folders")
+                          f"(slimssl export {shell_quote(folder)} --all --out DIR) and load one of DIR's folders")
     names = exported_subnets(folder)
     if names:
         raise ExportError(f"{folder} holds exported sub-networks ({', '.join(names)}), one per folder; load one of "

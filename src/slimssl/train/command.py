@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 from pathlib import Path
 
-from ..cli_args import add_overrides, data_source, output_dir, positive_int
+from ..cli_args import add_overrides, data_source, output_dir, positive_int, shell_quote
 from ..errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
@@ -75,7 +74,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
         except Interrupted as e:
             if dist.is_main():  # one hint for the job, not one per process
-                log.warning("%s; continue with: slimssl pretrain --resume %s", e, shlex.quote(str(run_dir)))
+                log.warning("%s; continue with: slimssl pretrain --resume %s", e, shell_quote(run_dir))
                 if args.json and e.run:
                     emit(args, stopped_doc(e.run), "")
             return EXIT_INTERRUPTED
@@ -84,7 +83,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             emit(args, run.results, markdown_table(run.results["subnets"], cols))
         elif dist.is_main():  # the other ranks have no results even when finished: rank 0 reports
             log.info("stopped at step %d of %d; continue with: slimssl pretrain --resume %s",
-                     run.step, run.total_steps, shlex.quote(str(run_dir)))
+                     run.step, run.total_steps, shell_quote(run_dir))
             if args.json:  # a script's json.loads needs a document whenever the command succeeds
                 emit(args, stopped_doc(run), "")
         return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shlex
 import signal
 import sys
 import time
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint, save_checkpoint
+from ..cli_args import shell_quote
 from ..config import Config, ConfigError, check_processes, config_differences
 from ..data.datasets import ImageDataset, check_same_classes, load_dataset
 from ..data.files import DataError, MissingSplitError
@@ -502,7 +502,7 @@ class Trainer:
             return error  # nothing trained: the failed start is cleaned up as any other
         if self._last_saved_step != self.state.step:
             self.save(any_rank=True)
-        resume = f"slimssl pretrain --resume {shlex.quote(str(self.run_dir))}"
+        resume = f"slimssl pretrain --resume {shell_quote(self.run_dir)}"
         return DataError(f"{error}\nthe {self.state.step} steps trained so far are saved in "
                          f"{checkpoint_path(self.run_dir)}: continue with {resume} "
                          "(with --set data.skip_unreadable=true, or once the file is replaced)")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import yaml
 
 from ..atomic import atomic_write
 from ..checkpoint import load_checkpoint
+from ..cli_args import shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
                       config_from_dict, find_config)
 from ..data.files import BUILTIN
@@ -137,7 +137,7 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
         raise UsageError(f"{run_dir} is a file; the run directory must be a folder (new, or an earlier run's "
                          "to resume)")
     if checkpoint_path(run_dir).exists():
-        how = f"--resume {shlex.quote(str(run_dir))}" if cli else "resume=True"
+        how = f"--resume {shell_quote(run_dir)}" if cli else "resume=True"
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
     if isinstance(config, (str, Path)) and Path(find_config(config)).resolve() == (run_dir / CONFIG).resolve():
@@ -190,7 +190,7 @@ def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
     if holder is None:
         return what
     return f"{what}; this one is in the run directory {holder}: " + (
-        f"--resume {shlex.quote(str(holder))}" if cli else f"out={str(holder)!r}")
+        f"--resume {shell_quote(holder)}" if cli else f"out={str(holder)!r}")
 
 
 def absolute_data_source(cfg: Config) -> Config:
