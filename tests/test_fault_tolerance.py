@@ -193,6 +193,39 @@ def _is_dir_fd(fd: int) -> bool:
     return stat.S_ISDIR(os.fstat(fd).st_mode)
 
 
+def test_a_checkpoint_held_open_by_a_reader_on_windows_is_replaced_once_it_is_free(tmp_path, monkeypatch):
+    """Windows refuses to rename over a file another process has open (slimssl knn reading last.pt): the save
+    tries again for a while, and gives up with the error and the earlier file whole when it stays open."""
+    import slimssl.atomic
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    cfg = config_from_dict(TINY)
+    payload = {"config": cfg.model_dump(mode="json"), "menu": cfg.subnet_menu().names, "model": {}}
+    save_checkpoint(path, {**payload, "epoch": 1})
+    replace, refusals = os.replace, []
+
+    def held_open(times):
+        def attempt(src, dst):
+            if len(refusals) < times:
+                refusals.append(dst)
+                raise PermissionError(13, "The process cannot access the file because it is being used", str(dst))
+            replace(src, dst)
+        return attempt
+
+    monkeypatch.setattr(slimssl.atomic, "REPLACE_RETRIES", 3)  # as on Windows
+    monkeypatch.setattr(slimssl.atomic.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(os, "replace", held_open(times=2))
+    save_checkpoint(path, {**payload, "epoch": 2})
+    assert len(refusals) == 2 and load_checkpoint(path)["epoch"] == 2
+
+    refusals.clear()
+    monkeypatch.setattr(os, "replace", held_open(times=10))
+    with pytest.raises(CheckpointError, match="being used"):
+        save_checkpoint(path, {**payload, "epoch": 3})
+    assert len(refusals) == 4 and load_checkpoint(path)["epoch"] == 2
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
 # ---- signals and exact resume -------------------------------------------------------------------------
 
 def test_sigint_saves_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -20,6 +22,10 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+# Windows refuses to rename over a file that another process holds open for a moment (`slimssl knn` reading
+# last.pt while pretraining goes on, a virus scanner): the rename is tried again for a few seconds
+REPLACE_RETRIES = 10 if sys.platform == "win32" else 0
 
 
 @contextlib.contextmanager
@@ -36,7 +42,18 @@ def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False) -> Ite
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _replace(tmp: str, path: Path) -> None:
+    for attempt in range(REPLACE_RETRIES + 1):
+        try:
+            os.replace(tmp, path)
+            return
+        except PermissionError:
+            if attempt == REPLACE_RETRIES:
+                raise
+            time.sleep(0.1 * (attempt + 1))  # 5.5 s in all: a 180 MiB checkpoint is read in about one
