@@ -486,6 +486,23 @@ def test_python_pretrain_stops_resumes_and_interoperates_with_the_cli(tmp_path, 
     assert saved.train.knn_every == 0 and saved.name == "tiny_byol"
 
 
+def test_runs_stopped_early_leave_no_threads_behind(tmp_path):
+    """A process that stops and resumes a run many times (a notebook, a scheduler) keeps no TensorBoard writer
+    thread of the calls that stopped before the end: one was left per call."""
+    import threading
+
+    import slimssl
+
+    pytest.importorskip("tensorboard")
+    run_dir = tmp_path / "run"
+    slimssl.pretrain(tiny("byol", train={"epochs": 3}), run_dir, overrides=["train.knn_every=0"], max_steps=1)
+    threads = threading.active_count()
+    for step in range(2, 6):
+        assert slimssl.pretrain(out=run_dir, resume=True, max_steps=step).step == step
+    assert threading.active_count() == threads
+    assert len(list((run_dir / "tb").iterdir())) == 5  # each call wrote its events
+
+
 def test_python_pretrain_refuses_bad_arguments_before_writing(tmp_path):
     import slimssl
 

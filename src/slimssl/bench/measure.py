@@ -98,17 +98,6 @@ def _set_up_quietly():
         log.setLevel(level)
 
 
-@contextlib.contextmanager
-def _closed_after(trainer: Trainer):
-    """Use ``trainer``, then stop what it runs beside the steps: streaming loader workers, and TensorBoard's
-    writer thread, which would otherwise write into the scratch folder after it is removed."""
-    try:
-        yield trainer
-    finally:
-        trainer.view_source.close()
-        trainer.metrics.close()
-
-
 def run_bench(cfg, steps: int, warmup: int, baseline: bool = True, data_only: bool = False,
               profile: Path | None = None) -> list[dict]:
     """The table's rows: img/s of the data path, the slimmable step and, with ``baseline``, each dense
@@ -130,7 +119,7 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
     def row(what: str, m: Measurement) -> dict:
         return {"what": what, "img_per_s": batch / m.seconds, "peak_gib": m.peak_gib, "gpu_busy": m.gpu_busy}
 
-    with _closed_after(Trainer(cfg, scratch / "slim")) as trainer:
+    with Trainer(cfg, scratch / "slim") as trainer:  # closed: its writer thread would write in a removed folder
         device = trainer.device
         rows.append(row(f"data path (two augmented views, {cfg.data.loader})",
                         _measure(trainer.views, steps, warmup, device)))
@@ -148,7 +137,7 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
             _forget(cfg.train.compile, device)
             with _set_up_quietly():
                 dense = Trainer(dense_cfg, scratch / f"dense-{name}")
-            with _closed_after(dense):
+            with dense:
                 dense_rows.append(row(f"dense {name}", _measure(dense.train_step, steps, warmup, device)))
             del dense
         total = sum(batch / r["img_per_s"] for r in dense_rows)

@@ -223,15 +223,15 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
                     timing.step, trainer.state.step, kept)
         timing.pretrain_seconds *= kept
         timing.step = trainer.state.step
-    log.info("%s: pretraining from step %d of %d", job.label, trainer.state.step, trainer.total_steps)
-    while budget.allows():
-        results = run_chunk(trainer)
-        budget.used()
-        if results:
-            log.info("%s: pretrained in %.1f s", job.label, timing.pretrain_seconds)
-            return True
-    trainer.metrics.close()  # finish() closes it on a completed run
-    return False
+    with trainer:  # its writer thread and loader workers stop however this call ends
+        log.info("%s: pretraining from step %d of %d", job.label, trainer.state.step, trainer.total_steps)
+        while budget.allows():
+            results = run_chunk(trainer)
+            budget.used()
+            if results:
+                log.info("%s: pretrained in %.1f s", job.label, timing.pretrain_seconds)
+                return True
+        return False
 
 
 # ---- the linear probe --------------------------------------------------------------------------------

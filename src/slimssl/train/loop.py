@@ -100,6 +100,19 @@ class Trainer:
         log.info("%s", self.lr_summary())
         self.metrics = self._open_metrics(saved_step)
 
+    def close(self) -> None:
+        """Stop what runs beside the steps: streaming loader workers and TensorBoard's writer thread. A run that
+        finishes closes its writer itself; one stopped early (``max_steps``, a signal) would keep it, one per
+        resume in a process that resumes often."""
+        self.view_source.close()
+        self.metrics.close()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _open_metrics(self, saved_step: int | None) -> MetricsLogger:
         """metrics.jsonl and TensorBoard (rank 0), with what a resumed run records first: a change of batch,
         which renumbers the steps, and a changed learning rate."""

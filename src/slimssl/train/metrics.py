@@ -116,8 +116,10 @@ class MetricsLogger:
                          len(whole) - len(kept), step)
 
     def close(self) -> None:
+        """Stop TensorBoard's writer thread; later records go to metrics.jsonl only."""
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 RENUMBERED = "steps_renumbered"  # the key of the record a resume with another batch writes (train/loop.py)

@@ -239,6 +239,9 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
             _discard_failed_start(run_dir, trainer, existed, created)
             _restore_if_unsaved(run_dir, saved)
         raise
+    finally:
+        if trainer is not None:
+            trainer.close()
     dist.barrier()  # every process returns once rank 0 has written the checkpoint and results.json
     return PretrainRun(run_dir, results, trainer.state.step, trainer.total_steps)
 
