@@ -2,8 +2,9 @@
 
 The slimmable layers read the active sub-network from plain Python state, so dynamo guards on it and
 keeps one compiled graph per sub-network (recompiling once for each the first time it runs). The limit
-on graphs per function is raised to fit the menu. ``reduce-overhead`` (and ``max-autotune``) also capture each graph in a
-CUDA graph, which removes the kernel-launch cost that dominates narrow widths at small resolutions.
+on graphs per function is raised to fit the menu. ``reduce-overhead`` (and ``max-autotune``) also capture
+each graph in a CUDA graph, which removes the kernel-launch cost that dominates narrow widths at small
+resolutions.
 """
 
 from __future__ import annotations
