@@ -243,6 +243,23 @@ def test_sigint_saves_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch)
     assert_same_state(model_state(tmp_path / "a"), model_state(tmp_path / "b"))
 
 
+def test_a_stop_signal_still_exits_3_when_tensorboards_last_flush_fails(tmp_path, monkeypatch, capsys, caplog):
+    """TensorBoard's writer is closed however a call ends; its last flush failing (a full disk) is a warning,
+    never the error that replaces a saved stop (exit 3, which a scheduler requeues on)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "close", full_disk)
+    signal_at(monkeypatch, 2, signal.SIGINT)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        code = main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)])
+    assert code == EXIT_INTERRUPTED and load_checkpoint(run)["train_state"]["step"] == 3
+    assert "may lack their last records (OSError" in error_text(capsys, caplog)
+
+
 def test_resume_after_max_steps_equals_uninterrupted_run(tmp_path):
     cfg = config_from_dict(TINY)
     assert Trainer(cfg, tmp_path / "a").fit(max_steps=3) == {}  # stopped early: no results yet

@@ -116,10 +116,16 @@ class MetricsLogger:
                          len(whole) - len(kept), step)
 
     def close(self) -> None:
-        """Stop TensorBoard's writer thread; later records go to metrics.jsonl only."""
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        """Stop TensorBoard's writer thread; later records go to metrics.jsonl only. A failure of its last flush
+        (a full disk) is a warning: it must not replace how the run ended (a save after a stop signal, an error)."""
+        tb, self.tb = self.tb, None
+        if tb is None:
+            return
+        try:
+            tb.close()
+        except Exception as e:  # noqa: BLE001 - whatever the writer thread met; metrics.jsonl has every record
+            log.warning("TensorBoard's events in %s may lack their last records (%s: %s); metrics.jsonl has them",
+                        self.path.parent / TENSORBOARD, type(e).__name__, e)
 
 
 RENUMBERED = "steps_renumbered"  # the key of the record a resume with another batch writes (train/loop.py)
