@@ -539,20 +539,34 @@ def test_results_of_a_checkpoint_before_pretrainings_end_are_marked_unfinished(t
     from slimssl.cli import main
 
     run = tmp_path / "run"
+
+    def results():
+        return json.loads((run / "results.json").read_text())
+
     make_checkpoint(run / "checkpoints" / "last.pt", epoch=1.5)  # of 4
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         slimssl.knn(run, device="cpu")
     assert "epoch 1.5 of 4" in caplog.text
-    assert json.loads((run / "results.json").read_text())["unfinished"] == {"epoch": 1.5, "epochs": 4}
+    assert results()["unfinished"] == {"epochs": 4, "knn": 1.5}
     caplog.clear()
     assert main(["report", str(run), "--json"]) == 0
     (report,) = json.loads(capsys.readouterr().out)
-    assert report["run"] == "run (unfinished: epoch 1.5 of 4)" and report["subnets"][0]["knn_top1"] is not None
-    assert "before pretraining finished" in caplog.text
+    assert report["run"] == "run" and report["subnets"][0]["knn_top1"] is not None  # the folder, as --json names it
+    assert "before pretraining finished (knn at epoch 1.5 of 4)" in caplog.text
+    assert main(["report", str(run)]) == 0
+    assert "## run (unfinished: knn at epoch 1.5 of 4)" in capsys.readouterr().out
 
+    make_checkpoint(run / "checkpoints" / "last.pt", epoch=3.999)  # rounded down: never "epoch 4 of 4"
+    slimssl.linear_probe(run, epochs=1, device="cpu")
+    assert results()["unfinished"] == {"epochs": 4, "knn": 1.5, "linear": 3.99}  # kNN's numbers are still 1.5's
+    make_checkpoint(run / "checkpoints" / "last.pt")  # a checkpoint that does not say: the mark stays
+    slimssl.knn(run, device="cpu")
+    assert results()["unfinished"] == {"epochs": 4, "knn": 1.5, "linear": 3.99}
     make_checkpoint(run / "checkpoints" / "last.pt", epoch=4.0)  # the end of pretraining
     slimssl.knn(run, device="cpu")
-    assert "unfinished" not in json.loads((run / "results.json").read_text())
+    assert results()["unfinished"] == {"epochs": 4, "linear": 3.99}
+    slimssl.linear_probe(run, epochs=1, device="cpu")
+    assert "unfinished" not in results()
 
 
 def test_python_protocols_equal_the_commands_and_merge_into_the_run(tmp_path, capsys):

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, linear_settings, recalibration_batches
-from ..layout import FINETUNE, RESULTS
+from ..layout import FINETUNE
 from .inputs import DataOptions, check_numbers, check_train_crop, in_memory, load_model
 
 if TYPE_CHECKING:
@@ -50,23 +50,18 @@ def cost_rows(supernet, resolution: int, specs=None) -> dict[str, dict]:
 def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: dict, cfg, save: bool,
                 epoch: float | None) -> Path | None:
     """Merge ``values`` into the run directory's results.json when the checkpoint is in one and ``save``.
-    A checkpoint trained for ``epoch`` of the run's epochs, before pretraining finished, marks the file
-    ``unfinished`` (pretraining's own results.json replaces it at the end), so that a report does not
-    read the numbers as the run's final ones."""
+    A checkpoint trained for ``epoch`` of the run's epochs, before pretraining finished, marks the protocol
+    ``unfinished`` there (``mark_unfinished``), so that a report does not read its numbers as the run's final
+    ones."""
     from .results import merge_results, run_dir_of
 
     run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
     if run_dir is None:
         return None
-    unfinished = None
-    if epoch is not None and epoch < cfg.train.epochs:
-        unfinished = {"epoch": round(float(epoch), 2), "epochs": cfg.train.epochs}
-        log.warning("%s holds epoch %g of %d: pretraining has not finished, so %s marks these results unfinished",
-                    checkpoint, unfinished["epoch"], cfg.train.epochs, RESULTS)
     path = merge_results(run_dir, values, protocol=protocol, settings=settings,
                          defaults={"run": run_dir.resolve().name, "config": cfg.model_dump(mode="json"),
                                    "resolution": cfg.data.resolution},
-                         replace={"unfinished": unfinished})
+                         trained=(epoch, cfg.train.epochs))
     log.info("merged %s results into %s", protocol, path)
     return path
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import math
 import os
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -149,8 +150,11 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None):
         raise UsageError("a checkpoint is evaluated with the config saved in it; config= is for a supernet in "
                          "memory (the data keywords, k, epochs, ... change what the evaluation does)")
     data = load_checkpoint(checkpoint)
-    supernet = supernet_of(data, checkpoint)
-    return supernet.to(torch_device).eval(), data["config"], torch_device, data.get("epoch")
+    supernet, cfg, epoch = supernet_of(data, checkpoint), data["config"], data.get("epoch")
+    if epoch is not None and epoch < cfg.train.epochs:
+        log.warning("%s holds epoch %g of %d: pretraining has not finished (a run's results.json marks what is "
+                    "measured on it unfinished)", checkpoint, math.floor(epoch * 100) / 100, cfg.train.epochs)
+    return supernet.to(torch_device).eval(), cfg, torch_device, epoch
 
 
 def check_fits(supernet, cfg) -> None:

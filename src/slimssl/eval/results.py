@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -118,12 +119,12 @@ def merge_rows(rows: list[dict], values: Mapping[str, Mapping[str, Any]]) -> lis
 
 def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], *, protocol: str | None = None,
                   settings: Mapping[str, Any] | None = None, defaults: Mapping[str, Any] | None = None,
-                  replace: Mapping[str, Any] | None = None) -> Path:
+                  trained: tuple[float | None, int] | None = None) -> Path:
     """Merge per-sub-network ``values`` ({subnet: {key: value}}) into ``run_dir/results.json``.
 
     Existing keys of a sub-network are overwritten, others are kept; ``settings`` are stored under
     ``protocols[protocol]``; ``defaults`` fill top-level keys the file does not have yet (run, resolution);
-    ``replace`` sets top-level keys whatever they held (None removes one).
+    ``trained``: (the epochs the evaluated checkpoint was trained for, the run's epochs), see :func:`mark_unfinished`.
     A sub-network whose values of ``protocol`` were measured with other settings than those, and are not
     measured again here, keeps its earlier settings in its own row (``<protocol>_settings``), so that every
     number still says how it was measured.
@@ -134,17 +135,41 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
         data = read_results(run_dir, missing_ok=True)
         for key, value in (defaults or {}).items():
             data.setdefault(key, value)
-        for key, value in (replace or {}).items():
-            if value is None:
-                data.pop(key, None)
-            else:
-                data[key] = value
+        if trained is not None and protocol is not None:
+            mark_unfinished(data, protocol, *trained)
         if protocol is not None:
             protocols = data.setdefault("protocols", {})
             _keep_earlier_settings(data["subnets"], values, protocol, protocols.get(protocol), dict(settings or {}))
             protocols[protocol] = dict(settings or {})
         data["subnets"] = merge_rows(data["subnets"], values)
         return write_results(run_dir, data)
+
+
+def mark_unfinished(data: dict, protocol: str, epoch: float | None, epochs: int) -> None:
+    """Keep ``data["unfinished"]`` ({"epochs": E, protocol: epoch, ...}) naming the protocols whose values were
+    measured on a checkpoint from before the end of pretraining, at which epoch (rounded down, so never E). A
+    protocol measured again at the end leaves it, and it goes with the last one; pretraining's own results.json
+    replaces the file. A checkpoint that does not say its epoch (made elsewhere) leaves the mark as it is."""
+    if epoch is None:
+        return
+    marks = {k: v for k, v in (data.get("unfinished") or {}).items() if k != "epochs"}
+    if epoch < epochs:
+        marks[protocol] = math.floor(epoch * 100) / 100
+    else:
+        marks.pop(protocol, None)
+    if marks:
+        data["unfinished"] = {"epochs": epochs, **marks}
+    else:
+        data.pop("unfinished", None)
+
+
+def unfinished_note(data: dict) -> str | None:
+    """``data``'s unfinished mark in words ("knn at epoch 1.5 of 4"), or None when it has none."""
+    marks = data.get("unfinished")
+    if not isinstance(marks, dict):
+        return None
+    parts = [f"{k} at epoch {v:g}" for k, v in marks.items() if k != "epochs" and isinstance(v, (int, float))]
+    return f"{', '.join(parts) or 'measured'} of {marks.get('epochs', '?')}"
 
 
 def _keep_earlier_settings(rows: list[dict], values: Mapping[str, Any], protocol: str, earlier: dict | None,

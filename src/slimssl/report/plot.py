@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import UsageError
+from .report import run_title
 from .table import is_number
 
 log = logging.getLogger("slimssl")
@@ -67,7 +68,7 @@ def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", 
         if join_singles and len(result.get("subnets", [])) == 1:
             singles += points
         else:
-            series.append((str(result.get("run", "run")), points))
+            series.append((run_title(result), points))
     if singles:
         series.append((join_singles, sorted(singles)))
     if not series:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..eval.results import read_metrics, read_results
+from ..eval.results import read_metrics, read_results, unfinished_note
 from ..layout import RESULTS
 from .table import is_number, markdown_table
 
@@ -25,12 +25,16 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
     results = [read_results(d) for d in run_dirs]
     for result, label in zip(results, run_labels(run_dirs)):
         result["run"] = label
-        unfinished = result.get("unfinished")
-        if isinstance(unfinished, dict):  # evaluated from a checkpoint taken before pretraining's end
-            when = f"epoch {unfinished.get('epoch', '?')} of {unfinished.get('epochs', '?')}"
-            log.warning("%s: its results were measured at %s, before pretraining finished", label, when)
-            result["run"] = f"{label} (unfinished: {when})"
+        note = unfinished_note(result)
+        if note:  # evaluated on a checkpoint from before pretraining's end
+            log.warning("%s: results measured before pretraining finished (%s)", label, note)
     return results
+
+
+def run_title(result: dict) -> str:
+    """A run's label for headings and legends: its name, and when its numbers are not final, which are not."""
+    note = unfinished_note(result)
+    return f"{result.get('run', 'run')}" + (f" (unfinished: {note})" if note else "")
 
 
 def without_unfinished(run_dirs: Sequence[str | Path]) -> list[str | Path]:
@@ -70,7 +74,7 @@ def run_table(result: dict) -> str:
     about = [config["name"]] if isinstance(config, dict) and isinstance(config.get("name"), str) else []
     if result.get("resolution"):
         about.append(f"{result['resolution']} px")
-    title = f"## {result.get('run', 'run')}" + (f" ({', '.join(about)})" if about else "")
+    title = f"## {run_title(result)}" + (f" ({', '.join(about)})" if about else "")
     table = f"{title}\n\n{markdown_table(result.get('subnets', []), run_columns(result))}"
     apart = [f"{row['subnet']} ({', '.join(k.removesuffix('_settings') for k in row if k.endswith('_settings'))})"
              for row in result.get("subnets", []) if any(k.endswith("_settings") for k in row)]
