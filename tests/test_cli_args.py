@@ -103,3 +103,4 @@ def test_a_suggested_command_quotes_paths_for_the_users_shell(monkeypatch):
     monkeypatch.setattr(sys, "platform", "win32")
     assert shell_quote("runs\\demo-20261205-214900") == "runs\\demo-20261205-214900"
     assert shell_quote("C:\\my runs\\demo") == '"C:\\my runs\\demo"'
+    assert shell_quote("runs\\R&D (new)") == '"runs\\R&D (new)"'  # & would end cmd.exe's command

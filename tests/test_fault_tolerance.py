@@ -951,21 +951,30 @@ def test_recalibrate_never_writes_over_the_checkpoint_it_reads(tmp_path, saved_r
     assert other.read_bytes() == b"another run"
 
 
-def test_recalibrate_knows_the_checkpoint_it_reads_however_its_path_is_spelt(tmp_path, saved_run, capsys, caplog):
+def test_recalibrate_knows_the_checkpoint_it_reads_however_its_path_is_spelt(tmp_path, saved_run, monkeypatch,
+                                                                             capsys, caplog):
     """macOS' file system ignores letter case, which Path.resolve keeps: RUN/Checkpoints/last.pt there is the
-    run's own last.pt, and a loose MODEL.pt the model.pt being read. A hard link stands in for the second here."""
+    run's own last.pt, and a loose MODEL.pt the model.pt being read. A hard link stands in for the second here,
+    and os.path.samefile answering as macOS would for the first."""
     run, before = saved_run
-    cased = run / "Checkpoints" / "last.pt"  # a real folder on Linux; the run's own on macOS
-    cased.parent.mkdir()
+    cased = run / "Checkpoints" / "last.pt"
+    cased.parent.mkdir()  # on Linux another folder: recalibrate may write there
+    assert main(["recalibrate", str(run), "--subnet", "0.5", "--out", str(cased), "--device", "cpu"]) == 0
+    cased.unlink()
+    samefile = os.path.samefile
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: samefile(a, b) or {Path(a).name, Path(b).name} == {
+        "Checkpoints", "checkpoints"})
     assert main(["recalibrate", str(run), "--subnet", "0.5", "--out", str(cased), "--device", "cpu"]) == 2
     assert "is in a run's checkpoints folder" in error_text(capsys, caplog)
+    assert not cased.exists()
+    monkeypatch.undo()
     loose = tmp_path / "model.pt"
     loose.write_bytes(before)
     alias = tmp_path / "MODEL.pt"
     os.link(loose, alias)
     assert main(["recalibrate", str(loose), "--subnet", "0.5", "--out", str(alias), "--device", "cpu"]) == 2
     assert "is the checkpoint being read" in error_text(capsys, caplog)
-    assert loose.read_bytes() == before and not list(cased.parent.iterdir())
+    assert loose.read_bytes() == before
 
 
 def test_pretrain_never_overwrites_a_config_yaml_in_its_output_folder(tmp_path, capsys, caplog):

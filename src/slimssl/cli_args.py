@@ -9,8 +9,8 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
@@ -95,9 +95,13 @@ def emit(args: argparse.Namespace, doc, table: str) -> None:
 
 
 def shell_quote(path: str | os.PathLike) -> str:
-    """``path`` quoted for a command line to copy: POSIX shells' single quotes, or on Windows the double quotes
-    that cmd.exe and PowerShell both read (cmd.exe takes single quotes as part of the path)."""
-    return subprocess.list2cmdline([str(path)]) if sys.platform == "win32" else shlex.quote(str(path))
+    """``path`` quoted for a command line to copy: POSIX shells' single quotes, or on Windows double quotes
+    around anything but plain names (cmd.exe takes single quotes as part of the path, and runs what follows
+    an unquoted ``&``; PowerShell reads double quotes too, but expands a ``$`` inside them)."""
+    text = str(path)
+    if sys.platform != "win32":
+        return shlex.quote(text)
+    return text if re.fullmatch(r"[\w.:\\/-]+", text) else f'"{text}"'
 
 
 def add_overrides(p: argparse.ArgumentParser, what: str = "config values") -> None:

@@ -108,6 +108,17 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     return {"subnet": spec.name, "batches": batches, "batch_size": batch_size, "out": str(path)}
 
 
+def _is_checkpoints_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a run's checkpoints folder, as the file system sees it: on macOS' (case-insensitive)
+    ``RUN/Checkpoints`` is ``RUN/checkpoints``, on Linux's it is another folder."""
+    from ..layout import CHECKPOINTS
+
+    if folder.name == CHECKPOINTS:
+        return True
+    spelt = folder.parent / CHECKPOINTS
+    return folder.name.lower() == CHECKPOINTS and folder.exists() and spelt.exists() and os.path.samefile(folder, spelt)
+
+
 def _new_checkpoint_file(out: str | Path, checkpoint: str | Path) -> Path:
     """``out`` as a file recalibrate may write: a ``.pt`` outside every run's checkpoints folder, and not the
     checkpoint it reads (a run's files are that run's own: its last.pt is what a resume continues from)."""
@@ -124,7 +135,7 @@ def _new_checkpoint_file(out: str | Path, checkpoint: str | Path) -> Path:
     if out.exists() and source_file.exists() and os.path.samefile(out, source_file):
         raise UsageError(f"out (--out) {out} is the checkpoint being read; write the recalibrated one to a new file "
                          "(a run's last.pt is what a resume continues from)")
-    if out.resolve().parent.name.lower() == CHECKPOINTS:  # any run's: its last.pt, or an epoch it may be evaluated at
+    if _is_checkpoints_folder(out.resolve().parent):  # any run's: its last.pt, or an epoch it may be evaluated at
         raise UsageError(f"out (--out) {out} is in a run's {CHECKPOINTS} folder, whose files are that run's own; "
                          "write the recalibrated checkpoint outside it (e.g. recalibrated_w0p5.pt)")
     return out
