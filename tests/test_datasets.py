@@ -175,6 +175,25 @@ def test_mixed_sizes_need_resolution(tmp_path):
     assert ds.images[1, :, 2, 2].tolist() == [10, 20, 30]
 
 
+def test_a_split_too_large_to_decode_in_memory_is_refused_before_decoding(tmp_path, monkeypatch):
+    """ImageNet with the memory loader would decode for hours, then be killed: the size is checked first."""
+    import slimssl.data.datasets as datasets
+
+    root = _class_tree(tmp_path / "data")  # 6 images: 2 x 6 x 3 x 16 x 16 bytes while decoding at 16 px
+    monkeypatch.setattr(datasets, "physical_memory", lambda: 9215)
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "_decode_all", lambda *args: pytest.fail("decoded a split that cannot fit"))
+        with pytest.raises(DataError, match=r"6 images of split 'train'.*while decoding, more than this machine's"
+                                            r".*data.loader=stream"):
+            load_dataset(str(root), resolution=16)
+        m.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun: three processes here, each with its own copy
+        monkeypatch.setattr(datasets, "physical_memory", lambda: 13823)
+        with pytest.raises(DataError, match="with 3 processes each holding them"):
+            load_dataset(str(root), resolution=16)
+    monkeypatch.setattr(datasets, "physical_memory", lambda: 9216)  # just enough for one process
+    assert load_dataset(str(root), resolution=16).images.shape == (6, 3, 16, 16)
+
+
 def test_cache_hit_returns_equal_tensors(tmp_path):
     root = _class_tree(tmp_path / "data")
     first = load_dataset(str(root))

@@ -184,6 +184,7 @@ def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: b
     prefix = split_prefix(tree, split)
     paths, labels, classes = list_split(tree, prefix)
     name = os.path.splitext(os.path.basename(path.rstrip("/")))[0]
+    _check_fits_in_memory(path, split, len(paths), resolution)
     key = _cache_key(tree, split, resolution, crop_ratio, skip_unreadable, paths)
 
     cached = _cache_load(key)
@@ -197,6 +198,32 @@ def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: b
                     ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
     label_t = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)[kept]
     return ImageDataset(images, label_t, classes, name, split)
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes, or None where the system does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits_in_memory(path: str, split: str, count: int, resolution: int | None) -> None:
+    """Refuse a split that cannot be held decoded on this machine, before decoding it for hours to end in an
+    out-of-memory kill (ImageNet with the memory loader). Decoding holds every image, then the stacked tensor:
+    twice the split's decoded size. Under torchrun each process on the machine holds its own copy."""
+    total = physical_memory()
+    if resolution is None or not total:
+        return
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    size = count * 3 * resolution * resolution
+    needed = max(2, processes) * size
+    if needed > total:
+        held = f"{processes} processes each holding them" if processes > 1 else "while decoding"
+        raise DataError(f"{path}: the {count:,} images of split {split!r}, decoded in memory at {resolution} px "
+                        f"({size / 2**30:.1f} GiB), need about {needed / 2**30:.1f} GiB with {held}, more than this "
+                        f"machine's {total / 2**30:.1f} GiB; stream them instead (--set data.loader=stream to "
+                        "pretrain, --loader stream for the evaluation commands)")
 
 
 # ------------------------------------------------------- decoding a split
