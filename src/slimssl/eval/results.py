@@ -5,7 +5,8 @@ name, "width": w, "depths": [...], "params": n, "macs": n, "knn_top1": x, ...}, 
 checkpoint inside a run directory add their values to the matching ``subnets`` entry (keyed by the
 canonical sub-network name) and record their settings under ``"protocols"``, so a report can say how
 every number was measured; a row measured with other settings than those holds its own
-(``"knn_settings"``: see :func:`merge_results`).
+(``"knn_settings"``: see :func:`merge_results`). Protocols measured on a checkpoint from before the end of
+pretraining are named under ``"unfinished"`` (:func:`mark_unfinished`).
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def mark_unfinished(data: dict, protocol: str, epoch: float | None, epochs: int)
     replaces the file. A checkpoint that does not say its epoch (made elsewhere) leaves the mark as it is."""
     if epoch is None:
         return
-    marks = {k: v for k, v in (data.get("unfinished") or {}).items() if k != "epochs"}
+    earlier = data.get("unfinished")
+    marks = {k: v for k, v in earlier.items() if k != "epochs"} if isinstance(earlier, dict) else {}
     if epoch < epochs:
         marks[protocol] = math.floor(epoch * 100) / 100
     else:
