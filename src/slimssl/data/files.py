@@ -230,8 +230,10 @@ def split_prefix(tree: FileTree, split: str) -> str:
 def _refuse_nested_dataset(tree: FileTree, prefix: str) -> None:
     """A dataset one folder too deep would be read as classes, its splits mixed: refused, saying where it is."""
     where = os.path.join(tree.root, prefix) if prefix else tree.root
+    # the folders that hold a split folder, found in one pass: asked per class, 21k classes took minutes
+    holding_splits = {d.rsplit("/", 1)[0] for d in tree.dirs if "/" in d and d.rsplit("/", 1)[1].lower() in SPLITS}
     children = (d[len(prefix):] for d in tree.dirs if d.startswith(prefix))
-    for cls in sorted(c for c in children if c and "/" not in c):
+    for cls in sorted(c for c in children if c and "/" not in c and f"{prefix}{c}" in holding_splits):
         nested = _split_dirs(tree.dirs, f"{prefix}{cls}/")
         if nested:
             held = " and ".join(sorted(f"{name}/" for name in nested.values()))
