@@ -680,6 +680,27 @@ def test_knn_votes_are_the_k_nearest_weighted_by_exp_similarity_over_t():
     assert torch.isfinite(low).all() and low.argmax().item() == 1  # 2 exp(-0.1) > 1
 
 
+def test_knn_scores_a_large_bank_in_smaller_chunks_of_queries_with_the_same_result(monkeypatch):
+    """A bank of ImageNet's size would take about 10 GB of similarities per chunk of 1024 queries: the chunk
+    shrinks with the bank, and the scores stay the same."""
+    import slimssl.eval.knn as knn
+
+    gen = torch.Generator().manual_seed(0)
+    bank, labels, queries = torch.randn(50, 8, generator=gen), torch.randint(0, 4, (50,), generator=gen), \
+        torch.randn(20, 8, generator=gen)
+    whole = knn.knn_predict(bank, labels, queries, 4, k=5, chunk=1024)
+    rows, real_topk = [], torch.Tensor.topk
+
+    def counted_topk(self, *args, **kwargs):  # the queries of each chunk
+        rows.append(len(self))
+        return real_topk(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "topk", counted_topk)
+    monkeypatch.setattr(knn, "SIMILARITY_BYTES", 8 * 50 * 3)  # three queries' similarities to the bank
+    torch.testing.assert_close(knn.knn_predict(bank, labels, queries, 4, k=5), whole)
+    assert rows == [3] * 6 + [2]
+
+
 def test_linear_probe_follows_a_cosine_schedule_and_its_crop_options_change_training(monkeypatch):
     import math
 

@@ -13,15 +13,20 @@ from ..nn.spec import SubnetSpec
 from .features import extract_subnet_features
 
 
+SIMILARITY_BYTES = 2**30  # the similarities of one chunk of queries to the whole bank, with their top-k work
+
+
 @torch.no_grad()
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+                k: int = 200, temperature: float = 0.1, chunk: int | None = None) -> torch.Tensor:
     """Class scores [Q, C] of each query: its k most cosine-similar bank entries vote with exp(sim / T), each
     query's votes divided by exp(its top similarity / T), which leaves its winner as it is and keeps a low T
-    from overflowing float32 (1 / T > 88: every vote inf)."""
+    from overflowing float32 (1 / T > 88: every vote inf). ``chunk``: queries scored at once; by default at most
+    1024, fewer for a large bank (ImageNet's 1.28M entries: 104), so that a chunk takes about 1 GiB."""
     bank = F.normalize(bank.float(), dim=1)
     queries = F.normalize(queries.float(), dim=1)
     k = min(k, len(bank))
+    chunk = chunk or max(1, min(1024, SIMILARITY_BYTES // (8 * max(1, len(bank)))))
     scores = []
     for start in range(0, len(queries), chunk):
         sim = queries[start:start + chunk] @ bank.T
