@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import zipfile
 
 import numpy as np
@@ -139,6 +140,39 @@ def test_zip_streams_the_same_images(tmp_path):
     assert torch.equal(streamed.take(torch.arange(len(streamed))), memory.images)
     assert torch.equal(streamed.labels, memory.labels)
     assert torch.equal(memory.images, load_dataset(str(folder), "test", resolution=RES).images)
+
+
+def test_zip_members_of_every_compression_are_read_without_parsing_the_zip_again(tmp_path, monkeypatch):
+    """A streamed zip's members are read from the offsets listed once (at ImageNet's size every worker parsed
+    the zip's index again: ~15 s and ~1 GB each): stored and deflated members directly, others through zipfile.
+    A damaged member is an unreadable file, named."""
+    import slimssl.data.files as files
+
+    folder = _folder(tmp_path / "data", {"train": 2, "test": 2})
+    archive = tmp_path / "mixed.zip"
+    methods = [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
+    with zipfile.ZipFile(archive, "w") as z:
+        for i, f in enumerate(sorted(folder.rglob("*.jpg"))):
+            z.write(f, str(f.relative_to(folder)), compress_type=methods[i % len(methods)])
+    memory, streamed = _both(archive, "test")
+    opened = []
+    real_open_zip = files.open_zip
+    monkeypatch.setattr(files, "open_zip", lambda path: opened.append(path) or real_open_zip(path))
+    assert torch.equal(streamed.take(torch.arange(len(streamed))), memory.images)
+    stored, deflated = [i for i in range(len(streamed)) if int(streamed.files.members.rows[i, 2]) in (0, 8)][:2]
+    assert opened == [str(archive)]  # once, in this process, for the bzip2 and lzma members only
+    opened.clear()
+    assert streamed.files.read_at(stored) and streamed.files.read_at(deflated) and not opened
+
+    # damage the deflated member's compressed bytes: its CRC (or inflate) fails, and the file is named
+    offset, size = (int(v) for v in streamed.files.members.rows[deflated, :2])
+    data = bytearray(archive.read_bytes())
+    name_length, extra_length = (int.from_bytes(data[offset + at:offset + at + 2], "little") for at in (26, 28))
+    data[offset + 30 + name_length + extra_length + size // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    damaged = StreamedImages(str(archive), "test", resolution=RES)
+    with pytest.raises(DataError, match=re.escape(f"cannot decode {streamed.files.path(deflated)} (")):
+        damaged.take(torch.arange(len(damaged)))
 
 
 def test_tensors_and_datasets_share_the_interface(tmp_path):

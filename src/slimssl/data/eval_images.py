@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .datasets import ImageDataset, load_dataset, num_classes
 from .decode import decode_error, decode_resized
-from .files import SKIP_HINT, DataError, FileListDataset, check_source_and_resolution, list_labelled_files, to_path
+from .files import SKIP_HINT, DataError, FileListDataset, check_source_and_resolution, list_labelled_files
 
 log = logging.getLogger("slimssl")
 
@@ -90,7 +90,7 @@ class StreamedImages:
         self.name = os.path.splitext(os.path.basename(files.root.rstrip("/")))[0]
         self.labels = None if files.labels is None else torch.as_tensor(files.labels, dtype=torch.int64)
         self.workers, self.pin_memory = workers, pin_memory
-        self.files = DecodedFiles(files.root, files.paths, resolution, files.read, crop_ratio)
+        self.files = DecodedFiles(files.root, files.paths, resolution, files.read, crop_ratio, files.members)
         if skip_unreadable:
             self._drop_unreadable()
 
@@ -173,19 +173,21 @@ class DecodedFiles(FileListDataset):
     """File index -> (index, uint8 [3, R, R] or None, error or None), decoded as ``load_dataset`` does."""
 
     def __init__(self, root: str, paths: list[str] | np.ndarray, resolution: int,
-                 read: Callable[[str], bytes] | None = None, crop_ratio: float = 1.0):
-        super().__init__(root, paths, read)
+                 read: Callable[[str], bytes] | None = None, crop_ratio: float = 1.0,
+                 members: np.ndarray | None = None):
+        super().__init__(root, paths, read, members)
         self.resolution, self.crop_ratio = resolution, crop_ratio
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         try:
-            return index, decode_resized(self.read(to_path(self.paths[index])), self.resolution,
-                                         self.crop_ratio), None
+            return index, decode_resized(self.read_at(index), self.resolution, self.crop_ratio), None
         except Exception as exc:  # any decoder failure means "unreadable file"
             return index, None, decode_error(exc)
 
     def subset(self, keep: torch.Tensor) -> DecodedFiles:
-        return DecodedFiles(self.root, self.paths[keep.numpy()], self.resolution, self._read, self.crop_ratio)
+        keep = keep.numpy()
+        return DecodedFiles(self.root, self.paths[keep], self.resolution, self._read, self.crop_ratio,
+                            self.subset_members(keep))
 
 
 def collate_decoded(samples: list) -> tuple[torch.Tensor | None, list[Failure]]:

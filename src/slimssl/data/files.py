@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
+import threading
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -71,6 +74,7 @@ class FileTree:
     files: dict[str, tuple[int, int]]  # relpath -> (size, mtime_ns or crc)
     dirs: set[str]
     read: Callable[[str], bytes]
+    members: dict[str, tuple[int, int, int, int]] | None = None  # a zip's relpath -> ZipMembers' row
 
 
 def _hidden(rel: str) -> bool:
@@ -131,7 +135,7 @@ def open_zip(path: str) -> FileTree:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{path} is not a readable .zip file ({exc})") from exc
-    files, dirs, stored = {}, set(), {}
+    files, dirs, stored, members = {}, set(), {}, {}
     for info in archive.infolist():
         # Windows tools (PowerShell's Compress-Archive) separate folders by backslashes; some zips start with "./"
         name = info.filename.replace("\\", "/").rstrip("/")
@@ -146,6 +150,8 @@ def open_zip(path: str) -> FileTree:
         else:
             files[name] = (info.file_size, info.CRC)
             stored[name] = info.filename
+            method = -1 if info.flag_bits & 0x1 else info.compress_type  # encrypted: zipfile's to refuse
+            members[name] = (info.header_offset, info.compress_size, method, info.CRC)
     prefix = _splits_prefix(files, dirs) or _wrapper_prefix(files, dirs)
     files = {k[len(prefix):]: v for k, v in files.items() if k.startswith(prefix)}
     dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")}
@@ -153,7 +159,8 @@ def open_zip(path: str) -> FileTree:
     def read(rel: str) -> bytes:
         return archive.read(stored[prefix + rel])  # ZipFile reads are thread-safe
 
-    return FileTree(path, files, dirs, read)
+    members = {k[len(prefix):]: v for k, v in members.items() if k.startswith(prefix)}
+    return FileTree(path, files, dirs, read, members)
 
 
 def _wrapper_prefix(files: dict, dirs: set[str]) -> str:
@@ -303,7 +310,8 @@ class ImageFiles:
     paths: list[str]  # relative to ``root``, class by class, sorted
     labels: list[int] | None  # None for a folder without class sub-folders
     classes: list[str] | None
-    read: Callable[[str], bytes]  # a reader of one path, for this process
+    read: Callable[[str], bytes] | None  # a reader of one path, for this process (None: ``members`` read it)
+    members: np.ndarray | None = None  # a zip's: ZipMembers' rows, aligned with ``paths``
 
 
 def list_labelled_files(source: str, split: str = "train") -> ImageFiles:
@@ -313,13 +321,11 @@ def list_labelled_files(source: str, split: str = "train") -> ImageFiles:
                         f"dataset; use data.loader: memory (--set data.loader=memory) for it")
     tree = scan_tree(existing_path(source))
     paths, labels, classes = list_split(tree, split_prefix(tree, split))
-    return ImageFiles(tree.root, paths, labels, classes, tree.read)  # tree.root: the inner folder of a wrapper
-
-
-def list_image_files(source: str, split: str = "train") -> tuple[str, list[str], Callable[[str], bytes]]:
-    """(root, image paths relative to it, a reader of one path) of an ImageFolder folder or .zip."""
-    files = list_labelled_files(source, split)  # labels are not needed to pretrain
-    return files.root, files.paths, files.read
+    if tree.members is None:
+        return ImageFiles(tree.root, paths, labels, classes, tree.read)  # tree.root: the inner folder of a wrapper
+    # a zip's members are read from their offsets: the zip's index (1.28M entries: ~1 GB) is not kept
+    members = np.array([tree.members[p] for p in paths], dtype=np.int64).reshape(-1, 4)
+    return ImageFiles(tree.root, paths, labels, classes, None, members)
 
 
 def open_reader(root: str) -> Callable[[str], bytes]:
@@ -331,12 +337,15 @@ def open_reader(root: str) -> Callable[[str], bytes]:
 class FileListDataset(Dataset):
     """The files of a folder or .zip, readable from any loader worker: the base of the workers' datasets."""
 
-    def __init__(self, root: str, paths: list[str] | np.ndarray, read: Callable[[str], bytes] | None = None):
+    def __init__(self, root: str, paths: list[str] | np.ndarray, read: Callable[[str], bytes] | None = None,
+                 members: np.ndarray | None = None):
         # One numpy bytes array, not a list of str: forked workers read it without touching refcounts, so
-        # its pages stay shared instead of being copied into every worker (1.28M paths for ImageNet).
+        # its pages stay shared instead of being copied into every worker (1.28M paths for ImageNet). A zip's
+        # members are located the same way (ZipMembers), so no worker parses the zip's index again.
         self.root = root
         self.paths = paths if isinstance(paths, np.ndarray) else np.array([_to_bytes(p) for p in paths])
         self._read, self._read_pid = read, os.getpid()
+        self.members = None if members is None else ZipMembers(root, members)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -347,10 +356,66 @@ class FileListDataset(Dataset):
     def path(self, index: int) -> str:
         return os.path.join(self.root, to_path(self.paths[index]))
 
+    def read_at(self, index: int) -> bytes:
+        """The bytes of file ``index``."""
+        if self.members is not None and self.members.readable(index):
+            return self.members.read(index)
+        return self.read(to_path(self.paths[index]))
+
     def read(self, rel: str) -> bytes:
         if self._read is None or self._read_pid != os.getpid():  # a .zip handle inherited through fork is not safe
             self._read, self._read_pid = open_reader(self.root), os.getpid()
         return self._read(rel)
+
+    def subset_members(self, keep: np.ndarray) -> np.ndarray | None:
+        """The zip member rows of the files at ``keep`` (None for a folder), for a subset of this dataset."""
+        return None if self.members is None else self.members.rows[keep]
+
+
+class ZipMembers:
+    """Reads members of a .zip from where its index says they are (one int64 row per file: header offset,
+    compressed size, method, CRC), through a handle of the reading process. Stored and deflated members are
+    read here; any other method (and an encrypted member) goes through zipfile, which says what it is."""
+
+    HEADER = struct.Struct("<4s22xHH")  # a local file header: signature, ..., name and extra field lengths
+
+    def __init__(self, root: str, rows: np.ndarray):
+        self.root, self.rows = root, rows
+        self._file, self._pid, self._lock = None, None, threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root, "rows": self.rows}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"], state["rows"])
+
+    def readable(self, index: int) -> bool:
+        return int(self.rows[index, 2]) in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+
+    def read(self, index: int) -> bytes:
+        offset, size, method, crc = (int(v) for v in self.rows[index])
+        signature, name_length, extra_length = self.HEADER.unpack(self._pread(self.HEADER.size, offset))
+        if signature != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"no local file header at offset {offset} (a damaged zip)")
+        data = self._pread(size, offset + self.HEADER.size + name_length + extra_length)
+        if method == zipfile.ZIP_DEFLATED:
+            data = zlib.decompress(data, -zlib.MAX_WBITS)
+        if zlib.crc32(data) != crc:
+            raise zipfile.BadZipFile("Bad CRC-32: the member is damaged")
+        return data
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        if self._file is None or self._pid != os.getpid():  # a handle of this process, not one inherited
+            self._file, self._pid = open(self.root, "rb"), os.getpid()
+        if hasattr(os, "pread"):
+            data = os.pread(self._file.fileno(), size, offset)
+        else:  # Windows: one position per handle
+            with self._lock:
+                self._file.seek(offset)
+                data = self._file.read(size)
+        if len(data) < size:
+            raise zipfile.BadZipFile(f"the zip ends within a member at offset {offset} (cut short?)")
+        return data
 
 
 # Paths as UTF-8 bytes, with undecodable bytes of a file name (a Latin-1 name listed by os.scandir) carried as

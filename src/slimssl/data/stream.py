@@ -19,11 +19,11 @@ import atexit
 import contextlib
 import logging
 import math
-import os
 import signal
 import weakref
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -32,7 +32,7 @@ from ..seeds import derived_generator
 from .augment import (TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
                       sample_crop_boxes)
 from .decode import decode_error, decode_pixels
-from .files import SKIP_HINT, DataError, FileListDataset, list_image_files, to_path
+from .files import SKIP_HINT, DataError, FileListDataset, list_labelled_files
 from .views import BatchSharding, to_channels_last
 
 log = logging.getLogger("slimssl")
@@ -50,12 +50,14 @@ class StreamingViews:
                  channels_last: bool = False, split: str = "train"):
         self.augment, self.seed, self.device, self.workers = augment, seed, device, workers
         self.channels_last = channels_last and device.type == "cuda"
-        root, paths, read = list_image_files(source, split)
-        if len(paths) < global_batch:
-            raise DataError(f"dataset {source!r} has {len(paths)} images, fewer than train.batch_size {global_batch}")
-        self.sharding = BatchSharding(len(paths), global_batch, rank, world, seed)  # the in-memory source's rule
+        files = list_labelled_files(source, split)  # labels are not needed to pretrain
+        if len(files.paths) < global_batch:
+            raise DataError(f"dataset {source!r} has {len(files.paths)} images, fewer than train.batch_size "
+                            f"{global_batch}")
+        self.sharding = BatchSharding(len(files.paths), global_batch, rank, world, seed)  # the in-memory source's rule
         self.steps_per_epoch = self.sharding.steps_per_epoch
-        self.files = CropDataset(root, paths, augment.views, augment.size, seed, skip_unreadable, read)
+        self.files = CropDataset(files.root, files.paths, augment.views, augment.size, seed, skip_unreadable,
+                                 files.read, files.members)
         self.unreadable: dict[str, str] = {}  # path -> error, of the files replaced so far (skip_unreadable)
         self._plan = StepBatches(self.batch_indices, first_row=self.sharding.first_row)
         self._loader: DataLoader | None = None
@@ -184,8 +186,9 @@ class CropDataset(FileListDataset):
     """Sample key -> (step, uint8 [2, size, size, 3] crops or None, unreadable files met)."""
 
     def __init__(self, root: str, paths: list[str], views: tuple[ViewRecipe, ViewRecipe], size: int, seed: int,
-                 skip_unreadable: bool, read: Callable[[str], bytes] | None = None):
-        super().__init__(root, paths, read)
+                 skip_unreadable: bool, read: Callable[[str], bytes] | None = None,
+                 members: np.ndarray | None = None):
+        super().__init__(root, paths, read, members)
         self.views, self.size, self.seed, self.skip_unreadable = views, size, seed, skip_unreadable
         self.min_side = full_detail_side(size, views)
 
@@ -193,11 +196,11 @@ class CropDataset(FileListDataset):
         index, step, row = key
         unreadable = []
         for offset in range(min(MAX_REPLACEMENT_TRIES, len(self.paths))):
-            rel = to_path(self.paths[(index + offset) % len(self.paths)])
+            at = (index + offset) % len(self.paths)
             try:
-                image = decode_pixels(self.read(rel), self.min_side)
+                image = decode_pixels(self.read_at(at), self.min_side)
             except Exception as exc:  # any decoder failure means "unreadable file"
-                unreadable.append((os.path.join(self.root, rel), decode_error(exc)))
+                unreadable.append((self.path(at), decode_error(exc)))
                 if not self.skip_unreadable:
                     return step, None, unreadable
                 continue  # deterministic replacement: the next file in listing order
