@@ -157,7 +157,7 @@ def test_zip_members_of_every_compression_are_read_without_parsing_the_zip_again
     memory, streamed = _both(archive, "test")
     opened = []
     real_open_zip = files.open_zip
-    monkeypatch.setattr(files, "open_zip", lambda path: opened.append(path) or real_open_zip(path))
+    monkeypatch.setattr(files, "open_zip", lambda path, *rest: opened.append(path) or real_open_zip(path, *rest))
     assert torch.equal(streamed.take(torch.arange(len(streamed))), memory.images)
     stored, deflated = [i for i in range(len(streamed)) if int(streamed.files.members.rows[i, 2]) in (0, 8)][:2]
     assert opened == [str(archive)]  # once, in this process, for the bzip2 and lzma members only
@@ -173,6 +173,36 @@ def test_zip_members_of_every_compression_are_read_without_parsing_the_zip_again
     damaged = StreamedImages(str(archive), "test", resolution=RES)
     with pytest.raises(DataError, match=re.escape(f"cannot decode {streamed.files.path(deflated)} (")):
         damaged.take(torch.arange(len(damaged)))
+
+
+def test_threads_reading_a_zip_together_share_one_handle(tmp_path, monkeypatch):
+    """Two threads making their first reads together opened the zip twice, and the second handle replaced the
+    first under its reader (a bad file descriptor, or on Windows the wrong bytes)."""
+    import threading
+    import time
+
+    import slimssl.data.files as files
+
+    folder = _folder(tmp_path / "data", {"train": 2, "test": 1})
+    archive = _zip(folder, tmp_path / "data.zip")
+    streamed = StreamedImages(str(archive), "test", resolution=RES)
+    opened, real_open = [], open
+
+    def slow_open(*args, **kwargs):  # a slow first open: both threads ask before either has its handle
+        opened.append(args[0])
+        time.sleep(0.2)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(files, "open", slow_open, raising=False)
+    got = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, streamed.files.read_at(i))) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with zipfile.ZipFile(archive) as z:
+        expected = [z.read(f"data/test/{CLASSES[i]}/000.jpg") for i in (0, 1)]
+    assert [got.get(0), got.get(1)] == expected and opened == [str(archive)]
 
 
 def test_tensors_and_datasets_share_the_interface(tmp_path):

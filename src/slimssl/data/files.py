@@ -129,8 +129,9 @@ def _folder_reader(root: str) -> Callable[[str], bytes]:
     return read
 
 
-def open_zip(path: str) -> FileTree:
-    """The files of a .zip, read through one handle of this process."""
+def open_zip(path: str, offsets: bool = False) -> FileTree:
+    """The files of a .zip, read through one handle of this process; ``offsets``: with each member's place
+    (``FileTree.members``), for readers that do not parse the zip again."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -150,8 +151,9 @@ def open_zip(path: str) -> FileTree:
         else:
             files[name] = (info.file_size, info.CRC)
             stored[name] = info.filename
-            method = -1 if info.flag_bits & 0x1 else info.compress_type  # encrypted: zipfile's to refuse
-            members[name] = (info.header_offset, info.compress_size, method, info.CRC)
+            if offsets:
+                method = -1 if info.flag_bits & 0x1 else info.compress_type  # encrypted: zipfile's to refuse
+                members[name] = (info.header_offset, info.compress_size, method, info.CRC)
     prefix = _splits_prefix(files, dirs) or _wrapper_prefix(files, dirs)
     files = {k[len(prefix):]: v for k, v in files.items() if k.startswith(prefix)}
     dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")}
@@ -159,7 +161,7 @@ def open_zip(path: str) -> FileTree:
     def read(rel: str) -> bytes:
         return archive.read(stored[prefix + rel])  # ZipFile reads are thread-safe
 
-    members = {k[len(prefix):]: v for k, v in members.items() if k.startswith(prefix)}
+    members = {k[len(prefix):]: v for k, v in members.items() if k.startswith(prefix)} if offsets else None
     return FileTree(path, files, dirs, read, members)
 
 
@@ -287,12 +289,13 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
     return paths, labels, class_dirs
 
 
-def scan_tree(path: str) -> FileTree:
-    """The image files of an ImageFolder folder or .zip (not decoded), or a DataError saying what is wrong."""
+def scan_tree(path: str, offsets: bool = False) -> FileTree:
+    """The image files of an ImageFolder folder or .zip (not decoded), or a DataError saying what is wrong;
+    ``offsets``: a zip's members located too (``open_zip``)."""
     if os.path.isdir(path):
         tree = _unwrapped(_scan_dir(path))
     elif zipfile.is_zipfile(path):
-        tree = open_zip(path)
+        tree = open_zip(path, offsets)
     else:
         what = "is not a readable .zip (damaged or cut short?)" if path.lower().endswith(".zip") else \
             "is a file but not a .zip"
@@ -319,7 +322,7 @@ def list_labelled_files(source: str, split: str = "train") -> ImageFiles:
     if source in BUILTIN:
         raise DataError(f"data.loader: stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
                         f"dataset; use data.loader: memory (--set data.loader=memory) for it")
-    tree = scan_tree(existing_path(source))
+    tree = scan_tree(existing_path(source), offsets=True)
     paths, labels, classes = list_split(tree, split_prefix(tree, split))
     if tree.members is None:
         return ImageFiles(tree.root, paths, labels, classes, tree.read)  # tree.root: the inner folder of a wrapper
@@ -381,7 +384,7 @@ class ZipMembers:
 
     def __init__(self, root: str, rows: np.ndarray):
         self.root, self.rows = root, rows
-        self._file, self._pid, self._lock = None, None, threading.Lock()
+        self._file, self._pid, self._lock = None, os.getpid(), threading.Lock()
 
     def __getstate__(self) -> dict:
         return {"root": self.root, "rows": self.rows}
@@ -404,15 +407,24 @@ class ZipMembers:
             raise zipfile.BadZipFile("Bad CRC-32: the member is damaged")
         return data
 
+    def _handle(self):
+        """This process's handle (one inherited through fork is not used), opened once even when threads ask
+        together: one opened twice would be closed under the first reader."""
+        if self._pid != os.getpid():  # forked: the parent's handle and lock (perhaps held by a thread not copied)
+            self._file, self._pid, self._lock = None, os.getpid(), threading.Lock()
+        with self._lock:
+            if self._file is None:
+                self._file = open(self.root, "rb")
+            return self._file
+
     def _pread(self, size: int, offset: int) -> bytes:
-        if self._file is None or self._pid != os.getpid():  # a handle of this process, not one inherited
-            self._file, self._pid = open(self.root, "rb"), os.getpid()
+        handle = self._handle()
         if hasattr(os, "pread"):
-            data = os.pread(self._file.fileno(), size, offset)
+            data = os.pread(handle.fileno(), size, offset)
         else:  # Windows: one position per handle
             with self._lock:
-                self._file.seek(offset)
-                data = self._file.read(size)
+                handle.seek(offset)
+                data = handle.read(size)
         if len(data) < size:
             raise zipfile.BadZipFile(f"the zip ends within a member at offset {offset} (cut short?)")
         return data
