@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
-import math
 import os
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -131,6 +130,7 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None):
     (``SlimResNet``, with its ``config``; moved to the device, its mode left to the protocols, which evaluate in
     eval mode and give it back in its own)."""
     from ..checkpoint import load_checkpoint, supernet_of
+    from .results import epoch_floor
     from ..devices import pick_device
     from ..models.build import as_config
     from ..models.resnet import SlimResNet
@@ -153,7 +153,7 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None):
     supernet, cfg, epoch = supernet_of(data, checkpoint), data["config"], data.get("epoch")
     if epoch is not None and epoch < cfg.train.epochs:
         log.warning("%s holds epoch %g of %d: pretraining has not finished (a run's results.json marks what is "
-                    "measured on it unfinished)", checkpoint, math.floor(epoch * 100) / 100, cfg.train.epochs)
+                    "measured on it unfinished)", checkpoint, epoch_floor(epoch), cfg.train.epochs)
     return supernet.to(torch_device).eval(), cfg, torch_device, epoch
 
 

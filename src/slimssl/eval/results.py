@@ -156,13 +156,18 @@ def mark_unfinished(data: dict, protocol: str, epoch: float | None, epochs: int)
     earlier = data.get("unfinished")
     marks = {k: v for k, v in earlier.items() if k != "epochs"} if isinstance(earlier, dict) else {}
     if epoch < epochs:
-        marks[protocol] = math.floor(epoch * 100) / 100
+        marks[protocol] = epoch_floor(epoch)
     else:
         marks.pop(protocol, None)
     if marks:
         data["unfinished"] = {"epochs": epochs, **marks}
     else:
         data.pop("unfinished", None)
+
+
+def epoch_floor(epoch: float) -> float:
+    """A checkpoint's epoch to 2 decimals, rounded down: one before the end never reads as the last."""
+    return math.floor(epoch * 100) / 100
 
 
 def unfinished_note(data: dict) -> str | None:
