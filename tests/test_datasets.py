@@ -207,6 +207,19 @@ def test_cache_hit_returns_equal_tensors(tmp_path):
     assert torch.equal(first.images[1:], again.images)
 
 
+def test_cache_is_not_served_for_a_rewritten_image(tmp_path):
+    """A file replaced in place (same name, same folders) is decoded again: its size and mtime are the key."""
+    root = _class_tree(tmp_path / "data")
+    first = load_dataset(str(root), resolution=8)
+    image = root / "dog" / "2.png"
+    _save(image, color=(250, 250, 250))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    second = load_dataset(str(root), resolution=8)
+    assert not torch.equal(first.images[5], second.images[5]) and torch.equal(first.images[:5], second.images[:5])
+    assert int(second.images[5].min()) >= 245
+    assert torch.equal(load_dataset(str(root), resolution=8).images, second.images)  # now served from the cache
+
+
 def test_digits():
     train, test = load_dataset("digits"), load_dataset("digits", "test")
     assert train.images.shape == (1437, 3, 32, 32) and train.images.dtype == torch.uint8

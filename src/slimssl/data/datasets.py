@@ -287,12 +287,23 @@ def cache_dir() -> str:
 
 def _cache_key(tree: FileTree, split: str, resolution, crop_ratio: float, skip_unreadable: bool,
                paths: list[str]) -> str:
-    listing = [[p, *tree.files[p]] for p in paths]
+    listing = [[p, *_file_version(tree, p)] for p in paths]
     if not os.path.isdir(tree.root):  # a zip: its own size/mtime too
         st = os.stat(tree.root)
         listing.append(["<zip>", st.st_size, st.st_mtime_ns])
     blob = json.dumps([_CACHE_VERSION, tree.root, split, resolution, crop_ratio, skip_unreadable, listing])
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _file_version(tree: FileTree, rel: str) -> tuple[int, int]:
+    """What tells a file's content changed: a zip member's (size, crc), a file's (size, mtime)."""
+    if tree.files[rel] is not None:
+        return tree.files[rel]
+    try:
+        st = os.stat(os.path.join(tree.root, rel))
+    except OSError:  # a dangling link: decoding reports it
+        return 0, 0
+    return st.st_size, st.st_mtime_ns
 
 
 def _cache_load(key: str) -> dict | None:
