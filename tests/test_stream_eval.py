@@ -303,6 +303,26 @@ def test_cli_streams_a_zip_and_recalibrates(tmp_path, capsys):
     assert torch.equal(a["backbone.bn1.bn.running_mean"], b["backbone.bn1.bn.running_mean"])
 
 
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_an_evaluation_scans_its_data_once_and_the_next_one_again(tmp_path, capsys, monkeypatch, loader):
+    from slimssl.data import files
+
+    archive = _zip(_folder(tmp_path / "data"), tmp_path / "data.zip")
+    ckpt = str(_checkpoint(tmp_path / "model.pt", archive, loader=loader))
+    scans = []
+    real_scan = files._scan_tree
+    monkeypatch.setattr(files, "_scan_tree", lambda *args: scans.append(args) or real_scan(*args))
+    knn = ["knn", ckpt, "--json", "--device", "cpu", "--no-save"]
+    _cli_json(capsys, knn)
+    assert len(scans) == 1  # the train and test splits come from one listing of the zip
+    with zipfile.ZipFile(archive, "a") as z:  # a later command sees the data as it is then
+        z.writestr("data/test/red/999.jpg", (tmp_path / "data" / "test" / "red" / "000.jpg").read_bytes())
+    added = StreamedImages(str(archive), "test", resolution=RES)
+    assert len(added) == 6 * len(CLASSES) + 1 and len(scans) == 2
+    _cli_json(capsys, knn)
+    assert len(scans) == 3
+
+
 # ---- errors --------------------------------------------------------------------------------------------
 
 def test_unreadable_file_is_named_or_skipped_like_in_memory(tmp_path, capsys, caplog):

@@ -117,9 +117,11 @@ class DataOptions:
         """The train and test splits, which must name the same classes. The test split, usually the smaller,
         is loaded first: a missing, unlabelled or unreadable one is found before the train split is decoded."""
         from ..data.datasets import check_same_classes
+        from ..data.files import reuse_scans
 
-        test = self.load_split(cfg, "test", device)
-        train = self.load_split(cfg, "train", device)
+        with reuse_scans():
+            test = self.load_split(cfg, "test", device)
+            train = self.load_split(cfg, "train", device)
         check_same_classes(train, test, self.source(cfg))
         return train, test
 

@@ -24,7 +24,7 @@ from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_check
 from ..cli_args import shell_quote
 from ..config import Config, ConfigError, check_processes, config_differences
 from ..data.datasets import ImageDataset, check_same_classes, load_dataset
-from ..data.files import DataError, MissingSplitError
+from ..data.files import DataError, MissingSplitError, reuse_scans
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype, synchronize, to_device_async
@@ -130,16 +130,17 @@ class Trainer:
         """The training images (none with the streaming loader), the kNN images, and the two-view source."""
         cfg = self.cfg
         stream = cfg.data.loader == "stream"  # loader workers decode each step's files: nothing held in memory
-        self.train_data = None if stream else load_dataset(
-            cfg.data.source, "train", resolution=cfg.data.resolution, skip_unreadable=cfg.data.skip_unreadable,
-            fake_size=cfg.data.fake_size, seed=cfg.train.seed)
-        if not stream and len(self.train_data) < cfg.train.batch_size:
-            raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
-                            f"train.batch_size {cfg.train.batch_size}")
-        self.eval_data = self._eval_datasets() if dist.is_main() else None  # kNN runs on rank 0 alone
-        self.augment = two_view_augment(cfg)
-        self.view_source = build_view_source(cfg, self.augment, self.train_data, rank=dist.rank(), world=self.world,
-                                             device=self.device)
+        with reuse_scans():  # the train, kNN and stream listings: one scan of the data
+            self.train_data = None if stream else load_dataset(
+                cfg.data.source, "train", resolution=cfg.data.resolution, skip_unreadable=cfg.data.skip_unreadable,
+                fake_size=cfg.data.fake_size, seed=cfg.train.seed)
+            if not stream and len(self.train_data) < cfg.train.batch_size:
+                raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
+                                f"train.batch_size {cfg.train.batch_size}")
+            self.eval_data = self._eval_datasets() if dist.is_main() else None  # kNN runs on rank 0 alone
+            self.augment = two_view_augment(cfg)
+            self.view_source = build_view_source(cfg, self.augment, self.train_data, rank=dist.rank(),
+                                                 world=self.world, device=self.device)
         self.steps_per_epoch = self.view_source.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
 
