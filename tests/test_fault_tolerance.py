@@ -689,17 +689,28 @@ def test_batch_must_split_over_processes(tmp_path, monkeypatch, capsys, caplog, 
     out = tmp_path / "run"
     assert main(["pretrain", "--config", str(config), "--out", str(out)]) == 2
     text = error_text(capsys, caplog)
-    assert str(config) in text and "train.batch_size" in text and f"{world}, {2 * world}, {3 * world}" in text
+    # each process's BatchNorm needs two samples, so the smallest allowed batch is twice the processes
+    assert str(config) in text and "train.batch_size" in text and f"{2 * world}, {3 * world}, {4 * world}" in text
     assert not out.exists()
 
 
 def test_check_processes_allows_multiples_only():
     cfg = config_from_dict(tiny(train={"batch_size": 12}))
-    for world in (1, 2, 3, 4, 6, 12):
+    for world in (1, 2, 3, 4, 6):
         check_processes(cfg, world, "x.yaml")
     for world in (5, 8, 24):
         with pytest.raises(ConfigError, match=f"(?s)x.yaml.*train.batch_size: 12 .* {world}"):
             check_processes(cfg, world, "x.yaml")
+
+
+def test_one_sample_per_process_is_refused_unless_batchnorm_is_synchronised():
+    """BatchNorm of one sample fails in the first step with torch's "Expected more than 1 value per channel"."""
+    with pytest.raises(ConfigError, match=r"(?s)x.yaml.*train.batch_size: 12 over 12 processes leaves each one "
+                                          r"sample.*at least 24 .*train.sync_bn"):
+        check_processes(config_from_dict(tiny(train={"batch_size": 12})), 12, "x.yaml")
+    with pytest.raises(ConfigError, match=r"allowed: 5, 10, 15"):  # synchronised, one sample each may do
+        check_processes(config_from_dict(tiny(train={"batch_size": 12, "sync_bn": True})), 5, "x.yaml")
+    check_processes(config_from_dict(tiny(train={"batch_size": 12, "sync_bn": True})), 12, "x.yaml")
 
 
 def _checkpoint(path: Path, data: dict | None = None, **extra) -> Path:

@@ -421,11 +421,16 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
     """Refuse, before any work starts, a total batch that cannot be split evenly over ``world`` processes, and
     BatchNorm groups that do not fit the batch each process gets."""
     batch = cfg.train.batch_size
+    first = 1 if cfg.train.sync_bn else 2  # samples per process: BatchNorm needs two, synchronised or not
     if world > 1 and (batch < world or batch % world):
         raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} is the total batch over all "
                           f"processes, so it must be a multiple of the number of processes {world} "
-                          f"(allowed: {world}, {2 * world}, {3 * world}, ...)")
+                          f"(allowed: {', '.join(str(k * world) for k in range(first, first + 3))}, ...)")
     per_process, group = batch // world, cfg.model.bn_group_size
+    if per_process < first:  # BatchNorm of one sample fails in the first step
+        raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} over {world} processes leaves "
+                          f"each one sample, and each process's BatchNorm needs two: use at least {2 * world} "
+                          f"(allowed: {2 * world}, {3 * world}, {4 * world}, ...), or train.sync_bn: true")
     if group and per_process % group:
         raise ConfigError(f"invalid config {source}:\n  model.bn_group_size {group} must divide the per-process "
                           f"batch {per_process} (train.batch_size {batch} over {world} processes; "
