@@ -365,6 +365,19 @@ def test_commands_other_than_pretrain_refuse_to_run_on_several_processes(command
     assert "only slimssl pretrain trains on several processes" in text
 
 
+def test_python_evaluation_under_torchrun_warns_that_each_process_repeats_it(tmp_path, monkeypatch, caplog):
+    import slimssl
+
+    make_checkpoint(tmp_path / "ck.pt")
+    slimssl.knn(tmp_path / "ck.pt", device="cpu", save=False, k=3)  # one process: no warning
+    assert "torchrun" not in caplog.text
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    rows = slimssl.knn(tmp_path / "ck.pt", device="cpu", save=False, k=3)
+    assert len(rows) == 3  # it still runs (the demo's three widths): a script may call it on one rank alone
+    assert "slimssl.knn() runs whole on each of the 2 processes torchrun started" in caplog.text
+
+
 def test_an_unknown_flag_gets_the_usage_of_its_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["knn", "runs/x", "--bogus", "1"])

@@ -180,6 +180,23 @@ def resume_of_a_finished_run(run_dir: Path) -> tuple[int, bool]:
     return run.step, run.finished
 
 
+def records_across_a_resume(out: Path) -> dict[str, list[dict]]:
+    """BYOL logged every 2 steps, trained to step 4 straight and stopped at step 3 (within a record's
+    window) then resumed: the loss records of each (rank 0; {} elsewhere)."""
+    base = tiny("byol")
+    cfg = config_from_dict({**base, "train": {**base["train"], "log_every": 2}})
+    with Trainer(cfg, out / "straight") as trainer:
+        trainer.fit(max_steps=4)
+    with Trainer(cfg, out / "resumed") as trainer:
+        trainer.fit(max_steps=3)
+    with Trainer(cfg, out / "resumed", resume=True) as trainer:
+        trainer.fit(max_steps=4)
+    if dist.rank() != 0:
+        return {}
+    return {run: [r for r in map(json.loads, (out / run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+            for run in ("straight", "resumed")}
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -205,6 +222,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result["signal_stop"] = stop_by_a_signal_to_rank_1(out / "signal")
         result["api_results_on_return"] = api_returns_after_rank_0_wrote(out / "api")
         result["resumed_finished"] = resume_of_a_finished_run(out / "api")
+        result["records_across_a_resume"] = records_across_a_resume(out / "window")
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -256,14 +274,13 @@ def test_two_processes_reach_the_weights_of_one(two_process, one_process, method
     single = one_process[method]
     r0, r1 = ranks[0][method], ranks[1][method]
     # the ranks hold bit-identical weights (the same averaged gradients, the same updates)
-    state = dict(r0["state"])
+    # (BatchNorm's running statistics too: each process takes them from its own samples, and the checkpoint
+    # at the end replaced them by their mean over the processes)
     for k, v in r0["state"].items():
-        if method == GROUPED and k.endswith(("running_mean", "running_var")):
-            # per-process running statistics (over each process's own groups, as per-GPU BatchNorm keeps
-            # them): their mean over the ranks is what one process holds
-            state[k] = (v + r1["state"][k]) / 2
-            continue
         assert torch.equal(v, r1["state"][k]), k
+    saved = {k: v for k, v in load_checkpoint(Path(two_process[0]) / method)["model"].items()}
+    assert all(torch.equal(v, r0["state"][k]) for k, v in saved.items())
+    state = r0["state"]  # with groups of a fixed size, the mean of the running statistics is one process's
     # each rank trains on its half of the global batch, which a single process sees whole
     for step in range(STEPS):
         both = torch.cat([r0["indices"][step], r1["indices"][step]])
@@ -292,6 +309,14 @@ def test_one_gradient_allreduce_per_step_and_unused_private_bn_does_not_move(two
         # decay, no momentum), in 2 processes as in 1: (parameters checked, parameters moved) per step
         for run in (result, one_process[method]):
             assert all(checked > 0 and moved == 0 for checked, moved in run["unused_moved"]), run["unused_moved"]
+
+
+def test_a_run_resumed_within_a_record_logs_the_losses_of_a_run_that_went_straight(two_process):
+    _, ranks, _ = two_process
+    records = ranks[0]["records_across_a_resume"]
+    assert [r["step"] for r in records["straight"]] == [r["step"] for r in records["resumed"]] == [2, 4]
+    for straight, resumed in zip(records["straight"], records["resumed"]):
+        assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-5, abs=1e-6)
 
 
 def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(two_process):

@@ -12,6 +12,7 @@ import time
 from . import __version__
 from .cli_args import add_overrides, data_source, emit, nonnegative_float, nonnegative_int, output_dir, positive_int
 from .errors import SlimsslError, UsageError
+from .launch import torchrun_processes
 
 log = logging.getLogger("slimssl")
 
@@ -206,9 +207,8 @@ MULTI_PROCESS_COMMANDS = ("pretrain",)  # the others would evaluate, write and p
 def _refuse_several_processes(command: str) -> None:
     """Only pretraining is distributed; any other command started by torchrun on several processes is refused
     (by every process alike, before any work) rather than run N times over the same files."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    # LOCAL_RANK: set by torchrun for each process it starts; a cluster may export WORLD_SIZE to a whole job
-    if command not in MULTI_PROCESS_COMMANDS and world.isdigit() and int(world) > 1 and "LOCAL_RANK" in os.environ:
+    world = torchrun_processes()
+    if command not in MULTI_PROCESS_COMMANDS and world > 1:
         raise UsageError(f"slimssl {command} runs on one process, but torchrun started {world} (WORLD_SIZE): each "
                          "would do the same work and write the same files. Run it without torchrun (one GPU is "
                          "used; unset WORLD_SIZE and LOCAL_RANK if this is one process); only slimssl pretrain "

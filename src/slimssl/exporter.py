@@ -11,6 +11,7 @@ from typing import Sequence
 from .config import Config
 from .data.files import DataError
 from .errors import UsageError
+from .launch import warn_of_repeated_work
 from .models.resnet import SlimResNet
 from .nn.spec import SubnetSpec
 
@@ -84,6 +85,7 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence
     if checkpoint is None and recalibrate_bn:
         raise UsageError("recalibrate_bn re-estimates a trained checkpoint's BatchNorm statistics; a random "
                          "initialisation is exported with its initial ones")
+    warn_of_repeated_work("slimssl.export_run()")
     supernet, cfg, recalibrated = open_supernet(checkpoint, config, overrides)
     specs = supernet.resolve_many(subnets)
     source = export_source(checkpoint, config)

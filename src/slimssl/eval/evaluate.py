@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
+from ..launch import warn_of_repeated_work
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, linear_settings, recalibration_batches
 from ..layout import FINETUNE
 from .inputs import DataOptions, check_numbers, check_train_crop, in_memory, load_model
@@ -103,6 +104,7 @@ def knn(checkpoint: str | Path | SlimResNet, *, k: int | None = None, temperatur
     knn_top1 (percent)."""
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
     options = DataOptions.of(data, knn)
+    warn_of_repeated_work("slimssl.knn()")
     supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
     specs = supernet.resolve_many(subnets)  # checked before the data is decoded
     train, test = options.load_splits(cfg, torch_device)
@@ -153,6 +155,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, *, epochs: int = DEFAULT_E
         raise UsageError(f"train_crop {train_crop!r} is the crop of the augmented probe; it needs augment=True "
                          "(--augment): without it the probe trains on the cached features of the centre crop")
     options = DataOptions.of(data, linear_probe)
+    warn_of_repeated_work("slimssl.linear_probe()")
     supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
     train, test = options.load_splits(cfg, torch_device)
     train_crop = train_crop or cfg.eval.train_crop
@@ -200,6 +203,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
                   recalibrate_bn=recalibrate_bn)
     check_train_crop(train_crop)
     options = DataOptions.of(data, finetune)
+    warn_of_repeated_work("slimssl.finetune()")
     supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
     save = save and not in_memory(checkpoint)
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)

@@ -18,6 +18,7 @@ from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.layers import recalibrate_bn
 from ..errors import UsageError
+from ..launch import warn_of_repeated_work
 from ..nn.spec import SubnetSpec
 from . import DEFAULT_RECALIBRATE_BATCHES, recalibration_batches
 
@@ -86,6 +87,7 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     options = DataOptions.of(data, recalibrate_checkpoint)
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise UsageError(f"expected a checkpoint file or run directory (str or Path), got {type(checkpoint).__name__}")
+    warn_of_repeated_work("slimssl.recalibrate_checkpoint()")
     out = _new_checkpoint_file(out, checkpoint)
     saved = load_checkpoint(checkpoint)
     cfg = saved["config"]

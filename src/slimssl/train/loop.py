@@ -239,21 +239,37 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
-    def checkpoint_payload(self) -> dict:
+    def checkpoint_payload(self, window: LogWindow | None = None) -> dict:
         return {"config": self.cfg.model_dump(mode="json"), "menu": self.model.backbone.menu.names,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-                "log_window": self.window.state_dict(),
+                "log_window": (window or self.window).state_dict(),
                 "effective_lr": self.effective_lr(), "epoch": self.state.step / max(1, self.steps_per_epoch)}
 
     def save(self, name: str = LAST, any_rank: bool = False) -> Path | None:
-        """Write a checkpoint from rank 0 (``any_rank``: from this process; every rank holds the same weights)."""
+        """Write a checkpoint from rank 0, every rank calling (``any_rank``: from this process alone, which then
+        saves its own BatchNorm statistics and losses; every rank holds the same weights)."""
         self._check_finite()
         if name == LAST:
             self._last_saved_step = self.state.step
+        window = self.window
+        if self.world > 1 and not any_rank:
+            self._average_bn_statistics()
+            window = self.window.averaged_over_processes()
         if not (dist.is_main() or any_rank):
             return None
-        return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload())
+        return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload(window))
+
+    def _average_bn_statistics(self) -> None:
+        """Every process's BatchNorm running statistics, which each takes from its own samples, replaced by their
+        mean over the processes: the checkpoint and rank 0's kNN then see all the samples (with
+        model.bn_group_size, exactly what one process sees), and a resume on another number of processes
+        continues them. The update of a running statistic is linear, so averaging now or only at the end gives
+        the same statistics."""
+        floating = [b for b in self._bn_buffers if b.is_floating_point()]
+        if floating:
+            flat = dist.all_reduce_mean(torch.cat([b.reshape(-1) for b in floating]))
+            torch._foreach_copy_(floating, list(flat.split([b.numel() for b in floating])))
 
     def _check_finite(self) -> None:
         """Never save a non-finite network, or a NaN loss to be logged after a resume, over a good checkpoint:
@@ -326,9 +342,10 @@ class Trainer:
                 f"schedule counts steps of the batch. Resume it with batch {saved_batch}{finish} first (on a number "
                 "of processes that divides it), then change the batch")
         converted = round(epochs_done) * self.steps_per_epoch
-        log.warning("train.batch_size changed from %d to %d: the run continues at the end of epoch %d, step %d "
-                    "of the new batch (step %d of the old one); metrics.jsonl counts the new steps from here on",
-                    saved_batch, self.cfg.train.batch_size, round(epochs_done), converted, step)
+        if dist.is_main():  # once for the run, not once per process
+            log.warning("train.batch_size changed from %d to %d: the run continues at the end of epoch %d, step %d "
+                        "of the new batch (step %d of the old one); metrics.jsonl counts the new steps from here on",
+                        saved_batch, self.cfg.train.batch_size, round(epochs_done), converted, step)
         return converted
 
     # ---- evaluation ---------------------------------------------------------------------------------

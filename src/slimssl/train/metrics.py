@@ -11,6 +11,7 @@ import torch
 
 from ..atomic import atomic_write
 from ..layout import METRICS, TENSORBOARD
+from . import distributed as dist
 
 log = logging.getLogger("slimssl")
 
@@ -38,6 +39,16 @@ class LogWindow:
 
     def means(self) -> dict[str, torch.Tensor]:
         return {name: total / self.drawn[name] for name, total in self.sums.items()}
+
+    def averaged_over_processes(self) -> "LogWindow":
+        """This window with each sum replaced by its mean over the processes (every process calls it): what the
+        next record averages, saved once for all of them. The draws, and so the counts, are the same on every
+        process."""
+        if not self.sums:
+            return self
+        names = list(self.sums)
+        means = dist.all_reduce_mean(torch.stack([torch.as_tensor(self.sums[n]) for n in names]))
+        return LogWindow(dict(zip(names, means.unbind())), dict(self.drawn), self.steps, self.lr)
 
     def state_dict(self) -> dict:
         """Plain numbers for a checkpoint (reads the sums: a host sync, once per save)."""
