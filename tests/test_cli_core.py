@@ -357,12 +357,27 @@ def test_cli_no_command_returns_2(capsys):
 @pytest.mark.parametrize("command", [["knn", "RUN"], ["export", "RUN", "--all", "--out", "exported"],
                                      ["profile", "--config", "demo"], ["reproduce", "--out", "runs"]])
 def test_commands_other_than_pretrain_refuse_to_run_on_several_processes(command, monkeypatch, capsys, caplog):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets it for every process
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc_per_node 2 sets them for every process
+    monkeypatch.setenv("RANK", "0")
     assert main(command) == 2
     text = capsys.readouterr().err + caplog.text
     assert f"slimssl {command[0]} runs on one process, but torchrun started 2" in text
     assert "only slimssl pretrain trains on several processes" in text
+
+
+def test_world_size_without_a_rank_is_one_process_and_a_bad_one_is_named(tmp_path, monkeypatch, capsys, caplog):
+    from slimssl.train import distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a cluster job may export it to everything it runs
+    monkeypatch.delenv("RANK", raising=False)
+    dist.init_from_env()  # joins no process group (it would wait for a second process, or fail without RANK)
+    assert not dist.is_distributed() and dist.world_size() == 1
+    assert main(["profile", "--config", "demo", "--set", "model.base_width=4", "--json"]) == 0
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    assert main(["pretrain", "--out", str(tmp_path / "run")]) == 2 and not (tmp_path / "run").exists()
+    assert "WORLD_SIZE must be the number of processes of the job (a positive int), got 'two'" in \
+        capsys.readouterr().err + caplog.text
 
 
 def test_python_evaluation_under_torchrun_warns_that_each_process_repeats_it(tmp_path, monkeypatch, caplog):
@@ -372,7 +387,7 @@ def test_python_evaluation_under_torchrun_warns_that_each_process_repeats_it(tmp
     slimssl.knn(tmp_path / "ck.pt", device="cpu", save=False, k=3)  # one process: no warning
     assert "torchrun" not in caplog.text
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
     rows = slimssl.knn(tmp_path / "ck.pt", device="cpu", save=False, k=3)
     assert len(rows) == 3  # it still runs (the demo's three widths): a script may call it on one rank alone
     assert "slimssl.knn() runs whole on each of the 2 processes torchrun started" in caplog.text

@@ -224,3 +224,12 @@ def test_table_columns_group_fine_tuning_by_fraction(tmp_path, capsys):
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "subnet", "params", "macs", "knn_top1", "knn_top1_random_init", "linear_top1", "finetune_1pct_top1",
         "finetune_1pct_top5", "finetune_10pct_top1", "finetune_10pct_top5"]
+
+
+def test_table_shows_the_export_differences_that_verify_checks():
+    """``export --verify`` fails on max_rel_diff: its table must not print a failing 2e-6 as 0.00."""
+    from slimssl.report.table import markdown_table
+
+    table = markdown_table([{"subnet": "w0p5", "max_abs_diff": 3.2e-6, "max_rel_diff": 2.1e-6,
+                             "onnx_max_rel_diff": 4e-5}])
+    assert table.splitlines()[-1].split("|")[2:5] == [" 3.2e-06      ", " 2.1e-06      ", " 4.0e-05           "]

@@ -211,7 +211,7 @@ def _refuse_several_processes(command: str) -> None:
     if command not in MULTI_PROCESS_COMMANDS and world > 1:
         raise UsageError(f"slimssl {command} runs on one process, but torchrun started {world} (WORLD_SIZE): each "
                          "would do the same work and write the same files. Run it without torchrun (one GPU is "
-                         "used; unset WORLD_SIZE and LOCAL_RANK if this is one process); only slimssl pretrain "
+                         "used; unset WORLD_SIZE and RANK if this is one process); only slimssl pretrain "
                          "trains on several processes")
 
 

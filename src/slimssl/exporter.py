@@ -61,7 +61,8 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence
                eval_batch_size: int | None = None, **data) -> list[dict]:
     """Export ``subnets`` (names or widths, or ``"all"`` of the menu) of ``checkpoint`` (a checkpoint file or
     run directory) into ``out/<subnet name>/``, as ``slimssl export`` does; returns one row per sub-network
-    (subnet, path, and with ``verify`` the max abs difference from the supernet's sub-network, ``onnx_`` too).
+    (subnet, path, and with ``verify`` the largest absolute and relative differences from the supernet's
+    sub-network, ``max_abs_diff`` and ``max_rel_diff``, and the ONNX graph's as ``onnx_...``).
 
     Each ``config.json`` records the preprocessing (resolution, mean, std) and the BatchNorm statistics'
     origin. With shared BatchNorm each sub-network's statistics are re-estimated first on ``recalibrate_bn``

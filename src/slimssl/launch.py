@@ -10,10 +10,17 @@ log = logging.getLogger("slimssl")
 
 
 def torchrun_processes() -> int:
-    """How many processes torchrun started for this job; 1 outside torchrun. LOCAL_RANK tells torchrun's
-    processes apart from a single one in a cluster job that exports WORLD_SIZE to everything it runs."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    return int(world) if world.isdigit() and "LOCAL_RANK" in os.environ else 1
+    """How many processes torchrun (or another launcher) started for this job; 1 outside one. A process of
+    such a job has WORLD_SIZE and its RANK, which joining the process group needs: WORLD_SIZE alone, as a
+    cluster job may export it to everything it runs, is one process."""
+    world = os.environ.get("WORLD_SIZE", "").strip()
+    if "RANK" not in os.environ or not world:
+        return 1
+    if not world.isdigit() or int(world) < 1:
+        from .errors import UsageError
+
+        raise UsageError(f"WORLD_SIZE must be the number of processes of the job (a positive int), got {world!r}")
+    return int(world)
 
 
 def warn_of_repeated_work(what: str) -> None:

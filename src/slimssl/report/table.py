@@ -23,7 +23,7 @@ def _cell(key: str, value) -> str:
         return "-"
     if key in ("params", "macs"):
         return human(value)
-    if key.endswith("max_abs_diff"):
+    if key.endswith("_diff"):  # max_abs_diff, max_rel_diff (what --verify checks), onnx_...: tiny numbers
         return f"{value:.1e}"
     if isinstance(value, float):
         return f"{value:.2f}"

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UsageError
+from ..launch import torchrun_processes
 
 log = logging.getLogger("slimssl")
 
@@ -112,7 +113,7 @@ def init_from_env() -> None:
     rank that hangs fails instead of blocking forever. A rank that *dies* ends the job sooner: torchrun
     sees its non-zero exit and stops the others (see :func:`fail_fast`).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+    if torchrun_processes() <= 1 or is_distributed():
         return
     # NCCL for CUDA tensors and gloo for CPU ones, so a run on the CPU (--device cpu) works on a GPU machine
     # too; the process's GPU is chosen with the run's device (devices.pick_device), before any collective
@@ -215,7 +216,9 @@ def barrier() -> None:
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` (picklable) on every rank."""
+    """Rank ``src``'s ``obj`` (picklable) on every rank (``obj`` itself without a process group)."""
+    if not is_distributed():
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
