@@ -1,7 +1,7 @@
 """The evaluation protocols: kNN, the linear probe, fine-tuning, and the results they write.
 
-The linear probe's defaults live here rather than in :mod:`.linear` so that the command line can show them
-in ``--help`` without importing torch.
+The defaults of the linear probe and of fine-tuning live here rather than in :mod:`.linear` and
+:mod:`.finetune` so that the command line can show them in ``--help`` without importing torch.
 """
 
 DEFAULT_EPOCHS = 100
@@ -11,6 +11,12 @@ DEFAULT_MOMENTUM = 0.9
 DEFAULT_RECALIBRATE_BATCHES = 20  # used automatically when the supernet's BatchNorm is shared
 TRAIN_CROPS = ("pad", "resized")  # fine-tuning's and the augmented probe's random crop (eval/linear.py)
 PROBE_OPTIMIZER = f"sgd momentum {DEFAULT_MOMENTUM}, cosine, no weight decay"  # the linear heads' optimiser
+
+# fine-tuning (eval/finetune.py): the 1% recipe up to FEW_LABELS of the labels, the 10% recipe above
+FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_EPOCHS, FEW_LABELS = 60, 30, 0.05
+FINETUNE_LR = 0.05  # at batch FINETUNE_BATCH_SIZE; scaled linearly with the actual batch
+FINETUNE_BATCH_SIZE = 256
+FINETUNE_MIN_STEPS = 100
 
 
 def recalibration_batches(batches: int | None, private_bn: bool) -> int:

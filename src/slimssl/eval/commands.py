@@ -17,7 +17,9 @@ from pathlib import Path
 from ..cli_args import (data_source, emit, fraction, nonnegative_int, output_dir, output_file, positive_float,
                         positive_int)
 from ..errors import UsageError
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, TRAIN_CROPS
+from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, FEW_LABELS,
+               FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR, FINETUNE_MIN_STEPS,
+               TRAIN_CROPS)
 
 log = logging.getLogger("slimssl")
 
@@ -69,7 +71,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=positive_int, help="batch of the feature extraction (default: config eval.batch_size)")
     p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
                    help="re-estimate each sub-network's BatchNorm statistics on N train batches before evaluating "
-                        "(default: 20 when the supernet's BatchNorm is shared, else 0)")
+                        f"(default: {DEFAULT_RECALIBRATE_BATCHES} when the supernet's BatchNorm is shared, else 0)")
     p.add_argument("--no-save", action="store_true", help="do not merge the results into RUN/results.json")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
@@ -191,14 +193,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-fraction", type=fraction, required=True, action="extend", nargs="+", metavar="F",
                    help="e.g. 0.01 or 0.1; several may follow (every sub-network is fine-tuned on each)")
     p.add_argument("--epochs", type=positive_int,
-                   help="default: 60 for fractions <= 5%%, else 30, and at least 100 steps (given, it is exact)")
-    p.add_argument("--lr", type=positive_float, help="lr at batch 256, scaled with the batch (default 0.05)")
-    p.add_argument("--batch-size", type=positive_int, help="default 256 (or the whole subset when smaller)")
+                   help=f"default: {FINETUNE_EPOCHS_FEW_LABELS} for fractions <= {FEW_LABELS * 100:g}%%, else "
+                        f"{FINETUNE_EPOCHS}, and at least {FINETUNE_MIN_STEPS} steps (given, it is exact)")
+    p.add_argument("--lr", type=positive_float,
+                   help=f"lr at batch {FINETUNE_BATCH_SIZE}, scaled with the batch (default {FINETUNE_LR:g})")
+    p.add_argument("--batch-size", type=positive_int,
+                   help=f"default {FINETUNE_BATCH_SIZE} (or the whole subset when smaller)")
     p.add_argument("--seed", type=int, default=0, help="draws the labelled subset and the training order")
     _add_train_crop_arg(p)
     p.add_argument("--out", type=output_file(".json"),
                    help="JSON file for the result and the labelled indices, when there is one result (default: "
-                        "RUN/finetune/<subnet>_<pct>pct_seed<S>.json; none with --no-save)")
+                        "RUN/finetune/<subnet>_<pct>pct_seed<S>.json, or finetune_<subnet>_<pct>pct_seed<S>.json "
+                        "beside a checkpoint that is not a run's last; none with --no-save)")
     p.add_argument("--save-models", type=output_dir, metavar="DIR",
                    help="also write each fine-tuned classifier to DIR/<subnet>_<pct>pct_seed<S>/, as an export "
                         "(safetensors + config.json with its classes; load with slimssl.load_exported)")

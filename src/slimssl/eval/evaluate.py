@@ -186,11 +186,12 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float]
     the train labels, for every one of ``label_fractions`` (``eval/finetune.py``).
 
     Each result, with its labelled indices, is written to ``out`` (one result only), else (``save``) to
-    ``RUN/finetune/<subnet>_<pct>pct_seed<S>.json``, and merged into the run before the next one starts, so a
-    failure later keeps what was measured. ``save_models``: a folder that receives each fine-tuned classifier
-    as an export, ``<subnet>_<pct>pct_seed<S>/`` (``slimssl.load_exported``; its config.json names the classes
-    and the accuracy). The sub-networks are checked before any data is decoded. ``checkpoint``, ``config``
-    and the data keywords are knn's.
+    ``RUN/finetune/<subnet>_<pct>pct_seed<S>.json`` (``finetune_<subnet>_...json`` beside a checkpoint that is
+    not a run's last: a loose one, or ``RUN/checkpoints/epoch_XXXX.pt``), and merged into the run before the
+    next one starts, so a failure later keeps what was measured. ``save_models``: a folder that receives each
+    fine-tuned classifier as an export, ``<subnet>_<pct>pct_seed<S>/`` (``slimssl.load_exported``; its
+    config.json names the classes and the accuracy). The sub-networks are checked before any data is decoded.
+    ``checkpoint``, ``config`` and the data keywords are knn's.
     Returns one row per result: subnet, width, depths, params, macs, label_fraction, seed, num_labelled,
     recipe, top1, top5 (percent), indices (the labelled subset).
     """

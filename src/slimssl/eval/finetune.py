@@ -31,6 +31,8 @@ from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.modes import eval_mode
 from ..data.files import DataError
 from ..devices import to_device_async
+from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,
+               FINETUNE_MIN_STEPS)
 from ..errors import UsageError
 from . import TRAIN_CROPS
 from .linear import augment_batch, output_classes, topk_accuracy
@@ -42,18 +44,18 @@ log = logging.getLogger("slimssl")
 @dataclass(frozen=True)
 class FinetuneRecipe:
     epochs: int
-    lr: float = 0.05          # at batch 256; scaled linearly with the actual batch
-    batch_size: int = 256
+    lr: float = FINETUNE_LR   # at batch FINETUNE_BATCH_SIZE; scaled linearly with the actual batch
+    batch_size: int = FINETUNE_BATCH_SIZE
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 0.0
     crop: str = "pad"         # the training crop: pad (CIFAR) or resized (ImageNet), see augment_batch
-    min_steps: int = 100
+    min_steps: int = FINETUNE_MIN_STEPS
 
 
 def default_recipe(label_fraction: float) -> FinetuneRecipe:
     """The 1% recipe for fractions up to 5%, the 10% recipe above (see the module docstring)."""
-    return FinetuneRecipe(epochs=60) if label_fraction <= 0.05 else FinetuneRecipe(epochs=30)
+    return FinetuneRecipe(FINETUNE_EPOCHS_FEW_LABELS if label_fraction <= FEW_LABELS else FINETUNE_EPOCHS)
 
 
 def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> torch.Tensor:

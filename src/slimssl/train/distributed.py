@@ -174,7 +174,6 @@ class GradientSync:
         self.enabled = world_size() > 1
         self.flat: torch.Tensor | None = None
         self.views: list[torch.Tensor] = []
-        self.flag_sum = 0.0
         if self.enabled:
             numel = sum(p.numel() for p in self.params)
             self.flat = torch.zeros(numel + 1, dtype=self.params[0].dtype, device=self.params[0].device)
