@@ -254,6 +254,24 @@ def test_devices_name_what_runs(monkeypatch):
     with pytest.raises(slimssl.DeviceError, match=r"LOCAL_RANK=2, but this machine has 2 CUDA device\(s\).*"
                                                   r"at most 2 processes per node"):
         pick_device("cuda")
+    with pytest.raises(slimssl.DeviceError, match="each process of a distributed job takes its own GPU, number "
+                                                  "LOCAL_RANK: use cuda"):
+        pick_device("cuda:0")  # every process on one GPU
+
+
+def test_a_device_name_is_checked_where_it_is_given(capsys):
+    from slimssl.cli import main
+
+    assert slimssl.load_config("demo", ["train.device=cuda:3"]).train.device == "cuda:3"
+    with pytest.raises(slimssl.ConfigError, match=r"train.device: Input should be auto, cpu, cuda or cuda:N "
+                                                  r"\(got 'gpu'\) \[from --set\]"):
+        slimssl.load_config("demo", ["train.device=gpu"])
+    for command in (["pretrain"], ["knn", "RUN"], ["export", "RUN", "--all", "--out", "x"], ["bench"],
+                    ["reproduce", "--out", "x"], ["finetune", "RUN", "--label-fraction", "0.1", "--all"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--device", "cuda1"])
+        assert exit_.value.code == 2
+        assert "argument --device: expected auto, cpu, cuda or cuda:N, got 'cuda1'" in capsys.readouterr().err
 
 
 def test_a_menu_given_one_name_says_it_needs_a_list():

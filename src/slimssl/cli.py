@@ -10,7 +10,8 @@ import sys
 import time
 
 from . import __version__
-from .cli_args import add_overrides, data_source, emit, nonnegative_float, nonnegative_int, output_dir, positive_int
+from .cli_args import (add_overrides, data_source, device_name, emit, nonnegative_float, nonnegative_int, output_dir,
+                       positive_int)
 from .errors import SlimsslError, UsageError
 from .launch import torchrun_processes
 
@@ -145,8 +146,9 @@ def _register_model_commands(sub: argparse._SubParsersAction) -> None:
                    help="dataset name or path of --recalibrate-bn's train batches (default: the checkpoint "
                         "config's data.source)")
     add_loader_args(p)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="where --recalibrate-bn runs (default: cuda if available); the export is written from the CPU")
+    p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
+                   help="where --recalibrate-bn runs: auto (default: cuda if available), cpu, cuda or cuda:N; the "
+                        "export is written from the CPU")
     p.add_argument("--eval-batch-size", type=positive_int,
                    help="--recalibrate-bn's batch size (default: config eval.batch_size, as evaluation)")
     p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .launch import DEVICE_PATTERN, DEVICES
+
 
 def _number(kind: type, accept: Callable[[float], bool], expected: str) -> Callable[[str], float]:
     def parse(text: str):
@@ -35,6 +37,14 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def device_name(text: str) -> str:
+    """``--device``: a device name slimssl accepts (``launch.DEVICE_PATTERN``), checked as the command line is
+    read; whether this machine has it is checked when the command starts."""
+    if not re.fullmatch(DEVICE_PATTERN, text):
+        raise argparse.ArgumentTypeError(f"expected {DEVICES}, got {text!r}")
+    return text
 
 
 def output_file(*suffixes: str) -> Callable[[str], Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from importlib import resources
 from pathlib import Path
 from types import UnionType
@@ -19,6 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic_core import PydanticCustomError
 
 from .errors import SlimsslError
+from .launch import DEVICE_PATTERN, DEVICES
 from .models.resnet import ARCHS, EXPANSION
 from .nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
 
@@ -261,7 +263,7 @@ class TrainConfig(Section):
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(256, ge=2, description="total batch over all processes (BatchNorm needs two samples)")
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", description="auto (a GPU when there is one), cpu, cuda, or cuda:N (one process)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
@@ -277,6 +279,13 @@ class TrainConfig(Section):
         0, ge=0, description="steps between SlimCLR gradient-imbalance records in metrics.jsonl (0: off)")
     nonfinite: Literal["error", "skip"] = Field(
         "error", description="a NaN/Inf loss stops the run (error) or its step is skipped and counted (skip)")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(DEVICE_PATTERN, value):  # reported as a field's error: with its key and input
+            raise PydanticCustomError("device", f"Input should be {DEVICES}")
+        return value
 
     @field_validator("compile", mode="before")
     @classmethod

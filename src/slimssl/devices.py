@@ -9,6 +9,7 @@ import re
 import torch
 
 from .errors import SlimsslError
+from .launch import DEVICE_PATTERN, DEVICES
 
 
 class DeviceError(SlimsslError):
@@ -21,8 +22,8 @@ def pick_device(name: str | torch.device, setting: str = "--device") -> torch.de
     option in the error message."""
     if isinstance(name, torch.device):
         name = str(name)
-    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise DeviceError(f"{setting} {name!r} is not a device slimssl runs on; expected auto, cpu, cuda or cuda:N")
+    if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN, name):
+        raise DeviceError(f"{setting} {name!r} is not a device slimssl runs on; expected {DEVICES}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"{setting} is {name}, but PyTorch sees no CUDA device here: use cpu, or auto to take a "
                           "GPU when there is one")
@@ -31,8 +32,12 @@ def pick_device(name: str | torch.device, setting: str = "--device") -> torch.de
                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return _this_process_gpu(setting)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if name.startswith("cuda:"):
+            raise DeviceError(f"{setting} is {name}, but each process of a distributed job takes its own GPU, "
+                              "number LOCAL_RANK: use cuda (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+        if name == "cuda":
+            return _this_process_gpu(setting)
     return torch.device(name)
 
 

@@ -1,5 +1,5 @@
-"""What the launcher says about this process, read from the environment without importing torch (the CLI
-checks it before any command loads)."""
+"""Where this process runs, known without importing torch (the CLI checks it before any command loads): the
+device names slimssl accepts, and what the launcher (torchrun) says about the process in the environment."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import logging
 import os
 
 log = logging.getLogger("slimssl")
+
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"  # auto: a GPU when there is one; cuda:N: that GPU
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 def torchrun_processes() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli_args import add_overrides, data_source, nonnegative_int, output_file, positive_int
+from ..cli_args import add_overrides, data_source, device_name, nonnegative_int, output_file, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=data_source,
                    help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
                         "instead of synthetic images in memory")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                   help="train.device (default: the config's, or a --set of it; auto: a GPU when there is one)")
+    p.add_argument("--device", type=device_name, metavar="DEVICE",
+                   help="train.device: auto (a GPU when there is one), cpu, cuda or cuda:N (default: the config's, "
+                        "or a --set of it)")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-by-one baseline")
     p.add_argument("--data-only", action="store_true", help="measure the data path alone (no training step)")
     p.add_argument("--profile", type=output_file(".txt"), metavar="FILE.txt",

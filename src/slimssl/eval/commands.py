@@ -14,8 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import (data_source, emit, fraction, nonnegative_int, output_dir, output_file, positive_float,
-                        positive_int)
+from ..cli_args import (data_source, device_name, emit, fraction, nonnegative_int, output_dir, output_file,
+                        positive_float, positive_int)
 from ..errors import UsageError
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, FEW_LABELS,
                FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR, FINETUNE_MIN_STEPS,
@@ -67,7 +67,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=data_source,
                    help="dataset name or path (default: the checkpoint config's data.source)")
     add_loader_args(p)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda if available")
+    p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
+                   help="auto (default: cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--eval-batch-size", type=positive_int, help="batch of the feature extraction (default: config eval.batch_size)")
     p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
                    help="re-estimate each sub-network's BatchNorm statistics on N train batches before evaluating "
@@ -220,7 +221,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=data_source,
                    help="dataset name or path (default: the checkpoint config's data.source)")
     add_loader_args(p)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
+                   help="auto (default: cuda if available), cpu, cuda or cuda:N")
     p.add_argument("--eval-batch-size", type=positive_int, help="default: config eval.batch_size")
     p.add_argument("--seed", type=int, default=0, help="seed of the order of the calibration batches")
     p.add_argument("--json", action="store_true", help="print the sub-network, the batches and the new file as JSON")

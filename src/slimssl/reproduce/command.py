@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..cli_args import add_overrides, data_source, nonnegative_float, output_dir, positive_int
+from ..cli_args import add_overrides, data_source, device_name, nonnegative_float, output_dir, positive_int
 from ..errors import UsageError
 from . import DEFAULT_EPOCHS, DEFAULT_PROBE_EPOCHS, DEFAULT_RECIPES, EXIT_CONTINUE, REPORT_JSON, REPORT_MD
 
@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=output_dir, help="folder of the runs and the report")
     p.add_argument("--epochs", type=positive_int, help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS})")
     p.add_argument("--batch-size", type=positive_int, help="total batch of every run (default: the recipe's)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", type=device_name, metavar="DEVICE",
+                   help="auto, cpu, cuda or cuda:N for every run (default: the recipes' train.device, auto)")
     p.add_argument("--time-budget", type=nonnegative_float, metavar="SECONDS",
                    help=f"start no new epoch or probe after SECONDS of this call and exit {EXIT_CONTINUE} "
                         "(the first one always runs); default: run to the end")

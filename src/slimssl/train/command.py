@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import add_overrides, data_source, output_dir, positive_int, shell_quote
+from ..cli_args import add_overrides, data_source, device_name, output_dir, positive_int, shell_quote
 from ..errors import SlimsslError, UsageError
 
 log = logging.getLogger("slimssl")
@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int, help="train.epochs: the length of the schedule")
     p.add_argument("--max-steps", type=positive_int, help="stop once the run has made this many steps in all, counted "
                    "from its start (the schedule keeps its length)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="train.device (auto: a GPU when there is one)")
+    p.add_argument("--device", type=device_name, metavar="DEVICE",
+                   help="train.device: auto (a GPU when there is one), cpu, cuda or cuda:N")
     add_overrides(p)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
