@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from typing import Iterator
 import torch
 
 from ..checkpoint import load_supernet
-from ..layout import CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, checkpoint_path
+from ..layout import CONFIG, LAST, RESULTS, checkpoint_path
 from ..config import Config
 from ..data.files import BUILTIN, DataError, list_labelled_files
 from ..devices import pick_device, synchronize
@@ -27,10 +26,9 @@ from ..eval import linear_settings, recalibration_batches
 from ..eval.inputs import DataOptions
 from ..eval.linear import linear_probe_subnets
 from ..eval.results import merge_results, read_results, write_json_atomic
-from ..train.pretrain import lr_header
+from ..train.pretrain import RUN_FILES, remove_run_files, write_run_config
 from ..train.loop import Trainer
 from ..train.signals import Interrupted, stop_signals_handled_by
-from ..train.optim import effective_lr
 from .plan import Job
 
 log = logging.getLogger("slimssl")
@@ -201,14 +199,13 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     if not budget.allows():
         return False
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = job.run_dir / CONFIG
-    if not config_file.is_file():
-        config_file.write_text(lr_header(effective_lr(job.cfg, 1)) + job.cfg.to_yaml(), encoding="utf-8")
     resume = checkpoint_path(job.run_dir).is_file()
     timing = read_timing(job.run_dir)
     start = time.perf_counter()
     trainer = TimedTrainer(job.cfg, job.run_dir, resume=resume, timing=timing)
     timing.setup_seconds += time.perf_counter() - start
+    if not (job.run_dir / CONFIG).is_file():
+        write_run_config(job.run_dir, job.cfg, trainer.effective_lr())
     name = device_name(trainer.device)
     if name not in timing.devices:
         timing.devices.append(name)
@@ -319,14 +316,10 @@ def restart_if_checkpoint_lost(job: Job, probe_epochs: int) -> None:
         return
     if is_pretrained(job) and is_probed(job, probe_settings(job.cfg, probe_epochs)):
         return
-    lost = [p for p in (TIMING, METRICS, RESULTS, TENSORBOARD) if (job.run_dir / p).exists()]
-    if not lost:
-        return
-    log.warning("%s: not finished and its checkpoint is gone: starting it again (removing %s)", job.label,
-                ", ".join(lost))
-    for name in lost:
-        path = job.run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    lost = remove_run_files(job.run_dir, (TIMING, *RUN_FILES))
+    if lost:
+        log.warning("%s: not finished and its checkpoint is gone: started again (removed %s)", job.label,
+                    ", ".join(lost))
 
 
 def require_labelled_splits(jobs: list[Job]) -> None:

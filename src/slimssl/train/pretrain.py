@@ -147,7 +147,7 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
     # rank 0 decides (the others would see its removal half done); it fails the job if it refuses
     if leftovers and failed_start_ok and (not dist.is_main() or _failed_start_of(run_dir, cfg)):
         if dist.is_main():
-            _remove(run_dir, FAILED_START)
+            remove_run_files(run_dir, FAILED_START)
             log.info("%s holds the files of a start of this run that was stopped before it trained a step (%s): "
                      "removed, starting it again", run_dir, ", ".join(leftovers))
     elif leftovers:  # a run whose checkpoint is gone, or a user's file: writing there would mix or lose them
@@ -227,8 +227,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     try:
         trainer = Trainer(cfg, run_dir, resume=resume)
         if is_main:  # only once the run is set up (a failed resume leaves the saved run untouched)
-            with atomic_write(run_dir / CONFIG, "w") as f:  # a kill mid-write keeps the earlier one whole
-                f.write(lr_header(trainer.effective_lr()) + cfg.to_yaml())
+            write_run_config(run_dir, cfg, trainer.effective_lr())
         results = trainer.fit(max_steps)
     except Interrupted as e:  # a checkpoint was saved: keep everything; say how far it got (--json)
         e.run = PretrainRun(run_dir, {}, trainer.state.step, trainer.total_steps) if trainer else None
@@ -246,7 +245,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     return PretrainRun(run_dir, results, trainer.state.step, trainer.total_steps)
 
 
-def _remove(run_dir: Path, names) -> list[str]:
+def remove_run_files(run_dir: Path, names) -> list[str]:
     """Remove ``names`` from ``run_dir`` where they exist (a folder with what it holds); returns those removed."""
     removed = []
     for name in names:
@@ -301,7 +300,7 @@ def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bo
     if trainer is not None:
         trainer.metrics.close()  # TensorBoard's writer lets go of tb/ first
     try:
-        removed = _remove(run_dir, [name for name in RUN_OUTPUTS if name not in existed])
+        removed = remove_run_files(run_dir, [name for name in RUN_OUTPUTS if name not in existed])
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
             removed.append(f"{run_dir}/")
@@ -334,6 +333,13 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     dist.init_from_env()
     cfg, run_dir, source, resume = prepare_run(config, out, overrides=overrides, resume=resume)
     return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps)
+
+
+def write_run_config(run_dir: Path, cfg: Config, lr: dict) -> None:
+    """RUN/config.yaml: the resolved config under the learning rate it gives (``Trainer.effective_lr``); a kill
+    mid-write keeps the earlier file whole."""
+    with atomic_write(run_dir / CONFIG, "w") as f:
+        f.write(lr_header(lr) + cfg.to_yaml())
 
 
 def lr_header(lr: dict) -> str:
