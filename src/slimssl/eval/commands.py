@@ -130,9 +130,9 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..report.plot import plot_accuracy_vs_macs, plot_grad_norms
-    from ..report.report import grad_norm_series, load_runs, report_markdown, without_unfinished
+    from ..report.report import grad_norm_series, load_runs, report_markdown, with_results
 
-    run_dirs = without_unfinished(args.run_dirs)
+    run_dirs = with_results(args.run_dirs)
     results = load_runs(run_dirs)
     if args.plot:
         plot_accuracy_vs_macs(results, args.metric, args.plot, join_singles=args.join_singles)

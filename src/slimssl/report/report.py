@@ -37,7 +37,7 @@ def run_title(result: dict) -> str:
     return f"{result.get('run', 'run')}" + (f" (unfinished: {note})" if note else "")
 
 
-def without_unfinished(run_dirs: Sequence[str | Path]) -> list[str | Path]:
+def with_results(run_dirs: Sequence[str | Path]) -> list[str | Path]:
     """``run_dirs`` less the run directories that have no results.json yet (still pretraining, as a glob such as
     ``runs/*`` may catch), each named in a warning; all of them when none has one, for load_runs to refuse."""
     finished = [d for d in run_dirs if not Path(d).is_dir() or (Path(d) / RESULTS).exists()]
