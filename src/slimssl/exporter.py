@@ -42,11 +42,10 @@ def export_source(checkpoint: str | Path | None, config: Config | dict | str | P
     file's absolute path (a run directory stands for its checkpoints/last.pt), or the config of a random
     initialisation (a file's absolute path, the name of a shipped config, or a config object's name)."""
     from .config import find_config
-    from .layout import checkpoint_path
+    from .layout import checkpoint_file
 
     if checkpoint is not None:
-        path = Path(checkpoint)
-        return str((checkpoint_path(path) if path.is_dir() else path).resolve())
+        return str(checkpoint_file(checkpoint).resolve())
     if isinstance(config, (str, Path)):
         file = Path(config)
         return f"random init of {file.resolve() if file.is_file() else f'shipped config {find_config(file).name}'}"

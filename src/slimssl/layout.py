@@ -27,3 +27,9 @@ FINETUNE = "finetune"
 def checkpoint_path(run_dir: str | Path, name: str = LAST) -> Path:
     """Where a run directory keeps the checkpoint ``name`` (default: the last one)."""
     return Path(run_dir) / CHECKPOINTS / name
+
+
+def checkpoint_file(checkpoint: str | Path) -> Path:
+    """The file a command given ``checkpoint`` reads: a run directory stands for its checkpoints/last.pt."""
+    path = Path(checkpoint)
+    return checkpoint_path(path) if path.is_dir() else path

@@ -124,15 +124,14 @@ def _is_checkpoints_folder(folder: Path) -> bool:
 def _new_checkpoint_file(out: str | Path, checkpoint: str | Path) -> Path:
     """``out`` as a file recalibrate may write: a ``.pt`` outside every run's checkpoints folder, and not the
     checkpoint it reads (a run's files are that run's own: its last.pt is what a resume continues from)."""
-    from ..layout import CHECKPOINTS, checkpoint_path
+    from ..layout import CHECKPOINTS, checkpoint_file
 
     if not isinstance(out, (str, os.PathLike)):
         raise UsageError(f"out must be a path to a new .pt file, got {out!r}")
     out = Path(out)
     if out.suffix.lower() != ".pt" or out.is_dir():
         raise UsageError(f"out (--out) must name a .pt file, got {str(out)!r}")
-    source_file = Path(checkpoint)
-    source_file = checkpoint_path(source_file) if source_file.is_dir() else source_file
+    source_file = checkpoint_file(checkpoint)
     # the file itself, however its path is spelt: macOS' file system ignores letter case, which resolve() keeps
     if out.exists() and source_file.exists() and os.path.samefile(out, source_file):
         raise UsageError(f"out (--out) {out} is the checkpoint being read; write the recalibrated one to a new file "
