@@ -366,6 +366,23 @@ def test_cli_linear_and_finetune_merge_into_run(tmp_path, capsys):
     assert refused.value.code == 2
 
 
+def test_cli_linear_probes_the_sub_networks_asked_for(tmp_path, capsys, caplog):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["linear", str(run), "--epochs", "1", "--json", "--device", "cpu"]) == 0
+    full = {r["subnet"]: r for r in json.loads(capsys.readouterr().out)}
+    assert main(["linear", str(run), "--epochs", "3", "--json", "--device", "cpu", "--subnet", "0.5"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["subnet"] == "w0p5_d1-1-1-1" and row["params"] == full["w0p5_d1-1-1-1"]["params"]
+    results = {r["subnet"]: r for r in json.loads((run / "results.json").read_text())["subnets"]}
+    assert results["w0p5_d1-1-1-1"]["linear_top1"] == row["linear_top1"]
+    assert results["w1p0_d1-1-1-1"]["linear_top1"] == full["w1p0_d1-1-1-1"]["linear_top1"]  # not probed again
+    assert main(["linear", str(run), "--device", "cpu", "--subnet", "0.3"]) == 2  # private BN: the menu only
+    assert "sub-network w0p3_d1-1-1-1 is not in the menu" in capsys.readouterr().err + caplog.text
+
+
 def test_cli_train_crop_follows_the_config_or_the_flag_and_is_recorded(tmp_path, capsys):
     from slimssl.cli import main
 

@@ -95,7 +95,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
 
     rows = linear_probe(args.checkpoint, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                         augment=args.augment, train_crop=args.train_crop, distill=args.distill,
-                        shared_head=args.shared_head, **_common_keywords(args))
+                        shared_head=args.shared_head, subnets=args.subnet, **_common_keywords(args))
     metrics = [k for k in rows[0] if k.startswith("linear")]
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *metrics]))
     return 0
@@ -183,6 +183,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill", action="store_true",
                    help="SlimCLR: sub-width heads learn 0.5 CE + 0.5 soft CE to the full-width head")
     p.add_argument("--shared-head", action="store_true", help="one slimmable head shared by all sub-networks")
+    p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
+                   help="probe these instead of the menu (names or widths; with shared BatchNorm any width, its "
+                        "statistics re-estimated first; with --distill the widest teaches)")
     p.set_defaults(func=cmd_linear)
 
     p = sub.add_parser("finetune", help="fine-tune exported sub-networks, each on a class-balanced labelled subset")

@@ -136,10 +136,12 @@ def knn_settings(cfg, options: DataOptions, k: int, temperature: float, recalibr
 def linear_probe(checkpoint: str | Path | SlimResNet, *, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
                  batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, augment: bool = False,
                  train_crop: str | None = None, distill: bool = False, shared_head: bool = False,
-                 device: str | torch.device = "auto", eval_batch_size: int | None = None,
-                 recalibrate_bn: int | None = None, save: bool = True,
+                 subnets: Sequence | None = None, device: str | torch.device = "auto",
+                 eval_batch_size: int | None = None, recalibrate_bn: int | None = None, save: bool = True,
                  config: Config | dict | str | Path | None = None, **data) -> list[dict]:
     """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
+    ``subnets``: the sub-networks to probe (names or widths) instead of the menu, as knn's; with ``distill``
+    the widest of them teaches.
 
     ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``) and flips, with the
     backbone run at every step, instead of cached features. ``checkpoint``, ``config`` and the data keywords
@@ -157,16 +159,17 @@ def linear_probe(checkpoint: str | Path | SlimResNet, *, epochs: int = DEFAULT_E
     options = DataOptions.of(data, linear_probe)
     warn_of_repeated_work("slimssl.linear_probe()")
     supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
+    specs = supernet.resolve_many(subnets)  # checked before the data is decoded
     train, test = options.load_splits(cfg, torch_device)
     train_crop = train_crop or cfg.eval.train_crop
     results = linear_probe_subnets(
         supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
         epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, shared_head=shared_head, augment=augment,
-        train_crop=train_crop, device=torch_device, seed=seed,
+        train_crop=train_crop, subnets=specs, device=torch_device, seed=seed,
         feature_batch_size=eval_batch_size or cfg.eval.batch_size, recalibrate_batches=recalibrate_bn)
     protocol = "linear" + ("_shared" if shared_head else "") + ("_distill" if distill else "") \
         + ("_aug" if augment else "")
-    costs = cost_rows(supernet, cfg.data.resolution)
+    costs = cost_rows(supernet, cfg.data.resolution, specs)
     rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
     settings = linear_settings(
         options.settings(cfg), epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
