@@ -863,6 +863,7 @@ def test_export_run_in_python_writes_what_the_cli_writes_and_load_exported_gives
     plain.fc = torch.nn.Linear(plain.config.feature_dim, 3)  # as a fine-tuning would: the preprocessing is kept
     tuned = slimssl.load_exported(slimssl.save_exported(plain, tmp_path / "tuned", {"classes": ["a", "b", "c"]}))
     assert tuned.metadata["std"] == list(cfg.data.std) and tuned.metadata["classes"] == ["a", "b", "c"]
+    assert plain.metadata["crop_ratio"] == tuned.metadata["crop_ratio"] == cfg.eval.crop_ratio  # resize, then crop
     assert "bn_recalibration" not in tuned.metadata  # of the statistics before this training, no longer true
     again = slimssl.load_exported(slimssl.save_exported(tuned, tmp_path / "again"))
     assert "classes" not in again.metadata and again.metadata["subnet"] == "w0p5_d1-1-1-1"

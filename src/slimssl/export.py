@@ -29,7 +29,7 @@ EXPORT_FORMAT = "slimssl-plain-resnet"
 
 FORMATS = ("safetensors", "onnx")
 # what save_exported keeps of a loaded model's metadata: its inputs and origin, not its classes or accuracy
-CARRIED = ("resolution", "mean", "std", "source", "subnet")  # onnx also writes the safetensors weights
+CARRIED = ("resolution", "crop_ratio", "mean", "std", "source", "subnet")  # onnx also writes the safetensors weights
 
 
 class ExportError(SlimsslError):

@@ -114,8 +114,10 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence
 
 
 def preprocessing(cfg: Config) -> dict:
-    """What an exported model's inputs must be, as its config.json records it."""
-    return {"resolution": cfg.data.resolution, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+    """What an exported model's inputs must be, as its config.json records it: the shorter side resized to
+    ``resolution / crop_ratio``, the centre ``resolution`` square, normalised with ``mean`` and ``std``."""
+    return {"resolution": cfg.data.resolution, "crop_ratio": cfg.eval.crop_ratio, "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std)}
 
 
 def _models_to_export(supernet: SlimResNet, cfg: Config, specs: list[SubnetSpec], batches: int,
