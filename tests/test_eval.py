@@ -366,6 +366,19 @@ def test_cli_linear_and_finetune_merge_into_run(tmp_path, capsys):
     assert refused.value.code == 2
 
 
+def test_results_of_other_data_merged_into_a_run_are_named(tmp_path, capsys, caplog):
+    from slimssl.cli import main
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")  # pretrained on fake images
+    assert main(["knn", str(run), "--json", "--device", "cpu"]) == 0
+    assert "not on the run's own data" not in caplog.text
+    assert main(["knn", str(run), "--json", "--device", "cpu", "--data", "digits"]) == 0
+    assert "knn numbers measured on digits, not on the run's own data fake (data.source), replace its knn " \
+           "results" in caplog.text and "--no-save" in caplog.text
+    assert json.loads((run / "results.json").read_text())["protocols"]["knn"]["data"] == "digits"
+
+
 def test_cli_linear_probes_the_sub_networks_asked_for(tmp_path, capsys, caplog):
     from slimssl.cli import main
 

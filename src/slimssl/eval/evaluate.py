@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..errors import UsageError
 from ..launch import warn_of_repeated_work
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, linear_settings, recalibration_batches
-from ..layout import FINETUNE
+from ..layout import FINETUNE, RESULTS
 from .inputs import DataOptions, check_numbers, check_train_crop, in_memory, load_model
 
 if TYPE_CHECKING:
@@ -59,6 +59,10 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
     if run_dir is None:
         return None
+    if settings.get("data") not in (None, cfg.data.source):  # a report would read them as the run's own
+        log.warning("%s numbers measured on %s, not on the run's own data %s (data.source), replace its %s results "
+                    "in %s; --no-save (save=False) keeps other data's numbers out of it", protocol, settings["data"],
+                    cfg.data.source, protocol, run_dir / RESULTS)
     path = merge_results(run_dir, values, protocol=protocol, settings=settings,
                          defaults={"run": run_dir.resolve().name, "config": cfg.model_dump(mode="json"),
                                    "resolution": cfg.data.resolution},
