@@ -742,7 +742,8 @@ def test_subnet_outside_private_bn_menu_exits_2(tmp_path, capsys, caplog, comman
 
 def _junk(path: Path) -> tuple[Path, list[str]]:
     path.write_bytes(b"\x00\x01 definitely not a checkpoint" * 10)
-    return path, ["not a readable slimssl checkpoint"]
+    return path, ["not a readable slimssl checkpoint (not a zip archive, as torch.save writes: another kind of "
+                  "file)"]
 
 
 def _cut_short(path: Path) -> tuple[Path, list[str]]:

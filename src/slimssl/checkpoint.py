@@ -104,7 +104,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         detail = unpickler.group(1).strip() if unpickler else (str(e).splitlines() or [""])[0]
         detail = f"{type(e).__name__}: {detail}"
         if _readable(path) and not zipfile.is_zipfile(path):  # torch's words for this vary, some with a page of advice
-            detail = "not a complete zip archive, as torch.save writes: the file is cut short or damaged"
+            detail = ("not a complete zip archive, as torch.save writes: the file is cut short or damaged"
+                      if _starts_as_zip(path) else "not a zip archive, as torch.save writes: another kind of file")
         raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({detail}); expected "
                               "a checkpoint file (e.g. RUN/checkpoints/last.pt) or a run directory") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -139,6 +140,12 @@ def _refuse_export_folder(path: Path) -> None:
         raise CheckpointError(f"{path} holds exported sub-networks ({', '.join(names)}), not a checkpoint: load one "
                               f"with slimssl.load_exported({str(path / names[0])!r}); a supernet is loaded from its "
                               "run directory or checkpoint file")
+
+
+def _starts_as_zip(path) -> bool:
+    """Whether the file begins as a zip archive does (a checkpoint cut short), unlike a YAML or JSON file."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _readable(path) -> bool:
