@@ -402,3 +402,10 @@ def test_an_unknown_flag_gets_the_usage_of_its_command(capsys):
     with pytest.raises(SystemExit):
         main(["--json", "knn", "runs/x"])  # an option of the command given before it
     assert "slimssl: error: unrecognized arguments: --json (options of knn go after the word knn)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["profile"], ["export", "--all", "--out", "exported"]])
+def test_a_run_directory_after_set_is_named_as_such(command, capsys, caplog):
+    assert main([*command, "--set", "model.base_width=8", "runs/demo"]) == 2
+    assert "--set expects KEY=VALUE, got 'runs/demo' (--set takes every word up to the next flag: put a run " \
+           "directory" in error_text(capsys, caplog)

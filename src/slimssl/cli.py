@@ -31,6 +31,10 @@ def _supernet_from_args(args: argparse.Namespace):
 
 def _check_model_source(args: argparse.Namespace) -> None:
     """CHECKPOINT, or --config (with --random-init where the command has it): one model to read."""
+    from .config import check_assignment
+
+    for assignment in args.set or []:  # a CHECKPOINT after --set is taken as an override: say that first
+        check_assignment(assignment)
     if args.checkpoint:
         if args.set and not args.config:
             raise UsageError("--set changes a --config file; a CHECKPOINT is read with the config saved in it")

@@ -522,11 +522,16 @@ def find_config(name: str | Path) -> Path:
     raise ConfigError(f"config file {str(name)!r} does not exist; shipped configs: {', '.join(packaged_configs())}")
 
 
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply ``section.key=value`` to a raw config dict; the value is read as YAML (numbers, lists...)."""
+def check_assignment(assignment: str) -> None:
+    """An override must read KEY=VALUE; a word without ``=`` is most often a positional argument after --set."""
     if "=" not in assignment:
         raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r} (--set takes every word up to the next "
                           "flag: put a run directory or other positional argument before --set)")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` to a raw config dict; the value is read as YAML (numbers, lists...)."""
+    check_assignment(assignment)
     key, raw = assignment.split("=", 1)
     key = key.strip()
     parts = key.split(".")
