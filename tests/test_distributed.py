@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import socket
@@ -164,10 +165,21 @@ def api_returns_after_rank_0_wrote(run_dir: Path) -> bool:
         return finish(self)
 
     Trainer.finish = slow_finish
+    logger, records = logging.getLogger("slimssl"), []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
     try:
         slimssl.pretrain({**tiny("byol"), "train": {**tiny("byol")["train"], "epochs": 1}}, run_dir)
     finally:
         Trainer.finish = finish
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    infos = [r for r in records if r.levelno == logging.INFO]
+    # rank 0 alone says how the run goes ("run directory: ...", the lr, ...)
+    assert (len(infos) > 0) == (dist.rank() == 0), [r.getMessage() for r in infos]
     return (run_dir / "results.json").is_file()
 
 

@@ -4,6 +4,7 @@ are the same run (and either can resume the other)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -331,8 +332,26 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
         raise UsageError(f"max_steps must be an int >= 1 (the step to stop at), or None; got {max_steps!r}")
 
     dist.init_from_env()
-    cfg, run_dir, source, resume = prepare_run(config, out, overrides=overrides, resume=resume)
-    return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps)
+    with _warnings_only_off_rank_0():
+        cfg, run_dir, source, resume = prepare_run(config, out, overrides=overrides, resume=resume)
+        return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps)
+
+
+@contextlib.contextmanager
+def _warnings_only_off_rank_0():
+    """Rank 0 alone says how the run goes; the other processes still say what goes wrong (for this call only:
+    the caller's logging is theirs)."""
+    if dist.is_main():
+        yield
+        return
+    def warnings_only(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+    log.addFilter(warnings_only)
+    try:
+        yield
+    finally:
+        log.removeFilter(warnings_only)
 
 
 def write_run_config(run_dir: Path, cfg: Config, lr: dict) -> None:
