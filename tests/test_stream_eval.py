@@ -323,6 +323,18 @@ def test_an_evaluation_scans_its_data_once_and_the_next_one_again(tmp_path, caps
     assert len(scans) == 3
 
 
+def test_the_runs_own_data_by_another_path_is_not_called_other_data(tmp_path, capsys, caplog, monkeypatch):
+    root = _folder(tmp_path / "data")
+    run = tmp_path / "run"
+    _checkpoint(run / "checkpoints" / "last.pt", root, loader="memory")  # data.source: the absolute path
+    monkeypatch.chdir(tmp_path)
+    _cli_json(capsys, ["knn", str(run), "--json", "--device", "cpu", "--data", "data"])  # relative: the same
+    assert "not on the run's own data" not in caplog.text
+    _zip(root, tmp_path / "data.zip")
+    _cli_json(capsys, ["knn", str(run), "--json", "--device", "cpu", "--data", "data.zip"])
+    assert "knn numbers measured on data.zip, not on the run's own data" in caplog.text
+
+
 # ---- errors --------------------------------------------------------------------------------------------
 
 def test_unreadable_file_is_named_or_skipped_like_in_memory(tmp_path, capsys, caplog):

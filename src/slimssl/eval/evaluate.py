@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -59,7 +60,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
     if run_dir is None:
         return None
-    if settings.get("data") not in (None, cfg.data.source):  # a report would read them as the run's own
+    if not _same_data(settings.get("data"), cfg.data.source):  # a report would read them as the run's own
         log.warning("%s numbers measured on %s, not on the run's own data %s (data.source), replace its %s results "
                     "in %s; --no-save (save=False) keeps other data's numbers out of it", protocol, settings["data"],
                     cfg.data.source, protocol, run_dir / RESULTS)
@@ -69,6 +70,17 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
                          trained=(epoch, cfg.train.epochs))
     log.info("merged %s results into %s", protocol, path)
     return path
+
+
+def _same_data(evaluated: str | None, trained: str) -> bool:
+    """Whether an evaluation read the run's own data: the same name, or the same folder or .zip however its path
+    is spelt (relative to another directory, through a link)."""
+    if evaluated is None or evaluated == trained:
+        return True
+    try:
+        return os.path.samefile(os.path.expanduser(evaluated), os.path.expanduser(trained))
+    except OSError:  # a built-in name, or a path that is not there (any more)
+        return False
 
 
 # ---- the protocols -----------------------------------------------------------------------------------

@@ -31,10 +31,9 @@ from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.modes import eval_mode
 from ..data.files import DataError
 from ..devices import to_device_async
-from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,
-               FINETUNE_MIN_STEPS)
 from ..errors import UsageError
-from . import TRAIN_CROPS
+from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,
+               FINETUNE_MIN_STEPS, TRAIN_CROPS)
 from .linear import augment_batch, output_classes, topk_accuracy
 from .recalibrate import subnet_models
 
