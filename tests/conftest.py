@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ CONFIG_DIR = REPO_ROOT / "configs"
 # The test machine has two cores shared with other jobs; intra-op threads then spin against each other
 # and make tiny forward passes 100x slower. One thread keeps the suite fast and deterministic.
 torch.set_num_threads(1)
+
+# The suite decodes hundreds of tiny datasets, each under its own temporary path: they go to a cache of this
+# session (removed at exit), not the user's. The processes the tests start inherit it.
+_DECODED_CACHE = tempfile.TemporaryDirectory(prefix="slimssl-tests-cache-")
+os.environ["SLIMSSL_CACHE"] = _DECODED_CACHE.name
+os.environ.pop("SLIMSSL_CACHE_GB", None)
 
 
 def _perturb_bn(model: nn.Module, seed: int = 0) -> nn.Module:

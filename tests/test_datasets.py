@@ -1,6 +1,7 @@
 import logging
 import os
 import re
+import time
 import zipfile
 
 import numpy as np
@@ -218,6 +219,44 @@ def test_cache_is_not_served_for_a_rewritten_image(tmp_path):
     assert not torch.equal(first.images[5], second.images[5]) and torch.equal(first.images[:5], second.images[:5])
     assert int(second.images[5].min()) >= 245
     assert torch.equal(load_dataset(str(root), resolution=8).images, second.images)  # now served from the cache
+
+
+def _entries(cache):
+    return sorted(p.name for p in cache.glob("*.pt"))
+
+
+def test_cache_drops_least_recently_used_splits_past_its_limit(tmp_path, monkeypatch):
+    """A limit of two and a half entries keeps the two splits used last; a split whose images alone are bigger
+    than the limit is not cached at all; 0 turns the cache off."""
+    roots = [_class_tree(tmp_path / f"data{i}") for i in range(3)]
+    cache = tmp_path / "cache"
+    load_dataset(str(roots[0]), resolution=8)
+    first = _entries(cache)
+    entry_size = (cache / first[0]).stat().st_size  # about 3 kB: 6 * 192 bytes of images, and the file's own
+    monkeypatch.setenv("SLIMSSL_CACHE_GB", str(2.5 * entry_size / 2**30))
+    load_dataset(str(roots[1]), resolution=8)
+    second = (set(_entries(cache)) - set(first)).pop()
+    for age, name in ((200, first[0]), (100, second)):  # roots[0] used first, as if long ago
+        os.utime(cache / name, (time.time() - age, time.time() - age))
+    load_dataset(str(roots[0]), resolution=8)  # a hit: now the more recently used of the two
+    assert len(_entries(cache)) == 2
+    load_dataset(str(roots[2]), resolution=8)
+    assert len(_entries(cache)) == 2 and first[0] in _entries(cache) and second not in _entries(cache)
+
+    before = _entries(cache)
+    load_dataset(str(roots[1]), resolution=48)  # 6 * 6912 bytes: over the limit by itself
+    assert _entries(cache) == before
+
+    monkeypatch.setenv("SLIMSSL_CACHE_GB", "0")
+    off = load_dataset(str(roots[1]), resolution=16)
+    assert _entries(cache) == before and off.images.shape == (6, 3, 16, 16)
+
+
+@pytest.mark.parametrize("value", ["-1", "lots", "nan"])
+def test_bad_cache_limit_is_named(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("SLIMSSL_CACHE_GB", value)
+    with pytest.raises(DataError, match=r"\$SLIMSSL_CACHE_GB is .*a number >= 0 \(0 turns the cache off\)"):
+        load_dataset(str(_class_tree(tmp_path / "data")))
 
 
 def test_digits():

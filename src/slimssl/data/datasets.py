@@ -7,11 +7,13 @@ no per-sample ``Dataset.__getitem__`` on the training path.
 
 Decoded folder/zip trees are cached under ``$SLIMSSL_CACHE`` (default
 ``~/.cache/slimssl/decoded``) keyed by the file list with sizes and mtimes,
-so a second load of an unchanged tree is a single file read.
+so a second load of an unchanged tree is a single file read. The cache holds at most
+``$SLIMSSL_CACHE_GB`` (default 20) and drops the least recently used splits past it; 0 turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -285,6 +287,22 @@ def cache_dir() -> str:
     return os.path.expanduser(os.environ.get("SLIMSSL_CACHE", "~/.cache/slimssl/decoded"))
 
 
+DEFAULT_CACHE_GB = 20.0
+
+
+def cache_limit() -> int:
+    """The cache's size limit in bytes, from ``$SLIMSSL_CACHE_GB`` (GiB; 0 turns the cache off)."""
+    text = os.environ.get("SLIMSSL_CACHE_GB", "").strip()
+    try:
+        gib = float(text) if text else DEFAULT_CACHE_GB
+    except ValueError:
+        gib = -1.0
+    if not gib >= 0 or gib == float("inf"):  # also refuses nan
+        raise DataError(f"$SLIMSSL_CACHE_GB is {text!r}; expected the decoded-image cache's size limit in GiB, "
+                        "a number >= 0 (0 turns the cache off)")
+    return int(gib * 2**30)
+
+
 def _cache_key(tree: FileTree, split: str, resolution, crop_ratio: float, skip_unreadable: bool,
                paths: list[str]) -> str:
     listing = [[p, *_file_version(tree, p)] for p in paths]
@@ -307,21 +325,54 @@ def _file_version(tree: FileTree, rel: str) -> tuple[int, int]:
 
 
 def _cache_load(key: str) -> dict | None:
+    if cache_limit() == 0:
+        return None
     path = os.path.join(cache_dir(), key + ".pt")
     if not os.path.exists(path):
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or from an incompatible version: decode again
         log.warning("ignoring unreadable cache file %s (%s)", path, exc)
         return None
+    with contextlib.suppress(OSError):  # marks it recently used, for the eviction order
+        os.utime(path)
+    return payload
 
 
 def _cache_save(key: str, payload: dict) -> None:
+    limit = cache_limit()
+    if limit == 0:
+        return
+    size = payload["images"].numel()
+    if size > limit:
+        log.info("not caching %.1f GiB of decoded images: more than the cache's limit of %.1f GiB ($SLIMSSL_CACHE_GB)",
+                 size / 2**30, limit / 2**30)
+        return
     directory = cache_dir()
     try:
         os.makedirs(directory, exist_ok=True)
-        with atomic_write(os.path.join(directory, key + ".pt")) as f:  # readers never see a partial file
+        path = os.path.join(directory, key + ".pt")
+        with atomic_write(path) as f:  # readers never see a partial file
             torch.save(payload, f)
+        _evict(directory, limit, keep=path)
     except OSError as exc:  # a read-only cache must not break loading
         log.warning("could not write decoded-image cache in %s (%s)", directory, exc)
+
+
+def _evict(directory: str, limit: int, keep: str) -> None:
+    """Delete the least recently used entries but ``keep`` until all take at most ``limit`` bytes."""
+    entries = []
+    for entry in os.scandir(directory):
+        if entry.name.endswith(".pt") and entry.path != keep:
+            with contextlib.suppress(OSError):  # another process may evict it first
+                st = entry.stat()
+                entries.append((st.st_mtime_ns, st.st_size, entry.path))
+    total = os.path.getsize(keep) + sum(size for _, size, _ in entries)
+    for _, size, path in sorted(entries):
+        if total <= limit:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+            log.debug("evicted %s from the decoded-image cache", path)
+        total -= size
