@@ -377,6 +377,11 @@ def test_results_of_other_data_merged_into_a_run_are_named(tmp_path, capsys, cap
     assert "knn numbers measured on digits, not on the run's own data fake (data.source), replace its knn " \
            "results" in caplog.text and "--no-save" in caplog.text
     assert json.loads((run / "results.json").read_text())["protocols"]["knn"]["data"] == "digits"
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0
+    assert "Measured on other data than the run's own (fake): knn on digits" in capsys.readouterr().out
+    assert main(["knn", str(run), "--json", "--device", "cpu"]) == 0  # measured again on its own data
+    assert main(["report", str(run)]) == 0 and "other data" not in capsys.readouterr().out
 
 
 def test_cli_linear_probes_the_sub_networks_asked_for(tmp_path, capsys, caplog):

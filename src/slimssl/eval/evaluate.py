@@ -60,7 +60,9 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
     if run_dir is None:
         return None
-    if not _same_data(settings.get("data"), cfg.data.source):  # a report would read them as the run's own
+    if _same_data(settings.get("data"), cfg.data.source):  # spelt as the run's: a report compares the names
+        settings = {**settings, "data": cfg.data.source}
+    else:
         log.warning("%s numbers measured on %s, not on the run's own data %s (data.source), replace its %s results "
                     "in %s; --no-save (save=False) keeps other data's numbers out of it", protocol, settings["data"],
                     cfg.data.source, protocol, run_dir / RESULTS)

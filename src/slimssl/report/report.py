@@ -81,7 +81,23 @@ def run_table(result: dict) -> str:
     if apart:  # a number measured otherwise than its column's others: say so under the table
         table += ("\n\nMeasured with other settings than the rest of their column (each row's <protocol>_settings "
                   "in results.json): " + "; ".join(apart))
+    other = other_data(result)
+    if other:
+        table += "\n\nMeasured on other data than the run's own " + other
     return table
+
+
+def other_data(result: dict) -> str | None:
+    """Which protocols of ``result`` were measured on other data than the run pretrained on (the evaluation
+    commands' --data), in words, or None. results.json spells the run's own data as its config does."""
+    config = result.get("config")
+    own = config.get("data", {}).get("source") if isinstance(config, dict) else None
+    protocols = result.get("protocols")
+    if not isinstance(own, str) or not isinstance(protocols, dict):
+        return None
+    other = [f"{name} on {settings['data']}" for name, settings in protocols.items()
+             if isinstance(settings, dict) and isinstance(settings.get("data"), str) and settings["data"] != own]
+    return f"({own}): {'; '.join(other)}" if other else None
 
 
 def report_markdown(results: Sequence[dict]) -> str:
