@@ -384,6 +384,21 @@ def test_results_of_other_data_merged_into_a_run_are_named(tmp_path, capsys, cap
     assert main(["report", str(run)]) == 0 and "other data" not in capsys.readouterr().out
 
 
+def test_every_evaluation_takes_the_sub_networks_second(tmp_path):
+    """knn, linear_probe and finetune (as export_run after its folder) take ``subnets`` after the checkpoint: one
+    width, a list, or "all" (the menu)."""
+    import slimssl
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    (row,) = slimssl.knn(run, 0.5, device="cpu", save=False)
+    assert row["subnet"] == "w0p5_d1-1-1-1"
+    menu = [r["subnet"] for r in slimssl.knn(run, "all", device="cpu", save=False)]
+    assert menu == [r["subnet"] for r in slimssl.knn(run, device="cpu", save=False)] and len(menu) > 1
+    rows = slimssl.linear_probe(run, ["1.0", 0.5], epochs=1, device="cpu", save=False)
+    assert [r["subnet"] for r in rows] == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
+
+
 def test_cli_linear_probes_the_sub_networks_asked_for(tmp_path, capsys, caplog):
     from slimssl.cli import main
 

@@ -106,13 +106,14 @@ def knn_of_subnets(supernet, cfg, train, test, device, *, specs=None, k: int | N
                             models=models, specs=specs, **image)
 
 
-def knn(checkpoint: str | Path | SlimResNet, *, k: int | None = None, temperature: float | None = None,
-        subnets: Sequence | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
+def knn(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | float | None = "all", *, k: int | None = None,
+        temperature: float | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
         recalibrate_bn: int | None = None, save: bool = True, config: Config | dict | str | Path | None = None,
         **data) -> list[dict]:
     """Weighted kNN top-1 of every sub-network: the train split is the bank, the test split the queries; ``k``
     and ``temperature`` default to the config's ``eval.knn_k`` and ``eval.knn_temperature``. ``subnets``: the
-    sub-networks to evaluate (names or widths) instead of the menu; with shared BatchNorm any width can run.
+    sub-networks to evaluate (a name or width, or a list of them), or ``"all"``, the menu; with shared BatchNorm
+    any width can run.
 
     ``checkpoint`` is a checkpoint file or run directory, whose results.json the results are merged into
     (``save``), or a supernet in memory with its ``config`` (nothing saved).
@@ -151,15 +152,14 @@ def knn_settings(cfg, options: DataOptions, k: int, temperature: float, recalibr
             "recalibrate_bn": recalibrate_bn}
 
 
-def linear_probe(checkpoint: str | Path | SlimResNet, *, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
-                 batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, augment: bool = False,
-                 train_crop: str | None = None, distill: bool = False, shared_head: bool = False,
-                 subnets: Sequence | None = None, device: str | torch.device = "auto",
+def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | float | None = "all", *,
+                 epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE,
+                 seed: int = 0, augment: bool = False, train_crop: str | None = None, distill: bool = False,
+                 shared_head: bool = False, device: str | torch.device = "auto",
                  eval_batch_size: int | None = None, recalibrate_bn: int | None = None, save: bool = True,
                  config: Config | dict | str | Path | None = None, **data) -> list[dict]:
     """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
-    ``subnets``: the sub-networks to probe (names or widths) instead of the menu, as knn's; with ``distill``
-    the widest of them teaches.
+    ``subnets``: the sub-networks to probe, as knn's; with ``distill`` the widest of them teaches.
 
     ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``) and flips, with the
     backbone run at every step, instead of cached features. ``checkpoint``, ``config`` and the data keywords
