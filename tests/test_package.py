@@ -3,6 +3,7 @@ argument errors without importing torch."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,20 @@ def test_every_bad_input_error_is_a_slimssl_error():
     assert len(public) > 8 and all(issubclass(error, slimssl.SlimsslError) for error in public)
     with pytest.raises(slimssl.ConfigError, match="nosuch"):  # catchable by its public name
         slimssl.load_config("demo", ["train.nosuch=1"])
+
+
+def test_help_names_the_environment_variables_with_their_real_defaults(monkeypatch):
+    """The help text is written out (it must not import torch): it stays true to the code's defaults."""
+    from slimssl.cli import build_parser
+    from slimssl.data.datasets import DEFAULT_CACHE_GB, cache_dir, data_root
+    from slimssl.train.distributed import DEFAULT_TIMEOUT_S
+
+    for name in ("SLIMSSL_DATA", "SLIMSSL_CACHE", "SLIMSSL_CACHE_GB", "SLIMSSL_DIST_TIMEOUT", "SLIMSSL_DIST_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    lines = {line.split()[0]: line for line in build_parser().format_help().splitlines() if "  SLIMSSL_" in line}
+    home = os.path.expanduser("~")
+    assert f"default {data_root().replace(home, '~', 1)})" in lines["SLIMSSL_DATA"]
+    assert f"default {cache_dir().replace(home, '~', 1)})" in lines["SLIMSSL_CACHE"]
+    assert f"default {DEFAULT_CACHE_GB:g}; 0: off" in lines["SLIMSSL_CACHE_GB"]
+    assert f"default {DEFAULT_TIMEOUT_S:g})" in lines["SLIMSSL_DIST_TIMEOUT"]
+    assert "SLIMSSL_DIST_BACKEND" in lines

@@ -179,7 +179,14 @@ EXIT_CODES = """exit codes:
   2    bad input or a failed run: the error names what was wrong (argparse's usage errors too)
   3    pretrain (or reproduce) stopped by SIGTERM or SIGINT after saving: the same run continues it
   4    reproduce --time-budget ran out with work left: run the same command again
-  130  Ctrl-C outside a training loop: the command stopped; nothing it had saved is lost"""
+  130  Ctrl-C outside a training loop: the command stopped; nothing it had saved is lost
+
+environment:
+  SLIMSSL_DATA          where cifar10/cifar100 are downloaded (default ~/.cache/slimssl/data)
+  SLIMSSL_CACHE         the decoded-image cache (default ~/.cache/slimssl/decoded)
+  SLIMSSL_CACHE_GB      its size limit in GiB, least recently used splits dropped past it (default 20; 0: off)
+  SLIMSSL_DIST_TIMEOUT  seconds a torchrun process waits for the others (default 1800)
+  SLIMSSL_DIST_BACKEND  torch.distributed backend (default cpu:gloo,cuda:nccl with CUDA, else gloo)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
