@@ -175,6 +175,8 @@ def test_python_evaluation_and_pretraining_refuse_bad_numbers_with_named_errors(
                        (lambda: slimssl.linear_probe(ckpt, epochs=0), "epochs"),
                        (lambda: slimssl.linear_probe(ckpt, lr=-1.0), "lr"),
                        (lambda: slimssl.linear_probe(ckpt, train_crop="centre"), "train_crop"),
+                       (lambda: slimssl.finetune(ckpt, "0.5", 0.1, train_crop="centre"),
+                        "train_crop must be one of pad, resized, got 'centre'"),
                        (lambda: slimssl.finetune(ckpt, "0.5", 0.1, batch_size=0), "batch_size"),
                        (lambda: slimssl.knn(ckpt, device="gpu"), "gpu"),
                        (lambda: slimssl.pretrain(cfg, tmp_path / "run", max_steps=0), "max_steps"),

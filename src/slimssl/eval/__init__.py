@@ -19,6 +19,14 @@ FINETUNE_BATCH_SIZE = 256
 FINETUNE_MIN_STEPS = 100
 
 
+def check_train_crop(train_crop: str | None) -> None:
+    """One of TRAIN_CROPS, or None for the config's ``eval.train_crop``."""
+    if train_crop is not None and train_crop not in TRAIN_CROPS:
+        from ..errors import UsageError
+
+        raise UsageError(f"train_crop must be one of {', '.join(TRAIN_CROPS)}, got {train_crop!r}")
+
+
 def recalibration_batches(batches: int | None, private_bn: bool) -> int:
     """How many train batches re-estimate each sub-network's BatchNorm statistics before it is evaluated;
     ``None`` means automatic: only when the supernet's BatchNorm is shared (private BatchNorm has them)."""

@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
 from ..launch import warn_of_repeated_work
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, linear_settings, recalibration_batches
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_train_crop, linear_settings, recalibration_batches
 from ..layout import FINETUNE, RESULTS
-from .inputs import DataOptions, check_numbers, check_train_crop, in_memory, load_model
+from .inputs import DataOptions, check_numbers, in_memory, load_model
 
 if TYPE_CHECKING:
     import torch

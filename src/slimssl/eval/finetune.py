@@ -33,7 +33,7 @@ from ..data.files import DataError
 from ..devices import to_device_async
 from ..errors import UsageError
 from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,
-               FINETUNE_MIN_STEPS, TRAIN_CROPS)
+               FINETUNE_MIN_STEPS, check_train_crop)
 from .linear import augment_batch, output_classes, topk_accuracy
 from .recalibrate import subnet_models
 
@@ -157,8 +157,9 @@ def _recipe(label_fraction: float, **given) -> FinetuneRecipe:
     if given["epochs"] is not None and given["min_steps"] is None:
         given["min_steps"] = 1  # epochs asked for are run as asked: the floor of 100 steps belongs to the default
     recipe = replace(default_recipe(label_fraction), **{k: v for k, v in given.items() if v is not None})
-    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0 or recipe.crop not in TRAIN_CROPS:
-        raise UsageError(f"need epochs >= 1, batch_size >= 1, lr > 0 and a crop in {TRAIN_CROPS}, got {recipe}")
+    check_train_crop(recipe.crop)
+    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
+        raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {recipe}")
     return recipe
 
 

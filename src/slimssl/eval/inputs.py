@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
-from . import TRAIN_CROPS
 
 if TYPE_CHECKING:
     import torch
@@ -190,8 +189,3 @@ def check_numbers(**values) -> None:
         if not (kind_ok and (value > 0 if real else value >= least)):  # the type first: "a" > 0 would raise
             kind = "a number > 0" if real else f"an int >= {least}"
             raise UsageError(f"{name} must be {kind}, got {value!r}")
-
-
-def check_train_crop(train_crop: str | None) -> None:
-    if train_crop is not None and train_crop not in TRAIN_CROPS:
-        raise UsageError(f"train_crop must be one of {', '.join(TRAIN_CROPS)}, got {train_crop!r}")

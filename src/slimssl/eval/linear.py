@@ -42,7 +42,7 @@ from ..devices import to_device_async
 from ..errors import UsageError
 from ..nn.modes import eval_mode
 from ..nn.spec import Menu, SubnetSpec
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, TRAIN_CROPS
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, TRAIN_CROPS, check_train_crop
 from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
 from .recalibrate import subnet_models
@@ -300,8 +300,7 @@ def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float,
         raise DataError(f"the linear probe needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
-    if train_crop not in TRAIN_CROPS:
-        raise UsageError(f"unknown train_crop {train_crop!r}; expected one of {TRAIN_CROPS}")
+    check_train_crop(train_crop)
 
 
 def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, *, epochs: int, lr: float,
