@@ -831,7 +831,7 @@ def assert_same_state(a: dict, b: dict) -> None:
 def models_knn_measures(run, device: str, monkeypatch) -> dict:
     """The models ``slimssl.knn`` evaluates widths 0.25 and 0.5 of ``run`` with."""
     import slimssl
-    import slimssl.eval.recalibrate as recalibrate_mod
+    import slimssl.eval.knn as knn_mod
 
     measured = {}
 
@@ -840,8 +840,8 @@ def models_knn_measures(run, device: str, monkeypatch) -> dict:
         measured.update(models)
         return models
 
-    real = recalibrate_mod.subnet_models
-    monkeypatch.setattr(recalibrate_mod, "subnet_models", spy)
+    real = knn_mod.subnet_models
+    monkeypatch.setattr(knn_mod, "subnet_models", spy)
     slimssl.knn(run, subnets=["0.25", "0.5"], device=device, save=False)
     monkeypatch.undo()
     assert set(measured) == {"w0p25_d1-1-1-1", "w0p5_d1-1-1-1"}

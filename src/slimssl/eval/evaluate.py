@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
 from ..launch import warn_of_repeated_work
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_train_crop, linear_settings, recalibration_batches
+from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_train_crop, linear_settings,
+               recalibration_batches)
 from ..layout import FINETUNE, RESULTS
 from .inputs import DataOptions, check_numbers, in_memory, load_model
 
@@ -87,25 +88,6 @@ def _same_data(evaluated: str | None, trained: str) -> bool:
 
 # ---- the protocols -----------------------------------------------------------------------------------
 
-def knn_of_subnets(supernet, cfg, train, test, device, *, specs=None, k: int | None = None,
-                   temperature: float | None = None, batch_size: int | None = None,
-                   recalibrate_batches: int | None = None) -> dict[str, float]:
-    """kNN top-1 of every sub-network of ``specs`` (default: the menu) with ``cfg``'s evaluation settings where
-    no other is given: what both `slimssl knn` and the kNN during pretraining measure. With shared BatchNorm,
-    each one's statistics are re-estimated first (``recalibrate_batches``, automatic by default)."""
-    from .knn import knn_eval_subnets
-    from .recalibrate import subnet_models
-
-    e, d = cfg.eval, cfg.data
-    specs = list(supernet.menu) if specs is None else list(specs)
-    image = dict(resolution=d.resolution, mean=d.mean, std=d.std, batch_size=batch_size or e.batch_size,
-                 device=device)
-    models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches, **image)
-    return knn_eval_subnets(supernet, train, test, k=e.knn_k if k is None else k,
-                            temperature=e.knn_temperature if temperature is None else temperature,
-                            models=models, specs=specs, **image)
-
-
 def knn(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | float | None = "all", *, k: int | None = None,
         temperature: float | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
         recalibrate_bn: int | None = None, save: bool = True, config: Config | dict | str | Path | None = None,
@@ -122,6 +104,8 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | float | N
     are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,
     knn_top1 (percent)."""
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
+    from .knn import knn_of_subnets, knn_settings
+
     options = DataOptions.of(data, knn)
     warn_of_repeated_work("slimssl.knn()")
     supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
@@ -143,13 +127,6 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | float | N
                             recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, "knn", settings, cfg, save, epoch)
     return rows
-
-
-def knn_settings(cfg, options: DataOptions, k: int, temperature: float, recalibrate_bn: int) -> dict:
-    """What results.json records of a kNN evaluation (``protocols.knn``): the same for ``slimssl knn`` and for
-    the kNN that ends pretraining, which is its default."""
-    return {**options.settings(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
-            "recalibrate_bn": recalibrate_bn}
 
 
 def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | float | None = "all", *,

@@ -1,8 +1,9 @@
-"""Weighted kNN classification on L2-normalised features (InstDisc protocol: k=200, T=0.1)."""
+"""Weighted kNN classification on L2-normalised features (InstDisc protocol: k=200, T=0.1), of every sub-network:
+what `slimssl knn` and the kNN during pretraining measure, and what they record of it."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,10 @@ from torch import nn
 from ..data.files import DataError
 from ..nn.spec import SubnetSpec
 from .features import extract_subnet_features
+from .recalibrate import subnet_models
+
+if TYPE_CHECKING:
+    from .inputs import DataOptions
 
 
 SIMILARITY_BYTES = 2**30  # the similarities of one chunk of queries to the whole bank, with their top-k work
@@ -63,3 +68,26 @@ def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resol
     return {spec.name: knn_accuracy(banks[spec.name], bank_labels, queries[spec.name], test.labels, num_classes, k,
                                     temperature)
             for spec in specs}
+
+
+def knn_of_subnets(supernet, cfg, train, test, device, *, specs=None, k: int | None = None,
+                   temperature: float | None = None, batch_size: int | None = None,
+                   recalibrate_batches: int | None = None) -> dict[str, float]:
+    """kNN top-1 of every sub-network of ``specs`` (default: the menu) with ``cfg``'s evaluation settings where
+    no other is given: what both `slimssl knn` and the kNN during pretraining measure. With shared BatchNorm,
+    each one's statistics are re-estimated first (``recalibrate_batches``, automatic by default)."""
+    e, d = cfg.eval, cfg.data
+    specs = list(supernet.menu) if specs is None else list(specs)
+    image = dict(resolution=d.resolution, mean=d.mean, std=d.std, batch_size=batch_size or e.batch_size,
+                 device=device)
+    models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches, **image)
+    return knn_eval_subnets(supernet, train, test, k=e.knn_k if k is None else k,
+                            temperature=e.knn_temperature if temperature is None else temperature,
+                            models=models, specs=specs, **image)
+
+
+def knn_settings(cfg, options: DataOptions, k: int, temperature: float, recalibrate_bn: int) -> dict:
+    """What results.json records of a kNN evaluation (``protocols.knn``): the same for ``slimssl knn`` and for
+    the kNN that ends pretraining, which is its default."""
+    return {**options.settings(cfg), "k": k, "temperature": temperature, "bank": "train", "queries": "test",
+            "recalibrate_bn": recalibrate_bn}

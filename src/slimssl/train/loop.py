@@ -29,7 +29,7 @@ from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype, synchronize, to_device_async
 from ..eval import recalibration_batches
-from ..eval.evaluate import knn_of_subnets, knn_settings
+from ..eval.knn import knn_of_subnets, knn_settings
 from ..eval.inputs import DataOptions
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
