@@ -3,6 +3,8 @@ resumes and evaluates like the built-in methods, and a bad declaration is an err
 
 from __future__ import annotations
 
+import logging
+import sys
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -24,11 +26,10 @@ from test_pretrain import tiny
 @pytest.fixture(autouse=True)
 def registry():
     """Every test starts and ends with the built-in methods only."""
-    saved, loaded = dict(METHODS), methods._plugins_loaded
+    saved = dict(METHODS)
     yield
     METHODS.clear()
     METHODS.update(saved)
-    methods._plugins_loaded = loaded
 
 
 class ThreeLayer(Method):
@@ -110,7 +111,7 @@ def test_a_methods_own_options_take_defaults_overrides_and_are_checked(tmp_path)
     as_int = config_from_dict(data, overrides=["method.options.loss_scale=2"]).method.options["loss_scale"]
     assert as_int == 2.0 and type(as_int) is float  # the method reads the type of its default
     with pytest.raises(ConfigError, match=r"method.options.scale: unknown option of method 'threelayer' "
-                                          r"\(its options: loss_scale, note\)"):
+                                          r"\(its options: loss_scale, note\) \[from --set\]"):
         config_from_dict(data, overrides=["method.options.scale=2"])
     with pytest.raises(ConfigError, match=r"method.options.loss_scale: expected float like its default 1.0, "
                                           r"got 'big'"):
@@ -127,6 +128,11 @@ def test_a_methods_own_options_take_defaults_overrides_and_are_checked(tmp_path)
     (_named("custom", default_options=["scale"]), "default_options must be a dict of option names"),
     (_named("custom", augment="simclr"), "augment must be one of the view recipes byol, mocov2, mocov3, got 'simclr'"),
     (_named("byol"), "method name 'byol' is taken by slimssl.methods.byol.BYOL"),
+    (_named("custom", projector_layers=staticmethod(lambda hidden, out: [Layer(hidden, "ln"), Layer(out)])),
+     r"unknown norm 'ln' in .*Custom.projector_layers; expected None, 'bn' or 'bn_noaffine'"),
+    (_named("custom", predictor_layers=staticmethod(lambda hidden, out: [(hidden, "bn", "gelu"), (out,)])),
+     r"unknown activation 'gelu' in .*Custom.predictor_layers; expected None or 'relu'"),
+    (_named("custom", projector_layers=staticmethod(lambda hidden, out: [])), "projector_layers declares no layers"),
 ])
 def test_register_method_refuses_a_bad_declaration(cls, message):
     with pytest.raises(SlimsslError, match=message):
@@ -151,31 +157,50 @@ def test_an_unknown_norm_in_a_head_declaration_is_an_error():
 
 
 def _entry_points(monkeypatch, *points):
-    calls = []
+    loaded = []
 
-    def entry_points(group):
-        calls.append(group)
-        return [EntryPoint(name, value, group) for name, value in points]
+    class Point(EntryPoint):
+        def load(self):
+            loaded.append(self.name)
+            return super().load()
+
+    def entry_points(group, name=None):
+        return [Point(n, value, group) for n, value in points if name in (None, n)]
 
     monkeypatch.setattr(methods, "entry_points", entry_points)
-    return calls
+    return loaded
 
 
 def test_an_entry_point_method_is_imported_only_when_a_config_names_it(monkeypatch):
-    calls = _entry_points(monkeypatch, ("threelayer", f"{__name__}:ThreeLayer"))
+    loaded = _entry_points(monkeypatch, ("threelayer", f"{__name__}:ThreeLayer"),
+                           ("broken", "slimssl_no_such_plugin:Method"))
     config_from_dict(tiny("byol"))
-    assert calls == []  # a built-in method never imports plugins
+    assert loaded == []  # a built-in method never imports plugins
     assert config_from_dict(tiny("threelayer")).method.name == "threelayer"
-    assert calls == ["slimssl.methods"] and METHODS["threelayer"] is ThreeLayer
+    assert loaded == ["threelayer"] and METHODS["threelayer"] is ThreeLayer  # the broken plugin is not touched
     config_from_dict(tiny("threelayer"))
-    assert calls == ["slimssl.methods"]  # loaded once
+    assert loaded == ["threelayer"]  # loaded once
+    with pytest.raises(ConfigError, match="unknown method 'simsam'; known: byol, mocov2, mocov3, threelayer, broken"):
+        config_from_dict(tiny("simsam"))  # installed plugins are named, not imported
+    assert loaded == ["threelayer"]
+
+
+def test_a_method_registered_by_a_script_wins_over_an_installed_one_of_its_name(monkeypatch):
+    loaded = _entry_points(monkeypatch, ("threelayer", "slimssl_no_such_plugin:ThreeLayer"))
+
+    class Mine(ThreeLayer):
+        pass
+
+    register_method(Mine)
+    assert config_from_dict(tiny("threelayer")).method.name == "threelayer" and METHODS["threelayer"] is Mine
+    assert loaded == []
 
 
 @pytest.mark.parametrize("point, message", [
-    (("other", f"{__name__}:ThreeLayer"), "entry point other = .* loads .*ThreeLayer.*, whose name is "
-                                          "'threelayer'; the entry point's name must be the method's name"),
-    (("broken", "slimssl_no_such_plugin:Method"), "entry point broken = slimssl_no_such_plugin:Method "
-                                                  r"\(slimssl.methods\) failed to load: ModuleNotFoundError"),
+    (("threelayer", f"{__name__}:_named"), "entry point threelayer = .*:_named .* loads .*_named.*, whose name "
+                                           "is None; the entry point's name must be the method's name"),
+    (("threelayer", "slimssl_no_such_plugin:Method"), "entry point threelayer = slimssl_no_such_plugin:Method "
+                                                      r"\(slimssl.methods\) failed to load: ModuleNotFoundError"),
 ])
 def test_a_bad_entry_point_is_an_error_naming_it(monkeypatch, point, message):
     _entry_points(monkeypatch, point)
@@ -183,3 +208,81 @@ def test_a_bad_entry_point_is_an_error_naming_it(monkeypatch, point, message):
         with pytest.raises(ConfigError, match=message):
             config_from_dict(tiny("threelayer"))
     assert "threelayer" not in METHODS
+
+
+class NoDistill(ThreeLayer):
+    """A method whose loss gives nothing to distil on (a Barlow-Twins-like loss would have nothing to offer)."""
+
+    name = "nodistill"
+
+    def loss(self, online, target):
+        return MethodOutput(regression_loss(online[0], target[1]) + regression_loss(online[1], target[0]))
+
+
+def test_a_method_without_distill_outputs_trains_with_the_target_teacher_and_is_named_with_the_online_one(
+        tmp_path, caplog):
+    register_method(NoDistill)
+    trainer = Trainer(config_from_dict(tiny("nodistill", widths=[1.0, 0.5])), tmp_path / "target")
+    assert set(trainer.train_step(0).losses) == {"w1p0_d1-1-1-1", "w0p5_d1-1-1-1"}
+    assert "does not override distill" not in caplog.text
+    online = Trainer(config_from_dict(tiny("nodistill", teacher="online", widths=[1.0, 0.5])), tmp_path / "online")
+    assert "slim.teacher is online and method 'nodistill' does not override distill" in caplog.text
+    with pytest.raises(SlimsslError, match="method 'nodistill' returned no distill_on from its loss, and "
+                                           "slim.teacher: online distils"):
+        online.train_step(0)
+
+
+def test_a_run_of_a_method_not_registered_here_is_evaluated_and_exported_but_not_resumed(tmp_path, caplog):
+    """A collaborator without the method's code: the backbone is all that evaluation and export need."""
+    register_method(ThreeLayer)
+    data = tiny("threelayer", widths=[1.0, 0.5], train={"checkpoint_every": 0})
+    run = slimssl.pretrain(config_from_dict(data), tmp_path / "run", max_steps=2)
+    del METHODS["threelayer"]
+
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        supernet, cfg = slimssl.load_supernet(run.run_dir)
+    assert cfg.method.name == "threelayer" and "which is not registered here: its backbone loads" in caplog.text
+    rows = slimssl.knn(run.run_dir, 0.5, save=False)
+    assert rows[0]["subnet"] == "w0p5_d1-1-1-1" and 0 <= rows[0]["knn_top1"] <= 100
+    (row,) = slimssl.export_run(run.run_dir, tmp_path / "exported", 0.5, verify=True)
+    assert row["max_abs_diff"] == 0.0
+    with pytest.raises(SlimsslError, match="unknown method 'threelayer'"):
+        slimssl.pretrain(None, run.run_dir, resume=True)
+
+
+MY_METHOD = '''
+from slimssl.methods import Method, MethodOutput, register_method
+from slimssl.methods.losses import regression_loss
+
+
+@register_method
+class Mine(Method):
+    name = "mine"
+
+    def loss(self, online, target):
+        return MethodOutput(regression_loss(online[0], target[1]) + regression_loss(online[1], target[0]), online)
+'''
+
+
+def test_the_command_line_imports_a_method_of_ones_own(tmp_path, monkeypatch, capsys, caplog):
+    from slimssl.cli import main
+
+    (tmp_path / "my_method.py").write_text(MY_METHOD)
+    assert main(["config", "--set", "method.name=mine"]) == 2
+    assert "unknown method 'mine'" in caplog.text
+    assert main(["--import", str(tmp_path / "my_method.py"), "config", "--set", "method.name=mine"]) == 0
+    assert "name: mine" in capsys.readouterr().out
+    del METHODS["mine"]
+    monkeypatch.chdir(tmp_path)  # a module name is looked for in the current folder, as `python -m` does
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_method", raising=False)
+    assert main(["--import", "my_method", "config", "--set", "method.name=mine"]) == 0
+    assert METHODS["mine"].__module__ == "my_method"
+
+    (tmp_path / "broken.py").write_text("raise RuntimeError('half written')\n")
+    for module, message in [("nope_module", "--import nope_module: No module named 'nope_module' (expected a "
+                                            "module importable from here, or a .py file)"),
+                            ("missing.py", "--import missing.py: no such file"),
+                            ("broken.py", "--import broken.py failed: RuntimeError: half written")]:
+        assert main(["--import", module, "config"]) == 2
+        assert message in caplog.text

@@ -46,6 +46,10 @@ def test_every_public_name_resolves_and_unknown_names_raise():
     assert sorted(slimssl.__all__) == sorted(slimssl._EXPORTS)  # the literal list that type checkers read is whole
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         slimssl.nope  # noqa: B018
+    # a package, as the docs spell slimssl.methods.register_method (in a fresh interpreter: here it is imported)
+    done = subprocess.run([sys.executable, "-c", "import slimssl; print(slimssl.methods.register_method.__name__)"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "register_method", done.stderr
 
 
 def test_every_bad_input_error_is_a_slimssl_error():

@@ -10,6 +10,7 @@ torch to import.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -43,6 +44,8 @@ __all__ = [  # the names of _EXPORTS, written out for type checkers
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # slimssl.methods.register_method, as documented
         raise AttributeError(f"module 'slimssl' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
     globals()[name] = value  # later lookups skip this function

@@ -8,6 +8,7 @@ the state of the whole SSL model (the backbone under ``backbone.``), plus optimi
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -21,6 +22,8 @@ from .atomic import atomic_write
 from .config import Config, config_differences, config_from_dict
 from .errors import SlimsslError
 from .layout import CHECKPOINTS, LAST, checkpoint_path
+
+log = logging.getLogger("slimssl")
 
 if TYPE_CHECKING:
     from .models.resnet import SlimResNet
@@ -123,7 +126,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("config", "model"):
         if not isinstance(data[key], dict):
             raise CheckpointError(f"{path} holds a {key} of type {type(data[key]).__name__}, expected a mapping")
-    data["config"] = config_from_dict(data["config"], f"{path} (stored config)")
+    data["config"] = config_from_dict(data["config"], f"{path} (stored config)", any_method=True)
+    method = data["config"].method
+    if method.registered() is None:
+        log.info("%s was trained with method %r, which is not registered here: its backbone loads (evaluation, "
+                 "export); training it on needs the method (docs/extending.md)", path, method.name)
     return data
 
 

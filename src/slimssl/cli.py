@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"slimssl {__version__}")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE before the command (repeatable): a module name, found in this folder "
+                             "too, or a .py file; a method of your own registers itself there (docs/extending.md)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     from .bench.command import register as register_bench
@@ -228,6 +231,35 @@ def _refuse_several_processes(command: str) -> None:
                          "trains on several processes")
 
 
+def import_modules(names: list[str]) -> None:
+    """``--import``: each a module name, looked for in the current folder too (as ``python -m`` does), or the
+    path of a .py file, imported as its file name. An error inside it is reported as that module's."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    for name in names:
+        try:
+            if name.endswith(".py"):
+                path = Path(name)
+                if not path.is_file():
+                    raise UsageError(f"--import {name}: no such file (expected a module name or a .py file)")
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module  # as a module of that name, so that its classes can be found
+                spec.loader.exec_module(module)
+            else:
+                if os.getcwd() not in sys.path and "" not in sys.path:
+                    sys.path.insert(0, os.getcwd())
+                importlib.import_module(name)
+        except SlimsslError:  # e.g. register_method refusing a class: its own message says what is wrong
+            raise
+        except ModuleNotFoundError as e:
+            raise UsageError(f"--import {name}: {e} (expected a module importable from here, or a .py file)") from e
+        except Exception as e:
+            raise UsageError(f"--import {name} failed: {type(e).__name__}: {e}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # a command's time budget counts from here (reproduce --time-budget)
     parser = build_parser()
@@ -250,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _refuse_several_processes(args.command)
+        import_modules(args.imports)
         return args.func(args)
     except SlimsslError as e:
         log.debug("where the error was raised:", exc_info=True)

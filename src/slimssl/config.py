@@ -136,14 +136,23 @@ class MethodConfig(Section):
 
     @field_validator("name")
     @classmethod
-    def _known_method(cls, name: str) -> str:
+    def _known_method(cls, name: str, info: ValidationInfo) -> str:
         from .methods import method_class
 
         try:
             method_class(name)
         except SlimsslError as e:
+            if (info.context or {}).get("any_method"):  # a checkpoint's config, read for its backbone
+                return name
             raise ValueError(f"method.name: {e}") from None
         return name
+
+    def registered(self) -> type | None:
+        """The method class of ``name``, or None for a method not registered in this process (a stored config,
+        read with ``config_from_dict(..., any_method=True)``)."""
+        from .methods import METHODS
+
+        return METHODS.get(self.name)
 
     @model_validator(mode="after")
     def _mocov2_has_a_queue(self) -> "MethodConfig":
@@ -154,18 +163,17 @@ class MethodConfig(Section):
 
     @model_validator(mode="after")
     def _symmetric_where_it_matters(self) -> "MethodConfig":
-        from .methods import method_class
-
-        if not self.symmetric and method_class(self.name).symmetric_only:  # else accepted, and nothing changes
+        method = self.registered()
+        if not self.symmetric and method is not None and method.symmetric_only:  # else accepted, and nothing changes
             raise ValueError(f"method.symmetric: false has no effect on {self.name}, whose loss is always symmetric "
                              "(mocov2 has the asymmetric form); remove the setting")
         return self
 
     @model_validator(mode="after")
     def _known_options(self) -> "MethodConfig":
-        from .methods import method_class
-
-        defaults = method_class(self.name).default_options
+        if self.registered() is None:  # an unregistered method's options: checked once it is registered
+            return self
+        defaults = self.registered().default_options
         for key, value in self.options.items():
             if key not in defaults:
                 allowed = ", ".join(defaults) or "none"
@@ -345,7 +353,8 @@ class Config(Section):
         data = self.model_dump(mode="json")
         if self.data._crop_scale_resolved:
             data["data"]["crop_scale"] = None
-        return config_from_dict(data, f"config {self.name!r}", overrides)
+        # a checkpoint's config of a method not registered here stays readable (config_from_dict's any_method)
+        return config_from_dict(data, f"config {self.name!r}", overrides, any_method=self.method.registered() is None)
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "Config":
@@ -571,30 +580,39 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 
 def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str:
+    def from_set(key: str) -> str:
+        # a key given by an override, inside one (data.std.1 of data.std=...) or above one (trian of trian.epochs)
+        return " [from --set]" if any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
+                                      for k in set_keys) else ""
+
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        # a key given by an override, inside one (data.std.1 of data.std=...) or above one (trian of trian.epochs)
-        by_set = " [from --set]" if any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
-                                        for k in set_keys) else ""
+        by_set = from_set(key)
         if e["type"] == "extra_forbidden":
             section = Config.model_fields[e["loc"][0]].annotation if len(e["loc"]) > 1 else Config
             allowed = ", ".join(section.model_fields)
             lines.append(f"  {key}: unknown key{by_set} (allowed here: {allowed})")
         elif e["type"] == "value_error":  # a check of a section, or across sections (the menu against the model)
-            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+            message = e["msg"].removeprefix("Value error, ")
+            named = message.partition(": ")[0]  # these messages begin with the key they are about
+            lines.append(f"  {message}" + (from_set(named) if re.fullmatch(r"[\w.]+", named) else ""))
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None) -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None, *,
+                     any_method: bool = False) -> Config:
+    """A checked Config from ``data`` with ``overrides`` applied. ``any_method``: accept a ``method.name`` that
+    is not registered in this process (a checkpoint's config, read for its backbone: evaluation and export
+    need no method; building it then names the missing method)."""
     data = copy.deepcopy(data or {})  # overrides write into nested sections: never into the caller's dict
     check_overrides(overrides)
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"any_method": any_method})
     except ValidationError as e:
         set_keys = {a.split("=", 1)[0].strip() for a in overrides or []}
         raise ConfigError(_format_errors(e, source, set_keys)) from None

@@ -7,18 +7,20 @@ package (docs/extending.md).
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import entry_points
 
 from ..errors import SlimsslError
-from ..models.heads import Layer
+from ..models.heads import Layer, check_layers
 from .base import Method, MethodOutput
 from .byol import BYOL
 from .mocov2 import MoCoV2
 from .mocov3 import MoCoV3
 
+log = logging.getLogger("slimssl")
+
 METHODS: dict[str, type[Method]] = {m.name: m for m in (BYOL, MoCoV2, MoCoV3)}
 ENTRY_POINT_GROUP = "slimssl.methods"
-_plugins_loaded = False
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -42,6 +44,10 @@ def register_method(cls: type[Method]) -> type[Method]:
                            f"{cls.default_options!r}")
     if cls.augment not in RECIPES:
         raise SlimsslError(f"{where}.augment must be one of the view recipes {', '.join(RECIPES)}, got {cls.augment!r}")
+    check_layers(cls.projector_layers(64, 16), f"{where}.projector_layers")  # (hidden, out): any sizes do here
+    predictor = cls.predictor_layers(64, 16)
+    if predictor is not None:
+        check_layers(predictor, f"{where}.predictor_layers")
     taken = METHODS.get(cls.name)
     if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
         raise SlimsslError(f"method name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}; "
@@ -50,13 +56,11 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _load_entry_points() -> None:
-    """Register the methods that installed packages declare under the ``slimssl.methods`` entry-point group.
-    Loaded once, and only when a name is not known yet, so that no plugin is imported otherwise."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+def _load_entry_point(name: str) -> None:
+    """Register the method that an installed package declares as ``name`` under the ``slimssl.methods``
+    entry-point group, if one does. Only that package is imported: another plugin, broken or holding a name
+    registered otherwise (a script's own class), is never touched."""
+    for ep in entry_points(group=ENTRY_POINT_GROUP, name=name):
         where = f"entry point {ep.name} = {ep.value} ({ENTRY_POINT_GROUP})"
         try:
             cls = ep.load()
@@ -66,17 +70,19 @@ def _load_entry_points() -> None:
             raise SlimsslError(f"{where} loads {cls!r}, whose name is {getattr(cls, 'name', None)!r}; the entry "
                                "point's name must be the method's name")
         register_method(cls)
-    _plugins_loaded = True  # only once all loaded: a broken plugin is reported again, not silently skipped
+        return
 
 
 def method_class(name: str) -> type[Method]:
     """The class registered as ``name``; an unknown name is an error that lists the known ones."""
     if name not in METHODS:
-        _load_entry_points()
+        _load_entry_point(name)
     if name not in METHODS:
-        raise SlimsslError(f"unknown method {name!r}; known: {', '.join(METHODS)}. A method of your own must be "
-                           f"registered first: slimssl.methods.register_method in Python, or a "
-                           f"{ENTRY_POINT_GROUP!r} entry point of an installed package for the command line")
+        installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} - set(METHODS))
+        known = ", ".join([*METHODS, *installed])
+        raise SlimsslError(f"unknown method {name!r}; known: {known}. A method of your own must be registered "
+                           f"first: slimssl.methods.register_method in Python, `slimssl --import MODULE` for the "
+                           f"command line, or a {ENTRY_POINT_GROUP!r} entry point of an installed package")
     return METHODS[name]
 
 
@@ -85,5 +91,25 @@ def build_method(cfg) -> Method:
     return method_class(cfg.name)(cfg)
 
 
-__all__ = ["BYOL", "METHODS", "Layer", "Method", "MethodOutput", "MoCoV2", "MoCoV3", "build_method", "method_class",
-           "register_method"]
+def check_distillation(method: Method, teacher: str) -> None:
+    """Warn where online distillation (``slim.teacher: online``) would use the base class's distill, made for
+    the built-in contrastive methods' logits, on the outputs of a method of one's own that did not say it fits."""
+    own = type(method).distill is Method.distill and type(method) not in (MoCoV2, MoCoV3)
+    if teacher == "online" and own:
+        log.warning("slim.teacher is online and method %r does not override distill: the sub-networks are distilled "
+                    "with the contrastive one (soft cross-entropy of cosine similarities over method.temperature), "
+                    "which fits only if its distill_on are such logits; override Method.distill otherwise "
+                    "(docs/extending.md)", method.name)
+
+
+def distill_outputs(method: Method, out: MethodOutput) -> list:
+    """The full network's outputs that online distillation teaches with, which the loss must have returned."""
+    if out.distill_on is None:
+        raise SlimsslError(f"method {method.name!r} returned no distill_on from its loss, and slim.teacher: online "
+                           "distils the sub-networks from the full network's: return the outputs to distil on "
+                           "(MethodOutput(loss, distill_on=[...])), or set slim.teacher: target")
+    return out.distill_on
+
+
+__all__ = ["BYOL", "METHODS", "Layer", "Method", "MethodOutput", "MoCoV2", "MoCoV3", "build_method",
+           "check_distillation", "distill_outputs", "method_class", "register_method"]

@@ -19,10 +19,11 @@ from .losses import soft_cross_entropy
 
 @dataclass
 class MethodOutput:
-    """The loss of one sub-network and what a student of it would be distilled on (logits or predictions)."""
+    """The loss of one sub-network and what a student of it would be distilled on (logits or predictions):
+    needed only with ``slim.teacher: online``, None otherwise."""
 
     loss: torch.Tensor
-    distill_on: list[torch.Tensor]
+    distill_on: list[torch.Tensor] | None = None
 
 
 class Method(nn.Module):

@@ -25,26 +25,44 @@ class Layer(NamedTuple):
     bias: bool | None = None  # None: a bias only where no BatchNorm follows (it would cancel it)
 
 
+NORMS = (None, "bn", "bn_noaffine")
+ACTIVATIONS = (None, "relu")
+
+
+def check_layers(layers: Sequence, where: str = "head declaration") -> list[Layer]:
+    """``layers`` as Layers (plain tuples work too), each with a known norm and activation."""
+    if not layers:
+        raise SlimsslError(f"{where} declares no layers; expected a list of Layer(out_dim, norm, act, bias)")
+    checked = []
+    for layer in layers:
+        try:
+            out_dim, norm, act, bias = Layer(*layer)
+        except TypeError:
+            raise SlimsslError(f"{where}: {layer!r} is not a Layer(out_dim, norm, act, bias)") from None
+        if norm not in NORMS:
+            raise SlimsslError(f"unknown norm {norm!r} in {where}; expected None, 'bn' or 'bn_noaffine'")
+        if act not in ACTIVATIONS:
+            raise SlimsslError(f"unknown activation {act!r} in {where}; expected None or 'relu'")
+        checked.append(Layer(out_dim, norm, act, bias))
+    return checked
+
+
 class SlimMLP(nn.Sequential):
     """An MLP of slimmable linear layers with per-sub-network BatchNorm (private, keyed by name)."""
 
     def __init__(self, in_dim: int, layers: Sequence[Layer], menu: Menu, bn: str = "private", divisor: int = 1):
         modules: list[nn.Module] = []
-        for i, layer in enumerate(layers):
-            out_dim, norm, act, bias = Layer(*layer)  # plain tuples work too
+        layers = check_layers(layers)
+        for i, (out_dim, norm, act, bias) in enumerate(layers):
             last = i == len(layers) - 1
             bias = norm is None if bias is None else bias
             modules.append(SlimLinear(in_dim, out_dim, bias=bias, slim_out=not last))
-            if norm not in (None, "bn", "bn_noaffine"):
-                raise SlimsslError(f"unknown norm {norm!r} in head declaration; expected None, 'bn' or 'bn_noaffine'")
             if norm is not None:
                 subnets = None if bn == "shared" else {
                     s.name: (out_dim if last else scaled_channels(out_dim, s.width, divisor)) for s in menu}
                 modules.append(SlimBatchNorm(out_dim, dim=1, subnets=subnets, affine=norm == "bn"))
             if act == "relu":
                 modules.append(nn.ReLU(inplace=True))
-            elif act is not None:
-                raise SlimsslError(f"unknown activation {act!r} in head declaration")
             in_dim = out_dim
         super().__init__(*modules)
         self.out_dim = in_dim

@@ -73,6 +73,6 @@ class SlimPolicy:
                 weight = 1.0 + sub_weight_sum  # SlimCLR: the full network's gradient must dominate
             else:
                 weight = 1.0
-            tasks.append(SubnetTask(spec, weight, distill=self.cfg.teacher == "online" and not is_full,
-                                    teacher=is_full))
+            online = self.cfg.teacher == "online"
+            tasks.append(SubnetTask(spec, weight, distill=online and not is_full, teacher=online and is_full))
         return tasks

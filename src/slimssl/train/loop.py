@@ -33,7 +33,7 @@ from ..eval.knn import knn_of_subnets, knn_settings
 from ..eval.inputs import DataOptions
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
-from ..methods import build_method
+from ..methods import build_method, check_distillation, distill_outputs
 from ..models.build import build_supernet
 from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
@@ -149,6 +149,8 @@ class Trainer:
         cfg = self.cfg
         self.model = SSLModel(build_supernet(cfg), build_method(cfg.method), cfg.model.bn,
                               cfg.model.channel_divisor, cfg.model.bn_group_size).to(self.device)
+        if dist.is_main():
+            check_distillation(self.model.method, cfg.slim.teacher)
         if cfg.train.sync_bn:
             self._convert_sync_bn()
         if self.device.type == "cuda" and cfg.train.channels_last:
@@ -418,7 +420,7 @@ class Trainer:
                     kd = method.distill(out.distill_on, teacher_out, slim.distill_temperature)
                     loss = (1 - slim.distill_alpha) * loss + slim.distill_alpha * kd
                 if task.teacher:
-                    teacher_out = [t.detach() for t in out.distill_on]
+                    teacher_out = [t.detach() for t in distill_outputs(method, out)]
             self.scaler.scale(loss * task.weight).backward()  # outside autocast, as PyTorch recommends
             losses[task.spec.name] = loss.detach().float()
             if diagnose is not None:
