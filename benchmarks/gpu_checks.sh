@@ -12,14 +12,14 @@ mkdir -p "$out"
 
 step() { echo; echo "== $1"; }
 step "environment"
-python - <<'PY' | tee "$out/environment.txt"
+"${PYTHON:-python3}" - <<'PY' | tee "$out/environment.txt"
 import platform, torch
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}")
 print(torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
 PY
 
 step "GPU tests: no host sync in the step, bf16, compiled steps"
-python -m pytest -q tests/test_cuda.py 2>&1 | tail -5 | tee "$out/test_cuda.txt"
+"${PYTHON:-python3}" -m pytest -q tests/test_cuda.py 2>&1 | tail -5 | tee "$out/test_cuda.txt"
 
 bench() {  # name, then slimssl bench arguments
     local name="$1"; shift

@@ -1,19 +1,19 @@
 # Sourced by the GPU scripts on a lent machine (PyTorch installed, no network): makes slimssl runnable from
-# this checkout without pip reaching an index. slimssl runs from src/ as `python -m slimssl`, so no editable
+# this checkout without pip reaching an index. slimssl runs from src/ as `python3 -m slimssl` ($PYTHON), so no editable
 # install (whose build would ask the index for setuptools) is needed. If it does not import, the wheels
 # carried in .whl/ (benchmarks/gpu_wheels.sh: what the machine's image lacks) go to a folder of their own,
 # first on PYTHONPATH.
 slimssl_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$slimssl_root/src${PYTHONPATH:+:$PYTHONPATH}"
-slimssl() { python -m slimssl "$@"; }
+slimssl() { "${PYTHON:-python3}" -m slimssl "$@"; }
 # what a run needs (the command line alone imports no dependency: it answers --help without them)
 slimssl_imports="import slimssl.config, slimssl.export, slimssl.train.loop"
-if ! python -c "$slimssl_imports" 2>/dev/null && compgen -G "$slimssl_root/.whl/*.whl" >/dev/null; then
-    python -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+if ! "${PYTHON:-python3}" -c "$slimssl_imports" 2>/dev/null && compgen -G "$slimssl_root/.whl/*.whl" >/dev/null; then
+    "${PYTHON:-python3}" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/slimssl-site "$slimssl_root"/.whl/*.whl || { echo "installing the carried wheels in .whl failed"; exit 2; }
     export PYTHONPATH="/tmp/slimssl-site:$PYTHONPATH"
 fi
-if ! python -c "$slimssl_imports" 2>/tmp/slimssl-import.err; then
+if ! "${PYTHON:-python3}" -c "$slimssl_imports" 2>/tmp/slimssl-import.err; then
     tail -3 /tmp/slimssl-import.err
     echo "slimssl does not import on this machine: run benchmarks/gpu_wheels.sh here and carry .whl"
     exit 2

@@ -153,6 +153,23 @@ def test_results_carried_without_checkpoints_finish_the_reproduction(straight, t
             assert got[key] == pytest.approx(want[key], abs=1e-6), (got["subnet"], key)
 
 
+def test_a_run_that_lost_its_checkpoint_starts_again_with_the_settings_of_this_call(tmp_path, caplog):
+    """A run that starts again (its checkpoint stayed on another machine) may start with other settings (e.g.
+    train.compile for a slow GPU); a run that goes on keeps the settings it was started with."""
+    import shutil
+
+    recipe, out = RECIPES[0], tmp_path / "carried"
+    assert reproduce(out, [recipe], extra=["--time-budget", "0"]) == EXIT_CONTINUE  # one epoch of the slim run
+    slim = out / recipe / "slim"
+    changed = ["--time-budget", "0", "--set", "train.seed=1"]
+    assert reproduce(out, [recipe], extra=changed) == 2  # it could go on: the change is refused
+    assert "holds a run started with other settings" in caplog.text
+    shutil.rmtree(slim / "checkpoints")
+    assert reproduce(out, [recipe], extra=changed) == EXIT_CONTINUE
+    assert load_config(slim / "config.yaml").train.seed == 1
+    assert load_checkpoint(slim)["train_state"]["step"] == STEPS // EPOCHS  # trained from the start again
+
+
 def test_the_report_is_written_and_printed_where_the_locale_lacks_its_characters(straight, tmp_path, ascii_locale):
     """The table's Δ is not in Windows' cp1252 (nor in ASCII): reproduction.md is UTF-8 on every platform, and a
     redirected stdout that cannot encode a character escapes it."""

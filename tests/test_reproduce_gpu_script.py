@@ -41,13 +41,18 @@ def fake_cifar_zip(root: Path) -> None:
                     z.writestr(f"{split}/{label}/{i}.jpg", buffer.getvalue())
 
 
-def call(root: Path, out: Path, epochs: int, **env: str) -> subprocess.CompletedProcess:
+def call_args(root: Path, out: Path, epochs: int, **env: str) -> tuple[list[str], dict[str, str]]:
     args = ["bash", str(SCRIPT), "--recipes", RECIPE, "--epochs", str(epochs), "--batch-size", "8",
             "--probe-epochs", "1"]
     for assignment in TINY:
         args += ["--set", assignment]
     environment = {**os.environ, "DEVICE": "cpu", "OUT": str(out), "PREFLIGHT": "0",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
+    return args, environment
+
+
+def call(root: Path, out: Path, epochs: int, **env: str) -> subprocess.CompletedProcess:
+    args, environment = call_args(root, out, epochs, **env)
     return subprocess.run(args, cwd=root, env=environment, capture_output=True, text=True, timeout=300)
 
 
@@ -104,3 +109,54 @@ def test_a_failed_preflight_starts_nothing(tmp_path):
     assert done.returncode == 5, done.stdout + done.stderr
     assert "CUDA" in done.stdout and "the real one was not started" in done.stdout  # the tiny run's error, shown
     assert not (tmp_path / ".runs" / "repro").exists()
+
+
+@pytest.mark.timing
+def test_a_call_killed_outright_still_returns_its_log_and_the_runs_packed_so_far(tmp_path):
+    """The lent machine kills a call that outlives its limit, whole process group at once, and returns $OUT as
+    it is: the log is written as it goes and the runs are packed every PACK_EVERY seconds."""
+    import signal
+    import time
+
+    fake_cifar_zip(tmp_path)
+    out = tmp_path / "out"
+    args, env = call_args(tmp_path, out, epochs=1000, DEADLINE="1000", BUDGET="1000", PACK_EVERY="2")
+    process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            packed = out / "repro-results.tgz"
+            if packed.is_file() and any(name.endswith("slim/timing.json") for name in tar_members(packed)):
+                break
+            time.sleep(1)
+        assert process.poll() is None, "the call ended by itself"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    files = tar_members(out / "repro-results.tgz")
+    assert f"repro/{RECIPE}/slim/config.yaml" in files and not any("checkpoints" in name for name in files)
+    assert "pretraining from step 0" in (out / "repro.log").read_text()
+
+
+def test_options_the_script_sets_itself_and_a_bad_deadline_are_refused(tmp_path):
+    fake_cifar_zip(tmp_path)
+    for extra, env, message in [(["--out", "elsewhere"], {}, "give no --out: the runs go to $RUNS"),
+                                (["--data=fake"], {}, "give no --data=fake"),
+                                ([], {"DEADLINE": "soon"}, "DEADLINE must be a number of seconds, got 'soon'")]:
+        args, environment = call_args(tmp_path, tmp_path / "out", epochs=1, **env)
+        done = subprocess.run(args + extra, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and message in done.stdout, done.stdout + done.stderr
+    assert not (tmp_path / ".runs" / "repro").exists()
+
+
+def test_a_tree_unpacked_from_another_zip_is_unpacked_again(tmp_path):
+    """A CPU check leaves .data/cifar10 of a fake zip; carried with the real zip, it must not be trained on."""
+    fake_cifar_zip(tmp_path)
+    stale = tmp_path / ".data" / "cifar10" / "train" / "stale"
+    stale.mkdir(parents=True)
+    Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(stale / "0.jpg")
+    done = call(tmp_path, tmp_path / "out", epochs=1, DEADLINE="100.7")  # decimals: whole seconds are used
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not stale.exists() and sorted(p.name for p in (tmp_path / ".data" / "cifar10" / "train").iterdir()) == \
+        ["bright", "dark"]

@@ -51,13 +51,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from ..train.signals import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
     from .report import report_markdown, write_report
-    from .run import Budget, check_saved_probes, is_pretrained, require_labelled_splits, run_jobs, stop_on_signals
+    from .run import (Budget, check_saved_probes, is_pretrained, require_labelled_splits, restart_if_checkpoint_lost,
+                      run_jobs, stop_on_signals)
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not recipes:
         raise UsageError(f"--recipes {args.recipes!r} names no recipe; expected comma-separated shipped config "
                          "names or YAML paths")
     jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
+    for job in jobs:  # first: a run that starts again may start with other settings
+        restart_if_checkpoint_lost(job, args.probe_epochs)
     check_saved_configs(jobs)
     check_saved_probes(jobs, args.probe_epochs)
     require_labelled_splits(jobs)

@@ -311,12 +311,13 @@ def restart_if_checkpoint_lost(job: Job, probe_epochs: int) -> None:
 
     That happens when a reproduction travels between machines without its checkpoints (they are large;
     the finished runs' results are all the report needs). The lost run's times, logs and partial results
-    are removed, so that they are not counted twice."""
+    are removed, so that they are not counted twice, and its config.yaml too: it starts with the settings of
+    this call (called before the saved settings are compared)."""
     if not job.run_dir.is_dir() or checkpoint_path(job.run_dir).is_file():
         return
     if is_pretrained(job) and is_probed(job, probe_settings(job.cfg, probe_epochs)):
         return
-    lost = remove_run_files(job.run_dir, (TIMING, *RUN_FILES))
+    lost = remove_run_files(job.run_dir, (TIMING, *RUN_FILES, CONFIG))
     if lost:
         log.warning("%s: not finished and its checkpoint is gone: started again (removed %s)", job.label,
                     ", ".join(lost))
@@ -344,7 +345,6 @@ def run_jobs(jobs: list[Job], budget: Budget, probe_epochs: int) -> int:
     data = LabelledData()
     done = 0
     for job in jobs:
-        restart_if_checkpoint_lost(job, probe_epochs)
         if not (pretrain_job(job, budget) and probe_job(job, budget, probe_epochs, data)):
             break
         done += 1
