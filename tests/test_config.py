@@ -285,7 +285,7 @@ def test_to_yaml_holds_resolved_defaults():
 @pytest.mark.parametrize("name, batch, peak, after_slow_start", [
     ("imagenet_r50_slimclr_mocov2", 1024, 0.2, None),  # SlimCLR's script: lr 0.2 at 1024, unscaled
     ("imagenet_r50_slimclr_mocov3", 1024, 1.2, 3.2),  # SlimCLR's script: 1.2, then 3.2, at 1024, unscaled
-    ("imagenet_r50_dspnet_byol", 4096, 3.2, None),  # BYOL: 0.2 x batch / 256
+    ("imagenet_r50_dspnet_byol", 4096, 4.8, None),  # BYOL at 300 epochs: 0.3 x batch / 256
     ("cifar10_r18_slimclr_mocov2", 512, 0.06, None),  # MoCo's CIFAR-10 demo: 0.06 at 512
     ("cifar10_r18_slimclr_mocov3", 512, 0.6, None),  # solo-learn: 0.3 x batch / 256
     ("cifar10_r18_dspnet_byol", 512, 2.0, None),  # solo-learn: 1.0 x batch / 256
