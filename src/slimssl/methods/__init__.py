@@ -7,6 +7,7 @@ package (docs/extending.md).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from importlib.metadata import entry_points
 
@@ -44,10 +45,11 @@ def register_method(cls: type[Method]) -> type[Method]:
                            f"{cls.default_options!r}")
     if cls.augment not in RECIPES:
         raise SlimsslError(f"{where}.augment must be one of the view recipes {', '.join(RECIPES)}, got {cls.augment!r}")
-    check_layers(cls.projector_layers(64, 16), f"{where}.projector_layers")  # (hidden, out): any sizes do here
-    predictor = cls.predictor_layers(64, 16)
-    if predictor is not None:
-        check_layers(predictor, f"{where}.predictor_layers")
+    for head in ("projector_layers", "predictor_layers"):  # as declared (static); other forms: when built
+        if isinstance(inspect.getattr_static(cls, head), staticmethod):
+            layers = getattr(cls, head)(64, 16)  # (hidden, out): any sizes do here
+            if layers is not None or head == "projector_layers":
+                check_layers(layers, f"{where}.{head}")
     taken = METHODS.get(cls.name)
     if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
         raise SlimsslError(f"method name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}; "
@@ -94,7 +96,7 @@ def build_method(cfg) -> Method:
 def check_distillation(method: Method, teacher: str) -> None:
     """Warn where online distillation (``slim.teacher: online``) would use the base class's distill, made for
     the built-in contrastive methods' logits, on the outputs of a method of one's own that did not say it fits."""
-    own = type(method).distill is Method.distill and type(method) not in (MoCoV2, MoCoV3)
+    own = type(method).distill is Method.distill and not isinstance(method, (MoCoV2, MoCoV3))
     if teacher == "online" and own:
         log.warning("slim.teacher is online and method %r does not override distill: the sub-networks are distilled "
                     "with the contrastive one (soft cross-entropy of cosine similarities over method.temperature), "
