@@ -177,6 +177,22 @@ def test_a_slow_start_shorter_than_a_step_keeps_one_peak_lr_and_says_so(tmp_path
     assert trainer.train_step(0).lr == pytest.approx(lr_at(0, trainer.total_steps, 0, trainer.peak_lr))
 
 
+def test_sub_networks_that_joined_keep_training_when_a_resume_adds_epochs(tmp_path):
+    """slow_start is a fraction of the steps: more epochs move the join later, past sub-networks that had joined."""
+    import slimssl
+
+    data = tiny("byol", "all", slim={"slow_start": 0.5}, train={"checkpoint_every": 0})  # 4 steps an epoch
+    run = slimssl.pretrain(config_from_dict(data), tmp_path / "run", max_steps=6)  # joined at step 4
+    assert load_checkpoint(run.run_dir)["train_state"]["joined_at"] == 4
+    slimssl.pretrain(None, run.run_dir, resume=True, overrides=["train.epochs=5"])  # joins at 10 if started so
+    losses = {r["step"]: r["loss"] for r in map(json.loads, (run.run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r}
+    assert [len(losses[step]) for step in range(1, 21)] == [1] * 4 + [4] * 16  # steps 1-4 ran the full width alone
+
+    fresh = Trainer(config_from_dict(data, overrides=["train.epochs=5"]), tmp_path / "fresh")
+    assert fresh.policy.join_step == 10 and fresh.state.joined_at is None  # a new run's slow start is as configured
+
+
 def test_target_always_runs_full_size(tmp_path):
     trainer = Trainer(config_from_dict(tiny("mocov3", "all", "online")), tmp_path)
     model = trainer.model

@@ -69,6 +69,7 @@ class TrainState:
     step: int = 0
     skipped_steps: int = 0
     knn_random_init: dict = field(default_factory=dict)
+    joined_at: int | None = None  # the step the sub-networks joined (slow start): they stay in after a resume
 
 
 class Trainer:
@@ -325,10 +326,22 @@ class Trainer:
         saved_step, saved_batch = self.state.step, data["config"].train.batch_size
         if saved_batch != self.cfg.train.batch_size:
             self.state.step = self._step_with_another_batch(path, saved_batch, data.get("epoch"))
+        self._keep_joined()
         self.window = LogWindow.from_state_dict(data.get("log_window"), self.device)
         self._resumed_lr = data.get("effective_lr")  # absent from checkpoints before 2026-12-02
         log.info("resumed from %s at step %d", path, self.state.step)
         return saved_step
+
+    def _keep_joined(self) -> None:
+        """Sub-networks that joined before the checkpoint keep training: a resume with more epochs moves the slow
+        start's join step (a fraction of the steps) later, which would send them out again."""
+        joined = self.state.joined_at
+        if joined is None or self.policy.join_step <= min(joined, self.state.step):
+            return
+        if dist.is_main():
+            log.info("the sub-networks joined at step %d: they keep training (this schedule's slow start would let "
+                     "them in at step %d)", joined, self.policy.join_step)
+        self.policy.join_step = min(joined, self.state.step)
 
     def _step_with_another_batch(self, path: Path, saved_batch: int, epochs_done: float | None) -> int:
         """The step of a run resumed with another ``train.batch_size`` (e.g. on fewer processes, which the
@@ -407,6 +420,8 @@ class Trainer:
                       for i, v in enumerate((v1, v2))]
         target = method.prepare_target(target)
         tasks = self.policy.plan(step)
+        if self.state.joined_at is None and self.policy.joined(step):
+            self.state.joined_at = self.policy.join_step
         teacher_out = None
         losses = {}
         diagnose = self.grad_diagnostics(step)
