@@ -193,6 +193,20 @@ def test_sub_networks_that_joined_keep_training_when_a_resume_adds_epochs(tmp_pa
     assert fresh.policy.join_step == 10 and fresh.state.joined_at is None  # a new run's slow start is as configured
 
 
+def test_a_finished_run_given_more_epochs_writes_the_epoch_checkpoint_its_end_was(tmp_path):
+    import slimssl
+
+    run = slimssl.pretrain(config_from_dict(tiny(train={"checkpoint_every": 1})), tmp_path / "run")  # 2 epochs
+    ended = load_checkpoint(run.run_dir)
+    assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == ["epoch_0001.pt", "last.pt"]
+    slimssl.pretrain(None, run.run_dir, resume=True, overrides=["train.epochs=4"])
+    assert sorted(p.name for p in (run.run_dir / "checkpoints").iterdir()) == \
+        ["epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "last.pt"]
+    second = load_checkpoint(run.run_dir / "checkpoints" / "epoch_0002.pt")
+    assert second["train_state"]["step"] == 8 and all(torch.equal(second["model"][k], v)
+                                                      for k, v in ended["model"].items())
+
+
 def test_target_always_runs_full_size(tmp_path):
     trainer = Trainer(config_from_dict(tiny("mocov3", "all", "online")), tmp_path)
     model = trainer.model

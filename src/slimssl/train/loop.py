@@ -485,6 +485,7 @@ class Trainer:
         with SignalGuard() as guard, contextlib.closing(self.view_source), \
                 _progress(self.state.step, end, dist.is_main()) as progress:
             self._evaluations_before_training()
+            self._save_missing_epoch_checkpoint()
             timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
             while self.state.step < end:
                 step = self.state.step
@@ -591,13 +592,32 @@ class Trainer:
                                  + f" img/s={record['img_per_s']:.0f}")
 
     def _end_of_epoch(self) -> None:
-        epoch = self.state.step // self.steps_per_epoch
-        every = self.cfg.train.checkpoint_every
-        if every and epoch % every == 0 and epoch < self.cfg.train.epochs:
-            self.save(f"epoch_{epoch:04d}.pt")  # before last.pt: a run stopped in between writes it again
+        name = self._epoch_checkpoint_due()
+        if name:
+            self.save(name)  # before last.pt: a run stopped in between writes it again
         self.save()
         if self._knn_due(self.state.step) and dist.is_main():
             self._epoch_knn()
+
+    def _epoch_checkpoint_due(self) -> str | None:
+        """The name of the ``epoch_XXXX.pt`` that the end of every ``train.checkpoint_every``-th epoch writes, but
+        the last one's (last.pt is that), when the run is at such an end; else None."""
+        epoch, rest = divmod(self.state.step, self.steps_per_epoch)
+        every = self.cfg.train.checkpoint_every
+        if rest or not every or epoch % every or not 0 < epoch < self.cfg.train.epochs:
+            return None
+        return f"epoch_{epoch:04d}.pt"
+
+    def _save_missing_epoch_checkpoint(self) -> None:
+        """A resumed run at an epoch's end writes its epoch_XXXX.pt if it is missing: the last epoch of a run
+        that this resume gives more epochs, which was written as last.pt only. Rank 0 decides for all: the
+        others may not see its files, and the save is collective."""
+        name = self._epoch_checkpoint_due() if self.state.step else None
+        missing = bool(name) and dist.is_main() and not checkpoint_path(self.run_dir, name).is_file()
+        if name and self.world > 1:
+            missing = dist.broadcast_object(missing)
+        if missing:
+            self.save(name)
 
     def _knn_due(self, step: int) -> bool:
         """Whether the end of epoch at ``step`` evaluates kNN (train.knn_every; the last epoch's is the final one)."""
