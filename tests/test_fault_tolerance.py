@@ -351,8 +351,8 @@ def test_a_first_stop_signal_is_a_flag_and_a_second_stops_at_once(caplog):
     with caplog.at_level(logging.WARNING, logger="slimssl"), SignalGuard() as guard:
         os.kill(os.getpid(), signal.SIGINT)
         assert guard.received == signal.SIGINT  # the work in flight goes on
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt, match="a second stop signal, SIGTERM, stopped it at once"):
+            os.kill(os.getpid(), signal.SIGTERM)  # the command line says so, not "Ctrl-C"
     assert "A second SIGINT stops at once, without saving" in caplog.text  # the user learns the way out
 
 

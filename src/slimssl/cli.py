@@ -288,9 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("where the error was raised:", exc_info=True)
         log.error("slimssl %s: error: %s", args.command, e)
         return 2
-    except KeyboardInterrupt:  # a training loop saves and exits 3 itself; anywhere else, stop without a traceback
-        log.debug("where Ctrl-C stopped it:", exc_info=True)
-        log.error("slimssl %s: interrupted (Ctrl-C); nothing it had saved is lost", args.command)
+    except KeyboardInterrupt as e:  # a training loop saves and exits 3 itself; anywhere else, stop without a traceback
+        log.debug("where it was stopped:", exc_info=True)
+        log.error("slimssl %s: interrupted (%s); nothing it had saved is lost", args.command, str(e) or "Ctrl-C")
         return 130
     except BrokenPipeError:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes

@@ -49,7 +49,7 @@ class SignalGuard:
 
     def _handle(self, signum, frame):
         if self.received is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(f"a second stop signal, {signal.Signals(signum).name}, stopped it at once")
         self.received = signum
         name = signal.Signals(signum).name
         log.warning("received %s: finishing the current step (the first one, when training has not started yet), "
