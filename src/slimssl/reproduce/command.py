@@ -70,7 +70,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             done = run_jobs(jobs, budget, args.probe_epochs)
             doc = write_report(args.out, jobs, args.probe_epochs) if done == len(jobs) else None
     except (Interrupted, KeyboardInterrupt) as e:  # a second signal inside a training step: KeyboardInterrupt
-        log.warning("%s", e or "stopped by a second signal")
+        log.warning("%s", str(e) or "stopped by a second signal")
         log.warning("reproduction interrupted; what was saved is kept: run the same command again to continue")
         _remove_earlier_report(args.out)
         return EXIT_INTERRUPTED
