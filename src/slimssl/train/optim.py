@@ -18,6 +18,10 @@ class LARS(torch.optim.Optimizer):
     with ``clip`` (LARC's clipping mode, which the common CIFAR recipes use with a trust coefficient of 0.02) by
     ``min(trust_coefficient * |w| / |g|, lr)``, so the schedule's lr only caps the step. Updates are batched
     with foreach ops.
+
+    ``g`` is the gradient with the weight decay added (``g + wd * w``), as BYOL's and MoCo v3's LARS; solo-learn's
+    LARC divides by ``|g| + wd * |w|`` instead. The two denominators differ by at most ``2 * wd * |w|``: small next
+    to ``|g|`` at the CIFAR recipes' wd of 1e-5 unless the gradients become tiny (not measured).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
