@@ -170,6 +170,20 @@ def test_a_run_that_lost_its_checkpoint_starts_again_with_the_settings_of_this_c
     assert load_checkpoint(slim)["train_state"]["step"] == STEPS // EPOCHS  # trained from the start again
 
 
+def test_finished_runs_without_checkpoints_are_never_removed_by_a_call_with_other_settings(straight, tmp_path,
+                                                                                          caplog):
+    import shutil
+
+    recipe, out = RECIPES[0], tmp_path / "carried"
+    shutil.copytree(straight / recipe, out / recipe, ignore=shutil.ignore_patterns("checkpoints"))
+    before = {p: p.read_bytes() for p in (out / recipe).rglob("*") if p.is_file()}
+    assert reproduce(out, [recipe], extra=["--probe-epochs", "3"]) == 2
+    assert "was probed with other settings than this call's" in caplog.text
+    assert reproduce(out, [recipe], extra=["--set", "train.seed=1"]) == 2
+    assert "holds a run started with other settings" in caplog.text
+    assert {p: p.read_bytes() for p in (out / recipe).rglob("*") if p.is_file()} == before
+
+
 def test_the_report_is_written_and_printed_where_the_locale_lacks_its_characters(straight, tmp_path, ascii_locale):
     """The table's Δ is not in Windows' cp1252 (nor in ASCII): reproduction.md is UTF-8 on every platform, and a
     redirected stdout that cannot encode a character escapes it."""

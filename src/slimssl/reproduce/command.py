@@ -59,10 +59,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UsageError(f"--recipes {args.recipes!r} names no recipe; expected comma-separated shipped config "
                          "names or YAML paths")
     jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
-    for job in jobs:  # first: a run that starts again may start with other settings
-        restart_if_checkpoint_lost(job, args.probe_epochs)
+    check_saved_probes(jobs, args.probe_epochs)  # a probed run is kept: refused here if probed otherwise
+    for job in jobs:  # before the settings are compared: a run that starts again may start with other settings
+        restart_if_checkpoint_lost(job)
     check_saved_configs(jobs)
-    check_saved_probes(jobs, args.probe_epochs)
     require_labelled_splits(jobs)
     budget = Budget(args.time_budget, start=getattr(args, "started", None))  # from the call's start
     try:

@@ -306,7 +306,7 @@ def probe_job(job: Job, budget: Budget, epochs: int, data: LabelledData) -> bool
 
 
 
-def restart_if_checkpoint_lost(job: Job, probe_epochs: int) -> None:
+def restart_if_checkpoint_lost(job: Job) -> None:
     """A job that is not finished (pretrained and probed) but whose ``last.pt`` is gone starts again.
 
     That happens when a reproduction travels between machines without its checkpoints (they are large;
@@ -315,8 +315,8 @@ def restart_if_checkpoint_lost(job: Job, probe_epochs: int) -> None:
     this call (called before the saved settings are compared)."""
     if not job.run_dir.is_dir() or checkpoint_path(job.run_dir).is_file():
         return
-    if is_pretrained(job) and is_probed(job, probe_settings(job.cfg, probe_epochs)):
-        return
+    if is_pretrained(job) and "linear" in read_results(job.run_dir).get("protocols", {}):
+        return  # finished: never removed, whatever this call asks (check_saved_probes refuses other settings)
     lost = remove_run_files(job.run_dir, (TIMING, *RUN_FILES, CONFIG))
     if lost:
         log.warning("%s: not finished and its checkpoint is gone: started again (removed %s)", job.label,
