@@ -222,7 +222,8 @@ def test_cache_is_not_served_for_a_rewritten_image(tmp_path):
 
 
 def _entries(cache):
-    return sorted(p.name for p in cache.glob("*.pt"))
+    """The cache's entries (its own files: named by their key)."""
+    return sorted(p.name for p in cache.glob("*.pt") if re.fullmatch(r"[0-9a-f]{32}\.pt", p.name))
 
 
 def test_cache_drops_least_recently_used_splits_past_its_limit(tmp_path, monkeypatch):
@@ -234,6 +235,11 @@ def test_cache_drops_least_recently_used_splits_past_its_limit(tmp_path, monkeyp
     first = _entries(cache)
     entry_size = (cache / first[0]).stat().st_size  # about 3 kB: 6 * 192 bytes of images, and the file's own
     monkeypatch.setenv("SLIMSSL_CACHE_GB", str(2.5 * entry_size / 2**30))
+    (cache / "my_model.pt").write_bytes(b"x" * 10 * entry_size)  # a user's file in the folder: never evicted
+    stale, fresh = cache / f".{'0' * 32}.pt.abc.tmp", cache / f".{'1' * 32}.pt.def.tmp"  # killed / ongoing writes
+    for partial in (stale, fresh):
+        partial.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     load_dataset(str(roots[1]), resolution=8)
     second = (set(_entries(cache)) - set(first)).pop()
     for age, name in ((200, first[0]), (100, second)):  # roots[0] used first, as if long ago
@@ -242,6 +248,7 @@ def test_cache_drops_least_recently_used_splits_past_its_limit(tmp_path, monkeyp
     assert len(_entries(cache)) == 2
     load_dataset(str(roots[2]), resolution=8)
     assert len(_entries(cache)) == 2 and first[0] in _entries(cache) and second not in _entries(cache)
+    assert (cache / "my_model.pt").is_file() and fresh.is_file() and not stale.exists()
 
     before = _entries(cache)
     load_dataset(str(roots[1]), resolution=48)  # 6 * 6912 bytes: over the limit by itself

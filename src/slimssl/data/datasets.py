@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -360,19 +362,31 @@ def _cache_save(key: str, payload: dict) -> None:
         log.warning("could not write decoded-image cache in %s (%s)", directory, exc)
 
 
+_ENTRY = re.compile(r"[0-9a-f]{32}\.pt")  # the cache's own files: the folder may hold others, never touched
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.pt\..*\.tmp")  # atomic_write's, left by a killed write when stale
+_STALE_PARTIAL_S = 3600
+
+
 def _evict(directory: str, limit: int, keep: str) -> None:
-    """Delete the least recently used entries but ``keep`` until all take at most ``limit`` bytes."""
-    entries = []
+    """Delete the least recently used entries but ``keep`` until all take at most ``limit`` bytes, and partial
+    writes older than an hour. An entry that cannot be deleted (another user's) is passed over."""
+    entries, now = [], time.time()
     for entry in os.scandir(directory):
-        if entry.name.endswith(".pt") and entry.path != keep:
-            with contextlib.suppress(OSError):  # another process may evict it first
+        with contextlib.suppress(OSError):  # another process may evict it first
+            if _ENTRY.fullmatch(entry.name) and entry.path != keep:
                 st = entry.stat()
                 entries.append((st.st_mtime_ns, st.st_size, entry.path))
+            elif _PARTIAL.fullmatch(entry.name) and now - entry.stat().st_mtime > _STALE_PARTIAL_S:
+                os.remove(entry.path)
     total = os.path.getsize(keep) + sum(size for _, size, _ in entries)
     for _, size, path in sorted(entries):
         if total <= limit:
             break
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.remove(path)
             log.debug("evicted %s from the decoded-image cache", path)
+        except FileNotFoundError:  # evicted by another process
+            pass
+        except OSError:  # not ours to delete: it still counts
+            continue
         total -= size
