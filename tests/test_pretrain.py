@@ -192,6 +192,13 @@ def test_sub_networks_that_joined_keep_training_when_a_resume_adds_epochs(tmp_pa
     fresh = Trainer(config_from_dict(data, overrides=["train.epochs=5"]), tmp_path / "fresh")
     assert fresh.policy.join_step == 10 and fresh.state.joined_at is None  # a new run's slow start is as configured
 
+    # another batch renumbers the steps: the join step with them (4 steps an epoch at batch 8, 2 at batch 16)
+    long = slimssl.pretrain(config_from_dict(data, overrides=["train.epochs=4"]), tmp_path / "long", max_steps=12)
+    assert load_checkpoint(long.run_dir)["train_state"]["joined_at"] == 8
+    slimssl.pretrain(None, long.run_dir, resume=True, overrides=["train.batch_size=16"], max_steps=7)
+    state = load_checkpoint(long.run_dir)["train_state"]
+    assert state["step"] == 7 and state["joined_at"] == 4
+
 
 def test_a_finished_run_given_more_epochs_writes_the_epoch_checkpoint_its_end_was(tmp_path):
     import slimssl

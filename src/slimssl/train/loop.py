@@ -326,6 +326,8 @@ class Trainer:
         saved_step, saved_batch = self.state.step, data["config"].train.batch_size
         if saved_batch != self.cfg.train.batch_size:
             self.state.step = self._step_with_another_batch(path, saved_batch, data.get("epoch"))
+            if self.state.joined_at is not None and saved_step:  # counted in the steps of the new batch too
+                self.state.joined_at = self.state.joined_at * self.state.step // saved_step
         self._keep_joined()
         self.window = LogWindow.from_state_dict(data.get("log_window"), self.device)
         self._resumed_lr = data.get("effective_lr")  # absent from checkpoints before 2026-12-02
