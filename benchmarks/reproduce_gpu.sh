@@ -68,8 +68,9 @@ fi
 
 pack() {  # the runs without checkpoints (too large to come back) or TensorBoard logs, replacing the last pack
     [ -d "$runs" ] || return 0
-    tar czf "$runs.tgz.part" --exclude=checkpoints --exclude=tb -C "$(dirname "$runs")" "$(basename "$runs")"
-    [ $? -le 1 ] && mv "$runs.tgz.part" "$out/repro-results.tgz"  # 1: a file changed while it was read
+    # written beside its name, then renamed over it: a kill mid-write leaves the last whole pack
+    tar czf "$out/.repro-results.tgz.part" --exclude=checkpoints --exclude=tb -C "$(dirname "$runs")" "$(basename "$runs")"
+    [ $? -le 1 ] && mv "$out/.repro-results.tgz.part" "$out/repro-results.tgz"  # 1: a file changed while read
 }
 # what a kill at the machine's limit still returns; stopped with its sleep, holding none of the call's output open
 ( trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM

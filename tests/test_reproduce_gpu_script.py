@@ -156,7 +156,13 @@ def test_a_tree_unpacked_from_another_zip_is_unpacked_again(tmp_path):
     stale = tmp_path / ".data" / "cifar10" / "train" / "stale"
     stale.mkdir(parents=True)
     Image.fromarray(np.zeros((12, 12, 3), dtype=np.uint8)).save(stale / "0.jpg")
+    (tmp_path / ".data" / "cifar10.unpacked").write_text("123\n")  # the size of the zip it came from
     done = call(tmp_path, tmp_path / "out", epochs=1, DEADLINE="100.7")  # decimals: whole seconds are used
     assert done.returncode == 0, done.stdout + done.stderr
     assert not stale.exists() and sorted(p.name for p in (tmp_path / ".data" / "cifar10" / "train").iterdir()) == \
         ["bright", "dark"]
+    assert (tmp_path / ".data" / "cifar10.unpacked").read_text().strip() == \
+        str((tmp_path / ".data" / "cifar10.zip").stat().st_size)
+    names = {p.name for p in (tmp_path / "out").iterdir()}  # at most 8 files come back from a lent machine
+    assert {"repro-results.tgz", "repro.log", "reproduction.md"} < names and len(names) <= 8, names
+    assert not any(name.endswith(".part") for name in names)
