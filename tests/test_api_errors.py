@@ -215,7 +215,11 @@ def test_the_lower_level_functions_raise_slimssl_errors_for_bad_input(supernet, 
                                    mean=(0.5,) * 3, std=(0.5,) * 3), "kNN needs labels; dataset 'folder' has none"),
         (lambda: balanced_subset(torch.arange(10), 0.0), r"label fraction must be in \(0, 1\], got 0.0"),
         (lambda: augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8, mean=(0.5,) * 3, std=(0.5,) * 3,
-                               generator=torch.Generator(), crop="centre"), "unknown train crop 'centre'"),
+                               generator=torch.Generator(), crop="centre"),
+         "train_crop must be one of pad, resized, got 'centre'"),
+        (lambda: augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8, mean=(0.5,) * 3, std=(0.5,) * 3,
+                               generator=torch.Generator(), crop=None),  # the config's default is the API's
+         "train_crop must be one of pad, resized, got None"),
         (lambda: recipe("simclr", 32), "unknown augmentation recipe 'simclr'; known: byol, mocov2, mocov3"),
     ]
     for call, message in cases:

@@ -140,6 +140,15 @@ def test_register_method_refuses_a_bad_declaration(cls, message):
     assert list(METHODS) == ["byol", "mocov2", "mocov3"]
 
 
+def test_a_head_declaration_that_refuses_the_checks_sizes_is_checked_when_built():
+    def wide_only(hidden, out):
+        assert hidden >= 128, "hidden too small"
+        return [Layer(hidden, "bn", "relu"), Layer(out)]
+
+    cls = _named("wideonly", projector_layers=staticmethod(wide_only))
+    assert register_method(cls) is cls
+
+
 def test_registering_a_class_defined_again_replaces_it():
     def define():
         class Again(ThreeLayer):
@@ -280,9 +289,14 @@ def test_the_command_line_imports_a_method_of_ones_own(tmp_path, monkeypatch, ca
     assert METHODS["mine"].__module__ == "my_method"
 
     (tmp_path / "broken.py").write_text("raise RuntimeError('half written')\n")
+    (tmp_path / "needs_more.py").write_text("import slimssl_no_such_dependency\n")
     for module, message in [("nope_module", "--import nope_module: No module named 'nope_module' (expected a "
                                             "module importable from here, or a .py file)"),
                             ("missing.py", "--import missing.py: no such file"),
-                            ("broken.py", "--import broken.py failed: RuntimeError: half written")]:
+                            ("broken.py", "--import broken.py failed: RuntimeError: half written"),
+                            ("needs_more", "--import needs_more failed: No module named 'slimssl_no_such_dependency'")]:
         assert main(["--import", module, "config"]) == 2
         assert message in caplog.text
+    with pytest.raises(SystemExit):  # slimssl's own option after the command: argparse's usage error, with a hint
+        main(["config", "--import", "my_method"])
+    assert "--import is an option of slimssl itself: it goes before the command" in capsys.readouterr().err

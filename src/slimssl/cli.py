@@ -255,9 +255,14 @@ def import_modules(names: list[str]) -> None:
         except SlimsslError:  # e.g. register_method refusing a class: its own message says what is wrong
             raise
         except ModuleNotFoundError as e:
+            if e.name != name:  # the module was found; something it imports was not
+                raise UsageError(f"--import {name} failed: {e}") from e
             raise UsageError(f"--import {name}: {e} (expected a module importable from here, or a .py file)") from e
         except Exception as e:
             raise UsageError(f"--import {name} failed: {type(e).__name__}: {e}") from e
+
+
+GLOBAL_OPTIONS = ("--import", "-v", "--verbose")  # slimssl's own, before the command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
             given.index(unknown[0]) > given.index(args.command)
         where = "" if after_command or not args.command else \
             f" (options of {args.command} go after the word {args.command})"
+        option = unknown[0].split("=", 1)[0]
+        if after_command and option in GLOBAL_OPTIONS:
+            where = f" ({option} is an option of slimssl itself: it goes before the command, slimssl {option} ... " \
+                    f"{args.command} ...)"
         (parser.commands[args.command] if after_command else parser).error(
             f"unrecognized arguments: {' '.join(unknown)}{where}")
     args.started = started

@@ -19,9 +19,9 @@ FINETUNE_BATCH_SIZE = 256
 FINETUNE_MIN_STEPS = 100
 
 
-def check_train_crop(train_crop: str | None) -> None:
-    """One of TRAIN_CROPS, or None for the config's ``eval.train_crop``."""
-    if train_crop is not None and train_crop not in TRAIN_CROPS:
+def check_train_crop(train_crop: str | None, default_allowed: bool = True) -> None:
+    """One of TRAIN_CROPS, or (``default_allowed``: the API's keyword) None for the config's ``eval.train_crop``."""
+    if not (train_crop is None and default_allowed) and train_crop not in TRAIN_CROPS:
         from ..errors import UsageError
 
         raise UsageError(f"train_crop must be one of {', '.join(TRAIN_CROPS)}, got {train_crop!r}")

@@ -157,7 +157,7 @@ def _recipe(label_fraction: float, **given) -> FinetuneRecipe:
     if given["epochs"] is not None and given["min_steps"] is None:
         given["min_steps"] = 1  # epochs asked for are run as asked: the floor of 100 steps belongs to the default
     recipe = replace(default_recipe(label_fraction), **{k: v for k, v in given.items() if v is not None})
-    check_train_crop(recipe.crop)
+    check_train_crop(recipe.crop, default_allowed=False)
     if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
         raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0, got {recipe}")
     return recipe

@@ -42,7 +42,7 @@ from ..devices import to_device_async
 from ..errors import UsageError
 from ..nn.modes import eval_mode
 from ..nn.spec import Menu, SubnetSpec
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, TRAIN_CROPS, check_train_crop
+from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, check_train_crop
 from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
 from .recalibrate import subnet_models
@@ -191,10 +191,9 @@ def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: t
     x = eval_transform(images, resolution, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     if crop == "pad":
         x = random_crop_flip(x, max(1, resolution // 8), generator)
-    elif crop == "resized":  # ViewRecipe's defaults: 8-100% of the area, aspect 3/4-4/3, flip 1/2
+    else:  # "resized": ViewRecipe's defaults, 8-100% of the area, aspect 3/4-4/3, flip 1/2
+        check_train_crop(crop, default_allowed=False)
         x = geometric_view(x, ViewRecipe(), resolution, generator)
-    else:
-        raise UsageError(f"unknown train crop {crop!r}; expected one of {TRAIN_CROPS}")
     return normalize(x, mean, std)
 
 
@@ -300,7 +299,7 @@ def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float,
         raise DataError(f"the linear probe needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
-    check_train_crop(train_crop)
+    check_train_crop(train_crop, default_allowed=False)
 
 
 def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, *, epochs: int, lr: float,

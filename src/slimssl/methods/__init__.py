@@ -47,7 +47,10 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise SlimsslError(f"{where}.augment must be one of the view recipes {', '.join(RECIPES)}, got {cls.augment!r}")
     for head in ("projector_layers", "predictor_layers"):  # as declared (static); other forms: when built
         if isinstance(inspect.getattr_static(cls, head), staticmethod):
-            layers = getattr(cls, head)(64, 16)  # (hidden, out): any sizes do here
+            try:
+                layers = getattr(cls, head)(64, 16)  # (hidden, out): sizes of our choosing
+            except Exception:  # e.g. sizes it refuses: checked when built with the config's
+                continue
             if layers is not None or head == "projector_layers":
                 check_layers(layers, f"{where}.{head}")
     taken = METHODS.get(cls.name)
