@@ -385,8 +385,8 @@ def test_results_of_other_data_merged_into_a_run_are_named(tmp_path, capsys, cap
 
 
 def test_every_evaluation_takes_the_sub_networks_second(tmp_path):
-    """knn, linear_probe and finetune (as export_run after its folder) take ``subnets`` after the checkpoint: one
-    width, a list, or "all" (the menu)."""
+    """knn and linear_probe take ``subnets`` after the checkpoint, as finetune (the README's example calls it so)
+    and export_run after its folder: one width, a list, or "all" (the menu)."""
     import slimssl
 
     run = tmp_path / "run"

@@ -4,8 +4,10 @@ argument errors without importing torch."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,4 +89,7 @@ def test_help_names_the_environment_variables_with_their_real_defaults(monkeypat
     assert f"default {cache_dir().replace(home, '~', 1)})" in lines["SLIMSSL_CACHE"]
     assert f"default {DEFAULT_CACHE_GB:g}; 0: off" in lines["SLIMSSL_CACHE_GB"]
     assert f"default {DEFAULT_TIMEOUT_S:g})" in lines["SLIMSSL_DIST_TIMEOUT"]
-    assert "SLIMSSL_DIST_BACKEND" in lines
+    assert "default cpu:gloo,cuda:nccl with CUDA, else gloo" in lines["SLIMSSL_DIST_BACKEND"]
+    source = Path(slimssl.__file__).parent
+    read = {name for path in source.rglob("*.py") for name in re.findall(r"\bSLIMSSL_[A-Z_]+", path.read_text())}
+    assert read == set(lines)  # every variable the code reads is listed, and only those

@@ -330,11 +330,16 @@ def test_the_runs_own_data_by_another_path_is_not_called_other_data(tmp_path, ca
     monkeypatch.chdir(tmp_path)
     _cli_json(capsys, ["knn", str(run), "--json", "--device", "cpu", "--data", "data"])  # relative: the same
     assert "not on the run's own data" not in caplog.text
-    saved = json.loads((run / "results.json").read_text())["protocols"]["knn"]["data"]
-    assert saved == str(root)  # spelt as the run's own, so a report run from anywhere reads it as the same
+    results = json.loads((run / "results.json").read_text())
+    assert results["protocols"]["knn"]["data"] == str(root)  # spelt as the run's own: a report reads it as the same
+    results["protocols"]["knn"]["data"] = "data"  # as files written before that spelt it: compared by file
+    (run / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0 and "other data" not in capsys.readouterr().out
     _zip(root, tmp_path / "data.zip")
     _cli_json(capsys, ["knn", str(run), "--json", "--device", "cpu", "--data", "data.zip"])
     assert "knn numbers measured on data.zip, not on the run's own data" in caplog.text
+    assert main(["report", str(run)]) == 0 and "knn on data.zip" in capsys.readouterr().out
 
 
 # ---- errors --------------------------------------------------------------------------------------------

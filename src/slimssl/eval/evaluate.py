@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -56,12 +55,12 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     A checkpoint trained for ``epoch`` of the run's epochs, before pretraining finished, marks the protocol
     ``unfinished`` there (``mark_unfinished``), so that a report does not read its numbers as the run's final
     ones."""
-    from .results import merge_results, run_dir_of
+    from .results import merge_results, run_dir_of, same_data
 
     run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
     if run_dir is None:
         return None
-    if _same_data(settings.get("data"), cfg.data.source):  # spelt as the run's: a report compares the names
+    if same_data(settings.get("data"), cfg.data.source):  # spelt as the run's: a report compares the names
         settings = {**settings, "data": cfg.data.source}
     else:
         log.warning("%s numbers measured on %s, not on the run's own data %s (data.source), replace its %s results "
@@ -73,17 +72,6 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
                          trained=(epoch, cfg.train.epochs))
     log.info("merged %s results into %s", protocol, path)
     return path
-
-
-def _same_data(evaluated: str | None, trained: str) -> bool:
-    """Whether an evaluation read the run's own data: the same name, or the same folder or .zip however its path
-    is spelt (relative to another directory, through a link)."""
-    if evaluated is None or evaluated == trained:
-        return True
-    try:
-        return os.path.samefile(os.path.expanduser(evaluated), os.path.expanduser(trained))
-    except OSError:  # a built-in name, or a path that is not there (any more)
-        return False
 
 
 # ---- the protocols -----------------------------------------------------------------------------------

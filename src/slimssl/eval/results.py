@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -49,6 +50,17 @@ def run_dir_of(checkpoint: str | Path) -> Path | None:
         log.info("%s is not the run's last checkpoint: its results stay out of %s (--json prints them)",
                  path, path.parent.parent / RESULTS)
     return None
+
+
+def same_data(evaluated: str | None, trained: str) -> bool:
+    """Whether an evaluation read the run's own data: the same name, or the same folder or .zip however its path
+    is spelt (relative to another directory, through a link)."""
+    if evaluated is None or evaluated == trained:
+        return True
+    try:
+        return os.path.samefile(os.path.expanduser(evaluated), os.path.expanduser(trained))
+    except OSError:  # a built-in name, or a path that is not there (any more)
+        return False
 
 
 def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any]:

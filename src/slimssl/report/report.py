@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..eval.results import read_metrics, read_results, unfinished_note
+from ..eval.results import read_metrics, read_results, same_data, unfinished_note
 from ..layout import RESULTS
 from .table import is_number, markdown_table
 
@@ -89,14 +89,16 @@ def run_table(result: dict) -> str:
 
 def other_data(result: dict) -> str | None:
     """Which protocols of ``result`` were measured on other data than the run pretrained on (the evaluation
-    commands' --data), in words, or None. results.json spells the run's own data as its config does."""
+    commands' --data), in words, or None. results.json spells the run's own data as its config does; a file
+    written before it did is compared by file where its paths still lead to one."""
     config = result.get("config")
     own = config.get("data", {}).get("source") if isinstance(config, dict) else None
     protocols = result.get("protocols")
     if not isinstance(own, str) or not isinstance(protocols, dict):
         return None
     other = [f"{name} on {settings['data']}" for name, settings in protocols.items()
-             if isinstance(settings, dict) and isinstance(settings.get("data"), str) and settings["data"] != own]
+             if isinstance(settings, dict) and isinstance(settings.get("data"), str)
+             and not same_data(settings["data"], own)]
     return f"({own}): {'; '.join(other)}" if other else None
 
 
