@@ -339,7 +339,12 @@ def test_the_runs_own_data_by_another_path_is_not_called_other_data(tmp_path, ca
     _zip(root, tmp_path / "data.zip")
     _cli_json(capsys, ["knn", str(run), "--json", "--device", "cpu", "--data", "data.zip"])
     assert "knn numbers measured on data.zip, not on the run's own data" in caplog.text
-    assert main(["report", str(run)]) == 0 and "knn on data.zip" in capsys.readouterr().out
+    zipped = str(tmp_path / "data.zip")  # recorded as one spelling, whatever the folder a report runs from
+    assert json.loads((run / "results.json").read_text())["protocols"]["knn"]["data"] == zipped
+    assert main(["report", str(run)]) == 0 and f"knn on {zipped}" in capsys.readouterr().out
+    _cli_json(capsys, ["knn", str(run), "--json", "--device", "cpu", "--subnet", "0.5"])  # one row on its own data
+    report = main(["report", str(run)]) == 0 and capsys.readouterr().out
+    assert f"): knn on {zipped}" not in report and f"w1p0_d1-1-1-1's knn on {zipped}" in report  # its others are
 
 
 # ---- errors --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -55,17 +56,21 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     A checkpoint trained for ``epoch`` of the run's epochs, before pretraining finished, marks the protocol
     ``unfinished`` there (``mark_unfinished``), so that a report does not read its numbers as the run's final
     ones."""
+    from ..data.files import BUILTIN
     from .results import merge_results, run_dir_of, same_data
 
     run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
     if run_dir is None:
         return None
-    if same_data(settings.get("data"), cfg.data.source):  # spelt as the run's: a report compares the names
+    given = settings.get("data")
+    if same_data(given, cfg.data.source):  # spelt as the run's: a report compares the names
         settings = {**settings, "data": cfg.data.source}
     else:
         log.warning("%s numbers measured on %s, not on the run's own data %s (data.source), replace its %s results "
-                    "in %s; --no-save (save=False) keeps other data's numbers out of it", protocol, settings["data"],
+                    "in %s; --no-save (save=False) keeps other data's numbers out of it", protocol, given,
                     cfg.data.source, protocol, run_dir / RESULTS)
+        if given not in BUILTIN and os.path.exists(os.path.expanduser(given)):  # one spelling of a folder or .zip
+            settings = {**settings, "data": os.path.abspath(os.path.expanduser(given))}
     path = merge_results(run_dir, values, protocol=protocol, settings=settings,
                          defaults={"run": run_dir.resolve().name, "config": cfg.model_dump(mode="json"),
                                    "resolution": cfg.data.resolution},
