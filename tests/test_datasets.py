@@ -254,15 +254,20 @@ def test_cache_drops_least_recently_used_splits_past_its_limit(tmp_path, monkeyp
     load_dataset(str(roots[1]), resolution=48)  # 6 * 6912 bytes: over the limit by itself
     assert _entries(cache) == before
 
+    monkeypatch.setenv("SLIMSSL_CACHE_GB", str(1.5 * entry_size / 2**30))  # lowered: the next hit trims to it
+    load_dataset(str(roots[0]), resolution=8)
+    assert _entries(cache) == first
+    before = first
+
     monkeypatch.setenv("SLIMSSL_CACHE_GB", "0")
     off = load_dataset(str(roots[1]), resolution=16)
     assert _entries(cache) == before and off.images.shape == (6, 3, 16, 16)
 
 
-@pytest.mark.parametrize("value", ["-1", "lots", "nan"])
+@pytest.mark.parametrize("value", ["-1", "lots", "nan", "inf"])
 def test_bad_cache_limit_is_named(tmp_path, monkeypatch, value):
     monkeypatch.setenv("SLIMSSL_CACHE_GB", value)
-    with pytest.raises(DataError, match=r"\$SLIMSSL_CACHE_GB is .*a number >= 0 \(0 turns the cache off\)"):
+    with pytest.raises(DataError, match=r"\$SLIMSSL_CACHE_GB is .*a finite number >= 0 \(0 turns the cache off\)"):
         load_dataset(str(_class_tree(tmp_path / "data")))
 
 

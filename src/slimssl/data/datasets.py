@@ -196,6 +196,8 @@ def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: b
         images, kept, skipped = _decode_all(tree, paths, resolution, skip_unreadable, crop_ratio)
         cached = {"images": images, "kept": kept, "skipped": skipped}
         _cache_save(key, cached)
+    else:
+        log.info("%s: split %r read from the decoded-image cache (%s)", path, split, cache_dir())
     images, kept, skipped = cached["images"], cached["kept"], cached["skipped"]
     if skipped:
         log.warning("%s: skipped %d unreadable files (%s%s)", path, len(skipped),
@@ -301,7 +303,7 @@ def cache_limit() -> int:
         gib = -1.0
     if not gib >= 0 or gib == float("inf"):  # also refuses nan
         raise DataError(f"$SLIMSSL_CACHE_GB is {text!r}; expected the decoded-image cache's size limit in GiB, "
-                        "a number >= 0 (0 turns the cache off)")
+                        "a finite number >= 0 (0 turns the cache off)")
     return int(gib * 2**30)
 
 
@@ -339,6 +341,7 @@ def _cache_load(key: str) -> dict | None:
         return None
     with contextlib.suppress(OSError):  # marks it recently used, for the eviction order
         os.utime(path)
+        _evict(cache_dir(), cache_limit(), keep=path)  # a limit lowered since: the cache shrinks to it
     return payload
 
 
@@ -348,8 +351,8 @@ def _cache_save(key: str, payload: dict) -> None:
         return
     size = payload["images"].numel()
     if size > limit:
-        log.info("not caching %.1f GiB of decoded images: more than the cache's limit of %.1f GiB ($SLIMSSL_CACHE_GB)",
-                 size / 2**30, limit / 2**30)
+        log.info("not caching %s of decoded images: more than the cache's limit of %s ($SLIMSSL_CACHE_GB)",
+                 _size(size), _size(limit))
         return
     directory = cache_dir()
     try:
@@ -365,6 +368,10 @@ def _cache_save(key: str, payload: dict) -> None:
 _ENTRY = re.compile(r"[0-9a-f]{32}\.pt")  # the cache's own files: the folder may hold others, never touched
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.pt\..*\.tmp")  # atomic_write's, left by a killed write when stale
 _STALE_PARTIAL_S = 3600
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
 
 def _evict(directory: str, limit: int, keep: str) -> None:
