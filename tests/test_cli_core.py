@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -409,3 +410,15 @@ def test_a_run_directory_after_set_is_named_as_such(command, capsys, caplog):
     assert main([*command, "--set", "model.base_width=8", "runs/demo"]) == 2
     assert "--set expects KEY=VALUE, got 'runs/demo' (--set takes every word up to the next flag: put a run " \
            "directory" in error_text(capsys, caplog)
+
+
+def test_verbose_debug_logging_is_slimssls_not_every_png_chunk(tmp_path, caplog):
+    from PIL import Image
+
+    from slimssl.cli import main
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    with caplog.at_level(logging.DEBUG):
+        assert main(["-v", "config"]) == 0
+        Image.open(tmp_path / "a.png").load()  # PIL logs each chunk it reads at DEBUG
+    assert not [record for record in caplog.records if record.name.startswith("PIL")]

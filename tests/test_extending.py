@@ -255,7 +255,8 @@ def test_a_run_of_a_method_not_registered_here_is_evaluated_and_exported_but_not
     assert rows[0]["subnet"] == "w0p5_d1-1-1-1" and 0 <= rows[0]["knn_top1"] <= 100
     (row,) = slimssl.export_run(run.run_dir, tmp_path / "exported", 0.5, verify=True)
     assert row["max_abs_diff"] == 0.0
-    with pytest.raises(SlimsslError, match="unknown method 'threelayer'"):
+    with pytest.raises(SlimsslError, match="trained with method 'threelayer', which is not registered here; resuming "
+                                           "trains it, so register it first: slimssl.methods.register_method"):
         slimssl.pretrain(None, run.run_dir, resume=True)
 
 
@@ -287,6 +288,18 @@ def test_the_command_line_imports_a_method_of_ones_own(tmp_path, monkeypatch, ca
     monkeypatch.delitem(sys.modules, "my_method", raising=False)
     assert main(["--import", "my_method", "config", "--set", "method.name=mine"]) == 0
     assert METHODS["mine"].__module__ == "my_method"
+    tiny_run = ["--config", "demo", "--set", "method.name=mine", "model.base_width=4", "model.depths=[1,1,1,1]",
+                "data.resolution=8", "method.proj_hidden=16", "method.pred_hidden=16", "method.proj_dim=8",
+                "--out", "run", "--max-steps", "1", "--device", "cpu"]
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["--import", "my_method", "pretrain", *tiny_run]) == 0
+    assert "continue with: slimssl --import my_method pretrain --resume run" in caplog.text
+    del METHODS["mine"]
+    assert main(["pretrain", "--resume", "run"]) == 2
+    assert "run was trained with method 'mine', which is not registered here; resuming trains it, so register it " \
+           "first: slimssl --import MODULE pretrain --resume run" in caplog.text
+    del sys.modules["my_method"]  # as in a new process, where the import registers it again
+    assert main(["--import", "my_method", "pretrain", "--resume", "run", "--max-steps", "2"]) == 0
 
     (tmp_path / "broken.py").write_text("raise RuntimeError('half written')\n")
     (tmp_path / "needs_more.py").write_text("import slimssl_no_such_dependency\n")

@@ -262,7 +262,7 @@ def import_modules(names: list[str]) -> None:
             raise UsageError(f"--import {name} failed: {type(e).__name__}: {e}") from e
 
 
-GLOBAL_OPTIONS = ("--import", "-v", "--verbose")  # slimssl's own, before the command
+GLOBAL_OPTIONS = ("--import", "-v", "--verbose", "--version")  # slimssl's own, before the command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")  # a character it lacks is escaped, not a crash at the end
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(message)s")
+    logging.getLogger("PIL").setLevel(logging.INFO)  # -v is for slimssl: PIL logs every chunk of every PNG
     if not args.command:
         parser.print_help(sys.stderr)
         return 2

@@ -71,11 +71,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         resume = "auto" if args.auto_resume else args.resume is not None
         cfg, run_dir, source, resume = prepare_run(args.config, out,
                                                    overrides=flag_overrides(args), resume=resume, cli=True)
+        # how to continue it: with the modules this call imported (a method of one's own)
+        again = " ".join(["slimssl", *(f"--import {shell_quote(m)}" for m in getattr(args, "imports", [])),
+                          "pretrain", "--resume", shell_quote(run_dir)])
         try:
             run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
         except Interrupted as e:
             if dist.is_main():  # one hint for the job, not one per process
-                log.warning("%s; continue with: slimssl pretrain --resume %s", e, shell_quote(run_dir))
+                log.warning("%s; continue with: %s", e, again)
                 if args.json and e.run:
                     emit(args, stopped_doc(e.run), "")
             return EXIT_INTERRUPTED
@@ -83,8 +86,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             cols = ["subnet", "params", "macs", "knn_top1_random_init", "knn_top1"]
             emit(args, run.results, markdown_table(run.results["subnets"], cols))
         elif dist.is_main():  # the other ranks have no results even when finished: rank 0 reports
-            log.info("stopped at step %d of %d; continue with: slimssl pretrain --resume %s",
-                     run.step, run.total_steps, shell_quote(run_dir))
+            log.info("stopped at step %d of %d; continue with: %s", run.step, run.total_steps, again)
             if args.json:  # a script's json.loads needs a document whenever the command succeeds
                 emit(args, stopped_doc(run), "")
         return 0

@@ -120,6 +120,12 @@ def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun
     if not last.is_file():
         raise UsageError(_no_run_to_resume(run_dir, last, cli))
     stored = load_checkpoint(last)["config"]
+    if stored.method.registered() is None:  # evaluation and export do without it; training on does not
+        raise UsageError(f"{run_dir} was trained with method {stored.method.name!r}, which is not registered here; "
+                         "resuming trains it, so register it first: "
+                         + (f"slimssl --import MODULE pretrain --resume {shell_quote(run_dir)} (MODULE, or a .py "
+                            "file, registers it), or install the package that declares it" if cli
+                            else "slimssl.methods.register_method"))
     cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", overrides)
     if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
         cfg = absolute_data_source(cfg)
