@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from slimssl.checkpoint import load_checkpoint, load_supernet
+from slimssl.checkpoint import load_checkpoint, load_supernet, save_checkpoint
 from slimssl.cli import main
 from slimssl.config import config_from_dict, load_config, packaged_configs
 from slimssl.export import load_exported
@@ -191,6 +191,15 @@ def test_sub_networks_that_joined_keep_training_when_a_resume_adds_epochs(tmp_pa
 
     fresh = Trainer(config_from_dict(data, overrides=["train.epochs=5"]), tmp_path / "fresh")
     assert fresh.policy.join_step == 10 and fresh.state.joined_at is None  # a new run's slow start is as configured
+
+    # a checkpoint from before the join step was recorded: found from its config and epoch
+    old = slimssl.pretrain(config_from_dict(data), tmp_path / "old", max_steps=6)
+    saved = load_checkpoint(old.run_dir)
+    del saved["train_state"]["joined_at"]
+    save_checkpoint(old.run_dir / "checkpoints" / "last.pt",
+                    {**saved, "config": saved["config"].model_dump(mode="json")})
+    resumed = Trainer(config_from_dict(data, overrides=["train.epochs=5"]), old.run_dir, resume=True)
+    assert resumed.state.joined_at == 4 and resumed.policy.join_step == 4
 
     # another batch renumbers the steps: the join step with them (4 steps an epoch at batch 8, 2 at batch 16)
     long = slimssl.pretrain(config_from_dict(data, overrides=["train.epochs=4"]), tmp_path / "long", max_steps=12)

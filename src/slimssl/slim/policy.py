@@ -25,10 +25,15 @@ class SubnetTask:
     teacher: bool = False  # the full network: its outputs are what the others distil from (it runs first)
 
 
+def join_step(slow_start: float, total_steps: int) -> int:
+    """The first step that trains the sub-networks (slow start: the full network alone before it)."""
+    return math.floor(round(slow_start * total_steps, 6))  # 0.29 * 100 is 28.999...: step 29
+
+
 class SlimPolicy:
     def __init__(self, cfg, menu: Menu, total_steps: int, seed: int):
         self.cfg, self.menu, self.total_steps, self.seed = cfg, menu, total_steps, seed
-        self.join_step = math.floor(round(cfg.slow_start * total_steps, 6))  # 0.29 * 100 is 28.999...: step 29
+        self.join_step = join_step(cfg.slow_start, total_steps)
 
     def joined(self, step: int) -> bool:
         """Whether the sub-networks train at ``step`` (slow start: only the full network before that)."""

@@ -39,7 +39,7 @@ from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
 from ..seeds import derived_generator
 from ..slim.diagnostics import GradientImbalance
-from ..slim.policy import SlimPolicy
+from ..slim.policy import SlimPolicy, join_step
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
 from .metrics import RENUMBERED, LogWindow, MetricsLogger
@@ -324,6 +324,8 @@ class Trainer:
         state.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
         self.state = TrainState(**state)
         saved_step, saved_batch = self.state.step, data["config"].train.batch_size
+        if "joined_at" not in state:  # a checkpoint from before 2026-12-06: from its config and epoch
+            self.state.joined_at = _joined_at(data["config"], saved_step, data.get("epoch"))
         if saved_batch != self.cfg.train.batch_size:
             self.state.step = self._step_with_another_batch(path, saved_batch, data.get("epoch"))
             if self.state.joined_at is not None and saved_step:  # counted in the steps of the new batch too
@@ -681,6 +683,14 @@ class Trainer:
         write_results(self.run_dir, results)
         self.metrics.close()
         return results
+
+
+def _joined_at(saved: Config, step: int, epochs_done: float | None) -> int | None:
+    """The step at which a saved run's sub-networks joined, if they had by ``step`` (its own steps)."""
+    if not step or not epochs_done:
+        return None
+    join = join_step(saved.slim.slow_start, saved.train.epochs * round(step / epochs_done))
+    return join if step > join else None
 
 
 def _warn_of_dropped_evaluations(run_dir: Path) -> None:
