@@ -329,7 +329,8 @@ def _file_version(tree: FileTree, rel: str) -> tuple[int, int]:
 
 
 def _cache_load(key: str) -> dict | None:
-    if cache_limit() == 0:
+    limit = cache_limit()
+    if limit == 0:
         return None
     path = os.path.join(cache_dir(), key + ".pt")
     if not os.path.exists(path):
@@ -341,7 +342,7 @@ def _cache_load(key: str) -> dict | None:
         return None
     with contextlib.suppress(OSError):  # marks it recently used, for the eviction order
         os.utime(path)
-        _evict(cache_dir(), cache_limit(), keep=path)  # a limit lowered since: the cache shrinks to it
+        _evict(os.path.dirname(path), limit, keep=path)  # a limit lowered since: the cache shrinks to it
     return payload
 
 

@@ -96,15 +96,13 @@ def other_data(result: dict) -> str | None:
     protocols = result.get("protocols")
     if not isinstance(own, str) or not isinstance(protocols, dict):
         return None
-    def elsewhere(settings) -> str | None:
-        data = settings.get("data") if isinstance(settings, dict) else None
-        return data if isinstance(data, str) and not same_data(data, own) else None
-
-    other = [f"{name} on {elsewhere(settings)}" for name, settings in protocols.items() if elsewhere(settings)]
-    # rows that kept their own settings (measured before the protocol's last call) may be of other data too
-    other += [f"{row['subnet']}'s {key.removesuffix('_settings')} on {elsewhere(value)}"
-              for row in result.get("subnets", []) for key, value in row.items()
-              if key.endswith("_settings") and elsewhere(value)]
+    # each protocol's settings, and those that rows measured before its last call kept as their own
+    measured = list(protocols.items())
+    measured += [(f"{row['subnet']}'s {key.removesuffix('_settings')}", value)
+                 for row in result.get("subnets", []) for key, value in row.items() if key.endswith("_settings")]
+    other = [f"{what} on {settings['data']}" for what, settings in measured
+             if isinstance(settings, dict) and isinstance(settings.get("data"), str)
+             and not same_data(settings["data"], own)]
     return f"({own}): {'; '.join(other)}" if other else None
 
 
