@@ -459,7 +459,7 @@ def test_pretraining_says_when_its_test_split_exists_but_cannot_be_read(tmp_path
     cfg = config_from_dict({"data": {"source": str(tmp_path / "d"), "resolution": 8},
                             "train": {"batch_size": 4, "device": "cpu"}})
     with caplog.at_level(logging.INFO, logger="slimssl"):
-        assert Trainer(cfg, tmp_path / "run").eval_data is None
+        assert Trainer(cfg, tmp_path / "run").knn_monitor is None
     assert any(r.levelno == logging.WARNING and "the test split cannot be loaded (cannot decode" in r.getMessage()
                for r in caplog.records)
 

@@ -671,8 +671,8 @@ def test_target_update_averages_the_weights_and_copies_every_buffer(tmp_path):
 
 
 def test_progress_bar_labels_tell_depth_entries_apart():
-    from slimssl.train.loop import _bar_names
+    from slimssl.train.metrics import bar_labels
 
-    assert _bar_names(["w1p0_d2-2-2-2", "w0p25_d2-2-2-2"]) == ["w1p0", "w0p25"]  # a width menu: widths suffice
+    assert bar_labels(["w1p0_d2-2-2-2", "w0p25_d2-2-2-2"]) == ["w1p0", "w0p25"]  # a width menu: widths suffice
     crossed = ["w1p0_d3-4-6-3", "w1p0_d2-2-2-2", "w0p25_d2-2-2-2"]
-    assert _bar_names(crossed) == crossed  # w1p0 twice would not say which loss is which
+    assert bar_labels(crossed) == crossed  # w1p0 twice would not say which loss is which

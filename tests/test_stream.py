@@ -297,7 +297,7 @@ def test_trainer_streams_saves_and_resumes_exactly(tmp_path, caplog):
     n, k = 6, 2
     with caplog.at_level(logging.INFO, logger="slimssl"):
         straight = Trainer(config_from_dict(data), tmp_path / "straight")
-    assert straight.train_data is None and straight.eval_data is None
+    assert straight.train_data is None and straight.knn_monitor is None
     assert straight.steps_per_epoch == 3 and "kNN evaluation during pretraining is skipped" in caplog.text
     results = straight.fit()
     assert straight.state.step == n and results["steps"] == n

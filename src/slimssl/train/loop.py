@@ -12,25 +12,21 @@ import contextlib
 import logging
 import math
 import signal
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..cli_args import shell_quote
-from ..config import Config, ConfigError, check_processes, config_differences
-from ..data.datasets import ImageDataset, check_same_classes, load_dataset
-from ..data.files import DataError, MissingSplitError, reuse_scans
+from ..config import Config, ConfigError, check_processes
+from ..data.datasets import load_dataset
+from ..data.files import DataError, reuse_scans
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype, synchronize, to_device_async
-from ..eval import recalibration_batches
-from ..eval.knn import knn_of_subnets, knn_settings
-from ..eval.inputs import DataOptions
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
 from ..methods import build_method, check_distillation, distill_outputs
@@ -39,11 +35,13 @@ from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
 from ..seeds import derived_generator
 from ..slim.diagnostics import GradientImbalance
-from ..slim.policy import SlimPolicy, join_step
+from ..slim.policy import SlimPolicy
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
-from .metrics import RENUMBERED, LogWindow, MetricsLogger
-from .optim import OPTIMIZER_STATE_KEYS, build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
+from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, progress_bar
+from .monitor import KnnMonitor
+from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
+from .resume import TrainState, restore
 from .signals import Interrupted, SignalGuard
 
 log = logging.getLogger("slimssl")
@@ -62,14 +60,6 @@ class StepResult:
     losses: dict[str, torch.Tensor]
     lr: float
     skipped: bool = False
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    skipped_steps: int = 0
-    knn_random_init: dict = field(default_factory=dict)
-    joined_at: int | None = None  # the step the sub-networks joined (slow start): they stay in after a resume
 
 
 class Trainer:
@@ -138,7 +128,8 @@ class Trainer:
             if not stream and len(self.train_data) < cfg.train.batch_size:
                 raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
                                 f"train.batch_size {cfg.train.batch_size}")
-            self.eval_data = self._eval_datasets() if dist.is_main() else None  # kNN runs on rank 0 alone
+            # kNN runs on rank 0 alone
+            self.knn_monitor = KnnMonitor.of_run(cfg, self.train_data, self.device) if dist.is_main() else None
             self.augment = two_view_augment(cfg)
             self.view_source = build_view_source(cfg, self.augment, self.train_data, rank=dist.rank(),
                                                  world=self.world, device=self.device)
@@ -180,37 +171,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         # multi-process: one gradient all-reduce per step, no DDP wrapper (why: train/distributed.py)
         self.grad_sync = dist.GradientSync(self.model.online_parameters())
-
-    def _eval_datasets(self) -> tuple[ImageDataset, ImageDataset] | None:
-        if self.train_data is None:
-            log.info("data.loader is stream: kNN evaluation during pretraining is skipped (it needs the images "
-                     "decoded in memory)")
-            return None
-        if self.train_data.labels is None:
-            log.info("the training data has no labels: kNN evaluation is skipped")
-            return None
-        d = self.cfg.data
-        crop_ratio = self.cfg.eval.crop_ratio  # evaluation images, as `slimssl knn` decodes them
-
-        def split(name: str) -> ImageDataset:
-            return load_dataset(d.source, name, resolution=d.resolution, skip_unreadable=d.skip_unreadable,
-                                fake_size=d.fake_size, seed=self.cfg.train.seed, crop_ratio=crop_ratio)
-
-        try:
-            test = split("test")
-        except MissingSplitError as e:  # pretraining needs none
-            log.info("no test split for kNN evaluation (%s): kNN is skipped", e)
-            return None
-        except DataError as e:  # there is one, but it cannot be read: only the kNN monitor is lost
-            log.warning("the test split cannot be loaded (%s); kNN evaluation is skipped", e)
-            return None
-        try:
-            check_same_classes(self.train_data, test, d.source)
-        except DataError as e:  # pretraining needs no labels: only the kNN monitor is lost
-            log.warning("%s; kNN evaluation is skipped", e)
-            return None
-        # The training images are the bank at ratio 1; another ratio decodes the train split once more.
-        return (self.train_data if crop_ratio == 1 else split("train")), test
 
     def _compile_forwards(self) -> None:
         """train.compile: the online forward specialised per sub-network, the target's once."""
@@ -295,46 +255,13 @@ class Trainer:
                                   "steps and count them")
 
     def _load(self, path: Path) -> int:
-        """Continue from the checkpoint at ``path``; returns its step."""
-        # on the CPU: load_state_dict moves what it needs, and an optimiser's step counts stay on the host
-        # (on a GPU, AdamW would read them back at every step)
-        data = load_checkpoint(path, map_location="cpu")
-        check_menu(data["menu"], self.cfg, str(path))
-        try:
-            self.model.load_state_dict(data["model"])
-        except RuntimeError as e:  # weights of another shape: the architecture was changed on resume
-            diffs = config_differences(data["config"], self.cfg, prefixes=("model.", "method."))
-            raise CheckpointError(
-                f"{path} holds weights of another shape than this run builds"
-                + (":\n  " + "\n  ".join(diffs) if diffs else f" ({first_mismatch(e)})")
-                + "\na resumed run keeps the architecture it was started with (model.*, method.*)") from None
-        changed = config_differences(data["config"], self.cfg, prefixes=OPTIMIZER_STATE_KEYS)
-        if changed:  # its saved state (momentum buffers, step counts, one entry per group) fits no other optimiser
-            raise CheckpointError(
-                f"{path} holds the state of the optimiser the run was started with:\n  " + "\n  ".join(changed)
-                + "\na resumed run keeps " + " and ".join(OPTIMIZER_STATE_KEYS) + " (its other optim.* settings "
-                "may change); start a new run to use another optimiser")
-        # the config's hyperparameters (a resume may change them), not those saved with the optimiser's state
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(data["optimizer"])
-        for group, fresh in zip(self.optimizer.param_groups, settings):
-            group.update(fresh)
-        self.scaler.load_state_dict(data["scaler"])
-        state = dict(data["train_state"])
-        state.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
-        self.state = TrainState(**state)
-        saved_step, saved_batch = self.state.step, data["config"].train.batch_size
-        if "joined_at" not in state:  # a checkpoint from before 2026-12-06: from its config and epoch
-            self.state.joined_at = _joined_at(data["config"], saved_step, data.get("epoch"))
-        if saved_batch != self.cfg.train.batch_size:
-            self.state.step = self._step_with_another_batch(path, saved_batch, data.get("epoch"))
-            if self.state.joined_at is not None and saved_step:  # counted in the steps of the new batch too
-                self.state.joined_at = self.state.joined_at * self.state.step // saved_step
+        """Continue from the checkpoint at ``path``; returns its step, as the saved run counted them."""
+        resumed = restore(path, self.cfg, self.model, self.optimizer, self.scaler,
+                          steps_per_epoch=self.steps_per_epoch, device=self.device)
+        self.state, self.window, self._resumed_lr = resumed.state, resumed.window, resumed.effective_lr
         self._keep_joined()
-        self.window = LogWindow.from_state_dict(data.get("log_window"), self.device)
-        self._resumed_lr = data.get("effective_lr")  # absent from checkpoints before 2026-12-02
         log.info("resumed from %s at step %d", path, self.state.step)
-        return saved_step
+        return resumed.saved_step
 
     def _keep_joined(self) -> None:
         """Sub-networks that joined before the checkpoint keep training: a resume with more epochs moves the slow
@@ -347,33 +274,11 @@ class Trainer:
                      "them in at step %d)", joined, self.policy.join_step)
         self.policy.join_step = min(joined, self.state.step)
 
-    def _step_with_another_batch(self, path: Path, saved_batch: int, epochs_done: float | None) -> int:
-        """The step of a run resumed with another ``train.batch_size`` (e.g. on fewer processes, which the
-        batch must divide). Its schedule (lr, slow start, momentum, data order) counts steps of the batch, so
-        the run continues at the same epoch, which is exact only at the end of an epoch."""
-        step = self.state.step
-        if epochs_done is None or step == 0 or abs(epochs_done - round(epochs_done)) > 1e-9:
-            steps_per_epoch = round(step / epochs_done) if epochs_done else None
-            finish = (f" --max-steps {math.ceil(epochs_done) * steps_per_epoch}" if steps_per_epoch else "")
-            raise ConfigError(
-                f"{path} was saved at step {step}, within an epoch, with train.batch_size {saved_batch}: the batch "
-                f"can change ({saved_batch} -> {self.cfg.train.batch_size}) only where an epoch ends, since the "
-                f"schedule counts steps of the batch. Resume it with batch {saved_batch}{finish} first (on a number "
-                "of processes that divides it), then change the batch")
-        converted = round(epochs_done) * self.steps_per_epoch
-        if dist.is_main():  # once for the run, not once per process
-            log.warning("train.batch_size changed from %d to %d: the run continues at the end of epoch %d, step %d "
-                        "of the new batch (step %d of the old one); metrics.jsonl counts the new steps from here on",
-                        saved_batch, self.cfg.train.batch_size, round(epochs_done), converted, step)
-        return converted
-
     # ---- evaluation ---------------------------------------------------------------------------------
 
     def knn(self) -> dict[str, float]:
-        if self.eval_data is None:
-            return {}
-        train, test = self.eval_data
-        return knn_of_subnets(self.model.backbone, self.cfg, train, test, self.device)  # as `slimssl knn`
+        """Every sub-network's kNN top-1 on the run's data, as `slimssl knn` measures it; {} without a monitor."""
+        return self.knn_monitor(self.model.backbone) if self.knn_monitor else {}
 
     # ---- the step -----------------------------------------------------------------------------------
 
@@ -487,7 +392,7 @@ class Trainer:
         # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint;
         # closing the source stops loader workers, closing the bar ends its line before any error is printed
         with SignalGuard() as guard, contextlib.closing(self.view_source), \
-                _progress(self.state.step, end, dist.is_main()) as progress:
+                progress_bar(self.state.step, end, dist.is_main()) as progress:
             self._evaluations_before_training()
             self._save_missing_epoch_checkpoint()
             timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
@@ -592,7 +497,7 @@ class Trainer:
         if self.state.skipped_steps:
             record["skipped_steps"] = self.state.skipped_steps
         self.metrics.write(record)
-        progress.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in zip(_bar_names(list(means)), means.values()))
+        progress.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in zip(bar_labels(list(means)), means.values()))
                                  + f" img/s={record['img_per_s']:.0f}")
 
     def _end_of_epoch(self) -> None:
@@ -635,12 +540,6 @@ class Trainer:
             self.metrics.write({"step": self.state.step, "epoch": epoch, "knn_top1": result})
             log.info("epoch %d kNN: %s", epoch, _fmt(result))
 
-    def _knn_settings(self) -> dict:
-        """How the kNN of this run was measured, as ``slimssl knn`` records its own (its defaults)."""
-        e, bank = self.cfg.eval, len(self.eval_data[0].labels)
-        return knn_settings(self.cfg, DataOptions(), min(e.knn_k, bank), e.knn_temperature,
-                            recalibration_batches(None, self.model.backbone.slim_state.private_bn))
-
     def _finished_already(self) -> tuple[bool, dict]:
         """Whether this resumed run had already finished (its results.json has the same number of steps), and
         those results (rank 0; {} elsewhere). Rank 0 reads the file and tells the others, so that every process
@@ -679,18 +578,10 @@ class Trainer:
                    "effective_lr": self.effective_lr(),
                    "skipped_steps": self.state.skipped_steps, "subnets": rows}
         if knn:
-            results["protocols"] = {"knn": self._knn_settings()}
+            results["protocols"] = {"knn": self.knn_monitor.settings(backbone)}
         write_results(self.run_dir, results)
         self.metrics.close()
         return results
-
-
-def _joined_at(saved: Config, step: int, epochs_done: float | None) -> int | None:
-    """The step at which a saved run's sub-networks joined, if they had by ``step`` (its own steps)."""
-    if not step or not epochs_done:
-        return None
-    join = join_step(saved.slim.slow_start, saved.train.epochs * round(step / epochs_done))
-    return join if step > join else None
 
 
 def _warn_of_dropped_evaluations(run_dir: Path) -> None:
@@ -706,22 +597,5 @@ def _warn_of_dropped_evaluations(run_dir: Path) -> None:
                     "describe the network trained on, so they are dropped: run them again", ", ".join(dropped))
 
 
-def _bar_names(names: list[str]) -> list[str]:
-    """The progress bar's labels: the widths alone (``w0p5``) where the sub-networks share their depths, else
-    the whole names, which a depth menu needs to tell its entries apart."""
-    if len({name.partition("_")[2] for name in names}) <= 1:
-        return [name.partition("_")[0] for name in names]
-    return names
-
-
 def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.2f}" for k, v in values.items())
-
-
-def _progress(start: int, end: int, enabled: bool):
-    from tqdm.auto import tqdm  # late: tqdm is only needed once a run trains
-
-    # a log file (no terminal) gets a progress line every 30 s instead of every refresh
-    interval = 0.1 if sys.stderr.isatty() else 30.0
-    return tqdm(total=end, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, leave=True,
-                mininterval=interval)

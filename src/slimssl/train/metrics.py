@@ -1,9 +1,10 @@
-"""Run metrics: JSON lines (always) and TensorBoard scalars (when tensorboard is installed)."""
+"""Run metrics: JSON lines (always), TensorBoard scalars (when tensorboard is installed) and the progress bar."""
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,3 +167,21 @@ def _step_of(line: str) -> float:
         return float(_record(line).get("step", 0))
     except (TypeError, ValueError):
         return 0.0
+
+
+def bar_labels(names: list[str]) -> list[str]:
+    """The progress bar's labels: the widths alone (``w0p5``) where the sub-networks share their depths, else
+    the whole names, which a depth menu needs to tell its entries apart."""
+    if len({name.partition("_")[2] for name in names}) <= 1:
+        return [name.partition("_")[0] for name in names]
+    return names
+
+
+def progress_bar(start: int, end: int, enabled: bool):
+    """The training loop's progress bar over steps ``start``..``end`` (rank 0: ``enabled``)."""
+    from tqdm.auto import tqdm  # late: tqdm is only needed once a run trains
+
+    # a log file (no terminal) gets a progress line every 30 s instead of every refresh
+    interval = 0.1 if sys.stderr.isatty() else 30.0
+    return tqdm(total=end, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, leave=True,
+                mininterval=interval)

@@ -1,0 +1,121 @@
+"""Continuing a pretraining run from its checkpoint: what a resume may change (epochs, the batch at an
+epoch's end, the optimiser's hyperparameters) and what it may not (the architecture, the optimiser's kind),
+and the train state that carries the loop's own progress."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint
+from ..config import Config, ConfigError, config_differences
+from ..slim.policy import join_step
+from . import distributed as dist
+from .metrics import LogWindow
+from .optim import OPTIMIZER_STATE_KEYS
+
+log = logging.getLogger("slimssl")
+
+
+@dataclass
+class TrainState:
+    """The loop's progress, saved with every checkpoint as plain data."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    knn_random_init: dict = field(default_factory=dict)
+    joined_at: int | None = None  # the step the sub-networks joined (slow start): they stay in after a resume
+
+
+@dataclass
+class Resumed:
+    """What a checkpoint gives a resumed run besides the tensors loaded in place."""
+
+    state: TrainState  # in the steps of this run's batch
+    window: LogWindow  # the steps since the saved run's last metrics record
+    saved_step: int  # the step as the saved run counted them (another batch renumbers them)
+    effective_lr: dict | None  # the learning rate the saved run trained with (None before 2026-12-02)
+
+
+def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, *,
+            steps_per_epoch: int, device: torch.device) -> Resumed:
+    """Load the checkpoint at ``path`` into ``model``, ``optimizer`` and ``scaler`` (built from ``cfg``, the
+    resumed run's settings), after checking that they can continue it."""
+    # on the CPU: load_state_dict moves what it needs, and an optimiser's step counts stay on the host
+    # (on a GPU, AdamW would read them back at every step)
+    data = load_checkpoint(path, map_location="cpu")
+    saved: Config = data["config"]
+    check_menu(data["menu"], cfg, str(path))
+    try:
+        model.load_state_dict(data["model"])
+    except RuntimeError as e:  # weights of another shape: the architecture was changed on resume
+        diffs = config_differences(saved, cfg, prefixes=("model.", "method."))
+        raise CheckpointError(
+            f"{path} holds weights of another shape than this run builds"
+            + (":\n  " + "\n  ".join(diffs) if diffs else f" ({first_mismatch(e)})")
+            + "\na resumed run keeps the architecture it was started with (model.*, method.*)") from None
+    _load_optimizer(path, saved, cfg, optimizer, data["optimizer"])
+    scaler.load_state_dict(data["scaler"])
+
+    entries = dict(data["train_state"])
+    entries.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
+    state = TrainState(**entries)
+    saved_step, epochs_done = state.step, data.get("epoch")
+    if "joined_at" not in entries:  # a checkpoint from before 2026-12-06: from its config and epoch
+        state.joined_at = _joined_at(saved, saved_step, epochs_done)
+    if saved.train.batch_size != cfg.train.batch_size:
+        state.step = _step_with_another_batch(path, state.step, saved.train.batch_size, cfg.train.batch_size,
+                                              epochs_done, steps_per_epoch)
+        if state.joined_at is not None and saved_step:  # counted in the steps of the new batch too
+            state.joined_at = state.joined_at * state.step // saved_step
+    return Resumed(state, LogWindow.from_state_dict(data.get("log_window"), device), saved_step,
+                   data.get("effective_lr"))
+
+
+def _load_optimizer(path: Path, saved: Config, cfg: Config, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """The saved optimiser state (momentum buffers, step counts) with ``cfg``'s hyperparameters, which a resume
+    may change; refused for another kind of optimiser, whose state it would not fit."""
+    changed = config_differences(saved, cfg, prefixes=OPTIMIZER_STATE_KEYS)
+    if changed:  # its saved state (momentum buffers, step counts, one entry per group) fits no other optimiser
+        raise CheckpointError(
+            f"{path} holds the state of the optimiser the run was started with:\n  " + "\n  ".join(changed)
+            + "\na resumed run keeps " + " and ".join(OPTIMIZER_STATE_KEYS) + " (its other optim.* settings "
+            "may change); start a new run to use another optimiser")
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, fresh in zip(optimizer.param_groups, settings):
+        group.update(fresh)
+
+
+def _joined_at(saved: Config, step: int, epochs_done: float | None) -> int | None:
+    """The step at which a saved run's sub-networks joined, if they had by ``step`` (its own steps)."""
+    if not step or not epochs_done:
+        return None
+    join = join_step(saved.slim.slow_start, saved.train.epochs * round(step / epochs_done))
+    return join if step > join else None
+
+
+def _step_with_another_batch(path: Path, step: int, saved_batch: int, batch: int, epochs_done: float | None,
+                             steps_per_epoch: int) -> int:
+    """The step of a run resumed with another ``train.batch_size`` (e.g. on fewer processes, which the batch
+    must divide). Its schedule (lr, slow start, momentum, data order) counts steps of the batch, so the run
+    continues at the same epoch, which is exact only at the end of an epoch."""
+    if epochs_done is None or step == 0 or abs(epochs_done - round(epochs_done)) > 1e-9:
+        saved_steps_per_epoch = round(step / epochs_done) if epochs_done else None
+        finish = (f" --max-steps {math.ceil(epochs_done) * saved_steps_per_epoch}" if saved_steps_per_epoch else "")
+        raise ConfigError(
+            f"{path} was saved at step {step}, within an epoch, with train.batch_size {saved_batch}: the batch "
+            f"can change ({saved_batch} -> {batch}) only where an epoch ends, since the schedule counts steps of "
+            f"the batch. Resume it with batch {saved_batch}{finish} first (on a number of processes that divides "
+            "it), then change the batch")
+    converted = round(epochs_done) * steps_per_epoch
+    if dist.is_main():  # once for the run, not once per process
+        log.warning("train.batch_size changed from %d to %d: the run continues at the end of epoch %d, step %d "
+                    "of the new batch (step %d of the old one); metrics.jsonl counts the new steps from here on",
+                    saved_batch, batch, round(epochs_done), converted, step)
+    return converted
