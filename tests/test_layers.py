@@ -191,6 +191,12 @@ def test_recalibrate_bn_sets_batch_statistics_of_that_width():
     assert bn.momentum == 0.1
 
 
+def test_recalibrate_bn_of_a_plain_model_says_what_takes_one():
+    plain = tiny(bn="shared").export("0.5")  # one sub-network, no menu: nothing to choose
+    with pytest.raises(SubnetError, match=r"takes a slimmable supernet .* got PlainResNet.*swa_utils.update_bn"):
+        recalibrate_bn(plain, "0.5", [images(4)])
+
+
 def test_recalibrate_bn_single_batch_equals_batch_stats_deep_layer():
     model = tiny(bn="shared").train()
     x = images(4, seed=9)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import copy
 import itertools
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
@@ -23,6 +24,9 @@ from .errors import SlimsslError
 from .launch import DEVICE_PATTERN, DEVICES
 from .models.resnet import ARCHS, EXPANSION
 from .nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
+
+if TYPE_CHECKING:
+    from .methods import Method
 
 
 class ConfigError(SlimsslError):
@@ -147,7 +151,7 @@ class MethodConfig(Section):
             raise ValueError(f"method.name: {e}") from None
         return name
 
-    def registered(self) -> type | None:
+    def registered(self) -> type[Method] | None:
         """The method class of ``name``, or None for a method not registered in this process (a stored config,
         read with ``config_from_dict(..., any_method=True)``)."""
         from .methods import METHODS
@@ -346,7 +350,7 @@ class Config(Section):
 
         return self.data.augment or method_class(self.method.name).augment
 
-    def revalidated(self, overrides: list[str] | None = None) -> "Config":
+    def revalidated(self, overrides: Sequence[str] | None = None) -> "Config":
         """A new Config from this one's values with ``overrides`` applied, checked again as a whole: fields
         assigned one by one are checked only within their section, and a crop range resolved from the
         augmentation recipe follows a changed method."""
@@ -602,7 +606,7 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: list[str] | None = None, *,
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Sequence[str] | None = None, *,
                      any_method: bool = False) -> Config:
     """A checked Config from ``data`` with ``overrides`` applied. ``any_method``: accept a ``method.name`` that
     is not registered in this process (a checkpoint's config, read for its backbone: evaluation and export
@@ -627,7 +631,7 @@ def check_overrides(overrides) -> None:
                           f"{type(overrides).__name__} {overrides!r}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | None = None) -> Config:
     """Load a YAML recipe (a path or a shipped name; default ``demo``) and apply ``overrides``."""
     check_overrides(overrides)  # before the file is read: the mistake is in the call
     file = find_config(path or "demo")

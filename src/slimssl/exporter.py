@@ -8,12 +8,14 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from .config import Config
 from .data.files import DataError
 from .errors import UsageError
 from .launch import warn_of_repeated_work
 from .models.resnet import SlimResNet
-from .nn.spec import SubnetSpec
+from .nn.spec import SubnetSpec, Subnets
 
 log = logging.getLogger("slimssl")
 
@@ -53,10 +55,10 @@ def export_source(checkpoint: str | Path | None, config: Config | dict | str | P
     return f"random init of config {name!r}"
 
 
-def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Sequence | str = "all", *,
+def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets = "all", *,
                config: Config | dict | str | Path | None = None, overrides: Sequence[str] = (),
                fmt: str = "safetensors", overwrite: bool = False, verify: bool = False,
-               resolution: int | None = None, recalibrate_bn: int | None = None, device: str = "auto",
+               resolution: int | None = None, recalibrate_bn: int | None = None, device: str | torch.device = "auto",
                eval_batch_size: int | None = None, **data) -> list[dict]:
     """Export ``subnets`` (names or widths, or ``"all"`` of the menu) of ``checkpoint`` (a checkpoint file or
     run directory) into ``out/<subnet name>/``, as ``slimssl export`` does; returns one row per sub-network

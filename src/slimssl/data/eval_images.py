@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Generator, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -134,7 +134,8 @@ class StreamedImages:
             raise IndexError(f"indices out of range for {len(self)} images of {self.root}")
         return order
 
-    def _decoded(self, order: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor | None, list[Failure]]]:
+    def _decoded(self, order: torch.Tensor,
+                 batch_size: int) -> Generator[tuple[torch.Tensor | None, list[Failure]], None, None]:
         """(images or None when a file failed, failures) per batch of ``order``, decoded by the workers."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from ..config import Config
     from ..models.resnet import SlimResNet
+    from ..nn.spec import Subnets
 
 log = logging.getLogger("slimssl")
 
@@ -81,7 +82,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
 
 # ---- the protocols -----------------------------------------------------------------------------------
 
-def knn(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | float | None = "all", *, k: int | None = None,
+def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int | None = None,
         temperature: float | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
         recalibrate_bn: int | None = None, save: bool = True, config: Config | dict | str | Path | None = None,
         **data) -> list[dict]:
@@ -122,7 +123,7 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | float | N
     return rows
 
 
-def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | float | None = "all", *,
+def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *,
                  epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE,
                  seed: int = 0, augment: bool = False, train_crop: str | None = None, distill: bool = False,
                  shared_head: bool = False, device: str | torch.device = "auto",
@@ -167,7 +168,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Sequence | str | 
     return rows
 
 
-def finetune(checkpoint: str | Path | SlimResNet, subnets: Sequence[str | float] | str = "all",
+def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
              label_fractions: Sequence[float] | float = (0.01, 0.1), *, epochs: int | None = None,
              lr: float | None = None, batch_size: int | None = None, seed: int = 0, train_crop: str | None = None,
              out: str | Path | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
@@ -253,7 +254,7 @@ def finetuned_name(spec, label_fraction: float, seed: int) -> str:
     return f"{spec.name}_{fraction_tag(label_fraction)}_seed{seed}"
 
 
-def finetune_jobs(supernet, subnets: Sequence[str | float] | str, label_fractions: Sequence[float] | float,
+def finetune_jobs(supernet, subnets: Subnets, label_fractions: Sequence[float] | float,
                   out: str | Path | None = None) -> list[tuple]:
     """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
     without repeats (``subnets="all"``: the menu)."""

@@ -29,7 +29,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from typing import Iterator, Mapping, Sequence
+from typing import Generator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +200,7 @@ def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: t
 # ---- the probe ---------------------------------------------------------------------------------------
 
 def _epoch_batches(train: EvalImages, perm: torch.Tensor, batch_size: int,
-                   augment: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+                   augment: bool) -> Generator[tuple[torch.Tensor, torch.Tensor | None], None, None]:
     """(indices, their uint8 images when augmenting, else None) of every step of an epoch; the images are
     read in the epoch's order, so a streamed train split is decoded once per epoch."""
     steps = perm.split(batch_size)

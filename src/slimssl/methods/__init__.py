@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from importlib.metadata import entry_points
+from typing import TypeVar
 
 from ..errors import SlimsslError
 from ..models.heads import Layer, check_layers
@@ -22,9 +23,10 @@ log = logging.getLogger("slimssl")
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (BYOL, MoCoV2, MoCoV3)}
 ENTRY_POINT_GROUP = "slimssl.methods"
+M = TypeVar("M", bound=type[Method])  # register_method as a decorator keeps the class's own type
 
 
-def register_method(cls: type[Method]) -> type[Method]:
+def register_method(cls: M) -> M:
     """Make ``cls`` the method of ``method.name: <cls.name>``; returns ``cls``, so it works as a decorator.
 
     Registering a class again under its name replaces the earlier definition (a notebook cell run twice);

@@ -16,6 +16,10 @@ from torch import nn
 from ..models.heads import Layer
 from .losses import soft_cross_entropy
 
+# One entry per view (two); None for a view that :meth:`Method.views_used` leaves out on that side. A method
+# whose loss is symmetric gets both, and may annotate its hooks with list[torch.Tensor].
+Views = list[torch.Tensor | None]
+
 
 @dataclass
 class MethodOutput:
@@ -56,12 +60,12 @@ class Method(nn.Module):
         self.cfg = cfg
         self.options = {**self.default_options, **cfg.options}  # checked against the defaults by the config
 
-    def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
+    def loss(self, online: Views, target: Views) -> MethodOutput:
         """``online``: the online network's outputs for the views; ``target``: the full-size target's. A view
         left out by :meth:`views_used` is ``None`` there."""
         raise NotImplementedError
 
-    def prepare_target(self, target: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    def prepare_target(self, target: Views) -> Views:
         """The target's outputs as every sub-network's loss takes them, computed once per step (e.g. keys
         gathered over the processes). Unchanged by default."""
         return target
@@ -93,5 +97,5 @@ class Method(nn.Module):
         return 1 - (1 - m) * (math.cos(math.pi * progress) + 1) / 2
 
     @torch.no_grad()
-    def after_step(self, target: list[torch.Tensor]) -> None:
+    def after_step(self, target: Views) -> None:
         """Update method state (e.g. a queue of keys) once per iteration, after all sub-networks ran."""

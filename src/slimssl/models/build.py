@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import Config, ConfigError, config_from_dict, load_config
 from .resnet import SlimResNet
 
 
-def as_config(config: Config | dict | str | Path | None, overrides: list[str] | None = None) -> Config:
+def as_config(config: Config | dict | str | Path | None, overrides: Sequence[str] | None = None) -> Config:
     """A Config from itself, a dict of sections, or a YAML path or shipped name (None: the demo recipe),
     with ``overrides`` (``"section.key=value"`` strings) applied."""
     if isinstance(config, Config):
@@ -21,7 +22,7 @@ def as_config(config: Config | dict | str | Path | None, overrides: list[str] | 
                       f"{type(config).__name__}")
 
 
-def build_supernet(config: Config | dict | str | Path | None = None, overrides: list[str] | None = None
+def build_supernet(config: Config | dict | str | Path | None = None, overrides: Sequence[str] | None = None
                    ) -> SlimResNet:
     """The slimmable backbone of ``config`` (default: the demo recipe) with ``overrides`` (as ``--set``
     takes them), randomly initialised."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .channels import scaled_channels
-from .spec import Menu, SubnetError, SubnetLike, SubnetSpec
+from .spec import Menu, SubnetError, SubnetLike, Subnets, SubnetSpec
 
 
 class SlimState:
@@ -201,7 +201,7 @@ class SlimmableMixin:
             state.menu.require(subnet)
         return subnet
 
-    def resolve_many(self, subnets) -> list[SubnetSpec]:
+    def resolve_many(self, subnets: Subnets) -> list[SubnetSpec]:
         """The menu (``subnets`` None or ``"all"``), or each of ``subnets`` (one alone too) resolved, in order and
         without repeats."""
         if subnets is None or (isinstance(subnets, str) and subnets == "all"):
@@ -224,7 +224,7 @@ class SlimmableMixin:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches,
+def recalibrate_bn(model: SlimmableMixin, subnet: SubnetLike, batches,
                    device: torch.device | str | None = None) -> None:
     """Re-estimate, in place, the BatchNorm running statistics of ``subnet`` from ``batches`` of input images.
 
@@ -233,6 +233,10 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches,
     ``subnet`` runs changes: the channels beyond its width and the layers beyond its depth keep their
     statistics, which belong to other sub-networks.
     """
+    if not isinstance(model, SlimmableMixin):
+        raise SubnetError(f"recalibrate_bn takes a slimmable supernet (slimssl.build_supernet, load_supernet), got "
+                          f"{type(model).__name__}; a plain model's BatchNorm statistics are re-estimated by "
+                          "torch.optim.swa_utils.update_bn(batches, model)")
     with model.subnet(subnet) as spec:
         layers = [layer for layer in model.modules() if isinstance(layer, SlimBatchNorm)
                   and (layer.bns is None or spec.name in layer.bns)]  # private: blocks within its depth

@@ -118,6 +118,8 @@ class SubnetSpec:
 # What every function that takes one sub-network accepts: a spec, its text (``"w0p5_d2-2-2-2"``, ``"0.5"``,
 # ``"0.5:2,2,2,2"``) or a width alone (``0.5``: full depth).
 SubnetLike = Union[SubnetSpec, str, float]
+# What every function that takes several accepts: one of them, a sequence of them, or "all" (or None): the menu.
+Subnets = Union[SubnetLike, Sequence[SubnetLike], None]
 
 
 class Menu(tuple):

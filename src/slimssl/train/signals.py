@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+if TYPE_CHECKING:
+    from .pretrain import PretrainRun
 
 log = logging.getLogger("slimssl")
 
@@ -16,7 +19,7 @@ EXIT_INTERRUPTED = 3  # documented: the run was stopped by SIGTERM/SIGINT after 
 class Interrupted(RuntimeError):
     """Training stopped by a signal after saving a checkpoint."""
 
-    run = None  # slimssl.pretrain sets the PretrainRun of how far it got, for `pretrain --json`
+    run: PretrainRun | None = None  # slimssl.pretrain sets the PretrainRun of how far it got, for `pretrain --json`
 
 
 @contextlib.contextmanager
