@@ -18,7 +18,7 @@ from .launch import torchrun_processes
 log = logging.getLogger("slimssl")
 
 
-# ---- export ------------------------------------------------------------------------------------------
+# ---- the model commands: export, profile, config ------------------------------------------------------
 
 def _supernet_from_args(args: argparse.Namespace):
     """The supernet named by CHECKPOINT, or by --config with --random-init; its config; and the checkpoint's

@@ -54,8 +54,8 @@ class EvalImages(Protocol):
 
 
 def as_eval_images(images: torch.Tensor | EvalImages) -> EvalImages:
-    """A bare uint8 tensor [N, 3, H, W] as unlabelled in-memory images; a dataset as it is (older callers
-    pass ``dataset.images``)."""
+    """A bare uint8 tensor [N, 3, H, W] (a sample taken from a split, or a user's images) as unlabelled
+    in-memory images; a dataset as it is."""
     if isinstance(images, torch.Tensor):
         return ImageDataset(images, None, None, "images")
     return images

@@ -18,7 +18,6 @@ ImageNet's RandomResizedCrop; see ``eval/linear.py``) + horizontal flip, BatchNo
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from ..devices import to_device_async
 from ..errors import UsageError
 from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,
                FINETUNE_MIN_STEPS, check_train_crop)
-from .linear import augment_batch, output_classes, topk_accuracy
+from .linear import augment_batch, cosine_schedule, output_classes, topk_accuracy
 from .recalibrate import subnet_models
 
 log = logging.getLogger("slimssl")
@@ -181,10 +180,10 @@ def _fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
     batch = min(recipe.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the last partial batch: BatchNorm sees full batches
     total = max(recipe.epochs * steps_per_epoch, recipe.min_steps)
-    base_lr = recipe.lr * batch / 256
+    base_lr = recipe.lr * batch / FINETUNE_BATCH_SIZE  # the batch recipe.lr is given at
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    schedule = cosine_schedule(optimizer, total)
     log.info("fine-tuning: %d steps of batch %d, lr %g", total, batch, base_lr)
     model.train()
     perm, cursor = torch.randperm(n, generator=generator), 0

@@ -302,6 +302,11 @@ def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float,
     check_train_crop(train_crop, default_allowed=False)
 
 
+def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The evaluations' learning rate: from the optimiser's down to 0 along a cosine, stepped once per step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+
+
 def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, *, epochs: int, lr: float,
                  batch_size: int, distill: bool, teacher: str, seed: int) -> None:
     """Train all heads together with :data:`PROBE_OPTIMIZER` and a per-step cosine schedule to 0."""
@@ -310,7 +315,7 @@ def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, 
     n_train = len(train)
     steps_per_epoch = math.ceil(n_train / batch_size)
     total = epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    schedule = cosine_schedule(optimizer, total)
     gen = torch.Generator().manual_seed(seed)  # the epochs' orders and the augmentations' draws
     labels = train.labels.to(device)
     heads.train()

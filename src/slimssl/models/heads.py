@@ -48,7 +48,8 @@ def check_layers(layers: Sequence, where: str = "head declaration") -> list[Laye
 
 
 class SlimMLP(nn.Sequential):
-    """An MLP of slimmable linear layers with per-sub-network BatchNorm (private, keyed by name)."""
+    """An MLP of slimmable linear layers with BatchNorm per sub-network (``bn="private"``, keyed by name) or one
+    BatchNorm sliced to each width (``bn="shared"``)."""
 
     def __init__(self, in_dim: int, layers: Sequence[Layer], menu: Menu, bn: str = "private", divisor: int = 1):
         modules: list[nn.Module] = []

@@ -59,8 +59,9 @@ def _goal(goal: str, value: float | None, target: float | None, at_least: bool, 
 
 
 def goals(rows: list[dict], time_ratio: float | None) -> list[dict]:
-    """The issue's goals: full width within 1 point of alone; every smaller entry at least as good as
-    alone (kNN and linear); slimmable pretraining at most 60% of the one-by-one time."""
+    """The goals the reproduction is held to (docs/results.md): full width within 1 point of alone; every
+    smaller entry at least as good as alone (kNN and linear); slimmable pretraining at most 60% of the
+    one-by-one time."""
     out = []
     full, smaller = rows[0], rows[1:]  # the menu's largest entry comes first
     for short in METRICS:
