@@ -1031,3 +1031,44 @@ def test_a_supernet_in_memory_is_evaluated_as_its_checkpoint_is_and_nothing_is_s
         slimssl.knn(supernet, config=wider, device="cpu")
     with pytest.raises(slimssl.UsageError, match="config= is for a supernet in memory"):
         slimssl.knn(run, config=tiny_config(), device="cpu")
+
+
+def test_exporting_shared_bn_statistics_not_estimated_for_the_subnet_warns_until_recalibrated(tmp_path, caplog):
+    import copy
+
+    unestimated = "exported with shared BatchNorm statistics that were not estimated for it"
+    supernet = tiny_supernet("shared").train()
+    x = torch.rand(8, 3, 16, 16)
+    for width in (1.0, 0.5):  # training forwards: the statistics mix the widths
+        supernet(x, subnet=width)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        slimssl.export_subnet(supernet, 0.5, tmp_path / "a")
+    assert unestimated in caplog.text and "recalibrate_bn(supernet, 'w0p5" in caplog.text
+
+    def warns(model, subnet) -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="slimssl"):
+            slimssl.export_subnet(model, subnet, tmp_path / "b", overwrite=True)
+        return unestimated in caplog.text
+
+    copied = copy.deepcopy(supernet)
+    slimssl.recalibrate_bn(copied, 0.5, [x[:4], x[4:]])
+    assert not warns(copied, 0.5)  # what evaluation measures
+    assert warns(copied, 1.0)  # estimated for another width
+    assert warns(supernet, 0.5)  # the copy was recalibrated, not the supernet
+    copied.train()(x, subnet=0.5)  # trained on: the statistics move again
+    assert warns(copied, 0.5)
+    assert not warns(tiny_supernet("private"), 0.5)  # private BatchNorm: each sub-network has its own
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):  # as asked: no word
+        slimssl.export_subnet(supernet, 0.5, tmp_path / "c", check_bn_statistics=False)
+    assert unestimated not in caplog.text
+
+
+def test_a_checkpoint_from_slimssl_recalibrate_exports_its_subnet_without_a_warning(tmp_path, caplog):
+    make_checkpoint(tmp_path / "in.pt", bn="shared")
+    slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "out.pt", batches=2, device="cpu")
+    supernet, _ = slimssl.load_supernet(tmp_path / "out.pt")
+    assert supernet.bn_statistics_estimated(0.5) and not supernet.bn_statistics_estimated(1.0)
+    original, _ = slimssl.load_supernet(tmp_path / "in.pt")
+    assert not original.bn_statistics_estimated(0.5)

@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": ".config", "load_config": ".config",
     "load_checkpoint": ".checkpoint", "load_supernet": ".checkpoint",
-    "export_subnet": ".export", "load_exported": ".export", "save_exported": ".export", "export_run": ".exporter",
+    "export_subnet": ".export", "load_exported": ".export", "save_exported": ".export", "verify_export": ".export",
+    "export_run": ".exporter",
     "build_supernet": ".models.build",
     "PlainResNet": ".models.plain",
     "SlimResNet": ".models.resnet",
@@ -38,7 +39,7 @@ __all__ = [  # the names of _EXPORTS, written out for type checkers
     "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError",
     "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet", "finetune", "knn",
     "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pretrain",
-    "recalibrate_bn", "recalibrate_checkpoint", "save_exported",
+    "recalibrate_bn", "recalibrate_checkpoint", "save_exported", "verify_export",
 ]
 
 
@@ -64,7 +65,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .errors import SlimsslError, UsageError
     from .eval.evaluate import finetune, knn, linear_probe
     from .eval.recalibrate import recalibrate_checkpoint
-    from .export import ExportError, export_subnet, load_exported, save_exported
+    from .export import ExportError, export_subnet, load_exported, save_exported, verify_export
     from .exporter import export_run
     from .models.build import build_supernet
     from .models.plain import PlainResNet

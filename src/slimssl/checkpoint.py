@@ -216,4 +216,7 @@ def supernet_of(data: dict, path: str | Path, config: Config | dict | str | Path
     except RuntimeError as e:  # weights that do not fit the stored config: a damaged or hand-edited file
         raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({first_mismatch(e)})") \
             from None
+    chosen = (data.get("recalibrated") or {}).get("subnet")
+    if chosen:  # written by slimssl recalibrate: the statistics are that sub-network's
+        model.mark_bn_estimated(chosen)
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +27,8 @@ CONFIG = "config.json"
 ONNX = "model.onnx"
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
+log = logging.getLogger("slimssl")
+
 
 FORMATS = ("safetensors", "onnx")
 # what save_exported keeps of a loaded model's metadata: its inputs and origin, not its classes or accuracy
@@ -38,14 +41,15 @@ class ExportError(SlimsslError):
 
 def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str | Path,
                   fmt: str = "safetensors", resolution: int = 224, metadata: dict | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, check_bn_statistics: bool = True) -> Path:
     """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder.
 
     The weights and BatchNorm statistics are written as the supernet holds them, in its dtype. With shared
     BatchNorm (``model.bn: shared``) the statistics belong to no width in particular, and evaluation
     re-estimates each sub-network's first; to export the model evaluation measures, call
     ``slimssl.recalibrate_bn(supernet, subnet, batches)`` (on a copy of the supernet) with train batches
-    before exporting, as ``slimssl export`` does. ``fmt="onnx"`` also writes a float32 ONNX graph traced at
+    before exporting, as ``slimssl export`` does. Without that, a warning says so (``check_bn_statistics``:
+    False exports the statistics as stored without one). ``fmt="onnx"`` also writes a float32 ONNX graph traced at
     ``resolution`` whose batch, height and width are dynamic.
 
     An export already there is replaced only when it came from the same ``metadata["source"]`` (exporting a
@@ -56,6 +60,10 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
         require_onnx()  # before anything is written
     spec = supernet.resolve(subnet)
     check_export_folder(Path(out_dir) / spec.name, (metadata or {}).get("source"), overwrite)
+    if check_bn_statistics and not supernet.bn_statistics_estimated(spec):
+        log.warning("%s is exported with shared BatchNorm statistics that were not estimated for it (they mix the "
+                    "widths that trained last): call slimssl.recalibrate_bn(supernet, %r, batches) on train "
+                    "batches first, or export a run with slimssl.export_run, which does", spec.name, spec.name)
     plain = supernet.export(spec).eval()
     (Path(out_dir) / spec.name / ONNX).unlink(missing_ok=True)  # a graph of an earlier export: not these weights
     folder = save_exported(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})

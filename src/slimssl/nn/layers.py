@@ -30,6 +30,9 @@ class SlimState:
         self.active = full
         # training BatchNorm takes statistics over groups of this many consecutive samples (None: the batch)
         self.bn_group_size: int | None = None
+        # shared BatchNorm: the sub-network whose statistics recalibrate_bn estimated last, and how many batches
+        # the statistics had seen then (a training forward adds to them, and they belong to no width again)
+        self.bn_estimated: tuple[str, int] | None = None
 
     def channels(self, full_channels: int) -> int:
         return scaled_channels(full_channels, self.active.width, self.divisor)
@@ -129,6 +132,15 @@ class SlimBatchNorm(SlimModule):
         return bn(x) if self.bns is not None else _sliced_batch_norm(bn, x)
 
 
+def _shared_bn_batches(model: nn.Module) -> int:
+    """How many batches the shared BatchNorm statistics have seen (its first layer's count): a recalibration
+    resets the count, and every training forward adds one."""
+    for layer in model.modules():
+        if isinstance(layer, SlimBatchNorm) and layer.bns is None:
+            return int(layer.bn.num_batches_tracked)
+    return 0
+
+
 def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Training BatchNorm with the statistics of each ``group_size`` consecutive samples, as if each group sat
     on its own GPU; the running statistics move towards the mean over groups. ``bn`` may be wider than ``x``
@@ -211,6 +223,20 @@ class SlimmableMixin:
             raise SubnetError("no sub-network given: name at least one, or 'all' (the menu)")
         return list(dict.fromkeys(self.resolve(t) for t in names))
 
+    def bn_statistics_estimated(self, subnet: SubnetLike | None) -> bool:
+        """Whether the BatchNorm statistics are ``subnet``'s own: always with private BatchNorm; with shared
+        BatchNorm, when :func:`recalibrate_bn` estimated them for it last and no training forward moved them."""
+        state = self.slim_state
+        if state.private_bn:
+            return True
+        return state.bn_estimated == (self.resolve(subnet).name, _shared_bn_batches(self))
+
+    def mark_bn_estimated(self, subnet: SubnetLike | None) -> None:
+        """Record that the shared BatchNorm statistics are now ``subnet``'s own (what recalibrate_bn does, and
+        what a checkpoint written by ``slimssl recalibrate`` holds)."""
+        if not self.slim_state.private_bn:
+            self.slim_state.bn_estimated = (self.resolve(subnet).name, _shared_bn_batches(self))
+
     @contextmanager
     def subnet(self, subnet: SubnetLike | None) -> Iterator[SubnetSpec]:
         """Run the model as ``subnet`` inside the block; the previous sub-network is restored on exit."""
@@ -264,6 +290,7 @@ def recalibrate_bn(model: SlimmableMixin, subnet: SubnetLike, batches,
                 raise SubnetError(f"recalibrate_bn of {spec.name} got no batches; expected at least one batch of "
                                   "input images")
             done = True
+            model.mark_bn_estimated(spec)
         finally:
             for hook in hooks:
                 hook.remove()
