@@ -1035,7 +1035,7 @@ def test_ctrl_c_outside_training_exits_130_with_one_line(monkeypatch, capsys, ca
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("slimssl.cli.cmd_config", interrupted)
+    monkeypatch.setattr("slimssl.model_commands.cmd_config", interrupted)
     assert main(["config"]) == 130
     text = error_text(capsys, caplog)
     assert "slimssl config: interrupted (Ctrl-C)" in text and "Traceback" not in text

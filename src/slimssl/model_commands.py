@@ -1,0 +1,169 @@
+"""The commands about one model or recipe: ``export`` (sub-networks as plain models), ``profile`` (params, MACs
+and latency of every sub-network) and ``config`` (a resolved recipe, or the list of shipped ones). Each reads a
+CHECKPOINT, or builds the supernet of a --config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .cli_args import (add_overrides, data_source, device_name, emit, nonnegative_float, nonnegative_int, output_dir,
+                       positive_int)
+from .errors import UsageError
+
+log = logging.getLogger("slimssl")
+
+
+# ---- export ------------------------------------------------------------------------------------------
+
+def _supernet_from_args(args: argparse.Namespace):
+    """The supernet named by CHECKPOINT, or by --config with --random-init; its config; and the checkpoint's
+    record of ``slimssl recalibrate`` (None when it has none, or for a random initialisation)."""
+    from .exporter import open_supernet
+
+    _check_model_source(args)
+    return open_supernet(args.checkpoint, args.config, args.set or ())
+
+
+def _check_model_source(args: argparse.Namespace) -> None:
+    """CHECKPOINT, or --config (with --random-init where the command has it): one model to read."""
+    from .config import check_assignment
+
+    for assignment in args.set or []:  # a CHECKPOINT after --set is taken as an override: say that first
+        check_assignment(assignment)
+    if args.checkpoint:
+        if args.set and not args.config:
+            raise UsageError("--set changes a --config file; a CHECKPOINT is read with the config saved in it")
+        if getattr(args, "random_init", False):
+            raise UsageError("--random-init exports a new supernet of --config; drop it to export the CHECKPOINT")
+    elif not args.config:
+        needs = " (with --random-init)" if hasattr(args, "random_init") else ""
+        raise UsageError(f"give a CHECKPOINT, or --config FILE{needs}")
+    elif getattr(args, "random_init", True) is False:
+        raise UsageError("--config without a CHECKPOINT exports random weights: add --random-init to confirm")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .eval.commands import data_keywords
+    from .exporter import export_run
+    from .report.table import markdown_table
+
+    if bool(args.subnet) == bool(args.all):
+        raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
+    if args.random_init and args.recalibrate_bn:
+        raise UsageError("--recalibrate-bn re-estimates a trained checkpoint's BatchNorm statistics; --random-init "
+                         "exports the initial ones: drop one of them")
+    _check_model_source(args)
+    rows = export_run(args.checkpoint, args.out, "all" if args.all else args.subnet, config=args.config,
+                      overrides=args.set or (), fmt=args.format, overwrite=args.overwrite, verify=args.verify,
+                      resolution=args.resolution, recalibrate_bn=args.recalibrate_bn, device=args.device,
+                      eval_batch_size=args.eval_batch_size, **data_keywords(args))
+    emit(args, rows, markdown_table(rows))
+    worst = max((v for r in rows for k, v in r.items() if k.endswith("max_rel_diff")), default=0.0)
+    if worst > args.tolerance:
+        log.error("export differs from the supernet by %.3g (relative to its largest output), more than "
+                  "--tolerance %g", worst, args.tolerance)
+        return 1
+    return 0
+
+
+# ---- profile -----------------------------------------------------------------------------------------
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from .report.profile import profile_supernet
+    from .report.table import markdown_table
+
+    supernet, config, _ = _supernet_from_args(args)
+    resolution = args.resolution or config.data.resolution
+    rows = profile_supernet(supernet, resolution, args.num_classes, latency=not args.no_latency)
+    for row in rows:
+        row.update(resolution=resolution, num_classes=args.num_classes)
+    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *(["latency_ms"] if rows and "latency_ms" in rows[0] else [])]))
+    return 0
+
+
+# ---- config ------------------------------------------------------------------------------------------
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import find_config, load_config, packaged_configs
+
+    if args.list:  # the names --config takes, each with the first line of its header comment
+        if args.config or args.set:
+            raise UsageError("--list lists the shipped recipes and takes no --config or --set; drop --list to "
+                             "print the resolved config")
+        names = [name.removesuffix(".yaml") for name in packaged_configs()]
+        width = max(map(len, names))
+        for name in names:
+            header = find_config(name).read_text(encoding="utf-8").splitlines()
+            first = next((line.lstrip("# ").rstrip() for line in header if line.startswith("#")), "")
+            if first and not first.endswith("."):  # the sentence goes on in the file
+                first = first.rstrip(",:;") + " ..."
+            print(f"{name:<{width}}  {first}".rstrip())
+        return 0
+    print(load_config(args.config, args.set).to_yaml(), end="")
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------------
+
+def _add_config(p: argparse.ArgumentParser, required: bool = False, default: str = "") -> None:
+    p.add_argument("--config", required=required,
+                   help=f"YAML recipe: a path or a shipped name such as 'demo'{default}")
+    add_overrides(p)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """export, profile and config: the commands of this module."""
+    from .eval import DEFAULT_RECALIBRATE_BATCHES
+    from .eval.commands import add_loader_args  # export reads train batches as the evaluation commands do
+
+    p = sub.add_parser("export", help="export sub-networks as plain models (safetensors + JSON, or ONNX)")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
+    _add_config(p)
+    p.add_argument("--random-init", action="store_true", help="export a randomly initialised supernet of --config")
+    p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
+                   help="sub-network(s) to export (canonical name, or a width such as 0.5; several may follow)")
+    p.add_argument("--all", action="store_true", help="export every sub-network of the menu")
+    p.add_argument("--out", required=True, type=output_dir, help="output folder (one sub-folder per sub-network)")
+    p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
+                   help="onnx: the safetensors files and an ONNX graph (needs slimssl[onnx])")
+    p.add_argument("--overwrite", action="store_true", help="replace exports in --out that came from another "
+                   "checkpoint or config (an export of the same one is always replaced)")
+    p.add_argument("--verify", action="store_true", help="compare each export with the supernet's sub-network "
+                   "(with shared BatchNorm: the re-estimated copy it was exported from)")
+    p.add_argument("--tolerance", type=nonnegative_float, default=1e-5,
+                   help="--verify fails above this max difference, relative to the largest output where that is "
+                   "above 1 (absolute below)")
+    p.add_argument("--resolution", type=positive_int,
+                   help="input size for --verify, and ONNX's tracing size (the graph takes any size; default: the "
+                        "config's)")
+    p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
+                   help="shared BatchNorm: re-estimate each sub-network's statistics on N train batches before "
+                        "exporting it, as evaluation does, so that the export is the model evaluation measured "
+                        f"(default: {DEFAULT_RECALIBRATE_BATCHES} when the checkpoint's BatchNorm is shared, else 0; "
+                        "0: export the statistics as stored)")
+    p.add_argument("--data", type=data_source,
+                   help="dataset name or path of --recalibrate-bn's train batches (default: the checkpoint "
+                        "config's data.source)")
+    add_loader_args(p)
+    p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
+                   help="where --recalibrate-bn runs: auto (default: cuda if available), cpu, cuda or cuda:N; the "
+                        "export is written from the CPU")
+    p.add_argument("--eval-batch-size", type=positive_int,
+                   help="--recalibrate-bn's batch size (default: config eval.batch_size, as evaluation)")
+    p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("profile", help="params, MACs and CPU latency of every sub-network")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
+    _add_config(p)
+    p.add_argument("--resolution", type=positive_int, help="input size (default: the config's)")
+    p.add_argument("--num-classes", type=nonnegative_int, default=0, help="count a K-way classifier too (papers use 1000)")
+    p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("config", help="print a resolved config (or --list the shipped ones)")
+    _add_config(p, default=" (default: demo)")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes")
+    p.set_defaults(func=cmd_config)

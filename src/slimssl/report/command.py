@@ -1,0 +1,53 @@
+"""``slimssl report``: the tables (and plots) of one or more run directories' results.json, from the files
+alone (no torch import: a report answers at once)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from ..cli_args import emit, output_file
+
+log = logging.getLogger("slimssl")
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # formats matplotlib writes without extra packages
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .plot import plot_accuracy_vs_macs, plot_grad_norms
+    from .report import grad_norm_series, load_runs, report_markdown, with_results
+
+    run_dirs = with_results(args.run_dirs)
+    results = load_runs(run_dirs)
+    if args.plot:
+        plot_accuracy_vs_macs(results, args.metric, args.plot, join_singles=args.join_singles)
+        log.info("wrote %s (%s against MACs)", args.plot, args.metric)
+    status = 0
+    if args.plot_grad:
+        series = {r["run"]: grad_norm_series(d) for r, d in zip(results, run_dirs)}  # labels are unique
+        if any(series.values()):
+            plot_grad_norms(series, args.plot_grad)
+            log.info("wrote %s (gradient norms)", args.plot_grad)
+        else:
+            log.error("--plot-grad: no record with 'grad_norm' in metrics.jsonl of %s; pretraining logs the gradient "
+                      "diagnostic only when asked: --set train.grad_diagnostics_every=N",
+                      ", ".join(map(str, run_dirs)))
+            status = 2  # as for any other input that cannot be used
+    emit(args, results, report_markdown(results))
+    return status
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="tables (and plots) of the results of one or more run directories")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--plot", type=output_file(*PLOT_SUFFIXES), metavar="FILE.png",
+                   help="accuracy against MACs, one line per run (.png, .pdf or .svg)")
+    p.add_argument("--metric", default="knn_top1",
+                   help="what --plot draws: knn_top1, linear_top1, finetune_1pct_top1, ... (default knn_top1)")
+    p.add_argument("--join-singles", metavar="LABEL",
+                   help="draw runs with a single sub-network (pretrained one by one) as one line named LABEL")
+    p.add_argument("--plot-grad", type=output_file(*PLOT_SUFFIXES), metavar="FILE.png",
+                   help="gradient norms on shared/other weights per sub-network (from metrics.jsonl)")
+    p.add_argument("--json", action="store_true", help="print the runs' results.json contents as one JSON list")
+    p.set_defaults(func=cmd_report)
