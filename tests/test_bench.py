@@ -148,3 +148,19 @@ def test_bench_keeps_what_set_says_of_the_device_and_the_fake_data(tmp_path, mon
     assert (seen["cfg"].train.device, seen["cfg"].data.fake_size) == ("cpu", 48)
     assert main(["bench", "--config", str(path), "--data-only", "--device", "cpu", "--batch-size", "16"]) == 0
     assert (seen["cfg"].train.device, seen["cfg"].data.fake_size) == ("cpu", 16)  # one batch of fake images
+
+
+@pytest.mark.parametrize("overrides", [[], ["method.name=mocov2", "model.bn=shared", "model.bn_group_size=4"]])
+def test_the_step_operator_count_finds_no_host_synchronisation(repo_root, overrides):
+    # benchmarks/step_ops.py counts what a step would launch on a GPU; a tensor read by Python in the step (a
+    # host synchronisation) would show up in its last line
+    import subprocess
+    import sys
+
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    done = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "step_ops.py"), "demo", *sets, "--top", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.endswith(" 0 host synchronisations"), last
+    assert int(last.split(": ")[1].split()[0]) > 100  # it counted a real step

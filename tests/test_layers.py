@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+import torch.nn.functional as F
 from torch import nn
 
 from slimssl.models.resnet import InputError, SlimResNet
@@ -396,3 +397,37 @@ def test_eval_mode_gives_every_module_back_its_own_mode_after_an_error():
     with eval_mode(model):
         assert not any(m.training for m in model.modules())
     assert [m.training for m in model.modules()] == [True, True, False]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("width", [1.0, 0.5])
+def test_slim_layers_compute_what_slicing_their_weights_computes(layout, width):
+    # the layers take their weights' leading block without slicing ops; values and gradients must not change,
+    # in any memory layout, and under bf16 autocast with two calls per step (the two views)
+    torch.manual_seed(0)
+    conv, linear = SlimConv2d(8, 16, 3, padding=1, bias=True), SlimLinear(16, 12)
+    state = SlimState(SubnetSpec(1.0, D1), Menu([SubnetSpec(1.0, D1), SubnetSpec(0.5, D1)]))
+    for layer in (conv, linear):
+        bind_state(layer, state)
+    conv = conv.to(memory_format=layout)
+    state.active = SubnetSpec(width, D1)
+    cin = scaled_channels(8, width)
+    views = [torch.randn(2, cin, 6, 6, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    cout, lout = scaled_channels(16, width), scaled_channels(12, width)
+
+    def step(reference: bool) -> list[torch.Tensor]:
+        for p in (*conv.parameters(), *linear.parameters()):
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = []
+            for x in views:
+                if reference:
+                    h = F.conv2d(x, conv.weight[:cout, :cin], conv.bias[:cout], padding=1).mean((2, 3))
+                    outs.append(F.linear(h, linear.weight[:lout, :cout], linear.bias[:lout]))
+                else:
+                    outs.append(linear(conv(x).mean((2, 3))))
+        sum(o.float().square().sum() for o in outs).backward()
+        return [o.detach() for o in outs] + [p.grad.clone() for p in (*conv.parameters(), *linear.parameters())]
+
+    for got, expected in zip(step(reference=False), step(reference=True)):
+        assert torch.equal(got, expected)

@@ -71,9 +71,8 @@ class SlimConv2d(nn.Conv2d, SlimModule):
         # The slice's gradient is zero, not None, outside the slice: weight decay and momentum move the channels
         # a narrow sub-network does not use. Every shipped sampler runs the full network each step, which
         # gives all of them a real gradient, as in US-Nets and SlimCLR.
-        weight = self.weight[:out, : x.shape[1]]
-        bias = None if self.bias is None else self.bias[:out]
-        return self._conv_forward(x, weight, bias)
+        bias = None if self.bias is None else _leading(self.bias, out)
+        return self._conv_forward(x, _leading_block(self.weight, out, x.shape[1]), bias)
 
 
 class SlimLinear(nn.Linear, SlimModule):
@@ -85,8 +84,8 @@ class SlimLinear(nn.Linear, SlimModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.state.channels(self.out_features) if self.slim_out else self.out_features
-        bias = None if self.bias is None else self.bias[:out]
-        return F.linear(x, self.weight[:out, : x.shape[-1]], bias)
+        bias = None if self.bias is None else _leading(self.bias, out)
+        return F.linear(x, _leading_block(self.weight, out, x.shape[-1]), bias)
 
 
 class SlimBatchNorm(SlimModule):
@@ -165,15 +164,15 @@ def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, gro
     if track:
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    running_mean = bn.running_mean[:c].repeat(g) if track else None  # one copy per group, averaged below
-    running_var = bn.running_var[:c].repeat(g) if track else None
+    running_mean = _leading(bn.running_mean, c).repeat(g) if track else None  # one copy per group, averaged below
+    running_var = _leading(bn.running_var, c).repeat(g) if track else None
     out = F.batch_norm(folded, running_mean, running_var,
-                       None if bn.weight is None else bn.weight[:c].repeat(g),
-                       None if bn.bias is None else bn.bias[:c].repeat(g), True, momentum, bn.eps)
+                       None if bn.weight is None else _leading(bn.weight, c).repeat(g),
+                       None if bn.bias is None else _leading(bn.bias, c).repeat(g), True, momentum, bn.eps)
     if track:  # each group's update is linear in its statistics: the mean of the updates is the update by the mean
         with torch.no_grad():
-            bn.running_mean[:c].copy_(running_mean.view(g, c).mean(0))
-            bn.running_var[:c].copy_(running_var.view(g, c).mean(0))
+            torch.mean(running_mean.view(g, c), 0, out=_leading(bn.running_mean, c))
+            torch.mean(running_var.view(g, c), 0, out=_leading(bn.running_var, c))
     return out.unflatten(1, (g, c)).transpose(0, 1).flatten(0, 1).contiguous(memory_format=layout)
 
 
@@ -188,12 +187,28 @@ def _sliced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> 
     use_batch_stats = bn.training or bn.running_mean is None
     return F.batch_norm(
         x,
-        None if bn.running_mean is None else bn.running_mean[:c],
-        None if bn.running_var is None else bn.running_var[:c],
-        None if bn.weight is None else bn.weight[:c],
-        None if bn.bias is None else bn.bias[:c],
+        None if bn.running_mean is None else _leading(bn.running_mean, c),
+        None if bn.running_var is None else _leading(bn.running_var, c),
+        None if bn.weight is None else _leading(bn.weight, c),
+        None if bn.bias is None else _leading(bn.bias, c),
         use_batch_stats, momentum, bn.eps,
     )
+
+
+def _leading_block(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``weight[:rows, :cols]`` (output, input channels) in one op: its gradient is one zero-fill and one copy
+    on a GPU, where the two slices took two of each. At full size an alias, which autocast casts for each call
+    as it casts a slice (its cache would give both views one cast, and sum their gradients in bf16)."""
+    if rows == weight.shape[0] and cols == weight.shape[1]:
+        return weight.view(weight.shape)
+    return weight.as_strided((rows, cols, *weight.shape[2:]), weight.stride())  # any layout: channels_last too
+
+
+def _leading(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` entries of a 1-D ``t``; an alias of ``t`` when that is all of it: a slice is an op with a
+    gradient of its own (two kernels on a GPU) even then, and ``t`` itself would let autocast share one cast
+    between calls, as :func:`_leading_block` says."""
+    return t.view(t.shape) if t.shape[0] == n else t[:n]
 
 
 class SlimmableMixin:

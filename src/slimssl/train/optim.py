@@ -46,17 +46,16 @@ class LARS(torch.optim.Optimizer):
             if not group["lars_exclude"]:
                 if group["weight_decay"]:
                     grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                p_norm = torch._foreach_norm(params)
-                g_norm = torch._foreach_norm(grads)
+                # every layer's norm in one vector, so the trust ratios take a few kernels, not a few per layer
+                p_norm = torch.stack(torch._foreach_norm(params))
+                g_norm = torch.stack(torch._foreach_norm(grads))
                 # trust ratio eta * |w| / |g| (clipped: at most 1 once multiplied by lr below), 1 where either norm
                 # is zero, as plain SGD; stays on the device (no sync)
-                clip = group["lr"] if group["clip"] and group["lr"] > 0 else None
-                trust = [group["trust_coefficient"] * pn / (gn + group["eps"]) for pn, gn in zip(p_norm, g_norm)]
-                if clip is not None:
-                    trust = [(t / clip).clamp_(max=1.0) for t in trust]
-                ratios = [torch.where((pn > 0) & (gn > 0), t, torch.ones_like(pn))
-                          for t, pn, gn in zip(trust, p_norm, g_norm)]
-                grads = torch._foreach_mul(grads, ratios)
+                trust = group["trust_coefficient"] * p_norm / (g_norm + group["eps"])
+                if group["clip"] and group["lr"] > 0:
+                    trust = (trust / group["lr"]).clamp_(max=1.0)
+                ratios = torch.where((p_norm > 0) & (g_norm > 0), trust, torch.ones_like(p_norm))
+                grads = torch._foreach_mul(grads, list(ratios.unbind(0)))
             bufs = []
             for p, g in zip(params, grads):
                 state = self.state[p]
