@@ -206,7 +206,7 @@ def test_the_lower_level_functions_raise_slimssl_errors_for_bad_input(supernet, 
     from slimssl.data.datasets import ImageDataset
     from slimssl.eval.finetune import balanced_subset
     from slimssl.eval.knn import knn_eval_subnets
-    from slimssl.eval.linear import augment_batch
+    from slimssl.eval.supervised import augment_batch
     from slimssl.train.distributed import timeout_seconds
 
     unlabelled = ImageDataset(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), None, None, "folder")

@@ -17,8 +17,8 @@ from slimssl.eval import linear as linear_mod
 from slimssl.eval.finetune import balanced_subset, finetune_subnet, fraction_tag
 from slimssl.eval.recalibrate import subnet_models
 from slimssl.eval.linear import (BackboneChangedError, SharedSlimLinear, SwitchableLinear, backbone_fingerprint,
-                                 check_backbone_unchanged, linear_probe_subnets, make_heads, probe_step,
-                                 augment_batch, random_crop_flip, topk_accuracy)
+                                 check_backbone_unchanged, linear_probe_subnets, make_heads, probe_step)
+from slimssl.eval.supervised import augment_batch, random_crop_flip, topk_accuracy
 from slimssl.models.build import build_supernet
 
 RES = 8

@@ -33,7 +33,7 @@ from ..devices import to_device_async
 from ..errors import UsageError
 from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,
                FINETUNE_MIN_STEPS, check_train_crop)
-from .linear import augment_batch, cosine_schedule, output_classes, topk_accuracy
+from .supervised import augment_batch, cosine_schedule, output_classes, topk_accuracy
 from .recalibrate import subnet_models
 
 log = logging.getLogger("slimssl")

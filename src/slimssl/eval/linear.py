@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, ViewRecipe, eval_transform, geometric_view, normalize
+from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ..data.eval_images import EvalImages
 from ..data.files import DataError
 from ..devices import to_device_async
@@ -46,6 +46,7 @@ from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, 
 from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
 from .recalibrate import subnet_models
+from .supervised import augment_batch, cosine_schedule, output_classes, topk_accuracy
 
 log = logging.getLogger("slimssl")
 
@@ -157,46 +158,6 @@ def probe_step(heads: nn.Module, optimizer: torch.optim.Optimizer, features: Map
     return loss.detach()
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> list[float]:
-    """Top-k accuracies in percent (k capped at the number of classes)."""
-    labels = labels.to(logits.device)
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
-    return [hits[:, : min(k, logits.shape[1])].any(1).float().mean().item() * 100.0 for k in ks]
-
-
-# ---- augmentation ------------------------------------------------------------------------------------
-
-def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Batched random crop of the original size from the zero-padded image, and a horizontal flip with
-    probability 1/2 (the CIFAR recipe). ``x`` is float [B, C, H, W]; draws come from a CPU ``generator``."""
-    b, c, h, w = x.shape
-    tops = to_device_async(torch.randint(0, 2 * padding + 1, (b,), generator=generator), x.device)
-    lefts = to_device_async(torch.randint(0, 2 * padding + 1, (b,), generator=generator), x.device)
-    flips = to_device_async(torch.rand(b, generator=generator) < 0.5, x.device)
-    if padding > 0:
-        x = F.pad(x, (padding, padding, padding, padding))
-    rows = tops[:, None] + torch.arange(h, device=x.device)       # [B, H]
-    cols = lefts[:, None] + torch.arange(w, device=x.device)      # [B, W]
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    return x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-
-
-def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: torch.Generator,
-                  crop: str = "pad") -> torch.Tensor:
-    """uint8 [B,3,H,W] -> resized, randomly cropped (``crop``: ``pad`` or ``resized``) and flipped, normalised
-    float."""
-    x = eval_transform(images, resolution, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    if crop == "pad":
-        x = random_crop_flip(x, max(1, resolution // 8), generator)
-    else:  # "resized": ViewRecipe's defaults, 8-100% of the area, aspect 3/4-4/3, flip 1/2
-        check_train_crop(crop, default_allowed=False)
-        x = geometric_view(x, ViewRecipe(), resolution, generator)
-    return normalize(x, mean, std)
-
-
 # ---- the probe ---------------------------------------------------------------------------------------
 
 def _epoch_batches(train: EvalImages, perm: torch.Tensor, batch_size: int,
@@ -240,13 +201,6 @@ class _ProbeFeatures:
     def of_split(self, data: EvalImages) -> dict[str, torch.Tensor]:
         """The features of a whole split, without augmentation."""
         return self._standardized(extract_subnet_features(self.models, self.specs, data, **self.extract))
-
-
-def output_classes(*datasets) -> int:
-    """How many outputs a classifier of these splits needs: their class names, or their largest label."""
-    counts = [len(d.classes) for d in datasets if getattr(d, "classes", None)]
-    labelled = [int(d.labels.max()) + 1 for d in datasets if d.labels is not None and len(d.labels)]
-    return max(counts + labelled)
 
 
 def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None, mean=IMAGENET_MEAN,
@@ -300,11 +254,6 @@ def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float,
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     check_train_crop(train_crop, default_allowed=False)
-
-
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The evaluations' learning rate: from the optimiser's down to 0 along a cosine, stepped once per step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
 
 
 def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, *, epochs: int, lr: float,
