@@ -1,4 +1,4 @@
-"""Files written whole or not at all: checkpoints, results.json, the decoded-image cache.
+"""Files written whole or not at all: checkpoints, results.json and other JSON files, the decoded-image cache.
 
 The content goes to a temporary file in the target's folder, which is then renamed over the target, so a
 crash or a full disk mid-write leaves the previous file intact and readers never see a partial one.
@@ -7,12 +7,13 @@ crash or a full disk mid-write leaves the previous file intact and readers never
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 
 def _read_umask() -> int:
@@ -57,3 +58,21 @@ def _replace(tmp: str, path: Path) -> None:
             if attempt == REPLACE_RETRIES:
                 raise
             time.sleep(0.1 * (attempt + 1))  # 5.5 s in all: a 180 MiB checkpoint is read in about one
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write ``data`` as JSON through a temporary file and a rename: a crash mid-write keeps the old file."""
+    with atomic_write(path, "w") as f:
+        f.write(json_text(data))
+    return path
+
+
+def json_text(data: Any) -> str:
+    """``data`` as indented JSON; NumPy and torch scalars (a setting passed as ``np.int64(5)``) as numbers."""
+    return json.dumps(data, indent=2, default=_plain_scalar) + "\n"
+
+
+def _plain_scalar(value: Any) -> Any:
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a NumPy scalar, a 0-d array or tensor
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r} is not JSON serializable")

@@ -190,7 +190,8 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
     from ..export import check_export_folder
     from ..exporter import export_source
     from .finetune import finetune_subnet, fraction_tag
-    from .results import run_dir_of, write_json_atomic
+    from ..atomic import write_json_atomic
+    from .results import run_dir_of
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
                   recalibrate_bn=recalibrate_bn)

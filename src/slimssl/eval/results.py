@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from filelock import FileLock
 
-from ..atomic import atomic_write
+from ..atomic import write_json_atomic
 from ..errors import UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, RESULTS_LOCK
 
@@ -96,24 +96,6 @@ def write_results(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
     path = Path(run_dir) / RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
     return write_json_atomic(path, data)
-
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write ``data`` as JSON through a temporary file and a rename: a crash mid-write keeps the old file."""
-    with atomic_write(path, "w") as f:
-        f.write(json_text(data))
-    return path
-
-
-def json_text(data: Any) -> str:
-    """``data`` as indented JSON; NumPy and torch scalars (a setting passed as ``np.int64(5)``) as numbers."""
-    return json.dumps(data, indent=2, default=_plain_scalar) + "\n"
-
-
-def _plain_scalar(value: Any) -> Any:
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a NumPy scalar, a 0-d array or tensor
-        return value.item()
-    raise TypeError(f"{type(value).__name__} {value!r} is not JSON serializable")
 
 
 def merge_rows(rows: list[dict], values: Mapping[str, Mapping[str, Any]]) -> list[dict]:

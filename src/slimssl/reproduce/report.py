@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..eval.results import read_results, write_json_atomic
+from ..atomic import write_json_atomic
+from ..eval.results import read_results
 from ..report.plot import PlotError, plot_accuracy_vs_macs
 from ..report.table import human
 from . import REPORT_JSON, REPORT_MD

@@ -25,7 +25,8 @@ from ..errors import UsageError
 from ..eval import linear_settings, recalibration_batches
 from ..eval.inputs import DataOptions
 from ..eval.linear import linear_probe_subnets
-from ..eval.results import merge_results, read_results, write_json_atomic
+from ..atomic import write_json_atomic
+from ..eval.results import merge_results, read_results
 from ..train.pretrain import RUN_FILES, remove_run_files, write_run_config
 from ..train.loop import Trainer
 from ..train.signals import Interrupted, stop_signals_handled_by
