@@ -142,7 +142,7 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None):
             raise UsageError("a supernet in memory is evaluated with its config: pass config= (a Config, a dict of "
                              "sections, or a recipe name or path)")
         cfg = as_config(config)
-        check_fits(checkpoint, cfg)
+        check_config_is_the_supernets(checkpoint, cfg)
         return checkpoint.to(torch_device), cfg, torch_device, None
     if not isinstance(checkpoint, (str, Path)):
         raise UsageError(f"expected a checkpoint file or run directory (str or Path), or a SlimResNet supernet; got "
@@ -158,7 +158,7 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None):
     return supernet.to(torch_device).eval(), cfg, torch_device, epoch
 
 
-def check_fits(supernet, cfg) -> None:
+def check_config_is_the_supernets(supernet, cfg) -> None:
     """Refuse a config whose architecture or menu is not the supernet's (its resolution and data would not be)."""
     m = cfg.model
     wanted = {"block": m.block, "depths": tuple(m.full_depths), "base_width": m.base_width, "stem": m.stem,
