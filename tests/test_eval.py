@@ -1058,6 +1058,11 @@ def test_exporting_shared_bn_statistics_not_estimated_for_the_subnet_warns_until
     assert warns(supernet, 0.5)  # the copy was recalibrated, not the supernet
     copied.train()(x, subnet=0.5)  # trained on: the statistics move again
     assert warns(copied, 0.5)
+    slimssl.recalibrate_bn(copied, 0.5, [x[:4], x[4:]])
+    other = copy.deepcopy(supernet)
+    slimssl.recalibrate_bn(other, 0.25, [x[:4], x[4:]])  # the same number of batches: the same count
+    copied.load_state_dict(other.state_dict())  # 0.25's statistics now
+    assert warns(copied, 0.5)
     assert not warns(tiny_supernet("private"), 0.5)  # private BatchNorm: each sub-network has its own
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="slimssl"):  # as asked: no word

@@ -198,6 +198,24 @@ def test_recalibrate_bn_of_a_plain_model_says_what_takes_one():
         recalibrate_bn(plain, "0.5", [images(4)])
 
 
+def test_recalibrate_bn_takes_a_compiled_supernet():
+    model = tiny(bn="shared")
+    recalibrate_bn(torch.compile(model, backend="eager"), "0.5", [images(4)])
+    assert model.bn_statistics_estimated("0.5")
+
+
+def test_slim_layers_refuse_more_input_channels_than_their_weights_have():
+    conv, linear = SlimConv2d(3, 8, 3), SlimLinear(6, 8)
+    state = SlimState(SubnetSpec(1.0, D1), Menu([SubnetSpec(1.0, D1), SubnetSpec(0.5, D1)]))
+    for layer in (conv, linear):
+        bind_state(layer, state)
+    state.active = SubnetSpec(0.5, D1)
+    with pytest.raises(RuntimeError, match="channels"):
+        conv(torch.randn(1, 4, 5, 5))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        linear(torch.randn(2, 7))
+
+
 def test_recalibrate_bn_single_batch_equals_batch_stats_deep_layer():
     model = tiny(bn="shared").train()
     x = images(4, seed=9)

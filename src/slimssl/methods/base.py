@@ -16,8 +16,8 @@ from torch import nn
 from ..models.heads import Layer
 from .losses import soft_cross_entropy
 
-# One entry per view (two); None for a view that :meth:`Method.views_used` leaves out on that side. A method
-# whose loss is symmetric gets both, and may annotate its hooks with list[torch.Tensor].
+# One entry per view (two); None for a view that :meth:`Method.views_used` leaves out on that side (a method
+# whose loss is symmetric gets both).
 Views = list[torch.Tensor | None]
 
 

@@ -199,6 +199,8 @@ def _leading_block(weight: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """``weight[:rows, :cols]`` (output, input channels) in one op: its gradient is one zero-fill and one copy
     on a GPU, where the two slices took two of each. At full size an alias, which autocast casts for each call
     as it casts a slice (its cache would give both views one cast, and sum their gradients in bf16)."""
+    if rows > weight.shape[0] or cols > weight.shape[1] or torch.onnx.is_in_onnx_export():
+        return weight[:rows, :cols]  # too many channels: the op's own error; ONNX's tracer wants slices
     if rows == weight.shape[0] and cols == weight.shape[1]:
         return weight.view(weight.shape)
     return weight.as_strided((rows, cols, *weight.shape[2:]), weight.stride())  # any layout: channels_last too
@@ -274,7 +276,7 @@ def recalibrate_bn(model: SlimmableMixin, subnet: SubnetLike, batches,
     ``subnet`` runs changes: the channels beyond its width and the layers beyond its depth keep their
     statistics, which belong to other sub-networks.
     """
-    if not isinstance(model, SlimmableMixin):
+    if not isinstance(getattr(model, "_orig_mod", model), SlimmableMixin):  # torch.compile's wrapper forwards
         raise SubnetError(f"recalibrate_bn takes a slimmable supernet (slimssl.build_supernet, load_supernet), got "
                           f"{type(model).__name__}; a plain model's BatchNorm statistics are re-estimated by "
                           "torch.optim.swa_utils.update_bn(batches, model)")

@@ -17,7 +17,7 @@ class LARS(torch.optim.Optimizer):
     trust ratio, as in BYOL and MoCo v3. A layer's gradient is scaled by ``lr * trust_coefficient * |w| / |g|``;
     with ``clip`` (LARC's clipping mode, which the common CIFAR recipes use with a trust coefficient of 0.02) by
     ``min(trust_coefficient * |w| / |g|, lr)``, so the schedule's lr only caps the step. Updates are batched
-    with foreach ops.
+    with foreach ops; a group's parameters share one device (their norms are stacked into one vector).
 
     ``g`` is the gradient with the weight decay added (``g + wd * w``), as BYOL's and MoCo v3's LARS; solo-learn's
     LARC divides by ``|g| + wd * |w|`` instead. The two denominators differ by at most ``2 * wd * |w|``: small next
