@@ -14,7 +14,7 @@ from .errors import UsageError
 log = logging.getLogger("slimssl")
 
 
-# ---- export ------------------------------------------------------------------------------------------
+# ---- the model a command reads ------------------------------------------------------------------------
 
 def _supernet_from_args(args: argparse.Namespace):
     """The supernet named by CHECKPOINT, or by --config with --random-init; its config; and the checkpoint's
@@ -42,6 +42,8 @@ def _check_model_source(args: argparse.Namespace) -> None:
     elif getattr(args, "random_init", True) is False:
         raise UsageError("--config without a CHECKPOINT exports random weights: add --random-init to confirm")
 
+
+# ---- export ------------------------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .eval.commands import data_keywords
