@@ -49,8 +49,8 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     re-estimates each sub-network's first; to export the model evaluation measures, call
     ``slimssl.recalibrate_bn(supernet, subnet, batches)`` (on a copy of the supernet) with train batches
     before exporting, as ``slimssl export`` does. Without that, a warning says so (``check_bn_statistics``:
-    False exports the statistics as stored without one). ``fmt="onnx"`` also writes a float32 ONNX graph traced at
-    ``resolution`` whose batch, height and width are dynamic.
+    False exports the statistics as stored without one). ``fmt="onnx"`` also writes a float32 ONNX graph
+    traced at ``resolution`` whose batch, height and width are dynamic.
 
     An export already there is replaced only when it came from the same ``metadata["source"]`` (exporting a
     run again) or with ``overwrite``; see :func:`check_export_folder`."""

@@ -35,8 +35,8 @@ class ResultsError(UsageError):
 def run_dir_of(checkpoint: str | Path) -> Path | None:
     """The run directory whose results an evaluation of ``checkpoint`` are, or None for a loose checkpoint.
 
-    ``RUN`` itself (a folder holding ``checkpoints/``, ``results.json`` or ``config.yaml``) and ``RUN/checkpoints/last.pt``
-    give ``RUN``. An earlier checkpoint (``RUN/checkpoints/epoch_0010.pt``) gives None: its numbers are not
+    ``RUN`` itself (a folder holding ``checkpoints/``, ``results.json`` or ``config.yaml``) and
+    ``RUN/checkpoints/last.pt`` give ``RUN``. An earlier checkpoint (``RUN/checkpoints/epoch_0010.pt``) gives None: its numbers are not
     the run's, and merged into ``RESULTS`` they would replace those of the trained network.
     """
     path = Path(checkpoint)

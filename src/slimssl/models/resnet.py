@@ -140,13 +140,13 @@ class SlimResNet(SlimmableMixin, nn.Module):
             out_channels=tuple(ch(m * EXPANSION[self.block]) for m in mids),
             depths=spec.depths, num_classes=num_classes)
 
-    @torch.no_grad()
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         # loaded statistics are not those recalibrate_bn estimated (a checkpoint of slimssl recalibrate marks
         # its own again once loaded: checkpoint.supernet_of)
         self.slim_state.bn_estimated = None
         super()._load_from_state_dict(*args, **kwargs)
 
+    @torch.no_grad()
     def export(self, subnet: SubnetLike | None = None) -> PlainResNet:
         """A standalone plain ResNet holding a copy of ``subnet``'s weights and BatchNorm statistics, in this
         network's mode (train or eval; :func:`slimssl.load_exported` gives eval mode), dtype and device."""
