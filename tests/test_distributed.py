@@ -34,6 +34,8 @@ import yaml
 
 from slimssl.checkpoint import load_checkpoint
 from slimssl.config import config_from_dict
+from slimssl.eval.knn import knn_predict
+from slimssl.eval.shard import Shard
 from slimssl.slim.policy import SlimPolicy
 from slimssl.train import distributed as dist
 from slimssl.train.loop import Trainer
@@ -130,6 +132,7 @@ def run_steps(trainer: Trainer, frozen_bn: bool = True) -> dict:
     indices = [trainer.batch_indices(s) for s in range(STEPS)]
     trainer.fit(max_steps=STEPS)
     return {"state": trainer.model.state_dict(), "initial": initial, "allreduce_per_step": counts,
+            "knn_random_init": trainer.state.knn_random_init, "knn_shard": trainer.knn_monitor.shard,
             "drawn": drawn, "unused_moved": unused_moved, "views0": views0, "indices": indices, "grad_sync_calls": trainer.grad_sync.calls}
 
 
@@ -209,6 +212,20 @@ def records_across_a_resume(out: Path) -> dict[str, list[dict]]:
             for run in ("straight", "resumed")}
 
 
+def sharded_knn() -> dict:
+    """kNN scores of queries against a bank that the processes share (11 entries: 6 and 5), the queries
+    gathered from each one's part (7: 4 and 3), for several k (8 and 11: more than one process holds)."""
+    gen = torch.Generator().manual_seed(5)
+    bank, queries, labels = torch.randn(11, 6, generator=gen), torch.randn(7, 6, generator=gen), \
+        torch.randint(0, 3, (11,), generator=gen)
+    shard = Shard.of_processes(len(bank), len(queries))
+    mine = shard.indices(len(bank))
+    gathered = shard.gather_rows(queries[shard.indices(len(queries))], len(queries))
+    scores = {(k, chunk): knn_predict(bank[mine], labels[mine], gathered, 3, k=k, chunk=chunk, shard=shard)
+              for k in (1, 5, 8, 11, 20) for chunk in (None, 3)}
+    return {"shard": shard, "inputs": (bank, queries, labels), "gathered": gathered, "scores": scores}
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -235,6 +252,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result["api_results_on_return"] = api_returns_after_rank_0_wrote(out / "api")
         result["resumed_finished"] = resume_of_a_finished_run(out / "api")
         result["records_across_a_resume"] = records_across_a_resume(out / "window")
+        result["sharded_knn"] = sharded_knn()
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -321,6 +339,28 @@ def test_one_gradient_allreduce_per_step_and_unused_private_bn_does_not_move(two
         # decay, no momentum), in 2 processes as in 1: (parameters checked, parameters moved) per step
         for run in (result, one_process[method]):
             assert all(checked > 0 and moved == 0 for checked, moved in run["unused_moved"]), run["unused_moved"]
+
+
+def test_knn_against_a_bank_shared_by_the_processes_scores_as_one_process(two_process):
+    _, ranks, _ = two_process
+    results = [r["sharded_knn"] for r in ranks]
+    assert [r["shard"] for r in results] == [Shard(0, 2), Shard(1, 2)]
+    bank, queries, labels = results[0]["inputs"]
+    assert torch.equal(results[0]["gathered"], queries) and torch.equal(results[1]["gathered"], queries)
+    for (k, chunk), scores in results[0]["scores"].items():
+        torch.testing.assert_close(scores, knn_predict(bank, labels, queries, 3, k=k, chunk=chunk))
+        assert torch.equal(scores, results[1]["scores"][k, chunk])  # every process holds the same numbers
+
+
+@pytest.mark.parametrize("method", RUNS)
+def test_every_process_measures_its_share_of_the_knn_and_all_get_what_one_process_gets(two_process, one_process,
+                                                                                       method):
+    _, ranks, _ = two_process
+    assert [r[method]["knn_shard"] for r in ranks] == [Shard(0, 2), Shard(1, 2)]
+    assert one_process[method]["knn_shard"] == Shard()
+    single = one_process[method]["knn_random_init"]
+    assert len(single) == len(MENU) and ranks[0][method]["knn_random_init"] == ranks[1][method]["knn_random_init"]
+    assert ranks[0][method]["knn_random_init"] == single
 
 
 def test_a_run_resumed_within_a_record_logs_the_losses_of_a_run_that_went_straight(two_process):

@@ -298,7 +298,7 @@ def test_trainer_streams_saves_and_resumes_exactly(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="slimssl"):
         straight = Trainer(config_from_dict(data), tmp_path / "straight")
     assert straight.train_data is None and straight.knn_monitor is None
-    assert straight.steps_per_epoch == 3 and "kNN evaluation during pretraining is skipped" in caplog.text
+    assert straight.steps_per_epoch == 3 and "no test split for kNN evaluation" in caplog.text
     results = straight.fit()
     assert straight.state.step == n and results["steps"] == n
     assert all(row["knn_top1"] is None for row in results["subnets"])

@@ -267,6 +267,30 @@ def test_cli_streamed_knn_linear_and_finetune_match_memory(tmp_path, capsys):
     assert _cli_json(capsys, finetune) == _cli_json(capsys, [*finetune, "--loader", "memory"])
 
 
+@pytest.mark.parametrize("bn", ["private", "shared"])
+def test_a_streamed_pretraining_measures_knn_as_slimssl_knn_does(tmp_path, capsys, bn):
+    import slimssl
+    from slimssl.train.loop import Trainer
+
+    root = _folder(tmp_path / "data")
+    cfg = _config(root, bn=bn).model_dump(mode="json")
+    cfg["train"].update(batch_size=12, epochs=2, knn_every=1, device="cpu", precision="fp32", checkpoint_every=0)
+    cfg["method"].update(proj_hidden=16, proj_dim=8, pred_hidden=16)
+    run = tmp_path / "run"
+    with Trainer(config_from_dict(cfg), run) as trainer:
+        assert isinstance(trainer.knn_monitor.bank, StreamedImages) and trainer.train_data is None
+        results = trainer.fit()
+    during = {row["subnet"]: row["knn_top1"] for row in results["subnets"]}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # at random initialisation, after epoch 1 and at the end (epoch 2)
+    assert [r["epoch"] for r in records if "knn_top1" in r] == [1, 2] and len(results["subnets"]) == 2
+    assert all(row["knn_top1_random_init"] is not None for row in results["subnets"])
+    assert results["protocols"]["knn"]["recalibrate_bn"] == (20 if bn == "shared" else 0)
+    # the standalone command, streaming the same splits, measures the final network alike
+    after = {row["subnet"]: row["knn_top1"] for row in slimssl.knn(run, device="cpu", save=False)}
+    assert during == after and all(v is not None for v in during.values())
+
+
 
 def test_cli_evaluates_at_the_configs_crop_ratio_or_the_flags(tmp_path, capsys):
     root = _folder(tmp_path / "data")

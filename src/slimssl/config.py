@@ -232,7 +232,7 @@ class DataConfig(Section):
     fake_size: int = Field(256, gt=0)
     loader: Literal["memory", "stream"] = Field(
         "memory", description="memory: decode the dataset once into a uint8 tensor (GPU when it fits); stream: "
-        "loader workers decode each step's files (a folder or .zip too large for memory; no kNN while pretraining)")
+        "loader workers decode each step's files (a folder or .zip too large for memory; kNN streams the splits too)")
     workers: int | None = Field(None, ge=0, description="loader: stream: decoding worker processes per training "
                                 "process (default: the machine's CPU count, at most 8, decided when the run starts)")
     # crop_scale was filled in from the augmentation recipe, not given: a changed method re-resolves it

@@ -13,6 +13,7 @@ from ..data.files import DataError
 from ..nn.spec import SubnetSpec
 from .features import extract_subnet_features
 from .recalibrate import subnet_models
+from .shard import Shard
 
 if TYPE_CHECKING:
     from .inputs import DataOptions
@@ -23,59 +24,70 @@ SIMILARITY_BYTES = 2**30  # the similarities of one chunk of queries to the whol
 
 @torch.no_grad()
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                k: int = 200, temperature: float = 0.1, chunk: int | None = None) -> torch.Tensor:
+                k: int = 200, temperature: float = 0.1, chunk: int | None = None, *,
+                shard: Shard = Shard()) -> torch.Tensor:
     """Class scores [Q, C] of each query: its k most cosine-similar bank entries vote with exp(sim / T), each
     query's votes divided by exp(its top similarity / T), which leaves its winner as it is and keeps a low T
     from overflowing float32 (1 / T > 88: every vote inf). ``chunk``: queries scored at once; by default at most
-    1024, fewer for a large bank (ImageNet's 1.28M entries: 104), so that a chunk takes about 1 GiB."""
+    1024, fewer for a large bank (ImageNet's 1.28M entries: 104), so that a chunk takes about 1 GiB.
+
+    With a ``shard`` of several processes, ``bank`` is this process's part of the bank and ``queries`` are all
+    of them: every process returns the scores against the whole bank (equal to one process's up to the order
+    of equally similar entries at the k-th place)."""
     bank = F.normalize(bank.float(), dim=1)
     queries = F.normalize(queries.float(), dim=1)
-    k = min(k, len(bank))
-    chunk = chunk or max(1, min(1024, SIMILARITY_BYTES // (8 * max(1, len(bank)))))
+    size, largest = shard.size_and_largest(len(bank), bank.device)
+    k = min(k, size)
+    # from the largest part: every process must score the same chunks, since it merges each one with the others
+    chunk = chunk or max(1, min(1024, SIMILARITY_BYTES // (8 * max(1, largest))))
     scores = []
     for start in range(0, len(queries), chunk):
         sim = queries[start:start + chunk] @ bank.T
-        top_sim, top_idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(top_idx), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[top_idx], ((top_sim - top_sim[:, :1]) / temperature).exp())
+        top_sim, top_idx = sim.topk(min(k, len(bank)), dim=1)
+        top_sim, top_labels = shard.nearest(top_sim, bank_labels[top_idx], k)
+        votes = torch.zeros(len(top_sim), num_classes, device=bank.device)
+        votes.scatter_add_(1, top_labels, ((top_sim - top_sim[:, :1]) / temperature).exp())
         scores.append(votes)
     return torch.cat(scores)
 
 
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-                 num_classes: int, k: int = 200, temperature: float = 0.1) -> float:
-    """Top-1 accuracy in percent."""
-    scores = knn_predict(bank, bank_labels.to(bank.device), queries, num_classes, k, temperature)
+                 num_classes: int, k: int = 200, temperature: float = 0.1, *, shard: Shard = Shard()) -> float:
+    """Top-1 accuracy in percent (``shard``: see :func:`knn_predict`)."""
+    scores = knn_predict(bank, bank_labels.to(bank.device), queries, num_classes, k, temperature, shard=shard)
     return (scores.argmax(1).cpu() == query_labels.cpu()).float().mean().item() * 100.0
 
 
 def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resolution: int, mean, std,
                      batch_size: int = 256, device="cpu", models: Mapping[str, nn.Module] | None = None,
-                     specs: Sequence[SubnetSpec] | None = None) -> dict[str, float]:
+                     specs: Sequence[SubnetSpec] | None = None, shard: Shard = Shard()) -> dict[str, float]:
     """kNN top-1 of every sub-network of ``specs`` (default: the menu): the train split is the bank, the test
     split the queries (datasets in memory or streamed, see ``data/eval_images.py``; each split is read once
     for all the entries). ``models`` evaluates each entry by name instead of the supernet (e.g.
-    BatchNorm-recalibrated copies)."""
+    BatchNorm-recalibrated copies). With a ``shard`` of several processes, each one reads its part of both
+    splits, and all of them return the same accuracies."""
 
     if train.labels is None or test.labels is None:
         raise DataError(f"kNN needs labels; dataset {train.name!r} has none (an unlabelled folder)")
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     specs = list(supernet.menu) if specs is None else list(specs)
     kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
-    banks = extract_subnet_features(models or supernet, specs, train, **kw)
-    queries = extract_subnet_features(models or supernet, specs, test, **kw)
-    bank_labels = train.labels.to(device)
-    return {spec.name: knn_accuracy(banks[spec.name], bank_labels, queries[spec.name], test.labels, num_classes, k,
-                                    temperature)
+    mine = shard.indices(len(train))
+    banks = extract_subnet_features(models or supernet, specs, train, indices=mine, **kw)
+    queries = extract_subnet_features(models or supernet, specs, test, indices=shard.indices(len(test)), **kw)
+    bank_labels = (train.labels if mine is None else train.labels[mine]).to(device)
+    return {spec.name: knn_accuracy(banks[spec.name], bank_labels, shard.gather_rows(queries[spec.name], len(test)),
+                                    test.labels, num_classes, k, temperature, shard=shard)
             for spec in specs}
 
 
 def knn_of_subnets(supernet, cfg, train, test, device, *, specs=None, k: int | None = None,
                    temperature: float | None = None, batch_size: int | None = None,
-                   recalibrate_batches: int | None = None) -> dict[str, float]:
+                   recalibrate_batches: int | None = None, shard: Shard = Shard()) -> dict[str, float]:
     """kNN top-1 of every sub-network of ``specs`` (default: the menu) with ``cfg``'s evaluation settings where
     no other is given: what both `slimssl knn` and the kNN during pretraining measure. With shared BatchNorm,
-    each one's statistics are re-estimated first (``recalibrate_batches``, automatic by default)."""
+    each one's statistics are re-estimated first (``recalibrate_batches``, automatic by default; every process
+    of a ``shard`` does it alike)."""
     e, d = cfg.eval, cfg.data
     specs = list(supernet.menu) if specs is None else list(specs)
     image = dict(resolution=d.resolution, mean=d.mean, std=d.std, batch_size=batch_size or e.batch_size,
@@ -83,7 +95,7 @@ def knn_of_subnets(supernet, cfg, train, test, device, *, specs=None, k: int | N
     models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_batches, **image)
     return knn_eval_subnets(supernet, train, test, k=e.knn_k if k is None else k,
                             temperature=e.knn_temperature if temperature is None else temperature,
-                            models=models, specs=specs, **image)
+                            models=models, specs=specs, shard=shard, **image)
 
 
 def knn_settings(cfg, options: DataOptions, k: int, temperature: float, recalibrate_bn: int) -> dict:

@@ -38,7 +38,7 @@ from ..launch import torchrun_processes
 log = logging.getLogger("slimssl")
 
 TIMEOUT_ENV = "SLIMSSL_DIST_TIMEOUT"
-DEFAULT_TIMEOUT_S = 1800.0  # longer than rank 0's evaluations (kNN) that the other ranks wait through
+DEFAULT_TIMEOUT_S = 1800.0  # longer than rank 0's checkpoint writes, which the other ranks wait through
 
 
 def is_distributed() -> bool:
@@ -221,3 +221,12 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` is true on every rank (``flag`` itself without a process group)."""
+    if not is_distributed():
+        return flag
+    flags: list[Any] = [None] * world_size()
+    dist.all_gather_object(flags, bool(flag))
+    return all(flags)

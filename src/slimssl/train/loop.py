@@ -128,8 +128,7 @@ class Trainer:
             if not stream and len(self.train_data) < cfg.train.batch_size:
                 raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
                                 f"train.batch_size {cfg.train.batch_size}")
-            # kNN runs on rank 0 alone
-            self.knn_monitor = KnnMonitor.of_run(cfg, self.train_data, self.device) if dist.is_main() else None
+            self.knn_monitor = KnnMonitor.of_run(cfg, self.train_data, self.device)
             self.augment = two_view_augment(cfg)
             self.view_source = build_view_source(cfg, self.augment, self.train_data, rank=dist.rank(),
                                                  world=self.world, device=self.device)
@@ -225,7 +224,7 @@ class Trainer:
 
     def _average_bn_statistics(self) -> None:
         """Every process's BatchNorm running statistics, which each takes from its own samples, replaced by their
-        mean over the processes: the checkpoint and rank 0's kNN then see all the samples (with
+        mean over the processes: the checkpoint and the kNN (every process's share) then see all the samples (with
         model.bn_group_size, exactly what one process sees), and a resume on another number of processes
         continues them. The update of a running statistic is linear, so averaging now or only at the end gives
         the same statistics."""
@@ -277,7 +276,8 @@ class Trainer:
     # ---- evaluation ---------------------------------------------------------------------------------
 
     def knn(self) -> dict[str, float]:
-        """Every sub-network's kNN top-1 on the run's data, as `slimssl knn` measures it; {} without a monitor."""
+        """Every sub-network's kNN top-1 on the run's data, as `slimssl knn` measures it; {} without a monitor.
+        Collective: every process calls it, and gets the same values."""
         return self.knn_monitor(self.model.backbone) if self.knn_monitor else {}
 
     # ---- the step -----------------------------------------------------------------------------------
@@ -439,18 +439,13 @@ class Trainer:
         """kNN at random initialisation (a new run), or, for a run resumed at the end of an epoch, that epoch's
         kNN when the run that saved the checkpoint was stopped before it could log it."""
         resumed_at, self._resumed_at = self._resumed_at, None
-        if dist.is_main():
-            self._evaluate_on_rank_0(resumed_at)
-        if self.world > 1:  # every rank holds rank 0's result: any of them may save a checkpoint (bad data)
-            self.state.knn_random_init = dist.broadcast_object(self.state.knn_random_init)
-
-    def _evaluate_on_rank_0(self, resumed_at: int | None) -> None:
+        # every process evaluates (its share) and gets the same result: any of them may save a checkpoint
         if self.state.step == 0 and not self.state.knn_random_init and self.cfg.eval.knn_random_init:
             self.state.knn_random_init = self.knn()
             if self.state.knn_random_init:
                 log.info("kNN at random initialisation: %s", _fmt(self.state.knn_random_init))
         elif (resumed_at and resumed_at % self.steps_per_epoch == 0 and self._knn_due(resumed_at)
-              and not self.metrics.has_record(resumed_at, "knn_top1")):
+              and not dist.broadcast_object(self.metrics.has_record(resumed_at, "knn_top1"))):  # rank 0's file
             self._epoch_knn()
 
     def _saved_before(self, error: DataError) -> DataError:
@@ -505,7 +500,7 @@ class Trainer:
         if name:
             self.save(name)  # before last.pt: a run stopped in between writes it again
         self.save()
-        if self._knn_due(self.state.step) and dist.is_main():
+        if self._knn_due(self.state.step):
             self._epoch_knn()
 
     def _epoch_checkpoint_due(self) -> str | None:
@@ -543,7 +538,7 @@ class Trainer:
     def _finished_already(self) -> tuple[bool, dict]:
         """Whether this resumed run had already finished (its results.json has the same number of steps), and
         those results (rank 0; {} elsewhere). Rank 0 reads the file and tells the others, so that every process
-        returns together instead of the others waiting in the first kNN for a rank 0 that has left."""
+        returns together instead of the others waiting in the first kNN, a collective, for a rank 0 that has left."""
         results = self._finished_results() if dist.is_main() else {}
         finished = bool(results)
         if self.world > 1:
@@ -560,10 +555,10 @@ class Trainer:
         return results if results.get("steps") == self.state.step else {}
 
     def finish(self) -> dict:
-        """Final evaluation and results.json (main process)."""
+        """Final evaluation (every process) and results.json (main process)."""
+        knn = self.knn()
         if not dist.is_main():
             return {}
-        knn = self.knn()
         backbone = self.model.backbone
         rows = profile_supernet(backbone, self.cfg.data.resolution, latency=False)
         for row in rows:

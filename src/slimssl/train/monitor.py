@@ -1,6 +1,7 @@
 """The kNN monitor of a pretraining run: every sub-network's kNN top-1 on the run's own labelled splits, measured
 as `slimssl knn` measures it (the same decoding, crop and settings), at random initialisation, every
-``train.knn_every`` epochs and at the end."""
+``train.knn_every`` epochs and at the end. Every process of a multi-process run takes part: each one reads its
+share of the images (:mod:`slimssl.eval.shard`), and all of them get the same accuracies."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import logging
 import torch
 
 from ..config import Config
-from ..data.datasets import ImageDataset, check_same_classes, load_dataset
+from ..data.datasets import ImageDataset, check_same_classes
+from ..data.eval_images import EvalImages, load_eval_split
 from ..data.files import DataError, MissingSplitError
+from ..data.views import default_workers
 from ..eval import recalibration_batches
 from ..eval.inputs import DataOptions
 from ..eval.knn import knn_of_subnets, knn_settings
+from ..eval.shard import Shard
+from . import distributed as dist
 
 log = logging.getLogger("slimssl")
 
@@ -21,26 +26,35 @@ log = logging.getLogger("slimssl")
 class KnnMonitor:
     """kNN of a supernet's sub-networks with the train split as the bank and the test split as the queries."""
 
-    def __init__(self, cfg: Config, bank: ImageDataset, queries: ImageDataset, device: torch.device):
+    def __init__(self, cfg: Config, bank: EvalImages, queries: EvalImages, device: torch.device):
         self.cfg, self.bank, self.queries, self.device = cfg, bank, queries, device
+        self.shard = Shard.of_processes(len(bank), len(queries))
 
     @classmethod
     def of_run(cls, cfg: Config, train: ImageDataset | None, device: torch.device) -> KnnMonitor | None:
-        """The monitor of a run training on ``train`` (None: streamed), or None, with a log line saying why,
-        when its data cannot have one: pretraining needs neither labels nor a test split."""
-        if train is None:
-            log.info("data.loader is stream: kNN evaluation during pretraining is skipped (it needs the images "
-                     "decoded in memory)")
+        """The monitor of a run training on ``train`` (None: streamed, and so are the kNN images), or None, with a
+        log line saying why, when its data cannot have one: pretraining needs neither labels nor a test split.
+        Collective in a multi-process run: either every process has a monitor or none has."""
+        monitor = cls._of_data(cfg, train, device)
+        if not dist.all_true(monitor is not None):
+            if monitor is not None:
+                log.warning("kNN evaluation is skipped: another process could not load its images (its log says why)")
             return None
-        if train.labels is None:
+        return monitor
+
+    @classmethod
+    def _of_data(cls, cfg: Config, train: ImageDataset | None, device: torch.device) -> KnnMonitor | None:
+        d = cfg.data
+        if train is not None and train.labels is None:
             log.info("the training data has no labels: kNN evaluation is skipped")
             return None
-        d = cfg.data
         crop_ratio = cfg.eval.crop_ratio  # evaluation images, as `slimssl knn` decodes them
+        workers = default_workers() if d.workers is None else d.workers
 
-        def split(name: str) -> ImageDataset:
-            return load_dataset(d.source, name, resolution=d.resolution, skip_unreadable=d.skip_unreadable,
-                                fake_size=d.fake_size, seed=cfg.train.seed, crop_ratio=crop_ratio)
+        def split(name: str) -> EvalImages:
+            return load_eval_split(d.source, name, loader=d.loader, resolution=d.resolution, workers=workers,
+                                   skip_unreadable=d.skip_unreadable, fake_size=d.fake_size, seed=cfg.train.seed,
+                                   pin_memory=device.type == "cuda", crop_ratio=crop_ratio)
 
         try:
             test = split("test")
@@ -51,16 +65,21 @@ class KnnMonitor:
             log.warning("the test split cannot be loaded (%s); kNN evaluation is skipped", e)
             return None
         try:
-            check_same_classes(train, test, d.source)
+            # The training images in memory are the bank at ratio 1; another ratio decodes the train split once
+            # more. A streamed run's bank is streamed too.
+            bank = train if train is not None and crop_ratio == 1 else split("train")
+            if bank.labels is None:
+                log.info("the training data has no labels: kNN evaluation is skipped")
+                return None
+            check_same_classes(bank, test, d.source)
         except DataError as e:
             log.warning("%s; kNN evaluation is skipped", e)
             return None
-        # The training images are the bank at ratio 1; another ratio decodes the train split once more.
-        return cls(cfg, train if crop_ratio == 1 else split("train"), test, device)
+        return cls(cfg, bank, test, device)
 
     def __call__(self, backbone) -> dict[str, float]:
-        """kNN top-1 (%) of every sub-network of ``backbone``'s menu, by name."""
-        return knn_of_subnets(backbone, self.cfg, self.bank, self.queries, self.device)
+        """kNN top-1 (%) of every sub-network of ``backbone``'s menu, by name (collective: see the module)."""
+        return knn_of_subnets(backbone, self.cfg, self.bank, self.queries, self.device, shard=self.shard)
 
     def settings(self, backbone) -> dict:
         """How the monitor measures, as ``slimssl knn`` records its own (its defaults)."""
