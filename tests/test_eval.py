@@ -494,12 +494,15 @@ def test_fine_tuned_classifiers_are_saved_as_exports_that_score_what_was_reporte
     run = tmp_path / "run"
     make_checkpoint(run / "checkpoints" / "last.pt")
     models = tmp_path / "models"
+    # (fake images are made at the resolution whatever the crop ratio: it changes only what is recorded)
     assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "0.5", "--epochs", "2", "--json",
-                 "--device", "cpu", "--no-save", "--save-models", str(models)]) == 0
+                 "--device", "cpu", "--no-save", "--save-models", str(models), "--crop-ratio", "0.875"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     folder = models / "w0p5_d1-1-1-1_50pct_seed0"
     info = json.loads((folder / "config.json").read_text())
     assert info["subnet"] == "w0p5_d1-1-1-1" and info["top1"] == row["top1"] and len(info["classes"]) == 10
+    # the preprocessing its score was measured with, as an export of the supernet records it
+    assert (info["resolution"], info["crop_ratio"]) == (RES, 0.875) and len(info["mean"]) == len(info["std"]) == 3
     assert "indices" not in info  # they stay in the result's JSON
     model = slimssl.load_exported(folder)
     assert model.config.num_classes == 10 and model.fc.out_features == 10

@@ -149,6 +149,15 @@ def test_a_head_declaration_that_refuses_the_checks_sizes_is_checked_when_built(
     assert register_method(cls) is cls
 
 
+def test_a_head_declared_by_a_plain_method_is_checked_when_built_and_the_error_names_it(tmp_path):
+    def heads(self, hidden, out):  # not static: register_method cannot call it without an instance
+        return [Layer(hidden, "layernorm", "relu"), Layer(out)]
+
+    register_method(_named("plainheads", predictor_layers=heads))
+    with pytest.raises(SlimsslError, match=r"unknown norm 'layernorm' in .*Custom.predictor_layers; expected None"):
+        Trainer(config_from_dict(tiny("plainheads", widths=[1.0, 0.5])), tmp_path / "run")
+
+
 def test_registering_a_class_defined_again_replaces_it():
     def define():
         class Again(ThreeLayer):

@@ -223,7 +223,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
                                  recalibrate_batches=recalibrate_bn,
                                  eval_batch_size=eval_batch_size or cfg.eval.batch_size, train_crop=train_crop,
                                  save_model=Path(save_models) / name if save_models is not None else None,
-                                 checkpoint_source=model_source)
+                                 checkpoint_source=model_source, crop_ratio=options.resolved_crop_ratio(cfg))
         if out is not None:
             path = Path(out)
         elif not save:  # nothing is written beside the checkpoint; ``out`` still names a file to write

@@ -102,14 +102,17 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
                     resolution: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, device="cpu",
                     recalibrate_batches: int | None = None, eval_batch_size: int = 256,
                     min_steps: int | None = None, train_crop: str | None = None,
-                    save_model: str | Path | None = None, checkpoint_source: str | None = None) -> dict:
+                    save_model: str | Path | None = None, checkpoint_source: str | None = None,
+                    crop_ratio: float = 1.0) -> dict:
     """Fine-tune the exported ``subnet`` on a balanced ``label_fraction`` of ``train``; evaluate on ``test``.
 
     ``train`` and ``test`` are labelled datasets, in memory or streamed (``data/eval_images.py``); of a streamed
     train split only the labelled subset is decoded, and held in memory while training.
     Returns a dict with the settings, ``top1``/``top5`` (percent) and ``indices`` (the labelled subset).
     ``save_model``: a folder to write the fine-tuned classifier to, as an export (``slimssl.load_exported``),
-    whose config.json records ``checkpoint_source`` (the checkpoint's path) as an export's ``source``.
+    whose config.json records ``checkpoint_source`` (the checkpoint's path) as an export's ``source``, and the
+    images' preprocessing as an export's: ``resolution``, ``crop_ratio`` (what ``train`` and ``test`` were
+    decoded at), ``mean`` and ``std``.
     The supernet is not modified (the export is a copy; shared BatchNorm is recalibrated on a copy).
     """
     if train.labels is None or test.labels is None:
@@ -146,7 +149,8 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
 
         classes = list(train.classes) if train.classes else None
         save_exported(model, save_model, {**result, "classes": classes, "resolution": resolution,
-                                          "mean": list(mean), "std": list(std), "source": checkpoint_source})
+                                          "crop_ratio": crop_ratio, "mean": list(mean), "std": list(std),
+                                          "source": checkpoint_source})
         log.info("saved the fine-tuned %s to %s", spec.name, save_model)
     return {**result, "indices": indices.tolist()}
 

@@ -51,9 +51,10 @@ class SlimMLP(nn.Sequential):
     """An MLP of slimmable linear layers with BatchNorm per sub-network (``bn="private"``, keyed by name) or one
     BatchNorm sliced to each width (``bn="shared"``)."""
 
-    def __init__(self, in_dim: int, layers: Sequence[Layer], menu: Menu, bn: str = "private", divisor: int = 1):
+    def __init__(self, in_dim: int, layers: Sequence[Layer], menu: Menu, bn: str = "private", divisor: int = 1,
+                 where: str = "head declaration"):
         modules: list[nn.Module] = []
-        layers = check_layers(layers)
+        layers = check_layers(layers, where)  # ``where``: who declared them, for the error
         for i, (out_dim, norm, act, bias) in enumerate(layers):
             last = i == len(layers) - 1
             bias = norm is None if bias is None else bias

@@ -29,10 +29,13 @@ class SSLModel(SlimmableMixin, nn.Module):
         self.method = method
         self.slim_state = backbone.slim_state
         menu = backbone.menu
+        # a head declared by a plain method (not static) is checked only now: the error names the method
+        where = f"{type(method).__module__}.{type(method).__qualname__}"
         self.projector = SlimMLP(backbone.num_features, method.projector_layers(cfg.proj_hidden, cfg.proj_dim),
-                                 menu, bn, divisor)
+                                 menu, bn, divisor, where=f"{where}.projector_layers")
         predictor = method.predictor_layers(cfg.pred_hidden, cfg.proj_dim)
-        self.predictor = None if predictor is None else SlimMLP(cfg.proj_dim, predictor, menu, bn, divisor)
+        self.predictor = None if predictor is None else SlimMLP(cfg.proj_dim, predictor, menu, bn, divisor,
+                                                                where=f"{where}.predictor_layers")
         bind_state(self, self.slim_state)
         self.slim_state.bn_group_size = bn_group_size  # before the copy, so the target's state has it too
         # One deepcopy of both modules so the copies share one (always full-size) state of their own.
