@@ -20,7 +20,7 @@ _EXPORTS = {
     "Config": ".config", "load_config": ".config",
     "load_checkpoint": ".checkpoint", "load_supernet": ".checkpoint",
     "export_subnet": ".export", "load_exported": ".export", "save_exported": ".export", "verify_export": ".export",
-    "export_run": ".exporter",
+    "export_run": ".exporter", "pick_subnet": ".budget",
     "build_supernet": ".models.build",
     "PlainResNet": ".models.plain",
     "SlimResNet": ".models.resnet",
@@ -38,7 +38,7 @@ __all__ = [  # the names of _EXPORTS, written out for type checkers
     "CheckpointError", "Config", "ConfigError", "DataError", "DeviceError", "ExportError", "InputError",
     "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError",
     "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet", "finetune", "knn",
-    "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pretrain",
+    "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pick_subnet", "pretrain",
     "recalibrate_bn", "recalibrate_checkpoint", "save_exported", "verify_export",
 ]
 
@@ -58,6 +58,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
+    from .budget import pick_subnet
     from .checkpoint import CheckpointError, load_checkpoint, load_supernet
     from .config import Config, ConfigError, load_config
     from .data.files import DataError

@@ -39,6 +39,17 @@ nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
+def count(text: str) -> float:
+    """A positive count of MACs or parameters such as 300M, 1.5G, 11k or 2e6 (``budget.parse_count``)."""
+    from .budget import parse_count
+    from .errors import UsageError
+
+    try:
+        return parse_count(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def device_name(text: str) -> str:
     """``--device``: a device name slimssl accepts (``launch.DEVICE_PATTERN``), checked as the command line is
     read; whether this machine has it is checked when the command starts."""

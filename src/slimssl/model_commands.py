@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .cli_args import (add_overrides, data_source, device_name, emit, nonnegative_float, nonnegative_int, output_dir,
-                       positive_int)
+from .cli_args import (add_overrides, count, data_source, device_name, emit, nonnegative_float, nonnegative_int,
+                       output_dir, positive_int)
 from .errors import UsageError
 
 log = logging.getLogger("slimssl")
@@ -50,16 +50,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .exporter import export_run
     from .report.table import markdown_table
 
-    if bool(args.subnet) == bool(args.all):
-        raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
-    if args.random_init and args.recalibrate_bn:
-        raise UsageError("--recalibrate-bn re-estimates a trained checkpoint's BatchNorm statistics; --random-init "
-                         "exports the initial ones: drop one of them")
+    budget = args.max_macs is not None or args.max_params is not None
+    if bool(args.subnet) + bool(args.all) + budget != 1:
+        raise UsageError("give exactly one of --subnet NAME [NAME ...], --all, or a budget (--max-macs and/or "
+                         "--max-params)")
+    if args.metric and not budget:
+        raise UsageError("--metric ranks the sub-networks that fit a budget: add --max-macs or --max-params")
+    if args.random_init and (args.recalibrate_bn or budget):
+        raise UsageError(f"{'--recalibrate-bn' if args.recalibrate_bn else 'a budget'} needs a trained checkpoint; "
+                         "--random-init exports the initial weights: drop one of them")
     _check_model_source(args)
-    rows = export_run(args.checkpoint, args.out, "all" if args.all else args.subnet, config=args.config,
+    picked = None
+    if budget:
+        from .budget import pick_subnet
+
+        picked = pick_subnet(args.checkpoint, max_macs=args.max_macs, max_params=args.max_params,
+                             metric=args.metric)
+    subnets = [picked["subnet"]] if picked else "all" if args.all else args.subnet
+    rows = export_run(args.checkpoint, args.out, subnets, config=args.config,
                       overrides=args.set or (), fmt=args.format, overwrite=args.overwrite, verify=args.verify,
                       resolution=args.resolution, recalibrate_bn=args.recalibrate_bn, device=args.device,
                       eval_batch_size=args.eval_batch_size, **data_keywords(args))
+    if picked:  # what it costs, and the accuracy it was picked by
+        metric = picked["picked_by"]
+        rows = [{**{key: picked.get(key) for key in ("subnet", "params", "macs", metric, "picked_by")}, **row}
+                for row in rows]
     emit(args, rows, markdown_table(rows))
     worst = max((v for r in rows for k, v in r.items() if k.endswith("max_rel_diff")), default=0.0)
     if worst > args.tolerance:
@@ -126,6 +141,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
                    help="sub-network(s) to export (canonical name, or a width such as 0.5; several may follow)")
     p.add_argument("--all", action="store_true", help="export every sub-network of the menu")
+    p.add_argument("--max-macs", type=count, metavar="N", help="export the most accurate sub-network of the run "
+                   "(its results.json) whose backbone takes at most N MACs, e.g. 300M or 1.5G")
+    p.add_argument("--max-params", type=count, metavar="N",
+                   help="... at most N parameters, e.g. 5M (with --max-macs: both)")
+    p.add_argument("--metric", help="the accuracy a budget ranks by (default: linear_top1 where measured, else "
+                   "knn_top1), e.g. finetune_10pct_top1")
     p.add_argument("--out", required=True, type=output_dir, help="output folder (one sub-folder per sub-network)")
     p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
                    help="onnx: the safetensors files and an ONNX graph (needs slimssl[onnx])")

@@ -1,0 +1,94 @@
+"""Choosing the sub-network to deploy within a budget of MACs or parameters: of the sub-networks a run measured
+(its results.json), the most accurate one that fits. ``slimssl export RUN --max-macs 300M`` exports it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .eval.results import read_results, run_dir_of, unfinished_note
+from .report.table import human, is_number
+
+log = logging.getLogger("slimssl")
+
+PREFERRED_METRICS = ("linear_top1", "knn_top1")  # the probe where it was run; kNN, which every run measures
+UNITS = {"": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}  # as the tables print counts (report.table.human)
+NAMES = {"macs": "MACs", "params": "params"}
+
+
+def parse_count(value: str | float) -> float:
+    """A positive count of MACs or parameters: a number, or text such as ``300M``, ``1.5G``, ``11k`` or ``2e6``."""
+    if is_number(value):
+        number = float(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*([kMGT]?)\s*", str(value))
+        try:
+            number = float(match.group(1)) * UNITS[match.group(2)] if match else math.nan
+        except ValueError:  # "1.2.3"
+            number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise UsageError(f"expected a count > 0 such as 300M, 1.5G, 11k or 2e6, got {value!r}")
+    return number
+
+
+def pick_subnet(run: str | Path, *, max_macs: str | float | None = None, max_params: str | float | None = None,
+                metric: str | None = None) -> dict[str, Any]:
+    """The results.json row (subnet, width, depths, params, macs and the measured values) of the most accurate
+    sub-network of ``run`` whose backbone fits within ``max_macs`` and ``max_params`` (counted as results.json
+    and `slimssl profile` count them, at the run's resolution; numbers, or text such as ``"300M"``), with
+    ``picked_by``: the metric it was ranked by.
+
+    ``run`` is a run directory or its ``checkpoints/last.pt``, which results.json describes. ``metric`` is any
+    measured value of the rows (``knn_top1``, ``linear_top1``, ``finetune_10pct_top1``, ...); by default the
+    linear probe's top-1 where every sub-network that fits has one, else the kNN's. Of equal accuracies the
+    one with fewer MACs wins."""
+    if max_macs is None and max_params is None:
+        raise UsageError("give a budget: max_macs and/or max_params (--max-macs, --max-params)")
+    limits = {key: parse_count(value) for key, value in (("macs", max_macs), ("params", max_params))
+              if value is not None}
+    if not Path(run).exists():
+        raise UsageError(f"{run} does not exist; expected a run directory (or its checkpoints/last.pt)")
+    run_dir = run_dir_of(run)
+    if run_dir is None:
+        raise UsageError(f"{run} is not a run directory or its checkpoints/last.pt: the accuracies a sub-network is "
+                         "picked by are those of a run's results.json, which describes its last checkpoint")
+    data = read_results(run_dir)
+    rows = [row for row in data["subnets"] if all(is_number(row.get(key)) for key in limits)]
+    if not rows:
+        raise UsageError(f"{run_dir}/results.json holds no sub-network with its {' and '.join(limits)}")
+    budget = " and ".join(f"{human(limit)} {NAMES[key]}" for key, limit in limits.items())
+    fit = [row for row in rows if all(row[key] <= limit for key, limit in limits.items())]
+    if not fit:
+        smallest = min(rows, key=lambda row: tuple(row[key] for key in limits))
+        costs = " and ".join(f"{human(smallest[key])} {NAMES[key]}" for key in limits)
+        raise UsageError(f"no sub-network of {run_dir} fits within {budget}: the smallest, {smallest['subnet']}, "
+                         f"has {costs}")
+    if metric is not None and not str(metric).endswith(("_top1", "_top5")):
+        raise UsageError(f"metric must be an accuracy such as knn_top1, linear_top1 or finetune_10pct_top1, got "
+                         f"{metric!r}")
+    metric = metric or _default_metric(fit)
+    missing = [row["subnet"] for row in fit if not is_number(row.get(metric))]
+    if missing:
+        measured = sorted({key for row in data["subnets"] for key, v in row.items()
+                           if key.endswith(("_top1", "_top5")) and is_number(v)})
+        raise UsageError(f"{metric} is not measured for {', '.join(missing)} of {run_dir}, which fit within "
+                         f"{budget}; measured: {', '.join(measured) or 'nothing'} (slimssl knn, linear or finetune "
+                         "RUN measures them)")
+    best = max(fit, key=lambda row: (row[metric], -row.get("macs", 0)))
+    note = unfinished_note(data)
+    if note:
+        log.warning("%s/results.json holds values measured before pretraining ended (%s)", run_dir, note)
+    log.info("picked %s within %s: %s %.2f, %s MACs, %s params (%d of %d sub-networks fit)", best["subnet"], budget,
+             metric, best[metric], human(best.get("macs")), human(best.get("params")), len(fit), len(rows))
+    return {**best, "picked_by": metric}
+
+
+def _default_metric(rows: list[dict]) -> str:
+    for metric in PREFERRED_METRICS:
+        if all(is_number(row.get(metric)) for row in rows):
+            return metric
+    return PREFERRED_METRICS[-1]  # not measured for all: the error names the rows without it

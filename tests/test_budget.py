@@ -1,0 +1,145 @@
+"""Picking the sub-network to deploy within a budget of MACs or parameters (slimssl.pick_subnet, and
+``slimssl export --max-macs``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+import slimssl
+from slimssl.budget import parse_count
+from slimssl.cli import main
+from slimssl.errors import UsageError
+from test_eval import make_checkpoint
+
+
+def _row(name: str, macs: float, params: float, **values) -> dict:
+    return {"subnet": name, "macs": macs, "params": params, **values}
+
+
+def _run(tmp_path, rows: list[dict], **extra):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("last.pt", "epoch_0002.pt"):  # only their names matter here
+        (run / "checkpoints" / name).write_bytes(b"")
+    (run / "results.json").write_text(json.dumps({"subnets": rows, **extra}))
+    return run
+
+
+ROWS = [  # widths 1, .75, .5, .25 with depth variants: accuracy does not simply follow the cost
+    _row("w1p0", 400e6, 11e6, knn_top1=80.0, linear_top1=85.0),
+    _row("w0p75", 230e6, 6.3e6, knn_top1=79.0, linear_top1=84.0),
+    _row("w0p75_shallow", 160e6, 5.0e6, knn_top1=79.5, linear_top1=83.0),
+    _row("w0p5", 100e6, 2.8e6, knn_top1=75.0, linear_top1=80.0),
+    _row("w0p25", 26e6, 0.7e6, knn_top1=66.0, linear_top1=70.0),
+]
+
+
+@pytest.mark.parametrize("text, value", [("300M", 3e8), ("1.5G", 1.5e9), ("11k", 11e3), ("2e6", 2e6),
+                                         (" 7 ", 7.0), (5, 5.0), (2.5e6, 2.5e6), ("1T", 1e12)])
+def test_counts_read_as_the_tables_print_them(text, value):
+    assert parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-1M", "abc", "1.2.3", "5X", "nan", "inf", "M", "", True])
+def test_a_count_that_is_not_one_is_refused_with_examples(text):
+    with pytest.raises(UsageError, match="expected a count > 0 such as 300M"):
+        parse_count(text)
+
+
+def test_the_most_accurate_that_fits_is_picked_by_the_probe_where_every_one_has_it(tmp_path):
+    run = _run(tmp_path, ROWS)
+    assert slimssl.pick_subnet(run, max_macs="250M")["subnet"] == "w0p75"  # linear: 84 over the shallow's 83
+    assert slimssl.pick_subnet(run, max_macs="250M", metric="knn_top1")["subnet"] == "w0p75_shallow"  # 79.5
+    picked = slimssl.pick_subnet(run / "checkpoints" / "last.pt", max_macs=250e6, max_params="5.5M")
+    assert picked["subnet"] == "w0p75_shallow" and picked["picked_by"] == "linear_top1"  # both limits hold
+    assert picked == {**ROWS[2], "picked_by": "linear_top1"}
+    assert slimssl.pick_subnet(run, max_macs="1G")["subnet"] == "w1p0"
+    assert slimssl.pick_subnet(run, max_params="1M")["subnet"] == "w0p25"
+
+
+def test_knn_ranks_when_the_probe_did_not_measure_every_one_that_fits_and_ties_go_to_fewer_macs(tmp_path):
+    rows = [dict(r) for r in ROWS]
+    del rows[1]["linear_top1"]
+    rows[3]["knn_top1"] = 79.5  # as accurate as the shallow 0.75, for fewer MACs
+    assert slimssl.pick_subnet(_run(tmp_path, rows), max_macs="250M") == {**rows[3], "picked_by": "knn_top1"}
+
+
+def test_a_budget_nothing_fits_names_the_smallest(tmp_path):
+    with pytest.raises(UsageError, match=r"no sub-network of .*run fits within 10.00M MACs and 100.00k params: the "
+                                         r"smallest, w0p25, has 26.00M MACs and 700.00k params"):
+        slimssl.pick_subnet(_run(tmp_path, ROWS), max_macs="10M", max_params="100k")
+
+
+def test_an_unmeasured_or_unknown_metric_is_an_error_saying_what_was_measured(tmp_path):
+    run = _run(tmp_path, ROWS)
+    with pytest.raises(UsageError, match=r"finetune_10pct_top1 is not measured for w0p5, w0p25 of .*; measured: "
+                                         r"knn_top1, linear_top1 \(slimssl knn, linear or finetune RUN"):
+        slimssl.pick_subnet(run, max_macs="150M", metric="finetune_10pct_top1")
+    with pytest.raises(UsageError, match="metric must be an accuracy such as knn_top1"):
+        slimssl.pick_subnet(run, max_macs="150M", metric="macs")  # would pick the largest
+
+
+def test_what_cannot_be_picked_from_says_why(tmp_path):
+    run = _run(tmp_path, ROWS)
+    with pytest.raises(UsageError, match="give a budget: max_macs and/or max_params"):
+        slimssl.pick_subnet(run)
+    with pytest.raises(UsageError, match="is not a run directory or its checkpoints/last.pt"):
+        slimssl.pick_subnet(run / "checkpoints" / "epoch_0002.pt", max_macs="1G")
+    with pytest.raises(UsageError, match="other does not exist; expected a run directory"):
+        slimssl.pick_subnet(tmp_path / "other", max_macs="1G")
+    (tmp_path / "new" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(UsageError, match="results.json does not exist"):
+        slimssl.pick_subnet(tmp_path / "new", max_macs="1G")
+
+
+def test_values_measured_before_pretraining_ended_are_picked_from_with_a_warning(tmp_path, caplog):
+    run = _run(tmp_path, ROWS, unfinished={"epochs": 50, "linear": 10.0})
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert slimssl.pick_subnet(run, max_macs="150M")["subnet"] == "w0p5"
+    assert "measured before pretraining ended (linear at epoch 10 of 50)" in caplog.text
+    assert "picked w0p5 within 150.00M MACs: linear_top1 80.00, 100.00M MACs, 2.80M params (2 of 5" in caplog.text
+
+
+def test_export_takes_a_budget_and_exports_what_the_runs_own_measurements_pick(tmp_path, capsys):
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["knn", str(run), "--device", "cpu", "--json"]) == 0  # real measurements into results.json
+    measured = {row["subnet"]: row for row in json.loads(capsys.readouterr().out)}
+    full, half = measured["w1p0_d1-1-1-1"], measured["w0p5_d1-1-1-1"]
+    out = tmp_path / "exports"
+    assert main(["export", str(run), "--max-macs", str(int(full["macs"]) - 1), "--out", str(out), "--json",
+                 "--verify"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["subnet"], row["picked_by"], row["knn_top1"]) == (half["subnet"], "knn_top1", half["knn_top1"])
+    assert row["macs"] == half["macs"] and row["max_abs_diff"] < 1e-4
+    assert [p.name for p in out.iterdir()] == [half["subnet"]]
+    # with room for the full width, the more accurate of the two (the full width at equal accuracy: fewer MACs
+    # lose the tie only to a better score)
+    assert main(["export", str(run), "--max-macs", "1G", "--out", str(tmp_path / "e2"), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    best = max(measured.values(), key=lambda r: (r["knn_top1"], -r["macs"]))
+    assert row["subnet"] == best["subnet"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-macs", "1G", "--all"], "give exactly one of --subnet NAME [NAME ...], --all, or a budget"),
+    (["--subnet", "0.5", "--max-params", "1M"], "give exactly one of --subnet"),
+    (["--all", "--metric", "knn_top1"], "--metric ranks the sub-networks that fit a budget"),
+    (["--max-macs", "1G"], "results.json does not exist"),  # nothing measured yet
+])
+def test_export_refuses_a_budget_it_cannot_use(tmp_path, capsys, caplog, argv, message):
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["export", str(run), "--out", str(tmp_path / "e"), *argv]) == 2
+    assert message in capsys.readouterr().err + caplog.text
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_reads_a_budget_as_the_tables_print_counts(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path), "--out", str(tmp_path / "e"), "--max-macs", "3Q"])
+    assert exit_info.value.code == 2
+    assert "argument --max-macs: expected a count > 0 such as 300M" in capsys.readouterr().err
