@@ -129,6 +129,7 @@ def test_export_takes_a_budget_and_exports_what_the_runs_own_measurements_pick(t
     (["--subnet", "0.5", "--max-params", "1M"], "give exactly one of --subnet"),
     (["--all", "--metric", "knn_top1"], "--metric ranks the sub-networks that fit a budget"),
     (["--max-macs", "1G"], "results.json does not exist"),  # nothing measured yet
+    (["--config", "demo", "--random-init", "--max-macs", "1G"], "--random-init exports the initial weights, which"),
 ])
 def test_export_refuses_a_budget_it_cannot_use(tmp_path, capsys, caplog, argv, message):
     run = tmp_path / "run"

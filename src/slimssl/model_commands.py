@@ -56,9 +56,12 @@ def cmd_export(args: argparse.Namespace) -> int:
                          "--max-params)")
     if args.metric and not budget:
         raise UsageError("--metric ranks the sub-networks that fit a budget: add --max-macs or --max-params")
-    if args.random_init and (args.recalibrate_bn or budget):
-        raise UsageError(f"{'--recalibrate-bn' if args.recalibrate_bn else 'a budget'} needs a trained checkpoint; "
-                         "--random-init exports the initial weights: drop one of them")
+    if args.random_init and args.recalibrate_bn:
+        raise UsageError("--recalibrate-bn re-estimates a trained checkpoint's BatchNorm statistics; --random-init "
+                         "exports the initial ones: drop one of them")
+    if args.random_init and budget:
+        raise UsageError("a budget picks by the accuracies a run measured; --random-init exports the initial "
+                         "weights, which have none: use --subnet or --all")
     _check_model_source(args)
     picked = None
     if budget:
