@@ -32,6 +32,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import yaml
 
+import slimssl
 from slimssl.checkpoint import load_checkpoint
 from slimssl.config import config_from_dict
 from slimssl.eval.knn import knn_predict
@@ -40,6 +41,7 @@ from slimssl.slim.policy import SlimPolicy
 from slimssl.train import distributed as dist
 from slimssl.train.loop import Trainer
 from slimssl.train.signals import Interrupted
+from test_stream_eval import _corrupt_one_per_split, _folder
 
 STEPS = 3
 # max |a - b| / max |b| per tensor, 2 processes against 1: float rounding gives 6e-7 (MoCo v3) to 1.0e-5
@@ -226,6 +228,20 @@ def sharded_knn() -> dict:
     return {"shard": shard, "inputs": (bank, queries, labels), "gathered": gathered, "scores": scores}
 
 
+def streamed_knn(data: Path, run_dir: Path) -> dict:
+    """A streamed pretraining of 1 epoch on image files with an unreadable one in each split, skipped: the kNN
+    splits each process found, and the kNN at random initialisation and at the end."""
+    cfg = tiny("byol")
+    cfg["data"] = {"source": str(data), "resolution": 8, "loader": "stream", "workers": 0, "skip_unreadable": True}
+    cfg["train"].update(batch_size=12, epochs=1)
+    with Trainer(config_from_dict(cfg), run_dir) as trainer:
+        results = trainer.fit()
+        monitor = trainer.knn_monitor
+        return {"shard": monitor.shard, "sizes": (len(monitor.bank), len(monitor.queries)),
+                "random_init": trainer.state.knn_random_init,
+                "end": {row["subnet"]: row["knn_top1"] for row in results.get("subnets", [])}}
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -253,6 +269,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result["resumed_finished"] = resume_of_a_finished_run(out / "api")
         result["records_across_a_resume"] = records_across_a_resume(out / "window")
         result["sharded_knn"] = sharded_knn()
+        result["streamed_knn"] = streamed_knn(out / "images", out / "streamed")
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -267,6 +284,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory) -> tuple[Path, list[dict], float]:
     out = tmp_path_factory.mktemp("two_process")
+    _corrupt_one_per_split(_folder(out / "images"))  # for streamed_knn, made once for both processes
     start = time.perf_counter()
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     seconds = time.perf_counter() - start
@@ -361,6 +379,19 @@ def test_every_process_measures_its_share_of_the_knn_and_all_get_what_one_proces
     single = one_process[method]["knn_random_init"]
     assert len(single) == len(MENU) and ranks[0][method]["knn_random_init"] == ranks[1][method]["knn_random_init"]
     assert ranks[0][method]["knn_random_init"] == single
+
+
+def test_a_streamed_run_skips_the_same_unreadable_files_in_every_process_and_measures_what_one_process_does(
+        two_process):
+    out, ranks, _ = two_process
+    r0, r1 = ranks[0]["streamed_knn"], ranks[1]["streamed_knn"]
+    assert (r0["shard"], r1["shard"]) == (Shard(0, 2), Shard(1, 2))
+    assert r0["sizes"] == r1["sizes"] == (35, 17)  # rank 1 decoded both files (odd indices); both dropped them
+    assert r0["random_init"] == r1["random_init"] and len(r0["random_init"]) == len(MENU)
+    assert r1["end"] == {}  # rank 0 writes the results
+    single = {row["subnet"]: row["knn_top1"] for row in slimssl.knn(out / "streamed", device="cpu", save=False,
+                                                                     skip_unreadable=True)}
+    assert r0["end"] == single
 
 
 def test_a_run_resumed_within_a_record_logs_the_losses_of_a_run_that_went_straight(two_process):

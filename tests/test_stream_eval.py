@@ -291,6 +291,47 @@ def test_a_streamed_pretraining_measures_knn_as_slimssl_knn_does(tmp_path, capsy
     assert during == after and all(v is not None for v in during.values())
 
 
+def _corrupt_one_per_split(root):
+    for split in ("train", "test"):
+        (root / split / "green" / "001.jpg").write_bytes(b"not a jpeg")
+
+
+def test_a_streamed_pretraining_finds_unreadable_kNN_files_at_its_first_kNN_not_when_built(tmp_path, monkeypatch):
+    import slimssl
+    from slimssl.data.eval_images import DecodedFiles
+    from slimssl.train.loop import Trainer
+
+    root = _folder(tmp_path / "data")
+    _corrupt_one_per_split(root)
+    cfg = _config(root).model_dump(mode="json")
+    cfg["data"]["skip_unreadable"] = True
+    cfg["train"].update(batch_size=12, epochs=1, device="cpu", precision="fp32")
+    cfg["method"].update(proj_hidden=16, proj_dim=8, pred_hidden=16)
+    decoded, getitem = [], DecodedFiles.__getitem__
+    monkeypatch.setattr(DecodedFiles, "__getitem__", lambda self, i: decoded.append(i) or getitem(self, i))
+    trainer = Trainer(config_from_dict(cfg), tmp_path / "run")
+    assert decoded == [] and len(trainer.knn_monitor.bank) == 36  # built without decoding an image
+    with trainer:
+        results = trainer.fit()
+    assert (len(trainer.knn_monitor.bank), len(trainer.knn_monitor.queries)) == (35, 17)  # both files left out
+    during = {row["subnet"]: row["knn_top1"] for row in results["subnets"]}
+    after = {row["subnet"]: row["knn_top1"] for row in slimssl.knn(tmp_path / "run", device="cpu", save=False,
+                                                                   skip_unreadable=True)}
+    assert during == after
+
+
+def test_train_knn_false_measures_no_knn_during_pretraining(tmp_path, caplog):
+    from slimssl.train.loop import Trainer
+
+    cfg = _config(_folder(tmp_path / "data"), loader="memory").model_dump(mode="json")
+    cfg["train"].update(batch_size=12, epochs=1, knn=False, device="cpu", precision="fp32")
+    with caplog.at_level(logging.INFO, logger="slimssl"), Trainer(config_from_dict(cfg), tmp_path / "run") as trainer:
+        assert trainer.knn_monitor is None
+        results = trainer.fit()
+    assert "train.knn is false: no kNN evaluation during pretraining" in caplog.text
+    assert [row["knn_top1"] for row in results["subnets"]] == [None, None] and "protocols" not in results
+
+
 
 def test_cli_evaluates_at_the_configs_crop_ratio_or_the_flags(tmp_path, capsys):
     root = _folder(tmp_path / "data")

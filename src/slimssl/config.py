@@ -286,6 +286,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(0, ge=0, description="epochs between kept epoch_XXXX.pt checkpoints (0: none; "
                                   "last.pt is written every epoch regardless). A ResNet-18 checkpoint is ~180 MiB")
+    knn: bool = Field(True, description="kNN of every sub-network during pretraining: at random initialisation "
+                      "(eval.knn_random_init), every train.knn_every epochs and at the end (false: none; `slimssl "
+                      "knn RUN` measures it later)")
     knn_every: int = Field(0, ge=0, description="epochs between online kNN evaluations (0: only at the end)")
     grad_diagnostics_every: int = Field(
         0, ge=0, description="steps between SlimCLR gradient-imbalance records in metrics.jsonl (0: off)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Callable, Generator, Iterator, Protocol
+from typing import Callable, Generator, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -92,7 +92,7 @@ class StreamedImages:
         self.workers, self.pin_memory = workers, pin_memory
         self.files = DecodedFiles(files.root, files.paths, resolution, files.read, crop_ratio, files.members)
         if skip_unreadable:
-            self._drop_unreadable()
+            self.drop(self.find_unreadable())
 
     def __len__(self) -> int:
         return len(self.files)
@@ -152,18 +152,22 @@ class StreamedImages:
             if shutdown is not None:  # a caller that stops early: join the workers now, not at collection
                 shutdown()
 
-    def _drop_unreadable(self) -> None:
-        """Decode every file once and drop those that fail, with their labels: the files ``load_dataset``
-        skips with ``skip_unreadable``, so both loaders evaluate the same images."""
-        failed = [f for _, found in self._decoded(torch.arange(len(self)), TAKE_BATCH) for f in found]
-        if not failed:
+    def find_unreadable(self, indices: torch.Tensor | None = None) -> list[int]:
+        """The indices of the files that cannot be decoded, among ``indices`` (default: all), each decoded once."""
+        order = torch.arange(len(self)) if indices is None else indices
+        return [index for _, found in self._decoded(order, TAKE_BATCH) for index, _ in found]
+
+    def drop(self, unreadable: Iterable[int]) -> None:
+        """Leave out the files at the indices ``unreadable`` (:meth:`find_unreadable`), with their labels: the
+        files ``load_dataset`` skips with ``skip_unreadable``, so both loaders evaluate the same images."""
+        bad = sorted(set(unreadable))
+        if not bad:
             return
-        if len(failed) == len(self):
+        if len(bad) == len(self):
             raise DataError(f"{self.root}: none of the {len(self)} image files of split {self.split!r} could be "
                             "decoded")
-        bad = {index for index, _ in failed}
-        paths = [self.files.path(index) for index, _ in failed]
-        keep = torch.tensor([i for i in range(len(self)) if i not in bad], dtype=torch.int64)
+        paths = [self.files.path(index) for index in bad]
+        keep = torch.tensor(sorted(set(range(len(self))) - set(bad)), dtype=torch.int64)
         self.files = self.files.subset(keep)
         self.labels = None if self.labels is None else self.labels[keep]
         log.warning("%s: skipped %d unreadable files (%s%s)", self.root, len(paths), ", ".join(paths[:5]),

@@ -223,10 +223,10 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_true(flag: bool) -> bool:
-    """Whether ``flag`` is true on every rank (``flag`` itself without a process group)."""
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (``[obj]`` without a process group)."""
     if not is_distributed():
-        return flag
-    flags: list[Any] = [None] * world_size()
-    dist.all_gather_object(flags, bool(flag))
-    return all(flags)
+        return [obj]
+    every: list[Any] = [None] * world_size()
+    dist.all_gather_object(every, obj)
+    return every

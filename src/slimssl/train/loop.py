@@ -445,8 +445,8 @@ class Trainer:
             if self.state.knn_random_init:
                 log.info("kNN at random initialisation: %s", _fmt(self.state.knn_random_init))
         elif (resumed_at and resumed_at % self.steps_per_epoch == 0 and self._knn_due(resumed_at)
-              and not dist.broadcast_object(self.metrics.has_record(resumed_at, "knn_top1"))):  # rank 0's file
-            self._epoch_knn()
+              and not dist.broadcast_object(dist.is_main() and self.metrics.has_record(resumed_at, "knn_top1"))):
+            self._epoch_knn()  # (metrics.jsonl is rank 0's)
 
     def _saved_before(self, error: DataError) -> DataError:
         """``error`` (bad data met in the middle of training), after the steps trained so far are saved: by

@@ -11,8 +11,8 @@ import torch
 
 from ..config import Config
 from ..data.datasets import ImageDataset, check_same_classes
-from ..data.eval_images import EvalImages, load_eval_split
-from ..data.files import DataError, MissingSplitError
+from ..data.eval_images import EvalImages, StreamedImages, load_eval_split
+from ..data.files import BUILTIN, DataError, MissingSplitError
 from ..data.views import default_workers
 from ..eval import recalibration_batches
 from ..eval.inputs import DataOptions
@@ -29,16 +29,27 @@ class KnnMonitor:
     def __init__(self, cfg: Config, bank: EvalImages, queries: EvalImages, device: torch.device):
         self.cfg, self.bank, self.queries, self.device = cfg, bank, queries, device
         self.shard = Shard.of_processes(len(bank), len(queries))
+        # streamed splits with data.skip_unreadable: their unreadable files are found at the first kNN, each
+        # process decoding its share, not when the run is built (a pass over ImageNet before the first step)
+        self._unchecked = [s for s in (bank, queries) if isinstance(s, StreamedImages) and cfg.data.skip_unreadable]
 
     @classmethod
     def of_run(cls, cfg: Config, train: ImageDataset | None, device: torch.device) -> KnnMonitor | None:
         """The monitor of a run training on ``train`` (None: streamed, and so are the kNN images), or None, with a
         log line saying why, when its data cannot have one: pretraining needs neither labels nor a test split.
         Collective in a multi-process run: either every process has a monitor or none has."""
+        if not cfg.train.knn:
+            log.info("train.knn is false: no kNN evaluation during pretraining (slimssl knn RUN measures it later)")
+            return None
         monitor = cls._of_data(cfg, train, device)
-        if not dist.all_true(monitor is not None):
+        sizes = dist.gather_objects(None if monitor is None else (len(monitor.bank), len(monitor.queries)))
+        if None in sizes:
             if monitor is not None:
                 log.warning("kNN evaluation is skipped: another process could not load its images (its log says why)")
+            return None
+        if len(set(sizes)) > 1:  # each process reads its share of the same files: they must see the same ones
+            log.warning("kNN evaluation is skipped: the processes see splits of different sizes (train, test): %s",
+                        sizes)
             return None
         return monitor
 
@@ -51,10 +62,11 @@ class KnnMonitor:
         crop_ratio = cfg.eval.crop_ratio  # evaluation images, as `slimssl knn` decodes them
         workers = default_workers() if d.workers is None else d.workers
 
-        def split(name: str) -> EvalImages:
-            return load_eval_split(d.source, name, loader=d.loader, resolution=d.resolution, workers=workers,
-                                   skip_unreadable=d.skip_unreadable, fake_size=d.fake_size, seed=cfg.train.seed,
-                                   pin_memory=device.type == "cuda", crop_ratio=crop_ratio)
+        def split(name: str, loader: str = d.loader) -> EvalImages:
+            streamed = loader == "stream"  # unreadable files are found at the first kNN (__init__)
+            return load_eval_split(d.source, name, loader=loader, resolution=d.resolution, workers=workers,
+                                   skip_unreadable=d.skip_unreadable and not streamed, fake_size=d.fake_size,
+                                   seed=cfg.train.seed, pin_memory=device.type == "cuda", crop_ratio=crop_ratio)
 
         try:
             test = split("test")
@@ -65,9 +77,14 @@ class KnnMonitor:
             log.warning("the test split cannot be loaded (%s); kNN evaluation is skipped", e)
             return None
         try:
-            # The training images in memory are the bank at ratio 1; another ratio decodes the train split once
-            # more. A streamed run's bank is streamed too.
-            bank = train if train is not None and crop_ratio == 1 else split("train")
+            if train is not None and crop_ratio == 1:
+                bank = train  # the training images in memory
+            elif train is not None and dist.world_size() > 1 and d.source not in BUILTIN:
+                # another copy of the split in every process's memory could exceed the machine's: each process
+                # streams its share at each kNN instead (decoded alike: the same pixels)
+                bank = split("train", "stream")
+            else:
+                bank = split("train")  # a streamed run's, or the train split at another ratio
             if bank.labels is None:
                 log.info("the training data has no labels: kNN evaluation is skipped")
                 return None
@@ -79,6 +96,12 @@ class KnnMonitor:
 
     def __call__(self, backbone) -> dict[str, float]:
         """kNN top-1 (%) of every sub-network of ``backbone``'s menu, by name (collective: see the module)."""
+        if self._unchecked:
+            for images in self._unchecked:
+                mine = self.shard.indices(len(images))  # every process decodes its share; all drop the same files
+                images.drop(index for found in dist.gather_objects(images.find_unreadable(mine)) for index in found)
+            self._unchecked = []
+            self.shard = Shard.of_processes(len(self.bank), len(self.queries))
         return knn_of_subnets(backbone, self.cfg, self.bank, self.queries, self.device, shard=self.shard)
 
     def settings(self, backbone) -> dict:
