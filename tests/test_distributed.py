@@ -228,16 +228,19 @@ def sharded_knn() -> dict:
     return {"shard": shard, "inputs": (bank, queries, labels), "gathered": gathered, "scores": scores}
 
 
-def streamed_knn(data: Path, run_dir: Path) -> dict:
-    """A streamed pretraining of 1 epoch on image files with an unreadable one in each split, skipped: the kNN
-    splits each process found, and the kNN at random initialisation and at the end."""
+def knn_on_files(data: Path, run_dir: Path, loader: str) -> dict:
+    """A pretraining of 1 epoch on image files with an unreadable one in each split, skipped: the kNN splits each
+    process found, and the kNN at random initialisation and at the end. In memory, the kNN's crop ratio is not
+    the training images': each process streams its share of the bank."""
     cfg = tiny("byol")
-    cfg["data"] = {"source": str(data), "resolution": 8, "loader": "stream", "workers": 0, "skip_unreadable": True}
+    cfg["data"] = {"source": str(data), "resolution": 8, "loader": loader, "workers": 0, "skip_unreadable": True}
     cfg["train"].update(batch_size=12, epochs=1)
+    cfg["eval"]["crop_ratio"] = 1.0 if loader == "stream" else 0.875
     with Trainer(config_from_dict(cfg), run_dir) as trainer:
         results = trainer.fit()
         monitor = trainer.knn_monitor
         return {"shard": monitor.shard, "sizes": (len(monitor.bank), len(monitor.queries)),
+                "bank": type(monitor.bank).__name__,
                 "random_init": trainer.state.knn_random_init,
                 "end": {row["subnet"]: row["knn_top1"] for row in results.get("subnets", [])}}
 
@@ -269,7 +272,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result["resumed_finished"] = resume_of_a_finished_run(out / "api")
         result["records_across_a_resume"] = records_across_a_resume(out / "window")
         result["sharded_knn"] = sharded_knn()
-        result["streamed_knn"] = streamed_knn(out / "images", out / "streamed")
+        for loader in ("stream", "memory"):
+            result[f"knn_on_files_{loader}"] = knn_on_files(out / "images", out / f"run-{loader}", loader)
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -284,7 +288,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory) -> tuple[Path, list[dict], float]:
     out = tmp_path_factory.mktemp("two_process")
-    _corrupt_one_per_split(_folder(out / "images"))  # for streamed_knn, made once for both processes
+    _corrupt_one_per_split(_folder(out / "images"))  # for knn_on_files, made once for both processes
     start = time.perf_counter()
     mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
     seconds = time.perf_counter() - start
@@ -381,15 +385,17 @@ def test_every_process_measures_its_share_of_the_knn_and_all_get_what_one_proces
     assert ranks[0][method]["knn_random_init"] == single
 
 
-def test_a_streamed_run_skips_the_same_unreadable_files_in_every_process_and_measures_what_one_process_does(
-        two_process):
+@pytest.mark.parametrize("loader", ["stream", "memory"])
+def test_every_process_skips_the_same_unreadable_kNN_files_and_measures_what_one_process_does(
+        two_process, loader):
     out, ranks, _ = two_process
-    r0, r1 = ranks[0]["streamed_knn"], ranks[1]["streamed_knn"]
+    r0, r1 = ranks[0][f"knn_on_files_{loader}"], ranks[1][f"knn_on_files_{loader}"]
+    assert r0["bank"] == r1["bank"] == "StreamedImages"  # in memory too: a crop ratio of its own
     assert (r0["shard"], r1["shard"]) == (Shard(0, 2), Shard(1, 2))
     assert r0["sizes"] == r1["sizes"] == (35, 17)  # rank 1 decoded both files (odd indices); both dropped them
     assert r0["random_init"] == r1["random_init"] and len(r0["random_init"]) == len(MENU)
     assert r1["end"] == {}  # rank 0 writes the results
-    single = {row["subnet"]: row["knn_top1"] for row in slimssl.knn(out / "streamed", device="cpu", save=False,
+    single = {row["subnet"]: row["knn_top1"] for row in slimssl.knn(out / f"run-{loader}", device="cpu", save=False,
                                                                      skip_unreadable=True)}
     assert r0["end"] == single
 
