@@ -44,7 +44,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # of them unless --set data.fake_size says otherwise
     data = [f"data.source={args.data}"] if args.data else ["data.source=fake", "data.loader=memory"]
     device = [f"train.device={args.device}"] if args.device else []
-    sets = [*data, *args.set, *device, "slim.slow_start=0.0"]
+    # no kNN: nothing measured evaluates, and its splits would be loaded for every trainer built
+    sets = [*data, *args.set, *device, "slim.slow_start=0.0", "train.knn=false"]
     cfg = load_config(args.config, sets)
     batch = args.batch_size or cfg.train.batch_size
     fake_size = [] if args.data or any(s.split("=", 1)[0].strip() == "data.fake_size" for s in args.set) \
