@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -33,6 +34,7 @@ from slimssl.methods.base import MethodOutput
 from slimssl.models.build import build_supernet
 from slimssl.train import loop
 from slimssl.train.loop import NonFiniteLossError, Trainer
+from slimssl.train.monitor import KnnMonitor
 from slimssl.train.signals import EXIT_INTERRUPTED, Interrupted, SignalGuard
 
 TINY = {
@@ -373,6 +375,64 @@ def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypat
     knn_epochs = [[r["epoch"] for r in records(tmp_path / run) if "knn_top1" in r] for run in ("straight", "stopped")]
     assert knn_epochs == [[1, 2, 3], [1, 2, 3]]
     assert records(tmp_path / "stopped") == records(tmp_path / "straight")
+
+
+def test_a_stop_signal_during_the_final_knn_lets_it_end_and_is_reported(tmp_path, monkeypatch):
+    cfg = config_from_dict(tiny(eval={"knn_random_init": False, "knn_k": 5}))
+    measure, handled = KnnMonitor.__call__, []
+
+    def knn_signalled(self, backbone):  # SIGTERM while the final kNN runs (a scheduler's notice, say)
+        handled.append(signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None))
+        if handled[-1]:  # never with the default handler, which would end the test's process
+            os.kill(os.getpid(), signal.SIGTERM)
+        return measure(self, backbone)
+
+    monkeypatch.setattr(KnnMonitor, "__call__", knn_signalled)
+    trainer = Trainer(cfg, tmp_path / "run")
+    results = trainer.fit()
+    assert handled == [True]  # the guard's handler was in force
+    assert results["steps"] == 12 and all(row["knn_top1"] is not None for row in results["subnets"])
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 12
+    assert trainer.signal_received == signal.SIGTERM  # for the caller to act on (reproduce stops its call)
+
+
+def test_img_per_s_counts_the_training_steps_and_not_the_epochs_checkpoint_or_knn(tmp_path, monkeypatch):
+    clock = [0.0]  # one second per step, a thousand for each end-of-epoch kNN
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    step_fn, measure = Trainer.train_step, KnnMonitor.__call__
+
+    def train_step(self, step):
+        clock[0] += 1.0
+        return step_fn(self, step)
+
+    def knn(self, backbone):
+        clock[0] += 1000.0
+        return measure(self, backbone)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(KnnMonitor, "__call__", knn)
+    cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
+    Trainer(cfg, tmp_path / "run").fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    speeds = [r["img_per_s"] for r in map(json.loads, lines) if "img_per_s" in r]
+    assert len(speeds) == 12 and speeds == [16.0] * 12  # batch 16, one step a second, after each kNN too
+
+
+def test_an_unreadable_knn_file_mid_run_says_the_steps_are_saved(tmp_path, monkeypatch):
+    from slimssl.data.files import DataError
+
+    cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
+    trainer = Trainer(cfg, tmp_path / "run")
+
+    def unreadable(self, backbone):  # a streamed kNN split meets a file it cannot decode
+        raise DataError("cannot decode some/test/file.jpg")
+
+    monkeypatch.setattr(KnnMonitor, "__call__", unreadable)
+    with pytest.raises(DataError, match=r"cannot decode some/test/file.jpg\nthe 4 steps trained so far are saved in "
+                                        r".*last.pt: continue with slimssl pretrain --resume"):
+        trainer.fit()
+    trainer.metrics.close()
+    assert load_checkpoint(tmp_path / "run")["train_state"]["step"] == 4
 
 
 def test_bad_data_met_by_another_rank_than_0_saves_the_steps_trained(tmp_path, monkeypatch):

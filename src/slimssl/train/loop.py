@@ -278,7 +278,12 @@ class Trainer:
     def knn(self) -> dict[str, float]:
         """Every sub-network's kNN top-1 on the run's data, as `slimssl knn` measures it; {} without a monitor.
         Collective: every process calls it, and gets the same values."""
-        return self.knn_monitor(self.model.backbone) if self.knn_monitor else {}
+        if not self.knn_monitor:
+            return {}
+        try:
+            return self.knn_monitor(self.model.backbone)
+        except DataError as e:  # an unreadable file of a streamed split: what was trained is saved, and resumable
+            raise self._saved_before(e) from None
 
     # ---- the step -----------------------------------------------------------------------------------
 
@@ -391,40 +396,44 @@ class Trainer:
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint;
         # closing the source stops loader workers, closing the bar ends its line before any error is printed
-        with SignalGuard() as guard, contextlib.closing(self.view_source), \
-                progress_bar(self.state.step, end, dist.is_main()) as progress:
-            self._evaluations_before_training()
-            self._save_missing_epoch_checkpoint()
-            timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
-            while self.state.step < end:
-                step = self.state.step
-                try:
-                    result = self.train_step(step)
-                except DataError as e:  # an unreadable file met by streaming, before this step changed anything
-                    raise self._saved_before(e) from None
-                self.window.add(result.losses, result.lr, trained=not result.skipped)
-                timed += 1
-                self.state.step += 1
-                progress.update(1)
-                epoch_done = self.state.step % self.steps_per_epoch == 0
-                scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
-                stopping = self._stop_agreed(guard.received is not None, scheduled)
-                if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
-                    synchronize(self.device)
-                    self._log(timed, time.perf_counter() - tick, progress)
-                    timed, tick = 0, time.perf_counter()
-                if epoch_done:
-                    self._end_of_epoch()
-                if stopping:
+        with SignalGuard() as guard:
+            with contextlib.closing(self.view_source), progress_bar(self.state.step, end, dist.is_main()) as progress:
+                self._evaluations_before_training()
+                self._save_missing_epoch_checkpoint()
+                timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
+                while self.state.step < end:
+                    step = self.state.step
+                    try:
+                        result = self.train_step(step)
+                    except DataError as e:  # an unreadable file met by streaming, before this step changed anything
+                        raise self._saved_before(e) from None
+                    self.window.add(result.losses, result.lr, trained=not result.skipped)
+                    timed += 1
+                    self.state.step += 1
+                    progress.update(1)
+                    epoch_done = self.state.step % self.steps_per_epoch == 0
+                    scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
+                    stopping = self._stop_agreed(guard.received is not None, scheduled)
+                    if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
+                        synchronize(self.device)
+                        self._log(timed, time.perf_counter() - tick, progress)
+                        timed, tick = 0, time.perf_counter()
+                    if epoch_done:
+                        self._end_of_epoch()
+                        tick = time.perf_counter()  # its checkpoint and kNN are not training: img/s leaves them out
+                    if stopping:
+                        raise self._stopped(guard)
+                if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
+                    self.save()  # inside the guard: a signal during it is a flag, not an exception mid-write
+                # a signal during the end of the last step (its epoch's save or kNN) stops here, as one in the loop
+                # does, rather than being forgotten by the next call to fit
+                if self.state.step < self.total_steps and self._stop_agreed(guard.received is not None, True):
                     raise self._stopped(guard)
-            if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
-                self.save()  # inside the guard: a signal during it is a flag, not an exception mid-write
-            # a signal during the end of the last step (its epoch's save or kNN) stops here, as one in the loop
-            # does, rather than being forgotten by the next call to fit
-            if self.state.step < self.total_steps and self._stop_agreed(guard.received is not None, True):
-                raise self._stopped(guard)
+            # the final evaluation, inside the guard too: a stop signal during it lets it end (the run is trained,
+            # and its results are written whole), and the caller hears of it
+            results = self.finish() if self.state.step >= self.total_steps else {}
         self.signal_received = guard.received  # one that came while the run ended: for a caller to act on
-        return self.finish() if self.state.step >= self.total_steps else {}
+        return results
 
     def _stopped(self, guard: SignalGuard) -> Interrupted:
         """Save what is not saved yet (the steps since the last record, logged after the resume) and say so."""
