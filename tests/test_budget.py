@@ -67,6 +67,39 @@ def test_knn_ranks_when_the_probe_did_not_measure_every_one_that_fits_and_ties_g
     assert slimssl.pick_subnet(_run(tmp_path, rows), max_macs="250M") == {**rows[3], "picked_by": "knn_top1"}
 
 
+def test_sub_networks_not_measured_are_left_out_with_a_warning_and_the_default_is_the_most_measured(tmp_path,
+                                                                                                    caplog):
+    rows = [dict(r) for r in ROWS] + [_row("w0p375", 60e6, 1.6e6, linear_top1=99.0),  # evaluated off the menu
+                                      _row("w0p3", 40e6, 1.0e6, knn_top1=99.0)]
+    for row in rows[3:5]:  # w0p5, w0p25: no probe
+        del row["linear_top1"]
+    run = _run(tmp_path, rows)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        # knn: measured for 6 of the 7 that fit (linear: 4); w0p375, the best by its probe, has no kNN
+        assert slimssl.pick_subnet(run, max_macs="1G")["subnet"] == "w0p3"
+        assert "knn_top1 is not measured for w0p375, which fit too: left out of the choice" in caplog.text
+        caplog.clear()
+        picked = slimssl.pick_subnet(run, max_macs="1G", metric="linear_top1")
+    assert picked["subnet"] == "w0p375" and picked["picked_by"] == "linear_top1"
+    assert "linear_top1 is not measured for w0p5, w0p25, w0p3, which fit too" in caplog.text
+
+
+def test_values_of_other_settings_or_an_earlier_network_are_compared_with_a_warning(tmp_path, caplog):
+    rows = [dict(r) for r in ROWS]
+    rows[3]["knn_settings"] = {"k": 20}  # w0p5 measured with another k than the run's protocol
+    run = _run(tmp_path, rows, steps=100)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": {}}) + "\n" for s in (50, 100, 150)))
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert slimssl.pick_subnet(run, max_macs="150M", metric="knn_top1")["subnet"] == "w0p5"
+    assert "knn_top1 of w0p5 was measured with other settings than the others' (their knn_settings" in caplog.text
+    assert "describes the network at step 100, and the run has trained on to step 150 since" in caplog.text
+
+
+def test_a_row_without_its_macs_loses_a_tie(tmp_path):
+    rows = [_row("a", None, 1e6, knn_top1=50.0), _row("b", 2e6, 1e6, knn_top1=50.0)]
+    assert slimssl.pick_subnet(_run(tmp_path, rows), max_params="2M")["subnet"] == "b"
+
+
 def test_a_budget_nothing_fits_names_the_smallest(tmp_path):
     with pytest.raises(UsageError, match=r"no sub-network of .*run fits within 10.00M MACs and 100.00k params: the "
                                          r"smallest, w0p25, has 26.00M MACs and 700.00k params"):
@@ -75,8 +108,8 @@ def test_a_budget_nothing_fits_names_the_smallest(tmp_path):
 
 def test_an_unmeasured_or_unknown_metric_is_an_error_saying_what_was_measured(tmp_path):
     run = _run(tmp_path, ROWS)
-    with pytest.raises(UsageError, match=r"finetune_10pct_top1 is not measured for w0p5, w0p25 of .*; measured: "
-                                         r"knn_top1, linear_top1 \(slimssl knn, linear or finetune RUN"):
+    with pytest.raises(UsageError, match=r"finetune_10pct_top1 is not measured for any sub-network of .* that fits "
+                                         r"within 150.00M MACs; measured: knn_top1, linear_top1 \(slimssl knn"):
         slimssl.pick_subnet(run, max_macs="150M", metric="finetune_10pct_top1")
     with pytest.raises(UsageError, match="metric must be an accuracy such as knn_top1"):
         slimssl.pick_subnet(run, max_macs="150M", metric="macs")  # would pick the largest
@@ -116,12 +149,11 @@ def test_export_takes_a_budget_and_exports_what_the_runs_own_measurements_pick(t
     assert (row["subnet"], row["picked_by"], row["knn_top1"]) == (half["subnet"], "knn_top1", half["knn_top1"])
     assert row["macs"] == half["macs"] and row["max_abs_diff"] < 1e-4
     assert [p.name for p in out.iterdir()] == [half["subnet"]]
-    # with room for the full width, the more accurate of the two (the full width at equal accuracy: fewer MACs
-    # lose the tie only to a better score)
+    # with room for the full width too: the more accurate of the two
     assert main(["export", str(run), "--max-macs", "1G", "--out", str(tmp_path / "e2"), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
-    best = max(measured.values(), key=lambda r: (r["knn_top1"], -r["macs"]))
-    assert row["subnet"] == best["subnet"]
+    assert full["knn_top1"] != half["knn_top1"]  # (equal ones would go to the half width, tested above)
+    assert row["subnet"] == (full if full["knn_top1"] > half["knn_top1"] else half)["subnet"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -35,11 +35,13 @@ import yaml
 import slimssl
 from slimssl.checkpoint import load_checkpoint
 from slimssl.config import config_from_dict
+from slimssl.data.datasets import load_dataset
 from slimssl.eval.knn import knn_predict
 from slimssl.eval.shard import Shard
 from slimssl.slim.policy import SlimPolicy
 from slimssl.train import distributed as dist
 from slimssl.train.loop import Trainer
+from slimssl.train.monitor import KnnMonitor, Skipped
 from slimssl.train.signals import Interrupted
 from test_stream_eval import _corrupt_one_per_split, _folder
 
@@ -245,6 +247,25 @@ def knn_on_files(data: Path, run_dir: Path, loader: str) -> dict:
                 "end": {row["subnet"]: row["knn_top1"] for row in results.get("subnets", [])}}
 
 
+def monitors_when_the_processes_disagree() -> dict:
+    """Whether each process gets a kNN monitor when rank 1 sees a smaller dataset, and when it has no kNN data."""
+    def monitor(fake_size: int) -> bool:
+        cfg = config_from_dict({**tiny("byol"), "data": {**tiny("byol")["data"], "fake_size": fake_size}})
+        train = load_dataset("fake", "train", resolution=8, fake_size=fake_size, seed=cfg.train.seed)
+        return KnnMonitor.of_run(cfg, train, torch.device("cpu")) is not None
+
+    mine = 48 if dist.rank() == 1 else 64
+    result = {"same": monitor(64), "other_sizes": monitor(mine)}
+    original = KnnMonitor._of_data
+    if dist.rank() == 1:
+        KnnMonitor._of_data = classmethod(lambda cls, *args: Skipped(logging.WARNING, "rank 1 cannot read"))
+    try:
+        result["one_skipped"] = monitor(64)
+    finally:
+        KnnMonitor._of_data = original
+    return result
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -272,6 +293,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result["resumed_finished"] = resume_of_a_finished_run(out / "api")
         result["records_across_a_resume"] = records_across_a_resume(out / "window")
         result["sharded_knn"] = sharded_knn()
+        result["disagreeing"] = monitors_when_the_processes_disagree()
         for loader in ("stream", "memory"):
             result[f"knn_on_files_{loader}"] = knn_on_files(out / "images", out / f"run-{loader}", loader)
         torch.save(result, out / f"rank{rank}.pt")
@@ -372,6 +394,11 @@ def test_knn_against_a_bank_shared_by_the_processes_scores_as_one_process(two_pr
     for (k, chunk), scores in results[0]["scores"].items():
         torch.testing.assert_close(scores, knn_predict(bank, labels, queries, 3, k=k, chunk=chunk))
         assert torch.equal(scores, results[1]["scores"][k, chunk])  # every process holds the same numbers
+
+
+def test_either_every_process_has_a_knn_monitor_or_none_has(two_process):
+    _, ranks, _ = two_process
+    assert [r["disagreeing"] for r in ranks] == [{"same": True, "other_sizes": False, "one_skipped": False}] * 2
 
 
 @pytest.mark.parametrize("method", RUNS)

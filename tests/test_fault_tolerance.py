@@ -377,7 +377,7 @@ def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypat
     assert records(tmp_path / "stopped") == records(tmp_path / "straight")
 
 
-def test_a_stop_signal_during_the_final_knn_lets_it_end_and_is_reported(tmp_path, monkeypatch):
+def test_a_stop_signal_during_the_final_knn_lets_it_end_and_is_reported(tmp_path, monkeypatch, caplog):
     cfg = config_from_dict(tiny(eval={"knn_random_init": False, "knn_k": 5}))
     measure, handled = KnnMonitor.__call__, []
 
@@ -389,7 +389,10 @@ def test_a_stop_signal_during_the_final_knn_lets_it_end_and_is_reported(tmp_path
 
     monkeypatch.setattr(KnnMonitor, "__call__", knn_signalled)
     trainer = Trainer(cfg, tmp_path / "run")
-    results = trainer.fit()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        results = trainer.fit()
+    assert "received SIGTERM: the run is trained; its final kNN evaluation and results.json are finished first" \
+        in caplog.text
     assert handled == [True]  # the guard's handler was in force
     assert results["steps"] == 12 and all(row["knn_top1"] is not None for row in results["subnets"])
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps"] == 12

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .eval.results import read_results, run_dir_of, unfinished_note
+from .eval.results import read_metrics, read_results, run_dir_of, unfinished_note
+from .layout import RESULTS
 from .report.table import human, is_number
 
 log = logging.getLogger("slimssl")
@@ -43,9 +44,9 @@ def pick_subnet(run: str | Path, *, max_macs: str | float | None = None, max_par
     ``picked_by``: the metric it was ranked by.
 
     ``run`` is a run directory or its ``checkpoints/last.pt``, which results.json describes. ``metric`` is any
-    measured value of the rows (``knn_top1``, ``linear_top1``, ``finetune_10pct_top1``, ...); by default the
-    linear probe's top-1 where every sub-network that fits has one, else the kNN's. Of equal accuracies the
-    one with fewer MACs wins."""
+    accuracy of the rows (``knn_top1``, ``linear_top1``, ``finetune_10pct_top1``, ...); by default the one
+    measured for the most sub-networks that fit, the linear probe's before the kNN's on equal counts. Those it
+    was not measured for are left out, with a warning. Of equal accuracies the one with fewer MACs wins."""
     if max_macs is None and max_params is None:
         raise UsageError("give a budget: max_macs and/or max_params (--max-macs, --max-params)")
     limits = {key: parse_count(value) for key, value in (("macs", max_macs), ("params", max_params))
@@ -70,25 +71,38 @@ def pick_subnet(run: str | Path, *, max_macs: str | float | None = None, max_par
     if metric is not None and not str(metric).endswith(("_top1", "_top5")):
         raise UsageError(f"metric must be an accuracy such as knn_top1, linear_top1 or finetune_10pct_top1, got "
                          f"{metric!r}")
-    metric = metric or _default_metric(fit)
-    missing = [row["subnet"] for row in fit if not is_number(row.get(metric))]
-    if missing:
+    metric = metric or max(PREFERRED_METRICS, key=lambda m: sum(is_number(row.get(m)) for row in fit))
+    ranked = [row for row in fit if is_number(row.get(metric))]
+    if not ranked:
         measured = sorted({key for row in data["subnets"] for key, v in row.items()
                            if key.endswith(("_top1", "_top5")) and is_number(v)})
-        raise UsageError(f"{metric} is not measured for {', '.join(missing)} of {run_dir}, which fit within "
-                         f"{budget}; measured: {', '.join(measured) or 'nothing'} (slimssl knn, linear or finetune "
-                         "RUN measures them)")
-    best = max(fit, key=lambda row: (row[metric], -row.get("macs", 0)))
-    note = unfinished_note(data)
-    if note:
-        log.warning("%s/results.json holds values measured before pretraining ended (%s)", run_dir, note)
+        raise UsageError(f"{metric} is not measured for any sub-network of {run_dir} that fits within {budget}; "
+                         f"measured: {', '.join(measured) or 'nothing'} (slimssl knn, linear or finetune RUN "
+                         "measures them)")
+    _warn_of_what_the_ranking_leaves(data, run_dir, fit, ranked, metric)
+    best = max(ranked, key=lambda row: (row[metric], -row["macs"] if is_number(row.get("macs")) else -math.inf))
     log.info("picked %s within %s: %s %.2f, %s MACs, %s params (%d of %d sub-networks fit)", best["subnet"], budget,
              metric, best[metric], human(best.get("macs")), human(best.get("params")), len(fit), len(rows))
     return {**best, "picked_by": metric}
 
 
-def _default_metric(rows: list[dict]) -> str:
-    for metric in PREFERRED_METRICS:
-        if all(is_number(row.get(metric)) for row in rows):
-            return metric
-    return PREFERRED_METRICS[-1]  # not measured for all: the error names the rows without it
+def _warn_of_what_the_ranking_leaves(data: dict, run_dir: Path, fit: list[dict], ranked: list[dict],
+                                     metric: str) -> None:
+    """Say which sub-networks that fit are not ranked, which were measured otherwise, and whether the values
+    describe an earlier network than the run's last checkpoint."""
+    unmeasured = [row["subnet"] for row in fit if row not in ranked]
+    if unmeasured:
+        log.warning("%s is not measured for %s, which fit too: left out of the choice", metric, ", ".join(unmeasured))
+    protocol = metric.rsplit("_", 1)[0]  # knn_top1 -> knn: a row measured with other settings holds knn_settings
+    other = [row["subnet"] for row in ranked if f"{protocol}_settings" in row]
+    if other:
+        log.warning("%s of %s was measured with other settings than the others' (their %s_settings in %s): "
+                    "compared as it is", metric, ", ".join(other), protocol, RESULTS)
+    note = unfinished_note(data)
+    if note:
+        log.warning("%s/%s holds values measured before pretraining ended (%s)", run_dir, RESULTS, note)
+    trained = max((r["step"] for r in read_metrics(run_dir) if is_number(r.get("step"))), default=None)
+    if is_number(data.get("steps")) and trained is not None and trained > data["steps"]:
+        log.warning("%s/%s describes the network at step %d, and the run has trained on to step %d since: the "
+                    "accuracies may not be those of its last checkpoint (slimssl knn RUN measures them again)",
+                    run_dir, RESULTS, data["steps"], trained)

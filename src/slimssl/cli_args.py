@@ -39,7 +39,7 @@ nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
-def count(text: str) -> float:
+def positive_count(text: str) -> float:
     """A positive count of MACs or parameters such as 300M, 1.5G, 11k or 2e6 (``budget.parse_count``)."""
     from .budget import parse_count
     from .errors import UsageError

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .cli_args import (add_overrides, count, data_source, device_name, emit, nonnegative_float, nonnegative_int,
-                       output_dir, positive_int)
+from .cli_args import (add_overrides, data_source, device_name, emit, nonnegative_float, nonnegative_int,
+                       output_dir, positive_count, positive_int)
 from .errors import UsageError
 
 log = logging.getLogger("slimssl")
@@ -144,12 +144,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
                    help="sub-network(s) to export (canonical name, or a width such as 0.5; several may follow)")
     p.add_argument("--all", action="store_true", help="export every sub-network of the menu")
-    p.add_argument("--max-macs", type=count, metavar="N", help="export the most accurate sub-network of the run "
-                   "(its results.json) whose backbone takes at most N MACs, e.g. 300M or 1.5G")
-    p.add_argument("--max-params", type=count, metavar="N",
+    p.add_argument("--max-macs", type=positive_count, metavar="N",
+                   help="export the most accurate sub-network of the run (its results.json) whose backbone takes at "
+                        "most N MACs, e.g. 300M or 1.5G")
+    p.add_argument("--max-params", type=positive_count, metavar="N",
                    help="... at most N parameters, e.g. 5M (with --max-macs: both)")
-    p.add_argument("--metric", help="the accuracy a budget ranks by (default: linear_top1 where measured, else "
-                   "knn_top1), e.g. finetune_10pct_top1")
+    p.add_argument("--metric", help="the accuracy a budget ranks by, e.g. finetune_10pct_top1 (default: linear_top1 "
+                   "or knn_top1, whichever was measured for more of the sub-networks that fit)")
     p.add_argument("--out", required=True, type=output_dir, help="output folder (one sub-folder per sub-network)")
     p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
                    help="onnx: the safetensors files and an ONNX graph (needs slimssl[onnx])")

@@ -103,7 +103,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
                     recalibrate_batches: int | None = None, eval_batch_size: int = 256,
                     min_steps: int | None = None, train_crop: str | None = None,
                     save_model: str | Path | None = None, checkpoint_source: str | None = None,
-                    crop_ratio: float = 1.0) -> dict:
+                    crop_ratio: float | None = None) -> dict:
     """Fine-tune the exported ``subnet`` on a balanced ``label_fraction`` of ``train``; evaluate on ``test``.
 
     ``train`` and ``test`` are labelled datasets, in memory or streamed (``data/eval_images.py``); of a streamed
@@ -111,8 +111,8 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     Returns a dict with the settings, ``top1``/``top5`` (percent) and ``indices`` (the labelled subset).
     ``save_model``: a folder to write the fine-tuned classifier to, as an export (``slimssl.load_exported``),
     whose config.json records ``checkpoint_source`` (the checkpoint's path) as an export's ``source``, and the
-    images' preprocessing as an export's: ``resolution``, ``crop_ratio`` (what ``train`` and ``test`` were
-    decoded at), ``mean`` and ``std``.
+    images' preprocessing as an export's: ``resolution``, ``mean``, ``std`` and, when given, ``crop_ratio``
+    (what ``train`` and ``test`` were decoded at).
     The supernet is not modified (the export is a copy; shared BatchNorm is recalibrated on a copy).
     """
     if train.labels is None or test.labels is None:
@@ -148,9 +148,9 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
         from ..export import save_exported
 
         classes = list(train.classes) if train.classes else None
-        save_exported(model, save_model, {**result, "classes": classes, "resolution": resolution,
-                                          "crop_ratio": crop_ratio, "mean": list(mean), "std": list(std),
-                                          "source": checkpoint_source})
+        preprocessing = {"resolution": resolution, **({} if crop_ratio is None else {"crop_ratio": crop_ratio}),
+                         "mean": list(mean), "std": list(std)}
+        save_exported(model, save_model, {**result, "classes": classes, **preprocessing, "source": checkpoint_source})
         log.info("saved the fine-tuned %s to %s", spec.name, save_model)
     return {**result, "indices": indices.tolist()}
 

@@ -282,8 +282,8 @@ class Trainer:
             return {}
         try:
             return self.knn_monitor(self.model.backbone)
-        except DataError as e:  # an unreadable file of a streamed split: what was trained is saved, and resumable
-            raise self._saved_before(e) from None
+        except DataError as e:  # an unreadable file of a streamed split: the error says how to resume (every kNN
+            raise self._saved_before(e) from None  # comes after a save, or before the first step: nothing is written)
 
     # ---- the step -----------------------------------------------------------------------------------
 
@@ -431,6 +431,7 @@ class Trainer:
                     raise self._stopped(guard)
             # the final evaluation, inside the guard too: a stop signal during it lets it end (the run is trained,
             # and its results are written whole), and the caller hears of it
+            guard.finishing = "its final kNN evaluation and results.json are finished"
             results = self.finish() if self.state.step >= self.total_steps else {}
         self.signal_received = guard.received  # one that came while the run ended: for a caller to act on
         return results

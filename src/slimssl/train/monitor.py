@@ -6,6 +6,7 @@ share of the images (:mod:`slimssl.eval.shard`), and all of them get the same ac
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,13 @@ from . import distributed as dist
 log = logging.getLogger("slimssl")
 
 
+class Skipped(NamedTuple):
+    """Why a process has no kNN monitor, and how loudly to say it (no labels or no test split: as planned)."""
+
+    level: int
+    why: str
+
+
 class KnnMonitor:
     """kNN of a supernet's sub-networks with the train split as the bank and the test split as the queries."""
 
@@ -37,28 +45,32 @@ class KnnMonitor:
     def of_run(cls, cfg: Config, train: ImageDataset | None, device: torch.device) -> KnnMonitor | None:
         """The monitor of a run training on ``train`` (None: streamed, and so are the kNN images), or None, with a
         log line saying why, when its data cannot have one: pretraining needs neither labels nor a test split.
-        Collective in a multi-process run: either every process has a monitor or none has."""
+        Collective in a multi-process run: either every process has a monitor or none has, and rank 0 says why
+        (the others log warnings only)."""
         if not cfg.train.knn:
             log.info("train.knn is false: no kNN evaluation during pretraining (slimssl knn RUN measures it later)")
             return None
-        monitor = cls._of_data(cfg, train, device)
-        sizes = dist.gather_objects(None if monitor is None else (len(monitor.bank), len(monitor.queries)))
-        if None in sizes:
-            if monitor is not None:
-                log.warning("kNN evaluation is skipped: another process could not load its images (its log says why)")
+        found = cls._of_data(cfg, train, device)
+        every = dist.gather_objects(found if isinstance(found, Skipped) else (len(found.bank), len(found.queries)))
+        skipped = [(rank, s) for rank, s in enumerate(every) if isinstance(s, Skipped)]
+        if skipped:
+            rank, (level, why) = skipped[0]  # one reason is enough: the processes read the same data
+            log.log(level, "%s%s: kNN evaluation during pretraining is skipped", why,
+                    f" (rank {rank})" if len(every) > 1 else "")
             return None
-        if len(set(sizes)) > 1:  # each process reads its share of the same files: they must see the same ones
+        if len(set(every)) > 1:  # each process reads its share of the same files: they must see the same ones
             log.warning("kNN evaluation is skipped: the processes see splits of different sizes (train, test): %s",
-                        sizes)
+                        every)
             return None
-        return monitor
+        return found
 
     @classmethod
-    def _of_data(cls, cfg: Config, train: ImageDataset | None, device: torch.device) -> KnnMonitor | None:
+    def _of_data(cls, cfg: Config, train: ImageDataset | None, device: torch.device) -> KnnMonitor | Skipped:
+        """This process's monitor, or why it has none."""
         d = cfg.data
+        no_labels = Skipped(logging.INFO, "the training data has no labels")
         if train is not None and train.labels is None:
-            log.info("the training data has no labels: kNN evaluation is skipped")
-            return None
+            return no_labels
         crop_ratio = cfg.eval.crop_ratio  # evaluation images, as `slimssl knn` decodes them
         workers = default_workers() if d.workers is None else d.workers
 
@@ -71,11 +83,9 @@ class KnnMonitor:
         try:
             test = split("test")
         except MissingSplitError as e:
-            log.info("no test split for kNN evaluation (%s): kNN is skipped", e)
-            return None
+            return Skipped(logging.INFO, f"no test split for kNN evaluation ({e})")
         except DataError as e:  # there is one, but it cannot be read: only the kNN monitor is lost
-            log.warning("the test split cannot be loaded (%s); kNN evaluation is skipped", e)
-            return None
+            return Skipped(logging.WARNING, f"the test split cannot be loaded ({e})")
         try:
             if train is not None and crop_ratio == 1:
                 bank = train  # the training images in memory
@@ -86,12 +96,10 @@ class KnnMonitor:
             else:
                 bank = split("train")  # a streamed run's, or the train split at another ratio
             if bank.labels is None:
-                log.info("the training data has no labels: kNN evaluation is skipped")
-                return None
+                return no_labels
             check_same_classes(bank, test, d.source)
         except DataError as e:
-            log.warning("%s; kNN evaluation is skipped", e)
-            return None
+            return Skipped(logging.WARNING, str(e))
         return cls(cfg, bank, test, device)
 
     def __call__(self, backbone) -> dict[str, float]:

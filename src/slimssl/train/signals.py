@@ -44,6 +44,7 @@ class SignalGuard:
 
     def __init__(self):
         self.received: int | None = None
+        self.finishing: str | None = None  # what a signal lets end instead of the step, when training is over
         self._handling = stop_signals_handled_by(self._handle)
 
     def __enter__(self):
@@ -55,6 +56,10 @@ class SignalGuard:
             raise KeyboardInterrupt(f"a second stop signal, {signal.Signals(signum).name}, stopped it at once")
         self.received = signum
         name = signal.Signals(signum).name
+        if self.finishing:
+            log.warning("received %s: the run is trained; %s first. A second %s stops at once (a resume finishes "
+                        "it)", name, self.finishing, name)
+            return
         log.warning("received %s: finishing the current step (the first one, when training has not started yet), "
                     "then saving a checkpoint; several processes stop together at the next logged step "
                     "(train.log_every). A second %s stops at once, without saving", name, name)
