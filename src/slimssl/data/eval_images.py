@@ -160,14 +160,14 @@ class StreamedImages:
     def drop(self, unreadable: Iterable[int]) -> None:
         """Leave out the files at the indices ``unreadable`` (:meth:`find_unreadable`), with their labels: the
         files ``load_dataset`` skips with ``skip_unreadable``, so both loaders evaluate the same images."""
-        bad = sorted(set(unreadable))
+        bad = set(unreadable)
         if not bad:
             return
         if len(bad) == len(self):
             raise DataError(f"{self.root}: none of the {len(self)} image files of split {self.split!r} could be "
                             "decoded")
-        paths = [self.files.path(index) for index in bad]
-        keep = torch.tensor(sorted(set(range(len(self))) - set(bad)), dtype=torch.int64)
+        paths = [self.files.path(index) for index in sorted(bad)]
+        keep = torch.tensor([i for i in range(len(self)) if i not in bad], dtype=torch.int64)
         self.files = self.files.subset(keep)
         self.labels = None if self.labels is None else self.labels[keep]
         log.warning("%s: skipped %d unreadable files (%s%s)", self.root, len(paths), ", ".join(paths[:5]),

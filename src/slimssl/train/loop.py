@@ -280,10 +280,12 @@ class Trainer:
         Collective: every process calls it, and gets the same values."""
         if not self.knn_monitor:
             return {}
+        # an unreadable file of a streamed split: the error says how to resume (every kNN comes after a save, or
+        # before the first step, so nothing more is written)
         try:
             return self.knn_monitor(self.model.backbone)
-        except DataError as e:  # an unreadable file of a streamed split: the error says how to resume (every kNN
-            raise self._saved_before(e) from None  # comes after a save, or before the first step: nothing is written)
+        except DataError as e:
+            raise self._saved_before(e) from None
 
     # ---- the step -----------------------------------------------------------------------------------
 
@@ -387,54 +389,60 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------------
 
     def fit(self, max_steps: int | None = None) -> dict:
-        cfg = self.cfg
         finished, results = self._finished_already()
         if finished:
             log.info("this run finished at step %d already: nothing to train, and its results.json (with the "
                      "evaluations merged into it) is kept", self.state.step)
             return results
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
-        # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint;
-        # closing the source stops loader workers, closing the bar ends its line before any error is printed
+        # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint
         with SignalGuard() as guard:
-            with contextlib.closing(self.view_source), progress_bar(self.state.step, end, dist.is_main()) as progress:
-                self._evaluations_before_training()
-                self._save_missing_epoch_checkpoint()
-                timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
-                while self.state.step < end:
-                    step = self.state.step
-                    try:
-                        result = self.train_step(step)
-                    except DataError as e:  # an unreadable file met by streaming, before this step changed anything
-                        raise self._saved_before(e) from None
-                    self.window.add(result.losses, result.lr, trained=not result.skipped)
-                    timed += 1
-                    self.state.step += 1
-                    progress.update(1)
-                    epoch_done = self.state.step % self.steps_per_epoch == 0
-                    scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
-                    stopping = self._stop_agreed(guard.received is not None, scheduled)
-                    if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
-                        synchronize(self.device)
-                        self._log(timed, time.perf_counter() - tick, progress)
-                        timed, tick = 0, time.perf_counter()
-                    if epoch_done:
-                        self._end_of_epoch()
-                        tick = time.perf_counter()  # its checkpoint and kNN are not training: img/s leaves them out
-                    if stopping:
-                        raise self._stopped(guard)
-                if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
-                    self.save()  # inside the guard: a signal during it is a flag, not an exception mid-write
-                # a signal during the end of the last step (its epoch's save or kNN) stops here, as one in the loop
-                # does, rather than being forgotten by the next call to fit
-                if self.state.step < self.total_steps and self._stop_agreed(guard.received is not None, True):
-                    raise self._stopped(guard)
-            # the final evaluation, inside the guard too: a stop signal during it lets it end (the run is trained,
-            # and its results are written whole), and the caller hears of it
-            guard.finishing = "its final kNN evaluation and results.json are finished"
-            results = self.finish() if self.state.step >= self.total_steps else {}
+            self._train_until(end, guard)
+            results = {}
+            if self.state.step >= self.total_steps:
+                # the final evaluation, inside the guard too: a stop signal during it lets it end (the run is
+                # trained, and its results are written whole), and the caller hears of it
+                guard.finishing = "its final kNN evaluation and results.json are finished"
+                results = self.finish()
         self.signal_received = guard.received  # one that came while the run ended: for a caller to act on
         return results
+
+    def _train_until(self, end: int, guard: SignalGuard) -> None:
+        """Train to step ``end``, with the evaluations due before and between; saved at the end. Closing the
+        source stops loader workers, closing the bar ends its line before any error is printed."""
+        cfg = self.cfg
+        with contextlib.closing(self.view_source), progress_bar(self.state.step, end, dist.is_main()) as progress:
+            self._evaluations_before_training()
+            self._save_missing_epoch_checkpoint()
+            timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
+            while self.state.step < end:
+                step = self.state.step
+                try:
+                    result = self.train_step(step)
+                except DataError as e:  # an unreadable file met by streaming, before this step changed anything
+                    raise self._saved_before(e) from None
+                self.window.add(result.losses, result.lr, trained=not result.skipped)
+                timed += 1
+                self.state.step += 1
+                progress.update(1)
+                epoch_done = self.state.step % self.steps_per_epoch == 0
+                scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
+                stopping = self._stop_agreed(guard.received is not None, scheduled)
+                if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
+                    synchronize(self.device)
+                    self._log(timed, time.perf_counter() - tick, progress)
+                    timed, tick = 0, time.perf_counter()
+                if epoch_done:
+                    self._end_of_epoch()
+                    tick = time.perf_counter()  # its checkpoint and kNN are not training: img/s leaves them out
+                if stopping:
+                    raise self._stopped(guard)
+            if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
+                self.save()  # inside the guard: a signal during it is a flag, not an exception mid-write
+            # a signal during the end of the last step (its epoch's save or kNN) stops here, as one in the loop
+            # does, rather than being forgotten by the next call to fit
+            if self.state.step < self.total_steps and self._stop_agreed(guard.received is not None, True):
+                raise self._stopped(guard)
 
     def _stopped(self, guard: SignalGuard) -> Interrupted:
         """Save what is not saved yet (the steps since the last record, logged after the resume) and say so."""
