@@ -444,7 +444,7 @@ def test_builtin_dataset_streams_never(tmp_path, capsys, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slimssl"):
         rows = _cli_json(capsys, ["knn", ckpt, "--device", "cpu", "--no-save", "--json"])
-    assert len(rows) == 2 and "built-in dataset: decoded in memory" in caplog.text
+    assert len(rows) == 2 and "held in memory (built-in or registered): decoded in memory" in caplog.text
     with pytest.raises(SystemExit) as refused:  # argparse: exit 2 before anything loads
         main(["knn", ckpt, "--device", "cpu", "--no-save", "--workers", "-1", "--data", str(tmp_path)])
     assert refused.value.code == 2

@@ -33,13 +33,15 @@ _EXPORTS = {
     "ExportError": ".export", "NonFiniteLossError": ".train.loop", "Interrupted": ".train.signals",
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
     "knn": ".eval.evaluate", "linear_probe": ".eval.evaluate", "finetune": ".eval.evaluate",
+    "register_dataset": ".data.registry", "unregister_dataset": ".data.registry",
 }
 __all__ = [  # the names of _EXPORTS, written out for type checkers
     "CheckpointError", "Config", "ConfigError", "DataError", "DeviceError", "ExportError", "InputError",
     "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError",
     "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet", "finetune", "knn",
     "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pick_subnet", "pretrain",
-    "recalibrate_bn", "recalibrate_checkpoint", "save_exported", "verify_export",
+    "recalibrate_bn", "recalibrate_checkpoint", "register_dataset", "save_exported", "unregister_dataset",
+    "verify_export",
 ]
 
 
@@ -62,6 +64,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .checkpoint import CheckpointError, load_checkpoint, load_supernet
     from .config import Config, ConfigError, load_config
     from .data.files import DataError
+    from .data.registry import register_dataset, unregister_dataset
     from .devices import DeviceError
     from .errors import SlimsslError, UsageError
     from .eval.evaluate import finetune, knn, linear_probe

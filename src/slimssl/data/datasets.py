@@ -1,6 +1,7 @@
 """Image datasets as in-memory uint8 tensors.
 
-Every source (a built-in name, an ImageFolder tree, or a ``.zip`` of one: ``files.py``) is
+Every source (a built-in name, a dataset registered in Python: ``registry.py``, an ImageFolder tree, or a
+``.zip`` of one: ``files.py``) is
 decoded once (``decode.py``) into an ``ImageDataset`` holding ``uint8 [N, 3, H, W]`` images.
 Augmentation then runs batched on the tensor (see ``augment.py``), so there is
 no per-sample ``Dataset.__getitem__`` on the training path.
@@ -32,6 +33,7 @@ from ..atomic import atomic_write
 from .decode import decode_error, decode_resized, resize_center_crop, resize_side
 from .files import (SKIP_HINT, SPLITS, DataError, FileTree, check_source_and_resolution, existing_path, list_split,
                     scan_tree, split_prefix)
+from .registry import is_registered, registered_split
 
 log = logging.getLogger("slimssl")
 
@@ -102,7 +104,7 @@ def load_dataset(
     seed: int = 0,
     crop_ratio: float = 1.0,
 ) -> ImageDataset:
-    """Load ``source`` (a built-in name or a path) as an in-memory dataset.
+    """Load ``source`` (a built-in or registered name, or a path) as an in-memory dataset.
 
     Each image's shorter side is resized to ``resolution / crop_ratio``, and its centre ``resolution`` square
     kept (``resize_center_crop``): ratio 1 for training, the evaluation's ratio (``eval.crop_ratio``, ImageNet's
@@ -120,6 +122,8 @@ def load_dataset(
         return _load_cifar(source, split, resolution, crop_ratio)
     if source == "fake":
         return _load_fake(split, resolution or 32, fake_size, seed)
+    if is_registered(source):
+        return _load_registered(source, split, resolution, crop_ratio)
     return _load_tree(existing_path(source), split, resolution, skip_unreadable, crop_ratio)
 
 
@@ -177,6 +181,16 @@ def _load_fake(split: str, resolution: int, size: int, seed: int) -> ImageDatase
     images = torch.randint(0, 256, (size, 3, resolution, resolution), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, 10, (size,), dtype=torch.int64, generator=gen)
     return ImageDataset(images, labels, [str(i) for i in range(10)], "fake", split)
+
+
+def _load_registered(name: str, split: str, resolution: int | None, crop_ratio: float) -> ImageDataset:
+    images, labels, classes = registered_split(name, split)
+    if resolution is not None:
+        images = resize_center_crop(images, resolution, crop_ratio)  # the same images when they fit already
+    elif images.shape[-1] != images.shape[-2]:
+        raise DataError(f"dataset {name!r}: its {split} images are {tuple(images.shape[-2:])} pixels; set "
+                        "data.resolution to resize them and keep their centre square")
+    return ImageDataset(images, labels, classes, name, split)
 
 
 # ------------------------------------------------------------ folder and zip

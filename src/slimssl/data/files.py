@@ -63,8 +63,8 @@ def existing_path(source: str) -> str:
     """The absolute path of a dataset ``source`` that is not a built-in name, or a DataError."""
     path = os.path.abspath(os.path.expanduser(source))
     if not os.path.exists(path):
-        raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}) "
-                        f"nor an existing path (looked for {path})")
+        raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}, or one registered with "
+                        f"slimssl.register_dataset in this process) nor an existing path (looked for {path})")
     return path
 
 
@@ -344,9 +344,12 @@ class ImageFiles:
 
 def list_labelled_files(source: str, split: str = "train") -> ImageFiles:
     """The files, labels and classes of ``split`` of an ImageFolder folder or .zip, or a DataError."""
-    if source in BUILTIN:
-        raise DataError(f"data.loader: stream reads an ImageFolder folder or .zip, and {source!r} is a built-in "
-                        f"dataset; use data.loader: memory (--set data.loader=memory) for it")
+    from .registry import in_memory_only  # not at the top: the registry's errors are defined here
+
+    if in_memory_only(source):
+        raise DataError(f"data.loader: stream reads an ImageFolder folder or .zip, and {source!r} is a dataset "
+                        f"held in memory (built-in or registered); use data.loader: memory (--set "
+                        f"data.loader=memory) for it")
     tree = scan_tree(existing_path(source), offsets=True)
     paths, labels, classes = list_split(tree, split_prefix(tree, split))
     if tree.members is None:

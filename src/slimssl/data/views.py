@@ -7,8 +7,9 @@ global batch.
 
 ``InMemoryViews`` holds the decoded uint8 images (on the GPU when they fit, otherwise in host memory, each
 batch copied through pinned memory) and augments each batch with the batched tensor ops of ``augment.py``,
-so no image is decoded or augmented on the CPU during training. ``StreamingViews`` (``stream.py``, ``data.loader: stream``) is for
-datasets that do not fit: loader workers decode and crop, the colour stage runs batched on the device.
+so no image is decoded or augmented on the CPU during training. ``StreamingViews`` (``stream.py``,
+``data.loader: stream``) is for datasets that do not fit: loader workers decode and crop, the colour stage
+runs batched on the device.
 Both follow the same batch order and the same per-step device generator.
 """
 

@@ -77,21 +77,23 @@ class DataOptions:
                 "crop_ratio": self.resolved_crop_ratio(cfg)}
 
     def load_split(self, cfg, split: str, device=None):
-        """``split`` at the config's resolution, decoded in memory or streamed. A built-in dataset is decoded in
-        memory: asked to stream it, this is an error; a streaming config falls back to memory, with a log line."""
+        """``split`` at the config's resolution, decoded in memory or streamed. A dataset held in memory
+        (built-in or registered) cannot stream: asked to, this is an error; a streaming config falls back to
+        memory, with a log line."""
         from ..data.eval_images import load_eval_split
-        from ..data.files import BUILTIN, DataError
+        from ..data.files import DataError
+        from ..data.registry import in_memory_only
         from ..data.views import default_workers
 
         source = self.source(cfg)
         loader = self.loader or cfg.data.loader
-        if loader == "stream" and source in BUILTIN:
+        if loader == "stream" and in_memory_only(source):
             if self.loader == "stream":
                 raise UsageError(f"loader 'stream' (--loader stream) reads an ImageFolder folder or .zip, and "
-                                 f"{source!r} is a built-in dataset, decoded in memory: use loader 'memory' (or pass "
-                                 "a folder as data, --data)")
-            log.info("data %r is a built-in dataset: decoded in memory (the checkpoint's data.loader stream reads "
-                     "folders and .zip files only)", source)
+                                 f"{source!r} is a dataset held in memory (built-in or registered): use loader "
+                                 "'memory' (or pass a folder as data, --data)")
+            log.info("data %r is a dataset held in memory (built-in or registered): decoded in memory (the "
+                     "checkpoint's data.loader stream reads folders and .zip files only)", source)
             loader = "memory"
         workers = self.workers if self.workers is not None else cfg.data.workers
         workers = default_workers() if workers is None else workers

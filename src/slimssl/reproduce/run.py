@@ -19,7 +19,8 @@ import torch
 from ..checkpoint import load_supernet
 from ..layout import CONFIG, LAST, RESULTS, checkpoint_path
 from ..config import Config
-from ..data.files import BUILTIN, DataError, list_labelled_files
+from ..data.files import DataError, list_labelled_files
+from ..data.registry import in_memory_only
 from ..devices import pick_device, synchronize
 from ..errors import UsageError
 from ..eval import linear_settings, recalibration_batches
@@ -328,7 +329,7 @@ def require_labelled_splits(jobs: list[Job]) -> None:
     """Refuse, before any pretraining, data that the final evaluation could not use: a folder or .zip without
     class sub-folders, or without a test split (the comparison evaluates by kNN and linear probe)."""
     for source in dict.fromkeys(job.cfg.data.source for job in jobs):
-        if source in BUILTIN:
+        if in_memory_only(source):
             continue
         for split in ("train", "test"):
             try:

@@ -13,7 +13,8 @@ import torch
 from ..config import Config
 from ..data.datasets import ImageDataset, check_same_classes
 from ..data.eval_images import EvalImages, StreamedImages, load_eval_split
-from ..data.files import BUILTIN, DataError, MissingSplitError
+from ..data.files import DataError, MissingSplitError
+from ..data.registry import in_memory_only
 from ..data.views import default_workers
 from ..eval import recalibration_batches
 from ..eval.inputs import DataOptions
@@ -89,7 +90,7 @@ class KnnMonitor:
         try:
             if train is not None and crop_ratio == 1:
                 bank = train  # the training images in memory
-            elif train is not None and dist.world_size() > 1 and d.source not in BUILTIN:
+            elif train is not None and dist.world_size() > 1 and not in_memory_only(d.source):
                 # another copy of the split in every process's memory could exceed the machine's: each process
                 # streams its share at each kNN instead (decoded alike: the same pixels)
                 bank = split("train", "stream")

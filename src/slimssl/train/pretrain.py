@@ -21,7 +21,7 @@ from ..checkpoint import load_checkpoint
 from ..cli_args import shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
                       config_from_dict, find_config)
-from ..data.files import BUILTIN
+from ..data.registry import in_memory_only
 from ..errors import SlimsslError, UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, checkpoint_path
 from ..models.build import as_config
@@ -201,13 +201,13 @@ def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
 
 
 def absolute_data_source(cfg: Config) -> Config:
-    """``cfg`` with ``data.source`` made absolute when it is an existing path and not a built-in dataset
-    name: the run's config.yaml and checkpoint then name the same data from any working directory
-    (``slimssl knn RUN``, ``--resume``). A missing path stays as given, for the error to name it."""
+    """``cfg`` with ``data.source`` made absolute when it is an existing path and not the name of a built-in
+    or registered dataset: the run's config.yaml and checkpoint then name the same data from any working
+    directory (``slimssl knn RUN``, ``--resume``). A missing path stays as given, for the error to name it."""
 
     source = cfg.data.source
     path = os.path.expanduser(source)
-    if source in BUILTIN or not os.path.exists(path) or os.path.isabs(source):
+    if in_memory_only(source) or not os.path.exists(path) or os.path.isabs(source):
         return cfg
     cfg = cfg.model_copy(deep=True)  # never change a Config the caller passed in
     cfg.data.source = os.path.abspath(path)
