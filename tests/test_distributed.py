@@ -40,7 +40,7 @@ from slimssl.eval.knn import knn_predict
 from slimssl.eval.shard import Shard
 from slimssl.slim.policy import SlimPolicy
 from slimssl.train import distributed as dist
-from slimssl.train.loop import Trainer
+from slimssl.train.loop import NonFiniteLossError, Trainer
 from slimssl.train.monitor import KnnMonitor, Skipped
 from slimssl.train.signals import Interrupted
 from test_stream_eval import _corrupt_one_per_split, _folder
@@ -266,6 +266,20 @@ def monitors_when_the_processes_disagree() -> dict:
     return result
 
 
+def a_nan_loss_in_one_process(run_dir: Path) -> str:
+    """What ``save`` raises in each process when only rank 1 has a NaN loss since the last record (fp16: its
+    loss scaler skipped the step on every rank, so the weights stay finite) and no record checked it yet."""
+    with Trainer(config_from_dict(tiny("byol")), run_dir) as trainer:
+        trainer.fit(max_steps=1)
+        loss = float("nan") if dist.rank() == 1 else 1.0  # a step after the record: the same draws everywhere
+        trainer.window.add({"w1p0_d1-1-1-1": torch.tensor(loss)}, 0.1, trained=True)
+        try:
+            trainer.save()
+        except NonFiniteLossError as e:  # before: rank 1 alone raised, rank 0 waited for it in a collective
+            return str(e)
+    return "saved"
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -296,6 +310,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result["disagreeing"] = monitors_when_the_processes_disagree()
         for loader in ("stream", "memory"):
             result[f"knn_on_files_{loader}"] = knn_on_files(out / "images", out / f"run-{loader}", loader)
+        result["nan_in_one_process"] = a_nan_loss_in_one_process(out / "nan")
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -394,6 +409,13 @@ def test_knn_against_a_bank_shared_by_the_processes_scores_as_one_process(two_pr
     for (k, chunk), scores in results[0]["scores"].items():
         torch.testing.assert_close(scores, knn_predict(bank, labels, queries, 3, k=k, chunk=chunk))
         assert torch.equal(scores, results[1]["scores"][k, chunk])  # every process holds the same numbers
+
+
+def test_a_nan_loss_in_one_process_stops_every_process_before_the_checkpoint(two_process):
+    _, ranks, _ = two_process
+    for result in (r["nan_in_one_process"] for r in ranks):
+        assert "losses to log at step 1 are not finite after a non-finite loss of sub-network w1p0" in result
+        assert "the last good checkpoint is kept" in result
 
 
 def test_either_every_process_has_a_knn_monitor_or_none_has(two_process):

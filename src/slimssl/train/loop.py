@@ -211,13 +211,13 @@ class Trainer:
     def save(self, name: str = LAST, any_rank: bool = False) -> Path | None:
         """Write a checkpoint from rank 0, every rank calling (``any_rank``: from this process alone, which then
         saves its own BatchNorm statistics and losses; every rank holds the same weights)."""
-        self._check_finite()
-        if name == LAST:
-            self._last_saved_step = self.state.step
         window = self.window
-        if self.world > 1 and not any_rank:
+        if self.world > 1 and not any_rank:  # first: every process then checks the same numbers, all stop or none
             self._average_bn_statistics()
             window = self.window.averaged_over_processes()
+        self._check_finite(window)
+        if name == LAST:
+            self._last_saved_step = self.state.step
         if not (dist.is_main() or any_rank):
             return None
         return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload(window))
@@ -233,14 +233,15 @@ class Trainer:
             flat = dist.all_reduce_mean(torch.cat([b.reshape(-1) for b in floating]))
             torch._foreach_copy_(floating, list(flat.split([b.numel() for b in floating])))
 
-    def _check_finite(self) -> None:
+    def _check_finite(self, window: LogWindow) -> None:
         """Never save a non-finite network, or a NaN loss to be logged after a resume, over a good checkpoint:
         a NaN loss since the last metrics record (which checks the losses) may have reached the weights, or
-        (fp16: the loss scaler skipped the step) only the losses. A step skipped by train.nonfinite=skip
-        leaves the weights and BatchNorm statistics as they were, and its losses out of the window."""
+        (fp16: the loss scaler skipped the step) only the losses, perhaps of one process only. A step skipped
+        by train.nonfinite=skip leaves the weights and BatchNorm statistics as they were, and its losses out
+        of the window."""
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-        bad = [name for name, v in self.window.means().items() if not math.isfinite(float(v))]
+        bad = [name for name, v in window.means().items() if not math.isfinite(float(v))]
         if finite and not (bad and self.cfg.train.nonfinite == "error"):
             return
         cause = f" after a non-finite loss of sub-network {bad[0]}" if bad else ""
