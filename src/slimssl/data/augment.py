@@ -130,8 +130,8 @@ def geometric_view(x: torch.Tensor, view: ViewRecipe, size: int, generator: torc
 def photometric_view(x: torch.Tensor, view: ViewRecipe, generator: torch.Generator) -> torch.Tensor:
     """Stage two for views already cropped and resized elsewhere: the flip, then the colour ops.
 
-    Draws in the order ``augment_view`` draws after its crop boxes (flip first), so the two paths
-    share one random stream layout.
+    Draws in the order ``augment_view`` draws after its crop boxes (flip first, then the colour ops): the same
+    order of draws within a view, not the same stream, since the boxes were drawn elsewhere.
     """
     flip = _coin(x.shape[0], view.flip_p, generator, x.device)
     return colour_view(_maybe(x, flip, x.flip(-1)), view, generator)

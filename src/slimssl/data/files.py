@@ -157,7 +157,7 @@ def open_zip(path: str, offsets: bool = False) -> FileTree:
                 members[name] = (info.header_offset, info.compress_size, method, info.CRC)
     prefix = _splits_prefix(files, dirs) or _wrapper_prefix(files, dirs)
     files = {k[len(prefix):]: v for k, v in files.items() if k.startswith(prefix)}
-    dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")}
+    dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix)}
 
     def read(rel: str) -> bytes:
         return archive.read(stored[prefix + rel])  # ZipFile reads are thread-safe
@@ -182,7 +182,7 @@ def _splits_prefix(files: dict, dirs: set[str]) -> str:
     prefix = ""
     while not _split_dirs(dirs, prefix):
         step = _wrapper_prefix({f[len(prefix):]: None for f in files if f.startswith(prefix)},
-                               {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")})
+                               {d[len(prefix):] for d in dirs if d.startswith(prefix)})
         if not step:
             return ""
         prefix += step

@@ -3,7 +3,9 @@
 One iteration: two augmented views (drawn from a generator seeded by (seed, step)), the full-size target
 once, then every sub-network the policy draws, each with its own backward so activations are freed
 (gradients accumulate), then one optimizer step and the EMA update. Losses stay on the device and are
-read every ``log_every`` steps, so the hot loop has no host synchronisation.
+read every ``log_every`` steps, so the hot loop has no host synchronisation of its own (``train.nonfinite:
+skip`` checks each step's losses, and ``train.grad_diagnostics_every`` reads its steps' norms: both wait for
+the GPU).
 """
 
 from __future__ import annotations
@@ -71,7 +73,6 @@ class Trainer:
         self.dtype = pick_dtype(cfg.train.precision, self.device)
         self.world = dist.world_size()
         check_processes(cfg, self.world, f"config {cfg.name!r}")  # also the BatchNorm groups of this batch
-        self.batch = cfg.train.batch_size // self.world
         torch.manual_seed(cfg.train.seed)
         # the order below is part of a run's numbers: each stage may draw from the seeded generator
         self._setup_data()
@@ -221,6 +222,11 @@ class Trainer:
         if not (dist.is_main() or any_rank):
             return None
         return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload(window))
+
+    def _save_unless_saved(self, any_rank: bool = False) -> None:
+        """``save`` the last checkpoint unless it holds this step already (the end of an epoch may have saved it)."""
+        if self._last_saved_step != self.state.step:
+            self.save(any_rank=any_rank)
 
     def _average_bn_statistics(self) -> None:
         """Every process's BatchNorm running statistics, which each takes from its own samples, replaced by their
@@ -438,8 +444,7 @@ class Trainer:
                     tick = time.perf_counter()  # its checkpoint and kNN are not training: img/s leaves them out
                 if stopping:
                     raise self._stopped(guard)
-            if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
-                self.save()  # inside the guard: a signal during it is a flag, not an exception mid-write
+            self._save_unless_saved()  # inside the guard: a signal during it is a flag, not an exception mid-write
             # a signal during the end of the last step (its epoch's save or kNN) stops here, as one in the loop
             # does, rather than being forgotten by the next call to fit
             if self.state.step < self.total_steps and self._stop_agreed(guard.received is not None, True):
@@ -447,8 +452,7 @@ class Trainer:
 
     def _stopped(self, guard: SignalGuard) -> Interrupted:
         """Save what is not saved yet (the steps since the last record, logged after the resume) and say so."""
-        if self._last_saved_step != self.state.step:  # the end of an epoch may just have saved it
-            self.save()
+        self._save_unless_saved()
         cause = (signal.Signals(guard.received).name if guard.received is not None
                  else "a stop signal to another process")
         return Interrupted(f"stopped by {cause} at step {self.state.step}; "
@@ -472,8 +476,7 @@ class Trainer:
         the process that met it, as rank 0 may be waiting for it in the step's all-reduce."""
         if self.state.step == 0:
             return error  # nothing trained: the failed start is cleaned up as any other
-        if self._last_saved_step != self.state.step:
-            self.save(any_rank=True)
+        self._save_unless_saved(any_rank=True)
         resume = f"slimssl pretrain --resume {shell_quote(self.run_dir)}"
         return DataError(f"{error}\nthe {self.state.step} steps trained so far are saved in "
                          f"{checkpoint_path(self.run_dir)}: continue with {resume} "
