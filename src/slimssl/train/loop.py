@@ -336,22 +336,39 @@ class Trainer:
         lr = self.set_lr(step)
         v1, v2 = self.views(step)
         step_begins(self.cfg.train.compile)
-        method, slim = self.model.method, self.cfg.slim
+        method = self.model.method
         online_views, target_views = method.views_used()  # an asymmetric loss leaves one view out per side
         with self.autocast():
             target = [self._keep(self.key_forward(v, step, i)) if i in target_views else None
                       for i, v in enumerate((v1, v2))]
         target = method.prepare_target(target)
-        tasks = self.policy.plan(step)
         if self.state.joined_at is None and self.policy.joined(step):
             self.state.joined_at = self.policy.join_step
+        losses = self._backward_subnets(step, (v1, v2), online_views, target)
+        bad = (~torch.isfinite(torch.stack(list(losses.values())))).any().float() if skip_mode else None
+        self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
+        # reading the flag is the one host sync of this mode, by request
+        if skip_mode and (self.grad_sync.any_flag() if self.grad_sync.enabled else bool(bad)):
+            self._skip_step(step)
+            return StepResult(losses, lr, skipped=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.update_target(method.momentum(step / max(1, self.total_steps)))
+        method.after_step(target)
+        return StepResult(losses, lr)
+
+    def _backward_subnets(self, step: int, views, online_views, target) -> dict[str, torch.Tensor]:
+        """Forward and backward of each sub-network the policy plans for ``step``, in its order (a teacher
+        before its students), the gradients accumulating; their losses, still on the device."""
+        method, slim = self.model.method, self.cfg.slim
         teacher_out = None
         losses = {}
         diagnose = self.grad_diagnostics(step)
-        for task in tasks:
+        for task in self.policy.plan(step):
             with self.model.subnet(task.spec), self.autocast():
                 online = [self._keep(self.online_forward(v)) if i in online_views else None
-                          for i, v in enumerate((v1, v2))]
+                          for i, v in enumerate(views)]
                 out = method.loss(online, target)
                 loss = out.loss
                 if task.distill:
@@ -365,21 +382,16 @@ class Trainer:
                 diagnose.after_backward(task.spec.name)
         if diagnose is not None and dist.is_main():
             self.metrics.write({"step": step + 1, "grad_norm": diagnose.record})
-        bad = (~torch.isfinite(torch.stack(list(losses.values())))).any().float() if skip_mode else None
-        self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
-        if skip_mode and (self.grad_sync.any_flag() if self.grad_sync.enabled else bool(bad)):
-            self.optimizer.zero_grad(set_to_none=True)  # the one host sync of this mode, by request
-            torch._foreach_copy_(self._bn_buffers, self._bn_backup)
-            self.state.skipped_steps += 1
-            if dist.is_main():
-                log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
-            return StepResult(losses, lr, skipped=True)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        return losses
+
+    def _skip_step(self, step: int) -> None:
+        """``train.nonfinite: skip``: drop the step's gradients and restore the BatchNorm statistics its forward
+        passes moved, and count it."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_target(method.momentum(step / max(1, self.total_steps)))
-        method.after_step(target)
-        return StepResult(losses, lr)
+        torch._foreach_copy_(self._bn_buffers, self._bn_backup)
+        self.state.skipped_steps += 1
+        if dist.is_main():
+            log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
 
     def grad_diagnostics(self, step: int):
         """SlimCLR's gradient-imbalance probe on this step, when ``train.grad_diagnostics_every`` asks."""
