@@ -40,6 +40,7 @@ Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment decay
 # data.crop_scale when unset, per augmentation recipe: MoCo v2's aug_plus crops 20-100% of the area, BYOL and
 # MoCo v3 8-100% (torchvision's default)
 RECIPE_CROP_SCALE = {"byol": (0.08, 1.0), "mocov2": (0.2, 1.0), "mocov3": (0.08, 1.0)}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # data.mean and data.std by default
 
 
 class Section(BaseModel):
@@ -226,8 +227,8 @@ class DataConfig(Section):
     flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
     blur: bool | None = Field(None, description="Gaussian blur where the augmentation recipe has it (true) or "
                               "nowhere (false); default: the recipe's above 64 px, none at 64 px or less")
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[Positive, Positive, Positive] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[Positive, Positive, Positive] = IMAGENET_STD
     skip_unreadable: bool = False
     fake_size: int = Field(256, gt=0)
     loader: Literal["memory", "stream"] = Field(

@@ -24,11 +24,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from ..config import RECIPE_CROP_SCALE, ConfigError
+from ..config import IMAGENET_MEAN, IMAGENET_STD, RECIPE_CROP_SCALE, ConfigError
 from .decode import center_offsets, resized_size
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RECIPES = tuple(RECIPE_CROP_SCALE)
 _CROP_TRIES = 10  # candidate boxes per sample, as torchvision's RandomResizedCrop
 _GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
