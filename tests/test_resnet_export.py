@@ -467,6 +467,22 @@ def test_exported_model_scripts_traces_exports_and_compiles(name, perturb_bn):
     assert list(plain.state_dict()) == keys == list(scripted.state_dict())  # torchvision's names, unchanged
 
 
+def test_exported_model_traces_with_torch_fx_for_feature_extraction(perturb_bn):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = build("bottleneck-imagenet-private-depths", perturb_bn)
+    spec = model.menu[-1]
+    plain = model.export(spec).eval()
+    x = images(2, 32)
+    graph = torch.fx.symbolic_trace(plain)
+    extractor = create_feature_extractor(plain, {"layer2": "c3", "layer4": "c5"})  # an FPN's inputs, say
+    with torch.no_grad():
+        assert max_diff(graph(x), model(x, subnet=spec)) <= 1e-5
+        features = extractor(x)
+        assert features["c3"].shape[:2] == (2, plain.config.out_channels[1])
+        assert max_diff(features["c5"].mean((2, 3)), plain(x)) <= 1e-5
+
+
 # ---- folders that are not an exported sub-network -------------------------------------------------------
 
 def test_load_exported_says_what_a_run_directory_or_an_export_folder_is(tmp_path):

@@ -157,7 +157,9 @@ class PlainResNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features ``[batch, feature_dim]``: the output without ``fc`` (a classifier head)."""
         if not torch.jit.is_scripting():  # TorchScript compiles without this branch
-            if not torch.jit.is_tracing():  # a trace (ONNX) records no Python check; dynamo runs it (no sync)
+            # a trace (ONNX) records no Python check, and torch.fx's symbolic one (feature extractors, FX
+            # quantisation) passes a Proxy, not a tensor; dynamo runs the check (no sync)
+            if not torch.jit.is_tracing() and not isinstance(x, torch.fx.Proxy):
                 check_images(x, self.conv1.weight.dtype)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for name, stage in self.named_children():  # the stages in order; TorchScript unrolls this loop
