@@ -227,7 +227,16 @@ def test_random_init_exports_name_the_config_file_or_the_shipped_config(tmp_path
     argv = ["export", "--random-init", "--set", *TINY, "--subnet", "0.5", "--out", str(out)]
     assert main([*argv, "--config", "demo"]) == 0
     info = json.loads((out / "w0p5_d1-1-1-1" / "config.json").read_text())
-    assert info["source"] == "random init of shipped config demo.yaml"
+    assert info["source"] == "random init of shipped config demo.yaml with model.base_width=4"
+    weights = (out / "w0p5_d1-1-1-1" / "model.safetensors").read_bytes()
+    assert main([*argv, "--config", "demo"]) == 0  # drawn from train.seed: the same weights again
+    assert (out / "w0p5_d1-1-1-1" / "model.safetensors").read_bytes() == weights
+    seeded = ["export", "--random-init", "--set", *TINY, "train.seed=1", "--subnet", "0.5", "--out", str(out)]
+    assert main([*seeded, "--config", "demo"]) == 2  # another source: not replaced unasked
+    assert "already holds an export of w0p5_d1-1-1-1 from random init of shipped config demo.yaml with " \
+           "model.base_width=4;" in error_text(capsys, caplog)
+    assert main([*seeded, "--config", "demo", "--overwrite"]) == 0
+    assert (out / "w0p5_d1-1-1-1" / "model.safetensors").read_bytes() != weights
     for folder in ("a", "b"):  # two config files typed the same way from two folders
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "c.yaml").write_text(load_config("demo", TINY).to_yaml())

@@ -880,6 +880,22 @@ def test_cli_export_of_a_shared_bn_run_is_the_model_evaluation_measured(tmp_path
     assert json.loads((tmp_path / "raw" / "w0p5_d1-1-1-1" / "config.json").read_text())["bn_recalibration"] is None
 
 
+def test_an_export_records_the_crop_ratio_it_was_given_and_warns_of_data_it_does_not_read(tmp_path, caplog):
+    import slimssl
+
+    for bn in ("shared", "private"):
+        make_checkpoint(tmp_path / bn / "checkpoints" / "last.pt", bn=bn, epoch=3.0)
+    (shared,) = slimssl.export_run(tmp_path / "shared", tmp_path / "a", "0.5", crop_ratio=0.5, device="cpu")
+    info = json.loads((Path(shared["path"]) / "config.json").read_text())
+    assert info["crop_ratio"] == 0.5 == info["bn_recalibration"]["crop_ratio"]  # the statistics' preprocessing
+    assert info["trained_epochs"] == 3.0 and info["slimssl_version"] == slimssl.__version__
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        (private,) = slimssl.export_run(tmp_path / "private", tmp_path / "b", "0.5", data="fake", workers=0,
+                                        crop_ratio=0.875)
+    assert "data, workers: not used, since the export reads no data (private BatchNorm statistics" in caplog.text
+    assert json.loads((Path(private["path"]) / "config.json").read_text())["crop_ratio"] == 0.875
+
+
 def test_export_run_in_python_writes_what_the_cli_writes_and_load_exported_gives_its_metadata(tmp_path):
     import slimssl
     from slimssl.cli import main

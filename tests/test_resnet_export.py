@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -245,6 +246,22 @@ def test_bad_config_raises_export_error(exported):
         load_exported(exported)
     (exported / "config.json").write_text(json.dumps({"format": "x"}))
     with pytest.raises(ExportError, match="config.json.*its format is 'x', expected 'slimssl-plain-resnet'"):
+        load_exported(exported)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stem": "foo"}, "stem must be 'imagenet' or 'cifar', got 'foo'"),
+    ({"block": "wide"}, "block must be 'basic' or 'bottleneck'"),
+    ({"stem_channels": 8.0}, "stem_channels must be whole numbers >= 1, got 8.0"),
+    ({"depths": [1, True, 1, 1]}, "depths must be whole numbers >= 1"),
+    ({"depths": [1, 1, 1]}, "one entry per stage, got 4, 4 and 3"),
+    ({"num_classes": -1}, "num_classes must be a whole number >= 0"),
+])
+def test_an_edited_architecture_is_refused_with_what_is_wrong(exported, change, message):
+    info = json.loads((exported / "config.json").read_text())
+    info["architecture"].update(change)
+    (exported / "config.json").write_text(json.dumps(info))
+    with pytest.raises(ExportError, match=f"config.json is not an exported slimssl config.*{re.escape(message)}"):
         load_exported(exported)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from . import __version__
 from .atomic import atomic_write
 from .cli_args import shell_quote
 from .errors import SlimsslError
@@ -80,7 +81,8 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     after training it further (``CARRIED``: its inputs and where it came from)."""
     folder = Path(folder)
     carried = {k: v for k, v in getattr(model, "metadata", {}).items() if k in CARRIED}
-    info = {**carried, **(metadata or {}), "format": EXPORT_FORMAT, "architecture": _architecture(model).to_dict()}
+    info = {**carried, **(metadata or {}), "format": EXPORT_FORMAT, "slimssl_version": __version__,
+            "architecture": _architecture(model).to_dict()}
     try:  # checked before any folder is made
         text = json.dumps(info, indent=2) + "\n"
     except (TypeError, ValueError) as e:

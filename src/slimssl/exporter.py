@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -20,12 +20,19 @@ from .nn.spec import SubnetSpec, Subnets
 log = logging.getLogger("slimssl")
 
 
+class OpenedSupernet(NamedTuple):
+    supernet: SlimResNet  # in eval mode
+    cfg: Config
+    recalibrated: dict | None  # the checkpoint's record of ``slimssl recalibrate``
+    trained: dict  # how far the checkpoint was trained ({} for a random initialisation)
+
+
 def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | Path | None = None,
-                  overrides: Sequence[str] = ()) -> tuple[SlimResNet, Config, dict | None]:
-    """The supernet of ``checkpoint`` in eval mode, or a new random one of ``config`` (with ``overrides``) when
-    ``checkpoint`` is None; its config; and the checkpoint's record of ``slimssl recalibrate`` (None when it has
-    none, or for a random initialisation). A checkpoint keeps the config it was trained with (its resolution,
-    mean and std are what its exports record): ``config`` is only checked against its architecture."""
+                  overrides: Sequence[str] = ()) -> OpenedSupernet:
+    """The supernet of ``checkpoint``, or a new random one of ``config`` (with ``overrides``; its weights drawn
+    from ``train.seed``) when ``checkpoint`` is None, with its config. A checkpoint keeps the config it was
+    trained with (its resolution, mean and std are what its exports record): ``config`` is only checked against
+    its architecture."""
     from .checkpoint import load_checkpoint, supernet_of
     from .models.build import as_config, build_supernet
 
@@ -33,26 +40,35 @@ def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | P
         if config is None:
             raise UsageError("give a checkpoint (or run directory), or a config to export a random initialisation of")
         cfg = as_config(config, list(overrides))
-        return build_supernet(cfg).eval(), cfg, None
+        with torch.random.fork_rng(devices=[]):  # the same weights at every call, the caller's stream untouched
+            torch.manual_seed(cfg.train.seed)
+            return OpenedSupernet(build_supernet(cfg).eval(), cfg, None, {})
     data = load_checkpoint(checkpoint)
     wanted = None if config is None and not overrides else as_config(config, list(overrides))
-    return supernet_of(data, checkpoint, wanted).eval(), data["config"], data.get("recalibrated")
+    step = (data.get("train_state") or {}).get("step")
+    trained = {k: v for k, v in (("trained_steps", step), ("trained_epochs", data.get("epoch"))) if v is not None}
+    return OpenedSupernet(supernet_of(data, checkpoint, wanted).eval(), data["config"], data.get("recalibrated"),
+                          trained)
 
 
-def export_source(checkpoint: str | Path | None, config: Config | dict | str | Path | None) -> str:
+def export_source(checkpoint: str | Path | None, config: Config | dict | str | Path | None,
+                  overrides: Sequence[str] = ()) -> str:
     """What the exports come from, the same from any working directory however it is typed: the checkpoint
     file's absolute path (a run directory stands for its checkpoints/last.pt), or the config of a random
-    initialisation (a file's absolute path, the name of a shipped config, or a config object's name)."""
+    initialisation (a file's absolute path, the name of a shipped config, or a config object's name, and the
+    overrides: another architecture is another source)."""
     from .config import find_config
     from .layout import checkpoint_file
 
     if checkpoint is not None:
         return str(checkpoint_file(checkpoint).resolve())
+    changed = f" with {' '.join(overrides)}" if overrides else ""
     if isinstance(config, (str, Path)):
         file = Path(config)
-        return f"random init of {file.resolve() if file.is_file() else f'shipped config {find_config(file).name}'}"
+        return (f"random init of {file.resolve() if file.is_file() else f'shipped config {find_config(file).name}'}"
+                + changed)
     name = config.name if isinstance(config, Config) else (config or {}).get("name", "run")
-    return f"random init of config {name!r}"
+    return f"random init of config {name!r}{changed}"
 
 
 def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets = "all", *,
@@ -88,12 +104,15 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
         raise UsageError("recalibrate_bn re-estimates a trained checkpoint's BatchNorm statistics; a random "
                          "initialisation is exported with its initial ones")
     warn_of_repeated_work("slimssl.export_run()")
-    supernet, cfg, recalibrated = open_supernet(checkpoint, config, overrides)
+    supernet, cfg, recalibrated, trained = open_supernet(checkpoint, config, overrides)
     specs = supernet.resolve_many(subnets)
-    source = export_source(checkpoint, config)
+    source = export_source(checkpoint, config, overrides)
     for spec in specs:  # every folder is checked before anything is written
         check_export_folder(Path(out) / spec.name, source, overwrite)
     batches = 0 if checkpoint is None else recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn)
+    if batches == 0:
+        _warn_of_unread_data(options, eval_batch_size, "a random initialisation" if checkpoint is None else
+                             "private BatchNorm statistics" if supernet.slim_state.private_bn else "recalibrate_bn 0")
     models, statistics = _models_to_export(supernet, cfg, specs, batches, recalibrated, checkpoint=checkpoint,
                                            options=options, device=device, eval_batch_size=eval_batch_size)
     resolution = resolution or cfg.data.resolution
@@ -102,7 +121,8 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
         model = models[spec.name]
         # the statistics are those asked for (re-estimated, or as stored with a word from _models_to_export)
         folder = export_subnet(model, spec, out, fmt=fmt, resolution=resolution, overwrite=overwrite,
-                               metadata={"source": source, **preprocessing(cfg), "bn": cfg.model.bn,
+                               metadata={"source": source, **trained,
+                                         **preprocessing(cfg, options.resolved_crop_ratio(cfg)), "bn": cfg.model.bn,
                                          "bn_recalibration": statistics[spec.name]}, check_bn_statistics=False)
         row = {"subnet": spec.name, "path": str(folder)}
         if verify:  # the files as written, read back: safetensors, and the ONNX graph when exported
@@ -116,11 +136,22 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
     return rows
 
 
-def preprocessing(cfg: Config) -> dict:
+def preprocessing(cfg: Config, crop_ratio: float | None = None) -> dict:
     """What an exported model's inputs must be, as its config.json records it: the shorter side resized to
-    ``resolution / crop_ratio``, the centre ``resolution`` square, normalised with ``mean`` and ``std``."""
-    return {"resolution": cfg.data.resolution, "crop_ratio": cfg.eval.crop_ratio, "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std)}
+    ``resolution / crop_ratio`` (default: evaluation's), the centre ``resolution`` square, normalised with
+    ``mean`` and ``std``."""
+    return {"resolution": cfg.data.resolution, "crop_ratio": crop_ratio or cfg.eval.crop_ratio,
+            "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+
+
+def _warn_of_unread_data(options, eval_batch_size: int | None, why: str) -> None:
+    """The options of the data that re-estimates BatchNorm statistics, given to an export that reads none."""
+    given = [name for name, value in vars(options).items()
+             if value is not None and value is not False and name != "crop_ratio"]  # workers=0 is given
+    given += ["eval_batch_size"] if eval_batch_size else []
+    if given:
+        log.warning("%s: not used, since the export reads no data (%s: nothing to re-estimate)", ", ".join(given),
+                    why)
 
 
 def _models_to_export(supernet: SlimResNet, cfg: Config, specs: list[SubnetSpec], batches: int,

@@ -93,7 +93,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .report.profile import profile_supernet
     from .report.table import markdown_table
 
-    supernet, config, _ = _supernet_from_args(args)
+    supernet, config = _supernet_from_args(args)[:2]
     resolution = args.resolution or config.data.resolution
     rows = profile_supernet(supernet, resolution, args.num_classes, latency=not args.no_latency)
     for row in rows:

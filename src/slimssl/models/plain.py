@@ -54,6 +54,28 @@ class PlainResNetConfig:
     depths: tuple[int, ...]
     num_classes: int = 0        # 0: backbone only, the output is the pooled feature
 
+    def __post_init__(self) -> None:  # an edited config.json: said here, not as torch's error deep in a layer
+        def counts(value, least: int = 1) -> bool:
+            values = value if isinstance(value, tuple) else (value,)
+            return all(isinstance(v, int) and not isinstance(v, bool) and v >= least for v in values)
+
+        problems = []
+        if self.block not in ("basic", "bottleneck"):
+            problems.append(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
+        if self.stem not in ("imagenet", "cifar"):
+            problems.append(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        stages = {len(self.mid_channels), len(self.out_channels), len(self.depths)}
+        if len(stages) != 1 or not self.depths:
+            problems.append("mid_channels, out_channels and depths need one entry per stage, got "
+                            f"{len(self.mid_channels)}, {len(self.out_channels)} and {len(self.depths)}")
+        for name in ("stem_channels", "mid_channels", "out_channels", "depths"):
+            if not counts(getattr(self, name)):
+                problems.append(f"{name} must be whole numbers >= 1, got {getattr(self, name)!r}")
+        if not counts(self.num_classes, least=0):
+            problems.append(f"num_classes must be a whole number >= 0, got {self.num_classes!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
     def to_dict(self) -> dict:
         return asdict(self)
 
