@@ -101,9 +101,34 @@ def test_a_row_without_its_macs_loses_a_tie(tmp_path):
 
 
 def test_a_budget_nothing_fits_names_the_smallest(tmp_path):
-    with pytest.raises(UsageError, match=r"no sub-network of .*run fits within 10.00M MACs and 100.00k params: the "
-                                         r"smallest, w0p25, has 26.00M MACs and 700.00k params"):
+    with pytest.raises(UsageError, match=r"no sub-network of .*run fits within 10,000,000 \(10.00M\) MACs and 100,000 "
+                                         r"\(100.00k\) params: the smallest, w0p25, has 26,000,000 \(26.00M\) MACs and "
+                                         r"700,000 \(700.00k\) params"):
         slimssl.pick_subnet(_run(tmp_path, ROWS), max_macs="10M", max_params="100k")
+
+
+def test_a_budget_copied_from_a_rounded_table_says_what_its_rounding_left_out(tmp_path, caplog):
+    rows = [_row("full", 4_042_752, 80_000, knn_top1=60.0), _row("half", 1_050_000, 19_572, knn_top1=50.0)]
+    run = _run(tmp_path, rows)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert slimssl.pick_subnet(run, max_macs="4.04M")["subnet"] == "half"  # 4.04M is 4,040,000
+    assert "full is left out: 4,042,752 (4.04M) MACs > 4,040,000 (4.04M), over the budget only by the tables' " \
+           "rounding; give the exact count to include it" in caplog.text
+    assert slimssl.pick_subnet(run, max_macs=4_042_752)["subnet"] == "full"
+    with pytest.raises(UsageError, match=r"fits within 19,570 \(19.57k\) params: the smallest, half, has 19,572 "
+                                         r"\(19.57k\) params"):  # not "within 19.57k: ... has 19.57k"
+        slimssl.pick_subnet(run, max_params="19.57k")
+
+
+def test_a_checkpoint_saved_after_the_results_is_warned_of_without_a_metrics_record(tmp_path, caplog):
+    import torch
+
+    run = _run(tmp_path, ROWS, steps=11)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": {}}) + "\n")  # logged every 10 steps
+    torch.save({"train_state": {"step": 14}}, run / "checkpoints" / "last.pt")  # resumed, stopped at step 14
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        slimssl.pick_subnet(run, max_macs="150M")
+    assert "describes the network at step 11, and the run has trained on to step 14 since" in caplog.text
 
 
 def test_an_unmeasured_or_unknown_metric_is_an_error_saying_what_was_measured(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import UsageError
 from .eval.results import read_metrics, read_results, run_dir_of, unfinished_note
-from .layout import RESULTS
+from .layout import RESULTS, checkpoint_path
 from .report.table import human, is_number
 
 log = logging.getLogger("slimssl")
@@ -63,10 +63,12 @@ def pick_subnet(run: str | Path, *, max_macs: str | float | None = None, max_par
         raise UsageError(f"{run_dir}/results.json holds no sub-network with its {' and '.join(limits)}")
     budget = " and ".join(f"{human(limit)} {NAMES[key]}" for key, limit in limits.items())
     fit = [row for row in rows if all(row[key] <= limit for key, limit in limits.items())]
-    if not fit:
+    _warn_of_rounding(rows, fit, limits)
+    if not fit:  # in full: the tables' rounding could print the budget and the smallest cost alike
         smallest = min(rows, key=lambda row: tuple(row[key] for key in limits))
-        costs = " and ".join(f"{human(smallest[key])} {NAMES[key]}" for key in limits)
-        raise UsageError(f"no sub-network of {run_dir} fits within {budget}: the smallest, {smallest['subnet']}, "
+        costs = " and ".join(f"{exact(smallest[key])} {NAMES[key]}" for key in limits)
+        within = " and ".join(f"{exact(limit)} {NAMES[key]}" for key, limit in limits.items())
+        raise UsageError(f"no sub-network of {run_dir} fits within {within}: the smallest, {smallest['subnet']}, "
                          f"has {costs}")
     if metric is not None and not str(metric).endswith(("_top1", "_top5")):
         raise UsageError(f"metric must be an accuracy such as knn_top1, linear_top1 or finetune_10pct_top1, got "
@@ -86,6 +88,23 @@ def pick_subnet(run: str | Path, *, max_macs: str | float | None = None, max_par
     return {**best, "picked_by": metric}
 
 
+def exact(count: float) -> str:
+    """A count in full, with the tables' rounding beside it: ``4,042,752 (4.04M)``."""
+    digits = f"{int(count):,}" if float(count).is_integer() else f"{count:,g}"
+    return digits if count < 1000 else f"{digits} ({human(count)})"
+
+
+def _warn_of_rounding(rows: list[dict], fit: list[dict], limits: dict[str, float]) -> None:
+    """A budget copied from a table (``4.04M``) is rounded: a sub-network that prints as the budget but counts
+    a little more is left out, and said to be."""
+    for row in (r for r in rows if r not in fit):
+        over = [key for key, limit in limits.items() if row[key] > limit]
+        if all(human(row[key]) == human(limit) for key in over for limit in [limits[key]]):
+            log.warning("%s is left out: %s, over the budget only by the tables' rounding; give the exact count to "
+                        "include it", row["subnet"], " and ".join(f"{exact(row[k])} {NAMES[k]} > {exact(limits[k])}"
+                                                                   for k in over))
+
+
 def _warn_of_what_the_ranking_leaves(data: dict, run_dir: Path, fit: list[dict], ranked: list[dict],
                                      metric: str) -> None:
     """Say which sub-networks that fit are not ranked, which were measured otherwise, and whether the values
@@ -101,7 +120,10 @@ def _warn_of_what_the_ranking_leaves(data: dict, run_dir: Path, fit: list[dict],
     note = unfinished_note(data)
     if note:
         log.warning("%s/%s holds values measured before pretraining ended (%s)", run_dir, RESULTS, note)
-    trained = max((r["step"] for r in read_metrics(run_dir) if is_number(r.get("step"))), default=None)
+    from .checkpoint import checkpoint_step  # torch: not for parsing --max-macs (cli_args)
+
+    logged = [r["step"] for r in read_metrics(run_dir) if is_number(r.get("step"))]
+    trained = max([*logged, *filter(is_number, [checkpoint_step(checkpoint_path(run_dir))])], default=None)
     if is_number(data.get("steps")) and trained is not None and trained > data["steps"]:
         log.warning("%s/%s describes the network at step %d, and the run has trained on to step %d since: the "
                     "accuracies may not be those of its last checkpoint (slimssl knn RUN measures them again)",

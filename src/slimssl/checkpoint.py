@@ -74,6 +74,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step a checkpoint file was saved at, reading none of its tensors (None where it cannot say)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(data["train_state"]["step"])
+    except Exception:  # noqa: BLE001 - a missing or unreadable file, or no step: nothing to compare with
+        return None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint; the returned dict has ``config`` as a :class:`Config`."""
     path = Path(path)
