@@ -99,3 +99,18 @@ def test_linear_probe_step_never_synchronises_with_the_host(distill):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(running).item()
+
+
+def test_a_knn_bank_kept_in_host_memory_scores_as_one_kept_on_the_gpu(monkeypatch):
+    from slimssl.data.datasets import load_dataset
+    from slimssl.eval import knn
+    from slimssl.models.build import build_supernet
+
+    cfg = _cuda_cfg("byol")
+    supernet = build_supernet(cfg).cuda().eval()
+    train, test = (load_dataset("fake", split, resolution=8, fake_size=64) for split in ("train", "test"))
+    kw = dict(k=5, temperature=0.1, resolution=8, mean=cfg.data.mean, std=cfg.data.std, device="cuda")
+    on_gpu = knn.knn_eval_subnets(supernet, train, test, **kw)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 1024))  # "no room": the host's
+    assert knn.bank_storage([64], 64, "cuda") == torch.device("cpu")
+    assert knn.knn_eval_subnets(supernet, train, test, **kw) == on_gpu

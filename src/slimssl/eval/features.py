@@ -17,11 +17,11 @@ from ..nn.spec import SubnetSpec
 @torch.no_grad()
 def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: Sequence[SubnetSpec],
                             images: EvalImages | torch.Tensor, *, resolution: int, mean, std, batch_size: int = 256,
-                            device: torch.device | str = "cpu",
-                            indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                            device: torch.device | str = "cpu", indices: torch.Tensor | None = None,
+                            store: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Pooled features of every sub-network in ``specs`` for ``images`` (a dataset, in memory or streamed, or
-    a uint8 tensor [N,3,H,W]), in order, as float32 on ``device``, keyed by the sub-network's name; of the
-    images at ``indices`` alone, in that order, when given.
+    a uint8 tensor [N,3,H,W]), in order, as float32 on ``store`` (default: ``device``, where they are computed),
+    keyed by the sub-network's name; of the images at ``indices`` alone, in that order, when given.
 
     One pass over the images serves every sub-network, so a streamed split is decoded once, not once per
     sub-network. ``models`` is the supernet, or the model that evaluates each sub-network by name (e.g.
@@ -32,6 +32,7 @@ def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: 
     # written into one tensor per sub-network, not concatenated from batches: at ImageNet scale (1.28M x 2048
     # floats, 10 GB each) a concatenation would need twice the memory at its end
     out: dict[str, torch.Tensor] = {}
+    store = device if store is None else store
     done, size = 0, len(images) if indices is None else len(indices)
     with eval_mode(*distinct.values()):
         for batch in images.batches(batch_size, indices):
@@ -39,8 +40,8 @@ def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: 
             for spec in specs:
                 features = by_name[spec.name](x, subnet=spec).float()
                 if spec.name not in out:
-                    out[spec.name] = features.new_empty((size, features.shape[1]))
-                out[spec.name][done:done + len(features)] = features
+                    out[spec.name] = features.new_empty((size, features.shape[1]), device=store)
+                out[spec.name][done:done + len(features)] = features  # to the host: a copy waited for
             done += len(x)
     if done == 0:
         raise DataError("cannot extract features of an empty dataset")
