@@ -114,3 +114,17 @@ def test_a_knn_bank_kept_in_host_memory_scores_as_one_kept_on_the_gpu(monkeypatc
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 1024))  # "no room": the host's
     assert knn.bank_storage([64], 64, "cuda") == torch.device("cpu")
     assert knn.knn_eval_subnets(supernet, train, test, **kw) == on_gpu
+
+
+def test_a_linear_probe_with_its_features_in_host_memory_learns_as_one_with_them_on_the_gpu(monkeypatch):
+    from slimssl.data.datasets import load_dataset
+    from slimssl.eval.linear import linear_probe_subnets
+    from slimssl.models.build import build_supernet
+
+    cfg = _cuda_cfg("byol")
+    supernet = build_supernet(cfg).cuda().eval()
+    train, test = (load_dataset("fake", split, resolution=8, fake_size=64) for split in ("train", "test"))
+    kw = dict(resolution=8, mean=cfg.data.mean, std=cfg.data.std, epochs=2, batch_size=16, device="cuda")
+    on_gpu = linear_probe_subnets(supernet, train, test, **kw)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 1024))  # "no room": the host's
+    assert linear_probe_subnets(supernet, train, test, **kw) == on_gpu

@@ -45,6 +45,7 @@ from ..nn.spec import Menu, SubnetSpec
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, check_train_crop
 from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
+from .knn import bank_storage
 from .recalibrate import subnet_models
 from .supervised import augment_batch, cosine_schedule, output_classes, topk_accuracy
 
@@ -174,16 +175,21 @@ def _epoch_batches(train: EvalImages, perm: torch.Tensor, batch_size: int,
 
 class _ProbeFeatures:
     """Every sub-network's features, standardised per dimension with the train split's mean and deviation:
-    of the train split cached once, or (augmenting) computed by the frozen backbone at every step."""
+    of the train split cached once (on the GPU, or in host memory when too large for it: ``bank_storage``), or
+    (augmenting) computed by the frozen backbone at every step."""
 
     def __init__(self, models: Mapping[str, nn.Module], specs: Sequence[SubnetSpec], train: EvalImages, *,
                  augment: bool, crop: str, resolution: int, mean, std, batch_size: int, device: torch.device):
         self.models, self.specs, self.augment, self.crop = models, specs, augment, crop
         self.resolution, self.mean, self.std, self.device = resolution, mean, std, device
         self.extract = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
-        raw = extract_subnet_features(models, specs, train, **self.extract)
-        self.stats = {n: (f.mean(0), f.std(0).clamp_min(1e-6)) for n, f in raw.items()}
-        self.cached = None if augment else self._standardized(raw)
+        store = bank_storage([models[s.name].feature_dim(s) for s in specs], len(train), device)
+        raw = extract_subnet_features(models, specs, train, store=store, **self.extract)
+        self.stats = {n: (f.mean(0).to(device), f.std(0).clamp_min(1e-6).to(device)) for n, f in raw.items()}
+        self.cached = None
+        if not augment:  # standardised in place: a second copy of ImageNet's features would double their memory
+            self.cached = {n: f.sub_(self.stats[n][0].to(f.device)).div_(self.stats[n][1].to(f.device))
+                           for n, f in raw.items()}
 
     def _standardized(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: (f - self.stats[n][0]) / self.stats[n][1] for n, f in features.items()}
@@ -192,8 +198,8 @@ class _ProbeFeatures:
                  generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The features of the train images ``idx`` (on the device); ``images``: their uint8 pixels when
         augmenting."""
-        if self.cached is not None:
-            return {n: f[idx] for n, f in self.cached.items()}
+        if self.cached is not None:  # kept in host memory: gathered there, then moved
+            return {n: f[idx.to(f.device)].to(self.device, non_blocking=True) for n, f in self.cached.items()}
         x = augment_batch(to_device_async(images, self.device), self.resolution, self.mean, self.std, generator, self.crop)
         with torch.no_grad():
             return self._standardized({s.name: self.models[s.name](x, subnet=s).float() for s in self.specs})
