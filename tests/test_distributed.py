@@ -36,6 +36,7 @@ import slimssl
 from slimssl.checkpoint import load_checkpoint
 from slimssl.config import config_from_dict
 from slimssl.data.datasets import load_dataset
+from slimssl.data.files import DataError
 from slimssl.eval.knn import knn_predict
 from slimssl.eval.shard import Shard
 from slimssl.slim.policy import SlimPolicy
@@ -280,6 +281,18 @@ def a_nan_loss_in_one_process(run_dir: Path) -> str:
     return "saved"
 
 
+def training_sets_of_different_sizes(run_dir: Path) -> str:
+    """What building a run raises in each process when rank 1 sees fewer training images (data registered from
+    a per-process draw, say): before, the processes trained apart and waited for each other at an epoch's end."""
+    cfg = tiny("byol")
+    cfg["data"] = {**cfg["data"], "fake_size": 64 if dist.rank() == 0 else 48}
+    try:
+        Trainer(config_from_dict(cfg), run_dir).close()
+    except DataError as e:
+        return str(e)
+    return "built"
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -311,6 +324,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for loader in ("stream", "memory"):
             result[f"knn_on_files_{loader}"] = knn_on_files(out / "images", out / f"run-{loader}", loader)
         result["nan_in_one_process"] = a_nan_loss_in_one_process(out / "nan")
+        result["different_sizes"] = training_sets_of_different_sizes(out / "sizes")
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -409,6 +423,13 @@ def test_knn_against_a_bank_shared_by_the_processes_scores_as_one_process(two_pr
     for (k, chunk), scores in results[0]["scores"].items():
         torch.testing.assert_close(scores, knn_predict(bank, labels, queries, 3, k=k, chunk=chunk))
         assert torch.equal(scores, results[1]["scores"][k, chunk])  # every process holds the same numbers
+
+
+def test_processes_that_see_training_sets_of_different_sizes_refuse_to_train(two_process):
+    _, ranks, _ = two_process
+    assert [r["different_sizes"] for r in ranks] == ["the processes see training sets of different sizes (64, 48 "
+                                                     "images, by rank) in 'fake'; every process must read the same "
+                                                     "data"] * 2
 
 
 def test_a_nan_loss_in_one_process_stops_every_process_before_the_checkpoint(two_process):

@@ -4,6 +4,7 @@ the same images as files, and the errors of bad input."""
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 
 import numpy as np
@@ -80,6 +81,35 @@ def test_every_layout_gives_the_same_images(register):
     assert torch.equal(grey.images, chw[:, :1].expand(-1, 3, -1, -1))
 
 
+def test_more_layouts_lists_dicts_names_16_bits_and_alpha(register):
+    hwc, labels = pixels(6), np.array([0, 1, 0, 1, 1, 0])
+    chw = torch.from_numpy(hwc).permute(0, 3, 1, 2)
+    names = np.array(["dog", "cat"])[labels]  # class names as labels: sorted, "cat" is 0
+    rgba = np.concatenate([hwc, np.full((6, 8, 8, 1), 7, np.uint8)], axis=3)
+    layouts = {
+        "pil_list": ([Image.fromarray(a) for a in hwc], labels),
+        "array_list": [list(hwc), labels.tolist()],  # a list, not a tuple
+        "dict_items": [{"img": Image.fromarray(a), "label": int(y)} for a, y in zip(hwc, labels)],
+        "named": (hwc, names.tolist()),
+        "sixteen_bits": (hwc.astype(np.uint16) * 257, labels),
+        "alpha": (rgba, labels),
+    }
+    for name, data in layouts.items():
+        register(name, data)
+        got = load_dataset(name)
+        assert torch.equal(got.images, chw), name
+        assert got.labels.tolist() == (1 - labels).tolist() if name == "named" else labels.tolist(), name
+    assert load_dataset("named").classes == ["cat", "dog"]
+    register("given_order", (hwc, names), classes=["dog", "cat"])
+    assert load_dataset("given_order").labels.tolist() == labels.tolist()
+    # tiny images whose layout reads both ways: channels last in NumPy, first in torch, as each stores them
+    tiny_hwc = np.arange(2 * 3 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3, 3)
+    register("tiny_numpy", tiny_hwc)
+    register("tiny_torch", torch.from_numpy(tiny_hwc).permute(0, 3, 1, 2).contiguous())
+    assert load_dataset("tiny_numpy").images[0, :, 0, 0].tolist() == [0, 1, 2]
+    assert torch.equal(load_dataset("tiny_numpy").images, load_dataset("tiny_torch").images)
+
+
 def test_registered_images_are_copied_and_resized_as_files_are(register):
     hwc = pixels(4, 12, 16)
     register("wide", hwc, test=hwc[:2])
@@ -94,7 +124,7 @@ def test_registered_images_are_copied_and_resized_as_files_are(register):
         load_dataset("wide", "val", resolution=8)
 
 
-def test_a_run_on_registered_images_is_the_run_on_the_same_images_as_files(register, tmp_path):
+def test_a_run_on_registered_images_is_the_run_on_the_same_images_as_files(register, tmp_path, monkeypatch):
     train, test = pixels(16, seed=1), pixels(8, seed=2)
     train_labels, test_labels = np.repeat([0, 1], 8), np.repeat([0, 1], 4)
     for split, images, labels in (("train", train, train_labels), ("test", test, test_labels)):
@@ -113,34 +143,47 @@ def test_a_run_on_registered_images_is_the_run_on_the_same_images_as_files(regis
     assert all(torch.equal(files["model"][k], v) for k, v in registered["model"].items())
     knn = [[row["knn_top1"] for row in runs[n].results["subnets"]] for n in ("files", "registered")]
     assert knn[0] == knn[1] and len(knn[0]) == 4
-    assert runs["registered"].results["protocols"]["knn"]["data"] == "mine"
+    recorded = runs["registered"].results["protocols"]["knn"]["data"]
+    assert recorded.startswith("registered:mine@")
+    assert f"source: {recorded}" in (runs["registered"].run_dir / "config.yaml").read_text()
 
-    assert [row["knn_top1"] for row in slimssl.knn(runs["registered"].run_dir, save=False)] == knn[1]
-    with pytest.raises(UsageError, match="'mine' is a dataset held in memory"):
-        slimssl.knn(runs["registered"].run_dir, loader="stream", save=False)
-    slimssl.unregister_dataset("mine")  # as in another process: the run's data.source names what is gone
-    with pytest.raises(DataError, match="'mine' is neither.*registered with slimssl.register_dataset"):
-        slimssl.knn(runs["registered"].run_dir, save=False)
-    register("mine", (train, train_labels))  # the fixture forgets it again
+    run = runs["registered"].run_dir
+    assert [row["knn_top1"] for row in slimssl.knn(run, save=False)] == knn[1]
+    with pytest.raises(UsageError, match="'registered:mine@.*' is a dataset held in memory"):
+        slimssl.knn(run, loader="stream", save=False)
+    slimssl.unregister_dataset("mine")  # as in another process, where a folder bears the name: never read
+    shutil.copytree(tmp_path / "tree", tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="names images registered in Python, and no dataset 'mine' is registered in "
+                                        "this process; register the same images first.*slimssl --import FILE"):
+        slimssl.knn(run, save=False)
+    register("mine", (train[::-1], train_labels), (test, test_labels), classes=["c0", "c1"])  # other images
+    with pytest.raises(DataError, match="names other images than the dataset 'mine' registered now"):
+        slimssl.knn(run, save=False)
+    with pytest.raises(DataError, match="names other images"):
+        slimssl.pretrain(None, run, resume=True, overrides=["train.epochs=2"])
+    assert slimssl.knn(run, data="mine", save=False)  # these images, asked for by name
+    register("mine", (train, train_labels), (test, test_labels), classes=["c0", "c1"])  # the same again
+    assert [row["knn_top1"] for row in slimssl.knn(run, save=False)] == knn[1]
 
 
 def test_a_streamed_run_refuses_registered_images(register, tmp_path):
     register("mine", pixels(8))
     cfg = tiny("byol")
     cfg["data"] = {"source": "mine", "resolution": 8, "loader": "stream"}
-    with pytest.raises(DataError, match="'mine' is a dataset held in memory.*data.loader=memory"):
+    with pytest.raises(DataError, match="'registered:mine@.*' is a dataset held in memory.*data.loader=memory"):
         slimssl.pretrain(cfg, tmp_path / "run")
 
 
 @pytest.mark.parametrize("args, kwargs, match", [
     (("cifar10", np.zeros((2, 8, 8, 3), np.uint8)), {}, "not a built-in name"),
-    (("a/b", np.zeros((2, 8, 8, 3), np.uint8)), {}, "no '.' or '/'"),
-    (("x.zip", np.zeros((2, 8, 8, 3), np.uint8)), {}, "no '.' or '/'"),
+    (("a/b", np.zeros((2, 8, 8, 3), np.uint8)), {}, "no '.', '/' or ':'"),
+    (("x.zip", np.zeros((2, 8, 8, 3), np.uint8)), {}, "no '.', '/' or ':'"),
     (("bad", (np.full((2, 8, 8, 3), -0.5), [0, 1])), {}, "in \\[0, 1\\] and not normalised.*-0.5 to -0.5"),
-    (("bad", np.full((2, 8, 8, 3), 300, np.int32)), {}, "in \\[0, 255\\], got values from 300 to 300"),
-    (("bad", np.zeros((2, 8, 8, 2), np.uint8)), {}, "1 or 3 channels"),
+    (("bad", np.full((2, 8, 8, 3), 300, np.int32)), {}, "in \\[0, 255\\] \\(or uint16\\), got values from 300 to 300"),
+    (("bad", np.zeros((2, 8, 8, 2), np.uint8)), {}, "1, 3 or 4 channels"),
     (("bad", np.zeros((8, 8), np.uint8)), {}, "expected images as"),
-    (("bad", (np.zeros((2, 8, 8, 3), np.uint8), [0, 1, 1])), {}, "expected 2 labels.*got 3"),
+    (("bad", (np.zeros((2, 8, 8, 3), np.uint8), [0, 1, 1])), {}, "expected 2 labels \\(one per image\\), got shape \\(3,\\)"),
     (("bad", (np.zeros((2, 8, 8, 3), np.uint8), [0.0, 1.0])), {}, "integers from 0"),
     (("bad", (np.zeros((2, 8, 8, 3), np.uint8), [0, -1])), {}, "from -1"),
     (("bad", (np.zeros((2, 8, 8, 3), np.uint8), [0, 2])), {"classes": ["a", "b"]}, "label 2 but 2 class names"),
@@ -150,6 +193,15 @@ def test_a_streamed_run_refuses_registered_images(register, tmp_path):
     (("bad", Items([], [])), {}, "the dataset is empty"),
     (("bad", "a folder"), {}, "got the path .a folder.; a folder or .zip of images is a data source"),
     (("bad", 3), {}, "expected \\(images, labels\\), images, or a map-style dataset"),
+    (("bad", np.zeros((32, 32, 3), np.uint8)), {}, "shape \\(32, 32, 3\\) looks like one image"),
+    (("bad", np.full((2, 8, 8, 3), np.nan)), {}, "must be finite"),
+    (("bad", Items(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], classes=["a", "b"])),
+     {"test": Items(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], classes=["b", "a"])},
+     "name their classes differently \\(train: a, b; test: b, a\\)"),
+    (("bad", (np.zeros((2, 8, 8, 3), np.uint8), ["a", "c"])), {"classes": ["a", "b"]}, "labels \\['c'\\] are not"),
+    (("bad", np.zeros((2, 8, 8, 3), np.uint8)), {"classes": "ab"}, "a list of distinct names"),
+    (("bad", [(np.zeros((8, 8, 3), np.uint8), 0, "x")] * 2), {}, "an \\(image, label\\) pair, got 3 values"),
+    (("bad", [{"pixels": np.zeros((8, 8, 3), np.uint8)}] * 2), {}, "needs an 'image' \\(or 'img'\\) key"),
 ])
 def test_bad_input_is_refused_with_what_was_expected(args, kwargs, match):
     with pytest.raises(DataError, match=match):
@@ -183,7 +235,7 @@ def test_the_command_line_finds_a_dataset_registered_by_an_imported_file(tmp_pat
         slimssl.unregister_dataset("mine")
         sys.modules.pop("my_data", None)  # as in a new process
     assert main(["knn", "run", "--no-save"]) == 2
-    assert "'mine' is neither a known dataset name" in caplog.text
+    assert "names images registered in Python, and no dataset 'mine' is registered" in caplog.text
     try:
         assert main(["--import", "my_data.py", "pretrain", "--resume", "run", "--max-steps", "2"]) == 0
     finally:

@@ -33,7 +33,7 @@ from ..atomic import atomic_write
 from .decode import decode_error, decode_resized, resize_center_crop, resize_side
 from .files import (SKIP_HINT, SPLITS, DataError, FileTree, check_source_and_resolution, existing_path, list_split,
                     scan_tree, split_prefix)
-from .registry import is_registered, registered_split
+from .registry import registered_name, registered_split
 
 log = logging.getLogger("slimssl")
 
@@ -122,7 +122,7 @@ def load_dataset(
         return _load_cifar(source, split, resolution, crop_ratio)
     if source == "fake":
         return _load_fake(split, resolution or 32, fake_size, seed)
-    if is_registered(source):
+    if registered_name(source) is not None:
         return _load_registered(source, split, resolution, crop_ratio)
     return _load_tree(existing_path(source), split, resolution, skip_unreadable, crop_ratio)
 
@@ -183,8 +183,9 @@ def _load_fake(split: str, resolution: int, size: int, seed: int) -> ImageDatase
     return ImageDataset(images, labels, [str(i) for i in range(10)], "fake", split)
 
 
-def _load_registered(name: str, split: str, resolution: int | None, crop_ratio: float) -> ImageDataset:
-    images, labels, classes = registered_split(name, split)
+def _load_registered(source: str, split: str, resolution: int | None, crop_ratio: float) -> ImageDataset:
+    images, labels, classes = registered_split(source, split)
+    name = registered_name(source)
     if resolution is not None:
         images = resize_center_crop(images, resolution, crop_ratio)  # the same images when they fit already
     elif images.shape[-1] != images.shape[-2]:

@@ -2,16 +2,22 @@
 
 ``slimssl.register_dataset("mine", train=(images, labels), test=...)`` keeps the splits in this process as
 uint8 ``[N, 3, H, W]`` tensors, and every place that takes a dataset name (``data.source``, ``data=`` of the
-evaluations) then finds them: ``load_dataset`` resizes and crops them as it does a folder's images. A run
-records the name only, so the process that resumes or evaluates it registers the same data first.
+evaluations) then finds them: ``load_dataset`` resizes and crops them as it does a folder's images.
+
+A run records them as ``registered:mine@<fingerprint>``, the fingerprint a hash of the images, labels and
+classes. Whatever resumes or evaluates the run must register the same images first: a folder that bears the
+name, or other images registered under it since, are refused rather than silently used.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +28,9 @@ from .files import BUILTIN, DataError, MissingSplitError
 
 log = logging.getLogger("slimssl")
 
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # no dot or slash: never read as a file
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # no dot, slash or colon: never read as a file
+PREFIX = "registered:"  # how a run records a registered dataset: registered:NAME@FINGERPRINT
+SPLIT_NAMES = ("train", "test", "val")
 
 
 class Split(NamedTuple):
@@ -31,40 +39,47 @@ class Split(NamedTuple):
     classes: list[str] | None
 
 
-_REGISTERED: dict[str, dict[str, Split]] = {}
+@dataclass(frozen=True)
+class _Registered:
+    splits: dict[str, Split]
+    fingerprint: str
+
+
+_REGISTERED: dict[str, _Registered] = {}
 
 
 def register_dataset(name: str, train: Any, test: Any = None, *, val: Any = None,
                      classes: list[str] | None = None) -> None:
     """Make ``train`` (and ``test``, ``val``) known as the dataset ``name`` in this process; each split is:
 
-    * ``(images, labels)``: images as one array or tensor, ``[N, H, W, 3]``, ``[N, 3, H, W]``, ``[N, 1, H, W]``
-      or ``[N, H, W]`` (grey), uint8 or float in [0, 1]; labels: N integers, or None;
+    * ``(images, labels)``: images as one array or tensor, ``[N, H, W, C]`` or ``[N, C, H, W]`` (C: 1, 3, or 4
+      whose alpha is dropped; when both read alike, channels last for NumPy and first for torch, as each
+      library stores images) or grey ``[N, H, W]``; or a list of images as below. Labels: N integers, or N
+      names (mapped to ``classes``, by default sorted), or None;
     * ``images`` alone (unlabelled: pretraining only);
     * a map-style dataset (e.g. a torchvision dataset without transform, or with ``ToTensor()``) whose items are
-      ``(image, label)`` or an image, each a PIL image or an array/tensor as above; read once, here.
+      ``(image, label)``, ``{"image" (or "img"): ..., "label": ...}`` or an image: a PIL image, or one
+      array/tensor as above without N. It is read once, here.
 
-    Images are un-normalised (``data.mean``/``data.std`` normalise them) and of one size. The splits are
-    copied; registering a name again replaces it. ``classes`` names the labels (default: the dataset's
-    ``classes`` attribute, else ``"0"``, ``"1"``, ...)."""
+    Pixels are uint8, 16-bit (scaled to 8 bits as PIL's 16-bit images are), or floats in [0, 1]: not normalised
+    (``data.mean`` and ``data.std`` normalise them). All images of a split have one size. The splits are copied;
+    registering a name again replaces it (runs that used the earlier images then refuse the new ones).
+    ``classes`` names the labels (default: the datasets' ``classes`` attribute, else ``"0"``, ``"1"``, ...)."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or name in BUILTIN:
-        raise DataError(f"a registered dataset's name must be letters, digits, '_' or '-' (no '.' or '/', which "
-                        f"would read as a file), and not a built-in name ({', '.join(BUILTIN)}); got {name!r}")
+        raise DataError(f"a registered dataset's name must be letters, digits, '_' or '-' (no '.', '/' or ':', "
+                        f"which would read as a file), and not a built-in name ({', '.join(BUILTIN)}); got {name!r}")
     given = {"train": train, "test": test, "val": val}
-    splits = {split: _as_split(data, f"{name!r} {split} split") for split, data in given.items() if data is not None}
-    labelled = [s for s in splits.values() if s.labels is not None]
-    if classes is None:
-        classes = next((_names(data) for data in given.values() if _names(data) is not None), None)
-    if labelled:
-        count = max(int(s.labels.max()) + 1 if len(s.labels) else 0 for s in labelled)
-        classes = [str(c) for c in classes] if classes is not None else [str(i) for i in range(count)]
-        if count > len(classes):
-            raise DataError(f"dataset {name!r}: label {count - 1} but {len(classes)} class names; expected labels "
-                            f"0 to {len(classes) - 1}")
-    splits = {split: s._replace(classes=classes if s.labels is not None else None) for split, s in splits.items()}
+    raw = {split: _read_split(data, f"{name!r} {split} split") for split, data in given.items() if data is not None}
+    classes = _class_names(name, raw, given, classes)
+    splits = {}
+    for split, (images, labels) in raw.items():
+        labels = None if labels is None else _label_indices(labels, classes, f"{name!r} {split} split")
+        splits[split] = Split(images, labels, None if labels is None else classes)
     if name in _REGISTERED:
         log.info("dataset %r registered again: its splits are replaced", name)
-    _REGISTERED[name] = splits
+    elif os.path.exists(name):
+        log.warning("%r is also a path here: as a dataset name it now means the images registered in Python", name)
+    _REGISTERED[name] = _Registered(splits, _fingerprint(splits))
 
 
 def unregister_dataset(name: str) -> None:
@@ -73,34 +88,60 @@ def unregister_dataset(name: str) -> None:
         raise DataError(f"no dataset {name!r} is registered; registered: {', '.join(_REGISTERED) or 'none'}")
 
 
-def is_registered(source) -> bool:
-    return isinstance(source, str) and source in _REGISTERED
+def registered_name(source) -> str | None:
+    """The registered dataset that ``source`` names (``registered:NAME@...``, or the NAME of a registered one),
+    registered in this process or not; None for anything else."""
+    if not isinstance(source, str):
+        return None
+    if source.startswith(PREFIX):
+        return source[len(PREFIX):].split("@", 1)[0]
+    return source if source in _REGISTERED else None
 
 
 def in_memory_only(source) -> bool:
     """Whether ``source`` names a dataset that has no files: a built-in or a registered one."""
-    return source in BUILTIN or is_registered(source)
+    return source in BUILTIN or registered_name(source) is not None
 
 
-def registered_split(name: str, split: str) -> Split:
-    """The images, labels and classes of ``split`` of the registered dataset ``name`` (not copied)."""
-    splits = _REGISTERED[name]
-    if split not in splits:
+def recorded_source(source):
+    """``source`` as a run records it: the images registered now under its name as ``registered:NAME@FP``;
+    anything else (a built-in name, a path) as it is."""
+    name = registered_name(source)
+    if name is None or name not in _REGISTERED:
+        return source
+    return f"{PREFIX}{name}@{_REGISTERED[name].fingerprint}"
+
+
+def registered_split(source: str, split: str) -> Split:
+    """The images, labels and classes of ``split`` of the registered dataset ``source`` names (not copied): the
+    same images as the recorded fingerprint, if it has one."""
+    name = registered_name(source)
+    dataset = _REGISTERED.get(name)
+    if dataset is None:
+        raise DataError(f"{source!r} names images registered in Python, and no dataset {name!r} is registered in "
+                        "this process; register the same images first: slimssl.register_dataset, or on the command "
+                        "line slimssl --import FILE, a .py file that registers them")
+    wanted = source.split("@", 1)[1] if source.startswith(PREFIX) and "@" in source else dataset.fingerprint
+    if wanted != dataset.fingerprint:
+        raise DataError(f"{source!r} names other images than the dataset {name!r} registered now (fingerprint "
+                        f"{dataset.fingerprint}): register the images the run used, or give {name!r} as the data "
+                        "(--data, data=) to use these")
+    if split not in dataset.splits:
         raise MissingSplitError(f"dataset {name!r} was registered without a {split} split (it has "
-                                f"{', '.join(splits)}); pass {split}= to slimssl.register_dataset")
-    return splits[split]
+                                f"{', '.join(dataset.splits)}); pass {split}= to slimssl.register_dataset")
+    return dataset.splits[split]
 
 
-def _names(data) -> list[str] | None:
-    names = getattr(data, "classes", None)  # torchvision's datasets name their classes so
-    return list(names) if isinstance(names, (list, tuple)) and names else None
+# ---- reading what was given ---------------------------------------------------------------------------
 
-
-def _as_split(data, what: str) -> Split:
-    if isinstance(data, tuple) and len(data) == 2 and _is_array(data[0]) and np.ndim(data[0]) >= 3:
-        images, labels = data
+def _read_split(data, what: str) -> tuple[torch.Tensor, list | torch.Tensor | None]:
+    """The images (uint8, a copy) and the labels as given (integers or names), of one split."""
+    pair = _as_pair(data)
+    if pair is not None:
+        images, labels = pair
+        images = _as_images(images, what) if _is_array(images) else _read_items(images, what)[0]
     elif _is_array(data):
-        images, labels = data, None
+        images, labels = _as_images(data, what), None
     elif isinstance(data, (str, bytes, os.PathLike)):
         raise DataError(f"{what}: expected images in memory, got the path {str(data)!r}; a folder or .zip of "
                         "images is a data source itself (data.source, --data)")
@@ -109,63 +150,87 @@ def _as_split(data, what: str) -> Split:
     else:
         raise DataError(f"{what}: expected (images, labels), images, or a map-style dataset of (image, label) "
                         f"items; got {type(data).__name__}")
-    images = _as_images(images, what)
     if labels is not None:
-        labels = _as_labels(labels, len(images), what)
-    return Split(images, labels, None)
+        labels = _label_values(labels, len(images), what)
+    return images, labels
+
+
+def _as_pair(data) -> tuple[Any, Any] | None:
+    """``(images, labels)`` when ``data`` is such a pair (images: an array, or a list of images), else None."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        return None
+    images, labels = data
+    if _is_array(images) and images.ndim >= 3:
+        return images, labels
+    listed = isinstance(images, (list, tuple)) and len(images) > 0 and _is_image(images[0])
+    if listed and (labels is None or (hasattr(labels, "__len__") and len(labels) == len(images)
+                                      and not any(_is_image(label) for label in labels))):
+        return images, labels
+    return None
 
 
 def _is_array(x) -> bool:
     return isinstance(x, (np.ndarray, torch.Tensor))
 
 
+def _is_image(x) -> bool:
+    return isinstance(x, Image.Image) or (_is_array(x) and x.ndim in (2, 3))
+
+
 def _as_images(images, what: str) -> torch.Tensor:
-    """uint8 [N, 3, H, W], a copy, from any of the layouts ``register_dataset`` takes."""
-    x = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.as_tensor(np.array(images))
+    """uint8 [N, 3, H, W], not sharing memory with ``images``, from any of the layouts ``register_dataset`` takes."""
+    if isinstance(images, torch.Tensor):
+        x, channels_last = images.detach().cpu(), False
+    else:
+        array = np.asarray(images)
+        if not array.flags.writeable or any(stride < 0 for stride in array.strides):  # torch takes neither
+            array = array.copy()
+        x, channels_last = torch.from_numpy(array), True
+    given = x.untyped_storage().data_ptr()  # the caller's memory, or the copy just made
+    if x.ndim == 3 and channels_last and x.shape[-1] in (3, 4) and x.shape[-2] > 4:
+        raise DataError(f"{what}: shape {tuple(x.shape)} looks like one image; expected a batch [N, H, W, C]")
     if x.ndim == 3:
         x = x.unsqueeze(1)  # grey [N, H, W]
     if x.ndim != 4 or not len(x):
-        raise DataError(f"{what}: expected images as [N, H, W, 3], [N, 3, H, W] or [N, H, W] with N > 0, got shape "
+        raise DataError(f"{what}: expected images as [N, H, W, C], [N, C, H, W] or [N, H, W] with N > 0, got shape "
                         f"{tuple(x.shape)}")
-    if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
-        x = x.permute(0, 3, 1, 2)  # channels last
-    if x.shape[1] not in (1, 3):
-        raise DataError(f"{what}: expected 1 or 3 channels, first or last, got shape {tuple(x.shape)}")
-    x = _as_uint8(x, what)
-    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x.contiguous().clone()
+    first, last = x.shape[1] in (1, 3, 4), x.shape[-1] in (1, 3, 4)
+    if last and (channels_last or not first):
+        x = x.permute(0, 3, 1, 2)
+    elif not first:
+        raise DataError(f"{what}: expected 1, 3 or 4 channels, first or last, got shape {tuple(x.shape)}")
+    x = _as_uint8(x[:, :3], what)  # RGBA: the alpha dropped, as PIL's convert("RGB") does
+    x = x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x.contiguous()
+    return x.clone() if x.untyped_storage().data_ptr() == given else x
 
 
 def _as_uint8(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x
+    if x.dtype == getattr(torch, "uint16", None):  # 16-bit pixels, scaled as decode.to_rgb scales PIL's
+        return (x.to(torch.float32) / 257.0).round().to(torch.uint8)
     if x.dtype == torch.bool or x.is_complex():
         raise DataError(f"{what}: expected uint8 images or floats in [0, 1], got {x.dtype}")
-    low, high = x.min().item(), x.max().item()
     if x.is_floating_point():
-        if low < 0 or high > 1:
-            raise DataError(f"{what}: float images must be in [0, 1] and not normalised (training normalises them "
-                            f"with data.mean and data.std), got values from {low:g} to {high:g}")
-        return (x.float() * 255).round().to(torch.uint8)
+        x = x.float()
+        low, high = x.min().item(), x.max().item()
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 1:
+            raise DataError(f"{what}: float images must be finite, in [0, 1] and not normalised (training normalises "
+                            f"them with data.mean and data.std), got values from {low:g} to {high:g}")
+        return (x * 255).round().to(torch.uint8)
+    wide = x.to(torch.int64)
+    low, high = wide.min().item(), wide.max().item()
     if low < 0 or high > 255:
-        raise DataError(f"{what}: integer images must be in [0, 255], got values from {low} to {high}")
-    return x.to(torch.uint8)
+        raise DataError(f"{what}: integer images must be in [0, 255] (or uint16), got values from {low} to {high}")
+    return wide.to(torch.uint8)
 
 
-def _as_labels(labels, count: int, what: str) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(labels)).reshape(-1)
-    if y.is_floating_point() or y.dtype == torch.bool or len(y) != count or (len(y) and int(y.min()) < 0):
-        raise DataError(f"{what}: expected {count} labels, integers from 0 (one per image), got {len(y)} "
-                        f"of {y.dtype}" + (f" from {int(y.min())}" if len(y) and not y.is_floating_point() else ""))
-    return y.to(torch.int64).clone()
-
-
-def _read_items(dataset, what: str) -> tuple[torch.Tensor, list[int] | None]:
+def _read_items(dataset, what: str) -> tuple[torch.Tensor, list | None]:
     """The images (stacked) and labels of a map-style dataset, item by item: one size for all."""
-    images, labels = [], []
+    images, labels, labelled = [], [], None
     for i in range(len(dataset)):
-        item = dataset[i]
-        image, label = item if isinstance(item, (tuple, list)) and len(item) == 2 else (item, None)
-        if i == 0:
+        image, label = _image_and_label(dataset[i], f"{what}, item {i}")
+        if labelled is None:
             labelled = label is not None
         elif (label is not None) != labelled:
             raise DataError(f"{what}: item {i} {'has no' if label is None else 'has a'} label, unlike item 0")
@@ -180,7 +245,93 @@ def _read_items(dataset, what: str) -> tuple[torch.Tensor, list[int] | None]:
                             "torchvision's Resize and CenterCrop)")
         images.append(pixels)
         if label is not None:
-            labels.append(int(label))
+            labels.append(label)
     if not images:
         raise DataError(f"{what}: the dataset is empty")
-    return torch.stack(images), labels or None
+    return torch.stack(images), labels if labelled else None
+
+
+def _image_and_label(item, what: str) -> tuple[Any, Any]:
+    if isinstance(item, Mapping):  # Hugging Face datasets' rows
+        image = item.get("image", item.get("img"))
+        if image is None:
+            raise DataError(f"{what}: a dict item needs an 'image' (or 'img') key, got {sorted(item)}")
+        return image, item.get("label")
+    if isinstance(item, (tuple, list)):
+        if len(item) != 2:
+            raise DataError(f"{what}: expected an (image, label) pair, got {len(item)} values")
+        return item
+    return item, None
+
+
+def _label_values(labels, count: int, what: str) -> torch.Tensor | list[str]:
+    """Integer labels as int64, or names as strings; one per image."""
+    values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(
+        [int(v) if isinstance(v, torch.Tensor) else v for v in labels] if isinstance(labels, (list, tuple)) else labels)
+    values = values.reshape(-1) if values.ndim > 1 and values.size == count else values
+    if values.ndim != 1 or len(values) != count:
+        raise DataError(f"{what}: expected {count} labels (one per image), got shape {values.shape}")
+    if values.dtype.kind in "UO" and all(isinstance(v, str) for v in values):
+        return [str(v) for v in values]
+    if values.dtype.kind not in "iu" or (count and values.min() < 0):
+        raise DataError(f"{what}: expected {count} labels, integers from 0 or class names, got {values.dtype}"
+                        + (f" from {values.min()}" if count and values.dtype.kind in "iu" else ""))
+    return torch.from_numpy(values.astype(np.int64))
+
+
+def _class_names(name: str, raw: dict, given: dict, classes) -> list[str] | None:
+    """The names of the labels, the same for every split: ``classes``, the datasets' own (which must agree),
+    the sorted label names, or "0", "1", ..."""
+    labelled = [labels for _, labels in raw.values() if labels is not None]
+    if classes is not None:
+        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(
+                classes):
+            raise DataError(f"dataset {name!r}: classes must be a list of distinct names, got {classes!r}")
+        classes = list(classes)
+    else:
+        own = {split: _names(given[split]) for split in raw if _names(given[split]) is not None}
+        if len({tuple(names) for names in own.values()}) > 1:
+            listed = "; ".join(f"{split}: {', '.join(names)}" for split, names in own.items())
+            raise DataError(f"dataset {name!r}: its splits name their classes differently ({listed}), so a label "
+                            "would mean another class in each; expected the same classes in the same order")
+        classes = next(iter(own.values()), None)
+    if not labelled:
+        return classes
+    named = [labels for labels in labelled if isinstance(labels, list)]
+    if named and classes is None:
+        classes = sorted({label for labels in named for label in labels})
+    count = max((int(labels.max()) + 1 for labels in labelled if isinstance(labels, torch.Tensor) and len(labels)),
+                default=0)
+    classes = classes if classes is not None else [str(i) for i in range(count)]
+    if count > len(classes):
+        raise DataError(f"dataset {name!r}: label {count - 1} but {len(classes)} class names; expected labels 0 to "
+                        f"{len(classes) - 1}")
+    return classes
+
+
+def _label_indices(labels, classes: list[str], what: str) -> torch.Tensor:
+    if isinstance(labels, torch.Tensor):
+        return labels
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise DataError(f"{what}: labels {unknown[:5]} are not among the classes {classes[:10]}")
+    return torch.tensor([index[label] for label in labels], dtype=torch.int64)
+
+
+def _names(data) -> list[str] | None:
+    names = getattr(data, "classes", None)  # torchvision's datasets name their classes so
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) and names else None
+
+
+def _fingerprint(splits: dict[str, Split]) -> str:
+    """A short hash of the splits' images, labels and classes: equal only for the same data."""
+    digest = hashlib.sha1()
+    for split in SPLIT_NAMES:
+        if split in splits:
+            images, labels, classes = splits[split]
+            digest.update(json.dumps([split, list(images.shape), classes]).encode())
+            digest.update(memoryview(images.numpy()).cast("B"))
+            if labels is not None:
+                digest.update(memoryview(labels.numpy()).cast("B"))
+    return digest.hexdigest()[:10]

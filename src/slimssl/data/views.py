@@ -33,6 +33,7 @@ class ViewSource(Protocol):
     """What the Trainer needs from a source of views (``InMemoryViews``, ``StreamingViews``)."""
 
     steps_per_epoch: int
+    sharding: BatchSharding  # which images each process takes at each step
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 

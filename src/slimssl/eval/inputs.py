@@ -66,7 +66,10 @@ class DataOptions:
         return cls(**{k: str(v) if k == "data" and isinstance(v, os.PathLike) else v for k, v in keywords.items()})
 
     def source(self, cfg) -> str:
-        return self.data or cfg.data.source
+        """The data given (a registered dataset as a run records it), or the config's."""
+        from ..data.registry import recorded_source
+
+        return recorded_source(self.data) if self.data else cfg.data.source
 
     def resolved_crop_ratio(self, cfg) -> float:
         return self.crop_ratio if self.crop_ratio is not None else cfg.eval.crop_ratio
@@ -107,7 +110,8 @@ class DataOptions:
         except ValueError as e:  # DataError: names the path and what was expected
             raise DataError(f"cannot load the {split} split of {source!r}: {e}") from None
         if images.labels is None:
-            raise DataError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders); "
+            raise DataError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders, or "
+                             "images registered without labels); "
                              "evaluation needs a labelled dataset: pass one as data (--data)")
         log.info("%s split of %s: %d images, %s%s", split, source, len(images),
                  f"streamed by {workers} loader worker(s)" if loader == "stream" else "decoded in memory",

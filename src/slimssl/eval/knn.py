@@ -70,7 +70,8 @@ def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resol
     splits, and all of them return the same accuracies."""
 
     if train.labels is None or test.labels is None:
-        raise DataError(f"kNN needs labels; dataset {train.name!r} has none (an unlabelled folder)")
+        raise DataError(f"kNN needs labels; dataset {train.name!r} has none (a folder without class sub-folders, "
+                        "or images registered without labels)")
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     specs = list(supernet.menu) if specs is None else list(specs)
     kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="slimmable self-supervised pretraining (default: the embedded demo)")
     p.add_argument("--config", help="YAML recipe: a path or a shipped name (default: demo)")
     p.add_argument("--data", type=data_source,
-                   help="dataset name (digits, cifar10, cifar100, fake) or an ImageFolder path / .zip")
+                   help="dataset name (digits, cifar10, cifar100, fake, or one that a file given to --import "
+                   "registers) or an ImageFolder path / .zip")
     p.add_argument("--out", type=output_dir, help="run directory (default: runs/<name>-<time>)")
     p.add_argument("--epochs", type=positive_int, help="train.epochs: the length of the schedule")
     p.add_argument("--max-steps", type=positive_int, help="stop once the run has made this many steps in all, counted "

@@ -135,6 +135,10 @@ class Trainer:
                                                  world=self.world, device=self.device)
         self.steps_per_epoch = self.view_source.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        sizes = dist.gather_objects(self.view_source.sharding.num_images) if self.world > 1 else []
+        if len(set(sizes)) > 1:  # they would draw other batches, and wait for each other at different steps
+            raise DataError(f"the processes see training sets of different sizes ({', '.join(map(str, sizes))} "
+                            f"images, by rank) in {cfg.data.source!r}; every process must read the same data")
 
     def _setup_model(self) -> None:
         """The supernet with its method's heads and target on the device, converted and compiled as configured."""

@@ -21,7 +21,8 @@ from ..checkpoint import load_checkpoint
 from ..cli_args import shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
                       config_from_dict, find_config)
-from ..data.registry import in_memory_only
+from ..data.files import BUILTIN
+from ..data.registry import recorded_source, registered_name
 from ..errors import SlimsslError, UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, checkpoint_path
 from ..models.build import as_config
@@ -203,14 +204,19 @@ def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
 def absolute_data_source(cfg: Config) -> Config:
     """``cfg`` with ``data.source`` made absolute when it is an existing path and not the name of a built-in
     or registered dataset: the run's config.yaml and checkpoint then name the same data from any working
-    directory (``slimssl knn RUN``, ``--resume``). A missing path stays as given, for the error to name it."""
+    directory (``slimssl knn RUN``, ``--resume``). A missing path stays as given, for the error to name it. A
+    registered dataset is recorded with its fingerprint (``registered:NAME@FP``): the same images are needed."""
 
     source = cfg.data.source
     path = os.path.expanduser(source)
-    if in_memory_only(source) or not os.path.exists(path) or os.path.isabs(source):
+    if registered_name(source) is not None:
+        recorded = recorded_source(source)
+    elif source in BUILTIN or not os.path.exists(path) or os.path.isabs(source):
         return cfg
+    else:
+        recorded = os.path.abspath(path)
     cfg = cfg.model_copy(deep=True)  # never change a Config the caller passed in
-    cfg.data.source = os.path.abspath(path)
+    cfg.data.source = recorded
     return cfg
 
 
