@@ -115,6 +115,8 @@ def test_a_budget_copied_from_a_rounded_table_says_what_its_rounding_left_out(tm
     assert "full is left out: 4,042,752 (4.04M) MACs > 4,040,000 (4.04M), over the budget only by the tables' " \
            "rounding; give the exact count to include it" in caplog.text
     assert slimssl.pick_subnet(run, max_macs=4_042_752)["subnet"] == "full"
+    rows[0]["macs"] = 4_100_000  # 4.1M is that count exactly, not float's 4,099,999.9999999995
+    assert slimssl.pick_subnet(_run(tmp_path / "exact", rows), max_macs="4.1M")["subnet"] == "full"
     with pytest.raises(UsageError, match=r"fits within 19,570 \(19.57k\) params: the smallest, half, has 19,572 "
                                          r"\(19.57k\) params"):  # not "within 19.57k: ... has 19.57k"
         slimssl.pick_subnet(run, max_params="19.57k")

@@ -127,8 +127,4 @@ def test_a_linear_probe_with_its_features_in_host_memory_learns_as_one_with_them
     kw = dict(resolution=8, mean=cfg.data.mean, std=cfg.data.std, epochs=2, batch_size=16, device="cuda")
     on_gpu = linear_probe_subnets(supernet, train, test, **kw)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 1024))  # "no room": the host's
-    on_host = linear_probe_subnets(supernet, train, test, **kw)
-    # the standardisation's mean and deviation are summed on the CPU then, in another order: up to 2 of the 64
-    # test images may go the other way
-    for name, row in on_gpu.items():
-        assert on_host[name]["top1"] == pytest.approx(row["top1"], abs=2 * 100 / 64), name
+    assert linear_probe_subnets(supernet, train, test, **kw) == on_gpu  # statistics summed on the GPU for both

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import logging
 import os
 import signal
@@ -281,16 +282,25 @@ def a_nan_loss_in_one_process(run_dir: Path) -> str:
     return "saved"
 
 
-def training_sets_of_different_sizes(run_dir: Path) -> str:
-    """What building a run raises in each process when rank 1 sees fewer training images (data registered from
-    a per-process draw, say): before, the processes trained apart and waited for each other at an epoch's end."""
-    cfg = tiny("byol")
-    cfg["data"] = {**cfg["data"], "fake_size": 64 if dist.rank() == 0 else 48}
+def different_training_sets(run_dir: Path) -> dict[str, str]:
+    """What building a run raises in each process when rank 1 sees fewer training images (before: the processes
+    trained apart and waited for each other at an epoch's end), and when each registered its own random draw of
+    as many images (before: trained on other data in each process, without a word)."""
+    import numpy as np
+
+    def build(data: dict) -> str:
+        try:
+            Trainer(config_from_dict({**tiny("byol"), "data": {**tiny("byol")["data"], **data}}), run_dir).close()
+        except DataError as e:
+            return str(e)
+        return "built"
+
+    images = np.random.default_rng(dist.rank()).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    slimssl.register_dataset("drawn", images)
     try:
-        Trainer(config_from_dict(cfg), run_dir).close()
-    except DataError as e:
-        return str(e)
-    return "built"
+        return {"sizes": build({"fake_size": 64 if dist.rank() == 0 else 48}), "drawn": build({"source": "drawn"})}
+    finally:
+        slimssl.unregister_dataset("drawn")
 
 
 # ---- the spawned 2-process job ------------------------------------------------------------------------
@@ -324,7 +334,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for loader in ("stream", "memory"):
             result[f"knn_on_files_{loader}"] = knn_on_files(out / "images", out / f"run-{loader}", loader)
         result["nan_in_one_process"] = a_nan_loss_in_one_process(out / "nan")
-        result["different_sizes"] = training_sets_of_different_sizes(out / "sizes")
+        result["different_data"] = different_training_sets(out / "data")
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -425,11 +435,13 @@ def test_knn_against_a_bank_shared_by_the_processes_scores_as_one_process(two_pr
         assert torch.equal(scores, results[1]["scores"][k, chunk])  # every process holds the same numbers
 
 
-def test_processes_that_see_training_sets_of_different_sizes_refuse_to_train(two_process):
+def test_processes_that_see_different_training_sets_refuse_to_train(two_process):
     _, ranks, _ = two_process
-    assert [r["different_sizes"] for r in ranks] == ["the processes see training sets of different sizes (64, 48 "
-                                                     "images, by rank) in 'fake'; every process must read the same "
-                                                     "data"] * 2
+    sizes, drawn = ([r["different_data"][case] for r in ranks] for case in ("sizes", "drawn"))
+    assert sizes == ["the processes see different training sets (rank 0: 64 images; rank 1: 48 images); every "
+                     "process must read the same data"] * 2
+    assert drawn[0] == drawn[1] and re.search(r"rank 0: 64 images of registered:drawn@(\w+); rank 1: 64 images of "
+                                              r"registered:drawn@(?!\1)\w+\)", drawn[0]), drawn[0]
 
 
 def test_a_nan_loss_in_one_process_stops_every_process_before_the_checkpoint(two_process):

@@ -63,7 +63,7 @@ def test_a_knn_bank_too_large_for_the_gpu_is_kept_in_host_memory(monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
     with caplog.at_level(logging.INFO, logger="slimssl"):  # ImageNet's train split, a four-width ResNet-50
         assert bank_storage([2048, 1536, 1024, 512], 1_281_167, "cuda") == torch.device("cpu")
-    assert "the bank's features (26.2 GB for 4 sub-networks) are kept in host memory, 8.6 GB" in caplog.text
+    assert "kNN: the bank's features (26.2 GB for 4 sub-networks) are kept in host memory, 8.6 GB" in caplog.text
     assert bank_storage([512, 256], 50_000, "cuda:1") == torch.device("cuda:1")  # 154 MB: on the GPU
     assert bank_storage([2048], 10**7, "cpu") == torch.device("cpu")
 

@@ -108,6 +108,12 @@ def test_more_layouts_lists_dicts_names_16_bits_and_alpha(register):
     register("tiny_torch", torch.from_numpy(tiny_hwc).permute(0, 3, 1, 2).contiguous())
     assert load_dataset("tiny_numpy").images[0, :, 0, 0].tolist() == [0, 1, 2]
     assert torch.equal(load_dataset("tiny_numpy").images, load_dataset("tiny_torch").images)
+    register("two", [hwc[0], hwc[1]])  # a list of two images, not an (images, labels) pair
+    assert torch.equal(load_dataset("two").images, chw[:2]) and load_dataset("two").labels is None
+    read_only = hwc.copy()
+    read_only.flags.writeable = False  # np.load(mmap_mode="r") gives such arrays
+    register("read_only", (read_only, labels))
+    assert torch.equal(load_dataset("read_only").images, chw)
 
 
 def test_registered_images_are_copied_and_resized_as_files_are(register):
@@ -162,6 +168,8 @@ def test_a_run_on_registered_images_is_the_run_on_the_same_images_as_files(regis
         slimssl.knn(run, save=False)
     with pytest.raises(DataError, match="names other images"):
         slimssl.pretrain(None, run, resume=True, overrides=["train.epochs=2"])
+    with pytest.raises(DataError, match="names other images"):  # the recorded name, given: the same images
+        slimssl.knn(run, data=recorded, save=False)
     assert slimssl.knn(run, data="mine", save=False)  # these images, asked for by name
     register("mine", (train, train_labels), (test, test_labels), classes=["c0", "c1"])  # the same again
     assert [row["knn_top1"] for row in slimssl.knn(run, save=False)] == knn[1]
@@ -195,6 +203,8 @@ def test_a_streamed_run_refuses_registered_images(register, tmp_path):
     (("bad", 3), {}, "expected \\(images, labels\\), images, or a map-style dataset"),
     (("bad", np.zeros((32, 32, 3), np.uint8)), {}, "shape \\(32, 32, 3\\) looks like one image"),
     (("bad", np.full((2, 8, 8, 3), np.nan)), {}, "must be finite"),
+    (("bad", torch.zeros(3, 32, 32)), {}, "looks like one image; expected a batch \\[N, C, H, W\\]; grey images as"),
+    (("bad", np.array([np.zeros((8, 8, 3)), np.zeros((9, 9, 3))], dtype=object)), {}, "a NumPy array of objects"),
     (("bad", Items(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], classes=["a", "b"])),
      {"test": Items(np.zeros((2, 8, 8, 3), np.uint8), [0, 1], classes=["b", "a"])},
      "name their classes differently \\(train: a, b; test: b, a\\)"),
@@ -226,7 +236,7 @@ def test_the_command_line_finds_a_dataset_registered_by_an_imported_file(tmp_pat
     (tmp_path / "my_data.py").write_text(MY_DATA)
     monkeypatch.chdir(tmp_path)
     tiny_run = ["--config", "demo", "--data", "mine", "--set", "model.base_width=4", "data.resolution=8",
-                "train.batch_size=8",                "--out", "run", "--max-steps", "1", "--device", "cpu"]
+                "train.batch_size=8", "--out", "run", "--max-steps", "1", "--device", "cpu"]
     try:
         with caplog.at_level(logging.INFO, logger="slimssl"):
             assert main(["--import", "my_data.py", "pretrain", *tiny_run]) == 0

@@ -403,7 +403,7 @@ def test_a_probe_records_what_the_linear_command_records(straight, tmp_path):
 
 
 @pytest.mark.parametrize("layout, expected", [
-    ("split", "the train split of '.*' has no labels \\(no class sub-folders\\)"),
+    ("split", "the train split of '.*' has no labels \\(no class sub-folders, or none registered\\)"),
     ("classes", "cannot use --data '.*': .* has no train/ and test/ \\(or val/\\) sub-folders"),
 ])
 def test_data_the_evaluation_cannot_use_is_refused_before_any_pretraining(tmp_path, layout, expected, caplog):
@@ -419,6 +419,31 @@ def test_data_the_evaluation_cannot_use_is_refused_before_any_pretraining(tmp_pa
     args = ["reproduce", "--recipes", RECIPES[0], "--out", str(out), "--data", str(data), "--device", "cpu"]
     assert main(args) == 2
     assert re.search(expected, caplog.text)
+    assert not any(out.rglob("*.pt")) and not any(out.rglob("metrics.jsonl"))  # nothing was trained
+
+
+@pytest.mark.parametrize("test_split, expected", [
+    (False, "cannot use --data 'mine': dataset 'mine' was registered without a test split"),
+    (True, "the train split of 'mine' has no labels"),
+])
+def test_registered_images_the_evaluation_cannot_use_are_refused_before_any_pretraining(tmp_path, test_split,
+                                                                                         expected, caplog):
+    import numpy as np
+
+    import slimssl
+
+    images, labels = np.zeros((16, 8, 8, 3), np.uint8), np.arange(16) % 2
+    if test_split:  # unlabelled splits
+        slimssl.register_dataset("mine", images, test=images)
+    else:
+        slimssl.register_dataset("mine", (images, labels))
+    out = tmp_path / "out"
+    try:
+        assert main(["reproduce", "--recipes", RECIPES[0], "--out", str(out), "--data", "mine", "--device",
+                     "cpu"]) == 2
+    finally:
+        slimssl.unregister_dataset("mine")
+    assert expected in caplog.text
     assert not any(out.rglob("*.pt")) and not any(out.rglob("metrics.jsonl"))  # nothing was trained
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ def parse_count(value: str | float) -> float:
         number = float(value)
     else:
         match = re.fullmatch(r"\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*([kMGT]?)\s*", str(value))
-        try:
-            number = float(match.group(1)) * UNITS[match.group(2)] if match else math.nan
-        except ValueError:  # "1.2.3"
+        try:  # in decimal: 4.1M is 4,100,000, not float's 4,099,999.9999999995
+            number = float(Decimal(match.group(1)) * Decimal(int(UNITS[match.group(2)]))) if match else math.nan
+        except InvalidOperation:  # "1.2.3"
             number = math.nan
     if not (math.isfinite(number) and number > 0):
         raise UsageError(f"expected a count > 0 such as 300M, 1.5G, 11k or 2e6, got {value!r}")
@@ -90,7 +91,7 @@ def pick_subnet(run: str | Path, *, max_macs: str | float | None = None, max_par
 
 def exact(count: float) -> str:
     """A count in full, with the tables' rounding beside it: ``4,042,752 (4.04M)``."""
-    digits = f"{int(count):,}" if float(count).is_integer() else f"{count:,g}"
+    digits = f"{int(count):,}" if float(count).is_integer() else f"{count:,.2f}"
     return digits if count < 1000 else f"{digits} ({human(count)})"
 
 
@@ -99,7 +100,7 @@ def _warn_of_rounding(rows: list[dict], fit: list[dict], limits: dict[str, float
     a little more is left out, and said to be."""
     for row in (r for r in rows if r not in fit):
         over = [key for key, limit in limits.items() if row[key] > limit]
-        if all(human(row[key]) == human(limit) for key in over for limit in [limits[key]]):
+        if all(human(row[key]) == human(limits[key]) for key in over):
             log.warning("%s is left out: %s, over the budget only by the tables' rounding; give the exact count to "
                         "include it", row["subnet"], " and ".join(f"{exact(row[k])} {NAMES[k]} > {exact(limits[k])}"
                                                                    for k in over))
@@ -122,8 +123,11 @@ def _warn_of_what_the_ranking_leaves(data: dict, run_dir: Path, fit: list[dict],
         log.warning("%s/%s holds values measured before pretraining ended (%s)", run_dir, RESULTS, note)
     from .checkpoint import checkpoint_step  # torch: not for parsing --max-macs (cli_args)
 
-    logged = [r["step"] for r in read_metrics(run_dir) if is_number(r.get("step"))]
-    trained = max([*logged, *filter(is_number, [checkpoint_step(checkpoint_path(run_dir))])], default=None)
+    steps = [r["step"] for r in read_metrics(run_dir) if is_number(r.get("step"))]
+    saved = checkpoint_step(checkpoint_path(run_dir))  # steps after the last metrics record are only there
+    if saved is not None:
+        steps.append(saved)
+    trained = max(steps, default=None)
     if is_number(data.get("steps")) and trained is not None and trained > data["steps"]:
         log.warning("%s/%s describes the network at step %d, and the run has trained on to step %d since: the "
                     "accuracies may not be those of its last checkpoint (slimssl knn RUN measures them again)",

@@ -62,7 +62,7 @@ def export_source(checkpoint: str | Path | None, config: Config | dict | str | P
 
     if checkpoint is not None:
         return str(checkpoint_file(checkpoint).resolve())
-    changed = f" with {' '.join(overrides)}" if overrides else ""
+    changed = f" with {' '.join(sorted(overrides))}" if overrides else ""  # in any order: one source
     if isinstance(config, (str, Path)):
         file = Path(config)
         return (f"random init of {file.resolve() if file.is_file() else f'shipped config {find_config(file).name}'}"
@@ -178,6 +178,8 @@ def _models_to_export(supernet: SlimResNet, cfg: Config, specs: list[SubnetSpec]
         copies, record = _recalibrated_copies(supernet, cfg, others, batches, options, device, eval_batch_size)
         models.update(copies)
         statistics.update({name: record for name in copies})
+    else:
+        _warn_of_unread_data(options, eval_batch_size, "the statistics slimssl recalibrate stored")
     return models, statistics
 
 

@@ -104,10 +104,10 @@ def in_memory_only(source) -> bool:
 
 
 def recorded_source(source):
-    """``source`` as a run records it: the images registered now under its name as ``registered:NAME@FP``;
-    anything else (a built-in name, a path) as it is."""
+    """``source`` as a run records it: a registered dataset's name as ``registered:NAME@FP``, FP the fingerprint
+    of the images registered now; anything else (a recorded fingerprint, a built-in name, a path) as it is."""
     name = registered_name(source)
-    if name is None or name not in _REGISTERED:
+    if name is None or name not in _REGISTERED or "@" in source:
         return source
     return f"{PREFIX}{name}@{_REGISTERED[name].fingerprint}"
 
@@ -124,7 +124,8 @@ def registered_split(source: str, split: str) -> Split:
     wanted = source.split("@", 1)[1] if source.startswith(PREFIX) and "@" in source else dataset.fingerprint
     if wanted != dataset.fingerprint:
         raise DataError(f"{source!r} names other images than the dataset {name!r} registered now (fingerprint "
-                        f"{dataset.fingerprint}): register the images the run used, or give {name!r} as the data "
+                        f"{dataset.fingerprint}, of every split's images, labels and classes: a split added or "
+                        f"changed since counts): register the images the run used, or give {name!r} as the data "
                         "(--data, data=) to use these")
     if split not in dataset.splits:
         raise MissingSplitError(f"dataset {name!r} was registered without a {split} split (it has "
@@ -156,17 +157,26 @@ def _read_split(data, what: str) -> tuple[torch.Tensor, list | torch.Tensor | No
 
 
 def _as_pair(data) -> tuple[Any, Any] | None:
-    """``(images, labels)`` when ``data`` is such a pair (images: an array, or a list of images), else None."""
+    """``(images, labels)`` when ``data`` is such a pair (images: an array, or a list of images), else None: a
+    list of two images is no pair."""
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         return None
     images, labels = data
-    if _is_array(images) and images.ndim >= 3:
-        return images, labels
+    if _is_array(images) and images.ndim >= 3:  # a batch: its labels are counted later, to say if they are not N
+        return (images, labels) if _labels_like(labels) else None
     listed = isinstance(images, (list, tuple)) and len(images) > 0 and _is_image(images[0])
-    if listed and (labels is None or (hasattr(labels, "__len__") and len(labels) == len(images)
-                                      and not any(_is_image(label) for label in labels))):
-        return images, labels
-    return None
+    return (images, labels) if listed and _labels_like(labels, len(images)) else None
+
+
+def _labels_like(labels, count: int | None = None) -> bool:
+    """Whether ``labels`` can be labels (of ``count`` images): None, or values that are no images."""
+    if labels is None:
+        return True
+    if _is_array(labels):
+        return (count is None or len(labels) == count) and (labels.ndim == 1 or (labels.ndim == 2
+                                                                               and labels.shape[1] == 1))
+    return isinstance(labels, (list, tuple)) and (count is None or len(labels) == count) and not any(
+        _is_image(label) or isinstance(label, (list, tuple)) for label in labels)
 
 
 def _is_array(x) -> bool:
@@ -179,16 +189,22 @@ def _is_image(x) -> bool:
 
 def _as_images(images, what: str) -> torch.Tensor:
     """uint8 [N, 3, H, W], not sharing memory with ``images``, from any of the layouts ``register_dataset`` takes."""
+    copied = False
     if isinstance(images, torch.Tensor):
         x, channels_last = images.detach().cpu(), False
     else:
         array = np.asarray(images)
-        if not array.flags.writeable or any(stride < 0 for stride in array.strides):  # torch takes neither
-            array = array.copy()
-        x, channels_last = torch.from_numpy(array), True
-    given = x.untyped_storage().data_ptr()  # the caller's memory, or the copy just made
-    if x.ndim == 3 and channels_last and x.shape[-1] in (3, 4) and x.shape[-2] > 4:
-        raise DataError(f"{what}: shape {tuple(x.shape)} looks like one image; expected a batch [N, H, W, C]")
+        if array.dtype == object:
+            raise DataError(f"{what}: expected images of one size and type, got a NumPy array of objects (shape "
+                            f"{array.shape})")
+        copied = not array.flags.writeable or any(stride < 0 for stride in array.strides)  # torch takes neither
+        x, channels_last = torch.from_numpy(array.copy() if copied else array), True
+    given = x.untyped_storage().data_ptr()
+    one_image = (x.shape[-1] if channels_last else x.shape[0]) in (3, 4) and min(x.shape[:2] if channels_last
+                                                                                 else x.shape[1:]) > 4
+    if x.ndim == 3 and one_image:
+        layout = "[N, H, W, C]" if channels_last else "[N, C, H, W]; grey images as [N, 1, H, W]"
+        raise DataError(f"{what}: shape {tuple(x.shape)} looks like one image; expected a batch {layout}")
     if x.ndim == 3:
         x = x.unsqueeze(1)  # grey [N, H, W]
     if x.ndim != 4 or not len(x):
@@ -201,7 +217,7 @@ def _as_images(images, what: str) -> torch.Tensor:
         raise DataError(f"{what}: expected 1, 3 or 4 channels, first or last, got shape {tuple(x.shape)}")
     x = _as_uint8(x[:, :3], what)  # RGBA: the alpha dropped, as PIL's convert("RGB") does
     x = x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x.contiguous()
-    return x.clone() if x.untyped_storage().data_ptr() == given else x
+    return x.clone() if x.untyped_storage().data_ptr() == given and not copied else x
 
 
 def _as_uint8(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -266,9 +282,14 @@ def _image_and_label(item, what: str) -> tuple[Any, Any]:
 
 def _label_values(labels, count: int, what: str) -> torch.Tensor | list[str]:
     """Integer labels as int64, or names as strings; one per image."""
-    values = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(
-        [int(v) if isinstance(v, torch.Tensor) else v for v in labels] if isinstance(labels, (list, tuple)) else labels)
-    values = values.reshape(-1) if values.ndim > 1 and values.size == count else values
+    if isinstance(labels, torch.Tensor):
+        values = labels.detach().cpu().numpy()
+    elif isinstance(labels, (list, tuple)):  # a torchvision dataset's targets may be 0-d tensors
+        values = np.asarray([int(v) if isinstance(v, torch.Tensor) else v for v in labels])
+    else:
+        values = np.asarray(labels)
+    if values.ndim > 1 and values.size == count:  # [N, 1]
+        values = values.reshape(-1)
     if values.ndim != 1 or len(values) != count:
         raise DataError(f"{what}: expected {count} labels (one per image), got shape {values.shape}")
     if values.dtype.kind in "UO" and all(isinstance(v, str) for v in values):

@@ -41,7 +41,7 @@ def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: 
                 features = by_name[spec.name](x, subnet=spec).float()
                 if spec.name not in out:
                     out[spec.name] = features.new_empty((size, features.shape[1]), device=store)
-                out[spec.name][done:done + len(features)] = features  # to the host: a copy waited for
+                out[spec.name][done:done + len(features)] = features  # (to host memory: a copy waited for)
             done += len(x)
     if done == 0:
         raise DataError("cannot extract features of an empty dataset")

@@ -87,7 +87,8 @@ def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resol
             for spec in specs}
 
 
-def bank_storage(feature_dims: Sequence[int], count: int, device) -> torch.device:
+def bank_storage(feature_dims: Sequence[int], count: int, device, what: str = "kNN: the bank's features"
+                 ) -> torch.device:
     """Where the bank's features of every sub-network are kept while they are extracted: on the GPU, unless they
     would take more than half of its free memory (a four-width ResNet-50 on ImageNet's train split: 26 GB);
     then in host memory, each sub-network's moved to the GPU for its own search (10 GB at full width)."""
@@ -97,9 +98,8 @@ def bank_storage(feature_dims: Sequence[int], count: int, device) -> torch.devic
     need, (free, _) = count * sum(feature_dims) * 4, torch.cuda.mem_get_info(device)
     if need <= free // 2:
         return device
-    log.info("kNN: the bank's features (%.1f GB for %d sub-networks) are kept in host memory, %.1f GB of the GPU's "
-             "being free; each sub-network's go to the GPU for its own search", need / 1e9, len(feature_dims),
-             free / 1e9)
+    log.info("%s (%.1f GB for %d sub-networks) are kept in host memory, %.1f GB of the GPU's being free; each "
+             "sub-network's go to the GPU in turn", what, need / 1e9, len(feature_dims), free / 1e9)
     return torch.device("cpu")
 
 

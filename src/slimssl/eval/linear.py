@@ -173,6 +173,13 @@ def _epoch_batches(train: EvalImages, perm: torch.Tensor, batch_size: int,
         yield from zip(steps, images)
 
 
+def _statistics(features: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and deviation per dimension, summed on ``device`` wherever the features are kept (moved there one
+    sub-network's at a time): the same numbers, and so the same probe, for features kept in host memory."""
+    on_device = features.to(device)
+    return on_device.mean(0), on_device.std(0).clamp_min(1e-6)
+
+
 class _ProbeFeatures:
     """Every sub-network's features, standardised per dimension with the train split's mean and deviation:
     of the train split cached once (on the GPU, or in host memory when too large for it: ``bank_storage``), or
@@ -183,9 +190,10 @@ class _ProbeFeatures:
         self.models, self.specs, self.augment, self.crop = models, specs, augment, crop
         self.resolution, self.mean, self.std, self.device = resolution, mean, std, device
         self.extract = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
-        store = bank_storage([models[s.name].feature_dim(s) for s in specs], len(train), device)
+        store = bank_storage([models[s.name].feature_dim(s) for s in specs], len(train), device,
+                             what="the linear probe's train features")
         raw = extract_subnet_features(models, specs, train, store=store, **self.extract)
-        self.stats = {n: (f.mean(0).to(device), f.std(0).clamp_min(1e-6).to(device)) for n, f in raw.items()}
+        self.stats = {n: _statistics(f, device) for n, f in raw.items()}
         self.cached = None
         if not augment:  # standardised in place: a second copy of ImageNet's features would double their memory
             self.cached = {n: f.sub_(self.stats[n][0].to(f.device)).div_(self.stats[n][1].to(f.device))

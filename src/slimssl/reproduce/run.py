@@ -19,8 +19,8 @@ import torch
 from ..checkpoint import load_supernet
 from ..layout import CONFIG, LAST, RESULTS, checkpoint_path
 from ..config import Config
-from ..data.files import DataError, list_labelled_files
-from ..data.registry import in_memory_only
+from ..data.files import BUILTIN, DataError, list_labelled_files
+from ..data.registry import registered_name, registered_split
 from ..devices import pick_device, synchronize
 from ..errors import UsageError
 from ..eval import linear_settings, recalibration_batches
@@ -327,19 +327,20 @@ def restart_if_checkpoint_lost(job: Job) -> None:
 
 def require_labelled_splits(jobs: list[Job]) -> None:
     """Refuse, before any pretraining, data that the final evaluation could not use: a folder or .zip without
-    class sub-folders, or without a test split (the comparison evaluates by kNN and linear probe)."""
+    class sub-folders (registered images without labels), or without a test split (the comparison evaluates by kNN and linear probe)."""
     for source in dict.fromkeys(job.cfg.data.source for job in jobs):
-        if in_memory_only(source):
+        if source in BUILTIN:
             continue
         for split in ("train", "test"):
-            try:
-                files = list_labelled_files(source, split)
+            try:  # images registered in Python, or files
+                labels = (registered_split(source, split) if registered_name(source) is not None
+                          else list_labelled_files(source, split)).labels
             except DataError as e:
                 raise UsageError(f"cannot use --data {source!r}: {e}") from None
-            if files.labels is None:
-                raise UsageError(f"the {split} split of {source!r} has no labels (no class sub-folders): the "
-                                 "reproduction evaluates every network by kNN and linear probe, so it needs a "
-                                 "labelled dataset")
+            if labels is None:
+                raise UsageError(f"the {split} split of {source!r} has no labels (no class sub-folders, or none "
+                                 "registered): the reproduction evaluates every network by kNN and linear probe, "
+                                 "so it needs a labelled dataset")
 
 
 def run_jobs(jobs: list[Job], budget: Budget, probe_epochs: int) -> int:

@@ -26,6 +26,7 @@ from ..cli_args import shell_quote
 from ..config import Config, ConfigError, check_processes
 from ..data.datasets import load_dataset
 from ..data.files import DataError, reuse_scans
+from ..data.registry import recorded_source, registered_name
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype, synchronize, to_device_async
@@ -135,10 +136,19 @@ class Trainer:
                                                  world=self.world, device=self.device)
         self.steps_per_epoch = self.view_source.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
-        sizes = dist.gather_objects(self.view_source.sharding.num_images) if self.world > 1 else []
-        if len(set(sizes)) > 1:  # they would draw other batches, and wait for each other at different steps
-            raise DataError(f"the processes see training sets of different sizes ({', '.join(map(str, sizes))} "
-                            f"images, by rank) in {cfg.data.source!r}; every process must read the same data")
+        if self.world > 1:
+            self._check_same_data()
+
+    def _check_same_data(self) -> None:
+        """Every process must train on the same images: on sets of other sizes they would wait for each other at
+        different steps. Registered images are compared by their fingerprint (a path may differ between nodes)."""
+        source = registered_name(self.cfg.data.source) and recorded_source(self.cfg.data.source)
+        seen = dist.gather_objects((self.view_source.sharding.num_images, source))
+        if len(set(seen)) > 1:
+            listed = "; ".join(f"rank {rank}: {count} images" + (f" of {src}" if src else "")
+                               for rank, (count, src) in enumerate(seen))
+            raise DataError(f"the processes see different training sets ({listed}); every process must read the "
+                            "same data")
 
     def _setup_model(self) -> None:
         """The supernet with its method's heads and target on the device, converted and compiled as configured."""
