@@ -523,6 +523,8 @@ def test_python_pretrain_stops_resumes_and_interoperates_with_the_cli(tmp_path, 
     assert isinstance(first, slimssl.PretrainRun)
     assert (first.run_dir, first.step, first.total_steps, first.finished, first.results) == (run_dir, 3, 12, False, {})
     assert "knn_every: 0" in (run_dir / "config.yaml").read_text()
+    assert "# views: the byol augmentation recipe, the method's own (data.augment unset)" in \
+        (run_dir / "config.yaml").read_text()  # what `augment: null` stood for
     # the shell continues a run started from Python, and Python finishes it
     assert main(["pretrain", "--resume", str(run_dir), "--max-steps", "6"]) == 0
     last = slimssl.pretrain(out=run_dir, resume=True)

@@ -367,10 +367,12 @@ def _warnings_only_off_rank_0():
 
 
 def write_run_config(run_dir: Path, cfg: Config, lr: dict) -> None:
-    """RUN/config.yaml: the resolved config under the learning rate it gives (``Trainer.effective_lr``); a kill
-    mid-write keeps the earlier file whole."""
+    """RUN/config.yaml: the resolved config under the learning rate it gives (``Trainer.effective_lr``) and the
+    augmentation recipe its views follow; a kill mid-write keeps the earlier file whole."""
+    views = "" if cfg.data.augment else (f"# views: the {cfg.view_recipe()} augmentation recipe, the method's own "
+                                         "(data.augment unset)\n")
     with atomic_write(run_dir / CONFIG, "w") as f:
-        f.write(lr_header(lr) + cfg.to_yaml())
+        f.write(lr_header(lr) + views + cfg.to_yaml())
 
 
 def lr_header(lr: dict) -> str:
