@@ -55,6 +55,22 @@ def test_report_cli_plot_and_json(tmp_path, capsys):
     assert "w0p75_d1-1-1-1" in text and "88.00" in text
 
 
+def test_runs_measured_with_other_settings_are_said_not_to_compare(tmp_path, capsys, caplog):
+    dirs, docs = write_runs(tmp_path)
+    knn = {"data": "digits", "resolution": 32, "crop_ratio": 1.0, "k": 200, "temperature": 0.1}
+    for d, doc, k, crop in ((dirs[0], docs[0], 200, 1.0), (dirs[1], docs[1], 20, 0.875)):
+        doc["protocols"] = {"knn": {**knn, "k": k, "crop_ratio": crop}}
+        (d / "results.json").write_text(json.dumps(doc))
+    assert main(["report", *map(str, dirs)]) == 0
+    text = capsys.readouterr().out
+    assert text.rstrip().endswith("Settings that differ between these runs, whose numbers then do not compare across "
+                                  "the tables: knn crop_ratio: slim 1.0, single_w0p5 0.875; knn k: slim 200, "
+                                  "single_w0p5 20")
+    assert "these runs were measured with other settings, so their numbers do not compare" in caplog.text
+    docs[1]["protocols"]["knn"].update(k=200, crop_ratio=1.0)
+    assert "Settings that differ" not in report_markdown(docs)  # the same settings: nothing to say
+
+
 def test_plot_has_one_marker_per_subnet(tmp_path):
     _, docs = write_runs(tmp_path)
     fig = plot_accuracy_vs_macs(docs, "knn_top1", tmp_path / "p.png")

@@ -387,6 +387,25 @@ def test_a_damaged_file_of_an_earlier_call_is_named(straight, tmp_path, damaged,
     assert str(path) in message and expected in message and "Traceback" not in message
 
 
+def test_a_run_measured_again_with_other_knn_settings_is_not_compared(straight, tmp_path, caplog):
+    """Runs in --out are ordinary run directories: `slimssl knn RUN --k 3` may have measured one again since.
+    The report refuses to compare it with the others (it used to, under a header naming the recipe's k)."""
+    import shutil
+
+    import slimssl
+
+    out = tmp_path / "copy"
+    shutil.copytree(straight / RECIPES[0], out / RECIPES[0])
+    text = (straight / "reproduction.md").read_text()
+    assert "kNN k=5, T=0.1, centre crop ratio 1.0." in text and "at 8 px (MACs per image at that size)" in text
+    slimssl.knn(out / RECIPES[0] / "slim", k=3, device="cpu")
+    assert reproduce(out, [RECIPES[0]]) == 2
+    assert f"{RECIPES[0]}: the kNN numbers of its runs do not compare" in caplog.text
+    assert "'k': 3" in caplog.text and "measure each run again alike (slimssl knn RUN" in caplog.text
+    slimssl.knn(out / RECIPES[0] / "slim", device="cpu")  # measured again with its defaults: compared again
+    assert reproduce(out, [RECIPES[0]]) == 0
+
+
 def test_a_probe_records_what_the_linear_command_records(straight, tmp_path):
     """The reproduction's probe is `slimssl linear RUN --epochs N` with its defaults: a run probed either way
     holds the same settings, so the reproduction counts a run probed by the command as probed."""

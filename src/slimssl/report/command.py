@@ -16,10 +16,14 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # formats matplotlib writes without ex
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .plot import plot_accuracy_vs_macs, plot_grad_norms
-    from .report import grad_norm_series, load_runs, report_markdown, with_results
+    from .report import grad_norm_series, load_runs, report_markdown, settings_apart, with_results
 
     run_dirs = with_results(args.run_dirs)
     results = load_runs(run_dirs)
+    apart = settings_apart(results)
+    if apart:
+        log.warning("these runs were measured with other settings, so their numbers do not compare: %s",
+                    "; ".join(apart))
     if args.plot:
         plot_accuracy_vs_macs(results, args.metric, args.plot, join_singles=args.join_singles)
         log.info("wrote %s (%s against MACs)", args.plot, args.metric)

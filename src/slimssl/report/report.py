@@ -107,7 +107,24 @@ def other_data(result: dict) -> str | None:
 
 
 def report_markdown(results: Sequence[dict]) -> str:
-    return "\n\n".join(run_table(r) for r in results)
+    apart = settings_apart(results)
+    note = ["Settings that differ between these runs, whose numbers then do not compare across the tables: "
+            + "; ".join(apart)] if apart else []
+    return "\n\n".join([*(run_table(r) for r in results), *note])
+
+
+def settings_apart(results: Sequence[dict]) -> list[str]:
+    """Each evaluation setting (and the resolution) that is not the same for every run reporting it, with each
+    run's value: ``knn k: runA 200, runB 20``."""
+    values: dict[str, dict[str, object]] = {}
+    for result in results:
+        name = str(result.get("run", "?"))
+        values.setdefault("resolution", {})[name] = result.get("resolution")
+        for protocol, settings in (result.get("protocols") or {}).items():
+            for key, value in (settings.items() if isinstance(settings, dict) else ()):
+                values.setdefault(f"{protocol} {key}", {})[name] = value
+    return [f"{what}: " + ", ".join(f"{run} {value}" for run, value in by_run.items())
+            for what, by_run in values.items() if len({repr(v) for v in by_run.values()}) > 1]
 
 
 def grad_norm_series(run_dir: str | Path) -> dict[str, dict[str, list[float]]]:

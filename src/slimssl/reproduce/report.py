@@ -3,6 +3,7 @@ goals; ``reproduction.json``, ``reproduction.md`` and the plots."""
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 from dataclasses import asdict
@@ -13,6 +14,7 @@ import torch
 
 from .. import __version__
 from ..atomic import write_json_atomic
+from ..errors import UsageError
 from ..eval.results import read_results
 from ..report.plot import PlotError, plot_accuracy_vs_macs
 from ..report.table import human
@@ -77,11 +79,31 @@ def goals(rows: list[dict], time_ratio: float | None) -> list[dict]:
     return out
 
 
+def comparable_knn(recipe: str, results: dict[str, dict]) -> dict:
+    """The kNN settings that every run of ``recipe`` (``results``: each run's results.json, by label) was measured
+    with: the same for all, each run's sub-networks alike, after pretraining. Runs in ``--out`` are ordinary run
+    directories, so ``slimssl knn`` may have measured one again otherwise since; the report would compare those."""
+    problems = [f"{label}: some sub-networks were measured with other settings than the rest (knn_settings)"
+                for label, data in results.items() if any("knn_settings" in row for row in data["subnets"])]
+    problems += [f"{label}: its kNN was measured before pretraining ended" for label, data in results.items()
+                 if "knn" in (data.get("unfinished") or {})]
+    settings = {label: data.get("protocols", {}).get("knn") for label, data in results.items()}
+    if len({json.dumps(s, sort_keys=True) for s in settings.values()}) > 1:
+        problems += [f"{label}: measured with {s}" for label, s in settings.items()]
+    if problems:
+        raise UsageError(f"{recipe}: the kNN numbers of its runs do not compare:\n  " + "\n  ".join(problems)
+                         + "\nmeasure each run again alike (slimssl knn RUN, with its defaults), or choose another "
+                         "--out")
+    return next(iter(settings.values())) or {}
+
+
 def recipe_summary(recipe: str, jobs: list[Job]) -> dict:
     slim_job = next(j for j in jobs if j.kind == "slim")
     alone_jobs = [j for j in jobs if j.kind == "alone"]
-    slim = read_results(slim_job.run_dir)
-    alone = {j.spec.name: read_results(j.run_dir)["subnets"][0] for j in alone_jobs}
+    results = {j.label: read_results(j.run_dir) for j in jobs}
+    knn = comparable_knn(recipe, results)
+    slim = results[slim_job.label]
+    alone = {j.spec.name: results[j.label]["subnets"][0] for j in alone_jobs}
     rows = comparison_rows(slim, alone)
     timings = {j.label: read_timing(j.run_dir) for j in jobs}
     slim_seconds = timings[slim_job.label].pretrain_seconds
@@ -90,7 +112,8 @@ def recipe_summary(recipe: str, jobs: list[Job]) -> dict:
     devices = sorted({d for t in timings.values() for d in t.devices})
     return {"recipe": recipe, "method": slim_job.cfg.method.name, "menu": [r["subnet"] for r in rows],
             "epochs": slim_job.cfg.train.epochs, "batch_size": slim_job.cfg.train.batch_size,
-            "data": slim_job.cfg.data.source, "rows": rows,
+            "data": slim_job.cfg.data.source, "resolution": slim_job.cfg.data.resolution,
+            "knn": {key: knn.get(key) for key in ("k", "temperature", "crop_ratio")}, "rows": rows,
             "time": {"slim_pretrain_seconds": slim_seconds, "alone_pretrain_seconds": alone_seconds,
                      "ratio": ratio,
                      "per_run": {label: asdict(t) for label, t in timings.items()}},
@@ -128,7 +151,6 @@ def write_report(out: Path, jobs: list[Job], probe_epochs: int) -> dict:
     doc = {"complete": True, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "software": software(), "devices": sorted({d for s in summaries for d in s["devices"]}),
            "probe": {"protocol": "linear", **probe_settings(jobs[0].cfg, probe_epochs)},
-           "knn": {"k": jobs[0].cfg.eval.knn_k, "temperature": jobs[0].cfg.eval.knn_temperature},
            "goals_targets": {"full_width_tolerance_points": FULL_WIDTH_TOLERANCE, "time_ratio": TIME_RATIO_GOAL},
            "recipes": summaries}
     doc["all_goals_held"] = all(g["held"] for s in summaries for g in s["goals"])
@@ -192,7 +214,8 @@ def report_markdown(doc: dict) -> str:
         f"- Software: slimssl {sw['slimssl']}, torch {sw['torch']}"
         + (f" (CUDA {sw['cuda']})" if sw["cuda"] else "") + f", Python {sw['python']}",
         f"- Device(s) of the pretraining: {', '.join(doc['devices']) or 'unknown'}",
-        f"- kNN: k={doc['knn']['k']}, T={doc['knn']['temperature']:g}, train split as the bank, test split as queries",
+        "- kNN: weighted vote of the k nearest train images (the bank) of each test image, at temperature T "
+        "(each recipe's below)",
         f"- Linear probe: one head per sub-network, frozen backbone, cached features without augmentation, "
         f"{probe['epochs']} epochs, SGD lr {probe['lr']:g} cosine, batch {probe['batch_size']}",
         "- Pretraining time: wall-clock seconds of the training steps (CUDA synchronised), without kNN, "
@@ -204,7 +227,9 @@ def report_markdown(doc: dict) -> str:
         t = s["time"]
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
         lines += ["", f"## {s['recipe']}", "",
-                  f"{s['method']}, {s['epochs']} epochs, batch {s['batch_size']}, data {s['data']}.", "",
+                  f"{s['method']}, {s['epochs']} epochs, batch {s['batch_size']}, data {s['data']} at "
+                  f"{s['resolution']} px (MACs per image at that size); kNN k={s['knn']['k']}, "
+                  f"T={s['knn']['temperature']}, centre crop ratio {s['knn']['crop_ratio']}.", "",
                   comparison_table(s["rows"]), "",
                   f"- Pretraining time (a), the slimmable run: {_seconds(t['slim_pretrain_seconds'])}",
                   f"- Pretraining time (b), the {len(s['rows'])} runs alone together: "
