@@ -618,7 +618,7 @@ def test_results_of_a_checkpoint_before_pretrainings_end_are_marked_unfinished(t
     assert report["run"] == "run" and report["subnets"][0]["knn_top1"] is not None  # the folder, as --json names it
     assert "before pretraining finished (knn at epoch 1.5 of 4)" in caplog.text
     assert main(["report", str(run)]) == 0
-    assert "## run (unfinished: knn at epoch 1.5 of 4)" in capsys.readouterr().out
+    assert "## run (tiny, 8 px; unfinished: knn at epoch 1.5 of 4)" in capsys.readouterr().out
 
     make_checkpoint(run / "checkpoints" / "last.pt", epoch=3.999)  # rounded down: never "epoch 4 of 4"
     slimssl.linear_probe(run, epochs=1, device="cpu")

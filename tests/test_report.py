@@ -188,7 +188,7 @@ def test_results_merge_and_errors(tmp_path):
     assert main(["report", str(tmp_path / "missing")]) == 2
 
 
-def test_values_measured_with_other_settings_keep_theirs(tmp_path):
+def test_values_measured_with_other_settings_keep_theirs(tmp_path, capsys):
     dirs, _ = write_runs(tmp_path)
     full, half = "w1p0_d1-1-1-1", "w0p5_d1-1-1-1"
     merge_results(dirs[0], {full: {"knn_top1": 70.0}, half: {"knn_top1": 60.0}}, protocol="knn", settings={"k": 200})
@@ -198,7 +198,10 @@ def test_values_measured_with_other_settings_keep_theirs(tmp_path):
     assert data["protocols"]["knn"] == {"k": 20}
     assert rows[full]["knn_top1"] == 70.0 and rows[full]["knn_settings"] == {"k": 200}  # measured with k=200
     report = report_markdown(load_runs([dirs[0]]))
-    assert "knn_settings" not in report and "rest of their column" in report and f"{full} (knn)" in report
+    assert "Measured with other settings than the latest of their protocol" in report
+    assert f"{full} (knn: k 200, not 20)" in report and "w0p75_d1-1-1-1 (knn: settings not recorded)" in report
+    assert main(["report", str(dirs[0]), str(dirs[0]) + "/", "--json"]) == 0  # one folder twice: reported once
+    assert len(json.loads(capsys.readouterr().out)) == 1
     assert rows[half]["knn_top1"] == 55.0 and "knn_settings" not in rows[half]
     assert rows["w0p75_d1-1-1-1"]["knn_settings"] == "not recorded"  # in the file before any protocols.knn
     # measured again with the protocol's settings: the row's own go; the same settings again add none

@@ -40,6 +40,10 @@ def run_title(result: dict) -> str:
 def with_results(run_dirs: Sequence[str | Path]) -> list[str | Path]:
     """``run_dirs`` less the run directories that have no results.json yet (still pretraining, as a glob such as
     ``runs/*`` may catch), each named in a warning; all of them when none has one, for load_runs to refuse."""
+    unique = list({Path(d).resolve(): d for d in reversed(run_dirs)}.values())[::-1]  # the first of each folder
+    if len(unique) < len(run_dirs):
+        log.warning("a run directory was given twice: reported once")
+    run_dirs = unique
     finished = [d for d in run_dirs if not Path(d).is_dir() or (Path(d) / RESULTS).exists()]
     if not finished:
         return list(run_dirs)
@@ -74,17 +78,32 @@ def run_table(result: dict) -> str:
     about = [config["name"]] if isinstance(config, dict) and isinstance(config.get("name"), str) else []
     if result.get("resolution"):
         about.append(f"{result['resolution']} px")
-    title = f"## {run_title(result)}" + (f" ({', '.join(about)})" if about else "")
+    note = unfinished_note(result)
+    about = ", ".join(about) + (f"; unfinished: {note}" if note else "") if about else (
+        f"unfinished: {note}" if note else "")
+    title = f"## {result.get('run', 'run')}" + (f" ({about})" if about else "")
     table = f"{title}\n\n{markdown_table(result.get('subnets', []), run_columns(result))}"
-    apart = [f"{row['subnet']} ({', '.join(k.removesuffix('_settings') for k in row if k.endswith('_settings'))})"
-             for row in result.get("subnets", []) if any(k.endswith("_settings") for k in row)]
-    if apart:  # a number measured otherwise than its column's others: say so under the table
-        table += ("\n\nMeasured with other settings than the rest of their column (each row's <protocol>_settings "
-                  "in results.json): " + "; ".join(apart))
+    apart = [f"{row['subnet']} ({_settings_of(row, key, result)})" for row in result.get("subnets", [])
+             for key in row if key.endswith("_settings")]
+    if apart:  # a number measured otherwise than the protocol's latest call: say so, and how, under the table
+        table += ("\n\nMeasured with other settings than the latest of their protocol (`protocols` in results.json;"
+                  " these rows keep theirs as `<protocol>_settings`): " + "; ".join(apart))
     other = other_data(result)
     if other:
         table += "\n\nMeasured on other data than the run's own " + other
     return table
+
+
+def _settings_of(row: dict, key: str, result: dict) -> str:
+    """How ``row``'s own settings (``key``: e.g. knn_settings) differ from its protocol's latest: ``knn: k 200, not
+    20``."""
+    protocol, own = key.removesuffix("_settings"), row[key]
+    latest = (result.get("protocols") or {}).get(protocol)
+    if not isinstance(own, dict) or not isinstance(latest, dict):
+        return f"{protocol}: settings {own}"
+    differ = [f"{k} {own.get(k)}, not {latest.get(k)}" for k in dict.fromkeys([*own, *latest])
+              if own.get(k) != latest.get(k)]
+    return f"{protocol}: {'; '.join(differ) or 'the same'}"
 
 
 def other_data(result: dict) -> str | None:
