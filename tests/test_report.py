@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
@@ -71,7 +72,7 @@ def test_runs_measured_with_other_settings_are_said_not_to_compare(tmp_path, cap
     assert "Settings that differ" not in report_markdown(docs)  # the same settings: nothing to say
 
 
-def test_plot_has_one_marker_per_subnet(tmp_path):
+def test_plot_has_one_marker_per_subnet(tmp_path, caplog):
     _, docs = write_runs(tmp_path)
     fig = plot_accuracy_vs_macs(docs, "knn_top1", tmp_path / "p.png")
     ax = fig.axes[0]
@@ -84,6 +85,12 @@ def test_plot_has_one_marker_per_subnet(tmp_path):
     assert [len(line.get_xdata()) for line in plot_accuracy_vs_macs(docs, "linear_top1").axes[0].get_lines()] == [3]
     joined = plot_accuracy_vs_macs(docs + [dict(docs[1], run="single_w1")], join_singles="one by one")
     assert [line.get_label() for line in joined.axes[0].get_lines()] == ["slim", "one by one"]
+    unfinished = dict(docs[1], run="single_w1", resolution=16, unfinished={"epochs": 50, "knn": 3})
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        joined = plot_accuracy_vs_macs(docs + [unfinished], join_singles="one by one")
+    assert joined.axes[0].get_lines()[1].get_label() == "one by one (unfinished: single_w1)"
+    assert "the runs joined were pretrained at other resolutions or on other data (single_w0p5: 32 px, single_w1: " \
+           "16 px)" in caplog.text
     with pytest.raises(PlotError, match="knn_top1"):
         plot_accuracy_vs_macs(docs, "nonexistent")
     for not_a_number in ("subnet", "depths"):  # values that are no accuracy: said, not a traceback

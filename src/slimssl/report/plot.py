@@ -6,11 +6,13 @@ canvas directly, without pyplot, so nothing changes the caller's matplotlib back
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import UsageError
+from ..eval.results import unfinished_note
 from .report import run_title
 from .table import is_number
 
@@ -60,6 +62,7 @@ def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", 
     """
     series: list[tuple[str, list[tuple[float, float, str]]]] = []
     singles: list[tuple[float, float, str]] = []
+    joined: list[Mapping] = []
     for result in results:
         points = accuracy_points(result, metric)
         if not points:
@@ -67,10 +70,11 @@ def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", 
             continue
         if join_singles and len(result.get("subnets", [])) == 1:
             singles += points
+            joined.append(result)
         else:
             series.append((run_title(result), points))
     if singles:
-        series.append((join_singles, sorted(singles)))
+        series.append((_joined_label(join_singles, joined), sorted(singles)))
     if not series:
         available = sorted({k for r in results for row in r.get("subnets", []) for k, v in row.items()
                             if is_number(v) and k not in ("params", "macs", "width")})
@@ -90,6 +94,19 @@ def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", 
         ax.set_title(title)
     _save(fig, path)
     return fig
+
+
+def _joined_label(label: str, joined: Sequence[Mapping]) -> str:
+    """The legend of the runs drawn as one line: ``label``, marked unfinished where one of them is; a warning when
+    they were measured at other resolutions or on other data, whose points then do not belong on one line."""
+    sizes = {r.get("resolution") for r in joined}
+    data = {json.dumps(((r.get("config") or {}).get("data") or {}).get("source")) for r in joined}
+    if len(sizes) > 1 or len(data) > 1:
+        log.warning("--join-singles %s: the runs joined were pretrained at other resolutions or on other data "
+                    "(%s); their points do not belong on one line", label,
+                    ", ".join(f"{r.get('run', '?')}: {r.get('resolution')} px" for r in joined))
+    unfinished = [r.get("run", "?") for r in joined if unfinished_note(r)]
+    return label + (f" (unfinished: {', '.join(unfinished)})" if unfinished else "")
 
 
 def plot_grad_norms(series_by_run: Mapping[str, Mapping[str, Mapping[str, list]]], path: str | Path | None = None):
