@@ -300,6 +300,7 @@ def test_a_stop_signal_during_an_epochs_checkpoint_stops_the_call(tmp_path, monk
 
     recipe, out = RECIPES[0], tmp_path / "signalled"
     assert reproduce(out, [RECIPES[1]]) == 0 and (out / "reproduction.md").is_file()  # an earlier, finished call
+    assert list(out.glob("*_vs_macs.png"))
     save_once = Trainer.save
 
     def signalled(self, name="last.pt", any_rank=False):
@@ -310,6 +311,7 @@ def test_a_stop_signal_during_an_epochs_checkpoint_stops_the_call(tmp_path, monk
     monkeypatch.setattr(Trainer, "save", signalled)
     assert reproduce(out, [RECIPES[1], recipe]) == 3  # not forgotten by the next unit, which would train on
     assert not (out / "reproduction.md").exists()  # the earlier call's report would look current
+    assert not list(out.glob("*_vs_macs.png"))  # and so would its plots
     slim = run_dirs(out, recipe)[0]
     assert load_checkpoint(slim / "checkpoints" / "last.pt")["train_state"]["step"] == STEPS // EPOCHS
     assert json.loads((slim / "timing.json").read_text())["step"] == STEPS // EPOCHS

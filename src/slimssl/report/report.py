@@ -127,9 +127,11 @@ def other_data(result: dict) -> str | None:
 
 def report_markdown(results: Sequence[dict]) -> str:
     apart = settings_apart(results)
+    units = ("params: the backbone's (no classifier); macs: multiply-accumulates per image at the run's resolution; "
+             "accuracies in %.")
     note = ["Settings that differ between these runs, whose numbers then do not compare across the tables: "
             + "; ".join(apart)] if apart else []
-    return "\n\n".join([*(run_table(r) for r in results), *note])
+    return "\n\n".join([*(run_table(r) for r in results), units, *note])
 
 
 def settings_apart(results: Sequence[dict]) -> list[str]:

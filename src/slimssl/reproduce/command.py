@@ -90,7 +90,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _remove_earlier_report(out: Path) -> None:
     """A call that leaves work removes the report of an earlier call, which would look current."""
-    stale = [p for p in (out / REPORT_MD, out / REPORT_JSON) if p.is_file()]
+    stale = [p for p in (out / REPORT_MD, out / REPORT_JSON, *out.glob("*_vs_macs.png")) if p.is_file()]
     for path in stale:
         path.unlink()
     if stale:
