@@ -181,6 +181,12 @@ def test_export_takes_a_budget_and_exports_what_the_runs_own_measurements_pick(t
     (row,) = json.loads(capsys.readouterr().out)
     assert full["knn_top1"] != half["knn_top1"]  # (equal ones would go to the half width, tested above)
     assert row["subnet"] == (full if full["knn_top1"] > half["knn_top1"] else half)["subnet"]
+    # in Python, the row picked is what export_run and the evaluations take, as they take its name
+    best = slimssl.pick_subnet(run, max_macs=int(full["macs"]) - 1)
+    (exported,) = slimssl.export_run(run, tmp_path / "e3", best)
+    assert exported["subnet"] == half["subnet"]
+    assert [r["subnet"] for r in slimssl.knn(run, [best, full], device="cpu", save=False)] == [half["subnet"],
+                                                                                                full["subnet"]]
 
 
 @pytest.mark.parametrize("argv, message", [

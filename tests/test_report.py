@@ -112,7 +112,7 @@ def test_table_shows_what_a_hand_edited_file_holds_and_rounds_up_units(tmp_path,
 def test_plot_needs_matplotlib(tmp_path, monkeypatch):
     _, docs = write_runs(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(PlotError, match=r"pip install 'slimssl\[plot\]'"):
+    with pytest.raises(PlotError, match=r"pip install 'matplotlib>=3.6' \(the plot extra\)"):
         plot_accuracy_vs_macs(docs)
 
 

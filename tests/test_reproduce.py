@@ -364,7 +364,7 @@ def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):
     from slimssl.reproduce.report import plot_recipe
 
     def no_matplotlib(*args, **kwargs):
-        raise plot.PlotError("plotting needs matplotlib: pip install 'slimssl[plot]'")
+        raise plot.PlotError("plotting needs matplotlib: pip install 'matplotlib>=3.6' (the plot extra)")
 
     monkeypatch.setattr(plot, "_figure", no_matplotlib)
     rows = [{"subnet": "w1p0", "macs": 100, "knn_slim": 50.0, "knn_alone": 51.0, "linear_slim": 60.0,

@@ -313,7 +313,7 @@ def test_onnx_export_without_onnx_writes_nothing(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
-    with pytest.raises(ExportError, match="pip install 'slimssl\\[onnx\\]'"):
+    with pytest.raises(ExportError, match="pip install 'onnx>=1.14' 'onnxruntime>=1.16' \\(the onnx extra\\)"):
         export_subnet(build("basic-cifar-private"), "0.5", tmp_path / "out", fmt="onnx")
     assert not (tmp_path / "out").exists()
 

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_model_commands(sub)
     register_bench(sub)
     register_reproduce(sub)
+    for action in sub._choices_actions:  # `slimssl COMMAND --help` opens with the line `slimssl --help` shows
+        command = sub.choices[action.dest]
+        command.description = command.description or action.help
     parser.commands = sub.choices  # each command's parser, for its own usage line in an error (main)
     return parser
 

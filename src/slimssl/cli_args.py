@@ -125,7 +125,8 @@ def shell_quote(path: str | os.PathLike) -> str:
     return text if re.fullmatch(r"[\w.:\\/-]+", text) else f'"{text}"'
 
 
-def add_overrides(p: argparse.ArgumentParser, what: str = "config values") -> None:
+def add_overrides(p: argparse.ArgumentParser, what: str = "config values",
+                  example: str = "train.epochs=5 optim.lr=0.1") -> None:
     """``--set KEY=VALUE [KEY=VALUE ...]``, repeatable: every word up to the next flag is an override."""
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help=f"override {what}, e.g. --set train.epochs=5 optim.lr=0.1 (repeatable)")
+                   help=f"override {what}, e.g. --set {example} (repeatable)")

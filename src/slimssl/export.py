@@ -160,7 +160,8 @@ def require_onnx() -> None:
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise ExportError("ONNX export needs the onnx package: pip install 'slimssl[onnx]'") from None
+        raise ExportError("ONNX export needs the onnx package: pip install 'onnx>=1.14' 'onnxruntime>=1.16' (the onnx "
+                          "extra)") from None
 
 
 def _export_onnx(plain: PlainResNet, path: Path, resolution: int) -> None:

@@ -129,7 +129,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def _add_config(p: argparse.ArgumentParser, required: bool = False, default: str = "") -> None:
     p.add_argument("--config", required=required,
                    help=f"YAML recipe: a path or a shipped name such as 'demo'{default}")
-    add_overrides(p)
+    add_overrides(p, "--config's values", "model.base_width=32 menu.widths=[1.0,0.5]")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -153,7 +153,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or knn_top1, whichever was measured for more of the sub-networks that fit)")
     p.add_argument("--out", required=True, type=output_dir, help="output folder (one sub-folder per sub-network)")
     p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
-                   help="onnx: the safetensors files and an ONNX graph (needs slimssl[onnx])")
+                   help="onnx: the safetensors files and an ONNX graph (needs onnx and onnxruntime: the onnx extra)")
     p.add_argument("--overwrite", action="store_true", help="replace exports in --out that came from another "
                    "checkpoint or config (an export of the same one is always replaced)")
     p.add_argument("--verify", action="store_true", help="compare each export with the supernet's sub-network "

@@ -10,7 +10,7 @@ from ..cli_args import add_overrides, data_source, device_name, nonnegative_int,
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="img/s of the data path, the slimmable step and the one-by-one baseline")
     p.add_argument("--config", help="YAML recipe (default: demo)")
-    add_overrides(p)
+    add_overrides(p, example="train.batch_size=256 train.compile=default")
     p.add_argument("--steps", type=positive_int, default=10,
                    help="timed steps per measurement (after warmup; default 10)")
     p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps first (default 2)")
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", type=output_file(".txt"), metavar="FILE.txt",
                    help="also write the operators that take the most time in the slimmable step (torch.profiler "
                         "table: self CUDA time on a GPU, self CPU time otherwise) to FILE")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")
     p.set_defaults(func=cmd_bench)
 
 

@@ -235,7 +235,7 @@ class SlimmableMixin:
         without repeats."""
         if subnets is None or (isinstance(subnets, str) and subnets == "all"):
             return list(self.slim_state.menu)
-        names = [subnets] if isinstance(subnets, (str, Real, SubnetSpec)) else list(subnets)
+        names = [subnets] if isinstance(subnets, (str, Real, SubnetSpec, Mapping)) else list(subnets)
         if not names:
             raise SubnetError("no sub-network given: name at least one, or 'all' (the menu)")
         return list(dict.fromkeys(self.resolve(t) for t in names))

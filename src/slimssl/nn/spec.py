@@ -9,7 +9,7 @@ keyed) cannot contain them; ``p`` stands for the decimal point.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Union
@@ -89,9 +89,12 @@ class SubnetSpec:
 
     @classmethod
     def coerce(cls, subnet: "SubnetSpec | str | float", full_depths: Sequence[int] | None = None) -> "SubnetSpec":
-        """A spec from a spec, its text (see :meth:`parse`) or a width alone such as ``0.5`` (full depth)."""
+        """A spec from a spec, its text (see :meth:`parse`), a width alone such as ``0.5`` (full depth), or a row
+        of results that names it (``{"subnet": ...}``, as ``slimssl.pick_subnet`` and the evaluations return)."""
         if isinstance(subnet, cls):
             return subnet
+        if isinstance(subnet, Mapping) and isinstance(subnet.get("subnet"), str):
+            return cls.parse(subnet["subnet"], full_depths)
         if isinstance(subnet, str):
             return cls.parse(subnet, full_depths)
         if isinstance(subnet, Real) and not isinstance(subnet, bool):
@@ -116,8 +119,8 @@ class SubnetSpec:
 
 
 # What every function that takes one sub-network accepts: a spec, its text (``"w0p5_d2-2-2-2"``, ``"0.5"``,
-# ``"0.5:2,2,2,2"``) or a width alone (``0.5``: full depth).
-SubnetLike = Union[SubnetSpec, str, float]
+# ``"0.5:2,2,2,2"``), a width alone (``0.5``: full depth), or a row of results naming it (``{"subnet": ...}``).
+SubnetLike = Union[SubnetSpec, str, float, Mapping]
 # What every function that takes several accepts: one of them, a sequence of them, or "all" (or None): the menu.
 Subnets = Union[SubnetLike, Sequence[SubnetLike], None]
 

@@ -44,7 +44,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables (and plots) of the results of one or more run directories")
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                   help="run directories (holding results.json): one table each, in this order")
     p.add_argument("--plot", type=output_file(*PLOT_SUFFIXES), metavar="FILE.png",
                    help="accuracy against MACs, one line per run (.png, .pdf or .svg)")
     p.add_argument("--metric", default="knn_top1",

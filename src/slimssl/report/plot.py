@@ -1,6 +1,6 @@
 """Figures: accuracy against MACs per run, and the gradient-imbalance diagnostic.
 
-matplotlib is an optional dependency (``pip install 'slimssl[plot]'``). Figures are drawn on the Agg
+matplotlib is an optional dependency (the ``plot`` extra). Figures are drawn on the Agg
 canvas directly, without pyplot, so nothing changes the caller's matplotlib backend.
 """
 
@@ -28,7 +28,7 @@ def _figure(figsize=(6.4, 4.4)):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise PlotError("plotting needs matplotlib: pip install 'slimssl[plot]'") from None
+        raise PlotError("plotting needs matplotlib: pip install 'matplotlib>=3.6' (the plot extra)") from None
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=data_source,
                    help="dataset name or path for every recipe (default: the recipes' data.source)")
     p.add_argument("--out", required=True, type=output_dir, help="folder of the runs and the report")
-    p.add_argument("--epochs", type=positive_int, help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS})")
+    p.add_argument("--epochs", type=positive_int, help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS}, or --set train.epochs=N; "
+                   "this flag wins over --set)")
     p.add_argument("--batch-size", type=positive_int, help="total batch of every run (default: the recipe's)")
     p.add_argument("--device", type=device_name, metavar="DEVICE",
                    help="auto, cpu, cuda or cuda:N for every run (default: the recipes' train.device, auto)")
@@ -74,7 +75,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         log.warning("reproduction interrupted; what was saved is kept: run the same command again to continue")
         _remove_earlier_report(args.out)
         return EXIT_INTERRUPTED
-    log.info("this call: %d units of work in %.1f s", budget.units, time.perf_counter() - budget.start)
+    log.info("this call: %d unit%s of work in %.1f s", budget.units, "" if budget.units == 1 else "s",
+             time.perf_counter() - budget.start)
     if doc is None:
         log.warning("%d of %d jobs done; run the same command again to continue", done, len(jobs))
         _remove_earlier_report(args.out)
