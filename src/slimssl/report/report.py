@@ -14,7 +14,7 @@ from .table import is_number, markdown_table
 log = logging.getLogger("slimssl")
 
 # Always shown (missing values print as '-'), in this order; other measured keys follow where a run has them.
-BASE_COLUMNS = ["subnet", "params", "macs", "knn_top1", "linear_top1"]
+BASE_COLUMNS = ["subnet", "params", "macs", "knn_top1"]
 _ORDER = ["subnet", "params", "macs", "knn_top1", "knn_top1_random_init", "linear_top1", "linear_top5"]
 _NOT_COLUMNS = {"width", "depths"}
 
