@@ -116,8 +116,8 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     The supernet is not modified (the export is a copy; shared BatchNorm is recalibrated on a copy).
     """
     if train.labels is None or test.labels is None:
-        raise DataError(f"fine-tuning needs labels; dataset {train.name!r} has none (a folder without class sub-folders, "
-                        "or images registered without labels)")
+        raise DataError(f"fine-tuning needs labels; dataset {train.name!r} has none (a folder without class "
+                        "sub-folders, or images registered without labels)")
     device = torch.device(device)
     spec = supernet.resolve(subnet)
     resolution = resolution or train.resolution

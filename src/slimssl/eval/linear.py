@@ -264,8 +264,8 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
 
 def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float, train_crop: str) -> None:
     if train.labels is None or test.labels is None:
-        raise DataError(f"the linear probe needs labels; dataset {train.name!r} has none (a folder without class sub-folders, "
-                        "or images registered without labels)")
+        raise DataError(f"the linear probe needs labels; dataset {train.name!r} has none (a folder without class "
+                        "sub-folders, or images registered without labels)")
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     check_train_crop(train_crop, default_allowed=False)

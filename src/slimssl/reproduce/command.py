@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=data_source,
                    help="dataset name or path for every recipe (default: the recipes' data.source)")
     p.add_argument("--out", required=True, type=output_dir, help="folder of the runs and the report")
-    p.add_argument("--epochs", type=positive_int, help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS}, or --set train.epochs=N; "
-                   "this flag wins over --set)")
+    p.add_argument("--epochs", type=positive_int,
+                   help=f"pretraining epochs of every run (default {DEFAULT_EPOCHS}, or --set train.epochs=N; this "
+                   "flag wins over --set)")
     p.add_argument("--batch-size", type=positive_int, help="total batch of every run (default: the recipe's)")
     p.add_argument("--device", type=device_name, metavar="DEVICE",
                    help="auto, cpu, cuda or cuda:N for every run (default: the recipes' train.device, auto)")

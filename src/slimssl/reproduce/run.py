@@ -327,7 +327,8 @@ def restart_if_checkpoint_lost(job: Job) -> None:
 
 def require_labelled_splits(jobs: list[Job]) -> None:
     """Refuse, before any pretraining, data that the final evaluation could not use: a folder or .zip without
-    class sub-folders (registered images without labels), or without a test split (the comparison evaluates by kNN and linear probe)."""
+    class sub-folders (registered images without labels), or without a test split (the comparison evaluates
+    by kNN and linear probe)."""
     for source in dict.fromkeys(job.cfg.data.source for job in jobs):
         if source in BUILTIN:
             continue
