@@ -78,10 +78,10 @@ def run_table(result: dict) -> str:
     about = [config["name"]] if isinstance(config, dict) and isinstance(config.get("name"), str) else []
     if result.get("resolution"):
         about.append(f"{result['resolution']} px")
+    parts = [", ".join(about)] if about else []
     note = unfinished_note(result)
-    about = ", ".join(about) + (f"; unfinished: {note}" if note else "") if about else (
-        f"unfinished: {note}" if note else "")
-    title = f"## {result.get('run', 'run')}" + (f" ({about})" if about else "")
+    parts += [f"unfinished: {note}"] if note else []
+    title = f"## {result.get('run', 'run')}" + (f" ({'; '.join(parts)})" if parts else "")
     table = f"{title}\n\n{markdown_table(result.get('subnets', []), run_columns(result))}"
     apart = [f"{row['subnet']} ({_settings_of(row, key, result)})" for row in result.get("subnets", [])
              for key in row if key.endswith("_settings")]
