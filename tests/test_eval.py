@@ -1018,6 +1018,11 @@ def test_cli_export_keeps_the_statistics_of_slimssl_recalibrate_and_warns_only_w
     # the other width is re-estimated as evaluation does: the same as from the checkpoint it was made from
     half = "w0p5_d1-1-1-1"
     assert_same_state(exported_state(tmp_path / "c" / half), exported_state(tmp_path / "a" / half))
+    caplog.clear()  # the stored statistics alone: no data is read, so a data option given is said to be unused
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["export", str(tmp_path / "re.pt"), "--subnet", "0.25", "--out", str(tmp_path / "d"),
+                     "--data", "fake", "--device", "cpu"]) == 0
+    assert "data: not used, since the export reads no data (the statistics slimssl recalibrate stored" in caplog.text
 
 
 def test_knn_of_chosen_sub_networks(tmp_path, capsys):

@@ -37,6 +37,8 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
     assert "heavy: \n" in done.stdout, done.stdout.splitlines()[-1]
     if "--help" in argv:
         assert "usage: slimssl" in done.stdout
+    if argv == ["pretrain", "--help"]:  # a command's help opens with the line `slimssl --help` gives it
+        assert "\nslimmable self-supervised pretraining (default: the embedded demo)\n" in done.stdout
     if "--version" in argv:
         assert f"slimssl {slimssl.__version__}" in done.stdout
 

@@ -191,6 +191,7 @@ def test_a_streamed_run_refuses_registered_images(register, tmp_path):
     (("bad", np.full((2, 8, 8, 3), 300, np.int32)), {}, "in \\[0, 255\\] \\(or uint16\\), got values from 300 to 300"),
     (("bad", np.zeros((2, 8, 8, 2), np.uint8)), {}, "1, 3 or 4 channels"),
     (("bad", np.zeros((8, 8), np.uint8)), {}, "expected images as"),
+    (("bad", np.array(5, np.uint8)), {}, "expected images as"),  # 0-d: no shape to read a layout from
     (("bad", (np.zeros((2, 8, 8, 3), np.uint8), [0, 1, 1])), {},
      "expected 2 labels \\(one per image\\), got shape \\(3,\\)"),
     (("bad", (np.zeros((2, 8, 8, 3), np.uint8), [0.0, 1.0])), {}, "integers from 0"),

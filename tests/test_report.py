@@ -52,6 +52,7 @@ def test_report_cli_plot_and_json(tmp_path, capsys):
     assert main(["report", *map(str, dirs)]) == 0
     text = capsys.readouterr().out
     assert "## slim" in text and "## single_w0p5" in text and "linear_top1" in text  # '-' in the single run
+    assert "macs: multiply-accumulates per image at the run's resolution; accuracies in %." in text
     assert "finetune" not in text  # no run was fine-tuned: no empty fine-tuning columns
     assert "w0p75_d1-1-1-1" in text and "88.00" in text
 

@@ -24,13 +24,12 @@ import torch
 from PIL import Image
 
 from .decode import to_rgb
-from .files import BUILTIN, DataError, MissingSplitError
+from .files import BUILTIN, SPLITS, DataError, MissingSplitError
 
 log = logging.getLogger("slimssl")
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # no dot, slash or colon: never read as a file
 PREFIX = "registered:"  # how a run records a registered dataset: registered:NAME@FINGERPRINT
-SPLIT_NAMES = ("train", "test", "val")
 
 
 class Split(NamedTuple):
@@ -200,13 +199,12 @@ def _as_images(images, what: str) -> torch.Tensor:
         copied = not array.flags.writeable or any(stride < 0 for stride in array.strides)  # torch takes neither
         x, channels_last = torch.from_numpy(array.copy() if copied else array), True
     given = x.untyped_storage().data_ptr()
-    one_image = (x.shape[-1] if channels_last else x.shape[0]) in (3, 4) and min(x.shape[:2] if channels_last
-                                                                                 else x.shape[1:]) > 4
-    if x.ndim == 3 and one_image:
-        layout = "[N, H, W, C]" if channels_last else "[N, C, H, W]; grey images as [N, 1, H, W]"
-        raise DataError(f"{what}: shape {tuple(x.shape)} looks like one image; expected a batch {layout}")
-    if x.ndim == 3:
-        x = x.unsqueeze(1)  # grey [N, H, W]
+    if x.ndim == 3:  # grey [N, H, W], unless it is one colour image: [H, W, C] (NumPy), [C, H, W] (torch)
+        channels, sides = (x.shape[-1], x.shape[:2]) if channels_last else (x.shape[0], x.shape[1:])
+        if channels in (3, 4) and min(sides) > 4:
+            layout = "[N, H, W, C]" if channels_last else "[N, C, H, W]; grey images as [N, 1, H, W]"
+            raise DataError(f"{what}: shape {tuple(x.shape)} looks like one image; expected a batch {layout}")
+        x = x.unsqueeze(1)
     if x.ndim != 4 or not len(x):
         raise DataError(f"{what}: expected images as [N, H, W, C], [N, C, H, W] or [N, H, W] with N > 0, got shape "
                         f"{tuple(x.shape)}")
@@ -348,7 +346,7 @@ def _names(data) -> list[str] | None:
 def _fingerprint(splits: dict[str, Split]) -> str:
     """A short hash of the splits' images, labels and classes: equal only for the same data."""
     digest = hashlib.sha1()
-    for split in SPLIT_NAMES:
+    for split in SPLITS:
         if split in splits:
             images, labels, classes = splits[split]
             digest.update(json.dumps([split, list(images.shape), classes]).encode())
