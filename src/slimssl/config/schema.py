@@ -1,4 +1,4 @@
-"""Typed configuration: YAML recipes validated by a schema, with ``--set key=value`` overrides.
+"""The config schema: one pydantic model per section of a recipe, and the checks across sections.
 
 Every section forbids unknown keys, so a typo is an error that names the key and the file instead of a
 setting that silently does nothing.
@@ -6,27 +6,23 @@ setting that silently does nothing.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import re
 from collections.abc import Sequence
-from importlib import resources
-from pathlib import Path
 from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from .errors import SlimsslError
-from .launch import DEVICE_PATTERN, DEVICES
-from .models.resnet import ARCHS, EXPANSION
-from .nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
+from ..errors import SlimsslError
+from ..launch import DEVICE_PATTERN, DEVICES
+from ..models.resnet import ARCHS, EXPANSION
+from ..nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
 
 if TYPE_CHECKING:
-    from .methods import Method
+    from ..methods import Method
 
 
 class ConfigError(SlimsslError):
@@ -142,7 +138,7 @@ class MethodConfig(Section):
     @field_validator("name")
     @classmethod
     def _known_method(cls, name: str, info: ValidationInfo) -> str:
-        from .methods import method_class
+        from ..methods import method_class
 
         try:
             method_class(name)
@@ -155,7 +151,7 @@ class MethodConfig(Section):
     def registered(self) -> type[Method] | None:
         """The method class of ``name``, or None for a method not registered in this process (a stored config,
         read with ``config_from_dict(..., any_method=True)``)."""
-        from .methods import METHODS
+        from ..methods import METHODS
 
         return METHODS.get(self.name)
 
@@ -350,7 +346,7 @@ class Config(Section):
 
     def view_recipe(self) -> str:
         """The augmentation recipe of the run's views: ``data.augment``, or else the method's own."""
-        from .methods import method_class
+        from ..methods import method_class
 
         return self.data.augment or method_class(self.method.name).augment
 
@@ -358,6 +354,8 @@ class Config(Section):
         """A new Config from this one's values with ``overrides`` applied, checked again as a whole: fields
         assigned one by one are checked only within their section, and a crop range resolved from the
         augmentation recipe follows a changed method."""
+        from .load import config_from_dict
+
         data = self.model_dump(mode="json")
         if self.data._crop_scale_resolved:
             data["data"]["crop_scale"] = None
@@ -385,7 +383,7 @@ class Config(Section):
                              "method.shuffle_bn are meant to split: use either sync_bn or grouped BatchNorm")
         if self.model.bn_group_size and self.train.batch_size % self.model.bn_group_size:
             raise ValueError(f"model.bn_group_size {self.model.bn_group_size} must divide train.batch_size "
-                             f"{self.train.batch_size} ({_group_hint(self.train.batch_size, self.method.shuffle_bn)})")
+                             f"{self.train.batch_size} ({group_size_hint(self.train.batch_size, self.method.shuffle_bn)})")
         if self.slim.random_space == "space" and self.model.bn == "private":
             raise ValueError(
                 "slim.random_space: 'space' draws sub-networks outside the menu, which have no private "
@@ -420,55 +418,7 @@ class Config(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(data, dict):
-        return {prefix: data}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-# Settings a run may be continued with differently without mixing anything: data.workers (unset: the CPU
-# count of the machine) changes only how fast the streaming loader decodes.
-MACHINE_DEPENDENT = frozenset({"data.workers"})
-
-
-def config_differences(saved: Config, now: Config, prefixes: tuple[str, ...] = ("",),
-                       ignore: frozenset[str] = frozenset(), labels: tuple[str, str] = ("saved", "now")) -> list[str]:
-    """``key: saved X, now Y`` for every setting that differs, as dotted keys (``train.epochs``), among the
-    keys that start with one of ``prefixes`` and are not in ``ignore``; ``labels`` name the two sides."""
-    a, b = _flatten(saved.model_dump(mode="json")), _flatten(now.model_dump(mode="json"))
-    keys = sorted(k for k in (set(a) | set(b)) - ignore if k.startswith(prefixes))
-    return [f"{k}: {labels[0]} {a.get(k)!r}, {labels[1]} {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
-
-
-def check_processes(cfg: Config, world: int, source: str) -> None:
-    """Refuse, before any work starts, a total batch that cannot be split evenly over ``world`` processes, and
-    BatchNorm groups that do not fit the batch each process gets."""
-    batch = cfg.train.batch_size
-    first = 1 if cfg.train.sync_bn else 2  # samples per process: BatchNorm needs two, synchronised or not
-    if world > 1 and (batch < world or batch % world):
-        raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} is the total batch over all "
-                          f"processes, so it must be a multiple of the number of processes {world} "
-                          f"(allowed: {', '.join(str(k * world) for k in range(first, first + 3))}, ...)")
-    per_process, group = batch // world, cfg.model.bn_group_size
-    if per_process < first:  # BatchNorm of one sample fails in the first step
-        raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} over {world} processes leaves "
-                          f"each one sample, and each process's BatchNorm needs two: use at least {2 * world} "
-                          f"(allowed: {2 * world}, {3 * world}, {4 * world}, ...), or train.sync_bn: true")
-    if group and per_process % group:
-        raise ConfigError(f"invalid config {source}:\n  model.bn_group_size {group} must divide the per-process "
-                          f"batch {per_process} (train.batch_size {batch} over {world} processes; "
-                          f"{_group_hint(per_process, cfg.method.shuffle_bn)})")
-    if cfg.method.shuffle_bn and batch // (group or per_process) < 2:
-        raise ConfigError(f"invalid config {source}:\n  method.shuffle_bn needs the batch normalised in several "
-                          f"groups, but this run has one BatchNorm group: set model.bn_group_size to divide the "
-                          f"per-process batch {per_process} ({_group_hint(per_process, True)}), or run on several "
-                          "processes")
-
-
-def _group_hint(batch: int, shuffle_bn: bool) -> str:
+def group_size_hint(batch: int, shuffle_bn: bool) -> str:
     """What model.bn_group_size may be for ``batch`` samples (per process): the largest sizes that make
     several groups, and null (one group) unless shuffle-BN needs several."""
     sizes = [d for d in range(2, batch) if batch % d == 0][-3:]
@@ -479,176 +429,8 @@ def _group_hint(batch: int, shuffle_bn: bool) -> str:
 def backbone_channels(model: ModelConfig, width: float) -> list[int]:
     """The channels of the backbone at ``width``: the stem's, then each stage's inner and output channels (the
     same for basic blocks), by the one rule of ``nn/channels.py``."""
-    from .nn.channels import scaled_channels
+    from ..nn.channels import scaled_channels
 
     stages = [model.base_width * 2**i for i in range(len(model.full_depths))]
     full = [model.base_width, *stages, *(c * EXPANSION[model.block] for c in stages)]
     return [scaled_channels(c, width, model.channel_divisor) for c in full]
-
-
-def standalone_config(cfg: Config, spec: SubnetSpec) -> Config:
-    """``spec`` of ``cfg``'s supernet as a network of its own: the same method, data, optimiser and schedule,
-    a menu of one, and no slimming settings (no slow start, distillation or loss re-weighting). Pretraining it
-    is what "the same network trained alone" means in the papers' comparisons and in the one-by-one baseline.
-    """
-    from .nn.channels import scaled_channels
-
-    data = cfg.model_dump(mode="json")
-    div = cfg.model.channel_divisor
-    base = scaled_channels(cfg.model.base_width, spec.width, div)
-    sliced = backbone_channels(cfg.model, spec.width)
-    alone = backbone_channels(cfg.model.model_copy(update={"base_width": base}), 1.0)
-    if sliced != alone:  # a config states only base_width: stage i of a network of its own has base_width * 2**i
-        raise ConfigError(f"{spec.name} of {cfg.name} has {sliced} channels (stem, then each stage's inner and output "
-                          f"channels), which no network of its own has (base_width {base} gives {alone}), so it "
-                          "cannot be pretrained alone for comparison; choose model.base_width and "
-                          "model.channel_divisor so that each width scales every layer alike (with channel_divisor "
-                          "1, a base_width that each width times makes a whole number)")
-    data["name"] = f"{cfg.name}-alone-{spec.name}"
-    data["model"]["base_width"] = base
-    data["model"]["depths"] = list(spec.depths)
-    data["menu"] = {"widths": [1.0]}
-    data["slim"] = {}
-    for key in ("proj_hidden", "pred_hidden"):  # the heads' hidden layers are slimmed with the backbone
-        data["method"][key] = scaled_channels(getattr(cfg.method, key), spec.width, div)
-    return config_from_dict(data, f"{cfg.name} as a standalone {spec.name}")
-
-
-# ---- loading -------------------------------------------------------------------------------------------
-
-PACKAGED = resources.files("slimssl") / "configs"
-
-
-def packaged_configs() -> list[str]:
-    return sorted(p.name for p in PACKAGED.iterdir() if p.name.endswith(".yaml"))
-
-
-def find_config(name: str | Path) -> Path:
-    """A config path as given, or the name of one shipped with slimssl (``demo`` or ``demo.yaml``)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    shipped = PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
-    if path.is_dir() and not (str(name) == path.name and shipped.is_file()):
-        raise ConfigError(f"config {str(name)!r} is a directory; expected a YAML file or the name of a shipped config "
-                          f"({', '.join(packaged_configs())})")
-    # a bare shipped name that is also a folder here (`--out demo` makes one) is the shipped config: a folder
-    # is never a config file
-    if shipped.is_file():
-        return Path(str(shipped))
-    raise ConfigError(f"config file {str(name)!r} does not exist; shipped configs: {', '.join(packaged_configs())}")
-
-
-def check_assignment(assignment: str) -> None:
-    """An override must read KEY=VALUE; a word without ``=`` is most often a positional argument after --set."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r} (--set takes every word up to the next "
-                          "flag: put a run directory or other positional argument before --set)")
-
-
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply ``section.key=value`` to a raw config dict; the value is read as YAML (numbers, lists...)."""
-    check_assignment(assignment)
-    key, raw = assignment.split("=", 1)
-    key = key.strip()
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key such as train.epochs")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part!r} is not a section")
-    try:
-        node[parts[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); expected e.g. "
-                          "5, 0.1, true, cosine or [1.0, 0.5]") from None
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """A YAML error on one line: what is wrong, and where."""
-    mark = getattr(e, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{getattr(e, 'problem', None) or e}{where}"
-
-
-def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str:
-    def from_set(key: str) -> str:
-        # a key given by an override, inside one (data.std.1 of data.std=...) or above one (trian of trian.epochs)
-        return " [from --set]" if any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
-                                      for k in set_keys) else ""
-
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        by_set = from_set(key)
-        if e["type"] == "extra_forbidden":
-            section = Config.model_fields[e["loc"][0]].annotation if len(e["loc"]) > 1 else Config
-            allowed = ", ".join(section.model_fields)
-            lines.append(f"  {key}: unknown key{by_set} (allowed here: {allowed})")
-        elif e["type"] == "value_error":  # a check of a section, or across sections (the menu against the model)
-            message = e["msg"].removeprefix("Value error, ")
-            named = message.partition(": ")[0]  # these messages begin with the key they are about
-            lines.append(f"  {message}" + (from_set(named) if re.fullmatch(r"[\w.]+", named) else ""))
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
-    return f"invalid config {source}:\n" + "\n".join(lines)
-
-
-def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Sequence[str] | None = None, *,
-                     any_method: bool = False) -> Config:
-    """A checked Config from ``data`` with ``overrides`` applied. ``any_method``: accept a ``method.name`` that
-    is not registered in this process (a checkpoint's config, read for its backbone: evaluation and export
-    need no method; building it then names the missing method)."""
-    data = copy.deepcopy(data or {})  # overrides write into nested sections: never into the caller's dict
-    check_overrides(overrides)
-    for assignment in overrides or []:
-        apply_override(data, assignment)
-    try:
-        return Config.model_validate(data, context={"any_method": any_method})
-    except ValidationError as e:
-        set_keys = {a.split("=", 1)[0].strip() for a in overrides or []}
-        raise ConfigError(_format_errors(e, source, set_keys)) from None
-
-
-def check_overrides(overrides) -> None:
-    """``overrides`` must be a list of "KEY=VALUE" strings: a str would be read letter by letter, and a dict
-    by its keys only."""
-    if isinstance(overrides, (str, dict)):
-        example = [f"{k}={v}" for k, v in overrides.items()][:2] if isinstance(overrides, dict) else [overrides]
-        raise ConfigError(f"overrides must be a list of 'KEY=VALUE' strings such as {example!r}, got the "
-                          f"{type(overrides).__name__} {overrides!r}")
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] | None = None) -> Config:
-    """Load a YAML recipe (a path or a shipped name; default ``demo``) and apply ``overrides``."""
-    check_overrides(overrides)  # before the file is read: the mistake is in the call
-    file = find_config(path or "demo")
-    try:
-        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {file} is not valid YAML: {_yaml_problem(e)}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {file} is not text (not UTF-8); expected a YAML file") from None
-    if data is None:  # an empty file would silently train every default
-        raise ConfigError(f"config file {file} is empty; expected a mapping of sections "
-                          f"({', '.join(Config.model_fields)})")
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
-    shipped = file.parent == Path(str(PACKAGED))
-    return config_from_dict(data, f"{file.name} (shipped)" if shipped else str(file), overrides)

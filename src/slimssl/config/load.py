@@ -1,0 +1,154 @@
+"""Reading configs: a recipe file or a shipped recipe's name, ``--set KEY=VALUE`` overrides, and pydantic's
+errors turned into one :class:`ConfigError` that names the file and the key."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .schema import Config, ConfigError
+
+
+PACKAGED = resources.files("slimssl") / "configs"
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.name for p in PACKAGED.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_config(name: str | Path) -> Path:
+    """A config path as given, or the name of one shipped with slimssl (``demo`` or ``demo.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
+    if path.is_dir() and not (str(name) == path.name and shipped.is_file()):
+        raise ConfigError(f"config {str(name)!r} is a directory; expected a YAML file or the name of a shipped config "
+                          f"({', '.join(packaged_configs())})")
+    # a bare shipped name that is also a folder here (`--out demo` makes one) is the shipped config: a folder
+    # is never a config file
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(f"config file {str(name)!r} does not exist; shipped configs: {', '.join(packaged_configs())}")
+
+
+def check_assignment(assignment: str) -> None:
+    """An override must read KEY=VALUE; a word without ``=`` is most often a positional argument after --set."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r} (--set takes every word up to the next "
+                          "flag: put a run directory or other positional argument before --set)")
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply ``section.key=value`` to a raw config dict; the value is read as YAML (numbers, lists...)."""
+    check_assignment(assignment)
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key such as train.epochs")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); expected e.g. "
+                          "5, 0.1, true, cosine or [1.0, 0.5]") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong, and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
+def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str:
+    def from_set(key: str) -> str:
+        # a key given by an override, inside one (data.std.1 of data.std=...) or above one (trian of trian.epochs)
+        return " [from --set]" if any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
+                                      for k in set_keys) else ""
+
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        by_set = from_set(key)
+        if e["type"] == "extra_forbidden":
+            section = Config.model_fields[e["loc"][0]].annotation if len(e["loc"]) > 1 else Config
+            allowed = ", ".join(section.model_fields)
+            lines.append(f"  {key}: unknown key{by_set} (allowed here: {allowed})")
+        elif e["type"] == "value_error":  # a check of a section, or across sections (the menu against the model)
+            message = e["msg"].removeprefix("Value error, ")
+            named = message.partition(": ")[0]  # these messages begin with the key they are about
+            lines.append(f"  {message}" + (from_set(named) if re.fullmatch(r"[\w.]+", named) else ""))
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Sequence[str] | None = None, *,
+                     any_method: bool = False) -> Config:
+    """A checked Config from ``data`` with ``overrides`` applied. ``any_method``: accept a ``method.name`` that
+    is not registered in this process (a checkpoint's config, read for its backbone: evaluation and export
+    need no method; building it then names the missing method)."""
+    data = copy.deepcopy(data or {})  # overrides write into nested sections: never into the caller's dict
+    check_overrides(overrides)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return Config.model_validate(data, context={"any_method": any_method})
+    except ValidationError as e:
+        set_keys = {a.split("=", 1)[0].strip() for a in overrides or []}
+        raise ConfigError(_format_errors(e, source, set_keys)) from None
+
+
+def check_overrides(overrides) -> None:
+    """``overrides`` must be a list of "KEY=VALUE" strings: a str would be read letter by letter, and a dict
+    by its keys only."""
+    if isinstance(overrides, (str, dict)):
+        example = [f"{k}={v}" for k, v in overrides.items()][:2] if isinstance(overrides, dict) else [overrides]
+        raise ConfigError(f"overrides must be a list of 'KEY=VALUE' strings such as {example!r}, got the "
+                          f"{type(overrides).__name__} {overrides!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | None = None) -> Config:
+    """Load a YAML recipe (a path or a shipped name; default ``demo``) and apply ``overrides``."""
+    check_overrides(overrides)  # before the file is read: the mistake is in the call
+    file = find_config(path or "demo")
+    try:
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {file} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not text (not UTF-8); expected a YAML file") from None
+    if data is None:  # an empty file would silently train every default
+        raise ConfigError(f"config file {file} is empty; expected a mapping of sections "
+                          f"({', '.join(Config.model_fields)})")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
+    shipped = file.parent == Path(str(PACKAGED))
+    return config_from_dict(data, f"{file.name} (shipped)" if shipped else str(file), overrides)

@@ -1,0 +1,86 @@
+"""A config against other runs and processes: what differs between two, whether it fits a number of
+processes, and a sub-network's config as a network of its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..nn.spec import SubnetSpec
+from .load import config_from_dict
+from .schema import Config, ConfigError, backbone_channels, group_size_hint
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+# Settings a run may be continued with differently without mixing anything: data.workers (unset: the CPU
+# count of the machine) changes only how fast the streaming loader decodes.
+MACHINE_DEPENDENT = frozenset({"data.workers"})
+
+
+def config_differences(saved: Config, now: Config, prefixes: tuple[str, ...] = ("",),
+                       ignore: frozenset[str] = frozenset(), labels: tuple[str, str] = ("saved", "now")) -> list[str]:
+    """``key: saved X, now Y`` for every setting that differs, as dotted keys (``train.epochs``), among the
+    keys that start with one of ``prefixes`` and are not in ``ignore``; ``labels`` name the two sides."""
+    a, b = _flatten(saved.model_dump(mode="json")), _flatten(now.model_dump(mode="json"))
+    keys = sorted(k for k in (set(a) | set(b)) - ignore if k.startswith(prefixes))
+    return [f"{k}: {labels[0]} {a.get(k)!r}, {labels[1]} {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def check_processes(cfg: Config, world: int, source: str) -> None:
+    """Refuse, before any work starts, a total batch that cannot be split evenly over ``world`` processes, and
+    BatchNorm groups that do not fit the batch each process gets."""
+    batch = cfg.train.batch_size
+    first = 1 if cfg.train.sync_bn else 2  # samples per process: BatchNorm needs two, synchronised or not
+    if world > 1 and (batch < world or batch % world):
+        raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} is the total batch over all "
+                          f"processes, so it must be a multiple of the number of processes {world} "
+                          f"(allowed: {', '.join(str(k * world) for k in range(first, first + 3))}, ...)")
+    per_process, group = batch // world, cfg.model.bn_group_size
+    if per_process < first:  # BatchNorm of one sample fails in the first step
+        raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} over {world} processes leaves "
+                          f"each one sample, and each process's BatchNorm needs two: use at least {2 * world} "
+                          f"(allowed: {2 * world}, {3 * world}, {4 * world}, ...), or train.sync_bn: true")
+    if group and per_process % group:
+        raise ConfigError(f"invalid config {source}:\n  model.bn_group_size {group} must divide the per-process "
+                          f"batch {per_process} (train.batch_size {batch} over {world} processes; "
+                          f"{group_size_hint(per_process, cfg.method.shuffle_bn)})")
+    if cfg.method.shuffle_bn and batch // (group or per_process) < 2:
+        raise ConfigError(f"invalid config {source}:\n  method.shuffle_bn needs the batch normalised in several "
+                          f"groups, but this run has one BatchNorm group: set model.bn_group_size to divide the "
+                          f"per-process batch {per_process} ({group_size_hint(per_process, True)}), or run on several "
+                          "processes")
+
+
+def standalone_config(cfg: Config, spec: SubnetSpec) -> Config:
+    """``spec`` of ``cfg``'s supernet as a network of its own: the same method, data, optimiser and schedule,
+    a menu of one, and no slimming settings (no slow start, distillation or loss re-weighting). Pretraining it
+    is what "the same network trained alone" means in the papers' comparisons and in the one-by-one baseline.
+    """
+    from ..nn.channels import scaled_channels
+
+    data = cfg.model_dump(mode="json")
+    div = cfg.model.channel_divisor
+    base = scaled_channels(cfg.model.base_width, spec.width, div)
+    sliced = backbone_channels(cfg.model, spec.width)
+    alone = backbone_channels(cfg.model.model_copy(update={"base_width": base}), 1.0)
+    if sliced != alone:  # a config states only base_width: stage i of a network of its own has base_width * 2**i
+        raise ConfigError(f"{spec.name} of {cfg.name} has {sliced} channels (stem, then each stage's inner and output "
+                          f"channels), which no network of its own has (base_width {base} gives {alone}), so it "
+                          "cannot be pretrained alone for comparison; choose model.base_width and "
+                          "model.channel_divisor so that each width scales every layer alike (with channel_divisor "
+                          "1, a base_width that each width times makes a whole number)")
+    data["name"] = f"{cfg.name}-alone-{spec.name}"
+    data["model"]["base_width"] = base
+    data["model"]["depths"] = list(spec.depths)
+    data["menu"] = {"widths": [1.0]}
+    data["slim"] = {}
+    for key in ("proj_hidden", "pred_hidden"):  # the heads' hidden layers are slimmed with the backbone
+        data["method"][key] = scaled_channels(getattr(cfg.method, key), spec.width, div)
+    return config_from_dict(data, f"{cfg.name} as a standalone {spec.name}")
