@@ -591,12 +591,15 @@ def test_online_distillation_is_mixed_into_every_sub_networks_loss_and_not_the_t
     kd_only, _ = _first_step_losses(tmp_path, "alpha1", distill_alpha=1.0)
     half, trainer = _first_step_losses(tmp_path, "alpha05", distill_alpha=0.5)
     hotter, _ = _first_step_losses(tmp_path, "t5", distill_alpha=1.0, distill_temperature=5.0)
+    scaled, _ = _first_step_losses(tmp_path, "scale25", distill_alpha=0.5, distill_scale=25.0)
     full = trainer.model.backbone.menu.largest.name
     assert plain[full] == pytest.approx(kd_only[full]) == pytest.approx(half[full])  # the teacher is not distilled
+    assert scaled[full] == pytest.approx(plain[full])
     for name in set(plain) - {full}:
         assert abs(kd_only[name] - plain[name]) > 1e-3  # alpha 1: the distillation term alone
         assert half[name] == pytest.approx(0.5 * plain[name] + 0.5 * kd_only[name], rel=1e-5)
         assert abs(hotter[name] - kd_only[name]) > 1e-4  # the temperature is applied
+        assert scaled[name] == pytest.approx(0.5 * plain[name] + 0.5 * 25 * kd_only[name], rel=1e-5)
 
 
 def test_slimclr_loss_weight_scales_the_full_networks_update(tmp_path):

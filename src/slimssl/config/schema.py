@@ -208,7 +208,13 @@ class SlimConfig(Section):
     distill_alpha: float = Field(0.5, ge=0, le=1)
     distill_temperature: float = Field(1.0, gt=0, description="online distillation of contrastive methods: "
                                        "temperature on the cosine similarities, loss scaled by its square")
-    loss_weights: Literal["uniform", "slimclr"] = "uniform"
+    distill_scale: float = Field(
+        1.0, gt=0, description="a student's loss is (1 - distill_alpha) x its SSL loss + distill_alpha x distill_scale "
+        "x the distillation loss (which the temperature's square already scales); e.g. 25 with distill_temperature "
+        "0.2 distils MoCo v3's own logits at tau 0.2 unscaled, as SlimCLR's MoCo v3 code does at tau 1")
+    loss_weights: Literal["uniform", "slimclr"] = Field(
+        "uniform", description="slimclr: the full network's loss weighs 1 + the sum of the widths of the other "
+        "sub-networks trained in the step (with sampling: sandwich, those drawn in it), the others 1")
     slow_start: float = Field(0.0, ge=0, lt=1, description="fraction of training before sub-networks join")
     slow_start_lr: float | None = Field(None, description="new base lr once sub-networks join")
 

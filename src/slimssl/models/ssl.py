@@ -62,7 +62,9 @@ class SSLModel(SlimmableMixin, nn.Module):
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """target <- momentum * target + (1 - momentum) * online, for weights; buffers are copied."""
+        """target <- momentum * target + (1 - momentum) * online, for weights; buffers are copied (MoCo and BYOL
+        leave the target's own: training never reads them, as the target normalises with its batch's statistics,
+        but copied, they make the target a network that evaluates like the online one)."""
         online = nn.ModuleDict({"backbone": self.backbone, "projector": self.projector})
         src = [p.detach() for p in online.parameters()]
         dst = list(self.target.parameters())

@@ -387,7 +387,7 @@ class Trainer:
                 loss = out.loss
                 if task.distill:
                     kd = method.distill(out.distill_on, teacher_out, slim.distill_temperature)
-                    loss = (1 - slim.distill_alpha) * loss + slim.distill_alpha * kd
+                    loss = (1 - slim.distill_alpha) * loss + slim.distill_alpha * slim.distill_scale * kd
                 if task.teacher:
                     teacher_out = [t.detach() for t in distill_outputs(method, out)]
             self.scaler.scale(loss * task.weight).backward()  # outside autocast, as PyTorch recommends
