@@ -63,6 +63,11 @@ class SubnetSpec:
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def size_key(self) -> tuple:
+        """What orders sub-networks from larger to smaller: width, then the number of blocks, then the depths."""
+        return (self.width, sum(self.depths), self.depths)
+
     @classmethod
     def parse(cls, text: str, full_depths: Sequence[int] | None = None) -> "SubnetSpec":
         """Parse the canonical form, or the friendlier ``0.75`` / ``w0.75_d1-1-1-1`` / ``0.5:2,2,2,2``.
@@ -134,7 +139,7 @@ class Menu(tuple):
         specs = [SubnetSpec.coerce(s) for s in specs]  # canonical names are taken too
         if len({len(s.depths) for s in specs}) > 1:
             raise SubnetError(f"menu entries have different numbers of stages: {[s.name for s in specs]}")
-        unique = sorted(set(specs), key=lambda s: (s.width, sum(s.depths), s.depths), reverse=True)
+        unique = sorted(set(specs), key=lambda s: s.size_key, reverse=True)
         if not unique:
             raise SubnetError("a menu needs at least one sub-network")
         return super().__new__(cls, unique)
