@@ -93,6 +93,10 @@ def import_modules(names: list[str]) -> None:
                 path = Path(name)
                 if not path.is_file():
                     raise UsageError(f"--import {name}: no such file (expected a module name or a .py file)")
+                other = _other_module_named(path.stem, path)
+                if other:
+                    raise UsageError(f"--import {name}: it would be imported as {path.stem!r}, which is already the "
+                                     f"name of {other}, and would replace it for every later import; rename the file")
                 spec = importlib.util.spec_from_file_location(path.stem, path)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[path.stem] = module  # as a module of that name, so that its classes can be found
@@ -109,6 +113,23 @@ def import_modules(names: list[str]) -> None:
             raise UsageError(f"--import {name}: {e} (expected a module importable from here, or a .py file)") from e
         except Exception as e:
             raise UsageError(f"--import {name} failed: {type(e).__name__}: {e}") from e
+
+
+def _other_module_named(name: str, path) -> str | None:
+    """Where a module called ``name`` other than the file ``path`` comes from (imported already, or findable:
+    the standard library's ``copy``, an installed package), or None."""
+    import importlib.util
+
+    module = sys.modules.get(name)
+    if module is None and name.isidentifier():
+        try:
+            module = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            return None
+    origin = getattr(module, "__file__", None) or getattr(module, "origin", None)
+    if module is None or (origin and os.path.exists(origin) and os.path.samefile(origin, path)):
+        return None
+    return f"the module {name!r} ({origin or 'built in'})"
 
 
 GLOBAL_OPTIONS = ("--import", "-v", "--verbose", "--version")  # slimssl's own, before the command
