@@ -3,6 +3,7 @@ resumes and evaluates like the built-in methods, and a bad declaration is an err
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from importlib.metadata import EntryPoint
@@ -322,3 +323,125 @@ def test_the_command_line_imports_a_method_of_ones_own(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit):  # slimssl's own option after the command: argparse's usage error, with a hint
         main(["config", "--import", "my_method"])
     assert "--import is an option of slimssl itself: it goes before the command" in capsys.readouterr().err
+
+
+# ---- mistakes a newcomer makes, each refused with the method named ------------------------------------------
+
+def _regression(self, online, target):
+    return MethodOutput(regression_loss(online[0], target[1]) + regression_loss(online[1], target[0]), online)
+
+
+def _simple(name, **members):
+    return type("Custom", (Method,), {"name": name, "loss": _regression, **members})
+
+
+@pytest.mark.parametrize("layers, message", [
+    (lambda hidden, out: [Layer(hidden / 4, "bn", "relu"), Layer(out)], r"has out_dim 16.0; expected a whole number"),
+    (lambda hidden, out: [Layer(0, "bn", "relu"), Layer(out)], r"has out_dim 0; expected a whole number"),
+    (lambda hidden, out: [Layer(True), Layer(out)], r"has out_dim True"),
+])
+def test_a_head_size_that_is_not_a_whole_number_of_features_is_refused_at_registration(layers, message):
+    with pytest.raises(SlimsslError, match=r"Custom.projector_layers: .*" + message):
+        register_method(_named("custom", projector_layers=staticmethod(layers)))
+
+
+def test_heads_are_checked_against_each_other_when_built(tmp_path):
+    """The predictor follows the projector's last layer, whatever its width; it must end where the target's
+    outputs are, and a head that cannot be called as (hidden, out) is named."""
+    wide = _simple("wideproj", projector_layers=staticmethod(lambda hidden, out: [Layer(hidden, "bn", "relu"),
+                                                                                 Layer(hidden)]))
+    register_method(wide)
+    trainer = Trainer(config_from_dict(tiny("wideproj", widths=[1.0, 0.5])), tmp_path / "wide")
+    assert trainer.model.projector.out_dim == 32 and trainer.model.predictor.out_dim == 32  # proj_hidden, not proj_dim
+    assert all(torch.isfinite(v) for v in trainer.train_step(0).losses.values())
+
+    register_method(_simple("shortpred", predictor_layers=staticmethod(lambda hidden, out: [Layer(hidden)])))
+    with pytest.raises(SlimsslError, match=r"Custom.predictor_layers ends in 32 features, but the loss compares the "
+                                           r"predictor's outputs with the target's, the projector's 16"):
+        Trainer(config_from_dict(tiny("shortpred", widths=[1.0, 0.5])), tmp_path / "short")
+
+    def not_static(hidden, out):  # a forgotten @staticmethod: called with the method as `hidden`
+        return [Layer(hidden), Layer(out)]
+
+    register_method(_simple("nostatic", projector_layers=not_static))
+    with pytest.raises(SlimsslError, match=r"Custom.projector_layers\(hidden, out\) failed: .*takes 2 positional "
+                                           r"arguments but 3 were given; a head is declared as @staticmethod"):
+        Trainer(config_from_dict(tiny("nostatic", widths=[1.0, 0.5])), tmp_path / "nostatic")
+
+
+@pytest.mark.parametrize("key", ["proj_hidden", "proj_dim", "pred_hidden"])
+def test_a_head_size_of_zero_is_refused_by_the_config(key):
+    with pytest.raises(ConfigError, match=rf"method.{key}: Input should be greater than 0"):
+        config_from_dict(tiny("byol"), overrides=[f"method.{key}=0"])
+
+
+def test_options_written_as_yaml_reads_them_are_taken_and_recorded_with_their_defaults(tmp_path):
+    register_method(_simple("opts", default_options={"lam": 0.5, "pair": (1, 2), "note": None}))
+    data = tiny("opts", widths=[1.0, 0.5])
+    cfg = config_from_dict(data, overrides=["method.options.lam=1e-3", "method.options.pair=[3, 4]"])
+    assert cfg.method.options == {"lam": 0.001, "pair": (3, 4), "note": None}  # YAML reads 1e-3 as text
+    assert type(cfg.method.options["lam"]) is float
+    for bad, shown in (("nan", "'nan'"), ("1e999", "'1e999'"), ("true", "True")):
+        with pytest.raises(ConfigError, match=rf"method.options.lam: expected float like its default 0.5, got {shown}"):
+            config_from_dict(data, overrides=[f"method.options.lam={bad}"])
+
+    # a run records every option, defaults included: a default changed in the code later shows on resume
+    slimssl.pretrain(data, tmp_path / "run", max_steps=1)
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "lam: 0.5" in saved and "note: null" in saved
+    cls = METHODS["opts"]
+    monkey = {**cls.default_options, "lam": 0.25}
+    cls.default_options = monkey
+    with pytest.raises(slimssl.errors.UsageError, match=r"method.options.lam: saved 0.5, now 0.25"):
+        slimssl.pretrain(data, tmp_path / "run", resume="auto")
+
+
+def _returning(make_loss):
+    return _named("badloss", loss=lambda self, online, target: make_loss(online))
+
+
+@pytest.mark.parametrize("make_loss, message", [
+    (lambda online: (online[0] - online[1]).pow(2).mean(), r"loss\(\) returned Tensor; expected MethodOutput"),
+    (lambda online: ((online[0] - online[1]).pow(2).mean(), None), r"loss\(\) returned tuple"),
+    (lambda online: MethodOutput(1.0), r"loss\(\) returned a loss that is float; expected"),
+    (lambda online: MethodOutput((online[0] - online[1]).pow(2).sum(1)),
+     r"loss\(\) returned a loss that is a tensor of shape \[8\]; .*e.g. .mean\(\)"),
+    (lambda online: MethodOutput((online[0] - online[1]).pow(2).mean().detach()),
+     r"loss\(\) returned a loss that does not depend on the online"),
+])
+def test_a_loss_that_breaks_the_contract_is_an_error_naming_the_method(tmp_path, make_loss, message):
+    register_method(_returning(make_loss))
+    trainer = Trainer(config_from_dict(tiny("badloss", widths=[1.0, 0.5])), tmp_path / "run")
+    with pytest.raises(SlimsslError, match=r"method 'badloss': " + message):
+        trainer.train_step(0)
+
+
+def test_the_targets_momentum_is_checked_and_recorded(tmp_path):
+    register_method(_simple("wildema", momentum=lambda self, progress: 3.0))
+    trainer = Trainer(config_from_dict(tiny("wildema", widths=[1.0, 0.5])), tmp_path / "wild")
+    with pytest.raises(SlimsslError, match=r"method 'wildema': momentum\(0\) returned 3; .* needs m in \[0, 1\]"):
+        trainer.train_step(0)
+
+    register_method(_simple("halfway", momentum=lambda self, progress: 0.5 + progress / 4))
+    run = slimssl.pretrain(tiny("halfway", widths=[1.0, 0.5]), tmp_path / "run", max_steps=3)
+    records = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["momentum"] for r in records if "momentum" in r}
+    assert logged == {s: pytest.approx(0.5 + (s - 1) / run.total_steps / 4) for s in (1, 2, 3)}
+
+
+def test_a_method_that_says_its_distill_on_are_logits_distils_without_a_warning(tmp_path, caplog):
+    register_method(_simple("logits", distill_on_logits=True))
+    Trainer(config_from_dict(tiny("logits", teacher="online", widths=[1.0, 0.5])), tmp_path / "run")
+    assert "does not override distill" not in caplog.text
+
+
+def test_a_method_file_named_like_another_module_is_refused(tmp_path, monkeypatch, caplog):
+    from slimssl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("copy", "queue"):  # imported already, and not yet but findable
+        (tmp_path / f"{name}.py").write_text(MY_METHOD)
+        assert main(["--import", f"{name}.py", "config"]) == 2
+        assert f"--import {name}.py: it would be imported as {name!r}, which is already the name of the module " \
+               f"{name!r}" in caplog.text and "rename the file" in caplog.text
+    assert "mine" not in METHODS

@@ -15,7 +15,7 @@ from .schema import (IMAGENET_MEAN, IMAGENET_STD, RECIPE_CROP_SCALE, Config, Con
                      MenuConfig, MethodConfig, ModelConfig, OptimConfig, SlimConfig, TrainConfig, backbone_channels)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MACHINE_DEPENDENT", "PACKAGED", "RECIPE_CROP_SCALE", "Config",
-           "ConfigError", "DataConfig", "EvalConfig", "MenuConfig", "MethodConfig", "ModelConfig", "OptimConfig", "SlimConfig",
-           "TrainConfig", "apply_override", "backbone_channels", "check_assignment", "check_overrides",
+           "ConfigError", "DataConfig", "EvalConfig", "MenuConfig", "MethodConfig", "ModelConfig", "OptimConfig",
+           "SlimConfig", "TrainConfig", "apply_override", "backbone_channels", "check_assignment", "check_overrides",
            "check_processes", "config_differences", "config_from_dict", "find_config", "load_config",
            "packaged_configs", "standalone_config"]

@@ -6,7 +6,9 @@ setting that silently does nothing.
 
 from __future__ import annotations
 
+import copy
 import itertools
+import math
 import re
 from collections.abc import Sequence
 from types import UnionType
@@ -118,9 +120,9 @@ class MenuConfig(Section):
 class MethodConfig(Section):
     name: str = Field("byol", description="byol, mocov2, mocov3, or a method registered with "
                       "slimssl.methods.register_method")
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    pred_hidden: int = 4096
+    proj_hidden: int = Field(4096, gt=0)
+    proj_dim: int = Field(256, gt=0)
+    pred_hidden: int = Field(4096, gt=0)
     temperature: float = Field(0.2, gt=0)
     momentum: float = Field(0.996, ge=0, le=1, description="EMA of the target / key encoder (base value)")
     momentum_schedule: Literal["cosine", "constant"] = "cosine"
@@ -180,12 +182,30 @@ class MethodConfig(Section):
                 allowed = ", ".join(defaults) or "none"
                 raise ValueError(f"method.options.{key}: unknown option of method {self.name!r} (its options: "
                                  f"{allowed})")
+            value = self.options[key] = _as_kind(value, defaults[key])
             if not _same_kind(value, defaults[key]):
                 raise ValueError(f"method.options.{key}: expected {type(defaults[key]).__name__} like its default "
                                  f"{defaults[key]!r}, got {value!r}")
-            if isinstance(defaults[key], float) and isinstance(value, int):
-                self.options[key] = float(value)  # 1 in a YAML file for a float option: the method reads 1.0
+        for key, default in defaults.items():  # recorded resolved: a default changed in code later shows on resume
+            self.options.setdefault(key, copy.deepcopy(default))
         return self
+
+
+def _as_kind(value: Any, default: Any) -> Any:
+    """``value`` read as its default's kind where it is written another way: 1 for a float (the method reads
+    1.0), 1e-3 for a float (which YAML reads as a string), a list for a tuple (YAML and JSON have no tuple)."""
+    if isinstance(default, float) and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                return value
+            return number if math.isfinite(number) else value  # nan and inf are no setting's value
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
 
 
 def _same_kind(value: Any, default: Any) -> bool:

@@ -12,6 +12,8 @@ import logging
 from importlib.metadata import entry_points
 from typing import TypeVar
 
+import torch
+
 from ..errors import SlimsslError
 from ..models.heads import Layer, check_layers
 from .base import Method, MethodOutput
@@ -21,6 +23,7 @@ from .mocov3 import MoCoV3
 
 log = logging.getLogger("slimssl")
 
+BUILT_IN_METHODS = (BYOL.name, MoCoV2.name, MoCoV3.name)
 METHODS: dict[str, type[Method]] = {m.name: m for m in (BYOL, MoCoV2, MoCoV3)}
 ENTRY_POINT_GROUP = "slimssl.methods"
 M = TypeVar("M", bound=type[Method])  # register_method as a decorator keeps the class's own type
@@ -101,12 +104,42 @@ def build_method(cfg) -> Method:
 def check_distillation(method: Method, teacher: str) -> None:
     """Warn where online distillation (``slim.teacher: online``) would use the base class's distill, made for
     the built-in contrastive methods' logits, on the outputs of a method of one's own that did not say it fits."""
-    own = type(method).distill is Method.distill and not isinstance(method, (MoCoV2, MoCoV3))
+    own = type(method).distill is Method.distill and not method.distill_on_logits
     if teacher == "online" and own:
         log.warning("slim.teacher is online and method %r does not override distill: the sub-networks are distilled "
                     "with the contrastive one (soft cross-entropy of cosine similarities over method.temperature), "
-                    "which fits only if its distill_on are such logits; override Method.distill otherwise "
-                    "(docs/extending.md)", method.name)
+                    "which fits only if its distill_on are such logits: say so with distill_on_logits = True, or "
+                    "override Method.distill (docs/extending.md)", method.name)
+
+
+def checked_output(method: Method, out) -> MethodOutput:
+    """``out`` of ``method.loss``, refused with the method named where it breaks the contract (attributes only:
+    nothing waits for the device)."""
+    expected = "expected MethodOutput(loss, distill_on=None) whose loss is one number (a 0-d tensor, e.g. .mean())"
+    if not isinstance(out, MethodOutput):
+        raise SlimsslError(f"method {method.name!r}: loss() returned {type(out).__name__}; {expected}")
+    loss = out.loss
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise SlimsslError(f"method {method.name!r}: loss() returned a loss that is {what}; {expected}")
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise SlimsslError(f"method {method.name!r}: loss() returned a loss that does not depend on the online "
+                           "network's outputs (detached, or computed under torch.no_grad()), so nothing would train")
+    return out
+
+
+def checked_momentum(method: Method, progress: float) -> float:
+    """``method.momentum(progress)``, refused outside [0, 1]: the target update would extrapolate."""
+    m = method.momentum(progress)
+    try:
+        m = float(m)
+    except (TypeError, ValueError):
+        raise SlimsslError(f"method {method.name!r}: momentum({progress:g}) returned {m!r}; expected a number in "
+                           "[0, 1]") from None
+    if not 0.0 <= m <= 1.0:
+        raise SlimsslError(f"method {method.name!r}: momentum({progress:g}) returned {m:g}; the target's update "
+                           "target <- m * target + (1 - m) * online needs m in [0, 1]")
+    return m
 
 
 def distill_outputs(method: Method, out: MethodOutput) -> list:
@@ -118,5 +151,6 @@ def distill_outputs(method: Method, out: MethodOutput) -> list:
     return out.distill_on
 
 
-__all__ = ["BYOL", "METHODS", "Layer", "Method", "MethodOutput", "MoCoV2", "MoCoV3", "build_method",
-           "check_distillation", "distill_outputs", "method_class", "register_method"]
+__all__ = ["BUILT_IN_METHODS", "BYOL", "METHODS", "Layer", "Method", "MethodOutput", "MoCoV2", "MoCoV3", "build_method",
+           "check_distillation", "checked_momentum", "checked_output", "distill_outputs", "method_class",
+           "register_method"]

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..models.heads import Layer
 from .losses import soft_cross_entropy
+
+if TYPE_CHECKING:
+    from ..config import MethodConfig
 
 # One entry per view (two); None for a view that :meth:`Method.views_used` leaves out on that side (a method
 # whose loss is symmetric gets both).
@@ -42,6 +45,9 @@ class Method(nn.Module):
     augment: str = "byol"  # the view recipe (``data.augment``) a run uses unless its config names one
     default_options: dict[str, Any] = {}  # a method's own settings and their defaults (``method.options``)
     symmetric_only = False  # True where the loss is symmetric whatever ``method.symmetric`` says (refused false)
+    # True where distill_on are logits of cosine similarities over method.temperature, which the base class's
+    # distill fits (the contrastive methods); online distillation warns otherwise, unless distill is overridden
+    distill_on_logits = False
 
     @staticmethod
     def projector_layers(hidden: int, out: int) -> list[Layer]:
@@ -55,7 +61,7 @@ class Method(nn.Module):
         ``method.proj_dim``; None for no predictor."""
         return [Layer(hidden, "bn", "relu"), Layer(out)]
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: MethodConfig):
         super().__init__()
         self.cfg = cfg
         self.options = {**self.default_options, **cfg.options}  # checked against the defaults by the config

@@ -13,6 +13,7 @@ from .losses import contrastive_loss, info_nce_logits
 class MoCoV2(Method):
     name = "mocov2"
     augment = "mocov2"
+    distill_on_logits = True
 
     @staticmethod
     def projector_layers(hidden: int, out: int) -> list[Layer]:

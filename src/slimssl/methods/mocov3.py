@@ -13,8 +13,9 @@ class MoCoV3(Method):
     name = "mocov3"
     augment = "mocov3"
     symmetric_only = True
+    distill_on_logits = True
 
-    # no biases; the projector ends with a BatchNorm without affine, the predictor without BatchNorm
+    # no biases; the projector ends with a BatchNorm without affine, the predictor's last layer has no BatchNorm
     @staticmethod
     def projector_layers(hidden: int, out: int) -> list[Layer]:
         return [Layer(hidden, "bn", "relu"), Layer(out, "bn_noaffine")]

@@ -39,6 +39,9 @@ def check_layers(layers: Sequence, where: str = "head declaration") -> list[Laye
             out_dim, norm, act, bias = Layer(*layer)
         except TypeError:
             raise SlimsslError(f"{where}: {layer!r} is not a Layer(out_dim, norm, act, bias)") from None
+        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
+            raise SlimsslError(f"{where}: {layer!r} has out_dim {out_dim!r}; expected a whole number of features, at "
+                               "least 1 (e.g. hidden // 4, not hidden / 4)")
         if norm not in NORMS:
             raise SlimsslError(f"unknown norm {norm!r} in {where}; expected None, 'bn' or 'bn_noaffine'")
         if act not in ACTIVATIONS:

@@ -7,10 +7,22 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import SlimsslError
 from ..methods.base import Method
 from ..nn.layers import SlimmableMixin, bind_state
 from .heads import SlimMLP
 from .resnet import SlimResNet
+
+
+def _declared(method: Method, head: str, hidden: int, out: int):
+    """The layers ``method`` declares for ``head``; a declaration that cannot be called so (a head written as a
+    plain function without @staticmethod, say) is an error that names the method and the head."""
+    where = f"{type(method).__module__}.{type(method).__qualname__}.{head}"
+    try:
+        return getattr(method, head)(hidden, out)
+    except TypeError as e:
+        raise SlimsslError(f"{where}(hidden, out) failed: {e}; a head is declared as @staticmethod "
+                           f"def {head}(hidden, out) returning a list of Layer (docs/extending.md)") from e
 
 
 class SSLModel(SlimmableMixin, nn.Module):
@@ -31,11 +43,18 @@ class SSLModel(SlimmableMixin, nn.Module):
         menu = backbone.menu
         # a head declared by a plain method (not static) is checked only now: the error names the method
         where = f"{type(method).__module__}.{type(method).__qualname__}"
-        self.projector = SlimMLP(backbone.num_features, method.projector_layers(cfg.proj_hidden, cfg.proj_dim),
+        self.projector = SlimMLP(backbone.num_features,
+                                 _declared(method, "projector_layers", cfg.proj_hidden, cfg.proj_dim),
                                  menu, bn, divisor, where=f"{where}.projector_layers")
-        predictor = method.predictor_layers(cfg.pred_hidden, cfg.proj_dim)
-        self.predictor = None if predictor is None else SlimMLP(cfg.proj_dim, predictor, menu, bn, divisor,
+        # the predictor follows the projector, whatever its last layer's width; its output is compared with the
+        # target's, which is the projector's
+        predictor = _declared(method, "predictor_layers", cfg.pred_hidden, self.projector.out_dim)
+        self.predictor = None if predictor is None else SlimMLP(self.projector.out_dim, predictor, menu, bn, divisor,
                                                                 where=f"{where}.predictor_layers")
+        if self.predictor is not None and self.predictor.out_dim != self.projector.out_dim:
+            raise SlimsslError(f"{where}.predictor_layers ends in {self.predictor.out_dim} features, but the loss "
+                               f"compares the predictor's outputs with the target's, the projector's "
+                               f"{self.projector.out_dim}: end the predictor in Layer(out)")
         bind_state(self, self.slim_state)
         self.slim_state.bn_group_size = bn_group_size  # before the copy, so the target's state has it too
         # One deepcopy of both modules so the copies share one (always full-size) state of their own.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.plain import IN_CHANNELS
 from ..models.resnet import SlimResNet
 from ..nn.channels import scaled_channels
 from ..nn.layers import SlimConv2d
@@ -33,7 +34,7 @@ class GradientImbalance:
 
     def _shared_slice(self, w: torch.Tensor) -> tuple[slice, slice]:
         out = scaled_channels(w.shape[0], self.width, self.divisor)
-        inp = w.shape[1] if w.shape[1] == 3 else scaled_channels(w.shape[1], self.width, self.divisor)
+        inp = w.shape[1] if w.shape[1] == IN_CHANNELS else scaled_channels(w.shape[1], self.width, self.divisor)
         return slice(0, out), slice(0, inp)
 
     @torch.no_grad()

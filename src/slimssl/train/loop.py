@@ -32,7 +32,8 @@ from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype, synchronize, to_device_async
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
-from ..methods import build_method, check_distillation, distill_outputs
+from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, checked_momentum, checked_output,
+                       distill_outputs)
 from ..models.build import build_supernet
 from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
@@ -271,7 +272,9 @@ class Trainer:
     def _nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = checkpoint_path(self.run_dir)
         kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint had been written yet"
-        return NonFiniteLossError(f"{what}; {kept}. Lower optim.lr, or set train.nonfinite=skip to skip such "
+        method = self.model.method
+        own = "" if method.name in BUILT_IN_METHODS else f" (or check method {method.name!r}'s loss: a log of 0, say)"
+        return NonFiniteLossError(f"{what}; {kept}. Lower optim.lr{own}, or set train.nonfinite=skip to skip such "
                                   "steps and count them")
 
     def _load(self, path: Path) -> int:
@@ -368,7 +371,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_target(method.momentum(step / max(1, self.total_steps)))
+        self.model.update_target(checked_momentum(method, step / max(1, self.total_steps)))
         method.after_step(target)
         return StepResult(losses, lr)
 
@@ -383,7 +386,7 @@ class Trainer:
             with self.model.subnet(task.spec), self.autocast():
                 online = [self._keep(self.online_forward(v)) if i in online_views else None
                           for i, v in enumerate(views)]
-                out = method.loss(online, target)
+                out = checked_output(method, method.loss(online, target))
                 loss = out.loss
                 if task.distill:
                     kd = method.distill(out.distill_on, teacher_out, slim.distill_temperature)
@@ -536,7 +539,9 @@ class Trainer:
             raise self._nonfinite_error(f"non-finite loss of sub-network {bad[0]} within steps "
                                         f"{last - window.steps + 1}..{last}")
         record = {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch, "lr": window.lr,
-                  "img_per_s": timed_steps * self.cfg.train.batch_size / max(seconds, 1e-9), "loss": means}
+                  "img_per_s": timed_steps * self.cfg.train.batch_size / max(seconds, 1e-9), "loss": means,
+                  # the target's EMA coefficient at the record's last step: a method's own schedule shows here
+                  "momentum": float(self.model.method.momentum((self.state.step - 1) / max(1, self.total_steps)))}
         if self.state.skipped_steps:
             record["skipped_steps"] = self.state.skipped_steps
         self.metrics.write(record)
