@@ -35,6 +35,7 @@ from slimssl.models.build import build_supernet
 from slimssl.train import loop
 from slimssl.train.loop import NonFiniteLossError, Trainer
 from slimssl.train.monitor import KnnMonitor
+from slimssl.train import signals
 from slimssl.train.signals import EXIT_INTERRUPTED, Interrupted, SignalGuard
 
 TINY = {
@@ -330,7 +331,8 @@ def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
     Trainer(cfg, tmp_path / "mid").fit(max_steps=5)
     prepared = prepare_run(None, tmp_path / "mid", overrides=["train.batch_size=32"], resume=True)
     with pytest.raises(ConfigError, match=r"saved at step 5, within an epoch, with train.batch_size 16.*"
-                                          r"Resume it with batch 16 --max-steps 8 first"):
+                                          r"divides 16: slimssl pretrain --resume \S*mid --max-steps 8 "
+                                          r"\(max_steps=8 in Python\); then change the batch"):
         Trainer(prepared.cfg, prepared.run_dir, resume=True)
 
     Trainer(cfg, tmp_path / "end").fit(max_steps=8)  # the end of epoch 2
@@ -356,6 +358,23 @@ def test_a_first_stop_signal_is_a_flag_and_a_second_stops_at_once(caplog):
         with pytest.raises(KeyboardInterrupt, match="a second stop signal, SIGTERM, stopped it at once"):
             os.kill(os.getpid(), signal.SIGTERM)  # the command line says so, not "Ctrl-C"
     assert "A second SIGINT stops at once, without saving" in caplog.text  # the user learns the way out
+
+
+def test_a_sigterm_repeated_at_once_is_the_same_request(caplog, monkeypatch):
+    """A scheduler that signals every process of a job, and torchrun forwarding its own, deliver SIGTERM twice
+    within milliseconds: the run still saves. A SIGTERM later, or a second Ctrl-C, stops at once."""
+    with caplog.at_level(logging.INFO, logger="slimssl"), SignalGuard() as guard:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert guard.received == signal.SIGTERM
+        assert "another SIGTERM" in caplog.text and "still saving" in caplog.text
+        monkeypatch.setattr(signals, "SAME_REQUEST_SECONDS", 0.0)
+        with pytest.raises(KeyboardInterrupt, match="a second stop signal, SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    with SignalGuard():
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt, match="a second stop signal, SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypatch):
@@ -476,13 +495,38 @@ def test_auto_resume_starts_again_after_a_start_killed_before_its_first_step(tmp
     with pytest.raises(SlimsslError, match="holds files of an earlier run"):
         pretrain(cfg, run, resume="auto")
     assert (run / "checkpoints" / "final.pt").is_file() and (run / "results.json").is_file()
-    # not a start of these settings, or one that trained: refused as before (its weights are lost)
+    # not a start of these settings: refused as before
     other = config_from_dict(tiny(train={"epochs": 1}, optim={"lr": 0.123}))
-    for wanted, metrics in ((other, []), (cfg, [{"step": 2, "loss": {FULL: 1.0}}])):
-        shutil.rmtree(run)
-        killed_start(metrics)
-        with pytest.raises(SlimsslError, match="holds files of an earlier run.*remove those files to start again"):
-            pretrain(wanted, run, resume="auto")
+    shutil.rmtree(run)
+    killed_start([])
+    with pytest.raises(SlimsslError, match="holds files of an earlier run.*remove those files to start again"):
+        pretrain(other, run, resume="auto")
+
+
+def test_auto_resume_starts_again_after_a_start_killed_before_its_first_checkpoint(tmp_path, caplog):
+    """SIGKILL, an out-of-memory kill or a lost node in the first epoch leaves logged steps that were never
+    saved, perhaps with a checkpoint's unfinished temporary file: a job submitted again starts over, as its
+    script asks. A later kill during a save leaves such a file beside last.pt: it is removed on resume."""
+    from slimssl.train.pretrain import pretrain
+
+    cfg = config_from_dict(tiny(train={"epochs": 1}))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": {FULL: 1.0}}) + "\n")
+    (run / "checkpoints" / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        done = pretrain(cfg, run, resume="auto", max_steps=2)
+    assert "stopped before its first checkpoint" in caplog.text
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.pt"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and done.step == 2  # the old records went with the start that saved nothing
+
+    (run / "checkpoints" / ".last.pt.def456.tmp").write_bytes(b"a save killed midway")
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert pretrain(cfg, run, resume="auto").finished
+    assert "removed .last.pt.def456.tmp, left by a checkpoint save that was killed midway" in caplog.text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
 
 
 SLOW_CLI = """
@@ -843,6 +887,17 @@ def test_bad_checkpoint_exits_2_saying_found_and_expected(tmp_path, capsys, capl
     assert "Traceback" not in text and not out.exists()
 
 
+def test_a_damaged_last_checkpoint_points_to_the_runs_latest_kept_one(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for name in ("epoch_0002.pt", "epoch_0004.pt"):
+        _checkpoint(folder / name)
+    _cut_short(folder / "last.pt")
+    with pytest.raises(CheckpointError, match=r"cut short or damaged.*The run keeps an earlier checkpoint, "
+                                              r"epoch_0004.pt: to continue from it, copy it over last.pt"):
+        load_checkpoint(tmp_path / "run")
+
+
 def test_load_checkpoint_missing_keys_is_a_checkpoint_error(tmp_path):
     path, _ = _incomplete(tmp_path / "ck.pt")
     with pytest.raises(CheckpointError, match="expected at least"):
@@ -1058,7 +1113,7 @@ def test_pretrain_never_overwrites_a_config_yaml_in_its_output_folder(tmp_path, 
     mine = write_config(run / "config.yaml")
     mine.write_text("# my notes\n" + mine.read_text())
     before = mine.read_text()
-    for auto in ([], ["--auto-resume"]):  # not taken for a start of the same settings that trained nothing
+    for auto in ([], ["--auto-resume"]):  # not taken for a start of the same settings that saved nothing
         assert main(["pretrain", "--config", str(mine), "--out", str(run), "--max-steps", "1", *auto]) == 2
         assert "holds the config file given" in error_text(capsys, caplog)
     other = write_config(tmp_path / "other.yaml", tiny(optim={"lr": 0.123}))
@@ -1067,7 +1122,7 @@ def test_pretrain_never_overwrites_a_config_yaml_in_its_output_folder(tmp_path, 
     assert mine.read_text() == before and sorted(p.name for p in run.iterdir()) == ["config.yaml"]
 
 
-def test_a_start_of_the_same_settings_that_trained_nothing_is_pointed_to_auto_resume(tmp_path, capsys, caplog):
+def test_a_start_of_the_same_settings_that_saved_nothing_is_pointed_to_auto_resume(tmp_path, capsys, caplog):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(config_from_dict(TINY).to_yaml())  # a start killed during its set-up
@@ -1124,3 +1179,59 @@ def test_the_resume_hint_quotes_a_folder_with_spaces(tmp_path, capsys, caplog):
         assert main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run),
                      "--max-steps", "1"]) == 0
     assert f"continue with: slimssl pretrain --resume '{run}'" in error_text(capsys, caplog)
+
+
+def test_a_full_disk_or_a_read_only_folder_is_a_one_line_error_and_keeps_what_was_saved(tmp_path, monkeypatch,
+                                                                                        capsys, caplog):
+    import errno
+
+    from slimssl.train.metrics import MetricsLogger
+
+    config, run = write_config(tmp_path / "tiny.yaml"), tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--max-steps", "4"]) == 0
+    saved = load_checkpoint(run)["train_state"]["step"]
+    write = MetricsLogger.write
+
+    def full(self, record):
+        if "loss" in record and record["step"] > saved:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return write(self, record)
+
+    monkeypatch.setattr(MetricsLogger, "write", full)
+    assert main(["pretrain", "--resume", str(run)]) == 2
+    text = error_text(capsys, caplog)
+    assert f"slimssl pretrain: error: {run / 'metrics.jsonl'}: No space left on device; what was saved before is " \
+           f"kept" in text and f"continue with: slimssl pretrain --resume {run}" in text
+    assert "Traceback" not in text and load_checkpoint(run)["train_state"]["step"] == saved
+
+    monkeypatch.setattr(MetricsLogger, "write", write)
+    monkeypatch.setattr("slimssl.eval.results.write_json_atomic", _refusing(errno.EROFS, "Read-only file system"))
+    assert main(["knn", str(run), "--device", "cpu"]) == 2
+    assert "Read-only file system; what was saved before is kept" in error_text(capsys, caplog)
+    monkeypatch.setattr("slimssl.eval.results.write_json_atomic", _refusing(errno.EIO, "Input/output error"))
+    with pytest.raises(OSError, match="Input/output error"):  # not the machine's state as we know it: a traceback
+        main(["knn", str(run), "--device", "cpu"])
+
+
+def _refusing(code: int, text: str):
+    def write_json_atomic(path, *args, **kwargs):
+        raise OSError(code, text, str(path))
+    return write_json_atomic
+
+
+def test_a_process_failing_because_another_did_says_so_in_one_line(monkeypatch, caplog):
+    from slimssl.train import distributed as dist
+
+    gloo = RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:13200. This is typically caused by "
+                        "a remote worker crashing.")
+    assert dist.failed_because_of_another(gloo) and dist.failed_because_of_another(
+        RuntimeError("[gloo] Timed out waiting 10000ms for recv operation"))
+    assert not dist.failed_because_of_another(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    exits = []
+    monkeypatch.setattr(dist.os, "_exit", exits.append)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    dist.fail_fast(gloo, 1)
+    assert exits == [1]
+    assert "rank 0 of 2 stopped: another process exited, or stopped answering for longer than " \
+           "$SLIMSSL_DIST_TIMEOUT (1800 s)" in caplog.text and "Traceback" not in caplog.text

@@ -49,6 +49,22 @@ def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False) -> Ite
         raise
 
 
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is the temporary file of an :func:`atomic_write` (left behind only by a killed process)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
+
+
+def remove_temporaries(folder: Path) -> list[str]:
+    """Remove the temporary files that killed writes left in ``folder``; returns their names. Only for a folder
+    that no other process writes in now."""
+    removed = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if is_temporary(path):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
+
+
 def _replace(tmp: str, path: Path) -> None:
     for attempt in range(REPLACE_RETRIES + 1):
         try:

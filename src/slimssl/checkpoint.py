@@ -39,6 +39,17 @@ class CheckpointError(SlimsslError):
     was found and what was expected."""
 
 
+def _earlier_checkpoint_hint(damaged: Path) -> str:
+    """For a damaged checkpoint of a run: the latest other checkpoint the run kept, to continue from instead."""
+    if damaged.parent.name != CHECKPOINTS:
+        return ""
+    others = sorted(p for p in damaged.parent.glob("epoch_*.pt") if p != damaged)
+    if not others:
+        return ""
+    return (f". The run keeps an earlier checkpoint, {others[-1].name}: to continue from it, copy it over "
+            f"{damaged.name} (keep the damaged file elsewhere)")
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
     ``path``, so a crash or a full disk mid-write leaves the previous checkpoint intact."""
@@ -119,7 +130,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             detail = ("not a complete zip archive, as torch.save writes: the file is cut short or damaged"
                       if _starts_as_zip(path) else "not a zip archive, as torch.save writes: another kind of file")
         raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({detail}); expected "
-                              "a checkpoint file (e.g. RUN/checkpoints/last.pt) or a run directory") from None
+                              "a checkpoint file (e.g. RUN/checkpoints/last.pt) or a run directory"
+                              + _earlier_checkpoint_hint(path)) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {found!r}, expected {FORMAT!r})")

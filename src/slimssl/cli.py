@@ -10,7 +10,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import SlimsslError, UsageError
+from .errors import SlimsslError, UsageError, storage_error
 from .launch import torchrun_processes
 
 log = logging.getLogger("slimssl")
@@ -164,9 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_several_processes(args.command)
         import_modules(args.imports)
         return args.func(args)
-    except SlimsslError as e:
+    except (SlimsslError, OSError) as e:
+        error = e if isinstance(e, SlimsslError) else storage_error(e)  # a full disk is no bug: no traceback
+        if error is None:
+            raise
         log.debug("where the error was raised:", exc_info=True)
-        log.error("slimssl %s: error: %s", args.command, e)
+        log.error("slimssl %s: error: %s", args.command, error)
         return 2
     except KeyboardInterrupt as e:  # a training loop saves and exits 3 itself; anywhere else, stop without a traceback
         log.debug("where it was stopped:", exc_info=True)

@@ -3,8 +3,14 @@ catch it (and answer ``--help``) without importing torch.
 
 Each module defines its own subclass next to the code that raises it (``ConfigError``, ``DataError``,
 ``CheckpointError``, ...). The command line prints any :class:`SlimsslError` as one line naming what was
-wrong and exits with status 2; anything else is a bug and keeps its traceback.
+wrong and exits with status 2; anything else is a bug and keeps its traceback, except a file that the
+machine refuses (:func:`storage_error`).
 """
+
+import errno
+
+# a full disk, a quota, a read-only or forbidden place: the machine's state, not a bug
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class SlimsslError(ValueError):
@@ -13,3 +19,19 @@ class SlimsslError(ValueError):
 
 class UsageError(SlimsslError):
     """Command line arguments that do not fit together."""
+
+
+class StorageError(SlimsslError):
+    """A file the machine would not let be written or read: a full disk, a quota, a read-only or forbidden
+    place."""
+
+
+def storage_error(error: BaseException, again: str = "") -> StorageError | None:
+    """``error`` as a :class:`StorageError` when it is an OSError of the machine's state (not a bug), else None.
+    ``again``: the command that continues the work once the cause is fixed."""
+    if not (isinstance(error, OSError) and error.errno in STORAGE_ERRNOS):
+        return None
+    where = f"{error.filename}: " if error.filename else ""
+    how = f" (continue with: {again})" if again else ""
+    return StorageError(f"{where}{error.strerror or error}; what was saved before is kept: free space, or make the "
+                        f"place writable, then run the command again{how}")

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from ..cli_args import add_overrides, data_source, device_name, output_dir, positive_int, shell_quote
-from ..errors import SlimsslError, UsageError
+from ..errors import SlimsslError, UsageError, storage_error
 
 log = logging.getLogger("slimssl")
 
@@ -77,6 +77,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                           "pretrain", "--resume", shell_quote(run_dir)])
         try:
             run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
+        except OSError as e:  # a full disk or a read-only folder while writing the metrics or results
+            raise storage_error(e, again) or e
         except Interrupted as e:
             if dist.is_main():  # one hint for the job, not one per process
                 log.warning("%s; continue with: %s", e, again)
@@ -93,7 +95,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 0
     except BaseException as e:
         if dist.world_size() > 1:  # never leave the other ranks waiting: exit now, torchrun ends the job
-            usage = isinstance(e, SlimsslError)
+            usage = isinstance(e, SlimsslError)  # a full disk while writing metrics is one too (train_run above)
             dist.fail_fast(e, 2 if usage else 130 if isinstance(e, KeyboardInterrupt) else 1,
                            traceback=not usage)
         raise

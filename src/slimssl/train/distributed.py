@@ -123,7 +123,13 @@ def init_from_env() -> None:
         # the NCCL watchdog turns a timed-out collective into an abort of the process (default in recent
         # torch; set explicitly so the bound holds on older versions too)
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_seconds()))
+    except (AssertionError, ValueError) as e:  # torch asserts a known backend name
+        if "SLIMSSL_DIST_BACKEND" not in os.environ:
+            raise
+        raise UsageError(f"$SLIMSSL_DIST_BACKEND {backend!r}: {e}; expected a backend such as gloo or nccl, or "
+                         "cpu:gloo,cuda:nccl") from None
 
 
 def shutdown() -> None:
@@ -131,15 +137,33 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def failed_because_of_another(error: BaseException) -> bool:
+    """Whether ``error`` is a collective of this process failing because another process exited (gloo: its
+    connection closed) or stopped answering (the timeout): the error that explains it is that process's."""
+    text = str(error)
+    return isinstance(error, (dist.DistBackendError, dist.DistNetworkError)) or isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("closed by peer", "reset by peer", "Timed out waiting"))
+
+
 def fail_fast(error: BaseException, code: int = 1, traceback: bool = True) -> None:
     """End this process now after an error in a distributed run, without waiting on the other ranks.
 
     The normal exit path would tear the process group down, and with NCCL that can block on collectives
     the other ranks still wait in. ``os._exit`` skips it; torchrun sees the non-zero exit of this rank
-    and terminates the rest of the job (SIGTERM, then SIGKILL after its grace period).
+    and terminates the rest of the job (SIGTERM, then SIGKILL after its grace period). A process whose
+    collective failed because of another says so in one line: torchrun's summary may name it first, but
+    the error that explains the failure is the other process's.
     """
-    log.error("rank %d of %d failed: %s: %s", rank(), world_size(), type(error).__name__, error,
-              exc_info=(type(error), error, error.__traceback__) if traceback else None)
+    if failed_because_of_another(error):
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.error("rank %d of %d stopped: another process exited, or stopped answering for longer than $%s (%g s), "
+                  "while this one waited for it; that process's error says why (rank N of %d failed: ...). Here: "
+                  "%s: %s", rank(), world_size(), TIMEOUT_ENV, timeout_seconds(), world_size(), type(error).__name__,
+                  first_line,
+                  exc_info=(type(error), error, error.__traceback__) if log.isEnabledFor(logging.DEBUG) else None)
+    else:
+        log.error("rank %d of %d failed: %s: %s", rank(), world_size(), type(error).__name__, error,
+                  exc_info=(type(error), error, error.__traceback__) if traceback else None)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -5,7 +5,6 @@ are the same run (and either can resume the other)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -16,7 +15,7 @@ from typing import Any, Literal, NamedTuple, Sequence
 
 import yaml
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, is_temporary, remove_temporaries
 from ..checkpoint import load_checkpoint
 from ..cli_args import shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
@@ -137,7 +136,7 @@ def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun
 
 
 def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: bool = False) -> PreparedRun:
-    """``failed_start_ok`` (automatic resume): the files of a start of the same settings that trained nothing
+    """``failed_start_ok`` (automatic resume): the files of a start of the same settings that saved nothing
     (a job killed before its first checkpoint, with no time to clean up) are removed instead of refused."""
     cfg = absolute_data_source(as_config(config, overrides))
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -156,12 +155,12 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
     if leftovers and failed_start_ok and (not dist.is_main() or _failed_start_of(run_dir, cfg)):
         if dist.is_main():
             remove_run_files(run_dir, FAILED_START)
-            log.info("%s holds the files of a start of this run that was stopped before it trained a step (%s): "
+            log.info("%s holds the files of a start of this run that was stopped before its first checkpoint (%s): "
                      "removed, starting it again", run_dir, ", ".join(leftovers))
     elif leftovers:  # a run whose checkpoint is gone, or a user's file: writing there would mix or lose them
         raise UsageError(f"{run_dir} holds files of an earlier run ({', '.join(leftovers)}) without its "
                          "checkpoint, so there is nothing to resume; choose another output folder"
-                         + (f", or {AUTO_RESUME[cli]} to start again over this start that trained nothing"
+                         + (f", or {AUTO_RESUME[cli]} to start again over this start that saved nothing"
                             if _failed_start_of(run_dir, cfg) else
                             ", or remove those files to start again in it"))
     source = str(config) if isinstance(config, (str, Path)) else "demo" if config is None else cfg.name
@@ -169,19 +168,20 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
 
 
 def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
-    """Whether ``run_dir`` holds only what a start of ``cfg`` leaves when killed before its first step ended:
-    its config.yaml with the same settings, no loss in metrics.jsonl, no checkpoint file and no results."""
+    """Whether ``run_dir`` holds only what a start of ``cfg`` leaves when killed before its first checkpoint
+    (by a signal before its first step, or by SIGKILL, an out-of-memory kill or a lost node at any time): its
+    config.yaml with the same settings, no checkpoint file and no results. The metrics it logged are of steps
+    that were never saved, which a resume would drop too; a checkpoint's unfinished temporary file is no
+    checkpoint."""
     checkpoints = run_dir / CHECKPOINTS
-    if (run_dir / RESULTS).exists() or (checkpoints.is_dir() and any(checkpoints.iterdir())):
+    if (run_dir / RESULTS).exists() or (checkpoints.is_dir() and any(
+            not is_temporary(f) for f in checkpoints.iterdir())):
         return False
     try:
         saved = config_from_dict(yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")), CONFIG)
-        # not read_metrics, which skips a damaged line: here any doubt keeps the files
-        lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines() if (run_dir / METRICS).exists() else []
-        trained = any("loss" in json.loads(line) for line in lines)
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
-        return False
-    return not trained and not config_differences(saved, cfg, ignore=MACHINE_DEPENDENT)
+        return False  # any doubt keeps the files
+    return not config_differences(saved, cfg, ignore=MACHINE_DEPENDENT)
 
 
 def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
@@ -241,6 +241,8 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
         trainer = Trainer(cfg, run_dir, resume=resume)
         if is_main:  # only once the run is set up (a failed resume leaves the saved run untouched)
             write_run_config(run_dir, cfg, trainer.effective_lr())
+            for name in remove_temporaries(run_dir / CHECKPOINTS):  # of a save killed midway: a checkpoint's size
+                log.info("removed %s, left by a checkpoint save that was killed midway", name)
         results = trainer.fit(max_steps)
     except Interrupted as e:  # a checkpoint was saved: keep everything; say how far it got (--json)
         e.run = PretrainRun(run_dir, {}, trainer.state.step, trainer.total_steps) if trainer else None

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint
+from ..cli_args import shell_quote
 from ..config import Config, ConfigError, config_differences
+from ..layout import CHECKPOINTS
 from ..slim.policy import join_step
 from . import distributed as dist
 from .metrics import LogWindow
@@ -107,12 +109,15 @@ def _step_with_another_batch(path: Path, step: int, saved_batch: int, batch: int
     continues at the same epoch, which is exact only at the end of an epoch."""
     if epochs_done is None or step == 0 or abs(epochs_done - round(epochs_done)) > 1e-9:
         saved_steps_per_epoch = round(step / epochs_done) if epochs_done else None
-        finish = (f" --max-steps {math.ceil(epochs_done) * saved_steps_per_epoch}" if saved_steps_per_epoch else "")
+        run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else path
+        end = math.ceil(epochs_done) * saved_steps_per_epoch if saved_steps_per_epoch else None
+        finish = (f": slimssl pretrain --resume {shell_quote(run_dir)} --max-steps {end} (max_steps={end} in "
+                  "Python)" if end else "")
         raise ConfigError(
             f"{path} was saved at step {step}, within an epoch, with train.batch_size {saved_batch}: the batch "
             f"can change ({saved_batch} -> {batch}) only where an epoch ends, since the schedule counts steps of "
-            f"the batch. Resume it with batch {saved_batch}{finish} first (on a number of processes that divides "
-            "it), then change the batch")
+            f"the batch. First train it to the epoch's end with its batch, on a number of processes that divides "
+            f"{saved_batch}{finish}; then change the batch")
     converted = round(epochs_done) * steps_per_epoch
     if dist.is_main():  # once for the run, not once per process
         log.warning("train.batch_size changed from %d to %d: the run continues at the end of epoch %d, step %d "

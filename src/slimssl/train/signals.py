@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
@@ -14,6 +15,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("slimssl")
 
 EXIT_INTERRUPTED = 3  # documented: the run was stopped by SIGTERM/SIGINT after saving a checkpoint
+# A SIGTERM again within this many seconds is the same request: a scheduler (Slurm's --signal without B:)
+# signals every process of the job, and torchrun forwards the one it gets to its workers as well
+SAME_REQUEST_SECONDS = 10.0
 
 
 class Interrupted(RuntimeError):
@@ -44,6 +48,7 @@ class SignalGuard:
 
     def __init__(self):
         self.received: int | None = None
+        self._received_at = 0.0
         self.finishing: str | None = None  # what a signal lets end instead of the step, when training is over
         self._handling = stop_signals_handled_by(self._handle)
 
@@ -52,17 +57,26 @@ class SignalGuard:
         return self
 
     def _handle(self, signum, frame):
-        if self.received is not None:  # a second signal: stop now
-            raise KeyboardInterrupt(f"a second stop signal, {signal.Signals(signum).name}, stopped it at once")
-        self.received = signum
         name = signal.Signals(signum).name
+        if self.received is not None:
+            since = time.monotonic() - self._received_at
+            if signum == self.received == signal.SIGTERM and since < SAME_REQUEST_SECONDS:
+                log.info("another SIGTERM %.1f s after the first: the same request (a scheduler signals every "
+                         "process, and torchrun forwards it too), still saving", since)
+                return
+            raise KeyboardInterrupt(f"a second stop signal, {name}, stopped it at once")  # a person's way out
+        self.received, self._received_at = signum, time.monotonic()
         if self.finishing:
             log.warning("received %s: the run is trained; %s first. A second %s stops at once (a resume finishes "
-                        "it)", name, self.finishing, name)
+                        "it)%s", name, self.finishing, name, self._later(signum))
             return
         log.warning("received %s: finishing the current step (the first one, when training has not started yet), "
                     "then saving a checkpoint; several processes stop together at the next logged step "
-                    "(train.log_every). A second %s stops at once, without saving", name, name)
+                    "(train.log_every). A second %s stops at once, without saving%s", name, name, self._later(signum))
+
+    @staticmethod
+    def _later(signum: int) -> str:
+        return f" (a SIGTERM {SAME_REQUEST_SECONDS:g} s or more later)" if signum == signal.SIGTERM else ""
 
     def __exit__(self, *exc):
         return self._handling.__exit__(*exc)
