@@ -79,6 +79,50 @@ def test_data_blur_turns_the_recipes_blur_on_at_small_resolutions_and_off_at_lar
     assert blur_ps("data.resolution=96", "data.blur=false") == [0.0, 0.0]
 
 
+def test_data_views_change_the_recipes_views_one_entry_for_both_or_one_each():
+    from slimssl.config import load_config
+    from slimssl.data.views import two_view_augment
+
+    def views(*overrides):
+        return two_view_augment(load_config("demo", ["data.resolution=16", *overrides])).views
+
+    byol = views("data.augment=byol")
+    both = views("data.augment=byol", "data.views={brightness: 0.8, contrast: 0.8, saturation: 0.8, hue: 0.2}")
+    assert both == tuple(replace(v, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2) for v in byol)
+    each = views("data.augment=byol", "data.blur=false", "data.views=[{blur_p: 1.0}, {solarize_p: 0.5, "
+                 "crop_ratio: [1, 1]}]")  # data.views is applied after data.blur
+    assert each == (replace(byol[0], blur_p=1.0), replace(byol[1], solarize_p=0.5, crop_ratio=(1.0, 1.0)))
+
+    # what the views hold: no colour change, the whole image, no flip -> both views are the image itself;
+    # grayscale always -> three equal channels
+    images = _synthetic(4, size=16)
+    plain = ["data.crop_scale=[1, 1]", "data.flip_p=0", "data.mean=[0, 0, 0]", "data.std=[1, 1, 1]"]
+    still = two_view_augment(load_config("demo", ["data.resolution=16", *plain, "data.views={jitter_p: 0, "
+                                                  "grayscale_p: 0, blur_p: 0, solarize_p: 0, crop_ratio: [1, 1]}"]))
+    one, two = still(images, _gen(0))
+    torch.testing.assert_close(one, images.float() / 255)
+    torch.testing.assert_close(two, images.float() / 255)
+    grey = two_view_augment(load_config("demo", ["data.resolution=16", *plain, "data.views={grayscale_p: 1}"]))
+    for view in grey(images, _gen(0)):
+        torch.testing.assert_close(view[:, 0], view[:, 1])
+        torch.testing.assert_close(view[:, 1], view[:, 2])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.views=[{brightnes: 0.8}]", r"data.views.0.brightnes: unknown key \[from --set\] \(allowed here: crop_ratio, "
+                                      r"jitter_p, brightness"),
+    ("data.views=[{}, {blur_sigma: [2, 1]}]", r"data.views.1.blur_sigma: must be \(min, max\) with min <= max"),
+    ("data.views=[{}, {}, {}]", r"data.views: List should have at most 2 items"),
+    ("data.views={hue: 0.9}", r"data.views.0.hue: Input should be less than or equal to 0.5"),
+    ("data.views={grayscale_p: 2}", r"data.views.0.grayscale_p: Input should be less than or equal to 1"),
+])
+def test_bad_view_changes_are_refused_naming_the_key(override, message):
+    from slimssl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
 def test_crop_boxes_follow_scale_and_ratio():
     boxes = sample_crop_boxes(4000, 64, 48, (0.2, 0.6), (3 / 4, 4 / 3), _gen(0), "cpu")
     top, left, h, w = boxes.unbind(1)

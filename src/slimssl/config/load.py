@@ -8,10 +8,10 @@ import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .schema import Config, ConfigError
 
@@ -98,16 +98,30 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         by_set = from_set(key)
         if e["type"] == "extra_forbidden":
-            section = Config.model_fields[e["loc"][0]].annotation if len(e["loc"]) > 1 else Config
-            allowed = ", ".join(section.model_fields)
+            allowed = ", ".join(_section_at(e["loc"][:-1]).model_fields)
             lines.append(f"  {key}: unknown key{by_set} (allowed here: {allowed})")
         elif e["type"] == "value_error":  # a check of a section, or across sections (the menu against the model)
             message = e["msg"].removeprefix("Value error, ")
             named = message.partition(": ")[0]  # these messages begin with the key they are about
+            if e["loc"] and "." not in named and re.fullmatch(r"\w+", named):  # within a listed section (data.views.0)
+                message, named = f"{key}.{message}", f"{key}.{named}"
             lines.append(f"  {message}" + (from_set(named) if re.fullmatch(r"[\w.]+", named) else ""))
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
     return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def _section_at(loc: tuple) -> type[BaseModel]:
+    """The section (a pydantic model) that the error location ``loc`` points into: ``("data", "views", 0)``
+    is a :class:`ViewChanges`."""
+    section: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        annotation = section.model_fields[part].annotation
+        models = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        section = models[0] if models else section
+    return section
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Sequence[str] | None = None, *,

@@ -239,6 +239,35 @@ class SlimConfig(Section):
     slow_start_lr: float | None = Field(None, description="new base lr once sub-networks join")
 
 
+Probability = Annotated[float, Field(ge=0, le=1)]
+NonNegative = Annotated[float, Field(ge=0)]
+
+
+class ViewChanges(Section):
+    """Changes to the augmentation recipe's views (``data.views``); a key left unset keeps the recipe's value."""
+
+    crop_ratio: tuple[Positive, Positive] | None = Field(None, description="aspect ratio range (min, max) of the "
+                                                         "random resized crop; the recipes' 3/4-4/3")
+    jitter_p: Probability | None = Field(None, description="probability of the colour jitter")
+    brightness: NonNegative | None = None
+    contrast: NonNegative | None = None
+    saturation: NonNegative | None = None
+    hue: float | None = Field(None, ge=0, le=0.5)
+    grayscale_p: Probability | None = None
+    blur_p: Probability | None = Field(None, description="probability of a Gaussian blur (wins over data.blur)")
+    blur_sigma: tuple[Positive, Positive] | None = Field(None, description="the blur's sigma range (min, max), "
+                                                         "in pixels; the recipes' 0.1-2")
+    solarize_p: Probability | None = None
+
+    @model_validator(mode="after")
+    def _ranges_in_order(self) -> "ViewChanges":
+        for key in ("crop_ratio", "blur_sigma"):
+            value = getattr(self, key)
+            if value is not None and value[0] > value[1]:
+                raise ValueError(f"{key}: must be (min, max) with min <= max, got {list(value)}")
+        return self
+
+
 class DataConfig(Section):
     source: str = "digits"
     resolution: int = Field(32, gt=0)
@@ -258,8 +287,17 @@ class DataConfig(Section):
         "loader workers decode each step's files (a folder or .zip too large for memory; kNN streams the splits too)")
     workers: int | None = Field(None, ge=0, description="loader: stream: decoding worker processes per training "
                                 "process (default: the machine's CPU count, at most 8, decided when the run starts)")
+    views: list[ViewChanges] = Field(
+        default_factory=list, max_length=2, description="changes to the augmentation recipe's views: one entry "
+        "changes both views, two change the first and the second (e.g. [{brightness: 0.8, contrast: 0.8, "
+        "saturation: 0.8, hue: 0.2}] for SimCLR's stronger jitter); applied after crop_scale, flip_p and blur")
     # crop_scale was filled in from the augmentation recipe, not given: a changed method re-resolves it
     _crop_scale_resolved: bool = PrivateAttr(False)
+
+    @field_validator("views", mode="before")
+    @classmethod
+    def _one_change_for_both_views(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value  # views: {hue: 0.2} reads as [{hue: 0.2}]
 
     def __eq__(self, other: object) -> bool:  # equal values are equal configs, however crop_scale was set
         if not isinstance(other, DataConfig):

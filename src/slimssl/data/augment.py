@@ -19,7 +19,9 @@ batched on the device.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +51,12 @@ class ViewRecipe:
 
 
 def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = None,
-           flip_p: float | None = None, blur: bool | None = None) -> tuple[ViewRecipe, ViewRecipe]:
+           flip_p: float | None = None, blur: bool | None = None,
+           changes: Sequence[Mapping[str, Any]] = ()) -> tuple[ViewRecipe, ViewRecipe]:
     """The two view recipes of a method, with ``crop_scale`` and ``flip_p`` in place of the recipe's when given
-    (``data.crop_scale``, ``data.flip_p``), and blur as the recipe has it or none where ``blur`` says
-    (``data.blur``).
+    (``data.crop_scale``, ``data.flip_p``), blur as the recipe has it or none where ``blur`` says
+    (``data.blur``), and then ``changes`` (``data.views``: one mapping of ViewRecipe fields for both views, or
+    one per view).
 
     ``byol``/``mocov3``: asymmetric (view 1 always blurred, view 2 blurred 10% and solarized 20%), jitter
     (0.4, 0.4, 0.2, 0.1), crop scale (0.08, 1). ``mocov2``: symmetric, jitter (0.4, 0.4, 0.4, 0.1), blur 50%,
@@ -73,7 +77,11 @@ def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = 
         views = tuple(replace(v, crop_scale=tuple(crop_scale)) for v in views)
     if flip_p is not None:
         views = tuple(replace(v, flip_p=flip_p) for v in views)
-    return views
+    if len(changes) > 2:
+        raise ConfigError(f"data.views holds {len(changes)} entries; expected one (both views) or two (each view)")
+    per_view = list(changes) * 2 if len(changes) == 1 else list(changes) or [{}, {}]
+    return tuple(replace(v, **{k: tuple(x) if isinstance(x, list) else x for k, x in change.items()})
+                 for v, change in zip(views, per_view))
 
 
 class TwoViewAugment:
