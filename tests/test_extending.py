@@ -445,3 +445,35 @@ def test_a_method_file_named_like_another_module_is_refused(tmp_path, monkeypatc
         assert f"--import {name}.py: it would be imported as {name!r}, which is already the name of the module " \
                f"{name!r}" in caplog.text and "rename the file" in caplog.text
     assert "mine" not in METHODS
+
+
+def test_a_method_that_reads_no_target_output_has_no_target(tmp_path):
+    """views_used ((0, 1), ()): no copy kept, updated or saved, and its momentum never asked for; it trains and
+    resumes exactly, from a checkpoint saved with a target too (before targetless methods had none)."""
+    from slimssl.checkpoint import save_checkpoint
+
+    def no_momentum(self, progress):
+        raise AssertionError("momentum() of a method without a target")
+
+    register_method(_simple("notarget", views_used=lambda self: ((0, 1), ()), momentum=no_momentum,
+                            loss=lambda self, online, target: MethodOutput((online[0] - online[1]).pow(2).mean())))
+    data = tiny("notarget", widths=[1.0, 0.5])
+    straight = Trainer(config_from_dict(data), tmp_path / "straight")
+    assert straight.model.target is None
+    straight.fit(max_steps=4)
+    saved = load_checkpoint(tmp_path / "straight")
+    assert not any(k.startswith("target.") for k in saved["model"])
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in records) and not any("momentum" in r for r in records)
+
+    first = Trainer(config_from_dict(data), tmp_path / "resumed")
+    first.fit(max_steps=2)
+    old = load_checkpoint(tmp_path / "resumed")
+    old["config"] = old["config"].model_dump(mode="json")  # as stored
+    old["model"] = {**old["model"], **{f"target.{k}": v.clone() for k, v in old["model"].items()
+                                       if k.startswith("backbone.")}}
+    save_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt", old)
+    second = Trainer(config_from_dict(data), tmp_path / "resumed", resume=True)
+    second.fit(max_steps=4)
+    a, b = straight.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -57,9 +57,13 @@ class SSLModel(SlimmableMixin, nn.Module):
                                f"{self.projector.out_dim}: end the predictor in Layer(out)")
         bind_state(self, self.slim_state)
         self.slim_state.bn_group_size = bn_group_size  # before the copy, so the target's state has it too
-        # One deepcopy of both modules so the copies share one (always full-size) state of their own.
-        self.target = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "projector": self.projector}))
-        self.target.requires_grad_(False)
+        # A method whose loss reads no target output (views_used()[1] empty: SimCLR, Barlow Twins) gets no
+        # target: no copy to keep in memory, update and save. Otherwise one deepcopy of both modules, so the
+        # copies share one (always full-size) state of their own.
+        self.target: nn.ModuleDict | None = None
+        if method.views_used()[1]:
+            self.target = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "projector": self.projector}))
+            self.target.requires_grad_(False)
 
     def named_online_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters the optimiser trains: everything but the EMA target."""

@@ -371,7 +371,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.update_target(checked_momentum(method, step / max(1, self.total_steps)))
+        if self.model.target is not None:
+            self.model.update_target(checked_momentum(method, step / max(1, self.total_steps)))
         method.after_step(target)
         return StepResult(losses, lr)
 
@@ -539,9 +540,9 @@ class Trainer:
             raise self._nonfinite_error(f"non-finite loss of sub-network {bad[0]} within steps "
                                         f"{last - window.steps + 1}..{last}")
         record = {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch, "lr": window.lr,
-                  "img_per_s": timed_steps * self.cfg.train.batch_size / max(seconds, 1e-9), "loss": means,
-                  # the target's EMA coefficient at the record's last step: a method's own schedule shows here
-                  "momentum": float(self.model.method.momentum((self.state.step - 1) / max(1, self.total_steps)))}
+                  "img_per_s": timed_steps * self.cfg.train.batch_size / max(seconds, 1e-9), "loss": means}
+        if self.model.target is not None:  # its EMA coefficient at the record's last step: a method's own schedule
+            record["momentum"] = float(self.model.method.momentum((self.state.step - 1) / max(1, self.total_steps)))
         if self.state.skipped_steps:
             record["skipped_steps"] = self.state.skipped_steps
         self.metrics.write(record)

@@ -54,7 +54,10 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
     saved: Config = data["config"]
     check_menu(data["menu"], cfg, str(path))
     try:
-        model.load_state_dict(data["model"])
+        state = data["model"]
+        if getattr(model, "target", True) is None:  # a method without a target: saved with one before 2026-12-06
+            state = {k: v for k, v in state.items() if not k.startswith("target.")}
+        model.load_state_dict(state)
     except RuntimeError as e:  # weights of another shape: the architecture was changed on resume
         diffs = config_differences(saved, cfg, prefixes=("model.", "method."))
         raise CheckpointError(
