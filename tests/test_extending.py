@@ -477,3 +477,13 @@ def test_a_method_that_reads_no_target_output_has_no_target(tmp_path):
     second.fit(max_steps=4)
     a, b = straight.model.state_dict(), second.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_method_class_imported_but_not_registered_is_named():
+    class Forgotten(ThreeLayer):
+        name = "forgotten"
+
+    with pytest.raises(ConfigError, match=r"method 'forgotten' is declared by test_extending\..*Forgotten, which is "
+                                          r"not registered: decorate the class with @slimssl.methods.register_method"):
+        config_from_dict(tiny("forgotten"))
+    assert Forgotten  # kept alive until here: an unreferenced class may be collected and forgotten

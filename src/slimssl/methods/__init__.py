@@ -88,12 +88,21 @@ def method_class(name: str) -> type[Method]:
     if name not in METHODS:
         _load_entry_point(name)
     if name not in METHODS:
+        unregistered = [c for c in _subclasses(Method) if getattr(c, "name", None) == name]
+        if unregistered:  # imported (a script, --import) but never registered: the likeliest slip
+            cls = unregistered[-1]
+            raise SlimsslError(f"method {name!r} is declared by {cls.__module__}.{cls.__qualname__}, which is not "
+                               "registered: decorate the class with @slimssl.methods.register_method")
         installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} - set(METHODS))
         known = ", ".join([*METHODS, *installed])
         raise SlimsslError(f"unknown method {name!r}; known: {known}. A method of your own must be registered "
                            f"first: slimssl.methods.register_method in Python, `slimssl --import MODULE` for the "
                            f"command line, or a {ENTRY_POINT_GROUP!r} entry point of an installed package")
     return METHODS[name]
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
 
 def build_method(cfg) -> Method:
