@@ -487,3 +487,21 @@ def test_a_method_class_imported_but_not_registered_is_named():
                                           r"not registered: decorate the class with @slimssl.methods.register_method"):
         config_from_dict(tiny("forgotten"))
     assert Forgotten  # kept alive until here: an unreferenced class may be collected and forgotten
+
+
+def test_a_method_setting_the_method_never_reads_is_warned_of(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        Trainer(config_from_dict(tiny("byol", widths=[1.0, 0.5]), overrides=["method.temperature=0.5"]),
+                tmp_path / "byol")
+    assert "method.temperature is 0.5, but method 'byol' does not read it: the setting changes nothing" in caplog.text
+    assert "method.queue_size is 64, but method 'byol'" in caplog.text  # tiny() sets it for MoCo v2
+    assert "proj_dim" not in caplog.text and "momentum" not in caplog.text  # read by BYOL
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        Trainer(config_from_dict(tiny("mocov2", widths=[1.0, 0.5]), overrides=["method.temperature=0.5"]),
+                tmp_path / "mocov2")
+        register_method(ThreeLayer)  # a method of one's own reads what it likes, unless it says
+        Trainer(config_from_dict(tiny("threelayer", widths=[1.0, 0.5]), overrides=["method.temperature=0.5"]),
+                tmp_path / "own")
+    assert "method.pred_hidden is 32, but method 'mocov2'" in caplog.text  # it has no predictor
+    assert "temperature" not in caplog.text and "threelayer" not in caplog.text

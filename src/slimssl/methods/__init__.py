@@ -151,6 +151,22 @@ def checked_momentum(method: Method, progress: float) -> float:
     return m
 
 
+ALWAYS_READ = frozenset({"name", "options", "shuffle_bn"})  # method settings the training loop reads itself
+
+
+def check_unread_settings(method: Method) -> None:
+    """Warn of ``method`` settings given another value than their default that ``method`` never reads
+    (``method.temperature`` for BYOL): the run would look configured as it is not."""
+    if method.settings_read is None:
+        return
+    cfg = method.cfg
+    for key, field in type(cfg).model_fields.items():
+        value = getattr(cfg, key)
+        if key not in method.settings_read | ALWAYS_READ and value != field.get_default(call_default_factory=True):
+            log.warning("method.%s is %r, but method %r does not read it: the setting changes nothing", key, value,
+                        method.name)
+
+
 def distill_outputs(method: Method, out: MethodOutput) -> list:
     """The full network's outputs that online distillation teaches with, which the loss must have returned."""
     if out.distill_on is None:
@@ -161,5 +177,5 @@ def distill_outputs(method: Method, out: MethodOutput) -> list:
 
 
 __all__ = ["BUILT_IN_METHODS", "BYOL", "METHODS", "Layer", "Method", "MethodOutput", "MoCoV2", "MoCoV3", "build_method",
-           "check_distillation", "checked_momentum", "checked_output", "distill_outputs", "method_class",
+           "check_distillation", "check_unread_settings", "checked_momentum", "checked_output", "distill_outputs", "method_class",
            "register_method"]

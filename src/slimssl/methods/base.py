@@ -48,6 +48,9 @@ class Method(nn.Module):
     # True where distill_on are logits of cosine similarities over method.temperature, which the base class's
     # distill fits (the contrastive methods); online distillation warns otherwise, unless distill is overridden
     distill_on_logits = False
+    # the ``method`` settings the method reads (a run that sets another warns: it would change nothing); None:
+    # any of them (a method of your own, unless it says). name, options and shuffle_bn are read for every method
+    settings_read: frozenset[str] | None = None
 
     @staticmethod
     def projector_layers(hidden: int, out: int) -> list[Layer]:

@@ -14,6 +14,8 @@ class MoCoV2(Method):
     name = "mocov2"
     augment = "mocov2"
     distill_on_logits = True
+    settings_read = frozenset({"proj_hidden", "proj_dim", "temperature", "momentum", "momentum_schedule",
+                               "queue_size", "symmetric"})
 
     @staticmethod
     def projector_layers(hidden: int, out: int) -> list[Layer]:

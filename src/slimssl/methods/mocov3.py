@@ -14,6 +14,8 @@ class MoCoV3(Method):
     augment = "mocov3"
     symmetric_only = True
     distill_on_logits = True
+    settings_read = frozenset({"proj_hidden", "proj_dim", "pred_hidden", "temperature", "momentum",
+                               "momentum_schedule"})
 
     # no biases; the projector ends with a BatchNorm without affine, the predictor's last layer has no BatchNorm
     @staticmethod

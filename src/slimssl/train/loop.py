@@ -32,8 +32,8 @@ from ..layout import LAST, checkpoint_path
 from ..devices import pick_device, pick_dtype, synchronize, to_device_async
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
-from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, checked_momentum, checked_output,
-                       distill_outputs)
+from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, check_unread_settings, checked_momentum,
+                       checked_output, distill_outputs)
 from ..models.build import build_supernet
 from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
@@ -158,6 +158,7 @@ class Trainer:
                               cfg.model.channel_divisor, cfg.model.bn_group_size).to(self.device)
         if dist.is_main():
             check_distillation(self.model.method, cfg.slim.teacher)
+            check_unread_settings(self.model.method)
         if cfg.train.sync_bn:
             self._convert_sync_bn()
         if self.device.type == "cuda" and cfg.train.channels_last:
