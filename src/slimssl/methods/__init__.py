@@ -176,6 +176,6 @@ def distill_outputs(method: Method, out: MethodOutput) -> list:
     return out.distill_on
 
 
-__all__ = ["BUILT_IN_METHODS", "BYOL", "METHODS", "Layer", "Method", "MethodOutput", "MoCoV2", "MoCoV3", "build_method",
-           "check_distillation", "check_unread_settings", "checked_momentum", "checked_output", "distill_outputs", "method_class",
-           "register_method"]
+__all__ = ["BUILT_IN_METHODS", "BYOL", "METHODS", "Layer", "Method", "MethodOutput", "MoCoV2", "MoCoV3",
+           "build_method", "check_distillation", "check_unread_settings", "checked_momentum", "checked_output",
+           "distill_outputs", "method_class", "register_method"]
