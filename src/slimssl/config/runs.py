@@ -39,14 +39,17 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
     batch = cfg.train.batch_size
     first = 1 if cfg.train.sync_bn else 2  # samples per process: BatchNorm needs two, synchronised or not
     if world > 1 and (batch < world or batch % world):
+        counts = [n for n in range(1, batch + 1) if batch % n == 0 and batch // n >= first][:8]
         raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} is the total batch over all "
                           f"processes, so it must be a multiple of the number of processes {world} "
-                          f"(allowed: {', '.join(str(k * world) for k in range(first, first + 3))}, ...)")
+                          f"(allowed: {', '.join(str(k * world) for k in range(first, first + 3))}, ...; a resumed run "
+                          f"changes its batch only at an epoch's end), or run on a number of processes that divides "
+                          f"it ({', '.join(map(str, counts))})")
     per_process, group = batch // world, cfg.model.bn_group_size
     if per_process < first:  # BatchNorm of one sample fails in the first step
         raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} over {world} processes leaves "
                           f"each one sample, and each process's BatchNorm needs two: use at least {2 * world} "
-                          f"(allowed: {2 * world}, {3 * world}, {4 * world}, ...), or train.sync_bn: true")
+                          f"(allowed: {2 * world}, {3 * world}, {4 * world}, ...), or train.sync_bn: true (on GPUs)")
     if group and per_process % group:
         raise ConfigError(f"invalid config {source}:\n  model.bn_group_size {group} must divide the per-process "
                           f"batch {per_process} (train.batch_size {batch} over {world} processes; "
