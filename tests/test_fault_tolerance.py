@@ -807,7 +807,7 @@ def test_check_processes_allows_multiples_only():
         check_processes(cfg, world, "x.yaml")
     for world in (5, 8, 24):
         with pytest.raises(ConfigError, match=f"(?s)x.yaml.*train.batch_size: 12 .* {world}.*or run on a number of "
-                                              r"processes that divides it \(1, 2, 3, 6\)"):  # 2 samples each at least
+                                              r"processes that divides it \(1, 2, 3, 4, 6\)"):  # 2 samples each at least
             check_processes(cfg, world, "x.yaml")
 
 
