@@ -108,6 +108,25 @@ def test_data_views_change_the_recipes_views_one_entry_for_both_or_one_each():
         torch.testing.assert_close(view[:, 1], view[:, 2])
 
 
+def test_data_views_name_every_setting_of_a_view_but_those_of_their_own_keys():
+    from dataclasses import fields
+
+    from slimssl.config import ViewChanges
+
+    assert set(ViewChanges.model_fields) == {f.name for f in fields(ViewRecipe)} - {"crop_scale", "flip_p"}
+
+
+def test_equal_view_changes_are_one_setting(tmp_path):
+    from slimssl.config import config_differences, load_config
+
+    def cfg(views):
+        return load_config("demo", [f"data.views={views}"])
+
+    assert config_differences(cfg("[{hue: 0.2}, {hue: 0.2}]"), cfg("{hue: 0.2}")) == []
+    assert config_differences(cfg("[{}, {}]"), load_config("demo")) == []
+    assert cfg("[{hue: 0.2}, {}]").to_yaml().count("hue") == 1  # unset keys are not written as null
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.views=[{brightnes: 0.8}]", r"data.views.0.brightnes: unknown key \[from --set\] \(allowed here: crop_ratio, "
                                       r"jitter_p, brightness"),

@@ -435,3 +435,43 @@ def test_verbose_debug_logging_is_slimssls_not_every_png_chunk(tmp_path, caplog)
         assert main(["-v", "config"]) == 0
         Image.open(tmp_path / "a.png").load()  # PIL logs each chunk it reads at DEBUG
     assert not [record for record in caplog.records if record.name.startswith("PIL")]
+
+
+def test_output_piped_into_a_reader_that_stops_early_exits_1_without_a_traceback():
+    """`slimssl config | head -1`: the reader has gone before the output is written."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "slimssl", "config", "--config", "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc.stdout.close()  # the reader stops at once
+    errors = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and "Traceback" not in errors, errors
+
+
+def test_a_file_the_machine_refuses_is_a_one_line_error_naming_it(tmp_path, monkeypatch, caplog):
+    import errno
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "demo.yaml"))
+
+    monkeypatch.setattr("slimssl.config.load.find_config", refused)
+    assert main(["config", "--config", "demo"]) == 2
+    assert f"slimssl config: error: {tmp_path / 'demo.yaml'}: Permission denied; free space, or fix the place's " \
+           "permissions, then run the command again" in caplog.text
+
+
+def test_import_of_a_file_named_like_a_folder_on_the_path_is_taken(tmp_path, monkeypatch):
+    """A folder of that name (a run directory, say) is a namespace package to Python, not a module replaced."""
+    import sys
+
+    from slimssl.methods import METHODS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "tinymethod.py").write_text("X = 1\n")
+    (tmp_path / "tinymethod").mkdir()  # e.g. --out tinymethod
+    monkeypatch.delitem(sys.modules, "tinymethod", raising=False)
+    assert main(["--import", "plugins/tinymethod.py", "config", "--config", "demo"]) == 0
+    assert sys.modules["tinymethod"].X == 1 and "tinymethod" not in METHODS

@@ -528,6 +528,14 @@ def test_auto_resume_starts_again_after_a_start_killed_before_its_first_checkpoi
     assert "removed .last.pt.def456.tmp, left by a checkpoint save that was killed midway" in caplog.text
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
 
+    # a run past its first epoch's end had a checkpoint: one moved away is no failed start, its metrics are kept
+    (run / "results.json").unlink()
+    (run / "checkpoints" / "last.pt").rename(tmp_path / "last.pt")
+    kept = (run / "metrics.jsonl").read_text()
+    with pytest.raises(SlimsslError, match="holds files of an earlier run"):
+        pretrain(cfg, run, resume="auto")
+    assert (run / "metrics.jsonl").read_text() == kept
+
 
 SLOW_CLI = """
 import sys, time
@@ -1201,14 +1209,23 @@ def test_a_full_disk_or_a_read_only_folder_is_a_one_line_error_and_keeps_what_wa
     monkeypatch.setattr(MetricsLogger, "write", full)
     assert main(["pretrain", "--resume", str(run)]) == 2
     text = error_text(capsys, caplog)
-    assert f"slimssl pretrain: error: {run / 'metrics.jsonl'}: No space left on device; what was saved before is " \
-           f"kept" in text and f"continue with: slimssl pretrain --resume {run}" in text
+    assert f"slimssl pretrain: error: {run / 'metrics.jsonl'}: No space left on device; free space, or fix the " \
+           f"place's permissions, then continue with: slimssl pretrain --resume {run} (what was saved before is " \
+           "kept)" in text
     assert "Traceback" not in text and load_checkpoint(run)["train_state"]["step"] == saved
+
+    # before the first checkpoint, the start's files are removed again: the same command starts it over
+    monkeypatch.setattr(MetricsLogger, "write", lambda self, record: full(self, {**record, "step": saved + 1}))
+    new = tmp_path / "new"
+    assert main(["pretrain", "--config", str(config), "--out", str(new), "--max-steps", "4"]) == 2
+    assert "No space left on device; free space, or fix the place's permissions, then run the command again" \
+           in error_text(capsys, caplog)
+    assert not (new / "config.yaml").exists()
 
     monkeypatch.setattr(MetricsLogger, "write", write)
     monkeypatch.setattr("slimssl.eval.results.write_json_atomic", _refusing(errno.EROFS, "Read-only file system"))
     assert main(["knn", str(run), "--device", "cpu"]) == 2
-    assert "Read-only file system; what was saved before is kept" in error_text(capsys, caplog)
+    assert "Read-only file system; free space, or fix the place's permissions" in error_text(capsys, caplog)
     monkeypatch.setattr("slimssl.eval.results.write_json_atomic", _refusing(errno.EIO, "Input/output error"))
     with pytest.raises(OSError, match="Input/output error"):  # not the machine's state as we know it: a traceback
         main(["knn", str(run), "--device", "cpu"])

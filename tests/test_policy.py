@@ -46,6 +46,16 @@ def test_sandwich_largest_smallest_and_distinct_random_middles():
     assert len(middles) > 1  # varies across steps
 
 
+def test_sandwich_runs_its_draws_in_the_menus_order_on_a_width_and_depth_menu():
+    """Width first, then the number of blocks: the smallest entry is the one run last."""
+    p = policy(widths=[1.0, 0.5], depths=[[2, 2, 2, 2], [2, 1, 1, 1], [1, 2, 2, 2]], model_depths=(2, 2, 2, 2),
+               sampling="sandwich", num_random=4)
+    drawn = p.draw(50)
+    assert drawn == list(p.menu) and drawn[-1] == p.menu.smallest
+    assert [s.name for s in drawn[-3:]] == ["w0p5_d2-2-2-2", "w0p5_d1-2-2-2", "w0p5_d2-1-1-1"]
+    assert sorted(reversed(drawn), reverse=True) == drawn  # sorted() knows the same order
+
+
 def test_sandwich_is_deterministic_in_seed_and_step():
     a = policy(sampling="sandwich", num_random=1, seed=3)
     b = policy(sampling="sandwich", num_random=1, seed=3)

@@ -40,8 +40,8 @@ class CheckpointError(SlimsslError):
 
 
 def _earlier_checkpoint_hint(damaged: Path) -> str:
-    """For a damaged checkpoint of a run: the latest other checkpoint the run kept, to continue from instead."""
-    if damaged.parent.name != CHECKPOINTS:
+    """For a run's damaged last.pt: the latest epoch checkpoint the run kept, to continue from instead."""
+    if damaged.parent.name != CHECKPOINTS or damaged.name != LAST:
         return ""
     others = sorted(p for p in damaged.parent.glob("epoch_*.pt") if p != damaged)
     if not others:

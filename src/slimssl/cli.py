@@ -126,10 +126,12 @@ def _other_module_named(name: str, path) -> str | None:
             module = importlib.util.find_spec(name)
         except (ImportError, ValueError):
             return None
+        if module is not None and module.origin is None:  # a namespace package: any folder of that name
+            return None
     origin = getattr(module, "__file__", None) or getattr(module, "origin", None)
     if module is None or (origin and os.path.exists(origin) and os.path.samefile(origin, path)):
         return None
-    return f"the module {name!r} ({origin or 'built in'})"
+    return f"the module {name!r} ({origin if origin and os.path.exists(origin) else 'built into Python'})"
 
 
 GLOBAL_OPTIONS = ("--import", "-v", "--verbose", "--version")  # slimssl's own, before the command
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_several_processes(args.command)
         import_modules(args.imports)
         return args.func(args)
+    except BrokenPipeError:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
     except (SlimsslError, OSError) as e:
         error = e if isinstance(e, SlimsslError) else storage_error(e)  # a full disk is no bug: no traceback
         if error is None:
@@ -175,9 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("where it was stopped:", exc_info=True)
         log.error("slimssl %s: interrupted (%s); nothing it had saved is lost", args.command, str(e) or "Ctrl-C")
         return 130
-    except BrokenPipeError:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
-        return 1
 
 
 if __name__ == "__main__":

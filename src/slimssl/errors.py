@@ -28,10 +28,10 @@ class StorageError(SlimsslError):
 
 def storage_error(error: BaseException, again: str = "") -> StorageError | None:
     """``error`` as a :class:`StorageError` when it is an OSError of the machine's state (not a bug), else None.
-    ``again``: the command that continues the work once the cause is fixed."""
+    ``again``: the command that continues the work once the cause is fixed, where it differs from the one run."""
     if not (isinstance(error, OSError) and error.errno in STORAGE_ERRNOS):
         return None
     where = f"{error.filename}: " if error.filename else ""
-    how = f" (continue with: {again})" if again else ""
-    return StorageError(f"{where}{error.strerror or error}; what was saved before is kept: free space, or make the "
-                        f"place writable, then run the command again{how}")
+    then = f"continue with: {again}" if again else "run the command again"
+    return StorageError(f"{where}{error.strerror or error}; free space, or fix the place's permissions, then {then} "
+                        "(what was saved before is kept)")

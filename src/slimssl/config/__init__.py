@@ -12,10 +12,11 @@ from .load import (PACKAGED, apply_override, check_assignment, check_overrides, 
                    load_config, packaged_configs)
 from .runs import MACHINE_DEPENDENT, check_processes, config_differences, standalone_config
 from .schema import (IMAGENET_MEAN, IMAGENET_STD, RECIPE_CROP_SCALE, Config, ConfigError, DataConfig, EvalConfig,
-                     MenuConfig, MethodConfig, ModelConfig, OptimConfig, SlimConfig, TrainConfig, backbone_channels)
+                     MenuConfig, MethodConfig, ModelConfig, OptimConfig, SlimConfig, TrainConfig, ViewChanges,
+                     backbone_channels)
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MACHINE_DEPENDENT", "PACKAGED", "RECIPE_CROP_SCALE", "Config",
            "ConfigError", "DataConfig", "EvalConfig", "MenuConfig", "MethodConfig", "ModelConfig", "OptimConfig",
-           "SlimConfig", "TrainConfig", "apply_override", "backbone_channels", "check_assignment", "check_overrides",
+           "SlimConfig", "TrainConfig", "ViewChanges", "apply_override", "backbone_channels", "check_assignment", "check_overrides",
            "check_processes", "config_differences", "config_from_dict", "find_config", "load_config",
            "packaged_configs", "standalone_config"]

@@ -6,7 +6,6 @@ setting that silently does nothing.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import re
@@ -15,7 +14,8 @@ from types import UnionType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from ..errors import SlimsslError
@@ -120,9 +120,11 @@ class MenuConfig(Section):
 class MethodConfig(Section):
     name: str = Field("byol", description="byol, mocov2, mocov3, or a method registered with "
                       "slimssl.methods.register_method")
-    proj_hidden: int = Field(4096, gt=0)
-    proj_dim: int = Field(256, gt=0)
-    pred_hidden: int = Field(4096, gt=0)
+    # 0 is no size, but a method without a predictor never read pred_hidden: its runs said 0 and stay readable; the
+    # heads refuse a size below 1 when they are built
+    proj_hidden: int = Field(4096, ge=0)
+    proj_dim: int = Field(256, ge=0)
+    pred_hidden: int = Field(4096, ge=0)
     temperature: float = Field(0.2, gt=0)
     momentum: float = Field(0.996, ge=0, le=1, description="EMA of the target / key encoder (base value)")
     momentum_schedule: Literal["cosine", "constant"] = "cosine"
@@ -186,8 +188,6 @@ class MethodConfig(Section):
             if not _same_kind(value, defaults[key]):
                 raise ValueError(f"method.options.{key}: expected {type(defaults[key]).__name__} like its default "
                                  f"{defaults[key]!r}, got {value!r}")
-        for key, default in defaults.items():  # recorded resolved: a default changed in code later shows on resume
-            self.options.setdefault(key, copy.deepcopy(default))
         return self
 
 
@@ -259,6 +259,11 @@ class ViewChanges(Section):
                                                          "in pixels; the recipes' 0.1-2")
     solarize_p: Probability | None = None
 
+    @model_serializer(mode="wrap")
+    def _only_changes(self, handler) -> dict:
+        """config.yaml lists the changes made, not every key of the recipe left alone."""
+        return {key: value for key, value in handler(self).items() if value is not None}
+
     @model_validator(mode="after")
     def _ranges_in_order(self) -> "ViewChanges":
         for key in ("crop_ratio", "blur_sigma"):
@@ -298,6 +303,14 @@ class DataConfig(Section):
     @classmethod
     def _one_change_for_both_views(cls, value: Any) -> Any:
         return [value] if isinstance(value, dict) else value  # views: {hue: 0.2} reads as [{hue: 0.2}]
+
+    @field_validator("views")
+    @classmethod
+    def _one_way_to_write_each_change(cls, views: list[ViewChanges]) -> list[ViewChanges]:
+        """No change is [], the same change to both views one entry: equal settings compare equal on resume."""
+        if all(view == ViewChanges() for view in views):
+            return []
+        return views[:1] if len(views) == 2 and views[0] == views[1] else views
 
     def __eq__(self, other: object) -> bool:  # equal values are equal configs, however crop_scale was set
         if not isinstance(other, DataConfig):

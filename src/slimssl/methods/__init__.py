@@ -128,13 +128,13 @@ def checked_output(method: Method, out) -> MethodOutput:
     if not isinstance(out, MethodOutput):
         raise SlimsslError(f"method {method.name!r}: loss() returned {type(out).__name__}; {expected}")
     loss = out.loss
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise SlimsslError(f"method {method.name!r}: loss() returned a loss that is {what}; {expected}")
     if torch.is_grad_enabled() and not loss.requires_grad:
         raise SlimsslError(f"method {method.name!r}: loss() returned a loss that does not depend on the online "
                            "network's outputs (detached, or computed under torch.no_grad()), so nothing would train")
-    return out
+    return out if loss.dim() == 0 else MethodOutput(loss.reshape(()), out.distill_on)  # [1] as well: one number
 
 
 def checked_momentum(method: Method, progress: float) -> float:

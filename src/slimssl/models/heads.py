@@ -8,6 +8,7 @@ declares its own heads (``Method.projector_layers`` / ``predictor_layers``).
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import NamedTuple, Sequence
 
 from torch import nn
@@ -39,9 +40,10 @@ def check_layers(layers: Sequence, where: str = "head declaration") -> list[Laye
             out_dim, norm, act, bias = Layer(*layer)
         except TypeError:
             raise SlimsslError(f"{where}: {layer!r} is not a Layer(out_dim, norm, act, bias)") from None
-        if isinstance(out_dim, bool) or not isinstance(out_dim, int) or out_dim < 1:
+        if isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1:  # NumPy's ints too
             raise SlimsslError(f"{where}: {layer!r} has out_dim {out_dim!r}; expected a whole number of features, at "
                                "least 1 (e.g. hidden // 4, not hidden / 4)")
+        out_dim = int(out_dim)
         if norm not in NORMS:
             raise SlimsslError(f"unknown norm {norm!r} in {where}; expected None, 'bn' or 'bn_noaffine'")
         if act not in ACTIVATIONS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -18,11 +19,15 @@ def _declared(method: Method, head: str, hidden: int, out: int):
     """The layers ``method`` declares for ``head``; a declaration that cannot be called so (a head written as a
     plain function without @staticmethod, say) is an error that names the method and the head."""
     where = f"{type(method).__module__}.{type(method).__qualname__}.{head}"
+    declared = getattr(method, head)
     try:
-        return getattr(method, head)(hidden, out)
-    except TypeError as e:
-        raise SlimsslError(f"{where}(hidden, out) failed: {e}; a head is declared as @staticmethod "
-                           f"def {head}(hidden, out) returning a list of Layer (docs/extending.md)") from e
+        inspect.signature(declared).bind(hidden, out)
+    except ValueError:  # a callable without a signature to read: called as it is
+        pass
+    except TypeError as e:  # only the call's form: an error inside the function is the function's own
+        raise SlimsslError(f"{where} cannot be called as ({hidden}, {out}): {e}; a head is declared as "
+                           f"@staticmethod def {head}(hidden, out) returning a list of Layer (docs/extending.md)") from e
+    return declared(hidden, out)
 
 
 class SSLModel(SlimmableMixin, nn.Module):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import total_ordering
 from numbers import Integral, Real
 from typing import Union
 
@@ -34,7 +35,8 @@ def _format_width(width: float) -> str:
     return text.replace(".", "p")
 
 
-@dataclass(frozen=True, order=True)
+@total_ordering
+@dataclass(frozen=True)
 class SubnetSpec:
     """Width multiplier in (0, 1] and active blocks per stage (each at least 1)."""
 
@@ -65,8 +67,13 @@ class SubnetSpec:
 
     @property
     def size_key(self) -> tuple:
-        """What orders sub-networks from larger to smaller: width, then the number of blocks, then the depths."""
+        """What orders sub-networks by size: width, then the number of blocks, then the depths."""
         return (self.width, sum(self.depths), self.depths)
+
+    def __lt__(self, other: object) -> bool:  # sorted(specs): by size, as the menu orders them
+        if not isinstance(other, SubnetSpec):
+            return NotImplemented
+        return self.size_key < other.size_key
 
     @classmethod
     def parse(cls, text: str, full_depths: Sequence[int] | None = None) -> "SubnetSpec":
@@ -139,7 +146,7 @@ class Menu(tuple):
         specs = [SubnetSpec.coerce(s) for s in specs]  # canonical names are taken too
         if len({len(s.depths) for s in specs}) > 1:
             raise SubnetError(f"menu entries have different numbers of stages: {[s.name for s in specs]}")
-        unique = sorted(set(specs), key=lambda s: s.size_key, reverse=True)
+        unique = sorted(set(specs), reverse=True)
         if not unique:
             raise SubnetError("a menu needs at least one sub-network")
         return super().__new__(cls, unique)

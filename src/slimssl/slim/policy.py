@@ -54,7 +54,7 @@ class SlimPolicy:
         else:
             picks += [self._random_spec(gen) for _ in range(self.cfg.num_random)]
         unique = list(dict.fromkeys(picks))
-        return [unique[0], *sorted(unique[1:], key=lambda s: s.size_key, reverse=True)]  # the menu's order
+        return [unique[0], *sorted(unique[1:], reverse=True)]  # larger first, as the menu
 
     def _random_spec(self, gen: torch.Generator) -> SubnetSpec:
         """A sub-network inside the menu's range: a width on a grid between its narrowest and widest entries, and

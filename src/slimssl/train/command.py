@@ -58,6 +58,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..report.table import markdown_table
     from . import distributed as dist
     from .signals import EXIT_INTERRUPTED, Interrupted
+    from ..layout import checkpoint_path
     from .pretrain import prepare_run, train_run
 
     dist.init_from_env()
@@ -78,7 +79,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         try:
             run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
         except OSError as e:  # a full disk or a read-only folder while writing the metrics or results
-            raise storage_error(e, again) or e
+            # before the first checkpoint the start's files are gone again: the same command starts it over
+            raise storage_error(e, again if checkpoint_path(run_dir).is_file() else "") or e
         except Interrupted as e:
             if dist.is_main():  # one hint for the job, not one per process
                 log.warning("%s; continue with: %s", e, again)

@@ -159,6 +159,9 @@ class Trainer:
         if dist.is_main():
             check_distillation(self.model.method, cfg.slim.teacher)
             check_unread_settings(self.model.method)
+        if self.model.target is not None:  # a schedule outside [0, 1] fails before the first update
+            for progress in (0.0, 1.0):
+                checked_momentum(self.model.method, progress)
         if cfg.train.sync_bn:
             self._convert_sync_bn()
         if self.device.type == "cuda" and cfg.train.channels_last:

@@ -5,6 +5,7 @@ are the same run (and either can resume the other)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -36,8 +37,8 @@ AUTO_RESUME = {True: "--auto-resume", False: "resume='auto'"}  # by whether the 
 RUN_FILES = (RESULTS, METRICS, TENSORBOARD)  # written by a run besides its checkpoints
 # what train_run may write in a run directory: removed again when a start fails before its first checkpoint
 RUN_OUTPUTS = (CONFIG, CHECKPOINTS, *RUN_FILES)
-# what a start killed before its first step leaves (CHECKPOINTS empty); config.yaml, which marks the folder as
-# this run's, goes last
+# what a start killed before its first checkpoint leaves (the steps it logged, perhaps a checkpoint's unfinished
+# temporary file); config.yaml, which marks the folder as this run's, goes last
 FAILED_START = (METRICS, TENSORBOARD, CHECKPOINTS, CONFIG)
 
 
@@ -169,19 +170,31 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
 
 def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
     """Whether ``run_dir`` holds only what a start of ``cfg`` leaves when killed before its first checkpoint
-    (by a signal before its first step, or by SIGKILL, an out-of-memory kill or a lost node at any time): its
-    config.yaml with the same settings, no checkpoint file and no results. The metrics it logged are of steps
-    that were never saved, which a resume would drop too; a checkpoint's unfinished temporary file is no
-    checkpoint."""
+    (by a signal before its first step, or by SIGKILL, an out-of-memory kill or a lost node during the first
+    epoch): its config.yaml with the same settings, no checkpoint file, no results, and metrics of no step
+    past the first epoch's end, where the first checkpoint is written (the steps it logged were never saved,
+    and a resume would drop them too). A checkpoint's unfinished temporary file is no checkpoint."""
     checkpoints = run_dir / CHECKPOINTS
     if (run_dir / RESULTS).exists() or (checkpoints.is_dir() and any(
             not is_temporary(f) for f in checkpoints.iterdir())):
         return False
     try:
         saved = config_from_dict(yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")), CONFIG)
+        lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines() if (run_dir / METRICS).exists() else []
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
         return False  # any doubt keeps the files
+    if any(record.get("epoch", 0) >= 1 for record in map(_record_or_none, lines) if record):
+        return False  # a checkpoint was written, and has gone (moved away?): its run's metrics are kept
     return not config_differences(saved, cfg, ignore=MACHINE_DEPENDENT)
+
+
+def _record_or_none(line: str) -> dict | None:
+    """A metrics.jsonl line, or None for one a kill cut short."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
