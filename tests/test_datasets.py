@@ -1,5 +1,6 @@
 import logging
 import os
+import shutil
 import re
 import time
 import zipfile
@@ -359,6 +360,29 @@ def test_a_folder_wrapping_the_dataset_is_read_like_the_zip_of_it(tmp_path):
     _assert_splits(archive)
 
 
+def test_files_of_other_kinds_in_class_folders_are_left_out_and_counted(tmp_path, caplog):
+    root = _class_tree(tmp_path / "d")
+    for name in ("cat/anim.gif", "cat/still.gif", "dog/notes.txt"):
+        (root / name).write_bytes(b"GIF89a")
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert len(load_dataset(str(root))) == 6
+    assert "left out 3 file(s) that are not images of the kinds read (.jpg, " in caplog.text
+    assert ".gif 2, .txt 1" in caplog.text
+
+
+def test_a_zip_of_a_compression_method_python_cannot_read_is_named_once(tmp_path):
+    archive = _zip_dir(_class_tree(tmp_path / "d"), tmp_path / "d.zip")
+    raw = bytearray(archive.read_bytes())
+    central = raw.find(b"PK\x01\x02")
+    while raw[central + 46:central + 46 + 9] != b"cat/0.png":  # its central directory entry: method at +10
+        central = raw.find(b"PK\x01\x02", central + 1)
+    raw[central + 10:central + 12] = (9).to_bytes(2, "little")  # Deflate64, as Windows Explorer writes
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"d\.zip stores cat/0\.png with compression method 9 \(Deflate64, as Windows "
+                                        r"Explorer writes large archives\), which Python's zipfile cannot read; unpack"):
+        load_dataset(str(archive))
+
+
 def test_a_chain_of_lone_folders_above_the_splits_is_unwrapped(tmp_path):
     _split_tree(tmp_path / "d" / "outer" / "inner")  # not read as one class "outer" mixing train and test
     _assert_splits(tmp_path / "d")
@@ -395,6 +419,18 @@ def test_a_zip_of_the_train_split_alone_is_a_train_split(tmp_path):
         load_dataset(str(archive), "test")
 
 
+def test_a_dataset_deeper_inside_a_class_folder_is_refused_and_a_classs_train_pictures_are_not(tmp_path):
+    _split_tree(tmp_path / "d" / "outer" / "inner")
+    _class_tree(tmp_path / "d" / "outer" / "other")  # so outer is no lone wrapper: a class of the folder d
+    _class_tree(tmp_path / "d" / "vehicles")
+    with pytest.raises(DataError, match=r"outer/inner holds test/ and train/, so it is a dataset, not images of the "
+                                        r"class outer; give .*inner itself as the data"):
+        load_dataset(str(tmp_path / "d"))
+    shutil.rmtree(tmp_path / "d" / "outer")
+    _class_tree(tmp_path / "d" / "vehicles" / "rail" / "train")  # pictures of trains, two folders down
+    assert load_dataset(str(tmp_path / "d")).classes == ["vehicles"]
+
+
 def test_a_link_loop_is_followed_once_and_a_dangling_link_is_an_unreadable_image(tmp_path, caplog):
     root = _class_tree(tmp_path / "d")
     os.symlink("..", root / "cat" / "loop")
@@ -403,6 +439,19 @@ def test_a_link_loop_is_followed_once_and_a_dangling_link_is_an_unreadable_image
     assert "links to a folder that holds it: not followed (a loop)" in caplog.text
     os.symlink(tmp_path / "gone.png", root / "dog" / "moved.png")
     with pytest.raises(DataError, match=r"cannot decode .*moved\.png"):
+        load_dataset(str(root))
+    assert len(load_dataset(str(root), skip_unreadable=True)) == 6
+
+
+def test_a_link_that_leads_to_itself_is_skipped_or_an_unreadable_image(tmp_path, caplog):
+    root = _class_tree(tmp_path / "d")
+    os.symlink("selfloop", root / "dog" / "selfloop")  # ELOOP when followed
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert len(load_dataset(str(root))) == 6
+    assert "selfloop cannot be followed (Too many levels of symbolic links): skipped" in caplog.text
+    os.symlink("b.png", root / "cat" / "a.png")
+    os.symlink("a.png", root / "cat" / "b.png")
+    with pytest.raises(DataError, match=r"cannot decode .*a\.png"):
         load_dataset(str(root))
     assert len(load_dataset(str(root), skip_unreadable=True)) == 6
 

@@ -323,6 +323,24 @@ def test_resume_applies_the_optimizer_settings_it_is_given(tmp_path):
     assert all(len(state) for state in Trainer(prepared.cfg, prepared.run_dir, resume=True).optimizer.state.values())
 
 
+def test_a_resume_on_a_training_set_of_another_size_continues_at_the_same_epoch(tmp_path, caplog):
+    """Images added or removed between two calls: the schedule counts epochs, so the run goes on from the epoch
+    it had reached (before, the saved step was read in the new epochs: removed images ended the run early)."""
+    from slimssl.train.pretrain import prepare_run
+
+    cfg = config_from_dict(tiny(eval={"knn_random_init": False}))  # 64 images: 4 steps of 16 per epoch
+    Trainer(cfg, tmp_path / "run").fit(max_steps=6)  # epoch 1.5
+    prepared = prepare_run(None, tmp_path / "run", overrides=["data.fake_size=32"], resume=True)  # 2 steps an epoch
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        trainer = Trainer(prepared.cfg, prepared.run_dir, resume=True)
+    assert (trainer.state.step, trainer.total_steps) == (3, 2 * cfg.train.epochs)
+    assert "the training set gives 2 steps per epoch, and gave 4 when the run was saved" in caplog.text
+    trainer.fit()
+    epochs = [r["epoch"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert epochs[-1] == cfg.train.epochs and all(b >= a for a, b in zip(epochs, epochs[1:]))  # never backwards
+
+
 def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
     # (on fewer processes the batch may have to change). 64 images: 4 steps of 16, or 2 of 32, per epoch
     from slimssl.train.pretrain import prepare_run

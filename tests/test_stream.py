@@ -431,3 +431,24 @@ def test_a_process_that_never_closes_its_source_still_exits(tmp_path):
               f"global_batch=4, rank=0, world=1, seed=0, device=torch.device('cpu'), workers=2); s(0); print('ok')")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_an_image_over_pillows_size_guard_decodes_as_in_memory_or_is_named_with_the_way_to_allow_it(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from slimssl.data.decode import decode_error, decode_pixels
+
+    def encoded(fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (200, 30, 10)).save(buffer, fmt)
+        return buffer.getvalue()
+
+    expected = decode_pixels(encoded("JPEG"), 48)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 64 x 48 is over twice that: Pillow refuses to open it
+    assert torch.equal(decode_pixels(encoded("JPEG"), 8), expected)  # whole, by torchvision, as the memory loader
+    with pytest.raises(Image.DecompressionBombError) as refused:
+        decode_pixels(encoded("PNG"), 8)
+    assert "refuses an image this large" in decode_error(refused.value)
+    assert "PIL.Image.MAX_IMAGE_PIXELS = None" in decode_error(refused.value)

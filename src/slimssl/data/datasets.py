@@ -303,7 +303,7 @@ def _check_sizes(tree: FileTree, paths: list[str], results: list, kept: list[int
 
 
 def cache_dir() -> str:
-    return os.path.expanduser(os.environ.get("SLIMSSL_CACHE", "~/.cache/slimssl/decoded"))
+    return os.path.expanduser(os.environ.get("SLIMSSL_CACHE") or "~/.cache/slimssl/decoded")  # set empty: unset
 
 
 DEFAULT_CACHE_GB = 20.0

@@ -55,6 +55,10 @@ _JPEG = _jpeg_op()
 def decode_error(exc: Exception) -> str:
     """A decoder's exception as the reason a file is unreadable, without the in-memory buffer PIL names
     (``cannot identify image file <_io.BytesIO object at 0x...>``): the caller names the file."""
+    if isinstance(exc, Image.DecompressionBombError):  # a large image, not a damaged one: say how to allow it
+        return (f"Pillow's guard against decompression bombs refuses an image this large ("
+                f"{_BUFFER.sub('', str(exc)).strip().rstrip('.')}); to read it, set PIL.Image.MAX_IMAGE_PIXELS = None "
+                "in a module given to --import (or before loading, in Python), or make the image smaller")
     return f"{type(exc).__name__}: {_BUFFER.sub('', str(exc)).strip()}"
 
 
@@ -140,8 +144,12 @@ def decode_pixels(data: bytes, min_side: int) -> torch.Tensor:
 
 
 def _draft_shrinks(data: bytes, min_side: int) -> bool:
-    """Whether ``decode_image`` decodes this JPEG at reduced DCT scale (reads the header only)."""
-    with Image.open(io.BytesIO(data)) as img:
-        full = img.size
-        img.draft("RGB", (min_side, min_side))
-        return img.size != full
+    """Whether ``decode_image`` decodes this JPEG at reduced DCT scale (reads the header only). A JPEG over
+    Pillow's size guard is not: torchvision's decoder reads it whole, as the in-memory loader does."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            full = img.size
+            img.draft("RGB", (min_side, min_side))
+            return img.size != full
+    except Image.DecompressionBombError:
+        return False

@@ -104,15 +104,23 @@ def _scan_dir(root: str) -> FileTree:
             rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
             if _hidden(entry.name):
                 continue
-            if entry.is_dir():
-                identity = _identity(entry.path)
+            try:
+                is_dir = entry.is_dir()
+                identity = _identity(entry.path) if is_dir else None
+                is_file = not is_dir and entry.is_file()
+            except OSError as exc:  # a link that leads to itself (ELOOP), a stale network mount (ESTALE, EIO)
+                if not _is_image(entry.name):
+                    _say_once(logging.WARNING, "%s cannot be followed (%s): skipped", entry.path, exc.strerror or exc)
+                    continue
+                is_dir, is_file = False, True  # an image that cannot be read: reported as unreadable, as a dangling link
+            if is_dir:
                 if identity in above:
                     _say_once(logging.WARNING, "%s links to a folder that holds it: not followed (a loop)",
                               entry.path)
                     continue
                 dirs.add(rel)
                 stack.append((rel, (*above, identity)))
-            elif entry.is_file() or (entry.is_symlink() and _is_image(entry.name)):  # dangling: an unreadable image
+            elif is_file or (entry.is_symlink() and _is_image(entry.name)):  # dangling: an unreadable image
                 files[rel] = None
     return FileTree(root, files, dirs, _folder_reader(root))
 
@@ -128,6 +136,11 @@ def _folder_reader(root: str) -> Callable[[str], bytes]:
             return f.read()
 
     return read
+
+
+READABLE_ZIP_METHODS = {m for m in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA,
+                                     getattr(zipfile, "ZIP_ZSTANDARD", None)) if m is not None}  # Python 3.14's
+ZIP_METHOD_NAMES = {9: "Deflate64, as Windows Explorer writes large archives", 93: "Zstandard", 98: "PPMd"}
 
 
 def open_zip(path: str, offsets: bool = False) -> FileTree:
@@ -150,6 +163,10 @@ def open_zip(path: str, offsets: bool = False) -> FileTree:
         if info.is_dir():
             dirs.add(name)
         else:
+            if info.compress_type not in READABLE_ZIP_METHODS:  # else every file of it would be "unreadable"
+                raise DataError(f"{path} stores {info.filename} with compression method {info.compress_type} "
+                                f"({ZIP_METHOD_NAMES.get(info.compress_type, 'unknown')}), which Python's zipfile "
+                                "cannot read; unpack the archive and give the folder, or zip it again with deflate")
             files[name] = (info.file_size, info.CRC)
             stored[name] = info.filename
             if offsets:
@@ -238,19 +255,26 @@ def split_prefix(tree: FileTree, split: str) -> str:
 
 
 def _refuse_nested_dataset(tree: FileTree, prefix: str) -> None:
-    """A dataset one folder too deep would be read as classes, its splits mixed: refused, saying where it is."""
+    """A dataset inside a class folder would be read as part of that class, its splits mixed (test images
+    trained on): refused, saying where it is. A class's own sub-folder holds any split folder; deeper, a folder
+    counts as a dataset when it holds train/ and test/ or val/ (a class folder may well hold a "train" of
+    railway pictures)."""
     where = os.path.join(tree.root, prefix) if prefix else tree.root
     # the folders that hold a split folder, found in one pass: asked per class, 21k classes took minutes
     holding_splits = {d.rsplit("/", 1)[0] for d in tree.dirs if "/" in d and d.rsplit("/", 1)[1].lower() in SPLITS}
-    children = (d[len(prefix):] for d in tree.dirs if d.startswith(prefix))
-    for cls in sorted(c for c in children if c and "/" not in c and f"{prefix}{c}" in holding_splits):
-        nested = _split_dirs(tree.dirs, f"{prefix}{cls}/")
+    for holder in sorted(h for h in holding_splits if h.startswith(prefix) and h != prefix.rstrip("/")):
+        inside = holder[len(prefix):]
+        nested = _split_dirs(tree.dirs, f"{holder}/")
+        if "/" in inside and not ("train" in nested and ({"test", "val"} & set(nested))):
+            continue
         if nested:
             held = " and ".join(sorted(f"{name}/" for name in nested.values()))
-            inner = os.path.join(where, cls)
+            inner = os.path.join(where, inside)
             fix = f"give {inner} itself as the data" if os.path.isdir(tree.root) else \
-                f"zip the folder {prefix}{cls}/ on its own, or unpack {tree.root} and give that folder"
-            raise DataError(f"{inner} holds {held}, so it is a dataset, not a class folder; {fix}")
+                f"zip the folder {holder}/ on its own, or unpack {tree.root} and give that folder"
+            cls = inside.split("/")[0]
+            raise DataError(f"{inner} holds {held}, so it is a dataset, not "
+                            + ("a class folder" if inside == cls else f"images of the class {cls}") + f"; {fix}")
 
 
 def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None, list[str] | None]:
@@ -275,9 +299,17 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
     if loose:
         log.warning("%s: ignoring %d images outside the class folders (e.g. %s)", where, len(loose), loose[0])
     by_class: dict[str, list[str]] = {c: [] for c in class_dirs}
+    ignored: dict[str, int] = {}  # by extension: a .gif among JPEGs is left out, as torchvision's ImageFolder does
     for f in under:
         if "/" in f and _is_image(f):
             by_class[f.split("/", 1)[0]].append(prefix + f)
+        elif "/" in f:
+            suffix = os.path.splitext(f)[1].lower() or "(none)"
+            ignored[suffix] = ignored.get(suffix, 0) + 1
+    if ignored:
+        _say_once(logging.INFO, "%s: left out %d file(s) that are not images of the kinds read (%s): %s", where,
+                  sum(ignored.values()), ", ".join(IMAGE_EXTENSIONS),
+                  ", ".join(f"{k} {n}" for k, n in sorted(ignored.items(), key=lambda kv: -kv[1])))
     paths, labels = [], []
     for label, cls in enumerate(class_dirs):
         if not by_class[cls]:

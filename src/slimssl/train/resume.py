@@ -73,11 +73,14 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
     saved_step, epochs_done = state.step, data.get("epoch")
     if "joined_at" not in entries:  # a checkpoint from before 2026-12-06: from its config and epoch
         state.joined_at = _joined_at(saved, saved_step, epochs_done)
+    saved_steps_per_epoch = round(saved_step / epochs_done) if saved_step and epochs_done else None
     if saved.train.batch_size != cfg.train.batch_size:
         state.step = _step_with_another_batch(path, state.step, saved.train.batch_size, cfg.train.batch_size,
                                               epochs_done, steps_per_epoch)
-        if state.joined_at is not None and saved_step:  # counted in the steps of the new batch too
-            state.joined_at = state.joined_at * state.step // saved_step
+    elif saved_steps_per_epoch not in (None, steps_per_epoch):
+        state.step = _step_with_another_training_set(saved_step, epochs_done, saved_steps_per_epoch, steps_per_epoch)
+    if state.joined_at is not None and saved_step and state.step != saved_step:  # counted in the new steps too
+        state.joined_at = state.joined_at * state.step // saved_step
     return Resumed(state, LogWindow.from_state_dict(data.get("log_window"), device), saved_step,
                    data.get("effective_lr"))
 
@@ -103,6 +106,20 @@ def _joined_at(saved: Config, step: int, epochs_done: float | None) -> int | Non
         return None
     join = join_step(saved.slim.slow_start, saved.train.epochs * round(step / epochs_done))
     return join if step > join else None
+
+
+def _step_with_another_training_set(step: int, epochs_done: float, saved_steps_per_epoch: int,
+                                    steps_per_epoch: int) -> int:
+    """The step of a run resumed on a training set of another size (images added or removed, other data): the
+    schedule (lr, slow start, momentum) counts epochs, so the run continues at the same epoch in steps of the
+    new length, the nearest step within an epoch."""
+    converted = round(epochs_done * steps_per_epoch)
+    if dist.is_main():
+        log.warning("the training set gives %d steps per epoch, and gave %d when the run was saved (images added or "
+                    "removed?): the run continues at epoch %.2f, step %d of the new epochs (step %d of the old "
+                    "ones); metrics.jsonl counts the new steps from here on", steps_per_epoch,
+                    saved_steps_per_epoch, epochs_done, converted, step)
+    return converted
 
 
 def _step_with_another_batch(path: Path, step: int, saved_batch: int, batch: int, epochs_done: float | None,
