@@ -112,7 +112,7 @@ def _scan_dir(root: str) -> FileTree:
                 if not _is_image(entry.name):
                     _say_once(logging.WARNING, "%s cannot be followed (%s): skipped", entry.path, exc.strerror or exc)
                     continue
-                is_dir, is_file = False, True  # an image that cannot be read: reported as unreadable, as a dangling link
+                is_dir, is_file = False, True  # an image that cannot be read: reported as unreadable, as dangling
             if is_dir:
                 if identity in above:
                     _say_once(logging.WARNING, "%s links to a folder that holds it: not followed (a loop)",
