@@ -383,6 +383,37 @@ def test_a_zip_of_a_compression_method_python_cannot_read_is_named_once(tmp_path
         load_dataset(str(archive))
 
 
+def test_a_zip_member_that_is_no_image_may_be_of_any_compression(tmp_path):
+    root = _class_tree(tmp_path / "d")
+    (root / "annotations.mat").write_bytes(b"never read")
+    archive = _zip_dir(root, tmp_path / "d.zip")
+    raw = bytearray(archive.read_bytes())
+    central = raw.find(b"PK\x01\x02")
+    while raw[central + 46:central + 46 + 15] != b"annotations.mat":
+        central = raw.find(b"PK\x01\x02", central + 1)
+    raw[central + 10:central + 12] = (9).to_bytes(2, "little")
+    archive.write_bytes(bytes(raw))
+    assert len(load_dataset(str(archive))) == 6
+
+
+def test_a_folder_that_cannot_be_read_stops_the_load_rather_than_losing_a_class(tmp_path, monkeypatch):
+    import errno
+
+    from slimssl.data import files
+
+    root = _class_tree(tmp_path / "d")
+    identity = files._identity
+
+    def stale(path):
+        if path.endswith("dog"):
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return identity(path)
+
+    monkeypatch.setattr(files, "_identity", stale)
+    with pytest.raises(DataError, match=r"cannot read .*dog \(Stale file handle\)"):
+        load_dataset(str(root))
+
+
 def test_a_chain_of_lone_folders_above_the_splits_is_unwrapped(tmp_path):
     _split_tree(tmp_path / "d" / "outer" / "inner")  # not read as one class "outer" mixing train and test
     _assert_splits(tmp_path / "d")

@@ -378,14 +378,19 @@ def test_heads_are_checked_against_each_other_when_built(tmp_path):
         Trainer(config_from_dict(tiny("nostatic", widths=[1.0, 0.5])), tmp_path / "nostatic")
 
 
-@pytest.mark.parametrize("key", ["proj_hidden", "proj_dim", "pred_hidden"])
-def test_a_head_size_of_zero_is_refused_when_the_heads_are_built_and_one_never_read_is_not(tmp_path, key):
-    with pytest.raises(ConfigError, match=rf"method.{key}: Input should be greater than or equal to 0"):
-        config_from_dict(tiny("byol"), overrides=[f"method.{key}=-1"])
-    with pytest.raises(SlimsslError, match=r"BYOL.(projector|predictor)_layers: .* has out_dim 0; expected a whole"):
-        Trainer(config_from_dict(tiny("byol"), overrides=[f"method.{key}=0"]), tmp_path / "byol")
-    if key == "pred_hidden":  # MoCo v2 has no predictor: runs that said 0 trained, and are read as before
-        Trainer(config_from_dict(tiny("mocov2"), overrides=[f"method.{key}=0"]), tmp_path / "mocov2")
+@pytest.mark.parametrize("key", ["proj_hidden", "proj_dim"])
+def test_a_projector_size_of_zero_is_refused_by_the_config(key):
+    with pytest.raises(ConfigError, match=rf"method.{key}: Input should be greater than 0"):
+        config_from_dict(tiny("byol"), overrides=[f"method.{key}=0"])
+
+
+def test_a_predictor_size_of_zero_is_refused_where_there_is_a_predictor(tmp_path):
+    with pytest.raises(ConfigError, match=r"method.pred_hidden: Input should be greater than or equal to 0"):
+        config_from_dict(tiny("byol"), overrides=["method.pred_hidden=-1"])
+    with pytest.raises(SlimsslError, match=r"BYOL.predictor_layers: .* has out_dim 0; expected a whole"):
+        Trainer(config_from_dict(tiny("byol"), overrides=["method.pred_hidden=0"]), tmp_path / "byol")
+    # MoCo v2 has no predictor: its runs that said 0 trained, and are read as before
+    Trainer(config_from_dict(tiny("mocov2"), overrides=["method.pred_hidden=0"]), tmp_path / "mocov2")
 
 
 def test_options_written_as_yaml_reads_them_are_taken(tmp_path):
@@ -462,8 +467,6 @@ def test_a_method_file_named_like_another_module_is_refused(tmp_path, monkeypatc
 def test_a_method_that_reads_no_target_output_has_no_target(tmp_path):
     """views_used ((0, 1), ()): no copy kept, updated or saved, and its momentum never asked for; it trains and
     resumes exactly, from a checkpoint saved with a target too (before targetless methods had none)."""
-    from slimssl.checkpoint import save_checkpoint
-
     def no_momentum(self, progress):
         raise AssertionError("momentum() of a method without a target")
 
@@ -478,13 +481,14 @@ def test_a_method_that_reads_no_target_output_has_no_target(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in records) and not any("momentum" in r for r in records)
 
+    # saved as before 2026-12-06, with a target: built while the method said it read one
+    cls = METHODS["notarget"]
+    cls.views_used, cls.momentum = (lambda self: ((0, 1), (0, 1))), (lambda self, progress: 0.99)
     first = Trainer(config_from_dict(data), tmp_path / "resumed")
+    assert first.model.target is not None
     first.fit(max_steps=2)
-    old = load_checkpoint(tmp_path / "resumed")
-    old["config"] = old["config"].model_dump(mode="json")  # as stored
-    old["model"] = {**old["model"], **{f"target.{k}": v.clone() for k, v in old["model"].items()
-                                       if k.startswith("backbone.")}}
-    save_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt", old)
+    cls.views_used, cls.momentum = (lambda self: ((0, 1), ())), no_momentum
+    assert any(k.startswith("target.projector.") for k in load_checkpoint(tmp_path / "resumed")["model"])
     second = Trainer(config_from_dict(data), tmp_path / "resumed", resume=True)
     second.fit(max_steps=4)
     a, b = straight.model.state_dict(), second.model.state_dict()
@@ -517,3 +521,18 @@ def test_a_method_setting_the_method_never_reads_is_warned_of(tmp_path, caplog):
                 tmp_path / "own")
     assert "method.pred_hidden is 32, but method 'mocov2'" in caplog.text  # it has no predictor
     assert "temperature" not in caplog.text and "threelayer" not in caplog.text
+    caplog.clear()
+
+    class WithPredictor(methods.MoCoV2):  # a subclass may read more than its parent: not told off
+        name = "mocov2pred"
+        predictor_layers = staticmethod(Method.predictor_layers)
+
+    register_method(WithPredictor)
+    from slimssl.config import standalone_config
+
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        Trainer(config_from_dict(tiny("mocov2pred", widths=[1.0, 0.5])), tmp_path / "sub")
+        mocov2 = config_from_dict(tiny("mocov2", widths=[1.0, 0.5]), overrides=["method.pred_hidden=4096"])
+        alone = standalone_config(mocov2, mocov2.subnet_menu()[-1])  # the one-by-one baseline of a width
+        Trainer(alone, tmp_path / "alone")
+    assert "does not read it" not in caplog.text and alone.method.pred_hidden == 4096

@@ -341,6 +341,42 @@ def test_a_resume_on_a_training_set_of_another_size_continues_at_the_same_epoch(
     assert epochs[-1] == cfg.train.epochs and all(b >= a for a, b in zip(epochs, epochs[1:]))  # never backwards
 
 
+def test_a_finished_run_resumed_on_a_training_set_of_another_size_stays_finished_with_its_results(tmp_path):
+    from slimssl.train.pretrain import pretrain, prepare_run
+
+    cfg = config_from_dict(tiny(eval={"knn_random_init": False, "knn_k": 5}))
+    pretrain(cfg, tmp_path / "run")
+    results = (tmp_path / "run" / "results.json").read_text()
+    prepared = prepare_run(None, tmp_path / "run", overrides=["data.fake_size=32"], resume=True)
+    trainer = Trainer(prepared.cfg, prepared.run_dir, resume=True)
+    assert trainer.state.step == 12  # as trained: nothing left to train, nothing converted
+    trainer.fit()
+    assert (tmp_path / "run" / "results.json").read_text() == results
+
+
+def test_a_resume_on_a_much_smaller_training_set_is_not_back_at_step_0(tmp_path):
+    from slimssl.train.pretrain import prepare_run
+
+    cfg = config_from_dict(tiny(train={"batch_size": 8}, eval={"knn_random_init": False}))  # 8 steps an epoch
+    Trainer(cfg, tmp_path / "run").fit(max_steps=1)  # epoch 0.125
+    prepared = prepare_run(None, tmp_path / "run", overrides=["data.fake_size=16"], resume=True)  # 2 steps an epoch
+    assert Trainer(prepared.cfg, prepared.run_dir, resume=True).state.step == 1
+
+
+def test_changing_batch_and_training_set_mid_epoch_names_the_steps_of_the_images_there_are_now(tmp_path):
+    from slimssl.train.pretrain import prepare_run
+
+    cfg = config_from_dict(tiny(eval={"knn_random_init": False}))  # 64 images: 4 steps of 16 per epoch
+    Trainer(cfg, tmp_path / "run").fit(max_steps=6)  # epoch 1.5
+    prepared = prepare_run(None, tmp_path / "run", overrides=["data.fake_size=32", "train.batch_size=8"],
+                           resume=True)
+    with pytest.raises(ConfigError, match=r"--max-steps 4 "):  # the end of epoch 2 in steps of 16 on 32 images
+        Trainer(prepared.cfg, prepared.run_dir, resume=True)
+    follow = prepare_run(None, tmp_path / "run", overrides=["data.fake_size=32"], resume=True)
+    Trainer(follow.cfg, follow.run_dir, resume=True).fit(max_steps=4)
+    assert load_checkpoint(tmp_path / "run")["epoch"] == 2  # the hint stops at the epoch's end, as it says
+
+
 def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
     # (on fewer processes the batch may have to change). 64 images: 4 steps of 16, or 2 of 32, per epoch
     from slimssl.train.pretrain import prepare_run
@@ -546,13 +582,22 @@ def test_auto_resume_starts_again_after_a_start_killed_before_its_first_checkpoi
     assert "removed .last.pt.def456.tmp, left by a checkpoint save that was killed midway" in caplog.text
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
 
+    # a kill while the first checkpoint was written: the epoch's last record (epoch 1.0) is there, not the file
+    shutil.rmtree(run)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "epoch": 1.0, "loss": {FULL: 1.0}}) + "\n")
+    (run / "checkpoints" / ".last.pt.xyz.tmp").write_bytes(b"half of the first checkpoint")
+    assert pretrain(cfg, run, resume="auto").finished
+
     # a run past its first epoch's end had a checkpoint: one moved away is no failed start, its metrics are kept
-    (run / "results.json").unlink()
-    (run / "checkpoints" / "last.pt").rename(tmp_path / "last.pt")
-    kept = (run / "metrics.jsonl").read_text()
+    longer = config_from_dict(tiny(train={"epochs": 2}))
+    pretrain(longer, tmp_path / "longer", max_steps=6)
+    (tmp_path / "longer" / "checkpoints" / "last.pt").rename(tmp_path / "last.pt")
+    kept = (tmp_path / "longer" / "metrics.jsonl").read_text()
     with pytest.raises(SlimsslError, match="holds files of an earlier run"):
-        pretrain(cfg, run, resume="auto")
-    assert (run / "metrics.jsonl").read_text() == kept
+        pretrain(longer, tmp_path / "longer", resume="auto")
+    assert (tmp_path / "longer" / "metrics.jsonl").read_text() == kept
 
 
 SLOW_CLI = """

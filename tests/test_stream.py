@@ -451,4 +451,18 @@ def test_an_image_over_pillows_size_guard_decodes_as_in_memory_or_is_named_with_
     with pytest.raises(Image.DecompressionBombError) as refused:
         decode_pixels(encoded("PNG"), 8)
     assert "refuses an image this large" in decode_error(refused.value)
-    assert "PIL.Image.MAX_IMAGE_PIXELS = None" in decode_error(refused.value)
+    assert "set $SLIMSSL_MAX_IMAGE_PIXELS=none (or a larger number of pixels)" in decode_error(refused.value)
+
+
+def test_pillows_size_guard_is_set_from_the_environment_in_every_process():
+    """Set when slimssl's decoder is imported: a loader worker started afresh (spawn) imports it too."""
+    import subprocess
+    import sys
+
+    code = "import slimssl.data.decode; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"
+    from PIL import Image
+
+    for value, expected in (("none", "None"), ("1000", "1000"), ("", str(Image.MAX_IMAGE_PIXELS))):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "SLIMSSL_MAX_IMAGE_PIXELS": value})
+        assert run.stdout.strip() == expected

@@ -43,7 +43,7 @@ def _earlier_checkpoint_hint(damaged: Path) -> str:
     """For a run's damaged last.pt: the latest epoch checkpoint the run kept, to continue from instead."""
     if damaged.parent.name != CHECKPOINTS or damaged.name != LAST:
         return ""
-    others = sorted(p for p in damaged.parent.glob("epoch_*.pt") if p != damaged)
+    others = sorted(damaged.parent.glob("epoch_*.pt"))
     if not others:
         return ""
     return (f". The run keeps an earlier checkpoint, {others[-1].name}: to continue from it, copy it over "

@@ -10,6 +10,7 @@ import sys
 import time
 
 from . import __version__
+from .cli_args import OutputClosed
 from .errors import SlimsslError, UsageError, storage_error
 from .launch import torchrun_processes
 
@@ -29,7 +30,8 @@ environment:
   SLIMSSL_CACHE         the decoded-image cache (default ~/.cache/slimssl/decoded)
   SLIMSSL_CACHE_GB      its size limit in GiB, least recently used splits dropped past it (default 20; 0: off)
   SLIMSSL_DIST_TIMEOUT  seconds a torchrun process waits for the others (default 1800)
-  SLIMSSL_DIST_BACKEND  torch.distributed backend (default cpu:gloo,cuda:nccl with CUDA, else gloo)"""
+  SLIMSSL_DIST_BACKEND  torch.distributed backend (default cpu:gloo,cuda:nccl with CUDA, else gloo)
+  SLIMSSL_MAX_IMAGE_PIXELS  Pillow's size guard against decompression bombs: pixels, or none (default Pillow's)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_several_processes(args.command)
         import_modules(args.imports)
         return args.func(args)
-    except BrokenPipeError:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
+    except OutputClosed:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1
     except (SlimsslError, OSError) as e:

@@ -106,13 +106,23 @@ def _check_writable(folder: Path, text: str) -> None:
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: no permission to write in {str(ancestor)!r}")
 
 
+class OutputClosed(Exception):
+    """Standard output's reader stopped early (``| head``): the command's output has nowhere to go."""
+
+
+def write_out(text: str) -> None:
+    """``text`` on standard output, flushed; :class:`OutputClosed` when its reader has gone (a broken pipe of
+    anything else stays an error of that)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError as e:
+        raise OutputClosed() from e
+
+
 def emit(args: argparse.Namespace, doc, table: str) -> None:
     """A command's result on stdout: one JSON document with ``--json``, else the human-readable table."""
-    if getattr(args, "json", False):
-        json.dump(doc, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(table)
+    write_out(json.dumps(doc, indent=2) + "\n" if getattr(args, "json", False) else table + "\n")
 
 
 def shell_quote(path: str | os.PathLike) -> str:

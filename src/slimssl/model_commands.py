@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .cli_args import (add_overrides, data_source, device_name, emit, nonnegative_float, nonnegative_int,
-                       output_dir, positive_count, positive_int)
+from .cli_args import (add_overrides, data_source, device_name, emit, nonnegative_float, nonnegative_int, output_dir,
+                       positive_count, positive_int, write_out)
 from .errors import UsageError
 
 log = logging.getLogger("slimssl")
@@ -118,9 +118,9 @@ def cmd_config(args: argparse.Namespace) -> int:
             first = next((line.lstrip("# ").rstrip() for line in header if line.startswith("#")), "")
             if first and not first.endswith("."):  # the sentence goes on in the file
                 first = first.rstrip(",:;") + " ..."
-            print(f"{name:<{width}}  {first}".rstrip())
+            write_out(f"{name:<{width}}  {first}".rstrip() + "\n")
         return 0
-    print(load_config(args.config, args.set).to_yaml(), end="")
+    write_out(load_config(args.config, args.set).to_yaml())
     return 0
 
 

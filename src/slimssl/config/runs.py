@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic_core import to_jsonable_python
+
 from ..nn.spec import SubnetSpec
 from .load import config_from_dict
 from .schema import Config, ConfigError, backbone_channels, group_size_hint
@@ -24,11 +26,20 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 MACHINE_DEPENDENT = frozenset({"data.workers"})
 
 
+def _resolved(cfg: Config) -> dict:
+    """``cfg`` as compared: a method's options with their defaults (an option given its default is no change)."""
+    data = cfg.model_dump(mode="json")
+    method = cfg.method.registered()
+    if method is not None:  # (as model_dump writes them: a tuple as a list)
+        data["method"]["options"] = {**to_jsonable_python(method.default_options), **data["method"]["options"]}
+    return data
+
+
 def config_differences(saved: Config, now: Config, prefixes: tuple[str, ...] = ("",),
                        ignore: frozenset[str] = frozenset(), labels: tuple[str, str] = ("saved", "now")) -> list[str]:
     """``key: saved X, now Y`` for every setting that differs, as dotted keys (``train.epochs``), among the
     keys that start with one of ``prefixes`` and are not in ``ignore``; ``labels`` name the two sides."""
-    a, b = _flatten(saved.model_dump(mode="json")), _flatten(now.model_dump(mode="json"))
+    a, b = _flatten(_resolved(saved)), _flatten(_resolved(now))
     keys = sorted(k for k in (set(a) | set(b)) - ignore if k.startswith(prefixes))
     return [f"{k}: {labels[0]} {a.get(k)!r}, {labels[1]} {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -39,12 +50,13 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
     batch = cfg.train.batch_size
     first = 1 if cfg.train.sync_bn else 2  # samples per process: BatchNorm needs two, synchronised or not
     if world > 1 and (batch < world or batch % world):
-        counts = [n for n in range(1, batch + 1) if batch % n == 0 and batch // n >= first][:8]
+        counts = [str(n) for n in range(1, batch + 1) if batch % n == 0 and batch // n >= first]
+        counts = counts if len(counts) <= 8 else [*counts[:8], "..."]
         raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} is the total batch over all "
                           f"processes, so it must be a multiple of the number of processes {world} "
                           f"(allowed: {', '.join(str(k * world) for k in range(first, first + 3))}, ...; a resumed run "
                           f"changes its batch only at an epoch's end), or run on a number of processes that divides "
-                          f"it ({', '.join(map(str, counts))})")
+                          f"it ({', '.join(counts)})")
     per_process, group = batch // world, cfg.model.bn_group_size
     if per_process < first:  # BatchNorm of one sample fails in the first step
         raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} over {world} processes leaves "
@@ -84,6 +96,9 @@ def standalone_config(cfg: Config, spec: SubnetSpec) -> Config:
     data["model"]["depths"] = list(spec.depths)
     data["menu"] = {"widths": [1.0]}
     data["slim"] = {}
+    method = cfg.method.registered()
+    read = None if method is None else vars(method).get("settings_read")
     for key in ("proj_hidden", "pred_hidden"):  # the heads' hidden layers are slimmed with the backbone
-        data["method"][key] = scaled_channels(getattr(cfg.method, key), spec.width, div)
+        if read is None or key in read:  # (MoCo v2 has no predictor: its pred_hidden stays as set)
+            data["method"][key] = scaled_channels(getattr(cfg.method, key), spec.width, div)
     return config_from_dict(data, f"{cfg.name} as a standalone {spec.name}")

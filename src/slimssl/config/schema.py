@@ -120,10 +120,10 @@ class MenuConfig(Section):
 class MethodConfig(Section):
     name: str = Field("byol", description="byol, mocov2, mocov3, or a method registered with "
                       "slimssl.methods.register_method")
-    # 0 is no size, but a method without a predictor never read pred_hidden: its runs said 0 and stay readable; the
-    # heads refuse a size below 1 when they are built
-    proj_hidden: int = Field(4096, ge=0)
-    proj_dim: int = Field(256, ge=0)
+    proj_hidden: int = Field(4096, gt=0)
+    proj_dim: int = Field(256, gt=0)
+    # 0 is no size, but a method without a predictor never read it: its runs said 0 and stay readable (the heads
+    # refuse a size below 1 when they are built)
     pred_hidden: int = Field(4096, ge=0)
     temperature: float = Field(0.2, gt=0)
     momentum: float = Field(0.996, ge=0, le=1, description="EMA of the target / key encoder (base value)")

@@ -9,7 +9,9 @@ libjpeg-turbo op where it can, anything else (and anything it rejects) through P
 from __future__ import annotations
 
 import io
+import logging
 import math
+import os
 import re
 
 import numpy as np
@@ -52,13 +54,34 @@ def _jpeg_op():
 _JPEG = _jpeg_op()
 
 
+PIXEL_LIMIT_ENV = "SLIMSSL_MAX_IMAGE_PIXELS"
+
+
+def _set_pixel_limit() -> None:
+    """Pillow's guard against decompression bombs, as $SLIMSSL_MAX_IMAGE_PIXELS asks (pixels, or ``none``):
+    set at import, so that loader workers started afresh (spawn, forkserver) have it too."""
+    raw = os.environ.get(PIXEL_LIMIT_ENV, "").strip().lower()
+    if not raw:
+        return
+    if raw == "none":
+        Image.MAX_IMAGE_PIXELS = None
+    elif raw.isdigit() and int(raw) > 0:
+        Image.MAX_IMAGE_PIXELS = int(raw)
+    else:
+        logging.getLogger("slimssl").warning("$%s is %r; expected a number of pixels or none: Pillow's limit is "
+                                             "kept", PIXEL_LIMIT_ENV, raw)
+
+
+_set_pixel_limit()
+
+
 def decode_error(exc: Exception) -> str:
     """A decoder's exception as the reason a file is unreadable, without the in-memory buffer PIL names
     (``cannot identify image file <_io.BytesIO object at 0x...>``): the caller names the file."""
     if isinstance(exc, Image.DecompressionBombError):  # a large image, not a damaged one: say how to allow it
         return (f"Pillow's guard against decompression bombs refuses an image this large ("
-                f"{_BUFFER.sub('', str(exc)).strip().rstrip('.')}); to read it, set PIL.Image.MAX_IMAGE_PIXELS = None "
-                "in a module given to --import (or before loading, in Python), or make the image smaller")
+                f"{_BUFFER.sub('', str(exc)).strip().rstrip('.')}); to read it, set ${PIXEL_LIMIT_ENV}=none (or a "
+                "larger number of pixels), or make the image smaller")
     return f"{type(exc).__name__}: {_BUFFER.sub('', str(exc)).strip()}"
 
 

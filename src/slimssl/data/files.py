@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import logging
 import os
 import struct
@@ -108,8 +109,10 @@ def _scan_dir(root: str) -> FileTree:
                 is_dir = entry.is_dir()
                 identity = _identity(entry.path) if is_dir else None
                 is_file = not is_dir and entry.is_file()
-            except OSError as exc:  # a link that leads to itself (ELOOP), a stale network mount (ESTALE, EIO)
-                if not _is_image(entry.name):
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:  # a stale network mount (ESTALE, EIO): a class could silently go
+                    raise DataError(f"cannot read {entry.path} ({exc.strerror or exc})") from exc
+                if not _is_image(entry.name):  # a link that leads to itself
                     _say_once(logging.WARNING, "%s cannot be followed (%s): skipped", entry.path, exc.strerror or exc)
                     continue
                 is_dir, is_file = False, True  # an image that cannot be read: reported as unreadable, as dangling
@@ -163,7 +166,7 @@ def open_zip(path: str, offsets: bool = False) -> FileTree:
         if info.is_dir():
             dirs.add(name)
         else:
-            if info.compress_type not in READABLE_ZIP_METHODS:  # else every file of it would be "unreadable"
+            if info.compress_type not in READABLE_ZIP_METHODS and _is_image(name):  # else each one "unreadable"
                 raise DataError(f"{path} stores {info.filename} with compression method {info.compress_type} "
                                 f"({ZIP_METHOD_NAMES.get(info.compress_type, 'unknown')}), which Python's zipfile "
                                 "cannot read; unpack the archive and give the folder, or zip it again with deflate")

@@ -7,6 +7,7 @@ package (docs/extending.md).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from importlib.metadata import entry_points
@@ -134,7 +135,7 @@ def checked_output(method: Method, out) -> MethodOutput:
     if torch.is_grad_enabled() and not loss.requires_grad:
         raise SlimsslError(f"method {method.name!r}: loss() returned a loss that does not depend on the online "
                            "network's outputs (detached, or computed under torch.no_grad()), so nothing would train")
-    return out if loss.dim() == 0 else MethodOutput(loss.reshape(()), out.distill_on)  # [1] as well: one number
+    return out if loss.dim() == 0 else dataclasses.replace(out, loss=loss.reshape(()))  # [1] as well: one number
 
 
 def checked_momentum(method: Method, progress: float) -> float:
@@ -157,7 +158,7 @@ ALWAYS_READ = frozenset({"name", "options", "shuffle_bn"})  # method settings th
 def check_unread_settings(method: Method) -> None:
     """Warn of ``method`` settings given another value than their default that ``method`` never reads
     (``method.temperature`` for BYOL): the run would look configured as it is not."""
-    if method.settings_read is None:
+    if "settings_read" not in vars(type(method)):  # a subclass may read more than the class it extends
         return
     cfg = method.cfg
     for key, field in type(cfg).model_fields.items():

@@ -49,7 +49,8 @@ class Method(nn.Module):
     # distill fits (the contrastive methods); online distillation warns otherwise, unless distill is overridden
     distill_on_logits = False
     # the ``method`` settings the method reads (a run that sets another warns: it would change nothing); None:
-    # any of them (a method of your own, unless it says). name, options and shuffle_bn are read for every method
+    # any of them (a method of your own, unless it says). name, options and shuffle_bn are read for every method.
+    # Declared by a class for itself: a subclass that does not declare its own is not warned for
     settings_read: frozenset[str] | None = None
 
     @staticmethod

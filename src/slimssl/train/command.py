@@ -55,11 +55,11 @@ def stopped_doc(run) -> dict:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..cli_args import emit
+    from ..layout import checkpoint_path
     from ..report.table import markdown_table
     from . import distributed as dist
-    from .signals import EXIT_INTERRUPTED, Interrupted
-    from ..layout import checkpoint_path
     from .pretrain import prepare_run, train_run
+    from .signals import EXIT_INTERRUPTED, Interrupted
 
     dist.init_from_env()
     if not dist.is_main():  # rank 0 alone reports progress; the others still say what goes wrong

@@ -140,9 +140,12 @@ def shutdown() -> None:
 def failed_because_of_another(error: BaseException) -> bool:
     """Whether ``error`` is a collective of this process failing because another process exited (gloo: its
     connection closed) or stopped answering (the timeout): the error that explains it is that process's."""
-    # by the words of gloo and of NCCL's watchdog: a DistBackendError may also be this process's own failure
-    signs = ("closed by peer", "reset by peer", "Timed out waiting", "Watchdog caught collective operation timeout")
-    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in signs)
+    # by the words of gloo and NCCL: a DistBackendError may also be this process's own failure; the store's
+    # network errors (DistNetworkError) come from a process that has gone
+    signs = ("closed by peer", "reset by peer", "Timed out waiting", "Watchdog caught collective operation timeout",
+             "remote process exit")
+    return isinstance(error, dist.DistNetworkError) or (
+        isinstance(error, RuntimeError) and any(sign in str(error) for sign in signs))
 
 
 def fail_fast(error: BaseException, code: int = 1, traceback: bool = True) -> None:

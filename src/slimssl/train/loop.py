@@ -85,7 +85,8 @@ class Trainer:
         self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         self.signal_received: int | None = None  # a stop signal that arrived as fit() ended the run
         self._resumed_lr: dict | None = None  # the effective lr last.pt was trained with, when resuming
-        # the step of the checkpoint resumed from, as its run counted them (another batch renumbers them)
+        # the step of the checkpoint resumed from, as its run counted them (another batch or size of the training
+        # set renumbers them)
         saved_step = self._load(checkpoint_path(self.run_dir)) if resume else None
         # the step a resumed run continues from, until its first fit (none after a renumbering: its records
         # in metrics.jsonl count other steps)
@@ -108,12 +109,13 @@ class Trainer:
         self.close()
 
     def _open_metrics(self, saved_step: int | None) -> MetricsLogger:
-        """metrics.jsonl and TensorBoard (rank 0), with what a resumed run records first: a change of batch,
-        which renumbers the steps, and a changed learning rate."""
+        """metrics.jsonl and TensorBoard (rank 0), with what a resumed run records first: a change of batch or of
+        the training set's size, which renumbers the steps, and a changed learning rate."""
         metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(), resumed_at=saved_step)
         if saved_step is not None and saved_step != self.state.step:
             metrics.write({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
-                           RENUMBERED: {"from": saved_step, "batch_size": self.cfg.train.batch_size}})
+                           RENUMBERED: {"from": saved_step, "batch_size": self.cfg.train.batch_size,
+                                        "steps_per_epoch": self.steps_per_epoch}})
         if self._resumed_lr != self.effective_lr():  # a resume with the same lr would repeat the record
             metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
         return metrics
@@ -284,7 +286,7 @@ class Trainer:
     def _load(self, path: Path) -> int:
         """Continue from the checkpoint at ``path``; returns its step, as the saved run counted them."""
         resumed = restore(path, self.cfg, self.model, self.optimizer, self.scaler,
-                          steps_per_epoch=self.steps_per_epoch, device=self.device)
+                          num_images=self.view_source.sharding.num_images, device=self.device)
         self.state, self.window, self._resumed_lr = resumed.state, resumed.window, resumed.effective_lr
         self._keep_joined()
         log.info("resumed from %s at step %d", path, self.state.step)

@@ -140,12 +140,13 @@ class MetricsLogger:
                         self.path.parent / TENSORBOARD, type(e).__name__, e)
 
 
-RENUMBERED = "steps_renumbered"  # the key of the record a resume with another batch writes (train/loop.py)
+# the key of the record a resume with another batch or on a training set of another size writes (train/loop.py)
+RENUMBERED = "steps_renumbered"
 
 
 def _numbered_from(lines: list[str]) -> int:
-    """The index of the first line whose steps count batches of the run's current size: after the last
-    record of a resume with another batch, which renumbered the steps."""
+    """The index of the first line whose steps count the run's current steps: after the last record of a
+    resume with another batch or on a training set of another size, which renumbered the steps."""
     for i in range(len(lines) - 1, -1, -1):
         if f'"{RENUMBERED}"' in lines[i]:
             return i + 1

@@ -183,7 +183,8 @@ def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
         lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines() if (run_dir / METRICS).exists() else []
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
         return False  # any doubt keeps the files
-    if any(record.get("epoch", 0) >= 1 for record in map(_record_or_none, lines) if record):
+    # the first epoch's last record comes before its checkpoint: a kill in that save is still a failed start
+    if any(record.get("epoch", 0) > 1 for record in map(_record_or_none, lines) if record):
         return False  # a checkpoint was written, and has gone (moved away?): its run's metrics are kept
     return not config_differences(saved, cfg, ignore=MACHINE_DEPENDENT)
 

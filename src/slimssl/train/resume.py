@@ -45,9 +45,10 @@ class Resumed:
 
 
 def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, *,
-            steps_per_epoch: int, device: torch.device) -> Resumed:
+            num_images: int, device: torch.device) -> Resumed:
     """Load the checkpoint at ``path`` into ``model``, ``optimizer`` and ``scaler`` (built from ``cfg``, the
-    resumed run's settings), after checking that they can continue it."""
+    resumed run's settings, on a training set of ``num_images``), after checking that they can continue it."""
+    steps_per_epoch = num_images // cfg.train.batch_size
     # on the CPU: load_state_dict moves what it needs, and an optimiser's step counts stay on the host
     # (on a GPU, AdamW would read them back at every step)
     data = load_checkpoint(path, map_location="cpu")
@@ -76,8 +77,9 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
     saved_steps_per_epoch = round(saved_step / epochs_done) if saved_step and epochs_done else None
     if saved.train.batch_size != cfg.train.batch_size:
         state.step = _step_with_another_batch(path, state.step, saved.train.batch_size, cfg.train.batch_size,
-                                              epochs_done, steps_per_epoch)
-    elif saved_steps_per_epoch not in (None, steps_per_epoch):
+                                              epochs_done, num_images)
+    elif saved_steps_per_epoch not in (None, steps_per_epoch) and epochs_done < cfg.train.epochs:
+        # (a run trained to its end on the old set stays as it was: finished, its results kept)
         state.step = _step_with_another_training_set(saved_step, epochs_done, saved_steps_per_epoch, steps_per_epoch)
     if state.joined_at is not None and saved_step and state.step != saved_step:  # counted in the new steps too
         state.joined_at = state.joined_at * state.step // saved_step
@@ -113,7 +115,7 @@ def _step_with_another_training_set(step: int, epochs_done: float, saved_steps_p
     """The step of a run resumed on a training set of another size (images added or removed, other data): the
     schedule (lr, slow start, momentum) counts epochs, so the run continues at the same epoch in steps of the
     new length, the nearest step within an epoch."""
-    converted = round(epochs_done * steps_per_epoch)
+    converted = max(1, round(epochs_done * steps_per_epoch))  # a run that trained is never back at step 0
     if dist.is_main():
         log.warning("the training set gives %d steps per epoch, and gave %d when the run was saved (images added or "
                     "removed?): the run continues at epoch %.2f, step %d of the new epochs (step %d of the old "
@@ -123,14 +125,14 @@ def _step_with_another_training_set(step: int, epochs_done: float, saved_steps_p
 
 
 def _step_with_another_batch(path: Path, step: int, saved_batch: int, batch: int, epochs_done: float | None,
-                             steps_per_epoch: int) -> int:
+                             num_images: int) -> int:
     """The step of a run resumed with another ``train.batch_size`` (e.g. on fewer processes, which the batch
-    must divide). Its schedule (lr, slow start, momentum, data order) counts steps of the batch, so the run
-    continues at the same epoch, which is exact only at the end of an epoch."""
+    must divide) on ``num_images``. Its schedule (lr, slow start, momentum, data order) counts steps of the
+    batch, so the run continues at the same epoch, which is exact only at the end of an epoch."""
     if epochs_done is None or step == 0 or abs(epochs_done - round(epochs_done)) > 1e-9:
-        saved_steps_per_epoch = round(step / epochs_done) if epochs_done else None
         run_dir = path.parent.parent if path.parent.name == CHECKPOINTS else path
-        end = math.ceil(epochs_done) * saved_steps_per_epoch if saved_steps_per_epoch else None
+        # in steps of the saved batch on the images there are now, as the resume with that batch counts them
+        end = math.ceil(epochs_done) * (num_images // saved_batch) if epochs_done else None
         finish = (f": slimssl pretrain --resume {shell_quote(run_dir)} --max-steps {end} (max_steps={end} in "
                   "Python)" if end else "")
         raise ConfigError(
@@ -138,7 +140,7 @@ def _step_with_another_batch(path: Path, step: int, saved_batch: int, batch: int
             f"can change ({saved_batch} -> {batch}) only where an epoch ends, since the schedule counts steps of "
             f"the batch. First train it to the epoch's end with its batch, on a number of processes that divides "
             f"{saved_batch}{finish}; then change the batch")
-    converted = round(epochs_done) * steps_per_epoch
+    converted = round(epochs_done) * (num_images // batch)
     if dist.is_main():  # once for the run, not once per process
         log.warning("train.batch_size changed from %d to %d: the run continues at the end of epoch %d, step %d "
                     "of the new batch (step %d of the old one); metrics.jsonl counts the new steps from here on",
