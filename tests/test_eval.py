@@ -14,6 +14,7 @@ from slimssl.checkpoint import load_checkpoint, save_checkpoint
 from slimssl.config import config_from_dict
 from slimssl.data.datasets import ImageDataset
 from slimssl.eval import linear as linear_mod
+from slimssl.eval import recalibration_batches
 from slimssl.eval.finetune import balanced_subset, finetune_subnet, fraction_tag
 from slimssl.eval.recalibrate import subnet_models
 from slimssl.eval.linear import (BackboneChangedError, SharedSlimLinear, SwitchableLinear, backbone_fingerprint,
@@ -169,6 +170,21 @@ def test_balanced_subset_is_balanced_and_seeded():
 
 # ---- the probe ---------------------------------------------------------------------------------------
 
+def test_a_widths_probe_is_the_same_alone_or_among_others_in_any_order():
+    """Each head starts from the seed and its sub-network's name alone, and trains on its own features."""
+    supernet = tiny_supernet()
+    train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
+    names = supernet.menu.names
+
+    def probe(subnets):
+        return linear_probe_subnets(supernet, train, test, subnets=subnets, epochs=2, batch_size=16, seed=3)
+
+    together, backwards = probe(names), probe(names[::-1])
+    for name in names:
+        alone = probe([name])[name]
+        assert together[name] == backwards[name] == alone
+
+
 def test_linear_probe_learns_separable_data():
     supernet = tiny_supernet()
     train, test = colour_dataset(160, 0), colour_dataset(80, 1, "test")
@@ -240,6 +256,19 @@ def test_shared_bn_recalibrates_copies_only():
     assert all(m is private for m in subnet_models(private, list(private.menu), train.images,
                                                    recalibrate_batches=None, batch_size=16, resolution=RES,
                                                    mean=(0.5,) * 3, std=(0.25,) * 3).values())
+
+
+def test_shared_statistics_not_estimated_or_fewer_batches_than_asked_are_said(caplog):
+    supernet = tiny_supernet("shared")
+    train = colour_dataset(40, 0)
+    image = dict(batch_size=16, resolution=RES, mean=(0.5,) * 3, std=(0.25,) * 3)
+    subnet_models(supernet, list(supernet.menu), train.images, recalibrate_batches=0, **image)
+    assert "w1p0_d1-1-1-1, w0p5_d1-1-1-1 evaluated with shared BatchNorm statistics that were not estimated for " \
+           "them (recalibrate_bn 0)" in caplog.text
+    subnet_models(supernet, [supernet.menu.largest], train.images, recalibrate_batches=5, **image)
+    assert "BatchNorm recalibration reads 2 batch(es) of 16, not 5: the train split holds 40 images" in caplog.text
+    assert recalibration_batches(5, False, 40, 16) == 2 and recalibration_batches(5, False, 8, 16) == 1
+    assert recalibration_batches(None, True, 40, 16) == 0
 
 
 def test_recalibration_reads_whole_batches_only():
@@ -655,6 +684,24 @@ def test_python_protocols_equal_the_commands_and_merge_into_the_run(tmp_path, ca
     assert not (run / "finetune").exists()
 
 
+def test_a_distilled_probe_records_its_teacher_and_warns_when_it_is_not_the_full_network(tmp_path, caplog):
+    import slimssl
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    slimssl.linear_probe(run, epochs=1, device="cpu", distill=True)
+    assert "teacher" not in caplog.text
+    assert json.loads((run / "results.json").read_text())["protocols"]["linear_distill"]["distill_teacher"] == \
+        "w1p0_d1-1-1-1"
+    slimssl.linear_probe(run, [0.5], epochs=1, device="cpu", distill=True)
+    assert "the distilled probe's teacher is the widest sub-network probed, w0p5_d1-1-1-1, not the full network " \
+           "w1p0_d1-1-1-1" in caplog.text
+    data = json.loads((run / "results.json").read_text())
+    assert data["protocols"]["linear_distill"]["distill_teacher"] == "w0p5_d1-1-1-1"
+    full = next(r for r in data["subnets"] if r["subnet"] == "w1p0_d1-1-1-1")
+    assert full["linear_distill_settings"]["distill_teacher"] == "w1p0_d1-1-1-1"  # kept apart: another teacher
+
+
 def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
     import slimssl
 
@@ -679,6 +726,16 @@ def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
         slimssl.knn(tmp_path / "model.pt", kk=3)
     with pytest.raises(slimssl.SlimsslError, match="no/such/folder"):
         slimssl.knn(tmp_path / "model.pt", data="/no/such/folder", device="cpu")
+    model = tmp_path / "model.pt"
+    for call, expected in [(lambda: slimssl.linear_probe(model, seed=1.5), "seed must be an int, got 1.5"),
+                           (lambda: slimssl.finetune(tmp_path / "model.pt", seed="1"), "seed must be an int, got '1'"),
+                           (lambda: slimssl.linear_probe(tmp_path / "model.pt", distill="no"),
+                            "distill must be True or False, got 'no'"),
+                           (lambda: slimssl.knn(tmp_path / "model.pt", save="no"), "save must be True or False"),
+                           (lambda: slimssl.finetune(tmp_path / "model.pt", "0.5", "0.1"),
+                            r"label fractions must be numbers in \(0, 1\], got \['0.1'\]")]:
+        with pytest.raises(slimssl.SlimsslError, match=expected):
+            call()
 
 
 def test_cli_finetune_protects_other_json_files_and_runs_the_epochs_asked_for(tmp_path, capsys, caplog):

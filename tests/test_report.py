@@ -218,6 +218,25 @@ def test_values_measured_with_other_settings_keep_theirs(tmp_path, capsys):
     assert "knn_settings" not in rows[full] and "knn_settings" not in rows[half]
 
 
+def test_the_random_initialisations_knn_keeps_the_settings_it_was_measured_with(tmp_path):
+    dirs, _ = write_runs(tmp_path)
+    full, half = "w1p0_d1-1-1-1", "w0p5_d1-1-1-1"
+    merge_results(dirs[0], {full: {"knn_top1": 70.0, "knn_top1_random_init": 20.0}}, protocol="knn",
+                  settings={"k": 200})  # as pretraining measures both
+    merge_results(dirs[0], {full: {"knn_top1": 66.0}}, protocol="knn", settings={"k": 20})
+    row = next(r for r in read_results(dirs[0])["subnets"] if r["subnet"] == full)
+    assert row["knn_random_init_settings"] == {"k": 200} and "knn_settings" not in row
+    assert f"{full} (knn at random init: k 200, not 20)" in report_markdown(load_runs([dirs[0]]))
+    # back to the settings it was measured with: nothing to say of it any more; the kNN of k 20 is apart now
+    merge_results(dirs[0], {half: {"knn_top1": 50.0}}, protocol="knn", settings={"k": 200})
+    rows = {r["subnet"]: r for r in read_results(dirs[0])["subnets"]}
+    assert "knn_random_init_settings" not in rows[full] and rows[full]["knn_settings"] == {"k": 20}
+    # and a row kept apart whose settings are the protocol's again has nothing to say either
+    merge_results(dirs[0], {half: {"knn_top1": 51.0}}, protocol="knn", settings={"k": 20})
+    rows = {r["subnet"]: r for r in read_results(dirs[0])["subnets"]}
+    assert "knn_settings" not in rows[full] and rows[full]["knn_random_init_settings"] == {"k": 200}
+
+
 def _merge_many(run_dir: str, protocol: str, times: int, start) -> None:
     start.wait()  # both processes merge at the same time
     for i in range(times):

@@ -525,3 +525,16 @@ def test_load_supernet_says_a_folder_is_an_export(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds exported sub-networks \(w0p5_d1-1-1-1\), not a checkpoint: "
                                               r"load one with slimssl\.load_exported\("):
         load_supernet(tmp_path)
+
+
+def test_an_export_given_for_evaluation_names_its_checkpoint_and_sub_network(tmp_path):
+    import slimssl
+    from slimssl.checkpoint import CheckpointError, save_checkpoint
+
+    supernet = build("basic-cifar-private")
+    checkpoint = tmp_path / "last.pt"
+    save_checkpoint(checkpoint, {"config": {"name": "x"}, "menu": supernet.menu.names, "model": {}})
+    folder = export_subnet(supernet, "0.5", tmp_path / "out", metadata={"source": str(checkpoint)})
+    with pytest.raises(CheckpointError, match=rf"It was exported from {checkpoint}: to evaluate it, give that "
+                                              r"checkpoint with --subnet w0p5_d1-1-1-1"):
+        slimssl.knn(folder)

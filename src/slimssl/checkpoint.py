@@ -8,6 +8,7 @@ the state of the whole SSL model (the backbone under ``backbone.``), plus optimi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -155,6 +156,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return data
 
 
+def _source_hint(config: Path) -> str:
+    """How to evaluate an export: its checkpoint, as its config.json records it, with its sub-network."""
+    try:
+        recorded = json.loads(config.read_text(encoding="utf-8"))
+        source, subnet = recorded["source"], recorded["subnet"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+    if not isinstance(source, str) or not isinstance(subnet, str) or not Path(source).is_file():
+        return ""
+    return f". It was exported from {source}: to evaluate it, give that checkpoint with --subnet {subnet}"
+
+
 def _refuse_export_folder(path: Path) -> None:
     """An exported sub-network (or the folder of several) is a plain model, not a checkpoint: say so."""
     from .export import CONFIG, WEIGHTS, exported_subnets
@@ -162,7 +175,7 @@ def _refuse_export_folder(path: Path) -> None:
     if (path / CONFIG).is_file() or (path / WEIGHTS).is_file():
         raise CheckpointError(f"{path} is an exported sub-network (a plain ResNet), not a checkpoint: load it with "
                               f"slimssl.load_exported({str(path)!r}); a supernet is loaded from its run directory or "
-                              "checkpoint file")
+                              "checkpoint file" + _source_hint(path / CONFIG))
     names = exported_subnets(path)
     if names:
         raise CheckpointError(f"{path} holds exported sub-networks ({', '.join(names)}), not a checkpoint: load one "

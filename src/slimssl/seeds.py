@@ -17,6 +17,7 @@ STREAMS = (
     "sample_crop",  # a streamed sample's crop boxes, cut in a loader worker (counters: step, row in the batch)
     "subnet_draw",  # the sub-networks of a sandwich step (counter: step)
     "shuffle_bn",  # the order of the key network's batch under MoCo's shuffle-BN (counters: step, view)
+    "probe_head",  # a linear probe head's initial weights (counter: crc32 of its sub-network's name)
 )
 
 

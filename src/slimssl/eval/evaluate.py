@@ -31,7 +31,7 @@ from ..launch import warn_of_repeated_work
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_train_crop, linear_settings,
                recalibration_batches)
 from ..layout import FINETUNE, RESULTS
-from .inputs import DataOptions, check_numbers, in_memory, load_model
+from .inputs import DataOptions, check_flags, check_numbers, in_memory, load_model
 
 if TYPE_CHECKING:
     import torch
@@ -98,6 +98,7 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int
     are read (module docstring). Returns one row per sub-network: subnet, width, depths, params, macs,
     knn_top1 (percent)."""
     check_numbers(k=k, temperature=temperature, eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
+    check_flags(save=save)
     from .knn import knn_of_subnets, knn_settings
 
     options = DataOptions.of(data, knn)
@@ -118,7 +119,8 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int
     costs = cost_rows(supernet, cfg.data.resolution, specs)
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
     settings = knn_settings(cfg, options, k, temperature,
-                            recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
+                            recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn, len(train),
+                                                  eval_batch_size or cfg.eval.batch_size))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, "knn", settings, cfg, save, epoch)
     return rows
 
@@ -140,7 +142,8 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     from .linear import linear_probe_subnets
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                  recalibrate_bn=recalibrate_bn)
+                  recalibrate_bn=recalibrate_bn, seed=seed)
+    check_flags(augment=augment, distill=distill, shared_head=shared_head, save=save)
     check_train_crop(train_crop)
     if train_crop is not None and not augment:  # it would change nothing: say so rather than record it
         raise UsageError(f"train_crop {train_crop!r} is the crop of the augmented probe; it needs augment=True "
@@ -149,6 +152,11 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     warn_of_repeated_work("slimssl.linear_probe()")
     supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
     specs = supernet.resolve_many(subnets)  # checked before the data is decoded
+    teacher = max(specs).name if distill else None  # the widest probed teaches the others
+    if distill and teacher != supernet.menu.largest.name:
+        log.warning("the distilled probe's teacher is the widest sub-network probed, %s, not the full network %s: "
+                    "its own value is a plain probe, and the others learn from it (recorded as distill_teacher)",
+                    teacher, supernet.menu.largest.name)
     train, test = options.load_splits(cfg, torch_device)
     train_crop = train_crop or cfg.eval.train_crop
     results = linear_probe_subnets(
@@ -162,8 +170,9 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
     settings = linear_settings(
         options.settings(cfg), epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
-        shared_head=shared_head, augment=augment, train_crop=train_crop, seed=seed,
-        recalibrate_bn=recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
+        shared_head=shared_head, augment=augment, train_crop=train_crop, seed=seed, teacher=teacher,
+        recalibrate_bn=recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn, len(train),
+                                             eval_batch_size or cfg.eval.batch_size))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save, epoch)
     return rows
 
@@ -194,7 +203,8 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
     from .results import run_dir_of
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                  recalibrate_bn=recalibrate_bn)
+                  recalibrate_bn=recalibrate_bn, seed=seed)
+    check_flags(save=save)
     check_train_crop(train_crop)
     options = DataOptions.of(data, finetune)
     warn_of_repeated_work("slimssl.finetune()")
@@ -232,7 +242,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
             path = (run_dir / FINETUNE / stem) if run_dir else Path(checkpoint).resolve().parent / f"finetune_{stem}"
         cost = costs[spec.name]
         row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
-               "indices_file": str(path) if path else None}
+               "indices_file": str(path.absolute()) if path else None}  # from any working directory
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, row)  # a crash mid-write keeps an earlier result whole
@@ -260,7 +270,8 @@ def finetune_jobs(supernet, subnets: Subnets, label_fractions: Sequence[float] |
     """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
     without repeats (``subnets="all"``: the menu)."""
     specs = supernet.resolve_many(subnets)
-    fractions = [label_fractions] if isinstance(label_fractions, Real) else list(label_fractions)
+    # a single value (a string too: read letter by letter, "0.1" would be refused as '0', '.', '1')
+    fractions = [label_fractions] if isinstance(label_fractions, (Real, str)) else list(label_fractions)
     if not fractions or not all(isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):
         raise UsageError(f"label fractions must be numbers in (0, 1], got {fractions}")
     fractions = list(dict.fromkeys(float(f) for f in fractions))

@@ -184,10 +184,14 @@ def in_memory(checkpoint) -> bool:
 
 
 def check_numbers(**values) -> None:
-    """Each keyword must be None (the default) or a number in its range: positive, or >= 0 for
-    ``recalibrate_bn`` (a bad value would otherwise fall back to the default or fail deep inside torch)."""
+    """Each keyword must be None (the default) or a number in its range: positive, >= 0 for ``recalibrate_bn``,
+    any int for ``seed`` (a bad value would otherwise fall back to the default or fail deep inside torch)."""
     for name, value in values.items():
         if value is None:
+            continue
+        if name == "seed":
+            if isinstance(value, bool) or not isinstance(value, Integral):
+                raise UsageError(f"seed must be an int, got {value!r}")
             continue
         real = name in ("temperature", "lr")
         least = 0 if name == "recalibrate_bn" else 1
@@ -195,3 +199,10 @@ def check_numbers(**values) -> None:
         if not (kind_ok and (value > 0 if real else value >= least)):  # the type first: "a" > 0 would raise
             kind = "a number > 0" if real else f"an int >= {least}"
             raise UsageError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_flags(**values) -> None:
+    """Each keyword must be True or False: a string such as "no" would read as true."""
+    for name, value in values.items():
+        if not isinstance(value, bool):
+            raise UsageError(f"{name} must be True or False, got {value!r}")

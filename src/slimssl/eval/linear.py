@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import zlib
 from typing import Generator, Mapping, Sequence
 
 import torch
@@ -42,6 +43,7 @@ from ..devices import to_device_async
 from ..errors import UsageError
 from ..nn.modes import eval_mode
 from ..nn.spec import Menu, SubnetSpec
+from ..seeds import derived_generator
 from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, check_train_crop
 from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
@@ -83,15 +85,18 @@ def check_backbone_unchanged(model: nn.Module, before: Mapping[str, str], what: 
 # ---- heads -------------------------------------------------------------------------------------------
 
 class SwitchableLinear(nn.Module):
-    """One independent linear classifier per sub-network (keyed by canonical name)."""
+    """One independent linear classifier per sub-network (keyed by canonical name). With ``seed``, each head's
+    initial weights come from the seed and its sub-network's name alone: a width probed alone, or among other
+    sub-networks in any order, starts from the same weights."""
 
     def __init__(self, dims: Mapping[str, int], num_classes: int, init_std: float = 0.01,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, seed: int | None = None):
         super().__init__()
         self.dims = dict(dims)
         self.heads = nn.ModuleDict({name: nn.Linear(d, num_classes) for name, d in self.dims.items()})
-        for head in self.heads.values():
-            nn.init.normal_(head.weight, std=init_std, generator=generator)
+        for name, head in self.heads.items():
+            own = generator if seed is None else derived_generator(seed, "probe_head", zlib.crc32(name.encode()))
+            nn.init.normal_(head.weight, std=init_std, generator=own)
             nn.init.zeros_(head.bias)
 
     def weight_of(self, subnet: str) -> torch.Tensor:
@@ -122,9 +127,9 @@ class SharedSlimLinear(nn.Module):
 
 
 def make_heads(dims: Mapping[str, int], num_classes: int, shared: bool = False, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    cls = SharedSlimLinear if shared else SwitchableLinear
-    return cls(dims, num_classes, generator=gen)
+    if shared:
+        return SharedSlimLinear(dims, num_classes, generator=torch.Generator().manual_seed(seed))
+    return SwitchableLinear(dims, num_classes, seed=seed)
 
 
 def probe_loss(heads: nn.Module, features: Mapping[str, torch.Tensor], labels: torch.Tensor, *,

@@ -49,10 +49,19 @@ def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImage
     """The model to evaluate each sub-network with: the supernet itself, or (recalibrating) a copy whose
     BatchNorm statistics were re-estimated for that sub-network on ``recalibrate_batches`` train batches
     (``train_images``: the train split, in memory or streamed, or a uint8 tensor)."""
-    n = recalibration_batches(recalibrate_batches, supernet.slim_state.private_bn)
-    if n == 0:
+    asked = recalibration_batches(recalibrate_batches, supernet.slim_state.private_bn)
+    if asked == 0:
+        guessed = [spec.name for spec in specs if not supernet.bn_statistics_estimated(spec)]
+        if guessed:  # shared statistics of no width in particular: numbers may be near chance
+            log.warning("%s evaluated with shared BatchNorm statistics that were not estimated for them "
+                        "(recalibrate_bn 0): their numbers may be far off; recalibrate them (the default) or give a "
+                        "checkpoint of `slimssl recalibrate`", ", ".join(guessed))
         return {spec.name: supernet for spec in specs}
     train_images = as_eval_images(train_images)
+    n = recalibration_batches(asked, supernet.slim_state.private_bn, len(train_images), batch_size)
+    if n < asked:
+        log.warning("BatchNorm recalibration reads %d batch(es) of %d, not %d: the train split holds %d images",
+                    n, batch_size, asked, len(train_images))
     # The sample is decoded once for all sub-networks; its batches are those calibration_batches reads.
     sample = as_eval_images(train_images.take(calibration_order(len(train_images), n, batch_size, seed)))
     models = {}

@@ -178,15 +178,22 @@ def _keep_earlier_settings(rows: list[dict], values: Mapping[str, Any], protocol
     """Rows measured again lose their own settings of ``protocol``; the others, holding its values measured
     with the ``earlier`` settings of ``protocols[protocol]`` (or with none recorded, by an older version), are
     given those as their own."""
-    own = f"{protocol}_settings"
+    own, random_own = f"{protocol}_settings", f"{protocol}_random_init_settings"
     kept = []
     for row in rows:
-        if row["subnet"] in values:
+        if row["subnet"] in values or row.get(own) == now:  # measured now, or as now after all
             row.pop(own, None)
         elif (earlier != now and own not in row
               and any(row.get(f"{protocol}_{v}") is not None for v in ("top1", "top5"))):
             row[own] = earlier if earlier is not None else "not recorded"
             kept.append(row["subnet"])
+        # the random initialisation's value (pretraining measures it) keeps the settings it was measured with
+        random_init = f"{protocol}_top1_random_init"
+        if (row.get(random_init) is None or row.get(random_own) == now
+                or random_init in (values.get(row["subnet"]) or {})):
+            row.pop(random_own, None)
+        elif earlier != now and random_own not in row:
+            row[random_own] = earlier if earlier is not None else "not recorded"
     if kept:
         log.info("results.json: %s measured with other %s settings than this call's keep theirs (in %s)",
                  ", ".join(kept), protocol, own)

@@ -98,12 +98,14 @@ def _settings_of(row: dict, key: str, result: dict) -> str:
     """How ``row``'s own settings (``key``: e.g. knn_settings) differ from its protocol's latest: ``knn: k 200, not
     20``."""
     protocol, own = key.removesuffix("_settings"), row[key]
-    latest = (result.get("protocols") or {}).get(protocol)
+    # knn_random_init_settings: of the random initialisation's kNN, against the kNN's latest
+    latest = (result.get("protocols") or {}).get(protocol.removesuffix("_random_init"))
+    label = protocol.replace("_random_init", " at random init")
     if not isinstance(own, dict) or not isinstance(latest, dict):
-        return f"{protocol}: settings {own}"
+        return f"{label}: settings {own}"
     differ = [f"{k} {own.get(k)}, not {latest.get(k)}" for k in dict.fromkeys([*own, *latest])
               if own.get(k) != latest.get(k)]
-    return f"{protocol}: {'; '.join(differ) or 'the same'}"
+    return f"{label}: {'; '.join(differ) or 'the same'}"
 
 
 def other_data(result: dict) -> str | None:
