@@ -43,6 +43,9 @@ def calibration_batches(images: EvalImages | torch.Tensor, num_batches: int, bat
         yield eval_transform(batch.to(device), resolution, mean, std)
 
 
+_SAID: set[tuple] = set()  # the recalibrations told to read fewer batches than asked
+
+
 def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImages | torch.Tensor, *,
                   recalibrate_batches: int | None, batch_size: int, resolution: int, mean, std,
                   device="cpu", seed: int = 0) -> dict[str, nn.Module]:
@@ -59,7 +62,8 @@ def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImage
         return {spec.name: supernet for spec in specs}
     train_images = as_eval_images(train_images)
     n = recalibration_batches(asked, supernet.slim_state.private_bn, len(train_images), batch_size)
-    if n < asked:
+    if n < asked and (n, asked, batch_size, len(train_images)) not in _SAID:  # once, not at every kNN of a run
+        _SAID.add((n, asked, batch_size, len(train_images)))
         log.warning("BatchNorm recalibration reads %d batch(es) of %d, not %d: the train split holds %d images",
                     n, batch_size, asked, len(train_images))
     # The sample is decoded once for all sub-networks; its batches are those calibration_batches reads.
