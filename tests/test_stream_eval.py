@@ -285,7 +285,7 @@ def test_a_streamed_pretraining_measures_knn_as_slimssl_knn_does(tmp_path, capsy
     # at random initialisation, after epoch 1 and at the end (epoch 2)
     assert [r["epoch"] for r in records if "knn_top1" in r] == [1, 2] and len(results["subnets"]) == 2
     assert all(row["knn_top1_random_init"] is not None for row in results["subnets"])
-    assert results["protocols"]["knn"]["recalibrate_bn"] == (2 if bn == "shared" else 0)  # 36 images: 2 of 16
+    assert results["protocols"]["knn"]["recalibrate_bn"] == (20 if bn == "shared" else 0)  # as asked
     # the standalone command, streaming the same splits, measures the final network alike
     after = {row["subnet"]: row["knn_top1"] for row in slimssl.knn(run, device="cpu", save=False)}
     assert during == after and all(v is not None for v in during.values())

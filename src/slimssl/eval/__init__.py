@@ -32,7 +32,8 @@ def recalibration_batches(batches: int | None, private_bn: bool, num_images: int
     """How many train batches re-estimate each sub-network's BatchNorm statistics before it is evaluated;
     ``None`` means automatic: only when the supernet's BatchNorm is shared (private BatchNorm has them). Given
     the train split's ``num_images``, the batches of ``batch_size`` it holds at most (whole ones, or a smaller
-    one): what recalibration reads, and what the results record."""
+    one): what recalibration reads. Results record the number asked (as they always have: comparable across
+    versions), and recalibration says when it reads fewer."""
     n = (0 if private_bn else DEFAULT_RECALIBRATE_BATCHES) if batches is None else max(0, int(batches))
     return n if not n or num_images is None else max(1, min(n, num_images // batch_size))
 
@@ -42,9 +43,11 @@ def linear_settings(images: dict, *, epochs: int, recalibrate_bn: int, lr: float
                     augment: bool = False, train_crop: str | None = None, seed: int = 0,
                     teacher: str | None = None) -> dict:
     """What a linear probe records in results.json next to its accuracies; ``images``: the protocol's image
-    settings (``DataOptions.settings``); ``teacher``: the head the others were distilled from. ``slimssl
-    reproduce`` compares these to find probes to run again."""
+    settings (``DataOptions.settings``); ``teacher``: the head the others were distilled from when it is not the
+    full network's (recorded then only). Switchable heads start from the seed and their sub-network's name
+    (``head_init``). ``slimssl reproduce`` compares these to find probes to run again."""
     return {**images, "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": PROBE_OPTIMIZER,
             "standardized_features": True, "distill": distill, "shared_head": shared_head, "augment": augment,
             "train_crop": train_crop if augment else None, "seed": seed, "recalibrate_bn": recalibrate_bn,
-            **({"distill_teacher": teacher} if distill else {})}
+            **({} if shared_head else {"head_init": "per_subnet"}),
+            **({"distill_teacher": teacher} if distill and teacher else {})}

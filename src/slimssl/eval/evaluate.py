@@ -119,8 +119,7 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int
     costs = cost_rows(supernet, cfg.data.resolution, specs)
     rows = [{**costs[n], "knn_top1": a} for n, a in accs.items()]
     settings = knn_settings(cfg, options, k, temperature,
-                            recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn, len(train),
-                                                  eval_batch_size or cfg.eval.batch_size))
+                            recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, "knn", settings, cfg, save, epoch)
     return rows
 
@@ -170,9 +169,9 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
     settings = linear_settings(
         options.settings(cfg), epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
-        shared_head=shared_head, augment=augment, train_crop=train_crop, seed=seed, teacher=teacher,
-        recalibrate_bn=recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn, len(train),
-                                             eval_batch_size or cfg.eval.batch_size))
+        shared_head=shared_head, augment=augment, train_crop=train_crop, seed=seed,
+        teacher=None if teacher == supernet.menu.largest.name else teacher,
+        recalibrate_bn=recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save, epoch)
     return rows
 

@@ -117,4 +117,4 @@ class KnnMonitor:
         """How the monitor measures, as ``slimssl knn`` records its own (its defaults)."""
         e = self.cfg.eval
         return knn_settings(self.cfg, DataOptions(), min(e.knn_k, len(self.bank.labels)), e.knn_temperature,
-                            recalibration_batches(None, backbone.slim_state.private_bn, len(self.bank), e.batch_size))
+                            recalibration_batches(None, backbone.slim_state.private_bn))
