@@ -691,7 +691,8 @@ def test_a_distilled_probe_records_its_teacher_and_warns_when_it_is_not_the_full
     make_checkpoint(run / "checkpoints" / "last.pt")
     slimssl.linear_probe(run, epochs=1, device="cpu", distill=True)
     assert "teacher" not in caplog.text  # the full network teaches: as before, nothing more recorded
-    assert "distill_teacher" not in json.loads((run / "results.json").read_text())["protocols"]["linear_distill"]
+    probe = json.loads((run / "results.json").read_text())["protocols"]["linear_distill"]
+    assert "distill_teacher" not in probe and probe["head_init"] == "per_subnet"  # heads seeded per sub-network
     slimssl.linear_probe(run, [0.5], epochs=1, device="cpu", distill=True)
     assert "the distilled probe's teacher is the widest sub-network probed, w0p5_d1-1-1-1, not the full network " \
            "w1p0_d1-1-1-1" in caplog.text

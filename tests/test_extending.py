@@ -536,3 +536,11 @@ def test_a_method_setting_the_method_never_reads_is_warned_of(tmp_path, caplog):
         alone = standalone_config(mocov2, mocov2.subnet_menu()[-1])  # the one-by-one baseline of a width
         Trainer(alone, tmp_path / "alone")
     assert "does not read it" not in caplog.text and alone.method.pred_hidden == 4096
+
+
+def test_a_non_finite_loss_of_a_method_of_ones_own_points_at_its_loss_too(tmp_path):
+    register_method(_simple("ownloss"))
+    own = Trainer(config_from_dict(tiny("ownloss", widths=[1.0, 0.5])), tmp_path / "own")
+    assert "Lower optim.lr (or check method 'ownloss''s loss: a log of 0, say)" in str(own._nonfinite_error("NaN"))
+    byol = Trainer(config_from_dict(tiny("byol", widths=[1.0, 0.5])), tmp_path / "byol")
+    assert "Lower optim.lr, or set train.nonfinite=skip" in str(byol._nonfinite_error("NaN"))

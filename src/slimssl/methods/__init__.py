@@ -24,8 +24,8 @@ from .mocov3 import MoCoV3
 
 log = logging.getLogger("slimssl")
 
-BUILT_IN_METHODS = (BYOL.name, MoCoV2.name, MoCoV3.name)
-METHODS: dict[str, type[Method]] = {m.name: m for m in (BYOL, MoCoV2, MoCoV3)}
+BUILT_IN_METHODS: tuple[type[Method], ...] = (BYOL, MoCoV2, MoCoV3)
+METHODS: dict[str, type[Method]] = {m.name: m for m in BUILT_IN_METHODS}
 ENTRY_POINT_GROUP = "slimssl.methods"
 M = TypeVar("M", bound=type[Method])  # register_method as a decorator keeps the class's own type
 

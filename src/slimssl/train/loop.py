@@ -279,7 +279,7 @@ class Trainer:
         last = checkpoint_path(self.run_dir)
         kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint had been written yet"
         method = self.model.method
-        own = "" if method.name in BUILT_IN_METHODS else f" (or check method {method.name!r}'s loss: a log of 0, say)"
+        own = "" if type(method) in BUILT_IN_METHODS else f" (or check method {method.name!r}'s loss: a log of 0, say)"
         return NonFiniteLossError(f"{what}; {kept}. Lower optim.lr{own}, or set train.nonfinite=skip to skip such "
                                   "steps and count them")
 
