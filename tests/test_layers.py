@@ -204,6 +204,14 @@ def test_recalibrate_bn_takes_a_compiled_supernet():
     assert model.bn_statistics_estimated("0.5")
 
 
+def test_shared_statistics_of_a_one_entry_menu_are_that_entry_s_own():
+    alone = tiny(bn="shared", menu=[W[0.5]])  # trained as one width: its statistics are that width's
+    assert alone.bn_statistics_estimated("0.5") and not alone.bn_statistics_estimated("1.0")
+    recalibrate_bn(alone, "1.0", [images(4)])  # now the full width's, no longer w0p5's
+    assert alone.bn_statistics_estimated("1.0") and not alone.bn_statistics_estimated("0.5")
+    assert not tiny(bn="shared").bn_statistics_estimated("0.5")  # several widths trained: a mix of them
+
+
 def test_slim_layers_refuse_more_input_channels_than_their_weights_have():
     conv, linear = SlimConv2d(3, 8, 3), SlimLinear(6, 8)
     state = SlimState(SubnetSpec(1.0, D1), Menu([SubnetSpec(1.0, D1), SubnetSpec(0.5, D1)]))

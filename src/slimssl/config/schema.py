@@ -290,8 +290,10 @@ class DataConfig(Section):
     loader: Literal["memory", "stream"] = Field(
         "memory", description="memory: decode the dataset once into a uint8 tensor (GPU when it fits); stream: "
         "loader workers decode each step's files (a folder or .zip too large for memory; kNN streams the splits too)")
-    workers: int | None = Field(None, ge=0, description="loader: stream: decoding worker processes per training "
-                                "process (default: the machine's CPU count, at most 8, decided when the run starts)")
+    workers: int | None = Field(None, ge=0, description="decoding worker processes per training process wherever "
+                                "files are streamed: loader stream, the kNN monitor's train split on several "
+                                "processes, evaluations with --loader stream (default: the machine's CPU count, at "
+                                "most 8, decided when the run starts); the memory loader runs none")
     views: list[ViewChanges] = Field(
         default_factory=list, max_length=2, description="changes to the augmentation recipe's views: one entry "
         "changes both views, two change the first and the second (e.g. [{brightness: 0.8, contrast: 0.8, "

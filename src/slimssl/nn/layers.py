@@ -242,11 +242,15 @@ class SlimmableMixin:
 
     def bn_statistics_estimated(self, subnet: SubnetLike | None) -> bool:
         """Whether the BatchNorm statistics are ``subnet``'s own: always with private BatchNorm; with shared
-        BatchNorm, when :func:`recalibrate_bn` estimated them for it last and no training forward moved them."""
+        BatchNorm, when :func:`recalibrate_bn` estimated them for it last and no training forward moved them, or
+        when the menu has ``subnet`` alone and nothing was recalibrated (training ran no other width)."""
         state = self.slim_state
         if state.private_bn:
             return True
-        return state.bn_estimated == (self.resolve(subnet).name, _shared_bn_batches(self))
+        spec = self.resolve(subnet)
+        if state.bn_estimated is None:
+            return list(state.menu) == [spec]
+        return state.bn_estimated == (spec.name, _shared_bn_batches(self))
 
     def mark_bn_estimated(self, subnet: SubnetLike | None) -> None:
         """Record that the shared BatchNorm statistics are now ``subnet``'s own (what recalibrate_bn does, and
