@@ -70,7 +70,7 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
 def test_extending_example_registers_trains_and_evaluates_a_method(tmp_path, monkeypatch):
     from slimssl.methods import METHODS
 
-    (example,) = code_blocks(REPO_ROOT / "docs" / "extending.md", "python")
+    example = code_blocks(REPO_ROOT / "docs" / "extending.md", "python")[0]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(METHODS, "simsiam", None)  # removed again after the test, whatever the example does
     from slimssl.cli import main
@@ -89,3 +89,26 @@ def test_extending_example_registers_trains_and_evaluates_a_method(tmp_path, mon
     linears = [k for k in model if k.startswith(("projector.", "predictor.")) and k.endswith(".weight")
                and model[k].dim() == 2]
     assert len(linears) == 5  # SimSiam's heads (three projector layers, two predictor layers), not the demo's
+
+
+def test_extending_loss_weights_example_registers_a_rule_that_weighs_the_run(tmp_path, monkeypatch):
+    import slimssl
+    from slimssl.slim import LOSS_WEIGHTS, policy
+    from slimssl.slim.weights import weigh
+
+    _, example = code_blocks(REPO_ROOT / "docs" / "extending.md", "python")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(LOSS_WEIGHTS, "by_width", None)  # removed again after the test
+    del LOSS_WEIGHTS["by_width"]
+    real = slimssl.pretrain
+    monkeypatch.setattr(slimssl, "pretrain", lambda *a, **kw: real(*a, **kw, max_steps=2))  # two steps are enough
+    weighed = []
+    monkeypatch.setattr(policy, "weigh", lambda *a: weighed.append(a) or weigh(*a))
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile(example, "docs/extending.md (loss weights)", "exec"), namespace)
+    assert LOSS_WEIGHTS["by_width"] is namespace["by_width"]
+    run = namespace["run"]
+    assert run.step == 2 and load_config(run.run_dir / "config.yaml").slim.loss_weights == "by_width"
+    assert [(name, progress) for name, _, progress in weighed] == [("by_width", 0.0), ("by_width", 1 / run.total_steps)]
+    specs = weighed[0][1]
+    assert weigh("by_width", specs, 0.5) == [s.width + 0.5 * (1 - s.width) for s in specs]

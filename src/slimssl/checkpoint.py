@@ -148,7 +148,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("config", "model"):
         if not isinstance(data[key], dict):
             raise CheckpointError(f"{path} holds a {key} of type {type(data[key]).__name__}, expected a mapping")
-    data["config"] = config_from_dict(data["config"], f"{path} (stored config)", any_method=True)
+    data["config"] = config_from_dict(data["config"], f"{path} (stored config)", stored=True)
     method = data["config"].method
     if method.registered() is None:
         log.info("%s was trained with method %r, which is not registered here: its backbone loads (evaluation, "

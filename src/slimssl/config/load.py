@@ -125,16 +125,16 @@ def _section_at(loc: tuple) -> type[BaseModel]:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Sequence[str] | None = None, *,
-                     any_method: bool = False) -> Config:
-    """A checked Config from ``data`` with ``overrides`` applied. ``any_method``: accept a ``method.name`` that
-    is not registered in this process (a checkpoint's config, read for its backbone: evaluation and export
-    need no method; building it then names the missing method)."""
+                     stored: bool = False) -> Config:
+    """A checked Config from ``data`` with ``overrides`` applied. ``stored``: accept a ``method.name`` and a
+    ``slim.loss_weights`` that are not registered in this process (a checkpoint's config, read for its backbone:
+    evaluation and export need neither; training with it then names what is missing)."""
     data = copy.deepcopy(data or {})  # overrides write into nested sections: never into the caller's dict
     check_overrides(overrides)
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:
-        return Config.model_validate(data, context={"any_method": any_method})
+        return Config.model_validate(data, context={"stored": stored})
     except ValidationError as e:
         set_keys = {a.split("=", 1)[0].strip() for a in overrides or []}
         raise ConfigError(_format_errors(e, source, set_keys)) from None

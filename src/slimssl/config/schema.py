@@ -147,14 +147,14 @@ class MethodConfig(Section):
         try:
             method_class(name)
         except SlimsslError as e:
-            if (info.context or {}).get("any_method"):  # a checkpoint's config, read for its backbone
+            if (info.context or {}).get("stored"):  # a checkpoint's config, read for its backbone
                 return name
             raise ValueError(f"method.name: {e}") from None
         return name
 
     def registered(self) -> type[Method] | None:
         """The method class of ``name``, or None for a method not registered in this process (a stored config,
-        read with ``config_from_dict(..., any_method=True)``)."""
+        read with ``config_from_dict(..., stored=True)``)."""
         from ..methods import METHODS
 
         return METHODS.get(self.name)
@@ -232,11 +232,25 @@ class SlimConfig(Section):
         1.0, gt=0, description="a student's loss is (1 - distill_alpha) x its SSL loss + distill_alpha x distill_scale "
         "x the distillation loss (which the temperature's square already scales); e.g. 25 with distill_temperature "
         "0.2 distils MoCo v3's own logits at tau 0.2 unscaled, as SlimCLR's MoCo v3 code does at tau 1")
-    loss_weights: Literal["uniform", "slimclr"] = Field(
-        "uniform", description="slimclr: the full network's loss weighs 1 + the sum of the widths of the other "
-        "sub-networks trained in the step (with sampling: sandwich, those drawn in it), the others 1")
+    loss_weights: str = Field(
+        "uniform", description="uniform: every loss weighs 1; slimclr: the full network's loss weighs 1 + the sum "
+        "of the widths of the other sub-networks trained in the step (with sampling: sandwich, those drawn in it), "
+        "the others 1; or a rule registered with slimssl.slim.register_loss_weights")
     slow_start: float = Field(0.0, ge=0, lt=1, description="fraction of training before sub-networks join")
     slow_start_lr: float | None = Field(None, description="new base lr once sub-networks join")
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _known_loss_weights(cls, name: str, info: ValidationInfo) -> str:
+        from ..slim.weights import loss_weights_rule
+
+        try:
+            loss_weights_rule(name)
+        except SlimsslError as e:
+            if (info.context or {}).get("stored"):  # a checkpoint's config, read for its backbone
+                return name
+            raise ValueError(f"slim.loss_weights: {e}") from None
+        return name
 
 
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -438,8 +452,12 @@ class Config(Section):
         data = self.model_dump(mode="json")
         if self.data._crop_scale_resolved:
             data["data"]["crop_scale"] = None
-        # a checkpoint's config of a method not registered here stays readable (config_from_dict's any_method)
-        return config_from_dict(data, f"config {self.name!r}", overrides, any_method=self.method.registered() is None)
+        # a checkpoint's config of a method or loss weights not registered here stays readable (config_from_dict's
+        # stored)
+        from ..slim.weights import LOSS_WEIGHTS
+
+        stored = self.method.registered() is None or self.slim.loss_weights not in LOSS_WEIGHTS
+        return config_from_dict(data, f"config {self.name!r}", overrides, stored=stored)
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "Config":

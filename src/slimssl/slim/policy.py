@@ -13,6 +13,7 @@ import torch
 
 from ..nn.spec import Menu, SubnetSpec
 from ..seeds import derived_generator
+from .weights import loss_weights_rule, weigh
 
 WIDTH_GRID = 0.05  # random widths of the "space" sampler are multiples of this
 
@@ -34,6 +35,7 @@ class SlimPolicy:
     def __init__(self, cfg, menu: Menu, total_steps: int, seed: int):
         self.cfg, self.menu, self.total_steps, self.seed = cfg, menu, total_steps, seed
         self.join_step = join_step(cfg.slow_start, total_steps)
+        loss_weights_rule(cfg.loss_weights)  # an unknown rule fails now, not at the first step
 
     def joined(self, step: int) -> bool:
         """Whether the sub-networks train at ``step`` (slow start: only the full network before that)."""
@@ -68,16 +70,9 @@ class SlimPolicy:
         return SubnetSpec(min(width, hi.width), depths)
 
     def plan(self, step: int) -> list[SubnetTask]:
+        """The sub-networks of ``step`` with their loss weights (``slim.loss_weights``) and distillation roles."""
         specs = self.draw(step)
-        full = specs[0]
-        sub_weight_sum = sum(s.width for s in specs[1:])
-        tasks = []
-        for spec in specs:
-            is_full = spec == full
-            if self.cfg.loss_weights == "slimclr" and is_full:
-                weight = 1.0 + sub_weight_sum  # SlimCLR: the full network's gradient must dominate
-            else:
-                weight = 1.0
-            online = self.cfg.teacher == "online"
-            tasks.append(SubnetTask(spec, weight, distill=online and not is_full, teacher=online and is_full))
-        return tasks
+        weights = weigh(self.cfg.loss_weights, specs, step / max(1, self.total_steps))
+        online = self.cfg.teacher == "online"
+        return [SubnetTask(spec, weight, distill=online and i > 0, teacher=online and i == 0)
+                for i, (spec, weight) in enumerate(zip(specs, weights))]
