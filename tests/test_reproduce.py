@@ -301,6 +301,7 @@ def test_a_stop_signal_during_an_epochs_checkpoint_stops_the_call(tmp_path, monk
     recipe, out = RECIPES[0], tmp_path / "signalled"
     assert reproduce(out, [RECIPES[1]]) == 0 and (out / "reproduction.md").is_file()  # an earlier, finished call
     assert list(out.glob("*_vs_macs.png"))
+    (out / "acc_vs_macs.png").write_bytes(b"a plot of the user's own (slimssl report --plot)")
     save_once = Trainer.save
 
     def signalled(self, name="last.pt", any_rank=False):
@@ -311,10 +312,14 @@ def test_a_stop_signal_during_an_epochs_checkpoint_stops_the_call(tmp_path, monk
     monkeypatch.setattr(Trainer, "save", signalled)
     assert reproduce(out, [RECIPES[1], recipe]) == 3  # not forgotten by the next unit, which would train on
     assert not (out / "reproduction.md").exists()  # the earlier call's report would look current
-    assert not list(out.glob("*_vs_macs.png"))  # and so would its plots
+    assert [p.name for p in out.glob("*_vs_macs.png")] == ["acc_vs_macs.png"]  # and so would its plots
     slim = run_dirs(out, recipe)[0]
     assert load_checkpoint(slim / "checkpoints" / "last.pt")["train_state"]["step"] == STEPS // EPOCHS
     assert json.loads((slim / "timing.json").read_text())["step"] == STEPS // EPOCHS
+    (out / "reproduction.md").write_text("my notes")  # not a reproduction's: kept by the next call that stops
+    monkeypatch.undo()
+    assert reproduce(out, [RECIPES[1], recipe], extra=["--time-budget", "0"]) == EXIT_CONTINUE
+    assert (out / "reproduction.md").read_text() == "my notes" and (out / "acc_vs_macs.png").is_file()
 
 
 def test_bad_data_met_mid_run_saves_the_steps_trained_in_a_timed_run_too(tmp_path, monkeypatch):
@@ -406,6 +411,34 @@ def test_a_run_measured_again_with_other_knn_settings_is_not_compared(straight, 
     assert "'k': 3" in caplog.text and "measure each run again alike (slimssl knn RUN" in caplog.text
     slimssl.knn(out / RECIPES[0] / "slim", device="cpu")  # measured again with its defaults: compared again
     assert reproduce(out, [RECIPES[0]]) == 0
+
+
+def test_times_that_do_not_cover_the_runs_or_mix_devices_give_the_time_goal_no_verdict(straight, tmp_path, caplog):
+    """A run copied without its timing.json counted 0 s, and the time goal read "held" at a ratio of 0.00."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(straight / RECIPES[0], out / RECIPES[0])
+    slim, alone = run_dirs(out, RECIPES[0])[:2]
+    (slim / "timing.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert reproduce(out, [RECIPES[0]]) == 0
+    assert f"the pretraining times are not compared: timing.json covers fewer steps than the run trained: " \
+           f"{RECIPES[0]}/slim (0 of {STEPS} steps)" in caplog.text
+    doc = json.loads((out / "reproduction.json").read_text())
+    time_goal = doc["recipes"][0]["goals"][-1]
+    assert time_goal["goal"].startswith("pretraining time") and time_goal["held"] is None
+    assert not doc["all_goals_held"]
+    text = (out / "reproduction.md").read_text()
+    assert "**not compared**: timing.json covers fewer steps" in text and "All goals hold" not in text
+
+    shutil.copy(straight / RECIPES[0] / "slim" / "timing.json", slim / "timing.json")
+    timing = json.loads((alone / "timing.json").read_text())
+    (alone / "timing.json").write_text(json.dumps({**timing, "devices": ["NVIDIA H200"]}))
+    assert reproduce(out, [RECIPES[0]]) == 0
+    doc = json.loads((out / "reproduction.json").read_text())
+    assert doc["recipes"][0]["goals"][-1]["held"] is None
+    assert "pretrained on different devices" in doc["recipes"][0]["time"]["not_compared"]
 
 
 def test_a_probe_records_what_the_linear_command_records(straight, tmp_path):

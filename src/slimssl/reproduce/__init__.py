@@ -23,4 +23,6 @@ DEFAULT_RECIPES = ("cifar10_r18_dspnet_byol", "cifar10_r18_slimclr_mocov2")
 DEFAULT_EPOCHS = 50
 DEFAULT_PROBE_EPOCHS = 100
 REPORT_MD = "reproduction.md"
+# REPORT_MD's first line: a reproduction.md that starts otherwise is not a reproduction's
+REPORT_HEADING = "# Reproduction: slimmable pretraining against networks pretrained one by one"
 REPORT_JSON = "reproduction.json"

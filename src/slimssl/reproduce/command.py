@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
 
 from ..cli_args import add_overrides, data_source, device_name, nonnegative_float, output_dir, positive_int
 from ..errors import UsageError
-from . import DEFAULT_EPOCHS, DEFAULT_PROBE_EPOCHS, DEFAULT_RECIPES, EXIT_CONTINUE, REPORT_JSON, REPORT_MD
+from . import (DEFAULT_EPOCHS, DEFAULT_PROBE_EPOCHS, DEFAULT_RECIPES, EXIT_CONTINUE, REPORT_HEADING, REPORT_JSON,
+               REPORT_MD)
 
 log = logging.getLogger("slimssl")
 
@@ -92,8 +94,21 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _remove_earlier_report(out: Path) -> None:
-    """A call that leaves work removes the report of an earlier call, which would look current."""
-    stale = [p for p in (out / REPORT_MD, out / REPORT_JSON, *out.glob("*_vs_macs.png")) if p.is_file()]
+    """A call that leaves work removes the report of an earlier call, which would look current: the
+    reproduction.json of a complete reproduction, the plots it lists and the reproduction.md written with it.
+    Files of these names that a reproduction did not write are the user's, and are left alone."""
+    try:
+        doc = json.loads((out / REPORT_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not (isinstance(doc, dict) and doc.get("complete") is True and isinstance(doc.get("recipes"), list)):
+        return
+    md = out / REPORT_MD
+    ours = [out / REPORT_JSON, *(out / str(name) for r in doc["recipes"] if isinstance(r, dict)
+                                for name in r.get("plots") or [])]
+    if md.is_file() and md.read_text(encoding="utf-8", errors="replace").startswith(REPORT_HEADING):
+        ours.append(md)
+    stale = [p for p in ours if p.is_file() and p.parent == out]
     for path in stale:
         path.unlink()
     if stale:

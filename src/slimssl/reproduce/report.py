@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..eval.results import read_results
 from ..report.plot import PlotError, plot_accuracy_vs_macs
 from ..report.table import human
-from . import REPORT_JSON, REPORT_MD
+from . import REPORT_HEADING, REPORT_JSON, REPORT_MD
 from .plan import Job
 from .run import probe_settings, read_timing
 
@@ -110,15 +110,31 @@ def recipe_summary(recipe: str, jobs: list[Job]) -> dict:
     alone_seconds = sum(timings[j.label].pretrain_seconds for j in alone_jobs)
     ratio = slim_seconds / alone_seconds if alone_seconds > 0 else None
     devices = sorted({d for t in timings.values() for d in t.devices})
+    why_not = time_not_compared(timings, {label: data.get("steps") for label, data in results.items()}, devices)
+    if why_not:
+        log.warning("%s: the pretraining times are not compared: %s", recipe, why_not)
     return {"recipe": recipe, "method": slim_job.cfg.method.name, "menu": [r["subnet"] for r in rows],
             "epochs": slim_job.cfg.train.epochs, "batch_size": slim_job.cfg.train.batch_size,
             "data": slim_job.cfg.data.source, "resolution": slim_job.cfg.data.resolution,
             "knn": {key: knn.get(key) for key in ("k", "temperature", "crop_ratio")}, "rows": rows,
             "time": {"slim_pretrain_seconds": slim_seconds, "alone_pretrain_seconds": alone_seconds,
-                     "ratio": ratio,
+                     "ratio": ratio, "not_compared": why_not,
                      "per_run": {label: asdict(t) for label, t in timings.items()}},
-            "devices": devices, "goals": goals(rows, ratio),
+            "devices": devices, "goals": goals(rows, None if why_not else ratio),
             "run_dirs": {"slim": str(slim_job.run_dir), **{j.spec.name: str(j.run_dir) for j in alone_jobs}}}
+
+
+def time_not_compared(timings: dict, steps: dict[str, int | None], devices: list[str]) -> str | None:
+    """Why the runs' pretraining seconds do not give the time goal a verdict, or None when they do: a run whose
+    timing.json does not cover every step it trained (left out of a copy, or a run pretrained elsewhere) counts
+    too few seconds, and seconds of different devices do not add up to one cost."""
+    short = [f"{label} ({t.step} of {steps[label]} steps)" for label, t in timings.items()
+             if steps[label] is None or t.step < steps[label]]
+    if short:
+        return "timing.json covers fewer steps than the run trained: " + ", ".join(short)
+    if len(devices) > 1:
+        return f"the runs were pretrained on different devices ({', '.join(devices)})"
+    return None
 
 
 def plot_recipe(summary: dict, out: Path) -> list[str]:
@@ -209,7 +225,7 @@ def report_markdown(doc: dict) -> str:
     sw = doc["software"]
     probe = doc["probe"]
     lines = [
-        "# Reproduction: slimmable pretraining against networks pretrained one by one", "",
+        REPORT_HEADING, "",
         f"- Date: {doc['created']}",
         f"- Software: slimssl {sw['slimssl']}, torch {sw['torch']}"
         + (f" (CUDA {sw['cuda']})" if sw["cuda"] else "") + f", Python {sw['python']}",
@@ -234,7 +250,8 @@ def report_markdown(doc: dict) -> str:
                   f"- Pretraining time (a), the slimmable run: {_seconds(t['slim_pretrain_seconds'])}",
                   f"- Pretraining time (b), the {len(s['rows'])} runs alone together: "
                   f"{_seconds(t['alone_pretrain_seconds'])}",
-                  f"- Ratio a / b: {ratio} (goal: at most {TIME_RATIO_GOAL:.2f})", "",
+                  f"- Ratio a / b: {ratio} (goal: at most {TIME_RATIO_GOAL:.2f})"
+                  + (f"; **not compared**: {t['not_compared']}" if t.get("not_compared") else ""), "",
                   timing_table(s), "",
                   "Goals:", "", *(_goal_line(g) for g in s["goals"])]
         lines += ["", *(f"![{p}]({p})" for p in s["plots"])] if s["plots"] else []
