@@ -113,6 +113,18 @@ def test_a_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path, monkeyp
             find_config(folder)
 
 
+def test_a_missing_path_is_refused_not_read_as_the_shipped_config_of_its_name(tmp_path, monkeypatch):
+    """`--config configs/demo.yaml` from a folder without it used to train the shipped demo without a word."""
+    monkeypatch.chdir(tmp_path)
+    for missing in ("configs/demo.yaml", "my/demo"):
+        with pytest.raises(ConfigError, match=rf"config file '{missing}' does not exist \(the shipped one of that "
+                                              r"name is 'demo(\.yaml)?', without a folder\); shipped configs: "):
+            find_config(missing)
+    assert find_config("demo.yaml") == Path(str(PACKAGED / "demo.yaml"))  # a bare name is still the shipped one
+    with pytest.raises(ConfigError, match=r"config file 'demo.yml' does not exist; shipped configs: "):
+        find_config("demo.yml")
+
+
 # ---- 3. a run that fails before its first checkpoint can be retried in the same folder -----------------
 
 def test_a_run_failing_before_its_first_checkpoint_leaves_the_folder_reusable(tmp_path, config):

@@ -33,10 +33,14 @@ def find_config(name: str | Path) -> Path:
         raise ConfigError(f"config {str(name)!r} is a directory; expected a YAML file or the name of a shipped config "
                           f"({', '.join(packaged_configs())})")
     # a bare shipped name that is also a folder here (`--out demo` makes one) is the shipped config: a folder
-    # is never a config file
-    if shipped.is_file():
+    # is never a config file. A name with a folder is a path: `configs/demo.yaml` missing from here is not the
+    # shipped demo (an edited copy looked for in the wrong place would train the stock recipe without a word)
+    if shipped.is_file() and str(name) == path.name:
         return Path(str(shipped))
-    raise ConfigError(f"config file {str(name)!r} does not exist; shipped configs: {', '.join(packaged_configs())}")
+    hint = f" (the shipped one of that name is {path.name if path.suffix else shipped.stem!r}, without a folder)" \
+        if shipped.is_file() else ""
+    raise ConfigError(f"config file {str(name)!r} does not exist{hint}; shipped configs: "
+                      f"{', '.join(packaged_configs())}")
 
 
 def check_assignment(assignment: str) -> None:
