@@ -953,10 +953,14 @@ def test_an_export_records_the_crop_ratio_it_was_given_and_warns_of_data_it_does
 
     for bn in ("shared", "private"):
         make_checkpoint(tmp_path / bn / "checkpoints" / "last.pt", bn=bn, epoch=3.0)
-    (shared,) = slimssl.export_run(tmp_path / "shared", tmp_path / "a", "0.5", crop_ratio=0.5, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        (shared,) = slimssl.export_run(tmp_path / "shared", tmp_path / "a", "0.5", crop_ratio=0.5, device="cpu")
     info = json.loads((Path(shared["path"]) / "config.json").read_text())
     assert info["crop_ratio"] == 0.5 == info["bn_recalibration"]["crop_ratio"]  # the statistics' preprocessing
     assert info["trained_epochs"] == 3.0 and info["slimssl_version"] == slimssl.__version__
+    assert info["pretraining_epochs"] == 4  # an export of a run stopped early says so, when made and after
+    assert "was saved at epoch 3.00 of the run's 4: pretraining has not finished" in caplog.text
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         (private,) = slimssl.export_run(tmp_path / "private", tmp_path / "b", "0.5", data="fake", workers=0,
                                         crop_ratio=0.875)

@@ -309,6 +309,35 @@ def test_a_file_in_the_way_of_an_export_is_named(tmp_path):
     assert (tmp_path / "w0p5_d1-1-1-1").read_text() == "mine"
 
 
+def test_a_graph_of_earlier_weights_does_not_outlive_them(tmp_path, caplog):
+    """An ONNX graph beside weights written again (trained further, or a re-export without --format onnx) would
+    describe other weights than the folder's safetensors."""
+    import logging
+
+    from slimssl.export import save_exported
+
+    folder = export_subnet(build("basic-cifar-private"), "0.5", tmp_path)
+    (folder / "model.onnx").write_bytes(b"a graph of the weights before")
+    model = load_exported(folder)
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        save_exported(model, folder)  # e.g. after fine-tuning it
+    assert not (folder / "model.onnx").exists() and "removed the earlier model.onnx" in caplog.text
+    (folder / "model.onnx").write_bytes(b"a graph of the weights before")
+    export_subnet(build("basic-cifar-private"), "0.5", tmp_path)
+    assert not (folder / "model.onnx").exists()
+
+
+def test_an_output_folder_that_cannot_be_made_is_an_export_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(ExportError, match=r"cannot make the export folder .*w0p5_d1-1-1-1: .*Permission denied"):
+        export_subnet(build("basic-cifar-private"), "0.5", tmp_path / "locked")
+
+
 def test_onnx_export_without_onnx_writes_nothing(tmp_path, monkeypatch):
     import sys
 

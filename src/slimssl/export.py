@@ -66,10 +66,12 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
                     "widths that trained last): call slimssl.recalibrate_bn(supernet, %r, batches) on train "
                     "batches first, or export a run with slimssl.export_run, which does", spec.name, spec.name)
     plain = supernet.export(spec).eval()
-    (Path(out_dir) / spec.name / ONNX).unlink(missing_ok=True)  # a graph of an earlier export: not these weights
-    folder = save_exported(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})
+    folder = _write_export(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})
     if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
+        (folder / ONNX).unlink(missing_ok=True)  # a failed trace leaves no graph of the earlier weights
         _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution)
+    else:
+        _drop_earlier_graph(folder)
     return folder
 
 
@@ -78,7 +80,15 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     :func:`load_exported`: an export, or one fine-tuned with a classifier (``model.fc = nn.Linear(...)``; the
     config then records its classes). ``metadata`` (JSON data) is kept in config.json beside the keys
     load_exported reads, which it cannot replace, and over what the model was loaded with that still holds
-    after training it further (``CARRIED``: its inputs and where it came from)."""
+    after training it further (``CARRIED``: its inputs and where it came from). A ``model.onnx`` in ``folder``
+    (a graph of the weights there before) is removed: it would no longer match."""
+    folder = _write_export(model, Path(folder), metadata)
+    _drop_earlier_graph(folder)
+    return folder
+
+
+def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Path:
+    """config.json and model.safetensors of ``model`` in ``folder`` (save_exported without the graph)."""
     folder = Path(folder)
     carried = {k: v for k, v in getattr(model, "metadata", {}).items() if k in CARRIED}
     info = {**carried, **(metadata or {}), "format": EXPORT_FORMAT, "slimssl_version": __version__,
@@ -91,6 +101,8 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # the folder, or one on the way to it, is a file
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
+    except OSError as e:  # no permission, a read-only or full disk: one error type for every bad output
+        raise ExportError(f"cannot make the export folder {folder}: {e}") from None
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # one key at most: safetensors may write several in any order, and an export of the same weights should
     # be the same file
@@ -105,6 +117,14 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     except OSError as e:
         raise ExportError(f"could not write the export into {folder}: {e}") from None
     return folder
+
+
+def _drop_earlier_graph(folder: Path) -> None:
+    """Remove an ONNX graph of an earlier export from ``folder``: it would no longer match the weights."""
+    if (folder / ONNX).is_file():
+        (folder / ONNX).unlink()
+        log.info("%s: removed the earlier %s, a graph of the weights written before (fmt='onnx', --format onnx, "
+                 "writes one of these)", folder, ONNX)
 
 
 def _architecture(model: PlainResNet) -> PlainResNetConfig:

@@ -5,6 +5,7 @@ the preprocessing recorded beside the weights, and shared BatchNorm statistics r
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -47,6 +48,8 @@ def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | P
     wanted = None if config is None and not overrides else as_config(config, list(overrides))
     step = (data.get("train_state") or {}).get("step")
     trained = {k: v for k, v in (("trained_steps", step), ("trained_epochs", data.get("epoch"))) if v is not None}
+    if "trained_epochs" in trained:  # the run's length: an export of a run stopped early says so
+        trained["pretraining_epochs"] = data["config"].train.epochs
     return OpenedSupernet(supernet_of(data, checkpoint, wanted).eval(), data["config"], data.get("recalibrated"),
                           trained)
 
@@ -105,6 +108,10 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
                          "initialisation is exported with its initial ones")
     warn_of_repeated_work("slimssl.export_run()")
     supernet, cfg, recalibrated, trained = open_supernet(checkpoint, config, overrides)
+    if trained.get("trained_epochs", math.inf) < trained.get("pretraining_epochs", 0):
+        log.warning("%s was saved at epoch %.2f of the run's %d: pretraining has not finished, and the exports are "
+                    "the network as it was then (config.json records trained_epochs and pretraining_epochs)",
+                    checkpoint, trained["trained_epochs"], trained["pretraining_epochs"])
     specs = supernet.resolve_many(subnets)
     source = export_source(checkpoint, config, overrides)
     for spec in specs:  # every folder is checked before anything is written
