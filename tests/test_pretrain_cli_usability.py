@@ -4,6 +4,7 @@ after a run that failed before its first checkpoint, --json when stopped early, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -94,6 +95,21 @@ def test_builtin_names_and_missing_paths_stay_as_given(tmp_path, monkeypatch):
     assert given.data.source == "./tiny.zip"  # the caller's Config is left alone
     cfg = prepare_run(tiny(), tmp_path / "c", overrides=["data.source=missing"]).cfg
     assert cfg.data.source == "missing"  # the error at load time names it as the user wrote it
+
+
+def test_a_missing_data_path_is_said_before_a_run_folder_is_made(tmp_path, config, capsys, caplog):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--data", str(tmp_path / "nowhere"), "--out", str(run)]) == 2
+    assert "is neither a known dataset name" in error_text(capsys, caplog)
+    assert not run.exists() and "removed what this run had written" not in caplog.text
+
+
+def test_a_finished_run_says_where_it_is_and_what_comes_next(tmp_path, config, caplog):
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["pretrain", "--config", str(config), "--out", str(run), "--set", "train.epochs=1"]) == 0
+    assert f"done: the run is in {run} (results.json, checkpoints/last.pt); next: slimssl linear {run}, " \
+           f"slimssl export {run} --all --out DIR, slimssl report {run}" in caplog.text
 
 
 # ---- 2. a folder named like a shipped config -----------------------------------------------------------

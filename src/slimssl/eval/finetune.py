@@ -189,7 +189,7 @@ def _fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
     optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=recipe.momentum,
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     schedule = cosine_schedule(optimizer, total)
-    log.info("fine-tuning: %d steps of batch %d, lr %g", total, batch, base_lr)
+    log.info("fine-tuning: %d step%s of batch %d, lr %g", total, "" if total == 1 else "s", batch, base_lr)
     model.train()
     perm, cursor = torch.randperm(n, generator=generator), 0
     for step in range(total):

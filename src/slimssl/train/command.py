@@ -90,6 +90,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         if run.results:
             cols = ["subnet", "params", "macs", "knn_top1_random_init", "knn_top1"]
             emit(args, run.results, markdown_table(run.results["subnets"], cols))
+            if dist.is_main():  # after minutes of progress, where the run is and what comes next
+                where = shell_quote(run_dir)
+                log.info("done: the run is in %s (results.json, checkpoints/last.pt); next: slimssl linear %s, "
+                         "slimssl export %s --all --out DIR, slimssl report %s", where, where, where, where)
         elif dist.is_main():  # the other ranks have no results even when finished: rank 0 reports
             log.info("stopped at step %d of %d; continue with: %s", run.step, run.total_steps, again)
             if args.json:  # a script's json.loads needs a document whenever the command succeeds

@@ -21,8 +21,8 @@ from ..checkpoint import load_checkpoint
 from ..cli_args import shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, check_processes, config_differences,
                       config_from_dict, find_config)
-from ..data.files import BUILTIN
-from ..data.registry import recorded_source, registered_name
+from ..data.files import BUILTIN, existing_path
+from ..data.registry import in_memory_only, recorded_source, registered_name
 from ..errors import SlimsslError, UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, checkpoint_path
 from ..models.build import as_config
@@ -247,6 +247,8 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     created = is_main and not run_dir.exists()
     existed = {name for name in RUN_OUTPUTS if (run_dir / name).exists()}
     saved = _saved_state(run_dir) if is_main else None
+    if not in_memory_only(cfg.data.source):  # a dataset path that is not there: said before a folder is made
+        existing_path(str(cfg.data.source))
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir)
