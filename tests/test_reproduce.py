@@ -56,6 +56,9 @@ def test_full_reproduction_writes_the_comparison(straight, capsys):
     doc = json.loads((straight / "reproduction.json").read_text())
     assert doc["complete"] and [r["recipe"] for r in doc["recipes"]] == RECIPES
     assert doc["software"]["torch"] == torch.__version__ and doc["devices"]
+    (trained_with,) = doc["pretraining_software"]  # recorded by the runs, for a report written elsewhere later
+    assert trained_with.startswith("slimssl ") and f"torch {torch.__version__}" in trained_with
+    assert f"- Software of the pretraining: {trained_with}" in (straight / "reproduction.md").read_text()
     for recipe in doc["recipes"]:
         assert [row["subnet"] for row in recipe["rows"]] == MENU
         for row in recipe["rows"]:
@@ -439,6 +442,10 @@ def test_times_that_do_not_cover_the_runs_or_mix_devices_give_the_time_goal_no_v
     doc = json.loads((out / "reproduction.json").read_text())
     assert doc["recipes"][0]["goals"][-1]["held"] is None
     assert "pretrained on different devices" in doc["recipes"][0]["time"]["not_compared"]
+    (alone / "timing.json").write_text(json.dumps({**timing, "steps_not_timed": 2}))  # trained, never timed
+    assert reproduce(out, [RECIPES[0]]) == 0
+    assert f"{RECIPES[0]}/{alone.name} ({STEPS - 2} of {STEPS} steps)" in \
+        json.loads((out / "reproduction.json").read_text())["recipes"][0]["time"]["not_compared"]
 
 
 def test_a_probe_records_what_the_linear_command_records(straight, tmp_path):

@@ -128,8 +128,8 @@ def time_not_compared(timings: dict, steps: dict[str, int | None], devices: list
     """Why the runs' pretraining seconds do not give the time goal a verdict, or None when they do: a run whose
     timing.json does not cover every step it trained (left out of a copy, or a run pretrained elsewhere) counts
     too few seconds, and seconds of different devices do not add up to one cost."""
-    short = [f"{label} ({t.step} of {steps[label]} steps)" for label, t in timings.items()
-             if steps[label] is None or t.step < steps[label]]
+    short = [f"{label} ({t.step - t.steps_not_timed} of {steps[label]} steps)" for label, t in timings.items()
+             if steps[label] is None or t.step - t.steps_not_timed < steps[label]]
     if short:
         return "timing.json covers fewer steps than the run trained: " + ", ".join(short)
     if len(devices) > 1:
@@ -166,6 +166,9 @@ def write_report(out: Path, jobs: list[Job], probe_epochs: int) -> dict:
         summary["plots"] = plot_recipe(summary, out)
     doc = {"complete": True, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "software": software(), "devices": sorted({d for s in summaries for d in s["devices"]}),
+           # what the runs were pretrained with (timing.json), which may be another machine's than this report's
+           "pretraining_software": sorted({name for s in summaries for t in s["time"]["per_run"].values()
+                                           for name in t["software"]}),
            "probe": {"protocol": "linear", **probe_settings(jobs[0].cfg, probe_epochs)},
            "goals_targets": {"full_width_tolerance_points": FULL_WIDTH_TOLERANCE, "time_ratio": TIME_RATIO_GOAL},
            "recipes": summaries}
@@ -227,9 +230,10 @@ def report_markdown(doc: dict) -> str:
     lines = [
         REPORT_HEADING, "",
         f"- Date: {doc['created']}",
-        f"- Software: slimssl {sw['slimssl']}, torch {sw['torch']}"
+        f"- Software of this report: slimssl {sw['slimssl']}, torch {sw['torch']}"
         + (f" (CUDA {sw['cuda']})" if sw["cuda"] else "") + f", Python {sw['python']}",
         f"- Device(s) of the pretraining: {', '.join(doc['devices']) or 'unknown'}",
+        f"- Software of the pretraining: {'; '.join(doc.get('pretraining_software') or []) or 'not recorded'}",
         "- kNN: weighted vote of the k nearest train images (the bank) of each test image, at temperature T "
         "(each recipe's below)",
         f"- Linear probe: one head per sub-network, frozen backbone, cached features without augmentation, "

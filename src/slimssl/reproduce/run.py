@@ -26,6 +26,7 @@ from ..errors import UsageError
 from ..eval import linear_settings, recalibration_batches
 from ..eval.inputs import DataOptions
 from ..eval.linear import linear_probe_subnets
+from .. import __version__
 from ..atomic import write_json_atomic
 from ..eval.results import merge_results, read_results
 from ..train.pretrain import RUN_FILES, remove_run_files, write_run_config
@@ -52,6 +53,8 @@ class JobTiming:
     step: int = 0  # the training step the times above reach
     chunks: int = 0
     devices: list[str] = field(default_factory=list)
+    software: list[str] = field(default_factory=list)  # slimssl, torch (CUDA) and Python of the calls that trained
+    steps_not_timed: int = 0  # trained by a call that stopped after saving them and before writing their seconds
 
 
 def read_timing(run_dir: Path) -> JobTiming:
@@ -74,6 +77,12 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def software_name() -> str:
+    """What this process trains with, as timing.json records it."""
+    cuda = f" (CUDA {torch.version.cuda})" if torch.version.cuda and torch.cuda.is_available() else ""
+    return f"slimssl {__version__}, torch {torch.__version__}{cuda}, Python {platform.python_version()}"
 
 
 def is_pretrained(job: Job) -> bool:
@@ -211,7 +220,10 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     name = device_name(trainer.device)
     if name not in timing.devices:
         timing.devices.append(name)
+    if software_name() not in timing.software:
+        timing.software.append(software_name())
     if timing.step < trainer.state.step:
+        timing.steps_not_timed += trainer.state.step - timing.step
         log.warning("%s: timing.json reached step %d, the checkpoint step %d: the seconds of the steps in "
                     "between (a call stopped after saving them) are not counted", job.label, timing.step,
                     trainer.state.step)
