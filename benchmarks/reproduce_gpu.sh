@@ -77,12 +77,14 @@ pack() {  # the runs without checkpoints (too large to come back) or TensorBoard
   while :; do sleep "${PACK_EVERY:-60}" & sleeper=$!; wait "$sleeper"; pack; done ) >/dev/null 2>&1 &
 packer=$!
 
-# SIGTERM at the deadline: the step in flight finishes, the run saves, and the results below are still packed
+# The progress bars (each redraw ends in "step/s...]") are cut out of the log, not the lines they share with log
+# messages. SIGTERM at the deadline: the step in flight finishes, the run saves, and the results below are still packed
 left=$((deadline - SECONDS)); [ "$left" -gt 10 ] || left=10
 budget="${BUDGET:-$((left > 15 ? left - 15 : 0))}"
 timeout --preserve-status -s TERM -k 10 "$left" \
     "$py" -m slimssl reproduce --data .data/cifar10 --out "$runs" --device "${DEVICE:-cuda}" --time-budget "$budget" \
-    "$@" 2> >(grep --line-buffered -v "step/s" | tee "$out/repro.log" | tail -40 >&2)
+    "$@" 2> >(sed -u -e 's/\r/\n/g' -e 's/[^\n]*step\/s[^]\n]*\]//g' | grep --line-buffered -v '^[[:space:]]*$' \
+              | tee "$out/repro.log" | tail -40 >&2)
 status=$?
 kill "$packer" 2>/dev/null
 wait "$packer" 2>/dev/null
