@@ -327,6 +327,28 @@ def test_a_graph_of_earlier_weights_does_not_outlive_them(tmp_path, caplog):
     assert not (folder / "model.onnx").exists()
 
 
+def test_verify_export_takes_the_folder_export_subnet_returns(tmp_path):
+    model = build("basic-cifar-private")
+    folder = export_subnet(model, "0.5", tmp_path)
+    assert verify_export(model, "0.5", folder, 16) <= 1e-5
+    with pytest.raises(ExportError, match=r"config.json is neither an export folder nor an ONNX graph"):
+        verify_export(model, "0.5", folder / "config.json", 16)
+
+
+def test_an_output_named_like_a_model_file_is_refused(tmp_path):
+    from slimssl.export import save_exported
+
+    model = build("basic-cifar-private")
+    with pytest.raises(ExportError, match=r"model.safetensors is named like a file, and an export is written into a "
+                                          r"folder, in which each sub-network .* give a folder name \(e.g. .*model\)"):
+        export_subnet(model, "0.5", tmp_path / "model.safetensors")
+    with pytest.raises(ExportError, match=r"w0p5.onnx is named like a file"):
+        save_exported(model.export("0.5"), tmp_path / "w0p5.onnx")
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "v1.pt").mkdir()  # a folder of that name that is there already is the user's choice
+    assert export_subnet(model, "0.5", tmp_path / "v1.pt").is_dir()
+
+
 def test_an_output_folder_that_cannot_be_made_is_an_export_error(tmp_path, monkeypatch):
     from pathlib import Path
 

@@ -60,6 +60,7 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     if fmt == "onnx":
         require_onnx()  # before anything is written
     spec = supernet.resolve(subnet)
+    _refuse_file_name(Path(out_dir), "a folder, in which each sub-network gets a folder of its own")
     check_export_folder(Path(out_dir) / spec.name, (metadata or {}).get("source"), overwrite)
     if check_bn_statistics and not supernet.bn_statistics_estimated(spec):
         log.warning("%s is exported with shared BatchNorm statistics that were not estimated for it (they mix the "
@@ -82,9 +83,17 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     load_exported reads, which it cannot replace, and over what the model was loaded with that still holds
     after training it further (``CARRIED``: its inputs and where it came from). A ``model.onnx`` in ``folder``
     (a graph of the weights there before) is removed: it would no longer match."""
+    _refuse_file_name(Path(folder), f"a folder, which gets {CONFIG} and {WEIGHTS}")
     folder = _write_export(model, Path(folder), metadata)
     _drop_earlier_graph(folder)
     return folder
+
+
+def _refuse_file_name(folder: Path, expected: str) -> None:
+    """A new export folder named like a model file (``--out model.safetensors``) is a slip: refused."""
+    if not folder.exists() and folder.suffix.lower() in (".safetensors", ".onnx", ".pt", ".pth", ".bin"):
+        raise ExportError(f"{folder} is named like a file, and an export is written into {expected}: give a "
+                          f"folder name (e.g. {folder.with_suffix('')})")
 
 
 def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Path:
@@ -249,7 +258,7 @@ def _refuse_other_folder(folder: Path) -> None:
 def verify_export(supernet: SlimResNet, subnet: SubnetLike, exported: PlainResNet | str | Path,
                   resolution: int, batch: int = 2, seed: int = 0) -> float:
     """Max abs difference between the supernet's sub-network (eval mode) and the exported model: a plain
-    model, or the path of an exported ``model.onnx`` (run with onnxruntime when it is installed, else with
+    model, an export folder (its weights), or the path of an exported ``model.onnx`` (run with onnxruntime when it is installed, else with
     onnx's reference evaluator, slower). Each model is fed the same random images in its own dtype and on its
     own device (the ONNX graph in float32 on the CPU)."""
     return export_differences(supernet, subnet, exported, resolution, batch, seed)[0]
@@ -260,6 +269,13 @@ def export_differences(supernet: SlimResNet, subnet: SubnetLike, exported: Plain
     """:func:`verify_export`'s max abs difference, and the same relative to the largest output when that is
     above 1: features of a trained network reach the thousands, where float32 rounding alone is about 1e-4
     (the relative difference is what a tolerance can be set for)."""
+    if not isinstance(exported, torch.nn.Module):
+        path = Path(exported)
+        if path.is_dir():  # an export folder, as export_subnet returns it: its safetensors weights
+            exported = load_exported(path)
+        elif not (path.is_file() and path.suffix == ".onnx"):
+            raise ExportError(f"{path} is neither an export folder nor an ONNX graph (.onnx); expected a "
+                              "PlainResNet, an export folder or its model.onnx")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, resolution, resolution, generator=gen)  # drawn on the CPU: the same images anywhere
     with eval_mode(supernet):
