@@ -57,6 +57,8 @@ def test_documented_command_parses_and_names_a_shipped_config(words, tmp_path, m
 
 
 def test_readme_python_api_example_runs(tmp_path, monkeypatch):
+    from slimssl import load_exported
+
     (example,) = [b for b in code_blocks(DOCS[0], "python") if "import slimssl" in b and "register_dataset" not in b]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -65,6 +67,9 @@ def test_readme_python_api_example_runs(tmp_path, monkeypatch):
     assert namespace["run"].finished and (tmp_path / "runs" / "demo" / "results.json").is_file()
     assert namespace["same"].state_dict().keys() == namespace["plain"].state_dict().keys()
     assert namespace["config"].name == "demo" and namespace["config"].train.epochs == 2
+    cfg, recorded = namespace["config"], load_exported(namespace["folder"]).metadata  # export_subnet(config=...)
+    assert (recorded["resolution"], recorded["crop_ratio"], recorded["mean"]) == \
+        (cfg.data.resolution, cfg.eval.crop_ratio, list(cfg.data.mean))
 
 
 def test_extending_example_registers_trains_and_evaluates_a_method(tmp_path, monkeypatch):

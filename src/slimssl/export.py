@@ -42,7 +42,7 @@ class ExportError(SlimsslError):
 
 def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str | Path,
                   fmt: str = "safetensors", resolution: int = 224, metadata: dict | None = None,
-                  overwrite: bool = False, check_bn_statistics: bool = True) -> Path:
+                  overwrite: bool = False, check_bn_statistics: bool = True, config=None) -> Path:
     """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder.
 
     The weights and BatchNorm statistics are written as the supernet holds them, in its dtype. With shared
@@ -53,8 +53,16 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     False exports the statistics as stored without one). ``fmt="onnx"`` also writes a float32 ONNX graph
     traced at ``resolution`` whose batch, height and width are dynamic.
 
+    ``config`` (the supernet's Config, e.g. the one ``slimssl.load_supernet`` returns, or a recipe name or path)
+    records the inputs the export expects in its config.json, as ``slimssl export`` does: ``resolution``,
+    ``crop_ratio``, ``mean`` and ``std`` (``metadata`` wins where both give a key).
+
     An export already there is replaced only when it came from the same ``metadata["source"]`` (exporting a
     run again) or with ``overwrite``; see :func:`check_export_folder`."""
+    if config is not None:
+        from .models.build import as_config
+
+        metadata = {**preprocessing(as_config(config)), **(metadata or {})}
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "onnx":
@@ -74,6 +82,14 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     else:
         _drop_earlier_graph(folder)
     return folder
+
+
+def preprocessing(cfg, crop_ratio: float | None = None) -> dict:
+    """What an exported model's inputs must be, as its config.json records it: the shorter side resized to
+    ``resolution / crop_ratio`` (default: evaluation's), the centre ``resolution`` square, normalised with
+    ``mean`` and ``std``."""
+    return {"resolution": cfg.data.resolution, "crop_ratio": crop_ratio or cfg.eval.crop_ratio,
+            "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
 
 
 def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None = None) -> Path:

@@ -95,7 +95,7 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
     from .eval import recalibration_batches
     from .eval.inputs import DataOptions, check_numbers
     from .export import (FORMATS, ONNX, ExportError, check_export_folder, export_differences, export_subnet,
-                         load_exported, require_onnx)
+                         load_exported, preprocessing, require_onnx)
 
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
     options = DataOptions.of(data, export_run)
@@ -141,14 +141,6 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
         rows.append(row)
         log.info("exported %s to %s", spec.name, folder)
     return rows
-
-
-def preprocessing(cfg: Config, crop_ratio: float | None = None) -> dict:
-    """What an exported model's inputs must be, as its config.json records it: the shorter side resized to
-    ``resolution / crop_ratio`` (default: evaluation's), the centre ``resolution`` square, normalised with
-    ``mean`` and ``std``."""
-    return {"resolution": cfg.data.resolution, "crop_ratio": crop_ratio or cfg.eval.crop_ratio,
-            "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
 
 
 def _warn_of_unread_data(options, eval_batch_size: int | None, why: str) -> None:
