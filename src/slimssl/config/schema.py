@@ -117,6 +117,18 @@ class MenuConfig(Section):
         return self
 
 
+def registered_name(name: str, info: ValidationInfo, lookup, key: str) -> str:
+    """``name`` when ``lookup`` (which raises a SlimsslError for a name not registered) knows it, or when the
+    config is a stored one (a checkpoint's, read for its backbone: evaluation and export need no method or rule)."""
+    try:
+        lookup(name)
+    except SlimsslError as e:
+        if (info.context or {}).get("stored"):
+            return name
+        raise ValueError(f"{key}: {e}") from None
+    return name
+
+
 class MethodConfig(Section):
     name: str = Field("byol", description="byol, mocov2, mocov3, or a method registered with "
                       "slimssl.methods.register_method")
@@ -144,13 +156,7 @@ class MethodConfig(Section):
     def _known_method(cls, name: str, info: ValidationInfo) -> str:
         from ..methods import method_class
 
-        try:
-            method_class(name)
-        except SlimsslError as e:
-            if (info.context or {}).get("stored"):  # a checkpoint's config, read for its backbone
-                return name
-            raise ValueError(f"method.name: {e}") from None
-        return name
+        return registered_name(name, info, method_class, "method.name")
 
     def registered(self) -> type[Method] | None:
         """The method class of ``name``, or None for a method not registered in this process (a stored config,
@@ -244,13 +250,7 @@ class SlimConfig(Section):
     def _known_loss_weights(cls, name: str, info: ValidationInfo) -> str:
         from ..slim.weights import loss_weights_rule
 
-        try:
-            loss_weights_rule(name)
-        except SlimsslError as e:
-            if (info.context or {}).get("stored"):  # a checkpoint's config, read for its backbone
-                return name
-            raise ValueError(f"slim.loss_weights: {e}") from None
-        return name
+        return registered_name(name, info, loss_weights_rule, "slim.loss_weights")
 
 
 Probability = Annotated[float, Field(ge=0, le=1)]
