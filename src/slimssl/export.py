@@ -274,9 +274,9 @@ def _refuse_other_folder(folder: Path) -> None:
 def verify_export(supernet: SlimResNet, subnet: SubnetLike, exported: PlainResNet | str | Path,
                   resolution: int, batch: int = 2, seed: int = 0) -> float:
     """Max abs difference between the supernet's sub-network (eval mode) and the exported model: a plain
-    model, an export folder (its weights), or the path of an exported ``model.onnx`` (run with onnxruntime when it is installed, else with
-    onnx's reference evaluator, slower). Each model is fed the same random images in its own dtype and on its
-    own device (the ONNX graph in float32 on the CPU)."""
+    model, an export folder (its weights), or the path of an exported ``model.onnx`` (run with onnxruntime
+    when it is installed, else with onnx's reference evaluator, slower). Each model is fed the same random
+    images in its own dtype and on its own device (the ONNX graph in float32 on the CPU)."""
     return export_differences(supernet, subnet, exported, resolution, batch, seed)[0]
 
 
