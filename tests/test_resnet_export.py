@@ -335,6 +335,28 @@ def test_verify_export_takes_the_folder_export_subnet_returns(tmp_path):
         verify_export(model, "0.5", folder / "config.json", 16)
 
 
+def test_save_exported_keeps_an_export_of_another_source_and_a_model_of_the_users_own(tmp_path):
+    from slimssl.export import save_exported
+
+    model = build("basic-cifar-private")
+    folder = export_subnet(model, "0.5", tmp_path, metadata={"source": "run A"})
+    tuned = load_exported(folder)
+    save_exported(tuned, folder)  # trained further and saved back: the same source
+    other = export_subnet(model, "0.5", tmp_path / "b", metadata={"source": "run B"})
+    with pytest.raises(ExportError, match=r"already holds an export of w0p5_d1-1-1-1 from run A; choose another "
+                                          r"output folder, or replace it with overwrite=True"):
+        save_exported(load_exported(other), folder)
+    assert load_exported(folder).metadata["source"] == "run A"
+    save_exported(load_exported(other), folder, overwrite=True)
+    assert load_exported(folder).metadata["source"] == "run B"
+    own = tmp_path / "own" / "w0p5_d1-1-1-1"
+    own.mkdir(parents=True)
+    (own / "model.safetensors").write_bytes(b"a model of the user's own")
+    with pytest.raises(ExportError, match=r"holds model.safetensors without a slimssl config.json"):
+        export_subnet(model, "0.5", tmp_path / "own")
+    assert (own / "model.safetensors").read_bytes() == b"a model of the user's own"
+
+
 def test_an_output_named_like_a_model_file_is_refused(tmp_path):
     from slimssl.export import save_exported
 

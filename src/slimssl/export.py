@@ -92,14 +92,19 @@ def preprocessing(cfg, crop_ratio: float | None = None) -> dict:
             "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
 
 
-def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None = None) -> Path:
+def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None = None, *,
+                  overwrite: bool = False) -> Path:
     """Write a plain ResNet into ``folder`` as ``config.json`` and ``model.safetensors``, for
     :func:`load_exported`: an export, or one fine-tuned with a classifier (``model.fc = nn.Linear(...)``; the
     config then records its classes). ``metadata`` (JSON data) is kept in config.json beside the keys
     load_exported reads, which it cannot replace, and over what the model was loaded with that still holds
     after training it further (``CARRIED``: its inputs and where it came from). A ``model.onnx`` in ``folder``
-    (a graph of the weights there before) is removed: it would no longer match."""
+    (a graph of the weights there before) is removed: it would no longer match. An export of another source
+    in ``folder`` is replaced only with ``overwrite`` (:func:`check_export_folder`); saving a loaded export back
+    where it came from, after training it further, keeps its source and needs none."""
     _refuse_file_name(Path(folder), f"a folder, which gets {CONFIG} and {WEIGHTS}")
+    source = (metadata or {}).get("source", getattr(model, "metadata", {}).get("source"))
+    check_export_folder(folder, source, overwrite)
     folder = _write_export(model, Path(folder), metadata)
     _drop_earlier_graph(folder)
     return folder
@@ -179,7 +184,13 @@ def check_export_folder(folder: str | Path, source: str | None, overwrite: bool 
     if place.exists() and not place.is_dir():
         raise ExportError(f"cannot export into {folder}: {place} is a file; choose another output folder")
     config = folder / CONFIG
-    if overwrite or not config.is_file():
+    if overwrite:
+        return
+    if not config.is_file():
+        foreign = [name for name in (WEIGHTS, ONNX) if (folder / name).is_file()]
+        if foreign:  # a model of the user's own, not written by slimssl: never replaced without being asked
+            raise ExportError(f"{folder} holds {' and '.join(foreign)} without a slimssl {CONFIG}; choose another "
+                              f"output folder, or {replace_hint}")
         return
     try:
         earlier = json.loads(config.read_text(encoding="utf-8")).get("source")
