@@ -453,38 +453,45 @@ class Trainer:
     def _train_until(self, end: int, guard: SignalGuard) -> None:
         """Train to step ``end``, with the evaluations due before and between; saved at the end. Closing the
         source stops loader workers, closing the bar ends its line before any error is printed."""
-        cfg = self.cfg
-        with contextlib.closing(self.view_source), progress_bar(self.state.step, end, dist.is_main()) as progress:
+        with contextlib.closing(self.view_source):
             self._evaluations_before_training()
             self._save_missing_epoch_checkpoint()
-            timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
-            while self.state.step < end:
-                step = self.state.step
-                try:
-                    result = self.train_step(step)
-                except DataError as e:  # an unreadable file met by streaming, before this step changed anything
-                    raise self._saved_before(e) from None
-                self.window.add(result.losses, result.lr, trained=not result.skipped)
-                timed += 1
-                self.state.step += 1
-                progress.update(1)
-                epoch_done = self.state.step % self.steps_per_epoch == 0
-                scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
-                stopping = self._stop_agreed(guard.received is not None, scheduled)
-                if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
-                    synchronize(self.device)
-                    self._log(timed, time.perf_counter() - tick, progress)
-                    timed, tick = 0, time.perf_counter()
-                if epoch_done:
-                    self._end_of_epoch()
-                    tick = time.perf_counter()  # its checkpoint and kNN are not training: img/s leaves them out
-                if stopping:
-                    raise self._stopped(guard)
-            self._save_unless_saved()  # inside the guard: a signal during it is a flag, not an exception mid-write
-            # a signal during the end of the last step (its epoch's save or kNN) stops here, as one in the loop
-            # does, rather than being forgotten by the next call to fit
-            if self.state.step < self.total_steps and self._stop_agreed(guard.received is not None, True):
+            # the bar starts after them: its rate and time left are the steps' (the kNN at random initialisation
+            # would make the first step look minutes long), and the log lines above stay on lines of their own
+            with progress_bar(self.state.step, end, dist.is_main()) as progress:
+                self._train_steps(end, guard, progress)
+
+    def _train_steps(self, end: int, guard: SignalGuard, progress) -> None:
+        """The steps up to ``end`` and what comes due between them, then the save of the last."""
+        cfg = self.cfg
+        timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
+        while self.state.step < end:
+            step = self.state.step
+            try:
+                result = self.train_step(step)
+            except DataError as e:  # an unreadable file met by streaming, before this step changed anything
+                raise self._saved_before(e) from None
+            self.window.add(result.losses, result.lr, trained=not result.skipped)
+            timed += 1
+            self.state.step += 1
+            progress.update(1)
+            epoch_done = self.state.step % self.steps_per_epoch == 0
+            scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
+            stopping = self._stop_agreed(guard.received is not None, scheduled)
+            if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
+                synchronize(self.device)
+                self._log(timed, time.perf_counter() - tick, progress)
+                timed, tick = 0, time.perf_counter()
+            if epoch_done:
+                self._end_of_epoch()
+                tick = time.perf_counter()  # its checkpoint and kNN are not training: img/s leaves them out
+            if stopping:
                 raise self._stopped(guard)
+        self._save_unless_saved()  # inside the guard: a signal during it is a flag, not an exception mid-write
+        # a signal during the end of the last step (its epoch's save or kNN) stops here, as one in the loop
+        # does, rather than being forgotten by the next call to fit
+        if self.state.step < self.total_steps and self._stop_agreed(guard.received is not None, True):
+            raise self._stopped(guard)
 
     def _stopped(self, guard: SignalGuard) -> Interrupted:
         """Save what is not saved yet (the steps since the last record, logged after the resume) and say so."""
