@@ -138,7 +138,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .eval.commands import add_loader_args  # export reads train batches as the evaluation commands do
 
     p = sub.add_parser("export", help="export sub-networks as plain models (safetensors + JSON, or ONNX)")
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file or run directory")
     _add_config(p)
     p.add_argument("--random-init", action="store_true", help="export a randomly initialised supernet of --config")
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
@@ -174,15 +174,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "config's data.source)")
     add_loader_args(p)
     p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
-                   help="where --recalibrate-bn runs: auto (default: cuda if available), cpu, cuda or cuda:N; the "
-                        "export is written from the CPU")
+                   help="where --recalibrate-bn runs: auto (the default: a GPU when there is one), cpu, cuda or "
+                        "cuda:N; the export is written from the CPU")
     p.add_argument("--eval-batch-size", type=positive_int,
                    help="--recalibrate-bn's batch size (default: config eval.batch_size, as evaluation)")
     p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("profile", help="params, MACs and CPU latency of every sub-network")
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint or run directory")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file or run directory")
     _add_config(p)
     p.add_argument("--resolution", type=positive_int, help="input size (default: the config's)")
     p.add_argument("--num-classes", type=nonnegative_int, default=0, help="count a K-way classifier too (papers use 1000)")
