@@ -322,6 +322,7 @@ def test_cli_profile_demo_with_latency(capsys):
     assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"] > 0
     assert rows[0]["macs"] > rows[1]["macs"] > rows[2]["macs"] > 0
     assert all(r["latency_ms"] > 0 for r in rows)
+    assert rows[0]["latency_settings"] == {"runs": 10, "warmup": 3, "batch": 1, "threads": torch.get_num_threads()}
     assert all(r["resolution"] == load_config("demo").data.resolution for r in rows)
 
 

@@ -98,7 +98,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     rows = profile_supernet(supernet, resolution, args.num_classes, latency=not args.no_latency)
     for row in rows:
         row.update(resolution=resolution, num_classes=args.num_classes)
-    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *(["latency_ms"] if rows and "latency_ms" in rows[0] else [])]))
+    timed = bool(rows) and "latency_ms" in rows[0]
+    if timed:
+        how = rows[0]["latency_settings"]
+        log.info("CPU latency: median of %d forward passes of batch %d after %d warm-up, on %d thread(s); other "
+                 "work on the machine makes it read slower", how["runs"], how["batch"], how["warmup"], how["threads"])
+    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *(["latency_ms"] if timed else [])]))
     return 0
 
 

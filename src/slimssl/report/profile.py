@@ -27,9 +27,14 @@ def count_macs(model: nn.Module, resolution: int) -> int:
     return counter.get_total_flops() // 2
 
 
+LATENCY_RUNS, LATENCY_WARMUP = 10, 3
+
+
 @torch.no_grad()
-def cpu_latency_ms(model: nn.Module, resolution: int, runs: int = 5, warmup: int = 1, batch: int = 1) -> float:
-    """Median wall time of one forward pass on the CPU, in milliseconds."""
+def cpu_latency_ms(model: nn.Module, resolution: int, runs: int = LATENCY_RUNS, warmup: int = LATENCY_WARMUP,
+                   batch: int = 1) -> float:
+    """Median wall time of one forward pass on the CPU, in milliseconds, on torch's threads (a machine busy
+    with other work reads far slower: the threads wait for cores)."""
     x = torch.zeros(batch, 3, resolution, resolution)
     for _ in range(warmup):
         model(x)
@@ -51,9 +56,10 @@ def plain_with_head(supernet: SlimResNet, spec: SubnetSpec, num_classes: int) ->
 
 
 def profile_supernet(supernet: SlimResNet, resolution: int, num_classes: int = 0,
-                     latency: bool = True, runs: int = 5, specs: Sequence[SubnetSpec] | None = None) -> list[dict]:
+                     latency: bool = True, runs: int = LATENCY_RUNS,
+                     specs: Sequence[SubnetSpec] | None = None) -> list[dict]:
     """One row per sub-network of ``specs`` (default: the menu): subnet, params, macs, and latency_ms (CPU,
-    batch 1) when asked."""
+    batch 1) when asked, with how it was measured (``latency_settings``: runs, warm-up runs, batch, threads)."""
     rows = []
     for spec in (supernet.menu if specs is None else specs):
         plain = plain_with_head(supernet, spec, num_classes)
@@ -61,5 +67,7 @@ def profile_supernet(supernet: SlimResNet, resolution: int, num_classes: int = 0
                "params": count_params(plain), "macs": count_macs(plain, resolution)}
         if latency:
             row["latency_ms"] = round(cpu_latency_ms(plain, resolution, runs=runs), 3)
+            row["latency_settings"] = {"runs": runs, "warmup": LATENCY_WARMUP, "batch": 1,
+                                       "threads": torch.get_num_threads()}
         rows.append(row)
     return rows
