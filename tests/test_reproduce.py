@@ -365,6 +365,10 @@ def test_goals_say_by_how_much_they_miss():
     time_goal = result[(f"pretraining time slimmable / one-by-one <= {TIME_RATIO_GOAL:.2f}", None)]
     assert time_goal["held"] is False and time_goal["short_by"] == pytest.approx(0.1)
     assert goals(rows, None)[-1]["held"] is None  # not measured is not "held"
+    # exactly 1 point behind, in float32 percentages as kNN gives them (80.05 and 81.05 are 80.0499954 and 81.0500030)
+    f32 = [float(torch.tensor(c, dtype=torch.float32) / 10000 * 100) for c in (8005, 8105)]
+    edge = [{**rows[0], "knn_slim": f32[0], "knn_alone": f32[1]}, rows[1]]
+    assert goals(edge, 0.5)[0]["held"] is True and goals(edge, 0.5)[0]["short_by"] == 0
 
 
 def test_plots_are_skipped_without_matplotlib(tmp_path, monkeypatch, caplog):

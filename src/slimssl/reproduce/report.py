@@ -56,7 +56,9 @@ def _goal(goal: str, value: float | None, target: float | None, at_least: bool, 
     short; ``held`` is None when either number is missing."""
     if value is None or target is None:
         return {"goal": goal, "subnet": subnet, "value": value, "target": target, "held": None, "short_by": None}
-    gap = (target - value) if at_least else (value - target)
+    # accuracies come as float32 percentages (80.05 is 80.04999542...): a gap is judged to 1e-4 points, so
+    # exactly 1 point behind is within 1 point
+    gap = round((target - value) if at_least else (value - target), 4)
     return {"goal": goal, "subnet": subnet, "value": value, "target": target, "held": gap <= 0,
             "short_by": max(0.0, gap)}
 
