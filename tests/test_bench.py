@@ -4,6 +4,7 @@ import json
 import logging
 
 import pytest
+import torch
 import yaml
 
 from slimssl.cli import main
@@ -55,6 +56,9 @@ def test_bench_json_has_every_measurement(tmp_path, capsys, caplog):
     dense = sum(rows[1]["batch"] / r["img_per_s"] for r in rows if r["what"].startswith("dense "))
     assert rows[-1]["ratio"] == pytest.approx(dense * rows[1]["img_per_s"] / rows[1]["batch"])
     assert all(r["img_per_s"] > 0 and r["device"] == "cpu" for r in rows[:-1])
+    # each row names what it measured on and with, as the text's header does
+    assert all(r["hardware"].startswith("cpu (") and r["torch"] == torch.__version__ and r["loader"] == "memory"
+               for r in rows)
 
 
 def test_bench_profile_writes_the_operator_table(tmp_path, capsys):
@@ -138,7 +142,8 @@ def test_bench_keeps_what_set_says_of_the_device_and_the_fake_data(tmp_path, mon
 
     def run_bench(cfg, *args, **kwargs):
         seen["cfg"] = cfg
-        return [{"what": "data path", "img_per_s": 1.0, "peak_gib": None, "gpu_busy": None, "device": "cpu"}]
+        return [{"what": "data path", "img_per_s": 1.0, "peak_gib": None, "gpu_busy": None, "device": "cpu",
+                 "hardware": "cpu (x86_64, 2 cores)"}]
 
     monkeypatch.setattr("slimssl.bench.measure.run_bench", run_bench)
     path = tmp_path / "tiny.yaml"

@@ -4,6 +4,7 @@ read. Shared by training, evaluation and the reproduction, so ``--device`` means
 from __future__ import annotations
 
 import os
+import platform
 import re
 
 import torch
@@ -72,3 +73,10 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work, so that a wall clock read next measures it (no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def hardware_name(device: torch.device) -> str:
+    """What a device is, for a timing to name: the GPU's model, or the CPU's architecture and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, standalone_config
-from ..devices import synchronize
+from ..devices import hardware_name, synchronize
 from ..train.loop import Trainer
 
 log = logging.getLogger("slimssl")
@@ -162,6 +162,7 @@ def _forget(compile_mode: str, device: torch.device) -> None:
 
 
 def _tag(rows: list[dict], device: torch.device, batch: int) -> list[dict]:
+    """Each row says what it was measured on, so the JSON alone does (the text's header says it once)."""
     for r in rows:
-        r.update(device=str(device), batch=batch)
+        r.update(device=str(device), hardware=hardware_name(device), batch=batch, torch=torch.__version__)
     return rows

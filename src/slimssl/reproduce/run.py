@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import platform
 import signal
 import time
@@ -21,7 +20,7 @@ from ..layout import CONFIG, LAST, RESULTS, checkpoint_path
 from ..config import Config
 from ..data.files import BUILTIN, DataError, list_labelled_files
 from ..data.registry import registered_name, registered_split
-from ..devices import pick_device, synchronize
+from ..devices import hardware_name, pick_device, synchronize
 from ..errors import UsageError
 from ..eval import linear_settings, recalibration_batches
 from ..eval.inputs import DataOptions
@@ -71,12 +70,6 @@ def read_timing(run_dir: Path) -> JobTiming:
 
 def write_timing(run_dir: Path, timing: JobTiming) -> None:
     write_json_atomic(run_dir / TIMING, asdict(timing))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def software_name() -> str:
@@ -217,7 +210,7 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     timing.setup_seconds += time.perf_counter() - start
     if not (job.run_dir / CONFIG).is_file():
         write_run_config(job.run_dir, job.cfg, trainer.effective_lr())
-    name = device_name(trainer.device)
+    name = hardware_name(trainer.device)
     if name not in timing.devices:
         timing.devices.append(name)
     if software_name() not in timing.software:
