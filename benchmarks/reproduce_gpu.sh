@@ -28,6 +28,8 @@ case "$deadline" in ''|*[!0-9]*) echo "DEADLINE must be a number of seconds, got
 for arg in "$@"; do
     case "$arg" in --out|--out=*|--data|--data=*)
         echo "give no $arg: the runs go to \$RUNS (now $runs), the data is .data/cifar10.zip"; exit 2 ;;
+    --time-budget|--time-budget=*)
+        echo "give no $arg: the budget follows DEADLINE (set BUDGET to choose it)"; exit 2 ;;
     esac
 done
 mkdir -p "$out" .data "$(dirname "$runs")"
@@ -86,8 +88,10 @@ timeout --preserve-status -s TERM -k 10 "$left" \
     "$@" 2> >(sed -u -e 's/\r/\n/g' -e 's/[^\n]*step\/s[^]\n]*\]//g' | grep --line-buffered -v '^[[:space:]]*$' \
               | tee "$out/repro.log" | tail -40 >&2)
 status=$?
+logger=$!  # the log's filter (bash 4.4+ sets $! to a process substitution's pid)
 kill "$packer" 2>/dev/null
 wait "$packer" 2>/dev/null
+[ "$logger" = "$packer" ] || wait "$logger" 2>/dev/null  # its last lines reach repro.log before it is packed
 pack
 
 [ "$status" -eq 2 ] || "$py" - "$runs" <<'PY'  # exit 2 refused the call: the runs are an earlier call's

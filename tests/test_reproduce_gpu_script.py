@@ -143,6 +143,7 @@ def test_options_the_script_sets_itself_and_a_bad_deadline_are_refused(tmp_path)
     fake_cifar_zip(tmp_path)
     for extra, env, message in [(["--out", "elsewhere"], {}, "give no --out: the runs go to $RUNS"),
                                 (["--data=fake"], {}, "give no --data=fake"),
+                                (["--time-budget", "5"], {}, "give no --time-budget: the budget follows DEADLINE"),
                                 ([], {"DEADLINE": "soon"}, "DEADLINE must be a number of seconds, got 'soon'")]:
         args, environment = call_args(tmp_path, tmp_path / "out", epochs=1, **env)
         done = subprocess.run(args + extra, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=60)
