@@ -52,6 +52,12 @@ def straight(tmp_path_factory) -> Path:
     return out
 
 
+def test_report_of_a_reproductions_folder_points_to_its_runs(straight, capsys, caplog):
+    assert main(["report", str(straight)]) == 2
+    assert f"{straight} holds a reproduction, whose runs are its sub-folders: read {straight / 'reproduction.md'}" \
+        in capsys.readouterr().err + caplog.text
+
+
 def test_full_reproduction_writes_the_comparison(straight, capsys):
     doc = json.loads((straight / "reproduction.json").read_text())
     assert doc["complete"] and [r["recipe"] for r in doc["recipes"]] == RECIPES

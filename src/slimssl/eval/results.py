@@ -75,6 +75,11 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
     if not path.is_file():
         if missing_ok:
             return {"run": run_dir.resolve().name, "subnets": []}
+        from ..reproduce import REPORT_JSON, REPORT_MD
+
+        if (run_dir / REPORT_JSON).is_file():  # the folder of `slimssl reproduce --out`, not a run
+            raise ResultsError(f"{run_dir} holds a reproduction, whose runs are its sub-folders: read "
+                               f"{run_dir / REPORT_MD}, or report its runs ({run_dir}/<recipe>/*)")
         raise ResultsError(f"{path} does not exist; a run directory gets results.json at the end of pretraining "
                            "(or from 'slimssl knn RUN_DIR')")
     try:
