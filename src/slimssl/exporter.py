@@ -5,7 +5,6 @@ the preprocessing recorded beside the weights, and shared BatchNorm statistics r
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -108,7 +107,7 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
                          "initialisation is exported with its initial ones")
     warn_of_repeated_work("slimssl.export_run()")
     supernet, cfg, recalibrated, trained = open_supernet(checkpoint, config, overrides)
-    if trained.get("trained_epochs", math.inf) < trained.get("pretraining_epochs", 0):
+    if "trained_epochs" in trained and trained["trained_epochs"] < trained["pretraining_epochs"]:
         log.warning("%s was saved at epoch %.2f of the run's %d: pretraining has not finished, and the exports are "
                     "the network as it was then (config.json records trained_epochs and pretraining_epochs)",
                     checkpoint, trained["trained_epochs"], trained["pretraining_epochs"])

@@ -213,8 +213,9 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     name = hardware_name(trainer.device)
     if name not in timing.devices:
         timing.devices.append(name)
-    if software_name() not in timing.software:
-        timing.software.append(software_name())
+    software = software_name()
+    if software not in timing.software:
+        timing.software.append(software)
     if timing.step < trainer.state.step:
         timing.steps_not_timed += trainer.state.step - timing.step
         log.warning("%s: timing.json reached step %d, the checkpoint step %d: the seconds of the steps in "
