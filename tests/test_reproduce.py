@@ -458,6 +458,19 @@ def test_times_that_do_not_cover_the_runs_or_mix_devices_give_the_time_goal_no_v
         json.loads((out / "reproduction.json").read_text())["recipes"][0]["time"]["not_compared"]
 
 
+def test_steps_saved_but_never_timed_are_counted_and_the_time_goal_says_so(tmp_path):
+    """A call killed between a checkpoint and its timing write leaves steps trained that no seconds cover."""
+    out = tmp_path / "untimed"
+    assert reproduce(out, [RECIPES[0]], extra=["--time-budget", "0"]) == EXIT_CONTINUE  # the slim run's first epoch
+    slim = run_dirs(out, RECIPES[0])[0]
+    timing = json.loads((slim / "timing.json").read_text())
+    (slim / "timing.json").write_text(json.dumps({**timing, "step": 0, "pretrain_seconds": 0.0}))  # as if killed
+    assert reproduce(out, [RECIPES[0]]) == 0
+    assert json.loads((slim / "timing.json").read_text())["steps_not_timed"] == STEPS // EPOCHS
+    doc = json.loads((out / "reproduction.json").read_text())
+    assert f"{RECIPES[0]}/slim ({STEPS - STEPS // EPOCHS} of {STEPS} steps)" in doc["recipes"][0]["time"]["not_compared"]
+
+
 def test_a_probe_records_what_the_linear_command_records(straight, tmp_path):
     """The reproduction's probe is `slimssl linear RUN --epochs N` with its defaults: a run probed either way
     holds the same settings, so the reproduction counts a run probed by the command as probed."""
