@@ -419,6 +419,21 @@ def test_an_unknown_flag_gets_the_usage_of_its_command(capsys):
     assert "slimssl: error: unrecognized arguments: --json (options of knn go after the word knn)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["pretrain", "--epoch", "1"], "slimssl pretrain: error: unrecognized arguments: --epoch 1 (did you mean --epochs?)"),
+    (["pretrain", "--max-step=3"], "unrecognized arguments: --max-step=3 (did you mean --max-steps?)"),
+    (["--verb", "pretrain"], "slimssl: error: unrecognized arguments: --verb (did you mean --verbose?)"),
+    (["knn", "runs/x", "--zzz"], "slimssl knn: error: unrecognized arguments: --zzz\n"),
+])
+def test_a_prefix_of_an_option_is_refused_with_the_option_it_looks_like(argv, said, capsys):
+    """No abbreviations: ``--epoch`` would silently mean ``--epochs`` today and something else once another
+    option starts with it; a misspelt option names the closest one instead."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert said in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [["profile"], ["export", "--all", "--out", "exported"]])
 def test_a_run_directory_after_set_is_named_as_such(command, capsys, caplog):
     assert main([*command, "--set", "model.base_width=8", "runs/demo"]) == 2

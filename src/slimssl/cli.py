@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="slimssl",
         description="Slimmable self-supervised pretraining: pretrain one network, use every sub-network. "
                     "With --json a command prints one JSON document on stdout; logs go to stderr.",
-        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"slimssl {__version__}")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action in sub._choices_actions:  # `slimssl COMMAND --help` opens with the line `slimssl --help` shows
         command = sub.choices[action.dest]
         command.description = command.description or action.help
+        # no prefixes of options (`--epoch` for `--epochs`): a misremembered option is an error, and a prefix
+        # that works today would change meaning when an option is added
+        command.allow_abbrev = False
     parser.commands = sub.choices  # each command's parser, for its own usage line in an error (main)
     return parser
 
@@ -141,6 +144,25 @@ def _other_module_named(name: str, path) -> str | None:
 GLOBAL_OPTIONS = ("--import", "-v", "--verbose", "--version")  # slimssl's own, before the command
 
 
+def _unknown_option_hint(parser: argparse.ArgumentParser, command: str | None, unknown: str, after_command: bool) -> str:
+    """Why ``unknown`` (the first argument no parser took) was not taken: an option given on the wrong side of
+    the command, or a misspelt one (argparse takes no prefixes here), with the closest option's name."""
+    import difflib
+
+    option = unknown.split("=", 1)[0]
+    own = set(parser.commands[command]._option_string_actions) if command else set()
+    if not after_command and option in own:
+        return f" (options of {command} go after the word {command})"
+    if after_command and option in GLOBAL_OPTIONS:
+        return f" ({option} is an option of slimssl itself: it goes before the command, slimssl {option} ... " \
+               f"{command} ...)"
+    if not option.startswith("-"):
+        return ""
+    known = own if after_command else own | set(GLOBAL_OPTIONS)
+    close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # a command's time budget counts from here (reproduce --time-budget)
     parser = build_parser()
@@ -149,14 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         given = sys.argv[1:] if argv is None else list(argv)
         after_command = args.command in given and unknown[0] in given and \
             given.index(unknown[0]) > given.index(args.command)
-        where = "" if after_command or not args.command else \
-            f" (options of {args.command} go after the word {args.command})"
-        option = unknown[0].split("=", 1)[0]
-        if after_command and option in GLOBAL_OPTIONS:
-            where = f" ({option} is an option of slimssl itself: it goes before the command, slimssl {option} ... " \
-                    f"{args.command} ...)"
+        hint = _unknown_option_hint(parser, args.command, unknown[0], after_command)
         (parser.commands[args.command] if after_command else parser).error(
-            f"unrecognized arguments: {' '.join(unknown)}{where}")
+            f"unrecognized arguments: {' '.join(unknown)}{hint}")
     args.started = started
     if isinstance(sys.stdout, io.TextIOWrapper):  # redirected, it takes the locale's encoding (cp1252 on Windows):
         sys.stdout.reconfigure(errors="backslashreplace")  # a character it lacks is escaped, not a crash at the end
