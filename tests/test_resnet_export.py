@@ -410,6 +410,10 @@ def test_onnx_export(tmp_path, perturb_bn):
     assert [i.name for i in graph.graph.input][:1] == ["images"]
     assert [o.name for o in graph.graph.output] == ["features"]
     assert (folder / "model.safetensors").is_file()
+    # the config.json beside it travels inside the graph, each value as JSON text
+    carried = {p.key: json.loads(p.value) for p in graph.metadata_props}
+    assert carried == json.loads((folder / "config.json").read_text())
+    assert carried["subnet"] == "w0p5_d1-1-1-1" and carried["architecture"]["depths"]
     export_subnet(model, "0.5", tmp_path)  # exported again without ONNX: the old graph would not match
     assert not path.exists()
 

@@ -78,7 +78,8 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     folder = _write_export(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})
     if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
         (folder / ONNX).unlink(missing_ok=True)  # a failed trace leaves no graph of the earlier weights
-        _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution)
+        _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution,
+                     json.loads((folder / CONFIG).read_text()))
     else:
         _drop_earlier_graph(folder)
     return folder
@@ -220,12 +221,19 @@ def require_onnx() -> None:
                           "extra)") from None
 
 
-def _export_onnx(plain: PlainResNet, path: Path, resolution: int) -> None:
+def _export_onnx(plain: PlainResNet, path: Path, resolution: int, config: dict) -> None:
+    """The graph of ``plain`` at ``path``, carrying the config.json beside it as metadata (each entry's value as
+    JSON text: a runtime without that file still knows the sub-network and its preprocessing)."""
     require_onnx()
+    import onnx
+
     example = torch.zeros(1, 3, resolution, resolution)  # the tracing size; a ResNet takes any size
     torch.onnx.export(plain, (example,), str(path), input_names=["images"], output_names=["features"],
                       dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "features": {0: "batch"}},
                       dynamo=False)
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {key: json.dumps(value) for key, value in config.items()})
+    onnx.save(graph, str(path))
 
 
 def load_exported(folder: str | Path) -> PlainResNet:
