@@ -357,7 +357,7 @@ def test_cli_config_list(capsys):
 def test_cli_config_list_refuses_a_config_it_would_ignore(capsys, caplog):
     assert main(["config", "--list", "--config", "demo", "--set", "train.epochs=3"]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and "takes no --config or --set" in captured.err + caplog.text
+    assert captured.out == "" and "takes no --config, --set or --explain" in captured.err + caplog.text
 
 
 def test_cli_config_unknown_key_returns_2(capsys, caplog):

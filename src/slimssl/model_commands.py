@@ -113,9 +113,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     from .config import find_config, load_config, packaged_configs
 
     if args.list:  # the names --config takes, each with the first line of its header comment
-        if args.config or args.set:
-            raise UsageError("--list lists the shipped recipes and takes no --config or --set; drop --list to "
-                             "print the resolved config")
+        if args.config or args.set or args.explain:
+            raise UsageError("--list lists the shipped recipes and takes no --config, --set or --explain; drop "
+                             "--list to print the resolved config")
         names = [name.removesuffix(".yaml") for name in packaged_configs()]
         width = max(map(len, names))
         for name in names:
@@ -125,7 +125,13 @@ def cmd_config(args: argparse.Namespace) -> int:
                 first = first.rstrip(",:;") + " ..."
             write_out(f"{name:<{width}}  {first}".rstrip() + "\n")
         return 0
-    write_out(load_config(args.config, args.set).to_yaml())
+    cfg = load_config(args.config, args.set)
+    if args.explain:
+        from .config.reference import explained_yaml
+
+        write_out(explained_yaml(cfg))
+    else:
+        write_out(cfg.to_yaml())
     return 0
 
 
@@ -198,4 +204,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="print a resolved config (or --list the shipped ones)")
     _add_config(p, default=" (default: demo)")
     p.add_argument("--list", action="store_true", help="list the shipped recipes")
+    p.add_argument("--explain", action="store_true", help="each key with a comment: what it does and what it "
+                   "accepts (the same YAML, loadable as a recipe; docs/config.md has them as tables)")
     p.set_defaults(func=cmd_config)

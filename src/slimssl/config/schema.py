@@ -81,17 +81,25 @@ def _kinds(annotation: Any) -> tuple:
 
 
 class ModelConfig(Section):
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
+        "resnet18", description="the supernet's full network: basic blocks (18, 34) or bottlenecks (50, 101)")
     depths: list[int] | None = Field(None, description="blocks per stage; default: the arch's")
     base_width: int = Field(64, gt=0, description="stem channels; stage i has base_width * 2**i (x4 for bottleneck)")
-    stem: Literal["cifar", "imagenet"] = "imagenet"
-    bn: Literal["private", "shared"] = "private"
+    stem: Literal["cifar", "imagenet"] = Field(
+        "imagenet", description="cifar: one 3x3 convolution and no max-pool (small images); imagenet: a 7x7 "
+        "convolution of stride 2 and a max-pool")
+    bn: Literal["private", "shared"] = Field(
+        "private", description="private: every menu entry has BatchNorm of its own (affine and statistics); "
+        "shared: one full-width BatchNorm sliced to each width, whose statistics evaluation re-estimates per "
+        "sub-network")
     bn_group_size: int | None = Field(
         None, gt=1, description="pretraining BatchNorm statistics over groups of this many consecutive samples, "
         "as if each group were on its own GPU (null: each process's whole batch). Emulates per-GPU BatchNorm on "
         "one GPU, keeps results independent of the number of processes, and gives MoCo's shuffle-BN its groups")
-    channel_divisor: int = Field(1, ge=1)
-    zero_init_residual: bool = False
+    channel_divisor: int = Field(1, ge=1, description="a narrower width's channels are rounded to a multiple of "
+                                 "this (e.g. 8, for tensor cores); 1: floor(channels x width), as SlimCLR")
+    zero_init_residual: bool = Field(False, description="each residual block's last BatchNorm starts at zero, so "
+                                     "the block starts as the identity (torchvision's option)")
 
     @property
     def block(self) -> str:
@@ -132,14 +140,19 @@ def registered_name(name: str, info: ValidationInfo, lookup, key: str) -> str:
 class MethodConfig(Section):
     name: str = Field("byol", description="byol, mocov2, mocov3, or a method registered with "
                       "slimssl.methods.register_method")
-    proj_hidden: int = Field(4096, gt=0)
-    proj_dim: int = Field(256, gt=0)
+    proj_hidden: int = Field(4096, gt=0, description="hidden units of the projector at full width (a sub-network's "
+                             "heads shrink with its width)")
+    proj_dim: int = Field(256, gt=0, description="output size of the projector and predictor: the embedding the "
+                          "loss compares")
     # 0 is no size, but a method without a predictor never read it: its runs said 0 and stay readable (the heads
     # refuse a size below 1 when they are built)
-    pred_hidden: int = Field(4096, ge=0)
-    temperature: float = Field(0.2, gt=0)
+    pred_hidden: int = Field(4096, ge=0, description="hidden units of the predictor at full width (BYOL, MoCo "
+                             "v3; MoCo v2 has none)")
+    temperature: float = Field(0.2, gt=0, description="temperature of the contrastive loss (MoCo v2, MoCo v3)")
     momentum: float = Field(0.996, ge=0, le=1, description="EMA of the target / key encoder (base value)")
-    momentum_schedule: Literal["cosine", "constant"] = "cosine"
+    momentum_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="cosine: the momentum rises from method.momentum to 1 over training, as BYOL; "
+        "constant: it stays at method.momentum")
     queue_size: int = Field(65536, ge=0, description="MoCo v2 queue of full-width keys")
     symmetric: bool = Field(True, description="MoCo v2's loss over both views (false: the first view's queries "
                             "and the second's keys only); BYOL's and MoCo v3's are always symmetric")
@@ -227,11 +240,19 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 
 class SlimConfig(Section):
-    sampling: Literal["all", "sandwich"] = "all"
+    sampling: Literal["all", "sandwich"] = Field(
+        "all", description="the sub-networks trained each step: all menu entries, or sandwich: the largest, the "
+        "smallest and num_random drawn between them")
     num_random: int = Field(2, ge=0, description="sandwich: random sub-networks between largest and smallest")
-    random_space: Literal["menu", "space"] = "menu"
-    teacher: Literal["target", "online"] = "target"
-    distill_alpha: float = Field(0.5, ge=0, le=1)
+    random_space: Literal["menu", "space"] = Field(
+        "menu", description="where sandwich's random sub-networks come from: the menu's entries, or space: any "
+        "width (on a 0.05 grid) and depth between the menu's smallest and largest (needs model.bn: shared)")
+    teacher: Literal["target", "online"] = Field(
+        "target", description="target: no distillation term, the target network's outputs are every sub-network's "
+        "teacher through the SSL loss (DSPNet); online: each step's first sub-network, the full one, is the "
+        "teacher of the others' distillation term (SlimCLR's online distillation)")
+    distill_alpha: float = Field(0.5, ge=0, le=1, description="teacher: online: a student's loss is (1 - "
+                                 "distill_alpha) x its SSL loss + distill_alpha x distill_scale x the distillation loss")
     distill_temperature: float = Field(1.0, gt=0, description="online distillation of contrastive methods: "
                                        "temperature on the cosine similarities, loss scaled by its square")
     distill_scale: float = Field(
@@ -243,7 +264,8 @@ class SlimConfig(Section):
         "of the widths of the other sub-networks trained in the step (with sampling: sandwich, those drawn in it), "
         "the others 1; or a rule registered with slimssl.slim.register_loss_weights")
     slow_start: float = Field(0.0, ge=0, lt=1, description="fraction of training before sub-networks join")
-    slow_start_lr: float | None = Field(None, description="new base lr once sub-networks join")
+    slow_start_lr: float | None = Field(None, description="a new base lr (as optim.lr, at its reference_batch) "
+                                        "for the schedule's rest once the sub-networks join (SlimCLR); null: unchanged")
 
     @field_validator("loss_weights")
     @classmethod
@@ -263,15 +285,15 @@ class ViewChanges(Section):
     crop_ratio: tuple[Positive, Positive] | None = Field(None, description="aspect ratio range (min, max) of the "
                                                          "random resized crop; the recipes' 3/4-4/3")
     jitter_p: Probability | None = Field(None, description="probability of the colour jitter")
-    brightness: NonNegative | None = None
-    contrast: NonNegative | None = None
-    saturation: NonNegative | None = None
-    hue: float | None = Field(None, ge=0, le=0.5)
-    grayscale_p: Probability | None = None
+    brightness: NonNegative | None = Field(None, description="the colour jitter's brightness strength")
+    contrast: NonNegative | None = Field(None, description="the colour jitter's contrast strength")
+    saturation: NonNegative | None = Field(None, description="the colour jitter's saturation strength")
+    hue: float | None = Field(None, ge=0, le=0.5, description="the colour jitter's hue strength")
+    grayscale_p: Probability | None = Field(None, description="probability of converting the view to grayscale")
     blur_p: Probability | None = Field(None, description="probability of a Gaussian blur (wins over data.blur)")
     blur_sigma: tuple[Positive, Positive] | None = Field(None, description="the blur's sigma range (min, max), "
                                                          "in pixels; the recipes' 0.1-2")
-    solarize_p: Probability | None = None
+    solarize_p: Probability | None = Field(None, description="probability of solarizing the view")
 
     @model_serializer(mode="wrap")
     def _only_changes(self, handler) -> dict:
@@ -288,8 +310,9 @@ class ViewChanges(Section):
 
 
 class DataConfig(Section):
-    source: str = "digits"
-    resolution: int = Field(32, gt=0)
+    source: str = Field("digits", description="the dataset: digits, cifar10, cifar100, fake, a registered name, "
+                        "or the path of an ImageFolder tree or a .zip of one (what --data sets)")
+    resolution: int = Field(32, gt=0, description="side of the training views and evaluation images, in pixels")
     augment: Literal["byol", "mocov2", "mocov3"] | None = Field(None, description="default: the method's")
     crop_scale: tuple[float, float] | None = Field(
         None, description="random resized crop area range (min, max), 0 < min <= max <= 1; default: the augmentation "
@@ -297,10 +320,12 @@ class DataConfig(Section):
     flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
     blur: bool | None = Field(None, description="Gaussian blur where the augmentation recipe has it (true) or "
                               "nowhere (false); default: the recipe's above 64 px, none at 64 px or less")
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[Positive, Positive, Positive] = IMAGENET_STD
-    skip_unreadable: bool = False
-    fake_size: int = Field(256, gt=0)
+    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="per RGB channel, subtracted from images "
+                                             "scaled to [0, 1]")
+    std: tuple[Positive, Positive, Positive] = Field(IMAGENET_STD, description="per RGB channel, divides them next")
+    skip_unreadable: bool = Field(False, description="an image that cannot be decoded is replaced by the next "
+                                  "readable one and logged (false: the run stops with an error naming the file)")
+    fake_size: int = Field(256, gt=0, description="number of random images of source: fake")
     loader: Literal["memory", "stream"] = Field(
         "memory", description="memory: decode the dataset once into a uint8 tensor (GPU when it fits); stream: "
         "loader workers decode each step's files (a folder or .zip too large for memory; kNN streams the splits too)")
@@ -344,16 +369,19 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["sgd", "lars", "adamw"] = "sgd"
+    name: Literal["sgd", "lars", "adamw"] = Field(
+        "sgd", description="sgd (with momentum), lars (SGD with a per-layer trust ratio) or adamw")
     lr: float = Field(0.05, gt=0, description="base lr at reference_batch")
-    lr_scaling: Literal["linear", "none"] = "linear"
-    reference_batch: int = Field(256, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    momentum: float = 0.9
-    betas: tuple[Beta, Beta] = (0.9, 0.999)
-    warmup_epochs: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    lr_scaling: Literal["linear", "none"] = Field(
+        "linear", description="linear: the peak lr is lr x train.batch_size / reference_batch; none: lr itself")
+    reference_batch: int = Field(256, gt=0, description="the batch size lr is given for")
+    weight_decay: float = Field(1e-4, ge=0, description="weight decay (adamw: decoupled from the gradient)")
+    momentum: float = Field(0.9, description="momentum of sgd and lars")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="adamw's decay rates of its moment estimates")
+    warmup_epochs: float = Field(0.0, ge=0, description="epochs of linear warm-up to the peak lr")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="the lr after the warm-up: a cosine decay to min_lr_ratio x the peak, or constant")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine schedule's last lr, as a fraction of the peak")
     no_decay_1d: bool = Field(True, description="no weight decay (and no LARS adaptation) on biases and norms")
     trust_coefficient: float = Field(0.001, gt=0, description="LARS: a layer's gradient is scaled by lr x this x "
                                      "|w| / |g|")
@@ -362,18 +390,22 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(10, gt=0, description="passes over the training split")
     batch_size: int = Field(256, ge=2, description="total batch over all processes (BatchNorm needs two samples)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the initial weights, the views and the sub-networks drawn: the same "
+                      "seed and settings train the same run on the same machine")
     device: str = Field("auto", description="auto (a GPU when there is one), cpu, cuda, or cuda:N (one process)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    channels_last: bool = True
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype of the forward passes; auto: bf16 on a GPU that has it, else fp32")
+    channels_last: bool = Field(True, description="channels-last memory format on a GPU (faster convolutions in "
+                                "bf16); no effect on the CPU")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         "off", description="torch.compile the forward passes, one graph per sub-network (reduce-overhead, "
         "max-autotune: also CUDA graphs); the first step of each sub-network pays the compilation")
     sync_bn: bool = Field(False, description="multi-GPU: BatchNorm statistics over the total batch (each "
                           "sub-network's private BatchNorm synchronised separately; needs CUDA)")
-    log_every: int = Field(10, gt=0)
+    log_every: int = Field(10, gt=0, description="steps between records of the losses in metrics.jsonl and "
+                           "TensorBoard (each one reads them from the device)")
     checkpoint_every: int = Field(0, ge=0, description="epochs between kept epoch_XXXX.pt checkpoints (0: none; "
                                   "last.pt is written every epoch regardless). A ResNet-18 checkpoint is ~180 MiB")
     knn: bool = Field(True, description="kNN of every sub-network during pretraining: at random initialisation "
@@ -400,9 +432,10 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    knn_k: int = Field(200, gt=0)
-    knn_temperature: float = Field(0.1, gt=0)
-    batch_size: int = Field(256, gt=0)
+    knn_k: int = Field(200, gt=0, description="neighbours in the weighted kNN vote")
+    knn_temperature: float = Field(0.1, gt=0, description="temperature of the kNN vote's weights, exp(similarity / T)")
+    batch_size: int = Field(256, gt=0, description="images per forward pass in evaluations (kNN, probes' features, "
+                            "BatchNorm re-estimation)")
     knn_random_init: bool = Field(True, description="kNN of the untrained network too, as a baseline")
     crop_ratio: float = Field(
         1.0, gt=0, le=1, description="evaluation images: the shorter side is resized to data.resolution / crop_ratio "
@@ -420,7 +453,7 @@ class Config(Section):
     ``slimssl config --config NAME`` prints a recipe resolved; ``config_from_dict`` and ``load_config``
     turn pydantic's errors into a :class:`ConfigError` that names the file and the key."""
 
-    name: str = "run"
+    name: str = Field("run", description="the recipe's name, shown in logs and reports")
     model: ModelConfig = Field(default_factory=ModelConfig)
     menu: MenuConfig = Field(default_factory=MenuConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
