@@ -1,5 +1,6 @@
-"""The device and autocast dtype a command runs on, and waiting for a device's queued work before a clock is
-read. Shared by training, evaluation and the reproduction, so ``--device`` means the same everywhere."""
+"""The device and autocast dtype a command runs on, waiting for a device's queued work before a clock is read,
+and the copies that must stay cheap on a GPU. Shared by training, evaluation and the reproduction, so
+``--device`` means the same everywhere."""
 
 from __future__ import annotations
 
@@ -67,6 +68,18 @@ def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or t.device.type != "cpu":  # (a GPU tensor: "cuda:0" is not equal to "cuda")
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)  # the pinned copy is freed only once the GPU read it
+
+
+def copy_by_dtype(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dst.copy_(src)`` for each pair, one fused copy per dtype: on a GPU, the fused copy of a list that mixes
+    dtypes (BatchNorm's int64 counters beside its fp32 statistics) falls back to one launch per tensor."""
+    by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+    for dst, src in zip(dsts, srcs, strict=True):
+        group = by_dtype.setdefault(dst.dtype, ([], []))
+        group[0].append(dst)
+        group[1].append(src)
+    for group_dsts, group_srcs in by_dtype.values():
+        torch._foreach_copy_(group_dsts, group_srcs)
 
 
 def synchronize(device: torch.device) -> None:

@@ -8,6 +8,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..devices import copy_by_dtype
 from ..errors import SlimsslError
 from ..methods.base import Method
 from ..nn.layers import SlimmableMixin, bind_state
@@ -97,12 +98,4 @@ class SSLModel(SlimmableMixin, nn.Module):
         src = [p.detach() for p in online.parameters()]
         dst = list(self.target.parameters())
         torch._foreach_lerp_(dst, src, 1.0 - momentum)
-        # one launch per dtype, not one per buffer: the fused copy takes lists of one dtype only (on a GPU, a
-        # mixed list falls back to a copy per tensor), and BatchNorm's counters are int64 beside fp32 statistics
-        by_dtype: dict[torch.dtype, tuple[list, list]] = {}
-        for dst_buffer, src_buffer in zip(self.target.buffers(), online.buffers()):
-            dsts, srcs = by_dtype.setdefault(dst_buffer.dtype, ([], []))
-            dsts.append(dst_buffer)
-            srcs.append(src_buffer)
-        for dsts, srcs in by_dtype.values():
-            torch._foreach_copy_(dsts, srcs)
+        copy_by_dtype(list(self.target.buffers()), list(online.buffers()))

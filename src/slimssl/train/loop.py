@@ -29,7 +29,7 @@ from ..data.files import DataError, reuse_scans
 from ..data.registry import recorded_source, registered_name
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
-from ..devices import pick_device, pick_dtype, synchronize, to_device_async
+from ..devices import copy_by_dtype, pick_device, pick_dtype, synchronize, to_device_async
 from ..errors import SlimsslError
 from ..eval.results import ResultsError, read_results, write_results
 from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, check_unread_settings, checked_momentum,
@@ -355,7 +355,7 @@ class Trainer:
         self.model.train()
         skip_mode = self.cfg.train.nonfinite == "skip"
         if skip_mode:  # a NaN forward writes NaN into the BatchNorm statistics before the loss shows it
-            torch._foreach_copy_(self._bn_backup, self._bn_buffers)
+            copy_by_dtype(self._bn_backup, self._bn_buffers)
         lr = self.set_lr(step)
         v1, v2 = self.views(step)
         step_begins(self.cfg.train.compile)
@@ -412,7 +412,7 @@ class Trainer:
         """``train.nonfinite: skip``: drop the step's gradients and restore the BatchNorm statistics its forward
         passes moved, and count it."""
         self.optimizer.zero_grad(set_to_none=True)
-        torch._foreach_copy_(self._bn_buffers, self._bn_backup)
+        copy_by_dtype(self._bn_buffers, self._bn_backup)
         self.state.skipped_steps += 1
         if dist.is_main():
             log.warning("step %d: non-finite loss, step skipped (%d so far)", step, self.state.skipped_steps)
