@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks and throughput numbers of docs/benchmarks.md, in one command (about 8 minutes on one H100).
+# The GPU checks and throughput numbers of docs/benchmarks.md, in one command (an estimated 8 minutes on one H100;
+# it has not run on one yet).
 # Run from the repository root on a machine with one CUDA GPU and PyTorch installed (on this project's lent
 # machines, carry .whl from benchmarks/gpu_wheels.sh: their image lacks pydantic):
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]

@@ -21,7 +21,7 @@
 set -uo pipefail
 py="${PYTHON:-python3}"
 deadline="${DEADLINE:-560}"
-deadline="${deadline%%.*}"  # budget_left_s - 40 may have decimals
+deadline="${deadline%%.*}"  # budget_left_s - 50 may have decimals
 out="${OUT:-repro-out}"
 runs="${RUNS:-.runs/repro}"
 case "$deadline" in ''|*[!0-9]*) echo "DEADLINE must be a number of seconds, got '${DEADLINE}'"; exit 2 ;; esac

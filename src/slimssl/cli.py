@@ -22,7 +22,8 @@ EXIT_CODES = """exit codes:
   1    export --verify found a difference over its tolerance; stdout closed early (| head); an unexpected
        error (a bug), with its traceback; a process of a multi-process run stopped by another's failure
   2    bad input or a failed run: the error names what was wrong (argparse's usage errors too)
-  3    pretrain (or reproduce) stopped by SIGTERM or SIGINT after saving: the same run continues it
+  3    pretrain (or reproduce) stopped by SIGTERM or SIGINT after saving: the same run continues it;
+       reproduce exits 3 for every stop signal (the same command continues)
   4    reproduce --time-budget ran out with work left: run the same command again
   130  Ctrl-C outside a training loop: the command stopped; nothing it had saved is lost. Or a second stop
        signal during training, which stops at once: the steps since the last checkpoint are lost
