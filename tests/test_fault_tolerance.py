@@ -263,6 +263,48 @@ def test_a_stop_signal_still_exits_3_when_tensorboards_last_flush_fails(tmp_path
     assert "may lack their last records (OSError" in error_text(capsys, caplog)
 
 
+def test_the_same_sigterm_again_after_the_save_still_exits_3_with_the_hint(tmp_path, monkeypatch, capsys, caplog):
+    """A scheduler signals every process of a job, and torchrun forwards its own: a SIGTERM repeated while the
+    stopped run closes (after its save, outside the training loop) is the same request. It used to kill the
+    command (exit 143, no "continue with" line), and a scheduler that requeues on exit 3 did not."""
+    signal_at(monkeypatch, 2, signal.SIGTERM)
+    close = Trainer.close
+
+    def close_under_a_repeated_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        close(self)
+
+    monkeypatch.setattr(Trainer, "close", close_under_a_repeated_sigterm)
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        code = main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)])
+    assert code == EXIT_INTERRUPTED and load_checkpoint(run)["train_state"]["step"] == 3
+    text = error_text(capsys, caplog)
+    assert "the same request; the run is saved and the command is ending" in text
+    assert f"continue with: slimssl pretrain --resume {run}" in text
+
+
+def test_sigterm_outside_the_training_loop_stops_the_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys, caplog):
+    """Before training (loading, building) a SIGTERM is a one-line stop with exit 130, and the start, which saved
+    nothing, is cleaned up; it used to kill the process with its files left behind. A second, different stop
+    signal after a saved stop still stops at once."""
+    def sigterm_while_setting_up(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_setup_model", sigterm_while_setting_up)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)]) == 130
+    assert "interrupted (SIGTERM outside the training loop); nothing it had saved is lost" in \
+        error_text(capsys, caplog)
+    assert not run.exists()
+
+    with signals.command_stop_signals():
+        with SignalGuard():
+            os.kill(os.getpid(), signal.SIGINT)  # the loop's stop: saved, then the guard is left
+        with pytest.raises(KeyboardInterrupt, match="a second stop signal, SIGINT, after the run was saved"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 def test_resume_after_max_steps_equals_uninterrupted_run(tmp_path):
     cfg = config_from_dict(TINY)
     assert Trainer(cfg, tmp_path / "a").fit(max_steps=3) == {}  # stopped early: no results yet
@@ -598,6 +640,58 @@ def test_auto_resume_starts_again_after_a_start_killed_before_its_first_checkpoi
     with pytest.raises(SlimsslError, match="holds files of an earlier run"):
         pretrain(longer, tmp_path / "longer", resume="auto")
     assert (tmp_path / "longer" / "metrics.jsonl").read_text() == kept
+
+
+class Killed(BaseException):
+    """A SIGKILL at a chosen moment: nothing after it runs, no handler catches it."""
+
+
+def test_a_run_killed_between_its_last_checkpoint_and_the_epochs_copy_resumes_exactly(tmp_path, monkeypatch):
+    """The end of an epoch writes last.pt before its kept epoch_XXXX.pt: a kill in between (in the first epoch,
+    where no earlier last.pt exists) leaves a run that resumes, and the resume writes the missing copy."""
+    from slimssl.train.pretrain import pretrain
+
+    cfg = config_from_dict(tiny(train={"epochs": 2, "checkpoint_every": 1}))
+    pretrain(cfg, tmp_path / "straight")
+    original = Trainer.save
+
+    def killed_before_the_copy(self, name="last.pt", any_rank=False):
+        if name.startswith("epoch_"):
+            raise Killed
+        return original(self, name, any_rank)
+
+    monkeypatch.setattr(Trainer, "save", killed_before_the_copy)
+    with pytest.raises(Killed):
+        pretrain(cfg, tmp_path / "run")
+    monkeypatch.setattr(Trainer, "save", original)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["last.pt"]
+    assert pretrain(cfg, tmp_path / "run", resume="auto").finished
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_0001.pt", "last.pt"]
+    for name in ("epoch_0001.pt", "last.pt"):
+        assert_same_state(load_checkpoint(checkpoints / name)["model"],
+                          load_checkpoint(tmp_path / "straight" / "checkpoints" / name)["model"])
+
+
+def test_a_run_killed_after_its_last_step_was_saved_saves_the_same_optimiser_state_on_resume(tmp_path, monkeypatch):
+    """Killed in its final kNN, a run resumes with no step to train and writes last.pt again: with the lr of its
+    last step in the optimiser, as a straight run leaves it (the schedule's peak was put back before)."""
+    from slimssl.train.pretrain import pretrain
+
+    cfg = config_from_dict(tiny(train={"epochs": 1}, optim={"warmup_epochs": 0.5}))
+    pretrain(cfg, tmp_path / "straight")
+
+    def killed(self):
+        raise Killed
+
+    monkeypatch.setattr(Trainer, "finish", killed)
+    with pytest.raises(Killed):
+        pretrain(cfg, tmp_path / "run")
+    monkeypatch.undo()
+    assert pretrain(None, tmp_path / "run", resume=True).finished
+    saved, straight = (load_checkpoint(run)["optimizer"] for run in (tmp_path / "run", tmp_path / "straight"))
+    assert [g["lr"] for g in saved["param_groups"]] == [g["lr"] for g in straight["param_groups"]]
+    assert saved["param_groups"] == straight["param_groups"]
 
 
 SLOW_CLI = """

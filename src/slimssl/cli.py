@@ -25,8 +25,9 @@ EXIT_CODES = """exit codes:
   3    pretrain (or reproduce) stopped by SIGTERM or SIGINT after saving: the same run continues it;
        reproduce exits 3 for every stop signal (the same command continues)
   4    reproduce --time-budget ran out with work left: run the same command again
-  130  Ctrl-C outside a training loop: the command stopped; nothing it had saved is lost. Or a second stop
-       signal during training, which stops at once: the steps since the last checkpoint are lost
+  130  Ctrl-C outside a training loop (or SIGTERM outside pretrain's): the command stopped; nothing it had
+       saved is lost. Or a second stop signal during training, which stops at once: the steps since the last
+       checkpoint are lost
 
 environment:
   SLIMSSL_DATA          where cifar10/cifar100 are downloaded (default ~/.cache/slimssl/data)

@@ -54,51 +54,15 @@ def stopped_doc(run) -> dict:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from ..cli_args import emit
-    from ..layout import checkpoint_path
-    from ..report.table import markdown_table
     from . import distributed as dist
-    from .pretrain import prepare_run, train_run
-    from .signals import EXIT_INTERRUPTED, Interrupted
+    from .signals import command_stop_signals
 
     dist.init_from_env()
     if not dist.is_main():  # rank 0 alone reports progress; the others still say what goes wrong
         log.setLevel(logging.WARNING)
     try:
-        if isinstance(args.resume, str) and args.out is not None \
-                and Path(args.resume).resolve() != args.out.resolve():  # a resumed run stays in its folder
-            raise UsageError(f"--resume {args.resume} and --out {args.out} name two different folders; a run "
-                             "continues in its own folder: give --resume RUN_DIR alone")
-        out = args.resume if isinstance(args.resume, str) else args.out
-        resume = "auto" if args.auto_resume else args.resume is not None
-        cfg, run_dir, source, resume = prepare_run(args.config, out,
-                                                   overrides=flag_overrides(args), resume=resume, cli=True)
-        # how to continue it: with the modules this call imported (a method of one's own)
-        again = " ".join(["slimssl", *(f"--import {shell_quote(m)}" for m in getattr(args, "imports", [])),
-                          "pretrain", "--resume", shell_quote(run_dir)])
-        try:
-            run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
-        except OSError as e:  # a full disk or a read-only folder while writing the metrics or results
-            # before the first checkpoint the start's files are gone again: the same command starts it over
-            raise storage_error(e, again if checkpoint_path(run_dir).is_file() else "") or e
-        except Interrupted as e:
-            if dist.is_main():  # one hint for the job, not one per process
-                log.warning("%s; continue with: %s", e, again)
-                if args.json and e.run:
-                    emit(args, stopped_doc(e.run), "")
-            return EXIT_INTERRUPTED
-        if run.results:
-            cols = ["subnet", "params", "macs", "knn_top1_random_init", "knn_top1"]
-            emit(args, run.results, markdown_table(run.results["subnets"], cols))
-            if dist.is_main():  # after minutes of progress, where the run is and what comes next
-                where = shell_quote(run_dir)
-                log.info("done: the run is in %s (results.json, checkpoints/last.pt); next: slimssl linear %s, "
-                         "slimssl export %s --all --out DIR, slimssl report %s", where, where, where, where)
-        elif dist.is_main():  # the other ranks have no results even when finished: rank 0 reports
-            log.info("stopped at step %d of %d; continue with: %s", run.step, run.total_steps, again)
-            if args.json:  # a script's json.loads needs a document whenever the command succeeds
-                emit(args, stopped_doc(run), "")
-        return 0
+        with command_stop_signals():  # SIGTERM outside the training loop too: a message and an exit code
+            return _run_pretrain(args)
     except BaseException as e:
         if dist.world_size() > 1:  # never leave the other ranks waiting: exit now, torchrun ends the job
             usage = isinstance(e, SlimsslError)  # a full disk while writing metrics is one too (train_run above)
@@ -107,3 +71,48 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         raise
     finally:
         dist.shutdown()
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    """``slimssl pretrain`` in this process (cmd_pretrain sets up the processes and the signals around it)."""
+    from ..cli_args import emit
+    from ..layout import checkpoint_path
+    from ..report.table import markdown_table
+    from . import distributed as dist
+    from .pretrain import prepare_run, train_run
+    from .signals import EXIT_INTERRUPTED, Interrupted
+
+    if isinstance(args.resume, str) and args.out is not None \
+            and Path(args.resume).resolve() != args.out.resolve():  # a resumed run stays in its folder
+        raise UsageError(f"--resume {args.resume} and --out {args.out} name two different folders; a run "
+                         "continues in its own folder: give --resume RUN_DIR alone")
+    out = args.resume if isinstance(args.resume, str) else args.out
+    resume = "auto" if args.auto_resume else args.resume is not None
+    cfg, run_dir, source, resume = prepare_run(args.config, out,
+                                               overrides=flag_overrides(args), resume=resume, cli=True)
+    # how to continue it: with the modules this call imported (a method of one's own)
+    again = " ".join(["slimssl", *(f"--import {shell_quote(m)}" for m in getattr(args, "imports", [])),
+                      "pretrain", "--resume", shell_quote(run_dir)])
+    try:
+        run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
+    except OSError as e:  # a full disk or a read-only folder while writing the metrics or results
+        # before the first checkpoint the start's files are gone again: the same command starts it over
+        raise storage_error(e, again if checkpoint_path(run_dir).is_file() else "") or e
+    except Interrupted as e:
+        if dist.is_main():  # one hint for the job, not one per process
+            log.warning("%s; continue with: %s", e, again)
+            if args.json and e.run:
+                emit(args, stopped_doc(e.run), "")
+        return EXIT_INTERRUPTED
+    if run.results:
+        cols = ["subnet", "params", "macs", "knn_top1_random_init", "knn_top1"]
+        emit(args, run.results, markdown_table(run.results["subnets"], cols))
+        if dist.is_main():  # after minutes of progress, where the run is and what comes next
+            where = shell_quote(run_dir)
+            log.info("done: the run is in %s (results.json, checkpoints/last.pt); next: slimssl linear %s, "
+                     "slimssl export %s --all --out DIR, slimssl report %s", where, where, where, where)
+    elif dist.is_main():  # the other ranks have no results even when finished: rank 0 reports
+        log.info("stopped at step %d of %d; continue with: %s", run.step, run.total_steps, again)
+        if args.json:  # a script's json.loads needs a document whenever the command succeeds
+            emit(args, stopped_doc(run), "")
+    return 0

@@ -289,6 +289,8 @@ class Trainer:
                           num_images=self.view_source.sharding.num_images, device=self.device)
         self.state, self.window, self._resumed_lr = resumed.state, resumed.window, resumed.effective_lr
         self._keep_joined()
+        if self.state.step:  # the lr of the last step trained, as the saving run held it: a resume that trains no
+            self.set_lr(self.state.step - 1)  # step (stopped at the last one) saves the same optimiser state
         log.info("resumed from %s at step %d", path, self.state.step)
         return resumed.saved_step
 
@@ -563,10 +565,10 @@ class Trainer:
                                  + f" img/s={record['img_per_s']:.0f}")
 
     def _end_of_epoch(self) -> None:
-        name = self._epoch_checkpoint_due()
-        if name:
-            self.save(name)  # before last.pt: a run stopped in between writes it again
         self.save()
+        name = self._epoch_checkpoint_due()
+        if name:  # after last.pt: a run stopped in between resumes from last.pt, which writes this copy then
+            self.save(name)  # (the other way round, a first epoch stopped there left no last.pt to resume from)
         if self._knn_due(self.state.step):
             self._epoch_knn()
 

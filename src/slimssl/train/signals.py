@@ -20,6 +20,10 @@ EXIT_INTERRUPTED = 3  # documented: the run was stopped by SIGTERM/SIGINT after 
 SAME_REQUEST_SECONDS = 10.0
 
 
+# The stop signal a SignalGuard took last, and when (time.monotonic()): what command_stop_signals knows of it
+_last_request: tuple[int, float] | None = None
+
+
 class Interrupted(RuntimeError):
     """Training stopped by a signal after saving a checkpoint."""
 
@@ -65,7 +69,9 @@ class SignalGuard:
                          "process, and torchrun forwards it too), still saving", since)
                 return
             raise KeyboardInterrupt(f"a second stop signal, {name}, stopped it at once")  # a person's way out
+        global _last_request
         self.received, self._received_at = signum, time.monotonic()
+        _last_request = (signum, self._received_at)
         if self.finishing:
             log.warning("received %s: the run is trained; %s first. A second %s stops at once (a resume finishes "
                         "it)%s", name, self.finishing, name, self._later(signum))
@@ -80,3 +86,29 @@ class SignalGuard:
 
     def __exit__(self, *exc):
         return self._handling.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def command_stop_signals() -> Iterator[None]:
+    """Stop signals around a whole command that trains (``slimssl pretrain``), outside its training loop's
+    SignalGuard: there, before training (set-up) or after it (closing, the table), SIGTERM stops the command as
+    Ctrl-C does (exit 130, and a start that saved nothing is cleaned up) instead of killing it. Once the loop took
+    a stop signal and saved, the same SIGTERM repeated within SAME_REQUEST_SECONDS (every process of a job gets
+    it) is ignored, so the command still exits 3 with its hint; any other repeat stops it at once."""
+    global _last_request
+    _last_request = None
+
+    def handle(signum, frame):
+        name = signal.Signals(signum).name
+        if _last_request is None:
+            raise KeyboardInterrupt(f"{name} outside the training loop")
+        first, at = _last_request
+        since = time.monotonic() - at
+        if signum == first == signal.SIGTERM and since < SAME_REQUEST_SECONDS:
+            log.info("another SIGTERM %.1f s after the first: the same request; the run is saved and the command "
+                     "is ending", since)
+            return
+        raise KeyboardInterrupt(f"a second stop signal, {name}, after the run was saved")
+
+    with stop_signals_handled_by(handle):
+        yield
