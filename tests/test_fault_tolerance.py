@@ -1064,6 +1064,35 @@ def test_a_damaged_last_checkpoint_points_to_the_runs_latest_kept_one(tmp_path):
         load_checkpoint(tmp_path / "run")
 
 
+def test_a_byte_changed_inside_a_checkpoint_is_found_by_its_checksum(tmp_path):
+    """torch.load does not check the archive's CRCs: a flipped bit in a tensor loaded as a changed weight, and a
+    resume went on from it. The checksum names the damaged entry, and the run's earlier checkpoint is pointed to."""
+    import zipfile
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    _checkpoint(folder / "epoch_0002.pt")
+    marker = torch.full((64,), 1.2345)
+    _checkpoint(folder / "last.pt", marker=marker)
+    load_checkpoint(tmp_path / "run")  # whole, it loads
+    raw = bytearray((folder / "last.pt").read_bytes())
+    at = bytes(raw).index(marker.numpy().tobytes())
+    raw[at + 5] ^= 0x10  # one bit of one float of the marker
+    (folder / "last.pt").write_bytes(bytes(raw))
+    assert zipfile.is_zipfile(folder / "last.pt")  # still an archive: only the checksum tells
+    with pytest.raises(CheckpointError, match=r"last.pt is damaged: its entry archive/data/\d+ no longer matches "
+                                              r"the checksum.*earlier checkpoint, epoch_0002.pt"):
+        load_checkpoint(tmp_path / "run")
+
+
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path, monkeypatch):
+    """torch can save archives without CRCs (every one 0): nothing to check then, rather than all "damaged"."""
+    config = pytest.importorskip("torch.utils.serialization", reason="this torch has no serialization config: it always writes CRCs").config
+    monkeypatch.setattr(config.save, "compute_crc32", False)
+    path = _checkpoint(tmp_path / "ck.pt")
+    assert load_checkpoint(path)["menu"]
+
+
 def test_load_checkpoint_missing_keys_is_a_checkpoint_error(tmp_path):
     path, _ = _incomplete(tmp_path / "ck.pt")
     with pytest.raises(CheckpointError, match="expected at least"):

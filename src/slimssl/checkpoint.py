@@ -51,6 +51,17 @@ def _earlier_checkpoint_hint(damaged: Path) -> str:
             f"{damaged.name} (keep the damaged file elsewhere)")
 
 
+def _failed_checksum(path: Path) -> str | None:
+    """The first entry of a torch.save archive whose bytes no longer match the CRC-32 written with it, or None:
+    torch.load does not check them, so a flipped bit would otherwise load as a changed weight. An archive saved
+    without checksums (torch's ``serialization.config.save.compute_crc32 = False``: every CRC is 0) is not
+    checked. One more read of the file, at the speed of the disk cache."""
+    with zipfile.ZipFile(path) as archive:
+        if not any(info.CRC for info in archive.infolist()):
+            return None
+        return archive.testzip()
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
     ``path``, so a crash or a full disk mid-write leaves the previous checkpoint intact."""
@@ -133,6 +144,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({detail}); expected "
                               "a checkpoint file (e.g. RUN/checkpoints/last.pt) or a run directory"
                               + _earlier_checkpoint_hint(path)) from None
+    damaged = _failed_checksum(path)
+    if damaged:
+        raise CheckpointError(f"{path} is damaged: its entry {damaged} no longer matches the checksum it was saved "
+                              "with (a byte changed on the disk or in a copy); expected a checkpoint as it was written"
+                              + _earlier_checkpoint_hint(path))
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {found!r}, expected {FORMAT!r})")
