@@ -1215,6 +1215,44 @@ def test_training_a_finished_run_on_says_what_changes_and_what_goes(tmp_path, ca
     assert after["steps"] > results["steps"] and "linear_top1" not in after["subnets"][0]
 
 
+def test_a_checkpoint_of_another_run_copied_into_a_run_is_refused_on_resume(tmp_path, capsys, caplog):
+    """A last.pt copied in from another run (a damaged one replaced by the wrong file) would continue that run
+    here: config.yaml rewritten to the other run's settings, and two runs' metrics in one file."""
+    from slimssl.train.pretrain import pretrain
+
+    pretrain(config_from_dict(TINY), tmp_path / "byol", max_steps=2)
+    pretrain(config_from_dict(tiny(method={"name": "mocov3", "temperature": 0.2})), tmp_path / "mocov3", max_steps=2)
+    run = tmp_path / "byol"
+    shutil.copy(tmp_path / "mocov3" / "checkpoints" / "last.pt", run / "checkpoints" / "last.pt")
+    kept = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    assert main(["pretrain", "--resume", str(run)]) == 2
+    text = error_text(capsys, caplog)
+    assert f"{run / 'checkpoints' / 'last.pt'} is not the checkpoint of the run" in text
+    assert "method.name: config.yaml 'byol', checkpoints/last.pt 'mocov3'" in text
+    assert {name: (run / name).read_bytes() for name in kept} == kept
+
+
+def test_an_edited_config_yaml_is_said_to_have_no_effect_on_resume(tmp_path, caplog):
+    from slimssl.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(config_from_dict(TINY), run, max_steps=2)
+    edited = yaml.safe_load((run / "config.yaml").read_text())
+    edited["train"]["epochs"] = 5
+    (run / "config.yaml").write_text(yaml.safe_dump(edited))
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        pretrain(None, run, resume=True, max_steps=3)
+    assert "train.epochs: config.yaml 5, resumed with 3" in caplog.text
+    assert "a resume does not read config.yaml" in caplog.text and "overrides=['KEY=VALUE']" in caplog.text
+    # a resume with changes, stopped before its next checkpoint, left config.yaml with them: the same call again
+    # finds what it asks for there, and says nothing
+    pretrain(None, run, resume=True, overrides=["optim.lr=0.01"], max_steps=3)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        pretrain(None, run, resume=True, overrides=["optim.lr=0.01"], max_steps=4)
+    assert "does not read config.yaml" not in caplog.text
+
+
 def test_resume_with_another_architecture_names_the_settings(tmp_path, saved_run, capsys, caplog):
     run, before = saved_run
     assert main(["pretrain", "--resume", str(run), "--set", "model.base_width=8"]) == 2

@@ -130,10 +130,40 @@ def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun
     cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", overrides)
     if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
         cfg = absolute_data_source(cfg)
+    _check_run_config(run_dir, stored, cfg, last, cli)
     changed = config_differences(stored, cfg, ignore=MACHINE_DEPENDENT)
     if changed and dist.is_main():  # the run and its config.yaml take them from here on: say so
         log.warning("resuming %s with settings changed from the saved run:\n  %s", run_dir, "\n  ".join(changed))
     return PreparedRun(cfg, run_dir, str(last), True)
+
+
+# settings no resume changes (the menu and the weights' shapes are checked against the checkpoint's): where a run's
+# config.yaml and its last.pt differ in one, the checkpoint is another run's
+RUN_IDENTITY = ("menu.", "method.name", "model.arch", "model.depths", "model.base_width", "model.stem",
+                "model.channel_divisor")
+
+
+def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cli: bool) -> None:
+    """The run's config.yaml against the checkpoint beside it: refused when it describes another network or method
+    (a last.pt copied in from another run would continue there, rewriting config.yaml and mixing two runs' metrics);
+    otherwise, differences from the settings the resume continues with are edits of config.yaml, which a resume
+    does not read (it writes the file again): said, with the way to change a setting."""
+    path = run_dir / CONFIG
+    try:
+        written = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path), stored=True)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
+        return  # missing or unreadable: the checkpoint's settings are the run's, and config.yaml is written again
+    labels = (CONFIG, f"{CHECKPOINTS}/{last.name}")
+    other = config_differences(written, stored, prefixes=RUN_IDENTITY, labels=labels)
+    if other:
+        raise UsageError(f"{last} is not the checkpoint of the run {path} describes:\n  " + "\n  ".join(other)
+                         + f"\n(a checkpoint copied in from another run?) put back this run's own {LAST} (an "
+                         "epoch_XXXX.pt of it will do), or resume the other run in its own folder")
+    edited = config_differences(written, cfg, ignore=MACHINE_DEPENDENT, labels=(CONFIG, "resumed with"))
+    if edited and dist.is_main():
+        log.warning("%s differs from the settings the run resumes with (its checkpoint's, with the changes given "
+                    "applied):\n  %s\na resume does not read %s, and writes it again: change a setting with %s",
+                    path, "\n  ".join(edited), CONFIG, "--set KEY=VALUE" if cli else "overrides=['KEY=VALUE']")
 
 
 def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: bool = False) -> PreparedRun:
