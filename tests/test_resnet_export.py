@@ -309,6 +309,29 @@ def test_a_file_in_the_way_of_an_export_is_named(tmp_path):
     assert (tmp_path / "w0p5_d1-1-1-1").read_text() == "mine"
 
 
+def test_weights_that_are_not_the_ones_their_config_was_written_with_are_refused(tmp_path, caplog):
+    """config.json and model.safetensors are replaced one after the other: a kill in between (or a file copied by
+    hand) left new weights described by the old config, which loaded without a word. The config records the
+    sha256 of its weights; the same weights still export to the same files."""
+    import logging
+
+    first = export_subnet(build("basic-cifar-private"), "0.5", tmp_path / "a")
+    again = export_subnet(build("basic-cifar-private"), "0.5", tmp_path / "b")
+    assert all((first / f).read_bytes() == (again / f).read_bytes() for f in ("config.json", "model.safetensors"))
+    torch.manual_seed(1)
+    other = export_subnet(SlimResNet(**SUPERNETS["basic-cifar-private"]).eval(), "0.5", tmp_path / "c")
+    (first / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ExportError, match=r"model.safetensors is not the weights file .*config.json was written "
+                                          r"with \(its sha256 differs\)"):
+        load_exported(first)
+    # what a kill while writing leaves (a hidden temporary file, perhaps a model's size) goes with the next export
+    (again / ".model.safetensors.x1y2.tmp").write_bytes(b"half of a model")
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        export_subnet(build("basic-cifar-private"), "0.5", tmp_path / "b")
+    assert sorted(p.name for p in again.iterdir()) == ["config.json", "model.safetensors"]
+    assert "removed .model.safetensors.x1y2.tmp, left by an export that was killed midway" in caplog.text
+
+
 def test_a_graph_of_earlier_weights_does_not_outlive_them(tmp_path, caplog):
     """An ONNX graph beside weights written again (trained further, or a re-export without --format onnx) would
     describe other weights than the folder's safetensors."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -11,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from . import __version__
-from .atomic import atomic_write
+from .atomic import atomic_write, remove_temporaries
 from .cli_args import shell_quote
 from .errors import SlimsslError
 from .layout import CHECKPOINTS
@@ -33,6 +34,7 @@ log = logging.getLogger("slimssl")
 
 FORMATS = ("safetensors", "onnx")
 # what save_exported keeps of a loaded model's metadata: its inputs and origin, not its classes or accuracy
+WEIGHTS_DIGEST = "weights_sha256"  # in config.json: the model.safetensors it was written with
 CARRIED = ("resolution", "crop_ratio", "mean", "std", "source", "subnet")  # onnx also writes the safetensors weights
 
 
@@ -125,19 +127,25 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
     info = {**carried, **(metadata or {}), "format": EXPORT_FORMAT, "slimssl_version": __version__,
             "architecture": _architecture(model).to_dict()}
     try:  # checked before any folder is made
-        text = json.dumps(info, indent=2) + "\n"
+        json.dumps(info)
     except (TypeError, ValueError) as e:
         raise ExportError(f"metadata must be JSON data (str, numbers, lists, dicts): {e}") from None
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # one key at most: safetensors may write several in any order, and an export of the same weights should
+    # be the same file
+    weights = save(state, metadata={"subnet": str(info["subnet"])} if "subnet" in info else None)
+    # which weights file this config belongs to: the two files are replaced one after the other, and a kill
+    # between the two would otherwise leave new weights described by the old config (load_exported checks it)
+    info[WEIGHTS_DIGEST] = hashlib.sha256(weights).hexdigest()
+    text = json.dumps(info, indent=2) + "\n"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # the folder, or one on the way to it, is a file
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
     except OSError as e:  # no permission, a read-only or full disk: one error type for every bad output
         raise ExportError(f"cannot make the export folder {folder}: {e}") from None
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    # one key at most: safetensors may write several in any order, and an export of the same weights should
-    # be the same file
-    weights = save(state, metadata={"subnet": str(info["subnet"])} if "subnet" in info else None)
+    for name in remove_temporaries(folder):  # of an export killed while writing: perhaps a model's size
+        log.info("%s: removed %s, left by an export that was killed midway", folder, name)
     # Both files are written whole to temporary files, which then replace the earlier export's one after the
     # other: a failure while writing (a full disk, Ctrl-C) leaves the earlier export as it was, never new
     # weights described by the old config. The files get the permissions open() would give them.
@@ -257,8 +265,17 @@ def load_exported(folder: str | Path) -> PlainResNet:
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise ExportError(f"{config_path} is not an exported slimssl config ({type(e).__name__}: {e})") from None
     try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
+        weights = weights_path.read_bytes()
+    except OSError as e:
+        raise ExportError(f"cannot read {weights_path}: {e}") from None
+    digest = info.get(WEIGHTS_DIGEST)  # (exports before 2026-12-06 have none)
+    if digest is not None and hashlib.sha256(weights).hexdigest() != digest:
+        raise ExportError(f"{weights_path} is not the weights file {config_path} was written with (its sha256 "
+                          "differs): an export stopped between its two files, or a file replaced by hand; export "
+                          "it again")
+    try:
+        state = load(weights)
+    except (SafetensorError, ValueError) as e:
         raise ExportError(f"{weights_path} is not a readable safetensors file ({e}); re-export it") from None
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     try:

@@ -150,9 +150,12 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cl
     does not read (it writes the file again): said, with the way to change a setting."""
     path = run_dir / CONFIG
     try:
-        written = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path), stored=True)
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        written = config_from_dict(data, str(path), stored=True) if isinstance(data, dict) else None
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
-        return  # missing or unreadable: the checkpoint's settings are the run's, and config.yaml is written again
+        written = None
+    if written is None:  # missing or no config: the checkpoint's settings are the run's, config.yaml is written again
+        return
     labels = (CONFIG, f"{CHECKPOINTS}/{last.name}")
     other = config_differences(written, stored, prefixes=RUN_IDENTITY, labels=labels)
     if other:
