@@ -340,6 +340,40 @@ def test_a_run_stopped_and_resumed_logs_the_records_of_a_straight_run(tmp_path, 
     assert records(tmp_path / "stopped") == expected
 
 
+@pytest.mark.parametrize("changes, stop_at", [(["optim.lr=0.1"], 4), (["train.batch_size=32"], 8)],
+                         ids=["new_lr", "new_batch"])
+def test_a_resume_with_changes_killed_before_saving_logs_once_when_run_again(tmp_path, monkeypatch, changes,
+                                                                              stop_at):
+    """A resume that changes the lr or the batch begins with a record of it (effective_lr, steps_renumbered).
+    Killed before its first checkpoint, the same resume again used to keep that record and write it a second
+    time; with a larger batch the killed attempt's steps, counted anew, were below the checkpoint's and were
+    logged twice too. The checkpoint records metrics.jsonl's length, and a resume keeps what it held then."""
+    from slimssl.train.pretrain import pretrain
+
+    cfg = config_from_dict(tiny(eval={"knn_random_init": False}))
+    for run in ("straight", "killed"):
+        pretrain(cfg, tmp_path / run, max_steps=stop_at)
+    pretrain(None, tmp_path / "straight", resume=True, overrides=changes)
+    original = Trainer.train_step
+
+    def killed_at_its_second_step(self, step):
+        if step == self.state.step and step > stop_at // (2 if "batch" in changes[0] else 1):
+            raise Killed
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_at_its_second_step)
+    for cleanup in ("_restore_if_unsaved", "_discard_failed_start"):  # what a SIGKILL leaves no time for
+        monkeypatch.setattr(f"slimssl.train.pretrain.{cleanup}", lambda *args: None)
+    with pytest.raises(Killed):
+        pretrain(None, tmp_path / "killed", resume=True, overrides=changes)
+    monkeypatch.undo()
+    killed_attempt = records(tmp_path / "killed")
+    assert any("effective_lr" in r or "steps_renumbered" in r for r in killed_attempt[-3:])  # it logged its own
+    pretrain(None, tmp_path / "killed", resume=True, overrides=changes)
+    assert records(tmp_path / "killed") == records(tmp_path / "straight")
+    assert_same_state(model_state(tmp_path / "killed"), model_state(tmp_path / "straight"))
+
+
 def test_a_nan_loss_between_records_never_reaches_a_checkpoint(tmp_path, monkeypatch):
     # the NaN of step 5 is not logged before the stop at step 6: the save itself must refuse NaN weights
     cfg = config_from_dict(tiny(train={"log_every": 100}))

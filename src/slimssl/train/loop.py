@@ -85,6 +85,7 @@ class Trainer:
         self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         self.signal_received: int | None = None  # a stop signal that arrived as fit() ended the run
         self._resumed_lr: dict | None = None  # the effective lr last.pt was trained with, when resuming
+        self._resumed_metrics_bytes: int | None = None  # metrics.jsonl's length when last.pt was saved
         # the step of the checkpoint resumed from, as its run counted them (another batch or size of the training
         # set renumbers them)
         saved_step = self._load(checkpoint_path(self.run_dir)) if resume else None
@@ -111,7 +112,8 @@ class Trainer:
     def _open_metrics(self, saved_step: int | None) -> MetricsLogger:
         """metrics.jsonl and TensorBoard (rank 0), with what a resumed run records first: a change of batch or of
         the training set's size, which renumbers the steps, and a changed learning rate."""
-        metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(), resumed_at=saved_step)
+        metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(), resumed_at=saved_step,
+                                saved_bytes=self._resumed_metrics_bytes)
         if saved_step is not None and saved_step != self.state.step:
             metrics.write({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
                            RENUMBERED: {"from": saved_step, "batch_size": self.cfg.train.batch_size,
@@ -228,7 +230,8 @@ class Trainer:
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
                 "log_window": (window or self.window).state_dict(),
-                "effective_lr": self.effective_lr(), "epoch": self.state.step / max(1, self.steps_per_epoch)}
+                "effective_lr": self.effective_lr(), "epoch": self.state.step / max(1, self.steps_per_epoch),
+                "metrics_bytes": self.metrics.size()}
 
     def save(self, name: str = LAST, any_rank: bool = False) -> Path | None:
         """Write a checkpoint from rank 0, every rank calling (``any_rank``: from this process alone, which then
@@ -288,6 +291,7 @@ class Trainer:
         resumed = restore(path, self.cfg, self.model, self.optimizer, self.scaler,
                           num_images=self.view_source.sharding.num_images, device=self.device)
         self.state, self.window, self._resumed_lr = resumed.state, resumed.window, resumed.effective_lr
+        self._resumed_metrics_bytes = resumed.metrics_bytes
         self._keep_joined()
         if self.state.step:  # the lr of the last step trained, as the saving run held it: a resume that trains no
             self.set_lr(self.state.step - 1)  # step (stopped at the last one) saves the same optimiser state

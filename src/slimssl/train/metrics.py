@@ -66,18 +66,20 @@ class LogWindow:
 
 
 class MetricsLogger:
-    """``resumed_at``: the step a resumed run continues from. Records written after it by the run that stopped
-    (which had trained on past its last checkpoint) are dropped, so that the steps trained again are not
-    logged twice."""
+    """``resumed_at``: the step a resumed run continues from, ``saved_bytes``: metrics.jsonl's length when its
+    checkpoint was saved. Records written after it by the run that stopped (which had trained on past its last
+    checkpoint, or was a resume itself, stopped before saving) are dropped, so that the steps trained again and
+    the records a resume begins with are not logged twice."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True, resumed_at: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool = True, resumed_at: int | None = None,
+                 saved_bytes: int | None = None):
         self.enabled = enabled
         self.path = run_dir / METRICS
         self.tb = None
         if not enabled:
             return
-        if resumed_at is not None:
-            self._drop_records_after(resumed_at)
+        if resumed_at is not None and not self._drop_records_after_save(resumed_at, saved_bytes):
+            self._drop_records_after(resumed_at)  # a checkpoint that did not record the length: by their steps
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -110,6 +112,33 @@ class MetricsLogger:
             return False
         lines = self.path.read_text(encoding="utf-8").splitlines()
         return any(r.get("step") == step and key in r for r in map(_record, lines[_numbered_from(lines):]))
+
+    def size(self) -> int | None:
+        """metrics.jsonl's length now, for the checkpoint saved next (None in a process that writes none)."""
+        if not self.enabled:
+            return None
+        return self.path.stat().st_size if self.path.is_file() else 0
+
+    def _drop_records_after_save(self, step: int, saved_bytes: int | None) -> bool:
+        """Keep what metrics.jsonl held when the checkpoint of ``step`` was saved, and of what came after, only the
+        kNN of that checkpoint's network (an epoch's or the final one, logged right after the save). False when
+        the length is unknown or the file is not as it was then (shorter, or cut inside a record)."""
+        if saved_bytes is None or not self.path.is_file():
+            return False
+        data = self.path.read_bytes()
+        if len(data) < saved_bytes or (saved_bytes and data[saved_bytes - 1:saved_bytes] != b"\n"):
+            return False
+        after = data[saved_bytes:].decode("utf-8", errors="replace").splitlines(keepends=True)
+        if after and not after[-1].endswith("\n"):
+            log.warning("metrics.jsonl: dropped its last record, cut short when the run stopped: %s", after[-1][:80])
+        kept = [line for line in after if line.endswith("\n") and _record(line).get("step") == step
+                and "knn_top1" in _record(line)]
+        if len(kept) < len(after):
+            with atomic_write(self.path, "wb") as f:
+                f.write(data[:saved_bytes] + "".join(kept).encode("utf-8"))
+            log.info("metrics.jsonl: dropped %d records written after the checkpoint of step %d (steps this run "
+                     "trains again, or a stopped resume's)", len(after) - len(kept), step)
+        return True
 
     def _drop_records_after(self, step: int) -> None:
         if not self.path.is_file():

@@ -42,6 +42,7 @@ class Resumed:
     window: LogWindow  # the steps since the saved run's last metrics record
     saved_step: int  # the step as the saved run counted them (another batch renumbers them)
     effective_lr: dict | None  # the learning rate the saved run trained with (None before 2026-12-02)
+    metrics_bytes: int | None = None  # metrics.jsonl's length when it was saved (None before 2026-12-06)
 
 
 def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scaler, *,
@@ -84,7 +85,7 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
     if state.joined_at is not None and saved_step and state.step != saved_step:  # counted in the new steps too
         state.joined_at = state.joined_at * state.step // saved_step
     return Resumed(state, LogWindow.from_state_dict(data.get("log_window"), device), saved_step,
-                   data.get("effective_lr"))
+                   data.get("effective_lr"), data.get("metrics_bytes"))
 
 
 def _load_optimizer(path: Path, saved: Config, cfg: Config, optimizer: torch.optim.Optimizer, state: dict) -> None:
