@@ -280,7 +280,7 @@ def test_the_same_sigterm_again_after_the_save_still_exits_3_with_the_hint(tmp_p
         code = main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)])
     assert code == EXIT_INTERRUPTED and load_checkpoint(run)["train_state"]["step"] == 3
     text = error_text(capsys, caplog)
-    assert "the same request; the run is saved and the command is ending" in text
+    assert "the same request, which the command is ending on" in text
     assert f"continue with: slimssl pretrain --resume {run}" in text
 
 
@@ -301,8 +301,43 @@ def test_sigterm_outside_the_training_loop_stops_the_command_as_ctrl_c_does(tmp_
     with signals.command_stop_signals():
         with SignalGuard():
             os.kill(os.getpid(), signal.SIGINT)  # the loop's stop: saved, then the guard is left
-        with pytest.raises(KeyboardInterrupt, match="a second stop signal, SIGINT, after the run was saved"):
+        with pytest.raises(KeyboardInterrupt, match="a second stop signal, SIGINT, after the first"):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_sigterm_after_a_stop_another_process_asked_for_changes_nothing(monkeypatch, caplog):
+    """Under torchrun a process stops with the others at a logged step, perhaps without a signal of its own, and
+    torchrun may then SIGTERM it while it closes: the stop is saved, so it still exits 3, not 130 with a
+    traceback. Ctrl-C there is still a person's way out."""
+    with caplog.at_level(logging.INFO, logger="slimssl"), signals.command_stop_signals():
+        signals.mark_stop_saved()  # what the loop's _stopped does after its save
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert "SIGTERM after the run saved its stop: the command is ending" in caplog.text
+        with pytest.raises(KeyboardInterrupt, match="SIGINT outside the training loop"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_the_same_sigterm_again_lets_a_stopped_start_clean_up(caplog):
+    """A scheduler's SIGTERM outside the loop stops the command; its duplicate (every process of the job gets
+    one, and torchrun forwards its own) must not cut short the removal of the start's files that follows."""
+    with caplog.at_level(logging.INFO, logger="slimssl"), signals.command_stop_signals():
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM outside the training loop"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # the clean-up goes on
+        assert "the same request, which the command is ending on" in caplog.text
+
+
+def test_a_stop_signal_outside_training_under_torchrun_is_one_line(monkeypatch, caplog):
+    from slimssl.train import distributed as dist
+
+    exits = []
+    monkeypatch.setattr(dist.os, "_exit", exits.append)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    dist.fail_fast(KeyboardInterrupt("SIGTERM outside the training loop"), 130, traceback=False)
+    assert exits == [130]
+    assert "rank 1 of 2: interrupted (SIGTERM outside the training loop); nothing it had saved is lost" in caplog.text
+    assert "failed" not in caplog.text
 
 
 def test_resume_after_max_steps_equals_uninterrupted_run(tmp_path):
@@ -1129,6 +1164,13 @@ def test_a_checkpoint_saved_without_checksums_loads(tmp_path):
     assert load_checkpoint(path)["menu"]
 
 
+def test_a_checkpoint_in_torchs_legacy_format_still_loads(tmp_path):
+    """Re-saved with _use_new_zipfile_serialization=False it is no zip archive and has no checksums to check."""
+    path = _checkpoint(tmp_path / "ck.pt")
+    torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
+    assert load_checkpoint(path)["menu"]
+
+
 def test_load_checkpoint_missing_keys_is_a_checkpoint_error(tmp_path):
     path, _ = _incomplete(tmp_path / "ck.pt")
     with pytest.raises(CheckpointError, match="expected at least"):
@@ -1273,12 +1315,15 @@ def test_an_edited_config_yaml_is_said_to_have_no_effect_on_resume(tmp_path, cap
 
     run = tmp_path / "run"
     pretrain(config_from_dict(TINY), run, max_steps=2)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):  # changes given to the resume are no edits
+        pretrain(None, run, resume=True, overrides=["train.epochs=4"], max_steps=2)
+    assert "does not read config.yaml" not in caplog.text
     edited = yaml.safe_load((run / "config.yaml").read_text())
     edited["train"]["epochs"] = 5
     (run / "config.yaml").write_text(yaml.safe_dump(edited))
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         pretrain(None, run, resume=True, max_steps=3)
-    assert "train.epochs: config.yaml 5, resumed with 3" in caplog.text
+    assert "train.epochs: config.yaml 5, resumed with 4" in caplog.text
     assert "a resume does not read config.yaml" in caplog.text and "overrides=['KEY=VALUE']" in caplog.text
     # a resume with changes, stopped before its next checkpoint, left config.yaml with them: the same call again
     # finds what it asks for there, and says nothing

@@ -322,13 +322,15 @@ def test_weights_that_are_not_the_ones_their_config_was_written_with_are_refused
     other = export_subnet(SlimResNet(**SUPERNETS["basic-cifar-private"]).eval(), "0.5", tmp_path / "c")
     (first / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     with pytest.raises(ExportError, match=r"model.safetensors is not the weights file .*config.json was written "
-                                          r"with \(its sha256 differs\)"):
+                                          r"with \(its sha256 differs\).*remove weights_sha256 from config.json"):
         load_exported(first)
+    assert "weights_sha256" not in load_exported(again).metadata  # it describes the file, not a model trained on
     # what a kill while writing leaves (a hidden temporary file, perhaps a model's size) goes with the next export
     (again / ".model.safetensors.x1y2.tmp").write_bytes(b"half of a model")
+    (again / ".notes.tmp").write_text("not the export's")
     with caplog.at_level(logging.INFO, logger="slimssl"):
         export_subnet(build("basic-cifar-private"), "0.5", tmp_path / "b")
-    assert sorted(p.name for p in again.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in again.iterdir()) == [".notes.tmp", "config.json", "model.safetensors"]
     assert "removed .model.safetensors.x1y2.tmp, left by an export that was killed midway" in caplog.text
 
 

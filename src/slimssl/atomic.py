@@ -54,12 +54,12 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
 
 
-def remove_temporaries(folder: Path) -> list[str]:
-    """Remove the temporary files that killed writes left in ``folder``; returns their names. Only for a folder
-    that no other process writes in now."""
+def remove_temporaries(folder: Path, of: tuple[str, ...] = ()) -> list[str]:
+    """Remove the temporary files that killed writes left in ``folder`` (``of``: only those of files of these
+    names); returns their names. Only for a folder that no other process writes in now."""
     removed = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if is_temporary(path):
+        if is_temporary(path) and (not of or path.name.startswith(tuple(f".{name}." for name in of))):
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed

@@ -56,6 +56,8 @@ def _failed_checksum(path: Path) -> str | None:
     torch.load does not check them, so a flipped bit would otherwise load as a changed weight. An archive saved
     without checksums (torch's ``serialization.config.save.compute_crc32 = False``: every CRC is 0) is not
     checked. One more read of the file, at the speed of the disk cache."""
+    if not zipfile.is_zipfile(path):  # torch's legacy format, which torch.load reads: no checksums to check
+        return None
     with zipfile.ZipFile(path) as archive:
         if not any(info.CRC for info in archive.infolist()):
             return None

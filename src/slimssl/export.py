@@ -144,7 +144,7 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
     except OSError as e:  # no permission, a read-only or full disk: one error type for every bad output
         raise ExportError(f"cannot make the export folder {folder}: {e}") from None
-    for name in remove_temporaries(folder):  # of an export killed while writing: perhaps a model's size
+    for name in remove_temporaries(folder, of=(CONFIG, WEIGHTS)):  # of an export killed midway: a model's size
         log.info("%s: removed %s, left by an export that was killed midway", folder, name)
     # Both files are written whole to temporary files, which then replace the earlier export's one after the
     # other: a failure while writing (a full disk, Ctrl-C) leaves the earlier export as it was, never new
@@ -264,15 +264,16 @@ def load_exported(folder: str | Path) -> PlainResNet:
         model = PlainResNet(arch)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
         raise ExportError(f"{config_path} is not an exported slimssl config ({type(e).__name__}: {e})") from None
-    try:
+    try:  # read whole (the digest needs the bytes, which load then parses): twice the file's size at the peak
         weights = weights_path.read_bytes()
     except OSError as e:
         raise ExportError(f"cannot read {weights_path}: {e}") from None
     digest = info.get(WEIGHTS_DIGEST)  # (exports before 2026-12-06 have none)
     if digest is not None and hashlib.sha256(weights).hexdigest() != digest:
         raise ExportError(f"{weights_path} is not the weights file {config_path} was written with (its sha256 "
-                          "differs): an export stopped between its two files, or a file replaced by hand; export "
-                          "it again")
+                          "differs): an export stopped between its two files, or a file replaced by hand. Export or "
+                          f"save it again (slimssl export, save_exported), or, for weights replaced on purpose, "
+                          f"remove {WEIGHTS_DIGEST} from {CONFIG}")
     try:
         state = load(weights)
     except (SafetensorError, ValueError) as e:
@@ -282,7 +283,8 @@ def load_exported(folder: str | Path) -> PlainResNet:
         model.to(dtype).load_state_dict(state, strict=True)  # as exported: a float64 export stays float64
     except RuntimeError as e:
         raise ExportError(f"{weights_path} does not match the architecture in {config_path}: {e}") from None
-    model.metadata = {k: v for k, v in info.items() if k not in ("format", "architecture")}
+    # (the digest describes the file, not the model, which may be trained on: save_exported writes a new one)
+    model.metadata = {k: v for k, v in info.items() if k not in ("format", "architecture", WEIGHTS_DIGEST)}
     return model.eval()
 
 

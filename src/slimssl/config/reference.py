@@ -137,8 +137,9 @@ def _bounds(bounds: list) -> str:
 def _plural(kind: str) -> str:
     """``number > 0`` -> ``numbers > 0``: the first word made plural."""
     word, _, rest = kind.partition(" ")
-    plural = {"integer": "integers", "number": "numbers", "text": "texts", "list": "lists"}.get(word)
-    return f"{plural} {rest}".rstrip() if plural else f"({kind})"
+    comma = "," if word.endswith(",") else ""
+    plural = {"integer": "integers", "number": "numbers", "text": "texts", "list": "lists"}.get(word.rstrip(","))
+    return f"{plural}{comma} {rest}".rstrip() if plural else f"({kind})"
 
 
 def _is_section(annotation: Any) -> bool:

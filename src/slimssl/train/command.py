@@ -66,8 +66,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     except BaseException as e:
         if dist.world_size() > 1:  # never leave the other ranks waiting: exit now, torchrun ends the job
             usage = isinstance(e, SlimsslError)  # a full disk while writing metrics is one too (train_run above)
-            dist.fail_fast(e, 2 if usage else 130 if isinstance(e, KeyboardInterrupt) else 1,
-                           traceback=not usage)
+            stopped = isinstance(e, KeyboardInterrupt)
+            dist.fail_fast(e, 2 if usage else 130 if stopped else 1, traceback=not (usage or stopped))
         raise
     finally:
         dist.shutdown()

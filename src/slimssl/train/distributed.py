@@ -164,6 +164,9 @@ def fail_fast(error: BaseException, code: int = 1, traceback: bool = True) -> No
                   "%s: %s", rank(), world_size(), TIMEOUT_ENV, timeout_seconds(), world_size(), type(error).__name__,
                   first_line,
                   exc_info=(type(error), error, error.__traceback__) if log.isEnabledFor(logging.DEBUG) else None)
+    elif isinstance(error, KeyboardInterrupt):  # a stop signal outside training: no failure, and nothing lost
+        log.error("rank %d of %d: interrupted (%s); nothing it had saved is lost", rank(), world_size(),
+                  str(error) or "Ctrl-C")
     else:
         log.error("rank %d of %d failed: %s: %s", rank(), world_size(), type(error).__name__, error,
                   exc_info=(type(error), error, error.__traceback__) if traceback else None)

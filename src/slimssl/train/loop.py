@@ -46,7 +46,7 @@ from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, progress_
 from .monitor import KnnMonitor
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
 from .resume import TrainState, restore
-from .signals import Interrupted, SignalGuard
+from .signals import Interrupted, SignalGuard, mark_stop_saved
 
 log = logging.getLogger("slimssl")
 
@@ -293,8 +293,8 @@ class Trainer:
         self.state, self.window, self._resumed_lr = resumed.state, resumed.window, resumed.effective_lr
         self._resumed_metrics_bytes = resumed.metrics_bytes
         self._keep_joined()
-        if self.state.step:  # the lr of the last step trained, as the saving run held it: a resume that trains no
-            self.set_lr(self.state.step - 1)  # step (stopped at the last one) saves the same optimiser state
+        if self.state.step:  # the lr of the last step trained, by this run's schedule: a resume that trains no step
+            self.set_lr(self.state.step - 1)  # (stopped at the last one) saves the optimiser state of a straight run
         log.info("resumed from %s at step %d", path, self.state.step)
         return resumed.saved_step
 
@@ -502,6 +502,7 @@ class Trainer:
     def _stopped(self, guard: SignalGuard) -> Interrupted:
         """Save what is not saved yet (the steps since the last record, logged after the resume) and say so."""
         self._save_unless_saved()
+        mark_stop_saved()
         cause = (signal.Signals(guard.received).name if guard.received is not None
                  else "a stop signal to another process")
         return Interrupted(f"stopped by {cause} at step {self.state.step}; "

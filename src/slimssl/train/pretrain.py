@@ -162,7 +162,10 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cl
         raise UsageError(f"{last} is not the checkpoint of the run {path} describes:\n  " + "\n  ".join(other)
                          + f"\n(a checkpoint copied in from another run?) put back this run's own {LAST} (an "
                          "epoch_XXXX.pt of it will do), or resume the other run in its own folder")
-    edited = config_differences(written, cfg, ignore=MACHINE_DEPENDENT, labels=(CONFIG, "resumed with"))
+    # a key config.yaml still has as the checkpoint does is one this call changes (--set, --epochs): no edit
+    by_hand = {line.split(":")[0] for line in config_differences(written, stored, ignore=MACHINE_DEPENDENT)}
+    edited = [line for line in config_differences(written, cfg, ignore=MACHINE_DEPENDENT,
+                                                   labels=(CONFIG, "resumed with")) if line.split(":")[0] in by_hand]
     if edited and dist.is_main():
         log.warning("%s differs from the settings the run resumes with (its checkpoint's, with the changes given "
                     "applied):\n  %s\na resume does not read %s, and writes it again: change a setting with %s",

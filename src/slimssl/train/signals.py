@@ -20,8 +20,31 @@ EXIT_INTERRUPTED = 3  # documented: the run was stopped by SIGTERM/SIGINT after 
 SAME_REQUEST_SECONDS = 10.0
 
 
-# The stop signal a SignalGuard took last, and when (time.monotonic()): what command_stop_signals knows of it
+# What this process was asked and has done, for the handlers below: the stop signal taken last and when
+# (time.monotonic()), and whether the training loop saved a stop (whichever process was signalled)
 _last_request: tuple[int, float] | None = None
+_stop_saved = False
+
+
+def _take(signum: int) -> None:
+    global _last_request
+    _last_request = (signum, time.monotonic())
+
+
+def _repeated_request(signum: int) -> float | None:
+    """The seconds since the SIGTERM taken last, when ``signum`` is that SIGTERM again within SAME_REQUEST_SECONDS:
+    the same request (a scheduler signals every process of a job, and torchrun forwards it too); else None."""
+    if _last_request is None:
+        return None
+    first, at = _last_request
+    since = time.monotonic() - at
+    return since if signum == first == signal.SIGTERM and since < SAME_REQUEST_SECONDS else None
+
+
+def mark_stop_saved() -> None:
+    """The training loop stopped and saved (its Interrupted follows): a SIGTERM from now on changes nothing."""
+    global _stop_saved
+    _stop_saved = True
 
 
 class Interrupted(RuntimeError):
@@ -52,7 +75,6 @@ class SignalGuard:
 
     def __init__(self):
         self.received: int | None = None
-        self._received_at = 0.0
         self.finishing: str | None = None  # what a signal lets end instead of the step, when training is over
         self._handling = stop_signals_handled_by(self._handle)
 
@@ -63,15 +85,14 @@ class SignalGuard:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.received is not None:
-            since = time.monotonic() - self._received_at
-            if signum == self.received == signal.SIGTERM and since < SAME_REQUEST_SECONDS:
+            since = _repeated_request(signum)
+            if since is not None:
                 log.info("another SIGTERM %.1f s after the first: the same request (a scheduler signals every "
                          "process, and torchrun forwards it too), still saving", since)
                 return
             raise KeyboardInterrupt(f"a second stop signal, {name}, stopped it at once")  # a person's way out
-        global _last_request
-        self.received, self._received_at = signum, time.monotonic()
-        _last_request = (signum, self._received_at)
+        self.received = signum
+        _take(signum)
         if self.finishing:
             log.warning("received %s: the run is trained; %s first. A second %s stops at once (a resume finishes "
                         "it)%s", name, self.finishing, name, self._later(signum))
@@ -92,23 +113,26 @@ class SignalGuard:
 def command_stop_signals() -> Iterator[None]:
     """Stop signals around a whole command that trains (``slimssl pretrain``), outside its training loop's
     SignalGuard: there, before training (set-up) or after it (closing, the table), SIGTERM stops the command as
-    Ctrl-C does (exit 130, and a start that saved nothing is cleaned up) instead of killing it. Once the loop took
-    a stop signal and saved, the same SIGTERM repeated within SAME_REQUEST_SECONDS (every process of a job gets
-    it) is ignored, so the command still exits 3 with its hint; any other repeat stops it at once."""
-    global _last_request
-    _last_request = None
+    Ctrl-C does (exit 130, and a start that saved nothing is cleaned up) instead of killing it. The same SIGTERM
+    repeated within SAME_REQUEST_SECONDS (every process of a job gets it) is ignored, and so is any SIGTERM once
+    the loop saved a stop (torchrun may end a process that stopped after another was signalled), so the command
+    still exits 3 with its hint; any other repeat stops it at once."""
+    global _last_request, _stop_saved
+    _last_request, _stop_saved = None, False
 
     def handle(signum, frame):
         name = signal.Signals(signum).name
-        if _last_request is None:
-            raise KeyboardInterrupt(f"{name} outside the training loop")
-        first, at = _last_request
-        since = time.monotonic() - at
-        if signum == first == signal.SIGTERM and since < SAME_REQUEST_SECONDS:
-            log.info("another SIGTERM %.1f s after the first: the same request; the run is saved and the command "
-                     "is ending", since)
+        since = _repeated_request(signum)
+        if since is not None:
+            log.info("another SIGTERM %.1f s after the first: the same request, which the command is ending on", since)
             return
-        raise KeyboardInterrupt(f"a second stop signal, {name}, after the run was saved")
+        if _stop_saved and signum == signal.SIGTERM:
+            log.info("SIGTERM after the run saved its stop: the command is ending")
+            return
+        first = _last_request is None
+        _take(signum)  # a repeat of it while the command cleans up is the same request
+        raise KeyboardInterrupt(f"{name} outside the training loop" if first else
+                                f"a second stop signal, {name}, after the first")
 
     with stop_signals_handled_by(handle):
         yield
