@@ -675,6 +675,39 @@ def test_target_update_averages_the_weights_and_copies_every_buffer(tmp_path):
             assert torch.allclose(t, 0.9 * before[name] + 0.1 * online[name]), name
 
 
+def test_the_target_update_follows_tensors_that_a_move_replaced(tmp_path):
+    """update_target finds its tensors once; .to() (a dtype, a device, channels_last) replaces the buffers, and
+    the next update must write the new ones, not the old."""
+    model = Trainer(config_from_dict(tiny("byol")), tmp_path).model
+    model.update_target(0.9)
+    model.to(torch.float64)
+    for t in model.backbone.state_dict().values():
+        t.add_(1)
+    model.update_target(0.0)  # momentum 0: the target becomes the online network
+    online = model.backbone.state_dict()
+    assert all(torch.equal(t, online[k]) for k, t in model.target["backbone"].state_dict().items())
+
+
+def test_a_step_trains_the_model_however_it_was_left(tmp_path):
+    """A step puts the model in train mode only when it is not (the walk of every module costs host time): after
+    the kNN monitor, which gives it back in train mode, and after an eval() of the whole model or the backbone."""
+    trainer = Trainer(config_from_dict(tiny("byol", widths=[1.0, 0.5])), tmp_path)
+    trainer.knn()
+    assert all(m.training for m in trainer.model.modules())
+    seen = []
+    forward = trainer.online_forward
+
+    def recording(x):
+        seen.append(all(m.training for m in trainer.model.modules()))
+        return forward(x)
+
+    trainer.online_forward = recording
+    for step, leave in enumerate([lambda: None, trainer.model.eval, trainer.model.backbone.eval]):
+        leave()
+        trainer.train_step(step)
+    assert seen and all(seen)
+
+
 def test_progress_bar_labels_tell_depth_entries_apart():
     from slimssl.train.metrics import bar_labels
 

@@ -358,7 +358,10 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         """One iteration: forward, backward and update of every sub-network the policy plans for ``step``."""
-        self.model.train()
+        # evaluations give the model back in the mode they found it in (eval_mode), so this walk of its hundreds
+        # of modules, about a millisecond of host time that a launch-bound GPU step waits for, is rarely needed
+        if not (self.model.training and self.model.backbone.training):
+            self.model.train()
         skip_mode = self.cfg.train.nonfinite == "skip"
         if skip_mode:  # a NaN forward writes NaN into the BatchNorm statistics before the loss shows it
             copy_by_dtype(self._bn_backup, self._bn_buffers)
