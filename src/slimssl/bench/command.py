@@ -36,6 +36,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ..cli_args import emit
     from ..config import load_config
     from ..errors import UsageError
+    from ..report.table import markdown_table
     from .measure import run_bench
 
     if args.data_only and args.profile:
@@ -55,16 +56,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      data_only=args.data_only, profile=args.profile)
     for r in rows:  # and the run's settings: the JSON alone says what was measured
         r.update(config=cfg.name, data=cfg.data.source, loader=cfg.data.loader, resolution=cfg.data.resolution)
-    lines = ["| measurement | img/s (speed ratio) | peak GPU GiB | GPU busy |", "|---|---|---|---|"]
-    for r in rows:
-        value = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else f"{r['img_per_s']:,.0f}"
-        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
-        busy = "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
-        indent = "  " if r["what"].startswith("dense ") else ""  # the baseline's parts, under the slimmable step
-        lines.append(f"| {indent}{r['what']} | {value} | {peak} | {busy} |")
+    shown = [{"measurement": ("  " if r["what"].startswith("dense ") else "") + r["what"],  # the baseline's parts
+              "img/s (speed ratio)": f"{r['ratio']:.2f}x" if r.get("ratio") is not None else f"{r['img_per_s']:,.0f}",
+              "peak GPU GiB": "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
+              "GPU busy": "-" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"} for r in rows]
     device, hardware = rows[0]["device"], rows[0]["hardware"]
     where = hardware if hardware.startswith(device) else f"{device} ({hardware})"  # "cuda:0 (NVIDIA H100 ...)"
     header = (f"{cfg.name}: batch {batch}, data {cfg.data.source} ({cfg.data.loader}) at {cfg.data.resolution} px, "
               f"{where}, torch {torch.__version__}")
-    emit(args, rows, header + "\n" + "\n".join(lines))
+    emit(args, rows, header + "\n" + markdown_table(shown))
     return 0
