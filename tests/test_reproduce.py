@@ -108,8 +108,12 @@ def test_resume_across_calls_matches_a_straight_run(straight, tmp_path, capsys):
     out = tmp_path / "resumed"
     assert reproduce(out, [recipe], extra=["--time-budget", "0", "--json"]) == EXIT_CONTINUE
     status = json.loads(capsys.readouterr().out)
-    assert status == {"complete": False, "jobs_done": 0, "jobs_total": 3,
-                      "jobs": [{"run": f"{recipe}/{d.name}", "pretrained": False} for d in run_dirs(out, recipe)]}
+    assert {k: status[k] for k in ("complete", "jobs_done", "jobs_total")} == \
+        {"complete": False, "jobs_done": 0, "jobs_total": 3}
+    assert [(j["run"], j["pretrained"], j["probed"], j["steps_trained"]) for j in status["jobs"]] == \
+        [(f"{recipe}/{d.name}", False, False, STEPS // EPOCHS if d.name == "slim" else 0)
+         for d in run_dirs(out, recipe)]  # where each run stands, from its small files
+    assert status["jobs"][0]["pretrain_seconds"] > 0
     slim = out / recipe / "slim"
     assert load_checkpoint(slim)["train_state"]["step"] == STEPS // EPOCHS  # one epoch: one unit of work
     calls, code = 1, EXIT_CONTINUE

@@ -55,7 +55,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from ..train.signals import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
     from .report import report_markdown, write_report
-    from .run import (Budget, check_saved_probes, is_pretrained, require_labelled_splits, restart_if_checkpoint_lost,
+    from .run import (Budget, check_saved_probes, job_progress, require_labelled_splits, restart_if_checkpoint_lost,
                       run_jobs, stop_on_signals)
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -84,7 +84,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         log.warning("%d of %d jobs done; run the same command again to continue", done, len(jobs))
         _remove_earlier_report(args.out)
         status = {"complete": False, "jobs_done": done, "jobs_total": len(jobs),
-                  "jobs": [{"run": j.label, "pretrained": is_pretrained(j)} for j in jobs]}
+                  "jobs": [job_progress(j, args.probe_epochs) for j in jobs]}
         if args.json:
             emit(args, status, "")
         return EXIT_CONTINUE

@@ -284,6 +284,15 @@ class LabelledData:
         return self._splits[key]
 
 
+def job_progress(job: Job, probe_epochs: int) -> dict:
+    """Where a job stands, for ``reproduce --json`` with work left: from its small files (no checkpoint read)."""
+    pretrained = is_pretrained(job)
+    timing = read_timing(job.run_dir)
+    return {"run": job.label, "pretrained": pretrained, "steps_trained": timing.step,
+            "pretrain_seconds": round(timing.pretrain_seconds, 3),
+            "probed": pretrained and is_probed(job, probe_settings(job.cfg, probe_epochs))}
+
+
 def probe_job(job: Job, budget: Budget, epochs: int, data: LabelledData) -> bool:
     """Linear probe of a pretrained job into its results.json (``linear_top1``); True once stored."""
     settings = probe_settings(job.cfg, epochs)
