@@ -56,13 +56,13 @@ def test_each_key_follows_its_description():
 
 def test_what_a_key_accepts_is_read_from_the_schema():
     accepts = {key.name: key.accepts for key in keys()}
-    assert accepts["model.arch"] == "resnet18 \\| resnet34 \\| resnet50 \\| resnet101"
+    assert accepts["model.arch"] == "resnet18 | resnet34 | resnet50 | resnet101"
     assert accepts["data.flip_p"] == "number, 0 <= x <= 1"
     assert accepts["slim.slow_start"] == "number, 0 <= x < 1"
     assert accepts["data.std"] == "3 numbers > 0"
     assert accepts["menu.depths"] == "list of lists of integers or null"
     assert accepts["data.views"] == "list of view changes, at most 2"
-    assert accepts["train.knn"] == "true \\| false"
+    assert accepts["train.knn"] == "true | false"
     defaults = {key.name: key.default for key in keys()}
     assert defaults["data.mean"] == [0.485, 0.456, 0.406] and defaults["method.options"] == {}
 

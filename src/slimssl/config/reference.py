@@ -101,9 +101,9 @@ def _kind(annotation: Any, bounds: list) -> str:
         written = " or ".join(_kind(a, bounds) for a in members)
         return written + (" or null" if NoneType in get_args(annotation) else "")
     if get_origin(annotation) is Literal:
-        return " \\| ".join(str(v) for v in get_args(annotation))
+        return " | ".join(str(v) for v in get_args(annotation))
     if annotation is bool:
-        return "true \\| false"
+        return "true | false"
     if annotation in (int, float):
         return ("integer" if annotation is int else "number") + _bounds(bounds)
     if annotation is str:
@@ -154,8 +154,7 @@ def _plain(value: Any) -> Any:
 
 
 def _commented(key: Key, entry: dict, indent: str) -> list[str]:
-    comment = f"{key.description} [{key.accepts.replace(chr(92), '')}]" if key.description else \
-        f"[{key.accepts.replace(chr(92), '')}]"
+    comment = f"{key.description} [{key.accepts}]".lstrip()
     wrapped = textwrap.wrap(comment, WIDTH - len(indent) - 2, break_on_hyphens=False)
     body = yaml.safe_dump(entry, sort_keys=False).rstrip("\n")  # as Config.to_yaml writes it
     return [f"{indent}# {line}" for line in wrapped] + [indent + line for line in body.splitlines()]
@@ -165,8 +164,8 @@ def _table(found: list[Key], section: str) -> list[str]:
     rows = ["| key | default | accepts | description |", "|---|---|---|---|"]
     for key in found:
         name = key.name[len(section) + 1:] if section else key.name
-        default = json.dumps(key.default).replace("|", "\\|")
-        rows.append(f"| `{name}` | `{default}` | {key.accepts} | {key.description.replace('|', chr(92) + '|')} |")
+        cells = [f"`{name}`", f"`{json.dumps(key.default)}`", key.accepts, key.description]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")  # | would end a cell
     return rows + [""]
 
 
