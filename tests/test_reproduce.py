@@ -86,10 +86,12 @@ def test_full_reproduction_writes_the_comparison(straight, capsys):
             assert results["config"]["train"]["knn_every"] == 0
             timing = json.loads((run / "timing.json").read_text())
             assert timing["step"] == STEPS and timing["chunks"] == EPOCHS and timing["pretrain_seconds"] > 0
+            # one call trained it: one first step, timed apart and part of the pretraining seconds
+            assert timing["calls"] == 1 and 0 < timing["first_step_seconds"] < timing["pretrain_seconds"]
     text = (straight / "reproduction.md").read_text()
     assert "| subnet | params | MACs | kNN slim | kNN alone | Δ | linear slim | linear alone | Δ |" in text
     assert f"goal: at most {TIME_RATIO_GOAL:.2f}" in text
-    assert "| run | steps | pretraining | img/s | device |" in text
+    assert "| run | steps | pretraining | of which first steps | calls | img/s | device |" in text
     for row in ("slim", *(f"alone-{name}" for name in MENU)):
         assert f"| {row} | {STEPS} | " in text  # each run's steps, seconds and throughput
     assert len(list(straight.glob("*_vs_macs.png"))) == 2 * len(RECIPES)
@@ -127,7 +129,8 @@ def test_resume_across_calls_matches_a_straight_run(straight, tmp_path, capsys):
         assert a["train_state"]["step"] == b["train_state"]["step"] == STEPS
         differ = [k for k in b["model"] if not torch.equal(a["model"][k], b["model"][k])]
         assert not differ, f"{resumed.name} differs from the straight run in {differ[:5]}"
-        assert json.loads((resumed / "timing.json").read_text())["chunks"] == EPOCHS
+        timing = json.loads((resumed / "timing.json").read_text())
+        assert timing["chunks"] == EPOCHS and timing["calls"] == EPOCHS  # an epoch per call: a first step each
     rows = json.loads((out / "reproduction.json").read_text())["recipes"][0]["rows"]
     reference = json.loads((straight / "reproduction.json").read_text())["recipes"][1]["rows"]
     assert [r["subnet"] for r in rows] == MENU

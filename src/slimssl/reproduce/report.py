@@ -205,12 +205,14 @@ def comparison_table(rows: list[dict]) -> str:
 
 def timing_table(summary: dict) -> str:
     """Each run's pretraining seconds and throughput (images of the training steps per second)."""
-    lines = ["| run | steps | pretraining | img/s | device |", "|---|---:|---:|---:|---|"]
+    lines = ["| run | steps | pretraining | of which first steps | calls | img/s | device |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for label, t in summary["time"]["per_run"].items():
         seconds = t["pretrain_seconds"]
         rate = f"{t['step'] * summary['batch_size'] / seconds:,.0f}" if seconds > 0 else "-"
-        lines.append(f"| {label.split('/', 1)[-1]} | {t['step']} | {_seconds(seconds)} | {rate} | "
-                     f"{', '.join(t['devices']) or '-'} |")
+        first = _seconds(t["first_step_seconds"]) if t.get("first_step_seconds") else "-"  # (not recorded before)
+        lines.append(f"| {label.split('/', 1)[-1]} | {t['step']} | {_seconds(seconds)} | {first} | "
+                     f"{t.get('calls') or '-'} | {rate} | {', '.join(t['devices']) or '-'} |")
     return "\n".join(lines)
 
 

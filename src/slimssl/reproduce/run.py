@@ -54,6 +54,8 @@ class JobTiming:
     devices: list[str] = field(default_factory=list)
     software: list[str] = field(default_factory=list)  # slimssl, torch (CUDA) and Python of the calls that trained
     steps_not_timed: int = 0  # trained by a call that stopped after saving them and before writing their seconds
+    first_step_seconds: float = 0.0  # each call's first step (start-up: kernels chosen, memory grown), included above
+    calls: int = 0  # the calls whose steps are counted above (each paid a first step)
 
 
 def read_timing(run_dir: Path) -> JobTiming:
@@ -126,6 +128,7 @@ class TimedTrainer(Trainer):
     def __init__(self, *args, timing: JobTiming | None = None, **kwargs):
         self.apart = {"eval": 0.0, "checkpoint": 0.0}
         self._timing_apart = False
+        self._first_step: float | None = None  # its seconds, until counted (None: not taken yet in this call)
         self.timing = timing if timing is not None else JobTiming()
         super().__init__(*args, **kwargs)
         synchronize(self.device)  # the resumed state is in place: the clock of the first count starts here
@@ -155,8 +158,24 @@ class TimedTrainer(Trainer):
         self.timing.eval_seconds += apart["eval"]
         self.timing.checkpoint_seconds += apart["checkpoint"]
         self.timing.step = self._last_saved_step if self._last_saved_step is not None else self.timing.step
+        if self._first_step:  # counted once; the later steps of the call are not timed apart
+            self.timing.first_step_seconds += self._first_step
+            self.timing.calls += 1
+            self._first_step = 0.0
         write_timing(self.run_dir, self.timing)
         self._mark, self._apart_at_mark = now, dict(self.apart)
+
+    def train_step(self, step: int):
+        """The first step of a call is timed on its own as well (still pretraining time): how much of a run's time
+        is start-up shows in the report, and a run split over more calls pays it more often."""
+        if self._first_step is not None:
+            return super().train_step(step)
+        synchronize(self.device)
+        start = time.perf_counter()
+        result = super().train_step(step)
+        synchronize(self.device)
+        self._first_step = time.perf_counter() - start
+        return result
 
     def knn(self) -> dict[str, float]:
         with self._timed_apart("eval"):
