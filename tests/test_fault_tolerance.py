@@ -317,6 +317,25 @@ def test_a_sigterm_after_a_stop_another_process_asked_for_changes_nothing(monkey
             os.kill(os.getpid(), signal.SIGINT)
 
 
+def test_a_torchrun_process_that_saved_its_stop_ignores_sigterm_until_it_exits():
+    """torchrun may SIGTERM a rank that already saved and is shutting down; a process of one gets its handlers
+    back (slimssl's CLI may run inside a longer-lived Python)."""
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with signals.command_stop_signals(ignore_sigterm_after_saved_stop=True):
+            signals.mark_stop_saved()
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        signal.signal(signal.SIGTERM, before)
+        with signals.command_stop_signals(ignore_sigterm_after_saved_stop=True):
+            pass  # no stop saved: the handlers come back
+        assert signal.getsignal(signal.SIGTERM) is before
+        with signals.command_stop_signals():
+            signals.mark_stop_saved()
+        assert signal.getsignal(signal.SIGTERM) is before
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_the_same_sigterm_again_lets_a_stopped_start_clean_up(caplog):
     """A scheduler's SIGTERM outside the loop stops the command; its duplicate (every process of the job gets
     one, and torchrun forwards its own) must not cut short the removal of the start's files that follows."""

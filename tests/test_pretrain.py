@@ -687,6 +687,24 @@ def test_the_target_update_follows_tensors_that_a_move_replaced(tmp_path):
     online = model.backbone.state_dict()
     assert all(torch.equal(t, online[k]) for k, t in model.target["backbone"].state_dict().items())
 
+    def target_follows(net) -> bool:  # after the online network changed: does an update reach the target?
+        with torch.no_grad():
+            for p in net.backbone.parameters():
+                p.add_(1)
+        net.update_target(0.0)
+        online = net.backbone.state_dict()
+        return all(torch.equal(t, online[k]) for k, t in net.target["backbone"].state_dict().items())
+
+    import copy
+
+    assert target_follows(copy.deepcopy(model))  # the copy's own tensors, not the original's
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(fresh, assign=True)  # the given tensors take the place of the modules' own
+    assert target_follows(model)
+    first = next(model.backbone.parameters())
+    first.data = first.data.clone()  # a parameter given new storage
+    assert target_follows(model)
+
 
 def test_a_step_trains_the_model_however_it_was_left(tmp_path):
     """A step puts the model in train mode only when it is not (the walk of every module costs host time): after

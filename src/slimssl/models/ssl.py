@@ -97,7 +97,9 @@ class SSLModel(SlimmableMixin, nn.Module):
         but copied, they make the target a network that evaluates like the online one)."""
         if self._target_pairs is None:  # walking the modules each step cost a GPU step about 1.5 ms of host time
             online = nn.ModuleDict({"backbone": self.backbone, "projector": self.projector})
-            self._target_pairs = ([p.detach() for p in online.parameters()], list(self.target.parameters()),
+            # the modules' own tensor objects (no_grad here): a p.data = ... reaches them, and a deepcopy of the
+            # model maps them to the copy's
+            self._target_pairs = (list(online.parameters()), list(self.target.parameters()),
                                   list(online.buffers()), list(self.target.buffers()))
         src, dst, src_buffers, dst_buffers = self._target_pairs
         torch._foreach_lerp_(dst, src, 1.0 - momentum)
@@ -106,3 +108,7 @@ class SSLModel(SlimmableMixin, nn.Module):
     def _apply(self, fn, recurse=True):
         self._target_pairs = None  # .to(), .cuda(), channels_last: buffers are replaced by new tensors
         return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._target_pairs = None  # assign=True puts the given tensors in place of the modules' own
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

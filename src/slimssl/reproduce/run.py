@@ -306,9 +306,12 @@ class LabelledData:
 def job_progress(job: Job, probe_epochs: int) -> dict:
     """Where a job stands, for ``reproduce --json`` with work left: from its small files (no checkpoint read)."""
     pretrained = is_pretrained(job)
-    timing = read_timing(job.run_dir)
-    return {"run": job.label, "pretrained": pretrained, "steps_trained": timing.step,
-            "pretrain_seconds": round(timing.pretrain_seconds, 3),
+    try:
+        timing = read_timing(job.run_dir)
+    except UsageError:  # unreadable: the call that trains this run next says so; a progress report need not
+        timing = None
+    return {"run": job.label, "pretrained": pretrained, "steps_trained": timing and timing.step,
+            "pretrain_seconds": timing and round(timing.pretrain_seconds, 3),
             "probed": pretrained and is_probed(job, probe_settings(job.cfg, probe_epochs))}
 
 

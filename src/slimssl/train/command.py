@@ -61,7 +61,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not dist.is_main():  # rank 0 alone reports progress; the others still say what goes wrong
         log.setLevel(logging.WARNING)
     try:
-        with command_stop_signals():  # SIGTERM outside the training loop too: a message and an exit code
+        # SIGTERM outside the training loop too: a message and an exit code
+        with command_stop_signals(ignore_sigterm_after_saved_stop=dist.world_size() > 1):
             return _run_pretrain(args)
     except BaseException as e:
         if dist.world_size() > 1:  # never leave the other ranks waiting: exit now, torchrun ends the job

@@ -110,13 +110,14 @@ class SignalGuard:
 
 
 @contextlib.contextmanager
-def command_stop_signals() -> Iterator[None]:
+def command_stop_signals(ignore_sigterm_after_saved_stop: bool = False) -> Iterator[None]:
     """Stop signals around a whole command that trains (``slimssl pretrain``), outside its training loop's
     SignalGuard: there, before training (set-up) or after it (closing, the table), SIGTERM stops the command as
     Ctrl-C does (exit 130, and a start that saved nothing is cleaned up) instead of killing it. The same SIGTERM
     repeated within SAME_REQUEST_SECONDS (every process of a job gets it) is ignored, and so is any SIGTERM once
     the loop saved a stop (torchrun may end a process that stopped after another was signalled), so the command
-    still exits 3 with its hint; any other repeat stops it at once."""
+    still exits 3 with its hint; any other repeat stops it at once. ``ignore_sigterm_after_saved_stop`` (a
+    torchrun process): SIGTERM stays ignored after the block once a stop was saved, until the process exits."""
     global _last_request, _stop_saved
     _last_request, _stop_saved = None, False
 
@@ -134,5 +135,9 @@ def command_stop_signals() -> Iterator[None]:
         raise KeyboardInterrupt(f"{name} outside the training loop" if first else
                                 f"a second stop signal, {name}, after the first")
 
-    with stop_signals_handled_by(handle):
-        yield
+    try:
+        with stop_signals_handled_by(handle):
+            yield
+    finally:  # (a process that exits now: torchrun may SIGTERM a rank that saved its stop while it shuts down)
+        if ignore_sigterm_after_saved_stop and _stop_saved:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
