@@ -409,7 +409,8 @@ class Trainer:
                     loss = (1 - slim.distill_alpha) * loss + slim.distill_alpha * slim.distill_scale * kd
                 if task.teacher:
                     teacher_out = [t.detach() for t in distill_outputs(method, out)]
-            self.scaler.scale(loss * task.weight).backward()  # outside autocast, as PyTorch recommends
+            weighted = loss if task.weight == 1 else loss * task.weight  # (x 1 is two kernels that change nothing)
+            self.scaler.scale(weighted).backward()  # outside autocast, as PyTorch recommends
             losses[task.spec.name] = loss.detach().float()
             if diagnose is not None:
                 diagnose.after_backward(task.spec.name)
