@@ -128,12 +128,10 @@ class MetricsLogger:
         data = self.path.read_bytes()
         if len(data) < saved_bytes or (saved_bytes and data[saved_bytes - 1:saved_bytes] != b"\n"):
             return False
-        after = data[saved_bytes:].decode("utf-8", errors="replace").splitlines(keepends=True)
-        if after and not after[-1].endswith("\n"):
-            log.warning("metrics.jsonl: dropped its last record, cut short when the run stopped: %s", after[-1][:80])
-        kept = [line for line in after if line.endswith("\n") and _record(line).get("step") == step
-                and "knn_top1" in _record(line)]
-        if len(kept) < len(after):
+        after = _whole_lines(data[saved_bytes:].decode("utf-8", errors="replace"))
+        kept = [line for line, record in zip(after, map(_record, after))
+                if record.get("step") == step and "knn_top1" in record]
+        if len(kept) < len(after) or not data.endswith(b"\n"):
             with atomic_write(self.path, "wb") as f:
                 f.write(data[:saved_bytes] + "".join(kept).encode("utf-8"))
             log.info("metrics.jsonl: dropped %d records written after the checkpoint of step %d (steps this run "
@@ -143,13 +141,11 @@ class MetricsLogger:
     def _drop_records_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):  # cut short by a kill mid-write: the next record would join it
-            log.warning("metrics.jsonl: dropped its last record, cut short when the run stopped: %s", lines[-1][:80])
-        whole = [line for line in lines if line.endswith("\n")]
+        text = self.path.read_text(encoding="utf-8")
+        whole = _whole_lines(text)
         start = _numbered_from(whole)  # records of steps counted in an earlier batch stay
         kept = whole[:start] + [line for line in whole[start:] if _step_of(line) <= step]
-        if len(kept) < len(lines):
+        if len(kept) < len(whole) or not text.endswith("\n") and text:
             with atomic_write(self.path, "w") as f:
                 f.writelines(kept)
             if len(kept) < len(whole):
@@ -171,6 +167,15 @@ class MetricsLogger:
 
 # the key of the record a resume with another batch or on a training set of another size writes (train/loop.py)
 RENUMBERED = "steps_renumbered"
+
+
+def _whole_lines(text: str) -> list[str]:
+    """The lines of metrics.jsonl text, each with its newline; a last one cut short by a kill mid-write is dropped,
+    with a word (the next record would join it)."""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        log.warning("metrics.jsonl: dropped its last record, cut short when the run stopped: %s", lines.pop()[:80])
+    return lines
 
 
 def _numbered_from(lines: list[str]) -> int:
