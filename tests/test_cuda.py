@@ -136,3 +136,16 @@ def test_a_linear_probe_with_its_features_in_host_memory_learns_as_one_with_them
     on_gpu = linear_probe_subnets(supernet, train, test, **kw)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1024, 1024))  # "no room": the host's
     assert linear_probe_subnets(supernet, train, test, **kw) == on_gpu  # statistics summed on the GPU for both
+
+
+def test_a_pt2_program_moved_to_the_gpu_computes_the_subnet(tmp_path):
+    """model.pt2 is saved on the CPU; a deployment moves the loaded program to its GPU with .to("cuda")."""
+    from slimssl.export import export_subnet
+    from slimssl.models.build import build_supernet
+
+    supernet = build_supernet(_cuda_cfg("byol")).eval()
+    spec = supernet.menu[-1]
+    folder = export_subnet(supernet, spec, tmp_path, fmt="pt2", resolution=16)
+    program = torch.export.load(str(folder / "model.pt2")).module().to("cuda")
+    x = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(program(x.cuda()).cpu(), supernet(x, subnet=spec), rtol=1e-4, atol=1e-4)

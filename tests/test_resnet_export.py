@@ -356,7 +356,7 @@ def test_verify_export_takes_the_folder_export_subnet_returns(tmp_path):
     model = build("basic-cifar-private")
     folder = export_subnet(model, "0.5", tmp_path)
     assert verify_export(model, "0.5", folder, 16) <= 1e-5
-    with pytest.raises(ExportError, match=r"config.json is neither an export folder nor an ONNX graph"):
+    with pytest.raises(ExportError, match=r"config.json is neither an export folder nor a graph"):
         verify_export(model, "0.5", folder / "config.json", 16)
 
 
@@ -500,6 +500,63 @@ def test_onnx_graph_takes_other_image_sizes(tmp_path, perturb_bn, name, sizes):
         x = images(3, size)
         (out,) = session.run(None, {"images": x.numpy()})
         torch.testing.assert_close(torch.from_numpy(out), model(x, subnet=spec), rtol=1e-4, atol=1e-4)
+
+
+# ---- torch.export (pt2) --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["basic-cifar-private", "bottleneck-imagenet-private-depths"])
+def test_pt2_program_runs_without_slimssl_at_any_batch_and_size(tmp_path, perturb_bn, name):
+    """model.pt2 is what a deployment without slimssl loads: torch.export.load alone gives the sub-network, its
+    batch and image size free from the smallest size the network's strides allow, with config.json inside."""
+    from slimssl.export import smallest_program_input
+
+    model = build(name, perturb_bn)
+    spec = model.menu[-1]  # the narrowest (and, with depths, shallowest)
+    folder = export_subnet(model, spec, tmp_path, fmt="pt2", resolution=16)
+    extra = {"config.json": ""}
+    program = torch.export.load(str(folder / "model.pt2"), extra_files=extra)
+    assert json.loads(extra["config.json"]) == json.loads((folder / "config.json").read_text())
+    least = smallest_program_input(load_exported(folder).config)
+    assert least == (33 if SUPERNETS[name]["stem"] == "imagenet" else 9)
+    for batch, height, width in [(1, least, least), (3, least + 7, 2 * least), (2, 40, 40)]:
+        x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))
+        torch.testing.assert_close(program.module()(x), model(x, subnet=spec), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match=f">= {least}"):
+        program.module()(images(1, least - 1))  # smaller than the strides allow: torch's guard refuses it
+
+
+def test_pt2_export_is_verified_and_replaced_like_the_other_graphs(tmp_path, capsys, perturb_bn):
+    from slimssl.cli import main
+    from slimssl.export import save_exported
+
+    model = build("basic-cifar-private", perturb_bn).double()
+    folder = export_subnet(model, "0.5", tmp_path, fmt="pt2", resolution=16)
+    assert verify_export(model, "0.5", folder / "model.pt2", 16) <= 1e-12  # the weights' dtype, float64
+    with pytest.raises(ExportError, match=r"shape \[2, 16\], the sub-network w1p0_\S+ \[2, 32\]"):
+        verify_export(model, "1.0", folder / "model.pt2", 16)  # another sub-network's program
+    (folder / "model.onnx").write_bytes(b"a graph of the weights before")
+    export_subnet(model, "0.5", tmp_path, fmt="pt2", resolution=16)  # a new graph replaces every earlier one
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.pt2", "model.safetensors"]
+    save_exported(load_exported(folder), folder)  # weights written again without a graph: the program goes
+    assert not (folder / "model.pt2").exists()
+    (folder / "model.pt2").write_bytes(b"not an archive")
+    with pytest.raises(ExportError, match=r"model.pt2 is not a readable torch.export program"):
+        verify_export(model, "0.5", folder / "model.pt2", 16)
+    args = ["export", "--config", "demo", "--set", "model.base_width=4", "--random-init", "--subnet", "0.5",
+            "--format", "pt2", "--verify", "--json", "--out", str(tmp_path / "cli")]
+    assert main(args) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert 0.0 <= row["pt2_max_abs_diff"] < 1e-5 and row["max_abs_diff"] < 1e-5
+    assert (tmp_path / "cli" / row["subnet"] / "model.pt2").is_file()
+
+
+def test_cli_export_formats_are_the_librarys():
+    from slimssl.cli import build_parser
+    from slimssl.export import FORMATS
+
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    (action,) = [a for a in export._actions if "--format" in a.option_strings]
+    assert tuple(action.choices) == FORMATS
 
 
 # ---- dtype and device ----------------------------------------------------------------------------------

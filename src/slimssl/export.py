@@ -1,4 +1,5 @@
-"""Export sub-networks as plain models: safetensors weights plus a JSON config (optionally ONNX)."""
+"""Export sub-networks as plain models: safetensors weights plus a JSON config, and optionally a graph that runs
+without slimssl (ONNX, or a torch.export program)."""
 
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ from .nn.spec import SubnetLike
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 ONNX = "model.onnx"
+PROGRAM = "model.pt2"  # torch.export's archive: loads with torch alone
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
 log = logging.getLogger("slimssl")
 
 
-FORMATS = ("safetensors", "onnx")
+FORMATS = ("safetensors", "onnx", "pt2")
+GRAPHS = {"onnx": ONNX, "pt2": PROGRAM}  # the formats that add a graph beside the weights, and its file
 # what save_exported keeps of a loaded model's metadata: its inputs and origin, not its classes or accuracy
 WEIGHTS_DIGEST = "weights_sha256"  # in config.json: the model.safetensors it was written with
 CARRIED = ("resolution", "crop_ratio", "mean", "std", "source", "subnet")  # onnx also writes the safetensors weights
@@ -53,7 +56,9 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     ``slimssl.recalibrate_bn(supernet, subnet, batches)`` (on a copy of the supernet) with train batches
     before exporting, as ``slimssl export`` does. Without that, a warning says so (``check_bn_statistics``:
     False exports the statistics as stored without one). ``fmt="onnx"`` also writes a float32 ONNX graph
-    traced at ``resolution`` whose batch, height and width are dynamic.
+    traced at ``resolution`` whose batch, height and width are dynamic; ``fmt="pt2"`` a torch.export program
+    (``model.pt2``, on the CPU in the weights' dtype) that takes any batch and any image of at least
+    :func:`smallest_program_input` pixels a side. Both carry the config.json beside them.
 
     ``config`` (the supernet's Config, e.g. the one ``slimssl.load_supernet`` returns, or a recipe name or path)
     records the inputs the export expects in its config.json, as ``slimssl export`` does: ``resolution``,
@@ -78,12 +83,12 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
                     "batches first, or export a run with slimssl.export_run, which does", spec.name, spec.name)
     plain = supernet.export(spec).eval()
     folder = _write_export(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})
+    _drop_earlier_graphs(folder, rewritten=GRAPHS.get(fmt))  # a failed trace leaves no graph of earlier weights
+    config_json = json.loads((folder / CONFIG).read_text())
     if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
-        (folder / ONNX).unlink(missing_ok=True)  # a failed trace leaves no graph of the earlier weights
-        _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution,
-                     json.loads((folder / CONFIG).read_text()))
-    else:
-        _drop_earlier_graph(folder)
+        _export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution, config_json)
+    elif fmt == "pt2":
+        _export_program(plain.to("cpu"), folder / PROGRAM, resolution, config_json)
     return folder
 
 
@@ -109,13 +114,13 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     source = (metadata or {}).get("source", getattr(model, "metadata", {}).get("source"))
     check_export_folder(folder, source, overwrite)
     folder = _write_export(model, Path(folder), metadata)
-    _drop_earlier_graph(folder)
+    _drop_earlier_graphs(folder)
     return folder
 
 
 def _refuse_file_name(folder: Path, expected: str) -> None:
     """A new export folder named like a model file (``--out model.safetensors``) is a slip: refused."""
-    if not folder.exists() and folder.suffix.lower() in (".safetensors", ".onnx", ".pt", ".pth", ".bin"):
+    if not folder.exists() and folder.suffix.lower() in (".safetensors", ".onnx", ".pt2", ".pt", ".pth", ".bin"):
         raise ExportError(f"{folder} is named like a file, and an export is written into {expected}: give a "
                           f"folder name (e.g. {folder.with_suffix('')})")
 
@@ -144,7 +149,7 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
     except OSError as e:  # no permission, a read-only or full disk: one error type for every bad output
         raise ExportError(f"cannot make the export folder {folder}: {e}") from None
-    for name in remove_temporaries(folder, of=(CONFIG, WEIGHTS)):  # of an export killed midway: a model's size
+    for name in remove_temporaries(folder, of=(CONFIG, WEIGHTS, PROGRAM)):  # of an export killed midway: a model's size
         log.info("%s: removed %s, left by an export that was killed midway", folder, name)
     # Both files are written whole to temporary files, which then replace the earlier export's one after the
     # other: a failure while writing (a full disk, Ctrl-C) leaves the earlier export as it was, never new
@@ -158,12 +163,15 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
     return folder
 
 
-def _drop_earlier_graph(folder: Path) -> None:
-    """Remove an ONNX graph of an earlier export from ``folder``: it would no longer match the weights."""
-    if (folder / ONNX).is_file():
-        (folder / ONNX).unlink()
-        log.info("%s: removed the earlier %s, a graph of the weights written before (fmt='onnx', --format onnx, "
-                 "writes one of these)", folder, ONNX)
+def _drop_earlier_graphs(folder: Path, rewritten: str | None = None) -> None:
+    """Remove the graphs (ONNX, torch.export) of an earlier export from ``folder``: they would no longer match
+    the weights. Said for each, except the one the export writes again."""
+    for fmt, name in GRAPHS.items():
+        if (folder / name).is_file():
+            (folder / name).unlink()
+            if name != rewritten:
+                log.info("%s: removed the earlier %s, a graph of the weights written before (fmt=%r, --format %s, "
+                         "writes one of these)", folder, name, fmt, fmt)
 
 
 def _architecture(model: PlainResNet) -> PlainResNetConfig:
@@ -196,7 +204,7 @@ def check_export_folder(folder: str | Path, source: str | None, overwrite: bool 
     if overwrite:
         return
     if not config.is_file():
-        foreign = [name for name in (WEIGHTS, ONNX) if (folder / name).is_file()]
+        foreign = [name for name in (WEIGHTS, *GRAPHS.values()) if (folder / name).is_file()]
         if foreign:  # a model of the user's own, not written by slimssl: never replaced without being asked
             raise ExportError(f"{folder} holds {' and '.join(foreign)} without a slimssl {CONFIG}; choose another "
                               f"output folder, or {replace_hint}")
@@ -242,6 +250,28 @@ def _export_onnx(plain: PlainResNet, path: Path, resolution: int, config: dict) 
     graph = onnx.load(str(path))
     onnx.helper.set_model_props(graph, {key: json.dumps(value) for key, value in config.items()})
     onnx.save(graph, str(path))
+
+
+def smallest_program_input(config: PlainResNetConfig) -> int:
+    """The smallest image side a torch.export program of ``config`` takes: one more than the network's total
+    stride. torch.export compiles a size-1 feature map as a special case, so the program's sizes start where
+    the last stage's map has at least 2 pixels a side."""
+    stride = 2 ** (len(config.depths) - 1) * (4 if config.stem == "imagenet" else 1)  # the stem's conv and max-pool
+    return stride + 1
+
+
+def _export_program(plain: PlainResNet, path: Path, resolution: int, config: dict) -> None:
+    """The torch.export program of ``plain`` at ``path`` (batch, height and width dynamic), carrying the
+    config.json beside it as an extra file of the archive (``torch.export.load(path, extra_files=...)``)."""
+    from torch.export import Dim, export, save
+
+    least = smallest_program_input(plain.config)
+    size = max(resolution, least)
+    example = torch.zeros(2, 3, size, size, dtype=plain.conv1.weight.dtype)  # batch 2: 1 would be specialised
+    dims = {0: Dim("batch"), 2: Dim("height", min=least), 3: Dim("width", min=least)}
+    program = export(plain, (example,), dynamic_shapes=(dims,))
+    with atomic_write(path) as file:  # a kill while saving leaves no half-written archive
+        save(program, file, extra_files={CONFIG: json.dumps(config, indent=2)})
 
 
 def load_exported(folder: str | Path) -> PlainResNet:
@@ -313,8 +343,9 @@ def verify_export(supernet: SlimResNet, subnet: SubnetLike, exported: PlainResNe
                   resolution: int, batch: int = 2, seed: int = 0) -> float:
     """Max abs difference between the supernet's sub-network (eval mode) and the exported model: a plain
     model, an export folder (its weights), or the path of an exported ``model.onnx`` (run with onnxruntime
-    when it is installed, else with onnx's reference evaluator, slower). Each model is fed the same random
-    images in its own dtype and on its own device (the ONNX graph in float32 on the CPU)."""
+    when it is installed, else with onnx's reference evaluator, slower) or ``model.pt2`` (loaded with
+    ``torch.export.load``). Each model is fed the same random images in its own dtype and on its own device
+    (the graphs on the CPU, the ONNX one in float32)."""
     return export_differences(supernet, subnet, exported, resolution, batch, seed)[0]
 
 
@@ -327,14 +358,17 @@ def export_differences(supernet: SlimResNet, subnet: SubnetLike, exported: Plain
         path = Path(exported)
         if path.is_dir():  # an export folder, as export_subnet returns it: its safetensors weights
             exported = load_exported(path)
-        elif not (path.is_file() and path.suffix == ".onnx"):
-            raise ExportError(f"{path} is neither an export folder nor an ONNX graph (.onnx); expected a "
-                              "PlainResNet, an export folder or its model.onnx")
+        elif not (path.is_file() and path.suffix in (".onnx", ".pt2")):
+            raise ExportError(f"{path} is neither an export folder nor a graph (.onnx, .pt2); expected a "
+                              f"PlainResNet, an export folder, or its {ONNX} or {PROGRAM}")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, resolution, resolution, generator=gen)  # drawn on the CPU: the same images anywhere
     with eval_mode(supernet):
         expected = supernet(_like(x, supernet), subnet=subnet)
-    got = exported.eval()(_like(x, exported)) if isinstance(exported, torch.nn.Module) else _run_onnx(Path(exported), x)
+    if isinstance(exported, torch.nn.Module):
+        got = exported.eval()(_like(x, exported))
+    else:
+        got = (_run_program if Path(exported).suffix == ".pt2" else _run_onnx)(Path(exported), x)
     if got.shape != expected.shape:
         raise ExportError(f"the export gives outputs of shape {list(got.shape)}, the sub-network "
                           f"{supernet.resolve(subnet).name} {list(expected.shape)}: it is another network")
@@ -346,6 +380,18 @@ def _like(x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
     """``x`` in the dtype and on the device of ``model``'s weights."""
     weight = next(model.parameters())
     return x.to(weight.device, weight.dtype)
+
+
+def _run_program(path: Path, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through the torch.export program at ``path``, in the program's dtype. Its module is in inference
+    mode as exported (torch refuses ``.eval()`` on it)."""
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:  # torch raises several kinds for a file that is not its archive
+        raise ExportError(f"{path} is not a readable torch.export program ({type(e).__name__}: {e}); re-export "
+                          "it") from None
+    dtype = next((v.dtype for v in program.state_dict.values() if v.is_floating_point()), torch.float32)
+    return program.module()(x.to(dtype))
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
     """Export ``subnets`` (names or widths, or ``"all"`` of the menu) of ``checkpoint`` (a checkpoint file or
     run directory) into ``out/<subnet name>/``, as ``slimssl export`` does; returns one row per sub-network
     (subnet, path, and with ``verify`` the largest absolute and relative differences from the supernet's
-    sub-network, ``max_abs_diff`` and ``max_rel_diff``, and the ONNX graph's as ``onnx_...``).
+    sub-network, ``max_abs_diff`` and ``max_rel_diff``, and the graph's as ``onnx_...`` or ``pt2_...``).
 
     Each ``config.json`` records the preprocessing (resolution, mean, std) and the BatchNorm statistics'
     origin. With shared BatchNorm each sub-network's statistics are re-estimated first on ``recalibrate_bn``
@@ -89,11 +89,12 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
     them: ``data``, ``loader``, ``workers``, ``skip_unreadable`` and ``crop_ratio`` as in :func:`slimssl.knn`.
     With ``checkpoint=None``, a random initialisation of ``config`` (a recipe, with ``overrides``) is exported;
     with a checkpoint, ``config`` is only checked against its architecture.
-    ``fmt="onnx"`` adds an ONNX graph traced at ``resolution`` (default: the config's), which takes any size.
+    ``fmt="onnx"`` adds an ONNX graph traced at ``resolution`` (default: the config's), which takes any size;
+    ``fmt="pt2"`` a torch.export program, which runs with torch alone (see :func:`slimssl.export.export_subnet`).
     """
     from .eval import recalibration_batches
     from .eval.inputs import DataOptions, check_numbers
-    from .export import (FORMATS, ONNX, ExportError, check_export_folder, export_differences, export_subnet,
+    from .export import (FORMATS, GRAPHS, ExportError, check_export_folder, export_differences, export_subnet,
                          load_exported, preprocessing, require_onnx)
 
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
@@ -131,12 +132,12 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
                                          **preprocessing(cfg, options.resolved_crop_ratio(cfg)), "bn": cfg.model.bn,
                                          "bn_recalibration": statistics[spec.name]}, check_bn_statistics=False)
         row = {"subnet": spec.name, "path": str(folder)}
-        if verify:  # the files as written, read back: safetensors, and the ONNX graph when exported
+        if verify:  # the files as written, read back: safetensors, and the graph when exported
             row["max_abs_diff"], row["max_rel_diff"] = export_differences(model, spec, load_exported(folder),
                                                                           resolution)
-            if fmt == "onnx":
-                row["onnx_max_abs_diff"], row["onnx_max_rel_diff"] = export_differences(model, spec, folder / ONNX,
-                                                                                        resolution)
+            if fmt in GRAPHS:
+                row[f"{fmt}_max_abs_diff"], row[f"{fmt}_max_rel_diff"] = export_differences(
+                    model, spec, folder / GRAPHS[fmt], resolution)
         rows.append(row)
         log.info("exported %s to %s", spec.name, folder)
     return rows

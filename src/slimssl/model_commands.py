@@ -148,7 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     from .eval import DEFAULT_RECALIBRATE_BATCHES
     from .eval.commands import add_loader_args  # export reads train batches as the evaluation commands do
 
-    p = sub.add_parser("export", help="export sub-networks as plain models (safetensors + JSON, or ONNX)")
+    p = sub.add_parser("export", help="export sub-networks as plain models (safetensors + JSON; ONNX or "
+                                      "torch.export too)")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint file or run directory")
     _add_config(p)
     p.add_argument("--random-init", action="store_true", help="export a randomly initialised supernet of --config")
@@ -163,8 +164,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", help="the accuracy a budget ranks by, e.g. finetune_10pct_top1 (default: linear_top1 "
                    "or knn_top1, whichever was measured for more of the sub-networks that fit)")
     p.add_argument("--out", required=True, type=output_dir, help="output folder (one sub-folder per sub-network)")
-    p.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors",
-                   help="onnx: the safetensors files and an ONNX graph (needs onnx and onnxruntime: the onnx extra)")
+    p.add_argument("--format", choices=["safetensors", "onnx", "pt2"], default="safetensors",
+                   help="onnx: the safetensors files and an ONNX graph (needs onnx and onnxruntime: the onnx extra); "
+                        "pt2: ... and a torch.export program, model.pt2, which runs with torch alone")
     p.add_argument("--overwrite", action="store_true", help="replace exports in --out that came from another "
                    "checkpoint or config (an export of the same one is always replaced)")
     p.add_argument("--verify", action="store_true", help="compare each export with the supernet's sub-network "
@@ -173,8 +175,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--verify fails above this max difference, relative to the largest output where that is "
                    "above 1 (absolute below)")
     p.add_argument("--resolution", type=positive_int,
-                   help="input size for --verify, and ONNX's tracing size (the graph takes any size; default: the "
-                        "config's)")
+                   help="input size for --verify, and the graph's tracing size (the graph takes other sizes too; "
+                        "default: the config's)")
     p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
                    help="shared BatchNorm: re-estimate each sub-network's statistics on N train batches before "
                         "exporting it, as evaluation does, so that the export is the model evaluation measured "
