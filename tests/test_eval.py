@@ -973,7 +973,7 @@ def test_export_run_in_python_writes_what_the_cli_writes_and_load_exported_gives
     from slimssl.cli import main
 
     run = tmp_path / "run"
-    make_checkpoint(run / "checkpoints" / "last.pt", bn="shared")
+    make_checkpoint(run / "checkpoints" / "last.pt", bn="shared", epoch=4.0)
     rows = slimssl.export_run(run, tmp_path / "py", ["0.5"], device="cpu", verify=True)
     assert [r["subnet"] for r in rows] == ["w0p5_d1-1-1-1"] and rows[0]["max_abs_diff"] <= 1e-5
     assert main(["export", str(run), "--subnet", "0.5", "--out", str(tmp_path / "cli"), "--device", "cpu"]) == 0
@@ -989,6 +989,8 @@ def test_export_run_in_python_writes_what_the_cli_writes_and_load_exported_gives
     assert tuned.metadata["std"] == list(cfg.data.std) and tuned.metadata["classes"] == ["a", "b", "c"]
     assert plain.metadata["crop_ratio"] == tuned.metadata["crop_ratio"] == cfg.eval.crop_ratio  # resize, then crop
     assert "bn_recalibration" not in tuned.metadata  # of the statistics before this training, no longer true
+    trained = {"trained_epochs": 4.0, "pretraining_epochs": 4}  # how far its source was pretrained, still true
+    assert {k: plain.metadata[k] for k in trained} == {k: tuned.metadata[k] for k in trained} == trained
     again = slimssl.load_exported(slimssl.save_exported(tuned, tmp_path / "again"))
     assert "classes" not in again.metadata and again.metadata["subnet"] == "w0p5_d1-1-1-1"
     with pytest.raises(TypeError, match=r"export_run\(\) got unknown keyword\(s\) dat \(did you mean data\?\)"):

@@ -36,9 +36,11 @@ log = logging.getLogger("slimssl")
 
 FORMATS = ("safetensors", "onnx", "pt2")
 GRAPHS = {"onnx": ONNX, "pt2": PROGRAM}  # the formats that add a graph beside the weights, and its file
-# what save_exported keeps of a loaded model's metadata: its inputs and origin, not its classes or accuracy
 WEIGHTS_DIGEST = "weights_sha256"  # in config.json: the model.safetensors it was written with
-CARRIED = ("resolution", "crop_ratio", "mean", "std", "source", "subnet")  # onnx also writes the safetensors weights
+# what save_exported keeps of a loaded model's metadata: its inputs and origin (how far its source was pretrained
+# stays true however the model is trained after), not its classes, accuracy or BatchNorm statistics' origin
+CARRIED = ("resolution", "crop_ratio", "mean", "std", "source", "subnet", "trained_steps", "trained_epochs",
+           "pretraining_epochs")
 
 
 class ExportError(SlimsslError):
