@@ -551,6 +551,22 @@ def test_runs_stopped_early_leave_no_threads_behind(tmp_path):
     assert len(list((run_dir / "tb").iterdir())) == 5  # each call wrote its events
 
 
+def test_a_run_without_tensorboard_installed_logs_to_metrics_jsonl_and_says_how_to_get_events(tmp_path, monkeypatch,
+                                                                                                caplog):
+    """TensorBoard is an extra: without it a run trains and logs as ever, and says where its events would come from."""
+    import sys
+
+    import slimssl
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        slimssl.pretrain(tiny("byol"), tmp_path / "run", overrides=["train.knn_every=0"], max_steps=2)
+    assert "pip install tensorboard (the tensorboard extra)" in caplog.text
+    assert not (tmp_path / "run" / "tb").exists()
+    steps = [json.loads(line).get("step") for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 2 in steps
+
+
 def test_python_pretrain_refuses_bad_arguments_before_writing(tmp_path):
     import slimssl
 

@@ -87,7 +87,8 @@ class MetricsLogger:
             purge = None if resumed_at is None else resumed_at + 1
             self.tb = SummaryWriter(str(run_dir / TENSORBOARD), purge_step=purge)
         except ImportError:
-            log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+            log.info("metrics go to metrics.jsonl; for TensorBoard events too, pip install tensorboard (the "
+                     "tensorboard extra)")
 
     def write(self, record: dict) -> None:
         """Append one record; numeric values (also one level of nested dicts) become TensorBoard scalars."""
