@@ -28,7 +28,7 @@ _EXPORTS = {
     "Menu": ".nn.spec", "SubnetSpec": ".nn.spec",
     "SlimsslError": ".errors", "UsageError": ".errors",
     # what a caller may catch: every bad-input error is a SlimsslError; these say which input
-    "ConfigError": ".config", "SubnetError": ".nn.spec", "InputError": ".models.resnet",
+    "ConfigError": ".config", "SubnetError": ".nn.spec", "InputError": ".models.plain",
     "CheckpointError": ".checkpoint", "DataError": ".data.files", "DeviceError": ".devices",
     "ExportError": ".export", "NonFiniteLossError": ".train.loop", "Interrupted": ".train.signals",
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
@@ -72,8 +72,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .export import ExportError, export_subnet, load_exported, save_exported, verify_export
     from .exporter import export_run
     from .models.build import build_supernet
-    from .models.plain import PlainResNet
-    from .models.resnet import InputError, SlimResNet
+    from .models.plain import InputError, PlainResNet
+    from .models.resnet import SlimResNet
     from .nn.layers import recalibrate_bn
     from .nn.spec import Menu, SubnetError, SubnetSpec
     from .train.loop import NonFiniteLossError

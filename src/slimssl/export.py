@@ -72,10 +72,7 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
         from .models.build import as_config
 
         metadata = {**preprocessing(as_config(config)), **(metadata or {})}
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt == "onnx":
-        require_onnx()  # before anything is written
+    check_format(fmt)  # before anything is written
     spec = supernet.resolve(subnet)
     _refuse_file_name(Path(out_dir), "a folder, in which each sub-network gets a folder of its own")
     check_export_folder(Path(out_dir) / spec.name, (metadata or {}).get("source"), overwrite)
@@ -98,8 +95,13 @@ def preprocessing(cfg, crop_ratio: float | None = None) -> dict:
     """What an exported model's inputs must be, as its config.json records it: the shorter side resized to
     ``resolution / crop_ratio`` (default: evaluation's), the centre ``resolution`` square, normalised with
     ``mean`` and ``std``."""
-    return {"resolution": cfg.data.resolution, "crop_ratio": crop_ratio or cfg.eval.crop_ratio,
-            "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
+    return input_preprocessing(cfg.data.resolution, cfg.data.mean, cfg.data.std, crop_ratio or cfg.eval.crop_ratio)
+
+
+def input_preprocessing(resolution: int, mean, std, crop_ratio: float | None = None) -> dict:
+    """:func:`preprocessing` from its parts (``crop_ratio`` None: not recorded)."""
+    return {"resolution": resolution, **({} if crop_ratio is None else {"crop_ratio": crop_ratio}),
+            "mean": list(mean), "std": list(std)}
 
 
 def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None = None, *,
@@ -227,6 +229,14 @@ def _same_file(a, b) -> bool:
         return isinstance(a, str) and isinstance(b, str) and os.path.samefile(a, b)
     except OSError:  # a random-init source, or a file that has gone
         return False
+
+
+def check_format(fmt: str) -> None:
+    """An export format slimssl writes, with what it needs installed."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require_onnx()
 
 
 def require_onnx() -> None:

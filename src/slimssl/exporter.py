@@ -13,6 +13,8 @@ import torch
 from .config import Config
 from .data.files import DataError
 from .errors import UsageError
+from .export import (GRAPHS, check_export_folder, check_format, export_differences, export_subnet, load_exported,
+                     preprocessing)
 from .launch import warn_of_repeated_work
 from .models.resnet import SlimResNet
 from .nn.spec import SubnetSpec, Subnets
@@ -94,15 +96,10 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
     """
     from .eval import recalibration_batches
     from .eval.inputs import DataOptions, check_numbers
-    from .export import (FORMATS, GRAPHS, ExportError, check_export_folder, export_differences, export_subnet,
-                         load_exported, preprocessing, require_onnx)
 
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
     options = DataOptions.of(data, export_run)
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if fmt == "onnx":
-        require_onnx()
+    check_format(fmt)
     if checkpoint is None and recalibrate_bn:
         raise UsageError("recalibrate_bn re-estimates a trained checkpoint's BatchNorm statistics; a random "
                          "initialisation is exported with its initial ones")

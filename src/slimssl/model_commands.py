@@ -17,8 +17,8 @@ log = logging.getLogger("slimssl")
 # ---- the model a command reads ------------------------------------------------------------------------
 
 def _supernet_from_args(args: argparse.Namespace):
-    """The supernet named by CHECKPOINT, or by --config with --random-init; its config; and the checkpoint's
-    record of ``slimssl recalibrate`` (None when it has none, or for a random initialisation)."""
+    """The :class:`OpenedSupernet` named by CHECKPOINT, or by --config with --random-init: the supernet, its
+    config, the checkpoint's record of ``slimssl recalibrate`` and how far it was trained."""
     from .exporter import open_supernet
 
     _check_model_source(args)

@@ -52,10 +52,6 @@ class ImageDataset:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    @property
-    def num_classes(self) -> int:
-        return num_classes(self)
-
     # The evaluation interface, shared with the streamed ``StreamedImages`` (eval_images.py).
 
     @property
@@ -75,11 +71,6 @@ class ImageDataset:
     def take(self, indices: torch.Tensor) -> torch.Tensor:
         """The images at ``indices`` as one uint8 tensor (a copy)."""
         return self.images[torch.as_tensor(indices, dtype=torch.int64)]
-
-
-def num_classes(ds: ImageDataset) -> int:
-    """Number of classes, 0 for an unlabelled dataset."""
-    return len(ds.classes) if ds.classes else 0
 
 
 def check_same_classes(train, test, source: str) -> None:

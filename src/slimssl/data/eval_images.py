@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .datasets import ImageDataset, load_dataset, num_classes
+from .datasets import ImageDataset, load_dataset
 from .decode import decode_error, decode_resized
 from .files import SKIP_HINT, DataError, FileListDataset, check_source_and_resolution, list_labelled_files
 
@@ -100,10 +100,6 @@ class StreamedImages:
     @property
     def resolution(self) -> int:
         return self.files.resolution
-
-    @property
-    def num_classes(self) -> int:
-        return num_classes(self)
 
     def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """uint8 [B, 3, R, R] batches of ``indices`` (default: every file), in that order; a DataError naming

@@ -221,7 +221,7 @@ def _as_images(images, what: str) -> torch.Tensor:
 def _as_uint8(x: torch.Tensor, what: str) -> torch.Tensor:
     if x.dtype == torch.uint8:
         return x
-    if x.dtype == getattr(torch, "uint16", None):  # 16-bit pixels, scaled as decode.to_rgb scales PIL's
+    if x.dtype == torch.uint16:  # 16-bit pixels, scaled as decode.to_rgb scales PIL's
         return (x.to(torch.float32) / 257.0).round().to(torch.uint8)
     if x.dtype == torch.bool or x.is_complex():
         raise DataError(f"{what}: expected uint8 images or floats in [0, 1], got {x.dtype}")

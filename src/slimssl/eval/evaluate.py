@@ -58,7 +58,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     ``unfinished`` there (``mark_unfinished``), so that a report does not read its numbers as the run's final
     ones."""
     from ..data.files import BUILTIN
-    from .results import merge_results, run_dir_of, same_data
+    from .results import merge_results, results_header, run_dir_of, same_data
 
     run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
     if run_dir is None:
@@ -73,9 +73,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
         if given not in BUILTIN and os.path.exists(os.path.expanduser(given)):  # one spelling of a folder or .zip
             settings = {**settings, "data": os.path.abspath(os.path.expanduser(given))}
     path = merge_results(run_dir, values, protocol=protocol, settings=settings,
-                         defaults={"run": run_dir.resolve().name, "config": cfg.model_dump(mode="json"),
-                                   "resolution": cfg.data.resolution},
-                         trained=(epoch, cfg.train.epochs))
+                         defaults=results_header(run_dir, cfg), trained=(epoch, cfg.train.epochs))
     log.info("merged %s results into %s", protocol, path)
     return path
 

@@ -146,12 +146,12 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
               "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),
               "recipe": {**asdict(recipe), **schedule}, "top1": top1, "top5": top5}
     if save_model is not None:
-        from ..export import save_exported
+        from ..export import input_preprocessing, save_exported
 
         classes = list(train.classes) if train.classes else None
-        preprocessing = {"resolution": resolution, **({} if crop_ratio is None else {"crop_ratio": crop_ratio}),
-                         "mean": list(mean), "std": list(std)}
-        save_exported(model, save_model, {**result, "classes": classes, **preprocessing, "source": checkpoint_source})
+        save_exported(model, save_model, {**result, "classes": classes,
+                                          **input_preprocessing(resolution, mean, std, crop_ratio),
+                                          "source": checkpoint_source})
         log.info("saved the fine-tuned %s to %s", spec.name, save_model)
     return {**result, "indices": indices.tolist()}
 

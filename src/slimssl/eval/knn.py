@@ -15,6 +15,7 @@ from ..nn.spec import SubnetSpec
 from .features import extract_subnet_features
 from .recalibrate import subnet_models
 from .shard import Shard
+from .supervised import output_classes
 
 if TYPE_CHECKING:
     from .inputs import DataOptions
@@ -72,7 +73,7 @@ def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resol
     if train.labels is None or test.labels is None:
         raise DataError(f"kNN needs labels; dataset {train.name!r} has none (a folder without class sub-folders, "
                         "or images registered without labels)")
-    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    num_classes = output_classes(train, test)  # as the linear probe counts them
     specs = list(supernet.menu) if specs is None else list(specs)
     kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
     mine = shard.indices(len(train))

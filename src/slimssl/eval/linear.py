@@ -85,17 +85,16 @@ def check_backbone_unchanged(model: nn.Module, before: Mapping[str, str], what: 
 # ---- heads -------------------------------------------------------------------------------------------
 
 class SwitchableLinear(nn.Module):
-    """One independent linear classifier per sub-network (keyed by canonical name). With ``seed``, each head's
-    initial weights come from the seed and its sub-network's name alone: a width probed alone, or among other
-    sub-networks in any order, starts from the same weights."""
+    """One independent linear classifier per sub-network (keyed by canonical name). Each head's initial weights
+    come from ``seed`` and its sub-network's name alone: a width probed alone, or among other sub-networks in
+    any order, starts from the same weights."""
 
-    def __init__(self, dims: Mapping[str, int], num_classes: int, init_std: float = 0.01,
-                 generator: torch.Generator | None = None, seed: int | None = None):
+    def __init__(self, dims: Mapping[str, int], num_classes: int, init_std: float = 0.01, seed: int = 0):
         super().__init__()
         self.dims = dict(dims)
         self.heads = nn.ModuleDict({name: nn.Linear(d, num_classes) for name, d in self.dims.items()})
         for name, head in self.heads.items():
-            own = generator if seed is None else derived_generator(seed, "probe_head", zlib.crc32(name.encode()))
+            own = derived_generator(seed, "probe_head", zlib.crc32(name.encode()))
             nn.init.normal_(head.weight, std=init_std, generator=own)
             nn.init.zeros_(head.bias)
 
@@ -110,25 +109,24 @@ class SharedSlimLinear(nn.Module):
     """One slimmable linear classifier: weight [C, D_full]; a sub-network with D features uses ``weight[:, :D]``
     (its features are the leading channels of the full width's) and the shared bias."""
 
-    def __init__(self, dims: Mapping[str, int], num_classes: int, init_std: float = 0.01,
-                 generator: torch.Generator | None = None):
+    def __init__(self, dims: Mapping[str, int], num_classes: int, init_std: float = 0.01, seed: int = 0):
         super().__init__()
         self.dims = dict(dims)
         full = max(self.dims.values())
         self.weight = nn.Parameter(torch.empty(num_classes, full))
         self.bias = nn.Parameter(torch.zeros(num_classes))
-        nn.init.normal_(self.weight, std=init_std, generator=generator)
+        nn.init.normal_(self.weight, std=init_std, generator=torch.Generator().manual_seed(seed))
 
     def weight_of(self, subnet: str) -> torch.Tensor:
         return self.weight[:, : self.dims[subnet]]
 
     def forward(self, features: torch.Tensor, subnet: str) -> torch.Tensor:
-        return F.linear(features, self.weight[:, : features.shape[1]], self.bias)
+        return F.linear(features, self.weight_of(subnet), self.bias)
 
 
 def make_heads(dims: Mapping[str, int], num_classes: int, shared: bool = False, seed: int = 0) -> nn.Module:
     if shared:
-        return SharedSlimLinear(dims, num_classes, generator=torch.Generator().manual_seed(seed))
+        return SharedSlimLinear(dims, num_classes, seed=seed)
     return SwitchableLinear(dims, num_classes, seed=seed)
 
 

@@ -96,6 +96,12 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
     return data
 
 
+def results_header(run_dir: str | Path, cfg) -> dict:
+    """What a run's results.json says before its sub-networks' values: the run, its config and resolution."""
+    return {"run": Path(run_dir).resolve().name, "config": cfg.model_dump(mode="json"),
+            "resolution": cfg.data.resolution}
+
+
 def write_results(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
     """Write ``results.json`` atomically."""
     path = Path(run_dir) / RESULTS

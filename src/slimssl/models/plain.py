@@ -27,19 +27,12 @@ def check_images(x, weight_dtype: torch.dtype) -> None:
     on a slice of the stem's weights; a plain model would fail with torch's less telling message. Only the
     tensor's metadata is read (no device sync), so the check costs nothing in a compiled or traced forward."""
     if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == IN_CHANNELS and x.is_floating_point():
-        if x.dtype == weight_dtype or _autocast_enabled(x.device.type):
+        if x.dtype == weight_dtype or torch.is_autocast_enabled(x.device.type):
             return
         raise InputError(f"expected images of the network's dtype {weight_dtype}, got {x.dtype}: convert them "
                          f"(x.to({weight_dtype})) or run under torch.autocast")
     got = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
     raise InputError(f"expected a float tensor of images [batch, {IN_CHANNELS}, height, width], got {got}")
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 @dataclass(frozen=True)

@@ -40,14 +40,12 @@ def uses_cuda_graphs(mode: str) -> bool:
     Their outputs are overwritten by the graph's next replay, so callers must clone what they keep."""
     if mode in ("off", "default"):
         return False
-    try:
-        from torch._inductor import list_mode_options  # inductor's own table of what each mode turns on
-    except ImportError:
-        return mode in ("reduce-overhead", "max-autotune")
+    from torch._inductor import list_mode_options  # inductor's own table of what each mode turns on
+
     return bool(list_mode_options(mode).get("triton.cudagraphs", False))
 
 
 def step_begins(mode: str) -> None:
     """Tell the CUDA-graph trees that a new training iteration starts (earlier outputs may be reused)."""
-    if uses_cuda_graphs(mode) and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+    if uses_cuda_graphs(mode):
         torch.compiler.cudagraph_mark_step_begin()

@@ -31,7 +31,7 @@ from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import copy_by_dtype, pick_device, pick_dtype, synchronize, to_device_async
 from ..errors import SlimsslError
-from ..eval.results import ResultsError, read_results, write_results
+from ..eval.results import ResultsError, read_results, results_header, write_results
 from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, check_unread_settings, checked_momentum,
                        checked_output, distill_outputs)
 from ..models.build import build_supernet
@@ -646,10 +646,8 @@ class Trainer:
         if knn and not self.metrics.has_record(self.state.step, "knn_top1"):
             self.metrics.write({"step": self.state.step, "epoch": self.cfg.train.epochs, "knn_top1": knn})
         _warn_of_dropped_evaluations(self.run_dir)
-        results = {"run": self.run_dir.resolve().name, "config": self.cfg.model_dump(mode="json"),
-                   "resolution": self.cfg.data.resolution, "steps": self.state.step,
-                   "effective_lr": self.effective_lr(),
-                   "skipped_steps": self.state.skipped_steps, "subnets": rows}
+        results = {**results_header(self.run_dir, self.cfg), "steps": self.state.step,
+                   "effective_lr": self.effective_lr(), "skipped_steps": self.state.skipped_steps, "subnets": rows}
         if knn:
             results["protocols"] = {"knn": self.knn_monitor.settings(backbone)}
         write_results(self.run_dir, results)

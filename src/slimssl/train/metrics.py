@@ -66,7 +66,9 @@ class LogWindow:
 
 
 class MetricsLogger:
-    """``resumed_at``: the step a resumed run continues from, ``saved_bytes``: metrics.jsonl's length when its
+    """A run's records: appended to metrics.jsonl, as TensorBoard scalars too when tensorboard is installed.
+
+    ``resumed_at``: the step a resumed run continues from, ``saved_bytes``: metrics.jsonl's length when its
     checkpoint was saved. Records written after it by the run that stopped (which had trained on past its last
     checkpoint, or was a resume itself, stopped before saving) are dropped, so that the steps trained again and
     the records a resume begins with are not logged twice."""
