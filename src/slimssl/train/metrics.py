@@ -114,7 +114,7 @@ class MetricsLogger:
         if not self.path.is_file():
             return False
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        return any(r.get("step") == step and key in r for r in map(_record, lines[_numbered_from(lines):]))
+        return any(r.get("step") == step and key in r for r in map(parse_record, lines[_numbered_from(lines):]))
 
     def size(self) -> int | None:
         """metrics.jsonl's length now, for the checkpoint saved next (None in a process that writes none)."""
@@ -132,7 +132,7 @@ class MetricsLogger:
         if len(data) < saved_bytes or (saved_bytes and data[saved_bytes - 1:saved_bytes] != b"\n"):
             return False
         after = _whole_lines(data[saved_bytes:].decode("utf-8", errors="replace"))
-        kept = [line for line, record in zip(after, map(_record, after))
+        kept = [line for line, record in zip(after, map(parse_record, after))
                 if record.get("step") == step and "knn_top1" in record]
         if len(kept) < len(after) or not data.endswith(b"\n"):
             with atomic_write(self.path, "wb") as f:
@@ -190,7 +190,7 @@ def _numbered_from(lines: list[str]) -> int:
     return 0
 
 
-def _record(line: str) -> dict:
+def parse_record(line: str) -> dict:
     """A metrics.jsonl line as a dict; {} for a line that cannot be read."""
     try:
         record = json.loads(line)
@@ -202,7 +202,7 @@ def _record(line: str) -> dict:
 def _step_of(line: str) -> float:
     """The step of a metrics.jsonl line; a line that cannot be read is kept (as if of step 0)."""
     try:
-        return float(_record(line).get("step", 0))
+        return float(parse_record(line).get("step", 0))
     except (TypeError, ValueError):
         return 0.0
 

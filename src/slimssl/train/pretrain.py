@@ -5,7 +5,6 @@ are the same run (and either can resume the other)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, c
 from ..models.build import as_config
 from . import distributed as dist
 from .loop import Trainer
+from .metrics import parse_record
 from .signals import Interrupted
 from .optim import describe_lr
 
@@ -220,18 +220,9 @@ def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
         return False  # any doubt keeps the files
     # the first epoch's last record comes before its checkpoint: a kill in that save is still a failed start
-    if any(record.get("epoch", 0) > 1 for record in map(_record_or_none, lines) if record):
+    if any(record.get("epoch", 0) > 1 for record in map(parse_record, lines)):
         return False  # a checkpoint was written, and has gone (moved away?): its run's metrics are kept
     return not config_differences(saved, cfg, ignore=MACHINE_DEPENDENT)
-
-
-def _record_or_none(line: str) -> dict | None:
-    """A metrics.jsonl line, or None for one a kill cut short."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
