@@ -22,7 +22,7 @@ from slimssl.data.eval_images import StreamedImages, as_eval_images, load_eval_s
 from slimssl.eval.finetune import evaluate_classifier
 from slimssl.eval.knn import knn_eval_subnets
 from slimssl.eval.linear import linear_probe_subnets
-from slimssl.eval.recalibrate import calibration_batches, subnet_models
+from slimssl.eval.recalibrate import recalibration_images, subnet_models
 from slimssl.models.build import build_supernet
 
 RES = 12
@@ -240,8 +240,8 @@ def test_knn_linear_and_recalibration_agree_across_loaders(tmp_path):
     for spec, a, b in zip(specs, subnet_models(shared, specs, train, **recal).values(),
                           subnet_models(shared, specs, s_train, **recal).values()):
         assert torch.equal(a.layer1[0].bn1.bn.running_mean, b.layer1[0].bn1.bn.running_mean)
-    old_style = list(calibration_batches(train.images, 2, 8, RES, NORM["mean"], NORM["std"], "cpu"))
-    assert all(torch.equal(x, y) for x, y in zip(old_style, calibration_batches(s_train, 2, 8, RES, NORM["mean"],
+    old_style = list(recalibration_images(train.images, 2, 8, RES, NORM["mean"], NORM["std"], "cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(old_style, recalibration_images(s_train, 2, 8, RES, NORM["mean"],
                                                                                  NORM["std"], "cpu")))
     model = supernet.export(specs[1])
     assert evaluate_classifier(model, test, test.labels, resolution=RES, **NORM) == \

@@ -34,8 +34,8 @@ def calibration_order(num_images: int, num_batches: int, batch_size: int, seed: 
     return perm[:whole * batch_size]
 
 
-def calibration_batches(images: EvalImages | torch.Tensor, num_batches: int, batch_size: int, resolution: int,
-                        mean, std, device, seed: int = 0) -> Iterator[torch.Tensor]:
+def recalibration_images(images: EvalImages | torch.Tensor, num_batches: int, batch_size: int, resolution: int,
+                         mean, std, device, seed: int = 0) -> Iterator[torch.Tensor]:
     """``num_batches`` eval-transformed batches of a fixed random sample of ``images`` (a dataset, in memory
     or streamed, or a uint8 tensor)."""
     images = as_eval_images(images)
@@ -66,7 +66,7 @@ def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImage
         _SAID.add((n, asked, batch_size, len(train_images)))
         log.warning("BatchNorm recalibration reads %d batch(es) of %d, not %d: the train split holds %d images",
                     n, batch_size, asked, len(train_images))
-    # The sample is decoded once for all sub-networks; its batches are those calibration_batches reads.
+    # The sample is decoded once for all sub-networks; its batches are those recalibration_images reads.
     sample = as_eval_images(train_images.take(calibration_order(len(train_images), n, batch_size, seed)))
     models = {}
     for spec in specs:
@@ -110,7 +110,7 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     spec = supernet.resolve(subnet)  # checked before the data is decoded
     train = options.load_split(cfg, "train", torch_device)
     batch_size = eval_batch_size or cfg.eval.batch_size
-    recalibrate_bn(supernet, spec, calibration_batches(train, batches, batch_size, cfg.data.resolution,
+    recalibrate_bn(supernet, spec, recalibration_images(train, batches, batch_size, cfg.data.resolution,
                                                        cfg.data.mean, cfg.data.std, torch_device, seed))
     state = dict(saved["model"])
     state.update({BACKBONE_PREFIX + k: v.cpu() for k, v in supernet.state_dict().items()})
