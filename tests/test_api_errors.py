@@ -212,7 +212,7 @@ def test_the_lower_level_functions_raise_slimssl_errors_for_bad_input(supernet, 
     unlabelled = ImageDataset(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), None, None, "folder")
     cases = [
         (lambda: knn_eval_subnets(supernet, unlabelled, unlabelled, k=5, temperature=0.1, resolution=8,
-                                   mean=(0.5,) * 3, std=(0.5,) * 3), "kNN needs labels; dataset 'folder' has none"),
+                                   mean=(0.5,) * 3, std=(0.5,) * 3), "kNN needs labels; the train split of dataset 'folder' has none"),
         (lambda: balanced_subset(torch.arange(10), 0.0), r"label fraction must be in \(0, 1\], got 0.0"),
         (lambda: augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8, mean=(0.5,) * 3, std=(0.5,) * 3,
                                generator=torch.Generator(), crop="centre"),

@@ -33,7 +33,7 @@ from ..devices import to_device_async
 from ..errors import UsageError
 from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,
                FINETUNE_MIN_STEPS, check_train_crop)
-from .supervised import augment_batch, cosine_schedule, output_classes, topk_accuracy
+from .supervised import augment_batch, cosine_schedule, output_classes, require_labels, topk_accuracy
 from .recalibrate import subnet_models
 
 log = logging.getLogger("slimssl")
@@ -115,9 +115,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     (what ``train`` and ``test`` were decoded at).
     The supernet is not modified (the export is a copy; shared BatchNorm is recalibrated on a copy).
     """
-    if train.labels is None or test.labels is None:
-        raise DataError(f"fine-tuning needs labels; dataset {train.name!r} has none (a folder without class "
-                        "sub-folders, or images registered without labels)")
+    require_labels("fine-tuning", train, test)
     device = torch.device(device)
     spec = supernet.resolve(subnet)
     resolution = resolution or train.resolution

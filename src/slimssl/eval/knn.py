@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.files import DataError
 from ..nn.spec import SubnetSpec
 from .features import extract_subnet_features
 from .recalibrate import subnet_models
 from .shard import Shard
-from .supervised import output_classes
+from .supervised import output_classes, require_labels
 
 if TYPE_CHECKING:
     from .inputs import DataOptions
@@ -70,9 +69,7 @@ def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resol
     BatchNorm-recalibrated copies). With a ``shard`` of several processes, each one reads its part of both
     splits, and all of them return the same accuracies."""
 
-    if train.labels is None or test.labels is None:
-        raise DataError(f"kNN needs labels; dataset {train.name!r} has none (a folder without class sub-folders, "
-                        "or images registered without labels)")
+    require_labels("kNN", train, test)
     num_classes = output_classes(train, test)  # as the linear probe counts them
     specs = list(supernet.menu) if specs is None else list(specs)
     kw = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)

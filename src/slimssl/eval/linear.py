@@ -38,7 +38,6 @@ from torch import nn
 
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD
 from ..data.eval_images import EvalImages
-from ..data.files import DataError
 from ..devices import to_device_async
 from ..errors import UsageError
 from ..nn.modes import eval_mode
@@ -49,7 +48,7 @@ from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
 from .knn import bank_storage
 from .recalibrate import subnet_models
-from .supervised import augment_batch, cosine_schedule, output_classes, topk_accuracy
+from .supervised import augment_batch, cosine_schedule, output_classes, require_labels, topk_accuracy
 
 log = logging.getLogger("slimssl")
 
@@ -266,9 +265,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
 
 
 def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float, train_crop: str) -> None:
-    if train.labels is None or test.labels is None:
-        raise DataError(f"the linear probe needs labels; dataset {train.name!r} has none (a folder without class "
-                        "sub-folders, or images registered without labels)")
+    require_labels("the linear probe", train, test)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     check_train_crop(train_crop, default_allowed=False)

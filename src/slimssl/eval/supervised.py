@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.augment import ViewRecipe, eval_transform, geometric_view, normalize
+from ..data.files import DataError
 from ..devices import to_device_async
 from . import check_train_crop
 
@@ -47,6 +48,15 @@ def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: t
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """The evaluations' learning rate: from the optimiser's down to 0 along a cosine, stepped once per step."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+
+
+def require_labels(protocol: str, *splits) -> None:
+    """Refuse a split without labels (``protocol`` names what needs them), naming the split."""
+    for images in splits:
+        if images.labels is None:
+            split = f"the {images.split} split" if getattr(images, "split", None) else "a split"
+            raise DataError(f"{protocol} needs labels; {split} of dataset {images.name!r} has none (a folder "
+                            "without class sub-folders, or images registered without labels)")
 
 
 def output_classes(*datasets) -> int:
