@@ -530,7 +530,7 @@ def test_effective_lr_is_logged_and_stored(tmp_path):
     assert first["effective_lr"]["peak"] == pytest.approx(0.2)
     # RUN/config.yaml (written by `slimssl pretrain`) states it in comments and still loads as the config
     from slimssl.train.optim import effective_lr
-    from slimssl.train.pretrain import lr_header
+    from slimssl.train.prepare import lr_header
 
     text = lr_header(effective_lr(cfg, 2)) + cfg.to_yaml()
     assert "# effective peak lr 0.2 = optim.lr 0.1 x train.batch_size 16 / optim.reference_batch 8" in text

@@ -441,7 +441,7 @@ def test_a_nan_loss_between_records_never_reaches_a_checkpoint(tmp_path, monkeyp
 
 
 def test_resume_applies_the_optimizer_settings_it_is_given(tmp_path):
-    from slimssl.train.pretrain import prepare_run
+    from slimssl.train.prepare import prepare_run
 
     cfg = tiny(optim={"name": "lars", "weight_decay": 1e-4, "momentum": 0.9, "trust_coefficient": 0.001})
     Trainer(config_from_dict(cfg), tmp_path).fit(max_steps=2)
@@ -456,7 +456,7 @@ def test_resume_applies_the_optimizer_settings_it_is_given(tmp_path):
 def test_a_resume_on_a_training_set_of_another_size_continues_at_the_same_epoch(tmp_path, caplog):
     """Images added or removed between two calls: the schedule counts epochs, so the run goes on from the epoch
     it had reached (before, the saved step was read in the new epochs: removed images ended the run early)."""
-    from slimssl.train.pretrain import prepare_run
+    from slimssl.train.prepare import prepare_run
 
     cfg = config_from_dict(tiny(eval={"knn_random_init": False}))  # 64 images: 4 steps of 16 per epoch
     Trainer(cfg, tmp_path / "run").fit(max_steps=6)  # epoch 1.5
@@ -472,7 +472,8 @@ def test_a_resume_on_a_training_set_of_another_size_continues_at_the_same_epoch(
 
 
 def test_a_finished_run_resumed_on_a_training_set_of_another_size_stays_finished_with_its_results(tmp_path):
-    from slimssl.train.pretrain import pretrain, prepare_run
+    from slimssl.train.prepare import prepare_run
+    from slimssl.train.pretrain import pretrain
 
     cfg = config_from_dict(tiny(eval={"knn_random_init": False, "knn_k": 5}))
     pretrain(cfg, tmp_path / "run")
@@ -485,7 +486,7 @@ def test_a_finished_run_resumed_on_a_training_set_of_another_size_stays_finished
 
 
 def test_a_resume_on_a_much_smaller_training_set_is_not_back_at_step_0(tmp_path):
-    from slimssl.train.pretrain import prepare_run
+    from slimssl.train.prepare import prepare_run
 
     cfg = config_from_dict(tiny(train={"batch_size": 8}, eval={"knn_random_init": False}))  # 8 steps an epoch
     Trainer(cfg, tmp_path / "run").fit(max_steps=1)  # epoch 0.125
@@ -494,7 +495,7 @@ def test_a_resume_on_a_much_smaller_training_set_is_not_back_at_step_0(tmp_path)
 
 
 def test_changing_batch_and_training_set_mid_epoch_names_the_steps_of_the_images_there_are_now(tmp_path):
-    from slimssl.train.pretrain import prepare_run
+    from slimssl.train.prepare import prepare_run
 
     cfg = config_from_dict(tiny(eval={"knn_random_init": False}))  # 64 images: 4 steps of 16 per epoch
     Trainer(cfg, tmp_path / "run").fit(max_steps=6)  # epoch 1.5
@@ -509,7 +510,7 @@ def test_changing_batch_and_training_set_mid_epoch_names_the_steps_of_the_images
 
 def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
     # (on fewer processes the batch may have to change). 64 images: 4 steps of 16, or 2 of 32, per epoch
-    from slimssl.train.pretrain import prepare_run
+    from slimssl.train.prepare import prepare_run
 
     cfg = config_from_dict(tiny(eval={"knn_random_init": False}))
     Trainer(cfg, tmp_path / "mid").fit(max_steps=5)

@@ -20,7 +20,7 @@ from slimssl.cli import main
 from slimssl.config import PACKAGED, ConfigError, config_from_dict, find_config, load_config
 from slimssl.train.loop import NonFiniteLossError, Trainer
 from slimssl.train.signals import EXIT_INTERRUPTED
-from slimssl.train.pretrain import prepare_run
+from slimssl.train.prepare import prepare_run
 from test_pretrain import tiny as tiny_recipe
 
 DIVERGE = "optim.lr=1e12"  # the loss is NaN within the first two steps

@@ -28,7 +28,7 @@ from ..eval.linear import linear_probe_subnets
 from .. import __version__
 from ..atomic import write_json_atomic
 from ..eval.results import merge_results, read_results
-from ..train.pretrain import RUN_FILES, remove_run_files, write_run_config
+from ..train.prepare import RUN_FILES, remove_run_files, write_run_config
 from ..train.loop import Trainer
 from ..train.signals import Interrupted, stop_signals_handled_by
 from .plan import Job

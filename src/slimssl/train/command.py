@@ -80,7 +80,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from ..layout import checkpoint_path
     from ..report.table import markdown_table
     from . import distributed as dist
-    from .pretrain import prepare_run, train_run
+    from .prepare import prepare_run
+    from .pretrain import train_run
     from .signals import EXIT_INTERRUPTED, Interrupted
 
     if isinstance(args.resume, str) and args.out is not None \
