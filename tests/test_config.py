@@ -442,6 +442,16 @@ def test_sync_bn_with_shared_batchnorm_is_refused_by_the_config_itself():
         load_config("demo", ["train.sync_bn=true", "model.bn=shared"])
 
 
+def test_a_sandwich_that_can_never_draw_some_private_bn_entries_is_refused():
+    """num_random 0 trains the largest and the smallest alone: with private BatchNorm the rest would stay as
+    initialised, yet be evaluated and exported as pretrained."""
+    with pytest.raises(ConfigError, match=r"so w1p0_d2-2-2-2, .*, w0p25_d3-4-6-3 would never be trained"):
+        load_config("cifar10_r34_dspnet_byol_depth", ["slim.num_random=0"])
+    assert load_config("demo", ["slim.num_random=0", "menu.widths=[1.0, 0.25]"]).slim.num_random == 0  # both drawn
+    assert load_config("demo", ["slim.num_random=0", "model.bn=shared"]).model.bn == "shared"  # all share weights
+    assert load_config("demo", ["slim.num_random=0", "slim.sampling=all"]).slim.sampling == "all"
+
+
 @pytest.mark.parametrize("recipe", [n for n in packaged_configs() if n.startswith("imagenet")])
 def test_the_readme_check_of_an_imagenet_recipe_on_synthetic_images_is_a_valid_run(recipe):
     """README: '--data fake --set data.loader=memory data.fake_size=32 train.batch_size=16', and for MoCo v2

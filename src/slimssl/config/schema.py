@@ -242,8 +242,11 @@ def _same_kind(value: Any, default: Any) -> bool:
 class SlimConfig(Section):
     sampling: Literal["all", "sandwich"] = Field(
         "all", description="the sub-networks trained each step: all menu entries, or sandwich: the largest, the "
-        "smallest and num_random drawn between them")
-    num_random: int = Field(2, ge=0, description="sandwich: random sub-networks between largest and smallest")
+        "smallest and num_random drawn between them (in the menu's order: by width, then by blocks in all; with "
+        "menu.subnets the narrowest entry is the smallest even where a wider one is shallower)")
+    num_random: int = Field(2, ge=0, description="sandwich: random sub-networks between the largest and the "
+                            "smallest (0 with private BatchNorm: only for a menu of those two, the others would never "
+                            "train)")
     random_space: Literal["menu", "space"] = Field(
         "menu", description="where sandwich's random sub-networks come from: the menu's entries, or space: any "
         "width (on a 0.05 grid) and depth between the menu's smallest and largest (needs model.bn: shared)")
@@ -518,6 +521,12 @@ class Config(Section):
             raise ValueError(
                 "slim.random_space: 'space' draws sub-networks outside the menu, which have no private "
                 "BatchNorm; use model.bn: shared (and recalibrate BN before evaluation) or random_space: menu")
+        never = list(menu[1:-1]) if self.slim.sampling == "sandwich" and self.slim.num_random == 0 else []
+        if never and self.model.bn == "private":  # their own BatchNorm would never see a batch
+            raise ValueError(
+                f"slim.num_random 0 trains only the largest and the smallest of the menu each step, so "
+                f"{', '.join(s.name for s in never)} would never be trained (their private BatchNorm never sees a "
+                "batch): set slim.num_random >= 1, slim.sampling: all, or a menu of those two alone")
         return self
 
     def _check_widths_differ(self, menu: Menu) -> None:
