@@ -177,6 +177,18 @@ def test_impossible_menu_raises_config_error(override):
     assert "menu" in str(err.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.depths=[0,1,1,1]", r"model.depths.0: Input should be greater than or equal to 1 \(got 0\)"),
+    ("model.depths=[2,-1,2,2]", r"model.depths.1: Input should be greater than or equal to 1 \(got -1\)"),
+    ("model.depths=[]", r"model.depths: List should have at least 1 item"),  # not "the arch's" in disguise
+    ("menu.depths=[]", r"menu.depths: List should have at least 1 item"),
+    ("menu.depths=[[1,0,1,1]]", r"menu.depths.0.1: Input should be greater than or equal to 1 \(got 0\)"),
+])
+def test_a_stage_without_blocks_is_named_under_its_own_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", [override])
+
+
 def test_menu_depth_beyond_arch_in_file(tmp_path):
     path = write(tmp_path, {"model": {"arch": "resnet34"}, "menu": {"widths": [1.0], "depths": [[3, 4, 7, 3]]}})
     with pytest.raises(ConfigError) as err:

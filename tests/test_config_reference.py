@@ -60,7 +60,7 @@ def test_what_a_key_accepts_is_read_from_the_schema():
     assert accepts["data.flip_p"] == "number, 0 <= x <= 1"
     assert accepts["slim.slow_start"] == "number, 0 <= x < 1"
     assert accepts["data.std"] == "3 numbers > 0"
-    assert accepts["menu.depths"] == "list of lists of integers or null"
+    assert accepts["menu.depths"] == "list of lists of integers >= 1 or null"
     assert accepts["data.views"] == "list of view changes, at most 2"
     assert accepts["train.knn"] == "true | false"
     defaults = {key.name: key.default for key in keys()}

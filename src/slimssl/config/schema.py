@@ -32,6 +32,7 @@ class ConfigError(SlimsslError):
 
 
 Positive = Annotated[float, Field(gt=0)]
+Blocks = Annotated[int, Field(ge=1)]  # a stage's residual blocks
 Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment decay
 
 
@@ -83,7 +84,7 @@ def _kinds(annotation: Any) -> tuple:
 class ModelConfig(Section):
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
         "resnet18", description="the supernet's full network: basic blocks (18, 34) or bottlenecks (50, 101)")
-    depths: list[int] | None = Field(None, description="blocks per stage; default: the arch's")
+    depths: list[Blocks] | None = Field(None, min_length=1, description="blocks per stage; default: the arch's")
     base_width: int = Field(64, gt=0, description="stem channels; stage i has base_width * 2**i (x4 for bottleneck)")
     stem: Literal["cifar", "imagenet"] = Field(
         "imagenet", description="cifar: one 3x3 convolution and no max-pool (small images); imagenet: a 7x7 "
@@ -112,7 +113,8 @@ class ModelConfig(Section):
 
 class MenuConfig(Section):
     widths: list[float] = Field(default_factory=lambda: [1.0], description="width multipliers in (0, 1]")
-    depths: list[list[int]] | None = Field(None, description="per-stage depths crossed with widths; default: full")
+    depths: list[Annotated[list[Blocks], Field(min_length=1)]] | None = Field(
+        None, min_length=1, description="per-stage depths crossed with widths; default: full")
     subnets: list[str] = Field(default_factory=list, description="extra entries by name, e.g. w0p5_d1-1-1-1")
 
     @model_validator(mode="after")
