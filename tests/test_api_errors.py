@@ -34,7 +34,9 @@ def test_a_width_given_as_a_number_is_the_width_at_full_depth(supernet):
 
 @pytest.mark.parametrize("subnet, expected", [
     (True, "got bool True"), ([0.5], "got list [0.5]"), (b"0.5", "got bytes"),
-    (0.3, "w0p3_d1-1-1-1 is not in the menu"), (2, "width must be in (0, 1]"),
+    (0.3, "w0p3_d1-1-1-1 is not in the menu"),
+    ("0.75", "private BatchNorm (model.bn: private) only the menu's entries have BatchNorm layers"),
+    (2, "width must be in (0, 1]"),
     (1e-5, "width must be in (0, 1], got 1e-05"),
 ])
 def test_sub_networks_of_another_type_or_value_are_named(supernet, subnet, expected):

@@ -17,6 +17,9 @@ from typing import Callable
 
 from .launch import DEVICE_PATTERN, DEVICES
 
+# how the commands' --subnet takes a sub-network (nn/spec.py: SubnetSpec.coerce)
+SUBNET_SPELLINGS = "a name such as w0p5_d2-2-2-2, a width such as 0.5 (at full depth), or 0.5:2,2,2,2"
+
 
 def _number(kind: type, accept: Callable[[float], bool], expected: str) -> Callable[[str], float]:
     def parse(text: str):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .cli_args import (add_overrides, data_source, device_name, emit, nonnegative_float, nonnegative_int, output_dir,
-                       positive_count, positive_int, write_out)
+from .cli_args import (SUBNET_SPELLINGS, add_overrides, data_source, device_name, emit, nonnegative_float,
+                       nonnegative_int, output_dir, positive_count, positive_int, write_out)
 from .errors import UsageError
 
 log = logging.getLogger("slimssl")
@@ -154,7 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_config(p)
     p.add_argument("--random-init", action="store_true", help="export a randomly initialised supernet of --config")
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
-                   help="sub-network(s) to export (canonical name, or a width such as 0.5; several may follow)")
+                   help=f"sub-network(s) to export ({SUBNET_SPELLINGS}; several may follow)")
     p.add_argument("--all", action="store_true", help="export every sub-network of the menu")
     p.add_argument("--max-macs", type=positive_count, metavar="N",
                    help="export the most accurate sub-network of the run (its results.json) whose backbone takes at "

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..cli_args import (data_source, device_name, emit, fraction, nonnegative_int, output_dir, output_file,
-                        positive_float, positive_int)
+from ..cli_args import (SUBNET_SPELLINGS, data_source, device_name, emit, fraction, nonnegative_int, output_dir,
+                        output_file, positive_float, positive_int)
 from ..errors import UsageError
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, FEW_LABELS,
                FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR, FINETUNE_MIN_STEPS,
@@ -134,8 +134,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=positive_int, help="neighbours (default: config eval.knn_k)")
     p.add_argument("--temperature", type=positive_float, help="vote temperature (default: config eval.knn_temperature)")
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
-                   help="evaluate these instead of the menu (names or widths; with shared BatchNorm any width, its "
-                        "statistics re-estimated first)")
+                   help=f"evaluate these instead of the menu ({SUBNET_SPELLINGS}; with shared BatchNorm any "
+                        "width and depth, its statistics re-estimated first)")
     p.set_defaults(func=cmd_knn)
 
     p = sub.add_parser("linear", help="switchable linear probe: one head per sub-network on the frozen backbone")
@@ -154,15 +154,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SlimCLR: sub-width heads learn 0.5 CE + 0.5 soft CE to the full-width head")
     p.add_argument("--shared-head", action="store_true", help="one slimmable head shared by all sub-networks")
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
-                   help="probe these instead of the menu (names or widths; with shared BatchNorm any width, its "
-                        "statistics re-estimated first; with --distill the widest teaches)")
+                   help=f"probe these instead of the menu ({SUBNET_SPELLINGS}; with shared BatchNorm any width "
+                        "and depth, its statistics re-estimated first; with --distill the widest teaches)")
     p.set_defaults(func=cmd_linear)
 
     p = sub.add_parser("finetune", help="fine-tune exported sub-networks, each on a class-balanced labelled subset")
     _add_eval_args(p)
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
-                   help="canonical name, or a width such as 0.5; several may follow (each is fine-tuned in turn, "
-                        "on the same decoded data)")
+                   help=f"{SUBNET_SPELLINGS}; several may follow (each is fine-tuned in turn, on the same decoded "
+                        "data)")
     p.add_argument("--all", action="store_true", help="every sub-network of the menu")
     p.add_argument("--label-fraction", type=fraction, required=True, action="extend", nargs="+", metavar="F",
                    help="e.g. 0.01 or 0.1; several may follow (every sub-network is fine-tuned on each)")
@@ -186,7 +186,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("recalibrate", help="re-estimate a sub-network's BatchNorm statistics into a new checkpoint")
     p.add_argument("checkpoint", help="a checkpoint file or run directory")
-    p.add_argument("--subnet", required=True, help="canonical name, or a width such as 0.5")
+    p.add_argument("--subnet", required=True, help=SUBNET_SPELLINGS)
     p.add_argument("--batches", type=positive_int, default=DEFAULT_RECALIBRATE_BATCHES,
                    help="train batches to average the statistics over (default %(default)s)")
     p.add_argument("--out", required=True, type=output_file(".pt"),

@@ -226,8 +226,11 @@ class SlimmableMixin:
             return state.full
         subnet = SubnetSpec.coerce(subnet, state.full.depths)
         subnet.check_fits(state.full.depths)
-        if state.private_bn:
-            state.menu.require(subnet)
+        if state.private_bn and subnet not in state.menu:  # its BatchNorm was never made
+            raise SubnetError(f"sub-network {subnet.name} is not in the menu {state.menu.names}: with private "
+                              "BatchNorm (model.bn: private) only the menu's entries have BatchNorm layers, made and "
+                              "trained for each; pick one of them, or pretrain with model.bn: shared, where any width "
+                              "and depth runs once its statistics are re-estimated")
         return subnet
 
     def resolve_many(self, subnets: Subnets) -> list[SubnetSpec]:
