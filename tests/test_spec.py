@@ -64,6 +64,8 @@ def test_parse_width_alone_without_full_depths_is_an_error():
     ("0.5:2,2,2,2", SubnetSpec(0.5, (2, 2, 2, 2))),
     ("0.25:3,4,23,3", SubnetSpec(0.25, (3, 4, 23, 3))),
     ("w1.0_d3-4-6-3", SubnetSpec(1.0, (3, 4, 6, 3))),
+    ("0.5:2, 2, 2, 2", SubnetSpec(0.5, (2, 2, 2, 2))),  # as Python prints a list
+    ("0.5 : 1,2,1,2", SubnetSpec(0.5, (1, 2, 1, 2))),
 ])
 def test_parse_friendly_forms(text, expected):
     got = SubnetSpec.parse(text, full_depths=(9, 9, 9, 9))  # full depths must not be used here
@@ -71,7 +73,15 @@ def test_parse_friendly_forms(text, expected):
     assert got.name == expected.name
 
 
-@pytest.mark.parametrize("text", ["", "abc", "w_d1-1", "0.5:", "wxp5_d1-1-1-1", "0.5:a,b"])
+def test_parse_canonical_width_alone_takes_full_depths():
+    """The width part of a name (what the progress bar shows, 'w0p5') means full depth, as '0.5' does."""
+    assert SubnetSpec.parse("w0p5", full_depths=(3, 4, 6, 3)) == SubnetSpec(0.5, (3, 4, 6, 3))
+    with pytest.raises(SubnetError, match="gives no depths"):
+        SubnetSpec.parse("w0p5")
+
+
+@pytest.mark.parametrize("text", ["", "abc", "w_d1-1", "0.5:", "wxp5_d1-1-1-1", "0.5:a,b",
+                                  "0.5:2.2.2.2"])  # not a separator: it reads as a width
 def test_parse_garbage_raises(text):
     with pytest.raises(SubnetError):
         SubnetSpec.parse(text, full_depths=(2, 2, 2, 2))

@@ -17,8 +17,8 @@ from typing import Union
 
 from ..errors import SlimsslError
 
-_CANONICAL = re.compile(r"^w(\d+)p(\d+)_d(\d+(?:-\d+)*)$")
-_DOTTED = re.compile(r"^w?(\d*\.?\d+)(?:[_:]d?(\d+(?:[-,.]\d+)*))?$")
+_CANONICAL = re.compile(r"^w(\d+)p(\d+)(?:_d(\d+(?:-\d+)*))?$")  # the depths may be left out: full depth
+_DOTTED = re.compile(r"^w?(\d*\.?\d+)(?:[_:]d?(\d+(?:[-,]\d+)*))?$")
 
 
 class SubnetError(SlimsslError):
@@ -82,22 +82,23 @@ class SubnetSpec:
         A width alone means the full depth of the supernet, so ``full_depths`` is needed for it.
         """
         text = str(text).strip()
-        match = _CANONICAL.match(text)
+        compact = re.sub(r"\s+", "", text)  # "0.5:2, 2, 2, 2", as Python prints a list
+        match = _CANONICAL.match(compact)
         if match:
-            width = float(f"{match.group(1)}.{match.group(2)}")
-            return cls(width, tuple(int(d) for d in match.group(3).split("-")))
-        match = _DOTTED.match(text)
-        if not match:
-            raise SubnetError(
-                f"cannot read sub-network {text!r}; expected the canonical form like 'w0p5_d2-2-2-2', "
-                "or a width like '0.5' (full depth), or '0.5:2,2,2,2'"
-            )
-        width = float(match.group(1))
-        if match.group(2) is None:
+            width, depths = float(f"{match.group(1)}.{match.group(2)}"), match.group(3)
+        else:
+            match = _DOTTED.match(compact)
+            if not match:
+                raise SubnetError(
+                    f"cannot read sub-network {text!r}; expected the canonical form like 'w0p5_d2-2-2-2', "
+                    "or a width like '0.5' (full depth), or '0.5:2,2,2,2'"
+                )
+            width, depths = float(match.group(1)), match.group(2)
+        if depths is None:
             if full_depths is None:
                 raise SubnetError(f"sub-network {text!r} gives no depths and no supernet is known to take them from")
             return cls(width, tuple(full_depths))
-        return cls(width, tuple(int(d) for d in re.split(r"[-,.]", match.group(2))))
+        return cls(width, tuple(int(d) for d in re.split(r"[-,]", depths)))
 
     @classmethod
     def coerce(cls, subnet: "SubnetSpec | str | float", full_depths: Sequence[int] | None = None) -> "SubnetSpec":
