@@ -99,6 +99,17 @@ def test_plot_has_one_marker_per_subnet(tmp_path, caplog):
             plot_accuracy_vs_macs(docs, not_a_number)
 
 
+def test_a_width_by_depth_menu_gets_a_line_per_depth():
+    """A line joins the widths of one depth: through every entry by MACs, it would zig-zag between depths."""
+    rows = [{"subnet": f"w{w}_d{d}", "macs": macs, "knn_top1": acc} for w, d, macs, acc in [
+        ("1p0", "3-4-6-3", 100, 80.0), ("0p5", "3-4-6-3", 30, 70.0),
+        ("1p0", "2-2-2-2", 60, 75.0), ("0p5", "2-2-2-2", 20, 65.0)]]
+    lines = plot_accuracy_vs_macs([{"run": "depths", "subnets": rows}]).axes[0].get_lines()
+    assert [line.get_label() for line in lines] == ["depths, d3-4-6-3", "depths, d2-2-2-2"]
+    assert [list(line.get_xdata()) for line in lines] == [[30.0, 100.0], [20.0, 60.0]]
+    assert len({line.get_color() for line in lines}) == 1 and len({line.get_linestyle() for line in lines}) == 2
+
+
 def test_table_shows_what_a_hand_edited_file_holds_and_rounds_up_units(tmp_path, capsys):
     from slimssl.report.table import human
 

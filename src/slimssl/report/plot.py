@@ -81,10 +81,13 @@ def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", 
         raise PlotError(f"no run has values of {metric!r} with MACs; metrics found: {', '.join(available) or 'none'}")
     fig = _figure()
     ax = fig.add_subplot()
-    markers = "osD^vP*Xh<>"
+    markers, styles = "osD^vP*Xh<>", ("-", "--", ":", "-.")
     for i, (label, points) in enumerate(series):
-        macs, values, _ = zip(*points)
-        ax.plot(macs, values, marker=markers[i % len(markers)], label=label)
+        by_depth = _by_depth(points)
+        for j, (depths, line) in enumerate(by_depth.items()):  # a width x depth menu: one line per depth
+            macs, values, _ = zip(*line)
+            ax.plot(macs, values, marker=markers[i % len(markers)], linestyle=styles[j % len(styles)],
+                    color=f"C{i % 10}", label=label if len(by_depth) == 1 else f"{label}, {depths}")
     ax.set_xscale("log")
     ax.set_xlabel("MACs per image")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
@@ -94,6 +97,15 @@ def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", 
         ax.set_title(title)
     _save(fig, path)
     return fig
+
+
+def _by_depth(points: list[tuple[float, float, str]]) -> dict[str, list[tuple[float, float, str]]]:
+    """``points`` split by their sub-networks' depths (``d2-2-2-2`` of ``w0p5_d2-2-2-2``), costliest first: a
+    line joins the widths of one depth, not networks of other depths that happen to lie between them."""
+    groups: dict[str, list[tuple[float, float, str]]] = {}
+    for point in points:
+        groups.setdefault(point[2].partition("_")[2], []).append(point)
+    return dict(sorted(groups.items(), key=lambda item: -max(p[0] for p in item[1])))
 
 
 def _joined_label(label: str, joined: Sequence[Mapping]) -> str:
