@@ -242,14 +242,14 @@ def test_a_signal_outside_the_training_loop_exits_3_and_the_next_call_continues(
     from slimssl.reproduce import run as run_module
 
     recipe, out = RECIPES[0], tmp_path / "signalled"
-    probe = run_module.linear_probe_subnets
+    probe = run_module.linear_probe
 
     def signalled_probe(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # the handler stops the call at once
         return probe(*args, **kwargs)
 
     handler = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(run_module, "linear_probe_subnets", signalled_probe)
+    monkeypatch.setattr(run_module, "linear_probe", signalled_probe)
     assert reproduce(out, [recipe]) == 3
     assert signal.getsignal(signal.SIGTERM) == handler  # restored
     slim = run_dirs(out, recipe)[0]

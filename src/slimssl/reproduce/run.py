@@ -15,7 +15,6 @@ from typing import Iterator
 
 import torch
 
-from ..checkpoint import load_supernet
 from ..layout import CONFIG, LAST, RESULTS, checkpoint_path
 from ..config import Config
 from ..data.files import BUILTIN, DataError, list_labelled_files
@@ -24,10 +23,10 @@ from ..devices import hardware_name, pick_device, synchronize
 from ..errors import UsageError
 from ..eval import linear_settings, recalibration_batches
 from ..eval.inputs import DataOptions
-from ..eval.linear import linear_probe_subnets
+from ..eval.evaluate import linear_probe
 from .. import __version__
 from ..atomic import write_json_atomic
-from ..eval.results import merge_results, read_results
+from ..eval.results import read_results
 from ..train.prepare import RUN_FILES, remove_run_files, write_run_config
 from ..train.loop import Trainer
 from ..train.signals import Interrupted, stop_signals_handled_by
@@ -288,21 +287,6 @@ def is_probed(job: Job, settings: dict) -> bool:
             and all(row.get("linear_top1") is not None and "linear_settings" not in row for row in data["subnets"]))
 
 
-class LabelledData:
-    """Train and test splits per data config, loaded once per call and shared by the probes."""
-
-    def __init__(self):
-        self._splits: dict[tuple, tuple] = {}
-
-    def splits(self, cfg: Config):
-        """As `slimssl linear RUN` loads them (in memory: the reproduction refuses streamed data)."""
-        d = cfg.data
-        key = (d.source, d.resolution, d.fake_size, d.skip_unreadable, cfg.train.seed, cfg.eval.crop_ratio)
-        if key not in self._splits:
-            self._splits[key] = DataOptions(loader="memory").load_splits(cfg)
-        return self._splits[key]
-
-
 def job_progress(job: Job, probe_epochs: int) -> dict:
     """Where a job stands, for ``reproduce --json`` with work left: from its small files (no checkpoint read)."""
     pretrained = is_pretrained(job)
@@ -315,32 +299,27 @@ def job_progress(job: Job, probe_epochs: int) -> dict:
             "probed": pretrained and is_probed(job, probe_settings(job.cfg, probe_epochs))}
 
 
-def probe_job(job: Job, budget: Budget, epochs: int, data: LabelledData) -> bool:
-    """Linear probe of a pretrained job into its results.json (``linear_top1``); True once stored."""
+def probe_job(job: Job, budget: Budget, epochs: int) -> bool:
+    """Linear probe of a pretrained job into its results.json (``linear_top1``), as ``slimssl linear RUN
+    --epochs EPOCHS`` does it (the same function; data decoded in memory, from the decoded-image cache after the
+    first job); True once stored."""
     settings = probe_settings(job.cfg, epochs)
     if is_probed(job, settings):
         return True
     if not budget.allows():
         return False
-    supernet, cfg = load_supernet(job.run_dir)
-    device = pick_device(cfg.train.device)
-    train, test = data.splits(cfg)
+    device = pick_device(job.cfg.train.device)
     synchronize(device)
     start = time.perf_counter()
-    results = linear_probe_subnets(
-        supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
-        epochs=epochs, lr=settings["lr"], batch_size=settings["batch_size"], device=device, seed=settings["seed"],
-        feature_batch_size=cfg.eval.batch_size, recalibrate_batches=settings["recalibrate_bn"])
+    rows = linear_probe(job.run_dir, epochs=epochs, device=device, loader="memory")
     synchronize(device)
     seconds = time.perf_counter() - start
-    values = {name: {"linear_top1": r["top1"], "linear_top5": r["top5"]} for name, r in results.items()}
-    merge_results(job.run_dir, values, protocol="linear", settings=settings)
     # after the results: a call killed in between runs no probe again, so it is never counted twice
     timing = read_timing(job.run_dir)
     timing.probe_seconds += seconds
     write_timing(job.run_dir, timing)
     budget.used()
-    log.info("%s: linear probe %s", job.label, ", ".join(f"{n}={r['top1']:.2f}" for n, r in results.items()))
+    log.info("%s: linear probe %s", job.label, ", ".join(f"{r['subnet']}={r['linear_top1']:.2f}" for r in rows))
     return True
 
 
@@ -383,10 +362,9 @@ def require_labelled_splits(jobs: list[Job]) -> None:
 
 def run_jobs(jobs: list[Job], budget: Budget, probe_epochs: int) -> int:
     """Pretrain and probe the jobs in order while the budget lasts; the number of jobs done."""
-    data = LabelledData()
     done = 0
     for job in jobs:
-        if not (pretrain_job(job, budget) and probe_job(job, budget, probe_epochs, data)):
+        if not (pretrain_job(job, budget) and probe_job(job, budget, probe_epochs)):
             break
         done += 1
     return done
