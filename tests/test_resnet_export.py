@@ -512,7 +512,7 @@ def test_pt2_program_runs_without_slimssl_at_any_batch_and_size(tmp_path, pertur
 
     model = build(name, perturb_bn)
     spec = model.menu[-1]  # the narrowest (and, with depths, shallowest)
-    folder = export_subnet(model, spec, tmp_path, fmt="pt2", resolution=16)
+    folder = export_subnet(model, spec, tmp_path, fmt="pt2", resolution=40)  # above both stems' strides
     extra = {"config.json": ""}
     program = torch.export.load(str(folder / "model.pt2"), extra_files=extra)
     assert json.loads(extra["config.json"]) == json.loads((folder / "config.json").read_text())
@@ -523,6 +523,18 @@ def test_pt2_program_runs_without_slimssl_at_any_batch_and_size(tmp_path, pertur
         torch.testing.assert_close(program.module()(x), model(x, subnet=spec), rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match=f">= {least}"):
         program.module()(images(1, least - 1))  # smaller than the strides allow: torch's guard refuses it
+
+
+def test_a_pt2_program_of_images_smaller_than_its_strides_takes_that_size(tmp_path, perturb_bn):
+    """At 8 pixels the CIFAR stem's last feature map has 1 pixel: the program is compiled for that size alone."""
+    model = build("basic-cifar-private", perturb_bn)
+    folder = export_subnet(model, "0.5", tmp_path, fmt="pt2", resolution=8)
+    assert verify_export(model, "0.5", folder / "model.pt2", 8) < 1e-5
+    program = torch.export.load(str(folder / "model.pt2")).module()
+    x = images(3, 8)  # another batch: still dynamic
+    torch.testing.assert_close(program(x), model(x, subnet="0.5"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match=r"\b8\b"):  # torch's guard names the size it was compiled for
+        program(images(2, 16))
 
 
 def test_pt2_export_is_verified_and_replaced_like_the_other_graphs(tmp_path, capsys, perturb_bn):

@@ -60,7 +60,8 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     False exports the statistics as stored without one). ``fmt="onnx"`` also writes a float32 ONNX graph
     traced at ``resolution`` whose batch, height and width are dynamic; ``fmt="pt2"`` a torch.export program
     (``model.pt2``, on the CPU in the weights' dtype) that takes any batch and any image of at least
-    :func:`smallest_program_input` pixels a side. Both carry the config.json beside them.
+    :func:`smallest_program_input` pixels a side (if ``resolution`` is smaller, images of that size alone).
+    Both carry the config.json beside them.
 
     ``config`` (the supernet's Config, e.g. the one ``slimssl.load_supernet`` returns, or a recipe name or path)
     records the inputs the export expects in its config.json, as ``slimssl export`` does: ``resolution``,
@@ -278,9 +279,13 @@ def _export_program(plain: PlainResNet, path: Path, resolution: int, config: dic
     from torch.export import Dim, export, save
 
     least = smallest_program_input(plain.config)
-    size = max(resolution, least)
-    example = torch.zeros(2, 3, size, size, dtype=plain.conv1.weight.dtype)  # batch 2: 1 would be specialised
-    dims = {0: Dim("batch"), 2: Dim("height", min=least), 3: Dim("width", min=least)}
+    example = torch.zeros(2, 3, resolution, resolution, dtype=plain.conv1.weight.dtype)  # batch 1 is specialised
+    dims = {0: Dim("batch")}
+    if resolution >= least:
+        dims.update({2: Dim("height", min=least), 3: Dim("width", min=least)})
+    else:  # its last feature map has 1 pixel, a size torch.export compiles as a case of its own
+        log.info("%s: the program takes %d-pixel images only (from %d pixels a side, it would take any size)",
+                 path, resolution, least)
     program = export(plain, (example,), dynamic_shapes=(dims,))
     with atomic_write(path) as file:  # a kill while saving leaves no half-written archive
         save(program, file, extra_files={CONFIG: json.dumps(config, indent=2)})
