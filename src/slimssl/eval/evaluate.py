@@ -223,7 +223,6 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
             log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
         protocol = f"finetune_{fraction_tag(label_fraction)}"  # results.json: finetune_1pct_top1, ...
         name = finetuned_name(spec, label_fraction, seed)
-        stem = f"{name}.json"
         result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=seed,
                                  epochs=epochs, lr=lr, batch_size=batch_size, resolution=cfg.data.resolution,
                                  mean=cfg.data.mean, std=cfg.data.std, device=torch_device,
@@ -231,12 +230,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
                                  eval_batch_size=eval_batch_size or cfg.eval.batch_size, train_crop=train_crop,
                                  save_model=Path(save_models) / name if save_models is not None else None,
                                  checkpoint_source=model_source, crop_ratio=options.resolved_crop_ratio(cfg))
-        if out is not None:
-            path = Path(out)
-        elif not save:  # nothing is written beside the checkpoint; ``out`` still names a file to write
-            path = None
-        else:
-            path = (run_dir / FINETUNE / stem) if run_dir else Path(checkpoint).resolve().parent / f"finetune_{stem}"
+        path = _finetune_result_path(name, out, save, run_dir, checkpoint)
         cost = costs[spec.name]
         row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
                "indices_file": str(path.absolute()) if path else None}  # from any working directory
@@ -253,6 +247,16 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
         save_values(checkpoint, values, protocol, settings, cfg, save, epoch)
         rows.append(row)
     return rows
+
+
+def _finetune_result_path(name: str, out, save: bool, run_dir: Path | None, checkpoint) -> Path | None:
+    """Where a fine-tuning's result and labelled indices are written: ``out``; else, with ``save``, the run's
+    finetune/ folder, or beside a checkpoint that is not a run's last; else nowhere."""
+    if out is not None:
+        return Path(out)
+    if not save:
+        return None
+    return run_dir / FINETUNE / f"{name}.json" if run_dir else Path(checkpoint).resolve().parent / f"finetune_{name}.json"
 
 
 def finetuned_name(spec, label_fraction: float, seed: int) -> str:
