@@ -259,6 +259,36 @@ def test_a_signal_outside_the_training_loop_exits_3_and_the_next_call_continues(
     assert reproduce(out, [recipe]) == 0
 
 
+def test_a_signal_while_a_checkpoint_is_read_stops_the_call_and_blames_no_file(tmp_path, monkeypatch, capsys,
+                                                                             caplog):
+    """A stop signal inside a reader that takes any Exception for a bad file (torch.load of the probe's checkpoint)
+    still exits 3, without calling the checkpoint unreadable; the next call removes what killed writes left."""
+    import os
+    import signal
+
+    recipe, out = RECIPES[0], tmp_path / "reading"
+    load = torch.load
+
+    def signalled_load(path, *args, **kwargs):
+        if str(path).endswith("last.pt"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", signalled_load)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert reproduce(out, [recipe]) == 3
+    assert "not a readable slimssl checkpoint" not in capsys.readouterr().err + caplog.text
+    monkeypatch.undo()
+    slim = run_dirs(out, recipe)[0]
+    left = [slim / "checkpoints" / ".last.pt.k1ll.tmp", slim / ".timing.json.k1ll.tmp",
+            out / ".reproduction.json.k1ll.tmp"]
+    for path in left:  # as a SIGKILL inside atomic_write leaves them
+        path.write_bytes(b"half")
+    (out / ".notes.k1ll.tmp").write_text("the user's")  # not a file the reproduction writes: kept
+    assert reproduce(out, [recipe]) == 0
+    assert not any(path.exists() for path in left) and (out / ".notes.k1ll.tmp").exists()
+
+
 def test_steps_lost_to_a_hard_stop_are_not_timed(tmp_path, monkeypatch, caplog):
     """A second signal inside a step stops without saving: timing.json keeps the seconds of the saved steps
     only, so the steps trained again are counted once."""

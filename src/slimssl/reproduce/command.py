@@ -51,33 +51,46 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from ..cli_args import emit
     from ..train.signals import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
-    from .report import report_markdown, write_report
-    from .run import (Budget, check_saved_probes, job_progress, require_labelled_splits, restart_if_checkpoint_lost,
-                      run_jobs, stop_on_signals)
+    from .report import write_report
+    from .run import (Budget, check_saved_probes, remove_killed_writes, require_labelled_splits,
+                      restart_if_checkpoint_lost, run_jobs, stop_on_signals)
 
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if not recipes:
         raise UsageError(f"--recipes {args.recipes!r} names no recipe; expected comma-separated shipped config "
                          "names or YAML paths")
-    jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
-    check_saved_probes(jobs, args.probe_epochs)  # a probed run is kept: refused here if probed otherwise
-    for job in jobs:  # before the settings are compared: a run that starts again may start with other settings
-        restart_if_checkpoint_lost(job)
-    check_saved_configs(jobs)
-    require_labelled_splits(jobs)
-    budget = Budget(args.time_budget, start=getattr(args, "started", None))  # from the call's start
+    working = False  # whether this call may have changed the runs (a report of an earlier call no longer holds)
     try:
-        with stop_on_signals():
+        with stop_on_signals():  # from planning to the last line: every stop signal exits 3
+            jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
+            check_saved_probes(jobs, args.probe_epochs)  # a probed run is kept: refused here if probed otherwise
+            for job in jobs:  # before the settings are compared: a run that starts again may start otherwise
+                restart_if_checkpoint_lost(job)
+            check_saved_configs(jobs)
+            require_labelled_splits(jobs)
+            remove_killed_writes(jobs, args.out)
+            budget = Budget(args.time_budget, start=getattr(args, "started", None))  # from the call's start
+            working = True
             done = run_jobs(jobs, budget, args.probe_epochs)
             doc = write_report(args.out, jobs, args.probe_epochs) if done == len(jobs) else None
-    except (Interrupted, KeyboardInterrupt) as e:  # a second signal inside a training step: KeyboardInterrupt
+            working = doc is None
+            return _finish(args, jobs, budget, done, doc)
+    except (Interrupted, KeyboardInterrupt) as e:  # the loop saved and stopped; a signal anywhere else (or again)
         log.warning("%s", str(e) or "stopped by a second signal")
         log.warning("reproduction interrupted; what was saved is kept: run the same command again to continue")
-        _remove_earlier_report(args.out)
+        if working:
+            _remove_earlier_report(args.out)
         return EXIT_INTERRUPTED
+
+
+def _finish(args: argparse.Namespace, jobs, budget, done: int, doc: dict | None) -> int:
+    """What a call that was not interrupted says: the report, or how far the work got."""
+    from ..cli_args import emit
+    from .report import report_markdown
+    from .run import job_progress
+
     log.info("this call: %d unit%s of work in %.1f s", budget.units, "" if budget.units == 1 else "s",
              time.perf_counter() - budget.start)
     if doc is None:

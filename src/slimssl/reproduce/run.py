@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from ..layout import CONFIG, LAST, RESULTS, checkpoint_path
+from ..layout import CHECKPOINTS, CONFIG, LAST, RESULTS, checkpoint_path
 from ..config import Config
 from ..data.files import BUILTIN, DataError, list_labelled_files
 from ..data.registry import registered_name, registered_split
@@ -25,7 +25,7 @@ from ..eval import linear_settings, recalibration_batches
 from ..eval.inputs import DataOptions
 from ..eval.evaluate import linear_probe
 from .. import __version__
-from ..atomic import write_json_atomic
+from ..atomic import remove_temporaries, write_json_atomic
 from ..eval.results import read_results
 from ..train.prepare import RUN_FILES, remove_run_files, write_run_config
 from ..train.loop import Trainer
@@ -90,11 +90,13 @@ def is_pretrained(job: Job) -> bool:
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGTERM/SIGINT outside a training loop (loading data, a probe, the final evaluation, the report) stop
-    the call at once with :class:`Interrupted`. What was written before stays: checkpoints, results and
-    times are written whole or not at all, and a probe cut short runs again in the next call. Inside the
-    loop, the Trainer's own guard finishes the step and saves first."""
+    the call at once, as Ctrl-C does: with a KeyboardInterrupt, which no ``except Exception`` on the way (a
+    checkpoint's or a cache file's reader) takes for a failure of its own. What was written before stays:
+    checkpoints, results and times are written whole or not at all, and a probe cut short runs again in the next
+    call. Inside the loop, the Trainer's own guard finishes the step and saves first (and raises
+    :class:`Interrupted`)."""
     def stop(signum, frame):
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
     with stop_signals_handled_by(stop):
         yield
@@ -339,6 +341,18 @@ def restart_if_checkpoint_lost(job: Job) -> None:
     if lost:
         log.warning("%s: not finished and its checkpoint is gone: started again (removed %s)", job.label,
                     ", ".join(lost))
+
+
+def remove_killed_writes(jobs: list[Job], out: Path) -> None:
+    """The temporary files that a call killed while writing left (a checkpoint's: its whole size), in the runs'
+    folders and the report's: a reproduction is the only writer there, one call at a time."""
+    from . import REPORT_JSON, REPORT_MD
+
+    folders = [(out, (REPORT_JSON, REPORT_MD)), *((folder, ()) for job in jobs
+                                                   for folder in (job.run_dir, job.run_dir / CHECKPOINTS))]
+    for folder, of in folders:
+        for name in remove_temporaries(folder, of=of):
+            log.info("%s: removed %s, left by a write that was killed midway", folder, name)
 
 
 def require_labelled_splits(jobs: list[Job]) -> None:
