@@ -731,6 +731,40 @@ def test_auto_resume_starts_again_after_a_start_killed_before_its_first_checkpoi
     assert (tmp_path / "longer" / "metrics.jsonl").read_text() == kept
 
 
+def test_a_run_that_another_process_trains_is_refused_without_touching_its_files(tmp_path):
+    """A job submitted twice, or the workers a SIGKILLed torchrun launcher leaves training: a second process
+    would write the same checkpoint and log. The lock is the operating system's, so a killed process leaves none."""
+    from filelock import FileLock
+
+    from slimssl.train.pretrain import pretrain
+
+    cfg = config_from_dict(tiny(train={"epochs": 2}))
+    run = tmp_path / "run"
+    pretrain(cfg, run, max_steps=2)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert (run / ".train.lock").is_file()  # kept, and free again: the next call takes it
+    other = FileLock(str(run / ".train.lock"))
+    other.acquire(timeout=0)  # as the other process holds it (a second open file of this process is refused too)
+    try:
+        for config, resume in ((None, True), (cfg, "auto")):
+            with pytest.raises(SlimsslError, match=r"another process is training the run in .*run now"):
+                pretrain(config, run, resume=resume)
+        # in its first epoch, a run looks like a start that saved nothing: not removed while it trains
+        first = tmp_path / "first"
+        pretrain(cfg, first, max_steps=1)
+        shutil.rmtree(first / "checkpoints")
+        started = FileLock(str(first / ".train.lock"))
+        started.acquire(timeout=0)
+        with pytest.raises(SlimsslError, match="another process is training"):
+            pretrain(cfg, first, resume="auto")
+        assert (first / "config.yaml").is_file() and (first / "metrics.jsonl").is_file()
+        started.release()
+    finally:
+        other.release()
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    assert pretrain(None, run, resume=True).finished
+
+
 class Killed(BaseException):
     """A SIGKILL at a chosen moment: nothing after it runs, no handler catches it."""
 

@@ -7,6 +7,7 @@ does not wait for it.
     RUN/tb/                 the same records for TensorBoard
     RUN/results.json        params, MACs and every evaluation's values per sub-network
     RUN/.results.json.lock  held while an evaluation merges its values into results.json
+    RUN/.train.lock         held by the process that trains the run (one at a time)
     RUN/finetune/           each fine-tuning result with its labelled indices
 """
 
@@ -21,6 +22,7 @@ METRICS = "metrics.jsonl"
 TENSORBOARD = "tb"
 RESULTS = "results.json"
 RESULTS_LOCK = ".results.json.lock"
+TRAINING_LOCK = ".train.lock"
 FINETUNE = "finetune"
 
 

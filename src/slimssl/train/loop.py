@@ -257,7 +257,7 @@ class Trainer:
         mean over the processes: the checkpoint and the kNN (every process's share) then see all the samples (with
         model.bn_group_size, exactly what one process sees), and a resume on another number of processes
         continues them. The update of a running statistic is linear, so averaging now or only at the end gives
-        the same statistics."""
+        the same statistics, up to float rounding (a run stopped and resumed averaged at one more step)."""
         floating = [b for b in self._bn_buffers if b.is_floating_point()]
         if floating:
             flat = dist.all_reduce_mean(torch.cat([b.reshape(-1) for b in floating]))

@@ -21,7 +21,7 @@ from ..config import (MACHINE_DEPENDENT, Config, check_overrides, config_differe
 from ..data.files import BUILTIN
 from ..data.registry import recorded_source, registered_name
 from ..errors import SlimsslError, UsageError
-from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, checkpoint_path
+from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, TRAINING_LOCK, checkpoint_path
 from ..models.build import as_config
 from . import distributed as dist
 from .metrics import parse_record
@@ -32,7 +32,7 @@ log = logging.getLogger("slimssl")
 AUTO_RESUME = {True: "--auto-resume", False: "resume='auto'"}  # by whether the CLI or the API asked
 RUN_FILES = (RESULTS, METRICS, TENSORBOARD)  # written by a run besides its checkpoints
 # what train_run may write in a run directory: removed again when a start fails before its first checkpoint
-RUN_OUTPUTS = (CONFIG, CHECKPOINTS, *RUN_FILES)
+RUN_OUTPUTS = (CONFIG, CHECKPOINTS, *RUN_FILES, TRAINING_LOCK)
 # what a start killed before its first checkpoint leaves (the steps it logged, perhaps a checkpoint's unfinished
 # temporary file); config.yaml, which marks the folder as this run's, goes last
 FAILED_START = (METRICS, TENSORBOARD, CHECKPOINTS, CONFIG)
@@ -153,6 +153,29 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cl
                     path, "\n  ".join(edited), CONFIG, "--set KEY=VALUE" if cli else "overrides=['KEY=VALUE']")
 
 
+def hold_training_lock(run_dir: Path):
+    """The lock of the one process that trains in ``run_dir`` (a FileLock; release it when done), or a UsageError
+    when another process holds it: two processes training one run (a job submitted twice, or the workers that a
+    torchrun launcher killed by SIGKILL leaves behind) would write one checkpoint and one log over each other.
+    The operating system lets go of it when its process dies, so a killed run leaves no stale lock."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(run_dir / TRAINING_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise UsageError(f"another process is training the run in {run_dir} now (it holds {TRAINING_LOCK} there): "
+                         "wait for it to end, or stop it first. Workers of a torchrun launcher that was killed "
+                         "with SIGKILL train on: stop them too") from None
+    return lock
+
+
+def refuse_if_training(run_dir: Path) -> None:
+    """Refuse to prepare a run in ``run_dir`` while a process trains there (its files are not leftovers)."""
+    if (run_dir / TRAINING_LOCK).is_file():
+        hold_training_lock(run_dir).release()
+
+
 def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: bool = False) -> PreparedRun:
     """``failed_start_ok`` (automatic resume): the files of a start of the same settings that saved nothing
     (a job killed before its first checkpoint, with no time to clean up) are removed instead of refused."""
@@ -168,6 +191,8 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
     if isinstance(config, (str, Path)) and Path(find_config(config)).resolve() == (run_dir / CONFIG).resolve():
         raise UsageError(f"{run_dir} holds the config file given ({config}), which the run would overwrite with "
                          "its resolved config; keep the file elsewhere or choose another output folder")
+    if dist.is_main():
+        refuse_if_training(run_dir)  # a first epoch in progress looks like a start that saved nothing
     leftovers = [name for name in (CONFIG, *RUN_FILES) if (run_dir / name).exists()]
     # rank 0 decides (the others would see its removal half done); it fails the job if it refuses
     if leftovers and failed_start_ok and (not dist.is_main() or _failed_start_of(run_dir, cfg)):

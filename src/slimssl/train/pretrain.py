@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..layout import CHECKPOINTS, CONFIG, METRICS, checkpoint_path
 from . import distributed as dist
 from .loop import Trainer
-from .prepare import RUN_OUTPUTS, prepare_run, remove_run_files, write_run_config
+from .prepare import RUN_OUTPUTS, hold_training_lock, prepare_run, remove_run_files, write_run_config
 from .signals import Interrupted
 
 log = logging.getLogger("slimssl")
@@ -53,12 +53,13 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     check_processes(cfg, dist.world_size(), source)
     is_main = dist.is_main()  # only the main process writes in the run directory, and removes from it
     created = is_main and not run_dir.exists()
-    existed = {name for name in RUN_OUTPUTS if (run_dir / name).exists()}
-    saved = _saved_state(run_dir) if is_main else None
     if not in_memory_only(cfg.data.source):  # a dataset path that is not there: said before a folder is made
         existing_path(str(cfg.data.source))
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    existed = {name for name in RUN_OUTPUTS if (run_dir / name).exists()}
+    saved = _saved_state(run_dir) if is_main else None
+    lock = hold_training_lock(run_dir) if is_main else None  # refused here: nothing of the other's is touched
     log.info("run directory: %s", run_dir)
     trainer = None
     try:
@@ -74,12 +75,15 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
         raise
     except BaseException:
         if is_main:
+            lock.release()  # before its file may be removed with the rest
             _discard_failed_start(run_dir, trainer, existed, created)
             _restore_if_unsaved(run_dir, saved)
         raise
     finally:
         if trainer is not None:
             trainer.close()
+        if lock is not None:
+            lock.release()
     dist.barrier()  # every process returns once rank 0 has written the checkpoint and results.json
     return PretrainRun(run_dir, results, trainer.state.step, trainer.total_steps)
 
