@@ -734,8 +734,7 @@ def test_auto_resume_starts_again_after_a_start_killed_before_its_first_checkpoi
 def test_a_run_that_another_process_trains_is_refused_without_touching_its_files(tmp_path):
     """A job submitted twice, or the workers a SIGKILLed torchrun launcher leaves training: a second process
     would write the same checkpoint and log. The lock is the operating system's, so a killed process leaves none."""
-    from filelock import FileLock
-
+    from slimssl.train.prepare import TrainingLock
     from slimssl.train.pretrain import pretrain
 
     cfg = config_from_dict(tiny(train={"epochs": 2}))
@@ -743,8 +742,7 @@ def test_a_run_that_another_process_trains_is_refused_without_touching_its_files
     pretrain(cfg, run, max_steps=2)
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert (run / ".train.lock").is_file()  # kept, and free again: the next call takes it
-    other = FileLock(str(run / ".train.lock"))
-    other.acquire(timeout=0)  # as the other process holds it (a second open file of this process is refused too)
+    other = TrainingLock(run)  # as another process holds it (a second open file of this process is refused too)
     try:
         for config, resume in ((None, True), (cfg, "auto")):
             with pytest.raises(SlimsslError, match=r"another process is training the run in .*run now"):
@@ -753,8 +751,7 @@ def test_a_run_that_another_process_trains_is_refused_without_touching_its_files
         first = tmp_path / "first"
         pretrain(cfg, first, max_steps=1)
         shutil.rmtree(first / "checkpoints")
-        started = FileLock(str(first / ".train.lock"))
-        started.acquire(timeout=0)
+        started = TrainingLock(first)
         with pytest.raises(SlimsslError, match="another process is training"):
             pretrain(cfg, first, resume="auto")
         assert (first / "config.yaml").is_file() and (first / "metrics.jsonl").is_file()
@@ -762,6 +759,17 @@ def test_a_run_that_another_process_trains_is_refused_without_touching_its_files
     finally:
         other.release()
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    # a process SIGKILLed while it holds the lock leaves none behind
+    script = ("import sys, time; from pathlib import Path; from slimssl.train.prepare import TrainingLock; "
+              "lock = TrainingLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SlimsslError, match="another process is training"):
+            TrainingLock(run)
+    finally:
+        holder.kill()
+        holder.wait()
     assert pretrain(None, run, resume=True).finished
 
 

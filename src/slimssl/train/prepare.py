@@ -153,27 +153,46 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cl
                     path, "\n  ".join(edited), CONFIG, "--set KEY=VALUE" if cli else "overrides=['KEY=VALUE']")
 
 
-def hold_training_lock(run_dir: Path):
-    """The lock of the one process that trains in ``run_dir`` (a FileLock; release it when done), or a UsageError
-    when another process holds it: two processes training one run (a job submitted twice, or the workers that a
-    torchrun launcher killed by SIGKILL leaves behind) would write one checkpoint and one log over each other.
-    The operating system lets go of it when its process dies, so a killed run leaves no stale lock."""
-    from filelock import FileLock, Timeout
+class TrainingLock:
+    """The lock of the one process that trains in a run directory (taken here, or a UsageError when another
+    process holds it; ``release()`` it when done): two processes training one run (a job
+    submitted twice, or the workers that a torchrun launcher killed by SIGKILL leaves behind) would write one
+    checkpoint and one log over each other. An flock of ``RUN/.train.lock``, which the operating system lets go
+    of when its process ends, however it ends: a killed run leaves no stale lock. Where there is none to take
+    (Windows, a file system without locks), training goes on unguarded, with a word."""
 
-    lock = FileLock(str(run_dir / TRAINING_LOCK))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise UsageError(f"another process is training the run in {run_dir} now (it holds {TRAINING_LOCK} there): "
-                         "wait for it to end, or stop it first. Workers of a torchrun launcher that was killed "
-                         "with SIGKILL train on: stop them too") from None
-    return lock
+    def __init__(self, run_dir: Path):
+        self._file = None
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            log.debug("no flock on this platform: %s is not guarded against a second training process", run_dir)
+            return
+        file = open(run_dir / TRAINING_LOCK, "a")  # noqa: SIM115 - held open until release()
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            raise UsageError(f"another process is training the run in {run_dir} now (it holds {TRAINING_LOCK} "
+                             "there): wait for it to end, or stop it first. Workers of a torchrun launcher that was "
+                             "killed with SIGKILL train on: stop them too") from None
+        except OSError as e:  # a file system without flock (some network file systems)
+            file.close()
+            log.warning("cannot lock %s (%s): a second process training this run would not be refused",
+                        run_dir / TRAINING_LOCK, e)
+            return
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing lets go of the flock
+            self._file = None
 
 
 def refuse_if_training(run_dir: Path) -> None:
     """Refuse to prepare a run in ``run_dir`` while a process trains there (its files are not leftovers)."""
     if (run_dir / TRAINING_LOCK).is_file():
-        hold_training_lock(run_dir).release()
+        TrainingLock(run_dir).release()
 
 
 def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: bool = False) -> PreparedRun:

@@ -20,7 +20,7 @@ from ..errors import UsageError
 from ..layout import CHECKPOINTS, CONFIG, METRICS, checkpoint_path
 from . import distributed as dist
 from .loop import Trainer
-from .prepare import RUN_OUTPUTS, hold_training_lock, prepare_run, remove_run_files, write_run_config
+from .prepare import RUN_OUTPUTS, TrainingLock, prepare_run, remove_run_files, write_run_config
 from .signals import Interrupted
 
 log = logging.getLogger("slimssl")
@@ -59,7 +59,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
         run_dir.mkdir(parents=True, exist_ok=True)
     existed = {name for name in RUN_OUTPUTS if (run_dir / name).exists()}
     saved = _saved_state(run_dir) if is_main else None
-    lock = hold_training_lock(run_dir) if is_main else None  # refused here: nothing of the other's is touched
+    lock = TrainingLock(run_dir) if is_main else None  # refused here: nothing of the other's is touched
     log.info("run directory: %s", run_dir)
     trainer = None
     try:
