@@ -164,7 +164,8 @@ class TimedTrainer(Trainer):
             self.timing.calls += 1
             self._first_step = 0.0
         write_timing(self.run_dir, self.timing)
-        self._mark, self._apart_at_mark = now, dict(self.apart)
+        # the next interval starts after this write: its milliseconds are bookkeeping, not pretraining
+        self._mark, self._apart_at_mark = time.perf_counter(), dict(self.apart)
 
     def train_step(self, step: int):
         """The first step of a call is timed on its own as well (still pretraining time): how much of a run's time
