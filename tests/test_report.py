@@ -99,6 +99,25 @@ def test_plot_has_one_marker_per_subnet(tmp_path, caplog):
             plot_accuracy_vs_macs(docs, not_a_number)
 
 
+def test_a_merge_kept_waiting_by_a_left_lock_says_so_instead_of_hanging(tmp_path, monkeypatch):
+    """Where the file system has no locks, a killed merge leaves its lock file: the next merge names it."""
+    from filelock import FileLock
+
+    from slimssl.eval import results as results_mod
+
+    monkeypatch.setattr(results_mod, "RESULTS_LOCK_SECONDS", 0.1)
+    held = FileLock(str(tmp_path / ".results.json.lock"))
+    held.acquire()
+    try:
+        with pytest.raises(results_mod.ResultsError, match=r"\.results\.json\.lock was held for 0.1 s: .*remove it"):
+            merge_results(tmp_path, {"w1p0_d1-1-1-1": {"knn_top1": 50.0}})
+    finally:
+        held.release()
+    merge_results(tmp_path, {"w1p0_d1-1-1-1": {"knn_top1": 50.0}})  # free again: merged, and the lock let go
+    merge_results(tmp_path, {"w1p0_d1-1-1-1": {"knn_top5": 90.0}})
+    assert read_results(tmp_path)["subnets"][0]["knn_top5"] == 90.0
+
+
 def test_a_width_by_depth_menu_gets_a_line_per_depth():
     """A line joins the widths of one depth: through every entry by MACs, it would zig-zag between depths."""
     rows = [{"subnet": f"w{w}_d{d}", "macs": macs, "knn_top1": acc} for w, d, macs, acc in [

@@ -18,13 +18,15 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from ..atomic import write_json_atomic
 from ..errors import UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, RESULTS_LOCK
 
 log = logging.getLogger("slimssl")
+# how long a merge waits for another (which takes milliseconds) before it calls the lock left over
+RESULTS_LOCK_SECONDS = 60
 
 
 
@@ -137,7 +139,16 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
     """
     # a lock from reading to writing: evaluations of one run started side by side keep each other's values
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    with FileLock(Path(run_dir) / RESULTS_LOCK):
+    path = Path(run_dir) / RESULTS_LOCK
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=RESULTS_LOCK_SECONDS)
+    except Timeout:  # a merge takes milliseconds: a lock file left where the file system has no locks
+        raise ResultsError(f"{path} was held for {RESULTS_LOCK_SECONDS} s: another evaluation merging into "
+                           f"{RESULTS} would take milliseconds, so it is probably left by one that was killed on "
+                           "a file system without file locks; remove it if no evaluation of this run is "
+                           "running") from None
+    try:
         data = read_results(run_dir, missing_ok=True)
         for key, value in (defaults or {}).items():
             data.setdefault(key, value)
@@ -149,6 +160,8 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
             protocols[protocol] = dict(settings or {})
         data["subnets"] = merge_rows(data["subnets"], values)
         return write_results(run_dir, data)
+    finally:
+        lock.release()
 
 
 def mark_unfinished(data: dict, protocol: str, epoch: float | None, epochs: int) -> None:
