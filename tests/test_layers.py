@@ -10,7 +10,8 @@ from torch import nn
 
 from slimssl.models.resnet import InputError, SlimResNet
 from slimssl.nn.channels import scaled_channels
-from slimssl.nn.layers import SlimBatchNorm, SlimConv2d, SlimLinear, SlimState, bind_state, recalibrate_bn
+from slimssl.nn.layers import SlimBatchNorm, SlimConv2d, SlimLinear, SlimState, bind_state
+from slimssl.nn.slimmable import recalibrate_bn
 from slimssl.nn.spec import Menu, SubnetError, SubnetSpec
 
 D1 = (1, 1, 1, 1)

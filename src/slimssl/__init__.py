@@ -24,7 +24,7 @@ _EXPORTS = {
     "build_supernet": ".models.build",
     "PlainResNet": ".models.plain",
     "SlimResNet": ".models.resnet",
-    "recalibrate_bn": ".nn.layers", "recalibrate_checkpoint": ".eval.recalibrate",
+    "recalibrate_bn": ".nn.slimmable", "recalibrate_checkpoint": ".eval.recalibrate",
     "Menu": ".nn.spec", "SubnetSpec": ".nn.spec",
     "SlimsslError": ".errors", "UsageError": ".errors",
     # what a caller may catch: every bad-input error is a SlimsslError; these say which input
@@ -74,7 +74,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .models.build import build_supernet
     from .models.plain import InputError, PlainResNet
     from .models.resnet import SlimResNet
-    from .nn.layers import recalibrate_bn
+    from .nn.slimmable import recalibrate_bn
     from .nn.spec import Menu, SubnetError, SubnetSpec
     from .train.loop import NonFiniteLossError
     from .train.signals import Interrupted

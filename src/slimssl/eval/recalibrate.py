@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
-from ..nn.layers import recalibrate_bn
+from ..nn.slimmable import recalibrate_bn
 from ..errors import UsageError
 from ..launch import warn_of_repeated_work
 from ..nn.spec import SubnetSpec

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..errors import SlimsslError
 from ..nn.channels import scaled_channels
-from ..nn.layers import SlimBatchNorm, SlimConv2d, SlimmableMixin, SlimState, bind_state
+from ..nn.layers import SlimBatchNorm, SlimConv2d, SlimState, bind_state
+from ..nn.slimmable import SlimmableMixin
 from ..nn.spec import Menu, SubnetError, SubnetLike, SubnetSpec
 from .plain import IN_CHANNELS, InputError, check_images  # noqa: F401  (InputError: importable from here too)
 from .plain import PlainBlock, PlainResNet, PlainResNetConfig, has_downsample

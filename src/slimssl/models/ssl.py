@@ -11,7 +11,8 @@ from torch import nn
 from ..devices import copy_by_dtype
 from ..errors import SlimsslError
 from ..methods.base import Method
-from ..nn.layers import SlimmableMixin, bind_state
+from ..nn.layers import bind_state
+from ..nn.slimmable import SlimmableMixin
 from .heads import SlimMLP
 from .resnet import SlimResNet
 
