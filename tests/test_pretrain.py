@@ -551,6 +551,22 @@ def test_runs_stopped_early_leave_no_threads_behind(tmp_path):
     assert len(list((run_dir / "tb").iterdir())) == 5  # each call wrote its events
 
 
+def test_a_sandwich_that_never_draws_some_private_bn_entries_is_refused_when_it_trains(tmp_path):
+    """num_random 0 trains the largest and the smallest alone: with private BatchNorm the others would stay as
+    initialised, yet be evaluated and exported as pretrained. Refused by training, not by the config, so that
+    a checkpoint saved with such a config still opens for evaluation and export."""
+    from slimssl.config import ConfigError
+
+    cfg = config_from_dict(tiny(sampling="sandwich", slim={"num_random": 0}))  # the config itself is valid
+    with pytest.raises(ConfigError, match=r"so w0p75_d1-1-1-1, w0p5_d1-1-1-1 would never be trained"):
+        Trainer(cfg, tmp_path / "private")
+    assert not (tmp_path / "private" / "checkpoints").exists()
+    for ok in (tiny(sampling="sandwich", slim={"num_random": 0}, widths=(1.0, 0.25)),  # both entries drawn
+               {**tiny(sampling="sandwich", slim={"num_random": 0}), "model": {**tiny()["model"], "bn": "shared"}},
+               tiny(sampling="all", slim={"num_random": 0})):
+        Trainer(config_from_dict(ok), tmp_path / "ok").close()
+
+
 def test_a_run_without_tensorboard_installed_logs_to_metrics_jsonl_and_says_how_to_get_events(tmp_path, monkeypatch,
                                                                                                 caplog):
     """TensorBoard is an extra: without it a run trains and logs as ever, and says where its events would come from."""

@@ -66,6 +66,7 @@ def test_parse_width_alone_without_full_depths_is_an_error():
     ("w1.0_d3-4-6-3", SubnetSpec(1.0, (3, 4, 6, 3))),
     ("0.5:2, 2, 2, 2", SubnetSpec(0.5, (2, 2, 2, 2))),  # as Python prints a list
     ("0.5 : 1,2,1,2", SubnetSpec(0.5, (1, 2, 1, 2))),
+    ("0.5:2.2.2.2", SubnetSpec(0.5, (2, 2, 2, 2))),  # as earlier versions read it
 ])
 def test_parse_friendly_forms(text, expected):
     got = SubnetSpec.parse(text, full_depths=(9, 9, 9, 9))  # full depths must not be used here
@@ -81,7 +82,7 @@ def test_parse_canonical_width_alone_takes_full_depths():
 
 
 @pytest.mark.parametrize("text", ["", "abc", "w_d1-1", "0.5:", "wxp5_d1-1-1-1", "0.5:a,b",
-                                  "0.5:2.2.2.2"])  # not a separator: it reads as a width
+                                  "0.5 2", "0.2 5:1,1,1,1"])  # a space is no decimal point
 def test_parse_garbage_raises(text):
     with pytest.raises(SubnetError):
         SubnetSpec.parse(text, full_depths=(2, 2, 2, 2))

@@ -81,10 +81,15 @@ def _kinds(annotation: Any) -> tuple:
     return (annotation,)
 
 
+def _empty_is_none(value):
+    """An empty list where null means the default: the default too (as earlier versions read it)."""
+    return None if isinstance(value, list) and not value else value
+
+
 class ModelConfig(Section):
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
         "resnet18", description="the supernet's full network: basic blocks (18, 34) or bottlenecks (50, 101)")
-    depths: list[Blocks] | None = Field(None, min_length=1, description="blocks per stage; default: the arch's")
+    depths: list[Blocks] | None = Field(None, description="blocks per stage; default (null or []): the arch's")
     base_width: int = Field(64, gt=0, description="stem channels; stage i has base_width * 2**i (x4 for bottleneck)")
     stem: Literal["cifar", "imagenet"] = Field(
         "imagenet", description="cifar: one 3x3 convolution and no max-pool (small images); imagenet: a 7x7 "
@@ -102,6 +107,8 @@ class ModelConfig(Section):
     zero_init_residual: bool = Field(False, description="each residual block's last BatchNorm starts at zero, so "
                                      "the block starts as the identity (torchvision's option)")
 
+    _no_depths_is_the_default = field_validator("depths", mode="before")(_empty_is_none)
+
     @property
     def block(self) -> str:
         return ARCHS[self.arch][0]
@@ -114,8 +121,10 @@ class ModelConfig(Section):
 class MenuConfig(Section):
     widths: list[float] = Field(default_factory=lambda: [1.0], description="width multipliers in (0, 1]")
     depths: list[Annotated[list[Blocks], Field(min_length=1)]] | None = Field(
-        None, min_length=1, description="per-stage depths crossed with widths; default: full")
+        None, description="per-stage depths crossed with widths; default (null or []): full")
     subnets: list[str] = Field(default_factory=list, description="extra entries by name, e.g. w0p5_d1-1-1-1")
+
+    _no_depths_is_the_default = field_validator("depths", mode="before")(_empty_is_none)
 
     @model_validator(mode="after")
     def _check_repeats(self) -> "MenuConfig":
@@ -523,12 +532,6 @@ class Config(Section):
             raise ValueError(
                 "slim.random_space: 'space' draws sub-networks outside the menu, which have no private "
                 "BatchNorm; use model.bn: shared (and recalibrate BN before evaluation) or random_space: menu")
-        never = list(menu[1:-1]) if self.slim.sampling == "sandwich" and self.slim.num_random == 0 else []
-        if never and self.model.bn == "private":  # their own BatchNorm would never see a batch
-            raise ValueError(
-                f"slim.num_random 0 trains only the largest and the smallest of the menu each step, so "
-                f"{', '.join(s.name for s in never)} would never be trained (their private BatchNorm never sees a "
-                "batch): set slim.num_random >= 1, slim.sampling: all, or a menu of those two alone")
         return self
 
     def _check_widths_differ(self, menu: Menu) -> None:

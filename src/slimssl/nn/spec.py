@@ -18,7 +18,8 @@ from typing import Union
 from ..errors import SlimsslError
 
 _CANONICAL = re.compile(r"^w(\d+)p(\d+)(?:_d(\d+(?:-\d+)*))?$")  # the depths may be left out: full depth
-_DOTTED = re.compile(r"^w?(\d*\.?\d+)(?:[_:]d?(\d+(?:[-,]\d+)*))?$")
+# (a dot between depths, 0.5:2.2.2.2, is read as earlier versions read it: menus saved with one still load)
+_DOTTED = re.compile(r"^w?(\d*\.?\d+)(?:[_:]d?(\d+(?:[-,.]\d+)*))?$")
 
 
 class SubnetError(SlimsslError):
@@ -82,7 +83,7 @@ class SubnetSpec:
         A width alone means the full depth of the supernet, so ``full_depths`` is needed for it.
         """
         text = str(text).strip()
-        compact = re.sub(r"\s+", "", text)  # "0.5:2, 2, 2, 2", as Python prints a list
+        compact = re.sub(r"\s*([_:,-])\s*", r"\1", text)  # "0.5:2, 2, 2, 2", as Python prints a list
         match = _CANONICAL.match(compact)
         if match:
             width, depths = float(f"{match.group(1)}.{match.group(2)}"), match.group(3)
@@ -98,7 +99,7 @@ class SubnetSpec:
             if full_depths is None:
                 raise SubnetError(f"sub-network {text!r} gives no depths and no supernet is known to take them from")
             return cls(width, tuple(full_depths))
-        return cls(width, tuple(int(d) for d in re.split(r"[-,]", depths)))
+        return cls(width, tuple(int(d) for d in re.split(r"[-,.]", depths)))
 
     @classmethod
     def coerce(cls, subnet: "SubnetSpec | str | float", full_depths: Sequence[int] | None = None) -> "SubnetSpec":

@@ -37,6 +37,13 @@ class SlimPolicy:
         self.join_step = join_step(cfg.slow_start, total_steps)
         loss_weights_rule(cfg.loss_weights)  # an unknown rule fails now, not at the first step
 
+    def never_drawn(self) -> list[SubnetSpec]:
+        """The menu's entries that no step trains: those between the largest and the smallest, when a sandwich
+        draws none of them (``num_random`` 0)."""
+        if self.cfg.sampling == "sandwich" and self.cfg.random_space == "menu" and self.cfg.num_random == 0:
+            return list(self.menu[1:-1])
+        return []
+
     def joined(self, step: int) -> bool:
         """Whether the sub-networks train at ``step`` (slow start: only the full network before that)."""
         return step >= self.join_step
