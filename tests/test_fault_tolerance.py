@@ -7,6 +7,7 @@ fail without touching the checkpoints already saved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -731,10 +732,24 @@ def test_auto_resume_starts_again_after_a_start_killed_before_its_first_checkpoi
     assert (tmp_path / "longer" / "metrics.jsonl").read_text() == kept
 
 
+class HeldByAnotherProcess:
+    """The training lock of ``folder``, held by a child process until ``kill()`` (a SIGKILL)."""
+
+    def __init__(self, folder: Path):
+        script = ("import sys, time; from pathlib import Path; from slimssl.train.prepare import TrainingLock; "
+                  "lock = TrainingLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)")
+        self.process = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "held"
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.process.stdout.close()
+
+
 def test_a_run_that_another_process_trains_is_refused_without_touching_its_files(tmp_path):
     """A job submitted twice, or the workers a SIGKILLed torchrun launcher leaves training: a second process
     would write the same checkpoint and log. The lock is the operating system's, so a killed process leaves none."""
-    from slimssl.train.prepare import TrainingLock
     from slimssl.train.pretrain import pretrain
 
     cfg = config_from_dict(tiny(train={"epochs": 2}))
@@ -742,35 +757,49 @@ def test_a_run_that_another_process_trains_is_refused_without_touching_its_files
     pretrain(cfg, run, max_steps=2)
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert (run / ".train.lock").is_file()  # kept, and free again: the next call takes it
-    other = TrainingLock(run)  # as another process holds it (a second open file of this process is refused too)
+    other = HeldByAnotherProcess(run)
     try:
         for config, resume in ((None, True), (cfg, "auto")):
-            with pytest.raises(SlimsslError, match=r"another process is training the run in .*run now"):
+            with pytest.raises(SlimsslError, match=r"another process is training in .*run now"):
                 pretrain(config, run, resume=resume)
         # in its first epoch, a run looks like a start that saved nothing: not removed while it trains
         first = tmp_path / "first"
         pretrain(cfg, first, max_steps=1)
         shutil.rmtree(first / "checkpoints")
-        started = TrainingLock(first)
+        started = HeldByAnotherProcess(first)
         with pytest.raises(SlimsslError, match="another process is training"):
             pretrain(cfg, first, resume="auto")
         assert (first / "config.yaml").is_file() and (first / "metrics.jsonl").is_file()
-        started.release()
+        started.kill()
     finally:
-        other.release()
+        other.kill()  # a SIGKILL: the lock goes with the process
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
-    # a process SIGKILLed while it holds the lock leaves none behind
-    script = ("import sys, time; from pathlib import Path; from slimssl.train.prepare import TrainingLock; "
-              "lock = TrainingLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", script, str(run)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SlimsslError, match="another process is training"):
-            TrainingLock(run)
-    finally:
-        holder.kill()
-        holder.wait()
     assert pretrain(None, run, resume=True).finished
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forked data-loader workers are a POSIX matter")
+def test_the_workers_of_a_killed_training_process_do_not_keep_its_lock(tmp_path):
+    """Data-loader workers are forked from the training process, with its open files: they must not hold the
+    run's lock after it was SIGKILLed (they take seconds to notice), or an immediate resume would be refused."""
+    from slimssl.train.prepare import TrainingLock
+
+    script = ("import os, sys, time; from pathlib import Path; from slimssl.train.prepare import TrainingLock; "
+              "lock = TrainingLock(Path(sys.argv[1])); child = os.fork()\n"
+              "if child == 0:\n    time.sleep(120)\nelse:\n    print(child, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    try:
+        with pytest.raises(SlimsslError, match="another process is training"):
+            TrainingLock(tmp_path)
+        parent.kill()
+        parent.wait()
+        os.kill(worker, 0)  # the forked worker lives on, with the lock file open
+        TrainingLock(tmp_path).release()  # free at once all the same
+    finally:
+        parent.kill()
+        parent.stdout.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
 
 
 class Killed(BaseException):

@@ -289,6 +289,23 @@ def test_a_signal_while_a_checkpoint_is_read_stops_the_call_and_blames_no_file(t
     assert not any(path.exists() for path in left) and (out / ".notes.k1ll.tmp").exists()
 
 
+def test_a_second_reproduction_in_the_same_folder_is_refused_before_it_touches_a_run(tmp_path, capsys, caplog):
+    """Planning restarts runs whose checkpoint is gone and removes killed writes: a second call in the same
+    --out would do that to the first one's runs in progress."""
+    from test_fault_tolerance import HeldByAnotherProcess
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    other = HeldByAnotherProcess(out)
+    try:
+        with caplog.at_level(logging.ERROR, logger="slimssl"):
+            assert reproduce(out, [RECIPES[0]]) == 2
+    finally:
+        other.kill()
+    assert f"another process is training in {out} now" in capsys.readouterr().err + caplog.text
+    assert [p.name for p in out.iterdir()] == [".train.lock"]
+
+
 def test_steps_lost_to_a_hard_stop_are_not_timed(tmp_path, monkeypatch, caplog):
     """A second signal inside a step stops without saving: timing.json keeps the seconds of the saved steps
     only, so the steps trained again are counted once."""

@@ -111,8 +111,9 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     :func:`load_exported`: an export, or one fine-tuned with a classifier (``model.fc = nn.Linear(...)``; the
     config then records its classes). ``metadata`` (JSON data) is kept in config.json beside the keys
     load_exported reads, which it cannot replace, and over what the model was loaded with that still holds
-    after training it further (``CARRIED``: its inputs and where it came from). A ``model.onnx`` in ``folder``
-    (a graph of the weights there before) is removed: it would no longer match. An export of another source
+    after training it further (``CARRIED``: its inputs, where it came from and how far that was pretrained). A
+    ``model.onnx`` or ``model.pt2`` in ``folder`` (a graph of the weights there before) is removed: it would no
+    longer match. An export of another source
     in ``folder`` is replaced only with ``overwrite`` (:func:`check_export_folder`); saving a loaded export back
     where it came from, after training it further, keeps its source and needs none."""
     _refuse_file_name(Path(folder), f"a folder, which gets {CONFIG} and {WEIGHTS}")

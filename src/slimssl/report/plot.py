@@ -55,7 +55,8 @@ def accuracy_points(result: Mapping, metric: str) -> list[tuple[float, float, st
 
 def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", path: str | Path | None = None,
                           title: str | None = None, join_singles: str | None = None):
-    """One line with a marker per sub-network for every run (log-scale MACs on x, ``metric`` on y).
+    """One line with a marker per sub-network for every run (log-scale MACs on x, ``metric`` on y); a run whose
+    menu crosses widths with depths gets one line per depth, in one colour.
 
     ``join_singles``: draw the runs with a single sub-network (networks pretrained one by one) as one
     line with this label instead of one marker each. Returns the matplotlib Figure (saved to ``path``).

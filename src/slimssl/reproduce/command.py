@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from ..train.prepare import TrainingLock
     from ..train.signals import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
     from .report import write_report
@@ -62,6 +63,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UsageError(f"--recipes {args.recipes!r} names no recipe; expected comma-separated shipped config "
                          "names or YAML paths")
     working = False  # whether this call may have changed the runs (a report of an earlier call no longer holds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lock = TrainingLock(args.out)  # one reproduction in --out at a time: planning removes and restarts runs
     try:
         with stop_on_signals():  # from planning to the last line: every stop signal exits 3
             jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
@@ -83,6 +86,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if working:
             _remove_earlier_report(args.out)
         return EXIT_INTERRUPTED
+    finally:
+        lock.release()
 
 
 def _finish(args: argparse.Namespace, jobs, budget, done: int, doc: dict | None) -> int:

@@ -4,6 +4,7 @@ with the checks that keep one run's files from mixing with another's; and the co
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -154,38 +155,40 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cl
 
 
 class TrainingLock:
-    """The lock of the one process that trains in a run directory (taken here, or a UsageError when another
-    process holds it; ``release()`` it when done): two processes training one run (a job
-    submitted twice, or the workers that a torchrun launcher killed by SIGKILL leaves behind) would write one
-    checkpoint and one log over each other. An flock of ``RUN/.train.lock``, which the operating system lets go
-    of when its process ends, however it ends: a killed run leaves no stale lock. Where there is none to take
-    (Windows, a file system without locks), training goes on unguarded, with a word."""
+    """The lock of the one process that trains in ``folder`` (taken here, or a UsageError when another process
+    holds it; ``release()`` it when done): two processes training one run (a job submitted twice, or the workers
+    that a torchrun launcher killed by SIGKILL leaves behind) would write one checkpoint and one log over each
+    other.
 
-    def __init__(self, run_dir: Path):
+    A POSIX record lock (``lockf``) of ``.train.lock``: it belongs to the process, so the operating system lets
+    go of it the moment the process ends, however it ends (a killed run leaves no stale lock), and its
+    data-loader workers, forked from it, do not hold it on. Where there is none to take (Windows, a file system
+    without locks), training goes on unguarded, with a word."""
+
+    def __init__(self, folder: Path):
         self._file = None
         try:
             import fcntl
         except ImportError:  # Windows
-            log.debug("no flock on this platform: %s is not guarded against a second training process", run_dir)
+            log.info("no lockf on this platform: %s is not guarded against a second training process", folder)
             return
-        file = open(run_dir / TRAINING_LOCK, "a")  # noqa: SIM115 - held open until release()
+        file = open(folder / TRAINING_LOCK, "a")  # noqa: SIM115 - held open until release()
         try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
             file.close()
-            raise UsageError(f"another process is training the run in {run_dir} now (it holds {TRAINING_LOCK} "
-                             "there): wait for it to end, or stop it first. Workers of a torchrun launcher that was "
-                             "killed with SIGKILL train on: stop them too") from None
-        except OSError as e:  # a file system without flock (some network file systems)
-            file.close()
-            log.warning("cannot lock %s (%s): a second process training this run would not be refused",
-                        run_dir / TRAINING_LOCK, e)
+            if e.errno in (errno.EACCES, errno.EAGAIN):  # held
+                raise UsageError(f"another process is training in {folder} now (it holds {TRAINING_LOCK} there): "
+                                 "wait for it to end, or stop it first. Workers of a torchrun launcher that was "
+                                 "killed with SIGKILL train on: stop them too") from None
+            log.warning("cannot lock %s (%s): a second process training there would not be refused",
+                        folder / TRAINING_LOCK, e)  # a file system without locks
             return
         self._file = file
 
     def release(self) -> None:
         if self._file is not None:
-            self._file.close()  # closing lets go of the flock
+            self._file.close()  # closing lets go of the lock
             self._file = None
 
 

@@ -74,8 +74,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
         dist.barrier()  # every process returns once rank 0 has saved
         raise
     except BaseException:
-        if is_main:
-            lock.release()  # before its file may be removed with the rest
+        if is_main:  # the lock held: no other process starts in the folder meanwhile (its file goes last)
             _discard_failed_start(run_dir, trainer, existed, created)
             _restore_if_unsaved(run_dir, saved)
         raise
