@@ -518,6 +518,7 @@ def test_pt2_program_runs_without_slimssl_at_any_batch_and_size(tmp_path, pertur
     assert json.loads(extra["config.json"]) == json.loads((folder / "config.json").read_text())
     least = smallest_program_input(load_exported(folder).config)
     assert least == (33 if SUPERNETS[name]["stem"] == "imagenet" else 9)
+    assert json.loads(extra["config.json"])["pt2_input"] == {"min_size": least}  # a runtime reads it first
     for batch, height, width in [(1, least, least), (3, least + 7, 2 * least), (2, 40, 40)]:
         x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(height))
         torch.testing.assert_close(program.module()(x), model(x, subnet=spec), rtol=1e-5, atol=1e-5)
@@ -529,6 +530,7 @@ def test_a_pt2_program_of_images_smaller_than_its_strides_takes_that_size(tmp_pa
     """At 8 pixels the CIFAR stem's last feature map has 1 pixel: the program is compiled for that size alone."""
     model = build("basic-cifar-private", perturb_bn)
     folder = export_subnet(model, "0.5", tmp_path, fmt="pt2", resolution=8)
+    assert json.loads((folder / "config.json").read_text())["pt2_input"] == {"size": 8}
     assert verify_export(model, "0.5", folder / "model.pt2", 8) < 1e-5
     program = torch.export.load(str(folder / "model.pt2")).module()
     x = images(3, 8)  # another batch: still dynamic
@@ -550,7 +552,7 @@ def test_pt2_export_is_verified_and_replaced_like_the_other_graphs(tmp_path, cap
     export_subnet(model, "0.5", tmp_path, fmt="pt2", resolution=16)  # a new graph replaces every earlier one
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.pt2", "model.safetensors"]
     save_exported(load_exported(folder), folder)  # weights written again without a graph: the program goes
-    assert not (folder / "model.pt2").exists()
+    assert not (folder / "model.pt2").exists() and "pt2_input" not in json.loads((folder / "config.json").read_text())
     (folder / "model.pt2").write_bytes(b"not an archive")
     with pytest.raises(ExportError, match=r"model.pt2 is not a readable torch.export program"):
         verify_export(model, "0.5", folder / "model.pt2", 16)

@@ -82,7 +82,10 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
                     "widths that trained last): call slimssl.recalibrate_bn(supernet, %r, batches) on train "
                     "batches first, or export a run with slimssl.export_run, which does", spec.name, spec.name)
     plain = supernet.export(spec).eval()
-    folder = _write_export(plain, Path(out_dir) / spec.name, {**(metadata or {}), "subnet": spec.name})
+    metadata = {**(metadata or {}), "subnet": spec.name}
+    if fmt == "pt2":  # what model.pt2 takes, for a runtime that reads the config first
+        metadata["pt2_input"] = program_input(plain.config, resolution)
+    folder = _write_export(plain, Path(out_dir) / spec.name, metadata)
     _drop_earlier_graphs(folder, rewritten=GRAPHS.get(fmt))  # a failed trace leaves no graph of earlier weights
     config_json = json.loads((folder / CONFIG).read_text())
     if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
@@ -274,19 +277,27 @@ def smallest_program_input(config: PlainResNetConfig) -> int:
     return stride + 1
 
 
+def program_input(config: PlainResNetConfig, resolution: int) -> dict:
+    """The image sides a torch.export program traced at ``resolution`` takes: any from ``min_size`` on, or,
+    traced below that (its last feature map then has 1 pixel, a size torch.export compiles as a case of its
+    own), ``resolution`` alone (``size``)."""
+    least = smallest_program_input(config)
+    return {"min_size": least} if resolution >= least else {"size": resolution}
+
+
 def _export_program(plain: PlainResNet, path: Path, resolution: int, config: dict) -> None:
     """The torch.export program of ``plain`` at ``path`` (batch, height and width dynamic), carrying the
     config.json beside it as an extra file of the archive (``torch.export.load(path, extra_files=...)``)."""
     from torch.export import Dim, export, save
 
-    least = smallest_program_input(plain.config)
+    sizes = program_input(plain.config, resolution)
     example = torch.zeros(2, 3, resolution, resolution, dtype=plain.conv1.weight.dtype)  # batch 1 is specialised
     dims = {0: Dim("batch")}
-    if resolution >= least:
-        dims.update({2: Dim("height", min=least), 3: Dim("width", min=least)})
-    else:  # its last feature map has 1 pixel, a size torch.export compiles as a case of its own
+    if "min_size" in sizes:
+        dims.update({2: Dim("height", min=sizes["min_size"]), 3: Dim("width", min=sizes["min_size"])})
+    else:
         log.info("%s: the program takes %d-pixel images only (from %d pixels a side, it would take any size)",
-                 path, resolution, least)
+                 path, resolution, smallest_program_input(plain.config))
     program = export(plain, (example,), dynamic_shapes=(dims,))
     with atomic_write(path) as file:  # a kill while saving leaves no half-written archive
         save(program, file, extra_files={CONFIG: json.dumps(config, indent=2)})
