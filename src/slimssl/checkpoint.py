@@ -131,21 +131,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         # weights_only: checkpoints hold only tensors and plain data, so a file from elsewhere cannot run code
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-        found = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(e))  # newer torch | 2.3
-        if isinstance(e, pickle.UnpicklingError) and found:  # a pickle of objects: say so, not torch's page
-            raise CheckpointError(
-                f"{path} is not a slimssl checkpoint: it holds objects of {found.group(1)}, and slimssl "
-                "checkpoints hold only tensors and plain data. Loading such a file can run its code: open it with "
-                "torch.load(weights_only=False) yourself only if you trust where it came from") from None
-        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))  # torch's detail, without its advice
-        detail = unpickler.group(1).strip() if unpickler else (str(e).splitlines() or [""])[0]
-        detail = f"{type(e).__name__}: {detail}"
-        if _readable(path) and not zipfile.is_zipfile(path):  # torch's words for this vary, some with a page of advice
-            detail = ("not a complete zip archive, as torch.save writes: the file is cut short or damaged"
-                      if _starts_as_zip(path) else "not a zip archive, as torch.save writes: another kind of file")
-        raise CheckpointError(f"{path} is not a readable slimssl checkpoint ({detail}); expected "
-                              "a checkpoint file (e.g. RUN/checkpoints/last.pt) or a run directory"
-                              + _earlier_checkpoint_hint(path)) from None
+        raise _unreadable(path, e) from None
     damaged = _failed_checksum(path)
     if damaged:
         raise CheckpointError(f"{path} is damaged: its entry {damaged} no longer matches the checksum it was saved "
@@ -172,6 +158,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         log.info("%s was trained with method %r, which is not registered here: its backbone loads (evaluation, "
                  "export); training it on needs the method (docs/extending.md)", path, method.name)
     return data
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    """Why torch.load could not read ``path``, in a line: a pickle of objects, a file cut short or of another
+    kind, or torch's own detail without its page of advice."""
+    found = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(error))  # newer torch | 2.3
+    if isinstance(error, pickle.UnpicklingError) and found:  # a pickle of objects: say so, not torch's page
+        return CheckpointError(
+            f"{path} is not a slimssl checkpoint: it holds objects of {found.group(1)}, and slimssl "
+            "checkpoints hold only tensors and plain data. Loading such a file can run its code: open it with "
+            "torch.load(weights_only=False) yourself only if you trust where it came from")
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))  # torch's detail, without its advice
+    detail = unpickler.group(1).strip() if unpickler else (str(error).splitlines() or [""])[0]
+    detail = f"{type(error).__name__}: {detail}"
+    if _readable(path) and not zipfile.is_zipfile(path):  # torch's words for this vary, some with a page of advice
+        detail = ("not a complete zip archive, as torch.save writes: the file is cut short or damaged"
+                  if _starts_as_zip(path) else "not a zip archive, as torch.save writes: another kind of file")
+    return CheckpointError(f"{path} is not a readable slimssl checkpoint ({detail}); expected a checkpoint file "
+                           "(e.g. RUN/checkpoints/last.pt) or a run directory" + _earlier_checkpoint_hint(path))
 
 
 def _source_hint(config: Path) -> str:
