@@ -760,20 +760,44 @@ def test_a_run_that_another_process_trains_is_refused_without_touching_its_files
     other = HeldByAnotherProcess(run)
     try:
         for config, resume in ((None, True), (cfg, "auto")):
-            with pytest.raises(SlimsslError, match=r"another process is training in .*run now"):
+            with pytest.raises(SlimsslError, match=r"is training in .*run now"):
                 pretrain(config, run, resume=resume)
         # in its first epoch, a run looks like a start that saved nothing: not removed while it trains
         first = tmp_path / "first"
         pretrain(cfg, first, max_steps=1)
         shutil.rmtree(first / "checkpoints")
         started = HeldByAnotherProcess(first)
-        with pytest.raises(SlimsslError, match="another process is training"):
+        with pytest.raises(SlimsslError, match="is training in"):
             pretrain(cfg, first, resume="auto")
         assert (first / "config.yaml").is_file() and (first / "metrics.jsonl").is_file()
         started.kill()
     finally:
         other.kill()  # a SIGKILL: the lock goes with the process
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    assert pretrain(None, run, resume=True).finished
+
+
+def test_a_second_lock_in_the_same_process_is_refused_and_keeps_the_first(tmp_path):
+    """A record lock is the process's: granted again within it, and dropped by any close of the file. A second
+    training of the run in this process (another thread, a call within a call) is refused all the same, and the
+    first lock still keeps other processes out."""
+    from slimssl.train.prepare import TrainingLock, refuse_if_training
+    from slimssl.train.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(config_from_dict(tiny(train={"epochs": 2})), run, max_steps=2)
+    try_lock = [sys.executable, "-c", "import sys; from pathlib import Path; "
+                "from slimssl.train.prepare import TrainingLock; TrainingLock(Path(sys.argv[1])).release()", str(run)]
+    held = TrainingLock(run)
+    try:
+        with pytest.raises(SlimsslError, match=r"another process \(or another call in this one\) is training"):
+            pretrain(None, run, resume=True)
+        with pytest.raises(SlimsslError, match="is training in"):
+            refuse_if_training(run)
+        assert subprocess.run(try_lock, capture_output=True).returncode != 0  # still held against the others
+    finally:
+        held.release()
+    assert subprocess.run(try_lock, capture_output=True).returncode == 0
     assert pretrain(None, run, resume=True).finished
 
 
@@ -789,7 +813,7 @@ def test_the_workers_of_a_killed_training_process_do_not_keep_its_lock(tmp_path)
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     worker = int(parent.stdout.readline())
     try:
-        with pytest.raises(SlimsslError, match="another process is training"):
+        with pytest.raises(SlimsslError, match="is training in"):
             TrainingLock(tmp_path)
         parent.kill()
         parent.wait()

@@ -302,8 +302,31 @@ def test_a_second_reproduction_in_the_same_folder_is_refused_before_it_touches_a
             assert reproduce(out, [RECIPES[0]]) == 2
     finally:
         other.kill()
-    assert f"another process is training in {out} now" in capsys.readouterr().err + caplog.text
+    assert f"is training in {out} now" in capsys.readouterr().err + caplog.text
     assert [p.name for p in out.iterdir()] == [".train.lock"]
+    # a run of the reproduction that `slimssl pretrain` trains now, in its first epoch: not taken for leftovers
+    slim = run_dirs(out, RECIPES[0])[0]
+    slim.mkdir(parents=True)
+    (slim / "config.yaml").write_text("name: in training\n")
+    (slim / "metrics.jsonl").write_text("{}\n")
+    other = HeldByAnotherProcess(slim)
+    try:
+        assert reproduce(out, [RECIPES[0]]) == 2
+    finally:
+        other.kill()
+    assert (slim / "config.yaml").read_text() == "name: in training\n" and (slim / "metrics.jsonl").exists()
+
+
+def test_a_sandwich_that_never_trains_some_entries_is_refused_before_any_run(tmp_path, capsys, caplog):
+    """Training refuses it; a reproduction refuses it while planning, not hours later when its run's turn comes.
+    A folder it made for nothing is removed."""
+    out = tmp_path / "new"
+    args = reproduce_args(out, [RECIPES[1], RECIPES[0]]) + ["--set", "menu.widths=[1.0,0.5,0.25]", "--set",
+                                                             "slim.sampling=sandwich", "--set", "slim.num_random=0"]
+    with caplog.at_level(logging.ERROR, logger="slimssl"):
+        assert main(args) == 2
+    assert "w0p5_d1-1-1-1 would never be trained" in capsys.readouterr().err + caplog.text
+    assert not out.exists()
 
 
 def test_steps_lost_to_a_hard_stop_are_not_timed(tmp_path, monkeypatch, caplog):

@@ -51,7 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from ..train.prepare import TrainingLock
+    from ..layout import TRAINING_LOCK
+    from ..train.prepare import TrainingLock, refuse_if_training
     from ..train.signals import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
     from .report import write_report
@@ -63,12 +64,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise UsageError(f"--recipes {args.recipes!r} names no recipe; expected comma-separated shipped config "
                          "names or YAML paths")
     working = False  # whether this call may have changed the runs (a report of an earlier call no longer holds)
+    created = not args.out.exists()
     args.out.mkdir(parents=True, exist_ok=True)
     lock = TrainingLock(args.out)  # one reproduction in --out at a time: planning removes and restarts runs
     try:
         with stop_on_signals():  # from planning to the last line: every stop signal exits 3
             jobs = plan_jobs(recipes, args.out, recipe_overrides(args))
             check_saved_probes(jobs, args.probe_epochs)  # a probed run is kept: refused here if probed otherwise
+            for job in jobs:  # a run that `slimssl pretrain` trains in --out now: its files are no leftovers
+                refuse_if_training(job.run_dir)
             for job in jobs:  # before the settings are compared: a run that starts again may start otherwise
                 restart_if_checkpoint_lost(job)
             check_saved_configs(jobs)
@@ -88,6 +92,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         lock.release()
+        if created and [p.name for p in args.out.iterdir()] == [TRAINING_LOCK]:  # refused before any work
+            (args.out / TRAINING_LOCK).unlink()
+            args.out.rmdir()
 
 
 def _finish(args: argparse.Namespace, jobs, budget, done: int, doc: dict | None) -> int:

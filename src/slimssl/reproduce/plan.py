@@ -11,6 +11,7 @@ from ..config import (MACHINE_DEPENDENT, Config, check_processes, config_differe
 from ..errors import UsageError
 from ..layout import CONFIG
 from ..nn.spec import SubnetSpec
+from ..slim.policy import check_every_entry_trains
 from ..train.command import flag_overrides
 from . import DEFAULT_EPOCHS
 
@@ -64,6 +65,7 @@ def plan_jobs(recipes: list[str], out: Path, overrides: list[str]) -> list[Job]:
             jobs.append(Job(label, "alone", spec, standalone_config(cfg, spec), out / label / f"alone-{spec.name}"))
     for job in jobs:  # what a trainer would refuse, refused before the first run trains rather than when its turn comes
         check_processes(job.cfg, 1, f"of {job.run_dir.parent.name}/{job.run_dir.name}")
+        check_every_entry_trains(job.cfg)
     return jobs
 
 

@@ -18,6 +18,25 @@ from .weights import loss_weights_rule, weigh
 WIDTH_GRID = 0.05  # random widths of the "space" sampler are multiples of this
 
 
+def check_every_entry_trains(cfg) -> None:
+    """Refuse a run (``cfg``, a Config) whose sandwich draws none of the menu's entries between the largest and
+    the smallest (``num_random`` 0) while each has private BatchNorm: those would stay as initialised, yet be
+    evaluated and exported as pretrained. Checked by training, not by the config, so that a checkpoint saved with
+    such a config still opens for evaluation and export."""
+    from ..config import ConfigError
+
+    s = cfg.slim
+    if s.sampling != "sandwich" or s.random_space != "menu" or s.num_random or cfg.model.bn != "private":
+        return
+    never = list(cfg.subnet_menu())[1:-1]
+    if never:
+        raise ConfigError(
+            f"slim.num_random 0 trains only the largest and the smallest of the menu each step, so "
+            f"{', '.join(s.name for s in never)} would never be trained (their private BatchNorm never sees a "
+            "batch): set slim.num_random to 1 or more, or slim.sampling to all (on a resume too: --set "
+            "slim.num_random=1), or give a menu of those two alone")
+
+
 @dataclass(frozen=True)
 class SubnetTask:
     spec: SubnetSpec
@@ -36,13 +55,6 @@ class SlimPolicy:
         self.cfg, self.menu, self.total_steps, self.seed = cfg, menu, total_steps, seed
         self.join_step = join_step(cfg.slow_start, total_steps)
         loss_weights_rule(cfg.loss_weights)  # an unknown rule fails now, not at the first step
-
-    def never_drawn(self) -> list[SubnetSpec]:
-        """The menu's entries that no step trains: those between the largest and the smallest, when a sandwich
-        draws none of them (``num_random`` 0)."""
-        if self.cfg.sampling == "sandwich" and self.cfg.random_space == "menu" and self.cfg.num_random == 0:
-            return list(self.menu[1:-1])
-        return []
 
     def joined(self, step: int) -> bool:
         """Whether the sub-networks train at ``step`` (slow start: only the full network before that)."""

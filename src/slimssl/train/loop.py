@@ -39,7 +39,7 @@ from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
 from ..seeds import derived_generator
 from ..slim.diagnostics import GradientImbalance
-from ..slim.policy import SlimPolicy
+from ..slim.policy import SlimPolicy, check_every_entry_trains
 from . import distributed as dist
 from .compile import compile_forward, step_begins, uses_cuda_graphs
 from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, progress_bar
@@ -183,12 +183,7 @@ class Trainer:
         all-reduce."""
         cfg = self.cfg
         self.policy = SlimPolicy(cfg.slim, self.model.backbone.menu, self.total_steps, cfg.train.seed)
-        never = self.policy.never_drawn()
-        if never and cfg.model.bn == "private":  # their own BatchNorm would never see a batch
-            raise ConfigError(
-                f"slim.num_random 0 trains only the largest and the smallest of the menu each step, so "
-                f"{', '.join(s.name for s in never)} would never be trained (their private BatchNorm never sees a "
-                "batch): set slim.num_random >= 1, slim.sampling: all, or a menu of those two alone")
+        check_every_entry_trains(cfg)
         if cfg.slim.slow_start and self.policy.join_step == 0 and dist.is_main():
             log.warning("slim.slow_start %g of %d steps is less than a step: the sub-networks train from the "
                         "first step%s", cfg.slim.slow_start, self.total_steps,
