@@ -568,6 +568,23 @@ def test_a_sandwich_that_never_draws_some_private_bn_entries_is_refused_when_it_
         Trainer(config_from_dict(ok), tmp_path / "ok").close()
 
 
+def test_a_checkpoint_of_entries_not_trained_yet_says_so_when_opened(tmp_path, caplog):
+    """Before a slow start's join (or from an old run that never drew them) the smaller entries are as
+    initialised: evaluating or exporting them says so."""
+    import slimssl
+
+    run = tmp_path / "run"
+    slimssl.pretrain(tiny(slim={"slow_start": 0.75}), run, overrides=["train.knn_every=0"], max_steps=1)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        slimssl.load_supernet(run)
+    assert "w0p75_d1-1-1-1, w0p5_d1-1-1-1, w0p25_d1-1-1-1 never trained" in caplog.text
+    caplog.clear()
+    slimssl.pretrain(out=run, resume=True, overrides=["eval.knn_random_init=false"])  # joined, and trained
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        slimssl.load_supernet(run)
+    assert "never trained" not in caplog.text
+
+
 def test_a_run_without_tensorboard_installed_logs_to_metrics_jsonl_and_says_how_to_get_events(tmp_path, monkeypatch,
                                                                                                 caplog):
     """TensorBoard is an extra: without it a run trains and logs as ever, and says where its events would come from."""

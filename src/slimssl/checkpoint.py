@@ -276,4 +276,9 @@ def supernet_of(data: dict, path: str | Path, config: Config | dict | str | Path
     chosen = (data.get("recalibrated") or {}).get("subnet")
     if chosen:  # written by slimssl recalibrate: the statistics are that sub-network's
         model.mark_bn_estimated(chosen)
+    untrained = model.untrained_entries() if (data.get("train_state") or {}).get("step") else []
+    if untrained:
+        log.warning("%s: %s never trained (their private BatchNorm saw no batch: not joined yet after a slow start, "
+                    "or never drawn by a sandwich with slim.num_random 0), so their numbers and exports are of "
+                    "networks as initialised", path, ", ".join(untrained))
     return model

@@ -53,6 +53,15 @@ class SlimmableMixin:
             raise SubnetError("no sub-network given: name at least one, or 'all' (the menu)")
         return list(dict.fromkeys(self.resolve(t) for t in names))
 
+    def untrained_entries(self) -> list[str]:
+        """The menu's entries whose private BatchNorm saw no training batch (read at the first BatchNorm, which
+        every entry runs): never trained. None with shared BatchNorm, which keeps no such count per entry."""
+        first = next((m for m in self.modules() if isinstance(m, SlimBatchNorm) and m.bns is not None), None)
+        if first is None:
+            return []
+        return [name for name, bn in first.bns.items()
+                if bn.num_batches_tracked is not None and int(bn.num_batches_tracked) == 0]
+
     def bn_statistics_estimated(self, subnet: SubnetLike | None) -> bool:
         """Whether the BatchNorm statistics are ``subnet``'s own: always with private BatchNorm; with shared
         BatchNorm, when :func:`recalibrate_bn` estimated them for it last and no training forward moved them, or
