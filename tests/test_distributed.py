@@ -615,3 +615,30 @@ def test_a_failing_rank_ends_the_job_nonzero(tmp_path, how):
     if how == "raise":
         assert "rank 1 of 2 failed: RuntimeError: injected failure on rank 1" in proc.stderr
     assert seconds < FAIL_BOUND_S, proc.stderr[-3000:]
+
+
+@pytest.mark.timing
+def test_a_torchrun_job_on_a_run_another_process_trains_is_refused_and_ends(tmp_path):
+    """Rank 0 holds the run's training lock: a job submitted twice is refused there, and its other rank does not
+    wait for it until the collective timeout."""
+    from test_fault_tolerance import HeldByAnotherProcess
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny("byol")))
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLIMSSL_DIST_TIMEOUT": "300", "PYTHONUNBUFFERED": "1",
+           "SLIMSSL_CACHE": str(tmp_path / "cache")}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    other = HeldByAnotherProcess(run)
+    try:
+        start = time.time()
+        proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port", str(_free_port()),
+                               "--monitor_interval", "0.5", "-m", "slimssl", "pretrain", "--config", str(config),
+                               "--out", str(run), "--auto-resume"],
+                              capture_output=True, text=True, env=env, timeout=240)
+    finally:
+        other.kill()
+    assert proc.returncode != 0 and f"is training in {run} now" in proc.stderr, proc.stderr[-3000:]
+    assert time.time() - start < 120  # not the 300 s collective timeout
+    assert [p.name for p in run.iterdir()] == [".train.lock"]  # nothing written
