@@ -15,7 +15,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -241,6 +241,30 @@ def backbone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
 
 
+class OpenedSupernet(NamedTuple):
+    supernet: SlimResNet  # in eval mode, on the CPU
+    cfg: Config
+    recalibrated: dict | None  # the checkpoint's record of ``slimssl recalibrate``
+    trained: dict  # how far the checkpoint was trained ({} for a random initialisation)
+
+
+def open_checkpoint(path: str | Path, config: Config | None = None) -> OpenedSupernet:
+    """The supernet of a checkpoint or run directory with the config it was trained with, its recalibration
+    record and how far it was trained (``trained_steps``, ``trained_epochs`` of the run's
+    ``pretraining_epochs``). With ``config``, its architecture must match the checkpoint's."""
+    data = load_checkpoint(path)
+    step = (data.get("train_state") or {}).get("step")
+    trained = {k: v for k, v in (("trained_steps", step), ("trained_epochs", data.get("epoch"))) if v is not None}
+    if "trained_epochs" in trained:  # the run's length: what an evaluation or export of a run stopped early says
+        trained["pretraining_epochs"] = data["config"].train.epochs
+    return OpenedSupernet(supernet_of(data, path, config).eval(), data["config"], data.get("recalibrated"), trained)
+
+
+def pretraining_unfinished(trained: dict) -> bool:
+    """Whether :func:`open_checkpoint`'s ``trained`` is of a run stopped before its last epoch."""
+    return "trained_epochs" in trained and trained["trained_epochs"] < trained["pretraining_epochs"]
+
+
 def load_supernet(path: str | Path, config: Config | dict | str | Path | None = None) -> tuple[SlimResNet, Config]:
     """The trained backbone supernet of a checkpoint or run directory (eval mode, on the CPU) and its config.
 
@@ -250,9 +274,9 @@ def load_supernet(path: str | Path, config: Config | dict | str | Path | None = 
     """
     from .models.build import as_config
 
-    data = load_checkpoint(path)
-    cfg = data["config"] if config is None else as_config(config)
-    return supernet_of(data, path, cfg).eval(), cfg
+    wanted = None if config is None else as_config(config)
+    opened = open_checkpoint(path, wanted)
+    return opened.supernet, opened.cfg if wanted is None else wanted
 
 
 def supernet_of(data: dict, path: str | Path, config: Config | dict | str | Path | None = None):

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 
+from .checkpoint import OpenedSupernet, open_checkpoint, pretraining_unfinished
 from .config import Config
 from .data.files import DataError
 from .errors import UsageError
@@ -22,20 +23,12 @@ from .nn.spec import SubnetSpec, Subnets
 log = logging.getLogger("slimssl")
 
 
-class OpenedSupernet(NamedTuple):
-    supernet: SlimResNet  # in eval mode
-    cfg: Config
-    recalibrated: dict | None  # the checkpoint's record of ``slimssl recalibrate``
-    trained: dict  # how far the checkpoint was trained ({} for a random initialisation)
-
-
 def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | Path | None = None,
                   overrides: Sequence[str] = ()) -> OpenedSupernet:
     """The supernet of ``checkpoint``, or a new random one of ``config`` (with ``overrides``; its weights drawn
     from ``train.seed``) when ``checkpoint`` is None, with its config. A checkpoint keeps the config it was
     trained with (its resolution, mean and std are what its exports record): ``config`` is only checked against
     its architecture."""
-    from .checkpoint import load_checkpoint, supernet_of
     from .models.build import as_config, build_supernet
 
     if checkpoint is None:
@@ -45,14 +38,7 @@ def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | P
         with torch.random.fork_rng(devices=[]):  # the same weights at every call, the caller's stream untouched
             torch.manual_seed(cfg.train.seed)
             return OpenedSupernet(build_supernet(cfg).eval(), cfg, None, {})
-    data = load_checkpoint(checkpoint)
-    wanted = None if config is None and not overrides else as_config(config, list(overrides))
-    step = (data.get("train_state") or {}).get("step")
-    trained = {k: v for k, v in (("trained_steps", step), ("trained_epochs", data.get("epoch"))) if v is not None}
-    if "trained_epochs" in trained:  # the run's length: an export of a run stopped early says so
-        trained["pretraining_epochs"] = data["config"].train.epochs
-    return OpenedSupernet(supernet_of(data, checkpoint, wanted).eval(), data["config"], data.get("recalibrated"),
-                          trained)
+    return open_checkpoint(checkpoint, None if config is None and not overrides else as_config(config, list(overrides)))
 
 
 def export_source(checkpoint: str | Path | None, config: Config | dict | str | Path | None,
@@ -105,7 +91,7 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
                          "initialisation is exported with its initial ones")
     warn_of_repeated_work("slimssl.export_run()")
     supernet, cfg, recalibrated, trained = open_supernet(checkpoint, config, overrides)
-    if "trained_epochs" in trained and trained["trained_epochs"] < trained["pretraining_epochs"]:
+    if pretraining_unfinished(trained):
         log.warning("%s was saved at epoch %.2f of the run's %d: pretraining has not finished, and the exports are "
                     "the network as it was then (config.json records trained_epochs and pretraining_epochs)",
                     checkpoint, trained["trained_epochs"], trained["pretraining_epochs"])

@@ -136,7 +136,7 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None):
     supernet in memory). ``checkpoint`` is a checkpoint file or run directory (eval mode), or a supernet in memory
     (``SlimResNet``, with its ``config``; moved to the device, its mode left to the protocols, which evaluate in
     eval mode and give it back in its own)."""
-    from ..checkpoint import load_checkpoint, supernet_of
+    from ..checkpoint import open_checkpoint, pretraining_unfinished
     from .results import epoch_floor
     from ..devices import pick_device
     from ..models.build import as_config
@@ -156,9 +156,9 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None):
     if config is not None:  # its results would be merged into the run as if measured with the run's settings
         raise UsageError("a checkpoint is evaluated with the config saved in it; config= is for a supernet in "
                          "memory (the data keywords, k, epochs, ... change what the evaluation does)")
-    data = load_checkpoint(checkpoint)
-    supernet, cfg, epoch = supernet_of(data, checkpoint), data["config"], data.get("epoch")
-    if epoch is not None and epoch < cfg.train.epochs:
+    supernet, cfg, _, trained = open_checkpoint(checkpoint)
+    epoch = trained.get("trained_epochs")
+    if pretraining_unfinished(trained):
         log.warning("%s holds epoch %g of %d: pretraining has not finished (a run's results.json marks what is "
                     "measured on it unfinished)", checkpoint, epoch_floor(epoch), cfg.train.epochs)
     return supernet.to(torch_device).eval(), cfg, torch_device, epoch
