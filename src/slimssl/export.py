@@ -286,11 +286,12 @@ def program_input(config: PlainResNetConfig, resolution: int) -> dict:
 
 
 def _export_program(plain: PlainResNet, path: Path, resolution: int, config: dict) -> None:
-    """The torch.export program of ``plain`` at ``path`` (batch, height and width dynamic), carrying the
-    config.json beside it as an extra file of the archive (``torch.export.load(path, extra_files=...)``)."""
+    """The torch.export program of ``plain`` at ``path`` (batch, height and width dynamic, as ``config``'s
+    ``pt2_input`` says), carrying that config.json as an extra file of the archive
+    (``torch.export.load(path, extra_files=...)``)."""
     from torch.export import Dim, export, save
 
-    sizes = program_input(plain.config, resolution)
+    sizes = config["pt2_input"]
     example = torch.zeros(2, 3, resolution, resolution, dtype=plain.conv1.weight.dtype)  # batch 1 is specialised
     dims = {0: Dim("batch")}
     if "min_size" in sizes:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Literal, NamedTuple, Sequence

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-
 from ..atomic import atomic_write, remove_temporaries
 from ..config import Config, check_processes
 from ..data.files import existing_path
@@ -24,7 +23,6 @@ from .prepare import RUN_OUTPUTS, TrainingLock, prepare_run, remove_run_files, w
 from .signals import Interrupted
 
 log = logging.getLogger("slimssl")
-
 
 
 @dataclass(frozen=True)
