@@ -569,3 +569,34 @@ def test_a_source_or_resolution_of_the_wrong_kind_is_named_not_read_as_unreadabl
     for loader in ("memory", "stream"):
         with pytest.raises(DataError, match=re.escape(expected)):
             load_eval_split(source, "train", loader=loader, resolution=resolution)
+
+
+def test_class_names_in_decomposed_unicode_mean_the_same_classes(tmp_path):
+    # a split copied from macOS spells "é" as "e" + a combining accent (NFD), which sorts before "fox", while the
+    # composed "é" (NFC) sorts after it: read as they are, the two splits' labels would name each other's classes
+    decomposed, composed = "e\u0301be\u0300ne", "\u00e9b\u00e8ne"
+    _class_tree(tmp_path / "d" / "train", classes=(decomposed, "fox"), per_class=2)
+    _class_tree(tmp_path / "d" / "test", classes=(composed, "fox"), per_class=1)
+    train, test = load_dataset(str(tmp_path / "d"), "train"), load_dataset(str(tmp_path / "d"), "test")
+    assert train.classes == test.classes == ["fox", composed]
+    assert train.labels.tolist() == [0, 0, 1, 1] and test.labels.tolist() == [0, 1]
+    assert torch.equal(train.images[2], test.images[1])  # the first image of "ébène" in both trees
+
+
+def test_two_class_folders_spelt_alike_in_unicode_are_refused(tmp_path):
+    _class_tree(tmp_path / "d", classes=("e\u0301", "\u00e9"), per_class=1)
+    with pytest.raises(DataError, match="differ only in how Unicode composes their letters"):
+        load_dataset(str(tmp_path / "d"))
+
+
+def test_utf8_names_of_a_zip_without_the_utf8_flag_are_read_as_utf8(tmp_path):
+    # Info-ZIP (zip -r on Linux and macOS) writes UTF-8 names without flag 0x800; written here with ASCII
+    # stand-ins of the same length (no flag), whose bytes are then replaced by the UTF-8 name
+    name = "\u00fcn\u00efc\u00f6d\u00e9"
+    stand_in = "X" * len(name.encode("utf-8"))
+    src = _class_tree(tmp_path / "d", classes=("cat", stand_in), per_class=2)
+    archive = _zip_dir(src, tmp_path / "info-zip.zip")
+    archive.write_bytes(archive.read_bytes().replace(stand_in.encode(), name.encode("utf-8")))
+    assert not any(info.flag_bits & 0x800 for info in zipfile.ZipFile(archive).infolist())
+    ds = load_dataset(str(archive))
+    assert ds.classes == ["cat", name] and ds.labels.tolist() == [0, 0, 1, 1]

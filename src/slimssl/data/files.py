@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 import threading
+import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def open_zip(path: str, offsets: bool = False) -> FileTree:
     files, dirs, stored, members = {}, set(), {}, {}
     for info in archive.infolist():
         # Windows tools (PowerShell's Compress-Archive) separate folders by backslashes; some zips start with "./"
-        name = info.filename.replace("\\", "/").rstrip("/")
+        name = _member_name(info).replace("\\", "/").rstrip("/")
         while name.startswith("./"):
             name = name[2:]
         if not name or _hidden(name):
@@ -184,6 +185,18 @@ def open_zip(path: str, offsets: bool = False) -> FileTree:
 
     members = {k[len(prefix):]: v for k, v in members.items() if k.startswith(prefix)} if offsets else None
     return FileTree(path, files, dirs, read, members)
+
+
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """A member's name as its folder had it. Info-ZIP (``zip -r`` on Linux and macOS) stores UTF-8 names without
+    the flag that says so, and zipfile then reads them as cp437 (``ü`` as ``├╝``); a name that is not UTF-8
+    read as cp437 is a true cp437 name, from an old DOS tool."""
+    if info.flag_bits & 0x800 or info.filename.isascii():
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except UnicodeError:
+        return info.filename
 
 
 def _wrapper_prefix(files: dict, dirs: set[str]) -> str:
@@ -287,7 +300,9 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
     if not under:
         raise DataError(f"{where} is empty; expected class sub-folders of images, or images")
     children = (d[len(prefix):] for d in tree.dirs if d.startswith(prefix))
-    class_dirs = sorted(c for c in children if c and "/" not in c)
+    # ordered and named as Unicode's composed form (NFC): a split copied from macOS spells "ü" decomposed (NFD),
+    # and its labels must still mean the classes of a split that spells it composed
+    class_dirs = sorted((c for c in children if c and "/" not in c), key=_composed)
     if not class_dirs:
         paths = sorted(prefix + f for f in under if "/" not in f and _is_image(f))
         if not paths:
@@ -322,7 +337,16 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
                             f"{', '.join(IMAGE_EXTENSIONS)}){seen}")
         paths += sorted(by_class[cls])
         labels += [label] * len(by_class[cls])
-    return paths, labels, class_dirs
+    classes = [_composed(c) for c in class_dirs]
+    if len(set(classes)) < len(classes):
+        twins = sorted({c for c in classes if classes.count(c) > 1})
+        raise DataError(f"{where} has class folders whose names differ only in how Unicode composes their letters "
+                        f"({', '.join(twins)}); expected one folder per class: merge them")
+    return paths, labels, classes
+
+
+def _composed(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 # the scans made inside ``reuse_scans()``, by (path, offsets); None outside it
