@@ -1431,21 +1431,24 @@ def test_an_edited_config_yaml_is_said_to_have_no_effect_on_resume(tmp_path, cap
     run = tmp_path / "run"
     pretrain(config_from_dict(TINY), run, max_steps=2)
     with caplog.at_level(logging.WARNING, logger="slimssl"):  # changes given to the resume are no edits
-        pretrain(None, run, resume=True, overrides=["train.epochs=4"], max_steps=2)
+        pretrain(None, run, resume=True, overrides=["train.epochs=4"], max_steps=3)
     assert "does not read config.yaml" not in caplog.text
     edited = yaml.safe_load((run / "config.yaml").read_text())
     edited["train"]["epochs"] = 5
     (run / "config.yaml").write_text(yaml.safe_dump(edited))
     with caplog.at_level(logging.WARNING, logger="slimssl"):
-        pretrain(None, run, resume=True, max_steps=3)
+        pretrain(None, run, resume=True, max_steps=4)
     assert "train.epochs: config.yaml 5, resumed with 4" in caplog.text
     assert "a resume does not read config.yaml" in caplog.text and "overrides=['KEY=VALUE']" in caplog.text
-    # a resume with changes, stopped before its next checkpoint, left config.yaml with them: the same call again
-    # finds what it asks for there, and says nothing
-    pretrain(None, run, resume=True, overrides=["optim.lr=0.01"], max_steps=3)
+    # a resume with changes, killed before its next checkpoint (its checkpoint put back here), left config.yaml
+    # with them: the same call again finds what it asks for there, and says nothing
+    saved = (run / "checkpoints" / "last.pt").read_bytes()
+    pretrain(None, run, resume=True, overrides=["optim.lr=0.01"], max_steps=5)
+    (run / "checkpoints" / "last.pt").write_bytes(saved)
+    assert "lr: 0.01" in (run / "config.yaml").read_text()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="slimssl"):
-        pretrain(None, run, resume=True, overrides=["optim.lr=0.01"], max_steps=4)
+        pretrain(None, run, resume=True, overrides=["optim.lr=0.01"], max_steps=5)
     assert "does not read config.yaml" not in caplog.text
 
 

@@ -534,6 +534,31 @@ def test_python_pretrain_stops_resumes_and_interoperates_with_the_cli(tmp_path, 
     assert saved.train.knn_every == 0 and saved.name == "tiny_byol"
 
 
+def test_a_resume_that_trains_nothing_leaves_the_run_as_it_was(tmp_path, caplog):
+    """Settings changed by a resume that trains and evaluates nothing (a finished run; max_steps at the run's
+    step) are not saved: config.yaml would otherwise describe settings the checkpoint was never trained with."""
+    import slimssl
+
+    files = ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "results.json")
+    unfinished, finished = tmp_path / "unfinished", tmp_path / "finished"
+    slimssl.pretrain(tiny("byol", train={"epochs": 1}), unfinished, overrides=["train.knn=false"], max_steps=2)
+    slimssl.pretrain(tiny("byol", train={"epochs": 1}), finished, overrides=["train.knn=false"])
+    for run, max_steps in ((unfinished, 2), (unfinished, 1), (finished, None)):
+        before = {name: (run / name).read_bytes() for name in files if (run / name).is_file()}
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="slimssl"):
+            done = slimssl.pretrain(out=run, resume=True, max_steps=max_steps,
+                                    overrides=["data.resolution=16", "optim.lr=0.1"])
+        assert done.step == (2 if run == unfinished else 4)
+        assert {name: (run / name).read_bytes() for name in before} == before
+        assert "keeps the settings the run was trained with" in caplog.text
+        if max_steps is not None:
+            assert f"at step 2 already: max_steps {max_steps} trains nothing" in caplog.text
+    # and a resume that trains takes the changed settings from there on
+    assert slimssl.pretrain(out=unfinished, resume=True, max_steps=3, overrides=["optim.lr=0.1"]).step == 3
+    assert "lr: 0.1" in (unfinished / "config.yaml").read_text()
+
+
 def test_runs_stopped_early_leave_no_threads_behind(tmp_path):
     """A process that stops and resumes a run many times (a notebook, a scheduler) keeps no TensorBoard writer
     thread of the calls that stopped before the end: one was left per call."""

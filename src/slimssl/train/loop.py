@@ -449,6 +449,9 @@ class Trainer:
                      "evaluations merged into it) is kept", self.state.step)
             return results
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
+        if self.state.step >= end and end < self.total_steps:  # nothing saved either: the run stays as it was
+            log.info("this run is at step %d already: max_steps %d trains nothing", self.state.step, max_steps)
+            return {}
         # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint
         with SignalGuard() as guard:
             self._train_until(end, guard)

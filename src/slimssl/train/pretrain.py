@@ -16,7 +16,7 @@ from ..config import Config, check_processes
 from ..data.files import existing_path
 from ..data.registry import in_memory_only
 from ..errors import UsageError
-from ..layout import CHECKPOINTS, CONFIG, METRICS, checkpoint_path
+from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
 from . import distributed as dist
 from .loop import Trainer
 from .prepare import RUN_OUTPUTS, TrainingLock, prepare_run, remove_run_files, write_run_config
@@ -81,6 +81,8 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
             trainer.close()
         if lock is not None:
             lock.release()
+    if is_main and resume:
+        _keep_settings_if_idle(run_dir, saved)
     dist.barrier()  # every process returns once rank 0 has written the checkpoint and results.json
     return PretrainRun(run_dir, results, trainer.state.step, trainer.total_steps)
 
@@ -90,29 +92,48 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
 _RESTORED_ON_FAILURE = (CONFIG, METRICS)
 
 
-def _saved_state(run_dir: Path) -> tuple[int | None, dict[str, str]]:
-    """(last.pt's modification time, the text of config.yaml and metrics.jsonl) before a call trains: what a
-    failed resume restores."""
+def _saved_state(run_dir: Path) -> tuple[int | None, dict[str, str], int | None]:
+    """(last.pt's modification time, the text of config.yaml and metrics.jsonl, results.json's modification
+    time) before a call trains: what a failed or idle resume restores."""
     last = checkpoint_path(run_dir)
     if not last.is_file():
-        return None, {}
-    return last.stat().st_mtime_ns, {name: (run_dir / name).read_text(encoding="utf-8") for name in _RESTORED_ON_FAILURE
-                                     if (run_dir / name).is_file()}
+        return None, {}, None
+    texts = {name: (run_dir / name).read_text(encoding="utf-8") for name in _RESTORED_ON_FAILURE
+             if (run_dir / name).is_file()}
+    return last.stat().st_mtime_ns, texts, _mtime(run_dir / RESULTS)
 
 
-def _restore_if_unsaved(run_dir: Path, saved: tuple[int | None, dict[str, str]]) -> None:
+def _keep_settings_if_idle(run_dir: Path, saved: tuple[int | None, dict[str, str], int | None]) -> None:
+    """A resume that trained and evaluated nothing (a finished run, or ``max_steps`` at its step) leaves the run
+    as it found it: settings it changed would describe a checkpoint that was never trained with them."""
+    if _mtime(run_dir / RESULTS) != saved[2] or not _restore_if_unsaved(run_dir, saved):
+        return
+    log.warning("nothing was trained or evaluated: %s keeps the settings the run was trained with, and the "
+                "settings changed by this call apply to a resume that trains", run_dir / CONFIG)
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.is_file() else None
+
+
+def _restore_if_unsaved(run_dir: Path, saved: tuple[int | None, dict[str, str], int | None]) -> bool:
     """After a resume failed before it saved a checkpoint, config.yaml and metrics.jsonl are put back as they
     were (the --set changes it had written, the records it had logged, are not in the checkpoint)."""
-    mtime, texts = saved
+    mtime, texts, _ = saved
     last = checkpoint_path(run_dir)
     if not texts or not last.is_file() or last.stat().st_mtime_ns != mtime:
-        return
+        return False
+    changed = False
     for name, text in texts.items():
+        if (run_dir / name).is_file() and (run_dir / name).read_text(encoding="utf-8") == text:
+            continue
+        changed = True
         try:
             with atomic_write(run_dir / name, "w") as f:
                 f.write(text)
         except OSError as e:  # the run's own error matters more
             log.warning("could not put back %s as it was before this call: %s", run_dir / name, e)
+    return changed
 
 
 def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bool) -> None:
