@@ -1088,6 +1088,25 @@ def test_cli_export_keeps_the_statistics_of_slimssl_recalibrate_and_warns_only_w
     assert "data: not used, since the export reads no data (the statistics slimssl recalibrate stored" in caplog.text
 
 
+def test_evaluation_of_a_checkpoint_of_slimssl_recalibrate_measures_the_model_its_export_is(
+        tmp_path, monkeypatch, caplog):
+    """Evaluation keeps the statistics slimssl recalibrate stored for its sub-network, as export does; the
+    other widths are re-estimated by both alike."""
+    from slimssl.cli import main
+
+    make_checkpoint(tmp_path / "in.pt", bn="shared")
+    # on 4 images, not the whole small train split that the evaluation's batch of 64 re-estimates them on
+    assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.25", "--batches", "1",
+                 "--eval-batch-size", "4", "--out", str(tmp_path / "re.pt"), "--device", "cpu"]) == 0
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        measured = models_knn_measures(tmp_path / "re.pt", "cpu", monkeypatch)
+    assert "w0p25_d1-1-1-1: evaluated with the BatchNorm statistics estimated for it" in caplog.text
+    assert main(["export", str(tmp_path / "re.pt"), "--subnet", "0.25", "0.5", "--out", str(tmp_path / "out"),
+                 "--device", "cpu"]) == 0
+    for name, model in measured.items():
+        assert_same_state(exported_state(tmp_path / "out" / name), model.export(name).state_dict())
+
+
 def test_knn_of_chosen_sub_networks(tmp_path, capsys):
     import slimssl
     from slimssl.cli import main

@@ -60,6 +60,14 @@ def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImage
                         "(recalibrate_bn 0): their numbers may be far off; recalibrate them (the default) or give a "
                         "checkpoint of `slimssl recalibrate`", ", ".join(guessed))
         return {spec.name: supernet for spec in specs}
+    models = {}
+    for spec in stored_estimates(supernet, specs):  # as export keeps them: the export is the model measured
+        log.info("%s: evaluated with the BatchNorm statistics estimated for it that the supernet holds (a "
+                 "checkpoint of slimssl recalibrate), not re-estimating them", spec.name)
+        models[spec.name] = supernet
+    specs = [spec for spec in specs if spec.name not in models]
+    if not specs:
+        return models
     train_images = as_eval_images(train_images)
     n = recalibration_batches(asked, supernet.slim_state.private_bn, len(train_images), batch_size)
     if n < asked and (n, asked, batch_size, len(train_images)) not in _SAID:  # once, not at every kNN of a run
@@ -68,7 +76,6 @@ def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImage
                     n, batch_size, asked, len(train_images))
     # The sample is decoded once for all sub-networks; its batches are those recalibration_images reads.
     sample = as_eval_images(train_images.take(calibration_order(len(train_images), n, batch_size, seed)))
-    models = {}
     for spec in specs:
         model = copy.deepcopy(supernet)
         recalibrate_bn(model, spec, (eval_transform(batch.to(device), resolution, mean, std)
@@ -76,6 +83,14 @@ def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImage
         models[spec.name] = model.eval()
         log.info("recalibrated BatchNorm of %s on %d batches", spec.name, n)
     return models
+
+
+def stored_estimates(supernet, specs: Sequence[SubnetSpec]) -> list[SubnetSpec]:
+    """The sub-networks of ``specs`` whose shared BatchNorm statistics the supernet holds as estimated for them:
+    a checkpoint written by ``slimssl recalibrate`` (estimated on the batches its user chose), used as they are."""
+    if supernet.slim_state.private_bn or supernet.slim_state.bn_estimated is None:
+        return []
+    return [spec for spec in specs if supernet.bn_statistics_estimated(spec)]
 
 
 def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetSpec, out: str | Path, *,
