@@ -3,6 +3,7 @@ flag and what it expects, before anything is loaded (so the checkpoint named her
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,38 @@ def test_outputs_of_the_wrong_kind_of_path(tmp_path, capsys):
             main(argv)
         assert refused.value.code == 2 and expected in capsys.readouterr().err
     assert a_file.read_text() == "kept\n"
+
+
+def test_output_paths_the_machine_refuses_are_the_options_errors(tmp_path, capsys):
+    """A name too long for the file system, or a link to nothing, is said as the option's error (exit 2), not as
+    a traceback from deep in the command."""
+    too_long = str(tmp_path / ("a" * 300))
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "x")
+    for argv, expected in [
+        (["pretrain", "--out", too_long], f"argument --out: cannot use {too_long!r}: File name too long"),
+        (["export", CKPT, "--all", "--out", too_long], "argument --out: cannot use"),
+        (["report", CKPT, "--plot", too_long + ".png"], "argument --plot: cannot use"),
+        (["pretrain", "--out", str(tmp_path / "dangling")], f"is a link to {str(tmp_path / 'gone' / 'x')!r}, which "
+                                                           "does not exist"),
+    ]:
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and expected in err and "Traceback" not in err, argv
+
+
+def test_a_path_the_machine_refuses_while_a_command_runs_is_named_without_a_traceback(monkeypatch, caplog):
+    import errno
+
+    from slimssl import config as config_module
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENAMETOOLONG, "File name too long", "some/very/long/name")
+
+    monkeypatch.setattr(config_module, "load_config", refuse)
+    with caplog.at_level(logging.ERROR, logger="slimssl"):
+        assert main(["config", "--config", "demo"]) == 2
+    assert "slimssl config: error: some/very/long/name: File name too long; choose another path" in caplog.text
 
 
 def test_reproduce_needs_a_recipe(tmp_path, capsys, caplog):

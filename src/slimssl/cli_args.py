@@ -6,6 +6,7 @@ the user's shell reads it in a command we suggest."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -65,6 +66,7 @@ def output_file(*suffixes: str) -> Callable[[str], Path]:
     """A file to write: one of ``suffixes`` (so that it cannot name a checkpoint or a run's config by
     mistake), and not an existing directory."""
 
+    @_path_checked
     def parse(text: str) -> Path:
         path = Path(text)
         if path.suffix.lower() not in suffixes:
@@ -86,6 +88,20 @@ def data_source(text: str) -> str:
     return text
 
 
+def _path_checked(parse: Callable[[str], Path]) -> Callable[[str], Path]:
+    """A path that the machine refuses to look at (a name too long, a link loop) is said as the option's error,
+    not a traceback."""
+
+    @functools.wraps(parse)
+    def checked(text: str) -> Path:
+        try:
+            return parse(text)
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot use {text!r}: {e.strerror or e}") from e
+    return checked
+
+
+@_path_checked
 def output_dir(text: str) -> Path:
     """A folder to write into: it may exist, but must not be a file."""
     if not text.strip():
@@ -102,6 +118,9 @@ def _check_writable(folder: Path, text: str) -> None:
     (found now rather than by a crash after the work is done)."""
     ancestor = folder.absolute()
     while not ancestor.exists():
+        if ancestor.is_symlink():  # a link to nothing: nothing can be made where it is
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(ancestor)!r} is a link to "
+                                             f"{os.readlink(ancestor)!r}, which does not exist")
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(ancestor)!r} is a file, not a folder")

@@ -11,6 +11,9 @@ import errno
 
 # a full disk, a quota, a read-only or forbidden place: the machine's state, not a bug
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# a path the machine cannot use as given: a name too long, a file where a folder goes, a link loop, a link to
+# nothing where a folder is made
+PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EEXIST})
 
 
 class SlimsslError(ValueError):
@@ -29,9 +32,14 @@ class StorageError(SlimsslError):
 def storage_error(error: BaseException, again: str = "") -> StorageError | None:
     """``error`` as a :class:`StorageError` when it is an OSError of the machine's state (not a bug), else None.
     ``again``: the command that continues the work once the cause is fixed, where it differs from the one run."""
-    if not (isinstance(error, OSError) and error.errno in STORAGE_ERRNOS):
+    if not isinstance(error, OSError):
         return None
     where = f"{error.filename}: " if error.filename else ""
     then = f"continue with: {again}" if again else "run the command again"
+    if error.errno in PATH_ERRNOS and error.filename:
+        return StorageError(f"{where}{error.strerror or error}; choose another path, then {then} (what was saved "
+                            "before is kept)")
+    if error.errno not in STORAGE_ERRNOS:
+        return None
     return StorageError(f"{where}{error.strerror or error}; free space, or fix the place's permissions, then {then} "
                         "(what was saved before is kept)")
