@@ -200,6 +200,25 @@ def test_a_run_without_results_yet_is_left_out_with_a_warning(tmp_path, capsys, 
     assert "results.json does not exist" in caplog.text + capsys.readouterr().err
 
 
+def test_results_of_a_run_trained_on_since_are_said_to_describe_an_earlier_network(tmp_path, capsys, caplog):
+    """A finished run resumed with more epochs keeps its results.json until it ends again: a report of it then
+    says which step its numbers describe."""
+    dirs, _ = write_runs(tmp_path)
+    doc = json.loads((dirs[0] / "results.json").read_text())
+    (dirs[0] / "results.json").write_text(json.dumps({**doc, "steps": 100}))
+    records = "".join(json.dumps({"step": s, "loss": {}}) + "\n" for s in (50, 100))
+    (dirs[0] / "metrics.jsonl").write_text(records)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["report", str(dirs[0])]) == 0
+    assert "describes the network" not in caplog.text
+    (dirs[0] / "metrics.jsonl").write_text(records + json.dumps({"step": 150, "loss": {}}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["report", str(dirs[0])]) == 0
+    assert f"{dirs[0] / 'results.json'} describes the network at step 100, and the run has trained on to step " \
+           "150 since" in caplog.text
+    assert "## slim" in capsys.readouterr().out
+
+
 def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, capsys, caplog):
     dirs, _ = write_runs(tmp_path)
     (dirs[0] / "metrics.jsonl").write_bytes(b"\x00\xff\xfe binary junk\n[1, 2]\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .eval.results import read_metrics, read_results, run_dir_of, unfinished_note
+from .eval.results import read_results, run_dir_of, stale_note, trained_on_to, unfinished_note
 from .layout import RESULTS, checkpoint_path
 from .report.table import human, is_number
 
@@ -123,12 +123,6 @@ def _warn_of_what_the_ranking_leaves(data: dict, run_dir: Path, fit: list[dict],
         log.warning("%s/%s holds values measured before pretraining ended (%s)", run_dir, RESULTS, note)
     from .checkpoint import checkpoint_step  # torch: not for parsing --max-macs (cli_args)
 
-    steps = [r["step"] for r in read_metrics(run_dir) if is_number(r.get("step"))]
-    saved = checkpoint_step(checkpoint_path(run_dir))  # steps after the last metrics record are only there
-    if saved is not None:
-        steps.append(saved)
-    trained = max(steps, default=None)
-    if is_number(data.get("steps")) and trained is not None and trained > data["steps"]:
-        log.warning("%s/%s describes the network at step %d, and the run has trained on to step %d since: the "
-                    "accuracies may not be those of its last checkpoint (slimssl knn RUN measures them again)",
-                    run_dir, RESULTS, data["steps"], trained)
+    trained = trained_on_to(run_dir, data, checkpoint_step(checkpoint_path(run_dir)))
+    if trained is not None:
+        log.warning("%s", stale_note(run_dir, data, trained))

@@ -197,6 +197,26 @@ def unfinished_note(data: dict) -> str | None:
     return f"{', '.join(parts) or 'measured'} of {marks.get('epochs', '?')}"
 
 
+def trained_on_to(run_dir: str | Path, data: dict, saved_step: int | None = None) -> int | None:
+    """The step ``run_dir`` has trained on to since ``data`` (its results.json) was written at the end of
+    pretraining (a resume given more epochs), from metrics.jsonl and ``saved_step``, its last checkpoint's step
+    where known; None when it has not: the accuracies are then those of its last checkpoint."""
+    steps = [r["step"] for r in read_metrics(run_dir)
+             if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
+    if saved_step is not None:  # steps after the last metrics record are only there
+        steps.append(saved_step)
+    trained, written = max(steps, default=None), data.get("steps")
+    if isinstance(written, int) and trained is not None and trained > written:
+        return trained
+    return None
+
+
+def stale_note(run_dir: str | Path, data: dict, trained: int) -> str:
+    return (f"{Path(run_dir) / RESULTS} describes the network at step {data['steps']}, and the run has trained on "
+            f"to step {trained} since: the accuracies may not be those of its last checkpoint (slimssl knn RUN "
+            "measures them again)")
+
+
 def _keep_earlier_settings(rows: list[dict], values: Mapping[str, Any], protocol: str, earlier: dict | None,
                            now: dict) -> None:
     """Rows measured again lose their own settings of ``protocol``; the others, holding its values measured

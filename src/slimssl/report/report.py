@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..eval.results import read_metrics, read_results, same_data, unfinished_note
+from ..eval.results import read_metrics, read_results, same_data, stale_note, trained_on_to, unfinished_note
 from ..layout import RESULTS
 from .table import is_number, markdown_table
 
@@ -23,11 +23,14 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
     """The results.json content of every run directory, in the given order, with ``run`` set to the label
     that tells it from the others (:func:`run_labels`): runs of one recipe share their config's name."""
     results = [read_results(d) for d in run_dirs]
-    for result, label in zip(results, run_labels(run_dirs)):
+    for result, label, run_dir in zip(results, run_labels(run_dirs), run_dirs):
         result["run"] = label
         note = unfinished_note(result)
         if note:  # evaluated on a checkpoint from before pretraining's end
             log.warning("%s: results measured before pretraining finished (%s)", label, note)
+        trained = trained_on_to(run_dir, result)  # metrics.jsonl alone: a report reads no checkpoint
+        if trained is not None:
+            log.warning("%s", stale_note(run_dir, result, trained))
     return results
 
 
