@@ -1591,6 +1591,21 @@ def test_ctrl_c_outside_training_exits_130_with_one_line(monkeypatch, capsys, ca
     assert "slimssl config: interrupted (Ctrl-C)" in text and "Traceback" not in text
 
 
+def test_sigterm_stops_a_command_that_does_not_train_as_ctrl_c_does(monkeypatch, capsys, caplog):
+    """A scheduler's SIGTERM during knn, linear, export, ... is one line and exit 130; it used to kill the process
+    without a word (exit 143). The handler before the command comes back after it."""
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the command went on after SIGTERM")
+
+    monkeypatch.setattr("slimssl.model_commands.cmd_config", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["config"]) == 130
+    text = error_text(capsys, caplog)
+    assert "slimssl config: interrupted (SIGTERM); nothing it had saved is lost" in text and "Traceback" not in text
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_a_failed_resume_leaves_metrics_jsonl_as_it_was(tmp_path, saved_run, monkeypatch):
     run, before = saved_run
     metrics = (run / "metrics.jsonl").read_text()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -25,7 +27,7 @@ EXIT_CODES = """exit codes:
   3    pretrain (or reproduce) stopped by SIGTERM or SIGINT after saving: the same run continues it;
        reproduce exits 3 for every stop signal (the same command continues)
   4    reproduce --time-budget ran out with work left: run the same command again
-  130  Ctrl-C outside a training loop (or SIGTERM outside pretrain's): the command stopped; nothing it had
+  130  Ctrl-C or SIGTERM outside a training loop: the command stopped; nothing it had
        saved is lost. Or a second stop signal during training, which stops at once: the steps since the last
        checkpoint are lost
 
@@ -36,6 +38,28 @@ environment:
   SLIMSSL_DIST_TIMEOUT  seconds a torchrun process waits for the others (default 1800)
   SLIMSSL_DIST_BACKEND  torch.distributed backend (default cpu:gloo,cuda:nccl with CUDA, else gloo)
   SLIMSSL_MAX_IMAGE_PIXELS  Pillow's size guard against decompression bombs: pixels, or none (default Pillow's)"""
+
+
+# the commands that handle SIGTERM and SIGINT themselves (a saved stop, exit 3)
+OWN_STOP_SIGNALS = ("pretrain", "reproduce")
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (a scheduler's stop, ``kill``) ends any other command as Ctrl-C does: one line and exit 130, not a
+    silent death with exit 143. (Outside the main thread, where Python takes no handler, it is left alone.)"""
+    def handle(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _refuse_several_processes(args.command)
         import_modules(args.imports)
-        return args.func(args)
+        with contextlib.nullcontext() if args.command in OWN_STOP_SIGNALS else _sigterm_as_ctrl_c():
+            return args.func(args)
     except OutputClosed:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1
