@@ -111,8 +111,11 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         emit(args, run.results, markdown_table(run.results["subnets"], cols))
         if dist.is_main():  # after minutes of progress, where the run is and what comes next
             where = shell_quote(run_dir)
-            log.info("done: the run is in %s (results.json, checkpoints/last.pt); next: slimssl linear %s, "
-                     "slimssl export %s --all --out DIR, slimssl report %s", where, where, where, where)
+            # no kNN: train.knn false, or data without labels or a test split, which a probe cannot use either
+            probe = "" if "knn" in run.results.get("protocols", {}) else \
+                " --data DATA (labelled, with a test split, where the run's data is not)"
+            log.info("done: the run is in %s (results.json, checkpoints/last.pt); next: slimssl linear %s%s, "
+                     "slimssl export %s --all --out DIR, slimssl report %s", where, where, probe, where, where)
     elif dist.is_main():  # the other ranks have no results even when finished: rank 0 reports
         log.info("stopped at step %d of %d; continue with: %s", run.step, run.total_steps, again)
         if args.json:  # a script's json.loads needs a document whenever the command succeeds
