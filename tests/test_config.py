@@ -439,8 +439,16 @@ def test_a_raised_lr_after_the_slow_start_is_reported_only_when_there_is_a_slow_
     ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
 ])
 def test_a_bool_or_an_infinity_is_no_number(assignment, message):
-    with pytest.raises(ConfigError, match=rf"invalid config demo\.yaml \(shipped\):\n  {message}"):
+    # the shipped file is fine: the error is said to be the --set's
+    with pytest.raises(ConfigError, match=rf"invalid --set for the config of demo\.yaml \(shipped\):\n  {message}"):
         load_config("demo", [assignment])
+
+
+def test_an_error_of_the_file_and_one_of_a_set_are_said_as_the_files(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match=r"invalid config .*c\.yaml:\n  optim.lr: .*\[from --set\]\n  train.epochs: "):
+        load_config(path, ["optim.lr=abc"])
 
 
 def test_an_empty_config_file_is_refused_not_read_as_every_default(tmp_path):

@@ -112,6 +112,9 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str
             lines.append(f"  {message}" + (from_set(named) if re.fullmatch(r"[\w.]+", named) else ""))
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
+    if all(line.endswith("[from --set]") or "[from --set] (allowed here" in line for line in lines):
+        # the file is fine: its name first would make it sound damaged
+        return f"invalid --set for the config of {source}:\n" + "\n".join(lines)
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
