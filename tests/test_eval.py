@@ -1029,6 +1029,25 @@ def test_cli_export_recalibrates_on_the_gpu_as_evaluation_does(tmp_path, capsys,
             torch.testing.assert_close(value, expected[key].cpu(), rtol=1e-6, atol=1e-7)
 
 
+def test_options_that_do_nothing_here_are_said_to_be_unused(tmp_path, caplog):
+    """--resolution and --tolerance of export act only with --verify; --workers only with the stream loader.
+    Taken silently, they would read as if they had done something."""
+    from slimssl.cli import main
+
+    make_checkpoint(tmp_path / "private.pt")
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["export", str(tmp_path / "private.pt"), "--subnet", "0.5", "--out", str(tmp_path / "a"),
+                     "--resolution", "16", "--tolerance", "1e-3"]) == 0
+        assert "--tolerance and --resolution: not used without --verify" in caplog.text
+        caplog.clear()
+        assert main(["export", str(tmp_path / "private.pt"), "--subnet", "0.5", "--out", str(tmp_path / "b"),
+                     "--resolution", "16", "--verify"]) == 0
+        assert "not used" not in caplog.text
+        assert main(["knn", str(tmp_path / "private.pt"), "--subnet", "0.5", "--workers", "2", "--no-save",
+                     "--device", "cpu"]) == 0
+    assert caplog.text.count("workers 2 (--workers): not used, since the splits are decoded in memory") == 1
+
+
 def test_cli_export_reads_no_data_without_shared_statistics_to_estimate(tmp_path, monkeypatch, capsys, caplog):
     import slimssl.data.eval_images as eval_images
     from slimssl.cli import main

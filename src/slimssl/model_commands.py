@@ -45,6 +45,9 @@ def _check_model_source(args: argparse.Namespace) -> None:
 
 # ---- export ------------------------------------------------------------------------------------------
 
+DEFAULT_TOLERANCE = 1e-5  # export --verify
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .eval.commands import data_keywords
     from .exporter import export_run
@@ -63,6 +66,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("a budget picks by the accuracies a run measured; --random-init exports the initial "
                          "weights, which have none: use --subnet or --all")
     _check_model_source(args)
+    unused = [flag for flag, given in (("--tolerance", args.tolerance is not None),
+                                       ("--resolution", args.resolution is not None and args.format == "safetensors"))
+              if given and not args.verify]
+    if unused:  # said, rather than taken silently as if they had done something
+        log.warning("%s: not used without --verify", " and ".join(unused))
     picked = None
     if budget:
         from .budget import pick_subnet
@@ -80,9 +88,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                 for row in rows]
     emit(args, rows, markdown_table(rows))
     worst = max((v for r in rows for k, v in r.items() if k.endswith("max_rel_diff")), default=0.0)
-    if worst > args.tolerance:
+    tolerance = DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    if worst > tolerance:
         log.error("export differs from the supernet by %.3g (relative to its largest output), more than "
-                  "--tolerance %g", worst, args.tolerance)
+                  "--tolerance %g", worst, tolerance)
         return 1
     return 0
 
@@ -171,9 +180,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "checkpoint or config (an export of the same one is always replaced)")
     p.add_argument("--verify", action="store_true", help="compare each export with the supernet's sub-network "
                    "(with shared BatchNorm: the re-estimated copy it was exported from)")
-    p.add_argument("--tolerance", type=nonnegative_float, default=1e-5,
+    p.add_argument("--tolerance", type=nonnegative_float,
                    help="--verify fails above this max difference, relative to the largest output where that is "
-                   "above 1 (absolute below)")
+                   f"above 1 (absolute below; default {DEFAULT_TOLERANCE:g})")
     p.add_argument("--resolution", type=positive_int,
                    help="input size for --verify, and the graph's tracing size (the graph takes other sizes too; "
                         "default: the config's)")

@@ -110,8 +110,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     rows = finetune(args.checkpoint, "all" if args.all else args.subnet, args.label_fraction, epochs=args.epochs,
                     lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_crop=args.train_crop,
                     out=args.out, save_models=args.save_models, **_common_keywords(args))
-    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", "label_fraction", "num_labelled",
-                                           "top1", "top5"]))
+    shown = [{**row, "label_fraction": f"{row['label_fraction']:g}"} for row in rows]  # 0.0001, not 0.00
+    emit(args, rows, markdown_table(shown, ["subnet", "params", "macs", "label_fraction", "num_labelled",
+                                            "top1", "top5"]))
     return 0
 
 

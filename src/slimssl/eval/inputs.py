@@ -98,6 +98,9 @@ class DataOptions:
             log.info("data %r is a dataset held in memory (built-in or registered): decoded in memory (the "
                      "checkpoint's data.loader stream reads folders and .zip files only)", source)
             loader = "memory"
+        if self.workers is not None and loader == "memory" and split == "train":  # every call reads it, once
+            log.warning("workers %d (--workers): not used, since the splits are decoded in memory (the stream "
+                        "loader's workers: --loader stream)", self.workers)
         workers = self.workers if self.workers is not None else cfg.data.workers
         workers = default_workers() if workers is None else workers
         crop_ratio = self.resolved_crop_ratio(cfg)
