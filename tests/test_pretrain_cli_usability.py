@@ -104,6 +104,17 @@ def test_a_missing_data_path_is_said_before_a_run_folder_is_made(tmp_path, confi
     assert not run.exists() and "removed what this run had written" not in caplog.text
 
 
+def test_a_run_directory_inside_the_dataset_is_refused(tmp_path, config, capsys, caplog):
+    """Its checkpoints/ and tb/ would become classes of the next run on that folder."""
+    data = image_folder(tmp_path / "images")
+    for out in (data, data / "runs" / "r1"):
+        assert main(["pretrain", "--config", str(config), "--data", str(data), "--out", str(out)]) == 2
+        assert f"{out} is inside the dataset {data}: the run's files" in error_text(capsys, caplog)
+    assert sorted(p.name for p in data.iterdir()) == ["a", "b"]
+    assert main(["pretrain", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--max-steps", "1"]) == 0  # beside it: fine
+
+
 def test_a_finished_run_says_where_it_is_and_what_comes_next(tmp_path, config, caplog):
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="slimssl"):

@@ -21,7 +21,7 @@ from ..cli_args import shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, config_differences, config_from_dict,
                       find_config)
 from ..data.files import BUILTIN
-from ..data.registry import recorded_source, registered_name
+from ..data.registry import in_memory_only, recorded_source, registered_name
 from ..errors import SlimsslError, UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, TRAINING_LOCK, checkpoint_path
 from ..models.build import as_config
@@ -246,6 +246,7 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
         how = f"--resume {shell_quote(run_dir)}" if cli else "resume=True"
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
+    _refuse_run_in_data(run_dir, cfg.data.source, cli)
     if isinstance(config, (str, Path)) and Path(find_config(config)).resolve() == (run_dir / CONFIG).resolve():
         raise UsageError(f"{run_dir} holds the config file given ({config}), which the run would overwrite with "
                          "its resolved config; keep the file elsewhere or choose another output folder")
@@ -266,6 +267,17 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
                             ", or remove those files to start again in it"))
     source = str(config) if isinstance(config, (str, Path)) else "demo" if config is None else cfg.name
     return PreparedRun(cfg, run_dir, source, False)
+
+
+def _refuse_run_in_data(run_dir: Path, source, cli: bool) -> None:
+    """A run directory in the dataset's folder would mix its files into the data: its checkpoints/ and tb/
+    folders would be read as classes of the next run on that folder."""
+    if in_memory_only(source) or not Path(source).is_dir():
+        return
+    data, where = Path(source).resolve(), run_dir.resolve()
+    if where == data or data in where.parents:
+        raise UsageError(f"{run_dir} is inside the dataset {source}: the run's files (checkpoints/, tb/, ...) would "
+                         f"be mixed into the data; choose {'an --out' if cli else 'an out folder'} outside it")
 
 
 def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
