@@ -179,8 +179,8 @@ def _drop_earlier_graphs(folder: Path, rewritten: str | None = None) -> None:
         if (folder / name).is_file():
             (folder / name).unlink()
             if name != rewritten:
-                log.info("%s: removed the earlier %s, a graph of the weights written before (fmt=%r, --format %s, "
-                         "writes one of these)", folder, name, fmt, fmt)
+                log.info("%s: removed %s, made with the weights and config.json written before (exporting again "
+                         "with --format %s, fmt=%r, makes it anew)", folder, name, fmt, fmt)
 
 
 def _architecture(model: PlainResNet) -> PlainResNetConfig:
