@@ -71,8 +71,8 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=positive_int, help="batch of the feature extraction (default: config eval.batch_size)")
     p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
                    help="re-estimate each sub-network's BatchNorm statistics on N train batches before evaluating "
-                        f"(default: {DEFAULT_RECALIBRATE_BATCHES} when the supernet's BatchNorm is shared, else 0); the "
-                        "sub-network of a checkpoint of slimssl recalibrate keeps the statistics stored for it")
+                        f"(default: {DEFAULT_RECALIBRATE_BATCHES} when the supernet's BatchNorm is shared, else 0); "
+                        "the sub-network of a checkpoint of slimssl recalibrate keeps the statistics stored for it")
     p.add_argument("--no-save", action="store_true", help="do not merge the results into RUN/results.json")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
