@@ -105,6 +105,11 @@ def test_build_optimizer_groups_per_optimizer():
     assert isinstance(sgd, torch.optim.SGD) and [g["weight_decay"] for g in sgd.param_groups] == [1e-4, 0.0]
     adamw = build_optimizer(config_from_dict({"optim": {"name": "adamw"}}).optim, named, 0.1)
     assert isinstance(adamw, torch.optim.AdamW)
+    assert all(g["betas"] == (0.9, 0.999) for g in adamw.param_groups)
+    adamw = build_optimizer(config_from_dict({"optim": {"name": "adamw", "betas": [0.8, 0.99]}}).optim, named, 0.1)
+    assert all(g["betas"] == (0.8, 0.99) for g in adamw.param_groups)
+    momentum = build_optimizer(config_from_dict({"optim": {"name": "sgd", "momentum": 0.5}}).optim, named, 0.1)
+    assert all(g["momentum"] == 0.5 for g in momentum.param_groups)
 
 
 def test_lr_at_warmup_and_cosine_endpoints():

@@ -95,6 +95,9 @@ def test_random_space_draws_valid_specs_between_smallest_and_largest():
             seen_depths.add(spec.depths)
     assert len(seen_widths) > 4 and len(seen_depths) > 4
     assert [p.draw(s) for s in range(10)] == [p.draw(s) for s in range(10)]
+    # the random draws cover the whole grid in time, its ends too (shallower sub-networks at the full width)
+    random_widths = {spec.width for step in range(400) for spec in p.draw(step)[1:] if spec != lo}
+    assert random_widths == {round(0.25 + WIDTH_GRID * k, 2) for k in range(16)}
 
 
 def test_random_space_covers_a_menu_that_does_not_cross_widths_with_depths():

@@ -678,17 +678,21 @@ def test_online_distillation_is_mixed_into_every_sub_networks_loss_and_not_the_t
 
 
 def test_slimclr_loss_weight_scales_the_full_networks_update(tmp_path):
-    moved = {}
+    moved, logged = {}, {}
     key = "backbone.bn1.bns.w1p0_d1-1-1-1.weight"  # the full network's private BatchNorm: only its loss reaches it
     for weights in ("uniform", "slimclr"):
         data = tiny("byol", "all", "target", slim={"loss_weights": weights}, optim={"momentum": 0.0, "weight_decay": 0.0})
         trainer = Trainer(config_from_dict(data), tmp_path / weights)
         before = trainer.model.state_dict()[key].clone()
-        trainer.train_step(0)
+        logged[weights] = trainer.train_step(0).losses
         moved[weights] = trainer.model.state_dict()[key] - before
     assert moved["uniform"].abs().max() > 0
     # SlimCLR: the full network's loss counts 1 + the sum of the other widths (0.75 + 0.5 + 0.25)
     torch.testing.assert_close(moved["slimclr"], 2.5 * moved["uniform"], rtol=1e-4, atol=1e-7)
+    # only the update is weighted: the losses logged are the method's own, comparable across rules
+    assert logged["slimclr"].keys() == logged["uniform"].keys()
+    for name, loss in logged["uniform"].items():
+        torch.testing.assert_close(logged["slimclr"][name], loss)
 
 
 def test_trainer_lr_follows_warmup_floor_and_schedule(tmp_path):
