@@ -104,6 +104,13 @@ def test_a_missing_data_path_is_said_before_a_run_folder_is_made(tmp_path, confi
     assert not run.exists() and "removed what this run had written" not in caplog.text
 
 
+def test_batch_size_has_a_flag_that_wins_over_set(tmp_path, config):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--set", "train.batch_size=4",
+                 "--batch-size", "16", "--max-steps", "1"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16
+
+
 def test_a_run_directory_inside_the_dataset_is_refused(tmp_path, config, capsys, caplog):
     """Its checkpoints/ and tb/ would become classes of the next run on that folder."""
     data = image_folder(tmp_path / "images")

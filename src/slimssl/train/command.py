@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "registers) or an ImageFolder path / .zip")
     p.add_argument("--out", type=output_dir, help="run directory (default: runs/<name>-<time>)")
     p.add_argument("--epochs", type=positive_int, help="train.epochs: the length of the schedule")
+    p.add_argument("--batch-size", type=positive_int, help="train.batch_size: the total batch over all processes "
+                   "(the learning rate scales with it: optim.lr_scaling)")
     p.add_argument("--max-steps", type=positive_int, help="stop once the run has made this many steps in all, counted "
                    "from its start (the schedule keeps its length)")
     p.add_argument("--device", type=device_name, metavar="DEVICE",
