@@ -1119,7 +1119,7 @@ def test_evaluation_of_a_checkpoint_of_slimssl_recalibrate_measures_the_model_it
                  "--eval-batch-size", "4", "--out", str(tmp_path / "re.pt"), "--device", "cpu"]) == 0
     with caplog.at_level(logging.INFO, logger="slimssl"):
         measured = models_knn_measures(tmp_path / "re.pt", "cpu", monkeypatch)
-    assert "w0p25_d1-1-1-1: evaluated with the BatchNorm statistics estimated for it" in caplog.text
+    assert "w0p25_d1-1-1-1: evaluated with the BatchNorm statistics estimated for it that it holds" in caplog.text
     assert main(["export", str(tmp_path / "re.pt"), "--subnet", "0.25", "0.5", "--out", str(tmp_path / "out"),
                  "--device", "cpu"]) == 0
     for name, model in measured.items():

@@ -701,7 +701,7 @@ def test_load_supernet_says_a_folder_is_an_export(tmp_path):
         load_supernet(tmp_path)
 
 
-def test_an_export_given_for_evaluation_names_its_checkpoint_and_sub_network(tmp_path):
+def test_an_export_given_for_a_supernet_names_its_checkpoint_and_sub_network(tmp_path):
     import slimssl
     from slimssl.checkpoint import CheckpointError, save_checkpoint
 
@@ -709,6 +709,6 @@ def test_an_export_given_for_evaluation_names_its_checkpoint_and_sub_network(tmp
     checkpoint = tmp_path / "last.pt"
     save_checkpoint(checkpoint, {"config": {"name": "x"}, "menu": supernet.menu.names, "model": {}})
     folder = export_subnet(supernet, "0.5", tmp_path / "out", metadata={"source": str(checkpoint)})
-    with pytest.raises(CheckpointError, match=rf"It was exported from {checkpoint}: to evaluate it, give that "
-                                              r"checkpoint with --subnet w0p5_d1-1-1-1"):
-        slimssl.knn(folder)
+    with pytest.raises(CheckpointError, match=rf"It was exported from {checkpoint}, whose supernet holds it as "
+                                              r"w0p5_d1-1-1-1"):
+        slimssl.load_supernet(folder)

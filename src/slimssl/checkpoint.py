@@ -180,7 +180,7 @@ def _unreadable(path: Path, error: Exception) -> CheckpointError:
 
 
 def _source_hint(config: Path) -> str:
-    """How to evaluate an export: its checkpoint, as its config.json records it, with its sub-network."""
+    """Where an export's supernet is: its checkpoint, as its config.json records it, with its sub-network."""
     try:
         recorded = json.loads(config.read_text(encoding="utf-8"))
         source, subnet = recorded["source"], recorded["subnet"]
@@ -188,7 +188,7 @@ def _source_hint(config: Path) -> str:
         return ""
     if not isinstance(source, str) or not isinstance(subnet, str) or not Path(source).is_file():
         return ""
-    return f". It was exported from {source}: to evaluate it, give that checkpoint with --subnet {subnet}"
+    return f". It was exported from {source}, whose supernet holds it as {subnet}"
 
 
 def _refuse_export_folder(path: Path) -> None:

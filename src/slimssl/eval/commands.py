@@ -62,9 +62,10 @@ def _add_train_crop_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a checkpoint file or run directory")
+    p.add_argument("checkpoint", help="a checkpoint file or run directory, or an exported sub-network's folder "
+                   "(evaluated as exported, on --data; its results are printed, not saved)")
     p.add_argument("--data", type=data_source,
-                   help="dataset name or path (default: the checkpoint config's data.source)")
+                   help="dataset name or path (default: the checkpoint config's data.source; needed for an export)")
     add_loader_args(p)
     p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
                    help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")

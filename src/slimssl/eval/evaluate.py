@@ -31,7 +31,7 @@ from ..launch import warn_of_repeated_work
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_train_crop, linear_settings,
                recalibration_batches)
 from ..layout import FINETUNE, RESULTS
-from .inputs import DataOptions, check_flags, check_numbers, in_memory, load_model
+from .inputs import DataOptions, check_flags, check_numbers, in_memory, load_model, saves_results
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     from ..data.files import BUILTIN
     from .results import merge_results, results_header, run_dir_of, same_data
 
-    run_dir = run_dir_of(checkpoint) if save and not in_memory(checkpoint) else None
+    run_dir = run_dir_of(checkpoint) if save and saves_results(checkpoint) else None
     if run_dir is None:
         return None
     given = settings.get("data")
@@ -101,7 +101,7 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int
 
     options = DataOptions.of(data, knn)
     warn_of_repeated_work("slimssl.knn()")
-    supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
+    supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config, options.data)
     specs = supernet.resolve_many(subnets)  # checked before the data is decoded
     train, test = options.load_splits(cfg, torch_device)
     k = k if k is not None else cfg.eval.knn_k
@@ -147,7 +147,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
                          "(--augment): without it the probe trains on the cached features of the centre crop")
     options = DataOptions.of(data, linear_probe)
     warn_of_repeated_work("slimssl.linear_probe()")
-    supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
+    supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config, options.data)
     specs = supernet.resolve_many(subnets)  # checked before the data is decoded
     teacher = max(specs).name if distill else None  # the widest probed teaches the others
     if distill and teacher != supernet.menu.largest.name:
@@ -194,7 +194,6 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
     recipe, top1, top5 (percent), indices (the labelled subset).
     """
     from ..export import check_export_folder
-    from ..exporter import export_source
     from .finetune import finetune_subnet, fraction_tag
     from ..atomic import write_json_atomic
     from .results import run_dir_of
@@ -205,10 +204,10 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
     check_train_crop(train_crop)
     options = DataOptions.of(data, finetune)
     warn_of_repeated_work("slimssl.finetune()")
-    supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config)
-    save = save and not in_memory(checkpoint)
+    supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config, options.data)
+    save = save and saves_results(checkpoint)
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)
-    model_source = None if in_memory(checkpoint) else export_source(checkpoint, None)
+    model_source = _model_source(checkpoint)
     if save_models is not None:  # a classifier fine-tuned from another checkpoint is not replaced
         for spec, label_fraction in jobs:
             check_export_folder(Path(save_models) / finetuned_name(spec, label_fraction, seed), model_source,
@@ -247,6 +246,21 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
         save_values(checkpoint, values, protocol, settings, cfg, save, epoch)
         rows.append(row)
     return rows
+
+
+def _model_source(checkpoint) -> str | None:
+    """What a fine-tuned classifier came from, as its config.json records it: the checkpoint file (for an export,
+    the one it was exported from), or None for a supernet in memory."""
+    from ..exporter import export_source
+    from .exported import is_export_folder
+
+    if in_memory(checkpoint):
+        return None
+    if is_export_folder(checkpoint):
+        from ..export import CONFIG
+
+        return json.loads((Path(checkpoint) / CONFIG).read_text(encoding="utf-8")).get("source")
+    return export_source(checkpoint, None)
 
 
 def _finetune_result_path(name: str, out, save: bool, run_dir: Path | None, checkpoint) -> Path | None:

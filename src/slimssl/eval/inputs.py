@@ -134,18 +134,28 @@ class DataOptions:
         return train, test
 
 
-def load_model(checkpoint, device: str | torch.device = "auto", config=None):
+def load_model(checkpoint, device: str | torch.device = "auto", config=None, data: str | None = None):
     """Supernet (on the device), its config, the device, and the epochs the checkpoint was trained for (None for a
-    supernet in memory). ``checkpoint`` is a checkpoint file or run directory (eval mode), or a supernet in memory
-    (``SlimResNet``, with its ``config``; moved to the device, its mode left to the protocols, which evaluate in
-    eval mode and give it back in its own)."""
+    supernet in memory or an export). ``checkpoint`` is a checkpoint file or run directory (eval mode), an exported
+    sub-network's folder (evaluated on ``data``, which it does not record: ``eval/exported.py``), or a supernet
+    in memory (``SlimResNet``, with its ``config``; moved to the device, its mode left to the protocols, which
+    evaluate in eval mode and give it back in its own)."""
     from ..checkpoint import open_checkpoint, pretraining_unfinished
+    from .exported import is_export_folder, supernet_of_export
     from .results import epoch_floor
     from ..devices import pick_device
     from ..models.build import as_config
     from ..models.resnet import SlimResNet
 
     torch_device = pick_device(device, setting="device (--device)")
+    if is_export_folder(checkpoint):
+        if config is not None:
+            raise UsageError("an exported sub-network is evaluated with the inputs its config.json records; "
+                             "config= is for a supernet in memory")
+        supernet, cfg = supernet_of_export(checkpoint, data)
+        log.info("%s: the exported %s, evaluated as exported (its BatchNorm statistics too); its results are "
+                 "returned, not saved", checkpoint, supernet.menu.largest.name)
+        return supernet.to(torch_device), cfg, torch_device, None
     if isinstance(checkpoint, SlimResNet):
         if config is None:
             raise UsageError("a supernet in memory is evaluated with its config: pass config= (a Config, a dict of "
@@ -184,6 +194,13 @@ def check_config_is_the_supernets(supernet, cfg) -> None:
 def in_memory(checkpoint) -> bool:
     """Whether a protocol was given a supernet rather than a file: its results are returned, not saved."""
     return not isinstance(checkpoint, (str, Path))
+
+
+def saves_results(checkpoint) -> bool:
+    """Whether a protocol's results can be saved with ``checkpoint``: not for a supernet in memory or an export."""
+    from .exported import is_export_folder
+
+    return not in_memory(checkpoint) and not is_export_folder(checkpoint)
 
 
 def check_numbers(**values) -> None:

@@ -62,8 +62,8 @@ def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImage
         return {spec.name: supernet for spec in specs}
     models = {}
     for spec in stored_estimates(supernet, specs):  # as export keeps them: the export is the model measured
-        log.info("%s: evaluated with the BatchNorm statistics estimated for it that the supernet holds (a "
-                 "checkpoint of slimssl recalibrate), not re-estimating them", spec.name)
+        log.info("%s: evaluated with the BatchNorm statistics estimated for it that it holds (a checkpoint of "
+                 "slimssl recalibrate, or an export), not re-estimating them", spec.name)
         models[spec.name] = supernet
     specs = [spec for spec in specs if spec.name not in models]
     if not specs:

@@ -29,6 +29,15 @@ ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
 EXPANSION = {"basic": 1, "bottleneck": 4}
 
 
+def subnet_channels(block: str, base_width: int, width: float, divisor: int, stages: int = 4
+                    ) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """The stem's channels, and each stage's inner and output channels, of the sub-network of ``width`` of a
+    supernet of ``base_width`` (stage i: ``base_width * 2**i``, x4 out of a bottleneck), rounded by ``divisor``."""
+    mids = [base_width * 2**i for i in range(stages)]
+    return (scaled_channels(base_width, width, divisor), tuple(scaled_channels(m, width, divisor) for m in mids),
+            tuple(scaled_channels(m * EXPANSION[block], width, divisor) for m in mids))
+
+
 def slim_conv_bn(norm: Callable[[int], SlimBatchNorm]):
     """The ``conv_bn`` factory of :class:`PlainBlock` for the supernet: slimmable conv, the given BatchNorm."""
     def build(cin: int, cout: int, kernel: int, stride: int = 1) -> tuple[SlimConv2d, SlimBatchNorm]:
@@ -133,13 +142,10 @@ class SlimResNet(SlimmableMixin, nn.Module):
     def plain_config(self, subnet: SubnetLike | None = None, num_classes: int = 0) -> PlainResNetConfig:
         """Channel counts and depths of ``subnet`` as a plain ResNet."""
         spec = self.resolve(subnet)
-        ch = lambda c: scaled_channels(c, spec.width, self.slim_state.divisor)  # noqa: E731
-        mids = [self.base_width * 2**i for i in range(len(self.depths))]
-        return PlainResNetConfig(
-            block=self.block, stem=self.stem, stem_channels=ch(self.base_width),
-            mid_channels=tuple(ch(m) for m in mids),
-            out_channels=tuple(ch(m * EXPANSION[self.block]) for m in mids),
-            depths=spec.depths, num_classes=num_classes)
+        stem, mids, outs = subnet_channels(self.block, self.base_width, spec.width, self.slim_state.divisor,
+                                           len(self.depths))
+        return PlainResNetConfig(block=self.block, stem=self.stem, stem_channels=stem, mid_channels=mids,
+                                 out_channels=outs, depths=spec.depths, num_classes=num_classes)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         # loaded statistics are not those recalibrate_bn estimated (a checkpoint of slimssl recalibrate marks

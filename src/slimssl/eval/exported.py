@@ -1,0 +1,102 @@
+"""Evaluating an exported sub-network by the protocols of a checkpoint (``slimssl knn EXPORT --data DATA``).
+
+The export is rebuilt as a supernet whose only menu entry is that sub-network, under its own name: a supernet
+of the geometry it was cut from (base width and channel divisor), with shared BatchNorm holding the exported
+statistics, marked as estimated for it, so that evaluation uses them as exported (as the export's users
+will), not re-estimated. Only the entry's leading slices of the weights are filled, which is all it reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Config, config_from_dict
+from ..errors import UsageError
+from ..export import CONFIG, WEIGHTS, ExportError, load_exported
+from ..models.plain import PlainResNet
+from ..models.resnet import SlimResNet, subnet_channels
+from ..nn.layers import SlimBatchNorm
+from ..nn.spec import SubnetSpec
+
+ARCH_OF_BLOCK = {"basic": "resnet18", "bottleneck": "resnet50"}  # (the depths are given: any arch of the block)
+DIVISORS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def is_export_folder(path) -> bool:
+    """Whether ``path`` is one exported sub-network's folder (config.json and model.safetensors)."""
+    if not isinstance(path, (str, Path)):
+        return False
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def supernet_of_export(folder: str | Path, data: str | None) -> tuple[SlimResNet, Config]:
+    """The exported sub-network in ``folder`` as a supernet of one entry (eval mode), and its config: the
+    export's inputs (resolution, crop ratio, mean, std) and ``data``, which an export does not record."""
+    if data is None:
+        raise UsageError(f"{folder} is an exported sub-network, which does not record the data it was trained on: "
+                         "give the data to evaluate it on (--data, data=)")
+    plain = load_exported(folder)
+    info = plain.metadata
+    spec = _spec_of(plain, folder)
+    base, divisor = _geometry(plain, spec, folder)
+    cfg = config_from_dict({
+        "name": f"{spec.name} (exported)",
+        "model": {"arch": ARCH_OF_BLOCK[plain.config.block], "depths": list(spec.depths), "base_width": base,
+                  "stem": plain.config.stem, "bn": "shared", "channel_divisor": divisor},
+        # a config's menu holds the full network (a pretraining's target); the supernet's is the export alone
+        "menu": {"widths": sorted({1.0, spec.width}, reverse=True)},
+        "data": {"source": data, **{k: info[k] for k in ("resolution", "mean", "std") if k in info}},
+        "eval": {k: info[k] for k in ("crop_ratio",) if k in info},
+    }, f"the exported sub-network {folder}")
+    supernet = SlimResNet(plain.config.block, spec.depths, base, plain.config.stem, menu=[spec], bn="shared",
+                          channel_divisor=divisor)
+    _load_plain(supernet, spec, plain)
+    supernet.mark_bn_estimated(spec)  # evaluated with the statistics it was exported with
+    return supernet.eval(), cfg
+
+
+def _spec_of(plain: PlainResNet, folder) -> SubnetSpec:
+    """The sub-network the export was cut as: its recorded name, else its full width."""
+    depths = plain.config.depths
+    name = plain.metadata.get("subnet")
+    try:
+        spec = SubnetSpec.parse(name, depths) if isinstance(name, str) else SubnetSpec(1.0, depths)
+    except ValueError as e:
+        raise ExportError(f"{folder}/{CONFIG} names its sub-network {name!r}, which is not a sub-network's name "
+                          f"({e})") from None
+    if tuple(spec.depths) != tuple(depths):
+        raise ExportError(f"{folder}/{CONFIG} names its sub-network {name!r}, whose depths are not the "
+                          f"architecture's {list(depths)}")
+    return spec
+
+
+def _geometry(plain: PlainResNet, spec: SubnetSpec, folder) -> tuple[int, int]:
+    """A base width and a channel divisor whose supernet has ``spec`` of exactly the export's channels."""
+    wanted = plain.config
+    channels = (wanted.stem_channels, tuple(wanted.mid_channels), tuple(wanted.out_channels))
+    for divisor in DIVISORS:
+        for base in range(wanted.stem_channels, int(wanted.stem_channels / spec.width) + 2 * divisor + 2):
+            if subnet_channels(wanted.block, base, spec.width, divisor, len(spec.depths)) == channels:
+                return base, divisor
+    raise ExportError(f"{folder} has channels {wanted.stem_channels}, {list(wanted.mid_channels)}, "
+                      f"{list(wanted.out_channels)}, which no supernet's {spec.name} has: it cannot be evaluated "
+                      "as one (evaluate the run it was exported from)")
+
+
+@torch.no_grad()
+def _load_plain(supernet: SlimResNet, spec: SubnetSpec, plain: PlainResNet) -> None:
+    """Write ``plain``'s weights and BatchNorm state into ``spec``'s leading slices of ``supernet``: the inverse
+    of ``SlimResNet.export`` (a classifier, which the supernet has not, is left out)."""
+    modules = dict(supernet.named_modules())
+    for key, value in plain.state_dict().items():
+        owner, attr = key.rsplit(".", 1)
+        if owner == "fc":
+            continue
+        layer = modules[owner]
+        target = getattr(layer.norm_for(spec), attr) if isinstance(layer, SlimBatchNorm) else getattr(layer, attr)
+        if target.dim() > 0:
+            target = target[tuple(slice(0, n) for n in value.shape)]
+        target.copy_(value)

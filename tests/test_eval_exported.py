@@ -1,0 +1,84 @@
+"""An exported sub-network evaluated by the protocols of a checkpoint (``slimssl knn EXPORT --data DATA``):
+the same numbers as its sub-network of the supernet, under its own name, and nothing saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import slimssl
+from slimssl.cli import main
+from slimssl.config import config_from_dict
+from slimssl.eval.exported import supernet_of_export
+from slimssl.export import export_subnet, load_exported
+from slimssl.models.build import build_supernet
+from test_eval import make_checkpoint
+
+
+def rows_by_name(rows: list[dict]) -> dict[str, dict]:
+    return {row["subnet"]: row for row in rows}
+
+
+def image_splits(root: Path) -> Path:
+    """train/ and test/ of 3 classes of 8 px images: a dataset that is the same whatever a config says (fake
+    images follow the config's data.fake_size and seed)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 6)):
+        for label in range(3):
+            (root / split / f"c{label}").mkdir(parents=True)
+            for i in range(count):
+                pixels = (rng.integers(0, 120, (8, 8, 3)) + 60 * label).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{label}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("bn", ["private", "shared"])
+def test_an_export_measures_what_its_sub_network_measured(tmp_path, bn):
+    """With shared BatchNorm, export and evaluation re-estimate the statistics on the same batches, and the
+    export is then evaluated with the statistics it holds."""
+    run, data = tmp_path / "run", str(image_splits(tmp_path / "images"))
+    make_checkpoint(run / "checkpoints" / "last.pt", bn=bn)  # menu 1 and 0.5
+    (exported,) = slimssl.export_run(run, tmp_path / "out", "0.5", data=data)
+    folder = exported["path"]
+    before = sorted(p.name for p in (tmp_path / "out" / "w0p5_d1-1-1-1").iterdir())
+    # k given: an export is evaluated with the protocol's defaults (k=200), not with its run's eval.knn_k (10 here)
+    knn = slimssl.knn(folder, data=data, k=10, device="cpu")
+    assert knn == slimssl.knn(run, "0.5", data=data, k=10, device="cpu", save=False)  # name, params, MACs, top-1
+    probe = slimssl.linear_probe(folder, data=data, epochs=2, device="cpu")
+    assert probe == slimssl.linear_probe(run, "0.5", data=data, epochs=2, device="cpu", save=False)
+    assert sorted(p.name for p in (tmp_path / "out" / "w0p5_d1-1-1-1").iterdir()) == before  # nothing saved
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_an_export_needs_the_data_it_is_evaluated_on(tmp_path, capsys):
+    make_checkpoint(tmp_path / "in.pt")
+    (exported,) = slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", "0.5")
+    with pytest.raises(slimssl.UsageError, match="does not record the data it was trained on: give the data"):
+        slimssl.knn(exported["path"], device="cpu")
+    assert main(["knn", exported["path"], "--device", "cpu"]) == 2
+    assert main(["knn", exported["path"], "--data", "fake", "--device", "cpu", "--json"]) == 0
+    assert [row["subnet"] for row in json.loads(capsys.readouterr().out)] == ["w0p5_d1-1-1-1"]
+
+
+@pytest.mark.parametrize("subnet, divisor", [("0.75", 8), ("0.5:1,1,1,1", 1), ("1.0", 1)])
+def test_the_rebuilt_supernet_holds_the_export_exactly(tmp_path, subnet, divisor):
+    """Channels rounded by a divisor (12 x 0.75 = 9 -> 8, stage 2: 18 -> 16), a shallower sub-network, and the
+    full width: the rebuilt supernet's entry is the exported network under its own name, to the bit."""
+    cfg = config_from_dict({"model": {"arch": "resnet18", "depths": [2, 1, 1, 1], "base_width": 12, "stem": "cifar",
+                                      "bn": "shared", "channel_divisor": divisor},
+                            "menu": {"widths": [1.0, 0.75, 0.5]}, "data": {"resolution": 8}})
+    torch.manual_seed(0)
+    supernet = build_supernet(cfg).eval()
+    spec = supernet.resolve(subnet)
+    folder = export_subnet(supernet, spec, tmp_path, check_bn_statistics=False, config=cfg)
+    rebuilt, rebuilt_cfg = supernet_of_export(folder, "fake")
+    assert rebuilt.menu.names == [spec.name] and rebuilt_cfg.data.resolution == 8
+    exported, again = load_exported(folder).state_dict(), rebuilt.export(spec).state_dict()
+    assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(rebuilt(x, subnet=spec), supernet(x, subnet=spec))
