@@ -4,6 +4,7 @@ The export is rebuilt as a supernet whose only menu entry is that sub-network, u
 of the geometry it was cut from (base width and channel divisor), with shared BatchNorm holding the exported
 statistics, marked as estimated for it, so that evaluation uses them as exported (as the export's users
 will), not re-estimated. Only the entry's leading slices of the weights are filled, which is all it reads.
+Like a checkpoint, it is evaluated in float32, whatever dtype it was exported in.
 """
 
 from __future__ import annotations
