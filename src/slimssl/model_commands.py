@@ -146,9 +146,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 # ---- parser ------------------------------------------------------------------------------------------
 
-def _add_config(p: argparse.ArgumentParser, required: bool = False, default: str = "") -> None:
+def _add_config(p: argparse.ArgumentParser, required: bool = False, default: str = "", checkpoint: bool = False
+                ) -> None:
+    with_checkpoint = (" (with a checkpoint, only checked against its architecture: a checkpoint keeps the "
+                       "config it was trained with)") if checkpoint else ""
     p.add_argument("--config", required=required,
-                   help=f"YAML recipe: a path or a shipped name such as 'demo'{default}")
+                   help=f"YAML recipe: a path or a shipped name such as 'demo'{default}{with_checkpoint}")
     add_overrides(p, "--config's values", "model.base_width=32 menu.widths=[1.0,0.5]")
 
 
@@ -160,7 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export sub-networks as plain models (safetensors + JSON; ONNX or "
                                       "torch.export too)")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint file or run directory")
-    _add_config(p)
+    _add_config(p, checkpoint=True)
     p.add_argument("--random-init", action="store_true", help="export a randomly initialised supernet of --config")
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
                    help=f"sub-network(s) to export ({SUBNET_SPELLINGS}; several may follow)")
@@ -205,7 +208,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("profile", help="params, MACs and CPU latency of every sub-network")
     p.add_argument("checkpoint", nargs="?", help="a checkpoint file or run directory")
-    _add_config(p)
+    _add_config(p, checkpoint=True)
     p.add_argument("--resolution", type=positive_int, help="input size (default: the config's)")
     p.add_argument("--num-classes", type=nonnegative_int, default=0, help="count a K-way classifier too (papers use 1000)")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
