@@ -554,6 +554,10 @@ def test_a_resume_that_trains_nothing_leaves_the_run_as_it_was(tmp_path, caplog)
         assert "keeps the settings the run was trained with" in caplog.text
         if max_steps is not None:
             assert f"at step 2 already: max_steps {max_steps} trains nothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="slimssl"):  # nothing changed: nothing to say about settings
+        slimssl.pretrain(out=finished, resume=True)
+    assert "finished at step 4 already" in caplog.text and "keeps the settings" not in caplog.text
     # and a resume that trains takes the changed settings from there on
     assert slimssl.pretrain(out=unfinished, resume=True, max_steps=3, overrides=["optim.lr=0.1"]).step == 3
     assert "lr: 0.1" in (unfinished / "config.yaml").read_text()

@@ -106,7 +106,7 @@ def _saved_state(run_dir: Path) -> tuple[int | None, dict[str, str], int | None]
 def _keep_settings_if_idle(run_dir: Path, saved: tuple[int | None, dict[str, str], int | None]) -> None:
     """A resume that trained and evaluated nothing (a finished run, or ``max_steps`` at its step) leaves the run
     as it found it: settings it changed would describe a checkpoint that was never trained with them."""
-    if _mtime(run_dir / RESULTS) != saved[2] or not _restore_if_unsaved(run_dir, saved):
+    if _mtime(run_dir / RESULTS) != saved[2] or CONFIG not in _restore_if_unsaved(run_dir, saved):
         return
     log.warning("nothing was trained or evaluated: %s keeps the settings the run was trained with, and the "
                 "settings changed by this call apply to a resume that trains", run_dir / CONFIG)
@@ -116,18 +116,19 @@ def _mtime(path: Path) -> int | None:
     return path.stat().st_mtime_ns if path.is_file() else None
 
 
-def _restore_if_unsaved(run_dir: Path, saved: tuple[int | None, dict[str, str], int | None]) -> bool:
+def _restore_if_unsaved(run_dir: Path, saved: tuple[int | None, dict[str, str], int | None]) -> list[str]:
     """After a resume failed before it saved a checkpoint, config.yaml and metrics.jsonl are put back as they
-    were (the --set changes it had written, the records it had logged, are not in the checkpoint)."""
+    were (the --set changes it had written, the records it had logged, are not in the checkpoint); the names of
+    those that had changed."""
     mtime, texts, _ = saved
     last = checkpoint_path(run_dir)
     if not texts or not last.is_file() or last.stat().st_mtime_ns != mtime:
-        return False
-    changed = False
+        return []
+    changed = []
     for name, text in texts.items():
         if (run_dir / name).is_file() and (run_dir / name).read_text(encoding="utf-8") == text:
             continue
-        changed = True
+        changed.append(name)
         try:
             with atomic_write(run_dir / name, "w") as f:
                 f.write(text)
