@@ -256,6 +256,10 @@ def test_errors_caused_by_set_say_so():
     ("data.crop_scale=[0, 0]", "data.crop_scale"), ("optim.betas=[2, 0.999]", "optim.betas.0"),
     ("train.batch_size=1", "train.batch_size"), ("menu.widths=[1.0, 0.5, 1.0]", "menu.widths lists 1 more than once"),
     ("menu.widths=[1.0, 0.33333, 0.33334]", "menu.widths lists 0.3333 more than once"),
+    # a negative lr after the join would train uphill; 0 would read as unset
+    ("slim.slow_start_lr=-0.5", "slim.slow_start_lr"), ("slim.slow_start_lr=0", "slim.slow_start_lr"),
+    ("optim.momentum=-0.5", "optim.momentum"), ("optim.momentum=1.5", "optim.momentum"),
+    ("slim.slow_start=1.0", "slim.slow_start"),  # the sub-networks would never train
 ])
 def test_values_that_would_fail_mid_training_are_refused_up_front(assignment, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -278,7 +278,7 @@ class SlimConfig(Section):
         "of the widths of the other sub-networks trained in the step (with sampling: sandwich, those drawn in it), "
         "the others 1; or a rule registered with slimssl.slim.register_loss_weights")
     slow_start: float = Field(0.0, ge=0, lt=1, description="fraction of training before sub-networks join")
-    slow_start_lr: float | None = Field(None, description="a new base lr (as optim.lr, at its reference_batch) "
+    slow_start_lr: float | None = Field(None, gt=0, description="a new base lr (as optim.lr, at its reference_batch) "
                                         "for the schedule's rest once the sub-networks join (SlimCLR); null: unchanged")
 
     @field_validator("loss_weights")
@@ -390,7 +390,7 @@ class OptimConfig(Section):
         "linear", description="linear: the peak lr is lr x train.batch_size / reference_batch; none: lr itself")
     reference_batch: int = Field(256, gt=0, description="the batch size lr is given for")
     weight_decay: float = Field(1e-4, ge=0, description="weight decay (adamw: decoupled from the gradient)")
-    momentum: float = Field(0.9, description="momentum of sgd and lars")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of sgd and lars")
     betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="adamw's decay rates of its moment estimates")
     warmup_epochs: float = Field(0.0, ge=0, description="epochs of linear warm-up to the peak lr")
     schedule: Literal["cosine", "constant"] = Field(
