@@ -312,3 +312,29 @@ def test_hue_shift_matches_torchvision():
     shift = lambda out: (out.mean(dim=(2, 3)) - images.float().mean(dim=(2, 3)) / 255).abs().sum(1)
     _assert_close_means(shift(ours), shift(ref))
     assert shift(ours).mean() > 0.02
+
+
+def test_colour_jitter_applies_its_ops_in_each_samples_drawn_order():
+    """Each sample's brightness, contrast, saturation and hue, in the order drawn for it, as torchvision's
+    functional ops apply them one image at a time (saturation and hue do not commute)."""
+    from slimssl.data.augment import _color_jitter
+
+    view = ViewRecipe(brightness=0.4, contrast=0.4, saturation=0.8, hue=0.3)
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.6 + 0.2
+    draws = torch.Generator().manual_seed(3)  # the draws _color_jitter makes: factors, then the order
+    u, order = torch.rand(16, 4, generator=draws), torch.rand(16, 4, generator=draws).argsort(1)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    spans = [(0.6, 1.4), (0.6, 1.4), (0.2, 1.8), (-0.3, 0.3)]
+    expected = []
+    for i in range(len(x)):
+        y = x[i]
+        for op in order[i].tolist():
+            lo, hi = spans[op]
+            y = ops[op](y, float(lo + (hi - lo) * u[i, op]))
+        expected.append(y)
+    ours = _color_jitter(x, view, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ours, torch.stack(expected), atol=2e-3, rtol=0)
+
+
+def test_blur_is_off_up_to_64_px_and_on_above():
+    assert all(v.blur_p == 0 for v in recipe("byol", 64)) and recipe("byol", 65)[0].blur_p == 1.0

@@ -23,6 +23,24 @@ def test_dense_baseline_network_is_the_subnet_as_a_standalone_network():
         assert count_params(dense.export()) == count_params(supernet.export(spec))
 
 
+def test_standalone_config_is_the_entry_alone_with_scaled_heads_and_no_slimming():
+    """The baseline of the reproduction: the menu entry as a network of its own (its depths too), its heads'
+    hidden layers at its width, as inside the supernet, and none of the slimming settings."""
+    from slimssl.config.schema import SlimConfig
+    from slimssl.nn.spec import SubnetSpec
+
+    data = tiny("byol", "sandwich", "online", widths=[1.0, 0.5],
+                slim={"slow_start": 0.5, "slow_start_lr": 1.5, "loss_weights": "slimclr", "distill_alpha": 0.3})
+    data["model"]["depths"] = [2, 2, 2, 2]
+    data["menu"]["depths"] = [[2, 2, 2, 2], [1, 1, 1, 1]]
+    alone = standalone_config(config_from_dict(data), SubnetSpec(0.5, (1, 1, 1, 1)))
+    assert alone.slim == SlimConfig()  # no slow start (nor its lr), distillation or re-weighting
+    assert alone.subnet_menu().names == ["w1p0_d1-1-1-1"] and alone.model.base_width == 2
+    assert (alone.method.proj_hidden, alone.method.pred_hidden) == (16, 16)  # 32 at width 0.5
+    assert (alone.method.proj_dim, alone.optim, alone.train) == (16, config_from_dict(data).optim,
+                                                                 config_from_dict(data).train)
+
+
 def test_a_subnet_whose_stages_no_network_of_its_own_has_is_refused_as_a_baseline():
     data = tiny("byol")
     data["model"]["base_width"] = 10  # at width 0.25: stages of 2, 5, 10, 20 channels; base_width 2 gives 2, 4, 8, 16

@@ -374,8 +374,10 @@ def records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
 
 
-@pytest.mark.parametrize("stop_after", [5, 4], ids=["between_records", "at_an_epoch_end"])
+@pytest.mark.parametrize("stop_after", [5, 4, 7], ids=["between_records", "at_an_epoch_end", "after_a_trained_step"])
 def test_a_run_stopped_and_resumed_logs_the_records_of_a_straight_run(tmp_path, monkeypatch, stop_after):
+    # (stopped after step 5, the checkpoint's window holds no loss, step 4 being skipped; after step 7, it holds
+    # step 7's, which the record of step 8 must average in after the resume)
     # log_every 3 and epochs of 4 steps: records at steps 3, 4, 6, 8, 9, 12. Step 4 (0-based) is skipped for a
     # NaN loss, so the record of step 6 averages steps 5 and 6 alone, and carries the lr of its last step.
     cfg = config_from_dict(tiny(train={"log_every": 3, "nonfinite": "skip"}, eval={"knn_random_init": False}))
@@ -393,6 +395,35 @@ def test_a_run_stopped_and_resumed_logs_the_records_of_a_straight_run(tmp_path, 
     assert [r["step"] for r in expected if "loss" in r] == [3, 4, 6, 8, 9, 12]
     assert all(r["lr"] is not None for r in expected if "loss" in r)
     assert records(tmp_path / "stopped") == expected
+
+
+def test_a_checkpoint_without_metrics_bytes_keeps_the_record_of_its_own_step(tmp_path):
+    """Checkpoints saved before 2026-12-06 do not record metrics.jsonl's length: a resume then keeps the records up
+    to the checkpoint's step, its own included."""
+    cfg = config_from_dict(tiny(eval={"knn_random_init": False}))
+    Trainer(cfg, tmp_path / "straight").fit(max_steps=8)
+    Trainer(cfg, tmp_path / "old").fit(max_steps=4)
+    path = tmp_path / "old" / "checkpoints" / "last.pt"
+    data = load_checkpoint(path)
+    data.pop("metrics_bytes")
+    data["config"] = data["config"].model_dump(mode="json")
+    save_checkpoint(path, {k: v for k, v in data.items() if k not in ("format", "version")})
+    Trainer(cfg, tmp_path / "old", resume=True).fit(max_steps=8)
+    assert records(tmp_path / "old") == records(tmp_path / "straight")
+
+
+def test_a_resume_keeps_the_epoch_knn_logged_after_its_checkpoint_and_does_not_measure_it_again(tmp_path,
+                                                                                               monkeypatch):
+    from slimssl.train.monitor import KnnMonitor
+
+    cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False}))
+    Trainer(cfg, tmp_path).fit(max_steps=4)  # epoch 1: last.pt, then its kNN record
+    before = records(tmp_path)
+    assert [r["step"] for r in before if "knn_top1" in r] == [4]
+    calls = []
+    monkeypatch.setattr(KnnMonitor, "__call__", lambda self, backbone: calls.append(1) or {})
+    Trainer(cfg, tmp_path, resume=True).fit(max_steps=5)
+    assert calls == [] and records(tmp_path)[:len(before)] == before
 
 
 @pytest.mark.parametrize("changes, stop_at", [(["optim.lr=0.1"], 4), (["train.batch_size=32"], 8)],

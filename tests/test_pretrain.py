@@ -699,6 +699,21 @@ def test_slimclr_loss_weight_scales_the_full_networks_update(tmp_path):
         torch.testing.assert_close(logged["slimclr"][name], loss)
 
 
+def test_every_student_distils_from_the_full_network(tmp_path):
+    """Online distillation: one teacher per step, the full network, for every narrower sub-network (not a chain in
+    which each learns from the next larger)."""
+    trainer = Trainer(config_from_dict(tiny("mocov2", "all", "online")), tmp_path)  # four widths
+    teachers, distill = [], trainer.model.method.distill
+
+    def recording(student, teacher, temperature):
+        teachers.append(teacher)
+        return distill(student, teacher, temperature)
+
+    trainer.model.method.distill = recording
+    trainer.train_step(0)
+    assert len(teachers) == 3 and all(t is teachers[0] for t in teachers)
+
+
 def test_trainer_lr_follows_warmup_floor_and_schedule(tmp_path):
     data = tiny("byol", widths=[1.0, 0.5], optim={"warmup_epochs": 1, "min_lr_ratio": 0.1})
     trainer = Trainer(config_from_dict(data), tmp_path / "cosine")

@@ -328,3 +328,12 @@ def test_table_shows_the_export_differences_that_verify_checks():
     table = markdown_table([{"subnet": "w0p5", "max_abs_diff": 3.2e-6, "max_rel_diff": 2.1e-6,
                              "onnx_max_rel_diff": 4e-5}])
     assert table.splitlines()[-1].split("|")[2:5] == [" 3.2e-06      ", " 2.1e-06      ", " 4.0e-05           "]
+
+
+def test_runs_of_one_network_each_joined_into_a_line_are_drawn_by_increasing_macs():
+    pytest.importorskip("matplotlib")
+    runs = [{"run": f"alone-{m}", "subnets": [{"subnet": "w1p0_d1-1-1-1", "macs": m, "knn_top1": v}]}
+            for m, v in ((4e6, 50.0), (1e6, 40.0), (2e6, 45.0))]
+    fig = plot_accuracy_vs_macs(runs, "knn_top1", join_singles="alone")
+    (line,) = fig.axes[0].lines
+    assert list(line.get_xdata()) == [1e6, 2e6, 4e6] and list(line.get_ydata()) == [40.0, 45.0, 50.0]

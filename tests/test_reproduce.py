@@ -75,6 +75,11 @@ def test_full_reproduction_writes_the_comparison(straight, capsys):
         t = recipe["time"]
         assert t["slim_pretrain_seconds"] > 0 and t["alone_pretrain_seconds"] > 0
         assert t["ratio"] == pytest.approx(t["slim_pretrain_seconds"] / t["alone_pretrain_seconds"])
+        # (a) is the slimmable run's seconds, (b) the sum of the runs alone, each as its timing.json counts it
+        seconds = {run.name: json.loads((run / "timing.json").read_text())["pretrain_seconds"]
+                   for run in run_dirs(straight, recipe["recipe"])}
+        assert t["slim_pretrain_seconds"] == pytest.approx(seconds.pop("slim"))
+        assert len(seconds) == len(MENU) and t["alone_pretrain_seconds"] == pytest.approx(sum(seconds.values()))
         assert len(recipe["goals"]) == 2 * len(MENU) + 1 and all(g["held"] is not None for g in recipe["goals"])
         # every run is an ordinary run directory: config, checkpoint, results with kNN and the probe
         for run in run_dirs(straight, recipe["recipe"]):
@@ -533,6 +538,22 @@ def test_times_that_do_not_cover_the_runs_or_mix_devices_give_the_time_goal_no_v
     assert reproduce(out, [RECIPES[0]]) == 0
     assert f"{RECIPES[0]}/{alone.name} ({STEPS - 2} of {STEPS} steps)" in \
         json.loads((out / "reproduction.json").read_text())["recipes"][0]["time"]["not_compared"]
+
+
+def test_a_goal_without_a_verdict_keeps_all_goals_from_holding(straight, tmp_path, monkeypatch):
+    """Every other goal held, the time goal without a verdict (not compared): not "all goals hold"."""
+    import shutil
+
+    import slimssl.reproduce.report as report
+
+    out = tmp_path / "copy"
+    shutil.copytree(straight / RECIPES[0], out / RECIPES[0])
+    real = report.goals
+    monkeypatch.setattr(report, "goals", lambda rows, ratio: [
+        {**g, "held": None if g["goal"].startswith("pretraining time") else True} for g in real(rows, ratio)])
+    assert reproduce(out, [RECIPES[0]]) == 0
+    doc = json.loads((out / "reproduction.json").read_text())
+    assert not doc["all_goals_held"] and "All goals hold" not in (out / "reproduction.md").read_text()
 
 
 def test_steps_saved_but_never_timed_are_counted_and_the_time_goal_says_so(tmp_path):

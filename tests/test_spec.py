@@ -220,3 +220,10 @@ def test_scaled_channels_monotonic_in_width():
     for divisor in (1, 8):
         counts = [scaled_channels(256, w, divisor) for w in widths]
         assert counts == sorted(counts)
+
+
+@pytest.mark.parametrize("channels, width, expected", [(100, 0.29, 29), (100, 0.57, 57), (10, 0.7, 7)])
+def test_scaled_channels_survive_float_error(channels, width, expected):
+    from slimssl.nn.channels import scaled_channels
+
+    assert scaled_channels(channels, width) == expected  # 0.29 * 100 is 28.999... in floating point

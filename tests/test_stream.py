@@ -466,3 +466,10 @@ def test_pillows_size_guard_is_set_from_the_environment_in_every_process():
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "SLIMSSL_MAX_IMAGE_PIXELS": value})
         assert run.stdout.strip() == expected
+
+
+def test_full_detail_side_keeps_the_smallest_crop_of_either_view():
+    """Images are decoded large enough for the smaller crop scale of the two views (8% of the area here), not
+    the larger one's."""
+    views = (ViewRecipe(crop_scale=(0.08, 1.0)), ViewRecipe(crop_scale=(0.5, 1.0)))
+    assert full_detail_side(16, views) == full_detail_side(16, views[::-1]) == math.ceil(16 / math.sqrt(0.08 * 0.75))
