@@ -124,3 +124,24 @@ def test_a_finished_checkpoint_is_not_called_unfinished(tmp_path, caplog):
         slimssl.export_run(tmp_path / "run", tmp_path / "out", "0.5")
     assert "pretraining has not finished" not in caplog.text
     assert "unfinished" not in json.loads((tmp_path / "run" / "results.json").read_text())
+
+
+def test_the_probe_visits_every_train_image_each_epoch_in_a_new_order(monkeypatch):
+    """Batches of a permutation drawn per epoch, with the probe's momentum: not the same order every epoch."""
+    import slimssl.eval.linear as linear_mod
+
+    seen, momenta = [], set()
+    real = linear_mod.probe_step
+
+    def spy(heads, optimizer, features, labels, **kw):
+        seen.append(labels.clone())
+        momenta.update(g["momentum"] for g in optimizer.param_groups)
+        return real(heads, optimizer, features, labels, **kw)
+
+    monkeypatch.setattr(linear_mod, "probe_step", spy)
+    train, test = colour_dataset(32, 0), colour_dataset(8, 1, "test")
+    linear_mod.linear_probe_subnets(tiny_supernet(), train, test, resolution=RES, epochs=2, batch_size=8,
+                                    device="cpu")
+    first, second = torch.cat(seen[:4]), torch.cat(seen[4:])
+    assert len(seen) == 8 and sorted(first.tolist()) == sorted(second.tolist()) == sorted(train.labels.tolist())
+    assert not torch.equal(first, second) and momenta == {0.9}

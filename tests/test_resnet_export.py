@@ -697,7 +697,8 @@ def test_load_supernet_says_a_folder_is_an_export(tmp_path):
                                               r"checkpoint: load it with slimssl\.load_exported\("):
         load_supernet(folder)
     with pytest.raises(CheckpointError, match=r"holds exported sub-networks \(w0p5_d1-1-1-1\), not a checkpoint: "
-                                              r"load one with slimssl\.load_exported\("):
+                                              r"load one with slimssl\.load_exported\(.*\), or evaluate one with "
+                                              r"slimssl knn .*w0p5_d1-1-1-1 --data DATA"):
         load_supernet(tmp_path)
 
 
