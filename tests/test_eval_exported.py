@@ -82,3 +82,14 @@ def test_the_rebuilt_supernet_holds_the_export_exactly(tmp_path, subnet, divisor
     assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
     x = torch.randn(2, 3, 8, 8)
     assert torch.equal(rebuilt(x, subnet=spec), supernet(x, subnet=spec))
+
+
+def test_an_export_is_profiled_as_its_sub_network_is(tmp_path, capsys):
+    make_checkpoint(tmp_path / "in.pt")
+    (exported,) = slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", "0.5")
+    rows = {}
+    for what, argv in (("export", [exported["path"]]), ("run", [str(tmp_path / "in.pt")])):
+        assert main(["profile", *argv, "--no-latency", "--json"]) == 0
+        rows[what] = rows_by_name(json.loads(capsys.readouterr().out))
+    assert rows["export"] == {"w0p5_d1-1-1-1": rows["run"]["w0p5_d1-1-1-1"]}
+    assert main(["profile", exported["path"], "--config", "demo"]) == 2  # an export is profiled as exported

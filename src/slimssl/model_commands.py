@@ -102,7 +102,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .report.profile import profile_supernet
     from .report.table import markdown_table
 
-    supernet, config = _supernet_from_args(args)[:2]
+    from .eval.exported import is_export_folder, supernet_of_export
+
+    if is_export_folder(args.checkpoint):  # profiled as exported: what a deployment of it runs
+        if args.config or args.set:
+            raise UsageError("an exported sub-network is profiled as exported: drop --config and --set")
+        supernet, config = supernet_of_export(args.checkpoint)
+    else:
+        supernet, config = _supernet_from_args(args)[:2]
     resolution = args.resolution or config.data.resolution
     rows = profile_supernet(supernet, resolution, args.num_classes, latency=not args.no_latency)
     for row in rows:
@@ -207,7 +214,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("profile", help="params, MACs and CPU latency of every sub-network")
-    p.add_argument("checkpoint", nargs="?", help="a checkpoint file or run directory")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file or run directory, or an exported sub-network's "
+                   "folder")
     _add_config(p, checkpoint=True)
     p.add_argument("--resolution", type=positive_int, help="input size (default: the config's)")
     p.add_argument("--num-classes", type=nonnegative_int, default=0, help="count a K-way classifier too (papers use 1000)")

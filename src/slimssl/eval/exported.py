@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from ..config import Config, config_from_dict
-from ..errors import UsageError
 from ..export import CONFIG, WEIGHTS, ExportError, load_exported
 from ..models.plain import PlainResNet
 from ..models.resnet import SlimResNet, subnet_channels
@@ -33,12 +32,10 @@ def is_export_folder(path) -> bool:
     return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
-def supernet_of_export(folder: str | Path, data: str | None) -> tuple[SlimResNet, Config]:
+def supernet_of_export(folder: str | Path, data: str | None = None) -> tuple[SlimResNet, Config]:
     """The exported sub-network in ``folder`` as a supernet of one entry (eval mode), and its config: the
-    export's inputs (resolution, crop ratio, mean, std) and ``data``, which an export does not record."""
-    if data is None:
-        raise UsageError(f"{folder} is an exported sub-network, which does not record the data it was trained on: "
-                         "give the data to evaluate it on (--data, data=)")
+    export's inputs (resolution, crop ratio, mean, std) and ``data``, which an export does not record (None: the
+    config's default, for uses that read no data, such as profiling)."""
     plain = load_exported(folder)
     info = plain.metadata
     spec = _spec_of(plain, folder)
@@ -49,7 +46,8 @@ def supernet_of_export(folder: str | Path, data: str | None) -> tuple[SlimResNet
                   "stem": plain.config.stem, "bn": "shared", "channel_divisor": divisor},
         # a config's menu holds the full network (a pretraining's target); the supernet's is the export alone
         "menu": {"widths": sorted({1.0, spec.width}, reverse=True)},
-        "data": {"source": data, **{k: info[k] for k in ("resolution", "mean", "std") if k in info}},
+        "data": {**({"source": data} if data is not None else {}),
+                 **{k: info[k] for k in ("resolution", "mean", "std") if k in info}},
         "eval": {k: info[k] for k in ("crop_ratio",) if k in info},
     }, f"the exported sub-network {folder}")
     supernet = SlimResNet(plain.config.block, spec.depths, base, plain.config.stem, menu=[spec], bn="shared",

@@ -152,6 +152,9 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
         if config is not None:
             raise UsageError("an exported sub-network is evaluated with the inputs its config.json records; "
                              "config= is for a supernet in memory")
+        if data is None:
+            raise UsageError(f"{checkpoint} is an exported sub-network, which does not record the data it was "
+                             "trained on: give the data to evaluate it on (--data, data=)")
         supernet, cfg = supernet_of_export(checkpoint, data)
         log.info("%s: the exported %s, evaluated as exported (its BatchNorm statistics too); its results are "
                  "returned, not saved", checkpoint, supernet.menu.largest.name)
