@@ -337,3 +337,17 @@ def test_runs_of_one_network_each_joined_into_a_line_are_drawn_by_increasing_mac
     fig = plot_accuracy_vs_macs(runs, "knn_top1", join_singles="alone")
     (line,) = fig.axes[0].lines
     assert list(line.get_xdata()) == [1e6, 2e6, 4e6] and list(line.get_ydata()) == [40.0, 45.0, 50.0]
+
+
+def test_a_runs_table_says_how_each_protocol_measured(tmp_path, capsys):
+    """A linear_top1 of a 1-epoch probe reads like one of 100 epochs in the table: the settings follow it."""
+    dirs, docs = write_runs(tmp_path)
+    protocols = {"knn": {"data": "cifar10", "k": 200, "temperature": 0.1},
+                 "linear": {"data": "cifar10", "resolution": 32, "epochs": 1, "lr": 0.1}}
+    (dirs[0] / "results.json").write_text(json.dumps({**docs[0], "protocols": protocols}))
+    assert main(["report", str(dirs[0])]) == 0
+    text = capsys.readouterr().out
+    assert "How each protocol measured (`protocols` in results.json): knn: k 200, temperature 0.1; linear: " \
+           "epochs 1, lr 0.1" in text
+    assert main(["report", str(dirs[1])]) == 0  # none recorded: nothing said
+    assert "How each protocol measured" not in capsys.readouterr().out

@@ -94,7 +94,21 @@ def run_table(result: dict) -> str:
     other = other_data(result)
     if other:
         table += "\n\nMeasured on other data than the run's own " + other
+    how = protocol_settings(result)
+    if how:  # a 1-epoch probe reads like a 100-epoch one in the table
+        table += "\n\nHow each protocol measured (`protocols` in results.json): " + how
     return table
+
+
+def protocol_settings(result: dict) -> str | None:
+    """Each protocol's settings in words (``knn: k 200, temperature 0.1, ...``), without the data and resolution
+    that the heading and the other-data line give; None when results.json records none."""
+    protocols = result.get("protocols")
+    if not isinstance(protocols, dict):
+        return None
+    said = [f"{name}: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k not in ("data", "resolution"))
+            for name, settings in protocols.items() if isinstance(settings, dict)]
+    return "; ".join(said) or None
 
 
 def _settings_of(row: dict, key: str, result: dict) -> str:
