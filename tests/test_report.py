@@ -351,3 +351,24 @@ def test_a_runs_table_says_how_each_protocol_measured(tmp_path, capsys):
            "epochs 1, lr 0.1" in text
     assert main(["report", str(dirs[1])]) == 0  # none recorded: nothing said
     assert "How each protocol measured" not in capsys.readouterr().out
+
+
+def test_a_full_disk_while_a_plot_is_written_names_the_file_and_keeps_the_earlier_one(tmp_path, monkeypatch, capsys,
+                                                                                       caplog):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    dirs, _ = write_runs(tmp_path)
+    png = tmp_path / "acc.png"
+    png.write_bytes(b"the earlier plot")
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as write() raises it: no file named
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    with caplog.at_level(logging.ERROR, logger="slimssl"):
+        assert main(["report", *map(str, dirs), "--plot", str(png)]) == 2
+    assert f"slimssl report: error: {png}: No space left on device; free space" in caplog.text
+    assert png.read_bytes() == b"the earlier plot"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

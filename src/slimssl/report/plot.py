@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from ..atomic import atomic_write
 from ..errors import UsageError
 from ..eval.results import unfinished_note
 from .report import run_title
@@ -37,7 +38,8 @@ def _figure(figsize=(6.4, 4.4)):
 def _save(fig, path: str | Path | None) -> None:
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(str(path), dpi=150)
+        with atomic_write(path) as file:  # a full disk leaves no half-written image, and names the file
+            fig.savefig(file, dpi=150, format=Path(path).suffix.lstrip(".").lower())
 
 
 METRIC_LABELS = {"knn_top1": "kNN top-1 (%)", "linear_top1": "linear probe top-1 (%)",
