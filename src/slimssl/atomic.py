@@ -44,13 +44,10 @@ def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False) -> Ite
                 os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         _replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if e.filename is None and e.errno is not None:  # a full disk met by write() names no file: this one
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # write() names no file: this one
             raise OSError(e.errno, e.strerror, str(path)) from e
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
         raise
 
 

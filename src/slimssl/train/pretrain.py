@@ -9,7 +9,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, NamedTuple, Sequence
 
 from ..atomic import atomic_write, remove_temporaries
 from ..config import Config, check_processes
@@ -92,21 +92,25 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
 _RESTORED_ON_FAILURE = (CONFIG, METRICS)
 
 
-def _saved_state(run_dir: Path) -> tuple[int | None, dict[str, str], int | None]:
-    """(last.pt's modification time, the text of config.yaml and metrics.jsonl, results.json's modification
-    time) before a call trains: what a failed or idle resume restores."""
-    last = checkpoint_path(run_dir)
-    if not last.is_file():
-        return None, {}, None
-    texts = {name: (run_dir / name).read_text(encoding="utf-8") for name in _RESTORED_ON_FAILURE
-             if (run_dir / name).is_file()}
-    return last.stat().st_mtime_ns, texts, _mtime(run_dir / RESULTS)
+class SavedState(NamedTuple):
+    """What a run directory held before a call trains: what a failed or idle resume puts back."""
+
+    checkpoint_mtime: int | None  # last.pt's modification time (None: no checkpoint)
+    texts: dict[str, str]  # config.yaml and metrics.jsonl
+    results_mtime: int | None  # results.json's
 
 
-def _keep_settings_if_idle(run_dir: Path, saved: tuple[int | None, dict[str, str], int | None]) -> None:
+def _saved_state(run_dir: Path) -> SavedState:
+    checkpoint = _mtime(checkpoint_path(run_dir))
+    texts = {} if checkpoint is None else {name: (run_dir / name).read_text(encoding="utf-8")
+                                           for name in _RESTORED_ON_FAILURE if (run_dir / name).is_file()}
+    return SavedState(checkpoint, texts, _mtime(run_dir / RESULTS))
+
+
+def _keep_settings_if_idle(run_dir: Path, saved: SavedState) -> None:
     """A resume that trained and evaluated nothing (a finished run, or ``max_steps`` at its step) leaves the run
     as it found it: settings it changed would describe a checkpoint that was never trained with them."""
-    if _mtime(run_dir / RESULTS) != saved[2] or CONFIG not in _restore_if_unsaved(run_dir, saved):
+    if _mtime(run_dir / RESULTS) != saved.results_mtime or CONFIG not in _restore_if_unsaved(run_dir, saved):
         return
     log.warning("nothing was trained or evaluated: %s keeps the settings the run was trained with, and the "
                 "settings changed by this call apply to a resume that trains", run_dir / CONFIG)
@@ -116,16 +120,14 @@ def _mtime(path: Path) -> int | None:
     return path.stat().st_mtime_ns if path.is_file() else None
 
 
-def _restore_if_unsaved(run_dir: Path, saved: tuple[int | None, dict[str, str], int | None]) -> list[str]:
+def _restore_if_unsaved(run_dir: Path, saved: SavedState) -> list[str]:
     """After a resume failed before it saved a checkpoint, config.yaml and metrics.jsonl are put back as they
     were (the --set changes it had written, the records it had logged, are not in the checkpoint); the names of
     those that had changed."""
-    mtime, texts, _ = saved
-    last = checkpoint_path(run_dir)
-    if not texts or not last.is_file() or last.stat().st_mtime_ns != mtime:
+    if saved.checkpoint_mtime is None or _mtime(checkpoint_path(run_dir)) != saved.checkpoint_mtime:
         return []
     changed = []
-    for name, text in texts.items():
+    for name, text in saved.texts.items():
         if (run_dir / name).is_file() and (run_dir / name).read_text(encoding="utf-8") == text:
             continue
         changed.append(name)
