@@ -360,7 +360,7 @@ def test_cli_recalibrate_shared_bn(tmp_path, capsys):
                  str(tmp_path / "x.pt"), "--device", "cpu"]) == 2  # a sub-network that cannot exist
 
 
-def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys):
+def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys, caplog):
     from slimssl.cli import main
 
     make_checkpoint(tmp_path / "in.pt", bn="shared")
@@ -368,8 +368,14 @@ def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys):
                                          device="cpu")
     assert row == {"subnet": "w0p5_d1-1-1-1", "batches": 2, "batch_size": row["batch_size"],
                    "out": str(tmp_path / "api.pt")}
+    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="slimssl")
     assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.5", "--batches", "2", "--seed", "3",
                  "--out", str(tmp_path / "cli.pt"), "--device", "cpu"]) == 0
+    said = capsys.readouterr()
+    assert f"of w0p5_d1-1-1-1 on 2 batches of {row['batch_size']} -> {tmp_path / 'cli.pt'}" in said.out
+    assert "wrote" not in caplog.text  # said once, not again as a log line
     api, cli = load_checkpoint(tmp_path / "api.pt"), load_checkpoint(tmp_path / "cli.pt")
     assert api["recalibrated"] == cli["recalibrated"]
     assert all(torch.equal(api["model"][k], cli["model"][k]) for k in api["model"])

@@ -134,7 +134,8 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     payload.update(config=cfg.model_dump(mode="json"), model=state,
                    recalibrated={"subnet": spec.name, "batches": batches, "batch_size": batch_size, "data": source})
     path = save_checkpoint(out, payload)
-    log.info("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, batches, source, path)
+    # debug, not info: the command prints this itself, and an API caller has the returned row
+    log.debug("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, batches, source, path)
     return {"subnet": spec.name, "batches": batches, "batch_size": batch_size, "out": str(path)}
 
 
