@@ -89,7 +89,8 @@ def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float
 
 @contextlib.contextmanager
 def _set_up_quietly():
-    """The baseline's trainers would log the set-up lines (data, learning rate) of the slimmable one again."""
+    """Trainers built to time their steps: their set-up lines (kNN, learning rate) say nothing about speed, and the
+    baseline's would repeat the slimmable one's. Warnings still show."""
     level = log.level
     log.setLevel(max(level, logging.WARNING))
     try:
@@ -119,7 +120,9 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
     def row(what: str, m: Measurement) -> dict:
         return {"what": what, "img_per_s": batch / m.seconds, "peak_gib": m.peak_gib, "gpu_busy": m.gpu_busy}
 
-    with Trainer(cfg, scratch / "slim") as trainer:  # closed: its writer thread would write in a removed folder
+    with _set_up_quietly():
+        trainer = Trainer(cfg, scratch / "slim")
+    with trainer:  # closed: its writer thread would write in a removed folder
         device = trainer.device
         rows.append(row(f"data path (two augmented views, {cfg.data.loader})",
                         _measure(trainer.views, steps, warmup, device)))
