@@ -629,12 +629,15 @@ def test_registered_images_the_evaluation_cannot_use_are_refused_before_any_pret
     assert not any(out.rglob("*.pt")) and not any(out.rglob("metrics.jsonl"))  # nothing was trained
 
 
-def test_a_setting_a_later_recipe_cannot_train_with_is_refused_before_anything_trains(tmp_path, capsys, caplog):
+@pytest.mark.parametrize("recipes", [["cifar10_r18_dspnet_byol,cifar10_r18_slimclr_mocov2"],
+                                     ["cifar10_r18_dspnet_byol", "cifar10_r18_slimclr_mocov2"]])
+def test_a_setting_a_later_recipe_cannot_train_with_is_refused_before_anything_trains(tmp_path, capsys, caplog,
+                                                                                      recipes):
     """At batch 64, MoCo v2's BatchNorm groups of 64 leave shuffle-BN one group: refused by the first call, naming
-    the run, rather than after the BYOL runs trained (with a folder that then refuses the fixed settings)."""
+    the run, rather than after the BYOL runs trained (with a folder that then refuses the fixed settings). The
+    recipes may be comma- or space-separated."""
     out = tmp_path / "out"
-    assert main(["reproduce", "--data", "fake", "--out", str(out), "--batch-size", "64",
-                 "--recipes", "cifar10_r18_dspnet_byol,cifar10_r18_slimclr_mocov2"]) == 2
+    assert main(["reproduce", "--data", "fake", "--out", str(out), "--batch-size", "64", "--recipes", *recipes]) == 2
     text = capsys.readouterr().err + caplog.text
     assert "of cifar10_r18_slimclr_mocov2/slim" in text and "method.shuffle_bn needs" in text
     assert "to divide the per-process batch 64 (e.g. 8, 16, 32)" in text

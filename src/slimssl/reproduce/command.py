@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                f"  {EXIT_CONTINUE}  the --time-budget ran out with work left: run the same command again\n"
                "  3  stopped by SIGTERM/SIGINT after saving: run the same command again\n"
                "  2  bad arguments, or settings that differ from the runs already in --out")
-    p.add_argument("--recipes", default=",".join(DEFAULT_RECIPES),
-                   help="comma-separated shipped config names or YAML paths (default: %(default)s)")
+    p.add_argument("--recipes", action="extend", nargs="+", metavar="RECIPE",
+                   help="shipped config names or YAML paths, space-separated (a comma-separated list works too) "
+                        f"(default: {' '.join(DEFAULT_RECIPES)})")
     p.add_argument("--data", type=data_source,
                    help="dataset name or path for every recipe (default: the recipes' data.source)")
     p.add_argument("--out", required=True, type=output_dir, help="folder of the runs and the report")
@@ -59,10 +60,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from .run import (Budget, check_saved_probes, remove_killed_writes, require_labelled_splits,
                       restart_if_checkpoint_lost, run_jobs, stop_on_signals)
 
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    given = args.recipes or list(DEFAULT_RECIPES)
+    recipes = [r.strip() for item in given for r in item.split(",") if r.strip()]  # "a,b" as "a b"
     if not recipes:
-        raise UsageError(f"--recipes {args.recipes!r} names no recipe; expected comma-separated shipped config "
-                         "names or YAML paths")
+        raise UsageError(f"--recipes {' '.join(given)!r} names no recipe; expected shipped config names or YAML "
+                         "paths")
     working = False  # whether this call may have changed the runs (a report of an earlier call no longer holds)
     created = not args.out.exists()
     args.out.mkdir(parents=True, exist_ok=True)
