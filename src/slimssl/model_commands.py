@@ -49,10 +49,6 @@ DEFAULT_TOLERANCE = 1e-5  # export --verify
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .eval.commands import data_keywords
-    from .exporter import export_run
-    from .report.table import markdown_table
-
     budget = args.max_macs is not None or args.max_params is not None
     if bool(args.subnet) + bool(args.all) + budget != 1:
         raise UsageError("give exactly one of --subnet NAME [NAME ...], --all, or a budget (--max-macs and/or "
@@ -71,6 +67,10 @@ def cmd_export(args: argparse.Namespace) -> int:
               if given and not args.verify]
     if unused:  # said, rather than taken silently as if they had done something
         log.warning("%s: not used without --verify", " and ".join(unused))
+    from .eval.commands import data_keywords  # torch: after the checks, so that a mistake is said at once
+    from .exporter import export_run
+    from .report.table import markdown_table
+
     picked = None
     if budget:
         from .budget import pick_subnet
