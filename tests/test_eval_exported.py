@@ -65,17 +65,35 @@ def test_an_export_needs_the_data_it_is_evaluated_on(tmp_path, capsys):
     assert [row["subnet"] for row in json.loads(capsys.readouterr().out)] == ["w0p5_d1-1-1-1"]
 
 
-@pytest.mark.parametrize("subnet, divisor", [("0.75", 8), ("0.5:1,1,1,1", 1), ("1.0", 1)])
-def test_the_rebuilt_supernet_holds_the_export_exactly(tmp_path, subnet, divisor):
-    """Channels rounded by a divisor (12 x 0.75 = 9 -> 8, stage 2: 18 -> 16), a shallower sub-network, and the
-    full width: the rebuilt supernet's entry is the exported network under its own name, to the bit."""
-    cfg = config_from_dict({"model": {"arch": "resnet18", "depths": [2, 1, 1, 1], "base_width": 12, "stem": "cifar",
+GEOMETRIES = [  # base width, sub-network, channel divisor
+    (12, "0.75", 8),  # rounded by the divisor: 12 x 0.75 = 9 -> 8, stage 2: 18 -> 16
+    (12, "0.5:1,1,1,1", 1),  # a shallower sub-network
+    (12, "1.0", 1),  # the full width
+    (64, "0.2", 1), (24, "0.15", 1), (40, "0.1235", 1),  # floored far below the base: 64 x 0.2 = 12.8 -> 12
+    (36, "0.5", 6), (30, "0.25", 3),  # divisors that are not powers of 2
+    (12, "0.9", 8),  # a stem rounded up past its whole layer: 10.8 -> 16 -> the 12 of the layer
+]
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["cut_from", "older export"])
+@pytest.mark.parametrize("base, subnet, divisor", GEOMETRIES)
+def test_the_rebuilt_supernet_holds_the_export_exactly(tmp_path, base, subnet, divisor, recorded):
+    """The rebuilt supernet's entry is the exported network under its own name, to the bit: rebuilt from the
+    geometry the export records it was cut from, or found from its channels alone (an export written before
+    config.json recorded it)."""
+    width = float(subnet.split(":")[0])
+    cfg = config_from_dict({"model": {"arch": "resnet18", "depths": [2, 1, 1, 1], "base_width": base, "stem": "cifar",
                                       "bn": "shared", "channel_divisor": divisor},
-                            "menu": {"widths": [1.0, 0.75, 0.5]}, "data": {"resolution": 8}})
+                            "menu": {"widths": sorted({1.0, width, 0.5}, reverse=True)}, "data": {"resolution": 8}})
     torch.manual_seed(0)
     supernet = build_supernet(cfg).eval()
     spec = supernet.resolve(subnet)
     folder = export_subnet(supernet, spec, tmp_path, check_bn_statistics=False, config=cfg)
+    config_json = json.loads((folder / "config.json").read_text())
+    assert config_json["cut_from"] == {"base_width": base, "channel_divisor": divisor}
+    if not recorded:
+        del config_json["cut_from"]
+        (folder / "config.json").write_text(json.dumps(config_json))
     rebuilt, rebuilt_cfg = supernet_of_export(folder, "fake")
     assert rebuilt.menu.names == [spec.name] and rebuilt_cfg.data.resolution == 8
     exported, again = load_exported(folder).state_dict(), rebuilt.export(spec).state_dict()

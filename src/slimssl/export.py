@@ -39,8 +39,8 @@ GRAPHS = {"onnx": ONNX, "pt2": PROGRAM}  # the formats that add a graph beside t
 WEIGHTS_DIGEST = "weights_sha256"  # in config.json: the model.safetensors it was written with
 # what save_exported keeps of a loaded model's metadata: its inputs and origin (how far its source was pretrained
 # stays true however the model is trained after), not its classes, accuracy or BatchNorm statistics' origin
-CARRIED = ("resolution", "crop_ratio", "mean", "std", "source", "subnet", "trained_steps", "trained_epochs",
-           "pretraining_epochs")
+CARRIED = ("resolution", "crop_ratio", "mean", "std", "source", "subnet", "cut_from", "trained_steps",
+           "trained_epochs", "pretraining_epochs")
 
 
 class ExportError(SlimsslError):
@@ -82,7 +82,9 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
                     "widths that trained last): call slimssl.recalibrate_bn(supernet, %r, batches) on train "
                     "batches first, or export a run with slimssl.export_run, which does", spec.name, spec.name)
     plain = supernet.export(spec).eval()
-    metadata = {**(metadata or {}), "subnet": spec.name}
+    # the supernet's geometry, which the channels alone may not tell: slimssl knn/profile rebuild it from this
+    cut_from = {"base_width": supernet.base_width, "channel_divisor": supernet.slim_state.divisor}
+    metadata = {**(metadata or {}), "subnet": spec.name, "cut_from": cut_from}
     if fmt == "pt2":  # what model.pt2 takes, for a runtime that reads the config first
         metadata["pt2_input"] = program_input(plain.config, resolution)
     folder = _write_export(plain, Path(out_dir) / spec.name, metadata)

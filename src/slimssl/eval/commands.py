@@ -135,8 +135,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluation subcommands to the ``slimssl`` parser."""
     p = sub.add_parser("knn", help="weighted kNN top-1 of every sub-network (train split = bank, test = queries)")
     _add_eval_args(p)
-    p.add_argument("--k", type=positive_int, help="neighbours (default: config eval.knn_k)")
-    p.add_argument("--temperature", type=positive_float, help="vote temperature (default: config eval.knn_temperature)")
+    p.add_argument("--k", type=positive_int,
+                   help="neighbours (default: config eval.knn_k; for an export, which records none, its default)")
+    p.add_argument("--temperature", type=positive_float,
+                   help="vote temperature (default: config eval.knn_temperature; for an export, its default)")
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
                    help=f"evaluate these instead of the menu ({SUBNET_SPELLINGS}; with shared BatchNorm any "
                         "width and depth, its statistics re-estimated first)")

@@ -21,7 +21,6 @@ from ..nn.layers import SlimBatchNorm
 from ..nn.spec import SubnetSpec
 
 ARCH_OF_BLOCK = {"basic": "resnet18", "bottleneck": "resnet50"}  # (the depths are given: any arch of the block)
-DIVISORS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def is_export_folder(path) -> bool:
@@ -73,16 +72,38 @@ def _spec_of(plain: PlainResNet, folder) -> SubnetSpec:
 
 
 def _geometry(plain: PlainResNet, spec: SubnetSpec, folder) -> tuple[int, int]:
-    """A base width and a channel divisor whose supernet has ``spec`` of exactly the export's channels."""
+    """A base width and a channel divisor whose supernet has ``spec`` of exactly the export's channels: those it
+    records it was cut from (``cut_from``), else, for an export written before it recorded them, found by search."""
     wanted = plain.config
     channels = (wanted.stem_channels, tuple(wanted.mid_channels), tuple(wanted.out_channels))
-    for divisor in DIVISORS:
-        for base in range(wanted.stem_channels, int(wanted.stem_channels / spec.width) + 2 * divisor + 2):
-            if subnet_channels(wanted.block, base, spec.width, divisor, len(spec.depths)) == channels:
+
+    def fits(base: int, divisor: int) -> bool:
+        return subnet_channels(wanted.block, base, spec.width, divisor, len(spec.depths)) == channels
+
+    recorded = plain.metadata.get("cut_from")
+    if isinstance(recorded, dict):
+        base, divisor = recorded.get("base_width"), recorded.get("channel_divisor")
+        if all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (base, divisor)) \
+                and fits(base, divisor):
+            return base, divisor
+    # Rounded by a divisor, a channel count is a multiple of it, or the whole layer where rounding up would pass
+    # that. So either the divisor divides the stem's channels, the stem being base * width rounded (never below
+    # 90% of it, which bounds the base), or the stem is the whole base and the divisor divides another layer's.
+    stem, counts = wanted.stem_channels, {count for stage in channels[1:] for count in stage}
+    for divisor in _divisors_of(stem):
+        for base in range(stem, int((stem + divisor) / (0.9 * spec.width)) + 2):
+            if fits(base, divisor):
                 return base, divisor
+    for divisor in sorted({d for count in counts for d in _divisors_of(count)}):
+        if fits(stem, divisor):
+            return stem, divisor
     raise ExportError(f"{folder} has channels {wanted.stem_channels}, {list(wanted.mid_channels)}, "
                       f"{list(wanted.out_channels)}, which no supernet's {spec.name} has: it cannot be evaluated "
                       "as one (evaluate the run it was exported from)")
+
+
+def _divisors_of(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 @torch.no_grad()
