@@ -345,6 +345,24 @@ def test_cli_knn_json(tmp_path, capsys):
     assert saved["protocols"]["knn"]["k"] == 10
 
 
+def test_a_checkpoint_whose_config_says_slow_start_lr_0_is_read_as_it_trained(tmp_path):
+    """Before 0 was refused, a run's slow_start_lr 0 was read as null (it trained on at optim.lr): its checkpoint
+    is still evaluated, with that meaning, while a new config with 0 is refused."""
+    make_checkpoint(tmp_path / "in.pt")
+    saved = load_checkpoint(tmp_path / "in.pt")
+    config = saved["config"].model_dump(mode="json")
+    save_checkpoint(tmp_path / "old.pt", {**{k: v for k, v in saved.items() if k not in ("format", "version")},
+                                          "config": {**config, "slim": {**config["slim"], "slow_start_lr": 0.0}}})
+    supernet, cfg = slimssl.load_supernet(tmp_path / "old.pt")
+    assert cfg.slim.slow_start_lr is None
+    assert [row["subnet"] for row in slimssl.knn(tmp_path / "old.pt", data="fake", device="cpu", save=False)] == \
+        supernet.menu.names
+    with pytest.raises(slimssl.ConfigError, match="slim.slow_start_lr"):
+        config_from_dict({**config, "slim": {"slow_start_lr": 0.0}})
+    with pytest.raises(slimssl.ConfigError, match="slim.slow_start_lr"):  # not a value it trained with as unset
+        config_from_dict({**config, "slim": {"slow_start_lr": -0.5}}, stored=True)
+
+
 def test_cli_recalibrate_shared_bn(tmp_path, capsys):
     from slimssl.cli import main
 

@@ -281,6 +281,14 @@ class SlimConfig(Section):
     slow_start_lr: float | None = Field(None, gt=0, description="a new base lr (as optim.lr, at its reference_batch) "
                                         "for the schedule's rest once the sub-networks join (SlimCLR); null: unchanged")
 
+    @field_validator("slow_start_lr", mode="before")
+    @classmethod
+    def _stored_zero_was_unset(cls, value, info: ValidationInfo):
+        # before 0 was refused, a run's 0 was read as null and it trained on at optim.lr: its checkpoint still is
+        if (info.context or {}).get("stored") and value == 0 and not isinstance(value, bool):
+            return None
+        return value
+
     @field_validator("loss_weights")
     @classmethod
     def _known_loss_weights(cls, name: str, info: ValidationInfo) -> str:
