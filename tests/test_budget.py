@@ -87,12 +87,14 @@ def test_sub_networks_not_measured_are_left_out_with_a_warning_and_the_default_i
 def test_values_of_other_settings_or_an_earlier_network_are_compared_with_a_warning(tmp_path, caplog):
     rows = [dict(r) for r in ROWS]
     rows[3]["knn_settings"] = {"k": 20}  # w0p5 measured with another k than the run's protocol
-    run = _run(tmp_path, rows, steps=100)
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": {}}) + "\n" for s in (50, 100, 150)))
+    run = _run(tmp_path, rows, steps=100, config={"train": {"epochs": 2}}, protocols={"knn": {}, "linear": {}})
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "epoch": s / 50, "loss": {}}) + "\n"
+                                               for s in (50, 100, 150)))
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         assert slimssl.pick_subnet(run, max_macs="150M", metric="knn_top1")["subnet"] == "w0p5"
     assert "knn_top1 of w0p5 was measured with other settings than the others' (their knn_settings" in caplog.text
-    assert "describes the network at step 100, and the run has trained on to step 150 since" in caplog.text
+    assert "holds values of the network at an earlier epoch than the run has trained on to since, 3: knn at epoch 2, " \
+           "linear at epoch 2; they may not be those of its last checkpoint (slimssl knn / linear RUN" in caplog.text
 
 
 def test_a_row_without_its_macs_loses_a_tie(tmp_path):
@@ -125,12 +127,12 @@ def test_a_budget_copied_from_a_rounded_table_says_what_its_rounding_left_out(tm
 def test_a_checkpoint_saved_after_the_results_is_warned_of_without_a_metrics_record(tmp_path, caplog):
     import torch
 
-    run = _run(tmp_path, ROWS, steps=11)
-    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": {}}) + "\n")  # logged every 10 steps
-    torch.save({"train_state": {"step": 14}}, run / "checkpoints" / "last.pt")  # resumed, stopped at step 14
+    run = _run(tmp_path, ROWS, steps=11, config={"train": {"epochs": 1}}, protocols={"knn": {}})
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "epoch": 10 / 11, "loss": {}}) + "\n")  # every 10
+    torch.save({"train_state": {"step": 14}, "epoch": 14 / 11}, run / "checkpoints" / "last.pt")  # resumed, stopped
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         slimssl.pick_subnet(run, max_macs="150M")
-    assert "describes the network at step 11, and the run has trained on to step 14 since" in caplog.text
+    assert "an earlier epoch than the run has trained on to since, 1.27: knn at epoch 1;" in caplog.text
 
 
 def test_an_unmeasured_or_unknown_metric_is_an_error_saying_what_was_measured(tmp_path):

@@ -200,23 +200,44 @@ def test_a_run_without_results_yet_is_left_out_with_a_warning(tmp_path, capsys, 
     assert "results.json does not exist" in caplog.text + capsys.readouterr().err
 
 
+def _report_warnings(run, caplog) -> str:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["report", str(run)]) == 0
+    return caplog.text
+
+
 def test_results_of_a_run_trained_on_since_are_said_to_describe_an_earlier_network(tmp_path, capsys, caplog):
     """A finished run resumed with more epochs keeps its results.json until it ends again: a report of it then
-    says which step its numbers describe."""
+    says which protocols' numbers describe an earlier epoch, until they are measured again."""
     dirs, _ = write_runs(tmp_path)
     doc = json.loads((dirs[0] / "results.json").read_text())
-    (dirs[0] / "results.json").write_text(json.dumps({**doc, "steps": 100}))
-    records = "".join(json.dumps({"step": s, "loss": {}}) + "\n" for s in (50, 100))
+    doc = {**doc, "steps": 100, "config": {"train": {"epochs": 2}}, "protocols": {"knn": {}, "linear": {}}}
+    (dirs[0] / "results.json").write_text(json.dumps(doc))
+    records = "".join(json.dumps({"step": s, "epoch": s / 50, "loss": {}}) + "\n" for s in (50, 100))
     (dirs[0] / "metrics.jsonl").write_text(records)
-    with caplog.at_level(logging.WARNING, logger="slimssl"):
-        assert main(["report", str(dirs[0])]) == 0
-    assert "describes the network" not in caplog.text
-    (dirs[0] / "metrics.jsonl").write_text(records + json.dumps({"step": 150, "loss": {}}) + "\n")
-    with caplog.at_level(logging.WARNING, logger="slimssl"):
-        assert main(["report", str(dirs[0])]) == 0
-    assert f"{dirs[0] / 'results.json'} describes the network at step 100, and the run has trained on to step " \
-           "150 since" in caplog.text
+    assert "earlier epoch" not in _report_warnings(dirs[0], caplog)
+    (dirs[0] / "metrics.jsonl").write_text(records + json.dumps({"step": 125, "epoch": 2.5, "loss": {}}) + "\n")
+    assert f"{dirs[0] / 'results.json'} holds values of the network at an earlier epoch than the run has trained " \
+           "on to since, 2.5: knn at epoch 2, linear at epoch 2; they may not be those of its last checkpoint " \
+           "(slimssl knn / linear RUN measures them again)" in _report_warnings(dirs[0], caplog)
     assert "## slim" in capsys.readouterr().out
+    # slimssl knn RUN measured the checkpoint at epoch 2.5 (of the 3 the resume asked for): linear alone is stale
+    (dirs[0] / "results.json").write_text(json.dumps({**doc, "unfinished": {"epochs": 3, "knn": 2.5}}))
+    warnings = _report_warnings(dirs[0], caplog)
+    assert "to since, 2.5: linear at epoch 2; they may not" in warnings and "(slimssl linear RUN" in warnings
+
+
+def test_a_resume_with_another_batch_size_counts_its_steps_anew_without_staling_the_results(tmp_path, caplog):
+    """Stopped at step 12 of 16 at batch 16, then finished at batch 32: its steps are 6 to 8, and results.json,
+    written at the new end (step 8 of epoch 4), describes the last network, whatever the old step numbers."""
+    dirs, _ = write_runs(tmp_path)
+    doc = json.loads((dirs[0] / "results.json").read_text())
+    doc = {**doc, "steps": 8, "config": {"train": {"epochs": 4}}, "protocols": {"knn": {}}}
+    (dirs[0] / "results.json").write_text(json.dumps(doc))
+    records = [{"step": s, "epoch": s / 4} for s in (4, 8, 12)] + [{"step": s, "epoch": s / 2} for s in (6, 8)]
+    (dirs[0] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "earlier epoch" not in _report_warnings(dirs[0], caplog)
 
 
 def test_a_damaged_metrics_file_is_named_not_a_traceback(tmp_path, capsys, caplog):

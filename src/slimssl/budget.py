@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .eval.results import read_results, run_dir_of, stale_note, trained_on_to, unfinished_note
+from .eval.results import read_results, run_dir_of, stale_note, unfinished_note
 from .layout import RESULTS, checkpoint_path
 from .report.table import human, is_number
 
@@ -121,8 +121,8 @@ def _warn_of_what_the_ranking_leaves(data: dict, run_dir: Path, fit: list[dict],
     note = unfinished_note(data)
     if note:
         log.warning("%s/%s holds values measured before pretraining ended (%s)", run_dir, RESULTS, note)
-    from .checkpoint import checkpoint_step  # torch: not for parsing --max-macs (cli_args)
+    from .checkpoint import checkpoint_epoch  # torch: not for parsing --max-macs (cli_args)
 
-    trained = trained_on_to(run_dir, data, checkpoint_step(checkpoint_path(run_dir)))
-    if trained is not None:
-        log.warning("%s", stale_note(run_dir, data, trained))
+    stale = stale_note(run_dir, data, checkpoint_epoch(checkpoint_path(run_dir)))
+    if stale:
+        log.warning("%s", stale)

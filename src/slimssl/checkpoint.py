@@ -99,11 +99,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def checkpoint_step(path: str | Path) -> int | None:
-    """The step a checkpoint file was saved at, reading none of its tensors (None where it cannot say)."""
+def checkpoint_epoch(path: str | Path) -> float | None:
+    """The epoch a checkpoint file was saved at, reading none of its tensors (None where it cannot say)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(data["train_state"]["step"])
+        return float(data["epoch"])
     except Exception:  # noqa: BLE001 - a missing or unreadable file, or no step: nothing to compare with
         return None
 

@@ -197,24 +197,36 @@ def unfinished_note(data: dict) -> str | None:
     return f"{', '.join(parts) or 'measured'} of {marks.get('epochs', '?')}"
 
 
-def trained_on_to(run_dir: str | Path, data: dict, saved_step: int | None = None) -> int | None:
-    """The step ``run_dir`` has trained on to since ``data`` (its results.json) was written at the end of
-    pretraining (a resume given more epochs), from metrics.jsonl and ``saved_step``, its last checkpoint's step
-    where known; None when it has not: the accuracies are then those of its last checkpoint."""
-    steps = [r["step"] for r in read_metrics(run_dir)
-             if isinstance(r.get("step"), int) and not isinstance(r["step"], bool)]
-    if saved_step is not None:  # steps after the last metrics record are only there
-        steps.append(saved_step)
-    trained, written = max(steps, default=None), data.get("steps")
-    if isinstance(written, int) and trained is not None and trained > written:
-        return trained
-    return None
+def stale_note(run_dir: str | Path, data: dict, saved_epoch: float | None = None) -> str | None:
+    """A warning when ``data`` (``run_dir``'s results.json) holds values of a protocol measured on the network at
+    an earlier epoch than the run has trained on to since (a resume given more epochs, stopped before its new end,
+    which rewrites the file): they may not be those of its last checkpoint. None otherwise. The epoch trained to
+    is metrics.jsonl's last and ``saved_epoch``, the last checkpoint's where known; a protocol's values were
+    measured at the end that wrote the file, or at the epoch its ``unfinished`` mark says. Epochs, not steps: a
+    resume with another batch size counts its steps anew."""
+    train = (data.get("config") or {}).get("train") if isinstance(data.get("config"), dict) else None
+    end = train.get("epochs") if isinstance(train, dict) else None
+    if not isinstance(data.get("steps"), int) or not _is_number(end):  # not written by pretraining's end
+        return None
+    epochs = [r["epoch"] for r in read_metrics(run_dir) if _is_number(r.get("epoch"))]
+    if _is_number(saved_epoch):  # epochs after the last metrics record are only there
+        epochs.append(saved_epoch)
+    trained = epoch_floor(max(epochs, default=0))
+    marks = data.get("unfinished") if isinstance(data.get("unfinished"), dict) else {}
+    protocols = data.get("protocols") if isinstance(data.get("protocols"), dict) else {}
+    measured = {p: marks.get(p, end) for p in protocols}
+    stale = {p: e for p, e in measured.items() if _is_number(e) and e < trained}
+    if not stale:
+        return None
+    commands = dict.fromkeys("finetune" if p.startswith("finetune") else p for p in stale)
+    return (f"{Path(run_dir) / RESULTS} holds values of the network at an earlier epoch than the run has trained on "
+            f"to since, {trained:g}: " + ", ".join(f"{p} at epoch {e:g}" for p, e in stale.items())
+            + f"; they may not be those of its last checkpoint (slimssl {' / '.join(commands)} RUN measures them "
+            "again)")
 
 
-def stale_note(run_dir: str | Path, data: dict, trained: int) -> str:
-    return (f"{Path(run_dir) / RESULTS} describes the network at step {data['steps']}, and the run has trained on "
-            f"to step {trained} since: the accuracies may not be those of its last checkpoint (slimssl knn RUN "
-            "measures them again)")
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _keep_earlier_settings(rows: list[dict], values: Mapping[str, Any], protocol: str, earlier: dict | None,

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from ..eval.results import read_metrics, read_results, same_data, stale_note, trained_on_to, unfinished_note
+from ..eval.results import read_metrics, read_results, same_data, stale_note, unfinished_note
 from ..layout import RESULTS
 from .table import is_number, markdown_table
 
@@ -28,9 +28,9 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[dict]:
         note = unfinished_note(result)
         if note:  # evaluated on a checkpoint from before pretraining's end
             log.warning("%s: results measured before pretraining finished (%s)", label, note)
-        trained = trained_on_to(run_dir, result)  # metrics.jsonl alone: a report reads no checkpoint
-        if trained is not None:
-            log.warning("%s", stale_note(run_dir, result, trained))
+        stale = stale_note(run_dir, result)  # metrics.jsonl alone: a report reads no checkpoint
+        if stale:
+            log.warning("%s", stale)
     return results
 
 
