@@ -128,12 +128,18 @@ def test_a_finished_run_says_where_it_is_and_what_comes_next(tmp_path, config, c
         assert main(["pretrain", "--config", str(config), "--out", str(run), "--set", "train.epochs=1"]) == 0
     assert f"done: the run is in {run} (results.json, checkpoints/last.pt); next: slimssl linear {run}, " \
            f"slimssl export {run} --all --out DIR, slimssl report {run}" in caplog.text
-    # a run whose data gave no kNN (here: none asked for) is probed on data given to the probe
+    # no kNN asked for: the run's (labelled) data still serves the probe
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slimssl"):
         assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "r2"), "--set", "train.epochs=1",
                      "train.knn=false"]) == 0
-    assert f"next: slimssl linear {tmp_path / 'r2'} --data DATA (labelled, with a test split" in caplog.text
+    assert f"next: slimssl linear {tmp_path / 'r2'}, slimssl export" in caplog.text
+    # a run whose data gave no kNN (no test split) is probed on data given to the probe
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "r3"), "--set", "train.epochs=1",
+                     "--data", str(image_folder(tmp_path / "images"))]) == 0
+    assert f"next: slimssl linear {tmp_path / 'r3'} --data DATA (labelled, with a test split" in caplog.text
 
 
 # ---- 2. a folder named like a shipped config -----------------------------------------------------------

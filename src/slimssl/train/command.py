@@ -113,8 +113,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         emit(args, run.results, markdown_table(run.results["subnets"], cols))
         if dist.is_main():  # after minutes of progress, where the run is and what comes next
             where = shell_quote(run_dir)
-            # no kNN: train.knn false, or data without labels or a test split, which a probe cannot use either
-            probe = "" if "knn" in run.results.get("protocols", {}) else \
+            # no kNN though asked for: data without labels or a test split, which a probe cannot use either
+            probe = "" if "knn" in run.results.get("protocols", {}) or not cfg.train.knn else \
                 " --data DATA (labelled, with a test split, where the run's data is not)"
             log.info("done: the run is in %s (results.json, checkpoints/last.pt); next: slimssl linear %s%s, "
                      "slimssl export %s --all --out DIR, slimssl report %s", where, where, probe, where, where)
