@@ -527,6 +527,43 @@ def test_pt2_program_runs_without_slimssl_at_any_batch_and_size(tmp_path, pertur
         program.module()(images(1, least - 1))  # smaller than the strides allow: torch's guard refuses it
 
 
+def test_the_unfolded_max_pool_is_the_stems_max_pool():
+    from slimssl.export import UnfoldedMaxPool
+
+    pool = nn.MaxPool2d(3, 2, 1)
+    for size in (2, 7, 8, 33, 34):
+        x = torch.randn(2, 3, size, size + 1, generator=torch.Generator().manual_seed(size)) - 5  # all below 0
+        assert torch.equal(UnfoldedMaxPool(pool)(x), pool(x))
+    with pytest.raises(ValueError, match="MaxPool2d"):
+        UnfoldedMaxPool(nn.MaxPool2d(2))
+
+
+def test_a_torch_that_cannot_keep_the_max_pools_size_dynamic_gets_a_program_of_any_size(tmp_path, perturb_bn,
+                                                                                      monkeypatch):
+    """Before torch 2.13, max_pool2d's shape rule ties a program to one parity of image size, and export fails:
+    the program is then traced with the unfolded max-pool, and still takes any size, of either parity."""
+    import torch.export
+
+    model = build("bottleneck-imagenet-private-depths", perturb_bn)
+    spec = model.menu[-1]
+    real, traced = torch.export.export, []
+
+    def old_torch(module, *args, **kwargs):
+        traced.append(type(module.maxpool).__name__)
+        if isinstance(module.maxpool, nn.MaxPool2d):
+            raise RuntimeError("Constraints violated (height, width)!")
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", old_torch)
+    folder = export_subnet(model, spec, tmp_path, fmt="pt2", resolution=40)
+    assert traced == ["MaxPool2d", "UnfoldedMaxPool"]
+    program = torch.export.load(str(folder / "model.pt2")).module()
+    for size in (33, 34, 40, 41):
+        x = images(2, size)
+        torch.testing.assert_close(program(x), model(x, subnet=spec), rtol=1e-5, atol=1e-5)
+    assert isinstance(load_exported(folder).maxpool, nn.MaxPool2d)  # the weights' model is as it was
+
+
 def test_a_pt2_program_of_images_smaller_than_its_strides_takes_that_size(tmp_path, perturb_bn):
     """At 8 pixels the CIFAR stem's last feature map has 1 pixel: the program is compiled for that size alone."""
     model = build("basic-cifar-private", perturb_bn)

@@ -301,9 +301,34 @@ def _export_program(plain: PlainResNet, path: Path, resolution: int, config: dic
     else:
         log.info("%s: the program takes %d-pixel images only (from %d pixels a side, it would take any size)",
                  path, resolution, smallest_program_input(plain.config))
-    program = export(plain, (example,), dynamic_shapes=(dims,))
+    try:
+        program = export(plain, (example,), dynamic_shapes=(dims,))
+    except Exception:  # noqa: BLE001 - torch before 2.13 cannot keep a max-pool's size dynamic: without it
+        if "min_size" not in sizes or not isinstance(plain.maxpool, nn.MaxPool2d):
+            raise
+        pooled = plain.maxpool
+        plain.maxpool = UnfoldedMaxPool(pooled)
+        try:
+            program = export(plain, (example,), dynamic_shapes=(dims,))
+        finally:
+            plain.maxpool = pooled
     with atomic_write(path) as file:  # a kill while saving leaves no half-written archive
         save(program, file, extra_files={CONFIG: json.dumps(config, indent=2)})
+
+
+class UnfoldedMaxPool(nn.Module):
+    """The ImageNet stem's 3x3 max-pool (stride 2, padding 1) as -inf padding, unfold and max: the same numbers,
+    and an output size torch.export can keep dynamic in every torch. Before torch 2.13 the shape rule of
+    max_pool2d rounds with a test of the remainder, which ties a program to images of one parity of size."""
+
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        if (pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode) != (3, 2, 1, 1, False):
+            raise ValueError(f"expected the stem's MaxPool2d(3, 2, 1), got {pool}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.pad(x, (1, 1, 1, 1), value=float("-inf"))
+        return x.unfold(2, 3, 2).unfold(3, 3, 2).amax(dim=(-2, -1))
 
 
 def load_exported(folder: str | Path) -> PlainResNet:
