@@ -75,17 +75,28 @@ def test_output_paths_the_machine_refuses_are_the_options_errors(tmp_path, capsy
     a traceback from deep in the command."""
     too_long = str(tmp_path / ("a" * 300))
     (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "x")
+    (tmp_path / "loopA").symlink_to("loopB")
+    (tmp_path / "loopB").symlink_to("loopA")
     for argv, expected in [
         (["pretrain", "--out", too_long], f"argument --out: cannot use {too_long!r}: File name too long"),
         (["export", CKPT, "--all", "--out", too_long], "argument --out: cannot use"),
         (["report", CKPT, "--plot", too_long + ".png"], "argument --plot: cannot use"),
         (["pretrain", "--out", str(tmp_path / "dangling")], f"is a link to {str(tmp_path / 'gone' / 'x')!r}, which "
                                                            "does not exist"),
+        (["report", CKPT, "--plot", str(tmp_path / "loopA" / "p.png")], "is a link to 'loopB', a loop of links"),
     ]:
         with pytest.raises(SystemExit) as refused:
             main(argv)
         err = capsys.readouterr().err
         assert refused.value.code == 2 and expected in err and "Traceback" not in err, argv
+
+
+def test_a_run_directory_that_is_a_loop_of_links_is_said_not_to_exist(tmp_path, caplog):
+    (tmp_path / "loopA").symlink_to("loopB")
+    (tmp_path / "loopB").symlink_to("loopA")
+    with caplog.at_level(logging.ERROR, logger="slimssl"):
+        assert main(["report", str(tmp_path / "loopA")]) == 2  # not Path.resolve()'s RuntimeError
+    assert f"run directory {tmp_path / 'loopA'} does not exist" in caplog.text
 
 
 def test_a_path_the_machine_refuses_while_a_command_runs_is_named_without_a_traceback(monkeypatch, caplog):

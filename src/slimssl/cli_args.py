@@ -118,9 +118,11 @@ def _check_writable(folder: Path, text: str) -> None:
     (found now rather than by a crash after the work is done)."""
     ancestor = folder.absolute()
     while not ancestor.exists():
-        if ancestor.is_symlink():  # a link to nothing: nothing can be made where it is
-            raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(ancestor)!r} is a link to "
-                                             f"{os.readlink(ancestor)!r}, which does not exist")
+        if ancestor.is_symlink():  # a link to nothing, or to itself: nothing can be made where it is
+            target = os.readlink(ancestor)
+            why = "a loop of links" if os.path.lexists(ancestor.parent / target) else "which does not exist"
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(ancestor)!r} is a link to {target!r}, "
+                                             f"{why}")
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(ancestor)!r} is a file, not a folder")

@@ -43,7 +43,7 @@ def run_title(result: dict) -> str:
 def with_results(run_dirs: Sequence[str | Path]) -> list[str | Path]:
     """``run_dirs`` less the run directories that have no results.json yet (still pretraining, as a glob such as
     ``runs/*`` may catch), each named in a warning; all of them when none has one, for load_runs to refuse."""
-    unique = list({Path(d).resolve(): d for d in reversed(run_dirs)}.values())[::-1]  # the first of each folder
+    unique = list({_resolved(d): d for d in reversed(run_dirs)}.values())[::-1]  # the first of each folder
     if len(unique) < len(run_dirs):
         log.warning("a run directory was given twice: reported once")
     run_dirs = unique
@@ -56,9 +56,17 @@ def with_results(run_dirs: Sequence[str | Path]) -> list[str | Path]:
     return finished
 
 
+def _resolved(run_dir: str | Path) -> Path:
+    """``run_dir`` resolved, or as given where it cannot be (a link loop, which reading it then says)."""
+    try:
+        return Path(run_dir).resolve()
+    except (RuntimeError, OSError):  # RuntimeError: a link loop before Python 3.13
+        return Path(run_dir).absolute()
+
+
 def run_labels(run_dirs: Sequence[str | Path]) -> list[str]:
     """Each run directory's folder name, or the path as given where two folders have the same name."""
-    names = [Path(d).resolve().name for d in run_dirs]
+    names = [_resolved(d).name for d in run_dirs]
     return [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs)]
 
 
