@@ -111,3 +111,14 @@ def test_an_export_is_profiled_as_its_sub_network_is(tmp_path, capsys):
         rows[what] = rows_by_name(json.loads(capsys.readouterr().out))
     assert rows["export"] == {"w0p5_d1-1-1-1": rows["run"]["w0p5_d1-1-1-1"]}
     assert main(["profile", exported["path"], "--config", "demo"]) == 2  # an export is profiled as exported
+
+
+def test_an_export_is_fine_tuned_without_naming_its_one_sub_network(tmp_path, capsys):
+    data = str(image_splits(tmp_path / "images"))
+    make_checkpoint(tmp_path / "in.pt")
+    (exported,) = slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", "0.5", data=data)
+    assert main(["finetune", exported["path"], "--data", data, "--label-fraction", "0.5", "--epochs", "1",
+                 "--device", "cpu", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["subnet"], row["label_fraction"]) for row in rows] == [("w0p5_d1-1-1-1", 0.5)]
+    assert main(["finetune", str(tmp_path / "in.pt"), "--data", data, "--label-fraction", "0.5"]) == 2  # a run: say which

@@ -203,8 +203,8 @@ def _refuse_export_folder(path: Path) -> None:
     if names:
         raise CheckpointError(f"{path} holds exported sub-networks ({', '.join(names)}), not a checkpoint: load one "
                               f"with slimssl.load_exported({str(path / names[0])!r}), or evaluate one with "
-                              f"slimssl knn {path / names[0]} --data DATA (linear, finetune too); a supernet is loaded "
-                              "from its run directory or checkpoint file")
+                              f"slimssl knn {path / names[0]} --data DATA (linear, finetune too; profile needs no "
+                              "--data); a supernet is loaded from its run directory or checkpoint file")
 
 
 def _starts_as_zip(path) -> bool:

@@ -105,10 +105,12 @@ def cmd_linear(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..report.table import markdown_table
     from .evaluate import finetune
+    from .exported import is_export_folder
 
-    if bool(args.subnet) == bool(args.all):
+    # an export has one sub-network: fine-tuned without --all
+    if args.subnet and args.all or not (args.subnet or args.all or is_export_folder(args.checkpoint)):
         raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
-    rows = finetune(args.checkpoint, "all" if args.all else args.subnet, args.label_fraction, epochs=args.epochs,
+    rows = finetune(args.checkpoint, args.subnet or "all", args.label_fraction, epochs=args.epochs,
                     lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_crop=args.train_crop,
                     out=args.out, save_models=args.save_models, **_common_keywords(args))
     shown = [{**row, "label_fraction": f"{row['label_fraction']:g}"} for row in rows]  # 0.0001, not 0.00
