@@ -122,6 +122,20 @@ def test_a_run_directory_inside_the_dataset_is_refused(tmp_path, config, capsys,
                  "--max-steps", "1"]) == 0  # beside it: fine
 
 
+def test_a_resume_or_a_reproduction_in_the_dataset_is_refused(tmp_path, config, capsys, caplog):
+    """As pretrain --out: a resume given --data around its run, or reproduce --out inside its --data."""
+    run = tmp_path / "d" / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--max-steps", "1"]) == 0
+    data = image_folder(tmp_path / "d")  # the run's folder now lies in a dataset
+    assert main(["pretrain", "--resume", str(run), "--data", str(data)]) == 2
+    assert f"{run} is inside the dataset {data}: the run's files" in error_text(capsys, caplog)
+    data = image_folder(tmp_path / "images")
+    assert main(["reproduce", "--recipes", str(config), "--data", str(data), "--out", str(data / "rep"),
+                 "--epochs", "1", "--device", "cpu"]) == 2
+    assert f"{data / 'rep' / 'tiny' / 'slim'} is inside the dataset {data}" in error_text(capsys, caplog)
+    assert sorted(p.name for p in data.iterdir()) == ["a", "b"]
+
+
 def test_a_finished_run_says_where_it_is_and_what_comes_next(tmp_path, config, caplog):
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="slimssl"):

@@ -13,6 +13,7 @@ from ..layout import CONFIG
 from ..nn.spec import SubnetSpec
 from ..slim.policy import check_every_entry_trains
 from ..train.command import flag_overrides
+from ..train.prepare import refuse_run_in_data
 from . import DEFAULT_EPOCHS
 
 # Applied to every recipe before --set. Periodic epoch_XXXX.pt files of ten 50-epoch runs would fill a
@@ -66,6 +67,7 @@ def plan_jobs(recipes: list[str], out: Path, overrides: list[str]) -> list[Job]:
     for job in jobs:  # what a trainer would refuse, refused before the first run trains rather than when its turn comes
         check_processes(job.cfg, 1, f"of {job.run_dir.parent.name}/{job.run_dir.name}")
         check_every_entry_trains(job.cfg)
+        refuse_run_in_data(job.run_dir, job.cfg.data.source)
     return jobs
 
 

@@ -113,6 +113,7 @@ def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun
     cfg = config_from_dict(stored.model_dump(mode="json"), f"{last} (stored config)", overrides)
     if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
         cfg = absolute_data_source(cfg)
+        refuse_run_in_data(run_dir, cfg.data.source)
     _check_run_config(run_dir, stored, cfg, last, cli)
     changed = config_differences(stored, cfg, ignore=MACHINE_DEPENDENT)
     if changed and dist.is_main():  # the run and its config.yaml take them from here on: say so
@@ -246,7 +247,7 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
         how = f"--resume {shell_quote(run_dir)}" if cli else "resume=True"
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
-    _refuse_run_in_data(run_dir, cfg.data.source, cli)
+    refuse_run_in_data(run_dir, cfg.data.source)
     if isinstance(config, (str, Path)) and Path(find_config(config)).resolve() == (run_dir / CONFIG).resolve():
         raise UsageError(f"{run_dir} holds the config file given ({config}), which the run would overwrite with "
                          "its resolved config; keep the file elsewhere or choose another output folder")
@@ -269,7 +270,7 @@ def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: 
     return PreparedRun(cfg, run_dir, source, False)
 
 
-def _refuse_run_in_data(run_dir: Path, source, cli: bool) -> None:
+def refuse_run_in_data(run_dir: Path, source) -> None:
     """A run directory in the dataset's folder would mix its files into the data: its checkpoints/ and tb/
     folders would be read as classes of the next run on that folder."""
     if in_memory_only(source) or not Path(source).is_dir():
@@ -277,7 +278,7 @@ def _refuse_run_in_data(run_dir: Path, source, cli: bool) -> None:
     data, where = Path(source).resolve(), run_dir.resolve()
     if where == data or data in where.parents:
         raise UsageError(f"{run_dir} is inside the dataset {source}: the run's files (checkpoints/, tb/, ...) would "
-                         f"be mixed into the data; choose {'an --out' if cli else 'an out folder'} outside it")
+                         "be mixed into the data; keep runs outside the dataset's folder")
 
 
 def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
