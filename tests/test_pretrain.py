@@ -551,7 +551,8 @@ def test_a_resume_that_trains_nothing_leaves_the_run_as_it_was(tmp_path, caplog)
                                     overrides=["data.resolution=16", "optim.lr=0.1"])
         assert done.step == (2 if run == unfinished else 4)
         assert {name: (run / name).read_bytes() for name in before} == before
-        assert "keeps the settings the run was trained with" in caplog.text
+        assert "keeps the settings the run was trained with, and those this call changed are not kept: give " \
+               "them again to a resume that trains" in caplog.text
         if max_steps is not None:
             assert f"at step 2 already: max_steps {max_steps} trains nothing" in caplog.text
     caplog.clear()

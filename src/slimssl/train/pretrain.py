@@ -110,10 +110,12 @@ def _saved_state(run_dir: Path) -> SavedState:
 def _keep_settings_if_idle(run_dir: Path, saved: SavedState) -> None:
     """A resume that trained and evaluated nothing (a finished run, or ``max_steps`` at its step) leaves the run
     as it found it: settings it changed would describe a checkpoint that was never trained with them."""
-    if _mtime(run_dir / RESULTS) != saved.results_mtime or CONFIG not in _restore_if_unsaved(run_dir, saved):
+    if _mtime(run_dir / RESULTS) != saved.results_mtime:  # evaluated: results.json holds the new settings
         return
-    log.warning("nothing was trained or evaluated: %s keeps the settings the run was trained with, and the "
-                "settings changed by this call apply to a resume that trains", run_dir / CONFIG)
+    restored = _restore_if_unsaved(run_dir, saved)
+    if CONFIG in restored:
+        log.warning("nothing was trained or evaluated: %s keeps the settings the run was trained with, and those "
+                    "this call changed are not kept: give them again to a resume that trains", run_dir / CONFIG)
 
 
 def _mtime(path: Path) -> int | None:
@@ -121,9 +123,9 @@ def _mtime(path: Path) -> int | None:
 
 
 def _restore_if_unsaved(run_dir: Path, saved: SavedState) -> list[str]:
-    """After a resume failed before it saved a checkpoint, config.yaml and metrics.jsonl are put back as they
-    were (the --set changes it had written, the records it had logged, are not in the checkpoint); the names of
-    those that had changed."""
+    """After a resume that failed, or trained nothing, before it saved a checkpoint, config.yaml and metrics.jsonl
+    are put back as they were (the --set changes it had written, the records it had logged, are not in the
+    checkpoint); the names of those that had changed."""
     if saved.checkpoint_mtime is None or _mtime(checkpoint_path(run_dir)) != saved.checkpoint_mtime:
         return []
     changed = []
