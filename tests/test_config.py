@@ -448,6 +448,14 @@ def test_a_bool_or_an_infinity_is_no_number(assignment, message):
         load_config("demo", [assignment])
 
 
+@pytest.mark.parametrize("assignment", ["menu.widths=[1.0, 1.0]", "model.bn_group_size=3"])
+def test_a_set_that_breaks_a_check_across_keys_is_said_to_be_the_sets(assignment):
+    """Checks of a whole section (a repeated width, a group size that does not divide the batch) name no single
+    key, but the file passed them before the --set."""
+    with pytest.raises(ConfigError, match=r"invalid --set for the config of demo\.yaml \(shipped\):\n"):
+        load_config("demo", [assignment])
+
+
 def test_an_error_of_the_file_and_one_of_a_set_are_said_as_the_files(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: many\n")

@@ -91,7 +91,9 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{getattr(e, 'problem', None) or e}{where}"
 
 
-def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str:
+def _format_errors(err: ValidationError, source: str, set_keys: set[str], file_valid: bool = False) -> str:
+    """The errors one per line, each key given by an override marked; ``file_valid``: the config was valid
+    before the overrides, which are then the invalid part, whatever the lines name."""
     def from_set(key: str) -> str:
         # a key given by an override, inside one (data.std.1 of data.std=...) or above one (trian of trian.epochs)
         return " [from --set]" if any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
@@ -112,7 +114,7 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str]) -> str
             lines.append(f"  {message}" + (from_set(named) if re.fullmatch(r"[\w.]+", named) else ""))
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
-    if all(line.endswith("[from --set]") or "[from --set] (allowed here" in line for line in lines):
+    if file_valid or all(line.endswith("[from --set]") or "[from --set] (allowed here" in line for line in lines):
         # the file is fine: its name first would make it sound damaged
         return f"invalid --set for the config of {source}:\n" + "\n".join(lines)
     return f"invalid config {source}:\n" + "\n".join(lines)
@@ -136,7 +138,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Se
     """A checked Config from ``data`` with ``overrides`` applied. ``stored``: accept a ``method.name`` and a
     ``slim.loss_weights`` that are not registered in this process (a checkpoint's config, read for its backbone:
     evaluation and export need neither; training with it then names what is missing)."""
-    data = copy.deepcopy(data or {})  # overrides write into nested sections: never into the caller's dict
+    given = data or {}
+    data = copy.deepcopy(given)  # overrides write into nested sections: never into the caller's dict
     check_overrides(overrides)
     for assignment in overrides or []:
         apply_override(data, assignment)
@@ -144,7 +147,15 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Se
         return Config.model_validate(data, context={"stored": stored})
     except ValidationError as e:
         set_keys = {a.split("=", 1)[0].strip() for a in overrides or []}
-        raise ConfigError(_format_errors(e, source, set_keys)) from None
+        raise ConfigError(_format_errors(e, source, set_keys, bool(overrides) and _valid(given, stored))) from None
+
+
+def _valid(data: dict, stored: bool) -> bool:
+    try:
+        Config.model_validate(data, context={"stored": stored})
+    except ValidationError:
+        return False
+    return True
 
 
 def check_overrides(overrides) -> None:
