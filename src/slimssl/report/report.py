@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -114,9 +115,24 @@ def protocol_settings(result: dict) -> str | None:
     protocols = result.get("protocols")
     if not isinstance(protocols, dict):
         return None
-    said = [f"{name}: " + ", ".join(f"{k} {v}" for k, v in settings.items() if k not in ("data", "resolution"))
+    said = [f"{name}: " + ", ".join(f"{k} {_said(v)}" for k, v in settings.items()
+                                    if k not in ("data", "resolution") and v is not None)
             for name, settings in protocols.items() if isinstance(settings, dict)]
     return "; ".join(said) or None
+
+
+def _said(value) -> str:
+    """A setting in a line of prose: results.json's spelling of true and false, a float as short as it is, and a
+    nested setting (a fine-tuning recipe) in parentheses, rather than Python's reprs."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_said(v)}" for k, v in value.items()) + ")"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_said, value)) + "]"
+    return str(value)
 
 
 def _settings_of(row: dict, key: str, result: dict) -> str:
@@ -128,7 +144,7 @@ def _settings_of(row: dict, key: str, result: dict) -> str:
     label = protocol.replace("_random_init", " at random init")
     if not isinstance(own, dict) or not isinstance(latest, dict):
         return f"{label}: settings {own}"
-    differ = [f"{k} {own.get(k)}, not {latest.get(k)}" for k in dict.fromkeys([*own, *latest])
+    differ = [f"{k} {_said(own.get(k))}, not {_said(latest.get(k))}" for k in dict.fromkeys([*own, *latest])
               if own.get(k) != latest.get(k)]
     return f"{label}: {'; '.join(differ) or 'the same'}"
 
