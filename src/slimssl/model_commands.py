@@ -62,10 +62,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError("a budget picks by the accuracies a run measured; --random-init exports the initial "
                          "weights, which have none: use --subnet or --all")
     _check_model_source(args)
-    unused = [flag for flag, given in (("--tolerance", args.tolerance is not None),
-                                       ("--resolution", args.resolution is not None and args.format == "safetensors"))
-              if given and not args.verify]
-    if unused:  # said, rather than taken silently as if they had done something
+    unused = []  # said, rather than taken silently as if they had done something
+    if args.tolerance is not None and not args.verify:
+        unused.append("--tolerance")
+    if args.resolution is not None and args.format == "safetensors" and not args.verify:  # a graph is traced at it
+        unused.append("--resolution")
+    if unused:
         log.warning("%s: not used without --verify", " and ".join(unused))
     from .eval.commands import data_keywords  # torch: after the checks, so that a mistake is said at once
     from .exporter import export_run
