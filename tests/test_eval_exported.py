@@ -4,6 +4,7 @@ the same numbers as its sub-network of the supernet, under its own name, and not
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,20 @@ def test_an_export_is_fine_tuned_without_naming_its_one_sub_network(tmp_path, ca
     rows = json.loads(capsys.readouterr().out)
     assert [(row["subnet"], row["label_fraction"]) for row in rows] == [("w0p5_d1-1-1-1", 0.5)]
     assert main(["finetune", str(tmp_path / "in.pt"), "--data", data, "--label-fraction", "0.5"]) == 2  # a run: say which
+
+
+def test_an_export_that_records_no_inputs_is_evaluated_at_the_defaults_with_a_warning(tmp_path, caplog):
+    """slimssl.export_subnet without config= records no resolution, mean or std: said, not guessed silently."""
+    cfg = config_from_dict({"model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4, "stem": "cifar"},
+                            "menu": {"widths": [1.0, 0.5]}})
+    folder = export_subnet(build_supernet(cfg).eval(), "0.5", tmp_path, check_bn_statistics=False)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        _, rebuilt_cfg = supernet_of_export(folder, "fake")
+    assert rebuilt_cfg.data.resolution == config_from_dict({}).data.resolution
+    assert f"config.json records no resolution, mean, std: evaluated with the config's default (resolution " \
+           f"{rebuilt_cfg.data.resolution}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        supernet_of_export(export_subnet(build_supernet(cfg).eval(), "0.5", tmp_path / "b", check_bn_statistics=False,
+                                         config=cfg), "fake")
+    assert "records no" not in caplog.text

@@ -9,6 +9,7 @@ Like a checkpoint, it is evaluated in float32, whatever dtype it was exported in
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from ..models.plain import PlainResNet
 from ..models.resnet import SlimResNet, subnet_channels
 from ..nn.layers import SlimBatchNorm
 from ..nn.spec import SubnetSpec
+
+log = logging.getLogger("slimssl")
 
 ARCH_OF_BLOCK = {"basic": "resnet18", "bottleneck": "resnet50"}  # (the depths are given: any arch of the block)
 
@@ -37,6 +40,10 @@ def supernet_of_export(folder: str | Path, data: str | None = None) -> tuple[Sli
     config's default, for uses that read no data, such as profiling)."""
     plain = load_exported(folder)
     info = plain.metadata
+    unrecorded = [k for k in ("resolution", "mean", "std") if k not in info]
+    if unrecorded:  # slimssl.export_subnet without config=: the inputs it expects are not known
+        log.warning("%s/%s records no %s: evaluated with the config's default (%s)", folder, CONFIG,
+                    ", ".join(unrecorded), ", ".join(f"{k} {getattr(Config().data, k)}" for k in unrecorded))
     spec = _spec_of(plain, folder)
     base, divisor = _geometry(plain, spec, folder)
     cfg = config_from_dict({
