@@ -527,6 +527,16 @@ def test_pt2_program_runs_without_slimssl_at_any_batch_and_size(tmp_path, pertur
         program.module()(images(1, least - 1))  # smaller than the strides allow: torch's guard refuses it
 
 
+def test_verify_export_runs_a_plain_model_in_eval_mode_and_gives_it_back_in_its_own(perturb_bn):
+    """A model being fine-tuned is verified, then trained on: its BatchNorm must still be training."""
+    from slimssl.export import verify_export
+
+    supernet = build("basic-cifar-private", perturb_bn).train()
+    plain = supernet.export("0.5").train()
+    assert verify_export(supernet, "0.5", plain, 16) < 1e-5  # compared in eval mode, both
+    assert plain.training and supernet.training
+
+
 def test_the_unfolded_max_pool_is_the_stems_max_pool():
     from slimssl.export import UnfoldedMaxPool
 

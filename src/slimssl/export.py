@@ -423,7 +423,8 @@ def export_differences(supernet: SlimResNet, subnet: SubnetLike, exported: Plain
     with eval_mode(supernet):
         expected = supernet(_like(x, supernet), subnet=subnet)
     if isinstance(exported, torch.nn.Module):
-        got = exported.eval()(_like(x, exported))
+        with eval_mode(exported):  # given back in its own mode: a model being fine-tuned trains on after this
+            got = exported(_like(x, exported))
     else:
         got = (_run_program if Path(exported).suffix == ".pt2" else _run_onnx)(Path(exported), x)
     if got.shape != expected.shape:
