@@ -103,6 +103,19 @@ def test_modes_decode_to_rgb(tmp_path):
     assert pixel["bits"] == [255, 255, 255]
 
 
+def test_16_bit_and_float_pixels_are_scaled_to_0_255_exactly(tmp_path):
+    """16-bit values are divided by 257 (65535 is 255, 257 * v is v); float values in [0, 1] are multiplied by 255,
+    1.0 included."""
+    d = tmp_path / "modes"
+    d.mkdir()
+    Image.fromarray(np.full((8, 8), 257 * 200, dtype=np.uint16)).save(d / "a_wide.png")
+    Image.fromarray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)).save(d / "b_float.tif")  # mode F
+    ds = load_dataset(str(d))
+    assert ds.images[0, :, 3, 3].tolist() == [200, 200, 200]
+    assert ds.images[1, 0, 0, 0] == 0 and ds.images[1, 0, 7, 7] == 255
+    assert ds.images[1, 0, 4, 0] == round(32 / 63 * 255)
+
+
 def _truncated_tree(tmp_path):
     d = tmp_path / "t" / "cls"
     for i in range(3):
@@ -288,6 +301,17 @@ def test_fake_is_deterministic():
     assert load_dataset("fake", fake_size=2, resolution=16).images.shape == (2, 3, 16, 16)
 
 
+def test_evaluation_of_a_run_on_fake_data_reads_the_images_it_trained_on():
+    """Fake images depend on train.seed: an evaluation draws the run's, as its kNN monitor does."""
+    from slimssl.config import config_from_dict
+    from slimssl.eval.inputs import DataOptions
+
+    cfg = config_from_dict({"data": {"source": "fake", "resolution": 8, "fake_size": 16}, "train": {"seed": 3}})
+    train = DataOptions().load_split(cfg, "train")
+    assert torch.equal(train.images, load_dataset("fake", resolution=8, fake_size=16, seed=3).images)
+    assert not torch.equal(train.images, load_dataset("fake", resolution=8, fake_size=16, seed=0).images)
+
+
 def test_a_damaged_zip_is_named_as_such(tmp_path):
     path = tmp_path / "images.zip"
     path.write_bytes(b"PK\x03\x04 cut short")
@@ -295,7 +319,9 @@ def test_a_damaged_zip_is_named_as_such(tmp_path):
         load_dataset(str(path))
 
 
-@pytest.mark.parametrize("size, resolution, ratio", [((300, 400), 224, 0.875), ((37, 50), 32, 1.0), ((64, 40), 24, 0.6)])
+# the last two: a longer side of 40 * 47 / 30 = 62.67 px, which torchvision floors to 62
+@pytest.mark.parametrize("size, resolution, ratio", [((300, 400), 224, 0.875), ((37, 50), 32, 1.0), ((64, 40), 24, 0.6),
+                                                     ((30, 47), 40, 1.0), ((47, 30), 40, 1.0)])
 def test_resize_center_crop_is_torchvisions_resize_then_center_crop(size, resolution, ratio):
     """Evaluation images (ImageNet: resize 256, centre crop 224) as torchvision's transforms make them."""
     from torchvision.transforms.v2 import functional as TF
@@ -303,6 +329,7 @@ def test_resize_center_crop_is_torchvisions_resize_then_center_crop(size, resolu
     from slimssl.data.decode import resize_center_crop, resize_side
 
     assert resize_side(224, 0.875) == 256 and resize_side(32, 1.0) == 32
+    assert resize_side(33, 0.55) == 60 and resize_side(110, 0.55) == 200  # 59.999... and 199.999... in floats
     images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ours = resize_center_crop(images, resolution, ratio)
     resized = TF.resize(images.float(), [resize_side(resolution, ratio)], antialias=True)
@@ -367,6 +394,30 @@ def test_files_of_other_kinds_in_class_folders_are_left_out_and_counted(tmp_path
         assert len(load_dataset(str(root))) == 6
     assert "left out 3 file(s) that are not images of the kinds read (.jpg, " in caplog.text
     assert ".gif 2, .txt 1" in caplog.text
+
+
+def test_image_extensions_are_read_in_any_letter_case(tmp_path):
+    """ImageNet's files end in .JPEG, a camera's in .JPG: both loaders read them."""
+    from slimssl.data.eval_images import StreamedImages
+
+    root = tmp_path / "d"
+    for name, value in (("a/0.PNG", 10), ("a/1.png", 20), ("b/2.Png", 30)):
+        _save(root / "train" / name, color=(value,) * 3)
+    for ds in (load_dataset(str(root)), StreamedImages(str(root), "train", resolution=8)):
+        assert ds.classes == ["a", "b"] and ds.labels.tolist() == [0, 0, 1]
+    assert load_dataset(str(root)).images[:, 0, 0, 0].tolist() == [10, 20, 30]
+
+
+def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path):
+    """Trees copied from a Mac hold ._ files (no images) and hidden folders: both loaders leave them out."""
+    from slimssl.data.eval_images import StreamedImages
+
+    root = _class_tree(tmp_path / "d" / "train", classes=("a", "b"), per_class=1).parent
+    _save(root / "train" / "b" / ".hidden.png")
+    (root / "train" / "b" / "._0.png").write_bytes(b"AppleDouble metadata, no image")
+    _save(root / "train" / ".thumbs" / "t.png")
+    for ds in (load_dataset(str(root)), StreamedImages(str(root), "train", resolution=8)):
+        assert ds.classes == ["a", "b"] and ds.labels.tolist() == [0, 1]
 
 
 def test_a_zip_of_a_compression_method_python_cannot_read_is_named_once(tmp_path):
@@ -527,6 +578,18 @@ def test_evaluation_finds_a_bad_test_split_before_decoding_the_train_split(tmp_p
     _class_tree(tmp_path / "other" / "test", classes=("cat", "cow"))
     with pytest.raises(DataError, match=r"different classes \(only in train: dog; only in test: cow\)"):
         DataOptions(data=str(tmp_path / "other")).load_splits(cfg)
+
+
+def test_splits_naming_the_same_classes_in_another_order_are_refused():
+    """Label 0 of one split would be another class than label 0 of the other."""
+    from slimssl.data.datasets import check_same_classes
+
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    train = ImageDataset(images, torch.tensor([0, 1]), ["cat", "dog"], "d", "train")
+    test = ImageDataset(images, torch.tensor([0, 1]), ["dog", "cat"], "d", "test")
+    check_same_classes(train, train, "d")
+    with pytest.raises(DataError, match="the same names in another order"):
+        check_same_classes(train, test, "d")
 
 
 def test_pretraining_says_when_its_test_split_exists_but_cannot_be_read(tmp_path, caplog):

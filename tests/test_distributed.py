@@ -303,6 +303,15 @@ def different_training_sets(run_dir: Path) -> dict[str, str]:
         slimssl.unregister_dataset("drawn")
 
 
+def broadcast_weights_and_buffers() -> dict[str, torch.Tensor]:
+    """A module whose weights and BatchNorm statistics differ in each process, after ``broadcast_module``."""
+    torch.manual_seed(dist.rank())
+    module = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    module[1].running_mean.fill_(dist.rank() + 1.0)
+    dist.broadcast_module(module)
+    return module.state_dict()
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -335,6 +344,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             result[f"knn_on_files_{loader}"] = knn_on_files(out / "images", out / f"run-{loader}", loader)
         result["nan_in_one_process"] = a_nan_loss_in_one_process(out / "nan")
         result["different_data"] = different_training_sets(out / "data")
+        result["broadcast"] = broadcast_weights_and_buffers()
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -449,6 +459,14 @@ def test_a_nan_loss_in_one_process_stops_every_process_before_the_checkpoint(two
     for result in (r["nan_in_one_process"] for r in ranks):
         assert "losses to log at step 1 are not finite after a non-finite loss of sub-network w1p0" in result
         assert "the last good checkpoint is kept" in result
+
+
+def test_broadcast_gives_every_process_the_weights_and_buffers_of_rank_0(two_process):
+    """Buffers too (BatchNorm statistics, a MoCo queue), not only the parameters."""
+    _, ranks, _ = two_process
+    first, second = (r["broadcast"] for r in ranks)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert first["1.running_mean"].eq(1).all()  # rank 0's BatchNorm statistics
 
 
 def test_either_every_process_has_a_knn_monitor_or_none_has(two_process):

@@ -131,6 +131,16 @@ def test_topk_accuracy_and_crop_flip():
     assert random_crop_flip(x, 2, torch.Generator().manual_seed(0)).shape == x.shape
 
 
+def test_a_classifier_of_labels_without_class_names_has_an_output_for_the_largest_label():
+    """Splits given without class names: labels 0 to 2 need 3 outputs, not 2."""
+    from slimssl.eval.supervised import output_classes
+
+    images = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
+    train = ImageDataset(images, torch.tensor([0, 2, 1]), None, "d", "train")
+    test = ImageDataset(images, torch.tensor([0, 1, 1]), None, "d", "test")
+    assert output_classes(train, test) == 3
+    assert output_classes(ImageDataset(images, torch.tensor([0, 0, 0]), ["a", "b", "c", "d"], "d")) == 4  # named
+
 
 def test_resized_train_crop_zooms_in_and_never_pads():
     """ImageNet's train crop (RandomResizedCrop + flip) keeps image content at every pixel and magnifies it;
@@ -299,6 +309,18 @@ def test_finetune_refuses_a_single_labelled_image():
     one_class.labels.zero_()
     with pytest.raises(slimssl.UsageError, match="gives 1 labelled image; fine-tuning needs 2"):
         finetune_subnet(tiny_supernet(), "0.5", one_class, one_class, label_fraction=0.1, epochs=1)
+
+
+def test_label_fractions_are_taken_in_0_to_1_with_1_itself_meaning_every_label():
+    """Fine-tuning on every label (1.0) is allowed; 0 and numbers outside (0, 1] are refused."""
+    from slimssl.eval.evaluate import finetune_jobs
+
+    supernet = tiny_supernet()
+    assert [f for _, f in finetune_jobs(supernet, "1.0", 1.0)] == [1.0]
+    assert [f for _, f in finetune_jobs(supernet, "1.0", [0.1, 1])] == [0.1, 1.0]
+    for bad in (0, 1.5, -0.1):
+        with pytest.raises(slimssl.UsageError, match=r"\(0, 1\]"):
+            finetune_jobs(supernet, "1.0", bad)
 
 
 def test_finetune_runs_and_keeps_supernet():
@@ -650,6 +672,15 @@ def test_knn_k_beyond_the_bank_records_the_k_used(tmp_path, caplog):
     used = json.loads((run / "results.json").read_text())["protocols"]["knn"]["k"]
     assert used < 100_000 and f"k={used} is used" in caplog.text
     assert slimssl.knn(run, k=used, device="cpu", save=False) == rows
+
+
+def test_the_pretraining_knn_monitor_records_the_k_it_used_as_slimssl_knn_does():
+    """k beyond the bank is capped in results.json's protocols too (a reproduction compares these settings)."""
+    from slimssl.train.monitor import KnnMonitor
+
+    bank = colour_dataset(6, 0)  # fewer images than the config's k of 10
+    monitor = KnnMonitor(tiny_config(), bank, colour_dataset(4, 1, "test"), torch.device("cpu"))
+    assert monitor.settings(tiny_supernet())["k"] == 6
 
 
 def test_results_of_a_checkpoint_before_pretrainings_end_are_marked_unfinished(tmp_path, capsys, caplog):

@@ -140,3 +140,14 @@ def test_an_export_that_records_no_inputs_is_evaluated_at_the_defaults_with_a_wa
         supernet_of_export(export_subnet(build_supernet(cfg).eval(), "0.5", tmp_path / "b", check_bn_statistics=False,
                                          config=cfg), "fake")
     assert "records no" not in caplog.text
+
+
+def test_an_export_is_evaluated_with_the_inputs_it_records(tmp_path):
+    """The mean, std and crop ratio of its run, not the defaults (a CIFAR recipe has its own mean and std)."""
+    cfg = config_from_dict({"model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4, "stem": "cifar"},
+                            "menu": {"widths": [1.0, 0.5]}, "eval": {"crop_ratio": 0.75},
+                            "data": {"resolution": 8, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}})
+    folder = export_subnet(build_supernet(cfg).eval(), "0.5", tmp_path, check_bn_statistics=False, config=cfg)
+    _, rebuilt_cfg = supernet_of_export(folder, "fake")
+    assert rebuilt_cfg.data.resolution == 8 and rebuilt_cfg.eval.crop_ratio == 0.75
+    assert tuple(rebuilt_cfg.data.mean) == (0.5, 0.4, 0.3) and tuple(rebuilt_cfg.data.std) == (0.2, 0.25, 0.3)

@@ -526,6 +526,15 @@ def test_a_resume_on_a_much_smaller_training_set_is_not_back_at_step_0(tmp_path)
     assert Trainer(prepared.cfg, prepared.run_dir, resume=True).state.step == 1
 
 
+def test_a_resume_on_a_training_set_of_another_size_continues_at_the_nearest_step_of_its_epoch():
+    """The epoch reached, in steps of the new length, is rounded to the nearest step (one more can be closer)."""
+    from slimssl.train.resume import _step_with_another_training_set as converted
+
+    assert converted(7, 1.75, 4, 5) == 9  # 8.75 steps of the new epochs: rounded, not floored
+    assert converted(7, 1.75, 4, 3) == 5  # 5.25
+    assert converted(1, 0.05, 20, 4) == 1  # 0.2: never back at step 0
+
+
 def test_changing_batch_and_training_set_mid_epoch_names_the_steps_of_the_images_there_are_now(tmp_path):
     from slimssl.train.prepare import prepare_run
 

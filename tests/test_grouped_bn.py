@@ -81,6 +81,34 @@ def test_shared_batch_norm_groups_its_leading_channels_and_eval_ignores_groups()
         x, norm.bn.running_mean[:3], norm.bn.running_var[:3], norm.bn.weight[:3], norm.bn.bias[:3], False))
 
 
+def test_grouped_batch_norm_with_momentum_none_keeps_the_average_of_every_batch():
+    """momentum None (what BatchNorm recalibration sets): a cumulative average, as without groups."""
+    bn = nn.BatchNorm2d(3, momentum=None)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 3, 2, 2, generator=gen) * (i + 1) + i for i in range(4)]
+    for x in batches:
+        grouped_batch_norm(bn, x, 4)
+    means = [per_group_reference(nn.BatchNorm2d(3, momentum=1.0), x, 4)[1] for x in batches]  # each batch's own
+    torch.testing.assert_close(bn.running_mean, torch.stack(means).mean(0))
+
+
+def test_recalibration_of_a_model_with_groups_gives_the_statistics_it_gives_without():
+    """The kNN monitor of a run with model.bn_group_size recalibrates shared BatchNorm as `slimssl knn` does."""
+    from slimssl.models.resnet import SlimResNet
+    from slimssl.nn.slimmable import recalibrate_bn
+
+    torch.manual_seed(0)
+    plain = SlimResNet("basic", (1, 1, 1, 1), 4, "cifar", menu=[SubnetSpec(1.0, (1,) * 4), SubnetSpec(0.5, (1,) * 4)],
+                       bn="shared")
+    grouped = copy.deepcopy(plain)
+    grouped.slim_state.bn_group_size = 4
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(8, 3, 8, 8, generator=gen) + i for i in range(5)]
+    for model in (plain, grouped):
+        recalibrate_bn(model, "0.5", batches)
+    torch.testing.assert_close(grouped.bn1.bn.running_mean, plain.bn1.bn.running_mean)
+
+
 def test_private_batch_norm_groups_and_a_batch_no_larger_than_a_group_is_plain():
     norm, state = bound_norm({"w1p0_d1": 6, "w0p5_d1": 3})
     x = torch.randn(8, 6, 2, 2)

@@ -209,6 +209,16 @@ def test_sub_networks_that_joined_keep_training_when_a_resume_adds_epochs(tmp_pa
     assert state["step"] == 7 and state["joined_at"] == 4
 
 
+def test_a_checkpoint_without_joined_at_saved_at_the_join_step_had_not_joined():
+    """A checkpoint is saved after its step: at the join step itself, the sub-networks had not trained yet."""
+    from slimssl.train.resume import _joined_at
+
+    saved = config_from_dict({"menu": {"widths": [1.0, 0.5]}, "slim": {"slow_start": 0.5}, "train": {"epochs": 4}})
+    assert _joined_at(saved, 10, 2.0) is None  # 5 steps an epoch, 20 in all: they join at step 10
+    assert _joined_at(saved, 15, 3.0) == 10
+    assert _joined_at(saved, 5, 1.0) is None
+
+
 def test_a_finished_run_given_more_epochs_writes_the_epoch_checkpoint_its_end_was(tmp_path):
     import slimssl
 

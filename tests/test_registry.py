@@ -116,6 +116,13 @@ def test_more_layouts_lists_dicts_names_16_bits_and_alpha(register):
     assert torch.equal(load_dataset("read_only").images, chw)
 
 
+def test_float_pixels_are_rounded_to_the_nearest_byte(register):
+    """Floats in [0, 1] become uint8 by rounding, as PIL does, not by truncation."""
+    images = torch.tensor([0.999, 0.5, 0.2, 0.0]).view(4, 1, 1, 1).expand(4, 3, 4, 4)
+    register("floats", (images, [0, 1, 0, 1]))
+    assert load_dataset("floats").images[:, 0, 0, 0].tolist() == [255, 128, 51, 0]  # 254.7, 127.5 (to even), 51.0
+
+
 def test_registered_images_are_copied_and_resized_as_files_are(register):
     hwc = pixels(4, 12, 16)
     register("wide", hwc, test=hwc[:2])

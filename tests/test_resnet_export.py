@@ -165,6 +165,29 @@ def test_export_differences_are_relative_to_large_outputs():
     assert relative < 1e-6 and absolute / relative > 100  # divided by the largest output, in the hundreds
 
 
+def test_export_differences_of_outputs_below_1_are_not_magnified():
+    """Below 1 the relative difference is the absolute one: small features of an untrained export still pass."""
+    from slimssl.export import export_differences
+
+    model = build("basic-cifar-private")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:  # BatchNorm weights: features far below 1
+                p.mul_(0.01)
+
+    class Shifted(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) + 1e-3
+
+    absolute, relative = export_differences(model, "w0p5_d1-1-1-1", Shifted(model.export("w0p5_d1-1-1-1")), 16)
+    assert model(images(size=16), subnet="w0p5_d1-1-1-1").abs().max() < 1
+    assert absolute > 0 and relative == absolute
+
+
 def test_verify_export_detects_a_wrong_model(perturb_bn, tmp_path):
     model = build("basic-cifar-private", perturb_bn)
     wrong = model.export("w0p5_d1-1-1-1")
@@ -383,6 +406,17 @@ def test_save_exported_keeps_an_export_of_another_source_and_a_model_of_the_user
     assert (own / "model.safetensors").read_bytes() == b"a model of the user's own"
 
 
+def test_metadata_given_to_save_exported_wins_over_what_the_loaded_model_carries(tmp_path):
+    """A fine-tuned export saved at another resolution records that one; what it was not given is carried."""
+    from slimssl.export import save_exported
+
+    model = build("basic-cifar-private")
+    folder = export_subnet(model, "0.5", tmp_path / "a", metadata={"source": "s", "resolution": 32})
+    saved = save_exported(load_exported(folder), tmp_path / "b", metadata={"resolution": 16})
+    info = json.loads((saved / "config.json").read_text())
+    assert info["resolution"] == 16 and info["source"] == "s"  # the rest is carried
+
+
 def test_an_output_named_like_a_model_file_is_refused(tmp_path):
     from slimssl.export import save_exported
 
@@ -525,6 +559,15 @@ def test_pt2_program_runs_without_slimssl_at_any_batch_and_size(tmp_path, pertur
         torch.testing.assert_close(program.module()(x), model(x, subnet=spec), rtol=1e-5, atol=1e-5)
     with pytest.raises(Exception, match=f">= {least}"):
         program.module()(images(1, least - 1))  # smaller than the strides allow: torch's guard refuses it
+
+
+def test_a_pt2_program_of_a_supernet_in_train_mode_is_its_eval_mode_sub_network(tmp_path, perturb_bn):
+    """Exported straight after training (the supernet still in train mode): the program uses the running
+    statistics, not those of each batch, and the supernet keeps its mode."""
+    supernet = build("basic-cifar-private", perturb_bn).train()
+    folder = export_subnet(supernet, "0.5", tmp_path, fmt="pt2", resolution=16)
+    assert supernet.training
+    assert verify_export(supernet, "0.5", folder / "model.pt2", 16) < 1e-5
 
 
 def test_verify_export_runs_a_plain_model_in_eval_mode_and_gives_it_back_in_its_own(perturb_bn):

@@ -175,6 +175,22 @@ def test_zip_members_of_every_compression_are_read_without_parsing_the_zip_again
         damaged.take(torch.arange(len(damaged)))
 
 
+def test_a_stored_zip_member_whose_bytes_fail_its_crc_is_unreadable_in_both_loaders(tmp_path):
+    """A PPM has no checksum of its own: only the zip's CRC finds a changed pixel byte (bit rot in a copy)."""
+    header, pixels = b"P6\n4 4\n255\n", bytes([77]) * 48
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("train/a/0.ppm", header + pixels)
+        z.writestr("train/b/1.ppm", header + bytes([99]) * 48)
+    data = bytearray(archive.read_bytes())
+    data[data.index(header + pixels) + len(header) + 10] = 78  # the stored CRC is of the bytes before
+    archive.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"0\.ppm"):
+        StreamedImages(str(archive), "train", resolution=4).take(torch.arange(2))
+    with pytest.raises(DataError, match=r"0\.ppm"):
+        load_dataset(str(archive), "train", resolution=4)
+
+
 def test_threads_reading_a_zip_together_share_one_handle(tmp_path, monkeypatch):
     """Two threads making their first reads together opened the zip twice, and the second handle replaced the
     first under its reader (a bad file descriptor, or on Windows the wrong bytes)."""
@@ -435,6 +451,19 @@ def test_unreadable_file_is_named_or_skipped_like_in_memory(tmp_path, capsys, ca
         memory, skipping = _both(root, "test", skip_unreadable=True)
     assert len(skipping) == len(memory) == 17 and "skipped 1 unreadable" in caplog.text
     assert torch.equal(skipping.take(torch.arange(17)), memory.images) and torch.equal(skipping.labels, memory.labels)
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_evaluation_skips_unreadable_files_when_the_runs_config_says_so(tmp_path, loader):
+    """A run pretrained with data.skip_unreadable is evaluated without --skip-unreadable given again."""
+    from slimssl.eval.inputs import DataOptions
+
+    root = _folder(tmp_path / "data", {"train": 2, "test": 2})
+    _corrupt_one_per_split(root)
+    cfg = _config(root, loader).model_dump(mode="json")
+    cfg["data"]["skip_unreadable"] = True
+    train, test = DataOptions().load_splits(config_from_dict(cfg))  # the loader and workers of the config
+    assert train.labels.tolist() == test.labels.tolist() == [0, 0, 1, 2, 2]
 
 
 def test_builtin_dataset_streams_never(tmp_path, capsys, caplog):
