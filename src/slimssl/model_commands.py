@@ -27,10 +27,11 @@ def _supernet_from_args(args: argparse.Namespace):
 
 def _check_model_source(args: argparse.Namespace) -> None:
     """CHECKPOINT, or --config (with --random-init where the command has it): one model to read."""
-    from .config import check_assignment
+    if args.set:  # a CHECKPOINT after --set is taken as an override: say that first
+        from .config import check_assignment  # torch: only when there is a --set to check
 
-    for assignment in args.set or []:  # a CHECKPOINT after --set is taken as an override: say that first
-        check_assignment(assignment)
+        for assignment in args.set:
+            check_assignment(assignment)
     if args.checkpoint:
         if args.set and not args.config:
             raise UsageError("--set changes a --config file; a CHECKPOINT is read with the config saved in it")
@@ -101,10 +102,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 # ---- profile -----------------------------------------------------------------------------------------
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    if args.checkpoint is None:  # nothing to profile: said before torch is imported
+        _check_model_source(args)
+    from .eval.exported import is_export_folder, supernet_of_export
     from .report.profile import profile_supernet
     from .report.table import markdown_table
-
-    from .eval.exported import is_export_folder, supernet_of_export
 
     if is_export_folder(args.checkpoint):  # profiled as exported: what a deployment of it runs
         if args.config or args.set:
