@@ -303,7 +303,7 @@ def _export_program(plain: PlainResNet, path: Path, resolution: int, config: dic
                  path, resolution, smallest_program_input(plain.config))
     try:
         program = export(plain, (example,), dynamic_shapes=(dims,))
-    except Exception:  # noqa: BLE001 - torch before 2.13 cannot keep a max-pool's size dynamic: without it
+    except Exception:  # noqa: BLE001 - torch before 2.13 cannot keep a max-pool's size dynamic: trace it unfolded
         if "min_size" not in sizes or not isinstance(plain.maxpool, nn.MaxPool2d):
             raise
         pooled = plain.maxpool
