@@ -405,17 +405,26 @@ def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys, cap
 
     make_checkpoint(tmp_path / "in.pt", bn="shared")
     row = slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "api.pt", batches=2, seed=3,
-                                         device="cpu")
-    assert row == {"subnet": "w0p5_d1-1-1-1", "batches": 2, "batch_size": row["batch_size"],
+                                         device="cpu", eval_batch_size=4)
+    assert row == {"subnet": "w0p5_d1-1-1-1", "batches": 2, "batches_read": 2, "batch_size": 4,
                    "out": str(tmp_path / "api.pt")}
     capsys.readouterr()
     caplog.clear()
     caplog.set_level(logging.INFO, logger="slimssl")
     assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.5", "--batches", "2", "--seed", "3",
-                 "--out", str(tmp_path / "cli.pt"), "--device", "cpu"]) == 0
+                 "--out", str(tmp_path / "cli.pt"), "--device", "cpu", "--eval-batch-size", "4"]) == 0
     said = capsys.readouterr()
-    assert f"of w0p5_d1-1-1-1 on 2 batches of {row['batch_size']} -> {tmp_path / 'cli.pt'}" in said.out
+    assert f"of w0p5_d1-1-1-1 on 2 batches of 4 -> {tmp_path / 'cli.pt'}" in said.out
     assert "wrote" not in caplog.text  # said once, not again as a log line
+    # more batches than the train split holds: what was read is said and recorded, beside what was asked
+    many = slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "many.pt", batches=10_000,
+                                          device="cpu", eval_batch_size=4)
+    from slimssl.data.datasets import load_dataset
+
+    images = len(load_dataset("fake", fake_size=load_checkpoint(tmp_path / "in.pt")["config"].data.fake_size))
+    assert (many["batches"], many["batches_read"]) == (10_000, images // 4)
+    assert load_checkpoint(tmp_path / "many.pt")["recalibrated"]["batches_read"] == images // 4
+    assert f"BatchNorm recalibration reads {images // 4} batch(es) of 4, not 10000" in caplog.text
     api, cli = load_checkpoint(tmp_path / "api.pt"), load_checkpoint(tmp_path / "cli.pt")
     assert api["recalibrated"] == cli["recalibrated"]
     assert all(torch.equal(api["model"][k], cli["model"][k]) for k in api["model"])
@@ -1150,8 +1159,8 @@ def test_cli_export_keeps_the_statistics_of_slimssl_recalibrate_and_warns_only_w
     recalibrated, _ = load_supernet(tmp_path / "re.pt")
     assert_same_state(exported_state(tmp_path / "c" / "w0p25_d1-1-1-1"), recalibrated.export("0.25").state_dict())
     info = json.loads((tmp_path / "c" / "w0p25_d1-1-1-1" / "config.json").read_text())
-    assert info["bn_recalibration"] == {"subnet": "w0p25_d1-1-1-1", "batches": 1, "batch_size": 64, "data": "fake",
-                                        "by": "slimssl recalibrate"}
+    assert info["bn_recalibration"] == {"subnet": "w0p25_d1-1-1-1", "batches": 1, "batches_read": 1, "batch_size": 64,
+                                        "data": "fake", "by": "slimssl recalibrate"}
     # the other width is re-estimated as evaluation does: the same as from the checkpoint it was made from
     half = "w0p5_d1-1-1-1"
     assert_same_state(exported_state(tmp_path / "c" / half), exported_state(tmp_path / "a" / half))

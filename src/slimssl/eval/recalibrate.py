@@ -99,7 +99,8 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
                            **data) -> dict:
     """Re-estimate ``subnet``'s BatchNorm statistics on ``batches`` train batches and write the checkpoint with
     them to ``out`` (a new ``.pt`` file), as ``slimssl recalibrate`` does; returns subnet, batches, batch_size
-    and out. Meant for a shared-BatchNorm supernet, whose stored statistics belong to no width in particular:
+    and out, and batches_read: fewer than asked where the train split holds fewer. Meant for a shared-BatchNorm
+    supernet, whose stored statistics belong to no width in particular:
     ``slimssl export`` and the evaluations then use the new checkpoint's statistics for that sub-network.
 
     ``checkpoint`` is a checkpoint file or run directory; it is never written. The batches are a fixed random
@@ -125,6 +126,10 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     spec = supernet.resolve(subnet)  # checked before the data is decoded
     train = options.load_split(cfg, "train", torch_device)
     batch_size = eval_batch_size or cfg.eval.batch_size
+    read = recalibration_batches(batches, False, len(train), batch_size)
+    if read < batches:
+        log.warning("BatchNorm recalibration reads %d batch(es) of %d, not %d: the train split holds %d images",
+                    read, batch_size, batches, len(train))
     recalibrate_bn(supernet, spec, recalibration_images(train, batches, batch_size, cfg.data.resolution,
                                                        cfg.data.mean, cfg.data.std, torch_device, seed))
     state = dict(saved["model"])
@@ -132,11 +137,13 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     payload = {k: v for k, v in saved.items() if k not in ("format", "version")}
     source = options.source(cfg)
     payload.update(config=cfg.model_dump(mode="json"), model=state,
-                   recalibrated={"subnet": spec.name, "batches": batches, "batch_size": batch_size, "data": source})
+                   recalibrated={"subnet": spec.name, "batches": batches, "batches_read": read, "batch_size": batch_size,
+                                 "data": source})
     path = save_checkpoint(out, payload)
     # debug, not info: the command prints this itself, and an API caller has the returned row
-    log.debug("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, batches, source, path)
-    return {"subnet": spec.name, "batches": batches, "batch_size": batch_size, "out": str(path)}
+    log.debug("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, read, source, path)
+    return {"subnet": spec.name, "batches": batches, "batches_read": read, "batch_size": batch_size,
+            "out": str(path)}
 
 
 def _is_checkpoints_folder(folder: Path) -> bool:
