@@ -77,6 +77,7 @@ def test_output_paths_the_machine_refuses_are_the_options_errors(tmp_path, capsy
     (tmp_path / "dangling").symlink_to(tmp_path / "gone" / "x")
     (tmp_path / "loopA").symlink_to("loopB")
     (tmp_path / "loopB").symlink_to("loopA")
+    (tmp_path / "chain").symlink_to("dangling")  # a link to a link to nothing: no loop
     for argv, expected in [
         (["pretrain", "--out", too_long], f"argument --out: cannot use {too_long!r}: File name too long"),
         (["export", CKPT, "--all", "--out", too_long], "argument --out: cannot use"),
@@ -84,6 +85,8 @@ def test_output_paths_the_machine_refuses_are_the_options_errors(tmp_path, capsy
         (["pretrain", "--out", str(tmp_path / "dangling")], f"is a link to {str(tmp_path / 'gone' / 'x')!r}, which "
                                                            "does not exist"),
         (["report", CKPT, "--plot", str(tmp_path / "loopA" / "p.png")], "is a link to 'loopB', a loop of links"),
+        (["report", CKPT, "--plot", str(tmp_path / "chain" / "p.png")], "is a link to 'dangling', which does not "
+                                                                          "exist"),
     ]:
         with pytest.raises(SystemExit) as refused:
             main(argv)

@@ -366,14 +366,15 @@ def test_a_runs_table_says_how_each_protocol_measured(tmp_path, capsys):
     protocols = {"knn": {"data": "cifar10", "k": 200, "temperature": 0.1},
                  "linear": {"data": "cifar10", "resolution": 32, "epochs": 1, "lr": 0.1, "augment": False,
                             "train_crop": None},
-                 "finetune_1pct": {"recipe": {"epochs": 60, "base_lr": 0.0125}, "crop_ratio": [0.75, 1.3333333]}}
+                 "finetune_1pct": {"recipe": {"epochs": 60, "base_lr": 0.0125}, "crop_ratio": [0.75, 1.5],
+                                   "lr": 0.001953125}}
     (dirs[0] / "results.json").write_text(json.dumps({**docs[0], "protocols": protocols}))
     assert main(["report", str(dirs[0])]) == 0
     text = capsys.readouterr().out
     # in results.json's words, not Python's (True, None, {'epochs': ...}); a setting not used (None) left out
     assert "How each protocol measured (`protocols` in results.json): knn: k 200, temperature 0.1; linear: " \
            "epochs 1, lr 0.1, augment false; finetune_1pct: recipe (epochs 60, base_lr 0.0125), crop_ratio " \
-           "[0.75, 1.33333]" in text
+           "[0.75, 1.5], lr 0.001953125" in text  # every digit that tells two values apart
     assert main(["report", str(dirs[1])]) == 0  # none recorded: nothing said
     assert "How each protocol measured" not in capsys.readouterr().out
 

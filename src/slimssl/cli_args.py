@@ -6,6 +6,7 @@ the user's shell reads it in a command we suggest."""
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import math
@@ -113,6 +114,14 @@ def output_dir(text: str) -> Path:
     return path
 
 
+def _link_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
 def _check_writable(folder: Path, text: str) -> None:
     """``folder`` exists and is writable, or can be made: its nearest existing ancestor is a writable folder
     (found now rather than by a crash after the work is done)."""
@@ -120,7 +129,7 @@ def _check_writable(folder: Path, text: str) -> None:
     while not ancestor.exists():
         if ancestor.is_symlink():  # a link to nothing, or to itself: nothing can be made where it is
             target = os.readlink(ancestor)
-            why = "a loop of links" if os.path.lexists(ancestor.parent / target) else "which does not exist"
+            why = "a loop of links" if _link_loop(ancestor) else "which does not exist"
             raise argparse.ArgumentTypeError(f"cannot write {text!r}: {str(ancestor)!r} is a link to {target!r}, "
                                              f"{why}")
         ancestor = ancestor.parent

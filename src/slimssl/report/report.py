@@ -126,8 +126,9 @@ def _said(value) -> str:
     nested setting (a fine-tuning recipe) in parentheses, rather than Python's reprs."""
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, float):  # 0.1, 1e-05; never rounded (two settings that differ must read differently)
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
     if isinstance(value, dict):
         return "(" + ", ".join(f"{k} {_said(v)}" for k, v in value.items()) + ")"
     if isinstance(value, (list, tuple)):
