@@ -116,7 +116,9 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str], file_v
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
     if file_valid or all(line.endswith("[from --set]") or "[from --set] (allowed here" in line for line in lines):
         # the file is fine: its name first would make it sound damaged
-        return f"invalid --set for the config of {source}:\n" + "\n".join(lines)
+        # (pretrain's --data, --epochs, --batch-size and --device are overrides too)
+        return f"invalid --set (or --data, --epochs, --batch-size, --device) for the config of {source}:\n" + \
+            "\n".join(lines)
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
