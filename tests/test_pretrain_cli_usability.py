@@ -136,6 +136,22 @@ def test_a_resume_or_a_reproduction_in_the_dataset_is_refused(tmp_path, config, 
     assert sorted(p.name for p in data.iterdir()) == ["a", "b"]
 
 
+def test_a_run_finished_by_a_resume_that_lowered_its_epochs_has_results_that_are_not_stale(tmp_path, config, caplog):
+    """Stopped at epoch 3 of 4, then resumed with 2 epochs, it ends at once: results.json describes epoch 3, the
+    last checkpoint, and neither report nor a budget export says otherwise, before or after a new kNN."""
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--epochs", "4", "--max-steps", "12"]) == 0
+    assert main(["pretrain", "--resume", str(run), "--epochs", "2"]) == 0
+    for again in ([], ["knn", str(run)]):
+        if again:
+            assert main(again) == 0
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="slimssl"):
+            assert main(["report", str(run)]) == 0
+            assert main(["export", str(run), "--max-macs", "1G", "--out", str(tmp_path / "e"), "--overwrite"]) == 0
+        assert "earlier epoch" not in caplog.text, again
+
+
 def test_a_finished_run_says_where_it_is_and_what_comes_next(tmp_path, config, caplog):
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="slimssl"):

@@ -202,13 +202,17 @@ def stale_note(run_dir: str | Path, data: dict, saved_epoch: float | None = None
     an earlier epoch than the run has trained on to since (a resume given more epochs, stopped before its new end,
     which rewrites the file): they may not be those of its last checkpoint. None otherwise. The epoch trained to
     is metrics.jsonl's last and ``saved_epoch``, the last checkpoint's where known; a protocol's values were
-    measured at the end that wrote the file, or at the epoch its ``unfinished`` mark says. Epochs, not steps: a
+    measured at the end that wrote the file (its config's epochs, or the epoch of its step's records when a resume
+    lowered them below where the run stood), or at the epoch its ``unfinished`` mark says. Epochs, not steps: a
     resume with another batch size counts its steps anew."""
     train = (data.get("config") or {}).get("train") if isinstance(data.get("config"), dict) else None
     end = train.get("epochs") if isinstance(train, dict) else None
     if not isinstance(data.get("steps"), int) or not _is_number(end):  # not written by pretraining's end
         return None
-    epochs = [r["epoch"] for r in read_metrics(run_dir) if _is_number(r.get("epoch"))]
+    records = [r for r in read_metrics(run_dir) if _is_number(r.get("epoch"))]
+    # the network results.json describes: its end, or further where a resume lowered the epochs below the run's
+    end = max([end, *(r["epoch"] for r in records if r.get("step") == data["steps"])])
+    epochs = [r["epoch"] for r in records]
     if _is_number(saved_epoch):  # epochs after the last metrics record are only there
         epochs.append(saved_epoch)
     trained = epoch_floor(max(epochs, default=0))

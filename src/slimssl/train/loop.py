@@ -648,7 +648,9 @@ class Trainer:
             row["knn_top1_random_init"] = self.state.knn_random_init.get(row["subnet"])
         # a run stopped after this record, before results.json, has it already
         if knn and not self.metrics.has_record(self.state.step, "knn_top1"):
-            self.metrics.write({"step": self.state.step, "epoch": self.cfg.train.epochs, "knn_top1": knn})
+            # the epoch trained: past train.epochs when a resume lowered them below where the run stood
+            self.metrics.write({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
+                                "knn_top1": knn})
         _warn_of_dropped_evaluations(self.run_dir)
         results = {**results_header(self.run_dir, self.cfg), "steps": self.state.step,
                    "effective_lr": self.effective_lr(), "skipped_steps": self.state.skipped_steps, "subnets": rows}
