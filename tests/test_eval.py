@@ -599,6 +599,7 @@ def test_fine_tuned_classifiers_are_saved_as_exports_that_score_what_was_reporte
     # the preprocessing its score was measured with, as an export of the supernet records it
     assert (info["resolution"], info["crop_ratio"]) == (RES, 0.875) and len(info["mean"]) == len(info["std"]) == 3
     assert "indices" not in info  # they stay in the result's JSON
+    assert info["cut_from"] == {"base_width": tiny_config().model.base_width, "channel_divisor": 1}  # as an export
     model = slimssl.load_exported(folder)
     assert model.config.num_classes == 10 and model.fc.out_features == 10
     cfg = tiny_config()

@@ -82,9 +82,7 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
                     "widths that trained last): call slimssl.recalibrate_bn(supernet, %r, batches) on train "
                     "batches first, or export a run with slimssl.export_run, which does", spec.name, spec.name)
     plain = supernet.export(spec).eval()
-    # the supernet's geometry, which the channels alone may not tell: slimssl knn/profile rebuild it from this
-    cut_from = {"base_width": supernet.base_width, "channel_divisor": supernet.slim_state.divisor}
-    metadata = {**(metadata or {}), "subnet": spec.name, "cut_from": cut_from}
+    metadata = {**(metadata or {}), "subnet": spec.name, "cut_from": cut_from(supernet)}
     if fmt == "pt2":  # what model.pt2 takes, for a runtime that reads the config first
         metadata["pt2_input"] = program_input(plain.config, resolution)
     folder = _write_export(plain, Path(out_dir) / spec.name, metadata)
@@ -95,6 +93,12 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     elif fmt == "pt2":
         _export_program(plain.to("cpu"), folder / PROGRAM, resolution, config_json)
     return folder
+
+
+def cut_from(supernet: SlimResNet) -> dict:
+    """The supernet's geometry, which an export's channels alone may not tell (its config.json's ``cut_from``):
+    slimssl knn/profile EXPORT rebuild the supernet from it."""
+    return {"base_width": supernet.base_width, "channel_divisor": supernet.slim_state.divisor}
 
 
 def preprocessing(cfg, crop_ratio: float | None = None) -> dict:
