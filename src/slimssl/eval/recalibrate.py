@@ -46,6 +46,17 @@ def recalibration_images(images: EvalImages | torch.Tensor, num_batches: int, ba
 _SAID: set[tuple] = set()  # the recalibrations told to read fewer batches than asked
 
 
+def batches_read(asked: int, num_images: int, batch_size: int) -> int:
+    """The batches recalibration reads of the ``asked`` ones: as many whole batches as the train split holds
+    (at least one), said in a warning when fewer (once, not at every kNN of a run)."""
+    n = recalibration_batches(asked, False, num_images, batch_size)
+    if n < asked and (n, asked, batch_size, num_images) not in _SAID:
+        _SAID.add((n, asked, batch_size, num_images))
+        log.warning("BatchNorm recalibration reads %d batch(es) of %d, not %d: the train split holds %d images",
+                    n, batch_size, asked, num_images)
+    return n
+
+
 def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImages | torch.Tensor, *,
                   recalibrate_batches: int | None, batch_size: int, resolution: int, mean, std,
                   device="cpu", seed: int = 0) -> dict[str, nn.Module]:
@@ -69,11 +80,7 @@ def subnet_models(supernet, specs: Sequence[SubnetSpec], train_images: EvalImage
     if not specs:
         return models
     train_images = as_eval_images(train_images)
-    n = recalibration_batches(asked, supernet.slim_state.private_bn, len(train_images), batch_size)
-    if n < asked and (n, asked, batch_size, len(train_images)) not in _SAID:  # once, not at every kNN of a run
-        _SAID.add((n, asked, batch_size, len(train_images)))
-        log.warning("BatchNorm recalibration reads %d batch(es) of %d, not %d: the train split holds %d images",
-                    n, batch_size, asked, len(train_images))
+    n = batches_read(asked, len(train_images), batch_size)
     # The sample is decoded once for all sub-networks; its batches are those recalibration_images reads.
     sample = as_eval_images(train_images.take(calibration_order(len(train_images), n, batch_size, seed)))
     for spec in specs:
@@ -126,10 +133,7 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     spec = supernet.resolve(subnet)  # checked before the data is decoded
     train = options.load_split(cfg, "train", torch_device)
     batch_size = eval_batch_size or cfg.eval.batch_size
-    read = recalibration_batches(batches, False, len(train), batch_size)
-    if read < batches:
-        log.warning("BatchNorm recalibration reads %d batch(es) of %d, not %d: the train split holds %d images",
-                    read, batch_size, batches, len(train))
+    read = batches_read(batches, len(train), batch_size)
     recalibrate_bn(supernet, spec, recalibration_images(train, batches, batch_size, cfg.data.resolution,
                                                        cfg.data.mean, cfg.data.std, torch_device, seed))
     state = dict(saved["model"])

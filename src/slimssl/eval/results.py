@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from filelock import FileLock, Timeout
 
 from ..atomic import write_json_atomic
+from ..report.table import is_number
 from ..errors import UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, RESULTS_LOCK
 
@@ -207,19 +208,19 @@ def stale_note(run_dir: str | Path, data: dict, saved_epoch: float | None = None
     resume with another batch size counts its steps anew."""
     train = (data.get("config") or {}).get("train") if isinstance(data.get("config"), dict) else None
     end = train.get("epochs") if isinstance(train, dict) else None
-    if not isinstance(data.get("steps"), int) or not _is_number(end):  # not written by pretraining's end
+    if not isinstance(data.get("steps"), int) or not is_number(end):  # not written by pretraining's end
         return None
-    records = [r for r in read_metrics(run_dir) if _is_number(r.get("epoch"))]
+    records = [r for r in read_metrics(run_dir) if is_number(r.get("epoch"))]
     # the network results.json describes: its end, or further where a resume lowered the epochs below the run's
     end = max([end, *(r["epoch"] for r in records if r.get("step") == data["steps"])])
     epochs = [r["epoch"] for r in records]
-    if _is_number(saved_epoch):  # epochs after the last metrics record are only there
+    if is_number(saved_epoch):  # epochs after the last metrics record are only there
         epochs.append(saved_epoch)
     trained = epoch_floor(max(epochs, default=0))
     marks = data.get("unfinished") if isinstance(data.get("unfinished"), dict) else {}
     protocols = data.get("protocols") if isinstance(data.get("protocols"), dict) else {}
     measured = {p: marks.get(p, end) for p in protocols}
-    stale = {p: e for p, e in measured.items() if _is_number(e) and e < trained}
+    stale = {p: e for p, e in measured.items() if is_number(e) and e < trained}
     if not stale:
         return None
     commands = dict.fromkeys("finetune" if p.startswith("finetune") else p for p in stale)
@@ -227,10 +228,6 @@ def stale_note(run_dir: str | Path, data: dict, saved_epoch: float | None = None
             f"to since, {trained:g}: " + ", ".join(f"{p} at epoch {e:g}" for p, e in stale.items())
             + f"; they may not be those of its last checkpoint (slimssl {' / '.join(commands)} RUN measures them "
             "again)")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _keep_earlier_settings(rows: list[dict], values: Mapping[str, Any], protocol: str, earlier: dict | None,
