@@ -489,6 +489,19 @@ def test_a_damaged_file_of_an_earlier_call_is_named(straight, tmp_path, damaged,
     assert str(path) in message and expected in message and "Traceback" not in message
 
 
+def test_a_run_whose_config_yaml_says_slow_start_lr_0_is_read_as_it_trained(straight, tmp_path, capsys):
+    """Before 0 was refused, slow_start_lr 0 was read as null: a reproduction whose runs wrote it continues."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(straight / RECIPES[1], out / RECIPES[1])
+    path = out / RECIPES[1] / "slim" / "config.yaml"
+    assert "slow_start_lr: null" in path.read_text()
+    path.write_text(path.read_text().replace("slow_start_lr: null", "slow_start_lr: 0"))
+    assert reproduce(out, [RECIPES[1]]) == 0, capsys.readouterr().err
+    assert (out / "reproduction.md").is_file()
+
+
 def test_a_run_measured_again_with_other_knn_settings_is_not_compared(straight, tmp_path, caplog):
     """Runs in --out are ordinary run directories: `slimssl knn RUN --k 3` may have measured one again since.
     The report refuses to compare it with the others (it used to, under a header naming the recipe's k)."""

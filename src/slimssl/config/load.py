@@ -169,8 +169,10 @@ def check_overrides(overrides) -> None:
                           f"{type(overrides).__name__} {overrides!r}")
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] | None = None) -> Config:
-    """Load a YAML recipe (a path or a shipped name; default ``demo``) and apply ``overrides``."""
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | None = None, *,
+                stored: bool = False) -> Config:
+    """Load a YAML recipe (a path or a shipped name; default ``demo``) and apply ``overrides``. ``stored``: the
+    file is a run's config.yaml, read as ``config_from_dict(..., stored=True)`` reads a checkpoint's config."""
     check_overrides(overrides)  # before the file is read: the mistake is in the call
     file = find_config(path or "demo")
     try:
@@ -185,4 +187,4 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] | None 
     if not isinstance(data, dict):
         raise ConfigError(f"config file {file} must hold a mapping of sections, got {type(data).__name__}")
     shipped = file.parent == Path(str(PACKAGED))
-    return config_from_dict(data, f"{file.name} (shipped)" if shipped else str(file), overrides)
+    return config_from_dict(data, f"{file.name} (shipped)" if shipped else str(file), overrides, stored=stored)

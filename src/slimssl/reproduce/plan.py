@@ -77,7 +77,7 @@ def check_saved_configs(jobs: list[Job]) -> None:
         path = job.run_dir / CONFIG
         if not path.is_file():
             continue
-        saved = load_config(path)  # a ConfigError names the file if it is damaged
+        saved = load_config(path, stored=True)  # a ConfigError names the file if it is damaged
         diffs = config_differences(saved, job.cfg, ignore=MACHINE_DEPENDENT)
         if diffs:
             raise UsageError(

@@ -19,7 +19,7 @@ from ..atomic import atomic_write, is_temporary
 from ..checkpoint import load_checkpoint
 from ..cli_args import shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, config_differences, config_from_dict,
-                      find_config)
+                      find_config, load_config)
 from ..data.files import BUILTIN
 from ..data.registry import in_memory_only, recorded_source, registered_name
 from ..errors import SlimsslError, UsageError
@@ -134,8 +134,7 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cl
     does not read (it writes the file again): said, with the way to change a setting."""
     path = run_dir / CONFIG
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        written = config_from_dict(data, str(path), stored=True) if isinstance(data, dict) else None
+        written = load_config(path, stored=True) if path.is_file() else None
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
         written = None
     if written is None:  # missing or no config: the checkpoint's settings are the run's, config.yaml is written again
@@ -292,7 +291,7 @@ def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
             not is_temporary(f) for f in checkpoints.iterdir())):
         return False
     try:
-        saved = config_from_dict(yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")), CONFIG)
+        saved = load_config(run_dir / CONFIG, stored=True)
         lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines() if (run_dir / METRICS).exists() else []
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, SlimsslError):
         return False  # any doubt keeps the files
