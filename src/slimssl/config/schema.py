@@ -20,7 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from ..errors import SlimsslError
 from ..launch import DEVICE_PATTERN, DEVICES
-from ..models.resnet import ARCHS, EXPANSION
+from ..models.resnet import ARCHS, subnet_channels
 from ..nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ class MenuConfig(Section):
         return self
 
 
-def registered_name(name: str, info: ValidationInfo, lookup, key: str) -> str:
+def known_or_stored(name: str, info: ValidationInfo, lookup, key: str) -> str:
     """``name`` when ``lookup`` (which raises a SlimsslError for a name not registered) knows it, or when the
     config is a stored one (a checkpoint's, read for its backbone: evaluation and export need no method or rule)."""
     try:
@@ -180,7 +180,7 @@ class MethodConfig(Section):
     def _known_method(cls, name: str, info: ValidationInfo) -> str:
         from ..methods import method_class
 
-        return registered_name(name, info, method_class, "method.name")
+        return known_or_stored(name, info, method_class, "method.name")
 
     def registered(self) -> type[Method] | None:
         """The method class of ``name``, or None for a method not registered in this process (a stored config,
@@ -294,7 +294,7 @@ class SlimConfig(Section):
     def _known_loss_weights(cls, name: str, info: ValidationInfo) -> str:
         from ..slim.weights import loss_weights_rule
 
-        return registered_name(name, info, loss_weights_rule, "slim.loss_weights")
+        return known_or_stored(name, info, loss_weights_rule, "slim.loss_weights")
 
 
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -580,9 +580,7 @@ def group_size_hint(batch: int, shuffle_bn: bool) -> str:
 
 def backbone_channels(model: ModelConfig, width: float) -> list[int]:
     """The channels of the backbone at ``width``: the stem's, then each stage's inner and output channels (the
-    same for basic blocks), by the one rule of ``nn/channels.py``."""
-    from ..nn.channels import scaled_channels
-
-    stages = [model.base_width * 2**i for i in range(len(model.full_depths))]
-    full = [model.base_width, *stages, *(c * EXPANSION[model.block] for c in stages)]
-    return [scaled_channels(c, width, model.channel_divisor) for c in full]
+    same for basic blocks), as the supernet builds them."""
+    stem, mids, outs = subnet_channels(model.block, model.base_width, width, model.channel_divisor,
+                                       len(model.full_depths))
+    return [stem, *mids, *outs]

@@ -87,7 +87,7 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.split("/"))
 
 
-def _is_image(rel: str) -> bool:
+def _has_image_extension(rel: str) -> bool:
     return rel.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -113,7 +113,7 @@ def _scan_dir(root: str) -> FileTree:
             except OSError as exc:
                 if exc.errno != errno.ELOOP:  # a stale network mount (ESTALE, EIO): a class could silently go
                     raise DataError(f"cannot read {entry.path} ({exc.strerror or exc})") from exc
-                if not _is_image(entry.name):  # a link that leads to itself
+                if not _has_image_extension(entry.name):  # a link that leads to itself
                     _say_once(logging.WARNING, "%s cannot be followed (%s): skipped", entry.path, exc.strerror or exc)
                     continue
                 is_dir, is_file = False, True  # an image that cannot be read: reported as unreadable, as dangling
@@ -124,7 +124,7 @@ def _scan_dir(root: str) -> FileTree:
                     continue
                 dirs.add(rel)
                 stack.append((rel, (*above, identity)))
-            elif is_file or (entry.is_symlink() and _is_image(entry.name)):  # dangling: an unreadable image
+            elif is_file or (entry.is_symlink() and _has_image_extension(entry.name)):  # dangling: an unreadable image
                 files[rel] = None
     return FileTree(root, files, dirs, _folder_reader(root))
 
@@ -167,7 +167,8 @@ def open_zip(path: str, offsets: bool = False) -> FileTree:
         if info.is_dir():
             dirs.add(name)
         else:
-            if info.compress_type not in READABLE_ZIP_METHODS and _is_image(name):  # else each one "unreadable"
+            # refused once here, or else each such image would be "unreadable"
+            if info.compress_type not in READABLE_ZIP_METHODS and _has_image_extension(name):
                 raise DataError(f"{path} stores {info.filename} with compression method {info.compress_type} "
                                 f"({ZIP_METHOD_NAMES.get(info.compress_type, 'unknown')}), which Python's zipfile "
                                 "cannot read; unpack the archive and give the folder, or zip it again with deflate")
@@ -177,13 +178,12 @@ def open_zip(path: str, offsets: bool = False) -> FileTree:
                 method = -1 if info.flag_bits & 0x1 else info.compress_type  # encrypted: zipfile's to refuse
                 members[name] = (info.header_offset, info.compress_size, method, info.CRC)
     prefix = _splits_prefix(files, dirs) or _wrapper_prefix(files, dirs)
-    files = {k[len(prefix):]: v for k, v in files.items() if k.startswith(prefix)}
-    dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix)}
+    files, dirs = _under(prefix, files, dirs)
 
     def read(rel: str) -> bytes:
         return archive.read(stored[prefix + rel])  # ZipFile reads are thread-safe
 
-    members = {k[len(prefix):]: v for k, v in members.items() if k.startswith(prefix)} if offsets else None
+    members = _under(prefix, members, set())[0] if offsets else None
     return FileTree(path, files, dirs, read, members)
 
 
@@ -203,7 +203,7 @@ def _wrapper_prefix(files: dict, dirs: set[str]) -> str:
     """One top-level folder wrapping every image (``data.zip/data/...``, a README beside it or not) is
     skipped, unless it is a split (``train/`` alone is a dataset of one split)."""
     tops = {name.split("/")[0] for name in dirs} | {f.split("/")[0] for f in files if "/" in f}
-    loose_images = any("/" not in f and _is_image(f) for f in files)
+    loose_images = any("/" not in f and _has_image_extension(f) for f in files)
     if len(tops) == 1 and not loose_images and next(iter(tops)).lower() not in SPLITS:
         return tops.pop() + "/"
     return ""
@@ -214,12 +214,17 @@ def _splits_prefix(files: dict, dirs: set[str]) -> str:
     ``DIR/cifar10/{train,test}``, ``a/b/`` of ``a/b/{train,test}``), or ``""`` where there is none."""
     prefix = ""
     while not _split_dirs(dirs, prefix):
-        step = _wrapper_prefix({f[len(prefix):]: None for f in files if f.startswith(prefix)},
-                               {d[len(prefix):] for d in dirs if d.startswith(prefix)})
+        step = _wrapper_prefix(*_under(prefix, files, dirs))
         if not step:
             return ""
         prefix += step
     return prefix
+
+
+def _under(prefix: str, files: dict, dirs: set[str]) -> tuple[dict, set[str]]:
+    """The files and folders below ``prefix``, their paths relative to it."""
+    return ({f[len(prefix):]: v for f, v in files.items() if f.startswith(prefix)},
+            {d[len(prefix):] for d in dirs if d.startswith(prefix)})
 
 
 def _unwrapped(tree: FileTree) -> FileTree:
@@ -231,8 +236,7 @@ def _unwrapped(tree: FileTree) -> FileTree:
         return tree
     root = os.path.join(tree.root, inner)
     _say_once(logging.INFO, "%s holds only the folder %s: reading it", tree.root, inner)
-    return FileTree(root, {k[len(prefix):]: v for k, v in tree.files.items() if k.startswith(prefix)},
-                    {d[len(prefix):] for d in tree.dirs if d.startswith(prefix)}, _folder_reader(root))
+    return FileTree(root, *_under(prefix, tree.files, tree.dirs), _folder_reader(root))
 
 
 def _split_dirs(dirs: set[str], prefix: str = "") -> dict[str, str]:
@@ -304,7 +308,7 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
     # and its labels must still mean the classes of a split that spells it composed
     class_dirs = sorted((c for c in children if c and "/" not in c), key=_composed)
     if not class_dirs:
-        paths = sorted(prefix + f for f in under if "/" not in f and _is_image(f))
+        paths = sorted(prefix + f for f in under if "/" not in f and _has_image_extension(f))
         if not paths:
             zips = sorted(f for f in under if f.lower().endswith(".zip"))
             inside_a_zip = not os.path.isdir(tree.root)  # a zip within a zip cannot be given as the data
@@ -313,13 +317,13 @@ def list_split(tree: FileTree, prefix: str) -> tuple[list[str], list[int] | None
             raise DataError(f"{where} contains no images (extensions: {', '.join(IMAGE_EXTENSIONS)}){hint}")
         return paths, None, None
     _refuse_nested_dataset(tree, prefix)
-    loose = [f for f in under if "/" not in f and _is_image(f)]
+    loose = [f for f in under if "/" not in f and _has_image_extension(f)]
     if loose:
         log.warning("%s: ignoring %d images outside the class folders (e.g. %s)", where, len(loose), loose[0])
     by_class: dict[str, list[str]] = {c: [] for c in class_dirs}
     ignored: dict[str, int] = {}  # by extension: a .gif among JPEGs is left out, as torchvision's ImageFolder does
     for f in under:
-        if "/" in f and _is_image(f):
+        if "/" in f and _has_image_extension(f):
             by_class[f.split("/", 1)[0]].append(prefix + f)
         elif "/" in f:
             suffix = os.path.splitext(f)[1].lower() or "(none)"

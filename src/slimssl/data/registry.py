@@ -163,7 +163,7 @@ def _as_pair(data) -> tuple[Any, Any] | None:
     images, labels = data
     if _is_array(images) and images.ndim >= 3:  # a batch: its labels are counted later, to say if they are not N
         return (images, labels) if _labels_like(labels) else None
-    listed = isinstance(images, (list, tuple)) and len(images) > 0 and _is_image(images[0])
+    listed = isinstance(images, (list, tuple)) and len(images) > 0 and _is_one_image(images[0])
     return (images, labels) if listed and _labels_like(labels, len(images)) else None
 
 
@@ -175,14 +175,14 @@ def _labels_like(labels, count: int | None = None) -> bool:
         return (count is None or len(labels) == count) and (labels.ndim == 1 or (labels.ndim == 2
                                                                                and labels.shape[1] == 1))
     return isinstance(labels, (list, tuple)) and (count is None or len(labels) == count) and not any(
-        _is_image(label) or isinstance(label, (list, tuple)) for label in labels)
+        _is_one_image(label) or isinstance(label, (list, tuple)) for label in labels)
 
 
 def _is_array(x) -> bool:
     return isinstance(x, (np.ndarray, torch.Tensor))
 
 
-def _is_image(x) -> bool:
+def _is_one_image(x) -> bool:
     return isinstance(x, Image.Image) or (_is_array(x) and x.ndim in (2, 3))
 
 
