@@ -776,7 +776,7 @@ class HeldByAnotherProcess:
     """The training lock of ``folder``, held by a child process until ``kill()`` (a SIGKILL)."""
 
     def __init__(self, folder: Path):
-        script = ("import sys, time; from pathlib import Path; from slimssl.train.prepare import TrainingLock; "
+        script = ("import sys, time; from pathlib import Path; from slimssl.train.lock import TrainingLock; "
                   "lock = TrainingLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)")
         self.process = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True)
         assert self.process.stdout.readline().strip() == "held"
@@ -821,13 +821,13 @@ def test_a_second_lock_in_the_same_process_is_refused_and_keeps_the_first(tmp_pa
     """A record lock is the process's: granted again within it, and dropped by any close of the file. A second
     training of the run in this process (another thread, a call within a call) is refused all the same, and the
     first lock still keeps other processes out."""
-    from slimssl.train.prepare import TrainingLock, refuse_if_training
+    from slimssl.train.lock import TrainingLock, refuse_if_training
     from slimssl.train.pretrain import pretrain
 
     run = tmp_path / "run"
     pretrain(config_from_dict(tiny(train={"epochs": 2})), run, max_steps=2)
     try_lock = [sys.executable, "-c", "import sys; from pathlib import Path; "
-                "from slimssl.train.prepare import TrainingLock; TrainingLock(Path(sys.argv[1])).release()", str(run)]
+                "from slimssl.train.lock import TrainingLock; TrainingLock(Path(sys.argv[1])).release()", str(run)]
     held = TrainingLock(run)
     try:
         with pytest.raises(SlimsslError, match=r"another process \(or another call in this one\) is training"):
@@ -845,9 +845,9 @@ def test_a_second_lock_in_the_same_process_is_refused_and_keeps_the_first(tmp_pa
 def test_the_workers_of_a_killed_training_process_do_not_keep_its_lock(tmp_path):
     """Data-loader workers are forked from the training process, with its open files: they must not hold the
     run's lock after it was SIGKILLed (they take seconds to notice), or an immediate resume would be refused."""
-    from slimssl.train.prepare import TrainingLock
+    from slimssl.train.lock import TrainingLock
 
-    script = ("import os, sys, time; from pathlib import Path; from slimssl.train.prepare import TrainingLock; "
+    script = ("import os, sys, time; from pathlib import Path; from slimssl.train.lock import TrainingLock; "
               "lock = TrainingLock(Path(sys.argv[1])); child = os.fork()\n"
               "if child == 0:\n    time.sleep(120)\nelse:\n    print(child, flush=True); time.sleep(120)")
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)

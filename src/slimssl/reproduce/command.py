@@ -53,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from ..layout import TRAINING_LOCK
-    from ..train.prepare import TrainingLock, refuse_if_training
+    from ..train.lock import TrainingLock, refuse_if_training
     from ..train.signals import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
     from .report import write_report

@@ -27,7 +27,8 @@ from ..eval.evaluate import linear_probe
 from .. import __version__
 from ..atomic import remove_temporaries, write_json_atomic
 from ..eval.results import read_results
-from ..train.prepare import RUN_FILES, TrainingLock, remove_run_files, write_run_config
+from ..train.lock import TrainingLock
+from ..train.prepare import RUN_FILES, remove_run_files, write_run_config
 from ..train.loop import Trainer
 from ..train.signals import Interrupted, stop_signals_handled_by
 from .plan import Job
@@ -224,11 +225,8 @@ def pretrain_job(job: Job, budget: Budget) -> bool:
     if not budget.allows():
         return False
     job.run_dir.mkdir(parents=True, exist_ok=True)
-    lock = TrainingLock(job.run_dir)
-    try:
+    with TrainingLock(job.run_dir):
         return _pretrain_held_job(job, budget)
-    finally:
-        lock.release()
 
 
 def _pretrain_held_job(job: Job, budget: Budget) -> bool:

@@ -4,11 +4,9 @@ with the checks that keep one run's files from mixing with another's; and the co
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 from typing import Literal, NamedTuple, Sequence
@@ -26,6 +24,7 @@ from ..errors import SlimsslError, UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, TRAINING_LOCK, checkpoint_path
 from ..models.build import as_config
 from . import distributed as dist
+from .lock import refuse_if_training
 from .metrics import parse_record
 from .optim import describe_lr
 
@@ -153,85 +152,6 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cl
         log.warning("%s differs from the settings the run resumes with (its checkpoint's, with the changes given "
                     "applied):\n  %s\na resume does not read %s, and writes it again: change a setting with %s",
                     path, "\n  ".join(edited), CONFIG, "--set KEY=VALUE" if cli else "overrides=['KEY=VALUE']")
-
-
-class TrainingLock:
-    """The lock of the one process that trains in ``folder`` (taken here, or a UsageError when another process
-    holds it; ``release()`` it when done): two processes training one run (a job submitted twice, or the workers
-    that a torchrun launcher killed by SIGKILL leaves behind) would write one checkpoint and one log over each
-    other.
-
-    A POSIX record lock (``lockf``) of ``.train.lock``: it belongs to the process, so the operating system lets
-    go of it the moment the process ends, however it ends (a killed run leaves no stale lock), and its
-    data-loader workers, forked from it, do not hold it on. Where there is none to take (Windows, a file system
-    without locks), training goes on unguarded, with a word.
-
-    A record lock is the process's: a second one in the same process would be granted, and closing any file of
-    ``.train.lock`` would drop it. So the locks this process holds are also kept in ``_HELD``, which a second
-    lock (another thread, a call within a call) is refused by, before any file is opened."""
-
-    def __init__(self, folder: Path):
-        self._file = None
-        self._key = _lock_key(folder)
-        with _HELD_GUARD:
-            if self._key in _HELD:
-                raise UsageError(_busy(folder))
-            _HELD.add(self._key)
-        try:
-            self._take(folder)
-        except BaseException:
-            self._forget()
-            raise
-
-    def _take(self, folder: Path) -> None:
-        try:
-            import fcntl
-        except ImportError:  # Windows
-            log.info("no lockf on this platform: %s is not guarded against a second training process", folder)
-            return
-        file = open(folder / TRAINING_LOCK, "a")  # noqa: SIM115 - held open until release()
-        try:
-            fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            file.close()
-            if e.errno in (errno.EACCES, errno.EAGAIN):  # held
-                raise UsageError(_busy(folder)) from None
-            log.warning("cannot lock %s (%s): a second process training there would not be refused",
-                        folder / TRAINING_LOCK, e)  # a file system without locks
-            return
-        self._file = file
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing lets go of the lock
-            self._file = None
-        self._forget()
-
-    def _forget(self) -> None:
-        with _HELD_GUARD:
-            _HELD.discard(self._key)
-        self._key = None
-
-
-_HELD: set[str] = set()  # the folders whose lock this process holds
-_HELD_GUARD = threading.Lock()
-
-
-def _lock_key(folder: Path) -> str:
-    return os.path.realpath(folder / TRAINING_LOCK)
-
-
-def _busy(folder: Path) -> str:
-    return (f"another process (or another call in this one) is training in {folder} now (it holds {TRAINING_LOCK} "
-            "there): wait for it to end, or stop it first. Workers of a torchrun launcher that was killed with SIGKILL "
-            "train on: stop them too")
-
-
-def refuse_if_training(run_dir: Path) -> None:
-    """Refuse to prepare a run in ``run_dir`` while a process (this one too) trains there: its files are not
-    leftovers to remove."""
-    if (run_dir / TRAINING_LOCK).is_file():
-        TrainingLock(run_dir).release()
 
 
 def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: bool = False) -> PreparedRun:

@@ -19,7 +19,8 @@ from ..errors import UsageError
 from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
 from . import distributed as dist
 from .loop import Trainer
-from .prepare import RUN_OUTPUTS, TrainingLock, prepare_run, remove_run_files, write_run_config
+from .lock import TrainingLock
+from .prepare import RUN_OUTPUTS, prepare_run, remove_run_files, write_run_config
 from .signals import Interrupted
 
 log = logging.getLogger("slimssl")
