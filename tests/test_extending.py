@@ -15,7 +15,7 @@ import slimssl
 from slimssl import methods
 from slimssl.checkpoint import load_checkpoint
 from slimssl.config import ConfigError, config_from_dict
-from slimssl.errors import SlimsslError
+from slimssl.errors import ExtensionError, SlimsslError
 from slimssl.methods import METHODS, Layer, Method, MethodOutput, register_method
 from slimssl.methods.losses import regression_loss
 from slimssl.models.heads import SlimMLP
@@ -136,7 +136,7 @@ def test_a_methods_own_options_take_defaults_overrides_and_are_checked(tmp_path)
     (_named("custom", projector_layers=staticmethod(lambda hidden, out: [])), "projector_layers declares no layers"),
 ])
 def test_register_method_refuses_a_bad_declaration(cls, message):
-    with pytest.raises(SlimsslError, match=message):
+    with pytest.raises(ExtensionError, match=message):
         register_method(cls)
     assert list(METHODS) == ["byol", "mocov2", "mocov3"]
 
@@ -155,7 +155,7 @@ def test_a_head_declared_by_a_plain_method_is_checked_when_built_and_the_error_n
         return [Layer(hidden, "layernorm", "relu"), Layer(out)]
 
     register_method(_named("plainheads", predictor_layers=heads))
-    with pytest.raises(SlimsslError, match=r"unknown norm 'layernorm' in .*Custom.predictor_layers; expected None"):
+    with pytest.raises(ExtensionError, match=r"unknown norm 'layernorm' in .*Custom.predictor_layers; expected None"):
         Trainer(config_from_dict(tiny("plainheads", widths=[1.0, 0.5])), tmp_path / "run")
 
 
@@ -171,7 +171,7 @@ def test_registering_a_class_defined_again_replaces_it():
 
 
 def test_an_unknown_norm_in_a_head_declaration_is_an_error():
-    with pytest.raises(SlimsslError, match="unknown norm 'ln' in head declaration"):
+    with pytest.raises(ExtensionError, match="unknown norm 'ln' in head declaration"):
         SlimMLP(8, [Layer(8, "ln")], Menu([SubnetSpec(1.0, (1, 1, 1, 1))]))
 
 
@@ -246,7 +246,7 @@ def test_a_method_without_distill_outputs_trains_with_the_target_teacher_and_is_
     assert "does not override distill" not in caplog.text
     online = Trainer(config_from_dict(tiny("nodistill", teacher="online", widths=[1.0, 0.5])), tmp_path / "online")
     assert "slim.teacher is online and method 'nodistill' does not override distill" in caplog.text
-    with pytest.raises(SlimsslError, match="method 'nodistill' returned no distill_on from its loss, and "
+    with pytest.raises(ExtensionError, match="method 'nodistill' returned no distill_on from its loss, and "
                                            "slim.teacher: online distils"):
         online.train_step(0)
 
@@ -341,7 +341,7 @@ def _simple(name, **members):
     (lambda hidden, out: [Layer(True), Layer(out)], r"has out_dim True"),
 ])
 def test_a_head_size_that_is_not_a_whole_number_of_features_is_refused_at_registration(layers, message):
-    with pytest.raises(SlimsslError, match=r"Custom.projector_layers: .*" + message):
+    with pytest.raises(ExtensionError, match=r"Custom.projector_layers: .*" + message):
         register_method(_named("custom", projector_layers=staticmethod(layers)))
 
 
@@ -365,7 +365,7 @@ def test_heads_are_checked_against_each_other_when_built(tmp_path):
     assert all(torch.isfinite(v) for v in trainer.train_step(0).losses.values())
 
     register_method(_simple("shortpred", predictor_layers=staticmethod(lambda hidden, out: [Layer(hidden)])))
-    with pytest.raises(SlimsslError, match=r"Custom.predictor_layers ends in 32 features, but the loss compares the "
+    with pytest.raises(ExtensionError, match=r"Custom.predictor_layers ends in 32 features, but the loss compares the "
                                            r"predictor's outputs with the target's, the projector's 16"):
         Trainer(config_from_dict(tiny("shortpred", widths=[1.0, 0.5])), tmp_path / "short")
 
@@ -373,7 +373,7 @@ def test_heads_are_checked_against_each_other_when_built(tmp_path):
         return [Layer(hidden), Layer(out)]
 
     register_method(_simple("nostatic", projector_layers=not_static))
-    with pytest.raises(SlimsslError, match=r"Custom.projector_layers cannot be called as \(32, 16\): too many "
+    with pytest.raises(ExtensionError, match=r"Custom.projector_layers cannot be called as \(32, 16\): too many "
                                            r"positional arguments; a head is declared as @staticmethod"):
         Trainer(config_from_dict(tiny("nostatic", widths=[1.0, 0.5])), tmp_path / "nostatic")
 
@@ -387,7 +387,7 @@ def test_a_projector_size_of_zero_is_refused_by_the_config(key):
 def test_a_predictor_size_of_zero_is_refused_where_there_is_a_predictor(tmp_path):
     with pytest.raises(ConfigError, match=r"method.pred_hidden: Input should be greater than or equal to 0"):
         config_from_dict(tiny("byol"), overrides=["method.pred_hidden=-1"])
-    with pytest.raises(SlimsslError, match=r"BYOL.predictor_layers: .* has out_dim 0; expected a whole"):
+    with pytest.raises(ExtensionError, match=r"BYOL.predictor_layers: .* has out_dim 0; expected a whole"):
         Trainer(config_from_dict(tiny("byol"), overrides=["method.pred_hidden=0"]), tmp_path / "byol")
     # MoCo v2 has no predictor: its runs that said 0 trained, and are read as before
     Trainer(config_from_dict(tiny("mocov2"), overrides=["method.pred_hidden=0"]), tmp_path / "mocov2")
@@ -420,7 +420,7 @@ def _returning(make_loss):
 def test_a_loss_that_breaks_the_contract_is_an_error_naming_the_method(tmp_path, make_loss, message):
     register_method(_returning(make_loss))
     trainer = Trainer(config_from_dict(tiny("badloss", widths=[1.0, 0.5])), tmp_path / "run")
-    with pytest.raises(SlimsslError, match=r"method 'badloss': " + message):
+    with pytest.raises(ExtensionError, match=r"method 'badloss': " + message):
         trainer.train_step(0)
 
 
@@ -432,11 +432,11 @@ def test_a_loss_of_one_element_in_a_vector_is_one_number(tmp_path):
 
 def test_the_targets_momentum_is_checked_and_recorded(tmp_path):
     register_method(_simple("wildema", momentum=lambda self, progress: 3.0 * progress))
-    with pytest.raises(SlimsslError, match=r"method 'wildema': momentum\(1\) returned 3; .* needs m in \[0, 1\]"):
+    with pytest.raises(ExtensionError, match=r"method 'wildema': momentum\(1\) returned 3; .* needs m in \[0, 1\]"):
         Trainer(config_from_dict(tiny("wildema", widths=[1.0, 0.5])), tmp_path / "wild")  # before any update
     register_method(_simple("lateema", momentum=lambda self, progress: 2.0 if 0.3 < progress < 0.7 else 0.9))
     trainer = Trainer(config_from_dict(tiny("lateema", widths=[1.0, 0.5])), tmp_path / "late")
-    with pytest.raises(SlimsslError, match=r"method 'lateema': momentum\(0.5\) returned 2"):
+    with pytest.raises(ExtensionError, match=r"method 'lateema': momentum\(0.5\) returned 2"):
         trainer.train_step(trainer.total_steps // 2)
 
     register_method(_simple("halfway", momentum=lambda self, progress: 0.5 + progress / 4))

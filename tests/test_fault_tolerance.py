@@ -1353,7 +1353,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
 
 def test_load_checkpoint_blames_a_bad_device_not_the_file(tmp_path):
     path = _checkpoint(tmp_path / "ck.pt")
-    with pytest.raises(SlimsslError, match="'nodevice' is not a device") as info:
+    with pytest.raises(slimssl.DeviceError, match="'nodevice' is not a device") as info:
         load_checkpoint(path, map_location="nodevice")
     assert not isinstance(info.value, CheckpointError)
 

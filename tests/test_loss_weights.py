@@ -10,7 +10,7 @@ import torch
 
 from slimssl.checkpoint import load_supernet
 from slimssl.config import ConfigError, config_from_dict
-from slimssl.errors import SlimsslError
+from slimssl.errors import ExtensionError
 from slimssl.slim import LOSS_WEIGHTS, register_loss_weights
 from slimssl.slim.policy import SlimPolicy
 from slimssl.train.loop import Trainer
@@ -86,7 +86,7 @@ def test_a_rule_that_returns_unusable_weights_is_named(returned, message):
     def broken(specs, progress):
         return returned
 
-    with pytest.raises(SlimsslError, match=r"loss weights 'broken' \(test_loss_weights\..*broken\) .*" + message):
+    with pytest.raises(ExtensionError, match=r"loss weights 'broken' \(test_loss_weights\..*broken\) .*" + message):
         policy(loss_weights="broken").plan(0)
 
 
@@ -103,9 +103,9 @@ def test_a_name_held_by_another_function_is_refused_and_the_same_function_replac
 
     register_loss_weights("mine")(rule)
     register_loss_weights("mine")(rule)  # a notebook cell run twice
-    with pytest.raises(SlimsslError, match="loss weights 'uniform' are taken by slimssl.slim.weights.uniform"):
+    with pytest.raises(ExtensionError, match="loss weights 'uniform' are taken by slimssl.slim.weights.uniform"):
         register_loss_weights("uniform")(rule)
-    with pytest.raises(SlimsslError, match="takes a name such as 'by_width'"):
+    with pytest.raises(ExtensionError, match="takes a name such as 'by_width'"):
         register_loss_weights("two words")
-    with pytest.raises(SlimsslError, match="decorates a function"):
+    with pytest.raises(ExtensionError, match="decorates a function"):
         register_loss_weights("number")(3)

@@ -30,18 +30,19 @@ _EXPORTS = {
     # what a caller may catch: every bad-input error is a SlimsslError; these say which input
     "ConfigError": ".config", "SubnetError": ".nn.spec", "InputError": ".models.plain",
     "CheckpointError": ".checkpoint", "DataError": ".data.files", "DeviceError": ".devices",
-    "ExportError": ".export", "NonFiniteLossError": ".train.loop", "Interrupted": ".train.signals",
+    "ExportError": ".export", "ExtensionError": ".errors", "NonFiniteLossError": ".train.loop",
+    "Interrupted": ".train.signals",
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
     "knn": ".eval.evaluate", "linear_probe": ".eval.evaluate", "finetune": ".eval.evaluate",
     "register_dataset": ".data.registry", "unregister_dataset": ".data.registry",
 }
 __all__ = [  # the names of _EXPORTS, written out for type checkers
-    "CheckpointError", "Config", "ConfigError", "DataError", "DeviceError", "ExportError", "InputError",
-    "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet", "SlimsslError",
-    "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet", "finetune", "knn",
-    "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet", "pick_subnet", "pretrain",
-    "recalibrate_bn", "recalibrate_checkpoint", "register_dataset", "save_exported", "unregister_dataset",
-    "verify_export",
+    "CheckpointError", "Config", "ConfigError", "DataError", "DeviceError", "ExportError", "ExtensionError",
+    "InputError", "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet",
+    "SlimsslError", "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet",
+    "finetune", "knn", "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet",
+    "pick_subnet", "pretrain", "recalibrate_bn", "recalibrate_checkpoint", "register_dataset", "save_exported",
+    "unregister_dataset", "verify_export",
 ]
 
 
@@ -66,7 +67,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .data.files import DataError
     from .data.registry import register_dataset, unregister_dataset
     from .devices import DeviceError
-    from .errors import SlimsslError, UsageError
+    from .errors import ExtensionError, SlimsslError, UsageError
     from .eval.evaluate import finetune, knn, linear_probe
     from .eval.recalibrate import recalibrate_checkpoint
     from .export import ExportError, export_subnet, load_exported, save_exported, verify_export

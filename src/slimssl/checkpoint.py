@@ -21,6 +21,7 @@ import torch
 
 from .atomic import atomic_write
 from .config import Config, config_differences, config_from_dict
+from .devices import DeviceError
 from .errors import SlimsslError
 from .layout import CHECKPOINTS, LAST, checkpoint_path
 
@@ -125,8 +126,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         try:
             torch.device(map_location)
         except RuntimeError:
-            raise SlimsslError(f"map_location {map_location!r} is not a device; expected e.g. 'cpu', 'cuda' "
-                               "or 'cuda:1'") from None
+            raise DeviceError(f"map_location {map_location!r} is not a device; expected e.g. 'cpu', 'cuda' "
+                              "or 'cuda:1'") from None
     try:
         # weights_only: checkpoints hold only tensors and plain data, so a file from elsewhere cannot run code
         data = torch.load(path, map_location=map_location, weights_only=True)

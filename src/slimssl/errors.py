@@ -2,9 +2,9 @@
 catch it (and answer ``--help``) without importing torch.
 
 Each module defines its own subclass next to the code that raises it (``ConfigError``, ``DataError``,
-``CheckpointError``, ...). The command line prints any :class:`SlimsslError` as one line naming what was
-wrong and exits with status 2; anything else is a bug and keeps its traceback, except a file that the
-machine refuses (:func:`storage_error`).
+``CheckpointError``, ...); the kinds that several modules raise are defined here. The command line prints
+any :class:`SlimsslError` as one line naming what was wrong and exits with status 2; anything else is a bug
+and keeps its traceback, except a file that the machine refuses (:func:`storage_error`).
 """
 
 import errno
@@ -22,6 +22,12 @@ class SlimsslError(ValueError):
 
 class UsageError(SlimsslError):
     """Command line arguments that do not fit together."""
+
+
+class ExtensionError(SlimsslError):
+    """A method or loss-weighting rule (built in, or of one's own: docs/extending.md) that is not registered, or
+    whose declaration or outputs break slimssl's contract. Defined here rather than beside one module: methods/,
+    the heads it declares (models/) and slim/weights.py all check that contract."""
 
 
 class StorageError(SlimsslError):

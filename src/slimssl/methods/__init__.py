@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from ..errors import SlimsslError
+from ..errors import ExtensionError
 from ..models.heads import Layer, check_layers
 from .base import Method, MethodOutput
 from .byol import BYOL
@@ -39,18 +39,19 @@ def register_method(cls: M) -> M:
     from ..data.augment import RECIPES
 
     if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise SlimsslError(f"register_method takes a subclass of slimssl.methods.Method, got {cls!r}")
+        raise ExtensionError(f"register_method takes a subclass of slimssl.methods.Method, got {cls!r}")
     where = f"{cls.__module__}.{cls.__qualname__}"
     if not isinstance(cls.name, str) or not cls.name.isidentifier():
-        raise SlimsslError(f"{where}.name must be a name such as 'simsiam' (letters, digits, _), got {cls.name!r}")
+        raise ExtensionError(f"{where}.name must be a name such as 'simsiam' (letters, digits, _), got {cls.name!r}")
     if cls.loss is Method.loss:
-        raise SlimsslError(f"{where} must implement loss(online, target)")
+        raise ExtensionError(f"{where} must implement loss(online, target)")
     if not (isinstance(cls.default_options, dict) and all(isinstance(k, str) and k.isidentifier()
                                                           for k in cls.default_options)):
-        raise SlimsslError(f"{where}.default_options must be a dict of option names to default values, got "
-                           f"{cls.default_options!r}")
+        raise ExtensionError(f"{where}.default_options must be a dict of option names to default values, got "
+                             f"{cls.default_options!r}")
     if cls.augment not in RECIPES:
-        raise SlimsslError(f"{where}.augment must be one of the view recipes {', '.join(RECIPES)}, got {cls.augment!r}")
+        raise ExtensionError(f"{where}.augment must be one of the view recipes {', '.join(RECIPES)}, got "
+                             f"{cls.augment!r}")
     for head in ("projector_layers", "predictor_layers"):  # as declared (static); other forms: when built
         if isinstance(inspect.getattr_static(cls, head), staticmethod):
             try:
@@ -61,8 +62,8 @@ def register_method(cls: M) -> M:
                 check_layers(layers, f"{where}.{head}")
     taken = METHODS.get(cls.name)
     if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise SlimsslError(f"method name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}; "
-                           f"give {where} another name")
+        raise ExtensionError(f"method name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}; "
+                             f"give {where} another name")
     METHODS[cls.name] = cls
     return cls
 
@@ -76,10 +77,10 @@ def _load_entry_point(name: str) -> None:
         try:
             cls = ep.load()
         except Exception as e:  # any error of the plugin's import, reported as the plugin's
-            raise SlimsslError(f"{where} failed to load: {type(e).__name__}: {e}") from e
+            raise ExtensionError(f"{where} failed to load: {type(e).__name__}: {e}") from e
         if getattr(cls, "name", None) != ep.name:
-            raise SlimsslError(f"{where} loads {cls!r}, whose name is {getattr(cls, 'name', None)!r}; the entry "
-                               "point's name must be the method's name")
+            raise ExtensionError(f"{where} loads {cls!r}, whose name is {getattr(cls, 'name', None)!r}; the entry "
+                                 "point's name must be the method's name")
         register_method(cls)
         return
 
@@ -92,13 +93,13 @@ def method_class(name: str) -> type[Method]:
         unregistered = [c for c in _subclasses(Method) if getattr(c, "name", None) == name]
         if unregistered:  # imported (a script, --import) but never registered: the likeliest slip
             cls = unregistered[-1]
-            raise SlimsslError(f"method {name!r} is declared by {cls.__module__}.{cls.__qualname__}, which is not "
-                               "registered: decorate the class with @slimssl.methods.register_method")
+            raise ExtensionError(f"method {name!r} is declared by {cls.__module__}.{cls.__qualname__}, which is not "
+                                 "registered: decorate the class with @slimssl.methods.register_method")
         installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} - set(METHODS))
         known = ", ".join([*METHODS, *installed])
-        raise SlimsslError(f"unknown method {name!r}; known: {known}. A method of your own must be registered "
-                           f"first: slimssl.methods.register_method in Python, `slimssl --import MODULE` for the "
-                           f"command line, or a {ENTRY_POINT_GROUP!r} entry point of an installed package")
+        raise ExtensionError(f"unknown method {name!r}; known: {known}. A method of your own must be registered "
+                             f"first: slimssl.methods.register_method in Python, `slimssl --import MODULE` for the "
+                             f"command line, or a {ENTRY_POINT_GROUP!r} entry point of an installed package")
     return METHODS[name]
 
 
@@ -127,14 +128,14 @@ def checked_output(method: Method, out) -> MethodOutput:
     nothing waits for the device)."""
     expected = "expected MethodOutput(loss, distill_on=None) whose loss is one number (a 0-d tensor, e.g. .mean())"
     if not isinstance(out, MethodOutput):
-        raise SlimsslError(f"method {method.name!r}: loss() returned {type(out).__name__}; {expected}")
+        raise ExtensionError(f"method {method.name!r}: loss() returned {type(out).__name__}; {expected}")
     loss = out.loss
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise SlimsslError(f"method {method.name!r}: loss() returned a loss that is {what}; {expected}")
+        raise ExtensionError(f"method {method.name!r}: loss() returned a loss that is {what}; {expected}")
     if torch.is_grad_enabled() and not loss.requires_grad:
-        raise SlimsslError(f"method {method.name!r}: loss() returned a loss that does not depend on the online "
-                           "network's outputs (detached, or computed under torch.no_grad()), so nothing would train")
+        raise ExtensionError(f"method {method.name!r}: loss() returned a loss that does not depend on the online "
+                             "network's outputs (detached, or computed under torch.no_grad()), so nothing would train")
     return out if loss.dim() == 0 else dataclasses.replace(out, loss=loss.reshape(()))  # [1] as well: one number
 
 
@@ -144,11 +145,11 @@ def checked_momentum(method: Method, progress: float) -> float:
     try:
         m = float(m)
     except (TypeError, ValueError):
-        raise SlimsslError(f"method {method.name!r}: momentum({progress:g}) returned {m!r}; expected a number in "
-                           "[0, 1]") from None
+        raise ExtensionError(f"method {method.name!r}: momentum({progress:g}) returned {m!r}; expected a number in "
+                             "[0, 1]") from None
     if not 0.0 <= m <= 1.0:
-        raise SlimsslError(f"method {method.name!r}: momentum({progress:g}) returned {m:g}; the target's update "
-                           "target <- m * target + (1 - m) * online needs m in [0, 1]")
+        raise ExtensionError(f"method {method.name!r}: momentum({progress:g}) returned {m:g}; the target's update "
+                             "target <- m * target + (1 - m) * online needs m in [0, 1]")
     return m
 
 
@@ -171,9 +172,9 @@ def check_unread_settings(method: Method) -> None:
 def distill_outputs(method: Method, out: MethodOutput) -> list:
     """The full network's outputs that online distillation teaches with, which the loss must have returned."""
     if out.distill_on is None:
-        raise SlimsslError(f"method {method.name!r} returned no distill_on from its loss, and slim.teacher: online "
-                           "distils the sub-networks from the full network's: return the outputs to distil on "
-                           "(MethodOutput(loss, distill_on=[...])), or set slim.teacher: target")
+        raise ExtensionError(f"method {method.name!r} returned no distill_on from its loss, and slim.teacher: online "
+                             "distils the sub-networks from the full network's: return the outputs to distil on "
+                             "(MethodOutput(loss, distill_on=[...])), or set slim.teacher: target")
     return out.distill_on
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 
 from torch import nn
 
-from ..errors import SlimsslError
+from ..errors import ExtensionError
 from ..nn.channels import scaled_channels
 from ..nn.layers import SlimBatchNorm, SlimLinear
 from ..nn.spec import Menu
@@ -33,21 +33,21 @@ ACTIVATIONS = (None, "relu")
 def check_layers(layers: Sequence, where: str = "head declaration") -> list[Layer]:
     """``layers`` as Layers (plain tuples work too), each with a known norm and activation."""
     if not layers:
-        raise SlimsslError(f"{where} declares no layers; expected a list of Layer(out_dim, norm, act, bias)")
+        raise ExtensionError(f"{where} declares no layers; expected a list of Layer(out_dim, norm, act, bias)")
     checked = []
     for layer in layers:
         try:
             out_dim, norm, act, bias = Layer(*layer)
         except TypeError:
-            raise SlimsslError(f"{where}: {layer!r} is not a Layer(out_dim, norm, act, bias)") from None
+            raise ExtensionError(f"{where}: {layer!r} is not a Layer(out_dim, norm, act, bias)") from None
         if isinstance(out_dim, bool) or not isinstance(out_dim, Integral) or out_dim < 1:  # NumPy's ints too
-            raise SlimsslError(f"{where}: {layer!r} has out_dim {out_dim!r}; expected a whole number of features, at "
-                               "least 1 (e.g. hidden // 4, not hidden / 4)")
+            raise ExtensionError(f"{where}: {layer!r} has out_dim {out_dim!r}; expected a whole number of features, at "
+                                 "least 1 (e.g. hidden // 4, not hidden / 4)")
         out_dim = int(out_dim)
         if norm not in NORMS:
-            raise SlimsslError(f"unknown norm {norm!r} in {where}; expected None, 'bn' or 'bn_noaffine'")
+            raise ExtensionError(f"unknown norm {norm!r} in {where}; expected None, 'bn' or 'bn_noaffine'")
         if act not in ACTIVATIONS:
-            raise SlimsslError(f"unknown activation {act!r} in {where}; expected None or 'relu'")
+            raise ExtensionError(f"unknown activation {act!r} in {where}; expected None or 'relu'")
         checked.append(Layer(out_dim, norm, act, bias))
     return checked
 

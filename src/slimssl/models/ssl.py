@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..devices import copy_by_dtype
-from ..errors import SlimsslError
+from ..errors import ExtensionError
 from ..methods.base import Method
 from ..nn.layers import bind_state
 from ..nn.slimmable import SlimmableMixin
@@ -27,8 +27,9 @@ def _declared(method: Method, head: str, hidden: int, out: int):
     except ValueError:  # a callable without a signature to read: called as it is
         pass
     except TypeError as e:  # only the call's form: an error inside the function is the function's own
-        raise SlimsslError(f"{where} cannot be called as ({hidden}, {out}): {e}; a head is declared as "
-                           f"@staticmethod def {head}(hidden, out) returning a list of Layer (docs/extending.md)") from e
+        raise ExtensionError(f"{where} cannot be called as ({hidden}, {out}): {e}; a head is declared as "
+                             f"@staticmethod def {head}(hidden, out) returning a list of Layer "
+                             "(docs/extending.md)") from e
     return declared(hidden, out)
 
 
@@ -59,9 +60,9 @@ class SSLModel(SlimmableMixin, nn.Module):
         self.predictor = None if predictor is None else SlimMLP(self.projector.out_dim, predictor, menu, bn, divisor,
                                                                 where=f"{where}.predictor_layers")
         if self.predictor is not None and self.predictor.out_dim != self.projector.out_dim:
-            raise SlimsslError(f"{where}.predictor_layers ends in {self.predictor.out_dim} features, but the loss "
-                               f"compares the predictor's outputs with the target's, the projector's "
-                               f"{self.projector.out_dim}: end the predictor in Layer(out)")
+            raise ExtensionError(f"{where}.predictor_layers ends in {self.predictor.out_dim} features, but the loss "
+                                 f"compares the predictor's outputs with the target's, the projector's "
+                                 f"{self.projector.out_dim}: end the predictor in Layer(out)")
         bind_state(self, self.slim_state)
         self.slim_state.bn_group_size = bn_group_size  # before the copy, so the target's state has it too
         # A method whose loss reads no target output (views_used()[1] empty: SimCLR, Barlow Twins) gets no

@@ -13,7 +13,7 @@ import math
 from numbers import Real
 from typing import Callable, Sequence
 
-from ..errors import SlimsslError
+from ..errors import ExtensionError
 from ..nn.spec import SubnetSpec
 
 LossWeights = Callable[[Sequence[SubnetSpec], float], Sequence[float]]
@@ -26,15 +26,16 @@ def register_loss_weights(name: str) -> Callable[[LossWeights], LossWeights]:
     Registering again a function of the same module and name (a notebook cell run twice) replaces it; a name
     that another function holds is an error."""
     if not isinstance(name, str) or not name.isidentifier():
-        raise SlimsslError(f"register_loss_weights takes a name such as 'by_width' (letters, digits, _), got {name!r}")
+        raise ExtensionError(f"register_loss_weights takes a name such as 'by_width' (letters, digits, _), got "
+                             f"{name!r}")
 
     def register(fn: LossWeights) -> LossWeights:
         if not callable(fn):
-            raise SlimsslError(f"register_loss_weights({name!r}) decorates a function (specs, progress) -> "
-                               f"weights, got {fn!r}")
+            raise ExtensionError(f"register_loss_weights({name!r}) decorates a function (specs, progress) -> "
+                                 f"weights, got {fn!r}")
         taken = LOSS_WEIGHTS.get(name)
         if taken is not None and _where(taken) != _where(fn):
-            raise SlimsslError(f"loss weights {name!r} are taken by {_where(taken)}; give {_where(fn)} another name")
+            raise ExtensionError(f"loss weights {name!r} are taken by {_where(taken)}; give {_where(fn)} another name")
         LOSS_WEIGHTS[name] = fn
         return fn
 
@@ -61,9 +62,9 @@ def slimclr(specs: Sequence[SubnetSpec], progress: float) -> list[float]:
 def loss_weights_rule(name: str) -> LossWeights:
     """The rule registered as ``name``; an unknown name is an error that lists the known ones."""
     if name not in LOSS_WEIGHTS:
-        raise SlimsslError(f"unknown loss weights {name!r}; known: {', '.join(LOSS_WEIGHTS)}. A rule of your own "
-                           "must be registered first: @slimssl.slim.register_loss_weights(name) in Python, "
-                           "`slimssl --import MODULE` for the command line")
+        raise ExtensionError(f"unknown loss weights {name!r}; known: {', '.join(LOSS_WEIGHTS)}. A rule of your own "
+                             "must be registered first: @slimssl.slim.register_loss_weights(name) in Python, "
+                             "`slimssl --import MODULE` for the command line")
     return LOSS_WEIGHTS[name]
 
 
@@ -74,14 +75,14 @@ def weigh(name: str, specs: Sequence[SubnetSpec], progress: float) -> list[float
     try:
         weights = list(weights)
     except TypeError:
-        raise SlimsslError(f"{where} returned {weights!r}; expected one weight per sub-network") from None
+        raise ExtensionError(f"{where} returned {weights!r}; expected one weight per sub-network") from None
     if len(weights) != len(specs):
-        raise SlimsslError(f"{where} returned {len(weights)} weight(s) for the step's {len(specs)} sub-network(s) "
-                           f"({', '.join(s.name for s in specs)}); expected one each, in that order")
+        raise ExtensionError(f"{where} returned {len(weights)} weight(s) for the step's {len(specs)} sub-network(s) "
+                             f"({', '.join(s.name for s in specs)}); expected one each, in that order")
     bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, Real) or not math.isfinite(w) or w < 0]
     if bad:
-        raise SlimsslError(f"{where} returned {weights!r}; expected finite numbers >= 0")
+        raise ExtensionError(f"{where} returned {weights!r}; expected finite numbers >= 0")
     if not any(weights):
-        raise SlimsslError(f"{where} weighs every sub-network of the step 0 ({', '.join(s.name for s in specs)}): "
-                           "the step would train nothing")
+        raise ExtensionError(f"{where} weighs every sub-network of the step 0 ({', '.join(s.name for s in specs)}): "
+                             "the step would train nothing")
     return [float(w) for w in weights]
