@@ -111,17 +111,7 @@ def checkpoint_epoch(path: str | Path) -> float | None:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint; the returned dict has ``config`` as a :class:`Config`."""
-    path = Path(path)
-    if path.is_dir():  # a run directory
-        if not checkpoint_path(path).is_file():
-            _refuse_export_folder(path)
-            hint = f"; the run directory is {path.parent}" if path.name == CHECKPOINTS and (path / LAST).is_file() \
-                else ""
-            raise CheckpointError(f"{path} is a folder without checkpoints/last.pt; expected a checkpoint file "
-                                  f"(e.g. RUN/checkpoints/last.pt) or a run directory{hint}")
-        path = checkpoint_path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = _checkpoint_file(Path(path))
     if isinstance(map_location, str):  # checked here so that a bad device is not blamed on the file
         try:
             torch.device(map_location)
@@ -138,6 +128,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path} is damaged: its entry {damaged} no longer matches the checksum it was saved "
                               "with (a byte changed on the disk or in a copy); expected a checkpoint as it was written"
                               + _earlier_checkpoint_hint(path))
+    _check_payload(path, data)
+    data["config"] = config_from_dict(data["config"], f"{path} (stored config)", stored=True)
+    method = data["config"].method
+    if method.registered() is None:
+        log.info("%s was trained with method %r, which is not registered here: its backbone loads (evaluation, "
+                 "export); training it on needs the method (docs/extending.md)", path, method.name)
+    return data
+
+
+def trained_step(data: dict) -> int | None:
+    """The step a loaded checkpoint was saved at (None for a random initialisation, which has no train state)."""
+    return (data.get("train_state") or {}).get("step")
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """The checkpoint file of ``path``: the file itself, or a run directory's ``checkpoints/last.pt``."""
+    if path.is_dir():
+        if not checkpoint_path(path).is_file():
+            _refuse_export_folder(path)
+            hint = f"; the run directory is {path.parent}" if path.name == CHECKPOINTS and (path / LAST).is_file() \
+                else ""
+            raise CheckpointError(f"{path} is a folder without checkpoints/last.pt; expected a checkpoint file "
+                                  f"(e.g. RUN/checkpoints/last.pt) or a run directory{hint}")
+        path = checkpoint_path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def _check_payload(path: Path, data: Any) -> None:
+    """Refuse what torch.load read from ``path`` unless it is a slimssl checkpoint of a version read here."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {found!r}, expected {FORMAT!r})")
@@ -153,12 +174,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     for key in ("config", "model"):
         if not isinstance(data[key], dict):
             raise CheckpointError(f"{path} holds a {key} of type {type(data[key]).__name__}, expected a mapping")
-    data["config"] = config_from_dict(data["config"], f"{path} (stored config)", stored=True)
-    method = data["config"].method
-    if method.registered() is None:
-        log.info("%s was trained with method %r, which is not registered here: its backbone loads (evaluation, "
-                 "export); training it on needs the method (docs/extending.md)", path, method.name)
-    return data
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
@@ -255,8 +270,7 @@ def open_checkpoint(path: str | Path, config: Config | None = None) -> OpenedSup
     record and how far it was trained (``trained_steps``, ``trained_epochs`` of the run's
     ``pretraining_epochs``). With ``config``, its architecture must match the checkpoint's."""
     data = load_checkpoint(path)
-    step = (data.get("train_state") or {}).get("step")
-    trained = {k: v for k, v in (("trained_steps", step), ("trained_epochs", data.get("epoch"))) if v is not None}
+    trained = {k: v for k, v in (("trained_steps", trained_step(data)), ("trained_epochs", data.get("epoch"))) if v is not None}
     if "trained_epochs" in trained:  # the run's length: what an evaluation or export of a run stopped early says
         trained["pretraining_epochs"] = data["config"].train.epochs
     return OpenedSupernet(supernet_of(data, path, config).eval(), data["config"], data.get("recalibrated"), trained)
@@ -302,7 +316,7 @@ def supernet_of(data: dict, path: str | Path, config: Config | dict | str | Path
     chosen = (data.get("recalibrated") or {}).get("subnet")
     if chosen:  # written by slimssl recalibrate: the statistics are that sub-network's
         model.mark_bn_estimated(chosen)
-    untrained = model.untrained_entries() if (data.get("train_state") or {}).get("step") else []
+    untrained = model.untrained_entries() if trained_step(data) else []
     if untrained:
         log.warning("%s: %s never trained (their private BatchNorm saw no batch: not joined yet after a slow start, "
                     "or never drawn by a sandwich with slim.num_random 0), so their numbers and exports are of "
