@@ -79,7 +79,8 @@ def test_every_bad_input_error_is_a_slimssl_error():
 def test_help_names_the_environment_variables_with_their_real_defaults(monkeypatch):
     """The help text is written out (it must not import torch): it stays true to the code's defaults."""
     from slimssl.cli import build_parser
-    from slimssl.data.datasets import DEFAULT_CACHE_GB, cache_dir, data_root
+    from slimssl.data.datasets import data_root
+    from slimssl.data.decoded_cache import DEFAULT_CACHE_GB, cache_dir
     from slimssl.train.distributed import DEFAULT_TIMEOUT_S
 
     for name in ("SLIMSSL_DATA", "SLIMSSL_CACHE", "SLIMSSL_CACHE_GB", "SLIMSSL_DIST_TIMEOUT", "SLIMSSL_DIST_BACKEND"):
