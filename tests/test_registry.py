@@ -210,6 +210,7 @@ def test_a_streamed_run_refuses_registered_images(register, tmp_path):
     (("bad", Items([], [])), {}, "the dataset is empty"),
     (("bad", "a folder"), {}, "got the path .a folder.; a folder or .zip of images is a data source"),
     (("bad", 3), {}, "expected \\(images, labels\\), images, or a map-style dataset"),
+    (("bad", None), {"test": np.zeros((2, 8, 8, 3), np.uint8)}, "dataset 'bad': train is required"),
     (("bad", np.zeros((32, 32, 3), np.uint8)), {}, "shape \\(32, 32, 3\\) looks like one image"),
     (("bad", np.full((2, 8, 8, 3), np.nan)), {}, "must be finite"),
     (("bad", torch.zeros(3, 32, 32)), {}, "looks like one image; expected a batch \\[N, C, H, W\\]; grey images as"),

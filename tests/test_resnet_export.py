@@ -803,3 +803,31 @@ def test_an_export_given_for_a_supernet_names_its_checkpoint_and_sub_network(tmp
     with pytest.raises(CheckpointError, match=rf"It was exported from {checkpoint}, whose supernet holds it as "
                                               r"w0p5_d1-1-1-1"):
         slimssl.load_supernet(folder)
+
+
+def test_export_subnet_with_a_config_traces_its_graph_at_the_resolution_it_records(tmp_path):
+    """With config=, config.json records the config's resolution, and the pt2 program takes images of it."""
+    from slimssl.config import config_from_dict
+    from slimssl.models.build import build_supernet
+
+    cfg = config_from_dict({"model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4, "stem": "cifar"},
+                            "menu": {"widths": [1.0, 0.5]}, "data": {"resolution": 8}})
+    model = build_supernet(cfg).eval()
+    folder = export_subnet(model, "0.5", tmp_path, fmt="pt2", config=cfg, check_bn_statistics=False)
+    recorded = json.loads((folder / "config.json").read_text())
+    assert recorded["resolution"] == 8 and recorded["pt2_input"] == {"size": 8}
+    x = images(2, 8)
+    torch.testing.assert_close(torch.export.load(str(folder / "model.pt2")).module()(x), model(x, subnet="0.5"),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_export_subnet_refuses_the_config_of_another_network(tmp_path):
+    """Its resolution, crop ratio, mean and std would be recorded as the export's inputs."""
+    from slimssl.errors import UsageError
+    from slimssl.models.build import build_supernet
+
+    model = build_supernet("demo", ["model.base_width=4"]).eval()
+    with pytest.raises(UsageError, match=r"config= is not this supernet's config:\n  block: supernet 'basic', "
+                                         r"config 'bottleneck'"):
+        export_subnet(model, "0.5", tmp_path, config="imagenet_r50_dspnet_byol", check_bn_statistics=False)
+    assert not any(tmp_path.iterdir())

@@ -48,7 +48,7 @@ class ExportError(SlimsslError):
 
 
 def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str | Path,
-                  fmt: str = "safetensors", resolution: int = 224, metadata: dict | None = None,
+                  fmt: str = "safetensors", resolution: int | None = None, metadata: dict | None = None,
                   overwrite: bool = False, check_bn_statistics: bool = True, config=None) -> Path:
     """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder.
 
@@ -65,14 +65,21 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
 
     ``config`` (the supernet's Config, e.g. the one ``slimssl.load_supernet`` returns, or a recipe name or path)
     records the inputs the export expects in its config.json, as ``slimssl export`` does: ``resolution``,
-    ``crop_ratio``, ``mean`` and ``std`` (``metadata`` wins where both give a key).
+    ``crop_ratio``, ``mean`` and ``std`` (``metadata`` wins where both give a key). A config of another
+    architecture or menu than the supernet's is refused. ``resolution`` defaults to the one recorded so
+    (``metadata["resolution"]``, or the config's ``data.resolution``), else 224.
 
     An export already there is replaced only when it came from the same ``metadata["source"]`` (exporting a
     run again) or with ``overwrite``; see :func:`check_export_folder`."""
     if config is not None:
-        from .models.build import as_config
+        from .models.build import as_config, check_config_is_the_supernets
 
-        metadata = {**preprocessing(as_config(config)), **(metadata or {})}
+        config = as_config(config)
+        check_config_is_the_supernets(supernet, config)  # else its inputs would be recorded as this export's
+        metadata = {**preprocessing(config), **(metadata or {})}
+    if resolution is None:  # the graph is traced at, and takes, the size the export says it expects
+        recorded = (metadata or {}).get("resolution")
+        resolution = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else 224
     check_format(fmt)  # before anything is written
     spec = supernet.resolve(subnet)
     _refuse_file_name(Path(out_dir), "a folder, in which each sub-network gets a folder of its own")

@@ -65,6 +65,9 @@ def register_dataset(name: str, train: Any, test: Any = None, *, val: Any = None
     if not isinstance(name, str) or not NAME.fullmatch(name) or name in BUILTIN:
         raise DataError(f"a registered dataset's name must be letters, digits, '_' or '-' (no '.', '/' or ':', "
                         f"which would read as a file), and not a built-in name ({', '.join(BUILTIN)}); got {name!r}")
+    if train is None:  # refused here, not by the pretraining that would find no train split
+        raise DataError(f"dataset {name!r}: train is required: (images, labels), images alone, or a map-style "
+                        "dataset of (image, label) items")
     given = {"train": train, "test": test, "val": val}
     raw = {split: read_split(data, f"{name!r} {split} split") for split, data in given.items() if data is not None}
     classes = class_names(name, raw, given, classes)

@@ -144,7 +144,7 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
     from .exported import is_export_folder, supernet_of_export
     from .results import epoch_floor
     from ..devices import pick_device
-    from ..models.build import as_config
+    from ..models.build import as_config, check_config_is_the_supernets
     from ..models.resnet import SlimResNet
 
     torch_device = pick_device(device, setting="device (--device)")
@@ -178,20 +178,6 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
         log.warning("%s holds epoch %g of %d: pretraining has not finished (a run's results.json marks what is "
                     "measured on it unfinished)", checkpoint, epoch_floor(epoch), cfg.train.epochs)
     return supernet.to(torch_device).eval(), cfg, torch_device, epoch
-
-
-def check_config_is_the_supernets(supernet, cfg) -> None:
-    """Refuse a config whose architecture or menu is not the supernet's (its resolution and data would not be)."""
-    m = cfg.model
-    wanted = {"block": m.block, "depths": tuple(m.full_depths), "base_width": m.base_width, "stem": m.stem,
-              "channel_divisor": m.channel_divisor, "private BatchNorm": m.bn == "private",
-              "menu": cfg.subnet_menu().names}
-    held = {"block": supernet.block, "depths": tuple(supernet.depths), "base_width": supernet.base_width,
-            "stem": supernet.stem, "channel_divisor": supernet.slim_state.divisor,
-            "private BatchNorm": supernet.slim_state.private_bn, "menu": supernet.menu.names}
-    differ = [f"{key}: supernet {held[key]!r}, config {wanted[key]!r}" for key in wanted if held[key] != wanted[key]]
-    if differ:
-        raise UsageError("config= is not this supernet's config:\n  " + "\n  ".join(differ))
 
 
 def in_memory(checkpoint) -> bool:
