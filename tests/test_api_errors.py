@@ -272,7 +272,7 @@ def test_a_device_name_is_checked_where_it_is_given(capsys):
 
     assert slimssl.load_config("demo", ["train.device=cuda:3"]).train.device == "cuda:3"
     with pytest.raises(slimssl.ConfigError, match=r"train.device: Input should be auto, cpu, cuda or cuda:N "
-                                                  r"\(got 'gpu'\) \[from --set\]"):
+                                                  r"\(got 'gpu'\) \[from overrides=\]"):
         slimssl.load_config("demo", ["train.device=gpu"])
     for command in (["pretrain"], ["knn", "RUN"], ["export", "RUN", "--all", "--out", "x"], ["bench"],
                     ["reproduce", "--out", "x"], ["finetune", "RUN", "--label-fraction", "0.1", "--all"]):

@@ -112,7 +112,7 @@ def test_a_methods_own_options_take_defaults_overrides_and_are_checked(tmp_path)
     as_int = config_from_dict(data, overrides=["method.options.loss_scale=2"]).method.options["loss_scale"]
     assert as_int == 2.0 and type(as_int) is float  # the method reads the type of its default
     with pytest.raises(ConfigError, match=r"method.options.scale: unknown option of method 'threelayer' "
-                                          r"\(its options: loss_scale, note\) \[from --set\]"):
+                                          r"\(its options: loss_scale, note\) \[from overrides=\]"):
         config_from_dict(data, overrides=["method.options.scale=2"])
     with pytest.raises(ConfigError, match=r"method.options.loss_scale: expected float like its default 1.0, "
                                           r"got 'big'"):

@@ -12,7 +12,7 @@ import sys
 import time
 
 from . import __version__
-from .cli_args import OutputClosed
+from .cli_args import OutputClosed, command_line
 from .errors import SlimsslError, UsageError, storage_error
 from .launch import torchrun_processes
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _refuse_several_processes(args.command)
         import_modules(args.imports)
-        with contextlib.nullcontext() if args.command in OWN_STOP_SIGNALS else _sigterm_as_ctrl_c():
+        with contextlib.nullcontext() if args.command in OWN_STOP_SIGNALS else _sigterm_as_ctrl_c(), command_line():
             return args.func(args)
     except OutputClosed:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes

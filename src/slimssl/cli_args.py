@@ -1,11 +1,13 @@
 """Argument types of the command line: argparse rejects a bad number or output path with one line, naming
 the flag and what was expected, before any work starts (and before torch is imported). Also ``emit``, the
-one way a command prints its result, ``add_overrides``, the one ``--set`` flag, and ``shell_quote``, a path as
-the user's shell reads it in a command we suggest."""
+one way a command prints its result, ``add_overrides``, the one ``--set`` flag, ``shell_quote``, a path as
+the user's shell reads it in a command we suggest, and ``on_command_line``, which says whose words a message
+uses."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import json
@@ -14,10 +16,30 @@ import os
 import re
 import shlex
 import sys
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .launch import DEVICE_PATTERN, DEVICES
+
+# whether a command of the command line runs (cli.main), so that messages name its flags (--set, --resume RUN)
+# rather than the keywords of the Python functions (overrides=, resume=True) that the command calls
+_ON_COMMAND_LINE: ContextVar[bool] = ContextVar("slimssl_on_command_line", default=False)
+
+
+def on_command_line() -> bool:
+    return _ON_COMMAND_LINE.get()
+
+
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """Within this block, messages are worded for the command line."""
+    token = _ON_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _ON_COMMAND_LINE.reset(token)
+
 
 # how the commands' --subnet takes a sub-network (nn/spec.py: SubnetSpec.coerce)
 SUBNET_SPELLINGS = "a name such as w0p5_d2-2-2-2, a width such as 0.5 (at full depth), or 0.5:2,2,2,2"

@@ -13,6 +13,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ..cli_args import on_command_line
 from .schema import Config, ConfigError
 
 
@@ -94,10 +95,11 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 def _format_errors(err: ValidationError, source: str, set_keys: set[str], file_valid: bool = False) -> str:
     """The errors one per line, each key given by an override marked; ``file_valid``: the config was valid
     before the overrides, which are then the invalid part, whatever the lines name."""
+    marker = f" [from {'--set' if on_command_line() else 'overrides='}]"
+
     def from_set(key: str) -> str:
         # a key given by an override, inside one (data.std.1 of data.std=...) or above one (trian of trian.epochs)
-        return " [from --set]" if any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
-                                      for k in set_keys) else ""
+        return marker if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in set_keys) else ""
 
     lines = []
     for e in err.errors():
@@ -114,11 +116,11 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str], file_v
             lines.append(f"  {message}" + (from_set(named) if re.fullmatch(r"[\w.]+", named) else ""))
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
-    if file_valid or all(line.endswith("[from --set]") or "[from --set] (allowed here" in line for line in lines):
+    if file_valid or all(line.endswith(marker) or f"{marker} (allowed here" in line for line in lines):
         # the file is fine: its name first would make it sound damaged
         # (pretrain's --data, --epochs, --batch-size and --device are overrides too)
-        return f"invalid --set (or --data, --epochs, --batch-size, --device) for the config of {source}:\n" + \
-            "\n".join(lines)
+        given = "--set (or --data, --epochs, --batch-size, --device)" if on_command_line() else "overrides="
+        return f"invalid {given} for the config of {source}:\n" + "\n".join(lines)
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 

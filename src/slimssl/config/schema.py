@@ -512,7 +512,7 @@ class Config(Section):
         from ..slim.weights import LOSS_WEIGHTS
 
         stored = self.method.registered() is None or self.slim.loss_weights not in LOSS_WEIGHTS
-        return config_from_dict(data, f"config {self.name!r}", overrides, stored=stored)
+        return config_from_dict(data, repr(self.name), overrides, stored=stored)
 
     @model_validator(mode="after")
     def _check_across_sections(self) -> "Config":

@@ -92,8 +92,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
                          "continues in its own folder: give --resume RUN_DIR alone")
     out = args.resume if isinstance(args.resume, str) else args.out
     resume = "auto" if args.auto_resume else args.resume is not None
-    cfg, run_dir, source, resume = prepare_run(args.config, out,
-                                               overrides=flag_overrides(args), resume=resume, cli=True)
+    cfg, run_dir, source, resume = prepare_run(args.config, out, overrides=flag_overrides(args), resume=resume)
     # how to continue it: with the modules this call imported (a method of one's own)
     again = " ".join(["slimssl", *(f"--import {shell_quote(m)}" for m in getattr(args, "imports", [])),
                       "pretrain", "--resume", shell_quote(run_dir)])

@@ -74,7 +74,7 @@ class Trainer:
         self.device = pick_device(cfg.train.device, setting="train.device (--device)")
         self.dtype = pick_dtype(cfg.train.precision, self.device)
         self.world = dist.world_size()
-        check_processes(cfg, self.world, f"config {cfg.name!r}")  # also the BatchNorm groups of this batch
+        check_processes(cfg, self.world, repr(cfg.name))  # also the BatchNorm groups of this batch
         torch.manual_seed(cfg.train.seed)
         # the order below is part of a run's numbers: each stage may draw from the seeded generator
         self._setup_data()

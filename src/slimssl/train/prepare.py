@@ -15,7 +15,7 @@ import yaml
 
 from ..atomic import atomic_write, is_temporary
 from ..checkpoint import load_checkpoint
-from ..cli_args import shell_quote
+from ..cli_args import on_command_line, shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, config_differences, config_from_dict,
                       find_config, load_config)
 from ..data.files import BUILTIN
@@ -50,8 +50,7 @@ class PreparedRun(NamedTuple):
 
 
 def prepare_run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
-                overrides: Sequence[str] = (), resume: bool | Literal["auto"] = False,
-                cli: bool = False) -> PreparedRun:
+                overrides: Sequence[str] = (), resume: bool | Literal["auto"] = False) -> PreparedRun:
     """The config and run directory of a new run, or of the run in ``out`` to resume.
 
     A new run gets ``out`` (default ``runs/<name>-<time>``), which must not hold another run. A resumed run
@@ -59,26 +58,27 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
     ``resume="auto"`` resumes the run in ``out`` if it has a checkpoint and starts it otherwise, so that one
     command (a job script submitted again and again) both starts and continues a run; ``config`` and
     ``overrides`` must then give the saved run's settings. A data source that is an existing path is stored
-    absolute. ``cli``: messages name the command line's flags (``--resume RUN_DIR``) instead of this
-    function's arguments (``resume=True``, ``out=``)."""
+    absolute. Under the command line (``cli_args.on_command_line``), messages name its flags (``--resume
+    RUN_DIR``) instead of this function's arguments (``resume=True``, ``out=``)."""
 
     check_overrides(overrides)
     if resume not in (True, False, "auto"):
         raise UsageError(f"resume must be True, False or 'auto', got {resume!r}")
     if resume == "auto":
-        return _prepare_auto(config, out, list(overrides), cli)
+        return _prepare_auto(config, out, list(overrides))
     if resume:
-        return _prepare_resume(config, out, list(overrides), cli)
-    return _prepare_new(config, out, list(overrides), cli)
+        return _prepare_resume(config, out, list(overrides))
+    return _prepare_new(config, out, list(overrides))
 
 
-def _prepare_auto(config, out, overrides: list[str], cli: bool) -> PreparedRun:
+def _prepare_auto(config, out, overrides: list[str]) -> PreparedRun:
+    cli = on_command_line()
     if out is None:
         raise UsageError("resuming automatically needs the run directory: "
                          + ("--auto-resume with --out RUN_DIR" if cli else "out=RUN_DIR"))
     last = checkpoint_path(Path(out))
     if not last.is_file():
-        return _prepare_new(config, out, overrides, cli, failed_start_ok=True)
+        return _prepare_new(config, out, overrides, failed_start_ok=True)
     wanted = absolute_data_source(as_config(config, overrides))
     diffs = config_differences(load_checkpoint(last)["config"], wanted, ignore=MACHINE_DEPENDENT)
     if diffs:  # a changed job script must not silently continue the run it started with other settings
@@ -90,7 +90,8 @@ def _prepare_auto(config, out, overrides: list[str], cli: bool) -> PreparedRun:
     return PreparedRun(wanted, Path(out), str(last), True)
 
 
-def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun:
+def _prepare_resume(config, out, overrides: list[str]) -> PreparedRun:
+    cli = on_command_line()
     if out is None:
         raise UsageError("resuming needs the run directory to continue: "
                          + ("--resume RUN_DIR" if cli else "out=RUN_DIR"))
@@ -101,7 +102,7 @@ def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun
     run_dir = Path(out)
     last = checkpoint_path(run_dir)
     if not last.is_file():
-        raise UsageError(_no_run_to_resume(run_dir, last, cli))
+        raise UsageError(_no_run_to_resume(run_dir, last))
     stored = load_checkpoint(last)["config"]
     if stored.method.registered() is None:  # evaluation and export do without it; training on does not
         raise UsageError(f"{run_dir} was trained with method {stored.method.name!r}, which is not registered here; "
@@ -113,7 +114,7 @@ def _prepare_resume(config, out, overrides: list[str], cli: bool) -> PreparedRun
     if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
         cfg = absolute_data_source(cfg)
         refuse_run_in_data(run_dir, cfg.data.source)
-    _check_run_config(run_dir, stored, cfg, last, cli)
+    _check_run_config(run_dir, stored, cfg, last)
     changed = config_differences(stored, cfg, ignore=MACHINE_DEPENDENT)
     if changed and dist.is_main():  # the run and its config.yaml take them from here on: say so
         log.warning("resuming %s with settings changed from the saved run:\n  %s", run_dir, "\n  ".join(changed))
@@ -126,7 +127,7 @@ RUN_IDENTITY = ("menu.", "method.name", "model.arch", "model.depths", "model.bas
                 "model.channel_divisor")
 
 
-def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cli: bool) -> None:
+def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path) -> None:
     """The run's config.yaml against the checkpoint beside it: refused when it describes another network or method
     (a last.pt copied in from another run would continue there, rewriting config.yaml and mixing two runs' metrics);
     otherwise, differences from the settings the resume continues with are edits of config.yaml, which a resume
@@ -151,12 +152,13 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path, cl
     if edited and dist.is_main():
         log.warning("%s differs from the settings the run resumes with (its checkpoint's, with the changes given "
                     "applied):\n  %s\na resume does not read %s, and writes it again: change a setting with %s",
-                    path, "\n  ".join(edited), CONFIG, "--set KEY=VALUE" if cli else "overrides=['KEY=VALUE']")
+                    path, "\n  ".join(edited), CONFIG, "--set KEY=VALUE" if on_command_line() else "overrides=['KEY=VALUE']")
 
 
-def _prepare_new(config, out, overrides: list[str], cli: bool, failed_start_ok: bool = False) -> PreparedRun:
+def _prepare_new(config, out, overrides: list[str], failed_start_ok: bool = False) -> PreparedRun:
     """``failed_start_ok`` (automatic resume): the files of a start of the same settings that saved nothing
     (a job killed before its first checkpoint, with no time to clean up) are removed instead of refused."""
+    cli = on_command_line()
     cfg = absolute_data_source(as_config(config, overrides))
     run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if run_dir.exists() and not run_dir.is_dir():
@@ -221,9 +223,10 @@ def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
     return not config_differences(saved, cfg, ignore=MACHINE_DEPENDENT)
 
 
-def _no_run_to_resume(run_dir: Path, last: Path, cli: bool) -> str:
+def _no_run_to_resume(run_dir: Path, last: Path) -> str:
     """Why ``run_dir`` cannot be resumed. A checkpoint file (RUN/checkpoints/last.pt) or the checkpoints
     folder given in its place gets the run directory that holds it named."""
+    cli = on_command_line()
     if run_dir.is_file():
         holder = run_dir.parent.parent if run_dir.parent.name == CHECKPOINTS else None
     elif run_dir.name == CHECKPOINTS and (run_dir / LAST).is_file():
