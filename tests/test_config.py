@@ -483,7 +483,8 @@ def test_a_config_changed_by_assignment_is_named_once(tmp_path):
 def test_an_error_of_the_file_and_one_of_a_set_are_said_as_the_files(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: many\n")
-    with pytest.raises(ConfigError, match=r"invalid config .*c\.yaml:\n  optim.lr: .*\[from overrides=\]\n  train.epochs: "):
+    with pytest.raises(ConfigError,
+                       match=r"invalid config .*c\.yaml:\n  optim.lr: .*\[from overrides=\]\n  train.epochs: "):
         load_config(path, ["optim.lr=abc"])
 
 

@@ -152,7 +152,8 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path) ->
     if edited and dist.is_main():
         log.warning("%s differs from the settings the run resumes with (its checkpoint's, with the changes given "
                     "applied):\n  %s\na resume does not read %s, and writes it again: change a setting with %s",
-                    path, "\n  ".join(edited), CONFIG, "--set KEY=VALUE" if on_command_line() else "overrides=['KEY=VALUE']")
+                    path, "\n  ".join(edited), CONFIG,
+                    "--set KEY=VALUE" if on_command_line() else "overrides=['KEY=VALUE']")
 
 
 def _prepare_new(config, out, overrides: list[str], failed_start_ok: bool = False) -> PreparedRun:
