@@ -1522,11 +1522,20 @@ def test_resume_drops_a_metrics_record_cut_short_by_a_kill(tmp_path, saved_run, 
     assert {r["step"] for r in records if "loss" in r} >= {3, 12}
 
 
-def test_resume_refuses_a_config_file(tmp_path, saved_run, capsys, caplog):
+def test_resume_refuses_a_config_file_of_other_settings(tmp_path, saved_run, capsys, caplog):
     run, before = saved_run
-    assert main(["pretrain", "--resume", str(run), "--config", str(write_config(tmp_path / "t.yaml"))]) == 2
-    assert "drop --config" in error_text(capsys, caplog)
+    other = write_config(tmp_path / "t.yaml", {**TINY, "optim": {"lr": 0.5}})
+    assert main(["pretrain", "--resume", str(run), "--config", str(other)]) == 2
+    text = error_text(capsys, caplog)
+    assert "the config given differs from it:\n  optim.lr: saved " in text and "drop --config" in text
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_takes_the_runs_own_config_as_given_in_python(saved_run):
+    """A notebook that started a run with a config may pass it again to resume: it changes nothing."""
+    run, _ = saved_run
+    resumed = slimssl.pretrain(TINY, run, resume=True, max_steps=3)
+    assert resumed.step == 3
 
 
 def test_pretrain_refuses_a_directory_holding_a_run_without_its_checkpoint(tmp_path, capsys, caplog):

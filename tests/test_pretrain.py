@@ -841,3 +841,20 @@ def test_progress_bar_labels_tell_depth_entries_apart():
     assert bar_labels(["w1p0_d2-2-2-2", "w0p25_d2-2-2-2"]) == ["w1p0", "w0p25"]  # a width menu: widths suffice
     crossed = ["w1p0_d3-4-6-3", "w1p0_d2-2-2-2", "w0p25_d2-2-2-2"]
     assert bar_labels(crossed) == crossed  # w1p0 twice would not say which loss is which
+
+
+def test_the_progress_bar_is_shown_on_rank_0_unless_tqdm_disable_turns_it_off():
+    """tqdm reads TQDM_DISABLE when it is imported, as a user's environment gives it: a process of its own."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from slimssl.train.metrics import progress_bar\n"
+              "for enabled in (True, False):\n"
+              "    with progress_bar(0, 4, enabled) as bar:\n"
+              "        bar.update(4)\n")
+    for env, shown in ((None, 1), ("1", 0)):
+        environ = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | ({"TQDM_DISABLE": env} if env else {})
+        done = subprocess.run([sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.count("4/4") == shown  # rank 0 alone, unless turned off

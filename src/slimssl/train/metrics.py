@@ -221,5 +221,5 @@ def progress_bar(start: int, end: int, enabled: bool):
 
     # a log file (no terminal) gets a progress line every 30 s instead of every refresh
     interval = 0.1 if sys.stderr.isatty() else 30.0
-    return tqdm(total=end, initial=start, disable=not enabled, unit="step", dynamic_ncols=True, leave=True,
-                mininterval=interval)
+    off = {} if enabled else {"disable": True}  # not given otherwise: tqdm's TQDM_DISABLE=1 still turns it off
+    return tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, leave=True, mininterval=interval, **off)

@@ -95,15 +95,19 @@ def _prepare_resume(config, out, overrides: list[str]) -> PreparedRun:
     if out is None:
         raise UsageError("resuming needs the run directory to continue: "
                          + ("--resume RUN_DIR" if cli else "out=RUN_DIR"))
-    if config is not None:
-        raise UsageError("resuming continues with the config saved in the run; "
-                         + ("drop --config (--set, --epochs and --data still apply)" if cli
-                            else "pass config=None (overrides still apply)"))
     run_dir = Path(out)
     last = checkpoint_path(run_dir)
     if not last.is_file():
         raise UsageError(_no_run_to_resume(run_dir, last))
     stored = load_checkpoint(last)["config"]
+    if config is not None:  # the run's own config (a notebook passing what it started with) changes nothing
+        diffs = config_differences(stored, absolute_data_source(as_config(config)), ignore=MACHINE_DEPENDENT,
+                                   labels=("saved", "given"))
+        if diffs:
+            raise UsageError("resuming continues with the config saved in the run, and the config given differs "
+                             "from it:\n  " + "\n  ".join(diffs) + "\n"
+                             + ("drop --config (--set, --epochs and --data still apply)" if cli
+                                else "pass config=None (overrides still apply)"))
     if stored.method.registered() is None:  # evaluation and export do without it; training on does not
         raise UsageError(f"{run_dir} was trained with method {stored.method.name!r}, which is not registered here; "
                          "resuming trains it, so register it first: "
