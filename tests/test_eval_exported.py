@@ -114,6 +114,28 @@ def test_an_export_is_profiled_as_its_sub_network_is(tmp_path, capsys):
     assert main(["profile", exported["path"], "--config", "demo"]) == 2  # an export is profiled as exported
 
 
+def test_profile_in_python_gives_the_rows_of_the_command(tmp_path, capsys):
+    """slimssl.profile of a run, of an export and of a supernet in memory: the counts `slimssl profile` prints."""
+    make_checkpoint(tmp_path / "in.pt")
+    (exported,) = slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", "0.5")
+    assert main(["profile", str(tmp_path / "in.pt"), "--no-latency", "--json", "--num-classes", "10"]) == 0
+    printed = {row["subnet"]: (row["params"], row["macs"]) for row in json.loads(capsys.readouterr().out)}
+    run_rows = slimssl.profile(tmp_path / "in.pt", num_classes=10)
+    assert {row["subnet"]: (row["params"], row["macs"]) for row in run_rows} == printed
+    (half,) = slimssl.profile(exported["path"], num_classes=10)
+    assert (half["subnet"], (half["params"], half["macs"])) == ("w0p5_d1-1-1-1", printed["w0p5_d1-1-1-1"])
+    supernet, cfg = slimssl.load_supernet(tmp_path / "in.pt")
+    (row,) = slimssl.profile(supernet, 0.5, resolution=cfg.data.resolution, num_classes=10, latency=True)
+    assert (row["params"], row["macs"]) == printed["w0p5_d1-1-1-1"] and row["latency_ms"] > 0
+    assert slimssl.profile(supernet, 0.5, resolution=2 * cfg.data.resolution)[0]["macs"] > row["macs"]
+    with pytest.raises(slimssl.UsageError, match="needs resolution="):
+        slimssl.profile(supernet)
+    with pytest.raises(slimssl.UsageError, match="resolution must be a whole number >= 1, got 0"):
+        slimssl.profile(supernet, resolution=0)
+    with pytest.raises(slimssl.SubnetError):
+        slimssl.profile(supernet, 0.3, resolution=8)
+
+
 def test_an_export_is_fine_tuned_without_naming_its_one_sub_network(tmp_path, capsys):
     data = str(image_splits(tmp_path / "images"))
     make_checkpoint(tmp_path / "in.pt")

@@ -105,7 +105,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.checkpoint is None:  # nothing to profile: said before torch is imported
         _check_model_source(args)
     from .eval.exported import is_export_folder, supernet_of_export
-    from .report.profile import profile_supernet
+    from .report.profile import profile
     from .report.table import markdown_table
 
     if is_export_folder(args.checkpoint):  # profiled as exported: what a deployment of it runs
@@ -115,7 +115,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         supernet, config = _supernet_from_args(args)[:2]
     resolution = args.resolution or config.data.resolution
-    rows = profile_supernet(supernet, resolution, args.num_classes, latency=not args.no_latency)
+    rows = profile(supernet, resolution=resolution, num_classes=args.num_classes, latency=not args.no_latency)
     for row in rows:
         row.update(resolution=resolution, num_classes=args.num_classes)
     timed = bool(rows) and "latency_ms" in rows[0]

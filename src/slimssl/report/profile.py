@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -71,3 +72,33 @@ def profile_supernet(supernet: SlimResNet, resolution: int, num_classes: int = 0
                                        "threads": torch.get_num_threads()}
         rows.append(row)
     return rows
+
+
+def profile(model, subnets="all", *, resolution: int | None = None, num_classes: int = 0,
+            latency: bool = False) -> list[dict]:
+    """What ``slimssl profile`` prints, from Python: one row per sub-network (``subnets``: a width or name, a
+    list, or ``"all"``, the menu) with its params and MACs at ``resolution`` (backbone only; ``num_classes``
+    counts a classifier too, as the papers do), and its CPU latency at batch 1 with ``latency=True``.
+
+    ``model`` is a supernet in memory (``resolution`` then needed), a run directory or checkpoint file, or an
+    exported sub-network's folder (both: at the resolution their config records, unless given)."""
+    from ..errors import UsageError
+
+    if isinstance(model, SlimResNet):
+        supernet, recorded = model, None
+    elif isinstance(model, (str, Path)):
+        from ..checkpoint import load_supernet
+        from ..eval.exported import is_export_folder, supernet_of_export
+
+        supernet, cfg = supernet_of_export(model) if is_export_folder(model) else load_supernet(model)
+        recorded = cfg.data.resolution
+    else:
+        raise UsageError(f"profile takes a SlimResNet supernet, a run directory or checkpoint file, or an exported "
+                         f"sub-network's folder; got {type(model).__name__}")
+    resolution = resolution if resolution is not None else recorded
+    if resolution is None:
+        raise UsageError("profile of a supernet in memory needs resolution=, the side of the square images it costs")
+    for name, value, least in (("resolution", resolution, 1), ("num_classes", num_classes, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UsageError(f"{name} must be a whole number >= {least}, got {value!r}")
+    return profile_supernet(supernet, resolution, num_classes, latency=latency, specs=supernet.resolve_many(subnets))
