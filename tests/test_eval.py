@@ -594,6 +594,7 @@ def test_fine_tuned_classifiers_are_saved_as_exports_that_score_what_was_reporte
                  "--device", "cpu", "--no-save", "--save-models", str(models), "--crop-ratio", "0.875"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     folder = models / "w0p5_d1-1-1-1_50pct_seed0"
+    assert row["model_path"] == str(folder.absolute())  # where it went, as export rows say
     info = json.loads((folder / "config.json").read_text())
     assert info["subnet"] == "w0p5_d1-1-1-1" and info["top1"] == row["top1"] and len(info["classes"]) == 10
     # the preprocessing its score was measured with, as an export of the supernet records it

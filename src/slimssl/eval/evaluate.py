@@ -222,17 +222,20 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
             log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
         protocol = f"finetune_{fraction_tag(label_fraction)}"  # results.json: finetune_1pct_top1, ...
         name = finetuned_name(spec, label_fraction, seed)
+        model_path = Path(save_models) / name if save_models is not None else None
         result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=seed,
                                  epochs=epochs, lr=lr, batch_size=batch_size, resolution=cfg.data.resolution,
                                  mean=cfg.data.mean, std=cfg.data.std, device=torch_device,
                                  recalibrate_batches=recalibrate_bn,
                                  eval_batch_size=eval_batch_size or cfg.eval.batch_size, train_crop=train_crop,
-                                 save_model=Path(save_models) / name if save_models is not None else None,
+                                 save_model=model_path,
                                  checkpoint_source=model_source, crop_ratio=options.resolved_crop_ratio(cfg))
         path = _finetune_result_path(name, out, save, run_dir, checkpoint)
         cost = costs[spec.name]
         row = {**cost, **{k: v for k, v in result.items() if k != "subnet"}, "data": source,
                "indices_file": str(path.absolute()) if path else None}  # from any working directory
+        if model_path is not None:  # the classifier's export folder, for slimssl.load_exported
+            row["model_path"] = str(model_path.absolute())
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, row)  # a crash mid-write keeps an earlier result whole
