@@ -799,7 +799,9 @@ def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
                             "distill must be True or False, got 'no'"),
                            (lambda: slimssl.knn(tmp_path / "model.pt", save="no"), "save must be True or False"),
                            (lambda: slimssl.finetune(tmp_path / "model.pt", "0.5", "0.1"),
-                            r"label fractions must be numbers in \(0, 1\], got \['0.1'\]")]:
+                            r"label fractions must be numbers in \(0, 1\], got \['0.1'\]$"),
+                           (lambda: slimssl.finetune(tmp_path / "model.pt", "0.5", 10),
+                            r"got \[10\]; a fraction, not a percentage: 0.1 for 10%")]:
         with pytest.raises(slimssl.SlimsslError, match=expected):
             call()
 
