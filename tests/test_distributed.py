@@ -135,7 +135,7 @@ def run_steps(trainer: Trainer, frozen_bn: bool = True) -> dict:
 
     trainer.train_step = train_step
     views0 = trainer.views(0)
-    indices = [trainer.batch_indices(s) for s in range(STEPS)]
+    indices = [trainer.view_source.batch_indices(s) for s in range(STEPS)]
     trainer.fit(max_steps=STEPS)
     return {"state": trainer.model.state_dict(), "initial": initial, "allreduce_per_step": counts,
             "knn_random_init": trainer.state.knn_random_init, "knn_shard": trainer.knn_monitor.shard,

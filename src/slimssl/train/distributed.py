@@ -212,10 +212,12 @@ class GradientSync:
                 self.views.append(self.flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
         self.calls = 0  # all-reduces issued, for tests
+        self._local_flag: torch.Tensor | float | None = None  # one process: the flag is its own
 
     @torch.no_grad()
     def __call__(self, flag: torch.Tensor | float | None = None) -> None:
         if not self.enabled:
+            self._local_flag = flag
             return
         have = [i for i, p in enumerate(self.params) if p.grad is not None]
         missing = [i for i, p in enumerate(self.params) if p.grad is None]
@@ -235,7 +237,9 @@ class GradientSync:
 
     def any_flag(self) -> bool:
         """Whether any rank passed a non-zero ``flag`` to the last call (a host sync)."""
-        return bool(self.flat is not None and self.flat[-1].item() > 0)
+        if not self.enabled:
+            return bool(self._local_flag is not None and float(self._local_flag) > 0)
+        return bool(self.flat[-1].item() > 0)
 
 
 def barrier() -> None:

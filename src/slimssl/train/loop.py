@@ -56,6 +56,11 @@ class NonFiniteLossError(SlimsslError):
     diverging run is a setting to change, usually the learning rate)."""
 
 
+def nonfinite_losses(means: dict) -> list[str]:
+    """The sub-networks whose mean loss (a number or a 0-d tensor) is not finite."""
+    return [name for name, v in means.items() if not math.isfinite(float(v))]
+
+
 @dataclass
 class StepResult:
     """What one training step leaves: the detached loss of every sub-network that ran (on the device, not
@@ -272,7 +277,7 @@ class Trainer:
         of the window."""
         tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
         finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-        bad = [name for name, v in window.means().items() if not math.isfinite(float(v))]
+        bad = nonfinite_losses(window.means())
         if finite and not (bad and self.cfg.train.nonfinite == "error"):
             return
         cause = f" after a non-finite loss of sub-network {bad[0]}" if bad else ""
@@ -330,9 +335,6 @@ class Trainer:
         """This process's two augmented views at ``step``, on the training device."""
         return self.view_source(step)
 
-    def batch_indices(self, step: int) -> torch.Tensor:
-        return self.view_source.batch_indices(step)
-
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
@@ -381,7 +383,7 @@ class Trainer:
         bad = (~torch.isfinite(torch.stack(list(losses.values())))).any().float() if skip_mode else None
         self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
         # reading the flag is the one host sync of this mode, by request
-        if skip_mode and (self.grad_sync.any_flag() if self.grad_sync.enabled else bool(bad)):
+        if skip_mode and self.grad_sync.any_flag():
             self._skip_step(step)
             return StepResult(losses, lr, skipped=True)
         self.scaler.step(self.optimizer)
@@ -562,7 +564,7 @@ class Trainer:
         if local:
             stacked = dist.all_reduce_mean(torch.stack(list(local.values())))
             means = dict(zip(local, stacked.tolist()))  # the one sync per record
-        bad = [name for name, v in means.items() if not math.isfinite(v)]
+        bad = nonfinite_losses(means)
         if bad and self.cfg.train.nonfinite == "error":
             last = self.state.step - 1  # 0-based, as the step of a skipped-step warning
             raise self._nonfinite_error(f"non-finite loss of sub-network {bad[0]} within steps "
