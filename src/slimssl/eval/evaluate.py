@@ -191,7 +191,8 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
     config.json names the classes and the accuracy). The sub-networks are checked before any data is decoded.
     ``checkpoint``, ``config`` and the data keywords are knn's.
     Returns one row per result: subnet, width, depths, params, macs, label_fraction, seed, num_labelled,
-    recipe, top1, top5 (percent), indices (the labelled subset).
+    recipe, top1, top5 (percent), indices (the labelled subset), and model_path (the classifier's folder) with
+    ``save_models``.
     """
     from ..export import check_export_folder
     from .finetune import finetune_subnet, fraction_tag
