@@ -65,8 +65,8 @@ def test_recalibration_without_batches_or_with_a_bad_one_keeps_the_statistics():
         slimssl.recalibrate_bn(model, "0.5", [])
     with pytest.raises(SlimsslError, match="expected a float tensor of images"):
         slimssl.recalibrate_bn(model, "0.5", [x(), x(channels=1)])  # fails on the second batch
-    with pytest.raises(slimssl.SubnetError, match=r"an iterable of batches of images, got one tensor of shape "
-                                                  r"\[2, 3, .*\]: pass \[images\] for one batch"):
+    with pytest.raises(slimssl.InputError, match=r"an iterable of batches of images, got one tensor of shape "
+                                                 r"\[2, 3, .*\]: pass \[images\] for one batch"):
         slimssl.recalibrate_bn(model, "0.5", x())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

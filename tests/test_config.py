@@ -230,16 +230,25 @@ def test_missing_config_file_lists_shipped():
 
 
 @pytest.mark.parametrize("assignment, expected", [
-    ("menu.widths=[1.0, 0.5", "--set menu.widths: the value '[1.0, 0.5' is not valid YAML"),
-    ("model.base_width=@x", "--set model.base_width: the value '@x' is not valid YAML"),
-    ("train.epochs=!!python/object:os.system x", "--set train.epochs: the value"),  # safe_load refuses tags
+    ("menu.widths=[1.0, 0.5", "override menu.widths: the value '[1.0, 0.5' is not valid YAML"),
+    ("model.base_width=@x", "override model.base_width: the value '@x' is not valid YAML"),
+    ("train.epochs=!!python/object:os.system x", "override train.epochs: the value"),  # safe_load refuses tags
     ("=3", "expected KEY=VALUE with a dotted key"),
     ("train..epochs=3", "expected KEY=VALUE with a dotted key"),
+    ("train.epochs.x=1", "override train.epochs.x: 'epochs' is not a section"),
+    ("train.epochs", "overrides are 'KEY=VALUE' strings such as 'train.epochs=5', got 'train.epochs'"),
 ])
 def test_unreadable_set_values_name_the_key(assignment, expected):
     with pytest.raises(ConfigError) as err:
         load_config("demo", [assignment])
-    assert expected in str(err.value) and "\n" not in str(err.value)
+    assert expected in str(err.value) and "\n" not in str(err.value) and "--set" not in str(err.value)
+
+
+def test_unreadable_set_values_name_the_flag_on_the_command_line(capsys, caplog):
+    from slimssl.cli import main
+
+    assert main(["config", "--config", "demo", "--set", "model.base_width=@x"]) == 2
+    assert "--set model.base_width: the value '@x' is not valid YAML" in capsys.readouterr().err + caplog.text
 
 
 def test_errors_caused_by_set_say_so():

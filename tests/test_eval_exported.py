@@ -124,6 +124,9 @@ def test_profile_in_python_gives_the_rows_of_the_command(tmp_path, capsys):
     assert {row["subnet"]: (row["params"], row["macs"]) for row in run_rows} == printed
     (half,) = slimssl.profile(exported["path"], num_classes=10)
     assert (half["subnet"], (half["params"], half["macs"])) == ("w0p5_d1-1-1-1", printed["w0p5_d1-1-1-1"])
+    assert slimssl.profile(exported["path"], "0.5", num_classes=10) == [half]
+    with pytest.raises(slimssl.SubnetError, match="is an export of w0p5_d1-1-1-1 alone"):
+        slimssl.profile(exported["path"], 1.0)  # its rebuilt supernet would run any width
     supernet, cfg = slimssl.load_supernet(tmp_path / "in.pt")
     (row,) = slimssl.profile(supernet, 0.5, resolution=cfg.data.resolution, num_classes=10, latency=True)
     assert (row["params"], row["macs"]) == printed["w0p5_d1-1-1-1"] and row["latency_ms"] > 0
@@ -134,6 +137,8 @@ def test_profile_in_python_gives_the_rows_of_the_command(tmp_path, capsys):
         slimssl.profile(supernet, resolution=0)
     with pytest.raises(slimssl.SubnetError):
         slimssl.profile(supernet, 0.3, resolution=8)
+    with pytest.raises(slimssl.UsageError, match="latency must be True or False, got 'no'"):
+        slimssl.profile(supernet, resolution=8, latency="no")
 
 
 def test_an_export_is_fine_tuned_without_naming_its_one_sub_network(tmp_path, capsys):

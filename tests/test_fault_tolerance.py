@@ -841,6 +841,17 @@ def test_a_second_lock_in_the_same_process_is_refused_and_keeps_the_first(tmp_pa
     assert pretrain(None, run, resume=True).finished
 
 
+def test_a_training_lock_taken_with_with_is_let_go_at_the_end_of_the_block(tmp_path):
+    from slimssl.train.lock import TrainingLock
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with TrainingLock(tmp_path):
+            with pytest.raises(SlimsslError, match="is training in"):
+                TrainingLock(tmp_path)  # held: refused, in this process too
+            raise RuntimeError("inside")  # an error in the block lets go of it as well
+    TrainingLock(tmp_path).release()
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forked data-loader workers are a POSIX matter")
 def test_the_workers_of_a_killed_training_process_do_not_keep_its_lock(tmp_path):
     """Data-loader workers are forked from the training process, with its open files: they must not hold the
@@ -1527,15 +1538,19 @@ def test_resume_refuses_a_config_file_of_other_settings(tmp_path, saved_run, cap
     other = write_config(tmp_path / "t.yaml", {**TINY, "optim": {"lr": 0.5}})
     assert main(["pretrain", "--resume", str(run), "--config", str(other)]) == 2
     text = error_text(capsys, caplog)
-    assert "the config given differs from it:\n  optim.lr: saved " in text and "drop --config" in text
+    assert "the config given differs from it:\n  optim.lr: the run's " in text and "drop --config" in text
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
-def test_resume_takes_the_runs_own_config_as_given_in_python(saved_run):
-    """A notebook that started a run with a config may pass it again to resume: it changes nothing."""
+def test_resume_takes_the_call_that_started_the_run(tmp_path, saved_run):
+    """A notebook or job script that started a run may make the same call to resume it: config and overrides."""
     run, _ = saved_run
-    resumed = slimssl.pretrain(TINY, run, resume=True, max_steps=3)
-    assert resumed.step == 3
+    assert slimssl.pretrain(TINY, run, resume=True, max_steps=3).step == 3
+    started = slimssl.pretrain(TINY, tmp_path / "longer", overrides=["train.epochs=4"], max_steps=1)
+    resumed = slimssl.pretrain(TINY, started.run_dir, overrides=["train.epochs=4"], resume=True, max_steps=2)
+    assert (resumed.step, resumed.total_steps) == (2, 16)
+    with pytest.raises(slimssl.UsageError, match=r"differs from it:\n  train.epochs: the run's 4, given 3\n"):
+        slimssl.pretrain(TINY, started.run_dir, resume=True, max_steps=3)  # the overrides left out
 
 
 def test_pretrain_refuses_a_directory_holding_a_run_without_its_checkpoint(tmp_path, capsys, caplog):

@@ -272,8 +272,10 @@ def test_resume_given_the_checkpoint_file_names_the_run_directory(saved_run, cap
 
 
 def test_cli_messages_name_flags_and_python_messages_name_arguments(tmp_path, saved_run, config, capsys, caplog):
+    other = tmp_path / "other.yaml"  # a config of other settings than the run's
+    other.write_text(yaml.safe_dump({**TINY, "optim": {"lr": 0.5}}))
     cli_runs = [["pretrain", "--resume"],  # no run directory
-                ["pretrain", "--resume", str(saved_run), "--config", str(config)],
+                ["pretrain", "--resume", str(saved_run), "--config", str(other)],
                 ["pretrain", "--config", str(config), "--out", str(saved_run)]]  # already holds a run
     for argv in cli_runs:
         assert main(argv) == 2
@@ -281,7 +283,7 @@ def test_cli_messages_name_flags_and_python_messages_name_arguments(tmp_path, sa
         caplog.clear()
         assert "resume=True" not in text and "out=" not in text and "config=None" not in text
         assert "--resume" in text or "--config" in text
-    python_calls = [{"resume": True}, {"config": config, "out": saved_run, "resume": True},
+    python_calls = [{"resume": True}, {"config": other, "out": saved_run, "resume": True},
                     {"config": config, "out": saved_run}]
     for kwargs in python_calls:
         with pytest.raises(slimssl.SlimsslError) as err:

@@ -831,3 +831,16 @@ def test_export_subnet_refuses_the_config_of_another_network(tmp_path):
                                          r"config 'bottleneck'"):
         export_subnet(model, "0.5", tmp_path, config="imagenet_r50_dspnet_byol", check_bn_statistics=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_export_subnet_traces_at_the_resolution_its_metadata_records_or_says_why_it_cannot(tmp_path):
+    model = build("basic-cifar-private", None)
+    folder = export_subnet(model, "0.5", tmp_path / "a", fmt="pt2", metadata={"resolution": 8})
+    assert json.loads((folder / "config.json").read_text())["pt2_input"] == {"size": 8}
+    with pytest.raises(ExportError, match=r"metadata's resolution must be a whole number of pixels >= 1, got 8.0"):
+        export_subnet(model, "0.5", tmp_path / "b", fmt="pt2", metadata={"resolution": 8.0})
+    with pytest.raises(ExportError, match="resolution must be a whole number of pixels >= 1, got True"):
+        export_subnet(model, "0.5", tmp_path / "c", fmt="pt2", resolution=True)
+    with pytest.raises(ExportError, match=r"traced at 32 px takes \{'min_size': 9\}, not the 8 px images"):
+        export_subnet(model, "0.5", tmp_path / "d", fmt="pt2", resolution=32, metadata={"resolution": 8})
+    assert not any((tmp_path / name).exists() for name in "bcd")

@@ -270,7 +270,8 @@ def open_checkpoint(path: str | Path, config: Config | None = None) -> OpenedSup
     record and how far it was trained (``trained_steps``, ``trained_epochs`` of the run's
     ``pretraining_epochs``). With ``config``, its architecture must match the checkpoint's."""
     data = load_checkpoint(path)
-    trained = {k: v for k, v in (("trained_steps", trained_step(data)), ("trained_epochs", data.get("epoch"))) if v is not None}
+    trained = {k: v for k, v in (("trained_steps", trained_step(data)), ("trained_epochs", data.get("epoch")))
+               if v is not None}
     if "trained_epochs" in trained:  # the run's length: what an evaluation or export of a run stopped early says
         trained["pretraining_epochs"] = data["config"].train.epochs
     return OpenedSupernet(supernet_of(data, path, config).eval(), data["config"], data.get("recalibrated"), trained)

@@ -211,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _refuse_several_processes(args.command)
-        import_modules(args.imports)
-        with contextlib.nullcontext() if args.command in OWN_STOP_SIGNALS else _sigterm_as_ctrl_c(), command_line():
-            return args.func(args)
+        with command_line():  # an --import module's messages too
+            import_modules(args.imports)
+            with contextlib.nullcontext() if args.command in OWN_STOP_SIGNALS else _sigterm_as_ctrl_c():
+                return args.func(args)
     except OutputClosed:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1

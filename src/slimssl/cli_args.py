@@ -64,6 +64,7 @@ nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+label_fraction = _number(float, lambda v: 0 < v <= 1, "a fraction of the labels in (0, 1], such as 0.1 for 10%")
 
 
 def positive_count(text: str) -> float:

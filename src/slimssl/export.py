@@ -67,7 +67,8 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     records the inputs the export expects in its config.json, as ``slimssl export`` does: ``resolution``,
     ``crop_ratio``, ``mean`` and ``std`` (``metadata`` wins where both give a key). A config of another
     architecture or menu than the supernet's is refused. ``resolution`` defaults to the one recorded so
-    (``metadata["resolution"]``, or the config's ``data.resolution``), else 224.
+    (``metadata["resolution"]``, or the config's ``data.resolution``), else 224; a pt2 program that would refuse
+    the recorded size is an error.
 
     An export already there is replaced only when it came from the same ``metadata["source"]`` (exporting a
     run again) or with ``overwrite``; see :func:`check_export_folder`."""
@@ -77,9 +78,11 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
         config = as_config(config)
         check_config_is_the_supernets(supernet, config)  # else its inputs would be recorded as this export's
         metadata = {**preprocessing(config), **(metadata or {})}
-    if resolution is None:  # the graph is traced at, and takes, the size the export says it expects
-        recorded = (metadata or {}).get("resolution")
-        resolution = recorded if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0 else 224
+    recorded = (metadata or {}).get("resolution")  # the inputs the export says it expects
+    for name, value in (("resolution", resolution), ("metadata's resolution", recorded)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ExportError(f"{name} must be a whole number of pixels >= 1, got {value!r}")
+    resolution = resolution or recorded or 224  # the graph is traced at the size the export expects
     check_format(fmt)  # before anything is written
     spec = supernet.resolve(subnet)
     _refuse_file_name(Path(out_dir), "a folder, in which each sub-network gets a folder of its own")
@@ -91,7 +94,10 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     plain = supernet.export(spec).eval()
     metadata = {**(metadata or {}), "subnet": spec.name, "cut_from": cut_from(supernet)}
     if fmt == "pt2":  # what model.pt2 takes, for a runtime that reads the config first
-        metadata["pt2_input"] = program_input(plain.config, resolution)
+        metadata["pt2_input"] = takes = program_input(plain.config, resolution)
+        if recorded is not None and (recorded != takes["size"] if "size" in takes else recorded < takes["min_size"]):
+            raise ExportError(f"a program traced at {resolution} px takes {takes}, not the {recorded} px images "
+                              f"its config.json says the export expects: trace it at {recorded} (resolution)")
     folder = _write_export(plain, Path(out_dir) / spec.name, metadata)
     _drop_earlier_graphs(folder, rewritten=GRAPHS.get(fmt))  # a failed trace leaves no graph of earlier weights
     config_json = json.loads((folder / CONFIG).read_text())

@@ -46,9 +46,17 @@ def find_config(name: str | Path) -> Path:
 
 def check_assignment(assignment: str) -> None:
     """An override must read KEY=VALUE; a word without ``=`` is most often a positional argument after --set."""
-    if "=" not in assignment:
+    if "=" in assignment:
+        return
+    if on_command_line():
         raise ConfigError(f"--set expects KEY=VALUE, got {assignment!r} (--set takes every word up to the next "
                           "flag: put a run directory or other positional argument before --set)")
+    raise ConfigError(f"overrides are 'KEY=VALUE' strings such as 'train.epochs=5', got {assignment!r}")
+
+
+def _override() -> str:
+    """How messages name an override: by its flag on the command line, by its keyword in Python."""
+    return "--set" if on_command_line() else "override"
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -58,17 +66,17 @@ def apply_override(data: dict, assignment: str) -> None:
     key = key.strip()
     parts = key.split(".")
     if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE with a dotted key such as train.epochs")
+        raise ConfigError(f"{_override()} {assignment!r}: expected KEY=VALUE with a dotted key such as train.epochs")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part!r} is not a section")
+            raise ConfigError(f"{_override()} {key}: {part!r} is not a section")
     try:
         node[parts[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); expected e.g. "
-                          "5, 0.1, true, cosine or [1.0, 0.5]") from None
+        raise ConfigError(f"{_override()} {key}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); expected "
+                          "e.g. 5, 0.1, true, cosine or [1.0, 0.5]") from None
 
 
 class _StrictLoader(yaml.SafeLoader):

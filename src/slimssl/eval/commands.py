@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..cli_args import (SUBNET_SPELLINGS, data_source, device_name, emit, fraction, nonnegative_int, output_dir,
-                        output_file, positive_float, positive_int)
+from ..cli_args import (SUBNET_SPELLINGS, data_source, device_name, emit, fraction, label_fraction, nonnegative_int,
+                        output_dir, output_file, positive_float, positive_int)
 from ..errors import UsageError
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, FEW_LABELS,
                FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR, FINETUNE_MIN_STEPS,
@@ -172,7 +172,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"{SUBNET_SPELLINGS}; several may follow (each is fine-tuned in turn, on the same decoded "
                         "data)")
     p.add_argument("--all", action="store_true", help="every sub-network of the menu")
-    p.add_argument("--label-fraction", type=fraction, required=True, action="extend", nargs="+", metavar="F",
+    p.add_argument("--label-fraction", type=label_fraction, required=True, action="extend", nargs="+", metavar="F",
                    help="e.g. 0.01 or 0.1; several may follow (every sub-network is fine-tuned on each)")
     p.add_argument("--epochs", type=positive_int,
                    help=f"default: {FINETUNE_EPOCHS_FEW_LABELS} for fractions <= {FEW_LABELS * 100:g}%%, else "

@@ -292,9 +292,10 @@ def finetune_jobs(supernet, subnets: Subnets, label_fractions: Sequence[float] |
     # a single value (a string too: read letter by letter, "0.1" would be refused as '0', '.', '1')
     fractions = [label_fractions] if isinstance(label_fractions, (Real, str)) else list(label_fractions)
     if not fractions or not all(isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):
-        percent = any(isinstance(f, Real) and not isinstance(f, bool) and 1 < f <= 100 for f in fractions)
+        percent = next((f for f in fractions if isinstance(f, Real) and not isinstance(f, bool) and 1 < f <= 100),
+                       None)
         raise UsageError(f"label fractions must be numbers in (0, 1], got {fractions}"
-                         + ("; a fraction, not a percentage: 0.1 for 10%" if percent else ""))
+                         + (f"; a fraction, not a percentage: {percent / 100:g} for {percent:g}%" if percent else ""))
     fractions = list(dict.fromkeys(float(f) for f in fractions))
     jobs = [(spec, f) for spec in specs for f in fractions]
     if out is not None and len(jobs) > 1:

@@ -107,8 +107,10 @@ def recalibrate_bn(model: SlimmableMixin, subnet: SubnetLike, batches,
                           f"{type(model).__name__}; a plain model's BatchNorm statistics are re-estimated by "
                           "torch.optim.swa_utils.update_bn(batches, model)")
     if isinstance(batches, torch.Tensor):  # iterating it would feed one image at a time, each refused as 3-d
-        raise SubnetError(f"recalibrate_bn takes an iterable of batches of images, got one tensor of shape "
-                          f"{list(batches.shape)}: pass [images] for one batch, or a DataLoader")
+        from ..models.plain import InputError  # models/ builds on nn/: imported when needed
+
+        raise InputError(f"recalibrate_bn takes an iterable of batches of images, got one tensor of shape "
+                         f"{list(batches.shape)}: pass [images] for one batch, or a DataLoader")
     with model.subnet(subnet) as spec:
         layers = [layer for layer in model.modules() if isinstance(layer, SlimBatchNorm)
                   and (layer.bns is None or spec.name in layer.bns)]  # private: blocks within its depth

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.plain import PlainResNet
 from ..models.resnet import SlimResNet
-from ..nn.spec import SubnetSpec
+from ..nn.spec import SubnetError, SubnetSpec
 
 
 def count_params(model: nn.Module) -> int:
@@ -84,14 +84,20 @@ def profile(model, subnets="all", *, resolution: int | None = None, num_classes:
     exported sub-network's folder (both: at the resolution their config records, unless given)."""
     from ..errors import UsageError
 
+    if not isinstance(latency, bool):
+        raise UsageError(f"latency must be True or False, got {latency!r}")
     if isinstance(model, SlimResNet):
         supernet, recorded = model, None
     elif isinstance(model, (str, Path)):
         from ..checkpoint import load_supernet
         from ..eval.exported import is_export_folder, supernet_of_export
 
-        supernet, cfg = supernet_of_export(model) if is_export_folder(model) else load_supernet(model)
+        exported = is_export_folder(model)
+        supernet, cfg = supernet_of_export(model) if exported else load_supernet(model)
         recorded = cfg.data.resolution
+        if exported and subnets != "all" and supernet.resolve_many(subnets) != list(supernet.menu):
+            raise SubnetError(f"{model} is an export of {supernet.menu.largest.name} alone; profile it with "
+                              f"subnets='all' (or its name), or profile the run it was exported from")
     else:
         raise UsageError(f"profile takes a SlimResNet supernet, a run directory or checkpoint file, or an exported "
                          f"sub-network's folder; got {type(model).__name__}")

@@ -16,9 +16,9 @@ log = logging.getLogger("slimssl")
 
 class TrainingLock:
     """The lock of the one process that trains in ``folder`` (taken here, or a UsageError when another process
-    holds it; ``release()`` it when done, or take it with ``with``): two processes training one run (a job submitted twice, or the workers
-    that a torchrun launcher killed by SIGKILL leaves behind) would write one checkpoint and one log over each
-    other.
+    holds it; ``release()`` it when done, or take it with ``with``): two processes training one run (a job
+    submitted twice, or the workers that a torchrun launcher killed by SIGKILL leaves behind) would write one
+    checkpoint and one log over each other.
 
     A POSIX record lock (``lockf``) of ``.train.lock``: it belongs to the process, so the operating system lets
     go of it the moment the process ends, however it ends (a killed run leaves no stale lock), and its

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,5 +222,7 @@ def progress_bar(start: int, end: int, enabled: bool):
 
     # a log file (no terminal) gets a progress line every 30 s instead of every refresh
     interval = 0.1 if sys.stderr.isatty() else 30.0
-    off = {} if enabled else {"disable": True}  # not given otherwise: tqdm's TQDM_DISABLE=1 still turns it off
-    return tqdm(total=end, initial=start, unit="step", dynamic_ncols=True, leave=True, mininterval=interval, **off)
+    # tqdm's own TQDM_DISABLE, read here: tqdm's notebook bar passes disable=False itself, over the variable
+    off = not enabled or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+    return tqdm(total=end, initial=start, disable=off, unit="step", dynamic_ncols=True, leave=True,
+                mininterval=interval)

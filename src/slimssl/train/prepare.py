@@ -100,14 +100,6 @@ def _prepare_resume(config, out, overrides: list[str]) -> PreparedRun:
     if not last.is_file():
         raise UsageError(_no_run_to_resume(run_dir, last))
     stored = load_checkpoint(last)["config"]
-    if config is not None:  # the run's own config (a notebook passing what it started with) changes nothing
-        diffs = config_differences(stored, absolute_data_source(as_config(config)), ignore=MACHINE_DEPENDENT,
-                                   labels=("saved", "given"))
-        if diffs:
-            raise UsageError("resuming continues with the config saved in the run, and the config given differs "
-                             "from it:\n  " + "\n  ".join(diffs) + "\n"
-                             + ("drop --config (--set, --epochs and --data still apply)" if cli
-                                else "pass config=None (overrides still apply)"))
     if stored.method.registered() is None:  # evaluation and export do without it; training on does not
         raise UsageError(f"{run_dir} was trained with method {stored.method.name!r}, which is not registered here; "
                          "resuming trains it, so register it first: "
@@ -118,6 +110,14 @@ def _prepare_resume(config, out, overrides: list[str]) -> PreparedRun:
     if cfg.data.source != stored.data.source:  # --data given: stored absolute, as for a new run
         cfg = absolute_data_source(cfg)
         refuse_run_in_data(run_dir, cfg.data.source)
+    if config is not None:  # the call that started the run, given again (a notebook, a job script): no change
+        given = absolute_data_source(as_config(config, overrides))
+        diffs = config_differences(cfg, given, ignore=MACHINE_DEPENDENT, labels=("the run's", "given"))
+        if diffs:
+            raise UsageError("resuming continues with the config saved in the run (with the changes given "
+                             "applied), and the config given differs from it:\n  " + "\n  ".join(diffs) + "\n"
+                             + ("drop --config (--set, --epochs and --data still apply)" if cli
+                                else "pass config=None (overrides still apply)"))
     _check_run_config(run_dir, stored, cfg, last)
     changed = config_differences(stored, cfg, ignore=MACHINE_DEPENDENT)
     if changed and dist.is_main():  # the run and its config.yaml take them from here on: say so
