@@ -415,7 +415,7 @@ def test_a_stop_signal_during_an_epochs_checkpoint_stops_the_call(tmp_path, monk
 
 def test_bad_data_met_mid_run_saves_the_steps_trained_in_a_timed_run_too(tmp_path, monkeypatch):
     from slimssl.data.files import DataError
-    from slimssl.reproduce.run import TimedTrainer
+    from slimssl.reproduce.timing import TimedTrainer
     from slimssl.train.loop import Trainer
 
     step_once = Trainer.train_step
@@ -655,3 +655,21 @@ def test_a_setting_a_later_recipe_cannot_train_with_is_refused_before_anything_t
     assert "of cifar10_r18_slimclr_mocov2/slim" in text and "method.shuffle_bn needs" in text
     assert "to divide the per-process batch 64 (e.g. 8, 16, 32)" in text
     assert not any(out.rglob("metrics.jsonl"))  # nothing trained
+
+
+def test_timing_counts_up_to_the_checkpoints_step_and_each_device_once(caplog):
+    from slimssl.reproduce.timing import JobTiming
+
+    timing = JobTiming(pretrain_seconds=10.0, step=8)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        timing.align_to(4, "r/slim")  # an older slimssl counted steps the next call trains again
+    assert (timing.pretrain_seconds, timing.step) == (5.0, 4) and "scaled by 0.500" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        timing.align_to(6, "r/slim")  # saved, never timed: counted as such
+    assert (timing.steps_not_timed, timing.step) == (2, 4) and "are not counted" in caplog.text
+    timing.align_to(4, "r/slim")
+    assert timing.pretrain_seconds == 5.0
+    for device in ("H100", "H100", "CPU"):
+        timing.note_call(device, "torch 2.11")
+    assert (timing.devices, timing.software) == (["H100", "CPU"], ["torch 2.11"])

@@ -20,7 +20,8 @@ from ..report.plot import PlotError, plot_accuracy_vs_macs
 from ..report.table import human
 from . import REPORT_HEADING, REPORT_JSON, REPORT_MD
 from .plan import Job
-from .run import probe_settings, read_timing
+from .run import probe_settings
+from .timing import read_timing
 
 log = logging.getLogger("slimssl")
 
