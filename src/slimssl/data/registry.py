@@ -112,6 +112,17 @@ def recorded_source(source):
     return f"{PREFIX}{name}@{_REGISTERED[name].fingerprint}"
 
 
+def absolute_source(source: str) -> str:
+    """``source`` as a run records it: a registered dataset's name with its fingerprint, an existing relative path
+    made absolute (the same data from any working directory), and anything else as given (a built-in name; a
+    missing path, for its error to name it as given)."""
+    if registered_name(source) is not None:
+        return recorded_source(source)
+    if source in BUILTIN or os.path.isabs(source) or not os.path.exists(os.path.expanduser(source)):
+        return source
+    return os.path.abspath(os.path.expanduser(source))
+
+
 def registered_split(source: str, split: str) -> Split:
     """The images, labels and classes of ``split`` of the registered dataset ``source`` names (not copied): the
     same images as the recorded fingerprint, if it has one."""

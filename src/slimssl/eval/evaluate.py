@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -57,7 +56,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
     A checkpoint trained for ``epoch`` of the run's epochs, before pretraining finished, marks the protocol
     ``unfinished`` there (``mark_unfinished``), so that a report does not read its numbers as the run's final
     ones."""
-    from ..data.files import BUILTIN
+    from ..data.registry import absolute_source
     from .results import merge_results, results_header, run_dir_of, same_data
 
     run_dir = run_dir_of(checkpoint) if save and saves_results(checkpoint) else None
@@ -70,8 +69,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
         log.warning("%s numbers measured on %s, not on the run's own data %s (data.source), replace its %s results "
                     "in %s; --no-save (save=False) keeps other data's numbers out of it", protocol, given,
                     cfg.data.source, protocol, run_dir / RESULTS)
-        if given not in BUILTIN and os.path.exists(os.path.expanduser(given)):  # one spelling of a folder or .zip
-            settings = {**settings, "data": os.path.abspath(os.path.expanduser(given))}
+        settings = {**settings, "data": absolute_source(given)}  # one spelling of a folder or .zip
     path = merge_results(run_dir, values, protocol=protocol, settings=settings,
                          defaults=results_header(run_dir, cfg), trained=(epoch, cfg.train.epochs))
     log.info("merged %s results into %s", protocol, path)

@@ -5,7 +5,6 @@ with the checks that keep one run's files from mixing with another's; and the co
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,8 +17,7 @@ from ..checkpoint import load_checkpoint
 from ..cli_args import on_command_line, shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, config_differences, config_from_dict,
                       find_config, load_config)
-from ..data.files import BUILTIN
-from ..data.registry import in_memory_only, recorded_source, registered_name
+from ..data.registry import absolute_source, in_memory_only
 from ..errors import SlimsslError, UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, TRAINING_LOCK, checkpoint_path
 from ..models.build import as_config
@@ -252,14 +250,9 @@ def absolute_data_source(cfg: Config) -> Config:
     directory (``slimssl knn RUN``, ``--resume``). A missing path stays as given, for the error to name it. A
     registered dataset is recorded with its fingerprint (``registered:NAME@FP``): the same images are needed."""
 
-    source = cfg.data.source
-    path = os.path.expanduser(source)
-    if registered_name(source) is not None:
-        recorded = recorded_source(source)
-    elif source in BUILTIN or not os.path.exists(path) or os.path.isabs(source):
+    recorded = absolute_source(cfg.data.source)
+    if recorded == cfg.data.source:
         return cfg
-    else:
-        recorded = os.path.abspath(path)
     cfg = cfg.model_copy(deep=True)  # never change a Config the caller passed in
     cfg.data.source = recorded
     return cfg
