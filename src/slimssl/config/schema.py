@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from ..data.recipes import RECIPE_CROP_SCALE, RECIPES
 from ..errors import SlimsslError
 from ..launch import DEVICE_PATTERN, DEVICES
 from ..models.resnet import ARCHS, subnet_channels
@@ -36,9 +37,6 @@ Blocks = Annotated[int, Field(ge=1)]  # a stage's residual blocks
 Beta = Annotated[float, Field(ge=0, lt=1)]  # an Adam moment decay
 
 
-# data.crop_scale when unset, per augmentation recipe: MoCo v2's aug_plus crops 20-100% of the area, BYOL and
-# MoCo v3 8-100% (torchvision's default)
-RECIPE_CROP_SCALE = {"byol": (0.08, 1.0), "mocov2": (0.2, 1.0), "mocov3": (0.08, 1.0)}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # data.mean and data.std by default
 
 
@@ -335,7 +333,7 @@ class DataConfig(Section):
     source: str = Field("digits", description="the dataset: digits, cifar10, cifar100, fake, a registered name, "
                         "or the path of an ImageFolder tree or a .zip of one (what --data sets)")
     resolution: int = Field(32, gt=0, description="side of the training views and evaluation images, in pixels")
-    augment: Literal["byol", "mocov2", "mocov3"] | None = Field(None, description="default: the method's")
+    augment: Literal[RECIPES] | None = Field(None, description="default: the method's")  # type: ignore[valid-type]
     crop_scale: tuple[float, float] | None = Field(
         None, description="random resized crop area range (min, max), 0 < min <= max <= 1; default: the augmentation "
         "recipe's (MoCo v2: 0.2-1; BYOL and MoCo v3: 0.08-1)")

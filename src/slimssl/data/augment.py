@@ -26,28 +26,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import IMAGENET_MEAN, IMAGENET_STD, RECIPE_CROP_SCALE, ConfigError
+from ..config import IMAGENET_MEAN, IMAGENET_STD, ConfigError
 from .decode import center_offsets, resized_size
-
-RECIPES = tuple(RECIPE_CROP_SCALE)
+from .recipes import RECIPE_VIEWS, RECIPES, ViewRecipe  # noqa: F401  (ViewRecipe, RECIPES: importable here too)
 _CROP_TRIES = 10  # candidate boxes per sample, as torchvision's RandomResizedCrop
 _GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-
-
-@dataclass(frozen=True)
-class ViewRecipe:
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
 
 
 def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = None,
@@ -63,14 +46,9 @@ def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = 
     crop scale (0.2, 1) as MoCo v2's ``aug_plus``. By default blur is disabled at ``resolution <= 64``
     (CIFAR-like), as is usual for small images where a ~10% kernel is a 1-3 px box.
     """
-    if name not in RECIPE_CROP_SCALE:
+    if name not in RECIPE_VIEWS:
         raise ConfigError(f"unknown augmentation recipe {name!r}; known: {', '.join(RECIPES)}")
-    if name in ("byol", "mocov3"):
-        base = ViewRecipe(crop_scale=RECIPE_CROP_SCALE[name], saturation=0.2)
-        views = (replace(base, blur_p=1.0), replace(base, blur_p=0.1, solarize_p=0.2))
-    else:
-        view = ViewRecipe(crop_scale=RECIPE_CROP_SCALE[name], saturation=0.4, blur_p=0.5)
-        views = (view, view)
+    views = RECIPE_VIEWS[name]
     if not (resolution > 64 if blur is None else blur):
         views = tuple(replace(v, blur_p=0.0) for v in views)
     if crop_scale is not None:

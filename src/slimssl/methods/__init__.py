@@ -36,7 +36,7 @@ def register_method(cls: M) -> M:
     Registering a class again under its name replaces the earlier definition (a notebook cell run twice);
     a name taken by another class is an error.
     """
-    from ..data.augment import RECIPES
+    from ..data.recipes import RECIPES
 
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise ExtensionError(f"register_method takes a subclass of slimssl.methods.Method, got {cls!r}")
