@@ -141,6 +141,23 @@ def test_profile_in_python_gives_the_rows_of_the_command(tmp_path, capsys):
         slimssl.profile(supernet, resolution=8, latency="no")
 
 
+def test_an_export_is_evaluated_at_its_own_width_alone(tmp_path, capsys, caplog):
+    """Its rebuilt supernet holds the export's weights alone: another width would be a network of untrained
+    weights under a real sub-network's name."""
+    data = str(image_splits(tmp_path / "images"))
+    make_checkpoint(tmp_path / "in.pt")
+    (exported,) = slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", "0.5", data=data)
+    for protocol in (slimssl.knn, slimssl.linear_probe):
+        with pytest.raises(slimssl.SubnetError, match=r"sub-network w1p0_d1-1-1-1: .* is an export of "
+                                                      r"w0p5_d1-1-1-1 alone"):
+            protocol(exported["path"], [0.5, 1.0], data=data, device="cpu")
+    with pytest.raises(slimssl.SubnetError, match="is an export of w0p5_d1-1-1-1 alone"):
+        slimssl.finetune(exported["path"], 0.25, 0.5, data=data, device="cpu")
+    assert main(["knn", exported["path"], "--data", data, "--subnet", "1.0", "--device", "cpu"]) == 2
+    assert "is an export of w0p5_d1-1-1-1 alone" in capsys.readouterr().err + caplog.text
+    assert [row["subnet"] for row in slimssl.knn(exported["path"], 0.5, data=data, device="cpu")] == ["w0p5_d1-1-1-1"]
+
+
 def test_an_export_is_fine_tuned_without_naming_its_one_sub_network(tmp_path, capsys):
     data = str(image_splits(tmp_path / "images"))
     make_checkpoint(tmp_path / "in.pt")

@@ -179,4 +179,18 @@ def _new_checkpoint_file(out: str | Path, checkpoint: str | Path) -> Path:
     if _is_checkpoints_folder(out.resolve().parent):  # any run's: its last.pt, or an epoch it may be evaluated at
         raise UsageError(f"out (--out) {out} is in a run's {CHECKPOINTS} folder, whose files are that run's own; "
                          "write the recalibrated checkpoint outside it (e.g. recalibrated_w0p5.pt)")
+    if out.exists() and not _written_by_recalibrate(out):  # replaced only where it is an earlier recalibration
+        raise UsageError(f"out (--out) {out} exists and is not a checkpoint that recalibrate wrote; it would be "
+                         "overwritten: choose a new file, or remove it first")
     return out
+
+
+def _written_by_recalibrate(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint that recalibrate wrote (read without its tensors)."""
+    from ..checkpoint import FORMAT
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not a checkpoint at all
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT and bool(data.get("recalibrated"))

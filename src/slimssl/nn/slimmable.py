@@ -27,6 +27,9 @@ class SlimmableMixin:
     """Scoped activation of a sub-network for a model that owns a :class:`SlimState`."""
 
     slim_state: SlimState
+    # why only the menu's entries run, where that is so with shared BatchNorm too (an export rebuilt as a supernet
+    # holds the weights of its one entry alone); None: any width and depth runs
+    menu_only: str | None = None
 
     def resolve(self, subnet: SubnetLike | None) -> SubnetSpec:
         """Turn a spec, its text or a width (``0.5``: full depth) into a spec this model can run, or raise a
@@ -41,6 +44,8 @@ class SlimmableMixin:
                               "BatchNorm (model.bn: private) only the menu's entries have BatchNorm layers, made and "
                               "trained for each; pick one of them, or pretrain with model.bn: shared, where any width "
                               "and depth runs once its statistics are re-estimated")
+        if self.menu_only is not None and subnet not in state.menu:
+            raise SubnetError(f"sub-network {subnet.name}: {self.menu_only}")
         return subnet
 
     def resolve_many(self, subnets: Subnets) -> list[SubnetSpec]:

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.plain import PlainResNet
 from ..models.resnet import SlimResNet
-from ..nn.spec import SubnetError, SubnetSpec
+from ..nn.spec import SubnetSpec
 
 
 def count_params(model: nn.Module) -> int:
@@ -92,12 +92,8 @@ def profile(model, subnets="all", *, resolution: int | None = None, num_classes:
         from ..checkpoint import load_supernet
         from ..eval.exported import is_export_folder, supernet_of_export
 
-        exported = is_export_folder(model)
-        supernet, cfg = supernet_of_export(model) if exported else load_supernet(model)
+        supernet, cfg = supernet_of_export(model) if is_export_folder(model) else load_supernet(model)
         recorded = cfg.data.resolution
-        if exported and subnets != "all" and supernet.resolve_many(subnets) != list(supernet.menu):
-            raise SubnetError(f"{model} is an export of {supernet.menu.largest.name} alone; profile it with "
-                              f"subnets='all' (or its name), or profile the run it was exported from")
     else:
         raise UsageError(f"profile takes a SlimResNet supernet, a run directory or checkpoint file, or an exported "
                          f"sub-network's folder; got {type(model).__name__}")
