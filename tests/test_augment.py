@@ -128,8 +128,8 @@ def test_equal_view_changes_are_one_setting(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.views=[{brightnes: 0.8}]", r"data.views.0.brightnes: unknown key \[from overrides=\] \(allowed here: "
-                                      r"crop_ratio, jitter_p, brightness"),
+    ("data.views=[{brightnes: 0.8}]", r"data.views.0.brightnes: unknown key \[from overrides=\] \(did you mean "
+                                      r"data.views.0.brightness\?\) \(allowed here: crop_ratio, jitter_p, brightness"),
     ("data.views=[{}, {blur_sigma: [2, 1]}]", r"data.views.1.blur_sigma: must be \(min, max\) with min <= max"),
     ("data.views=[{}, {}, {}]", r"data.views: List should have at most 2 items"),
     ("data.views={hue: 0.9}", r"data.views.0.hue: Input should be less than or equal to 0.5"),

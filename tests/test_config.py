@@ -256,7 +256,7 @@ def test_errors_caused_by_set_say_so():
         load_config("demo", ["model.nosuch=1", "train.epochs=0", "trian.epochs=5"])
     lines = str(err.value).splitlines()
     assert any("model.nosuch: unknown key [from overrides=]" in line for line in lines)
-    assert any("trian: unknown key [from overrides=]" in line for line in lines)  # a misspelt section
+    assert any("trian: unknown key [from overrides=] (did you mean train?)" in line for line in lines)  # a section
     assert any(line.strip().startswith("train.epochs") and "[from overrides=]" in line for line in lines)
 
 

@@ -4,6 +4,7 @@ errors turned into one :class:`ConfigError` that names the file and the key."""
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from collections.abc import Sequence
 from importlib import resources
@@ -114,8 +115,10 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str], file_v
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         by_set = from_set(key)
         if e["type"] == "extra_forbidden":
-            allowed = ", ".join(_section_at(e["loc"][:-1]).model_fields)
-            lines.append(f"  {key}: unknown key{by_set} (allowed here: {allowed})")
+            fields = list(_section_at(e["loc"][:-1]).model_fields)
+            close = difflib.get_close_matches(str(e["loc"][-1]), fields, n=1)
+            hint = f" (did you mean {'.'.join([*map(str, e['loc'][:-1]), close[0]])}?)" if close else ""
+            lines.append(f"  {key}: unknown key{by_set}{hint} (allowed here: {', '.join(fields)})")
         elif e["type"] == "value_error":  # a check of a section, or across sections (the menu against the model)
             message = e["msg"].removeprefix("Value error, ")
             named = message.partition(": ")[0]  # these messages begin with the key they are about
@@ -124,7 +127,7 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str], file_v
             lines.append(f"  {message}" + (from_set(named) if re.fullmatch(r"[\w.]+", named) else ""))
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
-    if file_valid or all(line.endswith(marker) or f"{marker} (allowed here" in line for line in lines):
+    if file_valid or all(marker in line for line in lines):
         # the file is fine: its name first would make it sound damaged
         # (pretrain's --data, --epochs, --batch-size and --device are overrides too)
         given = "--set (or --data, --epochs, --batch-size, --device)" if on_command_line() else "overrides="
