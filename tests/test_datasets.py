@@ -663,3 +663,13 @@ def test_utf8_names_of_a_zip_without_the_utf8_flag_are_read_as_utf8(tmp_path):
     assert not any(info.flag_bits & 0x800 for info in zipfile.ZipFile(archive).infolist())
     ds = load_dataset(str(archive))
     assert ds.classes == ["cat", name] and ds.labels.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("files, what", [(("config.yaml", "checkpoints/last.pt"), "is a run directory"),
+                                         (("config.json", "model.safetensors"), "is an exported sub-network")])
+def test_a_run_or_an_export_given_as_data_is_said_to_be_one(tmp_path, files, what):
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(DataError, match=f"{what}.*, not a dataset; expected a folder or .zip of images"):
+        load_dataset(str(tmp_path), "train")

@@ -158,6 +158,14 @@ def test_an_export_is_evaluated_at_its_own_width_alone(tmp_path, capsys, caplog)
     assert [row["subnet"] for row in slimssl.knn(exported["path"], 0.5, data=data, device="cpu")] == ["w0p5_d1-1-1-1"]
 
 
+def test_report_of_an_export_says_it_is_one(tmp_path, capsys, caplog):
+    make_checkpoint(tmp_path / "in.pt")
+    (exported,) = slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", "0.5")
+    assert main(["report", exported["path"]]) == 2
+    assert "is an exported sub-network, which keeps no results: measure it with slimssl knn" in \
+        capsys.readouterr().err + caplog.text
+
+
 def test_an_export_is_fine_tuned_without_naming_its_one_sub_network(tmp_path, capsys):
     data = str(image_splits(tmp_path / "images"))
     make_checkpoint(tmp_path / "in.pt")

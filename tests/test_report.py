@@ -150,9 +150,10 @@ def test_plot_needs_matplotlib(tmp_path, monkeypatch):
 def test_grad_norm_plot(tmp_path, capsys, caplog):
     dirs, _ = write_runs(tmp_path)
     out = tmp_path / "grad.png"
-    assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 2  # no metrics.jsonl yet
-    assert "--set train.grad_diagnostics_every=N" in caplog.text  # says how to get the records
-    assert not out.exists()
+    assert main(["report", str(dirs[0]), "--plot-grad", str(out), "--json"]) == 2  # no metrics.jsonl yet
+    said = capsys.readouterr()
+    assert "--set train.grad_diagnostics_every=N" in said.err + caplog.text  # says how to get the records
+    assert not out.exists() and said.out == ""  # refused before the report: no output that looks complete
     records = [{"step": s, "loss": 1.0, "grad_norm": {"w1p0_d1-1-1-1": {"shared": 1.0 + s, "rest": 0.5},
                                                       "w0p5_d1-1-1-1": {"shared": 2.0, "rest": 0.1}}}
                for s in range(0, 50, 10)]
@@ -163,6 +164,13 @@ def test_grad_norm_plot(tmp_path, capsys, caplog):
     assert series["w0p5_d1-1-1-1"]["rest"] == [0.1] * 5
     assert main(["report", str(dirs[0]), "--plot-grad", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG
+
+
+def test_plot_options_without_a_plot_are_said_to_change_nothing(tmp_path, capsys, caplog):
+    dirs, _ = write_runs(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["report", str(dirs[0]), "--metric", "linear_top1", "--join-singles", "alone"]) == 0
+    assert "--metric and --join-singles change only what --plot draws, and no --plot was given" in caplog.text
 
 
 def test_runs_of_one_recipe_are_told_apart_by_their_folders(tmp_path, capsys, monkeypatch):

@@ -91,6 +91,19 @@ def _has_image_extension(rel: str) -> bool:
     return rel.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _refuse_run_or_export(path: str) -> None:
+    """A run directory or an exported sub-network given as data (two paths swapped on a command line): said as
+    what it is, rather than read as a dataset of its few files."""
+    from ..layout import CHECKPOINTS, CONFIG
+
+    if os.path.isdir(os.path.join(path, CHECKPOINTS)) and os.path.isfile(os.path.join(path, CONFIG)):
+        raise DataError(f"{path} is a run directory (it holds {CONFIG} and {CHECKPOINTS}/), not a dataset; expected "
+                        "a folder or .zip of images, or a dataset's name")
+    if os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(os.path.join(path, "config.json")):
+        raise DataError(f"{path} is an exported sub-network, not a dataset; expected a folder or .zip of images, "
+                        "or a dataset's name")
+
+
 def _scan_dir(root: str) -> FileTree:
     files: dict[str, None] = {}
     dirs: set[str] = set()
@@ -381,6 +394,7 @@ def scan_tree(path: str, offsets: bool = False) -> FileTree:
 
 def _scan_tree(path: str, offsets: bool) -> FileTree:
     if os.path.isdir(path):
+        _refuse_run_or_export(path)
         tree = _unwrapped(_scan_dir(path))
     elif zipfile.is_zipfile(path):
         tree = open_zip(path, offsets)

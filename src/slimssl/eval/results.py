@@ -83,6 +83,10 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
         if (run_dir / REPORT_JSON).is_file():  # the folder of `slimssl reproduce --out`, not a run
             raise ResultsError(f"{run_dir} holds a reproduction, whose runs are its sub-folders: read "
                                f"{run_dir / REPORT_MD}, or report its runs ({run_dir}/<recipe>/*)")
+        if (run_dir / "model.safetensors").is_file() and (run_dir / "config.json").is_file():
+            raise ResultsError(f"{run_dir} is an exported sub-network, which keeps no results: measure it with "
+                               f"slimssl knn {run_dir} --data DATA (or linear, finetune; profile needs no data), or "
+                               "report the run it was exported from")
         raise ResultsError(f"{path} does not exist; a run directory gets results.json at the end of pretraining "
                            "(or from 'slimssl knn RUN_DIR')")
     try:

@@ -8,10 +8,12 @@ import logging
 from pathlib import Path
 
 from ..cli_args import emit, output_file
+from ..errors import UsageError
 
 log = logging.getLogger("slimssl")
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")  # formats matplotlib writes without extra packages
+DEFAULT_METRIC = "knn_top1"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -24,22 +26,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     if apart:
         log.warning("these runs were measured with other settings, so their numbers do not compare: %s",
                     "; ".join(apart))
+    unused = [flag for flag, value in (("--metric", args.metric), ("--join-singles", args.join_singles)) if value]
+    if unused and not args.plot:
+        log.warning("%s %s only what --plot draws, and no --plot was given", " and ".join(unused),
+                    "change" if len(unused) > 1 else "changes")
+    series = {r["run"]: grad_norm_series(d) for r, d in zip(results, run_dirs)} if args.plot_grad else {}
+    if args.plot_grad and not any(series.values()):  # refused before anything is drawn or printed
+        raise UsageError(f"--plot-grad: no record with 'grad_norm' in metrics.jsonl of "
+                         f"{', '.join(map(str, run_dirs))}; pretraining logs the gradient diagnostic only when "
+                         "asked: --set train.grad_diagnostics_every=N")
     if args.plot:
-        plot_accuracy_vs_macs(results, args.metric, args.plot, join_singles=args.join_singles)
-        log.info("wrote %s (%s against MACs)", args.plot, args.metric)
-    status = 0
+        metric = args.metric or DEFAULT_METRIC
+        plot_accuracy_vs_macs(results, metric, args.plot, join_singles=args.join_singles)
+        log.info("wrote %s (%s against MACs)", args.plot, metric)
     if args.plot_grad:
-        series = {r["run"]: grad_norm_series(d) for r, d in zip(results, run_dirs)}  # labels are unique
-        if any(series.values()):
-            plot_grad_norms(series, args.plot_grad)
-            log.info("wrote %s (gradient norms)", args.plot_grad)
-        else:
-            log.error("--plot-grad: no record with 'grad_norm' in metrics.jsonl of %s; pretraining logs the gradient "
-                      "diagnostic only when asked: --set train.grad_diagnostics_every=N",
-                      ", ".join(map(str, run_dirs)))
-            status = 2  # as for any other input that cannot be used
+        plot_grad_norms(series, args.plot_grad)  # labels are unique
+        log.info("wrote %s (gradient norms)", args.plot_grad)
     emit(args, results, report_markdown(results))
-    return status
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,8 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run directories (holding results.json): one table each, in this order")
     p.add_argument("--plot", type=output_file(*PLOT_SUFFIXES), metavar="FILE.png",
                    help="accuracy against MACs, one line per run (.png, .pdf or .svg)")
-    p.add_argument("--metric", default="knn_top1",
-                   help="what --plot draws: knn_top1, linear_top1, finetune_1pct_top1, ... (default knn_top1)")
+    p.add_argument("--metric",
+                   help=f"what --plot draws: knn_top1, linear_top1, finetune_1pct_top1, ... (default {DEFAULT_METRIC})")
     p.add_argument("--join-singles", metavar="LABEL",
                    help="draw runs with a single sub-network (pretrained one by one) as one line named LABEL")
     p.add_argument("--plot-grad", type=output_file(*PLOT_SUFFIXES), metavar="FILE.png",
