@@ -101,7 +101,8 @@ def test_a_balanced_subset_takes_at_most_the_smallest_class(caplog):
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         chosen = balanced_subset(labels, 0.5)
     assert torch.bincount(labels[chosen]).tolist() == [2, 2]
-    assert "asks for 13 examples per class; the smallest class has 2" in caplog.text
+    assert "asks for 13 examples per class; the smallest class has 2, so 2 of each class are used (4 images, " \
+           "0.0769 of the split)" in caplog.text
 
 
 def test_the_fine_tuning_recipe_follows_the_label_fraction():

@@ -71,9 +71,10 @@ def balanced_subset(labels: torch.Tensor, fraction: float, seed: int = 0) -> tor
         log.warning("label fraction %g of %d images in %d classes is less than one image per class: one of each "
                     "class is used (%d images, %.3g of the split)", fraction, len(labels), len(classes),
                     len(classes), len(classes) / len(labels))
-    if per_class > smallest:
-        log.warning("label fraction %g asks for %d examples per class; the smallest class has %d",
-                    fraction, per_class, smallest)
+    if per_class > smallest:  # every class gets as many as the smallest has: fewer labels than asked
+        log.warning("label fraction %g asks for %d examples per class; the smallest class has %d, so %d of each "
+                    "class are used (%d images, %.3g of the split)", fraction, per_class, smallest, smallest,
+                    smallest * len(classes), smallest * len(classes) / len(labels))
         per_class = smallest
     gen = torch.Generator().manual_seed(int(seed))
     chosen = []
