@@ -347,3 +347,18 @@ def test_auto_resume_needs_a_run_directory_and_excludes_resume(tmp_path, config,
         main(["pretrain", "--resume", str(tmp_path / "run"), "--auto-resume"])
     assert refused.value.code == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_or_an_export_is_not_made_inside_another_run(tmp_path, saved_run, config, capsys, caplog):
+    """A run's checkpoints/ folder (or any folder of it) given as --out would mix two runs' files."""
+    before = sorted(p.relative_to(saved_run) for p in saved_run.rglob("*"))
+    for inside in (saved_run / "checkpoints", saved_run / "mine"):
+        assert main(["pretrain", "--config", str(config), "--out", str(inside)]) == 2
+        assert f"is inside the run {saved_run.resolve()}, whose files are that run's own; choose an --out " \
+               "outside it" in error_text(capsys, caplog)
+        caplog.clear()
+    for out, said in ((saved_run, "is a run directory"), (saved_run / "checkpoints", "is inside the run")):
+        assert main(["export", str(saved_run), "--all", "--out", str(out)]) == 2
+        assert said in error_text(capsys, caplog) and "export to a folder outside it" in error_text(capsys, caplog)
+    assert sorted(p.relative_to(saved_run) for p in saved_run.rglob("*")) == before
+

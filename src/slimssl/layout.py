@@ -35,3 +35,15 @@ def checkpoint_file(checkpoint: str | Path) -> Path:
     """The file a command given ``checkpoint`` reads: a run directory stands for its checkpoints/last.pt."""
     path = Path(checkpoint)
     return checkpoint_path(path) if path.is_dir() else path
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a run: its last checkpoint, or its config.yaml beside its checkpoints (or results)."""
+    path = Path(path)
+    return checkpoint_path(path).is_file() or (path / CONFIG).is_file() and (
+        (path / CHECKPOINTS).is_dir() or (path / RESULTS).is_file())
+
+
+def enclosing_run(path: str | Path) -> Path | None:
+    """The run directory that ``path`` lies inside (``path`` itself not counted), or None."""
+    return next((parent for parent in Path(path).resolve().parents if is_run_dir(parent)), None)
