@@ -324,6 +324,10 @@ def test_cli_profile_demo_with_latency(capsys):
     assert all(r["latency_ms"] > 0 for r in rows)
     assert rows[0]["latency_settings"] == {"runs": 10, "warmup": 3, "batch": 1, "threads": torch.get_num_threads()}
     assert all(r["resolution"] == load_config("demo").data.resolution for r in rows)
+    threads = torch.get_num_threads() + 1  # not the current count, whatever it is
+    assert main(["profile", "--config", "demo", "--json", "--threads", str(threads)]) == 0
+    assert {r["latency_settings"]["threads"] for r in json.loads(capsys.readouterr().out)} == {threads}
+    assert torch.get_num_threads() == rows[0]["latency_settings"]["threads"]  # given back as it was
 
 
 # ---- config -------------------------------------------------------------------------------------------

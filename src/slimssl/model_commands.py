@@ -115,7 +115,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         supernet, config = _supernet_from_args(args)[:2]
     resolution = args.resolution or config.data.resolution
-    rows = profile(supernet, resolution=resolution, num_classes=args.num_classes, latency=not args.no_latency)
+    rows = profile(supernet, resolution=resolution, num_classes=args.num_classes, latency=not args.no_latency,
+                   threads=args.threads)
     for row in rows:
         row.update(resolution=resolution, num_classes=args.num_classes)
     timed = bool(rows) and "latency_ms" in rows[0]
@@ -224,6 +225,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resolution", type=positive_int, help="input size (default: the config's)")
     p.add_argument("--num-classes", type=nonnegative_int, default=0, help="count a K-way classifier too (papers use 1000)")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads of the latency measurement (default: torch's; 1 reads steadier on a busy machine)")
     p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")
     p.set_defaults(func=cmd_profile)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -58,27 +59,42 @@ def plain_with_head(supernet: SlimResNet, spec: SubnetSpec, num_classes: int) ->
 
 def profile_supernet(supernet: SlimResNet, resolution: int, num_classes: int = 0,
                      latency: bool = True, runs: int = LATENCY_RUNS,
-                     specs: Sequence[SubnetSpec] | None = None) -> list[dict]:
+                     specs: Sequence[SubnetSpec] | None = None, threads: int | None = None) -> list[dict]:
     """One row per sub-network of ``specs`` (default: the menu): subnet, params, macs, and latency_ms (CPU,
-    batch 1) when asked, with how it was measured (``latency_settings``: runs, warm-up runs, batch, threads)."""
+    batch 1) when asked, on ``threads`` CPU threads (default: torch's), with how it was measured
+    (``latency_settings``: runs, warm-up runs, batch, threads)."""
     rows = []
     for spec in (supernet.menu if specs is None else specs):
         plain = plain_with_head(supernet, spec, num_classes)
         row = {"subnet": spec.name, "width": spec.width, "depths": list(spec.depths),
                "params": count_params(plain), "macs": count_macs(plain, resolution)}
         if latency:
-            row["latency_ms"] = round(cpu_latency_ms(plain, resolution, runs=runs), 3)
-            row["latency_settings"] = {"runs": runs, "warmup": LATENCY_WARMUP, "batch": 1,
-                                       "threads": torch.get_num_threads()}
+            with torch_threads(threads):
+                row["latency_ms"] = round(cpu_latency_ms(plain, resolution, runs=runs), 3)
+                row["latency_settings"] = {"runs": runs, "warmup": LATENCY_WARMUP, "batch": 1,
+                                           "threads": torch.get_num_threads()}
         rows.append(row)
     return rows
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` within the block (None: as they are)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def profile(model, subnets="all", *, resolution: int | None = None, num_classes: int = 0,
-            latency: bool = False) -> list[dict]:
+            latency: bool = False, threads: int | None = None) -> list[dict]:
     """What ``slimssl profile`` prints, from Python: one row per sub-network (``subnets``: a width or name, a
     list, or ``"all"``, the menu) with its params and MACs at ``resolution`` (backbone only; ``num_classes``
-    counts a classifier too, as the papers do), and its CPU latency at batch 1 with ``latency=True``.
+    counts a classifier too, as the papers do), and its CPU latency at batch 1 with ``latency=True``, on
+    ``threads`` CPU threads (default: torch's; 1 reads steadier on a machine busy with other work).
 
     ``model`` is a supernet in memory (``resolution`` then needed), a run directory or checkpoint file, or an
     exported sub-network's folder (both: at the resolution their config records, unless given)."""
@@ -100,7 +116,9 @@ def profile(model, subnets="all", *, resolution: int | None = None, num_classes:
     resolution = resolution if resolution is not None else recorded
     if resolution is None:
         raise UsageError("profile of a supernet in memory needs resolution=, the side of the square images it costs")
-    for name, value, least in (("resolution", resolution, 1), ("num_classes", num_classes, 0)):
+    for name, value, least in (("resolution", resolution, 1), ("num_classes", num_classes, 0),
+                               ("threads", 1 if threads is None else threads, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UsageError(f"{name} must be a whole number >= {least}, got {value!r}")
-    return profile_supernet(supernet, resolution, num_classes, latency=latency, specs=supernet.resolve_many(subnets))
+    return profile_supernet(supernet, resolution, num_classes, latency=latency, specs=supernet.resolve_many(subnets),
+                            threads=threads)
