@@ -406,7 +406,7 @@ def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys, cap
     make_checkpoint(tmp_path / "in.pt", bn="shared")
     row = slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "api.pt", batches=2, seed=3,
                                          device="cpu", eval_batch_size=4)
-    assert row == {"subnet": "w0p5_d1-1-1-1", "batches": 2, "batches_read": 2, "batch_size": 4,
+    assert row == {"subnet": "w0p5_d1-1-1-1", "batches": 2, "batches_read": 2, "batch_size": 4, "images_read": 8,
                    "out": str(tmp_path / "api.pt")}
     capsys.readouterr()
     caplog.clear()
@@ -414,7 +414,7 @@ def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys, cap
     assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.5", "--batches", "2", "--seed", "3",
                  "--out", str(tmp_path / "cli.pt"), "--device", "cpu", "--eval-batch-size", "4"]) == 0
     said = capsys.readouterr()
-    assert f"of w0p5_d1-1-1-1 on 2 batches of 4 -> {tmp_path / 'cli.pt'}" in said.out
+    assert f"of w0p5_d1-1-1-1 on 2 batch(es) of 4 (8 images) -> {tmp_path / 'cli.pt'}" in said.out
     assert "wrote" not in caplog.text  # said once, not again as a log line
     # more batches than the train split holds: what was read is said and recorded, beside what was asked
     many = slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "many.pt", batches=10_000,
@@ -422,7 +422,10 @@ def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys, cap
     from slimssl.data.datasets import load_dataset
 
     images = len(load_dataset("fake", fake_size=load_checkpoint(tmp_path / "in.pt")["config"].data.fake_size))
-    assert (many["batches"], many["batches_read"]) == (10_000, images // 4)
+    assert (many["batches"], many["batches_read"], many["images_read"]) == (10_000, images // 4, images // 4 * 4)
+    whole = slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "whole.pt", batches=1, device="cpu",
+                                           eval_batch_size=10 * images)  # a batch larger than the split
+    assert (whole["batches_read"], whole["images_read"]) == (1, images)
     assert load_checkpoint(tmp_path / "many.pt")["recalibrated"]["batches_read"] == images // 4
     assert f"BatchNorm recalibration reads {images // 4} batch(es) of 4, not 10000" in caplog.text
     api, cli = load_checkpoint(tmp_path / "api.pt"), load_checkpoint(tmp_path / "cli.pt")

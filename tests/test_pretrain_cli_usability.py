@@ -354,11 +354,36 @@ def test_a_run_or_an_export_is_not_made_inside_another_run(tmp_path, saved_run, 
     before = sorted(p.relative_to(saved_run) for p in saved_run.rglob("*"))
     for inside in (saved_run / "checkpoints", saved_run / "mine"):
         assert main(["pretrain", "--config", str(config), "--out", str(inside)]) == 2
-        assert f"is inside the run {saved_run.resolve()}, whose files are that run's own; choose an --out " \
-               "outside it" in error_text(capsys, caplog)
+        assert f"is inside the run {saved_run.resolve()} (checkpoints/last.pt), whose files are that run's own; " \
+               "choose an --out outside it" in error_text(capsys, caplog)
         caplog.clear()
     for out, said in ((saved_run, "is a run directory"), (saved_run / "checkpoints", "is inside the run")):
         assert main(["export", str(saved_run), "--all", "--out", str(out)]) == 2
         assert said in error_text(capsys, caplog) and "export to a folder outside it" in error_text(capsys, caplog)
     assert sorted(p.relative_to(saved_run) for p in saved_run.rglob("*")) == before
+
+
+def test_what_marks_a_folder_as_a_run(tmp_path):
+    """A project of one's own may hold a config.yaml and a checkpoints/ folder: no run. A run in its first epoch
+    has no checkpoint yet, but its config.yaml and its lock or metrics."""
+    from slimssl.layout import enclosing_run, is_run_dir, run_markers
+
+    project = tmp_path / "project"
+    (project / "checkpoints").mkdir(parents=True)
+    (project / "config.yaml").write_text("lr: 0.1\n")
+    assert not is_run_dir(project) and enclosing_run(project / "runs" / "a") is None
+    (project / "results.json").write_text("{}")
+    assert run_markers(project) == ["config.yaml", "results.json"]
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    (starting / "config.yaml").write_text("name: demo\n")
+    (starting / ".train.lock").write_text("")
+    assert is_run_dir(starting) and enclosing_run(starting / "nested") == starting.resolve()
+
+
+def test_fine_tuned_models_may_be_kept_inside_the_run(tmp_path, saved_run, capsys):
+    """--save-models RUN/models was accepted before the inside-a-run refusals, which are for new runs and exports."""
+    assert main(["finetune", str(saved_run), "--subnet", "0.5", "--label-fraction", "0.5", "--epochs", "1",
+                 "--device", "cpu", "--save-models", str(saved_run / "models")]) == 0
+    assert (saved_run / "models" / "w0p5_d1-1-1-1_50pct_seed0" / "model.safetensors").is_file()
 

@@ -19,7 +19,7 @@ from . import __version__
 from .atomic import atomic_write, remove_temporaries
 from .cli_args import shell_quote
 from .errors import SlimsslError
-from .layout import CHECKPOINTS, enclosing_run, is_run_dir
+from .layout import CHECKPOINTS, enclosing_run, is_run_dir, run_markers
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
 from .nn.modes import eval_mode
@@ -85,7 +85,7 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
     resolution = resolution or recorded or 224  # the graph is traced at the size the export expects
     check_format(fmt)  # before anything is written
     spec = supernet.resolve(subnet)
-    check_export_out(out_dir, "a folder, in which each sub-network gets a folder of its own")
+    _refuse_file_name(Path(out_dir), "a folder, in which each sub-network gets a folder of its own")
     check_export_folder(Path(out_dir) / spec.name, (metadata or {}).get("source"), overwrite)
     if check_bn_statistics and not supernet.bn_statistics_estimated(spec):
         log.warning("%s is exported with shared BatchNorm statistics that were not estimated for it (they mix the "
@@ -138,7 +138,7 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     longer match. An export of another source
     in ``folder`` is replaced only with ``overwrite`` (:func:`check_export_folder`); saving a loaded export back
     where it came from, after training it further, keeps its source and needs none."""
-    check_export_out(folder, f"a folder, which gets {CONFIG} and {WEIGHTS}")
+    _refuse_file_name(Path(folder), f"a folder, which gets {CONFIG} and {WEIGHTS}")
     source = (metadata or {}).get("source", getattr(model, "metadata", {}).get("source"))
     check_export_folder(folder, source, overwrite)
     folder = _write_export(model, Path(folder), metadata)
@@ -146,17 +146,22 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     return folder
 
 
-def check_export_out(folder: str | Path, expected: str) -> None:
-    """Refuse an output folder that cannot be meant: one named like a model file (``--out model.safetensors``),
-    or a run directory or a folder inside one (its checkpoints/), whose files are that run's own."""
-    folder = Path(folder)
+def _refuse_file_name(folder: Path, expected: str) -> None:
+    """A new export folder named like a model file (``--out model.safetensors``) is a slip: refused."""
     if not folder.exists() and folder.suffix.lower() in (".safetensors", ".onnx", ".pt2", ".pt", ".pth", ".bin"):
         raise ExportError(f"{folder} is named like a file, and an export is written into {expected}: give a "
                           f"folder name (e.g. {folder.with_suffix('')})")
+
+
+def refuse_run_folder(folder: str | Path) -> None:
+    """``slimssl export --out`` that is a run directory or a folder inside one (its checkpoints/, say), whose
+    files are that run's own: refused before any work."""
+    folder = Path(folder)
     run = folder if is_run_dir(folder) else enclosing_run(folder)
     if run is not None:
-        raise ExportError(f"{folder} is {'a run directory' if run == folder else f'inside the run {run}'}, whose "
-                          "files are that run's own; export to a folder outside it")
+        where = "a run directory" if run == folder else f"inside the run {run}"
+        raise ExportError(f"{folder} is {where} ({', '.join(run_markers(run))}), whose files are that run's own; "
+                          "export to a folder outside it")
 
 
 def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Path:

@@ -14,8 +14,8 @@ from .checkpoint import OpenedSupernet, open_checkpoint, pretraining_unfinished
 from .config import Config
 from .data.files import DataError
 from .errors import UsageError
-from .export import (GRAPHS, check_export_folder, check_export_out, check_format, export_differences, export_subnet,
-                     load_exported, preprocessing)
+from .export import (GRAPHS, check_export_folder, check_format, export_differences, export_subnet,
+                     load_exported, preprocessing, refuse_run_folder)
 from .launch import warn_of_repeated_work
 from .models.resnet import SlimResNet
 from .nn.spec import SubnetSpec, Subnets
@@ -97,7 +97,7 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
                     checkpoint, trained["trained_epochs"], trained["pretraining_epochs"])
     specs = supernet.resolve_many(subnets)
     source = export_source(checkpoint, config, overrides)
-    check_export_out(out, "a folder, in which each sub-network gets a folder of its own")
+    refuse_run_folder(out)
     for spec in specs:  # every folder is checked before anything is written
         check_export_folder(Path(out) / spec.name, source, overwrite)
     batches = 0 if checkpoint is None else recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn)

@@ -37,11 +37,19 @@ def checkpoint_file(checkpoint: str | Path) -> Path:
     return checkpoint_path(path) if path.is_dir() else path
 
 
-def is_run_dir(path: str | Path) -> bool:
-    """Whether ``path`` holds a run: its last checkpoint, or its config.yaml beside its checkpoints (or results)."""
+def run_markers(path: str | Path) -> list[str]:
+    """What marks ``path`` as a run directory: its last checkpoint, or its config.yaml beside a file that only a
+    run writes (its metrics, results or training lock: a run in its first epoch has no checkpoint yet). A
+    config.yaml and a checkpoints/ folder alone are no run: a project of one's own may hold both."""
     path = Path(path)
-    return checkpoint_path(path).is_file() or (path / CONFIG).is_file() and (
-        (path / CHECKPOINTS).is_dir() or (path / RESULTS).is_file())
+    if checkpoint_path(path).is_file():
+        return [f"{CHECKPOINTS}/{LAST}"]
+    beside = [name for name in (METRICS, RESULTS, TRAINING_LOCK) if (path / name).is_file()]
+    return [CONFIG, *beside] if beside and (path / CONFIG).is_file() else []
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return bool(run_markers(path))
 
 
 def enclosing_run(path: str | Path) -> Path | None:

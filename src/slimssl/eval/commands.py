@@ -126,8 +126,8 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
 
     row = recalibrate_checkpoint(args.checkpoint, args.subnet, args.out, batches=args.batches, seed=args.seed,
                                  device=args.device, eval_batch_size=args.eval_batch_size, **data_keywords(args))
-    emit(args, row, f"recalibrated the BatchNorm statistics of {row['subnet']} on {row['batches_read']} batches "
-                    f"of {row['batch_size']} -> {row['out']}")
+    emit(args, row, f"recalibrated the BatchNorm statistics of {row['subnet']} on {row['batches_read']} batch(es) "
+                    f"of {row['batch_size']} ({row['images_read']} images) -> {row['out']}")
     return 0
 
 

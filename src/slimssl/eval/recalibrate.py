@@ -134,6 +134,7 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     train = options.load_split(cfg, "train", torch_device)
     batch_size = eval_batch_size or cfg.eval.batch_size
     read = batches_read(batches, len(train), batch_size)
+    images = min(read * batch_size, len(train))  # one batch of them all where the split holds less than a batch
     recalibrate_bn(supernet, spec, recalibration_images(train, batches, batch_size, cfg.data.resolution,
                                                        cfg.data.mean, cfg.data.std, torch_device, seed))
     state = dict(saved["model"])
@@ -147,7 +148,7 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     # debug, not info: the command prints this itself, and an API caller has the returned row
     log.debug("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, read, source, path)
     return {"subnet": spec.name, "batches": batches, "batches_read": read, "batch_size": batch_size,
-            "out": str(path)}
+            "images_read": images, "out": str(path)}
 
 
 def _is_checkpoints_folder(folder: Path) -> bool:

@@ -35,8 +35,8 @@ class SlimmableMixin:
         """Turn a spec, its text or a width (``0.5``: full depth) into a spec this model can run, or raise a
         clear error."""
         state = self.slim_state
-        if subnet is None:
-            return state.full
+        if subnet is None:  # the full network, or where only the menu runs, the largest of it
+            return state.full if self.menu_only is None else state.menu.largest
         subnet = SubnetSpec.coerce(subnet, state.full.depths)
         subnet.check_fits(state.full.depths)
         if state.private_bn and subnet not in state.menu:  # its BatchNorm was never made

@@ -20,7 +20,7 @@ from ..config import (MACHINE_DEPENDENT, Config, check_overrides, config_differe
 from ..data.registry import absolute_source, in_memory_only
 from ..errors import SlimsslError, UsageError
 from ..layout import (CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, TRAINING_LOCK, checkpoint_path,
-                      enclosing_run)
+                      enclosing_run, run_markers)
 from ..models.build import as_config
 from . import distributed as dist
 from .lock import refuse_if_training
@@ -175,8 +175,8 @@ def _prepare_new(config, out, overrides: list[str], failed_start_ok: bool = Fals
     refuse_run_in_data(run_dir, cfg.data.source)
     holder = enclosing_run(run_dir)
     if holder is not None:  # its checkpoints/ or any folder of it: the two runs' files would be mixed
-        raise UsageError(f"{run_dir} is inside the run {holder}, whose files are that run's own; choose "
-                         f"{'an --out' if cli else 'an out folder'} outside it")
+        raise UsageError(f"{run_dir} is inside the run {holder} ({', '.join(run_markers(holder))}), whose files are "
+                         f"that run's own; choose {'an --out' if cli else 'an out folder'} outside it")
     if isinstance(config, (str, Path)) and Path(find_config(config)).resolve() == (run_dir / CONFIG).resolve():
         raise UsageError(f"{run_dir} holds the config file given ({config}), which the run would overwrite with "
                          "its resolved config; keep the file elsewhere or choose another output folder")
