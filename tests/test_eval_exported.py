@@ -114,7 +114,7 @@ def test_an_export_is_profiled_as_its_sub_network_is(tmp_path, capsys):
     assert main(["profile", exported["path"], "--config", "demo"]) == 2  # an export is profiled as exported
 
 
-def test_profile_in_python_gives_the_rows_of_the_command(tmp_path, capsys):
+def test_profile_in_python_gives_the_rows_of_the_command(tmp_path, capsys, caplog):
     """slimssl.profile of a run, of an export and of a supernet in memory: the counts `slimssl profile` prints."""
     make_checkpoint(tmp_path / "in.pt")
     (exported,) = slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", "0.5")
@@ -139,6 +139,12 @@ def test_profile_in_python_gives_the_rows_of_the_command(tmp_path, capsys):
         slimssl.profile(supernet, 0.3, resolution=8)
     with pytest.raises(slimssl.UsageError, match="latency must be True or False, got 'no'"):
         slimssl.profile(supernet, resolution=8, latency="no")
+    with pytest.raises(slimssl.UsageError, match="threads must be a whole number >= 1, got 0"):
+        slimssl.profile(supernet, resolution=8, latency=True, threads=0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        slimssl.profile(supernet, resolution=8, threads=2)
+    assert "threads 2 is the latency measurement's, and there is none" in caplog.text
 
 
 def test_an_export_is_evaluated_at_its_own_width_alone(tmp_path, capsys, caplog):

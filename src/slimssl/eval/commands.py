@@ -166,7 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "and depth, its statistics re-estimated first; with --distill the widest teaches)")
     p.set_defaults(func=cmd_linear)
 
-    p = sub.add_parser("finetune", help="fine-tune sub-networks of a run (or an export), each on a class-balanced labelled subset")
+    p = sub.add_parser("finetune",
+                       help="fine-tune sub-networks of a run (or an export), each on a class-balanced labelled subset")
     _add_eval_args(p)
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
                    help=f"{SUBNET_SPELLINGS}; several may follow (each is fine-tuned in turn, on the same decoded "
@@ -198,7 +199,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=positive_int, default=DEFAULT_RECALIBRATE_BATCHES,
                    help="train batches to average the statistics over (default %(default)s)")
     p.add_argument("--out", required=True, type=output_file(".pt"),
-                   help="the new checkpoint file (.pt), outside any run's checkpoints folder")
+                   help="the new checkpoint file (.pt), outside any run's checkpoints folder (an existing file only "
+                   "where recalibrate wrote it)")
     p.add_argument("--data", type=data_source,
                    help="dataset name or path (default: the checkpoint config's data.source)")
     add_loader_args(p)

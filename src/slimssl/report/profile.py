@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -14,6 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..models.plain import PlainResNet
 from ..models.resnet import SlimResNet
 from ..nn.spec import SubnetSpec
+
+log = logging.getLogger("slimssl")
 
 
 def count_params(model: nn.Module) -> int:
@@ -102,6 +105,9 @@ def profile(model, subnets="all", *, resolution: int | None = None, num_classes:
 
     if not isinstance(latency, bool):
         raise UsageError(f"latency must be True or False, got {latency!r}")
+    if threads is not None and not latency:
+        log.warning("threads %s is the latency measurement's, and there is none (no-latency): it changes nothing",
+                    threads)
     if isinstance(model, SlimResNet):
         supernet, recorded = model, None
     elif isinstance(model, (str, Path)):

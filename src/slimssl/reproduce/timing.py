@@ -42,7 +42,6 @@ class JobTiming:
     first_step_seconds: float = 0.0  # each call's first step (start-up: kernels chosen, memory grown), included above
     calls: int = 0  # the calls whose steps are counted above (each paid a first step)
 
-
     def note_call(self, device: str, software: str) -> None:
         """Record the device and software of a call that trains the run (each once)."""
         if device not in self.devices:
@@ -63,6 +62,7 @@ class JobTiming:
                         step, kept)
             self.pretrain_seconds *= kept
             self.step = step
+
 
 def read_timing(run_dir: Path) -> JobTiming:
     path = run_dir / TIMING
