@@ -673,3 +673,13 @@ def test_timing_counts_up_to_the_checkpoints_step_and_each_device_once(caplog):
     for device in ("H100", "H100", "CPU"):
         timing.note_call(device, "torch 2.11")
     assert (timing.devices, timing.software) == (["H100", "CPU"], ["torch 2.11"])
+
+
+def test_a_reproduction_is_not_made_in_or_inside_a_run(straight, capsys, caplog):
+    run = straight / RECIPES[0] / "slim"
+    for out, said in ((run, "is a run directory"), (run / "more", f"is inside the run {run.resolve()}")):
+        assert reproduce(out, [RECIPES[0]]) == 2
+        assert f"{said} (checkpoints/last.pt); a reproduction's runs go in a folder of their own" in \
+            capsys.readouterr().err + caplog.text
+    assert not (run / "more").exists()
+
