@@ -153,3 +153,9 @@ def test_a_suggested_command_quotes_paths_for_the_users_shell(monkeypatch):
     assert shell_quote("runs\\demo-20261205-214900") == "runs\\demo-20261205-214900"
     assert shell_quote("C:\\my runs\\demo") == '"C:\\my runs\\demo"'
     assert shell_quote("runs\\R&D (new)") == '"runs\\R&D (new)"'  # & would end cmd.exe's command
+
+
+def test_label_fraction_one_is_every_label():
+    from slimssl.cli_args import label_fraction
+
+    assert label_fraction("1") == 1.0 and label_fraction("0.01") == 0.01

@@ -531,3 +531,9 @@ def test_compile_off_is_read_as_written_although_yaml_reads_a_bare_off_as_false(
     assert load_config(str(path)).train.compile == "off"
     with pytest.raises(ConfigError, match="train.compile"):  # true says no mode: still an error
         load_config("demo", ["train.compile=true"])
+
+
+def test_a_misspelt_key_inside_a_section_is_suggested_with_its_section():
+    with pytest.raises(ConfigError, match=r"train\.epoch: unknown key \[from overrides=\] \(did you mean "
+                                          r"train\.epochs\?\)"):
+        load_config("demo", ["train.epoch=5"])

@@ -673,3 +673,12 @@ def test_a_run_or_an_export_given_as_data_is_said_to_be_one(tmp_path, files, wha
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(DataError, match=f"{what}.*, not a dataset; expected a folder or .zip of images"):
         load_dataset(str(tmp_path), "train")
+
+
+@pytest.mark.parametrize("extra", ["config.json", "model.safetensors"])
+def test_a_dataset_folder_holding_one_file_of_an_export_is_still_a_dataset(tmp_path, extra):
+    """Only the two files together (config.json and model.safetensors) are an exported sub-network."""
+    root = _class_tree(tmp_path / "data")
+    (root / extra).write_bytes(b"{}")
+    ds = load_dataset(str(root))
+    assert ds.classes == ["cat", "dog"] and len(ds) == 6

@@ -1290,3 +1290,31 @@ def test_a_checkpoint_from_slimssl_recalibrate_exports_its_subnet_without_a_warn
     assert supernet.bn_statistics_estimated(0.5) and not supernet.bn_statistics_estimated(1.0)
     original, _ = slimssl.load_supernet(tmp_path / "in.pt")
     assert not original.bn_statistics_estimated(0.5)
+
+
+def test_recalibrate_does_not_overwrite_a_checkpoint_it_did_not_write(tmp_path):
+    make_checkpoint(tmp_path / "in.pt", bn="shared")
+    kept = tmp_path / "kept.pt"
+    kept.write_bytes((tmp_path / "in.pt").read_bytes())  # a run's checkpoint copied aside, not a recalibration
+    with pytest.raises(slimssl.UsageError, match="exists and is not a checkpoint that recalibrate wrote"):
+        slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, kept, batches=1, device="cpu")
+    assert kept.read_bytes() == (tmp_path / "in.pt").read_bytes()
+    slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "r.pt", batches=1, device="cpu")
+    slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "r.pt", batches=1, device="cpu")  # its own
+
+
+def test_a_fine_tuned_models_path_is_absolute_from_a_relative_folder(tmp_path, monkeypatch):
+    import slimssl
+
+    monkeypatch.chdir(tmp_path)
+    make_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    (row,) = slimssl.finetune("run", 0.5, 0.5, epochs=1, device="cpu", save=False, save_models="models")
+    assert row["model_path"] == str(tmp_path / "models" / "w0p5_d1-1-1-1_50pct_seed0")
+
+
+def test_a_label_fraction_of_100_is_said_to_be_a_percentage(tmp_path):
+    import slimssl
+
+    make_checkpoint(tmp_path / "model.pt")
+    with pytest.raises(slimssl.SlimsslError, match=r"got \[100\]; a fraction, not a percentage: 1 for 100%"):
+        slimssl.finetune(tmp_path / "model.pt", "0.5", 100)

@@ -209,3 +209,19 @@ def test_an_export_is_evaluated_with_the_inputs_it_records(tmp_path):
     _, rebuilt_cfg = supernet_of_export(folder, "fake")
     assert rebuilt_cfg.data.resolution == 8 and rebuilt_cfg.eval.crop_ratio == 0.75
     assert tuple(rebuilt_cfg.data.mean) == (0.5, 0.4, 0.3) and tuple(rebuilt_cfg.data.std) == (0.2, 0.25, 0.3)
+
+
+def test_an_exports_supernet_resolves_no_subnet_to_its_own(tmp_path):
+    make_checkpoint(tmp_path / "in.pt")
+    (exported,) = slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", "0.5")
+    rebuilt, _ = supernet_of_export(exported["path"])
+    assert rebuilt.resolve(None).name == "w0p5_d1-1-1-1"
+    again = export_subnet(rebuilt, None, tmp_path / "again", check_bn_statistics=False)
+    assert again.name == "w0p5_d1-1-1-1"
+
+
+def test_profile_of_a_run_at_a_resolution_given(tmp_path):
+    make_checkpoint(tmp_path / "in.pt")
+    (own,) = slimssl.profile(tmp_path / "in.pt", 0.5)
+    (larger,) = slimssl.profile(tmp_path / "in.pt", 0.5, resolution=32)
+    assert larger["macs"] > own["macs"]

@@ -1755,3 +1755,38 @@ def test_a_process_failing_because_another_did_says_so_in_one_line(monkeypatch, 
     assert exits == [1]
     assert "rank 0 of 2 stopped: another process exited, or stopped answering for longer than " \
            "$SLIMSSL_DIST_TIMEOUT (1800 s)" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_resume_takes_the_config_given_with_overrides_that_change_the_run(tmp_path, saved_run):
+    """A job script that resumes with its config and a new --set: the config given, with the overrides, is what
+    the run continues with, not a difference from it."""
+    run, _ = saved_run
+    resumed = slimssl.pretrain(TINY, run, overrides=["train.epochs=4"], resume=True, max_steps=3)
+    assert (resumed.step, resumed.total_steps) == (3, 16)
+
+
+def test_resume_with_the_starting_call_whose_data_is_a_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "imgs" / "a", 4)
+    _images(tmp_path / "imgs" / "b", 4)
+    cfg = {**TINY, "data": {"source": "imgs", "resolution": 8}, "train": {**TINY["train"], "batch_size": 4}}
+    started = slimssl.pretrain(cfg, "run", max_steps=1)
+    assert load_checkpoint(started.run_dir / "checkpoints" / "last.pt")["config"].data.source == \
+        str(tmp_path / "imgs")
+    assert slimssl.pretrain(cfg, "run", resume=True, max_steps=2).step == 2
+
+
+def test_an_edited_config_yaml_of_an_older_run_is_still_compared_on_resume(tmp_path, saved_run, caplog):
+    run, _ = saved_run
+    written = load_checkpoint(run / "checkpoints" / "last.pt")["config"].model_dump(mode="json")
+    written["slim"]["slow_start_lr"] = 0  # as runs before 0 was refused wrote it
+    written["optim"]["lr"] = 0.5  # an edit by hand, which a resume does not read
+    (run / "config.yaml").write_text(yaml.safe_dump(written))
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        slimssl.pretrain(None, run, resume=True, max_steps=3)
+    assert "differs from the settings the run resumes with" in caplog.text and "optim.lr" in caplog.text
+
+
+def test_an_infinite_loss_is_non_finite_as_nan_is():
+    assert loop.nonfinite_losses({"a": float("inf"), "b": 1.0, "c": torch.tensor(float("nan")),
+                                  "d": torch.tensor(-float("inf")), "e": torch.tensor(0.5)}) == ["a", "c", "d"]

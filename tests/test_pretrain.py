@@ -855,3 +855,13 @@ def test_the_progress_bar_is_shown_on_rank_0_unless_tqdm_disable_turns_it_off(mo
     with progress_bar(0, 4, enabled) as bar:
         bar.update(4)
     assert ("4/4" in capsys.readouterr().err) == shown
+
+
+@pytest.mark.parametrize("env", ["True", " yes ", "ON"])
+def test_tqdm_disable_is_read_in_any_case_and_spacing(monkeypatch, capsys, env):
+    from slimssl.train.metrics import progress_bar
+
+    monkeypatch.setenv("TQDM_DISABLE", env)
+    with progress_bar(0, 4, True) as bar:
+        bar.update(4)
+    assert "4/4" not in capsys.readouterr().err

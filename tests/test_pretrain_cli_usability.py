@@ -387,3 +387,21 @@ def test_fine_tuned_models_may_be_kept_inside_the_run(tmp_path, saved_run, capsy
                  "--device", "cpu", "--save-models", str(saved_run / "models")]) == 0
     assert (saved_run / "models" / "w0p5_d1-1-1-1_50pct_seed0" / "model.safetensors").is_file()
 
+
+def test_a_config_beside_its_metrics_marks_a_run_in_its_first_epoch(tmp_path):
+    from slimssl.layout import enclosing_run, is_run_dir, run_markers
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: demo\n")
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    assert run_markers(run) == ["config.yaml", "metrics.jsonl"]
+    assert is_run_dir(run) and enclosing_run(run / "checkpoints") == run.resolve()
+
+
+def test_a_run_is_not_made_inside_another_run_from_python_either(saved_run, config):
+    before = sorted(p.relative_to(saved_run) for p in saved_run.rglob("*"))
+    with pytest.raises(slimssl.UsageError, match=r"is inside the run .*\(checkpoints/last\.pt\), whose files are "
+                                                 r"that run's own; choose an out folder outside it"):
+        prepare_run(load_config(config), saved_run / "checkpoints")
+    assert sorted(p.relative_to(saved_run) for p in saved_run.rglob("*")) == before

@@ -261,3 +261,13 @@ def test_the_command_line_finds_a_dataset_registered_by_an_imported_file(tmp_pat
     finally:
         slimssl.unregister_dataset("mine")
         sys.modules.pop("my_data", None)
+
+
+def test_a_data_path_under_home_is_recorded_absolute(tmp_path, monkeypatch):
+    from slimssl.data.registry import absolute_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "imgs").mkdir()
+    monkeypatch.chdir(tmp_path / "imgs")
+    assert absolute_source("~/imgs") == str(tmp_path / "imgs")
+    assert absolute_source("~/missing") == "~/missing"  # left as given, for its error to name it

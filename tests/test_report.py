@@ -406,3 +406,21 @@ def test_a_full_disk_while_a_plot_is_written_names_the_file_and_keeps_the_earlie
     assert f"slimssl report: error: {png}: No space left on device; free space" in caplog.text
     assert png.read_bytes() == b"the earlier plot"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_grad_norm_plot_of_runs_of_which_one_logged_them(tmp_path, capsys):
+    dirs, _ = write_runs(tmp_path)
+    records = [{"step": s, "loss": 1.0, "grad_norm": {"w1p0_d1-1-1-1": {"shared": 1.0, "rest": 0.5}}}
+               for s in range(0, 30, 10)]
+    (dirs[0] / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "grad.png"
+    assert main(["report", *map(str, dirs), "--plot-grad", str(out)]) == 0  # the other run has none: drawn without
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_plot_draws_knn_top1_by_default(tmp_path, capsys, caplog):
+    dirs, _ = write_runs(tmp_path)
+    png = tmp_path / "acc.png"
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        assert main(["report", *map(str, dirs), "--plot", str(png)]) == 0
+    assert f"wrote {png} (knn_top1 against MACs)" in caplog.text

@@ -667,9 +667,11 @@ def test_timing_counts_up_to_the_checkpoints_step_and_each_device_once(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         timing.align_to(6, "r/slim")  # saved, never timed: counted as such
-    assert (timing.steps_not_timed, timing.step) == (2, 4) and "are not counted" in caplog.text
-    timing.align_to(4, "r/slim")
-    assert timing.pretrain_seconds == 5.0
+    assert (timing.steps_not_timed, timing.step) == (2, 6) and "are not counted" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        timing.align_to(6, "r/slim")  # aligned already: nothing to say, nothing counted twice
+    assert caplog.text == "" and (timing.pretrain_seconds, timing.steps_not_timed) == (5.0, 2)
     for device in ("H100", "H100", "CPU"):
         timing.note_call(device, "torch 2.11")
     assert (timing.devices, timing.software) == (["H100", "CPU"], ["torch 2.11"])
@@ -683,3 +685,14 @@ def test_a_reproduction_is_not_made_in_or_inside_a_run(straight, capsys, caplog)
             capsys.readouterr().err + caplog.text
     assert not (run / "more").exists()
 
+
+def test_timing_aligned_at_its_own_step_says_nothing_and_not_timed_steps_add_up(caplog):
+    from slimssl.reproduce.timing import JobTiming
+
+    timing = JobTiming(pretrain_seconds=10.0, step=8, steps_not_timed=2)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        timing.align_to(8, "r/slim")
+    assert caplog.text == "" and (timing.pretrain_seconds, timing.step, timing.steps_not_timed) == (10.0, 8, 2)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        timing.align_to(11, "r/slim")
+    assert timing.steps_not_timed == 5 and "are not counted" in caplog.text

@@ -844,3 +844,29 @@ def test_export_subnet_traces_at_the_resolution_its_metadata_records_or_says_why
     with pytest.raises(ExportError, match=r"traced at 32 px takes \{'min_size': 9\}, not the 8 px images"):
         export_subnet(model, "0.5", tmp_path / "d", fmt="pt2", resolution=32, metadata={"resolution": 8})
     assert not any((tmp_path / name).exists() for name in "bcd")
+
+
+def test_export_subnet_refuses_a_config_of_the_same_network_with_another_menu(tmp_path):
+    from slimssl.config import load_config
+    from slimssl.errors import UsageError
+    from slimssl.models.build import build_supernet
+
+    model = build_supernet("demo", ["model.base_width=4"]).eval()
+    other_menu = load_config("demo", ["model.base_width=4", "menu.widths=[1.0, 0.5]"])
+    with pytest.raises(UsageError, match=r"config= is not this supernet's config:\n  menu: supernet "):
+        export_subnet(model, "0.5", tmp_path, config=other_menu, check_bn_statistics=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_export_subnet_resolution_bounds_and_a_fixed_size_program(tmp_path):
+    model = build("basic-cifar-private", None)
+    for kwargs, name in (({"resolution": 0}, "resolution"), ({"metadata": {"resolution": 0}}, "metadata's resolution")):
+        with pytest.raises(ExportError, match=f"^{name} must be a whole number of pixels >= 1, got 0"):
+            export_subnet(model, "0.5", tmp_path / "zero", fmt="pt2", **kwargs)
+    # a program traced at 32 takes 9 px and more: 9 px images, as recorded, are taken
+    folder = export_subnet(model, "0.5", tmp_path / "least", fmt="pt2", resolution=32, metadata={"resolution": 9})
+    assert json.loads((folder / "config.json").read_text())["pt2_input"] == {"min_size": 9}
+    # a program traced at 8 takes 8 px alone, not the 16 px images the config would say
+    with pytest.raises(ExportError, match=r"traced at 8 px takes \{'size': 8\}, not the 16 px images"):
+        export_subnet(model, "0.5", tmp_path / "fixed", fmt="pt2", resolution=8, metadata={"resolution": 16})
+    assert not (tmp_path / "zero").exists() and not (tmp_path / "fixed").exists()

@@ -19,7 +19,7 @@ from . import __version__
 from .atomic import atomic_write, remove_temporaries
 from .cli_args import shell_quote
 from .errors import SlimsslError
-from .layout import CHECKPOINTS, enclosing_run, is_run_dir, run_markers
+from .layout import CHECKPOINTS, where_in_a_run
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
 from .nn.modes import eval_mode
@@ -156,12 +156,9 @@ def _refuse_file_name(folder: Path, expected: str) -> None:
 def refuse_run_folder(folder: str | Path) -> None:
     """``slimssl export --out`` that is a run directory or a folder inside one (its checkpoints/, say), whose
     files are that run's own: refused before any work."""
-    folder = Path(folder)
-    run = folder if is_run_dir(folder) else enclosing_run(folder)
-    if run is not None:
-        where = "a run directory" if run == folder else f"inside the run {run}"
-        raise ExportError(f"{folder} is {where} ({', '.join(run_markers(run))}), whose files are that run's own; "
-                          "export to a folder outside it")
+    where = where_in_a_run(folder)
+    if where is not None:
+        raise ExportError(f"{folder} is {where}, whose files are that run's own; export to a folder outside it")
 
 
 def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Path:

@@ -55,3 +55,13 @@ def is_run_dir(path: str | Path) -> bool:
 def enclosing_run(path: str | Path) -> Path | None:
     """The run directory that ``path`` lies inside (``path`` itself not counted), or None."""
     return next((parent for parent in Path(path).resolve().parents if is_run_dir(parent)), None)
+
+
+def where_in_a_run(path: str | Path, itself: bool = True) -> str | None:
+    """``"a run directory (config.yaml, ...)"`` or ``"inside the run RUN (...)"`` where ``path`` is (``itself``)
+    or lies in a run directory, naming what marks it; None elsewhere."""
+    if itself and is_run_dir(path):
+        return f"a run directory ({', '.join(run_markers(path))})"
+    run = enclosing_run(path)
+    return None if run is None else f"inside the run {run} ({', '.join(run_markers(run))})"
+

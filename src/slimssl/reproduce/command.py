@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from ..layout import TRAINING_LOCK, enclosing_run, is_run_dir, run_markers
+    from ..layout import TRAINING_LOCK, where_in_a_run
     from ..train.lock import TrainingLock, refuse_if_training
     from ..train.signals import EXIT_INTERRUPTED, Interrupted
     from .plan import check_saved_configs, plan_jobs, recipe_overrides
@@ -65,10 +65,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if not recipes:
         raise UsageError(f"--recipes {' '.join(given)!r} names no recipe; expected shipped config names or YAML "
                          "paths")
-    run = args.out if is_run_dir(args.out) else enclosing_run(args.out)
-    if run is not None:  # its runs would be nested in another run's files
-        raise UsageError(f"--out {args.out} is {'a run directory' if run == args.out else f'inside the run {run}'} "
-                         f"({', '.join(run_markers(run))}); a reproduction's runs go in a folder of their own")
+    where = where_in_a_run(args.out)
+    if where is not None:  # its runs would be nested in another run's files
+        raise UsageError(f"--out {args.out} is {where}; a reproduction's runs go in a folder of their own")
     working = False  # whether this call may have changed the runs (a report of an earlier call no longer holds)
     created = not args.out.exists()
     args.out.mkdir(parents=True, exist_ok=True)

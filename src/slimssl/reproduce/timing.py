@@ -55,6 +55,7 @@ class JobTiming:
             self.steps_not_timed += step - self.step
             log.warning("%s: timing.json reached step %d, the checkpoint step %d: the seconds of the steps in "
                         "between (a call stopped after saving them) are not counted", label, self.step, step)
+            self.step = step  # reached, those steps counted as not timed
         elif self.step > step:  # written by an older slimssl after a call killed mid-chunk
             kept = step / self.step
             log.warning("%s: timing.json reached step %d, the checkpoint only %d: those steps are trained again, "

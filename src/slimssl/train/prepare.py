@@ -20,7 +20,7 @@ from ..config import (MACHINE_DEPENDENT, Config, check_overrides, config_differe
 from ..data.registry import absolute_source, in_memory_only
 from ..errors import SlimsslError, UsageError
 from ..layout import (CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, TENSORBOARD, TRAINING_LOCK, checkpoint_path,
-                      enclosing_run, run_markers)
+                      where_in_a_run)
 from ..models.build import as_config
 from . import distributed as dist
 from .lock import refuse_if_training
@@ -173,10 +173,10 @@ def _prepare_new(config, out, overrides: list[str], failed_start_ok: bool = Fals
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
     refuse_run_in_data(run_dir, cfg.data.source)
-    holder = enclosing_run(run_dir)
-    if holder is not None:  # its checkpoints/ or any folder of it: the two runs' files would be mixed
-        raise UsageError(f"{run_dir} is inside the run {holder} ({', '.join(run_markers(holder))}), whose files are "
-                         f"that run's own; choose {'an --out' if cli else 'an out folder'} outside it")
+    inside = where_in_a_run(run_dir, itself=False)  # a run's checkpoints/ or any folder of it
+    if inside is not None:
+        raise UsageError(f"{run_dir} is {inside}, whose files are that run's own; choose "
+                         f"{'an --out' if cli else 'an out folder'} outside it")
     if isinstance(config, (str, Path)) and Path(find_config(config)).resolve() == (run_dir / CONFIG).resolve():
         raise UsageError(f"{run_dir} holds the config file given ({config}), which the run would overwrite with "
                          "its resolved config; keep the file elsewhere or choose another output folder")
