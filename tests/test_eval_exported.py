@@ -141,6 +141,8 @@ def test_profile_in_python_gives_the_rows_of_the_command(tmp_path, capsys, caplo
         slimssl.profile(supernet, resolution=8, latency="no")
     with pytest.raises(slimssl.UsageError, match="threads must be a whole number >= 1, got 0"):
         slimssl.profile(supernet, resolution=8, latency=True, threads=0)
+    with pytest.raises(slimssl.UsageError, match="resolution must be a whole number >= 1, got 0"):
+        slimssl.profile(tmp_path / "no_such_run", resolution=0)  # said before anything is loaded
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         slimssl.profile(supernet, resolution=8, threads=2)

@@ -103,6 +103,10 @@ def profile(model, subnets="all", *, resolution: int | None = None, num_classes:
     exported sub-network's folder (both: at the resolution their config records, unless given)."""
     from ..errors import UsageError
 
+    for name, value, least in (("resolution", 1 if resolution is None else resolution, 1),
+                               ("num_classes", num_classes, 0), ("threads", 1 if threads is None else threads, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:  # said before any loading
+            raise UsageError(f"{name} must be a whole number >= {least}, got {value!r}")
     if not isinstance(latency, bool):
         raise UsageError(f"latency must be True or False, got {latency!r}")
     if threads is not None and not latency:
@@ -122,9 +126,5 @@ def profile(model, subnets="all", *, resolution: int | None = None, num_classes:
     resolution = resolution if resolution is not None else recorded
     if resolution is None:
         raise UsageError("profile of a supernet in memory needs resolution=, the side of the square images it costs")
-    for name, value, least in (("resolution", resolution, 1), ("num_classes", num_classes, 0),
-                               ("threads", 1 if threads is None else threads, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise UsageError(f"{name} must be a whole number >= {least}, got {value!r}")
     return profile_supernet(supernet, resolution, num_classes, latency=latency, specs=supernet.resolve_many(subnets),
                             threads=threads)
