@@ -53,7 +53,8 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
     """The config and run directory of a new run, or of the run in ``out`` to resume.
 
     A new run gets ``out`` (default ``runs/<name>-<time>``), which must not hold another run. A resumed run
-    (``resume=True``) takes the config saved in its checkpoint; ``overrides`` still apply (e.g. more epochs).
+    (``resume=True``) takes the config saved in its checkpoint; ``overrides`` still apply (e.g. more epochs), and a
+    ``config`` given must be the run's (the call that started it, made again).
     ``resume="auto"`` resumes the run in ``out`` if it has a checkpoint and starts it otherwise, so that one
     command (a job script submitted again and again) both starts and continues a run; ``config`` and
     ``overrides`` must then give the saved run's settings. A data source that is an existing path is stored
