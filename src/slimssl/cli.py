@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _refuse_several_processes(args.command)
-        with command_line():  # an --import module's messages too
+        with command_line(args.command):  # an --import module's messages too
             import_modules(args.imports)
             with contextlib.nullcontext() if args.command in OWN_STOP_SIGNALS else _sigterm_as_ctrl_c():
                 return args.func(args)

@@ -22,23 +22,36 @@ from typing import Callable, Iterator
 
 from .launch import DEVICE_PATTERN, DEVICES
 
-# whether a command of the command line runs (cli.main), so that messages name its flags (--set, --resume RUN)
-# rather than the keywords of the Python functions (overrides=, resume=True) that the command calls
-_ON_COMMAND_LINE: ContextVar[bool] = ContextVar("slimssl_on_command_line", default=False)
+# the command of the command line that runs (cli.main), so that messages name its flags (--set, --resume RUN)
+# rather than the keywords of the Python functions (overrides=, resume=True) that the command calls; None in Python
+_COMMAND: ContextVar[str | None] = ContextVar("slimssl_command", default=None)
+# the commands whose flags become config overrides besides --set, with those flags
+OVERRIDING_FLAGS = {"pretrain": "--data, --epochs, --batch-size, --device",
+                    "reproduce": "--data, --epochs, --batch-size, --device", "bench": "--data, --device, --batch-size"}
 
 
 def on_command_line() -> bool:
-    return _ON_COMMAND_LINE.get()
+    return _COMMAND.get() is not None
+
+
+def overrides_named() -> str:
+    """How a message names the overrides of the config: ``--set`` (and the command's flags that set keys) on the
+    command line, ``overrides=`` in Python."""
+    command = _COMMAND.get()
+    if command is None:
+        return "overrides="
+    flags = OVERRIDING_FLAGS.get(command)
+    return f"--set (or {flags})" if flags else "--set"
 
 
 @contextlib.contextmanager
-def command_line() -> Iterator[None]:
-    """Within this block, messages are worded for the command line."""
-    token = _ON_COMMAND_LINE.set(True)
+def command_line(command: str = "") -> Iterator[None]:
+    """Within this block, messages are worded for the command line's ``command``."""
+    token = _COMMAND.set(command)
     try:
         yield
     finally:
-        _ON_COMMAND_LINE.reset(token)
+        _COMMAND.reset(token)
 
 
 # how the commands' --subnet takes a sub-network (nn/spec.py: SubnetSpec.coerce)

@@ -14,7 +14,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..cli_args import on_command_line
+from ..cli_args import on_command_line, overrides_named
 from .schema import Config, ConfigError
 
 
@@ -130,8 +130,7 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str], file_v
     if file_valid or all(marker in line for line in lines):
         # the file is fine: its name first would make it sound damaged
         # (pretrain's --data, --epochs, --batch-size and --device are overrides too)
-        given = "--set (or --data, --epochs, --batch-size, --device)" if on_command_line() else "overrides="
-        return f"invalid {given} for the config of {source}:\n" + "\n".join(lines)
+        return f"invalid {overrides_named()} for the config of {source}:\n" + "\n".join(lines)
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
