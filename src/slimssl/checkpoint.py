@@ -100,12 +100,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def peek_checkpoint(path: str | Path) -> dict | None:
+    """What a checkpoint file holds, its tensors mapped rather than read and nothing checked (``format`` says
+    whose it is); None for a file torch cannot read as a mapping (missing, unreadable, another kind)."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a missing or unreadable file: no checkpoint to look into
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def checkpoint_epoch(path: str | Path) -> float | None:
     """The epoch a checkpoint file was saved at, reading none of its tensors (None where it cannot say)."""
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return float(data["epoch"])
-    except Exception:  # noqa: BLE001 - a missing or unreadable file, or no step: nothing to compare with
+        return float((peek_checkpoint(path) or {})["epoch"])
+    except (KeyError, TypeError, ValueError):  # no epoch to compare with
         return None
 
 

@@ -19,14 +19,13 @@ from . import __version__
 from .atomic import atomic_write, remove_temporaries
 from .cli_args import shell_quote
 from .errors import SlimsslError
-from .layout import CHECKPOINTS, where_in_a_run
+from .layout import CHECKPOINTS, EXPORT_CONFIG, EXPORT_WEIGHTS, where_in_a_run
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
 from .nn.modes import eval_mode
 from .nn.spec import SubnetLike
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
+WEIGHTS, CONFIG = EXPORT_WEIGHTS, EXPORT_CONFIG
 ONNX = "model.onnx"
 PROGRAM = "model.pt2"  # torch.export's archive: loads with torch alone
 EXPORT_FORMAT = "slimssl-plain-resnet"

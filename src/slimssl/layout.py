@@ -24,6 +24,9 @@ RESULTS = "results.json"
 RESULTS_LOCK = ".results.json.lock"
 TRAINING_LOCK = ".train.lock"
 FINETUNE = "finetune"
+# what an exported sub-network's folder holds
+EXPORT_CONFIG = "config.json"
+EXPORT_WEIGHTS = "model.safetensors"
 
 
 def checkpoint_path(run_dir: str | Path, name: str = LAST) -> Path:
@@ -65,3 +68,10 @@ def where_in_a_run(path: str | Path, itself: bool = True) -> str | None:
     run = enclosing_run(path)
     return None if run is None else f"inside the run {run} ({', '.join(run_markers(run))})"
 
+
+def is_export_dir(path: str | Path) -> bool:
+    """Whether ``path`` is one exported sub-network's folder (its config.json and model.safetensors)."""
+    if not isinstance(path, (str, Path)):
+        return False
+    path = Path(path)
+    return path.is_dir() and (path / EXPORT_CONFIG).is_file() and (path / EXPORT_WEIGHTS).is_file()

@@ -104,11 +104,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     if args.checkpoint is None:  # nothing to profile: said before torch is imported
         _check_model_source(args)
-    from .eval.exported import is_export_folder, supernet_of_export
+    from .layout import is_export_dir
+    from .eval.exported import supernet_of_export
     from .report.profile import profile
     from .report.table import markdown_table
 
-    if is_export_folder(args.checkpoint):  # profiled as exported: what a deployment of it runs
+    if is_export_dir(args.checkpoint):  # profiled as exported: what a deployment of it runs
         if args.config or args.set:
             raise UsageError("an exported sub-network is profiled as exported: drop --config and --set")
         supernet, config = supernet_of_export(args.checkpoint)

@@ -94,13 +94,13 @@ def _has_image_extension(rel: str) -> bool:
 def _refuse_run_or_export(path: str) -> None:
     """A run directory or an exported sub-network given as data (two paths swapped on a command line): said as
     what it is, rather than read as a dataset of its few files."""
-    from ..layout import run_markers
+    from ..layout import is_export_dir, run_markers
 
     markers = run_markers(path)
     if markers:
         raise DataError(f"{path} is a run directory (it holds {' and '.join(markers)}), not a dataset; expected a "
                         "folder or .zip of images, or a dataset's name")
-    if os.path.isfile(os.path.join(path, "model.safetensors")) and os.path.isfile(os.path.join(path, "config.json")):
+    if is_export_dir(path):
         raise DataError(f"{path} is an exported sub-network, not a dataset; expected a folder or .zip of images, "
                         "or a dataset's name")
 

@@ -105,10 +105,10 @@ def cmd_linear(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..report.table import markdown_table
     from .evaluate import finetune
-    from .exported import is_export_folder
+    from ..layout import is_export_dir
 
     # an export has one sub-network: fine-tuned without --all
-    if args.subnet and args.all or not (args.subnet or args.all or is_export_folder(args.checkpoint)):
+    if args.subnet and args.all or not (args.subnet or args.all or is_export_dir(args.checkpoint)):
         raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
     rows = finetune(args.checkpoint, args.subnet or "all", args.label_fraction, epochs=args.epochs,
                     lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_crop=args.train_crop,

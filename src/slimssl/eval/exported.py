@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, config_from_dict
-from ..export import CONFIG, WEIGHTS, ExportError, load_exported
+from ..export import CONFIG, ExportError, load_exported
 from ..models.plain import PlainResNet
 from ..models.resnet import SlimResNet, subnet_channels
 from ..nn.layers import SlimBatchNorm
@@ -24,14 +24,6 @@ from ..nn.spec import SubnetSpec
 log = logging.getLogger("slimssl")
 
 ARCH_OF_BLOCK = {"basic": "resnet18", "bottleneck": "resnet50"}  # (the depths are given: any arch of the block)
-
-
-def is_export_folder(path) -> bool:
-    """Whether ``path`` is one exported sub-network's folder (config.json and model.safetensors)."""
-    if not isinstance(path, (str, Path)):
-        return False
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
 def supernet_of_export(folder: str | Path, data: str | None = None) -> tuple[SlimResNet, Config]:

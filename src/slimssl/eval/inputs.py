@@ -141,14 +141,15 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
     in memory (``SlimResNet``, with its ``config``; moved to the device, its mode left to the protocols, which
     evaluate in eval mode and give it back in its own)."""
     from ..checkpoint import open_checkpoint, pretraining_unfinished
-    from .exported import is_export_folder, supernet_of_export
+    from ..layout import is_export_dir
+    from .exported import supernet_of_export
     from .results import epoch_floor
     from ..devices import pick_device
     from ..models.build import as_config, check_config_is_the_supernets
     from ..models.resnet import SlimResNet
 
     torch_device = pick_device(device, setting="device (--device)")
-    if is_export_folder(checkpoint):
+    if is_export_dir(checkpoint):
         if config is not None:
             raise UsageError("an exported sub-network is evaluated with the inputs its config.json records; "
                              "config= is for a supernet in memory")
@@ -187,9 +188,9 @@ def in_memory(checkpoint) -> bool:
 
 def saves_results(checkpoint) -> bool:
     """Whether a protocol's results can be saved with ``checkpoint``: not for a supernet in memory or an export."""
-    from .exported import is_export_folder
+    from ..layout import is_export_dir
 
-    return not in_memory(checkpoint) and not is_export_folder(checkpoint)
+    return not in_memory(checkpoint) and not is_export_dir(checkpoint)
 
 
 def check_numbers(**values) -> None:

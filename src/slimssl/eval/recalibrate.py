@@ -188,10 +188,7 @@ def _new_checkpoint_file(out: str | Path, checkpoint: str | Path) -> Path:
 
 def _written_by_recalibrate(path: Path) -> bool:
     """Whether ``path`` is a checkpoint that recalibrate wrote (read without its tensors)."""
-    from ..checkpoint import FORMAT
+    from ..checkpoint import FORMAT, peek_checkpoint
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not a checkpoint at all
-        return False
-    return isinstance(data, dict) and data.get("format") == FORMAT and bool(data.get("recalibrated"))
+    data = peek_checkpoint(path) or {}
+    return data.get("format") == FORMAT and bool(data.get("recalibrated"))

@@ -23,7 +23,7 @@ from filelock import FileLock, Timeout
 from ..atomic import write_json_atomic
 from ..report.table import is_number
 from ..errors import UsageError
-from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, RESULTS_LOCK
+from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, RESULTS_LOCK, is_export_dir
 
 log = logging.getLogger("slimssl")
 # how long a merge waits for another (which takes milliseconds) before it calls the lock left over
@@ -83,7 +83,7 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
         if (run_dir / REPORT_JSON).is_file():  # the folder of `slimssl reproduce --out`, not a run
             raise ResultsError(f"{run_dir} holds a reproduction, whose runs are its sub-folders: read "
                                f"{run_dir / REPORT_MD}, or report its runs ({run_dir}/<recipe>/*)")
-        if (run_dir / "model.safetensors").is_file() and (run_dir / "config.json").is_file():
+        if is_export_dir(run_dir):
             raise ResultsError(f"{run_dir} is an exported sub-network, which keeps no results: measure it with "
                                f"slimssl knn {run_dir} --data DATA (or linear, finetune; profile needs no data), or "
                                "report the run it was exported from")

@@ -116,9 +116,10 @@ def profile(model, subnets="all", *, resolution: int | None = None, num_classes:
         supernet, recorded = model, None
     elif isinstance(model, (str, Path)):
         from ..checkpoint import load_supernet
-        from ..eval.exported import is_export_folder, supernet_of_export
+        from ..layout import is_export_dir
+        from ..eval.exported import supernet_of_export
 
-        supernet, cfg = supernet_of_export(model) if is_export_folder(model) else load_supernet(model)
+        supernet, cfg = supernet_of_export(model) if is_export_dir(model) else load_supernet(model)
         recorded = cfg.data.resolution
     else:
         raise UsageError(f"profile takes a SlimResNet supernet, a run directory or checkpoint file, or an exported "
