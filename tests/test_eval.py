@@ -389,6 +389,8 @@ def test_cli_recalibrate_shared_bn(tmp_path, capsys):
     from slimssl.cli import main
 
     make_checkpoint(tmp_path / "in.pt", bn="shared")
+    written = torch.load(tmp_path / "in.pt", weights_only=True)
+    torch.save({**written, "saved_by": "slimssl 0.0.1"}, tmp_path / "in.pt")  # saved by an older slimssl
     assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.5", "--batches", "1",
                  "--out", str(tmp_path / "out.pt"), "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["subnet"] == "w0p5_d1-1-1-1"
@@ -396,6 +398,7 @@ def test_cli_recalibrate_shared_bn(tmp_path, capsys):
     key = "backbone.bn1.bn.running_mean"
     assert not torch.equal(old["model"][key], new["model"][key])
     assert new["recalibrated"]["subnet"] == "w0p5_d1-1-1-1"
+    assert new["saved_by"] == f"slimssl {slimssl.__version__}"  # the file recalibrate wrote names its writer
     assert main(["recalibrate", str(tmp_path / "in.pt"), "--subnet", "0.3:9,9,9,9", "--out",
                  str(tmp_path / "x.pt"), "--device", "cpu"]) == 2  # a sub-network that cannot exist
 

@@ -209,6 +209,24 @@ def test_sub_networks_that_joined_keep_training_when_a_resume_adds_epochs(tmp_pa
     assert state["step"] == 7 and state["joined_at"] == 4
 
 
+def test_a_checkpoint_with_train_state_this_slimssl_does_not_know_is_refused_naming_who_saved_it(tmp_path):
+    """A newer slimssl's progress that this one would drop is not resumed from: the run would not continue exactly."""
+    import slimssl
+    from slimssl.checkpoint import CheckpointError
+
+    run = slimssl.pretrain(config_from_dict(tiny("byol", "all")), tmp_path / "run", max_steps=2)
+    saved = load_checkpoint(run.run_dir)
+    assert saved["saved_by"] == f"slimssl {slimssl.__version__}"
+    saved["train_state"]["ema_of_something"] = 0.5
+    saved["saved_by"] = "slimssl 9.0"  # as a newer slimssl would write it
+    last = run.run_dir / "checkpoints" / "last.pt"
+    torch.save({**saved, "config": saved["config"].model_dump(mode="json")}, last)
+    before = last.read_bytes()
+    with pytest.raises(CheckpointError, match=r"does not know \(ema_of_something\).*saved by slimssl 9\.0"):
+        slimssl.pretrain(None, run.run_dir, resume=True)
+    assert last.read_bytes() == before  # refused before anything was written
+
+
 def test_a_checkpoint_without_joined_at_saved_at_the_join_step_had_not_joined():
     """A checkpoint is saved after its step: at the join step itself, the sub-networks had not trained yet."""
     from slimssl.train.resume import _joined_at

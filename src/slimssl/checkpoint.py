@@ -1,9 +1,10 @@
 """Versioned training checkpoints that carry their architecture config and menu.
 
 A checkpoint is a dict saved with ``torch.save`` that holds only tensors and plain Python data, so it loads
-with ``weights_only=True``: ``format``/``version`` identify it, ``config`` is the resolved config (as plain
-data) it was trained with, ``menu`` the canonical names of its desired sub-networks, ``model``
-the state of the whole SSL model (the backbone under ``backbone.``), plus optimiser and progress state.
+with ``weights_only=True``: ``format``/``version`` identify it, ``saved_by`` names the slimssl that wrote it,
+``config`` is the resolved config (as plain data) it was trained with, ``menu`` the canonical names of its
+desired sub-networks, ``model`` the state of the whole SSL model (the backbone under ``backbone.``), plus
+optimiser and progress state.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from .models.resnet import SlimResNet
 
 FORMAT = "slimssl-checkpoint"
+# Raised when the payload changes so that an older slimssl would misread it (loading refuses a newer version);
+# a key that an older slimssl can ignore needs no new version. Each payload names the slimssl that saved it.
 VERSION = 1
 BACKBONE_PREFIX = "backbone."
 REQUIRED_KEYS = ("config", "menu", "model")
@@ -70,7 +73,9 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     ``path``, so a crash or a full disk mid-write leaves the previous checkpoint intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "version": VERSION, **payload}
+    from . import __version__
+
+    data = {**payload, "format": FORMAT, "version": VERSION, "saved_by": f"slimssl {__version__}"}  # the writer's
     try:
         with atomic_write(path, "wb", fsync=True) as f:
             torch.save(data, f)
