@@ -74,9 +74,10 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
     entries.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
     unknown = sorted(set(entries) - {f.name for f in fields(TrainState)})
     if unknown:  # what this slimssl cannot continue: a run's progress it would drop
+        writer = data.get("saved_by", "another version of slimssl")
         raise CheckpointError(f"{path} holds train state this slimssl does not know ({', '.join(unknown)}): it was "
-                              f"saved by {data.get('saved_by', 'another version of slimssl')}, and this is slimssl {__version__}: resume "
-                              "it with the version that saved it")
+                              f"saved by {writer}, and this is slimssl {__version__}: resume it with the version that "
+                              "saved it")
     state = TrainState(**entries)
     saved_step, epochs_done = state.step, data.get("epoch")
     if "joined_at" not in entries:  # a checkpoint from before 2026-12-06: from its config and epoch
