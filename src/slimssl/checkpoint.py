@@ -75,7 +75,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     from . import __version__
 
-    data = {**payload, "format": FORMAT, "version": VERSION, "saved_by": f"slimssl {__version__}"}  # the writer's
+    data = {"format": FORMAT, "version": VERSION, **payload, "saved_by": f"slimssl {__version__}"}
     try:
         with atomic_write(path, "wb", fsync=True) as f:
             torch.save(data, f)

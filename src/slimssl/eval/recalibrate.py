@@ -139,7 +139,7 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
                                                        cfg.data.mean, cfg.data.std, torch_device, seed))
     state = dict(saved["model"])
     state.update({BACKBONE_PREFIX + k: v.cpu() for k, v in supernet.state_dict().items()})
-    payload = dict(saved)  # save_checkpoint writes its own format, version and saved_by
+    payload = {k: v for k, v in saved.items() if k not in ("format", "version")}  # written as this slimssl's
     source = options.source(cfg)
     payload.update(config=cfg.model_dump(mode="json"), model=state,
                    recalibrated={"subnet": spec.name, "batches": batches, "batches_read": read, "batch_size": batch_size,
