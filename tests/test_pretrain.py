@@ -525,16 +525,16 @@ def test_asymmetric_mocov2_runs_only_the_forwards_its_loss_reads(tmp_path):
         for side in ("online_forward", "target_forward"):
             forward = getattr(trainer, side)
 
-            def counted(x, _forward=forward, _key=(name, side)):
-                calls[_key] = calls.get(_key, 0) + 1
+            def counted(x, _forward=forward, _key=(name, side)):  # the images each side forwards
+                calls[_key] = calls.get(_key, 0) + len(x)
                 return _forward(x)
             setattr(trainer, side, counted)
     for step in range(2):
         losses = lean.train_step(step).losses, full.train_step(step).losses
         assert {k: v.item() for k, v in losses[0].items()} == {k: v.item() for k, v in losses[1].items()}
-    subnets = len(cfg.subnet_menu().names)
-    assert calls == {("lean", "online_forward"): 2 * subnets, ("lean", "target_forward"): 2,
-                     ("full", "online_forward"): 4 * subnets, ("full", "target_forward"): 4}
+    subnets, batch = len(cfg.subnet_menu().names), cfg.train.batch_size
+    assert calls == {("lean", "online_forward"): 2 * subnets * batch, ("lean", "target_forward"): 2 * batch,
+                     ("full", "online_forward"): 4 * subnets * batch, ("full", "target_forward"): 4 * batch}
     weights = [dict(t.model.named_parameters()) for t in (lean, full)]  # BatchNorm statistics aside
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert torch.equal(lean.model.method.queue, full.model.method.queue)

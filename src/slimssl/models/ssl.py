@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 
@@ -73,6 +74,20 @@ class SSLModel(SlimmableMixin, nn.Module):
         if method.views_used()[1]:
             self.target = copy.deepcopy(nn.ModuleDict({"backbone": self.backbone, "projector": self.projector}))
             self.target.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def views_in_one_batch(self, views: int):
+        """Forwards inside take ``views`` views of one image batch stacked into one batch. Training BatchNorm
+        (online and target) normalises each view on its own, so the outputs are those of the views run one by
+        one, up to rounding, from half the kernel launches, which bound a GPU step on small images."""
+        states = [self.slim_state] + ([self.target["backbone"].slim_state] if self.target is not None else [])
+        for state in states:
+            state.views = views
+        try:
+            yield
+        finally:
+            for state in states:
+                state.views = 1
 
     def named_online_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters the optimiser trains: everything but the EMA target."""

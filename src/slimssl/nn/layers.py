@@ -28,6 +28,9 @@ class SlimState:
         self.active = full
         # training BatchNorm takes statistics over groups of this many consecutive samples (None: the batch)
         self.bn_group_size: int | None = None
+        # training BatchNorm normalises each of this many equal parts of a batch on its own: the views of one
+        # image batch that a forward carries together (SSLModel.views_in_one_batch)
+        self.views = 1
         # shared BatchNorm: the sub-network whose statistics recalibrate_bn estimated last, and how many batches
         # the statistics had seen then (a training forward adds to them, and they belong to no width again)
         self.bn_estimated: tuple[str, int] | None = None
@@ -123,6 +126,12 @@ class SlimBatchNorm(SlimModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn if self.bns is None else self.norm_for(self.state.active)
+        views = self.state.views
+        if bn.training and views > 1:  # each view with its own statistics, as if it ran alone (in order)
+            return torch.cat([self._normalise(bn, part) for part in x.chunk(views)])
+        return self._normalise(bn, x)
+
+    def _normalise(self, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         group = self.state.bn_group_size
         if bn.training and group and x.shape[0] > group:
             return grouped_batch_norm(bn, x, group)

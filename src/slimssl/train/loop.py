@@ -71,6 +71,19 @@ class StepResult:
     skipped: bool = False
 
 
+class Views:
+    """A step's augmented views, one by one and stacked into one batch (stacked once, when a forward asks)."""
+
+    def __init__(self, each: tuple[torch.Tensor, ...]):
+        self.each = each
+        self._stacked: torch.Tensor | None = None
+
+    def stacked(self) -> torch.Tensor:
+        if self._stacked is None:
+            self._stacked = torch.cat(self.each)
+        return self._stacked
+
+
 class Trainer:
     """One pretraining run in one process: data, model, optimiser and the loop over steps."""
 
@@ -373,13 +386,17 @@ class Trainer:
         step_begins(self.cfg.train.compile)
         method = self.model.method
         online_views, target_views = method.views_used()  # an asymmetric loss leaves one view out per side
+        views = Views((v1, v2))
         with self.autocast():
-            target = [self._keep(self.key_forward(v, step, i)) if i in target_views else None
-                      for i, v in enumerate((v1, v2))]
+            if self.cfg.method.shuffle_bn:  # each view's keys in an order of their own
+                target = [self._keep(self.key_forward(v, step, i)) if i in target_views else None
+                          for i, v in enumerate(views.each)]
+            else:
+                target = self._forward_views(self.target_forward, views, target_views)
         target = method.prepare_target(target)
         if self.state.joined_at is None and self.policy.joined(step):
             self.state.joined_at = self.policy.join_step
-        losses = self._backward_subnets(step, (v1, v2), online_views, target)
+        losses = self._backward_subnets(step, views, online_views, target)
         bad = (~torch.isfinite(torch.stack(list(losses.values())))).any().float() if skip_mode else None
         self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
         # reading the flag is the one host sync of this mode, by request
@@ -403,8 +420,7 @@ class Trainer:
         diagnose = self.grad_diagnostics(step)
         for task in self.policy.plan(step):
             with self.model.subnet(task.spec), self.autocast():
-                online = [self._keep(self.online_forward(v)) if i in online_views else None
-                          for i, v in enumerate(views)]
+                online = self._forward_views(self.online_forward, views, online_views)
                 out = checked_output(method, method.loss(online, target))
                 loss = out.loss
                 if task.distill:
@@ -420,6 +436,14 @@ class Trainer:
         if diagnose is not None and dist.is_main():
             self.metrics.write({"step": step + 1, "grad_norm": diagnose.record})
         return losses
+
+    def _forward_views(self, forward, views: Views, used: tuple[int, ...]) -> list[torch.Tensor | None]:
+        """``forward``'s outputs for the views in ``used``, None for the others. All of them run as one batch
+        when all are used (``SSLModel.views_in_one_batch``: BatchNorm still normalises each on its own)."""
+        if len(used) > 1 and len(used) == len(views.each):
+            with self.model.views_in_one_batch(len(used)):
+                return list(self._keep(forward(views.stacked())).chunk(len(used)))
+        return [self._keep(forward(v)) if i in used else None for i, v in enumerate(views.each)]
 
     def _skip_step(self, step: int) -> None:
         """``train.nonfinite: skip``: drop the step's gradients and restore the BatchNorm statistics its forward

@@ -1,0 +1,64 @@
+"""A training step runs both views through each network as one batch, BatchNorm still normalising each view on its
+own: it must train exactly as running the views one at a time does, up to float rounding (in float64 the two
+agree to the last bit; in float32 convolutions of another batch size round differently, which a few steps at a
+large learning rate amplify to about 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimssl.config import config_from_dict
+from slimssl.train.loop import Trainer
+
+from test_pretrain import tiny
+
+
+class OneViewAtATime(Trainer):
+    """The reference: every view through every network on its own."""
+
+    def _forward_views(self, forward, views, used):
+        return [self._keep(forward(v)) if i in used else None for i, v in enumerate(views.each)]
+
+
+def _trained(trainer_class, cfg, path, steps: int = 2) -> tuple[list[dict], dict]:
+    trainer = trainer_class(cfg, path)
+    losses = [{k: v.item() for k, v in trainer.train_step(step).losses.items()} for step in range(steps)]
+    trainer.metrics.close()
+    return losses, {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method, model, slim", [
+    ("byol", {}, {"sampling": "sandwich", "teacher": "target"}),
+    ("byol", {"bn": "shared"}, {}),
+    ("mocov3", {"bn_group_size": 4}, {"teacher": "online", "distill_alpha": 0.5}),
+], ids=["byol-private", "byol-shared-bn", "mocov3-grouped-bn"])
+def test_views_in_one_batch_train_as_the_views_one_at_a_time(tmp_path, method, model, slim):
+    data = tiny(method, train={"batch_size": 16}, slim=slim)
+    data["model"].update(model)
+    if method != "byol":
+        del data["method"]["queue_size"]  # (MoCo v3 keeps no queue)
+    cfg = config_from_dict(data)
+    assert Trainer(cfg, tmp_path / "probe").model.method.views_used() == ((0, 1), (0, 1))  # both views, both sides
+    batched_losses, batched = _trained(Trainer, cfg, tmp_path / "batched")
+    alone_losses, alone = _trained(OneViewAtATime, cfg, tmp_path / "alone")
+    for step, (losses, expected) in enumerate(zip(batched_losses, alone_losses)):
+        assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6), step
+    # weights, the target's included, and every BatchNorm's running statistics and batch count
+    assert batched.keys() == alone.keys()
+    for key in batched:
+        torch.testing.assert_close(batched[key], alone[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+def test_a_forward_outside_a_training_step_sees_one_view(tmp_path):
+    """The views count is the step's: BatchNorm of a forward after it (kNN, a user's own) takes the whole batch."""
+    trainer = Trainer(config_from_dict(tiny("byol", train={"batch_size": 16})), tmp_path)
+    trainer.train_step(0)
+    trainer.metrics.close()
+    model = trainer.model
+    assert model.slim_state.views == 1 and model.target["backbone"].slim_state.views == 1
+    x = torch.randn(8, 3, 8, 8)
+    halves = torch.cat([model.online(x[:4]), model.online(x[4:])])
+    assert not torch.allclose(model.online(x), halves, atol=1e-3)  # statistics over all 8 samples, not two halves
+    with model.views_in_one_batch(2):
+        torch.testing.assert_close(model.online(x), halves, rtol=1e-4, atol=1e-5)
