@@ -52,6 +52,7 @@ def supernet_of_export(folder: str | Path, data: str | None = None) -> tuple[Sli
                           channel_divisor=divisor)
     _load_plain(supernet, spec, plain)
     supernet.mark_bn_estimated(spec)  # evaluated with the statistics it was exported with
+    supernet.slim_state.active = spec  # a forward without subnet= runs the export, not untrained full width
     supernet.menu_only = (f"{folder} is an export of {spec.name} alone, whose weights are all it holds (another "
                           "width would run on untrained ones); evaluate or profile the run it was exported from")
     return supernet.eval(), cfg

@@ -1,0 +1,180 @@
+"""Edge cases of the data path: the decoded-image cache when it is damaged or
+cannot be written, $SLIMSSL_MAX_IMAGE_PIXELS, zips written with "./" names, loose images beside class folders,
+splits of which nothing can be read, integer pixels and [N, 1] labels given in Python."""
+
+from __future__ import annotations
+
+import logging
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import slimssl
+from slimssl.data import decode
+from slimssl.data.datasets import load_dataset
+from slimssl.data.eval_images import load_eval_split
+from slimssl.data.files import DataError
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMSSL_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def register():
+    names = []
+
+    def register_(name, *args, **kwargs):
+        names.append(name)
+        slimssl.register_dataset(name, *args, **kwargs)
+
+    yield register_
+    for name in dict.fromkeys(names):
+        slimssl.unregister_dataset(name)
+
+
+def _save(path, color, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _tree(root, classes=("cat", "dog"), per_class=3):
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            _save(root / name / f"{i}.png", (c * 100, i * 10, 5))
+    return root
+
+
+# ---- the decoded-image cache ---------------------------------------------------------------------------
+
+def test_a_damaged_cache_entry_is_decoded_again_with_a_warning(tmp_path, caplog):
+    root = _tree(tmp_path / "data")
+    first = load_dataset(str(root))
+    entries = list((tmp_path / "cache").glob("*.pt"))
+    assert len(entries) == 1
+    entries[0].write_bytes(b"PK\x03\x04 not a torch file any more")
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        again = load_dataset(str(root))
+    assert "ignoring unreadable cache file" in caplog.text
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+    # decoded again, the entry is written anew and read on the next load
+    assert torch.equal(load_dataset(str(root)).images, first.images)
+
+
+def test_a_cache_that_cannot_be_written_does_not_stop_loading(tmp_path, monkeypatch, caplog):
+    root = _tree(tmp_path / "data")
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache's folder would go")
+    monkeypatch.setenv("SLIMSSL_CACHE", str(blocker / "cache"))
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        ds = load_dataset(str(root))
+    assert "could not write decoded-image cache" in caplog.text
+    assert ds.images.shape == (6, 3, 8, 8) and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+# ---- $SLIMSSL_MAX_IMAGE_PIXELS ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, expected", [("none", None), ("1234", 1234), (" 5000 ", 5000)])
+def test_the_pixel_limit_variable_sets_pillows_guard(monkeypatch, raw, expected):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    monkeypatch.setenv(decode.PIXEL_LIMIT_ENV, raw)
+    decode._set_pixel_limit()
+    assert Image.MAX_IMAGE_PIXELS == expected
+
+
+@pytest.mark.parametrize("raw", ["-5", "0", "lots", "1e9"])
+def test_a_bad_pixel_limit_keeps_pillows_guard_with_a_warning(monkeypatch, caplog, raw):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89478485)
+    monkeypatch.setenv(decode.PIXEL_LIMIT_ENV, raw)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        decode._set_pixel_limit()
+    assert Image.MAX_IMAGE_PIXELS == 89478485
+    assert "SLIMSSL_MAX_IMAGE_PIXELS" in caplog.text and "Pillow's limit is kept" in caplog.text
+
+
+# ---- folders and zips ---------------------------------------------------------------------------------
+
+def test_a_zip_whose_names_start_with_dot_slash_reads_as_its_folder(tmp_path):
+    """`zip -r data.zip ./train ./test` (or zipfile.writestr) stores "./train/..."; hidden entries are skipped."""
+    folder = tmp_path / "data"
+    _tree(folder / "train")
+    _tree(folder / "test", per_class=2)
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("./", b"")
+        for path in sorted(folder.rglob("*.png")):
+            zf.writestr("./" + path.relative_to(folder).as_posix(), path.read_bytes())  # (write() would normalise)
+        zf.writestr("./.DS_Store", b"junk")
+        zf.writestr("./train/cat/.hidden.png", b"not an image")
+    assert all(name.startswith("./") for name in zipfile.ZipFile(archive).namelist())
+    for split in ("train", "test"):
+        from_zip, from_folder = load_dataset(str(archive), split), load_dataset(str(folder), split)
+        assert from_zip.classes == from_folder.classes == ["cat", "dog"]
+        assert torch.equal(from_zip.labels, from_folder.labels)
+        assert torch.equal(from_zip.images, from_folder.images)
+
+
+def test_loose_images_beside_class_folders_are_left_out_with_a_warning(tmp_path, caplog):
+    root = _tree(tmp_path / "data")
+    _save(root / "stray.png", (255, 255, 255))
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        ds = load_dataset(str(root))
+    assert "ignoring 1 images outside the class folders (e.g. stray.png)" in caplog.text
+    assert len(ds) == 6 and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert not (ds.images == 255).all(dim=(1, 2, 3)).any()  # the white stray image is not among them
+
+
+def test_a_split_of_unreadable_files_alone_is_an_error_not_an_empty_dataset(tmp_path):
+    root = tmp_path / "data"
+    for name in ("cat", "dog"):
+        (root / "train" / name).mkdir(parents=True)
+        (root / "train" / name / "0.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="none of the 2 image files could be decoded"):
+        load_dataset(str(root), "train", skip_unreadable=True)
+    with pytest.raises(DataError, match="none of the 2 image files of split 'train' could be decoded"):
+        load_eval_split(str(root), "train", loader="stream", resolution=8, skip_unreadable=True)
+
+
+# ---- images given in Python ----------------------------------------------------------------------------
+
+def test_integer_pixels_of_a_wider_type_are_the_same_images_as_uint8(register):
+    gen = np.random.default_rng(0)
+    pixels = gen.integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    pixels[0, 0, 0] = 255  # the extremes are kept exactly
+    pixels[1, 0, 0] = 0
+    labels = np.array([0, 1, 0, 1])
+    register("gaps_u8", (pixels, labels))
+    register("gaps_i64", (pixels.astype(np.int64), labels))
+    register("gaps_i32_torch", (torch.from_numpy(pixels.astype(np.int32)), labels))
+    reference = load_dataset("gaps_u8").images
+    assert torch.equal(load_dataset("gaps_i64").images, reference)
+    assert torch.equal(load_dataset("gaps_i32_torch").images, reference)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda p: p.astype(np.int64) + 1, r"integer images must be in \[0, 255\].*from 1 to 256"),
+    (lambda p: p.astype(np.int64) - 1, r"integer images must be in \[0, 255\].*from -1 to"),
+    (lambda p: p > 100, "expected uint8 images or floats in \\[0, 1\\], got torch.bool"),
+])
+def test_pixels_out_of_range_or_of_no_number_type_are_refused(bad, match):
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    pixels[0, 0, 0] = 255
+    pixels[1, 0, 0] = 0
+    with pytest.raises(DataError, match=match):
+        slimssl.register_dataset("gaps_bad", (bad(pixels), [0, 1, 0, 1]))
+    with pytest.raises(DataError):  # nothing was registered under the name
+        load_dataset("gaps_bad")
+
+
+def test_labels_of_shape_n_by_1_are_the_labels_of_shape_n(register):
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 8, 8, 3)).astype(np.uint8)
+    register("gaps_column", (pixels, np.array([[1], [0], [1], [2]])))
+    register("gaps_flat", (pixels, np.array([1, 0, 1, 2])))
+    column, flat = load_dataset("gaps_column"), load_dataset("gaps_flat")
+    assert column.labels.tolist() == flat.labels.tolist() == [1, 0, 1, 2]
+    assert column.classes == flat.classes

@@ -1,0 +1,113 @@
+"""Edge cases of pretraining: a training set smaller than the batch, metrics.jsonl
+after a resume from a checkpoint that does not record its length, BatchNorm groups that do not fit the batch of
+each process, and a resume pointed at the checkpoints folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from test_pretrain import tiny
+
+import slimssl
+from slimssl.config import ConfigError, check_processes, config_from_dict
+from slimssl.data.files import DataError
+from slimssl.train.loop import Trainer
+from slimssl.train.metrics import RENUMBERED, MetricsLogger
+
+
+def test_a_training_set_smaller_than_the_batch_is_refused_before_training(tmp_path):
+    """Else an epoch would be 0 steps: the run would "finish" at once, with nothing trained."""
+    cfg = tiny(train={"batch_size": 8})
+    cfg["data"] = {**cfg["data"], "fake_size": 6}
+    with pytest.raises(DataError, match="has 6 images, fewer than train.batch_size 8"):
+        Trainer(config_from_dict(cfg), tmp_path / "run")
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _write(path, records, cut_tail: str = ""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + cut_tail)
+
+
+def test_a_resume_from_a_checkpoint_without_metrics_length_drops_the_records_after_its_step(tmp_path, caplog):
+    """A checkpoint that did not record metrics.jsonl's length (older ones): the records of steps past the
+    checkpoint, which the resumed run trains again, go by their step; those before the last renumbering (a
+    resume with another batch) count other steps and stay; a last record cut short by a kill goes too."""
+    run = tmp_path / "run"
+    run.mkdir()
+    earlier = [{"step": 10, "loss": {"a": 1.0}}, {"step": 20, "loss": {"a": 0.9}},
+               {"step": 5, RENUMBERED: {"from": 20, "batch_size": 4, "steps_per_epoch": 2}}]
+    current = [{"step": 6, "loss": {"a": 0.8}}, {"step": 7, "loss": {"a": 0.7}}, {"step": 8, "loss": {"a": 0.6}}]
+    _write(run / "metrics.jsonl", earlier + current, cut_tail='{"step": 9, "lo')
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        logger = MetricsLogger(run, resumed_at=6, saved_bytes=None)
+        logger.close()
+    assert _records(run / "metrics.jsonl") == earlier + current[:1]
+    assert "dropped 2 records of steps after 6" in caplog.text
+    assert "dropped its last record, cut short" in caplog.text
+    # the resumed run's own records follow the kept ones
+    logger = MetricsLogger(run)
+    logger.write({"step": 7, "loss": {"a": 0.5}})
+    logger.close()
+    assert _records(run / "metrics.jsonl")[-2:] == [current[0], {"step": 7, "loss": {"a": 0.5}}]
+
+
+def test_metrics_shorter_than_the_checkpoint_recorded_fall_back_to_the_steps(tmp_path):
+    """metrics.jsonl shorter than when the checkpoint was saved (edited, or copied without its end): its length
+    says nothing any more, and the records are kept by their steps."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "loss": {"a": 1.0 / s}} for s in (1, 2, 3, 4)]
+    _write(run / "metrics.jsonl", records)
+    size = (run / "metrics.jsonl").stat().st_size
+    MetricsLogger(run, resumed_at=2, saved_bytes=size + 100).close()
+    assert _records(run / "metrics.jsonl") == records[:2]
+
+
+def test_a_resume_whose_records_are_all_before_its_step_leaves_metrics_as_they_are(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _write(run / "metrics.jsonl", [{"step": 1}, {"step": 2}])
+    before = (run / "metrics.jsonl").stat()
+    MetricsLogger(run, resumed_at=2, saved_bytes=None).close()
+    assert (run / "metrics.jsonl").stat().st_mtime_ns == before.st_mtime_ns  # not rewritten
+    assert _records(run / "metrics.jsonl") == [{"step": 1}, {"step": 2}]
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped_even_when_no_step_is_trained_again(tmp_path):
+    """Else the resumed run's first record would be appended to the cut one: one unreadable line, two lost."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _write(run / "metrics.jsonl", [{"step": 1}, {"step": 2}], cut_tail='{"step": 3, "lo')
+    logger = MetricsLogger(run, resumed_at=2, saved_bytes=None)
+    logger.write({"step": 3, "lr": 0.1})
+    logger.close()
+    assert _records(run / "metrics.jsonl") == [{"step": 1}, {"step": 2}, {"step": 3, "lr": 0.1}]
+
+
+def test_batchnorm_groups_must_divide_the_batch_of_each_process(tmp_path):
+    """16 images over 2 processes: 8 each, which groups of 16 (fine for one process) cannot split."""
+    cfg = tiny("mocov2", train={"batch_size": 16})
+    cfg = config_from_dict({**cfg, "model": {**cfg["model"], "bn_group_size": 16}})
+    check_processes(cfg, 1, "x.yaml")
+    with pytest.raises(ConfigError, match=r"bn_group_size 16 must divide the per-process batch 8 "
+                                          r"\(train.batch_size 16 over 2 processes"):
+        check_processes(cfg, 2, "x.yaml")
+    cfg8 = config_from_dict({**tiny("mocov2", train={"batch_size": 16}),
+                             "model": {**tiny()["model"], "bn_group_size": 8}})
+    check_processes(cfg8, 2, "x.yaml")  # 8 per process, one group each
+
+
+def test_a_resume_given_the_checkpoints_folder_names_the_run_directory(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")  # only its place matters here
+    with pytest.raises(slimssl.UsageError) as caught:
+        slimssl.pretrain(out=run / "checkpoints", resume=True)
+    message = str(caught.value)
+    assert f"not {run / 'checkpoints'}" in message
+    assert f"this one is in the run directory {run}: out={str(run)!r}" in message
