@@ -107,6 +107,12 @@ def test_extending_loss_weights_example_registers_a_rule_that_weighs_the_run(tmp
     del LOSS_WEIGHTS["by_width"]
     real = slimssl.pretrain
     monkeypatch.setattr(slimssl, "pretrain", lambda *a, **kw: real(*a, **kw, max_steps=2))  # two steps are enough
+    from slimssl.cli import main
+
+    (tmp_path / "by_width.py").write_text(example)  # imported as the page says: registers, trains nothing
+    assert main(["--import", "by_width.py", "config", "--set", "slim.loss_weights=by_width"]) == 0
+    assert LOSS_WEIGHTS["by_width"].__module__ == "by_width" and not (tmp_path / "runs").exists()
+    del LOSS_WEIGHTS["by_width"]
     weighed = []
     monkeypatch.setattr(policy, "weigh", lambda *a: weighed.append(a) or weigh(*a))
     namespace: dict = {"__name__": "__main__"}
