@@ -433,23 +433,26 @@ def test_a_process_that_never_closes_its_source_still_exits(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
-def test_an_image_over_pillows_size_guard_decodes_as_in_memory_or_is_named_with_the_way_to_allow_it(monkeypatch):
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow warns below twice its limit
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("decoder", ["streamed", "in memory"])
+def test_an_image_over_pillows_size_guard_is_refused_naming_the_way_to_allow_it(monkeypatch, fmt, decoder):
+    """Whichever decoder reads it: a JPEG that torchvision decodes (which has no guard of its own) too."""
     import io
 
     from PIL import Image
 
-    from slimssl.data.decode import decode_error, decode_pixels
+    from slimssl.data.decode import decode_error, decode_full, decode_pixels
 
-    def encoded(fmt: str) -> bytes:
-        buffer = io.BytesIO()
-        Image.new("RGB", (64, 48), (200, 30, 10)).save(buffer, fmt)
-        return buffer.getvalue()
-
-    expected = decode_pixels(encoded("JPEG"), 48)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 64 x 48 is over twice that: Pillow refuses to open it
-    assert torch.equal(decode_pixels(encoded("JPEG"), 8), expected)  # whole, by torchvision, as the memory loader
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 30, 10)).save(buffer, fmt)
+    decode = (lambda data: decode_pixels(data, 8)) if decoder == "streamed" else decode_full
+    expected = decode(buffer.getvalue())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1536)  # 64 x 48 is twice that: not over Pillow's guard yet
+    assert torch.equal(decode(buffer.getvalue()), expected)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1535)
     with pytest.raises(Image.DecompressionBombError) as refused:
-        decode_pixels(encoded("PNG"), 8)
+        decode(buffer.getvalue())
     assert "refuses an image this large" in decode_error(refused.value)
     assert "set $SLIMSSL_MAX_IMAGE_PIXELS=none (or a larger number of pixels)" in decode_error(refused.value)
 

@@ -91,6 +91,7 @@ _BUFFER = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 def decode_full(data: bytes) -> torch.Tensor:
     """Bytes -> uint8 [3, H, W]; raises on truncated or non-image data."""
     if _JPEG is not None and data[:2] == b"\xff\xd8":
+        _refuse_bomb(_jpeg_size(data))  # torchvision's decoder has no guard of its own: Pillow's, as PIL applies it
         op, rgb = _JPEG
         try:
             return op(torch.frombuffer(bytearray(data), dtype=torch.uint8), rgb, False)
@@ -99,6 +100,32 @@ def decode_full(data: bytes) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         return torch.from_numpy(to_rgb(img)).permute(2, 0, 1)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, read without decoding; None where none is found before the
+    scan (a damaged file, which the decoder then reports)."""
+    at = 2
+    while at + 9 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            at += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame (not DHT, JPG, DAC)
+            return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
+        if marker == 0xDA:  # the scan begins: no frame header before it
+            return None
+        at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return None
+
+
+def _refuse_bomb(size: tuple[int, int] | None) -> None:
+    """Pillow's guard against decompression bombs for a decoder other than Pillow's: an image of more than
+    twice ``Image.MAX_IMAGE_PIXELS`` is refused as Pillow refuses it (``DecompressionBombError``)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if size is not None and limit and size[0] * size[1] > 2 * limit:
+        raise Image.DecompressionBombError(f"{size[0]}x{size[1]} is {size[0] * size[1]} pixels, over twice "
+                                           f"Pillow's limit of {limit}")
 
 
 def decode_resized(data: bytes, resolution: int | None, crop_ratio: float = 1.0) -> torch.Tensor:
@@ -167,12 +194,9 @@ def decode_pixels(data: bytes, min_side: int) -> torch.Tensor:
 
 
 def _draft_shrinks(data: bytes, min_side: int) -> bool:
-    """Whether ``decode_image`` decodes this JPEG at reduced DCT scale (reads the header only). A JPEG over
-    Pillow's size guard is not: torchvision's decoder reads it whole, as the in-memory loader does."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            full = img.size
-            img.draft("RGB", (min_side, min_side))
-            return img.size != full
-    except Image.DecompressionBombError:
-        return False
+    """Whether ``decode_image`` decodes this JPEG at reduced DCT scale (reads the header only; a JPEG over
+    Pillow's size guard is refused here, as everywhere)."""
+    with Image.open(io.BytesIO(data)) as img:
+        full = img.size
+        img.draft("RGB", (min_side, min_side))
+        return img.size != full
