@@ -129,6 +129,7 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
         if data_only:
             return _tag(rows, device, batch)
         slim = _measure(trainer.train_step, steps, warmup, device)
+        trainer.cuda_graphs.check()  # a compiled mode that lost its CUDA graphs measures something else
         if profile is not None:
             write_operator_table(trainer.train_step, range(warmup + 2 * steps, warmup + 3 * steps), device, profile)
         n = len(trainer.policy.draw(warmup))
@@ -142,6 +143,7 @@ def _run_bench(cfg, steps: int, warmup: int, baseline: bool, data_only: bool, pr
                 dense = Trainer(dense_cfg, scratch / f"dense-{name}")
             with dense:
                 dense_rows.append(row(f"dense {name}", _measure(dense.train_step, steps, warmup, device)))
+                dense.cuda_graphs.check()
             del dense
         total = sum(batch / r["img_per_s"] for r in dense_rows)
         rows += dense_rows

@@ -9,11 +9,14 @@ resolutions.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 
 from ..errors import SlimsslError
+
+log = logging.getLogger("slimssl")
 
 MODES = ("off", "default", "reduce-overhead", "max-autotune")
 BACKEND = "inductor"  # tests switch this to "aot_eager", which traces the same graphs without a C++ compiler
@@ -49,3 +52,30 @@ def step_begins(mode: str) -> None:
     """Tell the CUDA-graph trees that a new training iteration starts (earlier outputs may be reused)."""
     if uses_cuda_graphs(mode):
         torch.compiler.cudagraph_mark_step_begin()
+
+
+def _cuda_graph_skips() -> int:
+    """How many compiled graphs inductor has run without capturing a CUDA graph, in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
+class CudaGraphWatch:
+    """Warns when a mode that captures CUDA graphs ran a graph without one (inductor skips the capture of a graph
+    it cannot replay safely, and says so only under ``TORCH_LOGS=perf_hints``): those steps launch every kernel,
+    as ``train.compile=default`` would, which is the cost the mode was chosen to remove."""
+
+    def __init__(self, mode: str):
+        self.enabled = uses_cuda_graphs(mode)
+        self.seen = _cuda_graph_skips() if self.enabled else 0
+
+    def check(self) -> None:
+        if not self.enabled:
+            return
+        skips = _cuda_graph_skips()
+        if skips > self.seen:
+            log.warning("torch.compile ran %d graph(s) of this run without CUDA graphs (%d in this process so far): "
+                        "their steps launch every kernel, as train.compile=default would; TORCH_LOGS=perf_hints "
+                        "says why", skips - self.seen, skips)
+            self.seen = skips

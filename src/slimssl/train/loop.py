@@ -41,7 +41,7 @@ from ..seeds import derived_generator
 from ..slim.diagnostics import GradientImbalance
 from ..slim.policy import SlimPolicy, check_every_entry_trains
 from . import distributed as dist
-from .compile import compile_forward, step_begins, uses_cuda_graphs
+from .compile import CudaGraphWatch, compile_forward, step_begins, uses_cuda_graphs
 from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, progress_bar
 from .monitor import KnnMonitor
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
@@ -226,6 +226,7 @@ class Trainer:
                      "sub-network is slow", mode)
         # a CUDA-graph output is overwritten by the graph's next replay: keep copies of what outlives it
         self._keep = (lambda t: t.clone()) if uses_cuda_graphs(mode) else (lambda t: t)
+        self.cuda_graphs = CudaGraphWatch(mode)  # checked at every record: a capture skipped is said at once
 
     def _convert_sync_bn(self) -> None:
         """train.sync_bn: every private BatchNorm (each sub-network's, heads and target included) becomes a
@@ -600,6 +601,8 @@ class Trainer:
         if self.state.skipped_steps:
             record["skipped_steps"] = self.state.skipped_steps
         self.metrics.write(record)
+        if dist.is_main():
+            self.cuda_graphs.check()
         progress.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in zip(bar_labels(list(means)), means.values()))
                                  + f" img/s={record['img_per_s']:.0f}")
 
