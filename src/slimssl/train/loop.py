@@ -72,15 +72,17 @@ class StepResult:
 
 
 class Views:
-    """A step's augmented views, one by one and stacked into one batch (stacked once, when a forward asks)."""
+    """A step's augmented views, one by one and stacked into one batch (stacked once, when a forward asks; the
+    views are then parts of the stack, so that the images are held once)."""
 
     def __init__(self, each: tuple[torch.Tensor, ...]):
-        self.each = each
+        self.each = tuple(each)
         self._stacked: torch.Tensor | None = None
 
     def stacked(self) -> torch.Tensor:
         if self._stacked is None:
             self._stacked = torch.cat(self.each)
+            self.each = self._stacked.chunk(len(self.each))
         return self._stacked
 
 
@@ -383,11 +385,10 @@ class Trainer:
         if skip_mode:  # a NaN forward writes NaN into the BatchNorm statistics before the loss shows it
             copy_by_dtype(self._bn_backup, self._bn_buffers)
         lr = self.set_lr(step)
-        v1, v2 = self.views(step)
+        views = Views(self.views(step))
         step_begins(self.cfg.train.compile)
         method = self.model.method
         online_views, target_views = method.views_used()  # an asymmetric loss leaves one view out per side
-        views = Views((v1, v2))
         with self.autocast():
             if self.cfg.method.shuffle_bn:  # each view's keys in an order of their own
                 target = [self._keep(self.key_forward(v, step, i)) if i in target_views else None
