@@ -149,3 +149,20 @@ def test_a_pt2_program_moved_to_the_gpu_computes_the_subnet(tmp_path):
     program = torch.export.load(str(folder / "model.pt2")).module().to("cuda")
     x = torch.randn(3, 3, 16, 16)
     torch.testing.assert_close(program(x.cuda()).cpu(), supernet(x, subnet=spec), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 1e-3), ("bf16", 5e-2)])
+def test_views_in_one_batch_train_as_one_view_at_a_time_on_the_gpu(tmp_path, precision, tolerance):
+    """channels_last and autocast as a GPU run has them: the stacked views keep the layout, and the losses of
+    three steps follow those of the views run one at a time (bf16 rounds the summed gradients once, not twice)."""
+    from test_views_in_one_batch import OneViewAtATime
+
+    cfg = config_from_dict(tiny("byol", train={"device": "cuda", "precision": precision, "batch_size": 16}))
+    batched, alone = Trainer(cfg, tmp_path / "batched"), OneViewAtATime(cfg, tmp_path / "alone")
+    layouts = []
+    forward = batched.online_forward
+    batched.online_forward = lambda x: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) or forward(x)
+    for step in range(3):
+        a, b = batched.train_step(step).losses, alone.train_step(step).losses
+        assert all(abs(float(a[k]) - float(b[k])) < tolerance * max(1.0, abs(float(b[k]))) for k in a), (step, a, b)
+    assert layouts and all(layouts)
