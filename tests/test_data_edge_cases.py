@@ -178,3 +178,21 @@ def test_labels_of_shape_n_by_1_are_the_labels_of_shape_n(register):
     column, flat = load_dataset("gaps_column"), load_dataset("gaps_flat")
     assert column.labels.tolist() == flat.labels.tolist() == [1, 0, 1, 2]
     assert column.classes == flat.classes
+
+
+@pytest.mark.parametrize("before_the_frame", [b"\xff\xff\xff", b"\x00\x00junk", b"\xff\x00", b"\xff\xd0", b"\xff\x01",
+                                              b"\xff\xd8"], ids=["fill", "junk", "stuffed", "RST0", "TEM", "SOI"])
+def test_a_jpeg_with_odd_bytes_before_its_frame_header_is_held_to_pillows_guard(monkeypatch, before_the_frame):
+    """Bytes that torchvision's decoder skips before the size header must not skip the size check with them."""
+    import io
+
+    from PIL import Image
+
+    from slimssl.data.decode import decode_full
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, "JPEG")
+    data = buffer.getvalue()[:2] + before_the_frame + buffer.getvalue()[2:]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 48 is over twice that
+    with pytest.raises(Image.DecompressionBombError):
+        decode_full(data)

@@ -90,8 +90,9 @@ _BUFFER = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 def decode_full(data: bytes) -> torch.Tensor:
     """Bytes -> uint8 [3, H, W]; raises on truncated or non-image data."""
-    if _JPEG is not None and data[:2] == b"\xff\xd8":
-        _refuse_bomb(_jpeg_size(data))  # torchvision's decoder has no guard of its own: Pillow's, as PIL applies it
+    size = _jpeg_size(data) if _JPEG is not None and data[:2] == b"\xff\xd8" else None
+    if size is not None:  # (a JPEG whose size is not found goes to PIL, which checks it as it decodes)
+        _refuse_bomb(size)  # torchvision's decoder has no guard of its own: Pillow's, as PIL applies it
         op, rgb = _JPEG
         try:
             return op(torch.frombuffer(bytearray(data), dtype=torch.uint8), rgb, False)
@@ -103,18 +104,24 @@ def decode_full(data: bytes) -> torch.Tensor:
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's frame header, read without decoding; None where none is found before the
-    scan (a damaged file, which the decoder then reports)."""
-    at = 2
-    while at + 9 <= len(data) and data[at] == 0xFF:
+    """(width, height) from a JPEG's frame header, read without decoding, walking the markers as libjpeg does
+    (bytes between markers and fill bytes skipped; restart markers carry no length); None where no frame
+    header comes before the scan."""
+    at, end = 2, len(data)
+    while at + 1 < end:
         marker = data[at + 1]
-        if marker == 0xFF:  # a fill byte before the marker
+        if data[at] != 0xFF or marker == 0x00:  # not a marker (0xFF00 is a stuffed byte): skipped, as libjpeg does
             at += 1
             continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame (not DHT, JPG, DAC)
-            return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
-        if marker == 0xDA:  # the scan begins: no frame header before it
+        if marker == 0xFF or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # a fill byte, RSTn, TEM: no length
+            at += 1 if marker == 0xFF else 2
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):  # another start of image, its end, or the scan: no frame before it
             return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame (not DHT, JPG, DAC)
+            if at + 9 > end:
+                return None
+            return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
         at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
     return None
 
