@@ -1,6 +1,6 @@
 """A training step runs both views through each network as one batch, BatchNorm still normalising each view on its
 own: it must train exactly as running the views one at a time does, up to float rounding (in float64 the two
-agree to the last bit; in float32 convolutions of another batch size round differently, which a few steps at a
+agree to within 1e-15; in float32 convolutions of another batch size round differently, which a few steps at a
 large learning rate amplify to about 1e-5)."""
 
 from __future__ import annotations
@@ -62,3 +62,32 @@ def test_a_forward_outside_a_training_step_sees_one_view(tmp_path):
     assert not torch.allclose(model.online(x), halves, atol=1e-3)  # statistics over all 8 samples, not two halves
     with model.views_in_one_batch(2):
         torch.testing.assert_close(model.online(x), halves, rtol=1e-4, atol=1e-5)
+
+
+def test_a_method_may_change_its_online_outputs_in_place(tmp_path, monkeypatch):
+    """A loss of one's own that scales its inputs in place trains as with the views one at a time (the outputs
+    of one batch are handed over as slices, which torch lets one change in place)."""
+    from slimssl.methods import METHODS, register_method
+    from slimssl.methods.byol import BYOL
+
+    monkeypatch.setitem(METHODS, "scaled_in_place", None)  # removed again after the test
+    del METHODS["scaled_in_place"]
+
+    @register_method
+    class ScaledInPlace(BYOL):
+        name = "scaled_in_place"
+
+        def loss(self, online, target):
+            for out in online:
+                out.mul_(2.0)
+            return super().loss(online, target)
+
+    data = tiny("byol", train={"batch_size": 16})
+    data["method"]["name"] = "scaled_in_place"
+    cfg = config_from_dict(data)
+    batched_losses, batched = _trained(Trainer, cfg, tmp_path / "batched")
+    alone_losses, alone = _trained(OneViewAtATime, cfg, tmp_path / "alone")
+    for losses, expected in zip(batched_losses, alone_losses):
+        assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for key in batched:
+        torch.testing.assert_close(batched[key], alone[key], rtol=1e-4, atol=1e-4, msg=key)

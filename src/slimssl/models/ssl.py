@@ -81,13 +81,14 @@ class SSLModel(SlimmableMixin, nn.Module):
         (online and target) normalises each view on its own, so the outputs are those of the views run one by
         one, up to rounding, from half the kernel launches, which bound a GPU step on small images."""
         states = [self.slim_state] + ([self.target["backbone"].slim_state] if self.target is not None else [])
+        before = [state.views for state in states]
         for state in states:
             state.views = views
         try:
             yield
         finally:
-            for state in states:
-                state.views = 1
+            for state, count in zip(states, before):
+                state.views = count
 
     def named_online_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters the optimiser trains: everything but the EMA target."""

@@ -82,8 +82,15 @@ class Views:
     def stacked(self) -> torch.Tensor:
         if self._stacked is None:
             self._stacked = torch.cat(self.each)
-            self.each = self._stacked.chunk(len(self.each))
+            self.each = parts(self._stacked, len(self.each))
         return self._stacked
+
+
+def parts(batch: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """``batch`` split into ``n`` equal parts along its first dimension, as slices: each may be changed in place,
+    as a tensor of its own could (torch refuses that on the outputs of ``chunk``)."""
+    size = batch.shape[0] // n
+    return [batch[i * size:(i + 1) * size] for i in range(n)]
 
 
 class Trainer:
@@ -444,7 +451,7 @@ class Trainer:
         when all are used (``SSLModel.views_in_one_batch``: BatchNorm still normalises each on its own)."""
         if len(used) > 1 and len(used) == len(views.each):
             with self.model.views_in_one_batch(len(used)):
-                return list(self._keep(forward(views.stacked())).chunk(len(used)))
+                return parts(self._keep(forward(views.stacked())), len(used))
         return [self._keep(forward(v)) if i in used else None for i, v in enumerate(views.each)]
 
     def _skip_step(self, step: int) -> None:

@@ -55,6 +55,14 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
     # (on a GPU, AdamW would read them back at every step)
     data = load_checkpoint(path, map_location="cpu")
     saved: Config = data["config"]
+    entries = dict(data["train_state"])
+    entries.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
+    unknown = sorted(set(entries) - {f.name for f in fields(TrainState)})
+    if unknown:  # a newer slimssl's progress, which this one would drop: said before its weights are blamed
+        writer = data.get("saved_by", "another version of slimssl")
+        raise CheckpointError(f"{path} holds train state this slimssl does not know ({', '.join(unknown)}): it was "
+                              f"saved by {writer}, and this is slimssl {__version__}: resume it with the version that "
+                              "saved it")
     check_menu(data["menu"], cfg, str(path))
     try:
         state = data["model"]
@@ -70,14 +78,6 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
     _load_optimizer(path, saved, cfg, optimizer, data["optimizer"])
     scaler.load_state_dict(data["scaler"])
 
-    entries = dict(data["train_state"])
-    entries.pop("knn_history", None)  # kept by checkpoints until 2026-12-02; metrics.jsonl has the same
-    unknown = sorted(set(entries) - {f.name for f in fields(TrainState)})
-    if unknown:  # what this slimssl cannot continue: a run's progress it would drop
-        writer = data.get("saved_by", "another version of slimssl")
-        raise CheckpointError(f"{path} holds train state this slimssl does not know ({', '.join(unknown)}): it was "
-                              f"saved by {writer}, and this is slimssl {__version__}: resume it with the version that "
-                              "saved it")
     state = TrainState(**entries)
     saved_step, epochs_done = state.step, data.get("epoch")
     if "joined_at" not in entries:  # a checkpoint from before 2026-12-06: from its config and epoch
