@@ -514,8 +514,8 @@ def test_cli_export_verify_checks_the_onnx_graph_and_fails_above_tolerance(tmp_p
     (row,) = json.loads(capsys.readouterr().out)
     assert 0.0 <= row["onnx_max_abs_diff"] < 1e-5 and row["max_abs_diff"] < 1e-5
     # an ONNX graph that computes something else fails the command, though the safetensors export matches
-    run_onnx = slimssl.export._run_onnx
-    monkeypatch.setattr(slimssl.export, "_run_onnx", lambda path, x: run_onnx(path, x) + 1e-3)
+    run_onnx = slimssl.export.run_onnx
+    monkeypatch.setattr(slimssl.export, "run_onnx", lambda path, x: run_onnx(path, x) + 1e-3)
     assert main([*args, "--out", str(tmp_path / "b")]) == 1
     (row,) = json.loads(capsys.readouterr().out)
     assert row["onnx_max_abs_diff"] == pytest.approx(1e-3, rel=1e-2) and row["max_abs_diff"] < 1e-5
@@ -543,7 +543,7 @@ def test_onnx_graph_takes_other_image_sizes(tmp_path, perturb_bn, name, sizes):
 def test_pt2_program_runs_without_slimssl_at_any_batch_and_size(tmp_path, perturb_bn, name):
     """model.pt2 is what a deployment without slimssl loads: torch.export.load alone gives the sub-network, its
     batch and image size free from the smallest size the network's strides allow, with config.json inside."""
-    from slimssl.export import smallest_program_input
+    from slimssl.export_graphs import smallest_program_input
 
     model = build(name, perturb_bn)
     spec = model.menu[-1]  # the narrowest (and, with depths, shallowest)
@@ -581,7 +581,7 @@ def test_verify_export_runs_a_plain_model_in_eval_mode_and_gives_it_back_in_its_
 
 
 def test_the_unfolded_max_pool_is_the_stems_max_pool():
-    from slimssl.export import UnfoldedMaxPool
+    from slimssl.export_graphs import UnfoldedMaxPool
 
     pool = nn.MaxPool2d(3, 2, 1)
     for size in (2, 7, 8, 33, 34):

@@ -30,6 +30,11 @@ class ExtensionError(SlimsslError):
     the heads it declares (models/) and slim/weights.py all check that contract."""
 
 
+class ExportError(SlimsslError):
+    """An exported model folder, or a graph beside it, that cannot be written or loaded; says which file and why.
+    Defined here: export.py (the weights) and export_graphs.py (ONNX, torch.export) both raise it."""
+
+
 class StorageError(SlimsslError):
     """A file the machine would not let be written or read: a full disk, a quota, a read-only or forbidden
     place."""

@@ -14,8 +14,9 @@ from .checkpoint import OpenedSupernet, open_checkpoint, pretraining_unfinished
 from .config import Config
 from .data.files import DataError
 from .errors import UsageError
-from .export import (GRAPHS, check_export_folder, check_format, export_differences, export_subnet,
-                     load_exported, preprocessing, refuse_run_folder)
+from .export import (check_export_folder, check_format, export_differences, export_subnet, load_exported,
+                     preprocessing, refuse_run_folder)
+from .export_graphs import GRAPHS
 from .launch import warn_of_repeated_work
 from .models.resnet import SlimResNet
 from .nn.spec import SubnetSpec, Subnets
