@@ -91,3 +91,29 @@ def test_a_method_may_change_its_online_outputs_in_place(tmp_path, monkeypatch):
         assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
     for key in batched:
         torch.testing.assert_close(batched[key], alone[key], rtol=1e-4, atol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("private", [True, False], ids=["private", "shared"])
+def test_batchnorm_of_views_in_one_batch_is_that_of_the_views_one_after_the_other(momentum, private):
+    """Outputs, running statistics and batch count; with momentum None (a cumulative average, as recalibration
+    uses) each view's update reads the count of the batches before it."""
+    import copy
+
+    from slimssl.nn.layers import SlimBatchNorm, SlimState, bind_state
+    from slimssl.nn.spec import Menu, SubnetSpec
+
+    full = SubnetSpec(1.0, (1,))
+    state = SlimState(full, Menu([full]), private_bn=private)
+    norm = SlimBatchNorm(6, subnets={full.name: 6} if private else None, momentum=momentum)
+    bind_state(norm, state)
+    norm(torch.randn(4, 6, 2, 2))  # a batch before: the count is not where it starts
+    alone = copy.deepcopy(norm)
+    bind_state(alone, state)
+    views = torch.randn(4, 6, 2, 2), torch.randn(4, 6, 2, 2) * 3 + 1
+    state.views = 2
+    together = norm(torch.cat(views))
+    state.views = 1
+    torch.testing.assert_close(together, torch.cat([alone(v) for v in views]))
+    torch.testing.assert_close(norm.state_dict(), alone.state_dict())
+    assert next(v for k, v in norm.state_dict().items() if k.endswith("num_batches_tracked")).item() == 3
