@@ -72,3 +72,19 @@ SLOW_FIRST = ("test_demo.py",)
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name not in SLOW_FIRST)  # stable: the rest keep their order
+
+
+@pytest.fixture
+def register():
+    """``slimssl.register_dataset`` whose names are forgotten after the test (the registry is per process)."""
+    import slimssl
+
+    names = []
+
+    def register_(name, *args, **kwargs):
+        names.append(name)
+        slimssl.register_dataset(name, *args, **kwargs)
+
+    yield register_
+    for name in dict.fromkeys(names):
+        slimssl.unregister_dataset(name)

@@ -24,19 +24,6 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMSSL_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture
-def register():
-    names = []
-
-    def register_(name, *args, **kwargs):
-        names.append(name)
-        slimssl.register_dataset(name, *args, **kwargs)
-
-    yield register_
-    for name in dict.fromkeys(names):
-        slimssl.unregister_dataset(name)
-
-
 def _save(path, color, size=(8, 8)):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)

@@ -21,20 +21,6 @@ from slimssl.data.files import DataError, MissingSplitError
 from slimssl.errors import UsageError
 
 
-@pytest.fixture
-def register():
-    """``slimssl.register_dataset`` whose names are forgotten after the test (the registry is per process)."""
-    names = []
-
-    def register_(name, *args, **kwargs):
-        names.append(name)
-        slimssl.register_dataset(name, *args, **kwargs)
-
-    yield register_
-    for name in dict.fromkeys(names):
-        slimssl.unregister_dataset(name)
-
-
 def pixels(n: int, h: int = 8, w: int = 8, seed: int = 0) -> np.ndarray:
     """uint8 [N, H, W, 3] images of smooth random patterns (so that resizing them is not trivial)."""
     gen = np.random.default_rng(seed)
