@@ -79,7 +79,7 @@ class SSLModel(SlimmableMixin, nn.Module):
     def views_in_one_batch(self, views: int):
         """Forwards inside take ``views`` views of one image batch stacked into one batch. Training BatchNorm
         (online and target) normalises each view on its own, so the outputs are those of the views run one by
-        one, up to rounding, from half the kernel launches, which bound a GPU step on small images."""
+        one, up to rounding, from fewer and larger kernels (launches bound a GPU step on small images)."""
         states = [self.slim_state] + ([self.target["backbone"].slim_state] if self.target is not None else [])
         before = [state.views for state in states]
         for state in states:

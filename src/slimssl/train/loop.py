@@ -449,9 +449,10 @@ class Trainer:
     def _forward_views(self, forward, views: Views, used: tuple[int, ...]) -> list[torch.Tensor | None]:
         """``forward``'s outputs for the views in ``used``, None for the others. All of them run as one batch
         when all are used (``SSLModel.views_in_one_batch``: BatchNorm still normalises each on its own)."""
-        if len(used) > 1 and len(used) == len(views.each):
-            with self.model.views_in_one_batch(len(used)):
-                return parts(self._keep(forward(views.stacked())), len(used))
+        n = len(views.each)
+        if n > 1 and set(used) >= set(range(n)):
+            with self.model.views_in_one_batch(n):
+                return parts(self._keep(forward(views.stacked())), n)
         return [self._keep(forward(v)) if i in used else None for i, v in enumerate(views.each)]
 
     def _skip_step(self, step: int) -> None:
