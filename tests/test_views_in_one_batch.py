@@ -117,3 +117,16 @@ def test_batchnorm_of_views_in_one_batch_is_that_of_the_views_one_after_the_othe
     torch.testing.assert_close(together, torch.cat([alone(v) for v in views]))
     torch.testing.assert_close(norm.state_dict(), alone.state_dict())
     assert next(v for k, v in norm.state_dict().items() if k.endswith("num_batches_tracked")).item() == 3
+
+
+def test_each_view_goes_through_the_batchnorm_module_itself(tmp_path):
+    """Its hooks (and a forward replaced on it, as tests freeze BatchNorm) see every view: BatchNorm is not
+    bypassed with a functional call to save kernels."""
+    trainer = Trainer(config_from_dict(tiny("byol", train={"batch_size": 16})), tmp_path)
+    model = trainer.model
+    seen = []
+    norm = model.backbone.bn1.bns[model.backbone.menu.largest.name]
+    norm.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    trainer.train_step(0)
+    trainer.metrics.close()
+    assert seen == [16, 16]  # the two views of 16 images of the full width's online forward

@@ -128,33 +128,17 @@ class SlimBatchNorm(SlimModule):
         bn = self.bn if self.bns is None else self.norm_for(self.state.active)
         views = self.state.views
         if bn.training and views > 1:  # each view with its own statistics, as if it ran alone (in order)
-            counted_once = _counts_added_up(bn)
-            out = torch.cat([self._normalise(bn, part, count=not counted_once) for part in x.chunk(views)])
-            if counted_once:  # the views' batches counted by one kernel, not one each
-                bn.num_batches_tracked.add_(views)
-            return out
+            return torch.cat([self._normalise(bn, part) for part in x.chunk(views)])
         return self._normalise(bn, x)
 
-    def _normalise(self, bn: nn.Module, x: torch.Tensor, count: bool = True) -> torch.Tensor:
-        """``bn`` in its mode on ``x``; ``count=False`` leaves the batch count to the caller."""
+    def _normalise(self, bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         group = self.state.bn_group_size
         if bn.training and group and x.shape[0] > group:
-            return grouped_batch_norm(bn, x, group, count)
-        if self.bns is None:
-            return _sliced_batch_norm(bn, x, count)
-        if count:
-            return bn(x)
-        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, bn.momentum, bn.eps)
+            return grouped_batch_norm(bn, x, group)
+        return bn(x) if self.bns is not None else _sliced_batch_norm(bn, x)
 
 
-def _counts_added_up(bn: nn.Module) -> bool:
-    """Whether the batch count of training ``bn`` on several batches may be added once: a plain BatchNorm (not
-    a SyncBatchNorm, whose forward is its own) with a fixed momentum (with none, each update reads the count)."""
-    return type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d) and bn.track_running_stats and bn.momentum is not None
-
-
-def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, group_size: int,
-                       count: bool = True) -> torch.Tensor:
+def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, group_size: int) -> torch.Tensor:
     """Training BatchNorm with the statistics of each ``group_size`` consecutive samples, as if each group sat
     on its own GPU; the running statistics move towards the mean over groups. ``bn`` may be wider than ``x``
     (shared BatchNorm): its leading channels are used.
@@ -176,8 +160,7 @@ def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, gro
     track = bn.track_running_stats and bn.running_mean is not None
     momentum = 0.0
     if track:
-        if count:
-            bn.num_batches_tracked.add_(1)
+        bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     running_mean = _leading(bn.running_mean, c).repeat(g) if track else None  # one copy per group, averaged below
     running_var = _leading(bn.running_var, c).repeat(g) if track else None
@@ -191,13 +174,11 @@ def grouped_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, gro
     return out.unflatten(1, (g, c)).transpose(0, 1).flatten(0, 1).contiguous(memory_format=layout)
 
 
-def _sliced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, count: bool = True) -> torch.Tensor:
-    """Run ``bn`` on the leading ``x.shape[1]`` channels; running statistics are updated in place (and the batch
-    counted, unless ``count`` is False)."""
+def _sliced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Run ``bn`` on the leading ``x.shape[1]`` channels; running statistics are updated in place."""
     c = x.shape[1]
     if bn.training and bn.track_running_stats:
-        if count:
-            bn.num_batches_tracked.add_(1)
+        bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     else:
         momentum = 0.0 if bn.momentum is None else bn.momentum
