@@ -126,11 +126,11 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _refuse_bomb(size: tuple[int, int] | None) -> None:
+def _refuse_bomb(size: tuple[int, int]) -> None:
     """Pillow's guard against decompression bombs for a decoder other than Pillow's: an image of more than
     twice ``Image.MAX_IMAGE_PIXELS`` is refused as Pillow refuses it (``DecompressionBombError``)."""
     limit = Image.MAX_IMAGE_PIXELS
-    if size is not None and limit and size[0] * size[1] > 2 * limit:
+    if limit and size[0] * size[1] > 2 * limit:
         raise Image.DecompressionBombError(f"{size[0]}x{size[1]} is {size[0] * size[1]} pixels, over twice "
                                            f"Pillow's limit of {limit}")
 
