@@ -1559,7 +1559,7 @@ def test_pretrain_refuses_a_directory_holding_a_run_without_its_checkpoint(tmp_p
     (run / "checkpoints" / "last.pt").unlink()
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)]) == 2
-    assert "holds files of an earlier run (results.json, metrics.jsonl, tb)" in error_text(capsys, caplog)
+    assert "holds files of an earlier run (config.yaml, results.json, metrics.jsonl, tb)" in error_text(capsys, caplog)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 

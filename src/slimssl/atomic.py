@@ -56,14 +56,24 @@ def is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file()
 
 
-def remove_temporaries(folder: Path, of: tuple[str, ...] = ()) -> list[str]:
+# A temporary file of a small file (JSON, YAML) this many seconds old is a killed write's: writing one takes
+# milliseconds. For folders where another process may be writing such a file right now.
+STALE_SECONDS = 60
+
+
+def remove_temporaries(folder: Path, of: tuple[str, ...] = (), older_than: float = 0) -> list[str]:
     """Remove the temporary files that killed writes left in ``folder`` (``of``: only those of files of these
-    names); returns their names. Only for a folder that no other process writes in now."""
+    names); returns their names. Only for files that no other process writes now, or, with ``older_than``
+    (seconds; :data:`STALE_SECONDS`), for temporary files that old, which no write in progress still has."""
     removed = []
+    now = time.time()
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
         if is_temporary(path) and (not of or path.name.startswith(tuple(f".{name}." for name in of))):
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
+            with contextlib.suppress(OSError):  # gone meanwhile (another cleaner), or not ours to remove
+                if older_than and now - path.stat().st_mtime < older_than:
+                    continue
+                path.unlink()
+                removed.append(path.name)
     return removed
 
 

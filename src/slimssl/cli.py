@@ -229,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("where it was stopped:", exc_info=True)
         log.error("slimssl %s: interrupted (%s); nothing it had saved is lost", args.command, str(e) or "Ctrl-C")
         return 130
+    finally:
+        if argv is None and args.command in OWN_STOP_SIGNALS:  # this process's own command, which has now ended:
+            # a SIGTERM while Python exits (a second, with torch) would end it by the signal (143), not with the
+            # exit code the command chose (3: stopped and saved, which a job script resubmits on)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from safetensors.torch import load, save
 
 from . import __version__
 from .atomic import atomic_write, remove_temporaries
-from .cli_args import shell_quote
+from .cli_args import on_command_line, shell_quote
 from .errors import ExportError
 from .export_graphs import (GRAPHS, ONNX, PROGRAM, export_onnx, export_program, program_input, require_onnx,
                             run_onnx, run_program)  # the graphs an export may add beside its weights
@@ -170,7 +170,7 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
     # be the same file
     weights = save(state, metadata={"subnet": str(info["subnet"])} if "subnet" in info else None)
     # which weights file this config belongs to: the two files are replaced one after the other, and a kill
-    # between the two would otherwise leave new weights described by the old config (load_exported checks it)
+    # between the two leaves the new config beside the earlier weights, or none (load_exported checks it)
     info[WEIGHTS_DIGEST] = hashlib.sha256(weights).hexdigest()
     text = json.dumps(info, indent=2) + "\n"
     try:
@@ -182,10 +182,12 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
     for name in remove_temporaries(folder, of=(CONFIG, WEIGHTS, PROGRAM)):  # of an export killed midway: a model's size
         log.info("%s: removed %s, left by an export that was killed midway", folder, name)
     # Both files are written whole to temporary files, which then replace the earlier export's one after the
-    # other: a failure while writing (a full disk, Ctrl-C) leaves the earlier export as it was, never new
-    # weights described by the old config. The files get the permissions open() would give them.
+    # other: a failure while writing (a full disk, Ctrl-C) leaves the earlier export as it was. The config goes
+    # first: a kill between the two renames leaves it naming this source and the new weights' digest, so that
+    # loading refuses the folder (weights missing, or not those) and the same export again replaces it. The files
+    # get the permissions open() would give them.
     try:
-        with atomic_write(folder / CONFIG, "w") as config, atomic_write(folder / WEIGHTS) as weights_file:
+        with atomic_write(folder / WEIGHTS) as weights_file, atomic_write(folder / CONFIG, "w") as config:
             weights_file.write(weights)
             config.write(text)
     except OSError as e:
@@ -220,7 +222,7 @@ def _architecture(model: PlainResNet) -> PlainResNetConfig:
 
 
 def check_export_folder(folder: str | Path, source: str | None, overwrite: bool = False,
-                        replace_hint: str = "replace it with overwrite=True (--overwrite)") -> None:
+                        replace_hint: str | None = None) -> None:
     """Refuse to replace an export in ``folder`` (an exported sub-network, or a fine-tuned classifier) that
     came from another source (another run, or a random initialisation): it may be the only copy of a trained
     network. Exports without a source (the Python API without ``metadata``) replace each other, as
@@ -233,6 +235,7 @@ def check_export_folder(folder: str | Path, source: str | None, overwrite: bool 
     config = folder / CONFIG
     if overwrite:
         return
+    replace_hint = replace_hint or f"replace it with {'--overwrite' if on_command_line() else 'overwrite=True'}"
     if not config.is_file():
         foreign = [name for name in (WEIGHTS, *GRAPHS.values()) if (folder / name).is_file()]
         if foreign:  # a model of the user's own, not written by slimssl: never replaced without being asked

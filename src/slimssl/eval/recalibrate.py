@@ -14,6 +14,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..atomic import remove_temporaries
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.slimmable import recalibrate_bn
@@ -144,6 +145,8 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     payload.update(config=cfg.model_dump(mode="json"), model=state,
                    recalibrated={"subnet": spec.name, "batches": batches, "batches_read": read, "batch_size": batch_size,
                                  "data": source})
+    for name in remove_temporaries(out.parent, of=(out.name,)):  # of a save of ``out`` killed midway: its size
+        log.info("removed %s, left by a save that was killed midway", name)
     path = save_checkpoint(out, payload)
     # debug, not info: the command prints this itself, and an API caller has the returned row
     log.debug("recalibrated BatchNorm of %s on %d batches of %s; wrote %s", spec.name, read, source, path)

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from filelock import FileLock, Timeout
 
-from ..atomic import write_json_atomic
+from ..atomic import STALE_SECONDS, remove_temporaries, write_json_atomic
 from ..report.table import is_number
 from ..errors import UsageError
 from ..layout import CHECKPOINTS, CONFIG, LAST, METRICS, RESULTS, RESULTS_LOCK, is_export_dir
@@ -116,6 +116,13 @@ def write_results(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
     return write_json_atomic(path, data)
 
 
+def remove_killed_writes(run_dir: Path) -> None:
+    """The temporary files of results.json that writes killed midway left in ``run_dir``. Only those a minute old:
+    pretraining writes the file without the lock of the evaluations' merges."""
+    for name in remove_temporaries(run_dir, of=(RESULTS,), older_than=STALE_SECONDS):
+        log.debug("%s: removed %s, left by a write that was killed midway", run_dir, name)
+
+
 def merge_rows(rows: list[dict], values: Mapping[str, Mapping[str, Any]]) -> list[dict]:
     """``rows`` (dicts with ``subnet``) updated with ``values[subnet]``; unknown subnets are appended."""
     out = [dict(r) for r in rows]
@@ -154,6 +161,7 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
                            "a file system without file locks; remove it if no evaluation of this run is "
                            "running") from None
     try:
+        remove_killed_writes(Path(run_dir))
         data = read_results(run_dir, missing_ok=True)
         for key, value in (defaults or {}).items():
             data.setdefault(key, value)

@@ -23,7 +23,7 @@ from ..eval.evaluate import linear_probe
 from ..atomic import remove_temporaries
 from ..eval.results import read_results
 from ..train.lock import TrainingLock
-from ..train.prepare import RUN_FILES, remove_run_files, write_run_config
+from ..train.prepare import RUN_FILES, remove_run_files
 from ..train.signals import Interrupted, stop_signals_handled_by
 from .plan import Job
 from .timing import TIMING, TimedTrainer, read_timing, software_name, write_timing
@@ -111,8 +111,6 @@ def _pretrain_held_job(job: Job, budget: Budget) -> bool:
     start = time.perf_counter()
     trainer = TimedTrainer(job.cfg, job.run_dir, resume=resume, timing=timing)
     timing.setup_seconds += time.perf_counter() - start
-    if not (job.run_dir / CONFIG).is_file():
-        write_run_config(job.run_dir, job.cfg, trainer.effective_lr())
     timing.note_call(hardware_name(trainer.device), software_name())
     timing.align_to(trainer.state.step, job.label)
     with trainer:  # its writer thread and loader workers stop however this call ends

@@ -45,6 +45,7 @@ from .compile import CudaGraphWatch, compile_forward, step_begins, uses_cuda_gra
 from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, progress_bar
 from .monitor import KnnMonitor
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
+from .prepare import write_run_config
 from .resume import TrainState, restore
 from .signals import Interrupted, SignalGuard, mark_stop_saved
 
@@ -121,6 +122,9 @@ class Trainer:
         self._resumed_at = self.state.step if resume and self.state.step == saved_step else None
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
         log.info("%s", self.lr_summary())
+        if dist.is_main():  # the run's first file (a failed resume has changed nothing yet): it marks the folder a
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # run's, for a start killed from here on
+            write_run_config(self.run_dir, cfg, self.effective_lr())
         self.metrics = self._open_metrics(saved_step)
 
     def close(self) -> None:

@@ -241,7 +241,12 @@ def _no_run_to_resume(run_dir: Path, last: Path) -> str:
     elif run_dir.name == CHECKPOINTS and (run_dir / LAST).is_file():
         holder = run_dir.parent
     else:
-        return f"cannot resume: {last} {'is not a file' if last.exists() else 'does not exist'}"
+        why = f"cannot resume: {last} {'is not a file' if last.exists() else 'does not exist'}"
+        if (run_dir / CONFIG).is_file() and not last.exists():  # a start stopped before its first checkpoint
+            why += (f"; the run in {run_dir} was stopped before it saved one: start it again with the "
+                    f"{'command' if cli else 'call'} that started it and {AUTO_RESUME[cli]} (which replaces a "
+                    "start that saved nothing)")
+        return why
     what = (f"{'--resume takes' if cli else 'with resume=True, out must be'} the run directory (the folder that "
             f"holds checkpoints/last.pt), not {run_dir}")
     if holder is None:

@@ -16,11 +16,12 @@ from ..config import Config, check_processes
 from ..data.files import existing_path
 from ..data.registry import in_memory_only
 from ..errors import UsageError
+from ..eval.results import remove_killed_writes
 from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
 from . import distributed as dist
 from .loop import Trainer
 from .lock import TrainingLock
-from .prepare import RUN_OUTPUTS, prepare_run, remove_run_files, write_run_config
+from .prepare import RUN_OUTPUTS, prepare_run, remove_run_files
 from .signals import Interrupted
 
 log = logging.getLogger("slimssl")
@@ -62,11 +63,12 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     log.info("run directory: %s", run_dir)
     trainer = None
     try:
-        trainer = Trainer(cfg, run_dir, resume=resume)
-        if is_main:  # only once the run is set up (a failed resume leaves the saved run untouched)
-            write_run_config(run_dir, cfg, trainer.effective_lr())
+        trainer = Trainer(cfg, run_dir, resume=resume)  # which writes config.yaml once the run is set up
+        if is_main:
             for name in remove_temporaries(run_dir / CHECKPOINTS):  # of a save killed midway: a checkpoint's size
                 log.info("removed %s, left by a checkpoint save that was killed midway", name)
+            remove_temporaries(run_dir, of=(CONFIG, METRICS))  # small; this process alone writes them (its lock)
+            remove_killed_writes(run_dir)
         results = trainer.fit(max_steps)
     except Interrupted as e:  # a checkpoint was saved: keep everything; say how far it got (--json)
         e.run = PretrainRun(run_dir, {}, trainer.state.step, trainer.total_steps) if trainer else None
