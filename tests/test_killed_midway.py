@@ -1,7 +1,8 @@
 """Commands killed at the worst moments (from a crash-consistency audit: SIGKILL and SIGTERM at random times):
 a start killed after its first record is started again by --auto-resume, a SIGTERM while the process exits keeps
-the command's exit code, an export killed between its two files is replaced by the same export, and the
-temporary files of killed writes do not stay in a run directory or beside a recalibrated checkpoint."""
+the command's exit code, an export killed between its two files is replaced by the same export (one that fails
+there leaves the earlier export), and the temporary files of killed writes do not stay in a run directory or
+beside a recalibrated checkpoint."""
 
 from __future__ import annotations
 
@@ -101,27 +102,46 @@ def test_a_sigterm_while_the_process_exits_keeps_the_commands_exit_code(tmp_path
     assert proc.wait(timeout=60) == 0, "".join(lines)  # stopped at max-steps, as asked: 0, not 143
 
 
-def test_an_export_killed_between_its_two_files_is_refused_then_replaced_by_the_same_export(tmp_path, monkeypatch):
+KILLED_BETWEEN_THE_RENAMES = """
+import os, sys
+import slimssl
+from slimssl import atomic
+
+replace = atomic._replace
+def killed_after_the_first(tmp, path):
+    replace(tmp, path)
+    print(path.name, flush=True)
+    os._exit(9)  # as SIGKILL: no cleanup
+atomic._replace = killed_after_the_first
+slimssl.export_run(sys.argv[1], sys.argv[2], 0.5)
+"""
+
+
+def test_an_export_killed_between_its_two_files_is_refused_then_replaced_by_the_same_export(tmp_path):
     make_checkpoint(tmp_path / "in.pt")
-    replace = atomic._replace
-    renames = []
-
-    def killed_after_the_first(tmp, path):
-        if renames:
-            raise KeyboardInterrupt("killed")
-        renames.append(path.name)
-        replace(tmp, path)
-
-    monkeypatch.setattr(atomic, "_replace", killed_after_the_first)
-    with pytest.raises(KeyboardInterrupt):
-        slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", 0.5)
+    killed = subprocess.run([sys.executable, "-c", KILLED_BETWEEN_THE_RENAMES, str(tmp_path / "in.pt"),
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert (killed.returncode, killed.stdout) == (9, "config.json\n"), killed.stderr  # the config goes first
     folder = tmp_path / "out" / "w0p5_d1-1-1-1"
-    assert renames == ["config.json"]
     with pytest.raises(ExportError, match="missing"):
         load_exported(folder)
-    monkeypatch.setattr(atomic, "_replace", replace)
     slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", 0.5)  # no --overwrite: it is this source's export
     assert load_exported(folder).metadata["subnet"] == "w0p5_d1-1-1-1"
+
+
+def test_a_first_export_whose_weights_cannot_follow_its_config_leaves_no_config(tmp_path, monkeypatch):
+    make_checkpoint(tmp_path / "in.pt")
+    replace = atomic.os.replace
+
+    def disk_full(src, dst):
+        if str(dst).endswith("model.safetensors"):
+            raise OSError(28, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", disk_full)
+    with pytest.raises(ExportError, match="No space left"):
+        slimssl.export_run(tmp_path / "in.pt", tmp_path / "out", 0.5)
+    assert list((tmp_path / "out" / "w0p5_d1-1-1-1").iterdir()) == []
 
 
 def test_exports_refusal_names_the_flag_on_the_command_line_and_the_argument_in_python(tmp_path, caplog):
@@ -179,3 +199,7 @@ def test_resume_of_a_start_that_saved_nothing_says_to_start_it_again_with_auto_r
     assert "start it again with the command that started it and --auto-resume" in message
     with pytest.raises(slimssl.UsageError, match="the call that started it and resume='auto'"):
         slimssl.pretrain(out=run, resume=True)
+    (run / "config.yaml").write_text("a: config of one's own\n")  # no run's: no hint
+    with pytest.raises(slimssl.UsageError) as refused:
+        slimssl.pretrain(out=run, resume=True)
+    assert str(refused.value).endswith("checkpoints/last.pt does not exist")

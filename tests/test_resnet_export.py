@@ -296,9 +296,8 @@ def test_weights_not_matching_config_raise_export_error(exported, tmp_path):
 
 
 @pytest.mark.parametrize("failing", ["config.json", "model.safetensors"])
-def test_a_failed_replacement_leaves_no_export_that_loads_as_the_wrong_weights(exported, monkeypatch, failing):
-    """The config is put in place first: a failure there keeps the earlier export whole; one between the two files
-    leaves the new config beside the earlier weights, which loading refuses, and the same export again repairs."""
+def test_a_failed_replacement_keeps_the_earlier_export_whole(exported, monkeypatch, failing):
+    """The config is put in place first: when the weights cannot follow it, the earlier config is put back."""
     before = {p.name: p.read_bytes() for p in exported.iterdir()}
     import slimssl.atomic
 
@@ -310,20 +309,11 @@ def test_a_failed_replacement_leaves_no_export_that_loads_as_the_wrong_weights(e
         return real_replace(src, dst)
 
     monkeypatch.setattr(slimssl.atomic.os, "replace", disk_full)
-    model = build("basic-cifar-private", perturb=lambda m: m.conv1.weight.data.add_(1))
     with pytest.raises(ExportError, match="No space left"):
-        export_subnet(model, "0.5", exported.parent)
-    after = {p.name: p.read_bytes() for p in exported.iterdir()}  # no temporary file left either
-    assert after.keys() == before.keys() and after["model.safetensors"] == before["model.safetensors"]
-    if failing == "config.json":
-        assert after == before
-    else:
-        with pytest.raises(ExportError, match="is not the weights file"):
-            load_exported(exported)
-        monkeypatch.setattr(slimssl.atomic.os, "replace", real_replace)
-        export_subnet(model, "0.5", exported.parent)
-        stem = load_exported(exported).conv1.weight  # the new weights
-        assert torch.equal(stem, model.conv1.weight[:stem.shape[0]])
+        export_subnet(build("basic-cifar-private", perturb=lambda m: m.conv1.weight.data.add_(1)), "0.5",
+                      exported.parent)
+    assert {p.name: p.read_bytes() for p in exported.iterdir()} == before  # no temporary file left either
+    assert load_exported(exported) is not None
 
 
 def test_export_files_get_the_permissions_open_gives(tmp_path):

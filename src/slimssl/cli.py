@@ -229,12 +229,21 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("where it was stopped:", exc_info=True)
         log.error("slimssl %s: interrupted (%s); nothing it had saved is lost", args.command, str(e) or "Ctrl-C")
         return 130
-    finally:
-        if argv is None and args.command in OWN_STOP_SIGNALS:  # this process's own command, which has now ended:
-            # a SIGTERM while Python exits (a second, with torch) would end it by the signal (143), not with the
-            # exit code the command chose (3: stopped and saved, which a job script resubmits on)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def entry() -> None:
+    """The ``slimssl`` script and ``python -m slimssl``: :func:`main` as the process's command, then its exit.
+
+    A SIGTERM while Python exits (about a second once torch is loaded) would end the process by the signal (exit
+    143) instead of with the code the command chose: 3 after a stop it saved, which a job script resubmits on, or
+    0. Once the command has ended, a SIGTERM exits at once with that code."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):  # os._exit below would drop what is still buffered
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

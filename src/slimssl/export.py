@@ -182,17 +182,41 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
     for name in remove_temporaries(folder, of=(CONFIG, WEIGHTS, PROGRAM)):  # of an export killed midway: a model's size
         log.info("%s: removed %s, left by an export that was killed midway", folder, name)
     # Both files are written whole to temporary files, which then replace the earlier export's one after the
-    # other: a failure while writing (a full disk, Ctrl-C) leaves the earlier export as it was. The config goes
-    # first: a kill between the two renames leaves it naming this source and the new weights' digest, so that
-    # loading refuses the folder (weights missing, or not those) and the same export again replaces it. The files
-    # get the permissions open() would give them.
+    # other: a failure while writing (a full disk, Ctrl-C) leaves the earlier export as it was, its config put
+    # back when the weights could not follow it. The config goes first: a kill between the two renames leaves it
+    # naming this source and the new weights' digest, so that loading refuses the folder (weights missing, or
+    # not those) and the same export again replaces it. The files get the permissions open() would give them.
+    try:
+        earlier = (folder / CONFIG).read_bytes() if (folder / CONFIG).is_file() else None
+    except OSError:  # unreadable: replaced if the export succeeds, left to chance if it fails
+        earlier = False
     try:
         with atomic_write(folder / WEIGHTS) as weights_file, atomic_write(folder / CONFIG, "w") as config:
             weights_file.write(weights)
             config.write(text)
-    except OSError as e:
-        raise ExportError(f"could not write the export into {folder}: {e}") from None
+    except BaseException as e:
+        if earlier is not False:
+            _put_back_config(folder, earlier, text)
+        if isinstance(e, OSError):
+            raise ExportError(f"could not write the export into {folder}: {e}") from None
+        raise
     return folder
+
+
+def _put_back_config(folder: Path, earlier: bytes | None, written: str) -> None:
+    """After a failed export: the earlier config.json where the new one (``written``) replaced it, none where there
+    was none (best effort: the export's own error is the one to report)."""
+    path = folder / CONFIG
+    try:
+        replaced = path.is_file() and path.read_text(encoding="utf-8", errors="replace") == written
+        if replaced and path.read_bytes() != earlier:
+            if earlier is None:
+                path.unlink()
+            else:
+                with atomic_write(path) as config:
+                    config.write(earlier)
+    except OSError as e:
+        log.warning("%s: could not put the earlier %s back after the failed export (%s)", folder, CONFIG, e)
 
 
 def _drop_earlier_graphs(folder: Path, rewritten: str | None = None) -> None:

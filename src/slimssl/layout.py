@@ -1,7 +1,7 @@
 """What a run directory holds, by name. Free of torch, so that reading a run's results (``slimssl report``)
 does not wait for it.
 
-    RUN/config.yaml         the resolved config the run trains with (written first: it marks the folder a run's)
+    RUN/config.yaml         the resolved config the run trains with (before its logs: it marks the folder a run's)
     RUN/checkpoints/last.pt written at every epoch's end and on a stop; what --resume reads
     RUN/metrics.jsonl       one record per log window, kNN and lr changes
     RUN/tb/                 the same records for TensorBoard

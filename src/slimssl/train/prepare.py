@@ -211,12 +211,12 @@ def refuse_run_in_data(run_dir: Path, source) -> None:
                          "be mixed into the data; keep runs outside the dataset's folder")
 
 
-def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
-    """Whether ``run_dir`` holds only what a start of ``cfg`` leaves when killed before its first checkpoint
-    (by a signal before its first step, or by SIGKILL, an out-of-memory kill or a lost node during the first
-    epoch): its config.yaml with the same settings, no checkpoint file, no results, and metrics of no step
-    past the first epoch's end, where the first checkpoint is written (the steps it logged were never saved,
-    and a resume would drop them too). A checkpoint's unfinished temporary file is no checkpoint."""
+def _failed_start_of(run_dir: Path, cfg: Config | None) -> bool:
+    """Whether ``run_dir`` holds only what a start of ``cfg`` (None: of any settings) leaves when killed before
+    its first checkpoint (by a signal before its first step, or by SIGKILL, an out-of-memory kill or a lost node
+    during the first epoch): its config.yaml with the same settings, no checkpoint file, no results, and metrics
+    of no step past the first epoch's end, where the first checkpoint is written (the steps it logged were never
+    saved, and a resume would drop them too). A checkpoint's unfinished temporary file is no checkpoint."""
     checkpoints = run_dir / CHECKPOINTS
     if (run_dir / RESULTS).exists() or (checkpoints.is_dir() and any(
             not is_temporary(f) for f in checkpoints.iterdir())):
@@ -229,7 +229,7 @@ def _failed_start_of(run_dir: Path, cfg: Config) -> bool:
     # the first epoch's last record comes before its checkpoint: a kill in that save is still a failed start
     if any(record.get("epoch", 0) > 1 for record in map(parse_record, lines)):
         return False  # a checkpoint was written, and has gone (moved away?): its run's metrics are kept
-    return not config_differences(saved, cfg, ignore=MACHINE_DEPENDENT)
+    return cfg is None or not config_differences(saved, cfg, ignore=MACHINE_DEPENDENT)
 
 
 def _no_run_to_resume(run_dir: Path, last: Path) -> str:
@@ -242,7 +242,7 @@ def _no_run_to_resume(run_dir: Path, last: Path) -> str:
         holder = run_dir.parent
     else:
         why = f"cannot resume: {last} {'is not a file' if last.exists() else 'does not exist'}"
-        if (run_dir / CONFIG).is_file() and not last.exists():  # a start stopped before its first checkpoint
+        if not last.exists() and _failed_start_of(run_dir, None):
             why += (f"; the run in {run_dir} was stopped before it saved one: start it again with the "
                     f"{'command' if cli else 'call'} that started it and {AUTO_RESUME[cli]} (which replaces a "
                     "start that saved nothing)")
