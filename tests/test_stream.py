@@ -3,6 +3,7 @@ one, views with the same statistics, named errors for bad files, and a Trainer t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -116,6 +117,29 @@ def test_workers_started_without_fork_give_the_same_views(tmp_path, start_method
             pool.close()
     finally:
         multiprocessing.set_start_method(previous, force=True)
+
+
+@pytest.mark.parametrize("error, said", [
+    ("DataLoader worker (pid 4242) is killed by signal: Aborted.", True),  # torch's SIGCHLD handler, as spawn's
+    ("something else went wrong", False),                                   # workers sometimes die as they exit
+])
+def test_a_worker_that_dies_as_the_loader_stops_it_is_said_not_raised(tmp_path, monkeypatch, caplog, error, said):
+    pool = _stream(_tree(tmp_path / "data", n=16), workers=2)
+    pool(0)
+    batches = pool._batches
+    stop = batches._shutdown_workers
+
+    def stopped_with_a_dead_worker():
+        stop()  # the workers are joined (and their pids forgotten) either way
+        raise RuntimeError(error)
+
+    monkeypatch.setattr(batches, "_shutdown_workers", stopped_with_a_dead_worker)
+    with caplog.at_level(logging.WARNING, logger="slimssl"), contextlib.ExitStack() as raised:
+        if not said:
+            raised.enter_context(pytest.raises(RuntimeError, match=error))
+        pool.close()
+    assert ("killed by signal: Aborted, as the loader was stopping it: nothing is lost" in caplog.text) == said
+    assert not any(worker.is_alive() for worker in batches._workers)
 
 
 def test_batch_indices_match_in_memory(tmp_path):

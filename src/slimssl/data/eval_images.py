@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from .datasets import ImageDataset, load_dataset
 from .decode import decode_error, decode_resized
 from .files import SKIP_HINT, DataError, FileListDataset, check_source_and_resolution, list_labelled_files
+from .stream import stop_workers
 
 log = logging.getLogger("slimssl")
 
@@ -143,10 +144,8 @@ class StreamedImages:
         batches = iter(loader)
         try:
             yield from batches
-        finally:
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:  # a caller that stops early: join the workers now, not at collection
-                shutdown()
+        finally:  # a caller that stops early too
+            stop_workers(batches)
 
     def find_unreadable(self, indices: torch.Tensor | None = None) -> list[int]:
         """The indices of the files that cannot be decoded, among ``indices`` (default: all), each decoded once."""

@@ -76,9 +76,7 @@ class StreamingViews:
 
     def close(self) -> None:
         """Stop the loader workers; a later call starts them again."""
-        shutdown = getattr(getattr(self, "_batches", None), "_shutdown_workers", None)
-        if shutdown is not None:  # multi-process iterator: join the workers now, not at garbage collection
-            shutdown()
+        stop_workers(getattr(self, "_batches", None))
         self._loader, self._batches, self._next_step = None, None, None
 
     def __del__(self):
@@ -136,6 +134,22 @@ def _close_at_exit() -> None:
     SIGTERM, which they ignore, and the interpreter would wait for them forever."""
     for source in list(_OPEN):
         source.close()
+
+
+def stop_workers(batches) -> None:
+    """Join the workers of a DataLoader's iterator now, not at garbage collection. A worker that dies as it is
+    stopped loses nothing, since its batches were all taken or are not wanted: it is said, not raised (one
+    started by spawn, macOS' and Windows' default, may abort as it exits, or when stopped while it was starting:
+    about once in 70 stops on torch 2.4 and 2.11; torch's SIGCHLD handler raises that in the parent)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is None:  # no workers (num_workers 0), or none started
+        return
+    try:
+        shutdown()
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader worker"):
+            raise
+        log.warning("%s, as the loader was stopping it: nothing is lost", str(e).rstrip(". "))
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
