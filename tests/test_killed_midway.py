@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_eval import make_checkpoint
+from test_fault_tolerance import tiny
 
 import slimssl
 from slimssl import atomic
@@ -24,22 +25,11 @@ from slimssl.cli import main
 from slimssl.eval.results import merge_results
 from slimssl.export import ExportError, load_exported
 
-TINY = {
-    "name": "tiny",
-    "model": {"arch": "resnet18", "depths": [1, 1, 1, 1], "base_width": 4, "stem": "cifar"},
-    "menu": {"widths": [1.0, 0.5]},
-    "method": {"name": "byol", "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32},
-    "data": {"source": "fake", "resolution": 8, "fake_size": 32},
-    "train": {"batch_size": 16, "epochs": 1, "log_every": 1, "device": "cpu", "precision": "fp32"},
-    "eval": {"knn_random_init": False},
-}
-
-
 @pytest.fixture
 def tiny_yaml(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("SLIMSSL_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
+    path.write_text(yaml.safe_dump(tiny(data={"fake_size": 32}, train={"epochs": 1}, eval={"knn_random_init": False})))
     return path
 
 
