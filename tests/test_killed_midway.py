@@ -193,3 +193,25 @@ def test_resume_of_a_start_that_saved_nothing_says_to_start_it_again_with_auto_r
     with pytest.raises(slimssl.UsageError) as refused:
         slimssl.pretrain(out=run, resume=True)
     assert str(refused.value).endswith("checkpoints/last.pt does not exist")
+
+
+def test_a_failed_start_whose_clean_up_stops_midway_is_still_started_again_by_auto_resume(tmp_path, tiny_yaml,
+                                                                                          monkeypatch):
+    """The clean-up of a failed start removes config.yaml after the logs: stopped in between, it leaves a start
+    that --auto-resume recognises, not logs of no run's."""
+    from slimssl.train import loop, prepare
+
+    def broken(self, step):
+        raise RuntimeError("a bug in the first step")
+
+    def tb_held(path):  # TensorBoard's folder cannot go (held open elsewhere, say): the clean-up stops there
+        raise OSError(16, "Device or resource busy", str(path))
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patched:
+        patched.setattr(loop.Trainer, "train_step", broken)
+        patched.setattr(prepare.shutil, "rmtree", tb_held)
+        with pytest.raises(RuntimeError, match="a bug in the first step"):
+            slimssl.pretrain(tiny_yaml, run, resume="auto")
+    assert (run / "config.yaml").is_file() and (run / "tb").is_dir()
+    assert slimssl.pretrain(tiny_yaml, run, resume="auto").finished

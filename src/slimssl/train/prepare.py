@@ -31,8 +31,9 @@ log = logging.getLogger("slimssl")
 
 AUTO_RESUME = {True: "--auto-resume", False: "resume='auto'"}  # by whether the CLI or the API asked
 RUN_FILES = (RESULTS, METRICS, TENSORBOARD)  # written by a run besides its checkpoints
-# what train_run may write in a run directory: removed again when a start fails before its first checkpoint
-RUN_OUTPUTS = (CONFIG, CHECKPOINTS, *RUN_FILES, TRAINING_LOCK)
+# what train_run may write in a run directory: removed again, in this order, when a start fails before its first
+# checkpoint (config.yaml after the logs: a kill midway leaves a start that --auto-resume recognises; the lock last)
+RUN_OUTPUTS = (CHECKPOINTS, *RUN_FILES, CONFIG, TRAINING_LOCK)
 # what a start killed before its first checkpoint leaves (the steps it logged, perhaps a checkpoint's unfinished
 # temporary file); config.yaml, which marks the folder as this run's, goes last
 FAILED_START = (METRICS, TENSORBOARD, CHECKPOINTS, CONFIG)

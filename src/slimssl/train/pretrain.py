@@ -17,7 +17,7 @@ from ..data.files import existing_path
 from ..data.registry import in_memory_only
 from ..errors import UsageError
 from ..eval.results import remove_killed_writes
-from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, TRAINING_LOCK, checkpoint_path
+from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
 from . import distributed as dist
 from .loop import Trainer
 from .lock import TrainingLock
@@ -154,10 +154,7 @@ def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bo
     if trainer is not None:
         trainer.metrics.close()  # TensorBoard's writer lets go of tb/ first
     try:
-        # config.yaml after the logs (a kill midway leaves a start that --auto-resume recognises), the lock last
-        last = {CONFIG: 1, TRAINING_LOCK: 2}
-        names = sorted((name for name in RUN_OUTPUTS if name not in existed), key=lambda name: last.get(name, 0))
-        removed = remove_run_files(run_dir, names)
+        removed = remove_run_files(run_dir, [name for name in RUN_OUTPUTS if name not in existed])
         if created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
             removed.append(f"{run_dir}/")
