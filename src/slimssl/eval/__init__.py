@@ -10,7 +10,34 @@ DEFAULT_BATCH_SIZE = 256
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_RECALIBRATE_BATCHES = 20  # used automatically when the supernet's BatchNorm is shared
 TRAIN_CROPS = ("pad", "resized")  # fine-tuning's and the augmented probe's random crop (eval/linear.py)
-PROBE_OPTIMIZER = f"sgd momentum {DEFAULT_MOMENTUM}, cosine, no weight decay"  # the linear heads' optimiser
+PROBE_LR_DROP = 0.1  # the linear probe's step schedule (milestones): the lr is multiplied by this at each
+
+
+def probe_optimizer(milestones=None) -> str:
+    """How the linear heads are trained, as results.json records it: a per-step cosine to 0, or the papers' step
+    schedule (the lr times PROBE_LR_DROP from each of the ``milestones`` epochs on)."""
+    schedule = (f"lr x{PROBE_LR_DROP:g} at epochs {', '.join(str(m) for m in milestones)}" if milestones
+                else "cosine")
+    return f"sgd momentum {DEFAULT_MOMENTUM}, {schedule}, no weight decay"
+
+
+PROBE_OPTIMIZER = probe_optimizer()  # the linear heads' optimiser by default
+
+
+def check_milestones(milestones, epochs: int) -> None:
+    """The probe's step schedule: None, or epochs in increasing order, each after the first and before the
+    last (a drop at or past the end would change nothing)."""
+    from numbers import Integral
+
+    if milestones is None:
+        return
+    ok = (len(milestones) > 0 and all(isinstance(m, Integral) and not isinstance(m, bool) for m in milestones)
+          and all(a < b for a, b in zip([0, *milestones], milestones)) and milestones[-1] < epochs)
+    if not ok:
+        from ..errors import UsageError
+
+        raise UsageError(f"milestones must be epochs in increasing order, each > 0 and < epochs ({epochs}), "
+                         f"got {list(milestones)!r}")
 
 # fine-tuning (eval/finetune.py): the 1% recipe up to FEW_LABELS of the labels, the 10% recipe above
 FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_EPOCHS, FEW_LABELS = 60, 30, 0.05
@@ -41,13 +68,14 @@ def recalibration_batches(batches: int | None, private_bn: bool, num_images: int
 def linear_settings(images: dict, *, epochs: int, recalibrate_bn: int, lr: float = DEFAULT_LR,
                     batch_size: int = DEFAULT_BATCH_SIZE, distill: bool = False, shared_head: bool = False,
                     augment: bool = False, train_crop: str | None = None, seed: int = 0,
-                    teacher: str | None = None) -> dict:
+                    teacher: str | None = None, raw_features: bool = False, milestones=None) -> dict:
     """What a linear probe records in results.json next to its accuracies; ``images``: the protocol's image
     settings (``DataOptions.settings``); ``teacher``: the head the others were distilled from when it is not the
     full network's (recorded then only). Switchable heads start from the seed and their sub-network's name
     (``head_init``). ``slimssl reproduce`` compares these to find probes to run again."""
-    return {**images, "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": PROBE_OPTIMIZER,
-            "standardized_features": True, "distill": distill, "shared_head": shared_head, "augment": augment,
+    return {**images, "epochs": epochs, "lr": lr, "batch_size": batch_size, "optimizer": probe_optimizer(milestones),
+            "standardized_features": not raw_features, "distill": distill, "shared_head": shared_head,
+            "augment": augment,
             "train_crop": train_crop if augment else None, "seed": seed, "recalibrate_bn": recalibrate_bn,
             **({} if shared_head else {"head_init": "per_subnet"}),
             **({"distill_teacher": teacher} if distill and teacher else {})}

@@ -16,7 +16,7 @@ import logging
 from ..cli_args import (SUBNET_SPELLINGS, data_source, device_name, emit, fraction, label_fraction, nonnegative_int,
                         output_dir, output_file, positive_float, positive_int)
 from ..errors import UsageError
-from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, FEW_LABELS,
+from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, FEW_LABELS, PROBE_LR_DROP,
                FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR, FINETUNE_MIN_STEPS,
                TRAIN_CROPS)
 
@@ -96,7 +96,8 @@ def cmd_linear(args: argparse.Namespace) -> int:
 
     rows = linear_probe(args.checkpoint, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                         augment=args.augment, train_crop=args.train_crop, distill=args.distill,
-                        shared_head=args.shared_head, subnets=args.subnet, **_common_keywords(args))
+                        shared_head=args.shared_head, raw_features=args.raw_features, milestones=args.milestones,
+                        subnets=args.subnet, **_common_keywords(args))
     metrics = [k for k in rows[0] if k.startswith("linear")]
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *metrics]))
     return 0
@@ -151,7 +152,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
                    help=f"epochs of the heads' training (default {DEFAULT_EPOCHS})")
     p.add_argument("--lr", type=positive_float, default=DEFAULT_LR,
-                   help=f"SGD lr on standardised features, cosine to 0 (default {DEFAULT_LR})")
+                   help=f"SGD lr, along a cosine to 0 unless --milestones (default {DEFAULT_LR}, for standardised "
+                        "features)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"the heads' batch size (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--seed", type=int, default=0, help="the heads' initialisation and the training order")
@@ -161,6 +163,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill", action="store_true",
                    help="SlimCLR: sub-width heads learn 0.5 CE + 0.5 soft CE to the full-width head")
     p.add_argument("--shared-head", action="store_true", help="one slimmable head shared by all sub-networks")
+    p.add_argument("--raw-features", action="store_true",
+                   help="the features as the backbone gives them, not standardised (the papers' probes; they need "
+                        "the papers' lr: SlimCLR's MoCo v2 probe is --lr 60 --milestones 60 80)")
+    p.add_argument("--milestones", type=positive_int, nargs="+", metavar="EPOCH",
+                   help=f"multiply the lr by {PROBE_LR_DROP:g} from each of these epochs on, instead of the cosine")
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
                    help=f"probe these instead of the menu ({SUBNET_SPELLINGS}; with shared BatchNorm any width "
                         "and depth, its statistics re-estimated first; with --distill the widest teaches)")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..errors import UsageError
 from ..launch import warn_of_repeated_work
-from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_train_crop, linear_settings,
+from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_milestones, check_train_crop, linear_settings,
                recalibration_batches)
 from ..layout import FINETUNE, RESULTS
 from .inputs import DataOptions, check_flags, check_numbers, in_memory, load_model, saves_results
@@ -123,11 +123,16 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int
 def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *,
                  epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE,
                  seed: int = 0, augment: bool = False, train_crop: str | None = None, distill: bool = False,
-                 shared_head: bool = False, device: str | torch.device = "auto",
-                 eval_batch_size: int | None = None, recalibrate_bn: int | None = None, save: bool = True,
+                 shared_head: bool = False, raw_features: bool = False, milestones: Sequence[int] | None = None,
+                 device: str | torch.device = "auto", eval_batch_size: int | None = None,
+                 recalibrate_bn: int | None = None, save: bool = True,
                  config: Config | dict | str | Path | None = None, **data) -> list[dict]:
     """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
     ``subnets``: the sub-networks to probe, as knn's; with ``distill`` the widest of them teaches.
+    ``raw_features``: the heads see the features as the backbone gives them, not standardised; ``milestones``:
+    the lr drops tenfold at these epochs instead of following a cosine. Both are the papers' probes (SlimCLR's
+    MoCo v2: ``augment``, ``distill``, ``raw_features``, ``lr=60``, ``milestones=(60, 80)``); results.json
+    records them with the protocol's settings.
 
     ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``) and flips, with the
     backbone run at every step, instead of cached features. ``checkpoint``, ``config`` and the data keywords
@@ -138,8 +143,10 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
                   recalibrate_bn=recalibrate_bn, seed=seed)
-    check_flags(augment=augment, distill=distill, shared_head=shared_head, save=save)
+    check_flags(augment=augment, distill=distill, shared_head=shared_head, raw_features=raw_features, save=save)
     check_train_crop(train_crop)
+    milestones = None if milestones is None else list(milestones)
+    check_milestones(milestones, epochs)
     if train_crop is not None and not augment:  # it would change nothing: say so rather than record it
         raise UsageError(f"train_crop {train_crop!r} is the crop of the augmented probe; it needs augment=True "
                          "(--augment): without it the probe trains on the cached features of the centre crop")
@@ -157,16 +164,17 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     results = linear_probe_subnets(
         supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
         epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, shared_head=shared_head, augment=augment,
-        train_crop=train_crop, subnets=specs, device=torch_device, seed=seed,
-        feature_batch_size=eval_batch_size or cfg.eval.batch_size, recalibrate_batches=recalibrate_bn)
+        train_crop=train_crop, subnets=specs, device=torch_device, seed=seed, raw_features=raw_features,
+        milestones=milestones, feature_batch_size=eval_batch_size or cfg.eval.batch_size,
+        recalibrate_batches=recalibrate_bn)
     protocol = "linear" + ("_shared" if shared_head else "") + ("_distill" if distill else "") \
         + ("_aug" if augment else "")
     costs = cost_rows(supernet, cfg.data.resolution, specs)
     rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
     settings = linear_settings(
         options.settings(cfg), epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
-        shared_head=shared_head, augment=augment, train_crop=train_crop, seed=seed,
-        teacher=None if teacher == supernet.menu.largest.name else teacher,
+        shared_head=shared_head, augment=augment, train_crop=train_crop, seed=seed, raw_features=raw_features,
+        milestones=milestones, teacher=None if teacher == supernet.menu.largest.name else teacher,
         recalibrate_bn=recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save, epoch)
     return rows

@@ -17,7 +17,9 @@ detached predictions; ``shared_head``: one slimmable head, a weight [C, D_full] 
 uses the leading ``D`` columns (the comparison of the SlimCLR paper); ``augment``: a random crop and a flip,
 with the backbone run at every step. The crop (``train_crop``, also fine-tuning's) is ``pad``, CIFAR's
 (padding 1/8 of the size, then a crop of the size), or ``resized``, ImageNet's RandomResizedCrop (8-100% of
-the area, aspect 3/4-4/3) of the evaluation image.
+the area, aspect 3/4-4/3) of the evaluation image. ``raw_features`` and ``milestones`` give the papers'
+probes: the features as the backbone gives them, and the lr dropped tenfold at given epochs (with the
+papers' lr, as it depends on the features' scale).
 
 The backbone is fingerprinted (a hash of every parameter and buffer) before and after; a change raises
 :class:`BackboneChangedError`.
@@ -43,7 +45,8 @@ from ..errors import UsageError
 from ..nn.modes import eval_mode
 from ..nn.spec import Menu, SubnetSpec
 from ..seeds import derived_generator
-from . import DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, check_train_crop
+from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_MOMENTUM, PROBE_LR_DROP, check_milestones,
+               check_train_crop)
 from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
 from .knn import bank_storage
@@ -183,25 +186,30 @@ def _statistics(features: torch.Tensor, device: torch.device) -> tuple[torch.Ten
 
 
 class _ProbeFeatures:
-    """Every sub-network's features, standardised per dimension with the train split's mean and deviation:
-    of the train split cached once (on the GPU, or in host memory when too large for it: ``bank_storage``), or
-    (augmenting) computed by the frozen backbone at every step."""
+    """Every sub-network's features, standardised per dimension with the train split's mean and deviation (or
+    ``raw``, as the backbone gives them): of the train split cached once (on the GPU, or in host memory when too
+    large for it: ``bank_storage``), or (augmenting) computed by the frozen backbone at every step."""
 
     def __init__(self, models: Mapping[str, nn.Module], specs: Sequence[SubnetSpec], train: EvalImages, *,
-                 augment: bool, crop: str, resolution: int, mean, std, batch_size: int, device: torch.device):
+                 augment: bool, crop: str, resolution: int, mean, std, batch_size: int, device: torch.device,
+                 raw: bool = False):
         self.models, self.specs, self.augment, self.crop = models, specs, augment, crop
         self.resolution, self.mean, self.std, self.device = resolution, mean, std, device
         self.extract = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
         store = bank_storage([models[s.name].feature_dim(s) for s in specs], len(train), device,
                              what="the linear probe's train features")
-        raw = extract_subnet_features(models, specs, train, store=store, **self.extract)
-        self.stats = {n: _statistics(f, device) for n, f in raw.items()}
+        features = extract_subnet_features(models, specs, train, store=store, **self.extract)
+        self.stats = None if raw else {n: _statistics(f, device) for n, f in features.items()}
         self.cached = None
         if not augment:  # standardised in place: a second copy of ImageNet's features would double their memory
-            self.cached = {n: f.sub_(self.stats[n][0].to(f.device)).div_(self.stats[n][1].to(f.device))
-                           for n, f in raw.items()}
+            self.cached = self._standardized(features, in_place=True)
 
-    def _standardized(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _standardized(self, features: dict[str, torch.Tensor], in_place: bool = False) -> dict[str, torch.Tensor]:
+        if self.stats is None:
+            return features
+        if in_place:
+            return {n: f.sub_(self.stats[n][0].to(f.device)).div_(self.stats[n][1].to(f.device))
+                    for n, f in features.items()}
         return {n: (f - self.stats[n][0]) / self.stats[n][1] for n, f in features.items()}
 
     def of_batch(self, idx: torch.Tensor, images: torch.Tensor | None,
@@ -225,15 +233,19 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
                          augment: bool = False, train_crop: str = "pad",
                          subnets: Sequence[SubnetSpec | str] | None = None, device="cpu", seed: int = 0,
                          feature_batch_size: int = 256, recalibrate_batches: int | None = None,
+                         raw_features: bool = False, milestones: Sequence[int] | None = None,
                          return_heads: bool = False):
     """Train one linear head per sub-network of ``supernet`` (frozen, eval mode) on ``train`` and report
     ``{subnet: {"top1": %, "top5": %}}`` on ``test`` (labelled datasets, in memory or streamed: see
     ``data/eval_images.py``; the augmented probe reads the train split once per epoch). Features are
-    standardised with the train split's mean and deviation; the heads train with :data:`PROBE_OPTIMIZER`.
+    standardised with the train split's mean and deviation, unless ``raw_features``; the heads train with
+    SGD (:data:`PROBE_OPTIMIZER`), the lr along a cosine to 0, or times :data:`PROBE_LR_DROP` from each of the
+    ``milestones`` epochs on.
 
     With ``return_heads`` the result is ``(results, heads)``.
     """
-    _check_probe_inputs(train, test, epochs=epochs, batch_size=batch_size, lr=lr, train_crop=train_crop)
+    _check_probe_inputs(train, test, epochs=epochs, batch_size=batch_size, lr=lr, train_crop=train_crop,
+                        milestones=milestones)
     device = torch.device(device)
     resolution = resolution or train.resolution
     specs = supernet.resolve_many(subnets or None)
@@ -246,12 +258,13 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
             fingerprints.setdefault(id(model), (model, backbone_fingerprint(model)))
 
         features = _ProbeFeatures(models, specs, train, augment=augment, crop=train_crop, resolution=resolution,
-                                  mean=mean, std=std, batch_size=feature_batch_size, device=device)
+                                  mean=mean, std=std, batch_size=feature_batch_size, device=device,
+                                  raw=raw_features)
         dims = {s.name: models[s.name].feature_dim(s) for s in specs}
         heads = make_heads(dims, output_classes(train, test), shared=shared_head, seed=seed).to(device)
         teacher = Menu(specs).largest.name  # of the distilled heads (SlimCLR: the full width), in any given order
         _train_heads(heads, features, train, epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
-                     teacher=teacher, seed=seed)
+                     teacher=teacher, seed=seed, milestones=milestones)
 
         heads.eval()
         results = {}
@@ -264,22 +277,27 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     return (results, heads) if return_heads else results
 
 
-def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float, train_crop: str) -> None:
+def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float, train_crop: str,
+                        milestones: Sequence[int] | None) -> None:
     require_labels("the linear probe", train, test)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     check_train_crop(train_crop, default_allowed=False)
+    check_milestones(milestones, epochs)
 
 
 def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, *, epochs: int, lr: float,
-                 batch_size: int, distill: bool, teacher: str, seed: int) -> None:
-    """Train all heads together with :data:`PROBE_OPTIMIZER` and a per-step cosine schedule to 0."""
+                 batch_size: int, distill: bool, teacher: str, seed: int,
+                 milestones: Sequence[int] | None = None) -> None:
+    """Train all heads together with SGD (:data:`PROBE_OPTIMIZER`), the lr stepped at every step: along a cosine
+    to 0, or dropped at the ``milestones`` epochs."""
     device = features.device
     optimizer = torch.optim.SGD(heads.parameters(), lr=lr, momentum=DEFAULT_MOMENTUM)  # PROBE_OPTIMIZER
     n_train = len(train)
     steps_per_epoch = math.ceil(n_train / batch_size)
     total = epochs * steps_per_epoch
-    schedule = cosine_schedule(optimizer, total)
+    schedule = cosine_schedule(optimizer, total) if not milestones else torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: PROBE_LR_DROP ** sum(step >= m * steps_per_epoch for m in milestones))
     gen = torch.Generator().manual_seed(seed)  # the epochs' orders and the augmentations' draws
     labels = train.labels.to(device)
     heads.train()
