@@ -221,6 +221,24 @@ def test_threads_reading_a_zip_together_share_one_handle(tmp_path, monkeypatch):
     assert [got.get(0), got.get(1)] == expected and opened == [str(archive)]
 
 
+def test_a_streamed_zip_read_in_this_process_is_closed_with_its_split(tmp_path):
+    """An evaluation without workers read the zip through a handle of its own, which was left to the garbage
+    collector: a ResourceWarning ("unclosed file") at the end of every such evaluation."""
+    import gc
+    import warnings
+
+    archive = _zip(_folder(tmp_path / "data", {"train": 2, "test": 1}), tmp_path / "data.zip")
+    streamed = StreamedImages(str(archive), "test", resolution=RES)
+    assert streamed.take(torch.arange(len(streamed))).shape[0] == len(CLASSES)
+    handle = streamed.files.members._file
+    assert handle is not None and not handle.closed
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del streamed
+        gc.collect()
+    assert handle.closed and not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def test_tensors_and_datasets_share_the_interface(tmp_path):
     images = torch.randint(0, 256, (5, 3, RES, RES), dtype=torch.uint8)
     wrapped = as_eval_images(images)

@@ -498,6 +498,14 @@ class ZipMembers:
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["root"], state["rows"])
 
+    def close(self) -> None:
+        """Close the handle this process read through (a later read opens another)."""
+        file, self._file = getattr(self, "_file", None), None
+        if file is not None:
+            file.close()
+
+    __del__ = close  # a dataset dropped after an evaluation closes its zip, rather than leave it to a warning
+
     def readable(self, index: int) -> bool:
         return int(self.rows[index, 2]) in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 
