@@ -16,9 +16,9 @@ import logging
 from ..cli_args import (SUBNET_SPELLINGS, data_source, device_name, emit, fraction, label_fraction, nonnegative_int,
                         output_dir, output_file, positive_float, positive_int)
 from ..errors import UsageError
-from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, FEW_LABELS, PROBE_LR_DROP,
+from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, FEW_LABELS,
                FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR, FINETUNE_MIN_STEPS,
-               TRAIN_CROPS)
+               PROBE_LR_DROP, TRAIN_CROPS)
 
 log = logging.getLogger("slimssl")
 
@@ -164,8 +164,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SlimCLR: sub-width heads learn 0.5 CE + 0.5 soft CE to the full-width head")
     p.add_argument("--shared-head", action="store_true", help="one slimmable head shared by all sub-networks")
     p.add_argument("--raw-features", action="store_true",
-                   help="the features as the backbone gives them, not standardised (the papers' probes; they need "
-                        "the papers' lr: SlimCLR's MoCo v2 probe is --lr 60 --milestones 60 80)")
+                   help="the features as the backbone gives them, not standardised, as in the papers' probes, "
+                        "which need the papers' lr and batch size too (docs/recipes.md gives SlimCLR's)")
     p.add_argument("--milestones", type=positive_int, nargs="+", metavar="EPOCH",
                    help=f"multiply the lr by {PROBE_LR_DROP:g} from each of these epochs on, instead of the cosine")
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",

@@ -130,9 +130,9 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
     ``subnets``: the sub-networks to probe, as knn's; with ``distill`` the widest of them teaches.
     ``raw_features``: the heads see the features as the backbone gives them, not standardised; ``milestones``:
-    the lr drops tenfold at these epochs instead of following a cosine. Both are the papers' probes (SlimCLR's
-    MoCo v2: ``augment``, ``distill``, ``raw_features``, ``lr=60``, ``milestones=(60, 80)``); results.json
-    records them with the protocol's settings.
+    the lr drops tenfold at these epochs instead of following a cosine. With the papers' lr and batch size they
+    give the papers' probes (docs/recipes.md has SlimCLR's); results.json records them with the protocol's
+    settings.
 
     ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``) and flips, with the
     backbone run at every step, instead of cached features. ``checkpoint``, ``config`` and the data keywords
@@ -145,8 +145,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
                   recalibrate_bn=recalibrate_bn, seed=seed)
     check_flags(augment=augment, distill=distill, shared_head=shared_head, raw_features=raw_features, save=save)
     check_train_crop(train_crop)
-    milestones = None if milestones is None else list(milestones)
-    check_milestones(milestones, epochs)
+    milestones = check_milestones(milestones, epochs)
     if train_crop is not None and not augment:  # it would change nothing: say so rather than record it
         raise UsageError(f"train_crop {train_crop!r} is the crop of the augmented probe; it needs augment=True "
                          "(--augment): without it the probe trains on the cached features of the centre crop")

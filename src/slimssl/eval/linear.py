@@ -51,7 +51,7 @@ from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
 from .knn import bank_storage
 from .recalibrate import subnet_models
-from .supervised import augment_batch, cosine_schedule, output_classes, require_labels, topk_accuracy
+from .supervised import augment_batch, cosine_schedule, output_classes, require_labels, step_schedule, topk_accuracy
 
 log = logging.getLogger("slimssl")
 
@@ -187,20 +187,23 @@ def _statistics(features: torch.Tensor, device: torch.device) -> tuple[torch.Ten
 
 class _ProbeFeatures:
     """Every sub-network's features, standardised per dimension with the train split's mean and deviation (or
-    ``raw``, as the backbone gives them): of the train split cached once (on the GPU, or in host memory when too
-    large for it: ``bank_storage``), or (augmenting) computed by the frozen backbone at every step."""
+    ``raw_features``, as the backbone gives them): of the train split cached once (on the GPU, or in host memory
+    when too large for it: ``bank_storage``), or (augmenting) computed by the frozen backbone at every step."""
 
     def __init__(self, models: Mapping[str, nn.Module], specs: Sequence[SubnetSpec], train: EvalImages, *,
                  augment: bool, crop: str, resolution: int, mean, std, batch_size: int, device: torch.device,
-                 raw: bool = False):
+                 raw_features: bool = False):
         self.models, self.specs, self.augment, self.crop = models, specs, augment, crop
         self.resolution, self.mean, self.std, self.device = resolution, mean, std, device
         self.extract = dict(resolution=resolution, mean=mean, std=std, batch_size=batch_size, device=device)
+        self.stats = self.cached = None
+        if augment and raw_features:  # each step's features go to the heads as they are: nothing to cache or measure
+            return
         store = bank_storage([models[s.name].feature_dim(s) for s in specs], len(train), device,
                              what="the linear probe's train features")
         features = extract_subnet_features(models, specs, train, store=store, **self.extract)
-        self.stats = None if raw else {n: _statistics(f, device) for n, f in features.items()}
-        self.cached = None
+        if not raw_features:
+            self.stats = {n: _statistics(f, device) for n, f in features.items()}
         if not augment:  # standardised in place: a second copy of ImageNet's features would double their memory
             self.cached = self._standardized(features, in_place=True)
 
@@ -244,8 +247,8 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
 
     With ``return_heads`` the result is ``(results, heads)``.
     """
-    _check_probe_inputs(train, test, epochs=epochs, batch_size=batch_size, lr=lr, train_crop=train_crop,
-                        milestones=milestones)
+    milestones = _check_probe_inputs(train, test, epochs=epochs, batch_size=batch_size, lr=lr,
+                                     train_crop=train_crop, milestones=milestones)
     device = torch.device(device)
     resolution = resolution or train.resolution
     specs = supernet.resolve_many(subnets or None)
@@ -259,7 +262,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
 
         features = _ProbeFeatures(models, specs, train, augment=augment, crop=train_crop, resolution=resolution,
                                   mean=mean, std=std, batch_size=feature_batch_size, device=device,
-                                  raw=raw_features)
+                                  raw_features=raw_features)
         dims = {s.name: models[s.name].feature_dim(s) for s in specs}
         heads = make_heads(dims, output_classes(train, test), shared=shared_head, seed=seed).to(device)
         teacher = Menu(specs).largest.name  # of the distilled heads (SlimCLR: the full width), in any given order
@@ -278,17 +281,18 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
 
 
 def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float, train_crop: str,
-                        milestones: Sequence[int] | None) -> None:
+                        milestones: Sequence[int] | None) -> tuple[int, ...] | None:
+    """Refuse what cannot be probed; returns the milestones as a tuple of ints (or None: the cosine)."""
     require_labels("the linear probe", train, test)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     check_train_crop(train_crop, default_allowed=False)
-    check_milestones(milestones, epochs)
+    return check_milestones(milestones, epochs)
 
 
 def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, *, epochs: int, lr: float,
                  batch_size: int, distill: bool, teacher: str, seed: int,
-                 milestones: Sequence[int] | None = None) -> None:
+                 milestones: tuple[int, ...] | None = None) -> None:
     """Train all heads together with SGD (:data:`PROBE_OPTIMIZER`), the lr stepped at every step: along a cosine
     to 0, or dropped at the ``milestones`` epochs."""
     device = features.device
@@ -296,8 +300,8 @@ def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, 
     n_train = len(train)
     steps_per_epoch = math.ceil(n_train / batch_size)
     total = epochs * steps_per_epoch
-    schedule = cosine_schedule(optimizer, total) if not milestones else torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: PROBE_LR_DROP ** sum(step >= m * steps_per_epoch for m in milestones))
+    schedule = (cosine_schedule(optimizer, total) if milestones is None
+                else step_schedule(optimizer, milestones, steps_per_epoch, PROBE_LR_DROP))
     gen = torch.Generator().manual_seed(seed)  # the epochs' orders and the augmentations' draws
     labels = train.labels.to(device)
     heads.train()

@@ -50,6 +50,14 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
 
 
+def step_schedule(optimizer: torch.optim.Optimizer, milestones: Sequence[int], steps_per_epoch: int,
+                  drop: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The papers' linear probes' learning rate: the optimiser's, times ``drop`` from the first step of each of the
+    ``milestones`` epochs on; stepped once per step, as :func:`cosine_schedule`."""
+    starts = [m * steps_per_epoch for m in milestones]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: drop ** sum(s >= start for start in starts))
+
+
 def require_labels(protocol: str, *splits) -> None:
     """Refuse a split without labels (``protocol`` names what needs them), naming the split."""
     for images in splits:
