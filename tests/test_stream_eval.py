@@ -239,6 +239,32 @@ def test_a_streamed_zip_read_in_this_process_is_closed_with_its_split(tmp_path):
     assert handle.closed and not [w for w in caught if issubclass(w.category, ResourceWarning)]
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_a_forked_reader_closes_the_zip_handle_it_inherited_and_the_parent_reads_on(tmp_path):
+    """A forked loader worker opens a handle of its own; the one it inherited was dropped unclosed (a
+    ResourceWarning in every worker). Closing the child's copy must leave the parent's handle readable."""
+    import os
+
+    archive = _zip(_folder(tmp_path / "data", {"train": 2, "test": 1}), tmp_path / "data.zip")
+    streamed = StreamedImages(str(archive), "test", resolution=RES)
+    first = streamed.files.read_at(0)
+    inherited = streamed.files.members._file
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report whether it read the same bytes and closed its inherited copy
+        try:
+            same = streamed.files.read_at(0) == first and inherited.closed and not streamed.files.members._file.closed
+            os.write(write, b"1" if same else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert answer == b"1"
+    assert not inherited.closed and streamed.files.read_at(0) == first
+
+
 def test_tensors_and_datasets_share_the_interface(tmp_path):
     images = torch.randint(0, 256, (5, 3, RES, RES), dtype=torch.uint8)
     wrapped = as_eval_images(images)

@@ -499,10 +499,12 @@ class ZipMembers:
         self.__init__(state["root"], state["rows"])
 
     def close(self) -> None:
-        """Close the handle this process read through (a later read opens another)."""
-        file, self._file = getattr(self, "_file", None), None
-        if file is not None:
-            file.close()
+        """Close the handle this process read through (a later read opens another), once reads in flight in other
+        threads are done."""
+        with getattr(self, "_lock", None) or contextlib.nullcontext():  # None: an object whose __init__ never ran
+            file, self._file = getattr(self, "_file", None), None
+            if file is not None:
+                file.close()
 
     __del__ = close  # a dataset dropped after an evaluation closes its zip, rather than leave it to a warning
 
@@ -525,7 +527,9 @@ class ZipMembers:
         """This process's handle (one inherited through fork is not used), opened once even when threads ask
         together: one opened twice would be closed under the first reader."""
         if self._pid != os.getpid():  # forked: the parent's handle and lock (perhaps held by a thread not copied)
-            self._file, self._pid, self._lock = None, os.getpid(), threading.Lock()
+            inherited, self._file, self._pid, self._lock = self._file, None, os.getpid(), threading.Lock()
+            if inherited is not None:
+                inherited.close()  # this process's copy of the descriptor: the parent's stays open
         with self._lock:
             if self._file is None:
                 self._file = open(self.root, "rb")
