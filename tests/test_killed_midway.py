@@ -215,3 +215,47 @@ def test_a_failed_start_whose_clean_up_stops_midway_is_still_started_again_by_au
             slimssl.pretrain(tiny_yaml, run, resume="auto")
     assert (run / "config.yaml").is_file() and (run / "tb").is_dir()
     assert slimssl.pretrain(tiny_yaml, run, resume="auto").finished
+
+
+def test_the_end_of_pretraining_writes_its_results_under_the_evaluations_lock(tmp_path, monkeypatch):
+    """A `slimssl knn` merging as a run finished could write its older copy of results.json back over the run's
+    final results: the end of pretraining now writes them under the lock the merges take."""
+    from filelock import FileLock, Timeout
+
+    from slimssl.train import loop
+
+    held_while_writing = []
+    write = loop.write_results
+
+    def checking_write(run_dir, data):
+        try:  # another holder: refused while the end of pretraining holds the lock
+            FileLock(str(Path(run_dir) / ".results.json.lock")).acquire(timeout=0)
+            held_while_writing.append(False)
+        except Timeout:
+            held_while_writing.append(True)
+        return write(run_dir, data)
+
+    monkeypatch.setattr(loop, "write_results", checking_write)
+    run = slimssl.pretrain(tiny(data={"fake_size": 32}, train={"epochs": 1}), tmp_path / "run")
+    assert held_while_writing == [True] and run.results["steps"] == run.step
+    merge_results(run.run_dir, {"w1p0_d1-1-1-1": {"knn_top5": 90.0}})  # the lock was let go
+    assert json.loads((run.run_dir / "results.json").read_text())["steps"] == run.step
+
+
+def test_a_lock_left_by_a_killed_merge_delays_the_end_of_pretraining_but_does_not_fail_it(tmp_path, monkeypatch,
+                                                                                         caplog):
+    from filelock import FileLock
+
+    from slimssl.train import loop
+
+    monkeypatch.setattr(loop, "FINAL_RESULTS_LOCK_SECONDS", 0.1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    left = FileLock(str(run_dir / ".results.json.lock"))
+    left.acquire()  # as a merge killed on a file system without locks leaves it
+    try:
+        run = slimssl.pretrain(tiny(data={"fake_size": 32}, train={"epochs": 1}), run_dir)
+    finally:
+        left.release()
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == run.step
+    assert ".results.json.lock was held for 0.1 s" in caplog.text and "writing results.json without it" in caplog.text

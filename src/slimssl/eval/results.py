@@ -11,12 +11,13 @@ pretraining are named under ``"unfinished"`` (:func:`mark_unfinished`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from filelock import FileLock, Timeout
 
@@ -118,7 +119,7 @@ def write_results(run_dir: str | Path, data: Mapping[str, Any]) -> Path:
 
 def remove_killed_writes(run_dir: Path) -> None:
     """The temporary files of results.json that writes killed midway left in ``run_dir``. Only those a minute old:
-    pretraining writes the file without the lock of the evaluations' merges."""
+    the end of pretraining writes the file without the merges' lock when a killed merge has left that lock."""
     for name in remove_temporaries(run_dir, of=(RESULTS,), older_than=STALE_SECONDS):
         log.debug("%s: removed %s, left by a write that was killed midway", run_dir, name)
 
@@ -150,17 +151,7 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
     number still says how it was measured.
     """
     # a lock from reading to writing: evaluations of one run started side by side keep each other's values
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(run_dir) / RESULTS_LOCK
-    lock = FileLock(path)
-    try:
-        lock.acquire(timeout=RESULTS_LOCK_SECONDS)
-    except Timeout:  # a merge takes milliseconds: a lock file left where the file system has no locks
-        raise ResultsError(f"{path} was held for {RESULTS_LOCK_SECONDS} s: another evaluation merging into "
-                           f"{RESULTS} would take milliseconds, so it is probably left by one that was killed on "
-                           "a file system without file locks; remove it if no evaluation of this run is "
-                           "running") from None
-    try:
+    with results_lock(run_dir):
         remove_killed_writes(Path(run_dir))
         data = read_results(run_dir, missing_ok=True)
         for key, value in (defaults or {}).items():
@@ -173,8 +164,34 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
             protocols[protocol] = dict(settings or {})
         data["subnets"] = merge_rows(data["subnets"], values)
         return write_results(run_dir, data)
+
+
+@contextlib.contextmanager
+def results_lock(run_dir: str | Path, seconds: float | None = None, or_without: bool = False) -> Iterator[None]:
+    """Hold the lock under which ``results.json`` is read and rewritten: by the evaluations' merges, and by the
+    end of pretraining, so that neither drops what the other wrote. A holder takes milliseconds, so a lock held
+    for ``seconds`` (default :data:`RESULTS_LOCK_SECONDS`) is one left by a process killed on a file system
+    without file locks: an error, or with ``or_without`` a warning and the work done without it (a finished run
+    writes its results whatever a stale lock says)."""
+    seconds = RESULTS_LOCK_SECONDS if seconds is None else seconds
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(run_dir) / RESULTS_LOCK
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=seconds)
+        held = True
+    except Timeout:
+        held = False
+        left = (f"{path} was held for {seconds:g} s: another process merging into {RESULTS} would take "
+                "milliseconds, so it is probably left by one that was killed on a file system without file locks")
+        if not or_without:
+            raise ResultsError(f"{left}; remove it if no evaluation of this run is running") from None
+        log.warning("%s; writing %s without it", left, RESULTS)
+    try:
+        yield
     finally:
-        lock.release()
+        if held:
+            lock.release()
 
 
 def mark_unfinished(data: dict, protocol: str, epoch: float | None, epochs: int) -> None:

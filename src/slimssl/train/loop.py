@@ -31,7 +31,7 @@ from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import copy_by_dtype, pick_device, pick_dtype, synchronize, to_device_async
 from ..errors import SlimsslError
-from ..eval.results import ResultsError, read_results, results_header, write_results
+from ..eval.results import ResultsError, read_results, results_header, results_lock, write_results
 from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, check_unread_settings, checked_momentum,
                        checked_output, distill_outputs)
 from ..models.build import build_supernet
@@ -50,6 +50,7 @@ from .resume import TrainState, restore
 from .signals import Interrupted, SignalGuard, mark_stop_saved
 
 log = logging.getLogger("slimssl")
+FINAL_RESULTS_LOCK_SECONDS = 10  # how long the end of pretraining waits for a merge (milliseconds) before it writes
 
 
 class NonFiniteLossError(SlimsslError):
@@ -693,12 +694,15 @@ class Trainer:
             # the epoch trained: past train.epochs when a resume lowered them below where the run stood
             self.metrics.write({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
                                 "knn_top1": knn})
-        _warn_of_dropped_evaluations(self.run_dir)
         results = {**results_header(self.run_dir, self.cfg), "steps": self.state.step,
                    "effective_lr": self.effective_lr(), "skipped_steps": self.state.skipped_steps, "subnets": rows}
         if knn:
             results["protocols"] = {"knn": self.knn_monitor.settings(backbone)}
-        write_results(self.run_dir, results)
+        # under the evaluations' lock: a `slimssl knn` merging at this moment would otherwise write its older copy
+        # back over these results; a lock left by a killed merge only delays them
+        with results_lock(self.run_dir, FINAL_RESULTS_LOCK_SECONDS, or_without=True):
+            _warn_of_dropped_evaluations(self.run_dir)
+            write_results(self.run_dir, results)
         self.metrics.close()
         return results
 
