@@ -204,7 +204,7 @@ class _ProbeFeatures:
         features = extract_subnet_features(models, specs, train, store=store, **self.extract)
         if not raw_features:
             self.stats = {n: _statistics(f, device) for n, f in features.items()}
-        if not augment:  # standardised in place: a second copy of ImageNet's features would double their memory
+        if not augment:  # kept, standardised in place: a second copy of ImageNet's features would double their memory
             self.cached = self._standardized(features, in_place=True)
 
     def _standardized(self, features: dict[str, torch.Tensor], in_place: bool = False) -> dict[str, torch.Tensor]:
