@@ -29,10 +29,11 @@ sys.exit(code)
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["pretrain", "--help"], ["linear", "--help"],
                                   ["reproduce", "--help"], ["bench", "--help"], ["knn", "--no-such-flag"],
-                                  ["export", "RUN", "--out", "exports"], ["profile"]])  # said before any import
+                                  ["export", "RUN", "--out", "exports"], ["profile"],  # said before any import
+                                  ["config", "--list"]])
 def test_help_and_argument_errors_do_not_import_torch(argv):
     done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=60)
-    assert done.returncode == (0 if "--help" in argv or "--version" in argv else 2), done.stderr
+    assert done.returncode == (0 if {"--help", "--version", "--list"} & set(argv) else 2), done.stderr
     assert "heavy: \n" in done.stdout, done.stdout.splitlines()[-1]
     if "--help" in argv:
         assert "usage: slimssl" in done.stdout
@@ -40,6 +41,9 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
         assert "\nslimmable self-supervised pretraining (default: the embedded demo)\n" in done.stdout
     if "--version" in argv:
         assert f"slimssl {slimssl.__version__}" in done.stdout
+    if "--list" in argv:  # every shipped recipe, each with its description
+        assert re.search(r"\ndemo +The embedded demo", done.stdout)
+        assert re.search(r"^cifar10_r18_dspnet_byol +DSPNet recipe", done.stdout)
 
 
 def test_every_public_name_resolves_and_unknown_names_raise():

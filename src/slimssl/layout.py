@@ -1,5 +1,5 @@
-"""What a run directory holds, by name. Free of torch, so that reading a run's results (``slimssl report``)
-does not wait for it.
+"""What a run directory holds, by name, and where the shipped recipes are. Free of torch, so that reading a
+run's results (``slimssl report``) or listing the recipes (``slimssl config --list``) does not wait for it.
 
     RUN/config.yaml         the resolved config the run trains with (before its logs: it marks the folder a run's)
     RUN/checkpoints/last.pt written at every epoch's end and on a stop; what --resume reads
@@ -13,6 +13,7 @@ does not wait for it.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -27,6 +28,12 @@ FINETUNE = "finetune"
 # what an exported sub-network's folder holds
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
+PACKAGED = resources.files("slimssl") / "configs"  # the shipped recipes, found by name (``--config demo``)
+
+
+def packaged_configs() -> list[str]:
+    """The file names of the shipped recipes (``demo.yaml``, ...), sorted."""
+    return sorted(p.name for p in PACKAGED.iterdir() if p.name.endswith(".yaml"))
 
 
 def checkpoint_path(run_dir: str | Path, name: str = LAST) -> Path:

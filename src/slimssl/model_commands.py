@@ -132,21 +132,23 @@ def cmd_profile(args: argparse.Namespace) -> int:
 # ---- config ------------------------------------------------------------------------------------------
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import find_config, load_config, packaged_configs
+    if args.list:  # the names --config takes, each with the first line of its header comment (without torch)
+        from .layout import PACKAGED, packaged_configs
 
-    if args.list:  # the names --config takes, each with the first line of its header comment
         if args.config or args.set or args.explain:
             raise UsageError("--list lists the shipped recipes and takes no --config, --set or --explain; drop "
                              "--list to print the resolved config")
         names = [name.removesuffix(".yaml") for name in packaged_configs()]
         width = max(map(len, names))
         for name in names:
-            header = find_config(name).read_text(encoding="utf-8").splitlines()
+            header = (PACKAGED / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
             first = next((line.lstrip("# ").rstrip() for line in header if line.startswith("#")), "")
             if first and not first.endswith("."):  # the sentence goes on in the file
                 first = first.rstrip(",:;") + " ..."
             write_out(f"{name:<{width}}  {first}".rstrip() + "\n")
         return 0
+    from .config import load_config
+
     cfg = load_config(args.config, args.set)
     if args.explain:
         from .config.reference import explained_yaml

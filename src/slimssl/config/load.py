@@ -7,7 +7,6 @@ import copy
 import difflib
 import re
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, get_args
 
@@ -15,14 +14,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..cli_args import on_command_line, overrides_named
+from ..layout import PACKAGED, packaged_configs
 from .schema import Config, ConfigError
-
-
-PACKAGED = resources.files("slimssl") / "configs"
-
-
-def packaged_configs() -> list[str]:
-    return sorted(p.name for p in PACKAGED.iterdir() if p.name.endswith(".yaml"))
 
 
 def find_config(name: str | Path) -> Path:
