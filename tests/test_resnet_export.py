@@ -573,6 +573,18 @@ def test_a_pt2_program_of_a_supernet_in_train_mode_is_its_eval_mode_sub_network(
     assert verify_export(supernet, "0.5", folder / "model.pt2", 16) < 1e-5
 
 
+def test_verifying_a_pt2_program_shows_none_of_torchs_own_loader_warnings(tmp_path, perturb_bn):
+    """torch.export.load warns of its own calls on some versions (2.4: torch.load's weights_only; 2.11: a
+    non-writable buffer): a user of `export --verify` can do nothing about them, so they are not shown."""
+    import warnings
+
+    supernet = build("basic-cifar-private", perturb_bn)
+    folder = export_subnet(supernet, "0.5", tmp_path, fmt="pt2", resolution=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert verify_export(supernet, "0.5", folder / "model.pt2", 16) < 1e-5
+
+
 def test_verify_export_runs_a_plain_model_in_eval_mode_and_gives_it_back_in_its_own(perturb_bn):
     """A model being fine-tuned is verified, then trained on: its BatchNorm must still be training."""
     from slimssl.export import verify_export

@@ -113,8 +113,9 @@ def run_program(path: Path, x: torch.Tensor) -> torch.Tensor:
     """``x`` through the torch.export program at ``path``, in the program's dtype. Its module is in inference
     mode as exported (torch refuses ``.eval()`` on it)."""
     try:
-        with warnings.catch_warnings():  # torch 2.4's loader warns of its own torch.load call: not the user's to act on
-            warnings.filterwarnings("ignore", message=".*weights_only=False", category=FutureWarning)
+        with warnings.catch_warnings():  # torch's loader warns of its own calls, which are not the user's to act on:
+            warnings.filterwarnings("ignore", message=".*weights_only=False", category=FutureWarning)  # torch 2.4
+            warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)  # 2.11
             program = torch.export.load(str(path))
     except Exception as e:  # torch raises several kinds for a file that is not its archive
         raise ExportError(f"{path} is not a readable torch.export program ({type(e).__name__}: {e}); re-export "

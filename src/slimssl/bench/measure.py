@@ -7,8 +7,10 @@ import gc
 import logging
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -46,12 +48,23 @@ def _measure(fn, steps: int, warmup: int, device: torch.device) -> Measurement:
     return Measurement(seconds, peak, busy_fraction(kernels, seconds * steps * 1e6))
 
 
+@contextlib.contextmanager
+def _profiled(activities) -> Iterator[torch.profiler.profile]:
+    """torch.profiler over one cycle (the block), without torch 2.11's warning that it keeps one cycle's events."""
+    from torch.profiler import profile
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Warning: Profiler clears events", category=UserWarning)
+        with profile(activities=activities) as prof:
+            yield prof
+
+
 def _kernel_intervals(fn, calls, device: torch.device) -> list[tuple[float, float]]:
     """(start, end) in microseconds of every GPU kernel and copy run by ``fn`` over ``calls``."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with _profiled([ProfilerActivity.CUDA]) as prof:
         for i in calls:
             fn(i)
         synchronize(device)
@@ -61,11 +74,11 @@ def _kernel_intervals(fn, calls, device: torch.device) -> list[tuple[float, floa
 def write_operator_table(fn, calls, device: torch.device, path: Path, rows: int = 30) -> None:
     """The ``rows`` operators with the most self time over ``calls`` of ``fn``, as torch.profiler's table:
     where a step's time goes when the throughput falls short."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-    with profile(activities=activities) as prof:
+    with _profiled(activities) as prof:
         for i in calls:
             fn(i)
         synchronize(device)
