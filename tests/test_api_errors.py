@@ -181,7 +181,7 @@ def test_python_evaluation_and_pretraining_refuse_bad_numbers_with_named_errors(
                        (lambda: slimssl.linear_probe(ckpt, lr=-1.0), "lr"),
                        (lambda: slimssl.linear_probe(ckpt, train_crop="centre"), "train_crop"),
                        (lambda: slimssl.finetune(ckpt, "0.5", 0.1, train_crop="centre"),
-                        "train_crop must be one of pad, resized, got 'centre'"),
+                        "train_crop must be one of pad, resized, whole, got 'centre'"),
                        (lambda: slimssl.finetune(ckpt, "0.5", 0.1, batch_size=0), "batch_size"),
                        (lambda: slimssl.knn(ckpt, device="gpu"), "gpu"),
                        (lambda: slimssl.pretrain(cfg, tmp_path / "run", max_steps=0), "max_steps"),
@@ -221,10 +221,10 @@ def test_the_lower_level_functions_raise_slimssl_errors_for_bad_input(supernet, 
         (lambda: balanced_subset(torch.arange(10), 0.0), r"label fraction must be in \(0, 1\], got 0.0"),
         (lambda: augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8, mean=(0.5,) * 3, std=(0.5,) * 3,
                                generator=torch.Generator(), crop="centre"),
-         "train_crop must be one of pad, resized, got 'centre'"),
+         "train_crop must be one of pad, resized, whole, got 'centre'"),
         (lambda: augment_batch(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), 8, mean=(0.5,) * 3, std=(0.5,) * 3,
                                generator=torch.Generator(), crop=None),  # the config's default is the API's
-         "train_crop must be one of pad, resized, got None"),
+         "train_crop must be one of pad, resized, whole, got None"),
         (lambda: recipe("simclr", 32), "unknown augmentation recipe 'simclr'; known: byol, mocov2, mocov3"),
     ]
     for call, message in cases:

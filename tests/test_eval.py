@@ -157,7 +157,7 @@ def test_resized_train_crop_zooms_in_and_never_pads():
     assert torch.equal(augment_batch(ones, 32, **norm, generator=torch.Generator(), crop="resized"),
                        torch.ones(64, 3, 32, 32))
     assert (augment_batch(ones, 32, **norm, generator=torch.Generator(), crop="pad") == 0).any()
-    with pytest.raises(ValueError, match="train_crop must be one of pad, resized, got 'centre'"):
+    with pytest.raises(ValueError, match="train_crop must be one of pad, resized, whole, got 'centre'"):
         augment_batch(ones, 32, **norm, generator=torch.Generator(), crop="centre")
 
 # ---- balanced subsets --------------------------------------------------------------------------------

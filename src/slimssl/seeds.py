@@ -18,6 +18,7 @@ STREAMS = (
     "subnet_draw",  # the sub-networks of a sandwich step (counter: step)
     "shuffle_bn",  # the order of the key network's batch under MoCo's shuffle-BN (counters: step, view)
     "probe_head",  # a linear probe head's initial weights (counter: crc32 of its sub-network's name)
+    "whole_crop",  # an evaluation's random crop of a whole streamed picture (counter: its place in the order)
 )
 
 

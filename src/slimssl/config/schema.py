@@ -460,9 +460,11 @@ class EvalConfig(Section):
     crop_ratio: float = Field(
         1.0, gt=0, le=1, description="evaluation images: the shorter side is resized to data.resolution / crop_ratio "
         "and the centre data.resolution square kept (ImageNet's protocol: 0.875, resize 256, crop 224)")
-    train_crop: Literal["pad", "resized"] = Field(
-        "pad", description="the random crop of fine-tuning and of `linear --augment`: pad (CIFAR: pad by 1/8 of "
-        "the size, crop the size) or resized (ImageNet: RandomResizedCrop of 8-100% of the area); with a flip")
+    train_crop: Literal["pad", "resized", "whole"] = Field(
+        "pad", description="the random crop of fine-tuning and of `linear --augment`, with a flip: pad (CIFAR: pad "
+        "by 1/8 of the size, crop the size), or ImageNet's RandomResizedCrop of 8-100% of the area, of the "
+        "evaluation image (resized) or of the whole picture (whole: a streamed split only; one decoded in memory "
+        "takes resized)")
 
 
 class Config(Section):

@@ -11,6 +11,10 @@ A streamed image is decoded exactly as ``load_dataset`` decodes it (``decode_res
 shorter side resized to ``resolution / crop_ratio`` with antialiasing, centre ``resolution`` crop), so both
 loaders give the same pixels and the same numbers. Unlike the training stream, JPEGs are decoded at full
 scale: a reduced-scale draft would change the pixels.
+
+A streamed split also gives random crops of each whole picture (``random_crops``: the ``whole`` training crop
+of fine-tuning and of the augmented linear probe, torchvision's RandomResizedCrop and flip as the papers'
+ImageNet protocols take them), which an in-memory split cannot: it keeps only each image's centre crop.
 """
 
 from __future__ import annotations
@@ -22,17 +26,20 @@ from typing import Callable, Generator, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .datasets import ImageDataset, load_dataset
-from .decode import decode_error, decode_resized
+from .decode import decode_error, decode_pixels, decode_resized
 from .files import SKIP_HINT, DataError, FileListDataset, check_source_and_resolution, list_labelled_files
-from .stream import stop_workers
+from .recipes import ViewRecipe
+from ..seeds import derived_generator
+from .stream import full_detail_side, resized_crop, stop_workers, view_boxes
 
 log = logging.getLogger("slimssl")
 
 LOADERS = ("memory", "stream")
 TAKE_BATCH = 64  # files per worker task when fetching a set of indices
+WHOLE_CROP = ViewRecipe()  # the ``whole`` training crop: RandomResizedCrop of 8-100% of the area, aspect 3/4-4/3, flip 1/2
 Failure = tuple[int, str]  # (file index, error) of a file that could not be decoded
 
 
@@ -105,13 +112,29 @@ class StreamedImages:
     def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """uint8 [B, 3, R, R] batches of ``indices`` (default: every file), in that order; a DataError naming
         the file when one cannot be decoded."""
-        with contextlib.closing(self._decoded(self._order(indices), batch_size)) as decoded:
+        with contextlib.closing(self._decoded(self._order(indices).tolist(), batch_size)) as decoded:
             for images, failed in decoded:
                 if failed:
-                    index, error = failed[0]
-                    raise DataError(f"cannot decode {self.files.path(index)} ({error}); to skip unreadable files "
-                                    f"set data.skip_unreadable: true ({SKIP_HINT}, or StreamedImages(..., "
-                                    "skip_unreadable=True) in Python)")
+                    self._refuse(failed)
+                yield images
+
+    def _refuse(self, failed: list[Failure]) -> None:
+        index, error = failed[0]
+        raise DataError(f"cannot decode {self.files.path(index)} ({error}); to skip unreadable files set "
+                        f"data.skip_unreadable: true ({SKIP_HINT}, or StreamedImages(..., skip_unreadable=True) "
+                        "in Python)")
+
+    def random_crops(self, batch_size: int, indices: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
+        """uint8 [B, 3, R, R] batches of the images at ``indices``, in that order: each a RandomResizedCrop
+        (:data:`WHOLE_CROP`) of the whole decoded picture, resized to the resolution, and flipped with probability
+        1/2. The draws of the n-th image come from (``seed``, n) alone: the same crops with any number of workers."""
+        order = self._order(indices)
+        keys = [(int(i), n) for n, i in enumerate(order.tolist())]
+        crops = WholeCrops(self.files, seed)
+        with contextlib.closing(self._decoded(keys, batch_size, crops)) as decoded:
+            for images, failed in decoded:
+                if failed:
+                    self._refuse(failed)
                 yield images
 
     def take(self, indices: torch.Tensor) -> torch.Tensor:
@@ -131,14 +154,16 @@ class StreamedImages:
             raise IndexError(f"indices out of range for {len(self)} images of {self.root}")
         return order
 
-    def _decoded(self, order: torch.Tensor,
-                 batch_size: int) -> Generator[tuple[torch.Tensor | None, list[Failure]], None, None]:
-        """(images or None when a file failed, failures) per batch of ``order``, decoded by the workers."""
+    def _decoded(self, keys: list, batch_size: int,
+                 dataset: Dataset | None = None) -> Generator[tuple[torch.Tensor | None, list[Failure]], None, None]:
+        """(images or None when a file failed, failures) per batch of ``keys`` (file indices, or the keys of
+        ``dataset``: default the files decoded as ``load_dataset`` does), decoded by the workers."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         # An explicit generator: a loader must not draw its worker seeds from the global RNG, which the
         # in-memory path leaves untouched.
-        loader = DataLoader(self.files, batch_sampler=[c.tolist() for c in order.split(batch_size) if len(c)],
+        batches = [keys[start:start + batch_size] for start in range(0, len(keys), batch_size)]
+        loader = DataLoader(dataset or self.files, batch_sampler=batches,
                             num_workers=self.workers, collate_fn=collate_decoded, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(0))
         batches = iter(loader)
@@ -150,7 +175,7 @@ class StreamedImages:
     def find_unreadable(self, indices: torch.Tensor | None = None) -> list[int]:
         """The indices of the files that cannot be decoded, among ``indices`` (default: all), each decoded once."""
         order = torch.arange(len(self)) if indices is None else indices
-        return [index for _, found in self._decoded(order, TAKE_BATCH) for index, _ in found]
+        return [index for _, found in self._decoded(order.tolist(), TAKE_BATCH) for index, _ in found]
 
     def drop(self, unreadable: Iterable[int]) -> None:
         """Leave out the files at the indices ``unreadable`` (:meth:`find_unreadable`), with their labels: the
@@ -188,6 +213,31 @@ class DecodedFiles(FileListDataset):
         keep = keep.numpy()
         return DecodedFiles(self.root, self.paths[keep], self.resolution, self._read, self.crop_ratio,
                             self.subset_members(keep))
+
+
+class WholeCrops(Dataset):
+    """(file index, n) -> (index, uint8 [3, R, R] or None, error or None): a random crop of the whole decoded
+    picture, drawn from (seed, n) (``StreamedImages.random_crops``)."""
+
+    def __init__(self, files: DecodedFiles, seed: int):
+        self.files, self.seed = files, seed
+        # JPEGs much larger than needed are decoded at reduced DCT scale, keeping the detail of the smallest crop
+        self.min_side = full_detail_side(files.resolution, (WHOLE_CROP,))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor | None, str | None]:
+        index, n = key
+        try:
+            image = decode_pixels(self.files.read_at(index), self.min_side)
+        except Exception as exc:  # any decoder failure means "unreadable file"
+            return index, None, decode_error(exc)
+        generator = derived_generator(self.seed, "whole_crop", n)
+        box = view_boxes(image.shape[-2], image.shape[-1], (WHOLE_CROP,), generator)[0]
+        crop = resized_crop(image, box, self.files.resolution).permute(2, 0, 1)  # [3, R, R]
+        flip = torch.rand((), generator=generator) < WHOLE_CROP.flip_p
+        return index, (crop.flip(-1) if flip else crop).contiguous(), None
 
 
 def collate_decoded(samples: list) -> tuple[torch.Tensor | None, list[Failure]]:

@@ -9,7 +9,7 @@ DEFAULT_LR = 0.1
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_MOMENTUM = 0.9
 DEFAULT_RECALIBRATE_BATCHES = 20  # used automatically when the supernet's BatchNorm is shared
-TRAIN_CROPS = ("pad", "resized")  # fine-tuning's and the augmented probe's random crop (eval/linear.py)
+TRAIN_CROPS = ("pad", "resized", "whole")  # fine-tuning's and the augmented probe's random crop (eval/linear.py)
 PROBE_LR_DROP = 0.1  # the linear probe's step schedule: the lr is multiplied by this at each milestone epoch
 
 # fine-tuning (eval/finetune.py): the 1% recipe up to FEW_LABELS of the labels, the 10% recipe above

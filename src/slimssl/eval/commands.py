@@ -56,9 +56,10 @@ def add_loader_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_crop_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-crop", choices=TRAIN_CROPS,
-                   help="the training images' random crop: pad (CIFAR: pad by 1/8 of the size, crop the size) or "
-                        "resized (ImageNet: RandomResizedCrop, 8-100%% of the area); default: the config's "
-                        "eval.train_crop (ImageNet recipes resized, others pad)")
+                   help="the training images' random crop: pad (CIFAR: pad by 1/8 of the size, crop the size), "
+                        "resized (ImageNet: RandomResizedCrop, 8-100%% of the area, of the evaluation image) or whole "
+                        "(the same of the whole picture, as the papers: --loader stream only); default: the config's "
+                        "eval.train_crop (ImageNet recipes whole, others pad)")
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:

@@ -134,8 +134,9 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     give the papers' probes (docs/recipes.md has SlimCLR's); results.json records them with the protocol's
     settings.
 
-    ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``) and flips, with the
-    backbone run at every step, instead of cached features. ``checkpoint``, ``config`` and the data keywords
+    ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``: ``pad``, or a
+    RandomResizedCrop of the evaluation image, ``resized``, or of the whole picture, ``whole``, which needs a
+    streamed split) and flips, with the backbone run at every step, instead of cached features. ``checkpoint``, ``config`` and the data keywords
     are knn's. Returns one row per
     sub-network: subnet, width, depths, params, macs, linear_top1, linear_top5 (percent); ``_shared``,
     ``_distill`` and ``_aug`` join the protocol's name (``linear_aug_top1``) for those options."""
@@ -158,8 +159,8 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
         log.warning("the distilled probe's teacher is the widest sub-network probed, %s, not the full network %s: "
                     "its own value is a plain probe, and the others learn from it (recorded as distill_teacher)",
                     teacher, supernet.menu.largest.name)
+    train_crop = options.train_crop_of(cfg, train_crop) if augment else cfg.eval.train_crop  # unused unless augment
     train, test = options.load_splits(cfg, torch_device)
-    train_crop = train_crop or cfg.eval.train_crop
     results = linear_probe_subnets(
         supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
         epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, shared_head=shared_head, augment=augment,
@@ -218,10 +219,11 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
         for spec, label_fraction in jobs:
             check_export_folder(Path(save_models) / finetuned_name(spec, label_fraction, seed), model_source,
                                 replace_hint="remove that folder to replace it")
+    train_crop = options.train_crop_of(cfg, train_crop)
     train, test = options.load_splits(cfg, torch_device)
     costs = cost_rows(supernet, cfg.data.resolution, list(dict.fromkeys(spec for spec, _ in jobs)))
     run_dir = run_dir_of(checkpoint) if save else None
-    source, train_crop = options.source(cfg), train_crop or cfg.eval.train_crop
+    source = options.source(cfg)
     rows = []
     for i, (spec, label_fraction) in enumerate(jobs):
         if len(jobs) > 1:

@@ -6,8 +6,9 @@ subset of the train split (drawn from a fixed seed; the indices are saved with t
 
 Recipes (after SimCLR's semi-supervised protocol, scaled down for small data): SGD with Nesterov
 momentum 0.9, no weight decay, lr 0.05 x batch/256 with a per-step cosine schedule, batch 256 (or the
-whole subset when smaller), a random crop (``crop``: ``pad``, CIFAR's padding of size/8, or ``resized``,
-ImageNet's RandomResizedCrop; see ``eval/linear.py``) + horizontal flip, BatchNorm in train mode.
+whole subset when smaller), a random crop (``crop``: ``pad``, CIFAR's padding of size/8, or ImageNet's
+RandomResizedCrop, ``resized`` of the evaluation image or ``whole`` of the whole picture; see ``eval/linear.py``)
++ horizontal flip, BatchNorm in train mode.
 
 * ``label_fraction <= 0.05`` (the 1% recipe): 60 epochs;
 * larger fractions (the 10% recipe): 30 epochs;
@@ -17,9 +18,11 @@ ImageNet's RandomResizedCrop; see ``eval/linear.py``) + horizontal flip, BatchNo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Generator
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +36,8 @@ from ..devices import to_device_async
 from ..errors import UsageError
 from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,
                FINETUNE_MIN_STEPS, check_train_crop)
-from .supervised import augment_batch, cosine_schedule, output_classes, require_labels, topk_accuracy
+from .supervised import (augment_batch, check_crop_source, cosine_schedule, output_classes, require_labels,
+                         topk_accuracy, training_images)
 from .recalibrate import subnet_models
 
 log = logging.getLogger("slimssl")
@@ -47,7 +51,7 @@ class FinetuneRecipe:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 0.0
-    crop: str = "pad"         # the training crop: pad (CIFAR) or resized (ImageNet), see augment_batch
+    crop: str = "pad"         # the training crop: pad (CIFAR), resized or whole (ImageNet), see augment_batch
     min_steps: int = FINETUNE_MIN_STEPS
 
 
@@ -122,6 +126,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     resolution = resolution or train.resolution
     recipe = _recipe(label_fraction, epochs=epochs, lr=lr, batch_size=batch_size, min_steps=min_steps,
                      crop=train_crop)
+    check_crop_source(recipe.crop, train)
     indices = balanced_subset(train.labels, label_fraction, seed)
     if len(indices) < 2:  # BatchNorm trains on batches of two images or more
         raise UsageError(f"label fraction {label_fraction:g} of the {len(train.labels)} train images gives 1 labelled "
@@ -132,11 +137,10 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
                            device=device, seed=seed)[spec.name]
     gen = torch.Generator().manual_seed(seed)  # the classifier's initialisation, the batches' order, the crops
     model = _classifier(source.export(spec), output_classes(train, test), gen).to(device)
-    images, labels = train.take(indices), train.labels[indices].to(device)  # the subset only is decoded
     log.info("fine-tuning %s on %d labelled images (%g of the train split, seed %d)", spec.name, len(indices),
              label_fraction, seed)
-    schedule = _fine_tune(model, images, labels, recipe, resolution=resolution, mean=mean, std=std,
-                          generator=gen)
+    schedule = _fine_tune(model, train, indices, recipe, resolution=resolution, mean=mean, std=std,
+                          generator=gen, device=device)
 
     top1, top5 = evaluate_classifier(model, test, test.labels, resolution=resolution, mean=mean, std=std,
                                      batch_size=eval_batch_size, device=device)
@@ -175,12 +179,11 @@ def _classifier(backbone: nn.Module, num_classes: int, generator: torch.Generato
     return backbone
 
 
-def _fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: FinetuneRecipe, *,
-               resolution: int, mean, std, generator: torch.Generator) -> dict:
-    """Train every weight of ``model`` on the uint8 ``images`` with ``recipe``; returns the schedule it ran
-    (steps, batch, base_lr)."""
-    device = labels.device
-    n = len(labels)
+def _fine_tune(model: nn.Module, train: EvalImages, indices: torch.Tensor, recipe: FinetuneRecipe, *,
+               resolution: int, mean, std, generator: torch.Generator, device: torch.device) -> dict:
+    """Train every weight of ``model`` on the train images at ``indices`` with ``recipe``; returns the schedule it
+    ran (steps, batch, base_lr)."""
+    n = len(indices)
     batch = min(recipe.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the last partial batch: BatchNorm sees full batches
     total = max(recipe.epochs * steps_per_epoch, recipe.min_steps)
@@ -189,14 +192,11 @@ def _fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
                                 nesterov=recipe.nesterov, weight_decay=recipe.weight_decay)
     schedule = cosine_schedule(optimizer, total)
     log.info("fine-tuning: %d step%s of batch %d, lr %g", total, "" if total == 1 else "s", batch, base_lr)
+    labels = train.labels[indices].to(device)
     model.train()
-    perm, cursor = torch.randperm(n, generator=generator), 0
-    for step in range(total):
-        if cursor + batch > n:
-            perm, cursor = torch.randperm(n, generator=generator), 0
-        idx = perm[cursor:cursor + batch]
-        cursor += batch
-        x = augment_batch(to_device_async(images[idx], device), resolution, mean, std, generator, recipe.crop)
+    steps = _labelled_batches(train, indices, batch, total, recipe.crop, generator)
+    for step, (idx, images) in enumerate(steps):
+        x = augment_batch(to_device_async(images, device), resolution, mean, std, generator, recipe.crop)
         loss = F.cross_entropy(model(x), labels[to_device_async(idx, device)])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -205,6 +205,29 @@ def _fine_tune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rec
         if step == 0 or (step + 1) % max(1, total // 5) == 0:
             log.info("fine-tune step %d/%d: loss %.4f", step + 1, total, loss.item())
     return {"steps": total, "batch": batch, "base_lr": base_lr}
+
+
+def _labelled_batches(train: EvalImages, indices: torch.Tensor, batch: int, total: int, crop: str,
+                      generator: torch.Generator) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
+    """(positions in ``indices``, their uint8 images) of each of the ``total`` steps: batches of a new order of
+    the subset every epoch, the last partial one dropped. The subset is decoded once and held in memory, or
+    (``crop`` ``whole``) cropped from its whole pictures at every step by the split's loader."""
+    def positions() -> Generator[torch.Tensor, None, None]:
+        perm, cursor = torch.randperm(len(indices), generator=generator), 0
+        for _ in range(total):
+            if cursor + batch > len(indices):
+                perm, cursor = torch.randperm(len(indices), generator=generator), 0
+            yield perm[cursor:cursor + batch]
+            cursor += batch
+
+    if crop != "whole":
+        images = train.take(indices)  # the subset only is decoded
+        yield from ((idx, images[idx]) for idx in positions())  # drawn step by step, between the crops' draws
+        return
+    steps = list(positions())
+    crops = training_images(train, batch, indices[torch.cat(steps)], crop, generator)
+    with contextlib.closing(crops):  # closing: stop the loader workers
+        yield from zip(steps, crops)
 
 
 def fraction_tag(label_fraction: float) -> str:

@@ -79,25 +79,48 @@ class DataOptions:
         return {"data": self.source(cfg), "resolution": cfg.data.resolution,
                 "crop_ratio": self.resolved_crop_ratio(cfg)}
 
+    def loader_of(self, cfg) -> str:
+        """How the splits are read: the loader given, else the config's; a dataset held in memory cannot stream (a
+        UsageError when asked to stream it, the config's stream falls back to memory)."""
+        from ..data.registry import in_memory_only
+
+        loader = self.loader or cfg.data.loader
+        if loader == "stream" and in_memory_only(self.source(cfg)):
+            if self.loader == "stream":
+                raise UsageError(f"loader 'stream' (--loader stream) reads an ImageFolder folder or .zip, and "
+                                 f"{self.source(cfg)!r} is a dataset held in memory (built-in or registered): use "
+                                 "loader 'memory' (or pass a folder as data, --data)")
+            return "memory"
+        return loader
+
+    def train_crop_of(self, cfg, train_crop: str | None) -> str:
+        """The random training crop: the one given, else the config's ``eval.train_crop``. ``whole`` needs the
+        pictures of a streamed split: given, it is refused for a split decoded in memory before any is decoded;
+        the config's falls back to ``resized`` then, with a log line, as the config's loader falls back."""
+        from .supervised import WHOLE_NEEDS_STREAM
+
+        crop = train_crop or cfg.eval.train_crop
+        if crop == "whole" and self.loader_of(cfg) != "stream":
+            if train_crop == "whole":
+                raise UsageError(WHOLE_NEEDS_STREAM)
+            log.info("the config's eval.train_crop whole crops the whole pictures of a streamed split; these are "
+                     "decoded in memory, so the training crops are taken from the evaluation images (resized)")
+            crop = "resized"
+        return crop
+
     def load_split(self, cfg, split: str, device=None):
         """``split`` at the config's resolution, decoded in memory or streamed. A dataset held in memory
         (built-in or registered) cannot stream: asked to, this is an error; a streaming config falls back to
         memory, with a log line."""
         from ..data.eval_images import load_eval_split
         from ..data.files import DataError
-        from ..data.registry import in_memory_only
         from ..data.views import default_workers
 
         source = self.source(cfg)
-        loader = self.loader or cfg.data.loader
-        if loader == "stream" and in_memory_only(source):
-            if self.loader == "stream":
-                raise UsageError(f"loader 'stream' (--loader stream) reads an ImageFolder folder or .zip, and "
-                                 f"{source!r} is a dataset held in memory (built-in or registered): use loader "
-                                 "'memory' (or pass a folder as data, --data)")
+        loader = self.loader_of(cfg)
+        if loader == "memory" and (self.loader or cfg.data.loader) == "stream":
             log.info("data %r is a dataset held in memory (built-in or registered): decoded in memory (the "
                      "checkpoint's data.loader stream reads folders and .zip files only)", source)
-            loader = "memory"
         if self.workers is not None and loader == "memory" and split == "train":  # every call reads it, once
             log.warning("workers %d (--workers): not used, since the splits are decoded in memory (the stream "
                         "loader's workers: --loader stream)", self.workers)

@@ -16,8 +16,8 @@ Options: ``distill`` (SlimCLR): sub-width heads minimise 0.5 CE + 0.5 soft CE to
 detached predictions; ``shared_head``: one slimmable head, a weight [C, D_full] of which a sub-network
 uses the leading ``D`` columns (the comparison of the SlimCLR paper); ``augment``: a random crop and a flip,
 with the backbone run at every step. The crop (``train_crop``, also fine-tuning's) is ``pad``, CIFAR's
-(padding 1/8 of the size, then a crop of the size), or ``resized``, ImageNet's RandomResizedCrop (8-100% of
-the area, aspect 3/4-4/3) of the evaluation image. ``raw_features`` and ``milestones`` give the papers'
+(padding 1/8 of the size, then a crop of the size), or ImageNet's RandomResizedCrop (8-100% of the area,
+aspect 3/4-4/3): ``resized`` of the evaluation image, ``whole`` of the whole picture (a streamed split only). ``raw_features`` and ``milestones`` give the papers'
 probes: the features as the backbone gives them, and the lr dropped tenfold at given epochs (with the
 papers' lr, as it depends on the features' scale).
 
@@ -51,7 +51,8 @@ from ..methods.losses import soft_cross_entropy
 from .features import extract_subnet_features
 from .knn import bank_storage
 from .recalibrate import subnet_models
-from .supervised import augment_batch, cosine_schedule, output_classes, require_labels, step_schedule, topk_accuracy
+from .supervised import (augment_batch, check_crop_source, cosine_schedule, output_classes, require_labels,
+                         step_schedule, topk_accuracy, training_images)
 
 log = logging.getLogger("slimssl")
 
@@ -166,15 +167,16 @@ def probe_step(heads: nn.Module, optimizer: torch.optim.Optimizer, features: Map
 
 # ---- the probe ---------------------------------------------------------------------------------------
 
-def _epoch_batches(train: EvalImages, perm: torch.Tensor, batch_size: int,
-                   augment: bool) -> Generator[tuple[torch.Tensor, torch.Tensor | None], None, None]:
+def _epoch_batches(train: EvalImages, perm: torch.Tensor, batch_size: int, augment: bool, crop: str,
+                   generator: torch.Generator) -> Generator[tuple[torch.Tensor, torch.Tensor | None], None, None]:
     """(indices, their uint8 images when augmenting, else None) of every step of an epoch; the images are
     read in the epoch's order, so a streamed train split is decoded once per epoch."""
     steps = perm.split(batch_size)
     if not augment:
         yield from ((idx, None) for idx in steps)
         return
-    with contextlib.closing(train.batches(batch_size, perm)) as images:  # closing: stop the loader workers
+    images = training_images(train, batch_size, perm, crop, generator)
+    with contextlib.closing(images):  # closing: stop the loader workers
         yield from zip(steps, images)
 
 
@@ -248,7 +250,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     With ``return_heads`` the result is ``(results, heads)``.
     """
     milestones = _check_probe_inputs(train, test, epochs=epochs, batch_size=batch_size, lr=lr,
-                                     train_crop=train_crop, milestones=milestones)
+                                     train_crop=train_crop, milestones=milestones, augment=augment)
     device = torch.device(device)
     resolution = resolution or train.resolution
     specs = supernet.resolve_many(subnets or None)
@@ -281,12 +283,14 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
 
 
 def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float, train_crop: str,
-                        milestones: Sequence[int] | None) -> tuple[int, ...] | None:
+                        milestones: Sequence[int] | None, augment: bool) -> tuple[int, ...] | None:
     """Refuse what cannot be probed; returns the milestones as a tuple of ints (or None: the cosine)."""
     require_labels("the linear probe", train, test)
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise UsageError(f"need epochs >= 1, batch_size >= 1 and lr > 0 (got {epochs}, {batch_size}, {lr})")
     check_train_crop(train_crop, default_allowed=False)
+    if augment:
+        check_crop_source(train_crop, train)
     return check_milestones(milestones, epochs)
 
 
@@ -308,7 +312,7 @@ def _train_heads(heads: nn.Module, features: _ProbeFeatures, train: EvalImages, 
     for epoch in range(epochs):
         perm = torch.randperm(n_train, generator=gen)
         running = torch.zeros((), device=device)  # read once per logged epoch, not at every step
-        for idx, images in _epoch_batches(train, perm, batch_size, features.augment):
+        for idx, images in _epoch_batches(train, perm, batch_size, features.augment, features.crop, gen):
             idx = idx.to(device, non_blocking=True)
             running += probe_step(heads, optimizer, features.of_batch(idx, images, gen), labels[idx],
                                   distill=distill, teacher=teacher)

@@ -4,7 +4,7 @@ schedule, the number of outputs and the top-k accuracy."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..data.augment import ViewRecipe, eval_transform, geometric_view, normalize
 from ..data.files import DataError
 from ..devices import to_device_async
+from ..errors import UsageError
 from . import check_train_crop
 
 
@@ -35,7 +36,9 @@ def random_crop_flip(x: torch.Tensor, padding: int, generator: torch.Generator) 
 def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: torch.Generator,
                   crop: str = "pad") -> torch.Tensor:
     """uint8 [B,3,H,W] -> resized, randomly cropped (``crop``: ``pad`` or ``resized``) and flipped, normalised
-    float."""
+    float. ``whole``: the images of :func:`training_images`, cropped and flipped already, are only normalised."""
+    if crop == "whole":
+        return eval_transform(images, resolution, mean, std)
     x = eval_transform(images, resolution, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     if crop == "pad":
         x = random_crop_flip(x, max(1, resolution // 8), generator)
@@ -43,6 +46,29 @@ def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: t
         check_train_crop(crop, default_allowed=False)
         x = geometric_view(x, ViewRecipe(), resolution, generator)
     return normalize(x, mean, std)
+
+
+def training_images(train, batch_size: int, order: torch.Tensor, crop: str,
+                    generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The uint8 batches of the train images at ``order`` that :func:`augment_batch` crops: the evaluation images,
+    or (``crop`` ``whole``) random crops of the whole pictures, cut by the loader with draws from ``generator``."""
+    if crop != "whole":
+        return train.batches(batch_size, order)
+    check_crop_source(crop, train)
+    return train.random_crops(batch_size, order, seed=int(torch.randint(2**62, (), generator=generator)))
+
+
+def check_crop_source(crop: str, train) -> None:
+    """Refuse the ``whole`` crop of a split that has no whole pictures: one decoded in memory keeps each image's
+    centre crop only."""
+    if crop == "whole" and not hasattr(train, "random_crops"):
+        raise UsageError(WHOLE_NEEDS_STREAM)
+
+
+WHOLE_NEEDS_STREAM = ("train_crop 'whole' (--train-crop whole) crops each whole picture, which only a streamed train "
+                      "split keeps: stream it (--loader stream, loader='stream'; a folder or .zip), or take "
+                      "train_crop 'resized', which crops the evaluation image (the centre crop a split decoded in "
+                      "memory keeps)")
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
