@@ -374,7 +374,7 @@ def test_recipes_evaluate_with_their_protocols_crops(name, crop_ratio):
     CIFAR: the whole image, and the padded crop."""
     cfg = load_config(name)
     assert cfg.eval.crop_ratio == crop_ratio
-    assert cfg.eval.train_crop == ("resized" if name.startswith("imagenet") else "pad")
+    assert cfg.eval.train_crop == ("whole" if name.startswith("imagenet") else "pad")
 
 
 @pytest.mark.parametrize("bad", ["0", "1.5", "-0.5"])
