@@ -166,3 +166,12 @@ def test_views_in_one_batch_train_as_one_view_at_a_time_on_the_gpu(tmp_path, pre
         a, b = batched.train_step(step).losses, alone.train_step(step).losses
         assert all(abs(float(a[k]) - float(b[k])) < tolerance * max(1.0, abs(float(b[k]))) for k in a), (step, a, b)
     assert layouts and all(layouts)
+
+
+def test_an_evaluation_gives_a_cpu_supernet_back_on_the_cpu():
+    import slimssl
+    from test_eval import tiny_config, tiny_supernet
+
+    supernet = tiny_supernet()
+    rows = slimssl.knn(supernet, config=tiny_config(), device="cuda", save=False)
+    assert rows and all(t.device.type == "cpu" for t in [*supernet.parameters(), *supernet.buffers()])

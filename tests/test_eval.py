@@ -1321,3 +1321,29 @@ def test_a_label_fraction_of_100_is_said_to_be_a_percentage(tmp_path):
     make_checkpoint(tmp_path / "model.pt")
     with pytest.raises(slimssl.SlimsslError, match=r"got \[100\]; a fraction, not a percentage: 1 for 100%"):
         slimssl.finetune(tmp_path / "model.pt", "0.5", 100)
+
+
+def test_a_protocol_gives_a_supernet_in_memory_back_on_its_device_even_when_it_fails(monkeypatch):
+    """The protocols move a supernet in memory to the evaluation's device; the caller gets it back where it was
+    (tests/test_cuda.py checks it with a GPU)."""
+    from slimssl.eval import evaluate
+
+    supernet, moves = tiny_supernet(), []
+    to = type(supernet).to
+
+    def recording_to(self, *args, **kwargs):
+        moves.append(torch.device(args[0]))
+        return to(self, *args, **kwargs)
+
+    def failing_load(checkpoint, device, *args):
+        checkpoint.to(device)  # where a GPU would be
+        raise RuntimeError("failed on the device")
+
+    monkeypatch.setattr(type(supernet), "to", recording_to)
+    monkeypatch.setattr(evaluate, "load_model", failing_load)
+    for protocol in (slimssl.knn, slimssl.linear_probe, slimssl.finetune):
+        moves.clear()
+        with pytest.raises(RuntimeError, match="failed on the device"):
+            protocol(supernet, config=tiny_config(), device="cpu")
+        assert moves == [torch.device("cpu")] * 2  # to the evaluation's device, then back to the caller's
+    assert slimssl.knn.__name__ == "knn" and "temperature" in str(__import__("inspect").signature(slimssl.knn))

@@ -30,7 +30,7 @@ from ..launch import warn_of_repeated_work
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_milestones, check_train_crop, linear_settings,
                recalibration_batches)
 from ..layout import FINETUNE, RESULTS
-from .inputs import DataOptions, check_flags, check_numbers, in_memory, load_model, saves_results
+from .inputs import DataOptions, check_flags, check_numbers, gives_back_device, in_memory, load_model, saves_results
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +78,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
 
 # ---- the protocols -----------------------------------------------------------------------------------
 
+@gives_back_device
 def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int | None = None,
         temperature: float | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
         recalibrate_bn: int | None = None, save: bool = True, config: Config | dict | str | Path | None = None,
@@ -120,6 +121,7 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int
     return rows
 
 
+@gives_back_device
 def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *,
                  epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE,
                  seed: int = 0, augment: bool = False, train_crop: str | None = None, distill: bool = False,
@@ -180,6 +182,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     return rows
 
 
+@gives_back_device
 def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
              label_fractions: Sequence[float] | float = (0.01, 0.1), *, epochs: int | None = None,
              lr: float | None = None, batch_size: int | None = None, seed: int = 0, train_crop: str | None = None,
@@ -295,7 +298,15 @@ def finetune_jobs(supernet, subnets: Subnets, label_fractions: Sequence[float] |
                   out: str | Path | None = None) -> list[tuple]:
     """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
     without repeats (``subnets="all"``: the menu)."""
-    specs = supernet.resolve_many(subnets)
+    from ..nn.spec import SubnetError
+
+    try:
+        specs = supernet.resolve_many(subnets)
+    except SubnetError as e:  # finetune(run, 0.1): a label fraction given where the sub-networks go
+        if not isinstance(subnets, Real) or isinstance(subnets, bool):
+            raise
+        raise SubnetError(f"{e}; the second argument of finetune() is the sub-network(s): to fine-tune on "
+                          f"{subnets:g} of the labels, pass label_fractions={subnets:g}") from None
     # a single value (a string too: read letter by letter, "0.1" would be refused as '0', '.', '1')
     fractions = [label_fractions] if isinstance(label_fractions, (Real, str)) else list(label_fractions)
     if not fractions or not all(isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):

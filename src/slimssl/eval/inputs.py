@@ -4,13 +4,14 @@ a supernet in memory) and the numbers. The protocols themselves are in :mod:`.ev
 from __future__ import annotations
 
 import difflib
+import functools
 import inspect
 import logging
 import os
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import UsageError
 
@@ -162,7 +163,7 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
     supernet in memory or an export). ``checkpoint`` is a checkpoint file or run directory (eval mode), an exported
     sub-network's folder (evaluated on ``data``, which it does not record: ``eval/exported.py``), or a supernet
     in memory (``SlimResNet``, with its ``config``; moved to the device, its mode left to the protocols, which
-    evaluate in eval mode and give it back in its own)."""
+    evaluate in eval mode and give it back in its own mode and on its own device: :func:`gives_back_device`)."""
     from ..checkpoint import open_checkpoint, pretraining_unfinished
     from ..layout import is_export_dir
     from .exported import supernet_of_export
@@ -202,6 +203,24 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
         log.warning("%s holds epoch %g of %d: pretraining has not finished (a run's results.json marks what is "
                     "measured on it unfinished)", checkpoint, epoch_floor(epoch), cfg.train.epochs)
     return supernet.to(torch_device).eval(), cfg, torch_device, epoch
+
+
+def gives_back_device(protocol: Callable) -> Callable:
+    """Decorates a protocol that takes a supernet in memory as its first argument: the protocol moves it to the
+    evaluation's device (``load_model``), and this moves it back where it was after, errors included (as the
+    protocols give back its mode), so that a caller's CPU supernet is not left on the GPU."""
+    @functools.wraps(protocol)
+    def protocol_giving_back_device(checkpoint, *args, **kwargs):
+        tensors = [*checkpoint.parameters(), *checkpoint.buffers()] if hasattr(checkpoint, "parameters") else []
+        if not tensors:
+            return protocol(checkpoint, *args, **kwargs)
+        where = tensors[0].device
+        try:
+            return protocol(checkpoint, *args, **kwargs)
+        finally:
+            checkpoint.to(where)
+
+    return protocol_giving_back_device
 
 
 def in_memory(checkpoint) -> bool:
