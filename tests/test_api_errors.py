@@ -345,3 +345,34 @@ def test_copies_to_the_gpu_pin_host_tensors_only():
     log = []
     to_device_async(Recorder("cpu", log), cuda)
     assert log == ["pin", ("to", "cuda", True)]  # a host tensor goes through pinned memory, without a wait
+
+
+def test_export_and_finetune_name_the_function_that_takes_what_was_given(supernet, tmp_path, caplog):
+    run = tmp_path / "run"
+    cfg = slimssl.load_config("demo", TINY)
+    weights = {"backbone." + k: v for k, v in supernet.state_dict().items()}
+    save_checkpoint(run / "checkpoints" / "last.pt",
+                    {"config": cfg.model_dump(mode="json"), "menu": supernet.menu.names, "model": weights})
+    with pytest.raises(SlimsslError, match=r"export_run takes a checkpoint .* slimssl.export_subnet\(supernet"):
+        slimssl.export_run(supernet, tmp_path / "out", "0.5")
+    with pytest.raises(SlimsslError, match=r"export_subnet takes a supernet in memory .* slimssl.export_run"):
+        slimssl.export_subnet(str(run), "0.5", tmp_path / "out")
+    with pytest.raises(SlimsslError, match=r"not in the menu.*to fine-tune on 0.1 of the labels, pass "
+                                           r"label_fractions=0.1"):
+        slimssl.finetune(run, 0.1, device="cpu", save=False)
+    assert not (tmp_path / "out").exists()
+    with caplog.at_level("WARNING", logger="slimssl"):
+        slimssl.export_subnet(supernet, "0.5", tmp_path / "bare")
+    assert "records no resolution, mean, std of its inputs: pass config=" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="slimssl"):
+        slimssl.export_subnet(supernet, "0.5", tmp_path / "described", config=cfg)
+    assert "records no" not in caplog.text
+
+
+def test_a_supernet_takes_its_menu_as_widths_and_a_width_alone_says_where_its_depths_come_from():
+    supernet = slimssl.SlimResNet(depths=(1, 1, 1, 1), base_width=4, stem="cifar", menu=["1.0", 0.5])
+    assert supernet.menu.names == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
+    with pytest.raises(SlimsslError, match=r"give them \('0.5:2,2,2,2'\), or ask the supernet "
+                                           r"\(supernet.resolve\('0.5'\)\)"):
+        slimssl.SubnetSpec.parse("0.5")

@@ -104,6 +104,25 @@ def test_a_missing_data_path_is_said_before_a_run_folder_is_made(tmp_path, confi
     assert not run.exists() and "removed what this run had written" not in caplog.text
 
 
+def test_a_data_folder_whose_name_reads_as_yaml_is_the_folder_and_python_takes_the_flags_as_keywords(tmp_path,
+                                                                                                      config):
+    data = image_folder(tmp_path / "set #1")  # unquoted YAML would end the name at " #" and read "2024" as a number
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--data", str(data), "--out", str(run), "--max-steps", "1"]) == 0
+    assert saved_source(run) == str(data)
+    numbered = image_folder(tmp_path / "2024")
+    done = slimssl.pretrain(config, tmp_path / "py", data=numbered, epochs=3, batch_size=16, device="cpu",
+                            overrides=["train.batch_size=4"], max_steps=1)  # the keyword wins over the override
+    saved = yaml.safe_load((tmp_path / "py" / "config.yaml").read_text())
+    assert (saved["data"]["source"], saved["train"]["epochs"], saved["train"]["batch_size"], saved["train"]["device"]) \
+        == (str(numbered), 3, 16, "cpu")
+    assert repr(done) == f"PretrainRun(run_dir={str(tmp_path / 'py')!r}, step=1/3)"  # 16 images: 1 step an epoch
+    supernet, cfg = done.load_supernet()
+    assert cfg.train.epochs == 3 and supernet.menu.names == cfg.subnet_menu().names
+    with pytest.raises(ConfigError, match="train.epochs"):
+        slimssl.pretrain(config, tmp_path / "bad", epochs=0)
+
+
 def test_batch_size_has_a_flag_that_wins_over_set(tmp_path, config):
     run = tmp_path / "run"
     assert main(["pretrain", "--config", str(config), "--out", str(run), "--set", "train.batch_size=4",

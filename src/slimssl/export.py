@@ -66,6 +66,10 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
 
     An export already there is replaced only when it came from the same ``metadata["source"]`` (exporting a
     run again) or with ``overwrite``; see :func:`check_export_folder`."""
+    if not isinstance(supernet, SlimResNet):  # a path would fail deep inside, with a bare AttributeError
+        raise ExportError(f"export_subnet takes a supernet in memory (a SlimResNet), got {type(supernet).__name__} "
+                          f"{supernet!r:.80}: to export a checkpoint file or run directory, call "
+                          "slimssl.export_run(checkpoint, out, subnets)")
     if config is not None:
         from .models.build import as_config, check_config_is_the_supernets
 
@@ -85,6 +89,10 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
         log.warning("%s is exported with shared BatchNorm statistics that were not estimated for it (they mix the "
                     "widths that trained last): call slimssl.recalibrate_bn(supernet, %r, batches) on train "
                     "batches first, or export a run with slimssl.export_run, which does", spec.name, spec.name)
+    missing = [key for key in ("resolution", "mean", "std") if key not in (metadata or {})]
+    if missing:  # evaluation would fall back to defaults, and a user would have to guess the inputs
+        log.warning("%s's config.json records no %s of its inputs: pass config= (the supernet's config, as "
+                    "slimssl.load_supernet returns it, or its recipe) to record them", spec.name, ", ".join(missing))
     plain = supernet.export(spec).eval()
     metadata = {**(metadata or {}), "subnet": spec.name, "cut_from": cut_from(supernet)}
     if fmt == "pt2":  # what model.pt2 takes, for a runtime that reads the config first

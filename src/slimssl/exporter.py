@@ -5,6 +5,7 @@ the preprocessing recorded beside the weights, and shared BatchNorm statistics r
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -86,6 +87,10 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
 
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
     options = DataOptions.of(data, export_run)
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise UsageError(f"export_run takes a checkpoint file or run directory (str or Path), got "
+                         f"{type(checkpoint).__name__}: to export a supernet in memory, call "
+                         "slimssl.export_subnet(supernet, subnet, out_dir, config=its_config)")
     check_format(fmt)
     if checkpoint is None and recalibrate_bn:
         raise UsageError("recalibrate_bn re-estimates a trained checkpoint's BatchNorm statistics; a random "

@@ -53,7 +53,7 @@ class SlimResNet(SlimmableMixin, nn.Module):
     """
 
     def __init__(self, block: str = "basic", depths: Sequence[int] = (2, 2, 2, 2), base_width: int = 64,
-                 stem: str = "imagenet", menu: Sequence[SubnetSpec] | None = None, bn: str = "private",
+                 stem: str = "imagenet", menu: Sequence[SubnetSpec | str | float] | None = None, bn: str = "private",
                  channel_divisor: int = 1, zero_init_residual: bool = False):
         super().__init__()
         if block not in EXPANSION:
@@ -67,7 +67,7 @@ class SlimResNet(SlimmableMixin, nn.Module):
                 raise SlimsslError(f"{name} must be a positive whole number, got {value!r}")
         full = SubnetSpec(1.0, depths)  # checks the depths
         self.block, self.depths, self.base_width, self.stem = block, full.depths, base_width, stem
-        self.menu = Menu(menu or [full])
+        self.menu = Menu(menu or [full], full.depths)  # a width alone is the width at full depth
         for spec in self.menu:
             spec.check_fits(self.depths)
         if bn == "private" and full not in self.menu:  # a forward without a sub-network runs the full network

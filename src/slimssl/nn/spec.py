@@ -97,7 +97,8 @@ class SubnetSpec:
             width, depths = float(match.group(1)), match.group(2)
         if depths is None:
             if full_depths is None:
-                raise SubnetError(f"sub-network {text!r} gives no depths and no supernet is known to take them from")
+                raise SubnetError(f"sub-network {text!r} gives no depths and no supernet is known to take them from: "
+                                  f"give them ('{text}:2,2,2,2'), or ask the supernet (supernet.resolve({text!r}))")
             return cls(width, tuple(full_depths))
         return cls(width, tuple(int(d) for d in re.split(r"[-,.]", depths)))
 
@@ -142,10 +143,13 @@ Subnets = Union[SubnetLike, Sequence[SubnetLike], None]
 class Menu(tuple):
     """The ordered desired sub-networks of a supernet, largest first, without repeats."""
 
-    def __new__(cls, specs: Iterable[SubnetSpec | str]) -> "Menu":
+    def __new__(cls, specs: Iterable[SubnetSpec | str | float],
+                full_depths: Sequence[int] | None = None) -> "Menu":
+        """``specs``: sub-networks as :meth:`SubnetSpec.coerce` takes them; a width alone (``0.5``, ``"0.5"``) is
+        the width at ``full_depths``."""
         if isinstance(specs, (str, SubnetSpec)):  # a lone name would otherwise be read letter by letter
             raise SubnetError(f"a menu is a list of sub-networks, got the single {specs!r}: write Menu([{specs!r}])")
-        specs = [SubnetSpec.coerce(s) for s in specs]  # canonical names are taken too
+        specs = [SubnetSpec.coerce(s, full_depths) for s in specs]  # canonical names are taken too
         if len({len(s.depths) for s in specs}) > 1:
             raise SubnetError(f"menu entries have different numbers of stages: {[s.name for s in specs]}")
         unique = sorted(set(specs), reverse=True)

@@ -41,11 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
     """--set, then the shortcut flags as overrides (so an explicit flag wins over --set)."""
-    sets = list(args.set)
-    flags = {"data": "data.source", "epochs": "train.epochs", "batch_size": "train.batch_size",
-             "device": "train.device"}
-    sets += [f"{key}={getattr(args, flag)}" for flag, key in flags.items() if getattr(args, flag, None)]
-    return sets
+    from .prepare import SHORTCUTS, shortcut_overrides
+
+    return [*args.set, *shortcut_overrides(**{flag: getattr(args, flag, None) for flag in SHORTCUTS})]
 
 
 def stopped_doc(run) -> dict:

@@ -49,6 +49,24 @@ class PreparedRun(NamedTuple):
     resume: bool
 
 
+SHORTCUTS = {"data": "data.source", "epochs": "train.epochs", "batch_size": "train.batch_size",
+             "device": "train.device"}  # pretrain's keywords (and flags) for settings of the config
+
+
+def shortcut_overrides(**settings) -> list[str]:
+    """The overrides of :data:`SHORTCUTS` given (not None), after which they go (an explicit keyword or flag wins
+    over an override). The values are written as quoted YAML strings and numbers: a folder named ``data #1`` or
+    ``2024`` stays that name."""
+    import json
+    from numbers import Real
+
+    unknown = sorted(set(settings) - set(SHORTCUTS))
+    if unknown:
+        raise UsageError(f"unknown setting(s) {', '.join(unknown)}; expected {', '.join(SHORTCUTS)}")
+    return [f"{SHORTCUTS[name]}={value if isinstance(value, Real) else json.dumps(str(value))}"
+            for name, value in settings.items() if value is not None]
+
+
 def prepare_run(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
                 overrides: Sequence[str] = (), resume: bool | Literal["auto"] = False) -> PreparedRun:
     """The config and run directory of a new run, or of the run in ``out`` to resume.

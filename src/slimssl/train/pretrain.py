@@ -9,10 +9,10 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Sequence
 
 from ..atomic import atomic_write, remove_temporaries
-from ..config import Config, check_processes
+from ..config import Config, check_overrides, check_processes
 from ..data.files import existing_path
 from ..data.registry import in_memory_only
 from ..errors import UsageError
@@ -21,15 +21,18 @@ from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
 from . import distributed as dist
 from .loop import Trainer
 from .lock import TrainingLock
-from .prepare import RUN_OUTPUTS, prepare_run, remove_run_files
+from .prepare import RUN_OUTPUTS, prepare_run, remove_run_files, shortcut_overrides
 from .signals import Interrupted
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("slimssl")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PretrainRun:
-    """What a pretraining call leaves: its run directory (load it with ``slimssl.load_supernet``), the
+    """What a pretraining call leaves: its run directory (``load_supernet()`` loads its trained supernet), the
     content of its ``results.json`` once finished, and how far it got."""
 
     run_dir: Path
@@ -40,6 +43,18 @@ class PretrainRun:
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
+
+    def load_supernet(self):
+        """The supernet of the run's last checkpoint and its config: ``slimssl.load_supernet(run_dir)``."""
+        from ..checkpoint import load_supernet
+
+        return load_supernet(self.run_dir)
+
+    def __repr__(self) -> str:  # short: results.json, config included, would fill a notebook's cell
+        subnets = [row.get("subnet") for row in self.results.get("subnets", [])]
+        measured = f", results of {len(subnets)} sub-network(s)" if subnets else ""
+        return (f"PretrainRun(run_dir={str(self.run_dir)!r}, step={self.step}/{self.total_steps}"
+                f"{', finished' if self.finished else ''}{measured})")
 
 
 def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
@@ -167,11 +182,14 @@ def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bo
 
 def pretrain(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
              overrides: Sequence[str] = (), resume: bool | Literal["auto"] = False,
-             max_steps: int | None = None) -> PretrainRun:
+             max_steps: int | None = None, data: str | Path | None = None, epochs: int | None = None,
+             batch_size: int | None = None, device: str | torch.device | None = None) -> PretrainRun:
     """Slimmable self-supervised pretraining, as ``slimssl pretrain`` does it.
 
     ``config`` is a :class:`~slimssl.Config`, a dict of sections, a YAML path or a shipped recipe name
     (default: the embedded demo); ``overrides`` are ``"section.key=value"`` strings, as ``--set`` takes.
+    ``data``, ``epochs``, ``batch_size`` and ``device`` set ``data.source``, ``train.epochs``,
+    ``train.batch_size`` and ``train.device`` (after the overrides), as the command's flags do.
     ``out`` is the run directory (default ``runs/<name>-<time>``). ``resume=True`` continues the run in
     ``out`` with its saved config; ``resume="auto"`` continues it if ``out`` holds one (started with the
     same settings) and starts it otherwise. ``max_steps`` stops the run once it has made that many steps in
@@ -186,7 +204,9 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
 
     dist.init_from_env()
     with _warnings_only_off_rank_0():
-        cfg, run_dir, source, resume = prepare_run(config, out, overrides=overrides, resume=resume)
+        check_overrides(overrides)  # a str would be read letter by letter
+        settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device)
+        cfg, run_dir, source, resume = prepare_run(config, out, overrides=[*overrides, *settings], resume=resume)
         return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps)
 
 
