@@ -183,3 +183,27 @@ def test_a_jpeg_with_odd_bytes_before_its_frame_header_is_held_to_pillows_guard(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 48 is over twice that
     with pytest.raises(Image.DecompressionBombError):
         decode_full(data)
+
+
+def test_a_file_of_another_format_under_an_image_name_is_unreadable_and_never_handed_to_an_outside_program(
+        tmp_path, monkeypatch):
+    """PostScript named .jpg: Pillow would start Ghostscript to render it. It is unreadable, as any non-image file,
+    in both loaders; a GIF named .jpg (as scraped datasets hold them) is read."""
+    import io
+    import subprocess
+
+    def no_outside_program(*args, **kwargs):
+        raise AssertionError(f"an outside program was started: {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_outside_program)
+    monkeypatch.setattr(subprocess, "check_call", no_outside_program)
+    root = _tree(tmp_path / "d" / "train")
+    (root / "cat" / "eps.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8), (250, 0, 0)).save(gif, "GIF")
+    (root / "dog" / "gif.jpg").write_bytes(gif.getvalue())
+    for loader in ("memory", "stream"):
+        with pytest.raises(DataError, match=r"eps\.jpg \(UnidentifiedImageError: cannot identify image file\)"):
+            load_eval_split(str(tmp_path / "d"), "train", loader=loader, resolution=8).take(torch.arange(8))
+        split = load_eval_split(str(tmp_path / "d"), "train", loader=loader, resolution=8, skip_unreadable=True)
+        assert len(split) == 7 and split.take(torch.arange(7))[-1, 0].float().mean() > 200  # the red GIF

@@ -8,6 +8,7 @@ libjpeg-turbo op where it can, anything else (and anything it rejects) through P
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -18,6 +19,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+
+# The formats of the files a dataset lists (files.IMAGE_EXTENSIONS), and GIF, which scraped datasets hold under
+# a .jpg name. Pillow is not asked to guess among the others: a file named .jpg that holds PostScript would start
+# Ghostscript, an outside program, to render it.
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "PPM", "GIF")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """The PIL image of a file's bytes, lazily decoded; only :data:`IMAGE_FORMATS` are recognised."""
+    return Image.open(io.BytesIO(data), formats=_readable_formats())
+
+
+@functools.cache
+def _readable_formats() -> tuple[str, ...]:
+    """:data:`IMAGE_FORMATS` that this Pillow reads (one built without WebP has no such reader: Pillow would raise
+    a KeyError for its name)."""
+    Image.init()
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -98,7 +118,7 @@ def decode_full(data: bytes) -> torch.Tensor:
             return op(torch.frombuffer(bytearray(data), dtype=torch.uint8), rgb, False)
         except RuntimeError:
             pass  # let PIL decode it or produce the error
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data) as img:
         img.load()
         return torch.from_numpy(to_rgb(img)).permute(2, 0, 1)
 
@@ -178,7 +198,7 @@ def center_offsets(height: int, width: int, size: int) -> tuple[int, int]:
 
 def decode_image(data: bytes, min_side: int) -> Image.Image:
     """Bytes -> an RGB PIL image; JPEGs at the smallest DCT scale that keeps both sides >= ``min_side``."""
-    img = Image.open(io.BytesIO(data))  # no ``with``: closing would discard the decoded pixels
+    img = open_image(data)  # no ``with``: closing would discard the decoded pixels
     img.draft("RGB", (min_side, min_side))  # a no-op for other formats and for small JPEGs
     img.load()
     return img if img.mode == "RGB" else Image.fromarray(to_rgb(img))
@@ -203,7 +223,7 @@ def decode_pixels(data: bytes, min_side: int) -> torch.Tensor:
 def _draft_shrinks(data: bytes, min_side: int) -> bool:
     """Whether ``decode_image`` decodes this JPEG at reduced DCT scale (reads the header only; a JPEG over
     Pillow's size guard is refused here, as everywhere)."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data) as img:
         full = img.size
         img.draft("RGB", (min_side, min_side))
         return img.size != full
