@@ -1362,6 +1362,21 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     assert not payload.marker.exists()
 
 
+class _CallsABlockedModule:
+    def __reduce__(self):
+        return (os.system, ("true",))  # os is a module torch blocks by name: its message differs
+
+
+def test_a_checkpoint_calling_a_blocked_module_is_named_without_torchs_advice_to_load_it_anyway(tmp_path):
+    path = _checkpoint(tmp_path / "evil.pt")
+    data = torch.load(path, weights_only=True)
+    data["extra"] = _CallsABlockedModule()
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match=r"holds objects of \S*system, .* only if you trust") as info:
+        load_checkpoint(path)
+    assert "will likely succeed" not in str(info.value)
+
+
 def test_load_checkpoint_blames_a_bad_device_not_the_file(tmp_path):
     path = _checkpoint(tmp_path / "ck.pt")
     with pytest.raises(slimssl.DeviceError, match="'nodevice' is not a device") as info:

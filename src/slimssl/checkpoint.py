@@ -23,7 +23,7 @@ import torch
 from .atomic import atomic_write
 from .config import Config, config_differences, config_from_dict
 from .devices import DeviceError
-from .errors import SlimsslError
+from .errors import SlimsslError, short_repr
 from .layout import CHECKPOINTS, LAST, checkpoint_path
 
 log = logging.getLogger("slimssl")
@@ -175,9 +175,11 @@ def _check_payload(path: Path, data: Any) -> None:
     """Refuse what torch.load read from ``path`` unless it is a slimssl checkpoint of a version read here."""
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {found!r}, expected {FORMAT!r})")
+        raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {short_repr(found)}, expected "
+                              f"{FORMAT!r})")
     if not isinstance(data.get("version", 0), int):
-        raise CheckpointError(f"{path} has checkpoint format version {data['version']!r}; expected an integer")
+        raise CheckpointError(f"{path} has checkpoint format version {short_repr(data['version'])}; expected an "
+                              "integer")
     if data.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {data['version']}; this slimssl reads "
                               f"versions up to {VERSION}: upgrade slimssl")
@@ -193,12 +195,14 @@ def _check_payload(path: Path, data: Any) -> None:
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
     """Why torch.load could not read ``path``, in a line: a pickle of objects, a file cut short or of another
     kind, or torch's own detail without its page of advice."""
-    found = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)", str(error))  # newer torch | 2.3
-    if isinstance(error, pickle.UnpicklingError) and found:  # a pickle of objects: say so, not torch's page
+    # torch >= 2.4 | 2.3 | a blocked module (os.system: the very case of a file made to run code)
+    found = re.search(r"Unsupported (?:global: GLOBAL|class) (\S+)|unsupported GLOBAL (\S+) whose module",
+                      str(error), re.IGNORECASE)
+    if isinstance(error, pickle.UnpicklingError) and found:  # a pickle of objects: say so, not torch's advice
         return CheckpointError(
-            f"{path} is not a slimssl checkpoint: it holds objects of {found.group(1)}, and slimssl "
-            "checkpoints hold only tensors and plain data. Loading such a file can run its code: open it with "
-            "torch.load(weights_only=False) yourself only if you trust where it came from")
+            f"{path} is not a slimssl checkpoint: it holds objects of {found.group(1) or found.group(2)}, and "
+            "slimssl checkpoints hold only tensors and plain data. Loading such a file can run its code: open it "
+            "with torch.load(weights_only=False) yourself only if you trust where it came from")
     unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))  # torch's detail, without its advice
     detail = unpickler.group(1).strip() if unpickler else (str(error).splitlines() or [""])[0]
     detail = f"{type(error).__name__}: {detail}"
