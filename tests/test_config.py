@@ -541,3 +541,35 @@ def test_a_misspelt_key_inside_a_section_is_suggested_with_its_section():
     with pytest.raises(ConfigError, match=r"train\.epoch: unknown key \[from overrides=\] \(did you mean "
                                           r"train\.epochs\?\)"):
         load_config("demo", ["train.epoch=5"])
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """A YAML of a few hundred bytes whose lists name each other: 10**levels values once its aliases are followed."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("where", ["train.epochs", "menu.widths"])  # an int refused at once; a list walked
+def test_a_config_whose_aliases_hold_billions_of_values_is_refused_at_once(tmp_path, where):
+    section, key = where.split(".")
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"method:\n  options:\n{_indent(_alias_bomb())}\n{section}:\n  {key}: *a8\n")
+    assert path.stat().st_size < 700
+    with pytest.raises(ConfigError, match="holds more than 100000 values or nests deeper than 32 levels"):
+        load_config(path)
+    shared: list = ["x"] * 10  # the same from a pickle (a checkpoint's config): lists that share one another
+    for _ in range(8):
+        shared = [shared] * 10
+    with pytest.raises(ConfigError, match="stored config.* holds more than"):
+        config_from_dict({section: {key: shared}}, "ck.pt (stored config)", stored=True)
+
+
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def test_a_long_bad_value_is_quoted_short():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"train": {"epochs": list(range(1000))}})
+    assert "got [0, 1, 2, 3, 4, 5, ...]" in str(info.value) and len(str(info.value)) < 300

@@ -8,12 +8,24 @@ and keeps its traceback, except a file that the machine refuses (:func:`storage_
 """
 
 import errno
+import reprlib
 
 # a full disk, a quota, a read-only or forbidden place: the machine's state, not a bug
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 # a path the machine cannot use as given: a name too long, a file where a folder goes, a link loop, a link to
 # nothing where a folder is made
 PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EEXIST})
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother = 80, 80
+
+
+def short_repr(value) -> str:
+    """``repr(value)`` cut short: a message that quotes what a file holds stays a line, whatever the file (a YAML
+    or pickle whose lists share one another holds billions of values to print)."""
+    return _SHORT.repr(value)
 
 
 class SlimsslError(ValueError):

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ..cli_args import on_command_line, overrides_named
+from ..errors import short_repr
 from ..layout import PACKAGED, packaged_configs
 from .schema import Config, ConfigError
 
@@ -119,7 +120,7 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str], file_v
                 message, named = f"{key}.{message}", f"{key}.{named}"
             lines.append(f"  {message}" + (from_set(named) if re.fullmatch(r"[\w.]+", named) else ""))
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r}){by_set}")
+            lines.append(f"  {key}: {e['msg']} (got {short_repr(e.get('input'))}){by_set}")
     if file_valid or all(marker in line for line in lines):
         # the file is fine: its name first would make it sound damaged
         # (pretrain's --data, --epochs, --batch-size and --device are overrides too)
@@ -146,6 +147,7 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Se
     ``slim.loss_weights`` that are not registered in this process (a checkpoint's config, read for its backbone:
     evaluation and export need neither; training with it then names what is missing)."""
     given = data or {}
+    _check_size(given, source)  # before anything walks it
     data = copy.deepcopy(given)  # overrides write into nested sections: never into the caller's dict
     check_overrides(overrides)
     for assignment in overrides or []:
@@ -155,6 +157,25 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Se
     except ValidationError as e:
         set_keys = {a.split("=", 1)[0].strip() for a in overrides or []}
         raise ConfigError(_format_errors(e, source, set_keys, bool(overrides) and _valid(given, stored))) from None
+
+
+MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 100_000, 32  # a recipe holds a few hundred values, 4 levels deep
+
+
+def _check_size(data, source: str) -> None:
+    """Refuse a config of more values or deeper than any config (in a YAML file whose aliases nest, or a pickle
+    whose lists share one another, a few hundred bytes hold billions of values, which validating would walk)."""
+    count, stack = 0, [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source} holds more than {MAX_CONFIG_VALUES} values or nests deeper than "
+                              f"{MAX_CONFIG_DEPTH} levels; a slimssl config holds a few hundred, 4 levels deep")
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for pair in value.items() for item in pair)
+        elif isinstance(value, (list, tuple)):
+            stack.extend((item, depth + 1) for item in value)
 
 
 def _valid(data: dict, stored: bool) -> bool:
