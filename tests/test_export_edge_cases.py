@@ -121,3 +121,29 @@ def test_an_export_rebuilt_as_a_supernet_runs_the_export_when_no_sub_network_is_
     x = torch.randn(2, 3, 8, 8)
     assert supernet.resolve(None).name.startswith("w0p5")
     torch.testing.assert_close(supernet(x), load_exported(half)(x))
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"num_classes": 10_000_000}, "unexpected key 'fc.weight'|missing key 'fc.weight'"),
+    ({"out_channels": [4, 8, 16, 1_000_000]}, r"size mismatch for layer\d\.0\.conv.*the config makes"),
+    ({"depths": [1, 1, 1, 20_000]}, r"the config's stages have \[1, 1, 1, 20000\] blocks, the weights' \[1, 1, 1, 1\]"),
+])
+def test_an_edited_config_json_that_asks_for_a_huge_network_is_refused_before_it_is_built(exported, monkeypatch,
+                                                                                            edit, match):
+    from slimssl.models.plain import PlainResNet
+
+    half = exported["w0p5"]
+    config = json.loads((half / "config.json").read_text())
+    config["architecture"].update(edit)
+    (half / "config.json").write_text(json.dumps(config))  # config.json's digest covers the weights alone
+    built, init = [], PlainResNet.__init__
+
+    def recording_init(self, arch):
+        built.append((arch, torch.empty(0).device))  # the device it is built on (the default's, or meta)
+        init(self, arch)
+
+    monkeypatch.setattr(PlainResNet, "__init__", recording_init)
+    with pytest.raises(ExportError, match=match):
+        load_exported(half)
+    assert all(device.type == "meta" for _, device in built)  # checked on the meta device alone: no memory
+    assert all(arch.depths != (1, 1, 1, 20_000) for arch, _ in built)  # and never built at the edited depth

@@ -1362,6 +1362,20 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     assert not payload.marker.exists()
 
 
+@pytest.mark.parametrize("edit, match", [
+    ({"base_width": 100_000}, r"size mismatch for conv1\.weight: the weights hold \[\d+, 3, 3, 3\], the config "
+                              r"makes \[100000, 3, 3, 3\]"),
+    ({"depths": [1, 1, 1, 20_000]}, r"the config's stages have \[1, 1, 1, 20000\] blocks, the weights' \[1, 1, 1, 1\]"),
+])
+def test_a_checkpoint_whose_config_asks_for_a_huge_network_is_refused_before_it_is_built(tmp_path, edit, match):
+    path = _checkpoint(tmp_path / "ck.pt")
+    data = torch.load(path, weights_only=True)
+    data["config"]["model"].update(edit)  # a few bytes of a hand-edited (or hostile) file: gigabytes to build
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match="the stored weights do not fit the stored config .*" + match):
+        slimssl.load_supernet(path)
+
+
 class _CallsABlockedModule:
     def __reduce__(self):
         return (os.system, ("true",))  # os is a module torch blocks by name: its message differs

@@ -318,6 +318,7 @@ def supernet_of(data: dict, path: str | Path, config: Config | dict | str | Path
     """The backbone supernet that a loaded checkpoint (``load_checkpoint``'s dict, read from ``path``) holds.
     With ``config``, its menu and architecture must match the checkpoint's."""
     from .models.build import as_config, build_supernet
+    from .models.fit import weights_misfit
 
     if config is not None:
         config = as_config(config)  # a Config, a dict of sections, or a YAML path or name
@@ -326,9 +327,13 @@ def supernet_of(data: dict, path: str | Path, config: Config | dict | str | Path
         if diffs:
             raise CheckpointError(f"checkpoint {path} holds another architecture than the config asks for:\n  "
                                   + "\n  ".join(diffs))
+    state = backbone_state(data["model"])
+    misfit = weights_misfit(lambda: build_supernet(data["config"]), data["config"].model.depths, state)
+    if misfit:  # found before the network is allocated: a hand-edited config could ask for any size
+        raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({misfit})")
     model = build_supernet(data["config"])
     try:
-        model.load_state_dict(backbone_state(data["model"]), strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:  # weights that do not fit the stored config: a damaged or hand-edited file
         raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({first_mismatch(e)})") \
             from None

@@ -22,6 +22,7 @@ from .errors import ExportError
 from .export_graphs import (GRAPHS, ONNX, PROGRAM, export_onnx, export_program, program_input, require_onnx,
                             run_onnx, run_program)  # the graphs an export may add beside its weights
 from .layout import CHECKPOINTS, EXPORT_CONFIG, EXPORT_WEIGHTS, where_in_a_run
+from .models.fit import weights_misfit
 from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
 from .nn.modes import eval_mode
@@ -317,9 +318,8 @@ def load_exported(folder: str | Path) -> PlainResNet:
         if info.get("format") != EXPORT_FORMAT:  # another tool's config.json (a Hugging Face model's, ...)
             raise ValueError(f"its format is {info.get('format')!r}, expected {EXPORT_FORMAT!r}")
         arch = PlainResNetConfig.from_dict(info["architecture"])
-        model = PlainResNet(arch)
     except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
-        raise ExportError(f"{config_path} is not an exported slimssl config ({type(e).__name__}: {e})") from None
+        raise _not_an_export_config(config_path, e) from None
     try:  # read whole (the digest needs the bytes, which load then parses): twice the file's size at the peak
         weights = weights_path.read_bytes()
     except OSError as e:
@@ -334,6 +334,13 @@ def load_exported(folder: str | Path) -> PlainResNet:
         state = load(weights)
     except (SafetensorError, ValueError) as e:
         raise ExportError(f"{weights_path} is not a readable safetensors file ({e}); re-export it") from None
+    try:  # on the meta device, before the network is allocated: an edited config.json could ask for any size
+        misfit = weights_misfit(lambda: PlainResNet(arch), arch.depths, state)
+    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:  # an architecture not buildable
+        raise _not_an_export_config(config_path, e) from None
+    if misfit:
+        raise ExportError(f"{weights_path} does not match the architecture in {config_path}: {misfit}")
+    model = PlainResNet(arch)
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
     try:
         model.to(dtype).load_state_dict(state, strict=True)  # as exported: a float64 export stays float64
@@ -342,6 +349,10 @@ def load_exported(folder: str | Path) -> PlainResNet:
     # (the digest describes the file, not the model, which may be trained on: save_exported writes a new one)
     model.metadata = {k: v for k, v in info.items() if k not in ("format", "architecture", WEIGHTS_DIGEST)}
     return model.eval()
+
+
+def _not_an_export_config(config_path: Path, error: Exception) -> ExportError:
+    return ExportError(f"{config_path} is not an exported slimssl config ({type(error).__name__}: {error})")
 
 
 def exported_subnets(folder: str | Path) -> list[str]:

@@ -105,6 +105,8 @@ class SlimResNet(SlimmableMixin, nn.Module):
         bind_state(self, self.slim_state)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
+        if self.conv1.weight.is_meta:  # built for its shapes alone (a checkpoint's check): no values to draw
+            return
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
