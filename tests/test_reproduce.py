@@ -696,3 +696,16 @@ def test_timing_aligned_at_its_own_step_says_nothing_and_not_timed_steps_add_up(
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         timing.align_to(11, "r/slim")
     assert timing.steps_not_timed == 5 and "are not counted" in caplog.text
+
+
+def test_an_earlier_report_names_no_file_to_remove_but_its_own_plots(tmp_path):
+    """A reproduction.json copied from elsewhere, or written by hand, may list any file among its plots: only files
+    named as a reproduction names its plots go with it."""
+    from slimssl.reproduce.command import _remove_earlier_report
+
+    (tmp_path / "my_notes.txt").write_text("the user's own")
+    (tmp_path / "demo_knn_top1_vs_macs.png").write_bytes(b"a plot")
+    (tmp_path / "reproduction.json").write_text(json.dumps({"complete": True, "recipes": [
+        {"recipe": "demo", "plots": ["my_notes.txt", "demo_knn_top1_vs_macs.png", ["not", "a", "name"]]}]}))
+    _remove_earlier_report(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_notes.txt"]

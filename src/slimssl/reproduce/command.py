@@ -129,13 +129,17 @@ def _remove_earlier_report(out: Path) -> None:
     Files of these names that a reproduction did not write are the user's, and are left alone."""
     try:
         doc = json.loads((out / REPORT_JSON).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return
     if not (isinstance(doc, dict) and doc.get("complete") is True and isinstance(doc.get("recipes"), list)):
         return
+    from .report import METRICS, plot_name
+
     md = out / REPORT_MD
-    ours = [out / REPORT_JSON, *(out / str(name) for r in doc["recipes"] if isinstance(r, dict)
-                                for name in r.get("plots") or [])]
+    # the plots it lists, by the names a reproduction gives them: a file of another name is not its to remove
+    plots = {plot_name(r.get("recipe"), key) for r in doc["recipes"] if isinstance(r, dict) for key in METRICS.values()}
+    ours = [out / REPORT_JSON, *(out / name for r in doc["recipes"] if isinstance(r, dict)
+                                for name in r.get("plots") or [] if isinstance(name, str) and name in plots)]
     if md.is_file() and md.read_text(encoding="utf-8", errors="replace").startswith(REPORT_HEADING):
         ours.append(md)
     stale = [p for p in ours if p.is_file() and p.parent == out]

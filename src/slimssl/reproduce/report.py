@@ -144,6 +144,11 @@ def time_not_compared(timings: dict, steps: dict[str, int | None], devices: list
     return None
 
 
+def plot_name(recipe: str, key: str) -> str:
+    """The file of a recipe's plot of ``key`` (a value of METRICS) against MACs."""
+    return f"{recipe}_{key}_vs_macs.png"
+
+
 def plot_recipe(summary: dict, out: Path) -> list[str]:
     """Accuracy against MACs, slimmable and alone, per metric; skipped (logged) without matplotlib."""
     files = []
@@ -151,7 +156,7 @@ def plot_recipe(summary: dict, out: Path) -> list[str]:
         series = [{"run": label, "subnets": [{"subnet": r["subnet"], "macs": r["macs"], key: r[f"{short}_{part}"]}
                                              for r in summary["rows"]]}
                   for label, part in (("slimmable (one run)", "slim"), ("pretrained alone", "alone"))]
-        path = out / f"{summary['recipe']}_{key}_vs_macs.png"
+        path = out / plot_name(summary["recipe"], key)
         try:
             plot_accuracy_vs_macs(series, key, path, title=summary["recipe"])
         except PlotError as e:

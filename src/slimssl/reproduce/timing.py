@@ -72,7 +72,7 @@ def read_timing(run_dir: Path) -> JobTiming:
     known = JobTiming.__dataclass_fields__
     try:
         return JobTiming(**{k: v for k, v in json.loads(path.read_text(encoding="utf-8")).items() if k in known})
-    except (ValueError, TypeError, AttributeError) as e:
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:
         raise UsageError(f"{path} is not a readable timing record ({e}); delete {run_dir} to pretrain that run "
                          "again, or choose another --out") from None
 
