@@ -29,6 +29,8 @@ def _run(tmp_path, results) -> object:
     ({"subnets": {"w1p0_d1-1-1-1": {}}}, "does not hold a results object with a 'subnets' list"),
     ({"subnets": [{"knn_top1": 50.0}]}, r"subnets\[0\] has no 'subnet' name"),
     ({"subnets": [{"subnet": "w1p0_d1-1-1-1"}, "w0p5"]}, r"subnets\[1\] has no 'subnet' name"),
+    ({"subnets": [], "protocols": [1]}, "'protocols' is a list; expected an object"),
+    (json.loads("[" * 500 + "]" * 500), "does not hold a results object"),  # deep, but within the parser's reach
 ])
 def test_a_results_file_that_is_not_one_is_refused_naming_the_file(tmp_path, capsys, caplog, content, match):
     run = _run(tmp_path, content)
@@ -67,3 +69,11 @@ def test_a_reproduction_refuses_streamed_data(tmp_path):
                                          "in memory"):
         plan_jobs(["cifar10_r18_dspnet_byol"], tmp_path, ["data.loader=stream"])
     assert [job.kind for job in plan_jobs(["cifar10_r18_dspnet_byol"], tmp_path, [])][:2] == ["slim", "alone"]
+
+
+def test_a_results_file_nested_deeper_than_the_json_parser_goes_is_refused_naming_the_file(tmp_path, capsys):
+    run = _run(tmp_path, None)
+    (run / "results.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ResultsError, match="results.json is not readable JSON .*RecursionError"):
+        read_results(run)
+    assert main(["report", str(run)]) == 2

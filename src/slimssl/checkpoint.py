@@ -218,7 +218,7 @@ def _source_hint(config: Path) -> str:
     try:
         recorded = json.loads(config.read_text(encoding="utf-8"))
         source, subnet = recorded["source"], recorded["subnet"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return ""
     if not isinstance(source, str) or not isinstance(subnet, str) or not Path(source).is_file():
         return ""

@@ -277,7 +277,7 @@ def check_export_folder(folder: str | Path, source: str | None, overwrite: bool 
         return
     try:
         earlier = json.loads(config.read_text(encoding="utf-8")).get("source")
-    except (ValueError, OSError, AttributeError):
+    except (ValueError, OSError, AttributeError, RecursionError):
         earlier = None
     if earlier != source and not _same_file(earlier, source):
         raise ExportError(f"{config.parent} already holds an export of {folder.name}"

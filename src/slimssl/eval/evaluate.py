@@ -330,6 +330,6 @@ def _is_finetune_result(path: Path) -> bool:
     """Whether ``path`` holds a fine-tuning result (which another fine-tuning may replace)."""
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(content, dict) and {"indices", "label_fraction", "top1"} <= set(content)

@@ -92,10 +92,13 @@ def read_results(run_dir: str | Path, missing_ok: bool = False) -> dict[str, Any
                            "(or from 'slimssl knn RUN_DIR')")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ResultsError(f"{path} is not readable JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: nested deeper than Python's parser goes
+        raise ResultsError(f"{path} is not readable JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("subnets", []), list):
         raise ResultsError(f"{path} does not hold a results object with a 'subnets' list")
+    if not isinstance(data.get("protocols", {}), dict):  # read as an object of each protocol's settings
+        raise ResultsError(f"{path}: 'protocols' is a {type(data['protocols']).__name__}; expected an object, as "
+                           "slimssl writes it")
     data.setdefault("run", run_dir.resolve().name)
     data.setdefault("subnets", [])
     for i, row in enumerate(data["subnets"]):
@@ -296,7 +299,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     for line in filter(None, lines):
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a damaged line, or one nested too deep to parse
             rec = None
         if isinstance(rec, dict):
             records.append(rec)

@@ -195,7 +195,7 @@ def parse_record(line: str) -> dict:
     """A metrics.jsonl line as a dict; {} for a line that cannot be read."""
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # a damaged line, or one nested too deep to parse
         return {}
     return record if isinstance(record, dict) else {}
 
