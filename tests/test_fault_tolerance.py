@@ -143,6 +143,31 @@ def test_atomically_written_files_get_the_permissions_of_ordinary_ones(tmp_path)
     assert (run / "checkpoints" / "last.pt").stat().st_mode & 0o777 == ordinary
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_file_rewritten_atomically_keeps_the_permissions_it_was_given_and_a_symlink_is_not_written_through(
+        tmp_path):
+    from slimssl.atomic import write_json_atomic
+
+    private = tmp_path / "results.json"
+    write_json_atomic(private, {"a": 1})
+    private.chmod(0o600)  # a user's results made private
+    write_json_atomic(private, {"a": 2})
+    assert private.stat().st_mode & 0o777 == 0o600 and json.loads(private.read_text()) == {"a": 2}
+    target, link = tmp_path / "elsewhere.json", tmp_path / "linked.json"
+    target.write_text("{}")
+    target.chmod(0o640)
+    link.symlink_to(target)
+    write_json_atomic(link, {"b": 1})
+    assert target.read_text() == "{}" and not link.is_symlink()  # the link is replaced, its target untouched
+    assert link.stat().st_mode & 0o777 == 0o666 & ~_umask()  # a new file's permissions, not the target's
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @pytest.mark.parametrize("failure", ["disk_full", "killed", "rename"])
 def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch, failure):
     path = tmp_path / "checkpoints" / "last.pt"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -33,7 +34,9 @@ REPLACE_RETRIES = 10 if sys.platform == "win32" else 0
 def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False) -> Iterator[IO]:
     """A file object whose content replaces ``path`` when the block ends without an exception (``fsync``:
     flushed to the disk first; text is UTF-8 on every platform). The file gets the permissions ``open`` would give
-    it: the temporary file's own (0600) would hide a run's results from the other users of a shared machine."""
+    it, or those of the file it replaces: the temporary file's own (0600) would hide a run's results from the other
+    users of a shared machine, and a file a user made private (0600) stays private. A symlink at ``path`` is
+    replaced by the file, not written through."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -42,13 +45,22 @@ def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False) -> Ite
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.chmod(tmp, _mode_of(path))
         _replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # write() names no file: this one
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+def _mode_of(path: Path) -> int:
+    """The permissions of the file at ``path`` (not of what a symlink there points to), else ``open``'s."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return 0o666 & ~_UMASK
+    return info.st_mode & 0o777 if stat.S_ISREG(info.st_mode) else 0o666 & ~_UMASK
 
 
 def is_temporary(path: Path) -> bool:
