@@ -53,6 +53,24 @@ def test_a_damaged_cache_entry_is_decoded_again_with_a_warning(tmp_path, caplog)
     assert torch.equal(load_dataset(str(root)).images, first.images)
 
 
+@pytest.mark.parametrize("planted", [
+    {"x": 1},  # no images at all
+    {"images": torch.zeros(3, 3, 8, 8, dtype=torch.uint8), "kept": [0, 1, 2], "skipped": []},  # 3 of 6 files
+    {"images": torch.zeros(6, 3, 4, 4, dtype=torch.uint8), "kept": list(range(6)), "skipped": []},  # another size
+    {"images": torch.zeros(6, 3, 8, 8), "kept": list(range(6)), "skipped": []},  # not uint8
+    {"images": torch.zeros(6, 3, 8, 8, dtype=torch.uint8), "kept": [0, 1, 2, 3, 4, 9], "skipped": []},  # no file 9
+])
+def test_a_cache_entry_that_is_not_the_splits_decoded_images_is_decoded_again(tmp_path, caplog, planted):
+    root = _tree(tmp_path / "data")
+    first = load_dataset(str(root), resolution=8)
+    (entry,) = (tmp_path / "cache").glob("*.pt")
+    torch.save(planted, entry)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        again = load_dataset(str(root), resolution=8)
+    assert "does not hold the 6 images of this split as slimssl saves them" in caplog.text
+    assert torch.equal(again.images, first.images) and torch.equal(again.labels, first.labels)
+
+
 def test_a_cache_that_cannot_be_written_does_not_stop_loading(tmp_path, monkeypatch, caplog):
     root = _tree(tmp_path / "data")
     blocker = tmp_path / "not_a_folder"

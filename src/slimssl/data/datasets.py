@@ -189,7 +189,7 @@ def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: b
     _check_fits_in_memory(path, split, len(paths), resolution)
     key = decoded_cache.entry_key(tree, split, resolution, crop_ratio, skip_unreadable, paths)
 
-    cached = decoded_cache.load(key)
+    cached = _checked_entry(decoded_cache.load(key), len(paths), resolution, key)
     if cached is None:
         images, kept, skipped = _decode_all(tree, paths, resolution, skip_unreadable, crop_ratio)
         cached = {"images": images, "kept": kept, "skipped": skipped}
@@ -202,6 +202,26 @@ def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: b
                     ", ".join(skipped[:5]), ", ..." if len(skipped) > 5 else "")
     label_t = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)[kept]
     return ImageDataset(images, label_t, classes, name, split)
+
+
+def _checked_entry(payload, count: int, resolution: int | None, key: str) -> dict | None:
+    """A decoded-image cache entry of a split of ``count`` files, or None (decoded again) when it holds anything
+    else than what ``_load_tree`` saves: a file damaged, or replaced by hand, in the cache folder."""
+    if payload is None:
+        return None
+    images, kept, skipped = (payload.get(k) for k in ("images", "kept", "skipped")) if isinstance(payload, dict) \
+        else (None, None, None)
+    valid = (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4
+             and images.shape[1] == 3 and (resolution is None or tuple(images.shape[2:]) == (resolution, resolution))
+             and isinstance(kept, list) and len(kept) == len(images) and all(type(i) is int for i in kept)
+             and all(0 <= a < b for a, b in zip(kept, kept[1:])) and (not kept or kept[-1] < count)
+             and isinstance(skipped, list) and all(isinstance(p, str) for p in skipped)
+             and len(kept) + len(skipped) == count)
+    if not valid:
+        log.warning("ignoring decoded-image cache entry %s: it does not hold the %d images of this split as slimssl "
+                    "saves them (damaged, or replaced); decoding them again", key, count)
+        return None
+    return payload
 
 
 def physical_memory() -> int | None:
