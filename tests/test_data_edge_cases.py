@@ -225,3 +225,20 @@ def test_a_file_of_another_format_under_an_image_name_is_unreadable_and_never_ha
             load_eval_split(str(tmp_path / "d"), "train", loader=loader, resolution=8).take(torch.arange(8))
         split = load_eval_split(str(tmp_path / "d"), "train", loader=loader, resolution=8, skip_unreadable=True)
         assert len(split) == 7 and split.take(torch.arange(7))[-1, 0].float().mean() > 200  # the red GIF
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+def test_a_zip_member_that_unpacks_to_more_than_any_image_is_unreadable_not_read(tmp_path, monkeypatch, method):
+    from slimssl.data import files
+
+    monkeypatch.setattr(files, "MAX_MEMBER_BYTES", 4096)  # for a small test: 1 GiB
+    folder = _tree(tmp_path / "d" / "train")
+    with zipfile.ZipFile(tmp_path / "d.zip", "w", method) as z:
+        for path in sorted(folder.rglob("*.png")):
+            z.write(path, str(path.relative_to(tmp_path / "d")))
+        z.writestr("train/cat/bomb.png", b"\0" * 100_000)  # deflated: ~100 bytes in the zip
+    for loader in ("memory", "stream"):
+        with pytest.raises(DataError, match=r"bomb\.png \(ValueError: the zip member unpacks to more than"):
+            load_eval_split(str(tmp_path / "d.zip"), "train", loader=loader, resolution=8).take(torch.arange(7))
+        assert len(load_eval_split(str(tmp_path / "d.zip"), "train", loader=loader, resolution=8,
+                                   skip_unreadable=True)) == 6

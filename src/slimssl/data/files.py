@@ -159,6 +159,15 @@ def _folder_reader(root: str) -> Callable[[str], bytes]:
 READABLE_ZIP_METHODS = {m for m in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA,
                                      getattr(zipfile, "ZIP_ZSTANDARD", None)) if m is not None}  # Python 3.14's
 ZIP_METHOD_NAMES = {9: "Deflate64, as Windows Explorer writes large archives", 93: "Zstandard", 98: "PPMd"}
+# A zip member larger than this, unpacked, is no image: a zip bomb (a few hundred KB that inflate to gigabytes in
+# every reading thread) is an unreadable file, not a reason to run out of memory
+MAX_MEMBER_BYTES = 1 << 30
+
+
+def _refuse_large_member(size: int) -> None:
+    if size > MAX_MEMBER_BYTES:
+        raise ValueError(f"the zip member unpacks to more than {MAX_MEMBER_BYTES >> 20} MiB, which no image is "
+                         "(a damaged or hostile archive)")
 
 
 def open_zip(path: str, offsets: bool = False) -> FileTree:
@@ -195,6 +204,7 @@ def open_zip(path: str, offsets: bool = False) -> FileTree:
     files, dirs = _under(prefix, files, dirs)
 
     def read(rel: str) -> bytes:
+        _refuse_large_member(files[rel][0])  # zipfile reads as much as the index declares
         return archive.read(stored[prefix + rel])  # ZipFile reads are thread-safe
 
     members = _under(prefix, members, set())[0] if offsets else None
@@ -516,9 +526,12 @@ class ZipMembers:
         signature, name_length, extra_length = self.HEADER.unpack(self._pread(self.HEADER.size, offset))
         if signature != b"PK\x03\x04":
             raise zipfile.BadZipFile(f"no local file header at offset {offset} (a damaged zip)")
+        if method == zipfile.ZIP_STORED:
+            _refuse_large_member(size)
         data = self._pread(size, offset + self.HEADER.size + name_length + extra_length)
-        if method == zipfile.ZIP_DEFLATED:
-            data = zlib.decompress(data, -zlib.MAX_WBITS)
+        if method == zipfile.ZIP_DEFLATED:  # inflated up to one byte past the limit, whatever the index declares
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, MAX_MEMBER_BYTES + 1)
+            _refuse_large_member(len(data))
         if zlib.crc32(data) != crc:
             raise zipfile.BadZipFile("Bad CRC-32: the member is damaged")
         return data
