@@ -585,6 +585,43 @@ def test_verifying_a_pt2_program_shows_none_of_torchs_own_loader_warnings(tmp_pa
         assert verify_export(supernet, "0.5", folder / "model.pt2", 16) < 1e-5
 
 
+class _TouchesWhenUnpickled:
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pt2_program_whose_index_marks_a_weight_pickled_is_refused_unread(tmp_path, perturb_bn):
+    """torch.export.load unpickles the weights an archive marks ``use_pickle``: a file made to run code."""
+    import io
+    import zipfile
+
+    supernet = build("basic-cifar-private", perturb_bn)
+    program = export_subnet(supernet, "0.5", tmp_path, fmt="pt2", resolution=16) / "model.pt2"
+    names = zipfile.ZipFile(program).namelist()
+    if not any(name.endswith("_weights_config.json") for name in names):
+        pytest.skip("this torch writes the older archive format, which torch.load reads whole (docstring)")
+    payload = _TouchesWhenUnpickled()
+    payload.marker = tmp_path / "code-ran"
+    pickled = io.BytesIO()
+    torch.save(payload, pickled)
+    with zipfile.ZipFile(program) as source:
+        index = next(n for n in names if n.endswith("_weights_config.json"))
+        config = json.loads(source.read(index))
+        first = next(iter(config["config"]))
+        config["config"][first]["use_pickle"] = True  # and its bytes, the payload's pickle
+        weight = next(n for n in names if n.endswith("weights/" + config["config"][first]["path_name"]))
+        replaced = {index: json.dumps(config).encode(), weight: pickled.getvalue()}
+        hostile = tmp_path / "hostile.pt2"
+        with zipfile.ZipFile(hostile, "w") as out:
+            for item in source.infolist():
+                out.writestr(item, replaced.get(item.filename, source.read(item.filename)))
+    with pytest.raises(ExportError, match=r"holds pickled entries .* trust where it came from"):
+        verify_export(supernet, "0.5", hostile, 16)
+    assert not payload.marker.exists()
+
+
 def test_verify_export_runs_a_plain_model_in_eval_mode_and_gives_it_back_in_its_own(perturb_bn):
     """A model being fine-tuned is verified, then trained on: its BatchNorm must still be training."""
     from slimssl.export import verify_export

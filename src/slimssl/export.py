@@ -382,7 +382,8 @@ def verify_export(supernet: SlimResNet, subnet: SubnetLike, exported: PlainResNe
     model, an export folder (its weights), or the path of an exported ``model.onnx`` (run with onnxruntime
     when it is installed, else with onnx's reference evaluator, slower) or ``model.pt2`` (loaded with
     ``torch.export.load``). Each model is fed the same random images in its own dtype and on its own device
-    (the graphs on the CPU, the ONNX one in float32)."""
+    (the graphs on the CPU, the ONNX one in float32). A graph is loaded by onnxruntime or torch, which trust
+    it (torch unpickles parts of a program): verify graphs you trust, such as those slimssl wrote."""
     return export_differences(supernet, subnet, exported, resolution, batch, seed)[0]
 
 

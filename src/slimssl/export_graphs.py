@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -111,7 +112,16 @@ class UnfoldedMaxPool(nn.Module):
 
 def run_program(path: Path, x: torch.Tensor) -> torch.Tensor:
     """``x`` through the torch.export program at ``path``, in the program's dtype. Its module is in inference
-    mode as exported (torch refuses ``.eval()`` on it)."""
+    mode as exported (torch refuses ``.eval()`` on it).
+
+    A program is loaded as torch loads it, which unpickles some of what an archive may hold (and, in the archive
+    format of older torch releases such as 2.4, its whole state): load only programs you trust, such as those
+    slimssl wrote. An archive whose index marks tensors as pickled, which slimssl's never are, is refused unread."""
+    pickled = _pickled_entries(path)
+    if pickled:
+        raise ExportError(f"{path} holds pickled entries ({', '.join(pickled[:3])}), which loading would unpickle "
+                          "(that can run code); slimssl's programs hold none: re-export it, or load it with "
+                          "torch.export.load yourself if you trust where it came from")
     try:
         with warnings.catch_warnings():  # torch's loader warns of its own calls, which are not the user's to act on:
             warnings.filterwarnings("ignore", message=".*weights_only=False", category=FutureWarning)  # torch 2.4
@@ -122,6 +132,22 @@ def run_program(path: Path, x: torch.Tensor) -> torch.Tensor:
                           "it") from None
     dtype = next((v.dtype for v in program.state_dict.values() if v.is_floating_point()), torch.float32)
     return program.module()(x.to(dtype))
+
+
+def _pickled_entries(path: Path) -> list[str]:
+    """The names of the weights and constants that a torch.export archive marks as pickled (``use_pickle``); []
+    for an archive without any, or a file that is no zip (torch.export.load says what it is)."""
+    found = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    entries = json.loads(archive.read(name)).get("config", {})
+                    found += [key for key, entry in entries.items() if isinstance(entry, dict)
+                              and entry.get("use_pickle", False) is not False]
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError, RecursionError):
+        return found
+    return found
 
 
 def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
