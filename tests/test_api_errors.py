@@ -376,3 +376,23 @@ def test_a_supernet_takes_its_menu_as_widths_and_a_width_alone_says_where_its_de
     with pytest.raises(SlimsslError, match=r"give them \('0.5:2,2,2,2'\), or ask the supernet "
                                            r"\(supernet.resolve\('0.5'\)\)"):
         slimssl.SubnetSpec.parse("0.5")
+
+
+def test_an_export_knows_its_feature_size_and_takes_a_classifier_into_its_config(supernet, tmp_path):
+    from torch import nn
+
+    folder = slimssl.export_subnet(supernet, "0.5", tmp_path, config=slimssl.load_config("demo", TINY))
+    plain = slimssl.load_exported(folder, device="cpu")
+    assert plain.feature_dim == plain(x()).shape[1] == supernet.feature_dim("0.5")
+    plain.fc = nn.Linear(plain.feature_dim, 7)
+    assert plain.config.num_classes == 7  # so the config rebuilds the model that holds these weights
+    slimssl.PlainResNet(plain.config).load_state_dict(plain.state_dict())
+    plain.fc = nn.Identity()
+    assert plain.config.num_classes == 0
+    with pytest.raises(slimssl.DeviceError, match="'tpu' is not a device"):
+        slimssl.load_exported(folder, device="tpu")
+    run = tmp_path / "run"
+    (run / "config.yaml").parent.mkdir()
+    (run / "config.yaml").write_text("name: mine\n")
+    with pytest.raises(SlimsslError, match=r"is a directory; .*a run's config is .*config.yaml"):
+        slimssl.load_config(run)

@@ -301,8 +301,12 @@ def check_format(fmt: str) -> None:
         require_onnx()
 
 
-def load_exported(folder: str | Path) -> PlainResNet:
-    """Load an exported sub-network folder as a plain ResNet in eval mode, in the dtype it was exported in."""
+def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> PlainResNet:
+    """Load an exported sub-network folder as a plain ResNet in eval mode, in the dtype it was exported in, on
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a GPU when there is one)."""
+    from .devices import pick_device
+
+    target = pick_device(device, setting="device")  # checked before anything is read
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"exported sub-network folder {folder} does not exist" if not folder.exists() else
@@ -348,7 +352,7 @@ def load_exported(folder: str | Path) -> PlainResNet:
         raise ExportError(f"{weights_path} does not match the architecture in {config_path}: {e}") from None
     # (the digest describes the file, not the model, which may be trained on: save_exported writes a new one)
     model.metadata = {k: v for k, v in info.items() if k not in ("format", "architecture", WEIGHTS_DIGEST)}
-    return model.eval()
+    return model.to(target).eval()
 
 
 def _not_an_export_config(config_path: Path, error: Exception) -> ExportError:

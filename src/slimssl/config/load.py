@@ -26,8 +26,10 @@ def find_config(name: str | Path) -> Path:
         return path
     shipped = PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
     if path.is_dir() and not (str(name) == path.name and shipped.is_file()):
+        run = path / "config.yaml"
+        hint = f"; a run's config is {run}" if run.is_file() else ""
         raise ConfigError(f"config {str(name)!r} is a directory; expected a YAML file or the name of a shipped config "
-                          f"({', '.join(packaged_configs())})")
+                          f"({', '.join(packaged_configs())}){hint}")
     # a bare shipped name that is also a folder here (`--out demo` makes one) is the shipped config: a folder
     # is never a config file. A name with a folder is a path: `configs/demo.yaml` missing from here is not the
     # shipped demo (an edited copy looked for in the wrong place would train the stock recipe without a word)

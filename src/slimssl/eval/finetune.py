@@ -172,8 +172,7 @@ def _recipe(label_fraction: float, **given) -> FinetuneRecipe:
 
 def _classifier(backbone: nn.Module, num_classes: int, generator: torch.Generator) -> nn.Module:
     """The exported backbone with a new linear classifier: N(0, 0.01) weights, zero bias."""
-    backbone.fc = nn.Linear(backbone.config.feature_dim, num_classes)
-    backbone.config = replace(backbone.config, num_classes=num_classes)
+    backbone.fc = nn.Linear(backbone.feature_dim, num_classes)  # its config's num_classes follows
     nn.init.normal_(backbone.fc.weight, std=0.01, generator=generator)
     nn.init.zeros_(backbone.fc.bias)
     return backbone

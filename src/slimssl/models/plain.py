@@ -7,7 +7,7 @@ torchvision's ResNet, so a full-width, standard-depth export loads into ``torchv
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -144,6 +144,8 @@ class PlainResNet(nn.Module):
     ``subnet``, ...): empty for a model built here, filled by :func:`slimssl.load_exported`, and written again
     by :func:`slimssl.save_exported`."""
 
+    __jit_unused_properties__ = ["feature_dim"]  # a Python-side helper; TorchScript need not compile it
+
     def __init__(self, config: PlainResNetConfig):
         super().__init__()
         self.config = config
@@ -183,4 +185,20 @@ class PlainResNet(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features ``[batch, feature_dim]`` of images ``x`` (float ``[batch, 3, H, W]``, normalised as
+        ``metadata`` says), or the logits once ``fc`` is a classifier."""
         return self.fc(self.forward_features(x))
+
+    @property
+    def feature_dim(self) -> int:
+        """The size of the pooled features (``fc``'s input)."""
+        return self.config.feature_dim
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "fc" and "config" in self.__dict__:  # config.num_classes follows a classifier set as fc, so that
+            # PlainResNet(model.config) takes model.state_dict(); another head (an MLP) is the caller's to describe
+            classes = value.out_features if isinstance(value, nn.Linear) else 0 if isinstance(value, nn.Identity) \
+                else self.config.num_classes
+            if classes != self.config.num_classes:
+                self.config = replace(self.config, num_classes=classes)

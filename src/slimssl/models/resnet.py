@@ -128,6 +128,9 @@ class SlimResNet(SlimmableMixin, nn.Module):
         return scaled_channels(self.num_features, spec.width, self.slim_state.divisor)
 
     def forward(self, x: torch.Tensor, subnet: SubnetLike | None = None) -> torch.Tensor:
+        """The pooled features ``[batch, feature_dim(subnet)]`` of images ``x`` (float ``[batch, 3, H, W]``,
+        normalised, in the network's dtype) through ``subnet`` (a name, a width alone, a spec; default: the one
+        active, set by ``with supernet.subnet(...)``, else the full network)."""
         if subnet is not None:
             with self.subnet(subnet):
                 return self.forward(x)
