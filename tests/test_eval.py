@@ -1347,3 +1347,55 @@ def test_a_protocol_gives_a_supernet_in_memory_back_on_its_device_even_when_it_f
             protocol(supernet, config=tiny_config(), device="cpu")
         assert moves == [torch.device("cpu")] * 2  # to the evaluation's device, then back to the caller's
     assert slimssl.knn.__name__ == "knn" and "temperature" in str(__import__("inspect").signature(slimssl.knn))
+
+
+@pytest.mark.parametrize("bn, options", [("private", {}), ("private", {"raw_features": True, "lr": 0.01}),
+                                         ("private", {"shared_head": True}), ("shared", {"distill": True})])
+def test_a_probe_classifier_scores_what_the_probe_reported(bn, options):
+    """Each sub-network exported with its head (the standardisation folded in) is a classifier of images that
+    gives the probe's accuracy, and the same logits as the head on the backbone's features."""
+    from slimssl.data.augment import eval_transform
+    from slimssl.eval.finetune import evaluate_classifier
+
+    supernet = tiny_supernet(bn)
+    train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
+    norm = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
+    results, classifiers = linear_probe_subnets(supernet, train, test, epochs=3, batch_size=16, **norm,
+                                                return_classifiers=True, **options)
+    assert set(classifiers) == set(results) == {"w1p0_d1-1-1-1", "w0p5_d1-1-1-1"}
+    for name, classifier in classifiers.items():
+        assert not classifier.training and classifier.config.num_classes == 4
+        top1, top5 = evaluate_classifier(classifier, test, test.labels, resolution=RES, **norm)
+        assert top1 == pytest.approx(results[name]["top1"]) and top5 == pytest.approx(results[name]["top5"])
+    logits = classifiers["w0p5_d1-1-1-1"](eval_transform(test.images, RES, **norm))
+    assert logits.shape == (32, 4) and logits.std() > 0
+    with pytest.raises(ValueError, match="return_heads or return_classifiers"):
+        linear_probe_subnets(supernet, train, test, epochs=1, return_heads=True, return_classifiers=True)
+
+
+def test_cli_linear_saves_each_sub_network_with_its_head_as_a_classifier_that_scores_the_probe(tmp_path, capsys,
+                                                                                                caplog):
+    from slimssl.cli import main
+    from slimssl.data.datasets import load_dataset
+    from slimssl.eval.finetune import evaluate_classifier
+    from slimssl.export import load_exported
+
+    run, saved = tmp_path / "run", tmp_path / "probes"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["linear", str(run), "--epochs", "2", "--json", "--device", "cpu", "--save-models", str(saved)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in saved.iterdir()) == ["w0p5_d1-1-1-1_linear_seed0", "w1p0_d1-1-1-1_linear_seed0"]
+    cfg = tiny_config()
+    test = load_dataset("fake", "test", resolution=RES, fake_size=cfg.data.fake_size, seed=cfg.train.seed)
+    for row in rows:
+        classifier = load_exported(row["model_path"])
+        info = classifier.metadata
+        assert info["subnet"] == row["subnet"] and info["linear_top1"] == row["linear_top1"]
+        assert info["resolution"] == RES and info["mean"] == list(cfg.data.mean) and info["protocol"] == "linear"
+        top1, _ = evaluate_classifier(classifier, test, test.labels, resolution=RES, mean=info["mean"],
+                                      std=info["std"])
+        assert top1 == pytest.approx(row["linear_top1"])
+    other = tmp_path / "other"  # another run's classifiers are not replaced
+    make_checkpoint(other / "checkpoints" / "last.pt")
+    assert main(["linear", str(other), "--epochs", "1", "--device", "cpu", "--save-models", str(saved)]) == 2
+    assert "remove that folder to replace it" in capsys.readouterr().err + caplog.text

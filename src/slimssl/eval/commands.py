@@ -98,7 +98,7 @@ def cmd_linear(args: argparse.Namespace) -> int:
     rows = linear_probe(args.checkpoint, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                         augment=args.augment, train_crop=args.train_crop, distill=args.distill,
                         shared_head=args.shared_head, raw_features=args.raw_features, milestones=args.milestones,
-                        subnets=args.subnet, **_common_keywords(args))
+                        subnets=args.subnet, save_models=args.save_models, **_common_keywords(args))
     metrics = [k for k in rows[0] if k.startswith("linear")]
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *metrics]))
     return 0
@@ -172,6 +172,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
                    help=f"probe these instead of the menu ({SUBNET_SPELLINGS}; with shared BatchNorm any width "
                         "and depth, its statistics re-estimated first; with --distill the widest teaches)")
+    p.add_argument("--save-models", type=output_dir, metavar="DIR",
+                   help="also write each sub-network with its head, a classifier of images, to "
+                        "DIR/<subnet>_<protocol>_seed<S>/, as an export (safetensors + config.json with its classes; "
+                        "load with slimssl.load_exported)")
     p.set_defaults(func=cmd_linear)
 
     p = sub.add_parser("finetune",

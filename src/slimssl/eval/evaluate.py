@@ -127,7 +127,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
                  seed: int = 0, augment: bool = False, train_crop: str | None = None, distill: bool = False,
                  shared_head: bool = False, raw_features: bool = False, milestones: Sequence[int] | None = None,
                  device: str | torch.device = "auto", eval_batch_size: int | None = None,
-                 recalibrate_bn: int | None = None, save: bool = True,
+                 recalibrate_bn: int | None = None, save: bool = True, save_models: str | Path | None = None,
                  config: Config | dict | str | Path | None = None, **data) -> list[dict]:
     """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
     ``subnets``: the sub-networks to probe, as knn's; with ``distill`` the widest of them teaches.
@@ -138,10 +138,13 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
 
     ``augment``: random crops (``train_crop``, default the config's ``eval.train_crop``: ``pad``, or a
     RandomResizedCrop of the evaluation image, ``resized``, or of the whole picture, ``whole``, which needs a
-    streamed split) and flips, with the backbone run at every step, instead of cached features. ``checkpoint``, ``config`` and the data keywords
-    are knn's. Returns one row per
-    sub-network: subnet, width, depths, params, macs, linear_top1, linear_top5 (percent); ``_shared``,
-    ``_distill`` and ``_aug`` join the protocol's name (``linear_aug_top1``) for those options."""
+    streamed split) and flips, with the backbone run at every step, instead of cached features.
+    ``save_models``: a folder that receives each sub-network with its head as a classifier of images, as an
+    export, ``<subnet>_<protocol>_seed<S>/`` (``slimssl.load_exported``; its config.json names the classes and
+    the accuracy). ``checkpoint``, ``config`` and the data keywords are knn's. Returns one row per sub-network:
+    subnet, width, depths, params, macs, linear_top1, linear_top5 (percent), and model_path with ``save_models``;
+    ``_shared``, ``_distill`` and ``_aug`` join the protocol's name (``linear_aug_top1``) for those options."""
+    from ..export import check_export_folder
     from .linear import linear_probe_subnets
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
@@ -162,15 +165,21 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
                     "its own value is a plain probe, and the others learn from it (recorded as distill_teacher)",
                     teacher, supernet.menu.largest.name)
     train_crop = options.train_crop_of(cfg, train_crop) if augment else cfg.eval.train_crop  # unused unless augment
+    protocol = "linear" + ("_shared" if shared_head else "") + ("_distill" if distill else "") \
+        + ("_aug" if augment else "")
+    model_source = _model_source(checkpoint)
+    if save_models is not None:  # a classifier of another checkpoint is not replaced: refused before any work
+        for spec in specs:
+            check_export_folder(Path(save_models) / f"{spec.name}_{protocol}_seed{seed}", model_source,
+                                replace_hint="remove that folder to replace it")
     train, test = options.load_splits(cfg, torch_device)
     results = linear_probe_subnets(
         supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
         epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, shared_head=shared_head, augment=augment,
         train_crop=train_crop, subnets=specs, device=torch_device, seed=seed, raw_features=raw_features,
         milestones=milestones, feature_batch_size=eval_batch_size or cfg.eval.batch_size,
-        recalibrate_batches=recalibrate_bn)
-    protocol = "linear" + ("_shared" if shared_head else "") + ("_distill" if distill else "") \
-        + ("_aug" if augment else "")
+        recalibrate_batches=recalibrate_bn, return_classifiers=save_models is not None)
+    results, classifiers = results if save_models is not None else (results, {})
     costs = cost_rows(supernet, cfg.data.resolution, specs)
     rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
     settings = linear_settings(
@@ -179,7 +188,27 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
         milestones=milestones, teacher=None if teacher == supernet.menu.largest.name else teacher,
         recalibrate_bn=recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save, epoch)
+    for row in rows if save_models is not None else []:
+        row["model_path"] = str(_save_probe_classifier(
+            classifiers[row["subnet"]], Path(save_models) / f"{row['subnet']}_{protocol}_seed{seed}", row, protocol,
+            settings, train, cfg, options, model_source, supernet).absolute())
     return rows
+
+
+def _save_probe_classifier(classifier, folder: Path, row: dict, protocol: str, settings: dict, train, cfg, options,
+                           source: str | None, supernet) -> Path:
+    """A probed sub-network with its head, as an export whose config.json says what it classifies and how well."""
+    from ..export import cut_from, input_preprocessing, save_exported
+
+    metadata = {"subnet": row["subnet"], "protocol": protocol, "settings": settings,
+                f"{protocol}_top1": row[f"{protocol}_top1"], f"{protocol}_top5": row[f"{protocol}_top5"],
+                "classes": list(train.classes) if train.classes else None,
+                **input_preprocessing(cfg.data.resolution, cfg.data.mean, cfg.data.std,
+                                      options.resolved_crop_ratio(cfg)),
+                "source": source, "cut_from": cut_from(supernet)}
+    folder = save_exported(classifier, folder, metadata)
+    log.info("saved %s with its %s head to %s", row["subnet"], protocol, folder)
+    return folder
 
 
 @gives_back_device

@@ -239,7 +239,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
                          subnets: Sequence[SubnetSpec | str] | None = None, device="cpu", seed: int = 0,
                          feature_batch_size: int = 256, recalibrate_batches: int | None = None,
                          raw_features: bool = False, milestones: Sequence[int] | None = None,
-                         return_heads: bool = False):
+                         return_heads: bool = False, return_classifiers: bool = False):
     """Train one linear head per sub-network of ``supernet`` (frozen, eval mode) on ``train`` and report
     ``{subnet: {"top1": %, "top5": %}}`` on ``test`` (labelled datasets, in memory or streamed: see
     ``data/eval_images.py``; the augmented probe reads the train split once per epoch). Features are
@@ -247,8 +247,12 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
     SGD (:data:`PROBE_OPTIMIZER`), the lr along a cosine to 0, or times :data:`PROBE_LR_DROP` from each of the
     ``milestones`` epochs on.
 
-    With ``return_heads`` the result is ``(results, heads)``.
+    With ``return_heads`` the result is ``(results, heads)``; with ``return_classifiers`` it is ``(results,
+    {subnet: PlainResNet})``, each sub-network exported with its head as ``fc`` (the standardisation folded into
+    it): a classifier of images that scores the results.
     """
+    if return_heads and return_classifiers:
+        raise UsageError("ask for return_heads or return_classifiers, not both")
     milestones = _check_probe_inputs(train, test, epochs=epochs, batch_size=batch_size, lr=lr,
                                      train_crop=train_crop, milestones=milestones, augment=augment)
     device = torch.device(device)
@@ -279,7 +283,28 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
                 results[n] = {"top1": top1, "top5": top5}
         for model, before in fingerprints.values():
             check_backbone_unchanged(model, before)
+        if return_classifiers:
+            return results, {s.name: probe_classifier(models[s.name], s, heads, features.stats) for s in specs}
     return (results, heads) if return_heads else results
+
+
+def probe_classifier(model: nn.Module, spec: SubnetSpec, heads: nn.Module,
+                     stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None) -> nn.Module:
+    """``spec`` of ``model`` exported (eval mode, on the CPU, float32) with its probe head as ``fc``: the head of
+    standardised features ``W (f - mean) / std + b`` is the linear map ``(W / std) f + (b - W mean / std)``."""
+    plain = model.export(spec).eval().to("cpu", torch.float32)
+    weight = heads.weight_of(spec.name).detach().to("cpu", torch.float32)
+    bias = heads.heads[spec.name].bias if isinstance(heads, SwitchableLinear) else heads.bias
+    bias = bias.detach().to("cpu", torch.float32)
+    if stats is not None:
+        mean, std = (t.to("cpu", torch.float32) for t in stats[spec.name])
+        weight = weight / std
+        bias = bias - weight @ mean
+    plain.fc = nn.Linear(plain.feature_dim, weight.shape[0])
+    with torch.no_grad():
+        plain.fc.weight.copy_(weight)
+        plain.fc.bias.copy_(bias)
+    return plain
 
 
 def _check_probe_inputs(train, test, *, epochs: int, batch_size: int, lr: float, train_crop: str,
