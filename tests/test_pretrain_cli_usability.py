@@ -382,6 +382,23 @@ def test_a_run_or_an_export_is_not_made_inside_another_run(tmp_path, saved_run, 
     assert sorted(p.relative_to(saved_run) for p in saved_run.rglob("*")) == before
 
 
+def test_exports_are_not_written_into_the_dataset(tmp_path, config, capsys, caplog):
+    """Their folders would be read as classes of the next run on that data (the run's own, or --data's)."""
+    data = image_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--data", str(data), "--out", str(run), "--max-steps", "1"]) == 0
+    before = sorted(data.rglob("*"))
+    for out in (data, data / "a"):
+        assert main(["export", str(run), "--all", "--out", str(out)]) == 2
+        assert f"{out} is inside the dataset {data}: the exports' folders would be mixed into the data; keep " \
+               "exports outside the dataset's folder" in error_text(capsys, caplog)
+        caplog.clear()
+    other = image_folder(tmp_path / "other")
+    assert main(["export", str(run), "--all", "--out", str(other / "x"), "--data", str(other)]) == 2
+    assert f"is inside the dataset {other}" in error_text(capsys, caplog)
+    assert sorted(data.rglob("*")) == before and not (other / "x").exists()
+
+
 def test_what_marks_a_folder_as_a_run(tmp_path):
     """A project of one's own may hold a config.yaml and a checkpoints/ folder: no run. A run in its first epoch
     has no checkpoint yet, but its config.yaml and its lock or metrics."""

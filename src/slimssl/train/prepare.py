@@ -219,15 +219,17 @@ def _prepare_new(config, out, overrides: list[str], failed_start_ok: bool = Fals
     return PreparedRun(cfg, run_dir, source, False)
 
 
-def refuse_run_in_data(run_dir: Path, source) -> None:
+def refuse_run_in_data(run_dir: Path, source, written: str = "the run's files (checkpoints/, tb/, ...)",
+                       kept: str = "runs") -> None:
     """A run directory in the dataset's folder would mix its files into the data: its checkpoints/ and tb/
-    folders would be read as classes of the next run on that folder."""
-    if in_memory_only(source) or not Path(source).is_dir():
+    folders would be read as classes of the next run on that folder. (``written``, ``kept``: of another output,
+    such as exports.)"""
+    if source is None or in_memory_only(source) or not Path(source).is_dir():
         return
-    data, where = Path(source).resolve(), run_dir.resolve()
+    data, where = Path(source).resolve(), Path(run_dir).resolve()
     if where == data or data in where.parents:
-        raise UsageError(f"{run_dir} is inside the dataset {source}: the run's files (checkpoints/, tb/, ...) would "
-                         "be mixed into the data; keep runs outside the dataset's folder")
+        raise UsageError(f"{run_dir} is inside the dataset {source}: {written} would be mixed into the data; keep "
+                         f"{kept} outside the dataset's folder")
 
 
 def _failed_start_of(run_dir: Path, cfg: Config | None) -> bool:
