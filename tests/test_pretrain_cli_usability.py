@@ -441,3 +441,27 @@ def test_a_run_is_not_made_inside_another_run_from_python_either(saved_run, conf
                                                  r"that run's own; choose an out folder outside it"):
         prepare_run(load_config(config), saved_run / "checkpoints")
     assert sorted(p.relative_to(saved_run) for p in saved_run.rglob("*")) == before
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer, left
+def test_callbacks_get_every_record_of_metrics_jsonl_as_it_is_written(tmp_path, config):  # on a removed tb/
+    records = []
+
+    def keep(record):
+        records.append(record)
+        record["step"] = -1  # its own copy: the file, and any other callback, keep theirs
+
+    later = []
+    run = slimssl.pretrain(config, tmp_path / "run", callbacks=[keep, later.append])
+    written = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert later == written and len(records) == len(written) and all(r["step"] == -1 for r in records)
+    assert any("loss" in r and "lr" in r for r in later) and any("knn_top1" in r for r in later)
+    with pytest.raises(slimssl.SlimsslError, match="callbacks must be a list of functions"):
+        slimssl.pretrain(config, tmp_path / "bad", callbacks=print)
+    assert not (tmp_path / "bad").exists()
+
+    def failing(record):
+        raise RuntimeError("the tracker is down")
+
+    with pytest.raises(RuntimeError, match="the tracker is down"):
+        slimssl.pretrain(config, tmp_path / "fails", callbacks=[failing])

@@ -17,6 +17,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -98,8 +99,10 @@ def parts(batch: torch.Tensor, n: int) -> list[torch.Tensor]:
 class Trainer:
     """One pretraining run in one process: data, model, optimiser and the loop over steps."""
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False,
+                 callbacks: Sequence[Callable[[dict], Any]] = ()):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.callbacks = tuple(callbacks)  # each given every record of metrics.jsonl (rank 0): pretrain(callbacks=)
         self.device = pick_device(cfg.train.device, setting="train.device (--device)")
         self.dtype = pick_dtype(cfg.train.precision, self.device)
         self.world = dist.world_size()
@@ -145,13 +148,17 @@ class Trainer:
         """metrics.jsonl and TensorBoard (rank 0), with what a resumed run records first: a change of batch or of
         the training set's size, which renumbers the steps, and a changed learning rate."""
         metrics = MetricsLogger(self.run_dir, enabled=dist.is_main(), resumed_at=saved_step,
-                                saved_bytes=self._resumed_metrics_bytes)
-        if saved_step is not None and saved_step != self.state.step:
-            metrics.write({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
-                           RENUMBERED: {"from": saved_step, "batch_size": self.cfg.train.batch_size,
-                                        "steps_per_epoch": self.steps_per_epoch}})
-        if self._resumed_lr != self.effective_lr():  # a resume with the same lr would repeat the record
-            metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
+                                saved_bytes=self._resumed_metrics_bytes, callbacks=self.callbacks)
+        try:
+            if saved_step is not None and saved_step != self.state.step:
+                metrics.write({"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch,
+                               RENUMBERED: {"from": saved_step, "batch_size": self.cfg.train.batch_size,
+                                            "steps_per_epoch": self.steps_per_epoch}})
+            if self._resumed_lr != self.effective_lr():  # a resume with the same lr would repeat the record
+                metrics.write({"step": self.state.step, "effective_lr": self.effective_lr()})
+        except BaseException:  # (a full disk, a callback's error) no Trainer to close it: TensorBoard's writer
+            metrics.close()  # lets go of tb/ now, which a failed start removes
+            raise
         return metrics
 
     # ---- setup --------------------------------------------------------------------------------------

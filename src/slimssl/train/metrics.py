@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -75,10 +77,11 @@ class MetricsLogger:
     the records a resume begins with are not logged twice."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, resumed_at: int | None = None,
-                 saved_bytes: int | None = None):
+                 saved_bytes: int | None = None, callbacks: Sequence[Callable[[dict], Any]] = ()):
         self.enabled = enabled
         self.path = run_dir / METRICS
         self.tb = None
+        self.callbacks = tuple(callbacks)  # given each record once it is written
         if not enabled:
             return
         if resumed_at is not None and not self._drop_records_after_save(resumed_at, saved_bytes):
@@ -108,6 +111,8 @@ class MetricsLogger:
                             self.tb.add_scalar(f"{key}/{sub}", v, step)
                 elif isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, step)
+        for callback in self.callbacks:  # a copy each: one callback changing it changes no other's, nor the file
+            callback(copy.deepcopy(record))
 
     def has_record(self, step: int, key: str) -> bool:
         """Whether metrics.jsonl holds a record of ``step`` with ``key`` (e.g. that epoch's kNN), counting steps

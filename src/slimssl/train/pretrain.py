@@ -9,7 +9,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Sequence
 
 from ..atomic import atomic_write, remove_temporaries
 from ..config import Config, check_overrides, check_processes
@@ -58,7 +58,7 @@ class PretrainRun:
 
 
 def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
-              max_steps: int | None = None) -> PretrainRun:
+              max_steps: int | None = None, callbacks: Sequence[Callable[[dict], Any]] = ()) -> PretrainRun:
     """Train ``cfg`` in ``run_dir`` (from :func:`prepare_run`) up to its end or ``max_steps``.
 
     Raises :class:`slimssl.Interrupted` after saving when SIGTERM or SIGINT arrives (its ``run``:
@@ -78,7 +78,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     log.info("run directory: %s", run_dir)
     trainer = None
     try:
-        trainer = Trainer(cfg, run_dir, resume=resume)  # which writes config.yaml once the run is set up
+        trainer = Trainer(cfg, run_dir, resume=resume, callbacks=callbacks)  # writes config.yaml once set up
         if is_main:
             for name in remove_temporaries(run_dir / CHECKPOINTS):  # of a save killed midway: a checkpoint's size
                 log.info("removed %s, left by a checkpoint save that was killed midway", name)
@@ -183,13 +183,18 @@ def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bo
 def pretrain(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
              overrides: Sequence[str] = (), resume: bool | Literal["auto"] = False,
              max_steps: int | None = None, data: str | Path | None = None, epochs: int | None = None,
-             batch_size: int | None = None, device: str | torch.device | None = None) -> PretrainRun:
+             batch_size: int | None = None, device: str | torch.device | None = None,
+             callbacks: Sequence[Callable[[dict], Any]] = ()) -> PretrainRun:
     """Slimmable self-supervised pretraining, as ``slimssl pretrain`` does it.
 
     ``config`` is a :class:`~slimssl.Config`, a dict of sections, a YAML path or a shipped recipe name
     (default: the embedded demo); ``overrides`` are ``"section.key=value"`` strings, as ``--set`` takes.
     ``data``, ``epochs``, ``batch_size`` and ``device`` set ``data.source``, ``train.epochs``,
     ``train.batch_size`` and ``train.device`` (after the overrides), as the command's flags do.
+    ``callbacks``: functions each given every record the run writes to metrics.jsonl (a dict: ``step``,
+    ``epoch``, the sub-networks' ``loss``, ``lr``, ``img_per_s``, ``knn_top1``, ...), as it is written, in the
+    main process only: to send a run's curves to a tracker of your own (``lambda r: wandb.log(r, step=r["step"])``).
+    An exception in one stops the run as any error does; it resumes from its last checkpoint.
     ``out`` is the run directory (default ``runs/<name>-<time>``). ``resume=True`` continues the run in
     ``out`` with its saved config; ``resume="auto"`` continues it if ``out`` holds one (started with the
     same settings) and starts it otherwise. ``max_steps`` stops the run once it has made that many steps in
@@ -199,6 +204,8 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     ``slimssl.Interrupted``; resume it later.
     """
 
+    if callable(callbacks) or not all(callable(c) for c in callbacks):  # a lone function, or a non-function
+        raise UsageError(f"callbacks must be a list of functions of a record (a dict), got {callbacks!r}")
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise UsageError(f"max_steps must be an int >= 1 (the step to stop at), or None; got {max_steps!r}")
 
@@ -207,7 +214,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
         check_overrides(overrides)  # a str would be read letter by letter
         settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device)
         cfg, run_dir, source, resume = prepare_run(config, out, overrides=[*overrides, *settings], resume=resume)
-        return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps)
+        return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps, callbacks=callbacks)
 
 
 @contextlib.contextmanager
