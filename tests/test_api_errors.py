@@ -357,6 +357,8 @@ def test_export_and_finetune_name_the_function_that_takes_what_was_given(superne
         slimssl.export_run(supernet, tmp_path / "out", "0.5")
     with pytest.raises(SlimsslError, match=r"export_subnet takes a supernet in memory .* slimssl.export_run"):
         slimssl.export_subnet(str(run), "0.5", tmp_path / "out")
+    compiled = torch.compile(supernet)  # a wrapper of the supernet, as train.compile makes one: exported as it
+    assert slimssl.load_exported(slimssl.export_subnet(compiled, "0.5", tmp_path / "compiled", config=cfg))
     with pytest.raises(SlimsslError, match=r"not in the menu.*to fine-tune on 0.1 of the labels, pass "
                                            r"label_fractions=0.1"):
         slimssl.finetune(run, 0.1, device="cpu", save=False)
@@ -373,8 +375,8 @@ def test_export_and_finetune_name_the_function_that_takes_what_was_given(superne
 def test_a_supernet_takes_its_menu_as_widths_and_a_width_alone_says_where_its_depths_come_from():
     supernet = slimssl.SlimResNet(depths=(1, 1, 1, 1), base_width=4, stem="cifar", menu=["1.0", 0.5])
     assert supernet.menu.names == ["w1p0_d1-1-1-1", "w0p5_d1-1-1-1"]
-    with pytest.raises(SlimsslError, match=r"give them \('0.5:2,2,2,2'\), or ask the supernet "
-                                           r"\(supernet.resolve\('0.5'\)\)"):
+    with pytest.raises(SlimsslError, match=r"give them, one per stage \(e.g. 'w0p5_d2-2-2-2' or '0.5:2,2,2,2'\), "
+                                           r"or ask the supernet \(supernet.resolve\('0.5'\)\)"):
         slimssl.SubnetSpec.parse("0.5")
 
 
@@ -388,6 +390,8 @@ def test_an_export_knows_its_feature_size_and_takes_a_classifier_into_its_config
     assert plain.config.num_classes == 7  # so the config rebuilds the model that holds these weights
     slimssl.PlainResNet(plain.config).load_state_dict(plain.state_dict())
     plain.fc = nn.Identity()
+    assert plain.config.num_classes == 0
+    plain.fc = nn.Linear(plain.feature_dim, 3, bias=False)  # which no config describes: left to the caller
     assert plain.config.num_classes == 0
     with pytest.raises(slimssl.DeviceError, match="'tpu' is not a device"):
         slimssl.load_exported(folder, device="tpu")

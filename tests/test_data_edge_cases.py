@@ -53,16 +53,25 @@ def test_a_damaged_cache_entry_is_decoded_again_with_a_warning(tmp_path, caplog)
     assert torch.equal(load_dataset(str(root)).images, first.images)
 
 
+def _kept(*indices):
+    return torch.tensor(indices, dtype=torch.int64)
+
+
 @pytest.mark.parametrize("planted", [
     {"x": 1},  # no images at all
-    {"images": torch.zeros(3, 3, 8, 8, dtype=torch.uint8), "kept": [0, 1, 2], "skipped": []},  # 3 of 6 files
-    {"images": torch.zeros(6, 3, 4, 4, dtype=torch.uint8), "kept": list(range(6)), "skipped": []},  # another size
-    {"images": torch.zeros(6, 3, 8, 8), "kept": list(range(6)), "skipped": []},  # not uint8
-    {"images": torch.zeros(6, 3, 8, 8, dtype=torch.uint8), "kept": [0, 1, 2, 3, 4, 9], "skipped": []},  # no file 9
+    {"images": torch.zeros(3, 3, 8, 8, dtype=torch.uint8), "kept": _kept(0, 1, 2), "skipped": []},  # 3 of 6 files
+    {"images": torch.zeros(6, 3, 4, 4, dtype=torch.uint8), "kept": _kept(*range(6)), "skipped": []},  # another size
+    {"images": torch.zeros(6, 3, 8, 8), "kept": _kept(*range(6)), "skipped": []},  # not uint8
+    {"images": torch.zeros(6, 3, 8, 8, dtype=torch.uint8), "kept": _kept(0, 1, 2, 3, 4, 9), "skipped": []},  # no 9
+    {"images": torch.zeros(6, 3, 8, 8, dtype=torch.uint8), "kept": list(range(6)), "skipped": []},  # not a tensor
 ])
 def test_a_cache_entry_that_is_not_the_splits_decoded_images_is_decoded_again(tmp_path, caplog, planted):
     root = _tree(tmp_path / "data")
     first = load_dataset(str(root), resolution=8)
+    with caplog.at_level(logging.INFO, logger="slimssl"):  # the entry slimssl saved is read back as it is
+        assert torch.equal(load_dataset(str(root), resolution=8).images, first.images)
+    assert "read from the decoded-image cache" in caplog.text and "ignoring" not in caplog.text
+    caplog.clear()
     (entry,) = (tmp_path / "cache").glob("*.pt")
     torch.save(planted, entry)
     with caplog.at_level(logging.WARNING, logger="slimssl"):

@@ -106,7 +106,7 @@ def test_a_missing_data_path_is_said_before_a_run_folder_is_made(tmp_path, confi
 
 def test_a_data_folder_whose_name_reads_as_yaml_is_the_folder_and_python_takes_the_flags_as_keywords(tmp_path,
                                                                                                       config):
-    data = image_folder(tmp_path / "set #1")  # unquoted YAML would end the name at " #" and read "2024" as a number
+    data = image_folder(tmp_path / "set #1 📷")  # unquoted YAML would end the name at " #", read "2024" as a number
     run = tmp_path / "run"
     assert main(["pretrain", "--config", str(config), "--data", str(data), "--out", str(run), "--max-steps", "1"]) == 0
     assert saved_source(run) == str(data)
@@ -396,6 +396,11 @@ def test_exports_are_not_written_into_the_dataset(tmp_path, config, capsys, capl
     other = image_folder(tmp_path / "other")
     assert main(["export", str(run), "--all", "--out", str(other / "x"), "--data", str(other)]) == 2
     assert f"is inside the dataset {other}" in error_text(capsys, caplog)
+    for command in (["linear", str(run)], ["finetune", str(run), "--all", "--label-fraction", "0.5"]):
+        caplog.clear()  # nor the classifiers that linear and finetune save
+        assert main([*command, "--epochs", "1", "--device", "cpu", "--save-models", str(data / "probes")]) == 2
+        assert "the classifiers' folders would be mixed into the data; keep saved models outside" \
+            in error_text(capsys, caplog)
     assert sorted(data.rglob("*")) == before and not (other / "x").exists()
 
 
@@ -444,7 +449,7 @@ def test_a_run_is_not_made_inside_another_run_from_python_either(saved_run, conf
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer, left
-def test_callbacks_get_every_record_of_metrics_jsonl_as_it_is_written(tmp_path, config):  # on a removed tb/
+def test_callbacks_get_every_record_of_metrics_jsonl_as_it_is_written(tmp_path, config, caplog):  # on tb/ removed
     records = []
 
     def keep(record):
@@ -456,12 +461,17 @@ def test_callbacks_get_every_record_of_metrics_jsonl_as_it_is_written(tmp_path, 
     written = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert later == written and len(records) == len(written) and all(r["step"] == -1 for r in records)
     assert any("loss" in r and "lr" in r for r in later) and any("knn_top1" in r for r in later)
-    with pytest.raises(slimssl.SlimsslError, match="callbacks must be a list of functions"):
-        slimssl.pretrain(config, tmp_path / "bad", callbacks=print)
+    for bad in (print, [print, "log"], 5):
+        with pytest.raises(slimssl.SlimsslError, match="callbacks must be a list of functions"):
+            slimssl.pretrain(config, tmp_path / "bad", callbacks=bad)
     assert not (tmp_path / "bad").exists()
 
     def failing(record):
         raise RuntimeError("the tracker is down")
 
-    with pytest.raises(RuntimeError, match="the tracker is down"):
-        slimssl.pretrain(config, tmp_path / "fails", callbacks=[failing])
+    given = []
+    with caplog.at_level(logging.WARNING, logger="slimssl"):  # a generator is read once; a failing one is dropped
+        run = slimssl.pretrain(config, tmp_path / "fails", callbacks=(f for f in (failing, given.append)))
+    assert run.finished and len(given) == len(written)  # the others still get every record
+    assert caplog.text.count("gets no more records") == 1 and "failing failed, and gets no" in caplog.text
+    assert "the tracker is down" in caplog.text  # its traceback

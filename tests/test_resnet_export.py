@@ -617,8 +617,15 @@ def test_a_pt2_program_whose_index_marks_a_weight_pickled_is_refused_unread(tmp_
         with zipfile.ZipFile(hostile, "w") as out:
             for item in source.infolist():
                 out.writestr(item, replaced.get(item.filename, source.read(item.filename)))
-    with pytest.raises(ExportError, match=r"holds pickled entries .* trust where it came from"):
+    with pytest.raises(ExportError, match=r"holds pickled entries .* if you trust its source"):
         verify_export(supernet, "0.5", hostile, 16)
+    disguised = tmp_path / "disguised.pt2"  # an unreadable index member before torch's own: refused too
+    with zipfile.ZipFile(hostile) as source, zipfile.ZipFile(disguised, "w") as out:
+        out.writestr("archive/aaa_weights_config.json", b"not json")
+        for item in source.infolist():
+            out.writestr(item, source.read(item.filename))
+    with pytest.raises(ExportError, match=r"aaa_weights_config.json cannot be read .* if you trust its source"):
+        verify_export(supernet, "0.5", disguised, 16)
     assert not payload.marker.exists()
 
 

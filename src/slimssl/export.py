@@ -67,10 +67,10 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
 
     An export already there is replaced only when it came from the same ``metadata["source"]`` (exporting a
     run again) or with ``overwrite``; see :func:`check_export_folder`."""
-    if not isinstance(supernet, SlimResNet):  # a path would fail deep inside, with a bare AttributeError
-        raise ExportError(f"export_subnet takes a supernet in memory (a SlimResNet), got {type(supernet).__name__} "
-                          f"{supernet!r:.80}: to export a checkpoint file or run directory, call "
-                          "slimssl.export_run(checkpoint, out, subnets)")
+    if isinstance(supernet, (str, os.PathLike)):  # it would fail deep inside, with a bare AttributeError
+        raise ExportError(f"export_subnet takes a supernet in memory (a SlimResNet), got the path {str(supernet)!r}: "
+                          "to export a checkpoint file or run directory, call slimssl.export_run(checkpoint, out, "
+                          "subnets)")
     if config is not None:
         from .models.build import as_config, check_config_is_the_supernets
 
@@ -122,6 +122,14 @@ def preprocessing(cfg, crop_ratio: float | None = None) -> dict:
     ``resolution / crop_ratio`` (default: evaluation's), the centre ``resolution`` square, normalised with
     ``mean`` and ``std``."""
     return input_preprocessing(cfg.data.resolution, cfg.data.mean, cfg.data.std, crop_ratio or cfg.eval.crop_ratio)
+
+
+def classifier_metadata(train, supernet: SlimResNet, source: str | None, resolution: int, mean, std,
+                        crop_ratio: float | None = None) -> dict:
+    """What a classifier trained on a sub-network (fine-tuned, or a probe's head) records in its config.json:
+    the classes of ``train``, its inputs, and where it came from (the checkpoint ``source``, the supernet)."""
+    return {"classes": list(train.classes) if train.classes else None,
+            **input_preprocessing(resolution, mean, std, crop_ratio), "source": source, "cut_from": cut_from(supernet)}
 
 
 def input_preprocessing(resolution: int, mean, std, crop_ratio: float | None = None) -> dict:

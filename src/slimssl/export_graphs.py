@@ -117,11 +117,7 @@ def run_program(path: Path, x: torch.Tensor) -> torch.Tensor:
     A program is loaded as torch loads it, which unpickles some of what an archive may hold (and, in the archive
     format of older torch releases such as 2.4, its whole state): load only programs you trust, such as those
     slimssl wrote. An archive whose index marks tensors as pickled, which slimssl's never are, is refused unread."""
-    pickled = _pickled_entries(path)
-    if pickled:
-        raise ExportError(f"{path} holds pickled entries ({', '.join(pickled[:3])}), which loading would unpickle "
-                          "(that can run code); slimssl's programs hold none: re-export it, or load it with "
-                          "torch.export.load yourself if you trust where it came from")
+    _refuse_pickled_entries(path)
     try:
         with warnings.catch_warnings():  # torch's loader warns of its own calls, which are not the user's to act on:
             warnings.filterwarnings("ignore", message=".*weights_only=False", category=FutureWarning)  # torch 2.4
@@ -134,20 +130,27 @@ def run_program(path: Path, x: torch.Tensor) -> torch.Tensor:
     return program.module()(x.to(dtype))
 
 
-def _pickled_entries(path: Path) -> list[str]:
-    """The names of the weights and constants that a torch.export archive marks as pickled (``use_pickle``); []
-    for an archive without any, or a file that is no zip (torch.export.load says what it is)."""
-    found = []
+def _refuse_pickled_entries(path: Path) -> None:
+    """Refuse a torch.export archive whose index of weights or constants marks an entry as pickled
+    (``use_pickle``), or cannot be read (failing closed: torch would read an index this does not). A file that is
+    no zip is left to torch.export.load, which says what it is."""
+    trust = "slimssl's programs hold none: re-export it, or load it with torch.export.load if you trust its source"
     try:
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                if name.endswith(("_weights_config.json", "_constants_config.json")):
-                    entries = json.loads(archive.read(name)).get("config", {})
-                    found += [key for key, entry in entries.items() if isinstance(entry, dict)
-                              and entry.get("use_pickle", False) is not False]
-    except (zipfile.BadZipFile, OSError, ValueError, AttributeError, RecursionError):
-        return found
-    return found
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with archive:
+        for name in archive.namelist():
+            if not name.endswith(("_weights_config.json", "_constants_config.json")):
+                continue
+            try:
+                entries = json.loads(archive.read(name))["config"]
+                pickled = [key for key, entry in entries.items() if entry.get("use_pickle", False) is not False]
+            except Exception as e:  # noqa: BLE001 - any index this cannot read is one it cannot vouch for
+                raise ExportError(f"{path}: its index {name} cannot be read ({type(e).__name__}); {trust}") from None
+            if pickled:
+                raise ExportError(f"{path} holds pickled entries ({', '.join(map(str, pickled[:3]))}), which "
+                                  f"loading would unpickle (that can run code); {trust}")
 
 
 def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:

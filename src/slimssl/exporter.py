@@ -84,7 +84,6 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
     """
     from .eval import recalibration_batches
     from .eval.inputs import DataOptions, check_numbers
-    from .train.prepare import refuse_run_in_data
 
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
     options = DataOptions.of(data, export_run)
@@ -105,8 +104,7 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
     specs = supernet.resolve_many(subnets)
     source = export_source(checkpoint, config, overrides)
     refuse_run_folder(out)
-    for data_source in {cfg.data.source, options.data}:  # the exports' folders would read as classes there
-        refuse_run_in_data(Path(out), data_source, "the exports' folders", "exports")
+    options.refuse_output_in_data(cfg, out, "the exports' folders", "exports")
     for spec in specs:  # every folder is checked before anything is written
         check_export_folder(Path(out) / spec.name, source, overwrite)
     batches = 0 if checkpoint is None else recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn)

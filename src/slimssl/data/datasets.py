@@ -213,8 +213,9 @@ def _checked_entry(payload, count: int, resolution: int | None, key: str) -> dic
         else (None, None, None)
     valid = (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.dim() == 4
              and images.shape[1] == 3 and (resolution is None or tuple(images.shape[2:]) == (resolution, resolution))
-             and isinstance(kept, list) and len(kept) == len(images) and all(type(i) is int for i in kept)
-             and all(0 <= a < b for a, b in zip(kept, kept[1:])) and (not kept or kept[-1] < count)
+             and isinstance(kept, torch.Tensor) and kept.dtype == torch.int64 and kept.dim() == 1  # as _decode_all
+             and len(kept) == len(images) and len(kept) > 0 and int(kept[0]) >= 0 and int(kept[-1]) < count
+             and bool((kept[1:] > kept[:-1]).all())  # the files' indices, in order
              and isinstance(skipped, list) and all(isinstance(p, str) for p in skipped)
              and len(kept) + len(skipped) == count)
     if not valid:

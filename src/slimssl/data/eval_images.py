@@ -39,7 +39,8 @@ log = logging.getLogger("slimssl")
 
 LOADERS = ("memory", "stream")
 TAKE_BATCH = 64  # files per worker task when fetching a set of indices
-WHOLE_CROP = ViewRecipe()  # the ``whole`` training crop: RandomResizedCrop of 8-100% of the area, aspect 3/4-4/3, flip 1/2
+# the ``whole`` training crop: torchvision's RandomResizedCrop defaults, and a flip
+WHOLE_CROP = ViewRecipe(crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), flip_p=0.5)
 Failure = tuple[int, str]  # (file index, error) of a file that could not be decoded
 
 
@@ -112,7 +113,7 @@ class StreamedImages:
     def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """uint8 [B, 3, R, R] batches of ``indices`` (default: every file), in that order; a DataError naming
         the file when one cannot be decoded."""
-        with contextlib.closing(self._decoded(self._order(indices).tolist(), batch_size)) as decoded:
+        with contextlib.closing(self._decoded(_batches_of(self._order(indices), batch_size))) as decoded:
             for images, failed in decoded:
                 if failed:
                     self._refuse(failed)
@@ -129,9 +130,9 @@ class StreamedImages:
         (:data:`WHOLE_CROP`) of the whole decoded picture, resized to the resolution, and flipped with probability
         1/2. The draws of the n-th image come from (``seed``, n) alone: the same crops with any number of workers."""
         order = self._order(indices)
-        keys = [(int(i), n) for n, i in enumerate(order.tolist())]
-        crops = WholeCrops(self.files, seed)
-        with contextlib.closing(self._decoded(keys, batch_size, crops)) as decoded:
+        keyed = ([(i, start + n) for n, i in enumerate(batch)]  # made batch by batch: a fine-tuning's millions
+                 for start, batch in zip(range(0, len(order), batch_size), _batches_of(order, batch_size)))
+        with contextlib.closing(self._decoded(keyed, WholeCrops(self.files, seed))) as decoded:
             for images, failed in decoded:
                 if failed:
                     self._refuse(failed)
@@ -154,28 +155,25 @@ class StreamedImages:
             raise IndexError(f"indices out of range for {len(self)} images of {self.root}")
         return order
 
-    def _decoded(self, keys: list, batch_size: int,
+    def _decoded(self, batches: Iterable[list],
                  dataset: Dataset | None = None) -> Generator[tuple[torch.Tensor | None, list[Failure]], None, None]:
-        """(images or None when a file failed, failures) per batch of ``keys`` (file indices, or the keys of
+        """(images or None when a file failed, failures) per batch of keys (file indices, or the keys of
         ``dataset``: default the files decoded as ``load_dataset`` does), decoded by the workers."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         # An explicit generator: a loader must not draw its worker seeds from the global RNG, which the
         # in-memory path leaves untouched.
-        batches = [keys[start:start + batch_size] for start in range(0, len(keys), batch_size)]
-        loader = DataLoader(dataset or self.files, batch_sampler=batches,
+        loader = DataLoader(self.files if dataset is None else dataset, batch_sampler=batches,
                             num_workers=self.workers, collate_fn=collate_decoded, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(0))
-        batches = iter(loader)
+        decoded = iter(loader)
         try:
-            yield from batches
+            yield from decoded
         finally:  # a caller that stops early too
-            stop_workers(batches)
+            stop_workers(decoded)
 
     def find_unreadable(self, indices: torch.Tensor | None = None) -> list[int]:
         """The indices of the files that cannot be decoded, among ``indices`` (default: all), each decoded once."""
         order = torch.arange(len(self)) if indices is None else indices
-        return [index for _, found in self._decoded(order.tolist(), TAKE_BATCH) for index, _ in found]
+        return [index for _, found in self._decoded(_batches_of(order, TAKE_BATCH)) for index, _ in found]
 
     def drop(self, unreadable: Iterable[int]) -> None:
         """Leave out the files at the indices ``unreadable`` (:meth:`find_unreadable`), with their labels: the
@@ -238,6 +236,13 @@ class WholeCrops(Dataset):
         crop = resized_crop(image, box, self.files.resolution).permute(2, 0, 1)  # [3, R, R]
         flip = torch.rand((), generator=generator) < WHOLE_CROP.flip_p
         return index, (crop.flip(-1) if flip else crop).contiguous(), None
+
+
+def _batches_of(order: torch.Tensor, batch_size: int) -> Iterator[list[int]]:
+    """The file indices of ``order`` in lists of ``batch_size``, made as the loader asks for them."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return (batch.tolist() for batch in torch.as_tensor(order).split(batch_size) if len(batch))  # none of nothing
 
 
 def collate_decoded(samples: list) -> tuple[torch.Tensor | None, list[Failure]]:

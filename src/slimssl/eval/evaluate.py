@@ -169,6 +169,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
         + ("_aug" if augment else "")
     model_source = _model_source(checkpoint)
     if save_models is not None:  # a classifier of another checkpoint is not replaced: refused before any work
+        options.refuse_output_in_data(cfg, save_models, "the classifiers' folders", "saved models")
         for spec in specs:
             check_export_folder(Path(save_models) / f"{spec.name}_{protocol}_seed{seed}", model_source,
                                 replace_hint="remove that folder to replace it")
@@ -198,14 +199,12 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
 def _save_probe_classifier(classifier, folder: Path, row: dict, protocol: str, settings: dict, train, cfg, options,
                            source: str | None, supernet) -> Path:
     """A probed sub-network with its head, as an export whose config.json says what it classifies and how well."""
-    from ..export import cut_from, input_preprocessing, save_exported
+    from ..export import classifier_metadata, save_exported
 
     metadata = {"subnet": row["subnet"], "protocol": protocol, "settings": settings,
                 f"{protocol}_top1": row[f"{protocol}_top1"], f"{protocol}_top5": row[f"{protocol}_top5"],
-                "classes": list(train.classes) if train.classes else None,
-                **input_preprocessing(cfg.data.resolution, cfg.data.mean, cfg.data.std,
-                                      options.resolved_crop_ratio(cfg)),
-                "source": source, "cut_from": cut_from(supernet)}
+                **classifier_metadata(train, supernet, source, cfg.data.resolution, cfg.data.mean, cfg.data.std,
+                                      options.resolved_crop_ratio(cfg))}
     folder = save_exported(classifier, folder, metadata)
     log.info("saved %s with its %s head to %s", row["subnet"], protocol, folder)
     return folder
@@ -248,6 +247,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)
     model_source = _model_source(checkpoint)
     if save_models is not None:  # a classifier fine-tuned from another checkpoint is not replaced
+        options.refuse_output_in_data(cfg, save_models, "the classifiers' folders", "saved models")
         for spec, label_fraction in jobs:
             check_export_folder(Path(save_models) / finetuned_name(spec, label_fraction, seed), model_source,
                                 replace_hint="remove that folder to replace it")

@@ -149,12 +149,10 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
               "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),
               "recipe": {**asdict(recipe), **schedule}, "top1": top1, "top5": top5}
     if save_model is not None:
-        from ..export import cut_from, input_preprocessing, save_exported
+        from ..export import classifier_metadata, save_exported
 
-        classes = list(train.classes) if train.classes else None
-        save_exported(model, save_model, {**result, "classes": classes,
-                                          **input_preprocessing(resolution, mean, std, crop_ratio),
-                                          "source": checkpoint_source, "cut_from": cut_from(supernet)})
+        save_exported(model, save_model, {**result, **classifier_metadata(train, supernet, checkpoint_source,
+                                                                          resolution, mean, std, crop_ratio)})
         log.info("saved the fine-tuned %s to %s", spec.name, save_model)
     return {**result, "indices": indices.tolist()}
 

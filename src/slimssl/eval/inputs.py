@@ -72,6 +72,14 @@ class DataOptions:
 
         return recorded_source(self.data) if self.data else cfg.data.source
 
+    def refuse_output_in_data(self, cfg, folder, written: str, kept: str) -> None:
+        """Refuse to write ``folder`` (exports, saved classifiers) inside the run's dataset or the one given: its
+        folders would be read as classes of the next run on that data (``written``, ``kept``: for the message)."""
+        from ..train.prepare import refuse_run_in_data
+
+        for source in {cfg.data.source, self.data}:
+            refuse_run_in_data(Path(folder), source, written, kept)
+
     def resolved_crop_ratio(self, cfg) -> float:
         return self.crop_ratio if self.crop_ratio is not None else cfg.eval.crop_ratio
 

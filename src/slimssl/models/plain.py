@@ -197,8 +197,9 @@ class PlainResNet(nn.Module):
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if name == "fc" and "config" in self.__dict__:  # config.num_classes follows a classifier set as fc, so that
-            # PlainResNet(model.config) takes model.state_dict(); another head (an MLP) is the caller's to describe
-            classes = value.out_features if isinstance(value, nn.Linear) else 0 if isinstance(value, nn.Identity) \
-                else self.config.num_classes
+            # PlainResNet(model.config) takes model.state_dict(); another head (an MLP, a Linear without bias) is
+            # the caller's to describe
+            linear = isinstance(value, nn.Linear) and value.bias is not None
+            classes = value.out_features if linear else 0 if isinstance(value, nn.Identity) else self.config.num_classes
             if classes != self.config.num_classes:
                 self.config = replace(self.config, num_classes=classes)

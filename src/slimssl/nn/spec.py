@@ -98,7 +98,8 @@ class SubnetSpec:
         if depths is None:
             if full_depths is None:
                 raise SubnetError(f"sub-network {text!r} gives no depths and no supernet is known to take them from: "
-                                  f"give them ('{text}:2,2,2,2'), or ask the supernet (supernet.resolve({text!r}))")
+                                  "give them, one per stage (e.g. 'w0p5_d2-2-2-2' or '0.5:2,2,2,2'), or ask the "
+                                  f"supernet (supernet.resolve({text!r}))")
             return cls(width, tuple(full_depths))
         return cls(width, tuple(int(d) for d in re.split(r"[-,.]", depths)))
 

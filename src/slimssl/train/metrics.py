@@ -112,7 +112,12 @@ class MetricsLogger:
                 elif isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(key, value, step)
         for callback in self.callbacks:  # a copy each: one callback changing it changes no other's, nor the file
-            callback(copy.deepcopy(record))
+            try:
+                callback(copy.deepcopy(record))
+            except Exception:  # noqa: BLE001 - a tracker that is down must not cost the run its training
+                log.warning("callback %s failed, and gets no more records of this run (metrics.jsonl has them all)",
+                            getattr(callback, "__qualname__", repr(callback)), exc_info=True)
+                self.callbacks = tuple(c for c in self.callbacks if c is not callback)
 
     def has_record(self, step: int, key: str) -> bool:
         """Whether metrics.jsonl holds a record of ``step`` with ``key`` (e.g. that epoch's kNN), counting steps

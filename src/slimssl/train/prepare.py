@@ -63,7 +63,7 @@ def shortcut_overrides(**settings) -> list[str]:
     unknown = sorted(set(settings) - set(SHORTCUTS))
     if unknown:
         raise UsageError(f"unknown setting(s) {', '.join(unknown)}; expected {', '.join(SHORTCUTS)}")
-    return [f"{SHORTCUTS[name]}={value if isinstance(value, Real) else json.dumps(str(value))}"
+    return [f"{SHORTCUTS[name]}={value if isinstance(value, Real) else json.dumps(str(value), ensure_ascii=False)}"
             for name, value in settings.items() if value is not None]
 
 

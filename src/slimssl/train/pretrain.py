@@ -9,6 +9,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple, Sequence
 
 from ..atomic import atomic_write, remove_temporaries
@@ -194,7 +195,8 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     ``callbacks``: functions each given every record the run writes to metrics.jsonl (a dict: ``step``,
     ``epoch``, the sub-networks' ``loss``, ``lr``, ``img_per_s``, ``knn_top1``, ...), as it is written, in the
     main process only: to send a run's curves to a tracker of your own (``lambda r: wandb.log(r, step=r["step"])``).
-    An exception in one stops the run as any error does; it resumes from its last checkpoint.
+    A callback that raises is said (a warning with its traceback) and given no more records: a tracker that is
+    down does not stop the training.
     ``out`` is the run directory (default ``runs/<name>-<time>``). ``resume=True`` continues the run in
     ``out`` with its saved config; ``resume="auto"`` continues it if ``out`` holds one (started with the
     same settings) and starts it otherwise. ``max_steps`` stops the run once it has made that many steps in
@@ -204,8 +206,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     ``slimssl.Interrupted``; resume it later.
     """
 
-    if callable(callbacks) or not all(callable(c) for c in callbacks):  # a lone function, or a non-function
-        raise UsageError(f"callbacks must be a list of functions of a record (a dict), got {callbacks!r}")
+    callbacks = _checked_callbacks(callbacks)
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise UsageError(f"max_steps must be an int >= 1 (the step to stop at), or None; got {max_steps!r}")
 
@@ -215,6 +216,20 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
         settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device)
         cfg, run_dir, source, resume = prepare_run(config, out, overrides=[*overrides, *settings], resume=resume)
         return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps, callbacks=callbacks)
+
+
+def _checked_callbacks(given) -> tuple[Callable[[dict], Any], ...]:
+    """``callbacks`` as a tuple (a generator is read once, here); a lone function, or anything not a function
+    among them, is refused."""
+    if given is None:
+        return ()
+    refused = UsageError(f"callbacks must be a list of functions of a record (a dict), got {given!r}")
+    if callable(given) or isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
+        raise refused
+    callbacks = tuple(given)
+    if not all(callable(c) for c in callbacks):
+        raise refused
+    return callbacks
 
 
 @contextlib.contextmanager
