@@ -884,3 +884,26 @@ def test_tqdm_disable_is_read_in_any_case_and_spacing(monkeypatch, capsys, env):
     with progress_bar(0, 4, True) as bar:
         bar.update(4)
     assert "4/4" not in capsys.readouterr().err
+
+
+def test_a_resume_with_other_cpu_threads_says_it_will_not_be_bit_for_bit(tmp_path, caplog):
+    """A CPU step's float rounding depends on the threads that sum it: the checkpoint records them (and torch,
+    the device, the processes), and a resume that differs says so."""
+    import slimssl
+
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    slimssl.pretrain(tiny("byol", train={"epochs": 1}), run, overrides=["train.knn=false"], max_steps=1)
+    assert load_checkpoint(run)["numerics"] == {"torch": torch.__version__, "device": "cpu", "processes": 1,
+                                                "cpu_threads": threads}
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        slimssl.pretrain(out=run, resume=True, max_steps=2)
+    assert "not be bit for bit" not in caplog.text  # the same machine, the same threads
+    torch.set_num_threads(threads + 1)
+    try:
+        with caplog.at_level(logging.WARNING, logger="slimssl"):
+            slimssl.pretrain(out=run, resume=True, max_steps=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert f"was saved with cpu_threads {threads}; this process has cpu_threads {threads + 1}: the run continues" \
+           in caplog.text

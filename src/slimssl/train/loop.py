@@ -47,7 +47,7 @@ from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, progress_
 from .monitor import KnnMonitor
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
 from .prepare import write_run_config
-from .resume import TrainState, restore
+from .resume import TrainState, numerics, restore
 from .signals import Interrupted, SignalGuard, mark_stop_saved
 
 log = logging.getLogger("slimssl")
@@ -272,7 +272,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
                 "log_window": (window or self.window).state_dict(),
                 "effective_lr": self.effective_lr(), "epoch": self.state.step / max(1, self.steps_per_epoch),
-                "metrics_bytes": self.metrics.size()}
+                "metrics_bytes": self.metrics.size(), "numerics": numerics(self.device, self.world)}
 
     def save(self, name: str = LAST, any_rank: bool = False) -> Path | None:
         """Write a checkpoint from rank 0, every rank calling (``any_rank``: from this process alone, which then

@@ -64,6 +64,7 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
                               f"saved by {writer}, and this is slimssl {__version__}: resume it with the version that "
                               "saved it")
     check_menu(data["menu"], cfg, str(path))
+    warn_if_numerics_differ(path, data.get("numerics"), numerics(device, dist.world_size()))
     try:
         state = data["model"]
         if getattr(model, "target", True) is None:  # a method without a target: saved with one before 2026-12-06
@@ -93,6 +94,24 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
         state.joined_at = state.joined_at * state.step // saved_step
     return Resumed(state, LogWindow.from_state_dict(data.get("log_window"), device), saved_step,
                    data.get("effective_lr"), data.get("metrics_bytes"))
+
+
+def numerics(device: torch.device, processes: int) -> dict:
+    """What the float rounding of a step depends on besides the run's settings, saved with every checkpoint: a
+    resume continues bit for bit only where they are the same."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"torch": str(torch.__version__), "device": where, "processes": processes,
+            **({"cpu_threads": torch.get_num_threads()} if device.type == "cpu" else {})}
+
+
+def warn_if_numerics_differ(path: Path, saved: dict | None, now: dict) -> None:
+    """Say that a resume will not be bit for bit the uninterrupted run, when what its rounding depends on
+    changed (a checkpoint from before 2026-12-07 records nothing, and is not compared)."""
+    changed = [key for key in now if isinstance(saved, dict) and key in saved and saved[key] != now[key]]
+    if changed and dist.is_main():
+        log.warning("%s was saved with %s; this process has %s: the run continues, with float rounding that differs "
+                    "from what an uninterrupted run would have had (its numbers will not be bit for bit the same)",
+                    path, ", ".join(f"{k} {saved[k]}" for k in changed), ", ".join(f"{k} {now[k]}" for k in changed))
 
 
 def _load_optimizer(path: Path, saved: Config, cfg: Config, optimizer: torch.optim.Optimizer, state: dict) -> None:
