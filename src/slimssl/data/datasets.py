@@ -169,7 +169,12 @@ def _load_fake(split: str, resolution: int, size: int, seed: int) -> ImageDatase
 def _load_registered(source: str, split: str, resolution: int | None, crop_ratio: float) -> ImageDataset:
     images, labels, classes = registered_split(source, split)
     name = registered_name(source)
-    if resolution is not None:
+    if isinstance(images, list):  # of several sizes: each resized and centre-cropped alone
+        if resolution is None:
+            raise DataError(f"dataset {name!r}: its {split} images are of several sizes; set data.resolution to "
+                            "resize each and keep its centre square")
+        images = torch.cat([resize_center_crop(image[None], resolution, crop_ratio) for image in images])
+    elif resolution is not None:
         images = resize_center_crop(images, resolution, crop_ratio)  # the same images when they fit already
     elif images.shape[-1] != images.shape[-2]:
         raise DataError(f"dataset {name!r}: its {split} images are {tuple(images.shape[-2:])} pixels; set "

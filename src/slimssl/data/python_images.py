@@ -1,10 +1,11 @@
 """Images and labels given in Python (arrays, tensors, lists of images, map-style datasets), read into the
-uint8 ``[N, 3, H, W]`` tensors and int64 labels that ``registry.register_dataset`` keeps."""
+uint8 ``[N, 3, H, W]`` tensors (lists of ``[3, H, W]`` for images of several sizes) and int64 labels that
+``registry.register_dataset`` keeps."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 import numpy as np
 import torch
@@ -14,7 +15,10 @@ from .decode import to_rgb
 from .files import DataError
 
 
-def read_split(data, what: str) -> tuple[torch.Tensor, list | torch.Tensor | None]:
+Images = Union[torch.Tensor, list]  # uint8 [N, 3, H, W], or a list of uint8 [3, H, W] of several sizes
+
+
+def read_split(data, what: str) -> tuple[Images, list | torch.Tensor | None]:
     """The images (uint8, a copy) and the labels as given (integers or names), of one split."""
     pair = _as_pair(data)
     if pair is not None:
@@ -119,8 +123,9 @@ def _as_uint8(x: torch.Tensor, what: str) -> torch.Tensor:
     return wide.to(torch.uint8)
 
 
-def _read_items(dataset, what: str) -> tuple[torch.Tensor, list | None]:
-    """The images (stacked) and labels of a map-style dataset, item by item: one size for all."""
+def _read_items(dataset, what: str) -> tuple[Images, list | None]:
+    """The images and labels of a map-style dataset, item by item: the images stacked, or (of several sizes, as
+    photos are) listed, each resized where the split is loaded, as a folder's images are."""
     images, labels, labelled = [], [], None
     for i in range(len(dataset)):
         image, label = _image_and_label(dataset[i], f"{what}, item {i}")
@@ -133,16 +138,13 @@ def _read_items(dataset, what: str) -> tuple[torch.Tensor, list | None]:
         else:  # a batch of one image
             one = image.unsqueeze(0) if isinstance(image, torch.Tensor) else np.asarray(image)[None]
             pixels = _as_images(one, f"{what}, item {i}")[0]
-        if images and pixels.shape != images[0].shape:
-            raise DataError(f"{what}: item {i} is {tuple(pixels.shape[1:])} pixels, item 0 "
-                            f"{tuple(images[0].shape[1:])}; expected one size (resize them first, e.g. with "
-                            "torchvision's Resize and CenterCrop)")
         images.append(pixels)
         if label is not None:
             labels.append(label)
     if not images:
         raise DataError(f"{what}: the dataset is empty")
-    return torch.stack(images), labels if labelled else None
+    one_size = all(image.shape == images[0].shape for image in images)
+    return torch.stack(images) if one_size else [image.contiguous() for image in images], labels if labelled else None
 
 
 def _image_and_label(item, what: str) -> tuple[Any, Any]:

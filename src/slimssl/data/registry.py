@@ -31,7 +31,7 @@ PREFIX = "registered:"  # how a run records a registered dataset: registered:NAM
 
 
 class Split(NamedTuple):
-    images: torch.Tensor  # uint8 [N, 3, H, W]
+    images: torch.Tensor | list[torch.Tensor]  # uint8 [N, 3, H, W], or [3, H, W] each, of several sizes
     labels: torch.Tensor | None  # int64 [N]
     classes: list[str] | None
 
@@ -59,7 +59,8 @@ def register_dataset(name: str, train: Any, test: Any = None, *, val: Any = None
       array/tensor as above without N. It is read once, here.
 
     Pixels are uint8, 16-bit (scaled to 8 bits as PIL's 16-bit images are), or floats in [0, 1]: not normalised
-    (``data.mean`` and ``data.std`` normalise them). All images of a split have one size. The splits are copied;
+    (``data.mean`` and ``data.std`` normalise them). Images of several sizes (a dataset's items, or a list) are
+    each resized and centre-cropped where they are used, as a folder's images are. The splits are copied;
     registering a name again replaces it (runs that used the earlier images then refuse the new ones).
     ``classes`` names the labels (default: the datasets' ``classes`` attribute, else ``"0"``, ``"1"``, ...)."""
     if not isinstance(name, str) or not NAME.fullmatch(name) or name in BUILTIN:
@@ -150,8 +151,11 @@ def _fingerprint(splits: dict[str, Split]) -> str:
     for split in SPLITS:
         if split in splits:
             images, labels, classes = splits[split]
-            digest.update(json.dumps([split, list(images.shape), classes]).encode())
-            digest.update(memoryview(images.numpy()).cast("B"))
+            listed = isinstance(images, list)  # images of several sizes: each one's size, then its pixels
+            shapes = [list(image.shape) for image in images] if listed else list(images.shape)
+            digest.update(json.dumps([split, shapes, classes]).encode())
+            for block in images if listed else [images]:
+                digest.update(memoryview(block.numpy()).cast("B"))
             if labels is not None:
                 digest.update(memoryview(labels.numpy()).cast("B"))
     return digest.hexdigest()[:10]
