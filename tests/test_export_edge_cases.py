@@ -76,6 +76,9 @@ def test_an_export_with_a_classifier_is_evaluated_as_its_features(exported, tmp_
 @pytest.mark.parametrize("name, match", [
     ("w0p5_dX", "which is not a sub-network's name"),
     ("w0p5_d2-2-2-2", r"whose depths are not the architecture's \[1, 1, 1, 1\]"),
+    # an edited config.json: the 2 px export as the width 0.001 of a supernet 10**6 times its size
+    ("w0p001_d1-1-1-1", r"of width 0.001: evaluating it as a sub-network would build a supernet about 1,000,000 "
+                        r"times its size"),
 ])
 def test_an_export_whose_config_names_another_sub_network_is_refused(exported, name, match):
     half = exported["w0p5"]

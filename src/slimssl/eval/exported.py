@@ -23,7 +23,8 @@ from ..nn.spec import SubnetSpec
 
 log = logging.getLogger("slimssl")
 
-ARCH_OF_BLOCK = {"basic": "resnet18", "bottleneck": "resnet50"}  # (the depths are given: any arch of the block)
+ARCH_OF_BLOCK = {"basic": "resnet18", "bottleneck": "resnet50"}
+MIN_EVALUATED_WIDTH = 1 / 64  # narrower than any slimmable network's menu; a config.json saying so is edited  # (the depths are given: any arch of the block)
 
 
 def supernet_of_export(folder: str | Path, data: str | None = None) -> tuple[SlimResNet, Config]:
@@ -70,6 +71,11 @@ def _spec_of(plain: PlainResNet, folder) -> SubnetSpec:
     if tuple(spec.depths) != tuple(depths):
         raise ExportError(f"{folder}/{CONFIG} names its sub-network {name!r}, whose depths are not the "
                           f"architecture's {list(depths)}")
+    if spec.width < MIN_EVALUATED_WIDTH:  # the supernet built around it would be 1 / width**2 times its size
+        raise ExportError(f"{folder}/{CONFIG} names its sub-network {name!r}, of width {spec.width:g}: evaluating "
+                          f"it as a sub-network would build a supernet about {1 / spec.width ** 2:,.0f} times its "
+                          f"size; exports of width {MIN_EVALUATED_WIDTH:g} and more are evaluated (evaluate the run "
+                          "it was exported from)")
     return spec
 
 
