@@ -23,8 +23,8 @@ from ..nn.spec import SubnetSpec
 
 log = logging.getLogger("slimssl")
 
-ARCH_OF_BLOCK = {"basic": "resnet18", "bottleneck": "resnet50"}
-MIN_EVALUATED_WIDTH = 1 / 64  # narrower than any slimmable network's menu; a config.json saying so is edited  # (the depths are given: any arch of the block)
+ARCH_OF_BLOCK = {"basic": "resnet18", "bottleneck": "resnet50"}  # (the depths are given: any arch of the block)
+MIN_EVALUATED_WIDTH = 1 / 64  # narrower than any slimmable network's menu; a config.json saying so is edited
 
 
 def supernet_of_export(folder: str | Path, data: str | None = None) -> tuple[SlimResNet, Config]:
