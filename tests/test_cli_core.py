@@ -428,6 +428,8 @@ def test_an_unknown_flag_gets_the_usage_of_its_command(capsys):
     (["pretrain", "--max-step=3"], "unrecognized arguments: --max-step=3 (did you mean --max-steps?)"),
     (["--verb", "pretrain"], "slimssl: error: unrecognized arguments: --verb (did you mean --verbose?)"),
     (["knn", "runs/x", "--zzz"], "slimssl knn: error: unrecognized arguments: --zzz\n"),
+    (["knn", "runs/x", "--set", "eval.knn_k=5"],  # pretrain's flag, not a misspelt --subnet
+     "unrecognized arguments: --set eval.knn_k=5 (knn takes no --set: it evaluates with the config saved in the run"),
 ])
 def test_a_prefix_of_an_option_is_refused_with_the_option_it_looks_like(argv, said, capsys):
     """No abbreviations: ``--epoch`` would silently mean ``--epochs`` today and something else once another
@@ -495,3 +497,14 @@ def test_import_of_a_file_named_like_a_folder_on_the_path_is_taken(tmp_path, mon
     monkeypatch.delitem(sys.modules, "tinymethod", raising=False)
     assert main(["--import", "plugins/tinymethod.py", "config", "--config", "demo"]) == 0
     assert sys.modules["tinymethod"].X == 1 and "tinymethod" not in METHODS
+
+
+def test_a_flag_of_several_values_that_took_the_run_directory_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for argv in (["knn", "--subnet", "0.5", str(run)], ["finetune", "--label-fraction", "0.1", str(run), "--all"]):
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        assert refused.value.code == 2
+        assert f"({argv[1]} took {str(run)!r} as one of its values, as it takes every word up to the next flag: " \
+               f"put {str(run)!r} before {argv[1]})" in capsys.readouterr().err

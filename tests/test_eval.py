@@ -805,8 +805,8 @@ def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
     with pytest.raises(slimssl.SlimsslError, match="no/such/folder"):
         slimssl.knn(tmp_path / "model.pt", data="/no/such/folder", device="cpu")
     model = tmp_path / "model.pt"
-    for call, expected in [(lambda: slimssl.linear_probe(model, seed=1.5), "seed must be an int, got 1.5"),
-                           (lambda: slimssl.finetune(tmp_path / "model.pt", seed="1"), "seed must be an int, got '1'"),
+    for call, expected in [(lambda: slimssl.linear_probe(model, seed=1.5), "seed must be an int .*, got 1.5"),
+                           (lambda: slimssl.finetune(model, seed="1"), "seed must be an int .*, got '1'"),
                            (lambda: slimssl.linear_probe(tmp_path / "model.pt", distill="no"),
                             "distill must be True or False, got 'no'"),
                            (lambda: slimssl.knn(tmp_path / "model.pt", save="no"), "save must be True or False"),

@@ -475,3 +475,23 @@ def test_callbacks_get_every_record_of_metrics_jsonl_as_it_is_written(tmp_path, 
     assert run.finished and len(given) == len(written)  # the others still get every record
     assert caplog.text.count("gets no more records") == 1 and "failing failed, and gets no" in caplog.text
     assert "the tracker is down" in caplog.text  # its traceback
+
+
+def test_a_log_file_gets_the_progress_bar_at_its_interval_not_at_every_logged_step(tmp_path, config, capsys):
+    """Without a terminal (a job's log file) the bar is drawn every 30 s: a run of seconds that logs at each of its
+    8 steps draws it at its start and its end, not at every record (joined by carriage returns into one line)."""
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    drawn = [state for state in capsys.readouterr().err.split("\r") if "step" in state and "|" in state]
+    assert 1 <= len(drawn) <= 3, drawn
+
+
+def test_a_seed_that_does_not_fit_64_bits_is_a_usage_error(tmp_path, config, capsys, caplog):
+    huge = str(2**64)
+    assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run"), "--set",
+                 f"train.seed={huge}"]) == 2
+    assert "train.seed" in error_text(capsys, caplog) and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as refused:
+        main(["linear", str(tmp_path / "run"), "--seed", huge])
+    assert refused.value.code == 2 and "an integer that fits 64 bits" in capsys.readouterr().err
+    with pytest.raises(slimssl.SlimsslError, match="seed must be an int that fits 64 bits"):
+        slimssl.linear_probe(tmp_path / "run", seed=2**64)

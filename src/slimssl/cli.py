@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import logging
 import os
 import signal
@@ -62,8 +63,32 @@ def _sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose errors also say when a flag of several values took a path meant as the command's
+    positional argument (``knn --subnet 0.5 RUN``): argparse's own words blame something else."""
+
+    given: list[str] = []  # the words being parsed (main)
+
+    def error(self, message: str):
+        super().error(message + _swallowed_path_hint(self, self.given))
+
+
+def _swallowed_path_hint(parser: argparse.ArgumentParser, given: list[str]) -> str:
+    """`` (--subnet took 'RUN' ...)`` when a word after a flag of several values is an existing path, else ''."""
+    several = {option for action in parser._actions if action.nargs in ("+", "*") for option in action.option_strings}
+    for at, word in enumerate(given):
+        if word not in several:
+            continue
+        values = list(itertools.takewhile(lambda w: not w.startswith("-"), given[at + 1:]))
+        taken = next((value for value in values if os.path.exists(value)), None)
+        if taken is not None and word != "--set":  # --set says so itself, naming the KEY=VALUE it expects
+            return (f" ({word} took {taken!r} as one of its values, as it takes every word up to the next flag: "
+                    f"put {taken!r} before {word})")
+    return ""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="slimssl",
         description="Slimmable self-supervised pretraining: pretrain one network, use every sub-network. "
                     "With --json a command prints one JSON document on stdout; logs go to stderr.",
@@ -184,6 +209,9 @@ def _unknown_option_hint(parser: argparse.ArgumentParser, command: str | None, u
                f"{command} ...)"
     if not option.startswith("-"):
         return ""
+    if option == "--set" and after_command:  # the config flag of pretrain, export, ...: not a misspelt --subnet
+        return (f" ({command} takes no --set: it evaluates with the config saved in the run; what it may change are "
+                f"its flags, see slimssl {command} --help)")
     known = own if after_command else own | set(GLOBAL_OPTIONS)
     close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -192,6 +220,7 @@ def _unknown_option_hint(parser: argparse.ArgumentParser, command: str | None, u
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()  # a command's time budget counts from here (reproduce --time-budget)
     parser = build_parser()
+    _Parser.given = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # with the usage of the command they follow (argparse's parse_args shows slimssl's)
         given = sys.argv[1:] if argv is None else list(argv)

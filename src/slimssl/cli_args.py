@@ -74,6 +74,8 @@ def _number(kind: type, accept: Callable[[float], bool], expected: str) -> Calla
 
 positive_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+SEED_RANGE = (-2**63, 2**63)  # what torch's generators take (a 64-bit integer)
+seed_int = _number(int, lambda v: SEED_RANGE[0] <= v < SEED_RANGE[1], "an integer that fits 64 bits")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")

@@ -437,6 +437,13 @@ class TrainConfig(Section):
     nonfinite: Literal["error", "skip"] = Field(
         "error", description="a NaN/Inf loss stops the run (error) or its step is skipped and counted (skip)")
 
+    @field_validator("seed")
+    @classmethod
+    def _seed_of_64_bits(cls, value: int) -> int:
+        if not -2**63 <= value < 2**63:  # what torch's generators take
+            raise PydanticCustomError("seed", "Input should be an integer that fits 64 bits")
+        return value
+
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:

@@ -14,7 +14,7 @@ import argparse
 import logging
 
 from ..cli_args import (SUBNET_SPELLINGS, data_source, device_name, emit, fraction, label_fraction, nonnegative_int,
-                        output_dir, output_file, positive_float, positive_int)
+                        output_dir, output_file, positive_float, positive_int, seed_int)
 from ..errors import UsageError
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_RECALIBRATE_BATCHES, FEW_LABELS,
                FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR, FINETUNE_MIN_STEPS,
@@ -157,7 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "features)")
     p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help=f"the heads' batch size (default {DEFAULT_BATCH_SIZE})")
-    p.add_argument("--seed", type=int, default=0, help="the heads' initialisation and the training order")
+    p.add_argument("--seed", type=seed_int, default=0, help="the heads' initialisation and the training order")
     p.add_argument("--augment", action="store_true",
                    help="random crop (--train-crop) + flip, the backbone runs every step (default: cached features)")
     _add_train_crop_arg(p)
@@ -194,7 +194,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"lr at batch {FINETUNE_BATCH_SIZE}, scaled with the batch (default {FINETUNE_LR:g})")
     p.add_argument("--batch-size", type=positive_int,
                    help=f"default {FINETUNE_BATCH_SIZE} (or the whole subset when smaller)")
-    p.add_argument("--seed", type=int, default=0, help="draws the labelled subset and the training order")
+    p.add_argument("--seed", type=seed_int, default=0, help="draws the labelled subset and the training order")
     _add_train_crop_arg(p)
     p.add_argument("--out", type=output_file(".json"),
                    help="JSON file for the result and the labelled indices, when there is one result (default: "
@@ -219,6 +219,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
                    help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--eval-batch-size", type=positive_int, help="default: config eval.batch_size")
-    p.add_argument("--seed", type=int, default=0, help="seed of the order of the calibration batches")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the order of the calibration batches")
     p.add_argument("--json", action="store_true", help="print the sub-network, the batches and the new file as JSON")
     p.set_defaults(func=cmd_recalibrate)

@@ -250,8 +250,8 @@ def check_numbers(**values) -> None:
         if value is None:
             continue
         if name == "seed":
-            if isinstance(value, bool) or not isinstance(value, Integral):
-                raise UsageError(f"seed must be an int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, Integral) or not -2**63 <= value < 2**63:
+                raise UsageError(f"seed must be an int that fits 64 bits, got {value!r}")
             continue
         real = name in ("temperature", "lr")
         least = 0 if name == "recalibrate_bn" else 1

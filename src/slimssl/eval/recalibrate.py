@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from numbers import Integral
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -118,9 +117,7 @@ def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetS
     from ..devices import pick_device
     from .inputs import DataOptions, check_numbers
 
-    check_numbers(batches=batches, eval_batch_size=eval_batch_size)
-    if isinstance(seed, bool) or not isinstance(seed, Integral):
-        raise UsageError(f"seed must be an int, got {seed!r}")
+    check_numbers(batches=batches, eval_batch_size=eval_batch_size, seed=seed)
     options = DataOptions.of(data, recalibrate_checkpoint)
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise UsageError(f"expected a checkpoint file or run directory (str or Path), got {type(checkpoint).__name__}")

@@ -625,7 +625,7 @@ class Trainer:
         if dist.is_main():
             self.cuda_graphs.check()
         progress.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in zip(bar_labels(list(means)), means.values()))
-                                 + f" img/s={record['img_per_s']:.0f}")
+                                 + f" img/s={record['img_per_s']:.0f}", refresh=False)  # drawn at the bar's interval
 
     def _end_of_epoch(self) -> None:
         self.save()
