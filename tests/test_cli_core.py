@@ -508,3 +508,9 @@ def test_a_flag_of_several_values_that_took_the_run_directory_says_so(tmp_path, 
         assert refused.value.code == 2
         assert f"({argv[1]} took {str(run)!r} as one of its values, as it takes every word up to the next flag: " \
                f"put {str(run)!r} before {argv[1]})" in capsys.readouterr().err
+
+
+def test_a_misspelt_command_names_the_closest_one(capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["knnn", "runs/x"])
+    assert refused.value.code == 2 and "(did you mean knn?)" in capsys.readouterr().err

@@ -1844,3 +1844,13 @@ def test_an_edited_config_yaml_of_an_older_run_is_still_compared_on_resume(tmp_p
 def test_an_infinite_loss_is_non_finite_as_nan_is():
     assert loop.nonfinite_losses({"a": float("inf"), "b": 1.0, "c": torch.tensor(float("nan")),
                                   "d": torch.tensor(-float("inf")), "e": torch.tensor(0.5)}) == ["a", "c", "d"]
+
+
+def test_a_plain_state_dict_or_a_file_of_an_export_given_as_a_checkpoint_is_named_as_such(tmp_path):
+    torch.save({"conv1.weight": torch.zeros(2, 3, 3, 3)}, tmp_path / "sd.pt")  # torchvision's, or one's own
+    with pytest.raises(CheckpointError, match="holds a plain state_dict .*: not a slimssl checkpoint"):
+        load_checkpoint(tmp_path / "sd.pt")
+    supernet = build_supernet(config_from_dict(TINY))
+    folder = slimssl.export_subnet(supernet, "1.0", tmp_path / "exported", check_bn_statistics=False)
+    with pytest.raises(CheckpointError, match=f"is a file of the exported sub-network {folder}: give that folder"):
+        load_checkpoint(folder / "model.safetensors")

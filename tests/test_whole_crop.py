@@ -107,7 +107,7 @@ def test_the_probe_and_fine_tuning_train_on_whole_crops_of_a_streamed_split_only
                            train_crop="whole", **NORM)["top1"] == tuned["top1"]
 
     in_memory = load_dataset(str(root), "train", resolution=RES, crop_ratio=0.5)
-    with pytest.raises(UsageError, match="train_crop 'whole'.*streamed train split.*--loader stream"):
+    with pytest.raises(UsageError, match="train_crop 'whole'.*streamed train split keeps: pass loader='stream'"):
         linear_probe_subnets(supernet, in_memory, test, train_crop="whole", **options)
     with pytest.raises(UsageError, match="train_crop 'whole'.*streamed train split"):
         finetune_subnet(supernet, "0.5", in_memory, test, label_fraction=0.5, train_crop="whole")
@@ -130,7 +130,8 @@ def test_cli_whole_crop_is_recorded_and_refused_for_a_split_decoded_in_memory(tm
     decoded = []
     monkeypatch.setattr("slimssl.data.eval_images.load_dataset", lambda *a, **k: decoded.append(a))
     assert main(["linear", str(ckpt), "--augment", "--train-crop", "whole", "--loader", "memory", *common]) == 2
-    assert "train_crop 'whole' (--train-crop whole)" in caplog.text
+    assert "--train-crop whole crops each whole picture, which only a streamed train split keeps: add --loader " \
+        "stream" in caplog.text
     caplog.clear()
     assert main(["finetune", str(ckpt), "--subnet", "0.5", "--label-fraction", "0.5", "--train-crop", "whole",
                  "--loader", "memory", *common]) == 2

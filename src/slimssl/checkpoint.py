@@ -24,7 +24,7 @@ from .atomic import atomic_write
 from .config import Config, config_differences, config_from_dict
 from .devices import DeviceError
 from .errors import SlimsslError, short_repr
-from .layout import CHECKPOINTS, LAST, checkpoint_path
+from .layout import CHECKPOINTS, LAST, checkpoint_path, is_export_dir
 
 log = logging.getLogger("slimssl")
 
@@ -168,11 +168,19 @@ def _checkpoint_file(path: Path) -> Path:
         path = checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.suffix in (".safetensors", ".json", ".onnx", ".pt2") and is_export_dir(path.parent):  # an export's file
+        raise CheckpointError(f"{path} is a file of the exported sub-network {path.parent}: give that folder (the "
+                              "evaluations and profile take it; slimssl.load_exported loads it)")
     return path
 
 
 def _check_payload(path: Path, data: Any) -> None:
     """Refuse what torch.load read from ``path`` unless it is a slimssl checkpoint of a version read here."""
+    tensors_alone = isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values())
+    if tensors_alone and "format" not in data:
+        raise CheckpointError(f"{path} holds a plain state_dict (tensors by name, without the config slimssl records "
+                              "with them): not a slimssl checkpoint; expected a checkpoint file (e.g. "
+                              "RUN/checkpoints/last.pt), a run directory or an exported sub-network's folder")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise CheckpointError(f"{path} is not a slimssl checkpoint (found format {short_repr(found)}, expected "

@@ -8,6 +8,7 @@ import io
 import itertools
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -70,7 +71,17 @@ class _Parser(argparse.ArgumentParser):
     given: list[str] = []  # the words being parsed (main)
 
     def error(self, message: str):
-        super().error(message + _swallowed_path_hint(self, self.given))
+        super().error(message + _command_hint(self, message) + _swallowed_path_hint(self, self.given))
+
+
+def _command_hint(parser: argparse.ArgumentParser, message: str) -> str:
+    """`` (did you mean knn?)`` for a misspelt command."""
+    import difflib
+
+    typed = re.match(r"argument COMMAND: invalid choice: '([^']*)'", message)
+    commands = getattr(parser, "commands", None) or {}
+    close = difflib.get_close_matches(typed.group(1), sorted(commands), n=1, cutoff=0.6) if typed else []
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _swallowed_path_hint(parser: argparse.ArgumentParser, given: list[str]) -> str:

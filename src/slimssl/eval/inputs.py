@@ -106,12 +106,12 @@ class DataOptions:
         """The random training crop: the one given, else the config's ``eval.train_crop``. ``whole`` needs the
         pictures of a streamed split: given, it is refused for a split decoded in memory before any is decoded;
         the config's falls back to ``resized`` then, with a log line, as the config's loader falls back."""
-        from .supervised import WHOLE_NEEDS_STREAM
+        from .supervised import whole_needs_stream
 
         crop = train_crop or cfg.eval.train_crop
         if crop == "whole" and self.loader_of(cfg) != "stream":
             if train_crop == "whole":
-                raise UsageError(WHOLE_NEEDS_STREAM)
+                raise UsageError(whole_needs_stream())
             log.info("the config's eval.train_crop whole crops the whole pictures of a streamed split; these are "
                      "decoded in memory, so the training crops are taken from the evaluation images (resized)")
             crop = "resized"

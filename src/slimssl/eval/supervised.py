@@ -62,13 +62,20 @@ def check_crop_source(crop: str, train) -> None:
     """Refuse the ``whole`` crop of a split that has no whole pictures: one decoded in memory keeps each image's
     centre crop only."""
     if crop == "whole" and not hasattr(train, "random_crops"):
-        raise UsageError(WHOLE_NEEDS_STREAM)
+        raise UsageError(whole_needs_stream())
 
 
-WHOLE_NEEDS_STREAM = ("train_crop 'whole' (--train-crop whole) crops each whole picture, which only a streamed train "
-                      "split keeps: stream it (--loader stream, loader='stream'; a folder or .zip), or take "
-                      "train_crop 'resized', which crops the evaluation image (the centre crop a split decoded in "
-                      "memory keeps)")
+def whole_needs_stream() -> str:
+    """Why the ``whole`` crop was refused, in the words of the command line or of Python."""
+    from ..cli_args import on_command_line
+
+    if on_command_line():
+        return ("--train-crop whole crops each whole picture, which only a streamed train split keeps: add --loader "
+                "stream (a folder or .zip), or take --train-crop resized, which crops the evaluation image (the centre "
+                "crop a split decoded in memory keeps)")
+    return ("train_crop 'whole' crops each whole picture, which only a streamed train split keeps: pass "
+            "loader='stream' (a folder or .zip), or take train_crop='resized', which crops the evaluation image (the "
+            "centre crop a split decoded in memory keeps)")
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

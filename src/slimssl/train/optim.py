@@ -124,8 +124,9 @@ def describe_lr(info: dict) -> list[str]:
     lines = [f"effective peak lr {info['peak']:g} = {how}"]
     if "peak_after_slow_start" in info:
         lines.append(f"effective peak lr once sub-networks join: {info['peak_after_slow_start']:g}")
-    lines.append(f"total batch {info['total_batch']} = {info['per_process_batch']} per process x "
-                 f"{info['processes']} processes (train.batch_size is the total)")
+    processes = f"{info['processes']} process{'es' if info['processes'] != 1 else ''}"
+    lines.append(f"total batch {info['total_batch']} = {info['per_process_batch']} per process x {processes} "
+                 "(train.batch_size is the total)")
     return lines
 
 
