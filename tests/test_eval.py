@@ -435,7 +435,8 @@ def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys, cap
     assert api["recalibrated"] == cli["recalibrated"]
     assert all(torch.equal(api["model"][k], cli["model"][k]) for k in api["model"])
     (tmp_path / "precious.pt").write_bytes(b"someone's own file")
-    for out, message in [(tmp_path / "x.txt", "must name a .pt file"), (tmp_path, "must name a .pt file"),
+    named = r"must name a .pt \(or .pth\) file"
+    for out, message in [(tmp_path / "x.txt", named), (tmp_path, named),
                          (tmp_path / "in.pt", "is the checkpoint being read"),
                          (tmp_path / "precious.pt", "exists and is not a checkpoint that recalibrate wrote")]:
         with pytest.raises(slimssl.UsageError, match=message):
@@ -444,6 +445,9 @@ def test_recalibrate_checkpoint_from_python_is_the_command(tmp_path, capsys, cap
     again = slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "many.pt", batches=1, device="cpu",
                                            eval_batch_size=4)  # an earlier recalibration is replaced
     assert again["batches"] == 1 and load_checkpoint(tmp_path / "many.pt")["recalibrated"]["batches"] == 1
+    slimssl.recalibrate_checkpoint(tmp_path / "in.pt", 0.5, tmp_path / "r.pth", batches=1, device="cpu",
+                                   eval_batch_size=4)  # PyTorch's other usual suffix
+    assert load_checkpoint(tmp_path / "r.pth")["recalibrated"]["subnet"] == "w0p5_d1-1-1-1"
     for bad, message in [(dict(batches=0), "batches must be an int >= 1"), (dict(seed=1.5), "seed must be an int"),
                          (dict(bacthes=2), "did you mean batches")]:
         with pytest.raises((slimssl.UsageError, TypeError), match=message):

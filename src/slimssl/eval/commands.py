@@ -210,9 +210,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subnet", required=True, help=SUBNET_SPELLINGS)
     p.add_argument("--batches", type=positive_int, default=DEFAULT_RECALIBRATE_BATCHES,
                    help="train batches to average the statistics over (default %(default)s)")
-    p.add_argument("--out", required=True, type=output_file(".pt"),
-                   help="the new checkpoint file (.pt), outside any run's checkpoints folder (an existing file only "
-                   "where recalibrate wrote it)")
+    p.add_argument("--out", required=True, type=output_file(".pt", ".pth"),
+                   help="the new checkpoint file (.pt or .pth), outside any run's checkpoints folder (an existing "
+                   "file only where recalibrate wrote it)")
     p.add_argument("--data", type=data_source,
                    help="dataset name or path (default: the checkpoint config's data.source)")
     add_loader_args(p)

@@ -170,8 +170,8 @@ def _new_checkpoint_file(out: str | Path, checkpoint: str | Path) -> Path:
     if not isinstance(out, (str, os.PathLike)):
         raise UsageError(f"out must be a path to a new .pt file, got {out!r}")
     out = Path(out)
-    if out.suffix.lower() != ".pt" or out.is_dir():
-        raise UsageError(f"out (--out) must name a .pt file, got {str(out)!r}")
+    if out.suffix.lower() not in (".pt", ".pth") or out.is_dir():
+        raise UsageError(f"out (--out) must name a .pt (or .pth) file, got {str(out)!r}")
     source_file = checkpoint_file(checkpoint)
     # the file itself, however its path is spelt: macOS' file system ignores letter case, which resolve() keeps
     if out.exists() and source_file.exists() and os.path.samefile(out, source_file):

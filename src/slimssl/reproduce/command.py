@@ -24,10 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "the same method, epochs and batch; evaluate every network by kNN and linear probe; write\n"
                     "OUT/reproduction.md, OUT/reproduction.json and accuracy-vs-MACs plots.\n"
                     "Run the same command again to continue an unfinished reproduction (see docs/results.md).",
-        epilog=f"exit codes:\n  0  done: the report is written (again, if it was already)\n"
-               f"  {EXIT_CONTINUE}  the --time-budget ran out with work left: run the same command again\n"
+        epilog="exit codes:\n  0  done: the report is written (again, if it was already)\n"
+               "  2  bad arguments, or settings that differ from the runs already in --out\n"
                "  3  stopped by SIGTERM/SIGINT after saving: run the same command again\n"
-               "  2  bad arguments, or settings that differ from the runs already in --out")
+               f"  {EXIT_CONTINUE}  the --time-budget ran out with work left: run the same command again\n"
+               "  (1 and 130: as every command's, see slimssl --help)")
     p.add_argument("--recipes", action="extend", nargs="+", metavar="RECIPE",
                    help="shipped config names or YAML paths, space-separated (a comma-separated list works too) "
                         f"(default: {' '.join(DEFAULT_RECIPES)})")
