@@ -514,3 +514,23 @@ def test_a_misspelt_command_names_the_closest_one(capsys):
     with pytest.raises(SystemExit) as refused:
         main(["knnn", "runs/x"])
     assert refused.value.code == 2 and "(did you mean knn?)" in capsys.readouterr().err
+
+
+def test_messages_name_flags_on_the_command_line_and_keywords_in_python(tmp_path, capsys, caplog):
+    import slimssl
+    from test_eval import make_checkpoint
+
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    assert main(["linear", str(run), "--train-crop", "resized", "--device", "cpu"]) == 2
+    said = capsys.readouterr().err + caplog.text
+    assert "--train-crop resized is the crop of the augmented probe; it needs --augment" in said
+    assert "augment=True" not in said
+    with pytest.raises(slimssl.UsageError, match="train_crop resized is the crop of the augmented probe; it needs "
+                                                 "augment=True"):
+        slimssl.linear_probe(run, train_crop="resized", device="cpu")
+    caplog.clear()
+    assert main(["knn", str(run), "--data", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert "or one registered by a module given to --import)" in capsys.readouterr().err + caplog.text
+    with pytest.raises(slimssl.SlimsslError, match="registered with slimssl.register_dataset in this process"):
+        slimssl.knn(run, data=str(tmp_path / "nowhere"), device="cpu")

@@ -655,7 +655,7 @@ def test_cli_finetune_refuses_one_out_file_for_several_results(tmp_path, capsys,
     out = tmp_path / "one.json"
     assert main(["finetune", str(run), "--subnet", "0.5", "--label-fraction", "0.01", "0.1", "--epochs", "1",
                  "--device", "cpu", "--out", str(out)]) == 2
-    assert "out (--out) names one JSON file" in capsys.readouterr().err + caplog.text
+    assert "--out names one JSON file" in capsys.readouterr().err + caplog.text
     assert not out.exists() and not (run / "finetune").exists() and not (run / "results.json").exists()
     for both_or_neither in (["--subnet", "0.5", "--all"], []):
         assert main(["finetune", str(run), *both_or_neither, "--label-fraction", "0.1", "--device", "cpu"]) == 2

@@ -34,6 +34,12 @@ def on_command_line() -> bool:
     return _COMMAND.get() is not None
 
 
+def named(flag: str, keyword: str) -> str:
+    """An option as the user gave it: its flag on the command line (``--data``), its keyword in Python
+    (``data=``)."""
+    return flag if on_command_line() else keyword
+
+
 def overrides_named() -> str:
     """How a message names the overrides of the config: ``--set`` (and the command's flags that set keys) on the
     command line, ``overrides=`` in Python."""

@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..cli_args import named
 from ..errors import SlimsslError
 
 log = logging.getLogger("slimssl")
@@ -65,8 +66,9 @@ def existing_path(source: str) -> str:
     """The absolute path of a dataset ``source`` that is not a built-in name, or a DataError."""
     path = os.path.abspath(os.path.expanduser(source))
     if not os.path.exists(path):
-        raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}, or one registered with "
-                        f"slimssl.register_dataset in this process) nor an existing path (looked for {path})")
+        registered = named("by a module given to --import", "with slimssl.register_dataset in this process")
+        raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}, or one registered "
+                        f"{registered}) nor an existing path (looked for {path})")
     return path
 
 

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ..cli_args import named
 from .files import BUILTIN, SPLITS, DataError, MissingSplitError
 from .python_images import class_names, label_indices, read_split
 
@@ -138,7 +139,7 @@ def registered_split(source: str, split: str) -> Split:
         raise DataError(f"{source!r} names other images than the dataset {name!r} registered now (fingerprint "
                         f"{dataset.fingerprint}, of every split's images, labels and classes: a split added or "
                         f"changed since counts): register the images the run used, or give {name!r} as the data "
-                        "(--data, data=) to use these")
+                        f"({named('--data', 'data=')}) to use these")
     if split not in dataset.splits:
         raise MissingSplitError(f"dataset {name!r} was registered without a {split} split (it has "
                                 f"{', '.join(dataset.splits)}); pass {split}= to slimssl.register_dataset")

@@ -25,6 +25,7 @@ from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from ..cli_args import named
 from ..errors import UsageError
 from ..launch import warn_of_repeated_work
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_milestones, check_train_crop, linear_settings,
@@ -153,8 +154,9 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     check_train_crop(train_crop)
     milestones = check_milestones(milestones, epochs)
     if train_crop is not None and not augment:  # it would change nothing: say so rather than record it
-        raise UsageError(f"train_crop {train_crop!r} is the crop of the augmented probe; it needs augment=True "
-                         "(--augment): without it the probe trains on the cached features of the centre crop")
+        raise UsageError(f"{named('--train-crop', 'train_crop')} {train_crop} is the crop of the augmented probe; it "
+                         f"needs {named('--augment', 'augment=True')}: without it the probe trains on the cached "
+                         "features of the centre crop")
     options = DataOptions.of(data, linear_probe)
     warn_of_repeated_work("slimssl.linear_probe()")
     supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config, options.data)
@@ -346,12 +348,13 @@ def finetune_jobs(supernet, subnets: Subnets, label_fractions: Sequence[float] |
     fractions = list(dict.fromkeys(float(f) for f in fractions))
     jobs = [(spec, f) for spec in specs for f in fractions]
     if out is not None and len(jobs) > 1:
-        raise UsageError(f"out (--out) names one JSON file, but {len(specs)} sub-network(s) x {len(fractions)} label "
-                         f"fraction(s) give {len(jobs)} results: drop it (each result goes to "
+        raise UsageError(f"{named('--out', 'out')} names one JSON file, but {len(specs)} sub-network(s) x "
+                         f"{len(fractions)} label fraction(s) give {len(jobs)} results: drop it (each result goes to "
                          "RUN/finetune/<subnet>_<pct>pct_seed<S>.json) or ask for one of each")
     if out is not None and Path(out).exists() and not _is_finetune_result(Path(out)):
-        raise UsageError(f"out (--out) {out} exists and is not a fine-tuning result (results.json, a config, ...): "
-                         "it would be overwritten; name a new file, or an earlier fine-tuning result to replace")
+        raise UsageError(f"{named('--out', 'out')} {out} exists and is not a fine-tuning result (results.json, a "
+                         "config, ...): it would be overwritten; name a new file, or an earlier fine-tuning result to "
+                         "replace")
     return jobs
 
 

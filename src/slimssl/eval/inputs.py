@@ -13,6 +13,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..cli_args import named
 from ..errors import UsageError
 
 if TYPE_CHECKING:
@@ -187,10 +188,10 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
                              "config= is for a supernet in memory")
         if data is None:
             raise UsageError(f"{checkpoint} is an exported sub-network, which does not record the data it was "
-                             "trained on: give the data to evaluate it on (--data, data=)")
+                             f"trained on: give the data to evaluate it on ({named('--data DATA', 'data=')})")
         supernet, cfg = supernet_of_export(checkpoint, data)
         log.info("%s: the exported %s, evaluated as exported (its BatchNorm statistics too); its results are "
-                 "returned, not saved", checkpoint, supernet.menu.largest.name)
+                 "%s, not saved", checkpoint, supernet.menu.largest.name, named("printed", "returned"))
         return supernet.to(torch_device), cfg, torch_device, None
     if isinstance(checkpoint, SlimResNet):
         if config is None:

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..cli_args import named
 from ..atomic import remove_temporaries
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
@@ -171,18 +172,18 @@ def _new_checkpoint_file(out: str | Path, checkpoint: str | Path) -> Path:
         raise UsageError(f"out must be a path to a new .pt file, got {out!r}")
     out = Path(out)
     if out.suffix.lower() not in (".pt", ".pth") or out.is_dir():
-        raise UsageError(f"out (--out) must name a .pt (or .pth) file, got {str(out)!r}")
+        raise UsageError(f"{named('--out', 'out')} must name a .pt (or .pth) file, got {str(out)!r}")
     source_file = checkpoint_file(checkpoint)
     # the file itself, however its path is spelt: macOS' file system ignores letter case, which resolve() keeps
     if out.exists() and source_file.exists() and os.path.samefile(out, source_file):
-        raise UsageError(f"out (--out) {out} is the checkpoint being read; write the recalibrated one to a new file "
-                         "(a run's last.pt is what a resume continues from)")
+        raise UsageError(f"{named('--out', 'out')} {out} is the checkpoint being read; write the recalibrated one to "
+                         "a new file (a run's last.pt is what a resume continues from)")
     if _is_checkpoints_folder(out.resolve().parent):  # any run's: its last.pt, or an epoch it may be evaluated at
-        raise UsageError(f"out (--out) {out} is in a run's {CHECKPOINTS} folder, whose files are that run's own; "
-                         "write the recalibrated checkpoint outside it (e.g. recalibrated_w0p5.pt)")
+        raise UsageError(f"{named('--out', 'out')} {out} is in a run's {CHECKPOINTS} folder, whose files are that "
+                         "run's own; write the recalibrated checkpoint outside it (e.g. recalibrated_w0p5.pt)")
     if out.exists() and not _written_by_recalibrate(out):  # replaced only where it is an earlier recalibration
-        raise UsageError(f"out (--out) {out} exists and is not a checkpoint that recalibrate wrote; it would be "
-                         "overwritten: choose a new file, or remove it first")
+        raise UsageError(f"{named('--out', 'out')} {out} exists and is not a checkpoint that recalibrate wrote; it "
+                         "would be overwritten: choose a new file, or remove it first")
     return out
 
 
