@@ -27,7 +27,7 @@ CKPT = "no-such-run"
     (["finetune", CKPT, "--subnet", "0.5", "--label-fraction", "10"], "such as 0.1 for 10%, got 10"),
     (["finetune", CKPT, "--subnet", "0.5", "--label-fraction", "0.1", "--out", "run/checkpoints/last.pt"],
      "argument --out: expected a .json file, got 'run/checkpoints/last.pt'"),
-    (["recalibrate", CKPT, "--subnet", "0.5", "--out", "new.json"], "argument --out: expected a .pt file"),
+    (["recalibrate", CKPT, "--subnet", "0.5", "--out", "new.json"], "argument --out: expected a .pt or .pth file"),
     (["recalibrate", CKPT, "--subnet", "0.5", "--out", "x.pt", "--batches", "0"], "argument --batches"),
     (["report", CKPT, "--plot", "acc.txt"], "argument --plot: expected a .png or .pdf or .svg file"),
     (["bench", "--steps", "0"], "argument --steps: expected an integer > 0"),
