@@ -47,7 +47,7 @@ def check_milestones(milestones, epochs: int) -> tuple[int, ...] | None:
     from collections.abc import Iterable
     from numbers import Integral
 
-    from ..cli_args import on_command_line
+    from ..cli_args import named
     from ..errors import UsageError
 
     if milestones is None:
@@ -58,9 +58,8 @@ def check_milestones(milestones, epochs: int) -> tuple[int, ...] | None:
     ok = (values and all(isinstance(m, Integral) and not isinstance(m, bool) for m in values)
           and all(a < b for a, b in zip([0, *values], values)) and values[-1] < epochs)
     if not ok:
-        flags = on_command_line()
-        raise UsageError(f"{'--milestones' if flags else 'milestones'} must be epochs in increasing order, each > 0 "
-                         f"and < {'--epochs' if flags else 'epochs'} ({epochs}), got {values!r}")
+        raise UsageError(f"{named('--milestones', 'milestones')} must be epochs in increasing order, each > 0 and < "
+                         f"{named('--epochs', 'epochs')} ({epochs}), got {values!r}")
     return tuple(int(m) for m in values)
 
 

@@ -51,10 +51,10 @@ def augment_batch(images: torch.Tensor, resolution: int, mean, std, generator: t
 def training_images(train, batch_size: int, order: torch.Tensor, crop: str,
                     generator: torch.Generator) -> Iterator[torch.Tensor]:
     """The uint8 batches of the train images at ``order`` that :func:`augment_batch` crops: the evaluation images,
-    or (``crop`` ``whole``) random crops of the whole pictures, cut by the loader with draws from ``generator``."""
+    or (``crop`` ``whole``) random crops of the whole pictures, cut by the loader with draws from ``generator``
+    (a split that keeps them: the callers refuse any other first, with :func:`check_crop_source`)."""
     if crop != "whole":
         return train.batches(batch_size, order)
-    check_crop_source(crop, train)
     return train.random_crops(batch_size, order, seed=int(torch.randint(2**62, (), generator=generator)))
 
 
