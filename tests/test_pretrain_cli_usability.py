@@ -495,3 +495,13 @@ def test_a_seed_that_does_not_fit_64_bits_is_a_usage_error(tmp_path, config, cap
     assert refused.value.code == 2 and "an integer that fits 64 bits" in capsys.readouterr().err
     with pytest.raises(slimssl.SlimsslError, match="seed must be an int that fits 64 bits"):
         slimssl.linear_probe(tmp_path / "run", seed=2**64)
+
+
+def test_pretrain_gives_the_callers_random_state_back(tmp_path, config):
+    """The run seeds torch's generator with train.seed; the caller's draws after it are the ones they would have
+    made without it."""
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    run = slimssl.pretrain(config, tmp_path / "run", max_steps=1)
+    assert run.step == 1 and torch.equal(torch.rand(4), expected)

@@ -203,7 +203,8 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     all (counting from its start, not from this call), saving a checkpoint; ``results`` of the returned
     :class:`PretrainRun` is then empty and ``finished`` False. Under torchrun, each process calls this and the
     process group is joined here. A SIGTERM or SIGINT saves a checkpoint and raises
-    ``slimssl.Interrupted``; resume it later.
+    ``slimssl.Interrupted``; resume it later. The run seeds torch's generator with ``train.seed``; the caller's
+    random state is given back as it was.
     """
 
     callbacks = _checked_callbacks(callbacks)
@@ -215,7 +216,17 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
         check_overrides(overrides)  # a str would be read letter by letter
         settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device)
         cfg, run_dir, source, resume = prepare_run(config, out, overrides=[*overrides, *settings], resume=resume)
-        return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps, callbacks=callbacks)
+        with _callers_random_state_kept():
+            return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps, callbacks=callbacks)
+
+
+def _callers_random_state_kept():
+    """The run seeds torch's global generator (``train.seed``); the caller gets theirs back as it was: the CPU's, and
+    the current GPU's when the caller had started CUDA (one not started yet is left to be seeded by the run)."""
+    import torch
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _checked_callbacks(given) -> tuple[Callable[[dict], Any], ...]:
