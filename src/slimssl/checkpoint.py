@@ -24,7 +24,7 @@ from .atomic import atomic_write
 from .config import Config, config_differences, config_from_dict
 from .devices import DeviceError
 from .errors import SlimsslError, short_repr
-from .layout import CHECKPOINTS, LAST, checkpoint_path, is_export_dir
+from .layout import CHECKPOINTS, EXPORT_CONFIG, EXPORT_WEIGHTS, LAST, checkpoint_path, is_export_dir
 
 log = logging.getLogger("slimssl")
 
@@ -235,12 +235,12 @@ def _source_hint(config: Path) -> str:
 
 def _refuse_export_folder(path: Path) -> None:
     """An exported sub-network (or the folder of several) is a plain model, not a checkpoint: say so."""
-    from .export import CONFIG, WEIGHTS, exported_subnets
+    from .export import exported_subnets
 
-    if (path / CONFIG).is_file() or (path / WEIGHTS).is_file():
+    if (path / EXPORT_CONFIG).is_file() or (path / EXPORT_WEIGHTS).is_file():
         raise CheckpointError(f"{path} is an exported sub-network (a plain ResNet), not a checkpoint: load it with "
                               f"slimssl.load_exported({str(path)!r}); a supernet is loaded from its run directory or "
-                              "checkpoint file" + _source_hint(path / CONFIG))
+                              "checkpoint file" + _source_hint(path / EXPORT_CONFIG))
     names = exported_subnets(path)
     if names:
         raise CheckpointError(f"{path} holds exported sub-networks ({', '.join(names)}), not a checkpoint: load one "

@@ -28,7 +28,6 @@ from .models.resnet import SlimResNet
 from .nn.modes import eval_mode
 from .nn.spec import SubnetLike
 
-WEIGHTS, CONFIG = EXPORT_WEIGHTS, EXPORT_CONFIG
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
 log = logging.getLogger("slimssl")
@@ -103,7 +102,7 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
                               f"its config.json says the export expects: trace it at {recorded} (resolution)")
     folder = _write_export(plain, Path(out_dir) / spec.name, metadata)
     _drop_earlier_graphs(folder, rewritten=GRAPHS.get(fmt))  # a failed trace leaves no graph of earlier weights
-    config_json = json.loads((folder / CONFIG).read_text())
+    config_json = json.loads((folder / EXPORT_CONFIG).read_text())
     if fmt == "onnx":  # ONNX runtimes expect float32 graphs on the CPU; the weights above keep the dtype
         export_onnx(plain.to("cpu", torch.float32), folder / ONNX, resolution, config_json)
     elif fmt == "pt2":
@@ -149,7 +148,7 @@ def save_exported(model: PlainResNet, folder: str | Path, metadata: dict | None 
     longer match. An export of another source
     in ``folder`` is replaced only with ``overwrite`` (:func:`check_export_folder`); saving a loaded export back
     where it came from, after training it further, keeps its source and needs none."""
-    _refuse_file_name(Path(folder), f"a folder, which gets {CONFIG} and {WEIGHTS}")
+    _refuse_file_name(Path(folder), f"a folder, which gets {EXPORT_CONFIG} and {EXPORT_WEIGHTS}")
     source = (metadata or {}).get("source", getattr(model, "metadata", {}).get("source"))
     check_export_folder(folder, source, overwrite)
     folder = _write_export(model, Path(folder), metadata)
@@ -196,7 +195,8 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
         raise ExportError(f"cannot export into {folder}: it, or a folder on the way to it, is a file") from None
     except OSError as e:  # no permission, a read-only or full disk: one error type for every bad output
         raise ExportError(f"cannot make the export folder {folder}: {e}") from None
-    for name in remove_temporaries(folder, of=(CONFIG, WEIGHTS, PROGRAM)):  # of an export killed midway: a model's size
+    # of an export killed midway: a model's size
+    for name in remove_temporaries(folder, of=(EXPORT_CONFIG, EXPORT_WEIGHTS, PROGRAM)):
         log.info("%s: removed %s, left by an export that was killed midway", folder, name)
     # Both files are written whole to temporary files, which then replace the earlier export's one after the
     # other: a failure while writing (a full disk, Ctrl-C) leaves the earlier export as it was, its config put
@@ -204,11 +204,11 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
     # naming this source and the new weights' digest, so that loading refuses the folder (weights missing, or
     # not those) and the same export again replaces it. The files get the permissions open() would give them.
     try:
-        earlier = (folder / CONFIG).read_bytes() if (folder / CONFIG).is_file() else None
+        earlier = (folder / EXPORT_CONFIG).read_bytes() if (folder / EXPORT_CONFIG).is_file() else None
     except OSError:  # unreadable: replaced if the export succeeds, left to chance if it fails
         earlier = False
     try:
-        with atomic_write(folder / WEIGHTS) as weights_file, atomic_write(folder / CONFIG, "w") as config:
+        with atomic_write(folder / EXPORT_WEIGHTS) as weights_file, atomic_write(folder / EXPORT_CONFIG, "w") as config:
             weights_file.write(weights)
             config.write(text)
     except BaseException as e:
@@ -223,7 +223,7 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
 def _put_back_config(folder: Path, earlier: bytes | None, written: str) -> None:
     """After a failed export: the earlier config.json where the new one (``written``) replaced it, none where there
     was none (best effort: the export's own error is the one to report)."""
-    path = folder / CONFIG
+    path = folder / EXPORT_CONFIG
     try:
         replaced = path.is_file() and path.read_text(encoding="utf-8", errors="replace") == written
         if replaced and path.read_bytes() != earlier:
@@ -233,7 +233,7 @@ def _put_back_config(folder: Path, earlier: bytes | None, written: str) -> None:
                 with atomic_write(path) as config:
                     config.write(earlier)
     except OSError as e:
-        log.warning("%s: could not put the earlier %s back after the failed export (%s)", folder, CONFIG, e)
+        log.warning("%s: could not put the earlier %s back after the failed export (%s)", folder, EXPORT_CONFIG, e)
 
 
 def _drop_earlier_graphs(folder: Path, rewritten: str | None = None) -> None:
@@ -273,15 +273,15 @@ def check_export_folder(folder: str | Path, source: str | None, overwrite: bool 
         place = place.parent
     if place.exists() and not place.is_dir():
         raise ExportError(f"cannot export into {folder}: {place} is a file; choose another output folder")
-    config = folder / CONFIG
+    config = folder / EXPORT_CONFIG
     if overwrite:
         return
     replace_hint = replace_hint or f"replace it with {'--overwrite' if on_command_line() else 'overwrite=True'}"
     if not config.is_file():
-        foreign = [name for name in (WEIGHTS, *GRAPHS.values()) if (folder / name).is_file()]
+        foreign = [name for name in (EXPORT_WEIGHTS, *GRAPHS.values()) if (folder / name).is_file()]
         if foreign:  # a model of the user's own, not written by slimssl: never replaced without being asked
-            raise ExportError(f"{folder} holds {' and '.join(foreign)} without a slimssl {CONFIG}; choose another "
-                              f"output folder, or {replace_hint}")
+            raise ExportError(f"{folder} holds {' and '.join(foreign)} without a slimssl {EXPORT_CONFIG}; choose "
+                              f"another output folder, or {replace_hint}")
         return
     try:
         earlier = json.loads(config.read_text(encoding="utf-8")).get("source")
@@ -318,13 +318,15 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> Pla
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"exported sub-network folder {folder} does not exist" if not folder.exists() else
-                          f"{folder} is a file; expected an exported sub-network folder ({CONFIG} and {WEIGHTS})")
-    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+                          f"{folder} is a file; expected an exported sub-network folder ({EXPORT_CONFIG} and "
+                          f"{EXPORT_WEIGHTS})")
+    config_path, weights_path = folder / EXPORT_CONFIG, folder / EXPORT_WEIGHTS
     if not config_path.is_file():
         _refuse_other_folder(folder)
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise ExportError(f"{path} is missing; an exported sub-network folder holds {CONFIG} and {WEIGHTS}")
+            raise ExportError(f"{path} is missing; an exported sub-network folder holds {EXPORT_CONFIG} and "
+                              f"{EXPORT_WEIGHTS}")
     try:
         info = json.loads(config_path.read_text(encoding="utf-8"))
         if info.get("format") != EXPORT_FORMAT:  # another tool's config.json (a Hugging Face model's, ...)
@@ -341,7 +343,7 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> Pla
         raise ExportError(f"{weights_path} is not the weights file {config_path} was written with (its sha256 "
                           "differs): an export stopped between its two files, or a file replaced by hand. Export or "
                           f"save it again (slimssl export, save_exported), or, for weights replaced on purpose, "
-                          f"remove {WEIGHTS_DIGEST} from {CONFIG}")
+                          f"remove {WEIGHTS_DIGEST} from {EXPORT_CONFIG}")
     try:
         state = load(weights)
     except (SafetensorError, ValueError) as e:
@@ -370,7 +372,7 @@ def _not_an_export_config(config_path: Path, error: Exception) -> ExportError:
 def exported_subnets(folder: str | Path) -> list[str]:
     """The sub-network folders that an export's output folder (``slimssl export --out``) holds, by name."""
     try:
-        return sorted(p.name for p in Path(folder).iterdir() if (p / CONFIG).is_file())
+        return sorted(p.name for p in Path(folder).iterdir() if (p / EXPORT_CONFIG).is_file())
     except OSError:
         return []
 

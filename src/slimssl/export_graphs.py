@@ -15,7 +15,7 @@ from torch import nn
 
 from .atomic import atomic_write
 from .errors import ExportError
-from .layout import EXPORT_CONFIG as CONFIG
+from .layout import EXPORT_CONFIG
 from .models.plain import PlainResNet, PlainResNetConfig
 
 ONNX = "model.onnx"
@@ -92,7 +92,7 @@ def export_program(plain: PlainResNet, path: Path, resolution: int, config: dict
         finally:
             plain.maxpool = pooled
     with atomic_write(path) as file:  # a kill while saving leaves no half-written archive
-        save(program, file, extra_files={CONFIG: json.dumps(config, indent=2)})
+        save(program, file, extra_files={EXPORT_CONFIG: json.dumps(config, indent=2)})
 
 
 class UnfoldedMaxPool(nn.Module):

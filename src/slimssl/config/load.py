@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..cli_args import on_command_line, overrides_named
 from ..errors import short_repr
-from ..layout import PACKAGED, packaged_configs
+from ..layout import CONFIG, PACKAGED, packaged_configs
 from .schema import Config, ConfigError
 
 
@@ -26,7 +26,7 @@ def find_config(name: str | Path) -> Path:
         return path
     shipped = PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
     if path.is_dir() and not (str(name) == path.name and shipped.is_file()):
-        run = path / "config.yaml"
+        run = path / CONFIG
         hint = f"; a run's config is {run}" if run.is_file() else ""
         raise ConfigError(f"config {str(name)!r} is a directory; expected a YAML file or the name of a shipped config "
                           f"({', '.join(packaged_configs())}){hint}")

@@ -297,14 +297,12 @@ def _model_source(checkpoint) -> str | None:
     """What a fine-tuned classifier came from, as its config.json records it: the checkpoint file (for an export,
     the one it was exported from), or None for a supernet in memory."""
     from ..exporter import export_source
-    from ..layout import is_export_dir
+    from ..layout import EXPORT_CONFIG, is_export_dir
 
     if in_memory(checkpoint):
         return None
     if is_export_dir(checkpoint):
-        from ..export import CONFIG
-
-        return json.loads((Path(checkpoint) / CONFIG).read_text(encoding="utf-8")).get("source")
+        return json.loads((Path(checkpoint) / EXPORT_CONFIG).read_text(encoding="utf-8")).get("source")
     return export_source(checkpoint, None)
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..config import Config, config_from_dict
-from ..export import CONFIG, ExportError, load_exported
+from ..export import ExportError, load_exported
+from ..layout import EXPORT_CONFIG
 from ..models.plain import PlainResNet
 from ..models.resnet import SlimResNet, subnet_channels
 from ..nn.layers import SlimBatchNorm
@@ -35,7 +36,7 @@ def supernet_of_export(folder: str | Path, data: str | None = None) -> tuple[Sli
     info = plain.metadata
     unrecorded = [k for k in ("resolution", "mean", "std") if k not in info]
     if unrecorded:  # slimssl.export_subnet without config=: the inputs it expects are not known
-        log.warning("%s/%s records no %s: evaluated with the config's default (%s)", folder, CONFIG,
+        log.warning("%s/%s records no %s: evaluated with the config's default (%s)", folder, EXPORT_CONFIG,
                     ", ".join(unrecorded), ", ".join(f"{k} {getattr(Config().data, k)}" for k in unrecorded))
     spec = _spec_of(plain, folder)
     base, divisor = _geometry(plain, spec, folder)
@@ -66,16 +67,16 @@ def _spec_of(plain: PlainResNet, folder) -> SubnetSpec:
     try:
         spec = SubnetSpec.parse(name, depths) if isinstance(name, str) else SubnetSpec(1.0, depths)
     except ValueError as e:
-        raise ExportError(f"{folder}/{CONFIG} names its sub-network {name!r}, which is not a sub-network's name "
+        raise ExportError(f"{folder}/{EXPORT_CONFIG} names its sub-network {name!r}, which is not a sub-network's name "
                           f"({e})") from None
     if tuple(spec.depths) != tuple(depths):
-        raise ExportError(f"{folder}/{CONFIG} names its sub-network {name!r}, whose depths are not the "
+        raise ExportError(f"{folder}/{EXPORT_CONFIG} names its sub-network {name!r}, whose depths are not the "
                           f"architecture's {list(depths)}")
     if spec.width < MIN_EVALUATED_WIDTH:  # the supernet built around it would be 1 / width**2 times its size
-        raise ExportError(f"{folder}/{CONFIG} names its sub-network {name!r}, of width {spec.width:g}: evaluating "
-                          f"it as a sub-network would build a supernet about {1 / spec.width ** 2:,.0f} times its "
-                          f"size; exports of width {MIN_EVALUATED_WIDTH:g} and more are evaluated (evaluate the run "
-                          "it was exported from)")
+        raise ExportError(f"{folder}/{EXPORT_CONFIG} names its sub-network {name!r}, of width {spec.width:g}: "
+                          f"evaluating it as a sub-network would build a supernet about {1 / spec.width ** 2:,.0f} "
+                          f"times its size; exports of width {MIN_EVALUATED_WIDTH:g} and more are evaluated "
+                          "(evaluate the run it was exported from)")
     return spec
 
 

@@ -51,7 +51,8 @@ from .resume import TrainState, numerics, restore
 from .signals import Interrupted, SignalGuard, mark_stop_saved
 
 log = logging.getLogger("slimssl")
-FINAL_RESULTS_LOCK_SECONDS = 10  # how long the end of pretraining waits for a merge (milliseconds) before it writes
+# seconds the end of pretraining waits for an evaluation's merge into results.json (which takes milliseconds)
+FINAL_RESULTS_LOCK_SECONDS = 10
 
 
 class NonFiniteLossError(SlimsslError):
