@@ -28,9 +28,9 @@ _EXPORTS = {
     "Menu": ".nn.spec", "SubnetSpec": ".nn.spec",
     "SlimsslError": ".errors", "UsageError": ".errors",
     # what a caller may catch: every bad-input error is a SlimsslError; these say which input
-    "ConfigError": ".config", "SubnetError": ".nn.spec", "InputError": ".models.plain",
-    "CheckpointError": ".checkpoint", "DataError": ".data.files", "DeviceError": ".devices",
-    "ExportError": ".export", "ExtensionError": ".errors", "NonFiniteLossError": ".train.loop",
+    "ConfigError": ".config", "SubnetError": ".nn.spec", "InputError": ".errors",
+    "CheckpointError": ".checkpoint", "DataError": ".errors", "DeviceError": ".devices",
+    "ExportError": ".errors", "ExtensionError": ".errors", "NonFiniteLossError": ".train.loop",
     "Interrupted": ".train.signals",
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
     "profile": ".report.profile",
@@ -65,16 +65,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .budget import pick_subnet
     from .checkpoint import CheckpointError, load_checkpoint, load_supernet
     from .config import Config, ConfigError, load_config
-    from .data.files import DataError
     from .data.registry import register_dataset, unregister_dataset
     from .devices import DeviceError
-    from .errors import ExtensionError, SlimsslError, UsageError
+    from .errors import DataError, ExportError, ExtensionError, InputError, SlimsslError, UsageError
     from .eval.evaluate import finetune, knn, linear_probe
     from .eval.recalibrate import recalibrate_checkpoint
-    from .export import ExportError, export_subnet, load_exported, save_exported, verify_export
+    from .export import export_subnet, load_exported, save_exported, verify_export
     from .exporter import export_run
     from .models.build import build_supernet
-    from .models.plain import InputError, PlainResNet
+    from .models.plain import PlainResNet
     from .models.resnet import SlimResNet
     from .nn.slimmable import recalibrate_bn
     from .nn.spec import Menu, SubnetError, SubnetSpec

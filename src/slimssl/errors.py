@@ -1,8 +1,8 @@
 """The base of every error slimssl raises for bad input, kept free of torch so the command line can
 catch it (and answer ``--help``) without importing torch.
 
-Each module defines its own subclass next to the code that raises it (``ConfigError``, ``DataError``,
-``CheckpointError``, ...); the kinds that several modules raise are defined here. The command line prints
+A module defines its own subclass next to the code that raises it (``ConfigError``, ``CheckpointError``, ...);
+the kinds that several modules raise (``DataError``, ``InputError``, ``ExportError``, ...) are defined here. The command line prints
 any :class:`SlimsslError` as one line naming what was wrong and exits with status 2; anything else is a bug
 and keeps its traceback, except a file that the machine refuses (:func:`storage_error`).
 """
@@ -40,6 +40,18 @@ class ExtensionError(SlimsslError):
     """A method or loss-weighting rule (built in, or of one's own: docs/extending.md) that is not registered, or
     whose declaration or outputs break slimssl's contract. Defined here rather than beside one module: methods/,
     the heads it declares (models/) and slim/weights.py all check that contract."""
+
+
+class DataError(SlimsslError):
+    """Bad dataset input: the message names the path and what was expected."""
+
+
+class MissingSplitError(DataError):
+    """The data has no folder for the split asked for (pretraining needs none; evaluation needs a test split)."""
+
+
+class InputError(SlimsslError):
+    """An input the network cannot take (nn/ and models/ check it); says what was expected and what came."""
 
 
 class ExportError(SlimsslError):

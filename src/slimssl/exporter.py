@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import OpenedSupernet, open_checkpoint, pretraining_unfinished
 from .config import Config
-from .data.files import DataError
+from .errors import DataError
 from .errors import UsageError
 from .export import (check_export_folder, check_format, export_differences, export_subnet, load_exported,
                      preprocessing, refuse_run_folder)

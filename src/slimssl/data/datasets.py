@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from . import decoded_cache
 from .decode import decode_error, decode_resized, resize_center_crop, resize_side
-from .files import (SKIP_HINT, SPLITS, DataError, FileTree, check_source_and_resolution, existing_path, list_split,
+from ..errors import DataError
+from .files import (SKIP_HINT, SPLITS, FileTree, check_source_and_resolution, existing_path, list_split,
                     scan_tree, split_prefix)
 from .registry import registered_name, registered_split
 

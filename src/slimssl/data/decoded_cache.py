@@ -19,7 +19,8 @@ import time
 import torch
 
 from ..atomic import atomic_write
-from .files import DataError, FileTree
+from ..errors import DataError
+from .files import FileTree
 
 log = logging.getLogger("slimssl")
 

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import ImageDataset, load_dataset
 from .decode import decode_error, decode_pixels, decode_resized
-from .files import SKIP_HINT, DataError, FileListDataset, check_source_and_resolution, list_labelled_files
+from ..errors import DataError
+from .files import SKIP_HINT, FileListDataset, check_source_and_resolution, list_labelled_files
 from .recipes import ViewRecipe
 from ..seeds import derived_generator
 from .stream import full_detail_side, resized_crop, stop_workers, view_boxes

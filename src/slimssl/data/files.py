@@ -24,7 +24,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ..cli_args import named
-from ..errors import SlimsslError
+from ..errors import DataError, MissingSplitError
 
 log = logging.getLogger("slimssl")
 
@@ -45,10 +45,6 @@ def _say_once(level: int, message: str, *args) -> None:
         log.log(level, text)
 
 
-class DataError(SlimsslError):
-    """Bad dataset input: the message names the path and what was expected."""
-
-
 def check_source_and_resolution(source, resolution) -> None:
     """Refuse a source that is no name or path and a resolution that is no positive int up front: found later,
     inside the decoder, they would read as files that cannot be decoded."""
@@ -56,10 +52,6 @@ def check_source_and_resolution(source, resolution) -> None:
         raise DataError(f"data source must be a dataset name or path, got {source!r}")
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
         raise DataError(f"resolution must be a positive int, got {resolution!r}")
-
-
-class MissingSplitError(DataError):
-    """The data has no folder for the split asked for (pretraining needs none; evaluation needs a test split)."""
 
 
 def existing_path(source: str) -> str:
@@ -434,7 +426,7 @@ class ImageFiles:
 
 def list_labelled_files(source: str, split: str = "train") -> ImageFiles:
     """The files, labels and classes of ``split`` of an ImageFolder folder or .zip, or a DataError."""
-    from .registry import in_memory_only  # not at the top: the registry's errors are defined here
+    from .registry import in_memory_only  # not at the top: the registry imports this module
 
     if in_memory_only(source):
         raise DataError(f"data.loader: stream reads an ImageFolder folder or .zip, and {source!r} is a dataset "

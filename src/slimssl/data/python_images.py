@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .decode import to_rgb
-from .files import DataError
+from ..errors import DataError
 
 
 Images = Union[torch.Tensor, list]  # uint8 [N, 3, H, W], or a list of uint8 [3, H, W] of several sizes

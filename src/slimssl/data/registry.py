@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..cli_args import named
-from .files import BUILTIN, SPLITS, DataError, MissingSplitError
+from ..errors import DataError, MissingSplitError
+from .files import BUILTIN, SPLITS
 from .python_images import class_names, label_indices, read_split
 
 log = logging.getLogger("slimssl")

@@ -32,7 +32,8 @@ from ..seeds import derived_generator
 from .augment import (TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
                       sample_crop_boxes)
 from .decode import decode_error, decode_pixels
-from .files import SKIP_HINT, DataError, FileListDataset, list_labelled_files
+from ..errors import DataError
+from .files import SKIP_HINT, FileListDataset, list_labelled_files
 from .views import BatchSharding, to_channels_last
 
 log = logging.getLogger("slimssl")

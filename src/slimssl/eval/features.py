@@ -10,7 +10,7 @@ from torch import nn
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.modes import eval_mode
-from ..data.files import DataError
+from ..errors import DataError
 from ..nn.spec import SubnetSpec
 
 

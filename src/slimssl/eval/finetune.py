@@ -31,7 +31,7 @@ from torch import nn
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.modes import eval_mode
-from ..data.files import DataError
+from ..errors import DataError
 from ..devices import to_device_async
 from ..errors import UsageError
 from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,

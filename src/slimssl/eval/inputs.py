@@ -123,7 +123,7 @@ class DataOptions:
         (built-in or registered) cannot stream: asked to, this is an error; a streaming config falls back to
         memory, with a log line."""
         from ..data.eval_images import load_eval_split
-        from ..data.files import DataError
+        from ..errors import DataError
         from ..data.views import default_workers
 
         source = self.source(cfg)

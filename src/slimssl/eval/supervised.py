@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.augment import ViewRecipe, eval_transform, geometric_view, normalize
-from ..data.files import DataError
+from ..errors import DataError
 from ..devices import to_device_async
 from ..errors import UsageError
 from . import check_train_crop

@@ -12,13 +12,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from ..errors import SlimsslError
+from ..errors import InputError
 
 IN_CHANNELS = 3  # RGB; the stem's input channels are fixed, not slimmed
-
-
-class InputError(SlimsslError):
-    """An input the network cannot take; says what was expected and what came."""
 
 
 def check_images(x, weight_dtype: torch.dtype) -> None:

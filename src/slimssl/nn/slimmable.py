@@ -10,6 +10,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from ..errors import InputError
 from .layers import SlimBatchNorm, SlimState
 from .spec import SubnetError, SubnetLike, Subnets, SubnetSpec
 
@@ -112,8 +113,6 @@ def recalibrate_bn(model: SlimmableMixin, subnet: SubnetLike, batches,
                           f"{type(model).__name__}; a plain model's BatchNorm statistics are re-estimated by "
                           "torch.optim.swa_utils.update_bn(batches, model)")
     if isinstance(batches, torch.Tensor):  # iterating it would feed one image at a time, each refused as 3-d
-        from ..models.plain import InputError  # models/ builds on nn/: imported when needed
-
         raise InputError(f"recalibrate_bn takes an iterable of batches of images, got one tensor of shape "
                          f"{list(batches.shape)}: pass [images] for one batch, or a DataLoader")
     with model.subnet(subnet) as spec:

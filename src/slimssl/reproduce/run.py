@@ -13,10 +13,10 @@ from typing import Iterator
 
 from ..layout import CHECKPOINTS, CONFIG, RESULTS, checkpoint_path
 from ..config import Config
-from ..data.files import BUILTIN, DataError, list_labelled_files
+from ..data.files import BUILTIN, list_labelled_files
 from ..data.registry import registered_name, registered_split
 from ..devices import hardware_name, pick_device, synchronize
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from ..eval import linear_settings, recalibration_batches
 from ..eval.inputs import DataOptions
 from ..eval.evaluate import linear_probe

@@ -26,12 +26,12 @@ from ..checkpoint import save_checkpoint
 from ..cli_args import shell_quote
 from ..config import Config, ConfigError, check_processes
 from ..data.datasets import load_dataset
-from ..data.files import DataError, reuse_scans
+from ..data.files import reuse_scans
 from ..data.registry import recorded_source, registered_name
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import copy_by_dtype, pick_device, pick_dtype, synchronize, to_device_async
-from ..errors import SlimsslError
+from ..errors import DataError, SlimsslError
 from ..eval.results import ResultsError, read_results, results_header, results_lock, write_results
 from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, check_unread_settings, checked_momentum,
                        checked_output, distill_outputs)

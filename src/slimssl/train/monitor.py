@@ -13,7 +13,7 @@ import torch
 from ..config import Config
 from ..data.datasets import ImageDataset, check_same_classes
 from ..data.eval_images import EvalImages, StreamedImages, load_eval_split
-from ..data.files import DataError, MissingSplitError
+from ..errors import DataError, MissingSplitError
 from ..data.registry import in_memory_only
 from ..data.views import default_workers
 from ..eval import recalibration_batches
