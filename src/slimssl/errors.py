@@ -2,9 +2,9 @@
 catch it (and answer ``--help``) without importing torch.
 
 A module defines its own subclass next to the code that raises it (``ConfigError``, ``CheckpointError``, ...);
-the kinds that several modules raise (``DataError``, ``InputError``, ``ExportError``, ...) are defined here. The command line prints
-any :class:`SlimsslError` as one line naming what was wrong and exits with status 2; anything else is a bug
-and keeps its traceback, except a file that the machine refuses (:func:`storage_error`).
+the kinds that several modules raise (``DataError``, ``InputError``, ``ExportError``, ...) are defined here.
+The command line prints any :class:`SlimsslError` as one line naming what was wrong and exits with status 2;
+anything else is a bug and keeps its traceback, except a file that the machine refuses (:func:`storage_error`).
 """
 
 import errno
