@@ -123,3 +123,14 @@ def test_extending_loss_weights_example_registers_a_rule_that_weighs_the_run(tmp
     assert [(name, progress) for name, _, progress in weighed] == [("by_width", 0.0), ("by_width", 1 / run.total_steps)]
     specs = weighed[0][1]
     assert weigh("by_width", specs, 0.5) == [s.width + 0.5 * (1 - s.width) for s in specs]
+
+
+def test_the_readme_module_map_names_every_module_and_no_other():
+    """README.md's Development section names each module of src/slimssl (each package's command(s).py together),
+    and no file that is not there: a module added, moved or removed is described where the next person looks."""
+    section = DOCS[0].read_text().split("## Development", 1)[1].split("The tests run on the CPU", 1)[0]
+    named = set(re.findall(r"`([a-z0-9_]+\.py)`", section))
+    package = REPO_ROOT / "src" / "slimssl"
+    modules = {p.name for p in package.rglob("*.py") if p.name != "__init__.py"}
+    assert modules - named == set(), "modules the README's module map leaves out"
+    assert named - modules == set(), "files the README's module map names that are not there"
