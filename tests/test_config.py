@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from slimssl.config import Config, ConfigError, check_processes, config_from_dict, load_config, packaged_configs
-from slimssl.models.resnet import ARCHS
+from slimssl.models.arch import ARCHS
 from slimssl.nn.spec import SubnetSpec
 
 SHIPPED = packaged_configs()

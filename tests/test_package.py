@@ -99,3 +99,11 @@ def test_help_names_the_environment_variables_with_their_real_defaults(monkeypat
     source = Path(slimssl.__file__).parent
     read = {name for path in source.rglob("*.py") for name in re.findall(r"\bSLIMSSL_[A-Z_]+", path.read_text())}
     assert read == set(lines)  # every variable the code reads is listed, and only those
+
+
+def test_importing_the_config_package_leaves_torch_unimported():
+    """The config schema reads the architectures (models/arch.py) and view recipes without torch: a script or
+    command that only imports slimssl.config does not wait for torch's import."""
+    code = "import sys, slimssl.config; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

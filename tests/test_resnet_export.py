@@ -12,7 +12,8 @@ from torch import nn
 
 from slimssl.export import ExportError, export_subnet, load_exported, verify_export
 from slimssl.models.plain import PlainResNet
-from slimssl.models.resnet import ARCHS, SlimResNet
+from slimssl.models.arch import ARCHS
+from slimssl.models.resnet import SlimResNet
 from slimssl.nn.spec import SubnetSpec
 
 

@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 from ..data.recipes import RECIPE_CROP_SCALE, RECIPES
 from ..errors import SlimsslError
 from ..launch import DEVICE_PATTERN, DEVICES
-from ..models.resnet import ARCHS, subnet_channels
+from ..models.arch import ARCHS, subnet_channels
 from ..nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
 
 if TYPE_CHECKING:

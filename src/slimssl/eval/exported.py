@@ -18,7 +18,8 @@ from ..config import Config, config_from_dict
 from ..export import ExportError, load_exported
 from ..layout import EXPORT_CONFIG
 from ..models.plain import PlainResNet
-from ..models.resnet import SlimResNet, subnet_channels
+from ..models.arch import subnet_channels
+from ..models.resnet import SlimResNet
 from ..nn.layers import SlimBatchNorm
 from ..nn.spec import SubnetSpec
 

@@ -17,26 +17,9 @@ from ..nn.channels import scaled_channels
 from ..nn.layers import SlimBatchNorm, SlimConv2d, SlimState, bind_state
 from ..nn.slimmable import SlimmableMixin
 from ..nn.spec import Menu, SubnetError, SubnetLike, SubnetSpec
+from .arch import EXPANSION, subnet_channels
 from .plain import IN_CHANNELS, InputError, check_images  # noqa: F401  (InputError: importable from here too)
 from .plain import PlainBlock, PlainResNet, PlainResNetConfig, has_downsample
-
-ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
-    "resnet18": ("basic", (2, 2, 2, 2)),
-    "resnet34": ("basic", (3, 4, 6, 3)),
-    "resnet50": ("bottleneck", (3, 4, 6, 3)),
-    "resnet101": ("bottleneck", (3, 4, 23, 3)),
-}
-EXPANSION = {"basic": 1, "bottleneck": 4}
-
-
-def subnet_channels(block: str, base_width: int, width: float, divisor: int, stages: int = 4
-                    ) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """The stem's channels, and each stage's inner and output channels, of the sub-network of ``width`` of a
-    supernet of ``base_width`` (stage i: ``base_width * 2**i``, x4 out of a bottleneck), rounded by ``divisor``."""
-    mids = [base_width * 2**i for i in range(stages)]
-    return (scaled_channels(base_width, width, divisor), tuple(scaled_channels(m, width, divisor) for m in mids),
-            tuple(scaled_channels(m * EXPANSION[block], width, divisor) for m in mids))
-
 
 def slim_conv_bn(norm: Callable[[int], SlimBatchNorm]):
     """The ``conv_bn`` factory of :class:`PlainBlock` for the supernet: slimmable conv, the given BatchNorm."""
