@@ -18,7 +18,8 @@ from slimssl.eval import recalibration_batches
 from slimssl.eval.finetune import balanced_subset, finetune_subnet, fraction_tag
 from slimssl.eval.recalibrate import subnet_models
 from slimssl.eval.linear import (BackboneChangedError, SharedSlimLinear, SwitchableLinear, backbone_fingerprint,
-                                 check_backbone_unchanged, linear_probe_subnets, make_heads, probe_step)
+                                 check_backbone_unchanged, linear_probe_subnets, make_heads, probe_step,
+                                 train_linear_probe)
 from slimssl.eval.supervised import augment_batch, random_crop_flip, topk_accuracy
 from slimssl.models.build import build_supernet
 
@@ -207,11 +208,16 @@ def test_linear_probe_learns_separable_data():
     check_backbone_unchanged(supernet, before)
 
 
+def probe_and_heads(*args, **options):
+    probe = train_linear_probe(*args, **options)
+    return probe.results, probe.heads
+
+
 def test_linear_probe_options_run():
     supernet = tiny_supernet()
     train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
     for kw in ({"augment": True}, {"augment": True, "train_crop": "resized"}, {"distill": True, "shared_head": True}):
-        results, heads = linear_probe_subnets(supernet, train, test, epochs=2, batch_size=32, return_heads=True, **kw)
+        results, heads = probe_and_heads(supernet, train, test, epochs=2, batch_size=32, **kw)
         assert set(results) == set(supernet.menu.names)
         assert isinstance(heads, SharedSlimLinear if kw.get("shared_head") else SwitchableLinear)
 
@@ -219,9 +225,9 @@ def test_linear_probe_options_run():
 def test_distilled_probe_teacher_is_the_widest_head_in_any_order():
     supernet = tiny_supernet()
     train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
-    kw = dict(subnets=["0.5", "1.0"], epochs=2, batch_size=32, return_heads=True)
-    _, plain = linear_probe_subnets(supernet, train, test, **kw)
-    _, distilled = linear_probe_subnets(supernet, train, test, distill=True, **kw)
+    kw = dict(subnets=["0.5", "1.0"], epochs=2, batch_size=32)
+    _, plain = probe_and_heads(supernet, train, test, **kw)
+    _, distilled = probe_and_heads(supernet, train, test, distill=True, **kw)
     teacher, student = "w1p0_d1-1-1-1", "w0p5_d1-1-1-1"
     # the full width learns from the labels alone, as without distillation; the half width from it too
     assert torch.equal(plain.state_dict()[f"heads.{teacher}.weight"], distilled.state_dict()[f"heads.{teacher}.weight"])
@@ -918,13 +924,13 @@ def test_linear_probe_follows_a_cosine_schedule_and_its_crop_options_change_trai
         return step(heads, optimizer, *args, **kwargs)
 
     monkeypatch.setattr(linear_mod, "probe_step", recording_step)
-    options = dict(epochs=4, batch_size=16, return_heads=True, lr=0.1)
-    _, plain = linear_probe_subnets(supernet, train, test, **options)
+    options = dict(epochs=4, batch_size=16, lr=0.1)
+    _, plain = probe_and_heads(supernet, train, test, **options)
     total = len(lrs)
     assert total == 16 and lrs == pytest.approx([0.05 * (1 + math.cos(math.pi * s / total)) for s in range(total)])
     monkeypatch.setattr(linear_mod, "probe_step", step)
-    _, padded = linear_probe_subnets(supernet, train, test, augment=True, **options)
-    _, resized = linear_probe_subnets(supernet, train, test, augment=True, train_crop="resized", **options)
+    _, padded = probe_and_heads(supernet, train, test, augment=True, **options)
+    _, resized = probe_and_heads(supernet, train, test, augment=True, train_crop="resized", **options)
 
     def weight(heads):
         return heads.state_dict()["heads.w1p0_d1-1-1-1.weight"]
@@ -1364,8 +1370,8 @@ def test_a_probe_classifier_scores_what_the_probe_reported(bn, options):
     supernet = tiny_supernet(bn)
     train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
     norm = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
-    results, classifiers = linear_probe_subnets(supernet, train, test, epochs=3, batch_size=16, **norm,
-                                                return_classifiers=True, **options)
+    probe = train_linear_probe(supernet, train, test, epochs=3, batch_size=16, **norm, **options)
+    results, classifiers = probe.results, probe.classifiers()
     assert set(classifiers) == set(results) == {"w1p0_d1-1-1-1", "w0p5_d1-1-1-1"}
     for name, classifier in classifiers.items():
         assert not classifier.training and classifier.config.num_classes == 4
@@ -1373,8 +1379,6 @@ def test_a_probe_classifier_scores_what_the_probe_reported(bn, options):
         assert top1 == pytest.approx(results[name]["top1"]) and top5 == pytest.approx(results[name]["top5"])
     logits = classifiers["w0p5_d1-1-1-1"](eval_transform(test.images, RES, **norm))
     assert logits.shape == (32, 4) and logits.std() > 0
-    with pytest.raises(ValueError, match="return_heads or return_classifiers"):
-        linear_probe_subnets(supernet, train, test, epochs=1, return_heads=True, return_classifiers=True)
 
 
 def test_cli_linear_saves_each_sub_network_with_its_head_as_a_classifier_that_scores_the_probe(tmp_path, capsys,

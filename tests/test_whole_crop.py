@@ -19,7 +19,7 @@ from slimssl.data.datasets import load_dataset
 from slimssl.data.eval_images import StreamedImages
 from slimssl.errors import UsageError
 from slimssl.eval.finetune import finetune_subnet
-from slimssl.eval.linear import linear_probe_subnets
+from slimssl.eval.linear import linear_probe_subnets, train_linear_probe
 from slimssl.models.build import build_supernet
 
 RES = 12
@@ -93,13 +93,14 @@ def test_the_probe_and_fine_tuning_train_on_whole_crops_of_a_streamed_split_only
     root = _framed_folder(tmp_path / "d")
     supernet = _supernet()
     train, test = _streamed(root), _streamed(root, "test")
-    options = dict(augment=True, epochs=2, batch_size=8, return_heads=True, **NORM)
-    whole, heads = linear_probe_subnets(supernet, train, test, train_crop="whole", **options)
-    again, same = linear_probe_subnets(supernet, _streamed(root, workers=2), test, train_crop="whole", **options)
-    _, resized = linear_probe_subnets(supernet, train, test, train_crop="resized", **options)
-    assert whole == again and all(torch.equal(a, b) for a, b in zip(heads.parameters(), same.parameters()))
-    assert not torch.equal(heads.state_dict()["heads.w1p0_d1-1-1-1.weight"],
-                           resized.state_dict()["heads.w1p0_d1-1-1-1.weight"])
+    options = dict(augment=True, epochs=2, batch_size=8, **NORM)
+    whole = train_linear_probe(supernet, train, test, train_crop="whole", **options)
+    again = train_linear_probe(supernet, _streamed(root, workers=2), test, train_crop="whole", **options)
+    resized = train_linear_probe(supernet, train, test, train_crop="resized", **options)
+    assert whole.results == again.results
+    assert all(torch.equal(a, b) for a, b in zip(whole.heads.parameters(), again.heads.parameters()))
+    assert not torch.equal(whole.heads.state_dict()["heads.w1p0_d1-1-1-1.weight"],
+                           resized.heads.state_dict()["heads.w1p0_d1-1-1-1.weight"])
 
     tuned = finetune_subnet(supernet, "0.5", train, test, label_fraction=0.5, epochs=2, train_crop="whole", **NORM)
     assert tuned["recipe"]["crop"] == "whole" and tuned["recipe"]["steps"] == 2  # 9 labelled images: 1 batch an epoch

@@ -146,7 +146,7 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     subnet, width, depths, params, macs, linear_top1, linear_top5 (percent), and model_path with ``save_models``;
     ``_shared``, ``_distill`` and ``_aug`` join the protocol's name (``linear_aug_top1``) for those options."""
     from ..export import check_export_folder
-    from .linear import linear_probe_subnets
+    from .linear import train_linear_probe
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
                   recalibrate_bn=recalibrate_bn, seed=seed)
@@ -176,21 +176,22 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
             check_export_folder(Path(save_models) / f"{spec.name}_{protocol}_seed{seed}", model_source,
                                 replace_hint="remove that folder to replace it")
     train, test = options.load_splits(cfg, torch_device)
-    results = linear_probe_subnets(
+    probe = train_linear_probe(
         supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
         epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, shared_head=shared_head, augment=augment,
         train_crop=train_crop, subnets=specs, device=torch_device, seed=seed, raw_features=raw_features,
         milestones=milestones, feature_batch_size=eval_batch_size or cfg.eval.batch_size,
-        recalibrate_batches=recalibrate_bn, return_classifiers=save_models is not None)
-    results, classifiers = results if save_models is not None else (results, {})
+        recalibrate_batches=recalibrate_bn)
     costs = cost_rows(supernet, cfg.data.resolution, specs)
-    rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]} for n, r in results.items()]
+    rows = [{**costs[n], f"{protocol}_top1": r["top1"], f"{protocol}_top5": r["top5"]}
+            for n, r in probe.results.items()]
     settings = linear_settings(
         options.settings(cfg), epochs=epochs, lr=lr, batch_size=batch_size, distill=distill,
         shared_head=shared_head, augment=augment, train_crop=train_crop, seed=seed, raw_features=raw_features,
         milestones=milestones, teacher=None if teacher == supernet.menu.largest.name else teacher,
         recalibrate_bn=recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn))
     save_values(checkpoint, {r["subnet"]: r for r in rows}, protocol, settings, cfg, save, epoch)
+    classifiers = probe.classifiers() if save_models is not None else {}
     for row in rows if save_models is not None else []:
         row["model_path"] = str(_save_probe_classifier(
             classifiers[row["subnet"]], Path(save_models) / f"{row['subnet']}_{protocol}_seed{seed}", row, protocol,

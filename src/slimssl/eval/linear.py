@@ -32,6 +32,7 @@ import hashlib
 import logging
 import math
 import zlib
+from dataclasses import dataclass
 from typing import Generator, Mapping, Sequence
 
 import torch
@@ -232,27 +233,41 @@ class _ProbeFeatures:
         return self._standardized(extract_subnet_features(self.models, self.specs, data, **self.extract))
 
 
-def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None, mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
-                         batch_size: int = DEFAULT_BATCH_SIZE, distill: bool = False, shared_head: bool = False,
-                         augment: bool = False, train_crop: str = "pad",
-                         subnets: Sequence[SubnetSpec | str] | None = None, device="cpu", seed: int = 0,
-                         feature_batch_size: int = 256, recalibrate_batches: int | None = None,
-                         raw_features: bool = False, milestones: Sequence[int] | None = None,
-                         return_heads: bool = False, return_classifiers: bool = False):
-    """Train one linear head per sub-network of ``supernet`` (frozen, eval mode) on ``train`` and report
-    ``{subnet: {"top1": %, "top5": %}}`` on ``test`` (labelled datasets, in memory or streamed: see
-    ``data/eval_images.py``; the augmented probe reads the train split once per epoch). Features are
-    standardised with the train split's mean and deviation, unless ``raw_features``; the heads train with
-    SGD (:data:`PROBE_OPTIMIZER`), the lr along a cosine to 0, or times :data:`PROBE_LR_DROP` from each of the
-    ``milestones`` epochs on.
+@dataclass(frozen=True)
+class TrainedProbe:
+    """A finished linear probe: ``results`` (``{subnet: {"top1": %, "top5": %}}`` on the test split), its
+    ``heads``, and what each sub-network's classifier of images is made of."""
 
-    With ``return_heads`` the result is ``(results, heads)``; with ``return_classifiers`` it is ``(results,
-    {subnet: PlainResNet})``, each sub-network exported with its head as ``fc`` (the standardisation folded into
-    it): a classifier of images that scores the results.
+    results: dict[str, dict[str, float]]
+    heads: nn.Module
+    models: Mapping[str, nn.Module]  # the sub-network's network: the supernet, or a recalibrated copy of it
+    specs: Sequence[SubnetSpec]
+    stats: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None  # the standardisation (None: raw features)
+
+    def classifiers(self) -> dict[str, nn.Module]:
+        """Each sub-network exported with its head as ``fc`` (the standardisation folded into it): a classifier
+        of images that scores the results."""
+        return {s.name: probe_classifier(self.models[s.name], s, self.heads, self.stats) for s in self.specs}
+
+
+def linear_probe_subnets(supernet, train, test, **options) -> dict[str, dict[str, float]]:
+    """``{subnet: {"top1": %, "top5": %}}`` of :func:`train_linear_probe`, which takes the same arguments."""
+    return train_linear_probe(supernet, train, test, **options).results
+
+
+def train_linear_probe(supernet, train, test, *, resolution: int | None = None, mean=IMAGENET_MEAN,
+                       std=IMAGENET_STD, epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR,
+                       batch_size: int = DEFAULT_BATCH_SIZE, distill: bool = False, shared_head: bool = False,
+                       augment: bool = False, train_crop: str = "pad",
+                       subnets: Sequence[SubnetSpec | str] | None = None, device="cpu", seed: int = 0,
+                       feature_batch_size: int = 256, recalibrate_batches: int | None = None,
+                       raw_features: bool = False, milestones: Sequence[int] | None = None) -> TrainedProbe:
+    """Train one linear head per sub-network of ``supernet`` (frozen, eval mode) on ``train`` and measure them on
+    ``test`` (labelled datasets, in memory or streamed: see ``data/eval_images.py``; the augmented probe reads the
+    train split once per epoch). Features are standardised with the train split's mean and deviation, unless
+    ``raw_features``; the heads train with SGD (:data:`PROBE_OPTIMIZER`), the lr along a cosine to 0, or times
+    :data:`PROBE_LR_DROP` from each of the ``milestones`` epochs on.
     """
-    if return_heads and return_classifiers:
-        raise UsageError("ask for return_heads or return_classifiers, not both")
     milestones = _check_probe_inputs(train, test, epochs=epochs, batch_size=batch_size, lr=lr,
                                      train_crop=train_crop, milestones=milestones, augment=augment)
     device = torch.device(device)
@@ -283,9 +298,7 @@ def linear_probe_subnets(supernet, train, test, *, resolution: int | None = None
                 results[n] = {"top1": top1, "top5": top5}
         for model, before in fingerprints.values():
             check_backbone_unchanged(model, before)
-        if return_classifiers:
-            return results, {s.name: probe_classifier(models[s.name], s, heads, features.stats) for s in specs}
-    return (results, heads) if return_heads else results
+    return TrainedProbe(results, heads, models, specs, features.stats)
 
 
 def probe_classifier(model: nn.Module, spec: SubnetSpec, heads: nn.Module,
