@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from ..cli_args import SEED_RANGE
 from ..data.recipes import RECIPE_CROP_SCALE, RECIPES
 from ..errors import SlimsslError
 from ..launch import DEVICE_PATTERN, DEVICES
@@ -440,7 +441,7 @@ class TrainConfig(Section):
     @field_validator("seed")
     @classmethod
     def _seed_of_64_bits(cls, value: int) -> int:
-        if not -2**63 <= value < 2**63:  # what torch's generators take
+        if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
             raise PydanticCustomError("seed", "Input should be an integer that fits 64 bits")
         return value
 

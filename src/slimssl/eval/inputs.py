@@ -13,7 +13,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..cli_args import named
+from ..cli_args import SEED_RANGE, named
 from ..errors import UsageError
 
 if TYPE_CHECKING:
@@ -251,7 +251,7 @@ def check_numbers(**values) -> None:
         if value is None:
             continue
         if name == "seed":
-            if isinstance(value, bool) or not isinstance(value, Integral) or not -2**63 <= value < 2**63:
+            if isinstance(value, bool) or not isinstance(value, Integral) or not SEED_RANGE[0] <= value < SEED_RANGE[1]:
                 raise UsageError(f"seed must be an int that fits 64 bits, got {value!r}")
             continue
         real = name in ("temperature", "lr")
