@@ -125,7 +125,7 @@ class TimedTrainer(Trainer):
         self.timing.pretrain_seconds += now - self._mark - sum(apart.values())
         self.timing.eval_seconds += apart["eval"]
         self.timing.checkpoint_seconds += apart["checkpoint"]
-        self.timing.step = self._last_saved_step if self._last_saved_step is not None else self.timing.step
+        self.timing.step = self.last_saved_step if self.last_saved_step is not None else self.timing.step
         if self._first_step:  # counted once; the later steps of the call are not timed apart
             self.timing.first_step_seconds += self._first_step
             self.timing.calls += 1

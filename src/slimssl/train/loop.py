@@ -47,7 +47,7 @@ from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, progress_
 from .monitor import KnnMonitor
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
 from .prepare import write_run_config
-from .resume import TrainState, numerics, restore
+from .resume import TrainState, checkpoint_payload, restore
 from .signals import Interrupted, SignalGuard, mark_stop_saved
 
 log = logging.getLogger("slimssl")
@@ -115,7 +115,7 @@ class Trainer:
         self._setup_optimisation()
         self.state = TrainState()
         self.window = LogWindow()  # the steps since the last metrics record
-        self._last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
+        self.last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         self.signal_received: int | None = None  # a stop signal that arrived as fit() ended the run
         self._resumed_lr: dict | None = None  # the effective lr last.pt was trained with, when resuming
         self._resumed_metrics_bytes: int | None = None  # metrics.jsonl's length when last.pt was saved
@@ -267,14 +267,6 @@ class Trainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------
 
-    def checkpoint_payload(self, window: LogWindow | None = None) -> dict:
-        return {"config": self.cfg.model_dump(mode="json"), "menu": self.model.backbone.menu.names,
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "train_state": vars(self.state).copy(),
-                "log_window": (window or self.window).state_dict(),
-                "effective_lr": self.effective_lr(), "epoch": self.state.step / max(1, self.steps_per_epoch),
-                "metrics_bytes": self.metrics.size(), "numerics": numerics(self.device, self.world)}
-
     def save(self, name: str = LAST, any_rank: bool = False) -> Path | None:
         """Write a checkpoint from rank 0, every rank calling (``any_rank``: from this process alone, which then
         saves its own BatchNorm statistics and losses; every rank holds the same weights)."""
@@ -284,14 +276,14 @@ class Trainer:
             window = self.window.averaged_over_processes()
         self._check_finite(window)
         if name == LAST:
-            self._last_saved_step = self.state.step
+            self.last_saved_step = self.state.step
         if not (dist.is_main() or any_rank):
             return None
-        return save_checkpoint(checkpoint_path(self.run_dir, name), self.checkpoint_payload(window))
+        return save_checkpoint(checkpoint_path(self.run_dir, name), checkpoint_payload(self, window))
 
     def _save_unless_saved(self, any_rank: bool = False) -> None:
         """``save`` the last checkpoint unless it holds this step already (the end of an epoch may have saved it)."""
-        if self._last_saved_step != self.state.step:
+        if self.last_saved_step != self.state.step:
             self.save(any_rank=any_rank)
 
     def _average_bn_statistics(self) -> None:

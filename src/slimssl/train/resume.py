@@ -1,6 +1,6 @@
-"""Continuing a pretraining run from its checkpoint: what a resume may change (epochs, the batch at an
-epoch's end, the optimiser's hyperparameters) and what it may not (the architecture, the optimiser's kind),
-and the train state that carries the loop's own progress."""
+"""What a pretraining checkpoint holds (written and read here), and continuing a run from it: what a resume may
+change (epochs, the batch at an epoch's end, the optimiser's hyperparameters) and what it may not (the
+architecture, the optimiser's kind), and the train state that carries the loop's own progress."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from ..slim.policy import join_step
 from . import distributed as dist
 from .metrics import LogWindow
 from .optim import OPTIMIZER_STATE_KEYS
+
+if TYPE_CHECKING:
+    from .loop import Trainer
 
 log = logging.getLogger("slimssl")
 
@@ -94,6 +98,17 @@ def restore(path: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Op
         state.joined_at = state.joined_at * state.step // saved_step
     return Resumed(state, LogWindow.from_state_dict(data.get("log_window"), device), saved_step,
                    data.get("effective_lr"), data.get("metrics_bytes"))
+
+
+def checkpoint_payload(trainer: Trainer, window: LogWindow) -> dict:
+    """What a checkpoint holds of ``trainer`` (``window``: its log window, averaged over the processes), as
+    :func:`restore` reads it back."""
+    return {"config": trainer.cfg.model_dump(mode="json"), "menu": trainer.model.backbone.menu.names,
+            "model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "scaler": trainer.scaler.state_dict(), "train_state": vars(trainer.state).copy(),
+            "log_window": window.state_dict(), "effective_lr": trainer.effective_lr(),
+            "epoch": trainer.state.step / max(1, trainer.steps_per_epoch), "metrics_bytes": trainer.metrics.size(),
+            "numerics": numerics(trainer.device, trainer.world)}
 
 
 def numerics(device: torch.device, processes: int) -> dict:
