@@ -145,7 +145,6 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     the accuracy). ``checkpoint``, ``config`` and the data keywords are knn's. Returns one row per sub-network:
     subnet, width, depths, params, macs, linear_top1, linear_top5 (percent), and model_path with ``save_models``;
     ``_shared``, ``_distill`` and ``_aug`` join the protocol's name (``linear_aug_top1``) for those options."""
-    from ..export import check_export_folder
     from .linear import train_linear_probe
 
     check_numbers(epochs=epochs, lr=lr, batch_size=batch_size, eval_batch_size=eval_batch_size,
@@ -170,11 +169,9 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     protocol = "linear" + ("_shared" if shared_head else "") + ("_distill" if distill else "") \
         + ("_aug" if augment else "")
     model_source = _model_source(checkpoint)
-    if save_models is not None:  # a classifier of another checkpoint is not replaced: refused before any work
-        options.refuse_output_in_data(cfg, save_models, "the classifiers' folders", "saved models")
-        for spec in specs:
-            check_export_folder(Path(save_models) / f"{spec.name}_{protocol}_seed{seed}", model_source,
-                                replace_hint="remove that folder to replace it")
+    if save_models is not None:
+        _refuse_classifier_folders(save_models, [probe_name(s.name, protocol, seed) for s in specs], model_source,
+                                   options, cfg)
     train, test = options.load_splits(cfg, torch_device)
     probe = train_linear_probe(
         supernet, train, test, resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std,
@@ -194,9 +191,25 @@ def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", 
     classifiers = probe.classifiers() if save_models is not None else {}
     for row in rows if save_models is not None else []:
         row["model_path"] = str(_save_probe_classifier(
-            classifiers[row["subnet"]], Path(save_models) / f"{row['subnet']}_{protocol}_seed{seed}", row, protocol,
+            classifiers[row["subnet"]], Path(save_models) / probe_name(row["subnet"], protocol, seed), row, protocol,
             settings, train, cfg, options, model_source, supernet).absolute())
     return rows
+
+
+def probe_name(subnet: str, protocol: str, seed: int) -> str:
+    """A probed sub-network's saved classifier's folder name (``linear --save-models``)."""
+    return f"{subnet}_{protocol}_seed{seed}"
+
+
+def _refuse_classifier_folders(save_models: str | Path, names: Sequence[str], model_source: str | None, options,
+                               cfg) -> None:
+    """Before any work: the classifiers' folders are not inside the dataset, and none replaces a classifier of
+    another checkpoint."""
+    from ..export import check_export_folder
+
+    options.refuse_output_in_data(cfg, save_models, "the classifiers' folders", "saved models")
+    for name in names:
+        check_export_folder(Path(save_models) / name, model_source, replace_hint="remove that folder to replace it")
 
 
 def _save_probe_classifier(classifier, folder: Path, row: dict, protocol: str, settings: dict, train, cfg, options,
@@ -234,7 +247,6 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
     recipe, top1, top5 (percent), indices (the labelled subset), and model_path (the classifier's folder) with
     ``save_models``.
     """
-    from ..export import check_export_folder
     from .finetune import finetune_subnet, fraction_tag
     from ..atomic import write_json_atomic
     from .results import run_dir_of
@@ -249,11 +261,9 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
     save = save and saves_results(checkpoint)
     jobs = finetune_jobs(supernet, subnets, label_fractions, out)
     model_source = _model_source(checkpoint)
-    if save_models is not None:  # a classifier fine-tuned from another checkpoint is not replaced
-        options.refuse_output_in_data(cfg, save_models, "the classifiers' folders", "saved models")
-        for spec, label_fraction in jobs:
-            check_export_folder(Path(save_models) / finetuned_name(spec, label_fraction, seed), model_source,
-                                replace_hint="remove that folder to replace it")
+    if save_models is not None:
+        _refuse_classifier_folders(save_models, [finetuned_name(spec, f, seed) for spec, f in jobs], model_source,
+                                   options, cfg)
     train_crop = options.train_crop_of(cfg, train_crop)
     train, test = options.load_splits(cfg, torch_device)
     costs = cost_rows(supernet, cfg.data.resolution, list(dict.fromkeys(spec for spec, _ in jobs)))
