@@ -146,7 +146,7 @@ def test_a_suggested_command_quotes_paths_for_the_users_shell(monkeypatch):
     """cmd.exe takes single quotes as part of a path: on Windows a path is double-quoted, and only when needed."""
     import sys
 
-    from slimssl.cli_args import shell_quote
+    from slimssl.wording import shell_quote
 
     assert shell_quote(Path("runs/my run")) == "'runs/my run'" and shell_quote("runs/demo") == "runs/demo"
     monkeypatch.setattr(sys, "platform", "win32")

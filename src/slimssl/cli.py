@@ -14,7 +14,8 @@ import sys
 import time
 
 from . import __version__
-from .cli_args import OutputClosed, command_line
+from .cli_args import OutputClosed
+from .wording import command_line
 from .errors import SlimsslError, UsageError, storage_error
 from .launch import torchrun_processes
 

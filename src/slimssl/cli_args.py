@@ -1,64 +1,21 @@
 """Argument types of the command line: argparse rejects a bad number or output path with one line, naming
 the flag and what was expected, before any work starts (and before torch is imported). Also ``emit``, the
-one way a command prints its result, ``add_overrides``, the one ``--set`` flag, ``shell_quote``, a path as
-the user's shell reads it in a command we suggest, and ``on_command_line``, which says whose words a message
-uses."""
+one way a command prints its result, and ``add_overrides``, the one ``--set`` flag."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import functools
 import json
 import math
 import os
 import re
-import shlex
 import sys
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from .launch import DEVICE_PATTERN, DEVICES
-
-# the command of the command line that runs (cli.main), so that messages name its flags (--set, --resume RUN)
-# rather than the keywords of the Python functions (overrides=, resume=True) that the command calls; None in Python
-_COMMAND: ContextVar[str | None] = ContextVar("slimssl_command", default=None)
-# the commands whose flags become config overrides besides --set, with those flags
-OVERRIDING_FLAGS = {"pretrain": "--data, --epochs, --batch-size, --device",
-                    "reproduce": "--data, --epochs, --batch-size, --device", "bench": "--data, --device, --batch-size"}
-
-
-def on_command_line() -> bool:
-    return _COMMAND.get() is not None
-
-
-def named(flag: str, keyword: str) -> str:
-    """An option as the user gave it: its flag on the command line (``--data``), its keyword in Python
-    (``data=``)."""
-    return flag if on_command_line() else keyword
-
-
-def overrides_named() -> str:
-    """How a message names the overrides of the config: ``--set`` (and the command's flags that set keys) on the
-    command line, ``overrides=`` in Python."""
-    command = _COMMAND.get()
-    if command is None:
-        return "overrides="
-    flags = OVERRIDING_FLAGS.get(command)
-    return f"--set (or {flags})" if flags else "--set"
-
-
-@contextlib.contextmanager
-def command_line(command: str = "") -> Iterator[None]:
-    """Within this block, messages are worded for the command line's ``command``."""
-    token = _COMMAND.set(command)
-    try:
-        yield
-    finally:
-        _COMMAND.reset(token)
-
 
 # how the commands' --subnet takes a sub-network (nn/spec.py: SubnetSpec.coerce)
 SUBNET_SPELLINGS = "a name such as w0p5_d2-2-2-2, a width such as 0.5 (at full depth), or 0.5:2,2,2,2"
@@ -200,16 +157,6 @@ def write_out(text: str) -> None:
 def emit(args: argparse.Namespace, doc, table: str) -> None:
     """A command's result on stdout: one JSON document with ``--json``, else the human-readable table."""
     write_out(json.dumps(doc, indent=2) + "\n" if getattr(args, "json", False) else table + "\n")
-
-
-def shell_quote(path: str | os.PathLike) -> str:
-    """``path`` quoted for a command line to copy: POSIX shells' single quotes, or on Windows double quotes
-    around anything but plain names (cmd.exe takes single quotes as part of the path, and runs what follows
-    an unquoted ``&``; PowerShell reads double quotes too, but expands a ``$`` inside them)."""
-    text = str(path)
-    if sys.platform != "win32":
-        return shlex.quote(text)
-    return text if re.fullmatch(r"[\w.:\\/-]+", text) else f'"{text}"'
 
 
 def add_overrides(p: argparse.ArgumentParser, what: str = "config values",

@@ -17,7 +17,7 @@ from safetensors.torch import load, save
 
 from . import __version__
 from .atomic import atomic_write, remove_temporaries
-from .cli_args import on_command_line, shell_quote
+from .wording import on_command_line, shell_quote
 from .errors import ExportError
 from .export_graphs import (GRAPHS, ONNX, PROGRAM, export_onnx, export_program, program_input, require_onnx,
                             run_onnx, run_program)  # the graphs an export may add beside its weights

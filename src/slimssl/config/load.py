@@ -13,7 +13,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..cli_args import on_command_line, overrides_named
+from ..wording import on_command_line, overrides_named
 from ..errors import short_repr
 from ..layout import CONFIG, PACKAGED, packaged_configs
 from .schema import Config, ConfigError

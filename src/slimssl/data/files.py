@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..cli_args import named
+from ..wording import named
 from ..errors import DataError, MissingSplitError
 
 log = logging.getLogger("slimssl")

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..cli_args import named
+from ..wording import named
 from ..errors import DataError, MissingSplitError
 from .files import BUILTIN, SPLITS
 from .python_images import class_names, label_indices, read_split

@@ -47,7 +47,7 @@ def check_milestones(milestones, epochs: int) -> tuple[int, ...] | None:
     from collections.abc import Iterable
     from numbers import Integral
 
-    from ..cli_args import named
+    from ..wording import named
     from ..errors import UsageError
 
     if milestones is None:

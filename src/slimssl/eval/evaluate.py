@@ -25,7 +25,7 @@ from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from ..cli_args import named
+from ..wording import named
 from ..errors import UsageError
 from ..launch import warn_of_repeated_work
 from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_milestones, check_train_crop, linear_settings,

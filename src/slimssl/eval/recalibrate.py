@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from ..cli_args import named
+from ..wording import named
 from ..atomic import remove_temporaries
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images

@@ -67,7 +67,7 @@ def check_crop_source(crop: str, train) -> None:
 
 def whole_needs_stream() -> str:
     """Why the ``whole`` crop was refused, in the words of the command line or of Python."""
-    from ..cli_args import on_command_line
+    from ..wording import on_command_line
 
     if on_command_line():
         return ("--train-crop whole crops each whole picture, which only a streamed train split keeps: add --loader "

@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import add_overrides, data_source, device_name, output_dir, positive_int, shell_quote
+from ..cli_args import add_overrides, data_source, device_name, output_dir, positive_int
+from ..wording import shell_quote
 from ..errors import SlimsslError, UsageError, storage_error
 
 log = logging.getLogger("slimssl")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_checkpoint
-from ..cli_args import shell_quote
+from ..wording import shell_quote
 from ..config import Config, ConfigError, check_processes
 from ..data.datasets import load_dataset
 from ..data.files import reuse_scans

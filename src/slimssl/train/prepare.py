@@ -14,7 +14,7 @@ import yaml
 
 from ..atomic import atomic_write, is_temporary
 from ..checkpoint import load_checkpoint
-from ..cli_args import on_command_line, shell_quote
+from ..wording import on_command_line, shell_quote
 from ..config import (MACHINE_DEPENDENT, Config, check_overrides, config_differences, config_from_dict,
                       find_config, load_config)
 from ..data.registry import absolute_source, in_memory_only
@@ -77,7 +77,7 @@ def prepare_run(config: Config | dict | str | Path | None = None, out: str | Pat
     ``resume="auto"`` resumes the run in ``out`` if it has a checkpoint and starts it otherwise, so that one
     command (a job script submitted again and again) both starts and continues a run; ``config`` and
     ``overrides`` must then give the saved run's settings. A data source that is an existing path is stored
-    absolute. Under the command line (``cli_args.on_command_line``), messages name its flags (``--resume
+    absolute. Under the command line (``wording.on_command_line``), messages name its flags (``--resume
     RUN_DIR``) instead of this function's arguments (``resume=True``, ``out=``)."""
 
     check_overrides(overrides)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import __version__
 from ..checkpoint import CheckpointError, check_menu, first_mismatch, load_checkpoint
-from ..cli_args import shell_quote
+from ..wording import shell_quote
 from ..config import Config, ConfigError, config_differences
 from ..layout import CHECKPOINTS
 from ..slim.policy import join_step

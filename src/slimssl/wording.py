@@ -1,0 +1,60 @@
+"""How a message names what the user gave: a flag on the command line (``--data``), a keyword in Python
+(``data=``), and a path as the user's shell reads it in a command we suggest. Free of torch, and of the
+command line's own code: the library's modules word their errors with it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import sys
+from contextvars import ContextVar
+from typing import Iterator
+
+# the command of the command line that runs (cli.main), so that messages name its flags (--set, --resume RUN)
+# rather than the keywords of the Python functions (overrides=, resume=True) that the command calls; None in Python
+_COMMAND: ContextVar[str | None] = ContextVar("slimssl_command", default=None)
+# the commands whose flags become config overrides besides --set, with those flags
+OVERRIDING_FLAGS = {"pretrain": "--data, --epochs, --batch-size, --device",
+                    "reproduce": "--data, --epochs, --batch-size, --device", "bench": "--data, --device, --batch-size"}
+
+
+def on_command_line() -> bool:
+    return _COMMAND.get() is not None
+
+
+def named(flag: str, keyword: str) -> str:
+    """An option as the user gave it: its flag on the command line (``--data``), its keyword in Python
+    (``data=``)."""
+    return flag if on_command_line() else keyword
+
+
+def overrides_named() -> str:
+    """How a message names the overrides of the config: ``--set`` (and the command's flags that set keys) on the
+    command line, ``overrides=`` in Python."""
+    command = _COMMAND.get()
+    if command is None:
+        return "overrides="
+    flags = OVERRIDING_FLAGS.get(command)
+    return f"--set (or {flags})" if flags else "--set"
+
+
+@contextlib.contextmanager
+def command_line(command: str = "") -> Iterator[None]:
+    """Within this block, messages are worded for the command line's ``command``."""
+    token = _COMMAND.set(command)
+    try:
+        yield
+    finally:
+        _COMMAND.reset(token)
+
+
+def shell_quote(path: str | os.PathLike) -> str:
+    """``path`` quoted for a command line to copy: POSIX shells' single quotes, or on Windows double quotes
+    around anything but plain names (cmd.exe takes single quotes as part of the path, and runs what follows
+    an unquoted ``&``; PowerShell reads double quotes too, but expands a ``$`` inside them)."""
+    text = str(path)
+    if sys.platform != "win32":
+        return shlex.quote(text)
+    return text if re.fullmatch(r"[\w.:\\/-]+", text) else f'"{text}"'
