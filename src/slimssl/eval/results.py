@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Literal, Mapping
 
 from filelock import FileLock, Timeout
 
@@ -170,12 +170,13 @@ def merge_results(run_dir: str | Path, values: Mapping[str, Mapping[str, Any]], 
 
 
 @contextlib.contextmanager
-def results_lock(run_dir: str | Path, seconds: float | None = None, or_without: bool = False) -> Iterator[None]:
+def results_lock(run_dir: str | Path, seconds: float | None = None,
+                 if_stale: Literal["raise", "warn"] = "raise") -> Iterator[None]:
     """Hold the lock under which ``results.json`` is read and rewritten: by the evaluations' merges, and by the
     end of pretraining, so that neither drops what the other wrote. A holder takes milliseconds, so a lock held
     for ``seconds`` (default :data:`RESULTS_LOCK_SECONDS`) is one left by a process killed on a file system
-    without file locks: an error, or with ``or_without`` a warning and the work done without it (a finished run
-    writes its results whatever a stale lock says)."""
+    without file locks: an error, or (``if_stale="warn"``) a warning and the work done without it (a finished
+    run writes its results whatever a stale lock says)."""
     seconds = RESULTS_LOCK_SECONDS if seconds is None else seconds
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     path = Path(run_dir) / RESULTS_LOCK
@@ -187,7 +188,7 @@ def results_lock(run_dir: str | Path, seconds: float | None = None, or_without: 
         held = False
         left = (f"{path} was held for {seconds:g} s: another process merging into {RESULTS} would take "
                 "milliseconds, so it is probably left by one that was killed on a file system without file locks")
-        if not or_without:
+        if if_stale == "raise":
             raise ResultsError(f"{left}; remove it if no evaluation of this run is running") from None
         log.warning("%s; writing %s without it", left, RESULTS)
     try:

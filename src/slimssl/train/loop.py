@@ -700,7 +700,7 @@ class Trainer:
             results["protocols"] = {"knn": self.knn_monitor.settings(backbone)}
         # under the evaluations' lock: a `slimssl knn` merging at this moment would otherwise write its older copy
         # back over these results; a lock left by a killed merge only delays them
-        with results_lock(self.run_dir, FINAL_RESULTS_LOCK_SECONDS, or_without=True):
+        with results_lock(self.run_dir, FINAL_RESULTS_LOCK_SECONDS, if_stale="warn"):
             _warn_of_dropped_evaluations(self.run_dir)
             write_results(self.run_dir, results)
         self.metrics.close()

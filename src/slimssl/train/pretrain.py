@@ -212,7 +212,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
         raise UsageError(f"max_steps must be an int >= 1 (the step to stop at), or None; got {max_steps!r}")
 
     dist.init_from_env()
-    with _warnings_only_off_rank_0():
+    with _quiet_except_on_rank_0():
         check_overrides(overrides)  # a str would be read letter by letter
         settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device)
         cfg, run_dir, source, resume = prepare_run(config, out, overrides=[*overrides, *settings], resume=resume)
@@ -244,7 +244,7 @@ def _checked_callbacks(given) -> tuple[Callable[[dict], Any], ...]:
 
 
 @contextlib.contextmanager
-def _warnings_only_off_rank_0():
+def _quiet_except_on_rank_0():
     """Rank 0 alone says how the run goes; the other processes still say what goes wrong (for this call only:
     the caller's logging is theirs)."""
     if dist.is_main():
