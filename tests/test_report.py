@@ -140,6 +140,20 @@ def test_table_shows_what_a_hand_edited_file_holds_and_rounds_up_units(tmp_path,
     assert "| w1p0_d1-1-1-1 | -      | unknown |" in capsys.readouterr().out
 
 
+def test_a_hand_edited_files_control_characters_are_shown_not_obeyed(tmp_path, capsys):
+    """A terminal escape, a carriage return or a newline in results.json (a sub-network's name, the run's config
+    name) reaches the terminal as text: it neither recolours nor rewrites the screen, nor splits a table row."""
+    d = tmp_path / "edited"
+    d.mkdir()
+    doc = {"run": "r", "config": {"name": "demo\x1b]0;title\x07"},
+           "subnets": [{"subnet": "w1\x1b[31mred\rover\nnext|cell", "macs": 5}]}
+    (d / "results.json").write_text(json.dumps(doc))
+    assert main(["report", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out and "\x07" not in out
+    assert "| w1\\x1b[31mred\\rover\\nnext\\|cell |" in out and "demo\\x1b]0;title\\x07" in out
+
+
 def test_plot_needs_matplotlib(tmp_path, monkeypatch):
     _, docs = write_runs(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

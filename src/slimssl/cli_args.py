@@ -155,8 +155,17 @@ def write_out(text: str) -> None:
 
 
 def emit(args: argparse.Namespace, doc, table: str) -> None:
-    """A command's result on stdout: one JSON document with ``--json``, else the human-readable table."""
-    write_out(json.dumps(doc, indent=2) + "\n" if getattr(args, "json", False) else table + "\n")
+    """A command's result on stdout: one JSON document with ``--json``, else the human-readable table, whose
+    control characters other than its line breaks (from a file's text: a sub-network's name in a hand-edited
+    results.json) are written as escapes, so that the terminal shows them rather than obeys them."""
+    if getattr(args, "json", False):
+        write_out(json.dumps(doc, indent=2) + "\n")
+    else:
+        write_out("\n".join(map(_shown, table.split("\n"))) + "\n")
+
+
+def _shown(line: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
 
 
 def add_overrides(p: argparse.ArgumentParser, what: str = "config values",

@@ -18,7 +18,17 @@ def human(n: float) -> str:
     return f"{n:g}"
 
 
+def printable(text: str) -> str:
+    """``text`` as one line a terminal shows as it is: control characters (an escape sequence, a carriage return,
+    a newline from a hand-edited results.json) written as Python escapes, and Markdown's ``|`` escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).replace("|", "\\|")
+
+
 def _cell(key: str, value) -> str:
+    return printable(_text(key, value))
+
+
+def _text(key: str, value) -> str:
     if value is None:
         return "-"
     if key in ("params", "macs"):
@@ -37,6 +47,7 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
         return "(no rows)"
     columns = columns or list(rows[0])
     body = [[_cell(c, r.get(c)) for c in columns] for r in rows]
+    columns = [printable(str(c)) for c in columns]
     widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
     line = lambda cells: "| " + " | ".join(x.ljust(w) for x, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
