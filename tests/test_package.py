@@ -46,11 +46,23 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
         assert re.search(r"^cifar10_r18_dspnet_byol +DSPNet recipe", done.stdout)
 
 
+def typing_imports() -> dict[str, str]:
+    """The names slimssl/__init__.py imports under TYPE_CHECKING (what type checkers and IDEs see), each with the
+    module it names."""
+    import ast
+
+    tree = ast.parse(Path(slimssl.__file__).read_text(encoding="utf-8"))
+    block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    return {alias.name: "." * node.level + node.module for node in block.body if isinstance(node, ast.ImportFrom)
+            for alias in node.names}
+
+
 def test_every_public_name_resolves_and_unknown_names_raise():
     for name in slimssl.__all__:
         assert getattr(slimssl, name).__name__ == name
     assert set(slimssl.__all__) <= set(dir(slimssl))
     assert sorted(slimssl.__all__) == sorted(slimssl._EXPORTS)  # the literal list that type checkers read is whole
+    assert typing_imports() == {name: slimssl._EXPORTS[name] for name in slimssl.__all__}  # as IDEs read them
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         slimssl.nope  # noqa: B018
     # a package, as the docs spell slimssl.methods.register_method (in a fresh interpreter: here it is imported)
