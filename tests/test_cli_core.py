@@ -228,7 +228,7 @@ def test_random_init_exports_name_the_config_file_or_the_shipped_config(tmp_path
     assert main([*argv, "--config", "demo"]) == 0
     info = json.loads((out / "w0p5_d1-1-1-1" / "config.json").read_text())
     assert info["source"] == "random init of shipped config demo.yaml with model.base_width=4"
-    from slimssl.exporter import export_source  # the same overrides in another order: the same source
+    from slimssl.checkpoint import export_source  # the same overrides in another order: the same source
 
     assert export_source(None, "demo", ["train.seed=1", "model.base_width=4"]) == export_source(
         None, "demo", ["model.base_width=4", "train.seed=1"])

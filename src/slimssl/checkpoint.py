@@ -4,7 +4,7 @@ A checkpoint is a dict saved with ``torch.save`` that holds only tensors and pla
 with ``weights_only=True``: ``format``/``version`` identify it, ``saved_by`` names the slimssl that wrote it,
 ``config`` is the resolved config (as plain data) it was trained with, ``menu`` the canonical names of its
 desired sub-networks, ``model`` the state of the whole SSL model (the backbone under ``backbone.``), plus
-optimiser and progress state.
+optimiser and progress state. Also the supernet a command opens: a checkpoint's, or a random one of a config.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 
 from .atomic import atomic_write
 from .config import Config, config_differences, config_from_dict
 from .devices import DeviceError
-from .errors import SlimsslError, short_repr
+from .errors import SlimsslError, UsageError, short_repr
 from .layout import CHECKPOINTS, EXPORT_CONFIG, EXPORT_WEIGHTS, LAST, checkpoint_path, is_export_dir
 
 log = logging.getLogger("slimssl")
@@ -301,6 +301,44 @@ def open_checkpoint(path: str | Path, config: Config | None = None) -> OpenedSup
     if "trained_epochs" in trained:  # the run's length: what an evaluation or export of a run stopped early says
         trained["pretraining_epochs"] = data["config"].train.epochs
     return OpenedSupernet(supernet_of(data, path, config).eval(), data["config"], data.get("recalibrated"), trained)
+
+
+def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | Path | None = None,
+                  overrides: Sequence[str] = ()) -> OpenedSupernet:
+    """The supernet of ``checkpoint``, or a new random one of ``config`` (with ``overrides``; its weights drawn
+    from ``train.seed``) when ``checkpoint`` is None, with its config. A checkpoint keeps the config it was
+    trained with (its resolution, mean and std are what its exports record): ``config`` is only checked against
+    its architecture."""
+    from .models.build import as_config, build_supernet
+
+    if checkpoint is None:
+        if config is None:
+            raise UsageError("give a checkpoint (or run directory), or a config to export a random initialisation of")
+        cfg = as_config(config, list(overrides))
+        with torch.random.fork_rng(devices=[]):  # the same weights at every call, the caller's stream untouched
+            torch.manual_seed(cfg.train.seed)
+            return OpenedSupernet(build_supernet(cfg).eval(), cfg, None, {})
+    return open_checkpoint(checkpoint, None if config is None and not overrides else as_config(config, list(overrides)))
+
+
+def export_source(checkpoint: str | Path | None, config: Config | dict | str | Path | None,
+                  overrides: Sequence[str] = ()) -> str:
+    """What a model (an export, a classifier) comes from, the same from any working directory however it is
+    typed: the checkpoint file's absolute path (a run directory stands for its checkpoints/last.pt), or the
+    config of a random initialisation (a file's absolute path, the name of a shipped config, or a config
+    object's name, and the overrides: another architecture is another source)."""
+    from .config import find_config
+    from .layout import checkpoint_file
+
+    if checkpoint is not None:
+        return str(checkpoint_file(checkpoint).resolve())
+    changed = f" with {' '.join(sorted(overrides))}" if overrides else ""  # in any order: one source
+    if isinstance(config, (str, Path)):
+        file = Path(config)
+        return (f"random init of {file.resolve() if file.is_file() else f'shipped config {find_config(file).name}'}"
+                + changed)
+    name = config.name if isinstance(config, Config) else (config or {}).get("name", "run")
+    return f"random init of config {name!r}{changed}"
 
 
 def pretraining_unfinished(trained: dict) -> bool:

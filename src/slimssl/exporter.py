@@ -11,10 +11,9 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import OpenedSupernet, open_checkpoint, pretraining_unfinished
+from .checkpoint import export_source, open_supernet, pretraining_unfinished
 from .config import Config
-from .errors import DataError
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .export import (check_export_folder, check_format, export_differences, export_subnet, load_exported,
                      preprocessing, refuse_run_folder)
 from .export_graphs import GRAPHS
@@ -23,44 +22,6 @@ from .models.resnet import SlimResNet
 from .nn.spec import SubnetSpec, Subnets
 
 log = logging.getLogger("slimssl")
-
-
-def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | Path | None = None,
-                  overrides: Sequence[str] = ()) -> OpenedSupernet:
-    """The supernet of ``checkpoint``, or a new random one of ``config`` (with ``overrides``; its weights drawn
-    from ``train.seed``) when ``checkpoint`` is None, with its config. A checkpoint keeps the config it was
-    trained with (its resolution, mean and std are what its exports record): ``config`` is only checked against
-    its architecture."""
-    from .models.build import as_config, build_supernet
-
-    if checkpoint is None:
-        if config is None:
-            raise UsageError("give a checkpoint (or run directory), or a config to export a random initialisation of")
-        cfg = as_config(config, list(overrides))
-        with torch.random.fork_rng(devices=[]):  # the same weights at every call, the caller's stream untouched
-            torch.manual_seed(cfg.train.seed)
-            return OpenedSupernet(build_supernet(cfg).eval(), cfg, None, {})
-    return open_checkpoint(checkpoint, None if config is None and not overrides else as_config(config, list(overrides)))
-
-
-def export_source(checkpoint: str | Path | None, config: Config | dict | str | Path | None,
-                  overrides: Sequence[str] = ()) -> str:
-    """What the exports come from, the same from any working directory however it is typed: the checkpoint
-    file's absolute path (a run directory stands for its checkpoints/last.pt), or the config of a random
-    initialisation (a file's absolute path, the name of a shipped config, or a config object's name, and the
-    overrides: another architecture is another source)."""
-    from .config import find_config
-    from .layout import checkpoint_file
-
-    if checkpoint is not None:
-        return str(checkpoint_file(checkpoint).resolve())
-    changed = f" with {' '.join(sorted(overrides))}" if overrides else ""  # in any order: one source
-    if isinstance(config, (str, Path)):
-        file = Path(config)
-        return (f"random init of {file.resolve() if file.is_file() else f'shipped config {find_config(file).name}'}"
-                + changed)
-    name = config.name if isinstance(config, Config) else (config or {}).get("name", "run")
-    return f"random init of config {name!r}{changed}"
 
 
 def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets = "all", *,

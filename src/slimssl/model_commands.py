@@ -19,7 +19,7 @@ log = logging.getLogger("slimssl")
 def _supernet_from_args(args: argparse.Namespace):
     """The :class:`OpenedSupernet` named by CHECKPOINT, or by --config with --random-init: the supernet, its
     config, the checkpoint's record of ``slimssl recalibrate`` and how far it was trained."""
-    from .exporter import open_supernet
+    from .checkpoint import open_supernet
 
     _check_model_source(args)
     return open_supernet(args.checkpoint, args.config, args.set or ())

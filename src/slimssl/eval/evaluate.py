@@ -307,7 +307,7 @@ def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
 def _model_source(checkpoint) -> str | None:
     """What a fine-tuned classifier came from, as its config.json records it: the checkpoint file (for an export,
     the one it was exported from), or None for a supernet in memory."""
-    from ..exporter import export_source
+    from ..checkpoint import export_source
     from ..layout import EXPORT_CONFIG, is_export_dir
 
     if in_memory(checkpoint):
