@@ -480,7 +480,7 @@ def test_the_command_line_names_its_own_flags_where_python_names_overrides(capsy
     caplog.clear()
     assert main(["pretrain", "--config", "demo", "--set", "train.epochs=0"]) == 2  # pretrain's flags set keys too
     said = capsys.readouterr().err + caplog.text
-    assert "invalid --set (or --data, --epochs, --batch-size, --device) for the config of demo.yaml" in said
+    assert "invalid --set (or --data, --epochs, --batch-size, --device, --seed) for the config of demo.yaml" in said
     with pytest.raises(ConfigError, match=r"invalid overrides= for .*\n  model.nosuch: unknown key \[from "
                                           r"overrides=\]"):
         load_config("demo", ["train.epochs=true", "model.nosuch=1"])

@@ -130,6 +130,18 @@ def test_batch_size_has_a_flag_that_wins_over_set(tmp_path, config):
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16
 
 
+def test_the_seed_has_a_flag_and_a_keyword_that_win_over_set(tmp_path, config, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", str(config), "--out", str(run), "--set", "train.seed=4", "--seed", "7",
+                 "--max-steps", "1"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == 7
+    done = slimssl.pretrain(config, tmp_path / "py", overrides=["train.seed=4"], seed=2**63 - 1, max_steps=1)
+    assert done.load_supernet()[1].train.seed == 2**63 - 1
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--config", str(config), "--seed", "1.5"])
+    assert "--seed: expected an integer that fits 64 bits" in capsys.readouterr().err
+
+
 def test_a_run_directory_inside_the_dataset_is_refused(tmp_path, config, capsys, caplog):
     """Its checkpoints/ and tb/ would become classes of the next run on that folder."""
     data = image_folder(tmp_path / "images")

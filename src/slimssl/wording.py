@@ -16,7 +16,7 @@ from typing import Iterator
 # rather than the keywords of the Python functions (overrides=, resume=True) that the command calls; None in Python
 _COMMAND: ContextVar[str | None] = ContextVar("slimssl_command", default=None)
 # the commands whose flags become config overrides besides --set, with those flags
-OVERRIDING_FLAGS = {"pretrain": "--data, --epochs, --batch-size, --device",
+OVERRIDING_FLAGS = {"pretrain": "--data, --epochs, --batch-size, --device, --seed",
                     "reproduce": "--data, --epochs, --batch-size, --device", "bench": "--data, --device, --batch-size"}
 
 

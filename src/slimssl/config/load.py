@@ -125,7 +125,7 @@ def _format_errors(err: ValidationError, source: str, set_keys: set[str], file_v
             lines.append(f"  {key}: {e['msg']} (got {short_repr(e.get('input'))}){by_set}")
     if file_valid or all(marker in line for line in lines):
         # the file is fine: its name first would make it sound damaged
-        # (pretrain's --data, --epochs, --batch-size and --device are overrides too)
+        # (pretrain's --data, --epochs, --batch-size, --device and --seed are overrides too)
         return f"invalid {overrides_named()} for the config of {source}:\n" + "\n".join(lines)
     return f"invalid config {source}:\n" + "\n".join(lines)
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import add_overrides, data_source, device_name, output_dir, positive_int
+from ..cli_args import add_overrides, data_source, device_name, output_dir, positive_int, seed_int
 from ..wording import shell_quote
 from ..errors import SlimsslError, UsageError, storage_error
 
@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "from its start (the schedule keeps its length)")
     p.add_argument("--device", type=device_name, metavar="DEVICE",
                    help="train.device: auto (a GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=seed_int, help="train.seed: every random draw of the run (weights, views, "
+                   "sub-networks) derives from it")
     add_overrides(p)
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",

@@ -50,7 +50,7 @@ class PreparedRun(NamedTuple):
 
 
 SHORTCUTS = {"data": "data.source", "epochs": "train.epochs", "batch_size": "train.batch_size",
-             "device": "train.device"}  # pretrain's keywords (and flags) for settings of the config
+             "device": "train.device", "seed": "train.seed"}  # pretrain's keywords (and flags) for config settings
 
 
 def shortcut_overrides(**settings) -> list[str]:

@@ -184,14 +184,14 @@ def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bo
 def pretrain(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
              overrides: Sequence[str] = (), resume: bool | Literal["auto"] = False,
              max_steps: int | None = None, data: str | Path | None = None, epochs: int | None = None,
-             batch_size: int | None = None, device: str | torch.device | None = None,
+             batch_size: int | None = None, device: str | torch.device | None = None, seed: int | None = None,
              callbacks: Sequence[Callable[[dict], Any]] = ()) -> PretrainRun:
     """Slimmable self-supervised pretraining, as ``slimssl pretrain`` does it.
 
     ``config`` is a :class:`~slimssl.Config`, a dict of sections, a YAML path or a shipped recipe name
     (default: the embedded demo); ``overrides`` are ``"section.key=value"`` strings, as ``--set`` takes.
-    ``data``, ``epochs``, ``batch_size`` and ``device`` set ``data.source``, ``train.epochs``,
-    ``train.batch_size`` and ``train.device`` (after the overrides), as the command's flags do.
+    ``data``, ``epochs``, ``batch_size``, ``device`` and ``seed`` set ``data.source``, ``train.epochs``,
+    ``train.batch_size``, ``train.device`` and ``train.seed`` (after the overrides), as the command's flags do.
     ``callbacks``: functions each given every record the run writes to metrics.jsonl (a dict: ``step``,
     ``epoch``, the sub-networks' ``loss``, ``lr``, ``img_per_s``, ``knn_top1``, ...), as it is written, in the
     main process only: to send a run's curves to a tracker of your own (``lambda r: wandb.log(r, step=r["step"])``).
@@ -214,7 +214,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     dist.init_from_env()
     with _quiet_except_on_rank_0():
         check_overrides(overrides)  # a str would be read letter by letter
-        settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device)
+        settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device, seed=seed)
         cfg, run_dir, source, resume = prepare_run(config, out, overrides=[*overrides, *settings], resume=resume)
         with _callers_random_state_kept():
             return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps, callbacks=callbacks)
