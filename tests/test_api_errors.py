@@ -4,6 +4,7 @@ statistics and the files on disk as they were."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -268,6 +269,28 @@ def test_devices_name_what_runs(monkeypatch):
     with pytest.raises(slimssl.DeviceError, match="each process of a distributed job takes its own GPU, number "
                                                   "LOCAL_RANK: use cuda"):
         pick_device("cuda:0")  # every process on one GPU
+
+
+def test_an_apple_gpu_is_said_to_be_unsupported_and_fp16_on_the_cpu_to_be_slow(capsys, caplog):
+    """mps is refused (not silently run on the CPU) wherever a device is given, saying why; fp16 on the CPU runs,
+    with a warning that it is several times slower."""
+    from slimssl.cli import main
+    from slimssl.devices import pick_device, pick_dtype
+
+    hint = "Apple GPUs, mps, are not supported yet: use cpu"
+    with pytest.raises(slimssl.DeviceError, match=hint):
+        pick_device("mps")
+    with pytest.raises(slimssl.ConfigError, match=hint):
+        slimssl.load_config("demo", ["train.device=mps"])
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--device", "mps:0"])
+    assert hint in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--device", "gpu"])
+    assert "mps" not in capsys.readouterr().err  # only for mps
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert pick_dtype("fp16", torch.device("cpu")) == torch.float16 and pick_dtype("bf16", torch.device("cpu"))
+    assert caplog.text.count("fp16 on the CPU runs several times slower") == 1
 
 
 def test_a_device_name_is_checked_where_it_is_given(capsys):

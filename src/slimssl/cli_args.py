@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .launch import DEVICE_PATTERN, DEVICES
+from .launch import DEVICE_PATTERN, DEVICES, unsupported_device_hint
 
 # how the commands' --subnet takes a sub-network (nn/spec.py: SubnetSpec.coerce)
 SUBNET_SPELLINGS = "a name such as w0p5_d2-2-2-2, a width such as 0.5 (at full depth), or 0.5:2,2,2,2"
@@ -60,7 +60,7 @@ def device_name(text: str) -> str:
     """``--device``: a device name slimssl accepts (``launch.DEVICE_PATTERN``), checked as the command line is
     read; whether this machine has it is checked when the command starts."""
     if not re.fullmatch(DEVICE_PATTERN, text):
-        raise argparse.ArgumentTypeError(f"expected {DEVICES}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {DEVICES}, got {text!r}{unsupported_device_hint(text)}")
     return text
 
 

@@ -4,6 +4,7 @@ and the copies that must stay cheap on a GPU. Shared by training, evaluation and
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -11,7 +12,10 @@ import re
 import torch
 
 from .errors import SlimsslError
-from .launch import DEVICE_PATTERN, DEVICES
+from .launch import DEVICE_PATTERN, DEVICES, unsupported_device_hint
+
+
+log = logging.getLogger("slimssl")
 
 
 class DeviceError(SlimsslError):
@@ -19,13 +23,14 @@ class DeviceError(SlimsslError):
 
 
 def pick_device(name: str | torch.device, setting: str = "--device") -> torch.device:
-    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` (also as a ``torch.device``). In a
-    process of a distributed job, ``cuda`` is this process's GPU (``LOCAL_RANK``). ``setting`` names the
-    option in the error message."""
+    """``auto`` (a CUDA GPU when there is one, else the CPU), ``cpu``, ``cuda`` or ``cuda:N`` (also as a
+    ``torch.device``). In a process of a distributed job, ``cuda`` is this process's GPU (``LOCAL_RANK``).
+    ``setting`` names the option in the error message."""
     if isinstance(name, torch.device):
         name = str(name)
     if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN, name):
-        raise DeviceError(f"{setting} {name!r} is not a device slimssl runs on; expected {DEVICES}")
+        raise DeviceError(f"{setting} {name!r} is not a device slimssl runs on; expected {DEVICES}"
+                          f"{unsupported_device_hint(name)}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"{setting} is {name}, but PyTorch sees no CUDA device here: use cpu, or auto to take a "
                           "GPU when there is one")
@@ -59,6 +64,9 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``precision`` (auto: bf16 on a GPU that has it), or None for fp32."""
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision == "fp16" and device.type == "cpu":  # few CPU kernels take float16: most convert and convert back
+        log.warning("train.precision fp16 on the CPU runs several times slower than fp32 or bf16 (few CPU kernels "
+                    "take float16); auto picks fp32 here")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

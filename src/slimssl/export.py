@@ -311,7 +311,7 @@ def check_format(fmt: str) -> None:
 
 def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> PlainResNet:
     """Load an exported sub-network folder as a plain ResNet in eval mode, in the dtype it was exported in, on
-    ``device`` (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a GPU when there is one)."""
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a CUDA GPU when there is one)."""
     from .devices import pick_device
 
     target = pick_device(device, setting="device")  # checked before anything is read

@@ -8,8 +8,15 @@ import os
 
 log = logging.getLogger("slimssl")
 
-DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"  # auto: a GPU when there is one; cuda:N: that GPU
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"  # auto: a CUDA GPU when there is one, else the CPU; cuda:N: that GPU
 DEVICES = "auto, cpu, cuda or cuda:N"
+
+
+def unsupported_device_hint(name: object) -> str:
+    """What a device error adds for a device PyTorch has and slimssl does not run on yet (an Apple GPU)."""
+    if isinstance(name, str) and name.lower().startswith("mps"):
+        return " (Apple GPUs, mps, are not supported yet: use cpu)"
+    return ""
 
 
 def torchrun_processes() -> int:

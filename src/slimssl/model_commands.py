@@ -214,7 +214,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "config's data.source)")
     add_loader_args(p)
     p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
-                   help="where --recalibrate-bn runs: auto (the default: a GPU when there is one), cpu, cuda or "
+                   help="where --recalibrate-bn runs: auto (the default: a CUDA GPU when there is one), cpu, cuda or "
                         "cuda:N; the export is written from the CPU")
     p.add_argument("--eval-batch-size", type=positive_int,
                    help="--recalibrate-bn's batch size (default: config eval.batch_size, as evaluation)")

@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="measure on this dataset (e.g. an ImageFolder read with data.loader=stream) "
                         "instead of synthetic images in memory")
     p.add_argument("--device", type=device_name, metavar="DEVICE",
-                   help="train.device: auto (a GPU when there is one), cpu, cuda or cuda:N (default: the config's, "
-                        "or a --set of it)")
+                   help="train.device: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N (default: the "
+                        "config's, or a --set of it)")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-by-one baseline")
     p.add_argument("--data-only", action="store_true", help="measure the data path alone (no training step)")
     p.add_argument("--profile", type=output_file(".txt"), metavar="FILE.txt",

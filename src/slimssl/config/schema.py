@@ -21,7 +21,7 @@ from pydantic_core import PydanticCustomError
 from ..cli_args import SEED_RANGE
 from ..data.recipes import RECIPE_CROP_SCALE, RECIPES
 from ..errors import SlimsslError
-from ..launch import DEVICE_PATTERN, DEVICES
+from ..launch import DEVICE_PATTERN, DEVICES, unsupported_device_hint
 from ..models.arch import ARCHS, subnet_channels
 from ..nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
 
@@ -415,7 +415,8 @@ class TrainConfig(Section):
     batch_size: int = Field(256, ge=2, description="total batch over all processes (BatchNorm needs two samples)")
     seed: int = Field(0, description="seed of the initial weights, the views and the sub-networks drawn: the same "
                       "seed and settings train the same run on the same machine")
-    device: str = Field("auto", description="auto (a GPU when there is one), cpu, cuda, or cuda:N (one process)")
+    device: str = Field("auto", description="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, "
+                        "or cuda:N (one process)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="autocast dtype of the forward passes; auto: bf16 on a GPU that has it, else fp32")
     channels_last: bool = Field(True, description="channels-last memory format on a GPU (faster convolutions in "
@@ -449,7 +450,7 @@ class TrainConfig(Section):
     @classmethod
     def _known_device(cls, value: str) -> str:
         if not re.fullmatch(DEVICE_PATTERN, value):  # reported as a field's error: with its key and input
-            raise PydanticCustomError("device", f"Input should be {DEVICES}")
+            raise PydanticCustomError("device", f"Input should be {DEVICES}{unsupported_device_hint(value)}")
         return value
 
     @field_validator("compile", mode="before")

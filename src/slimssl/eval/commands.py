@@ -69,7 +69,7 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="dataset name or path (default: the checkpoint config's data.source; needed for an export)")
     add_loader_args(p)
     p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
-                   help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
+                   help="auto (the default: a CUDA GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--eval-batch-size", type=positive_int, help="batch of the feature extraction (default: config eval.batch_size)")
     p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
                    help="re-estimate each sub-network's BatchNorm statistics on N train batches before evaluating "
@@ -217,7 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dataset name or path (default: the checkpoint config's data.source)")
     add_loader_args(p)
     p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
-                   help="auto (the default: a GPU when there is one), cpu, cuda or cuda:N")
+                   help="auto (the default: a CUDA GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--eval-batch-size", type=positive_int, help="default: config eval.batch_size")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the order of the calibration batches")
     p.add_argument("--json", action="store_true", help="print the sub-network, the batches and the new file as JSON")

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=positive_int, help="stop once the run has made this many steps in all, counted "
                    "from its start (the schedule keeps its length)")
     p.add_argument("--device", type=device_name, metavar="DEVICE",
-                   help="train.device: auto (a GPU when there is one), cpu, cuda or cuda:N")
+                   help="train.device: auto (a CUDA GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=seed_int, help="train.seed: every random draw of the run (weights, views, "
                    "sub-networks) derives from it")
     add_overrides(p)
