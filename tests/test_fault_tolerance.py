@@ -866,6 +866,16 @@ def test_a_second_lock_in_the_same_process_is_refused_and_keeps_the_first(tmp_pa
     assert pretrain(None, run, resume=True).finished
 
 
+def test_without_lockf_the_unguarded_run_is_a_warning(tmp_path, monkeypatch, caplog):
+    """Windows has no lockf: training goes on, and the user is warned that nothing keeps a second process out."""
+    from slimssl.train.lock import TrainingLock
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # import fcntl raises ImportError, as on Windows
+    with caplog.at_level(logging.WARNING, logger="slimssl"), TrainingLock(tmp_path):
+        pass
+    assert "is not guarded against a second training process; start one at a time" in caplog.text
+
+
 def test_a_training_lock_taken_with_with_is_let_go_at_the_end_of_the_block(tmp_path):
     from slimssl.train.lock import TrainingLock
 

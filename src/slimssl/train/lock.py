@@ -46,7 +46,8 @@ class TrainingLock:
         try:
             import fcntl
         except ImportError:  # Windows
-            log.info("no lockf on this platform: %s is not guarded against a second training process", folder)
+            log.warning("no lockf on this platform (Windows): %s is not guarded against a second training process; "
+                        "start one at a time", folder)
             return
         file = open(folder / TRAINING_LOCK, "a")  # noqa: SIM115 - held open until release()
         try:
