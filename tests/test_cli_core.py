@@ -152,9 +152,9 @@ def test_cli_export_all_verify(tmp_path, config_dir, capsys):
     assert info["resolution"] == load_config("demo").data.resolution and len(info["mean"]) == 3
 
 
-def test_cli_export_shipped_name_relative(tmp_path, repo_root, monkeypatch, capsys):
+def test_cli_export_a_config_given_by_a_relative_path(tmp_path, repo_root, monkeypatch, capsys):
     monkeypatch.chdir(repo_root)
-    code = main(["export", "--config", "configs/demo.yaml", "--random-init", "--subnet", "0.5",
+    code = main(["export", "--config", "src/slimssl/configs/demo.yaml", "--random-init", "--subnet", "0.5",
                  "--out", str(tmp_path), "--json", "--set", "model.base_width=4"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)

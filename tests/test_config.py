@@ -228,6 +228,16 @@ def test_missing_config_file_lists_shipped():
     assert "demo.yaml" in str(err.value)
 
 
+def test_a_shipped_config_is_found_by_its_exact_name_on_any_file_system(monkeypatch):
+    """On a case-insensitive file system (macOS, Windows) DEMO.yaml opens demo.yaml: --config DEMO must still be
+    the error it is on Linux, so that a command line means the same everywhere."""
+    real = Path.is_file
+    monkeypatch.setattr(Path, "is_file", lambda self: real(self) or real(self.with_name(self.name.lower())))
+    with pytest.raises(ConfigError, match="config file 'DEMO' does not exist; shipped configs: .*demo.yaml"):
+        load_config("DEMO")
+    assert load_config("demo").name == "demo"
+
+
 
 @pytest.mark.parametrize("assignment, expected", [
     ("menu.widths=[1.0, 0.5", "override menu.widths: the value '[1.0, 0.5' is not valid YAML"),

@@ -24,8 +24,10 @@ def find_config(name: str | Path) -> Path:
     path = Path(name)
     if path.is_file():
         return path
-    shipped = PACKAGED / (path.name if path.suffix else f"{path.name}.yaml")
-    if path.is_dir() and not (str(name) == path.name and shipped.is_file()):
+    shipped_name = path.name if path.suffix else f"{path.name}.yaml"
+    # by its exact name: a case-insensitive file system (macOS, Windows) would also find DEMO.yaml
+    shipped = PACKAGED / shipped_name if shipped_name in packaged_configs() else None
+    if path.is_dir() and not (str(name) == path.name and shipped):
         run = path / CONFIG
         hint = f"; a run's config is {run}" if run.is_file() else ""
         raise ConfigError(f"config {str(name)!r} is a directory; expected a YAML file or the name of a shipped config "
@@ -33,10 +35,10 @@ def find_config(name: str | Path) -> Path:
     # a bare shipped name that is also a folder here (`--out demo` makes one) is the shipped config: a folder
     # is never a config file. A name with a folder is a path: `configs/demo.yaml` missing from here is not the
     # shipped demo (an edited copy looked for in the wrong place would train the stock recipe without a word)
-    if shipped.is_file() and str(name) == path.name:
+    if shipped and str(name) == path.name:
         return Path(str(shipped))
     hint = f" (the shipped one of that name is {path.name if path.suffix else shipped.stem!r}, without a folder)" \
-        if shipped.is_file() else ""
+        if shipped else ""
     raise ConfigError(f"config file {str(name)!r} does not exist{hint}; shipped configs: "
                       f"{', '.join(packaged_configs())}")
 
