@@ -1448,11 +1448,14 @@ def test_resume_with_another_menu_names_both(tmp_path, capsys, caplog):
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_settings_the_trainer_refuses_get_one_line_and_exit_2(tmp_path, capsys, caplog, flags, expected):
+    caplog.set_level(logging.INFO, logger="slimssl")
     config = write_config(tmp_path / "tiny.yaml")
     assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run"), *flags]) == 2
     text = error_text(capsys, caplog)
     assert expected in text and "Traceback" not in text
     assert not (tmp_path / "run").exists()  # the run directory it made is removed again
+    if "--device" in flags:  # a device the machine lacks is said before the folder is made
+        assert "removed what this run had written" not in text
 
 # ---- never lose work already saved --------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ from .resume import TrainState, checkpoint_payload, restore
 from .signals import Interrupted, SignalGuard, mark_stop_saved
 
 log = logging.getLogger("slimssl")
+DEVICE_SETTING = "train.device (--device)"  # how a device error names the setting
 # seconds the end of pretraining waits for an evaluation's merge into results.json (which takes milliseconds)
 FINAL_RESULTS_LOCK_SECONDS = 10
 
@@ -104,7 +105,7 @@ class Trainer:
                  callbacks: Sequence[Callable[[dict], Any]] = ()):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.callbacks = tuple(callbacks)  # each given every record of metrics.jsonl (rank 0): pretrain(callbacks=)
-        self.device = pick_device(cfg.train.device, setting="train.device (--device)")
+        self.device = pick_device(cfg.train.device, setting=DEVICE_SETTING)
         self.dtype = pick_dtype(cfg.train.precision, self.device)
         self.world = dist.world_size()
         check_processes(cfg, self.world, repr(cfg.name))  # also the BatchNorm groups of this batch

@@ -16,11 +16,12 @@ from ..atomic import atomic_write, remove_temporaries
 from ..config import Config, check_overrides, check_processes
 from ..data.files import existing_path
 from ..data.registry import in_memory_only
+from ..devices import pick_device
 from ..errors import UsageError
 from ..eval.results import remove_killed_writes
 from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
 from . import distributed as dist
-from .loop import Trainer
+from .loop import DEVICE_SETTING, Trainer
 from .lock import TrainingLock
 from .prepare import RUN_OUTPUTS, prepare_run, remove_run_files, shortcut_overrides
 from .signals import Interrupted
@@ -71,6 +72,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
     created = is_main and not run_dir.exists()
     if not in_memory_only(cfg.data.source):  # a dataset path that is not there: said before a folder is made
         existing_path(str(cfg.data.source))
+    pick_device(cfg.train.device, setting=DEVICE_SETTING)  # as is a device this machine does not have
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     existed = {name for name in RUN_OUTPUTS if (run_dir / name).exists()}
