@@ -4,6 +4,9 @@ A spec is a width multiplier plus the number of active blocks in each stage. Its
 ``w0p75_d2-2-2-2``, is used everywhere a sub-network is named: CLI, logs, JSON, file names and
 checkpoint keys. It holds no dots because PyTorch module names (where per-sub-network BatchNorms are
 keyed) cannot contain them; ``p`` stands for the decimal point.
+
+Names across slimssl: ``subnet`` is anything that names a sub-network (:data:`SubnetLike`: a spec, its text, or a
+width alone), ``spec`` the :class:`SubnetSpec` it resolves to, and ``name`` its canonical text.
 """
 
 from __future__ import annotations
