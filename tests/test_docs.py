@@ -126,11 +126,19 @@ def test_extending_loss_weights_example_registers_a_rule_that_weighs_the_run(tmp
 
 
 def test_the_readme_module_map_names_every_module_and_no_other():
-    """README.md's Development section names each module of src/slimssl (each package's command(s).py together),
-    and no file that is not there: a module added, moved or removed is described where the next person looks."""
+    """README.md's Development section names each module of src/slimssl in its package's entry (each package's
+    command(s).py together), and no file that is not there: a module added, moved or removed is described where
+    the next person looks."""
     section = DOCS[0].read_text().split("## Development", 1)[1].split("The tests run on the CPU", 1)[0]
-    named = set(re.findall(r"`([a-z0-9_]+\.py)`", section))
+    entries = re.split(r"\n- ", section)
     package = REPO_ROOT / "src" / "slimssl"
-    modules = {p.name for p in package.rglob("*.py") if p.name != "__init__.py"}
-    assert modules - named == set(), "modules the README's module map leaves out"
-    assert named - modules == set(), "files the README's module map names that are not there"
+    modules = [p.relative_to(package) for p in package.rglob("*.py") if p.name != "__init__.py"]
+    misplaced = []
+    for module in modules:
+        where = [e for e in entries if f"`{module.parent}/`" in e] if module.parts[:-1] else entries
+        said_generally = module.parts[:-1] and module.name in ("command.py", "commands.py")  # "each package's"
+        if not said_generally and not any(f"`{module.name}`" in e for e in where):
+            misplaced.append(str(module))
+    assert misplaced == [], "modules the README's module map leaves out of their package's entry"
+    named = set(re.findall(r"`([a-z0-9_]+\.py)`", section))
+    assert named - {m.name for m in modules} == set(), "files the README's module map names that are not there"

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .launch import DEVICE_PATTERN, DEVICES, unsupported_device_hint
+from .launch import DEVICE_PATTERN, DEVICES, SEED_RANGE, unsupported_device_hint
 
 # how the commands' --subnet takes a sub-network (nn/spec.py: SubnetSpec.coerce)
 SUBNET_SPELLINGS = "a name such as w0p5_d2-2-2-2, a width such as 0.5 (at full depth), or 0.5:2,2,2,2"
@@ -37,7 +37,6 @@ def _number(kind: type, accept: Callable[[float], bool], expected: str) -> Calla
 
 positive_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-SEED_RANGE = (-2**63, 2**63)  # what torch's generators take (a 64-bit integer)
 seed_int = _number(int, lambda v: SEED_RANGE[0] <= v < SEED_RANGE[1], "an integer that fits 64 bits")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")

@@ -10,6 +10,7 @@ log = logging.getLogger("slimssl")
 
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"  # auto: a CUDA GPU when there is one, else the CPU; cuda:N: that GPU
 DEVICES = "auto, cpu, cuda or cuda:N"
+SEED_RANGE = (-2**63, 2**63)  # the seeds torch's generators take (a 64-bit integer)
 
 
 def unsupported_device_hint(name: object) -> str:

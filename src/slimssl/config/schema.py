@@ -18,10 +18,9 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo,
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from ..cli_args import SEED_RANGE
 from ..data.recipes import RECIPE_CROP_SCALE, RECIPES
 from ..errors import SlimsslError
-from ..launch import DEVICE_PATTERN, DEVICES, unsupported_device_hint
+from ..launch import DEVICE_PATTERN, DEVICES, SEED_RANGE, unsupported_device_hint
 from ..models.arch import ARCHS, subnet_channels
 from ..nn.spec import WIDTH_DECIMALS, Menu, SubnetError, SubnetSpec
 

@@ -13,7 +13,7 @@ from numbers import Integral, Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..cli_args import SEED_RANGE
+from ..launch import SEED_RANGE
 from ..wording import named
 from ..errors import UsageError
 
