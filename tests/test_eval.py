@@ -1363,11 +1363,12 @@ def test_a_protocol_gives_a_supernet_in_memory_back_on_its_device_even_when_it_f
                                          ("private", {"shared_head": True}), ("shared", {"distill": True})])
 def test_a_probe_classifier_scores_what_the_probe_reported(bn, options):
     """Each sub-network exported with its head (the standardisation folded in) is a classifier of images that
-    gives the probe's accuracy, and the same logits as the head on the backbone's features."""
+    gives the probe's accuracy, and the same logits as the head on the backbone's features; from a supernet the
+    caller holds in train mode too (the probe gives it back in that mode before the classifiers are made)."""
     from slimssl.data.augment import eval_transform
     from slimssl.eval.finetune import evaluate_classifier
 
-    supernet = tiny_supernet(bn)
+    supernet = tiny_supernet(bn).train()
     train, test = colour_dataset(64, 0), colour_dataset(32, 1, "test")
     norm = dict(mean=(0.5,) * 3, std=(0.25,) * 3)
     probe = train_linear_probe(supernet, train, test, epochs=3, batch_size=16, **norm, **options)

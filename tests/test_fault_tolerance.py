@@ -1446,6 +1446,7 @@ def test_resume_with_another_menu_names_both(tmp_path, capsys, caplog):
     (["--set", "method.shuffle_bn=true"], "method.shuffle_bn needs the batch normalised in several groups"),
     pytest.param(["--device", "cuda"], "train.device (--device) is cuda, but PyTorch sees no CUDA device here: use cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    (["--device", "cuda:99"], "train.device (--device) is cuda:99, but PyTorch sees"),  # on any machine
 ])
 def test_settings_the_trainer_refuses_get_one_line_and_exit_2(tmp_path, capsys, caplog, flags, expected):
     caplog.set_level(logging.INFO, logger="slimssl")

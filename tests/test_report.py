@@ -111,6 +111,11 @@ def test_a_merge_kept_waiting_by_a_left_lock_says_so_instead_of_hanging(tmp_path
     try:
         with pytest.raises(results_mod.ResultsError, match=r"\.results\.json\.lock was held for 0.1 s: .*remove it"):
             merge_results(tmp_path, {"w1p0_d1-1-1-1": {"knn_top1": 50.0}})
+        with pytest.raises(ValueError, match="if_stale must be 'raise' or 'warn', got 'wran'"), \
+                results_mod.results_lock(tmp_path, if_stale="wran"):  # a slip does not run unlocked
+            pass
+        with results_mod.results_lock(tmp_path, 0.1, if_stale="warn"):  # the end of pretraining writes anyway
+            pass
     finally:
         held.release()
     merge_results(tmp_path, {"w1p0_d1-1-1-1": {"knn_top1": 50.0}})  # free again: merged, and the lock let go

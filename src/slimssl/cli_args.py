@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .launch import DEVICE_PATTERN, DEVICES, SEED_RANGE, unsupported_device_hint
+from .wording import escaped_controls
 
 # how the commands' --subnet takes a sub-network (nn/spec.py: SubnetSpec.coerce)
 SUBNET_SPELLINGS = "a name such as w0p5_d2-2-2-2, a width such as 0.5 (at full depth), or 0.5:2,2,2,2"
@@ -160,11 +161,7 @@ def emit(args: argparse.Namespace, doc, table: str) -> None:
     if getattr(args, "json", False):
         write_out(json.dumps(doc, indent=2) + "\n")
     else:
-        write_out("\n".join(map(_shown, table.split("\n"))) + "\n")
-
-
-def _shown(line: str) -> str:
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+        write_out("\n".join(map(escaped_controls, table.split("\n"))) + "\n")
 
 
 def add_overrides(p: argparse.ArgumentParser, what: str = "config values",

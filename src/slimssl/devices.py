@@ -33,7 +33,7 @@ def pick_device(name: str | torch.device, setting: str = "--device") -> torch.de
                           f"{unsupported_device_hint(name)}")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"{setting} is {name}, but PyTorch sees no CUDA device here: use cpu, or auto to take a "
-                          "GPU when there is one")
+                          "CUDA GPU when there is one")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise DeviceError(f"{setting} is {name}, but PyTorch sees {torch.cuda.device_count()} CUDA device(s) here "
                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")

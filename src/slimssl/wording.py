@@ -1,6 +1,6 @@
 """How a message names what the user gave: a flag on the command line (``--data``), a keyword in Python
-(``data=``), and a path as the user's shell reads it in a command we suggest. Free of torch, and of the
-command line's own code: the library's modules word their errors with it."""
+(``data=``), a path as the user's shell reads it in a command we suggest, and a file's text as a terminal shows
+it. Free of torch, and of the command line's own code: the library's modules word their errors with it."""
 
 from __future__ import annotations
 
@@ -58,3 +58,9 @@ def shell_quote(path: str | os.PathLike) -> str:
     if sys.platform != "win32":
         return shlex.quote(text)
     return text if re.fullmatch(r"[\w.:\\/-]+", text) else f'"{text}"'
+
+
+def escaped_controls(text: str) -> str:
+    """``text`` with its control characters (a terminal escape, a carriage return, a newline) written as Python
+    escapes: text from a file that a terminal shows rather than obeys."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

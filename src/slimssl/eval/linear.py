@@ -246,7 +246,8 @@ class TrainedProbe:
 
     def classifiers(self) -> dict[str, nn.Module]:
         """Each sub-network exported with its head as ``fc`` (the standardisation folded into it): a classifier
-        of images that scores the results."""
+        of images that scores the results. Exported from the networks as they are now: call it before training
+        the supernet further."""
         return {s.name: probe_classifier(self.models[s.name], s, self.heads, self.stats) for s in self.specs}
 
 

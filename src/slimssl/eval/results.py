@@ -177,6 +177,8 @@ def results_lock(run_dir: str | Path, seconds: float | None = None,
     for ``seconds`` (default :data:`RESULTS_LOCK_SECONDS`) is one left by a process killed on a file system
     without file locks: an error, or (``if_stale="warn"``) a warning and the work done without it (a finished
     run writes its results whatever a stale lock says)."""
+    if if_stale not in ("raise", "warn"):
+        raise ValueError(f"if_stale must be 'raise' or 'warn', got {if_stale!r}")
     seconds = RESULTS_LOCK_SECONDS if seconds is None else seconds
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     path = Path(run_dir) / RESULTS_LOCK

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..wording import escaped_controls
+
 
 def is_number(value) -> bool:
     """A measured number: an int or float (JSON's true/false are not)."""
@@ -21,7 +23,7 @@ def human(n: float) -> str:
 def printable(text: str) -> str:
     """``text`` as one line a terminal shows as it is: control characters (an escape sequence, a carriage return,
     a newline from a hand-edited results.json) written as Python escapes, and Markdown's ``|`` escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text).replace("|", "\\|")
+    return escaped_controls(text).replace("|", "\\|")
 
 
 def _cell(key: str, value) -> str:

@@ -205,8 +205,8 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     all (counting from its start, not from this call), saving a checkpoint; ``results`` of the returned
     :class:`PretrainRun` is then empty and ``finished`` False. Under torchrun, each process calls this and the
     process group is joined here. A SIGTERM or SIGINT saves a checkpoint and raises
-    ``slimssl.Interrupted``; resume it later. The run seeds torch's generator with ``train.seed``; the caller's
-    random state is given back as it was.
+    ``slimssl.Interrupted``; resume it later. The run seeds torch's generators with ``train.seed``; the caller's
+    are given back as they were (the GPUs' only when CUDA had been started before the call).
     """
 
     callbacks = _checked_callbacks(callbacks)
@@ -223,11 +223,11 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
 
 
 def _callers_random_state_kept():
-    """The run seeds torch's global generator (``train.seed``); the caller gets theirs back as it was: the CPU's, and
-    the current GPU's when the caller had started CUDA (one not started yet is left to be seeded by the run)."""
+    """The run seeds torch's global generators (``train.seed``); the caller gets theirs back as they were: the CPU's,
+    and every GPU's when the caller had started CUDA (not started yet, they are left as the run seeded them)."""
     import torch
 
-    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     return torch.random.fork_rng(devices=devices)
 
 
