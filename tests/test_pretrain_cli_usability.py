@@ -119,8 +119,13 @@ def test_a_data_folder_whose_name_reads_as_yaml_is_the_folder_and_python_takes_t
     assert repr(done) == f"PretrainRun(run_dir={str(tmp_path / 'py')!r}, step=1/3)"  # 16 images: 1 step an epoch
     supernet, cfg = done.load_supernet()
     assert cfg.train.epochs == 3 and supernet.menu.names == cfg.subnet_menu().names
-    with pytest.raises(ConfigError, match="train.epochs"):
-        slimssl.pretrain(config, tmp_path / "bad", epochs=0)
+    for keyword, bad, expected in (("epochs", 0, "an int >= 1"), ("batch_size", 2.5, "an int >= 1"),
+                                   ("seed", 1.5, "an int that fits 64 bits")):
+        with pytest.raises(slimssl.UsageError, match=f"^{keyword} must be {expected}, got {bad}$"):
+            slimssl.pretrain(config, tmp_path / "bad", **{keyword: bad})
+    with pytest.raises(ConfigError, match=r"train.batch_size: Input should be greater than or equal to 2"):
+        slimssl.pretrain(config, tmp_path / "bad", batch_size=1)  # the config's own bound
+    assert not (tmp_path / "bad").exists()
 
 
 def test_batch_size_has_a_flag_that_wins_over_set(tmp_path, config):

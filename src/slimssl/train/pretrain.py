@@ -18,6 +18,7 @@ from ..data.files import existing_path
 from ..data.registry import in_memory_only
 from ..devices import pick_device
 from ..errors import UsageError
+from ..eval.inputs import check_numbers
 from ..eval.results import remove_killed_writes
 from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
 from . import distributed as dist
@@ -216,6 +217,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     dist.init_from_env()
     with _quiet_except_on_rank_0():
         check_overrides(overrides)  # a str would be read letter by letter
+        check_numbers(epochs=epochs, batch_size=batch_size, seed=seed)  # named as given, not as overrides
         settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device, seed=seed)
         cfg, run_dir, source, resume = prepare_run(config, out, overrides=[*overrides, *settings], resume=resume)
         with _callers_random_state_kept():
