@@ -423,3 +423,28 @@ def test_an_export_knows_its_feature_size_and_takes_a_classifier_into_its_config
     (run / "config.yaml").write_text("name: mine\n")
     with pytest.raises(SlimsslError, match=r"is a directory; .*a run's config is .*config.yaml"):
         slimssl.load_config(run)
+
+
+def test_slimssls_functions_give_the_callers_random_state_back(tmp_path, supernet):
+    """Loading, exporting, profiling and evaluating build networks whose random initial weights are then replaced:
+    the caller's draws after each call are those they would have made without it."""
+    run = slimssl.pretrain("demo", tmp_path / "run", overrides=[*TINY, "train.epochs=1"], max_steps=1)
+    exported = slimssl.export_subnet(supernet, 0.5, tmp_path / "export")
+    calls = {
+        "load_supernet": lambda: slimssl.load_supernet(run.run_dir),
+        "load_exported": lambda: slimssl.load_exported(exported),
+        "export_subnet": lambda: slimssl.export_subnet(supernet, 0.25, tmp_path / "again"),
+        "verify_export": lambda: slimssl.verify_export(supernet, 0.5, exported, 16),
+        "export_run": lambda: slimssl.export_run(run.run_dir, tmp_path / "exports", 0.5, overwrite=True),
+        "profile": lambda: slimssl.profile(supernet, resolution=16),
+        "knn": lambda: slimssl.knn(run.run_dir, 0.5, device="cpu", save=False),
+        "linear_probe": lambda: slimssl.linear_probe(run.run_dir, 0.5, epochs=1, device="cpu", save=False),
+        "finetune": lambda: slimssl.finetune(run.run_dir, 0.5, 0.5, epochs=1, device="cpu", save=False),
+        "recalibrate_checkpoint": lambda: slimssl.recalibrate_checkpoint(run.run_dir, 0.5, tmp_path / "r.pt"),
+    }
+    for name, call in calls.items():
+        torch.manual_seed(7)
+        expected = torch.rand(4)
+        torch.manual_seed(7)
+        call()
+        assert torch.equal(torch.rand(4), expected), name

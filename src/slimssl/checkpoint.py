@@ -25,6 +25,7 @@ from .config import Config, config_differences, config_from_dict
 from .devices import DeviceError
 from .errors import SlimsslError, UsageError, short_repr
 from .layout import CHECKPOINTS, EXPORT_CONFIG, EXPORT_WEIGHTS, LAST, checkpoint_path, is_export_dir
+from .seeds import keeps_random_state
 
 log = logging.getLogger("slimssl")
 
@@ -346,6 +347,7 @@ def pretraining_unfinished(trained: dict) -> bool:
     return "trained_epochs" in trained and trained["trained_epochs"] < trained["pretraining_epochs"]
 
 
+@keeps_random_state
 def load_supernet(path: str | Path, config: Config | dict | str | Path | None = None) -> tuple[SlimResNet, Config]:
     """The trained backbone supernet of a checkpoint or run directory (eval mode, on the CPU) and its config.
 

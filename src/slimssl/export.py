@@ -27,6 +27,7 @@ from .models.plain import PlainResNet, PlainResNetConfig
 from .models.resnet import SlimResNet
 from .nn.modes import eval_mode
 from .nn.spec import SubnetLike
+from .seeds import keeps_random_state
 
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
@@ -41,6 +42,7 @@ CARRIED = ("resolution", "crop_ratio", "mean", "std", "source", "subnet", "cut_f
            "trained_epochs", "pretraining_epochs")
 
 
+@keeps_random_state
 def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str | Path,
                   fmt: str = "safetensors", resolution: int | None = None, metadata: dict | None = None,
                   overwrite: bool = False, check_bn_statistics: bool = True, config=None) -> Path:
@@ -309,6 +311,7 @@ def check_format(fmt: str) -> None:
         require_onnx()
 
 
+@keeps_random_state
 def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> PlainResNet:
     """Load an exported sub-network folder as a plain ResNet in eval mode, in the dtype it was exported in, on
     ``device`` (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a CUDA GPU when there is one)."""
@@ -390,6 +393,7 @@ def _refuse_other_folder(folder: Path) -> None:
 
 
 @torch.no_grad()
+@keeps_random_state
 def verify_export(supernet: SlimResNet, subnet: SubnetLike, exported: PlainResNet | str | Path,
                   resolution: int, batch: int = 2, seed: int = 0) -> float:
     """Max abs difference between the supernet's sub-network (eval mode) and the exported model: a plain

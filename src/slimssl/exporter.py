@@ -20,10 +20,12 @@ from .export_graphs import GRAPHS
 from .launch import warn_of_repeated_work
 from .models.resnet import SlimResNet
 from .nn.spec import SubnetSpec, Subnets
+from .seeds import keeps_random_state
 
 log = logging.getLogger("slimssl")
 
 
+@keeps_random_state
 def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets = "all", *,
                config: Config | dict | str | Path | None = None, overrides: Sequence[str] = (),
                fmt: str = "safetensors", overwrite: bool = False, verify: bool = False,

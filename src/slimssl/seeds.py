@@ -8,8 +8,13 @@ arithmetic such as ``seed * K + step`` cannot promise (one stream's step 31k wou
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, TypeVar
+
 import numpy as np
 import torch
+
+F = TypeVar("F", bound=Callable)
 
 STREAMS = (
     "epoch_order",  # the order of the images in an epoch (counter: epoch)
@@ -31,3 +36,21 @@ def derived_seed(seed: int, stream: str, *counters: int) -> int:
 def derived_generator(seed: int, stream: str, *counters: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator on ``device`` seeded with :func:`derived_seed`."""
     return torch.Generator(device).manual_seed(derived_seed(seed, stream, *counters))
+
+
+def callers_random_state_kept():
+    """A block after which torch's global generators are as they were before it: the CPU's, and every GPU's when
+    CUDA had been started (one started inside the block had nothing to give back). slimssl's own draws come from
+    the generators above; what draws from the global ones is the initialisation of networks about to be loaded
+    (and a run's seeding with ``train.seed``)."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def keeps_random_state(function: F) -> F:
+    """Decorates a public function: the caller's draws after it are those they would have made without it."""
+    @functools.wraps(function)
+    def keeping(*args, **kwargs):
+        with callers_random_state_kept():
+            return function(*args, **kwargs)
+    return keeping  # type: ignore[return-value]

@@ -32,6 +32,7 @@ from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_milestones,
                recalibration_batches)
 from ..layout import FINETUNE, RESULTS
 from .inputs import DataOptions, check_flags, check_numbers, gives_back_device, in_memory, load_model, saves_results
+from ..seeds import keeps_random_state
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +80,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
 
 # ---- the protocols -----------------------------------------------------------------------------------
 
+@keeps_random_state
 @gives_back_device
 def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int | None = None,
         temperature: float | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
@@ -122,6 +124,7 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int
     return rows
 
 
+@keeps_random_state
 @gives_back_device
 def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *,
                  epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -226,6 +229,7 @@ def _save_probe_classifier(classifier, folder: Path, row: dict, protocol: str, s
     return folder
 
 
+@keeps_random_state
 @gives_back_device
 def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
              label_fractions: Sequence[float] | float = (0.01, 0.1), *, epochs: int | None = None,

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..wording import named
 from ..atomic import remove_temporaries
+from ..seeds import keeps_random_state
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.slimmable import recalibrate_bn
@@ -101,6 +102,7 @@ def stored_estimates(supernet, specs: Sequence[SubnetSpec]) -> list[SubnetSpec]:
     return [spec for spec in specs if supernet.bn_statistics_estimated(spec)]
 
 
+@keeps_random_state
 def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetSpec, out: str | Path, *,
                            batches: int = DEFAULT_RECALIBRATE_BATCHES, seed: int = 0,
                            device: str | torch.device = "auto", eval_batch_size: int | None = None,

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.plain import PlainResNet
+from ..seeds import keeps_random_state
 from ..models.resnet import SlimResNet
 from ..nn.spec import SubnetSpec
 
@@ -92,6 +93,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@keeps_random_state
 def profile(model, subnets="all", *, resolution: int | None = None, num_classes: int = 0,
             latency: bool = False, threads: int | None = None) -> list[dict]:
     """What ``slimssl profile`` prints, from Python: one row per sub-network (``subnets``: a width or name, a

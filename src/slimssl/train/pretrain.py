@@ -18,6 +18,7 @@ from ..data.files import existing_path
 from ..data.registry import in_memory_only
 from ..devices import pick_device
 from ..errors import UsageError
+from ..seeds import callers_random_state_kept
 from ..eval.inputs import check_numbers
 from ..eval.results import remove_killed_writes
 from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
@@ -220,17 +221,8 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
         check_numbers(epochs=epochs, batch_size=batch_size, seed=seed)  # named as given, not as overrides
         settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device, seed=seed)
         cfg, run_dir, source, resume = prepare_run(config, out, overrides=[*overrides, *settings], resume=resume)
-        with _callers_random_state_kept():
+        with callers_random_state_kept():
             return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps, callbacks=callbacks)
-
-
-def _callers_random_state_kept():
-    """The run seeds torch's global generators (``train.seed``); the caller gets theirs back as they were: the CPU's,
-    and every GPU's when the caller had started CUDA (not started yet, they are left as the run seeded them)."""
-    import torch
-
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    return torch.random.fork_rng(devices=devices)
 
 
 def _checked_callbacks(given) -> tuple[Callable[[dict], Any], ...]:
