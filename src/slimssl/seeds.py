@@ -39,11 +39,11 @@ def derived_generator(seed: int, stream: str, *counters: int, device: torch.devi
 
 
 def callers_random_state_kept():
-    """A block after which torch's global generators are as they were before it: the CPU's, and every GPU's when
-    CUDA had been started (one started inside the block had nothing to give back). slimssl's own draws come from
-    the generators above; what draws from the global ones is the initialisation of networks about to be loaded
-    (and a run's seeding with ``train.seed``)."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    """A block after which torch's global generators are as they were before it: the CPU's, and the current GPU's
+    when CUDA had been started (the GPU a process uses; not every GPU of the machine, which a process of a
+    multi-GPU job does not touch). slimssl's own draws come from the generators above; what draws from the
+    global ones is the initialisation of networks about to be loaded (and a run's seeding with ``train.seed``)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     return torch.random.fork_rng(devices=devices)
 
 

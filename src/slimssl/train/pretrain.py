@@ -208,7 +208,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | Path |
     :class:`PretrainRun` is then empty and ``finished`` False. Under torchrun, each process calls this and the
     process group is joined here. A SIGTERM or SIGINT saves a checkpoint and raises
     ``slimssl.Interrupted``; resume it later. The run seeds torch's generators with ``train.seed``; the caller's
-    are given back as they were (the GPUs' only when CUDA had been started before the call).
+    are given back as they were (the current GPU's when CUDA had been started before the call).
     """
 
     callbacks = _checked_callbacks(callbacks)
