@@ -317,6 +317,19 @@ def test_a_failed_replacement_keeps_the_earlier_export_whole(exported, monkeypat
     assert load_exported(exported) is not None
 
 
+def test_an_export_stopped_while_it_writes_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """Ctrl-C while a new export's files are written: the folder it made is gone again, not an empty export."""
+    import slimssl.atomic
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slimssl.atomic.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_subnet(build("basic-cifar-private"), "0.5", tmp_path / "exports")
+    assert list((tmp_path / "exports").iterdir()) == []  # its parent, made by the caller's path, may stay
+
+
 def test_export_files_get_the_permissions_open_gives(tmp_path):
     import os
 

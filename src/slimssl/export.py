@@ -3,6 +3,7 @@ without slimssl (ONNX, or a torch.export program)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -191,6 +192,7 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
     # between the two leaves the new config beside the earlier weights, or none (load_exported checks it)
     info[WEIGHTS_DIGEST] = hashlib.sha256(weights).hexdigest()
     text = json.dumps(info, indent=2) + "\n"
+    made = not folder.exists()  # removed again, left empty, when the export fails
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # the folder, or one on the way to it, is a file
@@ -216,6 +218,9 @@ def _write_export(model: PlainResNet, folder: Path, metadata: dict | None) -> Pa
     except BaseException as e:
         if earlier is not False:
             _put_back_config(folder, earlier, text)
+        if made:
+            with contextlib.suppress(OSError):  # only if empty: an interrupted export leaves no empty folder
+                folder.rmdir()
         if isinstance(e, OSError):
             raise ExportError(f"could not write the export into {folder}: {e}") from None
         raise
