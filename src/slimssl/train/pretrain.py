@@ -18,10 +18,10 @@ from ..data.files import existing_path
 from ..data.registry import in_memory_only
 from ..devices import pick_device
 from ..errors import UsageError
-from ..seeds import callers_random_state_kept
 from ..eval.inputs import check_numbers
 from ..eval.results import remove_killed_writes
 from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
+from ..seeds import callers_random_state_kept
 from . import distributed as dist
 from .loop import DEVICE_SETTING, Trainer
 from .lock import TrainingLock
