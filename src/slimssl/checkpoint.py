@@ -25,7 +25,7 @@ from .config import Config, config_differences, config_from_dict
 from .devices import DeviceError
 from .errors import SlimsslError, UsageError, short_repr
 from .layout import CHECKPOINTS, EXPORT_CONFIG, EXPORT_WEIGHTS, LAST, checkpoint_path, is_export_dir
-from .seeds import keeps_random_state
+from .seeds import callers_random_state_kept, keeps_random_state
 
 log = logging.getLogger("slimssl")
 
@@ -316,7 +316,7 @@ def open_supernet(checkpoint: str | Path | None, config: Config | dict | str | P
         if config is None:
             raise UsageError("give a checkpoint (or run directory), or a config to export a random initialisation of")
         cfg = as_config(config, list(overrides))
-        with torch.random.fork_rng(devices=[]):  # the same weights at every call, the caller's stream untouched
+        with callers_random_state_kept():  # the same weights at every call, the caller's stream untouched
             torch.manual_seed(cfg.train.seed)
             return OpenedSupernet(build_supernet(cfg).eval(), cfg, None, {})
     return open_checkpoint(checkpoint, None if config is None and not overrides else as_config(config, list(overrides)))

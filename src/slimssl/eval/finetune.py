@@ -31,9 +31,8 @@ from torch import nn
 from ..data.augment import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.modes import eval_mode
-from ..errors import DataError
 from ..devices import to_device_async
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from . import (FEW_LABELS, FINETUNE_BATCH_SIZE, FINETUNE_EPOCHS, FINETUNE_EPOCHS_FEW_LABELS, FINETUNE_LR,
                FINETUNE_MIN_STEPS, check_train_crop)
 from .supervised import (augment_batch, check_crop_source, cosine_schedule, output_classes, require_labels,

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data.augment import ViewRecipe, eval_transform, geometric_view, normalize
-from ..errors import DataError
 from ..devices import to_device_async
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from . import check_train_crop
 
 
