@@ -7,7 +7,7 @@ slimssl_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="$slimssl_root/src${PYTHONPATH:+:$PYTHONPATH}"
 slimssl() { "${PYTHON:-python3}" -m slimssl "$@"; }
 # what a run needs (the command line alone imports no dependency: it answers --help without them)
-slimssl_imports="import slimssl.config, slimssl.export, slimssl.train.loop"
+slimssl_imports="import slimssl.config, slimssl.export.files, slimssl.train.loop"
 if ! "${PYTHON:-python3}" -c "$slimssl_imports" 2>/dev/null && compgen -G "$slimssl_root/.whl/*.whl" >/dev/null; then
     "${PYTHON:-python3}" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/slimssl-site "$slimssl_root"/.whl/*.whl || { echo "installing the carried wheels in .whl failed"; exit 2; }

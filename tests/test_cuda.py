@@ -140,7 +140,7 @@ def test_a_linear_probe_with_its_features_in_host_memory_learns_as_one_with_them
 
 def test_a_pt2_program_moved_to_the_gpu_computes_the_subnet(tmp_path):
     """model.pt2 is saved on the CPU; a deployment moves the loaded program to its GPU with .to("cuda")."""
-    from slimssl.export import export_subnet
+    from slimssl import export_subnet
     from slimssl.models.build import build_supernet
 
     supernet = build_supernet(_cuda_cfg("byol")).eval()

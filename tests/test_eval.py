@@ -641,7 +641,7 @@ def test_fine_tuned_classifiers_are_saved_as_exports_that_score_what_was_reporte
 
 def test_save_exported_takes_a_classifier_set_by_hand_and_refuses_other_heads(tmp_path):
     import slimssl
-    from slimssl.export import ExportError, save_exported
+    from slimssl import ExportError, save_exported
 
     model = tiny_supernet().export(0.5).eval()
     model.fc = torch.nn.Linear(model.config.feature_dim, 3)  # the usual way to add a classifier
@@ -978,7 +978,7 @@ def test_an_earlier_checkpoint_is_evaluated_without_touching_the_runs_results(tm
 
 
 def exported_state(folder) -> dict:
-    from slimssl.export import load_exported
+    from slimssl import load_exported
 
     return load_exported(folder).state_dict()
 
@@ -1387,7 +1387,7 @@ def test_cli_linear_saves_each_sub_network_with_its_head_as_a_classifier_that_sc
     from slimssl.cli import main
     from slimssl.data.datasets import load_dataset
     from slimssl.eval.finetune import evaluate_classifier
-    from slimssl.export import load_exported
+    from slimssl import load_exported
 
     run, saved = tmp_path / "run", tmp_path / "probes"
     make_checkpoint(run / "checkpoints" / "last.pt")

@@ -16,7 +16,7 @@ import slimssl
 from slimssl.cli import main
 from slimssl.config import config_from_dict
 from slimssl.eval.exported import supernet_of_export
-from slimssl.export import export_subnet, load_exported
+from slimssl import export_subnet, load_exported
 from slimssl.models.build import build_supernet
 from test_eval import make_checkpoint
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import slimssl
 from slimssl.eval.exported import supernet_of_export
-from slimssl.export import ExportError, load_exported, save_exported
+from slimssl import ExportError, load_exported, save_exported
 
 
 @pytest.fixture

@@ -1717,7 +1717,7 @@ def test_ctrl_c_outside_training_exits_130_with_one_line(monkeypatch, capsys, ca
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("slimssl.model_commands.cmd_config", interrupted)
+    monkeypatch.setattr("slimssl.train.command.cmd_config", interrupted)
     assert main(["config"]) == 130
     text = error_text(capsys, caplog)
     assert "slimssl config: interrupted (Ctrl-C)" in text and "Traceback" not in text
@@ -1730,7 +1730,7 @@ def test_sigterm_stops_a_command_that_does_not_train_as_ctrl_c_does(monkeypatch,
         os.kill(os.getpid(), signal.SIGTERM)
         raise AssertionError("the command went on after SIGTERM")
 
-    monkeypatch.setattr("slimssl.model_commands.cmd_config", terminated)
+    monkeypatch.setattr("slimssl.train.command.cmd_config", terminated)
     before = signal.getsignal(signal.SIGTERM)
     assert main(["config"]) == 130
     text = error_text(capsys, caplog)

@@ -23,7 +23,7 @@ import slimssl
 from slimssl import atomic
 from slimssl.cli import main
 from slimssl.eval.results import merge_results
-from slimssl.export import ExportError, load_exported
+from slimssl import ExportError, load_exported
 
 @pytest.fixture
 def tiny_yaml(tmp_path, monkeypatch) -> Path:

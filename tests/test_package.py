@@ -78,7 +78,7 @@ def test_every_bad_input_error_is_a_slimssl_error():
     from slimssl.devices import DeviceError
     from slimssl.errors import UsageError
     from slimssl.eval.results import ResultsError
-    from slimssl.export import ExportError
+    from slimssl.export.files import ExportError
     from slimssl.nn.spec import SubnetError
     from slimssl.report.plot import PlotError
 

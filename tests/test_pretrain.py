@@ -14,7 +14,7 @@ import yaml
 from slimssl.checkpoint import load_checkpoint, load_supernet, save_checkpoint
 from slimssl.cli import main
 from slimssl.config import config_from_dict, load_config, packaged_configs
-from slimssl.export import load_exported
+from slimssl import load_exported
 from slimssl.train.loop import StepResult, Trainer
 from slimssl.train.optim import lr_at
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from slimssl.export import ExportError, export_subnet, load_exported, verify_export
+from slimssl import ExportError, export_subnet, load_exported, verify_export
 from slimssl.models.plain import PlainResNet
 from slimssl.models.arch import ARCHS
 from slimssl.models.resnet import SlimResNet
@@ -144,7 +144,7 @@ def test_export_subnet_accepts_friendly_names(tmp_path):
 
 
 def test_export_differences_are_relative_to_large_outputs():
-    from slimssl.export import export_differences
+    from slimssl.export.files import export_differences
 
     model = build("basic-cifar-private")
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_export_differences_are_relative_to_large_outputs():
 
 def test_export_differences_of_outputs_below_1_are_not_magnified():
     """Below 1 the relative difference is the absolute one: small features of an untrained export still pass."""
-    from slimssl.export import export_differences
+    from slimssl.export.files import export_differences
 
     model = build("basic-cifar-private")
     with torch.no_grad():
@@ -379,7 +379,7 @@ def test_a_graph_of_earlier_weights_does_not_outlive_them(tmp_path, caplog):
     describe other weights than the folder's safetensors."""
     import logging
 
-    from slimssl.export import save_exported
+    from slimssl import save_exported
 
     folder = export_subnet(build("basic-cifar-private"), "0.5", tmp_path)
     (folder / "model.onnx").write_bytes(b"a graph of the weights before")
@@ -402,7 +402,7 @@ def test_verify_export_takes_the_folder_export_subnet_returns(tmp_path):
 
 
 def test_save_exported_keeps_an_export_of_another_source_and_a_model_of_the_users_own(tmp_path):
-    from slimssl.export import save_exported
+    from slimssl import save_exported
 
     model = build("basic-cifar-private")
     folder = export_subnet(model, "0.5", tmp_path, metadata={"source": "run A"})
@@ -425,7 +425,7 @@ def test_save_exported_keeps_an_export_of_another_source_and_a_model_of_the_user
 
 def test_metadata_given_to_save_exported_wins_over_what_the_loaded_model_carries(tmp_path):
     """A fine-tuned export saved at another resolution records that one; what it was not given is carried."""
-    from slimssl.export import save_exported
+    from slimssl import save_exported
 
     model = build("basic-cifar-private")
     folder = export_subnet(model, "0.5", tmp_path / "a", metadata={"source": "s", "resolution": 32})
@@ -435,7 +435,7 @@ def test_metadata_given_to_save_exported_wins_over_what_the_loaded_model_carries
 
 
 def test_an_output_named_like_a_model_file_is_refused(tmp_path):
-    from slimssl.export import save_exported
+    from slimssl import save_exported
 
     model = build("basic-cifar-private")
     with pytest.raises(ExportError, match=r"model.safetensors is named like a file, and an export is written into a "
@@ -510,7 +510,7 @@ def test_onnx_export_computes_the_subnet(tmp_path, perturb_bn):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_verify_export_runs_the_onnx_file_itself(tmp_path, perturb_bn):
     pytest.importorskip("onnx")
-    from slimssl.export import verify_export
+    from slimssl import verify_export
 
     model = build("basic-cifar-private", perturb_bn)
     half = export_subnet(model, "0.5", tmp_path, fmt="onnx", resolution=16) / "model.onnx"
@@ -522,7 +522,7 @@ def test_verify_export_runs_the_onnx_file_itself(tmp_path, perturb_bn):
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_cli_export_verify_checks_the_onnx_graph_and_fails_above_tolerance(tmp_path, capsys, monkeypatch):
     pytest.importorskip("onnx")
-    import slimssl.export
+    import slimssl.export.files as export_files
     from slimssl.cli import main
 
     args = ["export", "--config", "demo", "--set", "model.base_width=4", "--random-init", "--subnet", "0.5",
@@ -531,8 +531,8 @@ def test_cli_export_verify_checks_the_onnx_graph_and_fails_above_tolerance(tmp_p
     (row,) = json.loads(capsys.readouterr().out)
     assert 0.0 <= row["onnx_max_abs_diff"] < 1e-5 and row["max_abs_diff"] < 1e-5
     # an ONNX graph that computes something else fails the command, though the safetensors export matches
-    run_onnx = slimssl.export.run_onnx
-    monkeypatch.setattr(slimssl.export, "run_onnx", lambda path, x: run_onnx(path, x) + 1e-3)
+    run_onnx = export_files.run_onnx
+    monkeypatch.setattr(export_files, "run_onnx", lambda path, x: run_onnx(path, x) + 1e-3)
     assert main([*args, "--out", str(tmp_path / "b")]) == 1
     (row,) = json.loads(capsys.readouterr().out)
     assert row["onnx_max_abs_diff"] == pytest.approx(1e-3, rel=1e-2) and row["max_abs_diff"] < 1e-5
@@ -560,7 +560,7 @@ def test_onnx_graph_takes_other_image_sizes(tmp_path, perturb_bn, name, sizes):
 def test_pt2_program_runs_without_slimssl_at_any_batch_and_size(tmp_path, perturb_bn, name):
     """model.pt2 is what a deployment without slimssl loads: torch.export.load alone gives the sub-network, its
     batch and image size free from the smallest size the network's strides allow, with config.json inside."""
-    from slimssl.export_graphs import smallest_program_input
+    from slimssl.export.graphs import smallest_program_input
 
     model = build(name, perturb_bn)
     spec = model.menu[-1]  # the narrowest (and, with depths, shallowest)
@@ -645,7 +645,7 @@ def test_a_pt2_program_whose_index_marks_a_weight_pickled_is_refused_unread(tmp_
 
 def test_verify_export_runs_a_plain_model_in_eval_mode_and_gives_it_back_in_its_own(perturb_bn):
     """A model being fine-tuned is verified, then trained on: its BatchNorm must still be training."""
-    from slimssl.export import verify_export
+    from slimssl import verify_export
 
     supernet = build("basic-cifar-private", perturb_bn).train()
     plain = supernet.export("0.5").train()
@@ -654,7 +654,7 @@ def test_verify_export_runs_a_plain_model_in_eval_mode_and_gives_it_back_in_its_
 
 
 def test_the_unfolded_max_pool_is_the_stems_max_pool():
-    from slimssl.export_graphs import UnfoldedMaxPool
+    from slimssl.export.graphs import UnfoldedMaxPool
 
     pool = nn.MaxPool2d(3, 2, 1)
     for size in (2, 7, 8, 33, 34):
@@ -705,7 +705,7 @@ def test_a_pt2_program_of_images_smaller_than_its_strides_takes_that_size(tmp_pa
 
 def test_pt2_export_is_verified_and_replaced_like_the_other_graphs(tmp_path, capsys, perturb_bn):
     from slimssl.cli import main
-    from slimssl.export import save_exported
+    from slimssl import save_exported
 
     model = build("basic-cifar-private", perturb_bn).double()
     folder = export_subnet(model, "0.5", tmp_path, fmt="pt2", resolution=16)

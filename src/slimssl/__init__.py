@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Config": ".config", "load_config": ".config",
     "load_checkpoint": ".checkpoint", "load_supernet": ".checkpoint",
-    "export_subnet": ".export", "load_exported": ".export", "save_exported": ".export", "verify_export": ".export",
-    "export_run": ".exporter", "pick_subnet": ".budget",
+    "export_subnet": ".export.files", "load_exported": ".export.files", "save_exported": ".export.files",
+    "verify_export": ".export.files", "export_run": ".export.run", "pick_subnet": ".budget",
     "build_supernet": ".models.build",
     "PlainResNet": ".models.plain",
     "SlimResNet": ".models.resnet",
@@ -70,8 +70,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .errors import DataError, ExportError, ExtensionError, InputError, SlimsslError, UsageError
     from .eval.evaluate import finetune, knn, linear_probe
     from .eval.recalibrate import recalibrate_checkpoint
-    from .export import export_subnet, load_exported, save_exported, verify_export
-    from .exporter import export_run
+    from .export.files import export_subnet, load_exported, save_exported, verify_export
+    from .export.run import export_run
     from .models.build import build_supernet
     from .models.plain import PlainResNet
     from .models.resnet import SlimResNet

@@ -236,7 +236,7 @@ def _source_hint(config: Path) -> str:
 
 def _refuse_export_folder(path: Path) -> None:
     """An exported sub-network (or the folder of several) is a plain model, not a checkpoint: say so."""
-    from .export import exported_subnets
+    from .export.files import exported_subnets
 
     if (path / EXPORT_CONFIG).is_file() or (path / EXPORT_WEIGHTS).is_file():
         raise CheckpointError(f"{path} is an exported sub-network (a plain ResNet), not a checkpoint: load it with "

@@ -114,16 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.command import register as register_bench
     from .eval.commands import register as register_eval
-    from .model_commands import register as register_model_commands
+    from .export.command import register as register_export
     from .report.command import register as register_report
     from .reproduce.command import register as register_reproduce
     from .train.command import register as register_pretrain
 
-    # listed in --help in this order: train, evaluate, take out, measure
+    # listed in --help in this order: train (and its recipe), evaluate, measure, take out; then benchmarks
     register_pretrain(sub)
     register_eval(sub)
     register_report(sub)
-    register_model_commands(sub)
+    register_export(sub)
     register_bench(sub)
     register_reproduce(sub)
     for action in sub._choices_actions:  # `slimssl COMMAND --help` opens with the line `slimssl --help` shows

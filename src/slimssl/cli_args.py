@@ -1,6 +1,7 @@
 """Argument types of the command line: argparse rejects a bad number or output path with one line, naming
 the flag and what was expected, before any work starts (and before torch is imported). Also ``emit``, the
-one way a command prints its result, and ``add_overrides``, the one ``--set`` flag."""
+one way a command prints its result, ``add_overrides``, the one ``--set`` flag, and the CHECKPOINT or --config
+that export and profile read."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .errors import UsageError
 from .launch import DEVICE_PATTERN, DEVICES, SEED_RANGE, unsupported_device_hint
 from .wording import escaped_controls
 
@@ -48,7 +50,6 @@ label_fraction = _number(float, lambda v: 0 < v <= 1, "a fraction of the labels 
 def positive_count(text: str) -> float:
     """A positive count of MACs or parameters such as 300M, 1.5G, 11k or 2e6 (``budget.parse_count``)."""
     from .budget import parse_count
-    from .errors import UsageError
 
     try:
         return parse_count(text)
@@ -169,3 +170,32 @@ def add_overrides(p: argparse.ArgumentParser, what: str = "config values",
     """``--set KEY=VALUE [KEY=VALUE ...]``, repeatable: every word up to the next flag is an override."""
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help=f"override {what}, e.g. --set {example} (repeatable)")
+
+
+# ---- the model a command reads: a CHECKPOINT, or a --config ---------------------------------------------
+
+def add_config(p: argparse.ArgumentParser, default: str = "", checkpoint: bool = False) -> None:
+    """``--config`` and its ``--set``: the recipe a command reads (beside a CHECKPOINT, where ``checkpoint``)."""
+    with_checkpoint = (" (with a checkpoint, only checked against its architecture: a checkpoint keeps the "
+                       "config it was trained with)") if checkpoint else ""
+    p.add_argument("--config", help=f"YAML recipe: a path or a shipped name such as 'demo'{default}{with_checkpoint}")
+    add_overrides(p, "--config's values", "model.base_width=32 menu.widths=[1.0,0.5]")
+
+
+def check_model_source(args: argparse.Namespace) -> None:
+    """CHECKPOINT, or --config (with --random-init where the command has it): one model to read."""
+    if args.set:  # a CHECKPOINT after --set is taken as an override: say that first
+        from .config import check_assignment  # yaml and the schema: only when there is a --set to check
+
+        for assignment in args.set:
+            check_assignment(assignment)
+    if args.checkpoint:
+        if args.set and not args.config:
+            raise UsageError("--set changes a --config file; a CHECKPOINT is read with the config saved in it")
+        if getattr(args, "random_init", False):
+            raise UsageError("--random-init exports a new supernet of --config; drop it to export the CHECKPOINT")
+    elif not args.config:
+        needs = " (with --random-init)" if hasattr(args, "random_init") else ""
+        raise UsageError(f"give a CHECKPOINT, or --config FILE{needs}")
+    elif getattr(args, "random_init", True) is False:
+        raise UsageError("--config without a CHECKPOINT exports random weights: add --random-init to confirm")

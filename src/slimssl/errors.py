@@ -56,7 +56,7 @@ class InputError(SlimsslError):
 
 class ExportError(SlimsslError):
     """An exported model folder, or a graph beside it, that cannot be written or loaded; says which file and why.
-    Defined here: export.py (the weights) and export_graphs.py (ONNX, torch.export) both raise it."""
+    Defined here: export/files.py (the weights) and export/graphs.py (ONNX, torch.export) both raise it."""
 
 
 class StorageError(SlimsslError):

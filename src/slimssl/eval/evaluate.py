@@ -208,7 +208,7 @@ def _refuse_classifier_folders(save_models: str | Path, names: Sequence[str], mo
                                cfg) -> None:
     """Before any work: the classifiers' folders are not inside the dataset, and none replaces a classifier of
     another checkpoint."""
-    from ..export import check_export_folder
+    from ..export.files import check_export_folder
 
     options.refuse_output_in_data(cfg, save_models, "the classifiers' folders", "saved models")
     for name in names:
@@ -218,7 +218,7 @@ def _refuse_classifier_folders(save_models: str | Path, names: Sequence[str], mo
 def _save_probe_classifier(classifier, folder: Path, row: dict, protocol: str, settings: dict, train, cfg, options,
                            source: str | None, supernet) -> Path:
     """A probed sub-network with its head, as an export whose config.json says what it classifies and how well."""
-    from ..export import classifier_metadata, save_exported
+    from ..export.files import classifier_metadata, save_exported
 
     metadata = {"subnet": row["subnet"], "protocol": protocol, "settings": settings,
                 f"{protocol}_top1": row[f"{protocol}_top1"], f"{protocol}_top5": row[f"{protocol}_top5"],

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 
 from ..config import Config, config_from_dict
-from ..export import ExportError, load_exported
+from ..errors import ExportError
+from ..export.files import load_exported
 from ..layout import EXPORT_CONFIG
-from ..models.plain import PlainResNet
 from ..models.arch import subnet_channels
+from ..models.plain import PlainResNet
 from ..models.resnet import SlimResNet
 from ..nn.layers import SlimBatchNorm
 from ..nn.spec import SubnetSpec

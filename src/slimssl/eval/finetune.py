@@ -148,7 +148,7 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
               "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),
               "recipe": {**asdict(recipe), **schedule}, "top1": top1, "top5": top5}
     if save_model is not None:
-        from ..export import classifier_metadata, save_exported
+        from ..export.files import classifier_metadata, save_exported
 
         save_exported(model, save_model, {**result, **classifier_metadata(train, supernet, checkpoint_source,
                                                                           resolution, mean, std, crop_ratio)})

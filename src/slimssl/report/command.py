@@ -1,5 +1,6 @@
 """``slimssl report``: the tables (and plots) of one or more run directories' results.json, from the files
-alone (no torch import: a report answers at once)."""
+alone (no torch import: a report answers at once); and ``slimssl profile``: params, MACs and CPU latency of every
+sub-network of a CHECKPOINT, a --config or an export."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import emit, output_file
+from ..cli_args import add_config, check_model_source, emit, nonnegative_int, output_file, positive_int
 from ..errors import UsageError
 
 log = logging.getLogger("slimssl")
@@ -46,6 +47,43 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    if args.checkpoint is None:  # nothing to profile: said before torch is imported
+        check_model_source(args)
+    from ..eval.exported import supernet_of_export
+    from ..layout import is_export_dir
+    from .profile import profile
+    from .table import markdown_table
+
+    if is_export_dir(args.checkpoint):  # profiled as exported: what a deployment of it runs
+        if args.config or args.set:
+            raise UsageError("an exported sub-network is profiled as exported: drop --config and --set")
+        supernet, config = supernet_of_export(args.checkpoint)
+    else:
+        supernet, config = _supernet_of_args(args)[:2]
+    resolution = args.resolution or config.data.resolution
+    rows = profile(supernet, resolution=resolution, num_classes=args.num_classes, latency=not args.no_latency,
+                   threads=args.threads)
+    for row in rows:
+        row.update(resolution=resolution, num_classes=args.num_classes)
+    timed = bool(rows) and "latency_ms" in rows[0]
+    if timed:
+        how = rows[0]["latency_settings"]
+        log.info("CPU latency: median of %d forward passes of batch %d after %d warm-up, on %d thread(s); other "
+                 "work on the machine makes it read slower", how["runs"], how["batch"], how["warmup"], how["threads"])
+    emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *(["latency_ms"] if timed else [])]))
+    return 0
+
+
+def _supernet_of_args(args: argparse.Namespace):
+    """The :class:`OpenedSupernet` named by CHECKPOINT, or by --config with --random-init: the supernet, its
+    config, the checkpoint's record of ``slimssl recalibrate`` and how far it was trained."""
+    from ..checkpoint import open_supernet
+
+    check_model_source(args)
+    return open_supernet(args.checkpoint, args.config, args.set or ())
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="tables (and plots) of the results of one or more run directories")
     p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
@@ -60,3 +98,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="gradient norms on shared/other weights per sub-network (from metrics.jsonl)")
     p.add_argument("--json", action="store_true", help="print the runs' results.json contents as one JSON list")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("profile", help="params, MACs and CPU latency of every sub-network")
+    p.add_argument("checkpoint", nargs="?", help="a checkpoint file or run directory, or an exported sub-network's "
+                   "folder")
+    add_config(p, checkpoint=True)
+    p.add_argument("--resolution", type=positive_int, help="input size (default: the config's)")
+    p.add_argument("--num-classes", type=nonnegative_int, default=0, help="count a K-way classifier too (papers use 1000)")
+    p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads of the latency measurement (default: torch's; 1 reads steadier on a busy machine)")
+    p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")
+    p.set_defaults(func=cmd_profile)

@@ -1,4 +1,5 @@
-"""``slimssl pretrain``: build the run directory, train, print the per-sub-network table."""
+"""``slimssl pretrain``: build the run directory, train, print the per-sub-network table; and ``slimssl config``:
+the recipe it would train, resolved (with --explain, every key commented), or the list of shipped ones."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import add_overrides, data_source, device_name, output_dir, positive_int, seed_int
+from ..cli_args import (add_config, add_overrides, data_source, device_name, output_dir, positive_int, seed_int,
+                        write_out)
 from ..wording import shell_quote
 from ..errors import SlimsslError, UsageError, storage_error
 
@@ -40,6 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print results.json on stdout at the end (stopped early: "
                    "the run directory and its step, with \"finished\": false)")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("config", help="print a resolved config (or --list the shipped ones)")
+    add_config(p, default=" (default: demo)")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes")
+    p.add_argument("--explain", action="store_true", help="each key with a comment: what it does and what it "
+                   "accepts (the same YAML, loadable as a recipe; docs/config.md has them as tables)")
+    p.set_defaults(func=cmd_config)
 
 
 def flag_overrides(args: argparse.Namespace) -> list[str]:
@@ -122,4 +131,32 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         log.info("stopped at step %d of %d; continue with: %s", run.step, run.total_steps, again)
         if args.json:  # a script's json.loads needs a document whenever the command succeeds
             emit(args, stopped_doc(run), "")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.list:  # the names --config takes, each with the first line of its header comment (without torch)
+        from ..layout import PACKAGED, packaged_configs
+
+        if args.config or args.set or args.explain:
+            raise UsageError("--list lists the shipped recipes and takes no --config, --set or --explain; drop "
+                             "--list to print the resolved config")
+        names = [name.removesuffix(".yaml") for name in packaged_configs()]
+        width = max(map(len, names))
+        for name in names:
+            header = (PACKAGED / f"{name}.yaml").read_text(encoding="utf-8").splitlines()
+            first = next((line.lstrip("# ").rstrip() for line in header if line.startswith("#")), "")
+            if first and not first.endswith("."):  # the sentence goes on in the file
+                first = first.rstrip(",:;") + " ..."
+            write_out(f"{name:<{width}}  {first}".rstrip() + "\n")
+        return 0
+    from ..config import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.explain:
+        from ..config.reference import explained_yaml
+
+        write_out(explained_yaml(cfg))
+    else:
+        write_out(cfg.to_yaml())
     return 0

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import atomic_write
-from .errors import ExportError
-from .layout import EXPORT_CONFIG
-from .models.plain import PlainResNet, PlainResNetConfig
+from ..atomic import atomic_write
+from ..errors import ExportError
+from ..layout import EXPORT_CONFIG
+from ..models.plain import PlainResNet, PlainResNetConfig
 
 ONNX = "model.onnx"
 PROGRAM = "model.pt2"  # torch.export's archive: loads with torch alone

@@ -1,6 +1,6 @@
 """Take a run's sub-networks out as plain models, as ``slimssl export`` does: one folder per sub-network, with
 the preprocessing recorded beside the weights, and shared BatchNorm statistics re-estimated as evaluation does.
-``export.py`` writes and reads the files; this module decides what goes into them."""
+``files.py`` writes and reads the files; this module decides what goes into them."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from typing import Sequence
 
 import torch
 
-from .checkpoint import export_source, open_supernet, pretraining_unfinished
-from .config import Config
-from .errors import DataError, UsageError
-from .export import (check_export_folder, check_format, export_differences, export_subnet, load_exported,
-                     preprocessing, refuse_run_folder)
-from .export_graphs import GRAPHS
-from .launch import warn_of_repeated_work
-from .models.resnet import SlimResNet
-from .nn.spec import SubnetSpec, Subnets
-from .seeds import keeps_random_state
+from ..checkpoint import export_source, open_supernet, pretraining_unfinished
+from ..config import Config
+from ..errors import DataError, UsageError
+from ..launch import warn_of_repeated_work
+from ..models.resnet import SlimResNet
+from ..nn.spec import SubnetSpec, Subnets
+from ..seeds import keeps_random_state
+from .files import (check_export_folder, check_format, export_differences, export_subnet, load_exported,
+                    preprocessing, refuse_run_folder)
+from .graphs import GRAPHS
 
 log = logging.getLogger("slimssl")
 
@@ -45,8 +45,8 @@ def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets 
     ``fmt="onnx"`` adds an ONNX graph traced at ``resolution`` (default: the config's), which takes any size;
     ``fmt="pt2"`` a torch.export program, which runs with torch alone (see :func:`slimssl.export.export_subnet`).
     """
-    from .eval import recalibration_batches
-    from .eval.inputs import DataOptions, check_numbers
+    from ..eval import recalibration_batches
+    from ..eval.inputs import DataOptions, check_numbers
 
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
     options = DataOptions.of(data, export_run)
@@ -140,8 +140,8 @@ def _recalibrated_copies(supernet: SlimResNet, cfg: Config, specs: list[SubnetSp
                          device: str, eval_batch_size: int | None) -> tuple[dict, dict]:
     """Copies of the supernet (on the CPU) whose BatchNorm statistics were re-estimated for each of ``specs``
     on ``batches`` train batches, the sample and transform of evaluation; and the record of it."""
-    from .devices import pick_device
-    from .eval.recalibrate import subnet_models
+    from ..devices import pick_device
+    from ..eval.recalibrate import subnet_models
 
     torch_device = pick_device(device, setting="device (--device)")
     try:

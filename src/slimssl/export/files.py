@@ -1,5 +1,5 @@
-"""Export sub-networks as plain models: safetensors weights plus a JSON config, and optionally a graph that runs
-without slimssl (ONNX, or a torch.export program)."""
+"""An export's files: writing, loading and verifying a plain model (safetensors weights plus a JSON config, and
+optionally a graph that runs without slimssl: ONNX, or a torch.export program), and a classifier's metadata."""
 
 from __future__ import annotations
 
@@ -16,26 +16,26 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from . import __version__
-from .atomic import atomic_write, remove_temporaries
-from .wording import on_command_line, shell_quote
-from .errors import ExportError
-from .export_graphs import (GRAPHS, ONNX, PROGRAM, export_onnx, export_program, program_input, require_onnx,
-                            run_onnx, run_program)  # the graphs an export may add beside its weights
-from .layout import CHECKPOINTS, EXPORT_CONFIG, EXPORT_WEIGHTS, where_in_a_run
-from .models.fit import weights_misfit
-from .models.plain import PlainResNet, PlainResNetConfig
-from .models.resnet import SlimResNet
-from .nn.modes import eval_mode
-from .nn.spec import SubnetLike
-from .seeds import keeps_random_state
+from .. import __version__
+from ..atomic import atomic_write, remove_temporaries
+from ..errors import ExportError
+from ..layout import CHECKPOINTS, EXPORT_CONFIG, EXPORT_WEIGHTS, where_in_a_run
+from ..models.fit import weights_misfit
+from ..models.plain import PlainResNet, PlainResNetConfig
+from ..models.resnet import SlimResNet
+from ..nn.modes import eval_mode
+from ..nn.spec import SubnetLike
+from ..seeds import keeps_random_state
+from ..wording import on_command_line, shell_quote
+from . import FORMATS
+from .graphs import (GRAPHS, ONNX, PROGRAM, export_onnx, export_program, program_input, require_onnx, run_onnx,
+                     run_program)  # the graphs an export may add beside its weights
 
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
 log = logging.getLogger("slimssl")
 
 
-FORMATS = ("safetensors", "onnx", "pt2")
 WEIGHTS_DIGEST = "weights_sha256"  # in config.json: the model.safetensors it was written with
 # what save_exported keeps of a loaded model's metadata: its inputs and origin (how far its source was pretrained
 # stays true however the model is trained after), not its classes, accuracy or BatchNorm statistics' origin
@@ -74,7 +74,7 @@ def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str 
                           "to export a checkpoint file or run directory, call slimssl.export_run(checkpoint, out, "
                           "subnets)")
     if config is not None:
-        from .models.build import as_config, check_config_is_the_supernets
+        from ..models.build import as_config, check_config_is_the_supernets
 
         config = as_config(config)
         check_config_is_the_supernets(supernet, config)  # else its inputs would be recorded as this export's
@@ -320,7 +320,7 @@ def check_format(fmt: str) -> None:
 def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> PlainResNet:
     """Load an exported sub-network folder as a plain ResNet in eval mode, in the dtype it was exported in, on
     ``device`` (``cpu``, ``cuda``, ``cuda:N``, or ``auto``: a CUDA GPU when there is one)."""
-    from .devices import pick_device
+    from ..devices import pick_device
 
     target = pick_device(device, setting="device")  # checked before anything is read
     folder = Path(folder)
