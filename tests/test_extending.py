@@ -537,6 +537,16 @@ def test_a_method_setting_the_method_never_reads_is_warned_of(tmp_path, caplog):
         Trainer(alone, tmp_path / "alone")
     assert "does not read it" not in caplog.text and alone.method.pred_hidden == 4096
 
+    class ReadsAny(methods.BYOL):  # None, the documented default, said again: any setting may be read
+        name = "byolany"
+        settings_read = None
+
+    register_method(ReadsAny)
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        Trainer(config_from_dict(tiny("byolany", widths=[1.0, 0.5]), overrides=["method.temperature=0.5"]),
+                tmp_path / "any")
+    assert "does not read it" not in caplog.text
+
 
 def test_a_non_finite_loss_of_a_method_of_ones_own_points_at_its_loss_too(tmp_path):
     register_method(_simple("ownloss"))

@@ -161,6 +161,8 @@ def check_unread_settings(method: Method) -> None:
     (``method.temperature`` for BYOL): the run would look configured as it is not."""
     if "settings_read" not in vars(type(method)):  # a subclass may read more than the class it extends
         return
+    if method.settings_read is None:  # said again: any setting may be read
+        return
     cfg = method.cfg
     for key, field in type(cfg).model_fields.items():
         value = getattr(cfg, key)
