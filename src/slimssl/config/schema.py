@@ -86,24 +86,27 @@ def _empty_is_none(value):
 
 class ModelConfig(Section):
     arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
-        "resnet18", description="the supernet's full network: basic blocks (18, 34) or bottlenecks (50, 101)")
-    depths: list[Blocks] | None = Field(None, description="blocks per stage; default (null or []): the arch's")
-    base_width: int = Field(64, gt=0, description="stem channels; stage i has base_width * 2**i (x4 for bottleneck)")
+        default="resnet18", description="the supernet's full network: basic blocks (18, 34) or bottlenecks (50, 101)")
+    depths: list[Blocks] | None = Field(default=None, description="blocks per stage; default (null or []): the arch's")
+    base_width: int = Field(
+        default=64, gt=0, description="stem channels; stage i has base_width * 2**i (x4 for bottleneck)")
     stem: Literal["cifar", "imagenet"] = Field(
-        "imagenet", description="cifar: one 3x3 convolution and no max-pool (small images); imagenet: a 7x7 "
+        default="imagenet", description="cifar: one 3x3 convolution and no max-pool (small images); imagenet: a 7x7 "
         "convolution of stride 2 and a max-pool")
     bn: Literal["private", "shared"] = Field(
-        "private", description="private: every menu entry has BatchNorm of its own (affine and statistics); "
+        default="private", description="private: every menu entry has BatchNorm of its own (affine and statistics); "
         "shared: one full-width BatchNorm sliced to each width, whose statistics evaluation re-estimates per "
         "sub-network")
     bn_group_size: int | None = Field(
-        None, gt=1, description="pretraining BatchNorm statistics over groups of this many consecutive samples, "
-        "as if each group were on its own GPU (null: each process's whole batch). Emulates per-GPU BatchNorm on "
-        "one GPU, keeps results independent of the number of processes, and gives MoCo's shuffle-BN its groups")
-    channel_divisor: int = Field(1, ge=1, description="a narrower width's channels are rounded to a multiple of "
-                                 "this (e.g. 8, for tensor cores); 1: floor(channels x width), as SlimCLR")
-    zero_init_residual: bool = Field(False, description="each residual block's last BatchNorm starts at zero, so "
-                                     "the block starts as the identity (torchvision's option)")
+        default=None, gt=1, description="pretraining BatchNorm statistics over groups of this many consecutive "
+        "samples, as if each group were on its own GPU (null: each process's whole batch). Emulates per-GPU BatchNorm "
+        "on one GPU, keeps results independent of the number of processes, and gives MoCo's shuffle-BN its groups")
+    channel_divisor: int = Field(
+        default=1, ge=1, description="a narrower width's channels are rounded to a multiple of this (e.g. 8, for "
+        "tensor cores); 1: floor(channels x width), as SlimCLR")
+    zero_init_residual: bool = Field(
+        default=False, description="each residual block's last BatchNorm starts at zero, so the block starts as the "
+        "identity (torchvision's option)")
 
     _no_depths_is_the_default = field_validator("depths", mode="before")(_empty_is_none)
 
@@ -119,7 +122,7 @@ class ModelConfig(Section):
 class MenuConfig(Section):
     widths: list[float] = Field(default_factory=lambda: [1.0], description="width multipliers in (0, 1]")
     depths: list[Annotated[list[Blocks], Field(min_length=1)]] | None = Field(
-        None, description="per-stage depths crossed with widths; default (null or []): full")
+        default=None, description="per-stage depths crossed with widths; default (null or []): full")
     subnets: list[str] = Field(default_factory=list, description="extra entries by name, e.g. w0p5_d1-1-1-1")
 
     _no_depths_is_the_default = field_validator("depths", mode="before")(_empty_is_none)
@@ -147,28 +150,30 @@ def known_or_stored(name: str, info: ValidationInfo, lookup, key: str) -> str:
 
 
 class MethodConfig(Section):
-    name: str = Field("byol", description="byol, mocov2, mocov3, or a method registered with "
-                      "slimssl.methods.register_method")
-    proj_hidden: int = Field(4096, gt=0, description="hidden units of the projector at full width (a sub-network's "
-                             "heads shrink with its width)")
-    proj_dim: int = Field(256, gt=0, description="output size of the projector and predictor: the embedding the "
-                          "loss compares")
+    name: str = Field(
+        default="byol", description="byol, mocov2, mocov3, or a method registered with slimssl.methods.register_method")
+    proj_hidden: int = Field(
+        default=4096, gt=0, description="hidden units of the projector at full width (a sub-network's heads shrink "
+        "with its width)")
+    proj_dim: int = Field(
+        default=256, gt=0, description="output size of the projector and predictor: the embedding the loss compares")
     # 0 is no size, but a method without a predictor never read it: its runs said 0 and stay readable (the heads
     # refuse a size below 1 when they are built)
-    pred_hidden: int = Field(4096, ge=0, description="hidden units of the predictor at full width (BYOL, MoCo "
-                             "v3; MoCo v2 has none)")
-    temperature: float = Field(0.2, gt=0, description="temperature of the contrastive loss (MoCo v2, MoCo v3)")
-    momentum: float = Field(0.996, ge=0, le=1, description="EMA of the target / key encoder (base value)")
+    pred_hidden: int = Field(
+        default=4096, ge=0, description="hidden units of the predictor at full width (BYOL, MoCo v3; MoCo v2 has none)")
+    temperature: float = Field(default=0.2, gt=0, description="temperature of the contrastive loss (MoCo v2, MoCo v3)")
+    momentum: float = Field(default=0.996, ge=0, le=1, description="EMA of the target / key encoder (base value)")
     momentum_schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="cosine: the momentum rises from method.momentum to 1 over training, as BYOL; "
+        default="cosine", description="cosine: the momentum rises from method.momentum to 1 over training, as BYOL; "
         "constant: it stays at method.momentum")
-    queue_size: int = Field(65536, ge=0, description="MoCo v2 queue of full-width keys")
-    symmetric: bool = Field(True, description="MoCo v2's loss over both views (false: the first view's queries "
-                            "and the second's keys only); BYOL's and MoCo v3's are always symmetric")
+    queue_size: int = Field(default=65536, ge=0, description="MoCo v2 queue of full-width keys")
+    symmetric: bool = Field(
+        default=True, description="MoCo v2's loss over both views (false: the first view's queries and the second's "
+        "keys only); BYOL's and MoCo v3's are always symmetric")
     shuffle_bn: bool = Field(
-        False, description="MoCo's shuffle-BN: the target (key) network sees the batch in a random order, so a "
-        "query and its positive key are normalised with statistics of different groups of samples; needs "
-        "several BatchNorm groups (model.bn_group_size, or several processes)")
+        default=False, description="MoCo's shuffle-BN: the target (key) network sees the batch in a random order, so a "
+        "query and its positive key are normalised with statistics of different groups of samples; needs several "
+        "BatchNorm groups (model.bn_group_size, or several processes)")
     options: dict[str, Any] = Field(
         default_factory=dict, description="the settings of a method of your own, by name (its Method.default_options "
         "lists them with their defaults); the built-in methods have none")
@@ -250,34 +255,38 @@ def _same_kind(value: Any, default: Any) -> bool:
 
 class SlimConfig(Section):
     sampling: Literal["all", "sandwich"] = Field(
-        "all", description="the sub-networks trained each step: all menu entries, or sandwich: the largest, the "
-        "smallest and num_random drawn between them (in the menu's order: by width, then by blocks in all; with "
+        default="all", description="the sub-networks trained each step: all menu entries, or sandwich: the largest, "
+        "the smallest and num_random drawn between them (in the menu's order: by width, then by blocks in all; with "
         "menu.subnets the narrowest entry is the smallest even where a wider one is shallower)")
-    num_random: int = Field(2, ge=0, description="sandwich: random sub-networks between the largest and the "
-                            "smallest (0 with private BatchNorm: only for a menu of those two, the others would never "
-                            "train)")
+    num_random: int = Field(
+        default=2, ge=0, description="sandwich: random sub-networks between the largest and the smallest (0 with "
+        "private BatchNorm: only for a menu of those two, the others would never train)")
     random_space: Literal["menu", "space"] = Field(
-        "menu", description="where sandwich's random sub-networks come from: the menu's entries, or space: any "
+        default="menu", description="where sandwich's random sub-networks come from: the menu's entries, or space: any "
         "width (on a 0.05 grid) and depth between the menu's smallest and largest (needs model.bn: shared)")
     teacher: Literal["target", "online"] = Field(
-        "target", description="target: no distillation term, the target network's outputs are every sub-network's "
-        "teacher through the SSL loss (DSPNet); online: each step's first sub-network, the full one, is the "
-        "teacher of the others' distillation term (SlimCLR's online distillation)")
-    distill_alpha: float = Field(0.5, ge=0, le=1, description="teacher: online: a student's loss is (1 - "
-                                 "distill_alpha) x its SSL loss + distill_alpha x distill_scale x the distillation loss")
-    distill_temperature: float = Field(1.0, gt=0, description="online distillation of contrastive methods: "
-                                       "temperature on the cosine similarities, loss scaled by its square")
+        default="target", description="target: no distillation term, the target network's outputs are every "
+        "sub-network's teacher through the SSL loss (DSPNet); online: each step's first sub-network, the full one, is "
+        "the teacher of the others' distillation term (SlimCLR's online distillation)")
+    distill_alpha: float = Field(
+        default=0.5, ge=0, le=1, description="teacher: online: a student's loss is (1 - distill_alpha) x its SSL loss "
+        "+ distill_alpha x distill_scale x the distillation loss")
+    distill_temperature: float = Field(
+        default=1.0, gt=0, description="online distillation of contrastive methods: temperature on the cosine "
+        "similarities, loss scaled by its square")
     distill_scale: float = Field(
-        1.0, gt=0, description="a student's loss is (1 - distill_alpha) x its SSL loss + distill_alpha x distill_scale "
-        "x the distillation loss (which the temperature's square already scales); e.g. 25 with distill_temperature "
-        "0.2 distils MoCo v3's own logits at tau 0.2 unscaled, as SlimCLR's MoCo v3 code does at tau 1")
+        default=1.0, gt=0, description="a student's loss is (1 - distill_alpha) x its SSL loss + distill_alpha x "
+        "distill_scale x the distillation loss (which the temperature's square already scales); e.g. 25 with "
+        "distill_temperature 0.2 distils MoCo v3's own logits at tau 0.2 unscaled, as SlimCLR's MoCo v3 code does at "
+        "tau 1")
     loss_weights: str = Field(
-        "uniform", description="uniform: every loss weighs 1; slimclr: the full network's loss weighs 1 + the sum "
-        "of the widths of the other sub-networks trained in the step (with sampling: sandwich, those drawn in it), "
-        "the others 1; or a rule registered with slimssl.slim.register_loss_weights")
-    slow_start: float = Field(0.0, ge=0, lt=1, description="fraction of training before sub-networks join")
-    slow_start_lr: float | None = Field(None, gt=0, description="a new base lr (as optim.lr, at its reference_batch) "
-                                        "for the schedule's rest once the sub-networks join (SlimCLR); null: unchanged")
+        default="uniform", description="uniform: every loss weighs 1; slimclr: the full network's loss weighs 1 + the "
+        "sum of the widths of the other sub-networks trained in the step (with sampling: sandwich, those drawn in "
+        "it), the others 1; or a rule registered with slimssl.slim.register_loss_weights")
+    slow_start: float = Field(default=0.0, ge=0, lt=1, description="fraction of training before sub-networks join")
+    slow_start_lr: float | None = Field(
+        default=None, gt=0, description="a new base lr (as optim.lr, at its reference_batch) for the schedule's rest "
+        "once the sub-networks join (SlimCLR); null: unchanged")
 
     @field_validator("slow_start_lr", mode="before")
     @classmethod
@@ -302,18 +311,18 @@ NonNegative = Annotated[float, Field(ge=0)]
 class ViewChanges(Section):
     """Changes to the augmentation recipe's views (``data.views``); a key left unset keeps the recipe's value."""
 
-    crop_ratio: tuple[Positive, Positive] | None = Field(None, description="aspect ratio range (min, max) of the "
-                                                         "random resized crop; the recipes' 3/4-4/3")
-    jitter_p: Probability | None = Field(None, description="probability of the colour jitter")
-    brightness: NonNegative | None = Field(None, description="the colour jitter's brightness strength")
-    contrast: NonNegative | None = Field(None, description="the colour jitter's contrast strength")
-    saturation: NonNegative | None = Field(None, description="the colour jitter's saturation strength")
-    hue: float | None = Field(None, ge=0, le=0.5, description="the colour jitter's hue strength")
-    grayscale_p: Probability | None = Field(None, description="probability of converting the view to grayscale")
-    blur_p: Probability | None = Field(None, description="probability of a Gaussian blur (wins over data.blur)")
-    blur_sigma: tuple[Positive, Positive] | None = Field(None, description="the blur's sigma range (min, max), "
-                                                         "in pixels; the recipes' 0.1-2")
-    solarize_p: Probability | None = Field(None, description="probability of solarizing the view")
+    crop_ratio: tuple[Positive, Positive] | None = Field(
+        default=None, description="aspect ratio range (min, max) of the random resized crop; the recipes' 3/4-4/3")
+    jitter_p: Probability | None = Field(default=None, description="probability of the colour jitter")
+    brightness: NonNegative | None = Field(default=None, description="the colour jitter's brightness strength")
+    contrast: NonNegative | None = Field(default=None, description="the colour jitter's contrast strength")
+    saturation: NonNegative | None = Field(default=None, description="the colour jitter's saturation strength")
+    hue: float | None = Field(default=None, ge=0, le=0.5, description="the colour jitter's hue strength")
+    grayscale_p: Probability | None = Field(default=None, description="probability of converting the view to grayscale")
+    blur_p: Probability | None = Field(default=None, description="probability of a Gaussian blur (wins over data.blur)")
+    blur_sigma: tuple[Positive, Positive] | None = Field(
+        default=None, description="the blur's sigma range (min, max), in pixels; the recipes' 0.1-2")
+    solarize_p: Probability | None = Field(default=None, description="probability of solarizing the view")
 
     @model_serializer(mode="wrap")
     def _only_changes(self, handler) -> dict:
@@ -330,29 +339,34 @@ class ViewChanges(Section):
 
 
 class DataConfig(Section):
-    source: str = Field("digits", description="the dataset: digits, cifar10, cifar100, fake, a registered name, "
-                        "or the path of an ImageFolder tree or a .zip of one (what --data sets)")
-    resolution: int = Field(32, gt=0, description="side of the training views and evaluation images, in pixels")
-    augment: Literal[RECIPES] | None = Field(None, description="default: the method's")  # type: ignore[valid-type]
+    source: str = Field(
+        default="digits", description="the dataset: digits, cifar10, cifar100, fake, a registered name, or the path of "
+        "an ImageFolder tree or a .zip of one (what --data sets)")
+    resolution: int = Field(default=32, gt=0, description="side of the training views and evaluation images, in pixels")
+    augment: Literal[RECIPES] | None = Field(
+        default=None, description="default: the method's")  # type: ignore[valid-type]
     crop_scale: tuple[float, float] | None = Field(
-        None, description="random resized crop area range (min, max), 0 < min <= max <= 1; default: the augmentation "
-        "recipe's (MoCo v2: 0.2-1; BYOL and MoCo v3: 0.08-1)")
-    flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
-    blur: bool | None = Field(None, description="Gaussian blur where the augmentation recipe has it (true) or "
-                              "nowhere (false); default: the recipe's above 64 px, none at 64 px or less")
-    mean: tuple[float, float, float] = Field(IMAGENET_MEAN, description="per RGB channel, subtracted from images "
-                                             "scaled to [0, 1]")
-    std: tuple[Positive, Positive, Positive] = Field(IMAGENET_STD, description="per RGB channel, divides them next")
-    skip_unreadable: bool = Field(False, description="an image that cannot be decoded is replaced by the next "
-                                  "readable one and logged (false: the run stops with an error naming the file)")
-    fake_size: int = Field(256, gt=0, description="number of random images of source: fake")
+        default=None, description="random resized crop area range (min, max), 0 < min <= max <= 1; default: the "
+        "augmentation recipe's (MoCo v2: 0.2-1; BYOL and MoCo v3: 0.08-1)")
+    flip_p: float = Field(default=0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
+    blur: bool | None = Field(
+        default=None, description="Gaussian blur where the augmentation recipe has it (true) or nowhere (false); "
+        "default: the recipe's above 64 px, none at 64 px or less")
+    mean: tuple[float, float, float] = Field(
+        default=IMAGENET_MEAN, description="per RGB channel, subtracted from images scaled to [0, 1]")
+    std: tuple[Positive, Positive, Positive] = Field(
+        default=IMAGENET_STD, description="per RGB channel, divides them next")
+    skip_unreadable: bool = Field(
+        default=False, description="an image that cannot be decoded is replaced by the next readable one and logged "
+        "(false: the run stops with an error naming the file)")
+    fake_size: int = Field(default=256, gt=0, description="number of random images of source: fake")
     loader: Literal["memory", "stream"] = Field(
-        "memory", description="memory: decode the dataset once into a uint8 tensor (GPU when it fits); stream: "
+        default="memory", description="memory: decode the dataset once into a uint8 tensor (GPU when it fits); stream: "
         "loader workers decode each step's files (a folder or .zip too large for memory; kNN streams the splits too)")
-    workers: int | None = Field(None, ge=0, description="decoding worker processes per training process wherever "
-                                "files are streamed: loader stream, the kNN monitor's train split on several "
-                                "processes, evaluations with --loader stream (default: the machine's CPU count, at "
-                                "most 8, decided when the run starts); the memory loader runs none")
+    workers: int | None = Field(
+        default=None, ge=0, description="decoding worker processes per training process wherever files are streamed: "
+        "loader stream, the kNN monitor's train split on several processes, evaluations with --loader stream "
+        "(default: the machine's CPU count, at most 8, decided when the run starts); the memory loader runs none")
     views: list[ViewChanges] = Field(
         default_factory=list, max_length=2, description="changes to the augmentation recipe's views: one entry "
         "changes both views, two change the first and the second (e.g. [{brightness: 0.8, contrast: 0.8, "
@@ -390,53 +404,63 @@ class DataConfig(Section):
 
 class OptimConfig(Section):
     name: Literal["sgd", "lars", "adamw"] = Field(
-        "sgd", description="sgd (with momentum), lars (SGD with a per-layer trust ratio) or adamw")
-    lr: float = Field(0.05, gt=0, description="base lr at reference_batch")
+        default="sgd", description="sgd (with momentum), lars (SGD with a per-layer trust ratio) or adamw")
+    lr: float = Field(default=0.05, gt=0, description="base lr at reference_batch")
     lr_scaling: Literal["linear", "none"] = Field(
-        "linear", description="linear: the peak lr is lr x train.batch_size / reference_batch; none: lr itself")
-    reference_batch: int = Field(256, gt=0, description="the batch size lr is given for")
-    weight_decay: float = Field(1e-4, ge=0, description="weight decay (adamw: decoupled from the gradient)")
-    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of sgd and lars")
-    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="adamw's decay rates of its moment estimates")
-    warmup_epochs: float = Field(0.0, ge=0, description="epochs of linear warm-up to the peak lr")
+        default="linear", description="linear: the peak lr is lr x train.batch_size / reference_batch; none: lr itself")
+    reference_batch: int = Field(default=256, gt=0, description="the batch size lr is given for")
+    weight_decay: float = Field(default=1e-4, ge=0, description="weight decay (adamw: decoupled from the gradient)")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="momentum of sgd and lars")
+    betas: tuple[Beta, Beta] = Field(default=(0.9, 0.999), description="adamw's decay rates of its moment estimates")
+    warmup_epochs: float = Field(default=0.0, ge=0, description="epochs of linear warm-up to the peak lr")
     schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="the lr after the warm-up: a cosine decay to min_lr_ratio x the peak, or constant")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine schedule's last lr, as a fraction of the peak")
-    no_decay_1d: bool = Field(True, description="no weight decay (and no LARS adaptation) on biases and norms")
-    trust_coefficient: float = Field(0.001, gt=0, description="LARS: a layer's gradient is scaled by lr x this x "
-                                     "|w| / |g|")
-    lars_clip: bool = Field(False, description="LARS: scale by min(trust_coefficient x |w| / |g|, lr) instead "
-                            "(LARC's clipping)")
+        default="cosine", description="the lr after the warm-up: a cosine decay to min_lr_ratio x the peak, or "
+        "constant")
+    min_lr_ratio: float = Field(
+        default=0.0, ge=0, le=1, description="the cosine schedule's last lr, as a fraction of the peak")
+    no_decay_1d: bool = Field(default=True, description="no weight decay (and no LARS adaptation) on biases and norms")
+    trust_coefficient: float = Field(
+        default=0.001, gt=0, description="LARS: a layer's gradient is scaled by lr x this x |w| / |g|")
+    lars_clip: bool = Field(
+        default=False, description="LARS: scale by min(trust_coefficient x |w| / |g|, lr) instead (LARC's clipping)")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, gt=0, description="passes over the training split")
-    batch_size: int = Field(256, ge=2, description="total batch over all processes (BatchNorm needs two samples)")
-    seed: int = Field(0, description="seed of the initial weights, the views and the sub-networks drawn: the same "
-                      "seed and settings train the same run on the same machine")
-    device: str = Field("auto", description="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, "
-                        "or cuda:N (one process)")
+    epochs: int = Field(default=10, gt=0, description="passes over the training split")
+    batch_size: int = Field(
+        default=256, ge=2, description="total batch over all processes (BatchNorm needs two samples)")
+    seed: int = Field(
+        default=0, description="seed of the initial weights, the views and the sub-networks drawn: the same seed and "
+        "settings train the same run on the same machine")
+    device: str = Field(
+        default="auto", description="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, or cuda:N (one "
+        "process)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="autocast dtype of the forward passes; auto: bf16 on a GPU that has it, else fp32")
-    channels_last: bool = Field(True, description="channels-last memory format on a GPU (faster convolutions in "
-                                "bf16); no effect on the CPU")
+        default="auto", description="autocast dtype of the forward passes; auto: bf16 on a GPU that has it, else fp32")
+    channels_last: bool = Field(
+        default=True, description="channels-last memory format on a GPU (faster convolutions in bf16); no effect on "
+        "the CPU")
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
-        "off", description="torch.compile the forward passes, one graph per sub-network (reduce-overhead, "
+        default="off", description="torch.compile the forward passes, one graph per sub-network (reduce-overhead, "
         "max-autotune: also CUDA graphs); the first step of each sub-network pays the compilation")
-    sync_bn: bool = Field(False, description="multi-GPU: BatchNorm statistics over the total batch (each "
-                          "sub-network's private BatchNorm synchronised separately; needs CUDA)")
-    log_every: int = Field(10, gt=0, description="steps between records of the losses in metrics.jsonl and "
-                           "TensorBoard (each one reads them from the device)")
-    checkpoint_every: int = Field(0, ge=0, description="epochs between kept epoch_XXXX.pt checkpoints (0: none; "
-                                  "last.pt is written every epoch regardless). A ResNet-18 checkpoint is ~180 MiB")
-    knn: bool = Field(True, description="kNN of every sub-network during pretraining: at random initialisation "
-                      "(eval.knn_random_init), every train.knn_every epochs and at the end (false: none; `slimssl "
-                      "knn RUN` measures it later)")
-    knn_every: int = Field(0, ge=0, description="epochs between online kNN evaluations (0: only at the end)")
+    sync_bn: bool = Field(
+        default=False, description="multi-GPU: BatchNorm statistics over the total batch (each sub-network's private "
+        "BatchNorm synchronised separately; needs CUDA)")
+    log_every: int = Field(
+        default=10, gt=0, description="steps between records of the losses in metrics.jsonl and TensorBoard (each one "
+        "reads them from the device)")
+    checkpoint_every: int = Field(
+        default=0, ge=0, description="epochs between kept epoch_XXXX.pt checkpoints (0: none; last.pt is written every "
+        "epoch regardless). A ResNet-18 checkpoint is ~180 MiB")
+    knn: bool = Field(
+        default=True, description="kNN of every sub-network during pretraining: at random initialisation "
+        "(eval.knn_random_init), every train.knn_every epochs and at the end (false: none; `slimssl knn RUN` measures "
+        "it later)")
+    knn_every: int = Field(default=0, ge=0, description="epochs between online kNN evaluations (0: only at the end)")
     grad_diagnostics_every: int = Field(
-        0, ge=0, description="steps between SlimCLR gradient-imbalance records in metrics.jsonl (0: off)")
+        default=0, ge=0, description="steps between SlimCLR gradient-imbalance records in metrics.jsonl (0: off)")
     nonfinite: Literal["error", "skip"] = Field(
-        "error", description="a NaN/Inf loss stops the run (error) or its step is skipped and counted (skip)")
+        default="error", description="a NaN/Inf loss stops the run (error) or its step is skipped and counted (skip)")
 
     @field_validator("seed")
     @classmethod
@@ -460,17 +484,19 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    knn_k: int = Field(200, gt=0, description="neighbours in the weighted kNN vote")
-    knn_temperature: float = Field(0.1, gt=0, description="temperature of the kNN vote's weights, exp(similarity / T)")
-    batch_size: int = Field(256, gt=0, description="images per forward pass in evaluations (kNN, probes' features, "
-                            "BatchNorm re-estimation)")
-    knn_random_init: bool = Field(True, description="kNN of the untrained network too, as a baseline")
+    knn_k: int = Field(default=200, gt=0, description="neighbours in the weighted kNN vote")
+    knn_temperature: float = Field(
+        default=0.1, gt=0, description="temperature of the kNN vote's weights, exp(similarity / T)")
+    batch_size: int = Field(
+        default=256, gt=0, description="images per forward pass in evaluations (kNN, probes' features, BatchNorm "
+        "re-estimation)")
+    knn_random_init: bool = Field(default=True, description="kNN of the untrained network too, as a baseline")
     crop_ratio: float = Field(
-        1.0, gt=0, le=1, description="evaluation images: the shorter side is resized to data.resolution / crop_ratio "
-        "and the centre data.resolution square kept (ImageNet's protocol: 0.875, resize 256, crop 224)")
+        default=1.0, gt=0, le=1, description="evaluation images: the shorter side is resized to data.resolution / "
+        "crop_ratio and the centre data.resolution square kept (ImageNet's protocol: 0.875, resize 256, crop 224)")
     train_crop: Literal["pad", "resized", "whole"] = Field(
-        "pad", description="the random crop of fine-tuning and of `linear --augment`, with a flip: pad (CIFAR: pad "
-        "by 1/8 of the size, crop the size), or ImageNet's RandomResizedCrop of 8-100% of the area, of the "
+        default="pad", description="the random crop of fine-tuning and of `linear --augment`, with a flip: pad (CIFAR: "
+        "pad by 1/8 of the size, crop the size), or ImageNet's RandomResizedCrop of 8-100% of the area, of the "
         "evaluation image (resized) or of the whole picture (whole: a streamed split only; one decoded in memory "
         "takes resized)")
 
@@ -483,7 +509,7 @@ class Config(Section):
     ``slimssl config --config NAME`` prints a recipe resolved; ``config_from_dict`` and ``load_config``
     turn pydantic's errors into a :class:`ConfigError` that names the file and the key."""
 
-    name: str = Field("run", description="the recipe's name, shown in logs and reports")
+    name: str = Field(default="run", description="the recipe's name, shown in logs and reports")
     model: ModelConfig = Field(default_factory=ModelConfig)
     menu: MenuConfig = Field(default_factory=MenuConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
