@@ -54,7 +54,7 @@ def typing_imports() -> dict[str, str]:
     tree = ast.parse(Path(slimssl.__file__).read_text(encoding="utf-8"))
     block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
     return {alias.name: "." * node.level + node.module for node in block.body if isinstance(node, ast.ImportFrom)
-            for alias in node.names}
+            and node.module for alias in node.names}
 
 
 def test_every_public_name_resolves_and_unknown_names_raise():

@@ -47,14 +47,15 @@ __all__ = [  # the names of _EXPORTS, written out for type checkers
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-            return importlib.import_module(f".{name}", __name__)  # slimssl.methods.register_method, as documented
-        raise AttributeError(f"module 'slimssl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
+if not TYPE_CHECKING:  # a type checker that saw it would take any name, a misspelt one too, as Any
+    def __getattr__(name: str) -> Any:
+        if name not in _EXPORTS:
+            if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+                return importlib.import_module(f".{name}", __name__)  # slimssl.methods.register_method, as documented
+            raise AttributeError(f"module 'slimssl' has no attribute {name!r}")
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
 
 
 def __dir__() -> list[str]:
@@ -62,6 +63,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
+    from . import methods as methods, slim as slim  # submodules the docs use: slimssl.methods.register_method
     from .budget import pick_subnet
     from .checkpoint import CheckpointError, load_checkpoint, load_supernet
     from .config import Config, ConfigError, load_config

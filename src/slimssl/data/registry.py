@@ -17,7 +17,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -48,7 +48,7 @@ _REGISTERED: dict[str, _Registered] = {}
 
 
 def register_dataset(name: str, train: Any, test: Any = None, *, val: Any = None,
-                     classes: list[str] | None = None) -> None:
+                     classes: Sequence[str] | None = None) -> None:
     """Make ``train`` (and ``test``, ``val``) known as the dataset ``name`` in this process; each split is:
 
     * ``(images, labels)``: images as one array or tensor, ``[N, H, W, C]`` or ``[N, C, H, W]`` (C: 1, 3, or 4

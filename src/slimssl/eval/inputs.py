@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 from ..launch import SEED_RANGE
 from ..wording import named
@@ -215,7 +215,10 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
     return supernet.to(torch_device).eval(), cfg, torch_device, epoch
 
 
-def gives_back_device(protocol: Callable) -> Callable:
+F = TypeVar("F", bound=Callable)
+
+
+def gives_back_device(protocol: F) -> F:
     """Decorates a protocol that takes a supernet in memory as its first argument: the protocol moves it to the
     evaluation's device (``load_model``), and this moves it back where it was after, errors included (as the
     protocols give back its mode), so that a caller's CPU supernet is not left on the GPU."""
@@ -230,7 +233,7 @@ def gives_back_device(protocol: Callable) -> Callable:
         finally:
             checkpoint.to(where)
 
-    return protocol_giving_back_device
+    return protocol_giving_back_device  # type: ignore[return-value]  # the signature of protocol
 
 
 def in_memory(checkpoint) -> bool:

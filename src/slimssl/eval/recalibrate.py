@@ -21,7 +21,7 @@ from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.slimmable import recalibrate_bn
 from ..errors import UsageError
 from ..launch import warn_of_repeated_work
-from ..nn.spec import SubnetSpec
+from ..nn.spec import SubnetLike, SubnetSpec
 from . import DEFAULT_RECALIBRATE_BATCHES, recalibration_batches
 
 log = logging.getLogger("slimssl")
@@ -103,7 +103,7 @@ def stored_estimates(supernet, specs: Sequence[SubnetSpec]) -> list[SubnetSpec]:
 
 
 @keeps_random_state
-def recalibrate_checkpoint(checkpoint: str | Path, subnet: str | float | SubnetSpec, out: str | Path, *,
+def recalibrate_checkpoint(checkpoint: str | Path, subnet: SubnetLike, out: str | Path, *,
                            batches: int = DEFAULT_RECALIBRATE_BATCHES, seed: int = 0,
                            device: str | torch.device = "auto", eval_batch_size: int | None = None,
                            **data) -> dict:

@@ -107,7 +107,7 @@ class SubnetSpec:
         return cls(width, tuple(int(d) for d in re.split(r"[-,.]", depths)))
 
     @classmethod
-    def coerce(cls, subnet: "SubnetSpec | str | float", full_depths: Sequence[int] | None = None) -> "SubnetSpec":
+    def coerce(cls, subnet: "SubnetLike", full_depths: Sequence[int] | None = None) -> "SubnetSpec":
         """A spec from a spec, its text (see :meth:`parse`), a width alone such as ``0.5`` (full depth), or a row
         of results that names it (``{"subnet": ...}``, as ``slimssl.pick_subnet`` and the evaluations return)."""
         if isinstance(subnet, cls):
@@ -173,7 +173,7 @@ class Menu(tuple):
     def smallest(self) -> SubnetSpec:
         return self[-1]
 
-    def require(self, spec: SubnetSpec | str | float, full_depths: Sequence[int] | None = None) -> SubnetSpec:
+    def require(self, spec: SubnetLike, full_depths: Sequence[int] | None = None) -> SubnetSpec:
         """Return the menu entry for ``spec`` or raise an error that lists the menu. A width alone means the
         depth of ``full_depths``, by default that of the menu's largest entry."""
         spec = SubnetSpec.coerce(spec, self.largest.depths if full_depths is None else full_depths)

@@ -31,6 +31,8 @@ from .signals import Interrupted
 if TYPE_CHECKING:
     import torch
 
+    from ..models.resnet import SlimResNet
+
 log = logging.getLogger("slimssl")
 
 
@@ -48,7 +50,7 @@ class PretrainRun:
     def finished(self) -> bool:
         return self.step >= self.total_steps
 
-    def load_supernet(self):
+    def load_supernet(self) -> tuple[SlimResNet, Config]:
         """The supernet of the run's last checkpoint and its config: ``slimssl.load_supernet(run_dir)``."""
         from ..checkpoint import load_supernet
 

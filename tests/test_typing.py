@@ -1,0 +1,49 @@
+"""slimssl ships py.typed, so a user's type checker reads its annotations: the calls the docs show must check,
+and a mistake the annotations can see must be reported (mypy, the dev extra; skipped without it)."""
+
+import re
+import textwrap
+
+import pytest
+
+from conftest import REPO_ROOT
+
+USER_CODE = textwrap.dedent('''
+    import slimssl
+    from slimssl.config import TrainConfig
+
+    config = slimssl.Config()  # docs/config.md: every default
+    train = TrainConfig(epochs=5)
+    spec = slimssl.SubnetSpec.coerce({"subnet": "w0p5"})  # a row of results names its sub-network
+    slimssl.register_dataset("mine", ([], []), classes=("cat", "dog"))
+    slimssl.methods.register_method
+
+
+    def use(run: slimssl.PretrainRun) -> None:
+        supernet, cfg = run.load_supernet()
+        reveal_type(supernet)
+        reveal_type(cfg)
+        reveal_type(slimssl.knn)
+
+
+    slimssl.pretrian("demo")  # wrong: misspelt
+    slimssl.knn("runs/demo", k="200")  # wrong: k is a number
+''')
+
+
+def test_the_documented_calls_type_check_and_mistakes_are_reported(tmp_path, monkeypatch):
+    api = pytest.importorskip("mypy.api")
+    (tmp_path / "user.py").write_text(USER_CODE)
+    monkeypatch.setenv("MYPYPATH", str(REPO_ROOT / "src"))  # this checkout, however slimssl is installed
+    out, err, _ = api.run([str(tmp_path / "user.py"), "--ignore-missing-imports", "--follow-imports=silent",
+                           "--no-error-summary", "--cache-dir", str(tmp_path / "cache")])
+    lines = USER_CODE.splitlines()
+    said = {}
+    for line, kind, text in re.findall(r"user\.py:(\d+): (\w+): (.*)", out):
+        said.setdefault(lines[int(line) - 1].strip(), []).append(f"{kind}: {text}")
+    errors = {code: [m for m in messages if m.startswith("error")] for code, messages in said.items()}
+    assert {code for code, found in errors.items() if found} == {'slimssl.pretrian("demo")  # wrong: misspelt',
+                                                                  'slimssl.knn("runs/demo", k="200")  # wrong: k is '
+                                                                  'a number'}, (out, err)
+    assert "SlimResNet" in said["reveal_type(supernet)"][0] and "Config" in said["reveal_type(cfg)"][0]
+    assert "k: int | None" in said["reveal_type(slimssl.knn)"][0]  # the signature, not (*Any, **Any)
