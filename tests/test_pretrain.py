@@ -907,3 +907,25 @@ def test_a_resume_with_other_cpu_threads_says_it_will_not_be_bit_for_bit(tmp_pat
         torch.set_num_threads(threads)
     assert f"was saved with cpu_threads {threads}; this process has cpu_threads {threads + 1}: the run continues" \
            in caplog.text
+
+
+def test_a_pretrain_run_stands_for_its_run_directory(tmp_path, caplog):
+    """``slimssl.knn(run)`` as ``slimssl.knn(run.run_dir)``: a PretrainRun is an os.PathLike of its directory,
+    and messages name the directory."""
+    import os
+
+    import slimssl
+
+    run = slimssl.pretrain(tiny("byol", train={"epochs": 2}), tmp_path / "run", overrides=["train.knn_every=0"],
+                           max_steps=1)
+    assert os.fspath(run) == str(run) == str(tmp_path / "run")
+    resumed = slimssl.pretrain(out=run, resume=True, max_steps=2)
+    assert resumed.step == 2 and resumed.run_dir == run.run_dir
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        rows = slimssl.knn(resumed, [0.5])
+    assert f"{tmp_path / 'run'} holds epoch" in caplog.text and "PretrainRun(" not in caplog.text
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["subnets"][0]["knn_top1"] == rows[0]["knn_top1"]
+    assert slimssl.pick_subnet(resumed, max_macs=1e12)["subnet"] == rows[0]["subnet"]
+    (exported,) = slimssl.export_run(resumed, tmp_path / "out", rows[0]["subnet"])
+    supernet, _ = slimssl.load_supernet(resumed)
+    assert slimssl.verify_export(supernet, rows[0]["subnet"], exported["path"], 16) < 1e-4

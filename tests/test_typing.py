@@ -24,6 +24,9 @@ USER_CODE = textwrap.dedent('''
         reveal_type(supernet)
         reveal_type(cfg)
         reveal_type(slimssl.knn)
+        slimssl.knn(run, [0.25, 0.5])  # a run stands for its directory
+        best = slimssl.pick_subnet(run, max_macs="2M")
+        slimssl.export_run(run, "deploy", best)
 
 
     slimssl.pretrian("demo")  # wrong: misspelt

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import math
 import re
 from decimal import Decimal, InvalidOperation
@@ -37,7 +38,7 @@ def parse_count(value: str | float) -> float:
     return number
 
 
-def pick_subnet(run: str | Path, *, max_macs: str | float | None = None, max_params: str | float | None = None,
+def pick_subnet(run: str | os.PathLike, *, max_macs: str | float | None = None, max_params: str | float | None = None,
                 metric: str | None = None) -> dict[str, Any]:
     """The results.json row (subnet, width, depths, params, macs and the measured values) of the most accurate
     sub-network of ``run`` whose backbone fits within ``max_macs`` and ``max_params`` (counted as results.json

@@ -124,7 +124,7 @@ def checkpoint_epoch(path: str | Path) -> float | None:
         return None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a checkpoint; the returned dict has ``config`` as a :class:`Config`."""
     path = _checkpoint_file(Path(path))
     if isinstance(map_location, str):  # checked here so that a bad device is not blamed on the file
@@ -348,7 +348,7 @@ def pretraining_unfinished(trained: dict) -> bool:
 
 
 @keeps_random_state
-def load_supernet(path: str | Path, config: Config | dict | str | Path | None = None) -> tuple[SlimResNet, Config]:
+def load_supernet(path: str | os.PathLike, config: Config | dict | str | Path | None = None) -> tuple[SlimResNet, Config]:
     """The trained backbone supernet of a checkpoint or run directory (eval mode, on the CPU) and its config.
 
     With ``config`` (a Config, a dict of sections, or a YAML path or shipped name), its menu and architecture

@@ -13,6 +13,7 @@ run's results (``slimssl report``) or listing the recipes (``slimssl config --li
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def where_in_a_run(path: str | Path, itself: bool = True) -> str | None:
 
 def is_export_dir(path: str | Path) -> bool:
     """Whether ``path`` is one exported sub-network's folder (its config.json and model.safetensors)."""
-    if not isinstance(path, (str, Path)):
+    if not isinstance(path, (str, os.PathLike)):
         return False
     path = Path(path)
     return path.is_dir() and (path / EXPORT_CONFIG).is_file() and (path / EXPORT_WEIGHTS).is_file()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -82,7 +83,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
 
 @keeps_random_state
 @gives_back_device
-def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int | None = None,
+def knn(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all", *, k: int | None = None,
         temperature: float | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
         recalibrate_bn: int | None = None, save: bool = True, config: Config | dict | str | Path | None = None,
         **data) -> list[dict]:
@@ -126,7 +127,7 @@ def knn(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *, k: int
 
 @keeps_random_state
 @gives_back_device
-def linear_probe(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all", *,
+def linear_probe(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all", *,
                  epochs: int = DEFAULT_EPOCHS, lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE,
                  seed: int = 0, augment: bool = False, train_crop: str | None = None, distill: bool = False,
                  shared_head: bool = False, raw_features: bool = False, milestones: Sequence[int] | None = None,
@@ -231,7 +232,7 @@ def _save_probe_classifier(classifier, folder: Path, row: dict, protocol: str, s
 
 @keeps_random_state
 @gives_back_device
-def finetune(checkpoint: str | Path | SlimResNet, subnets: Subnets = "all",
+def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all",
              label_fractions: Sequence[float] | float = (0.01, 0.1), *, epochs: int | None = None,
              lr: float | None = None, batch_size: int | None = None, seed: int = 0, train_crop: str | None = None,
              out: str | Path | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,

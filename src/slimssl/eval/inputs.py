@@ -201,7 +201,7 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
         cfg = as_config(config)
         check_config_is_the_supernets(checkpoint, cfg)
         return checkpoint.to(torch_device), cfg, torch_device, None
-    if not isinstance(checkpoint, (str, Path)):
+    if not isinstance(checkpoint, (str, os.PathLike)):
         raise UsageError(f"expected a checkpoint file or run directory (str or Path), or a SlimResNet supernet; got "
                          f"{type(checkpoint).__name__}")
     if config is not None:  # its results would be merged into the run as if measured with the run's settings
@@ -238,7 +238,7 @@ def gives_back_device(protocol: F) -> F:
 
 def in_memory(checkpoint) -> bool:
     """Whether a protocol was given a supernet rather than a file: its results are returned, not saved."""
-    return not isinstance(checkpoint, (str, Path))
+    return not isinstance(checkpoint, (str, os.PathLike))
 
 
 def saves_results(checkpoint) -> bool:

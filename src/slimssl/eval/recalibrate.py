@@ -103,7 +103,7 @@ def stored_estimates(supernet, specs: Sequence[SubnetSpec]) -> list[SubnetSpec]:
 
 
 @keeps_random_state
-def recalibrate_checkpoint(checkpoint: str | Path, subnet: SubnetLike, out: str | Path, *,
+def recalibrate_checkpoint(checkpoint: str | os.PathLike, subnet: SubnetLike, out: str | Path, *,
                            batches: int = DEFAULT_RECALIBRATE_BATCHES, seed: int = 0,
                            device: str | torch.device = "auto", eval_batch_size: int | None = None,
                            **data) -> dict:

@@ -26,7 +26,7 @@ log = logging.getLogger("slimssl")
 
 
 @keeps_random_state
-def export_run(checkpoint: str | Path | None, out: str | Path, subnets: Subnets = "all", *,
+def export_run(checkpoint: str | os.PathLike | None, out: str | Path, subnets: Subnets = "all", *,
                config: Config | dict | str | Path | None = None, overrides: Sequence[str] = (),
                fmt: str = "safetensors", overwrite: bool = False, verify: bool = False,
                resolution: int | None = None, recalibrate_bn: int | None = None, device: str | torch.device = "auto",

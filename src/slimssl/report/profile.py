@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -116,7 +116,7 @@ def profile(model, subnets="all", *, resolution: int | None = None, num_classes:
                     threads)
     if isinstance(model, SlimResNet):
         supernet, recorded = model, None
-    elif isinstance(model, (str, Path)):
+    elif isinstance(model, (str, os.PathLike)):
         from ..checkpoint import load_supernet
         from ..layout import is_export_dir
         from ..eval.exported import supernet_of_export

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterable
@@ -39,7 +40,8 @@ log = logging.getLogger("slimssl")
 @dataclass(frozen=True, repr=False)
 class PretrainRun:
     """What a pretraining call leaves: its run directory (``load_supernet()`` loads its trained supernet), the
-    content of its ``results.json`` once finished, and how far it got."""
+    content of its ``results.json`` once finished, and how far it got. It is an ``os.PathLike`` of its run
+    directory, so it can be passed wherever one is taken (``slimssl.knn(run)``, ``pretrain(out=run, resume=True)``)."""
 
     run_dir: Path
     results: dict[str, Any]  # empty when stopped early by max_steps
@@ -49,6 +51,12 @@ class PretrainRun:
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
+
+    def __fspath__(self) -> str:  # a run stands for its directory: slimssl.knn(run), slimssl.export_run(run, ...)
+        return str(self.run_dir)
+
+    def __str__(self) -> str:  # as messages name a run directory given as a path
+        return str(self.run_dir)
 
     def load_supernet(self) -> tuple[SlimResNet, Config]:
         """The supernet of the run's last checkpoint and its config: ``slimssl.load_supernet(run_dir)``."""
@@ -187,7 +195,7 @@ def _discard_failed_start(run_dir: Path, trainer, existed: set[str], created: bo
         log.warning("could not remove the files of the failed run in %s: %s", run_dir, e)
 
 
-def pretrain(config: Config | dict | str | Path | None = None, out: str | Path | None = None, *,
+def pretrain(config: Config | dict | str | Path | None = None, out: str | os.PathLike | None = None, *,
              overrides: Sequence[str] = (), resume: bool | Literal["auto"] = False,
              max_steps: int | None = None, data: str | Path | None = None, epochs: int | None = None,
              batch_size: int | None = None, device: str | torch.device | None = None, seed: int | None = None,
