@@ -9,8 +9,11 @@ import pytest
 from conftest import REPO_ROOT
 
 USER_CODE = textwrap.dedent('''
+    import torch
+
     import slimssl
     from slimssl.config import TrainConfig
+    from slimssl.methods import Method, MethodOutput
 
     config = slimssl.Config()  # docs/config.md: every default
     train = TrainConfig(epochs=5)
@@ -27,6 +30,14 @@ USER_CODE = textwrap.dedent('''
         slimssl.knn(run, [0.25, 0.5])  # a run stands for its directory
         best = slimssl.pick_subnet(run, max_macs="2M")
         slimssl.export_run(run, "deploy", best)
+
+
+    class Mine(Method):  # docs/extending.md: a method of one's own, its hooks annotated
+        name = "mine"
+
+        def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:
+            p1, p2 = online
+            return MethodOutput((p1 - target[1]).pow(2).mean(), distill_on=[p1, p2])
 
 
     slimssl.pretrian("demo")  # wrong: misspelt

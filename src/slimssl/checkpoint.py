@@ -348,7 +348,8 @@ def pretraining_unfinished(trained: dict) -> bool:
 
 
 @keeps_random_state
-def load_supernet(path: str | os.PathLike, config: Config | dict | str | Path | None = None) -> tuple[SlimResNet, Config]:
+def load_supernet(path: str | os.PathLike, config: Config | dict | str | Path | None = None
+                  ) -> tuple[SlimResNet, Config]:
     """The trained backbone supernet of a checkpoint or run directory (eval mode, on the CPU) and its config.
 
     With ``config`` (a Config, a dict of sections, or a YAML path or shipped name), its menu and architecture

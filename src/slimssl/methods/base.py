@@ -19,9 +19,10 @@ from .losses import soft_cross_entropy
 if TYPE_CHECKING:
     from ..config import MethodConfig
 
-# One entry per view (two); None for a view that :meth:`Method.views_used` leaves out on that side (a method
-# whose loss is symmetric gets both).
-Views = list[torch.Tensor | None]
+# A network's outputs, one entry per view (two). A view that :meth:`Method.views_used` leaves out on that side is
+# None in its place; the type says the usual case, a symmetric loss that gets every view, so that a method's
+# hooks and the MethodOutput they return type-check as written.
+PerView = list[torch.Tensor]
 
 
 @dataclass
@@ -70,12 +71,12 @@ class Method(nn.Module):
         self.cfg = cfg
         self.options = {**self.default_options, **cfg.options}  # checked against the defaults by the config
 
-    def loss(self, online: Views, target: Views) -> MethodOutput:
+    def loss(self, online: PerView, target: PerView) -> MethodOutput:
         """``online``: the online network's outputs for the views; ``target``: the full-size target's. A view
         left out by :meth:`views_used` is ``None`` there."""
         raise NotImplementedError
 
-    def prepare_target(self, target: Views) -> Views:
+    def prepare_target(self, target: PerView) -> PerView:
         """The target's outputs as every sub-network's loss takes them, computed once per step (e.g. keys
         gathered over the processes). Unchanged by default."""
         return target
@@ -107,5 +108,5 @@ class Method(nn.Module):
         return 1 - (1 - m) * (math.cos(math.pi * progress) + 1) / 2
 
     @torch.no_grad()
-    def after_step(self, target: Views) -> None:
+    def after_step(self, target: PerView) -> None:
         """Update method state (e.g. a queue of keys) once per iteration, after all sub-networks ran."""

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ..train.distributed import all_gather_nograd
-from .base import Layer, Method, MethodOutput, Views
+from .base import Layer, Method, MethodOutput, PerView
 from .losses import contrastive_loss, info_nce_logits
 
 
@@ -34,14 +34,14 @@ class MoCoV2(Method):
         # MoCo v2 as published: the query from view 1 only, the key (and the queue's new keys) from view 2 only
         return ((0, 1), (0, 1)) if self.cfg.symmetric else ((0,), (1,))
 
-    def loss(self, online: Views, target: Views) -> MethodOutput:
+    def loss(self, online: PerView, target: PerView) -> MethodOutput:
         pairs = [(0, 1), (1, 0)] if self.cfg.symmetric else [(0, 1)]
         logits = [info_nce_logits(online[i], target[j], self.queue, self.cfg.temperature) for i, j in pairs]
         labels = torch.zeros(len(online[0]), dtype=torch.long, device=online[0].device)
         return MethodOutput(sum(contrastive_loss(lg, labels) for lg in logits), logits)
 
     @torch.no_grad()
-    def after_step(self, target: Views) -> None:
+    def after_step(self, target: PerView) -> None:
         views = target if self.cfg.symmetric else target[1:]
         # view by view, each gathered over the processes: the queue holds the same keys in the same places
         # whatever the number of processes
