@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from . import FORMATS
 from .graphs import (GRAPHS, ONNX, PROGRAM, export_onnx, export_program, program_input, require_onnx, run_onnx,
                      run_program)  # the graphs an export may add beside its weights
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 EXPORT_FORMAT = "slimssl-plain-resnet"
 
 log = logging.getLogger("slimssl")
@@ -46,7 +50,8 @@ CARRIED = ("resolution", "crop_ratio", "mean", "std", "source", "subnet", "cut_f
 @keeps_random_state
 def export_subnet(supernet: SlimResNet, subnet: SubnetLike | None, out_dir: str | Path,
                   fmt: str = "safetensors", resolution: int | None = None, metadata: dict | None = None,
-                  overwrite: bool = False, check_bn_statistics: bool = True, config=None) -> Path:
+                  overwrite: bool = False, check_bn_statistics: bool = True,
+                  config: Config | dict | str | os.PathLike | None = None) -> Path:
     """Write ``subnet`` of ``supernet`` to ``out_dir/<subnet name>/`` and return that folder.
 
     The weights and BatchNorm statistics are written as the supernet holds them, in its dtype. With shared

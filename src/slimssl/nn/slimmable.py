@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from numbers import Real
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -99,7 +99,7 @@ class SlimmableMixin:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: SlimmableMixin, subnet: SubnetLike, batches,
+def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches: Iterable[torch.Tensor],
                    device: torch.device | str | None = None) -> None:
     """Re-estimate, in place, the BatchNorm running statistics of ``subnet`` from ``batches`` of input images.
 

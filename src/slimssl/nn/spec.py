@@ -144,7 +144,7 @@ SubnetLike = Union[SubnetSpec, str, float, Mapping]
 Subnets = Union[SubnetLike, Sequence[SubnetLike], None]
 
 
-class Menu(tuple):
+class Menu(tuple[SubnetSpec, ...]):
     """The ordered desired sub-networks of a supernet, largest first, without repeats."""
 
     def __new__(cls, specs: Iterable[SubnetSpec | str | float],

@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..models.plain import PlainResNet
-from ..seeds import keeps_random_state
 from ..models.resnet import SlimResNet
-from ..nn.spec import SubnetSpec
+from ..seeds import keeps_random_state
+from ..nn.spec import Subnets, SubnetSpec
 
 log = logging.getLogger("slimssl")
 
@@ -94,8 +94,8 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 @keeps_random_state
-def profile(model, subnets="all", *, resolution: int | None = None, num_classes: int = 0,
-            latency: bool = False, threads: int | None = None) -> list[dict]:
+def profile(model: SlimResNet | str | os.PathLike, subnets: Subnets = "all", *, resolution: int | None = None,
+            num_classes: int = 0, latency: bool = False, threads: int | None = None) -> list[dict]:
     """What ``slimssl profile`` prints, from Python: one row per sub-network (``subnets``: a width or name, a
     list, or ``"all"``, the menu) with its params and MACs at ``resolution`` (backbone only; ``num_classes``
     counts a classifier too, as the papers do), and its CPU latency at batch 1 with ``latency=True``, on
