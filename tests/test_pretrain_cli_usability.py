@@ -233,7 +233,7 @@ def test_a_missing_path_is_refused_not_read_as_the_shipped_config_of_its_name(tm
                                               r"name is 'demo(\.yaml)?', without a folder\); shipped configs: "):
             find_config(missing)
     assert find_config("demo.yaml") == Path(str(PACKAGED / "demo.yaml"))  # a bare name is still the shipped one
-    with pytest.raises(ConfigError, match=r"config file 'demo.yml' does not exist; shipped configs: "):
+    with pytest.raises(ConfigError, match=r"config file 'demo.yml' does not exist \(did you mean demo\?\); shipped configs: "):
         find_config("demo.yml")
 
 
@@ -522,3 +522,24 @@ def test_pretrain_gives_the_callers_random_state_back(tmp_path, config):
     torch.manual_seed(1234)
     run = slimssl.pretrain(config, tmp_path / "run", max_steps=1)
     assert run.step == 1 and torch.equal(torch.rand(4), expected)
+
+
+def test_a_misspelt_dataset_or_recipe_name_gets_the_closest_known_one(tmp_path, capsys, caplog):
+    import numpy as np
+
+    import slimssl
+
+    assert main(["pretrain", "--data", "cifar1O", "--out", str(tmp_path / "a")]) == 2
+    assert "'cifar1O' is neither a known dataset name" in error_text(capsys, caplog)
+    assert "(did you mean cifar10?)" in error_text(capsys, caplog)
+    slimssl.register_dataset("my_digits", (np.zeros((4, 8, 8, 3), np.uint8), np.arange(4) % 2))
+    try:
+        with pytest.raises(slimssl.DataError, match=r"\(did you mean my_digits\?\)"):
+            slimssl.pretrain(tiny(), tmp_path / "b", data="my_digit")
+    finally:
+        slimssl.unregister_dataset("my_digits")
+    assert main(["pretrain", "--config", "cifar10_r18_dspnet_bol", "--out", str(tmp_path / "c")]) == 2
+    assert "(did you mean cifar10_r18_dspnet_byol?)" in error_text(capsys, caplog)
+    caplog.clear()
+    assert main(["pretrain", "--config", "nothing_like_any", "--out", str(tmp_path / "d")]) == 2
+    assert "did you mean" not in error_text(capsys, caplog)

@@ -15,7 +15,7 @@ import time
 
 from . import __version__
 from .cli_args import OutputClosed
-from .wording import command_line
+from .wording import command_line, did_you_mean
 from .errors import SlimsslError, UsageError, storage_error
 from .launch import torchrun_processes
 
@@ -77,12 +77,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _command_hint(parser: argparse.ArgumentParser, message: str) -> str:
     """`` (did you mean knn?)`` for a misspelt command."""
-    import difflib
-
     typed = re.match(r"argument COMMAND: invalid choice: '([^']*)'", message)
-    commands = getattr(parser, "commands", None) or {}
-    close = difflib.get_close_matches(typed.group(1), sorted(commands), n=1, cutoff=0.6) if typed else []
-    return f" (did you mean {close[0]}?)" if close else ""
+    return did_you_mean(typed.group(1), getattr(parser, "commands", None) or {}) if typed else ""
 
 
 def _swallowed_path_hint(parser: argparse.ArgumentParser, given: list[str]) -> str:
@@ -210,8 +206,6 @@ GLOBAL_OPTIONS = ("--import", "-v", "--verbose", "--version")  # slimssl's own, 
 def _unknown_option_hint(parser: argparse.ArgumentParser, command: str | None, unknown: str, after_command: bool) -> str:
     """Why ``unknown`` (the first argument no parser took) was not taken: an option given on the wrong side of
     the command, or a misspelt one (argparse takes no prefixes here), with the closest option's name."""
-    import difflib
-
     option = unknown.split("=", 1)[0]
     own = set(parser.commands[command]._option_string_actions) if command else set()
     if not after_command and option in own:
@@ -225,8 +219,7 @@ def _unknown_option_hint(parser: argparse.ArgumentParser, command: str | None, u
         return (f" ({command} takes no --set: it evaluates with the config saved in the run; what it may change are "
                 f"its flags, see slimssl {command} --help)")
     known = own if after_command else own | set(GLOBAL_OPTIONS)
-    close = difflib.get_close_matches(option, sorted(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    return did_you_mean(option, known)
 
 
 def main(argv: list[str] | None = None) -> int:

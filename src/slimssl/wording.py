@@ -5,6 +5,7 @@ it. Free of torch, and of the command line's own code: the library's modules wor
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import re
 import shlex
@@ -22,6 +23,14 @@ OVERRIDING_FLAGS = {"pretrain": "--data, --epochs, --batch-size, --device, --see
 
 def on_command_line() -> bool:
     return _COMMAND.get() is not None
+
+
+def did_you_mean(word: str, known) -> str:
+    """`` (did you mean knn?)``: the closest of ``known`` to a misspelt ``word`` (in any case), or '' when none is
+    close."""
+    by_lower = {name.lower(): name for name in sorted(known, reverse=True)}  # of two spellings, the first sorted
+    close = difflib.get_close_matches(word.lower(), sorted(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]}?)" if close else ""
 
 
 def named(flag: str, keyword: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..wording import on_command_line, overrides_named
+from ..wording import did_you_mean, on_command_line, overrides_named
 from ..errors import short_repr
 from ..layout import CONFIG, PACKAGED, packaged_configs
 from .schema import Config, ConfigError
@@ -39,6 +39,8 @@ def find_config(name: str | Path) -> Path:
         return Path(str(shipped))
     hint = f" (the shipped one of that name is {path.name if path.suffix else shipped.stem!r}, without a folder)" \
         if shipped else ""
+    if not hint:
+        hint = did_you_mean(path.stem, [shipped.removesuffix(".yaml") for shipped in packaged_configs()])
     raise ConfigError(f"config file {str(name)!r} does not exist{hint}; shipped configs: "
                       f"{', '.join(packaged_configs())}")
 

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..wording import named
+from ..wording import did_you_mean, named
 from ..errors import DataError, MissingSplitError
 
 log = logging.getLogger("slimssl")
@@ -58,9 +58,12 @@ def existing_path(source: str) -> str:
     """The absolute path of a dataset ``source`` that is not a built-in name, or a DataError."""
     path = os.path.abspath(os.path.expanduser(source))
     if not os.path.exists(path):
+        from .registry import registered_names  # not at the top: the registry imports this module
+
         registered = named("by a module given to --import", "with slimssl.register_dataset in this process")
         raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}, or one registered "
-                        f"{registered}) nor an existing path (looked for {path})")
+                        f"{registered}) nor an existing path (looked for {path})"
+                        f"{did_you_mean(source, [*BUILTIN, *registered_names()])}")
     return path
 
 

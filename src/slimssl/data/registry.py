@@ -91,6 +91,11 @@ def unregister_dataset(name: str) -> None:
         raise DataError(f"no dataset {name!r} is registered; registered: {', '.join(_REGISTERED) or 'none'}")
 
 
+def registered_names() -> list[str]:
+    """The datasets registered in this process, in the order they were registered."""
+    return list(_REGISTERED)
+
+
 def registered_name(source) -> str | None:
     """The registered dataset that ``source`` names (``registered:NAME@...``, or the NAME of a registered one),
     registered in this process or not; None for anything else."""
