@@ -14,7 +14,7 @@ import yaml
 from slimssl.checkpoint import load_checkpoint, load_supernet, save_checkpoint
 from slimssl.cli import main
 from slimssl.config import config_from_dict, load_config, packaged_configs
-from slimssl import load_exported
+from slimssl import load_exported, load_supernet
 from slimssl.train.loop import StepResult, Trainer
 from slimssl.train.optim import lr_at
 
@@ -511,6 +511,10 @@ def test_every_shipped_recipe_trains_a_step_when_shrunk(name, tmp_path):
     menu = trainer.model.backbone.menu
     assert menu.largest.name in ran and menu.smallest.name in ran
     assert all(torch.isfinite(v) for v in losses.values())
+    # what evaluation, export and profile open: the checkpoint's supernet, its depths the arch's when unset
+    trainer.save()
+    supernet, _ = load_supernet(tmp_path)
+    assert supernet.menu == menu and torch.equal(supernet.conv1.weight, trainer.model.backbone.conv1.weight)
 
 
 def test_asymmetric_mocov2_runs_only_the_forwards_its_loss_reads(tmp_path):

@@ -377,7 +377,7 @@ def supernet_of(data: dict, path: str | Path, config: Config | dict | str | Path
             raise CheckpointError(f"checkpoint {path} holds another architecture than the config asks for:\n  "
                                   + "\n  ".join(diffs))
     state = backbone_state(data["model"])
-    misfit = weights_misfit(lambda: build_supernet(data["config"]), data["config"].model.depths, state)
+    misfit = weights_misfit(lambda: build_supernet(data["config"]), data["config"].model.full_depths, state)
     if misfit:  # found before the network is allocated: a hand-edited config could ask for any size
         raise CheckpointError(f"{path}: the stored weights do not fit the stored config ({misfit})")
     model = build_supernet(data["config"])
