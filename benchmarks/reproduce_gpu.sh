@@ -52,11 +52,13 @@ for earlier in .runs/repro-results.tgz docs/results/repro-results.tgz; do
 done
 . "$(dirname "${BASH_SOURCE[0]}")/gpu_env.sh"  # slimssl from src/, carried wheels of what the machine lacks
 
-if [ "${PREFLIGHT:-1}" != 0 ]; then  # the given options first: the tiny settings after them win
+# the given options first: the tiny settings after them win. The recipe's own depths are kept (ResNet-18's, left
+# unset in the recipe): the preflight opens checkpoints as the real run does
+if [ "${PREFLIGHT:-1}" != 0 ]; then
     preflight="$(mktemp -d)" preflight_start=$SECONDS
     if timeout -k 10 180 "$py" -m slimssl reproduce --data fake --out "$preflight/repro" --device "${DEVICE:-cuda}" "$@" \
         --epochs 1 --batch-size 128 --probe-epochs 1 --set data.fake_size=256 data.resolution=16 model.base_width=8 \
-        "model.depths=[1,1,1,1]" method.proj_hidden=32 method.proj_dim=16 method.pred_hidden=32 eval.knn_k=5 \
+        method.proj_hidden=32 method.proj_dim=16 method.pred_hidden=32 eval.knn_k=5 \
         eval.batch_size=64 train.compile=off >"$out/preflight.log" 2>&1; then  # compiling every tiny run: minutes
         echo "preflight: a tiny reproduction on fake images passed on ${DEVICE:-cuda} in $((SECONDS - preflight_start)) s"
         rm -rf "$preflight"
