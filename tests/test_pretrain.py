@@ -913,7 +913,7 @@ def test_a_resume_with_other_cpu_threads_says_it_will_not_be_bit_for_bit(tmp_pat
            in caplog.text
 
 
-def test_a_pretrain_run_stands_for_its_run_directory(tmp_path, caplog):
+def test_a_pretrain_run_stands_for_its_run_directory(tmp_path, caplog, monkeypatch):
     """``slimssl.knn(run)`` as ``slimssl.knn(run.run_dir)``: a PretrainRun is an os.PathLike of its directory,
     and messages name the directory."""
     import os
@@ -923,7 +923,13 @@ def test_a_pretrain_run_stands_for_its_run_directory(tmp_path, caplog):
     run = slimssl.pretrain(tiny("byol", train={"epochs": 2}), tmp_path / "run", overrides=["train.knn_every=0"],
                            max_steps=1)
     assert os.fspath(run) == str(run) == str(tmp_path / "run")
-    resumed = slimssl.pretrain(out=run, resume=True, max_steps=2)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "run").mkdir(parents=True)  # a run folder of the same relative name: not the one returned
+    monkeypatch.chdir(tmp_path)
+    relative = slimssl.pretrain(out="run", resume=True, max_steps=1)
+    assert relative.run_dir == tmp_path / "run" and relative.step == 1
+    monkeypatch.chdir(elsewhere)
+    resumed = slimssl.pretrain(out=relative, resume=True, max_steps=2)
     assert resumed.step == 2 and resumed.run_dir == run.run_dir
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         rows = slimssl.knn(resumed, [0.5])
@@ -933,3 +939,4 @@ def test_a_pretrain_run_stands_for_its_run_directory(tmp_path, caplog):
     (exported,) = slimssl.export_run(resumed, tmp_path / "out", rows[0]["subnet"])
     supernet, _ = slimssl.load_supernet(resumed)
     assert slimssl.verify_export(supernet, rows[0]["subnet"], exported["path"], 16) < 1e-4
+    assert Path(exported["path"]).is_absolute()  # from any working directory

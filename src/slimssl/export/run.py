@@ -85,7 +85,7 @@ def export_run(checkpoint: str | os.PathLike | None, out: str | Path, subnets: S
                                metadata={"source": source, **trained,
                                          **preprocessing(cfg, options.resolved_crop_ratio(cfg)), "bn": cfg.model.bn,
                                          "bn_recalibration": statistics[spec.name]}, check_bn_statistics=False)
-        row = {"subnet": spec.name, "path": str(folder)}
+        row = {"subnet": spec.name, "path": str(folder.absolute())}  # from any working directory
         if verify:  # the files as written, read back: safetensors, and the graph when exported
             row["max_abs_diff"], row["max_rel_diff"] = export_differences(model, spec, load_exported(folder),
                                                                           resolution)

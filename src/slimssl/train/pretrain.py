@@ -52,6 +52,9 @@ class PretrainRun:
     def finished(self) -> bool:
         return self.step >= self.total_steps
 
+    def __post_init__(self) -> None:  # the run it was returned for, whatever the working directory is later
+        object.__setattr__(self, "run_dir", Path(os.path.abspath(self.run_dir)))
+
     def __fspath__(self) -> str:  # a run stands for its directory: slimssl.knn(run), slimssl.export_run(run, ...)
         return str(self.run_dir)
 
