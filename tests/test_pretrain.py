@@ -880,6 +880,29 @@ def test_the_progress_bar_is_shown_on_rank_0_unless_tqdm_disable_turns_it_off(mo
     assert ("4/4" in capsys.readouterr().err) == shown
 
 
+def test_the_progress_bar_of_a_notebook_is_redrawn_often_and_a_log_files_every_30_s(monkeypatch):
+    """A notebook's kernel writes stderr to no terminal, as a log file does, but its widget is redrawn in place."""
+    import tqdm.notebook
+
+    from slimssl.train.metrics import progress_bar
+
+    made = []
+
+    class NotebookBar(tqdm.notebook.tqdm):  # what tqdm.auto picks in a notebook, without drawing a widget
+        def __init__(self, **kwargs):
+            made.append(kwargs["mininterval"])
+
+        def __del__(self):
+            pass
+
+    monkeypatch.setattr("tqdm.auto.tqdm", NotebookBar)
+    progress_bar(0, 4, True)
+    monkeypatch.setattr("tqdm.auto.tqdm", tqdm.std.tqdm)
+    with progress_bar(0, 4, True) as bar:  # pytest's stderr is no terminal: a log file's interval
+        assert bar.mininterval == 30.0
+    assert made == [0.5]
+
+
 @pytest.mark.parametrize("env", ["True", " yes ", "ON"])
 def test_tqdm_disable_is_read_in_any_case_and_spacing(monkeypatch, capsys, env):
     from slimssl.train.metrics import progress_bar

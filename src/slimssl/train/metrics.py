@@ -230,8 +230,10 @@ def progress_bar(start: int, end: int, enabled: bool):
     """The training loop's progress bar over steps ``start``..``end`` (rank 0: ``enabled``)."""
     from tqdm.auto import tqdm  # late: tqdm is only needed once a run trains
 
-    # a log file (no terminal) gets a progress line every 30 s instead of every refresh
-    interval = 0.1 if sys.stderr.isatty() else 30.0
+    # a log file (no terminal) gets a progress line every 30 s instead of every refresh; a notebook's widget is
+    # redrawn in place, though the kernel's stderr is no terminal
+    in_notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
+    interval = 0.1 if sys.stderr.isatty() else 0.5 if in_notebook else 30.0
     # tqdm's own TQDM_DISABLE, read here: tqdm's notebook bar passes disable=False itself, over the variable
     off = not enabled or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
     return tqdm(total=end, initial=start, disable=off, unit="step", dynamic_ncols=True, leave=True,
