@@ -946,6 +946,9 @@ def test_a_pretrain_run_stands_for_its_run_directory(tmp_path, caplog, monkeypat
     run = slimssl.pretrain(tiny("byol", train={"epochs": 2}), tmp_path / "run", overrides=["train.knn_every=0"],
                            max_steps=1)
     assert os.fspath(run) == str(run) == str(tmp_path / "run")
+    with pytest.raises(slimssl.UsageError, match=r"already holds a run; continue it with resume=True \(resume='auto' "
+                                                 r"starts or continues it\)"):  # a notebook cell run again
+        slimssl.pretrain(tiny("byol", train={"epochs": 2}), run)
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "run").mkdir(parents=True)  # a run folder of the same relative name: not the one returned
     monkeypatch.chdir(tmp_path)

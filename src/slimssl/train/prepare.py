@@ -189,7 +189,7 @@ def _prepare_new(config, out, overrides: list[str], failed_start_ok: bool = Fals
         raise UsageError(f"{run_dir} is a file; the run directory must be a folder (new, or an earlier run's "
                          "to resume)")
     if checkpoint_path(run_dir).exists():
-        how = f"--resume {shell_quote(run_dir)}" if cli else "resume=True"
+        how = f"--resume {shell_quote(run_dir)}" if cli else "resume=True (resume='auto' starts or continues it)"
         raise UsageError(f"{run_dir} already holds a run; continue it with {how} "
                          f"or choose another {'--out' if cli else 'out'}")
     refuse_run_in_data(run_dir, cfg.data.source)
