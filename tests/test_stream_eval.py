@@ -114,6 +114,29 @@ def test_streamed_images_equal_decoded_ones(tmp_path):
 
 
 
+def test_evaluation_workers_outlive_a_stop_signal_to_the_process_group(tmp_path):
+    """Ctrl-C or a preemption signals every process: a pretraining's kNN finishes (and the stop is said once, by
+    the training process), so its decoding workers leave the signal to it."""
+    import multiprocessing
+    import os
+    import signal
+
+    root = _folder(tmp_path / "data")
+    memory, streamed = _both(root, "train", workers=2)
+    others = set(multiprocessing.active_children())
+    batches = streamed.batches(10)
+    got = [next(batches)]
+    workers = [child for child in multiprocessing.active_children() if child not in others]
+    assert len(workers) >= 2
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+    got.append(next(batches))
+    assert all(worker.is_alive() for worker in workers)
+    got += list(batches)  # the last batch closes the loader, which stops the workers
+    assert torch.equal(torch.cat(got), memory.images) and not any(worker.is_alive() for worker in workers)
+
+
 def test_a_crop_ratio_keeps_the_centre_and_both_loaders_agree(tmp_path):
     """eval.crop_ratio R: the shorter side resized to resolution / R, the centre kept; the same pixels whether
     decoded in memory or streamed."""

@@ -34,7 +34,8 @@ from ..errors import DataError
 from .files import SKIP_HINT, FileListDataset, check_source_and_resolution, list_labelled_files
 from .recipes import ViewRecipe
 from ..seeds import derived_generator
-from .stream import full_detail_side, resized_crop, stop_workers, view_boxes
+from .stream import (full_detail_side, ignore_stop_signals, resized_crop, stop_signals_blocked, stop_workers,
+                     view_boxes)
 
 log = logging.getLogger("slimssl")
 
@@ -161,11 +162,13 @@ class StreamedImages:
         """(images or None when a file failed, failures) per batch of keys (file indices, or the keys of
         ``dataset``: default the files decoded as ``load_dataset`` does), decoded by the workers."""
         # An explicit generator: a loader must not draw its worker seeds from the global RNG, which the
-        # in-memory path leaves untouched.
+        # in-memory path leaves untouched. Workers leave stop signals to this process, as training's do: a
+        # pretraining's kNN must not print its stop warning once per worker, nor lose a worker to a SIGTERM
         loader = DataLoader(self.files if dataset is None else dataset, batch_sampler=batches,
                             num_workers=self.workers, collate_fn=collate_decoded, pin_memory=self.pin_memory,
-                            generator=torch.Generator().manual_seed(0))
-        decoded = iter(loader)
+                            generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
+        with stop_signals_blocked():  # the first iter() starts the workers
+            decoded = iter(loader)
         try:
             yield from decoded
         finally:  # a caller that stops early too
