@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import save_checkpoint
-from ..wording import shell_quote
+from ..wording import named, shell_quote
 from ..config import Config, ConfigError, check_processes
 from ..data.datasets import load_dataset
 from ..data.files import reuse_scans
@@ -492,7 +492,12 @@ class Trainer:
             return results
         end = self.total_steps if max_steps is None else min(self.total_steps, max_steps)
         if self.state.step >= end and end < self.total_steps:  # nothing saved either: the run stays as it was
-            log.info("this run is at step %d already: max_steps %d trains nothing", self.state.step, max_steps)
+            # below the run's step, a slip (max_steps counts from the run's start, not the call's): said at warning
+            # level, which Python shows without logging set up; at it, the call that reached it again
+            flag = named("--max-steps", "max_steps")
+            log.log(logging.WARNING if max_steps < self.state.step else logging.INFO,
+                    "this run is at step %d already: %s %d trains nothing (%s counts from the run's start)",
+                    self.state.step, flag, max_steps, flag)
             return {}
         # inside the guard: a stop signal during the first kNN stops the run after its first step, with a checkpoint
         with SignalGuard() as guard:
