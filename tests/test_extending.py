@@ -317,7 +317,9 @@ def test_the_command_line_imports_a_method_of_ones_own(tmp_path, monkeypatch, ca
                                             "module importable from here, or a .py file)"),
                             ("missing.py", "--import missing.py: no such file"),
                             ("broken.py", "--import broken.py failed: RuntimeError: half written"),
-                            ("needs_more", "--import needs_more failed: No module named 'slimssl_no_such_dependency'")]:
+                            ("needs_more", "--import needs_more failed: No module named 'slimssl_no_such_dependency'"),
+                            ("my_method.ipynb", "--import my_method.ipynb: a notebook cannot be imported; save the "
+                                                "cells that define your method as a .py file")]:
         assert main(["--import", module, "config"]) == 2
         assert message in caplog.text
     with pytest.raises(SystemExit):  # slimssl's own option after the command: argparse's usage error, with a hint

@@ -154,6 +154,9 @@ def import_modules(names: list[str]) -> None:
     from pathlib import Path
 
     for name in names:
+        if name.endswith(".ipynb"):  # read as the dotted module name 'x.ipynb', it would be "no module named 'x'"
+            raise UsageError(f"--import {name}: a notebook cannot be imported; save the cells that define your method "
+                             "as a .py file (%%writefile my_method.py in the notebook) and give that file")
         try:
             if name.endswith(".py"):
                 path = Path(name)
