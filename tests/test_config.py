@@ -584,3 +584,17 @@ def test_a_long_bad_value_is_quoted_short():
     with pytest.raises(ConfigError) as info:
         config_from_dict({"train": {"epochs": list(range(1000))}})
     assert "got [0, 1, 2, 3, 4, 5, ...]" in str(info.value) and len(str(info.value)) < 300
+
+
+def test_a_notebook_shows_a_config_as_its_yaml():
+    """IPython displays an object by its _repr_pretty_: a Config's repr is one line of 1,500 characters."""
+    cfg = load_config("demo")
+    shown = []
+
+    class Printer:  # what IPython's pretty printer gives _repr_pretty_
+        text = shown.append
+
+    cfg._repr_pretty_(Printer(), False)
+    (text,) = shown
+    assert text.startswith("Config 'demo':\nname: demo\nmodel:\n") and yaml.safe_load(text.split("\n", 1)[1]) == \
+        cfg.model_dump(mode="json")

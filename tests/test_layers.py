@@ -458,3 +458,17 @@ def test_slim_layers_compute_what_slicing_their_weights_computes(layout, width):
 
     for got, expected in zip(step(reference=False), step(reference=True)):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("bn", ["private", "shared"])
+def test_a_supernets_repr_gives_each_batchnorm_one_line(bn):
+    """Private BatchNorm holds one module per sub-network: listed, a ResNet-18 of 4 widths printed 223 lines."""
+    supernet = tiny(bn)
+    lines = repr(supernet).splitlines()
+    norms = [line for line in lines if "SlimBatchNorm(" in line]
+    assert len(norms) == sum(isinstance(m, SlimBatchNorm) for m in supernet.modules())
+    assert not any("BatchNorm2d(" in line for line in lines)
+    sizes = f"of {[supernet.bn1.bns[s.name].num_features for s in supernet.menu]} features" if bn == "private" else \
+        "shared: sliced to each width"
+    assert norms[0].strip() == f"(bn1): SlimBatchNorm({supernet.bn1.num_features}, " + (
+        f"private: one per sub-network, {sizes})" if bn == "private" else f"{sizes})")

@@ -603,6 +603,9 @@ class Config(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def _repr_pretty_(self, printer, cycle: bool) -> None:  # IPython's display: the recipe as YAML, not one long line
+        printer.text(f"Config {self.name!r}:\n{self.to_yaml().rstrip()}")
+
 
 def group_size_hint(batch: int, shuffle_bn: bool) -> str:
     """What model.bn_group_size may be for ``batch`` samples (per process): the largest sizes that make

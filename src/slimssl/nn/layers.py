@@ -111,6 +111,12 @@ class SlimBatchNorm(SlimModule):
             self.bns = nn.ModuleDict({name: norm(c, eps=eps, momentum=momentum, affine=affine)
                                       for name, c in subnets.items()})
 
+    def __repr__(self) -> str:  # one line, not one per sub-network: a supernet's repr stays torchvision's size
+        if self.bns is None:
+            return f"SlimBatchNorm({self.num_features}, shared: sliced to each width)"
+        sizes = [bn.num_features for bn in self.bns.values()]
+        return f"SlimBatchNorm({self.num_features}, private: one per sub-network, of {sizes} features)"
+
     def norm_for(self, spec: SubnetSpec) -> nn.Module:
         """The BatchNorm module that normalises ``spec`` (the shared one in shared mode)."""
         if self.bns is None:
