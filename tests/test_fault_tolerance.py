@@ -647,6 +647,24 @@ def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypat
     assert records(tmp_path / "stopped") == records(tmp_path / "straight")
 
 
+def test_a_stop_signal_during_the_knn_at_random_initialisation_says_it_and_the_first_step_finish(tmp_path,
+                                                                                                monkeypatch, caplog):
+    """On a large split the kNN before training takes minutes: the stop warning says what it waits for."""
+    cfg = config_from_dict(tiny(eval={"knn_random_init": True, "knn_k": 5}))
+    measure = KnnMonitor.__call__
+
+    def knn_signalled(self, backbone):
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_DFL, signal.default_int_handler, None):
+            os.kill(os.getpid(), signal.SIGINT)
+        return measure(self, backbone)
+
+    monkeypatch.setattr(KnnMonitor, "__call__", knn_signalled)
+    with caplog.at_level(logging.WARNING, logger="slimssl"), pytest.raises(Interrupted, match="at step 1"):
+        Trainer(cfg, tmp_path / "run").fit()
+    assert "received SIGINT: finishing the kNN at random initialisation and the first step, then saving a " \
+           "checkpoint" in caplog.text
+
+
 def test_a_stop_signal_during_the_final_knn_lets_it_end_and_is_reported(tmp_path, monkeypatch, caplog):
     cfg = config_from_dict(tiny(eval={"knn_random_init": False, "knn_k": 5}))
     measure, handled = KnnMonitor.__call__, []

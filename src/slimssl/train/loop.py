@@ -515,7 +515,11 @@ class Trainer:
         """Train to step ``end``, with the evaluations due before and between; saved at the end. Closing the
         source stops loader workers, closing the bar ends its line before any error is printed."""
         with contextlib.closing(self.view_source):
+            # a stop signal lets these end, and a step after them (a checkpoint holds a step)
+            guard.in_flight = ("the kNN at random initialisation and the first step" if self.state.step == 0 else
+                               "the kNN due before the next step, and that step")
             self._evaluations_before_training()
+            guard.in_flight = "the first step" if self.state.step == 0 else "the current step"
             self._save_missing_epoch_checkpoint()
             # the bar starts after them: its rate and time left are the steps' (the kNN at random initialisation
             # would make the first step look minutes long), and the log lines above stay on lines of their own
@@ -536,6 +540,7 @@ class Trainer:
             timed += 1
             self.state.step += 1
             progress.update(1)
+            guard.in_flight = "the current step"
             epoch_done = self.state.step % self.steps_per_epoch == 0
             scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
             stopping = self._stop_agreed(guard.received is not None, scheduled)

@@ -76,6 +76,7 @@ class SignalGuard:
     def __init__(self):
         self.received: int | None = None
         self.finishing: str | None = None  # what a signal lets end instead of the step, when training is over
+        self.in_flight = "the current step"  # what a signal lets end before the checkpoint, while training
         self._handling = stop_signals_handled_by(self._handle)
 
     def __enter__(self):
@@ -97,9 +98,9 @@ class SignalGuard:
             log.warning("received %s: the run is trained; %s first. A second %s stops at once (a resume finishes "
                         "it)%s", name, self.finishing, name, self._later(signum))
             return
-        log.warning("received %s: finishing the current step (the first one, when training has not started yet), "
-                    "then saving a checkpoint; several processes stop together at the next logged step "
-                    "(train.log_every). A second %s stops at once, without saving%s", name, name, self._later(signum))
+        log.warning("received %s: finishing %s, then saving a checkpoint; several processes stop together at the "
+                    "next logged step (train.log_every). A second %s stops at once, without saving%s", name,
+                    self.in_flight, name, self._later(signum))
 
     @staticmethod
     def _later(signum: int) -> str:
