@@ -665,6 +665,26 @@ def test_a_stop_signal_during_the_knn_at_random_initialisation_says_it_and_the_f
            "checkpoint" in caplog.text
 
 
+def test_a_stop_signal_as_the_last_step_ends_says_the_final_evaluation_runs_first(tmp_path, monkeypatch, caplog):
+    """A signal while the last step's record is written (a callback's work, say) comes after the loop's last look:
+    the run is trained, and its final evaluation runs; the warning says so, not only 'finishing the step'."""
+    cfg = config_from_dict(tiny(eval={"knn_random_init": False, "knn_k": 5}))
+    log_fn = Trainer._log
+
+    def last_record_signalled(self, *args):
+        if self.state.step == self.total_steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return log_fn(self, *args)
+
+    monkeypatch.setattr(Trainer, "_log", last_record_signalled)
+    trainer = Trainer(cfg, tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        results = trainer.fit()
+    assert "SIGTERM came as the last step ended: the run is trained; its final kNN evaluation and results.json are " \
+           "finished first" in caplog.text
+    assert results["steps"] == 12 and trainer.signal_received == signal.SIGTERM
+
+
 def test_a_stop_signal_during_the_final_knn_lets_it_end_and_is_reported(tmp_path, monkeypatch, caplog):
     cfg = config_from_dict(tiny(eval={"knn_random_init": False, "knn_k": 5}))
     measure, handled = KnnMonitor.__call__, []

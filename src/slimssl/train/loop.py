@@ -507,6 +507,10 @@ class Trainer:
                 # the final evaluation, inside the guard too: a stop signal during it lets it end (the run is
                 # trained, and its results are written whole), and the caller hears of it
                 guard.finishing = "its final kNN evaluation and results.json are finished"
+                if guard.received is not None:  # it came as the last step ended, after the loop's last look
+                    name = signal.Signals(guard.received).name
+                    log.warning("%s came as the last step ended: the run is trained; %s first. A second %s stops at "
+                                "once (a resume finishes it)", name, guard.finishing, name)
                 results = self.finish()
         self.signal_received = guard.received  # one that came while the run ended: for a caller to act on
         return results
