@@ -233,8 +233,8 @@ def test_a_shipped_config_is_found_by_its_exact_name_on_any_file_system(monkeypa
     the error it is on Linux, so that a command line means the same everywhere."""
     real = Path.is_file
     monkeypatch.setattr(Path, "is_file", lambda self: real(self) or real(self.with_name(self.name.lower())))
-    with pytest.raises(ConfigError, match=r"config file 'DEMO' does not exist \(did you mean demo\?\); shipped configs: "
-                                          r".*demo.yaml"):
+    with pytest.raises(ConfigError, match=r"config file 'DEMO' does not exist \(did you mean demo\?\); shipped "
+                                          r"configs: .*demo.yaml"):
         load_config("DEMO")
     assert load_config("demo").name == "demo"
 

@@ -14,7 +14,7 @@ import yaml
 from slimssl.checkpoint import load_checkpoint, load_supernet, save_checkpoint
 from slimssl.cli import main
 from slimssl.config import config_from_dict, load_config, packaged_configs
-from slimssl import load_exported, load_supernet
+from slimssl import load_exported
 from slimssl.train.loop import StepResult, Trainer
 from slimssl.train.optim import lr_at
 
@@ -587,7 +587,8 @@ def test_a_resume_that_trains_nothing_leaves_the_run_as_it_was(tmp_path, caplog)
         assert "keeps the settings the run was trained with, and those this call changed are not kept: give " \
                "them again to a resume that trains" in caplog.text
         if max_steps is not None:
-            said = [r for r in caplog.records if f"at step 2 already: max_steps {max_steps} trains nothing" in r.message]
+            said = [r for r in caplog.records
+                    if f"at step 2 already: max_steps {max_steps} trains nothing" in r.message]
             assert [r.levelno for r in said] == [logging.WARNING if max_steps < 2 else logging.INFO]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slimssl"):  # nothing changed: nothing to say about settings

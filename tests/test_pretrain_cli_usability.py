@@ -233,7 +233,8 @@ def test_a_missing_path_is_refused_not_read_as_the_shipped_config_of_its_name(tm
                                               r"name is 'demo(\.yaml)?', without a folder\); shipped configs: "):
             find_config(missing)
     assert find_config("demo.yaml") == Path(str(PACKAGED / "demo.yaml"))  # a bare name is still the shipped one
-    with pytest.raises(ConfigError, match=r"config file 'demo.yml' does not exist \(did you mean demo\?\); shipped configs: "):
+    with pytest.raises(ConfigError, match=r"config file 'demo.yml' does not exist \(did you mean demo\?\); shipped "
+                                          r"configs: "):
         find_config("demo.yml")
 
 

@@ -104,7 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "folder")
     add_config(p, checkpoint=True)
     p.add_argument("--resolution", type=positive_int, help="input size (default: the config's)")
-    p.add_argument("--num-classes", type=nonnegative_int, default=0, help="count a K-way classifier too (papers use 1000)")
+    p.add_argument("--num-classes", type=nonnegative_int, default=0,
+                   help="count a K-way classifier too (papers use 1000)")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads of the latency measurement (default: torch's; 1 reads steadier on a busy machine)")
