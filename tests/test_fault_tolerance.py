@@ -680,9 +680,26 @@ def test_a_stop_signal_as_the_last_step_ends_says_the_final_evaluation_runs_firs
     trainer = Trainer(cfg, tmp_path / "run")
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         results = trainer.fit()
-    assert "SIGTERM came as the last step ended: the run is trained; its final kNN evaluation and results.json are " \
-           "finished first" in caplog.text
+    assert "received SIGTERM: the run is trained; its final kNN evaluation and results.json are finished first" \
+        in caplog.text and "finishing the current step" not in caplog.text
     assert results["steps"] == 12 and trainer.signal_received == signal.SIGTERM
+
+
+def test_a_stop_signal_during_an_epochs_knn_says_it_and_the_next_step_finish(tmp_path, monkeypatch, caplog):
+    cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
+    measure = KnnMonitor.__call__
+
+    def knn_signalled(self, backbone):
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_DFL, signal.default_int_handler, None):
+            os.kill(os.getpid(), signal.SIGINT)
+        return measure(self, backbone)
+
+    monkeypatch.setattr(KnnMonitor, "__call__", knn_signalled)
+    trainer = Trainer(cfg, tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="slimssl"), pytest.raises(Interrupted) as stopped:
+        trainer.fit()
+    assert "received SIGINT: finishing this epoch's kNN and the next step, then saving" in caplog.text
+    assert f"at step {trainer.steps_per_epoch + 1}" in str(stopped.value)
 
 
 def test_a_stop_signal_during_the_final_knn_lets_it_end_and_is_reported(tmp_path, monkeypatch, caplog):

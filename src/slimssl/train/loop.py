@@ -50,6 +50,8 @@ from .prepare import write_run_config
 from .resume import TrainState, checkpoint_payload, restore
 from .signals import Interrupted, SignalGuard, mark_stop_saved
 
+# what a stop signal lets end once the run is trained (SignalGuard.finishing)
+FINAL_EVALUATION = "its final kNN evaluation and results.json are finished"
 log = logging.getLogger("slimssl")
 DEVICE_SETTING = "train.device (--device)"  # how a device error names the setting
 # seconds the end of pretraining waits for an evaluation's merge into results.json (which takes milliseconds)
@@ -506,11 +508,7 @@ class Trainer:
             if self.state.step >= self.total_steps:
                 # the final evaluation, inside the guard too: a stop signal during it lets it end (the run is
                 # trained, and its results are written whole), and the caller hears of it
-                guard.finishing = "its final kNN evaluation and results.json are finished"
-                if guard.received is not None:  # it came as the last step ended, after the loop's last look
-                    name = signal.Signals(guard.received).name
-                    log.warning("%s came as the last step ended: the run is trained; %s first. A second %s stops at "
-                                "once (a resume finishes it)", name, guard.finishing, name)
+                guard.finishing = FINAL_EVALUATION
                 results = self.finish()
         self.signal_received = guard.received  # one that came while the run ended: for a caller to act on
         return results
@@ -548,11 +546,15 @@ class Trainer:
             epoch_done = self.state.step % self.steps_per_epoch == 0
             scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
             stopping = self._stop_agreed(guard.received is not None, scheduled)
+            if self.state.step >= self.total_steps:  # trained: a signal from here on lets the final evaluation end
+                guard.finishing = FINAL_EVALUATION
             if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
                 synchronize(self.device)
                 self._log(timed, time.perf_counter() - tick, progress)
                 timed, tick = 0, time.perf_counter()
             if epoch_done:
+                if self._knn_due(self.state.step):  # minutes on a large split: a signal lets it end, and a step
+                    guard.in_flight = "this epoch's kNN and the next step"
                 self._end_of_epoch()
                 tick = time.perf_counter()  # its checkpoint and kNN are not training: img/s leaves them out
             if stopping:
