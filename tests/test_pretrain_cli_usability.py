@@ -543,4 +543,8 @@ def test_a_misspelt_dataset_or_recipe_name_gets_the_closest_known_one(tmp_path, 
     assert "(did you mean cifar10_r18_dspnet_byol?)" in error_text(capsys, caplog)
     caplog.clear()
     assert main(["pretrain", "--config", "nothing_like_any", "--out", str(tmp_path / "d")]) == 2
+    # a path is the user's own file or folder, missing: no hint towards a shipped recipe or a downloaded dataset
+    assert main(["pretrain", "--config", str(tmp_path / "demo_big.yaml"), "--out", str(tmp_path / "e")]) == 2
+    assert main(["pretrain", "--data", str(tmp_path / "cifar10"), "--out", str(tmp_path / "f")]) == 2
+    assert "does not exist" in error_text(capsys, caplog) and "is neither" in error_text(capsys, caplog)
     assert "did you mean" not in error_text(capsys, caplog)

@@ -39,8 +39,8 @@ def find_config(name: str | Path) -> Path:
         return Path(str(shipped))
     hint = f" (the shipped one of that name is {path.name if path.suffix else shipped.stem!r}, without a folder)" \
         if shipped else ""
-    if not hint:
-        hint = did_you_mean(path.stem, [shipped.removesuffix(".yaml") for shipped in packaged_configs()])
+    if not hint and str(name) == path.name:  # a bare name; a path is the user's file, not a shipped one misspelt
+        hint = did_you_mean(path.stem, [known.removesuffix(".yaml") for known in packaged_configs()])
     raise ConfigError(f"config file {str(name)!r} does not exist{hint}; shipped configs: "
                       f"{', '.join(packaged_configs())}")
 

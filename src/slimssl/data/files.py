@@ -61,9 +61,12 @@ def existing_path(source: str) -> str:
         from .registry import registered_names  # not at the top: the registry imports this module
 
         registered = named("by a module given to --import", "with slimssl.register_dataset in this process")
+        # a bare name may be a misspelt dataset's; a path is the user's folder (an unmounted /data/cifar10 is no
+        # hint to train on the downloaded CIFAR-10)
+        bare = os.path.basename(source) == source
         raise DataError(f"{source!r} is neither a known dataset name ({', '.join(BUILTIN)}, or one registered "
                         f"{registered}) nor an existing path (looked for {path})"
-                        f"{did_you_mean(source, [*BUILTIN, *registered_names()])}")
+                        f"{did_you_mean(source, [*BUILTIN, *registered_names()]) if bare else ''}")
     return path
 
 
