@@ -1,5 +1,6 @@
-"""slimssl ships py.typed, so a user's type checker reads its annotations: the calls the docs show must check,
-and a mistake the annotations can see must be reported (mypy, the dev extra; skipped without it)."""
+"""slimssl ships py.typed, so a user's type checker reads its annotations: the calls the docs show (and README's
+whole API example) must check, and a mistake the annotations can see must be reported (mypy, the dev extra;
+skipped without it)."""
 
 import re
 import textwrap
@@ -45,12 +46,21 @@ USER_CODE = textwrap.dedent('''
 ''')
 
 
+def readme_api_example() -> str:
+    """README.md's Python API example (the block tests/test_docs.py runs)."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (REPO_ROOT / "README.md").read_text(), flags=re.S | re.M)
+    (example,) = [b for b in blocks if "import slimssl" in b and "register_dataset" not in b]
+    return example
+
+
 def test_the_documented_calls_type_check_and_mistakes_are_reported(tmp_path, monkeypatch):
     api = pytest.importorskip("mypy.api")
     (tmp_path / "user.py").write_text(USER_CODE)
+    (tmp_path / "readme.py").write_text(readme_api_example())
     monkeypatch.setenv("MYPYPATH", str(REPO_ROOT / "src"))  # this checkout, however slimssl is installed
-    out, err, _ = api.run([str(tmp_path / "user.py"), "--ignore-missing-imports", "--follow-imports=silent",
-                           "--no-error-summary", "--cache-dir", str(tmp_path / "cache")])
+    out, err, _ = api.run([str(tmp_path / "user.py"), str(tmp_path / "readme.py"), "--ignore-missing-imports",
+                           "--follow-imports=silent", "--no-error-summary", "--cache-dir", str(tmp_path / "cache")])
+    assert "readme.py:" not in out, out  # the README's example checks as written
     lines = USER_CODE.splitlines()
     said = {}
     for line, kind, text in re.findall(r"user\.py:(\d+): (\w+): (.*)", out):
