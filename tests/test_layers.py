@@ -468,7 +468,9 @@ def test_a_supernets_repr_gives_each_batchnorm_one_line(bn):
     norms = [line for line in lines if "SlimBatchNorm(" in line]
     assert len(norms) == sum(isinstance(m, SlimBatchNorm) for m in supernet.modules())
     assert not any("BatchNorm2d(" in line for line in lines)
-    sizes = f"of {[supernet.bn1.bns[s.name].num_features for s in supernet.menu]} features" if bn == "private" else \
-        "shared: sliced to each width"
+    sizes = [supernet.bn1.bns[s.name].num_features for s in supernet.menu] if bn == "private" else None
     assert norms[0].strip() == f"(bn1): SlimBatchNorm({supernet.bn1.num_features}, " + (
-        f"private: one per sub-network, {sizes})" if bn == "private" else f"{sizes})")
+        f"private BatchNorm2d: one per sub-network, of {sizes} features)" if bn == "private" else
+        "shared BatchNorm2d: sliced to each width)")
+    head = SlimBatchNorm(8, dim=1, subnets={"w1p0": 8, "w0p5": 4}, affine=False)  # as a projector's last layer
+    assert repr(head) == "SlimBatchNorm(8, private BatchNorm1d, affine=False: one per sub-network, of [8, 4] features)"

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import logging
-import os
 import math
+import os
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path

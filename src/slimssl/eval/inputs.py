@@ -202,8 +202,8 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
         check_config_is_the_supernets(checkpoint, cfg)
         return checkpoint.to(torch_device), cfg, torch_device, None
     if not isinstance(checkpoint, (str, os.PathLike)):
-        raise UsageError(f"expected a checkpoint file or run directory (str or Path), or a SlimResNet supernet; got "
-                         f"{type(checkpoint).__name__}")
+        raise UsageError(f"expected a checkpoint file or run directory (str, Path or PretrainRun), or a SlimResNet "
+                         f"supernet; got {type(checkpoint).__name__}")
     if config is not None:  # its results would be merged into the run as if measured with the run's settings
         raise UsageError("a checkpoint is evaluated with the config saved in it; config= is for a supernet in "
                          "memory (the data keywords, k, epochs, ... change what the evaluation does)")

@@ -123,7 +123,8 @@ def recalibrate_checkpoint(checkpoint: str | os.PathLike, subnet: SubnetLike, ou
     check_numbers(batches=batches, eval_batch_size=eval_batch_size, seed=seed)
     options = DataOptions.of(data, recalibrate_checkpoint)
     if not isinstance(checkpoint, (str, os.PathLike)):
-        raise UsageError(f"expected a checkpoint file or run directory (str or Path), got {type(checkpoint).__name__}")
+        raise UsageError(f"expected a checkpoint file or run directory (str, Path or PretrainRun), got "
+                         f"{type(checkpoint).__name__}")
     warn_of_repeated_work("slimssl.recalibrate_checkpoint()")
     out = _new_checkpoint_file(out, checkpoint)
     saved = load_checkpoint(checkpoint)

@@ -43,7 +43,7 @@ def export_run(checkpoint: str | os.PathLike | None, out: str | Path, subnets: S
     With ``checkpoint=None``, a random initialisation of ``config`` (a recipe, with ``overrides``) is exported;
     with a checkpoint, ``config`` is only checked against its architecture.
     ``fmt="onnx"`` adds an ONNX graph traced at ``resolution`` (default: the config's), which takes any size;
-    ``fmt="pt2"`` a torch.export program, which runs with torch alone (see :func:`slimssl.export.export_subnet`).
+    ``fmt="pt2"`` a torch.export program, which runs with torch alone (see :func:`slimssl.export_subnet`).
     """
     from ..eval import recalibration_batches
     from ..eval.inputs import DataOptions, check_numbers
@@ -51,7 +51,7 @@ def export_run(checkpoint: str | os.PathLike | None, out: str | Path, subnets: S
     check_numbers(resolution=resolution, recalibrate_bn=recalibrate_bn, eval_batch_size=eval_batch_size)
     options = DataOptions.of(data, export_run)
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
-        raise UsageError(f"export_run takes a checkpoint file or run directory (str or Path), got "
+        raise UsageError(f"export_run takes a checkpoint file or run directory (str, Path or PretrainRun), got "
                          f"{type(checkpoint).__name__}: to export a supernet in memory, call "
                          "slimssl.export_subnet(supernet, subnet, out_dir, config=its_config)")
     check_format(fmt)

@@ -112,10 +112,12 @@ class SlimBatchNorm(SlimModule):
                                       for name, c in subnets.items()})
 
     def __repr__(self) -> str:  # one line, not one per sub-network: a supernet's repr stays torchvision's size
+        norms = [self.bn] if self.bns is None else list(self.bns.values())
+        kind = type(norms[0]).__name__ + ("" if norms[0].affine else ", affine=False")  # SyncBatchNorm once converted
         if self.bns is None:
-            return f"SlimBatchNorm({self.num_features}, shared: sliced to each width)"
-        sizes = [bn.num_features for bn in self.bns.values()]
-        return f"SlimBatchNorm({self.num_features}, private: one per sub-network, of {sizes} features)"
+            return f"SlimBatchNorm({self.num_features}, shared {kind}: sliced to each width)"
+        sizes = [bn.num_features for bn in norms]
+        return f"SlimBatchNorm({self.num_features}, private {kind}: one per sub-network, of {sizes} features)"
 
     def norm_for(self, spec: SubnetSpec) -> nn.Module:
         """The BatchNorm module that normalises ``spec`` (the shared one in shared mode)."""

@@ -61,7 +61,7 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
 def stopped_doc(run) -> dict:
     """--json of a run stopped before its end (--max-steps, or a signal): where it stands, with the
     finished document's (results.json) "subnets" list, empty."""
-    return {"run_dir": str(run.run_dir.absolute()), "finished": False, "step": run.step,
+    return {"run_dir": str(run.run_dir), "finished": False, "step": run.step,
             "total_steps": run.total_steps, "subnets": []}
 
 
