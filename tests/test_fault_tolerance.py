@@ -647,10 +647,14 @@ def test_an_epoch_knn_missed_by_a_hard_stop_is_run_on_resume(tmp_path, monkeypat
     assert records(tmp_path / "stopped") == records(tmp_path / "straight")
 
 
-def test_a_stop_signal_during_the_knn_at_random_initialisation_says_it_and_the_first_step_finish(tmp_path,
-                                                                                                monkeypatch, caplog):
-    """On a large split the kNN before training takes minutes: the stop warning says what it waits for."""
-    cfg = config_from_dict(tiny(eval={"knn_random_init": True, "knn_k": 5}))
+@pytest.mark.parametrize("when, waits_for", [("random_init", "the kNN at random initialisation and the first step"),
+                                             ("epoch", "this epoch's kNN and the next step")])
+def test_a_stop_signal_during_a_knn_says_that_it_and_a_step_finish_first(tmp_path, monkeypatch, caplog, when,
+                                                                         waits_for):
+    """On a large split a kNN takes minutes: the stop warning says what it waits for, and the run stops after the
+    step that follows it."""
+    cfg = config_from_dict(tiny(train={"knn_every": 1 if when == "epoch" else 0},
+                                eval={"knn_random_init": when == "random_init", "knn_k": 5}))
     measure = KnnMonitor.__call__
 
     def knn_signalled(self, backbone):
@@ -659,10 +663,11 @@ def test_a_stop_signal_during_the_knn_at_random_initialisation_says_it_and_the_f
         return measure(self, backbone)
 
     monkeypatch.setattr(KnnMonitor, "__call__", knn_signalled)
-    with caplog.at_level(logging.WARNING, logger="slimssl"), pytest.raises(Interrupted, match="at step 1"):
-        Trainer(cfg, tmp_path / "run").fit()
-    assert "received SIGINT: finishing the kNN at random initialisation and the first step, then saving a " \
-           "checkpoint" in caplog.text
+    trainer = Trainer(cfg, tmp_path / "run")
+    with caplog.at_level(logging.WARNING, logger="slimssl"), pytest.raises(Interrupted) as stopped:
+        trainer.fit()
+    assert f"received SIGINT: finishing {waits_for}, then saving a checkpoint" in caplog.text
+    assert f"at step {1 if when == 'random_init' else trainer.steps_per_epoch + 1};" in str(stopped.value)
 
 
 def test_a_stop_signal_as_the_last_step_ends_says_the_final_evaluation_runs_first(tmp_path, monkeypatch, caplog):
@@ -683,23 +688,6 @@ def test_a_stop_signal_as_the_last_step_ends_says_the_final_evaluation_runs_firs
     assert "received SIGTERM: the run is trained; its final kNN evaluation and results.json are finished first" \
         in caplog.text and "finishing the current step" not in caplog.text
     assert results["steps"] == 12 and trainer.signal_received == signal.SIGTERM
-
-
-def test_a_stop_signal_during_an_epochs_knn_says_it_and_the_next_step_finish(tmp_path, monkeypatch, caplog):
-    cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
-    measure = KnnMonitor.__call__
-
-    def knn_signalled(self, backbone):
-        if signal.getsignal(signal.SIGINT) not in (signal.SIG_DFL, signal.default_int_handler, None):
-            os.kill(os.getpid(), signal.SIGINT)
-        return measure(self, backbone)
-
-    monkeypatch.setattr(KnnMonitor, "__call__", knn_signalled)
-    trainer = Trainer(cfg, tmp_path / "run")
-    with caplog.at_level(logging.WARNING, logger="slimssl"), pytest.raises(Interrupted) as stopped:
-        trainer.fit()
-    assert "received SIGINT: finishing this epoch's kNN and the next step, then saving" in caplog.text
-    assert f"at step {trainer.steps_per_epoch + 1}" in str(stopped.value)
 
 
 def test_a_stop_signal_during_the_final_knn_lets_it_end_and_is_reported(tmp_path, monkeypatch, caplog):
