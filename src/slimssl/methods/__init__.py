@@ -159,9 +159,8 @@ ALWAYS_READ = frozenset({"name", "options", "shuffle_bn"})  # method settings th
 def check_unread_settings(method: Method) -> None:
     """Warn of ``method`` settings given another value than their default that ``method`` never reads
     (``method.temperature`` for BYOL): the run would look configured as it is not."""
-    if "settings_read" not in vars(type(method)):  # a subclass may read more than the class it extends
-        return
-    if method.settings_read is None:  # said again: any setting may be read
+    # a subclass may read more than the class it extends; None, the default said again: any setting may be read
+    if "settings_read" not in vars(type(method)) or method.settings_read is None:
         return
     cfg = method.cfg
     for key, field in type(cfg).model_fields.items():

@@ -48,19 +48,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    if args.checkpoint is None:  # nothing to profile: said before torch is imported
-        check_model_source(args)
-    from ..eval.exported import supernet_of_export
     from ..layout import is_export_dir
+
+    exported = is_export_dir(args.checkpoint)  # profiled as exported: what a deployment of it runs
+    if exported and (args.config or args.set):
+        raise UsageError("an exported sub-network is profiled as exported: drop --config and --set")
+    if not exported:
+        check_model_source(args)  # before torch is imported: a mistake is said at once
+    from ..checkpoint import open_supernet
+    from ..eval.exported import supernet_of_export
     from .profile import profile
     from .table import markdown_table
 
-    if is_export_dir(args.checkpoint):  # profiled as exported: what a deployment of it runs
-        if args.config or args.set:
-            raise UsageError("an exported sub-network is profiled as exported: drop --config and --set")
+    if exported:
         supernet, config = supernet_of_export(args.checkpoint)
     else:
-        supernet, config = _supernet_of_args(args)[:2]
+        supernet, config = open_supernet(args.checkpoint, args.config, args.set or ())[:2]
     resolution = args.resolution or config.data.resolution
     rows = profile(supernet, resolution=resolution, num_classes=args.num_classes, latency=not args.no_latency,
                    threads=args.threads)
@@ -73,15 +76,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
                  "work on the machine makes it read slower", how["runs"], how["batch"], how["warmup"], how["threads"])
     emit(args, rows, markdown_table(rows, ["subnet", "params", "macs", *(["latency_ms"] if timed else [])]))
     return 0
-
-
-def _supernet_of_args(args: argparse.Namespace):
-    """The :class:`OpenedSupernet` named by CHECKPOINT, or by --config with --random-init: the supernet, its
-    config, the checkpoint's record of ``slimssl recalibrate`` and how far it was trained."""
-    from ..checkpoint import open_supernet
-
-    check_model_source(args)
-    return open_supernet(args.checkpoint, args.config, args.set or ())
 
 
 def register(sub: argparse._SubParsersAction) -> None:

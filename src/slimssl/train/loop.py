@@ -507,8 +507,8 @@ class Trainer:
             results = {}
             if self.state.step >= self.total_steps:
                 # the final evaluation, inside the guard too: a stop signal during it lets it end (the run is
-                # trained, and its results are written whole), and the caller hears of it
-                guard.finishing = FINAL_EVALUATION
+                # trained, and its results are written whole; the last step set guard.finishing), and the caller
+                # hears of it
                 results = self.finish()
         self.signal_received = guard.received  # one that came while the run ended: for a caller to act on
         return results
