@@ -19,6 +19,7 @@ USER_CODE = textwrap.dedent('''
     config = slimssl.Config()  # docs/config.md: every default
     train = TrainConfig(epochs=5)
     spec = slimssl.SubnetSpec.coerce({"subnet": "w0p5"})  # a row of results names its sub-network
+    custom = slimssl.SubnetSpec(0.5, [2, 2, 2, 2])  # depths as a config lists them
     slimssl.register_dataset("mine", ([], []), classes=("cat", "dog"))
     slimssl.methods.register_method
 

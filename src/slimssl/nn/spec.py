@@ -40,7 +40,7 @@ def _format_width(width: float) -> str:
 
 
 @total_ordering
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class SubnetSpec:
     """Width multiplier in (0, 1] and active blocks per stage (each at least 1)."""
 
@@ -50,21 +50,25 @@ class SubnetSpec:
     # string (also what lets torch.compile trace the private-BatchNorm lookup).
     name: str = field(init=False, compare=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.width, bool) or not isinstance(self.width, Real):
-            raise SubnetError(f"width must be a number in (0, 1], got {type(self.width).__name__} {self.width!r}")
-        width = round(float(self.width), WIDTH_DECIMALS)
-        if not 0.0 < width <= 1.0:
-            raise SubnetError(f"width must be in (0, 1], got {self.width}")
-        if isinstance(self.depths, (str, bytes)) or not isinstance(self.depths, Iterable) or not all(
-                isinstance(d, Integral) and not isinstance(d, bool) for d in self.depths):
-            raise SubnetError(f"depths must be whole numbers of blocks per stage, e.g. (2, 2, 2, 2); got {self.depths!r}")
-        depths = tuple(int(d) for d in self.depths)
-        if not depths or any(d < 1 for d in depths):
-            raise SubnetError(f"every stage needs at least one block, got depths {list(self.depths)}")
-        object.__setattr__(self, "width", width)
-        object.__setattr__(self, "depths", depths)
-        object.__setattr__(self, "name", f"w{_format_width(width)}_d{'-'.join(map(str, depths))}")
+    # written out rather than generated: the depths may be any iterable of whole numbers (a list from a config),
+    # kept as a tuple, and a type checker should accept SubnetSpec(0.5, [2, 2, 2, 2]) as Python does
+    def __init__(self, width: float, depths: Iterable[int]) -> None:
+        if isinstance(width, bool) or not isinstance(width, Real):
+            raise SubnetError(f"width must be a number in (0, 1], got {type(width).__name__} {width!r}")
+        rounded = round(float(width), WIDTH_DECIMALS)
+        if not 0.0 < rounded <= 1.0:
+            raise SubnetError(f"width must be in (0, 1], got {width}")
+        if isinstance(depths, (str, bytes)) or not isinstance(depths, Iterable):
+            raise SubnetError(f"depths must be whole numbers of blocks per stage, e.g. (2, 2, 2, 2); got {depths!r}")
+        given = tuple(depths)  # read once: a generator is used up by the check
+        if not all(isinstance(d, Integral) and not isinstance(d, bool) for d in given):
+            raise SubnetError(f"depths must be whole numbers of blocks per stage, e.g. (2, 2, 2, 2); got {list(given)}")
+        whole = tuple(int(d) for d in given)
+        if not whole or any(d < 1 for d in whole):
+            raise SubnetError(f"every stage needs at least one block, got depths {list(given)}")
+        object.__setattr__(self, "width", rounded)
+        object.__setattr__(self, "depths", whole)
+        object.__setattr__(self, "name", f"w{_format_width(rounded)}_d{'-'.join(map(str, whole))}")
 
     def __str__(self) -> str:
         return self.name
