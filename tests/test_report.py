@@ -99,6 +99,26 @@ def test_plot_has_one_marker_per_subnet(tmp_path, caplog):
             plot_accuracy_vs_macs(docs, not_a_number)
 
 
+def test_plot_runs_draws_the_report_figure_from_run_directories(tmp_path, caplog):
+    import slimssl
+
+    dirs, _ = write_runs(tmp_path)
+    (tmp_path / "still_pretraining").mkdir()  # no results.json yet: left out, as the report leaves it out
+    png = tmp_path / "figures" / "acc.png"
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        fig = slimssl.plot_runs([*dirs, tmp_path / "still_pretraining"], path=png, join_singles="one by one")
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["slim", "one by one"]
+    assert [len(line.get_ydata()) for line in fig.axes[0].get_lines()] == [3, 1]
+    assert png.read_bytes()[:8] == PNG
+    assert "still_pretraining has no results.json yet" in caplog.text
+    one = slimssl.plot_runs(str(dirs[0]), "linear_top1")  # one run, by its path's text
+    assert list(one.axes[0].get_lines()[0].get_ydata()) == [75.0, 84.0, 88.0]
+    with pytest.raises(slimssl.SlimsslError, match="no run to plot"):
+        slimssl.plot_runs([])
+    with pytest.raises(slimssl.SlimsslError, match="does not exist"):
+        slimssl.plot_runs(tmp_path / "typo")
+
+
 def test_a_merge_kept_waiting_by_a_left_lock_says_so_instead_of_hanging(tmp_path, monkeypatch):
     """Where the file system has no locks, a killed merge leaves its lock file: the next merge names it."""
     from filelock import FileLock

@@ -33,7 +33,7 @@ _EXPORTS = {
     "ExportError": ".errors", "ExtensionError": ".errors", "NonFiniteLossError": ".train.loop",
     "Interrupted": ".train.signals",
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
-    "profile": ".report.profile",
+    "profile": ".report.profile", "plot_runs": ".report.plot",
     "knn": ".eval.evaluate", "linear_probe": ".eval.evaluate", "finetune": ".eval.evaluate",
     "register_dataset": ".data.registry", "unregister_dataset": ".data.registry",
 }
@@ -42,8 +42,8 @@ __all__ = [  # the names of _EXPORTS, written out for type checkers
     "InputError", "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet",
     "SlimsslError", "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet",
     "finetune", "knn", "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet",
-    "pick_subnet", "pretrain", "profile", "recalibrate_bn", "recalibrate_checkpoint", "register_dataset",
-    "save_exported", "unregister_dataset", "verify_export",
+    "pick_subnet", "plot_runs", "pretrain", "profile", "recalibrate_bn", "recalibrate_checkpoint",
+    "register_dataset", "save_exported", "unregister_dataset", "verify_export",
 ]
 
 
@@ -79,6 +79,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .models.resnet import SlimResNet
     from .nn.slimmable import recalibrate_bn
     from .nn.spec import Menu, SubnetError, SubnetSpec
+    from .report.plot import plot_runs
     from .report.profile import profile
     from .train.loop import NonFiniteLossError
     from .train.signals import Interrupted

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, Union
 
 from ..atomic import atomic_write
 from ..errors import UsageError
@@ -100,6 +101,26 @@ def plot_accuracy_vs_macs(results: Sequence[Mapping], metric: str = "knn_top1", 
         ax.set_title(title)
     _save(fig, path)
     return fig
+
+
+RunDirs = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+def plot_runs(runs: RunDirs, metric: str = "knn_top1", path: str | Path | None = None, *, title: str | None = None,
+              join_singles: str | None = None):
+    """The figure of ``slimssl report RUN... --plot``: accuracy against MACs of each run's results.json.
+
+    ``runs`` is a run directory (a path, or the :class:`~slimssl.PretrainRun` pretraining returned) or a list of
+    them; a run not measured yet (no results.json) is left out, with a warning, as the report leaves it out.
+    Returns the matplotlib Figure (a notebook shows it), saved to ``path`` as the suffix says (.png, .pdf, .svg).
+    """
+    from .report import load_runs, with_results
+
+    run_dirs = [runs] if isinstance(runs, (str, os.PathLike)) else list(runs)
+    if not run_dirs:
+        raise PlotError("no run to plot: give a run directory, or a list of them")
+    return plot_accuracy_vs_macs(load_runs(with_results(run_dirs)), metric, path, title=title,
+                                 join_singles=join_singles)
 
 
 def _by_depth(points: list[tuple[float, float, str]]) -> dict[str, list[tuple[float, float, str]]]:
