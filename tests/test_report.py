@@ -110,6 +110,7 @@ def test_plot_runs_draws_the_report_figure_from_run_directories(tmp_path, caplog
     assert [line.get_label() for line in fig.axes[0].get_lines()] == ["slim", "one by one"]
     assert [len(line.get_ydata()) for line in fig.axes[0].get_lines()] == [3, 1]
     assert png.read_bytes()[:8] == PNG
+    assert fig._repr_png_()[:8] == PNG  # how a notebook shows the cell's value, without pyplot or %matplotlib
     assert "still_pretraining has no results.json yet" in caplog.text
     one = slimssl.plot_runs(str(dirs[0]), "linear_top1")  # one run, by its path's text
     assert list(one.axes[0].get_lines()[0].get_ydata()) == [75.0, 84.0, 88.0]
@@ -182,6 +183,7 @@ def test_a_hand_edited_files_control_characters_are_shown_not_obeyed(tmp_path, c
 def test_plot_needs_matplotlib(tmp_path, monkeypatch):
     _, docs = write_runs(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    monkeypatch.delitem(sys.modules, "slimssl.report.figure", raising=False)  # imported again, without matplotlib
     with pytest.raises(PlotError, match=r"pip install 'matplotlib>=3.6' \(the plot extra\)"):
         plot_accuracy_vs_macs(docs)
 

@@ -1,7 +1,7 @@
 """Figures: accuracy against MACs per run, and the gradient-imbalance diagnostic.
 
 matplotlib is an optional dependency (the ``plot`` extra). Figures are drawn on the Agg
-canvas directly, without pyplot, so nothing changes the caller's matplotlib backend.
+canvas directly, without pyplot, so nothing changes the caller's matplotlib backend (figure.py).
 """
 
 from __future__ import annotations
@@ -27,13 +27,10 @@ class PlotError(UsageError):
 
 def _figure(figsize=(6.4, 4.4)):
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from .figure import ReportFigure
     except ImportError:
         raise PlotError("plotting needs matplotlib: pip install 'matplotlib>=3.6' (the plot extra)") from None
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return ReportFigure(figsize=figsize, layout="constrained")
 
 
 def _save(fig, path: str | Path | None) -> None:
