@@ -809,6 +809,9 @@ def test_python_protocols_refuse_bad_input_before_any_work(tmp_path):
                                ({"data": ""}, "data must be a dataset name or path, got ''")]:
         with pytest.raises(slimssl.SlimsslError, match=expected):
             slimssl.linear_probe(tmp_path / "model.pt", **keywords)
+    from slimssl.eval.inputs import DataKeywords, DataOptions
+
+    assert DataKeywords.__annotations__.keys() == DataOptions.__dataclass_fields__.keys()  # what checkers are told
     with pytest.raises(TypeError, match=r"knn\(\) got unknown keyword\(s\) kk \(did you mean k\?\); its keywords "
                                         "are k, temperature"):  # and the protocol's own
         slimssl.knn(tmp_path / "model.pt", kk=3)

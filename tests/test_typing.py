@@ -30,6 +30,7 @@ USER_CODE = textwrap.dedent('''
         reveal_type(cfg)
         reveal_type(slimssl.knn)
         slimssl.knn(run, [0.25, 0.5])  # a run stands for its directory
+        slimssl.linear_probe(run, data="cifar10", loader="stream", workers=2)  # the data keywords
         best = slimssl.pick_subnet(run, max_macs="2M")
         slimssl.export_run(run, "deploy", best)
 
@@ -44,6 +45,7 @@ USER_CODE = textwrap.dedent('''
 
     slimssl.pretrian("demo")  # wrong: misspelt
     slimssl.knn("runs/demo", k="200")  # wrong: k is a number
+    slimssl.knn("runs/demo", dta="cifar10")  # wrong: misspelt data keyword
 ''')
 
 
@@ -67,8 +69,8 @@ def test_the_documented_calls_type_check_and_mistakes_are_reported(tmp_path, mon
     for line, kind, text in re.findall(r"user\.py:(\d+): (\w+): (.*)", out):
         said.setdefault(lines[int(line) - 1].strip(), []).append(f"{kind}: {text}")
     errors = {code: [m for m in messages if m.startswith("error")] for code, messages in said.items()}
-    assert {code for code, found in errors.items() if found} == {'slimssl.pretrian("demo")  # wrong: misspelt',
-                                                                  'slimssl.knn("runs/demo", k="200")  # wrong: k is '
-                                                                  'a number'}, (out, err)
+    assert {code for code, found in errors.items() if found} == {
+        'slimssl.pretrian("demo")  # wrong: misspelt', 'slimssl.knn("runs/demo", k="200")  # wrong: k is a number',
+        'slimssl.knn("runs/demo", dta="cifar10")  # wrong: misspelt data keyword'}, (out, err)
     assert "SlimResNet" in said["reveal_type(supernet)"][0] and "Config" in said["reveal_type(cfg)"][0]
     assert "k: int | None" in said["reveal_type(slimssl.knn)"][0]  # the signature, not (*Any, **Any)

@@ -37,10 +37,12 @@ from ..seeds import keeps_random_state
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Unpack  # typing's from Python 3.11
 
     from ..config import Config
     from ..models.resnet import SlimResNet
     from ..nn.spec import Subnets
+    from .inputs import DataKeywords
 
 log = logging.getLogger("slimssl")
 
@@ -86,7 +88,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
 def knn(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all", *, k: int | None = None,
         temperature: float | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
         recalibrate_bn: int | None = None, save: bool = True, config: Config | dict | str | Path | None = None,
-        **data) -> list[dict]:
+        **data: Unpack[DataKeywords]) -> list[dict]:
     """Weighted kNN top-1 of every sub-network: the train split is the bank, the test split the queries; ``k``
     and ``temperature`` default to the config's ``eval.knn_k`` and ``eval.knn_temperature``. ``subnets``: the
     sub-networks to evaluate (a name or width, or a list of them), or ``"all"``, the menu; with shared BatchNorm
@@ -133,7 +135,7 @@ def linear_probe(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = 
                  shared_head: bool = False, raw_features: bool = False, milestones: Sequence[int] | None = None,
                  device: str | torch.device = "auto", eval_batch_size: int | None = None,
                  recalibrate_bn: int | None = None, save: bool = True, save_models: str | Path | None = None,
-                 config: Config | dict | str | Path | None = None, **data) -> list[dict]:
+                 config: Config | dict | str | Path | None = None, **data: Unpack[DataKeywords]) -> list[dict]:
     """The switchable linear probe: one head per sub-network on the frozen backbone (``eval/linear.py``).
     ``subnets``: the sub-networks to probe, as knn's; with ``distill`` the widest of them teaches.
     ``raw_features``: the heads see the features as the backbone gives them, not standardised; ``milestones``:
@@ -237,7 +239,7 @@ def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all
              lr: float | None = None, batch_size: int | None = None, seed: int = 0, train_crop: str | None = None,
              out: str | Path | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
              recalibrate_bn: int | None = None, save: bool = True, save_models: str | Path | None = None,
-             config: Config | dict | str | Path | None = None, **data) -> list[dict]:
+             config: Config | dict | str | Path | None = None, **data: Unpack[DataKeywords]) -> list[dict]:
     """Fine-tune each of ``subnets`` (names or widths, or ``"all"``: the menu) on a class-balanced fraction of
     the train labels, for every one of ``label_fractions`` (``eval/finetune.py``).
 

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Literal, TypedDict, TypeVar, Union
 
 from ..launch import SEED_RANGE
 from ..wording import named
@@ -21,6 +21,17 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("slimssl")
+
+
+class DataKeywords(TypedDict, total=False):
+    """The data keywords of the evaluation functions (``slimssl.knn(run, data=..., workers=...)``), for type
+    checkers: the fields of :class:`DataOptions`, which checks them at run time."""
+
+    data: Union[str, os.PathLike]
+    loader: Literal["memory", "stream"]
+    workers: int
+    skip_unreadable: bool
+    crop_ratio: float
 
 
 @dataclass(frozen=True)
