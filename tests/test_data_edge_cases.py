@@ -91,6 +91,36 @@ def test_a_cache_that_cannot_be_written_does_not_stop_loading(tmp_path, monkeypa
     assert ds.images.shape == (6, 3, 8, 8) and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
+
+def test_a_full_cache_disk_does_not_stop_loading(tmp_path, monkeypatch, caplog):
+    """A home folder at its quota: torch.save reports the full disk as a RuntimeError (the OSError is its context),
+    which stopped pretraining, knn and linear on folder data with a traceback."""
+    from slimssl.data import decoded_cache
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half an entry")
+        try:
+            raise OSError(122, "Disk quota exceeded")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726")
+
+    monkeypatch.setattr(decoded_cache.torch, "save", full_disk_save)
+    root = _tree(tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        ds = load_dataset(str(root))
+    assert "could not write decoded-image cache" in caplog.text and "Disk quota exceeded" in caplog.text
+    assert "$SLIMSSL_CACHE moves it" in caplog.text
+    assert ds.images.shape == (6, 3, 8, 8)
+    assert not [p for p in tmp_path.rglob("*.pt*") if "data" not in p.parts]  # no half-written entry left
+
+    def a_bug(obj, f, *args, **kwargs):  # any other failure is still raised
+        raise RuntimeError("not a write failure")
+
+    monkeypatch.setattr(decoded_cache.torch, "save", a_bug)
+    with pytest.raises(RuntimeError, match="not a write failure"):
+        load_dataset(str(_tree(tmp_path / "other", classes=("a", "b"))))
+
+
 # ---- $SLIMSSL_MAX_IMAGE_PIXELS ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw, expected", [("none", None), ("1234", 1234), (" 5000 ", 5000)])

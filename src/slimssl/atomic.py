@@ -54,6 +54,16 @@ def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False) -> Ite
         raise
 
 
+def write_failure(error: BaseException) -> OSError | None:
+    """The OSError behind a failed write, or None when ``error`` is no such failure. torch.save reports one (a full
+    disk, a quota) as a RuntimeError ("[enforce fail at inline_container.cc] unexpected pos") with the OSError
+    only as its context."""
+    if isinstance(error, OSError):
+        return error
+    cause = error.__context__
+    return cause if isinstance(error, RuntimeError) and isinstance(cause, OSError) else None
+
+
 def _mode_of(path: Path) -> int:
     """The permissions of the file at ``path`` (not of what a symlink there points to), else ``open``'s."""
     try:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_write, write_failure
 from .config import Config, config_differences, config_from_dict
 from .devices import DeviceError
 from .errors import SlimsslError, UsageError, short_repr
@@ -81,10 +81,8 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
         with atomic_write(path, "wb", fsync=True) as f:
             torch.save(data, f)
     except (OSError, RuntimeError) as e:
-        # torch.save reports a failed write (ENOSPC) as "[enforce fail at inline_container.cc] unexpected pos",
-        # with the OSError only as its context: name the file and the system's reason instead
-        cause = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(cause, OSError):
+        cause = write_failure(e)  # named with the file, not as torch words it
+        if cause is None:
             raise
         raise CheckpointError(f"cannot write the checkpoint {path}: {cause.strerror or cause}; the checkpoint "
                               "written before it (if any) is kept") from e

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, write_failure
 from ..errors import DataError
 from .files import FileTree
 
@@ -105,8 +105,12 @@ def save(key: str, payload: dict) -> None:
         with atomic_write(path) as f:  # readers never see a partial file
             torch.save(payload, f)
         _evict(directory, limit, keep=path)
-    except OSError as exc:  # a read-only cache must not break loading
-        log.warning("could not write decoded-image cache in %s (%s)", directory, exc)
+    except (OSError, RuntimeError) as exc:  # a read-only or full cache must not break loading
+        cause = write_failure(exc)
+        if cause is None:
+            raise
+        log.warning("could not write decoded-image cache in %s (%s); $SLIMSSL_CACHE moves it, SLIMSSL_CACHE_GB=0 "
+                    "turns it off", directory, cause)
 
 
 _ENTRY = re.compile(r"[0-9a-f]{32}\.pt")  # the cache's own files: the folder may hold others, never touched
