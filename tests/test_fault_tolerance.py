@@ -306,8 +306,40 @@ def test_the_same_sigterm_again_after_the_save_still_exits_3_with_the_hint(tmp_p
         code = main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)])
     assert code == EXIT_INTERRUPTED and load_checkpoint(run)["train_state"]["step"] == 3
     text = error_text(capsys, caplog)
-    assert "the same request, which the command is ending on" in text
+    assert "the same request (a scheduler signals every process" in text and "which the command is ending on" in text
     assert f"continue with: slimssl pretrain --resume {run}" in text
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this platform")
+def test_a_schedulers_sigusr1_notice_saves_and_exits_3_and_its_later_sigterm_is_the_same_request(
+        tmp_path, monkeypatch, capsys, caplog):
+    """Slurm's --signal=USR1@N (Lightning's requeue signal) warns of the time limit; SIGUSR1's default action
+    killed the run without a checkpoint (exit 138). The scheduler's SIGTERM at the limit, however long after,
+    must not cut the save short; Ctrl-C still does."""
+    signal_at(monkeypatch, 2, signal.SIGUSR1)
+    close = Trainer.close
+
+    def close_under_the_time_limits_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        close(self)
+
+    monkeypatch.setattr(Trainer, "close", close_under_the_time_limits_sigterm)
+    monkeypatch.setattr(signals, "SAME_REQUEST_SECONDS", 0.0)  # however long after the notice
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        code = main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)])
+    assert code == EXIT_INTERRUPTED and load_checkpoint(run)["train_state"]["step"] == 3
+    text = error_text(capsys, caplog)
+    assert "received SIGUSR1: finishing the current step, then saving a checkpoint" in text
+    assert "Ctrl-C (SIGINT) stops at once, without saving" in text
+    assert "SIGTERM" in text and "after SIGUSR1: the same request" in text
+    assert f"continue with: slimssl pretrain --resume {run}" in text
+    with caplog.at_level(logging.INFO, logger="slimssl"), SignalGuard() as guard:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # srun and the batch shell may both pass it on
+        assert guard.received == signal.SIGUSR1
+        with pytest.raises(KeyboardInterrupt, match="a second stop signal, SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_sigterm_outside_the_training_loop_stops_the_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys, caplog):
@@ -369,7 +401,7 @@ def test_the_same_sigterm_again_lets_a_stopped_start_clean_up(caplog):
         with pytest.raises(KeyboardInterrupt, match="SIGTERM outside the training loop"):
             os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)  # the clean-up goes on
-        assert "the same request, which the command is ending on" in caplog.text
+        assert "the same request (a scheduler" in caplog.text and "which the command is ending on" in caplog.text
 
 
 def test_a_stop_signal_outside_training_under_torchrun_is_one_line(monkeypatch, caplog):
@@ -1766,19 +1798,24 @@ def test_ctrl_c_outside_training_exits_130_with_one_line(monkeypatch, capsys, ca
     assert "slimssl config: interrupted (Ctrl-C)" in text and "Traceback" not in text
 
 
-def test_sigterm_stops_a_command_that_does_not_train_as_ctrl_c_does(monkeypatch, capsys, caplog):
-    """A scheduler's SIGTERM during knn, linear, export, ... is one line and exit 130; it used to kill the process
-    without a word (exit 143). The handler before the command comes back after it."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_schedulers_signal_stops_a_command_that_does_not_train_as_ctrl_c_does(monkeypatch, capsys, caplog, name):
+    """A scheduler's SIGTERM (or its SIGUSR1 notice) during knn, linear, export, ... is one line and exit 130; it
+    used to kill the process without a word (exit 143, 138). The handler before the command comes back after it."""
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} on this platform")
+    signum = getattr(signal, name)
+
     def terminated(args):
-        os.kill(os.getpid(), signal.SIGTERM)
-        raise AssertionError("the command went on after SIGTERM")
+        os.kill(os.getpid(), signum)
+        raise AssertionError(f"the command went on after {name}")
 
     monkeypatch.setattr("slimssl.train.command.cmd_config", terminated)
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signum)
     assert main(["config"]) == 130
     text = error_text(capsys, caplog)
-    assert "slimssl config: interrupted (SIGTERM); nothing it had saved is lost" in text and "Traceback" not in text
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert f"slimssl config: interrupted ({name}); nothing it had saved is lost" in text and "Traceback" not in text
+    assert signal.getsignal(signum) is before
 
 
 def test_a_failed_resume_leaves_metrics_jsonl_as_it_was(tmp_path, saved_run, monkeypatch):

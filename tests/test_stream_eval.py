@@ -128,9 +128,10 @@ def test_evaluation_workers_outlive_a_stop_signal_to_the_process_group(tmp_path)
     got = [next(batches)]
     workers = [child for child in multiprocessing.active_children() if child not in others]
     assert len(workers) >= 2
+    stops = [signal.SIGTERM, signal.SIGINT, *([signal.SIGUSR1] if hasattr(signal, "SIGUSR1") else [])]
     for worker in workers:
-        os.kill(worker.pid, signal.SIGTERM)
-        os.kill(worker.pid, signal.SIGINT)
+        for stop in stops:
+            os.kill(worker.pid, stop)
     got.append(next(batches))
     assert all(worker.is_alive() for worker in workers)
     if os.path.exists(f"/proc/{workers[0].pid}/status"):  # Linux: the workers ignore them, not only hold them back
@@ -138,7 +139,7 @@ def test_evaluation_workers_outlive_a_stop_signal_to_the_process_group(tmp_path)
             status = dict(line.split(":\t", 1) for line in open(f"/proc/{worker.pid}/status").read().splitlines()
                           if ":\t" in line)
             ignored, blocked = int(status["SigIgn"], 16), int(status["SigBlk"], 16)
-            for stop in (signal.SIGINT, signal.SIGTERM):
+            for stop in stops:
                 assert ignored >> (stop - 1) & 1 and not blocked >> (stop - 1) & 1
     got += list(batches)  # the last batch closes the loader, which stops the workers
     assert torch.equal(torch.cat(got), memory.images) and not any(worker.is_alive() for worker in workers)

@@ -43,26 +43,22 @@ environment:
   SLIMSSL_MAX_IMAGE_PIXELS  Pillow's size guard against decompression bombs: pixels, or none (default Pillow's)"""
 
 
-# the commands that handle SIGTERM and SIGINT themselves (a saved stop, exit 3)
+# the commands that handle the stop signals themselves (a saved stop, exit 3)
 OWN_STOP_SIGNALS = ("pretrain", "reproduce")
 
 
 @contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (a scheduler's stop, ``kill``) ends any other command as Ctrl-C does: one line and exit 130, not a
-    silent death with exit 143. (Outside the main thread, where Python takes no handler, it is left alone.)"""
-    def handle(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
+def _stop_signals_as_ctrl_c():
+    """SIGTERM (a scheduler's stop, ``kill``) and SIGUSR1 (a scheduler's notice) end any other command as Ctrl-C
+    does: one line and exit 130, not a silent death with exit 143 or 138. (Outside the main thread, where Python
+    takes no handler, they are left alone.)"""
+    from .train.signals import stop_signals_handled_by
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handle)
-    except ValueError:  # not the main thread
+    def handle(signum, frame):
+        raise KeyboardInterrupt("" if signum == signal.SIGINT else signal.Signals(signum).name)
+
+    with stop_signals_handled_by(handle):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -250,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         _refuse_several_processes(args.command)
         with command_line(args.command):  # an --import module's messages too
             import_modules(args.imports)
-            with contextlib.nullcontext() if args.command in OWN_STOP_SIGNALS else _sigterm_as_ctrl_c():
+            with contextlib.nullcontext() if args.command in OWN_STOP_SIGNALS else _stop_signals_as_ctrl_c():
                 return args.func(args)
     except OutputClosed:  # stdout piped into a reader that stopped early (e.g. | head): not an error to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes

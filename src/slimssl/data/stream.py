@@ -34,6 +34,7 @@ from .augment import (TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_
 from .decode import decode_error, decode_pixels
 from ..errors import DataError
 from .files import SKIP_HINT, FileListDataset, list_labelled_files
+from ..train.signals import STOP_SIGNALS
 from .views import BatchSharding, to_channels_last
 
 log = logging.getLogger("slimssl")
@@ -153,21 +154,19 @@ def stop_workers(batches) -> None:
         log.warning("%s, as the loader was stopping it: nothing is lost", str(e).rstrip(". "))
 
 
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
 def ignore_stop_signals(worker_id: int) -> None:
-    """Workers outlive a SIGINT/SIGTERM sent to the whole process group (Ctrl-C, a cluster's preemption), so
-    the training process can finish its step and save; they still exit with it (DataLoader watches it)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Workers outlive a stop signal sent to the whole process group (Ctrl-C, a cluster's preemption or its
+    notice), so the training process can finish its step and save; they still exit with it (DataLoader watches
+    it)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # see stop_signals_blocked: a signal held back so far is dropped
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 @contextlib.contextmanager
 def stop_signals_blocked() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back while loader workers start. A worker inherits the mask (fork, or spawn's
+    """Hold the stop signals back while loader workers start. A worker inherits the mask (fork, or spawn's
     fork and exec), so a stop signal that arrives before its ``ignore_stop_signals`` ran waits instead of
     killing it, and is then dropped. The training process gets its own signals when this exits."""
     if not hasattr(signal, "pthread_sigmask"):
