@@ -969,3 +969,21 @@ def test_a_pretrain_run_stands_for_its_run_directory(tmp_path, caplog, monkeypat
     assert slimssl.verify_export(supernet, rows[0]["subnet"], exported["path"], 16) < 1e-4
     (relative,) = slimssl.export_run(resumed, "out", rows[0]["subnet"])  # a folder of the working directory
     assert relative["path"] == str(elsewhere / "out" / rows[0]["subnet"])  # named from any working directory
+
+
+def test_runs_started_in_the_same_second_without_out_get_folders_of_their_own(tmp_path, monkeypatch):
+    """The default run directory is named to the second: a second run of the same recipe in that second (a loop of
+    short runs) gets ``-2``, not a refusal that the folder already holds a run."""
+    import slimssl
+    from slimssl.train import prepare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare.time, "strftime", lambda fmt: "20261207-171420")
+    config = tiny("byol", train={"epochs": 2, "knn": False})
+    first = slimssl.pretrain(config, max_steps=1)
+    second = slimssl.pretrain(config, max_steps=1)
+    third = slimssl.pretrain(config, max_steps=1)
+    name = first.run_dir.name
+    assert name.endswith("-20261207-171420") and first.run_dir.parent == tmp_path / "runs"
+    assert (second.run_dir.name, third.run_dir.name) == (f"{name}-2", f"{name}-3")
+    assert first.step == second.step == third.step == 1

@@ -179,12 +179,27 @@ def _check_run_config(run_dir: Path, stored: Config, cfg: Config, last: Path) ->
                     "--set KEY=VALUE" if on_command_line() else "overrides=['KEY=VALUE']")
 
 
+def default_run_dir(name: str) -> Path:
+    """``runs/<name>-<time>``, or with ``-2``, ``-3``, ... after it where that folder exists (a run started in the
+    same second); rank 0's name for every process, whose clocks may tick apart. Jobs started together, as an array
+    of them, each give their own ``--out``: two may still pick the same free name, and the second is refused."""
+    run_dir = None
+    if dist.is_main():
+        stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path("runs") / stamp
+        copy = 1
+        while run_dir.exists():
+            copy += 1
+            run_dir = Path("runs") / f"{stamp}-{copy}"
+    return dist.broadcast_object(run_dir)
+
+
 def _prepare_new(config, out, overrides: list[str], failed_start_ok: bool = False) -> PreparedRun:
     """``failed_start_ok`` (automatic resume): the files of a start of the same settings that saved nothing
     (a job killed before its first checkpoint, with no time to clean up) are removed instead of refused."""
     cli = on_command_line()
     cfg = absolute_data_source(as_config(config, overrides))
-    run_dir = Path(out) if out is not None else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(out) if out is not None else default_run_dir(cfg.name)
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"{run_dir} is a file; the run directory must be a folder (new, or an earlier run's "
                          "to resume)")
