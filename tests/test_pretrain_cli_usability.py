@@ -497,10 +497,35 @@ def test_callbacks_get_every_record_of_metrics_jsonl_as_it_is_written(tmp_path, 
 
 def test_a_log_file_gets_the_progress_bar_at_its_interval_not_at_every_logged_step(tmp_path, config, capsys):
     """Without a terminal (a job's log file) the bar is drawn every 30 s: a run of seconds that logs at each of its
-    8 steps draws it at its start and its end, not at every record (joined by carriage returns into one line)."""
+    8 steps draws it at its start and its end, not at every record; each draw on a line of its own, and the log's
+    messages on theirs (after a carriage return, a message was glued to the bar, and the draws made one line)."""
     assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "run")]) == 0
-    drawn = [state for state in capsys.readouterr().err.split("\r") if "step" in state and "|" in state]
+    err = capsys.readouterr().err
+    drawn = [line for line in err.splitlines() if "step" in line and "|" in line]
     assert 1 <= len(drawn) <= 3, drawn
+    assert "\r" not in err and all(line.lstrip().startswith(("0%", "100%")) for line in drawn), drawn
+
+
+def test_a_message_logged_while_the_bar_is_open_gets_a_line_of_its_own_in_a_log_file(monkeypatch):
+    import io
+
+    from slimssl.train.metrics import progress_bar
+
+    log_file = io.StringIO()  # no terminal
+    monkeypatch.setattr("sys.stderr", log_file)
+    handler = logging.StreamHandler(log_file)
+    logging.getLogger("slimssl").addHandler(handler)
+    try:
+        with progress_bar(0, 4, True) as bar:
+            bar.update(2)
+            bar.refresh()
+            logging.getLogger("slimssl").warning("epoch 1 kNN: w1p0=50.00")
+            bar.update(2)
+    finally:
+        logging.getLogger("slimssl").removeHandler(handler)
+    lines = log_file.getvalue().splitlines()
+    assert [line.split("|")[0].strip() if "|" in line else line for line in lines] == \
+        ["0%", "50%", "epoch 1 kNN: w1p0=50.00", "100%"], lines
 
 
 def test_a_seed_that_does_not_fit_64_bits_is_a_usage_error(tmp_path, config, capsys, caplog):

@@ -233,8 +233,29 @@ def progress_bar(start: int, end: int, enabled: bool):
     # a log file (no terminal) gets a progress line every 30 s instead of every refresh; a notebook's widget is
     # redrawn in place, though the kernel's stderr is no terminal
     in_notebook = any(cls.__module__ == "tqdm.notebook" for cls in tqdm.__mro__)
-    interval = 0.1 if sys.stderr.isatty() else 0.5 if in_notebook else 30.0
+    log_file = not sys.stderr.isatty() and not in_notebook
+    interval = 30.0 if log_file else 0.5 if in_notebook else 0.1
     # tqdm's own TQDM_DISABLE, read here: tqdm's notebook bar passes disable=False itself, over the variable
     off = not enabled or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
     return tqdm(total=end, initial=start, disable=off, unit="step", dynamic_ncols=True, leave=True,
-                mininterval=interval)
+                mininterval=interval, file=LinePerDraw(sys.stderr) if log_file else None)
+
+
+class LinePerDraw:
+    """A log file's view of a progress bar: each draw on a line of its own. tqdm draws over the last one after a
+    carriage return, which in a file glues the next log message to the bar and makes a day's progress one line
+    that grep and tail do not see."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str):  # encoding, isatty, ...: the stream's
+        return getattr(self.stream, name)
