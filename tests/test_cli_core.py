@@ -412,6 +412,28 @@ def test_python_evaluation_under_torchrun_warns_that_each_process_repeats_it(tmp
     assert "slimssl.knn() runs whole on each of the 2 processes torchrun started" in caplog.text
 
 
+def test_a_task_of_several_that_srun_started_without_torchrun_is_told_it_trains_alone(tmp_path, monkeypatch, caplog):
+    """`srun --ntasks=2 python -m slimssl pretrain` starts two runs, not one on two GPUs: each says so (with a shared
+    --out, one was refused as if submitted twice, which hid the mistake)."""
+    from slimssl.launch import warn_of_srun_tasks
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        assert main(["pretrain", "--out", str(tmp_path / "run"), "--max-steps", "1", "--set", "train.knn=false"]) == 0
+    assert "this is task 1 of the 2 that srun started, and it trains a run of its own" in caplog.text
+    assert "srun torchrun --nproc_per_node=GPUS" in caplog.text
+    caplog.clear()
+    for tasks, rank in (("1", None), ("2", "0")):  # one task; or a process torchrun started (srun torchrun)
+        monkeypatch.setenv("SLURM_STEP_NUM_TASKS", tasks)
+        if rank is not None:
+            monkeypatch.setenv("RANK", rank)
+            monkeypatch.setenv("WORLD_SIZE", "2")
+        warn_of_srun_tasks()
+    assert "srun" not in caplog.text
+
+
 def test_an_unknown_flag_gets_the_usage_of_its_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["knn", "runs/x", "--bogus", "1"])

@@ -34,6 +34,16 @@ def torchrun_processes() -> int:
     return int(world)
 
 
+def warn_of_srun_tasks() -> None:
+    """Say, in one of several tasks srun started without torchrun (``srun --ntasks=N python -m slimssl pretrain``),
+    that each task trains a run of its own: slimssl's processes join one training only as torchrun starts them."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "").strip()
+    if tasks.isdigit() and int(tasks) > 1 and torchrun_processes() == 1:
+        log.warning("this is task %s of the %s that srun started, and it trains a run of its own: to train one run on "
+                    "several GPUs, start torchrun with one task per node (srun torchrun --nproc_per_node=GPUS ..., "
+                    "docs/distributed.md)", os.environ.get("SLURM_PROCID", "?"), tasks)
+
+
 def warn_of_repeated_work(what: str) -> None:
     """Say, in a Python script run by torchrun, that ``what`` (an evaluation or export, which runs on one
     process) is done whole by every process: the same work N times, on one GPU each, merging the same results."""

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import UsageError
-from ..launch import torchrun_processes
+from ..launch import torchrun_processes, warn_of_srun_tasks
 
 log = logging.getLogger("slimssl")
 
@@ -113,7 +113,10 @@ def init_from_env() -> None:
     rank that hangs fails instead of blocking forever. A rank that *dies* ends the job sooner: torchrun
     sees its non-zero exit and stops the others (see :func:`fail_fast`).
     """
-    if torchrun_processes() <= 1 or is_distributed():
+    if torchrun_processes() <= 1:
+        warn_of_srun_tasks()
+        return
+    if is_distributed():
         return
     # NCCL for CUDA tensors and gloo for CPU ones, so a run on the CPU (--device cpu) works on a GPU machine
     # too; the process's GPU is chosen with the run's device (devices.pick_device), before any collective
