@@ -556,3 +556,28 @@ def test_messages_name_flags_on_the_command_line_and_keywords_in_python(tmp_path
     assert "or one registered by a module given to --import)" in capsys.readouterr().err + caplog.text
     with pytest.raises(slimssl.SlimsslError, match="registered with slimssl.register_dataset in this process"):
         slimssl.knn(run, data=str(tmp_path / "nowhere"), device="cpu")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1"])
+def test_a_schedulers_signal_while_python_exits_keeps_the_commands_exit_code(monkeypatch, name):
+    """After the command (a stop it saved: exit 3, which a job script requeues on), a SIGTERM or SIGUSR1 during
+    Python's own exit ends the process with that code, not the signal's (143, 138)."""
+    import signal
+
+    from slimssl import cli
+
+    if not hasattr(signal, name):
+        pytest.skip(f"no {name} on this platform")
+    signum = getattr(signal, name)
+    before = signal.getsignal(signum)
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli.entry()
+        assert ended.value.code == 3
+        signal.getsignal(signum)(signum, None)  # what the signal would run now
+        assert exits == [3]
+    finally:
+        signal.signal(signum, before)

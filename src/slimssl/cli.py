@@ -27,10 +27,10 @@ EXIT_CODES = """exit codes:
   1    export --verify found a difference over its tolerance; stdout closed early (| head); an unexpected
        error (a bug), with its traceback; a process of a multi-process run stopped by another's failure
   2    bad input or a failed run: the error names what was wrong (argparse's usage errors too)
-  3    pretrain (or reproduce) stopped by SIGTERM or SIGINT after saving: the same run continues it;
+  3    pretrain (or reproduce) stopped by SIGTERM, SIGINT or SIGUSR1 after saving: the same run continues it;
        reproduce exits 3 for every stop signal (the same command continues)
   4    reproduce --time-budget ran out with work left: run the same command again
-  130  Ctrl-C or SIGTERM outside a training loop: the command stopped; nothing it had
+  130  Ctrl-C, SIGTERM or SIGUSR1 outside a training loop: the command stopped; nothing it had
        saved is lost. Or a second stop signal during training, which stops at once: the steps since the last
        checkpoint are lost
 
@@ -267,14 +267,16 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The ``slimssl`` script and ``python -m slimssl``: :func:`main` as the process's command, then its exit.
 
-    A SIGTERM while Python exits (about a second once torch is loaded) would end the process by the signal (exit
-    143) instead of with the code the command chose: 3 after a stop it saved, which a job script resubmits on, or
-    0. Once the command has ended, a SIGTERM exits at once with that code."""
+    A SIGTERM (or SIGUSR1) while Python exits (about a second once torch is loaded) would end the process by the
+    signal (exit 143) instead of with the code the command chose: 3 after a stop it saved, which a job script
+    resubmits on, or 0. Once the command has ended, such a signal exits at once with that code."""
     code = main()
     for stream in (sys.stdout, sys.stderr):  # os._exit below would drop what is still buffered
         with contextlib.suppress(Exception):
             stream.flush()
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(code))
+    for stop in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):  # a scheduler's stop, and its notice
+        if stop is not None:
+            signal.signal(stop, lambda signum, frame: os._exit(code))
     sys.exit(code)
 
 

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "Run the same command again to continue an unfinished reproduction (see docs/results.md).",
         epilog="exit codes:\n  0  done: the report is written (again, if it was already)\n"
                "  2  bad arguments, or settings that differ from the runs already in --out\n"
-               "  3  stopped by SIGTERM/SIGINT after saving: run the same command again\n"
+               "  3  stopped by SIGTERM, SIGINT or SIGUSR1 after saving: run the same command again\n"
                f"  {EXIT_CONTINUE}  the --time-budget ran out with work left: run the same command again\n"
                "  (1 and 130: as every command's, see slimssl --help)")
     p.add_argument("--recipes", action="extend", nargs="+", metavar="RECIPE",

@@ -43,7 +43,7 @@ def is_pretrained(job: Job) -> bool:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """SIGTERM/SIGINT outside a training loop (loading data, a probe, the final evaluation, the report) stop
+    """A stop signal outside a training loop (loading data, a probe, the final evaluation, the report) stops
     the call at once, as Ctrl-C does: with a KeyboardInterrupt, which no ``except Exception`` on the way (a
     checkpoint's or a cache file's reader) takes for a failure of its own. What was written before stays:
     checkpoints, results and times are written whole or not at all, and a probe cut short runs again in the next

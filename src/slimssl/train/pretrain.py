@@ -78,7 +78,7 @@ def train_run(cfg: Config, run_dir: Path, source: str, *, resume: bool = False,
               max_steps: int | None = None, callbacks: Sequence[Callable[[dict], Any]] = ()) -> PretrainRun:
     """Train ``cfg`` in ``run_dir`` (from :func:`prepare_run`) up to its end or ``max_steps``.
 
-    Raises :class:`slimssl.Interrupted` after saving when SIGTERM or SIGINT arrives (its ``run``:
+    Raises :class:`slimssl.Interrupted` after saving when a stop signal arrives (its ``run``:
     the :class:`PretrainRun` so far). Any other failure before the first checkpoint removes the files this
     call wrote, so that the same ``run_dir`` can be used again."""
 
@@ -219,7 +219,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | os.Pat
     same settings) and starts it otherwise. ``max_steps`` stops the run once it has made that many steps in
     all (counting from its start, not from this call), saving a checkpoint; ``results`` of the returned
     :class:`PretrainRun` is then empty and ``finished`` False. Under torchrun, each process calls this and the
-    process group is joined here. A SIGTERM or SIGINT saves a checkpoint and raises
+    process group is joined here. A SIGTERM, SIGINT or SIGUSR1 saves a checkpoint and raises
     ``slimssl.Interrupted``; resume it later. The run seeds torch's generators with ``train.seed``; the caller's
     are given back as they were (the current GPU's when CUDA had been started before the call).
     """
