@@ -15,6 +15,7 @@ agree to float rounding. MoCo v2 with grouped BatchNorm (``model.bn_group_size``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -160,6 +161,27 @@ def stop_by_a_signal_to_rank_1(run_dir: Path) -> int | None:
     except Interrupted:
         return trainer.state.step
     return None
+
+
+def a_timed_save_one_clock_asks_for(run_dir: Path) -> int:
+    """Train with log_every 2, rank 1's clock alone saying at step 2 that train.save_every_minutes have passed,
+    then both killed in step 4 of the epoch's 4: the step of last.pt (every process joined rank 0's save)."""
+    base = tiny("byol")
+    trainer = Trainer(config_from_dict({**base, "train": {**base["train"], "log_every": 2, "knn": False}}), run_dir)
+    trainer._save_due = lambda: dist.rank() == 1 and trainer.state.step == 2
+    step_fn = trainer.train_step
+
+    def train_step(step):
+        if step == 3:
+            raise KeyboardInterrupt("killed")  # on both: no collective is left waiting
+        return step_fn(step)
+
+    trainer.train_step = train_step
+    with contextlib.suppress(KeyboardInterrupt):
+        trainer.fit()
+    trainer.metrics.close()
+    dist.barrier()
+    return load_checkpoint(run_dir)["train_state"]["step"]
 
 
 def api_returns_after_rank_0_wrote(run_dir: Path) -> bool:
@@ -335,6 +357,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for name in RUNS:
             result[name] = run_steps(Trainer(run_config(name), out / name), frozen_bn=name != GROUPED)
         result["signal_stop"] = stop_by_a_signal_to_rank_1(out / "signal")
+        result["timed_save"] = a_timed_save_one_clock_asks_for(out / "timed")
         result["api_results_on_return"] = api_returns_after_rank_0_wrote(out / "api")
         result["resumed_finished"] = resume_of_a_finished_run(out / "api")
         result["records_across_a_resume"] = records_across_a_resume(out / "window")
@@ -513,6 +536,12 @@ def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(two_process):
     # rank 1 alone was signalled in step 1 of 8: both finish step 2, the next logged step, and stop there
     assert [r["signal_stop"] for r in ranks] == [2, 2]
     assert load_checkpoint(out / "signal")["train_state"]["step"] == 2
+
+
+def test_a_timed_save_that_one_process_clock_asks_for_is_made_by_all(two_process):
+    _, ranks, _ = two_process
+    # rank 1's clock alone said at step 2 that train.save_every_minutes had passed: rank 0 saved step 2
+    assert [r["timed_save"] for r in ranks] == [2, 2]
 
 
 def test_every_process_returns_from_pretrain_after_rank_0_has_written_the_run(two_process):

@@ -634,6 +634,46 @@ def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
     assert records(tmp_path / "twice") == records(tmp_path / "end")
 
 
+def test_a_run_killed_without_notice_loses_at_most_the_minutes_of_save_every_minutes(tmp_path, monkeypatch):
+    """A SIGKILL, an out-of-memory kill or a lost node gives no notice: with train.save_every_minutes, last.pt is
+    saved within an epoch too (at a logged step), and the resume from it is the run that was never killed."""
+    cfg = config_from_dict(tiny(train={"epochs": 2, "log_every": 2, "save_every_minutes": 1e-9},
+                                eval={"knn_random_init": False}))
+    killed = Trainer(cfg, tmp_path / "killed")
+    original = Trainer.train_step
+
+    def killed_at_step_7(self, step):  # in the second epoch (4 steps each), after the logged step 6
+        if step == 6:
+            raise KeyboardInterrupt("SIGKILL")  # nothing runs after it in a real kill: no save
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        killed.fit()
+    killed.metrics.close()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert load_checkpoint(tmp_path / "killed")["train_state"]["step"] == 6  # not 4, the epoch's end
+    assert Trainer(cfg, tmp_path / "killed", resume=True).fit()["steps"] == 8
+    Trainer(cfg, tmp_path / "straight").fit()
+    assert_same_state(model_state(tmp_path / "killed"), model_state(tmp_path / "straight"))
+    assert records(tmp_path / "killed") == records(tmp_path / "straight")
+
+    every_epoch = config_from_dict(tiny(train={"epochs": 2, "log_every": 2}, eval={"knn_random_init": False}))
+    monkeypatch.setattr(Trainer, "train_step", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(every_epoch, tmp_path / "default").fit()
+    assert load_checkpoint(tmp_path / "default")["train_state"]["step"] == 4  # the default: epoch ends only
+
+
+def test_a_job_script_that_adds_save_every_minutes_still_continues_its_run(tmp_path):
+    import slimssl
+
+    config = tiny(train={"epochs": 2}, eval={"knn_random_init": False})
+    slimssl.pretrain(config, tmp_path / "run", resume="auto", max_steps=2)
+    run = slimssl.pretrain(config, tmp_path / "run", resume="auto", overrides=["train.save_every_minutes=30"])
+    assert run.finished and load_checkpoint(tmp_path / "run")["config"].train.save_every_minutes == 30
+
+
 def test_a_first_stop_signal_is_a_flag_and_a_second_stops_at_once(caplog):
     with caplog.at_level(logging.WARNING, logger="slimssl"), SignalGuard() as guard:
         os.kill(os.getpid(), signal.SIGINT)

@@ -452,6 +452,10 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(
         default=0, ge=0, description="epochs between kept epoch_XXXX.pt checkpoints (0: none; last.pt is written every "
         "epoch regardless). A ResNet-18 checkpoint is ~180 MiB")
+    save_every_minutes: float = Field(
+        default=0, ge=0, description="minutes between saves of last.pt within an epoch, at a logged step (0: at the "
+        "end of each epoch only): a run killed without notice (SIGKILL, out of memory, a lost node) trains again at "
+        "most this much plus train.log_every steps. Resumes as exactly as a stop signal's save")
     knn: bool = Field(
         default=True, description="kNN of every sub-network during pretraining: at random initialisation "
         "(eval.knn_random_init), every train.knn_every epochs and at the end (false: none; `slimssl knn RUN` measures "

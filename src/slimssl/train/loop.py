@@ -119,6 +119,7 @@ class Trainer:
         self.state = TrainState()
         self.window = LogWindow()  # the steps since the last metrics record
         self.last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
+        self._last_save_time = time.perf_counter()  # of last.pt, or of the start of training: train.save_every_minutes
         self.signal_received: int | None = None  # a stop signal that arrived as fit() ended the run
         self._resumed_lr: dict | None = None  # the effective lr last.pt was trained with, when resuming
         self._resumed_metrics_bytes: int | None = None  # metrics.jsonl's length when last.pt was saved
@@ -279,7 +280,7 @@ class Trainer:
             window = self.window.averaged_over_processes()
         self._check_finite(window)
         if name == LAST:
-            self.last_saved_step = self.state.step
+            self.last_saved_step, self._last_save_time = self.state.step, time.perf_counter()
         if not (dist.is_main() or any_rank):
             return None
         return save_checkpoint(checkpoint_path(self.run_dir, name), checkpoint_payload(self, window))
@@ -532,6 +533,7 @@ class Trainer:
         """The steps up to ``end`` and what comes due between them, then the save of the last."""
         cfg = self.cfg
         timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
+        self._last_save_time = time.perf_counter()  # the minutes between saves count training (not the first kNN)
         while self.state.step < end:
             step = self.state.step
             try:
@@ -545,7 +547,7 @@ class Trainer:
             guard.in_flight = "the current step"
             epoch_done = self.state.step % self.steps_per_epoch == 0
             scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
-            stopping = self._stop_agreed(guard.received is not None, scheduled)
+            stopping, save_due = self._agreed(guard.received is not None, self._save_due(), scheduled)
             if self.state.step >= self.total_steps:  # trained: a signal from here on lets the final evaluation end
                 guard.finishing = FINAL_EVALUATION
             if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
@@ -559,10 +561,15 @@ class Trainer:
                 tick = time.perf_counter()  # its checkpoint and kNN are not training: img/s leaves them out
             if stopping:
                 raise self._stopped(guard)
+            if save_due and not epoch_done:  # train.save_every_minutes
+                self.save()
+                log.debug("saved %s at step %d (train.save_every_minutes)", checkpoint_path(self.run_dir),
+                          self.state.step)
+                tick = time.perf_counter()
         self._save_unless_saved()  # inside the guard: a signal during it is a flag, not an exception mid-write
         # a signal during the end of the last step (its epoch's save or kNN) stops here, as one in the loop
         # does, rather than being forgotten by the next call to fit
-        if self.state.step < self.total_steps and self._stop_agreed(guard.received is not None, True):
+        if self.state.step < self.total_steps and self._agreed(guard.received is not None, False, True)[0]:
             raise self._stopped(guard)
 
     def _stopped(self, guard: SignalGuard) -> Interrupted:
@@ -598,17 +605,24 @@ class Trainer:
                          f"{checkpoint_path(self.run_dir)}: continue with {resume} "
                          "(with --set data.skip_unreadable=true, or once the file is replaced)")
 
-    def _stop_agreed(self, received: bool, scheduled: bool) -> bool:
-        """Whether every process stops after this step, ``received`` telling whether this one got a stop
-        signal. One process stops at once. Several stop together at the next scheduled log step, where they
-        meet anyway: the signal reaches them at different moments, and a process that stopped alone would
-        leave the others waiting in the next step's all-reduce, with no checkpoint written."""
+    def _agreed(self, received: bool, save_due: bool, scheduled: bool) -> tuple[bool, bool]:
+        """Whether every process stops after this step (``received``: this one got a stop signal), and whether
+        they all save it (``save_due``: this one's clock says train.save_every_minutes have passed). One process
+        acts at once, on a save at a scheduled log step. Several act together at the next scheduled log step,
+        where they meet anyway: a signal reaches them at different moments, their clocks differ, and a process
+        that stopped alone would leave the others waiting in the next step's all-reduce, with no checkpoint
+        written."""
         if self.world == 1:
-            return received
+            return received, save_due and scheduled
         if not scheduled:
-            return False
-        flag = torch.full((1,), float(received), device=self.device)  # filled on the device: no copy
-        return dist.all_reduce_mean(flag).item() > 0
+            return False, False
+        flags = torch.tensor([float(received), float(save_due)], device=self.device)
+        stop, save = (dist.all_reduce_mean(flags) > 0).tolist()  # the record of this step syncs anyway
+        return stop, save
+
+    def _save_due(self) -> bool:
+        minutes = self.cfg.train.save_every_minutes
+        return bool(minutes) and time.perf_counter() - self._last_save_time >= 60 * minutes
 
     def _log(self, timed_steps: int, seconds: float, progress) -> None:
         """One metrics record for the window of steps since the last one (every process at the same step):
