@@ -204,8 +204,8 @@ def restart_if_checkpoint_lost(job: Job) -> None:
         return  # finished: never removed, whatever this call asks (check_saved_probes refuses other settings)
     lost = remove_run_files(job.run_dir, (TIMING, *RUN_FILES, CONFIG))
     if lost:
-        log.warning("%s: not finished and its checkpoint is gone: started again (removed %s)", job.label,
-                    ", ".join(lost))
+        log.warning("%s: not finished and has no checkpoint (not carried here, or never written): started again "
+                    "(removed %s)", job.label, ", ".join(lost))
 
 
 def remove_killed_writes(jobs: list[Job], out: Path) -> None:
