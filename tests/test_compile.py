@@ -49,3 +49,27 @@ def test_the_modes_that_capture_cuda_graphs_keep_copies_of_the_outputs(tmp_path)
     for mode, copied in (("off", False), ("max-autotune", True)):
         trainer = Trainer(config_from_dict(tiny("byol", widths=WIDTHS, train={"compile": mode})), tmp_path / mode)
         assert (trainer._keep(out) is not out) == copied
+
+
+def test_each_run_of_a_sweep_compiles_graphs_of_its_own_and_gives_the_graph_limit_back(tmp_path, monkeypatch):
+    """Runs in one process (a sweep over widths) shared the forward's code object, on which dynamo keeps its graphs:
+    an earlier run's graphs counted against the next one's limit, and from the third run of a sweep on the online
+    forward ran uncompiled, without a word. Each compile now has graphs of its own, and the limit raised for a run
+    is given back when its Trainer closes."""
+    import torch._dynamo
+
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(compile_mod, "BACKEND", counter)
+    torch._dynamo.reset()
+    layer, x = torch.nn.Linear(3, 2), torch.ones(1, 3)
+    for run in range(1, 4):
+        compile_mod.compile_forward(layer.forward, "default")(x)
+        assert counter.frame_count == run  # a graph of its own (before: the first run's, found again)
+    config = torch._dynamo.config
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(config, key, 4)
+    space = tiny("byol", widths=WIDTHS, train={"compile": "default"}, slim={"random_space": "space"})
+    with Trainer(config_from_dict({**space, "model": {**space["model"], "bn": "shared"}}), tmp_path / "run"):
+        assert getattr(config, key) == 66  # any of the space's sub-networks gets a graph
+    assert getattr(config, key) == 4  # given back
+    torch._dynamo.reset()

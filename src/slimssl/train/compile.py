@@ -2,15 +2,19 @@
 
 The slimmable layers read the active sub-network from plain Python state, so dynamo guards on it and
 keeps one compiled graph per sub-network (recompiling once for each the first time it runs). The limit
-on graphs per function is raised to fit the menu. ``reduce-overhead`` (and ``max-autotune``) also capture
+on graphs per function is raised to fit the menu while the run's Trainer is open, and each run compiles a copy
+of the forward's code: dynamo keeps its graphs on the code object, where an earlier run's graphs in the same
+process (a sweep) would count against this run's limit. ``reduce-overhead`` (and ``max-autotune``) also capture
 each graph in a CUDA graph, which removes the kernel-launch cost that dominates narrow widths at small
 resolutions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Callable
+import types
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,20 +26,36 @@ MODES = ("off", "default", "reduce-overhead", "max-autotune")
 BACKEND = "inductor"  # tests switch this to "aot_eager", which traces the same graphs without a C++ compiler
 
 
-def compile_forward(fn: Callable, mode: str, num_graphs: int) -> Callable:
-    """``fn`` compiled with ``mode`` (``off``: ``fn`` itself), allowing ``num_graphs`` specialisations."""
+def compile_forward(fn: Callable, mode: str) -> Callable:
+    """``fn`` (a function or a bound method) compiled with ``mode`` (``off``: ``fn`` itself), with graphs of its
+    own: see the module's docstring, and :func:`graph_limit` for how many it may keep."""
     if mode == "off":
         return fn
     if mode not in MODES:
         raise SlimsslError(f"unknown train.compile mode {mode!r}; expected one of {', '.join(MODES)}")
+    kwargs = {"mode": mode} if mode != "default" and BACKEND == "inductor" else {}
+    return torch.compile(_with_own_code(fn), backend=BACKEND, dynamic=False, **kwargs)
+
+
+def _with_own_code(fn: Callable) -> Callable:
+    """``fn`` run by a copy of its code object (bound to the same object, for a method)."""
+    func = getattr(fn, "__func__", fn)
+    copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                              func.__closure__)
+    copy.__kwdefaults__, copy.__qualname__, copy.__wrapped__ = func.__kwdefaults__, func.__qualname__, func
+    return types.MethodType(copy, fn.__self__) if hasattr(fn, "__func__") else copy
+
+
+@contextlib.contextmanager
+def graph_limit(num_graphs: int) -> Iterator[None]:
+    """dynamo's limit on the graphs of one function raised to ``num_graphs`` (and two to spare) inside the block,
+    and given back after it: a setting of the whole process."""
     import torch._dynamo
 
     config = torch._dynamo.config
-    for key in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
-        if hasattr(config, key):
-            setattr(config, key, max(getattr(config, key), num_graphs + 2))
-    kwargs = {"mode": mode} if mode != "default" and BACKEND == "inductor" else {}
-    return torch.compile(fn, backend=BACKEND, dynamic=False, **kwargs)
+    keys = [key for key in ("recompile_limit", "cache_size_limit") if hasattr(config, key)]  # renamed in torch 2.6
+    with config.patch({key: max(getattr(config, key), num_graphs + 2) for key in keys}):
+        yield
 
 
 def uses_cuda_graphs(mode: str) -> bool:

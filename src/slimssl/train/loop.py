@@ -42,7 +42,7 @@ from ..seeds import derived_generator
 from ..slim.diagnostics import GradientImbalance
 from ..slim.policy import SlimPolicy, check_every_entry_trains
 from . import distributed as dist
-from .compile import CudaGraphWatch, compile_forward, step_begins, uses_cuda_graphs
+from .compile import CudaGraphWatch, compile_forward, graph_limit, step_begins, uses_cuda_graphs
 from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, progress_bar
 from .monitor import KnnMonitor
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
@@ -106,6 +106,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False,
                  callbacks: Sequence[Callable[[dict], Any]] = ()):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self._open = contextlib.ExitStack()  # what close() ends besides the loader and the writer
         self.callbacks = tuple(callbacks)  # each given every record of metrics.jsonl (rank 0): pretrain(callbacks=)
         self.device = pick_device(cfg.train.device, setting=DEVICE_SETTING)
         self.dtype = pick_dtype(cfg.train.precision, self.device)
@@ -137,11 +138,12 @@ class Trainer:
         self.metrics = self._open_metrics(saved_step)
 
     def close(self) -> None:
-        """Stop what runs beside the steps: streaming loader workers and TensorBoard's writer thread. A run that
-        finishes closes its writer itself; one stopped early (``max_steps``, a signal) would keep it, one per
-        resume in a process that resumes often."""
+        """Stop what runs beside the steps: streaming loader workers and TensorBoard's writer thread (a run that
+        finishes closes its writer itself; one stopped early, by ``max_steps`` or a signal, would keep it, one per
+        resume in a process that resumes often), and give back dynamo's graph limit (``train.compile``)."""
         self.view_source.close()
         self.metrics.close()
+        self._open.close()
 
     def __enter__(self) -> Trainer:
         return self
@@ -245,9 +247,10 @@ class Trainer:
         mode = self.cfg.train.compile
         # random sub-networks from the whole space (not only the menu) each get a graph the first time
         graphs = 64 if self.cfg.slim.random_space == "space" else len(self.model.backbone.menu)
-        self.online_forward = compile_forward(self.model.online, mode, graphs)
-        self.target_forward = compile_forward(self.model.target_forward, mode, 1)
+        self.online_forward = compile_forward(self.model.online, mode)
+        self.target_forward = compile_forward(self.model.target_forward, mode)
         if mode != "off":
+            self._open.enter_context(graph_limit(graphs))  # given back by close()
             log.info("compiling the forward passes with torch.compile (mode %s): the first step of every "
                      "sub-network is slow", mode)
         # a CUDA-graph output is overwritten by the graph's next replay: keep copies of what outlives it
