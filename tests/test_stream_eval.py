@@ -145,6 +145,44 @@ def test_evaluation_workers_outlive_a_stop_signal_to_the_process_group(tmp_path)
     assert torch.equal(torch.cat(got), memory.images) and not any(worker.is_alive() for worker in workers)
 
 
+@pytest.mark.parametrize("other_thread", [False, True])
+def test_a_ctrl_c_as_the_workers_start_stops_them_with_the_evaluation(tmp_path, monkeypatch, other_thread):
+    """Ctrl-C right as an evaluation's workers started: its KeyboardInterrupt came before there was an iterator to
+    stop them with (held back by the signal mask), or, with another thread alive to take the signal (tqdm's
+    monitor after any pretraining), inside the loader's set-up: workers left running in the caller's process."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from torch.utils.data import dataloader
+
+    root = _folder(tmp_path / "data")
+    _, streamed = _both(root, "train", workers=2)
+    if other_thread:
+        done = threading.Event()
+        threading.Thread(target=done.wait, daemon=True).start()
+    start = dataloader._MultiProcessingDataLoaderIter._reset
+
+    def ctrl_c_once_started(self, loader, first_iter=False):
+        if first_iter:
+            os.kill(os.getpid(), signal.SIGINT)
+        return start(self, loader, first_iter)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_reset", ctrl_c_once_started)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    others = set(multiprocessing.active_children())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            list(streamed.batches(10))
+        left = [child for child in multiprocessing.active_children() if child not in others]
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if other_thread:
+            done.set()
+    assert left == []  # while the exception is still held (a notebook keeps it)
+
+
 def test_a_crop_ratio_keeps_the_centre_and_both_loaders_agree(tmp_path):
     """eval.crop_ratio R: the shorter side resized to resolution / R, the centre kept; the same pixels whether
     decoded in memory or streamed."""

@@ -167,12 +167,14 @@ class StreamedImages:
         loader = DataLoader(self.files if dataset is None else dataset, batch_sampler=batches,
                             num_workers=self.workers, collate_fn=collate_decoded, pin_memory=self.pin_memory,
                             generator=torch.Generator().manual_seed(0), worker_init_fn=ignore_stop_signals)
-        with stop_signals_blocked():  # the first iter() starts the workers
-            decoded = iter(loader)
+        decoded = None
         try:
+            with stop_signals_blocked():  # the first iter() starts the workers; a signal held meanwhile comes
+                decoded = iter(loader)  # after it, when there is an iterator to stop them with
             yield from decoded
         finally:  # a caller that stops early too
-            stop_workers(decoded)
+            if decoded is not None:
+                stop_workers(decoded)
 
     def find_unreadable(self, indices: torch.Tensor | None = None) -> list[int]:
         """The indices of the files that cannot be decoded, among ``indices`` (default: all), each decoded once."""

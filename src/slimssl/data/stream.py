@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import signal
+import threading
 import weakref
 from typing import Callable, Iterator
 
@@ -166,17 +167,28 @@ def ignore_stop_signals(worker_id: int) -> None:
 
 @contextlib.contextmanager
 def stop_signals_blocked() -> Iterator[None]:
-    """Hold the stop signals back while loader workers start. A worker inherits the mask (fork, or spawn's
-    fork and exec), so a stop signal that arrives before its ``ignore_stop_signals`` ran waits instead of
-    killing it, and is then dropped. The training process gets its own signals when this exits."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    """Hold the stop signals back while loader workers start, then deliver them to this process.
+
+    A worker inherits the mask (fork, or spawn's fork and exec), so a stop signal that arrives before its
+    ``ignore_stop_signals`` ran waits instead of killing it, and is then dropped. The mask holds back this thread
+    only, and Ctrl-C goes to any thread that does not block it (tqdm's monitor, TensorBoard's writer, the caller's
+    own): its handler, which Python runs in the main thread wherever that is, would raise KeyboardInterrupt inside
+    the loader's set-up, with workers started and no iterator to stop them. So the handlers wait too."""
+    held: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+        for sig in STOP_SIGNALS:
+            handlers[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if hasattr(signal, "pthread_sigmask") else None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one held back by the mask arrives now, and is held
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(held):  # each once, to the handler that was there (after the block's work)
+            signal.raise_signal(signum)
 
 
 class StepBatches:
