@@ -987,3 +987,38 @@ def test_runs_started_in_the_same_second_without_out_get_folders_of_their_own(tm
     assert name.endswith("-20261207-171420") and first.run_dir.parent == tmp_path / "runs"
     assert (second.run_dir.name, third.run_dir.name) == (f"{name}-2", f"{name}-3")
     assert first.step == second.step == third.step == 1
+
+
+def test_the_callers_torch_modes_are_not_the_runs_and_come_back(tmp_path):
+    """A notebook cell or a test left under no_grad or inference_mode, a float64 default dtype, an outer autocast:
+    pretraining and the evaluations failed with torch's own errors (a loss without a gradient, float64 layers fed
+    float32 images, a kNN vote in bfloat16). They run as in a plain process, and give the modes back."""
+    import slimssl
+
+    config = tiny("byol", widths=[1.0, 0.5], train={"epochs": 1, "knn": False})
+
+    def measured(run_dir):
+        run = slimssl.pretrain(config, run_dir, max_steps=2)
+        knn = slimssl.knn(run, k=3, save=False)
+        linear = slimssl.linear_probe(run, epochs=1, save=False)
+        finetuned = slimssl.finetune(run, 1.0, 1.0, epochs=1, save=False)
+        return ([r["knn_top1"] for r in knn], [r["linear_top1"] for r in linear], finetuned[0]["top1"],
+                load_checkpoint(run_dir)["model"])
+
+    plain = measured(tmp_path / "plain")
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            ambient = measured(tmp_path / "ambient")
+            assert torch.is_inference_mode_enabled() and not torch.is_grad_enabled()
+            assert torch.is_autocast_enabled("cpu")
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(dtype)
+    assert ambient[:3] == plain[:3]
+    assert all(torch.equal(ambient[3][k], plain[3][k]) for k in plain[3])
+    supernet, cfg = slimssl.load_supernet(tmp_path / "plain")
+    with pytest.raises(slimssl.SlimsslError, match=r"weights are torch.float64; the evaluations run a float32 "
+                                                   r"supernet, as pretraining trains one: pass supernet.float\(\)"):
+        slimssl.knn(supernet.double(), config=cfg, k=3)

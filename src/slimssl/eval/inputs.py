@@ -185,6 +185,8 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
     sub-network's folder (evaluated on ``data``, which it does not record: ``eval/exported.py``), or a supernet
     in memory (``SlimResNet``, with its ``config``; moved to the device, its mode left to the protocols, which
     evaluate in eval mode and give it back in its own mode and on its own device: :func:`gives_back_device`)."""
+    import torch
+
     from ..checkpoint import open_checkpoint, pretraining_unfinished
     from ..layout import is_export_dir
     from .exported import supernet_of_export
@@ -211,6 +213,10 @@ def load_model(checkpoint, device: str | torch.device = "auto", config=None, dat
                              "sections, or a recipe name or path)")
         cfg = as_config(config)
         check_config_is_the_supernets(checkpoint, cfg)
+        dtypes = {p.dtype for p in checkpoint.parameters() if p.is_floating_point()}
+        if dtypes - {torch.float32}:  # images are fed in float32, as a run trains
+            raise UsageError(f"the supernet's weights are {', '.join(sorted(map(str, dtypes)))}; the evaluations run a "
+                             "float32 supernet, as pretraining trains one: pass supernet.float()")
         return checkpoint.to(torch_device), cfg, torch_device, None
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise UsageError(f"expected a checkpoint file or run directory (str, Path or PretrainRun), or a SlimResNet "

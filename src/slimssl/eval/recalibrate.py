@@ -15,6 +15,7 @@ from torch import nn
 
 from ..wording import named
 from ..atomic import remove_temporaries
+from ..ambient import own_torch_modes
 from ..seeds import keeps_random_state
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
@@ -102,6 +103,7 @@ def stored_estimates(supernet, specs: Sequence[SubnetSpec]) -> list[SubnetSpec]:
     return [spec for spec in specs if supernet.bn_statistics_estimated(spec)]
 
 
+@own_torch_modes()
 @keeps_random_state
 def recalibrate_checkpoint(checkpoint: str | os.PathLike, subnet: SubnetLike, out: str | Path, *,
                            batches: int = DEFAULT_RECALIBRATE_BATCHES, seed: int = 0,
