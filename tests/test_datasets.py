@@ -512,6 +512,21 @@ def test_a_dataset_deeper_inside_a_class_folder_is_refused_and_a_classs_train_pi
     assert load_dataset(str(tmp_path / "d")).classes == ["vehicles"]
 
 
+def test_what_a_scan_finds_is_said_once_in_each_call_of_a_sweep(tmp_path, caplog):
+    """Said once per process, the warning reached the first run of a sweep's log only; said once per call now
+    (inside slimssl.pretrain, knn, ...: ambient.apart_from_caller), once per process outside one."""
+    from slimssl.ambient import apart_from_caller
+
+    root = _class_tree(tmp_path / "d")
+    os.symlink("..", root / "cat" / "loop")
+    for call in range(2):
+        caplog.clear()
+        with apart_from_caller(), caplog.at_level(logging.WARNING, logger="slimssl"):
+            load_dataset(str(root))
+            load_dataset(str(root), resolution=8)  # scanned again, decoded again
+        assert caplog.text.count("not followed (a loop)") == 1, call
+
+
 def test_a_link_loop_is_followed_once_and_a_dangling_link_is_an_unreadable_image(tmp_path, caplog):
     root = _class_tree(tmp_path / "d")
     os.symlink("..", root / "cat" / "loop")

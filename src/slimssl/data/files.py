@@ -23,6 +23,7 @@ from typing import Callable
 import numpy as np
 from torch.utils.data import Dataset
 
+from ..ambient import first_time
 from ..wording import did_you_mean, named
 from ..errors import DataError, MissingSplitError
 
@@ -34,14 +35,10 @@ SPLITS = ("train", "test", "val")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-_SAID: set[str] = set()
-
-
 def _say_once(level: int, message: str, *args) -> None:
-    """Log what scanning a folder finds once per process, not once for each split scanned."""
+    """Log what scanning a folder finds once per call (``ambient.first_time``), not once for each split scanned."""
     text = message % args
-    if text not in _SAID:
-        _SAID.add(text)
+    if first_time(text):
         log.log(level, text)
 
 

@@ -33,7 +33,7 @@ from . import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_LR, check_milestones,
                recalibration_batches)
 from ..layout import FINETUNE, RESULTS
 from .inputs import DataOptions, check_flags, check_numbers, gives_back_device, in_memory, load_model, saves_results
-from ..ambient import own_torch_modes
+from ..ambient import apart_from_caller
 from ..seeds import keeps_random_state
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def save_values(checkpoint, values: dict[str, dict], protocol: str, settings: di
 
 # ---- the protocols -----------------------------------------------------------------------------------
 
-@own_torch_modes()
+@apart_from_caller()
 @keeps_random_state
 @gives_back_device
 def knn(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all", *, k: int | None = None,
@@ -129,7 +129,7 @@ def knn(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all", *,
     return rows
 
 
-@own_torch_modes()
+@apart_from_caller()
 @keeps_random_state
 @gives_back_device
 def linear_probe(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all", *,
@@ -235,7 +235,7 @@ def _save_probe_classifier(classifier, folder: Path, row: dict, protocol: str, s
     return folder
 
 
-@own_torch_modes()
+@apart_from_caller()
 @keeps_random_state
 @gives_back_device
 def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all",

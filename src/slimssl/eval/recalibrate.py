@@ -15,7 +15,7 @@ from torch import nn
 
 from ..wording import named
 from ..atomic import remove_temporaries
-from ..ambient import own_torch_modes
+from ..ambient import apart_from_caller, first_time
 from ..seeds import keeps_random_state
 from ..data.augment import eval_transform
 from ..data.eval_images import EvalImages, as_eval_images
@@ -46,15 +46,11 @@ def recalibration_images(images: EvalImages | torch.Tensor, num_batches: int, ba
         yield eval_transform(batch.to(device), resolution, mean, std)
 
 
-_SAID: set[tuple] = set()  # the recalibrations told to read fewer batches than asked
-
-
 def batches_read(asked: int, num_images: int, batch_size: int) -> int:
     """The batches recalibration reads of the ``asked`` ones: as many whole batches as the train split holds
-    (at least one), said in a warning when fewer (once, not at every kNN of a run)."""
+    (at least one), said in a warning when fewer (once a call, not at every kNN of a run)."""
     n = recalibration_batches(asked, False, num_images, batch_size)
-    if n < asked and (n, asked, batch_size, num_images) not in _SAID:
-        _SAID.add((n, asked, batch_size, num_images))
+    if n < asked and first_time(("recalibration", n, asked, batch_size, num_images)):
         log.warning("BatchNorm recalibration reads %d batch(es) of %d, not %d: the train split holds %d images",
                     n, batch_size, asked, num_images)
     return n
@@ -103,7 +99,7 @@ def stored_estimates(supernet, specs: Sequence[SubnetSpec]) -> list[SubnetSpec]:
     return [spec for spec in specs if supernet.bn_statistics_estimated(spec)]
 
 
-@own_torch_modes()
+@apart_from_caller()
 @keeps_random_state
 def recalibrate_checkpoint(checkpoint: str | os.PathLike, subnet: SubnetLike, out: str | Path, *,
                            batches: int = DEFAULT_RECALIBRATE_BATCHES, seed: int = 0,

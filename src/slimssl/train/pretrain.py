@@ -22,7 +22,7 @@ from ..errors import UsageError
 from ..eval.inputs import check_numbers
 from ..eval.results import remove_killed_writes
 from ..layout import CHECKPOINTS, CONFIG, METRICS, RESULTS, checkpoint_path
-from ..ambient import own_torch_modes
+from ..ambient import apart_from_caller
 from ..seeds import callers_random_state_kept
 from . import distributed as dist
 from .loop import DEVICE_SETTING, Trainer
@@ -235,7 +235,7 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | os.Pat
         check_numbers(epochs=epochs, batch_size=batch_size, seed=seed)  # named as given, not as overrides
         settings = shortcut_overrides(data=data, epochs=epochs, batch_size=batch_size, device=device, seed=seed)
         cfg, run_dir, source, resume = prepare_run(config, out, overrides=[*overrides, *settings], resume=resume)
-        with callers_random_state_kept(), own_torch_modes():  # not the caller's no_grad, float64 or autocast
+        with callers_random_state_kept(), apart_from_caller():  # not the caller's no_grad, float64, autocast
             return train_run(cfg, run_dir, source, resume=resume, max_steps=max_steps, callbacks=callbacks)
 
 
