@@ -254,7 +254,7 @@ def test_bench_warns_when_a_measured_step_ran_without_cuda_graphs(monkeypatch, c
     import slimssl.train.loop as loop_mod
     from slimssl.bench.measure import run_bench
 
-    monkeypatch.setattr(loop_mod, "compile_forward", lambda fn, mode, graphs: fn)
+    monkeypatch.setattr(loop_mod, "compile_forward", lambda fn, mode: fn)
     step, skipped = Trainer.train_step, []
 
     def train_step(self, i):
