@@ -289,23 +289,29 @@ def test_a_stop_signal_still_exits_3_when_tensorboards_last_flush_fails(tmp_path
     assert "may lack their last records (OSError" in error_text(capsys, caplog)
 
 
-def test_the_same_sigterm_again_after_the_save_still_exits_3_with_the_hint(tmp_path, monkeypatch, capsys, caplog):
-    """A scheduler signals every process of a job, and torchrun forwards its own: a SIGTERM repeated while the
-    stopped run closes (after its save, outside the training loop) is the same request. It used to kill the
-    command (exit 143, no "continue with" line), and a scheduler that requeues on exit 3 did not."""
-    signal_at(monkeypatch, 2, signal.SIGTERM)
+def stopped_then_sigterm_while_closing(first: int, tmp_path, monkeypatch, capsys, caplog) -> tuple[Path, str]:
+    """``slimssl pretrain`` sent ``first`` in step 2, then SIGTERM while the stopped run closes (after its save):
+    the run, checked to have exited 3 with step 3 saved, and what it said."""
+    signal_at(monkeypatch, 2, first)
     close = Trainer.close
 
-    def close_under_a_repeated_sigterm(self):
+    def close_under_a_sigterm(self):
         os.kill(os.getpid(), signal.SIGTERM)
         close(self)
 
-    monkeypatch.setattr(Trainer, "close", close_under_a_repeated_sigterm)
+    monkeypatch.setattr(Trainer, "close", close_under_a_sigterm)
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="slimssl"):
         code = main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)])
     assert code == EXIT_INTERRUPTED and load_checkpoint(run)["train_state"]["step"] == 3
-    text = error_text(capsys, caplog)
+    return run, error_text(capsys, caplog)
+
+
+def test_the_same_sigterm_again_after_the_save_still_exits_3_with_the_hint(tmp_path, monkeypatch, capsys, caplog):
+    """A scheduler signals every process of a job, and torchrun forwards its own: a SIGTERM repeated while the
+    stopped run closes (after its save, outside the training loop) is the same request. It used to kill the
+    command (exit 143, no "continue with" line), and a scheduler that requeues on exit 3 did not."""
+    run, text = stopped_then_sigterm_while_closing(signal.SIGTERM, tmp_path, monkeypatch, capsys, caplog)
     assert "the same request (a scheduler signals every process" in text and "which the command is ending on" in text
     assert f"continue with: slimssl pretrain --resume {run}" in text
 
@@ -316,20 +322,8 @@ def test_a_schedulers_sigusr1_notice_saves_and_exits_3_and_its_later_sigterm_is_
     """Slurm's --signal=USR1@N (Lightning's requeue signal) warns of the time limit; SIGUSR1's default action
     killed the run without a checkpoint (exit 138). The scheduler's SIGTERM at the limit, however long after,
     must not cut the save short; Ctrl-C still does."""
-    signal_at(monkeypatch, 2, signal.SIGUSR1)
-    close = Trainer.close
-
-    def close_under_the_time_limits_sigterm(self):
-        os.kill(os.getpid(), signal.SIGTERM)
-        close(self)
-
-    monkeypatch.setattr(Trainer, "close", close_under_the_time_limits_sigterm)
     monkeypatch.setattr(signals, "SAME_REQUEST_SECONDS", 0.0)  # however long after the notice
-    run = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="slimssl"):
-        code = main(["pretrain", "--config", str(write_config(tmp_path / "t.yaml")), "--out", str(run)])
-    assert code == EXIT_INTERRUPTED and load_checkpoint(run)["train_state"]["step"] == 3
-    text = error_text(capsys, caplog)
+    run, text = stopped_then_sigterm_while_closing(signal.SIGUSR1, tmp_path, monkeypatch, capsys, caplog)
     assert "received SIGUSR1: finishing the current step, then saving a checkpoint" in text
     assert "Ctrl-C (SIGINT) stops at once, without saving" in text
     assert "SIGTERM" in text and "after SIGUSR1: the same request" in text
