@@ -72,4 +72,11 @@ def test_each_run_of_a_sweep_compiles_graphs_of_its_own_and_gives_the_graph_limi
     with Trainer(config_from_dict({**space, "model": {**space["model"], "bn": "shared"}}), tmp_path / "run"):
         assert getattr(config, key) == 66  # any of the space's sub-networks gets a graph
     assert getattr(config, key) == 4  # given back
+    first, second = compile_mod.graph_limit(10), compile_mod.graph_limit(4)  # two Trainers open at once
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # the first closes first: the second's limit stays, then all is given back
+    assert getattr(config, key) == 6
+    second.__exit__(None, None, None)
+    assert getattr(config, key) == 4
     torch._dynamo.reset()

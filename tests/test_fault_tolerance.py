@@ -334,6 +334,10 @@ def test_a_schedulers_sigusr1_notice_saves_and_exits_3_and_its_later_sigterm_is_
         assert guard.received == signal.SIGUSR1
         with pytest.raises(KeyboardInterrupt, match="a second stop signal, SIGINT"):
             os.kill(os.getpid(), signal.SIGINT)
+    with SignalGuard() as guard:  # the notice after the stop: nothing new either
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert guard.received == signal.SIGTERM
 
 
 def test_sigterm_outside_the_training_loop_stops_the_command_as_ctrl_c_does(tmp_path, monkeypatch, capsys, caplog):

@@ -173,14 +173,15 @@ def test_a_ctrl_c_as_the_workers_start_stops_them_with_the_evaluation(tmp_path, 
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     others = set(multiprocessing.active_children())
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as held:  # held, as a notebook holds it (with its frames)
             list(streamed.batches(10))
         left = [child for child in multiprocessing.active_children() if child not in others]
+        del held
     finally:
         signal.signal(signal.SIGINT, before)
         if other_thread:
             done.set()
-    assert left == []  # while the exception is still held (a notebook keeps it)
+    assert left == []  # while the exception was still held
 
 
 def test_a_crop_ratio_keeps_the_centre_and_both_loaders_agree(tmp_path):

@@ -31,6 +31,8 @@ USER_CODE = textwrap.dedent('''
         reveal_type(slimssl.knn)
         slimssl.knn(run, [0.25, 0.5])  # a run stands for its directory
         slimssl.linear_probe(run, data="cifar10", loader="stream", workers=2)  # the data keywords
+        workers: int | None = None
+        slimssl.knn(run, workers=workers, crop_ratio=None)  # None: the config's
         best = slimssl.pick_subnet(run, max_macs="2M")
         slimssl.export_run(run, "deploy", best)
 

@@ -34,7 +34,7 @@ def first_time(key: Hashable) -> bool:
 
 @contextlib.contextmanager
 def apart_from_caller() -> Iterator[None]:
-    import torch  # late: the folder scans' warnings (first_time) are read without torch
+    import torch  # late: first_time alone needs none
 
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)

@@ -274,8 +274,10 @@ def entry() -> None:
     for stream in (sys.stdout, sys.stderr):  # os._exit below would drop what is still buffered
         with contextlib.suppress(Exception):
             stream.flush()
-    for stop in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):  # a scheduler's stop, and its notice
-        if stop is not None:
+    from .train.signals import STOP_SIGNALS
+
+    for stop in STOP_SIGNALS:  # a scheduler's stop, and its notice
+        if stop != signal.SIGINT:
             signal.signal(stop, lambda signum, frame: os._exit(code))
     sys.exit(code)
 

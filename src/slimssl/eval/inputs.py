@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal, TypedDict, TypeVar, Union
+from typing import TYPE_CHECKING, Callable, Literal, Optional, TypedDict, TypeVar, Union
 
 from ..launch import SEED_RANGE
 from ..wording import named
@@ -27,11 +27,11 @@ class DataKeywords(TypedDict, total=False):
     """The data keywords of the evaluation functions (``slimssl.knn(run, data=..., workers=...)``), for type
     checkers: the fields of :class:`DataOptions`, which checks them at run time."""
 
-    data: Union[str, os.PathLike]
-    loader: Literal["memory", "stream"]
-    workers: int
+    data: Union[str, os.PathLike, None]  # None, as each of the others: the config's
+    loader: Optional[Literal["memory", "stream"]]
+    workers: Optional[int]
     skip_unreadable: bool
-    crop_ratio: float
+    crop_ratio: Optional[float]
 
 
 @dataclass(frozen=True)

@@ -46,16 +46,30 @@ def _with_own_code(fn: Callable) -> Callable:
     return types.MethodType(copy, fn.__self__) if hasattr(fn, "__func__") else copy
 
 
+_RAISED: list[int] = []  # the limits the open blocks of graph_limit ask for
+_BEFORE: dict[str, int] = {}  # dynamo's limits before the first of them opened
+
+
 @contextlib.contextmanager
 def graph_limit(num_graphs: int) -> Iterator[None]:
     """dynamo's limit on the graphs of one function raised to ``num_graphs`` (and two to spare) inside the block,
-    and given back after it: a setting of the whole process."""
+    and given back once no such block is open (a setting of the whole process; two Trainers may be open at once,
+    and close in any order)."""
     import torch._dynamo
 
     config = torch._dynamo.config
     keys = [key for key in ("recompile_limit", "cache_size_limit") if hasattr(config, key)]  # renamed in torch 2.6
-    with config.patch({key: max(getattr(config, key), num_graphs + 2) for key in keys}):
+    if not _RAISED:
+        _BEFORE.update({key: getattr(config, key) for key in keys})
+    _RAISED.append(num_graphs + 2)
+    try:
+        for key in keys:
+            setattr(config, key, max([_BEFORE[key], *_RAISED]))
         yield
+    finally:
+        _RAISED.remove(num_graphs + 2)
+        for key in keys:
+            setattr(config, key, max([_BEFORE[key], *_RAISED]))
 
 
 def uses_cuda_graphs(mode: str) -> bool:

@@ -256,7 +256,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, device=_objects_device())
     return box[0]
 
 
@@ -267,3 +267,12 @@ def gather_objects(obj: Any) -> list[Any]:
     every: list[Any] = [None] * world_size()
     dist.all_gather_object(every, obj)
     return every
+
+
+def _objects_device() -> torch.device | None:
+    """Where broadcast_object's objects travel: torch's choice, but in a group of NCCL alone this process's GPU
+    (torch would take the current one: the first GPU for every process until a run picks its own device, as
+    before the default run directory is named)."""
+    if dist.get_backend() != "nccl":
+        return None
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

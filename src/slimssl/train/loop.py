@@ -561,7 +561,8 @@ class Trainer:
                 if self._knn_due(self.state.step):  # minutes on a large split: a signal lets it end, and a step
                     guard.in_flight = "this epoch's kNN and the next step"
                 self._end_of_epoch()
-                tick = time.perf_counter()  # its checkpoint and kNN are not training: img/s leaves them out
+                # its checkpoint and kNN are not training: img/s leaves them out, and so do the minutes to a save
+                tick = self._last_save_time = time.perf_counter()
             if stopping:
                 raise self._stopped(guard)
             if save_due and not epoch_done:  # train.save_every_minutes

@@ -238,7 +238,8 @@ def progress_bar(start: int, end: int, enabled: bool):
     # tqdm's own TQDM_DISABLE, read here: tqdm's notebook bar passes disable=False itself, over the variable
     off = not enabled or os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
     return tqdm(total=end, initial=start, disable=off, unit="step", dynamic_ncols=True, leave=True,
-                mininterval=interval, file=LinePerDraw(sys.stderr) if log_file else None)
+                mininterval=interval, maxinterval=max(interval, 10.0),  # (tqdm's 10 s would redraw more often)
+                file=LinePerDraw(sys.stderr) if log_file else None)
 
 
 class LinePerDraw:
@@ -258,4 +259,6 @@ class LinePerDraw:
         self.stream.flush()
 
     def __getattr__(self, name: str):  # encoding, isatty, ...: the stream's
+        if name == "stream":  # not set yet (a copy being made): no endless lookup
+            raise AttributeError(name)
         return getattr(self.stream, name)

@@ -37,8 +37,9 @@ def _take(signum: int) -> None:
 
 def _same_request(signum: int) -> str | None:
     """Why ``signum`` is the stop taken last asked again, not a second one, or None: that SIGTERM again within
-    SAME_REQUEST_SECONDS (a scheduler signals every process of a job, and torchrun forwards it too), or a SIGTERM
-    or SIGUSR1 at any time after a SIGUSR1 (the scheduler's notice, then its stop at the time limit)."""
+    SAME_REQUEST_SECONDS (a scheduler signals every process of a job, and torchrun forwards it too), a SIGTERM
+    or SIGUSR1 at any time after a SIGUSR1 (the scheduler's notice, then its stop at the time limit), or a SIGUSR1
+    after a SIGTERM."""
     if _last_request is None:
         return None
     first, at = _last_request
@@ -48,6 +49,8 @@ def _same_request(signum: int) -> str | None:
                 "process, and torchrun forwards it too)")
     if first == SIGUSR1 and signum in (signal.SIGTERM, SIGUSR1):
         return f"{name} {since:.1f} s after SIGUSR1: the same request (a scheduler's notice, then its stop)"
+    if first == signal.SIGTERM and signum == SIGUSR1:  # a notice after the stop: nothing new
+        return f"SIGUSR1 {since:.1f} s after SIGTERM: the same request (a scheduler's notice, after its stop)"
     return None
 
 
