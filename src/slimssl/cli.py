@@ -274,11 +274,10 @@ def entry() -> None:
     for stream in (sys.stdout, sys.stderr):  # os._exit below would drop what is still buffered
         with contextlib.suppress(Exception):
             stream.flush()
-    from .train.signals import STOP_SIGNALS
+    from .train.signals import SCHEDULER_SIGNALS
 
-    for stop in STOP_SIGNALS:  # a scheduler's stop, and its notice
-        if stop != signal.SIGINT:
-            signal.signal(stop, lambda signum, frame: os._exit(code))
+    for stop in SCHEDULER_SIGNALS:  # a scheduler's stop, and its notice
+        signal.signal(stop, lambda signum, frame: os._exit(code))
     sys.exit(code)
 
 

@@ -42,7 +42,7 @@ def _with_own_code(fn: Callable) -> Callable:
     func = getattr(fn, "__func__", fn)
     copy = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
                               func.__closure__)
-    copy.__kwdefaults__, copy.__qualname__, copy.__wrapped__ = func.__kwdefaults__, func.__qualname__, func
+    copy.__kwdefaults__, copy.__qualname__ = func.__kwdefaults__, func.__qualname__
     return types.MethodType(copy, fn.__self__) if hasattr(fn, "__func__") else copy
 
 

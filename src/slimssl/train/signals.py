@@ -22,6 +22,7 @@ SAME_REQUEST_SECONDS = 10.0
 # -notify): its default action would kill the run without a checkpoint. Not on Windows
 SIGUSR1 = getattr(signal, "SIGUSR1", None)
 STOP_SIGNALS = tuple(sig for sig in (signal.SIGTERM, signal.SIGINT, SIGUSR1) if sig is not None)
+SCHEDULER_SIGNALS = tuple(sig for sig in STOP_SIGNALS if sig != signal.SIGINT)  # a person's is SIGINT (Ctrl-C)
 
 
 # What this process was asked and has done, for the handlers below: the stop signal taken last and when
@@ -47,7 +48,7 @@ def _same_request(signum: int) -> str | None:
     if signum == first == signal.SIGTERM and since < SAME_REQUEST_SECONDS:
         return (f"another SIGTERM {since:.1f} s after the first: the same request (a scheduler signals every "
                 "process, and torchrun forwards it too)")
-    if first == SIGUSR1 and signum in (signal.SIGTERM, SIGUSR1):
+    if first == SIGUSR1 and signum in SCHEDULER_SIGNALS:
         return f"{name} {since:.1f} s after SIGUSR1: the same request (a scheduler's notice, then its stop)"
     if first == signal.SIGTERM and signum == SIGUSR1:  # a notice after the stop: nothing new
         return f"SIGUSR1 {since:.1f} s after SIGTERM: the same request (a scheduler's notice, after its stop)"
@@ -146,7 +147,7 @@ def command_stop_signals(ignore_sigterm_after_saved_stop: bool = False) -> Itera
         if same:
             log.info("%s, which the command is ending on", same)
             return
-        if _stop_saved and signum in (signal.SIGTERM, SIGUSR1):
+        if _stop_saved and signum in SCHEDULER_SIGNALS:
             log.info("%s after the run saved its stop: the command is ending", name)
             return
         first = _last_request is None
@@ -159,6 +160,5 @@ def command_stop_signals(ignore_sigterm_after_saved_stop: bool = False) -> Itera
             yield
     finally:  # (a process that exits now: torchrun may SIGTERM a rank that saved its stop while it shuts down)
         if ignore_sigterm_after_saved_stop and _stop_saved:
-            for sig in STOP_SIGNALS:
-                if sig != signal.SIGINT:
-                    signal.signal(sig, signal.SIG_IGN)
+            for sig in SCHEDULER_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
