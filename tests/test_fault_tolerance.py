@@ -804,6 +804,35 @@ def test_img_per_s_counts_the_training_steps_and_not_the_epochs_checkpoint_or_kn
     assert len(speeds) == 12 and speeds == [16.0] * 12  # batch 16, one step a second, after each kNN too
 
 
+def test_the_minutes_to_a_timed_save_leave_out_the_epochs_checkpoint_and_knn(tmp_path, monkeypatch):
+    """train.save_every_minutes counts training: an epoch's kNN of 1000 s made the next epoch's first logged step
+    write last.pt again, a step after the epoch's own save."""
+    clock = [0.0]  # one second per step, a thousand for each end-of-epoch kNN
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    step_fn, measure, save = Trainer.train_step, KnnMonitor.__call__, Trainer.save
+    saved = []
+
+    def train_step(self, step):
+        clock[0] += 1.0
+        return step_fn(self, step)
+
+    def knn(self, backbone):
+        clock[0] += 1000.0
+        return measure(self, backbone)
+
+    def recorded_save(self, *args, **kwargs):
+        saved.append(self.state.step)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(KnnMonitor, "__call__", knn)
+    monkeypatch.setattr(Trainer, "save", recorded_save)
+    cfg = config_from_dict(tiny(train={"knn_every": 1, "save_every_minutes": 0.1},  # 6 s: 6 steps
+                                eval={"knn_random_init": False, "knn_k": 5}))
+    Trainer(cfg, tmp_path / "run").fit()
+    assert saved == [4, 8, 12]  # the epochs' ends only: an epoch (4 steps) is shorter than 6 s of training
+
+
 def test_an_unreadable_knn_file_mid_run_says_the_steps_are_saved(tmp_path, monkeypatch):
     from slimssl.data.files import DataError
 
