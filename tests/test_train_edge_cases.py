@@ -26,11 +26,35 @@ def test_a_training_set_smaller_than_the_batch_is_refused_before_training(tmp_pa
 
 
 def _records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """metrics.jsonl's records without the time each was written."""
+    return [{k: v for k, v in json.loads(line).items() if k != "time"} for line in path.read_text().splitlines()]
 
 
 def _write(path, records, cut_tail: str = ""):
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + cut_tail)
+
+
+def test_every_record_carries_the_time_it_was_written_and_tensorboard_the_same(tmp_path):
+    """A log file without timestamps leaves metrics.jsonl to say when a loss was reached or a run stalled."""
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir()
+    logger = MetricsLogger(run)
+    before = time.time()
+    logger.write({"step": 1, "lr": 0.1, "loss": {"a": 0.5}})
+    after = time.time()
+    logger.close()
+    (record,) = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    assert before - 0.001 <= record["time"] <= after + 0.001
+    if logger.tb is None:
+        return
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert "time" not in events.Tags()["scalars"]  # it is TensorBoard's own wall time, not a value
+    assert [e.wall_time for e in events.Scalars("loss/a")] == [pytest.approx(record["time"], abs=1e-3)]
 
 
 def test_a_resume_from_a_checkpoint_without_metrics_length_drops_the_records_after_its_step(tmp_path, caplog):

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -97,20 +98,23 @@ class MetricsLogger:
                      "tensorboard extra)")
 
     def write(self, record: dict) -> None:
-        """Append one record; numeric values (also one level of nested dicts) become TensorBoard scalars."""
+        """Append one record, with ``time``: when it was written (seconds since the Unix epoch), for plots over
+        wall-clock time and for a log without timestamps; numeric values (also one level of nested dicts) become
+        TensorBoard scalars, at that time."""
         if not self.enabled:
             return
+        record = {**record, "time": round(time.time(), 3)}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
-            step = record.get("step", 0)
+            step, wall = record.get("step", 0), record["time"]
             for key, value in record.items():
                 if isinstance(value, dict):
                     for sub, v in value.items():
                         if isinstance(v, (int, float)):
-                            self.tb.add_scalar(f"{key}/{sub}", v, step)
-                elif isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, step)
+                            self.tb.add_scalar(f"{key}/{sub}", v, step, walltime=wall)
+                elif isinstance(value, (int, float)) and key not in ("step", "time"):
+                    self.tb.add_scalar(key, value, step, walltime=wall)
         for callback in self.callbacks:  # a copy each: one callback changing it changes no other's, nor the file
             try:
                 callback(copy.deepcopy(record))

@@ -211,7 +211,8 @@ def pretrain(config: Config | dict | str | Path | None = None, out: str | os.Pat
     ``data``, ``epochs``, ``batch_size``, ``device`` and ``seed`` set ``data.source``, ``train.epochs``,
     ``train.batch_size``, ``train.device`` and ``train.seed`` (after the overrides), as the command's flags do.
     ``callbacks``: functions each given every record the run writes to metrics.jsonl (a dict: ``step``,
-    ``epoch``, the sub-networks' ``loss``, ``lr``, ``img_per_s``, ``knn_top1``, ...), as it is written, in the
+    ``epoch``, the sub-networks' ``loss``, ``lr``, ``img_per_s``, ``knn_top1``, ..., and ``time``: when it was
+    written, in seconds since the Unix epoch), as it is written, in the
     main process only: to send a run's curves to a tracker of your own (``lambda r: wandb.log(r, step=r["step"])``).
     A callback that raises is said (a warning with its traceback) and given no more records: a tracker that is
     down does not stop the training.
