@@ -1,7 +1,7 @@
 import logging
 import os
-import shutil
 import re
+import shutil
 import time
 import zipfile
 
@@ -67,6 +67,21 @@ def test_train_test_layout_and_val_fallback(tmp_path):
     assert len(load_dataset(str(tmp_path / "d"), "train")) == 6
     test = load_dataset(str(tmp_path / "d"), "test")
     assert len(test) == 2 and test.labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_a_labelled_val_is_the_test_split_beside_a_test_folder_without_classes(tmp_path, zipped):
+    """ImageNet as Kaggle ships it: train/<class>/, val/<class>/ and a flat test/ of unlabelled images."""
+    _class_tree(tmp_path / "d" / "train", per_class=3)
+    _class_tree(tmp_path / "d" / "val", per_class=2)
+    for i in range(3):
+        _save(tmp_path / "d" / "test" / f"{i}.jpg", color=(i, i, i))
+    data = str(_zip_dir(tmp_path / "d", tmp_path / "d.zip") if zipped else tmp_path / "d")
+    test = load_dataset(data, "test")
+    assert len(test) == 4 and test.labels.tolist() == [0, 0, 1, 1]  # val/, not the 3 images of test/
+    assert load_dataset(data, "val").labels.tolist() == [0, 0, 1, 1]
+    shutil.rmtree(tmp_path / "d" / "val")  # a flat test/ alone is still the test split, without labels
+    assert load_dataset(str(tmp_path / "d"), "test").labels is None
 
 
 @pytest.mark.parametrize("wrap", [None, "wrapper"])

@@ -833,18 +833,22 @@ def test_the_minutes_to_a_timed_save_leave_out_the_epochs_checkpoint_and_knn(tmp
     assert saved == [4, 8, 12]  # the epochs' ends only: an epoch (4 steps) is shorter than 6 s of training
 
 
-def test_an_unreadable_knn_file_mid_run_says_the_steps_are_saved(tmp_path, monkeypatch):
-    from slimssl.data.files import DataError
+@pytest.mark.parametrize("unreadable", [True, False])
+def test_bad_knn_data_mid_run_says_the_steps_are_saved_and_what_to_resume_with(tmp_path, monkeypatch, unreadable):
+    from slimssl.errors import DataError, UnreadableImageError
 
     cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
     trainer = Trainer(cfg, tmp_path / "run")
+    error = UnreadableImageError("cannot decode some/test/file.jpg") if unreadable else DataError("bad some/test")
 
-    def unreadable(self, backbone):  # a streamed kNN split meets a file it cannot decode
-        raise DataError("cannot decode some/test/file.jpg")
+    def bad(self, backbone):  # a streamed kNN split meets a file it cannot decode, or another fault
+        raise error
 
-    monkeypatch.setattr(KnnMonitor, "__call__", unreadable)
-    with pytest.raises(DataError, match=r"cannot decode some/test/file.jpg\nthe 4 steps trained so far are saved in "
-                                        r".*last.pt: continue with slimssl pretrain --resume"):
+    monkeypatch.setattr(KnnMonitor, "__call__", bad)
+    when = r"\(with --set data.skip_unreadable=true, or once the file is replaced\)" if unreadable else \
+        r"\(once the data is fixed\)"  # skipping unreadable files would not help
+    with pytest.raises(type(error), match=f"{error}\\nthe 4 steps trained so far are saved in "
+                                          rf".*last.pt: continue with slimssl pretrain --resume \S+ {when}$"):
         trainer.fit()
     trainer.metrics.close()
     assert load_checkpoint(tmp_path / "run")["train_state"]["step"] == 4

@@ -135,3 +135,25 @@ def test_a_resume_given_the_checkpoints_folder_names_the_run_directory(tmp_path)
     message = str(caught.value)
     assert f"not {run / 'checkpoints'}" in message
     assert f"this one is in the run directory {run}: out={str(run)!r}" in message
+
+
+def test_a_test_split_without_labels_skips_the_knn_at_the_start_not_after_the_last_epoch(tmp_path, caplog):
+    """ILSVRC's validation images unpack into one flat val/: found before training, the run ends as one
+    without a kNN, not with an error once every epoch is trained."""
+    from PIL import Image
+
+    for i in range(16):
+        folder = tmp_path / "data" / "train" / f"c{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 15, 40 * (i % 2), 0)).save(folder / f"{i}.png")
+    (tmp_path / "data" / "val").mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (0, i * 50, 0)).save(tmp_path / "data" / "val" / f"{i}.png")
+    cfg = tiny(train={"epochs": 1})
+    cfg["data"] = {"source": str(tmp_path / "data"), "resolution": 8}
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        run = slimssl.pretrain(cfg, out=tmp_path / "run")
+    assert run.finished
+    assert "the test split of 'data' has no labels (its images are not in class sub-folders): kNN evaluation " \
+           "during pretraining is skipped" in caplog.text
+    assert (tmp_path / "run" / "results.json").is_file()  # the run's sub-networks, their costs

@@ -50,6 +50,10 @@ class MissingSplitError(DataError):
     """The data has no folder for the split asked for (pretraining needs none; evaluation needs a test split)."""
 
 
+class UnreadableImageError(DataError):
+    """An image file that cannot be decoded (``data.skip_unreadable`` skips or replaces such files)."""
+
+
 class InputError(SlimsslError):
     """An input the network cannot take (nn/ and models/ check it); says what was expected and what came."""
 

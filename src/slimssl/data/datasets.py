@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from . import decoded_cache
 from .decode import decode_error, decode_resized, resize_center_crop, resize_side
-from ..errors import DataError
+from ..errors import DataError, UnreadableImageError
 from .files import (SKIP_HINT, SPLITS, FileTree, check_source_and_resolution, existing_path, list_split,
                     scan_tree, split_prefix)
 from .registry import registered_name, registered_split
@@ -285,7 +285,7 @@ def _decode_all(tree: FileTree, paths: list[str], resolution: int | None, skip_u
     skipped = [paths[i] for i, r in enumerate(results) if not isinstance(r, torch.Tensor)]
     if skipped and not skip_unreadable:
         first = results[paths.index(skipped[0])]
-        raise DataError(
+        raise UnreadableImageError(
             f"cannot decode {os.path.join(tree.root, skipped[0])} ({first}); "
             f"{len(skipped)} unreadable file(s) in total; to skip them set data.skip_unreadable: true "
             f"({SKIP_HINT}, or load_dataset(..., skip_unreadable=True))"

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .datasets import ImageDataset, load_dataset
 from .decode import decode_error, decode_pixels, decode_resized
-from ..errors import DataError
+from ..errors import DataError, UnreadableImageError
 from .files import SKIP_HINT, FileListDataset, check_source_and_resolution, list_labelled_files
 from .recipes import ViewRecipe
 from ..seeds import derived_generator
@@ -123,7 +123,7 @@ class StreamedImages:
 
     def _refuse(self, failed: list[Failure]) -> None:
         index, error = failed[0]
-        raise DataError(f"cannot decode {self.files.path(index)} ({error}); to skip unreadable files set "
+        raise UnreadableImageError(f"cannot decode {self.files.path(index)} ({error}); to skip unreadable files set "
                         f"data.skip_unreadable: true ({SKIP_HINT}, or StreamedImages(..., skip_unreadable=True) "
                         "in Python)")
 

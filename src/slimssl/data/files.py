@@ -289,10 +289,15 @@ def split_prefix(tree: FileTree, split: str) -> str:
             )
         return ""
     wanted = {"train": ["train"], "test": ["test", "val"], "val": ["val", "test"]}[split]
-    for name in wanted:
-        if name in splits:
-            return splits[name] + "/"
+    present = [splits[name] for name in wanted if name in splits]
+    # a labelled one first: ImageNet as Kaggle ships it has a flat test/ of unlabelled images beside val/<class>/
+    for folder in sorted(present, key=lambda folder: not _has_class_folders(tree, folder)):
+        return folder + "/"
     raise MissingSplitError(f"{tree.root} has no {' or '.join(w + '/' for w in wanted)} folder for split {split!r}")
+
+
+def _has_class_folders(tree: FileTree, folder: str) -> bool:
+    return any(d.startswith(f"{folder}/") for d in tree.dirs)
 
 
 def _refuse_nested_dataset(tree: FileTree, prefix: str) -> None:

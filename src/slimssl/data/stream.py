@@ -33,7 +33,7 @@ from ..seeds import derived_generator
 from .augment import (TwoViewAugment, ViewRecipe, crop_box_uniforms, crop_boxes_from_uniforms,
                       sample_crop_boxes)
 from .decode import decode_error, decode_pixels
-from ..errors import DataError
+from ..errors import DataError, UnreadableImageError
 from .files import SKIP_HINT, FileListDataset, list_labelled_files
 from ..train.signals import STOP_SIGNALS
 from .views import BatchSharding, to_channels_last
@@ -123,7 +123,7 @@ class StreamingViews:
         for path, error in unreadable:
             if not self.files.skip_unreadable:
                 self.close()
-                raise DataError(f"cannot decode {path} ({error}); to replace unreadable files by other images "
+                raise UnreadableImageError(f"cannot decode {path} ({error}); to replace unreadable files by other images "
                                 f"set data.skip_unreadable: true ({SKIP_HINT})")
             if path not in self.unreadable:
                 self.unreadable[path] = error

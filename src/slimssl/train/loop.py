@@ -31,7 +31,7 @@ from ..data.registry import recorded_source, registered_name
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import copy_by_dtype, pick_device, pick_dtype, synchronize, to_device_async
-from ..errors import DataError, SlimsslError
+from ..errors import DataError, SlimsslError, UnreadableImageError
 from ..eval.results import ResultsError, read_results, results_header, results_lock, write_results
 from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, check_unread_settings, checked_momentum,
                        checked_output, distill_outputs)
@@ -605,9 +605,10 @@ class Trainer:
             return error  # nothing trained: the failed start is cleaned up as any other
         self._save_unless_saved(any_rank=True)
         resume = f"slimssl pretrain --resume {shell_quote(self.run_dir)}"
-        return DataError(f"{error}\nthe {self.state.step} steps trained so far are saved in "
-                         f"{checkpoint_path(self.run_dir)}: continue with {resume} "
-                         "(with --set data.skip_unreadable=true, or once the file is replaced)")
+        when = ("with --set data.skip_unreadable=true, or once the file is replaced"
+                if isinstance(error, UnreadableImageError) else "once the data is fixed")
+        return type(error)(f"{error}\nthe {self.state.step} steps trained so far are saved in "
+                           f"{checkpoint_path(self.run_dir)}: continue with {resume} ({when})")
 
     def _agreed(self, received: bool, save_due: bool, scheduled: bool) -> tuple[bool, bool]:
         """Whether every process stops after this step (``received``: this one got a stop signal), and whether

@@ -87,6 +87,9 @@ class KnnMonitor:
             return Skipped(logging.INFO, f"no test split for kNN evaluation ({e})")
         except DataError as e:  # there is one, but it cannot be read: only the kNN monitor is lost
             return Skipped(logging.WARNING, f"the test split cannot be loaded ({e})")
+        if test.labels is None:  # found now, not after the last epoch (the kNN of a recipe may be its final one)
+            return Skipped(logging.WARNING, f"the test split of {test.name!r} has no labels (its images are not in "
+                                            "class sub-folders)")
         try:
             if train is not None and crop_ratio == 1:
                 bank = train  # the training images in memory
