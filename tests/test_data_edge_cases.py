@@ -281,3 +281,25 @@ def test_a_zip_member_that_unpacks_to_more_than_any_image_is_unreadable_not_read
             load_eval_split(str(tmp_path / "d.zip"), "train", loader=loader, resolution=8).take(torch.arange(7))
         assert len(load_eval_split(str(tmp_path / "d.zip"), "train", loader=loader, resolution=8,
                                    skip_unreadable=True)) == 6
+
+
+@pytest.mark.parametrize("cpus, job, expected", [
+    (16, {}, 8),  # at most 8
+    (3, {}, 3),
+    (16, {"RANK": "0", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}, 2),  # 8 processes share the node's cores
+    (4, {"RANK": "0", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8"}, 1),  # never none: the memory loader runs none
+    (16, {"LOCAL_WORLD_SIZE": "8"}, 8),  # exported to everything a job runs, outside torchrun: one process
+])
+def test_the_default_loader_workers_share_the_cpus_this_process_may_use(monkeypatch, cpus, job, expected):
+    """A Slurm job's cpuset (or taskset) counts, not the machine's cores, and torchrun's processes share it."""
+    import os
+
+    from slimssl.data.views import default_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's, which a cpuset narrows
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in job.items():
+        monkeypatch.setenv(name, value)
+    assert default_workers() == expected

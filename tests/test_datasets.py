@@ -215,7 +215,8 @@ def test_a_split_too_large_to_decode_in_memory_is_refused_before_decoding(tmp_pa
         with pytest.raises(DataError, match=r"6 images of split 'train'.*while decoding, more than this machine's"
                                             r".*data.loader=stream"):
             load_dataset(str(root), resolution=16)
-        m.setenv("LOCAL_WORLD_SIZE", "3")  # torchrun: three processes here, each with its own copy
+        for name, value in {"RANK": "0", "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "3"}.items():
+            m.setenv(name, value)  # torchrun: three processes here, each with its own copy
         monkeypatch.setattr(datasets, "physical_memory", lambda: 13823)
         with pytest.raises(DataError, match="with 3 processes each holding them"):
             load_dataset(str(root), resolution=16)

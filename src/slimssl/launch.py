@@ -34,6 +34,20 @@ def torchrun_processes() -> int:
     return int(world)
 
 
+def processes_on_this_machine() -> int:
+    """How many of the job's processes run on this machine (torchrun's LOCAL_WORLD_SIZE); 1 outside a job."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return int(local) if torchrun_processes() > 1 and local.isdigit() and int(local) > 0 else 1
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity where the system has one (a Slurm job's cpuset, taskset,
+    a container's cpuset), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; not macOS or Windows
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def warn_of_srun_tasks() -> None:
     """Say, in one of several tasks srun started without torchrun (``srun --ntasks=N python -m slimssl pretrain``),
     that each task trains a run of its own: slimssl's processes join one training only as torchrun starts them."""

@@ -366,7 +366,8 @@ class DataConfig(Section):
     workers: int | None = Field(
         default=None, ge=0, description="decoding worker processes per training process wherever files are streamed: "
         "loader stream, the kNN monitor's train split on several processes, evaluations with --loader stream "
-        "(default: the machine's CPU count, at most 8, decided when the run starts); the memory loader runs none")
+        "(default: the CPUs this process may use, as a Slurm cpuset allows, shared by torchrun's processes on the "
+        "machine, 1 to 8, decided when the run starts); the memory loader runs none")
     views: list[ViewChanges] = Field(
         default_factory=list, max_length=2, description="changes to the augmentation recipe's views: one entry "
         "changes both views, two change the first and the second (e.g. [{brightness: 0.8, contrast: 0.8, "

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import decoded_cache
 from .decode import decode_error, decode_resized, resize_center_crop, resize_side
 from ..errors import DataError, UnreadableImageError
+from ..launch import processes_on_this_machine, usable_cpus
 from .files import (SKIP_HINT, SPLITS, FileTree, check_source_and_resolution, existing_path, list_split,
                     scan_tree, split_prefix)
 from .registry import registered_name, registered_split
@@ -246,7 +247,7 @@ def _check_fits_in_memory(path: str, split: str, count: int, resolution: int | N
     total = physical_memory()
     if resolution is None or not total:
         return
-    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    processes = processes_on_this_machine()
     size = count * 3 * resolution * resolution
     needed = max(2, processes) * size
     if needed > total:
@@ -276,7 +277,7 @@ def _decode_all(tree: FileTree, paths: list[str], resolution: int | None, skip_u
                 crop_ratio: float):
     """Decode with a thread pool (decoders release the GIL); returns (images, kept idx, skipped)."""
     chunks = [paths[i : i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
-    workers = min(len(chunks), 2 * (os.cpu_count() or 1), 32)
+    workers = min(len(chunks), 2 * usable_cpus(), 32)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         decoded = pool.map(lambda c: _decode_chunk(tree, c, resolution, crop_ratio), chunks)
         results = [r for chunk in decoded for r in chunk]

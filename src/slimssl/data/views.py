@@ -15,12 +15,12 @@ Both follow the same batch order and the same per-step device generator.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..devices import to_device_async
+from ..launch import processes_on_this_machine, usable_cpus
 from ..seeds import derived_generator
 from .augment import BatchRows, TwoViewAugment, recipe
 
@@ -147,6 +147,8 @@ def place_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def default_workers() -> int:
-    """Loader workers when ``data.workers`` is unset: this machine's CPU count, at most 8 (not saved in the
-    run's config, so a run resumed on another machine uses that machine's)."""
-    return min(8, os.cpu_count() or 1)
+    """Loader workers when ``data.workers`` is unset: the CPUs this process may use, shared by the training
+    processes of this machine (torchrun's ``LOCAL_WORLD_SIZE``), at most 8 and at least 1 (not saved in the run's
+    config, so a run resumed on another machine uses that machine's). Eight processes on a 16-core node get 2
+    each, not 8: 64 workers would fight over the cores that decode."""
+    return max(1, min(8, usable_cpus() // processes_on_this_machine()))

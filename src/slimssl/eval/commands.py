@@ -51,7 +51,7 @@ def add_loader_args(p: argparse.ArgumentParser) -> None:
                         "ImageNet recipes 0.875, others 1)")
     p.add_argument("--workers", type=nonnegative_int, metavar="N",
                    help="--loader stream: decoding worker processes (default: the config's data.workers, "
-                        "else the CPU count, at most 8)")
+                        "else the CPUs this process may use, 1 to 8)")
 
 
 def _add_train_crop_arg(p: argparse.ArgumentParser) -> None:
