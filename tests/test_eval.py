@@ -70,6 +70,28 @@ def test_a_knn_bank_too_large_for_the_gpu_is_kept_in_host_memory(monkeypatch, ca
     assert bank_storage([2048], 10**7, "cpu") == torch.device("cpu")
 
 
+def test_a_long_feature_pass_says_how_far_it_is(monkeypatch, caplog):
+    """ImageNet's train split takes minutes to pass through every sub-network: a line each PROGRESS_SECONDS."""
+    from slimssl.eval import features
+    from slimssl.eval.features import extract_subnet_features
+
+    supernet = tiny_supernet()
+    specs = list(supernet.menu)
+    monkeypatch.setattr(features, "PROGRESS_SECONDS", 0.0)  # every batch but the last
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        out = extract_subnet_features(supernet, specs, colour_dataset(20, 0, "test"), resolution=RES,
+                                      mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=8)
+    assert [r.getMessage() for r in caplog.records] == ["features of the test split: 8 of 20 images (40%)",
+                                                        "features of the test split: 16 of 20 images (80%)"]
+    assert all(len(f) == 20 for f in out.values())
+    caplog.clear()
+    monkeypatch.setattr(features, "PROGRESS_SECONDS", 60.0)  # a pass shorter than that says nothing
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        extract_subnet_features(supernet, specs, colour_dataset(20, 0, "test"), resolution=RES,
+                                mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=8)
+    assert not caplog.records
+
+
 # ---- heads -------------------------------------------------------------------------------------------
 
 def _step_only(heads, active: str, dims):

@@ -157,3 +157,12 @@ def test_a_test_split_without_labels_skips_the_knn_at_the_start_not_after_the_la
     assert "the test split of 'data' has no labels (its images are not in class sub-folders): kNN evaluation " \
            "during pretraining is skipped" in caplog.text
     assert (tmp_path / "run" / "results.json").is_file()  # the run's sub-networks, their costs
+
+
+def test_the_start_of_a_run_says_what_data_it_found(tmp_path, caplog):
+    """A folder of ImageNet's size takes seconds to list: the counts show a wrong folder before hours of training."""
+    cfg = tiny(train={"epochs": 1})
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        slimssl.pretrain(cfg, out=tmp_path / "run")
+    assert "training set fake: 32 images, 4 steps per epoch of 8" in caplog.text
+    assert "kNN evaluation during pretraining: 32 test images, a bank of 32 train images" in caplog.text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Mapping, Sequence
 
 import torch
@@ -12,6 +14,10 @@ from ..data.eval_images import EvalImages, as_eval_images
 from ..nn.modes import eval_mode
 from ..errors import DataError
 from ..nn.spec import SubnetSpec
+
+log = logging.getLogger("slimssl")
+
+PROGRESS_SECONDS = 60.0  # a pass over ImageNet takes minutes: a line each minute says how far it is
 
 
 @torch.no_grad()
@@ -34,6 +40,7 @@ def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: 
     out: dict[str, torch.Tensor] = {}
     store = device if store is None else store
     done, size = 0, len(images) if indices is None else len(indices)
+    said = time.monotonic()
     with eval_mode(*distinct.values()):
         for batch in images.batches(batch_size, indices):
             x = eval_transform(batch.to(device, non_blocking=True), resolution, mean, std)
@@ -43,6 +50,11 @@ def extract_subnet_features(models: Mapping[str, nn.Module] | nn.Module, specs: 
                     out[spec.name] = features.new_empty((size, features.shape[1]), device=store)
                 out[spec.name][done:done + len(features)] = features  # (to host memory: a copy waited for)
             done += len(x)
+            if time.monotonic() - said >= PROGRESS_SECONDS and done < size:
+                said = time.monotonic()
+                split = getattr(images, "split", None)
+                log.info("features%s: %s of %s images (%d%%)", f" of the {split} split" if split else "",
+                         f"{done:,}", f"{size:,}", 100 * done // size)
     if done == 0:
         raise DataError("cannot extract features of an empty dataset")
     return {spec.name: out[spec.name][:done] for spec in specs}

@@ -187,6 +187,9 @@ class Trainer:
                                                  world=self.world, device=self.device)
         self.steps_per_epoch = self.view_source.steps_per_epoch
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        # what was found: a folder of ImageNet's size takes seconds to list, and a wrong folder shows here first
+        log.info("training set %s: %s images, %d steps per epoch of %d", cfg.data.source,
+                 f"{self.view_source.sharding.num_images:,}", self.steps_per_epoch, cfg.train.batch_size)
         if self.world > 1:
             self._check_same_data()
 

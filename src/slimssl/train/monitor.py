@@ -63,6 +63,8 @@ class KnnMonitor:
             log.warning("kNN evaluation is skipped: the processes see splits of different sizes (train, test): %s",
                         every)
             return None
+        log.info("kNN evaluation during pretraining: %s test images, a bank of %s train images",
+                 f"{len(found.queries):,}", f"{len(found.bank):,}")
         return found
 
     @classmethod
