@@ -937,6 +937,29 @@ def test_knn_scores_a_large_bank_in_smaller_chunks_of_queries_with_the_same_resu
     assert rows == [3] * 6 + [2]
 
 
+def test_the_knn_normalises_its_own_features_in_place_with_the_same_votes(monkeypatch):
+    """ImageNet's bank of one width is 10 GB: normalised where it lies, not copied; the scores are F.normalize's."""
+    import slimssl.eval.knn as knn
+
+    gen = torch.Generator().manual_seed(0)
+    bank, labels, queries = torch.randn(50, 8, generator=gen) * 7, torch.randint(0, 4, (50,), generator=gen), \
+        torch.randn(20, 8, generator=gen)
+    bank[3] = 0  # a row of zeros stays zeros, as F.normalize leaves it
+    expected = knn.knn_predict(bank, labels, queries, 4, k=5, temperature=0.07)
+    own_bank, own_queries = bank.clone(), queries.clone()
+    assert knn.normalize_rows_(own_bank) is own_bank
+    assert torch.equal(own_bank, torch.nn.functional.normalize(bank, dim=1))
+    copies = []
+    monkeypatch.setattr(knn.F, "normalize", lambda *a, **kw: copies.append(a) or pytest.fail("copied"))
+    got = knn.knn_predict(own_bank, labels, knn.normalize_rows_(own_queries), 4, k=5, temperature=0.07,
+                          normalized=True)
+    assert torch.equal(got, expected) and not copies
+    supernet = tiny_supernet()  # and the whole evaluation makes no normalised copy
+    accuracy = knn.knn_eval_subnets(supernet, colour_dataset(24, 0), colour_dataset(8, 1, "test"), k=5,
+                                    temperature=0.1, resolution=RES, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert set(accuracy) == {spec.name for spec in supernet.menu}
+
+
 def test_linear_probe_follows_a_cosine_schedule_and_its_crop_options_change_training(monkeypatch):
     import math
 

@@ -27,7 +27,7 @@ log = logging.getLogger("slimssl")
 @torch.no_grad()
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
                 k: int = 200, temperature: float = 0.1, chunk: int | None = None, *,
-                shard: Shard = Shard()) -> torch.Tensor:
+                shard: Shard = Shard(), normalized: bool = False) -> torch.Tensor:
     """Class scores [Q, C] of each query: its k most cosine-similar bank entries vote with exp(sim / T), each
     query's votes divided by exp(its top similarity / T), which leaves its winner as it is and keeps a low T
     from overflowing float32 (1 / T > 88: every vote inf). ``chunk``: queries scored at once; by default at most
@@ -35,9 +35,11 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
 
     With a ``shard`` of several processes, ``bank`` is this process's part of the bank and ``queries`` are all
     of them: every process returns the scores against the whole bank (equal to one process's up to the order
-    of equally similar entries at the k-th place)."""
-    bank = F.normalize(bank.float(), dim=1)
-    queries = F.normalize(queries.float(), dim=1)
+    of equally similar entries at the k-th place). ``normalized``: ``bank`` and ``queries`` are float32 rows
+    of unit length already (:func:`normalize_rows_`), which spares a copy of the bank (10 GB at ImageNet's size)."""
+    if not normalized:
+        bank = F.normalize(bank.float(), dim=1)
+        queries = F.normalize(queries.float(), dim=1)
     size, largest = shard.size_and_largest(len(bank), bank.device)
     k = min(k, size)
     # from the largest part: every process must score the same chunks, since it merges each one with the others
@@ -53,10 +55,18 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
     return torch.cat(scores)
 
 
+def normalize_rows_(features: torch.Tensor) -> torch.Tensor:
+    """``features`` (float32) scaled in place to rows of unit length, as ``F.normalize(features, dim=1)`` gives
+    them, without a second copy of them."""
+    return features.div_(features.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+
+
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-                 num_classes: int, k: int = 200, temperature: float = 0.1, *, shard: Shard = Shard()) -> float:
-    """Top-1 accuracy in percent (``shard``: see :func:`knn_predict`)."""
-    scores = knn_predict(bank, bank_labels.to(bank.device), queries, num_classes, k, temperature, shard=shard)
+                 num_classes: int, k: int = 200, temperature: float = 0.1, *, shard: Shard = Shard(),
+                 normalized: bool = False) -> float:
+    """Top-1 accuracy in percent (``shard``, ``normalized``: see :func:`knn_predict`)."""
+    scores = knn_predict(bank, bank_labels.to(bank.device), queries, num_classes, k, temperature, shard=shard,
+                         normalized=normalized)
     return (scores.argmax(1).cpu() == query_labels.cpu()).float().mean().item() * 100.0
 
 
@@ -78,10 +88,11 @@ def knn_eval_subnets(supernet, train, test, *, k: int, temperature: float, resol
     banks = extract_subnet_features(models or supernet, specs, train, indices=mine, store=store, **kw)
     queries = extract_subnet_features(models or supernet, specs, test, indices=shard.indices(len(test)), **kw)
     bank_labels = (train.labels if mine is None else train.labels[mine]).to(device)
-    # each sub-network's bank on the device for its own search (a move when the bank is kept in host memory)
-    return {spec.name: knn_accuracy(banks.pop(spec.name).to(device), bank_labels,
-                                    shard.gather_rows(queries[spec.name], len(test)), test.labels, num_classes, k,
-                                    temperature, shard=shard)
+    # each sub-network's bank on the device for its own search (a move when the bank is kept in host memory),
+    # normalised where it is: these features are this function's own, and a normalised copy would double them
+    return {spec.name: knn_accuracy(normalize_rows_(banks.pop(spec.name).to(device)), bank_labels,
+                                    normalize_rows_(shard.gather_rows(queries.pop(spec.name), len(test))),
+                                    test.labels, num_classes, k, temperature, shard=shard, normalized=True)
             for spec in specs}
 
 
