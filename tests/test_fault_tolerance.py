@@ -527,6 +527,26 @@ def test_a_nan_loss_between_records_never_reaches_a_checkpoint(tmp_path, monkeyp
     assert data["train_state"]["step"] == 4 and all_finite(data["model"])
 
 
+def test_non_finite_weights_under_nonfinite_skip_are_not_told_to_set_it(tmp_path, monkeypatch):
+    """train.nonfinite=skip skips steps of a non-finite loss; weights that a finite loss made non-finite (an
+    overflowing gradient) stop the run, and the advice is not the setting already on."""
+    trainer = Trainer(config_from_dict(tiny(train={"nonfinite": "skip", "log_every": 100})), tmp_path)
+    step, calls = trainer.optimizer.step, []
+
+    def overflowing_step(*args, **kwargs):
+        step(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                trainer.model.online_parameters()[0].fill_(float("inf"))
+
+    monkeypatch.setattr(trainer.optimizer, "step", overflowing_step)
+    with pytest.raises(NonFiniteLossError, match=r"weights at step 4 are not finite; no checkpoint had been written "
+                                                 r"yet. Lower optim.lr; train.nonfinite=skip \(set\) skips only") as e:
+        trainer.fit(max_steps=4)
+    assert "or set train.nonfinite=skip" not in str(e.value)
+
+
 def test_resume_applies_the_optimizer_settings_it_is_given(tmp_path):
     from slimssl.train.prepare import prepare_run
 

@@ -8,6 +8,7 @@ import json
 import logging
 
 import pytest
+import torch
 from test_pretrain import tiny
 
 import slimssl
@@ -166,3 +167,66 @@ def test_the_start_of_a_run_says_what_data_it_found(tmp_path, caplog):
         slimssl.pretrain(cfg, out=tmp_path / "run")
     assert "training set fake: 32 images, 4 steps per epoch of 8" in caplog.text
     assert "kNN evaluation during pretraining: 32 test images, a bank of 32 train images" in caplog.text
+
+
+def test_a_grouped_shared_batchnorm_run_measures_its_knn_as_slimssl_knn_does(tmp_path):
+    """Its BatchNorm statistics are re-estimated over whole batches (groups imitate training on several GPUs):
+    results.json's kNN is the one `slimssl knn` measures of the checkpoint, and a batch that the groups do not
+    divide is no crash after the last epoch."""
+    cfg = tiny(train={"epochs": 1}, optim={"lr": 0.05})
+    cfg["model"] = {**cfg["model"], "bn": "shared", "bn_group_size": 2}
+    cfg["data"]["fake_size"] = 64
+    cfg["eval"] = {"knn_k": 5, "batch_size": 8, "knn_random_init": False}
+    run = slimssl.pretrain(cfg, out=tmp_path / "run")
+    during = {row["subnet"]: row["knn_top1"] for row in run.results["subnets"]}
+    after = {row["subnet"]: row["knn_top1"] for row in slimssl.knn(tmp_path / "run", save=False, device="cpu")}
+    assert during == after
+    odd = tiny(train={"epochs": 1}, optim={"lr": 0.05})
+    odd["model"] = {**odd["model"], "bn": "shared", "bn_group_size": 4}
+    odd["eval"] = {"knn_k": 5, "batch_size": 6, "knn_random_init": False}  # 6 % 4: groups would refuse it
+    assert slimssl.pretrain(odd, out=tmp_path / "odd").results["subnets"][0]["knn_top1"] is not None
+
+
+def test_shared_batchnorm_needs_evaluation_batches_of_two_images(tmp_path):
+    """One image has no batch statistics: refused when the config is read, and by recalibrate_bn with the
+    setting named (torch's own error names none)."""
+    from slimssl.models.build import build_supernet
+    from slimssl.nn.slimmable import recalibrate_bn
+    from slimssl.nn.spec import SubnetError
+
+    cfg = tiny()
+    cfg["model"] = {**cfg["model"], "bn": "shared"}
+    with pytest.raises(ConfigError, match="eval.batch_size 1 cannot re-estimate shared BatchNorm"):
+        config_from_dict({**cfg, "eval": {"batch_size": 1}})
+    supernet = build_supernet(config_from_dict(cfg))
+    with pytest.raises(SubnetError, match=r"got a batch of 1 image\(s\); BatchNorm statistics need batches of 2 "
+                                          r"images or more \(eval.batch_size, --eval-batch-size\)"):
+        recalibrate_bn(supernet, 0.5, [torch.rand(1, 3, 8, 8)])
+
+
+def test_a_warmup_as_long_as_the_run_is_said(tmp_path, caplog):
+    """A recipe's 10 warm-up epochs in a 2-epoch trial run: the lr would only rise, and never decay."""
+    cfg = tiny(train={"epochs": 1}, optim={"warmup_epochs": 2})
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        Trainer(config_from_dict(cfg), tmp_path / "run").close()
+    assert "optim.warmup_epochs 2 is as long as the run (train.epochs 1): the lr only rises, to 50% of its peak, " \
+           "and never decays" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        Trainer(config_from_dict(tiny(train={"epochs": 3}, optim={"warmup_epochs": 2})), tmp_path / "ok").close()
+    assert "warmup" not in caplog.text
+
+
+def test_a_slow_start_that_leaves_the_sub_networks_no_step_is_refused(tmp_path):
+    """They would be evaluated and exported as pretrained, as they were initialised."""
+    cfg = tiny(slim={"slow_start": 0.99999999})  # 8 steps: joins at step 8, after the last
+    with pytest.raises(ConfigError, match="slim.slow_start 1 of 8 steps leaves no step for the sub-networks"):
+        Trainer(config_from_dict(cfg), tmp_path / "run")
+    Trainer(config_from_dict(tiny(slim={"slow_start": 0.8})), tmp_path / "ok").close()  # joins at step 6
+
+
+def test_an_empty_data_source_is_refused_by_the_config():
+    """An unset shell variable in `data.source: $DATA`: named as such, not as a run inside a dataset ''."""
+    cfg = tiny()
+    with pytest.raises(ConfigError, match="data.source"):
+        config_from_dict({**cfg, "data": {**cfg["data"], "source": ""}})

@@ -340,8 +340,8 @@ class ViewChanges(Section):
 
 class DataConfig(Section):
     source: str = Field(
-        default="digits", description="the dataset: digits, cifar10, cifar100, fake, a registered name, or the path of "
-        "an ImageFolder tree or a .zip of one (what --data sets)")
+        default="digits", min_length=1, description="the dataset: digits, cifar10, cifar100, fake, a registered "
+        "name, or the path of an ImageFolder tree or a .zip of one (what --data sets)")
     resolution: int = Field(default=32, gt=0, description="side of the training views and evaluation images, in pixels")
     augment: Literal[RECIPES] | None = Field(
         default=None, description="default: the method's")  # type: ignore[valid-type]
@@ -579,6 +579,9 @@ class Config(Section):
             raise ValueError(
                 "slim.random_space: 'space' draws sub-networks outside the menu, which have no private "
                 "BatchNorm; use model.bn: shared (and recalibrate BN before evaluation) or random_space: menu")
+        if self.model.bn == "shared" and self.eval.batch_size < 2:  # else found at the run's first kNN, maybe its last
+            raise ValueError("eval.batch_size 1 cannot re-estimate shared BatchNorm statistics before the kNN "
+                             "(model.bn: shared): give 2 or more")
         return self
 
     def _check_widths_differ(self, menu: Menu) -> None:

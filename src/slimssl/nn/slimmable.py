@@ -104,9 +104,10 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches: Iterable[torch
     """Re-estimate, in place, the BatchNorm running statistics of ``subnet`` from ``batches`` of input images.
 
     Needed in shared-BN mode before evaluating a sub-network, since the shared statistics belong to
-    whichever widths ran last. Statistics are a plain average over the batches (momentum None). Only what
-    ``subnet`` runs changes: the channels beyond its width and the layers beyond its depth keep their
-    statistics, which belong to other sub-networks.
+    whichever widths ran last. Statistics are a plain average over the batches (momentum None), each batch's of
+    all its images (not of the groups of ``model.bn_group_size``, which imitate training on several GPUs), so a
+    supernet trained with groups or without is measured alike. Only what ``subnet`` runs changes: the channels
+    beyond its width and the layers beyond its depth keep their statistics, which belong to other sub-networks.
     """
     if not isinstance(getattr(model, "_orig_mod", model), SlimmableMixin):  # torch.compile's wrapper forwards
         raise SubnetError(f"recalibrate_bn takes a slimmable supernet (slimssl.build_supernet, load_supernet), got "
@@ -126,6 +127,8 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches: Iterable[torch
             lambda _, inputs, key=id(bn): channels.__setitem__(key, inputs[0].shape[1]))
             for layer, bn in zip(layers, norms)]
         was_training = model.training
+        state = getattr(model, "_orig_mod", model).slim_state
+        group_size, state.bn_group_size = state.bn_group_size, None
         model.eval()
         for bn in norms:
             bn.reset_running_stats()
@@ -136,6 +139,10 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches: Iterable[torch
             for images in batches:
                 if isinstance(images, (tuple, list)):
                     images = images[0]
+                if len(images) < 2:  # torch's own error names no setting
+                    raise SubnetError(f"recalibrate_bn of {spec.name} got a batch of {len(images)} image(s); "
+                                      "BatchNorm statistics need batches of 2 images or more (eval.batch_size, "
+                                      "--eval-batch-size)")
                 model(images if device is None else images.to(device))
                 count += 1
             if count == 0:
@@ -144,6 +151,7 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches: Iterable[torch
             done = True
             model.mark_bn_estimated(spec)
         finally:
+            state.bn_group_size = group_size
             for hook in hooks:
                 hook.remove()
             for bn, momentum, state in zip(norms, momenta, saved):

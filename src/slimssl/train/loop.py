@@ -237,6 +237,15 @@ class Trainer:
             log.warning("slim.slow_start %g of %d steps is less than a step: the sub-networks train from the "
                         "first step%s", cfg.slim.slow_start, self.total_steps,
                         ", and slim.slow_start_lr is not used" if cfg.slim.slow_start_lr else "")
+        if self.policy.join_step >= self.total_steps > 0 and len(self.model.backbone.menu) > 1:
+            # they would be evaluated and exported as pretrained, as initialised
+            raise ConfigError(f"slim.slow_start {cfg.slim.slow_start:g} of {self.total_steps} steps leaves no step "
+                              "for the sub-networks but the full one: lower it (0.5: the second half of the run)")
+        warmup = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        if warmup >= self.total_steps > 0 and dist.is_main():  # a recipe's 10 epochs in a short run: no peak
+            log.warning("optim.warmup_epochs %g is as long as the run (train.epochs %d): the lr only rises, to "
+                        "%.0f%% of its peak, and never decays; lower optim.warmup_epochs for a short run",
+                        cfg.optim.warmup_epochs, cfg.train.epochs, 100 * self.total_steps / warmup)
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim, cfg.train.batch_size)
         self.late_peak_lr = (scaled_lr(cfg.slim.slow_start_lr, cfg.optim, cfg.train.batch_size)
                              if cfg.slim.slow_start_lr else self.peak_lr)
@@ -327,8 +336,10 @@ class Trainer:
         kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint had been written yet"
         method = self.model.method
         own = "" if type(method) in BUILT_IN_METHODS else f" (or check method {method.name!r}'s loss: a log of 0, say)"
-        return NonFiniteLossError(f"{what}; {kept}. Lower optim.lr{own}, or set train.nonfinite=skip to skip such "
-                                  "steps and count them")
+        skip = ("; train.nonfinite=skip (set) skips only the steps whose loss is not finite, and these weights went "
+                "non-finite through finite losses" if self.cfg.train.nonfinite == "skip" else
+                ", or set train.nonfinite=skip to skip such steps and count them")
+        return NonFiniteLossError(f"{what}; {kept}. Lower optim.lr{own}{skip}")
 
     def _load(self, path: Path) -> int:
         """Continue from the checkpoint at ``path``; returns its step, as the saved run counted them."""
