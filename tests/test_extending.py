@@ -507,6 +507,28 @@ def test_a_method_class_imported_but_not_registered_is_named():
     assert Forgotten  # kept alive until here: an unreferenced class may be collected and forgotten
 
 
+def test_distillation_settings_the_run_never_reads_are_warned_of(tmp_path, caplog):
+    """slim.distill_* weigh the online distillation only: with the target as teacher they change nothing, and
+    BYOL's distillation (a regression) takes no temperature."""
+    def warnings(method, teacher, *changes):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="slimssl"):
+            Trainer(config_from_dict(tiny(method, teacher=teacher, widths=[1.0, 0.5]), overrides=list(changes)),
+                    tmp_path / f"{method}-{teacher}-{len(changes)}").close()
+        return [r.getMessage() for r in caplog.records if "slim.distill" in r.getMessage()]
+
+    assert warnings("mocov2", "target", "slim.distill_alpha=1", "slim.distill_scale=25") == [
+        "slim.distill_alpha is 1.0, but slim.teacher is target (no distillation term; online distils): the setting "
+        "changes nothing",
+        "slim.distill_scale is 25.0, but slim.teacher is target (no distillation term; online distils): the setting "
+        "changes nothing"]
+    assert warnings("byol", "online", "slim.distill_temperature=5", "slim.distill_alpha=1") == [
+        "slim.distill_temperature is 5.0, but method 'byol' distils without a temperature: the setting changes "
+        "nothing"]
+    assert warnings("mocov2", "online", "slim.distill_temperature=5", "slim.distill_alpha=1") == []
+    assert warnings("mocov2", "target") == []  # the defaults are no setting
+
+
 def test_a_method_setting_the_method_never_reads_is_warned_of(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="slimssl"):
         Trainer(config_from_dict(tiny("byol", widths=[1.0, 0.5]), overrides=["method.temperature=0.5"]),

@@ -123,6 +123,23 @@ def check_distillation(method: Method, teacher: str) -> None:
                     "override Method.distill (docs/extending.md)", method.name)
 
 
+def check_unread_distillation(method: Method, slim) -> None:
+    """Warn of ``slim.distill_*`` settings (``slim``: the config's SlimConfig) given another value than their
+    default that the run never reads: each of them without online distillation (``slim.teacher: target``), and
+    ``distill_temperature`` where the method's distillation takes none (BYOL's regression)."""
+    if slim.teacher == "target":
+        unread, why = ("distill_alpha", "distill_temperature", "distill_scale"), "slim.teacher is target (no " \
+            "distillation term; online distils)"
+    elif not method.distill_reads_temperature:
+        unread, why = ("distill_temperature",), f"method {method.name!r} distils without a temperature"
+    else:
+        return
+    for key in unread:
+        value = getattr(slim, key)
+        if value != type(slim).model_fields[key].get_default(call_default_factory=True):
+            log.warning("slim.%s is %r, but %s: the setting changes nothing", key, value, why)
+
+
 def checked_output(method: Method, out) -> MethodOutput:
     """``out`` of ``method.loss``, refused with the method named where it breaks the contract (attributes only:
     nothing waits for the device)."""
@@ -180,5 +197,5 @@ def distill_outputs(method: Method, out: MethodOutput) -> list:
 
 
 __all__ = ["BUILT_IN_METHODS", "BYOL", "METHODS", "Layer", "Method", "MethodOutput", "MoCoV2", "MoCoV3",
-           "build_method", "check_distillation", "check_unread_settings", "checked_momentum", "checked_output",
+           "build_method", "check_distillation", "check_unread_distillation", "check_unread_settings", "checked_momentum", "checked_output",
            "distill_outputs", "method_class", "register_method"]

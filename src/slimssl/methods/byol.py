@@ -11,6 +11,7 @@ from .losses import regression_loss
 class BYOL(Method):
     name = "byol"  # the base class's heads (two-layer MLPs) and view recipe are BYOL's
     symmetric_only = True
+    distill_reads_temperature = False  # its distillation regresses the full network's predictions
     settings_read = frozenset({"proj_hidden", "proj_dim", "pred_hidden", "momentum", "momentum_schedule"})
 
     def loss(self, online: list[torch.Tensor], target: list[torch.Tensor]) -> MethodOutput:

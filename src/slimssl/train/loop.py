@@ -33,8 +33,8 @@ from ..layout import LAST, checkpoint_path
 from ..devices import copy_by_dtype, pick_device, pick_dtype, synchronize, to_device_async
 from ..errors import DataError, SlimsslError, UnreadableImageError
 from ..eval.results import ResultsError, read_results, results_header, results_lock, write_results
-from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, check_unread_settings, checked_momentum,
-                       checked_output, distill_outputs)
+from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, check_unread_distillation,
+                       check_unread_settings, checked_momentum, checked_output, distill_outputs)
 from ..models.build import build_supernet
 from ..models.ssl import SSLModel
 from ..report.profile import profile_supernet
@@ -211,6 +211,7 @@ class Trainer:
                               cfg.model.channel_divisor, cfg.model.bn_group_size).to(self.device)
         if dist.is_main():
             check_distillation(self.model.method, cfg.slim.teacher)
+            check_unread_distillation(self.model.method, cfg.slim)
             check_unread_settings(self.model.method)
         if self.model.target is not None:  # a schedule outside [0, 1] fails before the first update
             for progress in (0.0, 1.0):
