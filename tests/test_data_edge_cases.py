@@ -303,3 +303,32 @@ def test_the_default_loader_workers_share_the_cpus_this_process_may_use(monkeypa
     for name, value in job.items():
         monkeypatch.setenv(name, value)
     assert default_workers() == expected
+
+
+def test_a_split_the_cache_cannot_hold_is_not_keyed_nor_written_past_the_disk(tmp_path, monkeypatch, caplog):
+    """An entry's key stats every file (8 s at ImageNet's size): not for a split over the cache's limit, nor with
+    the cache off; and an entry is not written onto a disk that it would fill."""
+    import shutil
+    from collections import namedtuple
+
+    from slimssl.data import decoded_cache
+
+    root = tmp_path / "data"
+    for i in range(4):
+        (root / "c").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(root / "c" / f"{i}.png")
+    monkeypatch.setenv("SLIMSSL_CACHE", str(tmp_path / "cache"))
+    keyed = []
+    entry_key = decoded_cache.entry_key
+    monkeypatch.setattr(decoded_cache, "entry_key", lambda *a: keyed.append(1) or entry_key(*a))
+    for limit in ("0", str(4 * 3 * 8 * 8 / 2**30 * 0.99)):  # off; a little less than the split's 768 bytes
+        monkeypatch.setenv("SLIMSSL_CACHE_GB", limit)
+        assert load_dataset(str(root), resolution=8).images.shape == (4, 3, 8, 8)
+    assert keyed == [] and not (tmp_path / "cache").exists()
+    monkeypatch.setenv("SLIMSSL_CACHE_GB", "1")
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(2**40, 2**40 - 2**29, 2**29))  # 0.5 GiB free
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        load_dataset(str(root), resolution=8)
+    assert keyed == [1] and "its disk has 512.0 MiB free" in caplog.text
+    assert not list((tmp_path / "cache").glob("*.pt"))

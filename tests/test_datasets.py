@@ -208,8 +208,8 @@ def test_a_split_too_large_to_decode_in_memory_is_refused_before_decoding(tmp_pa
     """ImageNet with the memory loader would decode for hours, then be killed: the size is checked first."""
     import slimssl.data.datasets as datasets
 
-    root = _class_tree(tmp_path / "data")  # 6 images: 2 x 6 x 3 x 16 x 16 bytes while decoding at 16 px
-    monkeypatch.setattr(datasets, "physical_memory", lambda: 9215)
+    root = _class_tree(tmp_path / "data")  # 6 images: 2.5 x 6 x 3 x 16 x 16 bytes while decoding at 16 px
+    monkeypatch.setattr(datasets, "physical_memory", lambda: 11519)
     with monkeypatch.context() as m:
         m.setattr(datasets, "_decode_all", lambda *args: pytest.fail("decoded a split that cannot fit"))
         with pytest.raises(DataError, match=r"6 images of split 'train'.*while decoding, more than this machine's"
@@ -220,7 +220,7 @@ def test_a_split_too_large_to_decode_in_memory_is_refused_before_decoding(tmp_pa
         monkeypatch.setattr(datasets, "physical_memory", lambda: 13823)
         with pytest.raises(DataError, match="with 3 processes each holding them"):
             load_dataset(str(root), resolution=16)
-    monkeypatch.setattr(datasets, "physical_memory", lambda: 9216)  # just enough for one process
+    monkeypatch.setattr(datasets, "physical_memory", lambda: 11520)  # just enough for one process
     assert load_dataset(str(root), resolution=16).images.shape == (6, 3, 16, 16)
 
 
@@ -352,6 +352,20 @@ def test_resize_center_crop_is_torchvisions_resize_then_center_crop(size, resolu
     theirs = TF.center_crop(resized, [resolution, resolution]).round().clamp(0, 255)
     assert ours.shape == (2, 3, resolution, resolution) and ours.is_contiguous()
     assert (ours.float() - theirs).abs().max() <= 1  # the same sizes and offsets; float rounding at .5 only
+
+
+def test_a_split_is_resized_a_few_images_at_a_time_with_the_same_pixels(monkeypatch):
+    """CIFAR-10 at 224 px resized whole took 30 GB of float copies; in chunks, each image comes out the same."""
+    from slimssl.data import decode
+
+    images = torch.randint(0, 256, (7, 3, 12, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    whole = decode.resize_center_crop(images, 16, 0.875)
+    floats = []
+    interpolate = decode.F.interpolate
+    monkeypatch.setattr(decode.F, "interpolate", lambda x, **kw: floats.append(len(x)) or interpolate(x, **kw))
+    monkeypatch.setattr(decode, "RESIZE_CHUNK_BYTES", 4 * 3 * 18 * 21 * 3)  # three resized images' floats
+    assert torch.equal(decode.resize_center_crop(images, 16, 0.875), whole)
+    assert floats == [3, 3, 1]
 
 
 def test_digits_at_a_crop_ratio_are_the_centre_of_a_larger_resize():

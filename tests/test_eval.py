@@ -13,6 +13,7 @@ import slimssl
 from slimssl.checkpoint import load_checkpoint, save_checkpoint
 from slimssl.config import config_from_dict
 from slimssl.data.datasets import ImageDataset
+from slimssl.errors import DataError
 from slimssl.eval import linear as linear_mod
 from slimssl.eval import recalibration_batches
 from slimssl.eval.finetune import balanced_subset, finetune_subnet, fraction_tag
@@ -60,14 +61,26 @@ def make_checkpoint(path, bn: str = "private", epoch: float | None = None):
 
 
 def test_a_knn_bank_too_large_for_the_gpu_is_kept_in_host_memory(monkeypatch, caplog):
+    from slimssl.eval import knn
     from slimssl.eval.knn import bank_storage
 
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(knn, "physical_memory", lambda: 64 * 2**30)  # a machine that holds it
+    cached = []  # the allocator's blocks that training left cached count as used until they are given back
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: cached.append(1))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: ((8 if cached else 1) * 2**30, 80 * 2**30))
     with caplog.at_level(logging.INFO, logger="slimssl"):  # ImageNet's train split, a four-width ResNet-50
         assert bank_storage([2048, 1536, 1024, 512], 1_281_167, "cuda") == torch.device("cpu")
     assert "kNN: the bank's features (26.2 GB for 4 sub-networks) are kept in host memory, 8.6 GB" in caplog.text
     assert bank_storage([512, 256], 50_000, "cuda:1") == torch.device("cuda:1")  # 154 MB: on the GPU
-    assert bank_storage([2048], 10**7, "cpu") == torch.device("cpu")
+    assert bank_storage([512, 256], 500_000, "cuda:1") == torch.device("cuda:1")  # 1.5 GB of the 8 GB freed
+    assert bank_storage([2048], 10**6, "cpu") == torch.device("cpu")
+    monkeypatch.setattr(knn, "physical_memory", lambda: 16 * 2**30)  # refused before a pass over the split
+    with pytest.raises(DataError, match=r"kNN: the bank's features of 1,281,167 images for 4 sub-networks take 26.2 "
+                                        r"GB, more than this machine's memory \(17.2 GB\): evaluate fewer"):
+        bank_storage([2048, 1536, 1024, 512], 1_281_167, "cpu")
+    with pytest.raises(DataError, match="more than this machine's memory"):  # the GPU too small, then the host
+        bank_storage([2048, 1536, 1024, 512], 1_281_167, "cuda")
+    assert bank_storage([2048], 10**6, "cpu") == torch.device("cpu")  # 8.2 GB fit
 
 
 def test_a_long_feature_pass_says_how_far_it_is(monkeypatch, caplog):

@@ -25,6 +25,7 @@ from PIL import Image
 # a .jpg name. Pillow is not asked to guess among the others: a file named .jpg that holds PostScript would start
 # Ghostscript, an outside program, to render it.
 IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "PPM", "GIF")
+RESIZE_CHUNK_BYTES = 2**28  # the float32 images resized at once: CIFAR-10's split at 224 px whole would take 30 GB
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -178,8 +179,14 @@ def resize_center_crop(images: torch.Tensor, resolution: int, crop_ratio: float 
     side = resize_side(resolution, crop_ratio)
     if min(h, w) != side:
         h, w = resized_size(h, w, side)
-        images = F.interpolate(images.float(), size=(h, w), mode="bilinear", align_corners=False,
-                               antialias=True).round().clamp(0, 255).to(torch.uint8)
+        resized = images.new_empty((*images.shape[:-2], h, w))
+        # a few images at a time: their float copies, not the whole split's (each image is resized alone)
+        chunk = max(1, RESIZE_CHUNK_BYTES // (4 * images.shape[1] * max(h * w, images[0, 0].numel())))
+        for start in range(0, len(images), chunk):
+            part = images[start:start + chunk].float()
+            resized[start:start + chunk] = F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False,
+                                                         antialias=True).round().clamp(0, 255).to(torch.uint8)
+        images = resized
     top, left = center_offsets(h, w, resolution)
     return images[..., top : top + resolution, left : left + resolution].contiguous()
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 
 import torch
@@ -45,6 +46,20 @@ def cache_limit() -> int:
         raise DataError(f"$SLIMSSL_CACHE_GB is {text!r}; expected the decoded-image cache's size limit in GiB, "
                         "a finite number >= 0 (0 turns the cache off)")
     return int(gib * 2**30)
+
+
+def may_hold(num_bytes: int | None) -> bool:
+    """Whether decoded images of ``num_bytes`` (None: not known before decoding) can be cached: not with the
+    cache off, nor more than its limit, which is said. Asked first, since an entry's key stats every file (8 s
+    at ImageNet's 1.28M, longer on a network file system) for an entry that could never be written."""
+    limit = cache_limit()
+    if limit == 0:
+        return False
+    if num_bytes is not None and num_bytes > limit:
+        log.info("not caching %s of decoded images: more than the cache's limit of %s ($SLIMSSL_CACHE_GB)",
+                 _size(num_bytes), _size(limit))
+        return False
+    return True
 
 
 def entry_key(tree: FileTree, split: str, resolution, crop_ratio: float, skip_unreadable: bool,
@@ -90,17 +105,17 @@ def load(key: str) -> dict | None:
 
 def save(key: str, payload: dict) -> None:
     """Keep ``payload`` (its ``images`` a uint8 tensor) under ``key``, evicting others past the limit."""
-    limit = cache_limit()
-    if limit == 0:
-        return
     size = payload["images"].numel()
-    if size > limit:
-        log.info("not caching %s of decoded images: more than the cache's limit of %s ($SLIMSSL_CACHE_GB)",
-                 _size(size), _size(limit))
+    if not may_hold(size):
         return
-    directory = cache_dir()
+    limit, directory = cache_limit(), cache_dir()
     try:
         os.makedirs(directory, exist_ok=True)
+        free = shutil.disk_usage(directory).free
+        if size + _SPARE_BYTES > free:  # a home quota filled to the last byte fails more than this cache
+            log.warning("not caching %s of decoded images in %s: its disk has %s free; $SLIMSSL_CACHE moves the "
+                        "cache", _size(size), directory, _size(free))
+            return
         path = os.path.join(directory, key + ".pt")
         with atomic_write(path) as f:  # readers never see a partial file
             torch.save(payload, f)
@@ -113,6 +128,7 @@ def save(key: str, payload: dict) -> None:
                     "turns it off", directory, cause)
 
 
+_SPARE_BYTES = 2**30  # left free on the cache's disk after an entry is written
 _ENTRY = re.compile(r"[0-9a-f]{32}\.pt")  # the cache's own files: the folder may hold others, never touched
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.pt\..*\.tmp")  # atomic_write's, left by a killed write when stale
 _STALE_PARTIAL_S = 3600

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.datasets import physical_memory
+from ..errors import DataError
 from ..nn.spec import SubnetSpec
 from .features import extract_subnet_features
 from .recalibrate import subnet_models
@@ -100,16 +102,26 @@ def bank_storage(feature_dims: Sequence[int], count: int, device, what: str = "k
                  ) -> torch.device:
     """Where the bank's features of every sub-network are kept while they are extracted: on the GPU, unless they
     would take more than half of its free memory (a four-width ResNet-50 on ImageNet's train split: 26 GB);
-    then in host memory, each sub-network's moved to the GPU for its own search (10 GB at full width)."""
+    then in host memory, each sub-network's moved to the GPU for its own search (10 GB at full width). Features
+    that this machine's memory cannot hold are refused before they are extracted (an out-of-memory kill would
+    come at the end of a pass over the split)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return device
-    need, (free, _) = count * sum(feature_dims) * 4, torch.cuda.mem_get_info(device)
-    if need <= free // 2:
-        return device
-    log.info("%s (%.1f GB for %d sub-networks) are kept in host memory, %.1f GB of the GPU's being free; each "
-             "sub-network's go to the GPU in turn", what, need / 1e9, len(feature_dims), free / 1e9)
-    return torch.device("cpu")
+    need = count * sum(feature_dims) * 4
+    if device.type == "cuda":
+        # blocks the allocator keeps for reuse (a run's training steps, before its final kNN) count as used
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(device)
+        if need <= free // 2:
+            return device
+        log.info("%s (%.1f GB for %d sub-networks) are kept in host memory, %.1f GB of the GPU's being free; each "
+                 "sub-network's go to the GPU in turn", what, need / 1e9, len(feature_dims), free / 1e9)
+        device = torch.device("cpu")
+    total = physical_memory()
+    if total and need > total:
+        raise DataError(f"{what} of {count:,} images for {len(feature_dims)} sub-networks take {need / 1e9:.1f} GB, "
+                        f"more than this machine's memory ({total / 1e9:.1f} GB): evaluate fewer sub-networks at "
+                        "once (slimssl knn or linear with --subnet NAME ...)")
+    return device
 
 
 def knn_of_subnets(supernet, cfg, train, test, device, *, specs=None, k: int | None = None,
