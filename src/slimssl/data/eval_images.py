@@ -141,11 +141,14 @@ class StreamedImages:
                 yield images
 
     def take(self, indices: torch.Tensor) -> torch.Tensor:
-        """The images at ``indices`` as one uint8 tensor [len(indices), 3, R, R]."""
-        parts = list(self.batches(TAKE_BATCH, indices))
-        if not parts:
-            return torch.empty((0, 3, self.resolution, self.resolution), dtype=torch.uint8)
-        return torch.cat(parts)
+        """The images at ``indices`` as one uint8 tensor [len(indices), 3, R, R], filled batch by batch (a list of
+        batches concatenated would hold them twice: 39 GB for ImageNet's 10% fine-tuning subset at 224 px)."""
+        out = torch.empty((len(self._order(indices)), 3, self.resolution, self.resolution), dtype=torch.uint8)
+        done = 0
+        for images in self.batches(TAKE_BATCH, indices):
+            out[done:done + len(images)] = images
+            done += len(images)
+        return out[:done]
 
     # ---- decoding ----------------------------------------------------------------------------------------
 
