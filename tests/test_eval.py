@@ -81,6 +81,12 @@ def test_a_knn_bank_too_large_for_the_gpu_is_kept_in_host_memory(monkeypatch, ca
     with pytest.raises(DataError, match="more than this machine's memory"):  # the GPU too small, then the host
         bank_storage([2048, 1536, 1024, 512], 1_281_167, "cuda")
     assert bank_storage([2048], 10**6, "cpu") == torch.device("cpu")  # 8.2 GB fit
+    monkeypatch.setattr(knn, "physical_memory", lambda: 12 * 2**30)  # 12.9 GB: one share fits, two do not
+    assert bank_storage([2048], 10**6, "cpu") == torch.device("cpu")
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)  # two processes of torchrun on this machine, each with its own share
+    with pytest.raises(DataError, match=r"take 8.2 GB, in each of the 2 processes on this machine, more than"):
+        bank_storage([2048], 10**6, "cpu")
 
 
 def test_a_long_feature_pass_says_how_far_it_is(monkeypatch, caplog):

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..data.datasets import physical_memory
 from ..errors import DataError
+from ..launch import processes_on_this_machine
 from ..nn.spec import SubnetSpec
 from .features import extract_subnet_features
 from .recalibrate import subnet_models
@@ -116,11 +117,12 @@ def bank_storage(feature_dims: Sequence[int], count: int, device, what: str = "k
         log.info("%s (%.1f GB for %d sub-networks) are kept in host memory, %.1f GB of the GPU's being free; each "
                  "sub-network's go to the GPU in turn", what, need / 1e9, len(feature_dims), free / 1e9)
         device = torch.device("cpu")
-    total = physical_memory()
-    if total and need > total:
-        raise DataError(f"{what} of {count:,} images for {len(feature_dims)} sub-networks take {need / 1e9:.1f} GB, "
-                        f"more than this machine's memory ({total / 1e9:.1f} GB): evaluate fewer sub-networks at "
-                        "once (slimssl knn or linear with --subnet NAME ...)")
+    total, processes = physical_memory(), processes_on_this_machine()  # each of torchrun's holds its own
+    if total and need * processes > total:
+        held = f", in each of the {processes} processes on this machine," if processes > 1 else ","
+        raise DataError(f"{what} of {count:,} images for {len(feature_dims)} sub-networks take {need / 1e9:.1f} GB"
+                        f"{held} more than this machine's memory ({total / 1e9:.1f} GB): evaluate fewer sub-networks "
+                        "at once (slimssl knn or linear with --subnet NAME ...)")
     return device
 
 
