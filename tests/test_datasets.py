@@ -366,6 +366,7 @@ def test_a_split_is_resized_a_few_images_at_a_time_with_the_same_pixels(monkeypa
     monkeypatch.setattr(decode, "RESIZE_CHUNK_BYTES", 4 * 3 * 18 * 21 * 3)  # three resized images' floats
     assert torch.equal(decode.resize_center_crop(images, 16, 0.875), whole)
     assert floats == [3, 3, 1]
+    assert decode.resize_center_crop(images[:0], 16, 0.875).shape == (0, 3, 16, 16)
 
 
 def test_digits_at_a_crop_ratio_are_the_centre_of_a_larger_resize():

@@ -528,6 +528,15 @@ def test_distillation_settings_the_run_never_reads_are_warned_of(tmp_path, caplo
     assert warnings("mocov2", "online", "slim.distill_temperature=5", "slim.distill_alpha=1") == []
     assert warnings("mocov2", "target") == []  # the defaults are no setting
 
+    class SoftBYOL(methods.BYOL):  # its own distill reads the temperature: not held to BYOL's declaration
+        name = "softbyol"
+
+        def distill(self, student, teacher, temperature):
+            return sum(((s - t.detach()) / temperature).pow(2).mean() for s, t in zip(student, teacher))
+
+    register_method(SoftBYOL)  # (the module's fixture forgets it after the test)
+    assert warnings("softbyol", "online", "slim.distill_temperature=5") == []
+
 
 def test_a_method_setting_the_method_never_reads_is_warned_of(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="slimssl"):

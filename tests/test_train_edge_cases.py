@@ -155,8 +155,8 @@ def test_a_test_split_without_labels_skips_the_knn_at_the_start_not_after_the_la
     with caplog.at_level(logging.INFO, logger="slimssl"):
         run = slimssl.pretrain(cfg, out=tmp_path / "run")
     assert run.finished
-    assert "the test split of 'data' has no labels (its images are not in class sub-folders): kNN evaluation " \
-           "during pretraining is skipped" in caplog.text
+    assert "the test split of 'data' has no labels (a folder without class sub-folders, or images registered " \
+           "without labels): kNN evaluation during pretraining is skipped" in caplog.text
     assert (tmp_path / "run" / "results.json").is_file()  # the run's sub-networks, their costs
 
 
@@ -187,21 +187,25 @@ def test_a_grouped_shared_batchnorm_run_measures_its_knn_as_slimssl_knn_does(tmp
     assert slimssl.pretrain(odd, out=tmp_path / "odd").results["subnets"][0]["knn_top1"] is not None
 
 
-def test_shared_batchnorm_needs_evaluation_batches_of_two_images(tmp_path):
-    """One image has no batch statistics: refused when the config is read, and by recalibrate_bn with the
-    setting named (torch's own error names none)."""
+def test_a_recalibration_batch_with_one_value_per_channel_names_the_setting(tmp_path):
+    """One 8 px image ends in a 1x1 feature map: no batch statistics, said with the setting (torch's own error
+    names none); one 32 px image has 16 values per channel, and a run of eval.batch_size 1 (stored in its config)
+    still opens and is measured."""
     from slimssl.models.build import build_supernet
     from slimssl.nn.slimmable import recalibrate_bn
     from slimssl.nn.spec import SubnetError
 
-    cfg = tiny()
+    cfg = tiny(train={"epochs": 1}, optim={"lr": 0.05})
     cfg["model"] = {**cfg["model"], "bn": "shared"}
-    with pytest.raises(ConfigError, match="eval.batch_size 1 cannot re-estimate shared BatchNorm"):
-        config_from_dict({**cfg, "eval": {"batch_size": 1}})
     supernet = build_supernet(config_from_dict(cfg))
-    with pytest.raises(SubnetError, match=r"got a batch of 1 image\(s\); BatchNorm statistics need batches of 2 "
-                                          r"images or more \(eval.batch_size, --eval-batch-size\)"):
+    with pytest.raises(SubnetError, match=r"got a batch of 1 image\(s\), whose smallest feature map leaves "
+                                          r"BatchNorm one value per channel: give larger batches \(eval.batch_size"):
         recalibrate_bn(supernet, 0.5, [torch.rand(1, 3, 8, 8)])
+    recalibrate_bn(supernet, 0.5, [torch.rand(1, 3, 32, 32)])
+    cfg["data"] = {**cfg["data"], "resolution": 32}
+    cfg["eval"] = {"knn_k": 5, "batch_size": 1}
+    slimssl.pretrain(cfg, out=tmp_path / "run", max_steps=1)
+    assert len(slimssl.knn(tmp_path / "run", subnets=[0.5], save=False, device="cpu", eval_batch_size=2)) == 1
 
 
 def test_a_warmup_as_long_as_the_run_is_said(tmp_path, caplog):
@@ -220,7 +224,7 @@ def test_a_warmup_as_long_as_the_run_is_said(tmp_path, caplog):
 def test_a_slow_start_that_leaves_the_sub_networks_no_step_is_refused(tmp_path):
     """They would be evaluated and exported as pretrained, as they were initialised."""
     cfg = tiny(slim={"slow_start": 0.99999999})  # 8 steps: joins at step 8, after the last
-    with pytest.raises(ConfigError, match="slim.slow_start 1 of 8 steps leaves no step for the sub-networks"):
+    with pytest.raises(ConfigError, match="slim.slow_start 0.99999999 of 8 steps leaves no step for the sub-networks"):
         Trainer(config_from_dict(cfg), tmp_path / "run")
     Trainer(config_from_dict(tiny(slim={"slow_start": 0.8})), tmp_path / "ok").close()  # joins at step 6
 
@@ -230,3 +234,17 @@ def test_an_empty_data_source_is_refused_by_the_config():
     cfg = tiny()
     with pytest.raises(ConfigError, match="data.source"):
         config_from_dict({**cfg, "data": {**cfg["data"], "source": ""}})
+
+
+def test_a_knn_bank_this_machine_cannot_hold_is_skipped_at_the_start(tmp_path, caplog, monkeypatch):
+    """Found at the first kNN (a recipe's: after the last epoch) it would end the run in an error: said, and
+    skipped, before the first step; the run trains and ends."""
+    from slimssl.eval import knn
+
+    monkeypatch.setattr(knn, "physical_memory", lambda: 1000)  # the bank: 32 x (16+12+8+4 features) x 4 bytes
+    with caplog.at_level(logging.WARNING, logger="slimssl"):
+        run = slimssl.pretrain(tiny(train={"epochs": 1}), out=tmp_path / "run")
+    assert run.finished
+    assert "the bank's features of 32 train images for 4 sub-networks would take 0.0 GB, more than this machine's " \
+           "memory (0.0 GB): kNN evaluation during pretraining is skipped" in caplog.text
+    assert all(row.get("knn_top1") is None for row in run.results["subnets"])

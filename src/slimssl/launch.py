@@ -43,9 +43,10 @@ def processes_on_this_machine() -> int:
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity where the system has one (a Slurm job's cpuset, taskset,
     a container's cpuset), else the machine's count."""
-    if hasattr(os, "sched_getaffinity"):  # Linux; not macOS or Windows
+    try:
         return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    except (AttributeError, OSError):  # macOS and Windows have none; a sandbox may refuse it
+        return os.cpu_count() or 1
 
 
 def warn_of_srun_tasks() -> None:

@@ -22,7 +22,7 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # Settings a run may be continued with differently without mixing anything, the machine's or the job's rather
-# than the run's: data.workers (unset: the CPU count of the machine) changes only how fast the streaming loader
+# than the run's: data.workers (unset: the CPUs the process may use) changes only how fast the streaming loader
 # decodes, train.save_every_minutes only when last.pt is written (a job script may add it to a run it continues).
 MACHINE_DEPENDENT = frozenset({"data.workers", "train.save_every_minutes"})
 

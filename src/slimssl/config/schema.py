@@ -579,9 +579,6 @@ class Config(Section):
             raise ValueError(
                 "slim.random_space: 'space' draws sub-networks outside the menu, which have no private "
                 "BatchNorm; use model.bn: shared (and recalibrate BN before evaluation) or random_space: menu")
-        if self.model.bn == "shared" and self.eval.batch_size < 2:  # else found at the run's first kNN, maybe its last
-            raise ValueError("eval.batch_size 1 cannot re-estimate shared BatchNorm statistics before the kNN "
-                             "(model.bn: shared): give 2 or more")
         return self
 
     def _check_widths_differ(self, menu: Menu) -> None:

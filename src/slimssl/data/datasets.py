@@ -247,13 +247,13 @@ def _check_fits_in_memory(path: str, split: str, count: int, resolution: int | N
     """Refuse a split that cannot be held decoded on this machine, before decoding it for hours to end in an
     out-of-memory kill (ImageNet with the memory loader). Decoding holds every image, then the stacked tensor:
     about 2.5 times the split's decoded size (2.45 measured at 224 px: the decoded images, the stacked tensor and
-    the allocator's slack). Under torchrun each process on the machine holds its own copy."""
+    the allocator's slack). Under torchrun each process on the machine decodes its own copy, at the same time."""
     total = physical_memory()
     if resolution is None or not total:
         return
     processes = processes_on_this_machine()
     size = count * 3 * resolution * resolution
-    needed = int(max(2.5, processes) * size)
+    needed = int(2.5 * processes * size)  # torchrun's processes decode at the same time
     if needed > total:
         held = f"{processes} processes each holding them" if processes > 1 else "while decoding"
         raise DataError(f"{path}: the {count:,} images of split {split!r}, decoded in memory at {resolution} px "

@@ -177,6 +177,8 @@ def resize_center_crop(images: torch.Tensor, resolution: int, crop_ratio: float 
     with their sizes and offsets."""
     h, w = images.shape[-2:]
     side = resize_side(resolution, crop_ratio)
+    if not len(images):
+        return images.new_empty((0, images.shape[1], resolution, resolution))
     if min(h, w) != side:
         h, w = resized_size(h, w, side)
         resized = images.new_empty((*images.shape[:-2], h, w))

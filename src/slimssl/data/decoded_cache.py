@@ -111,7 +111,8 @@ def save(key: str, payload: dict) -> None:
     limit, directory = cache_limit(), cache_dir()
     try:
         os.makedirs(directory, exist_ok=True)
-        free = shutil.disk_usage(directory).free
+        # what eviction would give back counts as free: a cache that filled its own disk keeps turning over
+        free = shutil.disk_usage(directory).free + _entries_bytes(directory)
         if size + _SPARE_BYTES > free:  # a home quota filled to the last byte fails more than this cache
             log.warning("not caching %s of decoded images in %s: its disk has %s free; $SLIMSSL_CACHE moves the "
                         "cache", _size(size), directory, _size(free))
@@ -132,6 +133,16 @@ _SPARE_BYTES = 2**30  # left free on the cache's disk after an entry is written
 _ENTRY = re.compile(r"[0-9a-f]{32}\.pt")  # the cache's own files: the folder may hold others, never touched
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.pt\..*\.tmp")  # atomic_write's, left by a killed write when stale
 _STALE_PARTIAL_S = 3600
+
+
+def _entries_bytes(directory: str) -> int:
+    """The bytes of the cache's own entries in ``directory``."""
+    total = 0
+    for name in os.listdir(directory):
+        if _ENTRY.fullmatch(name):
+            with contextlib.suppress(OSError):  # removed meanwhile by another process's eviction
+                total += os.stat(os.path.join(directory, name)).st_size
+    return total
 
 
 def _size(num_bytes: int) -> str:

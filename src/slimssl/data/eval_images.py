@@ -123,9 +123,9 @@ class StreamedImages:
 
     def _refuse(self, failed: list[Failure]) -> None:
         index, error = failed[0]
-        raise UnreadableImageError(f"cannot decode {self.files.path(index)} ({error}); to skip unreadable files set "
-                        f"data.skip_unreadable: true ({SKIP_HINT}, or StreamedImages(..., skip_unreadable=True) "
-                        "in Python)")
+        raise UnreadableImageError(f"cannot decode {self.files.path(index)} ({error}); to skip unreadable files "
+                                   f"set data.skip_unreadable: true ({SKIP_HINT}, or StreamedImages(..., "
+                                   "skip_unreadable=True) in Python)")
 
     def random_crops(self, batch_size: int, indices: torch.Tensor, seed: int) -> Iterator[torch.Tensor]:
         """uint8 [B, 3, R, R] batches of the images at ``indices``, in that order: each a RandomResizedCrop

@@ -123,8 +123,8 @@ class StreamingViews:
         for path, error in unreadable:
             if not self.files.skip_unreadable:
                 self.close()
-                raise UnreadableImageError(f"cannot decode {path} ({error}); to replace unreadable files by other images "
-                                f"set data.skip_unreadable: true ({SKIP_HINT})")
+                raise UnreadableImageError(f"cannot decode {path} ({error}); to replace unreadable files by other "
+                                           f"images set data.skip_unreadable: true ({SKIP_HINT})")
             if path not in self.unreadable:
                 self.unreadable[path] = error
                 log.warning("cannot decode %s (%s): replaced by the next readable image; %d unreadable file(s) "

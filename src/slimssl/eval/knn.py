@@ -117,13 +117,21 @@ def bank_storage(feature_dims: Sequence[int], count: int, device, what: str = "k
         log.info("%s (%.1f GB for %d sub-networks) are kept in host memory, %.1f GB of the GPU's being free; each "
                  "sub-network's go to the GPU in turn", what, need / 1e9, len(feature_dims), free / 1e9)
         device = torch.device("cpu")
-    total, processes = physical_memory(), processes_on_this_machine()  # each of torchrun's holds its own
-    if total and need * processes > total:
-        held = f", in each of the {processes} processes on this machine," if processes > 1 else ","
-        raise DataError(f"{what} of {count:,} images for {len(feature_dims)} sub-networks take {need / 1e9:.1f} GB"
-                        f"{held} more than this machine's memory ({total / 1e9:.1f} GB): evaluate fewer sub-networks "
-                        "at once (slimssl knn or linear with --subnet NAME ...)")
+    short = host_memory_shortfall(need)
+    if short:
+        raise DataError(f"{what} of {count:,} images for {len(feature_dims)} sub-networks {short}: evaluate fewer "
+                        "sub-networks at once (slimssl knn or linear with --subnet NAME ...)")
     return device
+
+
+def host_memory_shortfall(need: int) -> str | None:
+    """How ``need`` bytes of features exceed this machine's memory, each of torchrun's processes on it holding
+    its own (``take 26.2 GB, more than ...``); None where they fit, or where the system does not say."""
+    total, processes = physical_memory(), processes_on_this_machine()
+    if not total or need * processes <= total:
+        return None
+    held = f", in each of the {processes} processes on this machine," if processes > 1 else ","
+    return f"take {need / 1e9:.1f} GB{held} more than this machine's memory ({total / 1e9:.1f} GB)"
 
 
 def knn_of_subnets(supernet, cfg, train, test, device, *, specs=None, k: int | None = None,

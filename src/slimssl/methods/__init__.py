@@ -130,7 +130,7 @@ def check_unread_distillation(method: Method, slim) -> None:
     if slim.teacher == "target":
         unread, why = ("distill_alpha", "distill_temperature", "distill_scale"), "slim.teacher is target (no " \
             "distillation term; online distils)"
-    elif not method.distill_reads_temperature:
+    elif not _distill_reads_temperature(type(method)):
         unread, why = ("distill_temperature",), f"method {method.name!r} distils without a temperature"
     else:
         return
@@ -138,6 +138,13 @@ def check_unread_distillation(method: Method, slim) -> None:
         value = getattr(slim, key)
         if value != type(slim).model_fields[key].get_default(call_default_factory=True):
             log.warning("slim.%s is %r, but %s: the setting changes nothing", key, value, why)
+
+
+def _distill_reads_temperature(cls: type) -> bool:
+    """What the class whose ``distill`` a method runs says of it: a subclass that overrides BYOL's distill reads
+    the temperature unless it says otherwise (it does not inherit BYOL's False)."""
+    owner = next(c for c in cls.__mro__ if "distill" in vars(c))
+    return vars(owner).get("distill_reads_temperature", True)
 
 
 def checked_output(method: Method, out) -> MethodOutput:
@@ -197,5 +204,5 @@ def distill_outputs(method: Method, out: MethodOutput) -> list:
 
 
 __all__ = ["BUILT_IN_METHODS", "BYOL", "METHODS", "Layer", "Method", "MethodOutput", "MoCoV2", "MoCoV3",
-           "build_method", "check_distillation", "check_unread_distillation", "check_unread_settings", "checked_momentum", "checked_output",
-           "distill_outputs", "method_class", "register_method"]
+           "build_method", "check_distillation", "check_unread_distillation", "check_unread_settings",
+           "checked_momentum", "checked_output", "distill_outputs", "method_class", "register_method"]

@@ -49,7 +49,8 @@ class Method(nn.Module):
     # True where distill_on are logits of cosine similarities over method.temperature, which the base class's
     # distill fits (the contrastive methods); online distillation warns otherwise, unless distill is overridden
     distill_on_logits = False
-    # False where distill ignores its temperature (a regression, as BYOL's): slim.distill_temperature then warns
+    # False where distill ignores its temperature (a regression, as BYOL's): slim.distill_temperature then warns.
+    # Declared beside the distill it describes: a subclass that overrides distill is not held to it
     distill_reads_temperature = True
     # the ``method`` settings the method reads (a run that sets another warns: it would change nothing); None:
     # any of them (a method of your own, unless it says). name, options and shuffle_bn are read for every method.

@@ -127,8 +127,8 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches: Iterable[torch
             lambda _, inputs, key=id(bn): channels.__setitem__(key, inputs[0].shape[1]))
             for layer, bn in zip(layers, norms)]
         was_training = model.training
-        state = getattr(model, "_orig_mod", model).slim_state
-        group_size, state.bn_group_size = state.bn_group_size, None
+        slim_state = getattr(model, "_orig_mod", model).slim_state
+        group_size, slim_state.bn_group_size = slim_state.bn_group_size, None
         model.eval()
         for bn in norms:
             bn.reset_running_stats()
@@ -139,11 +139,14 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches: Iterable[torch
             for images in batches:
                 if isinstance(images, (tuple, list)):
                     images = images[0]
-                if len(images) < 2:  # torch's own error names no setting
-                    raise SubnetError(f"recalibrate_bn of {spec.name} got a batch of {len(images)} image(s); "
-                                      "BatchNorm statistics need batches of 2 images or more (eval.batch_size, "
-                                      "--eval-batch-size)")
-                model(images if device is None else images.to(device))
+                try:
+                    model(images if device is None else images.to(device))
+                except ValueError as e:  # torch's own names no setting
+                    if "more than 1 value per channel" not in str(e):
+                        raise
+                    raise SubnetError(f"recalibrate_bn of {spec.name} got a batch of {len(images)} image(s), whose "
+                                      "smallest feature map leaves BatchNorm one value per channel: give larger "
+                                      "batches (eval.batch_size, --eval-batch-size)") from None
                 count += 1
             if count == 0:
                 raise SubnetError(f"recalibrate_bn of {spec.name} got no batches; expected at least one batch of "
@@ -151,7 +154,7 @@ def recalibrate_bn(model: nn.Module, subnet: SubnetLike, batches: Iterable[torch
             done = True
             model.mark_bn_estimated(spec)
         finally:
-            state.bn_group_size = group_size
+            slim_state.bn_group_size = group_size
             for hook in hooks:
                 hook.remove()
             for bn, momentum, state in zip(norms, momenta, saved):

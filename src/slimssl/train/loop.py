@@ -116,6 +116,7 @@ class Trainer:
         # the order below is part of a run's numbers: each stage may draw from the seeded generator
         self._setup_data()
         self._setup_model()
+        self._check_knn_memory()
         self._setup_optimisation()
         self.state = TrainState()
         self.window = LogWindow()  # the steps since the last metrics record
@@ -204,6 +205,17 @@ class Trainer:
             raise DataError(f"the processes see different training sets ({listed}); every process must read the "
                             "same data")
 
+    def _check_knn_memory(self) -> None:
+        """Skip, at the start, a kNN monitor whose features could not be held: found at its first kNN, after the
+        last epoch for a recipe, it would end the run in an error. Every process decides alike (any one's lack)."""
+        if self.knn_monitor is None:
+            return
+        short = [why for why in dist.gather_objects(self.knn_monitor.memory_shortfall(self.model.backbone)) if why]
+        if short:
+            log.warning("%s: kNN evaluation during pretraining is skipped (slimssl knn RUN --subnet NAME ... measures "
+                        "some sub-networks at a time later)", short[0])
+            self.knn_monitor = None
+
     def _setup_model(self) -> None:
         """The supernet with its method's heads and target on the device, converted and compiled as configured."""
         cfg = self.cfg
@@ -240,7 +252,7 @@ class Trainer:
                         ", and slim.slow_start_lr is not used" if cfg.slim.slow_start_lr else "")
         if self.policy.join_step >= self.total_steps > 0 and len(self.model.backbone.menu) > 1:
             # they would be evaluated and exported as pretrained, as initialised
-            raise ConfigError(f"slim.slow_start {cfg.slim.slow_start:g} of {self.total_steps} steps leaves no step "
+            raise ConfigError(f"slim.slow_start {cfg.slim.slow_start} of {self.total_steps} steps leaves no step "
                               "for the sub-networks but the full one: lower it (0.5: the second half of the run)")
         warmup = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
         if warmup >= self.total_steps > 0 and dist.is_main():  # a recipe's 10 epochs in a short run: no peak

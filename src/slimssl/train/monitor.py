@@ -18,7 +18,7 @@ from ..data.registry import in_memory_only
 from ..data.views import default_workers
 from ..eval import recalibration_batches
 from ..eval.inputs import DataOptions
-from ..eval.knn import knn_of_subnets, knn_settings
+from ..eval.knn import host_memory_shortfall, knn_of_subnets, knn_settings
 from ..eval.shard import Shard
 from . import distributed as dist
 
@@ -90,8 +90,8 @@ class KnnMonitor:
         except DataError as e:  # there is one, but it cannot be read: only the kNN monitor is lost
             return Skipped(logging.WARNING, f"the test split cannot be loaded ({e})")
         if test.labels is None:  # found now, not after the last epoch (the kNN of a recipe may be its final one)
-            return Skipped(logging.WARNING, f"the test split of {test.name!r} has no labels (its images are not in "
-                                            "class sub-folders)")
+            return Skipped(logging.WARNING, f"the test split of {test.name!r} has no labels (a folder without class "
+                                            "sub-folders, or images registered without labels)")
         try:
             if train is not None and crop_ratio == 1:
                 bank = train  # the training images in memory
@@ -107,6 +107,19 @@ class KnnMonitor:
         except DataError as e:
             return Skipped(logging.WARNING, str(e))
         return cls(cfg, bank, test, device)
+
+    def memory_shortfall(self, backbone) -> str | None:
+        """Why this process could not hold its share of the bank's features of every sub-network of ``backbone``
+        (at the first kNN, which for a recipe may come after the last epoch), or None: they may fit on the GPU
+        (half of it, as ``bank_storage`` asks), or in this machine's memory."""
+        mine = self.shard.indices(len(self.bank))
+        rows = len(self.bank) if mine is None else len(mine)
+        menu = list(backbone.menu)
+        need = rows * sum(backbone.feature_dim(spec) for spec in menu) * 4
+        if self.device.type == "cuda" and need <= torch.cuda.get_device_properties(self.device).total_memory // 2:
+            return None
+        short = host_memory_shortfall(need)
+        return short and f"the bank's features of {rows:,} train images for {len(menu)} sub-networks would {short}"
 
     def __call__(self, backbone) -> dict[str, float]:
         """kNN top-1 (%) of every sub-network of ``backbone``'s menu, by name (collective: see the module)."""
