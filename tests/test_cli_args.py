@@ -22,6 +22,9 @@ CKPT = "no-such-run"
     (["linear", CKPT, "--epochs", "0"], "argument --epochs: expected an integer > 0"),
     (["linear", CKPT, "--lr", "inf"], "argument --lr: expected a number > 0, got inf"),
     (["linear", CKPT, "--batch-size", "two"], "argument --batch-size: expected an integer > 0, got 'two'"),
+    # the flag named, not a --set the user never typed
+    (["pretrain", "--batch-size", "1"], "argument --batch-size: expected an integer >= 2 (BatchNorm needs two "
+                                        "images a batch), got 1"),
     (["finetune", CKPT, "--subnet", "0.5", "--label-fraction", "0"],
      "expected a fraction of the labels in (0, 1], such as 0.1 for 10%, got 0"),
     (["finetune", CKPT, "--subnet", "0.5", "--label-fraction", "10"], "such as 0.1 for 10%, got 10"),

@@ -40,6 +40,7 @@ def _number(kind: type, accept: Callable[[float], bool], expected: str) -> Calla
 
 positive_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+batch_int = _number(int, lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two images a batch)")
 seed_int = _number(int, lambda v: SEED_RANGE[0] <= v < SEED_RANGE[1], "an integer that fits 64 bits")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
 nonnegative_float = _number(float, lambda v: v >= 0, "a number >= 0")

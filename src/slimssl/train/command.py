@@ -7,8 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli_args import (add_config, add_overrides, data_source, device_name, output_dir, positive_int, seed_int,
-                        write_out)
+from ..cli_args import (add_config, add_overrides, batch_int, data_source, device_name, output_dir, positive_int,
+                        seed_int, write_out)
 from ..wording import shell_quote
 from ..errors import SlimsslError, UsageError, storage_error
 
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "registers) or an ImageFolder path / .zip")
     p.add_argument("--out", type=output_dir, help="run directory (default: runs/<name>-<time>)")
     p.add_argument("--epochs", type=positive_int, help="train.epochs: the length of the schedule")
-    p.add_argument("--batch-size", type=positive_int, help="train.batch_size: the total batch over all processes "
+    p.add_argument("--batch-size", type=batch_int, help="train.batch_size: the total batch over all processes "
                    "(the learning rate scales with it: optim.lr_scaling)")
     p.add_argument("--max-steps", type=positive_int, help="stop once the run has made this many steps in all, counted "
                    "from its start (the schedule keeps its length)")
