@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from .datasets import ImageDataset, load_dataset
 from .decode import decode_error, decode_pixels, decode_resized
 from ..errors import DataError, UnreadableImageError
-from .files import SKIP_HINT, FileListDataset, check_source_and_resolution, list_labelled_files
+from .files import SKIP_HINT, FileListDataset, PackedPaths, check_source_and_resolution, list_labelled_files
 from .recipes import ViewRecipe
 from ..seeds import derived_generator
 from .stream import (full_detail_side, ignore_stop_signals, resized_crop, stop_signals_blocked, stop_workers,
@@ -204,7 +204,7 @@ class StreamedImages:
 class DecodedFiles(FileListDataset):
     """File index -> (index, uint8 [3, R, R] or None, error or None), decoded as ``load_dataset`` does."""
 
-    def __init__(self, root: str, paths: list[str] | np.ndarray, resolution: int,
+    def __init__(self, root: str, paths: list[str] | PackedPaths, resolution: int,
                  read: Callable[[str], bytes] | None = None, crop_ratio: float = 1.0,
                  members: np.ndarray | None = None):
         super().__init__(root, paths, read, members)

@@ -18,7 +18,7 @@ import unicodedata
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -455,16 +455,43 @@ def open_reader(root: str) -> Callable[[str], bytes]:
     return _folder_reader(root) if os.path.isdir(root) else open_zip(root).read
 
 
+class PackedPaths:
+    """File paths as one bytes buffer and the offsets of each path in it: two numpy arrays, which forked workers
+    read without touching refcounts (a list of str would be copied into every worker page by page), and each
+    path takes its own length (a numpy bytes array pads every path to the longest: one path of 260 bytes among
+    ImageNet's 1.28M made 46 MiB of paths 319 MiB)."""
+
+    def __init__(self, paths: Iterable[str | bytes]):
+        encoded = [p if isinstance(p, bytes) else _to_bytes(p) for p in paths]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(p) for p in encoded], out=self.offsets[1:])
+        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        """The path at ``index`` (bytes), or the paths at an array of indices (a PackedPaths)."""
+        if isinstance(index, (int, np.integer)):
+            i = range(len(self))[index]  # negative indices as a list takes them; out of range: IndexError
+            return self.buffer[self.offsets[i]:self.offsets[i + 1]].tobytes()
+        return PackedPaths([self[int(i)] for i in np.asarray(index).reshape(-1)])
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes + self.offsets.nbytes
+
+
 class FileListDataset(Dataset):
     """The files of a folder or .zip, readable from any loader worker: the base of the workers' datasets."""
 
-    def __init__(self, root: str, paths: list[str] | np.ndarray, read: Callable[[str], bytes] | None = None,
+    def __init__(self, root: str, paths: Sequence[str] | PackedPaths, read: Callable[[str], bytes] | None = None,
                  members: np.ndarray | None = None):
-        # One numpy bytes array, not a list of str: forked workers read it without touching refcounts, so
-        # its pages stay shared instead of being copied into every worker (1.28M paths for ImageNet). A zip's
-        # members are located the same way (ZipMembers), so no worker parses the zip's index again.
+        # PackedPaths, not a list of str: forked workers read them without touching refcounts, so their pages
+        # stay shared instead of being copied into every worker (1.28M paths for ImageNet). A zip's members are
+        # located the same way (ZipMembers), so no worker parses the zip's index again.
         self.root = root
-        self.paths = paths if isinstance(paths, np.ndarray) else np.array([_to_bytes(p) for p in paths])
+        self.paths = paths if isinstance(paths, PackedPaths) else PackedPaths(paths)
         self._read, self._read_pid = read, os.getpid()
         self.members = None if members is None else ZipMembers(root, members)
 
