@@ -802,8 +802,9 @@ def test_a_stop_signal_during_the_final_knn_lets_it_end_and_is_reported(tmp_path
     assert trainer.signal_received == signal.SIGTERM  # for the caller to act on (reproduce stops its call)
 
 
-def test_img_per_s_counts_the_training_steps_and_not_the_epochs_checkpoint_or_knn(tmp_path, monkeypatch):
-    clock = [0.0]  # one second per step, a thousand for each end-of-epoch kNN
+def _step_and_knn_clock(monkeypatch) -> None:
+    """The training loop's clock: one second per step, a thousand for each end-of-epoch kNN."""
+    clock = [0.0]
     monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     step_fn, measure = Trainer.train_step, KnnMonitor.__call__
 
@@ -817,6 +818,10 @@ def test_img_per_s_counts_the_training_steps_and_not_the_epochs_checkpoint_or_kn
 
     monkeypatch.setattr(Trainer, "train_step", train_step)
     monkeypatch.setattr(KnnMonitor, "__call__", knn)
+
+
+def test_img_per_s_counts_the_training_steps_and_not_the_epochs_checkpoint_or_knn(tmp_path, monkeypatch):
+    _step_and_knn_clock(monkeypatch)
     cfg = config_from_dict(tiny(train={"knn_every": 1}, eval={"knn_random_init": False, "knn_k": 5}))
     Trainer(cfg, tmp_path / "run").fit()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -827,25 +832,13 @@ def test_img_per_s_counts_the_training_steps_and_not_the_epochs_checkpoint_or_kn
 def test_the_minutes_to_a_timed_save_leave_out_the_epochs_checkpoint_and_knn(tmp_path, monkeypatch):
     """train.save_every_minutes counts training: an epoch's kNN of 1000 s made the next epoch's first logged step
     write last.pt again, a step after the epoch's own save."""
-    clock = [0.0]  # one second per step, a thousand for each end-of-epoch kNN
-    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    step_fn, measure, save = Trainer.train_step, KnnMonitor.__call__, Trainer.save
-    saved = []
-
-    def train_step(self, step):
-        clock[0] += 1.0
-        return step_fn(self, step)
-
-    def knn(self, backbone):
-        clock[0] += 1000.0
-        return measure(self, backbone)
+    _step_and_knn_clock(monkeypatch)
+    save, saved = Trainer.save, []
 
     def recorded_save(self, *args, **kwargs):
         saved.append(self.state.step)
         return save(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-    monkeypatch.setattr(KnnMonitor, "__call__", knn)
     monkeypatch.setattr(Trainer, "save", recorded_save)
     cfg = config_from_dict(tiny(train={"knn_every": 1, "save_every_minutes": 0.1},  # 6 s: 6 steps
                                 eval={"knn_random_init": False, "knn_k": 5}))

@@ -254,11 +254,11 @@ class Trainer:
             # they would be evaluated and exported as pretrained, as initialised
             raise ConfigError(f"slim.slow_start {cfg.slim.slow_start} of {self.total_steps} steps leaves no step "
                               "for the sub-networks but the full one: lower it (0.5: the second half of the run)")
-        warmup = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
-        if warmup >= self.total_steps > 0 and dist.is_main():  # a recipe's 10 epochs in a short run: no peak
+        self.warmup_steps = int(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        if self.warmup_steps >= self.total_steps > 0 and dist.is_main():  # a recipe's 10 epochs in a short run
             log.warning("optim.warmup_epochs %g is as long as the run (train.epochs %d): the lr only rises, to "
                         "%.0f%% of its peak, and never decays; lower optim.warmup_epochs for a short run",
-                        cfg.optim.warmup_epochs, cfg.train.epochs, 100 * self.total_steps / warmup)
+                        cfg.optim.warmup_epochs, cfg.train.epochs, 100 * self.total_steps / self.warmup_steps)
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim, cfg.train.batch_size)
         self.late_peak_lr = (scaled_lr(cfg.slim.slow_start_lr, cfg.optim, cfg.train.batch_size)
                              if cfg.slim.slow_start_lr else self.peak_lr)
@@ -405,8 +405,8 @@ class Trainer:
     def set_lr(self, step: int) -> float:
         joined_late = self.cfg.slim.slow_start_lr and self.policy.joined(step) and self.policy.join_step > 0
         peak = self.late_peak_lr if joined_late else self.peak_lr
-        warmup = int(self.cfg.optim.warmup_epochs * self.steps_per_epoch)
-        lr = lr_at(step, self.total_steps, warmup, peak, self.cfg.optim.min_lr_ratio, self.cfg.optim.schedule)
+        lr = lr_at(step, self.total_steps, self.warmup_steps, peak, self.cfg.optim.min_lr_ratio,
+                   self.cfg.optim.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
