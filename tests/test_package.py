@@ -30,7 +30,7 @@ sys.exit(code)
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["pretrain", "--help"], ["linear", "--help"],
                                   ["reproduce", "--help"], ["bench", "--help"], ["knn", "--no-such-flag"],
                                   ["export", "RUN", "--out", "exports"], ["profile"],  # said before any import
-                                  ["config", "--list"]])
+                                  ["config", "--list"], ["import-backbone", "--help"]])
 def test_help_and_argument_errors_do_not_import_torch(argv):
     done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=60)
     assert done.returncode == (0 if {"--help", "--version", "--list"} & set(argv) else 2), done.stderr

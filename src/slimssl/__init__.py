@@ -20,7 +20,8 @@ _EXPORTS = {
     "Config": ".config", "load_config": ".config",
     "load_checkpoint": ".checkpoint", "load_supernet": ".checkpoint",
     "export_subnet": ".export.files", "load_exported": ".export.files", "save_exported": ".export.files",
-    "verify_export": ".export.files", "export_run": ".export.run", "pick_subnet": ".budget",
+    "verify_export": ".export.files", "export_run": ".export.run", "import_backbone": ".export.imported",
+    "pick_subnet": ".budget",
     "build_supernet": ".models.build",
     "PlainResNet": ".models.plain",
     "SlimResNet": ".models.resnet",
@@ -41,8 +42,8 @@ __all__ = [  # the names of _EXPORTS, written out for type checkers
     "CheckpointError", "Config", "ConfigError", "DataError", "DeviceError", "ExportError", "ExtensionError",
     "InputError", "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet",
     "SlimsslError", "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet",
-    "finetune", "knn", "linear_probe", "load_checkpoint", "load_config", "load_exported", "load_supernet",
-    "pick_subnet", "plot_runs", "pretrain", "profile", "recalibrate_bn", "recalibrate_checkpoint",
+    "finetune", "import_backbone", "knn", "linear_probe", "load_checkpoint", "load_config", "load_exported",
+    "load_supernet", "pick_subnet", "plot_runs", "pretrain", "profile", "recalibrate_bn", "recalibrate_checkpoint",
     "register_dataset", "save_exported", "unregister_dataset", "verify_export",
 ]
 
@@ -73,6 +74,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .eval.evaluate import finetune, knn, linear_probe
     from .eval.recalibrate import recalibrate_checkpoint
     from .export.files import export_subnet, load_exported, save_exported, verify_export
+    from .export.imported import import_backbone
     from .export.run import export_run
     from .models.build import build_supernet
     from .models.plain import PlainResNet

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.command import register as register_bench
     from .eval.commands import register as register_eval
-    from .export.command import register as register_export
+    from .export.command import register as register_export, register_import
     from .report.command import register as register_report
     from .reproduce.command import register as register_reproduce
     from .train.command import register as register_pretrain
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     register_report(sub)
     register_export(sub)
+    register_import(sub)
     register_bench(sub)
     register_reproduce(sub)
     for action in sub._choices_actions:  # `slimssl COMMAND --help` opens with the line `slimssl --help` shows

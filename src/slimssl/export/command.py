@@ -1,13 +1,14 @@
 """``slimssl export``: a run's sub-networks (all, some, or the one a budget picks) as plain models, read
-from a CHECKPOINT, or from a --config's random initial supernet."""
+from a CHECKPOINT, or from a --config's random initial supernet; and ``slimssl import-backbone``: a ResNet
+trained elsewhere saved as such a model, for slimssl's evaluations."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from ..cli_args import (SUBNET_SPELLINGS, add_config, check_model_source, data_source, device_name, emit,
-                        nonnegative_float, nonnegative_int, output_dir, positive_count, positive_int)
+from ..cli_args import (SUBNET_SPELLINGS, add_config, check_model_source, data_source, device_name, emit, fraction,
+                        nonnegative_float, nonnegative_int, output_dir, positive_count, positive_float, positive_int)
 from ..errors import UsageError
 from . import FORMATS
 
@@ -115,3 +116,43 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="--recalibrate-bn's batch size (default: config eval.batch_size, as evaluation)")
     p.add_argument("--json", action="store_true", help="print the table's rows as JSON on stdout")
     p.set_defaults(func=cmd_export)
+
+
+def cmd_import_backbone(args: argparse.Namespace) -> int:
+    from .files import load_exported
+    from .imported import import_backbone
+    from ..report.table import markdown_table
+
+    given = {k: tuple(v) for k, v in (("mean", args.mean), ("std", args.std)) if v is not None}
+    folder = import_backbone(args.weights, args.out, prefix=args.prefix, resolution=args.resolution,
+                             crop_ratio=args.crop_ratio, overwrite=args.overwrite, **given)
+    model = load_exported(folder)
+    arch, info = model.config, model.metadata
+    row = {"path": str(folder), "block": arch.block, "stem": arch.stem, "depths": list(arch.depths),
+           "features": arch.feature_dim, "params": sum(p.numel() for p in model.parameters()),
+           **{k: info[k] for k in ("resolution", "crop_ratio", "source_prefix")}}
+    emit(args, [row], markdown_table([row]))
+    return 0
+
+
+def register_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-backbone", help="save the ResNet of a checkpoint made elsewhere (torchvision, MoCo, "
+                                               "solo-learn, ...) as an export, which knn, linear, finetune and "
+                                               "profile evaluate")
+    p.add_argument("weights", help="a checkpoint file (.pt, .pth, .ckpt, .safetensors) holding a ResNet in "
+                                   "torchvision's layout, perhaps nested (state_dict, model) and prefixed")
+    p.add_argument("--out", required=True, type=output_dir, help="the export's folder")
+    p.add_argument("--prefix", help="what the backbone's entries start with, where the file holds several ResNets "
+                                    "(e.g. state_dict.module.encoder_q.); the error lists them")
+    p.add_argument("--resolution", type=positive_int,
+                   help="the input size the network expects (default: 224 with ImageNet's 7x7 stem, 32 with a 3x3 one)")
+    p.add_argument("--crop-ratio", type=fraction, metavar="R",
+                   help="evaluation resizes to resolution / R, then centre-crops (default: 0.875 with ImageNet's stem, "
+                        "1 with a 3x3 one)")
+    p.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="per-channel mean the inputs are normalised with (default: ImageNet's)")
+    p.add_argument("--std", type=positive_float, nargs=3, metavar=("R", "G", "B"),
+                   help="per-channel standard deviation (default: ImageNet's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an export of another source in --out")
+    p.add_argument("--json", action="store_true", help="print the row as JSON on stdout")
+    p.set_defaults(func=cmd_import_backbone)

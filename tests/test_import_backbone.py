@@ -1,0 +1,154 @@
+"""A ResNet trained elsewhere, imported as an export (``slimssl import-backbone``, ``import_backbone``): the same
+network as the one given, found in whatever checkpoint holds it, and evaluated as any export is."""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+from torch import nn
+
+import slimssl
+from slimssl.cli import main
+from slimssl.errors import ExportError
+from slimssl.export.imported import import_backbone
+from test_eval import make_checkpoint
+from test_eval_exported import image_splits
+
+
+def _torchvision_resnet(perturb_bn, cifar: bool = False, block=None, depths=(2, 2, 2, 2)) -> nn.Module:
+    torch.manual_seed(0)
+    if block is None:
+        model = torchvision.models.resnet18()
+    else:
+        model = torchvision.models.resnet.ResNet(block, list(depths))
+    if cifar:
+        model.conv1, model.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    return perturb_bn(model).eval()
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.flatten(model.avgpool(model.layer4(model.layer3(model.layer2(model.layer1(
+            model.maxpool(model.relu(model.bn1(model.conv1(x))))))))), 1)
+
+
+def test_a_moco_checkpoints_query_encoder_is_imported_as_the_same_network(tmp_path, perturb_bn):
+    """Nested under state_dict, prefixed, beside the key encoder and the optimiser: the file holds two ResNets,
+    so the import asks which, and the one named computes what the torchvision model computes."""
+    query, key = _torchvision_resnet(perturb_bn), _torchvision_resnet(lambda m: perturb_bn(m, seed=1))
+    state = OrderedDict([*((f"module.encoder_q.{k}", v) for k, v in query.state_dict().items()),
+                         *((f"module.encoder_k.{k}", v) for k, v in key.state_dict().items())])
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": state,
+                "optimizer": {"state": {0: {"momentum_buffer": torch.zeros(3)}}, "param_groups": [{"lr": 0.03}]}},
+               tmp_path / "moco.pth.tar")
+    with pytest.raises(ExportError, match=r"holds 2 ResNets, under 'state_dict\.module\.encoder_k\.', "
+                                          r"'state_dict\.module\.encoder_q\.': say which"):
+        import_backbone(tmp_path / "moco.pth.tar", tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    folder = import_backbone(tmp_path / "moco.pth.tar", tmp_path / "q", prefix="state_dict.module.encoder_q.")
+    plain = slimssl.load_exported(folder)
+    x = torch.randn(2, 3, 40, 40)
+    assert torch.allclose(plain(x), _features(query, x), atol=1e-5)
+    assert not torch.allclose(plain(x), _features(key, x), atol=1e-3)  # the other encoder is another network
+    info = plain.metadata
+    assert (info["resolution"], info["crop_ratio"], info["mean"]) == (224, 0.875, [0.485, 0.456, 0.406])
+    assert info["source"] == str((tmp_path / "moco.pth.tar").resolve())
+
+
+def test_a_cifar_bottleneck_resnet_in_memory_or_in_safetensors_is_the_same_network(tmp_path, perturb_bn):
+    model = _torchvision_resnet(perturb_bn, cifar=True, block=torchvision.models.resnet.Bottleneck,
+                                depths=(1, 2, 1, 1))
+    save_file({f"backbone.{k}": v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "b.safetensors")
+    x = torch.randn(2, 3, 16, 16)
+    for weights, folder in ((model, tmp_path / "a"), (tmp_path / "b.safetensors", tmp_path / "b")):
+        plain = slimssl.load_exported(import_backbone(weights, folder))
+        assert (plain.config.block, plain.config.stem, plain.config.depths) == ("bottleneck", "cifar", (1, 2, 1, 1))
+        assert torch.allclose(plain(x), _features(model, x), atol=1e-5)
+        assert (plain.metadata["resolution"], plain.metadata["crop_ratio"]) == (32, 1.0)
+
+
+def test_an_imported_sub_network_measures_what_its_export_measures(tmp_path):
+    """A sub-network's weights saved by another tool (a narrow width, prefixed, with a projector beside it) are
+    imported from the command line and evaluated by kNN as the export they came from is."""
+    run, data = tmp_path / "run", str(image_splits(tmp_path / "images"))
+    make_checkpoint(run / "checkpoints" / "last.pt")  # menu 1 and 0.5
+    (exported,) = slimssl.export_run(run, tmp_path / "out", "0.5", data=data)
+    plain = slimssl.load_exported(exported["path"])
+    state = {**{f"backbone.{k}": v for k, v in plain.state_dict().items()},
+             "projector.0.weight": torch.zeros(4, plain.feature_dim)}
+    torch.save({"state_dict": state}, tmp_path / "narrow.ckpt")
+    code = main(["import-backbone", str(tmp_path / "narrow.ckpt"), "--out", str(tmp_path / "imported"),
+                 "--resolution", "8", "--json"])
+    assert code == 0
+    expected = slimssl.knn(exported["path"], data=data, k=10, device="cpu")
+    imported = slimssl.knn(tmp_path / "imported", data=data, k=10, device="cpu")
+    assert [r["knn_top1"] for r in imported] == [r["knn_top1"] for r in expected]
+    assert [(r["params"], r["macs"]) for r in imported] == [(r["params"], r["macs"]) for r in expected]
+
+
+def test_the_command_prints_what_it_found(tmp_path, perturb_bn, capsys):
+    torch.save(_torchvision_resnet(perturb_bn).state_dict(), tmp_path / "r18.pth")
+    assert main(["import-backbone", str(tmp_path / "r18.pth"), "--out", str(tmp_path / "r18"), "--json",
+                 "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert {k: row[k] for k in ("block", "stem", "depths", "features", "params", "resolution", "source_prefix")} \
+        == {"block": "basic", "stem": "imagenet", "depths": [2, 2, 2, 2], "features": 512, "params": 11_176_512,
+            "resolution": 224, "source_prefix": ""}
+    assert slimssl.load_exported(tmp_path / "r18").metadata["std"] == [0.25, 0.25, 0.25]
+
+
+def test_the_other_resnet_of_a_file_replaces_an_import_only_when_asked(tmp_path, perturb_bn):
+    model = _torchvision_resnet(perturb_bn)
+    torch.save({**{f"{side}.{k}": v for side in ("online", "target") for k, v in model.state_dict().items()}},
+               tmp_path / "byol.pt")
+    import_backbone(tmp_path / "byol.pt", tmp_path / "net", prefix="online.")
+    import_backbone(tmp_path / "byol.pt", tmp_path / "net", prefix="online.")  # the same one again: replaced
+    with pytest.raises(ExportError, match=r"holds the ResNet under 'online\.' .*not the one under 'target\.'.*"
+                                          r"overwrite=True"):
+        import_backbone(tmp_path / "byol.pt", tmp_path / "net", prefix="target.")
+    assert slimssl.load_exported(tmp_path / "net").metadata["source_prefix"] == "online."
+    import_backbone(tmp_path / "byol.pt", tmp_path / "net", prefix="target.", overwrite=True)
+    assert slimssl.load_exported(tmp_path / "net").metadata["source_prefix"] == "target."
+
+
+class _Hyperparameters:  # an object of the kind a Lightning checkpoint pickles beside its weights
+    lr = 0.1
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p, m: torch.save({"hparams": _Hyperparameters(), "state_dict": m.state_dict()}, p),
+     r"holds a Python object \(test_import_backbone\._Hyperparameters\) besides tensors.*load it yourself"),
+    (lambda p, m: p.write_bytes(b"not a checkpoint"), r"is not a readable PyTorch checkpoint"),
+    (lambda p, m: torch.save({"encoder.weight": torch.zeros(3)}, p),
+     r"holds no ResNet in torchvision's layout: no entry ends with conv1\.weight .*of 1 tensors, e\.g\. "
+     r"'encoder\.weight'"),
+    (lambda p, m: torch.save({**m.state_dict(), "layer2.0.extra.weight": torch.zeros(1)}, p),
+     r"not a ResNet in torchvision's layout .*: unexpected key 'layer2\.0\.extra\.weight'"),
+    (lambda p, m: torch.save({k: v for k, v in m.state_dict().items() if k != "layer3.1.bn2.bias"}, p),
+     r"missing key 'layer3\.1\.bn2\.bias'"),
+    (lambda p, m: torch.save({**m.state_dict(), "conv1.weight": torch.zeros(64, 1, 7, 7)}, p),
+     r"conv1\.weight has the shape \[64, 1, 7, 7\]; expected a ResNet's stem"),
+])
+def test_a_file_that_holds_no_importable_resnet_is_refused_saying_why(tmp_path, perturb_bn, make, expected):
+    make(tmp_path / "in.pt", _torchvision_resnet(perturb_bn))
+    with pytest.raises(ExportError, match=expected):
+        import_backbone(tmp_path / "in.pt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_and_prefixes_are_refused_before_anything_is_written(tmp_path, perturb_bn, capsys, caplog):
+    torch.save(_torchvision_resnet(perturb_bn).state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ExportError, match=r"no ResNet under the prefix 'module\.' .*it has one under ''"):
+        import_backbone(tmp_path / "r18.pth", tmp_path / "out", prefix="module.")
+    with pytest.raises(ExportError, match=r"std must be 3 numbers, one per RGB channel \(each > 0\), got \(1, 0, 1\)"):
+        import_backbone(tmp_path / "r18.pth", tmp_path / "out", std=(1, 0, 1))
+    with pytest.raises(ExportError, match=r"crop_ratio must be a number in \(0, 1\], got 1\.5"):
+        import_backbone(tmp_path / "r18.pth", tmp_path / "out", crop_ratio=1.5)
+    assert not (tmp_path / "out").exists()
+    assert main(["import-backbone", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")]) == 2
+    assert "missing.pt does not exist; expected a checkpoint file" in capsys.readouterr().err + caplog.text
