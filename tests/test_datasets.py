@@ -728,3 +728,25 @@ def test_a_dataset_folder_holding_one_file_of_an_export_is_still_a_dataset(tmp_p
     (root / extra).write_bytes(b"{}")
     ds = load_dataset(str(root))
     assert ds.classes == ["cat", "dog"] and len(ds) == 6
+
+
+@pytest.mark.parametrize("size, warned", [((48, 40), True), ((20, 16), False)])
+def test_pretraining_in_memory_says_when_its_photos_are_much_larger_than_the_resolution(tmp_path, caplog, size,
+                                                                                        warned):
+    """They are kept as their centre square at data.resolution, so the random crops lose detail and the border."""
+    from slimssl.config import config_from_dict
+    from slimssl.train.loop import Trainer
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "d" / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", size, (40 * i, 80, 120)).save(tmp_path / "d" / "train" / cls / f"{i}.png")
+    cfg = config_from_dict({"data": {"source": str(tmp_path / "d"), "resolution": 16},
+                            "train": {"batch_size": 4, "device": "cpu", "knn": False}})
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        Trainer(cfg, tmp_path / "run").close()
+    said = [r.getMessage() for r in caplog.records if "on their shorter side" in r.getMessage()]
+    assert said == ([f"{tmp_path / 'd'}: the training photos are about 40 px on their shorter side, and data.loader: "
+                     "memory keeps each as its centre square at data.resolution 16 px: the random crops never see "
+                     "the border, and a small crop is upsampled 2.5 times more than a crop of the photo would be. "
+                     "data.loader: stream crops the photos themselves (--set data.loader=stream)"] if warned else [])

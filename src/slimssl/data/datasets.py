@@ -23,16 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from . import decoded_cache
-from .decode import decode_error, decode_resized, resize_center_crop, resize_side
+from .decode import decode_error, decode_resized, open_image, resize_center_crop, resize_side
 from ..errors import DataError, UnreadableImageError
 from ..launch import processes_on_this_machine, usable_cpus
-from .files import (SKIP_HINT, SPLITS, FileTree, check_source_and_resolution, existing_path, list_split,
+from .files import (BUILTIN, SKIP_HINT, SPLITS, FileTree, check_source_and_resolution, existing_path, list_split,
                     scan_tree, split_prefix)
 from .registry import registered_name, registered_split
 
 log = logging.getLogger("slimssl")
 
 _CHUNK = 256  # files per thread-pool task: amortises the executor overhead
+LARGE_PHOTOS = 1.5  # training photos whose shorter side is this many times data.resolution lose much to memory
 
 
 @dataclass
@@ -185,6 +186,31 @@ def _load_registered(source: str, split: str, resolution: int | None, crop_ratio
 
 
 # ------------------------------------------------------------ folder and zip
+
+
+def warn_of_shrunk_photos(source: str, resolution: int, sample: int = 16) -> None:
+    """Say, before pretraining on a folder or .zip decoded in memory, that its photos are much larger than
+    ``resolution``: each is kept as its centre square at that resolution, so the random crops never see the
+    border, and a small crop is upsampled from fewer pixels than the photo holds (the streaming loader crops the
+    photos themselves, as torchvision's RandomResizedCrop). The headers of ``sample`` files are read."""
+    if source in BUILTIN or registered_name(source) is not None:
+        return
+    tree = scan_tree(existing_path(source))
+    paths = list_split(tree, split_prefix(tree, "train"))[0]
+    sides = []
+    for rel in paths[::max(1, len(paths) // sample)][:sample]:
+        try:
+            sides.append(min(open_image(tree.read(rel)).size))
+        except Exception:  # an unreadable file: the decoding reports it
+            continue
+    side = int(np.median(sides)) if sides else 0
+    if side >= LARGE_PHOTOS * resolution:
+        log.warning("%s: the training photos are about %d px on their shorter side, and data.loader: memory keeps "
+                    "each as its centre square at data.resolution %d px: the random crops never see the border, "
+                    "and a small crop is upsampled %.1f times more than a crop of the photo would be. "
+                    "data.loader: stream crops the photos themselves (--set data.loader=stream)",
+                    source, side, resolution, side / resolution)
+
 
 
 def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: bool,

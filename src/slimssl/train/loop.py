@@ -25,7 +25,7 @@ from torch import nn
 from ..checkpoint import save_checkpoint
 from ..wording import named, shell_quote
 from ..config import Config, ConfigError, check_processes
-from ..data.datasets import load_dataset
+from ..data.datasets import load_dataset, warn_of_shrunk_photos
 from ..data.files import reuse_scans
 from ..data.registry import recorded_source, registered_name
 from ..data.views import build_view_source, two_view_augment
@@ -179,6 +179,8 @@ class Trainer:
             self.train_data = None if stream else load_dataset(
                 cfg.data.source, "train", resolution=cfg.data.resolution, skip_unreadable=cfg.data.skip_unreadable,
                 fake_size=cfg.data.fake_size, seed=cfg.train.seed)
+            if not stream:
+                warn_of_shrunk_photos(cfg.data.source, cfg.data.resolution)
             if not stream and len(self.train_data) < cfg.train.batch_size:
                 raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
                                 f"train.batch_size {cfg.train.batch_size}")
