@@ -1,4 +1,5 @@
-"""SlimCLR's gradient-imbalance diagnostic: logged per sub-network during pretraining, plotted by report."""
+"""Diagnostics logged per sub-network during pretraining: SlimCLR's gradient imbalance (plotted by report), and
+how far each sub-network's outputs are from collapse."""
 
 import json
 
@@ -98,3 +99,33 @@ def test_blocks_deeper_than_the_smallest_subnet_share_nothing():
     # the gradient is only split otherwise: its total stays
     assert shallow["shared"] ** 2 + shallow["rest"] ** 2 == pytest.approx(deep["shared"] ** 2 + deep["rest"] ** 2,
                                                                           rel=1e-5)
+
+
+def test_output_spread_reads_one_for_outputs_spread_over_the_sphere_and_zero_for_a_collapse():
+    import torch
+
+    from slimssl.train.metrics import output_spread
+
+    gen = torch.Generator().manual_seed(0)
+    spread_out = torch.randn(4096, 32, generator=gen)
+    assert float(output_spread([spread_out])) == pytest.approx(1.0, abs=0.02)
+    one_way = torch.ones(64, 32) + 1e-4 * torch.randn(64, 32, generator=gen)  # every image at the same point
+    assert float(output_spread([one_way])) < 0.01
+    in_two_dims = torch.zeros(4096, 32)
+    in_two_dims[:, :2] = torch.randn(4096, 2, generator=gen)  # a dimensional collapse: 2 of 32 directions used
+    assert float(output_spread([in_two_dims])) == pytest.approx((2 / 32) ** 0.5, abs=0.01)  # sqrt(used / all)
+    assert float(output_spread([None, spread_out])) == pytest.approx(1.0, abs=0.02)  # the first view it has
+    assert output_spread([{"z": spread_out}]) is None and output_spread([spread_out[:1]]) is None
+
+
+@pytest.mark.parametrize("method", ["byol", "mocov2"])
+def test_every_loss_record_carries_each_sub_networks_output_spread(tmp_path, method):
+    cfg = config_from_dict(tiny(method, train={"log_every": 3, "epochs": 1}))
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    with_loss = [r for r in records if "loss" in r]
+    assert [r["step"] for r in with_loss] == [3, trainer.steps_per_epoch]  # every 3 steps, and the epoch's end
+    for record in with_loss:
+        assert list(record["spread"]) == list(record["loss"]) == cfg.subnet_menu().names
+        assert all(0 < value < 1.5 for value in record["spread"].values())

@@ -15,7 +15,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,7 +43,7 @@ from ..slim.diagnostics import GradientImbalance
 from ..slim.policy import SlimPolicy, check_every_entry_trains
 from . import distributed as dist
 from .compile import CudaGraphWatch, compile_forward, graph_limit, step_begins, uses_cuda_graphs
-from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, progress_bar
+from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, output_spread, progress_bar
 from .monitor import KnnMonitor
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
 from .prepare import write_run_config
@@ -76,6 +76,7 @@ class StepResult:
     losses: dict[str, torch.Tensor]
     lr: float
     skipped: bool = False
+    spread: dict[str, torch.Tensor] = field(default_factory=dict)  # output_spread, at a step that ends a record
 
 
 class Views:
@@ -120,6 +121,7 @@ class Trainer:
         self._setup_optimisation()
         self.state = TrainState()
         self.window = LogWindow()  # the steps since the last metrics record
+        self.spread: dict[str, torch.Tensor] = {}  # each sub-network's output_spread at the record's last step
         self.last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         self._last_save_time = time.perf_counter()  # of last.pt, or of the start of training: train.save_every_minutes
         self.signal_received: int | None = None  # a stop signal that arrived as fit() ended the run
@@ -446,27 +448,30 @@ class Trainer:
         target = method.prepare_target(target)
         if self.state.joined_at is None and self.policy.joined(step):
             self.state.joined_at = self.policy.join_step
-        losses = self._backward_subnets(step, views, online_views, target)
+        losses, spread = self._backward_subnets(step, views, online_views, target)
         bad = (~torch.isfinite(torch.stack(list(losses.values())))).any().float() if skip_mode else None
         self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
         # reading the flag is the one host sync of this mode, by request
         if skip_mode and self.grad_sync.any_flag():
             self._skip_step(step)
-            return StepResult(losses, lr, skipped=True)
+            return StepResult(losses, lr, skipped=True, spread=spread)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.model.target is not None:
             self.model.update_target(checked_momentum(method, step / max(1, self.total_steps)))
         method.after_step(target)
-        return StepResult(losses, lr)
+        return StepResult(losses, lr, spread=spread)
 
-    def _backward_subnets(self, step: int, views, online_views, target) -> dict[str, torch.Tensor]:
+    def _backward_subnets(self, step: int, views, online_views,
+                          target) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Forward and backward of each sub-network the policy plans for ``step``, in its order (a teacher
-        before its students), the gradients accumulating; their losses, still on the device."""
+        before its students), the gradients accumulating; their losses, still on the device, and at a step that
+        ends a metrics record, their outputs' spread (``output_spread``)."""
         method, slim = self.model.method, self.cfg.slim
         teacher_out = None
-        losses = {}
+        losses, spread = {}, {}
+        measure = self.record_due(step + 1)
         diagnose = self.grad_diagnostics(step)
         for task in self.policy.plan(step):
             with self.model.subnet(task.spec), self.autocast():
@@ -481,11 +486,14 @@ class Trainer:
             weighted = loss if task.weight == 1 else loss * task.weight  # (x 1 is two kernels that change nothing)
             self.scaler.scale(weighted).backward()  # outside autocast, as PyTorch recommends
             losses[task.spec.name] = loss.detach().float()
+            measured = output_spread(online) if measure else None
+            if measured is not None:
+                spread[task.spec.name] = measured
             if diagnose is not None:
                 diagnose.after_backward(task.spec.name)
         if diagnose is not None and dist.is_main():
             self.metrics.write({"step": step + 1, "grad_norm": diagnose.record})
-        return losses
+        return losses, spread
 
     def _forward_views(self, forward, views: Views, used: tuple[int, ...]) -> list[torch.Tensor | None]:
         """``forward``'s outputs for the views in ``used``, None for the others. All of them run as one batch
@@ -563,7 +571,6 @@ class Trainer:
 
     def _train_steps(self, end: int, guard: SignalGuard, progress) -> None:
         """The steps up to ``end`` and what comes due between them, then the save of the last."""
-        cfg = self.cfg
         timed, tick = 0, time.perf_counter()  # the steps this process ran since the last record, for img/s
         self._last_save_time = time.perf_counter()  # the minutes between saves count training (not the first kNN)
         while self.state.step < end:
@@ -573,12 +580,13 @@ class Trainer:
             except DataError as e:  # an unreadable file met by streaming, before this step changed anything
                 raise self._saved_before(e) from None
             self.window.add(result.losses, result.lr, trained=not result.skipped)
+            self.spread = result.spread  # measured at a step that ends a record, which _log then writes
             timed += 1
             self.state.step += 1
             progress.update(1)
             guard.in_flight = "the current step"
             epoch_done = self.state.step % self.steps_per_epoch == 0
-            scheduled = self.state.step % cfg.train.log_every == 0 or epoch_done
+            scheduled = self.record_due(self.state.step)
             stopping, save_due = self._agreed(guard.received is not None, self._save_due(), scheduled)
             if self.state.step >= self.total_steps:  # trained: a signal from here on lets the final evaluation end
                 guard.finishing = FINAL_EVALUATION
@@ -654,6 +662,11 @@ class Trainer:
         stop, save = (dist.all_reduce_mean(flags) > 0).tolist()  # the record of this step syncs anyway
         return stop, save
 
+    def record_due(self, steps_done: int) -> bool:
+        """Whether the step that makes ``steps_done`` ends a metrics record: every ``train.log_every`` steps and
+        at the end of every epoch."""
+        return steps_done % self.cfg.train.log_every == 0 or steps_done % self.steps_per_epoch == 0
+
     def _save_due(self) -> bool:
         minutes = self.cfg.train.save_every_minutes
         return bool(minutes) and time.perf_counter() - self._last_save_time >= 60 * minutes
@@ -663,11 +676,13 @@ class Trainer:
         each sub-network's mean loss over the steps that ran it, averaged over the processes, the last lr,
         throughput, and the non-finite check."""
         window, self.window = self.window, LogWindow()
+        spread, self.spread = self.spread, {}
         local = window.means()  # the same names on every rank: the draws are
-        means = {}
-        if local:
-            stacked = dist.all_reduce_mean(torch.stack(list(local.values())))
-            means = dict(zip(local, stacked.tolist()))  # the one sync per record
+        means, spreads = {}, {}
+        if local or spread:
+            stacked = dist.all_reduce_mean(torch.stack([*local.values(), *spread.values()])).tolist()
+            means = dict(zip(local, stacked))  # the one sync per record
+            spreads = dict(zip(spread, stacked[len(local):]))
         bad = nonfinite_losses(means)
         if bad and self.cfg.train.nonfinite == "error":
             last = self.state.step - 1  # 0-based, as the step of a skipped-step warning
@@ -675,6 +690,8 @@ class Trainer:
                                         f"{last - window.steps + 1}..{last}")
         record = {"step": self.state.step, "epoch": self.state.step / self.steps_per_epoch, "lr": window.lr,
                   "img_per_s": timed_steps * self.cfg.train.batch_size / max(seconds, 1e-9), "loss": means}
+        if spreads:
+            record["spread"] = spreads
         if self.model.target is not None:  # its EMA coefficient at the record's last step: a method's own schedule
             record["momentum"] = float(self.model.method.momentum((self.state.step - 1) / max(1, self.total_steps)))
         if self.state.skipped_steps:

@@ -21,6 +21,19 @@ from . import distributed as dist
 log = logging.getLogger("slimssl")
 
 
+def output_spread(outputs) -> torch.Tensor | None:
+    """How far a sub-network is from collapse, on one step's online outputs (those its loss reads, the first
+    view's): the standard deviation over the batch of each dimension of the L2-normalised outputs, averaged over
+    the dimensions and scaled by sqrt(dimensions). Outputs spread evenly over the sphere read about 1, outputs
+    that all point one way (a collapse) 0. None for outputs that are not a batch of vectors (a method of one's
+    own may return other things)."""
+    first = next((o for o in outputs if isinstance(o, torch.Tensor) and o.dim() == 2 and o.shape[0] > 1), None)
+    if first is None:
+        return None
+    unit = torch.nn.functional.normalize(first.detach().float(), dim=1)
+    return unit.std(dim=0).mean() * first.shape[1] ** 0.5
+
+
 @dataclass
 class LogWindow:
     """The steps since the last metrics record: each sub-network's summed loss (on the device, read once per
