@@ -67,16 +67,18 @@ def test_each_run_of_a_sweep_compiles_graphs_of_its_own_and_gives_the_graph_limi
         assert counter.frame_count == run  # a graph of its own (before: the first run's, found again)
     config = torch._dynamo.config
     key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    monkeypatch.setattr(config, key, 4)
-    space = tiny("byol", widths=WIDTHS, train={"compile": "default"}, slim={"random_space": "space"})
-    with Trainer(config_from_dict({**space, "model": {**space["model"], "bn": "shared"}}), tmp_path / "run"):
-        assert getattr(config, key) == 66  # any of the space's sub-networks gets a graph
-    assert getattr(config, key) == 4  # given back
-    first, second = compile_mod.graph_limit(10), compile_mod.graph_limit(4)  # two Trainers open at once
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)  # the first closes first: the second's limit stays, then all is given back
-    assert getattr(config, key) == 6
-    second.__exit__(None, None, None)
-    assert getattr(config, key) == 4
+    # config.patch, not monkeypatch: pytest's undo would delete the setting, which hides it from torch for the
+    # rest of the process (every later compile then fails)
+    with config.patch(**{key: 4}):
+        space = tiny("byol", widths=WIDTHS, train={"compile": "default"}, slim={"random_space": "space"})
+        with Trainer(config_from_dict({**space, "model": {**space["model"], "bn": "shared"}}), tmp_path / "run"):
+            assert getattr(config, key) == 66  # any of the space's sub-networks gets a graph
+        assert getattr(config, key) == 4  # given back
+        first, second = compile_mod.graph_limit(10), compile_mod.graph_limit(4)  # two Trainers open at once
+        first.__enter__()
+        second.__enter__()
+        first.__exit__(None, None, None)  # the first closes first: the second's limit stays, then all is given back
+        assert getattr(config, key) == 6
+        second.__exit__(None, None, None)
+        assert getattr(config, key) == 4
     torch._dynamo.reset()
