@@ -29,6 +29,7 @@ from PIL import Image
 import slimssl
 from slimssl.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from slimssl.cli import main
+from slimssl.wording import shell_quote
 from slimssl.config import ConfigError, check_processes, config_from_dict, load_config
 from slimssl.errors import SlimsslError
 from slimssl.methods.base import MethodOutput
@@ -313,7 +314,7 @@ def test_the_same_sigterm_again_after_the_save_still_exits_3_with_the_hint(tmp_p
     command (exit 143, no "continue with" line), and a scheduler that requeues on exit 3 did not."""
     run, text = stopped_then_sigterm_while_closing(signal.SIGTERM, tmp_path, monkeypatch, capsys, caplog)
     assert "the same request (a scheduler signals every process" in text and "which the command is ending on" in text
-    assert f"continue with: slimssl pretrain --resume {run}" in text
+    assert f"continue with: slimssl pretrain --resume {shell_quote(run)}" in text
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="no SIGUSR1 on this platform")
@@ -327,7 +328,7 @@ def test_a_schedulers_sigusr1_notice_saves_and_exits_3_and_its_later_sigterm_is_
     assert "received SIGUSR1: finishing the current step, then saving a checkpoint" in text
     assert "Ctrl-C (SIGINT) stops at once, without saving" in text
     assert "SIGTERM" in text and "after SIGUSR1: the same request" in text
-    assert f"continue with: slimssl pretrain --resume {run}" in text
+    assert f"continue with: slimssl pretrain --resume {shell_quote(run)}" in text
     with caplog.at_level(logging.INFO, logger="slimssl"), SignalGuard() as guard:
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)  # srun and the batch shell may both pass it on
@@ -632,7 +633,7 @@ def test_a_resume_with_another_batch_continues_at_the_same_epoch(tmp_path):
     Trainer(cfg, tmp_path / "mid").fit(max_steps=5)
     prepared = prepare_run(None, tmp_path / "mid", overrides=["train.batch_size=32"], resume=True)
     with pytest.raises(ConfigError, match=r"saved at step 5, within an epoch, with train.batch_size 16.*"
-                                          r"divides 16: slimssl pretrain --resume \S*mid --max-steps 8 "
+                                          r"divides 16: slimssl pretrain --resume .*mid'? --max-steps 8 "
                                           r"\(max_steps=8 in Python\); then change the batch"):
         Trainer(prepared.cfg, prepared.run_dir, resume=True)
 
@@ -861,7 +862,7 @@ def test_bad_knn_data_mid_run_says_the_steps_are_saved_and_what_to_resume_with(t
     when = r"\(with --set data.skip_unreadable=true, or once the file is replaced\)" if unreadable else \
         r"\(once the data is fixed\)"  # skipping unreadable files would not help
     with pytest.raises(type(error), match=f"{error}\\nthe 4 steps trained so far are saved in "
-                                          rf".*last.pt: continue with slimssl pretrain --resume \S+ {when}$"):
+                                          rf".*last.pt: continue with slimssl pretrain --resume .+ {when}$"):
         trainer.fit()
     trainer.metrics.close()
     assert load_checkpoint(tmp_path / "run")["train_state"]["step"] == 4
@@ -1157,7 +1158,7 @@ def test_sigterm_subprocess_exits_3_and_resume_continues_exactly(tmp_path, caplo
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED, err
-    assert "SIGTERM" in err and f"--resume {run}" in err
+    assert "SIGTERM" in err and f"--resume {shell_quote(run)}" in err
     stopped = load_checkpoint(run)["train_state"]["step"]
     # 1 when the signal lands between the first log record and the stop check of the same step (a loaded
     # machine can pause the run there while this process reads the record); any step is a correct stop
@@ -1631,7 +1632,7 @@ def test_pretrain_refuses_a_directory_holding_a_run(tmp_path, saved_run, capsys,
     config = write_config(tmp_path / "tiny.yaml")
     assert main(["pretrain", "--config", str(config), "--out", str(run)]) == 2
     text = error_text(capsys, caplog)
-    assert "already holds a run" in text and f"--resume {run}" in text
+    assert "already holds a run" in text and f"--resume {shell_quote(run)}" in text
     assert (run / "checkpoints" / "last.pt").read_bytes() == before
 
 
@@ -1944,8 +1945,8 @@ def test_a_full_disk_or_a_read_only_folder_is_a_one_line_error_and_keeps_what_wa
     assert main(["pretrain", "--resume", str(run)]) == 2
     text = error_text(capsys, caplog)
     assert f"slimssl pretrain: error: {run / 'metrics.jsonl'}: No space left on device; free space, or fix the " \
-           f"place's permissions, then continue with: slimssl pretrain --resume {run} (what was saved before is " \
-           "kept)" in text
+           f"place's permissions, then continue with: slimssl pretrain --resume {shell_quote(run)} (what was saved " \
+           "before is kept)" in text
     assert "Traceback" not in text and load_checkpoint(run)["train_state"]["step"] == saved
 
     # before the first checkpoint, the start's files are removed again: the same command starts it over

@@ -32,7 +32,9 @@ sys.exit(code)
                                   ["export", "RUN", "--out", "exports"], ["profile"],  # said before any import
                                   ["config", "--list"], ["import-backbone", "--help"]])
 def test_help_and_argument_errors_do_not_import_torch(argv):
-    done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=60)
+    wide = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # argparse wraps the help at $COLUMNS
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=60,
+                          env=wide)
     assert done.returncode == (0 if {"--help", "--version", "--list"} & set(argv) else 2), done.stderr
     assert "heavy: \n" in done.stdout, done.stdout.splitlines()[-1]
     if "--help" in argv:
@@ -102,6 +104,7 @@ def test_help_names_the_environment_variables_with_their_real_defaults(monkeypat
     for name in ("SLIMSSL_DATA", "SLIMSSL_CACHE", "SLIMSSL_CACHE_GB", "SLIMSSL_DIST_TIMEOUT", "SLIMSSL_DIST_BACKEND"):
         monkeypatch.delenv(name, raising=False)
     lines = {line.split()[0]: line for line in build_parser().format_help().splitlines() if "  SLIMSSL_" in line}
+    monkeypatch.setenv("HOME", os.path.join(os.sep, "home", "someone"))  # HOME=/ would make "/" of every path "~"
     home = os.path.expanduser("~")
     assert f"default {data_root().replace(home, '~', 1)})" in lines["SLIMSSL_DATA"]
     assert f"default {cache_dir().replace(home, '~', 1)})" in lines["SLIMSSL_CACHE"]

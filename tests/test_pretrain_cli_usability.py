@@ -17,6 +17,7 @@ from PIL import Image
 import slimssl
 from slimssl.checkpoint import load_checkpoint
 from slimssl.cli import main
+from slimssl.wording import shell_quote
 from slimssl.config import PACKAGED, ConfigError, config_from_dict, find_config, load_config
 from slimssl.train.loop import NonFiniteLossError, Trainer
 from slimssl.train.signals import EXIT_INTERRUPTED
@@ -192,20 +193,22 @@ def test_a_finished_run_says_where_it_is_and_what_comes_next(tmp_path, config, c
     run = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="slimssl"):
         assert main(["pretrain", "--config", str(config), "--out", str(run), "--set", "train.epochs=1"]) == 0
-    assert f"done: the run is in {run} (results.json, checkpoints/last.pt); next: slimssl linear {run}, " \
-           f"slimssl export {run} --all --out DIR, slimssl report {run}" in caplog.text
+    where = shell_quote(run)
+    assert f"done: the run is in {where} (results.json, checkpoints/last.pt); next: slimssl linear {where}, " \
+           f"slimssl export {where} --all --out DIR, slimssl report {where}" in caplog.text
     # no kNN asked for: the run's (labelled) data still serves the probe
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slimssl"):
         assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "r2"), "--set", "train.epochs=1",
                      "train.knn=false"]) == 0
-    assert f"next: slimssl linear {tmp_path / 'r2'}, slimssl export" in caplog.text
+    assert f"next: slimssl linear {shell_quote(tmp_path / 'r2')}, slimssl export" in caplog.text
     # a run whose data gave no kNN (no test split) is probed on data given to the probe
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="slimssl"):
         assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "r3"), "--set", "train.epochs=1",
                      "--data", str(image_folder(tmp_path / "images"))]) == 0
-    assert f"next: slimssl linear {tmp_path / 'r3'} --data DATA (labelled, with a test split" in caplog.text
+    assert f"next: slimssl linear {shell_quote(tmp_path / 'r3')} --data DATA (labelled, with a test split" \
+        in caplog.text
 
 
 # ---- 2. a folder named like a shipped config -----------------------------------------------------------
@@ -302,7 +305,7 @@ def test_resume_given_the_checkpoint_file_names_the_run_directory(saved_run, cap
     last = saved_run / "checkpoints" / "last.pt"
     assert main(["pretrain", "--resume", str(last)]) == 2
     text = error_text(capsys, caplog)
-    assert "--resume takes the run directory" in text and f"--resume {saved_run}" in text
+    assert "--resume takes the run directory" in text and f"--resume {shell_quote(saved_run)}" in text
     assert "last.pt/checkpoints" not in text
     with pytest.raises(slimssl.SlimsslError, match=f"out='{saved_run}'"):
         slimssl.pretrain(out=last, resume=True)

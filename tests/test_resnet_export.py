@@ -331,15 +331,13 @@ def test_an_export_stopped_while_it_writes_leaves_no_empty_folder(tmp_path, monk
 
 
 def test_export_files_get_the_permissions_open_gives(tmp_path):
-    import os
+    """Those of the process's umask (read once, when slimssl.atomic is imported), not a temporary file's 0600."""
+    import slimssl.atomic
 
-    umask = os.umask(0o022)
-    try:
-        folder = export_subnet(build("basic-cifar-private"), "0.5", tmp_path)
-    finally:
-        os.umask(umask)
-    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {"config.json": 0o644,
-                                                                            "model.safetensors": 0o644}
+    folder = export_subnet(build("basic-cifar-private"), "0.5", tmp_path)
+    expected = 0o666 & ~slimssl.atomic._UMASK
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {"config.json": expected,
+                                                                            "model.safetensors": expected}
 
 
 def test_a_file_in_the_way_of_an_export_is_named(tmp_path):
