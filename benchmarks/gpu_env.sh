@@ -13,8 +13,11 @@ if ! "${PYTHON:-python3}" -c "$slimssl_imports" 2>/dev/null && compgen -G "$slim
         --target /tmp/slimssl-site "$slimssl_root"/.whl/*.whl || { echo "installing the carried wheels in .whl failed"; exit 2; }
     export PYTHONPATH="/tmp/slimssl-site:$PYTHONPATH"
 fi
-if ! "${PYTHON:-python3}" -c "$slimssl_imports" 2>/tmp/slimssl-import.err; then
-    tail -3 /tmp/slimssl-import.err
+import_error="$(mktemp)"
+if ! "${PYTHON:-python3}" -c "$slimssl_imports" 2>"$import_error"; then
+    tail -3 "$import_error"
+    rm -f "$import_error"
     echo "slimssl does not import on this machine: run benchmarks/gpu_wheels.sh here and carry .whl"
     exit 2
 fi
+rm -f "$import_error"

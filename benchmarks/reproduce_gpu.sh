@@ -64,6 +64,7 @@ if [ "${PREFLIGHT:-1}" != 0 ]; then
         rm -rf "$preflight"
     else
         tail -30 "$out/preflight.log"
+        rm -rf "$preflight"
         echo "preflight failed (above): the tiny reproduction on fake images did not finish on ${DEVICE:-cuda}, so" \
              "the real one was not started (PREFLIGHT=0 skips this check)"
         exit 5

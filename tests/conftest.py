@@ -24,6 +24,10 @@ os.environ["SLIMSSL_CACHE"] = _DECODED_CACHE.name
 os.environ.pop("SLIMSSL_CACHE_GB", None)
 
 
+def pytest_unconfigure(config):
+    _DECODED_CACHE.cleanup()  # said, not left to the interpreter's exit (which warns under -W error)
+
+
 def _perturb_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Randomise every BatchNorm's running statistics and affine parameters (so that exports and
     sub-network comparisons are not trivially equal to an identity-normalised network)."""

@@ -489,7 +489,8 @@ def test_output_piped_into_a_reader_that_stops_early_exits_1_without_a_traceback
     proc = subprocess.Popen([sys.executable, "-m", "slimssl", "config", "--config", "demo"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     proc.stdout.close()  # the reader stops at once
-    errors = proc.stderr.read().decode()
+    with proc.stderr:
+        errors = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1 and "Traceback" not in errors, errors
 
 

@@ -1,5 +1,6 @@
 import logging
 import os
+import pathlib
 import re
 import shutil
 import time
@@ -600,7 +601,7 @@ def test_file_names_that_are_not_utf8_stream_too(tmp_path):
     os.rename(root / "cat" / "0.png", raw)
     name = os.fsdecode(raw)[len(str(root)) + 1:]
     files = FileListDataset(str(root), [name])
-    assert files.path(0) == os.fsdecode(raw) and files.read(name) == open(raw, "rb").read()
+    assert files.path(0) == os.fsdecode(raw) and files.read(name) == pathlib.Path(os.fsdecode(raw)).read_bytes()
 
 
 def test_evaluation_finds_a_bad_test_split_before_decoding_the_train_split(tmp_path, monkeypatch):

@@ -651,7 +651,7 @@ def test_a_failing_rank_ends_the_job_nonzero(tmp_path, how):
     failed_at = tmp_path / "failed_at"
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SLIMSSL_DIST_TIMEOUT": "300", "PYTHONUNBUFFERED": "1",
-           "SLIMSSL_CACHE": str(tmp_path / "cache")}
+           "SLIMSSL_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}  # torchrun's log folders
     proc = subprocess.run([str(torchrun), "--nproc_per_node=2", "--master_port", str(_free_port()),
                            "--monitor_interval", "0.5", str(script), how, str(failed_at), "pretrain",
                            "--config", str(config), "--out", str(tmp_path / "run")],
@@ -675,7 +675,7 @@ def test_a_torchrun_job_on_a_run_another_process_trains_is_refused_and_ends(tmp_
     run = tmp_path / "run"
     run.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SLIMSSL_DIST_TIMEOUT": "300", "PYTHONUNBUFFERED": "1",
-           "SLIMSSL_CACHE": str(tmp_path / "cache")}
+           "SLIMSSL_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}  # torchrun's log folders
     torchrun = Path(sys.executable).with_name("torchrun")
     other = HeldByAnotherProcess(run)
     try:

@@ -89,6 +89,7 @@ def test_a_sigterm_while_the_process_exits_keeps_the_commands_exit_code(tmp_path
             (tmp_path / "go-on").touch()
             break
     lines += proc.stderr.readlines()
+    proc.stderr.close()
     assert proc.wait(timeout=60) == 0, "".join(lines)  # stopped at max-steps, as asked: 0, not 143
 
 

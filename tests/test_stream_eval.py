@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pathlib
 import re
 import zipfile
 
@@ -136,8 +137,8 @@ def test_evaluation_workers_outlive_a_stop_signal_to_the_process_group(tmp_path)
     assert all(worker.is_alive() for worker in workers)
     if os.path.exists(f"/proc/{workers[0].pid}/status"):  # Linux: the workers ignore them, not only hold them back
         for worker in workers:
-            status = dict(line.split(":\t", 1) for line in open(f"/proc/{worker.pid}/status").read().splitlines()
-                          if ":\t" in line)
+            lines = pathlib.Path(f"/proc/{worker.pid}/status").read_text().splitlines()
+            status = dict(line.split(":\t", 1) for line in lines if ":\t" in line)
             ignored, blocked = int(status["SigIgn"], 16), int(status["SigBlk"], 16)
             for stop in stops:
                 assert ignored >> (stop - 1) & 1 and not blocked >> (stop - 1) & 1
