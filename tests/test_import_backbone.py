@@ -4,6 +4,7 @@ network as the one given, found in whatever checkpoint holds it, and evaluated a
 from __future__ import annotations
 
 import json
+import logging
 from collections import OrderedDict
 
 import pytest
@@ -152,3 +153,66 @@ def test_bad_inputs_and_prefixes_are_refused_before_anything_is_written(tmp_path
     assert not (tmp_path / "out").exists()
     assert main(["import-backbone", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "out")]) == 2
     assert "missing.pt does not exist; expected a checkpoint file" in capsys.readouterr().err + caplog.text
+
+
+def test_what_is_not_the_backbone_is_left_out_and_a_sequential_backbone_is_read(tmp_path, perturb_bn, caplog):
+    """SwAV keeps its projection head and prototypes beside the ResNet's layers; lightly's examples build the
+    backbone as nn.Sequential(*resnet.children())[:-1], whose parts are numbered."""
+    model = _torchvision_resnet(perturb_bn)
+    x = torch.randn(2, 3, 32, 32)
+    swav = {**{f"module.{k}": v for k, v in model.state_dict().items() if not k.startswith("fc.")},
+            "module.projection_head.0.weight": torch.zeros(8, 512), "module.prototypes.weight": torch.zeros(3, 8)}
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        plain = slimssl.load_exported(import_backbone(swav, tmp_path / "swav"))
+    assert torch.allclose(plain(x), _features(model, x), atol=1e-5)
+    assert "left out projection_head, prototypes" in caplog.text
+
+    class Lightly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(*list(model.children())[:-1])
+            self.projection_head = nn.Linear(512, 8)
+
+    for weights, folder in ((Lightly(), "module"), (Lightly().state_dict(), "state")):
+        plain = slimssl.load_exported(import_backbone(weights, tmp_path / folder))
+        assert torch.allclose(plain(x), _features(model, x), atol=1e-5)
+        assert plain.metadata["source_prefix"] == "backbone."
+
+
+def test_networks_slimssl_cannot_evaluate_or_would_compute_otherwise_are_refused(tmp_path, perturb_bn):
+    bottleneck = torchvision.models.resnet.Bottleneck
+    cases = [
+        (torchvision.models.resnet.ResNet(bottleneck, [1, 1, 1, 1], width_per_group=128).state_dict(),
+         r"has channels 64, \[128, 256, 512, 1024\], \[256, 512, 1024, 2048\], which slimssl's evaluations cannot "
+         r"rebuild.*wide_resnet50_2 is not"),
+        (torchvision.models.resnet.ResNet(bottleneck, [1, 1, 1, 1], groups=4, width_per_group=16).state_dict(),
+         r"layer1\.0\.conv2\.weight has the shape \[64, 16, 3, 3\]: a grouped convolution \(a ResNeXt\)"),
+    ]
+    padded = _torchvision_resnet(perturb_bn, cifar=True)
+    padded.conv1.padding = (2, 2)  # solo-learn's CIFAR stem: the same weights, other features
+    cases.append((padded, r"the model's conv1 has padding \(2, 2\) \(slimssl's: \(1, 1\)\): slimssl's ResNet would "
+                          r"compute other features"))
+    for weights, expected in cases:
+        with pytest.raises(ExportError, match=expected):
+            import_backbone(weights, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_run_directory_or_a_slimssl_checkpoint_is_refused_saying_what_to_do(tmp_path, perturb_bn):
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ExportError, match=r"run is a run directory \(checkpoints/last\.pt\), whose files are that "
+                                          r"run's own"):
+        import_backbone(_torchvision_resnet(perturb_bn), run)
+    assert sorted(p.name for p in run.iterdir()) == before
+    with pytest.raises(ExportError, match=r"last\.pt is a slimssl checkpoint: take its sub-networks out with slimssl "
+                                          r"export CHECKPOINT --all --out DIR"):
+        import_backbone(run / "checkpoints" / "last.pt", tmp_path / "out")
+
+
+def test_a_prefix_may_leave_out_its_last_dot(tmp_path, perturb_bn):
+    state = {f"encoder_q.{k}": v for k, v in _torchvision_resnet(perturb_bn).state_dict().items()}
+    folder = import_backbone({**state, **{k.replace("_q.", "_k."): v for k, v in state.items()}}, tmp_path / "q",
+                             prefix="encoder_q")
+    assert slimssl.load_exported(folder).metadata["source_prefix"] == "encoder_q."

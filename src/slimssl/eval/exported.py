@@ -82,9 +82,10 @@ def _spec_of(plain: PlainResNet, folder) -> SubnetSpec:
     return spec
 
 
-def _geometry(plain: PlainResNet, spec: SubnetSpec, folder) -> tuple[int, int]:
-    """A base width and a channel divisor whose supernet has ``spec`` of exactly the export's channels: those it
-    records it was cut from (``cut_from``), else, for an export written before it recorded them, found by search."""
+def supernet_geometry(plain: PlainResNet, spec: SubnetSpec) -> tuple[int, int] | None:
+    """A base width and a channel divisor whose supernet has ``spec`` of exactly ``plain``'s channels: those it
+    records it was cut from (``cut_from``), else (an export written before it recorded them, or a network
+    imported from elsewhere) found by search; None where no supernet has them (a wide ResNet's bottlenecks)."""
     wanted = plain.config
     channels = (wanted.stem_channels, tuple(wanted.mid_channels), tuple(wanted.out_channels))
 
@@ -108,9 +109,17 @@ def _geometry(plain: PlainResNet, spec: SubnetSpec, folder) -> tuple[int, int]:
     for divisor in sorted({d for count in counts for d in _divisors_of(count)}):
         if fits(stem, divisor):
             return stem, divisor
-    raise ExportError(f"{folder} has channels {wanted.stem_channels}, {list(wanted.mid_channels)}, "
-                      f"{list(wanted.out_channels)}, which no supernet's {spec.name} has: it cannot be evaluated "
-                      "as one (evaluate the run it was exported from)")
+    return None
+
+
+def _geometry(plain: PlainResNet, spec: SubnetSpec, folder) -> tuple[int, int]:
+    found = supernet_geometry(plain, spec)
+    if found is None:
+        wanted = plain.config
+        raise ExportError(f"{folder} has channels {wanted.stem_channels}, {list(wanted.mid_channels)}, "
+                          f"{list(wanted.out_channels)}, which no supernet's {spec.name} has: it cannot be evaluated "
+                          "as one (evaluate the run it was exported from)")
+    return found
 
 
 def _divisors_of(n: int) -> list[int]:

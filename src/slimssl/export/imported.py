@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -24,17 +25,22 @@ import torch
 from torch import nn
 
 from ..config.schema import IMAGENET_MEAN, IMAGENET_STD
+from ..checkpoint import FORMAT as CHECKPOINT_FORMAT
 from ..errors import ExportError
+from ..eval.exported import supernet_geometry
 from ..layout import EXPORT_CONFIG
 from ..models.fit import stored_depths, weights_misfit
 from ..models.plain import PlainResNet, PlainResNetConfig
+from ..nn.spec import SubnetSpec
 from ..wording import on_command_line
-from .files import input_preprocessing, save_exported
+from .files import input_preprocessing, refuse_run_folder, save_exported
 
 log = logging.getLogger("slimssl")
 
 STEM_KEY = "conv1.weight"
-HEAD = "fc."  # a classifier, or MoCo's projector, which the backbone's export leaves out
+BACKBONE_KEY = re.compile(r"(conv1|bn1|layer\d+)\.")  # a torchvision ResNet's names; fc and any head are left out
+# nn.Sequential(*resnet.children())[:-1], as lightly's examples build a backbone: its children's indices
+SEQUENTIAL_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
 # the inputs recorded when none are given, by stem: torchvision's ImageNet evaluation, and CIFAR's whole image
 DEFAULT_INPUTS = {"imagenet": (224, 0.875), "cifar": (32, 1.0)}
 
@@ -48,22 +54,35 @@ def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: st
 
     ``weights`` is a checkpoint file (``.pt``, ``.pth``, ``.ckpt``, ``.safetensors``), a state dict, or a
     model (a torchvision ResNet). The backbone's entries are found wherever they are nested (``state_dict``,
-    ``model``, ...) and whatever their names start with (``module.encoder_q.``, ``backbone.``); where a checkpoint
-    holds several (MoCo's query and key encoders, an online and a momentum network), ``prefix`` says which, e.g.
-    ``"state_dict.module.encoder_q."``. The ``fc`` entries (a classifier, or a projector) are left out.
+    ``model``, ...) and whatever their names start with (``module.encoder_q.``, ``backbone.``), in torchvision's
+    names or as ``nn.Sequential(*resnet.children())[:-1]`` numbers them; where a checkpoint holds several (MoCo's
+    query and key encoders, an online and a momentum network), ``prefix`` says which, e.g.
+    ``"state_dict.module.encoder_q."``. What is not the backbone (``fc``, a projector, prototypes) is left out.
+    The network must be one that slimssl's evaluations can rebuild as a slimmable ResNet's sub-network:
+    torchvision's resnet18 to resnet152, or narrower and shallower ones of the same pattern; a wide ResNet or a
+    ResNeXt is refused. A model given is checked for strides, paddings and dilations other than slimssl's.
 
     ``resolution``, ``crop_ratio``, ``mean`` and ``std`` are the inputs the network expects, recorded for
     evaluation (default: 224 px and 0.875 with ImageNet's stem, 32 px and 1 with the CIFAR one; ImageNet's
     mean and std). An export of another source in ``folder`` is replaced only with ``overwrite``."""
     _check_inputs(resolution, crop_ratio, mean, std)
+    refuse_run_folder(folder)
     source = str(Path(weights).resolve()) if isinstance(weights, (str, os.PathLike)) else None
-    entries = _flat_tensors(_read(weights) if source else weights.state_dict() if isinstance(weights, nn.Module)
-                            else weights)
-    prefix = _backbone_prefix(entries, prefix, source or "the weights given")
-    state = {key[len(prefix):]: value for key, value in entries.items() if key.startswith(prefix)}
-    head = [key for key in state if key.startswith(HEAD)]
-    for key in head:
-        del state[key]
+    where = source or "the weights given"
+    given = _read(weights) if source else weights.state_dict() if isinstance(weights, nn.Module) else weights
+    if isinstance(given, Mapping) and given.get("format") == CHECKPOINT_FORMAT:
+        raise ExportError(f"{where} is a slimssl checkpoint: take its sub-networks out with slimssl export "
+                          "CHECKPOINT --all --out DIR (slimssl.export_run), which keeps their BatchNorm statistics")
+    entries = _torchvision_names(_flat_tensors(given))
+    prefix = _backbone_prefix(entries, prefix, where)
+    state, left_out = {}, set()
+    for key, value in entries.items():
+        if key.startswith(prefix):
+            name = key[len(prefix):]
+            if BACKBONE_KEY.match(name):
+                state[name] = value
+            else:
+                left_out.add(name.split(".")[0])
     config = plain_config(state, prefix)
     model = PlainResNet(config)
     for key, value in model.state_dict().items():  # older checkpoints have no BatchNorm step counts
@@ -71,9 +90,16 @@ def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: st
             state[key] = torch.zeros_like(value)
     misfit = weights_misfit(lambda: PlainResNet(config), config.depths, state)
     if misfit:
-        raise ExportError(f"the entries under {prefix!r} of {source or 'the weights given'} are not a ResNet in "
-                          f"torchvision's layout with the {config.block} blocks and channels their shapes suggest: "
-                          f"{misfit}")
+        raise ExportError(f"the entries under {prefix!r} of {where} are not a ResNet in torchvision's layout with "
+                          f"the {config.block} blocks and channels their shapes suggest: {misfit}")
+    if supernet_geometry(model, SubnetSpec(1.0, config.depths)) is None:
+        raise ExportError(f"{where}: the ResNet under {prefix!r} has channels {config.stem_channels}, "
+                          f"{list(config.mid_channels)}, {list(config.out_channels)}, which slimssl's evaluations "
+                          "cannot rebuild: they run a network as a slimmable ResNet's sub-network, whose bottlenecks "
+                          "are a quarter as wide inside as out, stage widths doubling (torchvision's resnet18 to "
+                          "resnet152 are; wide_resnet50_2 is not)")
+    if isinstance(weights, nn.Module):
+        _refuse_other_convolutions(weights, model, prefix)
     model.load_state_dict(state)
     default_resolution, default_crop = DEFAULT_INPUTS[config.stem]
     resolution, crop_ratio = resolution or default_resolution, crop_ratio or default_crop
@@ -85,13 +111,18 @@ def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: st
     params = sum(p.numel() for p in model.parameters())
     log.info("imported a %s ResNet (%s stem, depths %s, %s features, %s params) from %r of %s into %s, for inputs of "
              "%d px (crop ratio %g)%s", config.block, config.stem, list(config.depths), config.feature_dim,
-             f"{params:,}", prefix, source or "the weights given", folder, resolution, crop_ratio,
-             f"; left out {len(head)} fc entries" if head else "")
+             f"{params:,}", prefix, where, folder, resolution, crop_ratio,
+             f"; left out {', '.join(sorted(left_out))}" if left_out else "")
+    if config.stem == "cifar":
+        log.info("the 3x3 stem is run with padding 1, as slimssl's CIFAR ResNets (solo-learn's pad by 2: their "
+                 "networks compute other features here)")
     return folder
 
 
 def plain_config(state: Mapping[str, torch.Tensor], prefix: str = "") -> PlainResNetConfig:
     """The architecture of a torchvision-layout ResNet's state dict (without ``fc``), read from its shapes."""
+    if STEM_KEY not in state:
+        raise ExportError(f"{prefix}{STEM_KEY} is missing; expected a ResNet in torchvision's layout")
     stem = state[STEM_KEY]
     kernel = tuple(stem.shape[2:]) if stem.dim() == 4 else None
     if stem.dim() != 4 or stem.shape[1] != 3 or kernel not in ((7, 7), (3, 3)):
@@ -106,10 +137,35 @@ def plain_config(state: Mapping[str, torch.Tensor], prefix: str = "") -> PlainRe
     try:
         mid = tuple(state[f"layer{s}.0.conv1.weight"].shape[0] for s in range(1, len(depths) + 1))
         out = tuple(state[f"layer{s}.0.{last}.weight"].shape[0] for s in range(1, len(depths) + 1))
+        grouped = [s for s in range(1, len(depths) + 1) if state[f"layer{s}.0.conv2.weight"].shape[1] != mid[s - 1]]
     except KeyError as e:
         raise ExportError(f"{prefix}{e.args[0]} is missing: the entries under {prefix!r} are not a ResNet of "
                           f"{block} blocks in torchvision's layout") from None
+    if grouped:
+        raise ExportError(f"{prefix}layer{grouped[0]}.0.conv2.weight has the shape "
+                          f"{list(state[f'layer{grouped[0]}.0.conv2.weight'].shape)}: a grouped convolution (a "
+                          "ResNeXt), which slimssl's ResNets do not have")
     return PlainResNetConfig(block, "imagenet" if kernel == (7, 7) else "cifar", int(stem.shape[0]), mid, out, depths)
+
+
+def _refuse_other_convolutions(given: nn.Module, model: PlainResNet, prefix: str) -> None:
+    """A model given says what its weights cannot: a stem padded by 2 (solo-learn's CIFAR ResNets), a dilated
+    stage, a max-pool of its own. Each of slimssl's convolutions and its max-pool is compared with the model's of
+    the same name, where it has one."""
+    theirs = dict(given.named_modules())
+    for name, ours in model.named_modules():
+        other = theirs.get(f"{prefix}{name}")
+        if isinstance(ours, nn.Conv2d) and isinstance(other, nn.Conv2d):
+            differs = [f"{attr} {getattr(other, attr)} (slimssl's: {getattr(ours, attr)})"
+                       for attr in ("stride", "padding", "dilation", "groups")
+                       if getattr(other, attr) != getattr(ours, attr)]
+        elif name == "maxpool" and other is not None and type(other) is not type(ours):
+            differs = [f"a {type(other).__name__} (slimssl's: {type(ours).__name__})"]
+        else:
+            continue
+        if differs:
+            raise ExportError(f"the model's {prefix}{name} has {', '.join(differs)}: slimssl's ResNet would compute "
+                              "other features from its weights")
 
 
 def _refuse_other_prefix(folder: Path, source: str | None, prefix: str) -> None:
@@ -128,7 +184,7 @@ def _refuse_other_prefix(folder: Path, source: str | None, prefix: str) -> None:
 
 def _check_inputs(resolution, crop_ratio, mean, std) -> None:
     def number(value) -> bool:
-        return isinstance(value, Real) and not isinstance(value, bool) and value == value  # not NaN
+        return isinstance(value, Real) and not isinstance(value, bool) and not math.isnan(value)
 
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
         raise ExportError(f"resolution must be a whole number of pixels >= 1, got {resolution!r}")
@@ -163,8 +219,8 @@ def _read(path: str | os.PathLike) -> Mapping:
                               "file)") from None
         raise ExportError(f"{path} holds a Python object ({found.group(1)}) besides tensors and plain data, which "
                           "torch loads only by running code from the file. If you trust the file, load it yourself "
-                          "(torch.load(path, weights_only=False)) and give slimssl.import_backbone its state dict "
-                          "(import_backbone(torch.load(...)['state_dict'], folder))") from None
+                          "(torch.load(path, weights_only=False)) and give slimssl.import_backbone what it holds: "
+                          "a model, or a state dict such as its ['state_dict']") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ExportError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
 
@@ -183,11 +239,32 @@ def _flat_tensors(tree, into: dict | None = None, path: str = "") -> dict[str, t
     return into
 
 
+def _torchvision_names(entries: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``entries`` with each backbone built as ``nn.Sequential(*resnet.children())[:-1]`` (numbered children:
+    ``backbone.0.weight`` for ``backbone.conv1.weight``) renamed as torchvision names a ResNet's parts."""
+    numbered = {key[:-len("0.weight")] for key, value in entries.items()
+                if key.endswith("0.weight") and (key == "0.weight" or key.endswith(".0.weight")) and value.dim() == 4
+                and f"{key[:-len('0.weight')]}4.0.conv1.weight" in entries
+                and f"{key[:-len('0.weight')]}{STEM_KEY}" not in entries}
+    if not numbered:
+        return entries
+    renamed = {}
+    for key, value in entries.items():
+        prefix = next((p for p in numbered if key.startswith(p)), None)
+        if prefix is not None:
+            index, _, rest = key[len(prefix):].partition(".")
+            key = f"{prefix}{SEQUENTIAL_NAMES.get(index, index)}.{rest}"
+        renamed[key] = value
+    return renamed
+
+
 def _backbone_prefix(entries: Mapping[str, torch.Tensor], prefix: str | None, where: str) -> str:
     """What the backbone's entries start with: ``prefix``, checked, or the one ResNet found."""
     found = sorted(key[:-len(STEM_KEY)] for key in entries
                    if key.endswith(STEM_KEY) and f"{key[:-len(STEM_KEY)]}layer1.0.conv1.weight" in entries)
     if prefix is not None:
+        if prefix and not prefix.endswith(".") and f"{prefix}." in found:  # --prefix module.encoder_q
+            prefix += "."
         if prefix not in found:
             raise ExportError(f"{where} has no ResNet under the prefix {prefix!r} (no {prefix}{STEM_KEY} beside "
                               f"{prefix}layer1.0.conv1.weight); " + (f"it has one under {_listed(found)}" if found
