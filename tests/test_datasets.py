@@ -742,6 +742,7 @@ def test_pretraining_in_memory_says_when_its_photos_are_much_larger_than_the_res
         (tmp_path / "d" / "train" / cls).mkdir(parents=True)
         for i in range(3):
             Image.new("RGB", size, (40 * i, 80, 120)).save(tmp_path / "d" / "train" / cls / f"{i}.png")
+    Image.new("RGB", size).save(tmp_path / "d" / "train" / "loose.png")  # outside the class folders: a note
     cfg = config_from_dict({"data": {"source": str(tmp_path / "d"), "resolution": 16},
                             "train": {"batch_size": 4, "device": "cpu", "knn": False}})
     with caplog.at_level(logging.INFO, logger="slimssl"):
@@ -749,5 +750,7 @@ def test_pretraining_in_memory_says_when_its_photos_are_much_larger_than_the_res
     said = [r.getMessage() for r in caplog.records if "on their shorter side" in r.getMessage()]
     assert said == ([f"{tmp_path / 'd'}: the training photos are about 40 px on their shorter side, and data.loader: "
                      "memory keeps each as its centre square at data.resolution 16 px: the random crops never see "
-                     "the border, and a small crop is upsampled 2.5 times more than a crop of the photo would be. "
+                     "the border, and each has 2.5 times fewer pixels a side than the same crop of the photo. "
                      "data.loader: stream crops the photos themselves (--set data.loader=stream)"] if warned else [])
+    # the listing's own notes are said once (a second listing for this check said them again)
+    assert sum("ignoring 1 images outside the class folders" in r.getMessage() for r in caplog.records) == 1

@@ -26,7 +26,7 @@ from . import decoded_cache
 from .decode import decode_error, decode_resized, open_image, resize_center_crop, resize_side
 from ..errors import DataError, UnreadableImageError
 from ..launch import processes_on_this_machine, usable_cpus
-from .files import (BUILTIN, SKIP_HINT, SPLITS, FileTree, check_source_and_resolution, existing_path, list_split,
+from .files import (BUILTIN, IMAGE_EXTENSIONS, SKIP_HINT, SPLITS, FileTree, check_source_and_resolution, existing_path, list_split,
                     scan_tree, split_prefix)
 from .registry import registered_name, registered_split
 
@@ -189,16 +189,20 @@ def _load_registered(source: str, split: str, resolution: int | None, crop_ratio
 
 
 def warn_of_shrunk_photos(source: str, resolution: int, sample: int = 16) -> None:
-    """Say, before pretraining on a folder or .zip decoded in memory, that its photos are much larger than
-    ``resolution``: each is kept as its centre square at that resolution, so the random crops never see the
-    border, and a small crop is upsampled from fewer pixels than the photo holds (the streaming loader crops the
-    photos themselves, as torchvision's RandomResizedCrop). The headers of ``sample`` files are read."""
+    """Say, before pretraining on a folder or .zip decoded in memory (train/loop.py), that its photos are much
+    larger than ``resolution``: each is kept as its centre square at that resolution, so the random crops never
+    see the border, and a small crop has fewer pixels than the same crop of the photo (the streaming loader
+    crops the photos themselves, as torchvision's RandomResizedCrop). Reads the headers of ``sample`` train
+    images, picked through the listing the load made (no second listing, which would log its notes again)."""
     if source in BUILTIN or registered_name(source) is not None:
         return
     tree = scan_tree(existing_path(source))
-    paths = list_split(tree, split_prefix(tree, "train"))[0]
+    prefix = split_prefix(tree, "train")
+    names = list(tree.files)  # in the scan's order: a stride through it meets every part of the split
+    picked = [name for name in names[::max(1, len(names) // (4 * sample))]
+              if name.startswith(prefix) and name.lower().endswith(IMAGE_EXTENSIONS)][:sample]
     sides = []
-    for rel in paths[::max(1, len(paths) // sample)][:sample]:
+    for rel in picked:
         try:
             sides.append(min(open_image(tree.read(rel)).size))
         except Exception:  # an unreadable file: the decoding reports it
@@ -207,10 +211,9 @@ def warn_of_shrunk_photos(source: str, resolution: int, sample: int = 16) -> Non
     if side >= LARGE_PHOTOS * resolution:
         log.warning("%s: the training photos are about %d px on their shorter side, and data.loader: memory keeps "
                     "each as its centre square at data.resolution %d px: the random crops never see the border, "
-                    "and a small crop is upsampled %.1f times more than a crop of the photo would be. "
-                    "data.loader: stream crops the photos themselves (--set data.loader=stream)",
+                    "and each has %.1f times fewer pixels a side than the same crop of the photo. data.loader: "
+                    "stream crops the photos themselves (--set data.loader=stream)",
                     source, side, resolution, side / resolution)
-
 
 
 def _load_tree(path: str, split: str, resolution: int | None, skip_unreadable: bool,

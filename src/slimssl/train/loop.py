@@ -181,7 +181,7 @@ class Trainer:
             self.train_data = None if stream else load_dataset(
                 cfg.data.source, "train", resolution=cfg.data.resolution, skip_unreadable=cfg.data.skip_unreadable,
                 fake_size=cfg.data.fake_size, seed=cfg.train.seed)
-            if not stream:
+            if not stream and dist.is_main():
                 warn_of_shrunk_photos(cfg.data.source, cfg.data.resolution)
             if not stream and len(self.train_data) < cfg.train.batch_size:
                 raise DataError(f"dataset {self.train_data.name!r} has {len(self.train_data)} images, fewer than "
