@@ -121,8 +121,44 @@ class _Hyperparameters:  # an object of the kind a Lightning checkpoint pickles 
     lr = 0.1
 
 
+class _RunsACommand:  # what a hostile checkpoint holds: unpickling it would call os.system
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.skipif(tuple(int(n) for n in torch.__version__.split(".")[:2]) < (2, 6),
+                    reason="torch's loader lists and stands in for a file's objects from 2.6 on")
+def test_a_lightning_checkpoints_own_objects_are_read_as_placeholders_and_nothing_in_it_runs(tmp_path, perturb_bn,
+                                                                                          caplog):
+    """Hyper-parameters saved as objects (an argparse Namespace, a class of the training script) would make torch's
+    weights-only loader refuse the file; they are read as inert placeholders, and what they would run never runs."""
+    import argparse
+
+    model = _torchvision_resnet(perturb_bn)
+    checkpoint = {"hyper_parameters": {"cfg": argparse.Namespace(lr=0.1), "mine": _Hyperparameters()},
+                  "state_dict": {f"backbone.{k}": v for k, v in model.state_dict().items()}}
+    torch.save(checkpoint, tmp_path / "solo.ckpt")
+    with caplog.at_level(logging.INFO, logger="slimssl"):
+        plain = slimssl.load_exported(import_backbone(tmp_path / "solo.ckpt", tmp_path / "out"))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(plain(x), _features(model, x), atol=1e-5)
+    assert "as empty placeholders, running nothing from the file" in caplog.text and "argparse.Namespace" in caplog.text
+    # an object whose unpickling would run a command: refused (torch blocks os and its kind), and nothing ran
+    marker = tmp_path / "ran"
+    torch.save({**checkpoint, "callbacks": _RunsACommand(marker)}, tmp_path / "hostile.ckpt")
+    with pytest.raises(ExportError, match=r"holds a Python object \((argparse\.Namespace|posix\.system)\)"):
+        import_backbone(tmp_path / "hostile.ckpt", tmp_path / "hostile")
+    assert not marker.exists() and not (tmp_path / "hostile").exists()
+
+
 @pytest.mark.parametrize("make, expected", [
-    (lambda p, m: torch.save({"hparams": _Hyperparameters(), "state_dict": m.state_dict()}, p),
+    (lambda p, m: torch.save({"hparams": _Hyperparameters(), "state_dict": m.state_dict()}, p,
+                             _use_new_zipfile_serialization=False),  # torch's legacy format: objects not listed
      r"holds a Python object \(test_import_backbone\._Hyperparameters\) besides tensors.*load it yourself"),
     (lambda p, m: p.write_bytes(b"not a checkpoint"), r"is not a readable PyTorch checkpoint"),
     (lambda p, m: torch.save({"encoder.weight": torch.zeros(3)}, p),

@@ -217,12 +217,53 @@ def _read(path: str | os.PathLike) -> Mapping:
         if not found:
             raise ExportError(f"{path} is not a readable PyTorch checkpoint (cut short, damaged, or another kind of "
                               "file)") from None
-        raise ExportError(f"{path} holds a Python object ({found.group(1)}) besides tensors and plain data, which "
-                          "torch loads only by running code from the file. If you trust the file, load it yourself "
-                          "(torch.load(path, weights_only=False)) and give slimssl.import_backbone what it holds: "
-                          "a model, or a state dict such as its ['state_dict']") from None
+        loaded = _with_placeholders(path)
+        if loaded is None:
+            raise ExportError(f"{path} holds a Python object ({found.group(1)}) besides tensors and plain data, "
+                              "which torch loads only by running code from the file. If you trust the file, load it "
+                              "yourself (torch.load(path, weights_only=False)) and give slimssl.import_backbone what "
+                              "it holds: a model, or a state dict such as its ['state_dict']") from None
+        return loaded
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ExportError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+
+
+class _Placeholder:
+    """What an object of a checkpoint's own classes (a Lightning checkpoint's hyper-parameters: an argparse
+    Namespace, an omegaconf config) is read as: nothing of it is kept or run, as the import needs its tensors
+    alone."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+def _with_placeholders(path: Path) -> Mapping | None:
+    """The checkpoint at ``path`` read by torch's weights-only loader, with every class or function it names that
+    torch does not allow standing for a :class:`_Placeholder`; None where this torch cannot (before 2.6, or a
+    file in the legacy format)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        stand_ins = [(type(name.rpartition(".")[2], (_Placeholder,), {"__module__": name.rpartition(".")[0]}), name)
+                     for name in names]
+        with torch.serialization.safe_globals(stand_ins):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure leaves the refusal that names the object
+        return None
+    log.info("%s: read the Python objects it holds besides tensors (%s) as empty placeholders, running nothing "
+             "from the file; only its tensors are imported", path, ", ".join(names))
+    return loaded
 
 
 def _flat_tensors(tree, into: dict | None = None, path: str = "") -> dict[str, torch.Tensor]:
