@@ -284,9 +284,11 @@ class Mine(Method):
 '''
 
 
-def test_the_command_line_imports_a_method_of_ones_own(tmp_path, monkeypatch, capsys, caplog):
+def test_the_command_line_imports_a_method_of_ones_own(tmp_path, monkeypatch, capsys, caplog, request):
     from slimssl.cli import main
 
+    # the registrations and the module its imports leave, gone for the tests that follow in this process
+    request.addfinalizer(lambda: (METHODS.pop("mine", None), sys.modules.pop("my_method", None)))
     (tmp_path / "my_method.py").write_text(MY_METHOD)
     assert main(["config", "--set", "method.name=mine"]) == 2
     assert "unknown method 'mine'" in caplog.text
