@@ -26,8 +26,8 @@ from . import decoded_cache
 from .decode import decode_error, decode_resized, open_image, resize_center_crop, resize_side
 from ..errors import DataError, UnreadableImageError
 from ..launch import processes_on_this_machine, usable_cpus
-from .files import (BUILTIN, IMAGE_EXTENSIONS, SKIP_HINT, SPLITS, FileTree, check_source_and_resolution, existing_path, list_split,
-                    scan_tree, split_prefix)
+from .files import (BUILTIN, IMAGE_EXTENSIONS, SKIP_HINT, SPLITS, FileTree, check_source_and_resolution,
+                    existing_path, list_split, scan_tree, split_prefix)
 from .registry import registered_name, registered_split
 
 log = logging.getLogger("slimssl")
