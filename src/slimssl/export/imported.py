@@ -6,7 +6,7 @@ alone that a slimmable run is compared with, or a published model to check the p
 The architecture is read from the weights' names (torchvision's layout) and shapes: the stem from ``conv1``
 (7x7: ImageNet's, with its max-pool; 3x3: the CIFAR one, padded by 1), the block from whether ``layer1.0.conv3``
 exists, the channels and depths stage by stage. A checkpoint file is read with ``weights_only=True``, so nothing
-in it runs.
+in it runs; the objects of its own that it holds beside the tensors are read as inert placeholders.
 """
 
 from __future__ import annotations
@@ -75,14 +75,7 @@ def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: st
                           "CHECKPOINT --all --out DIR (slimssl.export_run), which keeps their BatchNorm statistics")
     entries = _torchvision_names(_flat_tensors(given))
     prefix = _backbone_prefix(entries, prefix, where)
-    state, left_out = {}, set()
-    for key, value in entries.items():
-        if key.startswith(prefix):
-            name = key[len(prefix):]
-            if BACKBONE_KEY.match(name):
-                state[name] = value
-            else:
-                left_out.add(name.split(".")[0])
+    state, left_out = _backbone_state(entries, prefix)
     config = plain_config(state, prefix)
     model = PlainResNet(config)
     for key, value in model.state_dict().items():  # older checkpoints have no BatchNorm step counts
@@ -117,6 +110,20 @@ def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: st
         log.info("the 3x3 stem is run with padding 1, as slimssl's CIFAR ResNets (solo-learn's pad by 2: their "
                  "networks compute other features here)")
     return folder
+
+
+def _backbone_state(entries: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The backbone's entries under ``prefix``, named as in the ResNet, and the names of the other parts there
+    (``fc``, a projector), which are left out."""
+    state, left_out = {}, set()
+    for key, value in entries.items():
+        if key.startswith(prefix):
+            name = key[len(prefix):]
+            if BACKBONE_KEY.match(name):
+                state[name] = value
+            else:
+                left_out.add(name.split(".")[0])
+    return state, left_out
 
 
 def plain_config(state: Mapping[str, torch.Tensor], prefix: str = "") -> PlainResNetConfig:
