@@ -121,7 +121,6 @@ class Trainer:
         self._setup_optimisation()
         self.state = TrainState()
         self.window = LogWindow()  # the steps since the last metrics record
-        self.spread: dict[str, torch.Tensor] = {}  # each sub-network's output_spread at the record's last step
         self.last_saved_step: int | None = None  # the step last.pt holds, so it is not written twice
         self._last_save_time = time.perf_counter()  # of last.pt, or of the start of training: train.save_every_minutes
         self.signal_received: int | None = None  # a stop signal that arrived as fit() ended the run
@@ -580,7 +579,6 @@ class Trainer:
             except DataError as e:  # an unreadable file met by streaming, before this step changed anything
                 raise self._saved_before(e) from None
             self.window.add(result.losses, result.lr, trained=not result.skipped)
-            self.spread = result.spread  # measured at a step that ends a record, which _log then writes
             timed += 1
             self.state.step += 1
             progress.update(1)
@@ -592,7 +590,7 @@ class Trainer:
                 guard.finishing = FINAL_EVALUATION
             if scheduled:  # the GPU's queued work belongs to these steps (the record syncs anyway)
                 synchronize(self.device)
-                self._log(timed, time.perf_counter() - tick, progress)
+                self._log(timed, time.perf_counter() - tick, progress, result.spread)
                 timed, tick = 0, time.perf_counter()
             if epoch_done:
                 if self._knn_due(self.state.step):  # minutes on a large split: a signal lets it end, and a step
@@ -671,12 +669,11 @@ class Trainer:
         minutes = self.cfg.train.save_every_minutes
         return bool(minutes) and time.perf_counter() - self._last_save_time >= 60 * minutes
 
-    def _log(self, timed_steps: int, seconds: float, progress) -> None:
+    def _log(self, timed_steps: int, seconds: float, progress, spread: dict[str, torch.Tensor]) -> None:
         """One metrics record for the window of steps since the last one (every process at the same step):
-        each sub-network's mean loss over the steps that ran it, averaged over the processes, the last lr,
-        throughput, and the non-finite check."""
+        each sub-network's mean loss over the steps that ran it and the ``spread`` of its outputs at the last one,
+        averaged over the processes, the last lr, throughput, and the non-finite check."""
         window, self.window = self.window, LogWindow()
-        spread, self.spread = self.spread, {}
         local = window.means()  # the same names on every rank: the draws are
         means, spreads = {}, {}
         if local or spread:
