@@ -162,15 +162,20 @@ def test_each_key_is_normalised_with_the_group_its_shuffled_position_gives_it(tm
     assert not torch.allclose(trainer.key_forward(v1, 1, 0), keys, atol=1e-3)
 
 
-def test_grouped_pretraining_trains_and_resumes(tmp_path):
-    trainer = grouped_trainer(tmp_path)
+def assert_trains_and_resumes(trainer: Trainer) -> None:
+    """A first step with finite losses, saved; the run resumed from it takes the second step as ``trainer`` does."""
     losses = trainer.train_step(0).losses
     assert all(torch.isfinite(v) for v in losses.values())
     trainer.save()
-    resumed = Trainer(trainer.cfg, tmp_path, resume=True)
-    a, b = trainer.train_step(1).losses, resumed.train_step(1).losses
+    with Trainer(trainer.cfg, trainer.run_dir, resume=True) as resumed:
+        a, b = trainer.train_step(1).losses, resumed.train_step(1).losses
     for name in a:
         torch.testing.assert_close(a[name], b[name])
+
+
+def test_grouped_pretraining_trains_and_resumes(tmp_path):
+    with grouped_trainer(tmp_path) as trainer:
+        assert_trains_and_resumes(trainer)
 
 
 def test_bad_group_settings_are_refused(tmp_path):

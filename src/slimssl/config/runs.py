@@ -46,8 +46,8 @@ def config_differences(saved: Config, now: Config, prefixes: tuple[str, ...] = (
 
 
 def check_processes(cfg: Config, world: int, source: str) -> None:
-    """Refuse, before any work starts, a total batch that cannot be split evenly over ``world`` processes, and
-    BatchNorm groups that do not fit the batch each process gets."""
+    """Refuse, before any work starts, a total batch that cannot be split evenly over ``world`` processes and
+    ``train.micro_batches``, and BatchNorm groups that do not fit the batch each forward pass gets."""
     batch = cfg.train.batch_size
     first = 1 if cfg.train.sync_bn else 2  # samples per process: BatchNorm needs two, synchronised or not
     if world > 1 and (batch < world or batch % world):
@@ -63,15 +63,29 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
         raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} over {world} processes leaves "
                           f"each one sample, and each process's BatchNorm needs two: use at least {2 * world} "
                           f"(allowed: {2 * world}, {3 * world}, {4 * world}, ...), or train.sync_bn: true (on GPUs)")
-    if group and per_process % group:
+    per_pass = _micro_batch(cfg, per_process, first, source, f"train.batch_size {batch} over {world} processes")
+    part = f"micro-batch {per_pass}" if per_pass < per_process else f"batch {per_process}"
+    if group and per_pass % group:
         raise ConfigError(f"invalid config {source}:\n  model.bn_group_size {group} must divide the per-process "
-                          f"batch {per_process} (train.batch_size {batch} over {world} processes; "
-                          f"{group_size_hint(per_process, cfg.method.shuffle_bn)})")
-    if cfg.method.shuffle_bn and batch // (group or per_process) < 2:
+                          f"{part} (train.batch_size {batch} over {world} processes"
+                          + (f" in {cfg.train.micro_batches} train.micro_batches" if per_pass < per_process else "")
+                          + f"; {group_size_hint(per_pass, cfg.method.shuffle_bn)})")
+    if cfg.method.shuffle_bn and world * per_pass // (group or per_pass) < 2:
         raise ConfigError(f"invalid config {source}:\n  method.shuffle_bn needs the batch normalised in several "
                           f"groups, but this run has one BatchNorm group: set model.bn_group_size to divide the "
-                          f"per-process batch {per_process} ({group_size_hint(per_process, True)}), or run on several "
-                          "processes")
+                          f"per-process {part} ({group_size_hint(per_pass, True)}), or run on several processes")
+
+
+def _micro_batch(cfg: Config, per_process: int, first: int, source: str, split: str) -> int:
+    """The samples of one forward pass per process: ``per_process`` in ``train.micro_batches`` equal parts of at
+    least ``first`` samples (BatchNorm's minimum); refused otherwise, with the counts that fit."""
+    parts = cfg.train.micro_batches
+    if per_process % parts == 0 and per_process // parts >= first:
+        return per_process // parts
+    fits = [str(n) for n in range(1, per_process + 1) if per_process % n == 0 and per_process // n >= first]
+    raise ConfigError(f"invalid config {source}:\n  train.micro_batches: {parts} parts of the per-process batch "
+                      f"{per_process} ({split}) must be equal, and of at least {first} samples for BatchNorm: use one "
+                      f"of {', '.join(fits[:8])}{', ...' if len(fits) > 8 else ''}")
 
 
 def standalone_config(cfg: Config, spec: SubnetSpec) -> Config:

@@ -430,6 +430,11 @@ class TrainConfig(Section):
     epochs: int = Field(default=10, gt=0, description="passes over the training split")
     batch_size: int = Field(
         default=256, ge=2, description="total batch over all processes (BatchNorm needs two samples)")
+    micro_batches: int = Field(
+        default=1, ge=1, description="gradient accumulation: each process runs its share of the batch in this many "
+        "equal parts, one after another, and takes one optimiser step on their summed gradients: the same batch and "
+        "lr in less memory. BatchNorm normalises one part at a time (as on more GPUs), and MoCo v3's negatives are one "
+        "part's keys")
     seed: int = Field(
         default=0, description="seed of the initial weights, the views and the sub-networks drawn: the same seed and "
         "settings train the same run on the same machine")

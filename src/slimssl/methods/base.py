@@ -80,8 +80,8 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def prepare_target(self, target: PerView) -> PerView:
-        """The target's outputs as every sub-network's loss takes them, computed once per step (e.g. keys
-        gathered over the processes). Unchanged by default."""
+        """The target's outputs as every sub-network's loss takes them, computed once per step, or per
+        micro-batch with ``train.micro_batches`` (e.g. keys gathered over the processes). Unchanged by default."""
         return target
 
     def views_used(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -112,4 +112,5 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def after_step(self, target: PerView) -> None:
-        """Update method state (e.g. a queue of keys) once per iteration, after all sub-networks ran."""
+        """Update method state (e.g. a queue of keys) once per iteration, after all sub-networks ran. With
+        ``train.micro_batches``, ``target`` holds every micro-batch's prepared outputs, view by view, in order."""

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..config import ConfigError
 from ..errors import SlimsslError
 
 log = logging.getLogger("slimssl")
@@ -70,6 +71,15 @@ def graph_limit(num_graphs: int) -> Iterator[None]:
         _RAISED.remove(num_graphs + 2)
         for key in keys:
             setattr(config, key, max([_BEFORE[key], *_RAISED]))
+
+
+def refuse_cuda_graphs_with_micro_batches(mode: str, micro_batches: int, device: torch.device) -> None:
+    """A compile ``mode`` that captures CUDA graphs is refused with ``train.micro_batches`` above 1: a captured
+    backward replayed for each micro-batch while the gradients of the last ones accumulate is something slimssl has
+    not verified, and a wrong gradient would pass silently."""
+    if micro_batches > 1 and device.type == "cuda" and uses_cuda_graphs(mode):
+        raise ConfigError(f"train.compile {mode} captures CUDA graphs, which slimssl does not combine with "
+                          f"train.micro_batches {micro_batches}: set train.compile=default, or train.micro_batches=1")
 
 
 def uses_cuda_graphs(mode: str) -> bool:

@@ -2,7 +2,9 @@
 
 One iteration: two augmented views (drawn from a generator seeded by (seed, step)), the full-size target
 once, then every sub-network the policy draws, each with its own backward so activations are freed
-(gradients accumulate), then one optimizer step and the EMA update. Losses stay on the device and are
+(gradients accumulate), then one optimizer step and the EMA update. With ``train.micro_batches``, the batch is
+run in parts: the target on each, then each sub-network on each part in turn, every part's backward adding to
+the same gradients. Losses stay on the device and are
 read every ``log_every`` steps, so the hot loop has no host synchronisation of its own (``train.nonfinite:
 skip`` checks each step's losses, and ``train.grad_diagnostics_every`` reads its steps' norms: both wait for
 the GPU).
@@ -42,7 +44,8 @@ from ..seeds import derived_generator
 from ..slim.diagnostics import GradientImbalance
 from ..slim.policy import SlimPolicy, check_every_entry_trains
 from . import distributed as dist
-from .compile import CudaGraphWatch, compile_forward, graph_limit, step_begins, uses_cuda_graphs
+from .compile import (CudaGraphWatch, compile_forward, graph_limit, refuse_cuda_graphs_with_micro_batches,
+                      step_begins, uses_cuda_graphs)
 from .metrics import RENUMBERED, LogWindow, MetricsLogger, bar_labels, output_spread, progress_bar
 from .monitor import KnnMonitor
 from .optim import build_optimizer, describe_lr, effective_lr, lr_at, scaled_lr
@@ -94,6 +97,25 @@ class Views:
         return self._stacked
 
 
+def micro_views(views: Sequence[torch.Tensor], n: int) -> list[Views]:
+    """A step's views in ``n`` equal parts (``train.micro_batches``), each the same images of every view."""
+    if n == 1:
+        return [Views(views)]
+    return [Views(each) for each in zip(*(parts(v, n) for v in views))]
+
+
+def joined(outputs: list[list[torch.Tensor | None]]) -> list[torch.Tensor | None]:
+    """Outputs per micro-batch, each a list over the views, as one batch per view (None for a view left out)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    return [None if each[0] is None else torch.cat(each) for each in zip(*outputs)]
+
+
+def mean_of(values: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of 0-d tensors, the one itself for one (no kernel)."""
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
+
+
 def parts(batch: torch.Tensor, n: int) -> list[torch.Tensor]:
     """``batch`` split into ``n`` equal parts along its first dimension, as slices: each may be changed in place,
     as a tensor of its own could (torch refuses that on the outputs of ``chunk``)."""
@@ -134,6 +156,11 @@ class Trainer:
         self._resumed_at = self.state.step if resume and self.state.step == saved_step else None
         dist.broadcast_module(self.model)  # every rank starts from rank 0's weights and buffers
         log.info("%s", self.lr_summary())
+        if cfg.train.micro_batches > 1:
+            per_process = cfg.train.batch_size // self.world
+            log.info("train.micro_batches %d: each process runs its %d images of a step in parts of %d, and takes one "
+                     "optimiser step on their gradients", cfg.train.micro_batches, per_process,
+                     per_process // cfg.train.micro_batches)
         if dist.is_main():  # the run's first file (a failed resume has changed nothing yet): it marks the folder a
             self.run_dir.mkdir(parents=True, exist_ok=True)  # run's, for a start killed from here on
             write_run_config(self.run_dir, cfg, self.effective_lr())
@@ -281,6 +308,7 @@ class Trainer:
             self._open.enter_context(graph_limit(graphs))  # given back by close()
             log.info("compiling the forward passes with torch.compile (mode %s): the first step of every "
                      "sub-network is slow", mode)
+        refuse_cuda_graphs_with_micro_batches(mode, self.cfg.train.micro_batches, self.device)
         # a CUDA-graph output is overwritten by the graph's next replay: keep copies of what outlives it
         self._keep = (lambda t: t.clone()) if uses_cuda_graphs(mode) else (lambda t: t)
         self.cuda_graphs = CudaGraphWatch(mode)  # checked at every record: a capture skipped is said at once
@@ -414,15 +442,28 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def key_forward(self, view: torch.Tensor, step: int, index: int) -> torch.Tensor:
-        """The full-size target's outputs for one view; with ``method.shuffle_bn``, computed on the global
-        batch in an order drawn from (seed, step, view), so its BatchNorm groups differ from the online's."""
+    def key_forward(self, view: torch.Tensor, step: int, index: int, part: int = 0) -> torch.Tensor:
+        """The full-size target's outputs for one view (of micro-batch ``part``); with ``method.shuffle_bn``,
+        computed on the global batch in an order drawn from (seed, step, view), so its BatchNorm groups differ
+        from the online's."""
         if not self.cfg.method.shuffle_bn:
             return self.target_forward(view)
         # drawn on the CPU: a GPU's random permutation may depend on its model, and every rank must agree
-        gen = derived_generator(self.cfg.train.seed, "shuffle_bn", step, index)
-        order = to_device_async(torch.randperm(self.cfg.train.batch_size, generator=gen), self.device)
+        parts_count = self.cfg.train.micro_batches
+        gen = derived_generator(self.cfg.train.seed, "shuffle_bn", step, index, *((part,) if parts_count > 1 else ()))
+        size = self.cfg.train.batch_size // parts_count  # of the processes' micro-batches together
+        order = to_device_async(torch.randperm(size, generator=gen), self.device)
         return dist.shuffled_forward(self.target_forward, view, order)
+
+    def target_outputs(self, views: Views, step: int, part: int, used: tuple[int, ...]) -> list[torch.Tensor | None]:
+        """The full-size target's outputs for the views in ``used`` of one micro-batch, as the losses take them."""
+        with self.autocast():
+            if self.cfg.method.shuffle_bn:  # each view's keys in an order of their own
+                target = [self._keep(self.key_forward(v, step, i, part)) if i in used else None
+                          for i, v in enumerate(views.each)]
+            else:
+                target = self._forward_views(self.target_forward, views, used)
+        return self.model.method.prepare_target(target)
 
     def train_step(self, step: int) -> StepResult:
         """One iteration: forward, backward and update of every sub-network the policy plans for ``step``."""
@@ -434,20 +475,14 @@ class Trainer:
         if skip_mode:  # a NaN forward writes NaN into the BatchNorm statistics before the loss shows it
             copy_by_dtype(self._bn_backup, self._bn_buffers)
         lr = self.set_lr(step)
-        views = Views(self.views(step))
+        micro = micro_views(self.views(step), self.cfg.train.micro_batches)
         step_begins(self.cfg.train.compile)
         method = self.model.method
         online_views, target_views = method.views_used()  # an asymmetric loss leaves one view out per side
-        with self.autocast():
-            if self.cfg.method.shuffle_bn:  # each view's keys in an order of their own
-                target = [self._keep(self.key_forward(v, step, i)) if i in target_views else None
-                          for i, v in enumerate(views.each)]
-            else:
-                target = self._forward_views(self.target_forward, views, target_views)
-        target = method.prepare_target(target)
+        targets = [self.target_outputs(views, step, part, target_views) for part, views in enumerate(micro)]
         if self.state.joined_at is None and self.policy.joined(step):
             self.state.joined_at = self.policy.join_step
-        losses, spread = self._backward_subnets(step, views, online_views, target)
+        losses, spread = self._backward_subnets(step, micro, online_views, targets)
         bad = (~torch.isfinite(torch.stack(list(losses.values())))).any().float() if skip_mode else None
         self.grad_sync(bad)  # the step's one all-reduce (multi-process); the flag rides along
         # reading the flag is the one host sync of this mode, by request
@@ -459,36 +494,45 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.model.target is not None:
             self.model.update_target(checked_momentum(method, step / max(1, self.total_steps)))
-        method.after_step(target)
+        method.after_step(joined(targets))
         return StepResult(losses, lr, spread=spread)
 
-    def _backward_subnets(self, step: int, views, online_views,
-                          target) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _backward_subnets(self, step: int, micro: list[Views], online_views,
+                          targets) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Forward and backward of each sub-network the policy plans for ``step``, in its order (a teacher
-        before its students), the gradients accumulating; their losses, still on the device, and at a step that
-        ends a metrics record, their outputs' spread (``output_spread``)."""
+        before its students), on every micro-batch in turn, the gradients accumulating; their losses (the mean
+        over the micro-batches), still on the device, and at a step that ends a metrics record, their outputs'
+        spread (``output_spread``, the mean over the micro-batches)."""
         method, slim = self.model.method, self.cfg.slim
-        teacher_out = None
+        teacher_out: list = [None] * len(micro)  # per micro-batch
         losses, spread = {}, {}
         measure = self.record_due(step + 1)
         diagnose = self.grad_diagnostics(step)
+        # each micro-batch's share of the gradient: their sum is the gradient of the mean loss over the batch
+        weight_of_part = 1 / len(micro)
         for task in self.policy.plan(step):
-            with self.model.subnet(task.spec), self.autocast():
-                online = self._forward_views(self.online_forward, views, online_views)
-                out = checked_output(method, method.loss(online, target))
-                loss = out.loss
-                if task.distill:
-                    kd = method.distill(out.distill_on, teacher_out, slim.distill_temperature)
-                    loss = (1 - slim.distill_alpha) * loss + slim.distill_alpha * slim.distill_scale * kd
-                if task.teacher:
-                    teacher_out = [t.detach() for t in distill_outputs(method, out)]
-            weighted = loss if task.weight == 1 else loss * task.weight  # (x 1 is two kernels that change nothing)
-            self.scaler.scale(weighted).backward()  # outside autocast, as PyTorch recommends
-            losses[task.spec.name] = loss.detach().float()
-            measured = output_spread(online) if measure else None
-            if measured is not None:
-                spread[task.spec.name] = measured
-            if diagnose is not None:
+            part_losses, part_spreads = [], []
+            for part, views in enumerate(micro):
+                with self.model.subnet(task.spec), self.autocast():
+                    online = self._forward_views(self.online_forward, views, online_views)
+                    out = checked_output(method, method.loss(online, targets[part]))
+                    loss = out.loss
+                    if task.distill:
+                        kd = method.distill(out.distill_on, teacher_out[part], slim.distill_temperature)
+                        loss = (1 - slim.distill_alpha) * loss + slim.distill_alpha * slim.distill_scale * kd
+                    if task.teacher:
+                        teacher_out[part] = [t.detach() for t in distill_outputs(method, out)]
+                weight = task.weight * weight_of_part
+                weighted = loss if weight == 1 else loss * weight  # (x 1 is two kernels that change nothing)
+                self.scaler.scale(weighted).backward()  # outside autocast, as PyTorch recommends
+                part_losses.append(loss.detach().float())
+                measured = output_spread(online) if measure else None
+                if measured is not None:
+                    part_spreads.append(measured)
+            losses[task.spec.name] = mean_of(part_losses)
+            if part_spreads:
+                spread[task.spec.name] = mean_of(part_spreads)
+            if diagnose is not None:  # what the sub-network's backward passes on every micro-batch added
                 diagnose.after_backward(task.spec.name)
         if diagnose is not None and dist.is_main():
             self.metrics.write({"step": step + 1, "grad_norm": diagnose.record})
