@@ -113,7 +113,8 @@ def test_data_views_name_every_setting_of_a_view_but_those_of_their_own_keys():
 
     from slimssl.config import ViewChanges
 
-    assert set(ViewChanges.model_fields) == {f.name for f in fields(ViewRecipe)} - {"crop_scale", "flip_p"}
+    own_keys = {"crop_scale", "flip_p", "interpolation"}  # data.crop_scale, data.flip_p, data.crop_interpolation
+    assert set(ViewChanges.model_fields) == {f.name for f in fields(ViewRecipe)} - own_keys
 
 
 def test_equal_view_changes_are_one_setting(tmp_path):
@@ -156,6 +157,30 @@ def test_crop_boxes_follow_scale_and_ratio():
         ref = [T.RandomResizedCrop.get_params(torch.zeros(1, 64, 48), (0.2, 0.6), (3 / 4, 4 / 3)) for _ in range(4000)]
     ref_area = torch.tensor([p[2] * p[3] / (64 * 48) for p in ref])
     assert abs(area.mean() - ref_area.mean()) < 0.01
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_a_crop_of_the_whole_image_is_the_image_resized_with_the_interpolation_asked(interpolation):
+    images = _synthetic(4, 12).float() / 255
+    whole = replace(NO_COLOUR, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, interpolation=interpolation)
+    out = augment_view(images, whole, 24, _gen(0))
+    expected = torch.nn.functional.interpolate(images, size=(24, 24), mode=interpolation, align_corners=False)
+    torch.testing.assert_close(out, expected.clamp(0, 1), rtol=0, atol=1e-5)
+
+
+def test_data_crop_interpolation_resizes_both_views_crops_and_is_checked():
+    from slimssl.config import ConfigError, load_config
+    from slimssl.data.views import two_view_augment
+
+    bicubic = two_view_augment(load_config("demo", ["data.crop_interpolation=bicubic"]))
+    bilinear = two_view_augment(load_config("demo"))
+    assert [v.interpolation for v in bicubic.views] == ["bicubic"] * 2
+    assert [replace(v, interpolation="bilinear") for v in bicubic.views] == list(bilinear.views)
+    images = _synthetic(8, 24)
+    one, two = bicubic(images, _gen(3)), bilinear(images, _gen(3))
+    assert all(a.shape == b.shape and not torch.allclose(a, b, atol=1e-3) for a, b in zip(one, two))
+    with pytest.raises(ConfigError, match="data.crop_interpolation: Input should be 'bilinear' or 'bicubic'"):
+        load_config("demo", ["data.crop_interpolation=nearest"])
 
 
 def test_crop_falls_back_to_center():

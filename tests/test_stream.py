@@ -251,24 +251,28 @@ def test_view_boxes_are_those_of_sample_crop_boxes():
             assert boxes == [tuple(int(x) for x in box.tolist()) for box in ref]
 
 
-def test_crops_are_torchvision_resized_crops_of_the_boxes():
-    """Each view is its box cropped and resized (antialiased bilinear) as torchvision's RandomResizedCrop does
-    on uint8 tensors, and within 2 levels of PIL's bilinear resize of the crop. Recent torch gives torchvision's
-    values exactly; torch 2.4 and 2.5 round about one value in eight one level apart."""
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_crops_are_torchvision_resized_crops_of_the_boxes(interpolation):
+    """Each view is its box cropped and resized (antialiased bilinear, or bicubic) as torchvision's
+    RandomResizedCrop does on uint8 tensors, and within 2 levels of PIL's resize of the crop. Recent torch gives
+    torchvision's values exactly; torch 2.4 and 2.5 round about one value in eight one level apart."""
+    from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
     image = Image.fromarray(_pattern(1, 90, 120, seed=2)[0])
-    views = recipe("byol", 24)
+    views = recipe("byol", 24, interpolation=interpolation)
     pixels = decode_pixels(_jpeg(image), full_detail_side(24, views))
     assert pixels.shape == (3, 90, 120)
     decoded = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     for row in range(10):
         crops = crop_pair(pixels, views, 24, sample_generator(1, 2, row))
         for crop, (top, left, h, w) in zip(crops, view_boxes(90, 120, views, sample_generator(1, 2, row))):
-            ref = TF.resized_crop(pixels.contiguous(), top, left, h, w, [24, 24], antialias=True)
+            ref = TF.resized_crop(pixels.contiguous(), top, left, h, w, [24, 24], antialias=True,
+                                  interpolation=InterpolationMode(interpolation))
             apart = (crop.permute(2, 0, 1).int() - ref.int()).abs()
             assert apart.max() <= 1 and apart.float().mean() < 0.25
-            pil = decoded.crop((left, top, left + w, top + h)).resize((24, 24), Image.Resampling.BILINEAR)
+            pil = decoded.crop((left, top, left + w, top + h)).resize(
+                (24, 24), Image.Resampling.BILINEAR if interpolation == "bilinear" else Image.Resampling.BICUBIC)
             assert (crop.int() - torch.from_numpy(np.array(pil)).int()).abs().max() <= 2
 
 

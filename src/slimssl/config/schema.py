@@ -348,6 +348,9 @@ class DataConfig(Section):
     crop_scale: tuple[float, float] | None = Field(
         default=None, description="random resized crop area range (min, max), 0 < min <= max <= 1; default: the "
         "augmentation recipe's (MoCo v2: 0.2-1; BYOL and MoCo v3: 0.08-1)")
+    crop_interpolation: Literal["bilinear", "bicubic"] = Field(
+        default="bilinear", description="how the views' random resized crops are resized to data.resolution: bilinear "
+        "(torchvision's default, as MoCo's code) or bicubic (BYOL's paper, solo-learn)")
     flip_p: float = Field(default=0.5, ge=0, le=1, description="horizontal flip probability (0 for digits or text)")
     blur: bool | None = Field(
         default=None, description="Gaussian blur where the augmentation recipe has it (true) or nowhere (false); "

@@ -35,11 +35,11 @@ _GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = None,
            flip_p: float | None = None, blur: bool | None = None,
-           changes: Sequence[Mapping[str, Any]] = ()) -> tuple[ViewRecipe, ViewRecipe]:
+           changes: Sequence[Mapping[str, Any]] = (), interpolation: str = "bilinear") -> tuple[ViewRecipe, ViewRecipe]:
     """The two view recipes of a method, with ``crop_scale`` and ``flip_p`` in place of the recipe's when given
     (``data.crop_scale``, ``data.flip_p``), blur as the recipe has it or none where ``blur`` says
     (``data.blur``), and then ``changes`` (``data.views``: one mapping of ViewRecipe fields for both views, or
-    one per view).
+    one per view); the crops are resized with ``interpolation`` (``data.crop_interpolation``).
 
     ``byol``/``mocov3``: asymmetric (view 1 always blurred, view 2 blurred 10% and solarized 20%), jitter
     (0.4, 0.4, 0.2, 0.1), crop scale (0.08, 1). ``mocov2``: symmetric, jitter (0.4, 0.4, 0.4, 0.1), blur 50%,
@@ -55,6 +55,7 @@ def recipe(name: str, resolution: int, crop_scale: tuple[float, float] | None = 
         views = tuple(replace(v, crop_scale=tuple(crop_scale)) for v in views)
     if flip_p is not None:
         views = tuple(replace(v, flip_p=flip_p) for v in views)
+    views = tuple(replace(v, interpolation=interpolation) for v in views)
     if len(changes) > 2:
         raise ConfigError(f"data.views holds {len(changes)} entries; expected one (both views) or two (each view)")
     per_view = list(changes) * 2 if len(changes) == 1 else list(changes) or [{}, {}]
@@ -108,7 +109,7 @@ def geometric_view(x: torch.Tensor, view: ViewRecipe, size: int, generator: torc
     b = x.shape[0]
     boxes = sample_crop_boxes(b, x.shape[-2], x.shape[-1], view.crop_scale, view.crop_ratio, generator, x.device)
     flip = _coin(b, view.flip_p, generator, x.device)
-    return _resized_crop(x, boxes, flip, size)
+    return _resized_crop(x, boxes, flip, size, view.interpolation)
 
 
 def photometric_view(x: torch.Tensor, view: ViewRecipe, generator: torch.Generator) -> torch.Tensor:
@@ -236,8 +237,9 @@ def _center_box(height: int, width: int, ratio) -> tuple[float, float, float, fl
     return float((height - h) // 2), float((width - w) // 2), float(h), float(w)
 
 
-def _resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop each box and resize it bilinearly to size x size (mirrored where ``flip``)."""
+def _resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int,
+                  interpolation: str = "bilinear") -> torch.Tensor:
+    """Crop each box and resize it to size x size, bilinearly or bicubically (mirrored where ``flip``)."""
     height, width = x.shape[-2:]
     top, left, h, w = boxes.unbind(1)
     # Normalised coordinates (align_corners=False): pixel edges span [-1, 1].
@@ -248,7 +250,8 @@ def _resized_crop(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size
     zero = torch.zeros_like(sx)
     theta = torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, sy, cy], 1)], 1)
     grid = F.affine_grid(theta, [x.shape[0], 3, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(x, grid, mode=interpolation, padding_mode="border", align_corners=False)
+    return out if interpolation == "bilinear" else out.clamp(0, 1)  # a cubic overshoots at edges
 
 
 def _shrink_for_crop(x: torch.Tensor, size: int) -> torch.Tensor:

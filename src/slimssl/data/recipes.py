@@ -20,6 +20,7 @@ class ViewRecipe:
     blur_p: float = 0.0
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
+    interpolation: str = "bilinear"  # of the crop's resize: bilinear or bicubic (data.crop_interpolation)
 
 
 # BYOL (and MoCo v3, which takes its views): asymmetric, view 1 always blurred, view 2 blurred 10% and solarized

@@ -263,7 +263,8 @@ def crop_pair(image: torch.Tensor, views: tuple[ViewRecipe, ViewRecipe], size: i
     """Both views' RandomResizedCrop of uint8 [3, H, W] -> uint8 [2, size, size, 3] (channels last: the
     device transposes the collated batch, where that is free)."""
     height, width = image.shape[-2:]
-    return torch.stack([resized_crop(image, box, size) for box in view_boxes(height, width, views, generator)])
+    return torch.stack([resized_crop(image, box, size, view.interpolation)
+                        for view, box in zip(views, view_boxes(height, width, views, generator))])
 
 
 def view_boxes(height: int, width: int, views: tuple[ViewRecipe, ...],
@@ -281,11 +282,13 @@ def view_boxes(height: int, width: int, views: tuple[ViewRecipe, ...],
     return [(int(top), int(left), int(h), int(w)) for top, left, h, w in boxes.tolist()]
 
 
-def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """The box of uint8 [3, H, W], resized to uint8 [size, size, 3]: cropped, then antialiased bilinear, as
-    torchvision's RandomResizedCrop on tensors (and within 2 levels of PIL's bilinear resize of the crop)."""
+def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int,
+                 interpolation: str = "bilinear") -> torch.Tensor:
+    """The box of uint8 [3, H, W], resized to uint8 [size, size, 3]: cropped, then antialiased bilinear (or
+    bicubic), as torchvision's RandomResizedCrop on tensors (bilinear: within 2 levels of PIL's resize of the
+    crop)."""
     top, left, h, w = box
     # contiguous channels-last uint8 is what torch's vectorised antialiased kernel reads (~2.5x PIL's speed)
     patch = image[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
-    out = F.interpolate(patch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    out = F.interpolate(patch, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
     return out[0].permute(1, 2, 0)

@@ -101,9 +101,10 @@ class InMemoryViews:
 
 def two_view_augment(cfg: Config) -> TwoViewAugment:
     """The run's augmentation: the recipe of ``data.augment`` (default: the method's), with ``data.crop_scale``,
-    ``data.flip_p``, ``data.blur`` and ``data.views`` in place of the recipe's when set."""
+    ``data.flip_p``, ``data.blur`` and ``data.views`` in place of the recipe's when set, and the crops resized
+    as ``data.crop_interpolation`` says."""
     views = recipe(cfg.view_recipe(), cfg.data.resolution, cfg.data.crop_scale, cfg.data.flip_p, cfg.data.blur,
-                   [change.model_dump(exclude_none=True) for change in cfg.data.views])
+                   [change.model_dump(exclude_none=True) for change in cfg.data.views], cfg.data.crop_interpolation)
     return TwoViewAugment(views, cfg.data.resolution, cfg.data.mean, cfg.data.std)
 
 
