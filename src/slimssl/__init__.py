@@ -35,16 +35,16 @@ _EXPORTS = {
     "Interrupted": ".train.signals",
     "pretrain": ".train.pretrain", "PretrainRun": ".train.pretrain",
     "profile": ".report.profile", "plot_runs": ".report.plot",
-    "knn": ".eval.evaluate", "linear_probe": ".eval.evaluate", "finetune": ".eval.evaluate",
+    "knn": ".eval.evaluate", "linear_probe": ".eval.evaluate", "finetune": ".eval.evaluate", "embed": ".eval.embed",
     "register_dataset": ".data.registry", "unregister_dataset": ".data.registry",
 }
 __all__ = [  # the names of _EXPORTS, written out for type checkers
     "CheckpointError", "Config", "ConfigError", "DataError", "DeviceError", "ExportError", "ExtensionError",
     "InputError", "Interrupted", "Menu", "NonFiniteLossError", "PlainResNet", "PretrainRun", "SlimResNet",
-    "SlimsslError", "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "export_run", "export_subnet",
-    "finetune", "import_backbone", "knn", "linear_probe", "load_checkpoint", "load_config", "load_exported",
-    "load_supernet", "pick_subnet", "plot_runs", "pretrain", "profile", "recalibrate_bn", "recalibrate_checkpoint",
-    "register_dataset", "save_exported", "unregister_dataset", "verify_export",
+    "SlimsslError", "SubnetError", "SubnetSpec", "UsageError", "build_supernet", "embed", "export_run",
+    "export_subnet", "finetune", "import_backbone", "knn", "linear_probe", "load_checkpoint", "load_config",
+    "load_exported", "load_supernet", "pick_subnet", "plot_runs", "pretrain", "profile", "recalibrate_bn",
+    "recalibrate_checkpoint", "register_dataset", "save_exported", "unregister_dataset", "verify_export",
 ]
 
 
@@ -71,6 +71,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
     from .data.registry import register_dataset, unregister_dataset
     from .devices import DeviceError
     from .errors import DataError, ExportError, ExtensionError, InputError, SlimsslError, UsageError
+    from .eval.embed import embed
     from .eval.evaluate import finetune, knn, linear_probe
     from .eval.recalibrate import recalibrate_checkpoint
     from .export.files import export_subnet, load_exported, save_exported, verify_export

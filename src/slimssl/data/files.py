@@ -504,6 +504,10 @@ class FileListDataset(Dataset):
     def path(self, index: int) -> str:
         return os.path.join(self.root, to_path(self.paths[index]))
 
+    def relative(self, index: int) -> str:
+        """The path of file ``index`` relative to ``root``."""
+        return to_path(self.paths[index])
+
     def read_at(self, index: int) -> bytes:
         """The bytes of file ``index``."""
         if self.members is not None and self.members.readable(index):

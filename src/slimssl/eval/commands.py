@@ -1,4 +1,4 @@
-"""CLI subcommands of the evaluation protocols (knn, linear, finetune, recalibrate).
+"""CLI subcommands of the evaluation protocols (knn, linear, finetune, recalibrate) and of embed.
 
 Each command is a thin layer over :mod:`slimssl.eval` (knn, linear and finetune over their Python functions in
 ``evaluate.py``). Run on a checkpoint that
@@ -133,6 +133,22 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- embed -------------------------------------------------------------------------------------------
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from ..report.table import markdown_table
+    from .embed import embed, paths_file
+
+    result = embed(args.checkpoint, args.subnet or "all", split=args.split, out=args.out, device=args.device,
+                   eval_batch_size=args.eval_batch_size, recalibrate_bn=args.recalibrate_bn, **data_keywords(args))
+    settings = result["settings"]
+    rows = [{"subnet": name, "images": settings["images"], "dims": dims} for name, dims in settings["subnets"].items()]
+    doc = {**settings, "out": str(args.out.absolute()),
+           "paths_file": str(paths_file(args.out).absolute()) if result["paths"] is not None else None}
+    emit(args, doc, markdown_table(rows, ["subnet", "images", "dims"]))
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------------------
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -204,6 +220,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also write each fine-tuned classifier to DIR/<subnet>_<pct>pct_seed<S>/, as an export "
                         "(safetensors + config.json with its classes; load with slimssl.load_exported)")
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("embed", help="save the backbone features of a split's images for sub-networks (safetensors)")
+    p.add_argument("checkpoint", help="a checkpoint file or run directory, or an exported sub-network's folder (then "
+                   "give --data)")
+    p.add_argument("--out", required=True, type=output_file(".safetensors"),
+                   help="the features, one [images, dims] float32 tensor per sub-network, and the labels when the "
+                        "split has them; the files' paths, one per row, go to OUT's name with .images.txt")
+    p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
+                   help=f"these instead of the menu ({SUBNET_SPELLINGS})")
+    p.add_argument("--split", choices=["train", "test"], default="test",
+                   help="the split to embed (default %(default)s; a folder of images alone is one train split)")
+    p.add_argument("--data", type=data_source,
+                   help="dataset name or path (default: the checkpoint config's data.source; needed for an export)")
+    add_loader_args(p)
+    p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
+                   help="auto (the default: a CUDA GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--eval-batch-size", type=positive_int, help="default: config eval.batch_size")
+    p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
+                   help="re-estimate each sub-network's BatchNorm statistics on N train batches first (default: "
+                        f"{DEFAULT_RECALIBRATE_BATCHES} when the supernet's BatchNorm is shared, else 0)")
+    p.add_argument("--json", action="store_true", help="print the settings and the files written as JSON")
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("recalibrate", help="re-estimate a sub-network's BatchNorm statistics into a new checkpoint")
     p.add_argument("checkpoint", help="a checkpoint file or run directory")

@@ -130,10 +130,10 @@ class DataOptions:
             crop = "resized"
         return crop
 
-    def load_split(self, cfg, split: str, device=None):
+    def load_split(self, cfg, split: str, device=None, labelled: bool = True):
         """``split`` at the config's resolution, decoded in memory or streamed. A dataset held in memory
         (built-in or registered) cannot stream: asked to, this is an error; a streaming config falls back to
-        memory, with a log line."""
+        memory, with a log line. A split without labels is refused unless ``labelled`` is False."""
         from ..data.eval_images import load_eval_split
         from ..errors import DataError
         from ..data.views import default_workers
@@ -157,7 +157,7 @@ class DataOptions:
                                      crop_ratio=crop_ratio)
         except ValueError as e:  # DataError: names the path and what was expected
             raise DataError(f"cannot load the {split} split of {source!r}: {e}") from None
-        if images.labels is None:
+        if images.labels is None and labelled:
             raise DataError(f"the {split} split of {source!r} has no labels (a folder without class sub-folders, or "
                              "images registered without labels); "
                              "evaluation needs a labelled dataset: pass one as data (--data)")

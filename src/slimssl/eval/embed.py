@@ -1,0 +1,153 @@
+"""``slimssl embed``: the backbone features of a split for sub-networks, saved for use elsewhere (retrieval,
+clustering, a probe of one's own).
+
+The images are read as every evaluation reads them (shorter side to ``data.resolution / eval.crop_ratio``, the
+centre square, the run's normalisation), so the features are those the kNN and the linear probe see. A folder
+or .zip is streamed by default, so that each row can be named by its file: ``FILE.safetensors`` gets
+``FILE.images.txt`` beside it, one path per row, relative to the dataset's folder (the one that holds
+``train/`` and ``test/``, or the images of a folder of images alone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..ambient import apart_from_caller
+from ..atomic import atomic_write
+from ..errors import UsageError
+from ..launch import warn_of_repeated_work
+from ..seeds import keeps_random_state
+from .features import extract_subnet_features
+from .inputs import DataOptions, check_numbers, gives_back_device, load_model
+from .recalibrate import subnet_models
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ..config import Config
+    from ..models.resnet import SlimResNet
+    from ..nn.spec import Subnets
+    from .inputs import DataKeywords
+
+log = logging.getLogger("slimssl")
+
+SPLITS = ("train", "test")
+METADATA_KEY = "slimssl"  # the safetensors metadata entry that holds the embedding's settings, as JSON
+LABELS = "labels"  # the tensor of the labels, beside one tensor of features per sub-network
+
+
+def paths_file(out: str | os.PathLike) -> Path:
+    """The file naming the rows of the features written to ``out``: ``FILE.safetensors`` -> ``FILE.images.txt``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.images.txt")
+
+
+@apart_from_caller()
+@keeps_random_state
+@gives_back_device
+def embed(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all", *, split: str = "test",
+          out: str | os.PathLike | None = None, device: str | torch.device = "auto",
+          eval_batch_size: int | None = None, recalibrate_bn: int | None = None,
+          config: Config | dict | str | Path | None = None, **data: Unpack[DataKeywords]) -> dict:
+    """The pooled backbone features of every image of ``split`` (``"train"`` or ``"test"``) for each of
+    ``subnets`` (as knn's), float32 on the CPU, in the split's order.
+
+    A split without labels (a folder of images alone, whose one split is ``"train"``) is embedded too. A folder
+    or .zip is streamed unless ``loader="memory"`` says otherwise, so that each row's file is known.
+    ``out``: a ``.safetensors`` file that receives one tensor per sub-network (named by it), ``labels`` when the
+    split has them, and the settings as JSON under the metadata key ``slimssl``; the files' paths go to
+    ``paths_file(out)``. ``checkpoint``, ``config`` and the data keywords are knn's.
+
+    Returns ``{"features": {subnet: [N, C] tensor}, "labels": [N] tensor or None, "classes": list or None,
+    "paths": list of N paths (relative to the dataset's folder) or None, "settings": dict}``.
+    """
+    check_numbers(eval_batch_size=eval_batch_size, recalibrate_bn=recalibrate_bn)
+    if split not in SPLITS:
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    out = _checked_out(out)
+    options = DataOptions.of(data, embed)
+    warn_of_repeated_work("slimssl.embed()")
+    supernet, cfg, torch_device, _ = load_model(checkpoint, device, config, options.data)
+    specs = supernet.resolve_many(subnets)  # checked before the data is decoded
+    options = _streamed_where_files(options, cfg)
+    images = options.load_split(cfg, split, torch_device, labelled=False)
+    batch = eval_batch_size or cfg.eval.batch_size
+    common = dict(resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std, device=torch_device)
+    train = images if split == "train" else _train_split_if_needed(options, cfg, supernet, recalibrate_bn,
+                                                                   torch_device)
+    models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_bn, batch_size=batch, **common)
+    features = extract_subnet_features(models, specs, images, batch_size=batch, store="cpu", **common)
+    files = getattr(images, "files", None)
+    paths = [files.relative(i) for i in range(len(images))] if files is not None else None
+    settings = {**options.settings(cfg), "split": split, "images": len(images),
+                "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                "subnets": {name: int(f.shape[1]) for name, f in features.items()},
+                "classes": list(images.classes) if getattr(images, "classes", None) else None}
+    result = {"features": features, "labels": images.labels, "classes": settings["classes"], "paths": paths,
+              "settings": settings}
+    if out is not None:
+        _write(out, result)
+    return result
+
+
+def _checked_out(out) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise UsageError(f"the features are written to a .safetensors file; got out {str(out)!r}")
+    if out.is_dir():
+        raise UsageError(f"out {str(out)!r} is a directory; expected a .safetensors file")
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder of out {str(out)!r} does not exist")
+    return out
+
+
+def _streamed_where_files(options: DataOptions, cfg) -> DataOptions:
+    """The options with the streaming loader for a folder or .zip when no loader was given: its rows then come
+    with their files' paths (a split decoded in memory keeps its pixels only)."""
+    from ..data.registry import in_memory_only
+
+    if options.loader is None and not in_memory_only(options.source(cfg)):
+        return dataclasses.replace(options, loader="stream")
+    if options.loader == "memory":
+        log.info("the split is decoded in memory: its rows are in the folder's listing order, without their paths "
+                 "(loader 'stream' names them)")
+    return options
+
+
+def _train_split_if_needed(options: DataOptions, cfg, supernet, recalibrate_bn: int | None, device):
+    """The train split when the sub-networks' BatchNorm statistics are to be re-estimated on it, else None."""
+    from . import recalibration_batches
+
+    if recalibration_batches(recalibrate_bn, supernet.slim_state.private_bn) == 0:
+        return None
+    return options.load_split(cfg, "train", device)
+
+
+def _write(out: Path, result: dict) -> None:
+    """The features (and labels) to ``out``, the rows' paths to ``paths_file(out)``; each file whole or not at
+    all."""
+    from safetensors.torch import save
+
+    tensors = {name: f.contiguous() for name, f in result["features"].items()}
+    if result["labels"] is not None:
+        tensors[LABELS] = result["labels"].to(torch.int64).cpu().contiguous()
+    blob = save(tensors, metadata={METADATA_KEY: json.dumps(result["settings"])})
+    with atomic_write(out) as f:
+        f.write(blob)
+    listing = paths_file(out)
+    if result["paths"] is not None:
+        with atomic_write(listing, "w") as f:
+            f.writelines(f"{path}\n" for path in result["paths"])
+    else:
+        listing.unlink(missing_ok=True)  # an earlier embedding's names would not describe these rows
+    log.info("saved the features of %d images to %s%s", result["settings"]["images"], out,
+             f", their files' paths to {listing}" if result["paths"] is not None else "")
