@@ -65,6 +65,13 @@ def _add_train_crop_arg(p: argparse.ArgumentParser) -> None:
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint file or run directory, or an exported sub-network's folder "
                    "(evaluated as exported, on --data; its results are printed, not saved)")
+    _add_image_args(p)
+    p.add_argument("--no-save", action="store_true", help="do not merge the results into RUN/results.json")
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    """Where the images come from, how they are read, and where the networks run: the protocols' and embed's."""
     p.add_argument("--data", type=data_source,
                    help="dataset name or path (default: the checkpoint config's data.source; needed for an export)")
     add_loader_args(p)
@@ -75,8 +82,6 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="re-estimate each sub-network's BatchNorm statistics on N train batches before evaluating "
                         f"(default: {DEFAULT_RECALIBRATE_BATCHES} when the supernet's BatchNorm is shared, else 0); "
                         "the sub-network of a checkpoint of slimssl recalibrate keeps the statistics stored for it")
-    p.add_argument("--no-save", action="store_true", help="do not merge the results into RUN/results.json")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
 # ---- knn, linear, finetune ---------------------------------------------------------------------------
@@ -231,15 +236,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"these instead of the menu ({SUBNET_SPELLINGS})")
     p.add_argument("--split", choices=["train", "test"], default="test",
                    help="the split to embed (default %(default)s; a folder of images alone is one train split)")
-    p.add_argument("--data", type=data_source,
-                   help="dataset name or path (default: the checkpoint config's data.source; needed for an export)")
-    add_loader_args(p)
-    p.add_argument("--device", type=device_name, metavar="DEVICE", default="auto",
-                   help="auto (the default: a CUDA GPU when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--eval-batch-size", type=positive_int, help="default: config eval.batch_size")
-    p.add_argument("--recalibrate-bn", type=nonnegative_int, metavar="N",
-                   help="re-estimate each sub-network's BatchNorm statistics on N train batches first (default: "
-                        f"{DEFAULT_RECALIBRATE_BATCHES} when the supernet's BatchNorm is shared, else 0)")
+    _add_image_args(p)
     p.add_argument("--json", action="store_true", help="print the settings and the files written as JSON")
     p.set_defaults(func=cmd_embed)
 
