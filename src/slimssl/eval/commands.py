@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ..cli_args import (SUBNET_SPELLINGS, data_source, device_name, emit, fraction, label_fraction, nonnegative_int,
                         output_dir, output_file, positive_float, positive_int, seed_int)
@@ -117,7 +118,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     # an export has one sub-network: fine-tuned without --all
     if args.subnet and args.all or not (args.subnet or args.all or is_export_dir(args.checkpoint)):
         raise UsageError("give exactly one of --subnet NAME [NAME ...] or --all")
-    rows = finetune(args.checkpoint, args.subnet or "all", args.label_fraction, epochs=args.epochs,
+    if not (args.label_fraction or args.subset_file):
+        raise UsageError("give --label-fraction F [F ...] (a class-balanced subset drawn from --seed) or --subset-file "
+                         "FILE (the images it lists)")
+    rows = finetune(args.checkpoint, args.subnet or "all", args.label_fraction, subset_file=args.subset_file,
+                    epochs=args.epochs,
                     lr=args.lr, batch_size=args.batch_size, seed=args.seed, train_crop=args.train_crop,
                     out=args.out, save_models=args.save_models, **_common_keywords(args))
     shown = [{**row, "label_fraction": f"{row['label_fraction']:g}"} for row in rows]  # 0.0001, not 0.00
@@ -206,8 +211,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"{SUBNET_SPELLINGS}; several may follow (each is fine-tuned in turn, on the same decoded "
                         "data)")
     p.add_argument("--all", action="store_true", help="every sub-network of the menu")
-    p.add_argument("--label-fraction", type=label_fraction, required=True, action="extend", nargs="+", metavar="F",
+    p.add_argument("--label-fraction", type=label_fraction, action="extend", nargs="+", metavar="F",
                    help="e.g. 0.01 or 0.1; several may follow (every sub-network is fine-tuned on each)")
+    p.add_argument("--subset-file", type=Path, metavar="FILE",
+                   help="instead of --label-fraction: the labelled subset, one train file per line, by name "
+                        "(SimCLR's ImageNet 1percent.txt, 10percent.txt) or path, or by index; names need a folder or "
+                        ".zip, which is then streamed. Results are named by FILE's stem")
     p.add_argument("--epochs", type=positive_int,
                    help=f"default: {FINETUNE_EPOCHS_FEW_LABELS} for fractions <= {FEW_LABELS * 100:g}%%, else "
                         f"{FINETUNE_EPOCHS}, and at least {FINETUNE_MIN_STEPS} steps (given, it is exact)")

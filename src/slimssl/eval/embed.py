@@ -10,7 +10,6 @@ or .zip is streamed by default, so that each row can be named by its file: ``FIL
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -76,7 +75,10 @@ def embed(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all", 
     warn_of_repeated_work("slimssl.embed()")
     supernet, cfg, torch_device, _ = load_model(checkpoint, device, config, options.data)
     specs = supernet.resolve_many(subnets)  # checked before the data is decoded
-    options = _streamed_where_files(options, cfg)
+    options = options.with_file_names(cfg)  # each row named by its file
+    if options.loader == "memory":
+        log.info("the split is decoded in memory: its rows are in the folder's listing order, without their paths "
+                 "(loader 'stream' names them)")
     images = options.load_split(cfg, split, torch_device, labelled=False)
     batch = eval_batch_size or cfg.eval.batch_size
     common = dict(resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std, device=torch_device)
@@ -108,19 +110,6 @@ def _checked_out(out) -> Path | None:
     if not out.parent.is_dir():
         raise UsageError(f"the folder of out {str(out)!r} does not exist")
     return out
-
-
-def _streamed_where_files(options: DataOptions, cfg) -> DataOptions:
-    """The options with the streaming loader for a folder or .zip when no loader was given: its rows then come
-    with their files' paths (a split decoded in memory keeps its pixels only)."""
-    from ..data.registry import in_memory_only
-
-    if options.loader is None and not in_memory_only(options.source(cfg)):
-        return dataclasses.replace(options, loader="stream")
-    if options.loader == "memory":
-        log.info("the split is decoded in memory: its rows are in the folder's listing order, without their paths "
-                 "(loader 'stream' names them)")
-    return options
 
 
 def _train_split_if_needed(options: DataOptions, cfg, supernet, recalibrate_bn: int | None, device):

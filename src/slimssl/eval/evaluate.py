@@ -239,13 +239,17 @@ def _save_probe_classifier(classifier, folder: Path, row: dict, protocol: str, s
 @keeps_random_state
 @gives_back_device
 def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all",
-             label_fractions: Sequence[float] | float = (0.01, 0.1), *, epochs: int | None = None,
+             label_fractions: Sequence[float] | float | None = None, *, subset_file: str | os.PathLike | None = None,
+             epochs: int | None = None,
              lr: float | None = None, batch_size: int | None = None, seed: int = 0, train_crop: str | None = None,
              out: str | Path | None = None, device: str | torch.device = "auto", eval_batch_size: int | None = None,
              recalibrate_bn: int | None = None, save: bool = True, save_models: str | Path | None = None,
              config: Config | dict | str | Path | None = None, **data: Unpack[DataKeywords]) -> list[dict]:
     """Fine-tune each of ``subnets`` (names or widths, or ``"all"``: the menu) on a class-balanced fraction of
-    the train labels, for every one of ``label_fractions`` (``eval/finetune.py``).
+    the train labels, for every one of ``label_fractions`` (``eval/finetune.py``; default 1% and 10%), or on the
+    subset that ``subset_file`` lists (``eval/subsets.py``: e.g. SimCLR's ImageNet ``1percent.txt``; the result is
+    named by the file, ``<subnet>_<file's stem>_seed<S>``, and its protocol by the subset's share of the split,
+    ``finetune_1pct``; results.json records the file's name and SHA-256 with the protocol's settings).
 
     Each result, with its labelled indices, is written to ``out`` (one result only), else (``save``) to
     ``RUN/finetune/<subnet>_<pct>pct_seed<S>.json`` (``finetune_<subnet>_...json`` beside a checkpoint that is
@@ -259,6 +263,7 @@ def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all
     ``save_models``.
     """
     from .finetune import finetune_subnet, fraction_tag
+    from .subsets import read_subset_file, subset_indices
     from ..atomic import write_json_atomic
     from .results import run_dir_of
 
@@ -266,33 +271,44 @@ def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all
                   recalibrate_bn=recalibrate_bn, seed=seed)
     check_flags(save=save)
     check_train_crop(train_crop)
+    if subset_file is not None and label_fractions is not None:
+        raise UsageError(f"give label fractions or a subset file, not both: the subset file is the labelled subset "
+                         f"({named('--label-fraction', 'label_fractions')} draws one of a fraction)")
+    entries, subset = read_subset_file(subset_file) if subset_file is not None else (None, None)
     options = DataOptions.of(data, finetune)
     warn_of_repeated_work("slimssl.finetune()")
     supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config, options.data)
     save = save and saves_results(checkpoint)
-    jobs = finetune_jobs(supernet, subnets, label_fractions, out)
+    jobs = finetune_jobs(supernet, subnets, None if subset else label_fractions or (0.01, 0.1), out)
+    names = {(spec, f): finetuned_name(spec, f, seed, subset) for spec, f in jobs}
     model_source = _model_source(checkpoint)
     if save_models is not None:
-        _refuse_classifier_folders(save_models, [finetuned_name(spec, f, seed) for spec, f in jobs], model_source,
-                                   options, cfg)
+        _refuse_classifier_folders(save_models, list(names.values()), model_source, options, cfg)
     train_crop = options.train_crop_of(cfg, train_crop)
+    if entries is not None and not all(entry.isdigit() for entry in entries):
+        options = options.with_file_names(cfg)  # the subset names files: a folder's split streamed keeps them
     train, test = options.load_splits(cfg, torch_device)
+    listed = subset_indices(entries, train, options.source(cfg)) if entries is not None else None
     costs = cost_rows(supernet, cfg.data.resolution, list(dict.fromkeys(spec for spec, _ in jobs)))
     run_dir = run_dir_of(checkpoint) if save else None
     source = options.source(cfg)
     rows = []
     for i, (spec, label_fraction) in enumerate(jobs):
+        name = names[spec, label_fraction]
+        if listed is not None:  # the share of the split the file lists, which names the protocol
+            label_fraction = len(listed) / len(train)
         if len(jobs) > 1:
             log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
-        protocol = f"finetune_{fraction_tag(label_fraction)}"  # results.json: finetune_1pct_top1, ...
-        name = finetuned_name(spec, label_fraction, seed)
+        # results.json: finetune_1pct_top1, ...; a listed subset by its share to 2 digits (1percent.txt: 0.99995%)
+        named_by = float(f"{label_fraction:.2g}") if listed is not None else label_fraction
+        protocol = f"finetune_{fraction_tag(named_by)}"
         model_path = Path(save_models) / name if save_models is not None else None
         result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=seed,
                                  epochs=epochs, lr=lr, batch_size=batch_size, resolution=cfg.data.resolution,
                                  mean=cfg.data.mean, std=cfg.data.std, device=torch_device,
                                  recalibrate_batches=recalibrate_bn,
                                  eval_batch_size=eval_batch_size or cfg.eval.batch_size, train_crop=train_crop,
-                                 save_model=model_path,
+                                 save_model=model_path, indices=listed, subset_file=subset,
                                  checkpoint_source=model_source, crop_ratio=options.resolved_crop_ratio(cfg))
         path = _finetune_result_path(name, out, save, run_dir, checkpoint)
         cost = costs[spec.name]
@@ -309,7 +325,7 @@ def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all
                               f"{protocol}_top1": result["top1"], f"{protocol}_top5": result["top5"],
                               f"{protocol}_indices_file": row["indices_file"]}}
         settings = {**options.settings(cfg), "label_fraction": label_fraction, "seed": seed,
-                    "recipe": result["recipe"]}
+                    "recipe": result["recipe"], **({"subset_file": subset} if subset else {})}
         save_values(checkpoint, values, protocol, settings, cfg, save, epoch)
         rows.append(row)
     return rows
@@ -338,17 +354,21 @@ def _finetune_result_path(name: str, out, save: bool, run_dir: Path | None, chec
     return run_dir / FINETUNE / f"{name}.json" if run_dir else Path(checkpoint).resolve().parent / f"finetune_{name}.json"
 
 
-def finetuned_name(spec, label_fraction: float, seed: int) -> str:
-    """A fine-tuning's name: its result file's stem and its saved classifier's folder."""
+def finetuned_name(spec, label_fraction: float | None, seed: int, subset_file: dict | None = None) -> str:
+    """A fine-tuning's name: its result file's stem and its saved classifier's folder; a subset file's stem in
+    place of the label fraction for a subset it lists."""
     from .finetune import fraction_tag
 
+    if subset_file is not None:
+        return f"{spec.name}_{Path(subset_file['name']).stem}_seed{seed}"
     return f"{spec.name}_{fraction_tag(label_fraction)}_seed{seed}"
 
 
-def finetune_jobs(supernet, subnets: Subnets, label_fractions: Sequence[float] | float,
+def finetune_jobs(supernet, subnets: Subnets, label_fractions: Sequence[float] | float | None,
                   out: str | Path | None = None) -> list[tuple]:
     """(sub-network, label fraction) of every fine-tuning asked for, sub-network by sub-network, in order and
-    without repeats (``subnets="all"``: the menu)."""
+    without repeats (``subnets="all"``: the menu); label fractions None: one fine-tuning each, on a subset file's
+    images (its fraction None)."""
     from ..nn.spec import SubnetError
 
     try:
@@ -358,14 +378,17 @@ def finetune_jobs(supernet, subnets: Subnets, label_fractions: Sequence[float] |
             raise
         raise SubnetError(f"{e}; the second argument of finetune() is the sub-network(s): to fine-tune on "
                           f"{subnets:g} of the labels, pass label_fractions={subnets:g}") from None
-    # a single value (a string too: read letter by letter, "0.1" would be refused as '0', '.', '1')
-    fractions = [label_fractions] if isinstance(label_fractions, (Real, str)) else list(label_fractions)
-    if not fractions or not all(isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):
-        percent = next((f for f in fractions if isinstance(f, Real) and not isinstance(f, bool) and 1 < f <= 100),
-                       None)
-        raise UsageError(f"label fractions must be numbers in (0, 1], got {fractions}"
-                         + (f"; a fraction, not a percentage: {percent / 100:g} for {percent:g}%" if percent else ""))
-    fractions = list(dict.fromkeys(float(f) for f in fractions))
+    if label_fractions is None:  # one fine-tuning per sub-network, on the subset a file lists
+        fractions: list = [None]
+    else:  # a single value (a string too: read letter by letter, "0.1" would be refused as '0', '.', '1')
+        fractions = [label_fractions] if isinstance(label_fractions, (Real, str)) else list(label_fractions)
+        if not fractions or not all(isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):
+            percent = next((f for f in fractions if isinstance(f, Real) and not isinstance(f, bool) and 1 < f <= 100),
+                           None)
+            raise UsageError(f"label fractions must be numbers in (0, 1], got {fractions}"
+                             + (f"; a fraction, not a percentage: {percent / 100:g} for {percent:g}%" if percent
+                                else ""))
+        fractions = list(dict.fromkeys(float(f) for f in fractions))
     jobs = [(spec, f) for spec in specs for f in fractions]
     if out is not None and len(jobs) > 1:
         raise UsageError(f"{named('--out', 'out')} names one JSON file, but {len(specs)} sub-network(s) x "

@@ -107,8 +107,11 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
                     recalibrate_batches: int | None = None, eval_batch_size: int = 256,
                     min_steps: int | None = None, train_crop: str | None = None,
                     save_model: str | Path | None = None, checkpoint_source: str | None = None,
-                    crop_ratio: float | None = None) -> dict:
-    """Fine-tune the exported ``subnet`` on a balanced ``label_fraction`` of ``train``; evaluate on ``test``.
+                    crop_ratio: float | None = None, indices: torch.Tensor | None = None,
+                    subset_file: dict | None = None) -> dict:
+    """Fine-tune the exported ``subnet`` on a balanced ``label_fraction`` of ``train``, or on the images at
+    ``indices`` (a subset given, ``label_fraction`` their share of the split; ``subset_file``: what the result
+    records of the file that listed them); evaluate on ``test``.
 
     ``train`` and ``test`` are labelled datasets, in memory or streamed (``data/eval_images.py``); of a streamed
     train split only the labelled subset is decoded, and held in memory while training.
@@ -126,10 +129,12 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     recipe = _recipe(label_fraction, epochs=epochs, lr=lr, batch_size=batch_size, min_steps=min_steps,
                      crop=train_crop)
     check_crop_source(recipe.crop, train)
-    indices = balanced_subset(train.labels, label_fraction, seed)
+    if indices is None:
+        indices = balanced_subset(train.labels, label_fraction, seed)
     if len(indices) < 2:  # BatchNorm trains on batches of two images or more
         raise UsageError(f"label fraction {label_fraction:g} of the {len(train.labels)} train images gives 1 labelled "
-                         "image; fine-tuning needs 2 at least: raise the label fraction")
+                         "image; fine-tuning needs 2 at least: " + ("list more images in the subset file"
+                                                                   if subset_file else "raise the label fraction"))
 
     source = subnet_models(supernet, [spec], train, recalibrate_batches=recalibrate_batches,
                            batch_size=eval_batch_size, resolution=resolution, mean=mean, std=std,
@@ -146,7 +151,8 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     n = len(indices)
     result = {"subnet": spec.name, "label_fraction": float(label_fraction), "seed": int(seed),
               "num_labelled": n, "per_class": n // max(1, len(torch.unique(train.labels[indices]))),
-              "recipe": {**asdict(recipe), **schedule}, "top1": top1, "top5": top5}
+              "recipe": {**asdict(recipe), **schedule}, "top1": top1, "top5": top5,
+              **({"subset_file": subset_file} if subset_file else {})}
     if save_model is not None:
         from ..export.files import classifier_metadata, save_exported
 

@@ -3,6 +3,8 @@ a supernet in memory) and the numbers. The protocols themselves are in :mod:`.ev
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import functools
 import inspect
@@ -114,6 +116,15 @@ class DataOptions:
                                  "loader 'memory' (or pass a folder as data, --data)")
             return "memory"
         return loader
+
+    def with_file_names(self, cfg) -> DataOptions:
+        """These options with the streaming loader for a folder or .zip when no loader was given, so that its
+        splits keep their files' names (a split decoded in memory keeps its pixels only); as they are otherwise."""
+        from ..data.registry import in_memory_only
+
+        if self.loader is None and not in_memory_only(self.source(cfg)):
+            return dataclasses.replace(self, loader="stream")
+        return self
 
     def train_crop_of(self, cfg, train_crop: str | None) -> str:
         """The random training crop: the one given, else the config's ``eval.train_crop``. ``whole`` needs the
