@@ -238,7 +238,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed", help="save the backbone features of a split's images for sub-networks (safetensors)")
     p.add_argument("checkpoint", help="a checkpoint file or run directory, or an exported sub-network's folder (then "
                    "give --data)")
-    p.add_argument("--out", required=True, type=output_file(".safetensors"),
+    p.add_argument("--out", required=True, type=output_file(".safetensors"), metavar="FILE.safetensors",
                    help="the features, one [images, dims] float32 tensor per sub-network, and the labels when the "
                         "split has them; the files' paths, one per row, go to OUT's name with .images.txt")
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
