@@ -340,6 +340,17 @@ def broadcast_weights_and_buffers() -> dict[str, torch.Tensor]:
     return module.state_dict()
 
 
+def shuffled_keys_in_parts(out: Path) -> dict:
+    """Two steps of MoCo v2 with shuffle-BN in 2 micro-batches: each part's keys are shuffled over the processes'
+    parts together, a permutation of that size (one of the whole batch would index rows that are not there)."""
+    cfg = run_config(MICRO).model_dump(mode="json")
+    cfg["method"]["shuffle_bn"] = True
+    with Trainer(config_from_dict(cfg), out) as trainer:
+        losses = [trainer.train_step(step).losses for step in range(2)]
+        return {"finite": all(bool(torch.isfinite(v)) for step in losses for v in step.values()),
+                "state": {k: v.clone() for k, v in trainer.model.state_dict().items()}}
+
+
 # ---- the spawned 2-process job ------------------------------------------------------------------------
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -375,6 +386,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         result["nan_in_one_process"] = a_nan_loss_in_one_process(out / "nan")
         result["different_data"] = different_training_sets(out / "data")
         result["broadcast"] = broadcast_weights_and_buffers()
+        result["shuffled_in_parts"] = shuffled_keys_in_parts(out / "shuffled-parts")
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -494,6 +506,14 @@ def test_a_nan_loss_in_one_process_stops_every_process_before_the_checkpoint(two
     for result in (r["nan_in_one_process"] for r in ranks):
         assert "losses to log at step 1 are not finite after a non-finite loss of sub-network w1p0" in result
         assert "the last good checkpoint is kept" in result
+
+
+def test_shuffle_bn_in_micro_batches_trains_in_step_on_every_process(two_process):
+    _, ranks, _ = two_process
+    first, second = (r["shuffled_in_parts"] for r in ranks)
+    assert first["finite"] and second["finite"]
+    # the parameters agree (the averaged gradients); BatchNorm statistics are each process's own until a checkpoint
+    assert all(torch.equal(v, second["state"][k]) for k, v in first["state"].items() if "running" not in k)
 
 
 def test_broadcast_gives_every_process_the_weights_and_buffers_of_rank_0(two_process):

@@ -4,12 +4,15 @@ whole batch would, where the loss is a mean over samples and BatchNorm sees each
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
 from slimssl.config import ConfigError, check_processes, config_from_dict
+from slimssl.errors import ExtensionError
+from slimssl.seeds import derived_generator
 from slimssl.train.compile import refuse_cuda_graphs_with_micro_batches
 from slimssl.train.loop import Trainer
 
@@ -90,18 +93,88 @@ def test_methods_with_in_batch_keys_or_shuffled_keys_train_in_micro_batches_and_
         assert_trains_and_resumes(trainer)
 
 
-@pytest.mark.parametrize("train,model,world,expected", [
-    ({"micro_batches": 3}, {}, 1, "train.micro_batches: 3 parts of the per-process batch 16"),
-    ({"micro_batches": 16}, {}, 1, "use one of 1, 2, 4, 8"),
-    ({"micro_batches": 8}, {}, 2, "per-process batch 8 (train.batch_size 16 over 2 processes)"),
-    ({"micro_batches": 4}, {"bn_group_size": 8}, 1, "must divide the per-process micro-batch 4"),
+@pytest.mark.parametrize("train,model,method,world,expected", [
+    ({"micro_batches": 3}, {}, {}, 1, "train.micro_batches: 3 parts of the per-process batch 16"),
+    ({"micro_batches": 16}, {}, {}, 1, "use one of 1, 2, 4, 8"),
+    ({"micro_batches": 8}, {}, {}, 2, "per-process batch 8 (train.batch_size 16 over 2 processes)"),
+    # SyncBatchNorm on one process is plain BatchNorm: a part of one sample would fail in the first step
+    ({"micro_batches": 16, "sync_bn": True}, {}, {}, 1, "at least 2 samples"),
+    ({"micro_batches": 3}, {"bn_group_size": 8}, {}, 1, "BatchNorm groups of 8: use one of 1, 2"),
+    ({"micro_batches": 4}, {"bn_group_size": 8}, {}, 1,
+     "must divide the per-process micro-batch 4 (train.batch_size 16 over 1 process in 4 train.micro_batches; "),
+    ({"micro_batches": 4}, {"bn_group_size": 8}, {}, 1, "or train.micro_batches 1 or 2, which keeps the groups"),
+    # a part of one group: shuffle-BN would have nothing to shuffle between
+    ({"micro_batches": 2}, {"bn_group_size": 8}, {"name": "mocov2", "shuffle_bn": True}, 1,
+     "lower train.micro_batches 2"),
 ])
-def test_micro_batches_that_do_not_fit_the_batch_are_refused(train, model, world, expected):
+def test_micro_batches_that_do_not_fit_the_batch_are_refused(train, model, method, world, expected):
     cfg = tiny(train={"batch_size": BATCH, **train})
     cfg["model"].update(model)
+    cfg["method"].update(method)
     with pytest.raises(ConfigError) as info:
         check_processes(config_from_dict(cfg), world, "'tiny'")
     assert expected in str(info.value)
+
+
+def test_parts_of_one_sample_are_accepted_where_batch_norm_is_synchronised_over_processes():
+    cfg = tiny(train={"batch_size": BATCH, "micro_batches": 8, "sync_bn": True})
+    check_processes(config_from_dict(cfg), 2, "'tiny'")  # 8 per process, parts of 1: statistics over 2
+
+
+def test_each_part_is_shuffled_in_an_order_of_its_own_over_its_samples(tmp_path):
+    """Shuffle-BN in parts: part p's keys are normalised in the groups of a permutation of the part's samples
+    drawn from (seed, step, view, p)."""
+    cfg = tiny("mocov2", train={"batch_size": BATCH, "micro_batches": PARTS})
+    cfg["model"]["bn_group_size"] = 4
+    cfg["method"]["shuffle_bn"] = True
+    with Trainer(config_from_dict(cfg), tmp_path) as trainer:
+        trainer.model.train()
+        view = trainer.views(0)[0]
+        reference = copy.deepcopy(trainer.model)
+        reference.slim_state.bn_group_size = None  # each group on its own, as a GPU holding it would
+        size = BATCH // PARTS
+        for part in range(PARTS):
+            samples = view[part * size:(part + 1) * size]
+            keys = trainer.key_forward(samples, 0, 0, part)
+            order = torch.randperm(size, generator=derived_generator(trainer.cfg.train.seed, "shuffle_bn", 0, 0, part))
+            for group in order.view(-1, 4):
+                torch.testing.assert_close(keys[group], reference.target_forward(samples[group]), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(trainer.key_forward(samples, 0, 0, 0), trainer.key_forward(samples, 0, 0, 1),
+                                  atol=1e-3)
+
+
+def test_a_method_whose_prepared_target_is_not_a_batch_is_named_before_any_update(tmp_path):
+    from slimssl.methods import METHODS, register_method
+    from slimssl.methods.byol import BYOL
+
+    class NormTracking(BYOL):  # keeps a per-step value among its prepared outputs: fine in one pass, not in parts
+        name = "normtracking"
+
+        def prepare_target(self, target):
+            return [*target, target[0].norm(dim=1).mean()]
+
+    register_method(NormTracking)
+    try:
+        cfg = tiny("normtracking", train={"batch_size": BATCH, "micro_batches": PARTS})
+        with Trainer(config_from_dict(cfg), tmp_path) as trainer:
+            before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+            with pytest.raises(ExtensionError, match="method 'normtracking': prepare_target returned a 0-d tensor at "
+                                                     "position 2; with train.micro_batches 2"):
+                trainer.train_step(0)
+            assert all(torch.equal(v, before[k]) for k, v in trainer.model.named_parameters())  # no update yet
+    finally:
+        METHODS.pop("normtracking", None)
+
+
+def test_a_run_on_a_gpu_refuses_cuda_graphs_with_micro_batches_before_reading_data(tmp_path, monkeypatch):
+    import slimssl.train.loop as loop
+
+    monkeypatch.setattr(loop, "pick_device", lambda *args, **kwargs: torch.device("cuda"))
+    cfg = tiny(train={"batch_size": BATCH, "micro_batches": PARTS, "compile": "reduce-overhead"})
+    cfg["data"]["source"] = str(tmp_path / "missing")  # never read: the refusal comes first
+    with pytest.raises(ConfigError, match="train.compile reduce-overhead captures CUDA graphs"):
+        Trainer(config_from_dict(cfg), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_micro_batches_are_not_combined_with_cuda_graphs():

@@ -63,29 +63,44 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
         raise ConfigError(f"invalid config {source}:\n  train.batch_size: {batch} over {world} processes leaves "
                           f"each one sample, and each process's BatchNorm needs two: use at least {2 * world} "
                           f"(allowed: {2 * world}, {3 * world}, {4 * world}, ...), or train.sync_bn: true (on GPUs)")
-    per_pass = _micro_batch(cfg, per_process, first, source, f"train.batch_size {batch} over {world} processes")
-    part = f"micro-batch {per_pass}" if per_pass < per_process else f"batch {per_process}"
+    # a part of one sample needs SyncBatchNorm's statistics from the other processes: on one process it is plain
+    per_pass = _micro_batch(cfg, per_process, first if world > 1 else 2, source,
+                            f"train.batch_size {batch} over {_count(world, 'process')}")
+    parts = cfg.train.micro_batches
+    part = f"micro-batch {per_pass}" if parts > 1 else f"batch {per_process}"
     if group and per_pass % group:
+        fewer = [str(k) for k in range(1, parts) if per_process % k == 0 and per_process // k % group == 0]
         raise ConfigError(f"invalid config {source}:\n  model.bn_group_size {group} must divide the per-process "
-                          f"{part} (train.batch_size {batch} over {world} processes"
-                          + (f" in {cfg.train.micro_batches} train.micro_batches" if per_pass < per_process else "")
-                          + f"; {group_size_hint(per_pass, cfg.method.shuffle_bn)})")
+                          f"{part} (train.batch_size {batch} over {_count(world, 'process')}"
+                          + (f" in {parts} train.micro_batches" if parts > 1 else "")
+                          + f"; {group_size_hint(per_pass, cfg.method.shuffle_bn)}"
+                          + (f"; or train.micro_batches {' or '.join(fewer[-2:])}, which keeps the groups" if fewer
+                             else "") + ")")
     if cfg.method.shuffle_bn and world * per_pass // (group or per_pass) < 2:
+        how = (f"set model.bn_group_size to a size smaller than the per-process {part} that divides it "
+               f"({group_size_hint(per_pass, True)}), or run on several processes")
         raise ConfigError(f"invalid config {source}:\n  method.shuffle_bn needs the batch normalised in several "
-                          f"groups, but this run has one BatchNorm group: set model.bn_group_size to divide the "
-                          f"per-process {part} ({group_size_hint(per_pass, True)}), or run on several processes")
+                          f"groups, but this run's passes have one BatchNorm group each: {how}"
+                          + (f", or lower train.micro_batches {parts}" if parts > 1 else ""))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'es' if noun.endswith('s') else 's'}" if n != 1 else f"1 {noun}"
 
 
 def _micro_batch(cfg: Config, per_process: int, first: int, source: str, split: str) -> int:
     """The samples of one forward pass per process: ``per_process`` in ``train.micro_batches`` equal parts of at
-    least ``first`` samples (BatchNorm's minimum); refused otherwise, with the counts that fit."""
-    parts = cfg.train.micro_batches
+    least ``first`` samples (BatchNorm's minimum); refused otherwise, with the counts that fit (and keep
+    ``model.bn_group_size``'s groups)."""
+    parts, group = cfg.train.micro_batches, cfg.model.bn_group_size
     if per_process % parts == 0 and per_process // parts >= first:
         return per_process // parts
-    fits = [str(n) for n in range(1, per_process + 1) if per_process % n == 0 and per_process // n >= first]
+    fits = [str(n) for n in range(1, per_process + 1) if per_process % n == 0 and per_process // n >= first
+            and not (group and per_process // n % group)]
     raise ConfigError(f"invalid config {source}:\n  train.micro_batches: {parts} parts of the per-process batch "
-                      f"{per_process} ({split}) must be equal, and of at least {first} samples for BatchNorm: use one "
-                      f"of {', '.join(fits[:8])}{', ...' if len(fits) > 8 else ''}")
+                      f"{per_process} ({split}) must be equal, and of at least {_count(first, 'sample')} for "
+                      f"BatchNorm{f' groups of {group}' if group else ''}: use one of {', '.join(fits[:8])}"
+                      f"{', ...' if len(fits) > 8 else ''}")
 
 
 def standalone_config(cfg: Config, spec: SubnetSpec) -> Config:

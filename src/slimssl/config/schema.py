@@ -436,8 +436,8 @@ class TrainConfig(Section):
     micro_batches: int = Field(
         default=1, ge=1, description="gradient accumulation: each process runs its share of the batch in this many "
         "equal parts, one after another, and takes one optimiser step on their summed gradients: the same batch and "
-        "lr in less memory. BatchNorm normalises one part at a time (as on more GPUs), and MoCo v3's negatives are one "
-        "part's keys")
+        "lr in less memory. BatchNorm normalises one part at a time, and MoCo v3's negatives are one part's keys "
+        "(docs/distributed.md)")
     seed: int = Field(
         default=0, description="seed of the initial weights, the views and the sub-networks drawn: the same seed and "
         "settings train the same run on the same machine")

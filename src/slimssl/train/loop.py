@@ -33,7 +33,7 @@ from ..data.registry import recorded_source, registered_name
 from ..data.views import build_view_source, two_view_augment
 from ..layout import LAST, checkpoint_path
 from ..devices import copy_by_dtype, pick_device, pick_dtype, synchronize, to_device_async
-from ..errors import DataError, SlimsslError, UnreadableImageError
+from ..errors import DataError, ExtensionError, SlimsslError, UnreadableImageError
 from ..eval.results import ResultsError, read_results, results_header, results_lock, write_results
 from ..methods import (BUILT_IN_METHODS, build_method, check_distillation, check_unread_distillation,
                        check_unread_settings, checked_momentum, checked_output, distill_outputs)
@@ -111,6 +111,19 @@ def joined(outputs: list[list[torch.Tensor | None]]) -> list[torch.Tensor | None
     return [None if each[0] is None else torch.cat(each) for each in zip(*outputs)]
 
 
+def check_joinable(method, prepared, parts: int) -> None:
+    """Refuse, naming the method, prepared target outputs that cannot be joined over micro-batches (``joined``):
+    each entry must be a batch, a tensor whose first dimension runs over samples, or None."""
+    for view, out in enumerate(prepared):
+        if out is not None and not (isinstance(out, torch.Tensor) and out.dim() >= 1):
+            what = f"a {out.dim()}-d tensor" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise ExtensionError(f"method {method.name!r}: prepare_target returned {what} at position {view}; with "
+                                 f"train.micro_batches {parts}, after_step gets each of its outputs joined over the "
+                                 "micro-batches along the first dimension, so each must be a batch of the part's "
+                                 "samples (or None): keep per-step values on the method instead, or set "
+                                 "train.micro_batches=1")
+
+
 def mean_of(values: list[torch.Tensor]) -> torch.Tensor:
     """The mean of 0-d tensors, the one itself for one (no kernel)."""
     return values[0] if len(values) == 1 else torch.stack(values).mean()
@@ -135,6 +148,7 @@ class Trainer:
         self.dtype = pick_dtype(cfg.train.precision, self.device)
         self.world = dist.world_size()
         check_processes(cfg, self.world, repr(cfg.name))  # also the BatchNorm groups of this batch
+        refuse_cuda_graphs_with_micro_batches(cfg.train.compile, cfg.train.micro_batches, self.device)
         torch.manual_seed(cfg.train.seed)
         # the order below is part of a run's numbers: each stage may draw from the seeded generator
         self._setup_data()
@@ -308,7 +322,6 @@ class Trainer:
             self._open.enter_context(graph_limit(graphs))  # given back by close()
             log.info("compiling the forward passes with torch.compile (mode %s): the first step of every "
                      "sub-network is slow", mode)
-        refuse_cuda_graphs_with_micro_batches(mode, self.cfg.train.micro_batches, self.device)
         # a CUDA-graph output is overwritten by the graph's next replay: keep copies of what outlives it
         self._keep = (lambda t: t.clone()) if uses_cuda_graphs(mode) else (lambda t: t)
         self.cuda_graphs = CudaGraphWatch(mode)  # checked at every record: a capture skipped is said at once
@@ -444,8 +457,8 @@ class Trainer:
 
     def key_forward(self, view: torch.Tensor, step: int, index: int, part: int = 0) -> torch.Tensor:
         """The full-size target's outputs for one view (of micro-batch ``part``); with ``method.shuffle_bn``,
-        computed on the global batch in an order drawn from (seed, step, view), so its BatchNorm groups differ
-        from the online's."""
+        computed on the global batch (the processes' micro-batch ``part``) in an order drawn from (seed, step, view,
+        and the part with ``train.micro_batches``), so its BatchNorm groups differ from the online's."""
         if not self.cfg.method.shuffle_bn:
             return self.target_forward(view)
         # drawn on the CPU: a GPU's random permutation may depend on its model, and every rank must agree
@@ -463,7 +476,10 @@ class Trainer:
                           for i, v in enumerate(views.each)]
             else:
                 target = self._forward_views(self.target_forward, views, used)
-        return self.model.method.prepare_target(target)
+        prepared = self.model.method.prepare_target(target)
+        if self.cfg.train.micro_batches > 1:  # after_step gets them joined: found now, before any backward
+            check_joinable(self.model.method, prepared, self.cfg.train.micro_batches)
+        return prepared
 
     def train_step(self, step: int) -> StepResult:
         """One iteration: forward, backward and update of every sub-network the policy plans for ``step``."""
