@@ -126,3 +126,59 @@ def test_the_command_writes_what_the_function_returns(tmp_path, perturb_bn, caps
     saved = load_file(out)
     for name, features in expected["features"].items():
         assert torch.equal(saved[name], features)
+
+
+def test_the_evaluation_crop_and_skipped_files_are_those_of_the_evaluations(tmp_path, perturb_bn):
+    """crop_ratio reads the images as the evaluations do; a file skipped as unreadable leaves no row, and the
+    listing stays in step with the rows."""
+    from test_stream_eval import _corrupt_one_per_split
+
+    supernet = run_with_perturbed_bn(tmp_path / "run", perturb_bn)
+    data = _folder(tmp_path / "data")
+    _corrupt_one_per_split(data)  # test/green/001.jpg
+    out = tmp_path / "f.safetensors"
+    result = slimssl.embed(tmp_path / "run", "0.5", data=data, out=out, device="cpu", crop_ratio=0.5,
+                           skip_unreadable=True)
+    test = load_eval_split(str(data), "test", loader="memory", resolution=RES, crop_ratio=0.5, skip_unreadable=True)
+    torch.testing.assert_close(result["features"][HALF], exported_features(supernet, "0.5", test), rtol=1e-4, atol=1e-5)
+    assert result["settings"]["crop_ratio"] == 0.5 and len(result["paths"]) == len(test) == 17
+    assert "test/green/001.jpg" not in result["paths"]
+    assert [CLASSES.index(p.split("/")[1]) for p in result["paths"]] == result["labels"].tolist()
+    assert result["settings"]["paths_root"] == str(data.absolute()) and result["settings"]["data"] == str(data)
+
+
+def test_an_unlabelled_test_split_of_a_shared_batch_norm_run_is_embedded(tmp_path, perturb_bn):
+    from test_stream_eval import _image
+
+    run_with_perturbed_bn(tmp_path / "run", perturb_bn, bn="shared")
+    for split, n in (("train", 16), ("test", 4)):  # images without class folders: no labels
+        (tmp_path / "data" / split).mkdir(parents=True)
+        for i in range(n):
+            _image(i % 3, i, 20, 20).save(tmp_path / "data" / split / f"{i:02d}.png")
+    result = slimssl.embed(tmp_path / "run", "0.5", data=tmp_path / "data", device="cpu", recalibrate_bn=1,
+                           eval_batch_size=8)
+    assert result["labels"] is None and result["paths"] == [f"test/{i:02d}.png" for i in range(4)]
+
+
+def test_file_names_the_listing_cannot_hold_are_refused_and_others_kept_as_they_are(tmp_path, perturb_bn):
+    import os
+
+    from test_stream_eval import _image
+
+    run_with_perturbed_bn(tmp_path / "run", perturb_bn)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        _image(0, 1, 20, 20).save(folder / name)
+    latin = os.fsencode(folder) + b"/caf\xe9.png"  # a name that is not UTF-8, as an old archive may hold
+    with open(latin, "wb") as f:
+        _image(1, 2, 20, 20).save(f, format="PNG")
+    out = tmp_path / "f.safetensors"
+    result = slimssl.embed(tmp_path / "run", data=folder, split="train", out=out, device="cpu")
+    assert paths_file(out).read_bytes() == b"a.png\nb.png\ncaf\xe9.png\n"
+    assert len(result["paths"]) == 3
+    _image(2, 3, 20, 20).save(folder / "two\nlines.png")
+    with pytest.raises(slimssl.DataError, match="has a line break in its name"):
+        slimssl.embed(tmp_path / "run", data=folder, split="train", out=out, device="cpu")
+    assert paths_file(out).read_bytes() == b"a.png\nb.png\ncaf\xe9.png\n"  # the earlier pair is kept
+    assert len(load_file(out)[HALF]) == 3

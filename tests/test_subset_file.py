@@ -34,7 +34,7 @@ def test_the_files_a_subset_file_names_are_the_labelled_images_and_name_the_resu
     record = {"name": "four.txt", "sha256": hashlib.sha256(subset.read_bytes()).hexdigest(), "entries": 4}
     assert row["subset_file"] == record
     # named by the file, filed under the protocol of its share of the split (4/36: 11%), with the file recorded
-    saved = json.loads((run / "finetune" / f"{HALF}_four_seed0.json").read_text())
+    saved = json.loads((run / "finetune" / f"{HALF}_list-four_seed0.json").read_text())
     assert saved["indices"] == expected and saved["subset_file"] == record
     results = json.loads((run / "results.json").read_text())
     assert results["protocols"]["finetune_11pct"]["subset_file"] == record
@@ -82,3 +82,43 @@ def test_the_command_takes_a_subset_file_or_label_fractions(tmp_path, capsys, ca
     assert row["indices"] == [1, 2]
     assert main(["finetune", str(run), "--subnet", "0.5", "--device", "cpu"]) == 2
     assert "give --label-fraction F [F ...] (a class-balanced subset drawn from --seed) or --subset-file" in caplog.text
+
+
+def test_spellings_of_one_file_count_it_once_and_whole_crops_stream_the_folder(tmp_path, caplog):
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    data = _folder(tmp_path / "data")
+    subset = tmp_path / "spelt.txt"
+    subset.write_text("blue/003.jpg\n./train/blue/003.jpg\nblue\\003.jpg\n/red/002.jpg\n")
+    # eval.train_crop whole needs the pictures of a streamed split: names make the folder streamed first
+    (row,) = slimssl.finetune(run, "0.5", subset_file=subset, data=data, train_crop="whole", save=False, **QUICK)
+    assert row["num_labelled"] == 2 and len(set(row["indices"])) == 2
+    assert "name the same image" in caplog.text
+    subset.write_text("7\n07\n3\n")
+    (row,) = slimssl.finetune(run, "0.5", subset_file=subset, save=False, **QUICK)
+    assert row["indices"] == [3, 7]
+
+
+@pytest.mark.parametrize("fractions", [0, 0.0, []])
+def test_label_fractions_that_are_none_of_them_are_refused_not_replaced_by_the_defaults(tmp_path, fractions):
+    run = tmp_path / "run"
+    make_checkpoint(run / "checkpoints" / "last.pt")
+    with pytest.raises(slimssl.UsageError, match=r"label fractions must be numbers in \(0, 1\]"):
+        slimssl.finetune(run, "0.5", fractions, **QUICK)
+
+
+def test_a_listed_subset_is_filed_under_its_share_to_two_significant_digits():
+    from slimssl.eval.finetune import fraction_tag
+    from slimssl.eval.subsets import listed_share_name
+
+    assert fraction_tag(listed_share_name(12811 / 1281167)) == "1pct"  # SimCLR's 1percent.txt on ImageNet
+    assert fraction_tag(listed_share_name(128116 / 1281167)) == "10pct"
+    assert fraction_tag(listed_share_name(0.0095)) == "0p95pct"
+
+
+def test_a_report_of_runs_says_that_one_fine_tuned_on_a_listed_subset():
+    from slimssl.report.report import settings_apart
+
+    listed = {"run": "a", "protocols": {"finetune_1pct": {"seed": 0, "subset_file": {"name": "1percent.txt"}}}}
+    drawn = {"run": "b", "protocols": {"finetune_1pct": {"seed": 0}}}
+    assert settings_apart([listed, drawn]) == ["finetune_1pct subset_file: a {'name': '1percent.txt'}, b None"]

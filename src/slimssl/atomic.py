@@ -54,6 +54,23 @@ def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False) -> Ite
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[str]:
+    """A temporary file's name in ``path``'s folder, for a writer that takes a file name rather than a file
+    object (``safetensors.torch.save_file``): its content replaces ``path`` when the block ends without an
+    exception, with :func:`atomic_write`'s permissions."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _mode_of(path))
+        _replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_failure(error: BaseException) -> OSError | None:
     """The OSError behind a failed write, or None when ``error`` is no such failure. torch.save reports one (a full
     disk, a quota) as a RuntimeError ("[enforce fail at inline_container.cc] unexpected pos") with the OSError

@@ -216,7 +216,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset-file", type=Path, metavar="FILE",
                    help="instead of --label-fraction: the labelled subset, one train file per line, by name "
                         "(SimCLR's ImageNet 1percent.txt, 10percent.txt) or path, or by index; names need a folder or "
-                        ".zip, which is then streamed. Results are named by FILE's stem")
+                        ".zip, which is then streamed. Results are named list-<FILE's stem>")
     p.add_argument("--epochs", type=positive_int,
                    help=f"default: {FINETUNE_EPOCHS_FEW_LABELS} for fractions <= {FEW_LABELS * 100:g}%%, else "
                         f"{FINETUNE_EPOCHS}, and at least {FINETUNE_MIN_STEPS} steps (given, it is exact)")

@@ -248,7 +248,7 @@ def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all
     """Fine-tune each of ``subnets`` (names or widths, or ``"all"``: the menu) on a class-balanced fraction of
     the train labels, for every one of ``label_fractions`` (``eval/finetune.py``; default 1% and 10%), or on the
     subset that ``subset_file`` lists (``eval/subsets.py``: e.g. SimCLR's ImageNet ``1percent.txt``; the result is
-    named by the file, ``<subnet>_<file's stem>_seed<S>``, and its protocol by the subset's share of the split,
+    named by the file, ``<subnet>_list-<file's stem>_seed<S>``, and its protocol by the subset's share of the split,
     ``finetune_1pct``; results.json records the file's name and SHA-256 with the protocol's settings).
 
     Each result, with its labelled indices, is written to ``out`` (one result only), else (``save``) to
@@ -263,7 +263,7 @@ def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all
     ``save_models``.
     """
     from .finetune import finetune_subnet, fraction_tag
-    from .subsets import read_subset_file, subset_indices
+    from .subsets import all_indices, listed_share_name, read_subset_file, subset_indices
     from ..atomic import write_json_atomic
     from .results import run_dir_of
 
@@ -279,14 +279,16 @@ def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all
     warn_of_repeated_work("slimssl.finetune()")
     supernet, cfg, torch_device, epoch = load_model(checkpoint, device, config, options.data)
     save = save and saves_results(checkpoint)
-    jobs = finetune_jobs(supernet, subnets, None if subset else label_fractions or (0.01, 0.1), out)
+    default = (0.01, 0.1)  # an invalid fraction (0, []) is refused by finetune_jobs, not replaced
+    jobs = finetune_jobs(supernet, subnets, None if subset else default if label_fractions is None else label_fractions,
+                         out)
     names = {(spec, f): finetuned_name(spec, f, seed, subset) for spec, f in jobs}
     model_source = _model_source(checkpoint)
     if save_models is not None:
         _refuse_classifier_folders(save_models, list(names.values()), model_source, options, cfg)
-    train_crop = options.train_crop_of(cfg, train_crop)
-    if entries is not None and not all(entry.isdigit() for entry in entries):
+    if entries is not None and not all_indices(entries):
         options = options.with_file_names(cfg)  # the subset names files: a folder's split streamed keeps them
+    train_crop = options.train_crop_of(cfg, train_crop)  # (whole needs a streamed split: decided above)
     train, test = options.load_splits(cfg, torch_device)
     listed = subset_indices(entries, train, options.source(cfg)) if entries is not None else None
     costs = cost_rows(supernet, cfg.data.resolution, list(dict.fromkeys(spec for spec, _ in jobs)))
@@ -300,7 +302,7 @@ def finetune(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all
         if len(jobs) > 1:
             log.info("fine-tuning %d of %d: %s on %g of the labels", i + 1, len(jobs), spec.name, label_fraction)
         # results.json: finetune_1pct_top1, ...; a listed subset by its share to 2 digits (1percent.txt: 0.99995%)
-        named_by = float(f"{label_fraction:.2g}") if listed is not None else label_fraction
+        named_by = listed_share_name(label_fraction) if listed is not None else label_fraction
         protocol = f"finetune_{fraction_tag(named_by)}"
         model_path = Path(save_models) / name if save_models is not None else None
         result = finetune_subnet(supernet, spec, train, test, label_fraction=label_fraction, seed=seed,
@@ -359,8 +361,8 @@ def finetuned_name(spec, label_fraction: float | None, seed: int, subset_file: d
     place of the label fraction for a subset it lists."""
     from .finetune import fraction_tag
 
-    if subset_file is not None:
-        return f"{spec.name}_{Path(subset_file['name']).stem}_seed{seed}"
+    if subset_file is not None:  # list-: apart from the fractions' names (a file called 1pct.txt)
+        return f"{spec.name}_list-{Path(subset_file['name']).stem}_seed{seed}"
     return f"{spec.name}_{fraction_tag(label_fraction)}_seed{seed}"
 
 

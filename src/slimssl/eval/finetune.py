@@ -132,9 +132,10 @@ def finetune_subnet(supernet, subnet, train, test, *, label_fraction: float, see
     if indices is None:
         indices = balanced_subset(train.labels, label_fraction, seed)
     if len(indices) < 2:  # BatchNorm trains on batches of two images or more
-        raise UsageError(f"label fraction {label_fraction:g} of the {len(train.labels)} train images gives 1 labelled "
-                         "image; fine-tuning needs 2 at least: " + ("list more images in the subset file"
-                                                                   if subset_file else "raise the label fraction"))
+        given = ("the subset file lists 1 image" if subset_file else
+                 f"label fraction {label_fraction:g} of the {len(train.labels)} train images gives 1 labelled image")
+        raise UsageError(f"{given}; fine-tuning needs 2 at least: "
+                         + ("list more images" if subset_file else "raise the label fraction"))
 
     source = subnet_models(supernet, [spec], train, recalibrate_batches=recalibrate_batches,
                            batch_size=eval_batch_size, resolution=resolution, mean=mean, std=std,

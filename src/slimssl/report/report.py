@@ -182,12 +182,18 @@ def settings_apart(results: Sequence[dict]) -> list[str]:
     """Each evaluation setting (and the resolution) that is not the same for every run reporting it, with each
     run's value: ``knn k: runA 200, runB 20``."""
     values: dict[str, dict[str, object]] = {}
+    reporting: dict[str, list[tuple[str, dict]]] = {}  # protocol -> (run, its settings)
     for result in results:
         name = str(result.get("run", "?"))
         values.setdefault("resolution", {})[name] = result.get("resolution")
         for protocol, settings in (result.get("protocols") or {}).items():
-            for key, value in (settings.items() if isinstance(settings, dict) else ()):
-                values.setdefault(f"{protocol} {key}", {})[name] = value
+            if isinstance(settings, dict):
+                reporting.setdefault(protocol, []).append((name, settings))
+    for protocol, runs in reporting.items():
+        # a setting one run records and another leaves out (a subset file's, an option added since) is None there
+        for key in dict.fromkeys(key for _, settings in runs for key in settings):
+            for name, settings in runs:
+                values.setdefault(f"{protocol} {key}", {})[name] = settings.get(key)
     return [f"{what}: " + ", ".join(f"{run} {value}" for run, value in by_run.items())
             for what, by_run in values.items() if len({repr(v) for v in by_run.values()}) > 1]
 
