@@ -653,7 +653,7 @@ def test_a_setting_a_later_recipe_cannot_train_with_is_refused_before_anything_t
     assert main(["reproduce", "--data", "fake", "--out", str(out), "--batch-size", "64", "--recipes", *recipes]) == 2
     text = capsys.readouterr().err + caplog.text
     assert "of cifar10_r18_slimclr_mocov2/slim" in text and "method.shuffle_bn needs" in text
-    assert "to divide the per-process batch 64 (e.g. 8, 16, 32)" in text
+    assert "smaller than the per-process batch 64 that divides it (e.g. 8, 16, 32)" in text
     assert not any(out.rglob("metrics.jsonl"))  # nothing trained
 
 
