@@ -185,6 +185,7 @@ def test_a_run_that_lost_its_checkpoint_starts_again_with_the_settings_of_this_c
     changed = ["--time-budget", "0", "--set", "train.seed=1"]
     assert reproduce(out, [recipe], extra=changed) == 2  # it could go on: the change is refused
     assert "holds a run started with other settings" in caplog.text
+    assert "train.seed: saved 0, now 1" in caplog.text and "a setting the recipe itself has changed" in caplog.text
     shutil.rmtree(slim / "checkpoints")
     assert reproduce(out, [recipe], extra=changed) == EXIT_CONTINUE
     assert load_config(slim / "config.yaml").train.seed == 1

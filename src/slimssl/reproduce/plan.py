@@ -84,5 +84,6 @@ def check_saved_configs(jobs: list[Job]) -> None:
                 f"{job.run_dir} holds a run started with other settings than this command asks for:\n  "
                 + "\n  ".join(diffs)
                 + "\nrun the same command as before (same --epochs, --batch-size, --data, --device, --set), "
-                  "or choose another --out")
+                  "with --set KEY=VALUE for a setting the recipe itself has changed since (docs/recipes.md lists the "
+                  "changes), or choose another --out")
 
