@@ -29,6 +29,8 @@ SETUPS = {
     "mocov2-grouped-shuffle": ("mocov2", {"model": {"bn_group_size": 4}, "method": {"shuffle_bn": True}}),
     # decoded images kept in host memory (too large for the GPU): each batch is copied through pinned memory
     "byol-images-on-host": ("byol", {}),
+    # gradient accumulation: two parts per step, the losses averaged on the device
+    "byol-micro-batches": ("byol", {"train": {"micro_batches": 2}}),
 }
 
 
@@ -166,6 +168,20 @@ def test_views_in_one_batch_train_as_one_view_at_a_time_on_the_gpu(tmp_path, pre
         a, b = batched.train_step(step).losses, alone.train_step(step).losses
         assert all(abs(float(a[k]) - float(b[k])) < tolerance * max(1.0, abs(float(b[k]))) for k in a), (step, a, b)
     assert layouts and all(layouts)
+
+
+@pytest.mark.parametrize("method", ["byol", "mocov2"])
+def test_micro_batches_train_what_groups_of_their_size_train_on_the_gpu(tmp_path, monkeypatch, method):
+    """tests/test_micro_batches.py's equality on the GPU, channels_last included (TF32 off: it rounds each
+    convolution to 10 bits, which the comparison of two ways to the same numbers cannot tell from a bug)."""
+    from test_micro_batches import BATCH, PARTS, SETTINGS, compare_training, trainer_of
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    on_gpu = {"device": "cuda", "precision": "fp32"}
+    with trainer_of(tmp_path, "parts", SETTINGS[method], micro_batches=PARTS, **on_gpu) as accumulated, \
+            trainer_of(tmp_path, "groups", SETTINGS[method], group=BATCH // PARTS, **on_gpu) as grouped:
+        compare_training(accumulated, grouped, method)
 
 
 def test_an_evaluation_gives_a_cpu_supernet_back_on_the_cpu():
