@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "submitted again and again (--config and --set must give the saved run's settings)")
     p.add_argument("--json", action="store_true", help="print results.json on stdout at the end (stopped early: "
                    "the run directory and its step, with \"finished\": false)")
+    p.add_argument("--wandb", metavar="PROJECT", help="also send the run's records (losses, spread, lr, img/s, kNN) "
+                   "to Weights & Biases, project PROJECT: one W&B run per run directory, continued by a resume "
+                   "(needs wandb; WANDB_MODE=offline and its other settings apply)")
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("config", help="print a resolved config (or --list the shipped ones)")
@@ -106,8 +109,13 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     # how to continue it: with the modules this call imported (a method of one's own)
     again = " ".join(["slimssl", *(f"--import {shell_quote(m)}" for m in getattr(args, "imports", [])),
                       "pretrain", "--resume", shell_quote(run_dir)])
+    callbacks = []
+    if args.wandb and dist.is_main():  # the records are rank 0's
+        from .tracking import WandbRecords
+
+        callbacks.append(WandbRecords(args.wandb, run_dir, cfg.model_dump(mode="json")))
     try:
-        run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps)
+        run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps, callbacks=callbacks)
     except OSError as e:  # a full disk or a read-only folder while writing the metrics or results
         # before the first checkpoint the start's files are gone again: the same command starts it over
         raise storage_error(e, again if checkpoint_path(run_dir).is_file() else "") or e

@@ -34,6 +34,19 @@ def output_spread(outputs) -> torch.Tensor | None:
     return unit.std(dim=0).mean() * first.shape[1] ** 0.5
 
 
+def scalars(record: dict) -> dict[str, float]:
+    """A record's numbers by tag, as trackers plot them: ``lr``, and one level of nested dicts as ``loss/<subnet>``;
+    not ``step`` and ``time``, which place them."""
+    out: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{sub}": v for sub, v in value.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time"):
+            out[key] = value
+    return out
+
+
 @dataclass
 class LogWindow:
     """The steps since the last metrics record: each sub-network's summed loss (on the device, read once per
@@ -121,13 +134,8 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             step, wall = record.get("step", 0), record["time"]
-            for key, value in record.items():
-                if isinstance(value, dict):
-                    for sub, v in value.items():
-                        if isinstance(v, (int, float)):
-                            self.tb.add_scalar(f"{key}/{sub}", v, step, walltime=wall)
-                elif isinstance(value, (int, float)) and key not in ("step", "time"):
-                    self.tb.add_scalar(key, value, step, walltime=wall)
+            for tag, value in scalars(record).items():
+                self.tb.add_scalar(tag, value, step, walltime=wall)
         for callback in self.callbacks:  # a copy each: one callback changing it changes no other's, nor the file
             try:
                 callback(copy.deepcopy(record))
