@@ -125,12 +125,13 @@ def cmd_import_backbone(args: argparse.Namespace) -> int:
 
     given = {k: tuple(v) for k, v in (("mean", args.mean), ("std", args.std)) if v is not None}
     folder = import_backbone(args.weights, args.out, prefix=args.prefix, resolution=args.resolution,
-                             crop_ratio=args.crop_ratio, overwrite=args.overwrite, **given)
+                             crop_ratio=args.crop_ratio, overwrite=args.overwrite, width=args.width, **given)
     model = load_exported(folder)
     arch, info = model.config, model.metadata
     row = {"path": str(folder), "block": arch.block, "stem": arch.stem, "depths": list(arch.depths),
            "features": arch.feature_dim, "params": sum(p.numel() for p in model.parameters()),
-           **{k: info[k] for k in ("resolution", "crop_ratio", "source_prefix")}}
+           **{k: info[k] for k in ("resolution", "crop_ratio", "source_prefix")},
+           **({"source_width": info["source_width"]} if "source_width" in info else {})}
     emit(args, [row], markdown_table([row]))
     return 0
 
@@ -153,6 +154,8 @@ def register_import(sub: argparse._SubParsersAction) -> None:
                    help="per-channel mean the inputs are normalised with (default: ImageNet's)")
     p.add_argument("--std", type=positive_float, nargs=3, metavar=("R", "G", "B"),
                    help="per-channel standard deviation (default: ImageNet's)")
+    p.add_argument("--width", type=positive_float,
+                   help="for a slimmable checkpoint in SlimCLR's layout: the width to import (the error lists them)")
     p.add_argument("--overwrite", action="store_true", help="replace an export of another source in --out")
     p.add_argument("--json", action="store_true", help="print the row as JSON on stdout")
     p.set_defaults(func=cmd_import_backbone)

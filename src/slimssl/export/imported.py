@@ -34,6 +34,7 @@ from ..models.plain import PlainResNet, PlainResNetConfig
 from ..nn.spec import SubnetSpec
 from ..wording import on_command_line
 from .files import input_preprocessing, refuse_run_folder, save_exported
+from .slimclr import one_width, slimmable_prefixes, widths_of
 
 log = logging.getLogger("slimssl")
 
@@ -48,7 +49,7 @@ DEFAULT_INPUTS = {"imagenet": (224, 0.875), "cifar": (32, 1.0)}
 def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: str | os.PathLike, *,
                     prefix: str | None = None, resolution: int | None = None, crop_ratio: float | None = None,
                     mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, width: float | None = None) -> Path:
     """Save the ResNet backbone of ``weights`` into ``folder`` as an export (:func:`slimssl.load_exported` loads
     it) and return the folder.
 
@@ -61,6 +62,8 @@ def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: st
     The network must be one that slimssl's evaluations can rebuild as a slimmable ResNet's sub-network:
     torchvision's resnet18 to resnet152, or narrower and shallower ones of the same pattern; a wide ResNet or a
     ResNeXt is refused. A model given is checked for strides, paddings and dilations other than slimssl's.
+    A slimmable ResNet in SlimCLR's layout (its released checkpoints) is imported one ``width`` at a time
+    (``export/slimclr.py``): its leading channels and the BatchNorm statistics of that width.
 
     ``resolution``, ``crop_ratio``, ``mean`` and ``std`` are the inputs the network expects, recorded for
     evaluation (default: 224 px and 0.875 with ImageNet's stem, 32 px and 1 with the CIFAR one; ImageNet's
@@ -73,7 +76,7 @@ def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: st
     if isinstance(given, Mapping) and given.get("format") == CHECKPOINT_FORMAT:
         raise ExportError(f"{where} is a slimssl checkpoint: take its sub-networks out with slimssl export "
                           "CHECKPOINT --all --out DIR (slimssl.export_run), which keeps their BatchNorm statistics")
-    entries = _torchvision_names(_flat_tensors(given))
+    entries = _one_width_if_slimmable(_torchvision_names(_flat_tensors(given)), width, where)
     prefix = _backbone_prefix(entries, prefix, where)
     state, left_out = _backbone_state(entries, prefix)
     config = plain_config(state, prefix)
@@ -99,7 +102,7 @@ def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: st
     if not overwrite:
         _refuse_other_prefix(Path(folder), source, prefix)
     metadata = {**input_preprocessing(resolution, mean, std, crop_ratio), "source": source,
-                "source_prefix": prefix}
+                "source_prefix": prefix, **({"source_width": width} if width is not None else {})}
     folder = save_exported(model.eval(), folder, metadata, overwrite=overwrite)
     params = sum(p.numel() for p in model.parameters())
     log.info("imported a %s ResNet (%s stem, depths %s, %s features, %s params) from %r of %s into %s, for inputs of "
@@ -110,6 +113,24 @@ def import_backbone(weights: str | os.PathLike | Mapping | nn.Module, folder: st
         log.info("the 3x3 stem is run with padding 1, as slimssl's CIFAR ResNets (solo-learn's pad by 2: their "
                  "networks compute other features here)")
     return folder
+
+
+def _one_width_if_slimmable(entries: dict[str, torch.Tensor], width: float | None, where: str) -> dict:
+    """``entries`` with a slimmable ResNet (SlimCLR's layout) cut to ``width``; ``width`` refused without one."""
+    slimmable = slimmable_prefixes(entries)
+    if not slimmable:
+        if width is not None:
+            raise ExportError(f"width= (--width) picks one width of a slimmable ResNet in SlimCLR's layout, and "
+                              f"{where} holds none (a plain ResNet is imported whole: leave width out)")
+        return entries
+    if width is None:
+        widths = ", ".join(f"{w:g}" for w in widths_of(entries, slimmable[0]))
+        raise ExportError(f"{where} holds a slimmable ResNet in SlimCLR's layout (under {_listed(slimmable)}), whose "
+                          f"widths {widths} are networks of their own: import one with width= (--width), once for "
+                          "each width you want")
+    if not isinstance(width, Real) or isinstance(width, bool) or not width > 0:
+        raise ExportError(f"width must be a positive number (one of the checkpoint's widths), got {width!r}")
+    return one_width(entries, float(width), where)
 
 
 def _backbone_state(entries: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict[str, torch.Tensor], set[str]]:
