@@ -21,10 +21,10 @@ from slimssl.models.build import build_supernet
 WIDTHS = [1.0, 0.5, 0.25]
 
 
-def supernet_and_slimclr_checkpoint(perturb_bn):
+def supernet_and_slimclr_checkpoint(perturb_bn, arch: str = "resnet50"):
     """A slimssl ResNet-50-pattern supernet (narrow: base width 16) and its weights as SlimCLR names them."""
     torch.manual_seed(0)
-    cfg = config_from_dict({"model": {"arch": "resnet50", "stem": "imagenet", "base_width": 16},
+    cfg = config_from_dict({"model": {"arch": arch, "stem": "imagenet", "base_width": 16},
                             "menu": {"widths": WIDTHS}})
     supernet = perturb_bn(build_supernet(cfg)).eval()
     names = {spec.width: spec.name for spec in cfg.subnet_menu()}
@@ -79,3 +79,11 @@ def test_a_slimmable_checkpoint_needs_a_width_it_has_and_a_plain_one_none(tmp_pa
     assert main(["import-backbone", str(tmp_path / "slimclr.pth"), "--width", "0.25", "--out", str(tmp_path / "q"),
                  "--json"]) == 0
     assert '"source_width": 0.25' in capsys.readouterr().out
+
+
+def test_a_slimmable_resnet_whose_first_stage_has_no_shortcut_is_refused_saying_so(tmp_path, perturb_bn):
+    """SlimCLR's CIFAR ResNet keeps the stem's channels in its first stage: no shortcut marks where it starts."""
+    _, slimclr = supernet_and_slimclr_checkpoint(perturb_bn, arch="resnet18")
+    with pytest.raises(ExportError, match="first block of its slimmable ResNet has no shortcut"):
+        import_backbone(slimclr, tmp_path / "out", width=0.5)
+    assert not (tmp_path / "out").exists()

@@ -87,11 +87,11 @@ def embed(checkpoint: str | os.PathLike | SlimResNet, subnets: Subnets = "all", 
     common = dict(resolution=cfg.data.resolution, mean=cfg.data.mean, std=cfg.data.std, device=torch_device)
     train = images if split == "train" else _train_split_if_needed(options, cfg, supernet, recalibrate_bn,
                                                                    torch_device)
-    models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_bn, batch_size=batch, **common)
-    features = extract_subnet_features(models, specs, images, batch_size=batch, store="cpu", **common)
     files = getattr(images, "files", None)
     paths = [files.relative(i) for i in range(len(images))] if files is not None else None
-    _refuse_line_breaks(paths, files)
+    _refuse_line_breaks(paths, files)  # before the work, not after it
+    models = subnet_models(supernet, specs, train, recalibrate_batches=recalibrate_bn, batch_size=batch, **common)
+    features = extract_subnet_features(models, specs, images, batch_size=batch, store="cpu", **common)
     settings = {**options.settings(cfg), "data": absolute_source(options.source(cfg)), "split": split,
                 "images": len(images), "paths_root": os.path.abspath(files.root) if files is not None else None,
                 "mean": list(cfg.data.mean), "std": list(cfg.data.std),

@@ -155,7 +155,8 @@ def register_import(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--std", type=positive_float, nargs=3, metavar=("R", "G", "B"),
                    help="per-channel standard deviation (default: ImageNet's)")
     p.add_argument("--width", type=positive_float,
-                   help="for a slimmable checkpoint in SlimCLR's layout: the width to import (the error lists them)")
+                   help="for a slimmable checkpoint in SlimCLR's layout (its ImageNet ResNets, trained with its "
+                        "default --overlap_weight 1): the width to import (the error lists them)")
     p.add_argument("--overwrite", action="store_true", help="replace an export of another source in --out")
     p.add_argument("--json", action="store_true", help="print the row as JSON on stdout")
     p.set_defaults(func=cmd_import_backbone)

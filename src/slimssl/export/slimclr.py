@@ -2,10 +2,12 @@
 ``import_backbone`` imports it as it imports any ResNet (``slimssl import-backbone CKPT --width 0.5``).
 
 SlimCLR's slimmable ResNet (its ``s_resnet``) holds each convolution at full width, every width running its
-leading channels (``overlap_weight``, SlimCLR's default), and one BatchNorm per width: ``bn1.bn.<i>``, ``i``
-counting the widths from the widest. Its blocks are numbered in one sequence, ``features.<k>``, each stage's
-first block holding the ``shortcut`` (a 1x1 convolution and its BatchNorms) that changes the channels or the
-size. The width's channels are read from its BatchNorms, so no channel rule is assumed.
+leading channels (``overlap_weight``, SlimCLR's default: a checkpoint trained without it slices the middle widths
+elsewhere, which nothing in the file shows, so it would import wrong), and one BatchNorm per width:
+``bn1.bn.<i>``, ``i`` counting the widths from the widest. Its blocks are numbered in one sequence,
+``features.<k>``, each stage's first block holding the ``shortcut`` (a 1x1 convolution and its BatchNorms) that
+changes the channels or the size. The width's channels are read from its BatchNorms, so no channel rule is
+assumed.
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ def _renamed(own: dict[str, torch.Tensor], index: int, where: str) -> dict[str, 
         block = f"features.{k}"
         if f"{block}.shortcut.0.weight" in own:  # a stage's first block
             stage, position = stage + 1, 0
+        elif stage == 0:  # SlimCLR's CIFAR ResNet: its first stage keeps the stem's channels and size
+            raise ExportError(f"{where}: the first block of its slimmable ResNet has no shortcut, as in SlimCLR's "
+                              "CIFAR ResNet (s_resnet_cifar), whose stages are not torchvision's; only its ImageNet "
+                              "ResNets (s_resnet) can be imported")
         name, previous = f"layer{stage}.{position}", width_in
         for conv, bn in zip(CONVS, ("bn1", "bn2", "bn3")):
             if f"{block}.{conv}.weight" not in own:
@@ -87,9 +93,6 @@ def _renamed(own: dict[str, torch.Tensor], index: int, where: str) -> dict[str, 
             state[f"{name}.downsample.0.weight"] = own[f"{block}.shortcut.0.weight"][:out, :width_in]
             state.update(_named(norm(f"{block}.shortcut.1"), f"{block}.shortcut.1", f"{name}.downsample.1"))
         width_in, position = previous, position + 1
-    if stage == 0:
-        raise ExportError(f"{where}: its slimmable ResNet's blocks have no shortcut, so its stages cannot be told "
-                          "apart; expected SlimCLR's s_resnet layout")
     heads = {key: value for key, value in own.items() if not (key.startswith(("conv1.", "bn1.", "features.")))}
     return {**state, **heads}  # (fc and the like are left out by the import, which says so)
 

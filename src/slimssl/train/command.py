@@ -115,7 +115,11 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
         callbacks.append(WandbRecords(args.wandb, run_dir, cfg.model_dump(mode="json")))
     try:
-        run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps, callbacks=callbacks)
+        try:
+            run = train_run(cfg, run_dir, source, resume=resume, max_steps=args.max_steps, callbacks=callbacks)
+        finally:  # before anything is printed (W&B writes to stdout as its run ends), and for a next run in-process
+            for callback in callbacks:
+                callback.finish()
     except OSError as e:  # a full disk or a read-only folder while writing the metrics or results
         # before the first checkpoint the start's files are gone again: the same command starts it over
         raise storage_error(e, again if checkpoint_path(run_dir).is_file() else "") or e

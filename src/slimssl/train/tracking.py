@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 from ..errors import UsageError
 from ..layout import METRICS
 from .metrics import scalars
 
+log = logging.getLogger("slimssl")
+
 
 class WandbRecords:
     """A pretraining callback: the first record starts (or resumes) the W&B run of ``run_dir`` in ``project``
-    with the run's config; each record's numbers are logged at its step (``loss/<subnet>``, ``knn_top1/<subnet>``,
-    ``lr``, ...), as TensorBoard gets them."""
+    with the run's config; each record's numbers (``loss/<subnet>``, ``knn_top1/<subnet>``, ``lr``, ...), as
+    TensorBoard gets them, are logged with the record's ``step`` and ``epoch``, which the charts take as their
+    x axis. W&B's own step only counts the records: a run's steps may go back (a resume repeats the steps after
+    its checkpoint; another batch renumbers them), and W&B ignores a record at an earlier step than its last.
+    :meth:`finish` ends the W&B run (before a command prints its result: W&B writes to stdout as it ends)."""
 
     def __init__(self, project: str, run_dir: str | Path, config: dict):
         try:
@@ -36,9 +42,20 @@ class WandbRecords:
         if self.run is None:
             self.run = self.wandb.init(project=self.project, name=self.run_dir.name, id=run_id(self.run_dir),
                                        resume="allow", config=self.config)
+            self.run.define_metric("step")
+            self.run.define_metric("*", step_metric="step")
         values = scalars(record)
         if values:
-            self.run.log(values, step=int(record.get("step", 0)))
+            self.run.log({**values, "step": record.get("step", 0), "epoch": record.get("epoch")})
+
+    def finish(self) -> None:
+        if self.run is not None:
+            run, self.run = self.run, None
+            try:
+                run.finish()
+            except Exception:  # noqa: BLE001 - the run's own files are written: a tracker's failure is only said
+                log.warning("W&B could not finish its run of %s (metrics.jsonl has every record)", self.run_dir,
+                            exc_info=True)
 
 
 def run_id(run_dir: Path) -> str:
