@@ -38,6 +38,9 @@ class WandbRecords:
         self.wandb, self.project, self.run_dir, self.config = wandb, project, Path(run_dir), config
         self.run = None
 
+    def __repr__(self) -> str:  # how a warning about it names it
+        return f"W&B (project {self.project!r})"
+
     def __call__(self, record: dict) -> None:
         if self.run is None:
             self.run = self.wandb.init(project=self.project, name=self.run_dir.name, id=run_id(self.run_dir),
