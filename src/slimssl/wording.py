@@ -73,3 +73,8 @@ def escaped_controls(text: str) -> str:
     """``text`` with its control characters (a terminal escape, a carriage return, a newline) written as Python
     escapes: text from a file that a terminal shows rather than obeys."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless one: ``1 epoch``, ``2 epochs``, ``2 processes``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"

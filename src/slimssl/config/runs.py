@@ -8,6 +8,7 @@ from typing import Any
 from pydantic_core import to_jsonable_python
 
 from ..nn.spec import SubnetSpec
+from ..wording import counted
 from .load import config_from_dict
 from .schema import Config, ConfigError, backbone_channels, group_size_hint
 
@@ -65,13 +66,13 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
                           f"(allowed: {2 * world}, {3 * world}, {4 * world}, ...), or train.sync_bn: true (on GPUs)")
     # a part of one sample needs SyncBatchNorm's statistics from the other processes: on one process it is plain
     per_pass = _micro_batch(cfg, per_process, first if world > 1 else 2, source,
-                            f"train.batch_size {batch} over {_count(world, 'process')}")
+                            f"train.batch_size {batch} over {counted(world, 'process')}")
     parts = cfg.train.micro_batches
     part = f"micro-batch {per_pass}" if parts > 1 else f"batch {per_process}"
     if group and per_pass % group:
         fewer = [str(k) for k in range(1, parts) if per_process % k == 0 and per_process // k % group == 0]
         raise ConfigError(f"invalid config {source}:\n  model.bn_group_size {group} must divide the per-process "
-                          f"{part} (train.batch_size {batch} over {_count(world, 'process')}"
+                          f"{part} (train.batch_size {batch} over {counted(world, 'process')}"
                           + (f" in {parts} train.micro_batches" if parts > 1 else "")
                           + f"; {group_size_hint(per_pass, cfg.method.shuffle_bn)}"
                           + (f"; or train.micro_batches {' or '.join(fewer[-2:])}, which keeps the groups" if fewer
@@ -84,10 +85,6 @@ def check_processes(cfg: Config, world: int, source: str) -> None:
                           + (f", or lower train.micro_batches {parts}" if parts > 1 else ""))
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'es' if noun.endswith('s') else 's'}" if n != 1 else f"1 {noun}"
-
-
 def _micro_batch(cfg: Config, per_process: int, first: int, source: str, split: str) -> int:
     """The samples of one forward pass per process: ``per_process`` in ``train.micro_batches`` equal parts of at
     least ``first`` samples (BatchNorm's minimum); refused otherwise, with the counts that fit (and keep
@@ -98,7 +95,7 @@ def _micro_batch(cfg: Config, per_process: int, first: int, source: str, split: 
     fits = [str(n) for n in range(1, per_process + 1) if per_process % n == 0 and per_process // n >= first
             and not (group and per_process // n % group)]
     raise ConfigError(f"invalid config {source}:\n  train.micro_batches: {parts} parts of the per-process batch "
-                      f"{per_process} ({split}) must be equal, and of at least {_count(first, 'sample')} for "
+                      f"{per_process} ({split}) must be equal, and of at least {counted(first, 'sample')} for "
                       f"BatchNorm{f' groups of {group}' if group else ''}: use one of {', '.join(fits[:8])}"
                       f"{', ...' if len(fits) > 8 else ''}")
 

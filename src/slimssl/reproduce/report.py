@@ -18,6 +18,7 @@ from ..errors import UsageError
 from ..eval.results import read_results
 from ..report.plot import PlotError, plot_accuracy_vs_macs
 from ..report.table import human
+from ..wording import counted
 from . import REPORT_HEADING, REPORT_JSON, REPORT_MD
 from .plan import Job
 from .run import probe_settings
@@ -31,10 +32,6 @@ METRICS = {"knn": "knn_top1", "linear": "linear_top1"}
 
 
 # ---- the comparison ----------------------------------------------------------------------------------
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
 
 def _delta(slim: float | None, alone: float | None) -> float | None:
     return None if slim is None or alone is None else slim - alone
@@ -251,7 +248,7 @@ def report_markdown(doc: dict) -> str:
         "- kNN: weighted vote of the k nearest train images (the bank) of each test image, at temperature T "
         "(each recipe's below)",
         f"- Linear probe: one head per sub-network, frozen backbone, cached features without augmentation, "
-        f"{_count(probe['epochs'], 'epoch')}, SGD lr {probe['lr']:g} cosine, batch {probe['batch_size']}",
+        f"{counted(probe['epochs'], 'epoch')}, SGD lr {probe['lr']:g} cosine, batch {probe['batch_size']}",
         "- Pretraining time: wall-clock seconds of the training steps (CUDA synchronised), without kNN, "
         "checkpoint writing and set-up; summed over calls",
     ]
@@ -261,7 +258,7 @@ def report_markdown(doc: dict) -> str:
         t = s["time"]
         ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}"
         lines += ["", f"## {s['recipe']}", "",
-                  f"{s['method']}, {_count(s['epochs'], 'epoch')}, batch {s['batch_size']}, data {s['data']} at "
+                  f"{s['method']}, {counted(s['epochs'], 'epoch')}, batch {s['batch_size']}, data {s['data']} at "
                   f"{s['resolution']} px (MACs per image at that size); kNN k={s['knn']['k']}, "
                   f"T={s['knn']['temperature']}, centre crop ratio {s['knn']['crop_ratio']}.", "",
                   comparison_table(s["rows"]), "",
