@@ -205,7 +205,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_linear)
 
     p = sub.add_parser("finetune",
-                       help="fine-tune sub-networks of a run (or an export), each on a labelled subset (class-balanced, or listed in a file)")
+                       help="fine-tune sub-networks of a run (or an export), each on a labelled subset "
+                            "(class-balanced, or listed in a file)")
     _add_eval_args(p)
     p.add_argument("--subnet", action="extend", nargs="+", metavar="SUBNET",
                    help=f"{SUBNET_SPELLINGS}; several may follow (each is fine-tuned in turn, on the same decoded "
